@@ -1,0 +1,12 @@
+-- Take a batch of events, oldest first. The rows are deleted inside the listener's open
+-- transaction, which commits only after Redis confirmed the deletes: a crash or a Redis
+-- error rolls back and the events come back. SKIP LOCKED lets a second listener take
+-- other rows instead of waiting. No "last id seen" bookmark: ids commit out of order,
+-- and a bookmark would skip an event whose transaction committed late.
+DELETE FROM cdc_invalidator.queue_v1
+WHERE id = ANY (ARRAY(
+    SELECT id FROM cdc_invalidator.queue_v1
+    ORDER BY id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED))
+RETURNING id, enqueued_at, schema_name, table_name, op, old_row, new_row

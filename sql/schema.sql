@@ -1,0 +1,186 @@
+-- cdc-invalidator: trigger-queue capture, schema version 1.
+--
+-- What this creates, all inside the schema "cdc_invalidator":
+--   queue_v1            one row per changed row of a watched table (one per TRUNCATE);
+--                       the listener deletes a row only after Redis confirmed its keys
+--                       are gone, in the same transaction (at-least-once delivery).
+--   dead_letter_v1      events the listener could not turn into keys, with the error.
+--   listener_state_v1   when the listener last finished a batch (for `status`).
+--   watched_v1          which tables carry our triggers and which columns they copy.
+--   watch(), unwatch()  the API a DBA can also call by hand.
+-- Every object name carries a version suffix (_v1) so that a later release can install
+-- its own objects beside these and migrate. Running this file again changes nothing.
+-- Nothing here talks to Redis: deleting from inside the writer's transaction would let
+-- a reader refill the cache from the not-yet-committed old row.
+
+CREATE SCHEMA IF NOT EXISTS cdc_invalidator;
+COMMENT ON SCHEMA cdc_invalidator IS
+    'cdc-invalidator: queue of row changes whose Redis keys must be deleted';
+
+-- The queue. Rows hold only the key columns that the key templates use, rendered as
+-- PostgreSQL text (what ::text gives), never whole rows: that keeps TOASTed columns and
+-- size limits out of the write path.
+CREATE TABLE IF NOT EXISTS cdc_invalidator.queue_v1 (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    enqueued_at timestamptz NOT NULL DEFAULT now(),
+    schema_name text NOT NULL,
+    table_name  text NOT NULL,
+    op          text NOT NULL CHECK (op IN ('I', 'U', 'D', 'T')),
+    old_row     jsonb,  -- key columns before the change (UPDATE, DELETE)
+    new_row     jsonb   -- key columns after the change (INSERT, UPDATE)
+);
+
+-- Events that could not be rendered into keys (table no longer configured, a column
+-- missing from the payload, a value that cannot render). Columns are nullable on
+-- purpose: parking a broken event must never fail and block the queue.
+CREATE TABLE IF NOT EXISTS cdc_invalidator.dead_letter_v1 (
+    id          bigint PRIMARY KEY,  -- the id the event had in queue_v1
+    enqueued_at timestamptz,
+    failed_at   timestamptz NOT NULL DEFAULT now(),
+    schema_name text,
+    table_name  text,
+    op          text,
+    old_row     jsonb,
+    new_row     jsonb,
+    error       text NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS cdc_invalidator.listener_state_v1 (
+    singleton         boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    last_processed_at timestamptz,
+    events_processed  bigint NOT NULL DEFAULT 0
+);
+INSERT INTO cdc_invalidator.listener_state_v1 (singleton) VALUES (true)
+ON CONFLICT (singleton) DO NOTHING;
+
+CREATE TABLE IF NOT EXISTS cdc_invalidator.watched_v1 (
+    relid      regclass PRIMARY KEY,
+    columns    text[] NOT NULL,
+    watched_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- `cdc-invalidator check` compares this with the version the listener expects.
+CREATE OR REPLACE FUNCTION cdc_invalidator.schema_version() RETURNS integer
+LANGUAGE sql IMMUTABLE AS 'SELECT 1';
+
+-- watch(table, columns): capture every committed change of `table`, copying `columns`.
+-- It (re)generates one trigger function for the table, with the column list compiled
+-- in (no dynamic SQL per row), and attaches four statement-level triggers. INSERT,
+-- UPDATE and DELETE read transition tables, so a statement that touches 100k rows runs
+-- one INSERT ... SELECT into the queue instead of 100k trigger calls. TRUNCATE fires
+-- no row triggers at all: its own trigger queues one event for the whole table.
+-- Calling it again with other columns replaces the function; the triggers stay.
+-- SECURITY DEFINER (owner: the installing role) so that writers need no privilege on
+-- the queue; the pinned search_path and format('%I'/'%L') keep table and column names
+-- from ever running as SQL.
+CREATE OR REPLACE FUNCTION cdc_invalidator.watch(tbl regclass, key_columns text[])
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $watch$
+DECLARE
+    fn       text := format('cdc_invalidator.%I', 'capture_' || tbl::oid || '_v1');
+    missing  text;
+    row_json text;
+    kind     "char";
+BEGIN
+    SELECT relkind INTO kind FROM pg_class WHERE oid = tbl;
+    IF kind NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION 'cdc_invalidator.watch: % is not a table', tbl
+            USING ERRCODE = 'wrong_object_type';
+    END IF;
+    key_columns := ARRAY(SELECT DISTINCT c FROM unnest(coalesce(key_columns, '{}')) c ORDER BY c);
+    SELECT string_agg(quote_ident(c), ', ') INTO missing
+    FROM unnest(key_columns) c
+    WHERE NOT EXISTS (
+        SELECT FROM pg_attribute a
+        WHERE a.attrelid = tbl AND a.attname = c AND a.attnum > 0 AND NOT a.attisdropped);
+    IF missing IS NOT NULL THEN
+        RAISE EXCEPTION 'cdc_invalidator.watch: table % has no column %', tbl, missing
+            USING ERRCODE = 'undefined_column';
+    END IF;
+
+    -- jsonb_build_object('id', r.id::text, 'email', r.email::text)
+    SELECT 'jsonb_build_object(' || coalesce(string_agg(format('%L, r.%I::text', c, c), ', '), '') || ')'
+    INTO row_json FROM unnest(key_columns) c;
+
+    EXECUTE format($body$
+        CREATE OR REPLACE FUNCTION %s() RETURNS trigger
+        LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+        AS $f$
+        BEGIN
+            IF TG_OP = 'INSERT' THEN
+                INSERT INTO cdc_invalidator.queue_v1 (schema_name, table_name, op, new_row)
+                SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, 'I', %2$s FROM new_rows r;
+            ELSIF TG_OP = 'UPDATE' THEN
+                -- Old and new rows are paired by position. Were the pairing ever off,
+                -- the statement's events would still name every old and new key.
+                INSERT INTO cdc_invalidator.queue_v1 (schema_name, table_name, op, old_row, new_row)
+                SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, 'U', o.j, n.j
+                FROM (SELECT row_number() OVER () AS rn, %2$s AS j FROM old_rows r) o
+                JOIN (SELECT row_number() OVER () AS rn, %2$s AS j FROM new_rows r) n USING (rn);
+            ELSIF TG_OP = 'DELETE' THEN
+                INSERT INTO cdc_invalidator.queue_v1 (schema_name, table_name, op, old_row)
+                SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, 'D', %2$s FROM old_rows r;
+            ELSE
+                INSERT INTO cdc_invalidator.queue_v1 (schema_name, table_name, op)
+                VALUES (TG_TABLE_SCHEMA, TG_TABLE_NAME, 'T');
+            END IF;
+            -- A wake-up only: the queue row is the record. Identical notifications
+            -- in one transaction fold into one, delivered at commit.
+            IF FOUND THEN
+                PERFORM pg_notify('cdc_invalidator_v1', '');
+            END IF;
+            RETURN NULL;
+        END
+        $f$
+    $body$, fn, row_json);
+    EXECUTE format('REVOKE ALL ON FUNCTION %s() FROM PUBLIC', fn);
+
+    IF NOT EXISTS (SELECT FROM pg_trigger WHERE tgrelid = tbl AND tgname = 'cdc_invalidator_ins_v1') THEN
+        EXECUTE format('CREATE TRIGGER cdc_invalidator_ins_v1 AFTER INSERT ON %s
+            REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION %s()', tbl, fn);
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_trigger WHERE tgrelid = tbl AND tgname = 'cdc_invalidator_upd_v1') THEN
+        EXECUTE format('CREATE TRIGGER cdc_invalidator_upd_v1 AFTER UPDATE ON %s
+            REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+            FOR EACH STATEMENT EXECUTE FUNCTION %s()', tbl, fn);
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_trigger WHERE tgrelid = tbl AND tgname = 'cdc_invalidator_del_v1') THEN
+        EXECUTE format('CREATE TRIGGER cdc_invalidator_del_v1 AFTER DELETE ON %s
+            REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION %s()', tbl, fn);
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_trigger WHERE tgrelid = tbl AND tgname = 'cdc_invalidator_trunc_v1') THEN
+        EXECUTE format('CREATE TRIGGER cdc_invalidator_trunc_v1 AFTER TRUNCATE ON %s
+            FOR EACH STATEMENT EXECUTE FUNCTION %s()', tbl, fn);
+    END IF;
+
+    INSERT INTO cdc_invalidator.watched_v1 (relid, columns) VALUES (tbl, key_columns)
+    ON CONFLICT (relid) DO UPDATE SET columns = EXCLUDED.columns, watched_at = now();
+END
+$watch$;
+
+-- unwatch(table): remove our triggers and the table's trigger function. Events already
+-- queued stay and are still processed.
+CREATE OR REPLACE FUNCTION cdc_invalidator.unwatch(tbl regclass)
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $unwatch$
+DECLARE
+    t record;
+BEGIN
+    FOR t IN
+        SELECT tg.tgname, p.oid::regprocedure AS fn
+        FROM pg_trigger tg JOIN pg_proc p ON p.oid = tg.tgfoid
+        WHERE tg.tgrelid = tbl AND tg.tgname LIKE 'cdc\_invalidator\_%\_v1'
+          AND p.pronamespace = 'cdc_invalidator'::regnamespace
+    LOOP
+        EXECUTE format('DROP TRIGGER %I ON %s', t.tgname, tbl);
+        EXECUTE format('DROP FUNCTION IF EXISTS %s', t.fn);
+    END LOOP;
+    DELETE FROM cdc_invalidator.watched_v1 WHERE relid = tbl;
+END
+$unwatch$;
+
+-- Changing triggers runs with the installer's rights: nobody else may call these.
+REVOKE ALL ON FUNCTION cdc_invalidator.watch(regclass, text[]) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cdc_invalidator.unwatch(regclass) FROM PUBLIC;
