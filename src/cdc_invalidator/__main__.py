@@ -1,0 +1,3 @@
+from cdc_invalidator.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Capture: where row changes come from (the trigger queue; logical decoding later)."""

@@ -1,0 +1,217 @@
+"""Command line: sql, install, uninstall, run, check, status, demo.
+
+Exit codes: 0 all well; 1 the command ran and failed (check found problems, the
+database refused); 2 the configuration or the command line is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import psycopg
+import structlog
+
+from cdc_invalidator import __version__, logs
+from cdc_invalidator.capture import trigger_sql
+from cdc_invalidator.capture.trigger_queue import NotInstalled, TriggerQueue
+from cdc_invalidator.checks import check_database, check_redis
+from cdc_invalidator.database import DatabaseError, connect
+from cdc_invalidator.redact import Scrubber, redact_url, secrets_of
+from cdc_invalidator.runner import Runner, RunnerConfig
+from cdc_invalidator.settings import CONFIG_ENV, ConfigError, Settings, load_settings
+from cdc_invalidator.shutdown import Stopper
+from cdc_invalidator.sink import RedisSink
+from cdc_invalidator.status import read_status
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return command(args)
+    except ConfigError as exc:
+        _error(str(exc))
+        return EXIT_CONFIG
+    except DatabaseError as exc:
+        _error(str(exc))
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_FAILED
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config", metavar="PATH", help=f"TOML configuration file (default: ${CONFIG_ENV})"
+    )
+    parser = argparse.ArgumentParser(
+        prog="cdc-invalidator",
+        description="Delete the Redis keys that cache a PostgreSQL row when the row changes.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(
+        name: str, func: Callable[[argparse.Namespace], int], help_: str
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help_, description=help_)
+        p.set_defaults(func=func)
+        return p
+
+    add("sql", cmd_sql, "print the SQL that `install` runs (review it, or pipe it into psql)")
+    add("install", cmd_install, "install or update our schema and triggers, in one transaction")
+    add("uninstall", cmd_uninstall, "remove every object `install` created, in one transaction")
+    add("run", cmd_run, "run the listener in the foreground until SIGTERM/SIGINT")
+    add("check", cmd_check, "validate the configuration against the live database and Redis")
+    status = add("status", cmd_status, "backlog, oldest pending event, dead letters, last batch")
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    demo = add("demo", cmd_demo, "start throwaway PostgreSQL and Redis and show an invalidation")
+    demo.add_argument("--keep", action="store_true", help="leave the servers' directories")
+    return parser
+
+
+def _error(message: str) -> None:
+    print(f"cdc-invalidator: error: {message}", file=sys.stderr)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    print(trigger_sql.render(trigger_sql.install_script(settings.mapper())))
+    return EXIT_OK
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    script = trigger_sql.install_script(settings.mapper())
+    with connect(settings) as conn:
+        try:
+            trigger_sql.apply(conn, script)
+        except psycopg.Error as exc:
+            _error(f"install failed, nothing was changed: {_pg_message(exc)}")
+            return EXIT_FAILED
+        tables = sorted(str(t) for t in settings.mapper().tables)
+    print(f"installed cdc_invalidator v{trigger_sql.SCHEMA_VERSION}; watching {', '.join(tables)}")
+    return EXIT_OK
+
+
+def cmd_uninstall(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    with connect(settings) as conn:
+        try:
+            trigger_sql.apply(conn, trigger_sql.uninstall_script())
+        except psycopg.Error as exc:
+            _error(f"uninstall failed, nothing was changed: {_pg_message(exc)}")
+            return EXIT_FAILED
+    print("uninstalled: triggers, functions and the cdc_invalidator schema are gone")
+    return EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    config_name = str(args.config or "configuration")
+    with connect(settings) as conn:
+        report = check_database(conn, settings, config_name)
+    sink = RedisSink.from_url(settings.redis_url, timeout_s=settings.redis_timeout_s)
+    try:
+        redis_report = check_redis(sink.client, settings.redis_url)
+    finally:
+        sink.close()
+    for line in report.ok + redis_report.ok:
+        print(f"ok: {line}")
+    for line in report.warnings:
+        print(f"warning: {line}")
+    errors = report.errors + redis_report.errors
+    for line in errors:
+        print(f"error: {line}", file=sys.stderr)
+    return EXIT_OK if not errors else EXIT_FAILED
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    with connect(settings) as conn:
+        try:
+            status = read_status(conn)
+        except psycopg.errors.UndefinedTable:
+            _error(
+                "cdc_invalidator is not installed in this database: run `cdc-invalidator install`"
+            )
+            return EXIT_FAILED
+    if args.json:
+        print(json.dumps(status.as_json()))
+    else:
+        print("\n".join(status.lines()))
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    scrubber = Scrubber(secrets_of(settings.database_url, settings.redis_url))
+    logs.configure(settings.log_level, settings.log_format, scrubber)
+    log = structlog.get_logger("cdc_invalidator.cli")
+    log.info(
+        "config_loaded",
+        database_url=redact_url(settings.database_url),
+        redis_url=redact_url(settings.redis_url),
+        capture=settings.capture,
+    )
+    stopper = Stopper()
+    stopper.install_signal_handlers()
+    sink = RedisSink.from_url(
+        settings.redis_url,
+        timeout_s=settings.redis_timeout_s,
+        unlink_chunk=settings.unlink_chunk,
+        scan_count=settings.scan_count,
+    )
+    runner = Runner(
+        connect=lambda: TriggerQueue.connect(
+            settings.database_url,
+            application_name=settings.application_name,
+            connect_timeout_s=settings.connect_timeout_s,
+        ),
+        mapper=settings.mapper(),
+        sink=sink,
+        config=runner_config(settings),
+        stopper=stopper,
+    )
+    try:
+        runner.run()
+    except NotInstalled as exc:
+        log.error("not_installed", error=str(exc))
+        return EXIT_FAILED
+    finally:
+        sink.close()
+        stopper.close()
+    return EXIT_OK
+
+
+def runner_config(settings: Settings) -> RunnerConfig:
+    return RunnerConfig(
+        batch_size=settings.batch_size,
+        poll_interval_s=settings.poll_interval_ms / 1000,
+        retry_initial_s=settings.retry_initial_ms / 1000,
+        retry_max_s=settings.retry_max_ms / 1000,
+    )
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cdc_invalidator.demo import run_demo  # noqa: PLC0415 - only the demo needs it
+
+    return run_demo(keep=args.keep)
+
+
+def _pg_message(exc: psycopg.Error) -> str:
+    diag: Any = exc.diag
+    text = diag.message_primary or str(exc)
+    if diag.message_detail:
+        text += f" ({diag.message_detail})"
+    return str(text)

@@ -1,0 +1,99 @@
+"""What every capture mode hands to the mapping: one committed row change."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+
+# Column values as PostgreSQL's text output (what ::text gives); None for SQL NULL.
+Row = Mapping[str, str | None]
+
+_PLAIN_IDENTIFIER = re.compile(r"[a-z_][a-z0-9_$]*")
+
+
+class Op(StrEnum):
+    INSERT = "I"
+    UPDATE = "U"
+    DELETE = "D"
+    TRUNCATE = "T"
+
+
+class InvalidEvent(Exception):
+    """An event that cannot become keys. It goes to the dead letters, never blocks."""
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class TableName:
+    schema: str
+    name: str
+
+    @classmethod
+    def parse(cls, text: str) -> TableName:
+        """Read `schema.table` the way PostgreSQL reads a qualified name.
+
+        Unquoted parts fold to lower case, double-quoted parts keep their case and may
+        hold dots and doubled quotes; a name without a schema means `public`.
+        """
+        parts: list[str] = []
+        i = 0
+        while True:
+            if i < len(text) and text[i] == '"':
+                end = i + 1
+                part = []
+                while True:
+                    q = text.find('"', end)
+                    if q < 0:
+                        raise ValueError(f"unterminated quoted identifier in {text!r}")
+                    part.append(text[end:q])
+                    if text.startswith('"', q + 1):
+                        part.append('"')
+                        end = q + 2
+                        continue
+                    i = q + 1
+                    break
+                parts.append("".join(part))
+            else:
+                dot = text.find(".", i)
+                raw = text[i:] if dot < 0 else text[i:dot]
+                if not raw.strip() or '"' in raw:
+                    raise ValueError(f"invalid table name {text!r}")
+                parts.append(raw.strip().lower())
+                i = len(text) if dot < 0 else dot
+            if i >= len(text):
+                break
+            if text[i] != ".":
+                raise ValueError(f"invalid table name {text!r}")
+            i += 1
+        if not 1 <= len(parts) <= 2 or not all(parts):
+            raise ValueError(f"invalid table name {text!r}: expected table or schema.table")
+        return cls("public", parts[0]) if len(parts) == 1 else cls(parts[0], parts[1])
+
+    @property
+    def qualified(self) -> str:
+        """`schema.table` with quotes only where PostgreSQL needs them."""
+        return f"{_quote(self.schema)}.{_quote(self.name)}"
+
+    def __str__(self) -> str:
+        return self.qualified
+
+
+def _quote(ident: str) -> str:
+    if _PLAIN_IDENTIFIER.fullmatch(ident):
+        return ident
+    return '"' + ident.replace('"', '""') + '"'
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeEvent:
+    """One committed change of one row (or one TRUNCATE of a whole table).
+
+    `position` is where the capture can resume from: the queue id in trigger mode.
+    """
+
+    table: TableName
+    op: Op
+    old: Row | None
+    new: Row | None
+    position: int

@@ -1,0 +1,94 @@
+"""Key templates such as ``user:{id}`` or ``user:email:{email}``.
+
+Fields are column names; ``{{`` and ``}}`` stand for literal braces. A template renders
+into one key from a row's values, or into a Redis glob pattern (every field a ``*``)
+for a TRUNCATE sweep, with the literal parts escaped so that a ``*`` or ``[`` the app put
+in its key names matches only itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+_GLOB_SPECIAL = frozenset("*?[]\\")
+
+
+class TemplateError(ValueError):
+    """A template that cannot be parsed; the message names the template."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeyTemplate:
+    source: str
+    # Alternating literal text and field names: literals[0], fields[0], literals[1], ...
+    literals: tuple[str, ...]
+    fields: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, source: str) -> KeyTemplate:
+        literals: list[str] = []
+        fields: list[str] = []
+        buf: list[str] = []
+        i, n = 0, len(source)
+        while i < n:
+            ch = source[i]
+            if ch == "{":
+                if source.startswith("{", i + 1):
+                    buf.append("{")
+                    i += 2
+                    continue
+                end = source.find("}", i + 1)
+                if end < 0:
+                    raise TemplateError(f"template {source!r}: unbalanced '{{' at offset {i}")
+                name = source[i + 1 : end]
+                if not name:
+                    raise TemplateError(f"template {source!r}: empty field '{{}}' at offset {i}")
+                if "{" in name:
+                    raise TemplateError(f"template {source!r}: unbalanced '{{' at offset {i}")
+                literals.append("".join(buf))
+                buf.clear()
+                fields.append(name)
+                i = end + 1
+            elif ch == "}":
+                if not source.startswith("}", i + 1):
+                    raise TemplateError(f"template {source!r}: unbalanced '}}' at offset {i}")
+                buf.append("}")
+                i += 2
+            else:
+                buf.append(ch)
+                i += 1
+        literals.append("".join(buf))
+        if not source:
+            raise TemplateError("template '' is empty")
+        return cls(source, tuple(literals), tuple(fields))
+
+    def render(self, row: Mapping[str, str | None]) -> str | None:
+        """The key for this row, or None when a field is NULL (that key is skipped).
+
+        Raises KeyError naming the column when the row lacks one, TypeError when a value
+        is not text.
+        """
+        lits = self.literals
+        if not self.fields:
+            return lits[0]
+        out = [lits[0]]
+        for i, field in enumerate(self.fields):
+            value = row[field]
+            if value is None:
+                return None
+            if not isinstance(value, str):
+                raise TypeError(
+                    f"column {field!r} holds {type(value).__name__} {value!r}, expected text"
+                )
+            out.append(value)
+            out.append(lits[i + 1])
+        return "".join(out)
+
+    def glob(self) -> str:
+        """A Redis MATCH pattern for every key this template can produce."""
+        return "*".join(_escape_glob(lit) for lit in self.literals)
+
+
+def _escape_glob(text: str) -> str:
+    return "".join("\\" + ch if ch in _GLOB_SPECIAL else ch for ch in text)

@@ -1,0 +1,173 @@
+"""The listener loop: take a batch, map it to keys, delete them, then acknowledge.
+
+The runner owns reconnects, back-off and shutdown. It acknowledges a batch only after
+Redis confirmed every delete (a failure rolls the batch back for another try), so every
+committed change is invalidated at least once whatever goes down in between.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Protocol
+
+import psycopg
+import structlog
+
+from cdc_invalidator.backoff import Backoff
+from cdc_invalidator.capture.trigger_queue import NotInstalled, QueueBatch
+from cdc_invalidator.events import InvalidEvent
+from cdc_invalidator.mapping import Invalidation, Mapper
+from cdc_invalidator.shutdown import Stopper
+from cdc_invalidator.sink.redis_sink import REDIS_UNAVAILABLE, RedisSink
+
+log = structlog.get_logger("cdc_invalidator.runner")
+
+# How often an "alive and working" line is logged, whatever the rate.
+PROGRESS_EVERY_S = 60.0
+
+
+class Source(Protocol):
+    def batch(self, limit: int) -> AbstractContextManager[QueueBatch]: ...
+    def wait(self, timeout_s: float, wakeup_fd: int | None = None) -> None: ...
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerConfig:
+    batch_size: int = 5000
+    poll_interval_s: float = 1.0
+    retry_initial_s: float = 0.1
+    retry_max_s: float = 10.0
+
+
+class Availability:
+    """Logs one line when a dependency goes away and one when it is back, not per retry."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.available: bool | None = None
+        self._down_since = 0.0
+        self.failures = 0
+
+    def up(self) -> None:
+        if self.available is False:
+            log.info(f"{self.name}_available", down_s=round(time.monotonic() - self._down_since, 3))
+        self.available = True
+
+    def down(self, exc: BaseException) -> None:
+        self.failures += 1
+        if self.available is not False:
+            self._down_since = time.monotonic()
+            log.warning(f"{self.name}_unavailable", error=f"{type(exc).__name__}: {exc}")
+        self.available = False
+
+
+class Runner:
+    def __init__(
+        self,
+        *,
+        connect: Callable[[], Source],
+        mapper: Mapper,
+        sink: RedisSink,
+        config: RunnerConfig,
+        stopper: Stopper,
+    ) -> None:
+        self._connect = connect
+        self._mapper = mapper
+        self._sink = sink
+        self._config = config
+        self._stopper = stopper
+        self.postgres = Availability("postgres")
+        self.redis = Availability("redis")
+        self.events_processed = 0
+        self.keys_deleted = 0
+        self.dead_letters = 0
+
+    def run(self) -> None:
+        """Until stop(): a batch in hand is finished (or rolled back) before returning."""
+        cfg = self._config
+        backoff = Backoff(cfg.retry_initial_s, cfg.retry_max_s)
+        log.info("listener_started", tables=sorted(str(t) for t in self._mapper.tables))
+        while not self._stopper.stopped:
+            try:
+                source = self._connect()
+            except NotInstalled:
+                raise
+            except psycopg.OperationalError as exc:
+                self.postgres.down(exc)
+                self._stopper.sleep(backoff.next_delay())
+                continue
+            self.postgres.up()
+            backoff.reset()
+            try:
+                self._consume(source)
+            except psycopg.OperationalError as exc:
+                # The connection is dead (server restart, terminated backend): the open
+                # batch, if any, was rolled back by the server; reconnect and go on.
+                self.postgres.down(exc)
+                self._stopper.sleep(backoff.next_delay())
+            finally:
+                source.close()
+        log.info(
+            "listener_stopped",
+            events=self.events_processed,
+            keys_deleted=self.keys_deleted,
+            dead_letters=self.dead_letters,
+        )
+
+    def stop(self) -> None:
+        self._stopper.stop()
+
+    def _consume(self, source: Source) -> None:
+        cfg = self._config
+        backoff = Backoff(cfg.retry_initial_s, cfg.retry_max_s)
+        next_progress = time.monotonic() + PROGRESS_EVERY_S
+        while not self._stopper.stopped:
+            try:
+                taken = self._process_batch(source)
+            except REDIS_UNAVAILABLE as exc:
+                self.redis.down(exc)
+                self._stopper.sleep(backoff.next_delay())
+                continue
+            if taken:
+                self.redis.up()
+                backoff.reset()
+            if taken < cfg.batch_size:
+                source.wait(cfg.poll_interval_s, self._stopper.fileno())
+            if time.monotonic() >= next_progress:
+                next_progress = time.monotonic() + PROGRESS_EVERY_S
+                log.info(
+                    "progress",
+                    events=self.events_processed,
+                    keys_deleted=self.keys_deleted,
+                    dead_letters=self.dead_letters,
+                )
+
+    def _process_batch(self, source: Source) -> int:
+        with source.batch(self._config.batch_size) as batch:
+            if not batch:
+                return 0
+            work = Invalidation()
+            for event in batch.events:
+                try:
+                    self._mapper.add(event, work)
+                except InvalidEvent as exc:
+                    batch.dead_letter(event.position, str(exc))
+            deleted = self._sink.delete(work) if work else 0
+        # Committed: Redis had confirmed every delete before the acknowledgement.
+        for position, error in batch.dead.items():
+            log.warning("event_dead_lettered", position=position, error=error)
+        self.events_processed += len(batch)
+        self.keys_deleted += deleted
+        self.dead_letters += len(batch.dead)
+        log.debug(
+            "batch_processed",
+            events=len(batch),
+            keys=len(work.keys),
+            patterns=len(work.patterns),
+            existed=deleted,
+        )
+        return len(batch)

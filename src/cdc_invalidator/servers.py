@@ -1,0 +1,277 @@
+"""Throwaway PostgreSQL and Redis servers on free loopback ports.
+
+Used by `cdc-invalidator demo`, the test suite and the benchmark. Binaries are found on
+the machine (PostgreSQL's bindir, redis-server on PATH). PostgreSQL refuses to run as
+root, so when we are root its commands run as the `postgres` user.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Self
+
+import redis
+
+PG_USER_WHEN_ROOT = "postgres"
+
+
+class ServerError(Exception):
+    """A server could not be found or started; the message says what to install."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def find_pg_bindir() -> Path:
+    candidates: list[str] = []
+    if env := os.environ.get("CDC_INVALIDATOR_PG_BINDIR"):
+        candidates.append(env)
+    if pg_config := shutil.which("pg_config"):
+        out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, check=False)
+        candidates.append(out.stdout.strip())
+    candidates += sorted(
+        glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(p.split("/")[-2]), reverse=True
+    )
+    if initdb := shutil.which("initdb"):
+        candidates.append(str(Path(initdb).resolve().parent))
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "initdb").exists():
+            return Path(candidate)
+    raise ServerError(
+        "no PostgreSQL server binaries found (initdb, pg_ctl): install the postgresql "
+        "package or set CDC_INVALIDATOR_PG_BINDIR"
+    )
+
+
+def find_redis_server() -> str:
+    found = shutil.which("redis-server") or (
+        "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None
+    )
+    if not found:
+        raise ServerError("redis-server not found: install the redis-server package")
+    return found
+
+
+def _pg_user() -> str | None:
+    """The user PostgreSQL must run as: `postgres` when we are root, else ourselves."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        pwd.getpwnam(PG_USER_WHEN_ROOT)
+    except KeyError:
+        raise ServerError(
+            "running as root and there is no 'postgres' user to run PostgreSQL as"
+        ) from None
+    return PG_USER_WHEN_ROOT
+
+
+class PostgresServer:
+    """A cluster in its own directory: initdb, then start/stop/restart/kill."""
+
+    def __init__(self, directory: Path, port: int, bindir: Path, user: str | None) -> None:
+        self.directory = directory
+        self.datadir = directory / "data"
+        self.logfile = directory / "postgres.log"
+        self.port = port
+        self.bindir = bindir
+        self.user = user
+
+    @classmethod
+    def create(cls, settings: dict[str, str] | None = None, port: int | None = None) -> Self:
+        bindir = find_pg_bindir()
+        user = _pg_user()
+        # Not under a 0700 pytest tmp dir: the postgres user must be able to reach it.
+        directory = Path(tempfile.mkdtemp(prefix="cdc-invalidator-pg-"))
+        if user:
+            shutil.chown(directory, user, user)
+        server = cls(directory, port or free_port(), bindir, user)
+        server._run(
+            [
+                str(bindir / "initdb"),
+                "-D",
+                str(server.datadir),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ]
+        )
+        conf = {
+            "listen_addresses": "'127.0.0.1'",
+            "port": str(server.port),
+            "unix_socket_directories": f"'{directory}'",
+            "wal_level": "logical",
+            "max_wal_senders": "10",
+            "max_replication_slots": "10",
+            "max_connections": "100",
+            "shared_buffers": "128MB",
+            **(settings or {}),
+        }
+        with (server.datadir / "postgresql.auto.conf").open("a") as f:
+            f.writelines(f"{k} = {v}\n" for k, v in conf.items())
+        return server
+
+    def _run(self, cmd: list[str]) -> None:
+        result = subprocess.run(cmd, user=self.user, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise ServerError(f"{' '.join(cmd[:2])} failed: {result.stderr.strip()[-2000:]}")
+
+    def start(self) -> None:
+        self._run(
+            [
+                str(self.bindir / "pg_ctl"),
+                "-D",
+                str(self.datadir),
+                "-l",
+                str(self.logfile),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ]
+        )
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run([str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", mode, "-w", "stop"])
+
+    def restart(self, mode: str = "fast") -> None:
+        self.stop(mode)
+        self.start()
+
+    @property
+    def pid(self) -> int | None:
+        try:
+            return int((self.datadir / "postmaster.pid").read_text().splitlines()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def running(self) -> bool:
+        result = subprocess.run(
+            [str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "status"],
+            user=self.user,
+            capture_output=True,
+            check=False,
+        )
+        return result.returncode == 0
+
+    def dsn(self, dbname: str = "postgres", user: str = "postgres") -> str:
+        return f"postgresql://{user}@127.0.0.1:{self.port}/{dbname}"
+
+    def destroy(self) -> None:
+        if self.running():
+            with contextlib.suppress(ServerError):
+                self.stop("immediate")
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.destroy()
+
+
+class RedisServer:
+    """A redis-server process with its own directory (for its dump.rdb)."""
+
+    def __init__(self, directory: Path, port: int, binary: str, args: list[str]) -> None:
+        self.directory = directory
+        self.port = port
+        self.binary = binary
+        self.args = args
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @classmethod
+    def create(cls, args: list[str] | None = None, port: int | None = None) -> Self:
+        directory = Path(tempfile.mkdtemp(prefix="cdc-invalidator-redis-"))
+        return cls(directory, port or free_port(), find_redis_server(), args or [])
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
+
+    def start(self, timeout_s: float = 20.0) -> None:
+        cmd = [
+            self.binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.directory),
+            "--logfile",
+            str(self.directory / "redis.log"),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "no",
+            *self.args,
+        ]
+        self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout_s
+        client = self.client()
+        try:
+            while True:
+                if self.process.poll() is not None:
+                    log = (self.directory / "redis.log").read_text(errors="replace")[-2000:]
+                    raise ServerError(f"redis-server exited: {log}")
+                try:
+                    client.ping()
+                    return
+                except (redis.ConnectionError, redis.BusyLoadingError):
+                    if time.monotonic() > deadline:
+                        raise ServerError("redis-server did not answer PING in time") from None
+                    time.sleep(0.02)
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        """Shut down without saving (what an operator's restart without persistence does)."""
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(20)
+        self.process = None
+
+    def kill(self) -> None:
+        """SIGKILL: nothing is saved on the way down."""
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(20)
+        self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def destroy(self) -> None:
+        self.kill()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.destroy()

@@ -1,0 +1,149 @@
+"""Settings: one TOML file, overridden per scalar by CDC_INVALIDATOR_<NAME> variables.
+
+Built once by the CLI and passed down; nothing reads settings at import time.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from cdc_invalidator.events import TableName
+from cdc_invalidator.mapping import KeyTemplate, Mapper, TemplateError
+
+ENV_PREFIX = "CDC_INVALIDATOR_"
+CONFIG_ENV = ENV_PREFIX + "CONFIG"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the file and the culprit."""
+
+
+class TableSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    keys: Annotated[list[str], Field(min_length=1)]
+
+    @field_validator("keys")
+    @classmethod
+    def _templates_parse(cls, keys: list[str]) -> list[str]:
+        for source in keys:
+            template = KeyTemplate.parse(source)
+            if not "".join(template.literals):
+                # TRUNCATE sweeps a template as a glob: "{id}" would sweep every key.
+                raise TemplateError(
+                    f"template {source!r} has no literal text: a TRUNCATE sweep of it "
+                    "would delete every key in the database; give it a prefix"
+                )
+        return keys
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="forbid", frozen=True, case_sensitive=False
+    )
+
+    # libpq fills what the URL leaves out from PG* variables (PGHOST, PGPASSWORD, ...).
+    database_url: str = ""
+    redis_url: str = "redis://localhost:6379/0"
+    capture: Literal["trigger"] = "trigger"
+    tables: dict[str, TableSettings] = Field(min_length=1)
+
+    # Events taken per transaction. Larger batches amortise round trips under load.
+    batch_size: Annotated[int, Field(ge=1, le=100_000)] = 5000
+    # How often the listener looks at the queue with no NOTIFY (NOTIFY is lost while
+    # disconnected, so it is a wake-up, never the only trigger).
+    poll_interval_ms: Annotated[int, Field(ge=10)] = 1000
+    # Reconnect and retry back-off: exponential from the first to the max, ±10 % jitter.
+    retry_initial_ms: Annotated[int, Field(ge=1)] = 100
+    retry_max_ms: Annotated[int, Field(ge=1)] = 10_000
+    # Keys per UNLINK command and commands per pipeline round trip.
+    unlink_chunk: Annotated[int, Field(ge=1, le=100_000)] = 500
+    scan_count: Annotated[int, Field(ge=10)] = 1000
+    connect_timeout_s: Annotated[float, Field(gt=0)] = 5.0
+    redis_timeout_s: Annotated[float, Field(gt=0)] = 5.0
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+    application_name: str = "cdc-invalidator"
+
+    @field_validator("tables")
+    @classmethod
+    def _table_names_parse(cls, tables: dict[str, TableSettings]) -> dict[str, TableSettings]:
+        seen: dict[TableName, str] = {}
+        for name in tables:
+            parsed = TableName.parse(name)
+            if parsed in seen:
+                raise ValueError(f"tables {seen[parsed]!r} and {name!r} name the same table")
+            seen[parsed] = name
+        return tables
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file's values arrive as init arguments; the environment wins over them.
+        return (env_settings, init_settings)
+
+    def mapper(self) -> Mapper:
+        return Mapper(
+            {
+                TableName.parse(name): [KeyTemplate.parse(k) for k in table.keys]
+                for name, table in self.tables.items()
+            }
+        )
+
+
+def load_settings(path: str | Path | None = None) -> Settings:
+    """Read and validate the configuration, or raise ConfigError naming the culprit."""
+    if path is None:
+        path = os.environ.get(CONFIG_ENV)
+    if not path:
+        raise ConfigError(f"no configuration file: pass --config PATH or set {CONFIG_ENV}")
+    path = Path(path)
+    try:
+        data: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text: {exc.reason}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(path, exc)) from None
+    except TemplateError as exc:  # pragma: no cover - pydantic wraps validator errors
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _describe(path: Path, exc: ValidationError) -> str:
+    lines = [f"{path}: invalid configuration"]
+    for err in exc.errors(include_url=False):
+        loc = ".".join(str(part) for part in err["loc"])
+        if err["type"] == "extra_forbidden":
+            what = f"unknown setting {loc!r}"
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            what = f"{loc}: {msg}" if loc else msg
+            if err["type"] not in ("missing",) and "input" in err and _is_scalar(err["input"]):
+                what += f" (got {err['input']!r})"
+        lines.append(f"  - {what}")
+    return "\n".join(lines)
+
+
+def _is_scalar(value: object) -> bool:
+    return isinstance(value, str | int | float | bool) and not (
+        isinstance(value, str) and len(value) > 200
+    )

@@ -1,0 +1,88 @@
+"""Delete keys from Redis: pipelined UNLINK for keys, SCAN + UNLINK for patterns."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import islice
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from cdc_invalidator.mapping import Invalidation
+
+# Errors after which the same deletes will work once Redis is back: retry them.
+REDIS_UNAVAILABLE: tuple[type[Exception], ...] = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.BusyLoadingError,
+    redis.exceptions.TryAgainError,
+    redis.ReadOnlyError,  # a replica that was a master: wait for the failover to settle
+)
+
+
+class RedisSink:
+    def __init__(self, client: redis.Redis, *, unlink_chunk: int = 500, scan_count: int = 1000):
+        self._client = client
+        self._unlink_chunk = unlink_chunk
+        self._scan_count = scan_count
+
+    @classmethod
+    def from_url(
+        cls, url: str, *, timeout_s: float = 5.0, unlink_chunk: int = 500, scan_count: int = 1000
+    ) -> RedisSink:
+        client = redis.Redis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            # One immediate retry covers a pooled connection that died with a Redis
+            # restart; longer outages are the runner's business (backoff, one log line).
+            retry=Retry(NoBackoff(), 1),
+            client_name="cdc-invalidator",
+        )
+        return cls(client, unlink_chunk=unlink_chunk, scan_count=scan_count)
+
+    @property
+    def client(self) -> redis.Redis:
+        return self._client
+
+    def ping(self) -> None:
+        self._client.ping()
+
+    def delete(self, work: Invalidation) -> int:
+        """Delete every key and every key matching a pattern; return how many existed.
+
+        Returns only once Redis confirmed all of it: the caller acknowledges after.
+        """
+        deleted = self.unlink(work.keys)
+        for pattern in sorted(work.patterns):
+            deleted += self.sweep(pattern)
+        return deleted
+
+    def unlink(self, keys: Iterable[str]) -> int:
+        pipe = self._client.pipeline(transaction=False)
+        for chunk in _chunks(keys, self._unlink_chunk):
+            pipe.unlink(*chunk)
+        if not len(pipe):
+            return 0
+        return sum(int(n) for n in pipe.execute())
+
+    def sweep(self, pattern: str) -> int:
+        """SCAN for a glob and UNLINK page by page (TRUNCATE has no rows to render)."""
+        deleted = 0
+        cursor = 0
+        while True:
+            cursor, page = self._client.scan(cursor, match=pattern, count=self._scan_count)
+            if page:
+                deleted += int(self._client.unlink(*page))
+            if cursor == 0:
+                return deleted
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _chunks(items: Iterable[str], size: int) -> Iterator[Sequence[str]]:
+    it = iter(items)
+    while chunk := tuple(islice(it, size)):
+        yield chunk
