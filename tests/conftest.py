@@ -61,7 +61,7 @@ def servers() -> Iterator[Servers]:
     except ServerError as exc:
         pytest.skip(f"no local servers: {exc}")
     with pg, rd:
-        yield Servers(lambda db: pg.dsn(db), rd.url, pg, rd)
+        yield Servers(pg.dsn, rd.url, pg, rd)
 
 
 @pytest.fixture
@@ -75,7 +75,7 @@ def own_servers() -> Iterator[Servers]:
     with pg, rd:
         with psycopg.connect(pg.dsn(), autocommit=True) as conn:
             conn.execute("CREATE DATABASE app")
-        yield Servers(lambda db: pg.dsn(db), rd.url, pg, rd)
+        yield Servers(pg.dsn, rd.url, pg, rd)
 
 
 @dataclass

@@ -134,10 +134,12 @@ def _describe(path: Path, exc: ValidationError) -> str:
         loc = ".".join(str(part) for part in err["loc"])
         if err["type"] == "extra_forbidden":
             what = f"unknown setting {loc!r}"
+        elif err["type"] == "missing":
+            what = f"missing setting {loc!r}"
         else:
             msg = err["msg"].removeprefix("Value error, ")
             what = f"{loc}: {msg}" if loc else msg
-            if err["type"] not in ("missing",) and "input" in err and _is_scalar(err["input"]):
+            if "input" in err and _is_scalar(err["input"]):
                 what += f" (got {err['input']!r})"
         lines.append(f"  - {what}")
     return "\n".join(lines)

@@ -90,8 +90,6 @@ class TriggerQueue:
                     sqlfiles.query("dead_letter.sql"),
                     [_dead_letter_params(raw[pos], err) for pos, err in batch.dead.items()],
                 )
-            if rows:
-                cur.execute(sqlfiles.query("mark_processed.sql"), {"events": len(rows)})
 
     def wait(self, timeout_s: float, wakeup_fd: int | None = None) -> None:
         """Return on a NOTIFY, a byte on `wakeup_fd` (shutdown) or after timeout_s."""

@@ -1,0 +1,176 @@
+"""Pure units: key templates, table names and the event -> keys mapping (no servers)."""
+
+from __future__ import annotations
+
+import pytest
+
+from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, TableName
+from cdc_invalidator.mapping import Invalidation, KeyTemplate, Mapper, TemplateError
+
+USERS = TableName("public", "users")
+
+
+@pytest.mark.parametrize(
+    ("source", "row", "key"),
+    [
+        ("user:{id}", {"id": "7"}, "user:7"),
+        ("user:email:{email}", {"email": "a@x"}, "user:email:a@x"),
+        ("{{literal}}:{id}", {"id": "1"}, "{literal}:1"),
+        ("a}}b:{id}:{{x}}", {"id": "2"}, "a}b:2:{x}"),
+        ("u:{tenant}:{id}", {"tenant": "t", "id": "9"}, "u:t:9"),
+        ("all-users", {}, "all-users"),
+        ("user:{Weird Col}", {"Weird Col": "x"}, "user:x"),
+    ],
+)
+def test_template_renders(source: str, row: dict[str, str], key: str) -> None:
+    assert KeyTemplate.parse(source).render(row) == key
+
+
+def test_null_field_skips_the_key() -> None:
+    assert KeyTemplate.parse("user:email:{email}").render({"email": None}) is None
+
+
+def test_missing_column_raises_key_error_naming_it() -> None:
+    with pytest.raises(KeyError, match="email"):
+        KeyTemplate.parse("user:email:{email}").render({"id": "1"})
+
+
+def test_non_text_value_raises() -> None:
+    with pytest.raises(TypeError, match="'id' holds int"):
+        KeyTemplate.parse("user:{id}").render({"id": 1})  # type: ignore[dict-item]
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("user:{id", "unbalanced '{'"),
+        ("user:id}", "unbalanced '}'"),
+        ("user:{}", "empty field"),
+        ("user:{a{b}", "unbalanced '{'"),
+        ("", "empty"),
+    ],
+)
+def test_bad_templates_are_named(source: str, message: str) -> None:
+    with pytest.raises(TemplateError, match=message) as info:
+        KeyTemplate.parse(source)
+    assert repr(source) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("source", "pattern"),
+    [
+        ("user:{id}", "user:*"),
+        ("user:{id}:orders", "user:*:orders"),
+        ("u:{a}:{b}", "u:*:*"),
+        ("we*ird?[x]\\:{id}", "we\\*ird\\?\\[x\\]\\\\:*"),
+        ("{{x}}:{id}", "{x}:*"),
+        ("all-users", "all-users"),
+    ],
+)
+def test_glob_escapes_literals(source: str, pattern: str) -> None:
+    assert KeyTemplate.parse(source).glob() == pattern
+
+
+def _mapper() -> Mapper:
+    return Mapper(
+        {USERS: [KeyTemplate.parse("user:{id}"), KeyTemplate.parse("user:email:{email}")]}
+    )
+
+
+def _event(
+    op: Op,
+    old: dict[str, str | None] | None,
+    new: dict[str, str | None] | None,
+    table: TableName = USERS,
+) -> ChangeEvent:
+    return ChangeEvent(table, op, old, new, position=1)
+
+
+def _keys(event: ChangeEvent) -> Invalidation:
+    work = Invalidation()
+    _mapper().add(event, work)
+    return work
+
+
+def test_insert_deletes_new_row_keys() -> None:
+    work = _keys(_event(Op.INSERT, None, {"id": "1", "email": "a@x"}))
+    assert work.keys == {"user:1", "user:email:a@x"}
+    assert not work.patterns
+
+
+def test_delete_deletes_old_row_keys() -> None:
+    assert _keys(_event(Op.DELETE, {"id": "1", "email": "a@x"}, None)).keys == {
+        "user:1",
+        "user:email:a@x",
+    }
+
+
+def test_update_deletes_old_and_new_keys() -> None:
+    work = _keys(_event(Op.UPDATE, {"id": "1", "email": "a@x"}, {"id": "2", "email": "b@x"}))
+    assert work.keys == {"user:1", "user:2", "user:email:a@x", "user:email:b@x"}
+
+
+def test_update_with_null_email_keeps_other_keys() -> None:
+    work = _keys(_event(Op.UPDATE, {"id": "1", "email": None}, {"id": "1", "email": "b@x"}))
+    assert work.keys == {"user:1", "user:email:b@x"}
+
+
+def test_truncate_becomes_patterns() -> None:
+    work = _keys(_event(Op.TRUNCATE, None, None))
+    assert work.patterns == {"user:*", "user:email:*"}
+    assert not work.keys
+
+
+def test_unknown_table_is_invalid() -> None:
+    with pytest.raises(InvalidEvent, match="orders is not in the configuration"):
+        _keys(_event(Op.INSERT, None, {"id": "1"}, table=TableName("public", "orders")))
+
+
+def test_missing_row_is_invalid() -> None:
+    with pytest.raises(InvalidEvent, match="carries no old row"):
+        _keys(_event(Op.DELETE, None, None))
+
+
+def test_missing_column_names_column_and_template() -> None:
+    with pytest.raises(
+        InvalidEvent, match=r"lacks column 'email' used by template 'user:email:\{email\}'"
+    ):
+        _keys(_event(Op.INSERT, None, {"id": "1"}))
+
+
+def test_a_failing_event_adds_nothing() -> None:
+    work = Invalidation()
+    with pytest.raises(InvalidEvent):
+        _mapper().add(_event(Op.UPDATE, {"id": "1", "email": "a@x"}, {"id": "2"}), work)
+    assert not work
+
+
+def test_columns_are_the_union_of_template_fields() -> None:
+    assert _mapper().columns(USERS) == ["email", "id"]
+
+
+@pytest.mark.parametrize(
+    ("text", "table"),
+    [
+        ("users", TableName("public", "users")),
+        ("public.users", TableName("public", "users")),
+        ("App.Users", TableName("app", "users")),
+        ('"App"."Users"', TableName("App", "Users")),
+        ('public."Weird ""Name"""', TableName("public", 'Weird "Name"')),
+        ('"a.b".c', TableName("a.b", "c")),
+    ],
+)
+def test_table_names_parse_like_postgres(text: str, table: TableName) -> None:
+    assert TableName.parse(text) == table
+
+
+@pytest.mark.parametrize("text", ["", "a.b.c", '"unterminated', "a..b", 'a"b', "."])
+def test_bad_table_names(text: str) -> None:
+    with pytest.raises(ValueError, match=r"table name|identifier"):
+        TableName.parse(text)
+
+
+def test_qualified_quotes_only_when_needed() -> None:
+    assert TableName("public", "users").qualified == "public.users"
+    assert TableName("public", 'Weird "Name"').qualified == 'public."Weird ""Name"""'
+    assert TableName("App", "x").qualified == '"App".x'

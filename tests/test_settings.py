@@ -1,0 +1,104 @@
+"""Configuration: loading, validation, environment overrides, error messages (no servers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cdc_invalidator.cli import main
+from cdc_invalidator.events import TableName
+from cdc_invalidator.settings import ConfigError, load_settings
+
+GOOD = """
+database_url = "postgresql://app@db/app"
+redis_url = "redis://cache:6379/0"
+capture = "trigger"
+[tables."public.users"]
+keys = ["user:{id}", "user:email:{email}"]
+[tables."orders"]
+keys = ["order:{id}", "user:{user_id}:orders"]
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def test_issue_example_loads(tmp_path: Path) -> None:
+    settings = load_settings(_write(tmp_path, GOOD))
+    mapper = settings.mapper()
+    assert set(mapper.tables) == {TableName("public", "users"), TableName("public", "orders")}
+    assert mapper.columns(TableName("public", "orders")) == ["id", "user_id"]
+    assert settings.batch_size > 0
+
+
+def test_environment_wins_over_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CDC_INVALIDATOR_REDIS_URL", "redis://other:1/2")
+    monkeypatch.setenv("CDC_INVALIDATOR_BATCH_SIZE", "17")
+    settings = load_settings(_write(tmp_path, GOOD))
+    assert settings.redis_url == "redis://other:1/2"
+    assert settings.batch_size == 17
+    assert settings.database_url == "postgresql://app@db/app"
+
+
+def test_config_path_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CDC_INVALIDATOR_CONFIG", str(_write(tmp_path, GOOD)))
+    assert load_settings(None).redis_url == "redis://cache:6379/0"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("database_url = \n", "invalid TOML"),
+        (GOOD.replace("user:{id}", "user:{id"), "unbalanced '{'"),
+        ("batch_sise = 5\n" + GOOD, "unknown setting 'batch_sise'"),
+        ("batch_size = 0\n" + GOOD, "batch_size"),
+        (GOOD.replace('capture = "trigger"', 'capture = "magic"'), "capture"),
+        ('redis_url = "redis://x"\n', "tables"),
+        (GOOD.replace('keys = ["order:{id}", "user:{user_id}:orders"]', "keys = []"), "keys"),
+        (GOOD.replace('"user:{id}", ', '"{id}", '), "no literal text"),
+        (GOOD.replace('[tables."orders"]', '[tables."a.b.c"]'), "invalid table name"),
+        (GOOD.replace('[tables."orders"]', '[tables."public.USERS"]'), "name the same table"),
+        (GOOD.replace("keys = [", "kees = [", 1), "unknown setting 'tables.public.users.kees'"),
+    ],
+)
+def test_bad_config_is_a_clear_error(tmp_path: Path, text: str, expected: str) -> None:
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError, match=expected) as info:
+        load_settings(path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        load_settings(tmp_path / "nope.toml")
+
+
+def test_no_config_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CDC_INVALIDATOR_CONFIG", raising=False)
+    with pytest.raises(ConfigError, match="--config"):
+        load_settings(None)
+
+
+@pytest.mark.parametrize("command", ["sql", "check", "install", "run", "status", "uninstall"])
+def test_cli_bad_config_exits_2_without_traceback(
+    tmp_path: Path, command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _write(tmp_path, GOOD.replace("user:{id}", "user:{id"))
+    assert main([command, "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert str(path) in err
+    assert "user:{id" in err
+
+
+def test_sql_prints_reviewable_script(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sql", "--config", str(_write(tmp_path, GOOD))]) == 0
+    out = capsys.readouterr().out
+    assert "CREATE SCHEMA IF NOT EXISTS cdc_invalidator" in out
+    assert "SELECT cdc_invalidator.watch('public.users', ARRAY['email', 'id']::text[]);" in out
+    assert "SELECT cdc_invalidator.watch('public.orders', ARRAY['id', 'user_id']::text[]);" in out
+    assert out.count("-- ") > 20  # the DBA reads comments saying what each part does

@@ -1,0 +1,64 @@
+"""Small pure units: redaction, back-off, the stop pipe (no servers)."""
+
+from __future__ import annotations
+
+import random
+import select
+
+import pytest
+
+from cdc_invalidator.backoff import Backoff
+from cdc_invalidator.redact import Scrubber, redact_url, secrets_of
+from cdc_invalidator.shutdown import Stopper
+
+
+@pytest.mark.parametrize(
+    ("url", "redacted"),
+    [
+        ("postgresql://app:s3cret@db:5432/app", "postgresql://app:***@db:5432/app"),
+        ("redis://:pw@cache:6379/0", "redis://:***@cache:6379/0"),
+        ("rediss://user:p%40ss@cache/0", "rediss://user:***@cache/0"),
+        ("host=db password=s3cret user=app", "host=db password=*** user=app"),
+        ("host=db password='a b' user=app", "host=db password=*** user=app"),
+        ("postgresql://app@db/app", "postgresql://app@db/app"),
+    ],
+)
+def test_redact_url(url: str, redacted: str) -> None:
+    assert redact_url(url) == redacted
+
+
+def test_scrubber_removes_known_secrets_anywhere() -> None:
+    scrub = Scrubber(secrets_of("postgresql://app:hunter2@db/app", "redis://:p%40ss@c/0"))
+    text = "auth failed for hunter2 and p@ss and p%40ss at postgresql://x:y@h/d"
+    out = scrub(text)
+    for secret in ("hunter2", "p@ss", "p%40ss", ":y@"):
+        assert secret not in out
+
+
+def test_secrets_of_keyword_dsn() -> None:
+    assert secrets_of("host=db password=hunter2") == ["hunter2"]
+    assert secrets_of("", "postgresql://db/app") == []
+
+
+def test_backoff_grows_exponentially_with_jitter_and_caps() -> None:
+    backoff = Backoff(0.1, 1.0, rng=random.Random(1))
+    delays = [backoff.next_delay() for _ in range(8)]
+    for delay, base in zip(delays, [0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0, 1.0], strict=True):
+        assert base * 0.9 <= delay <= base * 1.1
+    assert len({round(d, 6) for d in delays[4:]}) > 1  # jitter: not in lock-step
+    backoff.reset()
+    assert backoff.next_delay() <= 0.11
+
+
+def test_stopper_wakes_select_and_is_idempotent() -> None:
+    stopper = Stopper()
+    try:
+        assert not stopper.stopped
+        assert select.select([stopper.fileno()], [], [], 0)[0] == []
+        stopper.stop()
+        stopper.stop()
+        assert stopper.stopped
+        assert select.select([stopper.fileno()], [], [], 0)[0] == [stopper.fileno()]
+        assert stopper.sleep(5) is True  # returns at once once stopped
+    finally:
+        stopper.close()
