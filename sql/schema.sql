@@ -28,6 +28,11 @@ CREATE TABLE IF NOT EXISTS cdc_invalidator.queue_v1 (
     op          text NOT NULL CHECK (op IN ('I', 'U', 'D', 'T')),
     old_row     jsonb,  -- key columns before the change (UPDATE, DELETE)
     new_row     jsonb   -- key columns after the change (INSERT, UPDATE)
+) WITH (
+    -- Every row is inserted once and deleted once: vacuum early so that the listener's
+    -- "oldest first" index scan does not wade through dead entries.
+    autovacuum_vacuum_scale_factor = 0.01,
+    autovacuum_vacuum_threshold = 1000
 );
 
 -- Events that could not be rendered into keys (table no longer configured, a column

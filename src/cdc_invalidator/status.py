@@ -18,6 +18,7 @@ class Status:
     dead_letters: int
     last_processed_at: datetime | None
     events_processed: int
+    notify_queue_usage: float
 
     def as_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -35,6 +36,7 @@ class Status:
             f"dead letters:         {self.dead_letters}",
             f"last processed at:    {last}",
             f"events processed:     {self.events_processed}",
+            f"NOTIFY queue usage:   {self.notify_queue_usage:.1%}",
         ]
 
 
@@ -42,5 +44,5 @@ def read_status(conn: psycopg.Connection[Any]) -> Status:
     row = conn.execute(sqlfiles.query("status.sql")).fetchone()
     if row is None:
         raise RuntimeError("cdc_invalidator.listener_state_v1 is empty: run `install` again")
-    backlog, age, dead, last, processed = row
-    return Status(int(backlog), age, int(dead), last, int(processed))
+    backlog, age, dead, last, processed, notify_usage = row
+    return Status(int(backlog), age, int(dead), last, int(processed), float(notify_usage))
