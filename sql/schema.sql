@@ -87,6 +87,7 @@ DECLARE
     missing  text;
     row_json text;
     kind     "char";
+    trg      record;
 BEGIN
     SELECT relkind INTO kind FROM pg_class WHERE oid = tbl;
     IF kind NOT IN ('r', 'p') THEN
@@ -141,23 +142,22 @@ BEGIN
     $body$, fn, row_json);
     EXECUTE format('REVOKE ALL ON FUNCTION %s() FROM PUBLIC', fn);
 
-    IF NOT EXISTS (SELECT FROM pg_trigger WHERE tgrelid = tbl AND tgname = 'cdc_invalidator_ins_v1') THEN
-        EXECUTE format('CREATE TRIGGER cdc_invalidator_ins_v1 AFTER INSERT ON %s
-            REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION %s()', tbl, fn);
-    END IF;
-    IF NOT EXISTS (SELECT FROM pg_trigger WHERE tgrelid = tbl AND tgname = 'cdc_invalidator_upd_v1') THEN
-        EXECUTE format('CREATE TRIGGER cdc_invalidator_upd_v1 AFTER UPDATE ON %s
-            REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-            FOR EACH STATEMENT EXECUTE FUNCTION %s()', tbl, fn);
-    END IF;
-    IF NOT EXISTS (SELECT FROM pg_trigger WHERE tgrelid = tbl AND tgname = 'cdc_invalidator_del_v1') THEN
-        EXECUTE format('CREATE TRIGGER cdc_invalidator_del_v1 AFTER DELETE ON %s
-            REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION %s()', tbl, fn);
-    END IF;
-    IF NOT EXISTS (SELECT FROM pg_trigger WHERE tgrelid = tbl AND tgname = 'cdc_invalidator_trunc_v1') THEN
-        EXECUTE format('CREATE TRIGGER cdc_invalidator_trunc_v1 AFTER TRUNCATE ON %s
-            FOR EACH STATEMENT EXECUTE FUNCTION %s()', tbl, fn);
-    END IF;
+    -- Only missing triggers are created: re-running watch() takes no table lock beyond
+    -- what replacing the function needs.
+    FOR trg IN
+        SELECT * FROM (VALUES
+            ('cdc_invalidator_ins_v1', 'INSERT', 'REFERENCING NEW TABLE AS new_rows'),
+            ('cdc_invalidator_upd_v1', 'UPDATE',
+             'REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows'),
+            ('cdc_invalidator_del_v1', 'DELETE', 'REFERENCING OLD TABLE AS old_rows'),
+            ('cdc_invalidator_trunc_v1', 'TRUNCATE', '')
+        ) AS t (name, event, referencing)
+    LOOP
+        IF NOT EXISTS (SELECT FROM pg_trigger WHERE tgrelid = tbl AND tgname = trg.name) THEN
+            EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s %s FOR EACH STATEMENT EXECUTE FUNCTION %s()',
+                           trg.name, trg.event, tbl, trg.referencing, fn);
+        END IF;
+    END LOOP;
 
     INSERT INTO cdc_invalidator.watched_v1 (relid, columns) VALUES (tbl, key_columns)
     ON CONFLICT (relid) DO UPDATE SET columns = EXCLUDED.columns, watched_at = now();

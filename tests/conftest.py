@@ -50,11 +50,7 @@ def _docker_servers() -> Iterator[Servers]:  # pragma: no cover - needs a Docker
         yield Servers(dsn, f"redis://{rd.get_container_host_ip()}:{rd.get_exposed_port(6379)}/0")
 
 
-@pytest.fixture(scope="session")
-def servers() -> Iterator[Servers]:
-    if os.environ.get("CDC_TEST_DOCKER") == "1":
-        yield from _docker_servers()
-        return
+def _local_servers() -> Iterator[Servers]:
     try:
         pg = PostgresServer.create(FAST_PG)
         rd = RedisServer.create()
@@ -62,20 +58,23 @@ def servers() -> Iterator[Servers]:
         pytest.skip(f"no local servers: {exc}")
     with pg, rd:
         yield Servers(pg.dsn, rd.url, pg, rd)
+
+
+@pytest.fixture(scope="session")
+def servers() -> Iterator[Servers]:
+    if os.environ.get("CDC_TEST_DOCKER") == "1":
+        yield from _docker_servers()
+    else:
+        yield from _local_servers()
 
 
 @pytest.fixture
 def own_servers() -> Iterator[Servers]:
     """A PostgreSQL and a Redis for one test alone, free to stop, restart and kill."""
-    try:
-        pg = PostgresServer.create(FAST_PG)
-        rd = RedisServer.create()
-    except ServerError as exc:
-        pytest.skip(f"no local servers: {exc}")
-    with pg, rd:
-        with psycopg.connect(pg.dsn(), autocommit=True) as conn:
+    for servers in _local_servers():
+        with psycopg.connect(servers.pg_dsn("postgres"), autocommit=True) as conn:
             conn.execute("CREATE DATABASE app")
-        yield Servers(pg.dsn, rd.url, pg, rd)
+        yield servers
 
 
 @dataclass
