@@ -171,7 +171,9 @@ RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $unwatch$
 DECLARE
-    t record;
+    t   record;
+    fns regprocedure[] := '{}';
+    fn  regprocedure;
 BEGIN
     FOR t IN
         SELECT tg.tgname, p.oid::regprocedure AS fn
@@ -180,7 +182,11 @@ BEGIN
           AND p.pronamespace = 'cdc_invalidator'::regnamespace
     LOOP
         EXECUTE format('DROP TRIGGER %I ON %s', t.tgname, tbl);
-        EXECUTE format('DROP FUNCTION IF EXISTS %s', t.fn);
+        fns := fns || t.fn;
+    END LOOP;
+    -- The four triggers share one function: drop it once none of them is left.
+    FOREACH fn IN ARRAY ARRAY(SELECT DISTINCT f FROM unnest(fns) f) LOOP
+        EXECUTE format('DROP FUNCTION IF EXISTS %s', fn);
     END LOOP;
     DELETE FROM cdc_invalidator.watched_v1 WHERE relid = tbl;
 END
