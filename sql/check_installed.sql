@@ -1,3 +1,2 @@
--- NULL when the schema is missing, else the version of the installed SQL.
-SELECT CASE WHEN to_regprocedure('cdc_invalidator.schema_version()') IS NULL THEN NULL
-            ELSE cdc_invalidator.schema_version() END AS version
+-- Whether our SQL is installed at all (before asking which version).
+SELECT to_regprocedure('cdc_invalidator.schema_version()') IS NOT NULL AS installed

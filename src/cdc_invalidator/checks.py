@@ -9,7 +9,7 @@ import psycopg
 import redis
 
 from cdc_invalidator import sqlfiles
-from cdc_invalidator.capture.trigger_sql import SCHEMA_VERSION
+from cdc_invalidator.capture.trigger_sql import SCHEMA_VERSION, installed_version
 from cdc_invalidator.events import TableName
 from cdc_invalidator.redact import redact_url
 from cdc_invalidator.settings import Settings
@@ -30,8 +30,7 @@ def check_database(conn: psycopg.Connection[Any], settings: Settings, config_nam
     report = Report()
     mapper = settings.mapper()
     names = {TableName.parse(name): name for name in settings.tables}
-    row = conn.execute(sqlfiles.query("check_installed.sql")).fetchone()
-    version = row[0] if row else None
+    version = installed_version(conn)
     installed = version == SCHEMA_VERSION
     if version is None:
         report.errors.append(

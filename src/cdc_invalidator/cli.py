@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -42,6 +43,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         _error(str(exc))
         return EXIT_FAILED
     except KeyboardInterrupt:
+        return EXIT_FAILED
+    except BrokenPipeError:
+        # `cdc-invalidator sql | head`: the reader left. Point stdout at /dev/null so
+        # that the interpreter's final flush does not complain either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILED
 
 

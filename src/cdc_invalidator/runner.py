@@ -148,7 +148,7 @@ class Runner:
 
     def _process_batch(self, source: Source) -> int:
         with source.batch(self._config.batch_size) as batch:
-            if not batch:
+            if not batch.size:
                 return 0
             work = Invalidation()
             for event in batch.events:
@@ -160,14 +160,14 @@ class Runner:
         # Committed: Redis had confirmed every delete before the acknowledgement.
         for position, error in batch.dead.items():
             log.warning("event_dead_lettered", position=position, error=error)
-        self.events_processed += len(batch)
+        self.events_processed += batch.size
         self.keys_deleted += deleted
         self.dead_letters += len(batch.dead)
         log.debug(
             "batch_processed",
-            events=len(batch),
+            events=batch.size,
             keys=len(work.keys),
             patterns=len(work.patterns),
             existed=deleted,
         )
-        return len(batch)
+        return batch.size

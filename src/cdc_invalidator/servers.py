@@ -99,11 +99,19 @@ class PostgresServer:
         if user:
             shutil.chown(directory, user, user)
         server = cls(directory, port or free_port(), bindir, user)
-        server._run(
+        try:
+            server._init(settings)
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        return server
+
+    def _init(self, settings: dict[str, str] | None) -> None:
+        self._run(
             [
-                str(bindir / "initdb"),
+                str(self.bindir / "initdb"),
                 "-D",
-                str(server.datadir),
+                str(self.datadir),
                 "-U",
                 "postgres",
                 "--auth=trust",
@@ -115,8 +123,8 @@ class PostgresServer:
         )
         conf = {
             "listen_addresses": "'127.0.0.1'",
-            "port": str(server.port),
-            "unix_socket_directories": f"'{directory}'",
+            "port": str(self.port),
+            "unix_socket_directories": f"'{self.directory}'",
             "wal_level": "logical",
             "max_wal_senders": "10",
             "max_replication_slots": "10",
@@ -124,9 +132,8 @@ class PostgresServer:
             "shared_buffers": "128MB",
             **(settings or {}),
         }
-        with (server.datadir / "postgresql.auto.conf").open("a") as f:
+        with (self.datadir / "postgresql.auto.conf").open("a") as f:
             f.writelines(f"{k} = {v}\n" for k, v in conf.items())
-        return server
 
     def _run(self, cmd: list[str]) -> None:
         result = subprocess.run(cmd, user=self.user, capture_output=True, text=True, check=False)

@@ -62,7 +62,7 @@ class Settings(BaseSettings):
     # Reconnect and retry back-off: exponential from the first to the max, ±10 % jitter.
     retry_initial_ms: Annotated[int, Field(ge=1)] = 100
     retry_max_ms: Annotated[int, Field(ge=1)] = 10_000
-    # Keys per UNLINK command and commands per pipeline round trip.
+    # Keys per UNLINK command; a batch's commands go to Redis in one pipeline.
     unlink_chunk: Annotated[int, Field(ge=1, le=100_000)] = 500
     scan_count: Annotated[int, Field(ge=10)] = 1000
     connect_timeout_s: Annotated[float, Field(gt=0)] = 5.0

@@ -20,7 +20,7 @@ from psycopg.rows import tuple_row
 from psycopg.types.json import Jsonb
 
 from cdc_invalidator import sqlfiles
-from cdc_invalidator.capture.trigger_sql import CHANNEL, SCHEMA_VERSION
+from cdc_invalidator.capture.trigger_sql import CHANNEL, SCHEMA_VERSION, installed_version
 from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, Row, TableName
 
 
@@ -33,15 +33,14 @@ QueueRow = tuple[int, datetime, str, str, str, Any, Any]
 
 @dataclass(slots=True)
 class QueueBatch:
+    # How many queue rows the batch took: its events plus those that failed to decode.
+    size: int
     events: list[ChangeEvent]
     # Events that failed to decode or map, by queue id, with the reason.
     dead: dict[int, str] = field(default_factory=dict)
 
     def dead_letter(self, position: int, error: str) -> None:
         self.dead[position] = error
-
-    def __len__(self) -> int:
-        return len(self.events) + len(self.dead)
 
 
 class TriggerQueue:
@@ -77,7 +76,7 @@ class TriggerQueue:
             rows: list[QueueRow] = cur.execute(
                 sqlfiles.query("fetch_batch.sql"), {"limit": limit}
             ).fetchall()
-            batch = QueueBatch(events=[])
+            batch = QueueBatch(size=len(rows), events=[])
             for row in rows:
                 try:
                     batch.events.append(decode(row))
@@ -109,8 +108,7 @@ class TriggerQueue:
 
 
 def _prepare(conn: psycopg.Connection[Any]) -> None:
-    installed = conn.execute(sqlfiles.query("check_installed.sql")).fetchone()
-    version = installed[0] if installed else None
+    version = installed_version(conn)
     if version != SCHEMA_VERSION:
         found = "no cdc_invalidator schema" if version is None else f"schema v{version}"
         raise NotInstalled(

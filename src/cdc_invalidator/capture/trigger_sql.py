@@ -42,6 +42,15 @@ def install_script(mapper: Mapper) -> sql.Composed:
     )
 
 
+def installed_version(conn: psycopg.Connection[Any]) -> int | None:
+    """The version of our installed SQL, or None when it is not installed."""
+    row = conn.execute(sqlfiles.query("check_installed.sql")).fetchone()
+    if not row or not row[0]:
+        return None
+    row = conn.execute(sqlfiles.query("schema_version.sql")).fetchone()
+    return int(row[0]) if row else None
+
+
 def uninstall_script() -> sql.SQL:
     return sqlfiles.query("uninstall.sql")
 

@@ -1,0 +1,64 @@
+"""`cdc-invalidator demo` as a user runs it: it works, it measures, it leaves nothing."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cdc_invalidator.servers import ServerError, find_pg_bindir, find_redis_server
+from tests.helpers import run_cli
+
+OUR_PREFIXES = ("cdc-invalidator-demo-", "cdc-invalidator-pg-", "cdc-invalidator-redis-")
+
+
+@pytest.fixture
+def own_tmpdir() -> Iterator[Path]:
+    """A TMPDIR of the demo's own, so that other runs' servers cannot blur the listing.
+
+    Not under pytest's 0700 tmp_path: the postgres user must reach the cluster's directory.
+    """
+    try:
+        find_pg_bindir()
+        find_redis_server()
+    except ServerError as exc:
+        pytest.skip(f"no local servers: {exc}")
+    directory = Path(tempfile.mkdtemp(prefix="cdcdemo-"))
+    directory.chmod(0o711)
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def _ours(directory: Path) -> set[str]:
+    return {p.name for p in directory.iterdir() if p.name.startswith(OUR_PREFIXES)}
+
+
+@pytest.mark.servers
+def test_demo_reports_a_measured_delete_and_cleans_up(own_tmpdir: Path) -> None:
+    before = _ours(own_tmpdir)
+    result = run_cli("demo", env={"TMPDIR": str(own_tmpdir)})
+    out = result.stdout
+
+    assert result.returncode == 0, f"stdout:\n{out}\nstderr:\n{result.stderr}"
+    assert result.stderr == ""
+    # The admin's UPDATE: the key is gone, with the time it took from COMMIT.
+    assert re.search(r"user:1 deleted \d+\.\d\d ms after COMMIT was sent", out), out
+    # The email change, the rolled-back change, the TRUNCATE sweep and the timed run.
+    assert "all three deleted" in out
+    assert "user:2 is still cached" in out
+    assert re.search(r"deleted all 6 within \d+\.\d\d ms", out), out
+    assert re.search(r"COMMIT -> key deleted: p50 \d+\.\d\d ms, p99 \d+\.\d\d ms", out), out
+    assert "0 dead letters" in out
+    assert "Cleaned up" in out
+
+    # Nothing it created is left: no servers' directories, no config.
+    match = re.search(r"Config \((\S+)\):", out)
+    assert match, out
+    assert not Path(match[1]).exists()
+    assert _ours(own_tmpdir) == before
+    assert not os.listdir(own_tmpdir)
