@@ -19,4 +19,6 @@ WITH taken AS (
         events_processed = events_processed + (SELECT count(*) FROM taken)
     WHERE EXISTS (SELECT FROM taken)
 )
-SELECT id, enqueued_at, schema_name, table_name, op, old_row, new_row FROM taken
+-- The rows as jsonb text: the listener parses them itself, so that one malformed
+-- row becomes a dead letter instead of failing the whole batch in the driver.
+SELECT id, enqueued_at, schema_name, table_name, op, old_row::text, new_row::text FROM taken

@@ -87,6 +87,9 @@ DECLARE
     missing  text;
     row_json text;
     kind     "char";
+    names    text;
+    body     text;
+    rel      regclass;
     trg      record;
 BEGIN
     SELECT relkind INTO kind FROM pg_class WHERE oid = tbl;
@@ -108,28 +111,29 @@ BEGIN
     -- jsonb_build_object('id', r.id::text, 'email', r.email::text)
     SELECT 'jsonb_build_object(' || coalesce(string_agg(format('%L, r.%I::text', c, c), ', '), '') || ')'
     INTO row_json FROM unnest(key_columns) c;
+    -- The watched table's own schema and name, compiled in: a write that names one of
+    -- its partitions is still a change of the table the configuration knows.
+    SELECT format('%L, %L', n.nspname, c.relname) INTO names
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = tbl;
 
-    EXECUTE format($body$
-        CREATE OR REPLACE FUNCTION %s() RETURNS trigger
-        LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-        AS $f$
+    body := format($body$
         BEGIN
             IF TG_OP = 'INSERT' THEN
                 INSERT INTO cdc_invalidator.queue_v1 (schema_name, table_name, op, new_row)
-                SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, 'I', %2$s FROM new_rows r;
+                SELECT %1$s, 'I', %2$s FROM new_rows r;
             ELSIF TG_OP = 'UPDATE' THEN
                 -- Old and new rows are paired by position. Were the pairing ever off,
                 -- the statement's events would still name every old and new key.
                 INSERT INTO cdc_invalidator.queue_v1 (schema_name, table_name, op, old_row, new_row)
-                SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, 'U', o.j, n.j
+                SELECT %1$s, 'U', o.j, n.j
                 FROM (SELECT row_number() OVER () AS rn, %2$s AS j FROM old_rows r) o
                 JOIN (SELECT row_number() OVER () AS rn, %2$s AS j FROM new_rows r) n USING (rn);
             ELSIF TG_OP = 'DELETE' THEN
                 INSERT INTO cdc_invalidator.queue_v1 (schema_name, table_name, op, old_row)
-                SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, 'D', %2$s FROM old_rows r;
+                SELECT %1$s, 'D', %2$s FROM old_rows r;
             ELSE
                 INSERT INTO cdc_invalidator.queue_v1 (schema_name, table_name, op)
-                VALUES (TG_TABLE_SCHEMA, TG_TABLE_NAME, 'T');
+                VALUES (%1$s, 'T');
             END IF;
             -- A wake-up only: the queue row is the record. Identical notifications
             -- in one transaction fold into one, delivered at commit.
@@ -138,25 +142,37 @@ BEGIN
             END IF;
             RETURN NULL;
         END
-        $f$
-    $body$, fn, row_json);
+    $body$, names, row_json);
+
+    -- The body goes in as a quoted literal (%L): no table or column name can end it
+    -- early. The settings that change how values print as text are pinned, so that a
+    -- key renders the same whichever session wrote the row (timestamps in UTC, ISO).
+    EXECUTE format(
+        'CREATE OR REPLACE FUNCTION %s() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER '
+        'SET search_path = pg_catalog, pg_temp SET "TimeZone" = %L SET "DateStyle" = %L '
+        'SET "IntervalStyle" = %L SET extra_float_digits = 1 AS %L',
+        fn, 'UTC', 'ISO, MDY', 'postgres', body);
     EXECUTE format('REVOKE ALL ON FUNCTION %s() FROM PUBLIC', fn);
 
-    -- Only missing triggers are created: re-running watch() takes no table lock beyond
-    -- what replacing the function needs.
-    FOR trg IN
-        SELECT * FROM (VALUES
-            ('cdc_invalidator_ins_v1', 'INSERT', 'REFERENCING NEW TABLE AS new_rows'),
-            ('cdc_invalidator_upd_v1', 'UPDATE',
-             'REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows'),
-            ('cdc_invalidator_del_v1', 'DELETE', 'REFERENCING OLD TABLE AS old_rows'),
-            ('cdc_invalidator_trunc_v1', 'TRUNCATE', '')
-        ) AS t (name, event, referencing)
-    LOOP
-        IF NOT EXISTS (SELECT FROM pg_trigger WHERE tgrelid = tbl AND tgname = trg.name) THEN
-            EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s %s FOR EACH STATEMENT EXECUTE FUNCTION %s()',
-                           trg.name, trg.event, tbl, trg.referencing, fn);
-        END IF;
+    -- The table, and for a partitioned table every partition too: statement triggers
+    -- fire only on the table a statement names. Only missing triggers are created, so
+    -- re-running watch() takes no table lock beyond what replacing the function needs.
+    -- (pg_partition_tree lists nothing for a table that is not partitioned.)
+    FOR rel IN SELECT tbl UNION SELECT p.relid FROM pg_partition_tree(tbl) p LOOP
+        FOR trg IN
+            SELECT * FROM (VALUES
+                ('cdc_invalidator_ins_v1', 'INSERT', 'REFERENCING NEW TABLE AS new_rows'),
+                ('cdc_invalidator_upd_v1', 'UPDATE',
+                 'REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows'),
+                ('cdc_invalidator_del_v1', 'DELETE', 'REFERENCING OLD TABLE AS old_rows'),
+                ('cdc_invalidator_trunc_v1', 'TRUNCATE', '')
+            ) AS t (name, event, referencing)
+        LOOP
+            IF NOT EXISTS (SELECT FROM pg_trigger WHERE tgrelid = rel AND tgname = trg.name) THEN
+                EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s %s FOR EACH STATEMENT EXECUTE FUNCTION %s()',
+                               trg.name, trg.event, rel, trg.referencing, fn);
+            END IF;
+        END LOOP;
     END LOOP;
 
     INSERT INTO cdc_invalidator.watched_v1 (relid, columns) VALUES (tbl, key_columns)
@@ -164,8 +180,8 @@ BEGIN
 END
 $watch$;
 
--- unwatch(table): remove our triggers and the table's trigger function. Events already
--- queued stay and are still processed.
+-- unwatch(table): remove our triggers (on its partitions too) and the table's trigger
+-- function. Events already queued stay and are still processed.
 CREATE OR REPLACE FUNCTION cdc_invalidator.unwatch(tbl regclass)
 RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -176,16 +192,19 @@ DECLARE
     fn  regprocedure;
 BEGIN
     FOR t IN
-        SELECT tg.tgname, p.oid::regprocedure AS fn
+        SELECT tg.tgname, tg.tgrelid::regclass AS rel, p.oid::regprocedure AS fn
         FROM pg_trigger tg JOIN pg_proc p ON p.oid = tg.tgfoid
-        WHERE tg.tgrelid = tbl AND tg.tgname LIKE 'cdc\_invalidator\_%\_v1'
+        WHERE (tg.tgrelid = tbl OR tg.tgrelid IN (SELECT pt.relid FROM pg_partition_tree(tbl) pt))
+          AND tg.tgname LIKE 'cdc\_invalidator\_%\_v1'
           AND p.pronamespace = 'cdc_invalidator'::regnamespace
     LOOP
-        EXECUTE format('DROP TRIGGER %I ON %s', t.tgname, tbl);
+        EXECUTE format('DROP TRIGGER %I ON %s', t.tgname, t.rel);
         fns := fns || t.fn;
     END LOOP;
-    -- The four triggers share one function: drop it once none of them is left.
-    FOREACH fn IN ARRAY ARRAY(SELECT DISTINCT f FROM unnest(fns) f) LOOP
+    -- The triggers share one function: drop it once none of them is left. A table that
+    -- was dropped took its triggers along; its function is found by name.
+    fns := fns || to_regprocedure(format('cdc_invalidator.%I()', 'capture_' || tbl::oid || '_v1'));
+    FOREACH fn IN ARRAY ARRAY(SELECT DISTINCT f FROM unnest(fns) f WHERE f IS NOT NULL) LOOP
         EXECUTE format('DROP FUNCTION IF EXISTS %s', fn);
     END LOOP;
     DELETE FROM cdc_invalidator.watched_v1 WHERE relid = tbl;

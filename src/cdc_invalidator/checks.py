@@ -71,7 +71,7 @@ def check_database(conn: psycopg.Connection[Any], settings: Settings, config_nam
             sqlfiles.query("check_watch.sql"), {"table": table.qualified}
         ).fetchone()
         assert watch is not None
-        watched_columns, triggers = watch
+        watched_columns, triggers, unwatched_partitions = watch
         if triggers != 4 or watched_columns is None:
             report.errors.append(
                 f"{where}: table {table} is not watched (no triggers): "
@@ -81,6 +81,11 @@ def check_database(conn: psycopg.Connection[Any], settings: Settings, config_nam
             report.errors.append(
                 f"{where}: triggers copy columns {sorted(watched_columns)} but the templates "
                 f"need {wanted}: run `cdc-invalidator install` to bring them in line"
+            )
+        elif unwatched_partitions:
+            report.errors.append(
+                f"{where}: partitions {', '.join(unwatched_partitions)} have no triggers, so "
+                "writes that name them are not captured: run `cdc-invalidator install`"
             )
         else:
             report.ok.append(f"{where}: watched, columns {wanted}")

@@ -7,6 +7,7 @@ had Redis confirm the deletes; any exception rolls back and the rows come back.
 
 from __future__ import annotations
 
+import json
 import select
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -17,7 +18,6 @@ from typing import Any
 import psycopg
 from psycopg import sql
 from psycopg.rows import tuple_row
-from psycopg.types.json import Jsonb
 
 from cdc_invalidator import sqlfiles
 from cdc_invalidator.capture.trigger_sql import CHANNEL, SCHEMA_VERSION, installed_version
@@ -28,7 +28,8 @@ class NotInstalled(Exception):
     """Our SQL is missing or from another version: the DBA must run `install`."""
 
 
-QueueRow = tuple[int, datetime, str, str, str, Any, Any]
+# id, enqueued_at, schema_name, table_name, op, old_row and new_row as jsonb text
+QueueRow = tuple[int, datetime, str, str, str, str | None, str | None]
 
 
 @dataclass(slots=True)
@@ -138,9 +139,14 @@ def decode(row: QueueRow) -> ChangeEvent:
     )
 
 
-def _row(value: object, name: str) -> Row | None:
-    if value is None:
+def _row(text: str | None, name: str) -> Row | None:
+    if text is None:
         return None
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        # e.g. a number too long for Python's int conversion limit
+        raise InvalidEvent(f"{name} cannot be parsed: {exc}") from None
     if not isinstance(value, Mapping):
         raise InvalidEvent(f"{name} is {type(value).__name__}, expected a JSON object")
     return value
@@ -154,7 +160,8 @@ def _dead_letter_params(row: QueueRow, error: str) -> dict[str, object]:
         "schema_name": schema_name,
         "table_name": table_name,
         "op": op,
-        "old_row": None if old_row is None else Jsonb(old_row),
-        "new_row": None if new_row is None else Jsonb(new_row),
+        # The text as it was queued, not a re-encoding of what Python made of it.
+        "old_row": old_row,
+        "new_row": new_row,
         "error": error,
     }

@@ -1,0 +1,529 @@
+"""The SQL lifecycle through the CLI: sql, install, re-install, uninstall, check, and the
+watch()/unwatch() API with its privileges, on a real PostgreSQL."""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+
+from cdc_invalidator.cli import main
+from tests.conftest import Env
+from tests.helpers import ListenerThread, run_cli, wait_until
+
+USERS = {"public.users": ["user:{id}", "user:email:{email}"]}
+ORDERS = {"public.orders": ["order:{id}", "user:{user_id}:orders"]}
+OUR_TRIGGERS = "starts_with(tgname, 'cdc_invalidator_')"
+
+# Everything install creates, as text that two installs can be compared by.
+CATALOG = {
+    "schema": "SELECT nspname, obj_description(oid, 'pg_namespace') FROM pg_namespace "
+    "WHERE nspname = 'cdc_invalidator'",
+    "relations": """
+        SELECT c.relname, c.relkind, c.reloptions::text, obj_description(c.oid, 'pg_class'),
+               (SELECT string_agg(a.attname || ' ' || format_type(a.atttypid, a.atttypmod)
+                                  || CASE WHEN a.attnotnull THEN ' not null' ELSE '' END,
+                                  ', ' ORDER BY a.attnum)
+                FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0
+                  AND NOT a.attisdropped)
+        FROM pg_class c WHERE c.relnamespace = to_regnamespace('cdc_invalidator')
+        ORDER BY 1""",
+    "constraints": "SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid) "
+    "FROM pg_constraint WHERE connamespace = to_regnamespace('cdc_invalidator') ORDER BY 1, 2",
+    "functions": """
+        SELECT p.proname, pg_get_function_identity_arguments(p.oid), p.prosecdef,
+               p.proconfig::text, pg_get_functiondef(p.oid), p.proacl::text,
+               pg_get_userbyid(p.proowner)
+        FROM pg_proc p WHERE p.pronamespace = to_regnamespace('cdc_invalidator')
+        ORDER BY 1, 2""",
+    "triggers": f"""
+        SELECT tgrelid::regclass::text, tgname, pg_get_triggerdef(oid)
+        FROM pg_trigger WHERE {OUR_TRIGGERS} ORDER BY 1, 2""",
+}
+
+
+def catalog(env: Env) -> dict[str, list[tuple[Any, ...]]]:
+    with env.connect() as conn:
+        snap = {name: conn.execute(query.encode()).fetchall() for name, query in CATALOG.items()}
+        if conn.execute("SELECT to_regclass('cdc_invalidator.watched_v1')").fetchone() != (None,):
+            snap["watched"] = conn.execute(
+                "SELECT relid::text, columns FROM cdc_invalidator.watched_v1 ORDER BY 1"
+            ).fetchall()
+        return snap
+
+
+def cli(*args: str | Path) -> int:
+    return main([str(a) for a in args])
+
+
+def tables(env: Env) -> None:
+    env.sql(
+        "CREATE TABLE users (id int PRIMARY KEY, email text, name text);"
+        "CREATE TABLE orders (id int PRIMARY KEY, user_id int);"
+        "INSERT INTO users VALUES (1, 'a@x', 'A'), (2, 'b@x', 'B');"
+        "INSERT INTO orders VALUES (1, 1)"
+    )
+
+
+def triggers_on(env: Env, table: str) -> list[str]:
+    with env.connect() as conn:
+        return [
+            name
+            for (name,) in conn.execute(
+                f"SELECT tgname FROM pg_trigger WHERE tgrelid = %s::regclass AND {OUR_TRIGGERS} "
+                "ORDER BY 1".encode(),
+                [table],
+            )
+        ]
+
+
+def capture_function_exists(env: Env, table: str) -> bool:
+    return bool(
+        env.scalar(
+            "SELECT EXISTS (SELECT FROM pg_proc WHERE proname = "
+            "'capture_' || %s::regclass::oid || '_v1')",
+            [table],
+        )
+    )
+
+
+def queued(env: Env) -> list[tuple[str, str, Any, Any]]:
+    with env.connect() as conn:
+        return conn.execute(
+            "SELECT table_name, op, old_row, new_row FROM cdc_invalidator.queue_v1 ORDER BY id"
+        ).fetchall()
+
+
+def clear_queue(env: Env) -> None:
+    env.sql("DELETE FROM cdc_invalidator.queue_v1")
+
+
+# As a DBA pipes the script: stop at the first error, all of it or nothing.
+PSQL = ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction"]
+
+
+def psql(env: Env, script: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*PSQL, "-d", env.dsn, "-f", "-"],
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def sql_output(config: Path) -> str:
+    result = run_cli("sql", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+# --- sql -----------------------------------------------------------------------------------
+
+
+def test_sql_piped_into_psql_installs_what_install_installs(env: Env) -> None:
+    tables(env)
+    config = env.config({**USERS, **ORDERS})
+    script = sql_output(config)
+    assert script.lstrip().startswith("--"), "the DBA's script opens with what it does"
+    assert "CREATE SCHEMA" in script
+    assert env.scalar("SELECT to_regnamespace('cdc_invalidator')") is None, "sql changes nothing"
+
+    result = psql(env, script)
+    assert result.returncode == 0, result.stderr
+    by_psql = catalog(env)
+    assert by_psql["watched"] == [("orders", ["id", "user_id"]), ("users", ["email", "id"])]
+    assert len(by_psql["triggers"]) == 8
+    env.sql("UPDATE users SET email = 'c@x' WHERE id = 1")
+    assert queued(env) == [("users", "U", {"id": "1", "email": "a@x"}, {"id": "1", "email": "c@x"})]
+
+    assert cli("uninstall", "--config", config) == 0
+    assert catalog(env)["functions"] == []
+    assert cli("install", "--config", config) == 0
+    assert catalog(env) == by_psql
+
+
+def test_sql_for_awkward_names_pipes_into_psql(env: Env) -> None:
+    # Quotes, a backslash, mixed case and SQL in names: the script quotes them all.
+    env.sql(
+        'CREATE SCHEMA "Odd\\Schema";'
+        'CREATE TABLE "Odd\\Schema"."it\'s ""quoted""; DROP TABLE victim" (id int);'
+        "CREATE TABLE victim (id int)"
+    )
+    table = '"Odd\\Schema"."it\'s ""quoted""; DROP TABLE victim"'
+    config = env.config({table: ["odd:{id}"]})
+    result = psql(env, sql_output(config))
+    assert result.returncode == 0, result.stderr
+    assert env.scalar("SELECT to_regclass('victim')") is not None
+    env.sql(f"INSERT INTO {table} VALUES (7)")
+    assert queued(env) == [('it\'s "quoted"; DROP TABLE victim', "I", None, {"id": "7"})]
+    assert cli("check", "--config", config) == 0
+
+
+def test_sql_script_fails_as_a_whole_in_psql(env: Env) -> None:
+    tables(env)
+    config = env.config({**USERS, "public.missing": ["m:{id}"]})
+    result = psql(env, sql_output(config))
+    assert result.returncode != 0
+    assert "missing" in result.stderr
+    assert env.scalar("SELECT to_regnamespace('cdc_invalidator')") is None
+    assert triggers_on(env, "users") == []
+
+
+# --- install -------------------------------------------------------------------------------
+
+
+def test_install_twice_is_harmless(env: Env) -> None:
+    tables(env)
+    config = env.config({**USERS, **ORDERS})
+    assert cli("install", "--config", config) == 0
+    env.sql("UPDATE users SET name = 'queued before the second install' WHERE id = 2")
+    first = catalog(env)
+    assert cli("install", "--config", config) == 0
+    assert catalog(env) == first
+    # The queued event survived; every change is captured once, not once per install.
+    assert queued(env) == [("users", "U", {"id": "2", "email": "b@x"}, {"id": "2", "email": "b@x"})]
+    clear_queue(env)
+    env.sql("UPDATE users SET name = 'Z'")
+    env.sql("INSERT INTO orders VALUES (2, 2)")
+    env.sql("TRUNCATE orders")
+    assert sorted((t, op) for t, op, _, _ in queued(env)) == [
+        ("orders", "I"),
+        ("orders", "T"),
+        ("users", "U"),
+        ("users", "U"),
+    ]
+    assert triggers_on(env, "users") == [
+        "cdc_invalidator_del_v1",
+        "cdc_invalidator_ins_v1",
+        "cdc_invalidator_trunc_v1",
+        "cdc_invalidator_upd_v1",
+    ]
+
+
+def test_reinstall_after_config_change_brings_triggers_in_line(env: Env) -> None:
+    tables(env)
+    first = env.config({"public.users": ["user:{id}"], **ORDERS}, name="first.toml")
+    assert cli("install", "--config", first) == 0
+    assert capture_function_exists(env, "orders")
+    # The team adds a template on a new column and stops caching orders.
+    second = env.config(USERS, name="second.toml")
+    assert cli("install", "--config", second) == 0
+
+    assert triggers_on(env, "orders") == []
+    assert not capture_function_exists(env, "orders")
+    assert catalog(env)["watched"] == [("users", ["email", "id"])]
+    env.sql("UPDATE users SET email = 'c@x' WHERE id = 1")
+    env.sql("INSERT INTO orders VALUES (2, 1)")
+    assert queued(env) == [("users", "U", {"id": "1", "email": "a@x"}, {"id": "1", "email": "c@x"})]
+
+    # And by behaviour: the listener now deletes the old and new email keys.
+    r = env.redis()
+    r.mset({"user:1": "A", "user:email:c@x": "1", "user:email:d@x": "-", "order:2": "O"})
+    listener = ListenerThread.from_file(second).start()
+    try:
+        wait_until(lambda: r.exists("user:email:c@x") == 0, what="queued event processed")
+        env.sql("UPDATE users SET email = 'd@x' WHERE id = 1")
+        wait_until(lambda: r.exists("user:1", "user:email:c@x", "user:email:d@x") == 0)
+        env.sql("INSERT INTO orders VALUES (3, 1)")
+        wait_until(lambda: env.scalar("SELECT count(*) FROM cdc_invalidator.queue_v1") == 0)
+    finally:
+        listener.stop()
+    assert r.get("order:2") == "O"
+    assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 0
+
+
+def test_install_fails_cleanly_when_a_table_is_missing(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tables(env)
+    broken = env.config({**USERS, "public.nosuch": ["n:{id}"]}, name="broken.toml")
+    assert cli("install", "--config", broken) == 1
+    err = capsys.readouterr().err
+    assert "nosuch" in err
+    assert "Traceback" not in err
+    assert env.scalar("SELECT to_regnamespace('cdc_invalidator')") is None
+    assert triggers_on(env, "users") == []
+
+    # Over an existing install: the old state stays as it was.
+    good = env.config({"public.users": ["user:{id}"]}, name="good.toml")
+    assert cli("install", "--config", good) == 0
+    before = catalog(env)
+    assert cli("install", "--config", broken) == 1
+    assert "nosuch" in capsys.readouterr().err
+    assert catalog(env) == before
+
+
+def test_reinstall_after_a_watched_table_was_recreated(env: Env) -> None:
+    tables(env)
+    config = env.config(USERS)
+    assert cli("install", "--config", config) == 0
+    env.sql(
+        "DROP TABLE users; CREATE TABLE users (id int PRIMARY KEY, email text);"
+        "INSERT INTO users VALUES (1, 'a@x')"
+    )
+    assert cli("install", "--config", config) == 0
+    assert catalog(env)["watched"] == [("users", ["email", "id"])]
+    assert len(triggers_on(env, "users")) == 4
+    clear_queue(env)
+    env.sql("UPDATE users SET email = 'b@x'")
+    assert queued(env) == [("users", "U", {"id": "1", "email": "a@x"}, {"id": "1", "email": "b@x"})]
+
+
+def test_install_leaves_no_capture_function_of_a_dropped_table(env: Env) -> None:
+    tables(env)
+    assert cli("install", "--config", env.config({**USERS, **ORDERS})) == 0
+    env.sql("DROP TABLE orders")
+    assert cli("install", "--config", env.config(USERS, name="users.toml")) == 0
+    assert catalog(env)["watched"] == [("users", ["email", "id"])]
+    functions = [row[0] for row in catalog(env)["functions"] if row[0].startswith("capture_")]
+    users_oid = env.scalar("SELECT 'users'::regclass::oid")
+    assert functions == [f"capture_{users_oid}_v1"]
+
+
+# --- uninstall -----------------------------------------------------------------------------
+
+
+def test_uninstall_removes_every_object_and_is_repeatable(env: Env) -> None:
+    tables(env)
+    env.sql("CREATE TABLE items (id int)")
+    config = env.config({**USERS, **ORDERS})
+    assert cli("uninstall", "--config", config) == 0  # nothing installed yet: harmless
+    assert cli("install", "--config", config) == 0
+    env.sql("SELECT cdc_invalidator.watch('items', ARRAY['id'])")  # watched by hand
+    env.sql("UPDATE users SET name = 'queued'")
+    # Uninstall with a config that no longer lists orders: it still goes.
+    smaller = env.config(USERS, name="smaller.toml")
+    assert cli("uninstall", "--config", smaller) == 0
+
+    assert env.scalar("SELECT to_regnamespace('cdc_invalidator')") is None
+    assert env.scalar(f"SELECT count(*) FROM pg_trigger WHERE {OUR_TRIGGERS}") == 0
+    assert env.scalar(r"SELECT count(*) FROM pg_proc WHERE proname LIKE 'capture\_%\_v1'") == 0
+    assert all(rows == [] for rows in catalog(env).values())
+    # The application's tables and data are untouched and writable.
+    env.sql("UPDATE users SET name = 'after'; INSERT INTO orders VALUES (5, 1); TRUNCATE items")
+    assert env.scalar("SELECT count(*) FROM users WHERE name = 'after'") == 2
+
+    assert cli("uninstall", "--config", config) == 0
+    assert cli("install", "--config", config) == 0, "a clean re-install after uninstall"
+    assert len(catalog(env)["triggers"]) == 8
+
+
+# --- check ---------------------------------------------------------------------------------
+
+
+def check(config: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = cli("check", "--config", config)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_check_passes_when_all_is_well(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    tables(env)
+    config = env.config({**USERS, **ORDERS})
+    assert cli("install", "--config", config) == 0
+    capsys.readouterr()
+    code, out, err = check(config, capsys)
+    assert code == 0, err
+    assert err == ""
+    assert "users" in out
+    assert "orders" in out
+
+
+def test_check_before_install_says_not_installed(env: Env) -> None:
+    tables(env)
+    result = run_cli("check", "--config", str(env.config(USERS)))
+    assert result.returncode == 1
+    assert "not installed" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_run_before_install_says_not_installed(env: Env) -> None:
+    tables(env)
+    result = run_cli(
+        "run", "--config", str(env.config(USERS)), env={"CDC_INVALIDATOR_LOG_FORMAT": "json"}
+    )
+    assert result.returncode == 1
+    assert '"not_installed"' in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_check_names_file_and_missing_table(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    tables(env)
+    config = env.config(USERS)
+    assert cli("install", "--config", config) == 0
+    wrong = env.config({**USERS, "public.nosuch": ["n:{id}"]}, name="wrong.toml")
+    capsys.readouterr()
+    code, _, err = check(wrong, capsys)
+    assert code != 0
+    line = next(line for line in err.splitlines() if "nosuch" in line)
+    assert str(wrong) in line
+    assert "does not exist" in line
+
+
+def test_check_names_template_and_missing_column(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tables(env)
+    config = env.config(USERS)
+    assert cli("install", "--config", config) == 0
+    wrong = env.config({"public.users": ["user:{id}", "user:nick:{nickname}"]}, name="wrong.toml")
+    capsys.readouterr()
+    code, _, err = check(wrong, capsys)
+    assert code != 0
+    line = next(line for line in err.splitlines() if "nickname" in line)
+    assert str(wrong) in line
+    assert "user:nick:{nickname}" in line
+    assert "users" in line
+
+
+def test_check_says_triggers_are_out_of_date_after_config_change(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tables(env)
+    old = env.config({"public.users": ["user:{id}"]}, name="old.toml")
+    assert cli("install", "--config", old) == 0
+    new = env.config(USERS, name="new.toml")  # gained user:email:{email}, not re-installed
+    capsys.readouterr()
+    code, _, err = check(new, capsys)
+    assert code != 0
+    line = next(line for line in err.splitlines() if "users" in line)
+    assert "trigger" in line
+    assert "email" in line
+    assert "install" in line
+    assert cli("install", "--config", new) == 0
+    capsys.readouterr()
+    assert check(new, capsys)[0] == 0
+
+
+def test_check_notices_triggers_dropped_by_hand(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tables(env)
+    config = env.config(USERS)
+    assert cli("install", "--config", config) == 0
+    env.sql("DROP TRIGGER cdc_invalidator_trunc_v1 ON users")
+    capsys.readouterr()
+    code, _, err = check(config, capsys)
+    assert code != 0
+    assert "users" in err
+    assert "install" in err
+
+
+# --- The SQL API and its privileges --------------------------------------------------------
+
+
+def test_watch_and_unwatch_by_hand(env: Env) -> None:
+    tables(env)
+    env.sql("CREATE TABLE items (id int, sku text); CREATE VIEW items_v AS SELECT * FROM items")
+    assert cli("install", "--config", env.config(USERS)) == 0
+    env.sql("SELECT cdc_invalidator.watch('items', ARRAY['sku', 'id', 'sku'])")
+    assert ("items", ["id", "sku"]) in catalog(env)["watched"]
+    assert len(triggers_on(env, "items")) == 4
+    env.sql("INSERT INTO items VALUES (1, 'k')")
+    assert queued(env) == [("items", "I", None, {"id": "1", "sku": "k"})]
+
+    with pytest.raises(psycopg.errors.UndefinedColumn, match="nope"):
+        env.sql("SELECT cdc_invalidator.watch('items', ARRAY['id', 'nope'])")
+    with pytest.raises(psycopg.errors.WrongObjectType):
+        env.sql("SELECT cdc_invalidator.watch('items_v', ARRAY['id'])")
+
+    env.sql("SELECT cdc_invalidator.unwatch('items')")
+    assert triggers_on(env, "items") == []
+    assert not capture_function_exists(env, "items")
+    assert "items" not in [rel for rel, _ in catalog(env)["watched"]]
+    clear_queue(env)
+    env.sql("INSERT INTO items VALUES (2, 'l'); TRUNCATE items")
+    assert queued(env) == []
+
+
+@pytest.fixture
+def plain_role(env: Env) -> Iterator[str]:
+    """A login role with no privileges beyond what a test grants it."""
+    role = "plain_" + uuid.uuid4().hex[:8]
+    with env.connect() as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+    yield role
+    with env.connect() as conn:
+        conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+        conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def test_watch_and_unwatch_are_not_executable_by_public(env: Env, plain_role: str) -> None:
+    tables(env)
+    assert cli("install", "--config", env.config(USERS)) == 0
+    with env.connect() as conn:
+        # Even with USAGE on the schema, EXECUTE is what is missing.
+        conn.execute(
+            sql.SQL("GRANT USAGE ON SCHEMA cdc_invalidator TO {}").format(
+                sql.Identifier(plain_role)
+            )
+        )
+        public_can_execute = conn.execute(
+            """SELECT p.oid::regprocedure::text FROM pg_proc p
+               WHERE p.pronamespace = 'cdc_invalidator'::regnamespace
+                 AND p.prorettype IN ('void'::regtype, 'trigger'::regtype)
+                 AND (p.proacl IS NULL
+                      OR EXISTS (SELECT FROM aclexplode(p.proacl) a WHERE a.grantee = 0))"""
+        ).fetchall()
+    assert public_can_execute == []
+    with psycopg.connect(make_conninfo(env.dsn, user=plain_role), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="function watch"):
+            conn.execute("SELECT cdc_invalidator.watch('orders', ARRAY['id'])")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="function unwatch"):
+            conn.execute("SELECT cdc_invalidator.unwatch('users')")
+    assert triggers_on(env, "orders") == []
+    assert len(triggers_on(env, "users")) == 4
+
+
+def test_writer_without_queue_privileges_is_captured(env: Env, plain_role: str) -> None:
+    tables(env)
+    config = env.config(USERS)
+    assert cli("install", "--config", config) == 0
+    with env.connect() as conn:
+        conn.execute(
+            sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON users TO {}").format(
+                sql.Identifier(plain_role)
+            )
+        )
+    assert not env.scalar(
+        "SELECT has_schema_privilege(%s, 'cdc_invalidator', 'USAGE')", [plain_role]
+    )
+    with psycopg.connect(make_conninfo(env.dsn, user=plain_role), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT count(*) FROM cdc_invalidator.queue_v1")
+        conn.execute("UPDATE users SET email = 'c@x' WHERE id = 1")
+        conn.execute("INSERT INTO users VALUES (3, 'd@x', 'D')")
+        conn.execute("DELETE FROM users WHERE id = 2")
+        conn.execute("TRUNCATE users")
+    assert queued(env) == [
+        ("users", "U", {"id": "1", "email": "a@x"}, {"id": "1", "email": "c@x"}),
+        ("users", "I", None, {"id": "3", "email": "d@x"}),
+        ("users", "D", {"id": "2", "email": "b@x"}, None),
+        ("users", "T", None, None),
+    ]
+    # And the listener turns the plain role's change into deletes.
+    r = env.redis()
+    r.mset({"user:email:a@x": "1", "user:email:c@x": "1", "user:3": "-", "user:9": "T"})
+    listener = ListenerThread.from_file(config).start()
+    try:
+        wait_until(lambda: r.dbsize() == 0, what="every key deleted (the TRUNCATE sweeps user:*)")
+        wait_until(lambda: env.scalar("SELECT count(*) FROM cdc_invalidator.queue_v1") == 0)
+    finally:
+        listener.stop()
+
+
+def test_status_before_install_says_not_installed(env: Env) -> None:
+    tables(env)
+    result = run_cli("status", "--config", str(env.config(USERS)))
+    assert result.returncode == 1
+    assert "not installed" in result.stderr
+    assert "Traceback" not in result.stderr

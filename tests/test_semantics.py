@@ -1,0 +1,690 @@
+"""What the listener does with each kind of change, on real PostgreSQL and Redis.
+
+Every test installs the trigger queue through the CLI, runs the real Runner in a thread
+(tests.helpers.ListenerThread) and waits on the event it expects, never on a clock.
+"Settled" means the queue is empty: the listener deletes a queue row in the same
+transaction that it commits only after Redis confirmed the deletes, so an empty queue
+after a committed change proves that change's keys were handled.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, cast
+
+import psycopg
+import pytest
+import redis
+
+from cdc_invalidator.cli import main
+from tests.conftest import Env
+from tests.helpers import ListenerThread, run_cli, wait_until
+
+USERS = {"public.users": ["user:{id}", "user:email:{email}"]}
+# Every test's config also watches `sync`: committing a row to it is a sync point.
+SYNC = {"public.sync": ["sync:{id}"]}
+
+QUEUE_LEN = "SELECT count(*) FROM cdc_invalidator.queue_v1"
+
+
+def install(env: Env, tables: Mapping[str, Sequence[str]], name: str = "config.toml") -> Path:
+    if env.scalar("SELECT to_regclass('public.sync')") is None:
+        env.sql("CREATE TABLE sync (id int PRIMARY KEY)")
+    config = env.config({**tables, **SYNC}, name=name)
+    assert main(["install", "--config", str(config)]) == 0
+    return config
+
+
+@contextmanager
+def listening(config: Path) -> Iterator[ListenerThread]:
+    listener = ListenerThread.from_file(config).start()
+    try:
+        yield listener
+    finally:
+        listener.stop()
+
+
+def queue_len(env: Env) -> int:
+    return int(env.scalar(QUEUE_LEN))
+
+
+def keys(r: redis.Redis) -> set[str]:
+    return set(cast(list[str], r.keys("*")))
+
+
+def settle(env: Env, r: redis.Redis) -> None:
+    """Commit a change to `sync` and wait until it and everything before it is done."""
+    n = int(env.scalar("SELECT coalesce(max(id), 0) + 1 FROM sync"))
+    r.set(f"sync:{n}", "x")
+    env.sql("INSERT INTO sync VALUES (%s)", [n])
+    wait_until(
+        lambda: r.exists(f"sync:{n}") == 0 and queue_len(env) == 0,
+        what=f"sync point {n} processed and the queue empty",
+    )
+
+
+def dead_letters(env: Env) -> list[tuple[int, str, str, str, Any, Any, str]]:
+    # Payloads as text: a dead letter may hold JSON that Python cannot load.
+    with env.connect() as conn:
+        return conn.execute(
+            "SELECT id, schema_name, table_name, op, old_row::text, new_row::text, error "
+            "FROM cdc_invalidator.dead_letter_v1 ORDER BY id"
+        ).fetchall()
+
+
+def users_table(env: Env, rows: Sequence[tuple[int, str | None]] = ()) -> None:
+    env.sql("CREATE TABLE users (id int PRIMARY KEY, email text, name text)")
+    with env.connect() as conn:
+        for id_, email in rows:
+            conn.execute("INSERT INTO users (id, email) VALUES (%s, %s)", [id_, email])
+
+
+# --- INSERT, UPDATE, DELETE -------------------------------------------------------------
+
+
+def test_insert_deletes_the_new_rows_keys(env: Env) -> None:
+    users_table(env)
+    config = install(env, USERS)
+    r = env.redis()
+    # Negative caches: the app cached "no such user" for id 3 and for c@x.
+    r.mset({"user:3": "-", "user:email:c@x": "-", "user:4": "D", "user:email:d@x": "4"})
+    with listening(config):
+        env.sql("INSERT INTO users (id, email) VALUES (3, 'c@x')")
+        wait_until(lambda: r.exists("user:3", "user:email:c@x") == 0, what="insert's keys")
+        settle(env, r)
+    assert r.mget("user:4", "user:email:d@x") == ["D", "4"]
+
+
+def test_delete_deletes_the_old_rows_keys(env: Env) -> None:
+    users_table(env, [(1, "a@x"), (2, "b@x")])
+    config = install(env, USERS)
+    r = env.redis()
+    r.mset({"user:1": "A", "user:email:a@x": "1", "user:2": "B", "user:email:b@x": "2"})
+    with listening(config):
+        env.sql("DELETE FROM users WHERE id = 1")
+        wait_until(lambda: r.exists("user:1", "user:email:a@x") == 0, what="delete's keys")
+        settle(env, r)
+    assert r.mget("user:2", "user:email:b@x") == ["B", "2"]
+
+
+def test_update_of_a_non_key_column_deletes_the_rows_keys(env: Env) -> None:
+    # The cached value is the whole row: a changed name makes user:1 stale.
+    users_table(env, [(1, "a@x"), (2, "b@x")])
+    config = install(env, USERS)
+    r = env.redis()
+    r.mset({"user:1": "A", "user:email:a@x": "1", "user:2": "B"})
+    with listening(config):
+        env.sql("UPDATE users SET name = 'Z' WHERE id = 1")
+        wait_until(lambda: r.exists("user:1", "user:email:a@x") == 0, what="update's keys")
+        settle(env, r)
+    assert r.get("user:2") == "B"
+
+
+def test_email_change_deletes_old_and_new_email_keys(env: Env) -> None:
+    users_table(env, [(1, "a@x"), (2, "b@x")])
+    config = install(env, USERS)
+    r = env.redis()
+    r.mset({"user:1": "A", "user:email:a@x": "1", "user:email:c@x": "-", "user:2": "B"})
+    with listening(config):
+        env.sql("UPDATE users SET email = 'c@x' WHERE id = 1")
+        wait_until(
+            lambda: r.exists("user:1", "user:email:a@x", "user:email:c@x") == 0,
+            what="old and new email keys",
+        )
+        settle(env, r)
+    assert r.get("user:2") == "B"
+
+
+def test_primary_key_change_deletes_both_ids(env: Env) -> None:
+    users_table(env, [(1, "a@x"), (2, "b@x")])
+    config = install(env, USERS)
+    r = env.redis()
+    r.mset({"user:1": "A", "user:10": "-", "user:email:a@x": "1", "user:2": "B"})
+    with listening(config):
+        env.sql("UPDATE users SET id = 10 WHERE id = 1")
+        wait_until(lambda: r.exists("user:1", "user:10", "user:email:a@x") == 0, what="both ids")
+        settle(env, r)
+    assert r.get("user:2") == "B"
+
+
+# --- TRUNCATE ----------------------------------------------------------------------------
+
+
+def test_truncate_sweeps_every_template_of_the_table_as_a_glob(env: Env) -> None:
+    users_table(env, [(1, "a@x")])
+    env.sql("CREATE TABLE orders (id int PRIMARY KEY, user_id int)")
+    env.sql("INSERT INTO orders SELECT g, g % 7 FROM generate_series(1, 10) g")
+    config = install(env, {**USERS, "public.orders": ["order:{id}", "user:{user_id}:orders"]})
+    r = env.redis()
+    # More keys than one SCAN page (scan_count 1000), so the sweep must page.
+    swept = {f"order:{i}": "o" for i in range(1500)}
+    swept.update({f"user:{i}:orders": "[]" for i in range(1500)})
+    swept["user:x y:orders"] = "[]"
+    unrelated = {
+        "user:1": "A",  # the users table was not truncated
+        "user:email:a@x": "1",
+        "orders:1": "not ours",  # "order:*" must not match "orders:"
+        "user:1:orders:archive": "not a rendering of user:{user_id}:orders",
+        "xorder:1": "prefix differs",
+    }
+    r.mset({**swept, **unrelated})
+    with listening(config):
+        env.sql("TRUNCATE orders")
+        wait_until(
+            lambda: r.exists(*list(swept)) == 0 and queue_len(env) == 0,
+            what="every order key swept",
+        )
+        settle(env, r)
+    assert keys(r) == set(unrelated)
+
+
+def test_truncate_glob_escapes_metacharacters_of_the_template(env: Env) -> None:
+    env.sql("CREATE TABLE weird (id int PRIMARY KEY)")
+    config = install(env, {"public.weird": ["weird*[x]:{id}", "what?:{id}", "back\\slash:{id}"]})
+    r = env.redis()
+    ours = ["weird*[x]:1", "weird*[x]:2", "what?:1", "back\\slash:7"]
+    # Each would match the pattern if its literal part were not escaped.
+    theirs = ["weirdQx:1", "weird*x:1", "weirdx:9", "whatX:1", "what!:1", "backslash:7"]
+    r.mset({k: "v" for k in ours + theirs})
+    with listening(config):
+        env.sql("TRUNCATE weird")
+        wait_until(lambda: r.exists(*ours) == 0, what="the template's own keys swept")
+        settle(env, r)
+    assert keys(r) == set(theirs)
+
+
+# --- What must delete nothing -------------------------------------------------------------
+
+
+def test_rolled_back_transaction_deletes_nothing(env: Env) -> None:
+    users_table(env, [(1, "a@x")])
+    config = install(env, USERS)
+    r = env.redis()
+    r.mset({"user:1": "A", "user:email:a@x": "1", "user:5": "-", "user:email:e@x": "-"})
+    with listening(config), env.connect() as conn:
+        # Separate statements in an explicit transaction that the client rolls back.
+        with conn.transaction():
+            conn.execute("INSERT INTO users (id, email) VALUES (5, 'e@x')")
+            conn.execute("UPDATE users SET email = 'z@x' WHERE id = 1")
+            conn.execute("DELETE FROM users WHERE id = 1")
+            conn.execute("TRUNCATE users")
+            raise psycopg.Rollback
+        assert env.scalar("SELECT count(*) FROM users") == 1
+        # A savepoint rolled back inside a transaction that commits.
+        r.set("user:6", "-")
+        with conn.transaction():
+            conn.execute("INSERT INTO users (id, email) VALUES (6, 'f@x')")
+            with conn.transaction():
+                conn.execute("UPDATE users SET name = 'gone' WHERE id = 1")
+                raise psycopg.Rollback
+        settle(env, r)
+        assert queue_len(env) == 0
+    assert r.mget("user:1", "user:email:a@x", "user:5", "user:email:e@x") == ["A", "1", "-", "-"]
+    assert r.exists("user:6") == 0  # the committed part of that transaction
+    assert dead_letters(env) == []
+
+
+def test_null_field_skips_only_that_key(env: Env) -> None:
+    env.sql("CREATE TABLE profiles (id int PRIMARY KEY, nick text, team text)")
+    config = install(env, {"public.profiles": ["p:{id}", "p:nick:{nick}", "p:{team}:{nick}"]})
+    r = env.redis()
+    # What a NULL must not be rendered as.
+    survivors = ["p:nick:", "p:nick:None", "p:nick:null", "p:red:", "p:red:None", "p::"]
+    r.mset({k: "v" for k in survivors})
+    r.mset({"p:1": "-", "p:nick:bob": "-", "p:red:bob": "-"})
+    with listening(config):
+        env.sql("INSERT INTO profiles VALUES (1, NULL, 'red')")
+        wait_until(lambda: r.exists("p:1") == 0, what="p:1 deleted")
+        settle(env, r)
+        assert r.exists("p:nick:bob", "p:red:bob") == 2
+        r.set("p:1", "cached")
+        env.sql("UPDATE profiles SET nick = 'bob' WHERE id = 1")
+        wait_until(lambda: r.exists("p:1", "p:nick:bob", "p:red:bob") == 0, what="new keys")
+        settle(env, r)
+    assert keys(r) == set(survivors)
+    assert dead_letters(env) == []
+
+
+def test_unwatched_table_causes_nothing(env: Env) -> None:
+    users_table(env, [(1, "a@x")])
+    env.sql("CREATE TABLE audit (id int PRIMARY KEY, what text)")
+    config = install(env, USERS)
+    r = env.redis()
+    r.mset({"audit:1": "x", "audit:2": "y", "user:1": "A", "user:email:a@x": "1"})
+    env.sql("INSERT INTO audit VALUES (1, 'a'), (2, 'b')")
+    env.sql("UPDATE audit SET what = 'c'")
+    env.sql("DELETE FROM audit WHERE id = 1")
+    env.sql("TRUNCATE audit")
+    assert queue_len(env) == 0
+    with listening(config):
+        settle(env, r)
+    assert keys(r) == {"audit:1", "audit:2", "user:1", "user:email:a@x"}
+    assert dead_letters(env) == []
+
+
+def test_template_without_fields_is_deleted_on_every_change(env: Env) -> None:
+    # A cached list of all users: any change to any row makes it stale.
+    users_table(env, [(1, "a@x")])
+    config = install(env, {"public.users": ["user:{id}", "users:all"]})
+    r = env.redis()
+    with listening(config):
+        for statement in (
+            "INSERT INTO users (id, email) VALUES (2, 'b@x')",
+            "UPDATE users SET name = 'x' WHERE id = 1",
+            "DELETE FROM users WHERE id = 2",
+            "TRUNCATE users",
+        ):
+            r.set("users:all", "[...]")
+            env.sql(statement)
+            wait_until(lambda: r.exists("users:all") == 0, what=statement)
+        r.mset({"users:all:page2": "keep", "users:allx": "keep"})
+        settle(env, r)
+    assert keys(r) == {"users:all:page2", "users:allx"}
+
+
+def test_truncate_cascade_sweeps_the_referencing_table_too(env: Env) -> None:
+    users_table(env, [(1, "a@x")])
+    env.sql(
+        "CREATE TABLE orders (id int PRIMARY KEY, user_id int REFERENCES users);"
+        "INSERT INTO orders VALUES (1, 1)"
+    )
+    config = install(env, {**USERS, "public.orders": ["order:{id}"]})
+    r = env.redis()
+    r.mset({"user:1": "A", "order:1": "O", "order:2": "O", "other:1": "keep"})
+    with listening(config):
+        env.sql("TRUNCATE users CASCADE")
+        wait_until(lambda: r.exists("user:1", "order:1", "order:2") == 0, what="both sweeps")
+        settle(env, r)
+    assert keys(r) == {"other:1"}
+
+
+PARTITIONED = (
+    "CREATE TABLE ev (id int, day date, PRIMARY KEY (id, day)) PARTITION BY RANGE (day);"
+    "CREATE TABLE ev_2024 PARTITION OF ev FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');"
+    "CREATE TABLE ev_2025 PARTITION OF ev FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');"
+    "INSERT INTO ev VALUES (1, '2024-05-01'), (2, '2025-05-01')"
+)
+
+
+def test_partitioned_table_written_through_its_parent(env: Env) -> None:
+    env.sql(PARTITIONED)
+    config = install(env, {"public.ev": ["ev:{id}"]})
+    r = env.redis()
+    with listening(config):
+        r.mset({"ev:1": "x", "ev:10": "-"})
+        env.sql("UPDATE ev SET id = 10, day = '2025-06-01' WHERE id = 1")  # moves partition
+        wait_until(lambda: r.exists("ev:1", "ev:10") == 0, what="cross-partition update")
+        r.mset({"ev:3": "-", "ev:2": "x"})
+        env.sql("INSERT INTO ev VALUES (3, '2024-02-02')")
+        env.sql("DELETE FROM ev WHERE id = 2")
+        wait_until(lambda: r.exists("ev:2", "ev:3") == 0, what="insert and delete")
+        r.mset({"ev:10": "x", "ev:3": "x"})
+        env.sql("TRUNCATE ev")
+        wait_until(lambda: r.exists("ev:10", "ev:3") == 0, what="truncate")
+        settle(env, r)
+    assert dead_letters(env) == []
+
+
+def test_partitioned_table_written_through_a_partition(env: Env) -> None:
+    env.sql(PARTITIONED)
+    config = install(env, {"public.ev": ["ev:{id}"]})
+    r = env.redis()
+    with listening(config):
+        r.mset({"ev:1": "x", "ev:11": "-"})
+        env.sql("UPDATE ev_2024 SET id = 11 WHERE id = 1")
+        wait_until(lambda: r.exists("ev:1", "ev:11") == 0, timeout_s=3, what="update")
+        r.mset({"ev:2": "x", "ev:4": "-"})
+        env.sql("DELETE FROM ev_2025 WHERE id = 2")
+        env.sql("INSERT INTO ev_2025 VALUES (4, '2025-02-02')")
+        wait_until(lambda: r.exists("ev:2", "ev:4") == 0, timeout_s=3, what="delete, insert")
+        r.mset({"ev:4": "x"})
+        env.sql("TRUNCATE ev_2025")
+        wait_until(lambda: r.exists("ev:4") == 0, timeout_s=3, what="truncate")
+
+
+def test_rendering_does_not_depend_on_the_writers_session(env: Env) -> None:
+    env.sql(
+        "CREATE TABLE ev (id int PRIMARY KEY, at timestamptz, day date);"
+        "INSERT INTO ev VALUES (1, '2024-05-01 12:00+00', '2024-05-01')"
+    )
+    config = install(env, {"public.ev": ["ev:at:{at}", "ev:day:{day}"]})
+    r = env.redis()
+    # The keys as the app renders them: a session with the server's defaults.
+    at, day = env.scalar("SELECT ARRAY[at::text, day::text] FROM ev")
+    r.mset({f"ev:at:{at}": "1", f"ev:day:{day}": "1"})
+    with listening(config), env.connect() as admin:
+        admin.execute("SET TimeZone = 'America/New_York'")
+        admin.execute("SET DateStyle = 'SQL, DMY'")
+        admin.execute("UPDATE ev SET id = 1")
+        wait_until(lambda: r.dbsize() == 0, timeout_s=3, what="the row's keys deleted")
+
+
+# --- Volume ------------------------------------------------------------------------------
+
+
+def test_multi_row_statements_invalidate_every_row(env: Env) -> None:
+    users_table(env)
+    env.sql("INSERT INTO users SELECT g, 'u' || g || '@x' FROM generate_series(1, 1000) g")
+    config = install(env, USERS)
+    r = env.redis()
+    cached = {f"user:{i}": "u" for i in range(1, 1001)}
+    cached.update({f"user:email:u{i}@x": str(i) for i in range(1, 1001)})
+    cached.update({f"user:email:new{i}@x": "-" for i in range(1, 1001)})
+    r.mset(cached)
+    r.set("user:1001", "not touched")
+    env.sql("UPDATE users SET email = 'new' || id || '@x'")
+    assert queue_len(env) == 1000  # one event per row, from one statement
+    with listening(config):
+        wait_until(lambda: queue_len(env) == 0, what="1000-row update processed")
+        assert keys(r) == {"user:1001"}
+        r.mset({f"user:{i}": "u" for i in range(1, 1001)})
+        env.sql("DELETE FROM users WHERE id <= 600")
+        wait_until(lambda: r.exists(*[f"user:{i}" for i in range(1, 601)]) == 0)
+        settle(env, r)
+    assert r.exists(*[f"user:{i}" for i in range(601, 1002)]) == 401
+
+
+def test_other_statement_kinds_copy_upsert_merge(env: Env) -> None:
+    users_table(env, [(1, "a@x"), (2, "b@x")])
+    config = install(env, USERS)
+    r = env.redis()
+    with listening(config), env.connect() as conn:
+        r.mset({"user:3": "-", "user:email:c@x": "-", "user:4": "-"})
+        with conn.cursor().copy("COPY users (id, email) FROM STDIN") as copy:
+            copy.write_row((3, "c@x"))
+            copy.write_row((4, None))
+        wait_until(lambda: r.exists("user:3", "user:email:c@x", "user:4") == 0, what="COPY")
+
+        r.mset({"user:1": "A", "user:email:a@x": "1", "user:email:a2@x": "-"})
+        conn.execute(
+            "INSERT INTO users (id, email) VALUES (1, 'a2@x') "
+            "ON CONFLICT (id) DO UPDATE SET email = EXCLUDED.email"
+        )
+        wait_until(
+            lambda: r.exists("user:1", "user:email:a@x", "user:email:a2@x") == 0, what="upsert"
+        )
+
+        r.mset({"user:2": "B", "user:email:b@x": "2", "user:email:b2@x": "-", "user:9": "-"})
+        conn.execute(
+            "MERGE INTO users u USING (VALUES (2, 'b2@x'), (9, 'i@x')) v (id, email) "
+            "ON u.id = v.id "
+            "WHEN MATCHED THEN UPDATE SET email = v.email "
+            "WHEN NOT MATCHED THEN INSERT (id, email) VALUES (v.id, v.email)"
+        )
+        wait_until(
+            lambda: r.exists("user:2", "user:email:b@x", "user:email:b2@x", "user:9") == 0,
+            what="MERGE",
+        )
+        settle(env, r)
+    assert dead_letters(env) == []
+
+
+def test_a_100k_row_transaction_is_fully_invalidated(env: Env) -> None:
+    users_table(env)
+    config = install(env, USERS)
+    r = env.redis()
+    pipe = r.pipeline(transaction=False)
+    for start in range(1, 100_001, 10_000):
+        ids = range(start, start + 10_000)
+        pipe.mset({f"user:{i}": "-" for i in ids})
+        pipe.mset({f"user:email:u{i}@x": "-" for i in ids})
+    pipe.execute()
+    r.set("user:100001", "not touched")
+    with listening(config), env.connect() as conn:
+        with conn.transaction():
+            conn.execute(
+                "INSERT INTO users SELECT g, 'u' || g || '@x' FROM generate_series(1, 100000) g"
+            )
+            conn.execute("UPDATE users SET name = 'n' WHERE id % 10 = 0")
+        wait_until(lambda: r.dbsize() == 1, timeout_s=60, what="200k keys deleted")
+        wait_until(lambda: queue_len(env) == 0, what="queue drained")
+    assert keys(r) == {"user:100001"}
+    assert dead_letters(env) == []
+
+
+# --- Trap 1: ids commit out of order ------------------------------------------------------
+
+
+def test_event_whose_transaction_commits_late_is_not_skipped(env: Env) -> None:
+    users_table(env, [(1, "a@x"), (2, "b@x")])
+    config = install(env, USERS)
+    r = env.redis()
+    r.mset({"user:1": "A", "user:2": "B"})
+    with listening(config), env.connect() as a, env.connect() as b:
+        with a.transaction():
+            a.execute("UPDATE users SET name = 'late' WHERE id = 1")
+            a_id = a.execute("SELECT max(id) FROM cdc_invalidator.queue_v1").fetchone()
+            with b.transaction():
+                b.execute("UPDATE users SET name = 'early' WHERE id = 2")
+                b_id = b.execute("SELECT max(id) FROM cdc_invalidator.queue_v1").fetchone()
+            assert a_id is not None
+            assert b_id is not None
+            assert a_id[0] < b_id[0], "A must hold the lower queue id"
+            wait_until(lambda: r.exists("user:2") == 0, what="B's key (higher id) deleted")
+            # The listener has gone past A's id; A is still invisible to it.
+            assert r.get("user:1") == "A"
+        wait_until(lambda: r.exists("user:1") == 0, what="A's key deleted after its late commit")
+        settle(env, r)
+
+
+# --- Names ---------------------------------------------------------------------------------
+
+
+def test_quoted_mixed_case_names_work_end_to_end(env: Env) -> None:
+    env.sql(
+        'CREATE SCHEMA "MixedCase";'
+        'CREATE TABLE "MixedCase"."Weird ""Name""" ("Id" int PRIMARY KEY, "e""mail" text)'
+    )
+    table = '"MixedCase"."Weird ""Name"""'
+    config = install(env, {table: ["weird:{Id}", 'weird:mail:{e"mail}']})
+    assert main(["check", "--config", str(config)]) == 0
+    r = env.redis()
+    r.mset({"weird:1": "-", "weird:mail:a@x": "-", "weird:mail:b@x": "-", "weird:2": "keep"})
+    with listening(config):
+        env.sql(f"INSERT INTO {table} VALUES (1, 'a@x')")
+        wait_until(lambda: r.exists("weird:1", "weird:mail:a@x") == 0, what="insert")
+        r.mset({"weird:1": "A", "weird:mail:a@x": "1"})
+        env.sql(f'UPDATE {table} SET "e""mail" = \'b@x\' WHERE "Id" = 1')
+        wait_until(
+            lambda: r.exists("weird:1", "weird:mail:a@x", "weird:mail:b@x") == 0, what="update"
+        )
+        r.mset({"weird:1": "A", "weird:mail:b@x": "1"})
+        env.sql(f'DELETE FROM {table} WHERE "Id" = 1')
+        wait_until(lambda: r.exists("weird:1", "weird:mail:b@x") == 0, what="delete")
+        r.mset({"weird:1": "A", "weird:3": "C"})
+        env.sql(f"TRUNCATE {table}")
+        wait_until(lambda: r.exists("weird:1", "weird:2", "weird:3") == 0, what="truncate")
+        settle(env, r)
+    assert dead_letters(env) == []
+
+
+INJECTION = "x'); DROP TABLE victim; --"
+COLUMN_INJECTION = 'v"); DROP TABLE victim; --'
+
+
+def test_table_and_column_names_never_run_as_sql(env: Env) -> None:
+    with env.connect() as conn:
+        conn.execute("CREATE TABLE victim (id int)")
+        conn.execute("INSERT INTO victim VALUES (42)")
+        conn.execute(
+            psycopg.sql.SQL("CREATE TABLE {} (id int PRIMARY KEY, {} text)").format(
+                psycopg.sql.Identifier(INJECTION), psycopg.sql.Identifier(COLUMN_INJECTION)
+            )
+        )
+    table = '"' + INJECTION.replace('"', '""') + '"'
+    config = install(env, {table: ["inj:{id}", "inj:v:{" + COLUMN_INJECTION + "}"]})
+    assert env.scalar("SELECT id FROM victim") == 42
+    assert main(["check", "--config", str(config)]) == 0
+    r = env.redis()
+    r.mset({"inj:1": "-", "inj:v:hello": "-"})
+    with listening(config), env.connect() as conn:
+        conn.execute(
+            psycopg.sql.SQL("INSERT INTO {} VALUES (1, 'hello')").format(
+                psycopg.sql.Identifier(INJECTION)
+            )
+        )
+        wait_until(lambda: r.exists("inj:1", "inj:v:hello") == 0, what="the table's keys")
+        settle(env, r)
+    assert dead_letters(env) == []
+    assert main(["uninstall", "--config", str(config)]) == 0
+    assert env.scalar("SELECT id FROM victim") == 42
+
+
+def test_column_name_holding_a_dollar_quote_works(env: Env) -> None:
+    env.sql('CREATE TABLE dollars (id int PRIMARY KEY, "a$f$b" text)')
+    config = install(env, {"public.dollars": ["d:{id}", "d:ab:{a$f$b}"]})
+    r = env.redis()
+    r.mset({"d:1": "-", "d:ab:z": "-"})
+    with listening(config):
+        env.sql("INSERT INTO dollars VALUES (1, 'z')")
+        wait_until(lambda: r.exists("d:1", "d:ab:z") == 0, what="the table's keys")
+
+
+# --- Bad events go to the dead letters and never block -------------------------------------
+
+
+def enqueue(
+    env: Env,
+    table: str,
+    op: str,
+    *,
+    old_row: str | None = None,
+    new_row: str | None = None,
+    schema: str = "public",
+) -> int:
+    """Write a queue row by hand, as a buggy tool or a DBA might."""
+    with env.connect() as conn:
+        row = conn.execute(
+            "INSERT INTO cdc_invalidator.queue_v1 (schema_name, table_name, op, old_row, new_row)"
+            " VALUES (%s, %s, %s, %s::jsonb, %s::jsonb) RETURNING id",
+            [schema, table, op, old_row, new_row],
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_bad_events_are_dead_lettered_and_good_ones_still_processed(env: Env) -> None:
+    users_table(env, [(1, "a@x"), (2, "b@x")])
+    config = install(env, USERS)
+    r = env.redis()
+    r.mset({"user:1": "A", "user:email:a@x": "1", "user:2": "B", "user:email:b@x": "2"})
+    # Queued while the listener is down, so that good and bad share one batch.
+    bad = {
+        enqueue(env, "ghost", "I", new_row='{"id": "1"}'): ["ghost", "not in the configuration"],
+        enqueue(env, "users", "I", new_row='{"id": "9"}'): ["email", "user:email:{email}"],
+        enqueue(env, "users", "I", new_row='{"id": 9, "email": "n@x"}'): ["'id'", "int"],
+        enqueue(env, "users", "D", old_row='{"id": "9", "email": {"a": 1}}'): ["'email'", "dict"],
+        enqueue(env, "users", "D", old_row='["9", "n@x"]'): ["old_row", "list"],
+        enqueue(env, "users", "I"): ["new row"],
+    }
+    env.sql("UPDATE users SET name = 'x' WHERE id = 1")
+    with listening(config) as listener:
+        wait_until(lambda: r.exists("user:1", "user:email:a@x") == 0, what="the good event")
+        settle(env, r)
+        letters = {row[0]: row for row in dead_letters(env)}
+        assert set(letters) == set(bad)
+        for position, culprits in bad.items():
+            error = letters[position][6]
+            for culprit in culprits:
+                assert culprit in error, f"{error!r} should name {culprit!r}"
+        # And while it runs: a bad event, then a good one.
+        late_bad = enqueue(env, "users", "U", old_row='{"id": "2"}', new_row="[]")
+        env.sql("DELETE FROM users WHERE id = 2")
+        wait_until(lambda: r.exists("user:2", "user:email:b@x") == 0, what="the late good event")
+        settle(env, r)
+        assert listener.alive()
+    assert late_bad in {row[0] for row in dead_letters(env)}
+    # The dead letter keeps the event as it was queued.
+    ghost = next(row for row in dead_letters(env) if row[2] == "ghost")
+    assert ghost[1:6] == ("public", "ghost", "I", None, '{"id": "1"}')
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_huge_json_number_is_dead_lettered_not_fatal(env: Env) -> None:
+    users_table(env, [(1, "a@x")])
+    config = install(env, USERS)
+    r = env.redis()
+    r.set("user:1", "A")
+    bad = enqueue(env, "users", "I", new_row='{"id": 1e5000, "email": "n@x"}')
+    env.sql("UPDATE users SET name = 'x' WHERE id = 1")
+    with listening(config) as listener:
+        wait_until(lambda: r.exists("user:1") == 0, timeout_s=3, what="the good event")
+        assert listener.alive()
+    assert [row[0] for row in dead_letters(env)] == [bad]
+
+
+def test_dead_letter_keeps_the_payload_exactly(env: Env) -> None:
+    users_table(env)
+    config = install(env, USERS)
+    r = env.redis()
+    bad = enqueue(env, "users", "I", new_row='{"id": 1.5e-400, "email": "n@x"}')
+    with listening(config):
+        settle(env, r)
+    assert env.scalar(
+        'SELECT new_row = \'{"id": 1.5e-400, "email": "n@x"}\'::jsonb '
+        "FROM cdc_invalidator.dead_letter_v1 WHERE id = %s",
+        [bad],
+    )
+
+
+def test_table_dropped_from_config_without_reinstall_is_dead_lettered(env: Env) -> None:
+    users_table(env, [(1, "a@x")])
+    env.sql("CREATE TABLE orders (id int PRIMARY KEY)")
+    install(env, {**USERS, "public.orders": ["order:{id}"]})
+    # The team removes orders from the config but nobody re-runs install.
+    smaller = env.config({**USERS, **SYNC}, name="smaller.toml")
+    r = env.redis()
+    r.mset({"order:5": "-", "user:1": "A"})
+    with listening(smaller) as listener:
+        env.sql("INSERT INTO orders VALUES (5)")
+        env.sql("UPDATE users SET name = 'x' WHERE id = 1")
+        wait_until(lambda: r.exists("user:1") == 0, what="the configured table's event")
+        settle(env, r)
+        assert listener.alive()
+    letters = dead_letters(env)
+    assert [(row[2], row[3]) for row in letters] == [("orders", "I")]
+    assert "public.orders" in letters[0][6]
+    assert "configuration" in letters[0][6]
+    assert r.get("order:5") == "-"
+
+
+# --- status --------------------------------------------------------------------------------
+
+
+def status(config: Path) -> dict[str, Any]:
+    result = run_cli("status", "--json", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    return cast(dict[str, Any], json.loads(result.stdout))
+
+
+def test_status_reports_backlog_age_dead_letters_and_progress(env: Env) -> None:
+    users_table(env, [(1, "a@x"), (2, "b@x"), (3, "c@x")])
+    config = install(env, USERS)
+    before = status(config)
+    assert before["backlog"] == 0
+    assert before["oldest_pending_age_s"] is None
+    assert before["dead_letters"] == 0
+    assert before["last_processed_at"] is None
+
+    # The listener is stopped: three changes and one bad event wait.
+    env.sql("UPDATE users SET name = 'x' WHERE id = 1")
+    env.sql("UPDATE users SET name = 'x' WHERE id = 2")
+    env.sql("DELETE FROM users WHERE id = 3")
+    enqueue(env, "ghost", "D", old_row='{"id": "1"}')
+    waiting = status(config)
+    assert waiting["backlog"] == 4
+    assert waiting["oldest_pending_age_s"] > 0
+    assert waiting["last_processed_at"] is None
+
+    r = env.redis()
+    with listening(config):
+        settle(env, r)
+    after = status(config)
+    assert after["backlog"] == 0
+    assert after["oldest_pending_age_s"] is None
+    assert after["dead_letters"] == 1
+    assert after["last_processed_at"] is not None
+    assert after["events_processed"] == 5  # four waiting, one sync point
