@@ -11,13 +11,14 @@ from redis.retry import Retry
 
 from cdc_invalidator.mapping import Invalidation
 
-# Errors after which the same deletes will work once Redis is back: retry them.
+# Errors after which the same deletes will work once Redis is back: retry them with
+# back-off. Error replies count too: READONLY (a replica that was a master), LOADING,
+# NOREPLICAS, MISCONF, NOPERM from an ACL being fixed... UNLINK and SCAN cannot fail
+# because of one event's keys, so no reply is a reason to drop a batch or to exit.
 REDIS_UNAVAILABLE: tuple[type[Exception], ...] = (
     redis.ConnectionError,
     redis.TimeoutError,
-    redis.BusyLoadingError,
-    redis.exceptions.TryAgainError,
-    redis.ReadOnlyError,  # a replica that was a master: wait for the failover to settle
+    redis.ResponseError,
 )
 
 
