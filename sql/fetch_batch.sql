@@ -1,24 +1,29 @@
--- Take a batch of events, oldest first. The rows are deleted inside the listener's open
--- transaction, which commits only after Redis confirmed the deletes: a crash or a Redis
--- error rolls back and the events come back. SKIP LOCKED lets a second listener take
--- other rows instead of waiting. No "last id seen" bookmark: ids commit out of order,
--- and a bookmark would skip an event whose transaction committed late.
--- The progress row for `status` is updated by the same statement (one round trip), and
--- like the delete it only counts once the transaction commits.
-WITH taken AS (
-    DELETE FROM cdc_invalidator.queue_v1
-    WHERE id = ANY (ARRAY(
-        SELECT id FROM cdc_invalidator.queue_v1
-        ORDER BY id
-        LIMIT %(limit)s
-        FOR UPDATE SKIP LOCKED))
-    RETURNING id, enqueued_at, schema_name, table_name, op, old_row, new_row
-), progress AS (
-    UPDATE cdc_invalidator.listener_state_v1
-    SET last_processed_at = now(),
-        events_processed = events_processed + (SELECT count(*) FROM taken)
-    WHERE EXISTS (SELECT FROM taken)
-)
--- The rows as jsonb text: the listener parses them itself, so that one malformed
--- row becomes a dead letter instead of failing the whole batch in the driver.
-SELECT id, enqueued_at, schema_name, table_name, op, old_row::text, new_row::text FROM taken
+-- The next events to invalidate, in (xid, id) order: rows of transactions visible in
+-- the window's end snapshot (given, or NULL to take one now) but not in the snapshot the
+-- listener finished last (given as its in-flight ids and its xmax). A large window is
+-- taken in chunks, each after the last (xid, id) done. The end snapshot comes back on
+-- every row, and alone when the window is empty.
+-- Rows are returned as jsonb text: the listener parses them itself, so that one
+-- malformed row becomes a dead letter instead of failing the batch in the driver.
+WITH w AS (SELECT coalesce(%(cur)s::pg_snapshot, pg_current_snapshot()) AS cur)
+SELECT w.cur::text, q.xid::text, q.id, q.schema_name, q.table_name, q.op,
+       q.old_row::text, q.new_row::text
+FROM w LEFT JOIN LATERAL (
+    -- Transactions that were still running when the last snapshot was taken.
+    (SELECT * FROM cdc_invalidator.queue_v1 r
+     WHERE r.xid = ANY (%(prev_xip)s::xid8[])
+       AND pg_visible_in_snapshot(r.xid, w.cur)
+       AND (r.xid, r.id) > (%(after_xid)s::xid8, %(after_id)s)
+     ORDER BY r.xid, r.id
+     LIMIT %(limit)s)
+    UNION ALL
+    -- Transactions that started after it.
+    (SELECT * FROM cdc_invalidator.queue_v1 r
+     WHERE r.xid >= %(prev_xmax)s::xid8 AND r.xid < pg_snapshot_xmax(w.cur)
+       AND pg_visible_in_snapshot(r.xid, w.cur)
+       AND (r.xid, r.id) > (%(after_xid)s::xid8, %(after_id)s)
+     ORDER BY r.xid, r.id
+     LIMIT %(limit)s)
+    ORDER BY xid, id
+    LIMIT %(limit)s
+) q ON true

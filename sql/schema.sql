@@ -1,11 +1,11 @@
 -- cdc-invalidator: trigger-queue capture, schema version 1.
 --
 -- What this creates, all inside the schema "cdc_invalidator":
---   queue_v1            one row per changed row of a watched table (one per TRUNCATE);
---                       the listener deletes a row only after Redis confirmed its keys
---                       are gone, in the same transaction (at-least-once delivery).
+--   queue_v1            one row per changed row of a watched table (one per TRUNCATE),
+--                       stamped with the writer's transaction id.
 --   dead_letter_v1      events the listener could not turn into keys, with the error.
---   listener_state_v1   when the listener last finished a batch (for `status`).
+--   listener_state_v1   how far the listener got: a snapshot whose visible transactions
+--                       have all been invalidated, and when it last got further.
 --   watched_v1          which tables carry our triggers and which columns they copy.
 --   watch(), unwatch()  the API a DBA can also call by hand.
 -- Every object name carries a version suffix (_v1) so that a later release can install
@@ -20,8 +20,16 @@ COMMENT ON SCHEMA cdc_invalidator IS
 -- The queue. Rows hold only the key columns that the key templates use, rendered as
 -- PostgreSQL text (what ::text gives), never whole rows: that keeps TOASTed columns and
 -- size limits out of the write path.
+--
+-- The listener reads it without locking or deleting rows. It takes the rows of the
+-- transactions that became visible between two snapshots (the one it finished last,
+-- the one it takes now): every committed transaction becomes visible in exactly one
+-- such step, however its id and its commit are ordered against others, so nothing is
+-- skipped and nothing waits for unrelated long transactions. Rows are deleted later in
+-- bulk, once they lie below the finished snapshot.
 CREATE TABLE IF NOT EXISTS cdc_invalidator.queue_v1 (
-    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id          bigint GENERATED ALWAYS AS IDENTITY,
+    xid         xid8 NOT NULL DEFAULT pg_current_xact_id(),
     enqueued_at timestamptz NOT NULL DEFAULT now(),
     schema_name text NOT NULL,
     table_name  text NOT NULL,
@@ -29,11 +37,13 @@ CREATE TABLE IF NOT EXISTS cdc_invalidator.queue_v1 (
     old_row     jsonb,  -- key columns before the change (UPDATE, DELETE)
     new_row     jsonb   -- key columns after the change (INSERT, UPDATE)
 ) WITH (
-    -- Every row is inserted once and deleted once: vacuum early so that the listener's
-    -- "oldest first" index scan does not wade through dead entries.
+    -- Rows are inserted once and deleted in bulk: vacuum soon after each bulk delete.
     autovacuum_vacuum_scale_factor = 0.01,
     autovacuum_vacuum_threshold = 1000
 );
+-- The only index, so writers maintain one: the listener's reads and the bulk deletes
+-- are ranges of (xid, id).
+CREATE INDEX IF NOT EXISTS queue_v1_xid_id ON cdc_invalidator.queue_v1 (xid, id);
 
 -- Events that could not be rendered into keys (table no longer configured, a column
 -- missing from the payload, a value that cannot render). Columns are nullable on
@@ -52,6 +62,13 @@ CREATE TABLE IF NOT EXISTS cdc_invalidator.dead_letter_v1 (
 
 CREATE TABLE IF NOT EXISTS cdc_invalidator.listener_state_v1 (
     singleton         boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    -- Every transaction visible in this snapshot has had its keys deleted. '1:1:' sees
+    -- no transaction at all: a fresh install starts from the first queued row.
+    snapshot          pg_snapshot NOT NULL DEFAULT '1:1:',
+    -- A larger window is read in chunks: its end snapshot and the last (xid, id) done.
+    window_end        pg_snapshot,
+    after_xid         xid8,
+    after_id          bigint,
     last_processed_at timestamptz,
     events_processed  bigint NOT NULL DEFAULT 0
 );

@@ -12,16 +12,14 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from cdc_invalidator.capture.trigger_queue import TriggerQueue
-from cdc_invalidator.cli import runner_config
-from cdc_invalidator.runner import Runner
+from cdc_invalidator.listener import build_listener
 from cdc_invalidator.settings import Settings, load_settings
 from cdc_invalidator.shutdown import Stopper
-from cdc_invalidator.sink import RedisSink
 
 # Test settings: fast polling and back-off so that faults heal within a test's patience.
 FAST = {
     "poll_interval_ms": 200,
+    "prune_every_ms": 0,
     "retry_initial_ms": 20,
     "retry_max_ms": 300,
     "connect_timeout_s": 2,
@@ -79,18 +77,7 @@ class ListenerThread:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.stopper = Stopper()
-        self.sink = RedisSink.from_url(settings.redis_url, timeout_s=settings.redis_timeout_s)
-        self.runner = Runner(
-            connect=lambda: TriggerQueue.connect(
-                settings.database_url,
-                application_name=settings.application_name,
-                connect_timeout_s=settings.connect_timeout_s,
-            ),
-            mapper=settings.mapper(),
-            sink=self.sink,
-            config=runner_config(settings),
-            stopper=self.stopper,
-        )
+        self.runner, self.sink = build_listener(settings, self.stopper)
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="listener", daemon=True)
 

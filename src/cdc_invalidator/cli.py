@@ -18,11 +18,11 @@ import structlog
 
 from cdc_invalidator import __version__, logs
 from cdc_invalidator.capture import trigger_sql
-from cdc_invalidator.capture.trigger_queue import NotInstalled, TriggerQueue
+from cdc_invalidator.capture.trigger_queue import NotInstalled
 from cdc_invalidator.checks import check_database, check_redis
 from cdc_invalidator.database import DatabaseError, connect
+from cdc_invalidator.listener import build_listener
 from cdc_invalidator.redact import Scrubber, redact_url, secrets_of
-from cdc_invalidator.runner import Runner, RunnerConfig
 from cdc_invalidator.settings import CONFIG_ENV, ConfigError, Settings, load_settings
 from cdc_invalidator.shutdown import Stopper
 from cdc_invalidator.sink import RedisSink
@@ -172,23 +172,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     stopper = Stopper()
     stopper.install_signal_handlers()
-    sink = RedisSink.from_url(
-        settings.redis_url,
-        timeout_s=settings.redis_timeout_s,
-        unlink_chunk=settings.unlink_chunk,
-        scan_count=settings.scan_count,
-    )
-    runner = Runner(
-        connect=lambda: TriggerQueue.connect(
-            settings.database_url,
-            application_name=settings.application_name,
-            connect_timeout_s=settings.connect_timeout_s,
-        ),
-        mapper=settings.mapper(),
-        sink=sink,
-        config=runner_config(settings),
-        stopper=stopper,
-    )
+    runner, sink = build_listener(settings, stopper)
     try:
         runner.run()
     except NotInstalled as exc:
@@ -198,15 +182,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         sink.close()
         stopper.close()
     return EXIT_OK
-
-
-def runner_config(settings: Settings) -> RunnerConfig:
-    return RunnerConfig(
-        batch_size=settings.batch_size,
-        poll_interval_s=settings.poll_interval_ms / 1000,
-        retry_initial_s=settings.retry_initial_ms / 1000,
-        retry_max_s=settings.retry_max_ms / 1000,
-    )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

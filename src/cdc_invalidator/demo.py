@@ -32,8 +32,7 @@ from redis.client import PubSub
 
 from cdc_invalidator import logs
 from cdc_invalidator.capture import trigger_sql
-from cdc_invalidator.capture.trigger_queue import TriggerQueue
-from cdc_invalidator.cli import runner_config
+from cdc_invalidator.listener import build_listener
 from cdc_invalidator.runner import Runner
 from cdc_invalidator.servers import (
     PostgresServer,
@@ -489,23 +488,7 @@ class Demo:
 
     def _start_listener(self, settings: Settings) -> None:
         self.stopper = Stopper()
-        self.sink = RedisSink.from_url(
-            settings.redis_url,
-            timeout_s=settings.redis_timeout_s,
-            unlink_chunk=settings.unlink_chunk,
-            scan_count=settings.scan_count,
-        )
-        self.runner = Runner(
-            connect=lambda: TriggerQueue.connect(
-                settings.database_url,
-                application_name=settings.application_name,
-                connect_timeout_s=settings.connect_timeout_s,
-            ),
-            mapper=settings.mapper(),
-            sink=self.sink,
-            config=runner_config(settings),
-            stopper=self.stopper,
-        )
+        self.runner, self.sink = build_listener(settings, self.stopper)
         runner = self.runner
 
         def run() -> None:

@@ -6,6 +6,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import NamedTuple
 
 # Column values as PostgreSQL's text output (what ::text gives); None for SQL NULL.
 Row = Mapping[str, str | None]
@@ -85,11 +86,11 @@ def _quote(ident: str) -> str:
     return '"' + ident.replace('"', '""') + '"'
 
 
-@dataclass(frozen=True, slots=True)
-class ChangeEvent:
+class ChangeEvent(NamedTuple):
     """One committed change of one row (or one TRUNCATE of a whole table).
 
-    `position` is where the capture can resume from: the queue id in trigger mode.
+    `position` identifies the event at its source: the queue id in trigger mode. A
+    NamedTuple, not a dataclass: a backlog makes a million of them.
     """
 
     table: TableName

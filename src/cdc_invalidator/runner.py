@@ -17,7 +17,7 @@ import psycopg
 import structlog
 
 from cdc_invalidator.backoff import Backoff
-from cdc_invalidator.capture.trigger_queue import NotInstalled, QueueBatch
+from cdc_invalidator.capture.trigger_queue import NotInstalled, QueueBatch, Standby
 from cdc_invalidator.events import InvalidEvent
 from cdc_invalidator.mapping import Invalidation, Mapper
 from cdc_invalidator.shutdown import Stopper
@@ -91,17 +91,28 @@ class Runner:
         cfg = self._config
         backoff = Backoff(cfg.retry_initial_s, cfg.retry_max_s)
         log.info("listener_started", tables=sorted(str(t) for t in self._mapper.tables))
+        standby = False
         while not self._stopper.stopped:
             try:
                 source = self._connect()
             except NotInstalled:
                 raise
+            except Standby as exc:
+                # Another listener is active: a hot standby, polling for its turn.
+                if not standby:
+                    log.info("standby", reason=str(exc))
+                    standby = True
+                self._stopper.sleep(cfg.poll_interval_s)
+                continue
             except psycopg.OperationalError as exc:
                 self.postgres.down(exc)
                 self._stopper.sleep(backoff.next_delay())
                 continue
             self.postgres.up()
             backoff.reset()
+            if standby:
+                log.info("active")
+                standby = False
             try:
                 self._consume(source)
             except psycopg.OperationalError as exc:

@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     # How often the listener looks at the queue with no NOTIFY (NOTIFY is lost while
     # disconnected, so it is a wake-up, never the only trigger).
     poll_interval_ms: Annotated[int, Field(ge=10)] = 1000
+    # How often processed rows are deleted from the queue table (in chunks, when idle).
+    prune_every_ms: Annotated[int, Field(ge=0)] = 1000
     # Reconnect and retry back-off: exponential from the first to the max, ±10 % jitter.
     retry_initial_ms: Annotated[int, Field(ge=1)] = 100
     retry_max_ms: Annotated[int, Field(ge=1)] = 10_000

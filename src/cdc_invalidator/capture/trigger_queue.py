@@ -1,18 +1,27 @@
-"""Trigger-queue capture: consume cdc_invalidator.queue_v1, woken by NOTIFY.
+"""Trigger-queue capture: read cdc_invalidator.queue_v1 by snapshot windows, woken by NOTIFY.
 
-One autocommit connection LISTENs and runs each batch in its own transaction. A batch
-deletes its rows up front (DELETE ... RETURNING) and commits only when the runner has
-had Redis confirm the deletes; any exception rolls back and the rows come back.
+Every committed transaction becomes visible in exactly one step from one snapshot to the
+next. The listener remembers the snapshot it finished (`done`), takes a new one, and reads
+the rows of the transactions that became visible in between: no row is locked, deleted
+or updated on the way, which keeps the writers' tables and the WAL quiet. A window is
+read in chunks ordered by (xid, id). The runner acknowledges a chunk only after Redis
+confirmed its deletes; only then does the position move on, and only a finished window
+moves `done` (saved in listener_state_v1, for restarts). Rows below `done` are deleted
+later in bulk.
+
+One autocommit connection LISTENs, reads and saves; a session advisory lock makes sure
+that only one listener consumes at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import select
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -23,13 +32,37 @@ from cdc_invalidator import sqlfiles
 from cdc_invalidator.capture.trigger_sql import CHANNEL, SCHEMA_VERSION, installed_version
 from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, Row, TableName
 
+# Progress is saved at most this often while busy (always before waiting): a crash
+# re-delivers at most this much work, a save per batch would cost a write per batch.
+SAVE_EVERY_S = 0.1
+# Processed rows deleted per statement, so that a large clean-up never holds up an event.
+PRUNE_CHUNK = 5000
+
+_OPS = {op.value: op for op in Op}
+_START = ("0", 0)  # before every (xid, id)
+
 
 class NotInstalled(Exception):
     """Our SQL is missing or from another version: the DBA must run `install`."""
 
 
-# id, enqueued_at, schema_name, table_name, op, old_row and new_row as jsonb text
-QueueRow = tuple[int, datetime, str, str, str, str | None, str | None]
+class Standby(Exception):
+    """Another listener holds the queue; this one waits its turn."""
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A pg_snapshot: xmin:xmax:xip,... (transaction ids below xmax and not in xip are
+    complete)."""
+
+    text: str
+    xmax: str
+    xip: str  # as an array literal for xid8[]
+
+    @classmethod
+    def parse(cls, text: str) -> Snapshot:
+        _xmin, xmax, xip = text.split(":")
+        return cls(text, xmax, "{" + xip + "}")
 
 
 @dataclass(slots=True)
@@ -44,26 +77,64 @@ class QueueBatch:
         self.dead[position] = error
 
 
-class TriggerQueue:
-    def __init__(self, conn: psycopg.Connection[Any]) -> None:
-        self._conn = conn
+@dataclass(slots=True)
+class Progress:
+    """How far the listener got; kept across reconnects, saved to listener_state_v1."""
 
-    @classmethod
-    def connect(
-        cls, database_url: str, *, application_name: str, connect_timeout_s: float
-    ) -> TriggerQueue:
+    done: Snapshot  # every transaction visible here has been invalidated
+    window: Snapshot | None = None  # the end of a window being read in chunks
+    after: tuple[str, int] = _START  # the last (xid, id) acknowledged in that window
+    unsaved_events: int = 0
+    saved: tuple[object, ...] = ()
+    saved_at: float = 0.0
+
+    def state(self) -> tuple[object, ...]:
+        return (self.done, self.window, self.after)
+
+
+class TriggerCapture:
+    """Connects the trigger queue, and reconnects it where the last connection left off."""
+
+    def __init__(
+        self,
+        database_url: str,
+        *,
+        application_name: str,
+        connect_timeout_s: float,
+        prune_every_s: float = 1.0,
+    ) -> None:
+        self._database_url = database_url
+        self._application_name = application_name
+        self._connect_timeout_s = connect_timeout_s
+        self._prune_every_s = prune_every_s
+        self._progress: Progress | None = None
+
+    def connect(self) -> TriggerQueue:
         conn = psycopg.connect(
-            database_url,
+            self._database_url,
             autocommit=True,
-            application_name=application_name,
-            connect_timeout=max(1, round(connect_timeout_s)),
+            application_name=self._application_name,
+            connect_timeout=max(1, round(self._connect_timeout_s)),
         )
         try:
-            _prepare(conn)
+            saved = _prepare(conn)
         except BaseException:
             conn.close()
             raise
-        return cls(conn)
+        # Within one process the progress in memory is never behind what was saved.
+        if self._progress is None:
+            self._progress = saved
+        return TriggerQueue(conn, self._progress, self._prune_every_s)
+
+
+class TriggerQueue:
+    def __init__(self, conn: psycopg.Connection[Any], progress: Progress, prune_every_s: float):
+        self._conn = conn
+        self._progress = progress
+        self._prune_every_s = prune_every_s
+        self._pruned_for: Snapshot | None = None
+        self._pruned_at = time.monotonic()
+        self._tables: dict[tuple[str, str], TableName] = {}
 
     @property
     def connection(self) -> psycopg.Connection[Any]:
@@ -71,29 +142,59 @@ class TriggerQueue:
 
     @contextmanager
     def batch(self, limit: int) -> Iterator[QueueBatch]:
-        """Take up to `limit` events; commit on clean exit, roll back on exception."""
-        with self._conn.transaction():
-            cur = self._conn.cursor(row_factory=tuple_row)
-            rows: list[QueueRow] = cur.execute(
-                sqlfiles.query("fetch_batch.sql"), {"limit": limit}
-            ).fetchall()
-            batch = QueueBatch(size=len(rows), events=[])
-            for row in rows:
-                try:
-                    batch.events.append(decode(row))
-                except InvalidEvent as exc:
-                    batch.dead[row[0]] = str(exc)
-            yield batch
-            if batch.dead:
-                raw = {row[0]: row for row in rows}
-                cur.executemany(
-                    sqlfiles.query("dead_letter.sql"),
-                    [_dead_letter_params(raw[pos], err) for pos, err in batch.dead.items()],
-                )
+        """Up to `limit` events. A clean exit acknowledges them, an exception does not:
+        the same events come again."""
+        progress = self._progress
+        done, window, (after_xid, after_id) = progress.done, progress.window, progress.after
+        rows = (
+            self._conn.cursor(row_factory=tuple_row)
+            .execute(
+                sqlfiles.query("fetch_batch.sql"),
+                {
+                    "cur": window.text if window else None,
+                    "prev_xip": done.xip,
+                    "prev_xmax": done.xmax,
+                    "after_xid": after_xid,
+                    "after_id": after_id,
+                    "limit": limit,
+                },
+            )
+            .fetchall()
+        )
+        window = window or Snapshot.parse(rows[0][0])
+        if rows[0][2] is None:  # an empty window: one row of NULLs besides the snapshot
+            rows = []
+        batch = QueueBatch(size=len(rows), events=[])
+        for row in rows:
+            try:
+                batch.events.append(self._decode(row))
+            except InvalidEvent as exc:
+                batch.dead[row[2]] = str(exc)
+        yield batch
+        # Acknowledged: Redis confirmed every delete of the batch.
+        if batch.dead:
+            self._conn.cursor().executemany(
+                sqlfiles.query("dead_letter.sql"),
+                [{"id": pos, "error": err} for pos, err in batch.dead.items()],
+            )
+        progress.unsaved_events += len(rows)
+        if not rows and progress.window is None:
+            # Nothing new: keep the old snapshot (still correct, just older), so that an
+            # idle listener writes nothing and has nothing to prune.
+            return
+        if len(rows) < limit:  # the window is finished
+            progress.done, progress.window, progress.after = window, None, _START
+        else:
+            progress.window, progress.after = window, (rows[-1][1], rows[-1][2])
+        if time.monotonic() - progress.saved_at >= SAVE_EVERY_S:
+            self._save()
 
     def wait(self, timeout_s: float, wakeup_fd: int | None = None) -> None:
         """Return on a NOTIFY, a byte on `wakeup_fd` (shutdown) or after timeout_s."""
-        # Notifications that arrived with the last batch's results are buffered by
+        self._save()
+        if self._prune():
+            return  # more to clean up: come back after a look for new events
+        # Notifications that arrived with the last query's results are buffered by
         # psycopg, not left on the socket: look there first.
         if any(True for _ in self._conn.notifies(timeout=0)):
             return
@@ -105,10 +206,64 @@ class TriggerQueue:
                 pass
 
     def close(self) -> None:
+        """Save progress if the connection still works, then close it."""
+        if not self._conn.closed and not self._conn.broken:
+            # Progress since the last save is re-delivered if this fails: harmless.
+            with contextlib.suppress(psycopg.Error):
+                self._save()
         self._conn.close()
 
+    def _save(self) -> None:
+        progress = self._progress
+        state = progress.state()
+        if state == progress.saved and not progress.unsaved_events:
+            return
+        after_xid, after_id = progress.after
+        self._conn.execute(
+            sqlfiles.query("save_progress.sql"),
+            {
+                "snapshot": progress.done.text,
+                "window_end": progress.window.text if progress.window else None,
+                "after_xid": after_xid if progress.window else None,
+                "after_id": after_id if progress.window else None,
+                "events": progress.unsaved_events,
+            },
+        )
+        progress.saved, progress.unsaved_events = state, 0
+        progress.saved_at = time.monotonic()
 
-def _prepare(conn: psycopg.Connection[Any]) -> None:
+    def _prune(self) -> bool:
+        """Delete a chunk of processed rows, now and then; True if more remain."""
+        done = self._progress.done
+        if self._pruned_for is done:
+            return False
+        if time.monotonic() - self._pruned_at < self._prune_every_s:
+            return False
+        deleted = self._conn.execute(
+            sqlfiles.query("prune.sql"), {"snapshot": done.text, "limit": PRUNE_CHUNK}
+        ).rowcount
+        self._pruned_at = time.monotonic()
+        if deleted < PRUNE_CHUNK:
+            self._pruned_for = done
+            return False
+        return True
+
+    def _decode(self, row: tuple[Any, ...]) -> ChangeEvent:
+        """A queue row as a ChangeEvent; InvalidEvent if a hand-written row is malformed."""
+        _cur, _xid, position, schema_name, table_name, op, old_text, new_text = row
+        kind = _OPS.get(op)
+        if kind is None:
+            raise InvalidEvent(f"unknown operation {op!r}")
+        table = self._tables.get((schema_name, table_name))
+        if table is None:
+            table = self._tables[schema_name, table_name] = TableName(schema_name, table_name)
+        old = _row(old_text, "old_row")
+        # An UPDATE that left the key columns alone carries the same values twice.
+        new = old if new_text == old_text else _row(new_text, "new_row")
+        return ChangeEvent(table, kind, old, new, position)
+
+
+def _prepare(conn: psycopg.Connection[Any]) -> Progress:
     version = installed_version(conn)
     if version != SCHEMA_VERSION:
         found = "no cdc_invalidator schema" if version is None else f"schema v{version}"
@@ -116,27 +271,25 @@ def _prepare(conn: psycopg.Connection[Any]) -> None:
             f"database {conn.info.dbname!r} has {found}; this listener needs "
             f"v{SCHEMA_VERSION}: run `cdc-invalidator install`"
         )
-    # Losing our own commit in a server crash only re-delivers events (their keys are
+    locked = conn.execute(sqlfiles.query("take_lock.sql")).fetchone()
+    if not locked or not locked[0]:
+        raise Standby("another listener is consuming the queue of this database")
+    # Losing our own writes in a server crash only re-delivers events (their keys are
     # deleted twice), so the listener does not wait for WAL fsync and takes no fsync
     # bandwidth from the writers.
     conn.execute("SET synchronous_commit = off")
     conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
-
-
-def decode(row: QueueRow) -> ChangeEvent:
-    """A queue row as a ChangeEvent; InvalidEvent if a hand-written row is malformed."""
-    position, _enqueued_at, schema_name, table_name, op, old_row, new_row = row
-    try:
-        kind = Op(op)
-    except ValueError:
-        raise InvalidEvent(f"unknown operation {op!r}") from None
-    return ChangeEvent(
-        table=TableName(schema_name, table_name),
-        op=kind,
-        old=_row(old_row, "old_row"),
-        new=_row(new_row, "new_row"),
-        position=position,
-    )
+    row = conn.execute(sqlfiles.query("load_progress.sql")).fetchone()
+    if row is None:
+        raise NotInstalled("cdc_invalidator.listener_state_v1 is empty: run `install` again")
+    done, window_end, after_xid, after_id = row
+    progress = Progress(Snapshot.parse(done))
+    if window_end is not None:
+        progress.window = Snapshot.parse(window_end)
+        progress.after = (after_xid, after_id)
+    progress.saved = progress.state()
+    progress.saved_at = time.monotonic()
+    return progress
 
 
 def _row(text: str | None, name: str) -> Row | None:
@@ -150,18 +303,3 @@ def _row(text: str | None, name: str) -> Row | None:
     if not isinstance(value, Mapping):
         raise InvalidEvent(f"{name} is {type(value).__name__}, expected a JSON object")
     return value
-
-
-def _dead_letter_params(row: QueueRow, error: str) -> dict[str, object]:
-    position, enqueued_at, schema_name, table_name, op, old_row, new_row = row
-    return {
-        "id": position,
-        "enqueued_at": enqueued_at,
-        "schema_name": schema_name,
-        "table_name": table_name,
-        "op": op,
-        # The text as it was queued, not a re-encoding of what Python made of it.
-        "old_row": old_row,
-        "new_row": new_row,
-        "error": error,
-    }

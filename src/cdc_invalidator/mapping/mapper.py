@@ -47,9 +47,11 @@ class Mapper:
             into.patterns.update(t.glob() for t in templates)
             return
         keys: list[str] = []
-        if event.op in (Op.UPDATE, Op.DELETE):
+        op = event.op
+        if op is Op.UPDATE or op is Op.DELETE:
             _render(templates, event.old, "old", event, keys)
-        if event.op in (Op.UPDATE, Op.INSERT):
+        # (An UPDATE that left the key columns alone carries one row for both.)
+        if op is Op.INSERT or (op is Op.UPDATE and event.new is not event.old):
             _render(templates, event.new, "new", event, keys)
         into.keys.update(keys)
 

@@ -1,0 +1,42 @@
+"""Wiring: the listener that `run`, the demo and the tests start, built from settings."""
+
+from __future__ import annotations
+
+from cdc_invalidator.capture.trigger_queue import TriggerCapture
+from cdc_invalidator.runner import Runner, RunnerConfig
+from cdc_invalidator.settings import Settings
+from cdc_invalidator.shutdown import Stopper
+from cdc_invalidator.sink import RedisSink
+
+
+def runner_config(settings: Settings) -> RunnerConfig:
+    return RunnerConfig(
+        batch_size=settings.batch_size,
+        poll_interval_s=settings.poll_interval_ms / 1000,
+        retry_initial_s=settings.retry_initial_ms / 1000,
+        retry_max_s=settings.retry_max_ms / 1000,
+    )
+
+
+def build_listener(settings: Settings, stopper: Stopper) -> tuple[Runner, RedisSink]:
+    """The runner and the Redis sink it writes to (the caller closes the sink)."""
+    sink = RedisSink.from_url(
+        settings.redis_url,
+        timeout_s=settings.redis_timeout_s,
+        unlink_chunk=settings.unlink_chunk,
+        scan_count=settings.scan_count,
+    )
+    capture = TriggerCapture(
+        settings.database_url,
+        application_name=settings.application_name,
+        connect_timeout_s=settings.connect_timeout_s,
+        prune_every_s=settings.prune_every_ms / 1000,
+    )
+    runner = Runner(
+        connect=capture.connect,
+        mapper=settings.mapper(),
+        sink=sink,
+        config=runner_config(settings),
+        stopper=stopper,
+    )
+    return runner, sink
