@@ -3,7 +3,7 @@
 -- listener finished last (given as its in-flight ids and its xmax). A large window is
 -- taken in chunks, each after the last (xid, id) done. The end snapshot comes back on
 -- every row, and alone when the window is empty.
--- Rows are returned as jsonb text: the listener parses them itself, so that one
+-- Rows are returned as JSON text: the listener parses them itself, so that one
 -- malformed row becomes a dead letter instead of failing the batch in the driver.
 WITH w AS (SELECT coalesce(%(cur)s::pg_snapshot, pg_current_snapshot()) AS cur)
 SELECT w.cur::text, q.xid::text, q.id, q.schema_name, q.table_name, q.op,

@@ -34,8 +34,10 @@ CREATE TABLE IF NOT EXISTS cdc_invalidator.queue_v1 (
     schema_name text NOT NULL,
     table_name  text NOT NULL,
     op          text NOT NULL CHECK (op IN ('I', 'U', 'D', 'T')),
-    old_row     jsonb,  -- key columns before the change (UPDATE, DELETE)
-    new_row     jsonb   -- key columns after the change (INSERT, UPDATE)
+    -- json, not jsonb: stored and read back as the text the trigger built, with no
+    -- conversion either way (the listener parses it).
+    old_row     json,  -- key columns before the change (UPDATE, DELETE)
+    new_row     json   -- key columns after the change (INSERT, UPDATE)
 ) WITH (
     -- Rows are inserted once and deleted in bulk: vacuum soon after each bulk delete.
     autovacuum_vacuum_scale_factor = 0.01,
@@ -55,8 +57,8 @@ CREATE TABLE IF NOT EXISTS cdc_invalidator.dead_letter_v1 (
     schema_name text,
     table_name  text,
     op          text,
-    old_row     jsonb,
-    new_row     jsonb,
+    old_row     json,
+    new_row     json,
     error       text NOT NULL
 );
 
@@ -125,8 +127,8 @@ BEGIN
             USING ERRCODE = 'undefined_column';
     END IF;
 
-    -- jsonb_build_object('id', r.id::text, 'email', r.email::text)
-    SELECT 'jsonb_build_object(' || coalesce(string_agg(format('%L, r.%I::text', c, c), ', '), '') || ')'
+    -- json_build_object('id', r.id::text, 'email', r.email::text)
+    SELECT 'json_build_object(' || coalesce(string_agg(format('%L, r.%I::text', c, c), ', '), '') || ')'
     INTO row_json FROM unnest(key_columns) c;
     -- The watched table's own schema and name, compiled in: a write that names one of
     -- its partitions is still a change of the table the configuration knows.

@@ -235,7 +235,8 @@ def spawn(tmp_path: Path) -> Iterator[Spawn]:
 
 def test_sigkill_mid_batch_redelivers_everything(own_env: Env, spawn: Spawn) -> None:
     n = 30_000
-    config = setup_users(own_env, batch_size=1000)
+    # Small batches: the drain takes long enough to be caught in the middle.
+    config = setup_users(own_env, batch_size=50)
     r = own_env.redis()
     insert_users(own_env, 1, n)
     cache(r, range(1, n + 1))
@@ -508,7 +509,8 @@ def test_changes_while_disconnected_are_processed_on_reconnect(
 
 def test_backend_terminated_mid_batch_is_redelivered(own_env: Env) -> None:
     n = 3000
-    config = setup_users(own_env, batch_size=1000)
+    # Small batches: the drain takes long enough to be caught in the middle.
+    config = setup_users(own_env, batch_size=50)
     r = own_env.redis()
     insert_users(own_env, 1, n)
     cache(r, range(1, n + 1))
@@ -554,7 +556,8 @@ def test_signal_while_draining_finishes_the_batch_and_loses_nothing(
     own_env: Env, spawn: Spawn, signum: signal.Signals
 ) -> None:
     n = 30_000
-    config = setup_users(own_env, batch_size=1000)
+    # Small batches: the drain takes long enough to be caught in the middle.
+    config = setup_users(own_env, batch_size=50)
     r = own_env.redis()
     insert_users(own_env, 1, n)
     cache(r, range(1, n + 1))

@@ -18,7 +18,6 @@ import structlog
 
 from cdc_invalidator.backoff import Backoff
 from cdc_invalidator.capture.trigger_queue import NotInstalled, QueueBatch, Standby
-from cdc_invalidator.events import InvalidEvent
 from cdc_invalidator.mapping import Invalidation, Mapper
 from cdc_invalidator.shutdown import Stopper
 from cdc_invalidator.sink.redis_sink import REDIS_UNAVAILABLE, RedisSink
@@ -162,11 +161,8 @@ class Runner:
             if not batch.size:
                 return 0
             work = Invalidation()
-            for event in batch.events:
-                try:
-                    self._mapper.add(event, work)
-                except InvalidEvent as exc:
-                    batch.dead_letter(event.position, str(exc))
+            for event, exc in self._mapper.add_all(batch.events, work):
+                batch.dead_letter(event.position, str(exc))
             deleted = self._sink.delete(work) if work else 0
         # Committed: Redis had confirmed every delete before the acknowledgement.
         for position, error in batch.dead.items():

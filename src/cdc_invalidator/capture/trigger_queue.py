@@ -19,7 +19,7 @@ import contextlib
 import json
 import select
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -165,9 +165,10 @@ class TriggerQueue:
         if rows[0][2] is None:  # an empty window: one row of NULLs besides the snapshot
             rows = []
         batch = QueueBatch(size=len(rows), events=[])
-        for row in rows:
+        parsed = _parse_all(rows)
+        for i, row in enumerate(rows):
             try:
-                batch.events.append(self._decode(row))
+                batch.events.append(self._decode(row, parsed, i))
             except InvalidEvent as exc:
                 batch.dead[row[2]] = str(exc)
         yield batch
@@ -248,7 +249,7 @@ class TriggerQueue:
             return False
         return True
 
-    def _decode(self, row: tuple[Any, ...]) -> ChangeEvent:
+    def _decode(self, row: tuple[Any, ...], parsed: list[object] | None, i: int) -> ChangeEvent:
         """A queue row as a ChangeEvent; InvalidEvent if a hand-written row is malformed."""
         _cur, _xid, position, schema_name, table_name, op, old_text, new_text = row
         kind = _OPS.get(op)
@@ -257,9 +258,13 @@ class TriggerQueue:
         table = self._tables.get((schema_name, table_name))
         if table is None:
             table = self._tables[schema_name, table_name] = TableName(schema_name, table_name)
-        old = _row(old_text, "old_row")
-        # An UPDATE that left the key columns alone carries the same values twice.
-        new = old if new_text == old_text else _row(new_text, "new_row")
+        if parsed is None:
+            old = _row(_parse(old_text, "old_row"), "old_row")
+            new = old if new_text == old_text else _row(_parse(new_text, "new_row"), "new_row")
+        else:
+            old = _row(parsed[2 * i], "old_row")
+            # An UPDATE that left the key columns alone carries the same values twice.
+            new = old if new_text == old_text else _row(parsed[2 * i + 1], "new_row")
         return ChangeEvent(table, kind, old, new, position)
 
 
@@ -278,6 +283,11 @@ def _prepare(conn: psycopg.Connection[Any]) -> Progress:
     # deleted twice), so the listener does not wait for WAL fsync and takes no fsync
     # bandwidth from the writers.
     conn.execute("SET synchronous_commit = off")
+    # A window is read in (xid, id) order, a chunk at a time: that must be an ordered
+    # index scan that stops after the chunk. A queue table's statistics are always out of
+    # date, and with them the planner picks a bitmap scan that sorts the whole window
+    # for every chunk (measured: 5x slower on a 100k-row window).
+    conn.execute("SET enable_bitmapscan = off")
     conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
     row = conn.execute(sqlfiles.query("load_progress.sql")).fetchone()
     if row is None:
@@ -292,14 +302,32 @@ def _prepare(conn: psycopg.Connection[Any]) -> Progress:
     return progress
 
 
-def _row(text: str | None, name: str) -> Row | None:
+def _parse_all(rows: list[tuple[Any, ...]]) -> list[object] | None:
+    """Every row's old and new values with one json.loads, or None if one is malformed.
+
+    One call for a whole batch: for objects this small the per-call overhead is most of
+    the cost. A json column holds exactly one JSON value, so joining them with commas
+    makes one array with two elements per row.
+    """
+    texts = [text if text is not None else "null" for row in rows for text in row[6:8]]
+    try:
+        parsed = json.loads("[" + ",".join(texts) + "]")
+    except (ValueError, RecursionError):
+        return None  # each row is parsed on its own, to dead-letter the culprit
+    return parsed if isinstance(parsed, list) and len(parsed) == len(texts) else None
+
+
+def _parse(text: str | None, name: str) -> object:
     if text is None:
         return None
     try:
-        value = json.loads(text)
+        return json.loads(text)
     except (ValueError, RecursionError) as exc:
         # e.g. a number too long for Python's int conversion limit
         raise InvalidEvent(f"{name} cannot be parsed: {exc}") from None
-    if not isinstance(value, Mapping):
-        raise InvalidEvent(f"{name} is {type(value).__name__}, expected a JSON object")
-    return value
+
+
+def _row(value: object, name: str) -> Row | None:
+    if value is None or value.__class__ is dict:
+        return value  # a dict of JSON values: their types are checked when rendered
+    raise InvalidEvent(f"{name} is {type(value).__name__}, expected a JSON object")

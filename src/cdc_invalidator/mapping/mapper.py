@@ -23,6 +23,13 @@ class Invalidation:
 class Mapper:
     def __init__(self, tables: Mapping[TableName, Iterable[KeyTemplate]]) -> None:
         self._templates = {table: tuple(ts) for table, ts in tables.items()}
+        # (prefix, column, suffix) per template, for tables whose templates all have
+        # exactly one field: the fast path of add_all().
+        self._simple = {
+            table: tuple((t.literals[0], t.fields[0], t.literals[1]) for t in ts)
+            for table, ts in self._templates.items()
+            if all(t.single_field is not None for t in ts)
+        }
 
     @property
     def tables(self) -> Mapping[TableName, tuple[KeyTemplate, ...]]:
@@ -31,6 +38,51 @@ class Mapper:
     def columns(self, table: TableName) -> list[str]:
         """The columns a table's templates use: what its trigger must copy."""
         return sorted({f for t in self._templates[table] for f in t.fields})
+
+    def add_all(
+        self, events: Iterable[ChangeEvent], into: Invalidation
+    ) -> list[tuple[ChangeEvent, InvalidEvent]]:
+        """add() for many events; returns those that failed, with why, instead of raising.
+
+        The same keys as add(), with the common case inlined: a backlog spends its time
+        here. Whatever the fast path does not cover (TRUNCATE, several fields in one
+        template, NULLs, anything invalid) goes through add(), which explains failures.
+        """
+        keys = into.keys
+        simple = self._simple
+        failed: list[tuple[ChangeEvent, InvalidEvent]] = []
+        for event in events:
+            parts = simple.get(event.table)
+            op = event.op
+            old, new = event.old, event.new
+            if parts is not None and op is not Op.TRUNCATE:
+                rows = (
+                    (new,)
+                    if op is Op.INSERT
+                    else (old,)
+                    if op is Op.DELETE or new is old
+                    else (old, new)
+                )
+                rendered = []
+                for row in rows:
+                    if row is None:
+                        break
+                    for prefix, column, suffix in parts:
+                        value = row.get(column)
+                        if value.__class__ is not str:
+                            break  # NULL, missing or not text: the careful path
+                        rendered.append(prefix + value + suffix)
+                    else:
+                        continue
+                    break
+                else:
+                    keys.update(rendered)
+                    continue
+            try:
+                self.add(event, into)
+            except InvalidEvent as exc:
+                failed.append((event, exc))
+        return failed
 
     def add(self, event: ChangeEvent, into: Invalidation) -> None:
         """Add the event's keys to `into`, or raise InvalidEvent saying why not.
@@ -65,17 +117,26 @@ def _render(
 ) -> None:
     if row is None:
         raise InvalidEvent(f"{event.op.name} on {event.table} carries no {which} row")
-    for template in templates:
-        try:
+    template = templates[0]
+    try:
+        for template in templates:
+            field = template.single_field
+            if field is not None:  # inlined KeyTemplate.render: a backlog's hot loop
+                value = row[field]
+                if value.__class__ is str:
+                    out.append(template.literals[0] + value + template.literals[1])
+                    continue
+                if value is None:
+                    continue
             key = template.render(row)
-        except KeyError as exc:
-            raise InvalidEvent(
-                f"{which} row of {event.table} lacks column {exc.args[0]!r} "
-                f"used by template {template.source!r}"
-            ) from None
-        except TypeError as exc:
-            raise InvalidEvent(
-                f"{which} row of {event.table}: template {template.source!r}: {exc}"
-            ) from None
-        if key is not None:
-            out.append(key)
+            if key is not None:
+                out.append(key)
+    except KeyError as exc:
+        raise InvalidEvent(
+            f"{which} row of {event.table} lacks column {exc.args[0]!r} "
+            f"used by template {template.source!r}"
+        ) from None
+    except TypeError as exc:
+        raise InvalidEvent(
+            f"{which} row of {event.table}: template {template.source!r}: {exc}"
+        ) from None

@@ -24,6 +24,8 @@ class KeyTemplate:
     # Alternating literal text and field names: literals[0], fields[0], literals[1], ...
     literals: tuple[str, ...]
     fields: tuple[str, ...]
+    # The field of a one-field template: the common case, given a fast path.
+    single_field: str | None
 
     @classmethod
     def parse(cls, source: str) -> KeyTemplate:
@@ -61,7 +63,7 @@ class KeyTemplate:
         literals.append("".join(buf))
         if not source:
             raise TemplateError("template '' is empty")
-        return cls(source, tuple(literals), tuple(fields))
+        return cls(source, tuple(literals), tuple(fields), fields[0] if len(fields) == 1 else None)
 
     def render(self, row: Mapping[str, str | None]) -> str | None:
         """The key for this row, or None when a field is NULL (that key is skipped).
@@ -69,18 +71,21 @@ class KeyTemplate:
         Raises KeyError naming the column when the row lacks one, TypeError when a value
         is not text.
         """
-        lits = self.literals
-        if not self.fields:
-            return lits[0]
+        lits, fields = self.literals, self.fields
+        if len(fields) == 1:  # the common case, on the hot path of a backlog
+            value = row[fields[0]]
+            if value.__class__ is str:
+                return lits[0] + value + lits[1]
+            if value is None:
+                return None
+            raise _not_text(fields[0], value)
         out = [lits[0]]
-        for i, field in enumerate(self.fields):
+        for i, field in enumerate(fields):
             value = row[field]
             if value is None:
                 return None
-            if not isinstance(value, str):
-                raise TypeError(
-                    f"column {field!r} holds {type(value).__name__} {value!r}, expected text"
-                )
+            if value.__class__ is not str:
+                raise _not_text(field, value)
             out.append(value)
             out.append(lits[i + 1])
         return "".join(out)
@@ -88,6 +93,10 @@ class KeyTemplate:
     def glob(self) -> str:
         """A Redis MATCH pattern for every key this template can produce."""
         return "*".join(_escape_glob(lit) for lit in self.literals)
+
+
+def _not_text(field: str, value: object) -> TypeError:
+    return TypeError(f"column {field!r} holds {type(value).__name__} {value!r}, expected text")
 
 
 def _escape_glob(text: str) -> str:
