@@ -15,6 +15,7 @@ def runner_config(settings: Settings) -> RunnerConfig:
         poll_interval_s=settings.poll_interval_ms / 1000,
         retry_initial_s=settings.retry_initial_ms / 1000,
         retry_max_s=settings.retry_max_ms / 1000,
+        linger_s=settings.batch_linger_ms / 1000,
     )
 
 

@@ -40,6 +40,7 @@ class RunnerConfig:
     poll_interval_s: float = 1.0
     retry_initial_s: float = 0.1
     retry_max_s: float = 10.0
+    linger_s: float = 0.005
 
 
 class Availability:
@@ -136,6 +137,7 @@ class Runner:
         backoff = Backoff(cfg.retry_initial_s, cfg.retry_max_s)
         next_progress = time.monotonic() + PROGRESS_EVERY_S
         while not self._stopper.stopped:
+            started = time.monotonic()
             try:
                 taken = self._process_batch(source)
             except REDIS_UNAVAILABLE as exc:
@@ -145,7 +147,13 @@ class Runner:
             if taken:
                 self.redis.up()
                 backoff.reset()
-            if taken < cfg.batch_size:
+            if 1 < taken < cfg.batch_size:
+                # Under load (changes arrive faster than one batch each): let the next
+                # batch gather for up to linger_s since this one started, instead of
+                # waking for every commit. Batches grow and the cost per event falls;
+                # one change at a time (the quiet case) is never delayed.
+                self._stopper.sleep(started + cfg.linger_s - time.monotonic())
+            elif taken < cfg.batch_size:
                 source.wait(cfg.poll_interval_s, self._stopper.fileno())
             if time.monotonic() >= next_progress:
                 next_progress = time.monotonic() + PROGRESS_EVERY_S

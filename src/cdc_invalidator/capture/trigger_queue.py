@@ -32,8 +32,8 @@ from cdc_invalidator import sqlfiles
 from cdc_invalidator.capture.trigger_sql import CHANNEL, SCHEMA_VERSION, installed_version
 from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, Row, TableName
 
-# Progress is saved at most this often while busy (always before waiting): a crash
-# re-delivers at most this much work, a save per batch would cost a write per batch.
+# Progress is saved at most this often, and this long at most after going idle: a crash
+# re-delivers at most this much work, where a save per batch would cost a write per batch.
 SAVE_EVERY_S = 0.1
 # Processed rows deleted per statement, so that a large clean-up never holds up an event.
 PRUNE_CHUNK = 5000
@@ -90,6 +90,16 @@ class Progress:
 
     def state(self) -> tuple[object, ...]:
         return (self.done, self.window, self.after)
+
+    @property
+    def unsaved(self) -> bool:
+        return bool(self.unsaved_events) or self.state() != self.saved
+
+    @property
+    def saved_done(self) -> Snapshot:
+        done = self.saved[0] if self.saved else self.done
+        assert isinstance(done, Snapshot)
+        return done
 
 
 class TriggerCapture:
@@ -191,9 +201,19 @@ class TriggerQueue:
             self._save()
 
     def wait(self, timeout_s: float, wakeup_fd: int | None = None) -> None:
-        """Return on a NOTIFY, a byte on `wakeup_fd` (shutdown) or after timeout_s."""
-        self._save()
-        if self._prune():
+        """Return on a NOTIFY, a byte on `wakeup_fd` (shutdown) or after timeout_s.
+
+        Idle time is when progress is saved (if it is due, else the wait is cut short so
+        that it will be) and processed rows are pruned.
+        """
+        progress = self._progress
+        if progress.unsaved:
+            due_in = progress.saved_at + SAVE_EVERY_S - time.monotonic()
+            if due_in <= 0:
+                self._save()
+            else:
+                timeout_s = min(timeout_s, due_in)
+        if not progress.unsaved and self._prune():
             return  # more to clean up: come back after a look for new events
         # Notifications that arrived with the last query's results are buffered by
         # psycopg, not left on the socket: look there first.
@@ -216,9 +236,9 @@ class TriggerQueue:
 
     def _save(self) -> None:
         progress = self._progress
-        state = progress.state()
-        if state == progress.saved and not progress.unsaved_events:
+        if not progress.unsaved:
             return
+        state = progress.state()
         after_xid, after_id = progress.after
         self._conn.execute(
             sqlfiles.query("save_progress.sql"),
@@ -234,8 +254,10 @@ class TriggerQueue:
         progress.saved_at = time.monotonic()
 
     def _prune(self) -> bool:
-        """Delete a chunk of processed rows, now and then; True if more remain."""
-        done = self._progress.done
+        """Delete a chunk of processed rows, now and then; True if more remain.
+
+        Only below the saved snapshot: an empty queue table means saved progress."""
+        done = self._progress.saved_done
         if self._pruned_for is done:
             return False
         if time.monotonic() - self._pruned_at < self._prune_every_s:
