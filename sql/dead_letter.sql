@@ -3,5 +3,5 @@ INSERT INTO cdc_invalidator.dead_letter_v1
     (id, enqueued_at, schema_name, table_name, op, old_row, new_row, error)
 SELECT id, enqueued_at, schema_name, table_name, op, old_row, new_row, %(error)s
 FROM cdc_invalidator.queue_v1
-WHERE id = %(id)s
+WHERE xid = %(xid)s::xid8 AND id = %(id)s
 ON CONFLICT (id) DO UPDATE SET error = EXCLUDED.error, failed_at = now()

@@ -10,18 +10,22 @@ SELECT w.cur::text, q.xid::text, q.id, q.schema_name, q.table_name, q.op,
        q.old_row::text, q.new_row::text
 FROM w LEFT JOIN LATERAL (
     -- Transactions that were still running when the last snapshot was taken.
+    -- (The position is a filter here, not an index bound: these rows are few.)
     (SELECT * FROM cdc_invalidator.queue_v1 r
      WHERE r.xid = ANY (%(prev_xip)s::xid8[])
        AND pg_visible_in_snapshot(r.xid, w.cur)
-       AND (r.xid, r.id) > (%(after_xid)s::xid8, %(after_id)s)
+       AND (r.xid > %(after_xid)s::xid8
+            OR (r.xid = %(after_xid)s::xid8 AND r.id > %(after_id)s))
      ORDER BY r.xid, r.id
      LIMIT %(limit)s)
     UNION ALL
-    -- Transactions that started after it.
+    -- Transactions that started after it: from (its xmax, 0) or the position, whichever
+    -- is later, as one lower bound (given a second one, btree may start from the other
+    -- and walk the whole index).
     (SELECT * FROM cdc_invalidator.queue_v1 r
-     WHERE r.xid >= %(prev_xmax)s::xid8 AND r.xid < pg_snapshot_xmax(w.cur)
+     WHERE (r.xid, r.id) > (%(from_xid)s::xid8, %(from_id)s)
+       AND r.xid < pg_snapshot_xmax(w.cur)
        AND pg_visible_in_snapshot(r.xid, w.cur)
-       AND (r.xid, r.id) > (%(after_xid)s::xid8, %(after_id)s)
      ORDER BY r.xid, r.id
      LIMIT %(limit)s)
     ORDER BY xid, id

@@ -156,6 +156,11 @@ class TriggerQueue:
         the same events come again."""
         progress = self._progress
         done, window, (after_xid, after_id) = progress.done, progress.window, progress.after
+        # Rows of transactions begun after `done` start at (done.xmax, 0): past both that
+        # and the position.
+        from_xid, from_id = (
+            (after_xid, after_id) if int(after_xid) >= int(done.xmax) else (done.xmax, -1)
+        )
         rows = (
             self._conn.cursor(row_factory=tuple_row)
             .execute(
@@ -163,9 +168,10 @@ class TriggerQueue:
                 {
                     "cur": window.text if window else None,
                     "prev_xip": done.xip,
-                    "prev_xmax": done.xmax,
                     "after_xid": after_xid,
                     "after_id": after_id,
+                    "from_xid": from_xid,
+                    "from_id": from_id,
                     "limit": limit,
                 },
             )
@@ -184,9 +190,10 @@ class TriggerQueue:
         yield batch
         # Acknowledged: Redis confirmed every delete of the batch.
         if batch.dead:
+            xids = {row[2]: row[1] for row in rows}
             self._conn.cursor().executemany(
                 sqlfiles.query("dead_letter.sql"),
-                [{"id": pos, "error": err} for pos, err in batch.dead.items()],
+                [{"xid": xids[pos], "id": pos, "error": err} for pos, err in batch.dead.items()],
             )
         progress.unsaved_events += len(rows)
         if not rows and progress.window is None:
