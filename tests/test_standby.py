@@ -1,0 +1,45 @@
+"""A second listener on the same database waits as a standby and takes over."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+from tests.conftest import Env
+from tests.helpers import ListenerProcess, wait_until
+from tests.test_faults import cache, keys_of, setup_users
+
+
+def test_second_listener_waits_then_takes_over(own_env: Env, tmp_path: Path) -> None:
+    config = setup_users(own_env, rows=10)
+    r = own_env.redis()
+    first = ListenerProcess(config, tmp_path / "first.log").start()
+    second = ListenerProcess(config, tmp_path / "second.log")
+    try:
+        # The first holds the queue's advisory lock before the second starts.
+        wait_until(
+            lambda: own_env.scalar(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            ),
+            what="the first listener holding the lock",
+        )
+        second.start()
+        wait_until(lambda: second.logged("standby"), what="the second listener in standby")
+        cache(r, [1])
+        own_env.sql("UPDATE users SET email = 'x@y' WHERE id = 1")
+        wait_until(lambda: r.exists(*keys_of(1)) == 0, what="the active listener's delete")
+        assert not second.logged("active")
+
+        first.signal(signal.SIGKILL)
+        first.wait()
+        # The lock goes with the dead listener's session; the standby polls for it.
+        wait_until(lambda: second.logged("active"), what="the standby taking over")
+        cache(r, [2])
+        own_env.sql("UPDATE users SET email = 'z@y' WHERE id = 2")
+        wait_until(lambda: r.exists(*keys_of(2)) == 0, what="a delete after the takeover")
+        assert len(second.logged("standby")) == 1  # one line, not one per poll
+        second.signal(signal.SIGTERM)
+        assert second.wait() == 0
+    finally:
+        first.kill()
+        second.kill()
