@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from itertools import islice
 
 import redis
@@ -60,7 +60,10 @@ class RedisSink:
             deleted += self.sweep(pattern)
         return deleted
 
-    def unlink(self, keys: Iterable[str]) -> int:
+    def unlink(self, keys: Collection[str]) -> int:
+        if len(keys) <= self._unlink_chunk:
+            # One command: no pipeline to build (the quiet case, one change at a time).
+            return int(self._client.unlink(*keys)) if keys else 0
         pipe = self._client.pipeline(transaction=False)
         for chunk in _chunks(keys, self._unlink_chunk):
             pipe.unlink(*chunk)
