@@ -233,20 +233,28 @@ def spawn(tmp_path: Path) -> Iterator[Spawn]:
 # --- SIGKILL mid-stream -------------------------------------------------------------------
 
 
-def test_sigkill_mid_batch_redelivers_everything(own_env: Env, spawn: Spawn) -> None:
-    n = 30_000
+def frozen_mid_drain(
+    own_env: Env, spawn: Spawn, r: redis.Redis, n: int
+) -> tuple[ListenerProcess, Path]:
+    """A listener draining n changes, caught in the middle: some batches acknowledged,
+    its next UNLINKs held by CLIENT PAUSE WRITE. The caller unpauses Redis."""
     # Small batches: the drain takes long enough to be caught in the middle.
     config = setup_users(own_env, batch_size=50)
-    r = own_env.redis()
     insert_users(own_env, 1, n)
     cache(r, range(1, n + 1))
-
-    first = spawn(config)
+    listener = spawn(config)
     wait_until(lambda: queue_count(own_env) < n, what="the listener to make progress")
-    # Freeze it mid-stream: its next UNLINKs block before it may acknowledge their batch.
     r.client_pause(PAUSE_MS, all=False)
+    wait_until(lambda: blocked_on_redis(r), what="the listener blocked on UNLINK")
+    return listener, config
+
+
+def test_sigkill_mid_batch_redelivers_everything(own_env: Env, spawn: Spawn) -> None:
+    n = 30_000
+    r = own_env.redis()
     try:
-        wait_until(lambda: blocked_on_redis(r), what="the listener blocked on UNLINK")
+        # Frozen mid-stream: its next UNLINKs block before it may acknowledge them.
+        first, config = frozen_mid_drain(own_env, spawn, r, n)
         first.kill()  # SIGKILL: no handler, no rollback from the client side
         assert first.process is not None
         assert first.process.returncode == -signal.SIGKILL
@@ -510,7 +518,6 @@ def test_changes_while_disconnected_are_processed_on_reconnect(
 
 def test_backend_terminated_mid_batch_is_redelivered(own_env: Env) -> None:
     n = 3000
-    # Small batches: the drain takes long enough to be caught in the middle.
     config = setup_users(own_env, batch_size=50)
     r = own_env.redis()
     insert_users(own_env, 1, n)
@@ -526,7 +533,7 @@ def test_backend_terminated_mid_batch_is_redelivered(own_env: Env) -> None:
         assert backend is not None
         assert own_env.scalar("SELECT pg_terminate_backend(%s)", [backend[0]]) is True
         wait_until(lambda: listener_backend(own_env) is None, what="the backend to go")
-        assert queue_count(own_env) == n, "the terminated batch was rolled back"
+        assert queue_count(own_env) == n, "the terminated batch was not acknowledged"
         # Redis goes on: the UNLINKs land, but the acknowledgement died with the backend.
         r.client_unpause()
         wait_until(lambda: drained(own_env, r), what="every key deleted")
@@ -557,17 +564,9 @@ def test_signal_while_draining_finishes_the_batch_and_loses_nothing(
     own_env: Env, spawn: Spawn, signum: signal.Signals
 ) -> None:
     n = 30_000
-    # Small batches: the drain takes long enough to be caught in the middle.
-    config = setup_users(own_env, batch_size=50)
     r = own_env.redis()
-    insert_users(own_env, 1, n)
-    cache(r, range(1, n + 1))
-
-    first = spawn(config)
-    wait_until(lambda: queue_count(own_env) < n, what="the listener to make progress")
-    r.client_pause(PAUSE_MS, all=False)
     try:
-        wait_until(lambda: blocked_on_redis(r), what="the listener blocked on UNLINK")
+        first, config = frozen_mid_drain(own_env, spawn, r, n)
         in_hand_and_left = queue_count(own_env)  # its batch's deletes are not committed
         first.signal(signum)
     finally:
