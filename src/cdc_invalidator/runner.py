@@ -31,6 +31,8 @@ PROGRESS_EVERY_S = 60.0
 class Source(Protocol):
     def batch(self, limit: int) -> AbstractContextManager[QueueBatch]: ...
     def wait(self, timeout_s: float, wakeup_fd: int | None = None) -> None: ...
+    def listen(self, on: bool) -> None: ...
+    def maintain(self) -> None: ...
     def close(self) -> None: ...
 
 
@@ -136,6 +138,7 @@ class Runner:
         cfg = self._config
         backoff = Backoff(cfg.retry_initial_s, cfg.retry_max_s)
         next_progress = time.monotonic() + PROGRESS_EVERY_S
+        listening = True
         while not self._stopper.stopped:
             started = time.monotonic()
             try:
@@ -147,13 +150,25 @@ class Runner:
             if taken:
                 self.redis.up()
                 backoff.reset()
+                source.maintain()
             if 1 < taken < cfg.batch_size:
+                if listening:
+                    # Polling now: stop the wake-up per commit (each costs the backend a
+                    # signal and a queue read, and us a message) while we linger.
+                    source.listen(False)
+                    listening = False
                 # Under load (changes arrive faster than one batch each): let the next
                 # batch gather for up to linger_s since this one started, instead of
                 # waking for every commit. Batches grow and the cost per event falls;
                 # one change at a time (the quiet case) is never delayed.
                 self._stopper.sleep(started + cfg.linger_s - time.monotonic())
             elif taken < cfg.batch_size:
+                if not listening:
+                    # Quiet again: LISTEN, then look once more for what committed before
+                    # the LISTEN took effect.
+                    source.listen(True)
+                    listening = True
+                    continue
                 source.wait(cfg.poll_interval_s, self._stopper.fileno())
             if time.monotonic() >= next_progress:
                 next_progress = time.monotonic() + PROGRESS_EVERY_S

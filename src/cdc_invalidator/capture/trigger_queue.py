@@ -144,6 +144,7 @@ class TriggerQueue:
         self._prune_every_s = prune_every_s
         self._pruned_for: Snapshot | None = None
         self._pruned_at = time.monotonic()
+        self._prune_more = False
         self._tables: dict[tuple[str, str], TableName] = {}
 
     @property
@@ -204,8 +205,13 @@ class TriggerQueue:
             progress.done, progress.window, progress.after = window, None, _START
         else:
             progress.window, progress.after = window, (rows[-1][1], rows[-1][2])
-        if time.monotonic() - progress.saved_at >= SAVE_EVERY_S:
+
+    def maintain(self) -> None:
+        """Between batches: save progress if due, prune if due. (Under sustained load the
+        listener is never idle, so this is not left to wait().)"""
+        if time.monotonic() - self._progress.saved_at >= SAVE_EVERY_S:
             self._save()
+        self._prune()
 
     def wait(self, timeout_s: float, wakeup_fd: int | None = None) -> None:
         """Return on a NOTIFY, a byte on `wakeup_fd` (shutdown) or after timeout_s.
@@ -232,6 +238,14 @@ class TriggerQueue:
             # Read them off the socket (raises OperationalError if the server is gone).
             for _ in self._conn.notifies(timeout=0):
                 pass
+
+    def listen(self, on: bool) -> None:
+        """LISTEN (idle: woken per commit) or UNLISTEN (lingering: the runner polls)."""
+        command = "LISTEN {}" if on else "UNLISTEN {}"
+        self._conn.execute(sql.SQL(command).format(sql.Identifier(CHANNEL)))
+        if not on:
+            for _ in self._conn.notifies(timeout=0):
+                pass  # drop wake-ups already received
 
     def close(self) -> None:
         """Save progress if the connection still works, then close it."""
@@ -267,16 +281,18 @@ class TriggerQueue:
         done = self._progress.saved_done
         if self._pruned_for is done:
             return False
-        if time.monotonic() - self._pruned_at < self._prune_every_s:
+        # Every prune_every_s, and at once again while chunks come back full: the
+        # clean-up keeps up with any rate, in statements of bounded size.
+        if not self._prune_more and time.monotonic() - self._pruned_at < self._prune_every_s:
             return False
         deleted = self._conn.execute(
             sqlfiles.query("prune.sql"), {"snapshot": done.text, "limit": PRUNE_CHUNK}
         ).rowcount
         self._pruned_at = time.monotonic()
-        if deleted < PRUNE_CHUNK:
+        self._prune_more = deleted >= PRUNE_CHUNK
+        if not self._prune_more:
             self._pruned_for = done
-            return False
-        return True
+        return self._prune_more
 
     def _decode(self, row: tuple[Any, ...], parsed: list[object] | None, i: int) -> ChangeEvent:
         """A queue row as a ChangeEvent; InvalidEvent if a hand-written row is malformed."""
