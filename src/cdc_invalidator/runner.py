@@ -26,6 +26,8 @@ log = structlog.get_logger("cdc_invalidator.runner")
 
 # How often an "alive and working" line is logged, whatever the rate.
 PROGRESS_EVERY_S = 60.0
+# Batches this large mean changes arrive faster than the listener wakes: stop NOTIFY.
+UNLISTEN_AT = 8
 
 
 class Source(Protocol):
@@ -152,9 +154,12 @@ class Runner:
                 backoff.reset()
                 source.maintain()
             if 1 < taken < cfg.batch_size:
-                if listening:
-                    # Polling now: stop the wake-up per commit (each costs the backend a
-                    # signal and a queue read, and us a message) while we linger.
+                if listening and taken >= UNLISTEN_AT:
+                    # Busy: stop the wake-up per commit (each costs the backend a signal
+                    # and a queue read, and us a message) while we linger and poll. Only
+                    # when clearly busy: LISTEN again costs the backend a walk over the
+                    # server's NOTIFY queue (measured: p99 at 300 changes/s went from
+                    # 1.2 to 55 ms when a batch of 2 was enough to switch).
                     source.listen(False)
                     listening = False
                 # Under load (changes arrive faster than one batch each): let the next
