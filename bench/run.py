@@ -7,19 +7,24 @@ settings: fsync and synchronous_commit on) and measures:
 1. commit -> key-deleted latency at ~300 single-row UPDATE commits per second, for
    (a) the floor: a row trigger sends the keys in a pg_notify payload to a minimal
    psycopg 3 listener that UNLINKs them (bench/floor_listener.py), and (b) the real
-   listener, `python -m cdc_invalidator run` with default settings. "Deleted" is the
-   same clock for both: a separate process (bench/keywatch.py) receives Redis keyspace
-   notifications (`del`) and timestamps them with CLOCK_MONOTONIC; the commit time is
-   taken in the writer just after COMMIT returned. A sample's latency is the time until
-   both of its row's keys were gone.
+   listener, `python -m cdc_invalidator run` with default settings. Both run side by
+   side and the commits alternate between their tables in half-second blocks, so that
+   both see the same machine. "Deleted" is the same clock for both: a separate process
+   (bench/keywatch.py) receives Redis keyspace notifications (`del`) and timestamps
+   them with CLOCK_MONOTONIC; the commit time is taken in the writer just after COMMIT
+   returned. A sample's latency is the time until both of its row's keys were gone.
 2. backlog drain: N row changes (2N keys) queued while the listener was stopped, then
-   the listener started and timed until the queue is empty and every key is gone;
-   floor: one Python process SELECTs the key columns of those rows and UNLINKs the keys
-   in a pipeline (hiredis). Peak RSS of the listener (VmHWM). `--big` adds 1M changes.
+   the listener started and timed until every key is gone (and, reported apart, until
+   the queue table is empty: a design may delete processed rows later). Floor: one
+   Python process SELECTs the key columns of those rows and UNLINKs the keys in a hiredis
+   pipeline, one key per UNLINK (DESIGN.md's floor; a batched variant is reported too).
+   Peak RSS of the listener (VmHWM). `--big` adds a 1M-change backlog.
 3. write overhead: single-row UPDATE throughput with pgbench (2 clients, 2 threads) on a
-   watched table with the listener running, against the same on an unwatched table.
+   watched table with the listener running, against the same on an unwatched table,
+   in interleaved rounds; and the listener's CPU per change (its process and backend).
 
-Prints a markdown table (metric | ours | floor | ratio | target | pass) with the machine
+Other processes' CPU during each phase is reported (this machine may be shared). Prints
+a markdown table (metric | ours | floor | ratio | target | pass) with the machine
 described, and writes it to bench/results/latest.md and latest.json. Exit status 0 even
 when a target is missed: this is a report, and misses are marked FAIL.
 """
@@ -40,7 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import version as dist_version
@@ -295,7 +300,7 @@ class Bench:
         cur = self.admin.execute(query.encode(), params)  # bench SQL, not user input
         return cur.fetchall() if cur.description else []
 
-    def create_table(self, name: str, rows: int) -> None:
+    def create_table(self, name: str, ids: range) -> None:
         """users-like table; loaded with triggers disabled (no events for the load)."""
         ident = sql.Identifier(name)
         self.admin.execute(
@@ -309,9 +314,9 @@ class Bench:
             self.admin.execute(
                 sql.SQL(
                     "INSERT INTO {} (id, email) "
-                    "SELECT g, 'u' || g || '@example.com' FROM generate_series(1, %s) g"
+                    "SELECT g, 'u' || g || '@example.com' FROM generate_series(%s::int, %s::int) g"
                 ).format(ident),
-                (rows,),
+                (ids.start, ids.stop - 1),
             )
         self.admin.execute(sql.SQL("VACUUM ANALYZE {}").format(ident))
 
@@ -456,40 +461,67 @@ class Latency:
     mean_ms: float
     samples: int
     sent: int
-    achieved_rate: float
-    listener_cpu_pct: float
+    listener_cpu_us: float  # listener process CPU per change, over the measured run
 
 
 def paced_updates(
-    bench: Bench, table: str, ids: range, rate: int, commits: dict[int, int] | None
+    bench: Bench, schedule: Sequence[tuple[str, int]], rate: int, commits: dict[int, int] | None
 ) -> float:
-    """One single-row UPDATE per id, committed (autocommit) at `rate` per second.
+    """One single-row UPDATE per (table, id), each committed on its own, `rate` per second.
 
     The row's keys are SET first (a key that does not exist produces no `del`); the
     commit time is CLOCK_MONOTONIC just after the UPDATE's COMMIT returned. Returns the
     achieved rate.
     """
-    query = sql.SQL("UPDATE {} SET n = n + 1 WHERE id = %s").format(sql.Identifier(table))
+    queries = {
+        table: sql.SQL("UPDATE {} SET n = n + 1 WHERE id = %s").format(sql.Identifier(table))
+        for table in {table for table, _ in schedule}
+    }
     period_ns = 1_000_000_000 / rate
     with psycopg.connect(bench.dsn, autocommit=True) as conn:
-        conn.execute(query, (0,), prepare=True)
+        for query in queries.values():
+            conn.execute(query, (0,), prepare=True)
         start = time.monotonic_ns() + 20_000_000
-        for n, i in enumerate(ids):
+        for n, (table, i) in enumerate(schedule):
             k1, k2 = user_keys(i)
             bench.redis.mset({k1: "cached", k2: "cached"})
             delay = start + n * period_ns - time.monotonic_ns()
             if delay > 0:
                 time.sleep(delay / 1e9)
-            conn.execute(query, (i,), prepare=True)
+            conn.execute(queries[table], (i,), prepare=True)
             if commits is not None:
                 commits[i] = time.monotonic_ns()
         elapsed = (time.monotonic_ns() - start) / 1e9
-    return len(ids) / elapsed if elapsed > 0 else float("nan")
+    return len(schedule) / elapsed if elapsed > 0 else float("nan")
+
+
+def alternate(
+    a: Sequence[tuple[str, int]], b: Sequence[tuple[str, int]], block: int
+) -> list[tuple[str, int]]:
+    """Blocks of `block` changes from a, then from b, and so on."""
+    out: list[tuple[str, int]] = []
+    for lo in range(0, max(len(a), len(b)), block):
+        out += [*a[lo : lo + block], *b[lo : lo + block]]
+    return out
+
+
+def latency_ids(sizes: Sizes) -> tuple[range, range]:
+    """Row ids of the floor's table and of ours: disjoint, so that their keys differ."""
+    per_side = sizes.warmup + round(sizes.rate * sizes.latency_s)
+    return range(1, per_side + 1), range(per_side + 1, 2 * per_side + 1)
 
 
 def measure_latency(
-    bench: Bench, table: str, listener_pid: int, sizes: Sizes, check: Callable[[], None]
-) -> Latency:
+    bench: Bench, sizes: Sizes, floor_proc: subprocess.Popen[Any], listener: Listener
+) -> tuple[Latency, Latency]:
+    """Both listeners run side by side; the changes alternate between their tables in
+    half-second blocks, so that both see the same machine (whatever else runs on it)."""
+
+    def check() -> None:
+        listener.check()
+        if floor_proc.poll() is not None:
+            raise RuntimeError(f"floor listener exited {floor_proc.returncode}")
+
     bench.redis.flushall()
     bench.keyspace_events(True)
     watch = bench.spawn(
@@ -497,17 +529,19 @@ def measure_latency(
         stdout=subprocess.PIPE,
         text=True,
     )
+    floor_ids, our_ids = latency_ids(sizes)
+    floor_changes = [(LAT_FLOOR, i) for i in floor_ids]
+    our_changes = [(LAT_OURS, i) for i in our_ids]
+    block = max(1, sizes.rate // 2)
+    w = sizes.warmup
     try:
         read_ready(watch, "keywatch")
-        total = sizes.warmup + round(sizes.rate * sizes.latency_s)
-        warm = range(1, sizes.warmup + 1)
-        measured = range(sizes.warmup + 1, total + 1)
-        paced_updates(bench, table, warm, sizes.rate, None)
+        paced_updates(bench, alternate(floor_changes[:w], our_changes[:w], block), sizes.rate, None)
         wait_for(lambda: bench.dbsize() == 0, 10, "warm-up keys deleted")
         commits: dict[int, int] = {}
-        cpu0 = proc_cpu_s(listener_pid)
-        t0 = time.monotonic()
-        rate = paced_updates(bench, table, measured, sizes.rate, commits)
+        cpu0 = (proc_cpu_s(floor_proc.pid), listener.cpu_s())
+        schedule = alternate(floor_changes[w:], our_changes[w:], block)
+        paced_updates(bench, schedule, sizes.rate, commits)
 
         # Every key should be gone within milliseconds; a missing one counts as lost.
         def all_gone() -> bool:
@@ -516,7 +550,7 @@ def measure_latency(
 
         with contextlib.suppress(TimeoutError):
             wait_for(all_gone, 10, "keys deleted", interval_s=0.01)
-        cpu_pct = 100 * (proc_cpu_s(listener_pid) - cpu0) / (time.monotonic() - t0)
+        cpu1 = (proc_cpu_s(floor_proc.pid), listener.cpu_s())
         bench.redis.publish(CONTROL_CHANNEL, "dump")
         assert watch.stdout is not None
         deleted: dict[str, int] = json.loads(watch.stdout.readline())
@@ -524,14 +558,21 @@ def measure_latency(
     finally:
         stop_process(watch)
         bench.keyspace_events(False)
+    return (
+        _latency(commits, deleted, floor_ids[w:], cpu1[0] - cpu0[0]),
+        _latency(commits, deleted, our_ids[w:], cpu1[1] - cpu0[1]),
+    )
+
+
+def _latency(commits: dict[int, int], deleted: dict[str, int], ids: range, cpu: float) -> Latency:
     latencies: list[float] = []
-    for i, committed in commits.items():
+    for i in ids:
         k1, k2 = user_keys(i)
         if k1 in deleted and k2 in deleted:
-            latencies.append((max(deleted[k1], deleted[k2]) - committed) / 1e6)
+            latencies.append((max(deleted[k1], deleted[k2]) - commits[i]) / 1e6)
     latencies.sort()
     if not latencies:
-        raise RuntimeError(f"no key of {table} was deleted")
+        raise RuntimeError("no key was deleted")
     return Latency(
         p50_ms=quantile(latencies, 0.50),
         p99_ms=quantile(latencies, 0.99),
@@ -539,14 +580,13 @@ def measure_latency(
         min_ms=latencies[0],
         mean_ms=statistics.fmean(latencies),
         samples=len(latencies),
-        sent=len(commits),
-        achieved_rate=rate,
-        listener_cpu_pct=cpu_pct,
+        sent=len(ids),
+        listener_cpu_us=1e6 * cpu / len(ids),
     )
 
 
-def latency_floor(bench: Bench, sizes: Sizes) -> Latency:
-    ident = sql.Identifier(LAT_FLOOR)
+def start_floor_listener(bench: Bench) -> subprocess.Popen[Any]:
+    """The floor: a row trigger with the keys in the pg_notify payload, and its loop."""
     bench.admin.execute(
         sql.SQL(
             """
@@ -559,23 +599,15 @@ def latency_floor(bench: Bench, sizes: Sizes) -> Latency:
             CREATE OR REPLACE TRIGGER bench_floor AFTER UPDATE ON {}
                 FOR EACH ROW EXECUTE FUNCTION bench_floor_notify();
             """
-        ).format(sql.Literal(FLOOR_CHANNEL), ident)
+        ).format(sql.Literal(FLOOR_CHANNEL), sql.Identifier(LAT_FLOOR))
     )
     proc = bench.spawn(
         [sys.executable, str(FLOOR_LISTENER), bench.dsn, str(bench.rs.port), FLOOR_CHANNEL],
         stdout=subprocess.PIPE,
         text=True,
     )
-    try:
-        read_ready(proc, "floor listener")
-
-        def check() -> None:
-            if proc.poll() is not None:
-                raise RuntimeError(f"floor listener exited {proc.returncode}")
-
-        return measure_latency(bench, LAT_FLOOR, proc.pid, sizes, check)
-    finally:
-        stop_process(proc)
+    read_ready(proc, "floor listener")
+    return proc
 
 
 # -------------------------------------------------------------------- 2. backlog drain
@@ -878,8 +910,10 @@ def describe_settings(bench: Bench, sizes: Sizes) -> dict[str, str]:
         if name not in ("database_url", "redis_url", "tables") and not f.is_required()
     )
     out["sizes"] = (
-        f"latency {sizes.latency_s:g} s at {sizes.rate}/s after {sizes.warmup} warm-up "
-        f"changes; drain {sizes.drain_rows} rows, best of {sizes.drain_repeats}; "
+        f"latency {sizes.rate}/s, {round(sizes.rate * sizes.latency_s)} changes each for the "
+        f"floor and ours in alternating {max(1, sizes.rate // 2)}-change blocks, after "
+        f"{sizes.warmup} warm-up changes each; drain {sizes.drain_rows} rows, best of "
+        f"{sizes.drain_repeats}; "
         f"big drain {sizes.big_rows or 'skipped (--big)'}; writes: pgbench, 2 clients, "
         f"{sizes.write_s} s runs, median of {sizes.write_rounds} interleaved rounds"
     )
@@ -893,6 +927,8 @@ def verdict(passed: bool | None) -> str:
 
 
 def build_rows(
+    *,
+    rate: int,
     floor: Latency,
     ours: Latency,
     drain: Drain,
@@ -901,7 +937,7 @@ def build_rows(
 ) -> list[Row]:
     rows = [
         Row(
-            f"commit→deleted p50 @{ours.achieved_rate:.0f}/s",
+            f"commit→deleted p50 @{rate:.0f}/s",
             fmt_ms(ours.p50_ms),
             fmt_ms(floor.p50_ms),
             fmt_ratio(ours.p50_ms / floor.p50_ms),
@@ -933,11 +969,11 @@ def build_rows(
             ours.samples == ours.sent,
         ),
         Row(
-            "listener CPU during the latency run",
-            f"{ours.listener_cpu_pct:.1f} % of a core",
-            f"{floor.listener_cpu_pct:.1f} %",
-            fmt_ratio(ours.listener_cpu_pct / floor.listener_cpu_pct)
-            if floor.listener_cpu_pct
+            "listener CPU per change in the latency run",
+            f"{ours.listener_cpu_us:.0f} µs",
+            f"{floor.listener_cpu_us:.0f} µs",
+            fmt_ratio(ours.listener_cpu_us / floor.listener_cpu_us)
+            if floor.listener_cpu_us
             else "",
             "",
             None,
@@ -1060,13 +1096,14 @@ def render(report: Report) -> str:
         out.append("")
     out += [
         "Floors. Latency: a row trigger sends the row's keys in a pg_notify payload to a",
-        "psycopg 3 `notifies()` loop that UNLINKs them (bench/floor_listener.py); both",
-        "listeners are separate processes, and deletion times come from Redis keyspace",
-        "notifications timestamped by a third process (bench/keywatch.py). Drain: one",
-        "Python process SELECTs the rows' key columns and UNLINKs the keys in a hiredis",
-        "pipeline, one key per UNLINK (DESIGN.md's floor) or 1,000 per UNLINK (batched).",
-        "Ours is timed from its `listener_started` log line until every key is gone.",
-        "Writes: the same pgbench UPDATE on an unwatched table.",
+        "psycopg 3 `notifies()` loop that UNLINKs them (bench/floor_listener.py). It runs",
+        "beside ours, each a separate process; the commits alternate between the floor's",
+        "table and ours in half-second blocks, so both see the same machine. Deletion times",
+        "come from Redis keyspace notifications timestamped by a third process",
+        "(bench/keywatch.py). Drain: one Python process SELECTs the rows' key columns and",
+        "UNLINKs the keys in a hiredis pipeline, one key per UNLINK (DESIGN.md's floor) or",
+        "1,000 per UNLINK (batched). Ours is timed from its `listener_started` log line",
+        "until every key is gone. Writes: the same pgbench UPDATE on an unwatched table.",
         "",
         "## Machine",
         "",
@@ -1118,33 +1155,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         report.machine = describe_machine(bench)
         report.settings = describe_settings(bench, sizes)
-        lat_rows = sizes.warmup + round(sizes.rate * sizes.latency_s)
+        floor_ids, our_ids = latency_ids(sizes)
         print("loading tables", flush=True)
-        for table, rows in (
-            (LAT_FLOOR, lat_rows),
-            (LAT_OURS, lat_rows),
-            (DRAIN, sizes.drain_rows),
-            (W_PLAIN, WRITE_ROWS),
-            (W_WATCHED, WRITE_ROWS),
-            (BIG, sizes.big_rows or 0),
+        for table, ids in (
+            (LAT_FLOOR, floor_ids),
+            (LAT_OURS, our_ids),
+            (DRAIN, range(1, sizes.drain_rows + 1)),
+            (W_PLAIN, range(1, WRITE_ROWS + 1)),
+            (W_WATCHED, range(1, WRITE_ROWS + 1)),
+            (BIG, range(1, (sizes.big_rows or 0) + 1)),
         ):
-            bench.create_table(table, rows)
+            bench.create_table(table, ids)
         bench.write_config()
         bench.cli("install")
 
-        print("1. latency: floor (raw NOTIFY -> UNLINK)", flush=True)
-        with meter.phase("latency, floor"):
-            floor = latency_floor(bench, sizes)
-        print(f"  floor p50 {floor.p50_ms:.3f} ms p99 {floor.p99_ms:.3f} ms", flush=True)
-        print("1. latency: cdc-invalidator run", flush=True)
+        print("1. latency: floor and cdc-invalidator side by side", flush=True)
+        floor_proc = start_floor_listener(bench)
         listener = Listener(bench, "latency")
         try:
             listener.wait_started()
-            with meter.phase("latency, ours"):
-                ours = measure_latency(bench, LAT_OURS, listener.pid, sizes, listener.check)
+            with meter.phase("latency"):
+                floor, ours = measure_latency(bench, sizes, floor_proc, listener)
         finally:
             listener.stop()
-        print(f"  ours p50 {ours.p50_ms:.3f} ms p99 {ours.p99_ms:.3f} ms", flush=True)
+            stop_process(floor_proc)
+        print(f"  floor p50 {floor.p50_ms:.3f} ms p99 {floor.p99_ms:.3f} ms", flush=True)
+        print(f"  ours  p50 {ours.p50_ms:.3f} ms p99 {ours.p99_ms:.3f} ms", flush=True)
         report.raw["latency"] = {"floor": asdict(floor), "ours": asdict(ours)}
 
         print("3. write overhead (pgbench)", flush=True)
@@ -1164,7 +1200,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             report.raw["drain_big"] = asdict(big)
 
         report.machine["loadavg at end"] = " ".join(Path("/proc/loadavg").read_text().split()[:3])
-        report.rows = build_rows(floor, ours, drain, big, writes)
+        report.rows = build_rows(
+            rate=sizes.rate, floor=floor, ours=ours, drain=drain, big=big, writes=writes
+        )
     finally:
         bench.close()
         if not args.keep:
