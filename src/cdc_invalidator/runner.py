@@ -133,9 +133,6 @@ class Runner:
             dead_letters=self.dead_letters,
         )
 
-    def stop(self) -> None:
-        self._stopper.stop()
-
     def _consume(self, source: Source) -> None:
         cfg = self._config
         backoff = Backoff(cfg.retry_initial_s, cfg.retry_max_s)

@@ -147,10 +147,6 @@ class TriggerQueue:
         self._prune_more = False
         self._tables: dict[tuple[str, str], TableName] = {}
 
-    @property
-    def connection(self) -> psycopg.Connection[Any]:
-        return self._conn
-
     @contextmanager
     def batch(self, limit: int) -> Iterator[QueueBatch]:
         """Up to `limit` events. A clean exit acknowledges them, an exception does not:

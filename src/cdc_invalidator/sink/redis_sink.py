@@ -47,9 +47,6 @@ class RedisSink:
     def client(self) -> redis.Redis:
         return self._client
 
-    def ping(self) -> None:
-        self._client.ping()
-
     def delete(self, work: Invalidation) -> int:
         """Delete every key and every key matching a pattern; return how many existed.
 
