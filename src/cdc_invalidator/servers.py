@@ -79,7 +79,24 @@ def _pg_user() -> str | None:
     return PG_USER_WHEN_ROOT
 
 
-class PostgresServer:
+class _Server:
+    """Started on entering a `with`, stopped and removed on leaving it."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def destroy(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.destroy()
+
+
+class PostgresServer(_Server):
     """A cluster in its own directory: initdb, then start/stop/restart/kill."""
 
     def __init__(self, directory: Path, port: int, bindir: Path, user: str | None) -> None:
@@ -187,15 +204,8 @@ class PostgresServer:
                 self.stop("immediate")
         shutil.rmtree(self.directory, ignore_errors=True)
 
-    def __enter__(self) -> Self:
-        self.start()
-        return self
 
-    def __exit__(self, *_exc: object) -> None:
-        self.destroy()
-
-
-class RedisServer:
+class RedisServer(_Server):
     """A redis-server process with its own directory (for its dump.rdb)."""
 
     def __init__(self, directory: Path, port: int, binary: str, args: list[str]) -> None:
@@ -275,10 +285,3 @@ class RedisServer:
     def destroy(self) -> None:
         self.kill()
         shutil.rmtree(self.directory, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.destroy()
