@@ -613,3 +613,36 @@ def test_sigterm_during_an_outage_exits_0_and_keeps_the_events(
     after = spawn(config)
     wait_until(lambda: drained(own_env, r), what="every key deleted by the next listener")
     stop_listener(after)
+
+
+# --- under load the listener stops NOTIFY, and takes it up again ----------------------------
+
+
+def test_after_a_burst_notify_wakes_the_listener_again(own_env: Env) -> None:
+    # Polling off: once the burst is over, only a re-LISTENed NOTIFY can wake it in time.
+    config = setup_users(own_env, rows=100, poll_interval_ms=NO_POLL_MS)
+    r = own_env.redis()
+    listener = ListenerThread.from_file(config)
+    runner = listener.runner
+    listener.start()
+    try:
+        # A burst: 50 commits held back by a paused Redis arrive as one batch of 49+,
+        # far over the size at which the listener stops NOTIFY and polls instead.
+        cache(r, range(1, 51))
+        r.client_pause(PAUSE_MS, all=False)
+        try:
+            for i in range(1, 51):
+                own_env.sql("UPDATE users SET email = 'b-' || email WHERE id = %s", [i])
+            wait_until(lambda: blocked_on_redis(r), what="the listener blocked on UNLINK")
+        finally:
+            r.client_unpause()
+        wait_until(lambda: cached_ids(r) == set(), what="the burst invalidated")
+        wait_until(lambda: runner.events_processed == 50, what="the burst counted")
+        # Progress saved: the listener has nothing left to wake up for by itself.
+        wait_until(lambda: queue_count(own_env) == 0, what="progress saved")
+
+        cache(r, [77])
+        own_env.sql("UPDATE users SET email = 'q-' || email WHERE id = 77")
+        wait_until(lambda: r.exists(*keys_of(77)) == 0, what="a NOTIFY-driven delete")
+    finally:
+        listener.stop()

@@ -338,9 +338,10 @@ def test_check_passes_when_all_is_well(env: Env, capsys: pytest.CaptureFixture[s
     assert "orders" in out
 
 
-def test_check_before_install_says_not_installed(env: Env) -> None:
+@pytest.mark.parametrize("command", ["check", "status"])
+def test_check_and_status_before_install_say_not_installed(env: Env, command: str) -> None:
     tables(env)
-    result = run_cli("check", "--config", str(env.config(USERS)))
+    result = run_cli(command, "--config", str(env.config(USERS)))
     assert result.returncode == 1
     assert "not installed" in result.stderr
     assert "Traceback" not in result.stderr
@@ -519,11 +520,3 @@ def test_writer_without_queue_privileges_is_captured(env: Env, plain_role: str) 
         wait_until(lambda: env.scalar("SELECT count(*) FROM cdc_invalidator.queue_v1") == 0)
     finally:
         listener.stop()
-
-
-def test_status_before_install_says_not_installed(env: Env) -> None:
-    tables(env)
-    result = run_cli("status", "--config", str(env.config(USERS)))
-    assert result.returncode == 1
-    assert "not installed" in result.stderr
-    assert "Traceback" not in result.stderr

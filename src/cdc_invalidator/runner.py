@@ -120,18 +120,20 @@ class Runner:
             try:
                 self._consume(source)
             except psycopg.OperationalError as exc:
-                # The connection is dead (server restart, terminated backend): the open
-                # batch, if any, was rolled back by the server; reconnect and go on.
+                # The connection is dead (server restart, terminated backend): a batch in
+                # hand was not acknowledged and comes again; reconnect and go on.
                 self.postgres.down(exc)
                 self._stopper.sleep(backoff.next_delay())
             finally:
                 source.close()
-        log.info(
-            "listener_stopped",
-            events=self.events_processed,
-            keys_deleted=self.keys_deleted,
-            dead_letters=self.dead_letters,
-        )
+        log.info("listener_stopped", **self._counters())
+
+    def _counters(self) -> dict[str, int]:
+        return {
+            "events": self.events_processed,
+            "keys_deleted": self.keys_deleted,
+            "dead_letters": self.dead_letters,
+        }
 
     def _consume(self, source: Source) -> None:
         cfg = self._config
@@ -174,12 +176,7 @@ class Runner:
                 source.wait(cfg.poll_interval_s, self._stopper.fileno())
             if time.monotonic() >= next_progress:
                 next_progress = time.monotonic() + PROGRESS_EVERY_S
-                log.info(
-                    "progress",
-                    events=self.events_processed,
-                    keys_deleted=self.keys_deleted,
-                    dead_letters=self.dead_letters,
-                )
+                log.info("progress", **self._counters())
 
     def _process_batch(self, source: Source) -> int:
         with source.batch(self._config.batch_size) as batch:

@@ -128,8 +128,6 @@ def load_settings(path: str | Path | None = None) -> Settings:
         return Settings(**data)
     except ValidationError as exc:
         raise ConfigError(_describe(path, exc)) from None
-    except TemplateError as exc:  # pragma: no cover - pydantic wraps validator errors
-        raise ConfigError(f"{path}: {exc}") from None
 
 
 def _describe(path: Path, exc: ValidationError) -> str:
