@@ -15,10 +15,11 @@ from typing import Any
 
 import psycopg
 import structlog
+from psycopg import sql
 
 from cdc_invalidator import __version__, logs
-from cdc_invalidator.capture import trigger_sql
-from cdc_invalidator.capture.trigger_queue import NotInstalled
+from cdc_invalidator.capture import logical_sql, trigger_sql
+from cdc_invalidator.capture.errors import Fatal, NotInstalled
 from cdc_invalidator.checks import check_database, check_redis
 from cdc_invalidator.database import DatabaseError, connect
 from cdc_invalidator.listener import build_listener
@@ -90,23 +91,53 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config)
 
 
+def _install_script(settings: Settings) -> sql.Composed:
+    mapper = settings.mapper()
+    if settings.capture == "logical":
+        keep = {t: s.replica_identity == "keep" for t, s in settings.table_settings().items()}
+        return logical_sql.install_script(
+            mapper, keep, settings.publication_name, settings.slot_name
+        )
+    return trigger_sql.install_script(mapper, settings.publication_name)
+
+
 def cmd_sql(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    print(trigger_sql.render(trigger_sql.install_script(settings.mapper())))
+    print(trigger_sql.render(_install_script(settings)))
     return EXIT_OK
 
 
 def cmd_install(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    script = trigger_sql.install_script(settings.mapper())
+    script = _install_script(settings)
+    tables = ", ".join(sorted(str(t) for t in settings.mapper().tables))
     with connect(settings) as conn:
         try:
             trigger_sql.apply(conn, script)
         except psycopg.Error as exc:
             _error(f"install failed, nothing was changed: {_pg_message(exc)}")
             return EXIT_FAILED
-        tables = sorted(str(t) for t in settings.mapper().tables)
-    print(f"installed cdc_invalidator v{trigger_sql.SCHEMA_VERSION}; watching {', '.join(tables)}")
+        slot = settings.slot_name
+        try:
+            if settings.capture == "logical":
+                start = logical_sql.create_slot(conn, slot)
+                made = f"created slot {slot!r} at {start}" if start else f"slot {slot!r} exists"
+                print(
+                    f"installed cdc_invalidator v{trigger_sql.SCHEMA_VERSION} (logical); {made}; "
+                    f"publication {settings.publication_name!r} holds {tables}"
+                )
+                return EXIT_OK
+            # A slot left from logical mode would hold WAL forever: drop it.
+            if logical_sql.our_slot(conn, slot):
+                logical_sql.drop_slot(conn, slot)
+                print(f"dropped replication slot {slot!r} left from logical capture")
+        except logical_sql.SlotBusy as exc:
+            _error(f"installed, but {exc}")
+            return EXIT_FAILED
+        except psycopg.Error as exc:
+            _error(f"installed, but the replication slot failed: {_pg_message(exc)}")
+            return EXIT_FAILED
+    print(f"installed cdc_invalidator v{trigger_sql.SCHEMA_VERSION}; watching {tables}")
     return EXIT_OK
 
 
@@ -114,11 +145,21 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
     settings = _settings(args)
     with connect(settings) as conn:
         try:
-            trigger_sql.apply(conn, trigger_sql.uninstall_script())
+            # While a listener streams the slot, nothing is removed.
+            dropped = logical_sql.our_slot(conn, settings.slot_name)
+            trigger_sql.apply(conn, trigger_sql.uninstall_script(settings.publication_name))
+            if dropped:  # after: it cannot be dropped in a transaction that has written
+                logical_sql.drop_slot(conn, settings.slot_name)
+        except logical_sql.SlotBusy as exc:
+            _error(f"uninstall refused, nothing was changed: {exc}")
+            return EXIT_FAILED
         except psycopg.Error as exc:
             _error(f"uninstall failed, nothing was changed: {_pg_message(exc)}")
             return EXIT_FAILED
-    print("uninstalled: triggers, functions and the cdc_invalidator schema are gone")
+    gone = "triggers, functions, publication and the cdc_invalidator schema are gone"
+    if dropped:
+        gone += f"; replication slot {settings.slot_name!r} dropped"
+    print(f"uninstalled: {gone}")
     return EXIT_OK
 
 
@@ -177,6 +218,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         runner.run()
     except NotInstalled as exc:
         log.error("not_installed", error=str(exc))
+        return EXIT_FAILED
+    except Fatal as exc:
+        log.error("cannot_consume", error=str(exc))
         return EXIT_FAILED
     finally:
         sink.close()

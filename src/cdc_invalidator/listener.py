@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from cdc_invalidator.capture.logical import LogicalCapture, LogicalConfig
 from cdc_invalidator.capture.trigger_queue import TriggerCapture
-from cdc_invalidator.runner import Runner, RunnerConfig
+from cdc_invalidator.runner import Runner, RunnerConfig, Source
 from cdc_invalidator.settings import Settings
 from cdc_invalidator.shutdown import Stopper
 from cdc_invalidator.sink import RedisSink
@@ -27,15 +30,31 @@ def build_listener(settings: Settings, stopper: Stopper) -> tuple[Runner, RedisS
         unlink_chunk=settings.unlink_chunk,
         scan_count=settings.scan_count,
     )
-    capture = TriggerCapture(
-        settings.database_url,
-        application_name=settings.application_name,
-        connect_timeout_s=settings.connect_timeout_s,
-        prune_every_s=settings.prune_every_ms / 1000,
-    )
+    mapper = settings.mapper()
+    connect: Callable[[], Source]
+    if settings.capture == "logical":
+        connect = LogicalCapture(
+            settings.database_url,
+            LogicalConfig(
+                slot=settings.slot_name,
+                publication=settings.publication_name,
+                columns={table: mapper.columns(table) for table in mapper.tables},
+                status_interval_s=settings.status_interval_ms / 1000,
+                heartbeat_s=settings.heartbeat_interval_ms / 1000,
+            ),
+            application_name=settings.application_name,
+            connect_timeout_s=settings.connect_timeout_s,
+        ).connect
+    else:
+        connect = TriggerCapture(
+            settings.database_url,
+            application_name=settings.application_name,
+            connect_timeout_s=settings.connect_timeout_s,
+            prune_every_s=settings.prune_every_ms / 1000,
+        ).connect
     runner = Runner(
-        connect=capture.connect,
-        mapper=settings.mapper(),
+        connect=connect,
+        mapper=mapper,
         sink=sink,
         config=runner_config(settings),
         stopper=stopper,

@@ -17,7 +17,8 @@ import psycopg
 import structlog
 
 from cdc_invalidator.backoff import Backoff
-from cdc_invalidator.capture.trigger_queue import NotInstalled, QueueBatch, Standby
+from cdc_invalidator.capture.errors import Fatal, Standby
+from cdc_invalidator.events import ChangeEvent
 from cdc_invalidator.mapping import Invalidation, Mapper
 from cdc_invalidator.shutdown import Stopper
 from cdc_invalidator.sink.redis_sink import REDIS_UNAVAILABLE, RedisSink
@@ -30,8 +31,23 @@ PROGRESS_EVERY_S = 60.0
 UNLISTEN_AT = 8
 
 
+class Batch(Protocol):
+    """Events taken from a source; dead letters are recorded on it before it is
+    acknowledged (a clean exit from Source.batch())."""
+
+    @property
+    def size(self) -> int: ...
+    @property
+    def events(self) -> list[ChangeEvent]: ...
+    @property
+    def dead(self) -> dict[int, str]: ...
+    def dead_letter(self, position: int, error: str) -> None: ...
+
+
 class Source(Protocol):
-    def batch(self, limit: int) -> AbstractContextManager[QueueBatch]: ...
+    """A connected capture: the trigger queue or the logical stream."""
+
+    def batch(self, limit: int) -> AbstractContextManager[Batch]: ...
     def wait(self, timeout_s: float, wakeup_fd: int | None = None) -> None: ...
     def listen(self, on: bool) -> None: ...
     def maintain(self) -> None: ...
@@ -99,7 +115,7 @@ class Runner:
         while not self._stopper.stopped:
             try:
                 source = self._connect()
-            except NotInstalled:
+            except Fatal:
                 raise
             except Standby as exc:
                 # Another listener is active: a hot standby, polling for its turn.

@@ -24,10 +24,19 @@ class ConfigError(Exception):
     """The configuration cannot be used; the message names the file and the culprit."""
 
 
+# Names of our replication slot and publication: what PostgreSQL allows for a slot.
+_SLOT_NAME = r"^[a-z0-9_]{1,63}$"
+
+
 class TableSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     keys: Annotated[list[str], Field(min_length=1)]
+    # Logical mode: "full" lets install set REPLICA IDENTITY FULL where the key columns
+    # are not all in the table's replica identity (UPDATE and DELETE then carry their
+    # old values); "keep" leaves the table alone, and old values of those columns
+    # cannot be invalidated (check warns).
+    replica_identity: Literal["full", "keep"] = "full"
 
     @field_validator("keys")
     @classmethod
@@ -51,8 +60,19 @@ class Settings(BaseSettings):
     # libpq fills what the URL leaves out from PG* variables (PGHOST, PGPASSWORD, ...).
     database_url: str = ""
     redis_url: str = "redis://localhost:6379/0"
-    capture: Literal["trigger"] = "trigger"
+    # "trigger": a queue table filled by triggers, woken by NOTIFY. "logical": the WAL,
+    # decoded by pgoutput through a replication slot; no triggers.
+    capture: Literal["trigger", "logical"] = "trigger"
     tables: dict[str, TableSettings] = Field(min_length=1)
+    # Logical mode: the replication slot and the publication `install` creates.
+    slot_name: Annotated[str, Field(pattern=_SLOT_NAME)] = "cdc_invalidator"
+    publication_name: Annotated[str, Field(pattern=_SLOT_NAME)] = "cdc_invalidator"
+    # Logical mode: how often the slot is told how far the listener got (and so how much
+    # is re-delivered after a crash); a keepalive that asks is answered at once.
+    status_interval_ms: Annotated[int, Field(ge=10, le=30_000)] = 1000
+    # Logical mode: write a tiny WAL message this often (0: never), so that the slot
+    # advances even when only other databases of the server are written to.
+    heartbeat_interval_ms: Annotated[int, Field(ge=0)] = 0
 
     # Most events read, mapped and deleted in one round.
     batch_size: Annotated[int, Field(ge=1, le=100_000)] = 5000
@@ -97,6 +117,9 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The file's values arrive as init arguments; the environment wins over them.
         return (env_settings, init_settings)
+
+    def table_settings(self) -> dict[TableName, TableSettings]:
+        return {TableName.parse(name): table for name, table in self.tables.items()}
 
     def mapper(self) -> Mapper:
         return Mapper(

@@ -29,6 +29,7 @@ from psycopg import sql
 from psycopg.rows import tuple_row
 
 from cdc_invalidator import sqlfiles
+from cdc_invalidator.capture.errors import NotInstalled, Standby
 from cdc_invalidator.capture.trigger_sql import CHANNEL, SCHEMA_VERSION, installed_version
 from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, Row, TableName
 
@@ -40,14 +41,6 @@ PRUNE_CHUNK = 5000
 
 _OPS = {op.value: op for op in Op}
 _START = ("0", 0)  # before every (xid, id)
-
-
-class NotInstalled(Exception):
-    """Our SQL is missing or from another version: the DBA must run `install`."""
-
-
-class Standby(Exception):
-    """Another listener holds the queue; this one waits its turn."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,1 @@
+SELECT cdc_invalidator.ensure_replica_identity({table}, {columns});

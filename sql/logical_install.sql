@@ -1,0 +1,7 @@
+-- Triggers are not needed in this mode: writers stop paying for them.
+SELECT cdc_invalidator.unwatch(relid) FROM cdc_invalidator.watched_v1;
+-- Identities set FULL for tables no longer configured go back to what they were.
+SELECT cdc_invalidator.restore_replica_identity(ARRAY[{tables}]::regclass[]);
+SELECT cdc_invalidator.publish({publication}, ARRAY[{tables}]::regclass[]);
+INSERT INTO cdc_invalidator.slot_state_v1 (slot_name) VALUES ({slot})
+ON CONFLICT (slot_name) DO NOTHING;

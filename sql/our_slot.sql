@@ -1,0 +1,6 @@
+-- Our slot (registered in slot_state_v1) if it exists, and who streams it.
+SELECT s.active_pid
+FROM pg_replication_slots s
+WHERE s.slot_name = %(slot)s
+  AND to_regclass('cdc_invalidator.slot_state_v1') IS NOT NULL
+  AND s.plugin = 'pgoutput'

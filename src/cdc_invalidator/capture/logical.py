@@ -1,0 +1,429 @@
+"""Logical-replication capture: changes from the WAL through pgoutput, no triggers.
+
+The listener streams its slot (START_REPLICATION on a `replication=database`
+connection) and keeps a second, ordinary connection for bookkeeping: the slot's state
+in cdc_invalidator.slot_state_v1, dead letters, heartbeats.
+
+Acknowledgement: the slot's confirmed position moves only in a standby status update,
+and only to the end of a transaction whose keys Redis has confirmed (or, between
+transactions, to the position a keepalive reports: nothing before it is left). That
+position is saved in slot_state_v1 first, so a slot that is ever found ahead of the
+saved position was moved by somebody else (re-created, or consumed by another client):
+changes may have been missed. So may they when the slot is gone or its WAL was removed.
+Then every watched table is swept as if truncated, before anything else, and the reason
+is logged as an error; the sweep is owed (saved) until it has completed.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import json
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+import structlog
+
+from cdc_invalidator import sqlfiles
+from cdc_invalidator.capture.errors import Fatal, NotInstalled, Standby
+from cdc_invalidator.capture.pgoutput import Begin, Commit, Decoder, Relation
+from cdc_invalidator.capture.trigger_sql import SCHEMA_VERSION, installed_version
+from cdc_invalidator.capture.walstream import (
+    Keepalive,
+    SlotInUse,
+    WalStream,
+    XLogData,
+    format_lsn,
+    parse_lsn,
+)
+from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, TableName
+
+log = structlog.get_logger("cdc_invalidator.capture.logical")
+
+# The walsender prints values with its session's settings: pin those that change how a
+# value prints, as the trigger functions do, so that keys render the same in both modes.
+RENDER_OPTIONS = (
+    "-c TimeZone=UTC -c DateStyle=ISO,MDY -c IntervalStyle=postgres -c extra_float_digits=1"
+)
+# Progress that is only a keepalive's (WAL of other tables or databases, or our own
+# bookkeeping) is saved and confirmed once it amounts to this much: the slot never
+# holds back more than this, and an idle listener does not write to chase its own
+# writes. (WAL is kept in 16 MB segments anyway.)
+CHASE_BYTES = 1 << 20
+
+
+@dataclass(slots=True)
+class LogicalBatch:
+    size: int
+    events: list[ChangeEvent]
+    dead: dict[int, str] = field(default_factory=dict)
+    # (first position, xid, commit LSN) of each transaction the batch holds events of.
+    transactions: list[tuple[int, int, int]] = field(default_factory=list)
+    ack_lsn: int = 0  # confirmed once the batch is acknowledged
+    resync: bool = False  # the sweep owed after missed changes
+
+    def dead_letter(self, position: int, error: str) -> None:
+        self.dead[position] = error
+
+
+@dataclass(frozen=True, slots=True)
+class LogicalConfig:
+    slot: str
+    publication: str
+    # The columns each configured table's templates use.
+    columns: Mapping[TableName, Sequence[str]]
+    status_interval_s: float = 1.0
+    heartbeat_s: float = 0.0  # 0: off
+
+
+class LogicalCapture:
+    """Opens the stream, after looking at the slot (creating it on first use)."""
+
+    def __init__(
+        self,
+        database_url: str,
+        config: LogicalConfig,
+        *,
+        application_name: str,
+        connect_timeout_s: float,
+    ) -> None:
+        self._database_url = database_url
+        self._config = config
+        self._application_name = application_name
+        self._connect_timeout = max(1, round(connect_timeout_s))
+
+    def connect(self) -> LogicalStream:
+        side = psycopg.connect(
+            self._database_url,
+            autocommit=True,
+            application_name=self._application_name,
+            connect_timeout=self._connect_timeout,
+        )
+        try:
+            acked, resync = self._prepare(side)
+            repl = psycopg.connect(
+                self._database_url,
+                autocommit=True,
+                replication="database",
+                application_name=self._application_name,
+                connect_timeout=self._connect_timeout,
+                options=RENDER_OPTIONS,
+            )
+            try:
+                stream = WalStream.start(
+                    repl,
+                    self._config.slot,
+                    {"proto_version": "1", "publication_names": self._config.publication},
+                )
+            except SlotInUse as exc:
+                repl.close()
+                raise Standby(str(exc)) from None
+            except BaseException:
+                repl.close()
+                raise
+        except BaseException:
+            side.close()
+            raise
+        return LogicalStream(stream, side, self._config, acked=acked, resync=resync)
+
+    def _prepare(self, side: psycopg.Connection[Any]) -> tuple[int, str | None]:
+        """Check the install and the slot; return where to resume and a sweep owed."""
+        cfg = self._config
+        version = installed_version(side)
+        if version != SCHEMA_VERSION:
+            found = "no cdc_invalidator schema" if version is None else f"schema v{version}"
+            raise NotInstalled(
+                f"database {side.info.dbname!r} has {found}; this listener needs "
+                f"v{SCHEMA_VERSION}: run `cdc-invalidator install`"
+            )
+        # Our bookkeeping writes only re-deliver events if lost in a crash: no fsync wait.
+        side.execute("SET synchronous_commit = off")
+        published = side.execute(
+            "SELECT to_regclass('cdc_invalidator.slot_state_v1') IS NOT NULL"
+            " AND EXISTS (SELECT FROM pg_publication WHERE pubname = %s)",
+            [cfg.publication],
+        ).fetchone()
+        if not published or not published[0]:
+            raise NotInstalled(
+                f"database {side.info.dbname!r} has no publication {cfg.publication!r}: run "
+                '`cdc-invalidator install` with capture = "logical"'
+            )
+        row = side.execute(sqlfiles.query("slot_info.sql"), {"slot": cfg.slot}).fetchone()
+        assert row is not None
+        (exists, plugin, slot_type, database, active_pid, wal_status, restart, confirmed,
+         acked_text, owed, state_exists) = row  # fmt: skip
+        if not state_exists:
+            raise NotInstalled(
+                f"slot {cfg.slot!r} is not registered in database {side.info.dbname!r}: "
+                "run `cdc-invalidator install` with this configuration"
+            )
+        acked = parse_lsn(acked_text) if acked_text else None
+        where = f"replication slot {cfg.slot!r}"
+        reason: str | None = None
+        if not exists:
+            if acked is not None:
+                reason = f"{where} is gone (dropped, or the server failed over to one without it)"
+        elif slot_type != "logical" or plugin != "pgoutput" or database != side.info.dbname:
+            raise Fatal(
+                f"{where} belongs to something else ({slot_type} slot of {plugin!r} on "
+                f"database {database!r}): set slot_name to a slot of our own"
+            )
+        elif active_pid is not None:
+            raise Standby(f"{where} is in use by process {active_pid}")
+        elif wal_status == "lost" or restart is None:
+            reason = f"{where} was invalidated: WAL it needed was removed (wal_status {wal_status})"
+            side.execute(sqlfiles.query("drop_slot.sql"), {"slot": cfg.slot})
+            exists = False
+        elif acked is not None and confirmed is not None and parse_lsn(confirmed) > acked:
+            reason = (
+                f"{where} is at {confirmed}, past {format_lsn(acked)}, the last position this "
+                "listener confirmed: it was re-created, or another client consumed it"
+            )
+        if reason is not None:
+            log.error(
+                "changes_may_have_been_missed",
+                reason=reason,
+                action="sweeping every key template of every watched table before resuming",
+            )
+            # Owed until done: a crash during the sweep sweeps again.
+            side.execute(
+                sqlfiles.query("set_resync.sql"), {"slot": cfg.slot, "reason": reason, "lsn": None}
+            )
+            owed = reason
+        if not exists:
+            created = side.execute(sqlfiles.query("create_slot.sql"), {"slot": cfg.slot})
+            start = created.fetchone()
+            assert start is not None
+            side.execute(sqlfiles.query("record_slot.sql"), {"slot": cfg.slot, "lsn": start[0]})
+            log.info("slot_created", slot=cfg.slot, lsn=start[0])
+            return parse_lsn(start[0]), owed
+        if acked is None:
+            # First start on a slot created outside `install` (e.g. by the DBA).
+            assert confirmed is not None
+            side.execute(sqlfiles.query("record_slot.sql"), {"slot": cfg.slot, "lsn": confirmed})
+            return parse_lsn(confirmed), owed
+        if confirmed is not None and parse_lsn(confirmed) > acked:
+            side.execute(sqlfiles.query("record_slot.sql"), {"slot": cfg.slot, "lsn": confirmed})
+            acked = parse_lsn(confirmed)
+        return acked, owed
+
+
+class LogicalStream:
+    """The runner's source in logical mode: batches of decoded events off the stream."""
+
+    def __init__(
+        self,
+        stream: WalStream,
+        side: psycopg.Connection[Any],
+        config: LogicalConfig,
+        *,
+        acked: int,
+        resync: str | None,
+    ) -> None:
+        self._stream = stream
+        self._side = side
+        self._config = config
+        columns = config.columns
+        self._decoder = Decoder(columns.get, self._old_values_not_sent)
+        self._resync = resync
+        self._pending: LogicalBatch | None = None
+        self._in_txn: tuple[int, int] | None = None  # (xid, commit LSN) of an open one
+        self._read_upto = acked  # everything before it has been read into batches
+        self._received = acked  # the furthest position the server reported
+        self._confirmed = acked  # Redis confirmed every transaction before it
+        self._persisted = acked  # saved in slot_state_v1: the slot is never told more
+        self._unsaved_events = 0
+        self._more = False  # the last read stopped at its limit: more is buffered
+        self._reply_due = False
+        self._status_at = time.monotonic()
+        self._heartbeat_at = time.monotonic()
+
+    # --- the runner's Source protocol ---------------------------------------------------
+
+    @contextmanager
+    def batch(self, limit: int) -> Iterator[LogicalBatch]:
+        """Up to `limit` events. A clean exit acknowledges them; an exception keeps them
+        to be handed out again (the stream cannot be read twice)."""
+        self._status_if_due()
+        if self._pending is None:
+            self._pending = self._resync_batch() if self._resync else self._read(limit)
+        batch = self._pending
+        yield batch
+        # Acknowledged: Redis confirmed every delete of the batch.
+        self._pending = None
+        if batch.dead:
+            self._save_dead(batch)
+        if batch.resync:
+            self._side.execute(
+                sqlfiles.query("set_resync.sql"),
+                {"slot": self._config.slot, "reason": None, "lsn": None},
+            )
+            log.warning("missed_changes_swept", tables=len(batch.events), reason=self._resync)
+            self._resync = None
+        self._confirmed = max(self._confirmed, batch.ack_lsn)
+        self._unsaved_events += batch.size
+
+    def wait(self, timeout_s: float, wakeup_fd: int | None = None) -> None:
+        if self._more:
+            return
+        self._status_if_due()
+        now = time.monotonic()
+        timeout_s = min(timeout_s, self._status_at + self._config.status_interval_s - now)
+        if self._config.heartbeat_s:
+            timeout_s = min(timeout_s, self._heartbeat_at + self._config.heartbeat_s - now)
+        self._stream.wait(timeout_s, wakeup_fd)
+        self._heartbeat_if_due()
+
+    def listen(self, on: bool) -> None:
+        """Nothing to switch: the stream pushes whatever commits."""
+
+    def maintain(self) -> None:
+        self._status_if_due()
+        self._heartbeat_if_due()
+
+    def close(self) -> None:
+        """Confirm what is done if the connections still work, then close them."""
+        with contextlib.suppress(psycopg.Error, OSError):
+            if self._unsaved_events:
+                self._status_if_due(force=True)
+        self._stream.close()
+        self._side.close()
+
+    # --- reading ------------------------------------------------------------------------
+
+    def _read(self, limit: int) -> LogicalBatch:
+        batch = LogicalBatch(size=0, events=[], ack_lsn=self._read_upto)
+        events, dead, transactions = batch.events, batch.dead, batch.transactions
+        decoder = self._decoder
+        decode = decoder.decode
+        if self._in_txn is not None:  # a transaction continued from the last batch
+            transactions.append((decoder.position + 1, *self._in_txn))
+        size = 0
+        self._more = False
+        read = self._stream.read
+        while size < limit:
+            msg = read()
+            if msg is None:
+                break
+            if msg.__class__ is XLogData:
+                assert isinstance(msg, XLogData)
+                try:
+                    out = decode(msg.payload)
+                except InvalidEvent as exc:
+                    decoder.position += 1
+                    dead[decoder.position] = str(exc)
+                    size += 1
+                    continue
+                if out is None:
+                    continue
+                cls = out.__class__
+                if cls is ChangeEvent:
+                    events.append(out)  # type: ignore[arg-type]
+                    size += 1
+                elif cls is Begin:
+                    assert isinstance(out, Begin)
+                    self._in_txn = (out.xid, out.final_lsn)
+                    transactions.append((decoder.position + 1, out.xid, out.final_lsn))
+                elif cls is Commit:
+                    assert isinstance(out, Commit)
+                    self._in_txn = None
+                    self._read_upto = batch.ack_lsn = out.end_lsn
+                    self._received = max(self._received, out.end_lsn)
+                else:
+                    assert isinstance(out, list)
+                    events.extend(out)
+                    size += len(out)
+            else:
+                assert isinstance(msg, Keepalive)
+                self._received = max(self._received, msg.wal_end)
+                if msg.reply:
+                    self._reply_due = True
+                if self._in_txn is None and msg.wal_end > self._read_upto:
+                    # Between transactions: everything before wal_end has been sent.
+                    self._read_upto = batch.ack_lsn = msg.wal_end
+        else:
+            self._more = True
+        batch.size = size
+        return batch
+
+    def _resync_batch(self) -> LogicalBatch:
+        """Every watched table as truncated: the mapper sweeps each template as a glob."""
+        events = [
+            ChangeEvent(table, Op.TRUNCATE, None, None, -(i + 1))
+            for i, table in enumerate(sorted(self._config.columns))
+        ]
+        return LogicalBatch(len(events), events, ack_lsn=self._read_upto, resync=True)
+
+    def _old_values_not_sent(self, relation: Relation, columns: list[str]) -> None:
+        log.warning(
+            "old_values_not_sent",
+            table=str(relation.table),
+            columns=columns,
+            detail="the replica identity does not cover these columns: keys built from their "
+            'old values cannot be deleted (set replica_identity to "full" and run install)',
+        )
+
+    # --- acknowledging ------------------------------------------------------------------
+
+    def _status_if_due(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not (
+            force or self._reply_due or now >= self._status_at + self._config.status_interval_s
+        ):
+            return
+        target = self._confirmed
+        if target > self._persisted and (
+            self._unsaved_events or target - self._persisted >= CHASE_BYTES
+        ):
+            self._side.execute(
+                sqlfiles.query("save_ack.sql"),
+                {
+                    "slot": self._config.slot,
+                    "lsn": format_lsn(target),
+                    "events": self._unsaved_events,
+                },
+            )
+            self._persisted = target
+            self._unsaved_events = 0
+        self._stream.send_status(self._received, self._persisted)
+        self._status_at = now
+        self._reply_due = False
+
+    def _heartbeat_if_due(self) -> None:
+        every = self._config.heartbeat_s
+        if every and time.monotonic() >= self._heartbeat_at + every:
+            # A WAL record in this database: the stream moves, and the slot with it, even
+            # when nothing here is written while other databases are.
+            self._side.execute(
+                "SELECT pg_logical_emit_message(false, 'cdc_invalidator_heartbeat', '')"
+            )
+            self._heartbeat_at = time.monotonic()
+
+    def _save_dead(self, batch: LogicalBatch) -> None:
+        by_position = {e.position: e for e in batch.events if e.position in batch.dead}
+        starts = [t[0] for t in batch.transactions]
+        rows = []
+        for position, error in batch.dead.items():
+            i = bisect.bisect_right(starts, position) - 1
+            where = (
+                f" (transaction {batch.transactions[i][1]}, commit LSN "
+                f"{format_lsn(batch.transactions[i][2])})"
+                if i >= 0
+                else ""
+            )
+            event = by_position.get(position)
+            rows.append(
+                {
+                    "schema": event.table.schema if event else None,
+                    "table": event.table.name if event else None,
+                    "op": event.op.value if event else None,
+                    "old": json.dumps(event.old) if event and event.old is not None else None,
+                    "new": json.dumps(event.new) if event and event.new is not None else None,
+                    "error": error + where,
+                }
+            )
+        self._side.cursor().executemany(sqlfiles.query("logical_dead_letter.sql"), rows)

@@ -1,0 +1,110 @@
+"""The SQL that `install`, `uninstall` and `sql` run for logical-replication capture.
+
+The script (one transaction) installs the shared schema, the logical mode's objects,
+REPLICA IDENTITY FULL where the key columns need it, and the publication. The slot is
+created after it commits: PostgreSQL refuses to create a logical slot in a transaction
+that has written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from cdc_invalidator import sqlfiles
+from cdc_invalidator.capture.trigger_sql import SCRIPT_HEADER
+from cdc_invalidator.events import TableName
+from cdc_invalidator.mapping import Mapper
+
+IDENTITY_HEADER = """
+-- Old values. UPDATE and DELETE carry the old values of the replica identity's columns
+-- only (by default: the primary key). A key built from another column, such as
+-- user:email:{email}, needs that column's old value to be deleted when the email
+-- changes or the row is deleted. Where a table's identity does not cover the columns
+-- its templates use, it gets REPLICA IDENTITY FULL (the whole old row is then written
+-- to WAL on UPDATE and DELETE); uninstall puts the old identity back. Tables configured
+-- with replica_identity = "keep" are left alone.
+"""
+
+SLOT_FOOTER = """
+-- The replication slot (PostgreSQL refuses to create one in a transaction that has
+-- written): `cdc-invalidator install` creates it once this script has committed, and
+-- the listener does on its first start if it is missing. By hand:
+--   SELECT pg_create_logical_replication_slot({slot}, 'pgoutput');
+"""
+
+
+def install_script(
+    mapper: Mapper, keep: Mapping[TableName, bool], publication: str, slot: str
+) -> sql.Composed:
+    identities: list[sql.Composable] = [sql.SQL(IDENTITY_HEADER)]
+    for table in sorted(mapper.tables):
+        if keep.get(table, False):
+            identities.append(
+                sql.SQL('-- {}: replica_identity = "keep", left as it is.\n').format(
+                    sql.SQL(table.qualified.replace("\n", " "))
+                )
+            )
+            continue
+        identities.append(
+            sqlfiles.query("ensure_replica_identity.sql").format(
+                table=sql.Literal(table.qualified),
+                columns=sql.SQL("ARRAY[{}]::text[]").format(
+                    sql.SQL(", ").join(sql.Literal(c) for c in mapper.columns(table))
+                ),
+            )
+        )
+    tables = sql.SQL(", ").join(sql.Literal(t.qualified) for t in sorted(mapper.tables))
+    publish = sqlfiles.query("logical_install.sql").format(
+        tables=tables, publication=sql.Literal(publication), slot=sql.Literal(slot)
+    )
+    footer = sql.SQL(SLOT_FOOTER.replace("{slot}", sql.Literal(slot).as_string(None)))
+    return sql.Composed(
+        [
+            sql.SQL(SCRIPT_HEADER),
+            sqlfiles.query("schema.sql"),
+            sql.SQL("\n"),
+            sqlfiles.query("logical.sql"),
+            *identities,
+            sql.SQL("\n-- The publication the listener streams: exactly the configured tables.\n"),
+            publish,
+            footer,
+        ]
+    )
+
+
+def create_slot(conn: psycopg.Connection[Any], slot: str) -> str | None:
+    """Create the slot unless it exists, recording where it starts; that LSN, or None."""
+    exists = conn.execute(
+        "SELECT EXISTS (SELECT FROM pg_replication_slots WHERE slot_name = %s)", [slot]
+    ).fetchone()
+    if exists and exists[0]:
+        return None
+    row = conn.execute(sqlfiles.query("create_slot.sql"), {"slot": slot}).fetchone()
+    assert row is not None
+    conn.execute(sqlfiles.query("record_slot.sql"), {"slot": slot, "lsn": row[0]})
+    return str(row[0])
+
+
+class SlotBusy(Exception):
+    """The slot is being streamed: stop the listener first."""
+
+
+def our_slot(conn: psycopg.Connection[Any], slot: str) -> bool:
+    """Whether the slot exists and is ours (registered by install); SlotBusy if a
+    listener is streaming it."""
+    row = conn.execute(sqlfiles.query("our_slot.sql"), {"slot": slot}).fetchone()
+    if row is None:
+        return False
+    if row[0] is not None:
+        raise SlotBusy(
+            f"replication slot {slot!r} is in use by process {row[0]}: stop the listener first"
+        )
+    return True
+
+
+def drop_slot(conn: psycopg.Connection[Any], slot: str) -> None:
+    conn.execute(sqlfiles.query("drop_slot.sql"), {"slot": slot})

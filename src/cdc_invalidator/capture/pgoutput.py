@@ -1,0 +1,298 @@
+"""Decode the messages of PostgreSQL's built-in `pgoutput` plugin (protocol version 1).
+
+Pure: bytes in, ChangeEvents out; the replication stream (walstream.py) hands over the
+payload of each XLogData message. Formats: PostgreSQL docs, "Logical Replication Message
+Formats". Only the columns the key templates use are decoded, since a backlog spends its
+time here.
+
+Old values (UPDATE, DELETE) come as a 'K' tuple (the replica identity's columns, the
+others sent as nulls that mean "not sent") or an 'O' tuple (REPLICA IDENTITY FULL: the
+whole row). An UPDATE that changed no replica-identity column sends no old tuple at all.
+A TOASTed value that an UPDATE left alone arrives as an "unchanged" marker ('u') in the
+new tuple: the old tuple's value (FULL identity) is the same, and is used instead.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Final, NamedTuple
+
+from cdc_invalidator.capture.errors import Fatal
+from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, Row, TableName
+
+_U16 = struct.Struct("!H")
+_I32 = struct.Struct("!I")
+_BEGIN = struct.Struct("!QqI")  # final LSN, commit time, xid
+_COMMIT = struct.Struct("!BQQq")  # flags, commit LSN, end LSN, commit time
+_REL_HEAD = struct.Struct("!I")
+_TRUNC = struct.Struct("!IB")  # relation count, options
+
+# What a tuple holds for a column besides text: a value the plugin did not send.
+UNCHANGED: Final = object()  # 'u': a TOASTed value the UPDATE did not change
+NOT_SENT: Final = object()  # a non-identity column of a 'K' tuple
+
+
+class ProtocolError(Fatal):
+    """The bytes are not a pgoutput message this decoder understands: the stream is
+    broken or the server speaks another protocol version. Not one bad event."""
+
+
+class Begin(NamedTuple):
+    final_lsn: int  # the commit record's LSN
+    commit_time: int  # microseconds since 2000-01-01
+    xid: int
+
+
+class Commit(NamedTuple):
+    commit_lsn: int
+    end_lsn: int  # the end of the commit record: the position to acknowledge
+    commit_time: int
+
+
+@dataclass(frozen=True, slots=True)
+class Relation:
+    relid: int
+    table: TableName
+    identity: str  # 'd' default (primary key), 'n' nothing, 'f' full, 'i' index
+    columns: tuple[str, ...]
+    identity_columns: frozenset[str]
+    # Positions of the wanted columns: (column name, index in the tuple).
+    wanted: tuple[tuple[str, int], ...]
+
+
+class Decoder:
+    """Turns pgoutput messages into ChangeEvents, remembering Relation messages.
+
+    `columns_for(table)` names the columns to decode for a table (the key templates'
+    columns); None decodes every column (a table the configuration does not know: its
+    events become dead letters, with the whole row as evidence).
+    """
+
+    def __init__(
+        self,
+        columns_for: Callable[[TableName], Sequence[str] | None],
+        on_missing_old: Callable[[Relation, list[str]], None] | None = None,
+    ) -> None:
+        self._columns_for = columns_for
+        self._on_missing_old = on_missing_old
+        self._relations: dict[int, Relation] = {}
+        self._warned: set[tuple[int, tuple[str, ...]]] = set()
+        self.position = 0  # a serial number for every event decoded
+
+    @property
+    def relations(self) -> Mapping[int, Relation]:
+        return self._relations
+
+    def decode(self, msg: bytes) -> Begin | Commit | ChangeEvent | list[ChangeEvent] | None:  # noqa: PLR0911 - one return per message type
+        """One message: Begin, Commit, one ChangeEvent (I/U/D), a list (TRUNCATE of
+        several tables) or None (Relation, Type, Origin, Message: nothing to invalidate).
+
+        Raises InvalidEvent for a change that cannot become an event (a value that is not
+        UTF-8, an unknown relation) and ProtocolError for bytes that do not parse.
+        """
+        try:
+            kind = msg[0]
+            if kind == 0x49:  # 'I'
+                return self._insert(msg)
+            if kind == 0x55:  # 'U'
+                return self._update(msg)
+            if kind == 0x44:  # 'D'
+                return self._delete(msg)
+            if kind == 0x42:  # 'B'
+                return Begin._make(_BEGIN.unpack_from(msg, 1))
+            if kind == 0x43:  # 'C'
+                _flags, commit_lsn, end_lsn, ts = _COMMIT.unpack_from(msg, 1)
+                return Commit(commit_lsn, end_lsn, ts)
+            if kind == 0x52:  # 'R'
+                self._relation(msg)
+                return None
+            if kind == 0x54:  # 'T'
+                return self._truncate(msg)
+            if kind in b"YOM":  # Type, Origin, logical Message
+                return None
+        except (struct.error, IndexError, ValueError) as exc:
+            raise ProtocolError(f"malformed {chr(msg[0])!r} message: {exc}") from None
+        if not msg:
+            raise ProtocolError("empty message")
+        raise ProtocolError(f"unknown pgoutput message type {chr(msg[0])!r}")
+
+    # --- messages ------------------------------------------------------------------------
+
+    def _relation(self, msg: bytes) -> None:
+        (relid,) = _REL_HEAD.unpack_from(msg, 1)
+        namespace, pos = _cstring(msg, 5)
+        name, pos = _cstring(msg, pos)
+        identity = chr(msg[pos])
+        (ncols,) = _U16.unpack_from(msg, pos + 1)
+        pos += 3
+        columns: list[str] = []
+        identity_columns: set[str] = set()
+        for _ in range(ncols):
+            flags = msg[pos]
+            column, pos = _cstring(msg, pos + 1)
+            pos += 8  # type oid, type modifier
+            columns.append(column)
+            if flags & 1:
+                identity_columns.add(column)
+        # An empty namespace means pg_catalog (the plugin abbreviates it).
+        table = TableName(namespace or "pg_catalog", name)
+        wanted_names = self._columns_for(table)
+        index = {c: i for i, c in enumerate(columns)}
+        if wanted_names is None:
+            wanted = tuple((c, i) for i, c in enumerate(columns))
+        else:
+            # A column the templates use but the table lacks is left out: the mapper
+            # then names it when it dead-letters the event.
+            wanted = tuple((c, index[c]) for c in wanted_names if c in index)
+        self._relations[relid] = Relation(
+            relid, table, identity, tuple(columns), frozenset(identity_columns), wanted
+        )
+
+    def _insert(self, msg: bytes) -> ChangeEvent:
+        relation = self._relation_of(msg)
+        if msg[5] != 0x4E:  # 'N'
+            raise ProtocolError(f"INSERT without a new tuple (got {chr(msg[5])!r})")
+        values, _ = _tuple(msg, 6, len(relation.columns))
+        new = _row(relation, values, None)
+        self.position += 1
+        return ChangeEvent(relation.table, Op.INSERT, None, new, self.position)
+
+    def _update(self, msg: bytes) -> ChangeEvent:
+        relation = self._relation_of(msg)
+        ncols = len(relation.columns)
+        old_values: list[object] | None = None
+        pos = 5
+        tag = msg[pos]
+        if tag in (0x4B, 0x4F):  # 'K' key, 'O' old (FULL)
+            old_values, pos = _tuple(msg, pos + 1, ncols)
+            if tag == 0x4B:
+                _mark_not_sent(relation, old_values)
+                self._missing_old(relation, partial=True)
+            tag = msg[pos]
+        if tag != 0x4E:
+            raise ProtocolError(f"UPDATE without a new tuple (got {chr(tag)!r})")
+        new_values, _ = _tuple(msg, pos + 1, ncols)
+        new = _row(relation, new_values, old_values)
+        if old_values is None:
+            # No old tuple: no replica-identity column changed. Others may have, and their
+            # old values are not sent; the new ones are the best there is.
+            old = new
+            self._missing_old(relation, partial=relation.identity != "f")
+        else:
+            old = _row(relation, old_values, new_values)
+            if old == new:
+                old = new  # the mapper renders a row shared by old and new once
+        self.position += 1
+        return ChangeEvent(relation.table, Op.UPDATE, old, new, self.position)
+
+    def _delete(self, msg: bytes) -> ChangeEvent:
+        relation = self._relation_of(msg)
+        tag = msg[5]
+        if tag not in (0x4B, 0x4F):
+            raise ProtocolError(f"DELETE without an old tuple (got {chr(tag)!r})")
+        values, _ = _tuple(msg, 6, len(relation.columns))
+        if tag == 0x4B:
+            _mark_not_sent(relation, values)
+            self._missing_old(relation, partial=True)
+        old = _row(relation, values, None)
+        self.position += 1
+        return ChangeEvent(relation.table, Op.DELETE, old, None, self.position)
+
+    def _truncate(self, msg: bytes) -> list[ChangeEvent]:
+        count, _options = _TRUNC.unpack_from(msg, 1)
+        events = []
+        for i in range(count):
+            (relid,) = _I32.unpack_from(msg, 6 + 4 * i)
+            relation = self._relations.get(relid)
+            if relation is None:
+                raise InvalidEvent(f"TRUNCATE of relation {relid}, which was never described")
+            self.position += 1
+            events.append(ChangeEvent(relation.table, Op.TRUNCATE, None, None, self.position))
+        return events
+
+    def _relation_of(self, msg: bytes) -> Relation:
+        (relid,) = _I32.unpack_from(msg, 1)
+        relation = self._relations.get(relid)
+        if relation is None:
+            raise InvalidEvent(f"change to relation {relid}, which was never described")
+        return relation
+
+    def _missing_old(self, relation: Relation, partial: bool) -> None:
+        """Tell (once per relation and set of columns) that old values were not sent."""
+        if not partial or self._on_missing_old is None:
+            return
+        missing = tuple(c for c, _ in relation.wanted if c not in relation.identity_columns)
+        if missing and (relation.relid, missing) not in self._warned:
+            self._warned.add((relation.relid, missing))
+            self._on_missing_old(relation, list(missing))
+
+
+def _cstring(msg: bytes, pos: int) -> tuple[str, int]:
+    end = msg.index(0, pos)
+    return bytes(msg[pos:end]).decode(), end + 1
+
+
+def _tuple(msg: bytes, pos: int, ncols: int) -> tuple[list[object], int]:
+    """TupleData: the values of every column (str, None, UNCHANGED), and the end."""
+    (n,) = _U16.unpack_from(msg, pos)
+    if n != ncols:
+        raise ProtocolError(f"tuple has {n} columns, its relation {ncols}")
+    pos += 2
+    values: list[object] = []
+    append = values.append
+    unpack = _I32.unpack_from
+    for _ in range(n):
+        kind = msg[pos]
+        if kind == 0x74:  # 't'
+            (length,) = unpack(msg, pos + 1)
+            pos += 5
+            append(msg[pos : pos + length])
+            pos += length
+        elif kind == 0x6E:  # 'n'
+            append(None)
+            pos += 1
+        elif kind == 0x75:  # 'u'
+            append(UNCHANGED)
+            pos += 1
+        else:  # 'b' (binary) is only sent when asked for
+            raise ProtocolError(f"unexpected column kind {chr(kind)!r}")
+    return values, pos
+
+
+def _mark_not_sent(relation: Relation, values: list[object]) -> None:
+    identity = relation.identity_columns
+    for i, column in enumerate(relation.columns):
+        if column not in identity:
+            values[i] = NOT_SENT
+
+
+def _row(relation: Relation, values: list[object], other: list[object] | None) -> Row:
+    """The wanted columns as text; a value not sent is taken from the other tuple."""
+    row: dict[str, str | None] = {}
+    for column, i in relation.wanted:
+        value = values[i]
+        if value is UNCHANGED or value is NOT_SENT:
+            alt = other[i] if other is not None else NOT_SENT
+            if alt is not UNCHANGED and alt is not NOT_SENT:
+                value = alt
+            elif value is UNCHANGED:
+                # Rendering the marker would delete a key nobody uses and leave the
+                # real one stale: park the event instead.
+                raise InvalidEvent(
+                    f"column {column!r} of {relation.table} is an unchanged TOASTed value "
+                    "and the old row was not sent: set REPLICA IDENTITY FULL on the table"
+                )
+            else:
+                value = None  # an old value outside the replica identity: unknown
+        if value is None:
+            row[column] = None
+            continue
+        try:
+            row[column] = value.decode()  # type: ignore[attr-defined]
+        except UnicodeDecodeError as exc:
+            raise InvalidEvent(
+                f"column {column!r} of {relation.table} is not UTF-8 text: {exc}"
+            ) from None
+    return row
