@@ -9,6 +9,7 @@ servers from testcontainers instead.
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -77,6 +78,14 @@ def own_servers() -> Iterator[Servers]:
         yield servers
 
 
+@pytest.fixture(params=["trigger", "logical"])
+def capture(request: pytest.FixtureRequest) -> str:
+    """The capture mode: a module whose behaviour both modes share uses
+    `pytestmark = pytest.mark.usefixtures("capture")`, and its `env` runs in each."""
+    mode: str = request.param
+    return mode
+
+
 @dataclass
 class Env:
     """One test's world: a fresh database, a flushed Redis, helpers to configure them."""
@@ -85,6 +94,11 @@ class Env:
     redis_url: str
     tmp_path: Path
     servers: Servers
+    capture: str = "trigger"
+
+    @property
+    def logical(self) -> bool:
+        return self.capture == "logical"
 
     def connect(self, **kwargs: Any) -> psycopg.Connection[Any]:
         return psycopg.connect(self.dsn, autocommit=True, **kwargs)
@@ -106,16 +120,38 @@ class Env:
     def config(
         self, tables: Mapping[str, Sequence[str]], name: str = "config.toml", **settings: object
     ) -> Path:
+        mode: dict[str, object] = {"capture": self.capture} if self.logical else {}
         return write_config(
             self.tmp_path / name,
             database_url=self.dsn,
             redis_url=self.redis_url,
             tables=tables,
-            **settings,
+            **{**mode, **settings},
         )
 
 
-def _make_env(servers: Servers, tmp_path: Path, dbname: str | None = None) -> Iterator[Env]:
+def _drop_slots(admin_dsn: str, dbname: str) -> None:
+    """A database with a replication slot cannot be dropped, and slots are per server."""
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots"
+            " WHERE database = %s AND active_pid IS NOT NULL",
+            [dbname],
+        )
+        for (slot,) in conn.execute(
+            "SELECT slot_name FROM pg_replication_slots WHERE database = %s", [dbname]
+        ).fetchall():
+            for _ in range(100):  # a terminated walsender lets go of its slot shortly
+                try:
+                    conn.execute("SELECT pg_drop_replication_slot(%s)", [slot])
+                    break
+                except psycopg.errors.ObjectInUse:
+                    time.sleep(0.05)
+
+
+def _make_env(
+    servers: Servers, tmp_path: Path, dbname: str | None = None, capture: str = "trigger"
+) -> Iterator[Env]:
     admin_dsn = servers.pg_dsn("postgres")
     created = dbname is None
     if dbname is None:
@@ -125,17 +161,25 @@ def _make_env(servers: Servers, tmp_path: Path, dbname: str | None = None) -> It
     client = redis.Redis.from_url(servers.redis_url)
     client.flushall()
     client.close()
-    yield Env(servers.pg_dsn(dbname), servers.redis_url, tmp_path, servers)
+    yield Env(servers.pg_dsn(dbname), servers.redis_url, tmp_path, servers, capture)
     if created:
+        _drop_slots(admin_dsn, dbname)
         with psycopg.connect(admin_dsn, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)'.encode())
 
 
-@pytest.fixture
-def env(servers: Servers, tmp_path: Path) -> Iterator[Env]:
-    yield from _make_env(servers, tmp_path)
+def _capture_of(request: pytest.FixtureRequest) -> str:
+    if "capture" in request.fixturenames:
+        mode: str = request.getfixturevalue("capture")
+        return mode
+    return "trigger"
 
 
 @pytest.fixture
-def own_env(own_servers: Servers, tmp_path: Path) -> Iterator[Env]:
-    yield from _make_env(own_servers, tmp_path, dbname="app")
+def env(servers: Servers, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Env]:
+    yield from _make_env(servers, tmp_path, capture=_capture_of(request))
+
+
+@pytest.fixture
+def own_env(own_servers: Servers, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Env]:
+    yield from _make_env(own_servers, tmp_path, dbname="app", capture=_capture_of(request))

@@ -19,6 +19,7 @@ from cdc_invalidator.shutdown import Stopper
 # Test settings: fast polling and back-off so that faults heal within a test's patience.
 FAST = {
     "poll_interval_ms": 200,
+    "status_interval_ms": 100,
     "prune_every_ms": 0,
     "retry_initial_ms": 20,
     "retry_max_ms": 300,
