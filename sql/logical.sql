@@ -66,6 +66,34 @@ BEGIN
 END
 $ensure$;
 
+-- require_replica_identity(table): for a table whose identity install leaves alone
+-- (replica_identity = "keep"): refuse one without any, since publishing it would make
+-- every UPDATE and DELETE of it fail ("cannot update table ... because it does not have
+-- a replica identity and publishes updates").
+CREATE OR REPLACE FUNCTION cdc_invalidator.require_replica_identity(tbl regclass)
+RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $require$
+DECLARE
+    rel regclass;
+BEGIN
+    FOR rel IN
+        SELECT r.relid FROM (SELECT tbl AS relid UNION SELECT p.relid FROM pg_partition_tree(tbl) p) r
+        JOIN pg_class c ON c.oid = r.relid
+        WHERE c.relkind = 'r'
+          AND (c.relreplident = 'n'
+               OR (c.relreplident = 'd' AND NOT EXISTS (
+                   SELECT FROM pg_index i WHERE i.indrelid = r.relid AND i.indisprimary)))
+    LOOP
+        RAISE EXCEPTION 'cdc_invalidator: table % has no replica identity: once published, its '
+            'updates and deletes would fail', rel
+            USING HINT = 'Give it a primary key, or set replica_identity = "full" in the '
+                         'configuration so that install sets REPLICA IDENTITY FULL.',
+                  ERRCODE = 'object_not_in_prerequisite_state';
+    END LOOP;
+END
+$require$;
+
 -- restore_replica_identity(keep): put back the identity of every table we set FULL,
 -- except those in `keep` (tables still configured). A table someone changed since is
 -- left as it is now.
@@ -113,5 +141,6 @@ END
 $publish$;
 
 REVOKE ALL ON FUNCTION cdc_invalidator.ensure_replica_identity(regclass, text[]) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cdc_invalidator.require_replica_identity(regclass) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cdc_invalidator.restore_replica_identity(regclass[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cdc_invalidator.publish(name, regclass[]) FROM PUBLIC;

@@ -67,6 +67,12 @@ def check_database(conn: psycopg.Connection[Any], settings: Settings, config_nam
         if problems or not installed:
             continue
         wanted = mapper.columns(table)
+        if settings.capture == "logical":
+            keep = settings.tables[names[table]].replica_identity == "keep"
+            _check_logical_table(
+                conn, settings, report, where=where, table=table, wanted=wanted, keep=keep
+            )
+            continue
         watch = conn.execute(
             sqlfiles.query("check_watch.sql"), {"table": table.qualified}
         ).fetchone()
@@ -90,7 +96,9 @@ def check_database(conn: psycopg.Connection[Any], settings: Settings, config_nam
         else:
             report.ok.append(f"{where}: watched, columns {wanted}")
 
-    if installed:
+    if installed and settings.capture == "logical":
+        _check_logical_server(conn, settings, report)
+    elif installed:
         configured = [t.qualified for t in mapper.tables]
         for (name,) in conn.execute(
             sqlfiles.query("check_unconfigured.sql"), {"tables": configured}
@@ -100,6 +108,124 @@ def check_database(conn: psycopg.Connection[Any], settings: Settings, config_nam
                 "the dead letters (run `cdc-invalidator install` to remove its triggers)"
             )
     return report
+
+
+def _check_logical_table(
+    conn: psycopg.Connection[Any],
+    settings: Settings,
+    report: Report,
+    *,
+    where: str,
+    table: TableName,
+    wanted: list[str],
+    keep: bool,
+) -> None:
+    published = conn.execute(
+        sqlfiles.query("check_published.sql"),
+        {"publication": settings.publication_name, "table": table.qualified},
+    ).fetchone()
+    if not published or not published[0]:
+        report.errors.append(
+            f"{where}: table {table} is not in publication {settings.publication_name!r}: "
+            "run `cdc-invalidator install`"
+        )
+        return
+    fine = True
+    for rel, identity, covered in conn.execute(
+        sqlfiles.query("check_identity.sql"), {"table": table.qualified}
+    ):
+        if identity == "f":
+            continue
+        if identity == "n" or not covered:
+            # Trap: a publication that publishes UPDATE and DELETE makes them fail on a
+            # member table without a replica identity.
+            fine = False
+            report.errors.append(
+                f"{where}: table {rel} has no replica identity (REPLICA IDENTITY NOTHING, "
+                "or DEFAULT without a primary key): once it is published, updates and deletes "
+                'of its rows fail. Set replica_identity = "full" (install then sets REPLICA '
+                "IDENTITY FULL) or give it a primary key"
+            )
+            continue
+        missing = [c for c in wanted if c not in covered]
+        if not missing:
+            continue
+        fine = False
+        if keep:
+            report.warnings.append(
+                f"{where}: old values of columns {missing} of {rel} are not sent "
+                '(replica_identity = "keep"): keys built from them are not deleted when '
+                "they change or the row is deleted"
+            )
+        else:
+            report.errors.append(
+                f"{where}: the replica identity of {rel} does not cover columns {missing}, "
+                "whose old values the templates need: run `cdc-invalidator install`"
+            )
+    if fine:
+        report.ok.append(f"{where}: published, old values of {wanted} sent")
+
+
+def _check_logical_server(
+    conn: psycopg.Connection[Any], settings: Settings, report: Report
+) -> None:
+    row = conn.execute(
+        sqlfiles.query("check_logical_server.sql"), {"publication": settings.publication_name}
+    ).fetchone()
+    assert row is not None
+    wal_level, can_replicate, user, publication_exists, keep_size = row
+    if wal_level != "logical":
+        report.errors.append(
+            f"wal_level is {wal_level!r}: logical capture needs wal_level = logical "
+            "(a server restart)"
+        )
+    if not can_replicate:
+        report.errors.append(
+            f"role {user!r} lacks the REPLICATION attribute the listener needs to stream "
+            f"(ALTER ROLE {user} REPLICATION), or use a role that has it"
+        )
+    if not publication_exists:
+        report.errors.append(
+            f"publication {settings.publication_name!r} does not exist: run "
+            "`cdc-invalidator install`"
+        )
+    slot = settings.slot_name
+    info = conn.execute(sqlfiles.query("slot_info.sql"), {"slot": slot}).fetchone()
+    assert info is not None
+    exists, plugin, _type, database, active_pid, wal_status, _restart, _confirmed = info[:8]
+    acked, owed = info[8], info[9]
+    if not exists:
+        if acked is None:
+            report.warnings.append(
+                f"replication slot {slot!r} does not exist yet: the listener creates it on "
+                "its first start (changes before that are not captured)"
+            )
+        else:
+            report.errors.append(
+                f"replication slot {slot!r} is gone: changes since may have been missed; "
+                "the listener re-creates it and sweeps every watched table"
+            )
+    elif plugin != "pgoutput" or database != conn.info.dbname:
+        report.errors.append(
+            f"replication slot {slot!r} belongs to something else ({plugin!r} on database "
+            f"{database!r}): set slot_name to another name"
+        )
+    elif wal_status == "lost":
+        report.errors.append(
+            f"replication slot {slot!r} was invalidated (wal_status lost): changes were "
+            "missed; the listener re-creates it and sweeps every watched table"
+        )
+    else:
+        by = f"streamed by pid {active_pid}" if active_pid else "not streamed right now"
+        report.ok.append(f"replication slot {slot!r}: wal_status {wal_status}, {by}")
+        if keep_size == "-1":
+            report.warnings.append(
+                "max_slot_wal_keep_size is -1: a listener that stays down keeps WAL on the "
+                "server without limit; consider a limit (the slot is then lost instead, "
+                "and the listener sweeps when it comes back)"
+            )
+    if owed:
+        report.warnings.append(f"a sweep of every watched table is owed: {owed}")
 
 
 def check_redis(client: redis.Redis, url: str) -> Report:

@@ -27,7 +27,13 @@ from cdc_invalidator.redact import Scrubber, redact_url, secrets_of
 from cdc_invalidator.settings import CONFIG_ENV, ConfigError, Settings, load_settings
 from cdc_invalidator.shutdown import Stopper
 from cdc_invalidator.sink import RedisSink
-from cdc_invalidator.status import read_status
+from cdc_invalidator.status import (
+    LogicalStatus,
+    NotInstalledHere,
+    Status,
+    read_logical_status,
+    read_status,
+)
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
@@ -76,7 +82,9 @@ def _parser() -> argparse.ArgumentParser:
     add("uninstall", cmd_uninstall, "remove every object `install` created, in one transaction")
     add("run", cmd_run, "run the listener in the foreground until SIGTERM/SIGINT")
     add("check", cmd_check, "validate the configuration against the live database and Redis")
-    status = add("status", cmd_status, "backlog, oldest pending event, dead letters, last batch")
+    status = add(
+        "status", cmd_status, "how far behind: backlog or slot lag, dead letters, last batch"
+    )
     status.add_argument("--json", action="store_true", help="print one JSON object")
     demo = add("demo", cmd_demo, "start throwaway PostgreSQL and Redis and show an invalidation")
     demo.add_argument("--keep", action="store_true", help="leave the servers' directories")
@@ -187,11 +195,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     settings = _settings(args)
     with connect(settings) as conn:
         try:
-            status = read_status(conn)
+            status: Status | LogicalStatus
+            if settings.capture == "logical":
+                status = read_logical_status(conn, settings.slot_name)
+            else:
+                status = read_status(conn)
         except psycopg.errors.UndefinedTable:
             _error(
                 "cdc_invalidator is not installed in this database: run `cdc-invalidator install`"
             )
+            return EXIT_FAILED
+        except NotInstalledHere as exc:
+            _error(str(exc))
             return EXIT_FAILED
     if args.json:
         print(json.dumps(status.as_json()))

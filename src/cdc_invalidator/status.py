@@ -11,6 +11,14 @@ import psycopg
 from cdc_invalidator import sqlfiles
 
 
+class NotInstalledHere(Exception):
+    """Nothing of ours to report on in this database (for this slot)."""
+
+
+def _when(value: datetime | None) -> str:
+    return value.isoformat() if value else "never"
+
+
 @dataclass(frozen=True, slots=True)
 class Status:
     backlog: int
@@ -22,6 +30,7 @@ class Status:
 
     def as_json(self) -> dict[str, Any]:
         data = asdict(self)
+        data["capture"] = "trigger"
         data["last_processed_at"] = (
             self.last_processed_at.isoformat() if self.last_processed_at else None
         )
@@ -29,14 +38,59 @@ class Status:
 
     def lines(self) -> list[str]:
         age = "-" if self.oldest_pending_age_s is None else f"{self.oldest_pending_age_s:.3f} s"
-        last = self.last_processed_at.isoformat() if self.last_processed_at else "never"
         return [
+            "capture:              trigger",
             f"backlog:              {self.backlog} events",
             f"oldest pending age:   {age}",
             f"dead letters:         {self.dead_letters}",
-            f"last processed at:    {last}",
+            f"last processed at:    {_when(self.last_processed_at)}",
             f"events processed:     {self.events_processed}",
             f"NOTIFY queue usage:   {self.notify_queue_usage:.1%}",
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class LogicalStatus:
+    slot: str
+    slot_exists: bool
+    slot_lag_bytes: int | None  # WAL written since the position the listener confirmed
+    wal_status: str | None  # reserved, extended, unreserved or lost
+    slot_active_pid: int | None
+    safe_wal_size_bytes: int | None  # before the slot is lost (max_slot_wal_keep_size)
+    sweep_owed: str | None  # why changes may have been missed, until the sweep is done
+    dead_letters: int
+    last_processed_at: datetime | None
+    events_processed: int
+
+    def as_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["capture"] = "logical"
+        data["last_processed_at"] = (
+            self.last_processed_at.isoformat() if self.last_processed_at else None
+        )
+        return data
+
+    def lines(self) -> list[str]:
+        if not self.slot_exists:
+            slot = "missing (the listener re-creates it and sweeps every watched table)"
+        else:
+            by = f"streamed by pid {self.slot_active_pid}" if self.slot_active_pid else "idle"
+            slot = f"{self.wal_status}, {by}"
+        lag = "-" if self.slot_lag_bytes is None else f"{self.slot_lag_bytes} bytes"
+        safe = (
+            "unlimited (max_slot_wal_keep_size = -1)"
+            if self.safe_wal_size_bytes is None
+            else f"{self.safe_wal_size_bytes} bytes"
+        )
+        return [
+            f"capture:              logical, slot {self.slot!r}",
+            f"slot:                 {slot}",
+            f"slot lag:             {lag}",
+            f"WAL before slot lost: {safe}",
+            f"sweep owed:           {self.sweep_owed or 'no'}",
+            f"dead letters:         {self.dead_letters}",
+            f"last processed at:    {_when(self.last_processed_at)}",
+            f"events processed:     {self.events_processed}",
         ]
 
 
@@ -46,3 +100,16 @@ def read_status(conn: psycopg.Connection[Any]) -> Status:
         raise RuntimeError("cdc_invalidator.listener_state_v1 is empty: run `install` again")
     backlog, age, dead, last, processed, notify_usage = row
     return Status(int(backlog), age, int(dead), last, int(processed), float(notify_usage))
+
+
+def read_logical_status(conn: psycopg.Connection[Any], slot: str) -> LogicalStatus:
+    row = conn.execute(sqlfiles.query("logical_status.sql"), {"slot": slot}).fetchone()
+    if row is None:
+        raise NotInstalledHere(
+            f"slot {slot!r} is not registered: run `cdc-invalidator install` with "
+            'capture = "logical"'
+        )
+    exists, lag, wal_status, pid, safe, owed, dead, last, processed = row
+    return LogicalStatus(
+        slot, bool(exists), lag, wal_status, pid, safe, owed, int(dead), last, int(processed)
+    )

@@ -43,9 +43,16 @@ def install_script(
     identities: list[sql.Composable] = [sql.SQL(IDENTITY_HEADER)]
     for table in sorted(mapper.tables):
         if keep.get(table, False):
+            # A table name may hold anything but a newline is all a comment must avoid.
+            name = table.qualified.replace("\n", " ").replace("\r", " ")
             identities.append(
-                sql.SQL('-- {}: replica_identity = "keep", left as it is.\n').format(
-                    sql.SQL(table.qualified.replace("\n", " "))
+                sql.SQL('-- {}: replica_identity = "keep": left as it is, if it has one.\n').format(
+                    sql.SQL(name)
+                )
+            )
+            identities.append(
+                sqlfiles.query("require_replica_identity.sql").format(
+                    table=sql.Literal(table.qualified)
                 )
             )
             continue

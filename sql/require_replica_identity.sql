@@ -1,0 +1,1 @@
+SELECT cdc_invalidator.require_replica_identity({table});
