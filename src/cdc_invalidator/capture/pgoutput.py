@@ -92,6 +92,8 @@ class Decoder:
         Raises InvalidEvent for a change that cannot become an event (a value that is not
         UTF-8, an unknown relation) and ProtocolError for bytes that do not parse.
         """
+        if not msg:
+            raise ProtocolError("empty message")
         try:
             kind = msg[0]
             if kind == 0x49:  # 'I'
@@ -112,10 +114,9 @@ class Decoder:
                 return self._truncate(msg)
             if kind in b"YOM":  # Type, Origin, logical Message
                 return None
+        # Helpers raise ValueError for bytes that do not fit the format.
         except (struct.error, IndexError, ValueError) as exc:
             raise ProtocolError(f"malformed {chr(msg[0])!r} message: {exc}") from None
-        if not msg:
-            raise ProtocolError("empty message")
         raise ProtocolError(f"unknown pgoutput message type {chr(msg[0])!r}")
 
     # --- messages ------------------------------------------------------------------------
@@ -133,6 +134,8 @@ class Decoder:
             flags = msg[pos]
             column, pos = _cstring(msg, pos + 1)
             pos += 8  # type oid, type modifier
+            if pos > len(msg):
+                raise ValueError(f"relation message ends inside column {column!r}")
             columns.append(column)
             if flags & 1:
                 identity_columns.add(column)
@@ -153,8 +156,9 @@ class Decoder:
     def _insert(self, msg: bytes) -> ChangeEvent:
         relation = self._relation_of(msg)
         if msg[5] != 0x4E:  # 'N'
-            raise ProtocolError(f"INSERT without a new tuple (got {chr(msg[5])!r})")
-        values, _ = _tuple(msg, 6, len(relation.columns))
+            raise ValueError(f"INSERT without a new tuple (got {chr(msg[5])!r})")
+        values, end = _tuple(msg, 6, len(relation.columns))
+        _at_end(msg, end)
         new = _row(relation, values, None)
         self.position += 1
         return ChangeEvent(relation.table, Op.INSERT, None, new, self.position)
@@ -172,8 +176,9 @@ class Decoder:
                 self._missing_old(relation, partial=True)
             tag = msg[pos]
         if tag != 0x4E:
-            raise ProtocolError(f"UPDATE without a new tuple (got {chr(tag)!r})")
-        new_values, _ = _tuple(msg, pos + 1, ncols)
+            raise ValueError(f"UPDATE without a new tuple (got {chr(tag)!r})")
+        new_values, end = _tuple(msg, pos + 1, ncols)
+        _at_end(msg, end)
         new = _row(relation, new_values, old_values)
         if old_values is None:
             # No old tuple: no replica-identity column changed. Others may have, and their
@@ -191,8 +196,9 @@ class Decoder:
         relation = self._relation_of(msg)
         tag = msg[5]
         if tag not in (0x4B, 0x4F):
-            raise ProtocolError(f"DELETE without an old tuple (got {chr(tag)!r})")
-        values, _ = _tuple(msg, 6, len(relation.columns))
+            raise ValueError(f"DELETE without an old tuple (got {chr(tag)!r})")
+        values, end = _tuple(msg, 6, len(relation.columns))
+        _at_end(msg, end)
         if tag == 0x4B:
             _mark_not_sent(relation, values)
             self._missing_old(relation, partial=True)
@@ -238,7 +244,7 @@ def _tuple(msg: bytes, pos: int, ncols: int) -> tuple[list[object], int]:
     """TupleData: the values of every column (str, None, UNCHANGED), and the end."""
     (n,) = _U16.unpack_from(msg, pos)
     if n != ncols:
-        raise ProtocolError(f"tuple has {n} columns, its relation {ncols}")
+        raise ValueError(f"tuple has {n} columns, its relation {ncols}")
     pos += 2
     values: list[object] = []
     append = values.append
@@ -248,8 +254,10 @@ def _tuple(msg: bytes, pos: int, ncols: int) -> tuple[list[object], int]:
         if kind == 0x74:  # 't'
             (length,) = unpack(msg, pos + 1)
             pos += 5
-            append(msg[pos : pos + length])
             pos += length
+            if pos > len(msg):
+                raise ValueError("message ends inside a column value")
+            append(msg[pos - length : pos])
         elif kind == 0x6E:  # 'n'
             append(None)
             pos += 1
@@ -257,8 +265,13 @@ def _tuple(msg: bytes, pos: int, ncols: int) -> tuple[list[object], int]:
             append(UNCHANGED)
             pos += 1
         else:  # 'b' (binary) is only sent when asked for
-            raise ProtocolError(f"unexpected column kind {chr(kind)!r}")
+            raise ValueError(f"unexpected column kind {chr(kind)!r}")
     return values, pos
+
+
+def _at_end(msg: bytes, end: int) -> None:
+    if end != len(msg):
+        raise ValueError(f"{len(msg) - end} bytes after the tuple data")
 
 
 def _mark_not_sent(relation: Relation, values: list[object]) -> None:
