@@ -36,7 +36,6 @@ from cdc_invalidator.capture.walstream import (
     Keepalive,
     SlotInUse,
     WalStream,
-    XLogData,
     format_lsn,
     parse_lsn,
 )
@@ -309,10 +308,10 @@ class LogicalStream:
             msg = read()
             if msg is None:
                 break
-            if msg.__class__ is XLogData:
-                assert isinstance(msg, XLogData)
+            if msg.__class__ is bytes:
+                assert isinstance(msg, bytes)
                 try:
-                    out = decode(msg.payload)
+                    out = decode(msg)
                 except InvalidEvent as exc:
                     decoder.position += 1
                     dead[decoder.position] = str(exc)

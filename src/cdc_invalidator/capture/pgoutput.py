@@ -60,6 +60,10 @@ class Relation:
     identity_columns: frozenset[str]
     # Positions of the wanted columns: (column name, index in the tuple).
     wanted: tuple[tuple[str, int], ...]
+    # The same by index, for the tuple scan.
+    wanted_at: Mapping[int, str]
+    # Wanted columns outside the replica identity: not in a 'K' tuple.
+    not_in_key: tuple[str, ...]
 
 
 class Decoder:
@@ -150,45 +154,56 @@ class Decoder:
             # then names it when it dead-letters the event.
             wanted = tuple((c, index[c]) for c in wanted_names if c in index)
         self._relations[relid] = Relation(
-            relid, table, identity, tuple(columns), frozenset(identity_columns), wanted
+            relid,
+            table,
+            identity,
+            tuple(columns),
+            frozenset(identity_columns),
+            wanted,
+            {i: c for c, i in wanted},
+            tuple(c for c, _ in wanted if c not in identity_columns),
         )
 
     def _insert(self, msg: bytes) -> ChangeEvent:
         relation = self._relation_of(msg)
         if msg[5] != 0x4E:  # 'N'
             raise ValueError(f"INSERT without a new tuple (got {chr(msg[5])!r})")
-        values, end = _tuple(msg, 6, len(relation.columns))
+        values, end = _scan(msg, 6, relation)
         _at_end(msg, end)
-        new = _row(relation, values, None)
+        new = _row(relation, values)
         self.position += 1
         return ChangeEvent(relation.table, Op.INSERT, None, new, self.position)
 
     def _update(self, msg: bytes) -> ChangeEvent:
         relation = self._relation_of(msg)
-        ncols = len(relation.columns)
-        old_values: list[object] | None = None
+        old_values: dict[str, object] | None = None
         pos = 5
         tag = msg[pos]
         if tag in (0x4B, 0x4F):  # 'K' key, 'O' old (FULL)
-            old_values, pos = _tuple(msg, pos + 1, ncols)
+            old_values, pos = _scan(msg, pos + 1, relation)
             if tag == 0x4B:
-                _mark_not_sent(relation, old_values)
+                for column in relation.not_in_key:
+                    old_values[column] = NOT_SENT
                 self._missing_old(relation, partial=True)
             tag = msg[pos]
         if tag != 0x4E:
             raise ValueError(f"UPDATE without a new tuple (got {chr(tag)!r})")
-        new_values, end = _tuple(msg, pos + 1, ncols)
+        new_values, end = _scan(msg, pos + 1, relation)
         _at_end(msg, end)
-        new = _row(relation, new_values, old_values)
         if old_values is None:
             # No old tuple: no replica-identity column changed. Others may have, and their
             # old values are not sent; the new ones are the best there is.
-            old = new
+            new = old = _row(relation, new_values)
             self._missing_old(relation, partial=relation.identity != "f")
+        elif old_values == new_values:
+            # The key columns did not change (the common UPDATE): one row for both, which
+            # the mapper renders once.
+            new = old = _row(relation, new_values, old_values)
         else:
+            new = _row(relation, new_values, old_values)
             old = _row(relation, old_values, new_values)
             if old == new:
-                old = new  # the mapper renders a row shared by old and new once
+                old = new
         self.position += 1
         return ChangeEvent(relation.table, Op.UPDATE, old, new, self.position)
 
@@ -197,12 +212,13 @@ class Decoder:
         tag = msg[5]
         if tag not in (0x4B, 0x4F):
             raise ValueError(f"DELETE without an old tuple (got {chr(tag)!r})")
-        values, end = _tuple(msg, 6, len(relation.columns))
+        values, end = _scan(msg, 6, relation)
         _at_end(msg, end)
         if tag == 0x4B:
-            _mark_not_sent(relation, values)
+            for column in relation.not_in_key:
+                values[column] = NOT_SENT
             self._missing_old(relation, partial=True)
-        old = _row(relation, values, None)
+        old = _row(relation, values)
         self.position += 1
         return ChangeEvent(relation.table, Op.DELETE, old, None, self.position)
 
@@ -240,32 +256,36 @@ def _cstring(msg: bytes, pos: int) -> tuple[str, int]:
     return bytes(msg[pos:end]).decode(), end + 1
 
 
-def _tuple(msg: bytes, pos: int, ncols: int) -> tuple[list[object], int]:
-    """TupleData: the values of every column (str, None, UNCHANGED), and the end."""
+def _scan(msg: bytes, pos: int, relation: Relation) -> tuple[dict[str, object], int]:
+    """TupleData: the wanted columns' raw values (bytes, None for NULL, UNCHANGED), and
+    where the tuple ends. Every column is walked; only the wanted ones are kept."""
     (n,) = _U16.unpack_from(msg, pos)
-    if n != ncols:
-        raise ValueError(f"tuple has {n} columns, its relation {ncols}")
+    if n != len(relation.columns):
+        raise ValueError(f"tuple has {n} columns, its relation {len(relation.columns)}")
     pos += 2
-    values: list[object] = []
-    append = values.append
+    wanted = relation.wanted_at
+    values: dict[str, object] = {}
     unpack = _I32.unpack_from
-    for _ in range(n):
+    for i in range(n):
         kind = msg[pos]
         if kind == 0x74:  # 't'
             (length,) = unpack(msg, pos + 1)
-            pos += 5
-            pos += length
-            if pos > len(msg):
-                raise ValueError("message ends inside a column value")
-            append(msg[pos - length : pos])
+            start = pos + 5
+            pos = start + length
+            if i in wanted:
+                values[wanted[i]] = msg[start:pos]
         elif kind == 0x6E:  # 'n'
-            append(None)
             pos += 1
+            if i in wanted:
+                values[wanted[i]] = None
         elif kind == 0x75:  # 'u'
-            append(UNCHANGED)
             pos += 1
+            if i in wanted:
+                values[wanted[i]] = UNCHANGED
         else:  # 'b' (binary) is only sent when asked for
             raise ValueError(f"unexpected column kind {chr(kind)!r}")
+    if pos > len(msg):
+        raise ValueError("message ends inside a column value")
     return values, pos
 
 
@@ -274,38 +294,34 @@ def _at_end(msg: bytes, end: int) -> None:
         raise ValueError(f"{len(msg) - end} bytes after the tuple data")
 
 
-def _mark_not_sent(relation: Relation, values: list[object]) -> None:
-    identity = relation.identity_columns
-    for i, column in enumerate(relation.columns):
-        if column not in identity:
-            values[i] = NOT_SENT
-
-
-def _row(relation: Relation, values: list[object], other: list[object] | None) -> Row:
+def _row(
+    relation: Relation, values: dict[str, object], other: dict[str, object] | None = None
+) -> Row:
     """The wanted columns as text; a value not sent is taken from the other tuple."""
     row: dict[str, str | None] = {}
-    for column, i in relation.wanted:
-        value = values[i]
-        if value is UNCHANGED or value is NOT_SENT:
-            alt = other[i] if other is not None else NOT_SENT
-            if alt is not UNCHANGED and alt is not NOT_SENT:
-                value = alt
-            elif value is UNCHANGED:
-                # Rendering the marker would delete a key nobody uses and leave the
-                # real one stale: park the event instead.
+    for column, value in values.items():
+        if value.__class__ is bytes:
+            try:
+                row[column] = value.decode()
+            except UnicodeDecodeError as exc:
                 raise InvalidEvent(
-                    f"column {column!r} of {relation.table} is an unchanged TOASTed value "
-                    "and the old row was not sent: set REPLICA IDENTITY FULL on the table"
-                )
-            else:
-                value = None  # an old value outside the replica identity: unknown
+                    f"column {column!r} of {relation.table} is not UTF-8 text: {exc}"
+                ) from None
+            continue
         if value is None:
             row[column] = None
             continue
-        try:
-            row[column] = value.decode()  # type: ignore[attr-defined]
-        except UnicodeDecodeError as exc:
+        alt = other.get(column, NOT_SENT) if other is not None else NOT_SENT
+        if alt is not UNCHANGED and alt is not NOT_SENT:
+            # The other tuple's value for it (bytes or NULL), decoded the same way.
+            row[column] = _row(relation, {column: alt})[column]
+        elif value is UNCHANGED:
+            # Rendering the marker would delete a key nobody uses and leave the
+            # real one stale: park the event instead.
             raise InvalidEvent(
-                f"column {column!r} of {relation.table} is not UTF-8 text: {exc}"
-            ) from None
+                f"column {column!r} of {relation.table} is an unchanged TOASTed value "
+                "and the old row was not sent: set REPLICA IDENTITY FULL on the table"
+            )
+        else:
+            row[column] = None  # an old value outside the replica identity: unknown
     return row

@@ -18,17 +18,10 @@ from typing import Any, NamedTuple
 import psycopg
 from psycopg import pq, sql
 
-_XLOGDATA = struct.Struct("!QQq")
 _KEEPALIVE = struct.Struct("!Qq?")
 _STATUS = struct.Struct("!cQQQq?")
 # The protocol's clock: microseconds since 2000-01-01 UTC.
 _PG_EPOCH_S = 946_684_800
-
-
-class XLogData(NamedTuple):
-    wal_start: int
-    wal_end: int
-    payload: bytes
 
 
 class Keepalive(NamedTuple):
@@ -91,9 +84,11 @@ class WalStream:
     def fileno(self) -> int:
         return self._pgconn.socket
 
-    def read(self) -> XLogData | Keepalive | None:
-        """The next message already received, or None when none is buffered. Never
-        blocks; raises OperationalError when the stream or the connection ends."""
+    def read(self) -> bytes | Keepalive | None:
+        """The next message already received: an XLogData's payload (bytes; its header's
+        positions are not needed: the payload's own Commit carries the position), a
+        Keepalive, or None when nothing is buffered. Never blocks; raises
+        OperationalError when the stream or the connection ends."""
         n, data = self._pgconn.get_copy_data(1)
         if n == 0:
             # Nothing complete in libpq's buffer: take what the socket has, without waiting.
@@ -104,9 +99,8 @@ class WalStream:
         if n < 0:
             self._end_of_stream(n)
         kind = data[0]
-        if kind == 0x77:  # 'w'
-            start, end, _clock = _XLOGDATA.unpack_from(data, 1)
-            return XLogData(start, end, bytes(data[25:]))
+        if kind == 0x77:  # 'w': start, end, clock (3 x 8 bytes), then the payload
+            return bytes(data[25:])
         if kind == 0x6B:  # 'k'
             end, _clock, reply = _KEEPALIVE.unpack_from(data, 1)
             return Keepalive(end, reply)
