@@ -103,15 +103,26 @@ class LogicalCapture:
             connect_timeout=self._connect_timeout,
         )
         try:
-            acked, resync = self._prepare(side)
-            repl = psycopg.connect(
-                self._database_url,
-                autocommit=True,
-                replication="database",
-                application_name=self._application_name,
-                connect_timeout=self._connect_timeout,
-                options=RENDER_OPTIONS,
-            )
+            try:
+                acked, resync = self._prepare(side)
+            except psycopg.errors.InsufficientPrivilege as exc:
+                raise Fatal(
+                    f"role {side.info.user!r} may not use replication slots ({exc}): grant it "
+                    "REPLICATION (ALTER ROLE ... REPLICATION) or run the listener as a role "
+                    "that has it"
+                ) from None
+            try:
+                repl = psycopg.connect(
+                    self._database_url,
+                    autocommit=True,
+                    replication="database",
+                    application_name=self._application_name,
+                    connect_timeout=self._connect_timeout,
+                    options=RENDER_OPTIONS,
+                )
+            except psycopg.OperationalError as exc:
+                _explain_refusal(side, exc)
+                raise
             try:
                 stream = WalStream.start(
                     repl,
@@ -209,6 +220,20 @@ class LogicalCapture:
             side.execute(sqlfiles.query("record_slot.sql"), {"slot": cfg.slot, "lsn": confirmed})
             acked = parse_lsn(confirmed)
         return acked, owed
+
+
+def _explain_refusal(side: psycopg.Connection[Any], exc: psycopg.OperationalError) -> None:
+    """A replication connection refused to a role without REPLICATION is for good: say
+    so (Fatal) instead of retrying forever. (Managed services may grant replication by
+    role membership instead; there, the connection is not refused in the first place.)"""
+    row = side.execute(
+        "SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user"
+    ).fetchone()
+    if row is not None and not row[0]:
+        raise Fatal(
+            f"role {side.info.user!r} cannot open a replication connection ({exc}): grant it "
+            "REPLICATION (ALTER ROLE ... REPLICATION) or run the listener as a role that has it"
+        ) from None
 
 
 class LogicalStream:
