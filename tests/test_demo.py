@@ -39,9 +39,10 @@ def _ours(directory: Path) -> set[str]:
 
 
 @pytest.mark.servers
-def test_demo_reports_a_measured_delete_and_cleans_up(own_tmpdir: Path) -> None:
+@pytest.mark.parametrize("capture", ["trigger", "logical"])
+def test_demo_reports_a_measured_delete_and_cleans_up(own_tmpdir: Path, capture: str) -> None:
     before = _ours(own_tmpdir)
-    result = run_cli("demo", env={"TMPDIR": str(own_tmpdir)})
+    result = run_cli("demo", "--capture", capture, env={"TMPDIR": str(own_tmpdir)})
     out = result.stdout
 
     assert result.returncode == 0, f"stdout:\n{out}\nstderr:\n{result.stderr}"
@@ -55,6 +56,7 @@ def test_demo_reports_a_measured_delete_and_cleans_up(own_tmpdir: Path) -> None:
     assert re.search(r"COMMIT -> key deleted: p50 \d+\.\d\d ms, p99 \d+\.\d\d ms", out), out
     assert "0 dead letters" in out
     assert "Cleaned up" in out
+    assert ("no triggers" in out) == (capture == "logical")
 
     # Nothing it created is left: no servers' directories, no config.
     match = re.search(r"Config \((\S+)\):", out)

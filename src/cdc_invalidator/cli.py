@@ -15,13 +15,13 @@ from typing import Any
 
 import psycopg
 import structlog
-from psycopg import sql
 
 from cdc_invalidator import __version__, logs
 from cdc_invalidator.capture import logical_sql, trigger_sql
 from cdc_invalidator.capture.errors import Fatal, NotInstalled
 from cdc_invalidator.checks import check_database, check_redis
 from cdc_invalidator.database import DatabaseError, connect
+from cdc_invalidator.install import SlotStepFailed, install, install_script
 from cdc_invalidator.listener import build_listener
 from cdc_invalidator.redact import Scrubber, redact_url, secrets_of
 from cdc_invalidator.settings import CONFIG_ENV, ConfigError, Settings, load_settings
@@ -88,6 +88,12 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print one JSON object")
     demo = add("demo", cmd_demo, "start throwaway PostgreSQL and Redis and show an invalidation")
     demo.add_argument("--keep", action="store_true", help="leave the servers' directories")
+    demo.add_argument(
+        "--capture",
+        choices=["trigger", "logical"],
+        default="trigger",
+        help="the capture mode to show (default: trigger)",
+    )
     return parser
 
 
@@ -99,53 +105,24 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config)
 
 
-def _install_script(settings: Settings) -> sql.Composed:
-    mapper = settings.mapper()
-    if settings.capture == "logical":
-        keep = {t: s.replica_identity == "keep" for t, s in settings.table_settings().items()}
-        return logical_sql.install_script(
-            mapper, keep, settings.publication_name, settings.slot_name
-        )
-    return trigger_sql.install_script(mapper, settings.publication_name)
-
-
 def cmd_sql(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    print(trigger_sql.render(_install_script(settings)))
+    print(trigger_sql.render(install_script(settings)))
     return EXIT_OK
 
 
 def cmd_install(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    script = _install_script(settings)
-    tables = ", ".join(sorted(str(t) for t in settings.mapper().tables))
     with connect(settings) as conn:
         try:
-            trigger_sql.apply(conn, script)
-        except psycopg.Error as exc:
-            _error(f"install failed, nothing was changed: {_pg_message(exc)}")
-            return EXIT_FAILED
-        slot = settings.slot_name
-        try:
-            if settings.capture == "logical":
-                start = logical_sql.create_slot(conn, slot)
-                made = f"created slot {slot!r} at {start}" if start else f"slot {slot!r} exists"
-                print(
-                    f"installed cdc_invalidator v{trigger_sql.SCHEMA_VERSION} (logical); {made}; "
-                    f"publication {settings.publication_name!r} holds {tables}"
-                )
-                return EXIT_OK
-            # A slot left from logical mode would hold WAL forever: drop it.
-            if logical_sql.our_slot(conn, slot):
-                logical_sql.drop_slot(conn, slot)
-                print(f"dropped replication slot {slot!r} left from logical capture")
-        except logical_sql.SlotBusy as exc:
+            done = install(conn, settings)
+        except SlotStepFailed as exc:
             _error(f"installed, but {exc}")
             return EXIT_FAILED
         except psycopg.Error as exc:
-            _error(f"installed, but the replication slot failed: {_pg_message(exc)}")
+            _error(f"install failed, nothing was changed: {_pg_message(exc)}")
             return EXIT_FAILED
-    print(f"installed cdc_invalidator v{trigger_sql.SCHEMA_VERSION}; watching {tables}")
+    print(done)
     return EXIT_OK
 
 
@@ -246,7 +223,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from cdc_invalidator.demo import run_demo  # noqa: PLC0415 - only the demo needs it
 
-    return run_demo(keep=args.keep)
+    return run_demo(keep=args.keep, capture=args.capture)
 
 
 def _pg_message(exc: psycopg.Error) -> str:

@@ -31,7 +31,7 @@ import structlog
 from redis.client import PubSub
 
 from cdc_invalidator import logs
-from cdc_invalidator.capture import trigger_sql
+from cdc_invalidator.install import install
 from cdc_invalidator.listener import build_listener
 from cdc_invalidator.runner import Runner
 from cdc_invalidator.servers import (
@@ -65,7 +65,7 @@ CONFIG_TEMPLATE = """\
 # Written by `cdc-invalidator demo`: the same file you would write for your own app.
 database_url = "{database_url}"
 redis_url = "{redis_url}"
-capture = "trigger"
+capture = "{capture}"
 log_level = "warning"
 
 # Which Redis keys cache a row of each table. Fields are column names.
@@ -78,7 +78,7 @@ class DemoError(Exception):
     """A step of the demo did not turn out as it should; the message says which."""
 
 
-def run_demo(keep: bool = False) -> int:
+def run_demo(keep: bool = False, capture: str = "trigger") -> int:
     """Run the demo; 0 when everything worked, 1 otherwise (a one-line error, no traceback)."""
     # The listener's own log lines would drown the story: only its warnings, on stderr.
     logs.configure(level="warning", stream=sys.stderr)
@@ -89,7 +89,7 @@ def run_demo(keep: bool = False) -> int:
     except ServerError as exc:
         _error(str(exc))
         return 1
-    demo = Demo()
+    demo = Demo(capture)
     code = 1
     with _sigterm_interrupts():
         try:
@@ -298,7 +298,8 @@ class Psql:
 
 
 class Demo:
-    def __init__(self) -> None:
+    def __init__(self, capture: str = "trigger") -> None:
+        self.capture = capture
         self.pg: PostgresServer | None = None
         self.redis: RedisServer | None = None
         self.workdir: Path | None = None
@@ -324,7 +325,13 @@ class Demo:
         _say(f"Config ({self._config_path()}):")
         _say('    [tables."public.users"]')
         _say(f"    keys = {json.dumps(TEMPLATES)}")
-        _say("Installed our SQL (schema cdc_invalidator, triggers on public.users).")
+        if self.capture == "logical":
+            _say(
+                "Installed our SQL (schema cdc_invalidator, a publication for public.users, "
+                "REPLICA IDENTITY FULL\nfor the old email, a replication slot): no triggers."
+            )
+        else:
+            _say("Installed our SQL (schema cdc_invalidator, triggers on public.users).")
         _say("The listener is running (in a thread here; `cdc-invalidator run` in production).")
         self._scene_cache_aside()
         self._scene_admin_update()
@@ -414,8 +421,11 @@ class Demo:
     def _scene_timed_updates(self, settings: Settings) -> None:
         self._section(f"6. {TIMED_UPDATES} more single-row updates, each timed from its COMMIT")
         conn, cache = self._get(self.psql).connection, self._get(self.cache)
+        # A cached "no such user" that the INSERT must delete: once it is gone, the
+        # listener has caught up (changes are processed in commit order).
+        cache.set("user:1", "-")
         conn.execute("INSERT INTO users VALUES (%s, %s, %s)", USERS[0])
-        self._until(lambda: _scalar(conn, "SELECT count(*) FROM cdc_invalidator.queue_v1") == 0)
+        self._until(lambda: cache.exists("user:1") == 0)
         lags: list[float] = []
         for i in range(TIMED_UPDATES):
             cache.set("user:1", "cached")
@@ -430,10 +440,13 @@ class Demo:
             f"  COMMIT -> key deleted: p50 {_ms(statistics.median(lags))}, p99 {_ms(p99)}, "
             f"max {_ms(lags[-1])}."
         )
-        _say(
-            "  NOTIFY wakes the listener at once (it would otherwise poll every "
-            f"{settings.poll_interval_ms} ms)."
-        )
+        if self.capture == "logical":
+            _say("  The WAL sender streams each transaction to the listener as it commits.")
+        else:
+            _say(
+                "  NOTIFY wakes the listener at once (it would otherwise poll every "
+                f"{settings.poll_interval_ms} ms)."
+            )
 
     def _setup(self) -> Settings:
         started = time.monotonic()
@@ -463,24 +476,28 @@ class Demo:
         config = self._config_path()
         config.write_text(
             CONFIG_TEMPLATE.format(
-                database_url=dsn, redis_url=self.redis.url, keys=json.dumps(TEMPLATES)
+                database_url=dsn,
+                redis_url=self.redis.url,
+                keys=json.dumps(TEMPLATES),
+                capture=self.capture,
             ),
             encoding="utf-8",
         )
         settings = load_settings(config)
         with psycopg.connect(settings.database_url, autocommit=True) as conn:
-            trigger_sql.apply(conn, trigger_sql.install_script(settings.mapper()))
+            install(conn, settings)
         self._start_listener(settings)
         self.watch = DeleteWatch(self.redis.port)
 
-        # The sample rows go in through the watched table; once the listener has emptied
-        # the queue it is connected, listening and caught up.
+        # The sample rows go in through the watched table. The last one's INSERT deletes a
+        # cached "no such user": once that is gone, the listener is connected and has
+        # taken every row (changes are processed in commit order).
+        last = f"user:{USERS[-1][0]}"
+        self.cache.set(last, "-")
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.cursor().executemany("INSERT INTO users VALUES (%s, %s, %s)", USERS)
-            self._until(
-                lambda: _scalar(conn, "SELECT count(*) FROM cdc_invalidator.queue_v1") == 0,
-                "the listener to take the first events",
-            )
+        cache = self.cache
+        self._until(lambda: cache.exists(last) == 0, "the listener to take the first events")
         _say(f"Created table users with {len(USERS)} rows: " + ", ".join(n for *_, n in USERS))
         self.app = App(dsn, self.cache)
         self.psql = Psql(dsn, _say)
