@@ -63,6 +63,15 @@ def test_config_path_from_environment(tmp_path: Path, monkeypatch: pytest.Monkey
         (GOOD.replace('[tables."orders"]', '[tables."a.b.c"]'), "invalid table name"),
         (GOOD.replace('[tables."orders"]', '[tables."public.USERS"]'), "name the same table"),
         (GOOD.replace("keys = [", "kees = [", 1), "unknown setting 'tables.public.users.kees'"),
+        ('slot_name = "My-Slot"\n' + GOOD, "slot_name"),
+        ('publication_name = ""\n' + GOOD, "publication_name"),
+        ("status_interval_ms = 0\n" + GOOD, "status_interval_ms"),
+        (
+            GOOD.replace(
+                'keys = ["order:{id}"', 'replica_identity = "nothing"\nkeys = ["order:{id}"'
+            ),
+            "replica_identity",
+        ),
     ],
 )
 def test_bad_config_is_a_clear_error(tmp_path: Path, text: str, expected: str) -> None:
@@ -102,3 +111,29 @@ def test_sql_prints_reviewable_script(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "SELECT cdc_invalidator.watch('public.users', ARRAY['email', 'id']::text[]);" in out
     assert "SELECT cdc_invalidator.watch('public.orders', ARRAY['id', 'user_id']::text[]);" in out
     assert out.count("-- ") > 20  # the DBA reads comments saying what each part does
+
+
+def test_logical_settings_load(tmp_path: Path) -> None:
+    text = GOOD.replace('capture = "trigger"', 'capture = "logical"\nslot_name = "app_cache"')
+    text = text.replace('keys = ["order:{id}"', 'replica_identity = "keep"\nkeys = ["order:{id}"')
+    settings = load_settings(_write(tmp_path, text))
+    assert settings.capture == "logical"
+    assert settings.slot_name == "app_cache"
+    assert settings.publication_name == "cdc_invalidator"
+    kept = {str(t): s.replica_identity for t, s in settings.table_settings().items()}
+    assert kept == {"public.users": "full", "public.orders": "keep"}
+
+
+def test_sql_in_logical_mode_says_why_and_adds_no_trigger(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = GOOD.replace('capture = "trigger"', 'capture = "logical"')
+    text = text.replace('keys = ["order:{id}"', 'replica_identity = "keep"\nkeys = ["order:{id}"')
+    assert main(["sql", "--config", str(_write(tmp_path, text))]) == 0
+    out = capsys.readouterr().out
+    assert "SELECT cdc_invalidator.watch(" not in out  # no table gets triggers
+    assert "SELECT cdc_invalidator.ensure_replica_identity('public.users'" in out
+    assert "needs that column's old value" in out  # the comment saying why FULL
+    assert "SELECT cdc_invalidator.require_replica_identity('public.orders');" in out
+    assert "cdc_invalidator.publish('cdc_invalidator'" in out
+    assert "pg_create_logical_replication_slot('cdc_invalidator', 'pgoutput')" in out
