@@ -31,7 +31,7 @@ import structlog
 from cdc_invalidator import sqlfiles
 from cdc_invalidator.capture.errors import Fatal, NotInstalled, Standby
 from cdc_invalidator.capture.pgoutput import Begin, Commit, Decoder, Relation
-from cdc_invalidator.capture.trigger_sql import SCHEMA_VERSION, installed_version
+from cdc_invalidator.capture.trigger_sql import require_installed
 from cdc_invalidator.capture.walstream import (
     Keepalive,
     SlotInUse,
@@ -143,13 +143,7 @@ class LogicalCapture:
     def _prepare(self, side: psycopg.Connection[Any]) -> tuple[int, str | None]:
         """Check the install and the slot; return where to resume and a sweep owed."""
         cfg = self._config
-        version = installed_version(side)
-        if version != SCHEMA_VERSION:
-            found = "no cdc_invalidator schema" if version is None else f"schema v{version}"
-            raise NotInstalled(
-                f"database {side.info.dbname!r} has {found}; this listener needs "
-                f"v{SCHEMA_VERSION}: run `cdc-invalidator install`"
-            )
+        require_installed(side)
         # Our bookkeeping writes only re-deliver events if lost in a crash: no fsync wait.
         side.execute("SET synchronous_commit = off")
         published = side.execute(

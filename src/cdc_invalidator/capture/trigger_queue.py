@@ -30,7 +30,7 @@ from psycopg.rows import tuple_row
 
 from cdc_invalidator import sqlfiles
 from cdc_invalidator.capture.errors import NotInstalled, Standby
-from cdc_invalidator.capture.trigger_sql import CHANNEL, SCHEMA_VERSION, installed_version
+from cdc_invalidator.capture.trigger_sql import CHANNEL, require_installed
 from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, Row, TableName
 
 # Progress is saved at most this often, and this long at most after going idle: a crash
@@ -303,13 +303,7 @@ class TriggerQueue:
 
 
 def _prepare(conn: psycopg.Connection[Any]) -> Progress:
-    version = installed_version(conn)
-    if version != SCHEMA_VERSION:
-        found = "no cdc_invalidator schema" if version is None else f"schema v{version}"
-        raise NotInstalled(
-            f"database {conn.info.dbname!r} has {found}; this listener needs "
-            f"v{SCHEMA_VERSION}: run `cdc-invalidator install`"
-        )
+    require_installed(conn)
     locked = conn.execute(sqlfiles.query("take_lock.sql")).fetchone()
     if not locked or not locked[0]:
         raise Standby("another listener is consuming the queue of this database")

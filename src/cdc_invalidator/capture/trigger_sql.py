@@ -8,6 +8,7 @@ import psycopg
 from psycopg import sql
 
 from cdc_invalidator import sqlfiles
+from cdc_invalidator.capture.errors import NotInstalled
 from cdc_invalidator.mapping import Mapper
 
 SCHEMA_VERSION = 1
@@ -58,6 +59,17 @@ def installed_version(conn: psycopg.Connection[Any]) -> int | None:
         return None
     row = conn.execute(sqlfiles.query("schema_version.sql")).fetchone()
     return int(row[0]) if row else None
+
+
+def require_installed(conn: psycopg.Connection[Any]) -> None:
+    """NotInstalled unless our SQL of this release's version is installed."""
+    version = installed_version(conn)
+    if version != SCHEMA_VERSION:
+        found = "no cdc_invalidator schema" if version is None else f"schema v{version}"
+        raise NotInstalled(
+            f"database {conn.info.dbname!r} has {found}; this listener needs "
+            f"v{SCHEMA_VERSION}: run `cdc-invalidator install`"
+        )
 
 
 def uninstall_script(publication: str | None = None) -> sql.Composed:
