@@ -121,8 +121,10 @@ END
 $restore$;
 
 -- publish(name, tables): the publication the listener streams, holding exactly
--- `tables`. Changes of a partition are published as changes of the partitioned table
--- the configuration names (publish_via_partition_root).
+-- `tables` (with a partitioned table, all its partitions, present and future). Each
+-- partition's changes are published under its own name, which the listener maps to
+-- the table the configuration names: publish_via_partition_root would be simpler, but
+-- PostgreSQL then does not publish a TRUNCATE of one partition at all.
 CREATE OR REPLACE FUNCTION cdc_invalidator.publish(pubname name, tables regclass[])
 RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
@@ -135,7 +137,7 @@ BEGIN
     ELSE
         EXECUTE format('ALTER PUBLICATION %I SET TABLE %s', pubname, list);
     END IF;
-    EXECUTE format('ALTER PUBLICATION %I SET (publish = %L, publish_via_partition_root = true)',
+    EXECUTE format('ALTER PUBLICATION %I SET (publish = %L, publish_via_partition_root = false)',
                    pubname, 'insert, update, delete, truncate');
 END
 $publish$;

@@ -36,8 +36,10 @@ def install(conn: psycopg.Connection[Any], settings: Settings) -> str:
     slot = settings.slot_name
     try:
         if settings.capture == "logical":
-            start = logical_sql.create_slot(conn, slot)
-            made = f"created slot {slot!r} at {start}" if start else f"slot {slot!r} exists"
+            new = logical_sql.create_slot(conn, slot)
+            made = f"created slot {slot!r} at {new.lsn}" if new else f"slot {slot!r} exists"
+            if new and new.owed:
+                made += f" (the listener sweeps every watched table first: {new.owed})"
             return (
                 f"installed cdc_invalidator v{version} (logical); {made}; "
                 f"publication {settings.publication_name!r} holds {tables}"

@@ -30,7 +30,7 @@ import structlog
 
 from cdc_invalidator import sqlfiles
 from cdc_invalidator.capture.errors import Fatal, NotInstalled, Standby
-from cdc_invalidator.capture.pgoutput import Begin, Commit, Decoder, Relation
+from cdc_invalidator.capture.pgoutput import Begin, Commit, Decoder, Relation, Undecodable
 from cdc_invalidator.capture.trigger_sql import require_installed
 from cdc_invalidator.capture.walstream import (
     Keepalive,
@@ -60,9 +60,11 @@ class LogicalBatch:
     size: int
     events: list[ChangeEvent]
     dead: dict[int, str] = field(default_factory=dict)
+    undecodable: dict[int, ChangeEvent] = field(default_factory=dict)  # what is known of them
     # (first position, xid, commit LSN) of each transaction the batch holds events of.
     transactions: list[tuple[int, int, int]] = field(default_factory=list)
     ack_lsn: int = 0  # confirmed once the batch is acknowledged
+    event_commit: int = 0  # end of the last transaction with events that the batch ends
     resync: bool = False  # the sweep owed after missed changes
 
     def dead_letter(self, position: int, error: str) -> None:
@@ -106,10 +108,16 @@ class LogicalCapture:
             try:
                 acked, resync = self._prepare(side)
             except psycopg.errors.InsufficientPrivilege as exc:
+                if "replication" in str(exc):
+                    raise Fatal(
+                        f"role {side.info.user!r} may not use replication slots ({exc}): grant "
+                        "it REPLICATION (ALTER ROLE ... REPLICATION) or run the listener as a "
+                        "role that has it"
+                    ) from None
                 raise Fatal(
-                    f"role {side.info.user!r} may not use replication slots ({exc}): grant it "
-                    "REPLICATION (ALTER ROLE ... REPLICATION) or run the listener as a role "
-                    "that has it"
+                    f"role {side.info.user!r} lacks a privilege the listener needs ({exc}): "
+                    "grant it USAGE on schema cdc_invalidator and write access to its tables "
+                    "and sequences, or run the listener as the role that installed it"
                 ) from None
             try:
                 repl = psycopg.connect(
@@ -246,7 +254,7 @@ class LogicalStream:
         self._side = side
         self._config = config
         columns = config.columns
-        self._decoder = Decoder(columns.get, self._old_values_not_sent)
+        self._decoder = Decoder(columns.get, self._old_values_not_sent, self._ancestors_of)
         self._resync = resync
         self._pending: LogicalBatch | None = None
         self._in_txn: tuple[int, int] | None = None  # (xid, commit LSN) of an open one
@@ -254,7 +262,9 @@ class LogicalStream:
         self._received = acked  # the furthest position the server reported
         self._confirmed = acked  # Redis confirmed every transaction before it
         self._persisted = acked  # saved in slot_state_v1: the slot is never told more
-        self._unsaved_events = 0
+        self._event_commit = acked  # the end of the last acknowledged transaction with events
+        self._txn_events = 0  # events (and dead letters) of the open transaction so far
+        self._unsaved_events = 0  # counted in slot_state_v1
         self._more = False  # the last read stopped at its limit: more is buffered
         self._reply_due = False
         self._status_at = time.monotonic()
@@ -283,6 +293,7 @@ class LogicalStream:
             log.warning("missed_changes_swept", tables=len(batch.events), reason=self._resync)
             self._resync = None
         self._confirmed = max(self._confirmed, batch.ack_lsn)
+        self._event_commit = max(self._event_commit, batch.event_commit)
         self._unsaved_events += batch.size
 
     def wait(self, timeout_s: float, wakeup_fd: int | None = None) -> None:
@@ -306,7 +317,7 @@ class LogicalStream:
     def close(self) -> None:
         """Confirm what is done if the connections still work, then close them."""
         with contextlib.suppress(psycopg.Error, OSError):
-            if self._unsaved_events:
+            if self._confirmed > self._persisted:
                 self._status_if_due(force=True)
         self._stream.close()
         self._side.close()
@@ -315,58 +326,81 @@ class LogicalStream:
 
     def _read(self, limit: int) -> LogicalBatch:
         batch = LogicalBatch(size=0, events=[], ack_lsn=self._read_upto)
-        events, dead, transactions = batch.events, batch.dead, batch.transactions
+        events, transactions = batch.events, batch.transactions
         decoder = self._decoder
         decode = decoder.decode
         if self._in_txn is not None:  # a transaction continued from the last batch
             transactions.append((decoder.position + 1, *self._in_txn))
         size = 0
+        txn_from = 0  # the batch's size when the open transaction began
         self._more = False
         read = self._stream.read
         while size < limit:
             msg = read()
             if msg is None:
                 break
-            if msg.__class__ is bytes:
-                assert isinstance(msg, bytes)
-                try:
-                    out = decode(msg)
-                except InvalidEvent as exc:
-                    decoder.position += 1
-                    dead[decoder.position] = str(exc)
-                    size += 1
-                    continue
-                if out is None:
-                    continue
-                cls = out.__class__
-                if cls is ChangeEvent:
-                    events.append(out)  # type: ignore[arg-type]
-                    size += 1
-                elif cls is Begin:
-                    assert isinstance(out, Begin)
-                    self._in_txn = (out.xid, out.final_lsn)
-                    transactions.append((decoder.position + 1, out.xid, out.final_lsn))
-                elif cls is Commit:
-                    assert isinstance(out, Commit)
-                    self._in_txn = None
-                    self._read_upto = batch.ack_lsn = out.end_lsn
-                    self._received = max(self._received, out.end_lsn)
-                else:
-                    assert isinstance(out, list)
-                    events.extend(out)
-                    size += len(out)
-            else:
+            if msg.__class__ is not bytes:
                 assert isinstance(msg, Keepalive)
-                self._received = max(self._received, msg.wal_end)
-                if msg.reply:
-                    self._reply_due = True
-                if self._in_txn is None and msg.wal_end > self._read_upto:
-                    # Between transactions: everything before wal_end has been sent.
-                    self._read_upto = batch.ack_lsn = msg.wal_end
+                self._keepalive(msg, batch)
+                continue
+            assert isinstance(msg, bytes)
+            try:
+                out = decode(msg)
+            except InvalidEvent as exc:
+                self._invalid(exc, batch)
+                size += 1
+                continue
+            if out is None:
+                continue
+            cls = out.__class__
+            if cls is ChangeEvent:
+                events.append(out)  # type: ignore[arg-type]
+                size += 1
+            elif cls is Begin:
+                assert isinstance(out, Begin)
+                self._in_txn = (out.xid, out.final_lsn)
+                self._txn_events = 0
+                txn_from = size
+                transactions.append((decoder.position + 1, out.xid, out.final_lsn))
+            elif cls is Commit:
+                assert isinstance(out, Commit)
+                self._commit(out, batch, self._txn_events + size - txn_from)
+            else:
+                assert isinstance(out, list)
+                events.extend(out)
+                size += len(out)
         else:
             self._more = True
+        if self._in_txn is not None:
+            self._txn_events += size - txn_from
         batch.size = size
         return batch
+
+    def _commit(self, commit: Commit, batch: LogicalBatch, events: int) -> None:
+        self._in_txn = None
+        self._txn_events = 0
+        self._read_upto = batch.ack_lsn = commit.end_lsn
+        self._received = max(self._received, commit.end_lsn)
+        if events:
+            # Some of its events may have been handed out in earlier batches: the slot
+            # is owed this position all the same.
+            batch.event_commit = commit.end_lsn
+
+    def _keepalive(self, msg: Keepalive, batch: LogicalBatch) -> None:
+        self._received = max(self._received, msg.wal_end)
+        if msg.reply:
+            self._reply_due = True
+        if self._in_txn is None and msg.wal_end > self._read_upto:
+            # Between transactions: everything before wal_end has been sent.
+            self._read_upto = batch.ack_lsn = msg.wal_end
+
+    def _invalid(self, exc: InvalidEvent, batch: LogicalBatch) -> None:
+        """A change that cannot become keys: a dead letter, counted as an event."""
+        decoder = self._decoder
+        decoder.position += 1
+        batch.dead[decoder.position] = str(exc)
+        if isinstance(exc, Undecodable):
+            batch.undecodable[decoder.position] = exc.event
 
     def _resync_batch(self) -> LogicalBatch:
         """Every watched table as truncated: the mapper sweeps each template as a glob."""
@@ -375,6 +409,10 @@ class LogicalStream:
             for i, table in enumerate(sorted(self._config.columns))
         ]
         return LogicalBatch(len(events), events, ack_lsn=self._read_upto, resync=True)
+
+    def _ancestors_of(self, relid: int) -> list[TableName]:
+        rows = self._side.execute(sqlfiles.query("partition_ancestors.sql"), {"relid": relid})
+        return [TableName(schema, name) for schema, name in rows]
 
     def _old_values_not_sent(self, relation: Relation, columns: list[str]) -> None:
         log.warning(
@@ -395,7 +433,7 @@ class LogicalStream:
             return
         target = self._confirmed
         if target > self._persisted and (
-            self._unsaved_events or target - self._persisted >= CHASE_BYTES
+            force or self._event_commit > self._persisted or target - self._persisted >= CHASE_BYTES
         ):
             self._side.execute(
                 sqlfiles.query("save_ack.sql"),
@@ -408,6 +446,12 @@ class LogicalStream:
             self._persisted = target
             self._unsaved_events = 0
         self._stream.send_status(self._received, self._persisted)
+        if self._reply_due and self._persisted < self._received:
+            # The server is waiting for an answer, and on shutdown it waits until the
+            # client has everything it sent: say that we received it all without moving
+            # the slot past what is saved (flush 0 is "unknown": the walsender then goes by
+            # the write position). Otherwise a fast shutdown waits for us forever.
+            self._stream.send_status(self._received, 0)
         self._status_at = now
         self._reply_due = False
 
@@ -433,7 +477,7 @@ class LogicalStream:
                 if i >= 0
                 else ""
             )
-            event = by_position.get(position)
+            event = by_position.get(position) or batch.undecodable.get(position)
             rows.append(
                 {
                     "schema": event.table.schema if event else None,

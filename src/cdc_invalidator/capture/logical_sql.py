@@ -9,6 +9,7 @@ that has written.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -83,21 +84,36 @@ def install_script(
     )
 
 
-def create_slot(conn: psycopg.Connection[Any], slot: str) -> str | None:
-    """Create the slot unless it exists, recording where it starts; that LSN, or None."""
-    exists = conn.execute(
-        "SELECT EXISTS (SELECT FROM pg_replication_slots WHERE slot_name = %s)", [slot]
+@dataclass(frozen=True, slots=True)
+class NewSlot:
+    lsn: str  # where it starts
+    owed: str | None  # why the listener must sweep first: an earlier slot was lost
+
+
+def create_slot(conn: psycopg.Connection[Any], slot: str) -> NewSlot | None:
+    """Create the slot unless it exists, recording where it starts. SlotBusy if a slot
+    of that name exists and is not one we can use."""
+    found = conn.execute(
+        "SELECT slot_type, plugin, database FROM pg_replication_slots WHERE slot_name = %s",
+        [slot],
     ).fetchone()
-    if exists and exists[0]:
+    if found is not None:
+        slot_type, plugin, database = found
+        if (slot_type, plugin, database) != ("logical", "pgoutput", conn.info.dbname):
+            raise SlotBusy(
+                f"replication slot {slot!r} belongs to something else ({slot_type} slot of "
+                f"{plugin!r} on database {database!r}): set slot_name to a name of our own"
+            )
         return None
     row = conn.execute(sqlfiles.query("create_slot.sql"), {"slot": slot}).fetchone()
     assert row is not None
-    conn.execute(sqlfiles.query("record_slot.sql"), {"slot": slot, "lsn": row[0]})
-    return str(row[0])
+    state = conn.execute(sqlfiles.query("record_slot.sql"), {"slot": slot, "lsn": row[0]})
+    recorded = state.fetchone()
+    return NewSlot(str(row[0]), recorded[0] if recorded else None)
 
 
 class SlotBusy(Exception):
-    """The slot is being streamed: stop the listener first."""
+    """The slot cannot be used or dropped now: a listener streams it, or it is not ours."""
 
 
 def our_slot(conn: psycopg.Connection[Any], slot: str) -> bool:

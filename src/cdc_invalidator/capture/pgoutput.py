@@ -71,15 +71,19 @@ class Decoder:
 
     `columns_for(table)` names the columns to decode for a table (the key templates'
     columns); None decodes every column (a table the configuration does not know: its
-    events become dead letters, with the whole row as evidence).
+    events become dead letters, with the whole row as evidence). `ancestors_of(relid)`
+    names the tables a partition belongs to, nearest first: the changes of a partition
+    of a configured table are reported as changes of that table.
     """
 
     def __init__(
         self,
         columns_for: Callable[[TableName], Sequence[str] | None],
         on_missing_old: Callable[[Relation, list[str]], None] | None = None,
+        ancestors_of: Callable[[int], Sequence[TableName]] | None = None,
     ) -> None:
         self._columns_for = columns_for
+        self._ancestors_of = ancestors_of
         self._on_missing_old = on_missing_old
         self._relations: dict[int, Relation] = {}
         self._warned: set[tuple[int, tuple[str, ...]]] = set()
@@ -146,6 +150,12 @@ class Decoder:
         # An empty namespace means pg_catalog (the plugin abbreviates it).
         table = TableName(namespace or "pg_catalog", name)
         wanted_names = self._columns_for(table)
+        if wanted_names is None and self._ancestors_of is not None:
+            for ancestor in self._ancestors_of(relid):
+                wanted_names = self._columns_for(ancestor)
+                if wanted_names is not None:
+                    table = ancestor
+                    break
         index = {c: i for i, c in enumerate(columns)}
         if wanted_names is None:
             wanted = tuple((c, i) for i, c in enumerate(columns))
@@ -170,7 +180,10 @@ class Decoder:
             raise ValueError(f"INSERT without a new tuple (got {chr(msg[5])!r})")
         values, end = _scan(msg, 6, relation)
         _at_end(msg, end)
-        new = _row(relation, values)
+        try:
+            new = _row(relation, values)
+        except InvalidEvent as exc:
+            raise Undecodable(exc, relation, Op.INSERT, None, values) from None
         self.position += 1
         return ChangeEvent(relation.table, Op.INSERT, None, new, self.position)
 
@@ -190,20 +203,23 @@ class Decoder:
             raise ValueError(f"UPDATE without a new tuple (got {chr(tag)!r})")
         new_values, end = _scan(msg, pos + 1, relation)
         _at_end(msg, end)
-        if old_values is None:
-            # No old tuple: no replica-identity column changed. Others may have, and their
-            # old values are not sent; the new ones are the best there is.
-            new = old = _row(relation, new_values)
-            self._missing_old(relation, partial=relation.identity != "f")
-        elif old_values == new_values:
-            # The key columns did not change (the common UPDATE): one row for both, which
-            # the mapper renders once.
-            new = old = _row(relation, new_values, old_values)
-        else:
-            new = _row(relation, new_values, old_values)
-            old = _row(relation, old_values, new_values)
-            if old == new:
-                old = new
+        try:
+            if old_values is None:
+                # No old tuple: no replica-identity column changed. Others may have, and
+                # their old values are not sent; the new ones are the best there is.
+                new = old = _row(relation, new_values)
+                self._missing_old(relation, partial=relation.identity != "f")
+            elif old_values == new_values:
+                # The key columns did not change (the common UPDATE): one row for both,
+                # which the mapper renders once.
+                new = old = _row(relation, new_values, old_values)
+            else:
+                new = _row(relation, new_values, old_values)
+                old = _row(relation, old_values, new_values)
+                if old == new:
+                    old = new
+        except InvalidEvent as exc:
+            raise Undecodable(exc, relation, Op.UPDATE, old_values, new_values) from None
         self.position += 1
         return ChangeEvent(relation.table, Op.UPDATE, old, new, self.position)
 
@@ -218,7 +234,10 @@ class Decoder:
             for column in relation.not_in_key:
                 values[column] = NOT_SENT
             self._missing_old(relation, partial=True)
-        old = _row(relation, values)
+        try:
+            old = _row(relation, values)
+        except InvalidEvent as exc:
+            raise Undecodable(exc, relation, Op.DELETE, values, None) from None
         self.position += 1
         return ChangeEvent(relation.table, Op.DELETE, old, None, self.position)
 
@@ -249,6 +268,34 @@ class Decoder:
         if missing and (relation.relid, missing) not in self._warned:
             self._warned.add((relation.relid, missing))
             self._on_missing_old(relation, list(missing))
+
+
+class Undecodable(InvalidEvent):
+    """A change whose values cannot become keys. `event` holds what is known of it (the
+    values decoded leniently) for the dead letter, so that it can be replayed by hand."""
+
+    def __init__(
+        self,
+        cause: InvalidEvent,
+        relation: Relation,
+        op: Op,
+        old: dict[str, object] | None,
+        new: dict[str, object] | None,
+    ) -> None:
+        super().__init__(str(cause))
+        self.event = ChangeEvent(relation.table, op, _lenient(old), _lenient(new), 0)
+
+
+def _lenient(values: dict[str, object] | None) -> Row | None:
+    """Values as text whatever they hold: bytes that are not UTF-8 are escaped, values
+    not sent are left out."""
+    if values is None:
+        return None
+    return {
+        c: v.decode(errors="backslashreplace") if isinstance(v, bytes) else None
+        for c, v in values.items()
+        if v is None or isinstance(v, bytes)
+    }
 
 
 def _cstring(msg: bytes, pos: int) -> tuple[str, int]:
