@@ -20,6 +20,7 @@ from cdc_invalidator.capture.pgoutput import (
     Decoder,
     ProtocolError,
     Relation,
+    Undecodable,
 )
 from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, TableName
 
@@ -366,6 +367,45 @@ def test_partition_changes_name_the_root() -> None:
     ]
 
 
+def as_partition(msg: bytes) -> bytes:
+    """The users Relation message as if it described a partition, users_p1."""
+    assert msg.count(b"public\x00users\x00") == 1
+    return msg.replace(b"public\x00users\x00", b"public\x00users_p1\x00")
+
+
+def test_a_partition_published_under_its_own_name_maps_to_its_configured_ancestor() -> None:
+    parent, top = TableName("public", "users_mid"), USERS
+    asked: list[int] = []
+
+    def ancestors_of(relid: int) -> list[TableName]:
+        asked.append(relid)
+        return [parent, top]  # nearest first; only the top one is configured
+
+    decoder = Decoder(columns({USERS: ["id"]}), ancestors_of=ancestors_of)
+    relation = as_partition(message("insert", "R"))
+    assert decoder.decode(relation) is None
+    assert decoder.decode(message("insert", "I")) == ChangeEvent(
+        USERS, Op.INSERT, None, {"id": "1"}, 1
+    )
+    assert asked == [struct.unpack_from("!I", relation, 1)[0]]
+
+
+def test_a_table_no_configured_table_contains_keeps_its_name() -> None:
+    decoder = Decoder(columns({ORDERS: ["Key Col"]}), ancestors_of=lambda _relid: [])
+    decoder.decode(as_partition(message("insert", "R")))
+    event = decoder.decode(message("insert", "I"))
+    assert isinstance(event, ChangeEvent)
+    assert (event.table, event.new) == (TableName("public", "users_p1"), ANN)
+
+
+def test_a_configured_table_is_not_looked_up() -> None:
+    def ancestors_of(_relid: int) -> list[TableName]:
+        raise AssertionError("looked up")
+
+    decoder = Decoder(columns({USERS: ["id"]}), ancestors_of=ancestors_of)
+    feed(decoder, "insert")
+
+
 def test_quoted_mixed_case_names() -> None:
     assert (ORDERS.schema, ORDERS.name) == ("My Schema", 'Order"s')
     assert events("quoted") == [
@@ -443,6 +483,33 @@ def test_a_value_that_is_not_utf8_is_invalid_naming_the_column(bad: bytes) -> No
     assert decoder.decode(second) == ChangeEvent(
         USERS, Op.INSERT, None, {"id": "2", "email": None, "name": "Bob"}, 1
     )
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "op"),
+    [
+        ("insert", "I", Op.INSERT),
+        ("full_update_name", "U", Op.UPDATE),
+        ("full_delete", "D", Op.DELETE),
+    ],
+)
+def test_an_undecodable_change_keeps_what_is_known_of_it(name: str, kind: str, op: Op) -> None:
+    msg = message(name, kind)
+    good = next(v for v in (b"Ann", b"Anna") if msg.count(text_field(v)) == 1)
+    decoder = Decoder(all_columns)
+    decoder.decode(message(name, "R"))
+    with pytest.raises(Undecodable, match="is not UTF-8") as caught:
+        decoder.decode(replace_value(msg, good, b"A\xffn"))
+    event = caught.value.event
+    assert (event.table.name, event.op) == (message_table(name), op)
+    row = event.new if op is Op.INSERT else event.old  # the tuple with "Ann" in it
+    assert row is not None
+    assert row["name"] == "A\\xffn"  # escaped, for the dead letter
+    assert row["id"] in ("1", "10")
+
+
+def message_table(name: str) -> str:
+    return "users_full" if name.startswith("full") else "users"
 
 
 def test_a_value_that_is_not_utf8_in_an_unwanted_column_is_not_decoded() -> None:

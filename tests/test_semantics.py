@@ -1,15 +1,22 @@
 """What the listener does with each kind of change, on real PostgreSQL and Redis.
 
-Every test installs the trigger queue through the CLI, runs the real Runner in a thread
-(tests.helpers.ListenerThread) and waits on the event it expects, never on a clock.
-"Settled" means the queue is empty: the listener deletes a queue row in the same
-transaction that it commits only after Redis confirmed the deletes, so an empty queue
-after a committed change proves that change's keys were handled.
+Every test runs in both capture modes (the `capture` fixture): it installs through the
+CLI, runs the real Runner in a thread (tests.helpers.ListenerThread) and waits on the
+event it expects, never on a clock.
+
+"Settled" (settle()) means a change committed to the `sync` table had its key deleted
+and was acknowledged, and with it everything committed before. In trigger mode the queue
+is then empty: the listener deletes a queue row in the same transaction that it commits
+only after Redis confirmed the deletes. In logical mode the stream is in commit order,
+so the sync row's key deleted means every change committed before it was handled; and
+the slot's confirmed position passing the sync row's commit means that batch (and its
+dead letters, saved before the acknowledgement) is done.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,11 +30,27 @@ from cdc_invalidator.cli import main
 from tests.conftest import Env
 from tests.helpers import ListenerThread, run_cli, wait_until
 
+pytestmark = pytest.mark.usefixtures("capture")
+
 USERS = {"public.users": ["user:{id}", "user:email:{email}"]}
 # Every test's config also watches `sync`: committing a row to it is a sync point.
 SYNC = {"public.sync": ["sync:{id}"]}
 
 QUEUE_LEN = "SELECT count(*) FROM cdc_invalidator.queue_v1"
+SLOT = "cdc_invalidator"  # the default slot_name and publication_name
+# The changes (I, U, D, T messages) decoded so far from the slot, without consuming them:
+# logical mode's view of what waits for the listener (the slot must not be in use).
+PEEK_CHANGES = """
+    SELECT count(*) FROM pg_logical_slot_peek_binary_changes(
+        %(slot)s::name, NULL, NULL, 'proto_version', '1', 'publication_names', %(slot)s::text)
+    WHERE get_byte(data, 0) IN (ascii('I'), ascii('U'), ascii('D'), ascii('T'))
+"""
+
+
+def trigger_only(env: Env, why: str) -> None:
+    """Skip, saying why, a test about the trigger queue itself when run in logical mode."""
+    if env.logical:
+        pytest.skip(f"trigger queue only: {why}")
 
 
 def install(env: Env, tables: Mapping[str, Sequence[str]], name: str = "config.toml") -> Path:
@@ -51,6 +74,34 @@ def queue_len(env: Env) -> int:
     return int(env.scalar(QUEUE_LEN))
 
 
+def backlog(env: Env) -> int:
+    """Changes captured and waiting for the listener (which must not be running): the
+    queue's rows, or the changes the slot holds."""
+    if not env.logical:
+        return queue_len(env)
+    with env.connect() as conn:
+        # Decoding reads flushed WAL only, and the tests' commits do not wait for the
+        # flush (synchronous_commit = off): a commit that does (of a transaction that
+        # wrote WAL, here a message nobody subscribes to) flushes all before it.
+        conn.execute("SET synchronous_commit = on")
+        conn.execute("SELECT pg_logical_emit_message(true, 'test_flush', '')")
+        row = conn.execute(PEEK_CHANGES, {"slot": SLOT}).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def confirmed_past(env: Env, lsn: str) -> bool:
+    """The slot's confirmed position (what the listener told it it has finished) is
+    past `lsn`."""
+    return bool(
+        env.scalar(
+            "SELECT coalesce(confirmed_flush_lsn > %s::pg_lsn, false)"
+            " FROM pg_replication_slots WHERE slot_name = %s",
+            [lsn, SLOT],
+        )
+    )
+
+
 def keys(r: redis.Redis) -> set[str]:
     return set(cast(list[str], r.keys("*")))
 
@@ -59,11 +110,23 @@ def settle(env: Env, r: redis.Redis) -> None:
     """Commit a change to `sync` and wait until it and everything before it is done."""
     n = int(env.scalar("SELECT coalesce(max(id), 0) + 1 FROM sync"))
     r.set(f"sync:{n}", "x")
-    env.sql("INSERT INTO sync VALUES (%s)", [n])
-    wait_until(
-        lambda: r.exists(f"sync:{n}") == 0 and queue_len(env) == 0,
-        what=f"sync point {n} processed and the queue empty",
-    )
+    with env.connect() as conn, conn.transaction():
+        conn.execute("INSERT INTO sync VALUES (%s)", [n])
+        # The WAL position just before the commit record.
+        row = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
+    assert row is not None
+    if env.logical:
+        # The listener confirms the end of a transaction it finished, or a position
+        # between transactions: past the sync row's last change means past its commit.
+        wait_until(
+            lambda: r.exists(f"sync:{n}") == 0 and confirmed_past(env, row[0]),
+            what=f"sync point {n} processed and acknowledged",
+        )
+    else:
+        wait_until(
+            lambda: r.exists(f"sync:{n}") == 0 and queue_len(env) == 0,
+            what=f"sync point {n} processed and the queue empty",
+        )
 
 
 def dead_letters(env: Env) -> list[tuple[int, str, str, str, Any, Any, str]]:
@@ -173,10 +236,7 @@ def test_truncate_sweeps_every_template_of_the_table_as_a_glob(env: Env) -> None
     r.mset({**swept, **unrelated})
     with listening(config):
         env.sql("TRUNCATE orders")
-        wait_until(
-            lambda: r.exists(*list(swept)) == 0 and queue_len(env) == 0,
-            what="every order key swept",
-        )
+        wait_until(lambda: r.exists(*list(swept)) == 0, what="every order key swept")
         settle(env, r)
     assert keys(r) == set(unrelated)
 
@@ -221,7 +281,6 @@ def test_rolled_back_transaction_deletes_nothing(env: Env) -> None:
                 conn.execute("UPDATE users SET name = 'gone' WHERE id = 1")
                 raise psycopg.Rollback
         settle(env, r)
-        assert queue_len(env) == 0
     assert r.mget("user:1", "user:email:a@x", "user:5", "user:email:e@x") == ["A", "1", "-", "-"]
     assert r.exists("user:6") == 0  # the committed part of that transaction
     assert dead_letters(env) == []
@@ -258,7 +317,7 @@ def test_unwatched_table_causes_nothing(env: Env) -> None:
     env.sql("UPDATE audit SET what = 'c'")
     env.sql("DELETE FROM audit WHERE id = 1")
     env.sql("TRUNCATE audit")
-    assert queue_len(env) == 0
+    assert backlog(env) == 0
     with listening(config):
         settle(env, r)
     assert keys(r) == {"audit:1", "audit:2", "user:1", "user:email:a@x"}
@@ -376,10 +435,9 @@ def test_multi_row_statements_invalidate_every_row(env: Env) -> None:
     r.mset(cached)
     r.set("user:1001", "not touched")
     env.sql("UPDATE users SET email = 'new' || id || '@x'")
-    assert queue_len(env) == 1000  # one event per row, from one statement
+    assert backlog(env) == 1000  # one event per row, from one statement
     with listening(config):
-        wait_until(lambda: queue_len(env) == 0, what="1000-row update processed")
-        assert keys(r) == {"user:1001"}
+        wait_until(lambda: keys(r) == {"user:1001"}, what="1000-row update processed")
         r.mset({f"user:{i}": "u" for i in range(1, 1001)})
         env.sql("DELETE FROM users WHERE id <= 600")
         wait_until(lambda: r.exists(*[f"user:{i}" for i in range(1, 601)]) == 0)
@@ -440,12 +498,26 @@ def test_a_100k_row_transaction_is_fully_invalidated(env: Env) -> None:
             )
             conn.execute("UPDATE users SET name = 'n' WHERE id % 10 = 0")
         wait_until(lambda: r.dbsize() == 1, timeout_s=60, what="200k keys deleted")
-        wait_until(lambda: queue_len(env) == 0, what="queue drained")
+        settle(env, r)
     assert keys(r) == {"user:100001"}
     assert dead_letters(env) == []
 
 
-# --- Trap 1: ids commit out of order ------------------------------------------------------
+# --- Trap 1: changes commit out of order ---------------------------------------------------
+
+
+def write_position(env: Env, conn: psycopg.Connection[Any]) -> int:
+    """Where the open transaction's change went: its queue id or, in logical mode (no
+    queue), the WAL position after its last record."""
+    query = (
+        "SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn"
+        if env.logical
+        else "SELECT max(id) FROM cdc_invalidator.queue_v1"
+    )
+    row = conn.execute(query).fetchone()
+    assert row is not None
+    assert row[0] is not None
+    return int(row[0])
 
 
 def test_event_whose_transaction_commits_late_is_not_skipped(env: Env) -> None:
@@ -456,15 +528,14 @@ def test_event_whose_transaction_commits_late_is_not_skipped(env: Env) -> None:
     with listening(config), env.connect() as a, env.connect() as b:
         with a.transaction():
             a.execute("UPDATE users SET name = 'late' WHERE id = 1")
-            a_id = a.execute("SELECT max(id) FROM cdc_invalidator.queue_v1").fetchone()
+            a_at = write_position(env, a)
             with b.transaction():
                 b.execute("UPDATE users SET name = 'early' WHERE id = 2")
-                b_id = b.execute("SELECT max(id) FROM cdc_invalidator.queue_v1").fetchone()
-            assert a_id is not None
-            assert b_id is not None
-            assert a_id[0] < b_id[0], "A must hold the lower queue id"
-            wait_until(lambda: r.exists("user:2") == 0, what="B's key (higher id) deleted")
-            # The listener has gone past A's id; A is still invisible to it.
+                b_at = write_position(env, b)
+            # The queue id, or the WAL position: A's change was written first.
+            assert a_at < b_at, "A's change must come first"
+            wait_until(lambda: r.exists("user:2") == 0, what="B's key (later change) deleted")
+            # The listener has gone past A's change; A is still invisible to it.
             assert r.get("user:1") == "A"
         wait_until(lambda: r.exists("user:1") == 0, what="A's key deleted after its late commit")
         settle(env, r)
@@ -567,6 +638,11 @@ def enqueue(
 
 
 def test_bad_events_are_dead_lettered_and_good_ones_still_processed(env: Env) -> None:
+    trigger_only(
+        env,
+        "malformed events written to the queue by hand (the stream's dead letters: "
+        "test_table_dropped_from_config_without_reinstall_is_dead_lettered)",
+    )
     users_table(env, [(1, "a@x"), (2, "b@x")])
     config = install(env, USERS)
     r = env.redis()
@@ -604,6 +680,7 @@ def test_bad_events_are_dead_lettered_and_good_ones_still_processed(env: Env) ->
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_huge_json_number_is_dead_lettered_not_fatal(env: Env) -> None:
+    trigger_only(env, "a JSON number written to the queue by hand; pgoutput sends values as text")
     users_table(env, [(1, "a@x")])
     config = install(env, USERS)
     r = env.redis()
@@ -617,6 +694,7 @@ def test_a_huge_json_number_is_dead_lettered_not_fatal(env: Env) -> None:
 
 
 def test_dead_letter_keeps_the_payload_exactly(env: Env) -> None:
+    trigger_only(env, "the exact JSON text of a queue row written by hand")
     users_table(env)
     config = install(env, USERS)
     r = env.redis()
@@ -639,16 +717,35 @@ def test_table_dropped_from_config_without_reinstall_is_dead_lettered(env: Env) 
     r = env.redis()
     r.mset({"order:5": "-", "user:1": "A"})
     with listening(smaller) as listener:
-        env.sql("INSERT INTO orders VALUES (5)")
+        with env.connect() as conn, conn.transaction():
+            conn.execute("INSERT INTO orders VALUES (5)")
+            row = conn.execute(
+                "SELECT pg_current_xact_id()::text, pg_current_wal_insert_lsn()"
+            ).fetchone()
+        assert row is not None
+        xid, inserted_at = row
+        committed_by = env.scalar("SELECT pg_current_wal_insert_lsn()")
         env.sql("UPDATE users SET name = 'x' WHERE id = 1")
         wait_until(lambda: r.exists("user:1") == 0, what="the configured table's event")
         settle(env, r)
         assert listener.alive()
     letters = dead_letters(env)
-    assert [(row[2], row[3]) for row in letters] == [("orders", "I")]
-    assert "public.orders" in letters[0][6]
-    assert "configuration" in letters[0][6]
+    assert [(row[1], row[2], row[3]) for row in letters] == [("public", "orders", "I")]
+    error = letters[0][6]
+    assert "public.orders" in error
+    assert "configuration" in error
     assert r.get("order:5") == "-"
+    if env.logical:
+        # No queue id: a negative one; the row as decoded (every column, as text); and
+        # where the change is in the WAL.
+        assert letters[0][0] < 0
+        assert json.loads(letters[0][5]) == {"id": "5"}
+        where = re.fullmatch(r".* \(transaction (\d+), commit LSN ([0-9A-F]+/[0-9A-F]+)\)", error)
+        assert where, error
+        assert where.group(1) == xid
+        assert env.scalar(
+            "SELECT %s::pg_lsn BETWEEN %s AND %s", [where.group(2), inserted_at, committed_by]
+        ), (where.group(2), inserted_at, committed_by)
 
 
 # --- status --------------------------------------------------------------------------------
@@ -662,29 +759,53 @@ def status(config: Path) -> dict[str, Any]:
 
 def test_status_reports_backlog_age_dead_letters_and_progress(env: Env) -> None:
     users_table(env, [(1, "a@x"), (2, "b@x"), (3, "c@x")])
-    config = install(env, USERS)
+    env.sql("CREATE TABLE ghost (id int PRIMARY KEY)")
+    install(env, {**USERS, "public.ghost": ["ghost:{id}"]})
+    # The listener runs without `ghost`, whose changes are still captured: dead letters.
+    config = env.config({**USERS, **SYNC}, name="running.toml")
     before = status(config)
-    assert before["backlog"] == 0
-    assert before["oldest_pending_age_s"] is None
+    assert before["capture"] == env.capture
     assert before["dead_letters"] == 0
     assert before["last_processed_at"] is None
+    assert before["events_processed"] == 0
+    if env.logical:
+        assert before["slot_exists"] is True
+        assert before["sweep_owed"] is None
+        lag_before = before["slot_lag_bytes"]
+        assert lag_before is not None
+    else:
+        assert before["backlog"] == 0
+        assert before["oldest_pending_age_s"] is None
 
     # The listener is stopped: three changes and one bad event wait.
     env.sql("UPDATE users SET name = 'x' WHERE id = 1")
     env.sql("UPDATE users SET name = 'x' WHERE id = 2")
     env.sql("DELETE FROM users WHERE id = 3")
-    enqueue(env, "ghost", "D", old_row='{"id": "1"}')
+    env.sql("INSERT INTO ghost VALUES (1)")
     waiting = status(config)
-    assert waiting["backlog"] == 4
-    assert waiting["oldest_pending_age_s"] > 0
     assert waiting["last_processed_at"] is None
+    if env.logical:
+        # The WAL written since the slot's confirmed position (once the WAL writer has
+        # written those commits: synchronous_commit is off in the tests).
+        wait_until(
+            lambda: status(config)["slot_lag_bytes"] > lag_before, what="the slot lag to grow"
+        )
+        assert waiting["slot_active_pid"] is None
+    else:
+        assert waiting["backlog"] == 4
+        assert waiting["oldest_pending_age_s"] > 0
 
     r = env.redis()
     with listening(config):
         settle(env, r)
+        if env.logical:
+            assert status(config)["slot_active_pid"] is not None
     after = status(config)
-    assert after["backlog"] == 0
-    assert after["oldest_pending_age_s"] is None
     assert after["dead_letters"] == 1
     assert after["last_processed_at"] is not None
     assert after["events_processed"] == 5  # four waiting, one sync point
+    if env.logical:
+        assert after["sweep_owed"] is None
+    else:
+        assert after["backlog"] == 0
+        assert after["oldest_pending_age_s"] is None

@@ -1,13 +1,34 @@
-"""A second listener on the same database waits as a standby and takes over."""
+"""A second listener on the same database waits as a standby and takes over.
+
+Both capture modes: the first listener holds the trigger queue's advisory lock, or
+streams the replication slot (which one process at a time may do).
+"""
 
 from __future__ import annotations
 
+import re
 import signal
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import Env
 from tests.helpers import ListenerProcess, wait_until
-from tests.test_faults import cache, keys_of, setup_users
+from tests.test_faults import SLOT, cache, keys_of, setup_users
+
+pytestmark = pytest.mark.usefixtures("capture")
+
+
+def holding(env: Env) -> bool:
+    """A listener holds the source: the queue's advisory lock, or the slot."""
+    if env.logical:
+        return bool(
+            env.scalar(
+                "SELECT active_pid IS NOT NULL FROM pg_replication_slots WHERE slot_name = %s",
+                [SLOT],
+            )
+        )
+    return bool(env.scalar("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"))
 
 
 def test_second_listener_waits_then_takes_over(own_env: Env, tmp_path: Path) -> None:
@@ -16,15 +37,18 @@ def test_second_listener_waits_then_takes_over(own_env: Env, tmp_path: Path) -> 
     first = ListenerProcess(config, tmp_path / "first.log").start()
     second = ListenerProcess(config, tmp_path / "second.log")
     try:
-        # The first holds the queue's advisory lock before the second starts.
-        wait_until(
-            lambda: own_env.scalar(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
-            ),
-            what="the first listener holding the lock",
-        )
+        # The first holds the queue's advisory lock (or the slot) before the second starts.
+        wait_until(lambda: holding(own_env), what="the first listener holding the source")
         second.start()
         wait_until(lambda: second.logged("standby"), what="the second listener in standby")
+        # It says what it waits for: the slot, with the process streaming it.
+        reason = second.logged("standby")[0]["reason"]
+        if own_env.logical:
+            assert re.search(
+                rf"replication slot .*{SLOT}.* (in use by process|active for PID) \d+", reason
+            ), reason
+        else:
+            assert "another listener" in reason, reason
         cache(r, [1])
         own_env.sql("UPDATE users SET email = 'x@y' WHERE id = 1")
         wait_until(lambda: r.exists(*keys_of(1)) == 0, what="the active listener's delete")
@@ -32,7 +56,7 @@ def test_second_listener_waits_then_takes_over(own_env: Env, tmp_path: Path) -> 
 
         first.signal(signal.SIGKILL)
         first.wait()
-        # The lock goes with the dead listener's session; the standby polls for it.
+        # The lock (the slot) goes with the dead listener's session; the standby polls for it.
         wait_until(lambda: second.logged("active"), what="the standby taking over")
         cache(r, [2])
         own_env.sql("UPDATE users SET email = 'z@y' WHERE id = 2")
