@@ -27,6 +27,7 @@ from cdc_invalidator.redact import Scrubber, redact_url, secrets_of
 from cdc_invalidator.settings import CONFIG_ENV, ConfigError, Settings, load_settings
 from cdc_invalidator.shutdown import Stopper
 from cdc_invalidator.sink import RedisSink
+from cdc_invalidator.sink.connect import RedisOptions
 from cdc_invalidator.status import (
     LogicalStatus,
     NotInstalledHere,
@@ -153,7 +154,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     config_name = str(args.config or "configuration")
     with connect(settings) as conn:
         report = check_database(conn, settings, config_name)
-    sink = RedisSink.from_url(settings.redis_url, timeout_s=settings.redis_timeout_s)
+    sink = RedisSink.from_options(RedisOptions.from_settings(settings))
     try:
         redis_report = check_redis(sink.client, settings.redis_url)
     finally:
@@ -194,13 +195,19 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    scrubber = Scrubber(secrets_of(settings.database_url, settings.redis_url))
+    scrubber = Scrubber(
+        [
+            *secrets_of(settings.database_url, settings.redis_url),
+            settings.redis_sentinel_password,
+        ]
+    )
     logs.configure(settings.log_level, settings.log_format, scrubber)
     log = structlog.get_logger("cdc_invalidator.cli")
     log.info(
         "config_loaded",
         database_url=redact_url(settings.database_url),
         redis_url=redact_url(settings.redis_url),
+        **({"redis_sentinels": settings.redis_sentinels} if settings.redis_sentinels else {}),
         capture=settings.capture,
     )
     stopper = Stopper()

@@ -10,6 +10,7 @@ from cdc_invalidator.runner import Runner, RunnerConfig, Source
 from cdc_invalidator.settings import Settings
 from cdc_invalidator.shutdown import Stopper
 from cdc_invalidator.sink import RedisSink
+from cdc_invalidator.sink.connect import RedisOptions
 
 
 def runner_config(settings: Settings) -> RunnerConfig:
@@ -24,9 +25,8 @@ def runner_config(settings: Settings) -> RunnerConfig:
 
 def build_listener(settings: Settings, stopper: Stopper) -> tuple[Runner, RedisSink]:
     """The runner and the Redis sink it writes to (the caller closes the sink)."""
-    sink = RedisSink.from_url(
-        settings.redis_url,
-        timeout_s=settings.redis_timeout_s,
+    sink = RedisSink.from_options(
+        RedisOptions.from_settings(settings),
         unlink_chunk=settings.unlink_chunk,
         scan_count=settings.scan_count,
     )

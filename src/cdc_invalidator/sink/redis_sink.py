@@ -6,15 +6,18 @@ from collections.abc import Collection, Iterable, Iterator, Sequence
 from itertools import islice
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from cdc_invalidator.mapping import Invalidation
+from cdc_invalidator.sink.connect import RedisOptions, redis_client
 
 # Errors after which the same deletes will work once Redis is back: retry them with
 # back-off. Error replies count too: READONLY (a replica that was a master), LOADING,
 # NOREPLICAS, MISCONF, NOPERM from an ACL being fixed... UNLINK and SCAN cannot fail
 # because of one event's keys, so no reply is a reason to drop a batch or to exit.
+# ConnectionError covers a refused password (AuthenticationError: a secret being
+# rotated), a TLS handshake that failed, and Sentinel's MasterNotFoundError during a
+# failover; READONLY from a demoted master is a ResponseError (and, through Sentinel,
+# a ConnectionError that makes the next connection ask for the new master).
 REDIS_UNAVAILABLE: tuple[type[Exception], ...] = (
     redis.ConnectionError,
     redis.TimeoutError,
@@ -32,16 +35,15 @@ class RedisSink:
     def from_url(
         cls, url: str, *, timeout_s: float = 5.0, unlink_chunk: int = 500, scan_count: int = 1000
     ) -> RedisSink:
-        client = redis.Redis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            # One immediate retry covers a pooled connection that died with a Redis
-            # restart; longer outages are the runner's business (backoff, one log line).
-            retry=Retry(NoBackoff(), 1),
-            client_name="cdc-invalidator",
-        )
+        client = redis_client(RedisOptions(url, timeout_s=timeout_s))
         return cls(client, unlink_chunk=unlink_chunk, scan_count=scan_count)
+
+    @classmethod
+    def from_options(
+        cls, options: RedisOptions, *, unlink_chunk: int = 500, scan_count: int = 1000
+    ) -> RedisSink:
+        """Plain, TLS or through Sentinel (see sink/connect.py)."""
+        return cls(redis_client(options), unlink_chunk=unlink_chunk, scan_count=scan_count)
 
     @property
     def client(self) -> redis.Redis:

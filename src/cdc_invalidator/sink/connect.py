@@ -1,0 +1,126 @@
+"""Build the Redis client from settings: a URL, TLS options, or a master found by Sentinel.
+
+One place for what every client of ours has in common (timeouts, one quick retry, the
+client name), so that the listener, `check` and the tests connect the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import redis
+from redis.backoff import NoBackoff
+from redis.connection import parse_url
+from redis.retry import Retry
+from redis.sentinel import Sentinel
+
+if TYPE_CHECKING:
+    from cdc_invalidator.settings import Settings
+
+# CLIENT SETNAME on every connection: CLIENT LIST shows who we are. An ACL user needs
+# +client|setname for it (README, "Redis: TLS, ACL, Sentinel").
+CLIENT_NAME = "cdc-invalidator"
+
+
+@dataclass(frozen=True, slots=True)
+class RedisOptions:
+    """How to reach Redis. With sentinels, `url` gives the scheme (rediss:// for TLS),
+    the ACL user and password and the db of the master connection; its host and port
+    are not used."""
+
+    url: str
+    timeout_s: float = 5.0
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_verify: Literal["required", "none"] = "required"
+    sentinels: tuple[tuple[str, int], ...] = ()
+    sentinel_master: str = ""
+    sentinel_password: str | None = None
+    client_name: str | None = CLIENT_NAME
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RedisOptions:
+        def path(value: object) -> str | None:
+            return None if value is None else str(value)
+
+        return cls(
+            url=settings.redis_url,
+            timeout_s=settings.redis_timeout_s,
+            tls_ca_file=path(settings.redis_tls_ca_file),
+            tls_cert_file=path(settings.redis_tls_cert_file),
+            tls_key_file=path(settings.redis_tls_key_file),
+            tls_verify=settings.redis_tls_verify,
+            sentinels=tuple(split_host_port(s) for s in settings.redis_sentinels),
+            sentinel_master=settings.redis_sentinel_master,
+            sentinel_password=settings.redis_sentinel_password or None,
+        )
+
+    @property
+    def tls(self) -> bool:
+        return self.url.startswith("rediss://")
+
+    def tls_kwargs(self) -> dict[str, Any]:
+        """redis-py's ssl_* arguments (empty without TLS)."""
+        if not self.tls:
+            return {}
+        kwargs: dict[str, Any] = {"ssl_cert_reqs": self.tls_verify}
+        if self.tls_verify == "none":
+            kwargs["ssl_check_hostname"] = False
+        if self.tls_ca_file:
+            kwargs["ssl_ca_certs"] = self.tls_ca_file
+        if self.tls_cert_file:
+            kwargs["ssl_certfile"] = self.tls_cert_file
+        if self.tls_key_file:
+            kwargs["ssl_keyfile"] = self.tls_key_file
+        return kwargs
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """ "host:port" (settings validated it) -> (host, port); "[::1]:26379" -> ("::1", ...)."""
+    host, _, port = address.rpartition(":")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def redis_client(options: RedisOptions) -> redis.Redis:
+    """A client for the URL's Redis, or for the master the sentinels name.
+
+    Through Sentinel the client follows failovers: each new connection asks the
+    sentinels for the current master, and a connection to a server that became a
+    replica fails (READONLY, or the connection killed by Sentinel's reconfiguration)
+    with a ConnectionError, which the runner retries with back-off.
+    """
+    common: dict[str, Any] = {
+        "socket_timeout": options.timeout_s,
+        "socket_connect_timeout": options.timeout_s,
+        # One immediate retry covers a pooled connection that died with a Redis
+        # restart; longer outages are the runner's business (backoff, one log line).
+        "retry": Retry(NoBackoff(), 1),
+        "client_name": options.client_name,
+        **options.tls_kwargs(),
+    }
+    if not options.sentinels:
+        return redis.Redis.from_url(options.url, **common)
+    url_kwargs: dict[str, Any] = parse_url(options.url)  # type: ignore[no-untyped-call]
+    master_kwargs: dict[str, Any] = {
+        key: url_kwargs[key] for key in ("username", "password", "db") if key in url_kwargs
+    }
+    # The sentinels are asked over the same transport as the master (TLS with the same
+    # CA and client certificate when the URL is rediss://), with their own password.
+    sentinel_kwargs: dict[str, Any] = {
+        "socket_timeout": options.timeout_s,
+        "socket_connect_timeout": options.timeout_s,
+        **options.tls_kwargs(),
+    }
+    if options.tls:
+        sentinel_kwargs["ssl"] = True
+    if options.sentinel_password:
+        sentinel_kwargs["password"] = options.sentinel_password
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        list(options.sentinels), sentinel_kwargs=sentinel_kwargs
+    )
+    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+        options.sentinel_master, ssl=options.tls, **common, **master_kwargs
+    )
+    return client
