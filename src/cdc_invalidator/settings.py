@@ -121,6 +121,9 @@ class Settings(BaseSettings):
         list[Annotated[str, AfterValidator(_host_port)]], NoDecode, BeforeValidator(_comma_list)
     ] = Field(default_factory=list)
     redis_sentinel_master: str = ""
+    # CLIENT SETNAME on every Redis connection, for CLIENT LIST; "" sends none (an ACL
+    # user then needs no +client|setname).
+    redis_client_name: Annotated[str, Field(pattern=r"^[!-~]*$")] = "cdc-invalidator"
     # The sentinels' own password (`requirepass` in sentinel.conf), when they ask for one.
     redis_sentinel_password: str = ""
     # "trigger": a queue table filled by triggers, woken by NOTIFY. "logical": the WAL,

@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     from cdc_invalidator.settings import Settings
 
 # CLIENT SETNAME on every connection: CLIENT LIST shows who we are. An ACL user needs
-# +client|setname for it (README, "Redis: TLS, ACL, Sentinel").
+# +client|setname for it (README, "Redis: TLS, ACL, Sentinel"); redis_client_name = ""
+# turns it off.
 CLIENT_NAME = "cdc-invalidator"
 
 
@@ -55,6 +56,7 @@ class RedisOptions:
             sentinels=tuple(split_host_port(s) for s in settings.redis_sentinels),
             sentinel_master=settings.redis_sentinel_master,
             sentinel_password=settings.redis_sentinel_password or None,
+            client_name=settings.redis_client_name or None,
         )
 
     @property
