@@ -6,6 +6,7 @@ client name), so that the listener, `check` and the tests connect the same way.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -13,10 +14,13 @@ import redis
 from redis.backoff import NoBackoff
 from redis.connection import parse_url
 from redis.retry import Retry
-from redis.sentinel import Sentinel
+from redis.sentinel import Sentinel, SentinelConnectionPool
 
 if TYPE_CHECKING:
     from cdc_invalidator.settings import Settings
+
+# Through Sentinel, how often (at most) the sentinels are asked who the master is.
+MASTER_CHECK_S = 1.0
 
 # CLIENT SETNAME on every connection: CLIENT LIST shows who we are. An ACL user needs
 # +client|setname for it (README, "Redis: TLS, ACL, Sentinel"); redis_client_name = ""
@@ -126,3 +130,30 @@ def redis_client(options: RedisOptions) -> redis.Redis:
         options.sentinel_master, ssl=options.tls, **common, **master_kwargs
     )
     return client
+
+
+class MasterWatch:
+    """Through Sentinel: ask the sentinels who the master is, at most every `every_s`.
+
+    A pooled connection stays with the server it was opened to. After a failover that
+    server is dropped only when Sentinel demotes it, which for a forced failover (the
+    old master still up) takes Sentinel up to some 20 s, and until then it accepts our
+    deletes, which its resync from the new master then discards. Called before each
+    delete, this moves the pool to the new master within `every_s` of the sentinels
+    naming it. What reached the old master in between is the replay's business: the
+    new master has another run_id. Without sentinels it does nothing.
+    """
+
+    def __init__(self, client: redis.Redis, every_s: float = MASTER_CHECK_S) -> None:
+        pool = client.connection_pool
+        self._pool = pool if isinstance(pool, SentinelConnectionPool) else None
+        self._every_s = every_s
+        self._next = 0.0
+
+    def __call__(self) -> None:
+        if self._pool is None or time.monotonic() < self._next:
+            return
+        # Raises MasterNotFoundError (a ConnectionError) when no sentinel names one.
+        self._pool.get_master_address()  # type: ignore[no-untyped-call]
+        # Set after: a failed ask is asked again on the retry.
+        self._next = time.monotonic() + self._every_s

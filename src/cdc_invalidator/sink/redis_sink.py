@@ -8,7 +8,7 @@ from itertools import islice
 import redis
 
 from cdc_invalidator.mapping import Invalidation
-from cdc_invalidator.sink.connect import RedisOptions, redis_client
+from cdc_invalidator.sink.connect import MasterWatch, RedisOptions, redis_client
 
 # Errors after which the same deletes will work once Redis is back: retry them with
 # back-off. Error replies count too: READONLY (a replica that was a master), LOADING,
@@ -28,6 +28,7 @@ REDIS_UNAVAILABLE: tuple[type[Exception], ...] = (
 class RedisSink:
     def __init__(self, client: redis.Redis, *, unlink_chunk: int = 500, scan_count: int = 1000):
         self._client = client
+        self._follow_master = MasterWatch(client)  # a no-op without Sentinel
         self._unlink_chunk = unlink_chunk
         self._scan_count = scan_count
 
@@ -54,6 +55,7 @@ class RedisSink:
 
         Returns only once Redis confirmed all of it: the caller acknowledges after.
         """
+        self._follow_master()
         deleted = self.unlink(work.keys)
         for pattern in sorted(work.patterns):
             deleted += self.sweep(pattern)
