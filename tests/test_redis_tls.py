@@ -18,6 +18,7 @@ import redis
 
 from cdc_invalidator.cli import main
 from cdc_invalidator.servers import RedisServer, RedisTls, ServerError
+from cdc_invalidator.settings import ConfigError, load_settings
 from cdc_invalidator.sink import RedisSink
 from cdc_invalidator.sink.connect import RedisOptions
 from tests.conftest import Env
@@ -25,7 +26,6 @@ from tests.helpers import ListenerProcess, ListenerThread, run_cli, wait_until, 
 
 trustme = pytest.importorskip("trustme")
 
-pytestmark = pytest.mark.servers
 
 PASSWORD = "tls-acl-s3cret"
 # The README's minimal ACL, word for word (after `ACL SETUSER cdc`).
@@ -128,6 +128,7 @@ def exercise_all_changes(env: Env, r: redis.Redis) -> None:
     assert r.get("other:1") == "keep"
 
 
+@pytest.mark.servers
 def test_tls_with_ca_verification(users: Env, tls_redis: RedisServer, certs: Certs) -> None:
     url = f"rediss://127.0.0.1:{tls_redis.port}/0"
     config = tls_config(users, url, redis_tls_ca_file=str(certs.ca))
@@ -143,6 +144,7 @@ def test_tls_with_ca_verification(users: Env, tls_redis: RedisServer, certs: Cer
         listener.stop()
 
 
+@pytest.mark.servers
 def test_tls_with_a_client_certificate(users: Env, mtls_redis: RedisServer, certs: Certs) -> None:
     url = f"rediss://127.0.0.1:{mtls_redis.port}/0"
     config = tls_config(
@@ -168,6 +170,7 @@ def test_tls_with_a_client_certificate(users: Env, mtls_redis: RedisServer, cert
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.servers
 def test_a_certificate_from_another_ca_is_refused(
     users: Env, tls_redis: RedisServer, certs: Certs
 ) -> None:
@@ -182,6 +185,7 @@ def test_a_certificate_from_another_ca_is_refused(
     assert out.returncode == 0, out.stderr
 
 
+@pytest.mark.servers
 @pytest.mark.parametrize(
     ("setting", "value", "expected"),
     [
@@ -207,6 +211,7 @@ def test_a_missing_tls_file_is_a_config_error(
         assert "Traceback" not in out.stderr
 
 
+@pytest.mark.servers
 def test_minimal_acl_user_over_tls(users: Env, tls_redis: RedisServer, certs: Certs) -> None:
     url = f"rediss://cdc:{PASSWORD}@127.0.0.1:{tls_redis.port}/0"
     config = tls_config(users, url, redis_tls_ca_file=str(certs.ca))
@@ -230,6 +235,7 @@ def test_minimal_acl_user_over_tls(users: Env, tls_redis: RedisServer, certs: Ce
     assert PASSWORD not in out.stdout + out.stderr
 
 
+@pytest.mark.servers
 def test_without_client_setname_the_name_must_be_off(tls_redis: RedisServer, certs: Certs) -> None:
     r = admin(tls_redis)
     r.acl_setuser(
@@ -255,6 +261,7 @@ def test_without_client_setname_the_name_must_be_off(tls_redis: RedisServer, cer
     r.acl_deluser("noname")
 
 
+@pytest.mark.servers
 def test_wrong_password_is_reported_and_retried_until_fixed(
     users: Env, tls_redis: RedisServer, certs: Certs, tmp_path: Path
 ) -> None:
@@ -293,3 +300,68 @@ def test_wrong_password_is_reported_and_retried_until_fixed(
     log = (tmp_path / "listener.log").read_text()
     assert wrong not in log
     assert "rediss://late:***@" in log
+
+
+# Settings (no servers): what the Redis connection settings accept and refuse.
+
+GOOD = """
+database_url = "postgresql://app@db/app"
+redis_url = "rediss://cdc:pw@cache:6379/0"
+[tables.users]
+keys = ["user:{id}"]
+"""
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ('redis_sentinels = ["s1:26379"]\n', "redis_sentinels and redis_sentinel_master go"),
+        ('redis_sentinel_master = "m"\n', "redis_sentinels and redis_sentinel_master go"),
+        (
+            'redis_sentinels = ["s1"]\nredis_sentinel_master = "m"\n',
+            "redis_sentinels.0: 's1' is not host:port",
+        ),
+        (
+            'redis_sentinels = ["s1:0"]\nredis_sentinel_master = "m"\n',
+            "redis_sentinels.0: 's1:0' is not host:port",
+        ),
+        ('redis_tls_verify = "maybe"\n', "redis_tls_verify"),
+        ('redis_client_name = "two words"\n', "redis_client_name"),
+    ],
+)
+def test_bad_redis_settings(tmp_path: Path, extra: str, expected: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(extra + GOOD)
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_settings(path)
+
+
+def test_tls_files_need_rediss_and_a_cert_for_the_key(tmp_path: Path) -> None:
+    pem = tmp_path / "x.pem"
+    pem.write_text("-")
+    path = tmp_path / "c.toml"
+    path.write_text(f"redis_tls_ca_file = {str(pem)!r}\n" + GOOD.replace("rediss:", "redis:"))
+    with pytest.raises(ConfigError, match="redis_tls_ca_file is set but redis_url"):
+        load_settings(path)
+    path.write_text(f"redis_tls_key_file = {str(pem)!r}\n" + GOOD)
+    with pytest.raises(ConfigError, match="redis_tls_key_file is set without"):
+        load_settings(path)
+    path.write_text(GOOD.replace("rediss:", "http:"))
+    with pytest.raises(ConfigError, match="redis_url: must start with redis://"):
+        load_settings(path)
+
+
+def test_sentinels_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(GOOD)
+    monkeypatch.setenv("CDC_INVALIDATOR_REDIS_SENTINEL_MASTER", "mymaster")
+    monkeypatch.setenv("CDC_INVALIDATOR_REDIS_SENTINELS", "s1:26379, [::1]:26380")
+    settings = load_settings(path)
+    options = RedisOptions.from_settings(settings)
+    assert options.sentinels == (("s1", 26379), ("::1", 26380))
+    assert options.tls
+    monkeypatch.setenv("CDC_INVALIDATOR_REDIS_SENTINELS", '["s2:1"]')
+    assert load_settings(path).redis_sentinels == ["s2:1"]
+    monkeypatch.setenv("CDC_INVALIDATOR_REDIS_SENTINELS", "[s2:1")
+    with pytest.raises(ConfigError, match="neither a JSON list"):
+        load_settings(path)
