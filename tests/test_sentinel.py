@@ -152,3 +152,4 @@ def test_an_unknown_master_name_is_reported(env: Env, sentinel_setup: SentinelSe
     out = run_cli("check", "--config", str(config))
     assert out.returncode == 1
     assert "No master found for 'nope'" in out.stderr
+    assert f"named by sentinels 127.0.0.1:{sentinel_setup.sentinel.port}" in out.stderr

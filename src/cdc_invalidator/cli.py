@@ -156,7 +156,13 @@ def cmd_check(args: argparse.Namespace) -> int:
         report = check_database(conn, settings, config_name)
     sink = RedisSink.from_options(RedisOptions.from_settings(settings))
     try:
-        redis_report = check_redis(sink.client, settings.redis_url)
+        where = settings.redis_url
+        if settings.redis_sentinels:
+            where = (
+                f"{settings.redis_url} (master {settings.redis_sentinel_master!r} "
+                f"named by sentinels {', '.join(settings.redis_sentinels)})"
+            )
+        redis_report = check_redis(sink.client, where)
     finally:
         sink.close()
     for line in report.ok + redis_report.ok:
