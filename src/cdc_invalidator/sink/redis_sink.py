@@ -79,6 +79,15 @@ class RedisSink:
             if cursor == 0:
                 return deleted
 
+    def identity(self) -> str:
+        """Who this Redis is: run_id (new on every start) and master_replid (new when a
+        replica is promoted). Either changing means its data may be older than ours."""
+        pipe = self._client.pipeline(transaction=False)
+        pipe.info("server")
+        pipe.info("replication")
+        server, replication = pipe.execute()
+        return f"{server['run_id']}/{replication.get('master_replid', '')}"
+
     def close(self) -> None:
         self._client.close()
 
