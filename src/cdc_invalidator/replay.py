@@ -27,7 +27,7 @@ import structlog
 from cdc_invalidator import sqlfiles
 from cdc_invalidator.durations import format_duration
 from cdc_invalidator.events import ChangeEvent, Op, TableName
-from cdc_invalidator.mapping import Invalidation, Mapper
+from cdc_invalidator.mapping import Mapper
 from cdc_invalidator.sink.redis_sink import RedisSink
 
 log = structlog.get_logger("cdc_invalidator.replay")
@@ -104,11 +104,11 @@ def replay(
     started = time.monotonic()
     events = keys = existed = skipped = 0
     for chunk in history(conn, capture, since_s):
-        work = Invalidation()
-        skipped += sum(1 for _ in mapper.add_all(chunk, work))
+        works, failed = mapper.map_all(chunk)
+        skipped += len(failed)
         events += len(chunk)
-        keys += len(work)
-        existed += sink.delete(work) if work else 0
+        keys += sum(len(w) for w in works.values())
+        existed += sink.delete_routed(works)
     return ReplayResult(events, keys, existed, skipped, time.monotonic() - started)
 
 

@@ -21,7 +21,7 @@ import structlog
 from cdc_invalidator.backoff import Backoff
 from cdc_invalidator.capture.errors import Fatal, Standby
 from cdc_invalidator.events import ChangeEvent
-from cdc_invalidator.mapping import Invalidation, Mapper
+from cdc_invalidator.mapping import Mapper, Routed, merge
 from cdc_invalidator.replay import RedisWatch
 from cdc_invalidator.shutdown import Stopper
 from cdc_invalidator.sink.redis_sink import REDIS_UNAVAILABLE, RedisSink
@@ -109,7 +109,7 @@ class Runner:
         self._stopper = stopper
         self._watch = watch
         # Second deletes (second_delete_ms): (when, what), in the order they fall due.
-        self._later: deque[tuple[float, Invalidation]] = deque()
+        self._later: deque[tuple[float, Routed]] = deque()
         self.postgres = Availability("postgres")
         self.redis = Availability("redis")
         self.events_processed = 0
@@ -220,12 +220,12 @@ class Runner:
         with source.batch(self._config.batch_size) as batch:
             if not batch.size:
                 return 0
-            work = Invalidation()
-            for event, exc in self._mapper.add_all(batch.events, work):
+            works, failed = self._mapper.map_all(batch.events)
+            for event, exc in failed:
                 batch.dead_letter(event.position, str(exc))
-            deleted = self._sink.delete(work) if work else 0
-        if work and self._config.second_delete_s:
-            self._delete_again_later(work)
+            deleted = self._sink.delete_routed(works)
+        if self._config.second_delete_s:
+            self._delete_again_later(works)
         # Committed: Redis had confirmed every delete before the acknowledgement.
         for position, error in batch.dead.items():
             log.warning("event_dead_lettered", position=position, error=error)
@@ -235,20 +235,21 @@ class Runner:
         log.debug(
             "batch_processed",
             events=batch.size,
-            keys=len(work.keys),
-            patterns=len(work.patterns),
+            keys=sum(len(w.keys) for w in works.values()),
+            patterns=sum(len(w.patterns) for w in works.values()),
             existed=deleted,
         )
         return batch.size
 
-    def _delete_again_later(self, work: Invalidation) -> None:
+    def _delete_again_later(self, works: Routed) -> None:
+        if not any(works.values()):
+            return
         due = time.monotonic() + self._config.second_delete_s
         if self._later and due - self._later[-1][0] < SECOND_DELETE_MERGE_S:
             # Batches a few ms apart share one second delete: fewer, larger pipelines.
-            self._later[-1][1].keys.update(work.keys)
-            self._later[-1][1].patterns.update(work.patterns)
+            merge(self._later[-1][1], works)
         else:
-            self._later.append((due, work))
+            self._later.append((due, works))
 
     def _second_deletes(self, until: float) -> None:
         """The second deletes due by `until`. Off the acknowledgement path: the batches
@@ -259,7 +260,7 @@ class Runner:
             work = later[0][1]
             if until == float("inf"):
                 with contextlib.suppress(*REDIS_UNAVAILABLE):
-                    self.keys_deleted_again += self._sink.delete(work)
+                    self.keys_deleted_again += self._sink.delete_routed(work)
             else:
-                self.keys_deleted_again += self._sink.delete(work)
+                self.keys_deleted_again += self._sink.delete_routed(work)
             later.popleft()

@@ -56,6 +56,19 @@ class TableSettings(BaseModel):
     # old values); "keep" leaves the table alone, and old values of those columns
     # cannot be invalidated (check warns).
     replica_identity: Literal["full", "keep"] = "full"
+    # Put before every template of the table: for apps that namespace their keys
+    # ("app1:") and share the templates' shape across tables.
+    key_prefix: str = ""
+    # The Redis logical database this table's keys live in, if not the one redis_url
+    # names (apps that cache different tables in different databases). Not in Cluster.
+    redis_db: Annotated[int, Field(ge=0)] | None = None
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _prefix_is_literal(cls, prefix: str) -> str:
+        if "{" in prefix or "}" in prefix:
+            raise ValueError(f"key_prefix {prefix!r} is put before the templates as is: no braces")
+        return prefix
 
     @field_validator("keys")
     @classmethod
@@ -164,9 +177,14 @@ class Settings(BaseSettings):
     def mapper(self) -> Mapper:
         return Mapper(
             {
-                TableName.parse(name): [KeyTemplate.parse(k) for k in table.keys]
+                TableName.parse(name): [KeyTemplate.parse(table.key_prefix + k) for k in table.keys]
                 for name, table in self.tables.items()
-            }
+            },
+            {
+                TableName.parse(name): table.redis_db
+                for name, table in self.tables.items()
+                if table.redis_db is not None
+            },
         )
 
 
