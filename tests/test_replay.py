@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from cdc_invalidator.cli import main
 from cdc_invalidator.replay import UNKNOWN_PERSISTENCE_S, persistence_window
 from tests.conftest import Env, Spawn
 from tests.helpers import ListenerProcess, run_cli, wait_until
@@ -235,3 +236,19 @@ def test_stopping_does_the_second_deletes_still_owed(env: Env, spawn: Spawn) -> 
     listener.signal(signal.SIGTERM)
     assert listener.wait() == 0
     assert r.exists("user:1") == 0, "the second delete was done on the way out"
+
+
+def test_check_reports_how_far_replay_reaches_and_warns_when_history_is_short(
+    env: Env, redis_config: redis.Redis, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = setup_users(env, replay_history="1h")
+    redis_config.config_set("save", "900 1")
+    assert main(["check", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "ok: replay after a Redis restart reaches back 15m (RDB snapshots (save '900 1'))" in out
+
+    redis_config.config_set("save", "86400 1")
+    assert main(["check", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "warning: replay after a Redis restart reaches back 24h" in out
+    assert "replay_history keeps only 1h: raise replay_history" in out

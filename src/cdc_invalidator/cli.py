@@ -170,12 +170,12 @@ def cmd_check(args: argparse.Namespace) -> int:
         report = check_database(conn, settings, config_name)
     sink = RedisSink.from_url(settings.redis_url, timeout_s=settings.redis_timeout_s)
     try:
-        redis_report = check_redis(sink.client, settings.redis_url)
+        redis_report = check_redis(sink.client, settings.redis_url, settings)
     finally:
         sink.close()
     for line in report.ok + redis_report.ok:
         print(f"ok: {line}")
-    for line in report.warnings:
+    for line in report.warnings + redis_report.warnings:
         print(f"warning: {line}")
     errors = report.errors + redis_report.errors
     for line in errors:
