@@ -10,8 +10,10 @@ import redis
 
 from cdc_invalidator import sqlfiles
 from cdc_invalidator.capture.trigger_sql import SCHEMA_VERSION, installed_version
+from cdc_invalidator.durations import format_duration
 from cdc_invalidator.events import TableName
 from cdc_invalidator.redact import redact_url
+from cdc_invalidator.replay import MARGIN_S, persistence_window
 from cdc_invalidator.settings import Settings
 
 
@@ -228,12 +230,34 @@ def _check_logical_server(
         report.warnings.append(f"a sweep of every watched table is owed: {owed}")
 
 
-def check_redis(client: redis.Redis, url: str) -> Report:
+def check_redis(client: redis.Redis, url: str, settings: Settings) -> Report:
     report = Report()
     try:
         client.ping()
     except redis.RedisError as exc:
         report.errors.append(f"redis at {redact_url(url)}: {exc}")
-    else:
-        report.ok.append(f"redis at {redact_url(url)}: reachable")
+        return report
+    report.ok.append(f"redis at {redact_url(url)}: reachable")
+    _check_replay(client, settings, report)
     return report
+
+
+def _check_replay(client: redis.Redis, settings: Settings, report: Report) -> None:
+    """What a restart of this Redis could bring back, and whether history covers it."""
+    if settings.replay_window == 0:
+        report.warnings.append(
+            "replay_window is 0s: keys a Redis restart or failover brings back stay stale"
+        )
+        return
+    if settings.replay_window is None:
+        window, why = persistence_window(client)
+    else:
+        window, why = settings.replay_window, "replay_window"
+    line = f"replay after a Redis restart reaches back {format_duration(window)} ({why})"
+    if window + MARGIN_S > settings.history_s:
+        report.warnings.append(
+            f"{line}, but replay_history keeps only {format_duration(settings.history_s)}: "
+            "raise replay_history"
+        )
+    else:
+        report.ok.append(line)

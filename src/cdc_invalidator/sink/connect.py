@@ -132,6 +132,25 @@ def redis_client(options: RedisOptions) -> redis.Redis:
     return client
 
 
+def other_db(client: redis.Redis, db: int) -> redis.Redis:
+    """A client for logical database `db` of the same server, connecting as `client`
+    does (TLS, ACL user, timeouts; through Sentinel, to whatever master it names)."""
+    pool = client.connection_pool
+    kwargs: dict[str, Any] = {**pool.connection_kwargs, "db": db}
+    new_pool: redis.ConnectionPool
+    if isinstance(pool, SentinelConnectionPool):
+        kwargs.pop("connection_pool", None)  # the old pool's proxy: the new one has its own
+        new_pool = SentinelConnectionPool(  # type: ignore[no-untyped-call]
+            pool.service_name,
+            pool.sentinel_manager,
+            connection_class=pool.connection_class,
+            **kwargs,
+        )
+    else:
+        new_pool = redis.ConnectionPool(connection_class=pool.connection_class, **kwargs)
+    return redis.Redis(connection_pool=new_pool)
+
+
 class MasterWatch:
     """Through Sentinel: ask the sentinels who the master is, at most every `every_s`.
 

@@ -7,8 +7,8 @@ from itertools import islice
 
 import redis
 
-from cdc_invalidator.mapping import Invalidation
-from cdc_invalidator.sink.connect import MasterWatch, RedisOptions, redis_client
+from cdc_invalidator.mapping import Invalidation, Routed
+from cdc_invalidator.sink.connect import MasterWatch, RedisOptions, other_db, redis_client
 
 # Errors after which the same deletes will work once Redis is back: retry them with
 # back-off. Error replies count too: READONLY (a replica that was a master), LOADING,
@@ -31,6 +31,7 @@ class RedisSink:
         self._follow_master = MasterWatch(client)  # a no-op without Sentinel
         self._unlink_chunk = unlink_chunk
         self._scan_count = scan_count
+        self._dbs: dict[int, RedisSink] = {}  # other logical databases (redis_db)
 
     @classmethod
     def from_url(
@@ -49,6 +50,23 @@ class RedisSink:
     @property
     def client(self) -> redis.Redis:
         return self._client
+
+    def for_db(self, db: int | None) -> RedisSink:
+        """The same server's logical database `db` (None: this one), same settings."""
+        if db is None:
+            return self
+        sink = self._dbs.get(db)
+        if sink is None:
+            sink = self._dbs[db] = RedisSink(
+                other_db(self._client, db),
+                unlink_chunk=self._unlink_chunk,
+                scan_count=self._scan_count,
+            )
+        return sink
+
+    def delete_routed(self, works: Routed) -> int:
+        """delete() for each Redis database's share; how many keys existed."""
+        return sum(self.for_db(db).delete(work) for db, work in works.items() if work)
 
     def delete(self, work: Invalidation) -> int:
         """Delete every key and every key matching a pattern; return how many existed.
@@ -83,7 +101,18 @@ class RedisSink:
             if cursor == 0:
                 return deleted
 
+    def identity(self) -> str:
+        """Who this Redis is: run_id (new on every start) and master_replid (new when a
+        replica is promoted). Either changing means its data may be older than ours."""
+        pipe = self._client.pipeline(transaction=False)
+        pipe.info("server")
+        pipe.info("replication")
+        server, replication = pipe.execute()
+        return f"{server['run_id']}/{replication.get('master_replid', '')}"
+
     def close(self) -> None:
+        for sink in self._dbs.values():
+            sink.close()
         self._client.close()
 
 
