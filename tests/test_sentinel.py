@@ -6,6 +6,8 @@ Real processes: a master, a replica (`--replicaof`) and a sentinel (`--sentinel`
 
 from __future__ import annotations
 
+import signal
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +18,7 @@ import redis
 
 from cdc_invalidator.cli import main
 from cdc_invalidator.servers import RedisServer, ServerError
-from tests.conftest import Env
+from tests.conftest import Env, Spawn
 from tests.helpers import ListenerThread, run_cli, wait_until, write_config
 
 pytestmark = [pytest.mark.servers, pytest.mark.slow]
@@ -136,6 +138,34 @@ def test_listener_follows_a_failover(env: Env, sentinel_setup: SentinelSetup) ->
         listener.stop()
     out = run_cli("check", "--config", str(config))
     assert out.returncode == 0, out.stderr
+
+
+def test_a_quiet_listener_notices_a_failover_and_replays(
+    env: Env, sentinel_setup: SentinelSetup, spawn: Spawn
+) -> None:
+    """No change after the failover: the periodic identity check asks the sentinels too,
+    so the listener moves to the new master (and replays) within seconds, not when
+    Sentinel gets round to demoting the old master."""
+    setup = sentinel_setup
+    env.sql(
+        "CREATE TABLE users (id int PRIMARY KEY, email text); INSERT INTO users VALUES (1, 'a')"
+    )
+    listener = spawn(sentinel_config(env, setup))
+    first = setup.first.client(decode_responses=True)
+    first.set("user:1", "A")
+    env.sql("UPDATE users SET email = 'b' WHERE id = 1")
+    wait_until(lambda: first.exists("user:1") == 0, what="deleted on the master")
+    assert setup.sentinel_client().sentinel_failover(MASTER)
+    wait_until(lambda: setup.master_port() == setup.second.port, what="the new master named")
+    named = time.monotonic()
+    wait_until(lambda: listener.logged("redis_changed"), what="the failover noticed")
+    assert time.monotonic() - named < 5.0
+    (changed,) = listener.logged("redis_changed")
+    second_run_id = setup.second.client(decode_responses=True).info("server")["run_id"]
+    assert changed["current"].startswith(second_run_id)
+    wait_until(lambda: listener.logged("replay_done"), what="the replay")
+    listener.signal(signal.SIGTERM)
+    assert listener.wait() == 0
 
 
 def test_an_unknown_master_name_is_reported(env: Env, sentinel_setup: SentinelSetup) -> None:

@@ -104,6 +104,9 @@ class RedisSink:
     def identity(self) -> str:
         """Who this Redis is: run_id (new on every start) and master_replid (new when a
         replica is promoted). Either changing means its data may be older than ours."""
+        # Through Sentinel: ask who the master is now, so that a quiet listener notices
+        # a failover (and replays) even while the old master is still up.
+        self._follow_master()
         pipe = self._client.pipeline(transaction=False)
         pipe.info("server")
         pipe.info("replication")
