@@ -365,3 +365,33 @@ def test_sentinels_from_the_environment(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setenv("CDC_INVALIDATOR_REDIS_SENTINELS", "[s2:1")
     with pytest.raises(ConfigError, match="neither a JSON list"):
         load_settings(path)
+
+
+def test_other_db_keeps_tls_the_user_and_sentinel() -> None:
+    """Per-table redis_db: the client for another db connects as the main one does."""
+    from redis.sentinel import SentinelConnectionPool
+
+    from cdc_invalidator.sink.connect import other_db, redis_client
+
+    options = RedisOptions(
+        "rediss://cdc:pw@ignored/0",
+        tls_ca_file="/ca.pem",
+        sentinels=(("127.0.0.1", 1),),
+        sentinel_master="mymaster",
+    )
+    main_client = redis_client(options)  # connects lazily: nothing is reached here
+    other = other_db(main_client, 3)
+    pool = other.connection_pool
+    assert isinstance(pool, SentinelConnectionPool)
+    assert pool.service_name == "mymaster"
+    assert pool.connection_class is main_client.connection_pool.connection_class
+    kwargs = pool.connection_kwargs
+    assert (kwargs["db"], kwargs["username"], kwargs["password"]) == (3, "cdc", "pw")
+    assert kwargs["ssl_ca_certs"] == "/ca.pem"
+    assert (
+        kwargs["connection_pool"]
+        is not main_client.connection_pool.connection_kwargs["connection_pool"]
+    )
+    plain = other_db(redis_client(RedisOptions("rediss://u:p@h:1/0", tls_ca_file="/ca.pem")), 2)
+    assert plain.connection_pool.connection_kwargs["db"] == 2
+    assert plain.connection_pool.connection_kwargs["ssl_ca_certs"] == "/ca.pem"
