@@ -227,7 +227,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
             "(replay_history): keys invalidated before that are not replayed",
             file=sys.stderr,
         )
-    sink = RedisSink.from_options(RedisOptions.from_settings(settings))
+    sink = RedisSink.from_options(
+        RedisOptions.from_settings(settings),
+        unlink_chunk=settings.unlink_chunk,
+        scan_count=settings.scan_count,
+    )
     try:
         with connect(settings) as conn:
             result = replay(conn, settings.capture, settings.mapper(), sink, since_s)
