@@ -1,0 +1,48 @@
+"""Chaos, short: cache-aside readers, writers and one fault of each kind, then no stale key.
+
+The engine is tests/chaos.py (its docstring says what runs and why the check is sound);
+`make chaos` runs the long version. Both capture modes.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.chaos import FAULTS, Chaos, Params
+from tests.conftest import Env
+
+pytestmark = [pytest.mark.slow, pytest.mark.servers, pytest.mark.usefixtures("capture")]
+
+
+def test_no_stale_key_after_readers_writers_and_every_fault(own_env: Env) -> None:
+    assert own_env.servers.pg is not None
+    assert own_env.servers.redis is not None
+    lines: list[str] = []
+    chaos = Chaos(
+        # One cycle: every fault kind once, in an order that varies with the seed.
+        Params(capture=own_env.capture, rounds=len(FAULTS), round_s=3.0),
+        pg=own_env.servers.pg,
+        rd=own_env.servers.redis,
+        dsn=own_env.dsn,
+        workdir=own_env.tmp_path,
+        say=lines.append,
+    )
+    report = chaos.run()
+    summary = "\n".join([*lines, *report.lines()])
+
+    assert report.stale == [], "\n".join(
+        [summary, *(line for key in report.stale[:5] for line in chaos.explain(key))]
+    )
+    # The run did what it claims: every fault happened, the app read and wrote, the
+    # cache was full of keys to check, and second deletes were at work.
+    assert {kind: report.faults[kind] for kind in FAULTS} == dict.fromkeys(FAULTS, 1), summary
+    assert report.writes > 200, summary
+    assert report.sets > 200, summary
+    assert report.keys_checked > 100, summary
+    assert report.listener.get("keys_deleted_again", 0) > 0, summary
+
+    # The check itself sees a stale key: one cached row, made older than the database's.
+    r = chaos.redis_client()
+    key = next(k for k in r.scan_iter("user:*") if r.get(k) != "null")
+    r.set(key, '[0, "old@x", "old", 0]')
+    assert chaos.check() == [key]
