@@ -81,6 +81,12 @@ EMAILS_PER_ID = 4  # an id's emails come from a small pool, so an email comes ba
 # restart is a clean shutdown, so nothing committed is lost by it.
 FAST_PG = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
 HEAL_TIMEOUT_S = 30.0
+# Probe rows, one set per round, far from the writers' ids: cached by the injector just
+# before its fault, changed once at the fault's worst moment, never written again. A
+# later write cannot hide a lost invalidation of theirs: the final check sees it.
+PROBE_BASE = 100_000
+PROBES = 12  # per round: rows 0-5 updated (even ones get a new email), 6-7 deleted,
+PROBES_EXISTING = 8  # 8-11 inserted (absent until then: cached as `null`)
 
 
 def render(row: tuple[Any, ...] | None) -> str:
@@ -115,7 +121,8 @@ class Params:
     slow_read_share: float = 0.2
     slow_read_ms: float = 100.0
     seed: int = 0
-    verbose: bool = False
+    replay_window: str = "auto"  # "0s": replay off, to show that the check would notice
+    faults: tuple[str, ...] = FAULTS
 
 
 @dataclass
@@ -146,6 +153,7 @@ class Report:
     max_gap_ms: float = 0.0
     slow_sets: int = 0
     keys_checked: int = 0
+    probe_keys: int = 0  # cached before a fault, their rows changed during it
     rows: int = 0
     stale: list[str] = field(default_factory=list)
     listener: dict[str, int] = field(default_factory=dict)  # summed over listener runs
@@ -167,7 +175,8 @@ class Report:
             f" {self.listener.get('keys_deleted', 0)} keys deleted,"
             f" {self.listener.get('keys_deleted_again', 0)} deleted again by second deletes"
             f" (last run)",
-            f"keys checked:       {self.keys_checked} (against {self.rows} rows)",
+            f"keys checked:       {self.keys_checked} (against {self.rows} rows);"
+            f" {self.probe_keys} probe keys cached before a fault, changed during it",
             f"stale keys:         {len(self.stale)}",
         ]
 
@@ -239,6 +248,13 @@ class Chaos:
                 " FROM generate_series(1, %s) i",
                 [self.p.ids * 3 // 4],
             )
+            for n in range(self.p.rounds):
+                first = PROBE_BASE + n * PROBES
+                conn.execute(
+                    "INSERT INTO users SELECT i, 'u' || i || '.0@x', 'probe',"
+                    " nextval('chaos_version') FROM generate_series(%s::int, %s::int) i",
+                    [first, first + PROBES_EXISTING - 1],
+                )
         mode: dict[str, object] = {"capture": "logical"} if self.p.capture == "logical" else {}
         write_config(
             self.config,
@@ -248,6 +264,7 @@ class Chaos:
             second_delete_ms=self.p.second_delete_ms,
             replay_history="1h",
             redis_check_interval_ms=200,
+            replay_window=self.p.replay_window,
             **mode,
         )
         assert cli_main(["install", "--config", str(self.config)]) == 0, "install failed"
@@ -428,21 +445,79 @@ class Chaos:
     def _healed(self, event: str, before: int, what: str) -> None:
         wait_until(lambda: self._count(event) > before, timeout_s=HEAL_TIMEOUT_S, what=what)
 
-    def inject(self, fault: str, half_round_s: float) -> None:
-        """One fault; returns once the listener has recovered from it."""
+    def cache_probes(self, n: int) -> None:
+        """What an app would have cached for round n's probe rows."""
+        ids = list(range(PROBE_BASE + n * PROBES, PROBE_BASE + (n + 1) * PROBES))
+        with self.connect() as conn:
+            found = conn.execute(
+                "SELECT id, email, name, version FROM users WHERE id = ANY(%s)", [ids]
+            ).fetchall()
+        rows = {row[0]: row for row in found}
+        r = self.redis_client()
+        for i in ids:
+            value = render(rows.get(i))
+            r.mset({f"user:{i}": value, f"user:email:{email_of(i, 0)}": value})
+            self.history.note(i, f"probe cached: {value}")
+        r.close()
+
+    def write_probes(self, n: int) -> None:
+        """Round n's probe rows changed, in one transaction, at the fault's worst moment."""
+        first = PROBE_BASE + n * PROBES
+        with self.connect() as conn, conn.transaction():
+            conn.execute(
+                "UPDATE users SET version = nextval('chaos_version'), name = 'probed',"
+                " email = CASE WHEN id %% 2 = 0 THEN 'u' || id || '.1@x' ELSE email END"
+                " WHERE id BETWEEN %s AND %s",
+                [first, first + 5],
+            )
+            conn.execute("DELETE FROM users WHERE id BETWEEN %s AND %s", [first + 6, first + 7])
+            conn.execute(
+                "INSERT INTO users SELECT i, 'u' || i || '.0@x', 'probed',"
+                " nextval('chaos_version') FROM generate_series(%s::int, %s::int) i",
+                [first + PROBES_EXISTING, first + PROBES - 1],
+            )
+        for i in range(first, first + PROBES):
+            self.history.note(i, "probe written")
+        # Both keys of each row; the even updated rows' new email key was not cached.
+        self.report.probe_keys += 2 * PROBES
+
+    @staticmethod
+    def probe_keys(n: int) -> list[str]:
+        """Round n's probe keys as cached before its fault."""
+        ids = range(PROBE_BASE + n * PROBES, PROBE_BASE + (n + 1) * PROBES)
+        return [f"user:{i}" for i in ids] + [f"user:email:{email_of(i, 0)}" for i in ids]
+
+    def probes_gone(self, n: int) -> bool:
+        keys = self.probe_keys(n)
+        r = self.redis_client()
+        try:
+            return r.exists(*keys) == 0
+        finally:
+            r.close()
+
+    def inject(self, fault: str, half_round_s: float, n: int) -> None:
+        """One fault (round n: its probes); returns once the listener has recovered."""
+        self.cache_probes(n)
         if fault == "kill_listener":
             self.listener.kill()  # SIGKILL: no clean-up, owed second deletes are lost
+            self.write_probes(n)  # while nobody listens
             time.sleep(self.rng.uniform(0, half_round_s))  # down a while: a backlog forms
             self.start_listener()
         elif fault == "redis_restore":
             self.redis_client().save()  # the snapshot; what is deleted after it will come back
+            self.write_probes(n)
+            # Deleted from the live server: deletes that the restart is about to lose.
+            wait_until(lambda: self.probes_gone(n), what="the probes invalidated")
             time.sleep(half_round_s)
-            before = self._count("replay_done")
+            # With replay off, only the listener's noticing can be awaited.
+            event = "redis_changed" if self.p.replay_window == "0s" else "replay_done"
+            before = self._count(event)
             self.rd.kill()
             self.rd.start()  # on the dump: stale keys are back until the replay
-            self._healed("replay_done", before, "the listener's replay")
+            self._healed(event, before, "the listener's replay")
         elif fault == "terminate_backends":
             before = self._count("postgres_available")
+            self.write_probes(n)  # the listener may be busy with them when its session ends
             with self.connect() as conn:
                 conn.execute(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
@@ -452,6 +527,7 @@ class Chaos:
             self._healed("postgres_available", before, "the listener back on PostgreSQL")
         elif fault == "pg_restart":
             before = self._count("postgres_available")
+            self.write_probes(n)  # committed just before the server goes down
             self.pg.restart("fast")
             self._healed("postgres_available", before, "the listener back on PostgreSQL")
         else:
@@ -462,7 +538,7 @@ class Chaos:
         """Every kind in turn, in a shuffled order per cycle."""
         out: list[str] = []
         while len(out) < self.p.rounds:
-            cycle = list(FAULTS)
+            cycle = list(self.p.faults)
             self.rng.shuffle(cycle)
             out += cycle
         return out[: self.p.rounds]
@@ -568,7 +644,7 @@ class Chaos:
             for n, fault in enumerate(self.schedule(), 1):
                 time.sleep(half)  # workload without a fault
                 began = time.monotonic()
-                self.inject(fault, half)
+                self.inject(fault, half, n - 1)
                 self.report.rounds = n
                 stats = self.totals()
                 self.say(
@@ -648,6 +724,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--second-delete-ms", type=int, default=300)
     parser.add_argument("--slow-read-ms", type=float, default=100.0)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument(
+        "--replay-window", default="auto", help='"0s" turns replay off: the check must fail'
+    )
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     modes = ["trigger", "logical"] if args.capture == "both" else [args.capture]
@@ -662,6 +741,7 @@ def main(argv: list[str] | None = None) -> int:
             ids=args.ids,
             second_delete_ms=args.second_delete_ms,
             slow_read_ms=args.slow_read_ms,
+            replay_window=args.replay_window,
             seed=seed,
         )
         print(f"chaos: {mode} mode, {args.rounds} rounds of {args.round_s} s, seed {seed}")

@@ -46,3 +46,27 @@ def test_no_stale_key_after_readers_writers_and_every_fault(own_env: Env) -> Non
     key = next(k for k in r.scan_iter("user:*") if r.get(k) != "null")
     r.set(key, '[0, "old@x", "old", 0]')
     assert chaos.check() == [key]
+
+
+def test_the_check_finds_what_a_listener_without_replay_leaves(own_env: Env) -> None:
+    """The control: with replay off, a Redis restored from its snapshot keeps the probe
+    keys the listener had deleted after the SAVE, and the check reports every one."""
+    assert own_env.servers.pg is not None
+    assert own_env.servers.redis is not None
+    chaos = Chaos(
+        Params(
+            capture=own_env.capture,
+            rounds=1,
+            round_s=1.0,
+            replay_window="0s",
+            faults=("redis_restore",),
+        ),
+        pg=own_env.servers.pg,
+        rd=own_env.servers.redis,
+        dsn=own_env.dsn,
+        workdir=own_env.tmp_path,
+        say=lambda _line: None,
+    )
+    report = chaos.run()
+    probes = Chaos.probe_keys(0)
+    assert set(probes) <= set(report.stale), report.lines()
