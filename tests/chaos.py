@@ -63,6 +63,7 @@ from typing import Any
 
 import psycopg
 import redis
+from psycopg import sql
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -238,6 +239,16 @@ class Chaos:
             self.rd.args = [*self.rd.args, "--save", "3600 1"]
             self.rd.restart()
         with self.connect() as conn:
+            # The app's commits wait for the WAL flush, as in production (the test cluster
+            # turns that off server-wide): otherwise logical decoding, which streams
+            # flushed WAL only, sees a commit up to wal_writer_delay (200 ms) late, and
+            # that delay hides the stale-set race this run is meant to provoke.
+            dbname = conn.info.dbname
+            conn.execute(
+                sql.SQL("ALTER DATABASE {} SET synchronous_commit = on").format(
+                    sql.Identifier(dbname)
+                )
+            )
             conn.execute(
                 "CREATE TABLE users (id int PRIMARY KEY, email text NOT NULL UNIQUE,"
                 " name text NOT NULL, version bigint NOT NULL)"
