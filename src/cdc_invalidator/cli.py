@@ -23,7 +23,9 @@ from cdc_invalidator.checks import check_database, check_redis
 from cdc_invalidator.database import DatabaseError, connect
 from cdc_invalidator.durations import format_duration, parse_duration
 from cdc_invalidator.install import SlotStepFailed, install, install_script
-from cdc_invalidator.listener import build_listener
+from cdc_invalidator.listener import build_listener, pg_connector
+from cdc_invalidator.metrics import BacklogCollector, Metrics
+from cdc_invalidator.probes import ProbeServer
 from cdc_invalidator.redact import Scrubber, redact_url, secrets_of
 from cdc_invalidator.replay import replay
 from cdc_invalidator.settings import CONFIG_ENV, ConfigError, Settings, load_settings
@@ -276,7 +278,33 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     stopper = Stopper()
     stopper.install_signal_handlers()
-    runner, sink = build_listener(settings, stopper)
+    metrics = Metrics()
+    runner, sink = build_listener(settings, stopper, metrics)
+    probes: ProbeServer | None = None
+    backlog: BacklogCollector | None = None
+    if settings.metrics_port:
+        backlog = BacklogCollector(
+            pg_connector(settings, "metrics"), settings.capture, settings.slot_name
+        )
+        metrics.watch_database(backlog)
+        # A stuck loop: no turn for this long (longer than any wait or back-off).
+        stall_s = max(60.0, 3 * settings.retry_max_ms / 1000, 3 * settings.poll_interval_ms / 1000)
+        try:
+            probes = ProbeServer(
+                settings.metrics_address,
+                settings.metrics_port,
+                metrics,
+                lambda: runner.health(stall_s, settings.ready_max_lag_s),
+            ).start()
+        except OSError as exc:
+            log.error(
+                "probes_failed",
+                error=f"cannot listen on {settings.metrics_address}:{settings.metrics_port}: "
+                f"{exc.strerror}",
+            )
+            sink.close()
+            stopper.close()
+            return EXIT_FAILED
     try:
         runner.run()
     except NotInstalled as exc:
@@ -286,6 +314,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.error("cannot_consume", error=str(exc))
         return EXIT_FAILED
     finally:
+        if probes is not None:
+            probes.close()
+        if backlog is not None:
+            backlog.close()
         sink.close()
         stopper.close()
     return EXIT_OK

@@ -191,16 +191,18 @@ class RedisWatch:
         self._known_at = 0.0  # monotonic time the known identity was last confirmed
         self._next_check = 0.0
 
-    def check(self, force: bool = False) -> None:
-        """Raises what Redis or PostgreSQL raise: the runner retries."""
+    def check(self, force: bool = False) -> ReplayResult | None:
+        """The replay done, if one was. Raises what Redis or PostgreSQL raise: the runner
+        retries."""
         now = time.monotonic()
         if not force and now < self._next_check:
-            return
+            return None
         identity = self._sink.identity()
         self._next_check = time.monotonic() + self._check_every_s
         if identity == self._known:
             self._known_at = now
-            return
+            return None
+        result = None
         with self._connect() as conn:
             store = IdentityStore(conn)
             saved = store.load()
@@ -212,16 +214,17 @@ class RedisWatch:
                 # Last seen: the in-memory confirmation, or (a listener restarted while
                 # Redis changed) when the old identity was saved.
                 gone_s = now - self._known_at if self._known is not None else saved[1]
-                self._replay(conn, saved[0], identity, gone_s)
+                result = self._replay(conn, saved[0], identity, gone_s)
                 store.save(identity)
         self._known, self._known_at = identity, now
+        return result
 
     def _replay(
         self, conn: psycopg.Connection[Any], previous: str, current: str, gone_s: float
-    ) -> None:
+    ) -> ReplayResult | None:
         if self._window_s == 0:
             log.warning("redis_changed", previous=previous, current=current, replay="off")
-            return
+            return None
         if self._window_s is None:
             lost_s, why = persistence_window(self._sink.client)
         else:
@@ -245,3 +248,4 @@ class RedisWatch:
             skipped=result.skipped,
             duration_s=round(result.seconds, 3),
         )
+        return result
