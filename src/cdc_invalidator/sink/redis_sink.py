@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from itertools import islice
+from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
@@ -15,10 +16,15 @@ from cdc_invalidator.mapping import Invalidation
 # back-off. Error replies count too: READONLY (a replica that was a master), LOADING,
 # NOREPLICAS, MISCONF, NOPERM from an ACL being fixed... UNLINK and SCAN cannot fail
 # because of one event's keys, so no reply is a reason to drop a batch or to exit.
+# Redis Cluster: CLUSTERDOWN, TRYAGAIN, MOVED/ASK left over are ResponseErrors too;
+# ClusterError is redis-py giving up on redirections, RedisClusterException a slot table
+# it could not read or that does not cover every slot (a failover, a resharding).
 REDIS_UNAVAILABLE: tuple[type[Exception], ...] = (
     redis.ConnectionError,
     redis.TimeoutError,
     redis.ResponseError,
+    redis.exceptions.ClusterError,
+    redis.exceptions.RedisClusterException,
 )
 
 
@@ -79,8 +85,19 @@ class RedisSink:
             if cursor == 0:
                 return deleted
 
+    def identity(self) -> str:
+        """`run_id/master_replid`: changes when Redis restarts or a replica takes over."""
+        return server_identity(self._client)
+
     def close(self) -> None:
         self._client.close()
+
+
+def server_identity(client: redis.Redis) -> str:
+    """One server's `run_id/master_replid` (the run id is new at every start)."""
+    server: dict[str, Any] = client.info("server")
+    replication: dict[str, Any] = client.info("replication")
+    return f"{server['run_id']}/{replication['master_replid']}"
 
 
 def _chunks(items: Iterable[str], size: int) -> Iterator[Sequence[str]]:

@@ -1,0 +1,133 @@
+"""Open the sink for a `redis_url`: one server or a Redis Cluster, told by the server.
+
+The URL may name any node of a cluster. At first use the sink asks that server
+`INFO cluster`; with `cluster_enabled:1` it becomes a ClusterSink (redis-py's
+RedisCluster discovers the other nodes from it), otherwise a RedisSink. The question is
+put at first use, not when the listener starts: Redis may be down then, and the runner
+retries with back-off as for any other Redis outage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import Any, Protocol
+
+import redis
+import structlog
+from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
+from redis.connection import parse_url
+from redis.retry import Retry
+
+from cdc_invalidator.capture.errors import Fatal
+from cdc_invalidator.mapping import Invalidation
+from cdc_invalidator.sink.cluster_sink import ClusterSink, primaries
+from cdc_invalidator.sink.redis_sink import RedisSink
+
+log = structlog.get_logger("cdc_invalidator.sink")
+
+CLIENT_NAME = "cdc-invalidator"
+
+
+class Sink(Protocol):
+    """What the runner needs from Redis (RedisSink, ClusterSink, AutoSink)."""
+
+    def delete(self, work: Invalidation) -> int: ...
+    def unlink(self, keys: Collection[str]) -> int: ...
+    def sweep(self, pattern: str) -> int: ...
+    def identity(self) -> str: ...
+    def close(self) -> None: ...
+
+
+def open_sink(
+    url: str,
+    *,
+    timeout_s: float = 5.0,
+    unlink_chunk: int = 500,
+    scan_count: int = 1000,
+    **client_options: Any,
+) -> AutoSink:
+    """The sink for `url`; nothing is connected until first use. `client_options` go to
+    the redis-py client (redis.Redis or RedisCluster) as they are."""
+    return AutoSink(
+        url,
+        timeout_s=timeout_s,
+        unlink_chunk=unlink_chunk,
+        scan_count=scan_count,
+        **client_options,
+    )
+
+
+def connect_sink(
+    url: str,
+    *,
+    timeout_s: float = 5.0,
+    unlink_chunk: int = 500,
+    scan_count: int = 1000,
+    **client_options: Any,
+) -> RedisSink | ClusterSink:
+    """Connect now and ask the server whether it is a cluster node."""
+    options: dict[str, Any] = {
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": timeout_s,
+        # One immediate retry covers a pooled connection that died with a Redis
+        # restart; longer outages are the runner's business (backoff, one log line).
+        "retry": Retry(NoBackoff(), 1),
+        "client_name": CLIENT_NAME,
+        **client_options,
+    }
+    client = redis.Redis.from_url(url, **options)
+    try:
+        info: dict[str, Any] = client.info("cluster")
+    except BaseException:
+        client.close()
+        raise
+    if not info.get("cluster_enabled"):
+        log.info("redis_connected", mode="single")
+        return RedisSink(client, unlink_chunk=unlink_chunk, scan_count=scan_count)
+    client.close()
+    if db := int(parse_url(url).get("db") or 0):  # type: ignore[no-untyped-call]
+        raise Fatal(f"redis_url selects database {db}, but a Redis Cluster has only database 0")
+    cluster = RedisCluster.from_url(url, **options)
+    log.info("redis_connected", mode="cluster", primaries=len(primaries(cluster)))
+    return ClusterSink(cluster, unlink_chunk=unlink_chunk, scan_count=scan_count)
+
+
+class AutoSink:
+    """A RedisSink or a ClusterSink, chosen by connect_sink() at first use; a failed
+    connection is raised to the caller and tried again at the next use."""
+
+    def __init__(self, url: str, **options: Any) -> None:
+        self._url = url
+        self._options = options
+        self._sink: RedisSink | ClusterSink | None = None
+
+    @property
+    def sink(self) -> RedisSink | ClusterSink:
+        if self._sink is None:
+            self._sink = connect_sink(self._url, **self._options)
+        return self._sink
+
+    @property
+    def client(self) -> redis.Redis | RedisCluster:
+        return self.sink.client
+
+    @property
+    def cluster(self) -> bool:
+        return isinstance(self.sink, ClusterSink)
+
+    def delete(self, work: Invalidation) -> int:
+        return self.sink.delete(work)
+
+    def unlink(self, keys: Collection[str]) -> int:
+        return self.sink.unlink(keys)
+
+    def sweep(self, pattern: str) -> int:
+        return self.sink.sweep(pattern)
+
+    def identity(self) -> str:
+        return self.sink.identity()
+
+    def close(self) -> None:
+        if self._sink is not None:
+            self._sink.close()
