@@ -26,7 +26,7 @@ from cdc_invalidator.listener import build_listener
 from cdc_invalidator.redact import Scrubber, redact_url, secrets_of
 from cdc_invalidator.settings import CONFIG_ENV, ConfigError, Settings, load_settings
 from cdc_invalidator.shutdown import Stopper
-from cdc_invalidator.sink import RedisSink
+from cdc_invalidator.sink import open_sink
 from cdc_invalidator.status import (
     LogicalStatus,
     NotInstalledHere,
@@ -153,9 +153,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     config_name = str(args.config or "configuration")
     with connect(settings) as conn:
         report = check_database(conn, settings, config_name)
-    sink = RedisSink.from_url(settings.redis_url, timeout_s=settings.redis_timeout_s)
+    sink = open_sink(settings.redis_url, timeout_s=settings.redis_timeout_s)
     try:
-        redis_report = check_redis(sink.client, settings.redis_url)
+        redis_report = check_redis(sink, settings.redis_url)
     finally:
         sink.close()
     for line in report.ok + redis_report.ok:

@@ -9,7 +9,7 @@ from cdc_invalidator.capture.trigger_queue import TriggerCapture
 from cdc_invalidator.runner import Runner, RunnerConfig, Source
 from cdc_invalidator.settings import Settings
 from cdc_invalidator.shutdown import Stopper
-from cdc_invalidator.sink import RedisSink
+from cdc_invalidator.sink import AutoSink, open_sink
 
 
 def runner_config(settings: Settings) -> RunnerConfig:
@@ -22,9 +22,10 @@ def runner_config(settings: Settings) -> RunnerConfig:
     )
 
 
-def build_listener(settings: Settings, stopper: Stopper) -> tuple[Runner, RedisSink]:
-    """The runner and the Redis sink it writes to (the caller closes the sink)."""
-    sink = RedisSink.from_url(
+def build_listener(settings: Settings, stopper: Stopper) -> tuple[Runner, AutoSink]:
+    """The runner and the Redis sink it writes to (the caller closes the sink); whether
+    Redis is one server or a cluster is found out at first use."""
+    sink = open_sink(
         settings.redis_url,
         timeout_s=settings.redis_timeout_s,
         unlink_chunk=settings.unlink_chunk,

@@ -21,7 +21,8 @@ from cdc_invalidator.capture.errors import Fatal, Standby
 from cdc_invalidator.events import ChangeEvent
 from cdc_invalidator.mapping import Invalidation, Mapper
 from cdc_invalidator.shutdown import Stopper
-from cdc_invalidator.sink.redis_sink import REDIS_UNAVAILABLE, RedisSink
+from cdc_invalidator.sink.connect import Sink
+from cdc_invalidator.sink.redis_sink import REDIS_UNAVAILABLE
 
 log = structlog.get_logger("cdc_invalidator.runner")
 
@@ -91,7 +92,7 @@ class Runner:
         *,
         connect: Callable[[], Source],
         mapper: Mapper,
-        sink: RedisSink,
+        sink: Sink,
         config: RunnerConfig,
         stopper: Stopper,
     ) -> None:
