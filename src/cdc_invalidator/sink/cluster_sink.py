@@ -21,12 +21,15 @@ from collections.abc import Collection
 from typing import Any
 
 import redis
+import structlog
 from redis.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import AskError, MovedError, TryAgainError
 
 from cdc_invalidator.mapping import Invalidation
 from cdc_invalidator.sink.redis_sink import server_identity
+
+log = structlog.get_logger("cdc_invalidator.sink")
 
 SLOTS = 16384
 
@@ -98,6 +101,8 @@ class ClusterSink:
                     raise reply
                 else:
                     deleted += int(reply)
+        if again:
+            log.debug("redis_redirected", keys=len(again))
         # Redirected: one key per UNLINK (a key is on one side of a migration or the
         # other; several keys may be split across both, which is what TRYAGAIN says).
         for key in again:

@@ -76,18 +76,23 @@ def connect_sink(
         "client_name": CLIENT_NAME,
         **client_options,
     }
+    db = int(parse_url(url).get("db") or 0)  # type: ignore[no-untyped-call]
+    only_db0 = f"redis_url selects database {db}, but a Redis Cluster has only database 0"
     client = redis.Redis.from_url(url, **options)
     try:
         info: dict[str, Any] = client.info("cluster")
-    except BaseException:
+    except BaseException as exc:
         client.close()
+        # A cluster node refuses the SELECT that a database other than 0 sends first.
+        if db and isinstance(exc, redis.ResponseError) and "cluster mode" in str(exc):
+            raise Fatal(only_db0) from exc
         raise
     if not info.get("cluster_enabled"):
         log.info("redis_connected", mode="single")
         return RedisSink(client, unlink_chunk=unlink_chunk, scan_count=scan_count)
     client.close()
-    if db := int(parse_url(url).get("db") or 0):  # type: ignore[no-untyped-call]
-        raise Fatal(f"redis_url selects database {db}, but a Redis Cluster has only database 0")
+    if db:
+        raise Fatal(only_db0)
     cluster = RedisCluster.from_url(url, **options)
     log.info("redis_connected", mode="cluster", primaries=len(primaries(cluster)))
     return ClusterSink(cluster, unlink_chunk=unlink_chunk, scan_count=scan_count)
