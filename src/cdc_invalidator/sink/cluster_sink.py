@@ -23,6 +23,7 @@ from typing import Any
 import redis
 import structlog
 from redis.cluster import ClusterNode, RedisCluster
+from redis.connection import Connection, ConnectionPool
 from redis.crc import key_slot
 from redis.exceptions import AskError, MovedError, TryAgainError
 
@@ -69,38 +70,20 @@ class ClusterSink:
         if self._stale:
             self._client.nodes_manager.initialize()
             self._stale = False
-        by_slot: dict[int, list[str | bytes]] = {}
+        by_slot: dict[int, list[bytes]] = {}
         for key in keys:
-            slot = key_slot(key if isinstance(key, bytes) else key.encode())
-            by_slot.setdefault(slot, []).append(key)
-        by_node: dict[str, tuple[ClusterNode, list[list[str | bytes]]]] = {}
+            encoded = key if isinstance(key, bytes) else key.encode()
+            by_slot.setdefault(key_slot(encoded), []).append(encoded)
+        by_node: dict[str, tuple[ClusterNode, list[list[bytes]]]] = {}
         nodes = self._client.nodes_manager
-        for slot, group in by_slot.items():
-            node = nodes.get_node_from_slot(slot)
+        table = nodes.slots_cache  # get_node_from_slot() costs 4 µs a call, most of it
+        for slot, group in by_slot.items():  # checking for deprecated arguments
+            owners = table.get(slot)
+            node = owners[0] if owners else nodes.get_node_from_slot(slot)  # SlotNotCovered
             commands = by_node.setdefault(node.name, (node, []))[1]
             for start in range(0, len(group), self._unlink_chunk):
                 commands.append(group[start : start + self._unlink_chunk])
-        deleted = 0
-        again: list[str | bytes] = []
-        for node, commands in by_node.values():
-            pipe = self._client.get_redis_connection(node).pipeline(transaction=False)
-            for command in commands:
-                pipe.unlink(*command)
-            try:
-                replies = pipe.execute(raise_on_error=False)
-            except (redis.ConnectionError, redis.TimeoutError):
-                self._stale = True
-                raise
-            for command, reply in zip(commands, replies, strict=True):
-                if isinstance(reply, MovedError):
-                    nodes.move_slot(reply)
-                    again += command
-                elif isinstance(reply, AskError | TryAgainError):
-                    again += command
-                elif isinstance(reply, Exception):
-                    raise reply
-                else:
-                    deleted += int(reply)
+        deleted, again = self._unlink_per_node(list(by_node.values()))
         if again:
             log.debug("redis_redirected", keys=len(again))
         # Redirected: one key per UNLINK (a key is on one side of a migration or the
@@ -108,6 +91,47 @@ class ClusterSink:
         for key in again:
             deleted += int(self._client.execute_command("UNLINK", key))  # type: ignore[no-untyped-call]
         return deleted
+
+    def _unlink_per_node(
+        self, work: list[tuple[ClusterNode, list[list[bytes]]]]
+    ) -> tuple[int, list[bytes]]:
+        """Write every node's UNLINKs, then read every node's replies (the nodes work
+        while the next one is written to). The commands are packed here, not through a
+        redis-py Pipeline: its bookkeeping per command cost more than the deletes (one
+        UNLINK per slot is one to two keys in a batch of 10,000 keys)."""
+        deleted = 0
+        again: list[bytes] = []
+        failure: redis.ResponseError | None = None
+        sent: list[tuple[ConnectionPool, Connection, list[list[bytes]]]] = []
+        try:
+            for node, commands in work:
+                pool = self._client.get_redis_connection(node).connection_pool
+                connection = pool.get_connection()
+                sent.append((pool, connection, commands))
+                connection.send_packed_command([_pack_unlinks(commands)])  # type: ignore[no-untyped-call]
+            for _, connection, commands in sent:
+                for command in commands:
+                    try:
+                        deleted += int(connection.read_response())
+                    except MovedError as exc:
+                        self._client.nodes_manager.move_slot(exc)
+                        again += command
+                    except (AskError, TryAgainError):
+                        again += command
+                    except redis.ResponseError as exc:
+                        failure = failure or exc  # read on: the connection stays in step
+        except (redis.ConnectionError, redis.TimeoutError):
+            # Replies may be left unread on any of them: none goes back to a pool usable.
+            for _, connection, _ in sent:
+                connection.disconnect()  # type: ignore[no-untyped-call]
+            self._stale = True
+            raise
+        finally:
+            for pool, connection, _ in sent:
+                pool.release(connection)
+        if failure is not None:
+            raise failure
+        return deleted, again
 
     def sweep(self, pattern: str) -> int:
         """SCAN every primary for a glob and UNLINK what it finds (TRUNCATE has no rows
@@ -159,6 +183,15 @@ class ClusterSink:
 
     def close(self) -> None:
         self._client.close()
+
+
+def _pack_unlinks(commands: list[list[bytes]]) -> bytes:
+    """RESP for `UNLINK key ...`, one per list of keys."""
+    out: list[bytes] = []
+    for keys in commands:
+        out.append(b"*%d\r\n$6\r\nUNLINK\r\n" % (len(keys) + 1))
+        out += [b"$%d\r\n%s\r\n" % (len(key), key) for key in keys]
+    return b"".join(out)
 
 
 def primaries(client: RedisCluster) -> list[ClusterNode]:
