@@ -71,10 +71,27 @@ class ClusterSink:
         if self._stale:
             self._client.nodes_manager.initialize()
             self._stale = False
+        encoded = [key if isinstance(key, bytes) else key.encode() for key in keys]
+        deleted, moved, again = self._unlink_per_node(self._by_node(encoded))
+        if moved:
+            # The slot table names the new owners now: one more round, still grouped
+            # (a resharding moves whole slots, often many of them).
+            more, moved, asked = self._unlink_per_node(self._by_node(moved))
+            deleted += more
+            again += moved + asked
+        if again:
+            log.debug("redis_redirected", keys=len(again))
+        # Still redirected: one key per UNLINK (a key is on one side of a migration or
+        # the other; several keys may be split across both, which is what TRYAGAIN says).
+        for key in again:
+            deleted += int(self._client.execute_command("UNLINK", key))  # type: ignore[no-untyped-call]
+        return deleted
+
+    def _by_node(self, keys: list[bytes]) -> list[tuple[ClusterNode, list[list[bytes]]]]:
+        """Each primary with its UNLINKs: one per slot (or per unlink_chunk keys)."""
         by_slot: dict[int, list[bytes]] = {}
         for key in keys:
-            encoded = key if isinstance(key, bytes) else key.encode()
-            by_slot.setdefault(key_slot(encoded), []).append(encoded)
+            by_slot.setdefault(key_slot(key), []).append(key)
         by_node: dict[str, tuple[ClusterNode, list[list[bytes]]]] = {}
         nodes = self._client.nodes_manager
         table = nodes.slots_cache  # get_node_from_slot() costs 4 µs a call, most of it
@@ -84,23 +101,20 @@ class ClusterSink:
             commands = by_node.setdefault(node.name, (node, []))[1]
             for start in range(0, len(group), self._unlink_chunk):
                 commands.append(group[start : start + self._unlink_chunk])
-        deleted, again = self._unlink_per_node(list(by_node.values()))
-        if again:
-            log.debug("redis_redirected", keys=len(again))
-        # Redirected: one key per UNLINK (a key is on one side of a migration or the
-        # other; several keys may be split across both, which is what TRYAGAIN says).
-        for key in again:
-            deleted += int(self._client.execute_command("UNLINK", key))  # type: ignore[no-untyped-call]
-        return deleted
+        return list(by_node.values())
 
     def _unlink_per_node(
         self, work: list[tuple[ClusterNode, list[list[bytes]]]]
-    ) -> tuple[int, list[bytes]]:
+    ) -> tuple[int, list[bytes], list[bytes]]:
         """Write every node's UNLINKs, then read every node's replies (the nodes work
-        while the next one is written to). The commands are packed here, not through a
-        redis-py Pipeline: its bookkeeping per command cost more than the deletes (one
-        UNLINK per slot is one to two keys in a batch of 10,000 keys)."""
+        while the next one is written to); return how many keys existed, the keys
+        answered MOVED (the slot table is updated) and those answered ASK or TRYAGAIN.
+
+        The commands are packed here, not through a redis-py Pipeline: its bookkeeping
+        per command cost more than the deletes (one UNLINK per slot is one to two keys
+        in a batch of 10,000 keys)."""
         deleted = 0
+        moved: list[bytes] = []
         again: list[bytes] = []
         failure: redis.ResponseError | None = None
         sent: list[tuple[ConnectionPool, Connection, list[list[bytes]]]] = []
@@ -116,7 +130,7 @@ class ClusterSink:
                         deleted += int(connection.read_response())
                     except MovedError as exc:
                         self._client.nodes_manager.move_slot(exc)
-                        again += command
+                        moved += command
                     except (AskError, TryAgainError):
                         again += command
                     except redis.ResponseError as exc:
@@ -132,7 +146,7 @@ class ClusterSink:
                 pool.release(connection)
         if failure is not None:
             raise failure
-        return deleted, again
+        return deleted, moved, again
 
     def sweep(self, pattern: str) -> int:
         """SCAN every primary for a glob and UNLINK what it finds (TRUNCATE has no rows
