@@ -25,6 +25,13 @@ settings: fsync and synchronous_commit on) and measures:
 3. write overhead: single-row UPDATE throughput with pgbench (2 clients, 2 threads) on a
    watched table with the listener running, against the same on an unwatched table,
    in interleaved rounds; and the listener's CPU per change (its process and backend).
+4. replay: N changes invalidated by the listener with history kept (replay_history =
+   1h), the keys set again (a restored snapshot), then `cdc-invalidator replay --since
+   15m` timed (its own figure, and with process start). Floor: a hiredis pipeline of
+   one UNLINK per key over the same keys, known up front.
+
+Phases 1-3 run the listener with replay_history = "0s" (processed queue rows pruned at
+once, as before replay existed); everything else is at its default.
 
 Other processes' CPU during each phase is reported (this machine may be shared). Prints
 a markdown table (metric | ours | floor | ratio | target | pass) with the machine
@@ -356,10 +363,15 @@ class Bench:
             )
         admin.execute(sql.SQL("VACUUM ANALYZE {}").format(ident))
 
-    def write_config(self, target: Target, redis_url: str | None = None) -> None:
+    def write_config(
+        self, target: Target, replay_history: str = "0s", redis_url: str | None = None
+    ) -> None:
+        # History for replay is kept only in the replay phase: the other phases measure
+        # the queue's pruning as they always did (keeping rows costs the writers nothing).
         lines = [
             f"database_url = {json.dumps(target.dsn)}",
             f"redis_url = {json.dumps(redis_url or self.rs.url)}",
+            f"replay_history = {json.dumps(replay_history)}",
         ]
         if target.logical:
             lines += ['capture = "logical"', f"slot_name = {json.dumps(SLOT)}"]
@@ -1024,6 +1036,74 @@ def cluster_rows(single: Drain, d: Drain) -> list[Row]:
     return rows
 
 
+# ------------------------------------------------------------------- 4. replay
+
+
+@dataclass
+class Replay:
+    events: int
+    keys: int
+    ours_s: float  # the replay itself, as the command reports it
+    with_start_s: float  # the `replay --since 15m` command, process start included
+    floor_s: float
+
+
+REPLAY_DONE = re.compile(
+    r"replayed (\d+) invalidations .*\((\d+) keys and patterns deleted, in ([\d.]+) s\)"
+)
+
+
+def unlink_floor(bench: Bench, ids: range) -> float:
+    """Pipelined UNLINK of the replayed keys, one key per UNLINK (keys known up front)."""
+    keys = [k for i in ids for k in user_keys(i)]
+    client = redis.Redis(host="127.0.0.1", port=bench.rs.port, socket_timeout=60)
+    t0 = time.perf_counter()
+    pipe = client.pipeline(transaction=False)
+    for key in keys:
+        pipe.unlink(key)
+        if len(pipe) >= 10_000:
+            pipe.execute()
+    pipe.execute()
+    elapsed = time.perf_counter() - t0
+    client.close()
+    if bench.dbsize() != 0:
+        raise RuntimeError("floor unlink left keys behind")
+    return elapsed
+
+
+def measure_replay(bench: Bench, table: str, rows: int, target: Target) -> Replay:
+    """The listener invalidates `rows` changes with history kept; Redis gets the keys
+    back (a restored snapshot); `replay --since 15m` deletes them again."""
+    ids = range(1, rows + 1)
+    bench.write_config(target, replay_history="1h")
+    try:
+        bench.redis.flushall()
+        bench.set_keys(ids)
+        history = "history_v1" if target.logical else "queue_v1"
+        target.admin.execute(f"TRUNCATE cdc_invalidator.{history}".encode())
+        queue_updates(bench, table, rows, target)
+        drain_ours(bench, f"{target.mode}-replay-history", rows, target)
+        bench.set_keys(ids)  # the restore
+        bench.quiesce(target, table)
+        t0 = time.perf_counter()
+        out = bench.cli(target, "replay", "--since", "15m")
+        with_start = time.perf_counter() - t0
+        match = REPLAY_DONE.search(out)
+        if match is None or bench.dbsize() != 0:
+            raise RuntimeError(f"replay did not delete every key: {out}")
+        bench.set_keys(ids)
+        floor = unlink_floor(bench, ids)
+    finally:
+        bench.write_config(target)
+    return Replay(
+        events=int(match.group(1)),
+        keys=int(match.group(2)),
+        ours_s=float(match.group(3)),
+        with_start_s=with_start,
+        floor_s=floor,
+    )
+
+
 # ------------------------------------------------------------------- 3. write overhead
 
 
@@ -1175,10 +1255,15 @@ def describe_settings(bench: Bench, sizes: Sizes) -> dict[str, str]:
     for name in ("save", "appendonly"):
         value = bench.redis.config_get(name).get(name)
         out[f"redis {name}"] = repr(value) if value == "" else str(value)
-    out["listener"] = "`cdc-invalidator run`, default settings: " + ", ".join(
-        f"{name}={f.default}"
-        for name, f in Settings.model_fields.items()
-        if name not in ("database_url", "redis_url", "tables") and not f.is_required()
+    out["listener"] = (
+        "`cdc-invalidator run`, default settings but replay_history (0s in phases 1-3, 1h "
+        "in the replay phase): "
+        + ", ".join(
+            f"{name}={f.default}"
+            for name, f in Settings.model_fields.items()
+            if name not in ("database_url", "redis_url", "tables", "replay_history")
+            and not f.is_required()
+        )
     )
     out["sizes"] = (
         f"latency {sizes.rate}/s, {round(sizes.rate * sizes.latency_s)} changes each for the "
@@ -1485,10 +1570,38 @@ def run_mode(
         drains += cluster_rows(drain, on_cluster)
     if measured is None:
         return prefixed(mode, drains)
-    floor, ours, writes = measured
-    return build_rows(
-        mode=mode, rate=sizes.rate, floor=floor, ours=ours, drains=drains, writes=writes
+    print(f"[{mode}] 4. replay of {sizes.drain_rows} invalidations", flush=True)
+    with meter.phase(f"{mode} replay"):
+        replayed = measure_replay(bench, DRAIN, sizes.drain_rows, target)
+    report.raw[f"{mode} replay"] = asdict(replayed)
+    print(
+        f"  [{mode}] replay: {replayed.events} events, {replayed.keys} keys in "
+        f"{replayed.ours_s:.3f} s ({replayed.with_start_s:.3f} s with process start), "
+        f"floor {replayed.floor_s:.3f} s",
+        flush=True,
     )
+    floor, ours, writes = measured
+    return [
+        *build_rows(
+            mode=mode, rate=sizes.rate, floor=floor, ours=ours, drains=drains, writes=writes
+        ),
+        *replay_rows(replayed),
+    ]
+
+
+def replay_rows(r: Replay) -> list[Row]:
+    label = f"replay of a 15-minute window: {r.events // 1000}k changes / {r.keys // 1000}k keys"
+    return [
+        Row(
+            label,
+            f"{r.ours_s:.3f} s",
+            f"{r.floor_s:.3f} s",
+            fmt_ratio(r.ours_s / r.floor_s),
+            "≤ 2x pipelined UNLINK",
+            r.ours_s <= 2 * r.floor_s,
+        ),
+        Row("replay: incl. process start", f"{r.with_start_s:.3f} s", "", "", "", None),
+    ]
 
 
 def measure_latency_and_writes(

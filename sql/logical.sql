@@ -8,6 +8,7 @@
 --                         re-created the slot), and why a full sweep is owed, if it is.
 --   replica_identity_v1   the REPLICA IDENTITY a table had before install set FULL, so
 --                         that uninstall can put it back.
+--   history_v1            what was invalidated recently, for replay.
 --   logical_dead_letter_v1  a sequence: dead letters of this mode have no queue id and
 --                         take negative ids from it.
 --   ensure_replica_identity(), restore_replica_identity(), publish()
@@ -21,6 +22,17 @@ CREATE TABLE IF NOT EXISTS cdc_invalidator.slot_state_v1 (
 );
 
 CREATE SEQUENCE IF NOT EXISTS cdc_invalidator.logical_dead_letter_v1;
+
+-- What the listener invalidated recently, for replay after Redis restores an old
+-- snapshot: one row per acknowledged batch, its events' key columns as a JSON array of
+-- [schema, table, op, old, new]. (Trigger mode keeps its queue rows for that instead.)
+-- Pruned by the listener after replay_history.
+CREATE TABLE IF NOT EXISTS cdc_invalidator.history_v1 (
+    id     bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    at     timestamptz NOT NULL DEFAULT now(),
+    events json NOT NULL
+);
+CREATE INDEX IF NOT EXISTS history_v1_at ON cdc_invalidator.history_v1 (at);
 
 CREATE TABLE IF NOT EXISTS cdc_invalidator.replica_identity_v1 (
     relid          regclass PRIMARY KEY,

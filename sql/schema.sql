@@ -6,6 +6,7 @@
 --   dead_letter_v1      events the listener could not turn into keys, with the error.
 --   listener_state_v1   how far the listener got: a snapshot whose visible transactions
 --                       have all been invalidated, and when it last got further.
+--   redis_identity_v1   the Redis server the listener last wrote to (replay on a change).
 --   watched_v1          which tables carry our triggers and which columns they copy.
 --   watch(), unwatch()  the API a DBA can also call by hand.
 -- Every object name carries a version suffix (_v1) so that a later release can install
@@ -76,6 +77,17 @@ CREATE TABLE IF NOT EXISTS cdc_invalidator.listener_state_v1 (
 );
 INSERT INTO cdc_invalidator.listener_state_v1 (singleton) VALUES (true)
 ON CONFLICT (singleton) DO NOTHING;
+
+-- The Redis the listener last wrote to, as INFO names it (run_id, master_replid). A
+-- different one (restarted from a snapshot, failed over) may hold keys the listener
+-- deleted before: those invalidated within the replay window are deleted again, and
+-- then the new identity is saved. Kept here so that a listener restarted along with
+-- Redis still notices.
+CREATE TABLE IF NOT EXISTS cdc_invalidator.redis_identity_v1 (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    identity  text NOT NULL,
+    seen_at   timestamptz NOT NULL DEFAULT now()
+);
 
 CREATE TABLE IF NOT EXISTS cdc_invalidator.watched_v1 (
     relid      regclass PRIMARY KEY,

@@ -21,7 +21,7 @@ import pytest
 import redis
 
 from cdc_invalidator.servers import PostgresServer, RedisServer, ServerError
-from tests.helpers import write_config
+from tests.helpers import ListenerProcess, write_config
 
 # Durability buys nothing in a throwaway test cluster; it only slows every commit.
 FAST_PG = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
@@ -183,3 +183,21 @@ def env(servers: Servers, tmp_path: Path, request: pytest.FixtureRequest) -> Ite
 @pytest.fixture
 def own_env(own_servers: Servers, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Env]:
     yield from _make_env(own_servers, tmp_path, dbname="app", capture=_capture_of(request))
+
+
+Spawn = Callable[..., ListenerProcess]
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Spawn]:
+    """Start `cdc-invalidator run` processes (JSON logs); whatever is left is killed."""
+    started: list[ListenerProcess] = []
+
+    def start(config: Path, env: dict[str, str] | None = None) -> ListenerProcess:
+        listener = ListenerProcess(config, tmp_path / f"listener-{len(started)}.log", env)
+        started.append(listener)
+        return listener.start()
+
+    yield start
+    for listener in started:
+        listener.kill()

@@ -18,6 +18,7 @@ from redis.crc import key_slot
 
 from cdc_invalidator.capture.errors import Fatal
 from cdc_invalidator.cli import main
+from cdc_invalidator.mapping import Invalidation
 from cdc_invalidator.servers import RedisClusterServer, RedisServer, ServerError
 from cdc_invalidator.sink import ClusterSink, RedisSink, connect_sink, open_sink
 from cdc_invalidator.sink.cluster_sink import ClusterChanging
@@ -332,17 +333,18 @@ def test_a_node_down_holds_the_batch_until_it_is_back(
     _cmd(node, "SAVE")  # the restarted node loads user:1 again from its dump
     with listening(config) as listener:
         settle(own_cenv, rc)
-        deleted = listener.runner.keys_deleted
         node.stop()
         own_cenv.sql("UPDATE users SET name = 'y' WHERE id = 1")
         wait_until(lambda: listener.runner.redis.failures >= 2, what="batches failing")
         assert own_cenv.scalar("SELECT count(*) FROM cdc_invalidator.queue_v1") >= 1
         node.start()
         own_cluster.wait_ok()
-        # The key came back with the node's dump, and the retried batch deleted it.
-        wait_until(lambda: listener.runner.keys_deleted > deleted, timeout_s=30, what="retried")
+        info = _cmd(node, "INFO", "persistence")
+        assert isinstance(info, dict)
+        assert info["rdb_last_load_keys_loaded"] >= 1  # user:1 came back with the dump
+        wait_until(lambda: listener.runner.redis.available is True, 30, "redis_available")
+        settle(own_cenv, rc)  # the held batch was done, and acknowledged
         assert _cmd(node, "EXISTS", "user:1") == 0
-        wait_until(lambda: listener.runner.redis.available is True, what="redis_available")
     rc.close()
 
 
@@ -419,3 +421,44 @@ def _first_slot(node: RedisServer) -> int:
         return int(me["slots"][0][0])
     finally:
         client.close()
+
+
+def test_a_node_restarted_from_its_dump_is_replayed(
+    own_cenv: Env, own_cluster: RedisClusterServer
+) -> None:
+    """The identity the listener watches covers every primary: one node coming back
+    with keys deleted since its dump gets them deleted again."""
+    users_table(own_cenv, 1)
+    own_cenv.sql("CREATE TABLE IF NOT EXISTS sync (id int PRIMARY KEY)")
+    config = own_cenv.config({**USERS, **SYNC}, replay_history="1h", redis_check_interval_ms=100)
+    assert main(["install", "--config", str(config)]) == 0
+    rc = RedisCluster.from_url(own_cenv.redis_url, decode_responses=True)
+    cache_users(rc, [1])
+    node = node_of(own_cluster, rc, "user:1")
+    _cmd(node, "SAVE")  # its dump holds user:1
+    with listening(config):
+        own_cenv.sql("UPDATE users SET name = 'y' WHERE id = 1")
+        wait_until(lambda: rc.exists("user:1") == 0, what="the first delete")
+        before = own_cenv.scalar("SELECT identity FROM cdc_invalidator.redis_identity_v1")
+        node.restart()
+        own_cluster.wait_ok()
+        info = _cmd(node, "INFO", "persistence")
+        assert isinstance(info, dict)
+        assert info["rdb_last_load_keys_loaded"] >= 1  # user:1 came back with the dump
+        wait_until(
+            lambda: (
+                own_cenv.scalar("SELECT identity FROM cdc_invalidator.redis_identity_v1") != before
+            ),
+            what="the new identity seen",
+        )
+        wait_until(lambda: _cmd(node, "EXISTS", "user:1") == 0, what="user:1 deleted again")
+    rc.close()
+
+
+def test_a_cluster_refuses_other_databases_per_table(cluster: RedisClusterServer) -> None:
+    sink = connect_sink(cluster.url)
+    assert isinstance(sink, ClusterSink)
+    with pytest.raises(Fatal, match="redis_db = 2"):
+        sink.delete_routed({None: Invalidation({"a"}), 2: Invalidation({"b"})})
+    assert sink.delete_routed({None: Invalidation({"a"}), 0: Invalidation({"b"})}) == 0
+    sink.close()

@@ -30,7 +30,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,8 +40,15 @@ import redis
 
 from cdc_invalidator.cli import main
 from cdc_invalidator.servers import PostgresServer, RedisServer, free_port
-from tests.conftest import Env
-from tests.helpers import FAST, ListenerProcess, ListenerThread, wait_until, write_config
+from tests.conftest import Env, Spawn
+from tests.helpers import (
+    RETRY_INITIAL_MS,
+    RETRY_MAX_MS,
+    ListenerProcess,
+    ListenerThread,
+    wait_until,
+    write_config,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.servers, pytest.mark.usefixtures("capture")]
 
@@ -55,8 +62,6 @@ SLOT = "cdc_invalidator"  # logical mode: the default slot_name
 NO_POLL_MS = 600_000
 # Long enough for any test here; a failed test's Redis unpauses by itself.
 PAUSE_MS = 20_000
-
-Spawn = Callable[..., ListenerProcess]
 
 
 # --- the world: one table, two key templates ----------------------------------------------
@@ -357,48 +362,36 @@ class HangUp:
 
 
 class Tries:
-    """How many times the listener tried a batch while Redis is down (start it once
-    Redis is stopped, close it before Redis starts again).
+    """How many times the listener tried Redis while it is down (start it once Redis is
+    stopped, close it before Redis starts again).
 
-    Trigger mode: each try takes its batch from the queue again, counted in the server's
-    statement log. Logical mode: a try runs no SQL (the batch in hand is kept), but each
-    one connects to Redis: its port is answered by a HangUp, which counts connections.
+    Every try connects to Redis first (asking who it is, before any batch: a restarted
+    Redis may need a replay): its port is answered by a HangUp, which counts
+    connections.
     """
 
     # Connections per try to a port that hangs up: the connect and its one retry.
     CONNECTIONS_PER_TRY = 2
 
     def __init__(self, env: Env) -> None:
-        self._env = env
-        self._hang_up: HangUp | None = None
-        if env.logical:
-            self._hang_up = HangUp(redis_of(env).port)
-        else:
-            log_statements(env)
-        self._before = self._count()
-
-    def _count(self) -> int:
-        if self._hang_up is not None:
-            return -(-self._hang_up.connections // self.CONNECTIONS_PER_TRY)
-        return pg_of(self._env).logfile.read_text(errors="replace").count(FETCH_MARK)
+        self._hang_up = HangUp(redis_of(env).port)
 
     def __call__(self) -> int:
-        return self._count() - self._before
+        return -(-self._hang_up.connections // self.CONNECTIONS_PER_TRY)
 
     def close(self) -> None:
-        if self._hang_up is not None:
-            self._hang_up.close()
+        self._hang_up.close()
 
 
 def most_attempts(elapsed_s: float) -> int:
     """The most retries that exponential back-off (FAST settings, -10 % jitter) allows."""
-    base, spent, attempts = FAST["retry_initial_ms"] / 1000, 0.0, 1
+    base, spent, attempts = RETRY_INITIAL_MS / 1000, 0.0, 1
     while True:
         spent += base * 0.9
         if spent > elapsed_s:
             return attempts
         attempts += 1
-        base = min(base * 2, FAST["retry_max_ms"] / 1000)
+        base = min(base * 2, RETRY_MAX_MS / 1000)
 
 
 def pg_of(env: Env) -> PostgresServer:
@@ -427,21 +420,6 @@ def exited_cleanly(listener: ListenerProcess) -> dict[str, Any]:
     stopped = listener.logged("listener_stopped")
     assert len(stopped) == 1
     return stopped[0]
-
-
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Spawn]:
-    """Start `cdc-invalidator run` processes; whatever is left is killed at teardown."""
-    started: list[ListenerProcess] = []
-
-    def start(config: Path) -> ListenerProcess:
-        listener = ListenerProcess(config, tmp_path / f"listener-{len(started)}.log")
-        started.append(listener)
-        return listener.start()
-
-    yield start
-    for listener in started:
-        listener.kill()
 
 
 # --- SIGKILL mid-stream -------------------------------------------------------------------
@@ -543,8 +521,12 @@ def test_redis_down_events_wait_then_drain(own_env: Env, spawn: Spawn) -> None:
     assert count(listener, "redis_unavailable") == 1
     assert count(listener, "redis_available") == 1
     stopped = stop_listener(listener)
-    # Every stale key came back with the dump and was deleted by this listener.
-    assert stopped["keys_deleted"] == 2 * n
+    # Every stale key came back with the dump and was deleted by this listener: by the
+    # replay a new Redis gets (trigger mode: it reads the queue, with these events in
+    # it), or by the batches.
+    replayed = sum(line["existed"] for line in listener.logged("replay_done"))
+    assert len(listener.logged("redis_changed")) == 1
+    assert stopped["keys_deleted"] + replayed == 2 * n
     assert stopped["events"] == n
 
 

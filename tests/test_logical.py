@@ -17,7 +17,7 @@ import secrets
 import signal
 import subprocess
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from psycopg.conninfo import make_conninfo
 from cdc_invalidator.capture.logical import CHASE_BYTES
 from cdc_invalidator.capture.walstream import parse_lsn
 from cdc_invalidator.cli import main
-from tests.conftest import Env
+from tests.conftest import Env, Spawn
 from tests.helpers import (
     ListenerProcess,
     ListenerThread,
@@ -56,8 +56,6 @@ PAUSE_MS = 20_000
 # moved it; this much more is what the server writes meanwhile (our own bookkeeping,
 # running-transactions records).
 SLACK_BYTES = 128 * 1024
-
-Spawn = Callable[..., ListenerProcess]
 
 
 # --- the world ----------------------------------------------------------------------------
@@ -256,21 +254,6 @@ def running(env: Env, config: Path) -> Iterator[ListenerThread]:
         yield listener
     finally:
         listener.stop()
-
-
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Spawn]:
-    """Start `cdc-invalidator run` processes (JSON logs); whatever is left is killed."""
-    started: list[ListenerProcess] = []
-
-    def start(config: Path, env: dict[str, str] | None = None) -> ListenerProcess:
-        listener = ListenerProcess(config, tmp_path / f"listener-{len(started)}.log", env)
-        started.append(listener)
-        return listener.start()
-
-    yield start
-    for listener in started:
-        listener.kill()
 
 
 def stop(listener: ListenerProcess) -> None:

@@ -209,3 +209,30 @@ def test_add_all_matches_add_event_by_event() -> None:
     assert len(failures) == 4
     assert got.patterns == expected.patterns
     assert got.keys == expected.keys
+
+
+def test_map_all_routes_each_table_to_its_database() -> None:
+    users, orders = TableName("public", "users"), TableName("public", "orders")
+    mapper = Mapper(
+        {users: [KeyTemplate.parse("user:{id}")], orders: [KeyTemplate.parse("order:{id}")]},
+        {orders: 3},
+    )
+    events = [
+        ChangeEvent(users, Op.INSERT, None, {"id": "1"}, 1),
+        ChangeEvent(orders, Op.DELETE, {"id": "2"}, None, 2),
+        ChangeEvent(orders, Op.TRUNCATE, None, None, 3),
+        ChangeEvent(orders, Op.INSERT, None, {"note": "no id"}, 4),
+    ]
+    routed, failed = mapper.map_all(events)
+    assert routed == {
+        None: Invalidation({"user:1"}),
+        3: Invalidation({"order:2"}, {"order:*"}),
+    }
+    assert [event.position for event, _ in failed] == [4]
+
+
+def test_map_all_without_routes_is_one_invalidation() -> None:
+    users = TableName("public", "users")
+    mapper = Mapper({users: [KeyTemplate.parse("user:{id}")]})
+    routed, failed = mapper.map_all([ChangeEvent(users, Op.INSERT, None, {"id": "1"}, 1)])
+    assert (routed, failed) == ({None: Invalidation({"user:1"})}, [])

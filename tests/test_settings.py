@@ -66,6 +66,11 @@ def test_config_path_from_environment(tmp_path: Path, monkeypatch: pytest.Monkey
         ('slot_name = "My-Slot"\n' + GOOD, "slot_name"),
         ('publication_name = ""\n' + GOOD, "publication_name"),
         ("status_interval_ms = 0\n" + GOOD, "status_interval_ms"),
+        ('replay_window = "soon"\n' + GOOD, "replay_window: 'soon' is not a duration"),
+        ('replay_history = "-1h"\n' + GOOD, "replay_history: '-1h' is not a duration"),
+        ("replay_history = true\n" + GOOD, "replay_history: expected a duration"),
+        ("second_delete_ms = -1\n" + GOOD, "second_delete_ms"),
+        ("redis_check_interval_ms = 1\n" + GOOD, "redis_check_interval_ms"),
         (
             GOOD.replace(
                 'keys = ["order:{id}"', 'replica_identity = "nothing"\nkeys = ["order:{id}"'
@@ -111,6 +116,23 @@ def test_sql_prints_reviewable_script(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "SELECT cdc_invalidator.watch('public.users', ARRAY['email', 'id']::text[]);" in out
     assert "SELECT cdc_invalidator.watch('public.orders', ARRAY['id', 'user_id']::text[]);" in out
     assert out.count("-- ") > 20  # the DBA reads comments saying what each part does
+
+
+@pytest.mark.parametrize(
+    ("lines", "window", "history"),
+    [
+        ("", None, 7200.0),
+        ('replay_window = "auto"\nreplay_history = "30m"', None, 1800.0),
+        ('replay_window = "15m"', 900.0, 7200.0),
+        # Kept at least as long as the window it must cover.
+        ('replay_window = "3h"\nreplay_history = "1h"', 10800.0, 10800.0),
+        ('replay_window = "0s"\nreplay_history = 0', 0.0, 0.0),
+        ('replay_window = "1h30m"', 5400.0, 7200.0),
+    ],
+)
+def test_replay_durations(tmp_path: Path, lines: str, window: float | None, history: float) -> None:
+    settings = load_settings(_write(tmp_path, lines + "\n" + GOOD))
+    assert (settings.replay_window, settings.history_s) == (window, history)
 
 
 def test_logical_settings_load(tmp_path: Path) -> None:

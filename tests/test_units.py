@@ -8,6 +8,7 @@ import select
 import pytest
 
 from cdc_invalidator.backoff import Backoff
+from cdc_invalidator.durations import format_duration, parse_duration
 from cdc_invalidator.redact import Scrubber, redact_url, secrets_of
 from cdc_invalidator.shutdown import Stopper
 
@@ -62,3 +63,37 @@ def test_stopper_wakes_select_and_is_idempotent() -> None:
         assert stopper.sleep(5) is True  # returns at once once stopped
     finally:
         stopper.close()
+
+
+# --- durations ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("15m", 900.0),
+        ("90s", 90.0),
+        ("1h30m", 5400.0),
+        ("1h 30m", 5400.0),
+        ("500ms", 0.5),
+        ("2d", 172800.0),
+        ("10", 10.0),
+        (3, 3.0),
+        (2.5, 2.5),
+        ("0s", 0.0),
+        (" 1H ", 3600.0),
+    ],
+)
+def test_durations_parse(text: str | float, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "soon", "m", "-1m", "1x", "15m!", "h1", "1.5.2s"])
+def test_a_bad_duration_says_how_to_write_one(text: str) -> None:
+    with pytest.raises(ValueError, match="is not a duration: write a number with a unit"):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize(("seconds", "text"), [(0.5, "0.5s"), (90, "1m30s"), (5400, "1h30m")])
+def test_durations_format(seconds: float, text: str) -> None:
+    assert format_duration(seconds) == text

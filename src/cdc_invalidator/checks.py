@@ -13,8 +13,10 @@ from redis.exceptions import RedisClusterException
 from cdc_invalidator import sqlfiles
 from cdc_invalidator.capture.errors import Fatal
 from cdc_invalidator.capture.trigger_sql import SCHEMA_VERSION, installed_version
+from cdc_invalidator.durations import format_duration
 from cdc_invalidator.events import TableName
 from cdc_invalidator.redact import redact_url
+from cdc_invalidator.replay import MARGIN_S, persistence_window
 from cdc_invalidator.settings import Settings
 from cdc_invalidator.sink import AutoSink
 from cdc_invalidator.sink.cluster_sink import primaries
@@ -233,7 +235,7 @@ def _check_logical_server(
         report.warnings.append(f"a sweep of every watched table is owed: {owed}")
 
 
-def check_redis(sink: AutoSink, url: str) -> Report:
+def check_redis(sink: AutoSink, url: str, settings: Settings) -> Report:
     """Reachable; for a cluster, every primary (the listener talks to each)."""
     report = Report()
     try:
@@ -248,6 +250,28 @@ def check_redis(sink: AutoSink, url: str) -> Report:
             what = "reachable"
     except (redis.RedisError, RedisClusterException, Fatal) as exc:
         report.errors.append(f"redis at {redact_url(url)}: {exc}")
-    else:
-        report.ok.append(f"redis at {redact_url(url)}: {what}")
+        return report
+    report.ok.append(f"redis at {redact_url(url)}: {what}")
+    _check_replay(client, settings, report)
     return report
+
+
+def _check_replay(client: redis.Redis | RedisCluster, settings: Settings, report: Report) -> None:
+    """What a restart of this Redis could bring back, and whether history covers it."""
+    if settings.replay_window == 0:
+        report.warnings.append(
+            "replay_window is 0s: keys a Redis restart or failover brings back stay stale"
+        )
+        return
+    if settings.replay_window is None:
+        window, why = persistence_window(client)
+    else:
+        window, why = settings.replay_window, "replay_window"
+    line = f"replay after a Redis restart reaches back {format_duration(window)} ({why})"
+    if window + MARGIN_S > settings.history_s:
+        report.warnings.append(
+            f"{line}, but replay_history keeps only {format_duration(settings.history_s)}: "
+            "raise replay_history"
+        )
+    else:
+        report.ok.append(line)

@@ -1,4 +1,4 @@
-"""Command line: sql, install, uninstall, run, check, status, demo.
+"""Command line: sql, install, uninstall, run, check, status, replay, demo.
 
 Exit codes: 0 all well; 1 the command ran and failed (check found problems, the
 database refused); 2 the configuration or the command line is wrong.
@@ -21,12 +21,15 @@ from cdc_invalidator.capture import logical_sql, trigger_sql
 from cdc_invalidator.capture.errors import Fatal, NotInstalled
 from cdc_invalidator.checks import check_database, check_redis
 from cdc_invalidator.database import DatabaseError, connect
+from cdc_invalidator.durations import format_duration, parse_duration
 from cdc_invalidator.install import SlotStepFailed, install, install_script
 from cdc_invalidator.listener import build_listener
 from cdc_invalidator.redact import Scrubber, redact_url, secrets_of
+from cdc_invalidator.replay import replay
 from cdc_invalidator.settings import CONFIG_ENV, ConfigError, Settings, load_settings
 from cdc_invalidator.shutdown import Stopper
 from cdc_invalidator.sink import open_sink
+from cdc_invalidator.sink.redis_sink import REDIS_UNAVAILABLE
 from cdc_invalidator.status import (
     LogicalStatus,
     NotInstalledHere,
@@ -86,6 +89,18 @@ def _parser() -> argparse.ArgumentParser:
         "status", cmd_status, "how far behind: backlog or slot lag, dead letters, last batch"
     )
     status.add_argument("--json", action="store_true", help="print one JSON object")
+    replay_cmd = add(
+        "replay",
+        cmd_replay,
+        "delete again every key invalidated in the last DURATION (after Redis was restored "
+        "from a backup or snapshot)",
+    )
+    replay_cmd.add_argument(
+        "--since",
+        required=True,
+        metavar="DURATION",
+        help="how far back: 90s, 15m, 1h30m, 2d (at most replay_history)",
+    )
     demo = add("demo", cmd_demo, "start throwaway PostgreSQL and Redis and show an invalidation")
     demo.add_argument("--keep", action="store_true", help="leave the servers' directories")
     demo.add_argument(
@@ -155,12 +170,12 @@ def cmd_check(args: argparse.Namespace) -> int:
         report = check_database(conn, settings, config_name)
     sink = open_sink(settings.redis_url, timeout_s=settings.redis_timeout_s)
     try:
-        redis_report = check_redis(sink, settings.redis_url)
+        redis_report = check_redis(sink, settings.redis_url, settings)
     finally:
         sink.close()
     for line in report.ok + redis_report.ok:
         print(f"ok: {line}")
-    for line in report.warnings:
+    for line in report.warnings + redis_report.warnings:
         print(f"warning: {line}")
     errors = report.errors + redis_report.errors
     for line in errors:
@@ -189,6 +204,45 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(status.as_json()))
     else:
         print("\n".join(status.lines()))
+    return EXIT_OK
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    try:
+        since_s = parse_duration(args.since)
+    except ValueError as exc:
+        _error(f"--since: {exc}")
+        return EXIT_CONFIG
+    settings = _settings(args)
+    if since_s > settings.history_s:
+        print(
+            f"warning: history is kept for {format_duration(settings.history_s)} "
+            "(replay_history): keys invalidated before that are not replayed",
+            file=sys.stderr,
+        )
+    sink = open_sink(settings.redis_url, timeout_s=settings.redis_timeout_s)
+    try:
+        with connect(settings) as conn:
+            result = replay(conn, settings.capture, settings.mapper(), sink, since_s)
+    except psycopg.errors.UndefinedTable:
+        _error("cdc_invalidator is not installed in this database: run `cdc-invalidator install`")
+        return EXIT_FAILED
+    except REDIS_UNAVAILABLE as exc:
+        _error(f"Redis at {redact_url(settings.redis_url)}: {type(exc).__name__}: {exc}")
+        return EXIT_FAILED
+    finally:
+        sink.close()
+    print(
+        f"replayed {result.events} invalidations of the last {format_duration(since_s)}: "
+        f"{result.existed} keys were back and are deleted again "
+        f"({result.keys} keys and patterns deleted, in {result.seconds:.2f} s)"
+    )
+    if result.skipped:
+        print(
+            f"warning: {result.skipped} events no longer map to keys (their table left the "
+            "configuration, or their values cannot render)",
+            file=sys.stderr,
+        )
     return EXIT_OK
 
 

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
+
+import psycopg
 
 from cdc_invalidator.capture.logical import LogicalCapture, LogicalConfig
 from cdc_invalidator.capture.trigger_queue import TriggerCapture
+from cdc_invalidator.replay import RedisWatch
 from cdc_invalidator.runner import Runner, RunnerConfig, Source
 from cdc_invalidator.settings import Settings
 from cdc_invalidator.shutdown import Stopper
@@ -19,6 +23,7 @@ def runner_config(settings: Settings) -> RunnerConfig:
         retry_initial_s=settings.retry_initial_ms / 1000,
         retry_max_s=settings.retry_max_ms / 1000,
         linger_s=settings.batch_linger_ms / 1000,
+        second_delete_s=settings.second_delete_ms / 1000,
     )
 
 
@@ -42,6 +47,8 @@ def build_listener(settings: Settings, stopper: Stopper) -> tuple[Runner, AutoSi
                 columns={table: mapper.columns(table) for table in mapper.tables},
                 status_interval_s=settings.status_interval_ms / 1000,
                 heartbeat_s=settings.heartbeat_interval_ms / 1000,
+                history_s=settings.history_s,
+                prune_every_s=settings.prune_every_ms / 1000,
             ),
             application_name=settings.application_name,
             connect_timeout_s=settings.connect_timeout_s,
@@ -52,12 +59,31 @@ def build_listener(settings: Settings, stopper: Stopper) -> tuple[Runner, AutoSi
             application_name=settings.application_name,
             connect_timeout_s=settings.connect_timeout_s,
             prune_every_s=settings.prune_every_ms / 1000,
+            history_s=settings.history_s,
         ).connect
+
+    def connect_pg() -> psycopg.Connection[Any]:
+        return psycopg.connect(
+            settings.database_url,
+            autocommit=True,
+            application_name=settings.application_name,
+            connect_timeout=max(1, round(settings.connect_timeout_s)),
+        )
+
+    watch = RedisWatch(
+        sink=sink,
+        mapper=mapper,
+        capture=settings.capture,
+        connect=connect_pg,
+        window_s=settings.replay_window,
+        check_every_s=settings.redis_check_interval_ms / 1000,
+    )
     runner = Runner(
         connect=connect,
         mapper=mapper,
         sink=sink,
         config=runner_config(settings),
         stopper=stopper,
+        watch=watch,
     )
     return runner, sink

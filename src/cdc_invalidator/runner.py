@@ -7,7 +7,9 @@ committed change is invalidated at least once whatever goes down in between.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections import deque
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -19,7 +21,8 @@ import structlog
 from cdc_invalidator.backoff import Backoff
 from cdc_invalidator.capture.errors import Fatal, Standby
 from cdc_invalidator.events import ChangeEvent
-from cdc_invalidator.mapping import Invalidation, Mapper
+from cdc_invalidator.mapping import Mapper, Routed, merge
+from cdc_invalidator.replay import RedisWatch
 from cdc_invalidator.shutdown import Stopper
 from cdc_invalidator.sink.connect import Sink
 from cdc_invalidator.sink.redis_sink import REDIS_UNAVAILABLE
@@ -28,6 +31,8 @@ log = structlog.get_logger("cdc_invalidator.runner")
 
 # How often an "alive and working" line is logged, whatever the rate.
 PROGRESS_EVERY_S = 60.0
+# Second deletes falling due within this of each other are sent together.
+SECOND_DELETE_MERGE_S = 0.01
 # Batches this large mean changes arrive faster than the listener wakes: stop NOTIFY.
 UNLISTEN_AT = 8
 
@@ -62,6 +67,7 @@ class RunnerConfig:
     retry_initial_s: float = 0.1
     retry_max_s: float = 10.0
     linger_s: float = 0.005
+    second_delete_s: float = 0.0  # 0: off
 
 
 class Availability:
@@ -95,16 +101,21 @@ class Runner:
         sink: Sink,
         config: RunnerConfig,
         stopper: Stopper,
+        watch: RedisWatch | None = None,
     ) -> None:
         self._connect = connect
         self._mapper = mapper
         self._sink = sink
         self._config = config
         self._stopper = stopper
+        self._watch = watch
+        # Second deletes (second_delete_ms): (when, what), in the order they fall due.
+        self._later: deque[tuple[float, Routed]] = deque()
         self.postgres = Availability("postgres")
         self.redis = Availability("redis")
         self.events_processed = 0
         self.keys_deleted = 0
+        self.keys_deleted_again = 0  # by second deletes: stale sets they undid
         self.dead_letters = 0
 
     def run(self) -> None:
@@ -143,12 +154,14 @@ class Runner:
                 self._stopper.sleep(backoff.next_delay())
             finally:
                 source.close()
+        self._second_deletes(until=float("inf"))
         log.info("listener_stopped", **self._counters())
 
     def _counters(self) -> dict[str, int]:
         return {
             "events": self.events_processed,
             "keys_deleted": self.keys_deleted,
+            "keys_deleted_again": self.keys_deleted_again,
             "dead_letters": self.dead_letters,
         }
 
@@ -157,12 +170,18 @@ class Runner:
         backoff = Backoff(cfg.retry_initial_s, cfg.retry_max_s)
         next_progress = time.monotonic() + PROGRESS_EVERY_S
         listening = True
+        redis_back = True  # ask Redis who it is before the first batch, and after outages
         while not self._stopper.stopped:
             started = time.monotonic()
             try:
+                if self._watch is not None:
+                    self._watch.check(force=redis_back)
+                redis_back = False
+                self._second_deletes(until=started)
                 taken = self._process_batch(source)
             except REDIS_UNAVAILABLE as exc:
                 self.redis.down(exc)
+                redis_back = True
                 self._stopper.sleep(backoff.next_delay())
                 continue
             if taken:
@@ -190,7 +209,10 @@ class Runner:
                     source.listen(True)
                     listening = True
                     continue
-                source.wait(cfg.poll_interval_s, self._stopper.fileno())
+                timeout = cfg.poll_interval_s
+                if self._later:
+                    timeout = min(timeout, self._later[0][0] - time.monotonic())
+                source.wait(max(0.0, timeout), self._stopper.fileno())
             if time.monotonic() >= next_progress:
                 next_progress = time.monotonic() + PROGRESS_EVERY_S
                 log.info("progress", **self._counters())
@@ -199,10 +221,12 @@ class Runner:
         with source.batch(self._config.batch_size) as batch:
             if not batch.size:
                 return 0
-            work = Invalidation()
-            for event, exc in self._mapper.add_all(batch.events, work):
+            works, failed = self._mapper.map_all(batch.events)
+            for event, exc in failed:
                 batch.dead_letter(event.position, str(exc))
-            deleted = self._sink.delete(work) if work else 0
+            deleted = self._sink.delete_routed(works)
+        if self._config.second_delete_s:
+            self._delete_again_later(works)
         # Committed: Redis had confirmed every delete before the acknowledgement.
         for position, error in batch.dead.items():
             log.warning("event_dead_lettered", position=position, error=error)
@@ -212,8 +236,32 @@ class Runner:
         log.debug(
             "batch_processed",
             events=batch.size,
-            keys=len(work.keys),
-            patterns=len(work.patterns),
+            keys=sum(len(w.keys) for w in works.values()),
+            patterns=sum(len(w.patterns) for w in works.values()),
             existed=deleted,
         )
         return batch.size
+
+    def _delete_again_later(self, works: Routed) -> None:
+        if not any(works.values()):
+            return
+        due = time.monotonic() + self._config.second_delete_s
+        if self._later and due - self._later[-1][0] < SECOND_DELETE_MERGE_S:
+            # Batches a few ms apart share one second delete: fewer, larger pipelines.
+            merge(self._later[-1][1], works)
+        else:
+            self._later.append((due, works))
+
+    def _second_deletes(self, until: float) -> None:
+        """The second deletes due by `until`. Off the acknowledgement path: the batches
+        were acknowledged after their first delete. A Redis error leaves the rest for
+        the next try; on shutdown (until=inf) they are done at once, or given up."""
+        later = self._later
+        while later and later[0][0] <= until:
+            work = later[0][1]
+            if until == float("inf"):
+                with contextlib.suppress(*REDIS_UNAVAILABLE):
+                    self.keys_deleted_again += self._sink.delete_routed(work)
+            else:
+                self.keys_deleted_again += self._sink.delete_routed(work)
+            later.popleft()

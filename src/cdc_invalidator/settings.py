@@ -10,9 +10,17 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from cdc_invalidator.durations import parse_duration
 from cdc_invalidator.events import TableName
 from cdc_invalidator.mapping import KeyTemplate, Mapper, TemplateError
 
@@ -22,6 +30,17 @@ CONFIG_ENV = ENV_PREFIX + "CONFIG"
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message names the file and the culprit."""
+
+
+# Seconds, written as "15m", "90s", "1h30m" (a bare number is seconds).
+Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
+
+
+def _auto_or_duration(value: object) -> float | None:
+    """replay_window: "auto" (None: from the server's persistence) or a duration."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        return None
+    return parse_duration(value)  # type: ignore[arg-type]  # it names a wrong type
 
 
 # Names of our replication slot and publication: what PostgreSQL allows for a slot.
@@ -37,6 +56,19 @@ class TableSettings(BaseModel):
     # old values); "keep" leaves the table alone, and old values of those columns
     # cannot be invalidated (check warns).
     replica_identity: Literal["full", "keep"] = "full"
+    # Put before every template of the table: for apps that namespace their keys
+    # ("app1:") and share the templates' shape across tables.
+    key_prefix: str = ""
+    # The Redis logical database this table's keys live in, if not the one redis_url
+    # names (apps that cache different tables in different databases). Not in Cluster.
+    redis_db: Annotated[int, Field(ge=0)] | None = None
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _prefix_is_literal(cls, prefix: str) -> str:
+        if "{" in prefix or "}" in prefix:
+            raise ValueError(f"key_prefix {prefix!r} is put before the templates as is: no braces")
+        return prefix
 
     @field_validator("keys")
     @classmethod
@@ -73,6 +105,22 @@ class Settings(BaseSettings):
     # Logical mode: write a tiny WAL message this often (0: never), so that the slot
     # advances even when only other databases of the server are written to.
     heartbeat_interval_ms: Annotated[int, Field(ge=0)] = 0
+
+    # Replay after Redis restarts or fails over (its run_id or replication id changes):
+    # every key invalidated within this window is deleted again, since a snapshot or a
+    # lagging replica may have brought it back. "auto": what the server's persistence
+    # can bring back (CONFIG GET save / appendonly / appendfsync); "0s": off. None is
+    # "auto".
+    replay_window: Annotated[float | None, BeforeValidator(_auto_or_duration)] = None
+    # How long what was invalidated is kept for replay (and `replay --since`): queue rows
+    # in trigger mode, a compact history table in logical mode. Kept at least as long as
+    # an explicit replay_window.
+    replay_history: Duration = 7200.0
+    # How often the listener asks Redis who it is (INFO), besides on every reconnect.
+    redis_check_interval_ms: Annotated[int, Field(ge=100)] = 1000
+    # Delete every key again this long after the first delete (0: off), for a reader that
+    # read the old row before the commit and SETs it after our delete.
+    second_delete_ms: Annotated[int, Field(ge=0, le=600_000)] = 0
 
     # Most events read, mapped and deleted in one round.
     batch_size: Annotated[int, Field(ge=1, le=100_000)] = 5000
@@ -118,15 +166,25 @@ class Settings(BaseSettings):
         # The file's values arrive as init arguments; the environment wins over them.
         return (env_settings, init_settings)
 
+    @property
+    def history_s(self) -> float:
+        """How long invalidations are kept for replay."""
+        return max(self.replay_history, self.replay_window or 0.0)
+
     def table_settings(self) -> dict[TableName, TableSettings]:
         return {TableName.parse(name): table for name, table in self.tables.items()}
 
     def mapper(self) -> Mapper:
         return Mapper(
             {
-                TableName.parse(name): [KeyTemplate.parse(k) for k in table.keys]
+                TableName.parse(name): [KeyTemplate.parse(table.key_prefix + k) for k in table.keys]
                 for name, table in self.tables.items()
-            }
+            },
+            {
+                TableName.parse(name): table.redis_db
+                for name, table in self.tables.items()
+                if table.redis_db is not None
+            },
         )
 
 

@@ -40,6 +40,7 @@ from cdc_invalidator.capture.walstream import (
     parse_lsn,
 )
 from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, TableName
+from cdc_invalidator.replay import encode_history
 
 log = structlog.get_logger("cdc_invalidator.capture.logical")
 
@@ -79,6 +80,8 @@ class LogicalConfig:
     columns: Mapping[TableName, Sequence[str]]
     status_interval_s: float = 1.0
     heartbeat_s: float = 0.0  # 0: off
+    history_s: float = 0.0  # how long what was invalidated is kept for replay (0: not kept)
+    prune_every_s: float = 1.0
 
 
 class LogicalCapture:
@@ -269,6 +272,7 @@ class LogicalStream:
         self._reply_due = False
         self._status_at = time.monotonic()
         self._heartbeat_at = time.monotonic()
+        self._pruned_at = time.monotonic()
 
     # --- the runner's Source protocol ---------------------------------------------------
 
@@ -285,6 +289,10 @@ class LogicalStream:
         self._pending = None
         if batch.dead:
             self._save_dead(batch)
+        if batch.events and self._config.history_s:
+            self._side.execute(
+                sqlfiles.query("record_history.sql"), {"events": encode_history(batch.events)}
+            )
         if batch.resync:
             self._side.execute(
                 sqlfiles.query("set_resync.sql"),
@@ -306,6 +314,13 @@ class LogicalStream:
             timeout_s = min(timeout_s, self._heartbeat_at + self._config.heartbeat_s - now)
         self._stream.wait(timeout_s, wakeup_fd)
         self._heartbeat_if_due()
+        self._prune_if_due()
+
+    def _prune_if_due(self) -> None:
+        cfg = self._config
+        if cfg.history_s and time.monotonic() >= self._pruned_at + cfg.prune_every_s:
+            self._side.execute(sqlfiles.query("prune_history.sql"), {"seconds": cfg.history_s})
+            self._pruned_at = time.monotonic()
 
     def listen(self, on: bool) -> None:
         """Nothing to switch: the stream pushes whatever commits."""
@@ -313,6 +328,7 @@ class LogicalStream:
     def maintain(self) -> None:
         self._status_if_due()
         self._heartbeat_if_due()
+        self._prune_if_due()
 
     def close(self) -> None:
         """Confirm what is done if the connections still work, then close them."""

@@ -19,6 +19,7 @@ import contextlib
 import json
 import select
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -95,6 +96,31 @@ class Progress:
         return done
 
 
+class Retention:
+    """Which finished snapshot processed rows may be pruned below, when they are kept for
+    replay: the newest one finished at least `keep_s` ago. (The queue's index is on
+    (xid, id), so rows are pruned by snapshot; a time on each row would need a scan.)
+    Remembered in memory: after a restart pruning resumes `keep_s` later."""
+
+    def __init__(self, keep_s: float) -> None:
+        self.keep_s = keep_s
+        self._seen: deque[tuple[float, Snapshot]] = deque()
+
+    def prunable(self, done: Snapshot) -> Snapshot | None:
+        if not self.keep_s:
+            return done
+        now = time.monotonic()
+        if not self._seen or self._seen[-1][1] is not done:
+            self._seen.append((now, done))
+        old_enough: Snapshot | None = None
+        while self._seen and self._seen[0][0] <= now - self.keep_s:
+            old_enough = self._seen.popleft()[1]
+        if old_enough is not None:
+            # Still the one to prune below until a newer one is old enough.
+            self._seen.appendleft((now - self.keep_s, old_enough))
+        return old_enough
+
+
 class TriggerCapture:
     """Connects the trigger queue, and reconnects it where the last connection left off."""
 
@@ -105,12 +131,14 @@ class TriggerCapture:
         application_name: str,
         connect_timeout_s: float,
         prune_every_s: float = 1.0,
+        history_s: float = 0.0,
     ) -> None:
         self._database_url = database_url
         self._application_name = application_name
         self._connect_timeout_s = connect_timeout_s
         self._prune_every_s = prune_every_s
         self._progress: Progress | None = None
+        self._retention = Retention(history_s)
 
     def connect(self) -> TriggerQueue:
         conn = psycopg.connect(
@@ -127,14 +155,21 @@ class TriggerCapture:
         # Within one process the progress in memory is never behind what was saved.
         if self._progress is None:
             self._progress = saved
-        return TriggerQueue(conn, self._progress, self._prune_every_s)
+        return TriggerQueue(conn, self._progress, self._prune_every_s, self._retention)
 
 
 class TriggerQueue:
-    def __init__(self, conn: psycopg.Connection[Any], progress: Progress, prune_every_s: float):
+    def __init__(
+        self,
+        conn: psycopg.Connection[Any],
+        progress: Progress,
+        prune_every_s: float,
+        retention: Retention | None = None,
+    ) -> None:
         self._conn = conn
         self._progress = progress
         self._prune_every_s = prune_every_s
+        self._retention = retention or Retention(0.0)
         self._pruned_for: Snapshot | None = None
         self._pruned_at = time.monotonic()
         self._prune_more = False
@@ -266,13 +301,14 @@ class TriggerQueue:
     def _prune(self) -> bool:
         """Delete a chunk of processed rows, now and then; True if more remain.
 
-        Only below the saved snapshot: an empty queue table means saved progress."""
-        done = self._progress.saved_done
-        if self._pruned_for is done:
-            return False
+        Only below the saved snapshot (an empty queue table means saved progress), and
+        only once they are older than replay_history."""
         # Every prune_every_s, and at once again while chunks come back full: the
         # clean-up keeps up with any rate, in statements of bounded size.
         if not self._prune_more and time.monotonic() - self._pruned_at < self._prune_every_s:
+            return False
+        done = self._retention.prunable(self._progress.saved_done)
+        if done is None or self._pruned_for is done:
             return False
         deleted = self._conn.execute(
             sqlfiles.query("prune.sql"), {"snapshot": done.text, "limit": PRUNE_CHUNK}

@@ -20,9 +20,26 @@ class Invalidation:
         return len(self.keys) + len(self.patterns)
 
 
+# Invalidations by Redis logical database: None is the one redis_url names.
+Routed = dict[int | None, Invalidation]
+
+
+def merge(into: Routed, other: Routed) -> None:
+    for db, work in other.items():
+        target = into.setdefault(db, Invalidation())
+        target.keys.update(work.keys)
+        target.patterns.update(work.patterns)
+
+
 class Mapper:
-    def __init__(self, tables: Mapping[TableName, Iterable[KeyTemplate]]) -> None:
+    def __init__(
+        self,
+        tables: Mapping[TableName, Iterable[KeyTemplate]],
+        dbs: Mapping[TableName, int] | None = None,
+    ) -> None:
         self._templates = {table: tuple(ts) for table, ts in tables.items()}
+        # Tables whose keys live in another Redis logical database (redis_db).
+        self._dbs = dict(dbs or {})
         # (prefix, column, suffix) per template, for tables whose templates all have
         # exactly one field: the fast path of add_all().
         self._simple = {
@@ -38,6 +55,22 @@ class Mapper:
     def columns(self, table: TableName) -> list[str]:
         """The columns a table's templates use: what its trigger must copy."""
         return sorted({f for t in self._templates[table] for f in t.fields})
+
+    def map_all(
+        self, events: list[ChangeEvent]
+    ) -> tuple[Routed, list[tuple[ChangeEvent, InvalidEvent]]]:
+        """add_all() into one Invalidation per Redis database the events' tables use."""
+        if not self._dbs:
+            work = Invalidation()
+            return {None: work}, self.add_all(events, work)
+        groups: dict[int | None, list[ChangeEvent]] = {}
+        for event in events:
+            groups.setdefault(self._dbs.get(event.table), []).append(event)
+        routed: Routed = {}
+        failed: list[tuple[ChangeEvent, InvalidEvent]] = []
+        for db, group in groups.items():
+            failed += self.add_all(group, routed.setdefault(db, Invalidation()))
+        return routed, failed
 
     def add_all(
         self, events: Iterable[ChangeEvent], into: Invalidation

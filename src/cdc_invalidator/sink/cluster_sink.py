@@ -28,7 +28,8 @@ from redis.connection import Connection, ConnectionPool
 from redis.crc import key_slot
 from redis.exceptions import AskError, MovedError, TryAgainError
 
-from cdc_invalidator.mapping import Invalidation
+from cdc_invalidator.capture.errors import Fatal
+from cdc_invalidator.mapping import Invalidation, Routed
 from cdc_invalidator.sink.redis_sink import server_identity
 
 log = structlog.get_logger("cdc_invalidator.sink")
@@ -54,6 +55,14 @@ class ClusterSink:
     @property
     def client(self) -> RedisCluster:
         return self._client
+
+    def delete_routed(self, works: Routed) -> int:
+        """delete() of every share; a cluster has only database 0 (redis_db)."""
+        if dbs := sorted(db for db, work in works.items() if db and work):
+            raise Fatal(
+                f"redis_db = {dbs[0]} in the configuration, but a Redis Cluster has only database 0"
+            )
+        return sum(self.delete(work) for work in works.values() if work)
 
     def delete(self, work: Invalidation) -> int:
         """Delete every key and every key matching a pattern; return how many existed.

@@ -20,7 +20,7 @@ from redis.connection import parse_url
 from redis.retry import Retry
 
 from cdc_invalidator.capture.errors import Fatal
-from cdc_invalidator.mapping import Invalidation
+from cdc_invalidator.mapping import Invalidation, Routed
 from cdc_invalidator.sink.cluster_sink import ClusterSink, primaries
 from cdc_invalidator.sink.redis_sink import RedisSink
 
@@ -30,8 +30,11 @@ CLIENT_NAME = "cdc-invalidator"
 
 
 class Sink(Protocol):
-    """What the runner needs from Redis (RedisSink, ClusterSink, AutoSink)."""
+    """What the runner and replay need from Redis (RedisSink, ClusterSink, AutoSink)."""
 
+    @property
+    def client(self) -> redis.Redis | RedisCluster: ...
+    def delete_routed(self, works: Routed) -> int: ...
     def delete(self, work: Invalidation) -> int: ...
     def unlink(self, keys: Collection[str]) -> int: ...
     def sweep(self, pattern: str) -> int: ...
@@ -120,6 +123,9 @@ class AutoSink:
     @property
     def cluster(self) -> bool:
         return isinstance(self.sink, ClusterSink)
+
+    def delete_routed(self, works: Routed) -> int:
+        return self.sink.delete_routed(works)
 
     def delete(self, work: Invalidation) -> int:
         return self.sink.delete(work)

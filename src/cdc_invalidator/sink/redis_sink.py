@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from itertools import islice
-from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from cdc_invalidator.mapping import Invalidation
+from cdc_invalidator.mapping import Invalidation, Routed
 
 # Errors after which the same deletes will work once Redis is back: retry them with
 # back-off. Error replies count too: READONLY (a replica that was a master), LOADING,
@@ -33,6 +32,7 @@ class RedisSink:
         self._client = client
         self._unlink_chunk = unlink_chunk
         self._scan_count = scan_count
+        self._dbs: dict[int, RedisSink] = {}  # other logical databases (redis_db)
 
     @classmethod
     def from_url(
@@ -52,6 +52,28 @@ class RedisSink:
     @property
     def client(self) -> redis.Redis:
         return self._client
+
+    def for_db(self, db: int | None) -> RedisSink:
+        """The same server's logical database `db` (None: this one), same settings."""
+        if db is None:
+            return self
+        sink = self._dbs.get(db)
+        if sink is None:
+            pool = self._client.connection_pool
+            client = redis.Redis(
+                connection_pool=redis.ConnectionPool(
+                    connection_class=pool.connection_class,
+                    **{**pool.connection_kwargs, "db": db},
+                )
+            )
+            sink = self._dbs[db] = RedisSink(
+                client, unlink_chunk=self._unlink_chunk, scan_count=self._scan_count
+            )
+        return sink
+
+    def delete_routed(self, works: Routed) -> int:
+        """delete() for each Redis database's share; how many keys existed."""
+        return sum(self.for_db(db).delete(work) for db, work in works.items() if work)
 
     def delete(self, work: Invalidation) -> int:
         """Delete every key and every key matching a pattern; return how many existed.
@@ -86,18 +108,23 @@ class RedisSink:
                 return deleted
 
     def identity(self) -> str:
-        """`run_id/master_replid`: changes when Redis restarts or a replica takes over."""
+        """Who this Redis is: run_id (new on every start) and master_replid (new when a
+        replica is promoted). Either changing means its data may be older than ours."""
         return server_identity(self._client)
 
     def close(self) -> None:
+        for sink in self._dbs.values():
+            sink.close()
         self._client.close()
 
 
 def server_identity(client: redis.Redis) -> str:
-    """One server's `run_id/master_replid` (the run id is new at every start)."""
-    server: dict[str, Any] = client.info("server")
-    replication: dict[str, Any] = client.info("replication")
-    return f"{server['run_id']}/{replication['master_replid']}"
+    """One server's `run_id/master_replid` (see RedisSink.identity)."""
+    pipe = client.pipeline(transaction=False)
+    pipe.info("server")
+    pipe.info("replication")
+    server, replication = pipe.execute()
+    return f"{server['run_id']}/{replication.get('master_replid', '')}"
 
 
 def _chunks(items: Iterable[str], size: int) -> Iterator[Sequence[str]]:

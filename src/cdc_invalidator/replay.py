@@ -1,0 +1,253 @@
+"""Replay: delete again what was invalidated recently, when Redis may have brought it back.
+
+Redis that restarts from an RDB snapshot or an AOF that was not fsynced, or a replica
+promoted before it received our last UNLINKs, serves keys the listener had deleted:
+stale rows again. The listener notices by asking Redis who it is (run_id and
+master_replid from INFO) on every reconnect and every redis_check_interval_ms; when the
+answer changes, every key invalidated since shortly before the old server was last seen
+(less what its persistence can lose) is deleted again, before anything else. The same
+replay runs by hand: `cdc-invalidator replay --since 15m`.
+
+What was invalidated is read back from PostgreSQL: the trigger queue's rows (kept for
+replay_history after they are processed), or history_v1 in logical mode.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import psycopg
+import redis
+import structlog
+from redis.cluster import RedisCluster
+
+from cdc_invalidator import sqlfiles
+from cdc_invalidator.durations import format_duration
+from cdc_invalidator.events import ChangeEvent, Op, TableName
+from cdc_invalidator.mapping import Mapper
+from cdc_invalidator.sink.cluster_sink import primaries
+from cdc_invalidator.sink.connect import Sink
+
+log = structlog.get_logger("cdc_invalidator.replay")
+
+# Events read and deleted per round: bounded memory whatever the window holds.
+CHUNK = 20_000
+# What CONFIG GET cannot tell: the window when it is refused (managed services, ACLs).
+UNKNOWN_PERSISTENCE_S = 3600.0
+# Added to every window: the clock of the commit and of the check, a snapshot being
+# written while the server went down, and the replication lag of a promoted replica.
+MARGIN_S = 5.0
+
+_OPS = {op.value: op for op in Op}
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayResult:
+    events: int  # read back from the history
+    keys: int  # distinct keys (and patterns) deleted again, per chunk
+    existed: int  # how many of them Redis held: what the replay undid
+    skipped: int  # events that no longer map to keys (table left the configuration)
+    seconds: float
+
+
+def history(
+    conn: psycopg.Connection[Any], capture: Literal["trigger", "logical"], since_s: float
+) -> Iterator[list[ChangeEvent]]:
+    """The events invalidated in the last `since_s` seconds (by the server's clock), in
+    chunks, oldest first. A server-side cursor: the window may hold millions."""
+    name = "history_trigger.sql" if capture == "trigger" else "history_logical.sql"
+    with conn.transaction(), conn.cursor(name="cdc_invalidator_replay") as cur:
+        cur.execute(sqlfiles.query(name), {"seconds": since_s})
+        while rows := cur.fetchmany(CHUNK):
+            if capture == "trigger":
+                yield [_queue_event(row) for row in rows]
+            else:
+                yield [e for (events,) in rows for e in _history_events(events)]
+
+
+def _queue_event(row: tuple[Any, ...]) -> ChangeEvent:
+    position, schema, table, op, old, new = row
+    # A row written by hand that is not an object maps to nothing (the listener
+    # dead-lettered it): left as None, the mapper skips the event.
+    return ChangeEvent(
+        TableName(schema, table),
+        _OPS.get(op, Op.TRUNCATE),
+        old if isinstance(old, dict) else None,
+        new if isinstance(new, dict) else None,
+        position,
+    )
+
+
+def _history_events(text: str) -> Iterator[ChangeEvent]:
+    for schema, table, op, old, new in json.loads(text):
+        yield ChangeEvent(TableName(schema, table), _OPS[op], old, new, 0)
+
+
+def encode_history(events: list[ChangeEvent]) -> str:
+    """A batch's events as history_v1 stores them (key columns only, as decoded)."""
+    return json.dumps(
+        [[e.table.schema, e.table.name, e.op.value, e.old, e.new] for e in events],
+        separators=(",", ":"),
+    )
+
+
+def replay(
+    conn: psycopg.Connection[Any],
+    capture: Literal["trigger", "logical"],
+    mapper: Mapper,
+    sink: Sink,
+    since_s: float,
+) -> ReplayResult:
+    """Delete the keys of every event invalidated in the last `since_s` seconds."""
+    started = time.monotonic()
+    events = keys = existed = skipped = 0
+    for chunk in history(conn, capture, since_s):
+        works, failed = mapper.map_all(chunk)
+        skipped += len(failed)
+        events += len(chunk)
+        keys += sum(len(w) for w in works.values())
+        existed += sink.delete_routed(works)
+    return ReplayResult(events, keys, existed, skipped, time.monotonic() - started)
+
+
+def persistence_window(client: redis.Redis | RedisCluster) -> tuple[float, str]:
+    """How far back a restart of this server can take its data, and why we think so.
+    A cluster: the longest of its primaries' (each restarts from its own files)."""
+    if isinstance(client, RedisCluster):
+        nodes = [client.get_redis_connection(node) for node in primaries(client)]
+        return max((persistence_window(node) for node in nodes), key=lambda w: w[0])
+    try:
+        config: dict[str, str] = {}
+        for name in ("appendonly", "appendfsync", "save"):
+            for key, value in client.config_get(name).items():
+                config[_text(key)] = _text(value)
+    except redis.ResponseError as exc:  # NOPERM, or CONFIG renamed away
+        return UNKNOWN_PERSISTENCE_S, (
+            f"CONFIG GET refused ({exc}): assumed {format_duration(UNKNOWN_PERSISTENCE_S)}; "
+            "set replay_window"
+        )
+    if config.get("appendonly") == "yes":
+        fsync = config.get("appendfsync", "everysec")
+        # always: every write is on disk; everysec: up to 1 s (2 s when the disk lags);
+        # no: whenever the kernel flushes (30 s on Linux).
+        lost = {"always": 0.0, "everysec": 2.0}.get(fsync, 30.0)
+        return lost, f"AOF with appendfsync {fsync}"
+    numbers = config.get("save", "").split()
+    periods = [float(n) for n in numbers[0::2] if n.isdigit()]
+    if periods:
+        # A snapshot is taken at the latest after the longest period (once anything
+        # changed at all): an older one cannot come back.
+        return max(periods), f"RDB snapshots (save {config['save']!r})"
+    return 0.0, "no persistence: a restart comes back empty"
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class IdentityStore:
+    """The Redis identity saved in PostgreSQL (redis_identity_v1)."""
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self._conn = conn
+
+    def load(self) -> tuple[str, float] | None:
+        """(identity, seconds since it was saved) or None before the first save."""
+        row = self._conn.execute(
+            "SELECT identity, extract(epoch FROM now() - seen_at)::float8"
+            " FROM cdc_invalidator.redis_identity_v1"
+        ).fetchone()
+        return (row[0], max(0.0, row[1])) if row else None
+
+    def save(self, identity: str) -> None:
+        self._conn.execute(
+            "INSERT INTO cdc_invalidator.redis_identity_v1 (identity) VALUES (%s)"
+            " ON CONFLICT (singleton) DO UPDATE SET identity = EXCLUDED.identity,"
+            " seen_at = now()",
+            [identity],
+        )
+
+
+class RedisWatch:
+    """Asks Redis who it is; replays the window when it is somebody else.
+
+    `window_s` None: derived from the new server's persistence settings."""
+
+    def __init__(
+        self,
+        *,
+        sink: Sink,
+        mapper: Mapper,
+        capture: Literal["trigger", "logical"],
+        connect: Callable[[], psycopg.Connection[Any]],
+        window_s: float | None,
+        check_every_s: float,
+    ) -> None:
+        self._sink = sink
+        self._mapper = mapper
+        self._capture = capture
+        self._connect = connect
+        self._window_s = window_s
+        self._check_every_s = check_every_s
+        self._known: str | None = None
+        self._known_at = 0.0  # monotonic time the known identity was last confirmed
+        self._next_check = 0.0
+
+    def check(self, force: bool = False) -> None:
+        """Raises what Redis or PostgreSQL raise: the runner retries."""
+        now = time.monotonic()
+        if not force and now < self._next_check:
+            return
+        identity = self._sink.identity()
+        self._next_check = time.monotonic() + self._check_every_s
+        if identity == self._known:
+            self._known_at = now
+            return
+        with self._connect() as conn:
+            store = IdentityStore(conn)
+            saved = store.load()
+            if saved is None or saved[0] == identity:
+                if saved is None:
+                    store.save(identity)
+                    log.info("redis_identity_recorded", identity=identity)
+            else:
+                # Last seen: the in-memory confirmation, or (a listener restarted while
+                # Redis changed) when the old identity was saved.
+                gone_s = now - self._known_at if self._known is not None else saved[1]
+                self._replay(conn, saved[0], identity, gone_s)
+                store.save(identity)
+        self._known, self._known_at = identity, now
+
+    def _replay(
+        self, conn: psycopg.Connection[Any], previous: str, current: str, gone_s: float
+    ) -> None:
+        if self._window_s == 0:
+            log.warning("redis_changed", previous=previous, current=current, replay="off")
+            return
+        if self._window_s is None:
+            lost_s, why = persistence_window(self._sink.client)
+        else:
+            lost_s, why = self._window_s, "replay_window"
+        since_s = gone_s + lost_s + MARGIN_S
+        log.warning(
+            "redis_changed",
+            previous=previous,
+            current=current,
+            replay_since_s=round(since_s, 1),
+            window=why,
+            detail="Redis restarted or failed over: deleting again every key invalidated "
+            "since before the old server was last seen",
+        )
+        result = replay(conn, self._capture, self._mapper, self._sink, since_s)
+        log.info(
+            "replay_done",
+            events=result.events,
+            keys=result.keys,
+            existed=result.existed,
+            skipped=result.skipped,
+            duration_s=round(result.seconds, 3),
+        )

@@ -1,0 +1,254 @@
+"""Replay after Redis comes back older than it went down, `replay --since`, and the
+second delete for the stale-set race. Both capture modes, real servers.
+
+The seed scenario: the app caches rows, Redis snapshots, an admin edits the rows (the
+listener deletes their keys), Redis is killed and restarts on that snapshot: the stale
+keys are back. The listener notices the new server and deletes them again.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from cdc_invalidator.cli import main
+from cdc_invalidator.replay import UNKNOWN_PERSISTENCE_S, persistence_window
+from tests.conftest import Env, Spawn
+from tests.helpers import ListenerProcess, run_cli, wait_until
+from tests.test_faults import cache, keys_of, redis_of, setup_users, stop_listener
+
+pytestmark = [pytest.mark.servers, pytest.mark.usefixtures("capture")]
+
+ROWS = range(1, 51)
+# Cached before the snapshot, never invalidated: a replay must not touch it.
+BYSTANDER = "session:42"
+
+
+def edit_every_row(env: Env) -> None:
+    env.sql("UPDATE users SET email = 'new' || id || '@x' WHERE id BETWEEN 1 AND 50")
+
+
+def cached(r: redis.Redis) -> int:
+    return int(r.exists(*[k for i in ROWS for k in keys_of(i)]))
+
+
+def snapshot_then_edit(env: Env, listener: ListenerProcess) -> redis.Redis:
+    """The seed's story up to the crash: cache, SAVE, edit (the listener deletes)."""
+    r = env.redis()
+    wait_until(lambda: listener.logged("redis_identity_recorded"), what="the listener started")
+    cache(r, ROWS)
+    r.set(BYSTANDER, "fresh")
+    r.save()
+    edit_every_row(env)
+    wait_until(lambda: cached(r) == 0, what="the edit's keys deleted")
+    return r
+
+
+def crash_onto_the_snapshot(env: Env) -> None:
+    server = redis_of(env)
+    server.kill()  # SIGKILL: the deletes since the SAVE are lost with it
+    server.start()  # loads dump.rdb: the stale keys are back
+
+
+def with_rdb_snapshots(env: Env) -> None:
+    """Restart the test's Redis with RDB snapshots on, as the seed's was."""
+    server = redis_of(env)
+    server.args = [*server.args, "--save", "3600 1"]
+    server.restart()
+
+
+def test_redis_restored_from_an_old_snapshot_gets_its_stale_keys_deleted_again(
+    own_env: Env, spawn: Spawn
+) -> None:
+    with_rdb_snapshots(own_env)
+    config = setup_users(own_env, rows=len(ROWS), replay_history="1h")
+    listener = spawn(config)
+    r = snapshot_then_edit(own_env, listener)
+
+    crash_onto_the_snapshot(own_env)
+    wait_until(lambda: listener.logged("replay_done"), what="the replay")
+    r = own_env.redis()
+    assert cached(r) == 0
+    changed = listener.logged("redis_changed")[0]
+    # The window came from the server's own settings.
+    assert "save '3600 1'" in changed["window"], changed
+    assert changed["replay_since_s"] >= 3600
+    done = listener.logged("replay_done")[0]
+    # Every key the restore brought back was found there and deleted.
+    assert done["existed"] == 2 * len(ROWS), done
+    assert r.get(BYSTANDER) == "fresh", "a replay deletes only what was invalidated"
+    # Going on as before, on the new server.
+    r.set("user:1", "stale")
+    own_env.sql("UPDATE users SET email = 'again@x' WHERE id = 1")
+    wait_until(lambda: r.exists("user:1") == 0, what="a change after the replay")
+    stop_listener(listener)
+
+
+def test_redis_restored_while_the_listener_was_down_is_replayed_on_its_start(
+    own_env: Env, spawn: Spawn
+) -> None:
+    with_rdb_snapshots(own_env)
+    config = setup_users(own_env, rows=len(ROWS), replay_history="1h")
+    first = spawn(config)
+    snapshot_then_edit(own_env, first)
+    stop_listener(first)
+
+    crash_onto_the_snapshot(own_env)
+    assert cached(own_env.redis()) == 2 * len(ROWS), "the snapshot brought them back"
+    second = spawn(config)
+    wait_until(lambda: second.logged("replay_done"), what="the replay on start")
+    assert cached(own_env.redis()) == 0
+    assert second.logged("replay_done")[0]["existed"] == 2 * len(ROWS)
+    stop_listener(second)
+
+
+def test_replay_window_zero_turns_replay_off(own_env: Env, spawn: Spawn) -> None:
+    with_rdb_snapshots(own_env)
+    config = setup_users(own_env, rows=len(ROWS), replay_history="1h", replay_window="0s")
+    listener = spawn(config)
+    snapshot_then_edit(own_env, listener)
+    crash_onto_the_snapshot(own_env)
+    wait_until(lambda: listener.logged("redis_changed"), what="the new server noticed")
+    assert listener.logged("redis_changed")[0]["replay"] == "off"
+    assert cached(own_env.redis()) == 2 * len(ROWS), "left stale, as configured"
+    stop_listener(listener)
+
+
+def test_replay_since_deletes_again_what_was_invalidated(env: Env, spawn: Spawn) -> None:
+    config = setup_users(env, rows=len(ROWS), replay_history="1h")
+    listener = spawn(config)
+    r = env.redis()
+    wait_until(lambda: listener.logged("redis_identity_recorded"), what="the listener started")
+    cache(r, ROWS)
+    edit_every_row(env)
+    wait_until(lambda: cached(r) == 0, what="the edit's keys deleted")
+    stop_listener(listener)
+
+    # An operator restored a backup taken before the edit.
+    cache(r, ROWS)
+    r.set(BYSTANDER, "fresh")
+    done = run_cli("replay", "--since", "15m", "--config", str(config))
+    assert done.returncode == 0, done.stderr
+    assert f"{2 * len(ROWS)} keys were back and are deleted again" in done.stdout, done.stdout
+    assert cached(r) == 0
+    assert r.get(BYSTANDER) == "fresh"
+
+
+def test_replay_since_with_a_bad_duration_names_it(env: Env) -> None:
+    config = setup_users(env)
+    done = run_cli("replay", "--since", "soon", "--config", str(config))
+    assert done.returncode == 2
+    assert "--since: 'soon' is not a duration" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_history_is_kept_for_replay_history_then_pruned(env: Env, spawn: Spawn) -> None:
+    """Kept: a replay finds it. Past replay_history: gone from PostgreSQL."""
+    config = setup_users(env, rows=len(ROWS), replay_history="2s")
+    listener = spawn(config)
+    r = env.redis()
+    cache(r, ROWS)
+    edit_every_row(env)
+    wait_until(lambda: cached(r) == 0, what="the edit's keys deleted")
+    table = "history_v1" if env.logical else "queue_v1"
+    assert env.scalar(f"SELECT count(*) FROM cdc_invalidator.{table}") > 0
+    wait_until(
+        lambda: env.scalar(f"SELECT count(*) FROM cdc_invalidator.{table}") == 0,
+        what="the history pruned after replay_history",
+    )
+    stop_listener(listener)
+
+
+def stale_set_after_the_first_delete(
+    env: Env, spawn: Spawn, second_delete_ms: int
+) -> tuple[ListenerProcess, redis.Redis]:
+    """A change is invalidated; then a slow reader, who read the old row before the
+    commit, caches it."""
+    listener = spawn(setup_users(env, rows=1, second_delete_ms=second_delete_ms))
+    r = env.redis()
+    wait_until(lambda: listener.logged("redis_identity_recorded"), what="the listener started")
+    cache(r, [1])
+    env.sql("UPDATE users SET email = 'later@x' WHERE id = 1")
+    wait_until(lambda: r.exists("user:1") == 0, what="the first delete")
+    r.set("user:1", "stale")
+    return listener, r
+
+
+def test_second_delete_undoes_a_stale_set_after_the_first(env: Env, spawn: Spawn) -> None:
+    listener, r = stale_set_after_the_first_delete(env, spawn, 300)
+    wait_until(lambda: r.exists("user:1") == 0, what="the second delete")
+    stopped = stop_listener(listener)
+    assert stopped["keys_deleted_again"] >= 1
+
+
+# --- the window, from the server's own settings --------------------------------------
+
+
+@pytest.fixture
+def redis_config(env: Env) -> Iterator[redis.Redis]:
+    r = env.redis()
+    saved = {k: str(r.config_get(k)[k]) for k in ("save", "appendonly", "appendfsync")}
+    yield r
+    for key, value in saved.items():
+        r.config_set(key, value)
+
+
+@pytest.mark.parametrize(
+    ("settings", "window", "why"),
+    [
+        ({"save": "3600 1 300 100 60 10000", "appendonly": "no"}, 3600, "RDB snapshots"),
+        ({"save": "", "appendonly": "yes", "appendfsync": "everysec"}, 2, "everysec"),
+        ({"save": "900 1", "appendonly": "yes", "appendfsync": "always"}, 0, "always"),
+        ({"save": "", "appendonly": "yes", "appendfsync": "no"}, 30, "appendfsync no"),
+        ({"save": "", "appendonly": "no"}, 0, "no persistence"),
+    ],
+)
+def test_persistence_window_follows_the_server_settings(
+    redis_config: redis.Redis, settings: dict[str, str], window: float, why: str
+) -> None:
+    for key, value in settings.items():
+        redis_config.config_set(key, value)
+    got, reason = persistence_window(redis_config)
+    assert (got, why in reason) == (window, True), reason
+
+
+def test_persistence_window_without_config_permission_assumes_an_hour(env: Env) -> None:
+    admin = env.redis()
+    admin.acl_setuser("replayer", enabled=True, passwords=["+pw"], keys=["*"], commands=["+info"])
+    try:
+        limited = redis.Redis.from_url(
+            env.redis_url.replace("redis://", "redis://replayer:pw@"), decode_responses=True
+        )
+        window, reason = persistence_window(limited)
+        assert window == UNKNOWN_PERSISTENCE_S
+        assert "CONFIG GET refused" in reason
+        assert "set replay_window" in reason
+    finally:
+        admin.acl_deluser("replayer")
+
+
+def test_stopping_does_the_second_deletes_still_owed(env: Env, spawn: Spawn) -> None:
+    listener, r = stale_set_after_the_first_delete(env, spawn, 60_000)
+    assert r.exists("user:1") == 1, "not due for a minute"
+    listener.signal(signal.SIGTERM)
+    assert listener.wait() == 0
+    assert r.exists("user:1") == 0, "the second delete was done on the way out"
+
+
+def test_check_reports_how_far_replay_reaches_and_warns_when_history_is_short(
+    env: Env, redis_config: redis.Redis, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = setup_users(env, replay_history="1h")
+    redis_config.config_set("save", "900 1")
+    assert main(["check", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "ok: replay after a Redis restart reaches back 15m (RDB snapshots (save '900 1'))" in out
+
+    redis_config.config_set("save", "86400 1")
+    assert main(["check", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "warning: replay after a Redis restart reaches back 24h" in out
+    assert "replay_history keeps only 1h: raise replay_history" in out
