@@ -22,6 +22,7 @@ from cdc_invalidator.mapping import Invalidation
 from cdc_invalidator.servers import RedisClusterServer, RedisServer, ServerError
 from cdc_invalidator.sink import ClusterSink, RedisSink, connect_sink, open_sink
 from cdc_invalidator.sink.cluster_sink import ClusterChanging
+from cdc_invalidator.sink.connect import RedisOptions
 from tests.conftest import Env, Servers, _make_env
 from tests.helpers import ListenerThread, wait_until
 
@@ -363,7 +364,7 @@ def test_open_sink_tells_a_cluster_from_a_server(cluster: RedisClusterServer) ->
 
 def test_open_sink_connects_at_first_use() -> None:
     server = RedisServer.create()
-    sink = open_sink(server.url, timeout_s=1)  # nothing listens yet: no error here
+    sink = open_sink(RedisOptions(server.url, timeout_s=1))  # nothing listens: no error
     with pytest.raises(redis.ConnectionError):
         sink.unlink(["k"])
     with server:
@@ -462,3 +463,25 @@ def test_a_cluster_refuses_other_databases_per_table(cluster: RedisClusterServer
         sink.delete_routed({None: Invalidation({"a"}), 2: Invalidation({"b"})})
     assert sink.delete_routed({None: Invalidation({"a"}), 0: Invalidation({"b"})}) == 0
     sink.close()
+
+
+# The minimal ACL of README's "Redis: TLS, ACL, Sentinel", plus what a cluster needs.
+CLUSTER_ACL = (
+    "on >secret ~* resetchannels -@all +unlink +scan +info +ping +client|setname"
+    " +cluster|slots +cluster|nodes +command +asking"
+)
+
+
+def test_the_documented_acl_is_enough_for_a_cluster(cluster: RedisClusterServer) -> None:
+    for node in cluster.nodes:
+        _cmd(node, "ACL", "SETUSER", "cdc_cluster", *CLUSTER_ACL.split())
+    rc = RedisCluster.from_url(cluster.url, decode_responses=True)
+    cache_users(rc, range(1, 50))
+    rc.mset_nonatomic({"k1": "v", "k2": "v", "other": "keep"})
+    sink = connect_sink(cluster.nodes[2].url.replace("redis://", "redis://cdc_cluster:secret@"))
+    assert isinstance(sink, ClusterSink)
+    assert sink.delete(Invalidation({"k1", "k2"}, {"user:*"})) == 2 + 2 * 49
+    assert len(sink.identity().split(",")) == 3
+    assert rc.get("other") == "keep"
+    sink.close()
+    rc.close()

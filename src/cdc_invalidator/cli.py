@@ -29,6 +29,7 @@ from cdc_invalidator.replay import replay
 from cdc_invalidator.settings import CONFIG_ENV, ConfigError, Settings, load_settings
 from cdc_invalidator.shutdown import Stopper
 from cdc_invalidator.sink import open_sink
+from cdc_invalidator.sink.connect import RedisOptions
 from cdc_invalidator.sink.redis_sink import REDIS_UNAVAILABLE
 from cdc_invalidator.status import (
     LogicalStatus,
@@ -168,9 +169,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     config_name = str(args.config or "configuration")
     with connect(settings) as conn:
         report = check_database(conn, settings, config_name)
-    sink = open_sink(settings.redis_url, timeout_s=settings.redis_timeout_s)
+    sink = open_sink(RedisOptions.from_settings(settings))
     try:
-        redis_report = check_redis(sink, settings.redis_url, settings)
+        where = settings.redis_url
+        if settings.redis_sentinels:
+            where = (
+                f"{settings.redis_url} (master {settings.redis_sentinel_master!r} "
+                f"named by sentinels {', '.join(settings.redis_sentinels)})"
+            )
+        redis_report = check_redis(sink, where, settings)
     finally:
         sink.close()
     for line in report.ok + redis_report.ok:
@@ -220,7 +227,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
             "(replay_history): keys invalidated before that are not replayed",
             file=sys.stderr,
         )
-    sink = open_sink(settings.redis_url, timeout_s=settings.redis_timeout_s)
+    sink = open_sink(
+        RedisOptions.from_settings(settings),
+        unlink_chunk=settings.unlink_chunk,
+        scan_count=settings.scan_count,
+    )
     try:
         with connect(settings) as conn:
             result = replay(conn, settings.capture, settings.mapper(), sink, since_s)
@@ -248,13 +259,19 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    scrubber = Scrubber(secrets_of(settings.database_url, settings.redis_url))
+    scrubber = Scrubber(
+        [
+            *secrets_of(settings.database_url, settings.redis_url),
+            settings.redis_sentinel_password,
+        ]
+    )
     logs.configure(settings.log_level, settings.log_format, scrubber)
     log = structlog.get_logger("cdc_invalidator.cli")
     log.info(
         "config_loaded",
         database_url=redact_url(settings.database_url),
         redis_url=redact_url(settings.redis_url),
+        **({"redis_sentinels": settings.redis_sentinels} if settings.redis_sentinels else {}),
         capture=settings.capture,
     )
     stopper = Stopper()

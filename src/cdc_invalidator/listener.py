@@ -14,6 +14,7 @@ from cdc_invalidator.runner import Runner, RunnerConfig, Source
 from cdc_invalidator.settings import Settings
 from cdc_invalidator.shutdown import Stopper
 from cdc_invalidator.sink import AutoSink, open_sink
+from cdc_invalidator.sink.connect import RedisOptions
 
 
 def runner_config(settings: Settings) -> RunnerConfig:
@@ -31,8 +32,7 @@ def build_listener(settings: Settings, stopper: Stopper) -> tuple[Runner, AutoSi
     """The runner and the Redis sink it writes to (the caller closes the sink); whether
     Redis is one server or a cluster is found out at first use."""
     sink = open_sink(
-        settings.redis_url,
-        timeout_s=settings.redis_timeout_s,
+        RedisOptions.from_settings(settings),
         unlink_chunk=settings.unlink_chunk,
         scan_count=settings.scan_count,
     )

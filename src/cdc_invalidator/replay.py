@@ -29,8 +29,8 @@ from cdc_invalidator import sqlfiles
 from cdc_invalidator.durations import format_duration
 from cdc_invalidator.events import ChangeEvent, Op, TableName
 from cdc_invalidator.mapping import Mapper
+from cdc_invalidator.sink.auto import Sink
 from cdc_invalidator.sink.cluster_sink import primaries
-from cdc_invalidator.sink.connect import Sink
 
 log = structlog.get_logger("cdc_invalidator.replay")
 

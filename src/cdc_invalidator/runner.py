@@ -24,7 +24,7 @@ from cdc_invalidator.events import ChangeEvent
 from cdc_invalidator.mapping import Mapper, Routed, merge
 from cdc_invalidator.replay import RedisWatch
 from cdc_invalidator.shutdown import Stopper
-from cdc_invalidator.sink.connect import Sink
+from cdc_invalidator.sink.auto import Sink
 from cdc_invalidator.sink.redis_sink import REDIS_UNAVAILABLE
 
 log = structlog.get_logger("cdc_invalidator.runner")

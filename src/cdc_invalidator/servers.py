@@ -17,8 +17,9 @@ import socket
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
+from typing import Any, Literal, Self
 
 import redis
 
@@ -214,33 +215,120 @@ class PostgresServer(_Server):
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-class RedisServer(_Server):
-    """A redis-server process with its own directory (for its dump.rdb)."""
+@dataclass(frozen=True)
+class RedisTls:
+    """Serve TLS only (`--port 0`), with these PEM files; `auth_clients` is redis'
+    `tls-auth-clients`: must ("yes"), may ("optional") or need not ("no") clients show
+    a certificate signed by the CA."""
 
-    def __init__(self, directory: Path, port: int, binary: str, args: list[str]) -> None:
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    auth_clients: Literal["yes", "optional", "no"] = "optional"
+
+    def args(self, port: int) -> list[str]:
+        return [
+            "--port",
+            "0",
+            "--tls-port",
+            str(port),
+            "--tls-cert-file",
+            str(self.cert_file),
+            "--tls-key-file",
+            str(self.key_file),
+            "--tls-ca-cert-file",
+            str(self.ca_file),
+            "--tls-auth-clients",
+            self.auth_clients,
+        ]
+
+    def client_kwargs(self) -> dict[str, Any]:
+        # The server's certificate doubles as our client certificate (same CA).
+        return {
+            "ssl": True,
+            "ssl_ca_certs": str(self.ca_file),
+            "ssl_certfile": str(self.cert_file),
+            "ssl_keyfile": str(self.key_file),
+        }
+
+
+class RedisServer(_Server):
+    """A redis-server process with its own directory (for its dump.rdb).
+
+    `args` are appended to the command line (`--replicaof`, `--user`, ...); `tls` makes
+    it serve TLS only; `sentinel_conf` runs it as a sentinel with that configuration
+    (written to its directory, which Sentinel rewrites as it learns)."""
+
+    def __init__(
+        self,
+        directory: Path,
+        port: int,
+        binary: str,
+        args: list[str],
+        *,
+        tls: RedisTls | None = None,
+        sentinel_conf: str | None = None,
+    ) -> None:
         self.directory = directory
         self.port = port
         self.binary = binary
         self.args = args
+        self.tls = tls
+        self.sentinel_conf = sentinel_conf
         self.process: subprocess.Popen[bytes] | None = None
 
     @classmethod
-    def create(cls, args: list[str] | None = None, port: int | None = None) -> Self:
+    def create(
+        cls,
+        args: list[str] | None = None,
+        port: int | None = None,
+        tls: RedisTls | None = None,
+    ) -> Self:
         directory = Path(tempfile.mkdtemp(prefix="cdc-invalidator-redis-"))
-        return cls(directory, port or free_port(), find_redis_server(), args or [])
+        return cls(directory, port or free_port(), find_redis_server(), args or [], tls=tls)
+
+    @classmethod
+    def create_sentinel(
+        cls,
+        master_port: int,
+        *,
+        master_name: str = "mymaster",
+        down_after_ms: int = 1000,
+        failover_timeout_ms: int = 5000,
+        args: list[str] | None = None,
+        port: int | None = None,
+    ) -> Self:
+        """A sentinel watching 127.0.0.1:master_port as `master_name`, quorum 1."""
+        directory = Path(tempfile.mkdtemp(prefix="cdc-invalidator-sentinel-"))
+        conf = (
+            f"sentinel monitor {master_name} 127.0.0.1 {master_port} 1\n"
+            f"sentinel down-after-milliseconds {master_name} {down_after_ms}\n"
+            f"sentinel failover-timeout {master_name} {failover_timeout_ms}\n"
+        )
+        return cls(
+            directory, port or free_port(), find_redis_server(), args or [], sentinel_conf=conf
+        )
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://127.0.0.1:{self.port}/0"
 
-    def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
+    def client(self, **kwargs: Any) -> redis.Redis:
+        tls = self.tls.client_kwargs() if self.tls else {}
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5, **{**tls, **kwargs})
 
     def start(self, timeout_s: float = 20.0) -> None:
+        head = [self.binary]
+        if self.sentinel_conf is not None:
+            conf = self.directory / "sentinel.conf"
+            if not conf.exists():  # a restart keeps what the sentinel learnt
+                conf.write_text(self.sentinel_conf)
+            head += [str(conf), "--sentinel"]
+        port_args = self.tls.args(self.port) if self.tls else ["--port", str(self.port)]
         cmd = [
-            self.binary,
-            "--port",
-            str(self.port),
+            *head,
+            *port_args,
             "--bind",
             "127.0.0.1",
             "--dir",

@@ -5,20 +5,28 @@ Built once by the CLI and passed down; nothing reads settings at import time.
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from cdc_invalidator.durations import parse_duration
 from cdc_invalidator.events import TableName
@@ -45,6 +53,38 @@ def _auto_or_duration(value: object) -> float | None:
 
 # Names of our replication slot and publication: what PostgreSQL allows for a slot.
 _SLOT_NAME = r"^[a-z0-9_]{1,63}$"
+
+
+def _host_port(value: str) -> str:
+    """A sentinel's address: "host:port" (an IPv6 host in brackets: "[::1]:26379")."""
+    host, sep, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{value!r} is not host:port")
+    return value
+
+
+def _comma_list(value: object) -> object:
+    # From the environment a list comes as text: "h1:26379,h2:26379" or a JSON list.
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError:
+                raise ValueError('neither a JSON list nor "host:port,host:port"') from None
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+def _existing_file(value: Path | None) -> Path | None:
+    if value is not None and not value.is_file():
+        raise ValueError("no such file")
+    return value
+
+
+TlsFile = Annotated[Path | None, AfterValidator(_existing_file)]
 
 
 class TableSettings(BaseModel):
@@ -92,6 +132,25 @@ class Settings(BaseSettings):
     # libpq fills what the URL leaves out from PG* variables (PGHOST, PGPASSWORD, ...).
     database_url: str = ""
     redis_url: str = "redis://localhost:6379/0"
+    # TLS (a rediss:// URL): the CA that signed the server's certificate (default: the
+    # system's), and a client certificate and key for servers with tls-auth-clients.
+    redis_tls_ca_file: TlsFile = None
+    redis_tls_cert_file: TlsFile = None
+    redis_tls_key_file: TlsFile = None
+    # "required": the server's certificate must be valid for its host name; "none": not
+    # checked at all (encrypted, but open to a man in the middle).
+    redis_tls_verify: Literal["required", "none"] = "required"
+    # Sentinel: where to ask for the master of redis_sentinel_master (then redis_url's
+    # host and port are not used; its scheme, user, password and db still are).
+    redis_sentinels: Annotated[
+        list[Annotated[str, AfterValidator(_host_port)]], NoDecode, BeforeValidator(_comma_list)
+    ] = Field(default_factory=list)
+    redis_sentinel_master: str = ""
+    # CLIENT SETNAME on every Redis connection, for CLIENT LIST; "" sends none (an ACL
+    # user then needs no +client|setname).
+    redis_client_name: Annotated[str, Field(pattern=r"^[!-~]*$")] = "cdc-invalidator"
+    # The sentinels' own password (`requirepass` in sentinel.conf), when they ask for one.
+    redis_sentinel_password: str = ""
     # "trigger": a queue table filled by triggers, woken by NOTIFY. "logical": the WAL,
     # decoded by pgoutput through a replication slot; no triggers.
     capture: Literal["trigger", "logical"] = "trigger"
@@ -153,6 +212,34 @@ class Settings(BaseSettings):
                 raise ValueError(f"tables {seen[parsed]!r} and {name!r} name the same table")
             seen[parsed] = name
         return tables
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, url: str) -> str:
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// (TLS) or unix://")
+        return url
+
+    @model_validator(mode="after")
+    def _redis_consistent(self) -> Settings:
+        if bool(self.redis_sentinels) != bool(self.redis_sentinel_master):
+            raise ValueError(
+                "redis_sentinels and redis_sentinel_master go together: "
+                "set both (Sentinel) or neither"
+            )
+        tls_files = [
+            name
+            for name in ("redis_tls_ca_file", "redis_tls_cert_file", "redis_tls_key_file")
+            if getattr(self, name) is not None
+        ]
+        if tls_files and not self.redis_url.startswith("rediss://"):
+            raise ValueError(
+                f"{tls_files[0]} is set but redis_url does not start with rediss:// "
+                "(TLS is asked for by the URL's scheme)"
+            )
+        if self.redis_tls_key_file is not None and self.redis_tls_cert_file is None:
+            raise ValueError("redis_tls_key_file is set without redis_tls_cert_file")
+        return self
 
     @classmethod
     def settings_customise_sources(

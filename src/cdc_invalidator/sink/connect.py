@@ -1,144 +1,178 @@
-"""Open the sink for a `redis_url`: one server or a Redis Cluster, told by the server.
+"""Build the Redis client from settings: a URL, TLS options, or a master found by Sentinel.
 
-The URL may name any node of a cluster. At first use the sink asks that server
-`INFO cluster`; with `cluster_enabled:1` it becomes a ClusterSink (redis-py's
-RedisCluster discovers the other nodes from it), otherwise a RedisSink. The question is
-put at first use, not when the listener starts: Redis may be down then, and the runner
-retries with back-off as for any other Redis outage.
+One place for what every client of ours has in common (timeouts, one quick retry, the
+client name), so that the listener, `check` and the tests connect the same way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
-from typing import Any, Protocol
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 import redis
-import structlog
 from redis.backoff import NoBackoff
-from redis.cluster import RedisCluster
 from redis.connection import parse_url
 from redis.retry import Retry
+from redis.sentinel import Sentinel, SentinelConnectionPool
 
-from cdc_invalidator.capture.errors import Fatal
-from cdc_invalidator.mapping import Invalidation, Routed
-from cdc_invalidator.sink.cluster_sink import ClusterSink, primaries
-from cdc_invalidator.sink.redis_sink import RedisSink
+if TYPE_CHECKING:
+    from cdc_invalidator.settings import Settings
 
-log = structlog.get_logger("cdc_invalidator.sink")
+# Through Sentinel, how often (at most) the sentinels are asked who the master is.
+MASTER_CHECK_S = 1.0
 
+# CLIENT SETNAME on every connection: CLIENT LIST shows who we are. An ACL user needs
+# +client|setname for it (README, "Redis: TLS, ACL, Sentinel"); redis_client_name = ""
+# turns it off.
 CLIENT_NAME = "cdc-invalidator"
 
 
-class Sink(Protocol):
-    """What the runner and replay need from Redis (RedisSink, ClusterSink, AutoSink)."""
+@dataclass(frozen=True, slots=True)
+class RedisOptions:
+    """How to reach Redis. With sentinels, `url` gives the scheme (rediss:// for TLS),
+    the ACL user and password and the db of the master connection; its host and port
+    are not used."""
+
+    url: str
+    timeout_s: float = 5.0
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_verify: Literal["required", "none"] = "required"
+    sentinels: tuple[tuple[str, int], ...] = ()
+    sentinel_master: str = ""
+    sentinel_password: str | None = None
+    client_name: str | None = CLIENT_NAME
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RedisOptions:
+        def path(value: object) -> str | None:
+            return None if value is None else str(value)
+
+        return cls(
+            url=settings.redis_url,
+            timeout_s=settings.redis_timeout_s,
+            tls_ca_file=path(settings.redis_tls_ca_file),
+            tls_cert_file=path(settings.redis_tls_cert_file),
+            tls_key_file=path(settings.redis_tls_key_file),
+            tls_verify=settings.redis_tls_verify,
+            sentinels=tuple(split_host_port(s) for s in settings.redis_sentinels),
+            sentinel_master=settings.redis_sentinel_master,
+            sentinel_password=settings.redis_sentinel_password or None,
+            client_name=settings.redis_client_name or None,
+        )
 
     @property
-    def client(self) -> redis.Redis | RedisCluster: ...
-    def delete_routed(self, works: Routed) -> int: ...
-    def delete(self, work: Invalidation) -> int: ...
-    def unlink(self, keys: Collection[str]) -> int: ...
-    def sweep(self, pattern: str) -> int: ...
-    def identity(self) -> str: ...
-    def close(self) -> None: ...
+    def tls(self) -> bool:
+        return self.url.startswith("rediss://")
+
+    def tls_kwargs(self) -> dict[str, Any]:
+        """redis-py's ssl_* arguments (empty without TLS)."""
+        if not self.tls:
+            return {}
+        kwargs: dict[str, Any] = {"ssl_cert_reqs": self.tls_verify}
+        if self.tls_verify == "none":
+            kwargs["ssl_check_hostname"] = False
+        if self.tls_ca_file:
+            kwargs["ssl_ca_certs"] = self.tls_ca_file
+        if self.tls_cert_file:
+            kwargs["ssl_certfile"] = self.tls_cert_file
+        if self.tls_key_file:
+            kwargs["ssl_keyfile"] = self.tls_key_file
+        return kwargs
 
 
-def open_sink(
-    url: str,
-    *,
-    timeout_s: float = 5.0,
-    unlink_chunk: int = 500,
-    scan_count: int = 1000,
-    **client_options: Any,
-) -> AutoSink:
-    """The sink for `url`; nothing is connected until first use. `client_options` go to
-    the redis-py client (redis.Redis or RedisCluster) as they are."""
-    return AutoSink(
-        url,
-        timeout_s=timeout_s,
-        unlink_chunk=unlink_chunk,
-        scan_count=scan_count,
-        **client_options,
-    )
+def split_host_port(address: str) -> tuple[str, int]:
+    """ "host:port" (settings validated it) -> (host, port); "[::1]:26379" -> ("::1", ...)."""
+    host, _, port = address.rpartition(":")
+    return host.removeprefix("[").removesuffix("]"), int(port)
 
 
-def connect_sink(
-    url: str,
-    *,
-    timeout_s: float = 5.0,
-    unlink_chunk: int = 500,
-    scan_count: int = 1000,
-    **client_options: Any,
-) -> RedisSink | ClusterSink:
-    """Connect now and ask the server whether it is a cluster node."""
-    options: dict[str, Any] = {
-        "socket_timeout": timeout_s,
-        "socket_connect_timeout": timeout_s,
+def redis_client(options: RedisOptions) -> redis.Redis:
+    """A client for the URL's Redis, or for the master the sentinels name.
+
+    Through Sentinel the client follows failovers: each new connection asks the
+    sentinels for the current master, and a connection to a server that became a
+    replica fails (READONLY, or the connection killed by Sentinel's reconfiguration)
+    with a ConnectionError, which the runner retries with back-off.
+    """
+    common: dict[str, Any] = {
+        "socket_timeout": options.timeout_s,
+        "socket_connect_timeout": options.timeout_s,
         # One immediate retry covers a pooled connection that died with a Redis
         # restart; longer outages are the runner's business (backoff, one log line).
         "retry": Retry(NoBackoff(), 1),
-        "client_name": CLIENT_NAME,
-        **client_options,
+        "client_name": options.client_name,
+        **options.tls_kwargs(),
     }
-    db = int(parse_url(url).get("db") or 0)  # type: ignore[no-untyped-call]
-    only_db0 = f"redis_url selects database {db}, but a Redis Cluster has only database 0"
-    client = redis.Redis.from_url(url, **options)
-    try:
-        info: dict[str, Any] = client.info("cluster")
-    except BaseException as exc:
-        client.close()
-        # A cluster node refuses the SELECT that a database other than 0 sends first.
-        if db and isinstance(exc, redis.ResponseError) and "cluster mode" in str(exc):
-            raise Fatal(only_db0) from exc
-        raise
-    if not info.get("cluster_enabled"):
-        log.info("redis_connected", mode="single")
-        return RedisSink(client, unlink_chunk=unlink_chunk, scan_count=scan_count)
-    client.close()
-    if db:
-        raise Fatal(only_db0)
-    cluster = RedisCluster.from_url(url, **options)
-    log.info("redis_connected", mode="cluster", primaries=len(primaries(cluster)))
-    return ClusterSink(cluster, unlink_chunk=unlink_chunk, scan_count=scan_count)
+    if not options.sentinels:
+        return redis.Redis.from_url(options.url, **common)
+    url_kwargs: dict[str, Any] = parse_url(options.url)  # type: ignore[no-untyped-call]
+    master_kwargs: dict[str, Any] = {
+        key: url_kwargs[key] for key in ("username", "password", "db") if key in url_kwargs
+    }
+    # The sentinels are asked over the same transport as the master (TLS with the same
+    # CA and client certificate when the URL is rediss://), with their own password.
+    sentinel_kwargs: dict[str, Any] = {
+        "socket_timeout": options.timeout_s,
+        "socket_connect_timeout": options.timeout_s,
+        **options.tls_kwargs(),
+    }
+    if options.tls:
+        sentinel_kwargs["ssl"] = True
+    if options.sentinel_password:
+        sentinel_kwargs["password"] = options.sentinel_password
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        list(options.sentinels), sentinel_kwargs=sentinel_kwargs
+    )
+    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+        options.sentinel_master, ssl=options.tls, **common, **master_kwargs
+    )
+    return client
 
 
-class AutoSink:
-    """A RedisSink or a ClusterSink, chosen by connect_sink() at first use; a failed
-    connection is raised to the caller and tried again at the next use."""
+def other_db(client: redis.Redis, db: int) -> redis.Redis:
+    """A client for logical database `db` of the same server, connecting as `client`
+    does (TLS, ACL user, timeouts; through Sentinel, to whatever master it names)."""
+    pool = client.connection_pool
+    kwargs: dict[str, Any] = {**pool.connection_kwargs, "db": db}
+    new_pool: redis.ConnectionPool
+    if isinstance(pool, SentinelConnectionPool):
+        kwargs.pop("connection_pool", None)  # the old pool's proxy: the new one has its own
+        new_pool = SentinelConnectionPool(  # type: ignore[no-untyped-call]
+            pool.service_name,
+            pool.sentinel_manager,
+            connection_class=pool.connection_class,
+            **kwargs,
+        )
+    else:
+        new_pool = redis.ConnectionPool(connection_class=pool.connection_class, **kwargs)
+    return redis.Redis(connection_pool=new_pool)
 
-    def __init__(self, url: str, **options: Any) -> None:
-        self._url = url
-        self._options = options
-        self._sink: RedisSink | ClusterSink | None = None
 
-    @property
-    def sink(self) -> RedisSink | ClusterSink:
-        if self._sink is None:
-            self._sink = connect_sink(self._url, **self._options)
-        return self._sink
+class MasterWatch:
+    """Through Sentinel: ask the sentinels who the master is, at most every `every_s`.
 
-    @property
-    def client(self) -> redis.Redis | RedisCluster:
-        return self.sink.client
+    A pooled connection stays with the server it was opened to. After a failover that
+    server is dropped only when Sentinel demotes it, which for a forced failover (the
+    old master still up) takes Sentinel up to some 20 s, and until then it accepts our
+    deletes, which its resync from the new master then discards. Called before each
+    delete, this moves the pool to the new master within `every_s` of the sentinels
+    naming it. What reached the old master in between is the replay's business: the
+    new master has another run_id. Without sentinels it does nothing.
+    """
 
-    @property
-    def cluster(self) -> bool:
-        return isinstance(self.sink, ClusterSink)
+    def __init__(self, client: redis.Redis, every_s: float = MASTER_CHECK_S) -> None:
+        pool = client.connection_pool
+        self._pool = pool if isinstance(pool, SentinelConnectionPool) else None
+        self._every_s = every_s
+        self._next = 0.0
 
-    def delete_routed(self, works: Routed) -> int:
-        return self.sink.delete_routed(works)
-
-    def delete(self, work: Invalidation) -> int:
-        return self.sink.delete(work)
-
-    def unlink(self, keys: Collection[str]) -> int:
-        return self.sink.unlink(keys)
-
-    def sweep(self, pattern: str) -> int:
-        return self.sink.sweep(pattern)
-
-    def identity(self) -> str:
-        return self.sink.identity()
-
-    def close(self) -> None:
-        if self._sink is not None:
-            self._sink.close()
+    def __call__(self) -> None:
+        if self._pool is None or time.monotonic() < self._next:
+            return
+        # Raises MasterNotFoundError (a ConnectionError) when no sentinel names one.
+        self._pool.get_master_address()  # type: ignore[no-untyped-call]
+        # Set after: a failed ask is asked again on the retry.
+        self._next = time.monotonic() + self._every_s

@@ -6,15 +6,18 @@ from collections.abc import Collection, Iterable, Iterator, Sequence
 from itertools import islice
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from cdc_invalidator.mapping import Invalidation, Routed
+from cdc_invalidator.sink.connect import MasterWatch, RedisOptions, other_db, redis_client
 
 # Errors after which the same deletes will work once Redis is back: retry them with
 # back-off. Error replies count too: READONLY (a replica that was a master), LOADING,
 # NOREPLICAS, MISCONF, NOPERM from an ACL being fixed... UNLINK and SCAN cannot fail
 # because of one event's keys, so no reply is a reason to drop a batch or to exit.
+# ConnectionError covers a refused password (AuthenticationError: a secret being
+# rotated), a TLS handshake that failed, and Sentinel's MasterNotFoundError during a
+# failover; READONLY from a demoted master is a ResponseError (and, through Sentinel,
+# a ConnectionError that makes the next connection ask for the new master).
 # Redis Cluster: CLUSTERDOWN, TRYAGAIN, MOVED/ASK left over are ResponseErrors too;
 # ClusterError is redis-py giving up on redirections, RedisClusterException a slot table
 # it could not read or that does not cover every slot (a failover, a resharding).
@@ -30,6 +33,7 @@ REDIS_UNAVAILABLE: tuple[type[Exception], ...] = (
 class RedisSink:
     def __init__(self, client: redis.Redis, *, unlink_chunk: int = 500, scan_count: int = 1000):
         self._client = client
+        self._follow_master = MasterWatch(client)  # a no-op without Sentinel
         self._unlink_chunk = unlink_chunk
         self._scan_count = scan_count
         self._dbs: dict[int, RedisSink] = {}  # other logical databases (redis_db)
@@ -38,16 +42,15 @@ class RedisSink:
     def from_url(
         cls, url: str, *, timeout_s: float = 5.0, unlink_chunk: int = 500, scan_count: int = 1000
     ) -> RedisSink:
-        client = redis.Redis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            # One immediate retry covers a pooled connection that died with a Redis
-            # restart; longer outages are the runner's business (backoff, one log line).
-            retry=Retry(NoBackoff(), 1),
-            client_name="cdc-invalidator",
-        )
+        client = redis_client(RedisOptions(url, timeout_s=timeout_s))
         return cls(client, unlink_chunk=unlink_chunk, scan_count=scan_count)
+
+    @classmethod
+    def from_options(
+        cls, options: RedisOptions, *, unlink_chunk: int = 500, scan_count: int = 1000
+    ) -> RedisSink:
+        """Plain, TLS or through Sentinel (see sink/connect.py)."""
+        return cls(redis_client(options), unlink_chunk=unlink_chunk, scan_count=scan_count)
 
     @property
     def client(self) -> redis.Redis:
@@ -59,15 +62,10 @@ class RedisSink:
             return self
         sink = self._dbs.get(db)
         if sink is None:
-            pool = self._client.connection_pool
-            client = redis.Redis(
-                connection_pool=redis.ConnectionPool(
-                    connection_class=pool.connection_class,
-                    **{**pool.connection_kwargs, "db": db},
-                )
-            )
             sink = self._dbs[db] = RedisSink(
-                client, unlink_chunk=self._unlink_chunk, scan_count=self._scan_count
+                other_db(self._client, db),
+                unlink_chunk=self._unlink_chunk,
+                scan_count=self._scan_count,
             )
         return sink
 
@@ -80,6 +78,7 @@ class RedisSink:
 
         Returns only once Redis confirmed all of it: the caller acknowledges after.
         """
+        self._follow_master()
         deleted = self.unlink(work.keys)
         for pattern in sorted(work.patterns):
             deleted += self.sweep(pattern)
@@ -110,6 +109,9 @@ class RedisSink:
     def identity(self) -> str:
         """Who this Redis is: run_id (new on every start) and master_replid (new when a
         replica is promoted). Either changing means its data may be older than ours."""
+        # Through Sentinel: ask who the master is now, so that a quiet listener notices
+        # a failover (and replays) even while the old master is still up.
+        self._follow_master()
         return server_identity(self._client)
 
     def close(self) -> None:

@@ -1,0 +1,185 @@
+"""Redis Sentinel: the listener finds the master through sentinels and follows a failover.
+
+Real processes: a master, a replica (`--replicaof`) and a sentinel (`--sentinel`, quorum
+1); `SENTINEL FAILOVER` promotes the replica without waiting for a failure.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from cdc_invalidator.cli import main
+from cdc_invalidator.servers import RedisServer, ServerError
+from tests.conftest import Env, Spawn
+from tests.helpers import ListenerThread, run_cli, wait_until, write_config
+
+pytestmark = [pytest.mark.servers, pytest.mark.slow]
+
+MASTER = "mymaster"
+
+
+@dataclass
+class SentinelSetup:
+    first: RedisServer  # the master at the start
+    second: RedisServer  # its replica, the master after the failover
+    sentinel: RedisServer
+
+    def sentinel_client(self) -> redis.Redis:
+        return self.sentinel.client(decode_responses=True)
+
+    def master_port(self) -> int:
+        """The master as SENTINEL MASTERS shows it, which is what redis-py asks (during a
+        failover it names the new master after GET-MASTER-ADDR-BY-NAME does)."""
+        masters: Any = self.sentinel_client().sentinel_masters()
+        state = masters[MASTER]
+        assert state["ip"] == "127.0.0.1"
+        return int(state["port"])
+
+
+def _role(server: RedisServer) -> dict[str, Any]:
+    info: dict[str, Any] = server.client(decode_responses=True).info("replication")
+    return info
+
+
+def _replica_in_sync(server: RedisServer) -> bool:
+    info = _role(server)
+    return info["role"] == "slave" and info.get("master_link_status") == "up"
+
+
+@pytest.fixture
+def sentinel_setup() -> Iterator[SentinelSetup]:
+    try:
+        first = RedisServer.create()
+        second = RedisServer.create()
+    except ServerError as exc:
+        pytest.skip(f"no redis-server: {exc}")
+    second.args = ["--replicaof", "127.0.0.1", str(first.port)]
+    sentinel = RedisServer.create_sentinel(first.port, master_name=MASTER)
+    with first, second:
+        wait_until(lambda: _replica_in_sync(second), what="the replica in sync")
+        with sentinel:
+            setup = SentinelSetup(first, second, sentinel)
+
+            def replica_known() -> bool:
+                replicas = setup.sentinel_client().sentinel_slaves(MASTER)
+                return any(
+                    int(r["port"]) == second.port
+                    and r.get("master-link-status") == "ok"
+                    and not r["is_sdown"]
+                    for r in replicas
+                )
+
+            wait_until(replica_known, what="the sentinel knowing the replica")
+            yield setup
+
+
+def sentinel_config(env: Env, setup: SentinelSetup, name: str = "sentinel.toml") -> Path:
+    path = write_config(
+        env.tmp_path / name,
+        database_url=env.dsn,
+        # With sentinels, the URL's host and port are not used; its db (and user,
+        # password and scheme) still are.
+        redis_url="redis://ignored-with-sentinels/0",
+        redis_sentinels=[f"127.0.0.1:{setup.sentinel.port}"],
+        redis_sentinel_master=MASTER,
+        tables={"public.users": ["user:{id}", "user:email:{email}"]},
+    )
+    assert main(["install", "--config", str(path)]) == 0
+    return path
+
+
+def test_listener_follows_a_failover(env: Env, sentinel_setup: SentinelSetup) -> None:
+    setup = sentinel_setup
+    env.sql(
+        "CREATE TABLE users (id int PRIMARY KEY, email text); INSERT INTO users VALUES (1, 'a')"
+    )
+    config = sentinel_config(env, setup)
+    first = setup.first.client(decode_responses=True)
+    second = setup.second.client(decode_responses=True)
+    first.mset({"user:1": "A", "user:email:a": "1"})
+    listener = ListenerThread.from_file(config).start()
+    try:
+        env.sql("UPDATE users SET email = 'b' WHERE id = 1")
+        wait_until(lambda: first.exists("user:1", "user:email:a") == 0, what="deleted on master")
+        first_run_id = listener.sink.client.info("server")["run_id"]
+        assert first_run_id == first.info("server")["run_id"]
+
+        assert setup.sentinel_client().sentinel_failover(MASTER)
+        wait_until(
+            lambda: setup.master_port() == setup.second.port,
+            what="the sentinels naming the new master",
+        )
+        wait_until(lambda: _role(setup.second)["role"] == "master", what="the replica promoted")
+        # Not waiting for the old master's demotion (Sentinel takes up to ~20 s for it):
+        # until then it still takes writes, and the listener must have moved anyway.
+        first.set("user:1", "old master")
+
+        # A change after the failover: its keys are deleted on the NEW master.
+        second.mset({"user:1": "stale", "user:email:b": "1", "user:email:c": "-"})
+        env.sql("UPDATE users SET email = 'c' WHERE id = 1")
+        wait_until(
+            lambda: second.exists("user:1", "user:email:b", "user:email:c") == 0,
+            what="deleted on the new master",
+        )
+        # The failover is an identity change the sink can see (replay reads run_id).
+        assert listener.sink.client.info("server")["run_id"] == second.info("server")["run_id"]
+        assert listener.sink.client.info("server")["run_id"] != first_run_id
+        assert listener.alive()
+        assert listener.runner.redis.available
+    finally:
+        listener.stop()
+    out = run_cli("check", "--config", str(config))
+    assert out.returncode == 0, out.stderr
+
+
+def test_a_quiet_listener_notices_a_failover_and_replays(
+    env: Env, sentinel_setup: SentinelSetup, spawn: Spawn
+) -> None:
+    """No change after the failover: the periodic identity check asks the sentinels too,
+    so the listener moves to the new master (and replays) within seconds, not when
+    Sentinel gets round to demoting the old master."""
+    setup = sentinel_setup
+    env.sql(
+        "CREATE TABLE users (id int PRIMARY KEY, email text); INSERT INTO users VALUES (1, 'a')"
+    )
+    listener = spawn(sentinel_config(env, setup))
+    first = setup.first.client(decode_responses=True)
+    first.set("user:1", "A")
+    env.sql("UPDATE users SET email = 'b' WHERE id = 1")
+    wait_until(lambda: first.exists("user:1") == 0, what="deleted on the master")
+    assert setup.sentinel_client().sentinel_failover(MASTER)
+    wait_until(lambda: setup.master_port() == setup.second.port, what="the new master named")
+    named = time.monotonic()
+    wait_until(lambda: listener.logged("redis_changed"), what="the failover noticed")
+    assert time.monotonic() - named < 5.0
+    (changed,) = listener.logged("redis_changed")
+    second_run_id = setup.second.client(decode_responses=True).info("server")["run_id"]
+    assert changed["current"].startswith(second_run_id)
+    wait_until(lambda: listener.logged("replay_done"), what="the replay")
+    listener.signal(signal.SIGTERM)
+    assert listener.wait() == 0
+
+
+def test_an_unknown_master_name_is_reported(env: Env, sentinel_setup: SentinelSetup) -> None:
+    config = write_config(
+        env.tmp_path / "nope.toml",
+        database_url=env.dsn,
+        redis_url="redis://ignored/0",
+        redis_sentinels=[f"127.0.0.1:{sentinel_setup.sentinel.port}"],
+        redis_sentinel_master="nope",
+        tables={"public.users": ["user:{id}"]},
+    )
+    env.sql("CREATE TABLE users (id int PRIMARY KEY)")
+    assert main(["install", "--config", str(config)]) == 0
+    out = run_cli("check", "--config", str(config))
+    assert out.returncode == 1
+    assert "No master found for 'nope'" in out.stderr
+    assert f"named by sentinels 127.0.0.1:{sentinel_setup.sentinel.port}" in out.stderr
