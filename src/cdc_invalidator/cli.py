@@ -30,7 +30,7 @@ from cdc_invalidator.redact import Scrubber, redact_url, secrets_of
 from cdc_invalidator.replay import replay
 from cdc_invalidator.settings import CONFIG_ENV, ConfigError, Settings, load_settings
 from cdc_invalidator.shutdown import Stopper
-from cdc_invalidator.sink import RedisSink
+from cdc_invalidator.sink import open_sink
 from cdc_invalidator.sink.connect import RedisOptions
 from cdc_invalidator.sink.redis_sink import REDIS_UNAVAILABLE
 from cdc_invalidator.status import (
@@ -171,7 +171,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     config_name = str(args.config or "configuration")
     with connect(settings) as conn:
         report = check_database(conn, settings, config_name)
-    sink = RedisSink.from_options(RedisOptions.from_settings(settings))
+    sink = open_sink(RedisOptions.from_settings(settings))
     try:
         where = settings.redis_url
         if settings.redis_sentinels:
@@ -179,7 +179,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                 f"{settings.redis_url} (master {settings.redis_sentinel_master!r} "
                 f"named by sentinels {', '.join(settings.redis_sentinels)})"
             )
-        redis_report = check_redis(sink.client, where, settings)
+        redis_report = check_redis(sink, where, settings)
     finally:
         sink.close()
     for line in report.ok + redis_report.ok:
@@ -229,7 +229,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             "(replay_history): keys invalidated before that are not replayed",
             file=sys.stderr,
         )
-    sink = RedisSink.from_options(
+    sink = open_sink(
         RedisOptions.from_settings(settings),
         unlink_chunk=settings.unlink_chunk,
         scan_count=settings.scan_count,

@@ -14,7 +14,7 @@ from cdc_invalidator.replay import RedisWatch
 from cdc_invalidator.runner import Runner, RunnerConfig, Source
 from cdc_invalidator.settings import Settings
 from cdc_invalidator.shutdown import Stopper
-from cdc_invalidator.sink import RedisSink
+from cdc_invalidator.sink import AutoSink, open_sink
 from cdc_invalidator.sink.connect import RedisOptions
 
 
@@ -46,9 +46,10 @@ def pg_connector(settings: Settings, role: str = "") -> Callable[[], psycopg.Con
 
 def build_listener(
     settings: Settings, stopper: Stopper, metrics: Metrics | None = None
-) -> tuple[Runner, RedisSink]:
-    """The runner and the Redis sink it writes to (the caller closes the sink)."""
-    sink = RedisSink.from_options(
+) -> tuple[Runner, AutoSink]:
+    """The runner and the Redis sink it writes to (the caller closes the sink); whether
+    Redis is one server or a cluster is found out at first use."""
+    sink = open_sink(
         RedisOptions.from_settings(settings),
         unlink_chunk=settings.unlink_chunk,
         scan_count=settings.scan_count,

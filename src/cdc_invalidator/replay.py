@@ -23,12 +23,14 @@ from typing import Any, Literal
 import psycopg
 import redis
 import structlog
+from redis.cluster import RedisCluster
 
 from cdc_invalidator import sqlfiles
 from cdc_invalidator.durations import format_duration
 from cdc_invalidator.events import ChangeEvent, Op, TableName
 from cdc_invalidator.mapping import Mapper
-from cdc_invalidator.sink.redis_sink import RedisSink
+from cdc_invalidator.sink.auto import Sink
+from cdc_invalidator.sink.cluster_sink import primaries
 
 log = structlog.get_logger("cdc_invalidator.replay")
 
@@ -97,7 +99,7 @@ def replay(
     conn: psycopg.Connection[Any],
     capture: Literal["trigger", "logical"],
     mapper: Mapper,
-    sink: RedisSink,
+    sink: Sink,
     since_s: float,
 ) -> ReplayResult:
     """Delete the keys of every event invalidated in the last `since_s` seconds."""
@@ -112,8 +114,12 @@ def replay(
     return ReplayResult(events, keys, existed, skipped, time.monotonic() - started)
 
 
-def persistence_window(client: redis.Redis) -> tuple[float, str]:
-    """How far back a restart of this server can take its data, and why we think so."""
+def persistence_window(client: redis.Redis | RedisCluster) -> tuple[float, str]:
+    """How far back a restart of this server can take its data, and why we think so.
+    A cluster: the longest of its primaries' (each restarts from its own files)."""
+    if isinstance(client, RedisCluster):
+        nodes = [client.get_redis_connection(node) for node in primaries(client)]
+        return max((persistence_window(node) for node in nodes), key=lambda w: w[0])
     try:
         config: dict[str, str] = {}
         for name in ("appendonly", "appendfsync", "save"):
@@ -174,7 +180,7 @@ class RedisWatch:
     def __init__(
         self,
         *,
-        sink: RedisSink,
+        sink: Sink,
         mapper: Mapper,
         capture: Literal["trigger", "logical"],
         connect: Callable[[], psycopg.Connection[Any]],

@@ -25,7 +25,8 @@ from cdc_invalidator.mapping import Mapper, Routed, merge
 from cdc_invalidator.metrics import Metrics
 from cdc_invalidator.replay import RedisWatch
 from cdc_invalidator.shutdown import Stopper
-from cdc_invalidator.sink.redis_sink import REDIS_UNAVAILABLE, RedisSink
+from cdc_invalidator.sink.auto import Sink
+from cdc_invalidator.sink.redis_sink import REDIS_UNAVAILABLE
 
 log = structlog.get_logger("cdc_invalidator.runner")
 
@@ -117,7 +118,7 @@ class Runner:
         *,
         connect: Callable[[], Source],
         mapper: Mapper,
-        sink: RedisSink,
+        sink: Sink,
         config: RunnerConfig,
         stopper: Stopper,
         watch: RedisWatch | None = None,
