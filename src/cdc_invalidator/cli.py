@@ -47,6 +47,10 @@ EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     command: Callable[[argparse.Namespace], int] = args.func
+    if args.command not in ("run", "demo"):
+        # One-shot commands print their result on stdout: library log lines (a warning
+        # at most) go to stderr.
+        logs.configure("warning", "console", stream=sys.stderr)
     try:
         return command(args)
     except ConfigError as exc:

@@ -194,6 +194,7 @@ class RedisWatch:
         self._window_s = window_s
         self._check_every_s = check_every_s
         self._known: str | None = None
+        self._announced: str | None = None  # the identity a replay was logged for
         self._known_at = 0.0  # monotonic time the known identity was last confirmed
         self._next_check = 0.0
 
@@ -236,15 +237,17 @@ class RedisWatch:
         else:
             lost_s, why = self._window_s, "replay_window"
         since_s = gone_s + lost_s + MARGIN_S
-        log.warning(
-            "redis_changed",
-            previous=previous,
-            current=current,
-            replay_since_s=round(since_s, 1),
-            window=why,
-            detail="Redis restarted or failed over: deleting again every key invalidated "
-            "since before the old server was last seen",
-        )
+        if self._announced != current:  # once, not on every retry of a failed replay
+            self._announced = current
+            log.warning(
+                "redis_changed",
+                previous=previous,
+                current=current,
+                replay_since_s=round(since_s, 1),
+                window=why,
+                detail="Redis restarted or failed over: deleting again every key invalidated "
+                "since before the old server was last seen",
+            )
         result = replay(conn, self._capture, self._mapper, self._sink, since_s)
         log.info(
             "replay_done",

@@ -203,23 +203,31 @@ class Runner:
         next_progress = time.monotonic() + PROGRESS_EVERY_S
         listening = True
         redis_back = True  # ask Redis who it is before the first batch, and after outages
+        # Redis answers INFO but refused our last deletes (READONLY, NOREPLICAS, MISCONF):
+        # only a batch that goes through makes it available again.
+        writes_refused = False
         while not self._stopper.stopped:
             started = self.turned_at = time.monotonic()
+            deleting = False
             try:
                 if self._watch is not None:
                     if replayed := self._watch.check(force=redis_back):
                         self.metrics.replays.inc()
                         self.metrics.replayed_keys.inc(replayed.existed)
-                    self.redis.up()  # it answered (or did, less than a check ago)
+                    if not writes_refused:
+                        self.redis.up()  # it answered (or did, less than a check ago)
                 redis_back = False
+                deleting = True
                 self._second_deletes(until=started)
                 taken = self._process_batch(source)
             except REDIS_UNAVAILABLE as exc:
                 self.redis.down(exc)
                 redis_back = True
+                writes_refused = deleting
                 self._stopper.sleep(backoff.next_delay())
                 continue
             if taken:
+                writes_refused = False
                 self.redis.up()
                 backoff.reset()
                 source.maintain()
