@@ -31,7 +31,7 @@ from psycopg.rows import tuple_row
 
 from cdc_invalidator import sqlfiles
 from cdc_invalidator.capture import keepalive
-from cdc_invalidator.capture.errors import NotInstalled, Standby
+from cdc_invalidator.capture.errors import NotInstalled, Standby, missing_privilege
 from cdc_invalidator.capture.trigger_sql import CHANNEL, require_installed
 from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, Row, TableName
 
@@ -154,6 +154,10 @@ class TriggerCapture:
         )
         try:
             saved = _prepare(conn)
+        except psycopg.errors.InsufficientPrivilege as exc:
+            user = conn.info.user
+            conn.close()
+            raise missing_privilege(user, "trigger", exc) from None
         except BaseException:
             conn.close()
             raise
