@@ -85,7 +85,10 @@ BEGIN
             listener, current_database(), quote_ident(current_database()), listener;
     END IF;
     IF capture = 'logical'
-       AND NOT (SELECT r.rolreplication OR r.rolsuper FROM pg_roles r WHERE r.oid = listener) THEN
+       AND NOT (SELECT r.rolreplication OR r.rolsuper FROM pg_roles r WHERE r.oid = listener)
+       -- Amazon RDS and Aurora: membership in rds_replication stands for the attribute.
+       AND NOT EXISTS (SELECT FROM pg_roles r WHERE r.rolname = 'rds_replication'
+                       AND pg_has_role(listener, r.oid, 'MEMBER')) THEN
         RAISE NOTICE 'cdc_invalidator: role % also needs REPLICATION to stream the slot: ALTER ROLE % REPLICATION (managed services: their replication role, e.g. GRANT rds_replication TO %)',
             listener, listener, listener;
     END IF;

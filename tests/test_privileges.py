@@ -426,3 +426,36 @@ def test_sql_output_installs_grant_listener_for_psql(env: Env) -> None:
     assert result.returncode == 0, result.stderr
     assert "CREATE OR REPLACE FUNCTION cdc_invalidator.grant_listener(" in result.stdout
     assert "SELECT cdc_invalidator.grant_listener('cdc_listener'" in result.stdout
+
+
+def test_rds_replication_membership_counts_as_replication(env: Env, listener_role: str) -> None:
+    """Amazon RDS grants replication by membership in rds_replication, not the attribute:
+    `check` and grant_listener() must not send the DBA after REPLICATION there. (Only the
+    advice is tested: plain PostgreSQL gives such a member no replication.)"""
+    if not env.logical:
+        pytest.skip("logical mode only: trigger mode needs no replication")
+    tables(env)
+    install(env)
+    ident = sql.Identifier(listener_role)
+    with env.connect() as conn:
+        conn.execute(sql.SQL("ALTER ROLE {} NOREPLICATION").format(ident))
+        exists = conn.execute("SELECT FROM pg_roles WHERE rolname = 'rds_replication'").fetchone()
+        if exists is None:
+            conn.execute("CREATE ROLE rds_replication")
+    try:
+        own = config(env, USERS, name="listener.toml", role=listener_role)
+        grant(env, listener_role)
+        result = run_cli("check", "--config", str(own))
+        assert "lacks the REPLICATION attribute" in result.stderr
+        with env.connect() as conn:
+            conn.execute(sql.SQL("GRANT rds_replication TO {}").format(ident))
+            seen: list[str] = []
+            conn.add_notice_handler(lambda d: seen.append(str(d.message_primary)))
+            conn.execute("SELECT cdc_invalidator.grant_listener(%s, 'logical')", [listener_role])
+        assert not any("REPLICATION" in n for n in seen), seen
+        result = run_cli("check", "--config", str(own))
+        assert "REPLICATION" not in result.stderr, result.stderr
+    finally:
+        if exists is None:
+            with env.connect() as conn:
+                conn.execute("DROP ROLE rds_replication")
