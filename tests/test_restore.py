@@ -1,9 +1,14 @@
-"""After the database was restored from a dump into another cluster (trigger mode).
+"""After the database was restored (docs/DBA.md, "After restoring the database").
+
+From a dump into another cluster, in trigger mode:
 
 pg_dump carries the queue's transaction ids and the listener's saved snapshot as data;
 the new cluster's transaction counter runs lower. Unchecked, every change committed
 there looks done already to the listener (and is pruned unprocessed). It must refuse to
 start, and sql/reset_after_restore.sql must bring it back without losing a change.
+
+After any restore, the sweep the guide gives deletes every watched table's keys (both
+modes).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import signal
 import subprocess
 
 import psycopg
+import pytest
 import redis
 
 from cdc_invalidator import sqlfiles
@@ -111,3 +117,36 @@ def test_restored_into_another_cluster_refuses_to_skip_then_resets(
     assert second.wait() == 0
     restored.close()
     client.close()
+
+
+# As docs/DBA.md gives them: after any restore, sweep the watched tables' keys once.
+SWEEP_TRIGGER = """
+INSERT INTO cdc_invalidator.queue_v1 (schema_name, table_name, op)
+SELECT n.nspname, c.relname, 'T'
+FROM cdc_invalidator.watched_v1 w
+JOIN pg_class c ON c.oid = w.relid JOIN pg_namespace n ON n.oid = c.relnamespace;
+"""
+SWEEP_LOGICAL = """
+UPDATE cdc_invalidator.slot_state_v1
+SET resync_reason = 'database restored from a backup' WHERE slot_name = 'cdc_invalidator';
+"""
+
+
+@pytest.mark.usefixtures("capture")
+def test_the_sweep_after_a_restore_deletes_every_watched_key(env: Env, spawn: Spawn) -> None:
+    env.sql("CREATE TABLE users (id int PRIMARY KEY, email text)")
+    config = env.config(USERS)
+    assert main(["install", "--config", str(config)]) == 0
+    r = env.redis()
+    r.mset({"user:1": "-", "user:email:a@x": "-", "user:2": "-", "other:1": "-"})
+    if env.logical:
+        env.sql(SWEEP_LOGICAL)
+        listener = spawn(config)
+        wait_until(lambda: listener.logged("missed_changes_swept"), what="the sweep")
+    else:
+        listener = spawn(config)
+        env.sql(SWEEP_TRIGGER)
+    wait_until(lambda: r.keys("user:*") == [], what="every watched key swept")
+    assert r.get("other:1") == "-"
+    listener.signal(signal.SIGTERM)
+    assert listener.wait() == 0
