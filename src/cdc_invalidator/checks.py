@@ -189,7 +189,8 @@ def _check_logical_server(
     if not can_replicate:
         report.errors.append(
             f"role {user!r} lacks the REPLICATION attribute the listener needs to stream "
-            f"(ALTER ROLE {user} REPLICATION), or use a role that has it"
+            f"(ALTER ROLE {user} REPLICATION; on Amazon RDS: GRANT rds_replication TO {user}), "
+            "or use a role that has it"
         )
     if not publication_exists:
         report.errors.append(

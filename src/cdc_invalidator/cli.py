@@ -7,6 +7,7 @@ database refused); 2 the configuration or the command line is wrong.
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import os
 import sys
@@ -15,10 +16,11 @@ from typing import Any
 
 import psycopg
 import structlog
+from psycopg.conninfo import conninfo_to_dict
 
 from cdc_invalidator import __version__, logs
 from cdc_invalidator.capture import logical_sql, trigger_sql
-from cdc_invalidator.capture.errors import Fatal, NotInstalled
+from cdc_invalidator.capture.errors import Fatal, NotInstalled, missing_privilege
 from cdc_invalidator.checks import check_database, check_redis
 from cdc_invalidator.database import DatabaseError, connect
 from cdc_invalidator.durations import format_duration, parse_duration
@@ -58,6 +60,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     except DatabaseError as exc:
         _error(str(exc))
+        return EXIT_FAILED
+    except psycopg.errors.InsufficientPrivilege as exc:
+        _error(
+            f"{_pg_message(exc)}: `status`, `check` and `replay` need what "
+            "cdc_invalidator.grant_listener() grants the listener's role (docs/DBA.md)"
+        )
         return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_FAILED
@@ -316,6 +324,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     except Fatal as exc:
         log.error("cannot_consume", error=str(exc))
+        return EXIT_FAILED
+    except psycopg.errors.InsufficientPrivilege as exc:
+        # Refused after the start (a grant revoked meanwhile): a person must act too.
+        user = conninfo_to_dict(settings.database_url).get("user") or os.environ.get(
+            "PGUSER", getpass.getuser()
+        )
+        log.error("cannot_consume", error=str(missing_privilege(str(user), settings.capture, exc)))
         return EXIT_FAILED
     finally:
         if probes is not None:

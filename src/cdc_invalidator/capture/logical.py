@@ -30,7 +30,7 @@ import structlog
 
 from cdc_invalidator import sqlfiles
 from cdc_invalidator.capture import keepalive
-from cdc_invalidator.capture.errors import Fatal, NotInstalled, Standby
+from cdc_invalidator.capture.errors import Fatal, NotInstalled, Standby, missing_privilege
 from cdc_invalidator.capture.pgoutput import Begin, Commit, Decoder, Relation, Undecodable
 from cdc_invalidator.capture.trigger_sql import require_installed
 from cdc_invalidator.capture.walstream import (
@@ -122,11 +122,7 @@ class LogicalCapture:
                         "it REPLICATION (ALTER ROLE ... REPLICATION) or run the listener as a "
                         "role that has it"
                     ) from None
-                raise Fatal(
-                    f"role {side.info.user!r} lacks a privilege the listener needs ({exc}): "
-                    "grant it USAGE on schema cdc_invalidator and write access to its tables "
-                    "and sequences, or run the listener as the role that installed it"
-                ) from None
+                raise missing_privilege(side.info.user, "logical", exc) from None
             try:
                 repl = psycopg.connect(
                     keepalive.conninfo(self._database_url, RENDER_OPTIONS),

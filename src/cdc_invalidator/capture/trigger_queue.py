@@ -31,7 +31,7 @@ from psycopg.rows import tuple_row
 
 from cdc_invalidator import sqlfiles
 from cdc_invalidator.capture import keepalive
-from cdc_invalidator.capture.errors import NotInstalled, Standby
+from cdc_invalidator.capture.errors import Fatal, NotInstalled, Standby, missing_privilege
 from cdc_invalidator.capture.trigger_sql import CHANNEL, require_installed
 from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, Row, TableName
 
@@ -154,6 +154,10 @@ class TriggerCapture:
         )
         try:
             saved = _prepare(conn)
+        except psycopg.errors.InsufficientPrivilege as exc:
+            user = conn.info.user
+            conn.close()
+            raise missing_privilege(user, "trigger", exc) from None
         except BaseException:
             conn.close()
             raise
@@ -369,6 +373,15 @@ def _prepare(conn: psycopg.Connection[Any]) -> Progress:
     if row is None:
         raise NotInstalled("cdc_invalidator.listener_state_v1 is empty: run `install` again")
     done, window_end, after_xid, after_id = row
+    ahead = conn.execute(sqlfiles.query("progress_ahead.sql"), {"snapshot": done}).fetchone()
+    if ahead and ahead[0]:
+        raise Fatal(
+            f"the saved position ({done}) lies past this server's transaction ids (next "
+            f"{ahead[1]}): the database was restored from a dump into another cluster, or "
+            "copied there, and changes committed here would be skipped. Stop every listener, "
+            "run sql/reset_after_restore.sql as the installing role (docs/DBA.md, "
+            '"After restoring the database"), then start again'
+        )
     progress = Progress(Snapshot.parse(done))
     if window_end is not None:
         progress.window = Snapshot.parse(window_end)
