@@ -18,7 +18,10 @@ settings: fsync and synchronous_commit on) and measures:
    the queue table is empty: a design may delete processed rows later). Floor: one
    Python process SELECTs the key columns of those rows and UNLINKs the keys in a hiredis
    pipeline, one key per UNLINK (DESIGN.md's floor; a batched variant is reported too).
-   Peak RSS of the listener (VmHWM). `--big` adds a 1M-change backlog.
+   Peak RSS of the listener (VmHWM). `--big` adds a 1M-change backlog. `--cluster`
+   drains the same backlog into a Redis Cluster of 3 masters too (the listener given one
+   node's URL), against a floor on that cluster: the same SELECT, then one hiredis
+   pipeline per node of one UNLINK per key (batched: one UNLINK per hash slot).
 3. write overhead: single-row UPDATE throughput with pgbench (2 clients, 2 threads) on a
    watched table with the listener running, against the same on an unwatched table,
    in interleaved rounds; and the listener's CPU per change (its process and backend).
@@ -52,7 +55,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import version as dist_version
@@ -62,8 +65,9 @@ from typing import Any, TextIO
 import psycopg
 import redis
 from psycopg import sql
+from redis.crc import key_slot
 
-from cdc_invalidator.servers import PostgresServer, RedisServer
+from cdc_invalidator.servers import PostgresServer, RedisClusterServer, RedisServer
 from cdc_invalidator.settings import Settings
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -359,12 +363,14 @@ class Bench:
             )
         admin.execute(sql.SQL("VACUUM ANALYZE {}").format(ident))
 
-    def write_config(self, target: Target, replay_history: str = "0s") -> None:
+    def write_config(
+        self, target: Target, replay_history: str = "0s", redis_url: str | None = None
+    ) -> None:
         # History for replay is kept only in the replay phase: the other phases measure
         # the queue's pruning as they always did (keeping rows costs the writers nothing).
         lines = [
             f"database_url = {json.dumps(target.dsn)}",
-            f"redis_url = {json.dumps(self.rs.url)}",
+            f"redis_url = {json.dumps(redis_url or self.rs.url)}",
             f"replay_history = {json.dumps(replay_history)}",
         ]
         if target.logical:
@@ -745,18 +751,26 @@ class DrainRun:
 QUEUE_EMPTY_WAIT_S = 10.0
 
 
-def drain_ours(bench: Bench, name: str, rows: int, target: Target) -> DrainRun:
-    """Start the listener on a full queue; time it until every key is gone.
+def drain_ours(
+    bench: Bench,
+    name: str,
+    rows: int,
+    target: Target,
+    dbsize: Callable[[], int] | None = None,
+) -> DrainRun:
+    """Start the listener on a full queue; time it until every key is gone (`dbsize`:
+    how many keys are left, by default in the single Redis).
 
     Then wait up to QUEUE_EMPTY_WAIT_S more for the queue table to be empty: a design
     that deletes processed rows later (in bulk) drains the keys first.
     """
     listener = Listener(bench, name, target)
+    count_keys = dbsize or bench.dbsize
     try:
 
         def drained() -> bool:
             listener.check()
-            return bench.dbsize() == 0
+            return count_keys() == 0
 
         keys_gone = wait_for(drained, max(120, rows / 2000), "keys deleted", 0.01)
         queue_empty: float | None = None
@@ -836,6 +850,190 @@ def measure_drain(bench: Bench, table: str, rows: int, repeats: int, target: Tar
         batched_floor_runs=batched,
         ours_runs=[r.keys_gone_s for r in runs],
     )
+
+
+# ------------------------------------------------- 2b. backlog drain into a Redis Cluster
+
+
+class ClusterKeys:
+    """--cluster: a Redis Cluster of 3 masters; keys set, counted and deleted per node."""
+
+    def __init__(self) -> None:
+        self.server = RedisClusterServer.create()
+        self.server.start()
+        self.nodes = [
+            redis.Redis(host="127.0.0.1", port=node.port, socket_timeout=60)
+            for node in self.server.nodes
+        ]
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def close(self) -> None:
+        for client in self.nodes:
+            with contextlib.suppress(Exception):
+                client.close()
+        self.server.destroy()
+
+    def owners(self) -> list[int]:
+        """Slot -> index of the node that serves it (CLUSTER SLOTS)."""
+        ports = {node.port: i for i, node in enumerate(self.server.nodes)}
+        owner = [-1] * 16384
+        table = self.nodes[0].execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
+        for start, end, primary, *_ in table:
+            owner[start : end + 1] = [ports[int(primary[1])]] * (end - start + 1)
+        return owner
+
+    def set_keys(self, ids: range) -> None:
+        owner = self.owners()
+        pipes = [client.pipeline(transaction=False) for client in self.nodes]
+        for i in ids:
+            for key in user_keys(i):
+                pipes[owner[key_slot(key.encode())]].set(key, "cached")
+            if i % 5000 == 0:
+                for pipe in pipes:
+                    pipe.execute()
+        for pipe in pipes:
+            pipe.execute()
+
+    def flushall(self) -> None:
+        for client in self.nodes:
+            client.flushall()
+
+    def dbsize(self) -> int:
+        return sum(int(client.dbsize()) for client in self.nodes)
+
+
+def cluster_drain_floor(keys: ClusterKeys, table: str, dsn: str, per_slot: bool) -> float:
+    """SELECT the key columns of every row + one hiredis pipeline per node: one UNLINK
+    per key, or (per_slot) one UNLINK per hash slot. The slot table is read before."""
+    owner = keys.owners()
+    t0 = time.perf_counter()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            sql.SQL("SELECT id::text, email FROM {}").format(sql.Identifier(table))
+        ).fetchall()
+    pipes = [client.pipeline(transaction=False) for client in keys.nodes]
+    by_slot: dict[int, list[str]] = {}
+    for n, (id_text, email) in enumerate(rows, 1):
+        for key in ("user:" + id_text, "user:email:" + email):
+            slot = key_slot(key.encode())
+            if per_slot:
+                by_slot.setdefault(slot, []).append(key)
+            else:
+                pipes[owner[slot]].unlink(key)
+        if n % 5000 == 0 and not per_slot:
+            for pipe in pipes:
+                pipe.execute()
+    for slot, group in by_slot.items():
+        pipes[owner[slot]].unlink(*group)
+    for pipe in pipes:
+        pipe.execute()
+    elapsed = time.perf_counter() - t0
+    if keys.dbsize() != 0:
+        raise RuntimeError("cluster floor drain left keys behind")
+    return elapsed
+
+
+def measure_cluster_drain(
+    bench: Bench, keys: ClusterKeys, target: Target, *, rows: int, repeats: int
+) -> Drain:
+    """The drain of measure_drain(), into the cluster: the listener is given one node."""
+    on_cluster = Target(
+        target.mode,
+        target.dsn,
+        target.admin,
+        target.config.with_stem(target.config.stem + "-cluster"),
+    )
+    bench.write_config(on_cluster, redis_url=keys.url)
+    floors: list[float] = []
+    batched: list[float] = []
+    runs: list[DrainRun] = []
+    ids = range(1, rows + 1)
+    for n in range(repeats):
+        keys.flushall()
+        keys.set_keys(ids)
+        bench.quiesce(target, DRAIN)
+        floors.append(cluster_drain_floor(keys, DRAIN, target.dsn, per_slot=False))
+        keys.set_keys(ids)
+        batched.append(cluster_drain_floor(keys, DRAIN, target.dsn, per_slot=True))
+        keys.set_keys(ids)
+        if not target.logical:
+            bench.admin.execute("TRUNCATE cdc_invalidator.queue_v1")
+        queue_updates(bench, DRAIN, rows, target)
+        if target.logical:
+            bench.quiesce(target, DRAIN)
+        else:
+            bench.quiesce(target, "cdc_invalidator.queue_v1", DRAIN)
+        run = drain_ours(
+            bench, f"{target.mode}-cluster-drain-{rows}-{n}", rows, on_cluster, keys.dbsize
+        )
+        runs.append(run)
+        print(
+            f"  [{target.mode}] cluster drain {rows}: floor {floors[-1]:.3f} s "
+            f"(per-slot {batched[-1]:.3f} s), ours {run.keys_gone_s:.3f} s, listener CPU "
+            f"{run.cpu_s:.2f} s, peak RSS {run.peak_rss_mb:.1f} MB",
+            flush=True,
+        )
+    best = min(runs, key=lambda r: r.keys_gone_s)
+    return Drain(
+        rows=rows,
+        floor_s=min(floors),
+        batched_floor_s=min(batched),
+        ours_s=best.keys_gone_s,
+        ours_with_start_s=best.with_start_s,
+        queue_empty_s=best.queue_empty_s,
+        queue_left=best.queue_left,
+        prune_rate=best.prune_rate,
+        listener_cpu_s=best.cpu_s,
+        peak_rss_mb=max(r.peak_rss_mb for r in runs),
+        floor_runs=floors,
+        batched_floor_runs=batched,
+        ours_runs=[r.keys_gone_s for r in runs],
+    )
+
+
+def cluster_rows(single: Drain, d: Drain) -> list[Row]:
+    """The cluster drain's rows, beside the single-node drain's."""
+    label = f"{d.rows // 1000}k changes / {2 * d.rows // 1000}k keys"
+    rows = [
+        Row(
+            f"cluster drain {label} (3 masters)",
+            f"{d.ours_s:.3f} s",
+            f"{d.floor_s:.3f} s",
+            fmt_ratio(d.ours_s / d.floor_s),
+            "≤ 2x floor",
+            d.ours_s <= 2 * d.floor_s,
+        ),
+        Row(
+            "cluster drain: vs per-slot UNLINK floor",
+            f"{d.ours_s:.3f} s",
+            f"{d.batched_floor_s:.3f} s",
+            fmt_ratio(d.ours_s / d.batched_floor_s),
+            "",
+            None,
+        ),
+        Row(
+            "cluster drain: rate, listener CPU, peak RSS",
+            f"{d.rows / d.ours_s:,.0f} changes/s, {d.listener_cpu_s:.2f} s, {d.peak_rss_mb:.1f} MB",
+            "",
+            "",
+            "",
+            None,
+        ),
+    ]
+    rows.append(
+        Row(
+            "cluster drain vs the single-node drain",
+            f"{d.ours_s:.3f} s",
+            f"{single.ours_s:.3f} s",
+            fmt_ratio(d.ours_s / single.ours_s),
+            "",
+            None,
+        )
+    )
+    return rows
 
 
 # ------------------------------------------------------------------- 4. replay
@@ -1088,61 +1286,9 @@ def verdict(passed: bool | None) -> str:
 TARGETS = {"trigger": (2.0, 0.70), "logical": (3.0, 0.85)}
 
 
-def build_rows(
-    *,
-    mode: str,
-    rate: int,
-    floor: Latency,
-    ours: Latency,
-    drain: Drain,
-    big: Drain | None,
-    writes: Writes,
-) -> list[Row]:
-    p50_target, write_target = TARGETS[mode]
-    rows = [
-        Row(
-            f"commit→deleted p50 @{rate:.0f}/s",
-            fmt_ms(ours.p50_ms),
-            fmt_ms(floor.p50_ms),
-            fmt_ratio(ours.p50_ms / floor.p50_ms),
-            f"≤ {p50_target:g}x floor",
-            ours.p50_ms <= p50_target * floor.p50_ms,
-        ),
-        Row(
-            "commit→deleted p99",
-            fmt_ms(ours.p99_ms),
-            fmt_ms(floor.p99_ms),
-            fmt_ratio(ours.p99_ms / floor.p99_ms),
-            "< 10 ms",
-            ours.p99_ms < 10,
-        ),
-        Row(
-            "commit→deleted max",
-            fmt_ms(ours.max_ms),
-            fmt_ms(floor.max_ms),
-            fmt_ratio(ours.max_ms / floor.max_ms),
-            "",
-            None,
-        ),
-        Row(
-            "changes whose keys were deleted",
-            f"{ours.samples}/{ours.sent}",
-            f"{floor.samples}/{floor.sent}",
-            "",
-            "all",
-            ours.samples == ours.sent,
-        ),
-        Row(
-            "listener CPU per change in the latency run",
-            f"{ours.listener_cpu_us:.0f} µs",
-            f"{floor.listener_cpu_us:.0f} µs",
-            fmt_ratio(ours.listener_cpu_us / floor.listener_cpu_us)
-            if floor.listener_cpu_us
-            else "",
-            "",
-            None,
-        ),
-    ]
+def drain_rows(mode: str, drain: Drain, big: Drain | None) -> list[Row]:
+    """The backlog drain's rows (without the mode prefix)."""
+    rows: list[Row] = []
     for d, target in ((drain, True), (big, False)):
         if d is None:
             continue
@@ -1211,6 +1357,64 @@ def build_rows(
                 d.peak_rss_mb < 150 if target else None,
             ),
         ]
+    return rows
+
+
+def build_rows(
+    *,
+    mode: str,
+    rate: int,
+    floor: Latency,
+    ours: Latency,
+    drains: list[Row],
+    writes: Writes,
+) -> list[Row]:
+    p50_target, write_target = TARGETS[mode]
+    rows = [
+        Row(
+            f"commit→deleted p50 @{rate:.0f}/s",
+            fmt_ms(ours.p50_ms),
+            fmt_ms(floor.p50_ms),
+            fmt_ratio(ours.p50_ms / floor.p50_ms),
+            f"≤ {p50_target:g}x floor",
+            ours.p50_ms <= p50_target * floor.p50_ms,
+        ),
+        Row(
+            "commit→deleted p99",
+            fmt_ms(ours.p99_ms),
+            fmt_ms(floor.p99_ms),
+            fmt_ratio(ours.p99_ms / floor.p99_ms),
+            "< 10 ms",
+            ours.p99_ms < 10,
+        ),
+        Row(
+            "commit→deleted max",
+            fmt_ms(ours.max_ms),
+            fmt_ms(floor.max_ms),
+            fmt_ratio(ours.max_ms / floor.max_ms),
+            "",
+            None,
+        ),
+        Row(
+            "changes whose keys were deleted",
+            f"{ours.samples}/{ours.sent}",
+            f"{floor.samples}/{floor.sent}",
+            "",
+            "all",
+            ours.samples == ours.sent,
+        ),
+        Row(
+            "listener CPU per change in the latency run",
+            f"{ours.listener_cpu_us:.0f} µs",
+            f"{floor.listener_cpu_us:.0f} µs",
+            fmt_ratio(ours.listener_cpu_us / floor.listener_cpu_us)
+            if floor.listener_cpu_us
+            else "",
+            "",
+            None,
+        ),
+    ]
+    rows += drains
     ratio = writes.watched_tps / writes.plain_tps
     backend = (
         "" if writes.backend_us_per_event is None else f" + {writes.backend_us_per_event:.0f} µs"
@@ -1241,6 +1445,10 @@ def build_rows(
             None,
         ),
     ]
+    return prefixed(mode, rows)
+
+
+def prefixed(mode: str, rows: list[Row]) -> list[Row]:
     return [
         Row(f"[{mode}] {row.metric}", row.ours, row.floor, row.ratio, row.target, row.passed)
         for row in rows
@@ -1298,6 +1506,14 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Sizes]:
     parser.add_argument("--rate", type=int, default=300, help="changes/s for the latency run")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (listener logs)")
     parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="also drain the backlog into a Redis Cluster of 3 masters (and its floor)",
+    )
+    parser.add_argument(
+        "--drain-only", action="store_true", help="only the backlog drains (no latency, writes)"
+    )
+    parser.add_argument(
         "--capture",
         choices=[*MODES, "both"],
         default="both",
@@ -1317,8 +1533,80 @@ def _exit_on_signal(signum: int, _frame: object) -> None:
 
 
 def run_mode(
-    bench: Bench, sizes: Sizes, meter: CpuMeter, report: Report, target: Target
+    bench: Bench,
+    sizes: Sizes,
+    meter: CpuMeter,
+    report: Report,
+    target: Target,
+    *,
+    cluster: ClusterKeys | None = None,
+    drain_only: bool = False,
 ) -> list[Row]:
+    mode = target.mode
+    measured = (
+        None if drain_only else measure_latency_and_writes(bench, sizes, meter, report, target)
+    )
+
+    print(f"[{mode}] 2. backlog drain of {sizes.drain_rows} changes", flush=True)
+    with meter.phase(f"{mode} drain"):
+        drain = measure_drain(bench, DRAIN, sizes.drain_rows, sizes.drain_repeats, target)
+    report.raw[f"{mode} drain"] = asdict(drain)
+    big = None
+    if sizes.big_rows:
+        print(f"[{mode}] 2. backlog drain of {sizes.big_rows} changes", flush=True)
+        with meter.phase(f"{mode} big drain"):
+            big = measure_drain(bench, BIG, sizes.big_rows, 1, target)
+        report.raw[f"{mode} drain big"] = asdict(big)
+    drains = drain_rows(mode, drain, big)
+    if cluster is not None:
+        print(
+            f"[{mode}] 2b. backlog drain of {sizes.drain_rows} changes into a cluster", flush=True
+        )
+        with meter.phase(f"{mode} cluster drain"):
+            on_cluster = measure_cluster_drain(
+                bench, cluster, target, rows=sizes.drain_rows, repeats=sizes.drain_repeats
+            )
+        report.raw[f"{mode} cluster drain"] = asdict(on_cluster)
+        drains += cluster_rows(drain, on_cluster)
+    if measured is None:
+        return prefixed(mode, drains)
+    print(f"[{mode}] 4. replay of {sizes.drain_rows} invalidations", flush=True)
+    with meter.phase(f"{mode} replay"):
+        replayed = measure_replay(bench, DRAIN, sizes.drain_rows, target)
+    report.raw[f"{mode} replay"] = asdict(replayed)
+    print(
+        f"  [{mode}] replay: {replayed.events} events, {replayed.keys} keys in "
+        f"{replayed.ours_s:.3f} s ({replayed.with_start_s:.3f} s with process start), "
+        f"floor {replayed.floor_s:.3f} s",
+        flush=True,
+    )
+    floor, ours, writes = measured
+    return [
+        *build_rows(
+            mode=mode, rate=sizes.rate, floor=floor, ours=ours, drains=drains, writes=writes
+        ),
+        *replay_rows(replayed),
+    ]
+
+
+def replay_rows(r: Replay) -> list[Row]:
+    label = f"replay of a 15-minute window: {r.events // 1000}k changes / {r.keys // 1000}k keys"
+    return [
+        Row(
+            label,
+            f"{r.ours_s:.3f} s",
+            f"{r.floor_s:.3f} s",
+            fmt_ratio(r.ours_s / r.floor_s),
+            "≤ 2x pipelined UNLINK",
+            r.ours_s <= 2 * r.floor_s,
+        ),
+        Row("replay: incl. process start", f"{r.with_start_s:.3f} s", "", "", "", None),
+    ]
+
+
+def measure_latency_and_writes(
+    bench: Bench, sizes: Sizes, meter: CpuMeter, report: Report, target: Target
+) -> tuple[Latency, Latency, Writes]:
     mode = target.mode
     print(f"[{mode}] 1. latency: floor and cdc-invalidator side by side", flush=True)
     floor_proc = start_floor_listener(bench)
@@ -1340,48 +1628,7 @@ def run_mode(
     report.raw[f"{mode} writes"] = asdict(writes)
     if target.logical:
         catch_up(bench, target)
-
-    print(f"[{mode}] 2. backlog drain of {sizes.drain_rows} changes", flush=True)
-    with meter.phase(f"{mode} drain"):
-        drain = measure_drain(bench, DRAIN, sizes.drain_rows, sizes.drain_repeats, target)
-    report.raw[f"{mode} drain"] = asdict(drain)
-    big = None
-    if sizes.big_rows:
-        print(f"[{mode}] 2. backlog drain of {sizes.big_rows} changes", flush=True)
-        with meter.phase(f"{mode} big drain"):
-            big = measure_drain(bench, BIG, sizes.big_rows, 1, target)
-        report.raw[f"{mode} drain big"] = asdict(big)
-    print(f"[{mode}] 4. replay of {sizes.drain_rows} invalidations", flush=True)
-    with meter.phase(f"{mode} replay"):
-        replayed = measure_replay(bench, DRAIN, sizes.drain_rows, target)
-    report.raw[f"{mode} replay"] = asdict(replayed)
-    print(
-        f"  [{mode}] replay: {replayed.events} events, {replayed.keys} keys in "
-        f"{replayed.ours_s:.3f} s ({replayed.with_start_s:.3f} s with process start), "
-        f"floor {replayed.floor_s:.3f} s",
-        flush=True,
-    )
-    return [
-        *build_rows(
-            mode=mode, rate=sizes.rate, floor=floor, ours=ours, drain=drain, big=big, writes=writes
-        ),
-        *replay_rows(replayed),
-    ]
-
-
-def replay_rows(r: Replay) -> list[Row]:
-    label = f"replay of a 15-minute window: {r.events // 1000}k changes / {r.keys // 1000}k keys"
-    return [
-        Row(
-            label,
-            f"{r.ours_s:.3f} s",
-            f"{r.floor_s:.3f} s",
-            fmt_ratio(r.ours_s / r.floor_s),
-            "≤ 2x pipelined UNLINK",
-            r.ours_s <= 2 * r.floor_s,
-        ),
-        Row("replay: incl. process start", f"{r.with_start_s:.3f} s", "", "", "", None),
-    ]
+    return floor, ours, writes
 
 
 def catch_up(bench: Bench, target: Target) -> None:
@@ -1414,6 +1661,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"starting PostgreSQL and Redis (work dir {workdir})", flush=True)
     bench = Bench(workdir)
     meter = CpuMeter([os.getpid(), bench.pg.pid or 0])
+    cluster: ClusterKeys | None = None
     report.foreign_cpu_pct = meter.foreign_pct
     try:
         report.machine = describe_machine(bench)
@@ -1433,10 +1681,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 bench.create_table(table, ids, target.admin)
             bench.write_config(target)
             bench.cli(target, "install")
+        if args.cluster:
+            print("starting a Redis Cluster of 3 masters", flush=True)
+            cluster = ClusterKeys()
         for target in targets:
-            report.rows += run_mode(bench, sizes, meter, report, target)
+            report.rows += run_mode(
+                bench, sizes, meter, report, target, cluster=cluster, drain_only=args.drain_only
+            )
         report.machine["loadavg at end"] = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     finally:
+        if cluster is not None:
+            cluster.close()
         bench.close()
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -7,7 +7,9 @@
 -- malformed row becomes a dead letter instead of failing the batch in the driver.
 WITH w AS (SELECT coalesce(%(cur)s::pg_snapshot, pg_current_snapshot()) AS cur)
 SELECT w.cur::text, q.xid::text, q.id, q.schema_name, q.table_name, q.op,
-       q.old_row::text, q.new_row::text
+       q.old_row::text, q.new_row::text,
+       -- How old the writing transaction is (by the server's clock): for the lag metric.
+       extract(epoch FROM now() - q.enqueued_at)::float8
 FROM w LEFT JOIN LATERAL (
     -- Transactions that were still running when the last snapshot was taken.
     -- (The position is a filter here, not an index bound: these rows are few.)

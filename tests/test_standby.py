@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,66 @@ def test_second_listener_waits_then_takes_over(own_env: Env, tmp_path: Path) -> 
         assert len(second.logged("standby")) == 1  # one line, not one per poll
         second.signal(signal.SIGTERM)
         assert second.wait() == 0
+    finally:
+        first.kill()
+        second.kill()
+
+
+def listener_pids(env: Env) -> list[int]:
+    """The backends of the consuming listener: its session (trigger mode), or the
+    walsender and its side session (logical mode)."""
+    with env.connect() as conn:
+        rows = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'cdc-invalidator'"
+        ).fetchall()
+    return [pid for (pid,) in rows]
+
+
+@pytest.mark.parametrize("how", ["sigkill", "connection lost"])
+def test_a_listener_consumes_again_within_5_s_and_nothing_is_lost(
+    own_env: Env, tmp_path: Path, how: str
+) -> None:
+    """Two listeners, default poll interval; the active one dies or loses its
+    connection while changes keep coming. Within 5 s one of them consumes again, and
+    every change's keys are deleted."""
+    n = 200
+    config = setup_users(own_env, rows=n, poll_interval_ms=1000)
+    r = own_env.redis()
+    cache(r, range(1, n + 1))
+    first = ListenerProcess(config, tmp_path / "first.log").start()
+    wait_until(lambda: holding(own_env), what="the first listener holding the source")
+    second = ListenerProcess(config, tmp_path / "second.log").start()
+    try:
+        wait_until(lambda: second.logged("standby"), what="the second listener in standby")
+        own_env.sql("UPDATE users SET email = 'a' || id || '@y' WHERE id <= 50")
+        wait_until(
+            lambda: r.exists(*[k for i in range(1, 51) for k in keys_of(i)]) == 0,
+            what="the first batch deleted",
+        )
+        if how == "sigkill":
+            first.signal(signal.SIGKILL)
+            first.wait()
+        else:
+            own_env.sql(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name = 'cdc-invalidator' AND pid = ANY(%s)",
+                [listener_pids(own_env)],
+            )
+        lost_at = time.monotonic()
+        # Changes during the handover, one transaction each.
+        for i in range(51, n + 1, 10):
+            own_env.sql(
+                f"UPDATE users SET email = 'b' || id || '@y' WHERE id BETWEEN {i} AND {i + 9}"
+            )
+        wait_until(lambda: holding(own_env), what="a listener consuming again")
+        wait_until(
+            lambda: r.exists(*[k for i in range(51, n + 1) for k in keys_of(i)]) == 0,
+            what="every change of the handover deleted",
+        )
+        took_s = time.monotonic() - lost_at
+        assert took_s < 5.0, f"{how}: consuming again after {took_s:.2f} s"
+        if how == "sigkill":
+            assert second.logged("active"), "the standby took over"
     finally:
         first.kill()
         second.kill()

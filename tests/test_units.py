@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import random
+import re
 import select
+from pathlib import Path
 
 import pytest
+from prometheus_client import generate_latest
 
 from cdc_invalidator.backoff import Backoff
 from cdc_invalidator.durations import format_duration, parse_duration
+from cdc_invalidator.metrics import Metrics
 from cdc_invalidator.redact import Scrubber, redact_url, secrets_of
 from cdc_invalidator.shutdown import Stopper
 
@@ -97,3 +102,35 @@ def test_a_bad_duration_says_how_to_write_one(text: str) -> None:
 @pytest.mark.parametrize(("seconds", "text"), [(0.5, "0.5s"), (90, "1m30s"), (5400, "1h30m")])
 def test_durations_format(seconds: float, text: str) -> None:
     assert format_duration(seconds) == text
+
+
+# --- the Grafana dashboard ----------------------------------------------------------
+
+# Read from the database at scrape time (asserted by the tests above, per mode).
+DATABASE_METRICS = {
+    "cdc_invalidator_status_up",
+    "cdc_invalidator_backlog_events",
+    "cdc_invalidator_oldest_pending_seconds",
+    "cdc_invalidator_notify_queue_usage",
+    "cdc_invalidator_dead_letters_stored",
+    "cdc_invalidator_slot_lag_bytes",
+    "cdc_invalidator_slot_active",
+    "cdc_invalidator_slot_safe_wal_bytes",
+}
+
+
+def test_the_grafana_dashboard_uses_only_metrics_that_exist() -> None:
+    dashboard = json.loads(
+        (Path(__file__).parent.parent / "deploy" / "grafana" / "cdc-invalidator.json").read_text()
+    )
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {
+        re.sub(r"_(bucket|count|sum)$", "", n)
+        for e in exprs
+        for n in re.findall(r"cdc_invalidator_\w+", e)
+    }
+    exposed = set(re.findall(r"^# TYPE (\w+) ", generate_latest(Metrics().registry).decode(), re.M))
+    # Counters are exposed as name_total; the dashboard uses the samples' names.
+    samples = exposed | {f"{n}_total" for n in exposed} | DATABASE_METRICS
+    assert used - samples == set()
+    assert len(used) >= 10

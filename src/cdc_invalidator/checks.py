@@ -7,14 +7,19 @@ from typing import Any
 
 import psycopg
 import redis
+from redis.cluster import RedisCluster
+from redis.exceptions import RedisClusterException
 
 from cdc_invalidator import sqlfiles
+from cdc_invalidator.capture.errors import Fatal
 from cdc_invalidator.capture.trigger_sql import SCHEMA_VERSION, installed_version
 from cdc_invalidator.durations import format_duration
 from cdc_invalidator.events import TableName
 from cdc_invalidator.redact import redact_url
 from cdc_invalidator.replay import MARGIN_S, persistence_window
 from cdc_invalidator.settings import Settings
+from cdc_invalidator.sink import AutoSink
+from cdc_invalidator.sink.cluster_sink import primaries
 
 
 @dataclass(slots=True)
@@ -184,7 +189,8 @@ def _check_logical_server(
     if not can_replicate:
         report.errors.append(
             f"role {user!r} lacks the REPLICATION attribute the listener needs to stream "
-            f"(ALTER ROLE {user} REPLICATION), or use a role that has it"
+            f"(ALTER ROLE {user} REPLICATION; on Amazon RDS: GRANT rds_replication TO {user}), "
+            "or use a role that has it"
         )
     if not publication_exists:
         report.errors.append(
@@ -230,19 +236,28 @@ def _check_logical_server(
         report.warnings.append(f"a sweep of every watched table is owed: {owed}")
 
 
-def check_redis(client: redis.Redis, url: str, settings: Settings) -> Report:
+def check_redis(sink: AutoSink, url: str, settings: Settings) -> Report:
+    """Reachable; for a cluster, every primary (the listener talks to each)."""
     report = Report()
     try:
-        client.ping()
-    except redis.RedisError as exc:
+        client = sink.client
+        if isinstance(client, RedisCluster):
+            nodes = primaries(client)
+            for node in nodes:
+                client.get_redis_connection(node).ping()
+            what = f"reachable, a Redis Cluster of {len(nodes)} primaries, each reachable"
+        else:
+            client.ping()
+            what = "reachable"
+    except (redis.RedisError, RedisClusterException, Fatal) as exc:
         report.errors.append(f"redis at {redact_url(url)}: {exc}")
         return report
-    report.ok.append(f"redis at {redact_url(url)}: reachable")
+    report.ok.append(f"redis at {redact_url(url)}: {what}")
     _check_replay(client, settings, report)
     return report
 
 
-def _check_replay(client: redis.Redis, settings: Settings, report: Report) -> None:
+def _check_replay(client: redis.Redis | RedisCluster, settings: Settings, report: Report) -> None:
     """What a restart of this Redis could bring back, and whether history covers it."""
     if settings.replay_window == 0:
         report.warnings.append(

@@ -7,6 +7,7 @@ database refused); 2 the configuration or the command line is wrong.
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import os
 import sys
@@ -15,20 +16,23 @@ from typing import Any
 
 import psycopg
 import structlog
+from psycopg.conninfo import conninfo_to_dict
 
 from cdc_invalidator import __version__, logs
 from cdc_invalidator.capture import logical_sql, trigger_sql
-from cdc_invalidator.capture.errors import Fatal, NotInstalled
+from cdc_invalidator.capture.errors import Fatal, NotInstalled, missing_privilege
 from cdc_invalidator.checks import check_database, check_redis
 from cdc_invalidator.database import DatabaseError, connect
 from cdc_invalidator.durations import format_duration, parse_duration
 from cdc_invalidator.install import SlotStepFailed, install, install_script
-from cdc_invalidator.listener import build_listener
+from cdc_invalidator.listener import build_listener, pg_connector
+from cdc_invalidator.metrics import BacklogCollector, Metrics
+from cdc_invalidator.probes import ProbeServer
 from cdc_invalidator.redact import Scrubber, redact_url, secrets_of
 from cdc_invalidator.replay import replay
 from cdc_invalidator.settings import CONFIG_ENV, ConfigError, Settings, load_settings
 from cdc_invalidator.shutdown import Stopper
-from cdc_invalidator.sink import RedisSink
+from cdc_invalidator.sink import open_sink
 from cdc_invalidator.sink.connect import RedisOptions
 from cdc_invalidator.sink.redis_sink import REDIS_UNAVAILABLE
 from cdc_invalidator.status import (
@@ -45,6 +49,10 @@ EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     command: Callable[[argparse.Namespace], int] = args.func
+    if args.command not in ("run", "demo"):
+        # One-shot commands print their result on stdout: library log lines (a warning
+        # at most) go to stderr.
+        logs.configure("warning", "console", stream=sys.stderr)
     try:
         return command(args)
     except ConfigError as exc:
@@ -52,6 +60,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     except DatabaseError as exc:
         _error(str(exc))
+        return EXIT_FAILED
+    except psycopg.errors.InsufficientPrivilege as exc:
+        _error(
+            f"{_pg_message(exc)}: `status`, `check` and `replay` need what "
+            "cdc_invalidator.grant_listener() grants the listener's role (docs/DBA.md)"
+        )
         return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_FAILED
@@ -169,7 +183,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     config_name = str(args.config or "configuration")
     with connect(settings) as conn:
         report = check_database(conn, settings, config_name)
-    sink = RedisSink.from_options(RedisOptions.from_settings(settings))
+    sink = open_sink(RedisOptions.from_settings(settings))
     try:
         where = settings.redis_url
         if settings.redis_sentinels:
@@ -177,7 +191,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                 f"{settings.redis_url} (master {settings.redis_sentinel_master!r} "
                 f"named by sentinels {', '.join(settings.redis_sentinels)})"
             )
-        redis_report = check_redis(sink.client, where, settings)
+        redis_report = check_redis(sink, where, settings)
     finally:
         sink.close()
     for line in report.ok + redis_report.ok:
@@ -227,7 +241,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             "(replay_history): keys invalidated before that are not replayed",
             file=sys.stderr,
         )
-    sink = RedisSink.from_options(
+    sink = open_sink(
         RedisOptions.from_settings(settings),
         unlink_chunk=settings.unlink_chunk,
         scan_count=settings.scan_count,
@@ -276,7 +290,33 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     stopper = Stopper()
     stopper.install_signal_handlers()
-    runner, sink = build_listener(settings, stopper)
+    metrics = Metrics()
+    runner, sink = build_listener(settings, stopper, metrics)
+    probes: ProbeServer | None = None
+    backlog: BacklogCollector | None = None
+    if settings.metrics_port:
+        backlog = BacklogCollector(
+            pg_connector(settings, "metrics"), settings.capture, settings.slot_name
+        )
+        metrics.watch_database(backlog)
+        # A stuck loop: no turn for this long (longer than any wait or back-off).
+        stall_s = max(60.0, 3 * settings.retry_max_ms / 1000, 3 * settings.poll_interval_ms / 1000)
+        try:
+            probes = ProbeServer(
+                settings.metrics_address,
+                settings.metrics_port,
+                metrics,
+                lambda: runner.health(stall_s, settings.ready_max_lag_s),
+            ).start()
+        except OSError as exc:
+            log.error(
+                "probes_failed",
+                error=f"cannot listen on {settings.metrics_address}:{settings.metrics_port}: "
+                f"{exc.strerror}",
+            )
+            sink.close()
+            stopper.close()
+            return EXIT_FAILED
     try:
         runner.run()
     except NotInstalled as exc:
@@ -285,7 +325,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     except Fatal as exc:
         log.error("cannot_consume", error=str(exc))
         return EXIT_FAILED
+    except psycopg.errors.InsufficientPrivilege as exc:
+        # Refused after the start (a grant revoked meanwhile): a person must act too.
+        user = conninfo_to_dict(settings.database_url).get("user") or os.environ.get(
+            "PGUSER", getpass.getuser()
+        )
+        log.error("cannot_consume", error=str(missing_privilege(str(user), settings.capture, exc)))
+        return EXIT_FAILED
     finally:
+        if probes is not None:
+            probes.close()
+        if backlog is not None:
+            backlog.close()
         sink.close()
         stopper.close()
     return EXIT_OK

@@ -43,7 +43,7 @@ from cdc_invalidator.servers import (
 )
 from cdc_invalidator.settings import ConfigError, Settings, load_settings
 from cdc_invalidator.shutdown import Stopper
-from cdc_invalidator.sink import RedisSink
+from cdc_invalidator.sink import AutoSink
 
 _T = TypeVar("_T")
 
@@ -304,7 +304,7 @@ class Demo:
         self.redis: RedisServer | None = None
         self.workdir: Path | None = None
         self.stopper: Stopper | None = None
-        self.sink: RedisSink | None = None
+        self.sink: AutoSink | None = None
         self.runner: Runner | None = None
         self.listener: threading.Thread | None = None
         self.listener_error: BaseException | None = None

@@ -9,11 +9,12 @@ import psycopg
 
 from cdc_invalidator.capture.logical import LogicalCapture, LogicalConfig
 from cdc_invalidator.capture.trigger_queue import TriggerCapture
+from cdc_invalidator.metrics import Metrics
 from cdc_invalidator.replay import RedisWatch
 from cdc_invalidator.runner import Runner, RunnerConfig, Source
 from cdc_invalidator.settings import Settings
 from cdc_invalidator.shutdown import Stopper
-from cdc_invalidator.sink import RedisSink
+from cdc_invalidator.sink import AutoSink, open_sink
 from cdc_invalidator.sink.connect import RedisOptions
 
 
@@ -28,9 +29,27 @@ def runner_config(settings: Settings) -> RunnerConfig:
     )
 
 
-def build_listener(settings: Settings, stopper: Stopper) -> tuple[Runner, RedisSink]:
-    """The runner and the Redis sink it writes to (the caller closes the sink)."""
-    sink = RedisSink.from_options(
+def pg_connector(settings: Settings, role: str = "") -> Callable[[], psycopg.Connection[Any]]:
+    """Short-lived side connections (replay, metrics), named after the listener."""
+    name = f"{settings.application_name}-{role}" if role else settings.application_name
+
+    def connect() -> psycopg.Connection[Any]:
+        return psycopg.connect(
+            settings.database_url,
+            autocommit=True,
+            application_name=name,
+            connect_timeout=max(1, round(settings.connect_timeout_s)),
+        )
+
+    return connect
+
+
+def build_listener(
+    settings: Settings, stopper: Stopper, metrics: Metrics | None = None
+) -> tuple[Runner, AutoSink]:
+    """The runner and the Redis sink it writes to (the caller closes the sink); whether
+    Redis is one server or a cluster is found out at first use."""
+    sink = open_sink(
         RedisOptions.from_settings(settings),
         unlink_chunk=settings.unlink_chunk,
         scan_count=settings.scan_count,
@@ -61,19 +80,11 @@ def build_listener(settings: Settings, stopper: Stopper) -> tuple[Runner, RedisS
             history_s=settings.history_s,
         ).connect
 
-    def connect_pg() -> psycopg.Connection[Any]:
-        return psycopg.connect(
-            settings.database_url,
-            autocommit=True,
-            application_name=settings.application_name,
-            connect_timeout=max(1, round(settings.connect_timeout_s)),
-        )
-
     watch = RedisWatch(
         sink=sink,
         mapper=mapper,
         capture=settings.capture,
-        connect=connect_pg,
+        connect=pg_connector(settings),
         window_s=settings.replay_window,
         check_every_s=settings.redis_check_interval_ms / 1000,
     )
@@ -84,5 +95,6 @@ def build_listener(settings: Settings, stopper: Stopper) -> tuple[Runner, RedisS
         config=runner_config(settings),
         stopper=stopper,
         watch=watch,
+        metrics=metrics,
     )
     return runner, sink

@@ -23,12 +23,14 @@ from typing import Any, Literal
 import psycopg
 import redis
 import structlog
+from redis.cluster import RedisCluster
 
 from cdc_invalidator import sqlfiles
 from cdc_invalidator.durations import format_duration
 from cdc_invalidator.events import ChangeEvent, Op, TableName
 from cdc_invalidator.mapping import Mapper
-from cdc_invalidator.sink.redis_sink import RedisSink
+from cdc_invalidator.sink.auto import Sink
+from cdc_invalidator.sink.cluster_sink import primaries
 
 log = structlog.get_logger("cdc_invalidator.replay")
 
@@ -97,7 +99,7 @@ def replay(
     conn: psycopg.Connection[Any],
     capture: Literal["trigger", "logical"],
     mapper: Mapper,
-    sink: RedisSink,
+    sink: Sink,
     since_s: float,
 ) -> ReplayResult:
     """Delete the keys of every event invalidated in the last `since_s` seconds."""
@@ -112,8 +114,12 @@ def replay(
     return ReplayResult(events, keys, existed, skipped, time.monotonic() - started)
 
 
-def persistence_window(client: redis.Redis) -> tuple[float, str]:
-    """How far back a restart of this server can take its data, and why we think so."""
+def persistence_window(client: redis.Redis | RedisCluster) -> tuple[float, str]:
+    """How far back a restart of this server can take its data, and why we think so.
+    A cluster: the longest of its primaries' (each restarts from its own files)."""
+    if isinstance(client, RedisCluster):
+        nodes = [client.get_redis_connection(node) for node in primaries(client)]
+        return max((persistence_window(node) for node in nodes), key=lambda w: w[0])
     try:
         config: dict[str, str] = {}
         for name in ("appendonly", "appendfsync", "save"):
@@ -174,7 +180,7 @@ class RedisWatch:
     def __init__(
         self,
         *,
-        sink: RedisSink,
+        sink: Sink,
         mapper: Mapper,
         capture: Literal["trigger", "logical"],
         connect: Callable[[], psycopg.Connection[Any]],
@@ -188,19 +194,22 @@ class RedisWatch:
         self._window_s = window_s
         self._check_every_s = check_every_s
         self._known: str | None = None
+        self._announced: str | None = None  # the identity a replay was logged for
         self._known_at = 0.0  # monotonic time the known identity was last confirmed
         self._next_check = 0.0
 
-    def check(self, force: bool = False) -> None:
-        """Raises what Redis or PostgreSQL raise: the runner retries."""
+    def check(self, force: bool = False) -> ReplayResult | None:
+        """The replay done, if one was. Raises what Redis or PostgreSQL raise: the runner
+        retries."""
         now = time.monotonic()
         if not force and now < self._next_check:
-            return
+            return None
         identity = self._sink.identity()
         self._next_check = time.monotonic() + self._check_every_s
         if identity == self._known:
             self._known_at = now
-            return
+            return None
+        result = None
         with self._connect() as conn:
             store = IdentityStore(conn)
             saved = store.load()
@@ -212,30 +221,33 @@ class RedisWatch:
                 # Last seen: the in-memory confirmation, or (a listener restarted while
                 # Redis changed) when the old identity was saved.
                 gone_s = now - self._known_at if self._known is not None else saved[1]
-                self._replay(conn, saved[0], identity, gone_s)
+                result = self._replay(conn, saved[0], identity, gone_s)
                 store.save(identity)
         self._known, self._known_at = identity, now
+        return result
 
     def _replay(
         self, conn: psycopg.Connection[Any], previous: str, current: str, gone_s: float
-    ) -> None:
+    ) -> ReplayResult | None:
         if self._window_s == 0:
             log.warning("redis_changed", previous=previous, current=current, replay="off")
-            return
+            return None
         if self._window_s is None:
             lost_s, why = persistence_window(self._sink.client)
         else:
             lost_s, why = self._window_s, "replay_window"
         since_s = gone_s + lost_s + MARGIN_S
-        log.warning(
-            "redis_changed",
-            previous=previous,
-            current=current,
-            replay_since_s=round(since_s, 1),
-            window=why,
-            detail="Redis restarted or failed over: deleting again every key invalidated "
-            "since before the old server was last seen",
-        )
+        if self._announced != current:  # once, not on every retry of a failed replay
+            self._announced = current
+            log.warning(
+                "redis_changed",
+                previous=previous,
+                current=current,
+                replay_since_s=round(since_s, 1),
+                window=why,
+                detail="Redis restarted or failed over: deleting again every key invalidated "
+                "since before the old server was last seen",
+            )
         result = replay(conn, self._capture, self._mapper, self._sink, since_s)
         log.info(
             "replay_done",
@@ -245,3 +257,4 @@ class RedisWatch:
             skipped=result.skipped,
             duration_s=round(result.seconds, 3),
         )
+        return result

@@ -22,9 +22,11 @@ from cdc_invalidator.backoff import Backoff
 from cdc_invalidator.capture.errors import Fatal, Standby
 from cdc_invalidator.events import ChangeEvent
 from cdc_invalidator.mapping import Mapper, Routed, merge
+from cdc_invalidator.metrics import Metrics
 from cdc_invalidator.replay import RedisWatch
 from cdc_invalidator.shutdown import Stopper
-from cdc_invalidator.sink.redis_sink import REDIS_UNAVAILABLE, RedisSink
+from cdc_invalidator.sink.auto import Sink
+from cdc_invalidator.sink.redis_sink import REDIS_UNAVAILABLE
 
 log = structlog.get_logger("cdc_invalidator.runner")
 
@@ -46,6 +48,10 @@ class Batch(Protocol):
     def events(self) -> list[ChangeEvent]: ...
     @property
     def dead(self) -> dict[int, str]: ...
+    @property
+    def txn_ages(self) -> list[float]: ...
+    @property
+    def read_at(self) -> float: ...
     def dead_letter(self, position: int, error: str) -> None: ...
 
 
@@ -72,23 +78,38 @@ class RunnerConfig:
 class Availability:
     """Logs one line when a dependency goes away and one when it is back, not per retry."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, metrics: Metrics) -> None:
         self.name = name
         self.available: bool | None = None
         self._down_since = 0.0
         self.failures = 0
+        self._errors = metrics.errors.labels(name)
+        self._reconnects = metrics.reconnects.labels(name)
+        self._up = metrics.up.labels(name)
 
     def up(self) -> None:
         if self.available is False:
             log.info(f"{self.name}_available", down_s=round(time.monotonic() - self._down_since, 3))
+            self._reconnects.inc()
+        if self.available is not True:
+            self._up.set(1)
         self.available = True
 
     def down(self, exc: BaseException) -> None:
         self.failures += 1
+        self._errors.inc()
         if self.available is not False:
             self._down_since = time.monotonic()
             log.warning(f"{self.name}_unavailable", error=f"{type(exc).__name__}: {exc}")
+            self._up.set(0)
         self.available = False
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    alive: bool  # the loop turns
+    ready: bool  # both stores answer, and not behind by more than allowed
+    detail: dict[str, object]
 
 
 class Runner:
@@ -97,10 +118,11 @@ class Runner:
         *,
         connect: Callable[[], Source],
         mapper: Mapper,
-        sink: RedisSink,
+        sink: Sink,
         config: RunnerConfig,
         stopper: Stopper,
         watch: RedisWatch | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._connect = connect
         self._mapper = mapper
@@ -110,8 +132,14 @@ class Runner:
         self._watch = watch
         # Second deletes (second_delete_ms): (when, what), in the order they fall due.
         self._later: deque[tuple[float, Routed]] = deque()
-        self.postgres = Availability("postgres")
-        self.redis = Availability("redis")
+        self.metrics = metrics or Metrics()
+        self.postgres = Availability("postgres", self.metrics)
+        self.redis = Availability("redis", self.metrics)
+        # For /healthz and /readyz: when the loop last turned (time.monotonic()), whether
+        # this listener consumes, and how far behind the last transaction it finished was.
+        self.turned_at = time.monotonic()
+        self.active = False
+        self.behind_s = 0.0
         self.events_processed = 0
         self.keys_deleted = 0
         self.keys_deleted_again = 0  # by second deletes: stale sets they undid
@@ -124,15 +152,18 @@ class Runner:
         log.info("listener_started", tables=sorted(str(t) for t in self._mapper.tables))
         standby = False
         while not self._stopper.stopped:
+            self.turned_at = time.monotonic()
             try:
                 source = self._connect()
             except Fatal:
                 raise
             except Standby as exc:
                 # Another listener is active: a hot standby, polling for its turn.
+                self.postgres.up()  # it answered
                 if not standby:
                     log.info("standby", reason=str(exc))
                     standby = True
+                    self._set_active(False)
                 self._stopper.sleep(cfg.poll_interval_s)
                 continue
             except psycopg.OperationalError as exc:
@@ -144,6 +175,7 @@ class Runner:
             if standby:
                 log.info("active")
                 standby = False
+            self._set_active(True)
             try:
                 self._consume(source)
             except psycopg.OperationalError as exc:
@@ -152,6 +184,7 @@ class Runner:
                 self.postgres.down(exc)
                 self._stopper.sleep(backoff.next_delay())
             finally:
+                self._set_active(False)
                 source.close()
         self._second_deletes(until=float("inf"))
         log.info("listener_stopped", **self._counters())
@@ -170,20 +203,31 @@ class Runner:
         next_progress = time.monotonic() + PROGRESS_EVERY_S
         listening = True
         redis_back = True  # ask Redis who it is before the first batch, and after outages
+        # Redis answers INFO but refused our last deletes (READONLY, NOREPLICAS, MISCONF):
+        # only a batch that goes through makes it available again.
+        writes_refused = False
         while not self._stopper.stopped:
-            started = time.monotonic()
+            started = self.turned_at = time.monotonic()
+            deleting = False
             try:
                 if self._watch is not None:
-                    self._watch.check(force=redis_back)
+                    if replayed := self._watch.check(force=redis_back):
+                        self.metrics.replays.inc()
+                        self.metrics.replayed_keys.inc(replayed.existed)
+                    if not writes_refused:
+                        self.redis.up()  # it answered (or did, less than a check ago)
                 redis_back = False
+                deleting = True
                 self._second_deletes(until=started)
                 taken = self._process_batch(source)
             except REDIS_UNAVAILABLE as exc:
                 self.redis.down(exc)
                 redis_back = True
+                writes_refused = deleting
                 self._stopper.sleep(backoff.next_delay())
                 continue
             if taken:
+                writes_refused = False
                 self.redis.up()
                 backoff.reset()
                 source.maintain()
@@ -219,6 +263,8 @@ class Runner:
     def _process_batch(self, source: Source) -> int:
         with source.batch(self._config.batch_size) as batch:
             if not batch.size:
+                if not batch.txn_ages:
+                    self.behind_s = 0.0  # caught up
                 return 0
             works, failed = self._mapper.map_all(batch.events)
             for event, exc in failed:
@@ -232,6 +278,7 @@ class Runner:
         self.events_processed += batch.size
         self.keys_deleted += deleted
         self.dead_letters += len(batch.dead)
+        self._observe(batch, deleted)
         log.debug(
             "batch_processed",
             events=batch.size,
@@ -264,3 +311,44 @@ class Runner:
             else:
                 self.keys_deleted_again += self._sink.delete_routed(work)
             later.popleft()
+
+    def _observe(self, batch: Batch, deleted: int) -> None:
+        m = self.metrics
+        m.batches.inc()
+        m.events.inc(batch.size)
+        m.keys_deleted.inc(deleted)
+        if batch.dead:
+            m.dead_letters.inc(len(batch.dead))
+        if batch.txn_ages:
+            since_read = time.monotonic() - batch.read_at
+            for age in batch.txn_ages:
+                m.lag.observe(age + since_read)
+            # The newest transaction done: how far behind the listener is now.
+            self.behind_s = min(batch.txn_ages) + since_read
+
+    def _set_active(self, active: bool) -> None:
+        self.active = active
+        self.metrics.active.set(1 if active else 0)
+
+    def health(self, stall_s: float, max_lag_s: float) -> Health:
+        """/healthz: the loop turned within stall_s. /readyz: besides, PostgreSQL answers,
+        and an active listener has Redis and is at most max_lag_s behind. (A standby is
+        ready: it is what takes over.)"""
+        loop_age = time.monotonic() - self.turned_at
+        alive = loop_age <= stall_s
+        postgres, redis_ok = bool(self.postgres.available), bool(self.redis.available)
+        ready = alive and postgres
+        if self.active:
+            ready = ready and redis_ok and self.behind_s <= max_lag_s
+        return Health(
+            alive,
+            ready,
+            {
+                "role": "active" if self.active else "standby",
+                "loop_age_s": round(loop_age, 3),
+                "postgres": postgres,
+                "redis": redis_ok,
+                "behind_s": round(self.behind_s, 3),
+                "max_lag_s": max_lag_s,
+            },
+        )

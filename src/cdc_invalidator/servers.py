@@ -67,6 +67,15 @@ def find_redis_server() -> str:
     return found
 
 
+def find_redis_cli() -> str:
+    found = shutil.which("redis-cli") or (
+        "/usr/bin/redis-cli" if Path("/usr/bin/redis-cli").exists() else None
+    )
+    if not found:
+        raise ServerError("redis-cli not found: install the redis-tools package")
+    return found
+
+
 def _pg_user() -> str | None:
     """The user PostgreSQL must run as: `postgres` when we are root, else ourselves."""
     if os.geteuid() != 0:
@@ -373,3 +382,87 @@ class RedisServer(_Server):
     def destroy(self) -> None:
         self.kill()
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class RedisClusterServer(_Server):
+    """A Redis Cluster of `masters` redis-server processes (no replicas), each a
+    RedisServer with cluster mode on; `redis-cli --cluster create` assigns the slots."""
+
+    def __init__(self, nodes: list[RedisServer], cli: str) -> None:
+        self.nodes = nodes
+        self.cli = cli
+
+    @classmethod
+    def create(cls, masters: int = 3, node_timeout_ms: int = 2000) -> Self:
+        cli = find_redis_cli()
+        args = [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",  # in the node's own --dir
+            "--cluster-node-timeout",
+            str(node_timeout_ms),
+        ]
+        # The bus port defaults to port + 10000, which a free port above 55535 cannot
+        # have: give each node a free one of its own.
+        nodes = [
+            RedisServer.create([*args, "--cluster-port", str(free_port())]) for _ in range(masters)
+        ]
+        return cls(nodes, cli)
+
+    @property
+    def url(self) -> str:
+        """The first node: a client discovers the others from it."""
+        return self.nodes[0].url
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        for node in self.nodes:
+            node.start()
+        result = subprocess.run(
+            [
+                self.cli,
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{node.port}" for node in self.nodes),
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise ServerError(f"redis-cli --cluster create failed: {result.stdout[-2000:]}")
+        self.wait_ok(timeout_s)
+
+    def wait_ok(self, timeout_s: float = 30.0) -> None:
+        """Until every node says cluster_state:ok and knows every other node."""
+        deadline = time.monotonic() + timeout_s
+        for node in self.nodes:
+            client = node.client()
+            try:
+                while True:
+                    try:
+                        info = client.cluster("info")
+                    except redis.ConnectionError:
+                        info = {}
+                    if info.get("cluster_state") == "ok" and int(
+                        info.get("cluster_known_nodes", 0)
+                    ) == len(self.nodes):
+                        break
+                    if time.monotonic() > deadline:
+                        raise ServerError(f"cluster not ok on port {node.port}: {info}")
+                    time.sleep(0.02)
+            finally:
+                client.close()
+
+    def restart_node(self, index: int) -> None:
+        """Stop one node and start it again (same port, same nodes.conf: same slots)."""
+        self.nodes[index].restart()
+        self.wait_ok()
+
+    def destroy(self) -> None:
+        for node in self.nodes:
+            node.destroy()

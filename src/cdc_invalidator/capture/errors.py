@@ -14,3 +14,12 @@ class NotInstalled(Fatal):
 
 class Standby(Exception):
     """Another listener holds the source (queue lock, replication slot); wait a turn."""
+
+
+def missing_privilege(user: str, capture: str, error: object) -> Fatal:
+    """A privilege on our objects refused: the DBA grants it, once (docs/DBA.md)."""
+    return Fatal(
+        f"role {user!r} lacks a privilege the listener needs ({error}): as the role that "
+        f"installed cdc_invalidator, run SELECT cdc_invalidator.grant_listener({user!r}, "
+        f"{capture!r}), or run the listener as that role"
+    )

@@ -29,7 +29,8 @@ import psycopg
 import structlog
 
 from cdc_invalidator import sqlfiles
-from cdc_invalidator.capture.errors import Fatal, NotInstalled, Standby
+from cdc_invalidator.capture import keepalive
+from cdc_invalidator.capture.errors import Fatal, NotInstalled, Standby, missing_privilege
 from cdc_invalidator.capture.pgoutput import Begin, Commit, Decoder, Relation, Undecodable
 from cdc_invalidator.capture.trigger_sql import require_installed
 from cdc_invalidator.capture.walstream import (
@@ -64,6 +65,10 @@ class LogicalBatch:
     undecodable: dict[int, ChangeEvent] = field(default_factory=dict)  # what is known of them
     # (first position, xid, commit LSN) of each transaction the batch holds events of.
     transactions: list[tuple[int, int, int]] = field(default_factory=list)
+    # How old each transaction whose Commit the batch read was then (seconds), and when
+    # (time.monotonic()): the commit-to-delete lag, once acknowledged.
+    txn_ages: list[float] = field(default_factory=list)
+    read_at: float = 0.0
     ack_lsn: int = 0  # confirmed once the batch is acknowledged
     event_commit: int = 0  # end of the last transaction with events that the batch ends
     resync: bool = False  # the sweep owed after missed changes
@@ -102,7 +107,7 @@ class LogicalCapture:
 
     def connect(self) -> LogicalStream:
         side = psycopg.connect(
-            self._database_url,
+            keepalive.conninfo(self._database_url),
             autocommit=True,
             application_name=self._application_name,
             connect_timeout=self._connect_timeout,
@@ -117,19 +122,14 @@ class LogicalCapture:
                         "it REPLICATION (ALTER ROLE ... REPLICATION) or run the listener as a "
                         "role that has it"
                     ) from None
-                raise Fatal(
-                    f"role {side.info.user!r} lacks a privilege the listener needs ({exc}): "
-                    "grant it USAGE on schema cdc_invalidator and write access to its tables "
-                    "and sequences, or run the listener as the role that installed it"
-                ) from None
+                raise missing_privilege(side.info.user, "logical", exc) from None
             try:
                 repl = psycopg.connect(
-                    self._database_url,
+                    keepalive.conninfo(self._database_url, RENDER_OPTIONS),
                     autocommit=True,
                     replication="database",
                     application_name=self._application_name,
                     connect_timeout=self._connect_timeout,
-                    options=RENDER_OPTIONS,
                 )
             except psycopg.OperationalError as exc:
                 _explain_refusal(side, exc)
@@ -157,6 +157,7 @@ class LogicalCapture:
         require_installed(side)
         # Our bookkeeping writes only re-deliver events if lost in a crash: no fsync wait.
         side.execute("SET synchronous_commit = off")
+        keepalive.set_server_side(side)
         published = side.execute(
             "SELECT to_regclass('cdc_invalidator.slot_state_v1') IS NOT NULL"
             " AND EXISTS (SELECT FROM pg_publication WHERE pubname = %s)",
@@ -227,6 +228,18 @@ class LogicalCapture:
         return acked, owed
 
 
+# 2000-01-01 00:00:00 UTC, PostgreSQL's epoch, in Unix time.
+PG_EPOCH = 946_684_800.0
+
+
+def _clock_offset(side: psycopg.Connection[Any]) -> float:
+    """The server's clock minus ours, to within half a round trip."""
+    before = time.time()
+    row = side.execute("SELECT extract(epoch FROM clock_timestamp())::float8").fetchone()
+    after = time.time()
+    return float(row[0]) - (before + after) / 2 if row else 0.0
+
+
 def _explain_refusal(side: psycopg.Connection[Any], exc: psycopg.OperationalError) -> None:
     """A replication connection refused to a role without REPLICATION is for good: say
     so (Fatal) instead of retrying forever. (Managed services may grant replication by
@@ -273,6 +286,8 @@ class LogicalStream:
         self._status_at = time.monotonic()
         self._heartbeat_at = time.monotonic()
         self._pruned_at = time.monotonic()
+        # The server's clock minus ours: commit times are the server's.
+        self._clock_offset_s = _clock_offset(side)
 
     # --- the runner's Source protocol ---------------------------------------------------
 
@@ -341,7 +356,7 @@ class LogicalStream:
     # --- reading ------------------------------------------------------------------------
 
     def _read(self, limit: int) -> LogicalBatch:
-        batch = LogicalBatch(size=0, events=[], ack_lsn=self._read_upto)
+        batch = LogicalBatch(size=0, events=[], ack_lsn=self._read_upto, read_at=time.monotonic())
         events, transactions = batch.events, batch.transactions
         decoder = self._decoder
         decode = decoder.decode
@@ -393,6 +408,10 @@ class LogicalStream:
         return batch
 
     def _commit(self, commit: Commit, batch: LogicalBatch, events: int) -> None:
+        if events:
+            # commit_time: microseconds since 2000-01-01 by the server's clock.
+            now = time.time() + self._clock_offset_s
+            batch.txn_ages.append(max(0.0, now - PG_EPOCH - commit.commit_time / 1e6))
         self._in_txn = None
         self._txn_events = 0
         self._read_upto = batch.ack_lsn = commit.end_lsn

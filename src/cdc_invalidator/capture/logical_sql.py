@@ -76,6 +76,8 @@ def install_script(
             sqlfiles.query("schema.sql"),
             sql.SQL("\n"),
             sqlfiles.query("logical.sql"),
+            sql.SQL("\n"),
+            sqlfiles.query("grants.sql"),
             *identities,
             sql.SQL("\n-- The publication the listener streams: exactly the configured tables.\n"),
             publish,

@@ -30,7 +30,8 @@ from psycopg import sql
 from psycopg.rows import tuple_row
 
 from cdc_invalidator import sqlfiles
-from cdc_invalidator.capture.errors import NotInstalled, Standby
+from cdc_invalidator.capture import keepalive
+from cdc_invalidator.capture.errors import Fatal, NotInstalled, Standby, missing_privilege
 from cdc_invalidator.capture.trigger_sql import CHANNEL, require_installed
 from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, Row, TableName
 
@@ -66,6 +67,10 @@ class QueueBatch:
     events: list[ChangeEvent]
     # Events that failed to decode or map, by queue id, with the reason.
     dead: dict[int, str] = field(default_factory=dict)
+    # How old each transaction of the batch was when it was read (seconds), and when
+    # (time.monotonic()): the commit-to-delete lag, once acknowledged.
+    txn_ages: list[float] = field(default_factory=list)
+    read_at: float = 0.0
 
     def dead_letter(self, position: int, error: str) -> None:
         self.dead[position] = error
@@ -142,13 +147,17 @@ class TriggerCapture:
 
     def connect(self) -> TriggerQueue:
         conn = psycopg.connect(
-            self._database_url,
+            keepalive.conninfo(self._database_url),
             autocommit=True,
             application_name=self._application_name,
             connect_timeout=max(1, round(self._connect_timeout_s)),
         )
         try:
             saved = _prepare(conn)
+        except psycopg.errors.InsufficientPrivilege as exc:
+            user = conn.info.user
+            conn.close()
+            raise missing_privilege(user, "trigger", exc) from None
         except BaseException:
             conn.close()
             raise
@@ -205,7 +214,12 @@ class TriggerQueue:
         window = window or Snapshot.parse(rows[0][0])
         if rows[0][2] is None:  # an empty window: one row of NULLs besides the snapshot
             rows = []
-        batch = QueueBatch(size=len(rows), events=[])
+        batch = QueueBatch(size=len(rows), events=[], read_at=time.monotonic())
+        last_xid = None
+        for row in rows:  # one age per transaction: rows come in xid order
+            if row[1] != last_xid:
+                last_xid = row[1]
+                batch.txn_ages.append(row[8])
         parsed = _parse_all(rows)
         for i, row in enumerate(rows):
             try:
@@ -321,7 +335,7 @@ class TriggerQueue:
 
     def _decode(self, row: tuple[Any, ...], parsed: list[object] | None, i: int) -> ChangeEvent:
         """A queue row as a ChangeEvent; InvalidEvent if a hand-written row is malformed."""
-        _cur, _xid, position, schema_name, table_name, op, old_text, new_text = row
+        _cur, _xid, position, schema_name, table_name, op, old_text, new_text, _age = row
         kind = _OPS.get(op)
         if kind is None:
             raise InvalidEvent(f"unknown operation {op!r}")
@@ -347,6 +361,7 @@ def _prepare(conn: psycopg.Connection[Any]) -> Progress:
     # deleted twice), so the listener does not wait for WAL fsync and takes no fsync
     # bandwidth from the writers.
     conn.execute("SET synchronous_commit = off")
+    keepalive.set_server_side(conn)
     # A window is read in (xid, id) order, a chunk at a time: that must be an ordered
     # index scan that stops after the chunk. A queue table's statistics are always out of
     # date, and with them the planner picks a bitmap scan that sorts the whole window
@@ -358,6 +373,15 @@ def _prepare(conn: psycopg.Connection[Any]) -> Progress:
     if row is None:
         raise NotInstalled("cdc_invalidator.listener_state_v1 is empty: run `install` again")
     done, window_end, after_xid, after_id = row
+    ahead = conn.execute(sqlfiles.query("progress_ahead.sql"), {"snapshot": done}).fetchone()
+    if ahead and ahead[0]:
+        raise Fatal(
+            f"the saved position ({done}) lies past this server's transaction ids (next "
+            f"{ahead[1]}): the database was restored from a dump into another cluster, or "
+            "copied there, and changes committed here would be skipped. Stop every listener, "
+            "run sql/reset_after_restore.sql as the installing role (docs/DBA.md, "
+            '"After restoring the database"), then start again'
+        )
     progress = Progress(Snapshot.parse(done))
     if window_end is not None:
         progress.window = Snapshot.parse(window_end)

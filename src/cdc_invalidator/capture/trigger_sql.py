@@ -42,7 +42,16 @@ def install_script(mapper: Mapper, publication: str | None = None) -> sql.Compos
         "\n-- Watch the configured tables: one trigger function each, copying only the\n"
         "-- columns the key templates use.\n"
     )
-    parts = [header, sqlfiles.query("schema.sql"), watch_header, *watches, sql.SQL("\n"), unwatch]
+    parts = [
+        header,
+        sqlfiles.query("schema.sql"),
+        sql.SQL("\n"),
+        sqlfiles.query("grants.sql"),
+        watch_header,
+        *watches,
+        sql.SQL("\n"),
+        unwatch,
+    ]
     if publication is not None:
         parts += [sql.SQL("\n"), _leave_logical(publication)]
     return sql.Composed(parts)

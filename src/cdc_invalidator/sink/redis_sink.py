@@ -18,10 +18,15 @@ from cdc_invalidator.sink.connect import MasterWatch, RedisOptions, other_db, re
 # rotated), a TLS handshake that failed, and Sentinel's MasterNotFoundError during a
 # failover; READONLY from a demoted master is a ResponseError (and, through Sentinel,
 # a ConnectionError that makes the next connection ask for the new master).
+# Redis Cluster: CLUSTERDOWN, TRYAGAIN, MOVED/ASK left over are ResponseErrors too;
+# ClusterError is redis-py giving up on redirections, RedisClusterException a slot table
+# it could not read or that does not cover every slot (a failover, a resharding).
 REDIS_UNAVAILABLE: tuple[type[Exception], ...] = (
     redis.ConnectionError,
     redis.TimeoutError,
     redis.ResponseError,
+    redis.exceptions.ClusterError,
+    redis.exceptions.RedisClusterException,
 )
 
 
@@ -107,16 +112,21 @@ class RedisSink:
         # Through Sentinel: ask who the master is now, so that a quiet listener notices
         # a failover (and replays) even while the old master is still up.
         self._follow_master()
-        pipe = self._client.pipeline(transaction=False)
-        pipe.info("server")
-        pipe.info("replication")
-        server, replication = pipe.execute()
-        return f"{server['run_id']}/{replication.get('master_replid', '')}"
+        return server_identity(self._client)
 
     def close(self) -> None:
         for sink in self._dbs.values():
             sink.close()
         self._client.close()
+
+
+def server_identity(client: redis.Redis) -> str:
+    """One server's `run_id/master_replid` (see RedisSink.identity)."""
+    pipe = client.pipeline(transaction=False)
+    pipe.info("server")
+    pipe.info("replication")
+    server, replication = pipe.execute()
+    return f"{server['run_id']}/{replication.get('master_replid', '')}"
 
 
 def _chunks(items: Iterable[str], size: int) -> Iterator[Sequence[str]]:

@@ -1,0 +1,98 @@
+-- The listener's role: least privilege (docs/DBA.md, "Privileges").
+--
+-- `install` runs as a role that may create the schema, triggers, the publication (the
+-- watched tables' owner, or a superuser). The listener need not: it runs well as a
+-- role that may only read and consume our queue (trigger mode) or stream the slot and
+-- keep its bookkeeping (logical mode), and read nothing of the application's tables.
+-- As the installing role (or a superuser), once per listener role and capture mode:
+--
+--   CREATE ROLE cdc_listener LOGIN PASSWORD '...';
+--   -- logical mode also: ALTER ROLE cdc_listener REPLICATION;
+--   --   (Amazon RDS / Aurora: GRANT rds_replication TO cdc_listener;
+--   --    Cloud SQL: ALTER USER ... WITH REPLICATION as cloudsqlsuperuser)
+--   SELECT cdc_invalidator.grant_listener('cdc_listener', 'trigger');  -- or 'logical'
+--
+-- Grants on our tables outlive running install again (nothing is re-created), but not
+-- uninstall: after uninstall and install, after switching capture modes, or after an
+-- upgrade to a new schema version, call it again.
+
+-- grant_listener(role, capture): give `role` exactly what `cdc-invalidator run` needs
+-- in capture mode `capture` ('trigger' or 'logical'), plus what the read-only commands
+-- `status`, `check` and `replay` read, and nothing else on our objects: whatever the
+-- role had on our tables and sequences is revoked first, so calling it again after a
+-- switch of modes leaves only the new mode's set. Needs no privilege on the watched
+-- tables: triggers (SECURITY DEFINER) write the queue, the WAL sender decodes.
+-- Things it does not grant, since they are not ours: CONNECT on the database (PUBLIC
+-- has it unless revoked: a NOTICE says when the role lacks it) and REPLICATION.
+-- SECURITY INVOKER: only the role that owns our objects (or a superuser) can grant on
+-- them, and only it may call this.
+CREATE OR REPLACE FUNCTION cdc_invalidator.grant_listener(listener regrole, capture text)
+RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $grant$
+DECLARE
+    grants text[];
+    g      text;
+BEGIN
+    IF listener = (SELECT nspowner FROM pg_namespace WHERE nspname = 'cdc_invalidator') THEN
+        -- Revoking first would take the owner's own privileges away.
+        RAISE EXCEPTION 'cdc_invalidator.grant_listener: role % owns cdc_invalidator and needs no grants',
+            listener USING ERRCODE = 'invalid_grant_operation';
+    END IF;
+    IF capture = 'trigger' THEN
+        grants := ARRAY[
+            -- the windows read, replay's history, status; processed rows pruned
+            'SELECT, DELETE ON TABLE cdc_invalidator.queue_v1',
+            -- its position: read at start, saved as it goes
+            'SELECT, UPDATE ON TABLE cdc_invalidator.listener_state_v1',
+            -- INSERT ... ON CONFLICT (id) DO UPDATE: a dead letter parked twice
+            'SELECT, INSERT, UPDATE ON TABLE cdc_invalidator.dead_letter_v1',
+            -- check: the columns each table's triggers copy
+            'SELECT ON TABLE cdc_invalidator.watched_v1'];
+    ELSIF capture = 'logical' THEN
+        IF to_regclass('cdc_invalidator.slot_state_v1') IS NULL THEN
+            RAISE EXCEPTION 'cdc_invalidator.grant_listener: logical capture is not installed here'
+                USING HINT = 'Run `cdc-invalidator install` with capture = "logical" first.',
+                      ERRCODE = 'object_not_in_prerequisite_state';
+        END IF;
+        grants := ARRAY[
+            -- the slot's saved position and a sweep owed (a row per slot, added on first use)
+            'SELECT, INSERT, UPDATE ON TABLE cdc_invalidator.slot_state_v1',
+            -- what was invalidated, for replay: written per batch, pruned, read back
+            'SELECT, INSERT, DELETE ON TABLE cdc_invalidator.history_v1',
+            'SELECT, INSERT ON TABLE cdc_invalidator.dead_letter_v1',
+            -- dead letters' negative ids (nextval)
+            'USAGE ON SEQUENCE cdc_invalidator.logical_dead_letter_v1'];
+    ELSE
+        RAISE EXCEPTION 'cdc_invalidator.grant_listener: capture must be ''trigger'' or ''logical'', not %',
+            quote_nullable(capture) USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- Both modes: the Redis server last written to, for replay after it changes.
+    grants := grants || 'SELECT, INSERT, UPDATE ON TABLE cdc_invalidator.redis_identity_v1'::text;
+
+    EXECUTE format('REVOKE ALL ON ALL TABLES IN SCHEMA cdc_invalidator FROM %s', listener);
+    EXECUTE format('REVOKE ALL ON ALL SEQUENCES IN SCHEMA cdc_invalidator FROM %s', listener);
+    EXECUTE format('GRANT USAGE ON SCHEMA cdc_invalidator TO %s', listener);
+    FOREACH g IN ARRAY grants LOOP
+        EXECUTE format('GRANT %s TO %s', g, listener);
+    END LOOP;
+    -- The version the listener checks at start (PUBLIC may call it too; said here so
+    -- that it stays true if a DBA revokes that).
+    EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.schema_version() TO %s', listener);
+
+    IF NOT has_database_privilege(listener, current_database(), 'CONNECT') THEN
+        RAISE NOTICE 'cdc_invalidator: role % may not connect to database %: GRANT CONNECT ON DATABASE % TO %',
+            listener, current_database(), quote_ident(current_database()), listener;
+    END IF;
+    IF capture = 'logical'
+       AND NOT (SELECT r.rolreplication OR r.rolsuper FROM pg_roles r WHERE r.oid = listener)
+       -- Amazon RDS and Aurora: membership in rds_replication stands for the attribute.
+       AND NOT EXISTS (SELECT FROM pg_roles r WHERE r.rolname = 'rds_replication'
+                       AND pg_has_role(listener, r.oid, 'MEMBER')) THEN
+        RAISE NOTICE 'cdc_invalidator: role % also needs REPLICATION to stream the slot: ALTER ROLE % REPLICATION (managed services: their replication role, e.g. GRANT rds_replication TO %)',
+            listener, listener, listener;
+    END IF;
+END
+$grant$;
+
+REVOKE ALL ON FUNCTION cdc_invalidator.grant_listener(regrole, text) FROM PUBLIC;

@@ -1,0 +1,136 @@
+"""Open the sink for the configured Redis: one server or a Redis Cluster, told by the
+server.
+
+`redis_url` may name any node of a cluster. At first use the sink asks that server
+`INFO cluster`; with `cluster_enabled:1` it becomes a ClusterSink (redis-py's
+RedisCluster discovers the other nodes from it), otherwise a RedisSink. The question is
+put at first use, not when the listener starts: Redis may be down then, and the runner
+retries with back-off as for any other Redis outage. Through Sentinel there is no
+cluster to detect: the sink is a RedisSink for the master the sentinels name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import Any, Protocol
+
+import redis
+import structlog
+from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
+from redis.connection import parse_url
+from redis.retry import Retry
+
+from cdc_invalidator.capture.errors import Fatal
+from cdc_invalidator.mapping import Invalidation, Routed
+from cdc_invalidator.sink.cluster_sink import ClusterSink, primaries
+from cdc_invalidator.sink.connect import RedisOptions, redis_client
+from cdc_invalidator.sink.redis_sink import RedisSink
+
+log = structlog.get_logger("cdc_invalidator.sink")
+
+
+class Sink(Protocol):
+    """What the runner and replay need from Redis (RedisSink, ClusterSink, AutoSink)."""
+
+    @property
+    def client(self) -> redis.Redis | RedisCluster: ...
+    def delete_routed(self, works: Routed) -> int: ...
+    def delete(self, work: Invalidation) -> int: ...
+    def unlink(self, keys: Collection[str]) -> int: ...
+    def sweep(self, pattern: str) -> int: ...
+    def identity(self) -> str: ...
+    def close(self) -> None: ...
+
+
+def open_sink(
+    options: RedisOptions | str, *, unlink_chunk: int = 500, scan_count: int = 1000
+) -> AutoSink:
+    """The sink for `options` (or a bare URL); nothing is connected until first use."""
+    if isinstance(options, str):
+        options = RedisOptions(options)
+    return AutoSink(options, unlink_chunk=unlink_chunk, scan_count=scan_count)
+
+
+def connect_sink(
+    options: RedisOptions | str, *, unlink_chunk: int = 500, scan_count: int = 1000
+) -> RedisSink | ClusterSink:
+    """Connect now and ask the server whether it is a cluster node."""
+    if isinstance(options, str):
+        options = RedisOptions(options)
+    client = redis_client(options)
+    if options.sentinels:
+        return RedisSink(client, unlink_chunk=unlink_chunk, scan_count=scan_count)
+    db = int(parse_url(options.url).get("db") or 0)  # type: ignore[no-untyped-call]
+    only_db0 = f"redis_url selects database {db}, but a Redis Cluster has only database 0"
+    try:
+        info: dict[str, Any] = client.info("cluster")
+    except BaseException as exc:
+        client.close()
+        # A cluster node refuses the SELECT that a database other than 0 sends first.
+        if db and isinstance(exc, redis.ResponseError) and "cluster mode" in str(exc):
+            raise Fatal(only_db0) from exc
+        raise
+    if not info.get("cluster_enabled"):
+        log.info("redis_connected", mode="single")
+        return RedisSink(client, unlink_chunk=unlink_chunk, scan_count=scan_count)
+    client.close()
+    if db:
+        raise Fatal(only_db0)
+    cluster = RedisCluster.from_url(
+        options.url,
+        socket_timeout=options.timeout_s,
+        socket_connect_timeout=options.timeout_s,
+        # As for one server: one quick retry; outages are the runner's business.
+        retry=Retry(NoBackoff(), 1),
+        client_name=options.client_name,
+        **options.tls_kwargs(),
+    )
+    log.info("redis_connected", mode="cluster", primaries=len(primaries(cluster)))
+    return ClusterSink(cluster, unlink_chunk=unlink_chunk, scan_count=scan_count)
+
+
+class AutoSink:
+    """A RedisSink or a ClusterSink, chosen by connect_sink() at first use; a failed
+    connection is raised to the caller and tried again at the next use."""
+
+    def __init__(self, options: RedisOptions, *, unlink_chunk: int, scan_count: int) -> None:
+        self._options = options
+        self._unlink_chunk = unlink_chunk
+        self._scan_count = scan_count
+        self._sink: RedisSink | ClusterSink | None = None
+
+    @property
+    def sink(self) -> RedisSink | ClusterSink:
+        if self._sink is None:
+            self._sink = connect_sink(
+                self._options, unlink_chunk=self._unlink_chunk, scan_count=self._scan_count
+            )
+        return self._sink
+
+    @property
+    def client(self) -> redis.Redis | RedisCluster:
+        return self.sink.client
+
+    @property
+    def cluster(self) -> bool:
+        return isinstance(self.sink, ClusterSink)
+
+    def delete_routed(self, works: Routed) -> int:
+        return self.sink.delete_routed(works)
+
+    def delete(self, work: Invalidation) -> int:
+        return self.sink.delete(work)
+
+    def unlink(self, keys: Collection[str]) -> int:
+        return self.sink.unlink(keys)
+
+    def sweep(self, pattern: str) -> int:
+        return self.sink.sweep(pattern)
+
+    def identity(self) -> str:
+        return self.sink.identity()
+
+    def close(self) -> None:
+        if self._sink is not None:
+            self._sink.close()

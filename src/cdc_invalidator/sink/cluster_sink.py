@@ -1,0 +1,224 @@
+"""Delete keys from a Redis Cluster: per-slot UNLINKs pipelined per node, sweeps on
+every primary.
+
+A multi-key UNLINK must stay within one hash slot (CROSSSLOT otherwise), so keys are
+grouped by slot, and each node gets one pipeline holding the UNLINKs of its slots, from
+redis-py's slot table. Measured on 3 local masters, 200k keys in batches of 10k
+(2 vCPUs, shared): 0.8-1.1 s, against 2.5-2.8 s for RedisCluster.unlink() (the same
+grouping through redis-py's ClusterPipeline); a ClusterPipeline of one UNLINK per key
+took 1.7x as long as RedisCluster.unlink().
+
+Redirections: an UNLINK answered MOVED (the slot has a new owner), ASK (the slot is being
+migrated and the keys are already gone from this node) or TRYAGAIN (some of the keys
+moved, some not) is sent again one key at a time through RedisCluster.execute_command,
+which follows MOVED and ASK and updates the slot table. A node that cannot be reached
+raises: the runner backs off and retries the whole batch, and the slot table is read
+afresh first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import Any
+
+import redis
+import structlog
+from redis.cluster import ClusterNode, RedisCluster
+from redis.connection import Connection, ConnectionPool
+from redis.crc import key_slot
+from redis.exceptions import AskError, MovedError, TryAgainError
+
+from cdc_invalidator.capture.errors import Fatal
+from cdc_invalidator.mapping import Invalidation, Routed
+from cdc_invalidator.sink.redis_sink import server_identity
+
+log = structlog.get_logger("cdc_invalidator.sink")
+
+SLOTS = 16384
+
+
+class ClusterChanging(TryAgainError):
+    """Slots were migrating or moved while a sweep ran: its result cannot be trusted.
+
+    A TRYAGAIN, hence retryable: the runner backs off and sweeps again."""
+
+
+class ClusterSink:
+    def __init__(
+        self, client: RedisCluster, *, unlink_chunk: int = 500, scan_count: int = 1000
+    ) -> None:
+        self._client = client
+        self._unlink_chunk = unlink_chunk
+        self._scan_count = scan_count
+        self._stale = False  # a node failed: read the slot table again before the next try
+
+    @property
+    def client(self) -> RedisCluster:
+        return self._client
+
+    def delete_routed(self, works: Routed) -> int:
+        """delete() of every share; a cluster has only database 0 (redis_db)."""
+        if dbs := sorted(db for db, work in works.items() if db and work):
+            raise Fatal(
+                f"redis_db = {dbs[0]} in the configuration, but a Redis Cluster has only database 0"
+            )
+        return sum(self.delete(work) for work in works.values() if work)
+
+    def delete(self, work: Invalidation) -> int:
+        """Delete every key and every key matching a pattern; return how many existed.
+
+        Returns only once every node confirmed its part: the caller acknowledges after.
+        """
+        deleted = self.unlink(work.keys)
+        for pattern in sorted(work.patterns):
+            deleted += self.sweep(pattern)
+        return deleted
+
+    def unlink(self, keys: Collection[str | bytes]) -> int:
+        if not keys:
+            return 0
+        if self._stale:
+            self._client.nodes_manager.initialize()
+            self._stale = False
+        encoded = [key if isinstance(key, bytes) else key.encode() for key in keys]
+        deleted, moved, again = self._unlink_per_node(self._by_node(encoded))
+        if moved:
+            # The slot table names the new owners now: one more round, still grouped
+            # (a resharding moves whole slots, often many of them).
+            more, moved, asked = self._unlink_per_node(self._by_node(moved))
+            deleted += more
+            again += moved + asked
+        if again:
+            log.debug("redis_redirected", keys=len(again))
+        # Still redirected: one key per UNLINK (a key is on one side of a migration or
+        # the other; several keys may be split across both, which is what TRYAGAIN says).
+        for key in again:
+            deleted += int(self._client.execute_command("UNLINK", key))  # type: ignore[no-untyped-call]
+        return deleted
+
+    def _by_node(self, keys: list[bytes]) -> list[tuple[ClusterNode, list[list[bytes]]]]:
+        """Each primary with its UNLINKs: one per slot (or per unlink_chunk keys)."""
+        by_slot: dict[int, list[bytes]] = {}
+        for key in keys:
+            by_slot.setdefault(key_slot(key), []).append(key)
+        by_node: dict[str, tuple[ClusterNode, list[list[bytes]]]] = {}
+        nodes = self._client.nodes_manager
+        table = nodes.slots_cache  # get_node_from_slot() costs 4 µs a call, most of it
+        for slot, group in by_slot.items():  # checking for deprecated arguments
+            owners = table.get(slot)
+            node = owners[0] if owners else nodes.get_node_from_slot(slot)  # SlotNotCovered
+            commands = by_node.setdefault(node.name, (node, []))[1]
+            for start in range(0, len(group), self._unlink_chunk):
+                commands.append(group[start : start + self._unlink_chunk])
+        return list(by_node.values())
+
+    def _unlink_per_node(
+        self, work: list[tuple[ClusterNode, list[list[bytes]]]]
+    ) -> tuple[int, list[bytes], list[bytes]]:
+        """Write every node's UNLINKs, then read every node's replies (the nodes work
+        while the next one is written to); return how many keys existed, the keys
+        answered MOVED (the slot table is updated) and those answered ASK or TRYAGAIN.
+
+        The commands are packed here, not through a redis-py Pipeline: its bookkeeping
+        per command cost more than the deletes (one UNLINK per slot is one to two keys
+        in a batch of 10,000 keys)."""
+        deleted = 0
+        moved: list[bytes] = []
+        again: list[bytes] = []
+        failure: redis.ResponseError | None = None
+        sent: list[tuple[ConnectionPool, Connection, list[list[bytes]]]] = []
+        try:
+            for node, commands in work:
+                pool = self._client.get_redis_connection(node).connection_pool
+                connection = pool.get_connection()
+                sent.append((pool, connection, commands))
+                connection.send_packed_command([_pack_unlinks(commands)])  # type: ignore[no-untyped-call]
+            for _, connection, commands in sent:
+                for command in commands:
+                    try:
+                        deleted += int(connection.read_response())
+                    except MovedError as exc:
+                        self._client.nodes_manager.move_slot(exc)
+                        moved += command
+                    except (AskError, TryAgainError):
+                        again += command
+                    except redis.ResponseError as exc:
+                        failure = failure or exc  # read on: the connection stays in step
+        except (redis.ConnectionError, redis.TimeoutError):
+            # Replies may be left unread on any of them: none goes back to a pool usable.
+            for _, connection, _ in sent:
+                connection.disconnect()  # type: ignore[no-untyped-call]
+            self._stale = True
+            raise
+        finally:
+            for pool, connection, _ in sent:
+                pool.release(connection)
+        if failure is not None:
+            raise failure
+        return deleted, moved, again
+
+    def sweep(self, pattern: str) -> int:
+        """SCAN every primary for a glob and UNLINK what it finds (TRUNCATE has no rows
+        to render). A key moving between nodes while the SCANs run could be missed, so
+        the slot layout is read before and after, and a sweep that saw slots migrate or
+        move raises ClusterChanging (retryable) instead of returning."""
+        before = self._layout()
+        deleted = 0
+        for node in primaries(self._client):
+            client = self._client.get_redis_connection(node)
+            cursor = 0
+            while True:
+                cursor, page = client.scan(cursor, match=pattern, count=self._scan_count)
+                if page:
+                    deleted += self.unlink(page)
+                if cursor == 0:
+                    break
+        if self._layout() != before:
+            raise ClusterChanging("the cluster's slots moved during a sweep")
+        return deleted
+
+    def _layout(self) -> tuple[tuple[str, str, tuple[tuple[str, ...], ...]], ...]:
+        """Every primary's own account of itself (id, address, slots), with the slot
+        table read afresh; raise ClusterChanging while a slot is migrating or some slot
+        has no primary we know of."""
+        self._client.nodes_manager.initialize()
+        layout = []
+        covered = 0
+        for node in primaries(self._client):
+            view: dict[str, dict[str, Any]] = self._client.get_redis_connection(node).cluster(
+                "nodes"
+            )
+            me = next(v for v in view.values() if "myself" in v["flags"])
+            if me["migrations"]:
+                raise ClusterChanging(f"slots migrating on {node.name}: {me['migrations']}")
+            slots = tuple(tuple(r) for r in me["slots"])
+            covered += sum(int(r[-1]) - int(r[0]) + 1 for r in slots)
+            layout.append((me["node_id"], node.name, slots))
+        if covered != SLOTS:
+            raise ClusterChanging(f"the primaries serve {covered} of {SLOTS} slots")
+        return tuple(sorted(layout))
+
+    def identity(self) -> str:
+        """Every primary's `run_id/master_replid`, sorted and joined with commas: changes
+        when a node restarts or a replica takes over. Reads the slot table afresh."""
+        self._client.nodes_manager.initialize()
+        clients = [self._client.get_redis_connection(n) for n in primaries(self._client)]
+        return ",".join(sorted(server_identity(client) for client in clients))
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _pack_unlinks(commands: list[list[bytes]]) -> bytes:
+    """RESP for `UNLINK key ...`, one per list of keys."""
+    out: list[bytes] = []
+    for keys in commands:
+        out.append(b"*%d\r\n$6\r\nUNLINK\r\n" % (len(keys) + 1))
+        out += [b"$%d\r\n%s\r\n" % (len(key), key) for key in keys]
+    return b"".join(out)
+
+
+def primaries(client: RedisCluster) -> list[ClusterNode]:
+    """The primaries of redis-py's slot table (typed: redis-py leaves it untyped)."""
+    nodes: list[ClusterNode] = client.get_primaries()  # type: ignore[no-untyped-call]
+    return nodes

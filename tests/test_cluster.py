@@ -1,0 +1,487 @@
+"""Redis Cluster: a real cluster of three masters, the listener given one node's URL.
+
+The cluster (cdc_invalidator.servers.RedisClusterServer: redis-server with cluster mode
+on, `redis-cli --cluster create`) serves the module; tests that move slots or stop nodes
+get one of their own. Every wait is on an event (wait_until), never on a clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import redis
+from redis.cluster import RedisCluster
+from redis.crc import key_slot
+
+from cdc_invalidator.capture.errors import Fatal
+from cdc_invalidator.cli import main
+from cdc_invalidator.mapping import Invalidation
+from cdc_invalidator.servers import RedisClusterServer, RedisServer, ServerError
+from cdc_invalidator.sink import ClusterSink, RedisSink, connect_sink, open_sink
+from cdc_invalidator.sink.cluster_sink import ClusterChanging
+from cdc_invalidator.sink.connect import RedisOptions
+from tests.conftest import Env, Servers, _make_env
+from tests.helpers import ListenerThread, wait_until
+
+USERS = {"public.users": ["user:{id}", "user:email:{email}"]}
+SYNC = {"public.sync": ["sync:{id}"]}
+
+
+def _cluster() -> RedisClusterServer:
+    try:
+        return RedisClusterServer.create()
+    except ServerError as exc:
+        pytest.skip(f"no Redis Cluster: {exc}")
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RedisClusterServer]:
+    with _cluster() as c:
+        yield c
+
+
+@pytest.fixture
+def own_cluster() -> Iterator[RedisClusterServer]:
+    """A cluster for one test alone: free to move slots, stop and restart nodes."""
+    with _cluster() as c:
+        yield c
+
+
+def _env(servers: Servers, c: RedisClusterServer, tmp_path: Path, capture: str) -> Iterator[Env]:
+    for node in c.nodes:
+        client = node.client()
+        client.flushall()
+        client.close()
+    # The second node: any node will do, the others are discovered from it.
+    on_cluster = Servers(servers.pg_dsn, c.nodes[1].url, servers.pg, c.nodes[1])
+    yield from _make_env(on_cluster, tmp_path, capture=capture)
+
+
+def _capture_of(request: pytest.FixtureRequest) -> str:
+    if "capture" in request.fixturenames:
+        mode: str = request.getfixturevalue("capture")
+        return mode
+    return "trigger"
+
+
+@pytest.fixture
+def cenv(
+    servers: Servers, cluster: RedisClusterServer, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Env]:
+    yield from _env(servers, cluster, tmp_path, _capture_of(request))
+
+
+@pytest.fixture
+def own_cenv(servers: Servers, own_cluster: RedisClusterServer, tmp_path: Path) -> Iterator[Env]:
+    yield from _env(servers, own_cluster, tmp_path, "trigger")
+
+
+@pytest.fixture
+def rc(cenv: Env) -> Iterator[RedisCluster]:
+    client = RedisCluster.from_url(cenv.redis_url, decode_responses=True)
+    yield client
+    client.close()
+
+
+def install(env: Env, tables: Mapping[str, Sequence[str]]) -> Path:
+    env.sql("CREATE TABLE IF NOT EXISTS sync (id int PRIMARY KEY)")
+    config = env.config({**tables, **SYNC})
+    assert main(["install", "--config", str(config)]) == 0
+    return config
+
+
+@contextmanager
+def listening(config: Path) -> Iterator[ListenerThread]:
+    listener = ListenerThread.from_file(config).start()
+    try:
+        yield listener
+    finally:
+        listener.stop()
+
+
+def settle(env: Env, rc: RedisCluster) -> None:
+    """A change committed to `sync` had its key deleted: everything before it too (the
+    listener handles changes in commit order)."""
+    n = int(env.scalar("SELECT coalesce(max(id), 0) + 1 FROM sync"))
+    rc.set(f"sync:{n}", "x")
+    env.sql(f"INSERT INTO sync VALUES ({n})")
+    wait_until(lambda: rc.exists(f"sync:{n}") == 0, what=f"sync point {n}")
+
+
+def node_of(c: RedisClusterServer, rc: RedisCluster, key: str) -> RedisServer:
+    port = rc.nodes_manager.get_node_from_slot(key_slot(key.encode())).port
+    return next(node for node in c.nodes if node.port == port)
+
+
+def keys_per_node(c: RedisClusterServer, pattern: str = "*") -> list[int]:
+    counts = []
+    for node in c.nodes:
+        client = node.client()
+        counts.append(sum(1 for _ in client.scan_iter(match=pattern, count=1000)))
+        client.close()
+    return counts
+
+
+def cache_users(rc: RedisCluster, ids: Sequence[int] | range) -> list[str]:
+    cached = {f"user:{i}": "cached" for i in ids}
+    cached.update({f"user:email:u{i}@x": str(i) for i in ids})
+    for start in range(0, len(cached), 5000):
+        rc.mset_nonatomic(dict(list(cached.items())[start : start + 5000]))
+    return list(cached)
+
+
+def users_table(env: Env, rows: int) -> None:
+    env.sql(
+        "CREATE TABLE users (id int PRIMARY KEY, email text, name text);"
+        f"INSERT INTO users SELECT g, 'u' || g || '@x', 'n' FROM generate_series(1, {rows}) g"
+    )
+
+
+# --- the pipeline on a cluster ------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("capture")
+def test_changes_delete_keys_on_every_master(
+    cenv: Env, cluster: RedisClusterServer, rc: RedisCluster
+) -> None:
+    users_table(cenv, 60)
+    config = install(cenv, USERS)
+    changed = cache_users(rc, range(1, 61))
+    inserted = cache_users(rc, [100])  # a negative cache: "no user 100"
+    unrelated = {f"other:{i}": "keep" for i in range(60)}
+    rc.mset_nonatomic(unrelated)
+    assert all(n > 10 for n in keys_per_node(cluster, "user:*")), "keys on every master"
+    with listening(config) as listener:
+        cenv.sql(
+            "INSERT INTO users VALUES (100, 'u100@x', 'new');"
+            "UPDATE users SET name = 'changed' WHERE id <= 30;"
+            "DELETE FROM users WHERE id > 30 AND id <= 60"
+        )
+        wait_until(lambda: rc.exists(*changed, *inserted) == 0, what="every changed row's keys")
+        settle(cenv, rc)
+        assert isinstance(listener.sink.sink, ClusterSink)
+    assert rc.mget_nonatomic(list(unrelated)) == list(unrelated.values())
+
+
+@pytest.mark.usefixtures("capture")
+def test_truncate_sweeps_every_master(
+    cenv: Env, cluster: RedisClusterServer, rc: RedisCluster
+) -> None:
+    users_table(cenv, 1)
+    config = install(cenv, USERS)
+    # More than a SCAN page on each node (scan_count 1000): the sweep must page.
+    swept = cache_users(rc, range(1, 2001))
+    unrelated = {f"users:{i}": "not user:*" for i in range(300)}
+    unrelated.update({f"xuser:{i}": "prefix differs" for i in range(300)})
+    rc.mset_nonatomic(unrelated)
+    assert all(n > 1000 for n in keys_per_node(cluster, "user:*"))
+    with listening(config):
+        cenv.sql("TRUNCATE users")
+        wait_until(lambda: keys_per_node(cluster, "user:*") == [0, 0, 0], what="user:* swept")
+        settle(cenv, rc)
+    assert rc.exists(*swept) == 0
+    assert rc.mget_nonatomic(list(unrelated)) == list(unrelated.values())
+
+
+def test_a_batch_of_thousands_of_keys_on_all_nodes(cenv: Env, rc: RedisCluster) -> None:
+    users_table(cenv, 6000)
+    config = install(cenv, USERS)
+    cached = cache_users(rc, range(1, 6001))  # 12,000 keys over ~8,000 slots
+    with listening(config) as listener:
+        cenv.sql("UPDATE users SET name = 'bulk'")
+        wait_until(lambda: rc.exists(*cached) == 0, what="12,000 keys deleted")
+        settle(cenv, rc)
+        # Batches of up to batch_size (5000) events, 10,000 keys, one pipeline per node.
+        assert listener.runner.keys_deleted >= len(cached)
+        assert listener.runner.redis.available is True
+
+
+def test_check_reports_the_cluster(cenv: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    users_table(cenv, 1)
+    config = install(cenv, USERS)
+    capsys.readouterr()
+    assert main(["check", "--config", str(config)]) == 0
+    assert "a Redis Cluster of 3 primaries, each reachable" in capsys.readouterr().out
+
+
+# --- slots that move ------------------------------------------------------------------------
+
+
+class Migration:
+    """Move one slot from a node to another by hand, as `redis-cli --cluster reshard`
+    does: IMPORTING on the target, MIGRATING on the source, MIGRATE the keys, then
+    SETSLOT NODE everywhere."""
+
+    def __init__(self, c: RedisClusterServer, slot: int, src: RedisServer, dst: RedisServer):
+        self.c, self.slot, self.src, self.dst = c, slot, src, dst
+        self.src_id = _myid(src)
+        self.dst_id = _myid(dst)
+
+    def begin(self) -> None:
+        _cmd(self.dst, "CLUSTER", "SETSLOT", self.slot, "IMPORTING", self.src_id)
+        _cmd(self.src, "CLUSTER", "SETSLOT", self.slot, "MIGRATING", self.dst_id)
+
+    def move_keys(self) -> None:
+        keys = _cmd(self.src, "CLUSTER", "GETKEYSINSLOT", self.slot, 1000)
+        assert isinstance(keys, list)
+        if keys:
+            _cmd(self.src, "MIGRATE", "127.0.0.1", self.dst.port, "", 0, 5000, "KEYS", *keys)
+
+    def finish(self) -> None:
+        for node in (self.dst, self.src, *self.c.nodes):
+            _cmd(node, "CLUSTER", "SETSLOT", self.slot, "NODE", self.dst_id)
+        self.c.wait_ok()
+
+
+def _cmd(node: RedisServer, *args: object) -> object:
+    client = node.client()
+    try:
+        return client.execute_command(*args)  # type: ignore[no-untyped-call]
+    finally:
+        client.close()
+
+
+def _myid(node: RedisServer) -> str:
+    raw = _cmd(node, "CLUSTER", "MYID")
+    assert isinstance(raw, bytes)
+    return raw.decode()
+
+
+def _exists_asking(node: RedisServer, key: str) -> int:
+    """EXISTS on a node importing the key's slot (it answers only after ASKING)."""
+    client = node.client()
+    try:
+        pipe = client.pipeline(transaction=False)
+        pipe.execute_command("ASKING")  # type: ignore[no-untyped-call]
+        pipe.exists(key)
+        return int(pipe.execute()[1])
+    finally:
+        client.close()
+
+
+def _other(c: RedisClusterServer, node: RedisServer) -> RedisServer:
+    return next(n for n in c.nodes if n is not node)
+
+
+def test_slot_moved_while_listening_moved_is_followed(
+    own_cenv: Env, own_cluster: RedisClusterServer
+) -> None:
+    users_table(own_cenv, 2)
+    config = install(own_cenv, USERS)
+    rc = RedisCluster.from_url(own_cenv.redis_url, decode_responses=True)
+    cache_users(rc, [1, 2])
+    src = node_of(own_cluster, rc, "user:1")
+    dst = _other(own_cluster, src)
+    with listening(config):
+        # A first change: the listener has read the slot table.
+        own_cenv.sql("UPDATE users SET name = 'x' WHERE id = 2")
+        wait_until(lambda: rc.exists("user:2") == 0, what="the first change's keys")
+        migration = Migration(own_cluster, key_slot(b"user:1"), src, dst)
+        migration.begin()
+        migration.move_keys()
+        migration.finish()
+        assert _cmd(dst, "EXISTS", "user:1") == 1
+        # The listener's slot table still names src: its UNLINK is answered MOVED.
+        own_cenv.sql("UPDATE users SET name = 'y' WHERE id = 1")
+        wait_until(
+            lambda: _cmd(dst, "EXISTS", "user:1") == 0, what="user:1 deleted on its new node"
+        )
+        settle(own_cenv, rc)
+    rc.close()
+
+
+def test_slot_half_migrated_ask_is_followed_and_sweeps_wait(
+    own_cenv: Env, own_cluster: RedisClusterServer
+) -> None:
+    users_table(own_cenv, 2)
+    config = install(own_cenv, USERS)
+    rc = RedisCluster.from_url(own_cenv.redis_url, decode_responses=True)
+    cache_users(rc, [1, 2])
+    src = node_of(own_cluster, rc, "user:1")
+    migration = Migration(own_cluster, key_slot(b"user:1"), src, _other(own_cluster, src))
+    with listening(config) as listener:
+        migration.begin()
+        migration.move_keys()  # user:1 now on dst; the slot still belongs to src
+        assert _exists_asking(migration.dst, "user:1") == 1
+        own_cenv.sql("UPDATE users SET name = 'y' WHERE id = 1")  # src answers ASK
+        wait_until(
+            lambda: _exists_asking(migration.dst, "user:1") == 0, what="user:1 deleted on dst"
+        )
+        # A sweep while a slot migrates could miss keys in flight: it waits, retrying.
+        swept = cache_users(rc, range(3, 200))
+        own_cenv.sql("TRUNCATE users")
+        wait_until(lambda: listener.runner.redis.failures >= 2, what="the sweep refused")
+        assert listener.runner.redis.available is False
+        assert rc.exists(*swept) == len(swept)
+        migration.finish()
+        wait_until(lambda: rc.exists(*swept) == 0, what="the sweep once the slot moved")
+        wait_until(lambda: listener.runner.redis.available is True, what="redis_available")
+        settle(own_cenv, rc)
+    rc.close()
+
+
+def test_a_node_down_holds_the_batch_until_it_is_back(
+    own_cenv: Env, own_cluster: RedisClusterServer
+) -> None:
+    users_table(own_cenv, 1)
+    config = install(own_cenv, USERS)
+    rc = RedisCluster.from_url(own_cenv.redis_url, decode_responses=True)
+    cache_users(rc, [1])
+    node = node_of(own_cluster, rc, "user:1")
+    _cmd(node, "SAVE")  # the restarted node loads user:1 again from its dump
+    with listening(config) as listener:
+        settle(own_cenv, rc)
+        node.stop()
+        own_cenv.sql("UPDATE users SET name = 'y' WHERE id = 1")
+        wait_until(lambda: listener.runner.redis.failures >= 2, what="batches failing")
+        assert own_cenv.scalar("SELECT count(*) FROM cdc_invalidator.queue_v1") >= 1
+        node.start()
+        own_cluster.wait_ok()
+        info = _cmd(node, "INFO", "persistence")
+        assert isinstance(info, dict)
+        assert info["rdb_last_load_keys_loaded"] >= 1  # user:1 came back with the dump
+        wait_until(lambda: listener.runner.redis.available is True, 30, "redis_available")
+        settle(own_cenv, rc)  # the held batch was done, and acknowledged
+        assert _cmd(node, "EXISTS", "user:1") == 0
+    rc.close()
+
+
+# --- the sink on its own ------------------------------------------------------------------
+
+
+def test_open_sink_tells_a_cluster_from_a_server(cluster: RedisClusterServer) -> None:
+    with RedisServer.create() as single:
+        sink = open_sink(single.url)
+        assert isinstance(sink.sink, RedisSink)
+        sink.close()
+    sink = open_sink(cluster.nodes[2].url)
+    assert sink.cluster
+    sink.close()
+
+
+def test_open_sink_connects_at_first_use() -> None:
+    server = RedisServer.create()
+    sink = open_sink(RedisOptions(server.url, timeout_s=1))  # nothing listens: no error
+    with pytest.raises(redis.ConnectionError):
+        sink.unlink(["k"])
+    with server:
+        server.client().set("k", "v")
+        assert sink.unlink(["k"]) == 1
+        sink.close()
+
+
+def test_a_cluster_has_only_database_0(cluster: RedisClusterServer) -> None:
+    with pytest.raises(Fatal, match="database 3"):
+        connect_sink(cluster.nodes[0].url.replace("/0", "/3"))
+
+
+def test_identity_changes_when_a_node_restarts(own_cluster: RedisClusterServer) -> None:
+    sink = connect_sink(own_cluster.url)
+    assert isinstance(sink, ClusterSink)
+    before = sink.identity()
+    assert len(before.split(",")) == 3
+    assert sink.identity() == before
+    own_cluster.restart_node(2)
+    after = sink.identity()
+    assert after != before
+    assert len(set(after.split(",")) & set(before.split(","))) == 2  # the other two nodes
+    sink.close()
+
+
+def test_identity_of_one_server_changes_when_it_restarts() -> None:
+    with RedisServer.create() as server:
+        sink = connect_sink(server.url)
+        before = sink.identity()
+        assert sink.identity() == before
+        server.restart()
+        assert sink.identity() != before
+        sink.close()
+
+
+def test_a_sweep_refuses_while_a_slot_migrates(own_cluster: RedisClusterServer) -> None:
+    sink = connect_sink(own_cluster.url)
+    assert isinstance(sink, ClusterSink)
+    src, dst = own_cluster.nodes[0], own_cluster.nodes[1]
+    slot = _first_slot(src)
+    migration = Migration(own_cluster, slot, src, dst)
+    migration.begin()
+    with pytest.raises(ClusterChanging):
+        sink.sweep("user:*")
+    migration.finish()
+    assert sink.sweep("user:*") == 0
+    sink.close()
+
+
+def _first_slot(node: RedisServer) -> int:
+    client = node.client()
+    try:
+        me = next(v for v in client.cluster("nodes").values() if "myself" in v["flags"])
+        return int(me["slots"][0][0])
+    finally:
+        client.close()
+
+
+def test_a_node_restarted_from_its_dump_is_replayed(
+    own_cenv: Env, own_cluster: RedisClusterServer
+) -> None:
+    """The identity the listener watches covers every primary: one node coming back
+    with keys deleted since its dump gets them deleted again."""
+    users_table(own_cenv, 1)
+    own_cenv.sql("CREATE TABLE IF NOT EXISTS sync (id int PRIMARY KEY)")
+    config = own_cenv.config({**USERS, **SYNC}, replay_history="1h", redis_check_interval_ms=100)
+    assert main(["install", "--config", str(config)]) == 0
+    rc = RedisCluster.from_url(own_cenv.redis_url, decode_responses=True)
+    cache_users(rc, [1])
+    node = node_of(own_cluster, rc, "user:1")
+    _cmd(node, "SAVE")  # its dump holds user:1
+    with listening(config):
+        own_cenv.sql("UPDATE users SET name = 'y' WHERE id = 1")
+        wait_until(lambda: rc.exists("user:1") == 0, what="the first delete")
+        before = own_cenv.scalar("SELECT identity FROM cdc_invalidator.redis_identity_v1")
+        node.restart()
+        own_cluster.wait_ok()
+        info = _cmd(node, "INFO", "persistence")
+        assert isinstance(info, dict)
+        assert info["rdb_last_load_keys_loaded"] >= 1  # user:1 came back with the dump
+        wait_until(
+            lambda: (
+                own_cenv.scalar("SELECT identity FROM cdc_invalidator.redis_identity_v1") != before
+            ),
+            what="the new identity seen",
+        )
+        wait_until(lambda: _cmd(node, "EXISTS", "user:1") == 0, what="user:1 deleted again")
+    rc.close()
+
+
+def test_a_cluster_refuses_other_databases_per_table(cluster: RedisClusterServer) -> None:
+    sink = connect_sink(cluster.url)
+    assert isinstance(sink, ClusterSink)
+    with pytest.raises(Fatal, match="redis_db = 2"):
+        sink.delete_routed({None: Invalidation({"a"}), 2: Invalidation({"b"})})
+    assert sink.delete_routed({None: Invalidation({"a"}), 0: Invalidation({"b"})}) == 0
+    sink.close()
+
+
+# The minimal ACL of README's "Redis: TLS, ACL, Sentinel", plus what a cluster needs.
+CLUSTER_ACL = (
+    "on >secret ~* resetchannels -@all +unlink +scan +info +ping +client|setname"
+    " +cluster|slots +cluster|nodes +command +asking"
+)
+
+
+def test_the_documented_acl_is_enough_for_a_cluster(cluster: RedisClusterServer) -> None:
+    for node in cluster.nodes:
+        _cmd(node, "ACL", "SETUSER", "cdc_cluster", *CLUSTER_ACL.split())
+    rc = RedisCluster.from_url(cluster.url, decode_responses=True)
+    cache_users(rc, range(1, 50))
+    rc.mset_nonatomic({"k1": "v", "k2": "v", "other": "keep"})
+    sink = connect_sink(cluster.nodes[2].url.replace("redis://", "redis://cdc_cluster:secret@"))
+    assert isinstance(sink, ClusterSink)
+    assert sink.delete(Invalidation({"k1", "k2"}, {"user:*"})) == 2 + 2 * 49
+    assert len(sink.identity().split(",")) == 3
+    assert rc.get("other") == "keep"
+    sink.close()
+    rc.close()

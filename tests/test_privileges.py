@@ -1,0 +1,461 @@
+"""Least privilege: the listener as a role that may only consume our queue (trigger mode)
+or stream the slot (logical mode), granted by cdc_invalidator.grant_listener(); install
+run by the DBA's role. Every test runs in both capture modes.
+
+The listener runs as a real process with its own DSN. Writers are a plain role too, with
+privileges on their tables and none on our schema: the trigger functions (SECURITY
+DEFINER) write the queue for them.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import LiteralString
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+
+from cdc_invalidator.cli import main
+from tests.conftest import Env, Spawn
+from tests.helpers import ListenerProcess, run_cli, wait_until, write_config
+
+pytestmark = pytest.mark.usefixtures("capture")
+
+USERS = {"public.users": ["user:{id}", "user:email:{email}"]}
+# Watched (triggers, or published) but left out of the listener's configuration: its
+# changes become dead letters.
+GHOST = {"public.ghost": ["ghost:{id}"]}
+
+# Exactly what grant_listener() grants, per mode: relation -> privileges.
+TRIGGER_GRANTS = {
+    "queue_v1": {"SELECT", "DELETE"},
+    "listener_state_v1": {"SELECT", "UPDATE"},
+    "dead_letter_v1": {"SELECT", "INSERT", "UPDATE"},
+    "watched_v1": {"SELECT"},
+    "redis_identity_v1": {"SELECT", "INSERT", "UPDATE"},
+}
+LOGICAL_GRANTS = {
+    "slot_state_v1": {"SELECT", "INSERT", "UPDATE"},
+    "history_v1": {"SELECT", "INSERT", "DELETE"},
+    "dead_letter_v1": {"SELECT", "INSERT"},
+    "logical_dead_letter_v1": {"USAGE"},
+    "redis_identity_v1": {"SELECT", "INSERT", "UPDATE"},
+}
+
+
+def _role(env: Env, prefix: str, options: LiteralString) -> Iterator[str]:
+    role = prefix + uuid.uuid4().hex[:8]
+    ident = sql.Identifier(role)
+    with env.connect() as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN {}").format(ident, sql.SQL(options)))
+    yield role
+    with env.connect() as conn:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", [role]
+        )
+        conn.execute(sql.SQL("DROP OWNED BY {}").format(ident))
+        conn.execute(sql.SQL("DROP ROLE {}").format(ident))
+
+
+@pytest.fixture
+def listener_role(env: Env) -> Iterator[str]:
+    """A login role, no superuser; in logical mode with REPLICATION. Nothing granted."""
+    yield from _role(env, "cdc_listener_", "REPLICATION" if env.logical else "")
+
+
+@pytest.fixture
+def writer_role(env: Env) -> Iterator[str]:
+    """An application's role: privileges on its tables, none on our schema."""
+    yield from _role(env, "app_writer_", "")
+
+
+def as_role(env: Env, role: str) -> str:
+    return make_conninfo(env.dsn, user=role)
+
+
+def tables(env: Env, writer: str | None = None) -> None:
+    env.sql(
+        "CREATE TABLE users (id int PRIMARY KEY, email text, name text);"
+        "CREATE TABLE ghost (id int PRIMARY KEY);"
+        "INSERT INTO users VALUES (1, 'a@x', 'A'), (2, 'b@x', 'B'), (3, 'c@x', 'C')"
+    )
+    if writer is not None:
+        env.sql(
+            sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON users, ghost TO {}")
+            .format(sql.Identifier(writer))
+            .as_string(None)
+        )
+
+
+def config(
+    env: Env,
+    tables: Mapping[str, Sequence[str]],
+    *,
+    name: str = "config.toml",
+    role: str | None = None,
+    **settings: object,
+) -> Path:
+    mode: dict[str, object] = {"capture": "logical"} if env.logical else {}
+    return write_config(
+        env.tmp_path / name,
+        database_url=as_role(env, role) if role else env.dsn,
+        redis_url=env.redis_url,
+        tables=tables,
+        **{**mode, **settings},
+    )
+
+
+def install(env: Env) -> Path:
+    """As the DBA: the superuser that owns the tables."""
+    path = config(env, {**USERS, **GHOST}, name="dba.toml")
+    assert main(["install", "--config", str(path)]) == 0
+    return path
+
+
+def grant(env: Env, role: str, capture: str | None = None) -> None:
+    env.sql("SELECT cdc_invalidator.grant_listener(%s, %s)", [role, capture or env.capture])
+
+
+def granted(env: Env, role: str) -> dict[str, set[str]]:
+    """Every privilege `role` holds on a relation or sequence of our schema."""
+    with env.connect() as conn:
+        rows = conn.execute(
+            """SELECT c.relname, a.privilege_type
+               FROM pg_class c, aclexplode(c.relacl) a
+               WHERE c.relnamespace = 'cdc_invalidator'::regnamespace
+                 AND a.grantee = %s::regrole""",
+            [role],
+        ).fetchall()
+    out: dict[str, set[str]] = {}
+    for relname, privilege in rows:
+        out.setdefault(relname, set()).add(privilege)
+    return out
+
+
+def stop(listener: ListenerProcess) -> None:
+    listener.signal(signal.SIGTERM)
+    assert listener.wait() == 0
+
+
+def assert_stops_with_a_clear_error(listener: ListenerProcess, *needles: str) -> str:
+    """Not an outage to wait out: one `cannot_consume` line, exit 1, no traceback."""
+    assert listener.wait() == 1
+    fatal = listener.logged("cannot_consume")
+    assert len(fatal) == 1, listener.lines()
+    assert fatal[0]["level"] == "error"
+    error = str(fatal[0]["error"])
+    for needle in needles:
+        assert needle in error, error
+    assert listener.logged("postgres_unavailable") == []
+    assert not any(line["event"] == "<non-json>" for line in listener.lines()), "no traceback"
+    return error
+
+
+# --- the listener as the least-privilege role ----------------------------------------------
+
+
+def test_listener_as_least_privilege_role_invalidates_and_keeps_its_books(
+    env: Env, spawn: Spawn, listener_role: str, writer_role: str
+) -> None:
+    tables(env, writer_role)
+    dba = install(env)
+    grant(env, listener_role)
+    # Grants outlive running install again: nothing of ours is re-created.
+    assert main(["install", "--config", str(dba)]) == 0
+    assert granted(env, listener_role) == (LOGICAL_GRANTS if env.logical else TRIGGER_GRANTS)
+    assert not env.scalar("SELECT rolsuper FROM pg_roles WHERE rolname = %s", [listener_role])
+
+    # The listener knows users only: ghost's changes cannot become keys (dead letters).
+    # History kept a few seconds, so that it is written, read back and pruned here.
+    heartbeat: dict[str, object] = {"heartbeat_interval_ms": 100} if env.logical else {}
+    own = config(
+        env, USERS, name="listener.toml", role=listener_role, replay_history="4s", **heartbeat
+    )
+    r = env.redis()
+    r.mset({f"user:{i}": "-" for i in (1, 2, 3, 4)})
+    r.mset({"user:email:a@x": "1", "user:email:b@x": "2", "user:email:z@x": "1"})
+    listener = spawn(own)
+    if env.logical:
+        wait_until(
+            lambda: env.scalar(
+                "SELECT active_pid IS NOT NULL FROM pg_replication_slots"
+                " WHERE slot_name = 'cdc_invalidator'"
+            ),
+            what="the role streaming the slot",
+        )
+
+    with psycopg.connect(as_role(env, writer_role), autocommit=True) as writer:
+        writer.execute("INSERT INTO users VALUES (4, 'd@x', 'D')")
+        writer.execute("UPDATE users SET email = 'z@x' WHERE id = 1")
+        writer.execute("DELETE FROM users WHERE id = 2")
+        wait_until(
+            lambda: (
+                r.exists("user:4", "user:1", "user:email:a@x", "user:email:z@x") == 0
+                and r.exists("user:2", "user:email:b@x") == 0
+            ),
+            what="INSERT, UPDATE and DELETE invalidated",
+        )
+        assert r.exists("user:3") == 1
+        writer.execute("TRUNCATE users")
+        wait_until(lambda: r.exists("user:3") == 0, what="the TRUNCATE sweep")
+        with writer.transaction():
+            writer.execute("INSERT INTO ghost VALUES (7)")
+            before_commit = writer.execute("SELECT pg_current_wal_insert_lsn()").fetchone()
+        assert before_commit is not None
+    wait_until(
+        lambda: env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 1,
+        what="a dead letter written by the role",
+    )
+    assert env.scalar("SELECT table_name FROM cdc_invalidator.dead_letter_v1") == "ghost"
+
+    # Progress saved.
+    if env.logical:
+        wait_until(
+            lambda: env.scalar(
+                "SELECT events_processed >= 5 AND acked_lsn > %s AND confirmed_flush_lsn > %s"
+                " FROM cdc_invalidator.slot_state_v1 JOIN pg_replication_slots USING (slot_name)",
+                [before_commit[0], before_commit[0]],
+            ),
+            what="the slot's position saved and confirmed",
+        )
+        assert env.scalar("SELECT count(*) FROM cdc_invalidator.history_v1") > 0
+    else:
+        wait_until(
+            lambda: env.scalar(
+                "SELECT events_processed >= 5 AND last_processed_at IS NOT NULL"
+                " FROM cdc_invalidator.listener_state_v1"
+            ),
+            what="the listener's progress saved",
+        )
+    identity = env.scalar("SELECT identity FROM cdc_invalidator.redis_identity_v1")
+    assert identity, "Redis' identity recorded by the role"
+
+    # The operator's read-only commands run as the role too.
+    status = run_cli("status", "--json", "--config", str(own))
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["dead_letters"] == 1
+    replayed = run_cli("replay", "--since", "1m", "--config", str(own))
+    assert replayed.returncode == 0, replayed.stderr
+    assert "replayed " in replayed.stdout, replayed.stdout
+    checked = run_cli(
+        "check",
+        "--config",
+        str(config(env, {**USERS, **GHOST}, role=listener_role, name="all.toml")),
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+    # Processed changes pruned once past replay_history.
+    kept = (
+        "SELECT count(*) FROM cdc_invalidator.history_v1"
+        if env.logical
+        else "SELECT count(*) FROM cdc_invalidator.queue_v1"
+    )
+    wait_until(lambda: env.scalar(kept) == 0, what="processed changes pruned by the role")
+    stop(listener)
+
+    # Redis came back as another server while the listener was down: on its start the
+    # role reads the old identity, replays and saves the new one (UPDATE).
+    env.sql("UPDATE cdc_invalidator.redis_identity_v1 SET identity = 'another server'")
+    listener = spawn(own)
+    wait_until(lambda: listener.logged("replay_done"), what="the replay after Redis changed")
+    assert env.scalar("SELECT identity FROM cdc_invalidator.redis_identity_v1") == identity
+    stop(listener)
+
+
+def test_listener_role_may_do_nothing_else(env: Env, listener_role: str) -> None:
+    tables(env)
+    install(env)
+    grant(env, listener_role)
+    denied = [
+        # the application's data
+        "SELECT * FROM users",
+        "UPDATE users SET name = 'x'",
+        # our queue and records, beyond consuming them
+        "INSERT INTO cdc_invalidator.queue_v1 (schema_name, table_name, op)"
+        " VALUES ('public', 'users', 'T')",
+        "TRUNCATE cdc_invalidator.queue_v1",
+        "DELETE FROM cdc_invalidator.dead_letter_v1",
+        "UPDATE cdc_invalidator.dead_letter_v1 SET error = 'x'"
+        if env.logical
+        else "DELETE FROM cdc_invalidator.listener_state_v1",
+        "DROP TABLE cdc_invalidator.queue_v1",
+        "ALTER TABLE cdc_invalidator.dead_letter_v1 ADD COLUMN x int",
+        "CREATE TABLE cdc_invalidator.mine (id int)",
+        # triggers, the publication, grants
+        "SELECT cdc_invalidator.watch('users', ARRAY['id'])",
+        "SELECT cdc_invalidator.unwatch('users')",
+        f"SELECT cdc_invalidator.grant_listener('{listener_role}', 'trigger')",
+        "DROP PUBLICATION IF EXISTS cdc_invalidator"
+        if env.logical
+        else "DROP TRIGGER cdc_invalidator_ins_v1 ON users",
+    ]
+    with psycopg.connect(as_role(env, listener_role), autocommit=True) as conn:
+        for statement in denied:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(statement.encode())
+        if env.logical:
+            # Nothing of the trigger queue, which this mode does not use.
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("SELECT count(*) FROM cdc_invalidator.queue_v1")
+        else:
+            # No replication: no slot, no stream of the whole database's changes.
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("SELECT pg_create_logical_replication_slot('mine', 'pgoutput')")
+    assert env.scalar("SELECT count(*) FROM users") == 3
+
+
+# --- missing grants: a clear message, not a traceback, not a retry loop ---------------------
+
+
+def test_listener_without_grants_stops_with_a_clear_error(
+    env: Env, spawn: Spawn, listener_role: str
+) -> None:
+    tables(env)
+    install(env)
+    own = config(env, USERS, name="listener.toml", role=listener_role)
+    listener = spawn(own)
+    assert_stops_with_a_clear_error(
+        listener,
+        listener_role,
+        "permission denied for schema cdc_invalidator",
+        f"cdc_invalidator.grant_listener('{listener_role}', '{env.capture}')",
+    )
+    for command in ("status", "check"):
+        result = run_cli(command, "--config", str(own))
+        assert result.returncode == 1, result
+        assert "permission denied" in result.stderr
+        assert "grant_listener" in result.stderr
+        assert "Traceback" not in result.stderr
+
+    # Granted, a new start works.
+    grant(env, listener_role)
+    r = env.redis()
+    r.set("user:1", "-")
+    listener = spawn(own)
+    env.sql("UPDATE users SET name = 'x' WHERE id = 1")
+    wait_until(lambda: r.exists("user:1") == 0, what="an invalidation once granted")
+    stop(listener)
+
+
+def test_a_grant_revoked_under_a_running_listener_stops_it_with_a_clear_error(
+    env: Env, spawn: Spawn, listener_role: str
+) -> None:
+    tables(env)
+    install(env)
+    grant(env, listener_role)
+    own = config(env, USERS, name="listener.toml", role=listener_role)
+    r = env.redis()
+    r.set("user:1", "-")
+    listener = spawn(own)
+    env.sql("UPDATE users SET name = 'x' WHERE id = 1")
+    wait_until(lambda: r.exists("user:1") == 0, what="the first invalidation")
+    # Its progress cannot be saved any more: that is for a person to fix, not to retry.
+    table = "slot_state_v1" if env.logical else "listener_state_v1"
+    env.sql(
+        sql.SQL("REVOKE UPDATE ON cdc_invalidator.{} FROM {}")
+        .format(sql.Identifier(table), sql.Identifier(listener_role))
+        .as_string(None)
+    )
+    env.sql("UPDATE users SET name = 'x' WHERE id = 2")
+    assert_stops_with_a_clear_error(
+        listener, f"permission denied for table {table}", "grant_listener"
+    )
+
+
+# --- grant_listener() itself -----------------------------------------------------------------
+
+
+def test_grant_listener_grants_exactly_one_mode_and_refuses_nonsense(
+    env: Env, listener_role: str
+) -> None:
+    tables(env)
+    install(env)
+
+    def notices(capture: str) -> list[str]:
+        with env.connect() as conn:
+            seen: list[str] = []
+            conn.add_notice_handler(lambda d: seen.append(str(d.message_primary)))
+            conn.execute("SELECT cdc_invalidator.grant_listener(%s, %s)", [listener_role, capture])
+            return seen
+
+    assert notices(env.capture) == []
+    if env.logical:
+        # A logical install has the trigger queue's tables too: switching modes leaves
+        # only the new mode's set.
+        notices("trigger")
+        assert granted(env, listener_role) == TRIGGER_GRANTS
+        notices("logical")
+        assert granted(env, listener_role) == LOGICAL_GRANTS
+        env.sql(
+            sql.SQL("ALTER ROLE {} NOREPLICATION")
+            .format(sql.Identifier(listener_role))
+            .as_string(None)
+        )
+        assert any("needs REPLICATION" in n for n in notices("logical"))
+    else:
+        with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="not installed"):
+            grant(env, listener_role, "logical")
+        assert granted(env, listener_role) == TRIGGER_GRANTS
+    env.sql(
+        "REVOKE CONNECT ON DATABASE "
+        + sql.Identifier(env.scalar("SELECT current_database()")).as_string(None)
+        + " FROM PUBLIC"
+    )
+    assert any("may not connect" in n for n in notices(env.capture))
+
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="'trigger' or 'logical'"):
+        grant(env, listener_role, "both")
+    owner = env.scalar("SELECT current_user")
+    with pytest.raises(psycopg.errors.InvalidGrantOperation, match="owns cdc_invalidator"):
+        grant(env, owner)
+    with pytest.raises(psycopg.errors.UndefinedObject):
+        grant(env, "public")
+    assert granted(env, "postgres") != {}, "the owner's privileges are untouched"
+
+
+def test_sql_output_installs_grant_listener_for_psql(env: Env) -> None:
+    tables(env)
+    path = config(env, {**USERS, **GHOST}, name="dba.toml")
+    result = run_cli("sql", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "CREATE OR REPLACE FUNCTION cdc_invalidator.grant_listener(" in result.stdout
+    assert "SELECT cdc_invalidator.grant_listener('cdc_listener'" in result.stdout
+
+
+def test_rds_replication_membership_counts_as_replication(env: Env, listener_role: str) -> None:
+    """Amazon RDS grants replication by membership in rds_replication, not the attribute:
+    `check` and grant_listener() must not send the DBA after REPLICATION there. (Only the
+    advice is tested: plain PostgreSQL gives such a member no replication.)"""
+    if not env.logical:
+        pytest.skip("logical mode only: trigger mode needs no replication")
+    tables(env)
+    install(env)
+    ident = sql.Identifier(listener_role)
+    with env.connect() as conn:
+        conn.execute(sql.SQL("ALTER ROLE {} NOREPLICATION").format(ident))
+        exists = conn.execute("SELECT FROM pg_roles WHERE rolname = 'rds_replication'").fetchone()
+        if exists is None:
+            conn.execute("CREATE ROLE rds_replication")
+    try:
+        own = config(env, USERS, name="listener.toml", role=listener_role)
+        grant(env, listener_role)
+        result = run_cli("check", "--config", str(own))
+        assert "lacks the REPLICATION attribute" in result.stderr
+        with env.connect() as conn:
+            conn.execute(sql.SQL("GRANT rds_replication TO {}").format(ident))
+            seen: list[str] = []
+            conn.add_notice_handler(lambda d: seen.append(str(d.message_primary)))
+            conn.execute("SELECT cdc_invalidator.grant_listener(%s, 'logical')", [listener_role])
+        assert not any("REPLICATION" in n for n in seen), seen
+        result = run_cli("check", "--config", str(own))
+        assert "REPLICATION" not in result.stderr, result.stderr
+    finally:
+        if exists is None:
+            with env.connect() as conn:
+                conn.execute("DROP ROLE rds_replication")

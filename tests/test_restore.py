@@ -1,0 +1,152 @@
+"""After the database was restored (docs/DBA.md, "After restoring the database").
+
+From a dump into another cluster, in trigger mode:
+
+pg_dump carries the queue's transaction ids and the listener's saved snapshot as data;
+the new cluster's transaction counter runs lower. Unchecked, every change committed
+there looks done already to the listener (and is pruned unprocessed). It must refuse to
+start, and sql/reset_after_restore.sql must bring it back without losing a change.
+
+After any restore, the sweep the guide gives deletes every watched table's keys (both
+modes).
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+
+import psycopg
+import pytest
+import redis
+
+from cdc_invalidator import sqlfiles
+from cdc_invalidator.cli import main
+from cdc_invalidator.servers import find_pg_bindir
+from tests.conftest import Env, Servers, Spawn
+from tests.helpers import ListenerThread, wait_until, write_config
+
+USERS = {"public.users": ["user:{id}", "user:email:{email}"]}
+
+# Transaction ids used up in the source first, so that its counter is well past a new
+# cluster's (each subtransaction that writes takes an id of its own).
+BURN_XIDS = """
+CREATE TABLE burn (i int);
+DO $$ BEGIN
+    FOR i IN 1..3000 LOOP
+        BEGIN INSERT INTO burn VALUES (i); EXCEPTION WHEN others THEN NULL; END;
+    END LOOP;
+END $$;
+DROP TABLE burn;
+"""
+
+
+def test_restored_into_another_cluster_refuses_to_skip_then_resets(
+    env: Env, own_servers: Servers, spawn: Spawn
+) -> None:
+    env.sql(BURN_XIDS)
+    env.sql(
+        "CREATE TABLE users (id int PRIMARY KEY, email text);"
+        "INSERT INTO users VALUES (1, 'a@x'), (2, 'b@x'), (3, 'c@x')"
+    )
+    source = env.config(USERS, replay_history="1h")
+    assert main(["install", "--config", str(source)]) == 0
+    r = env.redis()
+    listener = ListenerThread.from_file(source).start()
+    try:
+        r.set("user:1", "-")
+        env.sql("UPDATE users SET email = 'z@x' WHERE id = 1")
+        wait_until(lambda: r.exists("user:1") == 0, what="an invalidation on the source")
+    finally:
+        listener.stop()
+    # A change committed after the listener stopped, and still queued at the dump.
+    env.sql("UPDATE users SET email = 'y@x' WHERE id = 2")
+
+    bindir = find_pg_bindir()
+    dump = subprocess.run(
+        [str(bindir / "pg_dump"), "--no-owner", "-d", env.dsn],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    restored_dsn = own_servers.pg_dsn("app")
+    subprocess.run(
+        [str(bindir / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-1", "-d", restored_dsn],
+        input=dump,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    restored = psycopg.connect(restored_dsn, autocommit=True)
+    # Writers on the restored database, before the listener is back.
+    restored.execute("UPDATE users SET email = 'x@x' WHERE id = 3")
+
+    # The restored database's own cache: a Redis of its own.
+    client = redis.Redis.from_url(own_servers.redis_url, decode_responses=True)
+    client.mset({"user:2": "-", "user:email:b@x": "-", "user:3": "-", "user:email:c@x": "-"})
+    config = write_config(
+        env.tmp_path / "restored.toml",
+        database_url=restored_dsn,
+        redis_url=own_servers.redis_url,
+        tables=USERS,
+    )
+    first = spawn(config)
+    assert first.wait() == 1
+    fatal = first.logged("cannot_consume")
+    assert len(fatal) == 1, first.lines()
+    assert "restored from a dump into another cluster" in fatal[0]["error"]
+    assert "reset_after_restore.sql" in fatal[0]["error"]
+    assert client.exists("user:3") == 1
+    assert restored.execute("SELECT count(*) FROM cdc_invalidator.queue_v1").fetchone() != (0,), (
+        "nothing pruned unprocessed"
+    )
+
+    with restored.transaction():
+        restored.execute(sqlfiles.text("reset_after_restore.sql").encode())
+    second = spawn(config)
+    wait_until(
+        lambda: client.exists("user:3", "user:email:c@x", "user:2", "user:email:b@x") == 0,
+        what="the change made after the restore, and the one queued at the dump",
+    )
+    client.mset({"user:3": "-"})
+    restored.execute("UPDATE users SET email = 'w@x' WHERE id = 3")
+    wait_until(lambda: client.exists("user:3") == 0, what="a change after the reset")
+    second.signal(signal.SIGTERM)
+    assert second.wait() == 0
+    restored.close()
+    client.close()
+
+
+# As docs/DBA.md gives them: after any restore, sweep the watched tables' keys once.
+SWEEP_TRIGGER = """
+INSERT INTO cdc_invalidator.queue_v1 (schema_name, table_name, op)
+SELECT n.nspname, c.relname, 'T'
+FROM cdc_invalidator.watched_v1 w
+JOIN pg_class c ON c.oid = w.relid JOIN pg_namespace n ON n.oid = c.relnamespace;
+"""
+SWEEP_LOGICAL = """
+UPDATE cdc_invalidator.slot_state_v1
+SET resync_reason = 'database restored from a backup' WHERE slot_name = 'cdc_invalidator';
+"""
+
+
+@pytest.mark.usefixtures("capture")
+def test_the_sweep_after_a_restore_deletes_every_watched_key(env: Env, spawn: Spawn) -> None:
+    env.sql("CREATE TABLE users (id int PRIMARY KEY, email text)")
+    config = env.config(USERS)
+    assert main(["install", "--config", str(config)]) == 0
+    r = env.redis()
+    r.mset({"user:1": "-", "user:email:a@x": "-", "user:2": "-", "other:1": "-"})
+    if env.logical:
+        env.sql(SWEEP_LOGICAL)
+        listener = spawn(config)
+        wait_until(lambda: listener.logged("missed_changes_swept"), what="the sweep")
+    else:
+        listener = spawn(config)
+        env.sql(SWEEP_TRIGGER)
+    wait_until(lambda: r.keys("user:*") == [], what="every watched key swept")
+    assert r.get("other:1") == "-"
+    listener.signal(signal.SIGTERM)
+    assert listener.wait() == 0
