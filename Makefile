@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-deps lint format test bench demo clean
+.PHONY: install system-deps lint format test bench chaos demo clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ test: install lint
 
 bench: install
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# Readers, writers and faults for a long while, then every cached key against the
+# database: prints each round and a table, exits 1 if any key is stale.
+chaos: install
+	$(BIN)/python -m tests.chaos $(CHAOS_ARGS)
 
 demo: install
 	$(BIN)/cdc-invalidator demo
