@@ -74,17 +74,10 @@ def test_the_check_finds_what_a_listener_without_replay_leaves(own_env: Env) -> 
     assert set(probes) <= set(report.stale), report.lines()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="documented limit (README: second deletes are 'a second chance, not the "
-    "guarantee'): a SIGKILLed listener loses the second deletes it owed, and the next one "
-    "does not redo them; the chaos run above rarely meets it because the rows it races on "
-    "are written again soon",
-)
 def test_a_late_set_before_a_sigkill_is_undone_by_the_next_listener(env: Env, spawn: Spawn) -> None:
-    """What the chaos run cannot catch, made deterministic: a reader read row 1 before a
+    """What the chaos run rarely meets, made deterministic: a reader read row 1 before a
     commit and SETs it after the first delete; the listener is killed before its second
-    delete. The next listener does not delete it again: stale until the row changes."""
+    delete. The next listener redoes the second deletes its predecessor may have owed."""
     config = setup_users(env, rows=2, second_delete_ms=3000, replay_history="1h")
     first = spawn(config)
     r = env.redis()

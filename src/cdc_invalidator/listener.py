@@ -87,6 +87,7 @@ def build_listener(
         connect=pg_connector(settings),
         window_s=settings.replay_window,
         check_every_s=settings.redis_check_interval_ms / 1000,
+        second_delete_s=settings.second_delete_ms / 1000,
     )
     runner = Runner(
         connect=connect,

@@ -186,6 +186,7 @@ class RedisWatch:
         connect: Callable[[], psycopg.Connection[Any]],
         window_s: float | None,
         check_every_s: float,
+        second_delete_s: float = 0.0,
     ) -> None:
         self._sink = sink
         self._mapper = mapper
@@ -197,6 +198,9 @@ class RedisWatch:
         self._announced: str | None = None  # the identity a replay was logged for
         self._known_at = 0.0  # monotonic time the known identity was last confirmed
         self._next_check = 0.0
+        # second_delete_ms: the second deletes a killed predecessor owed are redone once.
+        self._second_delete_s = second_delete_s
+        self._predecessor_owed = second_delete_s > 0
 
     def check(self, force: bool = False) -> ReplayResult | None:
         """The replay done, if one was. Raises what Redis or PostgreSQL raise: the runner
@@ -223,8 +227,29 @@ class RedisWatch:
                 gone_s = now - self._known_at if self._known is not None else saved[1]
                 result = self._replay(conn, saved[0], identity, gone_s)
                 store.save(identity)
+            if self._predecessor_owed:
+                self._redo_second_deletes(conn)
+                self._predecessor_owed = False
         self._known, self._known_at = identity, now
         return result
+
+    def _redo_second_deletes(self, conn: psycopg.Connection[Any]) -> None:
+        """The listener before this one may have died owing second deletes (they live
+        in memory): delete again what it acknowledged in its last second_delete_ms.
+        Logical mode knows when each batch was acknowledged; trigger mode goes by the
+        writing transactions' start, which covers it while the listener kept up."""
+        row = conn.execute(sqlfiles.query(f"last_acknowledged_{self._capture}.sql")).fetchone()
+        if row is None or row[0] is None:
+            return  # nothing acknowledged yet
+        since_s = max(0.0, row[0]) + self._second_delete_s + MARGIN_S
+        result = replay(conn, self._capture, self._mapper, self._sink, since_s)
+        log.info(
+            "second_deletes_redone",
+            since_s=round(since_s, 1),
+            events=result.events,
+            existed=result.existed,
+            detail="the previous listener may have stopped owing these",
+        )
 
     def _replay(
         self, conn: psycopg.Connection[Any], previous: str, current: str, gone_s: float
