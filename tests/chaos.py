@@ -518,7 +518,7 @@ class Chaos:
         """One fault (round n: its probes); returns once the listener has recovered."""
         self.cache_probes(n)
         if fault == "kill_listener":
-            self.listener.kill()  # SIGKILL: no clean-up; the next listener redoes owed second deletes
+            self.listener.kill()  # SIGKILL; the next listener redoes owed second deletes
             self.write_probes(n)  # while nobody listens
             time.sleep(self.rng.uniform(0, half_round_s))  # down a while: a backlog forms
             self.start_listener()
