@@ -1259,7 +1259,7 @@ def describe_settings(bench: Bench, sizes: Sizes) -> dict[str, str]:
         "`cdc-invalidator run`, default settings but replay_history (0s in phases 1-3, 1h "
         "in the replay phase): "
         + ", ".join(
-            f"{name}={f.default}"
+            f"{name}={f.get_default(call_default_factory=True)}"
             for name, f in Settings.model_fields.items()
             if name not in ("database_url", "redis_url", "tables", "replay_history")
             and not f.is_required()
@@ -1585,12 +1585,15 @@ def run_mode(
         *build_rows(
             mode=mode, rate=sizes.rate, floor=floor, ours=ours, drains=drains, writes=writes
         ),
-        *replay_rows(replayed),
+        *replay_rows(mode, replayed),
     ]
 
 
-def replay_rows(r: Replay) -> list[Row]:
-    label = f"replay of a 15-minute window: {r.events // 1000}k changes / {r.keys // 1000}k keys"
+def replay_rows(mode: str, r: Replay) -> list[Row]:
+    label = (
+        f"[{mode}] replay of a 15-minute window: {r.events // 1000}k changes / "
+        f"{r.keys // 1000}k keys"
+    )
     return [
         Row(
             label,
@@ -1600,7 +1603,7 @@ def replay_rows(r: Replay) -> list[Row]:
             "≤ 2x pipelined UNLINK",
             r.ours_s <= 2 * r.floor_s,
         ),
-        Row("replay: incl. process start", f"{r.with_start_s:.3f} s", "", "", "", None),
+        Row(f"[{mode}] replay: incl. process start", f"{r.with_start_s:.3f} s", "", "", "", None),
     ]
 
 
