@@ -799,6 +799,26 @@ def drain_ours(
     )
 
 
+def best_drain(rows: int, floors: list[float], batched: list[float], runs: list[DrainRun]) -> Drain:
+    """The best of the repeated runs, against the best of each floor."""
+    best = min(runs, key=lambda r: r.keys_gone_s)
+    return Drain(
+        rows=rows,
+        floor_s=min(floors),
+        batched_floor_s=min(batched),
+        ours_s=best.keys_gone_s,
+        ours_with_start_s=best.with_start_s,
+        queue_empty_s=best.queue_empty_s,
+        queue_left=best.queue_left,
+        prune_rate=best.prune_rate,
+        listener_cpu_s=best.cpu_s,
+        peak_rss_mb=max(r.peak_rss_mb for r in runs),
+        floor_runs=floors,
+        batched_floor_runs=batched,
+        ours_runs=[r.keys_gone_s for r in runs],
+    )
+
+
 def measure_drain(bench: Bench, table: str, rows: int, repeats: int, target: Target) -> Drain:
     floors: list[float] = []
     batched: list[float] = []
@@ -834,22 +854,7 @@ def measure_drain(bench: Bench, table: str, rows: int, repeats: int, target: Tar
             f"{empty}, listener CPU {run.cpu_s:.2f} s, peak RSS {run.peak_rss_mb:.1f} MB",
             flush=True,
         )
-    best = min(runs, key=lambda r: r.keys_gone_s)
-    return Drain(
-        rows=rows,
-        floor_s=min(floors),
-        batched_floor_s=min(batched),
-        ours_s=best.keys_gone_s,
-        ours_with_start_s=best.with_start_s,
-        queue_empty_s=best.queue_empty_s,
-        queue_left=best.queue_left,
-        prune_rate=best.prune_rate,
-        listener_cpu_s=best.cpu_s,
-        peak_rss_mb=max(r.peak_rss_mb for r in runs),
-        floor_runs=floors,
-        batched_floor_runs=batched,
-        ours_runs=[r.keys_gone_s for r in runs],
-    )
+    return best_drain(rows, floors, batched, runs)
 
 
 # ------------------------------------------------- 2b. backlog drain into a Redis Cluster
@@ -976,22 +981,7 @@ def measure_cluster_drain(
             f"{run.cpu_s:.2f} s, peak RSS {run.peak_rss_mb:.1f} MB",
             flush=True,
         )
-    best = min(runs, key=lambda r: r.keys_gone_s)
-    return Drain(
-        rows=rows,
-        floor_s=min(floors),
-        batched_floor_s=min(batched),
-        ours_s=best.keys_gone_s,
-        ours_with_start_s=best.with_start_s,
-        queue_empty_s=best.queue_empty_s,
-        queue_left=best.queue_left,
-        prune_rate=best.prune_rate,
-        listener_cpu_s=best.cpu_s,
-        peak_rss_mb=max(r.peak_rss_mb for r in runs),
-        floor_runs=floors,
-        batched_floor_runs=batched,
-        ours_runs=[r.keys_gone_s for r in runs],
-    )
+    return best_drain(rows, floors, batched, runs)
 
 
 def cluster_rows(single: Drain, d: Drain) -> list[Row]:

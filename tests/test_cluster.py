@@ -7,8 +7,7 @@ get one of their own. Every wait is on an event (wait_until), never on a clock.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -24,10 +23,10 @@ from cdc_invalidator.sink import ClusterSink, RedisSink, connect_sink, open_sink
 from cdc_invalidator.sink.cluster_sink import ClusterChanging
 from cdc_invalidator.sink.connect import RedisOptions
 from tests.conftest import Env, Servers, _make_env
-from tests.helpers import ListenerThread, wait_until
+from tests.helpers import wait_until
+from tests.test_semantics import SYNC, install, listening
 
 USERS = {"public.users": ["user:{id}", "user:email:{email}"]}
-SYNC = {"public.sync": ["sync:{id}"]}
 
 
 def _cluster() -> RedisClusterServer:
@@ -84,22 +83,6 @@ def rc(cenv: Env) -> Iterator[RedisCluster]:
     client = RedisCluster.from_url(cenv.redis_url, decode_responses=True)
     yield client
     client.close()
-
-
-def install(env: Env, tables: Mapping[str, Sequence[str]]) -> Path:
-    env.sql("CREATE TABLE IF NOT EXISTS sync (id int PRIMARY KEY)")
-    config = env.config({**tables, **SYNC})
-    assert main(["install", "--config", str(config)]) == 0
-    return config
-
-
-@contextmanager
-def listening(config: Path) -> Iterator[ListenerThread]:
-    listener = ListenerThread.from_file(config).start()
-    try:
-        yield listener
-    finally:
-        listener.stop()
 
 
 def settle(env: Env, rc: RedisCluster) -> None:
