@@ -6,12 +6,14 @@ import json
 import random
 import re
 import select
+import time
 from pathlib import Path
 
 import pytest
 from prometheus_client import generate_latest
 
 from cdc_invalidator.backoff import Backoff
+from cdc_invalidator.capture.trigger_queue import Retention, Snapshot
 from cdc_invalidator.durations import format_duration, parse_duration
 from cdc_invalidator.metrics import Metrics
 from cdc_invalidator.redact import Scrubber, redact_url, secrets_of
@@ -134,3 +136,26 @@ def test_the_grafana_dashboard_uses_only_metrics_that_exist() -> None:
     samples = exposed | {f"{n}_total" for n in exposed} | DATABASE_METRICS
     assert used - samples == set()
     assert len(used) >= 10
+
+
+# --- which processed queue rows may go, when they are kept for replay ---------------------
+
+
+def test_retention_prunes_below_the_newest_snapshot_finished_long_enough_ago(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    a, b, c = (Snapshot.parse(f"{n}:{n}:") for n in (10, 20, 30))
+    retention = Retention(keep_s=60)
+    assert retention.prunable(a) is None  # finished just now
+    clock[0] = 130
+    assert retention.prunable(b) is None
+    clock[0] = 160
+    assert retention.prunable(b) is a  # a is 60 s old, b only 30
+    clock[0] = 200
+    assert retention.prunable(c) is b  # b is 70 s old now: the newest old enough
+    assert retention.prunable(c) is b  # still, until c is
+    clock[0] = 260
+    assert retention.prunable(c) is c
+    assert Retention(keep_s=0).prunable(a) is a  # nothing kept: prune below the latest

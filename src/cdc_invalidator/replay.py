@@ -42,8 +42,6 @@ UNKNOWN_PERSISTENCE_S = 3600.0
 # written while the server went down, and the replication lag of a promoted replica.
 MARGIN_S = 5.0
 
-_OPS = {op.value: op for op in Op}
-
 
 @dataclass(frozen=True, slots=True)
 class ReplayResult:
@@ -75,7 +73,7 @@ def _queue_event(row: tuple[Any, ...]) -> ChangeEvent:
     # dead-lettered it): left as None, the mapper skips the event.
     return ChangeEvent(
         TableName(schema, table),
-        _OPS.get(op, Op.TRUNCATE),
+        Op(op),  # queue_v1's CHECK allows only Op's values
         old if isinstance(old, dict) else None,
         new if isinstance(new, dict) else None,
         position,
@@ -84,7 +82,7 @@ def _queue_event(row: tuple[Any, ...]) -> ChangeEvent:
 
 def _history_events(text: str) -> Iterator[ChangeEvent]:
     for schema, table, op, old, new in json.loads(text):
-        yield ChangeEvent(TableName(schema, table), _OPS[op], old, new, 0)
+        yield ChangeEvent(TableName(schema, table), Op(op), old, new, 0)
 
 
 def encode_history(events: list[ChangeEvent]) -> str:

@@ -11,7 +11,7 @@ import contextlib
 import time
 from collections import deque
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -275,9 +275,6 @@ class Runner:
         # Committed: Redis had confirmed every delete before the acknowledgement.
         for position, error in batch.dead.items():
             log.warning("event_dead_lettered", position=position, error=error)
-        self.events_processed += batch.size
-        self.keys_deleted += deleted
-        self.dead_letters += len(batch.dead)
         self._observe(batch, deleted)
         log.debug(
             "batch_processed",
@@ -303,16 +300,17 @@ class Runner:
         were acknowledged after their first delete. A Redis error leaves the rest for
         the next try; on shutdown (until=inf) they are done at once, or given up."""
         later = self._later
+        stopping = until == float("inf")
         while later and later[0][0] <= until:
-            work = later[0][1]
-            if until == float("inf"):
-                with contextlib.suppress(*REDIS_UNAVAILABLE):
-                    self.keys_deleted_again += self._sink.delete_routed(work)
-            else:
-                self.keys_deleted_again += self._sink.delete_routed(work)
+            with contextlib.suppress(*REDIS_UNAVAILABLE) if stopping else nullcontext():
+                self.keys_deleted_again += self._sink.delete_routed(later[0][1])
             later.popleft()
 
     def _observe(self, batch: Batch, deleted: int) -> None:
+        """Count an acknowledged batch: the counters logged at exit, and the metrics."""
+        self.events_processed += batch.size
+        self.keys_deleted += deleted
+        self.dead_letters += len(batch.dead)
         m = self.metrics
         m.batches.inc()
         m.events.inc(batch.size)

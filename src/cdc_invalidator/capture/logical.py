@@ -116,12 +116,7 @@ class LogicalCapture:
             try:
                 acked, resync = self._prepare(side)
             except psycopg.errors.InsufficientPrivilege as exc:
-                if "replication" in str(exc):
-                    raise Fatal(
-                        f"role {side.info.user!r} may not use replication slots ({exc}): grant "
-                        "it REPLICATION (ALTER ROLE ... REPLICATION) or run the listener as a "
-                        "role that has it"
-                    ) from None
+                _explain_refusal(side, exc)  # creating the slot needs REPLICATION
                 raise missing_privilege(side.info.user, "logical", exc) from None
             try:
                 repl = psycopg.connect(
@@ -240,16 +235,16 @@ def _clock_offset(side: psycopg.Connection[Any]) -> float:
     return float(row[0]) - (before + after) / 2 if row else 0.0
 
 
-def _explain_refusal(side: psycopg.Connection[Any], exc: psycopg.OperationalError) -> None:
-    """A replication connection refused to a role without REPLICATION is for good: say
-    so (Fatal) instead of retrying forever. (Managed services may grant replication by
-    role membership instead; there, the connection is not refused in the first place.)"""
+def _explain_refusal(side: psycopg.Connection[Any], exc: psycopg.Error) -> None:
+    """A replication connection or slot refused to a role without REPLICATION is for
+    good: say so (Fatal) instead of retrying forever. (Managed services may grant
+    replication by role membership instead; there, it is not refused in the first place.)"""
     row = side.execute(
         "SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user"
     ).fetchone()
     if row is not None and not row[0]:
         raise Fatal(
-            f"role {side.info.user!r} cannot open a replication connection ({exc}): grant it "
+            f"role {side.info.user!r} cannot use replication ({exc}): grant it "
             "REPLICATION (ALTER ROLE ... REPLICATION) or run the listener as a role that has it"
         ) from None
 
@@ -408,10 +403,6 @@ class LogicalStream:
         return batch
 
     def _commit(self, commit: Commit, batch: LogicalBatch, events: int) -> None:
-        if events:
-            # commit_time: microseconds since 2000-01-01 by the server's clock.
-            now = time.time() + self._clock_offset_s
-            batch.txn_ages.append(max(0.0, now - PG_EPOCH - commit.commit_time / 1e6))
         self._in_txn = None
         self._txn_events = 0
         self._read_upto = batch.ack_lsn = commit.end_lsn
@@ -420,6 +411,9 @@ class LogicalStream:
             # Some of its events may have been handed out in earlier batches: the slot
             # is owed this position all the same.
             batch.event_commit = commit.end_lsn
+            # commit_time: microseconds since 2000-01-01 by the server's clock.
+            now = time.time() + self._clock_offset_s
+            batch.txn_ages.append(max(0.0, now - PG_EPOCH - commit.commit_time / 1e6))
 
     def _keepalive(self, msg: Keepalive, batch: LogicalBatch) -> None:
         self._received = max(self._received, msg.wal_end)

@@ -114,16 +114,13 @@ class Retention:
     def prunable(self, done: Snapshot) -> Snapshot | None:
         if not self.keep_s:
             return done
-        now = time.monotonic()
-        if not self._seen or self._seen[-1][1] is not done:
-            self._seen.append((now, done))
-        old_enough: Snapshot | None = None
-        while self._seen and self._seen[0][0] <= now - self.keep_s:
-            old_enough = self._seen.popleft()[1]
-        if old_enough is not None:
-            # Still the one to prune below until a newer one is old enough.
-            self._seen.appendleft((now - self.keep_s, old_enough))
-        return old_enough
+        seen, now = self._seen, time.monotonic()
+        if not seen or seen[-1][1] is not done:
+            seen.append((now, done))
+        cutoff = now - self.keep_s
+        while len(seen) > 1 and seen[1][0] <= cutoff:  # a newer one is old enough too
+            seen.popleft()
+        return seen[0][1] if seen[0][0] <= cutoff else None
 
 
 class TriggerCapture:
@@ -173,12 +170,12 @@ class TriggerQueue:
         conn: psycopg.Connection[Any],
         progress: Progress,
         prune_every_s: float,
-        retention: Retention | None = None,
+        retention: Retention,
     ) -> None:
         self._conn = conn
         self._progress = progress
         self._prune_every_s = prune_every_s
-        self._retention = retention or Retention(0.0)
+        self._retention = retention
         self._pruned_for: Snapshot | None = None
         self._pruned_at = time.monotonic()
         self._prune_more = False
@@ -215,13 +212,12 @@ class TriggerQueue:
         if rows[0][2] is None:  # an empty window: one row of NULLs besides the snapshot
             rows = []
         batch = QueueBatch(size=len(rows), events=[], read_at=time.monotonic())
-        last_xid = None
-        for row in rows:  # one age per transaction: rows come in xid order
-            if row[1] != last_xid:
-                last_xid = row[1]
-                batch.txn_ages.append(row[8])
+        ages, last_xid = batch.txn_ages, None
         parsed = _parse_all(rows)
         for i, row in enumerate(rows):
+            if row[1] != last_xid:  # one age per transaction: rows come in xid order
+                last_xid = row[1]
+                ages.append(row[8])
             try:
                 batch.events.append(self._decode(row, parsed, i))
             except InvalidEvent as exc:
