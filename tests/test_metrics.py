@@ -144,3 +144,21 @@ def test_unknown_path_is_404_and_a_taken_port_is_a_clear_error(env: Env, spawn: 
     assert f":{port}" in failed[0]["error"]
     assert "Traceback" not in second.stderr
     stop_listener(listener)
+
+
+def test_second_deletes_that_undo_a_late_set_are_counted(env: Env, spawn: Spawn) -> None:
+    port = free_port()
+    config = setup_users(env, rows=1, metrics_port=port, second_delete_ms=300)
+    listener = spawn(config)
+    wait_until(lambda: probe(port, "/readyz")[0] == 200, what="the listener ready")
+    r = env.redis()
+    cache(r, [1])
+    env.sql("UPDATE users SET email = 'late@x' WHERE id = 1")
+    wait_until(lambda: r.exists("user:1") == 0, what="the first delete")
+    r.set("user:1", "stale")  # a slow reader's SET of the old row
+    wait_until(lambda: r.exists("user:1") == 0, what="the second delete")
+    wait_until(
+        lambda: metric(scrape(port), "cdc_invalidator_keys_deleted_again_total") == 1,
+        what="the second delete counted",
+    )
+    stop_listener(listener)

@@ -303,7 +303,9 @@ class Runner:
         stopping = until == float("inf")
         while later and later[0][0] <= until:
             with contextlib.suppress(*REDIS_UNAVAILABLE) if stopping else nullcontext():
-                self.keys_deleted_again += self._sink.delete_routed(later[0][1])
+                again = self._sink.delete_routed(later[0][1])
+                self.keys_deleted_again += again
+                self.metrics.keys_deleted_again.inc(again)
             later.popleft()
 
     def _observe(self, batch: Batch, deleted: int) -> None:
