@@ -328,22 +328,40 @@ class Chaos:
         for n in range(self.p.readers):
             self._thread(f"reader-{n}", self._reader)
 
-    def _writer(self, rng: random.Random, stats: Stats) -> None:
+    def _loop(
+        self,
+        stop: threading.Event,
+        pause_s: float,
+        stats: Stats,
+        step: Callable[[psycopg.Connection[Any]], object],
+        errors: tuple[type[Exception], ...],
+    ) -> None:
+        """`step` until `stop`, on a connection of the app's own: after any of `errors`,
+        count it, drop what was read and reconnect."""
         conn: psycopg.Connection[Any] | None = None
-        while not self._stop_writers.is_set():
+        while not stop.is_set():
             try:
                 if conn is None or conn.closed:
                     conn = self.connect(application_name=APP_NAME)
-                self._write(conn, rng, stats)
-            except psycopg.Error:
+                step(conn)
+            except errors:
                 stats.errors += 1
                 if conn is not None:
                     conn.close()
                 conn = None
                 time.sleep(0.02)
-            time.sleep(self.p.writer_pause_s)
+            time.sleep(pause_s)
         if conn is not None:
             conn.close()
+
+    def _writer(self, rng: random.Random, stats: Stats) -> None:
+        self._loop(
+            self._stop_writers,
+            self.p.writer_pause_s,
+            stats,
+            lambda conn: self._write(conn, rng, stats),
+            (psycopg.Error,),
+        )
 
     def _write(self, conn: psycopg.Connection[Any], rng: random.Random, stats: Stats) -> None:
         i = rng.randint(1, self.p.ids)
@@ -391,40 +409,36 @@ class Chaos:
             self.history.note(row_id, f"{op} committed: email={email} version={version}")
 
     def _reader(self, rng: random.Random, stats: Stats) -> None:
-        conn: psycopg.Connection[Any] | None = None
         # No retries inside redis-py: a SET that failed is dropped, never sent again later
         # with what was read before the failure.
         r = self.redis_client(retry=Retry(NoBackoff(), 0))
-        while not self._stop_readers.is_set():
-            try:
-                if conn is None or conn.closed:
-                    conn = self.connect(application_name=APP_NAME)
-                i = rng.randint(1, self.p.ids)
-                slow = 0.0
-                if rng.random() < self.p.slow_read_share:
-                    slow = rng.uniform(0, self.p.slow_read_ms / 1000)
-                value = self._cache_aside(r, conn, stats, f"user:{i}", ("id", i), slow=slow)
-                roll = rng.random()
-                if roll < 0.4 and value != "null":  # the email of what we got
-                    email = str(json.loads(value)[1])
-                    self._cache_aside(
-                        r, conn, stats, f"user:email:{email}", ("email", email), slow=slow
-                    )
-                elif roll < 0.7:  # an email that may or may not be there
-                    email = email_of(i, rng.randrange(EMAILS_PER_ID))
-                    self._cache_aside(
-                        r, conn, stats, f"user:email:{email}", ("email", email), slow=slow
-                    )
-            except (psycopg.Error, redis.RedisError):
-                stats.errors += 1
-                if conn is not None:
-                    conn.close()
-                conn = None
-                time.sleep(0.02)
-            time.sleep(self.p.reader_pause_s)
-        if conn is not None:
-            conn.close()
-        r.close()
+        try:
+            self._loop(
+                self._stop_readers,
+                self.p.reader_pause_s,
+                stats,
+                lambda conn: self._read(r, conn, rng, stats),
+                (psycopg.Error, redis.RedisError),
+            )
+        finally:
+            r.close()
+
+    def _read(
+        self, r: redis.Redis, conn: psycopg.Connection[Any], rng: random.Random, stats: Stats
+    ) -> None:
+        i = rng.randint(1, self.p.ids)
+        slow = 0.0
+        if rng.random() < self.p.slow_read_share:
+            slow = rng.uniform(0, self.p.slow_read_ms / 1000)
+        value = self._cache_aside(r, conn, stats, f"user:{i}", ("id", i), slow=slow)
+        roll = rng.random()
+        if roll < 0.4 and value != "null":  # the email of what we got
+            email = str(json.loads(value)[1])
+        elif roll < 0.7:  # an email that may or may not be there
+            email = email_of(i, rng.randrange(EMAILS_PER_ID))
+        else:
+            return
+        self._cache_aside(r, conn, stats, f"user:email:{email}", ("email", email), slow=slow)
 
     def _cache_aside(
         self,
