@@ -889,6 +889,23 @@ def stopped_listener(env: Env, spawn: Spawn, config: Path) -> None:
     assert not active(env)
 
 
+def installed_then_stopped(env: Env, spawn: Spawn) -> Path:
+    """users and orders installed, and a listener that ran (its slot in use before)."""
+    make_tables(env)
+    config = logical_config(env, {**USERS, **ORDERS})
+    install(config)
+    stopped_listener(env, spawn, config)
+    return config
+
+
+def recreated_slot(listener: ListenerProcess, env: Env) -> dict[str, Any]:
+    """The slot the listener created once (after the old one was lost)."""
+    assert len(listener.logged("slot_created")) == 1
+    found = slot(env)
+    assert found is not None
+    return found
+
+
 def assert_swept_then_resumes(
     env: Env, listener: ListenerProcess, r: redis.Redis, reason: str
 ) -> None:
@@ -911,10 +928,7 @@ def assert_swept_then_resumes(
 
 
 def test_slot_dropped_while_stopped_sweeps_every_table(env: Env, spawn: Spawn) -> None:
-    make_tables(env)
-    config = logical_config(env, {**USERS, **ORDERS})
-    install(config)
-    stopped_listener(env, spawn, config)
+    config = installed_then_stopped(env, spawn)
     env.sql("SELECT pg_drop_replication_slot('cdc_invalidator')")
     env.sql("UPDATE users SET email = 'lost@x' WHERE id = 2")  # a change nobody captures
     r = env.redis()
@@ -922,19 +936,13 @@ def test_slot_dropped_while_stopped_sweeps_every_table(env: Env, spawn: Spawn) -
 
     listener = spawn(config)
     assert_swept_then_resumes(env, listener, r, "is gone")
-    assert len(listener.logged("slot_created")) == 1
-    found = slot(env)
-    assert found is not None
-    assert found["plugin"] == "pgoutput"
+    assert recreated_slot(listener, env)["plugin"] == "pgoutput"
     stop(listener)
 
 
 @pytest.mark.parametrize("how", ["re-created", "consumed by another client"])
 def test_slot_moved_by_someone_else_sweeps_every_table(env: Env, spawn: Spawn, how: str) -> None:
-    make_tables(env)
-    config = logical_config(env, {**USERS, **ORDERS})
-    install(config)
-    stopped_listener(env, spawn, config)
+    config = installed_then_stopped(env, spawn)
     acked, _ = slot_state(env)
     # The listener never sees it. (Flushed at commit: SQL decoding reads flushed WAL only.)
     env.sql("SET synchronous_commit = on; UPDATE users SET email = 'lost@x' WHERE id = 2")
@@ -962,10 +970,7 @@ def test_install_after_the_slot_was_dropped_still_owes_the_sweep(env: Env, spawn
     """The slot went while the listener was stopped, and `install` ran again (a config
     change) before the listener came back: install re-creates the slot, but the changes
     in between were still missed and must be swept."""
-    make_tables(env)
-    config = logical_config(env, {**USERS, **ORDERS})
-    install(config)
-    stopped_listener(env, spawn, config)
+    config = installed_then_stopped(env, spawn)
     env.sql("SELECT pg_drop_replication_slot('cdc_invalidator')")
     env.sql("UPDATE users SET email = 'lost@x' WHERE id = 2")  # no slot: nobody sees it
     install(config)
@@ -983,10 +988,7 @@ def test_install_after_the_slot_was_dropped_still_owes_the_sweep(env: Env, spawn
 
 
 def test_a_sweep_owed_by_hand_is_done_on_start(env: Env, spawn: Spawn) -> None:
-    make_tables(env)
-    config = logical_config(env, {**USERS, **ORDERS})
-    install(config)
-    stopped_listener(env, spawn, config)
+    config = installed_then_stopped(env, spawn)
     env.sql("UPDATE cdc_invalidator.slot_state_v1 SET resync_reason = 'owed: a test said so'")
     r = env.redis()
     cache_all(r)
@@ -1003,10 +1005,7 @@ def test_a_sweep_owed_by_hand_is_done_on_start(env: Env, spawn: Spawn) -> None:
 def test_a_sweep_interrupted_by_a_crash_is_done_by_the_next_listener(
     env: Env, spawn: Spawn
 ) -> None:
-    make_tables(env)
-    config = logical_config(env, {**USERS, **ORDERS})
-    install(config)
-    stopped_listener(env, spawn, config)
+    config = installed_then_stopped(env, spawn)
     env.sql("SELECT pg_drop_replication_slot('cdc_invalidator')")
     r = env.redis()
     cache_all(r)
@@ -1071,10 +1070,7 @@ def test_slot_lost_to_max_slot_wal_keep_size_is_recreated_and_swept(
     cache_all(r)
     listener = spawn(config)
     assert_swept_then_resumes(env, listener, r, "was invalidated")
-    assert len(listener.logged("slot_created")) == 1
-    found = slot(env)
-    assert found is not None
-    assert found["wal_status"] != "lost"
+    assert recreated_slot(listener, env)["wal_status"] != "lost"
     stop(listener)
 
 
