@@ -8,6 +8,7 @@ import re
 import select
 import time
 from pathlib import Path
+from typing import cast
 
 import pytest
 from prometheus_client import generate_latest
@@ -15,9 +16,12 @@ from prometheus_client import generate_latest
 from cdc_invalidator.backoff import Backoff
 from cdc_invalidator.capture.trigger_queue import Retention, Snapshot
 from cdc_invalidator.durations import format_duration, parse_duration
+from cdc_invalidator.mapping import Mapper
 from cdc_invalidator.metrics import Metrics
 from cdc_invalidator.redact import Scrubber, redact_url, secrets_of
+from cdc_invalidator.runner import Runner, RunnerConfig, Source
 from cdc_invalidator.shutdown import Stopper
+from cdc_invalidator.sink.auto import Sink
 
 
 @pytest.mark.parametrize(
@@ -159,3 +163,35 @@ def test_retention_prunes_below_the_newest_snapshot_finished_long_enough_ago(
     clock[0] = 260
     assert retention.prunable(c) is c
     assert Retention(keep_s=0).prunable(a) is a  # nothing kept: prune below the latest
+
+
+# --- what /healthz and /readyz answer -------------------------------------------------------
+
+
+def test_health_follows_the_loop_the_stores_and_the_lag() -> None:
+    stopper = Stopper()
+    runner = Runner(
+        connect=lambda: cast(Source, None),
+        mapper=Mapper({}),
+        sink=cast(Sink, None),
+        config=RunnerConfig(),
+        stopper=stopper,
+    )
+    try:
+        runner.postgres.up()
+        assert (runner.health(60, 30).alive, runner.health(60, 30).ready) == (True, True)
+        runner.active = True  # an active listener needs Redis too
+        assert not runner.health(60, 30).ready
+        runner.redis.up()
+        assert runner.health(60, 30).ready
+        runner.behind_s = 31.0  # behind by more than allowed
+        state = runner.health(60, 30)
+        assert (state.alive, state.ready, state.detail["behind_s"]) == (True, False, 31.0)
+        runner.behind_s = 0.0
+        runner.turned_at -= 61  # the loop has not turned for a minute
+        state = runner.health(60, 30)
+        assert (state.alive, state.ready) == (False, False)
+        runner.active = False  # a standby whose loop stalls is not alive either
+        assert not runner.health(60, 30).alive
+    finally:
+        stopper.close()
