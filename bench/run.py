@@ -17,7 +17,8 @@ settings: fsync and synchronous_commit on) and measures:
    the listener started and timed until every key is gone (and, reported apart, until
    the queue table is empty: a design may delete processed rows later). Floor: one
    Python process SELECTs the key columns of those rows and UNLINKs the keys in a hiredis
-   pipeline, one key per UNLINK (DESIGN.md's floor; a batched variant is reported too).
+   pipeline, one UNLINK per row of its two keys (DESIGN.md's floor is one per key; a
+   batched variant is reported too).
    Peak RSS of the listener (VmHWM). `--big` adds a 1M-change backlog. `--cluster`
    drains the same backlog into a Redis Cluster of 3 masters too (the listener given one
    node's URL), against a floor on that cluster: the same SELECT, then one hiredis
@@ -680,7 +681,7 @@ def start_floor_listener(bench: Bench) -> subprocess.Popen[Any]:
 @dataclass
 class Drain:
     rows: int
-    floor_s: float  # SELECT + one UNLINK per key, pipelined (DESIGN.md's floor)
+    floor_s: float  # SELECT + one UNLINK per row (its two keys), pipelined
     batched_floor_s: float  # SELECT + UNLINK of 1,000 keys per command, pipelined
     ours_s: float  # from the listener's `listener_started` line until every key is gone
     ours_with_start_s: float  # from spawning the process (interpreter start, imports)
