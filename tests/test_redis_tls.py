@@ -15,12 +15,13 @@ from typing import Literal
 
 import pytest
 import redis
+from redis.sentinel import SentinelConnectionPool
 
 from cdc_invalidator.cli import main
 from cdc_invalidator.servers import RedisServer, RedisTls, ServerError
 from cdc_invalidator.settings import ConfigError, load_settings
 from cdc_invalidator.sink import RedisSink
-from cdc_invalidator.sink.connect import RedisOptions
+from cdc_invalidator.sink.connect import RedisOptions, other_db, redis_client
 from tests.conftest import Env
 from tests.helpers import ListenerProcess, ListenerThread, run_cli, wait_until, write_config
 
@@ -130,7 +131,7 @@ def exercise_all_changes(env: Env, r: redis.Redis) -> None:
 
 @pytest.mark.servers
 def test_tls_with_ca_verification(users: Env, tls_redis: RedisServer, certs: Certs) -> None:
-    url = f"rediss://127.0.0.1:{tls_redis.port}/0"
+    url = tls_redis.url
     config = tls_config(users, url, redis_tls_ca_file=str(certs.ca))
     r = admin(tls_redis)
     listener = ListenerThread.from_file(config).start()
@@ -146,7 +147,7 @@ def test_tls_with_ca_verification(users: Env, tls_redis: RedisServer, certs: Cer
 
 @pytest.mark.servers
 def test_tls_with_a_client_certificate(users: Env, mtls_redis: RedisServer, certs: Certs) -> None:
-    url = f"rediss://127.0.0.1:{mtls_redis.port}/0"
+    url = mtls_redis.url
     config = tls_config(
         users,
         url,
@@ -174,7 +175,7 @@ def test_tls_with_a_client_certificate(users: Env, mtls_redis: RedisServer, cert
 def test_a_certificate_from_another_ca_is_refused(
     users: Env, tls_redis: RedisServer, certs: Certs
 ) -> None:
-    url = f"rediss://127.0.0.1:{tls_redis.port}/0"
+    url = tls_redis.url
     config = tls_config(users, url, redis_tls_ca_file=str(certs.other_ca))
     out = run_cli("check", "--config", str(config))
     assert out.returncode == 1
@@ -247,13 +248,13 @@ def test_without_client_setname_the_name_must_be_off(tls_redis: RedisServer, cer
         reset=True,
     )
     url = f"rediss://noname:{PASSWORD}@127.0.0.1:{tls_redis.port}/0"
-    named = RedisSink.from_options(RedisOptions(url, tls_ca_file=str(certs.ca)))
+    named = RedisSink(redis_client(RedisOptions(url, tls_ca_file=str(certs.ca))))
     with pytest.raises(redis.exceptions.NoPermissionError, match=r"client\|setname"):
         named.unlink(["k"])
     named.close()
     r.set("k", "v")
-    nameless = RedisSink.from_options(
-        RedisOptions(url, tls_ca_file=str(certs.ca), client_name=None)
+    nameless = RedisSink(
+        redis_client(RedisOptions(url, tls_ca_file=str(certs.ca), client_name=None))
     )
     assert nameless.unlink(["k"]) == 1
     assert nameless.sweep("k*") == 0
@@ -369,10 +370,6 @@ def test_sentinels_from_the_environment(tmp_path: Path, monkeypatch: pytest.Monk
 
 def test_other_db_keeps_tls_the_user_and_sentinel() -> None:
     """Per-table redis_db: the client for another db connects as the main one does."""
-    from redis.sentinel import SentinelConnectionPool
-
-    from cdc_invalidator.sink.connect import other_db, redis_client
-
     options = RedisOptions(
         "rediss://cdc:pw@ignored/0",
         tls_ca_file="/ca.pem",

@@ -16,10 +16,8 @@ from typing import Any, Protocol
 
 import redis
 import structlog
-from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.connection import parse_url
-from redis.retry import Retry
 
 from cdc_invalidator.capture.errors import Fatal
 from cdc_invalidator.mapping import Invalidation, Routed
@@ -77,15 +75,7 @@ def connect_sink(
     client.close()
     if db:
         raise Fatal(only_db0)
-    cluster = RedisCluster.from_url(
-        options.url,
-        socket_timeout=options.timeout_s,
-        socket_connect_timeout=options.timeout_s,
-        # As for one server: one quick retry; outages are the runner's business.
-        retry=Retry(NoBackoff(), 1),
-        client_name=options.client_name,
-        **options.tls_kwargs(),
-    )
+    cluster = RedisCluster.from_url(options.url, **options.client_kwargs())
     log.info("redis_connected", mode="cluster", primaries=len(primaries(cluster)))
     return ClusterSink(cluster, unlink_chunk=unlink_chunk, scan_count=scan_count)
 
@@ -111,10 +101,6 @@ class AutoSink:
     @property
     def client(self) -> redis.Redis | RedisCluster:
         return self.sink.client
-
-    @property
-    def cluster(self) -> bool:
-        return isinstance(self.sink, ClusterSink)
 
     def delete_routed(self, works: Routed) -> int:
         return self.sink.delete_routed(works)

@@ -82,6 +82,19 @@ class RedisOptions:
             kwargs["ssl_keyfile"] = self.tls_key_file
         return kwargs
 
+    def client_kwargs(self) -> dict[str, Any]:
+        """What every client of ours is built with, a Redis, its master through Sentinel
+        or a RedisCluster: timeouts, one quick retry, the client name, TLS."""
+        return {
+            "socket_timeout": self.timeout_s,
+            "socket_connect_timeout": self.timeout_s,
+            # One immediate retry covers a pooled connection that died with a Redis
+            # restart; longer outages are the runner's business (backoff, one log line).
+            "retry": Retry(NoBackoff(), 1),
+            "client_name": self.client_name,
+            **self.tls_kwargs(),
+        }
+
 
 def split_host_port(address: str) -> tuple[str, int]:
     """ "host:port" (settings validated it) -> (host, port); "[::1]:26379" -> ("::1", ...)."""
@@ -97,15 +110,7 @@ def redis_client(options: RedisOptions) -> redis.Redis:
     replica fails (READONLY, or the connection killed by Sentinel's reconfiguration)
     with a ConnectionError, which the runner retries with back-off.
     """
-    common: dict[str, Any] = {
-        "socket_timeout": options.timeout_s,
-        "socket_connect_timeout": options.timeout_s,
-        # One immediate retry covers a pooled connection that died with a Redis
-        # restart; longer outages are the runner's business (backoff, one log line).
-        "retry": Retry(NoBackoff(), 1),
-        "client_name": options.client_name,
-        **options.tls_kwargs(),
-    }
+    common = options.client_kwargs()
     if not options.sentinels:
         return redis.Redis.from_url(options.url, **common)
     url_kwargs: dict[str, Any] = parse_url(options.url)  # type: ignore[no-untyped-call]

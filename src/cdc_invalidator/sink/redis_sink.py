@@ -8,7 +8,7 @@ from itertools import islice
 import redis
 
 from cdc_invalidator.mapping import Invalidation, Routed
-from cdc_invalidator.sink.connect import MasterWatch, RedisOptions, other_db, redis_client
+from cdc_invalidator.sink.connect import MasterWatch, other_db
 
 # Errors after which the same deletes will work once Redis is back: retry them with
 # back-off. Error replies count too: READONLY (a replica that was a master), LOADING,
@@ -37,20 +37,6 @@ class RedisSink:
         self._unlink_chunk = unlink_chunk
         self._scan_count = scan_count
         self._dbs: dict[int, RedisSink] = {}  # other logical databases (redis_db)
-
-    @classmethod
-    def from_url(
-        cls, url: str, *, timeout_s: float = 5.0, unlink_chunk: int = 500, scan_count: int = 1000
-    ) -> RedisSink:
-        client = redis_client(RedisOptions(url, timeout_s=timeout_s))
-        return cls(client, unlink_chunk=unlink_chunk, scan_count=scan_count)
-
-    @classmethod
-    def from_options(
-        cls, options: RedisOptions, *, unlink_chunk: int = 500, scan_count: int = 1000
-    ) -> RedisSink:
-        """Plain, TLS or through Sentinel (see sink/connect.py)."""
-        return cls(redis_client(options), unlink_chunk=unlink_chunk, scan_count=scan_count)
 
     @property
     def client(self) -> redis.Redis:
