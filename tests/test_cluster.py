@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import cast
 
 import pytest
 import redis
@@ -22,9 +23,10 @@ from cdc_invalidator.servers import RedisClusterServer, RedisServer, ServerError
 from cdc_invalidator.sink import ClusterSink, RedisSink, connect_sink, open_sink
 from cdc_invalidator.sink.cluster_sink import ClusterChanging
 from cdc_invalidator.sink.connect import RedisOptions
-from tests.conftest import Env, Servers, _make_env
+from tests.conftest import Env, Servers, _capture_of, _make_env
 from tests.helpers import wait_until
 from tests.test_semantics import SYNC, install, listening
+from tests.test_semantics import settle as settle_on
 
 USERS = {"public.users": ["user:{id}", "user:email:{email}"]}
 
@@ -59,13 +61,6 @@ def _env(servers: Servers, c: RedisClusterServer, tmp_path: Path, capture: str) 
     yield from _make_env(on_cluster, tmp_path, capture=capture)
 
 
-def _capture_of(request: pytest.FixtureRequest) -> str:
-    if "capture" in request.fixturenames:
-        mode: str = request.getfixturevalue("capture")
-        return mode
-    return "trigger"
-
-
 @pytest.fixture
 def cenv(
     servers: Servers, cluster: RedisClusterServer, tmp_path: Path, request: pytest.FixtureRequest
@@ -78,20 +73,25 @@ def own_cenv(servers: Servers, own_cluster: RedisClusterServer, tmp_path: Path) 
     yield from _env(servers, own_cluster, tmp_path, "trigger")
 
 
-@pytest.fixture
-def rc(cenv: Env) -> Iterator[RedisCluster]:
-    client = RedisCluster.from_url(cenv.redis_url, decode_responses=True)
+def _rc(env: Env) -> Iterator[RedisCluster]:
+    client = RedisCluster.from_url(env.redis_url, decode_responses=True)
     yield client
     client.close()
 
 
+@pytest.fixture
+def rc(cenv: Env) -> Iterator[RedisCluster]:
+    yield from _rc(cenv)
+
+
+@pytest.fixture
+def own_rc(own_cenv: Env) -> Iterator[RedisCluster]:
+    yield from _rc(own_cenv)
+
+
 def settle(env: Env, rc: RedisCluster) -> None:
-    """A change committed to `sync` had its key deleted: everything before it too (the
-    listener handles changes in commit order)."""
-    n = int(env.scalar("SELECT coalesce(max(id), 0) + 1 FROM sync"))
-    rc.set(f"sync:{n}", "x")
-    env.sql(f"INSERT INTO sync VALUES ({n})")
-    wait_until(lambda: rc.exists(f"sync:{n}") == 0, what=f"sync point {n}")
+    """test_semantics.settle through the cluster client (it needs only SET and EXISTS)."""
+    settle_on(env, cast(redis.Redis, rc))
 
 
 def node_of(c: RedisClusterServer, rc: RedisCluster, key: str) -> RedisServer:
@@ -250,18 +250,17 @@ def _other(c: RedisClusterServer, node: RedisServer) -> RedisServer:
 
 
 def test_slot_moved_while_listening_moved_is_followed(
-    own_cenv: Env, own_cluster: RedisClusterServer
+    own_cenv: Env, own_cluster: RedisClusterServer, own_rc: RedisCluster
 ) -> None:
     users_table(own_cenv, 2)
     config = install(own_cenv, USERS)
-    rc = RedisCluster.from_url(own_cenv.redis_url, decode_responses=True)
-    cache_users(rc, [1, 2])
-    src = node_of(own_cluster, rc, "user:1")
+    cache_users(own_rc, [1, 2])
+    src = node_of(own_cluster, own_rc, "user:1")
     dst = _other(own_cluster, src)
     with listening(config):
         # A first change: the listener has read the slot table.
         own_cenv.sql("UPDATE users SET name = 'x' WHERE id = 2")
-        wait_until(lambda: rc.exists("user:2") == 0, what="the first change's keys")
+        wait_until(lambda: own_rc.exists("user:2") == 0, what="the first change's keys")
         migration = Migration(own_cluster, key_slot(b"user:1"), src, dst)
         migration.begin()
         migration.move_keys()
@@ -272,18 +271,16 @@ def test_slot_moved_while_listening_moved_is_followed(
         wait_until(
             lambda: _cmd(dst, "EXISTS", "user:1") == 0, what="user:1 deleted on its new node"
         )
-        settle(own_cenv, rc)
-    rc.close()
+        settle(own_cenv, own_rc)
 
 
 def test_slot_half_migrated_ask_is_followed_and_sweeps_wait(
-    own_cenv: Env, own_cluster: RedisClusterServer
+    own_cenv: Env, own_cluster: RedisClusterServer, own_rc: RedisCluster
 ) -> None:
     users_table(own_cenv, 2)
     config = install(own_cenv, USERS)
-    rc = RedisCluster.from_url(own_cenv.redis_url, decode_responses=True)
-    cache_users(rc, [1, 2])
-    src = node_of(own_cluster, rc, "user:1")
+    cache_users(own_rc, [1, 2])
+    src = node_of(own_cluster, own_rc, "user:1")
     migration = Migration(own_cluster, key_slot(b"user:1"), src, _other(own_cluster, src))
     with listening(config) as listener:
         migration.begin()
@@ -294,29 +291,27 @@ def test_slot_half_migrated_ask_is_followed_and_sweeps_wait(
             lambda: _exists_asking(migration.dst, "user:1") == 0, what="user:1 deleted on dst"
         )
         # A sweep while a slot migrates could miss keys in flight: it waits, retrying.
-        swept = cache_users(rc, range(3, 200))
+        swept = cache_users(own_rc, range(3, 200))
         own_cenv.sql("TRUNCATE users")
         wait_until(lambda: listener.runner.redis.failures >= 2, what="the sweep refused")
         assert listener.runner.redis.available is False
-        assert rc.exists(*swept) == len(swept)
+        assert own_rc.exists(*swept) == len(swept)
         migration.finish()
-        wait_until(lambda: rc.exists(*swept) == 0, what="the sweep once the slot moved")
+        wait_until(lambda: own_rc.exists(*swept) == 0, what="the sweep once the slot moved")
         wait_until(lambda: listener.runner.redis.available is True, what="redis_available")
-        settle(own_cenv, rc)
-    rc.close()
+        settle(own_cenv, own_rc)
 
 
 def test_a_node_down_holds_the_batch_until_it_is_back(
-    own_cenv: Env, own_cluster: RedisClusterServer
+    own_cenv: Env, own_cluster: RedisClusterServer, own_rc: RedisCluster
 ) -> None:
     users_table(own_cenv, 1)
     config = install(own_cenv, USERS)
-    rc = RedisCluster.from_url(own_cenv.redis_url, decode_responses=True)
-    cache_users(rc, [1])
-    node = node_of(own_cluster, rc, "user:1")
+    cache_users(own_rc, [1])
+    node = node_of(own_cluster, own_rc, "user:1")
     _cmd(node, "SAVE")  # the restarted node loads user:1 again from its dump
     with listening(config) as listener:
-        settle(own_cenv, rc)
+        settle(own_cenv, own_rc)
         node.stop()
         own_cenv.sql("UPDATE users SET name = 'y' WHERE id = 1")
         wait_until(lambda: listener.runner.redis.failures >= 2, what="batches failing")
@@ -327,9 +322,8 @@ def test_a_node_down_holds_the_batch_until_it_is_back(
         assert isinstance(info, dict)
         assert info["rdb_last_load_keys_loaded"] >= 1  # user:1 came back with the dump
         wait_until(lambda: listener.runner.redis.available is True, 30, "redis_available")
-        settle(own_cenv, rc)  # the held batch was done, and acknowledged
+        settle(own_cenv, own_rc)  # the held batch was done, and acknowledged
         assert _cmd(node, "EXISTS", "user:1") == 0
-    rc.close()
 
 
 # --- the sink on its own ------------------------------------------------------------------
@@ -341,7 +335,7 @@ def test_open_sink_tells_a_cluster_from_a_server(cluster: RedisClusterServer) ->
         assert isinstance(sink.sink, RedisSink)
         sink.close()
     sink = open_sink(cluster.nodes[2].url)
-    assert sink.cluster
+    assert isinstance(sink.sink, ClusterSink)
     sink.close()
 
 
@@ -408,7 +402,7 @@ def _first_slot(node: RedisServer) -> int:
 
 
 def test_a_node_restarted_from_its_dump_is_replayed(
-    own_cenv: Env, own_cluster: RedisClusterServer
+    own_cenv: Env, own_cluster: RedisClusterServer, own_rc: RedisCluster
 ) -> None:
     """The identity the listener watches covers every primary: one node coming back
     with keys deleted since its dump gets them deleted again."""
@@ -416,13 +410,12 @@ def test_a_node_restarted_from_its_dump_is_replayed(
     own_cenv.sql("CREATE TABLE IF NOT EXISTS sync (id int PRIMARY KEY)")
     config = own_cenv.config({**USERS, **SYNC}, replay_history="1h", redis_check_interval_ms=100)
     assert main(["install", "--config", str(config)]) == 0
-    rc = RedisCluster.from_url(own_cenv.redis_url, decode_responses=True)
-    cache_users(rc, [1])
-    node = node_of(own_cluster, rc, "user:1")
+    cache_users(own_rc, [1])
+    node = node_of(own_cluster, own_rc, "user:1")
     _cmd(node, "SAVE")  # its dump holds user:1
     with listening(config):
         own_cenv.sql("UPDATE users SET name = 'y' WHERE id = 1")
-        wait_until(lambda: rc.exists("user:1") == 0, what="the first delete")
+        wait_until(lambda: own_rc.exists("user:1") == 0, what="the first delete")
         before = own_cenv.scalar("SELECT identity FROM cdc_invalidator.redis_identity_v1")
         node.restart()
         own_cluster.wait_ok()
@@ -436,7 +429,6 @@ def test_a_node_restarted_from_its_dump_is_replayed(
             what="the new identity seen",
         )
         wait_until(lambda: _cmd(node, "EXISTS", "user:1") == 0, what="user:1 deleted again")
-    rc.close()
 
 
 def test_a_cluster_refuses_other_databases_per_table(cluster: RedisClusterServer) -> None:

@@ -10,6 +10,7 @@ import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -32,20 +33,22 @@ class SentinelSetup:
     second: RedisServer  # its replica, the master after the failover
     sentinel: RedisServer
 
+    @cached_property
     def sentinel_client(self) -> redis.Redis:
         return self.sentinel.client(decode_responses=True)
 
     def master_port(self) -> int:
         """The master as SENTINEL MASTERS shows it, which is what redis-py asks (during a
         failover it names the new master after GET-MASTER-ADDR-BY-NAME does)."""
-        masters: Any = self.sentinel_client().sentinel_masters()
+        masters: Any = self.sentinel_client.sentinel_masters()
         state = masters[MASTER]
         assert state["ip"] == "127.0.0.1"
         return int(state["port"])
 
 
 def _role(server: RedisServer) -> dict[str, Any]:
-    info: dict[str, Any] = server.client(decode_responses=True).info("replication")
+    with server.client(decode_responses=True) as client:
+        info: dict[str, Any] = client.info("replication")
     return info
 
 
@@ -58,10 +61,9 @@ def _replica_in_sync(server: RedisServer) -> bool:
 def sentinel_setup() -> Iterator[SentinelSetup]:
     try:
         first = RedisServer.create()
-        second = RedisServer.create()
+        second = RedisServer.create(["--replicaof", "127.0.0.1", str(first.port)])
     except ServerError as exc:
         pytest.skip(f"no redis-server: {exc}")
-    second.args = ["--replicaof", "127.0.0.1", str(first.port)]
     sentinel = RedisServer.create_sentinel(first.port, master_name=MASTER)
     with first, second:
         wait_until(lambda: _replica_in_sync(second), what="the replica in sync")
@@ -69,7 +71,7 @@ def sentinel_setup() -> Iterator[SentinelSetup]:
             setup = SentinelSetup(first, second, sentinel)
 
             def replica_known() -> bool:
-                replicas = setup.sentinel_client().sentinel_slaves(MASTER)
+                replicas = setup.sentinel_client.sentinel_slaves(MASTER)
                 return any(
                     int(r["port"]) == second.port
                     and r.get("master-link-status") == "ok"
@@ -79,6 +81,7 @@ def sentinel_setup() -> Iterator[SentinelSetup]:
 
             wait_until(replica_known, what="the sentinel knowing the replica")
             yield setup
+            setup.sentinel_client.close()
 
 
 def sentinel_config(env: Env, setup: SentinelSetup, name: str = "sentinel.toml") -> Path:
@@ -112,7 +115,7 @@ def test_listener_follows_a_failover(env: Env, sentinel_setup: SentinelSetup) ->
         first_run_id = listener.sink.client.info("server")["run_id"]
         assert first_run_id == first.info("server")["run_id"]
 
-        assert setup.sentinel_client().sentinel_failover(MASTER)
+        assert setup.sentinel_client.sentinel_failover(MASTER)
         wait_until(
             lambda: setup.master_port() == setup.second.port,
             what="the sentinels naming the new master",
@@ -155,7 +158,7 @@ def test_a_quiet_listener_notices_a_failover_and_replays(
     first.set("user:1", "A")
     env.sql("UPDATE users SET email = 'b' WHERE id = 1")
     wait_until(lambda: first.exists("user:1") == 0, what="deleted on the master")
-    assert setup.sentinel_client().sentinel_failover(MASTER)
+    assert setup.sentinel_client.sentinel_failover(MASTER)
     wait_until(lambda: setup.master_port() == setup.second.port, what="the new master named")
     named = time.monotonic()
     wait_until(lambda: listener.logged("redis_changed"), what="the failover noticed")

@@ -58,22 +58,21 @@ def find_pg_bindir() -> Path:
     )
 
 
-def find_redis_server() -> str:
-    found = shutil.which("redis-server") or (
-        "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None
+def _find_binary(name: str, package: str) -> str:
+    found = shutil.which(name) or (
+        f"/usr/bin/{name}" if Path(f"/usr/bin/{name}").exists() else None
     )
     if not found:
-        raise ServerError("redis-server not found: install the redis-server package")
+        raise ServerError(f"{name} not found: install the {package} package")
     return found
+
+
+def find_redis_server() -> str:
+    return _find_binary("redis-server", "redis-server")
 
 
 def find_redis_cli() -> str:
-    found = shutil.which("redis-cli") or (
-        "/usr/bin/redis-cli" if Path("/usr/bin/redis-cli").exists() else None
-    )
-    if not found:
-        raise ServerError("redis-cli not found: install the redis-tools package")
-    return found
+    return _find_binary("redis-cli", "redis-tools")
 
 
 def _pg_user() -> str | None:
@@ -288,26 +287,16 @@ class RedisServer(_Server):
         return cls(directory, port or free_port(), find_redis_server(), args or [], tls=tls)
 
     @classmethod
-    def create_sentinel(
-        cls,
-        master_port: int,
-        *,
-        master_name: str = "mymaster",
-        down_after_ms: int = 1000,
-        failover_timeout_ms: int = 5000,
-        args: list[str] | None = None,
-        port: int | None = None,
-    ) -> Self:
-        """A sentinel watching 127.0.0.1:master_port as `master_name`, quorum 1."""
+    def create_sentinel(cls, master_port: int, master_name: str = "mymaster") -> Self:
+        """A sentinel watching 127.0.0.1:master_port as `master_name`, quorum 1, quick
+        to call it down (1 s) and to give up on a failover (5 s)."""
         directory = Path(tempfile.mkdtemp(prefix="cdc-invalidator-sentinel-"))
         conf = (
             f"sentinel monitor {master_name} 127.0.0.1 {master_port} 1\n"
-            f"sentinel down-after-milliseconds {master_name} {down_after_ms}\n"
-            f"sentinel failover-timeout {master_name} {failover_timeout_ms}\n"
+            f"sentinel down-after-milliseconds {master_name} 1000\n"
+            f"sentinel failover-timeout {master_name} 5000\n"
         )
-        return cls(
-            directory, port or free_port(), find_redis_server(), args or [], sentinel_conf=conf
-        )
+        return cls(directory, free_port(), find_redis_server(), [], sentinel_conf=conf)
 
     @property
     def url(self) -> str:
