@@ -1,16 +1,55 @@
--- What our install recorded for a table: the columns its trigger function copies, how
--- many of our four triggers it carries, and partitions created since that lack them.
+-- What our install recorded for a configured table, against the live catalog: the table
+-- (found by name, or by the name its events carry if it was renamed since), the columns
+-- its capture function copies and what those columns are called now ('' once dropped),
+-- and every way its triggers, or its partitions' triggers, differ from what watch()
+-- made: missing, disabled, not firing ALWAYS, or calling another function.
+WITH w AS (
+    SELECT w.relid, w.columns, w.attnums
+    FROM cdc_invalidator.watched_v1 w
+    WHERE w.relid::oid = to_regclass(%(table)s)::oid
+       OR (to_regclass(%(table)s) IS NULL
+           AND w.schema_name = %(schema)s AND w.table_name = %(name)s)
+    LIMIT 1
+), rels AS (
+    SELECT w.relid AS root, r.rel, r.rel = w.relid AS is_root
+    FROM w, LATERAL (SELECT w.relid AS rel
+                     UNION SELECT pt.relid FROM pg_partition_tree(w.relid) pt) r
+), expected (name) AS (
+    VALUES ('cdc_invalidator_ins_v1'), ('cdc_invalidator_upd_v1'),
+           ('cdc_invalidator_del_v1'), ('cdc_invalidator_trunc_v1')
+), statement_triggers AS (
+    SELECT rels.*, e.name, tg.tgfoid, tg.tgenabled,
+           count(tg.oid) OVER (PARTITION BY rels.rel) AS present
+    FROM rels CROSS JOIN expected e
+    LEFT JOIN pg_trigger tg ON tg.tgrelid = rels.rel AND tg.tgname = e.name
+)
 SELECT
-    (SELECT w.columns FROM cdc_invalidator.watched_v1 w
-      WHERE w.relid::oid = to_regclass(%(table)s)::oid) AS watched_columns,
-    (SELECT count(*) FROM pg_trigger tg
-      WHERE tg.tgrelid = to_regclass(%(table)s)
-        AND tg.tgname IN ('cdc_invalidator_ins_v1', 'cdc_invalidator_upd_v1',
-                          'cdc_invalidator_del_v1', 'cdc_invalidator_trunc_v1'))::int
-        AS triggers,
+    (SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname)
+     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.oid = w.relid) AS live_name,
+    w.columns,
+    ARRAY(SELECT coalesce(a.attname::text, '')
+          FROM unnest(w.attnums) WITH ORDINALITY AS k (n, i)
+          LEFT JOIN pg_attribute a
+            ON a.attrelid = w.relid AND a.attnum = k.n AND NOT a.attisdropped
+          ORDER BY k.i) AS live_columns,
+    w.attnums IS NOT NULL AS has_attnums,
     ARRAY(
-        SELECT pt.relid::regclass::text FROM pg_partition_tree(to_regclass(%(table)s)) pt
-        WHERE pt.relid <> to_regclass(%(table)s)
-          AND (SELECT count(*) FROM pg_trigger tg
-               WHERE tg.tgrelid = pt.relid AND tg.tgname LIKE 'cdc\_invalidator\_%%\_v1') < 4
-        ORDER BY 1) AS unwatched_partitions
+        SELECT s.rel::text FROM statement_triggers s
+        WHERE NOT s.is_root AND s.present = 0 GROUP BY s.rel ORDER BY 1) AS untriggered_partitions,
+    ARRAY(
+        SELECT format('%%s: trigger %%s %%s', s.rel, s.name, CASE
+            WHEN s.tgfoid IS NULL THEN 'is missing'
+            WHEN s.tgfoid::regprocedure::text
+                 <> format('cdc_invalidator.%%I()', 'capture_' || s.root::oid || '_v1')
+                THEN 'calls ' || s.tgfoid::regprocedure::text || ', not our capture function'
+            WHEN s.tgenabled = 'D' THEN 'is disabled'
+            ELSE 'does not fire ALWAYS: writes made with session_replication_role = replica '
+                 'are not captured' END)
+        FROM statement_triggers s
+        WHERE (s.is_root OR s.present > 0)
+          AND (s.tgfoid IS NULL OR s.tgenabled <> 'A'
+               OR s.tgfoid::regprocedure::text
+                  <> format('cdc_invalidator.%%I()', 'capture_' || s.root::oid || '_v1'))
+        ORDER BY 1) AS trigger_problems
+FROM w

@@ -89,15 +89,120 @@ CREATE TABLE IF NOT EXISTS cdc_invalidator.redis_identity_v1 (
     seen_at   timestamptz NOT NULL DEFAULT now()
 );
 
+-- Which tables carry our triggers: the columns their capture function copies (as the
+-- configuration names them), where those columns were then (attnum: a rename keeps it, so
+-- a renamed column is still found), and the name the events carry (the configured one,
+-- which a later ALTER TABLE ... RENAME does not change).
 CREATE TABLE IF NOT EXISTS cdc_invalidator.watched_v1 (
     relid      regclass PRIMARY KEY,
     columns    text[] NOT NULL,
     watched_at timestamptz NOT NULL DEFAULT now()
 );
+ALTER TABLE cdc_invalidator.watched_v1
+    ADD COLUMN IF NOT EXISTS attnums     int2[],
+    ADD COLUMN IF NOT EXISTS schema_name text,
+    ADD COLUMN IF NOT EXISTS table_name  text;
 
 -- `cdc-invalidator check` compares this with the version the listener expects.
 CREATE OR REPLACE FUNCTION cdc_invalidator.schema_version() RETURNS integer
 LANGUAGE sql IMMUTABLE AS 'SELECT 1';
+
+-- queue_statement_v1(op, names, labels, columns): the statement a capture function runs
+-- for a statement of kind `op` (TG_OP) on a watched table: one INSERT ... SELECT from the
+-- statement's transition table into the queue, copying `columns` (as PostgreSQL's text
+-- output) under the names `labels` (the configuration's). `names` is the quoted
+-- 'schema', 'table' pair the events carry. The one place that says how a row becomes a
+-- queue row: watch() compiles its result into each table's capture function, and a
+-- capture function whose columns were renamed since runs it again with the new names.
+CREATE OR REPLACE FUNCTION cdc_invalidator.queue_statement_v1(
+    op text, names text, labels text[], columns text[])
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp
+AS $statement$
+DECLARE
+    -- json_build_object('id', r.id::text, 'email', r.email::text)
+    row_json text := 'json_build_object(' || coalesce((
+        SELECT string_agg(format('%L, r.%I::text', l, c), ', ' ORDER BY i)
+        FROM unnest(labels, columns) WITH ORDINALITY AS k (l, c, i)), '') || ')';
+BEGIN
+    RETURN CASE op
+        WHEN 'INSERT' THEN format(
+            'INSERT INTO cdc_invalidator.queue_v1 (schema_name, table_name, op, new_row) '
+            'SELECT %s, ''I'', %s FROM new_rows r', names, row_json)
+        -- Old and new rows are paired by position. Were the pairing ever off, the
+        -- statement's events would still name every old and new key.
+        WHEN 'UPDATE' THEN format(
+            'INSERT INTO cdc_invalidator.queue_v1 (schema_name, table_name, op, old_row, new_row) '
+            'SELECT %1$s, ''U'', o.j, n.j '
+            'FROM (SELECT row_number() OVER () AS rn, %2$s AS j FROM old_rows r) o '
+            'JOIN (SELECT row_number() OVER () AS rn, %2$s AS j FROM new_rows r) n USING (rn)',
+            names, row_json)
+        WHEN 'DELETE' THEN format(
+            'INSERT INTO cdc_invalidator.queue_v1 (schema_name, table_name, op, old_row) '
+            'SELECT %s, ''D'', %s FROM old_rows r', names, row_json)
+        WHEN 'TRUNCATE' THEN format(
+            'INSERT INTO cdc_invalidator.queue_v1 (schema_name, table_name, op) '
+            'VALUES (%s, ''T'')', names)
+    END;
+END
+$statement$;
+
+-- queue_drifted_v1(table, labels, attnums, op, names): the statement for a capture
+-- function whose compiled column names no longer all exist (a column was renamed or
+-- dropped since watch()). Columns are found again by attnum, which a rename keeps: the
+-- events carry the same values under the configured names, so invalidation follows the
+-- rename. When a key column is gone, the change cannot be rendered: the statement queues
+-- a sweep of the table's templates instead (a TRUNCATE event with the reason, which the
+-- listener logs and counts). Never an error: a migration must not fail a write.
+CREATE OR REPLACE FUNCTION cdc_invalidator.queue_drifted_v1(
+    tbl regclass, labels text[], attnums int2[], op text, names text)
+RETURNS text
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $drifted$
+DECLARE
+    current text[];
+    gone    text;
+BEGIN
+    SELECT array_agg(a.attname::text ORDER BY k.i),
+           string_agg(quote_ident(k.l), ', ' ORDER BY k.i) FILTER (WHERE a.attname IS NULL)
+    INTO current, gone
+    FROM unnest(labels, attnums) WITH ORDINALITY AS k (l, n, i)
+    LEFT JOIN pg_attribute a ON a.attrelid = tbl AND a.attnum = k.n AND NOT a.attisdropped;
+    IF gone IS NOT NULL OR attnums IS NULL THEN
+        RETURN format(
+            'INSERT INTO cdc_invalidator.queue_v1 (schema_name, table_name, op, new_row) '
+            'VALUES (%s, ''T'', json_build_object(''unrenderable'', %L))',
+            names, format('key column %s of %s no longer exists', coalesce(gone, '?'), tbl));
+    END IF;
+    RETURN cdc_invalidator.queue_statement_v1(op, names, labels, current);
+END
+$drifted$;
+
+-- The row trigger a watched partitioned table carries for partitions created or attached
+-- after watch(): statement triggers fire only on the table a statement names, so a write
+-- naming a new partition would otherwise go unseen until `install` gave it triggers of
+-- its own. Partitions that have them have this trigger disabled. A change it sees cannot
+-- be rendered here cheaply, so it queues one sweep of the table's templates per
+-- transaction (TG_ARGV: the schema and table name the events carry). It reads and writes
+-- only our queue: the installing role may own it.
+CREATE OR REPLACE FUNCTION cdc_invalidator.sweep_untriggered_v1()
+RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $untriggered$
+BEGIN
+    IF NOT EXISTS (
+        SELECT FROM cdc_invalidator.queue_v1 q
+        WHERE q.xid = pg_current_xact_id() AND q.op = 'T'
+          AND q.schema_name = TG_ARGV[0] AND q.table_name = TG_ARGV[1]) THEN
+        INSERT INTO cdc_invalidator.queue_v1 (schema_name, table_name, op, new_row)
+        VALUES (TG_ARGV[0], TG_ARGV[1], 'T', json_build_object('unrenderable', format(
+            'partition %s has no capture triggers (created after install)',
+            TG_RELID::regclass)));
+        PERFORM pg_notify('cdc_invalidator_v1', '');
+    END IF;
+    RETURN NULL;
+END
+$untriggered$;
 
 -- watch(table, columns): capture every committed change of `table`, copying `columns`.
 -- It (re)generates one trigger function for the table, with the column list compiled
@@ -106,9 +211,25 @@ LANGUAGE sql IMMUTABLE AS 'SELECT 1';
 -- one INSERT ... SELECT into the queue instead of 100k trigger calls. TRUNCATE fires
 -- no row triggers at all: its own trigger queues one event for the whole table.
 -- Calling it again with other columns replaces the function; the triggers stay.
--- SECURITY DEFINER (owner: the installing role) so that writers need no privilege on
--- the queue; the pinned search_path and format('%I'/'%L') keep table and column names
--- from ever running as SQL.
+--
+-- What keeps writes safe and changes seen while the schema changes under it:
+--  * Every trigger fires ALWAYS, so writes applied with session_replication_role =
+--    replica (logical-replication subscribers, some loaders) are captured too.
+--  * The capture function first checks that the compiled column names still exist (a
+--    query that cannot run if they do not, in a block that catches just that). This
+--    block is a read-only subtransaction: it never takes a transaction id, so it adds
+--    nothing to the 64-entry subtransaction cache whose overflow slows the server.
+--    When they are gone, queue_drifted_v1 finds the columns by attnum (a rename) or
+--    queues a sweep (a dropped column): a migration never makes a write fail.
+--  * The capture function belongs to the table's owner (SECURITY DEFINER as that role):
+--    converting a column to text can run code the table's owner chose (a type's output
+--    function or cast), and it must never run with the installer's rights. The owner is
+--    granted INSERT on the queue's event columns, nothing else.
+--  * A partitioned table also carries a row trigger, cloned by PostgreSQL onto every
+--    partition created or attached later, which sweeps until `install` runs again.
+-- SECURITY DEFINER (owner: the installing role) so that it may create triggers and hand
+-- the function to the table's owner; the pinned search_path and format('%I'/'%L') keep
+-- table and column names from ever running as SQL.
 CREATE OR REPLACE FUNCTION cdc_invalidator.watch(tbl regclass, key_columns text[])
 RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -116,17 +237,27 @@ AS $watch$
 DECLARE
     fn       text := format('cdc_invalidator.%I', 'capture_' || tbl::oid || '_v1');
     missing  text;
-    row_json text;
     kind     "char";
+    owner    regrole;
+    schema_n name;
+    table_n  name;
     names    text;
+    attnums  int2[];
+    probe    text;
     body     text;
     rel      regclass;
     trg      record;
 BEGIN
-    SELECT relkind INTO kind FROM pg_class WHERE oid = tbl;
+    SELECT c.relkind, c.relowner, n.nspname, c.relname INTO kind, owner, schema_n, table_n
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = tbl;
     IF kind NOT IN ('r', 'p') THEN
         RAISE EXCEPTION 'cdc_invalidator.watch: % is not a table', tbl
             USING ERRCODE = 'wrong_object_type';
+    END IF;
+    IF NOT pg_has_role(current_user, owner, 'MEMBER') THEN
+        RAISE EXCEPTION 'cdc_invalidator.watch: table % belongs to role %, and role % is not a member of it', tbl, owner, current_user
+            USING HINT = 'Run install as the owner of the watched tables, a role that is a member of their owners, or a superuser: each table''s capture function must belong to its owner.',
+                  ERRCODE = 'insufficient_privilege';
     END IF;
     key_columns := ARRAY(SELECT DISTINCT c FROM unnest(coalesce(key_columns, '{}')) c ORDER BY c);
     SELECT string_agg(quote_ident(c), ', ') INTO missing
@@ -138,33 +269,50 @@ BEGIN
         RAISE EXCEPTION 'cdc_invalidator.watch: table % has no column %', tbl, missing
             USING ERRCODE = 'undefined_column';
     END IF;
-
-    -- json_build_object('id', r.id::text, 'email', r.email::text)
-    SELECT 'json_build_object(' || coalesce(string_agg(format('%L, r.%I::text', c, c), ', '), '') || ')'
-    INTO row_json FROM unnest(key_columns) c;
+    attnums := ARRAY(
+        SELECT a.attnum FROM unnest(key_columns) WITH ORDINALITY AS k (c, i)
+        JOIN pg_attribute a ON a.attrelid = tbl AND a.attname = k.c ORDER BY k.i);
     -- The watched table's own schema and name, compiled in: a write that names one of
-    -- its partitions is still a change of the table the configuration knows.
-    SELECT format('%L, %L', n.nspname, c.relname) INTO names
-    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = tbl;
+    -- its partitions is still a change of the table the configuration knows, and so is
+    -- a write after the table was renamed (check reports that the configuration drifted).
+    names := format('%L, %L', schema_n, table_n);
+    -- false AND (r.a IS NULL AND r.b IS NULL): planned, so it fails on a missing column,
+    -- and never run.
+    probe := 'false AND (' || coalesce((
+        SELECT string_agg(format('r.%I IS NULL', c), ' AND ') FROM unnest(key_columns) c),
+        'true') || ')';
 
     body := format($body$
+        DECLARE
+            renamed boolean := false;
+            queued  bigint;
         BEGIN
-            IF TG_OP = 'INSERT' THEN
-                INSERT INTO cdc_invalidator.queue_v1 (schema_name, table_name, op, new_row)
-                SELECT %1$s, 'I', %2$s FROM new_rows r;
+            IF TG_OP <> 'TRUNCATE' THEN
+                BEGIN
+                    IF TG_OP = 'INSERT' THEN
+                        PERFORM FROM new_rows r WHERE %3$s;
+                    ELSE
+                        PERFORM FROM old_rows r WHERE %3$s;
+                    END IF;
+                EXCEPTION WHEN undefined_column THEN
+                    renamed := true;
+                END;
+            END IF;
+            IF renamed THEN
+                EXECUTE cdc_invalidator.queue_drifted_v1(%4$s, %5$L, %6$L, TG_OP, %7$L);
+                GET DIAGNOSTICS queued = ROW_COUNT;
+                IF queued > 0 THEN
+                    PERFORM pg_notify('cdc_invalidator_v1', '');
+                END IF;
+                RETURN NULL;
+            ELSIF TG_OP = 'INSERT' THEN
+                %1$s;
             ELSIF TG_OP = 'UPDATE' THEN
-                -- Old and new rows are paired by position. Were the pairing ever off,
-                -- the statement's events would still name every old and new key.
-                INSERT INTO cdc_invalidator.queue_v1 (schema_name, table_name, op, old_row, new_row)
-                SELECT %1$s, 'U', o.j, n.j
-                FROM (SELECT row_number() OVER () AS rn, %2$s AS j FROM old_rows r) o
-                JOIN (SELECT row_number() OVER () AS rn, %2$s AS j FROM new_rows r) n USING (rn);
+                %2$s;
             ELSIF TG_OP = 'DELETE' THEN
-                INSERT INTO cdc_invalidator.queue_v1 (schema_name, table_name, op, old_row)
-                SELECT %1$s, 'D', %2$s FROM old_rows r;
+                %8$s;
             ELSE
-                INSERT INTO cdc_invalidator.queue_v1 (schema_name, table_name, op)
-                VALUES (%1$s, 'T');
+                %9$s;
             END IF;
             -- A wake-up only: the queue row is the record. Identical notifications
             -- in one transaction fold into one, delivered at commit.
@@ -173,7 +321,12 @@ BEGIN
             END IF;
             RETURN NULL;
         END
-    $body$, names, row_json);
+    $body$,
+        cdc_invalidator.queue_statement_v1('INSERT', names, key_columns, key_columns),
+        cdc_invalidator.queue_statement_v1('UPDATE', names, key_columns, key_columns),
+        probe, tbl::oid, key_columns, attnums, names,
+        cdc_invalidator.queue_statement_v1('DELETE', names, key_columns, key_columns),
+        cdc_invalidator.queue_statement_v1('TRUNCATE', names, key_columns, key_columns));
 
     -- The body goes in as a quoted literal (%L): no table or column name can end it
     -- early. The settings that change how values print as text are pinned, so that a
@@ -184,10 +337,15 @@ BEGIN
         'SET "IntervalStyle" = %L SET extra_float_digits = 1 AS %L',
         fn, 'UTC', 'ISO, MDY', 'postgres', body);
     EXECUTE format('REVOKE ALL ON FUNCTION %s() FROM PUBLIC', fn);
+    EXECUTE format('ALTER FUNCTION %s() OWNER TO %s', fn, owner);
+    EXECUTE format('GRANT USAGE ON SCHEMA cdc_invalidator TO %s', owner);
+    EXECUTE format('GRANT INSERT (schema_name, table_name, op, old_row, new_row) '
+                   'ON TABLE cdc_invalidator.queue_v1 TO %s', owner);
 
     -- The table, and for a partitioned table every partition too: statement triggers
-    -- fire only on the table a statement names. Only missing triggers are created, so
-    -- re-running watch() takes no table lock beyond what replacing the function needs.
+    -- fire only on the table a statement names. Only missing triggers are created, and
+    -- only triggers not firing ALWAYS are altered, so re-running watch() takes no table
+    -- lock beyond what replacing the function needs.
     -- (pg_partition_tree lists nothing for a table that is not partitioned.)
     FOR rel IN SELECT tbl UNION SELECT p.relid FROM pg_partition_tree(tbl) p LOOP
         FOR trg IN
@@ -203,11 +361,35 @@ BEGIN
                 EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s %s FOR EACH STATEMENT EXECUTE FUNCTION %s()',
                                trg.name, trg.event, rel, trg.referencing, fn);
             END IF;
+            IF (SELECT tgenabled FROM pg_trigger WHERE tgrelid = rel AND tgname = trg.name) <> 'A' THEN
+                EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER %I', rel, trg.name);
+            END IF;
         END LOOP;
     END LOOP;
+    IF kind = 'p' THEN
+        IF NOT EXISTS (SELECT FROM pg_trigger WHERE tgrelid = tbl AND tgname = 'cdc_invalidator_part_v1') THEN
+            EXECUTE format('CREATE TRIGGER cdc_invalidator_part_v1 AFTER INSERT OR UPDATE OR DELETE ON %s '
+                           'FOR EACH ROW EXECUTE FUNCTION cdc_invalidator.sweep_untriggered_v1(%L, %L)',
+                           tbl, schema_n, table_n);
+        END IF;
+        -- ALWAYS on the table, which new partitions' copies inherit; off on the
+        -- partitions that have statement triggers of their own (all of them, now).
+        IF (SELECT tgenabled FROM pg_trigger WHERE tgrelid = tbl AND tgname = 'cdc_invalidator_part_v1') <> 'A' THEN
+            EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER cdc_invalidator_part_v1', tbl);
+        END IF;
+        FOR rel IN
+            SELECT tg.tgrelid::regclass FROM pg_trigger tg
+            WHERE tg.tgname = 'cdc_invalidator_part_v1' AND tg.tgparentid <> 0 AND tg.tgenabled <> 'D'
+              AND tg.tgrelid IN (SELECT p.relid FROM pg_partition_tree(tbl) p)
+        LOOP
+            EXECUTE format('ALTER TABLE %s DISABLE TRIGGER cdc_invalidator_part_v1', rel);
+        END LOOP;
+    END IF;
 
-    INSERT INTO cdc_invalidator.watched_v1 (relid, columns) VALUES (tbl, key_columns)
-    ON CONFLICT (relid) DO UPDATE SET columns = EXCLUDED.columns, watched_at = now();
+    INSERT INTO cdc_invalidator.watched_v1 (relid, columns, attnums, schema_name, table_name)
+    VALUES (tbl, key_columns, attnums, schema_n, table_n)
+    ON CONFLICT (relid) DO UPDATE SET columns = EXCLUDED.columns, attnums = EXCLUDED.attnums,
+        schema_name = EXCLUDED.schema_name, table_name = EXCLUDED.table_name, watched_at = now();
 END
 $watch$;
 
@@ -218,26 +400,36 @@ RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $unwatch$
 DECLARE
-    t   record;
-    fns regprocedure[] := '{}';
-    fn  regprocedure;
+    t     record;
+    fn    regprocedure := to_regprocedure(format('cdc_invalidator.%I()', 'capture_' || tbl::oid || '_v1'));
+    owner regrole;
 BEGIN
     FOR t IN
-        SELECT tg.tgname, tg.tgrelid::regclass AS rel, p.oid::regprocedure AS fn
+        SELECT tg.tgname, tg.tgrelid::regclass AS rel
         FROM pg_trigger tg JOIN pg_proc p ON p.oid = tg.tgfoid
         WHERE (tg.tgrelid = tbl OR tg.tgrelid IN (SELECT pt.relid FROM pg_partition_tree(tbl) pt))
           AND tg.tgname LIKE 'cdc\_invalidator\_%\_v1'
           AND p.pronamespace = 'cdc_invalidator'::regnamespace
+          -- A partition's copy of the table's row trigger goes with the table's.
+          AND tg.tgparentid = 0
     LOOP
         EXECUTE format('DROP TRIGGER %I ON %s', t.tgname, t.rel);
-        fns := fns || t.fn;
     END LOOP;
-    -- The triggers share one function: drop it once none of them is left. A table that
-    -- was dropped took its triggers along; its function is found by name.
-    fns := fns || to_regprocedure(format('cdc_invalidator.%I()', 'capture_' || tbl::oid || '_v1'));
-    FOREACH fn IN ARRAY ARRAY(SELECT DISTINCT f FROM unnest(fns) f WHERE f IS NOT NULL) LOOP
-        EXECUTE format('DROP FUNCTION IF EXISTS %s', fn);
-    END LOOP;
+    -- The triggers share one function, found by name (a table that was dropped took its
+    -- triggers along). Its owner (the table's) keeps its INSERT on the queue only while
+    -- it owns another table's capture function.
+    IF fn IS NOT NULL THEN
+        SELECT p.proowner INTO owner FROM pg_proc p WHERE p.oid = fn;
+        EXECUTE format('DROP FUNCTION %s', fn);
+        IF owner <> (SELECT nspowner FROM pg_namespace WHERE nspname = 'cdc_invalidator')
+           AND NOT EXISTS (
+               SELECT FROM pg_proc p
+               WHERE p.pronamespace = 'cdc_invalidator'::regnamespace AND p.proowner = owner
+                 AND p.proname LIKE 'capture\_%\_v1') THEN
+            EXECUTE format('REVOKE INSERT (schema_name, table_name, op, old_row, new_row) '
+                           'ON TABLE cdc_invalidator.queue_v1 FROM %s', owner);
+        END IF;
+    END IF;
     DELETE FROM cdc_invalidator.watched_v1 WHERE relid = tbl;
 END
 $unwatch$;
@@ -245,3 +437,6 @@ $unwatch$;
 -- Changing triggers runs with the installer's rights: nobody else may call these.
 REVOKE ALL ON FUNCTION cdc_invalidator.watch(regclass, text[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cdc_invalidator.unwatch(regclass) FROM PUBLIC;
+-- Nobody but our triggers runs this one; a role that could attach it to a table of its
+-- own could queue sweeps.
+REVOKE ALL ON FUNCTION cdc_invalidator.sweep_untriggered_v1() FROM PUBLIC;

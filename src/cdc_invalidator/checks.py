@@ -54,6 +54,13 @@ def check_database(conn: psycopg.Connection[Any], settings: Settings, config_nam
 
     for table, templates in sorted(mapper.tables.items()):
         where = f"{config_name}: [tables.{names[table]!r}]"
+        wanted = mapper.columns(table)
+        watch: Watch | None = None
+        if installed and settings.capture == "trigger":
+            # Drift first: a renamed table or key column explains a missing one.
+            watch = _watch_of(conn, table)
+            if watch is not None and _report_drift(report, where, table, watch):
+                continue
         info = conn.execute(
             sqlfiles.query("check_table.sql"), {"table": table.qualified}
         ).fetchone()
@@ -73,35 +80,13 @@ def check_database(conn: psycopg.Connection[Any], settings: Settings, config_nam
                     )
         if problems or not installed:
             continue
-        wanted = mapper.columns(table)
         if settings.capture == "logical":
             keep = settings.tables[names[table]].replica_identity == "keep"
             _check_logical_table(
                 conn, settings, report, where=where, table=table, wanted=wanted, keep=keep
             )
-            continue
-        watch = conn.execute(
-            sqlfiles.query("check_watch.sql"), {"table": table.qualified}
-        ).fetchone()
-        assert watch is not None
-        watched_columns, triggers, unwatched_partitions = watch
-        if triggers != 4 or watched_columns is None:
-            report.errors.append(
-                f"{where}: table {table} is not watched (no triggers): "
-                "run `cdc-invalidator install`"
-            )
-        elif sorted(watched_columns) != wanted:
-            report.errors.append(
-                f"{where}: triggers copy columns {sorted(watched_columns)} but the templates "
-                f"need {wanted}: run `cdc-invalidator install` to bring them in line"
-            )
-        elif unwatched_partitions:
-            report.errors.append(
-                f"{where}: partitions {', '.join(unwatched_partitions)} have no triggers, so "
-                "writes that name them are not captured: run `cdc-invalidator install`"
-            )
         else:
-            report.ok.append(f"{where}: watched, columns {wanted}")
+            _check_triggers(report, where, table, watch, wanted)
 
     if installed and settings.capture == "logical":
         _check_logical_server(conn, settings, report)
@@ -115,6 +100,91 @@ def check_database(conn: psycopg.Connection[Any], settings: Settings, config_nam
                 "the dead letters (run `cdc-invalidator install` to remove its triggers)"
             )
     return report
+
+
+@dataclass(frozen=True, slots=True)
+class Watch:
+    """What install recorded for a table, against the live catalog (check_watch.sql)."""
+
+    live_name: str  # the table's name now
+    columns: list[str]  # the key columns its capture function copies, as configured
+    live_columns: list[str]  # what those columns are called now ('' once dropped)
+    untriggered_partitions: list[str]
+    trigger_problems: list[str]
+
+
+def _watch_of(conn: psycopg.Connection[Any], table: TableName) -> Watch | None:
+    row = conn.execute(
+        sqlfiles.query("check_watch.sql"),
+        {"table": table.qualified, "schema": table.schema, "name": table.name},
+    ).fetchone()
+    if row is None:
+        return None
+    live_name, columns, live_columns, has_attnums, untriggered, problems = row
+    # Installed by an older release, which did not record attnums: no drift to tell.
+    return Watch(
+        live_name, columns, live_columns if has_attnums else columns, untriggered, problems
+    )
+
+
+def _report_drift(report: Report, where: str, table: TableName, watch: Watch) -> bool:
+    """A renamed table or key column: the configuration no longer names the live schema.
+    True when it was reported (nothing more can be checked by the configured names)."""
+    drifted = False
+    if watch.live_name != table.qualified:
+        drifted = True
+        report.errors.append(
+            f"{where}: table {table} was renamed to {watch.live_name}; its changes are still "
+            "captured and invalidated under the configured name. Rename the table in the "
+            f"configuration to {watch.live_name!r}, then run `cdc-invalidator install`"
+        )
+    for column, live in zip(watch.columns, watch.live_columns, strict=True):
+        if live == column:
+            continue
+        drifted = True
+        if live:
+            report.errors.append(
+                f"{where}: key column {column!r} of {watch.live_name} is now named {live!r}; "
+                "keys are still rendered from it (a slower path per statement). Change the "
+                f"templates to use {{{live}}}, then run `cdc-invalidator install`"
+            )
+        else:
+            report.errors.append(
+                f"{where}: key column {column!r} of {watch.live_name} was dropped; every "
+                "change of the table now sweeps all its key templates (SCAN). Change the "
+                "templates, then run `cdc-invalidator install`"
+            )
+    return drifted
+
+
+def _check_triggers(
+    report: Report, where: str, table: TableName, watch: Watch | None, wanted: list[str]
+) -> None:
+    """Our triggers on the table and its partitions: present, ours, firing ALWAYS."""
+    if watch is None:
+        report.errors.append(
+            f"{where}: table {table} is not watched (no triggers): run `cdc-invalidator install`"
+        )
+        return
+    fine = True
+    for problem in watch.trigger_problems:
+        fine = False
+        report.errors.append(f"{where}: {problem}: run `cdc-invalidator install`")
+    if watch.untriggered_partitions:
+        fine = False
+        report.errors.append(
+            f"{where}: partitions {', '.join(watch.untriggered_partitions)} were created or "
+            "attached after install and have no capture triggers: their writes sweep all of "
+            "the table's key templates until you run `cdc-invalidator install`"
+        )
+    if sorted(watch.columns) != wanted:
+        fine = False
+        report.errors.append(
+            f"{where}: triggers copy columns {sorted(watch.columns)} but the templates "
+            f"need {wanted}: run `cdc-invalidator install` to bring them in line"
+        )
+    if fine:
+        report.ok.append(f"{where}: watched, columns {wanted}, triggers fire ALWAYS")
 
 
 def _check_logical_table(

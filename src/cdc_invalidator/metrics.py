@@ -56,6 +56,13 @@ class Metrics:
             "Keys deleted again by second_delete_ms that existed: late stale SETs undone",
             registry=r,
         )
+        self.unrenderable_sweeps = Counter(
+            f"{PREFIX}_unrenderable_sweeps",
+            "Sweeps of a table's templates standing for changes that could not be rendered "
+            "(a key column dropped, a partition without triggers): run install",
+            ["table"],
+            registry=r,
+        )
         self.batches = Counter(f"{PREFIX}_batches", "Batches acknowledged", registry=r)
         self.dead_letters = Counter(
             f"{PREFIX}_dead_letters", "Events parked as dead letters", registry=r

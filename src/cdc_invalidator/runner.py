@@ -20,7 +20,7 @@ import structlog
 
 from cdc_invalidator.backoff import Backoff
 from cdc_invalidator.capture.errors import Fatal, Standby
-from cdc_invalidator.events import ChangeEvent
+from cdc_invalidator.events import ChangeEvent, TableName
 from cdc_invalidator.mapping import Mapper, Routed, merge
 from cdc_invalidator.metrics import Metrics
 from cdc_invalidator.replay import RedisWatch
@@ -34,6 +34,8 @@ log = structlog.get_logger("cdc_invalidator.runner")
 PROGRESS_EVERY_S = 60.0
 # Second deletes falling due within this of each other are sent together.
 SECOND_DELETE_MERGE_S = 0.01
+# A table whose changes cannot be rendered is swept at every batch: log that this often.
+UNRENDERABLE_LOG_EVERY_S = 60.0
 # Batches this large mean changes arrive faster than the listener wakes: stop NOTIFY.
 UNLISTEN_AT = 8
 
@@ -144,6 +146,8 @@ class Runner:
         self.keys_deleted = 0
         self.keys_deleted_again = 0  # by second deletes: stale sets they undid
         self.dead_letters = 0
+        # When each table's unrenderable changes were last logged (time.monotonic()).
+        self._unrenderable_logged: dict[TableName, float] = {}
 
     def run(self) -> None:
         """Until stop(): a batch in hand is finished (or rolled back) before returning."""
@@ -275,6 +279,9 @@ class Runner:
         # Committed: Redis had confirmed every delete before the acknowledgement.
         for position, error in batch.dead.items():
             log.warning("event_dead_lettered", position=position, error=error)
+        for work in works.values():
+            if work.unrenderable:
+                self._swept_unrenderable(work.unrenderable)
         self._observe(batch, deleted)
         log.debug(
             "batch_processed",
@@ -284,6 +291,24 @@ class Runner:
             existed=deleted,
         )
         return batch.size
+
+    def _swept_unrenderable(self, tables: dict[TableName, str]) -> None:
+        """Count each sweep; log it once a minute per table, not once per batch: until
+        install runs again, every batch with such a change sweeps."""
+        now = time.monotonic()
+        for table, reason in tables.items():
+            self.metrics.unrenderable_sweeps.labels(str(table)).inc()
+            if now - self._unrenderable_logged.get(table, -UNRENDERABLE_LOG_EVERY_S) >= (
+                UNRENDERABLE_LOG_EVERY_S
+            ):
+                self._unrenderable_logged[table] = now
+                log.warning(
+                    "unrenderable_changes_swept",
+                    table=str(table),
+                    reason=reason,
+                    action="swept every key template of the table; edit the configuration "
+                    "to the new schema and run `cdc-invalidator install`",
+                )
 
     def _delete_again_later(self, works: Routed) -> None:
         if not any(works.values()):

@@ -15,10 +15,17 @@ class Invalidation:
 
     keys: set[str] = field(default_factory=set)
     patterns: set[str] = field(default_factory=set)
+    # Tables swept because a change of theirs could not be rendered (a key column was
+    # dropped or a partition lacks triggers), with the capture's reason: logged, counted.
+    unrenderable: dict[TableName, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.keys) + len(self.patterns)
 
+
+# A TRUNCATE event that carries {UNRENDERABLE: reason} stands for changes the capture
+# could not turn into key columns: their table is swept instead.
+UNRENDERABLE = "unrenderable"
 
 # Invalidations by Redis logical database: None is the one redis_url names.
 Routed = dict[int | None, Invalidation]
@@ -130,6 +137,9 @@ class Mapper:
             raise InvalidEvent(f"table {event.table} is not in the configuration")
         if event.op is Op.TRUNCATE:
             into.patterns.update(t.glob() for t in templates)
+            reason = event.new.get(UNRENDERABLE) if event.new else None
+            if reason is not None:
+                into.unrenderable[event.table] = str(reason)
             return
         keys: list[str] = []
         op = event.op
