@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import select
 import socket
+import struct
 import threading
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -171,6 +172,22 @@ def test_a_client_that_does_not_read_the_answer_is_dropped(
         wait_until(lambda: server.handling == 1, what="the request being answered")
         # Not reading: the server's write must give up rather than hold a handler forever.
         wait_until(lambda: server.handling == 0, what="the handler giving up on the client")
+
+
+def test_a_client_gone_mid_answer_leaves_no_traceback(
+    serve: Callable[..., ProbeServer], capfd: pytest.CaptureFixture[str]
+) -> None:
+    big = "x" * (16 << 20)
+    server = serve(health=lambda: Health(alive=True, ready=True, detail={"padding": big}))
+    with socket.socket() as sock:
+        sock.settimeout(PATIENCE_S)
+        sock.connect(("127.0.0.1", server.port))
+        sock.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+        assert sock.recv(1)  # the answer has begun
+        # Closed with a reset, the rest unread: the server's next write fails.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    wait_until(lambda: server.handling == 0, what="the handler gone")
+    assert "Traceback" not in capfd.readouterr().err
 
 
 def handler_threads() -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -137,7 +138,8 @@ class _BoundedServer(ThreadingHTTPServer):
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client gone in the middle of its answer: a debug line, not a traceback on
         # stderr.
-        log.debug("probe_request_failed", client=str(client_address), exc_info=True)
+        exc = sys.exc_info()[1]
+        log.debug("probe_request_failed", client=str(client_address), error=repr(exc))
 
 
 class _DeadlineReader(io.RawIOBase):
