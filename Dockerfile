@@ -25,6 +25,11 @@ WORKDIR /home/cdc
 # Mount the configuration here, or point CDC_INVALIDATOR_CONFIG elsewhere. Every scalar
 # setting can also be given as CDC_INVALIDATOR_<NAME>, which wins over the file.
 ENV CDC_INVALIDATOR_CONFIG=/etc/cdc-invalidator/config.toml
+# With metrics_port set, /metrics, /healthz and /readyz must be reachable from outside the
+# container (Prometheus, the kubelet): every interface here, where the listener's default
+# is loopback only. The container's network (published ports, network policies) decides
+# who reaches them.
+ENV CDC_INVALIDATOR_METRICS_ADDRESS=0.0.0.0
 
 # Logs are JSON lines (stdout is not a terminal); SIGTERM (docker stop) finishes the
 # batch in hand and exits 0.

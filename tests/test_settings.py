@@ -71,6 +71,7 @@ def test_config_path_from_environment(tmp_path: Path, monkeypatch: pytest.Monkey
         ("replay_history = true\n" + GOOD, "replay_history: expected a duration"),
         ("second_delete_ms = -1\n" + GOOD, "second_delete_ms"),
         ("redis_check_interval_ms = 1\n" + GOOD, "redis_check_interval_ms"),
+        ('metrics_address = ""\n' + GOOD, "metrics_address"),
         (
             GOOD.replace(
                 'keys = ["order:{id}"', 'replica_identity = "nothing"\nkeys = ["order:{id}"'

@@ -2,11 +2,13 @@
 
 The runner counts as it goes; what only the database knows (the trigger queue's
 backlog, the slot's lag) is read when Prometheus scrapes, on a connection of the
-scraping thread's own.
+collector's own, at most once per FIGURES_MAX_AGE_S however many scrape.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -16,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from cdc_invalidator.status import read_logical_status, read_status
+from cdc_invalidator.status import NotInstalledHere, read_logical_status, read_status
 
 log = structlog.get_logger("cdc_invalidator.metrics")
 
@@ -97,42 +99,90 @@ class Metrics:
         self.registry.register(collector)
 
 
+# A scrape within this of the last reading gets its figures again: several Prometheus
+# servers, or a person with curl, cost the database one round of queries per interval.
+FIGURES_MAX_AGE_S = 1.0
+# How long a scrape waits for another one's reading before it answers without figures
+# (status_up 0): scrapes never pile up behind a reading that hangs.
+READING_WAIT_S = 5.0
+
+# (name without the prefix, help, value)
+Figures = list[tuple[str, str, float]]
+
+
 class BacklogCollector(Collector):
-    """Backlog (trigger mode) or slot lag (logical mode), read at scrape time."""
+    """Backlog (trigger mode) or slot lag (logical mode), read at scrape time.
+
+    Scrapes come from the probe server's threads: one lock guards the connection and the
+    cached figures, so there is at most one round of queries at a time.
+    """
 
     def __init__(
-        self, connect: Callable[[], psycopg.Connection[Any]], capture: str, slot: str
+        self,
+        connect: Callable[[], psycopg.Connection[Any]],
+        capture: str,
+        slot: str,
+        *,
+        max_age_s: float = FIGURES_MAX_AGE_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._connect = connect
         self._capture = capture
         self._slot = slot
+        self._max_age_s = max_age_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        # Under the lock: the connection, the last reading (None: it failed), when it was
+        # taken, and whether the figures could be read last time (for one log line per change).
         self._conn: psycopg.Connection[Any] | None = None
+        self._figures: Figures | None = None
+        self._read_at: float | None = None
+        self._readable: bool | None = None
 
     def describe(self) -> list[GaugeMetricFamily]:
         return []  # not known before the first scrape: no description at registration
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        figures = self._current()
         up = GaugeMetricFamily(
             f"{PREFIX}_status_up", "1 if the backlog or slot figures below could be read"
         )
-        try:
-            figures = self._read()
-        except (psycopg.Error, OSError) as exc:
-            log.debug("metrics_status_failed", error=str(exc))
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-            up.add_metric([], 0)
-            yield up
-            return
-        up.add_metric([], 1)
+        up.add_metric([], 0 if figures is None else 1)
         yield up
-        for name, help_, value in figures:
+        for name, help_, value in figures or []:
             family = GaugeMetricFamily(f"{PREFIX}_{name}", help_)
             family.add_metric([], value)
             yield family
 
-    def _read(self) -> list[tuple[str, str, float]]:
+    def _current(self) -> Figures | None:
+        if not self._lock.acquire(timeout=READING_WAIT_S):
+            return None
+        try:
+            if self._read_at is None or self._clock() - self._read_at >= self._max_age_s:
+                self._figures = self._read_logged()
+                self._read_at = self._clock()
+            return self._figures
+        finally:
+            self._lock.release()
+
+    def _read_logged(self) -> Figures | None:
+        try:
+            figures = self._read()
+        # A failed reading fails no scrape: the counters are still worth having.
+        except (psycopg.Error, OSError, NotInstalledHere, RuntimeError) as exc:
+            if self._readable is not False:
+                log.warning("metrics_status_failed", error=f"{type(exc).__name__}: {exc}")
+            self._readable = False
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+            return None
+        if self._readable is False:
+            log.info("metrics_status_readable")
+        self._readable = True
+        return figures
+
+    def _read(self) -> Figures:
         if self._conn is None or self._conn.closed:
             self._conn = self._connect()
         if self._capture == "logical":
@@ -175,5 +225,12 @@ class BacklogCollector(Collector):
         ]
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
+        # Never under a reading in another thread; one that hangs is left to the exit.
+        if not self._lock.acquire(timeout=READING_WAIT_S):
+            return
+        try:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+        finally:
+            self._lock.release()

@@ -198,9 +198,12 @@ class Settings(BaseSettings):
     scan_count: Annotated[int, Field(ge=10)] = 1000
     connect_timeout_s: Annotated[float, Field(gt=0)] = 5.0
     redis_timeout_s: Annotated[float, Field(gt=0)] = 5.0
-    # Serve /metrics (Prometheus), /healthz and /readyz on this port (0: off).
+    # Serve /metrics (Prometheus), /healthz and /readyz on this port (0: off), on this
+    # address: loopback by default, so that nothing outside the host reaches them unless
+    # asked for ("0.0.0.0" or "::" for every interface; the container image sets
+    # "0.0.0.0", its network being the boundary). Never empty: "" would mean every one.
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 0
-    metrics_address: str = "0.0.0.0"  # noqa: S104 - a probe port is meant to be reached
+    metrics_address: Annotated[str, Field(min_length=1)] = "127.0.0.1"
     # /readyz fails while an active listener is further behind than this (seconds from
     # the commit of the last transaction it finished), or a store does not answer.
     ready_max_lag_s: Annotated[float, Field(gt=0)] = 30.0
