@@ -11,17 +11,24 @@ WITH w AS (
            AND w.schema_name = %(schema)s AND w.table_name = %(name)s)
     LIMIT 1
 ), rels AS (
-    SELECT w.relid AS root, r.rel, r.rel = w.relid AS is_root
+    SELECT w.relid AS root, r.rel, r.rel = w.relid AS is_root,
+           quote_ident(n.nspname) || '.' || quote_ident(c.relname) AS label
     FROM w, LATERAL (SELECT w.relid AS rel
                      UNION SELECT pt.relid FROM pg_partition_tree(w.relid) pt) r
+    JOIN pg_class c ON c.oid = r.rel JOIN pg_namespace n ON n.oid = c.relnamespace
 ), expected (name) AS (
     VALUES ('cdc_invalidator_ins_v1'), ('cdc_invalidator_upd_v1'),
            ('cdc_invalidator_del_v1'), ('cdc_invalidator_trunc_v1')
 ), statement_triggers AS (
     SELECT rels.*, e.name, tg.tgfoid, tg.tgenabled,
-           count(tg.oid) OVER (PARTITION BY rels.rel) AS present
+           count(tg.oid) OVER (PARTITION BY rels.rel) AS present,
+           quote_ident(pn.nspname) || '.' || quote_ident(p.proname) || '()' AS function,
+           'cdc_invalidator.' || quote_ident('capture_' || rels.root::oid || '_v1') || '()'
+               AS ours
     FROM rels CROSS JOIN expected e
     LEFT JOIN pg_trigger tg ON tg.tgrelid = rels.rel AND tg.tgname = e.name
+    LEFT JOIN pg_proc p ON p.oid = tg.tgfoid
+    LEFT JOIN pg_namespace pn ON pn.oid = p.pronamespace
 )
 SELECT
     (SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname)
@@ -35,21 +42,17 @@ SELECT
           ORDER BY k.i) AS live_columns,
     w.attnums IS NOT NULL AS has_attnums,
     ARRAY(
-        SELECT s.rel::text FROM statement_triggers s
-        WHERE NOT s.is_root AND s.present = 0 GROUP BY s.rel ORDER BY 1) AS untriggered_partitions,
+        SELECT s.label FROM statement_triggers s
+        WHERE NOT s.is_root AND s.present = 0 GROUP BY s.label ORDER BY 1) AS untriggered_partitions,
     ARRAY(
-        SELECT format('%%s: trigger %%s %%s', s.rel, s.name, CASE
+        SELECT format('%%s: trigger %%s %%s', s.label, s.name, CASE
             WHEN s.tgfoid IS NULL THEN 'is missing'
-            WHEN s.tgfoid::regprocedure::text
-                 <> format('cdc_invalidator.%%I()', 'capture_' || s.root::oid || '_v1')
-                THEN 'calls ' || s.tgfoid::regprocedure::text || ', not our capture function'
+            WHEN s.function <> s.ours THEN 'calls ' || s.function || ', not our capture function'
             WHEN s.tgenabled = 'D' THEN 'is disabled'
             ELSE 'does not fire ALWAYS: writes made with session_replication_role = replica '
                  'are not captured' END)
         FROM statement_triggers s
         WHERE (s.is_root OR s.present > 0)
-          AND (s.tgfoid IS NULL OR s.tgenabled <> 'A'
-               OR s.tgfoid::regprocedure::text
-                  <> format('cdc_invalidator.%%I()', 'capture_' || s.root::oid || '_v1'))
+          AND (s.tgfoid IS NULL OR s.tgenabled <> 'A' OR s.function <> s.ours)
         ORDER BY 1) AS trigger_problems
 FROM w

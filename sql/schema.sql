@@ -357,6 +357,11 @@ BEGIN
                 ('cdc_invalidator_trunc_v1', 'TRUNCATE', '')
             ) AS t (name, event, referencing)
         LOOP
+            -- A trigger of our name that calls another function is not ours: replace it.
+            IF EXISTS (SELECT FROM pg_trigger WHERE tgrelid = rel AND tgname = trg.name
+                       AND tgfoid <> (fn || '()')::regprocedure) THEN
+                EXECUTE format('DROP TRIGGER %I ON %s', trg.name, rel);
+            END IF;
             IF NOT EXISTS (SELECT FROM pg_trigger WHERE tgrelid = rel AND tgname = trg.name) THEN
                 EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s %s FOR EACH STATEMENT EXECUTE FUNCTION %s()',
                                trg.name, trg.event, rel, trg.referencing, fn);

@@ -1,0 +1,233 @@
+"""Schema migrations on a watched table, trigger mode: no DDL makes a write fail because
+of our objects, and no change goes by unseen.
+
+Each test changes the schema under an installed capture, then writes, and checks the
+writes succeeded and the right keys were deleted: the exact keys where the change can
+still be rendered (a renamed column or table is followed), or every key of the table's
+templates (a sweep) where it cannot (a dropped key column, a partition created after
+install). `check` names each drift. Logical mode has its own file.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+
+from cdc_invalidator.cli import main
+from tests.conftest import Env, Spawn
+from tests.helpers import wait_until
+from tests.test_semantics import install, keys, listening, settle, users_table
+
+USERS = {"public.users": ["user:{id}", "user:email:{email}"]}
+
+
+def check(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cdc_invalidator", "check", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+
+
+def seed(r: redis.Redis, *ids: int) -> None:
+    for i in ids:
+        r.mset({f"user:{i}": "cached", f"user:email:u{i}@x": str(i)})
+
+
+def test_renamed_key_column_keeps_invalidating_and_check_says_so(env: Env) -> None:
+    users_table(env, [(1, "u1@x"), (2, "u2@x"), (3, "u3@x")])
+    config = install(env, USERS)
+    r = env.redis()
+    env.sql("ALTER TABLE users RENAME COLUMN email TO mail")
+    seed(r, 1, 2, 3, 4)
+    r.set("user:email:new@x", "-")
+    with listening(config):
+        # Every kind of write succeeds, and each deletes the keys it should.
+        env.sql("UPDATE users SET mail = 'new@x' WHERE id = 1")
+        env.sql("DELETE FROM users WHERE id = 2")
+        env.sql("INSERT INTO users (id, mail) VALUES (4, 'u4@x')")
+        settle(env, r)
+    assert keys(r) == {"user:3", "user:email:u3@x"}
+    result = check(config)
+    assert result.returncode == 1
+    assert "key column 'email' of public.users is now named 'mail'" in result.stderr
+
+
+def test_renamed_table_keeps_invalidating_and_check_says_so(env: Env) -> None:
+    users_table(env, [(1, "u1@x"), (2, "u2@x")])
+    config = install(env, USERS)
+    r = env.redis()
+    env.sql("ALTER TABLE users RENAME TO members")
+    seed(r, 1, 2)
+    with listening(config):
+        env.sql("UPDATE members SET name = 'x' WHERE id = 1")
+        settle(env, r)
+    assert keys(r) == {"user:2", "user:email:u2@x"}
+    result = check(config)
+    assert result.returncode == 1
+    assert "table public.users was renamed to public.members" in result.stderr
+
+
+def test_dropped_key_column_sweeps_the_table_and_is_logged(env: Env, spawn: Spawn) -> None:
+    users_table(env, [(1, "u1@x"), (2, "u2@x")])
+    env.sql("CREATE TABLE other (id int PRIMARY KEY)")
+    config = install(env, {**USERS, "public.other": ["other:{id}"]})
+    r = env.redis()
+    env.sql("ALTER TABLE users DROP COLUMN email")
+    seed(r, 1, 2)
+    r.mset({"user:999": "another row", "other:1": "unrelated"})
+    listener = spawn(config)
+    env.sql("UPDATE users SET name = 'x' WHERE id = 1")  # succeeds
+    # The change cannot be rendered: every key of every template of users is swept.
+    wait_until(lambda: keys(r) == {"other:1"}, what="users' templates swept")
+    wait_until(lambda: listener.logged("unrenderable_changes_swept"), what="the sweep logged")
+    line = listener.logged("unrenderable_changes_swept")[0]
+    assert line["table"] == "public.users"
+    assert "email" in line["reason"]
+    result = check(config)
+    assert "key column 'email' of public.users was dropped" in result.stderr
+
+
+def test_retyped_key_column_and_other_ddl_change_nothing(env: Env) -> None:
+    users_table(env, [(1, "u1@x"), (2, "u2@x")])
+    config = install(env, USERS)
+    r = env.redis()
+    env.sql(
+        "ALTER TABLE users ALTER COLUMN id TYPE bigint;"
+        "ALTER TABLE users ALTER COLUMN email TYPE varchar(200);"
+        "ALTER TABLE users RENAME COLUMN name TO full_name;"
+        "ALTER TABLE users ADD COLUMN age int;"
+        "ALTER TABLE users DROP COLUMN full_name"
+    )
+    seed(r, 1, 2)
+    with listening(config):
+        env.sql("UPDATE users SET age = 3 WHERE id = 1")
+        settle(env, r)
+    assert keys(r) == {"user:2", "user:email:u2@x"}
+    assert check(config).returncode == 0
+
+
+def test_partition_created_after_install_is_swept_until_install(env: Env) -> None:
+    env.sql(
+        "CREATE TABLE events (id int, kind text) PARTITION BY RANGE (id);"
+        "CREATE TABLE events_1 PARTITION OF events FOR VALUES FROM (0) TO (100)"
+    )
+    tables = {"public.events": ["event:{id}"]}
+    config = install(env, tables)
+    r = env.redis()
+    env.sql(
+        "CREATE TABLE events_2 PARTITION OF events FOR VALUES FROM (100) TO (200);"
+        "CREATE TABLE events_3 (id int, kind text);"
+        "ALTER TABLE events ATTACH PARTITION events_3 FOR VALUES FROM (200) TO (300)"
+    )
+    result = check(config)
+    assert "partitions public.events_2, public.events_3 were created or attached" in (result.stderr)
+    with listening(config):
+        for table, id_ in (("events_2", 150), ("events_3", 250)):
+            r.mset({f"event:{id_}": "-", "event:5": "cached"})
+            env.sql(f"INSERT INTO {table} VALUES ({id_}, 'x')")  # names the partition
+            wait_until(lambda: r.exists("event:5") == 0, what=f"{table}'s write swept")
+            assert r.exists(f"event:{id_}") == 0
+        settle(env, r)
+        # Installed again: the new partitions have statement triggers and exact keys.
+        install(env, tables)
+        assert check(config).returncode == 0
+        r.mset({"event:151": "-", "event:5": "cached"})
+        env.sql("INSERT INTO events_2 VALUES (151, 'y')")
+        wait_until(lambda: r.exists("event:151") == 0, what="the exact key")
+        settle(env, r)
+        assert r.get("event:5") == "cached"
+
+
+def test_writes_in_replica_mode_are_captured(env: Env) -> None:
+    users_table(env, [(1, "u1@x")])
+    config = install(env, USERS)
+    r = env.redis()
+    seed(r, 1)
+    with listening(config):
+        with env.connect() as conn:
+            conn.execute("SET session_replication_role = replica")
+            conn.execute("UPDATE users SET name = 'x' WHERE id = 1")
+        wait_until(lambda: not keys(r) & {"user:1", "user:email:u1@x"}, what="keys deleted")
+        settle(env, r)
+
+
+@pytest.mark.parametrize(
+    ("ddl", "complaint"),
+    [
+        ("ALTER TABLE users DISABLE TRIGGER cdc_invalidator_upd_v1", "is disabled"),
+        ("ALTER TABLE users ENABLE TRIGGER cdc_invalidator_upd_v1", "does not fire ALWAYS"),
+        ("ALTER TABLE users ENABLE REPLICA TRIGGER cdc_invalidator_upd_v1", "does not fire"),
+        ("DROP TRIGGER cdc_invalidator_upd_v1 ON users", "is missing"),
+        (
+            "CREATE FUNCTION public.impostor() RETURNS trigger LANGUAGE plpgsql"
+            " AS 'BEGIN RETURN NULL; END';"
+            "DROP TRIGGER cdc_invalidator_upd_v1 ON users;"
+            "CREATE TRIGGER cdc_invalidator_upd_v1 AFTER UPDATE ON users"
+            " FOR EACH STATEMENT EXECUTE FUNCTION public.impostor()",
+            "calls public.impostor(), not our capture function",
+        ),
+    ],
+)
+def test_check_verifies_each_trigger_is_ours_and_fires_always(
+    env: Env, ddl: str, complaint: str
+) -> None:
+    users_table(env)
+    config = install(env, USERS)
+    assert check(config).returncode == 0
+    env.sql(ddl)
+    result = check(config)
+    assert result.returncode == 1
+    assert f"public.users: trigger cdc_invalidator_upd_v1 {complaint}" in result.stderr
+    assert main(["install", "--config", str(config)]) == 0  # puts it right
+    assert check(config).returncode == 0, check(config).stderr
+
+
+def test_a_table_owners_cast_runs_with_the_owners_rights_only(env: Env) -> None:
+    """The capture function converts key columns to text; a table owner may define that
+    conversion (a cast of their own type). It must run as the table owner, never with the
+    installer's (here a superuser's) rights."""
+    role = f"owner_{env.dsn.rsplit('/', 1)[1]}"
+    env.sql(
+        f"""
+        CREATE ROLE {role};
+        GRANT CREATE ON SCHEMA public TO {role};
+        SET ROLE {role};
+        CREATE TYPE mood AS ENUM ('happy', 'sad');
+        CREATE TABLE seen_as (who name);
+        CREATE FUNCTION mood_text(m mood) RETURNS text LANGUAGE plpgsql AS $$
+        BEGIN
+            INSERT INTO public.seen_as VALUES (current_user);
+            IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+                EXECUTE 'ALTER ROLE {role} SUPERUSER';  -- what an attacker would do
+            END IF;
+            RETURN format('%s', m);  -- the output function: not this cast again
+        END $$;
+        CREATE CAST (mood AS text) WITH FUNCTION mood_text(mood);
+        CREATE TABLE feelings (id int PRIMARY KEY, mood mood);
+        RESET ROLE;
+        """
+    )
+    config = install(env, {"public.feelings": ["feeling:{id}:{mood}"]})
+    r = env.redis()
+    r.set("feeling:1:happy", "x")
+    with listening(config):
+        with env.connect() as conn:
+            conn.execute(f"SET ROLE {role}")
+            conn.execute("INSERT INTO feelings VALUES (1, 'happy')")
+        wait_until(lambda: r.exists("feeling:1:happy") == 0, what="the key deleted")
+        settle(env, r)
+    assert env.scalar(f"SELECT rolsuper FROM pg_roles WHERE rolname = '{role}'") is False
+    assert env.scalar("SELECT array_agg(DISTINCT who::text) FROM seen_as") == [role]
+    owner = env.scalar(
+        "SELECT proowner::regrole::text FROM pg_proc"
+        " WHERE proname = 'capture_' || 'feelings'::regclass::oid || '_v1'"
+    )
+    assert owner == role
+    env.sql(f"DROP OWNED BY {role} CASCADE; DROP ROLE {role}")
