@@ -44,6 +44,8 @@ def install_script(mapper: Mapper, publication: str | None = None) -> sql.Compos
     )
     parts = [
         header,
+        guard(None),
+        sql.SQL("\n"),
         sqlfiles.query("schema.sql"),
         sql.SQL("\n"),
         sqlfiles.query("grants.sql"),
@@ -55,6 +57,14 @@ def install_script(mapper: Mapper, publication: str | None = None) -> sql.Compos
     if publication is not None:
         parts += [sql.SQL("\n"), _leave_logical(publication)]
     return sql.Composed(parts)
+
+
+def guard(publication: str | None) -> sql.Composed:
+    """The start of every install script: pin the search_path and refuse to go on if
+    anything the script would reuse belongs to another role (sql/guard.sql). With
+    `publication`, the publication of that name is checked too (logical mode reuses it;
+    trigger mode only drops it)."""
+    return sqlfiles.query("guard.sql").format(publication=sql.Literal(publication))
 
 
 def _leave_logical(publication: str) -> sql.Composed:
