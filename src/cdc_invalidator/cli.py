@@ -151,6 +151,11 @@ def cmd_install(args: argparse.Namespace) -> int:
             return EXIT_FAILED
         except psycopg.Error as exc:
             _error(f"install failed, nothing was changed: {_pg_message(exc)}")
+            # What to do about it, where the script says (a squatted schema, a table
+            # without replica identity).
+            hint = exc.diag.message_hint
+            if hint:
+                print(f"hint: {hint}", file=sys.stderr)
             return EXIT_FAILED
     print(done)
     return EXIT_OK

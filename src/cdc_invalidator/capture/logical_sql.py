@@ -16,7 +16,7 @@ import psycopg
 from psycopg import sql
 
 from cdc_invalidator import sqlfiles
-from cdc_invalidator.capture.trigger_sql import SCRIPT_HEADER
+from cdc_invalidator.capture.trigger_sql import SCRIPT_HEADER, guard
 from cdc_invalidator.events import TableName
 from cdc_invalidator.mapping import Mapper
 
@@ -73,6 +73,8 @@ def install_script(
     return sql.Composed(
         [
             sql.SQL(SCRIPT_HEADER),
+            guard(publication),
+            sql.SQL("\n"),
             sqlfiles.query("schema.sql"),
             sql.SQL("\n"),
             sqlfiles.query("logical.sql"),

@@ -44,6 +44,8 @@ def install_script(mapper: Mapper, publication: str | None = None) -> sql.Compos
     )
     parts = [
         header,
+        guard(None),
+        sql.SQL("\n"),
         sqlfiles.query("schema.sql"),
         sql.SQL("\n"),
         sqlfiles.query("grants.sql"),
@@ -55,6 +57,16 @@ def install_script(mapper: Mapper, publication: str | None = None) -> sql.Compos
     if publication is not None:
         parts += [sql.SQL("\n"), _leave_logical(publication)]
     return sql.Composed(parts)
+
+
+def guard(publication: str | None, action: str = "install") -> sql.Composed:
+    """The start of every install and uninstall script: pin the search_path and refuse to
+    go on if anything the script would reuse or run belongs to another role
+    (sql/guard.sql). With `publication`, the publication of that name is checked too
+    (logical mode reuses it; trigger mode only drops it)."""
+    return sqlfiles.query("guard.sql").format(
+        publication=sql.Literal(publication), action=sql.Literal(action)
+    )
 
 
 def _leave_logical(publication: str) -> sql.Composed:
@@ -83,7 +95,7 @@ def require_installed(conn: psycopg.Connection[Any]) -> None:
 
 def uninstall_script(publication: str | None = None) -> sql.Composed:
     """Remove every object of both modes (the slot is dropped after, on its own)."""
-    parts: list[sql.Composable] = []
+    parts: list[sql.Composable] = [guard(publication, "uninstall"), sql.SQL("\n")]
     if publication is not None:
         parts += [_leave_logical(publication), sql.SQL("\n")]
     return sql.Composed([*parts, sqlfiles.query("uninstall.sql")])
