@@ -4,6 +4,10 @@
 DROP PUBLICATION IF EXISTS {publication};
 DO $leave$
 BEGIN
+    -- The DDL guard only serves logical capture (and only a superuser made it).
+    IF EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'cdc_invalidator_guard') THEN
+        DROP EVENT TRIGGER cdc_invalidator_guard;
+    END IF;
     IF to_regprocedure('cdc_invalidator.restore_replica_identity(regclass[])') IS NOT NULL THEN
         PERFORM cdc_invalidator.restore_replica_identity('{{}}');
     END IF;

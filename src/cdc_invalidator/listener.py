@@ -55,6 +55,7 @@ def build_listener(
         scan_count=settings.scan_count,
     )
     mapper = settings.mapper()
+    metrics = metrics or Metrics()
     connect: Callable[[], Source]
     if settings.capture == "logical":
         connect = LogicalCapture(
@@ -70,6 +71,7 @@ def build_listener(
             ),
             application_name=settings.application_name,
             connect_timeout_s=settings.connect_timeout_s,
+            metrics=metrics,
         ).connect
     else:
         connect = TriggerCapture(

@@ -60,6 +60,12 @@ class Metrics:
         self.dead_letters = Counter(
             f"{PREFIX}_dead_letters", "Events parked as dead letters", registry=r
         )
+        self.unrenderable_sweeps = Counter(
+            f"{PREFIX}_unrenderable_sweeps",
+            "Sweeps of a table's key templates standing for changes whose keys could not "
+            "be rendered (a key column was dropped), per batch and table",
+            registry=r,
+        )
         self.lag = Histogram(
             f"{PREFIX}_commit_to_delete_seconds",
             "From a transaction's commit (trigger mode: its start) to Redis confirming its "
