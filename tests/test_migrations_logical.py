@@ -13,7 +13,7 @@ import psycopg
 import pytest
 import redis
 
-from tests.conftest import Env
+from tests.conftest import Env, Spawn
 from tests.helpers import wait_until
 from tests.test_logical import (
     ORDERS,
@@ -24,6 +24,7 @@ from tests.test_logical import (
     logical_config,
     make_tables,
     running,
+    stop,
 )
 
 pytestmark = [pytest.mark.servers]
@@ -250,16 +251,17 @@ def test_new_partition_writes_and_invalidates(env: Env, how: str) -> None:
         env.sql("DELETE FROM events WHERE id = 101")
 
 
-def test_dead_letters_hold_key_columns_only(env: Env) -> None:
+def test_dead_letters_hold_key_columns_only(env: Env, spawn: Spawn) -> None:
     make_tables(env)
     env.sql("CREATE TABLE secrets (id int PRIMARY KEY, password_hash text)")
     config = logical_config(env, USERS)
     install(config)
     # A table in the publication the configuration does not know (added by hand).
     env.sql("ALTER PUBLICATION cdc_invalidator ADD TABLE secrets")
-    with running(env, config):
-        env.sql("INSERT INTO secrets VALUES (1, 'hash')")
-        wait_until(lambda: len(dead_letters(env)) == 1, what="the unknown table's dead letter")
+    listener = spawn(config)
+    env.sql("INSERT INTO secrets VALUES (1, 'hash')")
+    wait_until(lambda: len(dead_letters(env)) == 1, what="the unknown table's dead letter")
+    stop(listener)
     ((table, op, old, new, error),) = dead_letters(env)
     assert (table, op, old, new) == ("secrets", "I", None, None)
     assert "not in the configuration" in error

@@ -133,13 +133,6 @@ def _check_logical_table(
         sqlfiles.query("check_published.sql"),
         {"publication": settings.publication_name, "table": table.qualified, "columns": wanted},
     ).fetchone()
-    if published and published[0] and published[1]:
-        report.errors.append(
-            f"{where}: the column list of {table} in publication "
-            f"{settings.publication_name!r} leaves out key columns {published[1]}, whose "
-            "values the templates need: run `cdc-invalidator install`"
-        )
-        return
     if not published or not published[0]:
         report.errors.append(
             f"{where}: table {table} is not in publication {settings.publication_name!r}: "
@@ -178,6 +171,13 @@ def _check_logical_table(
                 f"{where}: the replica identity of {rel} does not cover columns {missing}, "
                 "whose old values the templates need: run `cdc-invalidator install`"
             )
+    if published[1]:
+        fine = False
+        report.errors.append(
+            f"{where}: the column list of {table} in publication "
+            f"{settings.publication_name!r} leaves out key columns {published[1]}, whose "
+            "values the templates need: run `cdc-invalidator install`"
+        )
     if fine:
         report.ok.append(f"{where}: published, old values of {wanted} sent")
 
