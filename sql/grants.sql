@@ -58,6 +58,8 @@ BEGIN
         grants := ARRAY[
             -- the slot's saved position and a sweep owed (a row per slot, added on first use)
             'SELECT, INSERT, UPDATE ON TABLE cdc_invalidator.slot_state_v1',
+            -- the configured tables by relid and column number, read at start
+            'SELECT ON TABLE cdc_invalidator.published_v1',
             -- what was invalidated, for replay: written per batch, pruned, read back
             'SELECT, INSERT, DELETE ON TABLE cdc_invalidator.history_v1',
             'SELECT, INSERT ON TABLE cdc_invalidator.dead_letter_v1',

@@ -4,6 +4,13 @@
 DROP PUBLICATION IF EXISTS {publication};
 DO $leave$
 BEGIN
+    -- The DDL guard only serves logical capture (and only a superuser made it, and may
+    -- drop it; left behind, it does nothing without the publication, and goes with the
+    -- schema on uninstall).
+    IF EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'cdc_invalidator_guard')
+       AND (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+        DROP EVENT TRIGGER cdc_invalidator_guard;
+    END IF;
     IF to_regprocedure('cdc_invalidator.restore_replica_identity(regclass[])') IS NOT NULL THEN
         PERFORM cdc_invalidator.restore_replica_identity('{{}}');
     END IF;

@@ -11,7 +11,12 @@
 --   history_v1            what was invalidated recently, for replay.
 --   logical_dead_letter_v1  a sequence: dead letters of this mode have no queue id and
 --                         take negative ids from it.
---   ensure_replica_identity(), restore_replica_identity(), publish()
+--   published_v1          per configured table: its relation (OID) and its key columns'
+--                         numbers, recorded at install, so that the listener follows a
+--                         table or column renamed later (docs/DBA.md, "Schema migrations").
+--   ensure_replica_identity(), restore_replica_identity(), publish(), record_published()
+--   ddl_guard()           the event trigger cdc_invalidator_guard (created when install
+--                         runs as a superuser): keeps DDL from breaking writes or capture.
 
 CREATE TABLE IF NOT EXISTS cdc_invalidator.slot_state_v1 (
     slot_name         text PRIMARY KEY,
@@ -142,7 +147,7 @@ RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $publish$
 DECLARE
-    list text := (SELECT string_agg(t::text, ', ') FROM unnest(tables) t);
+    list text := (SELECT string_agg(cdc_invalidator.publish_list(t), ', ') FROM unnest(tables) t);
 BEGIN
     IF NOT EXISTS (SELECT FROM pg_publication WHERE pg_publication.pubname = publish.pubname) THEN
         EXECUTE format('CREATE PUBLICATION %I FOR TABLE %s', pubname, list);
@@ -154,7 +159,144 @@ BEGIN
 END
 $publish$;
 
+-- What install configured, by relation and column number rather than by name: the
+-- names in the configuration are resolved here once, and a table or key column renamed
+-- afterwards is still the same relid and attnum. (pgoutput's Relation messages carry the
+-- relid, and the column names as they were when the change was made.)
+CREATE TABLE IF NOT EXISTS cdc_invalidator.published_v1 (
+    relid       regclass PRIMARY KEY,
+    schema_name text NOT NULL,      -- as configured
+    table_name  text NOT NULL,
+    columns     text[] NOT NULL,    -- the key templates' columns, as configured
+    attnums     int2[] NOT NULL,    -- their numbers (NULL where the column did not exist)
+    keep        boolean NOT NULL,   -- replica_identity = "keep"
+    publication name NOT NULL
+);
+
+-- record_published(...): one configured table, resolved now.
+CREATE OR REPLACE FUNCTION cdc_invalidator.record_published(
+    tbl regclass, tbl_schema text, tbl_name text, key_columns text[], keep boolean, pubname name)
+RETURNS void
+LANGUAGE sql SET search_path = pg_catalog, pg_temp
+AS $record$
+    INSERT INTO cdc_invalidator.published_v1 AS p
+        (relid, schema_name, table_name, columns, attnums, keep, publication)
+    VALUES (tbl, tbl_schema, tbl_name, key_columns,
+            ARRAY(SELECT (SELECT a.attnum FROM pg_attribute a
+                          WHERE a.attrelid = tbl AND a.attname = k.name
+                            AND a.attnum > 0 AND NOT a.attisdropped)
+                  FROM unnest(key_columns) WITH ORDINALITY AS k(name, ord) ORDER BY k.ord),
+            keep, pubname)
+    ON CONFLICT (relid) DO UPDATE SET
+        schema_name = excluded.schema_name, table_name = excluded.table_name,
+        columns = excluded.columns, attnums = excluded.attnums, keep = excluded.keep,
+        publication = excluded.publication;
+$record$;
+
+-- publish_list(table): what the publication carries of a table: the fewest columns the
+-- server allows. A column list must cover the replica identity when UPDATE and DELETE
+-- are published, so a table with REPLICA IDENTITY FULL is published whole (a list would
+-- make its UPDATEs and DELETEs fail), and so is a partitioned table (PostgreSQL allows no
+-- list there without publish_via_partition_root). Otherwise: the key columns and the
+-- identity's columns. Only while the DDL guard is installed: a list on a table whose
+-- identity a DBA later sets FULL would make its writes fail, and the guard is what drops
+-- the list then.
+CREATE OR REPLACE FUNCTION cdc_invalidator.publish_list(tbl regclass)
+RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $list$
+    SELECT CASE
+        WHEN c.relkind <> 'r' OR c.relispartition OR c.relreplident NOT IN ('d', 'i')
+             OR NOT EXISTS (SELECT FROM pg_event_trigger
+                            WHERE evtname = 'cdc_invalidator_guard' AND evtenabled <> 'D')
+             OR NOT EXISTS (SELECT FROM cdc_invalidator.published_v1 p WHERE p.relid = tbl)
+        THEN tbl::text
+        ELSE format('%s (%s)', tbl, (
+            SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum)
+            FROM pg_attribute a
+            WHERE a.attrelid = tbl AND a.attnum > 0 AND NOT a.attisdropped
+              AND (a.attnum = ANY ((SELECT p.attnums FROM cdc_invalidator.published_v1 p
+                                    WHERE p.relid = tbl)::int2[])
+                   OR a.attnum = ANY ((SELECT i.indkey FROM pg_index i
+                                       WHERE i.indrelid = tbl
+                                         AND ((c.relreplident = 'd' AND i.indisprimary)
+                                              OR (c.relreplident = 'i' AND i.indisreplident))
+                                       LIMIT 1)::int2[]))))
+    END
+    FROM pg_class c WHERE c.oid = tbl;
+$list$;
+
+-- ddl_guard(): after each ALTER TABLE or CREATE TABLE in this database, keep every
+-- configured table publishable without breaking a write, or refuse the DDL:
+--   * a table that left the publication (DROP COLUMN ... CASCADE of a listed column
+--     removes it) would no longer be captured: refused;
+--   * a table (or a new partition) that lost its replica identity, or whose identity no
+--     longer covers the key columns, gets REPLICA IDENTITY FULL as install would
+--     (refused for replica_identity = "keep", as install refuses it);
+--   * a table that has REPLICA IDENTITY FULL and a column list is republished whole (a
+--     list must cover a FULL identity's columns, or UPDATE and DELETE fail).
+-- Its work is our own catalog look-ups: no cost to writes. install sets
+-- cdc_invalidator.installing for its own transaction, where it does all this itself.
+CREATE OR REPLACE FUNCTION cdc_invalidator.ddl_guard()
+RETURNS event_trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $guard$
+DECLARE
+    r    record;
+    pub  oid;
+    cols text[];
+BEGIN
+    IF coalesce(current_setting('cdc_invalidator.installing', true), '') = 'on' THEN
+        RETURN;
+    END IF;
+    FOR r IN SELECT p.* FROM cdc_invalidator.published_v1 p JOIN pg_class c ON c.oid = p.relid LOOP
+        SELECT oid INTO pub FROM pg_publication WHERE pubname = r.publication;
+        CONTINUE WHEN pub IS NULL;
+        IF NOT EXISTS (SELECT FROM pg_publication_rel pr
+                       WHERE pr.prpubid = pub AND pr.prrelid = r.relid) THEN
+            RAISE EXCEPTION 'cdc_invalidator: this would remove table % from publication %, and '
+                'its changes would no longer invalidate the cache', r.relid, r.publication
+                USING HINT = 'Drop the column without CASCADE after removing it from the '
+                             'configuration and running `cdc-invalidator install`; see '
+                             'docs/DBA.md, "Schema migrations".',
+                      ERRCODE = 'dependent_objects_still_exist';
+        END IF;
+        IF r.keep THEN
+            PERFORM cdc_invalidator.require_replica_identity(r.relid);
+            CONTINUE;
+        END IF;
+        SELECT coalesce(array_agg(a.attname::text), '{}') INTO cols FROM pg_attribute a
+        WHERE a.attrelid = r.relid AND a.attnum = ANY (r.attnums) AND NOT a.attisdropped;
+        PERFORM cdc_invalidator.ensure_replica_identity(r.relid, cols);
+        IF (SELECT relreplident FROM pg_class WHERE oid = r.relid) = 'f'
+           AND EXISTS (SELECT FROM pg_publication_rel pr WHERE pr.prpubid = pub
+                       AND pr.prrelid = r.relid AND pr.prattrs IS NOT NULL) THEN
+            -- One transaction: the stream never sees the table out of the publication.
+            EXECUTE format('ALTER PUBLICATION %I DROP TABLE %s', r.publication, r.relid);
+            EXECUTE format('ALTER PUBLICATION %I ADD TABLE %s', r.publication, r.relid);
+            RAISE NOTICE 'cdc_invalidator: % has REPLICA IDENTITY FULL: publication % now '
+                'carries all its columns', r.relid, r.publication;
+        END IF;
+    END LOOP;
+END
+$guard$;
+
+-- Event triggers are for superusers only: installed by another role, there is no guard
+-- (and no column lists, see publish_list()); `check` says so.
+DO $guard_install$
+BEGIN
+    IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+       AND NOT EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'cdc_invalidator_guard') THEN
+        CREATE EVENT TRIGGER cdc_invalidator_guard ON ddl_command_end
+            WHEN TAG IN ('ALTER TABLE', 'CREATE TABLE')
+            EXECUTE FUNCTION cdc_invalidator.ddl_guard();
+    END IF;
+END
+$guard_install$;
+
 REVOKE ALL ON FUNCTION cdc_invalidator.ensure_replica_identity(regclass, text[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cdc_invalidator.require_replica_identity(regclass) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cdc_invalidator.restore_replica_identity(regclass[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cdc_invalidator.publish(name, regclass[]) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cdc_invalidator.record_published(regclass, text, text, text[], boolean, name)
+    FROM PUBLIC;

@@ -627,7 +627,14 @@ def test_check_errors_for_a_kept_table_without_replica_identity(
     config = logical_config(env, {**USERS, **ORDERS}, keep=["public.orders"])
     install(config)
     assert check(config, capsys)[0] == 0
-    env.sql("ALTER TABLE orders REPLICA IDENTITY NOTHING")
+    # The DDL guard refuses it; without the guard (install by a non-superuser), check
+    # reports it.
+    with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="cdc_invalidator"):
+        env.sql("ALTER TABLE orders REPLICA IDENTITY NOTHING")
+    env.sql(
+        "ALTER EVENT TRIGGER cdc_invalidator_guard DISABLE;"
+        "ALTER TABLE orders REPLICA IDENTITY NOTHING"
+    )
     code, _, err = check(config, capsys)
     assert code == 1
     line = next(line for line in err.splitlines() if "orders" in line)
@@ -698,14 +705,21 @@ def test_check_looks_at_every_partition(env: Env, capsys: pytest.CaptureFixture[
     install(config)
     assert identity(env, "events_1") == "f"
     assert check(config, capsys)[0] == 0
-    # A partition added later has its own (default) identity.
+    # A partition added later gets FULL from the DDL guard at once.
     env.sql("CREATE TABLE events_2 PARTITION OF events FOR VALUES FROM (100) TO (200)")
+    assert identity(env, "events_2") == "f"
+    assert check(config, capsys)[0] == 0
+    # Without the guard, it has its own (default) identity, and check says so.
+    env.sql(
+        "ALTER EVENT TRIGGER cdc_invalidator_guard DISABLE;"
+        "CREATE TABLE events_3 PARTITION OF events FOR VALUES FROM (200) TO (300)"
+    )
     code, _, err = check(config, capsys)
     assert code == 1
-    line = next(line for line in err.splitlines() if "events_2" in line)
+    line = next(line for line in err.splitlines() if "events_3" in line)
     assert "['email']" in line
     install(config)
-    assert identity(env, "events_2") == "f"
+    assert identity(env, "events_3") == "f"
     assert check(config, capsys)[0] == 0
 
 

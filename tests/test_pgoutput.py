@@ -20,9 +20,11 @@ from cdc_invalidator.capture.pgoutput import (
     Decoder,
     ProtocolError,
     Relation,
+    Resolved,
     Undecodable,
+    by_name,
 )
-from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, TableName
+from cdc_invalidator.events import UNRENDERABLE, ChangeEvent, InvalidEvent, Op, TableName
 
 _DATA = json.loads((Path(__file__).parent / "data" / "pgoutput.json").read_text())
 TOAST_SLUG: str = _DATA["_values"]["pages_full.slug"]
@@ -77,7 +79,7 @@ def events_of(results: list[Result]) -> list[ChangeEvent]:
 
 
 def events(name: str, columns_for: ColumnsFor = all_columns) -> list[ChangeEvent]:
-    return events_of(feed(Decoder(columns_for), name))
+    return events_of(feed(Decoder(by_name(columns_for)), name))
 
 
 def recorder() -> tuple[MissingCalls, Callable[[Relation, list[str]], None]]:
@@ -111,7 +113,7 @@ def replace_value(msg: bytes, old: bytes, new: bytes) -> bytes:
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
 def test_transactions_are_framed_by_begin_and_commit(name: str) -> None:
-    results = feed(Decoder(SAFE), name)
+    results = feed(Decoder(by_name(SAFE)), name)
     begins = [r for r in results if isinstance(r, Begin)]
     commits = [r for r in results if isinstance(r, Commit)]
     assert isinstance(results[0], Begin)
@@ -128,7 +130,7 @@ def test_transactions_are_framed_by_begin_and_commit(name: str) -> None:
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
 def test_position_counts_events_one_by_one(name: str) -> None:
-    decoder = Decoder(SAFE)
+    decoder = Decoder(by_name(SAFE))
     seen: list[int] = []
     for msg in SCENARIOS[name]:
         result = decoder.decode(msg)
@@ -145,7 +147,7 @@ def test_position_counts_events_one_by_one(name: str) -> None:
 
 
 def test_position_goes_on_across_transactions_and_relations() -> None:
-    got = events_of(feed(Decoder(all_columns), "insert", "truncate_two", "quoted"))
+    got = events_of(feed(Decoder(by_name(all_columns)), "insert", "truncate_two", "quoted"))
     assert [e.position for e in got] == [1, 2, 3, 4, 5, 6]
     assert [e.table for e in got] == [USERS, USERS, USERS, USERS_FULL, ORDERS, ORDERS]
 
@@ -168,12 +170,52 @@ def test_only_the_wanted_columns_are_decoded() -> None:
     ]
 
 
-def test_a_wanted_column_the_table_lacks_is_left_out() -> None:
-    decoder = Decoder(columns({USERS: ["id", "nickname"]}))
+def test_a_key_column_the_table_lacks_makes_each_change_a_sweep_told_once() -> None:
+    told: list[tuple[TableName, tuple[str, ...]]] = []
+    decoder = Decoder(
+        by_name(columns({USERS: ["id", "nickname"]})),
+        on_unrenderable=lambda r: told.append((r.table, r.missing)),
+    )
     got = events_of(feed(decoder, "insert"))
-    assert [e.new for e in got] == [{"id": "1"}, {"id": "2"}]
+    # Its keys cannot be rendered: a sweep of the table's templates, as for TRUNCATE.
+    reason = {UNRENDERABLE: "key columns nickname of public.users no longer exist"}
+    assert [(e.table, e.op, e.old, e.new) for e in got] == [(USERS, Op.TRUNCATE, None, reason)] * 2
+    assert [e.position for e in got] == [1, 2]
+    assert told == [(USERS, ("nickname",))], "once per Relation message, not per row"
     relation = next(iter(decoder.relations.values()))
     assert relation.wanted == (("id", 0),)
+
+
+def test_a_renamed_table_and_column_map_to_the_configured_names() -> None:
+    """The resolver knows the relation by OID and the column by number: the message's
+    names (members, mail) become the configured ones (users, email)."""
+    relation = message("insert", "R")
+    relid = struct.unpack_from("!I", relation, 1)[0]
+    renamed = relation.replace(b"public\x00users\x00", b"public\x00members\x00").replace(
+        b"email\x00", b"mail\x00"
+    )
+    seen: list[tuple[int, TableName, tuple[str, ...]]] = []
+
+    def resolve(rel: int, table: TableName, cols: tuple[str, ...]) -> Resolved | None:
+        seen.append((rel, table, cols))
+        return (
+            Resolved(USERS, ("email", "id"), {"email": "mail", "id": "id"})
+            if rel == relid
+            else None
+        )
+
+    decoder = Decoder(resolve)
+    assert decoder.decode(renamed) is None
+    assert decoder.decode(message("insert", "I")) == ChangeEvent(
+        USERS, Op.INSERT, None, {"email": "ann@example.com", "id": "1"}, 1
+    )
+    assert seen == [(relid, TableName("public", "members"), ("id", "mail", "name"))]
+
+
+def test_an_unknown_relation_keeps_its_name_and_no_values() -> None:
+    decoder = Decoder(lambda _relid, _table, _cols: None)
+    got = events_of(feed(decoder, "insert"))
+    assert [(e.table, e.op, e.new) for e in got] == [(USERS, Op.INSERT, {})] * 2
 
 
 @pytest.mark.parametrize(
@@ -186,7 +228,7 @@ def test_a_wanted_column_the_table_lacks_is_left_out() -> None:
 def test_relation_messages_are_remembered(
     name: str, table: TableName, identity: str, identity_columns: set[str]
 ) -> None:
-    decoder = Decoder(all_columns)
+    decoder = Decoder(by_name(all_columns))
     feed(decoder, name)
     (relation,) = decoder.relations.values()
     assert relation.table == table
@@ -245,7 +287,7 @@ def test_full_primary_key_change_has_both_ids() -> None:
 def test_missing_old_values_are_told_once_per_relation() -> None:
     calls, on_missing_old = recorder()
     wanted = columns({USERS: ["id", "email"], ORDERS: ["Key Col", "Note"]})
-    decoder = Decoder(wanted, on_missing_old)
+    decoder = Decoder(by_name(wanted), on_missing_old)
     got = events_of(
         feed(
             decoder,
@@ -279,7 +321,7 @@ def test_missing_old_values_are_not_told_when_nothing_is_missing(
     names: list[str], wanted: dict[TableName, list[str]]
 ) -> None:
     calls, on_missing_old = recorder()
-    decoder = Decoder(columns(wanted), on_missing_old)
+    decoder = Decoder(by_name(columns(wanted)), on_missing_old)
     assert events_of(feed(decoder, *names))
     assert calls == []
 
@@ -316,7 +358,7 @@ def test_unchanged_toast_value_of_a_wanted_column_shares_one_row() -> None:
 
 @pytest.mark.parametrize("wanted", [["slug"], ["id", "slug"], None])
 def test_unchanged_toast_value_without_old_row_is_invalid(wanted: list[str] | None) -> None:
-    decoder = Decoder(lambda _t: wanted)
+    decoder = Decoder(by_name(lambda _t: wanted))
     msgs = SCENARIOS["toast_default"]
     for msg in msgs[:2]:  # Begin, Relation
         decoder.decode(msg)
@@ -345,7 +387,7 @@ def test_unchanged_toast_value_of_an_unwanted_column_is_no_problem() -> None:
 def test_truncate_gives_one_event_per_table(
     name: str, tables: list[TableName], options: int
 ) -> None:
-    results = feed(Decoder(all_columns), name)
+    results = feed(Decoder(by_name(all_columns)), name)
     assert message(name, "T")[5] == options  # CASCADE is bit 1: recorded as meant
     (truncated,) = [r for r in results if isinstance(r, list)]
     assert truncated == [
@@ -381,7 +423,7 @@ def test_a_partition_published_under_its_own_name_maps_to_its_configured_ancesto
         asked.append(relid)
         return [parent, top]  # nearest first; only the top one is configured
 
-    decoder = Decoder(columns({USERS: ["id"]}), ancestors_of=ancestors_of)
+    decoder = Decoder(by_name(columns({USERS: ["id"]}), ancestors_of))
     relation = as_partition(message("insert", "R"))
     assert decoder.decode(relation) is None
     assert decoder.decode(message("insert", "I")) == ChangeEvent(
@@ -391,7 +433,7 @@ def test_a_partition_published_under_its_own_name_maps_to_its_configured_ancesto
 
 
 def test_a_table_no_configured_table_contains_keeps_its_name() -> None:
-    decoder = Decoder(columns({ORDERS: ["Key Col"]}), ancestors_of=lambda _relid: [])
+    decoder = Decoder(by_name(columns({ORDERS: ["Key Col"]}), lambda _relid: []))
     decoder.decode(as_partition(message("insert", "R")))
     event = decoder.decode(message("insert", "I"))
     assert isinstance(event, ChangeEvent)
@@ -402,7 +444,7 @@ def test_a_configured_table_is_not_looked_up() -> None:
     def ancestors_of(_relid: int) -> list[TableName]:
         raise AssertionError("looked up")
 
-    decoder = Decoder(columns({USERS: ["id"]}), ancestors_of=ancestors_of)
+    decoder = Decoder(by_name(columns({USERS: ["id"]}), ancestors_of))
     feed(decoder, "insert")
 
 
@@ -419,7 +461,7 @@ def test_quoted_mixed_case_names() -> None:
 
 
 def test_user_defined_type_column() -> None:
-    results = feed(Decoder(all_columns), "enum_type")
+    results = feed(Decoder(by_name(all_columns)), "enum_type")
     assert [m[:1] for m in SCENARIOS["enum_type"]] == [b"B", b"Y", b"R", b"I", b"C"]
     assert results[1] is None
     assert results[3] == ChangeEvent(
@@ -450,7 +492,7 @@ def test_hand_built_messages_match_the_recorded_ones() -> None:
     ids=["type", "origin", "recorded-type", "recorded-origin", "recorded-message"],
 )
 def test_messages_without_changes_give_none(msg: bytes) -> None:
-    decoder = Decoder(all_columns)
+    decoder = Decoder(by_name(all_columns))
     feed(decoder, "insert")
     assert decoder.decode(msg) is None
     assert decoder.position == 2
@@ -458,7 +500,7 @@ def test_messages_without_changes_give_none(msg: bytes) -> None:
 
 
 def test_origin_transaction_decodes_like_any_other() -> None:
-    results = feed(Decoder(all_columns), "origin")
+    results = feed(Decoder(by_name(all_columns)), "origin")
     assert results[1] is None
     assert events_of(results) == [
         ChangeEvent(USERS, Op.INSERT, None, {"id": "3", "email": "c@example.com", "name": "Cy"}, 1)
@@ -475,7 +517,7 @@ def test_origin_transaction_decodes_like_any_other() -> None:
 )
 def test_a_value_that_is_not_utf8_is_invalid_naming_the_column(bad: bytes) -> None:
     first, second = replace_value(message("insert", "I"), b"Ann", bad), message("insert", "I", 1)
-    decoder = Decoder(all_columns)
+    decoder = Decoder(by_name(all_columns))
     decoder.decode(message("insert", "R"))
     with pytest.raises(InvalidEvent, match=r"column 'name' of public\.users is not UTF-8"):
         decoder.decode(first)
@@ -496,7 +538,7 @@ def test_a_value_that_is_not_utf8_is_invalid_naming_the_column(bad: bytes) -> No
 def test_an_undecodable_change_keeps_what_is_known_of_it(name: str, kind: str, op: Op) -> None:
     msg = message(name, kind)
     good = next(v for v in (b"Ann", b"Anna") if msg.count(text_field(v)) == 1)
-    decoder = Decoder(all_columns)
+    decoder = Decoder(by_name(all_columns))
     decoder.decode(message(name, "R"))
     with pytest.raises(Undecodable, match="is not UTF-8") as caught:
         decoder.decode(replace_value(msg, good, b"A\xffn"))
@@ -513,7 +555,7 @@ def message_table(name: str) -> str:
 
 
 def test_a_value_that_is_not_utf8_in_an_unwanted_column_is_not_decoded() -> None:
-    decoder = Decoder(columns({USERS: ["id", "email"]}))
+    decoder = Decoder(by_name(columns({USERS: ["id", "email"]})))
     decoder.decode(message("insert", "R"))
     event = decoder.decode(replace_value(message("insert", "I"), b"Ann", b"\xff\xfe"))
     assert event == ChangeEvent(USERS, Op.INSERT, None, {"id": "1", "email": "ann@example.com"}, 1)
@@ -524,7 +566,7 @@ def test_a_value_that_is_not_utf8_in_an_unwanted_column_is_not_decoded() -> None
     [("insert", "I"), ("default_update_pk", "U"), ("full_delete", "D"), ("truncate_two", "T")],
 )
 def test_a_change_to_an_undescribed_relation_is_invalid(name: str, kind: str) -> None:
-    decoder = Decoder(all_columns)
+    decoder = Decoder(by_name(all_columns))
     with pytest.raises(InvalidEvent, match=r"relation \d+, which was never described"):
         decoder.decode(message(name, kind))
     assert decoder.position == 0
@@ -535,7 +577,7 @@ def test_a_change_to_an_undescribed_relation_is_invalid(name: str, kind: str) ->
 
 def test_empty_message_is_a_protocol_error() -> None:
     with pytest.raises(ProtocolError, match="empty message"):
-        Decoder(all_columns).decode(b"")
+        Decoder(by_name(all_columns)).decode(b"")
 
 
 @pytest.mark.parametrize(
@@ -544,7 +586,7 @@ def test_empty_message_is_a_protocol_error() -> None:
     ids=["Z", "Zzz", "nul", "stream-start", "retyped-insert"],
 )
 def test_unknown_message_type_is_a_protocol_error(msg: bytes) -> None:
-    decoder = Decoder(all_columns)
+    decoder = Decoder(by_name(all_columns))
     decoder.decode(message("insert", "R"))
     with pytest.raises(
         ProtocolError, match=re.escape(f"unknown pgoutput message type {chr(msg[0])!r}")
@@ -571,7 +613,7 @@ def test_a_truncated_message_is_a_protocol_error(name: str, kind: str) -> None:
     accepted: list[tuple[int, Result]] = []
     errors: set[str] = set()
     for length in range(1, len(whole)):
-        decoder = Decoder(all_columns)
+        decoder = Decoder(by_name(all_columns))
         for rel in (m for m in SCENARIOS[name] if m[:1] == b"R"):
             decoder.decode(rel)
         try:
@@ -597,7 +639,7 @@ def test_a_truncated_message_is_a_protocol_error(name: str, kind: str) -> None:
     ids=["binary-column", "column-count"],
 )
 def test_a_malformed_tuple_is_a_protocol_error(edit: Callable[[bytes], bytes], error: str) -> None:
-    decoder = Decoder(all_columns)
+    decoder = Decoder(by_name(all_columns))
     decoder.decode(message("insert", "R"))
     with pytest.raises(ProtocolError, match=error):
         decoder.decode(edit(message("insert", "I")))
@@ -612,7 +654,7 @@ def test_a_malformed_tuple_is_a_protocol_error(edit: Callable[[bytes], bytes], e
     ],
 )
 def test_a_missing_tuple_is_a_protocol_error(name: str, kind: str, tag: bytes, error: str) -> None:
-    decoder = Decoder(all_columns)
+    decoder = Decoder(by_name(all_columns))
     decoder.decode(message(name, "R"))
     msg = message(name, kind)
     with pytest.raises(ProtocolError, match=re.escape(error)):

@@ -42,6 +42,7 @@ TRIGGER_GRANTS = {
 }
 LOGICAL_GRANTS = {
     "slot_state_v1": {"SELECT", "INSERT", "UPDATE"},
+    "published_v1": {"SELECT"},
     "history_v1": {"SELECT", "INSERT", "DELETE"},
     "dead_letter_v1": {"SELECT", "INSERT"},
     "logical_dead_letter_v1": {"USAGE"},

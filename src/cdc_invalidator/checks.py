@@ -61,6 +61,8 @@ def check_database(conn: psycopg.Connection[Any], settings: Settings, config_nam
             watch = _watch_of(conn, table)
             if watch is not None and _report_drift(report, where, table, watch):
                 continue
+        if installed and settings.capture == "logical" and _drifted(conn, report, where, table):
+            continue
         info = conn.execute(
             sqlfiles.query("check_table.sql"), {"table": table.qualified}
         ).fetchone()
@@ -199,7 +201,7 @@ def _check_logical_table(
 ) -> None:
     published = conn.execute(
         sqlfiles.query("check_published.sql"),
-        {"publication": settings.publication_name, "table": table.qualified},
+        {"publication": settings.publication_name, "table": table.qualified, "columns": wanted},
     ).fetchone()
     if not published or not published[0]:
         report.errors.append(
@@ -239,8 +241,51 @@ def _check_logical_table(
                 f"{where}: the replica identity of {rel} does not cover columns {missing}, "
                 "whose old values the templates need: run `cdc-invalidator install`"
             )
+    if published[1]:
+        fine = False
+        report.errors.append(
+            f"{where}: the column list of {table} in publication "
+            f"{settings.publication_name!r} leaves out key columns {published[1]}, whose "
+            "values the templates need: run `cdc-invalidator install`"
+        )
     if fine:
         report.ok.append(f"{where}: published, old values of {wanted} sent")
+
+
+def _drifted(conn: psycopg.Connection[Any], report: Report, where: str, table: TableName) -> bool:
+    """Report a configured table renamed, or key columns renamed or dropped, since install
+    recorded them (logical mode follows them by relation and column number, but the
+    configuration should say what the database says). True if anything drifted."""
+    row = conn.execute(
+        sqlfiles.query("check_drift.sql"),
+        {"qualified": table.qualified, "schema": table.schema, "name": table.name},
+    ).fetchone()
+    if row is None or row[0] is None:
+        return False  # not recorded, or dropped: the usual checks say what is wrong
+    now, same, columns = row
+    todo = "edit the configuration to the new names, then run `cdc-invalidator install`"
+    drifted = False
+    if not same:
+        drifted = True
+        report.errors.append(
+            f"{where}: table {table} was renamed to {now}: its changes still invalidate "
+            f"these templates (followed by relation), but {todo}"
+        )
+    for configured, current in columns:
+        if current is None:
+            drifted = True
+            report.errors.append(
+                f"{where}: column {configured!r} of {now} was dropped: the templates using it "
+                "cannot be rendered, so each change of the table is swept (SCAN + UNLINK of "
+                "its templates): edit the templates, then run `cdc-invalidator install`"
+            )
+        elif current != configured:
+            drifted = True
+            report.errors.append(
+                f"{where}: column {configured!r} of {now} was renamed to {current!r}: keys "
+                f"are still invalidated (followed by column number), but {todo}"
+            )
+    return drifted
 
 
 def _check_logical_server(
@@ -261,6 +306,17 @@ def _check_logical_server(
             f"role {user!r} lacks the REPLICATION attribute the listener needs to stream "
             f"(ALTER ROLE {user} REPLICATION; on Amazon RDS: GRANT rds_replication TO {user}), "
             "or use a role that has it"
+        )
+    guard = conn.execute(
+        "SELECT EXISTS (SELECT FROM pg_event_trigger"
+        " WHERE evtname = 'cdc_invalidator_guard' AND evtenabled <> 'D')"
+    ).fetchone()
+    if publication_exists and not (guard and guard[0]):
+        report.warnings.append(
+            "the DDL guard (event trigger cdc_invalidator_guard) is not installed or is "
+            "disabled: a new partition or a dropped primary key can make writes to a "
+            'published table fail (docs/DBA.md, "Schema migrations"); run '
+            "`cdc-invalidator install` as a superuser to add it"
         )
     if not publication_exists:
         report.errors.append(

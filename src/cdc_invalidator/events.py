@@ -21,6 +21,13 @@ class Op(StrEnum):
     TRUNCATE = "T"
 
 
+# A TRUNCATE event whose new row is {UNRENDERABLE: reason} stands for changes the capture
+# could not turn into key columns (a key column was dropped, a partition has no capture
+# triggers): their table is swept instead, and the runner logs and counts it. The
+# trigger queue's SQL writes the same key.
+UNRENDERABLE = "unrenderable"
+
+
 class InvalidEvent(Exception):
     """An event that cannot become keys. It goes to the dead letters, never blocks."""
 

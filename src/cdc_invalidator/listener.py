@@ -55,6 +55,7 @@ def build_listener(
         scan_count=settings.scan_count,
     )
     mapper = settings.mapper()
+    metrics = metrics or Metrics()
     connect: Callable[[], Source]
     if settings.capture == "logical":
         connect = LogicalCapture(

@@ -12,6 +12,11 @@ saved position was moved by somebody else (re-created, or consumed by another cl
 changes may have been missed. So may they when the slot is gone or its WAL was removed.
 Then every watched table is swept as if truncated, before anything else, and the reason
 is logged as an error; the sweep is owed (saved) until it has completed.
+
+Tables are followed by relation, not by name: the configured names are resolved at start
+through what install recorded (published_v1: the relid and the key columns' numbers), so
+a table or key column renamed later keeps its templates. A change of a table that lost a
+key column cannot be rendered: it becomes a sweep of that table's templates.
 """
 
 from __future__ import annotations
@@ -31,7 +36,14 @@ import structlog
 from cdc_invalidator import sqlfiles
 from cdc_invalidator.capture import keepalive
 from cdc_invalidator.capture.errors import Fatal, NotInstalled, Standby, missing_privilege
-from cdc_invalidator.capture.pgoutput import Begin, Commit, Decoder, Relation, Undecodable
+from cdc_invalidator.capture.pgoutput import (
+    Begin,
+    Commit,
+    Decoder,
+    Relation,
+    Resolved,
+    Undecodable,
+)
 from cdc_invalidator.capture.trigger_sql import require_installed
 from cdc_invalidator.capture.walstream import (
     Keepalive,
@@ -264,8 +276,8 @@ class LogicalStream:
         self._stream = stream
         self._side = side
         self._config = config
-        columns = config.columns
-        self._decoder = Decoder(columns.get, self._old_values_not_sent, self._ancestors_of)
+        self._known = self._resolve_configured()
+        self._decoder = Decoder(self._resolve, self._old_values_not_sent, self._unrenderable)
         self._resync = resync
         self._pending: LogicalBatch | None = None
         self._in_txn: tuple[int, int] | None = None  # (xid, commit LSN) of an open one
@@ -439,9 +451,76 @@ class LogicalStream:
         ]
         return LogicalBatch(len(events), events, ack_lsn=self._read_upto, resync=True)
 
-    def _ancestors_of(self, relid: int) -> list[TableName]:
-        rows = self._side.execute(sqlfiles.query("partition_ancestors.sql"), {"relid": relid})
-        return [TableName(schema, name) for schema, name in rows]
+    # --- which relation is which configured table --------------------------------------
+
+    def _resolve_configured(self) -> dict[int, tuple[TableName, tuple[str, ...], list[int | None]]]:
+        """Configured table -> its relid and key columns' numbers, once per connection."""
+        recorded = self._side.execute(
+            "SELECT to_regclass('cdc_invalidator.published_v1') IS NOT NULL"
+        ).fetchone()
+        query = sqlfiles.query(
+            "logical_resolve.sql" if recorded and recorded[0] else "logical_resolve_by_name.sql"
+        )
+        known: dict[int, tuple[TableName, tuple[str, ...], list[int | None]]] = {}
+        for table, columns in self._config.columns.items():
+            row = self._side.execute(
+                query,
+                {
+                    "qualified": table.qualified,
+                    "schema": table.schema,
+                    "name": table.name,
+                    "columns": list(columns),
+                },
+            ).fetchone()
+            if row is None or row[0] is None:
+                continue  # `check` says why; its changes cannot reach us under another id
+            known[int(row[0])] = (table, tuple(columns), list(row[1]))
+        return known
+
+    def _resolve(self, relid: int, _name: TableName, columns: tuple[str, ...]) -> Resolved | None:
+        """A Relation message: which configured table, and each key column's name in it.
+
+        A column is looked for under the name its number has now (it may have been
+        renamed), then under its configured name (a change made before a rename, decoded
+        after it, still carries the old name). A partition's columns have its parent's
+        names, so a partition resolves through its configured ancestor.
+        """
+        entry = self._known.get(relid)
+        target = relid
+        if entry is None:
+            for (ancestor,) in self._side.execute(
+                sqlfiles.query("partition_ancestors.sql"), {"relid": relid}
+            ):
+                entry = self._known.get(int(ancestor))
+                if entry is not None:
+                    target = int(ancestor)
+                    break
+            else:
+                return None
+        table, wanted, attnums = entry
+        now = dict(
+            self._side.execute(
+                sqlfiles.query("relation_columns.sql"),
+                {"relid": target, "attnums": [a for a in attnums if a is not None]},
+            ).fetchall()
+        )
+        present = set(columns)
+        names: dict[str, str] = {}
+        for column, attnum in zip(wanted, attnums, strict=True):
+            for candidate in (now.get(attnum), column):
+                if candidate is not None and candidate in present:
+                    names[column] = candidate
+                    break
+        return Resolved(table, wanted, names)
+
+    def _unrenderable(self, relation: Relation) -> None:
+        log.warning(
+            "key_columns_missing",
+            table=str(relation.table),
+            columns=list(relation.missing),
+            action="each change of the table sweeps its key templates (SCAN + UNLINK): "
+            "edit the templates to the table's columns, then run `cdc-invalidator install`",
+        )
 
     def _old_values_not_sent(self, relation: Relation, columns: list[str]) -> None:
         log.warning(
@@ -512,8 +591,10 @@ class LogicalStream:
                     "schema": event.table.schema if event else None,
                     "table": event.table.name if event else None,
                     "op": event.op.value if event else None,
-                    "old": json.dumps(event.old) if event and event.old is not None else None,
-                    "new": json.dumps(event.new) if event and event.new is not None else None,
+                    # Only key columns were decoded: never whole rows (an unknown
+                    # relation has none decoded, and stores its name and op only).
+                    "old": json.dumps(event.old) if event and event.old else None,
+                    "new": json.dumps(event.new) if event and event.new else None,
                     "error": error + where,
                 }
             )

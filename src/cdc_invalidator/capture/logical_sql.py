@@ -30,6 +30,9 @@ IDENTITY_HEADER = """
 -- with replica_identity = "keep" are left alone.
 """
 
+# The DDL guard (sql/logical.sql) stands aside while install does its work itself.
+INSTALLING = "SELECT set_config('cdc_invalidator.installing', 'on', true);\n\n"
+
 SLOT_FOOTER = """
 -- The replication slot (PostgreSQL refuses to create one in a transaction that has
 -- written): `cdc-invalidator install` creates it once this script has committed, and
@@ -42,7 +45,18 @@ def install_script(
     mapper: Mapper, keep: Mapping[TableName, bool], publication: str, slot: str
 ) -> sql.Composed:
     identities: list[sql.Composable] = [sql.SQL(IDENTITY_HEADER)]
+    records: list[sql.Composable] = []
     for table in sorted(mapper.tables):
+        records.append(
+            sqlfiles.query("record_published.sql").format(
+                table=sql.Literal(table.qualified),
+                schema=sql.Literal(table.schema),
+                name=sql.Literal(table.name),
+                columns=_text_array(mapper.columns(table)),
+                keep=sql.Literal(keep.get(table, False)),
+                publication=sql.Literal(publication),
+            )
+        )
         if keep.get(table, False):
             # A table name may hold anything but a newline is all a comment must avoid.
             name = table.qualified.replace("\n", " ").replace("\r", " ")
@@ -60,14 +74,15 @@ def install_script(
         identities.append(
             sqlfiles.query("ensure_replica_identity.sql").format(
                 table=sql.Literal(table.qualified),
-                columns=sql.SQL("ARRAY[{}]::text[]").format(
-                    sql.SQL(", ").join(sql.Literal(c) for c in mapper.columns(table))
-                ),
+                columns=_text_array(mapper.columns(table)),
             )
         )
     tables = sql.SQL(", ").join(sql.Literal(t.qualified) for t in sorted(mapper.tables))
     publish = sqlfiles.query("logical_install.sql").format(
-        tables=tables, publication=sql.Literal(publication), slot=sql.Literal(slot)
+        records=sql.SQL("").join(records),
+        tables=tables,
+        publication=sql.Literal(publication),
+        slot=sql.Literal(slot),
     )
     footer = sql.SQL(SLOT_FOOTER.replace("{slot}", sql.Literal(slot).as_string(None)))
     return sql.Composed(
@@ -75,6 +90,7 @@ def install_script(
             sql.SQL(SCRIPT_HEADER),
             guard(publication),
             sql.SQL("\n"),
+            sql.SQL(INSTALLING),
             sqlfiles.query("schema.sql"),
             sql.SQL("\n"),
             sqlfiles.query("logical.sql"),
@@ -86,6 +102,10 @@ def install_script(
             footer,
         ]
     )
+
+
+def _text_array(items: list[str]) -> sql.Composed:
+    return sql.SQL("ARRAY[{}]::text[]").format(sql.SQL(", ").join(sql.Literal(c) for c in items))
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Final, NamedTuple
 
 from cdc_invalidator.capture.errors import Fatal
-from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, Row, TableName
+from cdc_invalidator.events import UNRENDERABLE, ChangeEvent, InvalidEvent, Op, Row, TableName
 
 _U16 = struct.Struct("!H")
 _I32 = struct.Struct("!I")
@@ -54,37 +54,82 @@ class Commit(NamedTuple):
 @dataclass(frozen=True, slots=True)
 class Relation:
     relid: int
-    table: TableName
+    table: TableName  # the configured table it is or belongs to (else its own name)
     identity: str  # 'd' default (primary key), 'n' nothing, 'f' full, 'i' index
-    columns: tuple[str, ...]
+    columns: tuple[str, ...]  # as this message names them
     identity_columns: frozenset[str]
-    # Positions of the wanted columns: (column name, index in the tuple).
+    # Positions of the wanted columns: (column name as configured, index in the tuple).
     wanted: tuple[tuple[str, int], ...]
     # The same by index, for the tuple scan.
     wanted_at: Mapping[int, str]
     # Wanted columns outside the replica identity: not in a 'K' tuple.
     not_in_key: tuple[str, ...]
+    # Key columns the relation no longer has (dropped): its changes cannot be rendered,
+    # and each becomes a sweep of the table's templates instead.
+    missing: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """What a Relation message is to the configuration: the configured table it is (or,
+    for a partition, belongs to), its key columns as configured, and the name each has
+    in this message (a column without one is gone)."""
+
+    table: TableName
+    columns: tuple[str, ...]
+    names: Mapping[str, str]
+
+
+# (relid, name in the message, column names in the message) -> Resolved, or None for a
+# relation the configuration does not know. Called once per Relation message.
+Resolve = Callable[[int, TableName, tuple[str, ...]], Resolved | None]
+
+
+def by_name(
+    columns_for: Callable[[TableName], Sequence[str] | None],
+    ancestors_of: Callable[[int], Sequence[TableName]] | None = None,
+) -> Resolve:
+    """A resolver that goes by names only: `columns_for(table)` names the columns to
+    decode (None: every column, for a table it does not know), `ancestors_of(relid)`
+    the tables a partition belongs to, nearest first. For units; the listener resolves
+    by relation OID and column number (capture/logical.py)."""
+
+    def resolve(relid: int, table: TableName, columns: tuple[str, ...]) -> Resolved:
+        wanted = columns_for(table)
+        if wanted is None and ancestors_of is not None:
+            for ancestor in ancestors_of(relid):
+                wanted = columns_for(ancestor)
+                if wanted is not None:
+                    table = ancestor
+                    break
+        if wanted is None:
+            wanted = columns
+        return Resolved(table, tuple(wanted), {c: c for c in wanted})
+
+    return resolve
 
 
 class Decoder:
     """Turns pgoutput messages into ChangeEvents, remembering Relation messages.
 
-    `columns_for(table)` names the columns to decode for a table (the key templates'
-    columns); None decodes every column (a table the configuration does not know: its
-    events become dead letters, with the whole row as evidence). `ancestors_of(relid)`
-    names the tables a partition belongs to, nearest first: the changes of a partition
-    of a configured table are reported as changes of that table.
+    `resolve` says which configured table a relation is and where its key columns are
+    (see Resolve); a relation it does not know keeps its own name and has no column
+    decoded: its events become dead letters naming the table and the operation only.
+    `on_missing_old(relation, columns)` is told once when old values of key columns are
+    not sent; `on_unrenderable(relation)` once per Relation message that lacks key
+    columns; each change of such a table becomes a TRUNCATE event carrying the reason
+    (mapping.UNRENDERABLE), which the runner sweeps, logs and counts.
     """
 
     def __init__(
         self,
-        columns_for: Callable[[TableName], Sequence[str] | None],
+        resolve: Resolve,
         on_missing_old: Callable[[Relation, list[str]], None] | None = None,
-        ancestors_of: Callable[[int], Sequence[TableName]] | None = None,
+        on_unrenderable: Callable[[Relation], None] | None = None,
     ) -> None:
-        self._columns_for = columns_for
-        self._ancestors_of = ancestors_of
+        self._resolve = resolve
         self._on_missing_old = on_missing_old
+        self._on_unrenderable = on_unrenderable
         self._relations: dict[int, Relation] = {}
         self._warned: set[tuple[int, tuple[str, ...]]] = set()
         self.position = 0  # a serial number for every event decoded
@@ -149,21 +194,18 @@ class Decoder:
                 identity_columns.add(column)
         # An empty namespace means pg_catalog (the plugin abbreviates it).
         table = TableName(namespace or "pg_catalog", name)
-        wanted_names = self._columns_for(table)
-        if wanted_names is None and self._ancestors_of is not None:
-            for ancestor in self._ancestors_of(relid):
-                wanted_names = self._columns_for(ancestor)
-                if wanted_names is not None:
-                    table = ancestor
-                    break
-        index = {c: i for i, c in enumerate(columns)}
-        if wanted_names is None:
-            wanted = tuple((c, i) for i, c in enumerate(columns))
+        resolved = self._resolve(relid, table, tuple(columns))
+        missing: tuple[str, ...] = ()
+        if resolved is None:
+            wanted: tuple[tuple[str, int], ...] = ()
         else:
-            # A column the templates use but the table lacks is left out: the mapper
-            # then names it when it dead-letters the event.
-            wanted = tuple((c, index[c]) for c in wanted_names if c in index)
-        self._relations[relid] = Relation(
+            table = resolved.table
+            index = {c: i for i, c in enumerate(columns)}
+            at = {c: index.get(resolved.names.get(c, "")) for c in resolved.columns}
+            wanted = tuple((c, i) for c, i in at.items() if i is not None)
+            missing = tuple(c for c, i in at.items() if i is None)
+        identity_at = {i for i, c in enumerate(columns) if c in identity_columns}
+        relation = Relation(
             relid,
             table,
             identity,
@@ -171,11 +213,27 @@ class Decoder:
             frozenset(identity_columns),
             wanted,
             {i: c for c, i in wanted},
-            tuple(c for c, _ in wanted if c not in identity_columns),
+            tuple(c for c, i in wanted if i not in identity_at),
+            missing,
         )
+        self._relations[relid] = relation
+        if missing and self._on_unrenderable is not None:
+            self._on_unrenderable(relation)
+
+    def _unrenderable(self, relation: Relation) -> ChangeEvent:
+        """A change of a table that lost key columns: its keys cannot be known, so it
+        stands for a sweep of every template of the table, as a TRUNCATE does."""
+        self.position += 1
+        reason = {
+            UNRENDERABLE: f"key columns {', '.join(relation.missing)} of {relation.table} "
+            "no longer exist"
+        }
+        return ChangeEvent(relation.table, Op.TRUNCATE, None, reason, self.position)
 
     def _insert(self, msg: bytes) -> ChangeEvent:
         relation = self._relation_of(msg)
+        if relation.missing:
+            return self._unrenderable(relation)
         if msg[5] != 0x4E:  # 'N'
             raise ValueError(f"INSERT without a new tuple (got {chr(msg[5])!r})")
         values, end = _scan(msg, 6, relation)
@@ -189,6 +247,8 @@ class Decoder:
 
     def _update(self, msg: bytes) -> ChangeEvent:
         relation = self._relation_of(msg)
+        if relation.missing:
+            return self._unrenderable(relation)
         old_values: dict[str, object] | None = None
         pos = 5
         tag = msg[pos]
@@ -225,6 +285,8 @@ class Decoder:
 
     def _delete(self, msg: bytes) -> ChangeEvent:
         relation = self._relation_of(msg)
+        if relation.missing:
+            return self._unrenderable(relation)
         tag = msg[5]
         if tag not in (0x4B, 0x4F):
             raise ValueError(f"DELETE without an old tuple (got {chr(tag)!r})")
@@ -264,7 +326,7 @@ class Decoder:
         """Tell (once per relation and set of columns) that old values were not sent."""
         if not partial or self._on_missing_old is None:
             return
-        missing = tuple(c for c, _ in relation.wanted if c not in relation.identity_columns)
+        missing = relation.not_in_key
         if missing and (relation.relid, missing) not in self._warned:
             self._warned.add((relation.relid, missing))
             self._on_missing_old(relation, list(missing))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, Row, TableName
+from cdc_invalidator.events import UNRENDERABLE, ChangeEvent, InvalidEvent, Op, Row, TableName
 from cdc_invalidator.mapping.templates import KeyTemplate
 
 
@@ -22,10 +22,6 @@ class Invalidation:
     def __len__(self) -> int:
         return len(self.keys) + len(self.patterns)
 
-
-# A TRUNCATE event that carries {UNRENDERABLE: reason} stands for changes the capture
-# could not turn into key columns: their table is swept instead.
-UNRENDERABLE = "unrenderable"
 
 # Invalidations by Redis logical database: None is the one redis_url names.
 Routed = dict[int | None, Invalidation]

@@ -1,0 +1,285 @@
+"""Schema migrations on watched tables, in logical mode, against a real PostgreSQL.
+
+For each DDL: the application's writes that follow still succeed (our publication,
+replica identities and column lists never make them fail), and either invalidation
+follows (the right keys are deleted, or the table is swept) or the DDL is refused with
+a message naming cdc_invalidator. The configuration keeps its old names throughout:
+tables and key columns are followed by relation and column number.
+"""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+import redis
+
+from tests.conftest import Env, Spawn
+from tests.helpers import wait_until
+from tests.test_logical import (
+    ORDERS,
+    USERS,
+    check,
+    gone,
+    install,
+    logical_config,
+    make_tables,
+    running,
+    stop,
+)
+
+pytestmark = [pytest.mark.servers]
+
+
+def dead_letters(env: Env) -> list[tuple[str | None, str | None, object, object, str]]:
+    with env.connect() as conn:
+        return conn.execute(
+            "SELECT table_name, op, old_row, new_row, error FROM cdc_invalidator.dead_letter_v1"
+            " ORDER BY id DESC"
+        ).fetchall()
+
+
+def publication_columns(env: Env, table: str) -> list[str] | None:
+    """The columns the publication carries of a table (None: all, no column list)."""
+    with env.connect() as conn:
+        row = conn.execute(
+            "SELECT pr.prattrs IS NULL,"
+            " (SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_attribute a"
+            "  WHERE a.attrelid = pr.prrelid AND a.attnum = ANY (pr.prattrs))"
+            " FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid"
+            " WHERE p.pubname = 'cdc_invalidator' AND pr.prrelid = %s::regclass",
+            [table],
+        ).fetchone()
+    assert row is not None, f"{table} is not in the publication"
+    return None if row[0] else list(row[1])
+
+
+def writes_and_deletes(env: Env, r: redis.Redis, table: str, email_column: str) -> None:
+    """INSERT, UPDATE, DELETE on users (whatever it is called now): each succeeds and
+    deletes the keys the configured templates render."""
+    r.mset({"user:3": "-", "user:email:c@x": "-"})
+    env.sql(f"INSERT INTO {table} (id, {email_column}) VALUES (3, 'c@x')")
+    wait_until(lambda: gone(r, "user:3", "user:email:c@x"), what="the insert's keys")
+    r.mset({"user:3": "C", "user:email:c@x": "3", "user:email:d@x": "-"})
+    env.sql(f"UPDATE {table} SET {email_column} = 'd@x' WHERE id = 3")
+    wait_until(
+        lambda: gone(r, "user:3", "user:email:c@x", "user:email:d@x"), what="the update's keys"
+    )
+    r.mset({"user:3": "C", "user:email:d@x": "3"})
+    env.sql(f"DELETE FROM {table} WHERE id = 3")
+    wait_until(lambda: gone(r, "user:3", "user:email:d@x"), what="the delete's keys")
+
+
+def test_publication_carries_the_fewest_columns_the_server_allows(env: Env) -> None:
+    make_tables(env)
+    env.sql("CREATE TABLE wide (id int PRIMARY KEY, code text NOT NULL UNIQUE, big text)")
+    env.sql("ALTER TABLE wide REPLICA IDENTITY USING INDEX wide_code_key")
+    install(logical_config(env, {**USERS, **ORDERS, "public.wide": ["wide:{code}"]}))
+    # FULL (email is outside the key): no list is possible, a list would fail writes.
+    assert publication_columns(env, "users") is None
+    # DEFAULT: the key columns (and the primary key, which they are).
+    assert publication_columns(env, "orders") == ["id"]
+    # USING INDEX: the key columns and the identity's columns.
+    assert publication_columns(env, "wide") == ["code"]
+    env.sql("INSERT INTO wide VALUES (1, 'a', 'x'); UPDATE wide SET big = 'y'; DELETE FROM wide")
+
+
+def test_renamed_key_column_keeps_invalidating(env: Env) -> None:
+    make_tables(env)
+    config = logical_config(env, USERS)
+    install(config)
+    r = env.redis()
+    with running(env, config):
+        env.sql("ALTER TABLE users RENAME COLUMN email TO mail")
+        writes_and_deletes(env, r, "users", "mail")
+    assert dead_letters(env) == []
+
+
+def test_renamed_table_keeps_invalidating_and_stores_no_rows(env: Env) -> None:
+    make_tables(env)
+    config = logical_config(env, USERS)
+    install(config)
+    r = env.redis()
+    with running(env, config):
+        env.sql("ALTER TABLE users RENAME TO members")
+        writes_and_deletes(env, r, "members", "email")
+    assert dead_letters(env) == []
+
+
+def test_renames_made_while_the_listener_was_down_are_followed(env: Env) -> None:
+    """Changes from before the renames (old names in their Relation messages) and after
+    them (new names), all decoded after both renames."""
+    make_tables(env)
+    config = logical_config(env, USERS)
+    install(config)
+    r = env.redis()
+    r.mset({"user:1": "A", "user:email:a@x": "1", "user:email:e@x": "-", "user:2": "B"})
+    r.mset({"user:email:b@x": "2", "user:email:f@x": "-"})
+    env.sql("UPDATE users SET email = 'e@x' WHERE id = 1")  # before: users.email
+    env.sql("ALTER TABLE users RENAME COLUMN email TO mail; ALTER TABLE users RENAME TO members")
+    env.sql("UPDATE members SET mail = 'f@x' WHERE id = 2")  # after: members.mail
+    with running(env, config):
+        wait_until(
+            lambda: (
+                gone(r, "user:1", "user:email:a@x", "user:email:e@x", "user:2")
+                and gone(r, "user:email:b@x", "user:email:f@x")
+            ),
+            what="keys of changes before and after the renames",
+        )
+        writes_and_deletes(env, r, "members", "mail")
+    assert dead_letters(env) == []
+
+
+def test_dropped_key_column_sweeps_the_table(env: Env) -> None:
+    make_tables(env)
+    config = logical_config(env, {**USERS, **ORDERS})
+    install(config)
+    r = env.redis()
+    with running(env, config) as listener:
+        env.sql("ALTER TABLE users DROP COLUMN email")
+        r.mset({"user:1": "A", "user:email:zz@x": "?", "order:1": "O", "other": "keep"})
+        env.sql("UPDATE users SET name = 'AA' WHERE id = 1")  # succeeds
+        wait_until(lambda: gone(r, "user:1", "user:email:zz@x"), what="users swept")
+        assert r.get("order:1") == "O", "only the table that lost a column is swept"
+        assert r.get("other") == "keep"
+        env.sql("INSERT INTO users (id) VALUES (9); DELETE FROM users WHERE id = 9")
+        r.set("user:5", "x")
+        env.sql("DELETE FROM users WHERE id = 2")
+        wait_until(lambda: gone(r, "user:5"), what="swept again for the delete")
+        sweeps = listener.runner.metrics.registry.get_sample_value(
+            "cdc_invalidator_unrenderable_sweeps_total"
+        )
+        assert sweeps is not None
+        assert sweeps >= 2
+    assert dead_letters(env) == [], "swept, never parked nor dropped"
+
+
+def test_dropping_a_listed_key_column_is_refused_naming_cdc_invalidator(env: Env) -> None:
+    make_tables(env)
+    install(logical_config(env, ORDERS))
+    with pytest.raises(psycopg.errors.DependentObjectsStillExist, match="cdc_invalidator"):
+        env.sql("ALTER TABLE orders DROP COLUMN id")
+    # CASCADE would take the table out of the publication: changes lost. Refused too.
+    with pytest.raises(psycopg.errors.DependentObjectsStillExist, match="cdc_invalidator"):
+        env.sql("ALTER TABLE orders DROP COLUMN id CASCADE")
+    assert publication_columns(env, "orders") == ["id"]
+    env.sql("UPDATE orders SET note = 'n'; DELETE FROM orders")  # writes still work
+
+
+def test_dropping_the_primary_key_keeps_writes_working(env: Env) -> None:
+    """Without a primary key, a DEFAULT identity is none: UPDATE and DELETE of a
+    published table would fail. The guard sets FULL, and drops the column list that
+    FULL cannot have."""
+    make_tables(env)
+    config = logical_config(env, ORDERS)
+    install(config)
+    r = env.redis()
+    with running(env, config):
+        env.sql("ALTER TABLE orders DROP CONSTRAINT orders_pkey")
+        assert publication_columns(env, "orders") is None
+        r.mset({"order:1": "O"})
+        env.sql("UPDATE orders SET note = 'n' WHERE id = 1")
+        wait_until(lambda: gone(r, "order:1"), what="the update's key")
+        r.mset({"order:1": "O"})
+        env.sql("DELETE FROM orders WHERE id = 1")
+        wait_until(lambda: gone(r, "order:1"), what="the delete's key")
+
+
+def test_retyping_a_key_column(env: Env) -> None:
+    make_tables(env)
+    config = logical_config(env, {**USERS, **ORDERS})
+    install(config)
+    # A listed column (orders.id): PostgreSQL refuses, naming our publication.
+    with pytest.raises(psycopg.errors.FeatureNotSupported, match="cdc_invalidator"):
+        env.sql("ALTER TABLE orders ALTER COLUMN id TYPE bigint")
+    r = env.redis()
+    with running(env, config):
+        # A table published whole (users): allowed, invalidation follows.
+        env.sql("ALTER TABLE users ALTER COLUMN email TYPE varchar(100)")
+        writes_and_deletes(env, r, "users", "email")
+
+
+def test_other_columns_renamed_dropped_added(env: Env) -> None:
+    make_tables(env)
+    config = logical_config(env, {**USERS, **ORDERS})
+    install(config)
+    r = env.redis()
+    with running(env, config):
+        env.sql(
+            "ALTER TABLE users RENAME COLUMN name TO full_name;"
+            "ALTER TABLE users ADD COLUMN age int;"
+            "ALTER TABLE orders ADD COLUMN total int;"
+            "ALTER TABLE orders RENAME COLUMN note TO remark;"
+            "ALTER TABLE orders DROP COLUMN remark"
+        )
+        assert publication_columns(env, "orders") == ["id"], "new columns stay out"
+        writes_and_deletes(env, r, "users", "email")
+        env.sql("ALTER TABLE users DROP COLUMN full_name")
+        writes_and_deletes(env, r, "users", "email")
+        r.set("order:5", "x")
+        env.sql("INSERT INTO orders (id, total) VALUES (5, 1); UPDATE orders SET total = 2")
+        env.sql("DELETE FROM orders")
+        wait_until(lambda: gone(r, "order:5", "order:1"), what="orders' keys")
+    assert dead_letters(env) == []
+
+
+@pytest.mark.parametrize("how", ["create", "attach"])
+def test_new_partition_writes_and_invalidates(env: Env, how: str) -> None:
+    env.sql(
+        "CREATE TABLE events (id int, email text) PARTITION BY RANGE (id);"
+        "CREATE TABLE events_1 PARTITION OF events FOR VALUES FROM (0) TO (100)"
+    )
+    config = logical_config(env, {"public.events": ["ev:{id}", "ev:email:{email}"]})
+    install(config)
+    r = env.redis()
+    with running(env, config):
+        if how == "create":
+            env.sql("CREATE TABLE events_2 PARTITION OF events FOR VALUES FROM (100) TO (200)")
+        else:
+            # Its own column order: a partition is matched to its parent by name.
+            env.sql(
+                "CREATE TABLE events_2 (email text, id int);"
+                "ALTER TABLE events ATTACH PARTITION events_2 FOR VALUES FROM (100) TO (200)"
+            )
+        r.mset({"ev:101": "-", "ev:email:a@x": "-"})
+        env.sql("INSERT INTO events VALUES (101, 'a@x')")
+        wait_until(lambda: gone(r, "ev:101", "ev:email:a@x"), what="the insert's keys")
+        r.mset({"ev:101": "E", "ev:email:a@x": "101", "ev:email:b@x": "-"})
+        env.sql("UPDATE events SET email = 'b@x' WHERE id = 101")  # no primary key: FULL
+        wait_until(
+            lambda: gone(r, "ev:101", "ev:email:a@x", "ev:email:b@x"), what="the update's keys"
+        )
+        env.sql("DELETE FROM events WHERE id = 101")
+
+
+def test_dead_letters_hold_key_columns_only(env: Env, spawn: Spawn) -> None:
+    make_tables(env)
+    env.sql("CREATE TABLE secrets (id int PRIMARY KEY, password_hash text)")
+    config = logical_config(env, USERS)
+    install(config)
+    # A table in the publication the configuration does not know (added by hand).
+    env.sql("ALTER PUBLICATION cdc_invalidator ADD TABLE secrets")
+    listener = spawn(config)
+    env.sql("INSERT INTO secrets VALUES (1, 'hash')")
+    wait_until(lambda: len(dead_letters(env)) == 1, what="the unknown table's dead letter")
+    stop(listener)
+    ((table, op, old, new, error),) = dead_letters(env)
+    assert (table, op, old, new) == ("secrets", "I", None, None)
+    assert "not in the configuration" in error
+    assert "hash" not in error
+
+
+def test_check_reports_renames_and_drops(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    make_tables(env)
+    config = logical_config(env, {**USERS, **ORDERS})
+    install(config)
+    assert check(config, capsys)[0] == 0
+    env.sql("ALTER TABLE users RENAME TO members; ALTER TABLE members RENAME COLUMN email TO mail")
+    code, _, err = check(config, capsys)
+    assert code == 1
+    assert "table public.users was renamed to members" in err
+    assert "column 'email' of members was renamed to 'mail'" in err
+    assert "edit the configuration" in err
+    env.sql("ALTER TABLE members DROP COLUMN mail")
+    code, _, err = check(config, capsys)
+    assert "column 'email' of members was dropped" in err
+    assert "swept" in err
