@@ -237,9 +237,12 @@ $list$;
 --     list must cover a FULL identity's columns, or UPDATE and DELETE fail).
 -- Its work is our own catalog look-ups: no cost to writes. install sets
 -- cdc_invalidator.installing for its own transaction, where it does all this itself.
+-- It fires for every role's ALTER TABLE and CREATE TABLE (temporary tables included), so
+-- it looks only at the tables the command touched, and runs as its owner (the superuser
+-- who installed it): a role with no privilege on our schema must keep its DDL working.
 CREATE OR REPLACE FUNCTION cdc_invalidator.ddl_guard()
 RETURNS event_trigger
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $guard$
 DECLARE
     r    record;
@@ -249,7 +252,15 @@ BEGIN
     IF coalesce(current_setting('cdc_invalidator.installing', true), '') = 'on' THEN
         RETURN;
     END IF;
-    FOR r IN SELECT p.* FROM cdc_invalidator.published_v1 p JOIN pg_class c ON c.oid = p.relid LOOP
+    FOR r IN
+        -- The configured tables the command touched: itself, or a partition of it.
+        SELECT DISTINCT p.* FROM pg_event_trigger_ddl_commands() d
+        JOIN cdc_invalidator.published_v1 p
+          ON p.relid::oid = d.objid
+          OR p.relid IN (SELECT a.relid FROM pg_partition_ancestors(d.objid) a)
+        JOIN pg_class c ON c.oid = p.relid
+        WHERE d.classid = 'pg_catalog.pg_class'::regclass
+    LOOP
         SELECT oid INTO pub FROM pg_publication WHERE pubname = r.publication;
         CONTINUE WHEN pub IS NULL;
         IF NOT EXISTS (SELECT FROM pg_publication_rel pr
@@ -298,5 +309,6 @@ REVOKE ALL ON FUNCTION cdc_invalidator.ensure_replica_identity(regclass, text[])
 REVOKE ALL ON FUNCTION cdc_invalidator.require_replica_identity(regclass) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cdc_invalidator.restore_replica_identity(regclass[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cdc_invalidator.publish(name, regclass[]) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cdc_invalidator.ddl_guard() FROM PUBLIC;
 REVOKE ALL ON FUNCTION cdc_invalidator.record_published(regclass, text, text, text[], boolean, name)
     FROM PUBLIC;

@@ -283,3 +283,30 @@ def test_check_reports_renames_and_drops(env: Env, capsys: pytest.CaptureFixture
     code, _, err = check(config, capsys)
     assert "column 'email' of members was dropped" in err
     assert "swept" in err
+
+
+def test_the_ddl_guard_never_gets_in_the_way_of_other_roles(env: Env) -> None:
+    """The guard fires on every role's CREATE TABLE and ALTER TABLE in the database,
+    temporary tables included: a role with no privilege on our schema keeps its DDL, and
+    the non-superuser owner of a watched table keeps its migrations (the guard's own
+    work, setting FULL, is done with the installer's rights)."""
+    make_tables(env)
+    install(logical_config(env, ORDERS))
+    role = f"app_{env.dsn.rsplit('/', 1)[1]}"
+    env.sql(f"CREATE ROLE {role} LOGIN; GRANT CREATE ON SCHEMA public TO {role}")
+    env.sql(f"ALTER TABLE orders OWNER TO {role}")
+    as_app = psycopg.conninfo.make_conninfo(env.dsn, user=role)
+    try:
+        with psycopg.connect(as_app, autocommit=True) as conn:
+            conn.execute("CREATE TEMP TABLE scratch (a int)")
+            conn.execute("CREATE TABLE mine (a int PRIMARY KEY)")
+            conn.execute("ALTER TABLE mine ADD COLUMN b int")
+            conn.execute("ALTER TABLE orders DROP CONSTRAINT orders_pkey")
+            conn.execute("UPDATE orders SET note = 'n' WHERE id = 1")
+        assert publication_columns(env, "orders") is None
+        assert env.scalar("SELECT relreplident FROM pg_class WHERE oid = 'orders'::regclass") == "f"
+    finally:
+        env.sql(
+            f"DROP TABLE IF EXISTS mine; ALTER TABLE orders OWNER TO CURRENT_USER;"
+            f"REVOKE ALL ON SCHEMA public FROM {role}; DROP ROLE {role}"
+        )
