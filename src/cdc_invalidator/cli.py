@@ -266,8 +266,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     )
     if result.skipped:
         print(
-            f"warning: {result.skipped} events no longer map to keys (their table left the "
-            "configuration, or their values cannot render)",
+            f"warning: {result.skipped} rows or events skipped (logged as replay_skipped): "
+            "they cannot be decoded, or no longer map to keys (their table left the "
+            "configuration, a column is missing, a value cannot render)",
             file=sys.stderr,
         )
     return EXIT_OK

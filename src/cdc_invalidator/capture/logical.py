@@ -32,6 +32,7 @@ from cdc_invalidator import sqlfiles
 from cdc_invalidator.capture import keepalive
 from cdc_invalidator.capture.errors import Fatal, NotInstalled, Standby, missing_privilege
 from cdc_invalidator.capture.pgoutput import Begin, Commit, Decoder, Relation, Undecodable
+from cdc_invalidator.capture.rows import encode_history
 from cdc_invalidator.capture.trigger_sql import require_installed
 from cdc_invalidator.capture.walstream import (
     Keepalive,
@@ -41,7 +42,6 @@ from cdc_invalidator.capture.walstream import (
     parse_lsn,
 )
 from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, TableName
-from cdc_invalidator.replay import encode_history
 
 log = structlog.get_logger("cdc_invalidator.capture.logical")
 
