@@ -338,6 +338,65 @@ def test_check_passes_when_all_is_well(env: Env, capsys: pytest.CaptureFixture[s
     assert "orders" in out
 
 
+def test_check_warns_when_one_tables_sweep_reaches_anothers_keys(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tables(env)
+    env.sql("CREATE TABLE user_settings (id int PRIMARY KEY, theme text)")
+    config = env.config(
+        {
+            "public.users": ["user:{id}", "user:email:{email}"],
+            "public.user_settings": ["user:settings:{id}"],
+            "public.orders": ["order:{id}"],
+        }
+    )
+    assert cli("install", "--config", config) == 0
+    capsys.readouterr()
+    code, out, err = check(config, capsys)
+    assert code == 0, err  # a warning, not an error: nothing is lost, keys are over-deleted
+    warnings = [line for line in out.splitlines() if "TRUNCATE" in line]
+    # users' user:* matches user_settings' user:settings:1; user_settings' user:settings:*
+    # matches none of users' keys (user:1, user:email:1), orders' order:* nothing at all.
+    assert len(warnings) == 1, out
+    [line] = warnings
+    assert line.startswith(f"warning: {config}: a TRUNCATE of table 'public.users' sweeps ")
+    assert "'user:*' (template 'user:{id}')" in line
+    assert "table 'public.user_settings' (template 'user:settings:{id}', such as " in line
+    assert "'user:settings:1'" in line
+
+
+def test_check_warns_about_whichever_table_sweeps_the_other(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tables(env)
+    config = env.config({"public.users": ["u:{id}:x"], "public.orders": ["u:{id}"]})
+    assert cli("install", "--config", config) == 0
+    capsys.readouterr()
+    code, out, err = check(config, capsys)
+    assert code == 0, err
+    # orders' u:* matches users' u:1:x; users' u:*:x matches no key of orders (u:1).
+    warnings = [line for line in out.splitlines() if "TRUNCATE" in line]
+    assert len(warnings) == 1, out
+    assert "a TRUNCATE of table 'public.orders' sweeps 'u:*'" in warnings[0]
+
+
+def test_check_is_quiet_about_tables_in_different_redis_databases(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tables(env)
+    env.sql("CREATE TABLE user_settings (id int PRIMARY KEY, theme text)")
+    config = env.config(
+        {"public.users": ["user:{id}"], "public.user_settings": ["user:settings:{id}"]}
+    )
+    with config.open("a") as f:
+        f.write("redis_db = 5\n")  # the last table written: user_settings
+    assert cli("install", "--config", config) == 0
+    capsys.readouterr()
+    code, out, err = check(config, capsys)
+    assert code == 0, err
+    assert "TRUNCATE" not in out, out
+
+
 @pytest.mark.parametrize("command", ["check", "status"])
 def test_check_and_status_before_install_say_not_installed(env: Env, command: str) -> None:
     tables(env)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from fnmatch import fnmatchcase
+
 import pytest
 
 from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, TableName
@@ -69,6 +71,78 @@ def test_bad_templates_are_named(source: str, message: str) -> None:
 )
 def test_glob_escapes_literals(source: str, pattern: str) -> None:
     assert KeyTemplate.parse(source).glob() == pattern
+
+
+@pytest.mark.parametrize(
+    ("source", "why"),
+    [
+        ("{a}:{b}", "it begins with the field {a}"),
+        ("{a}", "it begins with the field {a}"),
+        ("{a}-{b}", "it begins with the field {a}"),
+        ("{id}:user", "it begins with the field {id}"),  # sweeps *:user
+        (":{id}", "it begins with ':', which holds no letter or digit"),
+        ("*-/{id}", "it begins with '*-/', which holds no letter or digit"),
+    ],
+)
+def test_a_template_whose_sweep_reaches_beyond_it_is_too_broad(source: str, why: str) -> None:
+    assert KeyTemplate.parse(source).too_broad() == why
+
+
+@pytest.mark.parametrize(
+    "source", ["user:{id}", "u{id}", "7:{id}", "{{x}}:{id}", "ü:{id}", "all-users", "-", "::"]
+)
+def test_a_literal_prefix_with_a_letter_or_digit_confines_the_sweep(source: str) -> None:
+    # A template without fields sweeps exactly its one key: never too broad.
+    assert KeyTemplate.parse(source).too_broad() is None
+
+
+@pytest.mark.parametrize(
+    ("source", "key"),
+    [("user:{id}", "user:1"), ("u:{a}:{b}:x", "u:1:1:x"), ("all-users", "all-users")],
+)
+def test_a_sample_key_has_1_in_every_field(source: str, key: str) -> None:
+    assert KeyTemplate.parse(source).sample() == key
+
+
+@pytest.mark.parametrize(
+    ("source", "key", "swept"),
+    [
+        ("user:{id}", "user:settings:1", True),  # a `*` matches separators too
+        ("user:{id}", "user:1:orders", True),
+        ("user:{id}", "user:", True),
+        ("user:{id}:orders", "user:1", False),
+        ("user:{id}", "users:1", False),
+        ("order:{id}", "order_item:1", False),
+        ("user:{id}", "user:line\nbreak", True),
+        # Escaped glob characters match only themselves.
+        ("a*:{id}", "a*:1", True),
+        ("a*:{id}", "ab:1", False),
+        ("q?[x]\\:{id}", "q?[x]\\:1", True),
+        ("q?[x]\\:{id}", "qz[x]\\:1", False),
+        ("q?[x]\\:{id}", "q?x\\:1", False),
+        ("all-users", "all-users", True),
+        ("all-users", "all-users2", False),
+    ],
+)
+def test_sweeps_matches_as_redis_matches_the_glob(source: str, key: str, swept: bool) -> None:
+    template = KeyTemplate.parse(source)
+    assert template.sweeps(key) is swept
+    # The same answer as the glob Redis is given, read by fnmatch.
+    assert fnmatchcase(key, _fnmatch_pattern(template.glob())) is swept
+
+
+def _fnmatch_pattern(redis_glob: str) -> str:
+    """A Redis MATCH pattern of `*` and escaped characters, as fnmatch reads it."""
+    out, escaped = [], False
+    for ch in redis_glob:
+        if escaped:
+            out.append(f"[{ch}]" if ch in "*?[" else ch)
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
 def _mapper() -> Mapper:

@@ -8,6 +8,7 @@ keys are back. The listener notices the new server and deletes them again.
 
 from __future__ import annotations
 
+import re
 import signal
 from collections.abc import Iterator
 
@@ -135,6 +136,125 @@ def test_replay_since_deletes_again_what_was_invalidated(env: Env, spawn: Spawn)
     assert f"{2 * len(ROWS)} keys were back and are deleted again" in done.stdout, done.stdout
     assert cached(r) == 0
     assert r.get(BYSTANDER) == "fresh"
+
+
+# --- rows the listener would dead-letter: skipped and logged, never a crash -------------
+
+# Past Python's int conversion limit (4300 digits): json.loads, and with it the driver's
+# json loader, refuse it.
+HUGE = "9" * 5000
+# (columns, values, what the skip must say) per mode.
+POISON = {
+    "trigger": [
+        (
+            "schema_name, table_name, op, old_row",
+            ["public", "users", "D", f'{{"id": {HUGE}}}'],
+            "old_row cannot be parsed",
+        ),
+        (
+            "schema_name, table_name, op, new_row",
+            ["public", "ghost", "I", '{"id": "1"}'],
+            "not in the configuration",
+        ),
+    ],
+    "logical": [
+        ("events", [f'[["public", "users", "D", {{"id": {HUGE}}}, null]]'], "cannot be parsed"),
+        ("events", ['[["public", "ghost", "I", null, {"id": "1"}]]'], "not in the configuration"),
+        ("events", ['{"not": "an array"}'], "events is dict, expected a JSON array"),
+    ],
+}
+
+
+def poison(env: Env) -> dict[int, str]:
+    """Rows no listener of this configuration wrote (by hand, or before a table left the
+    configuration), where replay reads: their ids, with what their skip must say."""
+    table = "history_v1" if env.logical else "queue_v1"
+    written = {}
+    with env.connect() as conn:
+        for columns, values, reason in POISON[env.capture]:
+            row = conn.execute(
+                f"INSERT INTO cdc_invalidator.{table} ({columns}) VALUES "
+                f"({', '.join(['%s'] * len(values))}) RETURNING id".encode(),
+                values,
+            ).fetchone()
+            assert row is not None
+            written[int(row[0])] = reason
+    return written
+
+
+def edit_around_poison(env: Env, r: redis.Redis) -> dict[int, str]:
+    """Half the rows edited (and invalidated), poisoned rows, then the other half: replay
+    meets good rows on either side of the bad ones."""
+    env.sql("UPDATE users SET email = 'new' || id || '@x' WHERE id BETWEEN 1 AND 25")
+    wait_until(lambda: cached(r) == len(ROWS), what="the first half's keys deleted")
+    if env.logical:  # recorded after Redis confirmed: the poison must come after it
+        wait_until(
+            lambda: env.scalar("SELECT count(*) FROM cdc_invalidator.history_v1") > 0,
+            what="the first half recorded for replay",
+        )
+    bad = poison(env)
+    env.sql("UPDATE users SET email = 'new' || id || '@x' WHERE id BETWEEN 26 AND 50")
+    wait_until(lambda: cached(r) == 0, what="the second half's keys deleted")
+    return bad
+
+
+def test_replay_after_redis_restarts_skips_bad_rows_and_the_listener_runs_on(
+    own_env: Env, spawn: Spawn
+) -> None:
+    with_rdb_snapshots(own_env)
+    config = setup_users(own_env, rows=len(ROWS), replay_history="1h")
+    listener = spawn(config)
+    r = own_env.redis()
+    wait_until(lambda: listener.logged("redis_identity_recorded"), what="the listener started")
+    cache(r, ROWS)
+    r.save()
+    bad = edit_around_poison(own_env, r)
+
+    crash_onto_the_snapshot(own_env)
+    wait_until(lambda: listener.logged("replay_done"), what="the replay")
+    assert cached(own_env.redis()) == 0, "the good rows before and after the bad were replayed"
+    done = listener.logged("replay_done")[0]
+    assert done["existed"] == 2 * len(ROWS), done
+    assert done["skipped"] == len(bad), done
+    skipped = {line["row"]: line for line in listener.logged("replay_skipped")}
+    assert set(skipped) == set(bad)
+    for row, reason in bad.items():
+        assert reason in skipped[row]["reason"], skipped[row]
+        assert skipped[row]["source"] == ("history_v1" if own_env.logical else "queue_v1")
+    # Running on: a change after the replay is invalidated, and it stops cleanly.
+    assert listener.process is not None
+    assert listener.process.poll() is None
+    r = own_env.redis()
+    r.set("user:1", "stale")
+    own_env.sql("UPDATE users SET email = 'again@x' WHERE id = 1")
+    wait_until(lambda: r.exists("user:1") == 0, what="a change after the replay")
+    stop_listener(listener)
+
+
+def test_replay_since_skips_bad_rows_and_replays_the_rest(env: Env, spawn: Spawn) -> None:
+    config = setup_users(env, rows=len(ROWS), replay_history="1h")
+    listener = spawn(config)
+    r = env.redis()
+    wait_until(lambda: listener.logged("redis_identity_recorded"), what="the listener started")
+    cache(r, ROWS)
+    bad = edit_around_poison(env, r)
+    stop_listener(listener)
+
+    cache(r, ROWS)  # a backup from before the edits, restored
+    done = run_cli("replay", "--since", "15m", "--config", str(config))
+    assert done.returncode == 0, done.stderr
+    assert f"{2 * len(ROWS)} keys were back and are deleted again" in done.stdout, done.stdout
+    assert cached(r) == 0
+    assert "Traceback" not in done.stderr
+    skips = {
+        int(m.group(1)): line
+        for line in done.stderr.splitlines()
+        if " replay_skipped " in line and (m := re.search(r" row=(\d+)", line))
+    }
+    assert set(skips) == set(bad), done.stderr
+    for row, reason in bad.items():
+        assert reason in skips[row], skips[row]
+    assert f"warning: {len(bad)} rows or events skipped" in done.stderr
 
 
 def test_replay_since_with_a_bad_duration_names_it(env: Env) -> None:

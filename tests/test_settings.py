@@ -59,7 +59,7 @@ def test_config_path_from_environment(tmp_path: Path, monkeypatch: pytest.Monkey
         (GOOD.replace('capture = "trigger"', 'capture = "magic"'), "capture"),
         ('redis_url = "redis://x"\n', "tables"),
         (GOOD.replace('keys = ["order:{id}", "user:{user_id}:orders"]', "keys = []"), "keys"),
-        (GOOD.replace('"user:{id}", ', '"{id}", '), "no literal text"),
+        (GOOD.replace('"user:{id}", ', '"{id}", '), "template '{id}' is too broad"),
         (GOOD.replace('[tables."orders"]', '[tables."a.b.c"]'), "invalid table name"),
         (GOOD.replace('[tables."orders"]', '[tables."public.USERS"]'), "name the same table"),
         (GOOD.replace("keys = [", "kees = [", 1), "unknown setting 'tables.public.users.kees'"),
@@ -85,6 +85,63 @@ def test_bad_config_is_a_clear_error(tmp_path: Path, text: str, expected: str) -
     with pytest.raises(ConfigError, match=expected) as info:
         load_settings(path)
     assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("template", "prefix", "sweep"),
+    [
+        ("{email}:{id}", "", "'*:*'"),
+        ("{id}", "", "'*'"),
+        ("{a}-{b}", "", "'*-*'"),
+        ("{id}:user", "", "'*:user'"),
+        (":{id}", "", "':*'"),
+        # The prefix is the beginning of every template: punctuation alone confines nothing.
+        ("{id}", ":", "':*'"),
+    ],
+)
+def test_a_template_whose_sweep_could_reach_other_keys_is_refused(
+    tmp_path: Path, template: str, prefix: str, sweep: str
+) -> None:
+    table = f'[tables."public.sessions"]\nkey_prefix = "{prefix}"\nkeys = ["{template}"]\n'
+    path = _write(tmp_path, GOOD + table)
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    message = str(info.value)
+    assert str(path) in message
+    assert f"table 'public.sessions': template {template!r}" in message
+    assert f"sweep {sweep}" in message
+    # What to do about it.
+    assert "must begin with literal text holding a letter or digit" in message
+    assert f"such as 'sessions:{template}'" in message
+
+
+@pytest.mark.parametrize(
+    ("template", "prefix", "sweep"),
+    [
+        ("{id}", "app1:", "app1:*"),
+        ("{a}:{b}", "s", "s*:*"),
+        ("session:{id}", "", "session:*"),
+        ("{{s}}:{id}", "", "{s}:*"),
+    ],
+)
+def test_a_literal_prefix_from_key_prefix_or_the_template_is_enough(
+    tmp_path: Path, template: str, prefix: str, sweep: str
+) -> None:
+    table = f'[tables."public.sessions"]\nkey_prefix = "{prefix}"\nkeys = ["{template}"]\n'
+    settings = load_settings(_write(tmp_path, GOOD + table))
+    [parsed] = settings.mapper().tables[TableName("public", "sessions")]
+    assert parsed.glob() == sweep
+
+
+def test_cli_refuses_a_too_broad_template_with_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _write(tmp_path, GOOD.replace('"user:email:{email}"', '"{email}:{id}"'))
+    assert main(["check", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "table 'public.users': template '{email}:{id}' is too broad" in err
+    assert "give it a literal prefix such as 'users:{email}:{id}'" in err
 
 
 def test_missing_file(tmp_path: Path) -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import permutations
 from typing import Any
 
 import psycopg
 import redis
 from redis.cluster import RedisCluster
+from redis.connection import parse_url
 from redis.exceptions import RedisClusterException
 
 from cdc_invalidator import sqlfiles
@@ -31,6 +33,47 @@ class Report:
     @property
     def passed(self) -> bool:
         return not self.errors
+
+
+def check_templates(settings: Settings, config_name: str) -> Report:
+    """Warn where one table's TRUNCATE sweep would delete another table's keys.
+
+    Each template's sweep is matched, as Redis matches it, against a sample key of every
+    template of the other tables (every field "1"): a match means a TRUNCATE of the one
+    table empties part of the other's cache. Harmless for correctness (cache misses),
+    rarely what was meant. Tables whose keys live in different Redis databases never
+    meet."""
+    report = Report()
+    mapper = settings.mapper()
+    names = {TableName.parse(name): name for name in settings.tables}
+    url_db = _url_db(settings.redis_url)
+    dbs: dict[TableName, int | None] = {}
+    for table in mapper.tables:
+        db = settings.tables[names[table]].redis_db
+        dbs[table] = url_db if db is None else db
+    for a, b in permutations(sorted(mapper.tables), 2):
+        if dbs[a] is not None and dbs[b] is not None and dbs[a] != dbs[b]:
+            continue
+        for ta in mapper.tables[a]:
+            for tb in mapper.tables[b]:
+                key = tb.sample()
+                if ta.sweeps(key):
+                    report.warnings.append(
+                        f"{config_name}: a TRUNCATE of table {names[a]!r} sweeps "
+                        f"{ta.glob()!r} (template {ta.source!r}), which also matches keys of "
+                        f"table {names[b]!r} (template {tb.source!r}, such as {key!r}): "
+                        "they are deleted too. Give each table's templates a prefix of "
+                        "their own if that is not meant"
+                    )
+    return report
+
+
+def _url_db(url: str) -> int | None:
+    """The logical database redis_url names, or None when it cannot be told."""
+    try:
+        return int(parse_url(url).get("db") or 0)  # type: ignore[no-untyped-call]
+    except ValueError:
+        return None
 
 
 def check_database(conn: psycopg.Connection[Any], settings: Settings, config_name: str) -> Report:

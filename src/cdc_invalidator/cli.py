@@ -21,7 +21,7 @@ from psycopg.conninfo import conninfo_to_dict
 from cdc_invalidator import __version__, logs
 from cdc_invalidator.capture import logical_sql, trigger_sql
 from cdc_invalidator.capture.errors import Fatal, NotInstalled, missing_privilege
-from cdc_invalidator.checks import check_database, check_redis
+from cdc_invalidator.checks import check_database, check_redis, check_templates
 from cdc_invalidator.database import DatabaseError, connect
 from cdc_invalidator.durations import format_duration, parse_duration
 from cdc_invalidator.install import SlotStepFailed, install, install_script
@@ -186,8 +186,10 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     settings = _settings(args)
     config_name = str(args.config or "configuration")
+    templates = check_templates(settings, config_name)
     with connect(settings) as conn:
         report = check_database(conn, settings, config_name)
+    report.warnings[:0] = templates.warnings
     sink = open_sink(RedisOptions.from_settings(settings))
     try:
         where = settings.redis_url
@@ -269,8 +271,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     )
     if result.skipped:
         print(
-            f"warning: {result.skipped} events no longer map to keys (their table left the "
-            "configuration, or their values cannot render)",
+            f"warning: {result.skipped} rows or events skipped (logged as replay_skipped): "
+            "they cannot be decoded, or no longer map to keys (their table left the "
+            "configuration, a column is missing, a value cannot render)",
             file=sys.stderr,
         )
     return EXIT_OK

@@ -9,12 +9,13 @@ answer changes, every key invalidated since shortly before the old server was la
 replay runs by hand: `cdc-invalidator replay --since 15m`.
 
 What was invalidated is read back from PostgreSQL: the trigger queue's rows (kept for
-replay_history after they are processed), or history_v1 in logical mode.
+replay_history after they are processed), or history_v1 in logical mode, decoded as the
+listener decodes them (capture/rows.py): a row it would dead-letter is skipped and logged,
+since a replay that stopped on it would stop the listener at every start.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,8 +27,8 @@ import structlog
 from redis.cluster import RedisCluster
 
 from cdc_invalidator import sqlfiles
+from cdc_invalidator.capture.rows import Decoded, RowDecoder
 from cdc_invalidator.durations import format_duration
-from cdc_invalidator.events import ChangeEvent, Op, TableName
 from cdc_invalidator.mapping import Mapper
 from cdc_invalidator.sink.auto import Sink
 from cdc_invalidator.sink.cluster_sink import primaries
@@ -36,6 +37,8 @@ log = structlog.get_logger("cdc_invalidator.replay")
 
 # Events read and deleted per round: bounded memory whatever the window holds.
 CHUNK = 20_000
+# Skipped rows logged one by one per replay; the rest are counted.
+SKIPS_LOGGED = 20
 # What CONFIG GET cannot tell: the window when it is refused (managed services, ACLs).
 UNKNOWN_PERSISTENCE_S = 3600.0
 # Added to every window: the clock of the commit and of the check, a snapshot being
@@ -48,49 +51,32 @@ class ReplayResult:
     events: int  # read back from the history
     keys: int  # distinct keys (and patterns) deleted again, per chunk
     existed: int  # how many of them Redis held: what the replay undid
-    skipped: int  # events that no longer map to keys (table left the configuration)
+    # Rows, or events, that could not be decoded or no longer map to keys (their table
+    # left the configuration): each logged (the first SKIPS_LOGGED), none replayed.
+    skipped: int
     seconds: float
 
 
 def history(
     conn: psycopg.Connection[Any], capture: Literal["trigger", "logical"], since_s: float
-) -> Iterator[list[ChangeEvent]]:
+) -> Iterator[Decoded]:
     """The events invalidated in the last `since_s` seconds (by the server's clock), in
-    chunks, oldest first. A server-side cursor: the window may hold millions."""
+    chunks, oldest first, with the rows that are no events (the listener dead-lettered
+    them, or would have). A server-side cursor: the window may hold millions."""
     name = "history_trigger.sql" if capture == "trigger" else "history_logical.sql"
+    decoder = RowDecoder()
     with conn.transaction(), conn.cursor(name="cdc_invalidator_replay") as cur:
         cur.execute(sqlfiles.query(name), {"seconds": since_s})
         while rows := cur.fetchmany(CHUNK):
             if capture == "trigger":
-                yield [_queue_event(row) for row in rows]
-            else:
-                yield [e for (events,) in rows for e in _history_events(events)]
-
-
-def _queue_event(row: tuple[Any, ...]) -> ChangeEvent:
-    position, schema, table, op, old, new = row
-    # A row written by hand that is not an object maps to nothing (the listener
-    # dead-lettered it): left as None, the mapper skips the event.
-    return ChangeEvent(
-        TableName(schema, table),
-        Op(op),  # queue_v1's CHECK allows only Op's values
-        old if isinstance(old, dict) else None,
-        new if isinstance(new, dict) else None,
-        position,
-    )
-
-
-def _history_events(text: str) -> Iterator[ChangeEvent]:
-    for schema, table, op, old, new in json.loads(text):
-        yield ChangeEvent(TableName(schema, table), Op(op), old, new, 0)
-
-
-def encode_history(events: list[ChangeEvent]) -> str:
-    """A batch's events as history_v1 stores them (key columns only, as decoded)."""
-    return json.dumps(
-        [[e.table.schema, e.table.name, e.op.value, e.old, e.new] for e in events],
-        separators=(",", ":"),
-    )
+                yield decoder.queue_rows(rows)
+                continue
+            chunk = Decoded()
+            for position, text in rows:
+                decoded = decoder.history_row(position, text)
+                chunk.events += decoded.events
+                chunk.dead += decoded.dead
+            yield chunk
 
 
 def replay(
@@ -100,16 +86,46 @@ def replay(
     sink: Sink,
     since_s: float,
 ) -> ReplayResult:
-    """Delete the keys of every event invalidated in the last `since_s` seconds."""
+    """Delete the keys of every event invalidated in the last `since_s` seconds. A row
+    that is no event, or an event that maps to no keys, is skipped and logged: the
+    others are replayed all the same."""
     started = time.monotonic()
-    events = keys = existed = skipped = 0
+    events = keys = existed = 0
+    skips = _Skips("queue_v1" if capture == "trigger" else "history_v1")
     for chunk in history(conn, capture, since_s):
-        works, failed = mapper.map_all(chunk)
-        skipped += len(failed)
-        events += len(chunk)
+        for position, reason in chunk.dead:
+            skips.add(position, reason)
+        works, failed = mapper.map_all(chunk.events)
+        for event, exc in failed:
+            skips.add(event.position, str(exc))
+        events += len(chunk.events)
         keys += sum(len(w) for w in works.values())
         existed += sink.delete_routed(works)
-    return ReplayResult(events, keys, existed, skipped, time.monotonic() - started)
+    skips.close()
+    return ReplayResult(events, keys, existed, skips.count, time.monotonic() - started)
+
+
+class _Skips:
+    """A replay's skipped rows: counted, and logged up to SKIPS_LOGGED (a table that left
+    the configuration can leave a million history rows behind)."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.count = 0
+
+    def add(self, position: int, reason: str) -> None:
+        self.count += 1
+        if self.count <= SKIPS_LOGGED:
+            log.warning("replay_skipped", source=self.source, row=position, reason=reason)
+
+    def close(self) -> None:
+        if self.count > SKIPS_LOGGED:
+            log.warning(
+                "replay_skips_not_logged",
+                source=self.source,
+                skipped=self.count,
+                not_logged=self.count - SKIPS_LOGGED,
+            )
 
 
 def persistence_window(client: redis.Redis | RedisCluster) -> tuple[float, str]:

@@ -114,13 +114,7 @@ class TableSettings(BaseModel):
     @classmethod
     def _templates_parse(cls, keys: list[str]) -> list[str]:
         for source in keys:
-            template = KeyTemplate.parse(source)
-            if not "".join(template.literals):
-                # TRUNCATE sweeps a template as a glob: "{id}" would sweep every key.
-                raise TemplateError(
-                    f"template {source!r} has no literal text: a TRUNCATE sweep of it "
-                    "would delete every key in the database; give it a prefix"
-                )
+            KeyTemplate.parse(source)  # raises TemplateError naming it
         return keys
 
 
@@ -215,11 +209,13 @@ class Settings(BaseSettings):
     @classmethod
     def _table_names_parse(cls, tables: dict[str, TableSettings]) -> dict[str, TableSettings]:
         seen: dict[TableName, str] = {}
-        for name in tables:
+        for name, table in tables.items():
             parsed = TableName.parse(name)
             if parsed in seen:
                 raise ValueError(f"tables {seen[parsed]!r} and {name!r} name the same table")
             seen[parsed] = name
+            for source in table.keys:
+                _refuse_broad_sweep(name, parsed, table.key_prefix, source)
         return tables
 
     @field_validator("redis_url")
@@ -282,6 +278,23 @@ class Settings(BaseSettings):
                 if table.redis_db is not None
             },
         )
+
+
+def _refuse_broad_sweep(name: str, table: TableName, key_prefix: str, source: str) -> None:
+    """A TRUNCATE sweeps each template as a glob: one that could match other tables' and
+    apps' keys (sessions, locks) is refused here, not found out in production."""
+    template = KeyTemplate.parse(key_prefix + source)
+    why = template.too_broad()
+    if why is None:
+        return
+    written = f"{source!r} (with key_prefix {key_prefix!r})" if key_prefix else repr(source)
+    raise TemplateError(
+        f"table {name!r}: template {written} is too broad: {why}, so a TRUNCATE of the "
+        f"table would sweep {template.glob()!r}, deleting other tables' and apps' keys "
+        "(sessions, locks). A template with fields must begin with literal text holding a "
+        f"letter or digit: give it a literal prefix such as {table.name + ':' + source!r} "
+        "(or set the table's key_prefix)"
+    )
 
 
 def load_settings(path: str | Path | None = None) -> Settings:

@@ -44,6 +44,7 @@ from cdc_invalidator.capture.pgoutput import (
     Resolved,
     Undecodable,
 )
+from cdc_invalidator.capture.rows import encode_history
 from cdc_invalidator.capture.trigger_sql import require_installed
 from cdc_invalidator.capture.walstream import (
     Keepalive,
@@ -53,7 +54,6 @@ from cdc_invalidator.capture.walstream import (
     parse_lsn,
 )
 from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, TableName
-from cdc_invalidator.replay import encode_history
 
 log = structlog.get_logger("cdc_invalidator.capture.logical")
 

@@ -16,7 +16,6 @@ that only one listener consumes at a time.
 from __future__ import annotations
 
 import contextlib
-import json
 import select
 import time
 from collections import deque
@@ -32,8 +31,9 @@ from psycopg.rows import tuple_row
 from cdc_invalidator import sqlfiles
 from cdc_invalidator.capture import keepalive
 from cdc_invalidator.capture.errors import Fatal, NotInstalled, Standby, missing_privilege
+from cdc_invalidator.capture.rows import RowDecoder
 from cdc_invalidator.capture.trigger_sql import CHANNEL, require_installed
-from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, Row, TableName
+from cdc_invalidator.events import ChangeEvent
 
 # Progress is saved at most this often, and this long at most after going idle: a crash
 # re-delivers at most this much work, where a save per batch would cost a write per batch.
@@ -41,7 +41,6 @@ SAVE_EVERY_S = 0.1
 # Processed rows deleted per statement, so that a large clean-up never holds up an event.
 PRUNE_CHUNK = 5000
 
-_OPS = {op.value: op for op in Op}
 _START = ("0", 0)  # before every (xid, id)
 
 
@@ -179,7 +178,7 @@ class TriggerQueue:
         self._pruned_for: Snapshot | None = None
         self._pruned_at = time.monotonic()
         self._prune_more = False
-        self._tables: dict[tuple[str, str], TableName] = {}
+        self._decoder = RowDecoder()
 
     @contextmanager
     def batch(self, limit: int) -> Iterator[QueueBatch]:
@@ -211,17 +210,16 @@ class TriggerQueue:
         window = window or Snapshot.parse(rows[0][0])
         if rows[0][2] is None:  # an empty window: one row of NULLs besides the snapshot
             rows = []
-        batch = QueueBatch(size=len(rows), events=[], read_at=time.monotonic())
+        # Columns 2 to 7: id, schema_name, table_name, op, old_row, new_row.
+        decoded = self._decoder.queue_rows(rows, at=2)
+        batch = QueueBatch(
+            size=len(rows), events=decoded.events, dead=dict(decoded.dead), read_at=time.monotonic()
+        )
         ages, last_xid = batch.txn_ages, None
-        parsed = _parse_all(rows)
-        for i, row in enumerate(rows):
+        for row in rows:
             if row[1] != last_xid:  # one age per transaction: rows come in xid order
                 last_xid = row[1]
                 ages.append(row[8])
-            try:
-                batch.events.append(self._decode(row, parsed, i))
-            except InvalidEvent as exc:
-                batch.dead[row[2]] = str(exc)
         yield batch
         # Acknowledged: Redis confirmed every delete of the batch.
         if batch.dead:
@@ -329,24 +327,6 @@ class TriggerQueue:
             self._pruned_for = done
         return self._prune_more
 
-    def _decode(self, row: tuple[Any, ...], parsed: list[object] | None, i: int) -> ChangeEvent:
-        """A queue row as a ChangeEvent; InvalidEvent if a hand-written row is malformed."""
-        _cur, _xid, position, schema_name, table_name, op, old_text, new_text, _age = row
-        kind = _OPS.get(op)
-        if kind is None:
-            raise InvalidEvent(f"unknown operation {op!r}")
-        table = self._tables.get((schema_name, table_name))
-        if table is None:
-            table = self._tables[schema_name, table_name] = TableName(schema_name, table_name)
-        if parsed is None:
-            old = _row(_parse(old_text, "old_row"), "old_row")
-            new = old if new_text == old_text else _row(_parse(new_text, "new_row"), "new_row")
-        else:
-            old = _row(parsed[2 * i], "old_row")
-            # An UPDATE that left the key columns alone carries the same values twice.
-            new = old if new_text == old_text else _row(parsed[2 * i + 1], "new_row")
-        return ChangeEvent(table, kind, old, new, position)
-
 
 def _prepare(conn: psycopg.Connection[Any]) -> Progress:
     require_installed(conn)
@@ -385,34 +365,3 @@ def _prepare(conn: psycopg.Connection[Any]) -> Progress:
     progress.saved = progress.state()
     progress.saved_at = time.monotonic()
     return progress
-
-
-def _parse_all(rows: list[tuple[Any, ...]]) -> list[object] | None:
-    """Every row's old and new values with one json.loads, or None if one is malformed.
-
-    One call for a whole batch: for objects this small the per-call overhead is most of
-    the cost. A json column holds exactly one JSON value, so joining them with commas
-    makes one array with two elements per row.
-    """
-    texts = [text if text is not None else "null" for row in rows for text in row[6:8]]
-    try:
-        parsed = json.loads("[" + ",".join(texts) + "]")
-    except (ValueError, RecursionError):
-        return None  # each row is parsed on its own, to dead-letter the culprit
-    return parsed if isinstance(parsed, list) and len(parsed) == len(texts) else None
-
-
-def _parse(text: str | None, name: str) -> object:
-    if text is None:
-        return None
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError) as exc:
-        # e.g. a number too long for Python's int conversion limit
-        raise InvalidEvent(f"{name} cannot be parsed: {exc}") from None
-
-
-def _row(value: object, name: str) -> Row | None:
-    if value is None or value.__class__ is dict:
-        return value  # a dict of JSON values: their types are checked when rendered
-    raise InvalidEvent(f"{name} is {type(value).__name__}, expected a JSON object")

@@ -4,14 +4,22 @@ Fields are column names; ``{{`` and ``}}`` stand for literal braces. A template 
 into one key from a row's values, or into a Redis glob pattern (every field a ``*``)
 for a TRUNCATE sweep, with the literal parts escaped so that a ``*`` or ``[`` the app put
 in its key names matches only itself.
+
+A sweep must stay inside keys its template can produce, as far as a glob can: a template
+with fields must begin with literal text holding a letter or digit (``user:{id}``, its
+sweep ``user:*``), never with a field (``{id}:user`` sweeps ``*:user``) or punctuation
+alone (``{email}:{id}`` sweeps ``*:*``: every key with a colon, sessions and locks too).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 _GLOB_SPECIAL = frozenset("*?[]\\")
+# What every field of a sample key holds (`check` matches sweeps against sample keys).
+_SAMPLE_VALUE = "1"
 
 
 class TemplateError(ValueError):
@@ -93,6 +101,30 @@ class KeyTemplate:
     def glob(self) -> str:
         """A Redis MATCH pattern for every key this template can produce."""
         return "*".join(_escape_glob(lit) for lit in self.literals)
+
+    def too_broad(self) -> str | None:
+        """Why this template's sweep could reach keys of other tables and apps, or None.
+
+        The sweep of a template with fields is confined to the keys that begin with its
+        leading literal text: that text must exist and hold a letter or digit, since
+        separators alone (":", "-", "/") are shared by every namespace.
+        """
+        if not self.fields or any(ch.isalnum() for ch in self.literals[0]):
+            return None
+        if not self.literals[0]:
+            return f"it begins with the field {{{self.fields[0]}}}"
+        return f"it begins with {self.literals[0]!r}, which holds no letter or digit"
+
+    def sample(self) -> str:
+        """The key of a row whose every field holds "1": what a key of this template
+        typically looks like (ids are numbers, and "1" is no word of any template)."""
+        return self.literals[0] + "".join(_SAMPLE_VALUE + lit for lit in self.literals[1:])
+
+    def sweeps(self, key: str) -> bool:
+        """Whether this template's TRUNCATE sweep deletes `key`: what Redis's MATCH does
+        with glob(), whose `*` matches any text and whose escaped literals only themselves."""
+        pattern = ".*".join(re.escape(lit) for lit in self.literals)
+        return re.fullmatch(pattern, key, re.DOTALL) is not None
 
 
 def _not_text(field: str, value: object) -> TypeError:

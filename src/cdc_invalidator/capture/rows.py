@@ -1,0 +1,163 @@
+"""Queue and history rows, read back from PostgreSQL: ChangeEvents, or why not.
+
+Every reader of cdc_invalidator.queue_v1 (the trigger listener, replay) and of
+history_v1 (logical replay) decodes through here, so that a row the listener would
+dead-letter is a dead letter or a logged skip for every reader, never an exception.
+What such a row can hold: anyone with INSERT on the tables can write one by hand, a
+json column accepts numbers longer than Python's int conversion allows and nesting
+deeper than its recursion limit, and a history row outlives the configuration that
+wrote it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, Row, TableName
+
+_OPS = {op.value: op for op in Op}
+
+
+@dataclass(slots=True)
+class Decoded:
+    events: list[ChangeEvent] = field(default_factory=list)
+    # (position, reason) for each row, or event of a history row, that is no event.
+    dead: list[tuple[int, str]] = field(default_factory=list)
+
+
+def encode_history(events: list[ChangeEvent]) -> str:
+    """A batch's events as history_v1 stores them (key columns only, as decoded)."""
+    return json.dumps(
+        [[e.table.schema, e.table.name, e.op.value, e.old, e.new] for e in events],
+        separators=(",", ":"),
+    )
+
+
+class RowDecoder:
+    """Decodes the rows of one reader. Table names are interned: a backlog is a million
+    rows of a few tables."""
+
+    def __init__(self) -> None:
+        self._tables: dict[tuple[str, str], TableName] = {}
+
+    def queue_rows(self, rows: Sequence[Sequence[Any]], at: int = 0) -> Decoded:
+        """queue_v1 rows whose columns from `at` on are id, schema_name, table_name, op,
+        old_row::text, new_row::text (as text: a value the driver could not parse would
+        fail the whole read). Events keep the rows' order; position is the queue id."""
+        out = Decoded()
+        events, tables = out.events, self._tables
+        parsed = _parse_all([text for row in rows for text in (row[at + 4], row[at + 5])])
+        for i, row in enumerate(rows):
+            position, old_text, new_text = row[at], row[at + 4], row[at + 5]
+            # An UPDATE that left the key columns alone carries the same values twice:
+            # one row, so that the mapper renders it once.
+            same = new_text == old_text
+            if parsed is not None:
+                # The common case inlined (a backlog spends its time here): exactly the
+                # rows event() accepts; anything else goes there to be told why not.
+                old, new = parsed[2 * i], parsed[2 * i + 1]
+                kind = _OPS.get(row[at + 3])
+                table = tables.get((row[at + 1], row[at + 2]))
+                if (
+                    kind is not None
+                    and table is not None
+                    and (old is None or old.__class__ is dict)
+                    and (same or new is None or new.__class__ is dict)
+                ):
+                    new = old if same else new
+                    # (dicts or None, as just checked)
+                    events.append(ChangeEvent(table, kind, old, new, position))  # type: ignore[arg-type]
+                    continue
+            try:
+                if parsed is None:
+                    old = _parse(old_text, "old_row")
+                    new = _parse(new_text, "new_row")
+                values = (row[at + 1], row[at + 2], row[at + 3], old, new)
+                events.append(self.event(position, values, same=same))
+            except InvalidEvent as exc:
+                out.dead.append((position, str(exc)))
+        return out
+
+    def history_row(self, position: int, text: str) -> Decoded:
+        """A history_v1 row: a JSON array of [schema, table, op, old, new] (what
+        encode_history wrote). Its events, and its failures, take the row's id as
+        position."""
+        out = Decoded()
+        try:
+            items = _history_items(text)
+        except InvalidEvent as exc:
+            out.dead.append((position, str(exc)))
+            return out
+        for n, item in enumerate(items):
+            try:
+                out.events.append(self.event(position, _history_item(item)))
+            except InvalidEvent as exc:
+                out.dead.append((position, f"event {n}: {exc}"))
+        return out
+
+    def event(self, position: int, values: Sequence[object], *, same: bool = False) -> ChangeEvent:
+        """One change from parsed (schema, table, op, old, new); InvalidEvent saying what
+        is wrong with them. (Whether the table is configured, and has the columns, is the
+        mapper's to say.) `same`: new is old's text, one row for both."""
+        schema, table, op, old, new = values
+        kind = _OPS.get(op) if isinstance(op, str) else None
+        if kind is None:
+            raise InvalidEvent(f"unknown operation {op!r}")
+        if not isinstance(schema, str) or not isinstance(table, str):
+            raise InvalidEvent(f"table name {schema!r}.{table!r} is not text")
+        name = self._tables.get((schema, table))
+        if name is None:
+            name = self._tables[schema, table] = TableName(schema, table)
+        old_row = _row(old, "old_row")
+        new_row = old_row if same else _row(new, "new_row")
+        return ChangeEvent(name, kind, old_row, new_row, position)
+
+
+def _history_items(text: str) -> list[object]:
+    items = _parse(text, "events")
+    if not isinstance(items, list):
+        raise InvalidEvent(f"events is {_kind(items)}, expected a JSON array")
+    return items
+
+
+def _history_item(item: object) -> list[object]:
+    if not isinstance(item, list) or len(item) != 5:
+        raise InvalidEvent(f"{_kind(item)} {item!r:.80}, expected [schema, table, op, old, new]")
+    return item
+
+
+def _parse_all(texts: list[str | None]) -> list[object] | None:
+    """Every text with one json.loads, or None if one is malformed.
+
+    One call for a whole batch: for objects this small the per-call overhead is most of
+    the cost. A json column holds exactly one JSON value, so joining them with commas
+    makes one array of as many elements.
+    """
+    try:
+        parsed = json.loads("[" + ",".join(t if t is not None else "null" for t in texts) + "]")
+    except (ValueError, RecursionError):
+        return None  # each row is parsed on its own, to name the culprit
+    return parsed if isinstance(parsed, list) and len(parsed) == len(texts) else None
+
+
+def _parse(text: str | None, name: str) -> object:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        # e.g. a number too long for Python's int conversion limit
+        raise InvalidEvent(f"{name} cannot be parsed: {exc}") from None
+
+
+def _row(value: object, name: str) -> Row | None:
+    if value is None or value.__class__ is dict:
+        return value  # a dict of JSON values: their types are checked when rendered
+    raise InvalidEvent(f"{name} is {_kind(value)}, expected a JSON object")
+
+
+def _kind(value: object) -> str:
+    return "null" if value is None else type(value).__name__

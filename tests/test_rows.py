@@ -1,0 +1,100 @@
+"""Pure units: queue and history rows decoded into events, or the reason they are none
+(no servers; the readers that use it are tested against real servers in test_semantics
+and test_replay)."""
+
+from __future__ import annotations
+
+import pytest
+
+from cdc_invalidator.capture.rows import RowDecoder, encode_history
+from cdc_invalidator.events import ChangeEvent, Op, TableName
+
+USERS = TableName("public", "users")
+# Past Python's int conversion limit (4300 digits): json.loads refuses it.
+HUGE = "9" * 5000
+
+
+def test_queue_rows_decode_in_order_with_the_queue_id_as_position() -> None:
+    decoded = RowDecoder().queue_rows(
+        [
+            (7, "public", "users", "I", None, '{"id": "1"}'),
+            (8, "public", "users", "U", '{"id": "1"}', '{"id": "2"}'),
+            (9, "public", "users", "T", None, None),
+        ]
+    )
+    assert decoded.dead == []
+    assert decoded.events == [
+        ChangeEvent(USERS, Op.INSERT, None, {"id": "1"}, 7),
+        ChangeEvent(USERS, Op.UPDATE, {"id": "1"}, {"id": "2"}, 8),
+        ChangeEvent(USERS, Op.TRUNCATE, None, None, 9),
+    ]
+
+
+def test_queue_rows_columns_may_start_further_in() -> None:
+    row = ("snapshot", "xid", 3, "public", "users", "D", '{"id": "1"}', None, 0.1)
+    [event] = RowDecoder().queue_rows([row], at=2).events
+    assert event == ChangeEvent(USERS, Op.DELETE, {"id": "1"}, None, 3)
+
+
+def test_an_update_that_kept_its_key_columns_carries_one_row() -> None:
+    [event] = RowDecoder().queue_rows([(1, "s", "t", "U", '{"id": "1"}', '{"id": "1"}')]).events
+    assert event.new is event.old  # the mapper renders it once
+
+
+@pytest.mark.parametrize(
+    ("row", "culprits"),
+    [
+        ((2, "public", "users", "I", None, '{"id": ' + HUGE + "}"), ["new_row", "parse"]),
+        ((2, "public", "users", "D", '{"id": ' + HUGE + "}", None), ["old_row", "parse"]),
+        ((2, "public", "users", "D", "[" * 100_000 + "]" * 100_000, None), ["old_row"]),
+        ((2, "public", "users", "D", "not json", None), ["old_row", "parse"]),
+        ((2, "public", "users", "D", '["1"]', None), ["old_row", "list"]),
+        ((2, "public", "users", "I", None, "5"), ["new_row", "int"]),
+        ((2, "public", "users", "X", None, '{"id": "1"}'), ["operation", "'X'"]),
+        ((2, None, "users", "I", None, '{"id": "1"}'), ["table name"]),
+    ],
+)
+def test_a_bad_queue_row_is_dead_and_its_neighbours_are_not(
+    row: tuple[object, ...], culprits: list[str]
+) -> None:
+    good_before = (1, "public", "users", "I", None, '{"id": "1"}')
+    good_after = (3, "public", "users", "I", None, '{"id": "3"}')
+    decoded = RowDecoder().queue_rows([good_before, row, good_after])
+    assert [e.position for e in decoded.events] == [1, 3]
+    [(position, reason)] = decoded.dead
+    assert position == 2
+    for culprit in culprits:
+        assert culprit in reason, reason
+
+
+def test_history_rows_round_trip_what_the_listener_recorded() -> None:
+    events = [
+        ChangeEvent(USERS, Op.UPDATE, {"id": "1", "email": None}, {"id": "1", "email": "a"}, 0),
+        ChangeEvent(TableName("s", "Odd.Name"), Op.TRUNCATE, None, None, 0),
+    ]
+    decoded = RowDecoder().history_row(42, encode_history(events))
+    assert decoded.dead == []
+    assert decoded.events == [e._replace(position=42) for e in events]
+
+
+@pytest.mark.parametrize(
+    ("text", "kept", "culprits"),
+    [
+        ('[["public", "users", "D", {"id": ' + HUGE + "}, null]]", 0, ["events", "parse"]),
+        ("[" * 100_000 + "]" * 100_000, 0, ["events"]),
+        ('{"not": "an array"}', 0, ["events is dict", "array"]),
+        ('[["public", "users", "D"]]', 0, ["event 0", "[schema, table, op, old, new]"]),
+        ('[["public", "users", "D", {"id": "1"}, null], 5]', 1, ["event 1", "int"]),
+        ('[["public", "users", "Q", null, null]]', 0, ["event 0", "operation"]),
+        ('[["public", "users", "I", null, "x"]]', 0, ["event 0", "new_row", "str"]),
+        ('[["public", 5, "T", null, null]]', 0, ["event 0", "table name"]),
+    ],
+)
+def test_a_bad_history_row_is_dead_with_its_id(text: str, kept: int, culprits: list[str]) -> None:
+    decoded = RowDecoder().history_row(42, text)
+    [(position, reason)] = decoded.dead
+    assert position == 42
+    for culprit in culprits:
+        assert culprit in reason, reason
+    # The events of the row that decode still do.
+    assert [e.position for e in decoded.events] == [42] * kept
