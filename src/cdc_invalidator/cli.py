@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
+import redis
 import structlog
 from psycopg.conninfo import conninfo_to_dict
 
@@ -28,7 +29,7 @@ from cdc_invalidator.install import SlotStepFailed, install, install_script
 from cdc_invalidator.listener import build_listener, pg_connector
 from cdc_invalidator.metrics import BacklogCollector, Metrics
 from cdc_invalidator.probes import ProbeServer
-from cdc_invalidator.redact import Scrubber, redact_url, secrets_of
+from cdc_invalidator.redact import Scrubber, redact_url
 from cdc_invalidator.replay import replay
 from cdc_invalidator.settings import CONFIG_ENV, ConfigError, Settings, load_settings
 from cdc_invalidator.shutdown import Stopper
@@ -45,28 +46,57 @@ from cdc_invalidator.status import (
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
+# What a command may end with: one line on stderr (never a traceback), exit 2 for the
+# configuration, 1 for the rest.
+_ENDS_A_COMMAND: tuple[type[Exception], ...] = (
+    ConfigError,
+    DatabaseError,
+    Fatal,
+    psycopg.Error,
+    redis.RedisError,
+    *REDIS_UNAVAILABLE,
+)
+
+
+class Console:
+    """What a command prints, with every password scrubbed: the settings' passwords once
+    they are loaded, and any URL's password before. The one place output is formatted,
+    so that no error path (a libpq or redis-py message, a configuration error) can show
+    a secret."""
+
+    def __init__(self) -> None:
+        self.scrub = Scrubber()
+
+    def out(self, text: str) -> None:
+        print(self.scrub(text))
+
+    def warn(self, text: str) -> None:
+        print(self.scrub(text), file=sys.stderr)
+
+    def error(self, message: str) -> None:
+        print(f"cdc-invalidator: error: {self.scrub(message)}", file=sys.stderr)
+
+
+Command = Callable[[argparse.Namespace, Settings, Console], int]
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    command: Callable[[argparse.Namespace], int] = args.func
-    if args.command not in ("run", "demo"):
-        # One-shot commands print their result on stdout: library log lines (a warning
-        # at most) go to stderr.
-        logs.configure("warning", "console", stream=sys.stderr)
+    if args.command == "demo":
+        return cmd_demo(args)
+    console = Console()
+    command: Command = args.func
     try:
-        return command(args)
-    except ConfigError as exc:
-        _error(str(exc))
-        return EXIT_CONFIG
-    except DatabaseError as exc:
-        _error(str(exc))
-        return EXIT_FAILED
-    except psycopg.errors.InsufficientPrivilege as exc:
-        _error(
-            f"{_pg_message(exc)}: `status`, `check` and `replay` need what "
-            "cdc_invalidator.grant_listener() grants the listener's role (docs/DBA.md)"
-        )
-        return EXIT_FAILED
+        settings = load_settings(args.config)
+        console.scrub = Scrubber(settings.secrets())
+        if args.command != "run":
+            # One-shot commands print their result on stdout: library log lines (a
+            # warning at most) go to stderr.
+            logs.configure("warning", "console", console.scrub, stream=sys.stderr)
+        return command(args, settings, console)
+    except _ENDS_A_COMMAND as exc:
+        console.error(_explain(exc))
+        return EXIT_CONFIG if isinstance(exc, ConfigError) else EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_FAILED
     except BrokenPipeError:
@@ -74,6 +104,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         # that the interpreter's final flush does not complain either.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILED
+
+
+def _explain(exc: Exception) -> str:
+    """One line for an error that ends a command (Console scrubs it)."""
+    if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+        return (
+            f"{_pg_message(exc)}: `status`, `check` and `replay` need what "
+            "cdc_invalidator.grant_listener() grants the listener's role (docs/DBA.md)"
+        )
+    if isinstance(exc, psycopg.Error):  # the server went away or refused, mid-command
+        return f"PostgreSQL: {_pg_message(exc)}"
+    if isinstance(exc, ConfigError | DatabaseError | Fatal):
+        return str(exc)
+    return f"Redis: {type(exc).__name__}: {exc}"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -88,9 +132,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(
-        name: str, func: Callable[[argparse.Namespace], int], help_: str
-    ) -> argparse.ArgumentParser:
+    def add(name: str, func: Callable[..., int], help_: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[common], help=help_, description=help_)
         p.set_defaults(func=func)
         return p
@@ -127,42 +169,33 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _error(message: str) -> None:
-    print(f"cdc-invalidator: error: {message}", file=sys.stderr)
-
-
-def _settings(args: argparse.Namespace) -> Settings:
-    return load_settings(args.config)
-
-
-def cmd_sql(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+def cmd_sql(args: argparse.Namespace, settings: Settings, console: Console) -> int:
+    # Not scrubbed: built from table names and templates alone, and a short password
+    # that is also a word of the script would break it.
     print(trigger_sql.render(install_script(settings)))
     return EXIT_OK
 
 
-def cmd_install(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+def cmd_install(args: argparse.Namespace, settings: Settings, console: Console) -> int:
     with connect(settings) as conn:
         try:
             done = install(conn, settings)
         except SlotStepFailed as exc:
-            _error(f"installed, but {exc}")
+            console.error(f"installed, but {exc}")
             return EXIT_FAILED
         except psycopg.Error as exc:
-            _error(f"install failed, nothing was changed: {_pg_message(exc)}")
+            console.error(f"install failed, nothing was changed: {_pg_message(exc)}")
             # What to do about it, where the script says (a squatted schema, a table
             # without replica identity).
             hint = exc.diag.message_hint
             if hint:
-                print(f"hint: {hint}", file=sys.stderr)
+                console.warn(f"hint: {hint}")
             return EXIT_FAILED
-    print(done)
+    console.out(done)
     return EXIT_OK
 
 
-def cmd_uninstall(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+def cmd_uninstall(args: argparse.Namespace, settings: Settings, console: Console) -> int:
     with connect(settings) as conn:
         try:
             # While a listener streams the slot, nothing is removed.
@@ -171,20 +204,19 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
             if dropped:  # after: it cannot be dropped in a transaction that has written
                 logical_sql.drop_slot(conn, settings.slot_name)
         except logical_sql.SlotBusy as exc:
-            _error(f"uninstall refused, nothing was changed: {exc}")
+            console.error(f"uninstall refused, nothing was changed: {exc}")
             return EXIT_FAILED
         except psycopg.Error as exc:
-            _error(f"uninstall failed, nothing was changed: {_pg_message(exc)}")
+            console.error(f"uninstall failed, nothing was changed: {_pg_message(exc)}")
             return EXIT_FAILED
     gone = "triggers, functions, publication and the cdc_invalidator schema are gone"
     if dropped:
         gone += f"; replication slot {settings.slot_name!r} dropped"
-    print(f"uninstalled: {gone}")
+    console.out(f"uninstalled: {gone}")
     return EXIT_OK
 
 
-def cmd_check(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+def cmd_check(args: argparse.Namespace, settings: Settings, console: Console) -> int:
     config_name = str(args.config or "configuration")
     templates = check_templates(settings, config_name)
     with connect(settings) as conn:
@@ -202,17 +234,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     finally:
         sink.close()
     for line in report.ok + redis_report.ok:
-        print(f"ok: {line}")
+        console.out(f"ok: {line}")
     for line in report.warnings + redis_report.warnings:
-        print(f"warning: {line}")
+        console.out(f"warning: {line}")
     errors = report.errors + redis_report.errors
     for line in errors:
-        print(f"error: {line}", file=sys.stderr)
+        console.warn(f"error: {line}")
     return EXIT_OK if not errors else EXIT_FAILED
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+def cmd_status(args: argparse.Namespace, settings: Settings, console: Console) -> int:
     with connect(settings) as conn:
         try:
             status: Status | LogicalStatus
@@ -221,32 +252,30 @@ def cmd_status(args: argparse.Namespace) -> int:
             else:
                 status = read_status(conn)
         except psycopg.errors.UndefinedTable:
-            _error(
+            console.error(
                 "cdc_invalidator is not installed in this database: run `cdc-invalidator install`"
             )
             return EXIT_FAILED
         except NotInstalledHere as exc:
-            _error(str(exc))
+            console.error(str(exc))
             return EXIT_FAILED
     if args.json:
-        print(json.dumps(status.as_json()))
+        console.out(json.dumps(status.as_json()))
     else:
-        print("\n".join(status.lines()))
+        console.out("\n".join(status.lines()))
     return EXIT_OK
 
 
-def cmd_replay(args: argparse.Namespace) -> int:
+def cmd_replay(args: argparse.Namespace, settings: Settings, console: Console) -> int:
     try:
         since_s = parse_duration(args.since)
     except ValueError as exc:
-        _error(f"--since: {exc}")
+        console.error(f"--since: {exc}")
         return EXIT_CONFIG
-    settings = _settings(args)
     if since_s > settings.history_s:
-        print(
+        console.warn(
             f"warning: history is kept for {format_duration(settings.history_s)} "
-            "(replay_history): keys invalidated before that are not replayed",
-            file=sys.stderr,
+            "(replay_history): keys invalidated before that are not replayed"
         )
     sink = open_sink(
         RedisOptions.from_settings(settings),
@@ -257,37 +286,31 @@ def cmd_replay(args: argparse.Namespace) -> int:
         with connect(settings) as conn:
             result = replay(conn, settings.capture, settings.mapper(), sink, since_s)
     except psycopg.errors.UndefinedTable:
-        _error("cdc_invalidator is not installed in this database: run `cdc-invalidator install`")
+        console.error(
+            "cdc_invalidator is not installed in this database: run `cdc-invalidator install`"
+        )
         return EXIT_FAILED
     except REDIS_UNAVAILABLE as exc:
-        _error(f"Redis at {redact_url(settings.redis_url)}: {type(exc).__name__}: {exc}")
+        console.error(f"Redis at {redact_url(settings.redis_url)}: {type(exc).__name__}: {exc}")
         return EXIT_FAILED
     finally:
         sink.close()
-    print(
+    console.out(
         f"replayed {result.events} invalidations of the last {format_duration(since_s)}: "
         f"{result.existed} keys were back and are deleted again "
         f"({result.keys} keys and patterns deleted, in {result.seconds:.2f} s)"
     )
     if result.skipped:
-        print(
+        console.warn(
             f"warning: {result.skipped} rows or events skipped (logged as replay_skipped): "
             "they cannot be decoded, or no longer map to keys (their table left the "
-            "configuration, a column is missing, a value cannot render)",
-            file=sys.stderr,
+            "configuration, a column is missing, a value cannot render)"
         )
     return EXIT_OK
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    scrubber = Scrubber(
-        [
-            *secrets_of(settings.database_url, settings.redis_url),
-            settings.redis_sentinel_password,
-        ]
-    )
-    logs.configure(settings.log_level, settings.log_format, scrubber)
+def cmd_run(args: argparse.Namespace, settings: Settings, console: Console) -> int:
+    logs.configure(settings.log_level, settings.log_format, console.scrub)
     log = structlog.get_logger("cdc_invalidator.cli")
     log.info(
         "config_loaded",
@@ -350,7 +373,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def cmd_demo(args: argparse.Namespace) -> int:  # throwaway servers: no secrets, no settings
     from cdc_invalidator.demo import run_demo  # noqa: PLC0415 - only the demo needs it
 
     return run_demo(keep=args.keep, capture=args.capture)

@@ -31,14 +31,23 @@ def configure(
         fmt = "console" if stream.isatty() else "json"
     scrub = scrubber or Scrubber()
 
+    def scrub_value(value: object) -> object:
+        if isinstance(value, str):
+            return scrub(value)
+        if isinstance(value, BaseException):
+            return scrub(f"{type(value).__name__}: {value}")
+        # Lists and mappings too (the sentinels' addresses, a server's identity).
+        if isinstance(value, list | tuple):
+            return [scrub_value(v) for v in value]
+        if isinstance(value, dict):
+            return {k: scrub_value(v) for k, v in value.items()}
+        return value
+
     def scrub_secrets(
         _logger: Any, _name: str, event_dict: MutableMapping[str, Any]
     ) -> MutableMapping[str, Any]:
         for key, value in event_dict.items():
-            if isinstance(value, str):
-                event_dict[key] = scrub(value)
-            elif isinstance(value, BaseException):
-                event_dict[key] = scrub(f"{type(value).__name__}: {value}")
+            event_dict[key] = scrub_value(value)
         return event_dict
 
     renderer: Any = (

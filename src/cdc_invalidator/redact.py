@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -12,6 +12,9 @@ from psycopg.conninfo import conninfo_to_dict
 MASK = "***"
 _URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]*)@")
 _KEYWORD_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+# In a keyword string libpq cannot parse (an unquoted password with a space), the
+# password as meant: up to the next "word=" or the end.
+_LOOSE_PASSWORD = re.compile(r"password\s*=\s*(.*?)\s*(?=\s\w+\s*=|$)", re.IGNORECASE)
 
 
 def redact_url(url: str) -> str:
@@ -21,24 +24,32 @@ def redact_url(url: str) -> str:
 
 
 def secrets_of(*urls: str) -> list[str]:
-    """The passwords held by these URLs or DSNs, to scrub from any text."""
-    found: list[str] = []
+    """The passwords held by these URLs or DSNs, to scrub from any text.
+
+    Each as libpq reads it (percent-decoded, unquoted, or from a URL's ?password=) and
+    as written (an error message may echo the text: libpq's "invalid percent-encoded
+    token", for one), also when the text cannot be parsed at all.
+    """
+    found: set[str] = set()
     for url in urls:
         if not url:
             continue
-        if "://" in url:
-            url_password = urlsplit(url).password
-            if url_password:
-                found.extend({url_password, unquote(url_password)})
-            continue
-        password: object
         try:
             password = conninfo_to_dict(url).get("password")
-        except psycopg.ProgrammingError:  # an unparsable DSN holds no password we can find
-            continue
-        if isinstance(password, str) and password:
-            found.append(password)
-    return found
+            parsed = True
+        except psycopg.ProgrammingError:  # a Redis URL, or text libpq cannot read
+            password, parsed = None, False
+        if isinstance(password, str):
+            found.add(password)
+        for m in _URL_PASSWORD.finditer(url):
+            found.update((m["pw"], unquote(m["pw"])))
+        for m in _KEYWORD_PASSWORD.finditer(url):
+            value = m.group(2)
+            found.update((value, value.strip("'").replace("\\'", "'").replace("\\\\", "\\")))
+        for m in () if parsed else _LOOSE_PASSWORD.finditer(url):
+            # Every word of it: libpq's complaint names the word it stumbled on.
+            found.update((m.group(1), *m.group(1).split()))
+    return sorted(s for s in found if s)
 
 
 class Scrubber:

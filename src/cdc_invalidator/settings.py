@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from psycopg import ProgrammingError
+from psycopg.conninfo import conninfo_to_dict
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -26,18 +29,28 @@ from pydantic_settings import (
     NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
+from redis.connection import parse_url
 
 from cdc_invalidator.durations import parse_duration
 from cdc_invalidator.events import TableName
 from cdc_invalidator.mapping import KeyTemplate, Mapper, TemplateError
+from cdc_invalidator.redact import Scrubber, secrets_of
 
 ENV_PREFIX = "CDC_INVALIDATOR_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
 
 
 class ConfigError(Exception):
-    """The configuration cannot be used; the message names the file and the culprit."""
+    """The configuration cannot be used; the message names the file and the culprit,
+    and holds no password."""
+
+
+# Settings that hold passwords: their values are never echoed in an error, and their
+# passwords are scrubbed from every message about the configuration.
+_URL_SETTINGS = ("database_url", "redis_url")
+_PASSWORD_SETTINGS = ("redis_sentinel_password",)
 
 
 # Seconds, written as "15m", "90s", "1h30m" (a bare number is seconds).
@@ -218,11 +231,35 @@ class Settings(BaseSettings):
                 _refuse_broad_sweep(name, parsed, table.key_prefix, source)
         return tables
 
+    @field_validator("database_url")
+    @classmethod
+    def _libpq_reads(cls, url: str) -> str:
+        # Found here rather than at the first connection: libpq's complaint then comes
+        # as a configuration error, and its echo of the text is scrubbed (load_settings).
+        if url:
+            try:
+                conninfo_to_dict(url)
+            except ProgrammingError as exc:
+                raise ValueError(
+                    f"libpq cannot read it ({str(exc).strip()}): write a postgresql:// URL "
+                    "(percent-encode special characters of the password) or key=value pairs "
+                    "(a value with spaces in single quotes)"
+                ) from None
+        return url
+
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, url: str) -> str:
         if not url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// (TLS) or unix://")
+        try:
+            parse_url(url)  # type: ignore[no-untyped-call]
+        except ValueError:
+            # The reason is not given: it may quote part of the password.
+            raise ValueError(
+                "not a Redis URL: redis://host:port/db, rediss://... or unix:///path, with "
+                "user:password@ before the host (percent-encode special characters)"
+            ) from None
         return url
 
     @model_validator(mode="after")
@@ -257,6 +294,13 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The file's values arrive as init arguments; the environment wins over them.
         return (env_settings, init_settings)
+
+    def secrets(self) -> list[str]:
+        """Every password these settings hold, for a Scrubber."""
+        return [
+            *secrets_of(*(getattr(self, name) for name in _URL_SETTINGS)),
+            *(getattr(self, name) for name in _PASSWORD_SETTINGS),
+        ]
 
     @property
     def history_s(self) -> float:
@@ -314,10 +358,32 @@ def load_settings(path: str | Path | None = None) -> Settings:
         raise ConfigError(f"{path}: not UTF-8 text: {exc.reason}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    scrub = Scrubber(_raw_secrets(data))
     try:
         return Settings(**data)
     except ValidationError as exc:
-        raise ConfigError(_describe(path, exc)) from None
+        raise ConfigError(scrub(_describe(path, exc))) from None
+    except SettingsError as exc:  # a variable's JSON (tables) does not parse
+        field = re.search(r'field "(\w+)"', str(exc))
+        what = f"{ENV_PREFIX}{field[1].upper()}" if field else "a variable"
+        raise ConfigError(scrub(f"invalid configuration: {what}: {exc.__cause__ or exc}")) from None
+
+
+def _raw_secrets(data: dict[str, Any]) -> list[str]:
+    """The passwords in the file's and the environment's values, before validation: a
+    message about a bad configuration must not show them either."""
+    values: dict[str, list[str]] = {name: [] for name in (*_URL_SETTINGS, *_PASSWORD_SETTINGS)}
+    for name, value in data.items():
+        if name in values:
+            values[name].append(str(value))
+    for variable, value in os.environ.items():
+        name = variable.lower().removeprefix(ENV_PREFIX.lower())
+        if variable.upper().startswith(ENV_PREFIX) and name in values:
+            values[name].append(value)
+    return [
+        *(s for name in _URL_SETTINGS for s in secrets_of(*values[name])),
+        *(s for name in _PASSWORD_SETTINGS for s in values[name]),
+    ]
 
 
 def _describe(path: Path, exc: ValidationError) -> str:
@@ -331,7 +397,8 @@ def _describe(path: Path, exc: ValidationError) -> str:
         else:
             msg = err["msg"].removeprefix("Value error, ")
             what = f"{loc}: {msg}" if loc else msg
-            if "input" in err and _is_scalar(err["input"]):
+            secret = err["loc"][:1] in {(name,) for name in (*_URL_SETTINGS, *_PASSWORD_SETTINGS)}
+            if not secret and "input" in err and _is_scalar(err["input"]):
                 what += f" (got {err['input']!r})"
         lines.append(f"  - {what}")
     return "\n".join(lines)
