@@ -92,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command != "run":
             # One-shot commands print their result on stdout: library log lines (a
             # warning at most) go to stderr.
-            logs.configure("warning", "console", console.scrub, stream=sys.stderr)
+            logs.configure("warning", "console", console.scrub, to="stderr")
         return command(args, settings, console)
     except _ENDS_A_COMMAND as exc:
         console.error(_explain(exc))

@@ -81,7 +81,7 @@ class DemoError(Exception):
 def run_demo(keep: bool = False, capture: str = "trigger") -> int:
     """Run the demo; 0 when everything worked, 1 otherwise (a one-line error, no traceback)."""
     # The listener's own log lines would drown the story: only its warnings, on stderr.
-    logs.configure(level="warning", stream=sys.stderr)
+    logs.configure(level="warning", to="stderr")
     try:
         # Before anything is printed or created: what is missing, in one line.
         find_pg_bindir()

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from collections.abc import MutableMapping
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 import structlog
 
@@ -23,10 +24,10 @@ def configure(
     level: str = "info",
     fmt: str = "auto",
     scrubber: Scrubber | None = None,
-    stream: TextIO | None = None,
+    to: Literal["stdout", "stderr"] = "stdout",
 ) -> None:
     """JSON lines when stdout is not a terminal (containers, systemd), console otherwise."""
-    stream = stream or sys.stdout
+    stream: TextIO = getattr(sys, to)
     if fmt == "auto":
         fmt = "console" if stream.isatty() else "json"
     scrub = scrubber or Scrubber()
@@ -64,6 +65,26 @@ def configure(
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        logger_factory=lambda *_args: _StreamLogger(to),
         cache_logger_on_first_use=True,
     )
+
+
+class _StreamLogger:
+    """Writes each line to sys.stdout or sys.stderr as it is when the line is written, not
+    when logging was configured: loggers are cached on first use, and whoever replaced
+    the stream since (a host program, a test harness) may have closed the old one. A
+    listener must not die of a log line."""
+
+    _lock = threading.Lock()  # one line at a time, whichever thread logs
+
+    def __init__(self, to: str) -> None:
+        self._to = to
+
+    def msg(self, message: str) -> None:
+        stream = getattr(sys, self._to)
+        with self._lock:
+            stream.write(message + "\n")
+            stream.flush()
+
+    debug = info = warning = warn = error = critical = exception = fatal = msg
