@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 import redis
+from psycopg.conninfo import make_conninfo
 
 from cdc_invalidator.cli import main
 from tests.conftest import Env, Spawn
-from tests.helpers import wait_until
+from tests.helpers import run_cli, wait_until, write_config
 from tests.test_semantics import install, keys, listening, settle, users_table
 
 USERS = {"public.users": ["user:{id}", "user:email:{email}"]}
@@ -231,3 +232,36 @@ def test_a_table_owners_cast_runs_with_the_owners_rights_only(env: Env) -> None:
     )
     assert owner == role
     env.sql(f"DROP OWNED BY {role} CASCADE; DROP ROLE {role}")
+
+
+def test_install_refuses_a_table_whose_owner_it_cannot_act_for(env: Env) -> None:
+    """The capture function must belong to the table's owner: an installer that is not
+    that role, a member of it or a superuser (here one with only TRIGGER on the table)
+    is refused with a message naming both, and nothing is installed."""
+    suffix = env.dsn.rsplit("/", 1)[1]
+    owner, installer = f"tab_owner_{suffix}", f"installer_{suffix}"
+    dbname = env.dsn.rsplit("/", 1)[1]
+    env.sql(
+        f"CREATE ROLE {owner}; CREATE ROLE {installer} LOGIN;"
+        f'GRANT CREATE ON DATABASE "{dbname}" TO {installer};'
+        f"CREATE TABLE users (id int PRIMARY KEY, email text);"
+        f"ALTER TABLE users OWNER TO {owner}; GRANT TRIGGER ON users TO {installer}"
+    )
+    try:
+        config = write_config(
+            env.tmp_path / "installer.toml",
+            database_url=make_conninfo(env.dsn, user=installer),
+            redis_url=env.redis_url,
+            tables=USERS,
+        )
+        result = run_cli("install", "--config", str(config))
+        assert result.returncode == 1, result.stderr
+        assert f"table public.users belongs to role {owner}, and role {installer} is not" in (
+            result.stderr
+        )
+        assert env.scalar("SELECT to_regnamespace('cdc_invalidator')") is None
+    finally:
+        env.sql(
+            f'DROP TABLE users; REVOKE ALL ON DATABASE "{dbname}" FROM {installer};'
+            f"DROP ROLE {installer}; DROP ROLE {owner}"
+        )
