@@ -94,6 +94,10 @@ def sentinel_config(env: Env, setup: SentinelSetup, name: str = "sentinel.toml")
         redis_sentinels=[f"127.0.0.1:{setup.sentinel.port}"],
         redis_sentinel_master=MASTER,
         tables={"public.users": ["user:{id}", "user:email:{email}"]},
+        # The product's guarantee across a failover: a delete that reached the old
+        # master in the second before the listener asked the sentinels again is
+        # replayed on the new one, from this history (the tests' default keeps none).
+        replay_history="15m",
     )
     assert main(["install", "--config", str(path)]) == 0
     return path

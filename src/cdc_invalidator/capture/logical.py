@@ -475,6 +475,14 @@ class LogicalStream:
             if row is None or row[0] is None:
                 continue  # `check` says why; its changes cannot reach us under another id
             known[int(row[0])] = (table, tuple(columns), list(row[1]))
+        if recorded and recorded[0]:
+            # Published by an earlier install but no longer configured: its changes are
+            # dead letters ("not in the configuration"), holding its key columns as that
+            # install recorded them, never the whole row.
+            for relid, schema, name, columns, attnums in self._side.execute(
+                sqlfiles.query("published_tables.sql")
+            ):
+                known.setdefault(int(relid), (TableName(schema, name), tuple(columns), attnums))
         return known
 
     def _resolve(self, relid: int, _name: TableName, columns: tuple[str, ...]) -> Resolved | None:
