@@ -17,8 +17,8 @@ settings: fsync and synchronous_commit on) and measures:
    the listener started and timed until every key is gone (and, reported apart, until
    the queue table is empty: a design may delete processed rows later). Floor: one
    Python process SELECTs the key columns of those rows and UNLINKs the keys in a hiredis
-   pipeline, one UNLINK per row of its two keys (DESIGN.md's floor is one per key; a
-   batched variant is reported too).
+   pipeline, one UNLINK per row of its two keys (a little stricter than one UNLINK per
+   key; a batched variant is reported too).
    Peak RSS of the listener (VmHWM). `--big` adds a 1M-change backlog. `--cluster`
    drains the same backlog into a Redis Cluster of 3 masters too (the listener given one
    node's URL), against a floor on that cluster: the same SELECT, then one hiredis
@@ -1469,7 +1469,7 @@ def render(report: Report) -> str:
         "table and ours in half-second blocks, so both see the same machine. Deletion times",
         "come from Redis keyspace notifications timestamped by a third process",
         "(bench/keywatch.py). Drain: one Python process SELECTs the rows' key columns and",
-        "UNLINKs the keys in a hiredis pipeline, one key per UNLINK (DESIGN.md's floor) or",
+        "UNLINKs the keys in a hiredis pipeline, one UNLINK per row (its two keys) or",
         "1,000 per UNLINK (batched). Ours is timed from its `listener_started` log line",
         "until every key is gone. Writes: the same pgbench UPDATE on an unwatched table.",
         "",

@@ -440,7 +440,7 @@ def test_a_cluster_refuses_other_databases_per_table(cluster: RedisClusterServer
     sink.close()
 
 
-# The minimal ACL of README's "Redis: TLS, ACL, Sentinel", plus what a cluster needs.
+# The minimal ACL of docs/redis.md, plus what a cluster needs (its "Redis Cluster" section).
 CLUSTER_ACL = (
     "on >secret ~* resetchannels -@all +unlink +scan +info +ping +client|setname"
     " +cluster|slots +cluster|nodes +command +asking"

@@ -3,9 +3,9 @@
 Every test runs in both capture modes (the `capture` fixture). Each breaks one thing for
 real (SIGKILL, a stopped or read-only Redis, a restarted PostgreSQL, a terminated
 backend, SIGTERM/SIGINT) and checks the at-least-once guarantee two ways: at the moment
-of the fault, nothing has been acknowledged while its keys are still in Redis
-(acknowledged after Redis, DESIGN.md trap 2); and after healing, every key is gone and
-everything is acknowledged.
+of the fault, nothing has been acknowledged while its keys are still in Redis (an event
+is acknowledged only after Redis deleted its keys); and after healing, every key is gone
+and everything is acknowledged.
 
 Acknowledged means, in trigger mode, that the event left the queue (the listener's saved
 progress passed it). In logical mode it means that the replication slot's confirmed
@@ -557,7 +557,7 @@ def test_redis_down_when_listener_starts(own_env: Env, spawn: Spawn) -> None:
     assert stop_listener(listener)["keys_deleted"] == 2 * n
 
 
-# --- acknowledge after Redis (DESIGN.md trap 2) -------------------------------------------
+# --- an event is acknowledged only after Redis deleted its keys ---------------------------
 
 
 def test_redis_refusing_writes_mid_drain_acknowledges_nothing(own_env: Env) -> None:

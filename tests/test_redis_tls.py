@@ -1,7 +1,7 @@
 """Redis over TLS and as an ACL user: real redis-server processes serving TLS only.
 
 The certificates come from trustme (a throwaway CA made in the test process). The ACL
-user is the README's minimal one: UNLINK, SCAN, INFO, PING, CLIENT SETNAME on all keys.
+user is the minimal one of docs/redis.md: UNLINK, SCAN, INFO, PING, CLIENT SETNAME on all keys.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ trustme = pytest.importorskip("trustme")
 
 
 PASSWORD = "tls-acl-s3cret"
-# The README's minimal ACL, word for word (after `ACL SETUSER cdc`).
+# docs/redis.md's minimal ACL, word for word (after `ACL SETUSER cdc`).
 MINIMAL_ACL = [
     *("on", f">{PASSWORD}", "~*", "resetchannels", "-@all"),
     *("+unlink", "+scan", "+info", "+ping", "+client|setname"),

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 MASTER_CHECK_S = 1.0
 
 # CLIENT SETNAME on every connection: CLIENT LIST shows who we are. An ACL user needs
-# +client|setname for it (README, "Redis: TLS, ACL, Sentinel"); redis_client_name = ""
+# +client|setname for it (docs/redis.md, "The minimal ACL"); redis_client_name = ""
 # turns it off.
 CLIENT_NAME = "cdc-invalidator"
 
