@@ -1,0 +1,1 @@
+"""The benchmark's phases, one module each; bench/run.py runs them in order."""

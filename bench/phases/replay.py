@@ -1,0 +1,80 @@
+"""Phase 4, replay: N changes invalidated by the listener with history kept
+(replay_history = 1h), the keys set again (a restored snapshot), then `cdc-invalidator
+replay --since 15m` timed (its own figure, and with process start). Floor: a hiredis
+pipeline of one UNLINK per key over the same keys, known up front."""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+
+from floors import unlink_floor
+from harness import Bench, Target
+from phases.drain import drain_ours, queue_updates
+from report import Row, fmt_ratio
+
+
+@dataclass
+class Replay:
+    events: int
+    keys: int
+    ours_s: float  # the replay itself, as the command reports it
+    with_start_s: float  # the `replay --since 15m` command, process start included
+    floor_s: float
+
+
+REPLAY_DONE = re.compile(
+    r"replayed (\d+) invalidations .*\((\d+) keys and patterns deleted, in ([\d.]+) s\)"
+)
+
+
+def measure_replay(bench: Bench, table: str, rows: int, target: Target) -> Replay:
+    """The listener invalidates `rows` changes with history kept; Redis gets the keys
+    back (a restored snapshot); `replay --since 15m` deletes them again."""
+    ids = range(1, rows + 1)
+    bench.write_config(target, replay_history="1h")
+    try:
+        bench.redis.flushall()
+        bench.set_keys(ids)
+        history = "history_v1" if target.logical else "queue_v1"
+        target.admin.execute(f"TRUNCATE cdc_invalidator.{history}".encode())
+        queue_updates(bench, table, rows, target)
+        drain_ours(bench, f"{target.mode}-replay-history", rows, target)
+        bench.set_keys(ids)  # the restore
+        bench.quiesce(target, table)
+        t0 = time.perf_counter()
+        out = bench.cli(target, "replay", "--since", "15m")
+        with_start = time.perf_counter() - t0
+        match = REPLAY_DONE.search(out)
+        if match is None or bench.dbsize() != 0:
+            raise RuntimeError(f"replay did not delete every key: {out}")
+        bench.set_keys(ids)
+        floor = unlink_floor(bench, ids)
+    finally:
+        bench.write_config(target)
+    return Replay(
+        events=int(match.group(1)),
+        keys=int(match.group(2)),
+        ours_s=float(match.group(3)),
+        with_start_s=with_start,
+        floor_s=floor,
+    )
+
+
+def replay_rows(mode: str, r: Replay) -> list[Row]:
+    label = (
+        f"[{mode}] replay of a 15-minute window: {r.events // 1000}k changes / "
+        f"{r.keys // 1000}k keys"
+    )
+    return [
+        Row(
+            label,
+            f"{r.ours_s:.3f} s",
+            f"{r.floor_s:.3f} s",
+            fmt_ratio(r.ours_s / r.floor_s),
+            "≤ 2x pipelined UNLINK",
+            r.ours_s <= 2 * r.floor_s,
+        ),
+        Row(f"[{mode}] replay: incl. process start", f"{r.with_start_s:.3f} s", "", "", "", None),
+    ]

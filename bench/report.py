@@ -1,0 +1,202 @@
+"""The benchmark's report: its rows (metric | ours | floor | ratio | target | pass), the
+machine, the settings and the other processes' CPU per phase, rendered as markdown and
+written with the raw figures to bench/results/latest.md and latest.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import version as dist_version
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from cdc_invalidator.settings import Settings
+from harness import BENCH_DIR, Bench, Sizes
+
+RESULTS_DIR = BENCH_DIR / "results"
+NOISY_PCT = 10  # other processes' CPU (% of one core) above which a phase is marked noisy
+
+PG_SETTINGS_SHOWN = [
+    "fsync",
+    "synchronous_commit",
+    "wal_sync_method",
+    "full_page_writes",
+    "wal_level",
+    "shared_buffers",
+    "max_wal_size",
+]
+
+
+@dataclass
+class Row:
+    """One line of the results table. passed None: reported, no target."""
+
+    metric: str
+    ours: str
+    floor: str
+    ratio: str
+    target: str
+    passed: bool | None
+
+
+@dataclass
+class Report:
+    machine: dict[str, str] = field(default_factory=dict)
+    settings: dict[str, str] = field(default_factory=dict)
+    rows: list[Row] = field(default_factory=list)
+    foreign_cpu_pct: dict[str, float] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+def fmt_ms(value: float) -> str:
+    return f"{value:.3f} ms"
+
+
+def fmt_ratio(value: float) -> str:
+    return f"{value:.2f}x"
+
+
+def prefixed(mode: str, rows: list[Row]) -> list[Row]:
+    return [
+        Row(f"[{mode}] {row.metric}", row.ours, row.floor, row.ratio, row.target, row.passed)
+        for row in rows
+    ]
+
+
+def describe_machine(bench: Bench) -> dict[str, str]:
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
+    mem = re.search(r"^MemTotal:\s*(\d+) kB", Path("/proc/meminfo").read_text(), re.MULTILINE)
+    redis_info: dict[str, Any] = bench.redis.info("server")
+    return {
+        "nproc": str(os.cpu_count()),
+        "cpu": model.group(1).strip() if model else "unknown",
+        "ram": f"{int(mem.group(1)) / 1024 / 1024:.1f} GiB" if mem else "unknown",
+        "kernel": platform.release(),
+        "postgresql": str(bench.execute("SHOW server_version")[0][0]),
+        "redis": str(redis_info.get("redis_version")),
+        "python": platform.python_version(),
+        "psycopg": psycopg.__version__,
+        "redis-py": dist_version("redis"),
+        "hiredis": dist_version("hiredis"),
+        "loadavg at start": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
+    }
+
+
+def describe_code() -> str:
+    """Which cdc_invalidator ran: its directory, and the git commit when it is a checkout."""
+    import cdc_invalidator
+
+    where = Path(cdc_invalidator.__file__).resolve().parent
+    git = ["git", "-C", str(where)]
+    head = subprocess.run(
+        [*git, "rev-parse", "--short", "HEAD"], check=False, capture_output=True, text=True
+    )
+    if head.returncode != 0:
+        return str(where)
+    dirty = subprocess.run(
+        [*git, "status", "--porcelain", "--", ":/src", ":/sql"],
+        check=False,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    return f"{where} at {head.stdout.strip()}{' with uncommitted changes' if dirty else ''}"
+
+
+def describe_settings(bench: Bench, sizes: Sizes) -> dict[str, str]:
+    out = {"code": describe_code()}
+    out |= {f"pg {name}": str(bench.execute(f"SHOW {name}")[0][0]) for name in PG_SETTINGS_SHOWN}
+    for name in ("save", "appendonly"):
+        value = bench.redis.config_get(name).get(name)
+        out[f"redis {name}"] = repr(value) if value == "" else str(value)
+    out["listener"] = (
+        "`cdc-invalidator run`, default settings but replay_history (0s in phases 1-3, 1h "
+        "in the replay phase): "
+        + ", ".join(
+            f"{name}={f.get_default(call_default_factory=True)}"
+            for name, f in Settings.model_fields.items()
+            if name not in ("database_url", "redis_url", "tables", "replay_history")
+            and not f.is_required()
+        )
+    )
+    out["sizes"] = (
+        f"latency {sizes.rate}/s, {round(sizes.rate * sizes.latency_s)} changes each for the "
+        f"floor and ours in alternating {max(1, sizes.rate // 2)}-change blocks, after "
+        f"{sizes.warmup} warm-up changes each; drain {sizes.drain_rows} rows, best of "
+        f"{sizes.drain_repeats}; "
+        f"big drain {sizes.big_rows or 'skipped (--big)'}; writes: pgbench, 2 clients, "
+        f"{sizes.write_s} s runs, median of {sizes.write_rounds} interleaved rounds"
+    )
+    return out
+
+
+def verdict(passed: bool | None) -> str:
+    if passed is None:
+        return "info"
+    return "PASS" if passed else "**FAIL**"
+
+
+def render(report: Report) -> str:
+    out = ["# cdc-invalidator benchmark", ""]
+    out.append(
+        f"Run {report.raw['started']}, {report.raw['elapsed_s']:.0f} s, `{report.raw['argv']}`."
+    )
+    out.append("")
+    out.append("| metric | ours | floor | ratio | target | pass |")
+    out.append("|---|---|---|---|---|---|")
+    for row in report.rows:
+        cells = [row.metric, row.ours, row.floor, row.ratio, row.target, verdict(row.passed)]
+        out.append("| " + " | ".join(cells) + " |")
+    failed = [row.metric for row in report.rows if row.passed is False]
+    out.append("")
+    if failed:
+        out.append(f"**{len(failed)} target(s) missed:** {'; '.join(failed)}")
+        out.append("")
+    out += [
+        "Floors. Latency: a row trigger sends the row's keys in a pg_notify payload to a",
+        "psycopg 3 `notifies()` loop that UNLINKs them (bench/floor_listener.py). It runs",
+        "beside ours, each a separate process; the commits alternate between the floor's",
+        "table and ours in half-second blocks, so both see the same machine. Deletion times",
+        "come from Redis keyspace notifications timestamped by a third process",
+        "(bench/keywatch.py). Drain: one Python process SELECTs the rows' key columns and",
+        "UNLINKs the keys in a hiredis pipeline, one UNLINK per row of its two keys (the",
+        "honest minimal floor) or 1,000 keys per UNLINK (batched). Ours is timed from its",
+        "`listener_started` log line until every key is gone. Writes: the same pgbench",
+        "UPDATE on an unwatched table.",
+        "",
+        "## Machine",
+        "",
+    ]
+    out += [f"- {k}: {v}" for k, v in report.machine.items()]
+    out += ["", "## Noise: CPU used by other processes during each phase", ""]
+    noisy = [k for k, v in report.foreign_cpu_pct.items() if v > NOISY_PCT]
+    out += [f"- {k}: {v:.0f} % of a core" for k, v in report.foreign_cpu_pct.items()]
+    if noisy:
+        out.append(f"- **noisy** (over {NOISY_PCT} % of a core): {', '.join(noisy)}")
+    out += ["", "## Settings", ""]
+    out += [f"- {k}: {v}" for k, v in report.settings.items()]
+    return "\n".join(out) + "\n"
+
+
+def write_results(report: Report) -> None:
+    """latest.md (the rendered report) and latest.json (the rows and the raw figures)."""
+    text = render(report)
+    print()
+    print(text)
+    RESULTS_DIR.mkdir(exist_ok=True)
+    (RESULTS_DIR / "latest.md").write_text(text)
+    payload = {
+        "machine": report.machine,
+        "settings": report.settings,
+        "foreign_cpu_pct": report.foreign_cpu_pct,
+        "rows": [asdict(row) | {"verdict": verdict(row.passed)} for row in report.rows],
+        "raw": report.raw,
+    }
+    (RESULTS_DIR / "latest.json").write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"written: {RESULTS_DIR / 'latest.md'}, {RESULTS_DIR / 'latest.json'}")
