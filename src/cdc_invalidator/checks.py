@@ -71,7 +71,7 @@ def check_templates(settings: Settings, config_name: str) -> Report:
 def _url_db(url: str) -> int | None:
     """The logical database redis_url names, or None when it cannot be told."""
     try:
-        return int(parse_url(url).get("db") or 0)  # type: ignore[no-untyped-call]
+        return int(parse_url(url).get("db") or 0)
     except ValueError:
         return None
 

@@ -165,7 +165,7 @@ class DeleteWatch:
         self._client = redis.Redis(
             host="127.0.0.1", port=port, db=db, decode_responses=True, socket_timeout=5
         )
-        self._pubsub: PubSub = self._client.pubsub()  # type: ignore[no-untyped-call]
+        self._pubsub: PubSub = self._client.pubsub()
         self._deleted: list[tuple[float, str]] = []
         self._cond = threading.Condition()
         self._stop = threading.Event()

@@ -253,7 +253,7 @@ class Settings(BaseSettings):
         if not url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// (TLS) or unix://")
         try:
-            parse_url(url)  # type: ignore[no-untyped-call]
+            parse_url(url)
         except ValueError:
             # The reason is not given: it may quote part of the password.
             raise ValueError(
