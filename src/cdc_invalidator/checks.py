@@ -109,7 +109,8 @@ def check_database(conn: psycopg.Connection[Any], settings: Settings, config_nam
         info = conn.execute(
             sqlfiles.query("check_table.sql"), {"table": table.qualified}
         ).fetchone()
-        assert info is not None
+        if info is None:  # the query selects one row whether the table exists or not
+            raise Fatal(f"PostgreSQL returned no row describing table {table}")
         exists, columns = info
         if not exists:
             report.errors.append(f"{where}: table {table} does not exist")
@@ -337,7 +338,8 @@ def _check_logical_server(
     row = conn.execute(
         sqlfiles.query("check_logical_server.sql"), {"publication": settings.publication_name}
     ).fetchone()
-    assert row is not None
+    if row is None:  # the query selects one row of server settings
+        raise Fatal("PostgreSQL returned no row of logical replication settings")
     wal_level, can_replicate, user, publication_exists, keep_size = row
     if wal_level != "logical":
         report.errors.append(
@@ -368,7 +370,8 @@ def _check_logical_server(
         )
     slot = settings.slot_name
     info = conn.execute(sqlfiles.query("slot_info.sql"), {"slot": slot}).fetchone()
-    assert info is not None
+    if info is None:  # the query selects one row whatever the slot's state
+        raise Fatal(f"PostgreSQL returned no row for replication slot {slot!r}")
     exists, plugin, _type, database, active_pid, wal_status, _restart, _confirmed = info[:8]
     acked, owed = info[8], info[9]
     if not exists:
