@@ -13,7 +13,7 @@ from redis.connection import parse_url
 from redis.exceptions import RedisClusterException
 
 from cdc_invalidator import sqlfiles
-from cdc_invalidator.capture.errors import Fatal
+from cdc_invalidator.capture.errors import Fatal, returned
 from cdc_invalidator.capture.trigger_sql import SCHEMA_VERSION, installed_version
 from cdc_invalidator.durations import format_duration
 from cdc_invalidator.events import TableName
@@ -106,12 +106,10 @@ def check_database(conn: psycopg.Connection[Any], settings: Settings, config_nam
                 continue
         if installed and settings.capture == "logical" and _drifted(conn, report, where, table):
             continue
-        info = conn.execute(
-            sqlfiles.query("check_table.sql"), {"table": table.qualified}
-        ).fetchone()
-        if info is None:  # the query selects one row whether the table exists or not
-            raise Fatal(f"PostgreSQL returned no row describing table {table}")
-        exists, columns = info
+        exists, columns = returned(
+            conn.execute(sqlfiles.query("check_table.sql"), {"table": table.qualified}).fetchone(),
+            f"row describing table {table}",
+        )
         if not exists:
             report.errors.append(f"{where}: table {table} does not exist")
             continue
@@ -335,11 +333,12 @@ def _drifted(conn: psycopg.Connection[Any], report: Report, where: str, table: T
 def _check_logical_server(
     conn: psycopg.Connection[Any], settings: Settings, report: Report
 ) -> None:
-    row = conn.execute(
-        sqlfiles.query("check_logical_server.sql"), {"publication": settings.publication_name}
-    ).fetchone()
-    if row is None:  # the query selects one row of server settings
-        raise Fatal("PostgreSQL returned no row of logical replication settings")
+    row = returned(
+        conn.execute(
+            sqlfiles.query("check_logical_server.sql"), {"publication": settings.publication_name}
+        ).fetchone(),
+        "row of logical replication settings",
+    )
     wal_level, can_replicate, user, publication_exists, keep_size = row
     if wal_level != "logical":
         report.errors.append(
@@ -369,9 +368,10 @@ def _check_logical_server(
             "`cdc-invalidator install`"
         )
     slot = settings.slot_name
-    info = conn.execute(sqlfiles.query("slot_info.sql"), {"slot": slot}).fetchone()
-    if info is None:  # the query selects one row whatever the slot's state
-        raise Fatal(f"PostgreSQL returned no row for replication slot {slot!r}")
+    info = returned(
+        conn.execute(sqlfiles.query("slot_info.sql"), {"slot": slot}).fetchone(),
+        f"row for replication slot {slot!r}",
+    )
     exists, plugin, _type, database, active_pid, wal_status, _restart, _confirmed = info[:8]
     acked, owed = info[8], info[9]
     if not exists:

@@ -35,7 +35,13 @@ import structlog
 
 from cdc_invalidator import sqlfiles
 from cdc_invalidator.capture import keepalive
-from cdc_invalidator.capture.errors import Fatal, NotInstalled, Standby, missing_privilege
+from cdc_invalidator.capture.errors import (
+    Fatal,
+    NotInstalled,
+    Standby,
+    missing_privilege,
+    returned,
+)
 from cdc_invalidator.capture.pgoutput import (
     Begin,
     Commit,
@@ -175,9 +181,10 @@ class LogicalCapture:
                 f"database {side.info.dbname!r} has no publication {cfg.publication!r}: run "
                 '`cdc-invalidator install` with capture = "logical"'
             )
-        row = side.execute(sqlfiles.query("slot_info.sql"), {"slot": cfg.slot}).fetchone()
-        if row is None:  # the query selects one row whatever the slot's state
-            raise Fatal(f"PostgreSQL returned no row for replication slot {cfg.slot!r}")
+        row = returned(
+            side.execute(sqlfiles.query("slot_info.sql"), {"slot": cfg.slot}).fetchone(),
+            f"row for replication slot {cfg.slot!r}",
+        )
         (exists, plugin, slot_type, database, active_pid, wal_status, restart, confirmed,
          acked_text, owed, state_exists) = row  # fmt: skip
         if not state_exists:
@@ -220,19 +227,13 @@ class LogicalCapture:
             owed = reason
         if not exists:
             created = side.execute(sqlfiles.query("create_slot.sql"), {"slot": cfg.slot})
-            start = created.fetchone()
-            if start is None:
-                raise Fatal(f"creating replication slot {cfg.slot!r} returned no position")
+            start = returned(created.fetchone(), f"position for new slot {cfg.slot!r}")
             side.execute(sqlfiles.query("record_slot.sql"), {"slot": cfg.slot, "lsn": start[0]})
             log.info("slot_created", slot=cfg.slot, lsn=start[0])
             return parse_lsn(start[0]), owed
         if acked is None:
             # First start on a slot created outside `install` (e.g. by the DBA).
-            if confirmed is None:
-                raise Fatal(
-                    f"{where} has no confirmed position (confirmed_flush_lsn is null): set "
-                    "slot_name to a slot of our own"
-                )
+            confirmed = returned(confirmed, f"confirmed position of {where}")
             side.execute(sqlfiles.query("record_slot.sql"), {"slot": cfg.slot, "lsn": confirmed})
             return parse_lsn(confirmed), owed
         if confirmed is not None and parse_lsn(confirmed) > acked:

@@ -16,7 +16,7 @@ import psycopg
 from psycopg import sql
 
 from cdc_invalidator import sqlfiles
-from cdc_invalidator.capture.errors import Fatal
+from cdc_invalidator.capture.errors import returned
 from cdc_invalidator.capture.trigger_sql import SCRIPT_HEADER, guard
 from cdc_invalidator.events import TableName
 from cdc_invalidator.mapping import Mapper
@@ -131,9 +131,10 @@ def create_slot(conn: psycopg.Connection[Any], slot: str) -> NewSlot | None:
                 f"{plugin!r} on database {database!r}): set slot_name to a name of our own"
             )
         return None
-    row = conn.execute(sqlfiles.query("create_slot.sql"), {"slot": slot}).fetchone()
-    if row is None:
-        raise Fatal(f"creating replication slot {slot!r} returned no position")
+    row = returned(
+        conn.execute(sqlfiles.query("create_slot.sql"), {"slot": slot}).fetchone(),
+        f"position for new slot {slot!r}",
+    )
     state = conn.execute(sqlfiles.query("record_slot.sql"), {"slot": slot, "lsn": row[0]})
     recorded = state.fetchone()
     return NewSlot(str(row[0]), recorded[0] if recorded else None)
