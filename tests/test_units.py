@@ -106,7 +106,9 @@ def test_a_bad_duration_says_how_to_write_one(text: str) -> None:
         parse_duration(text)
 
 
-@pytest.mark.parametrize(("seconds", "text"), [(0.5, "0.5s"), (90, "1m30s"), (5400, "1h30m")])
+@pytest.mark.parametrize(
+    ("seconds", "text"), [(0.5, "0.5s"), (59, "59s"), (60, "1m"), (90, "1m30s"), (5400, "1h30m")]
+)
 def test_durations_format(seconds: float, text: str) -> None:
     assert format_duration(seconds) == text
 
