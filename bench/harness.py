@@ -307,7 +307,7 @@ class ClusterKeys:
         """Slot -> index of the node that serves it (CLUSTER SLOTS)."""
         ports = {node.port: i for i, node in enumerate(self.server.nodes)}
         owner = [-1] * 16384
-        table = self.nodes[0].execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
+        table = self.nodes[0].execute_command("CLUSTER", "SLOTS")
         for start, end, primary, *_ in table:
             owner[start : end + 1] = [ports[int(primary[1])]] * (end - start + 1)
         return owner

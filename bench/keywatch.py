@@ -29,7 +29,7 @@ KEYSPACE_PREFIX = "__keyspace@0__:"
 def main(argv: list[str]) -> int:
     port, pattern = int(argv[1]), argv[2]
     client = redis.Redis(host="127.0.0.1", port=port)
-    pubsub = client.pubsub()  # type: ignore[no-untyped-call]
+    pubsub = client.pubsub()
     pubsub.psubscribe(KEYSPACE_PREFIX + pattern)
     pubsub.subscribe(CONTROL)
     prefix = KEYSPACE_PREFIX.encode()

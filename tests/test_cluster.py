@@ -222,7 +222,7 @@ class Migration:
 def _cmd(node: RedisServer, *args: object) -> object:
     client = node.client()
     try:
-        return client.execute_command(*args)  # type: ignore[no-untyped-call]
+        return client.execute_command(*args)
     finally:
         client.close()
 
@@ -238,7 +238,7 @@ def _exists_asking(node: RedisServer, key: str) -> int:
     client = node.client()
     try:
         pipe = client.pipeline(transaction=False)
-        pipe.execute_command("ASKING")  # type: ignore[no-untyped-call]
+        pipe.execute_command("ASKING")
         pipe.exists(key)
         return int(pipe.execute()[1])
     finally:

@@ -416,6 +416,20 @@ def test_run_before_install_says_not_installed(env: Env) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("command", ["status", "run"])
+def test_an_emptied_state_table_is_named_with_what_to_run(env: Env, command: str) -> None:
+    """Our own state row gone (deleted by hand): one clear line, never a traceback."""
+    tables(env)
+    config = env.config(USERS)
+    assert cli("install", "--config", config) == 0
+    env.sql("DELETE FROM cdc_invalidator.listener_state_v1")
+    result = run_cli(command, "--config", str(config))
+    assert result.returncode == 1
+    said = result.stdout + result.stderr
+    assert "listener_state_v1 is empty: run `cdc-invalidator install`" in said
+    assert "Traceback" not in said
+
+
 def test_check_names_file_and_missing_table(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
     tables(env)
     config = env.config(USERS)

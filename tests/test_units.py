@@ -1,4 +1,4 @@
-"""Small pure units: redaction, back-off, the stop pipe (no servers)."""
+"""Small pure units: redaction, back-off, the stop pipe, error checks (no servers)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from cdc_invalidator.backoff import Backoff
+from cdc_invalidator.capture.errors import Fatal, returned
 from cdc_invalidator.capture.trigger_queue import Retention, Snapshot
 from cdc_invalidator.durations import format_duration, parse_duration
 from cdc_invalidator.mapping import Mapper
@@ -105,9 +106,18 @@ def test_a_bad_duration_says_how_to_write_one(text: str) -> None:
         parse_duration(text)
 
 
-@pytest.mark.parametrize(("seconds", "text"), [(0.5, "0.5s"), (90, "1m30s"), (5400, "1h30m")])
+@pytest.mark.parametrize(
+    ("seconds", "text"), [(0.5, "0.5s"), (59, "59s"), (60, "1m"), (90, "1m30s"), (5400, "1h30m")]
+)
 def test_durations_format(seconds: float, text: str) -> None:
     assert format_duration(seconds) == text
+
+
+def test_a_value_postgresql_always_returns_is_checked_not_asserted() -> None:
+    row = ("0/16B3748",)
+    assert returned(row, "position for new slot 's'") is row
+    with pytest.raises(Fatal, match=r"^PostgreSQL returned no position for new slot 's'$"):
+        returned(None, "position for new slot 's'")
 
 
 # --- the Grafana dashboard ----------------------------------------------------------

@@ -13,7 +13,7 @@ from redis.connection import parse_url
 from redis.exceptions import RedisClusterException
 
 from cdc_invalidator import sqlfiles
-from cdc_invalidator.capture.errors import Fatal
+from cdc_invalidator.capture.errors import Fatal, returned
 from cdc_invalidator.capture.trigger_sql import SCHEMA_VERSION, installed_version
 from cdc_invalidator.durations import format_duration
 from cdc_invalidator.events import TableName
@@ -71,12 +71,12 @@ def check_templates(settings: Settings, config_name: str) -> Report:
 def _url_db(url: str) -> int | None:
     """The logical database redis_url names, or None when it cannot be told."""
     try:
-        return int(parse_url(url).get("db") or 0)  # type: ignore[no-untyped-call]
+        return int(parse_url(url).get("db") or 0)
     except ValueError:
         return None
 
 
-def check_database(conn: psycopg.Connection[Any], settings: Settings, config_name: str) -> Report:
+def check_database(conn: psycopg.Connection[Any], settings: Settings, config_name: str) -> Report:  # noqa: PLR0912 - one report, table by table, capture by capture
     report = Report()
     mapper = settings.mapper()
     names = {TableName.parse(name): name for name in settings.tables}
@@ -106,11 +106,10 @@ def check_database(conn: psycopg.Connection[Any], settings: Settings, config_nam
                 continue
         if installed and settings.capture == "logical" and _drifted(conn, report, where, table):
             continue
-        info = conn.execute(
-            sqlfiles.query("check_table.sql"), {"table": table.qualified}
-        ).fetchone()
-        assert info is not None
-        exists, columns = info
+        exists, columns = returned(
+            conn.execute(sqlfiles.query("check_table.sql"), {"table": table.qualified}).fetchone(),
+            f"row describing table {table}",
+        )
         if not exists:
             report.errors.append(f"{where}: table {table} does not exist")
             continue
@@ -232,7 +231,7 @@ def _check_triggers(
         report.ok.append(f"{where}: watched, columns {wanted}, triggers fire ALWAYS")
 
 
-def _check_logical_table(
+def _check_logical_table(  # noqa: PLR0913 - the table's facts are keyword-only
     conn: psycopg.Connection[Any],
     settings: Settings,
     report: Report,
@@ -334,10 +333,12 @@ def _drifted(conn: psycopg.Connection[Any], report: Report, where: str, table: T
 def _check_logical_server(
     conn: psycopg.Connection[Any], settings: Settings, report: Report
 ) -> None:
-    row = conn.execute(
-        sqlfiles.query("check_logical_server.sql"), {"publication": settings.publication_name}
-    ).fetchone()
-    assert row is not None
+    row = returned(
+        conn.execute(
+            sqlfiles.query("check_logical_server.sql"), {"publication": settings.publication_name}
+        ).fetchone(),
+        "row of logical replication settings",
+    )
     wal_level, can_replicate, user, publication_exists, keep_size = row
     if wal_level != "logical":
         report.errors.append(
@@ -367,8 +368,10 @@ def _check_logical_server(
             "`cdc-invalidator install`"
         )
     slot = settings.slot_name
-    info = conn.execute(sqlfiles.query("slot_info.sql"), {"slot": slot}).fetchone()
-    assert info is not None
+    info = returned(
+        conn.execute(sqlfiles.query("slot_info.sql"), {"slot": slot}).fetchone(),
+        f"row for replication slot {slot!r}",
+    )
     exists, plugin, _type, database, active_pid, wal_status, _restart, _confirmed = info[:8]
     acked, owed = info[8], info[9]
     if not exists:

@@ -165,7 +165,7 @@ class DeleteWatch:
         self._client = redis.Redis(
             host="127.0.0.1", port=port, db=db, decode_responses=True, socket_timeout=5
         )
-        self._pubsub: PubSub = self._client.pubsub()  # type: ignore[no-untyped-call]
+        self._pubsub: PubSub = self._client.pubsub()
         self._deleted: list[tuple[float, str]] = []
         self._cond = threading.Condition()
         self._stop = threading.Event()
@@ -520,8 +520,7 @@ class Demo:
     # -- helpers --------------------------------------------------------------------
 
     def _config_path(self) -> Path:
-        assert self.workdir is not None
-        return self.workdir / "cdc-invalidator.toml"
+        return self._get(self.workdir) / "cdc-invalidator.toml"
 
     @staticmethod
     def _get(value: _T | None) -> _T:
@@ -532,8 +531,7 @@ class Demo:
 
     def _watch(self) -> DeleteWatch:
         self._check_listener()
-        assert self.watch is not None
-        return self.watch
+        return self._get(self.watch)
 
     def _check_listener(self) -> None:
         if self.listener_error is not None:
@@ -570,8 +568,7 @@ class Demo:
         _say(f"    SET {read.key}, SET user:email:{read.value['email']}  (cache refilled)")
 
     def _show_cached(self, keys: list[str]) -> None:
-        assert self.cache is not None
-        values = self.cache.mget(keys)
+        values = self._get(self.cache).mget(keys)
         _say("  Cached now:")
         for key, value in zip(keys, values, strict=True):
             _say(f"    {key} = {value!r}")

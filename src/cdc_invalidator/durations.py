@@ -37,7 +37,7 @@ def parse_duration(text: str | float) -> float:
 
 def format_duration(seconds: float) -> str:
     """A short human form: 0.5s, 90s, 15m, 1h30m."""
-    if seconds < 60:
+    if seconds < _UNITS["m"]:
         return f"{seconds:g}s"
     minutes, secs = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)

@@ -12,6 +12,7 @@ from typing import NamedTuple
 Row = Mapping[str, str | None]
 
 _PLAIN_IDENTIFIER = re.compile(r"[a-z_][a-z0-9_$]*")
+_MAX_NAME_PARTS = 2  # schema.table
 
 
 class Op(StrEnum):
@@ -74,7 +75,7 @@ class TableName:
             if text[i] != ".":
                 raise ValueError(f"invalid table name {text!r}")
             i += 1
-        if not 1 <= len(parts) <= 2 or not all(parts):
+        if not 1 <= len(parts) <= _MAX_NAME_PARTS or not all(parts):
             raise ValueError(f"invalid table name {text!r}: expected table or schema.table")
         return cls("public", parts[0]) if len(parts) == 1 else cls(parts[0], parts[1])
 

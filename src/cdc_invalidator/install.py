@@ -10,6 +10,7 @@ import psycopg
 from psycopg import sql
 
 from cdc_invalidator.capture import logical_sql, trigger_sql
+from cdc_invalidator.capture.errors import Fatal
 from cdc_invalidator.settings import Settings
 
 
@@ -48,7 +49,7 @@ def install(conn: psycopg.Connection[Any], settings: Settings) -> str:
         if logical_sql.our_slot(conn, slot):
             logical_sql.drop_slot(conn, slot)
             done += f"; dropped replication slot {slot!r} left from logical capture"
-    except logical_sql.SlotBusy as exc:
+    except (logical_sql.SlotBusy, Fatal) as exc:
         raise SlotStepFailed(str(exc)) from None
     except psycopg.Error as exc:
         raise SlotStepFailed(f"the replication slot step failed: {exc}") from None

@@ -46,7 +46,7 @@ SLOT_WAIT_S = 0.5
 
 
 class ProbeServer:
-    def __init__(
+    def __init__(  # noqa: PLR0913 - the options past the first few are keyword-only
         self,
         address: str,
         port: int,

@@ -10,6 +10,8 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 MASK = "***"
+# Shorter "secrets" are not masked: a one-letter password would mask that letter everywhere.
+_MIN_SECRET_LENGTH = 3
 _URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]*)@")
 _KEYWORD_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
 # In a keyword string libpq cannot parse (an unquoted password with a space), the
@@ -57,7 +59,9 @@ class Scrubber:
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         # Longest first, so that a secret containing another is masked whole.
-        self._secrets = sorted({s for s in secrets if len(s) >= 3}, key=len, reverse=True)
+        self._secrets = sorted(
+            {s for s in secrets if len(s) >= _MIN_SECRET_LENGTH}, key=len, reverse=True
+        )
 
     def __call__(self, text: str) -> str:
         text = redact_url(text)

@@ -191,7 +191,7 @@ class RedisWatch:
 
     `window_s` None: derived from the new server's persistence settings."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - every option is keyword-only
         self,
         *,
         sink: Sink,

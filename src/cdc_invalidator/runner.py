@@ -115,7 +115,7 @@ class Health:
 
 
 class Runner:
-    def __init__(
+    def __init__(  # noqa: PLR0913 - every part is keyword-only
         self,
         *,
         connect: Callable[[], Source],

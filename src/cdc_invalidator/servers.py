@@ -258,7 +258,7 @@ class RedisServer(_Server):
     it serve TLS only; `sentinel_conf` runs it as a sentinel with that configuration
     (written to its directory, which Sentinel rewrites as it learns)."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - the options past the first few are keyword-only
         self,
         directory: Path,
         port: int,
@@ -342,11 +342,12 @@ class RedisServer(_Server):
                     raise ServerError(f"redis-server exited: {log}")
                 try:
                     client.ping()
-                    return
                 except (redis.ConnectionError, redis.BusyLoadingError):
                     if time.monotonic() > deadline:
                         raise ServerError("redis-server did not answer PING in time") from None
                     time.sleep(0.02)
+                else:
+                    return
         finally:
             client.close()
 

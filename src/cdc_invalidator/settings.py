@@ -66,6 +66,9 @@ def _auto_or_duration(value: object) -> float | None:
 
 # Names of our replication slot and publication: what PostgreSQL allows for a slot.
 _SLOT_NAME = r"^[a-z0-9_]{1,63}$"
+_MAX_PORT = 65535
+# A configuration error echoes the wrong value unless it is longer than this.
+_ECHOED_MAX_LENGTH = 200
 
 
 def _host_port(value: str) -> str:
@@ -73,7 +76,7 @@ def _host_port(value: str) -> str:
     host, sep, port = value.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= _MAX_PORT:
         raise ValueError(f"{value!r} is not host:port")
     return value
 
@@ -253,7 +256,7 @@ class Settings(BaseSettings):
         if not url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// (TLS) or unix://")
         try:
-            parse_url(url)  # type: ignore[no-untyped-call]
+            parse_url(url)
         except ValueError:
             # The reason is not given: it may quote part of the password.
             raise ValueError(
@@ -406,5 +409,5 @@ def _describe(path: Path, exc: ValidationError) -> str:
 
 def _is_scalar(value: object) -> bool:
     return isinstance(value, str | int | float | bool) and not (
-        isinstance(value, str) and len(value) > 200
+        isinstance(value, str) and len(value) > _ECHOED_MAX_LENGTH
     )

@@ -97,7 +97,9 @@ class LogicalStatus:
 def read_status(conn: psycopg.Connection[Any]) -> Status:
     row = conn.execute(sqlfiles.query("status.sql")).fetchone()
     if row is None:
-        raise RuntimeError("cdc_invalidator.listener_state_v1 is empty: run `install` again")
+        raise NotInstalledHere(
+            "cdc_invalidator.listener_state_v1 is empty: run `cdc-invalidator install`"
+        )
     backlog, age, dead, last, processed, notify_usage = row
     return Status(int(backlog), age, int(dead), last, int(processed), float(notify_usage))
 

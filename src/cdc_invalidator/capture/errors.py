@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
+_T = TypeVar("_T")
+
 
 class Fatal(Exception):
     """This listener cannot consume the source: retrying would not help, a person must
@@ -14,6 +18,15 @@ class NotInstalled(Fatal):
 
 class Standby(Exception):
     """Another listener holds the source (queue lock, replication slot); wait a turn."""
+
+
+def returned(value: _T | None, what: str) -> _T:
+    """What PostgreSQL returned where it always returns something (the row of a query
+    that selects one row whatever the state, the position of a new slot): a missing one
+    is a clear Fatal naming it, not an assert (gone under python -O, a bare error)."""
+    if value is None:
+        raise Fatal(f"PostgreSQL returned no {what}")
+    return value
 
 
 def missing_privilege(user: str, capture: str, error: object) -> Fatal:

@@ -28,14 +28,20 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 import structlog
 
 from cdc_invalidator import sqlfiles
 from cdc_invalidator.capture import keepalive
-from cdc_invalidator.capture.errors import Fatal, NotInstalled, Standby, missing_privilege
+from cdc_invalidator.capture.errors import (
+    Fatal,
+    NotInstalled,
+    Standby,
+    missing_privilege,
+    returned,
+)
 from cdc_invalidator.capture.pgoutput import (
     Begin,
     Commit,
@@ -175,8 +181,10 @@ class LogicalCapture:
                 f"database {side.info.dbname!r} has no publication {cfg.publication!r}: run "
                 '`cdc-invalidator install` with capture = "logical"'
             )
-        row = side.execute(sqlfiles.query("slot_info.sql"), {"slot": cfg.slot}).fetchone()
-        assert row is not None
+        row = returned(
+            side.execute(sqlfiles.query("slot_info.sql"), {"slot": cfg.slot}).fetchone(),
+            f"row for replication slot {cfg.slot!r}",
+        )
         (exists, plugin, slot_type, database, active_pid, wal_status, restart, confirmed,
          acked_text, owed, state_exists) = row  # fmt: skip
         if not state_exists:
@@ -219,14 +227,13 @@ class LogicalCapture:
             owed = reason
         if not exists:
             created = side.execute(sqlfiles.query("create_slot.sql"), {"slot": cfg.slot})
-            start = created.fetchone()
-            assert start is not None
+            start = returned(created.fetchone(), f"position for new slot {cfg.slot!r}")
             side.execute(sqlfiles.query("record_slot.sql"), {"slot": cfg.slot, "lsn": start[0]})
             log.info("slot_created", slot=cfg.slot, lsn=start[0])
             return parse_lsn(start[0]), owed
         if acked is None:
             # First start on a slot created outside `install` (e.g. by the DBA).
-            assert confirmed is not None
+            confirmed = returned(confirmed, f"confirmed position of {where}")
             side.execute(sqlfiles.query("record_slot.sql"), {"slot": cfg.slot, "lsn": confirmed})
             return parse_lsn(confirmed), owed
         if confirmed is not None and parse_lsn(confirmed) > acked:
@@ -377,11 +384,9 @@ class LogicalStream:
             msg = read()
             if msg is None:
                 break
-            if msg.__class__ is not bytes:
-                assert isinstance(msg, Keepalive)
+            if isinstance(msg, Keepalive):
                 self._keepalive(msg, batch)
                 continue
-            assert isinstance(msg, bytes)
             try:
                 out = decode(msg)
             except InvalidEvent as exc:
@@ -392,21 +397,21 @@ class LogicalStream:
                 continue
             cls = out.__class__
             if cls is ChangeEvent:
+                # (a ChangeEvent, as just checked: no cast() call for every event)
                 events.append(out)  # type: ignore[arg-type]
                 size += 1
             elif cls is Begin:
-                assert isinstance(out, Begin)
-                self._in_txn = (out.xid, out.final_lsn)
+                begin = cast(Begin, out)
+                self._in_txn = (begin.xid, begin.final_lsn)
                 self._txn_events = 0
                 txn_from = size
-                transactions.append((decoder.position + 1, out.xid, out.final_lsn))
+                transactions.append((decoder.position + 1, begin.xid, begin.final_lsn))
             elif cls is Commit:
-                assert isinstance(out, Commit)
-                self._commit(out, batch, self._txn_events + size - txn_from)
+                self._commit(cast(Commit, out), batch, self._txn_events + size - txn_from)
             else:
-                assert isinstance(out, list)
-                events.extend(out)
-                size += len(out)
+                changes = cast("list[ChangeEvent]", out)
+                events.extend(changes)
+                size += len(changes)
         else:
             self._more = True
         if self._in_txn is not None:

@@ -16,6 +16,7 @@ import psycopg
 from psycopg import sql
 
 from cdc_invalidator import sqlfiles
+from cdc_invalidator.capture.errors import returned
 from cdc_invalidator.capture.trigger_sql import SCRIPT_HEADER, guard
 from cdc_invalidator.events import TableName
 from cdc_invalidator.mapping import Mapper
@@ -116,7 +117,8 @@ class NewSlot:
 
 def create_slot(conn: psycopg.Connection[Any], slot: str) -> NewSlot | None:
     """Create the slot unless it exists, recording where it starts. SlotBusy if a slot
-    of that name exists and is not one we can use."""
+    of that name exists and is not one we can use; Fatal if PostgreSQL did not say where
+    the new slot starts."""
     found = conn.execute(
         "SELECT slot_type, plugin, database FROM pg_replication_slots WHERE slot_name = %s",
         [slot],
@@ -129,8 +131,10 @@ def create_slot(conn: psycopg.Connection[Any], slot: str) -> NewSlot | None:
                 f"{plugin!r} on database {database!r}): set slot_name to a name of our own"
             )
         return None
-    row = conn.execute(sqlfiles.query("create_slot.sql"), {"slot": slot}).fetchone()
-    assert row is not None
+    row = returned(
+        conn.execute(sqlfiles.query("create_slot.sql"), {"slot": slot}).fetchone(),
+        f"position for new slot {slot!r}",
+    )
     state = conn.execute(sqlfiles.query("record_slot.sql"), {"slot": slot, "lsn": row[0]})
     recorded = state.fetchone()
     return NewSlot(str(row[0]), recorded[0] if recorded else None)

@@ -19,6 +19,7 @@ from typing import Any
 from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, Row, TableName
 
 _OPS = {op.value: op for op in Op}
+_HISTORY_ITEM_LENGTH = 5  # [schema, table, op, old, new]
 
 
 @dataclass(slots=True)
@@ -124,7 +125,7 @@ def _history_items(text: str) -> list[object]:
 
 
 def _history_item(item: object) -> list[object]:
-    if not isinstance(item, list) or len(item) != 5:
+    if not isinstance(item, list) or len(item) != _HISTORY_ITEM_LENGTH:
         raise InvalidEvent(f"{_kind(item)} {item!r:.80}, expected [schema, table, op, old, new]")
     return item
 

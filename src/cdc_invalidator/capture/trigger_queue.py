@@ -75,6 +75,10 @@ class QueueBatch:
         self.dead[position] = error
 
 
+# What Progress saves: done, window, after.
+_State = tuple[Snapshot, Snapshot | None, tuple[str, int]]
+
+
 @dataclass(slots=True)
 class Progress:
     """How far the listener got; kept across reconnects, saved to listener_state_v1."""
@@ -83,10 +87,10 @@ class Progress:
     window: Snapshot | None = None  # the end of a window being read in chunks
     after: tuple[str, int] = _START  # the last (xid, id) acknowledged in that window
     unsaved_events: int = 0
-    saved: tuple[object, ...] = ()
+    saved: _State | None = None  # the state() last saved
     saved_at: float = 0.0
 
-    def state(self) -> tuple[object, ...]:
+    def state(self) -> _State:
         return (self.done, self.window, self.after)
 
     @property
@@ -95,9 +99,7 @@ class Progress:
 
     @property
     def saved_done(self) -> Snapshot:
-        done = self.saved[0] if self.saved else self.done
-        assert isinstance(done, Snapshot)
-        return done
+        return self.saved[0] if self.saved is not None else self.done
 
 
 class Retention:
@@ -347,7 +349,9 @@ def _prepare(conn: psycopg.Connection[Any]) -> Progress:
     conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
     row = conn.execute(sqlfiles.query("load_progress.sql")).fetchone()
     if row is None:
-        raise NotInstalled("cdc_invalidator.listener_state_v1 is empty: run `install` again")
+        raise NotInstalled(
+            "cdc_invalidator.listener_state_v1 is empty: run `cdc-invalidator install`"
+        )
     done, window_end, after_xid, after_id = row
     ahead = conn.execute(sqlfiles.query("progress_ahead.sql"), {"snapshot": done}).fetchone()
     if ahead and ahead[0]:

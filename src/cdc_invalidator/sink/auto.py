@@ -59,7 +59,7 @@ def connect_sink(
     client = redis_client(options)
     if options.sentinels:
         return RedisSink(client, unlink_chunk=unlink_chunk, scan_count=scan_count)
-    db = int(parse_url(options.url).get("db") or 0)  # type: ignore[no-untyped-call]
+    db = int(parse_url(options.url).get("db") or 0)
     only_db0 = f"redis_url selects database {db}, but a Redis Cluster has only database 0"
     try:
         info: dict[str, Any] = client.info("cluster")

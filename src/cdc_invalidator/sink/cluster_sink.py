@@ -93,7 +93,7 @@ class ClusterSink:
         # Still redirected: one key per UNLINK (a key is on one side of a migration or
         # the other; several keys may be split across both, which is what TRYAGAIN says).
         for key in again:
-            deleted += int(self._client.execute_command("UNLINK", key))  # type: ignore[no-untyped-call]
+            deleted += int(self._client.execute_command("UNLINK", key))
         return deleted
 
     def _by_node(self, keys: list[bytes]) -> list[tuple[ClusterNode, list[list[bytes]]]]:
@@ -132,7 +132,7 @@ class ClusterSink:
                 pool = self._client.get_redis_connection(node).connection_pool
                 connection = pool.get_connection()
                 sent.append((pool, connection, commands))
-                connection.send_packed_command([_pack_unlinks(commands)])  # type: ignore[no-untyped-call]
+                connection.send_packed_command([_pack_unlinks(commands)])
             for _, connection, commands in sent:
                 for command in commands:
                     try:
@@ -147,7 +147,7 @@ class ClusterSink:
         except (redis.ConnectionError, redis.TimeoutError):
             # Replies may be left unread on any of them: none goes back to a pool usable.
             for _, connection, _ in sent:
-                connection.disconnect()  # type: ignore[no-untyped-call]
+                connection.disconnect()
             self._stale = True
             raise
         finally:
@@ -220,5 +220,5 @@ def _pack_unlinks(commands: list[list[bytes]]) -> bytes:
 
 def primaries(client: RedisCluster) -> list[ClusterNode]:
     """The primaries of redis-py's slot table (typed: redis-py leaves it untyped)."""
-    nodes: list[ClusterNode] = client.get_primaries()  # type: ignore[no-untyped-call]
+    nodes: list[ClusterNode] = client.get_primaries()
     return nodes

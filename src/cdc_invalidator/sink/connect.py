@@ -113,7 +113,7 @@ def redis_client(options: RedisOptions) -> redis.Redis:
     common = options.client_kwargs()
     if not options.sentinels:
         return redis.Redis.from_url(options.url, **common)
-    url_kwargs: dict[str, Any] = parse_url(options.url)  # type: ignore[no-untyped-call]
+    url_kwargs: dict[str, Any] = parse_url(options.url)
     master_kwargs: dict[str, Any] = {
         key: url_kwargs[key] for key in ("username", "password", "db") if key in url_kwargs
     }
@@ -128,10 +128,8 @@ def redis_client(options: RedisOptions) -> redis.Redis:
         sentinel_kwargs["ssl"] = True
     if options.sentinel_password:
         sentinel_kwargs["password"] = options.sentinel_password
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
-        list(options.sentinels), sentinel_kwargs=sentinel_kwargs
-    )
-    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(list(options.sentinels), sentinel_kwargs=sentinel_kwargs)
+    client: redis.Redis = sentinel.master_for(
         options.sentinel_master, ssl=options.tls, **common, **master_kwargs
     )
     return client
@@ -145,7 +143,7 @@ def other_db(client: redis.Redis, db: int) -> redis.Redis:
     new_pool: redis.ConnectionPool
     if isinstance(pool, SentinelConnectionPool):
         kwargs.pop("connection_pool", None)  # the old pool's proxy: the new one has its own
-        new_pool = SentinelConnectionPool(  # type: ignore[no-untyped-call]
+        new_pool = SentinelConnectionPool(
             pool.service_name,
             pool.sentinel_manager,
             connection_class=pool.connection_class,
@@ -178,6 +176,6 @@ class MasterWatch:
         if self._pool is None or time.monotonic() < self._next:
             return
         # Raises MasterNotFoundError (a ConnectionError) when no sentinel names one.
-        self._pool.get_master_address()  # type: ignore[no-untyped-call]
+        self._pool.get_master_address()
         # Set after: a failed ask is asked again on the retry.
         self._next = time.monotonic() + self._every_s
