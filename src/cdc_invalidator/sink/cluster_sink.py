@@ -30,7 +30,8 @@ from redis.exceptions import AskError, MovedError, TryAgainError
 
 from cdc_invalidator.capture.errors import Fatal
 from cdc_invalidator.mapping import Invalidation, Routed
-from cdc_invalidator.sink.redis_sink import server_identity
+from cdc_invalidator.sink.protocol import Persistence
+from cdc_invalidator.sink.redis_sink import server_identity, server_persistence
 
 log = structlog.get_logger("cdc_invalidator.sink")
 
@@ -204,6 +205,17 @@ class ClusterSink:
         self._client.nodes_manager.initialize()
         clients = [self._client.get_redis_connection(n) for n in primaries(self._client)]
         return ",".join(sorted(server_identity(client) for client in clients))
+
+    def persistence(self) -> list[Persistence]:
+        """Every primary's: each restarts from its own files."""
+        clients = [self._client.get_redis_connection(n) for n in primaries(self._client)]
+        return [server_persistence(client) for client in clients]
+
+    def ping(self) -> str:
+        nodes = primaries(self._client)
+        for node in nodes:
+            self._client.get_redis_connection(node).ping()
+        return f"reachable, a Redis Cluster of {len(nodes)} primaries, each reachable"
 
     def close(self) -> None:
         self._client.close()
