@@ -14,6 +14,12 @@ moved, some not) is sent again one key at a time through RedisCluster.execute_co
 which follows MOVED and ASK and updates the slot table. A node that cannot be reached
 raises: the runner backs off and retries the whole batch, and the slot table is read
 afresh first.
+
+What of redis-py this drives beyond its documented API (NodesManager's slots_cache,
+get_node_from_slot, move_slot and initialize; a node's ConnectionPool and its
+connections' send_packed_command and read_response; how CLUSTER NODES is parsed) is
+pinned by the redis version range in pyproject.toml and checked by the contract tests
+in tests/test_cluster.py.
 """
 
 from __future__ import annotations
@@ -133,7 +139,7 @@ class ClusterSink:
                 pool = self._client.get_redis_connection(node).connection_pool
                 connection = pool.get_connection()
                 sent.append((pool, connection, commands))
-                connection.send_packed_command([_pack_unlinks(commands)])  # type: ignore[no-untyped-call]
+                connection.send_packed_command([pack_unlinks(commands)])  # type: ignore[no-untyped-call]
             for _, connection, commands in sent:
                 for command in commands:
                     try:
@@ -221,7 +227,7 @@ class ClusterSink:
         self._client.close()
 
 
-def _pack_unlinks(commands: list[list[bytes]]) -> bytes:
+def pack_unlinks(commands: list[list[bytes]]) -> bytes:
     """RESP for `UNLINK key ...`, one per list of keys."""
     out: list[bytes] = []
     for keys in commands:
