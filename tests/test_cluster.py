@@ -7,21 +7,23 @@ get one of their own. Every wait is on an event (wait_until), never on a clock.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import cast
 
 import pytest
 import redis
-from redis.cluster import RedisCluster
+from redis.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
+from redis.exceptions import AskError, MovedError, TryAgainError
 
 from cdc_invalidator.capture.errors import Fatal
 from cdc_invalidator.cli import main
 from cdc_invalidator.mapping import Invalidation
 from cdc_invalidator.servers import RedisClusterServer, RedisServer, ServerError
 from cdc_invalidator.sink import ClusterSink, RedisSink, connect_sink, open_sink
-from cdc_invalidator.sink.cluster_sink import ClusterChanging
+from cdc_invalidator.sink.cluster_sink import ClusterChanging, pack_unlinks
 from cdc_invalidator.sink.connect import RedisOptions
 from tests.conftest import Env, Servers, _capture_of, _make_env
 from tests.helpers import wait_until
@@ -460,3 +462,119 @@ def test_the_documented_acl_is_enough_for_a_cluster(cluster: RedisClusterServer)
     assert rc.get("other") == "keep"
     sink.close()
     rc.close()
+
+
+# --- the redis-py internals ClusterSink drives ---------------------------------------------
+# ClusterSink packs and pipelines its UNLINKs itself, past redis-py's ClusterPipeline
+# (cluster_sink.py says why), through internals no release promises to keep: the version
+# range in pyproject.toml is the one these tests pass with. A release that changes one of
+# them fails here, naming it, before a listener meets it.
+
+
+def test_the_slot_table_is_a_dict_of_slot_to_nodes_primary_first(
+    cluster: RedisClusterServer,
+) -> None:
+    sink = connect_sink(cluster.url)
+    assert isinstance(sink, ClusterSink)
+    client = sink.client
+    manager = client.nodes_manager
+    table = manager.slots_cache
+    assert isinstance(table, dict), "RedisCluster.nodes_manager.slots_cache"
+    assert set(table) == set(range(16384))
+    assert all(isinstance(owners, list) and owners for owners in table.values())
+    assert all(isinstance(node, ClusterNode) for owners in table.values() for node in owners)
+    primaries = client.get_primaries()
+    assert len(primaries) == 3
+    assert all(isinstance(node, ClusterNode) and node.name for node in primaries)
+    assert {owners[0].name for owners in table.values()} == {node.name for node in primaries}
+    for slot in (0, 5000, 16383):
+        assert manager.get_node_from_slot(slot) == table[slot][0]
+    # The slot of a key as the server computes it (hash tags too).
+    with cluster.nodes[0].client() as server:
+        for key in (b"user:1", b"user:email:a@x", b"{user}:1", b"a{}b"):
+            assert key_slot(key) == server.cluster("keyslot", key.decode())
+    # Called with these arguments: a failed node, a MOVED reply.
+    inspect.signature(manager.initialize).bind()
+    inspect.signature(manager.move_slot).bind(MovedError("3999 127.0.0.1:6381"))
+    sink.close()
+
+
+def test_a_primarys_pool_hands_out_connections_that_take_packed_commands(
+    cluster: RedisClusterServer,
+) -> None:
+    sink = connect_sink(cluster.url)
+    assert isinstance(sink, ClusterSink)
+    client = sink.client
+    keys = [b"{contract}:a", b"{contract}:b", b"{contract}:c"]
+    node = client.nodes_manager.slots_cache[key_slot(keys[0])][0]
+    client.mset({key: b"v" for key in keys[:2]})
+    pool = client.get_redis_connection(node).connection_pool
+    inspect.signature(pool.get_connection).bind()  # no command name (redis-py >= 5.3)
+    connection = pool.get_connection()
+    try:
+        commands = [keys[:2], keys[2:]]
+        packed = pack_unlinks(commands)
+        # Our RESP is redis-py's, byte for byte.
+        ours = connection.pack_commands([("UNLINK", *group) for group in commands])
+        assert packed == b"".join(ours)
+        connection.send_packed_command([packed])
+        assert [connection.read_response(), connection.read_response()] == [2, 0]
+        assert callable(connection.disconnect)
+    finally:
+        pool.release(connection)
+    sink.close()
+
+
+def test_redirections_are_the_exceptions_cluster_sink_catches() -> None:
+    assert issubclass(MovedError, AskError)  # caught first: the order in _unlink_per_node
+    assert issubclass(AskError, redis.ResponseError)
+    assert issubclass(TryAgainError, redis.ResponseError)
+    moved = MovedError("3999 127.0.0.1:6381")
+    assert (moved.slot_id, moved.host, moved.port) == (3999, "127.0.0.1", 6381)
+
+
+def test_cluster_nodes_is_parsed_with_slots_and_migrations(cluster: RedisClusterServer) -> None:
+    """_layout() reads CLUSTER NODES as redis-py parses it."""
+    sink = connect_sink(cluster.url)
+    assert isinstance(sink, ClusterSink)
+    node = sink.client.get_primaries()[0]
+    view = sink.client.get_redis_connection(node).cluster("nodes")
+    me = next(v for v in view.values() if "myself" in v["flags"])
+    assert isinstance(me["node_id"], str)
+    assert me["migrations"] == []
+    assert all(len(r) in (1, 2) and all(str(n).isdigit() for n in r) for r in me["slots"])
+    sink.close()
+
+
+def test_unlink_writes_once_to_each_primary_and_never_key_by_key(
+    cluster: RedisClusterServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fast path on a real cluster: 3,000 keys over every slot's owner go out as one
+    packed write per primary, none through redis-py's ClusterPipeline or
+    RedisCluster.execute_command (the per-key path for redirections)."""
+    keys = [f"fast:{i}" for i in range(3000)]
+    rc = RedisCluster.from_url(cluster.url)
+    rc.mset_nonatomic(dict.fromkeys(keys, "v"))
+    rc.close()
+    sink = connect_sink(cluster.url)
+    assert isinstance(sink, ClusterSink)
+    node = sink.client.get_primaries()[0]
+    connection_class = sink.client.get_redis_connection(node).connection_pool.connection_class
+    original = connection_class.send_packed_command
+    writes: list[object] = []
+
+    def spy(self: object, command: list[bytes], check_health: bool = True) -> None:
+        if any(b"UNLINK" in part for part in command):
+            writes.append(self)
+        original(self, command, check_health)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"a slow path: RedisCluster.execute_command or pipeline{args}")
+
+    monkeypatch.setattr(connection_class, "send_packed_command", spy)
+    monkeypatch.setattr(sink.client, "execute_command", refuse)
+    monkeypatch.setattr(sink.client, "pipeline", refuse)
+    assert sink.unlink(keys) == 3000
+    assert len(writes) == 3
+    assert len({id(connection) for connection in writes}) == 3
+    sink.close()

@@ -32,14 +32,25 @@ def test_null_field_skips_the_key() -> None:
     assert KeyTemplate.parse("user:email:{email}").render({"email": None}) is None
 
 
-def test_missing_column_raises_key_error_naming_it() -> None:
-    with pytest.raises(KeyError, match="email"):
+def test_null_field_of_several_skips_the_key_before_a_missing_column() -> None:
+    assert KeyTemplate.parse("u:{tenant}:{id}").render({"tenant": None}) is None
+
+
+def test_missing_column_is_invalid_naming_column_and_template() -> None:
+    with pytest.raises(
+        InvalidEvent, match=r"lacks column 'email' used by template 'user:email:\{email\}'"
+    ):
         KeyTemplate.parse("user:email:{email}").render({"id": "1"})
+    with pytest.raises(InvalidEvent, match=r"lacks column 'id' used by template 'u:\{t\}:\{id\}'"):
+        KeyTemplate.parse("u:{t}:{id}").render({"t": "x"})
 
 
-def test_non_text_value_raises() -> None:
-    with pytest.raises(TypeError, match="'id' holds int"):
-        KeyTemplate.parse("user:{id}").render({"id": 1})  # type: ignore[dict-item]
+@pytest.mark.parametrize("source", ["user:{id}", "u:{t}:{id}"])
+def test_non_text_value_is_invalid(source: str) -> None:
+    with pytest.raises(
+        InvalidEvent, match=r"template '.*': column 'id' holds int 1, expected text"
+    ):
+        KeyTemplate.parse(source).render({"t": "x", "id": 1})  # type: ignore[dict-item]
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ import redis
 
 from cdc_invalidator.cli import main
 from cdc_invalidator.replay import UNKNOWN_PERSISTENCE_S, persistence_window
+from cdc_invalidator.sink import RedisSink
 from tests.conftest import Env, Spawn
 from tests.helpers import ListenerProcess, run_cli, wait_until
 from tests.test_faults import cache, keys_of, redis_of, setup_users, stop_listener
@@ -331,7 +332,7 @@ def test_persistence_window_follows_the_server_settings(
 ) -> None:
     for key, value in settings.items():
         redis_config.config_set(key, value)
-    got, reason = persistence_window(redis_config)
+    got, reason = persistence_window(RedisSink(redis_config).persistence())
     assert (got, why in reason) == (window, True), reason
 
 
@@ -342,7 +343,7 @@ def test_persistence_window_without_config_permission_assumes_an_hour(env: Env) 
         limited = redis.Redis.from_url(
             env.redis_url.replace("redis://", "redis://replayer:pw@"), decode_responses=True
         )
-        window, reason = persistence_window(limited)
+        window, reason = persistence_window(RedisSink(limited).persistence())
         assert window == UNKNOWN_PERSISTENCE_S
         assert "CONFIG GET refused" in reason
         assert "set replay_window" in reason

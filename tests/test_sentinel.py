@@ -116,7 +116,7 @@ def test_listener_follows_a_failover(env: Env, sentinel_setup: SentinelSetup) ->
     try:
         env.sql("UPDATE users SET email = 'b' WHERE id = 1")
         wait_until(lambda: first.exists("user:1", "user:email:a") == 0, what="deleted on master")
-        first_run_id = listener.sink.client.info("server")["run_id"]
+        first_run_id = listener.sink.sink.client.info("server")["run_id"]
         assert first_run_id == first.info("server")["run_id"]
 
         assert setup.sentinel_client.sentinel_failover(MASTER)
@@ -137,8 +137,8 @@ def test_listener_follows_a_failover(env: Env, sentinel_setup: SentinelSetup) ->
             what="deleted on the new master",
         )
         # The failover is an identity change the sink can see (replay reads run_id).
-        assert listener.sink.client.info("server")["run_id"] == second.info("server")["run_id"]
-        assert listener.sink.client.info("server")["run_id"] != first_run_id
+        assert listener.sink.sink.client.info("server")["run_id"] == second.info("server")["run_id"]
+        assert listener.sink.sink.client.info("server")["run_id"] != first_run_id
         assert listener.alive()
         assert listener.runner.redis.available
     finally:

@@ -20,9 +20,10 @@ from cdc_invalidator.durations import format_duration, parse_duration
 from cdc_invalidator.mapping import Mapper
 from cdc_invalidator.metrics import Metrics
 from cdc_invalidator.redact import Scrubber, redact_url, secrets_of
+from cdc_invalidator.replay import UNKNOWN_PERSISTENCE_S, persistence_window
 from cdc_invalidator.runner import Runner, RunnerConfig, Source
 from cdc_invalidator.shutdown import Stopper
-from cdc_invalidator.sink.auto import Sink
+from cdc_invalidator.sink import Persistence, Sink
 
 
 @pytest.mark.parametrize(
@@ -153,6 +154,16 @@ def test_the_grafana_dashboard_uses_only_metrics_that_exist() -> None:
 
 
 # --- which processed queue rows may go, when they are kept for replay ---------------------
+
+
+def test_persistence_window_is_the_longest_of_the_servers() -> None:
+    aof = Persistence({"appendonly": "yes", "appendfsync": "everysec", "save": ""})
+    rdb = Persistence({"appendonly": "no", "save": "900 1 300 10"})
+    assert persistence_window([aof, rdb]) == (900, "RDB snapshots (save '900 1 300 10')")
+    refused = Persistence({}, refused="NOPERM")
+    window, why = persistence_window([aof, refused])
+    assert window == UNKNOWN_PERSISTENCE_S
+    assert why.startswith("CONFIG GET refused (NOPERM)")
 
 
 def test_retention_prunes_below_the_newest_snapshot_finished_long_enough_ago(

@@ -7,10 +7,6 @@ from itertools import permutations
 from typing import Any
 
 import psycopg
-import redis
-from redis.cluster import RedisCluster
-from redis.connection import parse_url
-from redis.exceptions import RedisClusterException
 
 from cdc_invalidator import sqlfiles
 from cdc_invalidator.capture.errors import Fatal, returned
@@ -20,8 +16,7 @@ from cdc_invalidator.events import TableName
 from cdc_invalidator.redact import redact_url
 from cdc_invalidator.replay import MARGIN_S, persistence_window
 from cdc_invalidator.settings import Settings
-from cdc_invalidator.sink import AutoSink
-from cdc_invalidator.sink.cluster_sink import primaries
+from cdc_invalidator.sink import REDIS_ERRORS, Sink, url_db
 
 
 @dataclass(slots=True)
@@ -71,7 +66,7 @@ def check_templates(settings: Settings, config_name: str) -> Report:
 def _url_db(url: str) -> int | None:
     """The logical database redis_url names, or None when it cannot be told."""
     try:
-        return int(parse_url(url).get("db") or 0)
+        return url_db(url)
     except ValueError:
         return None
 
@@ -408,28 +403,24 @@ def _check_logical_server(
         report.warnings.append(f"a sweep of every watched table is owed: {owed}")
 
 
-def check_redis(sink: AutoSink, url: str, settings: Settings) -> Report:
+# What `check` reports as Redis failing (Fatal: redis_url selects a database on a cluster).
+_REDIS_FAILED: tuple[type[Exception], ...] = (*REDIS_ERRORS, Fatal)
+
+
+def check_redis(sink: Sink, url: str, settings: Settings) -> Report:
     """Reachable; for a cluster, every primary (the listener talks to each)."""
     report = Report()
     try:
-        client = sink.client
-        if isinstance(client, RedisCluster):
-            nodes = primaries(client)
-            for node in nodes:
-                client.get_redis_connection(node).ping()
-            what = f"reachable, a Redis Cluster of {len(nodes)} primaries, each reachable"
-        else:
-            client.ping()
-            what = "reachable"
-    except (redis.RedisError, RedisClusterException, Fatal) as exc:
+        what = sink.ping()
+    except _REDIS_FAILED as exc:
         report.errors.append(f"redis at {redact_url(url)}: {exc}")
         return report
     report.ok.append(f"redis at {redact_url(url)}: {what}")
-    _check_replay(client, settings, report)
+    _check_replay(sink, settings, report)
     return report
 
 
-def _check_replay(client: redis.Redis | RedisCluster, settings: Settings, report: Report) -> None:
+def _check_replay(sink: Sink, settings: Settings, report: Report) -> None:
     """What a restart of this Redis could bring back, and whether history covers it."""
     if settings.replay_window == 0:
         report.warnings.append(
@@ -437,7 +428,7 @@ def _check_replay(client: redis.Redis | RedisCluster, settings: Settings, report
         )
         return
     if settings.replay_window is None:
-        window, why = persistence_window(client)
+        window, why = persistence_window(sink.persistence())
     else:
         window, why = settings.replay_window, "replay_window"
     line = f"replay after a Redis restart reaches back {format_duration(window)} ({why})"

@@ -15,7 +15,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
-import redis
 import structlog
 from psycopg.conninfo import conninfo_to_dict
 
@@ -33,9 +32,7 @@ from cdc_invalidator.redact import Scrubber, redact_url
 from cdc_invalidator.replay import replay
 from cdc_invalidator.settings import CONFIG_ENV, ConfigError, Settings, load_settings
 from cdc_invalidator.shutdown import Stopper
-from cdc_invalidator.sink import open_sink
-from cdc_invalidator.sink.connect import RedisOptions
-from cdc_invalidator.sink.redis_sink import REDIS_UNAVAILABLE
+from cdc_invalidator.sink import REDIS_ERRORS, REDIS_UNAVAILABLE, RedisOptions, open_sink
 from cdc_invalidator.status import (
     LogicalStatus,
     NotInstalledHere,
@@ -53,8 +50,7 @@ _ENDS_A_COMMAND: tuple[type[Exception], ...] = (
     DatabaseError,
     Fatal,
     psycopg.Error,
-    redis.RedisError,
-    *REDIS_UNAVAILABLE,
+    *REDIS_ERRORS,
 )
 
 

@@ -14,8 +14,7 @@ from cdc_invalidator.replay import RedisWatch
 from cdc_invalidator.runner import Runner, RunnerConfig, Source
 from cdc_invalidator.settings import Settings
 from cdc_invalidator.shutdown import Stopper
-from cdc_invalidator.sink import AutoSink, open_sink
-from cdc_invalidator.sink.connect import RedisOptions
+from cdc_invalidator.sink import AutoSink, RedisOptions, open_sink
 
 
 def runner_config(settings: Settings) -> RunnerConfig:

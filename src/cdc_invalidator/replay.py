@@ -17,21 +17,18 @@ since a replay that stopped on it would stop the listener at every start.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import psycopg
-import redis
 import structlog
-from redis.cluster import RedisCluster
 
 from cdc_invalidator import sqlfiles
 from cdc_invalidator.capture.rows import Decoded, RowDecoder
 from cdc_invalidator.durations import format_duration
 from cdc_invalidator.mapping import Mapper
-from cdc_invalidator.sink.auto import Sink
-from cdc_invalidator.sink.cluster_sink import primaries
+from cdc_invalidator.sink import Persistence, Sink
 
 log = structlog.get_logger("cdc_invalidator.replay")
 
@@ -128,22 +125,19 @@ class _Skips:
             )
 
 
-def persistence_window(client: redis.Redis | RedisCluster) -> tuple[float, str]:
-    """How far back a restart of this server can take its data, and why we think so.
-    A cluster: the longest of its primaries' (each restarts from its own files)."""
-    if isinstance(client, RedisCluster):
-        nodes = [client.get_redis_connection(node) for node in primaries(client)]
-        return max((persistence_window(node) for node in nodes), key=lambda w: w[0])
-    try:
-        config: dict[str, str] = {}
-        for name in ("appendonly", "appendfsync", "save"):
-            for key, value in client.config_get(name).items():
-                config[_text(key)] = _text(value)
-    except redis.ResponseError as exc:  # NOPERM, or CONFIG renamed away
+def persistence_window(servers: Sequence[Persistence]) -> tuple[float, str]:
+    """How far back a restart can take the data of these servers (Sink.persistence()),
+    and why we think so: the longest of theirs (each restarts from its own files)."""
+    return max((_window(server) for server in servers), key=lambda w: w[0])
+
+
+def _window(server: Persistence) -> tuple[float, str]:
+    if server.refused is not None:
         return UNKNOWN_PERSISTENCE_S, (
-            f"CONFIG GET refused ({exc}): assumed {format_duration(UNKNOWN_PERSISTENCE_S)}; "
-            "set replay_window"
+            f"CONFIG GET refused ({server.refused}): assumed "
+            f"{format_duration(UNKNOWN_PERSISTENCE_S)}; set replay_window"
         )
+    config = server.config
     if config.get("appendonly") == "yes":
         fsync = config.get("appendfsync", "everysec")
         # always: every write is on disk; everysec: up to 1 s (2 s when the disk lags);
@@ -157,10 +151,6 @@ def persistence_window(client: redis.Redis | RedisCluster) -> tuple[float, str]:
         # changed at all): an older one cannot come back.
         return max(periods), f"RDB snapshots (save {config['save']!r})"
     return 0.0, "no persistence: a restart comes back empty"
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class IdentityStore:
@@ -272,7 +262,7 @@ class RedisWatch:
             log.warning("redis_changed", previous=previous, current=current, replay="off")
             return None
         if self._window_s is None:
-            lost_s, why = persistence_window(self._sink.client)
+            lost_s, why = persistence_window(self._sink.persistence())
         else:
             lost_s, why = self._window_s, "replay_window"
         since_s = gone_s + lost_s + MARGIN_S

@@ -25,8 +25,7 @@ from cdc_invalidator.mapping import Mapper, Routed, merge
 from cdc_invalidator.metrics import Metrics
 from cdc_invalidator.replay import RedisWatch
 from cdc_invalidator.shutdown import Stopper
-from cdc_invalidator.sink.auto import Sink
-from cdc_invalidator.sink.redis_sink import REDIS_UNAVAILABLE
+from cdc_invalidator.sink import REDIS_UNAVAILABLE, Sink
 
 log = structlog.get_logger("cdc_invalidator.runner")
 

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from cdc_invalidator.events import UNRENDERABLE, ChangeEvent, InvalidEvent, Op, Row, TableName
-from cdc_invalidator.mapping.templates import KeyTemplate
+from cdc_invalidator.mapping.templates import KeyTemplate, Render, RenderError
 
 
 @dataclass(slots=True)
@@ -43,12 +43,9 @@ class Mapper:
         self._templates = {table: tuple(ts) for table, ts in tables.items()}
         # Tables whose keys live in another Redis logical database (redis_db).
         self._dbs = dict(dbs or {})
-        # (prefix, column, suffix) per template, for tables whose templates all have
-        # exactly one field: the fast path of add_all().
-        self._simple = {
-            table: tuple((t.literals[0], t.fields[0], t.literals[1]) for t in ts)
-            for table, ts in self._templates.items()
-            if all(t.single_field is not None for t in ts)
+        # Each table's compiled renderers, in template order: the hot loop of add_all().
+        self._renders = {
+            table: tuple(t.render for t in ts) for table, ts in self._templates.items()
         }
 
     @property
@@ -80,40 +77,37 @@ class Mapper:
     ) -> list[tuple[ChangeEvent, InvalidEvent]]:
         """add() for many events; returns those that failed, with why, instead of raising.
 
-        The same keys as add(), with the common case inlined: a backlog spends its time
-        here. Whatever the fast path does not cover (TRUNCATE, several fields in one
-        template, NULLs, anything invalid) goes through add(), which explains failures.
+        The same keys as add(), through the same renderers, with add()'s bookkeeping
+        inlined: a backlog spends its time here. TRUNCATE and anything that fails go
+        through add(), which explains failures.
         """
         keys = into.keys
-        simple = self._simple
+        renders_of = self._renders
+        insert, update, truncate = Op.INSERT, Op.UPDATE, Op.TRUNCATE
         failed: list[tuple[ChangeEvent, InvalidEvent]] = []
         for event in events:
-            parts = simple.get(event.table)
+            renders = renders_of.get(event.table)
             op = event.op
-            old, new = event.old, event.new
-            if parts is not None and op is not Op.TRUNCATE:
-                rows = (
-                    (new,)
-                    if op is Op.INSERT
-                    else (old,)
-                    if op is Op.DELETE or new is old
-                    else (old, new)
-                )
-                rendered = []
-                for row in rows:
-                    if row is None:
-                        break
-                    for prefix, column, suffix in parts:
-                        value = row.get(column)
-                        if value.__class__ is not str:
-                            break  # NULL, missing or not text: the careful path
-                        rendered.append(prefix + value + suffix)
+            if renders is not None and op is not truncate:
+                # INSERT: the new row; DELETE: the old; UPDATE: both, or one for both when
+                # the key columns did not change.
+                row = event.new if op is insert else event.old
+                other = event.new if op is update else row
+                if row is not None and other is not None:
+                    rendered: list[str] = []
+                    try:
+                        for render in renders:
+                            if (key := render(row)) is not None:
+                                rendered.append(key)
+                        if other is not row:
+                            for render in renders:
+                                if (key := render(other)) is not None:
+                                    rendered.append(key)
+                    except RenderError:
+                        pass  # add() says which row
                     else:
+                        keys.update(rendered)
                         continue
-                    break
-                else:
-                    keys.update(rendered)
-                    continue
             try:
                 self.add(event, into)
             except InvalidEvent as exc:
@@ -128,11 +122,11 @@ class Mapper:
         too). A NULL field skips that one key. TRUNCATE has no rows: every template
         becomes a pattern.
         """
-        templates = self._templates.get(event.table)
-        if templates is None:
+        renders = self._renders.get(event.table)
+        if renders is None:
             raise InvalidEvent(f"table {event.table} is not in the configuration")
         if event.op is Op.TRUNCATE:
-            into.patterns.update(t.glob() for t in templates)
+            into.patterns.update(t.glob() for t in self._templates[event.table])
             reason = event.new.get(UNRENDERABLE) if event.new else None
             if reason is not None:
                 into.unrenderable[event.table] = str(reason)
@@ -140,42 +134,22 @@ class Mapper:
         keys: list[str] = []
         op = event.op
         if op is Op.UPDATE or op is Op.DELETE:
-            _render(templates, event.old, "old", event, keys)
+            _render(renders, event.old, "old", event, keys)
         # (An UPDATE that left the key columns alone carries one row for both.)
         if op is Op.INSERT or (op is Op.UPDATE and event.new is not event.old):
-            _render(templates, event.new, "new", event, keys)
+            _render(renders, event.new, "new", event, keys)
         into.keys.update(keys)
 
 
 def _render(
-    templates: tuple[KeyTemplate, ...],
-    row: Row | None,
-    which: str,
-    event: ChangeEvent,
-    out: list[str],
+    renders: tuple[Render, ...], row: Row | None, which: str, event: ChangeEvent, out: list[str]
 ) -> None:
     if row is None:
         raise InvalidEvent(f"{event.op.name} on {event.table} carries no {which} row")
-    template = templates[0]
     try:
-        for template in templates:
-            field = template.single_field
-            if field is not None:  # inlined KeyTemplate.render: a backlog's hot loop
-                value = row[field]
-                if value.__class__ is str:
-                    out.append(template.literals[0] + value + template.literals[1])
-                    continue
-                if value is None:
-                    continue
-            key = template.render(row)
+        for render in renders:
+            key = render(row)
             if key is not None:
                 out.append(key)
-    except KeyError as exc:
-        raise InvalidEvent(
-            f"{which} row of {event.table} lacks column {exc.args[0]!r} "
-            f"used by template {template.source!r}"
-        ) from None
-    except TypeError as exc:
-        raise InvalidEvent(
-            f"{which} row of {event.table}: template {template.source!r}: {exc}"
-        ) from None
+    except RenderError as exc:
+        raise InvalidEvent(exc.within(f"{which} row of {event.table}")) from None

@@ -14,8 +14,13 @@ alone (``{email}:{id}`` sweeps ``*:*``: every key with a colon, sessions and loc
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from cdc_invalidator.events import InvalidEvent, Row
+
+# A template's key for one row: see _renderer(), the one rule every path uses.
+Render = Callable[[Row], str | None]
 
 _GLOB_SPECIAL = frozenset("*?[]\\")
 # What every field of a sample key holds (`check` matches sweeps against sample keys).
@@ -26,14 +31,44 @@ class TemplateError(ValueError):
     """A template that cannot be parsed; the message names the template."""
 
 
+_MISSING = object()
+
+
+class RenderError(InvalidEvent):
+    """A row a template cannot render: it lacks a column the template uses, or a value is
+    not text. The message names the column and the template; within() says which row."""
+
+    def __init__(self, template: str, column: str, value: object = _MISSING) -> None:
+        self.template = template
+        self.column = column
+        self.value = value
+        super().__init__(self.within("the row"))
+
+    def within(self, row: str) -> str:
+        """The message, with `row` saying whose row it was ("old row of public.users")."""
+        if self.value is _MISSING:
+            return f"{row} lacks column {self.column!r} used by template {self.template!r}"
+        kind = type(self.value).__name__
+        return (
+            f"{row}: template {self.template!r}: column {self.column!r} holds "
+            f"{kind} {self.value!r}, expected text"
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class KeyTemplate:
     source: str
     # Alternating literal text and field names: literals[0], fields[0], literals[1], ...
     literals: tuple[str, ...]
     fields: tuple[str, ...]
-    # The field of a one-field template: the common case, given a fast path.
-    single_field: str | None
+    # The key of a row, or None when a field is NULL (that key is skipped); RenderError
+    # for a missing column or a value that is not text. Compiled once (_renderer()): a
+    # backlog calls it for every row.
+    render: Render = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Frozen: object.__setattr__ is how a field derived from the others is set.
+        object.__setattr__(self, "render", _renderer(self.source, self.literals, self.fields))
 
     @classmethod
     def parse(cls, source: str) -> KeyTemplate:
@@ -71,32 +106,7 @@ class KeyTemplate:
         literals.append("".join(buf))
         if not source:
             raise TemplateError("template '' is empty")
-        return cls(source, tuple(literals), tuple(fields), fields[0] if len(fields) == 1 else None)
-
-    def render(self, row: Mapping[str, str | None]) -> str | None:
-        """The key for this row, or None when a field is NULL (that key is skipped).
-
-        Raises KeyError naming the column when the row lacks one, TypeError when a value
-        is not text.
-        """
-        lits, fields = self.literals, self.fields
-        if len(fields) == 1:  # the common case, on the hot path of a backlog
-            value = row[fields[0]]
-            if value.__class__ is str:
-                return lits[0] + value + lits[1]
-            if value is None:
-                return None
-            raise _not_text(fields[0], value)
-        out = [lits[0]]
-        for i, field in enumerate(fields):
-            value = row[field]
-            if value is None:
-                return None
-            if value.__class__ is not str:
-                raise _not_text(field, value)
-            out.append(value)
-            out.append(lits[i + 1])
-        return "".join(out)
+        return cls(source, tuple(literals), tuple(fields))
 
     def glob(self) -> str:
         """A Redis MATCH pattern for every key this template can produce."""
@@ -127,8 +137,47 @@ class KeyTemplate:
         return re.fullmatch(pattern, key, re.DOTALL) is not None
 
 
-def _not_text(field: str, value: object) -> TypeError:
-    return TypeError(f"column {field!r} holds {type(value).__name__} {value!r}, expected text")
+def _renderer(source: str, literals: tuple[str, ...], fields: tuple[str, ...]) -> Render:
+    """How a row renders this template's key, the one rule for every path (the listener's
+    batches, replay, the tests): each field's value is text and goes in as it is; a NULL
+    field means no key (None: the row has no such key to delete); a missing column or a
+    value that is not text is a RenderError naming the column and the template. Fields
+    are read in order: a NULL before a missing column is no error.
+
+    A closure per template: the one-field case, nearly every template, does no loop."""
+    if len(fields) == 1:
+        (column,) = fields
+        prefix, suffix = literals
+
+        def render_one(row: Row) -> str | None:
+            try:
+                value = row[column]
+            except KeyError:
+                raise RenderError(source, column) from None
+            if value.__class__ is str:
+                return prefix + value + suffix
+            if value is None:
+                return None
+            raise RenderError(source, column, value)
+
+        return render_one
+
+    def render_many(row: Row) -> str | None:
+        out = [literals[0]]
+        for i, column in enumerate(fields):
+            try:
+                value = row[column]
+            except KeyError:
+                raise RenderError(source, column) from None
+            if value is None:
+                return None
+            if value.__class__ is not str:
+                raise RenderError(source, column, value)
+            out.append(value)
+            out.append(literals[i + 1])
+        return "".join(out)
+
+    return render_many
 
 
 def _escape_glob(text: str) -> str:

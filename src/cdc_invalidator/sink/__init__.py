@@ -1,7 +1,26 @@
-"""Sink: where invalidations go (one Redis server, through Sentinel, or a Redis Cluster)."""
+"""Sink: where invalidations go (one Redis server, through Sentinel, or a Redis Cluster).
 
-from cdc_invalidator.sink.auto import AutoSink, Sink, connect_sink, open_sink
+Outside this package the listener knows Redis through protocol.py's names (re-exported
+here) and RedisOptions: the runner, replay, `check` and the command line import nothing
+from redis-py.
+"""
+
+from cdc_invalidator.sink.auto import AutoSink, connect_sink, open_sink
 from cdc_invalidator.sink.cluster_sink import ClusterSink
+from cdc_invalidator.sink.connect import RedisOptions, url_db
+from cdc_invalidator.sink.protocol import REDIS_ERRORS, REDIS_UNAVAILABLE, Persistence, Sink
 from cdc_invalidator.sink.redis_sink import RedisSink
 
-__all__ = ["AutoSink", "ClusterSink", "RedisSink", "Sink", "connect_sink", "open_sink"]
+__all__ = [
+    "REDIS_ERRORS",
+    "REDIS_UNAVAILABLE",
+    "AutoSink",
+    "ClusterSink",
+    "Persistence",
+    "RedisOptions",
+    "RedisSink",
+    "Sink",
+    "connect_sink",
+    "open_sink",
+    "url_db",
+]

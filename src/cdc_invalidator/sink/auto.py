@@ -12,33 +12,20 @@ cluster to detect: the sink is a RedisSink for the master the sentinels name.
 from __future__ import annotations
 
 from collections.abc import Collection
-from typing import Any, Protocol
+from typing import Any
 
 import redis
 import structlog
 from redis.cluster import RedisCluster
-from redis.connection import parse_url
 
 from cdc_invalidator.capture.errors import Fatal
 from cdc_invalidator.mapping import Invalidation, Routed
 from cdc_invalidator.sink.cluster_sink import ClusterSink, primaries
-from cdc_invalidator.sink.connect import RedisOptions, redis_client
+from cdc_invalidator.sink.connect import RedisOptions, redis_client, url_db
+from cdc_invalidator.sink.protocol import Persistence
 from cdc_invalidator.sink.redis_sink import RedisSink
 
 log = structlog.get_logger("cdc_invalidator.sink")
-
-
-class Sink(Protocol):
-    """What the runner and replay need from Redis (RedisSink, ClusterSink, AutoSink)."""
-
-    @property
-    def client(self) -> redis.Redis | RedisCluster: ...
-    def delete_routed(self, works: Routed) -> int: ...
-    def delete(self, work: Invalidation) -> int: ...
-    def unlink(self, keys: Collection[str]) -> int: ...
-    def sweep(self, pattern: str) -> int: ...
-    def identity(self) -> str: ...
-    def close(self) -> None: ...
 
 
 def open_sink(
@@ -59,7 +46,7 @@ def connect_sink(
     client = redis_client(options)
     if options.sentinels:
         return RedisSink(client, unlink_chunk=unlink_chunk, scan_count=scan_count)
-    db = int(parse_url(options.url).get("db") or 0)
+    db = url_db(options.url)
     only_db0 = f"redis_url selects database {db}, but a Redis Cluster has only database 0"
     try:
         info: dict[str, Any] = client.info("cluster")
@@ -82,7 +69,8 @@ def connect_sink(
 
 class AutoSink:
     """A RedisSink or a ClusterSink, chosen by connect_sink() at first use; a failed
-    connection is raised to the caller and tried again at the next use."""
+    connection is raised to the caller and tried again at the next use. A Sink, and
+    the concrete sinks' delete(), unlink() and sweep() besides."""
 
     def __init__(self, options: RedisOptions, *, unlink_chunk: int, scan_count: int) -> None:
         self._options = options
@@ -98,10 +86,6 @@ class AutoSink:
             )
         return self._sink
 
-    @property
-    def client(self) -> redis.Redis | RedisCluster:
-        return self.sink.client
-
     def delete_routed(self, works: Routed) -> int:
         return self.sink.delete_routed(works)
 
@@ -116,6 +100,12 @@ class AutoSink:
 
     def identity(self) -> str:
         return self.sink.identity()
+
+    def persistence(self) -> list[Persistence]:
+        return self.sink.persistence()
+
+    def ping(self) -> str:
+        return self.sink.ping()
 
     def close(self) -> None:
         if self._sink is not None:

@@ -14,6 +14,12 @@ moved, some not) is sent again one key at a time through RedisCluster.execute_co
 which follows MOVED and ASK and updates the slot table. A node that cannot be reached
 raises: the runner backs off and retries the whole batch, and the slot table is read
 afresh first.
+
+What of redis-py this drives beyond its documented API (NodesManager's slots_cache,
+get_node_from_slot, move_slot and initialize; a node's ConnectionPool and its
+connections' send_packed_command and read_response; how CLUSTER NODES is parsed) is
+pinned by the redis version range in pyproject.toml and checked by the contract tests
+in tests/test_cluster.py.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ from redis.exceptions import AskError, MovedError, TryAgainError
 
 from cdc_invalidator.capture.errors import Fatal
 from cdc_invalidator.mapping import Invalidation, Routed
-from cdc_invalidator.sink.redis_sink import server_identity
+from cdc_invalidator.sink.protocol import Persistence
+from cdc_invalidator.sink.redis_sink import server_identity, server_persistence
 
 log = structlog.get_logger("cdc_invalidator.sink")
 
@@ -132,7 +139,7 @@ class ClusterSink:
                 pool = self._client.get_redis_connection(node).connection_pool
                 connection = pool.get_connection()
                 sent.append((pool, connection, commands))
-                connection.send_packed_command([_pack_unlinks(commands)])
+                connection.send_packed_command([pack_unlinks(commands)])
             for _, connection, commands in sent:
                 for command in commands:
                     try:
@@ -205,11 +212,22 @@ class ClusterSink:
         clients = [self._client.get_redis_connection(n) for n in primaries(self._client)]
         return ",".join(sorted(server_identity(client) for client in clients))
 
+    def persistence(self) -> list[Persistence]:
+        """Every primary's: each restarts from its own files."""
+        clients = [self._client.get_redis_connection(n) for n in primaries(self._client)]
+        return [server_persistence(client) for client in clients]
+
+    def ping(self) -> str:
+        nodes = primaries(self._client)
+        for node in nodes:
+            self._client.get_redis_connection(node).ping()
+        return f"reachable, a Redis Cluster of {len(nodes)} primaries, each reachable"
+
     def close(self) -> None:
         self._client.close()
 
 
-def _pack_unlinks(commands: list[list[bytes]]) -> bytes:
+def pack_unlinks(commands: list[list[bytes]]) -> bytes:
     """RESP for `UNLINK key ...`, one per list of keys."""
     out: list[bytes] = []
     for keys in commands:

@@ -102,6 +102,12 @@ def split_host_port(address: str) -> tuple[str, int]:
     return host.removeprefix("[").removesuffix("]"), int(port)
 
 
+def url_db(url: str) -> int:
+    """The logical database a Redis URL selects (0 when it names none); ValueError when
+    it cannot be read."""
+    return int(parse_url(url).get("db") or 0)
+
+
 def redis_client(options: RedisOptions) -> redis.Redis:
     """A client for the URL's Redis, or for the master the sentinels name.
 

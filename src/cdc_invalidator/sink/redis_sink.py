@@ -9,25 +9,10 @@ import redis
 
 from cdc_invalidator.mapping import Invalidation, Routed
 from cdc_invalidator.sink.connect import MasterWatch, other_db
+from cdc_invalidator.sink.protocol import Persistence
 
-# Errors after which the same deletes will work once Redis is back: retry them with
-# back-off. Error replies count too: READONLY (a replica that was a master), LOADING,
-# NOREPLICAS, MISCONF, NOPERM from an ACL being fixed... UNLINK and SCAN cannot fail
-# because of one event's keys, so no reply is a reason to drop a batch or to exit.
-# ConnectionError covers a refused password (AuthenticationError: a secret being
-# rotated), a TLS handshake that failed, and Sentinel's MasterNotFoundError during a
-# failover; READONLY from a demoted master is a ResponseError (and, through Sentinel,
-# a ConnectionError that makes the next connection ask for the new master).
-# Redis Cluster: CLUSTERDOWN, TRYAGAIN, MOVED/ASK left over are ResponseErrors too;
-# ClusterError is redis-py giving up on redirections, RedisClusterException a slot table
-# it could not read or that does not cover every slot (a failover, a resharding).
-REDIS_UNAVAILABLE: tuple[type[Exception], ...] = (
-    redis.ConnectionError,
-    redis.TimeoutError,
-    redis.ResponseError,
-    redis.exceptions.ClusterError,
-    redis.exceptions.RedisClusterException,
-)
+# What persistence() reads: how much of the server's data a restart can lose.
+PERSISTENCE_SETTINGS = ("appendonly", "appendfsync", "save")
 
 
 class RedisSink:
@@ -100,6 +85,13 @@ class RedisSink:
         self._follow_master()
         return server_identity(self._client)
 
+    def persistence(self) -> list[Persistence]:
+        return [server_persistence(self._client)]
+
+    def ping(self) -> str:
+        self._client.ping()
+        return "reachable"
+
     def close(self) -> None:
         for sink in self._dbs.values():
             sink.close()
@@ -113,6 +105,22 @@ def server_identity(client: redis.Redis) -> str:
     pipe.info("replication")
     server, replication = pipe.execute()
     return f"{server['run_id']}/{replication.get('master_replid', '')}"
+
+
+def server_persistence(client: redis.Redis) -> Persistence:
+    """One server's persistence settings, or why CONFIG GET refused them."""
+    config: dict[str, str] = {}
+    try:
+        for name in PERSISTENCE_SETTINGS:
+            for key, value in client.config_get(name).items():
+                config[_text(key)] = _text(value)
+    except redis.ResponseError as exc:  # NOPERM, or CONFIG renamed away
+        return Persistence({}, refused=str(exc))
+    return Persistence(config)
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _chunks(items: Iterable[str], size: int) -> Iterator[Sequence[str]]:

@@ -1,0 +1,76 @@
+"""What the rest of cdc-invalidator sees of Redis: the Sink protocol, what it answers
+with, and the errors it raises. No redis-py type crosses this line: the runner, replay,
+`check` and the command line know Redis through these names only, whatever the server
+(one, through Sentinel, a cluster) and whatever redis-py does inside sink/.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import redis
+from redis.exceptions import RedisClusterException
+
+from cdc_invalidator.mapping import Routed
+
+# Errors after which the same deletes will work once Redis is back: retry them with
+# back-off. Error replies count too: READONLY (a replica that was a master), LOADING,
+# NOREPLICAS, MISCONF, NOPERM from an ACL being fixed... UNLINK and SCAN cannot fail
+# because of one event's keys, so no reply is a reason to drop a batch or to exit.
+# ConnectionError covers a refused password (AuthenticationError: a secret being
+# rotated), a TLS handshake that failed, and Sentinel's MasterNotFoundError during a
+# failover; READONLY from a demoted master is a ResponseError (and, through Sentinel,
+# a ConnectionError that makes the next connection ask for the new master).
+# Redis Cluster: CLUSTERDOWN, TRYAGAIN, MOVED/ASK left over are ResponseErrors too;
+# ClusterError is redis-py giving up on redirections, RedisClusterException a slot table
+# it could not read or that does not cover every slot (a failover, a resharding).
+REDIS_UNAVAILABLE: tuple[type[Exception], ...] = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.ResponseError,
+    redis.exceptions.ClusterError,
+    RedisClusterException,
+)
+
+# Everything a sink can raise from Redis or redis-py (REDIS_UNAVAILABLE and the rest):
+# what a command that talks to Redis once ends with, in one line.
+REDIS_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, RedisClusterException)
+
+
+@dataclass(frozen=True, slots=True)
+class Persistence:
+    """One server's persistence settings as CONFIG GET reads them (`appendonly`,
+    `appendfsync`, `save`), or why they could not be read (`refused`: NOPERM, CONFIG
+    renamed away). What they mean for a restart is replay's business."""
+
+    config: Mapping[str, str]
+    refused: str | None = None
+
+
+class Sink(Protocol):
+    """What the runner, replay and `check` need from Redis (RedisSink, ClusterSink,
+    AutoSink). Every method raises what Redis raises (REDIS_UNAVAILABLE: retry later)."""
+
+    def delete_routed(self, works: Routed) -> int:
+        """Delete each Redis database's keys and sweep its patterns; how many keys
+        existed. Returns only once Redis confirmed all of it: the caller acknowledges
+        after."""
+        ...
+
+    def identity(self) -> str:
+        """Who the server is (every primary of a cluster): a new value means its data may
+        be older than ours (a restart, a failover)."""
+        ...
+
+    def persistence(self) -> list[Persistence]:
+        """The persistence settings of every server that holds our keys (every primary
+        of a cluster: each restarts from its own files)."""
+        ...
+
+    def ping(self) -> str:
+        """Ping every server deletes go to; say what answered, for `check`."""
+        ...
+
+    def close(self) -> None: ...
