@@ -1,7 +1,7 @@
 """cdc-invalidator benchmark: the listener against floors measured in the same run.
 
 `make bench` (or `.venv/bin/python bench/run.py [--quick] [--big]`) starts its own
-PostgreSQL and Redis (cdc_invalidator.servers, PostgreSQL with its default durable
+PostgreSQL and Redis (tests/support/servers.py, PostgreSQL with its default durable
 settings: fsync and synchronous_commit on) and measures:
 
 1. commit -> key-deleted latency at ~300 single-row UPDATE commits per second, for
@@ -68,8 +68,12 @@ import redis
 from psycopg import sql
 from redis.crc import key_slot
 
-from cdc_invalidator.servers import PostgresServer, RedisClusterServer, RedisServer
 from cdc_invalidator.settings import Settings
+
+# Run as a script (bench/run.py): the repository's root on the path, for the test rig's
+# throwaway servers (tests/support is not part of the package).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.support.servers import PostgresServer, RedisClusterServer, RedisServer
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"

@@ -76,9 +76,9 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from cdc_invalidator.cli import main as cli_main
-from cdc_invalidator.servers import PostgresServer, RedisServer
 from cdc_invalidator.status import read_status
 from tests.helpers import ListenerProcess, wait_until, write_config
+from tests.support.servers import PostgresServer, RedisServer
 
 TEMPLATES = ["user:{id}", "user:email:{email}"]
 FAULTS = ("kill_listener", "redis_restore", "terminate_backends", "pg_restart")

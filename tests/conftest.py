@@ -20,8 +20,8 @@ import psycopg
 import pytest
 import redis
 
-from cdc_invalidator.servers import PostgresServer, RedisServer, ServerError
 from tests.helpers import ListenerProcess, write_config
+from tests.support.servers import PostgresServer, RedisServer, ServerError
 
 # Durability buys nothing in a throwaway test cluster; it only slows every commit.
 FAST_PG = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}

@@ -1,6 +1,6 @@
 """Redis Cluster: a real cluster of three masters, the listener given one node's URL.
 
-The cluster (cdc_invalidator.servers.RedisClusterServer: redis-server with cluster mode
+The cluster (tests.support.servers.RedisClusterServer: redis-server with cluster mode
 on, `redis-cli --cluster create`) serves the module; tests that move slots or stop nodes
 get one of their own. Every wait is on an event (wait_until), never on a clock.
 """
@@ -19,12 +19,12 @@ from redis.crc import key_slot
 from cdc_invalidator.capture.errors import Fatal
 from cdc_invalidator.cli import main
 from cdc_invalidator.mapping import Invalidation
-from cdc_invalidator.servers import RedisClusterServer, RedisServer, ServerError
 from cdc_invalidator.sink import ClusterSink, RedisSink, connect_sink, open_sink
 from cdc_invalidator.sink.cluster_sink import ClusterChanging
 from cdc_invalidator.sink.connect import RedisOptions
 from tests.conftest import Env, Servers, _capture_of, _make_env
 from tests.helpers import wait_until
+from tests.support.servers import RedisClusterServer, RedisServer, ServerError
 from tests.test_semantics import SYNC, install, listening
 from tests.test_semantics import settle as settle_on
 

@@ -39,7 +39,6 @@ import pytest
 import redis
 
 from cdc_invalidator.cli import main
-from cdc_invalidator.servers import PostgresServer, RedisServer, free_port
 from tests.conftest import Env, Spawn
 from tests.helpers import (
     RETRY_INITIAL_MS,
@@ -49,6 +48,7 @@ from tests.helpers import (
     wait_until,
     write_config,
 )
+from tests.support.servers import PostgresServer, RedisServer, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.servers, pytest.mark.usefixtures("capture")]
 

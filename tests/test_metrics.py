@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from cdc_invalidator.servers import free_port
 from tests.conftest import Env, Spawn
 from tests.helpers import run_cli, wait_until
+from tests.support.servers import free_port
 from tests.test_faults import cache, keys_of, redis_of, setup_users, stop_listener
 
 pytestmark = [pytest.mark.servers, pytest.mark.usefixtures("capture")]

@@ -24,11 +24,11 @@ from cdc_invalidator import metrics as metrics_module
 from cdc_invalidator.metrics import BacklogCollector, Metrics
 from cdc_invalidator.probes import ProbeServer
 from cdc_invalidator.runner import Health
-from cdc_invalidator.servers import free_port
 from cdc_invalidator.settings import load_settings
 from cdc_invalidator.status import Status, read_status
 from tests.conftest import Env, Spawn
 from tests.helpers import wait_until
+from tests.support.servers import free_port
 from tests.test_faults import setup_users, stop_listener
 
 # Long enough for any test here to finish its part of a conversation; short enough that a

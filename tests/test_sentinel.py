@@ -18,9 +18,9 @@ import pytest
 import redis
 
 from cdc_invalidator.cli import main
-from cdc_invalidator.servers import RedisServer, ServerError
 from tests.conftest import Env, Spawn
 from tests.helpers import ListenerThread, run_cli, wait_until, write_config
+from tests.support.servers import RedisServer, ServerError
 
 pytestmark = [pytest.mark.servers, pytest.mark.slow]
 
