@@ -77,8 +77,10 @@ from redis.retry import Retry
 
 from cdc_invalidator.cli import main as cli_main
 from cdc_invalidator.status import read_status
-from tests.helpers import ListenerProcess, wait_until, write_config
+from tests.support.config import write_config
+from tests.support.listener import ListenerProcess
 from tests.support.servers import PostgresServer, RedisServer
+from tests.support.waits import wait_until
 
 TEMPLATES = ["user:{id}", "user:email:{email}"]
 FAULTS = ("kill_listener", "redis_restore", "terminate_backends", "pg_restart")

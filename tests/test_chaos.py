@@ -9,8 +9,9 @@ from __future__ import annotations
 import pytest
 
 from tests.chaos import FAULTS, Chaos, Params
-from tests.conftest import Env, Spawn
-from tests.helpers import wait_until
+from tests.support.env import Env
+from tests.support.listener import Spawn
+from tests.support.waits import wait_until
 from tests.test_faults import acknowledged, setup_users, write
 
 pytestmark = [pytest.mark.slow, pytest.mark.servers, pytest.mark.usefixtures("capture")]

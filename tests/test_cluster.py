@@ -22,9 +22,9 @@ from cdc_invalidator.mapping import Invalidation
 from cdc_invalidator.sink import ClusterSink, RedisSink, connect_sink, open_sink
 from cdc_invalidator.sink.cluster_sink import ClusterChanging
 from cdc_invalidator.sink.connect import RedisOptions
-from tests.conftest import Env, Servers, _capture_of, _make_env
-from tests.helpers import wait_until
+from tests.support.env import Env, Servers, capture_of, make_env
 from tests.support.servers import RedisClusterServer, RedisServer, ServerError
+from tests.support.waits import wait_until
 from tests.test_semantics import SYNC, install, listening
 from tests.test_semantics import settle as settle_on
 
@@ -58,14 +58,14 @@ def _env(servers: Servers, c: RedisClusterServer, tmp_path: Path, capture: str) 
         client.close()
     # The second node: any node will do, the others are discovered from it.
     on_cluster = Servers(servers.pg_dsn, c.nodes[1].url, servers.pg, c.nodes[1])
-    yield from _make_env(on_cluster, tmp_path, capture=capture)
+    yield from make_env(on_cluster, tmp_path, capture=capture)
 
 
 @pytest.fixture
 def cenv(
     servers: Servers, cluster: RedisClusterServer, tmp_path: Path, request: pytest.FixtureRequest
 ) -> Iterator[Env]:
-    yield from _env(servers, cluster, tmp_path, _capture_of(request))
+    yield from _env(servers, cluster, tmp_path, capture_of(request))
 
 
 @pytest.fixture

@@ -39,16 +39,11 @@ import pytest
 import redis
 
 from cdc_invalidator.cli import main
-from tests.conftest import Env, Spawn
-from tests.helpers import (
-    RETRY_INITIAL_MS,
-    RETRY_MAX_MS,
-    ListenerProcess,
-    ListenerThread,
-    wait_until,
-    write_config,
-)
+from tests.support.config import RETRY_INITIAL_MS, RETRY_MAX_MS, write_config
+from tests.support.env import Env
+from tests.support.listener import ListenerProcess, ListenerThread, Spawn
 from tests.support.servers import PostgresServer, RedisServer, free_port
+from tests.support.waits import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.servers, pytest.mark.usefixtures("capture")]
 

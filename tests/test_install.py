@@ -15,8 +15,9 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from cdc_invalidator.cli import main
-from tests.conftest import Env
-from tests.helpers import ListenerThread, run_cli, wait_until
+from tests.support.env import Env
+from tests.support.listener import ListenerThread, run_cli
+from tests.support.waits import wait_until
 
 USERS = {"public.users": ["user:{id}", "user:email:{email}"]}
 ORDERS = {"public.orders": ["order:{id}", "user:{user_id}:orders"]}

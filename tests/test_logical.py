@@ -31,15 +31,10 @@ from psycopg.conninfo import make_conninfo
 from cdc_invalidator.capture.logical import CHASE_BYTES
 from cdc_invalidator.capture.walstream import parse_lsn
 from cdc_invalidator.cli import main
-from tests.conftest import Env, Spawn
-from tests.helpers import (
-    ListenerProcess,
-    ListenerThread,
-    run_cli,
-    toml_value,
-    wait_until,
-    write_config,
-)
+from tests.support.config import toml_value, write_config
+from tests.support.env import Env
+from tests.support.listener import ListenerProcess, ListenerThread, Spawn, run_cli
+from tests.support.waits import wait_until
 from tests.test_faults import blocked_on_redis
 from tests.test_install import PSQL, psql
 

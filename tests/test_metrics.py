@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Env, Spawn
-from tests.helpers import run_cli, wait_until
+from tests.support.env import Env
+from tests.support.listener import Spawn, run_cli
 from tests.support.servers import free_port
+from tests.support.waits import wait_until
 from tests.test_faults import cache, keys_of, redis_of, setup_users, stop_listener
 
 pytestmark = [pytest.mark.servers, pytest.mark.usefixtures("capture")]

@@ -13,8 +13,9 @@ import psycopg
 import pytest
 import redis
 
-from tests.conftest import Env, Spawn
-from tests.helpers import wait_until
+from tests.support.env import Env
+from tests.support.listener import Spawn
+from tests.support.waits import wait_until
 from tests.test_logical import (
     ORDERS,
     USERS,

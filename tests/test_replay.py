@@ -17,8 +17,9 @@ import redis
 
 from cdc_invalidator.cli import main
 from cdc_invalidator.replay import UNKNOWN_PERSISTENCE_S, persistence_window
-from tests.conftest import Env, Spawn
-from tests.helpers import ListenerProcess, run_cli, wait_until
+from tests.support.env import Env
+from tests.support.listener import ListenerProcess, Spawn, run_cli
+from tests.support.waits import wait_until
 from tests.test_faults import cache, keys_of, redis_of, setup_users, stop_listener
 
 pytestmark = [pytest.mark.servers, pytest.mark.usefixtures("capture")]

@@ -1,7 +1,7 @@
 """What the listener does with each kind of change, on real PostgreSQL and Redis.
 
 Every test runs in both capture modes (the `capture` fixture): it installs through the
-CLI, runs the real Runner in a thread (tests.helpers.ListenerThread) and waits on the
+CLI, runs the real Runner in a thread (tests.support.listener.ListenerThread) and waits on the
 event it expects, never on a clock.
 
 "Settled" (settle()) means a change committed to the `sync` table had its key deleted
@@ -27,8 +27,9 @@ import pytest
 import redis
 
 from cdc_invalidator.cli import main
-from tests.conftest import Env
-from tests.helpers import ListenerThread, run_cli, wait_until
+from tests.support.env import Env
+from tests.support.listener import ListenerThread, run_cli
+from tests.support.waits import wait_until
 
 pytestmark = pytest.mark.usefixtures("capture")
 
