@@ -23,10 +23,11 @@ from cdc_invalidator.sink import ClusterSink, RedisSink, connect_sink, open_sink
 from cdc_invalidator.sink.cluster_sink import ClusterChanging
 from cdc_invalidator.sink.connect import RedisOptions
 from tests.support.env import Env, Servers, capture_of, make_env
+from tests.support.listener import listening
 from tests.support.servers import RedisClusterServer, RedisServer, ServerError
+from tests.support.sync import SYNC, install
+from tests.support.sync import settle as settle_on
 from tests.support.waits import wait_until
-from tests.test_semantics import SYNC, install, listening
-from tests.test_semantics import settle as settle_on
 
 USERS = {"public.users": ["user:{id}", "user:email:{email}"]}
 

@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from tests.support.env import Env
-from tests.support.listener import Spawn, run_cli
+from tests.support.env import Env, redis_of
+from tests.support.faults import cache, keys_of, setup_users
+from tests.support.listener import Spawn, run_cli, stop_listener
 from tests.support.servers import free_port
 from tests.support.waits import wait_until
-from tests.test_faults import cache, keys_of, redis_of, setup_users, stop_listener
 
 pytestmark = [pytest.mark.servers, pytest.mark.usefixtures("capture")]
 

@@ -15,8 +15,7 @@ import redis
 
 from tests.support.env import Env
 from tests.support.listener import Spawn
-from tests.support.waits import wait_until
-from tests.test_logical import (
+from tests.support.logical import (
     ORDERS,
     USERS,
     check,
@@ -27,6 +26,7 @@ from tests.test_logical import (
     running,
     stop,
 )
+from tests.support.waits import wait_until
 
 pytestmark = [pytest.mark.servers]
 

@@ -17,10 +17,10 @@ import redis
 
 from cdc_invalidator.cli import main
 from cdc_invalidator.replay import UNKNOWN_PERSISTENCE_S, persistence_window
-from tests.support.env import Env
-from tests.support.listener import ListenerProcess, Spawn, run_cli
+from tests.support.env import Env, redis_of
+from tests.support.faults import cache, keys_of, setup_users
+from tests.support.listener import ListenerProcess, Spawn, run_cli, stop_listener
 from tests.support.waits import wait_until
-from tests.test_faults import cache, keys_of, redis_of, setup_users, stop_listener
 
 pytestmark = [pytest.mark.servers, pytest.mark.usefixtures("capture")]
 

@@ -9,8 +9,8 @@ import redis
 
 from cdc_invalidator.cli import main
 from tests.support.env import Env
+from tests.support.listener import listening
 from tests.support.waits import wait_until
-from tests.test_semantics import listening
 
 pytestmark = [pytest.mark.servers, pytest.mark.usefixtures("capture")]
 

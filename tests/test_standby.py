@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from tests.support.env import Env
+from tests.support.faults import SLOT, cache, keys_of, setup_users
 from tests.support.listener import ListenerProcess
 from tests.support.waits import wait_until
-from tests.test_faults import SLOT, cache, keys_of, setup_users
 
 pytestmark = pytest.mark.usefixtures("capture")
 
