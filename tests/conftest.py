@@ -3,7 +3,8 @@
 One PostgreSQL cluster and one Redis serve the whole session (each test gets its own
 database and a flushed Redis); tests that stop or kill a server get servers of their own
 (`own_servers`). Where a Docker engine answers, set CDC_TEST_DOCKER=1 to take the shared
-servers from testcontainers instead.
+servers from testcontainers instead. What the fixtures yield (Servers, Env) and the
+helpers tests use are in tests/support/.
 """
 
 from __future__ import annotations
