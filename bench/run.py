@@ -63,17 +63,17 @@ from importlib.metadata import version as dist_version
 from pathlib import Path
 from typing import Any, TextIO
 
+# Run as a script (bench/run.py): the repository's root on the path before the imports
+# below, for the test rig's throwaway servers (tests/support, not part of the package).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import psycopg
 import redis
 from psycopg import sql
 from redis.crc import key_slot
+from tests.support.servers import PostgresServer, RedisClusterServer, RedisServer
 
 from cdc_invalidator.settings import Settings
-
-# Run as a script (bench/run.py): the repository's root on the path, for the test rig's
-# throwaway servers (tests/support is not part of the package).
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.support.servers import PostgresServer, RedisClusterServer, RedisServer
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"

@@ -1,6 +1,7 @@
-"""The fault tests' world, which the chaos, probes, metrics, replay and standby tests share:
-users(id, email) with two key templates, transactions noted by their WAL positions, and
-whether the listener has acknowledged them (see tests/test_faults.py's docstring).
+"""The fault tests' world, shared with the chaos, probes, metrics, replay, standby and
+logical tests: users(id, email) with two key templates, transactions noted by their WAL
+positions, whether the listener has acknowledged them (tests/test_faults.py's docstring
+says how each mode tells), and whether it is held on a paused Redis.
 """
 
 from __future__ import annotations
