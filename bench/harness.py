@@ -20,7 +20,15 @@ import redis
 from psycopg import sql
 from redis.crc import key_slot
 
-from cdc_invalidator.servers import PostgresServer, RedisClusterServer, RedisServer
+# Run as a script (bench/run.py): the repository's root goes on the path for the test
+# rig's throwaway servers (tests/support is not part of the package).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.support.servers import (
+    PostgresServer,
+    RedisClusterServer,
+    RedisServer,
+)
+
 from procs import proc_cpu_s, proc_status_kb, stop_process, wait_for
 
 BENCH_DIR = Path(__file__).resolve().parent

@@ -1,7 +1,7 @@
 """cdc-invalidator benchmark: the listener against floors measured in the same run.
 
 `make bench` (or `.venv/bin/python bench/run.py [--quick] [--big]`) starts its own
-PostgreSQL and Redis (cdc_invalidator.servers, PostgreSQL with its default durable
+PostgreSQL and Redis (tests/support/servers.py, PostgreSQL with its default durable
 settings: fsync and synchronous_commit on) and measures, per capture mode:
 
 1. commit -> key-deleted latency at ~300 single-row UPDATE commits per second, the real

@@ -1,6 +1,6 @@
 """Chaos, short: cache-aside readers, writers and one fault of each kind, then no stale key.
 
-The engine is tests/chaos.py (its docstring says what runs and why the check is sound);
+The engine is tests/support/chaos.py (its docstring says what runs and why the check is sound);
 `make chaos` runs the long version. Both capture modes.
 """
 
@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import pytest
 
-from tests.chaos import FAULTS, Chaos, Params
-from tests.conftest import Env, Spawn
-from tests.helpers import wait_until
-from tests.test_faults import acknowledged, setup_users, write
+from tests.support.chaos import FAULTS, Chaos, Params
+from tests.support.env import Env
+from tests.support.faults import acknowledged, setup_users, write
+from tests.support.listener import Spawn
+from tests.support.waits import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.servers, pytest.mark.usefixtures("capture")]
 

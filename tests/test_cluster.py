@@ -1,6 +1,6 @@
 """Redis Cluster: a real cluster of three masters, the listener given one node's URL.
 
-The cluster (cdc_invalidator.servers.RedisClusterServer: redis-server with cluster mode
+The cluster (tests.support.servers.RedisClusterServer: redis-server with cluster mode
 on, `redis-cli --cluster create`) serves the module; tests that move slots or stop nodes
 get one of their own. Every wait is on an event (wait_until), never on a clock.
 """
@@ -21,14 +21,15 @@ from redis.exceptions import AskError, MovedError, TryAgainError
 from cdc_invalidator.capture.errors import Fatal
 from cdc_invalidator.cli import main
 from cdc_invalidator.mapping import Invalidation
-from cdc_invalidator.servers import RedisClusterServer, RedisServer, ServerError
 from cdc_invalidator.sink import ClusterSink, RedisSink, connect_sink, open_sink
 from cdc_invalidator.sink.cluster_sink import ClusterChanging, pack_unlinks
 from cdc_invalidator.sink.connect import RedisOptions
-from tests.conftest import Env, Servers, _capture_of, _make_env
-from tests.helpers import wait_until
-from tests.test_semantics import SYNC, install, listening
-from tests.test_semantics import settle as settle_on
+from tests.support.env import Env, Servers, capture_of, make_env
+from tests.support.listener import listening
+from tests.support.servers import RedisClusterServer, RedisServer, ServerError
+from tests.support.sync import SYNC, install
+from tests.support.sync import settle as settle_on
+from tests.support.waits import wait_until
 
 USERS = {"public.users": ["user:{id}", "user:email:{email}"]}
 
@@ -60,14 +61,14 @@ def _env(servers: Servers, c: RedisClusterServer, tmp_path: Path, capture: str) 
         client.close()
     # The second node: any node will do, the others are discovered from it.
     on_cluster = Servers(servers.pg_dsn, c.nodes[1].url, servers.pg, c.nodes[1])
-    yield from _make_env(on_cluster, tmp_path, capture=capture)
+    yield from make_env(on_cluster, tmp_path, capture=capture)
 
 
 @pytest.fixture
 def cenv(
     servers: Servers, cluster: RedisClusterServer, tmp_path: Path, request: pytest.FixtureRequest
 ) -> Iterator[Env]:
-    yield from _env(servers, cluster, tmp_path, _capture_of(request))
+    yield from _env(servers, cluster, tmp_path, capture_of(request))
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from cdc_invalidator.servers import ServerError, find_pg_bindir, find_redis_server
-from tests.helpers import run_cli
+from tests.support.listener import run_cli
+from tests.support.servers import ServerError, find_pg_bindir, find_redis_server
 
 OUR_PREFIXES = ("cdc-invalidator-demo-", "cdc-invalidator-pg-", "cdc-invalidator-redis-")
 

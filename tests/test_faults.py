@@ -31,31 +31,42 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
 
-from cdc_invalidator.cli import main
-from cdc_invalidator.servers import PostgresServer, RedisServer, free_port
-from tests.conftest import Env, Spawn
-from tests.helpers import (
-    RETRY_INITIAL_MS,
-    RETRY_MAX_MS,
+from tests.support.config import RETRY_INITIAL_MS, RETRY_MAX_MS
+from tests.support.env import Env, pg_of, redis_of
+from tests.support.faults import (
+    APP_NAME,
+    PENDING,
+    SLOT,
+    Written,
+    acknowledged,
+    blocked_on_redis,
+    cache,
+    insert_users,
+    keys_of,
+    lsn_before,
+    queue_count,
+    setup_users,
+    slot_confirmed,
+    write,
+)
+from tests.support.listener import (
     ListenerProcess,
     ListenerThread,
-    wait_until,
-    write_config,
+    Spawn,
+    exited_cleanly,
+    stop_listener,
 )
+from tests.support.servers import PostgresServer, RedisServer, free_port
+from tests.support.waits import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.servers, pytest.mark.usefixtures("capture")]
 
-TEMPLATES = ["user:{id}", "user:email:{email}"]
 KEY_ID = re.compile(r"^user:(?:email:u)?(\d+)(?:@x)?$")
-APP_NAME = "cdc-invalidator"  # the listener's application_name (the default setting)
-SLOT = "cdc_invalidator"  # logical mode: the default slot_name
 # A poll so slow that no test waits for it: what must happen promptly has to come from a
 # NOTIFY (re-LISTEN after a reconnect) or the stream, or from the batch taken on
 # (re)connecting.
@@ -65,67 +76,6 @@ PAUSE_MS = 20_000
 
 
 # --- the world: one table, two key templates ----------------------------------------------
-
-
-def email(i: int) -> str:
-    return f"u{i}@x"
-
-
-def keys_of(i: int) -> list[str]:
-    return [f"user:{i}", f"user:email:{email(i)}"]
-
-
-def setup_users(
-    env: Env, *, rows: int = 0, database_url: str | None = None, **settings: object
-) -> Path:
-    """users(id, email) with `rows` rows (written before install: no events), installed."""
-    env.sql("CREATE TABLE users (id int PRIMARY KEY, email text)")
-    if rows:
-        insert_users(env, 1, rows)
-    mode: dict[str, object] = {"capture": env.capture} if env.logical else {}
-    config = write_config(
-        env.tmp_path / "config.toml",
-        database_url=database_url or env.dsn,
-        redis_url=env.redis_url,
-        tables={"public.users": TEMPLATES},
-        **{**mode, **settings},
-    )
-    assert main(["install", "--config", str(config)]) == 0
-    return config
-
-
-@dataclass(frozen=True)
-class Written:
-    """One committed transaction: the user ids it changed, and WAL positions after its
-    last change (before its commit record) and after its commit."""
-
-    ids: range
-    last_change: str
-    committed: str
-
-
-def write(env: Env, statement: str, params: Sequence[Any] = (), *, ids: range) -> Written:
-    """Run one statement (changing the rows `ids`) in a transaction of its own, noting
-    where it is in the WAL."""
-    position = "SELECT pg_current_wal_insert_lsn()::text"
-    with env.connect() as conn:
-        with conn.transaction():
-            conn.execute(statement.encode(), params)
-            last_change = conn.execute(position).fetchone()
-        committed = conn.execute(position).fetchone()
-    assert last_change is not None
-    assert committed is not None
-    return Written(ids, last_change[0], committed[0])
-
-
-def insert_users(env: Env, first: int, count: int) -> Written:
-    """One statement, one transaction: `count` INSERT events once installed."""
-    return write(
-        env,
-        "INSERT INTO users SELECT i, 'u' || i || '@x' FROM generate_series(%s::int, %s::int) i",
-        [first, first + count - 1],
-        ids=range(first, first + count),
-    )
 
 
 def insert_for_a_drain(env: Env, n: int) -> list[Written]:
@@ -139,57 +89,13 @@ def insert_for_a_drain(env: Env, n: int) -> list[Written]:
     return [insert_users(env, first, step) for first in range(1, n + 1, step)]
 
 
-def cache(r: redis.Redis, ids: Sequence[int] | range, value: str = "stale") -> None:
-    """What an app would have cached (or negatively cached) for these rows."""
-    pipe = r.pipeline(transaction=False)
-    ids = list(ids)
-    for start in range(0, len(ids), 5000):
-        pipe.mset({key: value for i in ids[start : start + 5000] for key in keys_of(i)})
-    pipe.execute()
-
-
 # --- acknowledged or not --------------------------------------------------------------
-
-# Trigger mode: queue rows the listener has not acknowledged (its saved progress, as
-# `status` reads it). Processed rows stay in the table until pruned, so the queue's size
-# is not the measure.
-PENDING = """
-    SELECT q.id, (coalesce(q.new_row, q.old_row) ->> 'id')::int
-    FROM cdc_invalidator.listener_state_v1 s
-    JOIN cdc_invalidator.queue_v1 q
-      ON q.xid >= pg_snapshot_xmin(s.snapshot)
-     AND NOT pg_visible_in_snapshot(q.xid, s.snapshot)
-     AND NOT coalesce(pg_visible_in_snapshot(q.xid, s.window_end)
-                      AND (q.xid, q.id) <= (s.after_xid, s.after_id), false)
-"""
-
-
-def queue_count(env: Env) -> int:
-    """Trigger mode: events not acknowledged yet."""
-    with env.connect() as conn:
-        return len(conn.execute(PENDING.encode()).fetchall())
 
 
 def queued_ids(env: Env) -> set[int]:
     """Trigger mode: the user ids of the events not acknowledged yet."""
     with env.connect() as conn:
         return {row[1] for row in conn.execute(PENDING.encode())}
-
-
-def slot_confirmed(env: Env) -> str:
-    """Logical mode: the slot's confirmed position (what the listener finished)."""
-    lsn = env.scalar(
-        "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
-        [SLOT],
-    )
-    assert lsn is not None, f"no replication slot {SLOT!r}"
-    return str(lsn)
-
-
-def lsn_before(a: str, b: str) -> bool:
-    high_a, low_a = a.split("/")
-    high_b, low_b = b.split("/")
-    return (int(high_a, 16), int(low_a, 16)) < (int(high_b, 16), int(low_b, 16))
 
 
 def cached_ids(r: redis.Redis) -> set[int]:
@@ -222,13 +128,6 @@ def none_acknowledged(env: Env, n: int, written: Written) -> bool:
     if env.logical:
         return lsn_before(slot_confirmed(env), written.committed)
     return queue_count(env) == n
-
-
-def acknowledged(env: Env, written: Written) -> bool:
-    """Everything up to the transaction `written` (included) is acknowledged."""
-    if env.logical:
-        return lsn_before(written.last_change, slot_confirmed(env))
-    return queue_count(env) == 0
 
 
 def assert_nothing_lost(env: Env, r: redis.Redis, writes: Sequence[Written]) -> None:
@@ -313,17 +212,6 @@ def listener_sessions(env: Env) -> int:
     )
 
 
-def blocked_on_redis(r: redis.Redis) -> bool:
-    """Under CLIENT PAUSE WRITE: the listener sent its UNLINKs and Redis holds them.
-
-    An at-least-once listener has not acknowledged that batch yet, whatever its design.
-    """
-    return any(
-        client.get("name") == APP_NAME and "b" in client.get("flags", "")
-        for client in r.client_list()
-    )
-
-
 # --- counting tries while Redis is down ------------------------------------------------------
 
 FETCH_MARK = "The next events to invalidate"  # the first line of sql/fetch_batch.sql
@@ -394,32 +282,8 @@ def most_attempts(elapsed_s: float) -> int:
         base = min(base * 2, RETRY_MAX_MS / 1000)
 
 
-def pg_of(env: Env) -> PostgresServer:
-    assert env.servers.pg is not None
-    return env.servers.pg
-
-
-def redis_of(env: Env) -> RedisServer:
-    assert env.servers.redis is not None
-    return env.servers.redis
-
-
 def count(listener: ListenerProcess, event: str) -> int:
     return len(listener.logged(event))
-
-
-def stop_listener(listener: ListenerProcess, signum: int = signal.SIGTERM) -> dict[str, Any]:
-    """Stop it as an operator would; returns its `listener_stopped` line."""
-    listener.signal(signum)
-    return exited_cleanly(listener)
-
-
-def exited_cleanly(listener: ListenerProcess) -> dict[str, Any]:
-    """It exits 0 and says so once; returns its `listener_stopped` line."""
-    assert listener.wait() == 0
-    stopped = listener.logged("listener_stopped")
-    assert len(stopped) == 1
-    return stopped[0]
 
 
 # --- SIGKILL mid-stream -------------------------------------------------------------------

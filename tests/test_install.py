@@ -3,7 +3,6 @@ watch()/unwatch() API with its privileges, on a real PostgreSQL."""
 
 from __future__ import annotations
 
-import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,8 +14,10 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from cdc_invalidator.cli import main
-from tests.conftest import Env
-from tests.helpers import ListenerThread, run_cli, wait_until
+from tests.support.env import Env
+from tests.support.listener import ListenerThread, run_cli
+from tests.support.psql import psql
+from tests.support.waits import wait_until
 
 USERS = {"public.users": ["user:{id}", "user:email:{email}"]}
 ORDERS = {"public.orders": ["order:{id}", "user:{user_id}:orders"]}
@@ -103,21 +104,6 @@ def queued(env: Env) -> list[tuple[str, str, Any, Any]]:
 
 def clear_queue(env: Env) -> None:
     env.sql("DELETE FROM cdc_invalidator.queue_v1")
-
-
-# As a DBA pipes the script: stop at the first error, all of it or nothing.
-PSQL = ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction"]
-
-
-def psql(env: Env, script: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*PSQL, "-d", env.dsn, "-f", "-"],
-        input=script,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 def sql_output(config: Path) -> str:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import signal
 
-from tests.conftest import Env
-from tests.helpers import ListenerProcess, run_cli, wait_until, write_config
+from tests.support.config import write_config
+from tests.support.env import Env
+from tests.support.listener import ListenerProcess, run_cli
+from tests.support.waits import wait_until
 
 SECRET = "hunter2-do-not-log"
 

@@ -14,10 +14,9 @@ from __future__ import annotations
 import json
 import re
 import secrets
-import signal
 import subprocess
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -30,26 +29,31 @@ from psycopg.conninfo import make_conninfo
 
 from cdc_invalidator.capture.logical import CHASE_BYTES
 from cdc_invalidator.capture.walstream import parse_lsn
-from cdc_invalidator.cli import main
-from tests.conftest import Env, Spawn
-from tests.helpers import (
-    ListenerProcess,
-    ListenerThread,
-    run_cli,
-    toml_value,
-    wait_until,
-    write_config,
+from tests.support.env import Env
+from tests.support.faults import blocked_on_redis
+from tests.support.listener import ListenerProcess, Spawn, run_cli
+from tests.support.logical import (
+    ORDERS,
+    SLOT,
+    USERS,
+    active,
+    check,
+    cli,
+    gone,
+    install,
+    logical_config,
+    make_tables,
+    running,
+    slot,
+    stop,
 )
-from tests.test_faults import blocked_on_redis
-from tests.test_install import PSQL, psql
+from tests.support.psql import PSQL, psql
+from tests.support.waits import wait_until
 
 pytestmark = [pytest.mark.servers]
 
-SLOT = "cdc_invalidator"  # the default slot_name and publication_name
 PUBLICATION = "cdc_invalidator"
 APP_NAME = "cdc-invalidator"  # the listener's application_name (the default)
-USERS = {"public.users": ["user:{id}", "user:email:{email}"]}  # email: not in the PK
-ORDERS = {"public.orders": ["order:{id}"]}  # PK only: the default identity covers it
 # Long enough for any test here; a failed test's Redis unpauses by itself.
 PAUSE_MS = 20_000
 # A listener's confirmed position may trail the WAL by CHASE_BYTES when only keepalives
@@ -58,72 +62,7 @@ PAUSE_MS = 20_000
 SLACK_BYTES = 128 * 1024
 
 
-# --- the world ----------------------------------------------------------------------------
-
-
-def make_tables(env: Env) -> None:
-    env.sql(
-        "CREATE TABLE users (id int PRIMARY KEY, email text, name text);"
-        "CREATE TABLE orders (id int PRIMARY KEY, note text);"
-        "INSERT INTO users VALUES (1, 'a@x', 'A'), (2, 'b@x', 'B');"
-        "INSERT INTO orders VALUES (1, 'one')"
-    )
-
-
-def logical_config(
-    env: Env,
-    tables: dict[str, list[str]],
-    *,
-    name: str = "config.toml",
-    keep: Sequence[str] = (),
-    database_url: str | None = None,
-    **settings: object,
-) -> Path:
-    """A logical-mode config; tables named in `keep` get replica_identity = "keep"."""
-    path = write_config(
-        env.tmp_path / name,
-        database_url=database_url or env.dsn,
-        redis_url=env.redis_url,
-        tables=tables,
-        capture="logical",
-        **settings,
-    )
-    text = path.read_text()
-    for table in keep:
-        header = f"[tables.{toml_value(table)}]\n"
-        assert header in text
-        text = text.replace(header, header + 'replica_identity = "keep"\n')
-    path.write_text(text)
-    return path
-
-
-def cli(*args: str | Path) -> int:
-    return main([str(a) for a in args])
-
-
-def install(config: Path) -> None:
-    assert cli("install", "--config", config) == 0
-
-
-def slot(env: Env, name: str = SLOT) -> dict[str, Any] | None:
-    """Our slot as pg_replication_slots shows it, or None."""
-    with env.connect() as conn:
-        cur = conn.execute(
-            "SELECT plugin, slot_type, database, active_pid, wal_status,"
-            " restart_lsn::text, confirmed_flush_lsn::text"
-            " FROM pg_replication_slots WHERE slot_name = %s",
-            [name],
-        )
-        row = cur.fetchone()
-        if row is None:
-            return None
-        assert cur.description is not None
-        return {d.name: v for d, v in zip(cur.description, row, strict=True)}
-
-
-def active(env: Env) -> bool:
-    found = slot(env)
-    return found is not None and found["active_pid"] is not None
+# --- the world (the shared part: tests/support/logical.py) -------------------------------
 
 
 def confirmed(env: Env) -> int:
@@ -217,10 +156,6 @@ def write_wal(env: Env, table: str, megabytes: int, dsn: str | None = None) -> N
         )
 
 
-def gone(r: redis.Redis, *keys: str) -> bool:
-    return r.exists(*keys) == 0
-
-
 @contextmanager
 def other_database(env: Env) -> Iterator[str]:
     """Another database of the same server, with a table junk; its DSN."""
@@ -243,22 +178,6 @@ def other_database(env: Env) -> Iterator[str]:
             conn.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )
-
-
-@contextmanager
-def running(env: Env, config: Path) -> Iterator[ListenerThread]:
-    """A listener in a thread, streaming its slot by the time the body runs."""
-    listener = ListenerThread.from_file(config).start()
-    try:
-        wait_until(lambda: active(env), what="the listener streaming its slot")
-        yield listener
-    finally:
-        listener.stop()
-
-
-def stop(listener: ListenerProcess) -> None:
-    listener.signal(signal.SIGTERM)
-    assert listener.wait() == 0
 
 
 # --- sql ----------------------------------------------------------------------------------
@@ -598,13 +517,6 @@ def test_custom_slot_and_publication_names(
 
 
 # --- check --------------------------------------------------------------------------------
-
-
-def check(config: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = cli("check", "--config", config)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_check_passes_with_ok_lines(env: Env, capsys: pytest.CaptureFixture[str]) -> None:

@@ -10,10 +10,11 @@ from typing import Any
 
 import pytest
 
-from cdc_invalidator.servers import free_port
-from tests.conftest import Env, Spawn
-from tests.helpers import run_cli, wait_until
-from tests.test_faults import cache, keys_of, redis_of, setup_users, stop_listener
+from tests.support.env import Env, redis_of
+from tests.support.faults import cache, keys_of, setup_users
+from tests.support.listener import Spawn, run_cli, stop_listener
+from tests.support.servers import free_port
+from tests.support.waits import wait_until
 
 pytestmark = [pytest.mark.servers, pytest.mark.usefixtures("capture")]
 

@@ -19,9 +19,11 @@ import redis
 from psycopg.conninfo import make_conninfo
 
 from cdc_invalidator.cli import main
-from tests.conftest import Env, Spawn
-from tests.helpers import run_cli, wait_until, write_config
-from tests.test_semantics import install, keys, listening, settle, users_table
+from tests.support.config import write_config
+from tests.support.env import Env
+from tests.support.listener import Spawn, listening, run_cli
+from tests.support.sync import install, keys, settle, users_table
+from tests.support.waits import wait_until
 
 USERS = {"public.users": ["user:{id}", "user:email:{email}"]}
 

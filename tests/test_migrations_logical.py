@@ -13,9 +13,9 @@ import psycopg
 import pytest
 import redis
 
-from tests.conftest import Env, Spawn
-from tests.helpers import wait_until
-from tests.test_logical import (
+from tests.support.env import Env
+from tests.support.listener import Spawn
+from tests.support.logical import (
     ORDERS,
     USERS,
     check,
@@ -26,6 +26,7 @@ from tests.test_logical import (
     running,
     stop,
 )
+from tests.support.waits import wait_until
 
 pytestmark = [pytest.mark.servers]
 

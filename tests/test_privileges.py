@@ -22,8 +22,10 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from cdc_invalidator.cli import main
-from tests.conftest import Env, Spawn
-from tests.helpers import ListenerProcess, run_cli, wait_until, write_config
+from tests.support.config import write_config
+from tests.support.env import Env
+from tests.support.listener import ListenerProcess, Spawn, run_cli
+from tests.support.waits import wait_until
 
 pytestmark = pytest.mark.usefixtures("capture")
 

@@ -24,12 +24,13 @@ from cdc_invalidator import metrics as metrics_module
 from cdc_invalidator.metrics import BacklogCollector, Metrics
 from cdc_invalidator.probes import ProbeServer
 from cdc_invalidator.runner import Health
-from cdc_invalidator.servers import free_port
 from cdc_invalidator.settings import load_settings
 from cdc_invalidator.status import Status, read_status
-from tests.conftest import Env, Spawn
-from tests.helpers import wait_until
-from tests.test_faults import setup_users, stop_listener
+from tests.support.env import Env
+from tests.support.faults import setup_users
+from tests.support.listener import Spawn, stop_listener
+from tests.support.servers import free_port
+from tests.support.waits import wait_until
 
 # Long enough for any test here to finish its part of a conversation; short enough that a
 # server that never drops anyone fails the test rather than hanging it.

@@ -18,12 +18,14 @@ import redis
 from redis.sentinel import SentinelConnectionPool
 
 from cdc_invalidator.cli import main
-from cdc_invalidator.servers import RedisServer, RedisTls, ServerError
 from cdc_invalidator.settings import ConfigError, load_settings
 from cdc_invalidator.sink import RedisSink
 from cdc_invalidator.sink.connect import RedisOptions, other_db, redis_client
-from tests.conftest import Env
-from tests.helpers import ListenerProcess, ListenerThread, run_cli, wait_until, write_config
+from tests.support.config import write_config
+from tests.support.env import Env
+from tests.support.listener import ListenerProcess, ListenerThread, run_cli
+from tests.support.servers import RedisServer, RedisTls, ServerError
+from tests.support.waits import wait_until
 
 trustme = pytest.importorskip("trustme")
 

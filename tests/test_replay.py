@@ -18,9 +18,10 @@ import redis
 from cdc_invalidator.cli import main
 from cdc_invalidator.replay import UNKNOWN_PERSISTENCE_S, persistence_window
 from cdc_invalidator.sink import RedisSink
-from tests.conftest import Env, Spawn
-from tests.helpers import ListenerProcess, run_cli, wait_until
-from tests.test_faults import cache, keys_of, redis_of, setup_users, stop_listener
+from tests.support.env import Env, redis_of
+from tests.support.faults import cache, keys_of, setup_users
+from tests.support.listener import ListenerProcess, Spawn, run_cli, stop_listener
+from tests.support.waits import wait_until
 
 pytestmark = [pytest.mark.servers, pytest.mark.usefixtures("capture")]
 

@@ -22,9 +22,11 @@ import redis
 
 from cdc_invalidator import sqlfiles
 from cdc_invalidator.cli import main
-from cdc_invalidator.servers import find_pg_bindir
-from tests.conftest import Env, Servers, Spawn
-from tests.helpers import ListenerThread, wait_until, write_config
+from tests.support.config import write_config
+from tests.support.env import Env, Servers
+from tests.support.listener import ListenerThread, Spawn
+from tests.support.servers import find_pg_bindir
+from tests.support.waits import wait_until
 
 USERS = {"public.users": ["user:{id}", "user:email:{email}"]}
 

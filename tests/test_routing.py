@@ -8,9 +8,9 @@ import pytest
 import redis
 
 from cdc_invalidator.cli import main
-from tests.conftest import Env
-from tests.helpers import wait_until
-from tests.test_semantics import listening
+from tests.support.env import Env
+from tests.support.listener import listening
+from tests.support.waits import wait_until
 
 pytestmark = [pytest.mark.servers, pytest.mark.usefixtures("capture")]
 

@@ -24,9 +24,11 @@ from psycopg import sql
 
 from cdc_invalidator.cli import main
 from cdc_invalidator.redact import Scrubber, secrets_of
-from cdc_invalidator.servers import PostgresServer, RedisServer, RedisTls, ServerError, free_port
-from tests.conftest import FAST_PG
-from tests.helpers import FAST, ListenerProcess, run_cli, toml_value, wait_until
+from tests.support.config import FAST, toml_value
+from tests.support.env import FAST_PG
+from tests.support.listener import ListenerProcess, run_cli
+from tests.support.servers import PostgresServer, RedisServer, RedisTls, ServerError, free_port
+from tests.support.waits import wait_until
 
 MARK = "S3cr3t"
 PG_PLAIN = f"{MARK}-pg-9f1c"

@@ -1,43 +1,46 @@
 """What the listener does with each kind of change, on real PostgreSQL and Redis.
 
 Every test runs in both capture modes (the `capture` fixture): it installs through the
-CLI, runs the real Runner in a thread (tests.helpers.ListenerThread) and waits on the
-event it expects, never on a clock.
+CLI, runs the real Runner in a thread (tests.support.listener.ListenerThread) and waits
+on the event it expects, never on a clock.
 
-"Settled" (settle()) means a change committed to the `sync` table had its key deleted
-and was acknowledged, and with it everything committed before. In trigger mode the queue
-is then empty: the listener deletes a queue row in the same transaction that it commits
-only after Redis confirmed the deletes. In logical mode the stream is in commit order,
-so the sync row's key deleted means every change committed before it was handled; and
-the slot's confirmed position passing the sync row's commit means that batch (and its
-dead letters, saved before the acknowledgement) is done.
+"Settled" (settle(), tests/support/sync.py) means a change committed to the `sync` table
+had its key deleted and was acknowledged, and with it everything committed before. In
+trigger mode the queue is then empty: the listener deletes a queue row in the same
+transaction that it commits only after Redis confirmed the deletes. In logical mode the
+stream is in commit order, so the sync row's key deleted means every change committed
+before it was handled; and the slot's confirmed position passing the sync row's commit
+means that batch (and its dead letters, saved before the acknowledgement) is done.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
 
 import psycopg
 import pytest
-import redis
 
 from cdc_invalidator.cli import main
-from tests.conftest import Env
-from tests.helpers import ListenerThread, run_cli, wait_until
+from tests.support.env import Env
+from tests.support.listener import listening, run_cli
+from tests.support.sync import (
+    SLOT,
+    SYNC,
+    install,
+    keys,
+    queue_len,
+    settle,
+    users_table,
+)
+from tests.support.waits import wait_until
 
 pytestmark = pytest.mark.usefixtures("capture")
 
 USERS = {"public.users": ["user:{id}", "user:email:{email}"]}
-# Every test's config also watches `sync`: committing a row to it is a sync point.
-SYNC = {"public.sync": ["sync:{id}"]}
 
-QUEUE_LEN = "SELECT count(*) FROM cdc_invalidator.queue_v1"
-SLOT = "cdc_invalidator"  # the default slot_name and publication_name
 # The changes (I, U, D, T messages) decoded so far from the slot, without consuming them:
 # logical mode's view of what waits for the listener (the slot must not be in use).
 PEEK_CHANGES = """
@@ -51,27 +54,6 @@ def trigger_only(env: Env, why: str) -> None:
     """Skip, saying why, a test about the trigger queue itself when run in logical mode."""
     if env.logical:
         pytest.skip(f"trigger queue only: {why}")
-
-
-def install(env: Env, tables: Mapping[str, Sequence[str]], name: str = "config.toml") -> Path:
-    if env.scalar("SELECT to_regclass('public.sync')") is None:
-        env.sql("CREATE TABLE sync (id int PRIMARY KEY)")
-    config = env.config({**tables, **SYNC}, name=name)
-    assert main(["install", "--config", str(config)]) == 0
-    return config
-
-
-@contextmanager
-def listening(config: Path) -> Iterator[ListenerThread]:
-    listener = ListenerThread.from_file(config).start()
-    try:
-        yield listener
-    finally:
-        listener.stop()
-
-
-def queue_len(env: Env) -> int:
-    return int(env.scalar(QUEUE_LEN))
 
 
 def backlog(env: Env) -> int:
@@ -90,45 +72,6 @@ def backlog(env: Env) -> int:
     return int(row[0])
 
 
-def confirmed_past(env: Env, lsn: str) -> bool:
-    """The slot's confirmed position (what the listener told it it has finished) is
-    past `lsn`."""
-    return bool(
-        env.scalar(
-            "SELECT coalesce(confirmed_flush_lsn > %s::pg_lsn, false)"
-            " FROM pg_replication_slots WHERE slot_name = %s",
-            [lsn, SLOT],
-        )
-    )
-
-
-def keys(r: redis.Redis) -> set[str]:
-    return set(cast(list[str], r.keys("*")))
-
-
-def settle(env: Env, r: redis.Redis) -> None:
-    """Commit a change to `sync` and wait until it and everything before it is done."""
-    n = int(env.scalar("SELECT coalesce(max(id), 0) + 1 FROM sync"))
-    r.set(f"sync:{n}", "x")
-    with env.connect() as conn, conn.transaction():
-        conn.execute("INSERT INTO sync VALUES (%s)", [n])
-        # The WAL position just before the commit record.
-        row = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
-    assert row is not None
-    if env.logical:
-        # The listener confirms the end of a transaction it finished, or a position
-        # between transactions: past the sync row's last change means past its commit.
-        wait_until(
-            lambda: r.exists(f"sync:{n}") == 0 and confirmed_past(env, row[0]),
-            what=f"sync point {n} processed and acknowledged",
-        )
-    else:
-        wait_until(
-            lambda: r.exists(f"sync:{n}") == 0 and queue_len(env) == 0,
-            what=f"sync point {n} processed and the queue empty",
-        )
-
-
 def dead_letters(env: Env) -> list[tuple[int, str, str, str, Any, Any, str]]:
     # Payloads as text: a dead letter may hold JSON that Python cannot load.
     with env.connect() as conn:
@@ -136,13 +79,6 @@ def dead_letters(env: Env) -> list[tuple[int, str, str, str, Any, Any, str]]:
             "SELECT id, schema_name, table_name, op, old_row::text, new_row::text, error "
             "FROM cdc_invalidator.dead_letter_v1 ORDER BY id"
         ).fetchall()
-
-
-def users_table(env: Env, rows: Sequence[tuple[int, str | None]] = ()) -> None:
-    env.sql("CREATE TABLE users (id int PRIMARY KEY, email text, name text)")
-    with env.connect() as conn:
-        for id_, email in rows:
-            conn.execute("INSERT INTO users (id, email) VALUES (%s, %s)", [id_, email])
 
 
 # --- INSERT, UPDATE, DELETE -------------------------------------------------------------

@@ -18,9 +18,11 @@ import pytest
 import redis
 
 from cdc_invalidator.cli import main
-from cdc_invalidator.servers import RedisServer, ServerError
-from tests.conftest import Env, Spawn
-from tests.helpers import ListenerThread, run_cli, wait_until, write_config
+from tests.support.config import write_config
+from tests.support.env import Env
+from tests.support.listener import ListenerThread, Spawn, run_cli
+from tests.support.servers import RedisServer, ServerError
+from tests.support.waits import wait_until
 
 pytestmark = [pytest.mark.servers, pytest.mark.slow]
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from cdc_invalidator.cli import main
-from tests.conftest import Env
-from tests.helpers import ListenerThread, wait_until
+from tests.support.env import Env
+from tests.support.listener import ListenerThread
+from tests.support.waits import wait_until
 
 
 def test_update_deletes_old_and_new_keys(env: Env) -> None:

@@ -21,8 +21,9 @@ from psycopg.conninfo import make_conninfo
 from cdc_invalidator.capture import trigger_sql
 from cdc_invalidator.install import install_script
 from cdc_invalidator.settings import load_settings
-from tests.conftest import Env
-from tests.helpers import run_cli, write_config
+from tests.support.config import write_config
+from tests.support.env import Env
+from tests.support.listener import run_cli
 
 pytestmark = pytest.mark.usefixtures("capture")
 

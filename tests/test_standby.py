@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Env
-from tests.helpers import ListenerProcess, wait_until
-from tests.test_faults import SLOT, cache, keys_of, setup_users
+from tests.support.env import Env
+from tests.support.faults import SLOT, cache, keys_of, setup_users
+from tests.support.listener import ListenerProcess
+from tests.support.waits import wait_until
 
 pytestmark = pytest.mark.usefixtures("capture")
 

@@ -1,6 +1,6 @@
 """Record real pgoutput messages for tests/test_pgoutput.py. A script, run by hand:
 
-    .venv/bin/python tests/data/record_pgoutput.py
+    .venv/bin/python -m tests.data.record_pgoutput
 
 It starts a throwaway PostgreSQL, creates the tables, a publication and a pgoutput slot,
 runs each scenario in its own transaction(s) and reads what the slot decoded with
@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-
-from cdc_invalidator.servers import PostgresServer
+from tests.support.servers import PostgresServer
 
 OUT = Path(__file__).with_name("pgoutput.json")
 

@@ -1,79 +1,23 @@
-"""Helpers shared by the test modules: waiting on conditions, configs, listeners."""
+"""The listener and the CLI as tests run them: in a thread of the test process, or as
+child processes a user (or an operator's signals) would deal with."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from cdc_invalidator.listener import build_listener
 from cdc_invalidator.settings import Settings, load_settings
 from cdc_invalidator.shutdown import Stopper
-
-# Test settings: fast polling and back-off so that faults heal within a test's patience.
-RETRY_INITIAL_MS, RETRY_MAX_MS = 20, 300
-FAST: dict[str, object] = {
-    "poll_interval_ms": 200,
-    "status_interval_ms": 100,
-    "prune_every_ms": 0,
-    "retry_initial_ms": RETRY_INITIAL_MS,
-    "retry_max_ms": RETRY_MAX_MS,
-    "connect_timeout_s": 2,
-    "redis_timeout_s": 2,
-    # Processed queue rows go at once, as the queue-counting tests expect; the replay
-    # tests keep them.
-    "replay_history": "0s",
-}
-
-
-def wait_until(
-    predicate: Callable[[], object], timeout_s: float = 15.0, what: str = "condition"
-) -> None:
-    """Poll a condition until it holds (the event we wait on), or fail after timeout_s."""
-    deadline = time.monotonic() + timeout_s
-    delay = 0.002
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.05)
-
-
-def toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    raise TypeError(value)
-
-
-def write_config(
-    path: Path,
-    *,
-    database_url: str,
-    redis_url: str,
-    tables: Mapping[str, Sequence[str]],
-    **settings: object,
-) -> Path:
-    """A TOML config file like a user would write; FAST settings unless overridden."""
-    lines = [f"database_url = {toml_value(database_url)}", f"redis_url = {toml_value(redis_url)}"]
-    for key, value in {**FAST, **settings}.items():
-        lines.append(f"{key} = {toml_value(value)}")
-    for table, keys in tables.items():
-        lines.append(f"[tables.{toml_value(table)}]")
-        lines.append(f"keys = {toml_value(list(keys))}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
+from tests.support.waits import wait_until
 
 
 class ListenerThread:
@@ -112,6 +56,15 @@ class ListenerThread:
 
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+
+@contextmanager
+def listening(config: Path) -> Iterator[ListenerThread]:
+    listener = ListenerThread.from_file(config).start()
+    try:
+        yield listener
+    finally:
+        listener.stop()
 
 
 class ListenerProcess:
@@ -164,6 +117,20 @@ class ListenerProcess:
             self._log.close()
 
 
+def stop_listener(listener: ListenerProcess, signum: int = signal.SIGTERM) -> dict[str, Any]:
+    """Stop it as an operator would; returns its `listener_stopped` line."""
+    listener.signal(signum)
+    return exited_cleanly(listener)
+
+
+def exited_cleanly(listener: ListenerProcess) -> dict[str, Any]:
+    """It exits 0 and says so once; returns its `listener_stopped` line."""
+    assert listener.wait() == 0
+    stopped = listener.logged("listener_stopped")
+    assert len(stopped) == 1
+    return stopped[0]
+
+
 def run_cli(*args: str, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """The CLI as a user runs it: a separate process, output captured."""
     return subprocess.run(
@@ -174,3 +141,7 @@ def run_cli(*args: str, env: Mapping[str, str] | None = None) -> subprocess.Comp
         timeout=60,
         check=False,
     )
+
+
+# The `spawn` fixture: start `cdc-invalidator run` processes (config, environment).
+Spawn = Callable[..., ListenerProcess]

@@ -1,0 +1,146 @@
+"""The fault tests' world, shared with the chaos, probes, metrics, replay, standby and
+logical tests: users(id, email) with two key templates, transactions noted by their WAL
+positions, whether the listener has acknowledged them (tests/test_faults.py's docstring
+says how each mode tells), and whether it is held on a paused Redis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from cdc_invalidator.cli import main
+from tests.support.config import write_config
+from tests.support.env import Env
+
+TEMPLATES = ["user:{id}", "user:email:{email}"]
+APP_NAME = "cdc-invalidator"  # the listener's application_name (the default setting)
+SLOT = "cdc_invalidator"  # logical mode: the default slot_name
+
+
+def email(i: int) -> str:
+    return f"u{i}@x"
+
+
+def keys_of(i: int) -> list[str]:
+    return [f"user:{i}", f"user:email:{email(i)}"]
+
+
+def setup_users(
+    env: Env, *, rows: int = 0, database_url: str | None = None, **settings: object
+) -> Path:
+    """users(id, email) with `rows` rows (written before install: no events), installed."""
+    env.sql("CREATE TABLE users (id int PRIMARY KEY, email text)")
+    if rows:
+        insert_users(env, 1, rows)
+    mode: dict[str, object] = {"capture": env.capture} if env.logical else {}
+    config = write_config(
+        env.tmp_path / "config.toml",
+        database_url=database_url or env.dsn,
+        redis_url=env.redis_url,
+        tables={"public.users": TEMPLATES},
+        **{**mode, **settings},
+    )
+    assert main(["install", "--config", str(config)]) == 0
+    return config
+
+
+@dataclass(frozen=True)
+class Written:
+    """One committed transaction: the user ids it changed, and WAL positions after its
+    last change (before its commit record) and after its commit."""
+
+    ids: range
+    last_change: str
+    committed: str
+
+
+def write(env: Env, statement: str, params: Sequence[Any] = (), *, ids: range) -> Written:
+    """Run one statement (changing the rows `ids`) in a transaction of its own, noting
+    where it is in the WAL."""
+    position = "SELECT pg_current_wal_insert_lsn()::text"
+    with env.connect() as conn:
+        with conn.transaction():
+            conn.execute(statement.encode(), params)
+            last_change = conn.execute(position).fetchone()
+        committed = conn.execute(position).fetchone()
+    assert last_change is not None
+    assert committed is not None
+    return Written(ids, last_change[0], committed[0])
+
+
+def insert_users(env: Env, first: int, count: int) -> Written:
+    """One statement, one transaction: `count` INSERT events once installed."""
+    return write(
+        env,
+        "INSERT INTO users SELECT i, 'u' || i || '@x' FROM generate_series(%s::int, %s::int) i",
+        [first, first + count - 1],
+        ids=range(first, first + count),
+    )
+
+
+def cache(r: redis.Redis, ids: Sequence[int] | range, value: str = "stale") -> None:
+    """What an app would have cached (or negatively cached) for these rows."""
+    pipe = r.pipeline(transaction=False)
+    ids = list(ids)
+    for start in range(0, len(ids), 5000):
+        pipe.mset({key: value for i in ids[start : start + 5000] for key in keys_of(i)})
+    pipe.execute()
+
+
+# Trigger mode: queue rows the listener has not acknowledged (its saved progress, as
+# `status` reads it). Processed rows stay in the table until pruned, so the queue's size
+# is not the measure.
+PENDING = """
+    SELECT q.id, (coalesce(q.new_row, q.old_row) ->> 'id')::int
+    FROM cdc_invalidator.listener_state_v1 s
+    JOIN cdc_invalidator.queue_v1 q
+      ON q.xid >= pg_snapshot_xmin(s.snapshot)
+     AND NOT pg_visible_in_snapshot(q.xid, s.snapshot)
+     AND NOT coalesce(pg_visible_in_snapshot(q.xid, s.window_end)
+                      AND (q.xid, q.id) <= (s.after_xid, s.after_id), false)
+"""
+
+
+def queue_count(env: Env) -> int:
+    """Trigger mode: events not acknowledged yet."""
+    with env.connect() as conn:
+        return len(conn.execute(PENDING.encode()).fetchall())
+
+
+def slot_confirmed(env: Env) -> str:
+    """Logical mode: the slot's confirmed position (what the listener finished)."""
+    lsn = env.scalar(
+        "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
+        [SLOT],
+    )
+    assert lsn is not None, f"no replication slot {SLOT!r}"
+    return str(lsn)
+
+
+def lsn_before(a: str, b: str) -> bool:
+    high_a, low_a = a.split("/")
+    high_b, low_b = b.split("/")
+    return (int(high_a, 16), int(low_a, 16)) < (int(high_b, 16), int(low_b, 16))
+
+
+def acknowledged(env: Env, written: Written) -> bool:
+    """Everything up to the transaction `written` (included) is acknowledged."""
+    if env.logical:
+        return lsn_before(written.last_change, slot_confirmed(env))
+    return queue_count(env) == 0
+
+
+def blocked_on_redis(r: redis.Redis) -> bool:
+    """Under CLIENT PAUSE WRITE: the listener sent its UNLINKs and Redis holds them.
+
+    An at-least-once listener has not acknowledged that batch yet, whatever its design.
+    """
+    return any(
+        client.get("name") == APP_NAME and "b" in client.get("flags", "")
+        for client in r.client_list()
+    )
