@@ -20,8 +20,9 @@ import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cdc_invalidator import metrics as metrics_module
 from cdc_invalidator.metrics import BacklogCollector, Metrics
+from cdc_invalidator.modes import trigger as trigger_mode
+from cdc_invalidator.modes.trigger import TriggerMode
 from cdc_invalidator.probes import ProbeServer
 from cdc_invalidator.runner import Health
 from cdc_invalidator.settings import load_settings
@@ -266,6 +267,11 @@ class CountedReads:
                 self.in_flight -= 1
 
 
+def trigger(env: Env) -> TriggerMode:
+    """Trigger mode's figures (backlog, dead letters), whatever mode the run tests."""
+    return TriggerMode(load_settings(env.config({"public.users": ["user:{id}"]})))
+
+
 def figures(text: str) -> dict[str, float]:
     """Every sample of a Prometheus text; raises if the text is not valid."""
     return {
@@ -289,13 +295,11 @@ def test_scrapes_together_share_one_reading_per_interval(
     setup_users(env)
     env.sql("INSERT INTO users VALUES (1, 'a@x'), (2, 'b@x'), (3, 'c@x')")  # no listener
     reads = CountedReads()
-    monkeypatch.setattr(metrics_module, "read_status", reads)
+    monkeypatch.setattr(trigger_mode, "read_status", reads)
     now = [0.0]
     metrics, arrivals = Metrics(), Arrivals()
     metrics.watch_database(arrivals)
-    backlog = BacklogCollector(
-        env.connect, "trigger", "unused", max_age_s=1.0, clock=lambda: now[0]
-    )
+    backlog = BacklogCollector(env.connect, trigger(env), max_age_s=1.0, clock=lambda: now[0])
     metrics.watch_database(backlog)
     server = serve(metrics, max_connections=8)
 
@@ -339,7 +343,7 @@ def test_figures_that_cannot_be_read_fail_no_scrape(
     now = [0.0]
     metrics = Metrics()
     metrics.events.inc(5)
-    backlog = BacklogCollector(env.connect, "trigger", "unused", clock=lambda: now[0])
+    backlog = BacklogCollector(env.connect, trigger(env), clock=lambda: now[0])
     metrics.watch_database(backlog)
     server = serve(metrics)
     # Nothing installed yet: the status query fails in the database.

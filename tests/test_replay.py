@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from cdc_invalidator.cli import main
-from cdc_invalidator.replay import UNKNOWN_PERSISTENCE_S, persistence_window
+from cdc_invalidator.redis_guard.window import UNKNOWN_PERSISTENCE_S, persistence_window
 from cdc_invalidator.sink import RedisSink
 from tests.support.env import Env, redis_of
 from tests.support.faults import cache, keys_of, setup_users

@@ -19,7 +19,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from cdc_invalidator.capture import trigger_sql
-from cdc_invalidator.install import install_script
+from cdc_invalidator.modes.choose import mode_for
 from cdc_invalidator.settings import load_settings
 from tests.support.config import write_config
 from tests.support.env import Env
@@ -258,7 +258,7 @@ def test_without_the_guard_the_squatted_queue_would_promote_its_owner(
     statements, _ = SQUATS["queue_with_trigger"]
     run_as(env, mallory, statements.replace("{role}", mallory))
     settings = load_settings(config(env))
-    script = trigger_sql.render(install_script(settings))
+    script = trigger_sql.render(mode_for(settings).install_script())
     guard = trigger_sql.render(trigger_sql.guard(None))
     assert guard in script
     unguarded = script.replace(guard, "")

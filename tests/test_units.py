@@ -20,7 +20,7 @@ from cdc_invalidator.durations import format_duration, parse_duration
 from cdc_invalidator.mapping import Mapper
 from cdc_invalidator.metrics import Metrics
 from cdc_invalidator.redact import Scrubber, redact_url, secrets_of
-from cdc_invalidator.replay import UNKNOWN_PERSISTENCE_S, persistence_window
+from cdc_invalidator.redis_guard.window import UNKNOWN_PERSISTENCE_S, persistence_window
 from cdc_invalidator.runner import Runner, RunnerConfig, Source
 from cdc_invalidator.shutdown import Stopper
 from cdc_invalidator.sink import Persistence, Sink

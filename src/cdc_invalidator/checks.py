@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import permutations
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg
 
@@ -13,8 +15,9 @@ from cdc_invalidator.capture.errors import Fatal, returned
 from cdc_invalidator.capture.trigger_sql import SCHEMA_VERSION, installed_version
 from cdc_invalidator.durations import format_duration
 from cdc_invalidator.events import TableName
+from cdc_invalidator.mapping import KeyTemplate, Mapper
 from cdc_invalidator.redact import redact_url
-from cdc_invalidator.replay import MARGIN_S, persistence_window
+from cdc_invalidator.redis_guard.window import MARGIN_S, persistence_window
 from cdc_invalidator.settings import Settings
 from cdc_invalidator.sink import REDIS_ERRORS, Sink, url_db
 
@@ -71,7 +74,32 @@ def _url_db(url: str) -> int | None:
         return None
 
 
-def check_database(conn: psycopg.Connection[Any], settings: Settings, config_name: str) -> Report:  # noqa: PLR0912 - one report, table by table, capture by capture
+class ModeChecks(Protocol):
+    """The checks of one capture mode (modes/), run when our SQL is installed."""
+
+    def check_table(  # noqa: PLR0913 - the table's facts are keyword-only
+        self,
+        conn: psycopg.Connection[Any],
+        report: Report,
+        *,
+        where: str,
+        table: TableName,
+        wanted: list[str],
+        present: Callable[[], bool],
+    ) -> None:
+        """Report on one configured table. `present()` reports a missing table or key
+        column, and says whether it found none: the mode runs it after its drift checks
+        (a renamed table or column explains a missing one), and only then its own."""
+        ...
+
+    def check_server(
+        self, conn: psycopg.Connection[Any], report: Report, config_name: str
+    ) -> None: ...
+
+
+def check_database(
+    conn: psycopg.Connection[Any], settings: Settings, mode: ModeChecks, config_name: str
+) -> Report:
     report = Report()
     mapper = settings.mapper()
     names = {TableName.parse(name): name for name in settings.tables}
@@ -92,53 +120,60 @@ def check_database(conn: psycopg.Connection[Any], settings: Settings, config_nam
 
     for table, templates in sorted(mapper.tables.items()):
         where = f"{config_name}: [tables.{names[table]!r}]"
-        wanted = mapper.columns(table)
-        watch: Watch | None = None
-        if installed and settings.capture == "trigger":
-            # Drift first: a renamed table or key column explains a missing one.
-            watch = _watch_of(conn, table)
-            if watch is not None and _report_drift(report, where, table, watch):
-                continue
-        if installed and settings.capture == "logical" and _drifted(conn, report, where, table):
-            continue
-        exists, columns = returned(
-            conn.execute(sqlfiles.query("check_table.sql"), {"table": table.qualified}).fetchone(),
-            f"row describing table {table}",
-        )
-        if not exists:
-            report.errors.append(f"{where}: table {table} does not exist")
-            continue
-        problems = False
-        for template in templates:
-            for column in template.fields:
-                if column not in columns:
-                    problems = True
-                    report.errors.append(
-                        f"{where}: template {template.source!r} uses column {column!r}, "
-                        f"which table {table} does not have"
-                    )
-        if problems or not installed:
-            continue
-        if settings.capture == "logical":
-            keep = settings.tables[names[table]].replica_identity == "keep"
-            _check_logical_table(
-                conn, settings, report, where=where, table=table, wanted=wanted, keep=keep
+        present = partial(_present, conn, report, where, table, templates)
+        if installed:
+            mode.check_table(
+                conn,
+                report,
+                where=where,
+                table=table,
+                wanted=mapper.columns(table),
+                present=present,
             )
         else:
-            _check_triggers(report, where, table, watch, wanted)
-
-    if installed and settings.capture == "logical":
-        _check_logical_server(conn, settings, report)
-    elif installed:
-        configured = [t.qualified for t in mapper.tables]
-        for (name,) in conn.execute(
-            sqlfiles.query("check_unconfigured.sql"), {"tables": configured}
-        ):
-            report.warnings.append(
-                f"table {name} is watched but not in {config_name}: its events will go to "
-                "the dead letters (run `cdc-invalidator install` to remove its triggers)"
-            )
+            present()
+    if installed:
+        mode.check_server(conn, report, config_name)
     return report
+
+
+def _present(
+    conn: psycopg.Connection[Any],
+    report: Report,
+    where: str,
+    table: TableName,
+    templates: Sequence[KeyTemplate],
+) -> bool:
+    """The table exists and has every column its templates use; otherwise reported."""
+    exists, columns = returned(
+        conn.execute(sqlfiles.query("check_table.sql"), {"table": table.qualified}).fetchone(),
+        f"row describing table {table}",
+    )
+    if not exists:
+        report.errors.append(f"{where}: table {table} does not exist")
+        return False
+    fine = True
+    for template in templates:
+        for column in template.fields:
+            if column not in columns:
+                fine = False
+                report.errors.append(
+                    f"{where}: template {template.source!r} uses column {column!r}, "
+                    f"which table {table} does not have"
+                )
+    return fine
+
+
+def check_unconfigured(
+    conn: psycopg.Connection[Any], report: Report, mapper: Mapper, config_name: str
+) -> None:
+    """Trigger mode: tables watched by an earlier install but no longer configured."""
+    configured = [t.qualified for t in mapper.tables]
+    for (name,) in conn.execute(sqlfiles.query("check_unconfigured.sql"), {"tables": configured}):
+        report.warnings.append(
+            f"table {name} is watched but not in {config_name}: its events will go to "
+            "the dead letters (run `cdc-invalidator install` to remove its triggers)"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +187,7 @@ class Watch:
     trigger_problems: list[str]
 
 
-def _watch_of(conn: psycopg.Connection[Any], table: TableName) -> Watch | None:
+def watch_of(conn: psycopg.Connection[Any], table: TableName) -> Watch | None:
     row = conn.execute(
         sqlfiles.query("check_watch.sql"),
         {"table": table.qualified, "schema": table.schema, "name": table.name},
@@ -166,7 +201,7 @@ def _watch_of(conn: psycopg.Connection[Any], table: TableName) -> Watch | None:
     )
 
 
-def _report_drift(report: Report, where: str, table: TableName, watch: Watch) -> bool:
+def report_drift(report: Report, where: str, table: TableName, watch: Watch) -> bool:
     """A renamed table or key column: the configuration no longer names the live schema.
     True when it was reported (nothing more can be checked by the configured names)."""
     drifted = False
@@ -196,7 +231,7 @@ def _report_drift(report: Report, where: str, table: TableName, watch: Watch) ->
     return drifted
 
 
-def _check_triggers(
+def check_triggers(
     report: Report, where: str, table: TableName, watch: Watch | None, wanted: list[str]
 ) -> None:
     """Our triggers on the table and its partitions: present, ours, firing ALWAYS."""
@@ -226,7 +261,7 @@ def _check_triggers(
         report.ok.append(f"{where}: watched, columns {wanted}, triggers fire ALWAYS")
 
 
-def _check_logical_table(  # noqa: PLR0913 - the table's facts are keyword-only
+def check_logical_table(  # noqa: PLR0913 - the table's facts are keyword-only
     conn: psycopg.Connection[Any],
     settings: Settings,
     report: Report,
@@ -289,7 +324,7 @@ def _check_logical_table(  # noqa: PLR0913 - the table's facts are keyword-only
         report.ok.append(f"{where}: published, old values of {wanted} sent")
 
 
-def _drifted(conn: psycopg.Connection[Any], report: Report, where: str, table: TableName) -> bool:
+def drifted(conn: psycopg.Connection[Any], report: Report, where: str, table: TableName) -> bool:
     """Report a configured table renamed, or key columns renamed or dropped, since install
     recorded them (logical mode follows them by relation and column number, but the
     configuration should say what the database says). True if anything drifted."""
@@ -325,9 +360,7 @@ def _drifted(conn: psycopg.Connection[Any], report: Report, where: str, table: T
     return drifted
 
 
-def _check_logical_server(
-    conn: psycopg.Connection[Any], settings: Settings, report: Report
-) -> None:
+def check_logical_server(conn: psycopg.Connection[Any], settings: Settings, report: Report) -> None:
     row = returned(
         conn.execute(
             sqlfiles.query("check_logical_server.sql"), {"publication": settings.publication_name}

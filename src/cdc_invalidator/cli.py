@@ -24,22 +24,17 @@ from cdc_invalidator.capture.errors import Fatal, NotInstalled, missing_privileg
 from cdc_invalidator.checks import check_database, check_redis, check_templates
 from cdc_invalidator.database import DatabaseError, connect
 from cdc_invalidator.durations import format_duration, parse_duration
-from cdc_invalidator.install import SlotStepFailed, install, install_script
+from cdc_invalidator.install import SlotStepFailed, install
 from cdc_invalidator.listener import build_listener, pg_connector
 from cdc_invalidator.metrics import BacklogCollector, Metrics
+from cdc_invalidator.modes.choose import mode_for
 from cdc_invalidator.probes import ProbeServer
 from cdc_invalidator.redact import Scrubber, redact_url
 from cdc_invalidator.replay import replay
 from cdc_invalidator.settings import CONFIG_ENV, ConfigError, Settings, load_settings
 from cdc_invalidator.shutdown import Stopper
 from cdc_invalidator.sink import REDIS_ERRORS, REDIS_UNAVAILABLE, RedisOptions, open_sink
-from cdc_invalidator.status import (
-    LogicalStatus,
-    NotInstalledHere,
-    Status,
-    read_logical_status,
-    read_status,
-)
+from cdc_invalidator.status import NotInstalledHere
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
@@ -168,14 +163,14 @@ def _parser() -> argparse.ArgumentParser:
 def cmd_sql(args: argparse.Namespace, settings: Settings, console: Console) -> int:
     # Not scrubbed: built from table names and templates alone, and a short password
     # that is also a word of the script would break it.
-    print(trigger_sql.render(install_script(settings)))
+    print(trigger_sql.render(mode_for(settings).install_script()))
     return EXIT_OK
 
 
 def cmd_install(args: argparse.Namespace, settings: Settings, console: Console) -> int:
     with connect(settings) as conn:
         try:
-            done = install(conn, settings)
+            done = install(conn, mode_for(settings))
         except SlotStepFailed as exc:
             console.error(f"installed, but {exc}")
             return EXIT_FAILED
@@ -196,7 +191,7 @@ def cmd_uninstall(args: argparse.Namespace, settings: Settings, console: Console
         try:
             # While a listener streams the slot, nothing is removed.
             dropped = logical_sql.our_slot(conn, settings.slot_name)
-            trigger_sql.apply(conn, trigger_sql.uninstall_script(settings.publication_name))
+            trigger_sql.apply(conn, mode_for(settings).uninstall_script())
             if dropped:  # after: it cannot be dropped in a transaction that has written
                 logical_sql.drop_slot(conn, settings.slot_name)
         except logical_sql.SlotBusy as exc:
@@ -216,7 +211,7 @@ def cmd_check(args: argparse.Namespace, settings: Settings, console: Console) ->
     config_name = str(args.config or "configuration")
     templates = check_templates(settings, config_name)
     with connect(settings) as conn:
-        report = check_database(conn, settings, config_name)
+        report = check_database(conn, settings, mode_for(settings), config_name)
     report.warnings[:0] = templates.warnings
     sink = open_sink(RedisOptions.from_settings(settings))
     try:
@@ -242,11 +237,7 @@ def cmd_check(args: argparse.Namespace, settings: Settings, console: Console) ->
 def cmd_status(args: argparse.Namespace, settings: Settings, console: Console) -> int:
     with connect(settings) as conn:
         try:
-            status: Status | LogicalStatus
-            if settings.capture == "logical":
-                status = read_logical_status(conn, settings.slot_name)
-            else:
-                status = read_status(conn)
+            status = mode_for(settings).status(conn)
         except psycopg.errors.UndefinedTable:
             console.error(
                 "cdc_invalidator is not installed in this database: run `cdc-invalidator install`"
@@ -280,7 +271,7 @@ def cmd_replay(args: argparse.Namespace, settings: Settings, console: Console) -
     )
     try:
         with connect(settings) as conn:
-            result = replay(conn, settings.capture, settings.mapper(), sink, since_s)
+            result = replay(conn, mode_for(settings), settings.mapper(), sink, since_s)
     except psycopg.errors.UndefinedTable:
         console.error(
             "cdc_invalidator is not installed in this database: run `cdc-invalidator install`"
@@ -307,13 +298,14 @@ def cmd_replay(args: argparse.Namespace, settings: Settings, console: Console) -
 
 def cmd_run(args: argparse.Namespace, settings: Settings, console: Console) -> int:
     logs.configure(settings.log_level, settings.log_format, console.scrub)
+    mode = mode_for(settings)
     log = structlog.get_logger("cdc_invalidator.cli")
     log.info(
         "config_loaded",
         database_url=redact_url(settings.database_url),
         redis_url=redact_url(settings.redis_url),
         **({"redis_sentinels": settings.redis_sentinels} if settings.redis_sentinels else {}),
-        capture=settings.capture,
+        capture=mode.name,
     )
     stopper = Stopper()
     stopper.install_signal_handlers()
@@ -322,9 +314,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings, console: Console) -> i
     probes: ProbeServer | None = None
     backlog: BacklogCollector | None = None
     if settings.metrics_port:
-        backlog = BacklogCollector(
-            pg_connector(settings, "metrics"), settings.capture, settings.slot_name
-        )
+        backlog = BacklogCollector(pg_connector(settings, "metrics"), mode)
         metrics.watch_database(backlog)
         # A stuck loop: no turn for this long (longer than any wait or back-off).
         stall_s = max(60.0, 3 * settings.retry_max_ms / 1000, 3 * settings.poll_interval_ms / 1000)
@@ -357,7 +347,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings, console: Console) -> i
         user = conninfo_to_dict(settings.database_url).get("user") or os.environ.get(
             "PGUSER", getpass.getuser()
         )
-        log.error("cannot_consume", error=str(missing_privilege(str(user), settings.capture, exc)))
+        log.error("cannot_consume", error=str(missing_privilege(str(user), mode.name, exc)))
         return EXIT_FAILED
     finally:
         if probes is not None:

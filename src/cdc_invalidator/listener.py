@@ -7,11 +7,10 @@ from typing import Any
 
 import psycopg
 
-from cdc_invalidator.capture.logical import LogicalCapture, LogicalConfig
-from cdc_invalidator.capture.trigger_queue import TriggerCapture
 from cdc_invalidator.metrics import Metrics
-from cdc_invalidator.replay import RedisWatch
-from cdc_invalidator.runner import Runner, RunnerConfig, Source
+from cdc_invalidator.modes.choose import mode_for
+from cdc_invalidator.redis_guard.watch import RedisWatch
+from cdc_invalidator.runner import Runner, RunnerConfig
 from cdc_invalidator.settings import Settings
 from cdc_invalidator.shutdown import Stopper
 from cdc_invalidator.sink import AutoSink, RedisOptions, open_sink
@@ -55,42 +54,18 @@ def build_listener(
     )
     mapper = settings.mapper()
     metrics = metrics or Metrics()
-    connect: Callable[[], Source]
-    if settings.capture == "logical":
-        connect = LogicalCapture(
-            settings.database_url,
-            LogicalConfig(
-                slot=settings.slot_name,
-                publication=settings.publication_name,
-                columns={table: mapper.columns(table) for table in mapper.tables},
-                status_interval_s=settings.status_interval_ms / 1000,
-                heartbeat_s=settings.heartbeat_interval_ms / 1000,
-                history_s=settings.history_s,
-                prune_every_s=settings.prune_every_ms / 1000,
-            ),
-            application_name=settings.application_name,
-            connect_timeout_s=settings.connect_timeout_s,
-        ).connect
-    else:
-        connect = TriggerCapture(
-            settings.database_url,
-            application_name=settings.application_name,
-            connect_timeout_s=settings.connect_timeout_s,
-            prune_every_s=settings.prune_every_ms / 1000,
-            history_s=settings.history_s,
-        ).connect
-
+    mode = mode_for(settings)
     watch = RedisWatch(
         sink=sink,
         mapper=mapper,
-        capture=settings.capture,
+        history=mode,
         connect=pg_connector(settings),
         window_s=settings.replay_window,
         check_every_s=settings.redis_check_interval_ms / 1000,
         second_delete_s=settings.second_delete_ms / 1000,
     )
     runner = Runner(
-        connect=connect,
+        connect=mode.source(),
         mapper=mapper,
         sink=sink,
         config=runner_config(settings),

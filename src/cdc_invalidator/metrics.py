@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg
 import structlog
@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from cdc_invalidator.status import NotInstalledHere, read_logical_status, read_status
+from cdc_invalidator.status import NotInstalledHere
 
 log = structlog.get_logger("cdc_invalidator.metrics")
 
@@ -110,6 +110,12 @@ READING_WAIT_S = 5.0
 Figures = list[tuple[str, str, float]]
 
 
+class DatabaseFigures(Protocol):
+    """What a capture mode (modes/) reads from the database at scrape time."""
+
+    def figures(self, conn: psycopg.Connection[Any]) -> Figures: ...
+
+
 class BacklogCollector(Collector):
     """Backlog (trigger mode) or slot lag (logical mode), read at scrape time.
 
@@ -120,15 +126,13 @@ class BacklogCollector(Collector):
     def __init__(
         self,
         connect: Callable[[], psycopg.Connection[Any]],
-        capture: str,
-        slot: str,
+        mode: DatabaseFigures,
         *,
         max_age_s: float = FIGURES_MAX_AGE_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._connect = connect
-        self._capture = capture
-        self._slot = slot
+        self._mode = mode
         self._max_age_s = max_age_s
         self._clock = clock
         self._lock = threading.Lock()
@@ -185,44 +189,7 @@ class BacklogCollector(Collector):
     def _read(self) -> Figures:
         if self._conn is None or self._conn.closed:
             self._conn = self._connect()
-        if self._capture == "logical":
-            s = read_logical_status(self._conn, self._slot)
-            out = [
-                (
-                    "slot_lag_bytes",
-                    "WAL written since the position the listener confirmed, in bytes",
-                    float(s.slot_lag_bytes or 0),
-                ),
-                (
-                    "slot_active",
-                    "1 while a listener streams the slot",
-                    float(s.slot_active_pid is not None),
-                ),
-            ]
-            if s.safe_wal_size_bytes is not None:
-                out.append(
-                    (
-                        "slot_safe_wal_bytes",
-                        "WAL left before max_slot_wal_keep_size invalidates the slot",
-                        float(s.safe_wal_size_bytes),
-                    )
-                )
-            return out
-        t = read_status(self._conn)
-        return [
-            ("dead_letters_stored", "Rows in dead_letter_v1", float(t.dead_letters)),
-            ("backlog_events", "Queued changes not acknowledged yet", float(t.backlog)),
-            (
-                "oldest_pending_seconds",
-                "Age of the oldest change not acknowledged yet",
-                float(t.oldest_pending_age_s or 0.0),
-            ),
-            (
-                "notify_queue_usage",
-                "pg_notification_queue_usage(): 1.0 blocks commits",
-                float(t.notify_queue_usage),
-            ),
-        ]
+        return self._mode.figures(self._conn)
 
     def close(self) -> None:
         # Never under a reading in another thread; one that hangs is left to the exit.

@@ -7,11 +7,9 @@ committed change is invalidated at least once whatever goes down in between.
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections import deque
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -21,9 +19,10 @@ import structlog
 from cdc_invalidator.backoff import Backoff
 from cdc_invalidator.capture.errors import Fatal, Standby
 from cdc_invalidator.events import ChangeEvent, TableName
-from cdc_invalidator.mapping import Mapper, Routed, merge
+from cdc_invalidator.mapping import Mapper
 from cdc_invalidator.metrics import Metrics
-from cdc_invalidator.replay import RedisWatch
+from cdc_invalidator.redis_guard.watch import RedisWatch
+from cdc_invalidator.second_deletes import SecondDeletes
 from cdc_invalidator.shutdown import Stopper
 from cdc_invalidator.sink import REDIS_UNAVAILABLE, Sink
 
@@ -31,8 +30,6 @@ log = structlog.get_logger("cdc_invalidator.runner")
 
 # How often an "alive and working" line is logged, whatever the rate.
 PROGRESS_EVERY_S = 60.0
-# Second deletes falling due within this of each other are sent together.
-SECOND_DELETE_MERGE_S = 0.01
 # A table whose changes cannot be rendered is swept at every batch: log that this often.
 UNRENDERABLE_LOG_EVERY_S = 60.0
 # Batches this large mean changes arrive faster than the listener wakes: stop NOTIFY.
@@ -131,8 +128,8 @@ class Runner:
         self._config = config
         self._stopper = stopper
         self._watch = watch
-        # Second deletes (second_delete_ms): (when, what), in the order they fall due.
-        self._later: deque[tuple[float, Routed]] = deque()
+        # Second deletes (second_delete_ms), due after each batch's first.
+        self._later = SecondDeletes(sink, config.second_delete_s, self._deleted_again)
         self.metrics = metrics or Metrics()
         self.postgres = Availability("postgres", self.metrics)
         self.redis = Availability("redis", self.metrics)
@@ -189,7 +186,7 @@ class Runner:
             finally:
                 self._set_active(False)
                 source.close()
-        self._second_deletes(until=float("inf"))
+        self._later.run(until=float("inf"))
         log.info("listener_stopped", **self._counters())
 
     def _counters(self) -> dict[str, int]:
@@ -221,7 +218,7 @@ class Runner:
                         self.redis.up()  # it answered (or did, less than a check ago)
                 redis_back = False
                 deleting = True
-                self._second_deletes(until=started)
+                self._later.run(until=started)
                 taken = self._process_batch(source)
             except REDIS_UNAVAILABLE as exc:
                 self.redis.down(exc)
@@ -256,8 +253,8 @@ class Runner:
                     listening = True
                     continue
                 timeout = cfg.poll_interval_s
-                if self._later:
-                    timeout = min(timeout, self._later[0][0] - time.monotonic())
+                if (due := self._later.next_due) is not None:
+                    timeout = min(timeout, due - time.monotonic())
                 source.wait(max(0.0, timeout), self._stopper.fileno())
             if time.monotonic() >= next_progress:
                 next_progress = time.monotonic() + PROGRESS_EVERY_S
@@ -273,8 +270,7 @@ class Runner:
             for event, exc in failed:
                 batch.dead_letter(event.position, str(exc))
             deleted = self._sink.delete_routed(works)
-        if self._config.second_delete_s:
-            self._delete_again_later(works)
+        self._later.add(works)
         # Committed: Redis had confirmed every delete before the acknowledgement.
         for position, error in batch.dead.items():
             log.warning("event_dead_lettered", position=position, error=error)
@@ -309,28 +305,9 @@ class Runner:
                     "to the new schema and run `cdc-invalidator install`",
                 )
 
-    def _delete_again_later(self, works: Routed) -> None:
-        if not any(works.values()):
-            return
-        due = time.monotonic() + self._config.second_delete_s
-        if self._later and due - self._later[-1][0] < SECOND_DELETE_MERGE_S:
-            # Batches a few ms apart share one second delete: fewer, larger pipelines.
-            merge(self._later[-1][1], works)
-        else:
-            self._later.append((due, works))
-
-    def _second_deletes(self, until: float) -> None:
-        """The second deletes due by `until`. Off the acknowledgement path: the batches
-        were acknowledged after their first delete. A Redis error leaves the rest for
-        the next try; on shutdown (until=inf) they are done at once, or given up."""
-        later = self._later
-        stopping = until == float("inf")
-        while later and later[0][0] <= until:
-            with contextlib.suppress(*REDIS_UNAVAILABLE) if stopping else nullcontext():
-                again = self._sink.delete_routed(later[0][1])
-                self.keys_deleted_again += again
-                self.metrics.keys_deleted_again.inc(again)
-            later.popleft()
+    def _deleted_again(self, existed: int) -> None:
+        self.keys_deleted_again += existed
+        self.metrics.keys_deleted_again.inc(existed)
 
     def _observe(self, batch: Batch, deleted: int) -> None:
         """Count an acknowledged batch: the counters logged at exit, and the metrics."""

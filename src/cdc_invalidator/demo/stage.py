@@ -27,6 +27,7 @@ from cdc_invalidator.demo.servers import PostgresServer, RedisServer
 from cdc_invalidator.demo.watch import DeleteWatch
 from cdc_invalidator.install import install
 from cdc_invalidator.listener import build_listener
+from cdc_invalidator.modes.choose import mode_for
 from cdc_invalidator.runner import Runner
 from cdc_invalidator.settings import Settings, load_settings
 from cdc_invalidator.shutdown import Stopper
@@ -119,7 +120,7 @@ class Stage:
         )
         settings = load_settings(config)
         with psycopg.connect(settings.database_url, autocommit=True) as conn:
-            install(conn, settings)
+            install(conn, mode_for(settings))
         runner = self._start_listener(settings)
         self.delete_watch = DeleteWatch(self.redis.port)
 

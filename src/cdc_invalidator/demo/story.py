@@ -10,6 +10,7 @@ import time
 from cdc_invalidator.demo.actors import Read
 from cdc_invalidator.demo.common import DemoError, ms, say
 from cdc_invalidator.demo.stage import TEMPLATES, USERS, Cast, Stage
+from cdc_invalidator.modes.choose import mode_for
 
 # Single-row updates timed for the closing figures.
 TIMED_UPDATES = 100
@@ -17,7 +18,6 @@ TIMED_UPDATES = 100
 
 class Demo:
     def __init__(self, capture: str = "trigger") -> None:
-        self.capture = capture
         self.stage = Stage(capture)
 
     def run(self) -> None:
@@ -30,13 +30,7 @@ class Demo:
         say(f"Config ({self.stage.config_path()}):")
         say('    [tables."public.users"]')
         say(f"    keys = {json.dumps(TEMPLATES)}")
-        if self.capture == "logical":
-            say(
-                "Installed our SQL (schema cdc_invalidator, a publication for public.users, "
-                "REPLICA IDENTITY FULL\nfor the old email, a replication slot): no triggers."
-            )
-        else:
-            say("Installed our SQL (schema cdc_invalidator, triggers on public.users).")
+        say(mode_for(cast.settings).installs)
         say("The listener is running (in a thread here; `cdc-invalidator run` in production).")
         self._scene_cache_aside(cast)
         self._scene_admin_update(cast)
@@ -150,13 +144,7 @@ class Demo:
             f"  COMMIT -> key deleted: p50 {ms(statistics.median(lags))}, p99 {ms(p99)}, "
             f"max {ms(lags[-1])}."
         )
-        if self.capture == "logical":
-            say("  The WAL sender streams each transaction to the listener as it commits.")
-        else:
-            say(
-                "  NOTIFY wakes the listener at once (it would otherwise poll every "
-                f"{cast.settings.poll_interval_ms} ms)."
-            )
+        say(f"  {mode_for(cast.settings).delivery}")
 
 
 def _section(title: str) -> None:

@@ -1,0 +1,110 @@
+"""What a capture mode is to the rest of the program: install, the source the runner
+consumes, status, checks, the history replay reads and the metrics' database figures.
+
+The modules below the modes each name the part they use (replay.History,
+second_deletes.Acknowledged, checks.ModeChecks, metrics.DatabaseFigures): they never
+import a mode, so the imports point one way (modes → those modules)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, LiteralString, Protocol
+
+import psycopg
+from psycopg import sql
+
+from cdc_invalidator import sqlfiles
+from cdc_invalidator.capture.rows import Decoded
+from cdc_invalidator.checks import Report
+from cdc_invalidator.events import TableName
+from cdc_invalidator.metrics import Figures
+from cdc_invalidator.runner import Source
+
+# History rows read and deleted per round of a replay: bounded memory whatever the
+# window holds.
+HISTORY_CHUNK = 20_000
+
+
+class StatusReport(Protocol):
+    """What `status` prints."""
+
+    def as_json(self) -> dict[str, Any]: ...
+    def lines(self) -> list[str]: ...
+
+
+class CaptureMode(Protocol):
+    @property
+    def name(self) -> str:
+        """ "trigger" or "logical": the settings' value, what grant_listener() takes."""
+        ...
+
+    @property
+    def history_table(self) -> str: ...
+
+    # -- install ----------------------------------------------------------------------
+    def install_script(self) -> sql.Composed:
+        """What `install` runs (and `sql` prints), in one transaction."""
+        ...
+
+    def finish_install(self, conn: psycopg.Connection[Any]) -> str:
+        """The step after the script (the replication slot); what install did, in one
+        line."""
+        ...
+
+    def uninstall_script(self) -> sql.Composed:
+        """What `uninstall` runs: every object of both modes (the slot is dropped after)."""
+        ...
+
+    # -- the listener ---------------------------------------------------------------------
+    def source(self) -> Callable[[], Source]:
+        """What the runner calls to open the capture, at start and after each outage."""
+        ...
+
+    # -- status, metrics, check ---------------------------------------------------------
+    def status(self, conn: psycopg.Connection[Any]) -> StatusReport: ...
+    def figures(self, conn: psycopg.Connection[Any]) -> Figures: ...
+    def check_table(  # noqa: PLR0913 - the table's facts are keyword-only
+        self,
+        conn: psycopg.Connection[Any],
+        report: Report,
+        *,
+        where: str,
+        table: TableName,
+        wanted: list[str],
+        present: Callable[[], bool],
+    ) -> None: ...
+    def check_server(
+        self, conn: psycopg.Connection[Any], report: Report, config_name: str
+    ) -> None: ...
+
+    # -- what replay reads -------------------------------------------------------------------
+    def history(self, conn: psycopg.Connection[Any], since_s: float) -> Iterator[Decoded]: ...
+    def last_acknowledged_s(self, conn: psycopg.Connection[Any]) -> float | None: ...
+
+    # -- in words, for the demo ---------------------------------------------------------
+    @property
+    def installs(self) -> str:
+        """What install puts in the database, in a sentence."""
+        ...
+
+    @property
+    def delivery(self) -> str:
+        """How a commit reaches the listener, in a sentence."""
+        ...
+
+
+def history_rows(
+    conn: psycopg.Connection[Any], name: LiteralString, since_s: float
+) -> Iterator[list[tuple[Any, ...]]]:
+    """The rows of history query `name` for the last `since_s` seconds, in chunks of
+    HISTORY_CHUNK. A server-side cursor: the window may hold millions."""
+    with conn.transaction(), conn.cursor(name="cdc_invalidator_replay") as cur:
+        cur.execute(sqlfiles.query(name), {"seconds": since_s})
+        while rows := cur.fetchmany(HISTORY_CHUNK):
+            yield rows
+
+
+def seconds_ago(conn: psycopg.Connection[Any], name: LiteralString) -> float | None:
+    """The one value of query `name`, seconds or NULL (last_acknowledged_*.sql)."""
+    row = conn.execute(sqlfiles.query(name)).fetchone()
+    return None if row is None or row[0] is None else float(row[0])

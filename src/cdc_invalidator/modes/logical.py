@@ -1,0 +1,154 @@
+"""Logical mode: pgoutput over a replication slot, no triggers (capture/logical.py,
+capture/logical_sql.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from cdc_invalidator import checks
+from cdc_invalidator.capture import logical_sql, trigger_sql
+from cdc_invalidator.capture.logical import LogicalCapture, LogicalConfig
+from cdc_invalidator.capture.rows import Decoded, RowDecoder
+from cdc_invalidator.checks import Report
+from cdc_invalidator.events import TableName
+from cdc_invalidator.metrics import Figures
+from cdc_invalidator.modes.base import history_rows, seconds_ago
+from cdc_invalidator.runner import Source
+from cdc_invalidator.settings import Settings
+from cdc_invalidator.status import LogicalStatus, read_logical_status
+
+
+class LogicalMode:
+    name = "logical"
+    history_table = "history_v1"
+    delivery = "The WAL sender streams each transaction to the listener as it commits."
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+
+    @property
+    def installs(self) -> str:
+        tables = ", ".join(sorted(str(t) for t in self._settings.mapper().tables))
+        return (
+            f"Installed our SQL (schema cdc_invalidator, a publication for {tables}, "
+            "REPLICA IDENTITY FULL\nwhere a key column's old value needs it, a replication "
+            "slot): no triggers."
+        )
+
+    def _keeps(self, table: TableName) -> bool:
+        """replica_identity = "keep": install leaves the table's identity alone."""
+        return self._settings.table_settings()[table].replica_identity == "keep"
+
+    def install_script(self) -> sql.Composed:
+        s = self._settings
+        mapper = s.mapper()
+        keep = {t: self._keeps(t) for t in mapper.tables}
+        return logical_sql.install_script(mapper, keep, s.publication_name, s.slot_name)
+
+    def finish_install(self, conn: psycopg.Connection[Any]) -> str:
+        """The slot, created once the script has committed (PostgreSQL refuses to create
+        one in a transaction that has written)."""
+        s = self._settings
+        slot = s.slot_name
+        tables = ", ".join(sorted(str(t) for t in s.mapper().tables))
+        new = logical_sql.create_slot(conn, slot)
+        made = f"created slot {slot!r} at {new.lsn}" if new else f"slot {slot!r} exists"
+        if new and new.owed:
+            made += f" (the listener sweeps every watched table first: {new.owed})"
+        return (
+            f"installed cdc_invalidator v{trigger_sql.SCHEMA_VERSION} (logical); {made}; "
+            f"publication {s.publication_name!r} holds {tables}"
+        )
+
+    def uninstall_script(self) -> sql.Composed:
+        return trigger_sql.uninstall_script(self._settings.publication_name)
+
+    def source(self) -> Callable[[], Source]:
+        s = self._settings
+        mapper = s.mapper()
+        return LogicalCapture(
+            s.database_url,
+            LogicalConfig(
+                slot=s.slot_name,
+                publication=s.publication_name,
+                columns={table: mapper.columns(table) for table in mapper.tables},
+                status_interval_s=s.status_interval_ms / 1000,
+                heartbeat_s=s.heartbeat_interval_ms / 1000,
+                history_s=s.history_s,
+                prune_every_s=s.prune_every_ms / 1000,
+            ),
+            application_name=s.application_name,
+            connect_timeout_s=s.connect_timeout_s,
+        ).connect
+
+    def status(self, conn: psycopg.Connection[Any]) -> LogicalStatus:
+        return read_logical_status(conn, self._settings.slot_name)
+
+    def figures(self, conn: psycopg.Connection[Any]) -> Figures:
+        s = read_logical_status(conn, self._settings.slot_name)
+        out = [
+            (
+                "slot_lag_bytes",
+                "WAL written since the position the listener confirmed, in bytes",
+                float(s.slot_lag_bytes or 0),
+            ),
+            (
+                "slot_active",
+                "1 while a listener streams the slot",
+                float(s.slot_active_pid is not None),
+            ),
+        ]
+        if s.safe_wal_size_bytes is not None:
+            out.append(
+                (
+                    "slot_safe_wal_bytes",
+                    "WAL left before max_slot_wal_keep_size invalidates the slot",
+                    float(s.safe_wal_size_bytes),
+                )
+            )
+        return out
+
+    def check_table(  # noqa: PLR0913 - the table's facts are keyword-only
+        self,
+        conn: psycopg.Connection[Any],
+        report: Report,
+        *,
+        where: str,
+        table: TableName,
+        wanted: list[str],
+        present: Callable[[], bool],
+    ) -> None:
+        if checks.drifted(conn, report, where, table):
+            return
+        if present():
+            checks.check_logical_table(
+                conn,
+                self._settings,
+                report,
+                where=where,
+                table=table,
+                wanted=wanted,
+                keep=self._keeps(table),
+            )
+
+    def check_server(self, conn: psycopg.Connection[Any], report: Report, config_name: str) -> None:
+        checks.check_logical_server(conn, self._settings, report)
+
+    def history(self, conn: psycopg.Connection[Any], since_s: float) -> Iterator[Decoded]:
+        """The batches acknowledged in the window (history_v1), decoded as the listener
+        encoded them; a row's events and failures take its id as position."""
+        decoder = RowDecoder()
+        for rows in history_rows(conn, "history_logical.sql", since_s):
+            chunk = Decoded()
+            for position, text in rows:
+                decoded = decoder.history_row(position, text)
+                chunk.events += decoded.events
+                chunk.dead += decoded.dead
+            yield chunk
+
+    def last_acknowledged_s(self, conn: psycopg.Connection[Any]) -> float | None:
+        return seconds_ago(conn, "last_acknowledged_logical.sql")

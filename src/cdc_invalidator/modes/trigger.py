@@ -1,0 +1,119 @@
+"""Trigger mode: statement triggers write cdc_invalidator.queue_v1, NOTIFY wakes the
+listener (capture/trigger_queue.py, capture/trigger_sql.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from cdc_invalidator import checks
+from cdc_invalidator.capture import logical_sql, trigger_sql
+from cdc_invalidator.capture.rows import Decoded, RowDecoder
+from cdc_invalidator.capture.trigger_queue import TriggerCapture
+from cdc_invalidator.checks import Report
+from cdc_invalidator.events import TableName
+from cdc_invalidator.metrics import Figures
+from cdc_invalidator.modes.base import history_rows, seconds_ago
+from cdc_invalidator.runner import Source
+from cdc_invalidator.settings import Settings
+from cdc_invalidator.status import Status, read_status
+
+
+class TriggerMode:
+    name = "trigger"
+    history_table = "queue_v1"
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+
+    @property
+    def installs(self) -> str:
+        tables = ", ".join(sorted(str(t) for t in self._settings.mapper().tables))
+        return f"Installed our SQL (schema cdc_invalidator, triggers on {tables})."
+
+    @property
+    def delivery(self) -> str:
+        return (
+            "NOTIFY wakes the listener at once (it would otherwise poll every "
+            f"{self._settings.poll_interval_ms} ms)."
+        )
+
+    def install_script(self) -> sql.Composed:
+        # With the publication: logical mode's objects go (a switch from logical mode).
+        return trigger_sql.install_script(self._settings.mapper(), self._settings.publication_name)
+
+    def finish_install(self, conn: psycopg.Connection[Any]) -> str:
+        """A slot left from logical mode is dropped: an abandoned slot keeps WAL forever."""
+        tables = ", ".join(sorted(str(t) for t in self._settings.mapper().tables))
+        done = f"installed cdc_invalidator v{trigger_sql.SCHEMA_VERSION}; watching {tables}"
+        slot = self._settings.slot_name
+        if logical_sql.our_slot(conn, slot):
+            logical_sql.drop_slot(conn, slot)
+            done += f"; dropped replication slot {slot!r} left from logical capture"
+        return done
+
+    def uninstall_script(self) -> sql.Composed:
+        return trigger_sql.uninstall_script(self._settings.publication_name)
+
+    def source(self) -> Callable[[], Source]:
+        s = self._settings
+        return TriggerCapture(
+            s.database_url,
+            application_name=s.application_name,
+            connect_timeout_s=s.connect_timeout_s,
+            prune_every_s=s.prune_every_ms / 1000,
+            history_s=s.history_s,
+        ).connect
+
+    def status(self, conn: psycopg.Connection[Any]) -> Status:
+        return read_status(conn)
+
+    def figures(self, conn: psycopg.Connection[Any]) -> Figures:
+        t = read_status(conn)
+        return [
+            ("dead_letters_stored", "Rows in dead_letter_v1", float(t.dead_letters)),
+            ("backlog_events", "Queued changes not acknowledged yet", float(t.backlog)),
+            (
+                "oldest_pending_seconds",
+                "Age of the oldest change not acknowledged yet",
+                float(t.oldest_pending_age_s or 0.0),
+            ),
+            (
+                "notify_queue_usage",
+                "pg_notification_queue_usage(): 1.0 blocks commits",
+                float(t.notify_queue_usage),
+            ),
+        ]
+
+    def check_table(  # noqa: PLR0913 - the table's facts are keyword-only
+        self,
+        conn: psycopg.Connection[Any],
+        report: Report,
+        *,
+        where: str,
+        table: TableName,
+        wanted: list[str],
+        present: Callable[[], bool],
+    ) -> None:
+        # Drift first: a renamed table or key column explains a missing one.
+        watch = checks.watch_of(conn, table)
+        if watch is not None and checks.report_drift(report, where, table, watch):
+            return
+        if present():
+            checks.check_triggers(report, where, table, watch, wanted)
+
+    def check_server(self, conn: psycopg.Connection[Any], report: Report, config_name: str) -> None:
+        checks.check_unconfigured(conn, report, self._settings.mapper(), config_name)
+
+    def history(self, conn: psycopg.Connection[Any], since_s: float) -> Iterator[Decoded]:
+        """The queue rows written in the window (processed rows are kept for
+        replay_history), decoded as the listener decodes them."""
+        decoder = RowDecoder()
+        for rows in history_rows(conn, "history_trigger.sql", since_s):
+            yield decoder.queue_rows(rows)
+
+    def last_acknowledged_s(self, conn: psycopg.Connection[Any]) -> float | None:
+        return seconds_ago(conn, "last_acknowledged_trigger.sql")

@@ -1,0 +1,123 @@
+"""The identity watch: delete again what was invalidated recently, when Redis may have
+brought it back.
+
+Redis that restarts from an RDB snapshot or an AOF that was not fsynced, or a replica
+promoted before it received our last UNLINKs, serves keys the listener had deleted:
+stale rows again. The listener notices by asking Redis who it is (run_id and
+master_replid from INFO) on every reconnect and every redis_check_interval_ms; when the
+answer changes, every key invalidated since shortly before the old server was last seen
+(less what its persistence can lose) is deleted again, before anything else.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+import structlog
+
+from cdc_invalidator.mapping import Mapper
+from cdc_invalidator.redis_guard.identity import IdentityStore
+from cdc_invalidator.redis_guard.window import MARGIN_S, persistence_window
+from cdc_invalidator.replay import ReplayResult, replay
+from cdc_invalidator.second_deletes import Acknowledged, redo_owed
+from cdc_invalidator.sink import Sink
+
+log = structlog.get_logger("cdc_invalidator.redis_guard")
+
+
+class RedisWatch:
+    """Asks Redis who it is; replays the window when it is somebody else.
+
+    `window_s` None: derived from the new server's persistence settings."""
+
+    def __init__(  # noqa: PLR0913 - every option is keyword-only
+        self,
+        *,
+        sink: Sink,
+        mapper: Mapper,
+        history: Acknowledged,
+        connect: Callable[[], psycopg.Connection[Any]],
+        window_s: float | None,
+        check_every_s: float,
+        second_delete_s: float = 0.0,
+    ) -> None:
+        self._sink = sink
+        self._mapper = mapper
+        self._history = history
+        self._connect = connect
+        self._window_s = window_s
+        self._check_every_s = check_every_s
+        self._known: str | None = None
+        self._announced: str | None = None  # the identity a replay was logged for
+        self._known_at = 0.0  # monotonic time the known identity was last confirmed
+        self._next_check = 0.0
+        # second_delete_ms: the second deletes a killed predecessor owed are redone once.
+        self._second_delete_s = second_delete_s
+        self._predecessor_owed = second_delete_s > 0
+
+    def check(self, force: bool = False) -> ReplayResult | None:
+        """The replay done, if one was. Raises what Redis or PostgreSQL raise: the runner
+        retries."""
+        now = time.monotonic()
+        if not force and now < self._next_check:
+            return None
+        identity = self._sink.identity()
+        self._next_check = time.monotonic() + self._check_every_s
+        if identity == self._known:
+            self._known_at = now
+            return None
+        result = None
+        with self._connect() as conn:
+            store = IdentityStore(conn)
+            saved = store.load()
+            if saved is None or saved[0] == identity:
+                if saved is None:
+                    store.save(identity)
+                    log.info("redis_identity_recorded", identity=identity)
+            else:
+                # Last seen: the in-memory confirmation, or (a listener restarted while
+                # Redis changed) when the old identity was saved.
+                gone_s = now - self._known_at if self._known is not None else saved[1]
+                result = self._replay(conn, saved[0], identity, gone_s)
+                store.save(identity)
+            if self._predecessor_owed:
+                redo_owed(conn, self._history, self._mapper, self._sink, self._second_delete_s)
+                self._predecessor_owed = False
+        self._known, self._known_at = identity, now
+        return result
+
+    def _replay(
+        self, conn: psycopg.Connection[Any], previous: str, current: str, gone_s: float
+    ) -> ReplayResult | None:
+        if self._window_s == 0:
+            log.warning("redis_changed", previous=previous, current=current, replay="off")
+            return None
+        if self._window_s is None:
+            lost_s, why = persistence_window(self._sink.persistence())
+        else:
+            lost_s, why = self._window_s, "replay_window"
+        since_s = gone_s + lost_s + MARGIN_S
+        if self._announced != current:  # once, not on every retry of a failed replay
+            self._announced = current
+            log.warning(
+                "redis_changed",
+                previous=previous,
+                current=current,
+                replay_since_s=round(since_s, 1),
+                window=why,
+                detail="Redis restarted or failed over: deleting again every key invalidated "
+                "since before the old server was last seen",
+            )
+        result = replay(conn, self._history, self._mapper, self._sink, since_s)
+        log.info(
+            "replay_done",
+            events=result.events,
+            keys=result.keys,
+            existed=result.existed,
+            skipped=result.skipped,
+            duration_s=round(result.seconds, 3),
+        )
+        return result

@@ -1,0 +1,100 @@
+"""Second deletes (second_delete_ms): every batch's keys deleted again a moment after
+the first delete, for the stale-set race (a reader that read the old row before the
+change and writes it to the cache after our delete).
+
+Two halves, one rule: the runner's own second deletes, held in memory and done off the
+acknowledgement path (SecondDeletes); and those a predecessor may have died owing,
+redone once from the history when a listener starts (redo_owed)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import deque
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any, Protocol
+
+import psycopg
+import structlog
+
+from cdc_invalidator.mapping import Mapper, Routed, merge
+from cdc_invalidator.redis_guard.window import MARGIN_S
+from cdc_invalidator.replay import History, replay
+from cdc_invalidator.sink import REDIS_UNAVAILABLE, Sink
+
+log = structlog.get_logger("cdc_invalidator.second_deletes")
+
+# Second deletes falling due within this of each other are sent together.
+SECOND_DELETE_MERGE_S = 0.01
+
+
+class SecondDeletes:
+    """The runner's second deletes: (when, what), in the order they fall due. `counted`
+    is told how many keys each one found (late stale sets it undid)."""
+
+    def __init__(self, sink: Sink, delay_s: float, counted: Callable[[int], None]) -> None:
+        self._sink = sink
+        self._delay_s = delay_s  # 0: off
+        self._counted = counted
+        self._later: deque[tuple[float, Routed]] = deque()
+
+    @property
+    def next_due(self) -> float | None:
+        """When the next one falls due (time.monotonic()), None when none is owed."""
+        return self._later[0][0] if self._later else None
+
+    def add(self, works: Routed) -> None:
+        """An acknowledged batch's keys, to delete again delay_s from now."""
+        if not self._delay_s or not any(works.values()):
+            return
+        due = time.monotonic() + self._delay_s
+        if self._later and due - self._later[-1][0] < SECOND_DELETE_MERGE_S:
+            # Batches a few ms apart share one second delete: fewer, larger pipelines.
+            merge(self._later[-1][1], works)
+        else:
+            self._later.append((due, works))
+
+    def run(self, until: float) -> None:
+        """The second deletes due by `until`. Off the acknowledgement path: the batches
+        were acknowledged after their first delete. A Redis error leaves the rest for
+        the next try; on shutdown (until=inf) they are done at once, or given up."""
+        later = self._later
+        stopping = until == float("inf")
+        while later and later[0][0] <= until:
+            with contextlib.suppress(*REDIS_UNAVAILABLE) if stopping else nullcontext():
+                self._counted(self._sink.delete_routed(later[0][1]))
+            later.popleft()
+
+
+class Acknowledged(History, Protocol):
+    """A capture mode's history, and when it last acknowledged anything."""
+
+    def last_acknowledged_s(self, conn: psycopg.Connection[Any]) -> float | None:
+        """Seconds since the listener last acknowledged events, None if it never did."""
+        ...
+
+
+def redo_owed(
+    conn: psycopg.Connection[Any],
+    history: Acknowledged,
+    mapper: Mapper,
+    sink: Sink,
+    delay_s: float,
+) -> None:
+    """The listener before this one may have died owing second deletes (they live in
+    memory): delete again what it acknowledged in its last delay_s. Logical mode knows
+    when each batch was acknowledged; trigger mode goes by the writing transactions'
+    start, which covers it while the listener kept up."""
+    ago = history.last_acknowledged_s(conn)
+    if ago is None:
+        return  # nothing acknowledged yet
+    since_s = max(0.0, ago) + delay_s + MARGIN_S
+    result = replay(conn, history, mapper, sink, since_s)
+    log.info(
+        "second_deletes_redone",
+        since_s=round(since_s, 1),
+        events=result.events,
+        existed=result.existed,
+        detail="the previous listener may have stopped owing these",
+    )
