@@ -12,11 +12,11 @@ from redis.cluster import RedisCluster
 from redis.connection import parse_url
 from redis.exceptions import RedisClusterException
 
-from cdc_invalidator import sqlfiles
 from cdc_invalidator.capture.errors import Fatal, returned
 from cdc_invalidator.capture.trigger_sql import SCHEMA_VERSION, installed_version
 from cdc_invalidator.durations import format_duration
 from cdc_invalidator.events import TableName
+from cdc_invalidator.pg.queries import Q
 from cdc_invalidator.redact import redact_url
 from cdc_invalidator.replay import MARGIN_S, persistence_window
 from cdc_invalidator.settings import Settings
@@ -107,7 +107,7 @@ def check_database(conn: psycopg.Connection[Any], settings: Settings, config_nam
         if installed and settings.capture == "logical" and _drifted(conn, report, where, table):
             continue
         exists, columns = returned(
-            conn.execute(sqlfiles.query("check_table.sql"), {"table": table.qualified}).fetchone(),
+            conn.execute(Q.CHECK_TABLE.sql, {"table": table.qualified}).fetchone(),
             f"row describing table {table}",
         )
         if not exists:
@@ -136,9 +136,7 @@ def check_database(conn: psycopg.Connection[Any], settings: Settings, config_nam
         _check_logical_server(conn, settings, report)
     elif installed:
         configured = [t.qualified for t in mapper.tables]
-        for (name,) in conn.execute(
-            sqlfiles.query("check_unconfigured.sql"), {"tables": configured}
-        ):
+        for (name,) in conn.execute(Q.CHECK_UNCONFIGURED.sql, {"tables": configured}):
             report.warnings.append(
                 f"table {name} is watched but not in {config_name}: its events will go to "
                 "the dead letters (run `cdc-invalidator install` to remove its triggers)"
@@ -159,7 +157,7 @@ class Watch:
 
 def _watch_of(conn: psycopg.Connection[Any], table: TableName) -> Watch | None:
     row = conn.execute(
-        sqlfiles.query("check_watch.sql"),
+        Q.CHECK_WATCH.sql,
         {"table": table.qualified, "schema": table.schema, "name": table.name},
     ).fetchone()
     if row is None:
@@ -242,7 +240,7 @@ def _check_logical_table(  # noqa: PLR0913 - the table's facts are keyword-only
     keep: bool,
 ) -> None:
     published = conn.execute(
-        sqlfiles.query("check_published.sql"),
+        Q.CHECK_PUBLISHED.sql,
         {"publication": settings.publication_name, "table": table.qualified, "columns": wanted},
     ).fetchone()
     if not published or not published[0]:
@@ -252,9 +250,7 @@ def _check_logical_table(  # noqa: PLR0913 - the table's facts are keyword-only
         )
         return
     fine = True
-    for rel, identity, covered in conn.execute(
-        sqlfiles.query("check_identity.sql"), {"table": table.qualified}
-    ):
+    for rel, identity, covered in conn.execute(Q.CHECK_IDENTITY.sql, {"table": table.qualified}):
         if identity == "f":
             continue
         if identity == "n" or not covered:
@@ -299,7 +295,7 @@ def _drifted(conn: psycopg.Connection[Any], report: Report, where: str, table: T
     recorded them (logical mode follows them by relation and column number, but the
     configuration should say what the database says). True if anything drifted."""
     row = conn.execute(
-        sqlfiles.query("check_drift.sql"),
+        Q.CHECK_DRIFT.sql,
         {"qualified": table.qualified, "schema": table.schema, "name": table.name},
     ).fetchone()
     if row is None or row[0] is None:
@@ -335,7 +331,7 @@ def _check_logical_server(
 ) -> None:
     row = returned(
         conn.execute(
-            sqlfiles.query("check_logical_server.sql"), {"publication": settings.publication_name}
+            Q.CHECK_LOGICAL_SERVER.sql, {"publication": settings.publication_name}
         ).fetchone(),
         "row of logical replication settings",
     )
@@ -351,10 +347,7 @@ def _check_logical_server(
             f"(ALTER ROLE {user} REPLICATION; on Amazon RDS: GRANT rds_replication TO {user}), "
             "or use a role that has it"
         )
-    guard = conn.execute(
-        "SELECT EXISTS (SELECT FROM pg_event_trigger"
-        " WHERE evtname = 'cdc_invalidator_guard' AND evtenabled <> 'D')"
-    ).fetchone()
+    guard = conn.execute(Q.CHECK_DDL_GUARD.sql).fetchone()
     if publication_exists and not (guard and guard[0]):
         report.warnings.append(
             "the DDL guard (event trigger cdc_invalidator_guard) is not installed or is "
@@ -369,7 +362,7 @@ def _check_logical_server(
         )
     slot = settings.slot_name
     info = returned(
-        conn.execute(sqlfiles.query("slot_info.sql"), {"slot": slot}).fetchone(),
+        conn.execute(Q.SLOT_INFO.sql, {"slot": slot}).fetchone(),
         f"row for replication slot {slot!r}",
     )
     exists, plugin, _type, database, active_pid, wal_status, _restart, _confirmed = info[:8]

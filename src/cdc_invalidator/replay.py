@@ -26,10 +26,10 @@ import redis
 import structlog
 from redis.cluster import RedisCluster
 
-from cdc_invalidator import sqlfiles
 from cdc_invalidator.capture.rows import Decoded, RowDecoder
 from cdc_invalidator.durations import format_duration
 from cdc_invalidator.mapping import Mapper
+from cdc_invalidator.pg.queries import Q
 from cdc_invalidator.sink.auto import Sink
 from cdc_invalidator.sink.cluster_sink import primaries
 
@@ -63,10 +63,10 @@ def history(
     """The events invalidated in the last `since_s` seconds (by the server's clock), in
     chunks, oldest first, with the rows that are no events (the listener dead-lettered
     them, or would have). A server-side cursor: the window may hold millions."""
-    name = "history_trigger.sql" if capture == "trigger" else "history_logical.sql"
+    query = Q.HISTORY_TRIGGER if capture == "trigger" else Q.HISTORY_LOGICAL
     decoder = RowDecoder()
     with conn.transaction(), conn.cursor(name="cdc_invalidator_replay") as cur:
-        cur.execute(sqlfiles.query(name), {"seconds": since_s})
+        cur.execute(query.sql, {"seconds": since_s})
         while rows := cur.fetchmany(CHUNK):
             if capture == "trigger":
                 yield decoder.queue_rows(rows)
@@ -171,19 +171,11 @@ class IdentityStore:
 
     def load(self) -> tuple[str, float] | None:
         """(identity, seconds since it was saved) or None before the first save."""
-        row = self._conn.execute(
-            "SELECT identity, extract(epoch FROM now() - seen_at)::float8"
-            " FROM cdc_invalidator.redis_identity_v1"
-        ).fetchone()
+        row = self._conn.execute(Q.LOAD_REDIS_IDENTITY.sql).fetchone()
         return (row[0], max(0.0, row[1])) if row else None
 
     def save(self, identity: str) -> None:
-        self._conn.execute(
-            "INSERT INTO cdc_invalidator.redis_identity_v1 (identity) VALUES (%s)"
-            " ON CONFLICT (singleton) DO UPDATE SET identity = EXCLUDED.identity,"
-            " seen_at = now()",
-            [identity],
-        )
+        self._conn.execute(Q.SAVE_REDIS_IDENTITY.sql, {"identity": identity})
 
 
 class RedisWatch:
@@ -252,7 +244,12 @@ class RedisWatch:
         in memory): delete again what it acknowledged in its last second_delete_ms.
         Logical mode knows when each batch was acknowledged; trigger mode goes by the
         writing transactions' start, which covers it while the listener kept up."""
-        row = conn.execute(sqlfiles.query(f"last_acknowledged_{self._capture}.sql")).fetchone()
+        query = (
+            Q.LAST_ACKNOWLEDGED_TRIGGER
+            if self._capture == "trigger"
+            else Q.LAST_ACKNOWLEDGED_LOGICAL
+        )
+        row = conn.execute(query.sql).fetchone()
         if row is None or row[0] is None:
             return  # nothing acknowledged yet
         since_s = max(0.0, row[0]) + self._second_delete_s + MARGIN_S

@@ -33,7 +33,6 @@ from typing import Any, cast
 import psycopg
 import structlog
 
-from cdc_invalidator import sqlfiles
 from cdc_invalidator.capture import keepalive
 from cdc_invalidator.capture.errors import (
     Fatal,
@@ -60,6 +59,7 @@ from cdc_invalidator.capture.walstream import (
     parse_lsn,
 )
 from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, TableName
+from cdc_invalidator.pg.queries import Q
 
 log = structlog.get_logger("cdc_invalidator.capture.logical")
 
@@ -172,9 +172,7 @@ class LogicalCapture:
         side.execute("SET synchronous_commit = off")
         keepalive.set_server_side(side)
         published = side.execute(
-            "SELECT to_regclass('cdc_invalidator.slot_state_v1') IS NOT NULL"
-            " AND EXISTS (SELECT FROM pg_publication WHERE pubname = %s)",
-            [cfg.publication],
+            Q.LOGICAL_INSTALLED.sql, {"publication": cfg.publication}
         ).fetchone()
         if not published or not published[0]:
             raise NotInstalled(
@@ -182,7 +180,7 @@ class LogicalCapture:
                 '`cdc-invalidator install` with capture = "logical"'
             )
         row = returned(
-            side.execute(sqlfiles.query("slot_info.sql"), {"slot": cfg.slot}).fetchone(),
+            side.execute(Q.SLOT_INFO.sql, {"slot": cfg.slot}).fetchone(),
             f"row for replication slot {cfg.slot!r}",
         )
         (exists, plugin, slot_type, database, active_pid, wal_status, restart, confirmed,
@@ -207,7 +205,7 @@ class LogicalCapture:
             raise Standby(f"{where} is in use by process {active_pid}")
         elif wal_status == "lost" or restart is None:
             reason = f"{where} was invalidated: WAL it needed was removed (wal_status {wal_status})"
-            side.execute(sqlfiles.query("drop_slot.sql"), {"slot": cfg.slot})
+            side.execute(Q.DROP_SLOT.sql, {"slot": cfg.slot})
             exists = False
         elif acked is not None and confirmed is not None and parse_lsn(confirmed) > acked:
             reason = (
@@ -221,23 +219,21 @@ class LogicalCapture:
                 action="sweeping every key template of every watched table before resuming",
             )
             # Owed until done: a crash during the sweep sweeps again.
-            side.execute(
-                sqlfiles.query("set_resync.sql"), {"slot": cfg.slot, "reason": reason, "lsn": None}
-            )
+            side.execute(Q.SET_RESYNC.sql, {"slot": cfg.slot, "reason": reason, "lsn": None})
             owed = reason
         if not exists:
-            created = side.execute(sqlfiles.query("create_slot.sql"), {"slot": cfg.slot})
+            created = side.execute(Q.CREATE_SLOT.sql, {"slot": cfg.slot})
             start = returned(created.fetchone(), f"position for new slot {cfg.slot!r}")
-            side.execute(sqlfiles.query("record_slot.sql"), {"slot": cfg.slot, "lsn": start[0]})
+            side.execute(Q.RECORD_SLOT.sql, {"slot": cfg.slot, "lsn": start[0]})
             log.info("slot_created", slot=cfg.slot, lsn=start[0])
             return parse_lsn(start[0]), owed
         if acked is None:
             # First start on a slot created outside `install` (e.g. by the DBA).
             confirmed = returned(confirmed, f"confirmed position of {where}")
-            side.execute(sqlfiles.query("record_slot.sql"), {"slot": cfg.slot, "lsn": confirmed})
+            side.execute(Q.RECORD_SLOT.sql, {"slot": cfg.slot, "lsn": confirmed})
             return parse_lsn(confirmed), owed
         if confirmed is not None and parse_lsn(confirmed) > acked:
-            side.execute(sqlfiles.query("record_slot.sql"), {"slot": cfg.slot, "lsn": confirmed})
+            side.execute(Q.RECORD_SLOT.sql, {"slot": cfg.slot, "lsn": confirmed})
             acked = parse_lsn(confirmed)
         return acked, owed
 
@@ -249,7 +245,7 @@ PG_EPOCH = 946_684_800.0
 def _clock_offset(side: psycopg.Connection[Any]) -> float:
     """The server's clock minus ours, to within half a round trip."""
     before = time.time()
-    row = side.execute("SELECT extract(epoch FROM clock_timestamp())::float8").fetchone()
+    row = side.execute(Q.SERVER_CLOCK.sql).fetchone()
     after = time.time()
     return float(row[0]) - (before + after) / 2 if row else 0.0
 
@@ -258,9 +254,7 @@ def _explain_refusal(side: psycopg.Connection[Any], exc: psycopg.Error) -> None:
     """A replication connection or slot refused to a role without REPLICATION is for
     good: say so (Fatal) instead of retrying forever. (Managed services may grant
     replication by role membership instead; there, it is not refused in the first place.)"""
-    row = side.execute(
-        "SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user"
-    ).fetchone()
+    row = side.execute(Q.CAN_REPLICATE.sql).fetchone()
     if row is not None and not row[0]:
         raise Fatal(
             f"role {side.info.user!r} cannot use replication ({exc}): grant it "
@@ -319,12 +313,10 @@ class LogicalStream:
         if batch.dead:
             self._save_dead(batch)
         if batch.events and self._config.history_s:
-            self._side.execute(
-                sqlfiles.query("record_history.sql"), {"events": encode_history(batch.events)}
-            )
+            self._side.execute(Q.RECORD_HISTORY.sql, {"events": encode_history(batch.events)})
         if batch.resync:
             self._side.execute(
-                sqlfiles.query("set_resync.sql"),
+                Q.SET_RESYNC.sql,
                 {"slot": self._config.slot, "reason": None, "lsn": None},
             )
             log.warning("missed_changes_swept", tables=len(batch.events), reason=self._resync)
@@ -348,7 +340,7 @@ class LogicalStream:
     def _prune_if_due(self) -> None:
         cfg = self._config
         if cfg.history_s and time.monotonic() >= self._pruned_at + cfg.prune_every_s:
-            self._side.execute(sqlfiles.query("prune_history.sql"), {"seconds": cfg.history_s})
+            self._side.execute(Q.PRUNE_HISTORY.sql, {"seconds": cfg.history_s})
             self._pruned_at = time.monotonic()
 
     def listen(self, on: bool) -> None:
@@ -460,12 +452,8 @@ class LogicalStream:
 
     def _resolve_configured(self) -> dict[int, tuple[TableName, tuple[str, ...], list[int | None]]]:
         """Configured table -> its relid and key columns' numbers, once per connection."""
-        recorded = self._side.execute(
-            "SELECT to_regclass('cdc_invalidator.published_v1') IS NOT NULL"
-        ).fetchone()
-        query = sqlfiles.query(
-            "logical_resolve.sql" if recorded and recorded[0] else "logical_resolve_by_name.sql"
-        )
+        recorded = self._side.execute(Q.PUBLISHED_RECORDED.sql).fetchone()
+        query = Q.LOGICAL_RESOLVE.sql if recorded and recorded[0] else Q.LOGICAL_RESOLVE_BY_NAME.sql
         known: dict[int, tuple[TableName, tuple[str, ...], list[int | None]]] = {}
         for table, columns in self._config.columns.items():
             row = self._side.execute(
@@ -484,9 +472,7 @@ class LogicalStream:
             # Published by an earlier install but no longer configured: its changes are
             # dead letters ("not in the configuration"), holding its key columns as that
             # install recorded them, never the whole row.
-            for relid, schema, name, columns, attnums in self._side.execute(
-                sqlfiles.query("published_tables.sql")
-            ):
+            for relid, schema, name, columns, attnums in self._side.execute(Q.PUBLISHED_TABLES.sql):
                 known.setdefault(int(relid), (TableName(schema, name), tuple(columns), attnums))
         return known
 
@@ -501,9 +487,7 @@ class LogicalStream:
         entry = self._known.get(relid)
         target = relid
         if entry is None:
-            for (ancestor,) in self._side.execute(
-                sqlfiles.query("partition_ancestors.sql"), {"relid": relid}
-            ):
+            for (ancestor,) in self._side.execute(Q.PARTITION_ANCESTORS.sql, {"relid": relid}):
                 entry = self._known.get(int(ancestor))
                 if entry is not None:
                     target = int(ancestor)
@@ -513,7 +497,7 @@ class LogicalStream:
         table, wanted, attnums = entry
         now = dict(
             self._side.execute(
-                sqlfiles.query("relation_columns.sql"),
+                Q.RELATION_COLUMNS.sql,
                 {"relid": target, "attnums": [a for a in attnums if a is not None]},
             ).fetchall()
         )
@@ -557,7 +541,7 @@ class LogicalStream:
             force or self._event_commit > self._persisted or target - self._persisted >= CHASE_BYTES
         ):
             self._side.execute(
-                sqlfiles.query("save_ack.sql"),
+                Q.SAVE_ACK.sql,
                 {
                     "slot": self._config.slot,
                     "lsn": format_lsn(target),
@@ -581,9 +565,7 @@ class LogicalStream:
         if every and time.monotonic() >= self._heartbeat_at + every:
             # A WAL record in this database: the stream moves, and the slot with it, even
             # when nothing here is written while other databases are.
-            self._side.execute(
-                "SELECT pg_logical_emit_message(false, 'cdc_invalidator_heartbeat', '')"
-            )
+            self._side.execute(Q.HEARTBEAT.sql)
             self._heartbeat_at = time.monotonic()
 
     def _save_dead(self, batch: LogicalBatch) -> None:
@@ -611,4 +593,4 @@ class LogicalStream:
                     "error": error + where,
                 }
             )
-        self._side.cursor().executemany(sqlfiles.query("logical_dead_letter.sql"), rows)
+        self._side.cursor().executemany(Q.LOGICAL_DEAD_LETTER.sql, rows)

@@ -28,12 +28,12 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import tuple_row
 
-from cdc_invalidator import sqlfiles
 from cdc_invalidator.capture import keepalive
 from cdc_invalidator.capture.errors import Fatal, NotInstalled, Standby, missing_privilege
 from cdc_invalidator.capture.rows import RowDecoder
 from cdc_invalidator.capture.trigger_sql import CHANNEL, require_installed
 from cdc_invalidator.events import ChangeEvent
+from cdc_invalidator.pg.queries import Q
 
 # Progress is saved at most this often, and this long at most after going idle: a crash
 # re-delivers at most this much work, where a save per batch would cost a write per batch.
@@ -196,7 +196,7 @@ class TriggerQueue:
         rows = (
             self._conn.cursor(row_factory=tuple_row)
             .execute(
-                sqlfiles.query("fetch_batch.sql"),
+                Q.FETCH_BATCH.sql,
                 {
                     "cur": window.text if window else None,
                     "prev_xip": done.xip,
@@ -227,7 +227,7 @@ class TriggerQueue:
         if batch.dead:
             xids = {row[2]: row[1] for row in rows}
             self._conn.cursor().executemany(
-                sqlfiles.query("dead_letter.sql"),
+                Q.DEAD_LETTER.sql,
                 [{"xid": xids[pos], "id": pos, "error": err} for pos, err in batch.dead.items()],
             )
         progress.unsaved_events += len(rows)
@@ -296,7 +296,7 @@ class TriggerQueue:
         state = progress.state()
         after_xid, after_id = progress.after
         self._conn.execute(
-            sqlfiles.query("save_progress.sql"),
+            Q.SAVE_PROGRESS.sql,
             {
                 "snapshot": progress.done.text,
                 "window_end": progress.window.text if progress.window else None,
@@ -321,7 +321,7 @@ class TriggerQueue:
         if done is None or self._pruned_for is done:
             return False
         deleted = self._conn.execute(
-            sqlfiles.query("prune.sql"), {"snapshot": done.text, "limit": PRUNE_CHUNK}
+            Q.PRUNE.sql, {"snapshot": done.text, "limit": PRUNE_CHUNK}
         ).rowcount
         self._pruned_at = time.monotonic()
         self._prune_more = deleted >= PRUNE_CHUNK
@@ -332,7 +332,7 @@ class TriggerQueue:
 
 def _prepare(conn: psycopg.Connection[Any]) -> Progress:
     require_installed(conn)
-    locked = conn.execute(sqlfiles.query("take_lock.sql")).fetchone()
+    locked = conn.execute(Q.TAKE_LOCK.sql).fetchone()
     if not locked or not locked[0]:
         raise Standby("another listener is consuming the queue of this database")
     # Losing our own writes in a server crash only re-delivers events (their keys are
@@ -347,13 +347,13 @@ def _prepare(conn: psycopg.Connection[Any]) -> Progress:
     # scans off as well was measured to make latency 50x worse at p99.)
     conn.execute("SET enable_bitmapscan = off")
     conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
-    row = conn.execute(sqlfiles.query("load_progress.sql")).fetchone()
+    row = conn.execute(Q.LOAD_PROGRESS.sql).fetchone()
     if row is None:
         raise NotInstalled(
             "cdc_invalidator.listener_state_v1 is empty: run `cdc-invalidator install`"
         )
     done, window_end, after_xid, after_id = row
-    ahead = conn.execute(sqlfiles.query("progress_ahead.sql"), {"snapshot": done}).fetchone()
+    ahead = conn.execute(Q.PROGRESS_AHEAD.sql, {"snapshot": done}).fetchone()
     if ahead and ahead[0]:
         raise Fatal(
             f"the saved position ({done}) lies past this server's transaction ids (next "
