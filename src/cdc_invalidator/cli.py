@@ -26,8 +26,9 @@ from cdc_invalidator.checks import check_database, check_redis, check_templates
 from cdc_invalidator.database import DatabaseError, connect
 from cdc_invalidator.durations import format_duration, parse_duration
 from cdc_invalidator.install import SlotStepFailed, install, install_script
-from cdc_invalidator.listener import build_listener, pg_connector
+from cdc_invalidator.listener import build_listener
 from cdc_invalidator.metrics import BacklogCollector, Metrics
+from cdc_invalidator.pg.connect import METRICS, PgConnector
 from cdc_invalidator.probes import ProbeServer
 from cdc_invalidator.redact import Scrubber, redact_url
 from cdc_invalidator.replay import replay
@@ -327,7 +328,9 @@ def cmd_run(args: argparse.Namespace, settings: Settings, console: Console) -> i
     backlog: BacklogCollector | None = None
     if settings.metrics_port:
         backlog = BacklogCollector(
-            pg_connector(settings, "metrics"), settings.capture, settings.slot_name
+            PgConnector.from_settings(settings).factory(METRICS),
+            settings.capture,
+            settings.slot_name,
         )
         metrics.watch_database(backlog)
         # A stuck loop: no turn for this long (longer than any wait or back-off).

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
-
-import psycopg
 
 from cdc_invalidator.capture.logical import LogicalCapture, LogicalConfig
 from cdc_invalidator.capture.trigger_queue import TriggerCapture
 from cdc_invalidator.metrics import Metrics
+from cdc_invalidator.pg.connect import SIDE, PgConnector
 from cdc_invalidator.replay import RedisWatch
 from cdc_invalidator.runner import Runner, RunnerConfig, Source
 from cdc_invalidator.settings import Settings
@@ -29,21 +27,6 @@ def runner_config(settings: Settings) -> RunnerConfig:
     )
 
 
-def pg_connector(settings: Settings, role: str = "") -> Callable[[], psycopg.Connection[Any]]:
-    """Short-lived side connections (replay, metrics), named after the listener."""
-    name = f"{settings.application_name}-{role}" if role else settings.application_name
-
-    def connect() -> psycopg.Connection[Any]:
-        return psycopg.connect(
-            settings.database_url,
-            autocommit=True,
-            application_name=name,
-            connect_timeout=max(1, round(settings.connect_timeout_s)),
-        )
-
-    return connect
-
-
 def build_listener(
     settings: Settings, stopper: Stopper, metrics: Metrics | None = None
 ) -> tuple[Runner, AutoSink]:
@@ -56,10 +39,11 @@ def build_listener(
     )
     mapper = settings.mapper()
     metrics = metrics or Metrics()
+    pg = PgConnector.from_settings(settings)
     connect: Callable[[], Source]
     if settings.capture == "logical":
         connect = LogicalCapture(
-            settings.database_url,
+            pg,
             LogicalConfig(
                 slot=settings.slot_name,
                 publication=settings.publication_name,
@@ -69,14 +53,10 @@ def build_listener(
                 history_s=settings.history_s,
                 prune_every_s=settings.prune_every_ms / 1000,
             ),
-            application_name=settings.application_name,
-            connect_timeout_s=settings.connect_timeout_s,
         ).connect
     else:
         connect = TriggerCapture(
-            settings.database_url,
-            application_name=settings.application_name,
-            connect_timeout_s=settings.connect_timeout_s,
+            pg,
             prune_every_s=settings.prune_every_ms / 1000,
             history_s=settings.history_s,
         ).connect
@@ -85,7 +65,7 @@ def build_listener(
         sink=sink,
         mapper=mapper,
         capture=settings.capture,
-        connect=pg_connector(settings),
+        connect=pg.factory(SIDE),
         window_s=settings.replay_window,
         check_every_s=settings.redis_check_interval_ms / 1000,
         second_delete_s=settings.second_delete_ms / 1000,

@@ -33,7 +33,6 @@ from typing import Any, cast
 import psycopg
 import structlog
 
-from cdc_invalidator.capture import keepalive
 from cdc_invalidator.capture.errors import (
     Fatal,
     NotInstalled,
@@ -59,15 +58,11 @@ from cdc_invalidator.capture.walstream import (
     parse_lsn,
 )
 from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, TableName
+from cdc_invalidator.pg.connect import BOOKKEEPING, REPLICATION, PgConnector
 from cdc_invalidator.pg.queries import Q
 
 log = structlog.get_logger("cdc_invalidator.capture.logical")
 
-# The walsender prints values with its session's settings: pin those that change how a
-# value prints, as the trigger functions do, so that keys render the same in both modes.
-RENDER_OPTIONS = (
-    "-c TimeZone=UTC -c DateStyle=ISO,MDY -c IntervalStyle=postgres -c extra_float_digits=1"
-)
 # Progress that is only a keepalive's (WAL of other tables or databases, or our own
 # bookkeeping) is saved and confirmed once it amounts to this much: the slot never
 # holds back more than this, and an idle listener does not write to chase its own
@@ -110,26 +105,12 @@ class LogicalConfig:
 class LogicalCapture:
     """Opens the stream, after looking at the slot (creating it on first use)."""
 
-    def __init__(
-        self,
-        database_url: str,
-        config: LogicalConfig,
-        *,
-        application_name: str,
-        connect_timeout_s: float,
-    ) -> None:
-        self._database_url = database_url
+    def __init__(self, pg: PgConnector, config: LogicalConfig) -> None:
+        self._pg = pg
         self._config = config
-        self._application_name = application_name
-        self._connect_timeout = max(1, round(connect_timeout_s))
 
     def connect(self) -> LogicalStream:
-        side = psycopg.connect(
-            keepalive.conninfo(self._database_url),
-            autocommit=True,
-            application_name=self._application_name,
-            connect_timeout=self._connect_timeout,
-        )
+        side = self._pg.connect(BOOKKEEPING)
         try:
             try:
                 acked, resync = self._prepare(side)
@@ -137,13 +118,7 @@ class LogicalCapture:
                 _explain_refusal(side, exc)  # creating the slot needs REPLICATION
                 raise missing_privilege(side.info.user, "logical", exc) from None
             try:
-                repl = psycopg.connect(
-                    keepalive.conninfo(self._database_url, RENDER_OPTIONS),
-                    autocommit=True,
-                    replication="database",
-                    application_name=self._application_name,
-                    connect_timeout=self._connect_timeout,
-                )
+                repl = self._pg.connect(REPLICATION)
             except psycopg.OperationalError as exc:
                 _explain_refusal(side, exc)
                 raise
@@ -168,9 +143,6 @@ class LogicalCapture:
         """Check the install and the slot; return where to resume and a sweep owed."""
         cfg = self._config
         require_installed(side)
-        # Our bookkeeping writes only re-deliver events if lost in a crash: no fsync wait.
-        side.execute("SET synchronous_commit = off")
-        keepalive.set_server_side(side)
         published = side.execute(
             Q.LOGICAL_INSTALLED.sql, {"publication": cfg.publication}
         ).fetchone()

@@ -28,11 +28,11 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import tuple_row
 
-from cdc_invalidator.capture import keepalive
 from cdc_invalidator.capture.errors import Fatal, NotInstalled, Standby, missing_privilege
 from cdc_invalidator.capture.rows import RowDecoder
 from cdc_invalidator.capture.trigger_sql import CHANNEL, require_installed
 from cdc_invalidator.events import ChangeEvent
+from cdc_invalidator.pg.connect import LISTENER, PgConnector
 from cdc_invalidator.pg.queries import Q
 
 # Progress is saved at most this often, and this long at most after going idle: a crash
@@ -128,28 +128,15 @@ class TriggerCapture:
     """Connects the trigger queue, and reconnects it where the last connection left off."""
 
     def __init__(
-        self,
-        database_url: str,
-        *,
-        application_name: str,
-        connect_timeout_s: float,
-        prune_every_s: float = 1.0,
-        history_s: float = 0.0,
+        self, pg: PgConnector, *, prune_every_s: float = 1.0, history_s: float = 0.0
     ) -> None:
-        self._database_url = database_url
-        self._application_name = application_name
-        self._connect_timeout_s = connect_timeout_s
+        self._pg = pg
         self._prune_every_s = prune_every_s
         self._progress: Progress | None = None
         self._retention = Retention(history_s)
 
     def connect(self) -> TriggerQueue:
-        conn = psycopg.connect(
-            keepalive.conninfo(self._database_url),
-            autocommit=True,
-            application_name=self._application_name,
-            connect_timeout=max(1, round(self._connect_timeout_s)),
-        )
+        conn = self._pg.connect(LISTENER)
         try:
             saved = _prepare(conn)
         except psycopg.errors.InsufficientPrivilege as exc:
@@ -331,21 +318,11 @@ class TriggerQueue:
 
 
 def _prepare(conn: psycopg.Connection[Any]) -> Progress:
+    # The session's settings (no fsync wait, no bitmap scans) are the LISTENER kind's.
     require_installed(conn)
     locked = conn.execute(Q.TAKE_LOCK.sql).fetchone()
     if not locked or not locked[0]:
         raise Standby("another listener is consuming the queue of this database")
-    # Losing our own writes in a server crash only re-delivers events (their keys are
-    # deleted twice), so the listener does not wait for WAL fsync and takes no fsync
-    # bandwidth from the writers.
-    conn.execute("SET synchronous_commit = off")
-    keepalive.set_server_side(conn)
-    # A window is read in (xid, id) order, a chunk at a time: that must be an ordered
-    # index scan that stops after the chunk. A queue table's statistics are always out of
-    # date, and with them the planner picks a bitmap scan that sorts the whole window
-    # for every chunk (measured: 5x slower on a 100k-row window). (Turning sequential
-    # scans off as well was measured to make latency 50x worse at p99.)
-    conn.execute("SET enable_bitmapscan = off")
     conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
     row = conn.execute(Q.LOAD_PROGRESS.sql).fetchone()
     if row is None:
