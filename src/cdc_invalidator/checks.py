@@ -13,6 +13,7 @@ from redis.connection import parse_url
 from redis.exceptions import RedisClusterException
 
 from cdc_invalidator.capture.errors import Fatal, returned
+from cdc_invalidator.capture.slot import SlotClass, SlotState
 from cdc_invalidator.capture.trigger_sql import SCHEMA_VERSION, installed_version
 from cdc_invalidator.durations import format_duration
 from cdc_invalidator.events import TableName
@@ -360,45 +361,37 @@ def _check_logical_server(
             f"publication {settings.publication_name!r} does not exist: run "
             "`cdc-invalidator install`"
         )
-    slot = settings.slot_name
-    info = returned(
-        conn.execute(Q.SLOT_INFO.sql, {"slot": slot}).fetchone(),
-        f"row for replication slot {slot!r}",
-    )
-    exists, plugin, _type, database, active_pid, wal_status, _restart, _confirmed = info[:8]
-    acked, owed = info[8], info[9]
-    if not exists:
-        if acked is None:
-            report.warnings.append(
-                f"replication slot {slot!r} does not exist yet: the listener creates it on "
-                "its first start (changes before that are not captured)"
-            )
-        else:
-            report.errors.append(
-                f"replication slot {slot!r} is gone: changes since may have been missed; "
-                "the listener re-creates it and sweeps every watched table"
-            )
-    elif plugin != "pgoutput" or database != conn.info.dbname:
-        report.errors.append(
-            f"replication slot {slot!r} belongs to something else ({plugin!r} on database "
-            f"{database!r}): set slot_name to another name"
+    state = SlotState.read(conn, settings.slot_name)
+    verdict = state.classify()
+    kind, reason = verdict.kind, verdict.reason
+    sweeps = "the listener re-creates it and sweeps every watched table"
+    if kind is SlotClass.MISSING_FIRST_USE:
+        report.warnings.append(
+            f"{reason}: the listener creates it on its first start (changes before that are "
+            "not captured)"
         )
-    elif wal_status == "lost":
+    elif kind is SlotClass.GONE:
+        report.errors.append(f"{reason}: changes since may have been missed; {sweeps}")
+    elif kind is SlotClass.FOREIGN:
+        report.errors.append(f"{reason}: set slot_name to another name")
+    elif kind is SlotClass.LOST:
         report.errors.append(
-            f"replication slot {slot!r} was invalidated (wal_status lost): changes were "
-            "missed; the listener re-creates it and sweeps every watched table"
+            f"{state.where} was invalidated (wal_status {state.wal_status}): changes were "
+            f"missed; {sweeps}"
         )
     else:
-        by = f"streamed by pid {active_pid}" if active_pid else "not streamed right now"
-        report.ok.append(f"replication slot {slot!r}: wal_status {wal_status}, {by}")
+        # IN_USE, OK, and AHEAD: the listener finds a slot moved past its position when
+        # it next starts, sweeps, and the sweep owed is reported below until it is done.
+        by = f"streamed by pid {state.active_pid}" if state.active_pid else "not streamed right now"
+        report.ok.append(f"{state.where}: wal_status {state.wal_status}, {by}")
         if keep_size == "-1":
             report.warnings.append(
                 "max_slot_wal_keep_size is -1: a listener that stays down keeps WAL on the "
                 "server without limit; consider a limit (the slot is then lost instead, "
                 "and the listener sweeps when it comes back)"
             )
-    if owed:
-        report.warnings.append(f"a sweep of every watched table is owed: {owed}")
+    if state.resync_reason:
+        report.warnings.append(f"a sweep of every watched table is owed: {state.resync_reason}")
 
 
 def check_redis(sink: AutoSink, url: str, settings: Settings) -> Report:

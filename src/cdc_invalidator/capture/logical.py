@@ -49,6 +49,7 @@ from cdc_invalidator.capture.pgoutput import (
     Undecodable,
 )
 from cdc_invalidator.capture.rows import encode_history
+from cdc_invalidator.capture.slot import SlotClass, SlotState
 from cdc_invalidator.capture.trigger_sql import require_installed
 from cdc_invalidator.capture.walstream import (
     Keepalive,
@@ -151,63 +152,45 @@ class LogicalCapture:
                 f"database {side.info.dbname!r} has no publication {cfg.publication!r}: run "
                 '`cdc-invalidator install` with capture = "logical"'
             )
-        row = returned(
-            side.execute(Q.SLOT_INFO.sql, {"slot": cfg.slot}).fetchone(),
-            f"row for replication slot {cfg.slot!r}",
-        )
-        (exists, plugin, slot_type, database, active_pid, wal_status, restart, confirmed,
-         acked_text, owed, state_exists) = row  # fmt: skip
-        if not state_exists:
+        state = SlotState.read(side, cfg.slot)
+        if not state.registered:
             raise NotInstalled(
                 f"slot {cfg.slot!r} is not registered in database {side.info.dbname!r}: "
                 "run `cdc-invalidator install` with this configuration"
             )
-        acked = parse_lsn(acked_text) if acked_text else None
-        where = f"replication slot {cfg.slot!r}"
-        reason: str | None = None
-        if not exists:
-            if acked is not None:
-                reason = f"{where} is gone (dropped, or the server failed over to one without it)"
-        elif slot_type != "logical" or plugin != "pgoutput" or database != side.info.dbname:
-            raise Fatal(
-                f"{where} belongs to something else ({slot_type} slot of {plugin!r} on "
-                f"database {database!r}): set slot_name to a slot of our own"
-            )
-        elif active_pid is not None:
-            raise Standby(f"{where} is in use by process {active_pid}")
-        elif wal_status == "lost" or restart is None:
-            reason = f"{where} was invalidated: WAL it needed was removed (wal_status {wal_status})"
+        verdict = state.classify()
+        kind = verdict.kind
+        if kind is SlotClass.FOREIGN:
+            raise Fatal(f"{verdict.reason}: set slot_name to a slot of our own")
+        if kind is SlotClass.IN_USE:
+            raise Standby(verdict.reason)
+        if kind is SlotClass.LOST:
             side.execute(Q.DROP_SLOT.sql, {"slot": cfg.slot})
-            exists = False
-        elif acked is not None and confirmed is not None and parse_lsn(confirmed) > acked:
-            reason = (
-                f"{where} is at {confirmed}, past {format_lsn(acked)}, the last position this "
-                "listener confirmed: it was re-created, or another client consumed it"
-            )
-        if reason is not None:
+        owed = state.resync_reason
+        if kind.missed_changes:
             log.error(
                 "changes_may_have_been_missed",
-                reason=reason,
+                reason=verdict.reason,
                 action="sweeping every key template of every watched table before resuming",
             )
             # Owed until done: a crash during the sweep sweeps again.
-            side.execute(Q.SET_RESYNC.sql, {"slot": cfg.slot, "reason": reason, "lsn": None})
-            owed = reason
-        if not exists:
+            side.execute(
+                Q.SET_RESYNC.sql, {"slot": cfg.slot, "reason": verdict.reason, "lsn": None}
+            )
+            owed = verdict.reason
+        if kind.create:
             created = side.execute(Q.CREATE_SLOT.sql, {"slot": cfg.slot})
             start = returned(created.fetchone(), f"position for new slot {cfg.slot!r}")
             side.execute(Q.RECORD_SLOT.sql, {"slot": cfg.slot, "lsn": start[0]})
             log.info("slot_created", slot=cfg.slot, lsn=start[0])
             return parse_lsn(start[0]), owed
-        if acked is None:
-            # First start on a slot created outside `install` (e.g. by the DBA).
-            confirmed = returned(confirmed, f"confirmed position of {where}")
+        if state.acked is None or kind is SlotClass.AHEAD:
+            # A slot created outside `install` (e.g. by the DBA), on its first start; or
+            # one moved past our position: resume where it is (after the sweep).
+            confirmed = returned(state.confirmed_flush_lsn, f"confirmed position of {state.where}")
             side.execute(Q.RECORD_SLOT.sql, {"slot": cfg.slot, "lsn": confirmed})
             return parse_lsn(confirmed), owed
-        if confirmed is not None and parse_lsn(confirmed) > acked:
-            side.execute(Q.RECORD_SLOT.sql, {"slot": cfg.slot, "lsn": confirmed})
-            acked = parse_lsn(confirmed)
-        return acked, owed
+        return state.acked, owed
 
 
 # 2000-01-01 00:00:00 UTC, PostgreSQL's epoch, in Unix time.

@@ -16,6 +16,7 @@ import psycopg
 from psycopg import sql
 
 from cdc_invalidator.capture.errors import returned
+from cdc_invalidator.capture.slot import SlotClass, SlotState
 from cdc_invalidator.capture.trigger_sql import SCRIPT_HEADER, guard
 from cdc_invalidator.events import TableName
 from cdc_invalidator.mapping import Mapper
@@ -115,17 +116,12 @@ def create_slot(conn: psycopg.Connection[Any], slot: str) -> NewSlot | None:
     """Create the slot unless it exists, recording where it starts. SlotBusy if a slot
     of that name exists and is not one we can use; Fatal if PostgreSQL did not say where
     the new slot starts."""
-    found = conn.execute(
-        "SELECT slot_type, plugin, database FROM pg_replication_slots WHERE slot_name = %s",
-        [slot],
-    ).fetchone()
-    if found is not None:
-        slot_type, plugin, database = found
-        if (slot_type, plugin, database) != ("logical", "pgoutput", conn.info.dbname):
-            raise SlotBusy(
-                f"replication slot {slot!r} belongs to something else ({slot_type} slot of "
-                f"{plugin!r} on database {database!r}): set slot_name to a name of our own"
-            )
+    verdict = SlotState.read(conn, slot).classify()
+    if verdict.kind is SlotClass.FOREIGN:
+        raise SlotBusy(f"{verdict.reason}: set slot_name to a name of our own")
+    if verdict.kind not in (SlotClass.MISSING_FIRST_USE, SlotClass.GONE):
+        # Ours, whatever its state: the listener acts on it when it starts (LOST: it
+        # drops and re-creates it; IN_USE, AHEAD: as the listener's rules say).
         return None
     row = returned(
         conn.execute(Q.CREATE_SLOT.sql, {"slot": slot}).fetchone(),
