@@ -1,3 +1,3 @@
--- The Redis identity last seen, and seconds since it was saved (no row before the first).
-SELECT identity, extract(epoch FROM now() - seen_at)::float8
+-- The Redis server the listener last wrote to, and seconds since it was saved.
+SELECT identity, extract(epoch FROM now() - seen_at)::float8 AS age_s
 FROM cdc_invalidator.redis_identity_v1

@@ -20,8 +20,8 @@ import psycopg
 import pytest
 import redis
 
-from cdc_invalidator import sqlfiles
 from cdc_invalidator.cli import main
+from cdc_invalidator.pg.queries import Q
 from tests.support.config import write_config
 from tests.support.env import Env, Servers
 from tests.support.listener import ListenerThread, Spawn
@@ -106,7 +106,7 @@ def test_restored_into_another_cluster_refuses_to_skip_then_resets(
     )
 
     with restored.transaction():
-        restored.execute(sqlfiles.text("reset_after_restore.sql").encode())
+        restored.execute(Q.RESET_AFTER_RESTORE.text.encode())
     second = spawn(config)
     wait_until(
         lambda: client.exists("user:3", "user:email:c@x", "user:2", "user:email:b@x") == 0,

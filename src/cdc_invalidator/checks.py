@@ -10,12 +10,13 @@ from typing import Any, Protocol
 
 import psycopg
 
-from cdc_invalidator import sqlfiles
 from cdc_invalidator.capture.errors import Fatal, returned
+from cdc_invalidator.capture.slot import SlotClass, SlotState
 from cdc_invalidator.capture.trigger_sql import SCHEMA_VERSION, installed_version
 from cdc_invalidator.durations import format_duration
 from cdc_invalidator.events import TableName
 from cdc_invalidator.mapping import KeyTemplate, Mapper
+from cdc_invalidator.pg.queries import Q
 from cdc_invalidator.redact import redact_url
 from cdc_invalidator.redis_guard.window import MARGIN_S, persistence_window
 from cdc_invalidator.settings import Settings
@@ -146,7 +147,7 @@ def _present(
 ) -> bool:
     """The table exists and has every column its templates use; otherwise reported."""
     exists, columns = returned(
-        conn.execute(sqlfiles.query("check_table.sql"), {"table": table.qualified}).fetchone(),
+        conn.execute(Q.CHECK_TABLE.sql, {"table": table.qualified}).fetchone(),
         f"row describing table {table}",
     )
     if not exists:
@@ -169,7 +170,7 @@ def check_unconfigured(
 ) -> None:
     """Trigger mode: tables watched by an earlier install but no longer configured."""
     configured = [t.qualified for t in mapper.tables]
-    for (name,) in conn.execute(sqlfiles.query("check_unconfigured.sql"), {"tables": configured}):
+    for (name,) in conn.execute(Q.CHECK_UNCONFIGURED.sql, {"tables": configured}):
         report.warnings.append(
             f"table {name} is watched but not in {config_name}: its events will go to "
             "the dead letters (run `cdc-invalidator install` to remove its triggers)"
@@ -189,7 +190,7 @@ class Watch:
 
 def watch_of(conn: psycopg.Connection[Any], table: TableName) -> Watch | None:
     row = conn.execute(
-        sqlfiles.query("check_watch.sql"),
+        Q.CHECK_WATCH.sql,
         {"table": table.qualified, "schema": table.schema, "name": table.name},
     ).fetchone()
     if row is None:
@@ -272,7 +273,7 @@ def check_logical_table(  # noqa: PLR0913 - the table's facts are keyword-only
     keep: bool,
 ) -> None:
     published = conn.execute(
-        sqlfiles.query("check_published.sql"),
+        Q.CHECK_PUBLISHED.sql,
         {"publication": settings.publication_name, "table": table.qualified, "columns": wanted},
     ).fetchone()
     if not published or not published[0]:
@@ -282,9 +283,7 @@ def check_logical_table(  # noqa: PLR0913 - the table's facts are keyword-only
         )
         return
     fine = True
-    for rel, identity, covered in conn.execute(
-        sqlfiles.query("check_identity.sql"), {"table": table.qualified}
-    ):
+    for rel, identity, covered in conn.execute(Q.CHECK_IDENTITY.sql, {"table": table.qualified}):
         if identity == "f":
             continue
         if identity == "n" or not covered:
@@ -329,7 +328,7 @@ def drifted(conn: psycopg.Connection[Any], report: Report, where: str, table: Ta
     recorded them (logical mode follows them by relation and column number, but the
     configuration should say what the database says). True if anything drifted."""
     row = conn.execute(
-        sqlfiles.query("check_drift.sql"),
+        Q.CHECK_DRIFT.sql,
         {"qualified": table.qualified, "schema": table.schema, "name": table.name},
     ).fetchone()
     if row is None or row[0] is None:
@@ -363,7 +362,7 @@ def drifted(conn: psycopg.Connection[Any], report: Report, where: str, table: Ta
 def check_logical_server(conn: psycopg.Connection[Any], settings: Settings, report: Report) -> None:
     row = returned(
         conn.execute(
-            sqlfiles.query("check_logical_server.sql"), {"publication": settings.publication_name}
+            Q.CHECK_LOGICAL_SERVER.sql, {"publication": settings.publication_name}
         ).fetchone(),
         "row of logical replication settings",
     )
@@ -379,10 +378,7 @@ def check_logical_server(conn: psycopg.Connection[Any], settings: Settings, repo
             f"(ALTER ROLE {user} REPLICATION; on Amazon RDS: GRANT rds_replication TO {user}), "
             "or use a role that has it"
         )
-    guard = conn.execute(
-        "SELECT EXISTS (SELECT FROM pg_event_trigger"
-        " WHERE evtname = 'cdc_invalidator_guard' AND evtenabled <> 'D')"
-    ).fetchone()
+    guard = conn.execute(Q.CHECK_DDL_GUARD.sql).fetchone()
     if publication_exists and not (guard and guard[0]):
         report.warnings.append(
             "the DDL guard (event trigger cdc_invalidator_guard) is not installed or is "
@@ -395,45 +391,37 @@ def check_logical_server(conn: psycopg.Connection[Any], settings: Settings, repo
             f"publication {settings.publication_name!r} does not exist: run "
             "`cdc-invalidator install`"
         )
-    slot = settings.slot_name
-    info = returned(
-        conn.execute(sqlfiles.query("slot_info.sql"), {"slot": slot}).fetchone(),
-        f"row for replication slot {slot!r}",
-    )
-    exists, plugin, _type, database, active_pid, wal_status, _restart, _confirmed = info[:8]
-    acked, owed = info[8], info[9]
-    if not exists:
-        if acked is None:
-            report.warnings.append(
-                f"replication slot {slot!r} does not exist yet: the listener creates it on "
-                "its first start (changes before that are not captured)"
-            )
-        else:
-            report.errors.append(
-                f"replication slot {slot!r} is gone: changes since may have been missed; "
-                "the listener re-creates it and sweeps every watched table"
-            )
-    elif plugin != "pgoutput" or database != conn.info.dbname:
-        report.errors.append(
-            f"replication slot {slot!r} belongs to something else ({plugin!r} on database "
-            f"{database!r}): set slot_name to another name"
+    state = SlotState.read(conn, settings.slot_name)
+    verdict = state.classify()
+    kind, reason = verdict.kind, verdict.reason
+    sweeps = "the listener re-creates it and sweeps every watched table"
+    if kind is SlotClass.MISSING_FIRST_USE:
+        report.warnings.append(
+            f"{reason}: the listener creates it on its first start (changes before that are "
+            "not captured)"
         )
-    elif wal_status == "lost":
+    elif kind is SlotClass.GONE:
+        report.errors.append(f"{reason}: changes since may have been missed; {sweeps}")
+    elif kind is SlotClass.FOREIGN:
+        report.errors.append(f"{reason}: set slot_name to another name")
+    elif kind is SlotClass.LOST:
         report.errors.append(
-            f"replication slot {slot!r} was invalidated (wal_status lost): changes were "
-            "missed; the listener re-creates it and sweeps every watched table"
+            f"{state.where} was invalidated (wal_status {state.wal_status}): changes were "
+            f"missed; {sweeps}"
         )
     else:
-        by = f"streamed by pid {active_pid}" if active_pid else "not streamed right now"
-        report.ok.append(f"replication slot {slot!r}: wal_status {wal_status}, {by}")
+        # IN_USE, OK, and AHEAD: the listener finds a slot moved past its position when
+        # it next starts, sweeps, and the sweep owed is reported below until it is done.
+        by = f"streamed by pid {state.active_pid}" if state.active_pid else "not streamed right now"
+        report.ok.append(f"{state.where}: wal_status {state.wal_status}, {by}")
         if keep_size == "-1":
             report.warnings.append(
                 "max_slot_wal_keep_size is -1: a listener that stays down keeps WAL on the "
                 "server without limit; consider a limit (the slot is then lost instead, "
                 "and the listener sweeps when it comes back)"
             )
-    if owed:
-        report.warnings.append(f"a sweep of every watched table is owed: {owed}")
+    if state.resync_reason:
+        report.warnings.append(f"a sweep of every watched table is owed: {state.resync_reason}")
 
 
 # What `check` reports as Redis failing (Fatal: redis_url selects a database on a cluster).

@@ -25,9 +25,10 @@ from cdc_invalidator.checks import check_database, check_redis, check_templates
 from cdc_invalidator.database import DatabaseError, connect
 from cdc_invalidator.durations import format_duration, parse_duration
 from cdc_invalidator.install import SlotStepFailed, install
-from cdc_invalidator.listener import build_listener, pg_connector
+from cdc_invalidator.listener import build_listener
 from cdc_invalidator.metrics import BacklogCollector, Metrics
 from cdc_invalidator.modes.choose import mode_for
+from cdc_invalidator.pg.connect import METRICS, PgConnector
 from cdc_invalidator.probes import ProbeServer
 from cdc_invalidator.redact import Scrubber, redact_url
 from cdc_invalidator.replay import replay
@@ -314,7 +315,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings, console: Console) -> i
     probes: ProbeServer | None = None
     backlog: BacklogCollector | None = None
     if settings.metrics_port:
-        backlog = BacklogCollector(pg_connector(settings, "metrics"), mode)
+        backlog = BacklogCollector(PgConnector.from_settings(settings).factory(METRICS), mode)
         metrics.watch_database(backlog)
         # A stuck loop: no turn for this long (longer than any wait or back-off).
         stall_s = max(60.0, 3 * settings.retry_max_ms / 1000, 3 * settings.poll_interval_ms / 1000)

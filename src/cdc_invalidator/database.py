@@ -1,4 +1,4 @@
-"""Connections for the CLI's one-shot commands (the listener has its own)."""
+"""Connections for the CLI's one-shot commands, with an error a person can read."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from typing import Any
 
 import psycopg
 
+from cdc_invalidator.pg.connect import CLI, PgConnector
 from cdc_invalidator.redact import redact_url
 from cdc_invalidator.settings import Settings
 
@@ -16,12 +17,7 @@ class DatabaseError(Exception):
 
 def connect(settings: Settings, *, autocommit: bool = True) -> psycopg.Connection[Any]:
     try:
-        return psycopg.connect(
-            settings.database_url,
-            autocommit=autocommit,
-            application_name=f"{settings.application_name}-cli",
-            connect_timeout=max(1, round(settings.connect_timeout_s)),
-        )
+        return PgConnector.from_settings(settings).connect(CLI, autocommit=autocommit)
     except psycopg.Error as exc:
         where = redact_url(settings.database_url) or "(libpq defaults)"
         raise DatabaseError(f"cannot connect to PostgreSQL at {where}: {exc}") from None

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
-import psycopg
-
 from cdc_invalidator.metrics import Metrics
 from cdc_invalidator.modes.choose import mode_for
+from cdc_invalidator.pg.connect import SIDE, PgConnector
 from cdc_invalidator.redis_guard.watch import RedisWatch
 from cdc_invalidator.runner import Runner, RunnerConfig
 from cdc_invalidator.settings import Settings
@@ -25,21 +21,6 @@ def runner_config(settings: Settings) -> RunnerConfig:
         linger_s=settings.batch_linger_ms / 1000,
         second_delete_s=settings.second_delete_ms / 1000,
     )
-
-
-def pg_connector(settings: Settings, role: str = "") -> Callable[[], psycopg.Connection[Any]]:
-    """Short-lived side connections (replay, metrics), named after the listener."""
-    name = f"{settings.application_name}-{role}" if role else settings.application_name
-
-    def connect() -> psycopg.Connection[Any]:
-        return psycopg.connect(
-            settings.database_url,
-            autocommit=True,
-            application_name=name,
-            connect_timeout=max(1, round(settings.connect_timeout_s)),
-        )
-
-    return connect
 
 
 def build_listener(
@@ -59,7 +40,7 @@ def build_listener(
         sink=sink,
         mapper=mapper,
         history=mode,
-        connect=pg_connector(settings),
+        connect=PgConnector.from_settings(settings).factory(SIDE),
         window_s=settings.replay_window,
         check_every_s=settings.redis_check_interval_ms / 1000,
         second_delete_s=settings.second_delete_ms / 1000,

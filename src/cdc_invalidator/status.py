@@ -8,7 +8,7 @@ from typing import Any
 
 import psycopg
 
-from cdc_invalidator import sqlfiles
+from cdc_invalidator.pg.queries import Q
 
 
 class NotInstalledHere(Exception):
@@ -95,7 +95,7 @@ class LogicalStatus:
 
 
 def read_status(conn: psycopg.Connection[Any]) -> Status:
-    row = conn.execute(sqlfiles.query("status.sql")).fetchone()
+    row = conn.execute(Q.STATUS.sql).fetchone()
     if row is None:
         raise NotInstalledHere(
             "cdc_invalidator.listener_state_v1 is empty: run `cdc-invalidator install`"
@@ -105,7 +105,7 @@ def read_status(conn: psycopg.Connection[Any]) -> Status:
 
 
 def read_logical_status(conn: psycopg.Connection[Any], slot: str) -> LogicalStatus:
-    row = conn.execute(sqlfiles.query("logical_status.sql"), {"slot": slot}).fetchone()
+    row = conn.execute(Q.LOGICAL_STATUS.sql, {"slot": slot}).fetchone()
     if row is None:
         raise NotInstalledHere(
             f"slot {slot!r} is not registered: run `cdc-invalidator install` with "

@@ -11,10 +11,6 @@ lets the listener notice a server that vanished and reconnect.
 
 from __future__ import annotations
 
-from typing import Any
-
-import psycopg
-from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 # The server's side: session settings.
@@ -36,15 +32,11 @@ CLIENT_PARAMS: dict[str, int] = {
 
 def conninfo(url: str, options: str = "") -> str:
     """`url` with our side's keepalives; with `options` (added to any the URL has), the
-    server's keepalives go there too. Without, call set_server_side() once connected: a
-    startup `options` parameter is refused by poolers such as PgBouncer."""
+    server's keepalives go there too. Without, SET SERVER_SETTINGS once connected (the
+    connection factory, pg/connect.py, does): a startup `options` parameter is refused by
+    poolers such as PgBouncer."""
     if not options:
         return make_conninfo(url, **CLIENT_PARAMS)
     given = str(conninfo_to_dict(url).get("options") or "")
     merged = " ".join(o for o in (given, options, SERVER_OPTIONS) if o)
     return make_conninfo(url, options=merged, **CLIENT_PARAMS)
-
-
-def set_server_side(conn: psycopg.Connection[Any]) -> None:
-    for name, value in SERVER_SETTINGS.items():
-        conn.execute(sql.SQL("SET {} = {}").format(sql.Identifier(name), sql.Literal(value)))

@@ -33,8 +33,6 @@ from typing import Any, cast
 import psycopg
 import structlog
 
-from cdc_invalidator import sqlfiles
-from cdc_invalidator.capture import keepalive
 from cdc_invalidator.capture.errors import (
     Fatal,
     NotInstalled,
@@ -51,6 +49,7 @@ from cdc_invalidator.capture.pgoutput import (
     Undecodable,
 )
 from cdc_invalidator.capture.rows import encode_history
+from cdc_invalidator.capture.slot import SlotClass, SlotState
 from cdc_invalidator.capture.trigger_sql import require_installed
 from cdc_invalidator.capture.walstream import (
     Keepalive,
@@ -60,14 +59,11 @@ from cdc_invalidator.capture.walstream import (
     parse_lsn,
 )
 from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, TableName
+from cdc_invalidator.pg.connect import BOOKKEEPING, REPLICATION, PgConnector
+from cdc_invalidator.pg.queries import Q
 
 log = structlog.get_logger("cdc_invalidator.capture.logical")
 
-# The walsender prints values with its session's settings: pin those that change how a
-# value prints, as the trigger functions do, so that keys render the same in both modes.
-RENDER_OPTIONS = (
-    "-c TimeZone=UTC -c DateStyle=ISO,MDY -c IntervalStyle=postgres -c extra_float_digits=1"
-)
 # Progress that is only a keepalive's (WAL of other tables or databases, or our own
 # bookkeeping) is saved and confirmed once it amounts to this much: the slot never
 # holds back more than this, and an idle listener does not write to chase its own
@@ -110,26 +106,12 @@ class LogicalConfig:
 class LogicalCapture:
     """Opens the stream, after looking at the slot (creating it on first use)."""
 
-    def __init__(
-        self,
-        database_url: str,
-        config: LogicalConfig,
-        *,
-        application_name: str,
-        connect_timeout_s: float,
-    ) -> None:
-        self._database_url = database_url
+    def __init__(self, pg: PgConnector, config: LogicalConfig) -> None:
+        self._pg = pg
         self._config = config
-        self._application_name = application_name
-        self._connect_timeout = max(1, round(connect_timeout_s))
 
     def connect(self) -> LogicalStream:
-        side = psycopg.connect(
-            keepalive.conninfo(self._database_url),
-            autocommit=True,
-            application_name=self._application_name,
-            connect_timeout=self._connect_timeout,
-        )
+        side = self._pg.connect(BOOKKEEPING)
         try:
             try:
                 acked, resync = self._prepare(side)
@@ -137,13 +119,7 @@ class LogicalCapture:
                 _explain_refusal(side, exc)  # creating the slot needs REPLICATION
                 raise missing_privilege(side.info.user, "logical", exc) from None
             try:
-                repl = psycopg.connect(
-                    keepalive.conninfo(self._database_url, RENDER_OPTIONS),
-                    autocommit=True,
-                    replication="database",
-                    application_name=self._application_name,
-                    connect_timeout=self._connect_timeout,
-                )
+                repl = self._pg.connect(REPLICATION)
             except psycopg.OperationalError as exc:
                 _explain_refusal(side, exc)
                 raise
@@ -168,78 +144,53 @@ class LogicalCapture:
         """Check the install and the slot; return where to resume and a sweep owed."""
         cfg = self._config
         require_installed(side)
-        # Our bookkeeping writes only re-deliver events if lost in a crash: no fsync wait.
-        side.execute("SET synchronous_commit = off")
-        keepalive.set_server_side(side)
         published = side.execute(
-            "SELECT to_regclass('cdc_invalidator.slot_state_v1') IS NOT NULL"
-            " AND EXISTS (SELECT FROM pg_publication WHERE pubname = %s)",
-            [cfg.publication],
+            Q.LOGICAL_INSTALLED.sql, {"publication": cfg.publication}
         ).fetchone()
         if not published or not published[0]:
             raise NotInstalled(
                 f"database {side.info.dbname!r} has no publication {cfg.publication!r}: run "
                 '`cdc-invalidator install` with capture = "logical"'
             )
-        row = returned(
-            side.execute(sqlfiles.query("slot_info.sql"), {"slot": cfg.slot}).fetchone(),
-            f"row for replication slot {cfg.slot!r}",
-        )
-        (exists, plugin, slot_type, database, active_pid, wal_status, restart, confirmed,
-         acked_text, owed, state_exists) = row  # fmt: skip
-        if not state_exists:
+        state = SlotState.read(side, cfg.slot)
+        if not state.registered:
             raise NotInstalled(
                 f"slot {cfg.slot!r} is not registered in database {side.info.dbname!r}: "
                 "run `cdc-invalidator install` with this configuration"
             )
-        acked = parse_lsn(acked_text) if acked_text else None
-        where = f"replication slot {cfg.slot!r}"
-        reason: str | None = None
-        if not exists:
-            if acked is not None:
-                reason = f"{where} is gone (dropped, or the server failed over to one without it)"
-        elif slot_type != "logical" or plugin != "pgoutput" or database != side.info.dbname:
-            raise Fatal(
-                f"{where} belongs to something else ({slot_type} slot of {plugin!r} on "
-                f"database {database!r}): set slot_name to a slot of our own"
-            )
-        elif active_pid is not None:
-            raise Standby(f"{where} is in use by process {active_pid}")
-        elif wal_status == "lost" or restart is None:
-            reason = f"{where} was invalidated: WAL it needed was removed (wal_status {wal_status})"
-            side.execute(sqlfiles.query("drop_slot.sql"), {"slot": cfg.slot})
-            exists = False
-        elif acked is not None and confirmed is not None and parse_lsn(confirmed) > acked:
-            reason = (
-                f"{where} is at {confirmed}, past {format_lsn(acked)}, the last position this "
-                "listener confirmed: it was re-created, or another client consumed it"
-            )
-        if reason is not None:
+        verdict = state.classify()
+        kind = verdict.kind
+        if kind is SlotClass.FOREIGN:
+            raise Fatal(f"{verdict.reason}: set slot_name to a slot of our own")
+        if kind is SlotClass.IN_USE:
+            raise Standby(verdict.reason)
+        if kind is SlotClass.LOST:
+            side.execute(Q.DROP_SLOT.sql, {"slot": cfg.slot})
+        owed = state.resync_reason
+        if kind.missed_changes:
             log.error(
                 "changes_may_have_been_missed",
-                reason=reason,
+                reason=verdict.reason,
                 action="sweeping every key template of every watched table before resuming",
             )
             # Owed until done: a crash during the sweep sweeps again.
             side.execute(
-                sqlfiles.query("set_resync.sql"), {"slot": cfg.slot, "reason": reason, "lsn": None}
+                Q.SET_RESYNC.sql, {"slot": cfg.slot, "reason": verdict.reason, "lsn": None}
             )
-            owed = reason
-        if not exists:
-            created = side.execute(sqlfiles.query("create_slot.sql"), {"slot": cfg.slot})
+            owed = verdict.reason
+        if kind.create:
+            created = side.execute(Q.CREATE_SLOT.sql, {"slot": cfg.slot})
             start = returned(created.fetchone(), f"position for new slot {cfg.slot!r}")
-            side.execute(sqlfiles.query("record_slot.sql"), {"slot": cfg.slot, "lsn": start[0]})
+            side.execute(Q.RECORD_SLOT.sql, {"slot": cfg.slot, "lsn": start[0]})
             log.info("slot_created", slot=cfg.slot, lsn=start[0])
             return parse_lsn(start[0]), owed
-        if acked is None:
-            # First start on a slot created outside `install` (e.g. by the DBA).
-            confirmed = returned(confirmed, f"confirmed position of {where}")
-            side.execute(sqlfiles.query("record_slot.sql"), {"slot": cfg.slot, "lsn": confirmed})
+        if state.acked is None or kind is SlotClass.AHEAD:
+            # A slot created outside `install` (e.g. by the DBA), on its first start; or
+            # one moved past our position: resume where it is (after the sweep).
+            confirmed = returned(state.confirmed_flush_lsn, f"confirmed position of {state.where}")
+            side.execute(Q.RECORD_SLOT.sql, {"slot": cfg.slot, "lsn": confirmed})
             return parse_lsn(confirmed), owed
-        if confirmed is not None and parse_lsn(confirmed) > acked:
-            side.execute(sqlfiles.query("record_slot.sql"), {"slot": cfg.slot, "lsn": confirmed})
-            acked = parse_lsn(confirmed)
-        return acked, owed
+        return state.acked, owed
 
 
 # 2000-01-01 00:00:00 UTC, PostgreSQL's epoch, in Unix time.
@@ -249,7 +200,7 @@ PG_EPOCH = 946_684_800.0
 def _clock_offset(side: psycopg.Connection[Any]) -> float:
     """The server's clock minus ours, to within half a round trip."""
     before = time.time()
-    row = side.execute("SELECT extract(epoch FROM clock_timestamp())::float8").fetchone()
+    row = side.execute(Q.SERVER_CLOCK.sql).fetchone()
     after = time.time()
     return float(row[0]) - (before + after) / 2 if row else 0.0
 
@@ -258,9 +209,7 @@ def _explain_refusal(side: psycopg.Connection[Any], exc: psycopg.Error) -> None:
     """A replication connection or slot refused to a role without REPLICATION is for
     good: say so (Fatal) instead of retrying forever. (Managed services may grant
     replication by role membership instead; there, it is not refused in the first place.)"""
-    row = side.execute(
-        "SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user"
-    ).fetchone()
+    row = side.execute(Q.CAN_REPLICATE.sql).fetchone()
     if row is not None and not row[0]:
         raise Fatal(
             f"role {side.info.user!r} cannot use replication ({exc}): grant it "
@@ -319,12 +268,10 @@ class LogicalStream:
         if batch.dead:
             self._save_dead(batch)
         if batch.events and self._config.history_s:
-            self._side.execute(
-                sqlfiles.query("record_history.sql"), {"events": encode_history(batch.events)}
-            )
+            self._side.execute(Q.RECORD_HISTORY.sql, {"events": encode_history(batch.events)})
         if batch.resync:
             self._side.execute(
-                sqlfiles.query("set_resync.sql"),
+                Q.SET_RESYNC.sql,
                 {"slot": self._config.slot, "reason": None, "lsn": None},
             )
             log.warning("missed_changes_swept", tables=len(batch.events), reason=self._resync)
@@ -348,7 +295,7 @@ class LogicalStream:
     def _prune_if_due(self) -> None:
         cfg = self._config
         if cfg.history_s and time.monotonic() >= self._pruned_at + cfg.prune_every_s:
-            self._side.execute(sqlfiles.query("prune_history.sql"), {"seconds": cfg.history_s})
+            self._side.execute(Q.PRUNE_HISTORY.sql, {"seconds": cfg.history_s})
             self._pruned_at = time.monotonic()
 
     def listen(self, on: bool) -> None:
@@ -460,12 +407,8 @@ class LogicalStream:
 
     def _resolve_configured(self) -> dict[int, tuple[TableName, tuple[str, ...], list[int | None]]]:
         """Configured table -> its relid and key columns' numbers, once per connection."""
-        recorded = self._side.execute(
-            "SELECT to_regclass('cdc_invalidator.published_v1') IS NOT NULL"
-        ).fetchone()
-        query = sqlfiles.query(
-            "logical_resolve.sql" if recorded and recorded[0] else "logical_resolve_by_name.sql"
-        )
+        recorded = self._side.execute(Q.PUBLISHED_RECORDED.sql).fetchone()
+        query = Q.LOGICAL_RESOLVE.sql if recorded and recorded[0] else Q.LOGICAL_RESOLVE_BY_NAME.sql
         known: dict[int, tuple[TableName, tuple[str, ...], list[int | None]]] = {}
         for table, columns in self._config.columns.items():
             row = self._side.execute(
@@ -484,9 +427,7 @@ class LogicalStream:
             # Published by an earlier install but no longer configured: its changes are
             # dead letters ("not in the configuration"), holding its key columns as that
             # install recorded them, never the whole row.
-            for relid, schema, name, columns, attnums in self._side.execute(
-                sqlfiles.query("published_tables.sql")
-            ):
+            for relid, schema, name, columns, attnums in self._side.execute(Q.PUBLISHED_TABLES.sql):
                 known.setdefault(int(relid), (TableName(schema, name), tuple(columns), attnums))
         return known
 
@@ -501,9 +442,7 @@ class LogicalStream:
         entry = self._known.get(relid)
         target = relid
         if entry is None:
-            for (ancestor,) in self._side.execute(
-                sqlfiles.query("partition_ancestors.sql"), {"relid": relid}
-            ):
+            for (ancestor,) in self._side.execute(Q.PARTITION_ANCESTORS.sql, {"relid": relid}):
                 entry = self._known.get(int(ancestor))
                 if entry is not None:
                     target = int(ancestor)
@@ -513,7 +452,7 @@ class LogicalStream:
         table, wanted, attnums = entry
         now = dict(
             self._side.execute(
-                sqlfiles.query("relation_columns.sql"),
+                Q.RELATION_COLUMNS.sql,
                 {"relid": target, "attnums": [a for a in attnums if a is not None]},
             ).fetchall()
         )
@@ -557,7 +496,7 @@ class LogicalStream:
             force or self._event_commit > self._persisted or target - self._persisted >= CHASE_BYTES
         ):
             self._side.execute(
-                sqlfiles.query("save_ack.sql"),
+                Q.SAVE_ACK.sql,
                 {
                     "slot": self._config.slot,
                     "lsn": format_lsn(target),
@@ -581,9 +520,7 @@ class LogicalStream:
         if every and time.monotonic() >= self._heartbeat_at + every:
             # A WAL record in this database: the stream moves, and the slot with it, even
             # when nothing here is written while other databases are.
-            self._side.execute(
-                "SELECT pg_logical_emit_message(false, 'cdc_invalidator_heartbeat', '')"
-            )
+            self._side.execute(Q.HEARTBEAT.sql)
             self._heartbeat_at = time.monotonic()
 
     def _save_dead(self, batch: LogicalBatch) -> None:
@@ -611,4 +548,4 @@ class LogicalStream:
                     "error": error + where,
                 }
             )
-        self._side.cursor().executemany(sqlfiles.query("logical_dead_letter.sql"), rows)
+        self._side.cursor().executemany(Q.LOGICAL_DEAD_LETTER.sql, rows)

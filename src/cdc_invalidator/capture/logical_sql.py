@@ -15,11 +15,12 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from cdc_invalidator import sqlfiles
 from cdc_invalidator.capture.errors import returned
+from cdc_invalidator.capture.slot import SlotClass, SlotState
 from cdc_invalidator.capture.trigger_sql import SCRIPT_HEADER, guard
 from cdc_invalidator.events import TableName
 from cdc_invalidator.mapping import Mapper
+from cdc_invalidator.pg.queries import Q
 
 IDENTITY_HEADER = """
 -- Old values. UPDATE and DELETE carry the old values of the replica identity's columns
@@ -30,9 +31,6 @@ IDENTITY_HEADER = """
 -- to WAL on UPDATE and DELETE); uninstall puts the old identity back. Tables configured
 -- with replica_identity = "keep" are left alone.
 """
-
-# The DDL guard (sql/logical.sql) stands aside while install does its work itself.
-INSTALLING = "SELECT set_config('cdc_invalidator.installing', 'on', true);\n\n"
 
 SLOT_FOOTER = """
 -- The replication slot (PostgreSQL refuses to create one in a transaction that has
@@ -49,7 +47,7 @@ def install_script(
     records: list[sql.Composable] = []
     for table in sorted(mapper.tables):
         records.append(
-            sqlfiles.query("record_published.sql").format(
+            Q.RECORD_PUBLISHED.sql.format(
                 table=sql.Literal(table.qualified),
                 schema=sql.Literal(table.schema),
                 name=sql.Literal(table.name),
@@ -67,19 +65,17 @@ def install_script(
                 )
             )
             identities.append(
-                sqlfiles.query("require_replica_identity.sql").format(
-                    table=sql.Literal(table.qualified)
-                )
+                Q.REQUIRE_REPLICA_IDENTITY.sql.format(table=sql.Literal(table.qualified))
             )
             continue
         identities.append(
-            sqlfiles.query("ensure_replica_identity.sql").format(
+            Q.ENSURE_REPLICA_IDENTITY.sql.format(
                 table=sql.Literal(table.qualified),
                 columns=_text_array(mapper.columns(table)),
             )
         )
     tables = sql.SQL(", ").join(sql.Literal(t.qualified) for t in sorted(mapper.tables))
-    publish = sqlfiles.query("logical_install.sql").format(
+    publish = Q.LOGICAL_INSTALL.sql.format(
         records=sql.SQL("").join(records),
         tables=tables,
         publication=sql.Literal(publication),
@@ -91,12 +87,13 @@ def install_script(
             sql.SQL(SCRIPT_HEADER),
             guard(publication),
             sql.SQL("\n"),
-            sql.SQL(INSTALLING),
-            sqlfiles.query("schema.sql"),
+            Q.INSTALLING.sql,
             sql.SQL("\n"),
-            sqlfiles.query("logical.sql"),
+            Q.SCHEMA.sql,
             sql.SQL("\n"),
-            sqlfiles.query("grants.sql"),
+            Q.LOGICAL.sql,
+            sql.SQL("\n"),
+            Q.GRANTS.sql,
             *identities,
             sql.SQL("\n-- The publication the listener streams: exactly the configured tables.\n"),
             publish,
@@ -119,23 +116,18 @@ def create_slot(conn: psycopg.Connection[Any], slot: str) -> NewSlot | None:
     """Create the slot unless it exists, recording where it starts. SlotBusy if a slot
     of that name exists and is not one we can use; Fatal if PostgreSQL did not say where
     the new slot starts."""
-    found = conn.execute(
-        "SELECT slot_type, plugin, database FROM pg_replication_slots WHERE slot_name = %s",
-        [slot],
-    ).fetchone()
-    if found is not None:
-        slot_type, plugin, database = found
-        if (slot_type, plugin, database) != ("logical", "pgoutput", conn.info.dbname):
-            raise SlotBusy(
-                f"replication slot {slot!r} belongs to something else ({slot_type} slot of "
-                f"{plugin!r} on database {database!r}): set slot_name to a name of our own"
-            )
+    verdict = SlotState.read(conn, slot).classify()
+    if verdict.kind is SlotClass.FOREIGN:
+        raise SlotBusy(f"{verdict.reason}: set slot_name to a name of our own")
+    if verdict.kind not in (SlotClass.MISSING_FIRST_USE, SlotClass.GONE):
+        # Ours, whatever its state: the listener acts on it when it starts (LOST: it
+        # drops and re-creates it; IN_USE, AHEAD: as the listener's rules say).
         return None
     row = returned(
-        conn.execute(sqlfiles.query("create_slot.sql"), {"slot": slot}).fetchone(),
+        conn.execute(Q.CREATE_SLOT.sql, {"slot": slot}).fetchone(),
         f"position for new slot {slot!r}",
     )
-    state = conn.execute(sqlfiles.query("record_slot.sql"), {"slot": slot, "lsn": row[0]})
+    state = conn.execute(Q.RECORD_SLOT.sql, {"slot": slot, "lsn": row[0]})
     recorded = state.fetchone()
     return NewSlot(str(row[0]), recorded[0] if recorded else None)
 
@@ -147,7 +139,7 @@ class SlotBusy(Exception):
 def our_slot(conn: psycopg.Connection[Any], slot: str) -> bool:
     """Whether the slot exists and is ours (registered by install); SlotBusy if a
     listener is streaming it."""
-    row = conn.execute(sqlfiles.query("our_slot.sql"), {"slot": slot}).fetchone()
+    row = conn.execute(Q.OUR_SLOT.sql, {"slot": slot}).fetchone()
     if row is None:
         return False
     if row[0] is not None:
@@ -158,4 +150,4 @@ def our_slot(conn: psycopg.Connection[Any], slot: str) -> bool:
 
 
 def drop_slot(conn: psycopg.Connection[Any], slot: str) -> None:
-    conn.execute(sqlfiles.query("drop_slot.sql"), {"slot": slot})
+    conn.execute(Q.DROP_SLOT.sql, {"slot": slot})

@@ -28,12 +28,12 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import tuple_row
 
-from cdc_invalidator import sqlfiles
-from cdc_invalidator.capture import keepalive
 from cdc_invalidator.capture.errors import Fatal, NotInstalled, Standby, missing_privilege
 from cdc_invalidator.capture.rows import RowDecoder
 from cdc_invalidator.capture.trigger_sql import CHANNEL, require_installed
 from cdc_invalidator.events import ChangeEvent
+from cdc_invalidator.pg.connect import LISTENER, PgConnector
+from cdc_invalidator.pg.queries import Q
 
 # Progress is saved at most this often, and this long at most after going idle: a crash
 # re-delivers at most this much work, where a save per batch would cost a write per batch.
@@ -128,28 +128,15 @@ class TriggerCapture:
     """Connects the trigger queue, and reconnects it where the last connection left off."""
 
     def __init__(
-        self,
-        database_url: str,
-        *,
-        application_name: str,
-        connect_timeout_s: float,
-        prune_every_s: float = 1.0,
-        history_s: float = 0.0,
+        self, pg: PgConnector, *, prune_every_s: float = 1.0, history_s: float = 0.0
     ) -> None:
-        self._database_url = database_url
-        self._application_name = application_name
-        self._connect_timeout_s = connect_timeout_s
+        self._pg = pg
         self._prune_every_s = prune_every_s
         self._progress: Progress | None = None
         self._retention = Retention(history_s)
 
     def connect(self) -> TriggerQueue:
-        conn = psycopg.connect(
-            keepalive.conninfo(self._database_url),
-            autocommit=True,
-            application_name=self._application_name,
-            connect_timeout=max(1, round(self._connect_timeout_s)),
-        )
+        conn = self._pg.connect(LISTENER)
         try:
             saved = _prepare(conn)
         except psycopg.errors.InsufficientPrivilege as exc:
@@ -196,7 +183,7 @@ class TriggerQueue:
         rows = (
             self._conn.cursor(row_factory=tuple_row)
             .execute(
-                sqlfiles.query("fetch_batch.sql"),
+                Q.FETCH_BATCH.sql,
                 {
                     "cur": window.text if window else None,
                     "prev_xip": done.xip,
@@ -227,7 +214,7 @@ class TriggerQueue:
         if batch.dead:
             xids = {row[2]: row[1] for row in rows}
             self._conn.cursor().executemany(
-                sqlfiles.query("dead_letter.sql"),
+                Q.DEAD_LETTER.sql,
                 [{"xid": xids[pos], "id": pos, "error": err} for pos, err in batch.dead.items()],
             )
         progress.unsaved_events += len(rows)
@@ -296,7 +283,7 @@ class TriggerQueue:
         state = progress.state()
         after_xid, after_id = progress.after
         self._conn.execute(
-            sqlfiles.query("save_progress.sql"),
+            Q.SAVE_PROGRESS.sql,
             {
                 "snapshot": progress.done.text,
                 "window_end": progress.window.text if progress.window else None,
@@ -321,7 +308,7 @@ class TriggerQueue:
         if done is None or self._pruned_for is done:
             return False
         deleted = self._conn.execute(
-            sqlfiles.query("prune.sql"), {"snapshot": done.text, "limit": PRUNE_CHUNK}
+            Q.PRUNE.sql, {"snapshot": done.text, "limit": PRUNE_CHUNK}
         ).rowcount
         self._pruned_at = time.monotonic()
         self._prune_more = deleted >= PRUNE_CHUNK
@@ -331,29 +318,19 @@ class TriggerQueue:
 
 
 def _prepare(conn: psycopg.Connection[Any]) -> Progress:
+    # The session's settings (no fsync wait, no bitmap scans) are the LISTENER kind's.
     require_installed(conn)
-    locked = conn.execute(sqlfiles.query("take_lock.sql")).fetchone()
+    locked = conn.execute(Q.TAKE_LOCK.sql).fetchone()
     if not locked or not locked[0]:
         raise Standby("another listener is consuming the queue of this database")
-    # Losing our own writes in a server crash only re-delivers events (their keys are
-    # deleted twice), so the listener does not wait for WAL fsync and takes no fsync
-    # bandwidth from the writers.
-    conn.execute("SET synchronous_commit = off")
-    keepalive.set_server_side(conn)
-    # A window is read in (xid, id) order, a chunk at a time: that must be an ordered
-    # index scan that stops after the chunk. A queue table's statistics are always out of
-    # date, and with them the planner picks a bitmap scan that sorts the whole window
-    # for every chunk (measured: 5x slower on a 100k-row window). (Turning sequential
-    # scans off as well was measured to make latency 50x worse at p99.)
-    conn.execute("SET enable_bitmapscan = off")
     conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
-    row = conn.execute(sqlfiles.query("load_progress.sql")).fetchone()
+    row = conn.execute(Q.LOAD_PROGRESS.sql).fetchone()
     if row is None:
         raise NotInstalled(
             "cdc_invalidator.listener_state_v1 is empty: run `cdc-invalidator install`"
         )
     done, window_end, after_xid, after_id = row
-    ahead = conn.execute(sqlfiles.query("progress_ahead.sql"), {"snapshot": done}).fetchone()
+    ahead = conn.execute(Q.PROGRESS_AHEAD.sql, {"snapshot": done}).fetchone()
     if ahead and ahead[0]:
         raise Fatal(
             f"the saved position ({done}) lies past this server's transaction ids (next "

@@ -7,9 +7,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from cdc_invalidator import sqlfiles
 from cdc_invalidator.capture.errors import NotInstalled
 from cdc_invalidator.mapping import Mapper
+from cdc_invalidator.pg.queries import Q
 
 SCHEMA_VERSION = 1
 CHANNEL = "cdc_invalidator_v1"
@@ -26,7 +26,7 @@ def install_script(mapper: Mapper, publication: str | None = None) -> sql.Compos
     for tables that are watched but no longer configured; with `publication`, logical
     mode's publication and replica identities go (a switch from logical mode)."""
     watches = [
-        sqlfiles.query("watch_table.sql").format(
+        Q.WATCH_TABLE.sql.format(
             table=sql.Literal(table.qualified),
             columns=sql.SQL("ARRAY[{}]::text[]").format(
                 sql.SQL(", ").join(sql.Literal(c) for c in mapper.columns(table))
@@ -34,7 +34,7 @@ def install_script(mapper: Mapper, publication: str | None = None) -> sql.Compos
         )
         for table in sorted(mapper.tables)
     ]
-    unwatch = sqlfiles.query("unwatch_others.sql").format(
+    unwatch = Q.UNWATCH_OTHERS.sql.format(
         tables=sql.SQL(", ").join(sql.Literal(t.qualified) for t in sorted(mapper.tables))
     )
     header = sql.SQL(SCRIPT_HEADER)
@@ -46,9 +46,9 @@ def install_script(mapper: Mapper, publication: str | None = None) -> sql.Compos
         header,
         guard(None),
         sql.SQL("\n"),
-        sqlfiles.query("schema.sql"),
+        Q.SCHEMA.sql,
         sql.SQL("\n"),
-        sqlfiles.query("grants.sql"),
+        Q.GRANTS.sql,
         watch_header,
         *watches,
         sql.SQL("\n"),
@@ -64,21 +64,19 @@ def guard(publication: str | None, action: str = "install") -> sql.Composed:
     go on if anything the script would reuse or run belongs to another role
     (sql/guard.sql). With `publication`, the publication of that name is checked too
     (logical mode reuses it; trigger mode only drops it)."""
-    return sqlfiles.query("guard.sql").format(
-        publication=sql.Literal(publication), action=sql.Literal(action)
-    )
+    return Q.GUARD.sql.format(publication=sql.Literal(publication), action=sql.Literal(action))
 
 
 def _leave_logical(publication: str) -> sql.Composed:
-    return sqlfiles.query("leave_logical.sql").format(publication=sql.Identifier(publication))
+    return Q.LEAVE_LOGICAL.sql.format(publication=sql.Identifier(publication))
 
 
 def installed_version(conn: psycopg.Connection[Any]) -> int | None:
     """The version of our installed SQL, or None when it is not installed."""
-    row = conn.execute(sqlfiles.query("check_installed.sql")).fetchone()
+    row = conn.execute(Q.CHECK_INSTALLED.sql).fetchone()
     if not row or not row[0]:
         return None
-    row = conn.execute(sqlfiles.query("schema_version.sql")).fetchone()
+    row = conn.execute(Q.SCHEMA_VERSION.sql).fetchone()
     return int(row[0]) if row else None
 
 
@@ -98,7 +96,7 @@ def uninstall_script(publication: str | None = None) -> sql.Composed:
     parts: list[sql.Composable] = [guard(publication, "uninstall"), sql.SQL("\n")]
     if publication is not None:
         parts += [_leave_logical(publication), sql.SQL("\n")]
-    return sql.Composed([*parts, sqlfiles.query("uninstall.sql")])
+    return sql.Composed([*parts, Q.UNINSTALL.sql])
 
 
 def render(script: sql.Composable) -> str:

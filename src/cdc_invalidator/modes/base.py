@@ -8,16 +8,16 @@ import a mode, so the imports point one way (modes → those modules)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any, LiteralString, Protocol
+from typing import Any, Protocol
 
 import psycopg
 from psycopg import sql
 
-from cdc_invalidator import sqlfiles
 from cdc_invalidator.capture.rows import Decoded
 from cdc_invalidator.checks import Report
 from cdc_invalidator.events import TableName
 from cdc_invalidator.metrics import Figures
+from cdc_invalidator.pg.queries import Q
 from cdc_invalidator.runner import Source
 
 # History rows read and deleted per round of a replay: bounded memory whatever the
@@ -94,17 +94,17 @@ class CaptureMode(Protocol):
 
 
 def history_rows(
-    conn: psycopg.Connection[Any], name: LiteralString, since_s: float
+    conn: psycopg.Connection[Any], query: Q, since_s: float
 ) -> Iterator[list[tuple[Any, ...]]]:
-    """The rows of history query `name` for the last `since_s` seconds, in chunks of
+    """The rows of history query `query` for the last `since_s` seconds, in chunks of
     HISTORY_CHUNK. A server-side cursor: the window may hold millions."""
     with conn.transaction(), conn.cursor(name="cdc_invalidator_replay") as cur:
-        cur.execute(sqlfiles.query(name), {"seconds": since_s})
+        cur.execute(query.sql, {"seconds": since_s})
         while rows := cur.fetchmany(HISTORY_CHUNK):
             yield rows
 
 
-def seconds_ago(conn: psycopg.Connection[Any], name: LiteralString) -> float | None:
-    """The one value of query `name`, seconds or NULL (last_acknowledged_*.sql)."""
-    row = conn.execute(sqlfiles.query(name)).fetchone()
+def seconds_ago(conn: psycopg.Connection[Any], query: Q) -> float | None:
+    """The one value of query `query`, seconds or NULL (last_acknowledged_*.sql)."""
+    row = conn.execute(query.sql).fetchone()
     return None if row is None or row[0] is None else float(row[0])

@@ -17,6 +17,8 @@ from cdc_invalidator.checks import Report
 from cdc_invalidator.events import TableName
 from cdc_invalidator.metrics import Figures
 from cdc_invalidator.modes.base import history_rows, seconds_ago
+from cdc_invalidator.pg.connect import PgConnector
+from cdc_invalidator.pg.queries import Q
 from cdc_invalidator.runner import Source
 from cdc_invalidator.settings import Settings
 from cdc_invalidator.status import LogicalStatus, read_logical_status
@@ -71,7 +73,7 @@ class LogicalMode:
         s = self._settings
         mapper = s.mapper()
         return LogicalCapture(
-            s.database_url,
+            PgConnector.from_settings(s),
             LogicalConfig(
                 slot=s.slot_name,
                 publication=s.publication_name,
@@ -81,8 +83,6 @@ class LogicalMode:
                 history_s=s.history_s,
                 prune_every_s=s.prune_every_ms / 1000,
             ),
-            application_name=s.application_name,
-            connect_timeout_s=s.connect_timeout_s,
         ).connect
 
     def status(self, conn: psycopg.Connection[Any]) -> LogicalStatus:
@@ -142,7 +142,7 @@ class LogicalMode:
         """The batches acknowledged in the window (history_v1), decoded as the listener
         encoded them; a row's events and failures take its id as position."""
         decoder = RowDecoder()
-        for rows in history_rows(conn, "history_logical.sql", since_s):
+        for rows in history_rows(conn, Q.HISTORY_LOGICAL, since_s):
             chunk = Decoded()
             for position, text in rows:
                 decoded = decoder.history_row(position, text)
@@ -151,4 +151,4 @@ class LogicalMode:
             yield chunk
 
     def last_acknowledged_s(self, conn: psycopg.Connection[Any]) -> float | None:
-        return seconds_ago(conn, "last_acknowledged_logical.sql")
+        return seconds_ago(conn, Q.LAST_ACKNOWLEDGED_LOGICAL)

@@ -17,6 +17,8 @@ from cdc_invalidator.checks import Report
 from cdc_invalidator.events import TableName
 from cdc_invalidator.metrics import Figures
 from cdc_invalidator.modes.base import history_rows, seconds_ago
+from cdc_invalidator.pg.connect import PgConnector
+from cdc_invalidator.pg.queries import Q
 from cdc_invalidator.runner import Source
 from cdc_invalidator.settings import Settings
 from cdc_invalidator.status import Status, read_status
@@ -61,9 +63,7 @@ class TriggerMode:
     def source(self) -> Callable[[], Source]:
         s = self._settings
         return TriggerCapture(
-            s.database_url,
-            application_name=s.application_name,
-            connect_timeout_s=s.connect_timeout_s,
+            PgConnector.from_settings(s),
             prune_every_s=s.prune_every_ms / 1000,
             history_s=s.history_s,
         ).connect
@@ -112,8 +112,8 @@ class TriggerMode:
         """The queue rows written in the window (processed rows are kept for
         replay_history), decoded as the listener decodes them."""
         decoder = RowDecoder()
-        for rows in history_rows(conn, "history_trigger.sql", since_s):
+        for rows in history_rows(conn, Q.HISTORY_TRIGGER, since_s):
             yield decoder.queue_rows(rows)
 
     def last_acknowledged_s(self, conn: psycopg.Connection[Any]) -> float | None:
-        return seconds_ago(conn, "last_acknowledged_trigger.sql")
+        return seconds_ago(conn, Q.LAST_ACKNOWLEDGED_TRIGGER)

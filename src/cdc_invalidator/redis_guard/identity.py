@@ -7,7 +7,7 @@ from typing import Any
 
 import psycopg
 
-from cdc_invalidator import sqlfiles
+from cdc_invalidator.pg.queries import Q
 
 
 class IdentityStore:
@@ -16,8 +16,8 @@ class IdentityStore:
 
     def load(self) -> tuple[str, float] | None:
         """(identity, seconds since it was saved) or None before the first save."""
-        row = self._conn.execute(sqlfiles.query("load_redis_identity.sql")).fetchone()
+        row = self._conn.execute(Q.LOAD_REDIS_IDENTITY.sql).fetchone()
         return (row[0], max(0.0, row[1])) if row else None
 
     def save(self, identity: str) -> None:
-        self._conn.execute(sqlfiles.query("save_redis_identity.sql"), {"identity": identity})
+        self._conn.execute(Q.SAVE_REDIS_IDENTITY.sql, {"identity": identity})

@@ -1,0 +1,121 @@
+"""The replication slot's rules, in one place.
+
+`SlotState` is what the server says of the slot and what the listener last recorded
+(slot_info.sql, read by column name); `classify()` is the one reading of it that the
+listener (resume, sweep, refuse or stand by), `check` (its lines) and `install` (create
+the slot or not) act on.
+
+The listener saves the position in slot_state_v1 before it tells the slot, so a slot
+found past that position was moved by someone else: changes may have been missed, as
+they may when a slot that was used is gone, or lost the WAL it needed.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg.rows import class_row
+
+from cdc_invalidator.capture.errors import returned
+from cdc_invalidator.capture.walstream import format_lsn, parse_lsn
+from cdc_invalidator.pg.queries import Q
+
+
+class SlotClass(enum.Enum):
+    MISSING_FIRST_USE = "missing"  # never used (no position saved): created, nothing missed
+    GONE = "gone"  # used, then dropped (or a failover to a server without it)
+    FOREIGN = "foreign"  # another type, plugin or database: not ours to use
+    IN_USE = "in use"  # a process streams it (another listener)
+    LOST = "lost"  # invalidated: the WAL it needed was removed
+    AHEAD = "ahead"  # past the position we saved: re-created, or consumed by another client
+    OK = "ok"
+
+    @property
+    def missed_changes(self) -> bool:
+        """Changes may have been missed: every watched table is swept before resuming."""
+        return self in (SlotClass.GONE, SlotClass.LOST, SlotClass.AHEAD)
+
+    @property
+    def create(self) -> bool:
+        """The slot must be created (LOST: after dropping the dead one)."""
+        return self in (SlotClass.MISSING_FIRST_USE, SlotClass.GONE, SlotClass.LOST)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    kind: SlotClass
+    reason: str  # says which slot and what is the matter, for a log line or a message
+
+
+@dataclass(frozen=True, slots=True)
+class SlotState:
+    slot_name: str
+    current_database: str
+    slot_exists: bool
+    plugin: str | None
+    slot_type: str | None
+    database: str | None
+    active_pid: int | None
+    wal_status: str | None
+    restart_lsn: str | None
+    confirmed_flush_lsn: str | None
+    acked_lsn: str | None  # the last position the listener saved (and then confirmed)
+    resync_reason: str | None  # a sweep owed, and why
+    registered: bool  # install registered the slot in slot_state_v1
+
+    @classmethod
+    def read(cls, conn: psycopg.Connection[Any], slot: str) -> SlotState:
+        with conn.cursor(row_factory=class_row(cls)) as cur:
+            state = cur.execute(Q.SLOT_INFO.sql, {"slot": slot}).fetchone()
+        return returned(state, f"row for replication slot {slot!r}")
+
+    @property
+    def where(self) -> str:
+        return f"replication slot {self.slot_name!r}"
+
+    @property
+    def acked(self) -> int | None:
+        return parse_lsn(self.acked_lsn) if self.acked_lsn else None
+
+    @property
+    def confirmed(self) -> int | None:
+        return parse_lsn(self.confirmed_flush_lsn) if self.confirmed_flush_lsn else None
+
+    def classify(self) -> Verdict:  # noqa: PLR0911 - one return per class, in rule order
+        where, acked, confirmed = self.where, self.acked, self.confirmed
+        if not self.slot_exists:
+            if acked is None:
+                return Verdict(SlotClass.MISSING_FIRST_USE, f"{where} does not exist yet")
+            return Verdict(
+                SlotClass.GONE,
+                f"{where} is gone (dropped, or the server failed over to one without it)",
+            )
+        if (self.slot_type, self.plugin, self.database) != (
+            "logical",
+            "pgoutput",
+            self.current_database,
+        ):
+            return Verdict(
+                SlotClass.FOREIGN,
+                f"{where} belongs to something else ({self.slot_type} slot of "
+                f"{self.plugin!r} on database {self.database!r})",
+            )
+        if self.active_pid is not None:
+            return Verdict(SlotClass.IN_USE, f"{where} is in use by process {self.active_pid}")
+        if self.wal_status == "lost" or self.restart_lsn is None:
+            return Verdict(
+                SlotClass.LOST,
+                f"{where} was invalidated: WAL it needed was removed "
+                f"(wal_status {self.wal_status})",
+            )
+        if acked is not None and confirmed is not None and confirmed > acked:
+            return Verdict(
+                SlotClass.AHEAD,
+                f"{where} is at {self.confirmed_flush_lsn}, past {format_lsn(acked)}, the last "
+                "position this listener confirmed: it was re-created, or another client "
+                "consumed it",
+            )
+        return Verdict(SlotClass.OK, f"{where}: wal_status {self.wal_status}")

@@ -1,0 +1,124 @@
+"""Every PostgreSQL session the tool opens, made in one place.
+
+Each session gets the configured `database_url`, `application_name` (with a suffix that
+says which session it is, in pg_stat_activity) and `connect_timeout`; a `Kind` adds what
+that session needs: TCP keepalives both ways (capture/keepalive.py) for the sessions
+that hold the lock or the slot, settings SET once connected (a startup `options`
+parameter is refused by poolers such as PgBouncer), startup options for the replication
+session (no pooler stands between it and the walsender).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from cdc_invalidator.capture import keepalive
+from cdc_invalidator.settings import Settings
+
+# The walsender prints values with its session's settings: pin those that change how a
+# value prints, as the trigger functions do, so that keys render the same in both modes.
+RENDER_OPTIONS = (
+    "-c TimeZone=UTC -c DateStyle=ISO,MDY -c IntervalStyle=postgres -c extra_float_digits=1"
+)
+# Losing our own bookkeeping writes in a server crash only re-delivers events (their
+# keys are deleted twice), so the listener does not wait for WAL fsync and takes no fsync
+# bandwidth from the writers.
+NO_FSYNC_WAIT = ("synchronous_commit", "off")
+# How long a scrape's reading of the database may take: a hung database fails the
+# reading (status_up 0) instead of holding the scrape and the collector's lock.
+METRICS_STATEMENT_TIMEOUT = "5s"
+
+
+@dataclass(frozen=True, slots=True)
+class Kind:
+    """What one kind of session needs besides the URL, its name and connect_timeout."""
+
+    suffix: str = ""  # added to application_name
+    keepalives: bool = False  # a session whose end frees a lock or a slot
+    settings: tuple[tuple[str, str | int], ...] = ()  # SET once connected
+    # Startup options; the server's keepalives then go there too (with keepalives only).
+    options: str = ""
+    replication: bool = False  # replication=database: the walsender's protocol
+
+    def __post_init__(self) -> None:
+        if self.options and not self.keepalives:
+            raise ValueError("startup options are for a session with keepalives")
+
+
+# Trigger mode's consumer: holds the advisory lock, LISTENs, reads and saves progress.
+# A window is read in (xid, id) order, a chunk at a time: that must be an ordered index
+# scan that stops after the chunk. A queue table's statistics are always out of date, and
+# with them the planner picks a bitmap scan that sorts the whole window for every chunk
+# (measured: 5x slower on a 100k-row window). (Turning sequential scans off as well was
+# measured to make latency 50x worse at p99.)
+LISTENER = Kind(keepalives=True, settings=(NO_FSYNC_WAIT, ("enable_bitmapscan", "off")))
+# Logical mode's ordinary session beside the stream: slot state, dead letters, history.
+BOOKKEEPING = Kind(keepalives=True, settings=(NO_FSYNC_WAIT,))
+# Logical mode's stream (START_REPLICATION).
+REPLICATION = Kind(keepalives=True, options=RENDER_OPTIONS, replication=True)
+# Short-lived sessions beside the listener (replay's identity watch): they hold nothing,
+# and are named apart from the listener's own session in pg_stat_activity.
+SIDE = Kind(suffix="-side")
+# The metrics collector's session, read at scrape time.
+METRICS = Kind(suffix="-metrics", settings=(("statement_timeout", METRICS_STATEMENT_TIMEOUT),))
+# A one-shot command (install, check, status, replay, ...).
+CLI = Kind(suffix="-cli")
+
+
+class PgConnector:
+    """Opens sessions of each kind for one database."""
+
+    def __init__(self, database_url: str, *, application_name: str, connect_timeout_s: float):
+        self.database_url = database_url
+        self._application_name = application_name
+        # libpq takes whole seconds; 0 would mean "wait forever".
+        self._connect_timeout = max(1, round(connect_timeout_s))
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> PgConnector:
+        return cls(
+            settings.database_url,
+            application_name=settings.application_name,
+            connect_timeout_s=settings.connect_timeout_s,
+        )
+
+    def connect(self, kind: Kind, *, autocommit: bool = True) -> psycopg.Connection[Any]:
+        conninfo = self.database_url
+        if kind.keepalives:
+            conninfo = keepalive.conninfo(conninfo, kind.options)
+        extra: dict[str, Any] = {"replication": "database"} if kind.replication else {}
+        conn = psycopg.connect(
+            conninfo,
+            autocommit=autocommit,
+            application_name=self._application_name + kind.suffix,
+            connect_timeout=self._connect_timeout,
+            **extra,
+        )
+        settings = list(kind.settings)
+        if kind.keepalives and not kind.options:
+            settings += keepalive.SERVER_SETTINGS.items()
+        try:
+            if settings:
+                # In one round trip: a standby connects again every poll_interval_ms.
+                conn.execute(
+                    sql.SQL("; ").join(
+                        sql.SQL("SET {} = {}").format(sql.Identifier(name), sql.Literal(value))
+                        for name, value in settings
+                    )
+                )
+                if not autocommit:
+                    conn.commit()  # a SET in a transaction that is rolled back is undone
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def factory(self, kind: Kind) -> Callable[[], psycopg.Connection[Any]]:
+        """A function that opens a session of this kind (for who reconnects at will)."""
+        return partial(self.connect, kind)

@@ -1,0 +1,124 @@
+"""Every file of sql/ that the code reads, named once: the one list of our SQL.
+
+The files are the SQL a DBA reviews; they ship inside the wheel as the package
+cdc_invalidator.sql. Code names a file only through a member of `Q` (never a name built
+at run time), so this list is complete, a file named twice is an error at import
+(`enum.unique`), and one missing is an error at import too. A file's text is read on
+first use and kept.
+"""
+
+from __future__ import annotations
+
+import enum
+from functools import cache
+from importlib.resources import files
+from typing import LiteralString
+
+from psycopg.sql import SQL
+
+PACKAGE = "cdc_invalidator.sql"
+
+
+@enum.unique
+class Q(enum.Enum):
+    """A file of sql/: `.sql` to execute or compose, `.text` as written."""
+
+    _value_: str
+
+    # --- install and uninstall scripts: parts, some with {placeholders} to format -------
+    GUARD = "guard.sql"  # the start of every script: search_path pinned, squatting refused
+    SCHEMA = "schema.sql"  # both modes' shared objects and the trigger queue
+    GRANTS = "grants.sql"  # grant_listener()
+    LOGICAL = "logical.sql"  # logical mode's objects and the DDL guard
+    INSTALLING = "installing.sql"  # the DDL guard stands aside while install works
+    WATCH_TABLE = "watch_table.sql"
+    UNWATCH_OTHERS = "unwatch_others.sql"
+    LEAVE_LOGICAL = "leave_logical.sql"
+    RECORD_PUBLISHED = "record_published.sql"
+    ENSURE_REPLICA_IDENTITY = "ensure_replica_identity.sql"
+    REQUIRE_REPLICA_IDENTITY = "require_replica_identity.sql"
+    LOGICAL_INSTALL = "logical_install.sql"  # the publication
+    UNINSTALL = "uninstall.sql"
+    RESET_AFTER_RESTORE = "reset_after_restore.sql"  # run by a DBA by hand (docs/DBA.md)
+
+    # --- is it installed -----------------------------------------------------------------
+    CHECK_INSTALLED = "check_installed.sql"
+    SCHEMA_VERSION = "schema_version.sql"
+    LOGICAL_INSTALLED = "logical_installed.sql"
+
+    # --- trigger mode: the listener --------------------------------------------------------
+    TAKE_LOCK = "take_lock.sql"
+    LOAD_PROGRESS = "load_progress.sql"
+    PROGRESS_AHEAD = "progress_ahead.sql"
+    FETCH_BATCH = "fetch_batch.sql"
+    DEAD_LETTER = "dead_letter.sql"
+    SAVE_PROGRESS = "save_progress.sql"
+    PRUNE = "prune.sql"
+
+    # --- logical mode: the slot ----------------------------------------------------------
+    SLOT_INFO = "slot_info.sql"  # read into capture.slot.SlotState
+    CREATE_SLOT = "create_slot.sql"
+    RECORD_SLOT = "record_slot.sql"
+    DROP_SLOT = "drop_slot.sql"
+    OUR_SLOT = "our_slot.sql"
+    SET_RESYNC = "set_resync.sql"
+    CAN_REPLICATE = "can_replicate.sql"
+
+    # --- logical mode: the listener ------------------------------------------------------
+    SERVER_CLOCK = "server_clock.sql"
+    PUBLISHED_RECORDED = "published_recorded.sql"
+    LOGICAL_RESOLVE = "logical_resolve.sql"
+    LOGICAL_RESOLVE_BY_NAME = "logical_resolve_by_name.sql"
+    PUBLISHED_TABLES = "published_tables.sql"
+    PARTITION_ANCESTORS = "partition_ancestors.sql"
+    RELATION_COLUMNS = "relation_columns.sql"
+    SAVE_ACK = "save_ack.sql"
+    RECORD_HISTORY = "record_history.sql"
+    PRUNE_HISTORY = "prune_history.sql"
+    HEARTBEAT = "heartbeat.sql"
+    LOGICAL_DEAD_LETTER = "logical_dead_letter.sql"
+
+    # --- replay --------------------------------------------------------------------------
+    HISTORY_TRIGGER = "history_trigger.sql"
+    HISTORY_LOGICAL = "history_logical.sql"
+    LAST_ACKNOWLEDGED_TRIGGER = "last_acknowledged_trigger.sql"
+    LAST_ACKNOWLEDGED_LOGICAL = "last_acknowledged_logical.sql"
+    LOAD_REDIS_IDENTITY = "load_redis_identity.sql"
+    SAVE_REDIS_IDENTITY = "save_redis_identity.sql"
+
+    # --- status and check ----------------------------------------------------------------
+    STATUS = "status.sql"
+    LOGICAL_STATUS = "logical_status.sql"
+    CHECK_TABLE = "check_table.sql"
+    CHECK_UNCONFIGURED = "check_unconfigured.sql"
+    CHECK_WATCH = "check_watch.sql"
+    CHECK_PUBLISHED = "check_published.sql"
+    CHECK_IDENTITY = "check_identity.sql"
+    CHECK_DRIFT = "check_drift.sql"
+    CHECK_LOGICAL_SERVER = "check_logical_server.sql"
+    CHECK_DDL_GUARD = "check_ddl_guard.sql"
+
+    @property
+    def text(self) -> LiteralString:
+        return _read(self.value)
+
+    @property
+    def sql(self) -> SQL:
+        return SQL(_read(self.value))
+
+
+@cache
+def _read(name: str) -> LiteralString:
+    # Trusted text shipped with the package, never built from input: a LiteralString.
+    content: LiteralString = files(PACKAGE).joinpath(name).read_text("utf-8")
+    return content
+
+
+def missing() -> list[str]:
+    """The registered files that are not there (a broken checkout or wheel)."""
+    root = files(PACKAGE)
+    return [q.value for q in Q if not root.joinpath(q.value).is_file()]
+
+
+if _missing := missing():
+    raise ImportError(f"{PACKAGE} lacks {', '.join(_missing)}: a broken installation")

@@ -1,0 +1,144 @@
+"""The connection factory (pg/connect.py): each kind of session as the server sees it,
+and the metrics session's statement_timeout against a database that hangs."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import psycopg
+import pytest
+
+from cdc_invalidator.cli import main
+from cdc_invalidator.metrics import BacklogCollector
+from cdc_invalidator.modes.trigger import TriggerMode
+from cdc_invalidator.pg.connect import (
+    BOOKKEEPING,
+    CLI,
+    LISTENER,
+    METRICS,
+    REPLICATION,
+    SIDE,
+    Kind,
+    PgConnector,
+)
+from cdc_invalidator.settings import load_settings
+from tests.support.config import write_config
+from tests.support.env import Env
+
+KEEPALIVES = {
+    "tcp_keepalives_idle": "1",
+    "tcp_keepalives_interval": "1",
+    "tcp_keepalives_count": "2",
+}
+DEFAULTS = {"synchronous_commit": "on", "enable_bitmapscan": "on", "statement_timeout": "0"}
+RENDER = {"TimeZone": "UTC", "DateStyle": "ISO, MDY", "IntervalStyle": "postgres"}
+UNLIKE_OURS = {
+    **DEFAULTS,
+    "tcp_keepalives_idle": "7",
+    "tcp_keepalives_interval": "7",
+    "tcp_keepalives_count": "7",
+    "TimeZone": "America/New_York",
+    "DateStyle": "SQL, DMY",
+    "IntervalStyle": "iso_8601",
+}
+
+
+def shown(conn: psycopg.Connection[Any], names: list[str]) -> dict[str, str]:
+    """SHOW each setting by the simple query protocol: a walsender takes no other."""
+    out = {}
+    for name in names:
+        result = conn.pgconn.exec_(f"SHOW {name}".encode())
+        value = result.get_value(0, 0)
+        assert value is not None, name
+        out[name] = value.decode()
+    return out
+
+
+@pytest.mark.servers
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        (LISTENER, {"application_name": "app", **DEFAULTS, **KEEPALIVES}
+         | {"synchronous_commit": "off", "enable_bitmapscan": "off"}),
+        (BOOKKEEPING, {"application_name": "app", **DEFAULTS, **KEEPALIVES}
+         | {"synchronous_commit": "off"}),
+        (REPLICATION, {"application_name": "app", **KEEPALIVES, **RENDER}),
+        (SIDE, {"application_name": "app-side", **DEFAULTS}),
+        (METRICS, {"application_name": "app-metrics", **DEFAULTS} | {"statement_timeout": "5s"}),
+        (CLI, {"application_name": "app-cli", **DEFAULTS}),
+    ],
+)  # fmt: skip
+def test_each_kind_of_session_has_its_settings(
+    env: Env, kind: Kind, expected: dict[str, str]
+) -> None:
+    # Defaults unlike every kind's own, for this database's new sessions: what a session
+    # shows then is what the factory set.
+    dbname = env.scalar("SELECT current_database()")
+    for name, value in UNLIKE_OURS.items():
+        env.sql(f"ALTER DATABASE \"{dbname}\" SET {name} = '{value}'")
+    pg = PgConnector(env.dsn, application_name="app", connect_timeout_s=0.2)
+    with pg.connect(kind) as conn:
+        assert shown(conn, list(expected)) == expected
+        # Our side's keepalives: libpq parameters, on exactly the sessions that hold
+        # the lock or the slot.
+        params = conn.info.get_parameters()
+        client = {k: params.get(k) for k in ("keepalives_idle", "keepalives_count")}
+        assert client == ({"keepalives_idle": "1", "keepalives_count": "2"} if kind.keepalives
+                          else {"keepalives_idle": None, "keepalives_count": None})  # fmt: skip
+        assert params["connect_timeout"] == "1"  # whole seconds, never 0 ("forever")
+
+
+@pytest.mark.servers
+def test_a_failed_setting_closes_the_session(env: Env) -> None:
+    pg = PgConnector(env.dsn, application_name="app", connect_timeout_s=1)
+    bad = Kind(settings=(("no_such_setting_here", "1"),))
+    before = env.scalar("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'app'")
+    with pytest.raises(psycopg.errors.UndefinedObject):
+        pg.connect(bad)
+    after = env.scalar("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'app'")
+    assert (before, after) == (0, 0)
+
+
+def read(backlog: BacklogCollector) -> dict[str, float]:
+    return {family.name: family.samples[0].value for family in backlog.collect()}
+
+
+@pytest.mark.servers
+def test_a_hung_database_fails_the_metrics_reading_instead_of_holding_it(env: Env) -> None:
+    env.sql("CREATE TABLE users (id int PRIMARY KEY)")
+    config = write_config(
+        env.tmp_path / "config.toml",
+        database_url=env.dsn,
+        redis_url=env.redis_url,
+        tables={"public.users": ["user:{id}"]},
+    )
+    assert main(["install", "--config", str(config)]) == 0
+    pg = PgConnector(env.dsn, application_name="app", connect_timeout_s=1)
+    now = [0.0]
+    backlog = BacklogCollector(
+        pg.factory(METRICS), TriggerMode(load_settings(config)), clock=lambda: now[0]
+    )
+    locked = threading.Event()
+    release = threading.Event()
+
+    def hold_lock() -> None:
+        # What a hung database looks like to a reader: its query waits on a lock.
+        with env.connect() as conn, conn.transaction():
+            conn.execute("LOCK cdc_invalidator.listener_state_v1 IN ACCESS EXCLUSIVE MODE")
+            locked.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=hold_lock)
+    holder.start()
+    try:
+        assert locked.wait(30)
+        # The reading was cancelled (status_up 0), the scrape answered.
+        assert read(backlog)["cdc_invalidator_status_up"] == 0
+    finally:
+        release.set()
+        holder.join(30)
+    now[0] += 60
+    seen = read(backlog)
+    assert (seen["cdc_invalidator_status_up"], seen["cdc_invalidator_backlog_events"]) == (1, 0)
+    backlog.close()
