@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 import pytest
@@ -24,7 +24,14 @@ from redis.cluster import RedisCluster
 
 from cdc_invalidator import runner as runner_module
 from cdc_invalidator.capture.errors import Fatal, Standby
-from cdc_invalidator.capture.trigger_queue import UNLISTEN_AT, WakeupPolicy
+from cdc_invalidator.capture.trigger_queue import (
+    UNLISTEN_AT,
+    Progress,
+    Retention,
+    Snapshot,
+    TriggerQueue,
+    WakeupPolicy,
+)
 from cdc_invalidator.events import ChangeEvent, Op, TableName
 from cdc_invalidator.mapping import Invalidation, KeyTemplate, Mapper, Routed
 from cdc_invalidator.replay import RedisWatch, ReplayResult
@@ -402,6 +409,33 @@ def test_wakeup_policy_never_unlistens_when_batches_are_too_small_to_tell() -> N
     for _ in range(3):
         assert policy.after_batch(UNLISTEN_AT, UNLISTEN_AT) is None
     assert policy.listening
+
+
+class NoConnection:
+    """Any use fails the test: a wait() that should return at once must not touch it."""
+
+    def __getattr__(self, name: str) -> object:
+        raise AssertionError(f"the connection was used ({name})")
+
+
+def idle_queue() -> TriggerQueue:
+    conn = cast("psycopg.Connection[Any]", NoConnection())
+    progress = Progress(Snapshot.parse("10:10:"))
+    progress.saved = progress.state()  # nothing to save: no reason to return early
+    return TriggerQueue(conn, progress, 1.0, Retention(0.0))
+
+
+def test_trigger_wait_returns_at_once_for_the_look_after_listen_again() -> None:
+    queue = idle_queue()
+    with pytest.raises(AssertionError, match="connection was used"):
+        queue.wait(0.0)  # an ordinary wait reads the connection: the fake can tell
+    policy = queue._wakeup
+    assert policy.after_batch(50, 100) is False
+    assert policy.after_batch(1, 100) is True
+    queue.wait(3600.0)  # returns at once: the runner looks once more
+    policy.after_batch(0, 100)  # that look
+    with pytest.raises(AssertionError, match="connection was used"):
+        queue.wait(0.0)
 
 
 # --- Redis: refused writes, back-off ------------------------------------------------------
