@@ -134,7 +134,8 @@ def world(monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
 class FakeSource:
     """Scripted batches; an exception in the script is raised by batch(). A batch left
     by an exception comes again, as from both real sources. When the script is done,
-    the first wait() stops the runner (unless the clock's stop_at is to)."""
+    the first wait() stops the runner (with stop_when_done; else the clock's stop_at
+    does)."""
 
     def __init__(
         self, world: World, script: list[Arrives | BaseException], stop_when_done: bool = True
