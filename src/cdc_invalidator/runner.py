@@ -32,35 +32,69 @@ log = structlog.get_logger("cdc_invalidator.runner")
 PROGRESS_EVERY_S = 60.0
 # A table whose changes cannot be rendered is swept at every batch: log that this often.
 UNRENDERABLE_LOG_EVERY_S = 60.0
-# Batches this large mean changes arrive faster than the listener wakes: stop NOTIFY.
-UNLISTEN_AT = 8
 
 
 class Batch(Protocol):
-    """Events taken from a source; dead letters are recorded on it before it is
-    acknowledged (a clean exit from Source.batch())."""
+    """Changes taken from a source, acknowledged by a clean exit from Source.batch().
+    Each field means the same in both capture modes."""
 
     @property
-    def size(self) -> int: ...
+    def size(self) -> int:
+        """How many changes the batch took: its events, plus those that could not be
+        decoded (dead letters without an event). 0: nothing new."""
+
     @property
-    def events(self) -> list[ChangeEvent]: ...
+    def events(self) -> list[ChangeEvent]:
+        """The decoded changes, to map to keys and delete."""
+
     @property
-    def dead(self) -> dict[int, str]: ...
+    def dead(self) -> dict[int, str]:
+        """Dead letters, position -> reason: changes that could not be decoded (put
+        here by the source) or mapped (by dead_letter()). A position is the event's
+        ChangeEvent.position, or the one an undecodable change would have had. The
+        source saves them when the batch is acknowledged."""
+
     @property
-    def txn_ages(self) -> list[float]: ...
+    def ages_s(self) -> list[float]:
+        """How long before `read_at` each transaction with changes for us recorded
+        them, in seconds by the server's clock. Recorded means what each mode can see:
+        the commit in logical mode, the start of the writer's transaction in trigger
+        mode (queue rows carry the writer's now()). One per transaction: in logical mode
+        in the batch that reads its commit; in trigger mode in the batch that holds its
+        rows (every row read is committed), so one larger than a batch counts in each of
+        its batches. Once acknowledged, plus the time since `read_at`: the
+        commit-to-delete lag. Empty in a batch of size 0: caught up."""
+
     @property
-    def read_at(self) -> float: ...
-    def dead_letter(self, position: int, error: str) -> None: ...
+    def read_at(self) -> float:
+        """When the batch was read (time.monotonic()): the instant `ages_s` refer to."""
+
+    def dead_letter(self, position: int, error: str) -> None:
+        """Park the event at `position` (see `dead`), saved on acknowledgement."""
 
 
 class Source(Protocol):
-    """A connected capture: the trigger queue or the logical stream."""
+    """A connected capture: the trigger queue or the logical stream.
 
-    def batch(self, limit: int) -> AbstractContextManager[Batch]: ...
-    def wait(self, timeout_s: float, wakeup_fd: int | None = None) -> None: ...
-    def listen(self, on: bool) -> None: ...
-    def maintain(self) -> None: ...
-    def close(self) -> None: ...
+    Each turn of the runner's loop takes a batch, calls maintain(), then either lingers
+    (busy) or calls wait() (quiet). How the source is woken (NOTIFY or polling, in
+    trigger mode) is its own business, decided from the batches it hands out."""
+
+    def batch(self, limit: int) -> AbstractContextManager[Batch]:
+        """Up to `limit` changes. A clean exit acknowledges them (Redis confirmed their
+        deletes); an exception does not, and the same changes come again."""
+
+    def maintain(self) -> None:
+        """Housekeeping that is due (saving progress, pruning, status updates,
+        heartbeats), on every turn: cheap when nothing is."""
+
+    def wait(self, timeout_s: float, wakeup_fd: int | None = None) -> None:
+        """Only wait: until woken (new changes, or `wakeup_fd` readable: shutdown) or
+        timeout_s; at once if more is already there to read, and no later than
+        maintain() has something due."""
+
+    def close(self) -> None:
+        """Save what can be saved if the connection still works, then close it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,7 +235,6 @@ class Runner:
         cfg = self._config
         backoff = Backoff(cfg.retry_initial_s, cfg.retry_max_s)
         next_progress = time.monotonic() + PROGRESS_EVERY_S
-        listening = True
         redis_back = True  # ask Redis who it is before the first batch, and after outages
         # Redis answers INFO but refused our last deletes (READONLY, NOREPLICAS, MISCONF):
         # only a batch that goes through makes it available again.
@@ -224,34 +257,21 @@ class Runner:
                 self.redis.down(exc)
                 redis_back = True
                 writes_refused = deleting
+                source.maintain()  # due during an outage too (the stream's status updates)
                 self._stopper.sleep(backoff.next_delay())
                 continue
             if taken:
                 writes_refused = False
                 self.redis.up()
                 backoff.reset()
-                source.maintain()
+            source.maintain()
             if 1 < taken < cfg.batch_size:
-                if listening and taken >= UNLISTEN_AT:
-                    # Busy: stop the wake-up per commit (each costs the backend a signal
-                    # and a queue read, and us a message) while we linger and poll. Only
-                    # when clearly busy: LISTEN again costs the backend a walk over the
-                    # server's NOTIFY queue (measured: p99 at 300 changes/s went from
-                    # 1.2 to 55 ms when a batch of 2 was enough to switch).
-                    source.listen(False)
-                    listening = False
                 # Under load (changes arrive faster than one batch each): let the next
                 # batch gather for up to linger_s since this one started, instead of
                 # waking for every commit. Batches grow and the cost per event falls;
                 # one change at a time (the quiet case) is never delayed.
                 self._stopper.sleep(started + cfg.linger_s - time.monotonic())
             elif taken < cfg.batch_size:
-                if not listening:
-                    # Quiet again: LISTEN, then look once more for what committed before
-                    # the LISTEN took effect.
-                    source.listen(True)
-                    listening = True
-                    continue
                 timeout = cfg.poll_interval_s
                 if (due := self._later.next_due) is not None:
                     timeout = min(timeout, due - time.monotonic())
@@ -263,7 +283,7 @@ class Runner:
     def _process_batch(self, source: Source) -> int:
         with source.batch(self._config.batch_size) as batch:
             if not batch.size:
-                if not batch.txn_ages:
+                if not batch.ages_s:
                     self.behind_s = 0.0  # caught up
                 return 0
             works, failed = self._mapper.map_all(batch.events)
@@ -320,12 +340,12 @@ class Runner:
         m.keys_deleted.inc(deleted)
         if batch.dead:
             m.dead_letters.inc(len(batch.dead))
-        if batch.txn_ages:
+        if batch.ages_s:
             since_read = time.monotonic() - batch.read_at
-            for age in batch.txn_ages:
+            for age in batch.ages_s:
                 m.lag.observe(age + since_read)
             # The newest transaction done: how far behind the listener is now.
-            self.behind_s = min(batch.txn_ages) + since_read
+            self.behind_s = min(batch.ages_s) + since_read
 
     def _set_active(self, active: bool) -> None:
         self.active = active

@@ -73,16 +73,19 @@ CHASE_BYTES = 1 << 20
 
 @dataclass(slots=True)
 class LogicalBatch:
+    """The runner's Batch (size, events, dead, ages_s, read_at, dead_letter mean what
+    runner.Batch says). Here a position is the decoder's serial number of the change,
+    and an age is measured from the transaction's commit time; the rest is this
+    capture's own bookkeeping."""
+
     size: int
     events: list[ChangeEvent]
     dead: dict[int, str] = field(default_factory=dict)
+    ages_s: list[float] = field(default_factory=list)
+    read_at: float = 0.0
     undecodable: dict[int, ChangeEvent] = field(default_factory=dict)  # what is known of them
     # (first position, xid, commit LSN) of each transaction the batch holds events of.
     transactions: list[tuple[int, int, int]] = field(default_factory=list)
-    # How old each transaction whose Commit the batch read was then (seconds), and when
-    # (time.monotonic()): the commit-to-delete lag, once acknowledged.
-    txn_ages: list[float] = field(default_factory=list)
-    read_at: float = 0.0
     ack_lsn: int = 0  # confirmed once the batch is acknowledged
     event_commit: int = 0  # end of the last transaction with events that the batch ends
     resync: bool = False  # the sweep owed after missed changes
@@ -258,7 +261,6 @@ class LogicalStream:
     def batch(self, limit: int) -> Iterator[LogicalBatch]:
         """Up to `limit` events. A clean exit acknowledges them; an exception keeps them
         to be handed out again (the stream cannot be read twice)."""
-        self._status_if_due()
         if self._pending is None:
             self._pending = self._resync_batch() if self._resync else self._read(limit)
         batch = self._pending
@@ -281,14 +283,22 @@ class LogicalStream:
         self._unsaved_events += batch.size
 
     def wait(self, timeout_s: float, wakeup_fd: int | None = None) -> None:
+        """Return when the stream has data, on a byte on `wakeup_fd` (shutdown) or after
+        timeout_s; at once if the last read stopped at its limit (more is buffered), and
+        at the latest when a status update or a heartbeat falls due. (The stream pushes
+        whatever commits: there is nothing to switch on or off.)"""
         if self._more:
             return
-        self._status_if_due()
         now = time.monotonic()
         timeout_s = min(timeout_s, self._status_at + self._config.status_interval_s - now)
         if self._config.heartbeat_s:
             timeout_s = min(timeout_s, self._heartbeat_at + self._config.heartbeat_s - now)
         self._stream.wait(timeout_s, wakeup_fd)
+
+    def maintain(self) -> None:
+        """Status update, heartbeat, history pruning, each if due: cheap when none is
+        (clock reads). Called on every turn of the runner's loop, busy or idle."""
+        self._status_if_due()
         self._heartbeat_if_due()
         self._prune_if_due()
 
@@ -297,14 +307,6 @@ class LogicalStream:
         if cfg.history_s and time.monotonic() >= self._pruned_at + cfg.prune_every_s:
             self._side.execute(Q.PRUNE_HISTORY.sql, {"seconds": cfg.history_s})
             self._pruned_at = time.monotonic()
-
-    def listen(self, on: bool) -> None:
-        """Nothing to switch: the stream pushes whatever commits."""
-
-    def maintain(self) -> None:
-        self._status_if_due()
-        self._heartbeat_if_due()
-        self._prune_if_due()
 
     def close(self) -> None:
         """Confirm what is done if the connections still work, then close them."""
@@ -377,7 +379,7 @@ class LogicalStream:
             batch.event_commit = commit.end_lsn
             # commit_time: microseconds since 2000-01-01 by the server's clock.
             now = time.time() + self._clock_offset_s
-            batch.txn_ages.append(max(0.0, now - PG_EPOCH - commit.commit_time / 1e6))
+            batch.ages_s.append(max(0.0, now - PG_EPOCH - commit.commit_time / 1e6))
 
     def _keepalive(self, msg: Keepalive, batch: LogicalBatch) -> None:
         self._received = max(self._received, msg.wal_end)

@@ -1,0 +1,623 @@
+"""The runner's loop against in-memory fakes: no servers.
+
+FakeSource hands out scripted batches and records what the runner does with it
+(batches taken, acknowledgements, maintain() and wait() calls); FakeSink records the
+deletes and raises what it is told to. The runner module's clock is replaced: sleeps
+and waits move it on instead of passing time, so linger, back-off and second deletes
+are checked by the delays the runner asks for, never by measuring.
+
+The trigger source's NOTIFY-or-poll policy is tested on its own (WakeupPolicy).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import psycopg
+import pytest
+import redis
+
+from cdc_invalidator import runner as runner_module
+from cdc_invalidator import second_deletes as second_deletes_module
+from cdc_invalidator.capture.errors import Fatal, Standby
+from cdc_invalidator.capture.trigger_queue import (
+    UNLISTEN_AT,
+    Progress,
+    Retention,
+    Snapshot,
+    TriggerQueue,
+    WakeupPolicy,
+)
+from cdc_invalidator.events import ChangeEvent, Op, TableName
+from cdc_invalidator.mapping import KeyTemplate, Mapper, Routed
+from cdc_invalidator.redis_guard.watch import RedisWatch
+from cdc_invalidator.replay import ReplayResult
+from cdc_invalidator.runner import Runner, RunnerConfig, Source
+from cdc_invalidator.shutdown import Stopper
+from cdc_invalidator.sink import Persistence
+
+USERS = TableName("public", "users")
+T0 = 1000.0
+# A runner that loops this often without the test ending it is stuck: fail, not hang.
+MAX_TURNS = 10_000
+
+Entry = tuple[object, ...]
+
+
+class Clock:
+    """Stands in for the runner module's `time`: only monotonic() is read there."""
+
+    def __init__(self) -> None:
+        self.now = T0
+        self.stop_at = float("inf")
+        self.stopper: Stopper | None = None
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += max(0.0, seconds)
+        if self.now >= self.stop_at and self.stopper is not None:
+            self.stopper.stop()
+
+
+class FakeStopper(Stopper):
+    """A real stop flag and pipe; sleep() moves the clock on and records the delay."""
+
+    def __init__(self, clock: Clock, log: list[Entry]) -> None:
+        super().__init__()
+        self._clock = clock
+        self._log = log
+        self.sleeps: list[float] = []
+
+    def sleep(self, seconds: float) -> bool:
+        self.sleeps.append(seconds)
+        self._log.append(("sleep", seconds))
+        self._clock.advance(seconds)
+        return self.stopped
+
+
+@dataclass(slots=True)
+class FakeBatch:
+    ids: list[int]
+    ages_s: list[float] = field(default_factory=list)
+    read_at: float = 0.0
+    dead: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return len(self.ids)
+
+    @property
+    def events(self) -> list[ChangeEvent]:
+        return [ChangeEvent(USERS, Op.INSERT, None, {"id": str(i)}, i) for i in self.ids]
+
+    def dead_letter(self, position: int, error: str) -> None:
+        self.dead[position] = error
+
+
+@dataclass(slots=True)
+class Arrives:
+    """A batch of these user ids, there to be read from clock time `at` on."""
+
+    ids: list[int]
+    at: float = T0
+    ages_s: list[float] = field(default_factory=list)
+
+
+@dataclass
+class World:
+    clock: Clock
+    stopper: FakeStopper
+    log: list[Entry]
+
+    def kinds(self) -> list[object]:
+        return [entry[0] for entry in self.log]
+
+    def entries(self, kind: str) -> list[Entry]:
+        return [entry for entry in self.log if entry[0] == kind]
+
+
+@pytest.fixture
+def world(monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
+    clock = Clock()
+    log: list[Entry] = []
+    stopper = FakeStopper(clock, log)
+    clock.stopper = stopper
+    # The runner and the second deletes it holds read the same (fake) clock.
+    monkeypatch.setattr(runner_module, "time", clock)
+    monkeypatch.setattr(second_deletes_module, "time", clock)
+    yield World(clock, stopper, log)
+    stopper.close()
+
+
+class FakeSource:
+    """Scripted batches; an exception in the script is raised by batch(). A batch left
+    by an exception comes again, as from both real sources. When the script is done,
+    the first wait() stops the runner (with stop_when_done; else the clock's stop_at
+    does)."""
+
+    def __init__(
+        self, world: World, script: list[Arrives | BaseException], stop_when_done: bool = True
+    ) -> None:
+        self._world = world
+        self._script: deque[Arrives | BaseException] = deque(script)
+        self._pending: FakeBatch | None = None
+        self._stop_when_done = stop_when_done
+        self.turns = 0
+
+    @contextmanager
+    def batch(self, limit: int) -> Iterator[FakeBatch]:
+        self.turns += 1
+        if self.turns > MAX_TURNS:
+            raise AssertionError("the runner loops without end")
+        clock, log = self._world.clock, self._world.log
+        if self._pending is None:
+            item = self._script[0] if self._script else None
+            if isinstance(item, BaseException):
+                self._script.popleft()
+                raise item
+            if item is not None and item.at <= clock.now:
+                self._script.popleft()
+                assert len(item.ids) <= limit, "a script batch larger than batch_size"
+                self._pending = FakeBatch(item.ids, item.ages_s, read_at=clock.now)
+            else:
+                self._pending = FakeBatch([], read_at=clock.now)
+        batch = self._pending
+        log.append(("batch", batch.ids))
+        yield batch
+        self._pending = None
+        log.append(("ack", batch.ids))
+
+    def maintain(self) -> None:
+        self._world.log.append(("maintain",))
+
+    def wait(self, timeout_s: float, wakeup_fd: int | None = None) -> None:
+        world = self._world
+        world.log.append(("wait", timeout_s))
+        assert wakeup_fd == world.stopper.fileno(), "a wait that shutdown cannot cut short"
+        if not self._script and self._stop_when_done:
+            world.stopper.stop()
+            return
+        ahead = self._script[0] if self._script else None
+        arrives = ahead.at if isinstance(ahead, Arrives) else float("inf")
+        world.clock.advance(min(timeout_s, arrives - world.clock.now))
+
+    def close(self) -> None:
+        self._world.log.append(("close",))
+
+
+class Connector:
+    """connect(): raises the next scripted failure, else hands out the source."""
+
+    def __init__(self, world: World, source: FakeSource, failures: list[BaseException]) -> None:
+        self._world = world
+        self._source = source
+        self._failures = deque(failures)
+
+    def __call__(self) -> Source:
+        self._world.log.append(("connect",))
+        if self._failures:
+            raise self._failures.popleft()
+        return self._source
+
+
+class FakeSink:
+    """Records every delete. `failures` scripts the first calls: an exception to raise,
+    or None to go through."""
+
+    def __init__(
+        self,
+        world: World,
+        failures: list[Exception | None] | None = None,
+        on_delete: Callable[[], None] | None = None,
+    ) -> None:
+        self._world = world
+        self._failures = deque(failures or [])
+        self._on_delete = on_delete
+        self.attempts = 0
+        self.deletes: list[tuple[list[str], float]] = []  # keys, and the clock then
+
+    def delete_routed(self, works: Routed) -> int:
+        self.attempts += 1
+        if self._on_delete is not None:
+            self._on_delete()
+        failure = self._failures.popleft() if self._failures else None
+        if failure is not None:
+            raise failure
+        keys = sorted(k for work in works.values() for k in work.keys)
+        self.deletes.append((keys, self._world.clock.now))
+        self._world.log.append(("delete", keys))
+        return len(keys)
+
+    def identity(self) -> str:
+        return "fake"
+
+    def persistence(self) -> list[Persistence]:
+        raise AssertionError("not used by the runner")
+
+    def ping(self) -> str:
+        raise AssertionError("not used by the runner")
+
+    def close(self) -> None:
+        pass
+
+
+class FakeWatch(RedisWatch):
+    """The identity check: records whether it was forced; raises the scripted errors
+    first (Redis does not answer), then answers (the same server: no replay)."""
+
+    def __init__(self, world: World, failures: list[Exception] | None = None) -> None:
+        self._world = world  # no sink, mapper or database: RedisWatch's __init__ not called
+        self._failures = deque(failures or [])
+
+    def check(self, force: bool = False) -> ReplayResult | None:
+        self._world.log.append(("check", force))
+        if self._failures:
+            raise self._failures.popleft()
+        return None
+
+
+def make_runner(
+    world: World,
+    source: FakeSource,
+    sink: FakeSink,
+    *,
+    connect_failures: list[BaseException] | None = None,
+    watch: RedisWatch | None = None,
+    **config: Any,
+) -> Runner:
+    defaults: dict[str, Any] = {
+        "batch_size": 100,
+        "poll_interval_s": 1.0,
+        "retry_initial_s": 1.0,
+        "retry_max_s": 100.0,
+        "linger_s": 0.05,
+    }
+    cfg = RunnerConfig(**{**defaults, **config})
+    return Runner(
+        connect=Connector(world, source, connect_failures or []),
+        mapper=Mapper({USERS: [KeyTemplate.parse("user:{id}")]}),
+        sink=sink,
+        config=cfg,
+        stopper=world.stopper,
+        watch=watch,
+    )
+
+
+def keys(*ids: int) -> list[str]:
+    return sorted(f"user:{i}" for i in ids)
+
+
+def sample(r: Runner, name: str, store: str) -> float | None:
+    return r.metrics.registry.get_sample_value(f"cdc_invalidator_{name}", {"store": store})
+
+
+# --- the quiet path and linger ------------------------------------------------------------
+
+
+def test_one_change_at_a_time_is_never_delayed(world: World) -> None:
+    """A batch of one: maintain(), then wait() for the next change, no linger."""
+    source = FakeSource(world, [Arrives([1]), Arrives([2], at=T0 + 2)])
+    make_runner(world, source, FakeSink(world), poll_interval_s=10.0).run()
+    assert world.stopper.sleeps == []
+    turns = [e for e in world.log if e[0] in ("batch", "ack", "maintain", "wait", "close")]
+    assert turns == [
+        ("batch", [1]),
+        ("ack", [1]),
+        ("maintain",),
+        ("wait", 10.0),  # woken when the next change arrives
+        ("batch", [2]),
+        ("ack", [2]),
+        ("maintain",),
+        ("wait", 10.0),  # the script is done: this wait stops the runner
+        ("close",),
+    ]
+
+
+def test_an_idle_listener_polls(world: World) -> None:
+    source = FakeSource(world, [Arrives([1], at=T0 + 2.5)])
+    make_runner(world, source, FakeSink(world), poll_interval_s=1.0).run()
+    assert [e for e in world.log if e[0] in ("batch", "wait")] == [
+        ("batch", []),
+        ("wait", 1.0),
+        ("batch", []),
+        ("wait", 1.0),
+        ("batch", []),
+        ("wait", 1.0),  # cut short by the change
+        ("batch", [1]),
+        ("wait", 1.0),
+    ]
+
+
+def test_under_load_the_next_batch_lingers_from_the_start_of_the_last(world: World) -> None:
+    """More than one change, fewer than batch_size: sleep until linger_s after the
+    batch started (a slow delete shortens it), no wait(); a full batch goes on at once;
+    one change alone waits again."""
+
+    def slow_redis() -> None:
+        world.clock.advance(0.02)
+
+    source = FakeSource(world, [Arrives([1, 2, 3]), Arrives([4, 5]), Arrives([6])])
+    sink = FakeSink(world, on_delete=slow_redis)
+    make_runner(world, source, sink, batch_size=3, linger_s=0.05).run()
+    after = [e for e in world.log if e[0] in ("ack", "sleep", "wait")]
+    assert after[0] == ("ack", [1, 2, 3])  # full: the next batch at once
+    assert after[1] == ("ack", [4, 5])
+    assert after[2][0] == "sleep"
+    assert world.stopper.sleeps == [pytest.approx(0.05 - 0.02)]
+    assert after[3:] == [("ack", [6]), ("wait", 1.0)]
+
+
+def test_maintain_runs_on_every_turn(world: World) -> None:
+    """Busy, idle, full, or after a Redis error: housekeeping is the source's, every turn."""
+    source = FakeSource(world, [Arrives([1, 2, 3]), Arrives([4, 5]), Arrives([6], at=T0 + 2)])
+    sink = FakeSink(world, failures=[redis.ConnectionError("down")])
+    make_runner(world, source, sink, batch_size=3).run()
+    # [1, 2, 3] (refused, then again), [4, 5], then idle until [6].
+    assert [e[1] for e in world.entries("batch")][:4] == [[1, 2, 3], [1, 2, 3], [4, 5], []]
+    assert world.entries("batch")[-1] == ("batch", [6])
+    assert world.kinds().count("maintain") == source.turns
+
+
+# --- the trigger source's NOTIFY-or-poll policy -------------------------------------------
+
+
+def test_wakeup_policy_unlistens_when_clearly_busy_and_listens_again_when_quiet() -> None:
+    policy = WakeupPolicy()
+    limit = 5000
+    assert policy.listening
+    # Quiet, a few at once, or a full batch (more waiting): NOTIFY stays on.
+    for size in (0, 1, 2, UNLISTEN_AT - 1, limit):
+        assert policy.after_batch(size, limit) is None, size
+        assert policy.listening
+    assert policy.after_batch(UNLISTEN_AT, limit) is False  # UNLISTEN
+    assert not policy.listening
+    assert not policy.look_again
+    # Still busy, or only somewhat (the runner lingers and polls): no switch back and
+    # forth, each LISTEN costs the backend a walk over the NOTIFY queue.
+    for size in (limit, 100, 2, UNLISTEN_AT):
+        assert policy.after_batch(size, limit) is None, size
+        assert not policy.listening
+    # Quiet again: LISTEN, then look once more before waiting.
+    assert policy.after_batch(1, limit) is True
+    assert policy.listening
+    assert policy.look_again
+    # The look is that next batch; whatever it finds, no further switch.
+    assert policy.after_batch(0, limit) is None
+    assert not policy.look_again
+    assert policy.listening
+
+
+@pytest.mark.parametrize("quiet", [0, 1])
+def test_wakeup_policy_listens_again_on_an_empty_or_single_batch(quiet: int) -> None:
+    policy = WakeupPolicy()
+    assert policy.after_batch(50, 100) is False
+    assert policy.after_batch(quiet, 100) is True
+    assert policy.look_again
+
+
+def test_wakeup_policy_never_unlistens_when_batches_are_too_small_to_tell() -> None:
+    """With batch_size at most UNLISTEN_AT, a batch that large is a full one."""
+    policy = WakeupPolicy()
+    for _ in range(3):
+        assert policy.after_batch(UNLISTEN_AT, UNLISTEN_AT) is None
+    assert policy.listening
+
+
+class NoConnection:
+    """Any use fails the test: a wait() that should return at once must not touch it."""
+
+    def __getattr__(self, name: str) -> object:
+        raise AssertionError(f"the connection was used ({name})")
+
+
+def idle_queue() -> TriggerQueue:
+    conn = cast("psycopg.Connection[Any]", NoConnection())
+    progress = Progress(Snapshot.parse("10:10:"))
+    progress.saved = progress.state()  # nothing to save: no reason to return early
+    return TriggerQueue(conn, progress, 1.0, Retention(0.0))
+
+
+def test_trigger_wait_returns_at_once_for_the_look_after_listen_again() -> None:
+    queue = idle_queue()
+    with pytest.raises(AssertionError, match="connection was used"):
+        queue.wait(0.0)  # an ordinary wait reads the connection: the fake can tell
+    policy = queue._wakeup
+    assert policy.after_batch(50, 100) is False
+    assert policy.after_batch(1, 100) is True
+    queue.wait(3600.0)  # returns at once: the runner looks once more
+    policy.after_batch(0, 100)  # that look
+    with pytest.raises(AssertionError, match="connection was used"):
+        queue.wait(0.0)
+
+
+# --- Redis: refused writes, back-off ------------------------------------------------------
+
+
+def test_redis_refusing_writes_is_unavailable_until_a_batch_goes_through(world: World) -> None:
+    """It answers INFO (the identity check) but refuses the deletes (READONLY): still
+    unavailable, however often it answers, until a batch goes through."""
+    seen: list[bool | None] = []
+    refused = redis.ReadOnlyError("READONLY You can't write against a read only replica.")
+    source = FakeSource(world, [Arrives([1])])
+    sink = FakeSink(
+        world, failures=[refused, refused], on_delete=lambda: seen.append(r.redis.available)
+    )
+    r = make_runner(world, source, sink, watch=FakeWatch(world))
+    r.run()
+    # What each attempt saw: Redis had answered INFO before each.
+    assert seen == [True, False, False]
+    assert [e[1] for e in world.entries("check")] == [True, True, True]
+    assert r.redis.available
+    # One outage, one way back, however many tries.
+    assert sample(r, "reconnects_total", "redis") == 1
+    assert sample(r, "errors_total", "redis") == 2
+
+
+def test_redis_that_answers_again_is_available_before_the_next_batch(world: World) -> None:
+    """Gone (the identity check fails), then answering: available at once."""
+    seen: list[bool | None] = []
+    gone = redis.ConnectionError("Connection refused")
+    source = FakeSource(world, [Arrives([1])])
+    sink = FakeSink(world, on_delete=lambda: seen.append(r.redis.available))
+    r = make_runner(world, source, sink, watch=FakeWatch(world, failures=[gone, gone]))
+    r.run()
+    assert seen == [True]
+    assert [e[1] for e in world.entries("check")] == [True, True, True]
+    assert sample(r, "reconnects_total", "redis") == 1
+    assert sample(r, "errors_total", "redis") == 2
+
+
+def test_redis_errors_back_off_and_the_delay_resets_after_a_batch_goes_through(
+    world: World,
+) -> None:
+    down = redis.ConnectionError("Connection refused")
+    source = FakeSource(world, [Arrives([1]), Arrives([2], at=T0 + 100)])
+    # Three failures for the first batch, one for the second.
+    sink = FakeSink(world, failures=[down, down, down, None, down])
+    make_runner(world, source, sink, retry_initial_s=1.0, retry_max_s=100.0).run()
+    assert len(world.stopper.sleeps) == 4
+    first, second, third, after_success = world.stopper.sleeps
+    assert first < second < third  # doubling, ±10 % jitter
+    assert after_success < second  # back to the first delay
+    assert [e[1] for e in world.entries("ack") if e[1]] == [[1], [2]]
+
+
+# --- acknowledgement ------------------------------------------------------------------------
+
+
+def test_a_batch_is_acknowledged_only_after_redis_confirmed(world: World) -> None:
+    """A sink error leaves the batch unacknowledged; the same batch comes again."""
+    source = FakeSource(world, [Arrives([1, 2])])
+    sink = FakeSink(world, failures=[redis.TimeoutError("Timeout reading from socket")])
+    make_runner(world, source, sink).run()
+    handled = [e[:2] for e in world.log if e[0] in ("batch", "delete", "ack") and e[1]]
+    assert handled == [
+        ("batch", [1, 2]),  # the delete failed: no ack
+        ("batch", [1, 2]),
+        ("delete", keys(1, 2)),
+        ("ack", [1, 2]),
+    ]
+
+
+def test_lag_and_behind_come_from_the_batch_ages(world: World) -> None:
+    """ages_s are as of read_at: the runner adds the time since (here a slow delete)."""
+
+    def slow_redis() -> None:
+        world.clock.advance(0.25)
+        world.stopper.stop()  # before an empty batch says "caught up"
+
+    source = FakeSource(world, [Arrives([1, 2], ages_s=[2.0, 0.5])])
+    r = make_runner(world, source, FakeSink(world, on_delete=slow_redis))
+    r.run()
+    assert r.behind_s == pytest.approx(0.75)  # the newest transaction, 0.5 + 0.25
+    registry = r.metrics.registry
+    assert registry.get_sample_value("cdc_invalidator_commit_to_delete_seconds_count") == 2
+    assert registry.get_sample_value("cdc_invalidator_commit_to_delete_seconds_sum") == (
+        pytest.approx(2.25 + 0.75)
+    )
+
+
+# --- second deletes -----------------------------------------------------------------------
+
+
+def test_second_deletes_fall_due_and_merge_within_10_ms(world: World) -> None:
+    source = FakeSource(
+        world,
+        [Arrives([1]), Arrives([2], at=T0 + 0.005), Arrives([3], at=T0 + 0.1)],
+        stop_when_done=False,
+    )
+    world.clock.stop_at = T0 + 60
+    sink = FakeSink(world)
+    make_runner(world, source, sink, second_delete_s=30.0, poll_interval_s=7.0).run()
+    assert [k for k, _ in sink.deletes] == [keys(1), keys(2), keys(3), keys(1, 2), keys(3)]
+    at = [t for _, t in sink.deletes]
+    # Due second_delete_s after each first delete: the wait ends in time for them.
+    assert at[3] == pytest.approx(at[0] + 30, abs=1e-6)
+    assert at[4] == pytest.approx(at[2] + 30, abs=1e-6)
+
+
+def test_second_deletes_are_done_on_shutdown(world: World) -> None:
+    source = FakeSource(world, [Arrives([1]), Arrives([2], at=T0 + 1)], stop_when_done=True)
+    sink = FakeSink(world)
+    make_runner(world, source, sink, second_delete_s=30.0).run()
+    assert [k for k, _ in sink.deletes] == [keys(1), keys(2), keys(1), keys(2)]
+    assert world.clock.now < T0 + 30  # not due yet: done because the listener stops
+    assert world.kinds()[-3:] == ["close", "delete", "delete"]
+
+
+def test_second_deletes_on_shutdown_give_up_when_redis_is_gone(world: World) -> None:
+    def redis_gone_at_shutdown() -> None:
+        if world.stopper.stopped:
+            raise redis.ConnectionError("Connection refused")
+
+    source = FakeSource(world, [Arrives([1])])
+    sink = FakeSink(world, on_delete=redis_gone_at_shutdown)
+    make_runner(world, source, sink, second_delete_s=30.0).run()  # nothing raised
+    assert sink.deletes == [(keys(1), T0)]
+    assert sink.attempts == 2
+
+
+# --- PostgreSQL: back-off, standby, fatal ---------------------------------------------------
+
+
+def test_postgres_errors_back_off_and_the_delay_resets_after_a_connection(world: World) -> None:
+    down = psycopg.OperationalError("connection refused")
+    # The connection breaks while reading the second batch: reconnect, and it comes.
+    source = FakeSource(world, [Arrives([1]), down, Arrives([2])])
+    sink = FakeSink(world)
+    r = make_runner(world, source, sink, connect_failures=[down, down, down])
+    r.run()
+    assert len(world.stopper.sleeps) == 4
+    first, second, third, after_success = world.stopper.sleeps
+    assert first < second < third
+    assert after_success < second
+    assert [e[1] for e in world.entries("ack") if e[1]] == [[1], [2]]
+    # The broken source was closed before reconnecting; one outage per way.
+    assert world.kinds().count("close") == 2
+    assert sample(r, "reconnects_total", "postgres") == 2
+    assert r.postgres.available
+
+
+def test_a_standby_polls_for_its_turn(world: World) -> None:
+    source = FakeSource(world, [Arrives([1])])
+    r = make_runner(
+        world,
+        source,
+        FakeSink(world),
+        connect_failures=[Standby("lock held"), Standby("lock held")],
+        poll_interval_s=2.5,
+    )
+    r.run()
+    assert world.stopper.sleeps == [2.5, 2.5]  # no back-off
+    assert world.entries("ack")[0] == ("ack", [1])
+    assert r.postgres.available  # a standby's server answers
+
+
+def test_a_fatal_error_ends_the_run(world: World) -> None:
+    source = FakeSource(world, [Arrives([1])])
+    r = make_runner(world, source, FakeSink(world), connect_failures=[Fatal("run install")])
+    with pytest.raises(Fatal, match="run install"):
+        r.run()
+    assert world.entries("batch") == []
+
+
+# --- shutdown -------------------------------------------------------------------------------
+
+
+def test_stop_finishes_the_batch_in_hand_then_closes_the_source(world: World) -> None:
+    source = FakeSource(world, [Arrives([1, 2]), Arrives([3])])
+    sink = FakeSink(world, on_delete=world.stopper.stop)  # SIGTERM while deleting
+    make_runner(world, source, sink).run()
+    assert [e[0:2] for e in world.log if e[0] not in ("maintain", "sleep")] == [
+        ("connect",),
+        ("batch", [1, 2]),
+        ("delete", keys(1, 2)),
+        ("ack", [1, 2]),
+        ("close",),
+    ]
