@@ -6,6 +6,8 @@ import json
 import random
 import re
 import select
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import cast
@@ -76,6 +78,36 @@ def test_stopper_wakes_select_and_is_idempotent() -> None:
         assert stopper.sleep(5) is True  # returns at once once stopped
     finally:
         stopper.close()
+
+
+# A SIGALRM lands at a random point of the main thread's sleep() loop and calls stop()
+# there, 2,000 times. With a threading.Event this deadlocked within seconds: the handler
+# waited for a lock the thread it interrupted was holding. (A subprocess: a hang fails the
+# test through its timeout instead of hanging the suite.)
+_STOP_IN_A_SIGNAL_HANDLER = """
+import random, signal
+from cdc_invalidator.shutdown import Stopper
+for _ in range(2000):
+    stopper = Stopper()
+    previous = signal.signal(signal.SIGALRM, lambda *_: stopper.stop())
+    signal.setitimer(signal.ITIMER_REAL, random.uniform(0, 0.002))
+    while not stopper.sleep(0.0003):
+        pass
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, previous)
+    stopper.close()
+"""
+
+
+def test_stop_from_a_signal_handler_never_deadlocks() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", _STOP_IN_A_SIGNAL_HANDLER],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
 
 
 # --- durations ------------------------------------------------------------------------
