@@ -17,8 +17,13 @@ import psycopg
 import pytest
 
 from tests.support.env import FAST_PG, Env, Servers, capture_of, make_env
+from tests.support.evidence import Evidence, unavailable
 from tests.support.listener import ListenerProcess, Spawn
 from tests.support.servers import PostgresServer, RedisServer, ServerError
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(Evidence(), "cdc-invalidator-evidence")
 
 
 def _docker_servers() -> Iterator[Servers]:  # pragma: no cover - needs a Docker engine
@@ -42,7 +47,7 @@ def _local_servers() -> Iterator[Servers]:
         pg = PostgresServer.create(FAST_PG)
         rd = RedisServer.create()
     except ServerError as exc:
-        pytest.skip(f"no local servers: {exc}")
+        unavailable(f"no local servers: {exc}")
     with pg, rd:
         yield Servers(pg.dsn, rd.url, pg, rd)
 

@@ -25,6 +25,7 @@ from cdc_invalidator.sink import ClusterSink, RedisSink, connect_sink, open_sink
 from cdc_invalidator.sink.cluster_sink import ClusterChanging, pack_unlinks
 from cdc_invalidator.sink.connect import RedisOptions
 from tests.support.env import Env, Servers, capture_of, make_env
+from tests.support.evidence import unavailable
 from tests.support.listener import listening
 from tests.support.servers import RedisClusterServer, RedisServer, ServerError
 from tests.support.sync import SYNC, install
@@ -38,7 +39,7 @@ def _cluster() -> RedisClusterServer:
     try:
         return RedisClusterServer.create()
     except ServerError as exc:
-        pytest.skip(f"no Redis Cluster: {exc}")
+        unavailable(f"no Redis Cluster: {exc}")
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.evidence import unavailable
 from tests.support.listener import run_cli
 from tests.support.servers import ServerError, find_pg_bindir, find_redis_server
 
@@ -27,7 +28,7 @@ def own_tmpdir() -> Iterator[Path]:
         find_pg_bindir()
         find_redis_server()
     except ServerError as exc:
-        pytest.skip(f"no local servers: {exc}")
+        unavailable(f"no local servers: {exc}")
     directory = Path(tempfile.mkdtemp(prefix="cdcdemo-"))
     directory.chmod(0o711)
     yield directory

@@ -432,12 +432,12 @@ def test_sql_output_installs_grant_listener_for_psql(env: Env) -> None:
     assert "SELECT cdc_invalidator.grant_listener('cdc_listener'" in result.stdout
 
 
+@pytest.mark.parametrize("capture", ["logical"])  # trigger mode needs no replication
 def test_rds_replication_membership_counts_as_replication(env: Env, listener_role: str) -> None:
     """Amazon RDS grants replication by membership in rds_replication, not the attribute:
     `check` and grant_listener() must not send the DBA after REPLICATION there. (Only the
     advice is tested: plain PostgreSQL gives such a member no replication.)"""
-    if not env.logical:
-        pytest.skip("logical mode only: trigger mode needs no replication")
+    assert env.logical
     tables(env)
     install(env)
     ident = sql.Identifier(listener_role)

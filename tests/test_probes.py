@@ -28,6 +28,7 @@ from cdc_invalidator.runner import Health
 from cdc_invalidator.settings import load_settings
 from cdc_invalidator.status import Status, read_status
 from tests.support.env import Env
+from tests.support.evidence import unavailable
 from tests.support.faults import setup_users
 from tests.support.listener import Spawn, stop_listener
 from tests.support.servers import free_port
@@ -115,7 +116,7 @@ def test_an_ipv6_address_is_listened_on() -> None:
     try:
         server = ProbeServer("::1", 0, Metrics(), healthy).start()
     except OSError as exc:  # pragma: no cover - a host without IPv6
-        pytest.skip(f"no IPv6 loopback here: {exc}")
+        unavailable(f"no IPv6 loopback here: {exc}")
     try:
         assert get("[::1]", server.port, "/healthz")[0] == 200
     finally:

@@ -15,6 +15,7 @@ from typing import Literal
 
 import pytest
 import redis
+import trustme
 from redis.sentinel import SentinelConnectionPool
 
 from cdc_invalidator.cli import main
@@ -23,12 +24,10 @@ from cdc_invalidator.sink import RedisSink
 from cdc_invalidator.sink.connect import RedisOptions, other_db, redis_client
 from tests.support.config import write_config
 from tests.support.env import Env
+from tests.support.evidence import unavailable
 from tests.support.listener import ListenerProcess, ListenerThread, run_cli
 from tests.support.servers import RedisServer, RedisTls, ServerError
 from tests.support.waits import wait_until
-
-trustme = pytest.importorskip("trustme")
-
 
 PASSWORD = "tls-acl-s3cret"
 # docs/redis.md's minimal ACL, word for word (after `ACL SETUSER cdc`).
@@ -69,7 +68,7 @@ def _tls_redis(certs: Certs, auth_clients: Literal["yes", "no"]) -> Iterator[Red
     try:
         server = RedisServer.create(tls=tls, args=["--user", "cdc", *MINIMAL_ACL])
     except ServerError as exc:
-        pytest.skip(f"no redis-server: {exc}")
+        unavailable(f"no redis-server: {exc}")
     with server:
         yield server
 

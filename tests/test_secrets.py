@@ -26,6 +26,7 @@ from cdc_invalidator.cli import main
 from cdc_invalidator.redact import Scrubber, secrets_of
 from tests.support.config import FAST, toml_value
 from tests.support.env import FAST_PG
+from tests.support.evidence import unavailable
 from tests.support.listener import ListenerProcess, run_cli
 from tests.support.servers import PostgresServer, RedisServer, RedisTls, ServerError, free_port
 from tests.support.waits import wait_until
@@ -188,7 +189,7 @@ class Locked:
             return {"redis_url": url}
         if form == "tls":
             if self.tls_redis is None:
-                pytest.skip("trustme is not installed: no TLS server")
+                unavailable("trustme is not installed: no TLS server")
             return {
                 "redis_url": f"rediss://cdc:{password or TLS_PASSWORD}@127.0.0.1:"
                 f"{port or self.tls_redis.port}/0",
@@ -212,7 +213,7 @@ def _locked_postgres() -> Iterator[int]:
     try:
         pg = PostgresServer.create(FAST_PG)
     except ServerError as exc:
-        pytest.skip(f"no local PostgreSQL: {exc}")
+        unavailable(f"no local PostgreSQL: {exc}")
     with pg:
         with psycopg.connect(pg.dsn(), autocommit=True) as conn:
             for role, password in [
@@ -282,7 +283,7 @@ def locked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Locked]:
     try:
         redis_server = RedisServer.create()
     except ServerError as exc:
-        pytest.skip(f"no redis-server: {exc}")
+        unavailable(f"no redis-server: {exc}")
     with redis_server:
         _protect(redis_server, ACL_PASSWORD)
         sentinel = RedisServer.create_sentinel(redis_server.port, MASTER)

@@ -50,10 +50,8 @@ PEEK_CHANGES = """
 """
 
 
-def trigger_only(env: Env, why: str) -> None:
-    """Skip, saying why, a test about the trigger queue itself when run in logical mode."""
-    if env.logical:
-        pytest.skip(f"trigger queue only: {why}")
+# A test about the trigger queue itself runs in trigger mode only (its comment says why).
+trigger_only = pytest.mark.parametrize("capture", ["trigger"])
 
 
 def backlog(env: Env) -> int:
@@ -573,12 +571,10 @@ def enqueue(
     return int(row[0])
 
 
+# Malformed events written to the queue by hand (the stream's dead letters:
+# test_table_dropped_from_config_without_reinstall_is_dead_lettered).
+@trigger_only
 def test_bad_events_are_dead_lettered_and_good_ones_still_processed(env: Env) -> None:
-    trigger_only(
-        env,
-        "malformed events written to the queue by hand (the stream's dead letters: "
-        "test_table_dropped_from_config_without_reinstall_is_dead_lettered)",
-    )
     users_table(env, [(1, "a@x"), (2, "b@x")])
     config = install(env, USERS)
     r = env.redis()
@@ -615,8 +611,8 @@ def test_bad_events_are_dead_lettered_and_good_ones_still_processed(env: Env) ->
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+@trigger_only  # a JSON number written to the queue by hand; pgoutput sends values as text
 def test_a_huge_json_number_is_dead_lettered_not_fatal(env: Env) -> None:
-    trigger_only(env, "a JSON number written to the queue by hand; pgoutput sends values as text")
     users_table(env, [(1, "a@x")])
     config = install(env, USERS)
     r = env.redis()
@@ -629,8 +625,8 @@ def test_a_huge_json_number_is_dead_lettered_not_fatal(env: Env) -> None:
     assert [row[0] for row in dead_letters(env)] == [bad]
 
 
+@trigger_only  # the exact JSON text of a queue row written by hand
 def test_dead_letter_keeps_the_payload_exactly(env: Env) -> None:
-    trigger_only(env, "the exact JSON text of a queue row written by hand")
     users_table(env)
     config = install(env, USERS)
     r = env.redis()

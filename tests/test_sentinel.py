@@ -20,6 +20,7 @@ import redis
 from cdc_invalidator.cli import main
 from tests.support.config import write_config
 from tests.support.env import Env
+from tests.support.evidence import unavailable
 from tests.support.listener import ListenerThread, Spawn, run_cli
 from tests.support.servers import RedisServer, ServerError
 from tests.support.waits import wait_until
@@ -65,7 +66,7 @@ def sentinel_setup() -> Iterator[SentinelSetup]:
         first = RedisServer.create()
         second = RedisServer.create(["--replicaof", "127.0.0.1", str(first.port)])
     except ServerError as exc:
-        pytest.skip(f"no redis-server: {exc}")
+        unavailable(f"no redis-server: {exc}")
     sentinel = RedisServer.create_sentinel(first.port, master_name=MASTER)
     with first, second:
         wait_until(lambda: _replica_in_sync(second), what="the replica in sync")

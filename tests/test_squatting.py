@@ -247,13 +247,12 @@ def test_install_refuses_a_squatted_schema(env: Env, mallory: str, squat: str) -
     assert not is_superuser(env, mallory)
 
 
+@pytest.mark.parametrize("capture", ["trigger"])  # logical mode's writes do not touch the queue
 def test_without_the_guard_the_squatted_queue_would_promote_its_owner(
     env: Env, mallory: str
 ) -> None:
     """The control: the queue squat above is a real attack. The same install script
     without its guard succeeds, and the next write makes the squatter a superuser."""
-    if env.logical:
-        pytest.skip("trigger mode: logical mode's writes do not touch the queue")
     tables(env)
     statements, _ = SQUATS["queue_with_trigger"]
     run_as(env, mallory, statements.replace("{role}", mallory))
@@ -295,9 +294,8 @@ def test_install_refuses_a_function_put_into_a_schema_prepared_for_it(
     assert not is_superuser(env, mallory)
 
 
+@pytest.mark.parametrize("capture", ["logical"])  # trigger mode reuses no publication
 def test_logical_install_refuses_a_publication_of_another_role(env: Env, mallory: str) -> None:
-    if not env.logical:
-        pytest.skip("logical mode: trigger mode reuses no publication")
     tables(env)
     run_as(env, mallory, "CREATE PUBLICATION cdc_invalidator")
     before = state(env)
@@ -386,11 +384,10 @@ def test_table_owner_installs_without_superuser_and_only_it_may_again(
         assert state(env) == installed
 
 
+@pytest.mark.parametrize("capture", ["trigger"])  # logical mode has no capture functions
 def test_a_capture_function_may_belong_to_its_tables_owner(env: Env, alice: str, bob: str) -> None:
     """Trigger mode may give each table's capture function to the table's owner:
     install accepts that owner, and no other."""
-    if env.logical:
-        pytest.skip("trigger mode: logical mode has no capture functions")
     tables(env)
     assert install(env).returncode == 0
     oid = env.scalar("SELECT 'users'::regclass::oid")

@@ -1,0 +1,89 @@
+"""The suite cannot pass for green having tested nothing: under CI, a test whose servers
+do not start fails (tests/support/evidence.py), and the run's summary counts the
+integration tests that really ran, which .ci/run requires to be more than none."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.evidence import SUMMARY_ENV, unavailable
+from tests.support.servers import find_pg_bindir
+
+ROOT = Path(__file__).resolve().parent.parent
+# One test that needs the session's servers, and one that needs none.
+SELECTED = [
+    "tests/test_semantics.py::test_insert_deletes_the_new_rows_keys",
+    "tests/test_units.py",
+]
+
+
+def test_unavailable_skips_here_and_fails_under_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="no widget"):
+        unavailable("no widget")
+    for value in ("true", "1", "yes"):
+        monkeypatch.setenv("CI", value)
+        with pytest.raises(pytest.fail.Exception, match=r"no widget \(CI is set"):
+            unavailable("no widget")
+
+
+@pytest.fixture
+def broken_bindir() -> Iterator[Path]:
+    """PostgreSQL's programs, but an initdb that fails (as on a broken install). Outside
+    pytest's 0700 tmp_path: the postgres user runs it."""
+    bindir = Path(tempfile.mkdtemp(prefix="cdc-broken-pg-"))
+    bindir.chmod(0o755)
+    for program in find_pg_bindir().iterdir():
+        (bindir / program.name).symlink_to(program)
+    (bindir / "initdb").unlink()
+    (bindir / "initdb").write_text("#!/bin/sh\necho 'initdb: broken on purpose' >&2\nexit 1\n")
+    (bindir / "initdb").chmod(0o755)
+    yield bindir
+    shutil.rmtree(bindir)
+
+
+def run_suite(
+    bindir: Path, summary: Path, ci: str | None
+) -> tuple[subprocess.CompletedProcess[str], dict[str, dict[str, int]]]:
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    env |= {"CDC_INVALIDATOR_PG_BINDIR": str(bindir), SUMMARY_ENV: str(summary)}
+    if ci is not None:
+        env["CI"] = ci
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *SELECTED],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    counts: dict[str, dict[str, int]] = json.loads(summary.read_text())
+    return result, counts
+
+
+@pytest.mark.parametrize("ci", [None, "true"], ids=["developer", "ci"])
+def test_servers_that_cannot_start_fail_the_run_under_ci(
+    broken_bindir: Path, tmp_path: Path, ci: str | None
+) -> None:
+    result, counts = run_suite(broken_bindir, tmp_path / "summary.json", ci)
+    output = result.stdout + result.stderr
+    assert "initdb: broken on purpose" in output, output
+    assert counts["unit"]["passed"] > 0, output
+    assert counts["integration"]["passed"] == 0, output
+    assert "integration tests (real PostgreSQL and Redis): 0 passed" in result.stdout, output
+    if ci is None:
+        assert result.returncode == 0, output  # skipped, said so, and counted
+        assert counts["integration"] == {"passed": 0, "failed": 0, "skipped": 2}, output
+    else:
+        assert result.returncode == 1, output
+        assert counts["integration"] == {"passed": 0, "failed": 2, "skipped": 0}, output
