@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from fnmatch import fnmatchcase
 
 import pytest
@@ -321,3 +322,71 @@ def test_map_all_without_routes_is_one_invalidation() -> None:
     mapper = Mapper({users: [KeyTemplate.parse("user:{id}")]})
     routed, failed = mapper.map_all([ChangeEvent(users, Op.INSERT, None, {"id": "1"}, 1)])
     assert (routed, failed) == ({None: Invalidation({"user:1"})}, [])
+
+
+# --- filters: what apps do to a value before it goes into a key ---------------------------
+
+
+@pytest.mark.parametrize(
+    ("source", "value", "key"),
+    [
+        ("user:email:{email|lower}", "Ann@X.org", "user:email:ann@x.org"),
+        ("code:{code|upper}", "ab-1", "code:AB-1"),
+        ("code:{code|trim}", " \tab 1\n", "code:ab 1"),
+        ("code:{code|trim|upper}", "  ab ", "code:AB"),
+        ("code:{code | trim | lower}", " AB ", "code:ab"),  # spaces around `|`
+        ("user:email:{email|lower}", "ÀNN@X", "user:email:ànn@x"),  # Unicode, as str.lower()
+        (
+            "q:{q|md5}",
+            "long query",
+            "q:5f175282b7d11eecb82d3b2a887450d6",
+        ),  # Django's make_template_fragment_key hash
+        ("q:{q|sha1}", "x", "q:11f6ad8ec52a2984abaafd7c3b516503785c2072"),
+        (
+            "q:{q|sha256}",
+            "x",
+            "q:2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881",
+        ),
+        ("q:{q|sha256}", "é", "q:" + hashlib.sha256("é".encode()).hexdigest()),  # UTF-8
+        ("path:{p|urlencode}", "a b/c:d~é", "path:a%20b%2Fc%3Ad~%C3%A9"),
+        ("u:{t|lower}:{id}", "T", "u:t:7"),
+    ],
+)
+def test_filters_render(source: str, value: str, key: str) -> None:
+    template = KeyTemplate.parse(source)
+    (column, *_) = template.fields
+    assert template.render({column: value, "id": "7"}) == key
+
+
+def test_a_filtered_field_is_its_column_for_everything_else() -> None:
+    template = KeyTemplate.parse("u:{tenant|lower}:{email|trim|lower}")
+    assert template.fields == ("tenant", "email")
+    assert template.filters == (("lower",), ("trim", "lower"))
+    assert template.glob() == "u:*:*"  # a TRUNCATE sweep matches every filtered value
+    assert template.sample() == "u:1:1"
+    assert KeyTemplate.parse("q:{q|md5}").sample() == "q:c4ca4238a0b923820dcc509a6f75849b"
+
+
+def test_filters_keep_the_null_and_missing_column_rules() -> None:
+    template = KeyTemplate.parse("u:{tenant|lower}:{id|md5}")
+    assert template.render({"tenant": None}) is None
+    with pytest.raises(InvalidEvent, match=r"lacks column 'id' used by template"):
+        template.render({"tenant": "T"})
+    with pytest.raises(InvalidEvent, match=r"column 'id' holds int 1, expected text"):
+        template.render({"tenant": "T", "id": 1})  # type: ignore[dict-item]
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("user:{email|lowr}", r"template 'user:\{email\|lowr\}': unknown filter 'lowr'"),
+        ("user:{email|}", r"unknown filter '' in \{email\|\}"),
+        ("user:{email|lower|}", r"unknown filter ''"),
+        ("user:{|lower}", r"field \{\|lower\} names no column"),
+    ],
+)
+def test_a_bad_filter_is_a_template_error_naming_the_template(source: str, message: str) -> None:
+    with pytest.raises(TemplateError, match=message):
+        KeyTemplate.parse(source)
+    with pytest.raises(TemplateError, match="known: lower, upper, trim, md5, sha1, sha256"):
+        KeyTemplate.parse("u:{x|nope}")

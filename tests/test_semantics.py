@@ -15,6 +15,7 @@ means that batch (and its dead letters, saved before the acknowledgement) is don
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -145,6 +146,34 @@ def test_primary_key_change_deletes_both_ids(env: Env) -> None:
         wait_until(lambda: r.exists("user:1", "user:10", "user:email:a@x") == 0, what="both ids")
         settle(env, r)
     assert r.get("user:2") == "B"
+
+
+def test_filters_render_the_keys_the_app_normalised(env: Env) -> None:
+    """The app caches under a lowercased, trimmed email and a hash of a long value: the
+    old and new rows' keys are rendered through the same filters (in both modes, from
+    PostgreSQL's text of the value)."""
+    users_table(env, [(1, " Ann@X.org "), (2, "b@x")])
+    env.sql("UPDATE users SET name = 'a long display name'")
+    config = install(
+        env,
+        {"public.users": ["user:{id}", "user:email:{email|trim|lower}", "user:name:{name|md5}"]},
+    )
+    r = env.redis()
+    old_name = "user:name:" + hashlib.md5(b"a long display name").hexdigest()  # noqa: S324
+    new_name = "user:name:" + hashlib.md5(b"Z").hexdigest()  # noqa: S324
+    stale = ["user:1", "user:email:ann@x.org", "user:email:bob@y.org", old_name, new_name]
+    kept = {"user:2": "B", "user:email:b@x": "2", "user:email: Ann@X.org ": "not rendered so"}
+    r.mset({**dict.fromkeys(stale, "v"), **kept})
+    with listening(config):
+        env.sql("UPDATE users SET email = 'BOB@y.org', name = 'Z' WHERE id = 1")
+        wait_until(lambda: r.exists(*stale) == 0, what="the filtered keys of both rows")
+        settle(env, r)
+    assert keys(r) == set(kept)
+    # TRUNCATE sweeps a filtered template like any other: its field is a `*`.
+    r.mset({"user:email:x@y": "1", new_name: "v"})
+    with listening(config):
+        env.sql("TRUNCATE users")
+        wait_until(lambda: not keys(r) & {"user:email:x@y", new_name}, what="the sweep")
 
 
 # --- TRUNCATE ----------------------------------------------------------------------------

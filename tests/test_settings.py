@@ -60,6 +60,10 @@ def test_config_path_from_environment(tmp_path: Path, monkeypatch: pytest.Monkey
         ('redis_url = "redis://x"\n', "tables"),
         (GOOD.replace('keys = ["order:{id}", "user:{user_id}:orders"]', "keys = []"), "keys"),
         (GOOD.replace('"user:{id}", ', '"{id}", '), "template '{id}' is too broad"),
+        (
+            GOOD.replace('"user:email:{email}"', '"user:email:{email|lowercase}"'),
+            "template 'user:email:{email|lowercase}': unknown filter 'lowercase'",
+        ),
         (GOOD.replace('[tables."orders"]', '[tables."a.b.c"]'), "invalid table name"),
         (GOOD.replace('[tables."orders"]', '[tables."public.USERS"]'), "name the same table"),
         (GOOD.replace("keys = [", "kees = [", 1), "unknown setting 'tables.public.users.kees'"),

@@ -1,6 +1,8 @@
 """Key templates such as ``user:{id}`` or ``user:email:{email}``.
 
-Fields are column names; ``{{`` and ``}}`` stand for literal braces. A template renders
+Fields are column names, each optionally followed by filters (``{email|lower}``,
+``{code|trim|upper}``: mapping/filters.py); ``{{`` and ``}}`` stand for literal braces.
+A field's name is everything before its first ``|``. A template renders
 into one key from a row's values, or into a Redis glob pattern (every field a ``*``)
 for a TRUNCATE sweep, with the literal parts escaped so that a ``*`` or ``[`` the app put
 in its key names matches only itself.
@@ -18,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cdc_invalidator.events import InvalidEvent, Row
+from cdc_invalidator.mapping.filters import FILTERS, Filter, chain
 
 # A template's key for one row: see _renderer(), the one rule every path uses.
 Render = Callable[[Row], str | None]
@@ -60,7 +63,9 @@ class KeyTemplate:
     source: str
     # Alternating literal text and field names: literals[0], fields[0], literals[1], ...
     literals: tuple[str, ...]
-    fields: tuple[str, ...]
+    fields: tuple[str, ...]  # column names
+    # Each field's filters, in the order they apply (empty: the value as it is).
+    filters: tuple[tuple[str, ...], ...] = ()
     # The key of a row, or None when a field is NULL (that key is skipped); RenderError
     # for a missing column or a value that is not text. Compiled once (_renderer()): a
     # backlog calls it for every row.
@@ -68,12 +73,18 @@ class KeyTemplate:
 
     def __post_init__(self) -> None:
         # Frozen: object.__setattr__ is how a field derived from the others is set.
-        object.__setattr__(self, "render", _renderer(self.source, self.literals, self.fields))
+        if not self.filters:
+            object.__setattr__(self, "filters", ((),) * len(self.fields))
+        transforms = tuple(chain(names) for names in self.filters)
+        object.__setattr__(
+            self, "render", _renderer(self.source, self.literals, self.fields, transforms)
+        )
 
     @classmethod
     def parse(cls, source: str) -> KeyTemplate:
         literals: list[str] = []
         fields: list[str] = []
+        filters: list[tuple[str, ...]] = []
         buf: list[str] = []
         i, n = 0, len(source)
         while i < n:
@@ -91,9 +102,11 @@ class KeyTemplate:
                     raise TemplateError(f"template {source!r}: empty field '{{}}' at offset {i}")
                 if "{" in name:
                     raise TemplateError(f"template {source!r}: unbalanced '{{' at offset {i}")
+                column, names = _field(source, name)
                 literals.append("".join(buf))
                 buf.clear()
-                fields.append(name)
+                fields.append(column)
+                filters.append(names)
                 i = end + 1
             elif ch == "}":
                 if not source.startswith("}", i + 1):
@@ -106,7 +119,7 @@ class KeyTemplate:
         literals.append("".join(buf))
         if not source:
             raise TemplateError("template '' is empty")
-        return cls(source, tuple(literals), tuple(fields))
+        return cls(source, tuple(literals), tuple(fields), tuple(filters))
 
     def glob(self) -> str:
         """A Redis MATCH pattern for every key this template can produce."""
@@ -128,7 +141,10 @@ class KeyTemplate:
     def sample(self) -> str:
         """The key of a row whose every field holds "1": what a key of this template
         typically looks like (ids are numbers, and "1" is no word of any template)."""
-        return self.literals[0] + "".join(_SAMPLE_VALUE + lit for lit in self.literals[1:])
+        values = [(chain(names) or str)(_SAMPLE_VALUE) for names in self.filters]
+        return self.literals[0] + "".join(
+            v + lit for v, lit in zip(values, self.literals[1:], strict=True)
+        )
 
     def sweeps(self, key: str) -> bool:
         """Whether this template's TRUNCATE sweep deletes `key`: what Redis's MATCH does
@@ -137,14 +153,41 @@ class KeyTemplate:
         return re.fullmatch(pattern, key, re.DOTALL) is not None
 
 
-def _renderer(source: str, literals: tuple[str, ...], fields: tuple[str, ...]) -> Render:
+def _field(source: str, text: str) -> tuple[str, tuple[str, ...]]:
+    """A field's column and filters: `email`, or `email|lower` (spaces around a `|` are
+    allowed); an unknown or empty filter is a TemplateError naming the template."""
+    column, *names = text.split("|")
+    if not names:
+        return column, ()
+    column = column.rstrip()
+    if not column:
+        raise TemplateError(f"template {source!r}: field {{{text}}} names no column")
+    filters = tuple(name.strip() for name in names)
+    for name in filters:
+        if name not in FILTERS:
+            known = ", ".join(FILTERS)
+            raise TemplateError(
+                f"template {source!r}: unknown filter {name!r} in {{{text}}} (known: {known})"
+            )
+    return column, filters
+
+
+def _renderer(
+    source: str,
+    literals: tuple[str, ...],
+    fields: tuple[str, ...],
+    transforms: tuple[Filter | None, ...],
+) -> Render:
     """How a row renders this template's key, the one rule for every path (the listener's
-    batches, replay, the tests): each field's value is text and goes in as it is; a NULL
-    field means no key (None: the row has no such key to delete); a missing column or a
-    value that is not text is a RenderError naming the column and the template. Fields
-    are read in order: a NULL before a missing column is no error.
+    batches, replay, the tests): each field's value is text and goes in as it is, or
+    through its filters; a NULL field means no key (None: the row has no such key to
+    delete); a missing column or a value that is not text is a RenderError naming the
+    column and the template. Fields are read in order: a NULL before a missing column is
+    no error.
 
     A closure per template: the one-field case, nearly every template, does no loop."""
+    if any(transforms):
+        return _filtered_renderer(source, literals, fields, transforms)
     if len(fields) == 1:
         (column,) = fields
         prefix, suffix = literals
@@ -178,6 +221,40 @@ def _renderer(source: str, literals: tuple[str, ...], fields: tuple[str, ...]) -
         return "".join(out)
 
     return render_many
+
+
+def _filtered_renderer(
+    source: str,
+    literals: tuple[str, ...],
+    fields: tuple[str, ...],
+    transforms: tuple[Filter | None, ...],
+) -> Render:
+    """_renderer()'s rule (render_many's loop), each value passed through its field's
+    filters (or none)."""
+    steps = [
+        (column, transform or _same) for column, transform in zip(fields, transforms, strict=True)
+    ]
+
+    def render_filtered(row: Row) -> str | None:
+        out = [literals[0]]
+        for i, (column, transform) in enumerate(steps):
+            try:
+                value = row[column]
+            except KeyError:
+                raise RenderError(source, column) from None
+            if value is None:
+                return None
+            if value.__class__ is not str:
+                raise RenderError(source, column, value)
+            out.append(transform(value))
+            out.append(literals[i + 1])
+        return "".join(out)
+
+    return render_filtered
+
+
+def _same(value: str) -> str:
+    return value
 
 
 def _escape_glob(text: str) -> str:
