@@ -1,9 +1,18 @@
 #!/usr/bin/env bash
 # Install the servers that `make test`, `make demo` and `make bench` start for themselves:
-# redis-server and the PostgreSQL server binaries. Only what is missing, with apt-get.
+# redis-server and the PostgreSQL server binaries; with --peers (make bench
+# BENCH_ARGS=--peers) also a Java 17 runtime for the Debezium peer. Only what is missing,
+# with apt-get.
 set -euo pipefail
 
 need=()
+if [ "${1:-}" = "--peers" ]; then
+    # A java on PATH or under JAVA_HOME is used as found (Debezium 3 needs 17 or later;
+    # the report names the runtime it ran on).
+    if ! command -v java >/dev/null 2>&1 && [ ! -x "${JAVA_HOME:-/nonexistent}/bin/java" ]; then
+        need+=(openjdk-17-jre-headless)
+    fi
+fi
 if ! command -v redis-server >/dev/null 2>&1 && [ ! -x /usr/bin/redis-server ]; then
     need+=(redis-server)
 fi
