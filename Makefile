@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+PEERS_STAMP := $(VENV)/.installed-peers
 
 .PHONY: install system-deps lint format test bench chaos demo clean
 
@@ -12,6 +13,10 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
+
+$(PEERS_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[dev,peers]'
+	touch $(PEERS_STAMP)
 
 system-deps:
 	@scripts/install-system-deps.sh
@@ -30,7 +35,13 @@ format: $(STAMP)
 test: install lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
+# --peers also measures Debezium beside ours: the peers extra and a Java 17 runtime,
+# installed only then.
 bench: install
+ifneq ($(filter --peers,$(BENCH_ARGS)),)
+	@scripts/install-system-deps.sh --peers
+	@$(MAKE) --no-print-directory $(PEERS_STAMP)
+endif
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 # Readers, writers and faults for a long while, then every cached key against the

