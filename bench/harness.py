@@ -199,12 +199,6 @@ class Bench:
     def dbsize(self) -> int:
         return int(self.redis.dbsize())
 
-    def queue_total(self) -> int:
-        return int(self.execute("SELECT count(*) FROM cdc_invalidator.queue_v1")[0][0])
-
-    def queue_empty(self) -> bool:
-        return bool(self.execute("SELECT NOT EXISTS (SELECT FROM cdc_invalidator.queue_v1)")[0][0])
-
     def queue_len(self, table: str) -> int:
         """Rows of `table` in our queue table (processed or not: a design may keep some)."""
         query = "SELECT count(*) FROM cdc_invalidator.queue_v1 WHERE table_name = %s"
