@@ -34,12 +34,13 @@ from procs import proc_cpu_s, proc_status_kb, stop_process, wait_for
 BENCH_DIR = Path(__file__).resolve().parent
 KEYWATCH = BENCH_DIR / "keywatch.py"
 FLOOR_LISTENER = BENCH_DIR / "floor_listener.py"
+FLOOR_LOGICAL = BENCH_DIR / "floor_logical.py"
 CONTROL_CHANNEL = "cdc-bench:control"  # keywatch.py listens for "dump" here
 FLOOR_CHANNEL = "cdc_bench_floor"
 
 TEMPLATES = ["user:{id}", "user:email:{email}"]
 # Tables: users(id, email, n); every benchmark UPDATE bumps n, keys use id and email.
-LAT_FLOOR = "lat_floor_users"  # raw NOTIFY trigger, no cdc_invalidator
+LAT_FLOOR = "lat_floor_users"  # the latency floor's table: not watched by cdc_invalidator
 LAT_OURS = "lat_users"
 DRAIN = "drain_users"
 BIG = "big_users"
@@ -154,15 +155,12 @@ class Bench:
             )
         admin.execute(sql.SQL("VACUUM ANALYZE {}").format(ident))
 
-    def write_config(
-        self, target: Target, replay_history: str = "0s", redis_url: str | None = None
-    ) -> None:
-        # History for replay is kept only in the replay phase: the other phases measure
-        # the queue's pruning as they always did (keeping rows costs the writers nothing).
+    def write_config(self, target: Target, redis_url: str | None = None) -> None:
+        # Every setting at its default (replay_history too: processed queue rows, or
+        # logical mode's history, kept for two hours), but where the listener connects.
         lines = [
             f"database_url = {json.dumps(target.dsn)}",
             f"redis_url = {json.dumps(redis_url or self.rs.url)}",
-            f"replay_history = {json.dumps(replay_history)}",
         ]
         if target.logical:
             lines += ['capture = "logical"', f"slot_name = {json.dumps(SLOT)}"]
@@ -200,12 +198,6 @@ class Bench:
 
     def dbsize(self) -> int:
         return int(self.redis.dbsize())
-
-    def queue_total(self) -> int:
-        return int(self.execute("SELECT count(*) FROM cdc_invalidator.queue_v1")[0][0])
-
-    def queue_empty(self) -> bool:
-        return bool(self.execute("SELECT NOT EXISTS (SELECT FROM cdc_invalidator.queue_v1)")[0][0])
 
     def queue_len(self, table: str) -> int:
         """Rows of `table` in our queue table (processed or not: a design may keep some)."""

@@ -117,22 +117,24 @@ def describe_settings(bench: Bench, sizes: Sizes) -> dict[str, str]:
         value = bench.redis.config_get(name).get(name)
         out[f"redis {name}"] = repr(value) if value == "" else str(value)
     out["listener"] = (
-        "`cdc-invalidator run`, default settings but replay_history (0s in phases 1-3, 1h "
-        "in the replay phase): "
+        "`cdc-invalidator run`, every setting at its default in every phase (replay_history "
+        "too: history kept for replay), but database_url, redis_url and, in logical mode, "
+        "slot_name: "
         + ", ".join(
             f"{name}={f.get_default(call_default_factory=True)}"
             for name, f in Settings.model_fields.items()
-            if name not in ("database_url", "redis_url", "tables", "replay_history")
-            and not f.is_required()
+            if name not in ("database_url", "redis_url", "tables") and not f.is_required()
         )
     )
     out["sizes"] = (
         f"latency {sizes.rate}/s, {round(sizes.rate * sizes.latency_s)} changes each for the "
         f"floor and ours in alternating {max(1, sizes.rate // 2)}-change blocks, after "
         f"{sizes.warmup} warm-up changes each; drain {sizes.drain_rows} rows, best of "
-        f"{sizes.drain_repeats}; "
+        f"{sizes.drain_repeats} against the best floor; "
         f"big drain {sizes.big_rows or 'skipped (--big)'}; writes: pgbench, 2 clients, "
-        f"{sizes.write_s} s runs, median of {sizes.write_rounds} interleaved rounds"
+        f"{sizes.write_s} s runs, {sizes.write_rounds} rounds of unwatched, watched + "
+        "listener and watched without listener, each round in another order; the target "
+        "ratio is of the medians"
     )
     return out
 
@@ -161,16 +163,24 @@ def render(report: Report) -> str:
         out.append("")
     out += report.sections
     out += [
-        "Floors. Latency: a row trigger sends the row's keys in a pg_notify payload to a",
-        "psycopg 3 `notifies()` loop that UNLINKs them (bench/floor_listener.py). It runs",
-        "beside ours, each a separate process; the commits alternate between the floor's",
-        "table and ours in half-second blocks, so both see the same machine. Deletion times",
-        "come from Redis keyspace notifications timestamped by a third process",
-        "(bench/keywatch.py). Drain: one Python process SELECTs the rows' key columns and",
-        "UNLINKs the keys in a hiredis pipeline, one UNLINK per row of its two keys (the",
-        "honest minimal floor) or 1,000 keys per UNLINK (batched). Ours is timed from its",
-        "`listener_started` log line until every key is gone. Writes: the same pgbench",
-        "UPDATE on an unwatched table.",
+        "Floors, each of the same capture mode and packing UNLINKs as the listener does",
+        "(500 keys per command in one hiredis pipeline; per hash slot on a cluster).",
+        "Latency: trigger mode, a row trigger sends the row's keys in a pg_notify payload",
+        "to a psycopg 3 `notifies()` loop that UNLINKs them (bench/floor_listener.py);",
+        "logical mode, a minimal pgoutput consumer of a slot and publication of its own",
+        "decodes the key columns, UNLINKs them and acknowledges (bench/floor_logical.py).",
+        "It runs beside ours, each a separate process; the commits alternate between the",
+        "floor's table and ours in half-second blocks, so both see the same machine.",
+        "Deletion times come from Redis keyspace notifications timestamped by a third",
+        "process (bench/keywatch.py). Drain: trigger mode, one Python process SELECTs the",
+        "changed rows' key columns and UNLINKs their keys; logical mode, floor_logical.py",
+        "streams a slot of its own on the listener's publication, created before the",
+        "changes, deleting and acknowledging every 10,000 keys. Cluster drain: the same",
+        "reads, then one UNLINK per hash slot over the whole backlog, one pipeline per",
+        "node. Ours is timed from its `listener_started` log line until every key is gone.",
+        "Replay: the same history rows read back (the queue's key columns taken out of",
+        "the JSON by the server; history_v1's batches parsed in Python), the distinct keys",
+        "UNLINKed. Writes: the same pgbench UPDATE on an unwatched table, interleaved.",
         "",
         "## Machine",
         "",

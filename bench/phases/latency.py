@@ -1,10 +1,12 @@
 """Phase 1, commit -> key-deleted latency at ~300 single-row UPDATE commits per second.
 
-(a) The floor: a row trigger sends the keys in a pg_notify payload to a minimal psycopg 3
-listener that UNLINKs them (floor_listener.py), and (b) the real listener, `python -m
-cdc_invalidator run` with default settings. Both run side by side and the commits
-alternate between their tables in half-second blocks, so that both see the same
-machine. "Deleted" is the same clock for both: a separate process (keywatch.py)
+(a) The floor of the capture mode: in trigger mode, a row trigger sends the keys in a
+pg_notify payload to a minimal psycopg 3 listener that UNLINKs them (floor_listener.py);
+in logical mode, a minimal pgoutput consumer of a slot and publication of its own
+decodes the key columns, UNLINKs them and acknowledges (floor_logical.py). (b) The real
+listener, `python -m cdc_invalidator run` with default settings. Both run side by side
+and the commits alternate between their tables in half-second blocks, so that both see
+the same machine. "Deleted" is the same clock for both: a separate process (keywatch.py)
 receives Redis keyspace notifications (`del`) and timestamps them with CLOCK_MONOTONIC;
 the commit time is taken in the writer just after COMMIT returned. A sample's latency is
 the time until both of its row's keys were gone.
@@ -138,7 +140,7 @@ def measure_latency(
     our_changes = [(LAT_OURS, i) for i in our_ids]
     block = max(1, sizes.rate // 2)
     w = sizes.warmup
-    dsns = {LAT_FLOOR: bench.dsn, LAT_OURS: target.dsn}
+    dsns = {LAT_FLOOR: target.dsn, LAT_OURS: target.dsn}
     try:
         read_ready(watch, "keywatch")
         warmup = alternate(floor_changes[:w], our_changes[:w], block)

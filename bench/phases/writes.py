@@ -1,7 +1,12 @@
 """Phase 3, write overhead: single-row UPDATE throughput with pgbench (2 clients, 2
-threads) on a watched table with the listener running, against the same on an unwatched
-table, in interleaved rounds; and the listener's CPU per change (its process and
-backend)."""
+threads) on an unwatched table (the floor), on a watched table with the listener running,
+and on the watched table with no listener, in interleaved rounds (each round runs the
+three in another order: a drift of the machine during the phase hits each alike). The
+listener runs with default settings and is started before, and stopped after, each
+round's run that has it; it catches up on what the run without it captured before its
+own run starts. Reported: each variant's runs (min, median, max), the ratio of the
+medians (the target) and the range of the per-round ratios; and the listener's CPU per
+change (its process and its backends)."""
 
 from __future__ import annotations
 
@@ -23,14 +28,24 @@ WRITE_TARGETS = {"trigger": 0.70, "logical": 0.85}
 
 @dataclass
 class Writes:
-    plain_tps: float
-    watched_tps: float
-    watched_no_listener_tps: float
-    plain_runs: list[float]
-    watched_runs: list[float]
+    plain_runs: list[float]  # unwatched table, tps of each round
+    watched_runs: list[float]  # watched table, listener running
+    no_listener_runs: list[float]  # watched table, no listener
     listener_cpu_pct: float  # of one core, during the watched runs
     listener_us_per_event: float  # listener process CPU per committed change
-    backend_us_per_event: float | None  # the listener's PostgreSQL backend, likewise
+    backend_us_per_event: float | None  # the listener's PostgreSQL backends, likewise
+
+    @property
+    def plain_tps(self) -> float:
+        return statistics.median(self.plain_runs)
+
+    @property
+    def watched_tps(self) -> float:
+        return statistics.median(self.watched_runs)
+
+    @property
+    def no_listener_tps(self) -> float:
+        return statistics.median(self.no_listener_runs)
 
 
 def pgbench(bench: Bench, table: str, seconds: int, dbname: str) -> tuple[float, int]:
@@ -70,85 +85,101 @@ def listener_backends(bench: Bench, target: Target) -> list[int]:
     return [int(row[0]) for row in rows]
 
 
+PLAIN, WATCHED, NO_LISTENER = "unwatched", "watched + listener", "watched, no listener"
+VARIANTS = (PLAIN, WATCHED, NO_LISTENER)
+
+
 def measure_writes(bench: Bench, sizes: Sizes, target: Target) -> Writes:
-    plain: list[float] = []
-    watched: list[float] = []
+    runs: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
     dbname = str(psycopg.conninfo.conninfo_to_dict(target.dsn)["dbname"])
-    listener = Listener(bench, f"{target.mode}-writes", target)
+    listener: Listener | None = None
+    cpu = backend_cpu = 0.0
+    events = 0
+    with_backends = False
     try:
-        listener.wait_started()
-        wait_idle(listener.pid)
-        backends = listener_backends(bench, target)
-
-        def backends_cpu() -> float:
-            return sum(proc_cpu_s(pid) for pid in backends)
-
-        cpu = backend_cpu = 0.0
-        events = 0
-        for _ in range(sizes.write_rounds):
-            plain.append(pgbench(bench, W_PLAIN, sizes.write_s, dbname)[0])
-            cpu0 = listener.cpu_s()
-            backend0 = backends_cpu()
-            tps, count = pgbench(bench, W_WATCHED, sizes.write_s, dbname)
-            watched.append(tps)
-            events += count
-            wait_idle(listener.pid)  # let it finish the backlog: its CPU counts too
-            cpu += listener.cpu_s() - cpu0
-            backend_cpu += backends_cpu() - backend0
+        for n in range(sizes.write_rounds):
+            for variant in VARIANTS[n % 3 :] + VARIANTS[: n % 3]:
+                if variant == WATCHED:
+                    listener = Listener(bench, f"{target.mode}-writes-{n}", target)
+                    listener.wait_started()
+                    catch_up(bench, target, listener)
+                    backends = listener_backends(bench, target)
+                    with_backends = with_backends or bool(backends)
+                    cpu0 = listener.cpu_s()
+                    backend0 = sum(proc_cpu_s(pid) for pid in backends)
+                    tps, count = pgbench(bench, W_WATCHED, sizes.write_s, dbname)
+                    events += count
+                    wait_idle(listener.pid)  # let it finish the backlog: its CPU counts too
+                    cpu += listener.cpu_s() - cpu0
+                    backend_cpu += sum(proc_cpu_s(pid) for pid in backends) - backend0
+                    listener.stop()
+                    listener = None
+                else:
+                    table = W_PLAIN if variant == PLAIN else W_WATCHED
+                    tps = pgbench(bench, table, sizes.write_s, dbname)[0]
+                runs[variant].append(tps)
             print(
-                f"  [{target.mode}] UPDATE tps: unwatched {plain[-1]:.0f}, "
-                f"watched {watched[-1]:.0f}",
+                f"  [{target.mode}] UPDATE tps, round {n + 1}: "
+                + ", ".join(f"{v} {runs[v][-1]:.0f}" for v in VARIANTS),
                 flush=True,
             )
+        # What the last run without a listener captured, taken before the next phase.
+        listener = Listener(bench, f"{target.mode}-writes-catch-up", target)
+        listener.wait_started()
+        catch_up(bench, target, listener)
     finally:
-        listener.stop()
-    # For reference: capture's own cost in the writers, with no listener competing for
-    # the CPU (logical: nothing decodes then; the slot keeps the WAL).
-    no_listener = pgbench(bench, W_WATCHED, sizes.write_s, dbname)[0]
-    print(f"  [{target.mode}] UPDATE tps: watched, no listener {no_listener:.0f}", flush=True)
+        if listener is not None:
+            listener.stop()
     if not target.logical:
         bench.admin.execute("TRUNCATE cdc_invalidator.queue_v1")
     return Writes(
-        plain_tps=statistics.median(plain),
-        watched_tps=statistics.median(watched),
-        watched_no_listener_tps=no_listener,
-        plain_runs=plain,
-        watched_runs=watched,
+        plain_runs=runs[PLAIN],
+        watched_runs=runs[WATCHED],
+        no_listener_runs=runs[NO_LISTENER],
         listener_cpu_pct=100 * cpu / (sizes.write_s * sizes.write_rounds),
         listener_us_per_event=1e6 * cpu / max(events, 1),
-        backend_us_per_event=1e6 * backend_cpu / max(events, 1) if backends else None,
+        backend_us_per_event=1e6 * backend_cpu / max(events, 1) if with_backends else None,
     )
 
 
-def catch_up(bench: Bench, target: Target) -> None:
-    """Let a listener take what the slot kept while none ran (outside any timing)."""
+def catch_up(bench: Bench, target: Target, listener: Listener) -> None:
+    """Until the listener took what was captured while none ran (outside any timing):
+    logical mode, the slot confirmed up to the current WAL position; trigger mode, the
+    listener idle."""
+    if not target.logical:
+        wait_idle(listener.pid)
+        return
     end = target.admin.execute("SELECT pg_current_wal_lsn()").fetchone()
-    listener = Listener(bench, f"{target.mode}-catch-up", target)
-    try:
 
-        def caught_up() -> bool:
-            listener.check()
-            row = target.admin.execute(
-                "SELECT confirmed_flush_lsn >= %s FROM pg_replication_slots WHERE slot_name = %s",
-                [end[0] if end else None, SLOT],
-            ).fetchone()
-            return bool(row and row[0])
+    def caught_up() -> bool:
+        listener.check()
+        row = target.admin.execute(
+            "SELECT confirmed_flush_lsn >= %s FROM pg_replication_slots WHERE slot_name = %s",
+            [end[0] if end else None, SLOT],
+        ).fetchone()
+        return bool(row and row[0])
 
-        wait_for(caught_up, 300, "the slot caught up", 0.05)
-    finally:
-        listener.stop()
+    wait_for(caught_up, 300, "the slot caught up", 0.05)
+
+
+def spread(runs: list[float]) -> str:
+    return f"{min(runs):,.0f} / {statistics.median(runs):,.0f} / {max(runs):,.0f}"
 
 
 def writes_rows(mode: str, writes: Writes) -> list[Row]:
-    """The write overhead's rows (without the mode prefix)."""
+    """The write overhead's rows (without the mode prefix): medians, the ratio of the
+    medians against the target, and the rounds' spread."""
     write_target = WRITE_TARGETS[mode]
+    rounds = len(writes.plain_runs)
     ratio = writes.watched_tps / writes.plain_tps
+    per_round = [w / p for w, p in zip(writes.watched_runs, writes.plain_runs, strict=True)]
+    bare = [w / p for w, p in zip(writes.no_listener_runs, writes.plain_runs, strict=True)]
     backend = (
         "" if writes.backend_us_per_event is None else f" + {writes.backend_us_per_event:.0f} µs"
     )
     return [
         Row(
-            "UPDATE tps: watched + listener vs unwatched",
+            f"UPDATE tps: watched + listener vs unwatched (medians of {rounds} rounds)",
             f"{writes.watched_tps:,.0f} tps",
             f"{writes.plain_tps:,.0f} tps",
             f"{ratio:.2f}",
@@ -156,15 +187,39 @@ def writes_rows(mode: str, writes: Writes) -> list[Row]:
             ratio >= write_target,
         ),
         Row(
-            "UPDATE tps: watched, no listener vs unwatched",
-            f"{writes.watched_no_listener_tps:,.0f} tps",
-            f"{writes.plain_tps:,.0f} tps",
-            f"{writes.watched_no_listener_tps / writes.plain_tps:.2f}",
+            "UPDATE tps: watched + listener, per-round ratio min-max",
+            "",
+            "",
+            f"{min(per_round):.2f}-{max(per_round):.2f}",
             "",
             None,
         ),
         Row(
-            "listener CPU per change (process + its backend)",
+            "UPDATE tps: watched, no listener vs unwatched (medians)",
+            f"{writes.no_listener_tps:,.0f} tps",
+            f"{writes.plain_tps:,.0f} tps",
+            f"{writes.no_listener_tps / writes.plain_tps:.2f} ({min(bare):.2f}-{max(bare):.2f})",
+            "",
+            None,
+        ),
+        Row(
+            "UPDATE tps min / median / max: watched + listener; unwatched",
+            spread(writes.watched_runs),
+            spread(writes.plain_runs),
+            "",
+            "",
+            None,
+        ),
+        Row(
+            "UPDATE tps min / median / max: watched, no listener",
+            spread(writes.no_listener_runs),
+            "",
+            "",
+            "",
+            None,
+        ),
+        Row(
+            "listener CPU per change (process + its backends)",
             f"{writes.listener_us_per_event:.0f} µs{backend}",
             "",
             "",
