@@ -71,7 +71,7 @@ from harness import (
 from phases.cluster import cluster_rows, measure_cluster_drain
 from phases.drain import drain_rows, measure_drain
 from phases.latency import Latency, latency_ids, latency_rows, measure_latency
-from phases.peers import measure_peers, peer_table
+from phases.peers import check_installed, find_jvm, measure_peers, peer_table
 from phases.replay import measure_replay, replay_rows
 from phases.writes import Writes, measure_writes, writes_rows
 from procs import CpuMeter
@@ -108,6 +108,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Sizes]:
     args.capture = list(MODES) if args.capture == "both" else [args.capture]
     if args.peers and "logical" not in args.capture:
         parser.error("--peers compares the peer with logical mode: not with --capture trigger")
+    if args.peers:
+        try:  # before the run, not after minutes of it
+            check_installed()
+            find_jvm()
+        except RuntimeError as exc:
+            parser.error(str(exc))
     if args.quick:
         sizes = Sizes(args.rate, 3, 30, 10_000, 1, 100_000 if args.big else None, 1, 3)
     else:
