@@ -264,8 +264,8 @@ def test_a_wrong_column_name_is_refused_by_check_and_install(
     assert main(["install", "--config", str(config)]) == 0
     config = configure(env, f'{setting} = ["Logins"]')
     assert main(["check", "--config", str(config)]) == 1
-    out = capsys.readouterr().out
-    assert f"{setting} lists column 'Logins', which table public.users does not have" in out
+    err = capsys.readouterr().err
+    assert f"{setting} lists column 'Logins', which table public.users does not have" in err
 
 
 def test_check_warns_of_an_ignored_template_column_and_a_missing_key(

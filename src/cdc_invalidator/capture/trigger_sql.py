@@ -41,9 +41,14 @@ def install_script(
             Q.WATCH_TABLE.sql.format(
                 table=sql.Literal(table.qualified),
                 columns=text_array(mapper.columns(table)),
-                judge=sql.Literal(column_filter.judge.value if column_filter else None),
-                filter_columns=(
-                    text_array(list(column_filter.listed)) if column_filter else sql.SQL("NULL")
+                # With a filter: its judge ('ignore', 'columns') and its list.
+                column_filter=(
+                    sql.SQL(", {}, {}").format(
+                        sql.Literal(column_filter.judge.value),
+                        text_array(list(column_filter.listed)),
+                    )
+                    if column_filter
+                    else sql.SQL("")
                 ),
             )
         )

@@ -105,6 +105,8 @@ class TriggerMode:
             return
         if present():
             checks.check_triggers(report, where, table, watch, wanted)
+            column_filter = self._settings.column_filters().get(table)
+            checks.check_trigger_filter(report, where, table, watch, column_filter)
 
     def check_server(self, conn: psycopg.Connection[Any], report: Report, config_name: str) -> None:
         checks.check_unconfigured(conn, report, self._settings.mapper(), config_name)
