@@ -318,6 +318,7 @@ DECLARE
     counted  text[];
     judged   boolean := false;
     natts    int2;
+    judged_q text;
     update_q text;
     rel      regclass;
     trg      record;
@@ -394,12 +395,25 @@ BEGIN
         'true') || ')';
     update_q := cdc_invalidator.queue_statement_v1('UPDATE', names, key_columns, key_columns);
     IF judged THEN
+        -- Planned here, on the table itself, so that a write never meets a statement
+        -- PostgreSQL cannot plan (a FULL JOIN needs a primary key type whose equality
+        -- can merge or hash): such a table is not judged.
+        judged_q := cdc_invalidator.queue_judged_update_v1(names, key_columns, key_columns, pk, counted);
+        BEGIN
+            EXECUTE 'EXPLAIN ' || replace(replace(judged_q,
+                'FROM old_rows r', format('FROM %s r', tbl)), 'FROM new_rows r', format('FROM %s r', tbl));
+        EXCEPTION WHEN OTHERS THEN
+            RAISE NOTICE 'cdc_invalidator.watch: the UPDATEs of % cannot be judged (%): every UPDATE is queued', tbl, SQLERRM;
+            judged := false;
+            natts := NULL;
+        END;
+    END IF;
+    IF judged THEN
         update_q := format(CASE WHEN natts IS NULL THEN '%s' ELSE
             -- ignore_columns: a column added since watch() would be judged by nobody.
             'IF (SELECT c.relnatts FROM pg_class c WHERE c.oid = %3$s) = %4$s THEN %1$s; '
             'ELSE %2$s; END IF' END,
-            cdc_invalidator.queue_judged_update_v1(names, key_columns, key_columns, pk, counted),
-            update_q, tbl::oid, natts);
+            judged_q, update_q, tbl::oid, natts);
     END IF;
 
     body := format($body$

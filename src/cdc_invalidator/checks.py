@@ -339,9 +339,10 @@ def check_trigger_filter(
         return
     if not watch.judged:
         report.warnings.append(
-            f"{where}: table {table} has no primary key: old and new rows of an UPDATE "
-            "cannot be paired, so its column filter is off and every UPDATE invalidates "
-            "(give it a primary key, then run `cdc-invalidator install`)"
+            f"{where}: table {table} has no primary key (or one whose type cannot be "
+            "joined on): old and new rows of an UPDATE cannot be paired, so its column "
+            "filter is off and every UPDATE invalidates (give it a primary key, then run "
+            "`cdc-invalidator install`)"
         )
     elif watch.columns_added:
         report.warnings.append(
