@@ -372,7 +372,9 @@ BEGIN
             WHERE a.attrelid = tbl AND a.attnum > 0 AND NOT a.attisdropped
               AND (a.attname = ANY (key_columns)
                    OR (a.attname = ANY (filter_columns)) = (judge = 'columns'))
-            ORDER BY a.attnum);
+            -- Fixed-size values first: a change found there decides before any large
+            -- value is read.
+            ORDER BY a.attlen < 0, a.attnum);
         IF judge = 'ignore' THEN
             SELECT c.relnatts INTO natts FROM pg_class c WHERE c.oid = tbl;
         END IF;
