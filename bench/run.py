@@ -70,6 +70,7 @@ from harness import (
 )
 from phases.cluster import cluster_rows, measure_cluster_drain
 from phases.drain import drain_rows, measure_drain
+from phases.judged_writes import judged_rows, measure_judged_writes, prepare_judged
 from phases.latency import Latency, latency_ids, latency_rows, measure_latency
 from phases.peers import check_installed, find_jvm, measure_peers, peer_table
 from phases.replay import measure_replay, replay_rows
@@ -175,6 +176,12 @@ def run_mode(
     )
     floor, ours, writes = measured
     rows = [*latency_rows(mode, sizes.rate, floor, ours), *drains, *writes_rows(mode, writes)]
+    if not target.logical:
+        print(f"[{mode}] 3b. write cost of a column filter (pgbench)", flush=True)
+        with meter.phase(f"{mode} judged writes"):
+            judged = measure_judged_writes(bench, sizes, target)
+        report.raw[f"{mode} judged writes"] = asdict(judged)
+        rows += judged_rows(judged)
     return [*prefixed(mode, rows), *replay_rows(mode, replayed)]
 
 
@@ -244,6 +251,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 bench.create_table(table, ids, target.admin)
             bench.write_config(target)
             bench.cli(target, "install")
+            if not target.logical:
+                prepare_judged(bench, target)
         if args.cluster:
             print("starting a Redis Cluster of 3 masters", flush=True)
             cluster = ClusterKeys()

@@ -2,9 +2,10 @@
 -- (found by name, or by the name its events carry if it was renamed since), the columns
 -- its capture function copies and what those columns are called now ('' once dropped),
 -- and every way its triggers, or its partitions' triggers, differ from what watch()
--- made: missing, disabled, not firing ALWAYS, or calling another function.
+-- made: missing, disabled, not firing ALWAYS, or calling another function; and its
+-- column filter as watch() compiled it.
 WITH w AS (
-    SELECT w.relid, w.columns, w.attnums
+    SELECT w.relid, w.columns, w.attnums, w.judge, w.filter_columns, w.judged, w.judged_natts
     FROM cdc_invalidator.watched_v1 w
     WHERE w.relid::oid = to_regclass(%(table)s)::oid
        OR (to_regclass(%(table)s) IS NULL
@@ -41,6 +42,11 @@ SELECT
             ON a.attrelid = w.relid AND a.attnum = k.n AND NOT a.attisdropped
           ORDER BY k.i) AS live_columns,
     w.attnums IS NOT NULL AS has_attnums,
+    w.judge, w.filter_columns, w.judged,
+    -- ignore_columns: columns added since watch() (judging is off until install).
+    w.judged_natts IS NOT NULL
+        AND w.judged_natts <> (SELECT c.relnatts FROM pg_class c WHERE c.oid = w.relid)
+        AS columns_added,
     ARRAY(
         SELECT s.label FROM statement_triggers s
         WHERE NOT s.is_root AND s.present = 0 GROUP BY s.label ORDER BY 1) AS untriggered_partitions,

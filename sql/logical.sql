@@ -172,6 +172,9 @@ CREATE TABLE IF NOT EXISTS cdc_invalidator.published_v1 (
     keep        boolean NOT NULL,   -- replica_identity = "keep"
     publication name NOT NULL
 );
+-- The table's column filter ('ignore' or 'columns'; NULL: none): the listener judges its
+-- UPDATEs from the whole old row, which the DDL guard keeps sent.
+ALTER TABLE cdc_invalidator.published_v1 ADD COLUMN IF NOT EXISTS judge text;
 
 -- record_published(...): one configured table, resolved now.
 CREATE OR REPLACE FUNCTION cdc_invalidator.record_published(
@@ -192,6 +195,38 @@ AS $record$
         columns = excluded.columns, attnums = excluded.attnums, keep = excluded.keep,
         publication = excluded.publication;
 $record$;
+
+-- record_filter(table, judge, columns, keep): a configured table's column filter. Its
+-- listed columns must be the table's (as the catalog names them); its UPDATEs are judged
+-- by comparing old and new values, so the whole old row must be sent: REPLICA IDENTITY
+-- FULL (unless replica_identity = "keep", or an identity index already covers every
+-- column). Run after record_published().
+CREATE OR REPLACE FUNCTION cdc_invalidator.record_filter(
+    tbl regclass, judge text, filter_columns text[], keep boolean)
+RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $filter$
+DECLARE
+    missing text;
+BEGIN
+    SELECT string_agg(quote_ident(c), ', ') INTO missing
+    FROM unnest(filter_columns) c
+    WHERE NOT EXISTS (
+        SELECT FROM pg_attribute a
+        WHERE a.attrelid = tbl AND a.attname = c AND a.attnum > 0 AND NOT a.attisdropped);
+    IF missing IS NOT NULL THEN
+        RAISE EXCEPTION 'cdc_invalidator: table % has no column % (listed in %)', tbl,
+            missing, CASE judge WHEN 'ignore' THEN 'ignore_columns' ELSE 'columns' END
+            USING ERRCODE = 'undefined_column';
+    END IF;
+    UPDATE cdc_invalidator.published_v1 SET judge = record_filter.judge WHERE relid = tbl;
+    IF NOT keep THEN
+        PERFORM cdc_invalidator.ensure_replica_identity(tbl, ARRAY(
+            SELECT a.attname::text FROM pg_attribute a
+            WHERE a.attrelid = tbl AND a.attnum > 0 AND NOT a.attisdropped));
+    END IF;
+END
+$filter$;
 
 -- publish_list(table): what the publication carries of a table: the fewest columns the
 -- server allows. A column list must cover the replica identity when UPDATE and DELETE
@@ -231,7 +266,8 @@ $list$;
 --   * a table that left the publication (DROP COLUMN ... CASCADE of a listed column
 --     removes it) would no longer be captured: refused;
 --   * a table (or a new partition) that lost its replica identity, or whose identity no
---     longer covers the key columns, gets REPLICA IDENTITY FULL as install would
+--     longer covers the key columns (with a column filter: every column), gets REPLICA
+--     IDENTITY FULL as install would
 --     (refused for replica_identity = "keep", as install refuses it);
 --   * a table that has REPLICA IDENTITY FULL and a column list is republished whole (a
 --     list must cover a FULL identity's columns, or UPDATE and DELETE fail).
@@ -276,8 +312,10 @@ BEGIN
             PERFORM cdc_invalidator.require_replica_identity(r.relid);
             CONTINUE;
         END IF;
+        -- A table with a column filter needs every old value (its UPDATEs are judged).
         SELECT coalesce(array_agg(a.attname::text), '{}') INTO cols FROM pg_attribute a
-        WHERE a.attrelid = r.relid AND a.attnum = ANY (r.attnums) AND NOT a.attisdropped;
+        WHERE a.attrelid = r.relid AND NOT a.attisdropped
+          AND (a.attnum = ANY (r.attnums) OR (r.judge IS NOT NULL AND a.attnum > 0));
         PERFORM cdc_invalidator.ensure_replica_identity(r.relid, cols);
         IF (SELECT relreplident FROM pg_class WHERE oid = r.relid) = 'f'
            AND EXISTS (SELECT FROM pg_publication_rel pr WHERE pr.prpubid = pub
@@ -312,3 +350,4 @@ REVOKE ALL ON FUNCTION cdc_invalidator.publish(name, regclass[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cdc_invalidator.ddl_guard() FROM PUBLIC;
 REVOKE ALL ON FUNCTION cdc_invalidator.record_published(regclass, text, text, text[], boolean, name)
     FROM PUBLIC;
+REVOKE ALL ON FUNCTION cdc_invalidator.record_filter(regclass, text, text[], boolean) FROM PUBLIC;

@@ -101,7 +101,17 @@ CREATE TABLE IF NOT EXISTS cdc_invalidator.watched_v1 (
 ALTER TABLE cdc_invalidator.watched_v1
     ADD COLUMN IF NOT EXISTS attnums     int2[],
     ADD COLUMN IF NOT EXISTS schema_name text,
-    ADD COLUMN IF NOT EXISTS table_name  text;
+    ADD COLUMN IF NOT EXISTS table_name  text,
+    -- The table's column filter, as configured: 'ignore' (ignore_columns) or 'columns'
+    -- with its list; NULL: none, every UPDATE is queued.
+    ADD COLUMN IF NOT EXISTS judge          text,
+    ADD COLUMN IF NOT EXISTS filter_columns text[],
+    -- Whether UPDATEs are judged row by row: false when the table has no primary key
+    -- to pair old and new rows by (then every UPDATE is queued).
+    ADD COLUMN IF NOT EXISTS judged         boolean,
+    -- ignore_columns: pg_class.relnatts when watched. A column added since is judged by
+    -- nobody: while it differs, every UPDATE is queued.
+    ADD COLUMN IF NOT EXISTS judged_natts   int2;
 
 -- `cdc-invalidator check` compares this with the version the listener expects.
 CREATE OR REPLACE FUNCTION cdc_invalidator.schema_version() RETURNS integer
@@ -146,6 +156,57 @@ BEGIN
     END;
 END
 $statement$;
+
+-- queue_judged_update_v1(names, labels, columns, pk, counted): the UPDATE statement of a
+-- table with a column filter: only the rows in which a counted column changed are
+-- queued. Old and new rows are paired by primary key (a FULL JOIN of the transition
+-- tables on `pk`), not by position: each row is judged against its own old version. A
+-- row without a partner (its primary key changed) is always queued, as a DELETE of the
+-- old row and an INSERT of the new one, which delete the same keys as an UPDATE would.
+-- A value changed when its text (::text, as keys render and apps read it, compared
+-- byte for byte in collation "C") changed: that works for every type, including those
+-- without an equality operator (json, point), and an equality that is looser than the
+-- text (numeric 1.0 = 1.00, a case-insensitive collation) never hides a change. Columns
+-- are compared one after the other and the first difference decides; a large value
+-- left unchanged is read (detoasted) only when its length is the same on both sides.
+CREATE OR REPLACE FUNCTION cdc_invalidator.queue_judged_update_v1(
+    names text, labels text[], columns text[], pk text[], counted text[])
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp
+AS $judged$
+DECLARE
+    -- Every column the statement reads, projected as c1, c2, ... on both sides.
+    used text[] := ARRAY(SELECT DISTINCT c FROM unnest(pk || counted || columns) c ORDER BY c);
+    project text;
+    old_json text;
+    new_json text;
+    pairs text;
+    changed text;
+BEGIN
+    SELECT string_agg(format('r.%I AS c%s', c, i), ', ' ORDER BY i) INTO project
+    FROM unnest(used) WITH ORDINALITY AS u (c, i);
+    SELECT 'json_build_object(' || coalesce(string_agg(
+               format('%L, o.c%s::text', l, array_position(used, c)), ', ' ORDER BY i), '') || ')',
+           'json_build_object(' || coalesce(string_agg(
+               format('%L, n.c%s::text', l, array_position(used, c)), ', ' ORDER BY i), '') || ')'
+    INTO old_json, new_json
+    FROM unnest(labels, columns) WITH ORDINALITY AS k (l, c, i);
+    SELECT string_agg(format('o.c%1$s = n.c%1$s', array_position(used, c)), ' AND ') INTO pairs
+    FROM unnest(pk) c;
+    SELECT coalesce(string_agg(format(
+               '(o.c%1$s::text COLLATE "C") IS DISTINCT FROM (n.c%1$s::text COLLATE "C")',
+               array_position(used, c)), ' OR '), 'false') INTO changed
+    FROM unnest(counted) c;
+    RETURN format(
+        'INSERT INTO cdc_invalidator.queue_v1 (schema_name, table_name, op, old_row, new_row) '
+        'SELECT %1$s, CASE WHEN o.here IS NULL THEN ''I'' WHEN n.here IS NULL THEN ''D'' ELSE ''U'' END, '
+        'CASE WHEN o.here THEN %2$s END, CASE WHEN n.here THEN %3$s END '
+        'FROM (SELECT true AS here, %4$s FROM old_rows r) o '
+        'FULL JOIN (SELECT true AS here, %4$s FROM new_rows r) n ON %5$s '
+        'WHERE o.here IS NULL OR n.here IS NULL OR %6$s',
+        names, old_json, new_json, project, pairs, changed);
+END
+$judged$;
 
 -- queue_drifted_v1(table, labels, attnums, op, names): the statement for a capture
 -- function whose compiled column names no longer all exist (a column was renamed or
@@ -204,7 +265,12 @@ BEGIN
 END
 $untriggered$;
 
--- watch(table, columns): capture every committed change of `table`, copying `columns`.
+-- watch(table, columns[, judge, filter_columns]): capture every committed change of
+-- `table`, copying `columns`. With a column filter (judge 'ignore': every column counts
+-- but `filter_columns`; 'columns': only they count; `columns` count in both), an UPDATE
+-- queues only the rows in which a counted column changed (queue_judged_update_v1),
+-- provided the table has a primary key to pair old and new rows by; without one every
+-- UPDATE is queued, as without a filter.
 -- It (re)generates one trigger function for the table, with the column list compiled
 -- in (no dynamic SQL per row), and attaches four statement-level triggers. INSERT,
 -- UPDATE and DELETE read transition tables, so a statement that touches 100k rows runs
@@ -230,7 +296,10 @@ $untriggered$;
 -- SECURITY DEFINER (owner: the installing role) so that it may create triggers and hand
 -- the function to the table's owner; the pinned search_path and format('%I'/'%L') keep
 -- table and column names from ever running as SQL.
-CREATE OR REPLACE FUNCTION cdc_invalidator.watch(tbl regclass, key_columns text[])
+-- The two-argument watch() of earlier releases: replaced by this one (same call).
+DROP FUNCTION IF EXISTS cdc_invalidator.watch(regclass, text[]);
+CREATE OR REPLACE FUNCTION cdc_invalidator.watch(
+    tbl regclass, key_columns text[], judge text DEFAULT NULL, filter_columns text[] DEFAULT NULL)
 RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $watch$
@@ -245,6 +314,12 @@ DECLARE
     attnums  int2[];
     probe    text;
     body     text;
+    pk       text[];
+    counted  text[];
+    judged   boolean := false;
+    natts    int2;
+    judged_q text;
+    update_q text;
     rel      regclass;
     trg      record;
 BEGIN
@@ -269,6 +344,41 @@ BEGIN
         RAISE EXCEPTION 'cdc_invalidator.watch: table % has no column %', tbl, missing
             USING ERRCODE = 'undefined_column';
     END IF;
+    IF judge IS NOT NULL AND judge NOT IN ('ignore', 'columns') THEN
+        RAISE EXCEPTION 'cdc_invalidator.watch: judge must be ''ignore'' or ''columns'', not %', judge
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    filter_columns := CASE WHEN judge IS NOT NULL THEN coalesce(filter_columns, '{}') END;
+    SELECT string_agg(quote_ident(c), ', ') INTO missing
+    FROM unnest(filter_columns) c
+    WHERE NOT EXISTS (
+        SELECT FROM pg_attribute a
+        WHERE a.attrelid = tbl AND a.attname = c AND a.attnum > 0 AND NOT a.attisdropped);
+    IF missing IS NOT NULL THEN
+        RAISE EXCEPTION 'cdc_invalidator.watch: table % has no column % (listed in %)', tbl,
+            missing, CASE judge WHEN 'ignore' THEN 'ignore_columns' ELSE 'columns' END
+            USING ERRCODE = 'undefined_column';
+    END IF;
+    -- The primary key pairs old and new rows; a table without one is not judged.
+    pk := ARRAY(
+        SELECT a.attname::text
+        FROM pg_index i, unnest(i.indkey) WITH ORDINALITY AS k (n, ord)
+        JOIN pg_attribute a ON a.attrelid = tbl AND a.attnum = k.n
+        WHERE i.indrelid = tbl AND i.indisprimary ORDER BY k.ord);
+    IF judge IS NOT NULL AND cardinality(pk) > 0 THEN
+        judged := true;
+        counted := ARRAY(
+            SELECT a.attname::text FROM pg_attribute a
+            WHERE a.attrelid = tbl AND a.attnum > 0 AND NOT a.attisdropped
+              AND (a.attname = ANY (key_columns)
+                   OR (a.attname = ANY (filter_columns)) = (judge = 'columns'))
+            -- Fixed-size values first: a change found there decides before any large
+            -- value is read.
+            ORDER BY a.attlen < 0, a.attnum);
+        IF judge = 'ignore' THEN
+            SELECT c.relnatts INTO natts FROM pg_class c WHERE c.oid = tbl;
+        END IF;
+    END IF;
     attnums := ARRAY(
         SELECT a.attnum FROM unnest(key_columns) WITH ORDINALITY AS k (c, i)
         JOIN pg_attribute a ON a.attrelid = tbl AND a.attname = k.c ORDER BY k.i);
@@ -278,9 +388,35 @@ BEGIN
     names := format('%L, %L', schema_n, table_n);
     -- false AND (r.a IS NULL AND r.b IS NULL): planned, so it fails on a missing column,
     -- and never run.
+    -- A judged table's probe names the primary key and counted columns too: once one is
+    -- renamed or dropped, the table is not judged (queue_drifted_v1: every UPDATE).
     probe := 'false AND (' || coalesce((
-        SELECT string_agg(format('r.%I IS NULL', c), ' AND ') FROM unnest(key_columns) c),
+        SELECT string_agg(format('r.%I IS NULL', c), ' AND ')
+        FROM (SELECT DISTINCT c FROM unnest(key_columns
+                  || CASE WHEN judged THEN pk || counted ELSE '{}' END) c) d),
         'true') || ')';
+    update_q := cdc_invalidator.queue_statement_v1('UPDATE', names, key_columns, key_columns);
+    IF judged THEN
+        -- Planned here, on the table itself, so that a write never meets a statement
+        -- PostgreSQL cannot plan (a FULL JOIN needs a primary key type whose equality
+        -- can merge or hash): such a table is not judged.
+        judged_q := cdc_invalidator.queue_judged_update_v1(names, key_columns, key_columns, pk, counted);
+        BEGIN
+            EXECUTE 'EXPLAIN ' || replace(replace(judged_q,
+                'FROM old_rows r', format('FROM %s r', tbl)), 'FROM new_rows r', format('FROM %s r', tbl));
+        EXCEPTION WHEN OTHERS THEN
+            RAISE NOTICE 'cdc_invalidator.watch: the UPDATEs of % cannot be judged (%): every UPDATE is queued', tbl, SQLERRM;
+            judged := false;
+            natts := NULL;
+        END;
+    END IF;
+    IF judged THEN
+        update_q := format(CASE WHEN natts IS NULL THEN '%s' ELSE
+            -- ignore_columns: a column added since watch() would be judged by nobody.
+            'IF (SELECT c.relnatts FROM pg_class c WHERE c.oid = %3$s) = %4$s THEN %1$s; '
+            'ELSE %2$s; END IF' END,
+            judged_q, update_q, tbl::oid, natts);
+    END IF;
 
     body := format($body$
         DECLARE
@@ -323,7 +459,7 @@ BEGIN
         END
     $body$,
         cdc_invalidator.queue_statement_v1('INSERT', names, key_columns, key_columns),
-        cdc_invalidator.queue_statement_v1('UPDATE', names, key_columns, key_columns),
+        update_q,
         probe, tbl::oid, key_columns, attnums, names,
         cdc_invalidator.queue_statement_v1('DELETE', names, key_columns, key_columns),
         cdc_invalidator.queue_statement_v1('TRUNCATE', names, key_columns, key_columns));
@@ -391,10 +527,13 @@ BEGIN
         END LOOP;
     END IF;
 
-    INSERT INTO cdc_invalidator.watched_v1 (relid, columns, attnums, schema_name, table_name)
-    VALUES (tbl, key_columns, attnums, schema_n, table_n)
+    INSERT INTO cdc_invalidator.watched_v1 (relid, columns, attnums, schema_name, table_name,
+                                           judge, filter_columns, judged, judged_natts)
+    VALUES (tbl, key_columns, attnums, schema_n, table_n, judge, filter_columns, judged, natts)
     ON CONFLICT (relid) DO UPDATE SET columns = EXCLUDED.columns, attnums = EXCLUDED.attnums,
-        schema_name = EXCLUDED.schema_name, table_name = EXCLUDED.table_name, watched_at = now();
+        schema_name = EXCLUDED.schema_name, table_name = EXCLUDED.table_name,
+        judge = EXCLUDED.judge, filter_columns = EXCLUDED.filter_columns,
+        judged = EXCLUDED.judged, judged_natts = EXCLUDED.judged_natts, watched_at = now();
 END
 $watch$;
 
@@ -440,7 +579,7 @@ END
 $unwatch$;
 
 -- Changing triggers runs with the installer's rights: nobody else may call these.
-REVOKE ALL ON FUNCTION cdc_invalidator.watch(regclass, text[]) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cdc_invalidator.watch(regclass, text[], text, text[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cdc_invalidator.unwatch(regclass) FROM PUBLIC;
 -- Nobody but our triggers runs this one; a role that could attach it to a table of its
 -- own could queue sweeps.

@@ -25,6 +25,7 @@ from cdc_invalidator.capture.pgoutput import (
     by_name,
 )
 from cdc_invalidator.events import UNRENDERABLE, ChangeEvent, InvalidEvent, Op, TableName
+from cdc_invalidator.mapping.columns import ColumnFilter, Judge
 
 _DATA = json.loads((Path(__file__).parent / "data" / "pgoutput.json").read_text())
 TOAST_SLUG: str = _DATA["_values"]["pages_full.slug"]
@@ -659,3 +660,47 @@ def test_a_missing_tuple_is_a_protocol_error(name: str, kind: str, tag: bytes, e
     msg = message(name, kind)
     with pytest.raises(ProtocolError, match=re.escape(error)):
         decoder.decode(msg[:5] + tag + msg[6:])
+
+
+# --- column filters ------------------------------------------------------------------------
+
+
+def judged(
+    name: str, table: TableName, column_filter: ColumnFilter, wanted: Sequence[str]
+) -> list[ChangeEvent]:
+    decoder = Decoder(by_name(columns({table: wanted}), filters={table: column_filter}))
+    return events_of(feed(decoder, name))
+
+
+@pytest.mark.parametrize(
+    ("name", "table", "column_filter", "kept"),
+    [
+        # full_update_name changes name only: ignored, or not listed.
+        ("full_update_name", USERS_FULL, ColumnFilter(Judge.IGNORE, ("name",), ("id",)), False),
+        ("full_update_name", USERS_FULL, ColumnFilter(Judge.COLUMNS, ("email",), ("id",)), False),
+        ("full_update_name", USERS_FULL, ColumnFilter(Judge.IGNORE, (), ("id",)), True),
+        ("full_update_name", USERS_FULL, ColumnFilter(Judge.COLUMNS, ("name",), ("id",)), True),
+        # A template column counts even when ignored.
+        ("full_update_email", USERS_FULL, ColumnFilter(Judge.IGNORE, ("email",), ("email",)), True),
+        ("full_update_pk", USERS_FULL, ColumnFilter(Judge.COLUMNS, (), ("id",)), True),
+        # toast_full: title A -> B, the TOASTed slug sent as 'u' (unchanged) in the new row.
+        ("toast_full", PAGES_FULL, ColumnFilter(Judge.IGNORE, ("title",), ("id",)), False),
+        ("toast_full", PAGES_FULL, ColumnFilter(Judge.COLUMNS, ("slug",), ("id",)), False),
+        ("toast_full", PAGES_FULL, ColumnFilter(Judge.IGNORE, (), ("id",)), True),
+        # No whole old row (default identity): nothing to judge by, the change is an event.
+        ("default_update_name", USERS, ColumnFilter(Judge.IGNORE, ("name",), ("id",)), True),
+        # A listed column the table does not have (renamed, dropped): not judged.
+        ("full_update_name", USERS_FULL, ColumnFilter(Judge.COLUMNS, ("nick",), ("id",)), True),
+    ],
+)
+def test_a_column_filter_drops_updates_of_uncounted_columns(
+    name: str, table: TableName, column_filter: ColumnFilter, kept: bool
+) -> None:
+    got = judged(name, table, column_filter, ["id"])
+    assert [e.op for e in got] == ([Op.UPDATE] if kept else [])
+
+
+def test_a_column_filter_leaves_inserts_and_deletes_alone() -> None:
+    column_filter = ColumnFilter(Judge.COLUMNS, (), ("id",))
+    assert {e.op for e in judged("insert", USERS, column_filter, ["id"])} == {Op.INSERT}
+    assert {e.op for e in judged("full_delete", USERS_FULL, column_filter, ["id"])} == {Op.DELETE}

@@ -16,6 +16,7 @@ from cdc_invalidator.capture.trigger_sql import SCHEMA_VERSION, installed_versio
 from cdc_invalidator.durations import format_duration
 from cdc_invalidator.events import TableName
 from cdc_invalidator.mapping import KeyTemplate, Mapper
+from cdc_invalidator.mapping.columns import ColumnFilter, Judge
 from cdc_invalidator.pg.queries import Q
 from cdc_invalidator.redact import redact_url
 from cdc_invalidator.redis_guard.window import MARGIN_S, persistence_window
@@ -119,9 +120,15 @@ def check_database(
     else:
         report.ok.append(f"database {conn.info.dbname!r}: cdc_invalidator v{version} installed")
 
+    filters = settings.column_filters()
     for table, templates in sorted(mapper.tables.items()):
         where = f"{config_name}: [tables.{names[table]!r}]"
-        present = partial(_present, conn, report, where, table, templates)
+        column_filter = filters.get(table)
+        if column_filter is not None:
+            _warn_ignored_template_columns(report, where, templates, column_filter)
+        present = partial(
+            _present, conn, report, where, table, templates, column_filter=column_filter
+        )
         if installed:
             mode.check_table(
                 conn,
@@ -138,14 +145,29 @@ def check_database(
     return report
 
 
-def _present(
+def _warn_ignored_template_columns(
+    report: Report, where: str, templates: Sequence[KeyTemplate], column_filter: ColumnFilter
+) -> None:
+    for column in column_filter.ignored_template_columns:
+        source = next(t.source for t in templates if column in t.fields)
+        report.warnings.append(
+            f"{where}: ignore_columns lists {column!r}, which template {source!r} uses: it "
+            "counts all the same (a changed key column must delete the old key); take it "
+            "out of ignore_columns"
+        )
+
+
+def _present(  # noqa: PLR0913 - the table's facts
     conn: psycopg.Connection[Any],
     report: Report,
     where: str,
     table: TableName,
     templates: Sequence[KeyTemplate],
+    *,
+    column_filter: ColumnFilter | None = None,
 ) -> bool:
-    """The table exists and has every column its templates use; otherwise reported."""
+    """The table exists and has every column its templates use and its column filter
+    lists; otherwise reported."""
     exists, columns = returned(
         conn.execute(Q.CHECK_TABLE.sql, {"table": table.qualified}).fetchone(),
         f"row describing table {table}",
@@ -161,6 +183,15 @@ def _present(
                 report.errors.append(
                     f"{where}: template {template.source!r} uses column {column!r}, "
                     f"which table {table} does not have"
+                )
+    if column_filter is not None:
+        setting = "ignore_columns" if column_filter.judge is Judge.IGNORE else "columns"
+        for column in column_filter.listed:
+            if column not in columns:
+                fine = False
+                report.errors.append(
+                    f"{where}: {setting} lists column {column!r}, which table {table} does "
+                    "not have (names are matched as the catalog stores them: case matters)"
                 )
     return fine
 
@@ -186,6 +217,10 @@ class Watch:
     live_columns: list[str]  # what those columns are called now ('' once dropped)
     untriggered_partitions: list[str]
     trigger_problems: list[str]
+    judge: str | None = None  # the column filter compiled in: 'ignore', 'columns', None
+    filter_columns: list[str] | None = None
+    judged: bool = False  # False: no primary key to pair rows by, every UPDATE queued
+    columns_added: bool = False  # ignore_columns, a column added since: judging is off
 
 
 def watch_of(conn: psycopg.Connection[Any], table: TableName) -> Watch | None:
@@ -195,10 +230,29 @@ def watch_of(conn: psycopg.Connection[Any], table: TableName) -> Watch | None:
     ).fetchone()
     if row is None:
         return None
-    live_name, columns, live_columns, has_attnums, untriggered, problems = row
+    (
+        live_name,
+        columns,
+        live_columns,
+        has_attnums,
+        judge,
+        filter_columns,
+        judged,
+        columns_added,
+        untriggered,
+        problems,
+    ) = row
     # Installed by an older release, which did not record attnums: no drift to tell.
     return Watch(
-        live_name, columns, live_columns if has_attnums else columns, untriggered, problems
+        live_name,
+        columns,
+        live_columns if has_attnums else columns,
+        untriggered,
+        problems,
+        judge,
+        filter_columns,
+        bool(judged),
+        bool(columns_added),
     )
 
 
@@ -260,6 +314,93 @@ def check_triggers(
         )
     if fine:
         report.ok.append(f"{where}: watched, columns {wanted}, triggers fire ALWAYS")
+
+
+def check_trigger_filter(
+    report: Report,
+    where: str,
+    table: TableName,
+    watch: Watch | None,
+    column_filter: ColumnFilter | None,
+) -> None:
+    """The column filter watch() compiled into the table's capture function."""
+    if watch is None:
+        return
+    want = (column_filter.judge.value, sorted(column_filter.listed)) if column_filter else None
+    have = (watch.judge, sorted(watch.filter_columns or [])) if watch.judge else None
+    if want != have:
+        report.errors.append(
+            f"{where}: the triggers of {table} were installed with another column filter "
+            f"({_describe_filter(have)}, configured: {_describe_filter(want)}): run "
+            "`cdc-invalidator install`"
+        )
+        return
+    if column_filter is None:
+        return
+    if not watch.judged:
+        report.warnings.append(
+            f"{where}: table {table} has no primary key (or one whose type cannot be "
+            "joined on): old and new rows of an UPDATE cannot be paired, so its column "
+            "filter is off and every UPDATE invalidates (give it a primary key, then run "
+            "`cdc-invalidator install`)"
+        )
+    elif watch.columns_added:
+        report.warnings.append(
+            f"{where}: columns were added to {table} since install: ignore_columns would "
+            "not judge their changes, so its column filter is off and every UPDATE "
+            "invalidates until you run `cdc-invalidator install`"
+        )
+    else:
+        report.ok.append(
+            f"{where}: UPDATEs judged row by row ({_describe_filter(want)}), old and new "
+            "rows paired by primary key"
+        )
+
+
+def _describe_filter(column_filter: tuple[str | None, list[str]] | None) -> str:
+    if column_filter is None:
+        return "none"
+    judge, listed = column_filter
+    return f"{'ignore_columns' if judge == Judge.IGNORE.value else 'columns'} = {listed}"
+
+
+def check_logical_filter(
+    conn: psycopg.Connection[Any],
+    report: Report,
+    where: str,
+    table: TableName,
+    *,
+    keep: bool,
+) -> bool:
+    """A table with a column filter: its UPDATEs are judged from the whole old row, which
+    only REPLICA IDENTITY FULL (or an identity index covering every column) sends."""
+    row = conn.execute(Q.CHECK_TABLE.sql, {"table": table.qualified}).fetchone()
+    columns = set(row[1]) if row else set()
+    short = [
+        rel
+        for rel, identity, covered in conn.execute(Q.CHECK_IDENTITY.sql, {"table": table.qualified})
+        if identity != "f" and not columns <= set(covered)
+    ]
+    if not short:
+        report.ok.append(
+            f"{where}: UPDATEs judged row by row against their old values: REPLICA IDENTITY "
+            "FULL makes every UPDATE and DELETE of the table write its whole old row to WAL "
+            "(more WAL, and more for the listener to read)"
+        )
+        return True
+    if keep:
+        report.warnings.append(
+            f"{where}: the column filter needs each UPDATE's whole old row, which "
+            f'{", ".join(short)} does not send (replica_identity = "keep"): the filter '
+            'is off. Give it REPLICA IDENTITY FULL, or replica_identity = "full"'
+        )
+    else:
+        report.errors.append(
+            f"{where}: the column filter needs each UPDATE's whole old row, which "
+            f"{', '.join(short)} does not send (no REPLICA IDENTITY FULL): every UPDATE "
+            "invalidates. Run `cdc-invalidator install`"
+        )
+    return False
 
 
 def check_logical_table(  # noqa: PLR0913 - the table's facts are keyword-only

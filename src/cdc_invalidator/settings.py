@@ -36,6 +36,7 @@ from redis.connection import parse_url
 from cdc_invalidator.durations import parse_duration
 from cdc_invalidator.events import TableName
 from cdc_invalidator.mapping import KeyTemplate, Mapper, TemplateError
+from cdc_invalidator.mapping.columns import ColumnFilter, Judge
 from cdc_invalidator.redact import Scrubber, secrets_of
 
 ENV_PREFIX = "CDC_INVALIDATOR_"
@@ -118,6 +119,31 @@ class TableSettings(BaseModel):
     # The Redis logical database this table's keys live in, if not the one redis_url
     # names (apps that cache different tables in different databases). Not in Cluster.
     redis_db: Annotated[int, Field(ge=0)] | None = None
+    # Column filters (one or the other): an UPDATE that changes only columns listed in
+    # ignore_columns, or none of those listed in columns, invalidates nothing. The
+    # templates' columns always count. Names as the catalog stores them (case matters).
+    # An empty ignore_columns judges every row with nothing ignored: an UPDATE that
+    # changes no value at all invalidates nothing. Neither: every UPDATE invalidates.
+    ignore_columns: list[Annotated[str, Field(min_length=1)]] | None = None
+    columns: list[Annotated[str, Field(min_length=1)]] | None = None
+
+    @model_validator(mode="after")
+    def _one_filter(self) -> TableSettings:
+        if self.ignore_columns is not None and self.columns is not None:
+            raise ValueError(
+                "ignore_columns and columns are mutually exclusive: set one of them "
+                "(ignore_columns: every other column counts; columns: only these count)"
+            )
+        return self
+
+    def column_filter(self) -> ColumnFilter | None:
+        """The table's column filter, or None: every UPDATE invalidates."""
+        listed = self.ignore_columns if self.ignore_columns is not None else self.columns
+        if listed is None:
+            return None
+        judge = Judge.IGNORE if self.ignore_columns is not None else Judge.COLUMNS
+        fields = sorted({f for k in self.keys for f in KeyTemplate.parse(k).fields})
+        return ColumnFilter(judge, tuple(dict.fromkeys(listed)), tuple(fields))
 
     @field_validator("key_prefix")
     @classmethod
@@ -312,6 +338,11 @@ class Settings(BaseSettings):
 
     def table_settings(self) -> dict[TableName, TableSettings]:
         return {TableName.parse(name): table for name, table in self.tables.items()}
+
+    def column_filters(self) -> dict[TableName, ColumnFilter]:
+        """The tables with a column filter (ignore_columns or columns), and theirs."""
+        filters = {t: s.column_filter() for t, s in self.table_settings().items()}
+        return {t: f for t, f in filters.items() if f is not None}
 
     def mapper(self) -> Mapper:
         return Mapper(

@@ -59,6 +59,7 @@ from cdc_invalidator.capture.walstream import (
     parse_lsn,
 )
 from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, TableName
+from cdc_invalidator.mapping.columns import ColumnFilter
 from cdc_invalidator.pg.connect import BOOKKEEPING, REPLICATION, PgConnector
 from cdc_invalidator.pg.queries import Q
 
@@ -100,6 +101,8 @@ class LogicalConfig:
     publication: str
     # The columns each configured table's templates use.
     columns: Mapping[TableName, Sequence[str]]
+    # The column filters of the tables that have one: their UPDATEs are judged.
+    filters: Mapping[TableName, ColumnFilter] = field(default_factory=dict)
     status_interval_s: float = 1.0
     heartbeat_s: float = 0.0  # 0: off
     history_s: float = 0.0  # how long what was invalidated is kept for replay (0: not kept)
@@ -465,7 +468,7 @@ class LogicalStream:
                 if candidate is not None and candidate in present:
                     names[column] = candidate
                     break
-        return Resolved(table, wanted, names)
+        return Resolved(table, wanted, names, self._config.filters.get(table))
 
     def _unrenderable(self, relation: Relation) -> None:
         log.warning(

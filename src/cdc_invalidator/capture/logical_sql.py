@@ -20,6 +20,7 @@ from cdc_invalidator.capture.slot import SlotClass, SlotState
 from cdc_invalidator.capture.trigger_sql import SCRIPT_HEADER, guard
 from cdc_invalidator.events import TableName
 from cdc_invalidator.mapping import Mapper
+from cdc_invalidator.mapping.columns import ColumnFilter
 from cdc_invalidator.pg.queries import Q
 
 IDENTITY_HEADER = """
@@ -28,8 +29,9 @@ IDENTITY_HEADER = """
 -- user:email:{email}, needs that column's old value to be deleted when the email
 -- changes or the row is deleted. Where a table's identity does not cover the columns
 -- its templates use, it gets REPLICA IDENTITY FULL (the whole old row is then written
--- to WAL on UPDATE and DELETE); uninstall puts the old identity back. Tables configured
--- with replica_identity = "keep" are left alone.
+-- to WAL on UPDATE and DELETE); uninstall puts the old identity back. So does a table
+-- with a column filter (its UPDATEs are judged from the whole old row: record_filter()
+-- below). Tables configured with replica_identity = "keep" are left alone.
 """
 
 SLOT_FOOTER = """
@@ -41,7 +43,11 @@ SLOT_FOOTER = """
 
 
 def install_script(
-    mapper: Mapper, keep: Mapping[TableName, bool], publication: str, slot: str
+    mapper: Mapper,
+    keep: Mapping[TableName, bool],
+    publication: str,
+    slot: str,
+    filters: Mapping[TableName, ColumnFilter] | None = None,
 ) -> sql.Composed:
     identities: list[sql.Composable] = [sql.SQL(IDENTITY_HEADER)]
     records: list[sql.Composable] = []
@@ -56,6 +62,16 @@ def install_script(
                 publication=sql.Literal(publication),
             )
         )
+        column_filter = (filters or {}).get(table)
+        if column_filter is not None:
+            records.append(
+                Q.RECORD_FILTER.sql.format(
+                    table=sql.Literal(table.qualified),
+                    judge=sql.Literal(column_filter.judge.value),
+                    columns=_text_array(list(column_filter.listed)),
+                    keep=sql.Literal(keep.get(table, False)),
+                )
+            )
         if keep.get(table, False):
             # A table name may hold anything but a newline is all a comment must avoid.
             name = table.qualified.replace("\n", " ").replace("\r", " ")

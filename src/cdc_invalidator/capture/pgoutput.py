@@ -10,6 +10,12 @@ others sent as nulls that mean "not sent") or an 'O' tuple (REPLICA IDENTITY FUL
 whole row). An UPDATE that changed no replica-identity column sends no old tuple at all.
 A TOASTed value that an UPDATE left alone arrives as an "unchanged" marker ('u') in the
 new tuple: the old tuple's value (FULL identity) is the same, and is used instead.
+
+A table with a column filter (mapping/columns.py) also has its counted columns read from
+both tuples of an UPDATE: when every one is byte for byte the same text (or 'u' in the
+new tuple), the change is dropped. Each U message is one row, so old and new are paired
+by construction. Judging needs the whole old row ('O', REPLICA IDENTITY FULL, which
+install sets); without it the UPDATE is an event as usual.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Final, NamedTuple
 
 from cdc_invalidator.capture.errors import Fatal
 from cdc_invalidator.events import UNRENDERABLE, ChangeEvent, InvalidEvent, Op, Row, TableName
+from cdc_invalidator.mapping.columns import ColumnFilter, Judge
 
 _U16 = struct.Struct("!H")
 _I32 = struct.Struct("!I")
@@ -67,6 +74,8 @@ class Relation:
     # Key columns the relation no longer has (dropped): its changes cannot be rendered,
     # and each becomes a sweep of the table's templates instead.
     missing: tuple[str, ...] = ()
+    # A column filter's counted columns, by index in the tuple; None: UPDATEs not judged.
+    judged_at: frozenset[int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +87,7 @@ class Resolved:
     table: TableName
     columns: tuple[str, ...]
     names: Mapping[str, str]
+    column_filter: ColumnFilter | None = None
 
 
 # (relid, name in the message, column names in the message) -> Resolved, or None for a
@@ -88,6 +98,7 @@ Resolve = Callable[[int, TableName, tuple[str, ...]], Resolved | None]
 def by_name(
     columns_for: Callable[[TableName], Sequence[str] | None],
     ancestors_of: Callable[[int], Sequence[TableName]] | None = None,
+    filters: Mapping[TableName, ColumnFilter] | None = None,
 ) -> Resolve:
     """A resolver that goes by names only: `columns_for(table)` names the columns to
     decode (None: every column, for a table it does not know), `ancestors_of(relid)`
@@ -104,7 +115,8 @@ def by_name(
                     break
         if wanted is None:
             wanted = columns
-        return Resolved(table, tuple(wanted), {c: c for c in wanted})
+        column_filter = (filters or {}).get(table)
+        return Resolved(table, tuple(wanted), {c: c for c in wanted}, column_filter)
 
     return resolve
 
@@ -140,7 +152,8 @@ class Decoder:
 
     def decode(self, msg: bytes) -> Begin | Commit | ChangeEvent | list[ChangeEvent] | None:  # noqa: PLR0911 - one return per message type
         """One message: Begin, Commit, one ChangeEvent (I/U/D), a list (TRUNCATE of
-        several tables) or None (Relation, Type, Origin, Message: nothing to invalidate).
+        several tables) or None (Relation, Type, Origin, Message, an UPDATE that its
+        table's column filter judged unchanged: nothing to invalidate).
 
         Raises InvalidEvent for a change that cannot become an event (a value that is not
         UTF-8, an unknown relation) and ProtocolError for bytes that do not parse.
@@ -196,6 +209,7 @@ class Decoder:
         table = TableName(namespace or "pg_catalog", name)
         resolved = self._resolve(relid, table, tuple(columns))
         missing: tuple[str, ...] = ()
+        judged_at: frozenset[int] | None = None
         if resolved is None:
             wanted: tuple[tuple[str, int], ...] = ()
         else:
@@ -204,6 +218,8 @@ class Decoder:
             at = {c: index.get(resolved.names.get(c, "")) for c in resolved.columns}
             wanted = tuple((c, i) for c, i in at.items() if i is not None)
             missing = tuple(c for c, i in at.items() if i is None)
+            if resolved.column_filter is not None and not missing:
+                judged_at = _counted(resolved.column_filter, tuple(columns), {i for _, i in wanted})
         identity_at = {i for i, c in enumerate(columns) if c in identity_columns}
         relation = Relation(
             relid,
@@ -215,6 +231,7 @@ class Decoder:
             {i: c for c, i in wanted},
             tuple(c for c, i in wanted if i not in identity_at),
             missing,
+            judged_at,
         )
         self._relations[relid] = relation
         if missing and self._on_unrenderable is not None:
@@ -245,13 +262,13 @@ class Decoder:
         self.position += 1
         return ChangeEvent(relation.table, Op.INSERT, None, new, self.position)
 
-    def _update(self, msg: bytes) -> ChangeEvent:
+    def _update(self, msg: bytes) -> ChangeEvent | None:
         relation = self._relation_of(msg)
         if relation.missing:
             return self._unrenderable(relation)
         old_values: dict[str, object] | None = None
         pos = 5
-        tag = msg[pos]
+        tag = tag_old = msg[pos]
         if tag in (0x4B, 0x4F):  # 'K' key, 'O' old (FULL)
             old_values, pos = _scan(msg, pos + 1, relation)
             if tag == 0x4B:
@@ -263,6 +280,9 @@ class Decoder:
             raise ValueError(f"UPDATE without a new tuple (got {chr(tag)!r})")
         new_values, end = _scan(msg, pos + 1, relation)
         _at_end(msg, end)
+        judged = relation.judged_at
+        if judged is not None and tag_old == 0x4F and _unchanged(msg, judged):  # 'O'
+            return None
         try:
             if old_values is None:
                 # No old tuple: no replica-identity column changed. Others may have, and
@@ -395,6 +415,65 @@ def _scan(msg: bytes, pos: int, relation: Relation) -> tuple[dict[str, object], 
             raise ValueError(f"unexpected column kind {chr(kind)!r}")
     if pos > len(msg):
         raise ValueError("message ends inside a column value")
+    return values, pos
+
+
+def _counted(
+    column_filter: ColumnFilter, columns: tuple[str, ...], keys: set[int]
+) -> frozenset[int] | None:
+    """The indexes of a filter's counted columns in a relation's tuple (the key columns,
+    `keys`, whatever their names now), or None when the relation cannot be judged: a
+    column `columns` lists is not there (renamed or dropped): every UPDATE invalidates
+    until the configuration names it again (fail safe, as the trigger does)."""
+    if column_filter.judge is Judge.COLUMNS:
+        if not set(column_filter.listed) <= set(columns):
+            return None
+        listed = set(column_filter.listed)
+        return frozenset(i for i, c in enumerate(columns) if c in listed or i in keys)
+    # ignore_columns: a column renamed or added since counts (its name is not listed).
+    return frozenset(i for i, c in enumerate(columns) if column_filter.counts(c) or i in keys)
+
+
+def _unchanged(msg: bytes, judged: frozenset[int]) -> bool:
+    """An UPDATE with an old tuple ('O') whose counted columns all hold the same text
+    in both tuples ('u', an unchanged TOASTed value, in the new one is the same). The
+    tuples are walked again, raw: this is rare next to the decoding it saves."""
+    old, pos = _raw(msg, 6, judged)
+    if msg[pos] != 0x4E:  # 'N'
+        return False
+    new, _end = _raw(msg, pos + 1, judged)
+    for i, value in new.items():
+        if value is UNCHANGED:
+            continue
+        if old.get(i, UNCHANGED) != value:
+            return False
+    return True
+
+
+def _raw(msg: bytes, pos: int, at: frozenset[int]) -> tuple[dict[int, object], int]:
+    """TupleData: the raw values (bytes, None, UNCHANGED) of the columns at `at`."""
+    (n,) = _U16.unpack_from(msg, pos)
+    pos += 2
+    values: dict[int, object] = {}
+    unpack = _I32.unpack_from
+    for i in range(n):
+        kind = msg[pos]
+        if kind == 0x74:  # 't'
+            (length,) = unpack(msg, pos + 1)
+            start = pos + 5
+            pos = start + length
+            if i in at:
+                values[i] = msg[start:pos]
+        elif kind == 0x6E:  # 'n'
+            pos += 1
+            if i in at:
+                values[i] = None
+        elif kind == 0x75:  # 'u'
+            pos += 1
+            if i in at:
+                values[i] = UNCHANGED
+        else:
+            raise ValueError(f"unexpected column kind {chr(kind)!r}")
     return values, pos
 
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
 from cdc_invalidator.capture.errors import NotInstalled
+from cdc_invalidator.events import TableName
 from cdc_invalidator.mapping import Mapper
+from cdc_invalidator.mapping.columns import ColumnFilter
 from cdc_invalidator.pg.queries import Q
 
 SCHEMA_VERSION = 1
@@ -21,19 +24,34 @@ SCRIPT_HEADER = (
 )
 
 
-def install_script(mapper: Mapper, publication: str | None = None) -> sql.Composed:
-    """The whole install as one script: schema, one watch() per table, then unwatch()
-    for tables that are watched but no longer configured; with `publication`, logical
-    mode's publication and replica identities go (a switch from logical mode)."""
-    watches = [
-        Q.WATCH_TABLE.sql.format(
-            table=sql.Literal(table.qualified),
-            columns=sql.SQL("ARRAY[{}]::text[]").format(
-                sql.SQL(", ").join(sql.Literal(c) for c in mapper.columns(table))
-            ),
+def install_script(
+    mapper: Mapper,
+    publication: str | None = None,
+    filters: Mapping[TableName, ColumnFilter] | None = None,
+) -> sql.Composed:
+    """The whole install as one script: schema, one watch() per table (with its column
+    filter, if `filters` has one), then unwatch() for tables that are watched but no
+    longer configured; with `publication`, logical mode's publication and replica
+    identities go (a switch from logical mode)."""
+    filters = filters or {}
+    watches = []
+    for table in sorted(mapper.tables):
+        column_filter = filters.get(table)
+        watches.append(
+            Q.WATCH_TABLE.sql.format(
+                table=sql.Literal(table.qualified),
+                columns=text_array(mapper.columns(table)),
+                # With a filter: its judge ('ignore', 'columns') and its list.
+                column_filter=(
+                    sql.SQL(", {}, {}").format(
+                        sql.Literal(column_filter.judge.value),
+                        text_array(list(column_filter.listed)),
+                    )
+                    if column_filter
+                    else sql.SQL("")
+                ),
+            )
         )
-        for table in sorted(mapper.tables)
-    ]
     unwatch = Q.UNWATCH_OTHERS.sql.format(
         tables=sql.SQL(", ").join(sql.Literal(t.qualified) for t in sorted(mapper.tables))
     )
@@ -57,6 +75,11 @@ def install_script(mapper: Mapper, publication: str | None = None) -> sql.Compos
     if publication is not None:
         parts += [sql.SQL("\n"), _leave_logical(publication)]
     return sql.Composed(parts)
+
+
+def text_array(items: list[str]) -> sql.Composed:
+    """ARRAY['a', 'b']::text[] (an empty one typed too)."""
+    return sql.SQL("ARRAY[{}]::text[]").format(sql.SQL(", ").join(sql.Literal(c) for c in items))
 
 
 def guard(publication: str | None, action: str = "install") -> sql.Composed:

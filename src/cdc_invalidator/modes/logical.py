@@ -49,7 +49,9 @@ class LogicalMode:
         s = self._settings
         mapper = s.mapper()
         keep = {t: self._keeps(t) for t in mapper.tables}
-        return logical_sql.install_script(mapper, keep, s.publication_name, s.slot_name)
+        return logical_sql.install_script(
+            mapper, keep, s.publication_name, s.slot_name, s.column_filters()
+        )
 
     def finish_install(self, conn: psycopg.Connection[Any]) -> str:
         """The slot, created once the script has committed (PostgreSQL refuses to create
@@ -78,6 +80,7 @@ class LogicalMode:
                 slot=s.slot_name,
                 publication=s.publication_name,
                 columns={table: mapper.columns(table) for table in mapper.tables},
+                filters=s.column_filters(),
                 status_interval_s=s.status_interval_ms / 1000,
                 heartbeat_s=s.heartbeat_interval_ms / 1000,
                 history_s=s.history_s,
@@ -134,6 +137,8 @@ class LogicalMode:
                 wanted=wanted,
                 keep=self._keeps(table),
             )
+            if table in self._settings.column_filters():
+                checks.check_logical_filter(conn, report, where, table, keep=self._keeps(table))
 
     def check_server(self, conn: psycopg.Connection[Any], report: Report, config_name: str) -> None:
         checks.check_logical_server(conn, self._settings, report)

@@ -45,7 +45,8 @@ class TriggerMode:
 
     def install_script(self) -> sql.Composed:
         # With the publication: logical mode's objects go (a switch from logical mode).
-        return trigger_sql.install_script(self._settings.mapper(), self._settings.publication_name)
+        s = self._settings
+        return trigger_sql.install_script(s.mapper(), s.publication_name, s.column_filters())
 
     def finish_install(self, conn: psycopg.Connection[Any]) -> str:
         """A slot left from logical mode is dropped: an abandoned slot keeps WAL forever."""
@@ -104,6 +105,8 @@ class TriggerMode:
             return
         if present():
             checks.check_triggers(report, where, table, watch, wanted)
+            column_filter = self._settings.column_filters().get(table)
+            checks.check_trigger_filter(report, where, table, watch, column_filter)
 
     def check_server(self, conn: psycopg.Connection[Any], report: Report, config_name: str) -> None:
         checks.check_unconfigured(conn, report, self._settings.mapper(), config_name)

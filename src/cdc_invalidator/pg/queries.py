@@ -35,6 +35,7 @@ class Q(enum.Enum):
     UNWATCH_OTHERS = "unwatch_others.sql"
     LEAVE_LOGICAL = "leave_logical.sql"
     RECORD_PUBLISHED = "record_published.sql"
+    RECORD_FILTER = "record_filter.sql"  # logical mode: a table's column filter
     ENSURE_REPLICA_IDENTITY = "ensure_replica_identity.sql"
     REQUIRE_REPLICA_IDENTITY = "require_replica_identity.sql"
     LOGICAL_INSTALL = "logical_install.sql"  # the publication
