@@ -31,6 +31,9 @@ KEEPALIVES = {
     "tcp_keepalives_interval": "1",
     "tcp_keepalives_count": "2",
 }
+# Data the server sent unacknowledged for 3 s ends the session too; not the walsender's
+# (capture/keepalive.py says why).
+USER_TIMEOUT = {"tcp_user_timeout": "3000"}
 DEFAULTS = {"synchronous_commit": "on", "enable_bitmapscan": "on", "statement_timeout": "0"}
 RENDER = {"TimeZone": "UTC", "DateStyle": "ISO, MDY", "IntervalStyle": "postgres"}
 UNLIKE_OURS = {
@@ -38,6 +41,7 @@ UNLIKE_OURS = {
     "tcp_keepalives_idle": "7",
     "tcp_keepalives_interval": "7",
     "tcp_keepalives_count": "7",
+    "tcp_user_timeout": "7",
     "TimeZone": "America/New_York",
     "DateStyle": "SQL, DMY",
     "IntervalStyle": "iso_8601",
@@ -59,11 +63,12 @@ def shown(conn: psycopg.Connection[Any], names: list[str]) -> dict[str, str]:
 @pytest.mark.parametrize(
     ("kind", "expected"),
     [
-        (LISTENER, {"application_name": "app", **DEFAULTS, **KEEPALIVES}
+        (LISTENER, {"application_name": "app", **DEFAULTS, **KEEPALIVES, **USER_TIMEOUT}
          | {"synchronous_commit": "off", "enable_bitmapscan": "off"}),
-        (BOOKKEEPING, {"application_name": "app", **DEFAULTS, **KEEPALIVES}
+        (BOOKKEEPING, {"application_name": "app", **DEFAULTS, **KEEPALIVES, **USER_TIMEOUT}
          | {"synchronous_commit": "off"}),
-        (REPLICATION, {"application_name": "app", **KEEPALIVES, **RENDER}),
+        (REPLICATION, {"application_name": "app", **KEEPALIVES, **RENDER,
+                       "tcp_user_timeout": "7"}),
         (SIDE, {"application_name": "app-side", **DEFAULTS}),
         (METRICS, {"application_name": "app-metrics", **DEFAULTS} | {"statement_timeout": "5s"}),
         (CLI, {"application_name": "app-cli", **DEFAULTS}),
@@ -83,9 +88,10 @@ def test_each_kind_of_session_has_its_settings(
         # Our side's keepalives: libpq parameters, on exactly the sessions that hold
         # the lock or the slot.
         params = conn.info.get_parameters()
-        client = {k: params.get(k) for k in ("keepalives_idle", "keepalives_count")}
-        assert client == ({"keepalives_idle": "1", "keepalives_count": "2"} if kind.keepalives
-                          else {"keepalives_idle": None, "keepalives_count": None})  # fmt: skip
+        names = ("keepalives_idle", "keepalives_count", "tcp_user_timeout")
+        client = {k: params.get(k) for k in names}
+        assert client == (dict(zip(names, ("1", "2", "3000"), strict=True)) if kind.keepalives
+                          else dict.fromkeys(names))  # fmt: skip
         assert params["connect_timeout"] == "1"  # whole seconds, never 0 ("forever")
 
 

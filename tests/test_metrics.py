@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -11,12 +12,18 @@ from typing import Any
 import pytest
 
 from tests.support.env import Env, redis_of
-from tests.support.faults import cache, keys_of, setup_users
+from tests.support.faults import blocked_on_redis, cache, keys_of, setup_users
 from tests.support.listener import Spawn, run_cli, stop_listener
 from tests.support.servers import free_port
 from tests.support.waits import wait_until
 
 pytestmark = [pytest.mark.servers, pytest.mark.usefixtures("capture")]
+
+# CLIENT PAUSE WRITE: longer than any test holds the listener's deletes (it unpauses).
+PAUSE_MS = 30_000
+# A lag the listener reports against the test's own clock: the listener rounds to the
+# millisecond, and logical mode reads the server's clock to within half a round trip.
+CLOCKS_S = 0.01
 
 
 def get(port: int, path: str) -> tuple[int, str]:
@@ -49,29 +56,56 @@ def scrape(port: int) -> str:
 
 def test_metrics_count_the_work_and_the_lag(env: Env, spawn: Spawn) -> None:
     port = free_port()
-    config = setup_users(env, rows=20, metrics_port=port)
+    max_lag_s = 0.5
+    config = setup_users(
+        env, rows=20, metrics_port=port, ready_max_lag_s=max_lag_s, redis_timeout_s=60
+    )
     listener = spawn(config)
     wait_until(lambda: probe(port, "/readyz")[0] == 200, what="the listener ready")
     r = env.redis()
     cache(r, range(1, 21))
-    env.sql("UPDATE users SET email = 'm' || id || '@x' WHERE id <= 10")  # one transaction
-    for i in range(11, 16):  # five more
-        env.sql(f"DELETE FROM users WHERE id = {i}")
+    # Redis holds the deletes: each transaction's lag includes the hold, which lasts until
+    # the listener is more than max_lag_s behind.
+    r.client_pause(PAUSE_MS, all=False)
+    spans: list[tuple[float, float]] = []  # each transaction's start and end, our clock
+
+    def transaction(sql: str) -> None:
+        before = time.monotonic()
+        env.sql(sql)
+        spans.append((before, time.monotonic()))
+
+    try:
+        transaction("UPDATE users SET email = 'm' || id || '@x' WHERE id <= 10")
+        for i in range(11, 16):  # five more
+            transaction(f"DELETE FROM users WHERE id = {i}")
+        wait_until(lambda: blocked_on_redis(r), what="the listener's UNLINKs held")
+        wait_until(lambda: probe(port, "/readyz")[0] == 503, what="the listener behind")
+    finally:
+        unpaused = time.monotonic()
+        r.client_unpause()
     wait_until(
         lambda: r.exists(*[k for i in range(1, 16) for k in keys_of(i)]) == 0, what="deletes"
     )
 
-    def counted() -> bool:
-        return (metric(scrape(port), "cdc_invalidator_events_total") or 0) >= 15
+    def observed() -> bool:
+        count = metric(scrape(port), "cdc_invalidator_commit_to_delete_seconds_count")
+        return (count or 0) >= 6
 
-    wait_until(counted, what="the events counted")
+    wait_until(observed, what="the lags observed")
+    done = time.monotonic()
     text = scrape(port)
+    assert metric(text, "cdc_invalidator_events_total") == 15
     assert metric(text, "cdc_invalidator_keys_deleted_total") == 30
     # One observation per transaction: 1 UPDATE + 5 DELETEs.
     assert metric(text, "cdc_invalidator_commit_to_delete_seconds_count") == 6
     lag_sum = metric(text, "cdc_invalidator_commit_to_delete_seconds_sum")
     assert lag_sum is not None
-    assert 0 < lag_sum < 6 * 5
+    # In seconds: each transaction waited from its end at least until the unpause (the
+    # first one over max_lag_s), and took from its start at most until all were observed:
+    # milliseconds or microseconds counted as seconds fall far outside.
+    least = sum(unpaused - end for _, end in spans)
+    most = sum(done - start for start, _ in spans)
+    assert least - 6 * CLOCKS_S <= lag_sum <= most + 6 * CLOCKS_S, (least, lag_sum, most)
     assert metric(text, "cdc_invalidator_active") == 1
     assert metric(text, "cdc_invalidator_up", 'store="redis"') == 1
     assert metric(text, "cdc_invalidator_up", 'store="postgres"') == 1
@@ -162,4 +196,54 @@ def test_second_deletes_that_undo_a_late_set_are_counted(env: Env, spawn: Spawn)
         lambda: metric(scrape(port), "cdc_invalidator_keys_deleted_again_total") == 1,
         what="the second delete counted",
     )
+    stop_listener(listener)
+
+
+def test_readyz_fails_while_the_listener_is_behind_and_says_by_how_much(
+    env: Env, spawn: Spawn
+) -> None:
+    """Redis holds the listener's deletes (CLIENT PAUSE WRITE): Redis answers, the loop is
+    not stalled for long, but the change in hand gets older. /readyz fails once it is
+    older than ready_max_lag_s, with its age as the test's own clock bounds it, and is
+    ready again once the listener caught up."""
+    port = free_port()
+    max_lag_s = 0.5
+    # Redis' socket timeout well past the pause: the deletes are held, not failed.
+    config = setup_users(
+        env, rows=1, metrics_port=port, ready_max_lag_s=max_lag_s, redis_timeout_s=60
+    )
+    listener = spawn(config)
+    wait_until(lambda: probe(port, "/readyz")[0] == 200, what="the listener ready")
+    r = env.redis()
+    cache(r, [1])
+    r.client_pause(PAUSE_MS, all=False)
+    try:
+        began = time.monotonic()
+        env.sql("UPDATE users SET email = 'late@x' WHERE id = 1")
+        committed = time.monotonic()
+        wait_until(lambda: blocked_on_redis(r), what="the listener's UNLINKs held")
+        seen: list[tuple[float, int, dict[str, Any], float]] = []
+
+        def not_ready() -> bool:
+            asked = time.monotonic()
+            code, body = probe(port, "/readyz")
+            seen.append((asked, code, body, time.monotonic()))
+            return code == 503
+
+        wait_until(not_ready, what="not ready: behind")
+        asked, _, ready, answered = seen[-1]
+        assert (ready["role"], ready["postgres"], ready["redis"]) == ("active", True, True)
+        behind = ready["behind_s"]
+        assert behind > max_lag_s
+        # The change's age when the probe was answered, by our clock: it was made between
+        # `began` and `committed`, and the probe answered between `asked` and `answered`.
+        # (Rounded to the millisecond; the servers' clocks are this machine's.)
+        assert asked - committed - CLOCKS_S <= behind <= answered - began + CLOCKS_S, seen[-1]
+        # Not ready for that reason alone: healthy otherwise (the loop waits on Redis).
+        assert probe(port, "/healthz")[0] == 200
+    finally:
+        r.client_unpause()
+    wait_until(lambda: r.exists(*keys_of(1)) == 0, what="the held deletes done")
+    wait_until(lambda: probe(port, "/readyz")[0] == 200, what="ready again")
+    assert probe(port, "/readyz")[1]["behind_s"] == 0, "caught up"
     stop_listener(listener)

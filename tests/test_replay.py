@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import signal
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -289,7 +290,7 @@ def stale_set_after_the_first_delete(
 ) -> tuple[ListenerProcess, redis.Redis]:
     """A change is invalidated; then a slow reader, who read the old row before the
     commit, caches it."""
-    listener = spawn(setup_users(env, rows=1, second_delete_ms=second_delete_ms))
+    listener = spawn(setup_users(env, rows=2, second_delete_ms=second_delete_ms))
     r = env.redis()
     wait_until(lambda: listener.logged("redis_identity_recorded"), what="the listener started")
     cache(r, [1])
@@ -354,10 +355,19 @@ def test_persistence_window_without_config_permission_assumes_an_hour(env: Env) 
 
 def test_stopping_does_the_second_deletes_still_owed(env: Env, spawn: Spawn) -> None:
     listener, r = stale_set_after_the_first_delete(env, spawn, 60_000)
-    assert r.exists("user:1") == 1, "not due for a minute"
+    # Not due for a minute. Each turn of the loop first does the second deletes due by
+    # then: a turn for a later change, a second on, must leave user:1 alone. (The one
+    # sleep here: a second delete due too early, 60 ms for 60 s, must have come due.)
+    time.sleep(1.0)
+    cache(r, [2])
+    env.sql("UPDATE users SET email = 'other@x' WHERE id = 2")
+    wait_until(lambda: r.exists(*keys_of(2)) == 0, what="a later change's delete")
+    assert r.get("user:1") == "stale", "not due for a minute"
     listener.signal(signal.SIGTERM)
     assert listener.wait() == 0
     assert r.exists("user:1") == 0, "the second delete was done on the way out"
+    (stopped,) = listener.logged("listener_stopped")
+    assert stopped["keys_deleted_again"] == 1, "on the way out, and only then: the stale SET"
 
 
 def test_check_reports_how_far_replay_reaches_and_warns_when_history_is_short(

@@ -162,18 +162,31 @@ def test_a_quiet_listener_notices_a_failover_and_replays(
     )
     listener = spawn(sentinel_config(env, setup))
     first = setup.first.client(decode_responses=True)
+    second = setup.second.client(decode_responses=True)
     first.set("user:1", "A")
     env.sql("UPDATE users SET email = 'b' WHERE id = 1")
     wait_until(lambda: first.exists("user:1") == 0, what="deleted on the master")
+    wait_until(lambda: second.exists("user:1") == 0, what="the delete replicated")
+    # A replica promoted before our UNLINKs reached it: the stale keys are on it (written
+    # on it directly, a writable replica keeps them through its promotion). Beside them,
+    # keys no change invalidated, which a replay must leave.
+    second.config_set("replica-read-only", "no")
+    invalidated = ["user:1", "user:email:a", "user:email:b"]
+    bystanders = {"user:2": "cached", "session:42": "fresh"}
+    second.mset({**dict.fromkeys(invalidated, "stale"), **bystanders})
     assert setup.sentinel_client.sentinel_failover(MASTER)
     wait_until(lambda: setup.master_port() == setup.second.port, what="the new master named")
     named = time.monotonic()
     wait_until(lambda: listener.logged("redis_changed"), what="the failover noticed")
     assert time.monotonic() - named < 5.0
     (changed,) = listener.logged("redis_changed")
-    second_run_id = setup.second.client(decode_responses=True).info("server")["run_id"]
+    second_run_id = second.info("server")["run_id"]
     assert changed["current"].startswith(second_run_id)
     wait_until(lambda: listener.logged("replay_done"), what="the replay")
+    # Its effect on the new master: what was invalidated is gone, the rest is there.
+    assert second.exists(*invalidated) == 0
+    assert {key: second.get(key) for key in bystanders} == bystanders
+    assert listener.logged("replay_done")[0]["existed"] == len(invalidated)
     listener.signal(signal.SIGTERM)
     assert listener.wait() == 0
 

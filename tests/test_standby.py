@@ -9,13 +9,21 @@ from __future__ import annotations
 import re
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
+import psycopg
 import pytest
 
-from tests.support.env import Env
-from tests.support.faults import SLOT, cache, keys_of, setup_users
+from cdc_invalidator.capture import keepalive
+from tests.support.config import write_config
+from tests.support.env import FAST_PG, Env, Servers, capture_of, make_env, pg_of, redis_of
+from tests.support.evidence import unavailable
+from tests.support.faults import SLOT, TEMPLATES, cache, keys_of, setup_users
 from tests.support.listener import ListenerProcess
+from tests.support.netns import NoNamespaces, VanishingHost
+from tests.support.servers import PostgresServer, RedisServer
 from tests.support.waits import wait_until
 
 pytestmark = pytest.mark.usefixtures("capture")
@@ -126,6 +134,149 @@ def test_a_listener_consumes_again_within_5_s_and_nothing_is_lost(
         assert took_s < 5.0, f"{how}: consuming again after {took_s:.2f} s"
         if how == "sigkill":
             assert second.logged("active"), "the standby took over"
+    finally:
+        first.kill()
+        second.kill()
+
+
+# --- a host that vanishes: no FIN, no RST, its link just goes ----------------------------
+
+# Each session's keepalives (capture/keepalive.py): the first probe after `idle` s of
+# silence, then one every `interval` s, the session ended after `count` unanswered.
+KEEPALIVE = keepalive.SERVER_SETTINGS
+SILENT_S = (
+    KEEPALIVE["tcp_keepalives_idle"]
+    + KEEPALIVE["tcp_keepalives_interval"] * KEEPALIVE["tcp_keepalives_count"]
+)
+# What the server sent the vanished host stays unacknowledged: the trigger listener's
+# session ends after tcp_user_timeout; the walsender (which has none, see keepalive.py)
+# after wal_sender_timeout, set low on this test's server (the docs say to, for a quicker
+# takeover in logical mode).
+WAL_SENDER_TIMEOUT_S = 4
+POLL_S = 1.0  # the standby's poll_interval_ms (the default)
+# A loaded 2-core test machine: scheduling, the standby's connection, the log line.
+MARGIN_S = 1.5
+
+
+@pytest.fixture
+def vanishing_host() -> Iterator[VanishingHost]:
+    try:
+        host = VanishingHost.create()
+    except NoNamespaces as exc:
+        unavailable(f"cannot make a network namespace here: {exc}")
+    try:
+        yield host
+    finally:
+        host.remove()
+
+
+@pytest.fixture
+def reachable_env(
+    vanishing_host: VanishingHost, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Env]:
+    """A PostgreSQL and a Redis of the test's own, listening on loopback and on the
+    vanishing host's link too."""
+    address = vanishing_host.host_address
+    pg = PostgresServer.create(
+        {
+            **FAST_PG,
+            "listen_addresses": f"'127.0.0.1,{address}'",
+            "wal_sender_timeout": f"'{WAL_SENDER_TIMEOUT_S}s'",
+        }
+    )
+    with (pg.datadir / "pg_hba.conf").open("a") as hba:
+        hba.write(f"host all all {vanishing_host.network} trust\n")
+    rd = RedisServer.create(["--bind", "127.0.0.1", address])
+    with pg, rd:
+        with psycopg.connect(pg.dsn("postgres"), autocommit=True) as conn:
+            conn.execute("CREATE DATABASE app")
+        servers = Servers(pg.dsn, rd.url, pg, rd)
+        yield from make_env(servers, tmp_path, dbname="app", capture=capture_of(request))
+
+
+def holder_pid(env: Env) -> int | None:
+    """The backend holding the source: the advisory lock's, or the slot's walsender."""
+    if env.logical:
+        query = "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s"
+        return cast(int | None, env.scalar(query, [SLOT]))
+    query = "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+    return cast(int | None, env.scalar(query))
+
+
+@pytest.mark.slow
+@pytest.mark.servers
+@pytest.mark.parametrize("writes", ["quiet", "writing"])
+def test_a_vanished_hosts_lock_or_slot_goes_to_the_standby(
+    reachable_env: Env, vanishing_host: VanishingHost, tmp_path: Path, writes: str
+) -> None:
+    """The active listener's host loses its link: its sessions fall silent, nothing
+    closes them. The server ends them (keepalives; tcp_user_timeout or
+    wal_sender_timeout once it has sent something that is never acknowledged), and the
+    standby takes over within that bound and its next poll; every change made meanwhile
+    is invalidated."""
+    env, host = reachable_env, vanishing_host
+    n = 400
+    config = setup_users(env, rows=n, poll_interval_ms=int(POLL_S * 1000))
+    there = host.host_address
+    pg_port, redis_port = pg_of(env).port, redis_of(env).port
+    remote = write_config(
+        tmp_path / "remote.toml",
+        database_url=f"postgresql://postgres@{there}:{pg_port}/app",
+        redis_url=f"redis://{there}:{redis_port}/0",
+        tables={"public.users": TEMPLATES},
+        poll_interval_ms=int(POLL_S * 1000),
+        **({"capture": "logical"} if env.logical else {}),
+    )
+    r = env.redis()
+    cache(r, range(1, n + 1))
+    first = ListenerProcess(remote, tmp_path / "first.log", prefix=host.prefix)
+    second = ListenerProcess(config, tmp_path / "second.log")
+    try:
+        first.start()
+        wait_until(lambda: holder_pid(env) is not None, what="the remote listener holding")
+        held_by = holder_pid(env)
+        client = env.scalar(
+            "SELECT host(client_addr) FROM pg_stat_activity WHERE pid = %s", [held_by]
+        )
+        assert client == host.guest_address, "the holder is the listener on the vanishing host"
+        second.start()
+        wait_until(lambda: second.logged("standby"), what="the local listener in standby")
+        env.sql("UPDATE users SET email = 'a@y' WHERE id = 1")
+        wait_until(lambda: r.exists(*keys_of(1)) == 0, what="the remote listener deleting")
+
+        host.vanish()
+        vanished_at = time.monotonic()
+        written = [1]
+
+        def write_one() -> None:
+            i = written[-1] + 1
+            if i <= n:
+                env.sql(f"UPDATE users SET email = 'b{i}@y' WHERE id = {i}")
+                written.append(i)
+
+        def taken_over() -> bool:
+            if writes == "writing":
+                write_one()  # changes keep coming: one per poll of this wait
+            return bool(second.logged("active"))
+
+        wait_until(taken_over, timeout_s=60, what="the standby taking over")
+        took_s = time.monotonic() - vanished_at
+        bound_s: float = SILENT_S
+        if writes == "writing":
+            bound_s = WAL_SENDER_TIMEOUT_S if env.logical else keepalive.USER_TIMEOUT_MS / 1000
+        assert took_s <= bound_s + POLL_S + MARGIN_S, (
+            f"{writes}: the standby took over {took_s:.1f} s after the host vanished"
+        )
+        assert held_by not in listener_pids(env), "the vanished host's session was ended"
+        assert holder_pid(env) not in (None, held_by)
+        if writes == "writing":
+            assert len(written) > 2, "changes were written while the host was gone"
+        wait_until(
+            lambda: r.exists(*[k for i in written for k in keys_of(i)]) == 0,
+            what="every change made while the host vanished deleted",
+        )
+        untouched = range(written[-1] + 1, n + 1)
+        assert r.exists(*[k for i in untouched for k in keys_of(i)]) == 2 * len(untouched)
     finally:
         first.kill()
         second.kill()

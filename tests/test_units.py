@@ -241,6 +241,16 @@ def test_health_follows_the_loop_the_stores_and_the_lag() -> None:
         state = runner.health(60, 30)
         assert (state.alive, state.ready, state.detail["behind_s"]) == (True, False, 31.0)
         runner.behind_s = 0.0
+        # A batch held up in hand (Redis holding its deletes): as old as its oldest change.
+        runner.in_hand_since = time.monotonic() - 31.0
+        state = runner.health(60, 30)
+        assert (state.alive, state.ready) == (True, False)
+        behind = state.detail["behind_s"]
+        assert isinstance(behind, float)
+        assert 31.0 <= behind < 40.0
+        runner.in_hand_since = time.monotonic() - 1.0  # younger than the allowed lag
+        assert runner.health(60, 30).ready
+        runner.in_hand_since = None
         runner.turned_at -= 61  # the loop has not turned for a minute
         state = runner.health(60, 30)
         assert (state.alive, state.ready) == (False, False)

@@ -172,6 +172,10 @@ class Runner:
         self.turned_at = time.monotonic()
         self.active = False
         self.behind_s = 0.0
+        # When the oldest transaction of the batch in hand was recorded (time.monotonic()),
+        # until it is acknowledged or given up: a batch held up (Redis holding its deletes)
+        # makes the listener fall behind before anything is finished.
+        self.in_hand_since: float | None = None
         self.events_processed = 0
         self.keys_deleted = 0
         self.keys_deleted_again = 0  # by second deletes: stale sets they undid
@@ -281,11 +285,19 @@ class Runner:
                 log.info("progress", **self._counters())
 
     def _process_batch(self, source: Source) -> int:
+        try:
+            return self._process_batch_in_hand(source)
+        finally:
+            self.in_hand_since = None  # acknowledged (and observed), or given up
+
+    def _process_batch_in_hand(self, source: Source) -> int:
         with source.batch(self._config.batch_size) as batch:
             if not batch.size:
                 if not batch.ages_s:
                     self.behind_s = 0.0  # caught up
                 return 0
+            if batch.ages_s:
+                self.in_hand_since = batch.read_at - max(batch.ages_s)
             works, failed = self._mapper.map_all(batch.events)
             for event, exc in failed:
                 batch.dead_letter(event.position, str(exc))
@@ -353,14 +365,18 @@ class Runner:
 
     def health(self, stall_s: float, max_lag_s: float) -> Health:
         """/healthz: the loop turned within stall_s. /readyz: besides, PostgreSQL answers,
-        and an active listener has Redis and is at most max_lag_s behind. (A standby is
-        ready: it is what takes over.)"""
+        and an active listener has Redis and is at most max_lag_s behind: behind the
+        newest transaction it finished, or the oldest of the batch in hand, whichever is
+        further. (A standby is ready: it is what takes over.)"""
         loop_age = time.monotonic() - self.turned_at
         alive = loop_age <= stall_s
         postgres, redis_ok = bool(self.postgres.available), bool(self.redis.available)
         ready = alive and postgres
+        behind_s = self.behind_s
+        if (since := self.in_hand_since) is not None:
+            behind_s = max(behind_s, time.monotonic() - since)
         if self.active:
-            ready = ready and redis_ok and self.behind_s <= max_lag_s
+            ready = ready and redis_ok and behind_s <= max_lag_s
         return Health(
             alive,
             ready,
@@ -369,7 +385,7 @@ class Runner:
                 "loop_age_s": round(loop_age, 3),
                 "postgres": postgres,
                 "redis": redis_ok,
-                "behind_s": round(self.behind_s, 3),
+                "behind_s": round(behind_s, 3),
                 "max_lag_s": max_lag_s,
             },
         )

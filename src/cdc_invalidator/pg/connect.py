@@ -102,7 +102,7 @@ class PgConnector:
         )
         settings = list(kind.settings)
         if kind.keepalives and not kind.options:
-            settings += keepalive.SERVER_SETTINGS.items()
+            settings += keepalive.SET_SETTINGS.items()
         try:
             if settings:
                 # In one round trip: a standby connects again every poll_interval_ms.
