@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -70,16 +70,24 @@ def listening(config: Path) -> Iterator[ListenerThread]:
 class ListenerProcess:
     """`python -m cdc_invalidator run` as a child process: for signals and SIGKILL."""
 
-    def __init__(self, config: Path, log_path: Path, env: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        config: Path,
+        log_path: Path,
+        env: Mapping[str, str] | None = None,
+        command: Sequence[str] = ("-m", "cdc_invalidator"),
+    ):
         self.config = config
         self.log_path = log_path
         self.env = {**os.environ, **(env or {})}
+        # What runs after the interpreter: the CLI, or a test's mutant of it.
+        self.command = list(command)
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> ListenerProcess:
         self._log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "cdc_invalidator", "run", "--config", str(self.config)],
+            [sys.executable, *self.command, "run", "--config", str(self.config)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env={**self.env, "CDC_INVALIDATOR_LOG_FORMAT": "json"},
