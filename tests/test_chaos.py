@@ -46,7 +46,14 @@ def test_no_stale_key_after_readers_writers_and_every_fault(own_env: Env) -> Non
     # One cycle: every fault kind once, in an order that varies with the seed.
     params = Params(capture=own_env.capture, rounds=len(faults), round_s=3.0)
     chaos, report = run_chaos(own_env, params, lines)
-    summary = "\n".join([*lines, *report.lines(), *report.stale_reads.longest_quiet])
+    summary = "\n".join(
+        [
+            *lines,
+            *report.lines(),
+            *report.stale_reads.longest_quiet,
+            *report.stale_reads.longest_in_faults,
+        ]
+    )
 
     assert report.stale == [], "\n".join(
         [summary, *(line for key in report.stale[:5] for line in chaos.explain(key))]
@@ -65,7 +72,6 @@ def test_no_stale_key_after_readers_writers_and_every_fault(own_env: Env) -> Non
     # Stale reads outside the faults are the delete lag and the stale-set race, which
     # second deletes end: none lasts like a lost invalidation.
     bound_ms = params.second_delete_ms + QUIET_STALE_SLACK_MS
-    print(summary)
     assert report.stale_reads.quiet_max_ms < bound_ms, summary
 
     # The check itself sees a stale key: one cached row, made older than the database's.

@@ -397,7 +397,7 @@ class Chaos:
                     [first, first + PROBES_EXISTING - 1],
                 )
             rows = conn.execute("SELECT 'insert', id, email, version FROM users").fetchall()
-        self.truth.commit(0.0, 0.0, rows)
+        self.truth.commit(0, 0.0, 0.0, rows)
         mode: dict[str, object] = {"capture": "logical"} if self.p.capture == "logical" else {}
         write_config(
             self.config,
@@ -526,11 +526,12 @@ class Chaos:
                     run(insert, [j, email_of(j, rng.randrange(EMAILS_PER_ID)), name])
                 if rollback:
                     raise _Rollback  # noqa: TRY301 - the way to roll back a `transaction()`
+                order = self.position(conn)
                 began = time.monotonic()  # the COMMIT follows
         except _Rollback:
             stats.rollbacks += 1
             return
-        self.truth.commit(began, time.monotonic(), changed)
+        self.truth.commit(order, began, time.monotonic(), changed)
         stats.writes += 1
         for op, row_id, email, version in changed:
             self.history.note(row_id, f"{op} committed: email={email} version={version}")
@@ -611,6 +612,14 @@ class Chaos:
         assert row is not None
         return str(row[0]), str(row[1])
 
+    @staticmethod
+    def position(conn: psycopg.Connection[Any]) -> int:
+        """The WAL insert position, as a number: past every commit this transaction
+        waited for (stale_reads.Truth orders a row's states by it)."""
+        row = conn.execute("SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8").fetchone()
+        assert row is not None
+        return int(row[0])
+
     def acked(self, token: Token) -> bool:
         """Whether the listener's saved acknowledgement covers that transaction: the
         queue's saved snapshot sees it, or the slot's saved position is past it."""
@@ -643,8 +652,8 @@ class Chaos:
                 [MARKER_ID, email_of(MARKER_ID, 0)],
             ).fetchall()
             token = self.token(conn)
-            began = time.monotonic()
-        self.truth.commit(began, time.monotonic(), changed)
+            order, began = self.position(conn), time.monotonic()
+        self.truth.commit(order, began, time.monotonic(), changed)
         return token
 
     def marker_deleted(self) -> bool:
@@ -732,8 +741,8 @@ class Chaos:
                 [first + PROBES_EXISTING, first + PROBES - 1],
             ).fetchall()
             token = self.token(conn)
-            began = time.monotonic()
-        self.truth.commit(began, time.monotonic(), changed)
+            order, began = self.position(conn), time.monotonic()
+        self.truth.commit(order, began, time.monotonic(), changed)
         for i in range(first, first + PROBES):
             self.history.note(i, "probe written")
         # Both keys of each row; the even updated rows' new email key was not cached.

@@ -43,6 +43,7 @@ def id_of_key(key: str) -> int:
 
 @dataclass(frozen=True, slots=True)
 class RowState:
+    order: int  # the WAL position at the end of its transaction: commit order per row
     at: float  # time.monotonic() when the commit returned to its writer
     began: float  # when its writer sent the COMMIT (the state is not visible before)
     version: int | None  # None: no row
@@ -55,24 +56,28 @@ class Truth:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._rows: dict[int, list[RowState]] = {}
-        self._keys: dict[int, list[float]] = {}  # the states' `at`, for bisect
+        self._keys: dict[int, list[int]] = {}  # the states' `order`, for bisect
 
-    def commit(self, began: float, at: float, changed: Iterable[Sequence[Any]]) -> None:
+    def commit(self, order: int, began: float, at: float, changed: Iterable[Sequence[Any]]) -> None:
         """A committed transaction's rows (op, id, email, version), in statement order
         (the last state of an id is the committed one); the COMMIT was sent at `began`
-        and returned at `at`."""
+        and returned at `at`. `order`: the WAL insert position before the COMMIT. Two
+        transactions that change one row commit in the order their row locks allow,
+        and the second one's position is past the first one's commit: the states of a
+        row are kept in that order (the writers' clocks, read after COMMIT returned in
+        threads that wait for the GIL, may not be)."""
         final: dict[int, RowState] = {}
         for op, row_id, email, version in changed:
             final[row_id] = (
-                RowState(at, began, None, None)
+                RowState(order, at, began, None, None)
                 if op == "delete"
-                else RowState(at, began, version, email)
+                else RowState(order, at, began, version, email)
             )
         with self._lock:
             for row_id, state in final.items():
                 keys = self._keys.setdefault(row_id, [])
-                i = bisect.bisect_right(keys, at)
-                keys.insert(i, at)
+                i = bisect.bisect_right(keys, order)
+                keys.insert(i, order)
                 self._rows.setdefault(row_id, []).insert(i, state)
 
     def stale_since(self, key: str, value: str, at: float) -> RowState | None:
@@ -80,9 +85,11 @@ class Truth:
         committed by `at`; None while it is not (or when that cannot be told)."""
         row_id = id_of_key(key)
         with self._lock:
-            states = self._rows.get(row_id, [])[
-                : bisect.bisect_left(self._keys.get(row_id, []), at)
-            ]
+            # Committed before the GET was sent (and an earlier one of the row's, even
+            # if its writer read the clock later).
+            every = self._rows.get(row_id, [])
+            last = max((i for i, state in enumerate(every) if state.at < at), default=-1)
+            states = every[: last + 1]
         if not states:
             return None
         email = key.removeprefix("user:email:") if key.startswith("user:email:") else None
@@ -156,6 +163,7 @@ class StaleReadSummary:
     fault_races: Durations = field(default_factory=Durations)
     fault_late: Durations = field(default_factory=Durations)
     longest_quiet: list[str] = field(default_factory=list)  # the worst few, explained
+    longest_in_faults: list[str] = field(default_factory=list)
 
     @property
     def quiet_max_ms(self) -> float:
@@ -215,10 +223,15 @@ class StaleReads:
         out.quiet_late = Durations.of([e for e in quiet if not e.race])
         out.fault_races = Durations.of([e for e in fault if e.race])
         out.fault_late = Durations.of([e for e in fault if not e.race])
-        worst = sorted(quiet, key=lambda e: e.since - e.last_read)[:3]
-        out.longest_quiet = [
-            f"{e.key}: stale for {(e.last_read - e.since) * 1000:.0f} ms, {e.reads} reads"
-            f" ({'set after the change' if e.race else 'cached before the change'})"
-            for e in worst
-        ]
+        out.longest_quiet = _longest(quiet)
+        out.longest_in_faults = _longest(fault)
         return out
+
+
+def _longest(episodes: Sequence[Episode], count: int = 3) -> list[str]:
+    worst = sorted(episodes, key=lambda e: e.since - e.last_read)[:count]
+    return [
+        f"{e.key}: stale for {(e.last_read - e.since) * 1000:.0f} ms, {e.reads} reads"
+        f" ({'set after the change' if e.race else 'cached before the change'})"
+        for e in worst
+    ]
