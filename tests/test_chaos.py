@@ -87,7 +87,9 @@ def test_the_rounds_catch_a_listener_that_acknowledges_before_deleting(own_env: 
     already covers the probes, and the killed listener (or the one whose UNLINK failed)
     never deletes them. Second deletes are off (the default): with them on, a new
     listener's redo of its predecessor's last seconds would delete the killed one's
-    probes, and only the early acknowledgement would show."""
+    probes, and only the early acknowledgement would show. So it does in logical mode
+    after a PostgreSQL restart: PostgreSQL 15 does not save a slot's confirmed position
+    at shutdown when only that moved, so the slot hands the probes out again."""
     params = Params(
         capture=own_env.capture,
         rounds=len(IN_FLIGHT),
@@ -102,7 +104,8 @@ def test_the_rounds_catch_a_listener_that_acknowledges_before_deleting(own_env: 
     for n, check in enumerate(report.rounds_checked):
         probes = Chaos.probe_keys(n)
         assert check.acked_undeleted == probes, check.line()
-        assert check.stale == sorted(probes), check.line()
+        if own_env.capture == "trigger" or check.fault != "pg_restart":
+            assert check.stale == sorted(probes), check.line()
 
 
 def test_the_restore_round_catches_a_listener_without_replay(own_env: Env) -> None:

@@ -40,9 +40,11 @@ invalidation at its next write; a probe cannot).
   keys are still cached, the listener acknowledged before deleting (reported as such:
   with second deletes on, the next listener's redo of its predecessor's last seconds
   would hide that loss at a SIGKILL). Then: SIGKILL (Redis resumes; a new listener starts
-  after a while, the writers making a backlog), or every session terminated, or a fast
-  PostgreSQL restart, with Redis paused until the listener's UNLINK has failed
-  (`redis_unavailable`): its batch must come again after the reconnect.
+  after a while, the writers making a backlog; the dead listener's Redis connections are
+  closed, so its held UNLINK never runs), or the listener's Redis connections closed
+  under its held UNLINK (it fails and never runs: `redis_unavailable`) and then every
+  session terminated or a fast PostgreSQL restart: its batch must come again after the
+  reconnect.
 - `redis_restore`: SAVE, the probes written and invalidated, then Redis SIGKILLed and
   restarted on that dump half a round later (the deletes since the SAVE are lost: the
   listener's replay must redo them). Redis runs with `save 3600 1`, so with
@@ -70,10 +72,12 @@ its SET lands after the listener's first delete. `second_delete_ms` deletes the 
 that much later, so the race only leaves a stale key when the reader's SELECT-to-SET gap
 is longer than `second_delete_ms`. The readers measure that gap on every SET and the
 report gives the longest, and how many exceeded `second_delete_ms` (a stale key then may
-be the accepted race, not a bug). Most reads have a gap under a millisecond, the slow
-ones at most ~100 ms plus scheduling, and the listener deletes about a millisecond after
-the commit: 300 ms leaves a margin of about three. A stale key at the end is classified
-too: a race if a reader SET its value after the commit that made it stale.
+be the accepted race, not a bug; SETs held by a fault's Redis pause count too, though
+no row they read can change while the writers are held). Most reads have a gap under a
+millisecond, the slow ones at most ~100 ms plus scheduling, and the listener deletes
+about a millisecond after the commit: 300 ms leaves a margin of about three. A stale
+key at the end is classified too: a race if a reader SET its value after the commit
+that made it stale.
 """
 
 from __future__ import annotations
@@ -678,16 +682,26 @@ class Chaos:
                 self.say(json.dumps(line))
             raise
 
+    @staticmethod
+    def _blocked_unlinks(r: redis.Redis) -> list[dict[str, str]]:
+        """The listener's Redis connections that wait in an UNLINK (writes paused)."""
+        return [
+            c
+            for c in r.client_list()
+            if c.get("name") == LISTENER_CLIENT
+            and "b" in c.get("flags", "")
+            and c.get("cmd") == "unlink"
+        ]
+
+    def kill_blocked_unlinks(self, r: redis.Redis) -> None:
+        """Close them: the UNLINK they wait with is dropped, it never runs."""
+        for client in self._blocked_unlinks(r):
+            r.client_kill_filter(_id=client["id"])
+
     def listener_blocked(self) -> bool:
-        """The listener's Redis connection waits in an UNLINK (Redis writes paused)."""
         r = self.redis_client()
         try:
-            return any(
-                c.get("name") == LISTENER_CLIENT
-                and "b" in c.get("flags", "")
-                and c.get("cmd") == "unlink"
-                for c in r.client_list()
-            )
+            return bool(self._blocked_unlinks(r))
         finally:
             r.close()
 
@@ -827,8 +841,20 @@ class Chaos:
                     check.acked_undeleted = self.cached_probe_keys(n)
                 if fault == "kill_listener":
                     self.listener.kill()  # SIGKILL; the next listener redoes owed second deletes
+                    # Its UNLINK, held by the pause, must never run.
+                    self.kill_blocked_unlinks(r)
                 else:
+                    # The UNLINK fails: its connection is closed while it waits (and that
+                    # of the sink's one retry), so it never runs, unlike one that merely
+                    # timed out. The batch in hand must come again, after the PostgreSQL
+                    # fault too.
                     redis_before = self._count("redis_unavailable")
+
+                    def failed() -> bool:
+                        self.kill_blocked_unlinks(r)
+                        return self._count("redis_unavailable") > redis_before
+
+                    wait_until(failed, HEAL_TIMEOUT_S, "the listener's UNLINK failed")
                     if fault == "terminate_backends":
                         with self.connect() as conn:
                             conn.execute(
@@ -839,8 +865,6 @@ class Chaos:
                             )
                     else:
                         self.pg.restart("fast")
-                    # Its UNLINK fails too: the batch in hand must come again.
-                    self._healed("redis_unavailable", redis_before, "the listener's UNLINK failed")
             finally:
                 r.execute_command("CLIENT", "UNPAUSE")
                 r.close()
