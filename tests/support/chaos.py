@@ -324,6 +324,10 @@ class Gate:
                 self._cond.notify_all()
 
 
+# A writer's transaction whose COMMIT failed: xid, WAL position, when the COMMIT was
+# sent, its rows.
+InDoubt = tuple[str, int, float, list[tuple[Any, ...]]]
+
 # What the injector awaits the acknowledgement of: the transaction's xid8 (trigger mode)
 # and the WAL position inside it, before its commit (logical mode).
 Token = tuple[str, str]
@@ -486,13 +490,32 @@ class Chaos:
             conn.close()
 
     def _writer(self, rng: random.Random, stats: Stats) -> None:
+        doubts: list[InDoubt] = []  # COMMITs that failed: they may have happened
+
         def step(conn: psycopg.Connection[Any]) -> None:
             with self._gate.passing():
-                self._write(conn, rng, stats)
+                self._resolve(conn, doubts)
+                self._write(conn, rng, stats, doubts)
 
         self._loop(self._stop_writers, self.p.writer_pause_s, stats, step, (psycopg.Error,))
 
-    def _write(self, conn: psycopg.Connection[Any], rng: random.Random, stats: Stats) -> None:
+    def _resolve(self, conn: psycopg.Connection[Any], doubts: list[InDoubt]) -> None:
+        """A COMMIT that failed (the server went away) may have happened: the ones that
+        did are recorded now (from now: stale reads before are not counted)."""
+        while doubts:
+            xid, order, began, changed = doubts[0]
+            row = conn.execute("SELECT pg_xact_status(%s::xid8)", [xid]).fetchone()
+            if row is not None and row[0] == "committed":
+                self.truth.commit(order, began, time.monotonic(), changed)
+            doubts.pop(0)
+
+    def _write(
+        self,
+        conn: psycopg.Connection[Any],
+        rng: random.Random,
+        stats: Stats,
+        doubts: list[InDoubt],
+    ) -> None:
         i = rng.randint(1, self.p.ids)
         roll = rng.random()
         changed: list[tuple[Any, ...]] = []
@@ -513,6 +536,7 @@ class Chaos:
         delete = "DELETE FROM users WHERE id = %s RETURNING 'delete', id, email, version"
         name = f"n{rng.randint(0, 999)}"
         new_email = email_of(i, rng.randrange(EMAILS_PER_ID))
+        committing: tuple[str, int, float] | None = None
         try:
             with conn.transaction():
                 if roll < 0.45 or rollback:
@@ -530,12 +554,16 @@ class Chaos:
                     run(insert, [j, email_of(j, rng.randrange(EMAILS_PER_ID)), name])
                 if rollback:
                     raise _Rollback  # noqa: TRY301 - the way to roll back a `transaction()`
-                order = self.position(conn)
-                began = time.monotonic()  # the COMMIT follows
+                xid, order = self.position(conn)
+                committing = (xid, order, time.monotonic())  # the COMMIT follows
         except _Rollback:
             stats.rollbacks += 1
             return
-        self.truth.commit(order, began, time.monotonic(), changed)
+        except psycopg.Error:
+            if committing is not None:
+                doubts.append((*committing, changed))
+            raise
+        self.truth.commit(committing[1], committing[2], time.monotonic(), changed)
         stats.writes += 1
         for op, row_id, email, version in changed:
             self.history.note(row_id, f"{op} committed: email={email} version={version}")
@@ -617,12 +645,15 @@ class Chaos:
         return str(row[0]), str(row[1])
 
     @staticmethod
-    def position(conn: psycopg.Connection[Any]) -> int:
-        """The WAL insert position, as a number: past every commit this transaction
-        waited for (stale_reads.Truth orders a row's states by it)."""
-        row = conn.execute("SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8").fetchone()
+    def position(conn: psycopg.Connection[Any]) -> tuple[str, int]:
+        """The transaction's id, and the WAL insert position as a number: past every
+        commit this transaction waited for (stale_reads.Truth orders a row's states by
+        it)."""
+        row = conn.execute(
+            "SELECT pg_current_xact_id()::text, (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8"
+        ).fetchone()
         assert row is not None
-        return int(row[0])
+        return str(row[0]), int(row[1])
 
     def acked(self, token: Token) -> bool:
         """Whether the listener's saved acknowledgement covers that transaction: the
@@ -656,7 +687,7 @@ class Chaos:
                 [MARKER_ID, email_of(MARKER_ID, 0)],
             ).fetchall()
             token = self.token(conn)
-            order, began = self.position(conn), time.monotonic()
+            order, began = self.position(conn)[1], time.monotonic()
         self.truth.commit(order, began, time.monotonic(), changed)
         return token
 
@@ -755,7 +786,7 @@ class Chaos:
                 [first + PROBES_EXISTING, first + PROBES - 1],
             ).fetchall()
             token = self.token(conn)
-            order, began = self.position(conn), time.monotonic()
+            order, began = self.position(conn)[1], time.monotonic()
         self.truth.commit(order, began, time.monotonic(), changed)
         for i in range(first, first + PROBES):
             self.history.note(i, "probe written")

@@ -22,7 +22,11 @@ committed before its GET was sent:
 
 Commit times are the writer's, taken just after COMMIT returned: a read in the
 moment between the commit and that record is compared with the older state (not
-counted), and a value not yet recorded is not compared.
+counted), and a value not yet recorded is not compared. A COMMIT that failed (the
+server went away) is looked up on the writer's next connection (pg_xact_status) and,
+if it happened, recorded from then. A row's states are ordered by the WAL position
+before each COMMIT, which follows the commit order of transactions that change the same
+row.
 """
 
 from __future__ import annotations
