@@ -45,7 +45,7 @@ endif
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 # Readers, writers and faults for a long while, then every cached key against the
-# database: prints each round and a table, exits 1 if any key is stale.
+# database: prints each round and a table, exits 1 if any key is stale or a round lost probes.
 chaos: install
 	$(BIN)/python -m tests.chaos $(CHAOS_ARGS)
 

@@ -1,14 +1,17 @@
-"""Chaos, short: cache-aside readers, writers and one fault of each kind, then no stale key.
+"""Chaos, short: cache-aside readers, writers and one fault of each kind against the real
+listener (no lost probe, no stale key, stale reads measured and bounded), then a control
+per fault kind: a broken listener, or a setting turned off, that the same checks catch.
 
-The engine is tests/support/chaos.py (its docstring says what runs and why the check is sound);
-`make chaos` runs the long version. Both capture modes.
+The engine is tests/support/chaos.py (its docstring says what runs and why the checks are
+sound; tests/support/stale_reads.py what a stale read is); the mutants are
+tests/support/mutants.py. `make chaos` runs the long version. Both capture modes.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from tests.support.chaos import FAULTS, Chaos, Params
+from tests.support.chaos import IN_FLIGHT, Chaos, Params, Report, faults_for
 from tests.support.env import Env
 from tests.support.faults import acknowledged, setup_users, write
 from tests.support.listener import Spawn
@@ -16,33 +19,60 @@ from tests.support.waits import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.servers, pytest.mark.usefixtures("capture")]
 
+# Quiet stale reads (outside any fault's window) last about the listener's delete lag, or
+# up to second_delete_ms for a stale set. A lost invalidation lasts until the row's next
+# write (about a second at the writers' pace) or for ever. The bound is generous: a busy
+# machine delays the listener.
+QUIET_STALE_SLACK_MS = 2000
+
+
+def run_chaos(env: Env, params: Params, lines: list[str] | None = None) -> tuple[Chaos, Report]:
+    assert env.servers.pg is not None
+    assert env.servers.redis is not None
+    chaos = Chaos(
+        params,
+        pg=env.servers.pg,
+        rd=env.servers.redis,
+        dsn=env.dsn,
+        workdir=env.tmp_path,
+        say=(lines if lines is not None else []).append,
+    )
+    return chaos, chaos.run()
+
 
 def test_no_stale_key_after_readers_writers_and_every_fault(own_env: Env) -> None:
-    assert own_env.servers.pg is not None
-    assert own_env.servers.redis is not None
+    faults = faults_for(own_env.capture)
     lines: list[str] = []
-    chaos = Chaos(
-        # One cycle: every fault kind once, in an order that varies with the seed.
-        Params(capture=own_env.capture, rounds=len(FAULTS), round_s=3.0),
-        pg=own_env.servers.pg,
-        rd=own_env.servers.redis,
-        dsn=own_env.dsn,
-        workdir=own_env.tmp_path,
-        say=lines.append,
+    # One cycle: every fault kind once, in an order that varies with the seed.
+    params = Params(capture=own_env.capture, rounds=len(faults), round_s=3.0)
+    chaos, report = run_chaos(own_env, params, lines)
+    summary = "\n".join(
+        [
+            *lines,
+            *report.lines(),
+            *report.stale_reads.longest_quiet,
+            *report.stale_reads.longest_in_faults,
+        ]
     )
-    report = chaos.run()
-    summary = "\n".join([*lines, *report.lines()])
 
     assert report.stale == [], "\n".join(
         [summary, *(line for key in report.stale[:5] for line in chaos.explain(key))]
     )
-    # The run did what it claims: every fault happened, the app read and wrote, the
-    # cache was full of keys to check, and second deletes were at work.
-    assert {kind: report.faults[kind] for kind in FAULTS} == dict.fromkeys(FAULTS, 1), summary
+    assert report.failed_rounds == [], summary
+    # The run did what it claims: every fault happened and its probes were checked, the
+    # app read and wrote, the cache was full of keys to check, second deletes were at
+    # work, and the readers' hits were compared with the database.
+    assert {kind: report.faults[kind] for kind in faults} == dict.fromkeys(faults, 1), summary
+    assert sorted(c.fault for c in report.rounds_checked) == sorted(faults), summary
     assert report.writes > 200, summary
     assert report.sets > 200, summary
     assert report.keys_checked > 100, summary
     assert report.listener.get("keys_deleted_again", 0) > 0, summary
+    assert report.stale_reads.compared > 500, summary
+    # Stale reads outside the faults are the delete lag and the stale-set race, which
+    # second deletes end: none lasts like a lost invalidation.
+    bound_ms = params.second_delete_ms + QUIET_STALE_SLACK_MS
+    assert report.stale_reads.quiet_max_ms < bound_ms, summary
 
     # The check itself sees a stale key: one cached row, made older than the database's.
     r = chaos.redis_client()
@@ -51,28 +81,78 @@ def test_no_stale_key_after_readers_writers_and_every_fault(own_env: Env) -> Non
     assert chaos.check() == [key]
 
 
-def test_the_check_finds_what_a_listener_without_replay_leaves(own_env: Env) -> None:
-    """The control: with replay off, a Redis restored from its snapshot keeps the probe
-    keys the listener had deleted after the SAVE, and the check reports every one."""
-    assert own_env.servers.pg is not None
-    assert own_env.servers.redis is not None
-    chaos = Chaos(
-        Params(
-            capture=own_env.capture,
-            rounds=1,
-            round_s=1.0,
-            replay_window="0s",
-            faults=("redis_restore",),
-        ),
-        pg=own_env.servers.pg,
-        rd=own_env.servers.redis,
-        dsn=own_env.dsn,
-        workdir=own_env.tmp_path,
-        say=lambda _line: None,
+def test_the_rounds_catch_a_listener_that_acknowledges_before_deleting(own_env: Env) -> None:
+    """Control: a listener that acknowledges each batch (durably) before its UNLINK. Each
+    in-flight fault lands with the probes' delete held by Redis: the saved acknowledgement
+    already covers the probes, and the killed listener (or the one whose UNLINK failed)
+    never deletes them. Second deletes are off (the default): with them on, a new
+    listener's redo of its predecessor's last seconds would delete the killed one's
+    probes, and only the early acknowledgement would show. So it does in logical mode
+    after a PostgreSQL restart: PostgreSQL 15 does not save a slot's confirmed position
+    at shutdown when only that moved, so the slot hands the probes out again."""
+    params = Params(
+        capture=own_env.capture,
+        rounds=len(IN_FLIGHT),
+        round_s=1.0,
+        second_delete_ms=0,
+        slow_read_share=0.0,  # no stale-set race: only the mutant's losses
+        faults=IN_FLIGHT,
+        mutant="ack_before_unlink",
     )
-    report = chaos.run()
-    probes = Chaos.probe_keys(0)
-    assert set(probes) <= set(report.stale), report.lines()
+    _chaos, report = run_chaos(own_env, params)
+    assert sorted(c.fault for c in report.rounds_checked) == sorted(IN_FLIGHT), report.lines()
+    for n, check in enumerate(report.rounds_checked):
+        probes = Chaos.probe_keys(n)
+        assert check.acked_undeleted == probes, check.line()
+        if own_env.capture == "trigger" or check.fault != "pg_restart":
+            assert check.stale == sorted(probes), check.line()
+
+
+def test_the_restore_round_catches_a_listener_without_replay(own_env: Env) -> None:
+    """Control: with replay off, a Redis restored from its snapshot keeps the probe keys
+    the listener had deleted after the SAVE, and the round reports every one."""
+    params = Params(
+        capture=own_env.capture,
+        rounds=1,
+        round_s=1.0,
+        replay_window="0s",
+        faults=("redis_restore",),
+    )
+    _chaos, report = run_chaos(own_env, params)
+    [check] = report.rounds_checked
+    assert check.fault == "redis_restore"
+    assert check.stale == sorted(Chaos.probe_keys(0)), report.lines()
+
+
+def test_the_race_is_caught_without_second_deletes(own_env: Env) -> None:
+    """Control: without second deletes, the slow readers' stale sets (a row read before
+    a commit, SET after its delete) stay: the end's check finds them, and each is
+    reported as a value SET by a reader after the change that made it stale."""
+    params = Params(capture=own_env.capture, rounds=0, round_s=3.0, second_delete_ms=0)
+    chaos, report = run_chaos(own_env, params)
+    summary = "\n".join(report.lines())
+    assert report.stale, summary
+    assert report.stale_races == report.stale, "\n".join(
+        [summary, *(line for key in report.stale[:5] for line in chaos.explain(key))]
+    )
+
+
+@pytest.mark.parametrize("capture", ["logical"], ids=["logical"])
+def test_the_slot_loss_round_catches_a_listener_that_does_not_sweep(own_env: Env) -> None:
+    """Control (logical mode only: trigger mode has no slot; its queue is a table in the
+    database, lost only with the data): a listener that resumes on a new slot without
+    sweeping never deletes what was committed while no slot existed."""
+    params = Params(
+        capture=own_env.capture,
+        rounds=1,
+        round_s=1.0,
+        faults=("slot_loss",),
+        mutant="no_sweep",
+    )
+    _chaos, report = run_chaos(own_env, params)
+    [check] = report.rounds_checked
+    assert check.fault == "slot_loss"
+    assert check.stale == sorted(Chaos.probe_keys(0)), report.lines()
 
 
 def test_a_late_set_before_a_sigkill_is_undone_by_the_next_listener(env: Env, spawn: Spawn) -> None:

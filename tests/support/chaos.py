@@ -1,6 +1,8 @@
-"""Chaos: an app's cache-aside readers, writers and injected faults, then every cached key
-compared with the database. Used by tests/test_chaos.py (a short run in `make test`) and
-by `make chaos` (`python -m tests.chaos`, a long run that prints a table).
+"""Chaos: an app's cache-aside readers, writers and injected faults against a real
+listener; each fault's probe keys checked when its round ends, stale reads measured all
+along, every cached key compared with the database at the end. Used by
+tests/test_chaos.py (short runs and the controls, in `make test`) and by `make chaos`
+(`python -m tests.chaos`, a long run that prints a table).
 
 The world: `users(id, email, name, version)`, keys `user:{id}` and `user:email:{email}`.
 A cached value is the JSON of the row the reader found (`null` when there was none, a
@@ -10,45 +12,72 @@ current data renders: the row changed or went, or (`null`) a row appeared since.
 - Writers (threads, a connection each, reconnecting after any failure): random
   single-row UPDATEs (sometimes changing the email), INSERTs, DELETEs, multi-row
   statements, transactions of several statements, and rolled-back ones. Every write
-  takes a new `version` from a sequence, so no two row states render alike.
+  takes a new `version` from a sequence, so no two row states render alike. Each
+  commit's row states are recorded with the time it returned (tests/support/stale_reads.py).
 - Readers (threads): cache-aside, as an app does it: GET; on a miss SELECT the row and
   plain `SET` it (no TTL: a stale key would stay forever). On any PostgreSQL or Redis
   error they drop what they read and start over; the SET is never retried with an old
   read (redis-py retries are off for them). A share of the reads wait up to 100 ms
   between SELECT and SET (an app building the value, a GC pause), so that the stale-set
-  race happens for real: with `--second-delete-ms 0` a run ends with stale keys.
-- The listener: a real `python -m cdc_invalidator run` process with `second_delete_ms`
-  on; killed and started again by the faults.
-- Faults, one per round, every kind in turn (shuffled per cycle): SIGKILL the listener
-  (and start a new one), Redis SAVE then SIGKILL + restart on that dump half a round
-  later (the deletes in between are lost: the listener's replay must redo them),
-  `pg_terminate_backend` of every session (listener's and app's), and a fast PostgreSQL
-  restart. After each fault the injector waits, on the listener's own log lines, until
-  it has recovered (a new listener started, `replay_done`, `postgres_available`).
-- Probe rows, a set per round, that nobody else touches: cached just before the fault,
-  changed once at its worst moment (while the listener is dead; after the SAVE; just
-  before the backends are terminated or the server restarts), never written again. The
-  writers' rows heal a lost invalidation at their next write; the probes cannot, so the
-  final check sees every fault's window (with `--replay-window 0s` it reports them).
+  race happens for real: with `--second-delete-ms 0` a run ends with stale keys. Every
+  hit is compared with the committed states: stale reads, how many and how long
+  (stale_reads.py says exactly what is counted).
+- The listener: a real `python -m cdc_invalidator run` process (or, for a control, a
+  mutant of it: tests/support/mutants.py) with `second_delete_ms` on; killed and
+  started again by the faults.
+
+Faults, one per round, every kind in turn (shuffled per cycle). Each round has its probe
+rows, that nobody else touches: cached just before the fault, changed once, in one
+transaction, at its worst moment, never written again (a writer's row heals a lost
+invalidation at its next write; a probe cannot).
+
+- `kill_listener`, `terminate_backends`, `pg_restart`: the probes are in flight when the
+  fault lands. The writers are held, the listener is awaited until it acknowledged a
+  marker write (and deleted its key), Redis writes are paused (CLIENT PAUSE WRITE), the
+  probes commit, and the fault waits until the listener is blocked in an UNLINK (the
+  probes' first delete; with second deletes on it may be a second delete due first).
+  Then the listener's saved acknowledgement is read: if it covers the probes while their
+  keys are still cached, the listener acknowledged before deleting (reported as such:
+  with second deletes on, the next listener's redo of its predecessor's last seconds
+  would hide that loss at a SIGKILL). Then: SIGKILL (Redis resumes; a new listener starts
+  after a while, the writers making a backlog; the dead listener's Redis connections are
+  closed, so its held UNLINK never runs), or the listener's Redis connections closed
+  under its held UNLINK (it fails and never runs: `redis_unavailable`) and then every
+  session terminated or a fast PostgreSQL restart: its batch must come again after the
+  reconnect.
+- `redis_restore`: SAVE, the probes written and invalidated, then Redis SIGKILLed and
+  restarted on that dump half a round later (the deletes since the SAVE are lost: the
+  listener's replay must redo them). Redis runs with `save 3600 1`, so with
+  `replay_window = "auto"` each replay covers the whole run; that cannot hide an earlier
+  round's loss because each round's probes are checked when it ends.
+- `slot_loss` (logical mode only): the listener SIGKILLed, its replication slot dropped,
+  the probes committed (no slot will ever stream them), a new listener started: it must
+  find the slot gone and sweep every template. In trigger mode the queue is a table in
+  the database: nothing like a slot can be lost without the data, so there is no such
+  round.
+
+A round ends when a marker written after the listener recovered is acknowledged (the
+queue's saved snapshot covers its transaction; the slot's saved position is past it):
+everything before it, the probes included, has been processed. The round's probe keys
+are then compared with the database, before a later fault, replay or restart can delete
+them. The fault's window for the stale-read figures is from the fault to that moment.
 
 The end, driven by events and not by sleeping: writers stop; readers go on for a moment
-(refilling the cache with the final data), then stop; one marker write is made and the
-listener is awaited until it acknowledged it (trigger mode: `status` backlog 0; logical
-mode: the slot's `confirmed_flush_lsn` past the marker); then the listener is stopped
-with SIGTERM, which performs the second deletes it still owes. Then every key in Redis is
-compared with the database.
+(refilling the cache with the final data), then stop; a marker write is awaited until
+the listener acknowledged it; the listener is stopped with SIGTERM, which performs the
+second deletes it still owes. Then every key in Redis is compared with the database.
 
 The race no invalidator can close: a reader SELECTs a row before a writer commits, and
 its SET lands after the listener's first delete. `second_delete_ms` deletes the key again
 that much later, so the race only leaves a stale key when the reader's SELECT-to-SET gap
 is longer than `second_delete_ms`. The readers measure that gap on every SET and the
 report gives the longest, and how many exceeded `second_delete_ms` (a stale key then may
-be the accepted race, not a bug). Most reads have a gap under a millisecond, the slow
-ones at most ~100 ms plus scheduling, and the listener deletes about a millisecond after
-the commit: 300 ms leaves a margin of about three. A second delete still owed when the
-listener is SIGKILLed is redone by the next listener (from the replay history); the
-writers' rows are written about once a second, so the final check alone would rarely see
-a failure there: tests/test_chaos.py has a deterministic test for it.
+be the accepted race, not a bug; SETs held by a fault's Redis pause count too, though
+no row they read can change while the writers are held). Most reads have a gap under a
+millisecond, the slow ones at most ~100 ms plus scheduling, and the listener deletes
+about a millisecond after the commit: 300 ms leaves a margin of about three. A stale
+key at the end is classified too: a race if a reader SET its value after the commit
+that made it stale.
 """
 
 from __future__ import annotations
@@ -63,7 +92,7 @@ import tempfile
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,26 +105,39 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from cdc_invalidator.cli import main as cli_main
-from cdc_invalidator.status import read_status
 from tests.support.config import write_config
 from tests.support.env import FAST_PG
 from tests.support.listener import ListenerProcess
 from tests.support.servers import PostgresServer, RedisServer
+from tests.support.stale_reads import StaleReads, StaleReadSummary, Truth, id_of_key
 from tests.support.waits import wait_until
 
 TEMPLATES = ["user:{id}", "user:email:{email}"]
-FAULTS = ("kill_listener", "redis_restore", "terminate_backends", "pg_restart")
+FAULTS = ("kill_listener", "redis_restore", "terminate_backends", "pg_restart", "slot_loss")
+LOGICAL_ONLY = ("slot_loss",)
+# The faults that land while the probes are committed but not yet invalidated.
+IN_FLIGHT = ("kill_listener", "terminate_backends", "pg_restart")
 SLOT = "cdc_invalidator"  # the default slot_name
 LISTENER_APP = "cdc-invalidator"  # the listener's default application_name
+LISTENER_CLIENT = "cdc-invalidator"  # the listener's default Redis client name
 APP_NAME = "chaos-app"  # the readers' and writers' sessions
 EMAILS_PER_ID = 4  # an id's emails come from a small pool, so an email comes back
 HEAL_TIMEOUT_S = 30.0
+# Redis writes are paused this long at most (a safety net: they are resumed explicitly).
+PAUSE_MS = 30_000
 # Probe rows, one set per round, far from the writers' ids: cached by the injector just
 # before its fault, changed once at the fault's worst moment, never written again. A
-# later write cannot hide a lost invalidation of theirs: the final check sees it.
+# later write cannot hide a lost invalidation of theirs: the round's check sees it.
 PROBE_BASE = 100_000
 PROBES = 12  # per round: rows 0-5 updated (even ones get a new email), 6-7 deleted,
 PROBES_EXISTING = 8  # 8-11 inserted (absent until then: cached as `null`)
+# The markers' row (nobody reads it): a write whose acknowledgement the injector awaits.
+MARKER_ID = 99_999
+
+
+def faults_for(capture: str) -> tuple[str, ...]:
+    """Every fault kind that means something in this capture mode."""
+    return tuple(f for f in FAULTS if capture == "logical" or f not in LOGICAL_ONLY)
 
 
 def render(row: tuple[Any, ...] | None) -> str:
@@ -105,12 +147,6 @@ def render(row: tuple[Any, ...] | None) -> str:
 
 def email_of(i: int, k: int) -> str:
     return f"u{i}.{k}@x"
-
-
-def id_of_key(key: str) -> int:
-    """user:42 and user:email:u42.3@x both belong to id 42."""
-    tail = key.removeprefix("user:email:u") if key.startswith("user:email:") else key[5:]
-    return int(tail.split(".")[0])
 
 
 @dataclass
@@ -131,7 +167,8 @@ class Params:
     slow_read_ms: float = 100.0
     seed: int = 0
     replay_window: str = "auto"  # "0s": replay off, to show that the check would notice
-    faults: tuple[str, ...] = FAULTS
+    faults: tuple[str, ...] | None = None  # None: every kind of the capture mode
+    mutant: str | None = None  # a broken listener (tests/support/mutants.py), for controls
 
 
 @dataclass
@@ -146,6 +183,30 @@ class Stats:
     errors: int = 0
     max_gap_s: float = 0.0
     slow_sets: int = 0  # SELECT-to-SET gap longer than second_delete_ms
+
+
+@dataclass
+class RoundCheck:
+    """A round's probes, checked when it ended."""
+
+    round: int
+    fault: str
+    stale: list[str] = field(default_factory=list)  # probe keys stale at the round's end
+    # Probe keys still cached while the listener's saved acknowledgement already covered
+    # their change (in-flight faults: Redis writes paused): acknowledged before deleted.
+    acked_undeleted: list[str] = field(default_factory=list)
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.stale or self.acked_undeleted)
+
+    def line(self) -> str:
+        out = f"round {self.round} {self.fault}:"
+        if self.acked_undeleted:
+            out += f" acknowledged before deleted: {', '.join(self.acked_undeleted)};"
+        if self.stale:
+            out += f" stale probe keys: {', '.join(self.stale)}"
+        return out
 
 
 @dataclass
@@ -164,16 +225,28 @@ class Report:
     keys_checked: int = 0
     probe_keys: int = 0  # cached before a fault, their rows changed during it
     rows: int = 0
-    stale: list[str] = field(default_factory=list)
-    listener: dict[str, int] = field(default_factory=dict)  # summed over listener runs
+    rounds_checked: list[RoundCheck] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)  # at the end
+    stale_races: list[str] = field(default_factory=list)  # of those: SET after the change
+    stale_reads: StaleReadSummary = field(default_factory=StaleReadSummary)
+    listener: dict[str, int] = field(default_factory=dict)  # the last listener's counters
     seconds: float = 0.0
 
+    @property
+    def failed_rounds(self) -> list[RoundCheck]:
+        return [r for r in self.rounds_checked if r.failed]
+
+    @property
+    def passed(self) -> bool:
+        return not self.stale and not self.failed_rounds
+
     def lines(self) -> list[str]:
-        faults = ", ".join(f"{k} {self.faults[k]}" for k in FAULTS)
+        faults = ", ".join(f"{k} {self.faults[k]}" for k in FAULTS if k in self.faults)
+        sr = self.stale_reads
         return [
             f"capture:            {self.capture}",
             f"rounds:             {self.rounds} ({self.seconds:.0f} s)",
-            f"faults:             {faults}",
+            f"faults:             {faults or 'none'}",
             f"writes:             {self.writes} committed transactions"
             f" (+{self.rollbacks} rolled back)",
             f"reads:              {self.reads} ({self.hits} hits, {self.sets} SETs after a miss)",
@@ -184,9 +257,16 @@ class Report:
             f" {self.listener.get('keys_deleted', 0)} keys deleted,"
             f" {self.listener.get('keys_deleted_again', 0)} deleted again by second deletes"
             f" (last run)",
-            f"keys checked:       {self.keys_checked} (against {self.rows} rows);"
-            f" {self.probe_keys} probe keys cached before a fault, changed during it",
-            f"stale keys:         {len(self.stale)}",
+            f"stale reads:        {sr.stale_reads} of {sr.compared} cache hits compared",
+            f"  quiet, races:     {sr.quiet_races}",
+            f"  quiet, late:      {sr.quiet_late}",
+            f"  in faults, races: {sr.fault_races}",
+            f"  in faults, late:  {sr.fault_late}",
+            f"probe keys:         {self.probe_keys} (cached before a fault, changed during it);"
+            f" rounds with stale or early-acknowledged probes: {len(self.failed_rounds)}",
+            f"keys checked:       {self.keys_checked} (against {self.rows} rows) at the end",
+            f"stale keys:         {len(self.stale)} at the end"
+            f" ({len(self.stale_races)} SET by a reader after the change)",
         ]
 
 
@@ -208,6 +288,51 @@ class History:
             return list(self._by_id.get(i, ()))
 
 
+class Gate:
+    """Lets the writers through one transaction at a time, or holds them all (each
+    finishes the transaction it is in) while a fault is set up."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._held = False
+        self._inside = 0
+
+    @contextmanager
+    def passing(self) -> Iterator[None]:
+        with self._cond:
+            while self._held:
+                self._cond.wait()
+            self._inside += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._inside -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        with self._cond:
+            self._held = True
+            while self._inside:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._held = False
+                self._cond.notify_all()
+
+
+# A writer's transaction whose COMMIT failed: xid, WAL position, when the COMMIT was
+# sent, its rows.
+InDoubt = tuple[str, int, float, list[tuple[Any, ...]]]
+
+# What the injector awaits the acknowledgement of: the transaction's xid8 (trigger mode)
+# and the WAL position inside it, before its commit (logical mode).
+Token = tuple[str, str]
+
+
 class Chaos:
     """One run against a PostgreSQL database and a Redis that it may restart and kill."""
 
@@ -222,6 +347,7 @@ class Chaos:
         say: Callable[[str], None] = print,
     ) -> None:
         self.p = params
+        self.faults = params.faults if params.faults is not None else faults_for(params.capture)
         self.pg = pg
         self.rd = rd
         self.dsn = dsn
@@ -230,12 +356,16 @@ class Chaos:
         self.rng = random.Random(params.seed)
         self.started = time.monotonic()
         self.history = History(self.started)
+        self.truth = Truth()
+        self.observed = StaleReads(self.truth)
         self.report = Report(params.capture)
         self._stop_writers = threading.Event()
         self._stop_readers = threading.Event()
+        self._gate = Gate()
         self._stats: list[Stats] = []
         self._threads: list[threading.Thread] = []
         self._listeners: list[ListenerProcess] = []
+        self._fault_windows: list[tuple[float, float]] = []
         self.config = workdir / "chaos.toml"
 
     # --- set-up ---------------------------------------------------------------------------
@@ -274,6 +404,8 @@ class Chaos:
                     " nextval('chaos_version') FROM generate_series(%s::int, %s::int) i",
                     [first, first + PROBES_EXISTING - 1],
                 )
+            rows = conn.execute("SELECT 'insert', id, email, version FROM users").fetchall()
+        self.truth.commit(0, 0.0, 0.0, rows)
         mode: dict[str, object] = {"capture": "logical"} if self.p.capture == "logical" else {}
         write_config(
             self.config,
@@ -308,7 +440,10 @@ class Chaos:
 
     def start_listener(self) -> None:
         log = self.workdir / f"listener-{len(self._listeners)}.log"
-        listener = ListenerProcess(self.config, log)
+        command = ["-m", "cdc_invalidator"]
+        if self.p.mutant:
+            command = ["-m", "tests.support.mutants", self.p.mutant]
+        listener = ListenerProcess(self.config, log, command=command)
         self._listeners.append(listener)
         listener.start()
 
@@ -355,15 +490,32 @@ class Chaos:
             conn.close()
 
     def _writer(self, rng: random.Random, stats: Stats) -> None:
-        self._loop(
-            self._stop_writers,
-            self.p.writer_pause_s,
-            stats,
-            lambda conn: self._write(conn, rng, stats),
-            (psycopg.Error,),
-        )
+        doubts: list[InDoubt] = []  # COMMITs that failed: they may have happened
 
-    def _write(self, conn: psycopg.Connection[Any], rng: random.Random, stats: Stats) -> None:
+        def step(conn: psycopg.Connection[Any]) -> None:
+            with self._gate.passing():
+                self._resolve(conn, doubts)
+                self._write(conn, rng, stats, doubts)
+
+        self._loop(self._stop_writers, self.p.writer_pause_s, stats, step, (psycopg.Error,))
+
+    def _resolve(self, conn: psycopg.Connection[Any], doubts: list[InDoubt]) -> None:
+        """A COMMIT that failed (the server went away) may have happened: the ones that
+        did are recorded now (from now: stale reads before are not counted)."""
+        while doubts:
+            xid, order, began, changed = doubts[0]
+            row = conn.execute("SELECT pg_xact_status(%s::xid8)", [xid]).fetchone()
+            if row is not None and row[0] == "committed":
+                self.truth.commit(order, began, time.monotonic(), changed)
+            doubts.pop(0)
+
+    def _write(
+        self,
+        conn: psycopg.Connection[Any],
+        rng: random.Random,
+        stats: Stats,
+        doubts: list[InDoubt],
+    ) -> None:
         i = rng.randint(1, self.p.ids)
         roll = rng.random()
         changed: list[tuple[Any, ...]] = []
@@ -384,6 +536,7 @@ class Chaos:
         delete = "DELETE FROM users WHERE id = %s RETURNING 'delete', id, email, version"
         name = f"n{rng.randint(0, 999)}"
         new_email = email_of(i, rng.randrange(EMAILS_PER_ID))
+        committing: tuple[str, int, float] | None = None
         try:
             with conn.transaction():
                 if roll < 0.45 or rollback:
@@ -401,9 +554,16 @@ class Chaos:
                     run(insert, [j, email_of(j, rng.randrange(EMAILS_PER_ID)), name])
                 if rollback:
                     raise _Rollback  # noqa: TRY301 - the way to roll back a `transaction()`
+                xid, order = self.position(conn)
+                committing = (xid, order, time.monotonic())  # the COMMIT follows
         except _Rollback:
             stats.rollbacks += 1
             return
+        except psycopg.Error:
+            if committing is not None:
+                doubts.append((*committing, changed))
+            raise
+        self.truth.commit(committing[1], committing[2], time.monotonic(), changed)
         stats.writes += 1
         for op, row_id, email, version in changed:
             self.history.note(row_id, f"{op} committed: email={email} version={version}")
@@ -451,9 +611,11 @@ class Chaos:
         slow: float,
     ) -> str:
         stats.reads += 1
+        asked_at = time.monotonic()
         cached = r.get(key)
         if cached is not None:
             stats.hits += 1
+            self.observed.hit(key, str(cached), asked_at)
             return str(cached)
         read_at = time.monotonic()
         column, arg = lookup
@@ -462,13 +624,117 @@ class Chaos:
         if slow:
             time.sleep(slow)
         r.set(key, value)
-        gap_s = time.monotonic() - read_at
+        set_at = time.monotonic()
+        self.observed.set(key, value, set_at)
+        gap_s = set_at - read_at
         stats.sets += 1
         stats.max_gap_s = max(stats.max_gap_s, gap_s)
         if gap_s * 1000 > self.p.second_delete_ms > 0:
             stats.slow_sets += 1
         self.history.note(id_of_key(key), f"SET {key} = {value} (gap {gap_s * 1000:.1f} ms)")
         return value
+
+    # --- acknowledgements -------------------------------------------------------------------
+
+    def token(self, conn: psycopg.Connection[Any]) -> Token:
+        """Inside a transaction, as its last statement: what acked() takes."""
+        row = conn.execute(
+            "SELECT pg_current_xact_id()::text, pg_current_wal_insert_lsn()::text"
+        ).fetchone()
+        assert row is not None
+        return str(row[0]), str(row[1])
+
+    @staticmethod
+    def position(conn: psycopg.Connection[Any]) -> tuple[str, int]:
+        """The transaction's id, and the WAL insert position as a number: past every
+        commit this transaction waited for (stale_reads.Truth orders a row's states by
+        it)."""
+        row = conn.execute(
+            "SELECT pg_current_xact_id()::text, (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8"
+        ).fetchone()
+        assert row is not None
+        return str(row[0]), int(row[1])
+
+    def acked(self, token: Token) -> bool:
+        """Whether the listener's saved acknowledgement covers that transaction: the
+        queue's saved snapshot sees it, or the slot's saved position is past it."""
+        xid, lsn = token
+        with self.connect() as conn:
+            if self.p.capture == "logical":
+                row = conn.execute(
+                    "SELECT coalesce(acked_lsn > %s::pg_lsn, false)"
+                    " FROM cdc_invalidator.slot_state_v1 WHERE slot_name = %s",
+                    [lsn, SLOT],
+                ).fetchone()
+            else:
+                row = conn.execute(
+                    "SELECT pg_visible_in_snapshot(%s::xid8, snapshot)"
+                    " FROM cdc_invalidator.listener_state_v1",
+                    [xid],
+                ).fetchone()
+        return bool(row and row[0])
+
+    def mark(self) -> Token:
+        """A marker write (its key cached first, so that its delete can be seen)."""
+        r = self.redis_client()
+        r.set(f"user:{MARKER_ID}", "marker")
+        r.close()
+        with self.connect() as conn, conn.transaction():
+            changed = conn.execute(
+                "INSERT INTO users VALUES (%s, %s, 'marker', nextval('chaos_version'))"
+                " ON CONFLICT (id) DO UPDATE SET version = excluded.version"
+                " RETURNING 'update', id, email, version",
+                [MARKER_ID, email_of(MARKER_ID, 0)],
+            ).fetchall()
+            token = self.token(conn)
+            order, began = self.position(conn)[1], time.monotonic()
+        self.truth.commit(order, began, time.monotonic(), changed)
+        return token
+
+    def marker_deleted(self) -> bool:
+        r = self.redis_client()
+        try:
+            return not r.exists(f"user:{MARKER_ID}")
+        finally:
+            r.close()
+
+    def caught_up(self, what: str) -> None:
+        """A marker write, then wait until the listener acknowledged it and deleted its
+        key: every change before it has been processed."""
+        marker = self.mark()
+        try:
+            wait_until(
+                lambda: self.acked(marker) and self.marker_deleted(),
+                timeout_s=HEAL_TIMEOUT_S,
+                what=what,
+            )
+        except AssertionError:
+            for line in self.listener.lines()[-15:]:
+                self.say(json.dumps(line))
+            raise
+
+    @staticmethod
+    def _blocked_unlinks(r: redis.Redis) -> list[dict[str, str]]:
+        """The listener's Redis connections that wait in an UNLINK (writes paused)."""
+        return [
+            c
+            for c in r.client_list()
+            if c.get("name") == LISTENER_CLIENT
+            and "b" in c.get("flags", "")
+            and c.get("cmd") == "unlink"
+        ]
+
+    def kill_blocked_unlinks(self, r: redis.Redis) -> None:
+        """Close them: the UNLINK they wait with is dropped, it never runs."""
+        for client in self._blocked_unlinks(r):
+            r.client_kill_filter(_id=client["id"])
+
+    def listener_blocked(self) -> bool:
+        r = self.redis_client()
+        try:
+            return bool(self._blocked_unlinks(r))
+        finally:
+            r.close()
 
     # --- faults -------------------------------------------------------------------------------
 
@@ -478,9 +744,13 @@ class Chaos:
     def _healed(self, event: str, before: int, what: str) -> None:
         wait_until(lambda: self._count(event) > before, timeout_s=HEAL_TIMEOUT_S, what=what)
 
+    @staticmethod
+    def probe_ids(n: int) -> range:
+        return range(PROBE_BASE + n * PROBES, PROBE_BASE + (n + 1) * PROBES)
+
     def cache_probes(self, n: int) -> None:
         """What an app would have cached for round n's probe rows."""
-        ids = list(range(PROBE_BASE + n * PROBES, PROBE_BASE + (n + 1) * PROBES))
+        ids = list(self.probe_ids(n))
         with self.connect() as conn:
             found = conn.execute(
                 "SELECT id, email, name, version FROM users WHERE id = ANY(%s)", [ids]
@@ -493,49 +763,76 @@ class Chaos:
             self.history.note(i, f"probe cached: {value}")
         r.close()
 
-    def write_probes(self, n: int) -> None:
+    def write_probes(self, n: int) -> Token:
         """Round n's probe rows changed, in one transaction, at the fault's worst moment."""
         first = PROBE_BASE + n * PROBES
+        changed: list[tuple[Any, ...]] = []
         with self.connect() as conn, conn.transaction():
-            conn.execute(
+            changed += conn.execute(
                 "UPDATE users SET version = nextval('chaos_version'), name = 'probed',"
                 " email = CASE WHEN id %% 2 = 0 THEN 'u' || id || '.1@x' ELSE email END"
-                " WHERE id BETWEEN %s AND %s",
+                " WHERE id BETWEEN %s AND %s RETURNING 'update', id, email, version",
                 [first, first + 5],
-            )
-            conn.execute("DELETE FROM users WHERE id BETWEEN %s AND %s", [first + 6, first + 7])
-            conn.execute(
+            ).fetchall()
+            changed += conn.execute(
+                "DELETE FROM users WHERE id BETWEEN %s AND %s"
+                " RETURNING 'delete', id, email, version",
+                [first + 6, first + 7],
+            ).fetchall()
+            changed += conn.execute(
                 "INSERT INTO users SELECT i, 'u' || i || '.0@x', 'probed',"
-                " nextval('chaos_version') FROM generate_series(%s::int, %s::int) i",
+                " nextval('chaos_version') FROM generate_series(%s::int, %s::int) i"
+                " RETURNING 'insert', id, email, version",
                 [first + PROBES_EXISTING, first + PROBES - 1],
-            )
+            ).fetchall()
+            token = self.token(conn)
+            order, began = self.position(conn)[1], time.monotonic()
+        self.truth.commit(order, began, time.monotonic(), changed)
         for i in range(first, first + PROBES):
             self.history.note(i, "probe written")
         # Both keys of each row; the even updated rows' new email key was not cached.
         self.report.probe_keys += 2 * PROBES
+        return token
 
     @staticmethod
     def probe_keys(n: int) -> list[str]:
         """Round n's probe keys as cached before its fault."""
-        ids = range(PROBE_BASE + n * PROBES, PROBE_BASE + (n + 1) * PROBES)
+        ids = Chaos.probe_ids(n)
         return [f"user:{i}" for i in ids] + [f"user:email:{email_of(i, 0)}" for i in ids]
 
-    def probes_gone(self, n: int) -> bool:
-        keys = self.probe_keys(n)
+    def cached_probe_keys(self, n: int) -> list[str]:
         r = self.redis_client()
         try:
-            return r.exists(*keys) == 0
+            return [k for k in self.probe_keys(n) if r.exists(k)]
         finally:
             r.close()
 
-    def inject(self, fault: str, half_round_s: float, n: int) -> None:
+    def probes_gone(self, n: int) -> bool:
+        return not self.cached_probe_keys(n)
+
+    def drop_slot(self) -> None:
+        """The replication slot dropped (once its walsender has let go of it)."""
+
+        def dropped() -> bool:
+            with self.connect() as conn:
+                try:
+                    conn.execute(
+                        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
+                        " WHERE slot_name = %s",
+                        [SLOT],
+                    )
+                except psycopg.errors.ObjectInUse:
+                    return False
+            return True
+
+        wait_until(dropped, what="the slot dropped")
+
+    def inject(self, fault: str, half_round_s: float, n: int) -> RoundCheck:
         """One fault (round n: its probes); returns once the listener has recovered."""
+        check = RoundCheck(n + 1, fault)
         self.cache_probes(n)
-        if fault == "kill_listener":
-            self.listener.kill()  # SIGKILL; the next listener redoes owed second deletes
-            self.write_probes(n)  # while nobody listens
-            time.sleep(self.rng.uniform(0, half_round_s))  # down a while: a backlog forms
-            self.start_listener()
+        if fault in IN_FLIGHT:
+            self._in_flight(fault, half_round_s, n, check)
         elif fault == "redis_restore":
             self.redis_client().save()  # the snapshot; what is deleted after it will come back
             self.write_probes(n)
@@ -548,30 +845,78 @@ class Chaos:
             self.rd.kill()
             self.rd.start()  # on the dump: stale keys are back until the replay
             self._healed(event, before, "the listener's replay")
-        elif fault == "terminate_backends":
-            before = self._count("postgres_available")
-            self.write_probes(n)  # the listener may be busy with them when its session ends
-            with self.connect() as conn:
-                conn.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                    " WHERE application_name IN (%s, %s) AND pid <> pg_backend_pid()",
-                    [LISTENER_APP, APP_NAME],
-                )
-            self._healed("postgres_available", before, "the listener back on PostgreSQL")
-        elif fault == "pg_restart":
-            before = self._count("postgres_available")
-            self.write_probes(n)  # committed just before the server goes down
-            self.pg.restart("fast")
-            self._healed("postgres_available", before, "the listener back on PostgreSQL")
+        elif fault == "slot_loss":
+            self.listener.kill()
+            self.drop_slot()
+            self.write_probes(n)  # committed while no slot exists: no stream carries them
+            time.sleep(self.rng.uniform(0, half_round_s))
+            self.start_listener()
+            self._healed("slot_created", 0, "the listener on a new slot")
         else:
             raise ValueError(fault)
         self.report.faults[fault] += 1
+        return check
+
+    def _in_flight(self, fault: str, half_round_s: float, n: int, check: RoundCheck) -> None:
+        """The probes committed but not invalidated when the fault lands: Redis writes
+        paused, the listener blocked in its UNLINK."""
+        pg_before = self._count("postgres_available")
+        with self._gate.held():
+            self.caught_up("the listener caught up before the fault")
+            r = self.redis_client()
+            r.execute_command("CLIENT", "PAUSE", PAUSE_MS, "WRITE")
+            try:
+                token = self.write_probes(n)
+                wait_until(self.listener_blocked, what="the listener blocked in an UNLINK")
+                if self.acked(token):
+                    check.acked_undeleted = self.cached_probe_keys(n)
+                if fault == "kill_listener":
+                    self.listener.kill()  # SIGKILL; the next listener redoes owed second deletes
+                    # Its UNLINK, held by the pause, must never run.
+                    self.kill_blocked_unlinks(r)
+                else:
+                    # The UNLINK fails: its connection is closed while it waits (and that
+                    # of the sink's one retry), so it never runs, unlike one that merely
+                    # timed out. The batch in hand must come again, after the PostgreSQL
+                    # fault too.
+                    redis_before = self._count("redis_unavailable")
+
+                    def failed() -> bool:
+                        self.kill_blocked_unlinks(r)
+                        return self._count("redis_unavailable") > redis_before
+
+                    wait_until(failed, HEAL_TIMEOUT_S, "the listener's UNLINK failed")
+                    if fault == "terminate_backends":
+                        with self.connect() as conn:
+                            conn.execute(
+                                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                                " WHERE application_name IN (%s, %s)"
+                                " AND pid <> pg_backend_pid()",
+                                [LISTENER_APP, APP_NAME],
+                            )
+                    else:
+                        self.pg.restart("fast")
+            finally:
+                r.execute_command("CLIENT", "UNPAUSE")
+                r.close()
+        if fault == "kill_listener":
+            time.sleep(self.rng.uniform(0, half_round_s))  # down a while: a backlog forms
+            self.start_listener()
+        else:
+            self._healed("postgres_available", pg_before, "the listener back on PostgreSQL")
+
+    def check_round(self, check: RoundCheck, n: int) -> None:
+        """The round's probe keys against the database, once a marker written after the
+        recovery is acknowledged: before anything later can delete them."""
+        self.caught_up(f"the listener caught up after round {check.round}")
+        check.stale = self.check(self.probe_keys(n))
+        self.report.rounds_checked.append(check)
 
     def schedule(self) -> list[str]:
         """Every kind in turn, in a shuffled order per cycle."""
         out: list[str] = []
         while len(out) < self.p.rounds:
-            cycle = list(self.p.faults)
+            cycle = list(self.faults)
             self.rng.shuffle(cycle)
             out += cycle
         return out[: self.p.rounds]
@@ -588,64 +933,21 @@ class Chaos:
         for thread in self._threads:
             thread.join(30)
             assert not thread.is_alive(), f"{thread.name} did not stop"
-        self.wait_caught_up()
+        self.caught_up("the listener caught up at the end")
         self.listener.signal(signal.SIGTERM)  # does the second deletes still owed
         assert self.listener.wait(30) == 0, "the listener did not exit cleanly"
         stopped = self.listener.logged("listener_stopped")
         self.report.listener = stopped[0] if stopped else {}
 
-    def wait_caught_up(self) -> None:
-        """A marker write, then wait until the listener acknowledged it: every change
-        before it has had its keys deleted."""
-        with self.connect() as conn:
-            # Flushed at commit: the walsender streams flushed WAL only.
-            conn.execute("SET synchronous_commit = on")
-            with conn.transaction():
-                # An upsert: a change to the table whether or not row 1 exists now.
-                conn.execute(
-                    "INSERT INTO users VALUES (1, %s, 'marker', nextval('chaos_version'))"
-                    " ON CONFLICT (id) DO UPDATE SET version = excluded.version",
-                    [email_of(1, 0)],
-                )
-                row = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
-        assert row is not None
-        marker = str(row[0])
-        self.history.note(1, "marker update committed")
-        if self.p.capture == "logical":
-            query = (
-                "SELECT coalesce(confirmed_flush_lsn > %s::pg_lsn, false)"
-                " FROM pg_replication_slots WHERE slot_name = %s"
-            )
-
-            def done() -> bool:
-                with self.connect() as conn:
-                    found = conn.execute(query, [marker, SLOT]).fetchone()
-                return bool(found and found[0])
-        else:
-
-            def done() -> bool:
-                with self.connect() as conn:
-                    return read_status(conn).backlog == 0
-
-        try:
-            wait_until(done, timeout_s=60, what="the listener caught up")
-        except AssertionError:
-            with self.connect() as conn:
-                slots = conn.execute("SELECT * FROM pg_replication_slots").fetchall()
-            self.say(f"marker {marker}; slots {slots}")
-            for line in self.listener.lines()[-15:]:
-                self.say(json.dumps(line))
-            raise
-
-    def check(self) -> list[str]:
-        """Every cached key against the database: the stale ones."""
+    def check(self, keys: Sequence[str] | None = None) -> list[str]:
+        """Every cached key (or these) against the database: the stale ones."""
         with self.connect() as conn:
             rows = conn.execute("SELECT id, email, name, version FROM users").fetchall()
         by_id = {row[0]: row for row in rows}
         by_email = {row[1]: row for row in rows}
         r = self.redis_client()
         stale, checked = [], 0
-        for key in r.scan_iter("*", count=1000):
+        for key in keys if keys is not None else r.scan_iter("*", count=1000):
             value = r.get(key)
             if value is None:
                 continue
@@ -659,9 +961,25 @@ class Chaos:
             if value != expected:
                 stale.append(key)
         r.close()
-        self.report.keys_checked = checked
-        self.report.rows = len(rows)
+        if keys is None:
+            self.report.keys_checked = checked
+            self.report.rows = len(rows)
         return sorted(stale)
+
+    def races(self, stale: Sequence[str]) -> list[str]:
+        """Of these stale keys, those whose value a reader SET after the commit that made
+        it stale: the stale-set race."""
+        r = self.redis_client()
+        now, out = time.monotonic(), []
+        for key in stale:
+            value = r.get(key)
+            if value is None:
+                continue
+            made = self.truth.stale_since(key, str(value), now)
+            if made is not None and self.observed.set_after(key, str(value), made.began):
+                out.append(key)
+        r.close()
+        return out
 
     def explain(self, key: str) -> list[str]:
         value = self.redis_client().get(key)
@@ -677,15 +995,19 @@ class Chaos:
             for n, fault in enumerate(self.schedule(), 1):
                 time.sleep(half)  # workload without a fault
                 began = time.monotonic()
-                self.inject(fault, half, n - 1)
+                check = self.inject(fault, half, n - 1)
+                healed = time.monotonic() - began
+                self.check_round(check, n - 1)
+                self._fault_windows.append((began, time.monotonic()))
                 self.report.rounds = n
                 stats = self.totals()
                 self.say(
                     f"[{self.p.capture}] round {n:3}/{self.p.rounds} {fault:<18}"
-                    f" healed in {time.monotonic() - began:5.2f} s;"
+                    f" healed in {healed:5.2f} s;"
                     f" so far {stats.writes} writes, {stats.reads} reads, {stats.errors} errors"
+                    + (f"; FAILED {check.line()}" if check.failed else "")
                 )
-            time.sleep(half)
+            time.sleep(half if self.p.rounds else self.p.round_s)
             self.quiesce()
         finally:
             self._stop_writers.set()
@@ -699,6 +1021,8 @@ class Chaos:
         rep.errors, rep.slow_sets = stats.errors, stats.slow_sets
         rep.max_gap_ms = stats.max_gap_s * 1000
         rep.stale = self.check()
+        rep.stale_races = self.races(rep.stale)
+        rep.stale_reads = self.observed.summary(self._fault_windows)
         rep.seconds = time.monotonic() - self.started
         return rep
 
@@ -739,6 +1063,8 @@ def run_one(params: Params, say: Callable[[str], None]) -> Report:
         with own_servers() as (pg, rd):
             chaos = Chaos(params, pg=pg, rd=rd, dsn=pg.dsn("app"), workdir=workdir, say=say)
             report = chaos.run()
+            for check in report.failed_rounds:
+                say(check.line())
             for key in report.stale[:10]:
                 for line in chaos.explain(key):
                     say(line)
@@ -786,8 +1112,12 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(report.lines()))
         print()
     stale = sum(len(r.stale) for r in reports)
-    print("PASS: no stale keys" if not stale else f"FAIL: {stale} stale keys")
-    return 1 if stale else 0
+    rounds = sum(len(r.failed_rounds) for r in reports)
+    if stale or rounds:
+        print(f"FAIL: {stale} stale keys at the end, {rounds} rounds with lost probes")
+        return 1
+    print("PASS: no stale keys, no lost probe")
+    return 0
 
 
 if __name__ == "__main__":

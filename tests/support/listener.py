@@ -71,7 +71,8 @@ class ListenerProcess:
     """`python -m cdc_invalidator run` as a child process: for signals and SIGKILL.
 
     `prefix` goes before the command (`ip netns exec NAME`: on another host); the
-    process then has the same pid, since `ip netns exec` replaces itself with it."""
+    process then has the same pid, since `ip netns exec` replaces itself with it.
+    `command` is what runs after the interpreter: the CLI, or a test's mutant of it."""
 
     def __init__(
         self,
@@ -79,25 +80,19 @@ class ListenerProcess:
         log_path: Path,
         env: Mapping[str, str] | None = None,
         prefix: Sequence[str] = (),
+        command: Sequence[str] = ("-m", "cdc_invalidator"),
     ):
         self.config = config
         self.log_path = log_path
         self.env = {**os.environ, **(env or {})}
         self.prefix = list(prefix)
+        self.command = list(command)
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> ListenerProcess:
         self._log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [
-                *self.prefix,
-                sys.executable,
-                "-m",
-                "cdc_invalidator",
-                "run",
-                "--config",
-                str(self.config),
-            ],
+            [*self.prefix, sys.executable, *self.command, "run", "--config", str(self.config)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env={**self.env, "CDC_INVALIDATOR_LOG_FORMAT": "json"},
