@@ -86,6 +86,9 @@ class Q(enum.Enum):
     LOAD_REDIS_IDENTITY = "load_redis_identity.sql"
     SAVE_REDIS_IDENTITY = "save_redis_identity.sql"
 
+    # --- the operator's tools (tools/) ----------------------------------------------------
+    KEYS_WHERE = "keys_where.sql"  # {columns}, {table}, {where} to format
+
     # --- status and check ----------------------------------------------------------------
     STATUS = "status.sql"
     LOGICAL_STATUS = "logical_status.sql"
