@@ -40,6 +40,8 @@ from cdc_invalidator.sink import REDIS_ERRORS, REDIS_UNAVAILABLE, RedisOptions, 
 from cdc_invalidator.status import NotInstalledHere
 from cdc_invalidator.tools import UsageError
 from cdc_invalidator.tools import keys as keys_tool
+from cdc_invalidator.tools.tail import tail
+from cdc_invalidator.tools.tail_message import channel_name
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
@@ -177,6 +179,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help=f"--where: read at most N rows (default {keys_tool.DEFAULT_LIMIT})",
     )
+    tail_cmd = add(
+        "tail",
+        cmd_tail,
+        "print invalidations as the listener makes them (time, table, operation, keys, "
+        "commit → delete), until Ctrl-C",
+    )
+    tail_cmd.add_argument("--table", metavar="TABLE", help="only this configured table's")
     demo = add("demo", cmd_demo, "start throwaway PostgreSQL and Redis and show an invalidation")
     demo.add_argument("--keep", action="store_true", help="leave the servers' directories")
     demo.add_argument(
@@ -384,6 +393,25 @@ def _keys_offline(ask: keys_tool.Request, mapper: Mapper, console: Console) -> i
             + " ".join(f"{c}=VALUE" for c in columns)
         )
     return EXIT_CONFIG if found.missing else EXIT_OK
+
+
+def cmd_tail(args: argparse.Namespace, settings: Settings, console: Console) -> int:
+    table = None if args.table is None else keys_tool.find_table(settings.mapper(), args.table)
+    channel = channel_name(settings.database_url)
+    console.warn(
+        f"tailing {channel} on {redact_url(settings.redis_url)} (the listener publishes "
+        "while someone tails); Ctrl-C to stop"
+    )
+
+    def out(text: str) -> None:
+        console.out(text)
+        sys.stdout.flush()  # each line as it happens, into a pipe or a file too
+
+    try:
+        tail(RedisOptions.from_settings(settings), channel, table, out, console.warn)
+    except KeyboardInterrupt:
+        return EXIT_OK
+    return EXIT_OK  # pragma: no cover - tail() returns only when interrupted
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings, console: Console) -> int:

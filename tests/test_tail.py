@@ -1,0 +1,156 @@
+"""`cdc-invalidator tail`: invalidations printed as they happen, from a real listener
+(a `run` process) through a real Redis, in both capture modes. The tail observes only:
+the listener consumes on, and publishes nothing while nobody tails."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from cdc_invalidator.tools.tail_message import CHANNEL_PREFIX
+from tests.support.env import Env
+from tests.support.faults import Written, acknowledged, setup_users, write
+from tests.support.listener import ListenerProcess, Spawn, stop_listener
+from tests.support.waits import wait_until
+
+pytestmark = [pytest.mark.servers, pytest.mark.usefixtures("capture")]
+
+LINE = re.compile(
+    r"^(?P<at>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z) (?P<table>\S+) (?P<op>[A-Z]+) "
+    r"(?P<keys>.+?) commit→delete (?P<ms>\d+) ms \((?P<txn>xid \d+[^)]*)\)$"
+)
+
+
+class Tail:
+    """`cdc-invalidator tail` as a child process, its output in files."""
+
+    def __init__(self, config: Path, tmp_path: Path, *args: str) -> None:
+        self.out_path, self.err_path = tmp_path / "tail.out", tmp_path / "tail.err"
+        with self.out_path.open("wb") as out, self.err_path.open("wb") as err:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "cdc_invalidator", "tail", "--config", str(config), *args],
+                stdout=out,
+                stderr=err,
+                env=dict(os.environ),
+            )
+
+    def lines(self) -> list[str]:
+        return self.out_path.read_text().splitlines()
+
+    def stderr(self) -> str:
+        return self.err_path.read_text()
+
+    def interrupt(self) -> int:
+        self.process.send_signal(signal.SIGINT)
+        return self.process.wait(20)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+@pytest.fixture
+def tails(tmp_path: Path) -> Iterator[list[Tail]]:
+    started: list[Tail] = []
+    yield started
+    for tail in started:
+        tail.kill()
+
+
+def subscribers(r: redis.Redis, channel: str) -> int:
+    return int(r.pubsub_numsub(channel)[0][1])
+
+
+def channel_of(env: Env) -> str:
+    return CHANNEL_PREFIX + env.dsn.rsplit("/", 1)[1].split("?")[0]
+
+
+def test_tail_prints_each_invalidation_while_the_listener_consumes(
+    env: Env, spawn: Spawn, tails: list[Tail]
+) -> None:
+    config = setup_users(env, rows=200)
+    listener = spawn(config)
+    r = env.redis()
+    tail = Tail(config, env.tmp_path, "--table", "users")
+    tails.append(tail)
+    wait_until(lambda: subscribers(r, channel_of(env)) == 1, what="tail subscribed")
+    assert "Ctrl-C to stop" in tail.stderr()
+
+    # The listener asks whether anyone tails once a second at most: write (each write
+    # its own row, once the last one is consumed) until a change is shown.
+    seen: list[Written] = []
+    shown: dict[str, str] = {}
+
+    def a_change_shown() -> bool:
+        for text in tail.lines():
+            match = LINE.match(text)
+            if match:
+                shown.update(match.groupdict())
+                return True
+        if not seen or acknowledged(env, seen[-1]):
+            i = len(seen) + 1
+            r.set(f"user:{i}", "stale")
+            update = "UPDATE users SET email = 'x' || id WHERE id = %s"
+            seen.append(write(env, update, [i], ids=range(i, i + 1)))
+        return False
+
+    wait_until(a_change_shown, what="a change shown by tail", timeout_s=30)
+    i = int(shown["keys"].split()[0].removeprefix("user:"))
+    assert shown["table"] == "public.users"
+    assert shown["op"] == "UPDATE"
+    # The row's keys, old and new email included.
+    assert shown["keys"].split() == [f"user:{i}", f"user:email:u{i}@x", f"user:email:x{i}"]
+    assert 0 <= int(shown["ms"]) < 60_000, shown
+    if env.logical:
+        assert "commit LSN" in shown["txn"]
+    # It observed: the listener consumed every change, and deleted its keys.
+    wait_until(lambda: acknowledged(env, seen[-1]), what="the changes acknowledged")
+    assert r.exists(*[f"user:{n}" for n in range(1, len(seen) + 1)]) == 0
+    assert tail.interrupt() == 0, tail.stderr()
+    assert "Traceback" not in tail.stderr()
+    wait_until(lambda: subscribers(r, channel_of(env)) == 0, what="tail unsubscribed")
+    stop_listener(listener)
+
+
+def test_tail_shows_a_truncate_as_a_sweep(env: Env, spawn: Spawn, tails: list[Tail]) -> None:
+    config = setup_users(env, rows=3)
+    listener = spawn(config)
+    r = env.redis()
+    tail = Tail(config, env.tmp_path)
+    tails.append(tail)
+    wait_until(lambda: subscribers(r, channel_of(env)) == 1, what="tail subscribed")
+
+    def truncate_shown() -> bool:
+        env.sql("TRUNCATE users")
+        return any(" public.users TRUNCATE sweep user:* user:email:*" in t for t in tail.lines())
+
+    wait_until(truncate_shown, what="a TRUNCATE shown", timeout_s=30)
+    assert tail.interrupt() == 0
+    stop_listener(listener)
+
+
+def test_nobody_tailing_nothing_is_published(env: Env, spawn: Spawn) -> None:
+    r = env.redis()
+    r.config_resetstat()
+    config = setup_users(env, rows=100)
+    listener: ListenerProcess = spawn(config)
+    for i in range(1, 21):
+        done = write(
+            env, "UPDATE users SET email = 'y' || id WHERE id = %s", [i], ids=range(i, i + 1)
+        )
+    wait_until(lambda: acknowledged(env, done), what="the changes acknowledged")
+    stats = r.info("commandstats")
+    assert "cmdstat_unlink" in stats, "the listener deleted through this Redis"
+    assert "cmdstat_publish" not in stats, stats
+    # It asked whether anyone tails, at most once a second while batches flowed.
+    assert "cmdstat_pubsub|numsub" in stats
+    stop_listener(listener)
