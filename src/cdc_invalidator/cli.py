@@ -37,8 +37,9 @@ from cdc_invalidator.replay import replay
 from cdc_invalidator.settings import CONFIG_ENV, ConfigError, Settings, load_settings
 from cdc_invalidator.shutdown import Stopper
 from cdc_invalidator.sink import REDIS_ERRORS, REDIS_UNAVAILABLE, RedisOptions, open_sink
+from cdc_invalidator.sink.lookup import KeyState, key_state
 from cdc_invalidator.status import NotInstalledHere
-from cdc_invalidator.tools import UsageError
+from cdc_invalidator.tools import UsageError, explain
 from cdc_invalidator.tools import keys as keys_tool
 from cdc_invalidator.tools.tail import tail
 from cdc_invalidator.tools.tail_message import channel_name
@@ -186,6 +187,13 @@ def _parser() -> argparse.ArgumentParser:
         "commit → delete), until Ctrl-C",
     )
     tail_cmd.add_argument("--table", metavar="TABLE", help="only this configured table's")
+    explain_cmd = add(
+        "explain",
+        cmd_explain,
+        "why is this key stale? which tables and templates produce it, the recent changes "
+        "that invalidated it, and whether Redis holds it now",
+    )
+    explain_cmd.add_argument("key", metavar="KEY", help="a Redis key")
     demo = add("demo", cmd_demo, "start throwaway PostgreSQL and Redis and show an invalidation")
     demo.add_argument("--keep", action="store_true", help="leave the servers' directories")
     demo.add_argument(
@@ -412,6 +420,43 @@ def cmd_tail(args: argparse.Namespace, settings: Settings, console: Console) -> 
     except KeyboardInterrupt:
         return EXIT_OK
     return EXIT_OK  # pragma: no cover - tail() returns only when interrupted
+
+
+def cmd_explain(args: argparse.Namespace, settings: Settings, console: Console) -> int:
+    key: str = args.key
+    dbs = {table: ts.redis_db for table, ts in settings.table_settings().items()}
+    mapper = settings.mapper()
+    found = explain.candidates(mapper, dbs, key)
+    for line in explain.candidate_lines(key, found):
+        console.out(line)
+    sink = open_sink(RedisOptions.from_settings(settings))
+    try:
+        for db in sorted({c.db for c in found} or {None}, key=lambda d: -1 if d is None else d):
+            state: KeyState | None = None
+            error = None
+            try:
+                state = key_state(sink, key, db)
+            except REDIS_ERRORS as exc:
+                error = f"Redis: {type(exc).__name__}: {exc}"
+            console.out(explain.redis_line(state, error, db))
+    finally:
+        sink.close()
+    if not found:
+        return EXIT_OK
+    tables = sorted({c.table for c in found})
+    mode = mode_for(settings).name
+    read = explain.read_logical if mode == "logical" else explain.read_trigger
+    with connect(settings) as conn:
+        try:
+            history, reach = read(conn, mapper, tables, key)
+        except psycopg.errors.UndefinedTable:
+            console.error(
+                "cdc_invalidator is not installed in this database: run `cdc-invalidator install`"
+            )
+            return EXIT_FAILED
+    for line in explain.history_lines(history, reach, mode, format_duration(settings.history_s)):
+        console.out(line)
+    return EXIT_OK
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings, console: Console) -> int:

@@ -291,7 +291,10 @@ class LogicalStream:
         if batch.dead:
             self._save_dead(batch)
         if batch.events and self._config.history_s:
-            self._side.execute(Q.RECORD_HISTORY.sql, {"events": encode_history(batch.events)})
+            self._side.execute(
+                Q.RECORD_HISTORY.sql,
+                {"events": encode_history(batch.events, batch.transactions)},
+            )
         if batch.resync:
             self._side.execute(
                 Q.SET_RESYNC.sql,

@@ -88,6 +88,10 @@ class Q(enum.Enum):
 
     # --- the operator's tools (tools/) ----------------------------------------------------
     KEYS_WHERE = "keys_where.sql"  # {columns}, {table}, {where} to format
+    EXPLAIN_TRIGGER = "explain_trigger.sql"
+    EXPLAIN_REACH_TRIGGER = "explain_reach_trigger.sql"
+    EXPLAIN_LOGICAL = "explain_logical.sql"
+    EXPLAIN_REACH_LOGICAL = "explain_reach_logical.sql"
 
     # --- status and check ----------------------------------------------------------------
     STATUS = "status.sql"
