@@ -18,7 +18,7 @@ import redis
 from cdc_invalidator.tools.tail_message import CHANNEL_PREFIX
 from tests.support.env import Env
 from tests.support.faults import Written, acknowledged, setup_users, write
-from tests.support.listener import ListenerProcess, Spawn, stop_listener
+from tests.support.listener import ListenerProcess, Spawn, run_cli, stop_listener
 from tests.support.waits import wait_until
 
 pytestmark = [pytest.mark.servers, pytest.mark.usefixtures("capture")]
@@ -153,4 +153,36 @@ def test_nobody_tailing_nothing_is_published(env: Env, spawn: Spawn) -> None:
     assert "cmdstat_publish" not in stats, stats
     # It asked whether anyone tails, at most once a second while batches flowed.
     assert "cmdstat_pubsub|numsub" in stats
+    stop_listener(listener)
+
+
+def test_tail_table_shows_that_table_only(env: Env, spawn: Spawn, tails: list[Tail]) -> None:
+    env.sql(
+        "CREATE TABLE users (id int PRIMARY KEY, email text);"
+        "CREATE TABLE orders (id int PRIMARY KEY, user_id int)"
+    )
+    config = env.config({"public.users": ["user:{id}"], "public.orders": ["order:{id}"]})
+    assert run_cli("install", "--config", str(config)).returncode == 0
+    listener = spawn(config)
+    r = env.redis()
+    tail = Tail(config, env.tmp_path, "--table", "public.orders")
+    tails.append(tail)
+    wait_until(lambda: subscribers(r, channel_of(env)) == 1, what="tail subscribed")
+    written: list[Written] = []
+
+    def an_order_shown() -> bool:
+        if any(" public.orders INSERT order:" in t for t in tail.lines()):
+            return True
+        if not written or acknowledged(env, written[-1]):
+            # Both tables in one transaction: one batch, one message.
+            i = len(written) + 1
+            both = (
+                "WITH u AS (INSERT INTO users VALUES (%s, 'e')) INSERT INTO orders VALUES (%s, %s)"
+            )
+            written.append(write(env, both, [i, i, i], ids=range(i, i + 1)))
+        return False
+
+    wait_until(an_order_shown, what="an order shown", timeout_s=30)
+    assert not any("public.users" in t for t in tail.lines()), tail.lines()
+    assert tail.interrupt() == 0
     stop_listener(listener)
