@@ -4,21 +4,14 @@ the listener consumes on, and publishes nothing while nobody tails."""
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
-import sys
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-import redis
 
-from cdc_invalidator.tools.tail_message import CHANNEL_PREFIX
 from tests.support.env import Env
 from tests.support.faults import Written, acknowledged, setup_users, write
 from tests.support.listener import ListenerProcess, Spawn, run_cli, stop_listener
+from tests.support.tail import Tail, channel_of, subscribers
 from tests.support.waits import wait_until
 
 pytestmark = [pytest.mark.servers, pytest.mark.usefixtures("capture")]
@@ -27,51 +20,6 @@ LINE = re.compile(
     r"^(?P<at>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z) (?P<table>\S+) (?P<op>[A-Z]+) "
     r"(?P<keys>.+?) commit→delete (?P<ms>\d+) ms \((?P<txn>xid \d+[^)]*)\)$"
 )
-
-
-class Tail:
-    """`cdc-invalidator tail` as a child process, its output in files."""
-
-    def __init__(self, config: Path, tmp_path: Path, *args: str) -> None:
-        self.out_path, self.err_path = tmp_path / "tail.out", tmp_path / "tail.err"
-        with self.out_path.open("wb") as out, self.err_path.open("wb") as err:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "cdc_invalidator", "tail", "--config", str(config), *args],
-                stdout=out,
-                stderr=err,
-                env=dict(os.environ),
-            )
-
-    def lines(self) -> list[str]:
-        return self.out_path.read_text().splitlines()
-
-    def stderr(self) -> str:
-        return self.err_path.read_text()
-
-    def interrupt(self) -> int:
-        self.process.send_signal(signal.SIGINT)
-        return self.process.wait(20)
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
-
-
-@pytest.fixture
-def tails(tmp_path: Path) -> Iterator[list[Tail]]:
-    started: list[Tail] = []
-    yield started
-    for tail in started:
-        tail.kill()
-
-
-def subscribers(r: redis.Redis, channel: str) -> int:
-    return int(r.pubsub_numsub(channel)[0][1])
-
-
-def channel_of(env: Env) -> str:
-    return CHANNEL_PREFIX + env.dsn.rsplit("/", 1)[1].split("?")[0]
 
 
 def test_tail_prints_each_invalidation_while_the_listener_consumes(
