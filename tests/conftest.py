@@ -20,6 +20,7 @@ from tests.support.env import FAST_PG, Env, Servers, capture_of, make_env
 from tests.support.evidence import Evidence, unavailable
 from tests.support.listener import ListenerProcess, Spawn
 from tests.support.servers import PostgresServer, RedisServer, ServerError
+from tests.support.tail import Tail
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -100,3 +101,12 @@ def spawn(tmp_path: Path) -> Iterator[Spawn]:
     yield start
     for listener in started:
         listener.kill()
+
+
+@pytest.fixture
+def tails() -> Iterator[list[Tail]]:
+    """`cdc-invalidator tail` processes a test starts (appended): killed if left running."""
+    started: list[Tail] = []
+    yield started
+    for tail in started:
+        tail.kill()

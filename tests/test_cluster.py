@@ -31,6 +31,7 @@ from tests.support.listener import listening
 from tests.support.servers import RedisClusterServer, RedisServer, ServerError
 from tests.support.sync import SYNC, install
 from tests.support.sync import settle as settle_on
+from tests.support.tail import Tail, channel_of, subscribers
 from tests.support.waits import wait_until
 
 USERS = {"public.users": ["user:{id}", "user:email:{email}"]}
@@ -585,3 +586,44 @@ def test_unlink_writes_once_to_each_primary_and_never_key_by_key(
     assert len(writes) == 3
     assert len({id(connection) for connection in writes}) == 3
     sink.close()
+
+
+# --- the operator's tools on a cluster --------------------------------------------------
+
+
+def test_tail_and_explain_on_a_cluster(
+    cenv: Env, rc: RedisCluster, tails: list[Tail], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """tail subscribes on the node redis_url names, where the listener asks NUMSUB;
+    explain finds a key on whichever master owns its slot."""
+    users_table(cenv, 200)
+    config = install(cenv, USERS)
+    node = redis.Redis.from_url(cenv.redis_url)
+    with listening(config):
+        tail = Tail(config, cenv.tmp_path)
+        tails.append(tail)
+        wait_until(lambda: subscribers(node, channel_of(cenv)) == 1, what="tail subscribed")
+        done: list[int] = []
+
+        def shown() -> bool:
+            if any(" public.users UPDATE user:" in t for t in tail.lines()):
+                return True
+            i = len(done) + 1
+            cenv.sql(f"UPDATE users SET name = 'x' WHERE id = {i % 200 + 1}")
+            done.append(i)
+            return False
+
+        wait_until(shown, what="a change shown by tail", timeout_s=30)
+        assert tail.interrupt() == 0, tail.stderr()
+    keys = [f"user:{i}" for i in range(150, 200)]
+    rc.mset_nonatomic(dict.fromkeys(keys, "cached"))
+    assert len({node_of_key(rc, k) for k in keys}) == 3, "keys on every master"
+    capsys.readouterr()
+    for key in keys:
+        assert main(["explain", key, "--config", str(config)]) == 0
+        assert "in Redis now: yes, no expiry" in capsys.readouterr().out
+    node.close()
+
+
+def node_of_key(rc: RedisCluster, key: str) -> int:
+    return int(rc.nodes_manager.get_node_from_slot(key_slot(key.encode())).port)

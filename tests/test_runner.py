@@ -32,7 +32,7 @@ from cdc_invalidator.capture.trigger_queue import (
     TriggerQueue,
     WakeupPolicy,
 )
-from cdc_invalidator.events import ChangeEvent, Op, TableName
+from cdc_invalidator.events import ChangeEvent, Op, Origin, TableName
 from cdc_invalidator.mapping import KeyTemplate, Mapper, Routed
 from cdc_invalidator.redis_guard.watch import RedisWatch
 from cdc_invalidator.replay import ReplayResult
@@ -98,6 +98,9 @@ class FakeBatch:
 
     def dead_letter(self, position: int, error: str) -> None:
         self.dead[position] = error
+
+    def origins(self) -> list[Origin]:
+        return [Origin(None, "") for _ in self.ids]
 
 
 @dataclass(slots=True)

@@ -1,4 +1,5 @@
-"""Command line: sql, install, uninstall, run, check, status, replay, demo.
+"""Command line: sql, install, uninstall, run, check, status, replay, keys, tail, explain,
+demo.
 
 Exit codes: 0 all well; 1 the command ran and failed (check found problems, the
 database refused); 2 the configuration or the command line is wrong.
@@ -26,6 +27,7 @@ from cdc_invalidator.database import DatabaseError, connect
 from cdc_invalidator.durations import format_duration, parse_duration
 from cdc_invalidator.install import SlotStepFailed, install
 from cdc_invalidator.listener import build_listener
+from cdc_invalidator.mapping import Mapper
 from cdc_invalidator.metrics import BacklogCollector, Metrics
 from cdc_invalidator.modes.choose import mode_for
 from cdc_invalidator.pg.connect import METRICS, PgConnector
@@ -35,7 +37,12 @@ from cdc_invalidator.replay import replay
 from cdc_invalidator.settings import CONFIG_ENV, ConfigError, Settings, load_settings
 from cdc_invalidator.shutdown import Stopper
 from cdc_invalidator.sink import REDIS_ERRORS, REDIS_UNAVAILABLE, RedisOptions, open_sink
+from cdc_invalidator.sink.lookup import KeyState, key_state
 from cdc_invalidator.status import NotInstalledHere
+from cdc_invalidator.tools import UsageError, explain
+from cdc_invalidator.tools import keys as keys_tool
+from cdc_invalidator.tools.tail import tail
+from cdc_invalidator.tools.tail_message import channel_name
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
@@ -43,6 +50,7 @@ EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 # configuration, 1 for the rest.
 _ENDS_A_COMMAND: tuple[type[Exception], ...] = (
     ConfigError,
+    UsageError,
     DatabaseError,
     Fatal,
     psycopg.Error,
@@ -88,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return command(args, settings, console)
     except _ENDS_A_COMMAND as exc:
         console.error(_explain(exc))
-        return EXIT_CONFIG if isinstance(exc, ConfigError) else EXIT_FAILED
+        return EXIT_CONFIG if isinstance(exc, ConfigError | UsageError) else EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_FAILED
     except BrokenPipeError:
@@ -107,7 +115,7 @@ def _explain(exc: Exception) -> str:
         )
     if isinstance(exc, psycopg.Error):  # the server went away or refused, mid-command
         return f"PostgreSQL: {_pg_message(exc)}"
-    if isinstance(exc, ConfigError | DatabaseError | Fatal):
+    if isinstance(exc, ConfigError | DatabaseError | Fatal | UsageError):
         return str(exc)
     return f"Redis: {type(exc).__name__}: {exc}"
 
@@ -150,6 +158,42 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DURATION",
         help="how far back: 90s, 15m, 1h30m, 2d (at most replay_history)",
     )
+    keys_cmd = add(
+        "keys",
+        cmd_keys,
+        "print the keys a row maps to: from COLUMN=VALUE offline, or from the rows --where selects",
+    )
+    keys_cmd.add_argument("table", metavar="TABLE", help="a configured table")
+    keys_cmd.add_argument(
+        "values",
+        nargs="*",
+        metavar="COLUMN=VALUE",
+        help="the row's values as PostgreSQL prints them (offline: no database is touched)",
+    )
+    keys_cmd.add_argument(
+        "--where", metavar="SQL", help="read live rows: SELECT ... FROM TABLE WHERE SQL"
+    )
+    keys_cmd.add_argument(
+        "--limit",
+        type=int,
+        default=keys_tool.DEFAULT_LIMIT,
+        metavar="N",
+        help=f"--where: read at most N rows (default {keys_tool.DEFAULT_LIMIT})",
+    )
+    tail_cmd = add(
+        "tail",
+        cmd_tail,
+        "print invalidations as the listener makes them (time, table, operation, keys, "
+        "commit → delete), until Ctrl-C",
+    )
+    tail_cmd.add_argument("--table", metavar="TABLE", help="only this configured table's")
+    explain_cmd = add(
+        "explain",
+        cmd_explain,
+        "why is this key stale? which tables and templates produce it, the recent changes "
+        "that invalidated it, and whether Redis holds it now",
+    )
+    explain_cmd.add_argument("key", metavar="KEY", help="a Redis key")
     demo = add("demo", cmd_demo, "start throwaway PostgreSQL and Redis and show an invalidation")
     demo.add_argument("--keep", action="store_true", help="leave the servers' directories")
     demo.add_argument(
@@ -294,6 +338,124 @@ def cmd_replay(args: argparse.Namespace, settings: Settings, console: Console) -
             "they cannot be decoded, or no longer map to keys (their table left the "
             "configuration, a column is missing, a value cannot render)"
         )
+    return EXIT_OK
+
+
+def cmd_keys(args: argparse.Namespace, settings: Settings, console: Console) -> int:
+    mapper = settings.mapper()
+    ask = keys_tool.request(mapper, args.table, args.values, args.where, args.limit)
+    if ask.where is None:
+        return _keys_offline(ask, mapper, console)
+    with connect(settings) as conn:
+        try:
+            live = keys_tool.read_rows(
+                conn, ask.table, mapper.columns(ask.table), ask.where, ask.limit
+            )
+        except psycopg.errors.InsufficientPrivilege as exc:
+            console.error(
+                f"PostgreSQL: {_pg_message(exc)}: --where reads {ask.table} as the configured "
+                "role, which needs SELECT on it (or give COLUMN=VALUE: offline)"
+            )
+            return EXIT_FAILED
+        except psycopg.errors.QueryCanceled:
+            console.error(
+                f"--where: the query ran longer than {keys_tool.STATEMENT_TIMEOUT} "
+                "(statement_timeout): narrow the condition"
+            )
+            return EXIT_FAILED
+        except psycopg.OperationalError:
+            raise  # the server went away: one line, exit 1 (main)
+        except psycopg.Error as exc:
+            if exc.sqlstate is None:
+                raise
+            # The server refused the condition (syntax, types, a write): the command
+            # line's fault.
+            console.error(f"--where {ask.where!r}: PostgreSQL: {_pg_message(exc)}")
+            return EXIT_CONFIG
+    printed: set[str] = set()
+    for row in live.rows:
+        for key in keys_tool.row_keys(mapper.tables[ask.table], row).keys:
+            if key not in printed:
+                printed.add(key)
+                console.out(key)
+    if not live.rows:
+        console.warn(f"no row of {ask.table} matches --where {ask.where!r}")
+    if live.limited:
+        console.warn(f"note: more rows match: only the first {ask.limit} were read (--limit)")
+    return EXIT_OK
+
+
+def _keys_offline(ask: keys_tool.Request, mapper: Mapper, console: Console) -> int:
+    """The keys of the values given: exit 2 if a template lacks one of its columns."""
+    for column in keys_tool.unused(mapper, ask.table, ask.values):
+        console.warn(
+            f"warning: no template of {ask.table} uses column {column!r} "
+            f"(they use {', '.join(mapper.columns(ask.table))})"
+        )
+    found = keys_tool.row_keys(mapper.tables[ask.table], ask.values)
+    for key in found.keys:
+        console.out(key)
+    for source, columns in found.missing.items():
+        console.warn(
+            f"template {source!r} needs {', '.join(columns)}: give "
+            + " ".join(f"{c}=VALUE" for c in columns)
+        )
+    return EXIT_CONFIG if found.missing else EXIT_OK
+
+
+def cmd_tail(args: argparse.Namespace, settings: Settings, console: Console) -> int:
+    table = None if args.table is None else keys_tool.find_table(settings.mapper(), args.table)
+    channel = channel_name(settings.database_url)
+    console.warn(
+        f"tailing {channel} on {redact_url(settings.redis_url)} (the listener publishes "
+        "while someone tails); Ctrl-C to stop"
+    )
+
+    def out(text: str) -> None:
+        console.out(text)
+        sys.stdout.flush()  # each line as it happens, into a pipe or a file too
+
+    try:
+        tail(RedisOptions.from_settings(settings), channel, table, out, console.warn)
+    except KeyboardInterrupt:
+        return EXIT_OK
+    return EXIT_OK  # pragma: no cover - tail() returns only when interrupted
+
+
+def cmd_explain(args: argparse.Namespace, settings: Settings, console: Console) -> int:
+    key: str = args.key
+    dbs = {table: ts.redis_db for table, ts in settings.table_settings().items()}
+    mapper = settings.mapper()
+    found = explain.candidates(mapper, dbs, key)
+    for line in explain.candidate_lines(key, found):
+        console.out(line)
+    sink = open_sink(RedisOptions.from_settings(settings))
+    try:
+        for db in sorted({c.db for c in found} or {None}, key=lambda d: -1 if d is None else d):
+            state: KeyState | None = None
+            error = None
+            try:
+                state = key_state(sink, key, db)
+            except REDIS_ERRORS as exc:
+                error = f"Redis: {type(exc).__name__}: {exc}"
+            console.out(explain.redis_line(state, error, db))
+    finally:
+        sink.close()
+    if not found:
+        return EXIT_OK
+    tables = sorted({c.table for c in found})
+    mode = mode_for(settings).name
+    read = explain.read_logical if mode == "logical" else explain.read_trigger
+    with connect(settings) as conn:
+        try:
+            history, reach = read(conn, mapper, tables, key)
+        except psycopg.errors.UndefinedTable:
+            console.error(
+                "cdc_invalidator is not installed in this database: run `cdc-invalidator install`"
+            )
+            return EXIT_FAILED
+    for line in explain.history_lines(history, reach, mode, format_duration(settings.history_s)):
+        console.out(line)
     return EXIT_OK
 
 

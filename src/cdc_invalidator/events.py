@@ -106,3 +106,12 @@ class ChangeEvent(NamedTuple):
     old: Row | None
     new: Row | None
     position: int
+
+
+class Origin(NamedTuple):
+    """Where an event came from, for the operator's tools (`tail`): when it committed,
+    as Unix time on the listener's clock (None when unknown), and its transaction in
+    words ("xid 742", "xid 742, commit LSN 0/1A2B3C4")."""
+
+    committed_at: float | None
+    transaction: str

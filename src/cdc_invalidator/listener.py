@@ -10,6 +10,9 @@ from cdc_invalidator.runner import Runner, RunnerConfig
 from cdc_invalidator.settings import Settings
 from cdc_invalidator.shutdown import Stopper
 from cdc_invalidator.sink import AutoSink, RedisOptions, open_sink
+from cdc_invalidator.sink.pubsub import TailChannel
+from cdc_invalidator.tools.tail_message import channel_name
+from cdc_invalidator.tools.tap import Tap
 
 
 def runner_config(settings: Settings) -> RunnerConfig:
@@ -53,5 +56,9 @@ def build_listener(
         stopper=stopper,
         watch=watch,
         metrics=metrics,
+        tap=Tap(
+            TailChannel(RedisOptions.from_settings(settings), channel_name(settings.database_url)),
+            mapper,
+        ),
     )
     return runner, sink

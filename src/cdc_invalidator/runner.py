@@ -18,7 +18,7 @@ import structlog
 
 from cdc_invalidator.backoff import Backoff
 from cdc_invalidator.capture.errors import Fatal, Standby
-from cdc_invalidator.events import ChangeEvent, TableName
+from cdc_invalidator.events import ChangeEvent, Origin, TableName
 from cdc_invalidator.mapping import Mapper
 from cdc_invalidator.metrics import Metrics
 from cdc_invalidator.redis_guard.watch import RedisWatch
@@ -72,6 +72,11 @@ class Batch(Protocol):
     def dead_letter(self, position: int, error: str) -> None:
         """Park the event at `position` (see `dead`), saved on acknowledgement."""
 
+    def origins(self) -> list[Origin]:
+        """Each event's commit time and transaction, in the order of `events`: for the
+        tail (tools/tap.py), computed only when asked. The commit is what `ages_s`
+        measures from (the start of the writer's transaction in trigger mode)."""
+
 
 class Source(Protocol):
     """A connected capture: the trigger queue or the logical stream.
@@ -95,6 +100,14 @@ class Source(Protocol):
 
     def close(self) -> None:
         """Save what can be saved if the connection still works, then close it."""
+
+
+class Tap(Protocol):
+    """Who watches acknowledged batches (`tail`: tools/tap.py). Called after each one
+    with changes; must cost next to nothing when nobody watches, and never raise."""
+
+    def after(self, batch: Batch) -> None: ...
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +168,7 @@ class Runner:
         stopper: Stopper,
         watch: RedisWatch | None = None,
         metrics: Metrics | None = None,
+        tap: Tap | None = None,
     ) -> None:
         self._connect = connect
         self._mapper = mapper
@@ -162,6 +176,7 @@ class Runner:
         self._config = config
         self._stopper = stopper
         self._watch = watch
+        self._tap = tap
         # Second deletes (second_delete_ms), due after each batch's first.
         self._later = SecondDeletes(sink, config.second_delete_s, self._deleted_again)
         self.metrics = metrics or Metrics()
@@ -225,6 +240,8 @@ class Runner:
                 self._set_active(False)
                 source.close()
         self._later.run(until=float("inf"))
+        if self._tap is not None:
+            self._tap.close()
         log.info("listener_stopped", **self._counters())
 
     def _counters(self) -> dict[str, int]:
@@ -303,6 +320,8 @@ class Runner:
                 batch.dead_letter(event.position, str(exc))
             deleted = self._sink.delete_routed(works)
         self._later.add(works)
+        if self._tap is not None:
+            self._tap.after(batch)
         # Committed: Redis had confirmed every delete before the acknowledgement.
         for position, error in batch.dead.items():
             log.warning("event_dead_lettered", position=position, error=error)

@@ -58,7 +58,7 @@ from cdc_invalidator.capture.walstream import (
     format_lsn,
     parse_lsn,
 )
-from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, TableName
+from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, Origin, TableName
 from cdc_invalidator.mapping.columns import ColumnFilter
 from cdc_invalidator.pg.connect import BOOKKEEPING, REPLICATION, PgConnector
 from cdc_invalidator.pg.queries import Q
@@ -85,14 +85,34 @@ class LogicalBatch:
     ages_s: list[float] = field(default_factory=list)
     read_at: float = 0.0
     undecodable: dict[int, ChangeEvent] = field(default_factory=dict)  # what is known of them
-    # (first position, xid, commit LSN) of each transaction the batch holds events of.
-    transactions: list[tuple[int, int, int]] = field(default_factory=list)
+    # (first position, xid, commit LSN, commit time: microseconds since 2000-01-01 by
+    # the server's clock) of each transaction the batch holds events of.
+    transactions: list[tuple[int, int, int, int]] = field(default_factory=list)
+    clock_offset_s: float = 0.0  # the server's clock minus ours (for origins())
     ack_lsn: int = 0  # confirmed once the batch is acknowledged
     event_commit: int = 0  # end of the last transaction with events that the batch ends
     resync: bool = False  # the sweep owed after missed changes
 
     def dead_letter(self, position: int, error: str) -> None:
         self.dead[position] = error
+
+    def origins(self) -> list[Origin]:
+        """Each event's transaction: its xid, commit LSN and commit time (on our clock)."""
+        starts = [t[0] for t in self.transactions]
+        out = []
+        for event in self.events:
+            i = bisect.bisect_right(starts, event.position) - 1
+            if i < 0:  # a sweep (resync) belongs to no transaction
+                out.append(Origin(None, ""))
+                continue
+            _, xid, lsn, commit_time = self.transactions[i]
+            out.append(
+                Origin(
+                    PG_EPOCH + commit_time / 1e6 - self.clock_offset_s,
+                    f"xid {xid}, commit LSN {format_lsn(lsn)}",
+                )
+            )
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,7 +262,8 @@ class LogicalStream:
         self._decoder = Decoder(self._resolve, self._old_values_not_sent, self._unrenderable)
         self._resync = resync
         self._pending: LogicalBatch | None = None
-        self._in_txn: tuple[int, int] | None = None  # (xid, commit LSN) of an open one
+        # (xid, commit LSN, commit time) of an open one
+        self._in_txn: tuple[int, int, int] | None = None
         self._read_upto = acked  # everything before it has been read into batches
         self._received = acked  # the furthest position the server reported
         self._confirmed = acked  # Redis confirmed every transaction before it
@@ -273,7 +294,10 @@ class LogicalStream:
         if batch.dead:
             self._save_dead(batch)
         if batch.events and self._config.history_s:
-            self._side.execute(Q.RECORD_HISTORY.sql, {"events": encode_history(batch.events)})
+            self._side.execute(
+                Q.RECORD_HISTORY.sql,
+                {"events": encode_history(batch.events, batch.transactions)},
+            )
         if batch.resync:
             self._side.execute(
                 Q.SET_RESYNC.sql,
@@ -322,7 +346,13 @@ class LogicalStream:
     # --- reading ------------------------------------------------------------------------
 
     def _read(self, limit: int) -> LogicalBatch:
-        batch = LogicalBatch(size=0, events=[], ack_lsn=self._read_upto, read_at=time.monotonic())
+        batch = LogicalBatch(
+            size=0,
+            events=[],
+            ack_lsn=self._read_upto,
+            read_at=time.monotonic(),
+            clock_offset_s=self._clock_offset_s,
+        )
         events, transactions = batch.events, batch.transactions
         decoder = self._decoder
         decode = decoder.decode
@@ -354,10 +384,10 @@ class LogicalStream:
                 size += 1
             elif cls is Begin:
                 begin = cast(Begin, out)
-                self._in_txn = (begin.xid, begin.final_lsn)
+                self._in_txn = (begin.xid, begin.final_lsn, begin.commit_time)
                 self._txn_events = 0
                 txn_from = size
-                transactions.append((decoder.position + 1, begin.xid, begin.final_lsn))
+                transactions.append((decoder.position + 1, *self._in_txn))
             elif cls is Commit:
                 self._commit(cast(Commit, out), batch, self._txn_events + size - txn_from)
             else:

@@ -19,7 +19,14 @@ from typing import Any
 from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, Row, TableName
 
 _OPS = {op.value: op for op in Op}
-_HISTORY_ITEM_LENGTH = 5  # [schema, table, op, old, new]
+# [schema, table, op, old, new], and on the first event of each transaction of a
+# batch a sixth: [xid, commit LSN, commit time] (`explain`; replay reads the five).
+_HISTORY_ITEM_LENGTHS = (5, 6)
+_TRANSACTION_LENGTH = 3
+
+# A history event's transaction: (xid, commit LSN, commit time in microseconds since
+# 2000-01-01 by the server's clock), as pgoutput's Begin message gives them.
+Transaction = tuple[int, int, int]
 
 
 @dataclass(slots=True)
@@ -29,12 +36,26 @@ class Decoded:
     dead: list[tuple[int, str]] = field(default_factory=list)
 
 
-def encode_history(events: list[ChangeEvent]) -> str:
-    """A batch's events as history_v1 stores them (key columns only, as decoded)."""
-    return json.dumps(
-        [[e.table.schema, e.table.name, e.op.value, e.old, e.new] for e in events],
-        separators=(",", ":"),
-    )
+def encode_history(
+    events: list[ChangeEvent], transactions: Sequence[tuple[int, int, int, int]] = ()
+) -> str:
+    """A batch's events as history_v1 stores them (key columns only, as decoded).
+
+    `transactions`: (first position, xid, commit LSN, commit time) of each transaction
+    the events belong to, in position order: the first event of each carries the other
+    three, and the events after it belong to it too (one small list per transaction)."""
+    items: list[list[object]] = []
+    starts = iter(transactions)
+    upcoming = next(starts, None)
+    for e in events:
+        item: list[object] = [e.table.schema, e.table.name, e.op.value, e.old, e.new]
+        began = None
+        while upcoming is not None and upcoming[0] <= e.position:
+            began, upcoming = upcoming, next(starts, None)
+        if began is not None:
+            item.append(list(began[1:]))
+        items.append(item)
+    return json.dumps(items, separators=(",", ":"))
 
 
 class RowDecoder:
@@ -82,21 +103,31 @@ class RowDecoder:
                 out.dead.append((position, str(exc)))
         return out
 
-    def history_row(self, position: int, text: str) -> Decoded:
+    def history_row(
+        self, position: int, text: str, transactions: list[Transaction | None] | None = None
+    ) -> Decoded:
         """A history_v1 row: a JSON array of [schema, table, op, old, new] (what
         encode_history wrote). Its events, and its failures, take the row's id as
-        position."""
+        position. `transactions`, if given, gets each event's transaction (None where
+        the row does not say: written before transactions were recorded)."""
         out = Decoded()
         try:
             items = _history_items(text)
         except InvalidEvent as exc:
             out.dead.append((position, str(exc)))
             return out
+        current: Transaction | None = None
         for n, item in enumerate(items):
             try:
-                out.events.append(self.event(position, _history_item(item)))
+                values = _history_item(item)
+                out.events.append(self.event(position, values[:5]))
             except InvalidEvent as exc:
                 out.dead.append((position, f"event {n}: {exc}"))
+                continue
+            if transactions is not None:
+                if len(values) > _HISTORY_ITEM_LENGTHS[0]:
+                    current = _transaction(values[5])
+                transactions.append(current)
         return out
 
     def event(self, position: int, values: Sequence[object], *, same: bool = False) -> ChangeEvent:
@@ -125,9 +156,20 @@ def _history_items(text: str) -> list[object]:
 
 
 def _history_item(item: object) -> list[object]:
-    if not isinstance(item, list) or len(item) != _HISTORY_ITEM_LENGTH:
+    if not isinstance(item, list) or len(item) not in _HISTORY_ITEM_LENGTHS:
         raise InvalidEvent(f"{_kind(item)} {item!r:.80}, expected [schema, table, op, old, new]")
     return item
+
+
+def _transaction(value: object) -> Transaction | None:
+    """[xid, commit LSN, commit time] as encode_history wrote it; None if it is not."""
+    if (
+        isinstance(value, list)
+        and len(value) == _TRANSACTION_LENGTH
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        return (value[0], value[1], value[2])
+    return None
 
 
 def _parse_all(texts: list[str | None]) -> list[object] | None:

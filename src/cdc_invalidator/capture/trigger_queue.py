@@ -31,7 +31,7 @@ from psycopg.rows import tuple_row
 from cdc_invalidator.capture.errors import Fatal, NotInstalled, Standby, missing_privilege
 from cdc_invalidator.capture.rows import RowDecoder
 from cdc_invalidator.capture.trigger_sql import CHANNEL, require_installed
-from cdc_invalidator.events import ChangeEvent
+from cdc_invalidator.events import ChangeEvent, Origin
 from cdc_invalidator.pg.connect import LISTENER, PgConnector
 from cdc_invalidator.pg.queries import Q
 
@@ -72,9 +72,27 @@ class QueueBatch:
     dead: dict[int, str] = field(default_factory=dict)
     ages_s: list[float] = field(default_factory=list)
     read_at: float = 0.0
+    # The rows as read (fetch_batch.sql's columns): what origins() looks up, only then.
+    rows: list[tuple[Any, ...]] = field(default_factory=list)
 
     def dead_letter(self, position: int, error: str) -> None:
         self.dead[position] = error
+
+    def origins(self) -> list[Origin]:
+        """Each event's writer: its xid, and the start of its transaction (enqueued_at,
+        the writer's now(): the queue records no commit time) on our clock."""
+        read_wall = time.time() - (time.monotonic() - self.read_at)
+        by_id = {row[2]: (row[1], row[8]) for row in self.rows}
+        out = []
+        for event in self.events:
+            xid, age = by_id.get(event.position, (None, None))
+            out.append(
+                Origin(
+                    None if age is None else read_wall - age,
+                    "" if xid is None else f"xid {xid}",
+                )
+            )
+        return out
 
 
 # What Progress saves: done, window, after.
@@ -241,7 +259,11 @@ class TriggerQueue:
         # Columns 2 to 7: id, schema_name, table_name, op, old_row, new_row.
         decoded = self._decoder.queue_rows(rows, at=2)
         batch = QueueBatch(
-            size=len(rows), events=decoded.events, dead=dict(decoded.dead), read_at=time.monotonic()
+            size=len(rows),
+            events=decoded.events,
+            dead=dict(decoded.dead),
+            read_at=time.monotonic(),
+            rows=rows,
         )
         ages, last_xid = batch.ages_s, None
         for row in rows:

@@ -87,6 +87,13 @@ class Q(enum.Enum):
     LOAD_REDIS_IDENTITY = "load_redis_identity.sql"
     SAVE_REDIS_IDENTITY = "save_redis_identity.sql"
 
+    # --- the operator's tools (tools/) ----------------------------------------------------
+    KEYS_WHERE = "keys_where.sql"  # {columns}, {table}, {where} to format
+    EXPLAIN_TRIGGER = "explain_trigger.sql"
+    EXPLAIN_REACH_TRIGGER = "explain_reach_trigger.sql"
+    EXPLAIN_LOGICAL = "explain_logical.sql"
+    EXPLAIN_REACH_LOGICAL = "explain_reach_logical.sql"
+
     # --- status and check ----------------------------------------------------------------
     STATUS = "status.sql"
     LOGICAL_STATUS = "logical_status.sql"

@@ -1,0 +1,57 @@
+"""The listener's side of `tail`: after a batch is acknowledged, and only while someone
+tails, each event's keys are published with its commit time (tools/tail_message.py).
+
+Nobody tailing costs a batch one clock read, and the listener one PUBSUB NUMSUB a
+second while batches flow (sink/pubsub.py). Tailing costs mapping the batch's events
+again one by one (for each event's own keys) and one PUBLISH per batch, after the
+acknowledgement: the deletes are never held up, and a failure is the channel's to log.
+"""
+
+from __future__ import annotations
+
+import time
+
+from cdc_invalidator.events import InvalidEvent
+from cdc_invalidator.mapping import Invalidation, Mapper
+from cdc_invalidator.runner import Batch
+from cdc_invalidator.sink.pubsub import TailChannel
+from cdc_invalidator.tools.tail_message import MAX_EVENTS, TailEvent, encode
+
+
+class Tap:
+    """The runner's Tap: publishes acknowledged batches while someone tails."""
+
+    def __init__(self, channel: TailChannel, mapper: Mapper) -> None:
+        self._channel = channel
+        self._mapper = mapper
+
+    def after(self, batch: Batch) -> None:
+        if not self._channel.wanted():
+            return
+        at = time.time()
+        shown = batch.events[:MAX_EVENTS]
+        origins = batch.origins()
+        events = []
+        for event, origin in zip(shown, origins, strict=False):
+            work = Invalidation()
+            error = batch.dead.get(event.position)
+            if error is None:
+                try:
+                    self._mapper.add(event, work)
+                except InvalidEvent as exc:
+                    error = str(exc)
+            events.append(
+                TailEvent(
+                    table=str(event.table),
+                    op=event.op.value,
+                    keys=sorted(work.keys),
+                    patterns=sorted(work.patterns),
+                    error=error,
+                    commit=origin.committed_at,
+                    txn=origin.transaction,
+                )
+            )
+        self._channel.publish(encode(at, events, len(batch.events) - len(shown)))
+
+    def close(self) -> None:
+        self._channel.close()

@@ -1,0 +1,52 @@
+"""`cdc-invalidator tail` as the tests run it: a child process, its output in files, and
+who subscribes to the channel."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import redis
+
+from cdc_invalidator.tools.tail_message import CHANNEL_PREFIX
+from tests.support.env import Env
+
+
+class Tail:
+    """`cdc-invalidator tail` as a child process, its output in files."""
+
+    def __init__(self, config: Path, tmp_path: Path, *args: str) -> None:
+        self.out_path, self.err_path = tmp_path / "tail.out", tmp_path / "tail.err"
+        with self.out_path.open("wb") as out, self.err_path.open("wb") as err:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "cdc_invalidator", "tail", "--config", str(config), *args],
+                stdout=out,
+                stderr=err,
+                env=dict(os.environ),
+            )
+
+    def lines(self) -> list[str]:
+        return self.out_path.read_text().splitlines()
+
+    def stderr(self) -> str:
+        return self.err_path.read_text()
+
+    def interrupt(self) -> int:
+        self.process.send_signal(signal.SIGINT)
+        return self.process.wait(20)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+def subscribers(r: redis.Redis, channel: str) -> int:
+    return int(r.pubsub_numsub(channel)[0][1])
+
+
+def channel_of(env: Env) -> str:
+    return CHANNEL_PREFIX + env.dsn.rsplit("/", 1)[1].split("?")[0]

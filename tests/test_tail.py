@@ -1,0 +1,136 @@
+"""`cdc-invalidator tail`: invalidations printed as they happen, from a real listener
+(a `run` process) through a real Redis, in both capture modes. The tail observes only:
+the listener consumes on, and publishes nothing while nobody tails."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.support.env import Env
+from tests.support.faults import Written, acknowledged, setup_users, write
+from tests.support.listener import ListenerProcess, Spawn, run_cli, stop_listener
+from tests.support.tail import Tail, channel_of, subscribers
+from tests.support.waits import wait_until
+
+pytestmark = [pytest.mark.servers, pytest.mark.usefixtures("capture")]
+
+LINE = re.compile(
+    r"^(?P<at>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z) (?P<table>\S+) (?P<op>[A-Z]+) "
+    r"(?P<keys>.+?) commit→delete (?P<ms>\d+) ms \((?P<txn>xid \d+[^)]*)\)$"
+)
+
+
+def test_tail_prints_each_invalidation_while_the_listener_consumes(
+    env: Env, spawn: Spawn, tails: list[Tail]
+) -> None:
+    config = setup_users(env, rows=200)
+    listener = spawn(config)
+    r = env.redis()
+    tail = Tail(config, env.tmp_path, "--table", "users")
+    tails.append(tail)
+    wait_until(lambda: subscribers(r, channel_of(env)) == 1, what="tail subscribed")
+    assert "Ctrl-C to stop" in tail.stderr()
+
+    # The listener asks whether anyone tails once a second at most: write (each write
+    # its own row, once the last one is consumed) until a change is shown.
+    seen: list[Written] = []
+    shown: dict[str, str] = {}
+
+    def a_change_shown() -> bool:
+        for text in tail.lines():
+            match = LINE.match(text)
+            if match:
+                shown.update(match.groupdict())
+                return True
+        if not seen or acknowledged(env, seen[-1]):
+            i = len(seen) + 1
+            r.set(f"user:{i}", "stale")
+            update = "UPDATE users SET email = 'x' || id WHERE id = %s"
+            seen.append(write(env, update, [i], ids=range(i, i + 1)))
+        return False
+
+    wait_until(a_change_shown, what="a change shown by tail", timeout_s=30)
+    i = int(shown["keys"].split()[0].removeprefix("user:"))
+    assert shown["table"] == "public.users"
+    assert shown["op"] == "UPDATE"
+    # The row's keys, old and new email included.
+    assert shown["keys"].split() == [f"user:{i}", f"user:email:u{i}@x", f"user:email:x{i}"]
+    assert 0 <= int(shown["ms"]) < 60_000, shown
+    if env.logical:
+        assert "commit LSN" in shown["txn"]
+    # It observed: the listener consumed every change, and deleted its keys.
+    wait_until(lambda: acknowledged(env, seen[-1]), what="the changes acknowledged")
+    assert r.exists(*[f"user:{n}" for n in range(1, len(seen) + 1)]) == 0
+    assert tail.interrupt() == 0, tail.stderr()
+    assert "Traceback" not in tail.stderr()
+    wait_until(lambda: subscribers(r, channel_of(env)) == 0, what="tail unsubscribed")
+    stop_listener(listener)
+
+
+def test_tail_shows_a_truncate_as_a_sweep(env: Env, spawn: Spawn, tails: list[Tail]) -> None:
+    config = setup_users(env, rows=3)
+    listener = spawn(config)
+    r = env.redis()
+    tail = Tail(config, env.tmp_path)
+    tails.append(tail)
+    wait_until(lambda: subscribers(r, channel_of(env)) == 1, what="tail subscribed")
+
+    def truncate_shown() -> bool:
+        env.sql("TRUNCATE users")
+        return any(" public.users TRUNCATE sweep user:* user:email:*" in t for t in tail.lines())
+
+    wait_until(truncate_shown, what="a TRUNCATE shown", timeout_s=30)
+    assert tail.interrupt() == 0
+    stop_listener(listener)
+
+
+def test_nobody_tailing_nothing_is_published(env: Env, spawn: Spawn) -> None:
+    r = env.redis()
+    r.config_resetstat()
+    config = setup_users(env, rows=100)
+    listener: ListenerProcess = spawn(config)
+    for i in range(1, 21):
+        done = write(
+            env, "UPDATE users SET email = 'y' || id WHERE id = %s", [i], ids=range(i, i + 1)
+        )
+    wait_until(lambda: acknowledged(env, done), what="the changes acknowledged")
+    stats = r.info("commandstats")
+    assert "cmdstat_unlink" in stats, "the listener deleted through this Redis"
+    assert "cmdstat_publish" not in stats, stats
+    # It asked whether anyone tails, at most once a second while batches flowed.
+    assert "cmdstat_pubsub|numsub" in stats
+    stop_listener(listener)
+
+
+def test_tail_table_shows_that_table_only(env: Env, spawn: Spawn, tails: list[Tail]) -> None:
+    env.sql(
+        "CREATE TABLE users (id int PRIMARY KEY, email text);"
+        "CREATE TABLE orders (id int PRIMARY KEY, user_id int)"
+    )
+    config = env.config({"public.users": ["user:{id}"], "public.orders": ["order:{id}"]})
+    assert run_cli("install", "--config", str(config)).returncode == 0
+    listener = spawn(config)
+    r = env.redis()
+    tail = Tail(config, env.tmp_path, "--table", "public.orders")
+    tails.append(tail)
+    wait_until(lambda: subscribers(r, channel_of(env)) == 1, what="tail subscribed")
+    written: list[Written] = []
+
+    def an_order_shown() -> bool:
+        if any(" public.orders INSERT order:" in t for t in tail.lines()):
+            return True
+        if not written or acknowledged(env, written[-1]):
+            # Both tables in one transaction: one batch, one message.
+            i = len(written) + 1
+            both = (
+                "WITH u AS (INSERT INTO users VALUES (%s, 'e')) INSERT INTO orders VALUES (%s, %s)"
+            )
+            written.append(write(env, both, [i, i, i], ids=range(i, i + 1)))
+        return False
+
+    wait_until(an_order_shown, what="an order shown", timeout_s=30)
+    assert not any("public.users" in t for t in tail.lines()), tail.lines()
+    assert tail.interrupt() == 0
+    stop_listener(listener)
