@@ -349,6 +349,7 @@ def test_open_sink_tells_a_cluster_from_a_server(cluster: RedisClusterServer) ->
     sink.close()
 
 
+@pytest.mark.servers  # starts a Redis of its own
 def test_open_sink_connects_at_first_use() -> None:
     server = RedisServer.create()
     sink = open_sink(RedisOptions(server.url, timeout_s=1))  # nothing listens: no error
@@ -378,6 +379,7 @@ def test_identity_changes_when_a_node_restarts(own_cluster: RedisClusterServer) 
     sink.close()
 
 
+@pytest.mark.servers  # starts a Redis of its own
 def test_identity_of_one_server_changes_when_it_restarts() -> None:
     with RedisServer.create() as server:
         sink = connect_sink(server.url)

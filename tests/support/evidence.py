@@ -4,8 +4,8 @@
   does not start, a missing program, no IPv6 loopback) skips on a developer's machine
   and *fails* under CI (the `CI` environment variable set), where a skip would hide it.
 - The plugin (registered by tests/conftest.py) marks every test that runs on real
-  servers as `servers` (it uses the `servers` or `own_servers` fixture, or says so with
-  the marker), counts those integration tests apart in the summary line, and writes the
+  servers as `servers` (it uses one of SERVER_FIXTURES, or says so with the marker),
+  counts those integration tests apart in the summary line, and writes the
   counts as JSON to the file named by `CDC_TEST_SUMMARY`: .ci/run reads it and fails
   a run in which no integration test passed.
 """
@@ -20,7 +20,22 @@ from typing import NoReturn
 
 import pytest
 
-SERVER_FIXTURES = frozenset({"servers", "own_servers"})
+# The fixtures that start real servers (a test using one, directly or through another
+# fixture such as `env`, is an integration test). A test that starts its own inline says
+# so with @pytest.mark.servers.
+SERVER_FIXTURES = frozenset(
+    {
+        "servers",  # tests/conftest.py: the session's PostgreSQL and Redis
+        "own_servers",
+        "cluster",  # tests/test_cluster.py: a Redis Cluster
+        "own_cluster",
+        "tls_redis",  # tests/test_redis_tls.py
+        "mtls_redis",
+        "locked",  # tests/test_secrets.py: password-protected servers
+        "sentinel_setup",  # tests/test_sentinel.py
+        "vanishing_host",  # tests/test_standby.py: a network namespace
+    }
+)
 SUMMARY_ENV = "CDC_TEST_SUMMARY"
 
 
