@@ -222,7 +222,7 @@ def _unlink_per_slot(keys: ClusterKeys, owner: list[int], found: list[bytes]) ->
 # What replay reads, per capture mode, in the window of the last %s seconds: trigger
 # mode, the key columns of the queue rows, old and new (an UPDATE may change a key),
 # taken out of the JSON by the server; logical mode, history_v1's batches (a JSON array
-# of [schema, table, op, old, new] each), parsed here: json_array_elements and -> on
+# of [schema, table, op, old, new(, origin)] each), parsed here: json_array_elements and -> on
 # json took longer than the listener's own replay.
 REPLAY_TRIGGER = """
     SELECT old_row->>'id', old_row->>'email', new_row->>'id', new_row->>'email'
@@ -243,8 +243,10 @@ def replay_floor(bench: Bench, target: Target, since_s: float) -> float:
     with psycopg.connect(target.dsn, autocommit=True) as conn:
         if target.logical:
             for (text,) in conn.execute(REPLAY_LOGICAL.encode(), [since_s]):
-                for _schema, _table, _op, *rows in json.loads(text):
-                    for row in rows:
+                # [schema, table, op, old, new], and on a transaction's first event
+                # its [xid, commit LSN, commit time] (what `explain` reads).
+                for _schema, _table, _op, old, new, *_origin in json.loads(text):
+                    for row in (old, new):
                         if row:
                             found += _keys(row.get("id"), row.get("email"))
         else:
