@@ -12,15 +12,20 @@ import re
 import signal
 import time
 from collections.abc import Iterator
+from functools import partial
 
 import pytest
 import redis
 
 from cdc_invalidator.cli import main
+from cdc_invalidator.modes import logical as logical_mode
+from cdc_invalidator.modes import trigger as trigger_mode
+from cdc_invalidator.modes.choose import mode_for
 from cdc_invalidator.redis_guard.window import UNKNOWN_PERSISTENCE_S, persistence_window
+from cdc_invalidator.settings import load_settings
 from cdc_invalidator.sink import RedisSink
 from tests.support.env import Env, redis_of
-from tests.support.faults import cache, keys_of, setup_users
+from tests.support.faults import acknowledged, cache, keys_of, setup_users, write
 from tests.support.listener import ListenerProcess, Spawn, run_cli, stop_listener
 from tests.support.waits import wait_until
 
@@ -384,3 +389,34 @@ def test_check_reports_how_far_replay_reaches_and_warns_when_history_is_short(
     out = capsys.readouterr().out
     assert "warning: replay after a Redis restart reaches back 24h" in out
     assert "replay_history keeps only 1h: raise replay_history" in out
+
+
+def test_a_replay_reads_the_history_in_rounds_of_bounded_size(
+    env: Env, spawn: Spawn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long window must not be read into memory at once. Logical mode's history rows
+    are whole acknowledged batches (up to batch_size events each): a round is cut by
+    events, not by rows (it was 20,000 rows: millions of events)."""
+    config = setup_users(env, rows=120, replay_history="1h")
+    listener = spawn(config)
+    wait_until(lambda: listener.logged("redis_identity_recorded"), what="the listener started")
+    for start in range(1, 121, 10):  # 12 transactions, each acknowledged on its own
+        ids = range(start, start + 10)
+        written = write(
+            env,
+            f"UPDATE users SET email = 'x' || id WHERE id BETWEEN {start} AND {ids[-1]}",
+            ids=ids,
+        )
+        wait_until(partial(acknowledged, env, written), what="the transaction acknowledged")
+    stop_listener(listener)
+
+    mode = mode_for(load_settings(config))
+    monkeypatch.setattr(trigger_mode, "HISTORY_CHUNK", 25)  # trigger mode: rows per round
+    monkeypatch.setattr(logical_mode, "HISTORY_CHUNK", 25)  # logical mode: events per round
+    monkeypatch.setattr(logical_mode, "HISTORY_BATCH_ROWS", 1)
+    with env.connect() as conn:
+        rounds = [len(chunk.events) for chunk in mode.history(conn, 3600)]
+    assert sum(rounds) == 120, rounds
+    # Each round stops once it holds 25 events: at most 25 + one batch (10 events here).
+    assert len(rounds) >= 4, rounds
+    assert max(rounds) <= 25 + 10, rounds

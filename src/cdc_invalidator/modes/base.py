@@ -20,9 +20,12 @@ from cdc_invalidator.metrics import Figures
 from cdc_invalidator.pg.queries import Q
 from cdc_invalidator.runner import Source
 
-# History rows read and deleted per round of a replay: bounded memory whatever the
-# window holds.
+# Events read and deleted per round of a replay: bounded memory whatever the window
+# holds. A trigger queue row is one event; a history_v1 row is one acknowledged batch (up
+# to batch_size events), so logical mode fetches a few rows at a time and cuts its
+# rounds by events.
 HISTORY_CHUNK = 20_000
+HISTORY_BATCH_ROWS = 4
 
 
 class StatusReport(Protocol):
@@ -94,13 +97,13 @@ class CaptureMode(Protocol):
 
 
 def history_rows(
-    conn: psycopg.Connection[Any], query: Q, since_s: float
+    conn: psycopg.Connection[Any], query: Q, since_s: float, per_fetch: int
 ) -> Iterator[list[tuple[Any, ...]]]:
-    """The rows of history query `query` for the last `since_s` seconds, in chunks of
-    HISTORY_CHUNK. A server-side cursor: the window may hold millions."""
+    """The rows of history query `query` for the last `since_s` seconds, `per_fetch` at a
+    time. A server-side cursor: the window may hold millions."""
     with conn.transaction(), conn.cursor(name="cdc_invalidator_replay") as cur:
         cur.execute(query.sql, {"seconds": since_s})
-        while rows := cur.fetchmany(HISTORY_CHUNK):
+        while rows := cur.fetchmany(per_fetch):
             yield rows
 
 

@@ -16,7 +16,12 @@ from cdc_invalidator.capture.rows import Decoded, RowDecoder
 from cdc_invalidator.checks import Report
 from cdc_invalidator.events import TableName
 from cdc_invalidator.metrics import Figures
-from cdc_invalidator.modes.base import history_rows, seconds_ago
+from cdc_invalidator.modes.base import (
+    HISTORY_BATCH_ROWS,
+    HISTORY_CHUNK,
+    history_rows,
+    seconds_ago,
+)
 from cdc_invalidator.pg.connect import PgConnector
 from cdc_invalidator.pg.queries import Q
 from cdc_invalidator.runner import Source
@@ -147,12 +152,16 @@ class LogicalMode:
         """The batches acknowledged in the window (history_v1), decoded as the listener
         encoded them; a row's events and failures take its id as position."""
         decoder = RowDecoder()
-        for rows in history_rows(conn, Q.HISTORY_LOGICAL, since_s):
-            chunk = Decoded()
+        chunk = Decoded()
+        for rows in history_rows(conn, Q.HISTORY_LOGICAL, since_s, HISTORY_BATCH_ROWS):
             for position, text in rows:
                 decoded = decoder.history_row(position, text)
                 chunk.events += decoded.events
                 chunk.dead += decoded.dead
+            if len(chunk.events) >= HISTORY_CHUNK:
+                yield chunk
+                chunk = Decoded()
+        if chunk.events or chunk.dead:
             yield chunk
 
     def last_acknowledged_s(self, conn: psycopg.Connection[Any]) -> float | None:

@@ -16,7 +16,7 @@ from cdc_invalidator.capture.trigger_queue import TriggerCapture
 from cdc_invalidator.checks import Report
 from cdc_invalidator.events import TableName
 from cdc_invalidator.metrics import Figures
-from cdc_invalidator.modes.base import history_rows, seconds_ago
+from cdc_invalidator.modes.base import HISTORY_CHUNK, history_rows, seconds_ago
 from cdc_invalidator.pg.connect import PgConnector
 from cdc_invalidator.pg.queries import Q
 from cdc_invalidator.runner import Source
@@ -115,7 +115,7 @@ class TriggerMode:
         """The queue rows written in the window (processed rows are kept for
         replay_history), decoded as the listener decodes them."""
         decoder = RowDecoder()
-        for rows in history_rows(conn, Q.HISTORY_TRIGGER, since_s):
+        for rows in history_rows(conn, Q.HISTORY_TRIGGER, since_s, HISTORY_CHUNK):
             yield decoder.queue_rows(rows)
 
     def last_acknowledged_s(self, conn: psycopg.Connection[Any]) -> float | None:
