@@ -266,6 +266,18 @@ class Listener:
 
         wait_for(started, 30, "listener_started", interval_s=0.01)
 
+    def wait_redis_met(self) -> None:
+        """After a switch to another Redis: until the listener recorded the new server's
+        identity, or replayed what the switch owes (a Redis it has not seen may have
+        lost deletes), which a timed phase must not pay for."""
+        met = {"redis_identity_recorded", "replay_done"}
+
+        def done() -> bool:
+            self.check()
+            return any(event.get("event") in met for event in self.events())
+
+        wait_for(done, 300, "the listener to meet its Redis", interval_s=0.05)
+
     def peak_rss_mb(self) -> float:
         return proc_status_kb(self.pid, "VmHWM") / 1024
 
