@@ -12,15 +12,14 @@ unfiltered one pairs by position and compares nothing.
 from __future__ import annotations
 
 import json
-import re
 import statistics
-import subprocess
 from dataclasses import dataclass
 
 import psycopg
 from psycopg import sql
 
 from harness import TEMPLATES, W_WATCHED, WRITE_ROWS, Bench, Sizes, Target
+from phases.writes import pgbench
 from report import Row
 
 W_JUDGED = "w_judged"
@@ -53,34 +52,6 @@ def prepare_judged(bench: Bench, target: Target) -> None:
     bench.cli(target, "install")
 
 
-def _pgbench(bench: Bench, variant: tuple[str, str, str], seconds: int, dbname: str) -> float:
-    """Single-row UPDATEs of `column` by random id, 2 clients on 2 threads: tps.
-    `variant`: (name, table, column)."""
-    name, table, column = variant
-    script = bench.workdir / f"judged-{name}.sql"
-    script.write_text(
-        f"\\set id random(1, {WRITE_ROWS})\n"
-        f"UPDATE {table} SET {column} = {column} + 1 WHERE id = :id;\n"
-    )
-    bench.admin.execute("CHECKPOINT")
-    result = subprocess.run(
-        [
-            str(bench.pg.bindir / "pgbench"),
-            *("-h", "127.0.0.1", "-p", str(bench.pg.port), "-U", "postgres"),
-            *("-n", "-M", "prepared", "-c", "2", "-j", "2", "-T", str(seconds)),
-            *("-f", str(script), dbname),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=seconds + 120,
-    )
-    tps = re.search(r"tps = ([0-9.]+) \(without initial connection time\)", result.stdout)
-    if result.returncode != 0 or not tps:
-        raise RuntimeError(f"pgbench failed: {result.stdout}\n{result.stderr}")
-    return float(tps.group(1))
-
-
 def measure_judged_writes(bench: Bench, sizes: Sizes, target: Target) -> JudgedWrites:
     dbname = str(psycopg.conninfo.conninfo_to_dict(target.dsn)["dbname"])
     # (table, the column bumped)
@@ -92,7 +63,7 @@ def measure_judged_writes(bench: Bench, sizes: Sizes, target: Target) -> JudgedW
     runs: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(sizes.write_rounds):
         for name, (table, column) in variants.items():
-            runs[name].append(_pgbench(bench, (name, table, column), sizes.write_s, dbname))
+            runs[name].append(pgbench(bench, table, sizes.write_s, dbname, column)[0])
         print(
             "  [trigger] UPDATE tps: no filter {:.0f}, ignored column {:.0f}, "
             "counted column {:.0f}".format(*(runs[n][-1] for n in variants)),

@@ -48,11 +48,14 @@ class Writes:
         return statistics.median(self.no_listener_runs)
 
 
-def pgbench(bench: Bench, table: str, seconds: int, dbname: str) -> tuple[float, int]:
-    """Single-row UPDATEs by id, 2 clients on 2 threads: (tps, transactions)."""
-    script = bench.workdir / f"update-{table}.sql"
+def pgbench(
+    bench: Bench, table: str, seconds: int, dbname: str, column: str = "n"
+) -> tuple[float, int]:
+    """Single-row UPDATEs of `column` by id, 2 clients on 2 threads: (tps, transactions)."""
+    script = bench.workdir / f"update-{table}-{column}.sql"
     script.write_text(
-        f"\\set id random(1, {WRITE_ROWS})\nUPDATE {table} SET n = n + 1 WHERE id = :id;\n"
+        f"\\set id random(1, {WRITE_ROWS})\n"
+        f"UPDATE {table} SET {column} = {column} + 1 WHERE id = :id;\n"
     )
     bench.admin.execute("CHECKPOINT")
     result = subprocess.run(

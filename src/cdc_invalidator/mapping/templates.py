@@ -185,10 +185,9 @@ def _renderer(
     column and the template. Fields are read in order: a NULL before a missing column is
     no error.
 
-    A closure per template: the one-field case, nearly every template, does no loop."""
-    if any(transforms):
-        return _filtered_renderer(source, literals, fields, transforms)
-    if len(fields) == 1:
+    A closure per template: the one-field case without filters, nearly every template,
+    does no loop and no call."""
+    if len(fields) == 1 and transforms == (None,):
         (column,) = fields
         prefix, suffix = literals
 
@@ -205,37 +204,12 @@ def _renderer(
 
         return render_one
 
-    def render_many(row: Row) -> str | None:
-        out = [literals[0]]
-        for i, column in enumerate(fields):
-            try:
-                value = row[column]
-            except KeyError:
-                raise RenderError(source, column) from None
-            if value is None:
-                return None
-            if value.__class__ is not str:
-                raise RenderError(source, column, value)
-            out.append(value)
-            out.append(literals[i + 1])
-        return "".join(out)
-
-    return render_many
-
-
-def _filtered_renderer(
-    source: str,
-    literals: tuple[str, ...],
-    fields: tuple[str, ...],
-    transforms: tuple[Filter | None, ...],
-) -> Render:
-    """_renderer()'s rule (render_many's loop), each value passed through its field's
-    filters (or none)."""
+    # Each field with its filters, or none.
     steps = [
         (column, transform or _same) for column, transform in zip(fields, transforms, strict=True)
     ]
 
-    def render_filtered(row: Row) -> str | None:
+    def render_many(row: Row) -> str | None:
         out = [literals[0]]
         for i, (column, transform) in enumerate(steps):
             try:
@@ -250,7 +224,7 @@ def _filtered_renderer(
             out.append(literals[i + 1])
         return "".join(out)
 
-    return render_filtered
+    return render_many
 
 
 def _same(value: str) -> str:
