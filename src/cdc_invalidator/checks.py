@@ -76,22 +76,25 @@ def _url_db(url: str) -> int | None:
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class TableFacts:
+    """One configured table, as `check` hands it to the mode: where the configuration
+    names it, its key columns, and `present()`, which reports a missing table or key
+    column and says whether it found none."""
+
+    where: str
+    table: TableName
+    wanted: list[str]
+    present: Callable[[], bool]
+
+
 class ModeChecks(Protocol):
     """The checks of one capture mode (modes/), run when our SQL is installed."""
 
-    def check_table(  # noqa: PLR0913 - the table's facts are keyword-only
-        self,
-        conn: psycopg.Connection[Any],
-        report: Report,
-        *,
-        where: str,
-        table: TableName,
-        wanted: list[str],
-        present: Callable[[], bool],
-    ) -> None:
-        """Report on one configured table. `present()` reports a missing table or key
-        column, and says whether it found none: the mode runs it after its drift checks
-        (a renamed table or column explains a missing one), and only then its own."""
+    def check_table(self, conn: psycopg.Connection[Any], report: Report, facts: TableFacts) -> None:
+        """Report on one configured table. The mode runs `facts.present()` after its
+        drift checks (a renamed table or column explains a missing one), and only then
+        its own."""
         ...
 
     def check_server(
@@ -130,14 +133,7 @@ def check_database(
             _present, conn, report, where, table, templates, column_filter=column_filter
         )
         if installed:
-            mode.check_table(
-                conn,
-                report,
-                where=where,
-                table=table,
-                wanted=mapper.columns(table),
-                present=present,
-            )
+            mode.check_table(conn, report, TableFacts(where, table, mapper.columns(table), present))
         else:
             present()
     if installed:

@@ -14,8 +14,7 @@ import psycopg
 from psycopg import sql
 
 from cdc_invalidator.capture.rows import Decoded
-from cdc_invalidator.checks import Report
-from cdc_invalidator.events import TableName
+from cdc_invalidator.checks import ModeChecks
 from cdc_invalidator.metrics import Figures
 from cdc_invalidator.pg.queries import Q
 from cdc_invalidator.runner import Source
@@ -35,7 +34,10 @@ class StatusReport(Protocol):
     def lines(self) -> list[str]: ...
 
 
-class CaptureMode(Protocol):
+class CaptureMode(ModeChecks, Protocol):
+    """A capture mode: its install, its listener's source, status and figures, history,
+    and (ModeChecks) what `check` asks of it."""
+
     @property
     def name(self) -> str:
         """ "trigger" or "logical": the settings' value, what grant_listener() takes."""
@@ -66,19 +68,6 @@ class CaptureMode(Protocol):
     # -- status, metrics, check ---------------------------------------------------------
     def status(self, conn: psycopg.Connection[Any]) -> StatusReport: ...
     def figures(self, conn: psycopg.Connection[Any]) -> Figures: ...
-    def check_table(  # noqa: PLR0913 - the table's facts are keyword-only
-        self,
-        conn: psycopg.Connection[Any],
-        report: Report,
-        *,
-        where: str,
-        table: TableName,
-        wanted: list[str],
-        present: Callable[[], bool],
-    ) -> None: ...
-    def check_server(
-        self, conn: psycopg.Connection[Any], report: Report, config_name: str
-    ) -> None: ...
 
     # -- what replay reads -------------------------------------------------------------------
     def history(self, conn: psycopg.Connection[Any], since_s: float) -> Iterator[Decoded]: ...

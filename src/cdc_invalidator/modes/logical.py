@@ -120,26 +120,20 @@ class LogicalMode:
             )
         return out
 
-    def check_table(  # noqa: PLR0913 - the table's facts are keyword-only
-        self,
-        conn: psycopg.Connection[Any],
-        report: Report,
-        *,
-        where: str,
-        table: TableName,
-        wanted: list[str],
-        present: Callable[[], bool],
+    def check_table(
+        self, conn: psycopg.Connection[Any], report: Report, facts: checks.TableFacts
     ) -> None:
+        where, table = facts.where, facts.table
         if checks.drifted(conn, report, where, table):
             return
-        if present():
+        if facts.present():
             checks.check_logical_table(
                 conn,
                 self._settings,
                 report,
                 where=where,
                 table=table,
-                wanted=wanted,
+                wanted=facts.wanted,
                 keep=self._keeps(table),
             )
             if table in self._settings.column_filters():

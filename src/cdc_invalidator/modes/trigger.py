@@ -14,7 +14,6 @@ from cdc_invalidator.capture import logical_sql, trigger_sql
 from cdc_invalidator.capture.rows import Decoded, RowDecoder
 from cdc_invalidator.capture.trigger_queue import TriggerCapture
 from cdc_invalidator.checks import Report
-from cdc_invalidator.events import TableName
 from cdc_invalidator.metrics import Figures
 from cdc_invalidator.modes.base import HISTORY_CHUNK, history_rows, seconds_ago
 from cdc_invalidator.pg.connect import PgConnector
@@ -89,22 +88,16 @@ class TriggerMode:
             ),
         ]
 
-    def check_table(  # noqa: PLR0913 - the table's facts are keyword-only
-        self,
-        conn: psycopg.Connection[Any],
-        report: Report,
-        *,
-        where: str,
-        table: TableName,
-        wanted: list[str],
-        present: Callable[[], bool],
+    def check_table(
+        self, conn: psycopg.Connection[Any], report: Report, facts: checks.TableFacts
     ) -> None:
+        where, table = facts.where, facts.table
         # Drift first: a renamed table or key column explains a missing one.
         watch = checks.watch_of(conn, table)
         if watch is not None and checks.report_drift(report, where, table, watch):
             return
-        if present():
-            checks.check_triggers(report, where, table, watch, wanted)
+        if facts.present():
+            checks.check_triggers(report, where, table, watch, facts.wanted)
             column_filter = self._settings.column_filters().get(table)
             checks.check_trigger_filter(report, where, table, watch, column_filter)
 
