@@ -209,11 +209,7 @@ AS $filter$
 DECLARE
     missing text;
 BEGIN
-    SELECT string_agg(quote_ident(c), ', ') INTO missing
-    FROM unnest(filter_columns) c
-    WHERE NOT EXISTS (
-        SELECT FROM pg_attribute a
-        WHERE a.attrelid = tbl AND a.attname = c AND a.attnum > 0 AND NOT a.attisdropped);
+    missing := cdc_invalidator.missing_columns(tbl, filter_columns);
     IF missing IS NOT NULL THEN
         RAISE EXCEPTION 'cdc_invalidator: table % has no column % (listed in %)', tbl,
             missing, CASE judge WHEN 'ignore' THEN 'ignore_columns' ELSE 'columns' END

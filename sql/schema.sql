@@ -296,6 +296,20 @@ $untriggered$;
 -- SECURITY DEFINER (owner: the installing role) so that it may create triggers and hand
 -- the function to the table's owner; the pinned search_path and format('%I'/'%L') keep
 -- table and column names from ever running as SQL.
+-- missing_columns(table, columns): those of `columns` the table does not have (as the
+-- catalog names them), quoted and comma-separated, or NULL: what watch() and
+-- record_filter() refuse, naming them.
+CREATE OR REPLACE FUNCTION cdc_invalidator.missing_columns(tbl regclass, cols text[])
+RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $missing$
+    SELECT string_agg(quote_ident(c), ', ')
+    FROM unnest(cols) c
+    WHERE NOT EXISTS (
+        SELECT FROM pg_attribute a
+        WHERE a.attrelid = tbl AND a.attname = c AND a.attnum > 0 AND NOT a.attisdropped)
+$missing$;
+
 -- The two-argument watch() of earlier releases: replaced by this one (same call).
 DROP FUNCTION IF EXISTS cdc_invalidator.watch(regclass, text[]);
 CREATE OR REPLACE FUNCTION cdc_invalidator.watch(
@@ -335,11 +349,7 @@ BEGIN
                   ERRCODE = 'insufficient_privilege';
     END IF;
     key_columns := ARRAY(SELECT DISTINCT c FROM unnest(coalesce(key_columns, '{}')) c ORDER BY c);
-    SELECT string_agg(quote_ident(c), ', ') INTO missing
-    FROM unnest(key_columns) c
-    WHERE NOT EXISTS (
-        SELECT FROM pg_attribute a
-        WHERE a.attrelid = tbl AND a.attname = c AND a.attnum > 0 AND NOT a.attisdropped);
+    missing := cdc_invalidator.missing_columns(tbl, key_columns);
     IF missing IS NOT NULL THEN
         RAISE EXCEPTION 'cdc_invalidator.watch: table % has no column %', tbl, missing
             USING ERRCODE = 'undefined_column';
@@ -349,11 +359,7 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     filter_columns := CASE WHEN judge IS NOT NULL THEN coalesce(filter_columns, '{}') END;
-    SELECT string_agg(quote_ident(c), ', ') INTO missing
-    FROM unnest(filter_columns) c
-    WHERE NOT EXISTS (
-        SELECT FROM pg_attribute a
-        WHERE a.attrelid = tbl AND a.attname = c AND a.attnum > 0 AND NOT a.attisdropped);
+    missing := cdc_invalidator.missing_columns(tbl, filter_columns);
     IF missing IS NOT NULL THEN
         RAISE EXCEPTION 'cdc_invalidator.watch: table % has no column % (listed in %)', tbl,
             missing, CASE judge WHEN 'ignore' THEN 'ignore_columns' ELSE 'columns' END
@@ -581,6 +587,7 @@ $unwatch$;
 -- Changing triggers runs with the installer's rights: nobody else may call these.
 REVOKE ALL ON FUNCTION cdc_invalidator.watch(regclass, text[], text, text[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cdc_invalidator.unwatch(regclass) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cdc_invalidator.missing_columns(regclass, text[]) FROM PUBLIC;
 -- Nobody but our triggers runs this one; a role that could attach it to a table of its
 -- own could queue sweeps.
 REVOKE ALL ON FUNCTION cdc_invalidator.sweep_untriggered_v1() FROM PUBLIC;
