@@ -23,11 +23,13 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final, NamedTuple
+from typing import Final, NamedTuple, TypeVar
 
 from cdc_invalidator.capture.errors import Fatal
 from cdc_invalidator.events import UNRENDERABLE, ChangeEvent, InvalidEvent, Op, Row, TableName
 from cdc_invalidator.mapping.columns import ColumnFilter, Judge
+
+K = TypeVar("K", int, str)  # what a tuple walk keys its values by: index or name
 
 _U16 = struct.Struct("!H")
 _I32 = struct.Struct("!I")
@@ -75,7 +77,7 @@ class Relation:
     # and each becomes a sweep of the table's templates instead.
     missing: tuple[str, ...] = ()
     # A column filter's counted columns, by index in the tuple; None: UPDATEs not judged.
-    judged_at: frozenset[int] | None = None
+    judged_at: Mapping[int, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,7 +211,7 @@ class Decoder:
         table = TableName(namespace or "pg_catalog", name)
         resolved = self._resolve(relid, table, tuple(columns))
         missing: tuple[str, ...] = ()
-        judged_at: frozenset[int] | None = None
+        judged_at: Mapping[int, int] | None = None
         if resolved is None:
             wanted: tuple[tuple[str, int], ...] = ()
         else:
@@ -266,9 +268,12 @@ class Decoder:
         relation = self._relation_of(msg)
         if relation.missing:
             return self._unrenderable(relation)
+        judged = relation.judged_at
+        if judged is not None and msg[5] == 0x4F and _unchanged(msg, judged):  # 'O'
+            return None  # judged first: a skipped UPDATE is walked once, not decoded
         old_values: dict[str, object] | None = None
         pos = 5
-        tag = tag_old = msg[pos]
+        tag = msg[pos]
         if tag in (0x4B, 0x4F):  # 'K' key, 'O' old (FULL)
             old_values, pos = _scan(msg, pos + 1, relation)
             if tag == 0x4B:
@@ -280,9 +285,6 @@ class Decoder:
             raise ValueError(f"UPDATE without a new tuple (got {chr(tag)!r})")
         new_values, end = _scan(msg, pos + 1, relation)
         _at_end(msg, end)
-        judged = relation.judged_at
-        if judged is not None and tag_old == 0x4F and _unchanged(msg, judged):  # 'O'
-            return None
         try:
             if old_values is None:
                 # No old tuple: no replica-identity column changed. Others may have, and
@@ -386,14 +388,20 @@ def _cstring(msg: bytes, pos: int) -> tuple[str, int]:
 
 
 def _scan(msg: bytes, pos: int, relation: Relation) -> tuple[dict[str, object], int]:
-    """TupleData: the wanted columns' raw values (bytes, None for NULL, UNCHANGED), and
-    where the tuple ends. Every column is walked; only the wanted ones are kept."""
+    """TupleData: the wanted columns' raw values, by name, and where the tuple ends."""
     (n,) = _U16.unpack_from(msg, pos)
     if n != len(relation.columns):
         raise ValueError(f"tuple has {n} columns, its relation {len(relation.columns)}")
+    return _walk(msg, pos, relation.wanted_at)
+
+
+def _walk(msg: bytes, pos: int, at: Mapping[int, K]) -> tuple[dict[K, object], int]:
+    """TupleData at `pos`: the raw values (bytes, None for NULL, UNCHANGED) of the
+    columns whose index `at` names, under that name, and where the tuple ends. Every
+    column is walked; only those are kept."""
+    (n,) = _U16.unpack_from(msg, pos)
     pos += 2
-    wanted = relation.wanted_at
-    values: dict[str, object] = {}
+    values: dict[K, object] = {}
     unpack = _I32.unpack_from
     for i in range(n):
         kind = msg[pos]
@@ -401,16 +409,16 @@ def _scan(msg: bytes, pos: int, relation: Relation) -> tuple[dict[str, object], 
             (length,) = unpack(msg, pos + 1)
             start = pos + 5
             pos = start + length
-            if i in wanted:
-                values[wanted[i]] = msg[start:pos]
+            if i in at:
+                values[at[i]] = msg[start:pos]
         elif kind == 0x6E:  # 'n'
             pos += 1
-            if i in wanted:
-                values[wanted[i]] = None
+            if i in at:
+                values[at[i]] = None
         elif kind == 0x75:  # 'u'
             pos += 1
-            if i in wanted:
-                values[wanted[i]] = UNCHANGED
+            if i in at:
+                values[at[i]] = UNCHANGED
         else:  # 'b' (binary) is only sent when asked for
             raise ValueError(f"unexpected column kind {chr(kind)!r}")
     if pos > len(msg):
@@ -420,7 +428,7 @@ def _scan(msg: bytes, pos: int, relation: Relation) -> tuple[dict[str, object], 
 
 def _counted(
     column_filter: ColumnFilter, columns: tuple[str, ...], keys: set[int]
-) -> frozenset[int] | None:
+) -> Mapping[int, int] | None:
     """The indexes of a filter's counted columns in a relation's tuple (the key columns,
     `keys`, whatever their names now), or None when the relation cannot be judged: a
     column `columns` lists is not there (renamed or dropped): every UPDATE invalidates
@@ -429,52 +437,26 @@ def _counted(
         if not set(column_filter.listed) <= set(columns):
             return None
         listed = set(column_filter.listed)
-        return frozenset(i for i, c in enumerate(columns) if c in listed or i in keys)
+        return {i: i for i, c in enumerate(columns) if c in listed or i in keys}
     # ignore_columns: a column renamed or added since counts (its name is not listed).
-    return frozenset(i for i, c in enumerate(columns) if column_filter.counts(c) or i in keys)
+    return {i: i for i, c in enumerate(columns) if column_filter.counts(c) or i in keys}
 
 
-def _unchanged(msg: bytes, judged: frozenset[int]) -> bool:
+def _unchanged(msg: bytes, judged: Mapping[int, int]) -> bool:
     """An UPDATE with an old tuple ('O') whose counted columns all hold the same text
-    in both tuples ('u', an unchanged TOASTed value, in the new one is the same). The
-    tuples are walked again, raw: this is rare next to the decoding it saves."""
-    old, pos = _raw(msg, 6, judged)
+    in both tuples ('u', an unchanged TOASTed value, in the new one is the same). Asked
+    before the tuples are decoded: a skipped UPDATE is only walked, once."""
+    old, pos = _walk(msg, 6, judged)
     if msg[pos] != 0x4E:  # 'N'
         return False
-    new, _end = _raw(msg, pos + 1, judged)
+    new, end = _walk(msg, pos + 1, judged)
+    _at_end(msg, end)
     for i, value in new.items():
         if value is UNCHANGED:
             continue
         if old.get(i, UNCHANGED) != value:
             return False
     return True
-
-
-def _raw(msg: bytes, pos: int, at: frozenset[int]) -> tuple[dict[int, object], int]:
-    """TupleData: the raw values (bytes, None, UNCHANGED) of the columns at `at`."""
-    (n,) = _U16.unpack_from(msg, pos)
-    pos += 2
-    values: dict[int, object] = {}
-    unpack = _I32.unpack_from
-    for i in range(n):
-        kind = msg[pos]
-        if kind == 0x74:  # 't'
-            (length,) = unpack(msg, pos + 1)
-            start = pos + 5
-            pos = start + length
-            if i in at:
-                values[i] = msg[start:pos]
-        elif kind == 0x6E:  # 'n'
-            pos += 1
-            if i in at:
-                values[i] = None
-        elif kind == 0x75:  # 'u'
-            pos += 1
-            if i in at:
-                values[i] = UNCHANGED
-        else:
-            raise ValueError(f"unexpected column kind {chr(kind)!r}")
-    return values, pos
 
 
 def _at_end(msg: bytes, end: int) -> None:
