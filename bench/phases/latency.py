@@ -21,7 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,36 +129,63 @@ def measure_latency(
             raise RuntimeError(f"floor listener exited {floor_proc.returncode}")
 
     bench.redis.flushall()
-    bench.keyspace_events(True)
-    watch = bench.spawn(
-        [sys.executable, str(KEYWATCH), str(bench.rs.port), "user:*"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
     floor_ids, our_ids = latency_ids(sizes)
     floor_changes = [(LAT_FLOOR, i) for i in floor_ids]
     our_changes = [(LAT_OURS, i) for i in our_ids]
     block = max(1, sizes.rate // 2)
     w = sizes.warmup
     dsns = {LAT_FLOOR: target.dsn, LAT_OURS: target.dsn}
+    warmup = alternate(floor_changes[:w], our_changes[:w], block)
+    paced_updates(bench, warmup, sizes.rate, None, dsns)
+    wait_for(lambda: bench.dbsize() == 0, 10, "warm-up keys deleted")
+    schedule = alternate(floor_changes[w:], our_changes[w:], block)
+    commits, deleted, cpu = timed_run(
+        bench,
+        schedule,
+        sizes.rate,
+        dsns,
+        check=check,
+        cpu=lambda: (proc_cpu_s(floor_proc.pid), listener.cpu_s()),
+    )
+    return (
+        _latency(commits, deleted, floor_ids[w:], cpu[0]),
+        _latency(commits, deleted, our_ids[w:], cpu[1]),
+    )
+
+
+def timed_run(  # noqa: PLR0913 - the run's parts; the two callbacks keyword-only
+    bench: Bench,
+    schedule: list[tuple[str, int]],
+    rate: int,
+    dsns: dict[str, str],
+    *,
+    check: Callable[[], None],
+    cpu: Callable[[], tuple[float, float]],
+) -> tuple[dict[int, int], dict[str, int], tuple[float, float]]:
+    """The timed part of a side-by-side latency run: the deletion clock started
+    (keywatch.py), the schedule's commits paced, every key awaited (`check` raises if a
+    side died; a key still there after 10 s counts as lost), and the deletion times read
+    back. Returns (commit times, deletion times, each side's CPU seconds over the run,
+    as `cpu()` reads them)."""
+    bench.keyspace_events(True)
+    watch = bench.spawn(
+        [sys.executable, str(KEYWATCH), str(bench.rs.port), "user:*"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         read_ready(watch, "keywatch")
-        warmup = alternate(floor_changes[:w], our_changes[:w], block)
-        paced_updates(bench, warmup, sizes.rate, None, dsns)
-        wait_for(lambda: bench.dbsize() == 0, 10, "warm-up keys deleted")
         commits: dict[int, int] = {}
-        cpu0 = (proc_cpu_s(floor_proc.pid), listener.cpu_s())
-        schedule = alternate(floor_changes[w:], our_changes[w:], block)
-        paced_updates(bench, schedule, sizes.rate, commits, dsns)
+        cpu0 = cpu()
+        paced_updates(bench, schedule, rate, commits, dsns)
 
-        # Every key should be gone within milliseconds; a missing one counts as lost.
         def all_gone() -> bool:
             check()
             return bench.dbsize() == 0
 
         with contextlib.suppress(TimeoutError):
             wait_for(all_gone, 10, "keys deleted", interval_s=0.01)
-        cpu1 = (proc_cpu_s(floor_proc.pid), listener.cpu_s())
+        cpu1 = cpu()
         bench.redis.publish(CONTROL_CHANNEL, "dump")
         assert watch.stdout is not None
         deleted: dict[str, int] = json.loads(watch.stdout.readline())
@@ -166,10 +193,7 @@ def measure_latency(
     finally:
         stop_process(watch)
         bench.keyspace_events(False)
-    return (
-        _latency(commits, deleted, floor_ids[w:], cpu1[0] - cpu0[0]),
-        _latency(commits, deleted, our_ids[w:], cpu1[1] - cpu0[1]),
-    )
+    return commits, deleted, (cpu1[0] - cpu0[0], cpu1[1] - cpu0[1])
 
 
 def _latency(commits: dict[int, int], deleted: dict[str, int], ids: range, cpu: float) -> Latency:

@@ -37,8 +37,6 @@ from psycopg import sql
 
 from harness import (
     BENCH_DIR,
-    CONTROL_CHANNEL,
-    KEYWATCH,
     LAT_OURS,
     TEMPLATES,
     Bench,
@@ -48,8 +46,8 @@ from harness import (
     user_keys,
 )
 from phases.drain import queue_updates
-from phases.latency import alternate, latency_ids, paced_updates, quantile
-from procs import proc_cpu_s, proc_status_kb, read_ready, stop_process, wait_for
+from phases.latency import alternate, latency_ids, paced_updates, quantile, timed_run
+from procs import proc_cpu_s, proc_status_kb, stop_process, wait_for
 
 PEER_SCRIPT = BENCH_DIR / "peer_debezium.py"
 PEER_LAT = "peer_lat_users"
@@ -319,9 +317,12 @@ def measure_peer_latency(
     dsns = {LAT_OURS: target.dsn, PEER_LAT: target.dsn}
     block = max(1, sizes.rate // 2)
 
-    def all_gone() -> bool:
+    def check() -> None:
         listener.check()
         peer.check()
+
+    def all_gone() -> bool:
+        check()
         return bench.dbsize() == 0
 
     try:
@@ -331,29 +332,16 @@ def measure_peer_latency(
         warm = max(sizes.warmup, sizes.rate)
         paced_updates(bench, alternate(ours[:warm], theirs[:warm], block), sizes.rate, None, dsns)
         wait_for(all_gone, 60, "warm-up keys deleted", 0.01)
-        bench.keyspace_events(True)
-        watch = bench.spawn(
-            [sys.executable, str(KEYWATCH), str(bench.rs.port), "user:*"],
-            stdout=subprocess.PIPE,
-            text=True,
+        commits, deleted, cpu = timed_run(
+            bench,
+            alternate(ours, theirs, block),
+            sizes.rate,
+            dsns,
+            check=check,
+            cpu=lambda: (proc_cpu_s(listener.pid), peer.cpu_s()),
         )
-        try:
-            read_ready(watch, "keywatch")
-            commits: dict[int, int] = {}
-            cpu0 = (proc_cpu_s(listener.pid), peer.cpu_s())
-            paced_updates(bench, alternate(ours, theirs, block), sizes.rate, commits, dsns)
-            with contextlib.suppress(TimeoutError):
-                wait_for(all_gone, 10, "keys deleted", 0.01)
-            cpu1 = (proc_cpu_s(listener.pid), peer.cpu_s())
-            bench.redis.publish(CONTROL_CHANNEL, "dump")
-            assert watch.stdout is not None
-            deleted: dict[str, int] = json.loads(watch.stdout.readline())
-            watch.wait(10)
-        finally:
-            stop_process(watch)
-            bench.keyspace_events(False)
-        peer_side = _side(commits, deleted, ids, cpu1[1] - cpu0[1], peer.peak_rss_mb())
-        our_side = _side(commits, deleted, our_ids, cpu1[0] - cpu0[0], listener.peak_rss_mb())
+        peer_side = _side(commits, deleted, ids, cpu[1], peer.peak_rss_mb())
+        our_side = _side(commits, deleted, our_ids, cpu[0], listener.peak_rss_mb())
     finally:
         listener.stop()
     return peer_side, our_side
