@@ -271,6 +271,45 @@ def test_listener_as_least_privilege_role_invalidates_and_keeps_its_books(
     stop(listener)
 
 
+def with_filter(path: Path, line: str) -> Path:
+    """The config at `path`, its users section given a column filter (TOML `line`)."""
+    text = path.read_text()
+    header = '[tables."public.users"]\n'
+    assert header in text
+    path.write_text(text.replace(header, header + line + "\n"))
+    return path
+
+
+def test_a_filtered_table_under_the_least_privilege_listener(
+    env: Env, spawn: Spawn, listener_role: str, writer_role: str
+) -> None:
+    """A column filter needs no grant more: the writer's UPDATEs are judged by our
+    capture (trigger mode) or the decoder (logical mode), and the least-privilege
+    listener deletes what counts and spares what does not."""
+    tables(env, writer_role)
+    dba = with_filter(config(env, {**USERS, **GHOST}, name="dba.toml"), 'ignore_columns = ["name"]')
+    assert main(["install", "--config", str(dba)]) == 0
+    grant(env, listener_role)
+    assert granted(env, listener_role) == (LOGICAL_GRANTS if env.logical else TRIGGER_GRANTS)
+    own = with_filter(
+        config(env, USERS, name="listener.toml", role=listener_role), 'ignore_columns = ["name"]'
+    )
+    r = env.redis()
+    r.mset({"user:1": "-", "user:2": "-", "user:email:b@x": "2", "user:email:new@x": "-"})
+    listener = spawn(own)
+    with psycopg.connect(as_role(env, writer_role), autocommit=True) as writer:
+        writer.execute("UPDATE users SET name = 'ignored' WHERE id = 1")
+        writer.execute("UPDATE users SET email = 'new@x' WHERE id = 2")
+    wait_until(
+        lambda: r.exists("user:2", "user:email:b@x", "user:email:new@x") == 0,
+        what="the counted change invalidated",
+    )
+    # Judged in order: the later change is done, so the earlier one was skipped.
+    assert r.get("user:1") == "-"
+    assert listener.logged("cannot_consume") == []
+    stop(listener)  # and it exits 0
+
+
 def test_listener_role_may_do_nothing_else(env: Env, listener_role: str) -> None:
     tables(env)
     install(env)
