@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -228,6 +229,17 @@ class Listener:
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
+        if profile_dir := os.environ.get("BENCH_PROFILE"):
+            # Sample the listener with py-spy (folded stacks, idle time included: waits on
+            # PostgreSQL and Redis show as such) until it exits. Read the shares, not the
+            # timings: the sampler takes CPU from the same two cores.
+            out = Path(profile_dir) / f"listener-{name}.txt"
+            bench.spawn(
+                ["py-spy", "record", "--idle", "-r", "250", "-f", "raw", "-o", str(out)]
+                + ["--pid", str(self.proc.pid)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
 
     @property
     def pid(self) -> int:
