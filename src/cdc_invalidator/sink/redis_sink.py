@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from itertools import islice
 
+import hiredis
 import redis
 
 from cdc_invalidator.mapping import Invalidation, Routed
@@ -56,15 +57,42 @@ class RedisSink:
         return deleted
 
     def unlink(self, keys: Collection[str]) -> int:
-        if len(keys) <= self._unlink_chunk:
-            # One command: no pipeline to build (the quiet case, one change at a time).
-            return int(self._client.unlink(*keys)) if keys else 0
-        pipe = self._client.pipeline(transaction=False)
-        for chunk in _chunks(keys, self._unlink_chunk):
-            pipe.unlink(*chunk)
-        if not len(pipe):
+        """UNLINK every key, `unlink_chunk` per command, all commands sent at once; how
+        many existed. Returns once Redis confirmed every command.
+
+        Straight on a pooled connection, not through redis-py's command machinery: for
+        the small batches of a busy database, its per-command bookkeeping (pool, retry
+        wrapper, argument encoding, observability hooks) cost more CPU than the UNLINK
+        (profiled under pgbench, 2 writers, ~3,000 changes/s: 28% of the listener's CPU
+        was redis-py's, for one UNLINK of ~30 keys per batch).
+        """
+        if not keys:
             return 0
-        return sum(int(n) for n in pipe.execute())
+        commands = [
+            # (hiredis's stub types the argument as a 1-tuple: any tuple of str is taken)
+            hiredis.pack_command(("UNLINK", *chunk))  # type: ignore[arg-type]
+            for chunk in _chunks(keys, self._unlink_chunk)
+        ]
+        try:
+            return self._send(commands)
+        except (redis.ConnectionError, redis.TimeoutError):
+            # One immediate retry, as the client is configured for: a pooled connection
+            # that died with a Redis restart. UNLINK is idempotent.
+            return self._send(commands)
+
+    def _send(self, commands: list[bytes]) -> int:
+        """Send packed UNLINKs on one pooled connection and sum their replies."""
+        pool = self._client.connection_pool
+        conn = pool.get_connection()
+        try:
+            conn.send_packed_command(commands)
+            # An error reply raises (ResponseError), leaving the replies after it unread.
+            return sum(int(conn.read_response()) for _ in commands)
+        except BaseException:
+            conn.disconnect()
+            raise
+        finally:
+            pool.release(conn)
 
     def sweep(self, pattern: str) -> int:
         """SCAN for a glob and UNLINK page by page (TRUNCATE has no rows to render)."""
