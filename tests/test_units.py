@@ -258,3 +258,21 @@ def test_health_follows_the_loop_the_stores_and_the_lag() -> None:
         assert not runner.health(60, 30).alive
     finally:
         stopper.close()
+
+
+def test_lags_observed_together_expose_what_one_by_one_would() -> None:
+    """observe_lags() writes prometheus_client's fields itself: same exposition as
+    observe() per value, bucket edges included (a value equal to a bound is in it)."""
+    values = [0.0, 0.0005, 0.0007, 0.001, 0.004, 0.004, 2.5, 1e9]
+    together, one_by_one = Metrics(), Metrics()
+    together.observe_lags(values)
+    for value in values:
+        one_by_one.lag.observe(value)
+
+    def lag_lines(metrics: Metrics) -> list[str]:
+        text = generate_latest(metrics.registry).decode()
+        lines = text.splitlines()
+        return [x for x in lines if "commit_to_delete_seconds" in x and "_created" not in x]
+
+    assert lag_lines(together) == lag_lines(one_by_one)
+    assert any(line.endswith(" 8.0") for line in lag_lines(together))  # the count
