@@ -36,7 +36,7 @@ from cdc_invalidator.events import ChangeEvent, Op, Origin, TableName
 from cdc_invalidator.mapping import KeyTemplate, Mapper, Routed
 from cdc_invalidator.redis_guard.watch import RedisWatch
 from cdc_invalidator.replay import ReplayResult
-from cdc_invalidator.runner import Runner, RunnerConfig, Source
+from cdc_invalidator.runner import BUSY_BATCH, Runner, RunnerConfig, Source
 from cdc_invalidator.shutdown import Stopper
 from cdc_invalidator.sink import Persistence
 
@@ -338,22 +338,32 @@ def test_an_idle_listener_polls(world: World) -> None:
 
 
 def test_under_load_the_next_batch_lingers_from_the_start_of_the_last(world: World) -> None:
-    """More than one change, fewer than batch_size: sleep until linger_s after the
-    batch started (a slow delete shortens it), no wait(); a full batch goes on at once;
-    one change alone waits again."""
+    """More than one change, fewer than batch_size: sleep until the linger after the
+    batch started (a slow delete shortens it), no wait(): the whole linger_s once a batch
+    holds BUSY_BATCH changes, a share of it for fewer (two changes: a seventh); a full
+    batch goes on at once; one change alone waits again."""
 
     def slow_redis() -> None:
-        world.clock.advance(0.02)
+        world.clock.advance(0.005)
 
-    source = FakeSource(world, [Arrives([1, 2, 3]), Arrives([4, 5]), Arrives([6])])
+    busy = list(range(10, 10 + BUSY_BATCH))
+    source = FakeSource(
+        world,
+        [Arrives(list(range(1, 10))), Arrives(busy), Arrives([30, 31]), Arrives([32])],
+    )
     sink = FakeSink(world, on_delete=slow_redis)
-    make_runner(world, source, sink, batch_size=3, linger_s=0.05).run()
+    make_runner(world, source, sink, batch_size=9, linger_s=0.07).run()
     after = [e for e in world.log if e[0] in ("ack", "sleep", "wait")]
-    assert after[0] == ("ack", [1, 2, 3])  # full: the next batch at once
-    assert after[1] == ("ack", [4, 5])
+    assert after[0] == ("ack", list(range(1, 10)))  # full: the next batch at once
+    assert after[1] == ("ack", busy)
     assert after[2][0] == "sleep"
-    assert world.stopper.sleeps == [pytest.approx(0.05 - 0.02)]
-    assert after[3:] == [("ack", [6]), ("wait", 1.0)]
+    assert after[3] == ("ack", [30, 31])
+    assert after[4][0] == "sleep"
+    assert world.stopper.sleeps == [
+        pytest.approx(0.07 - 0.005),
+        pytest.approx(0.07 / (BUSY_BATCH - 1) - 0.005),
+    ]
+    assert after[5:] == [("ack", [32]), ("wait", 1.0)]
 
 
 def test_maintain_runs_on_every_turn(world: World) -> None:
