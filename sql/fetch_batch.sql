@@ -1,35 +1,59 @@
 -- The next events to invalidate, in (xid, id) order: rows of transactions visible in
 -- the window's end snapshot (given, or NULL to take one now) but not in the snapshot the
 -- listener finished last (given as its in-flight ids and its xmax). A large window is
--- taken in chunks, each after the last (xid, id) done. The end snapshot comes back on
--- every row, and alone when the window is empty.
+-- taken in chunks, each after the last (xid, id) done.
+--
+-- One header row, then the chunk's rows. The header (its first column not NULL) carries
+-- what the chunk has once: the window's end snapshot, how many rows the chunk has, its
+-- last (xid, id), where the next chunk starts, and each transaction's age. The reader
+-- finds it by that column, wherever it comes, and takes the position from it, never
+-- from the order the rows arrive in. Per row, only what an event needs: a snapshot or
+-- an age repeated on each of 5,000 rows cost more than the rows' own columns
+-- (measured: 280 ms for 100k rows with them, 120 ms without).
 -- Rows are returned as JSON text: the listener parses them itself, so that one
 -- malformed row becomes a dead letter instead of failing the batch in the driver.
-WITH w AS (SELECT coalesce(%(cur)s::pg_snapshot, pg_current_snapshot()) AS cur)
-SELECT w.cur::text, q.xid::text, q.id, q.schema_name, q.table_name, q.op,
-       q.old_row::text, q.new_row::text,
-       -- How old the writing transaction is (by the server's clock): for the lag metric.
-       extract(epoch FROM now() - q.enqueued_at)::float8
-FROM w LEFT JOIN LATERAL (
-    -- Transactions that were still running when the last snapshot was taken.
-    -- (The position is a filter here, not an index bound: these rows are few.)
-    (SELECT * FROM cdc_invalidator.queue_v1 r
-     WHERE r.xid = ANY (%(prev_xip)s::xid8[])
-       AND pg_visible_in_snapshot(r.xid, w.cur)
-       AND (r.xid > %(after_xid)s::xid8
-            OR (r.xid = %(after_xid)s::xid8 AND r.id > %(after_id)s))
-     ORDER BY r.xid, r.id
-     LIMIT %(limit)s)
-    UNION ALL
-    -- Transactions that started after it: from (its xmax, 0) or the position, whichever
-    -- is later, as one lower bound (given a second one, btree may start from the other
-    -- and walk the whole index).
-    (SELECT * FROM cdc_invalidator.queue_v1 r
-     WHERE (r.xid, r.id) > (%(from_xid)s::xid8, %(from_id)s)
-       AND r.xid < pg_snapshot_xmax(w.cur)
-       AND pg_visible_in_snapshot(r.xid, w.cur)
-     ORDER BY r.xid, r.id
-     LIMIT %(limit)s)
-    ORDER BY xid, id
-    LIMIT %(limit)s
-) q ON true
+WITH w AS (SELECT coalesce(%(cur)s::pg_snapshot, pg_current_snapshot()) AS cur),
+chunk AS MATERIALIZED (
+    SELECT q.* FROM w, LATERAL (
+        -- Transactions that were still running when the last snapshot was taken.
+        -- (The position is a filter here, not an index bound: these rows are few.)
+        (SELECT r.xid, r.id, r.enqueued_at, r.schema_name, r.table_name, r.op, r.old_row, r.new_row
+         FROM cdc_invalidator.queue_v1 r
+         WHERE r.xid = ANY (%(prev_xip)s::xid8[])
+           AND pg_visible_in_snapshot(r.xid, w.cur)
+           AND (r.xid > %(after_xid)s::xid8
+                OR (r.xid = %(after_xid)s::xid8 AND r.id > %(after_id)s))
+         ORDER BY r.xid, r.id
+         LIMIT %(limit)s)
+        UNION ALL
+        -- Transactions that started after it: from (its xmax, 0) or the position, whichever
+        -- is later, as one lower bound (given a second one, btree may start from the other
+        -- and walk the whole index).
+        (SELECT r.xid, r.id, r.enqueued_at, r.schema_name, r.table_name, r.op, r.old_row, r.new_row
+         FROM cdc_invalidator.queue_v1 r
+         WHERE (r.xid, r.id) > (%(from_xid)s::xid8, %(from_id)s)
+           AND r.xid < pg_snapshot_xmax(w.cur)
+           AND pg_visible_in_snapshot(r.xid, w.cur)
+         ORDER BY r.xid, r.id
+         LIMIT %(limit)s)
+        ORDER BY xid, id
+        LIMIT %(limit)s
+    ) q
+),
+last AS (SELECT xid, id FROM chunk ORDER BY xid DESC, id DESC LIMIT 1)
+-- The header: [snapshot, row count, last xid, last id, -, -, -, ages, -], where ages is a
+-- JSON array of [xid, seconds] for each transaction in the chunk: how old it is by the
+-- server's clock, from its start (the queue records no commit time), for the lag metric.
+SELECT w.cur::text, (SELECT count(*) FROM chunk), (SELECT xid::text::int8 FROM last),
+       (SELECT id FROM last), NULL, NULL, NULL,
+       (SELECT json_agg(json_build_array(t.xid::text::int8,
+                                         extract(epoch FROM now() - t.began)::float8))
+        FROM (SELECT xid, min(enqueued_at) AS began FROM chunk GROUP BY xid) t)::text,
+       NULL
+FROM w
+UNION ALL
+-- A row: [-, xid, -, id, schema, table, op, old, new]; an xid8 as a number (its text is
+-- its decimal value): cheaper to read than text.
+SELECT NULL, c.xid::text::int8, NULL, c.id, c.schema_name, c.table_name, c.op,
+       c.old_row::text, c.new_row::text
+FROM chunk c

@@ -16,6 +16,7 @@ that only one listener consumes at a time.
 from __future__ import annotations
 
 import contextlib
+import json
 import select
 import time
 from collections import deque
@@ -72,8 +73,10 @@ class QueueBatch:
     dead: dict[int, str] = field(default_factory=dict)
     ages_s: list[float] = field(default_factory=list)
     read_at: float = 0.0
-    # The rows as read (fetch_batch.sql's columns): what origins() looks up, only then.
+    # The rows as read (fetch_batch.sql's row columns: xid at 1, id at 3) and each
+    # transaction's age by xid: what origins() looks up, only then.
     rows: list[tuple[Any, ...]] = field(default_factory=list)
+    xid_ages: dict[int, float] = field(default_factory=dict)
 
     def dead_letter(self, position: int, error: str) -> None:
         self.dead[position] = error
@@ -82,10 +85,11 @@ class QueueBatch:
         """Each event's writer: its xid, and the start of its transaction (enqueued_at,
         the writer's now(): the queue records no commit time) on our clock."""
         read_wall = time.time() - (time.monotonic() - self.read_at)
-        by_id = {row[2]: (row[1], row[8]) for row in self.rows}
+        xids = {row[3]: row[1] for row in self.rows}
         out = []
         for event in self.events:
-            xid, age = by_id.get(event.position, (None, None))
+            xid = xids.get(event.position)
+            age = None if xid is None else self.xid_ages.get(xid)
             out.append(
                 Origin(
                     None if age is None else read_wall - age,
@@ -93,6 +97,32 @@ class QueueBatch:
                 )
             )
         return out
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """fetch_batch.sql's answer: its header, and the rows (in no promised order)."""
+
+    window: str  # the window's end snapshot
+    rows: list[tuple[Any, ...]]
+    last: tuple[str, int] | None  # the greatest (xid, id) among the rows
+    xid_ages: dict[int, float]
+
+    @classmethod
+    def read(cls, answer: list[tuple[Any, ...]]) -> Chunk:
+        # The header is the row whose first column is set: first, as the query is
+        # written, but UNION ALL promises no order.
+        at = 0 if answer[0][0] is not None else next(i for i, r in enumerate(answer) if r[0])
+        header = answer.pop(at)
+        snapshot, count, last_xid, last_id, _, _, _, ages, _ = header
+        if count != len(answer):
+            raise Fatal(f"fetch_batch.sql counted {count} rows and returned {len(answer)}")
+        return cls(
+            snapshot,
+            answer,
+            None if last_xid is None else (str(last_xid), last_id),
+            {xid: age for xid, age in json.loads(ages)} if ages else {},
+        )
 
 
 # What Progress saves: done, window, after.
@@ -237,7 +267,7 @@ class TriggerQueue:
         from_xid, from_id = (
             (after_xid, after_id) if int(after_xid) >= int(done.xmax) else (done.xmax, -1)
         )
-        rows = (
+        chunk = Chunk.read(
             self._conn.cursor(row_factory=tuple_row)
             .execute(
                 Q.FETCH_BATCH.sql,
@@ -253,49 +283,46 @@ class TriggerQueue:
             )
             .fetchall()
         )
-        window = window or Snapshot.parse(rows[0][0])
-        if rows[0][2] is None:  # an empty window: one row of NULLs besides the snapshot
-            rows = []
-        # Columns 2 to 7: id, schema_name, table_name, op, old_row, new_row.
-        decoded = self._decoder.queue_rows(rows, at=2)
+        window = window or Snapshot.parse(chunk.window)
+        rows = chunk.rows
+        # Columns 3 to 8: id, schema_name, table_name, op, old_row, new_row.
+        decoded = self._decoder.queue_rows(rows, at=3)
         batch = QueueBatch(
             size=len(rows),
             events=decoded.events,
             dead=dict(decoded.dead),
+            ages_s=list(chunk.xid_ages.values()),
             read_at=time.monotonic(),
             rows=rows,
+            xid_ages=chunk.xid_ages,
         )
-        ages, last_xid = batch.ages_s, None
-        for row in rows:
-            if row[1] != last_xid:  # one age per transaction: rows come in xid order
-                last_xid = row[1]
-                ages.append(row[8])
         yield batch
         # Acknowledged: Redis confirmed every delete of the batch.
-        self._acknowledge(batch, rows, window, limit)
+        self._acknowledge(batch, chunk, window, limit)
         listen = self._wakeup.after_batch(len(rows), limit)
         if listen is not None:
             self._listen(listen)
 
-    def _acknowledge(
-        self, batch: QueueBatch, rows: list[tuple[Any, ...]], window: Snapshot, limit: int
-    ) -> None:
+    def _acknowledge(self, batch: QueueBatch, chunk: Chunk, window: Snapshot, limit: int) -> None:
         progress = self._progress
         if batch.dead:
-            xids = {row[2]: row[1] for row in rows}
+            xids = {row[3]: row[1] for row in chunk.rows}
             self._conn.cursor().executemany(
                 Q.DEAD_LETTER.sql,
-                [{"xid": xids[pos], "id": pos, "error": err} for pos, err in batch.dead.items()],
+                [
+                    {"xid": str(xids[pos]), "id": pos, "error": err}
+                    for pos, err in batch.dead.items()
+                ],
             )
-        progress.unsaved_events += len(rows)
-        if not rows and progress.window is None:
+        progress.unsaved_events += batch.size
+        if chunk.last is None and progress.window is None:
             # Nothing new: keep the old snapshot (still correct, just older), so that an
             # idle listener writes nothing and has nothing to prune.
             return
-        if len(rows) < limit:  # the window is finished
+        if batch.size < limit or chunk.last is None:  # the window is finished
             progress.done, progress.window, progress.after = window, None, _START
         else:
-            progress.window, progress.after = window, (rows[-1][1], rows[-1][2])
+            progress.window, progress.after = window, chunk.last
 
     def maintain(self) -> None:
         """Save progress if due, prune if due: cheap when nothing is (two clock reads).
