@@ -71,37 +71,56 @@ class RowDecoder:
         fail the whole read). Events keep the rows' order; position is the queue id."""
         out = Decoded()
         events, tables = out.events, self._tables
-        parsed = _parse_all([text for row in rows for text in (row[at + 4], row[at + 5])])
+        a_id, a_schema, a_table, a_op, a_old, a_new = range(at, at + 6)
+        olds = [row[a_old] for row in rows]
+        news = [row[a_new] for row in rows]
+        # An UPDATE that left the key columns alone carries the same text twice: parsed
+        # once, and one row for both, so that the mapper renders it once.
+        sames = [o == n for o, n in zip(olds, news, strict=True)]
+        parsed = _parse_all(olds + [n for n, same in zip(news, sames, strict=True) if not same])
+        if parsed is None:
+            for row, same in zip(rows, sames, strict=True):
+                self._queue_row(row, at, same, out)
+            return out
+        new_at = len(rows)  # the distinct new rows follow the old ones in `parsed`
+        make = tuple.__new__  # a NamedTuple's own __new__ is a Python call: this is not
         for i, row in enumerate(rows):
-            position, old_text, new_text = row[at], row[at + 4], row[at + 5]
-            # An UPDATE that left the key columns alone carries the same values twice:
-            # one row, so that the mapper renders it once.
-            same = new_text == old_text
-            if parsed is not None:
-                # The common case inlined (a backlog spends its time here): exactly the
-                # rows event() accepts; anything else goes there to be told why not.
-                old, new = parsed[2 * i], parsed[2 * i + 1]
-                kind = _OPS.get(row[at + 3])
-                table = tables.get((row[at + 1], row[at + 2]))
-                if (
-                    kind is not None
-                    and table is not None
-                    and (old is None or old.__class__ is dict)
-                    and (same or new is None or new.__class__ is dict)
-                ):
-                    new = old if same else new
-                    # (dicts or None, as just checked)
-                    events.append(ChangeEvent(table, kind, old, new, position))  # type: ignore[arg-type]
-                    continue
+            old = parsed[i]
+            if sames[i]:
+                new = old
+            else:
+                new = parsed[new_at]
+                new_at += 1
+            # The common case inlined (a backlog spends its time here): exactly the rows
+            # event() accepts; anything else goes there to be told why not.
+            kind = _OPS.get(row[a_op])
+            table = tables.get((row[a_schema], row[a_table]))
+            if (
+                kind is not None
+                and table is not None
+                and (old is None or old.__class__ is dict)
+                and (new is None or new.__class__ is dict)
+            ):
+                events.append(make(ChangeEvent, (table, kind, old, new, row[a_id])))
+                continue
             try:
-                if parsed is None:
-                    old = _parse(old_text, "old_row")
-                    new = _parse(new_text, "new_row")
-                values = (row[at + 1], row[at + 2], row[at + 3], old, new)
-                events.append(self.event(position, values, same=same))
+                values = (row[a_schema], row[a_table], row[a_op], old, new)
+                events.append(self.event(row[a_id], values, same=sames[i]))
             except InvalidEvent as exc:
-                out.dead.append((position, str(exc)))
+                out.dead.append((row[a_id], str(exc)))
         return out
+
+    def _queue_row(self, row: Sequence[Any], at: int, same: bool, out: Decoded) -> None:
+        """One row parsed on its own (its batch held a malformed one): its event, or
+        why not."""
+        position = row[at]
+        try:
+            old = _parse(row[at + 4], "old_row")
+            new = _parse(row[at + 5], "new_row")
+            values = (row[at + 1], row[at + 2], row[at + 3], old, new)
+            out.events.append(self.event(position, values, same=same))
+        except InvalidEvent as exc:
+            out.dead.append((position, str(exc)))
 
     def history_row(
         self, position: int, text: str, transactions: list[Transaction | None] | None = None
