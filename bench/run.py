@@ -236,6 +236,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = Report()
     report.raw["started"] = datetime.now(UTC).isoformat(timespec="seconds")
     report.raw["argv"] = " ".join(["bench/run.py", *(sys.argv[1:] if argv is None else argv)])
+    # What a comparison with the baseline (compare.py) reads: which run this was, and its sizes.
+    report.raw["args"] = {
+        name: getattr(args, name)
+        for name in ("quick", "big", "cluster", "drain_only", "peers", "capture", "rate")
+    }
+    report.raw["sizes"] = asdict(sizes)
     workdir = Path(tempfile.mkdtemp(prefix="cdc-bench-"))
     print(f"starting PostgreSQL and Redis (work dir {workdir})", flush=True)
     bench = Bench(workdir)
