@@ -1,6 +1,7 @@
 """The benchmark's report: its rows (metric | ours | floor | ratio | target | pass), the
-machine, the settings and the other processes' CPU per phase, rendered as markdown and
-written with the raw figures to bench/results/latest.md and latest.json."""
+machine, the settings and the other processes' CPU per phase, and the comparison with the
+committed baseline (compare.py), rendered as markdown and written with the raw figures to
+bench/results/latest.md and latest.json."""
 
 from __future__ import annotations
 

@@ -37,8 +37,10 @@ The servers, tables and listener process are in harness.py, the floors in floors
 in keywatch.py), CPU and process helpers in procs.py. Other processes' CPU during each
 phase is reported (this machine may be shared). Prints a markdown table (metric | ours |
 floor | ratio | target | pass) with the machine described, and writes it to
-bench/results/latest.md and latest.json (report.py). Exit status 0 even when a target is
-missed: this is a report, and misses are marked FAIL.
+bench/results/latest.md and latest.json (report.py), with each row compared against the
+committed baseline, bench/baseline.json (compare.py; `make bench-baseline` writes it from
+a full run). Exit status 0 even when a target is missed or a figure regressed: this is a
+report, and misses are marked FAIL, regressions marked too.
 """
 
 from __future__ import annotations
