@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PEERS_STAMP := $(VENV)/.installed-peers
 
-.PHONY: install system-deps lint format test bench chaos demo clean
+.PHONY: install system-deps lint format test bench bench-baseline chaos demo clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,12 @@ ifneq ($(filter --peers,$(BENCH_ARGS)),)
 	@$(MAKE) --no-print-directory $(PEERS_STAMP)
 endif
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# bench/baseline.json, which every bench run is compared with, from the latest run
+# (bench/results/latest.json); refuses a --quick, --drain-only or one-mode run unless
+# BASELINE_ARGS=--force. Commit it with the change that moved the figures.
+bench-baseline: $(STAMP)
+	$(BIN)/python bench/baseline.py $(BASELINE_ARGS)
 
 # Readers, writers and faults for a long while, then every cached key against the
 # database: prints each round and a table, exits 1 if any key is stale or a round lost probes.

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -215,10 +216,24 @@ class Bench:
         self.admin.execute("CHECKPOINT")
 
 
+def profiler() -> str:
+    """py-spy for BENCH_PROFILE: not a dependency, installed into the bench's virtualenv,
+    whose bin/ `make bench` does not put on PATH."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", os.defpath)])
+    found = shutil.which("py-spy", path=path)
+    if found is None:
+        raise RuntimeError(
+            "BENCH_PROFILE is set but py-spy is not installed: .venv/bin/pip install py-spy"
+        )
+    return found
+
+
 class Listener:
     """`python -m cdc_invalidator run --config ...`: the product, default settings."""
 
     def __init__(self, bench: Bench, name: str, target: Target) -> None:
+        profile_dir = os.environ.get("BENCH_PROFILE")
+        py_spy = profiler() if profile_dir else None
         self.bench = bench
         self.log_path = bench.workdir / f"listener-{name}.log"
         self._log: TextIO = self.log_path.open("w")
@@ -229,14 +244,15 @@ class Listener:
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
-        if profile_dir := os.environ.get("BENCH_PROFILE"):
+        if profile_dir and py_spy:
             # Sample the listener with py-spy (folded stacks, idle time included: waits on
             # PostgreSQL and Redis show as such) until it exits. Read the shares, not the
             # timings: the sampler takes CPU from the same two cores.
             out = Path(profile_dir) / f"listener-{name}.txt"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            sampler = [py_spy, "record", "--idle", "-r", "250", "-f", "raw"]
             bench.spawn(
-                ["py-spy", "record", "--idle", "-r", "250", "-f", "raw", "-o", str(out)]
-                + ["--pid", str(self.proc.pid)],
+                [*sampler, "-o", str(out), "--pid", str(self.proc.pid)],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )

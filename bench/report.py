@@ -1,6 +1,7 @@
 """The benchmark's report: its rows (metric | ours | floor | ratio | target | pass), the
-machine, the settings and the other processes' CPU per phase, rendered as markdown and
-written with the raw figures to bench/results/latest.md and latest.json."""
+machine, the settings and the other processes' CPU per phase, and the comparison with the
+committed baseline (compare.py), rendered as markdown and written with the raw figures to
+bench/results/latest.md and latest.json."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Any
 import psycopg
 
 from cdc_invalidator.settings import Settings
+from compare import baseline_section, trim
 from harness import BENCH_DIR, Bench, Sizes
 
 RESULTS_DIR = BENCH_DIR / "results"
@@ -90,8 +92,9 @@ def describe_machine(bench: Bench) -> dict[str, str]:
     }
 
 
-def describe_code() -> str:
-    """Which cdc_invalidator ran: its directory, and the git commit when it is a checkout."""
+def code_checkout() -> tuple[Path, str | None, bool]:
+    """Which cdc_invalidator runs: its directory, the git commit when it is a checkout (else
+    None), and whether src/ or sql/ differ from that commit."""
     import cdc_invalidator
 
     where = Path(cdc_invalidator.__file__).resolve().parent
@@ -100,14 +103,21 @@ def describe_code() -> str:
         [*git, "rev-parse", "--short", "HEAD"], check=False, capture_output=True, text=True
     )
     if head.returncode != 0:
-        return str(where)
+        return where, None, False
     dirty = subprocess.run(
         [*git, "status", "--porcelain", "--", ":/src", ":/sql"],
         check=False,
         capture_output=True,
         text=True,
     ).stdout.strip()
-    return f"{where} at {head.stdout.strip()}{' with uncommitted changes' if dirty else ''}"
+    return where, head.stdout.strip(), bool(dirty)
+
+
+def describe_code() -> str:
+    where, commit, dirty = code_checkout()
+    if commit is None:
+        return str(where)
+    return f"{where} at {commit}{' with uncommitted changes' if dirty else ''}"
 
 
 def describe_settings(bench: Bench, sizes: Sizes) -> dict[str, str]:
@@ -197,18 +207,24 @@ def render(report: Report) -> str:
 
 
 def write_results(report: Report) -> None:
-    """latest.md (the rendered report) and latest.json (the rows and the raw figures)."""
+    """latest.md (the rendered report, with the comparison against bench/baseline.json)
+    and latest.json (the rows and the raw figures); the comparison's summary last."""
+    _, commit, dirty = code_checkout()
+    payload = {
+        "machine": report.machine,
+        "settings": report.settings,
+        "code": {"commit": commit, "dirty": dirty},
+        "foreign_cpu_pct": report.foreign_cpu_pct,
+        "rows": [asdict(row) | {"verdict": verdict(row.passed)} for row in report.rows],
+        "raw": report.raw,
+    }
+    section, summary = baseline_section(trim(payload))
+    report.sections += section
     text = render(report)
     print()
     print(text)
     RESULTS_DIR.mkdir(exist_ok=True)
     (RESULTS_DIR / "latest.md").write_text(text)
-    payload = {
-        "machine": report.machine,
-        "settings": report.settings,
-        "foreign_cpu_pct": report.foreign_cpu_pct,
-        "rows": [asdict(row) | {"verdict": verdict(row.passed)} for row in report.rows],
-        "raw": report.raw,
-    }
     (RESULTS_DIR / "latest.json").write_text(json.dumps(payload, indent=2) + "\n")
     print(f"written: {RESULTS_DIR / 'latest.md'}, {RESULTS_DIR / 'latest.json'}")
+    print("\n".join(summary))

@@ -37,8 +37,10 @@ The servers, tables and listener process are in harness.py, the floors in floors
 in keywatch.py), CPU and process helpers in procs.py. Other processes' CPU during each
 phase is reported (this machine may be shared). Prints a markdown table (metric | ours |
 floor | ratio | target | pass) with the machine described, and writes it to
-bench/results/latest.md and latest.json (report.py). Exit status 0 even when a target is
-missed: this is a report, and misses are marked FAIL.
+bench/results/latest.md and latest.json (report.py), with each row compared against the
+committed baseline, bench/baseline.json (compare.py; `make bench-baseline` writes it from
+a full run). Exit status 0 even when a target is missed or a figure regressed: this is a
+report, and misses are marked FAIL, regressions marked too.
 """
 
 from __future__ import annotations
@@ -236,6 +238,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = Report()
     report.raw["started"] = datetime.now(UTC).isoformat(timespec="seconds")
     report.raw["argv"] = " ".join(["bench/run.py", *(sys.argv[1:] if argv is None else argv)])
+    # What a comparison with the baseline (compare.py) reads: which run this was, and its sizes.
+    report.raw["args"] = {
+        name: getattr(args, name)
+        for name in ("quick", "big", "cluster", "drain_only", "peers", "capture", "rate")
+    }
+    report.raw["sizes"] = asdict(sizes)
     workdir = Path(tempfile.mkdtemp(prefix="cdc-bench-"))
     print(f"starting PostgreSQL and Redis (work dir {workdir})", flush=True)
     bench = Bench(workdir)

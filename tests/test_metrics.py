@@ -247,4 +247,3 @@ def test_readyz_fails_while_the_listener_is_behind_and_says_by_how_much(
     wait_until(lambda: probe(port, "/readyz")[0] == 200, what="ready again")
     assert probe(port, "/readyz")[1]["behind_s"] == 0, "caught up"
     stop_listener(listener)
-
