@@ -208,6 +208,18 @@ BEGIN
 END
 $judged$;
 
+-- queue_sweep_v1(names, reason): the statement that queues a sweep of a table's templates
+-- instead of its changes (a TRUNCATE event carrying `reason`, which the listener logs and
+-- counts): for a change that cannot be rendered as it should be.
+CREATE OR REPLACE FUNCTION cdc_invalidator.queue_sweep_v1(names text, reason text)
+RETURNS text
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
+AS $sweep$
+    SELECT format(
+        'INSERT INTO cdc_invalidator.queue_v1 (schema_name, table_name, op, new_row) '
+        'VALUES (%s, ''T'', json_build_object(''unrenderable'', %L))', names, reason)
+$sweep$;
+
 -- queue_drifted_v1(table, labels, attnums, op, names): the statement for a capture
 -- function whose compiled column names no longer all exist (a column was renamed or
 -- dropped since watch()). Columns are found again by attnum, which a rename keeps: the
@@ -230,14 +242,98 @@ BEGIN
     FROM unnest(labels, attnums) WITH ORDINALITY AS k (l, n, i)
     LEFT JOIN pg_attribute a ON a.attrelid = tbl AND a.attnum = k.n AND NOT a.attisdropped;
     IF gone IS NOT NULL OR attnums IS NULL THEN
-        RETURN format(
-            'INSERT INTO cdc_invalidator.queue_v1 (schema_name, table_name, op, new_row) '
-            'VALUES (%s, ''T'', json_build_object(''unrenderable'', %L))',
-            names, format('key column %s of %s no longer exists', coalesce(gone, '?'), tbl));
+        RETURN cdc_invalidator.queue_sweep_v1(names,
+            format('key column %s of %s no longer exists', coalesce(gone, '?'), tbl));
     END IF;
     RETURN cdc_invalidator.queue_statement_v1(op, names, labels, current);
 END
 $drifted$;
+
+-- prints_alike_v1(type): whether a value of this type prints as the same text (::text)
+-- in every session, whatever its TimeZone, DateStyle, IntervalStyle and
+-- extra_float_digits. A capture function pins those four settings (a SET clause, which
+-- saves and restores them on every call: a few percent of every write) only when a
+-- column it renders or judges is of a type for which this is false. The list is short
+-- on purpose: a type is on it only if its output function reads none of those settings
+-- (integers, numeric, strings, uuid, bool, oid, enums). Everything else counts as
+-- depending on them: dates and times, intervals, floats, arrays, ranges, composites and
+-- any type an extension brings. A domain prints as its base type (domains over domains
+-- are followed down).
+CREATE OR REPLACE FUNCTION cdc_invalidator.prints_alike_v1(typ oid)
+RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $alike$
+    WITH RECURSIVE chain (oid, typtype, typbasetype) AS (
+        SELECT t.oid, t.typtype, t.typbasetype FROM pg_type t WHERE t.oid = typ
+        UNION ALL
+        SELECT t.oid, t.typtype, t.typbasetype
+        FROM chain c JOIN pg_type t ON t.oid = c.typbasetype
+        WHERE c.typtype = 'd')
+    SELECT coalesce(bool_and(c.typtype = 'e' OR c.oid IN (
+               'int2'::regtype, 'int4'::regtype, 'int8'::regtype, 'numeric'::regtype,
+               'text'::regtype, 'varchar'::regtype, 'bpchar'::regtype, 'name'::regtype,
+               'uuid'::regtype, 'bool'::regtype, 'oid'::regtype)), false)
+    FROM chain c WHERE c.typtype <> 'd'
+$alike$;
+
+-- prints_alike_probe_v1(value): one overload per type prints_alike_v1() lists (anyenum
+-- for the enums), and none for any other type. A capture function compiled without the
+-- pinned settings names each column it renders or judges in a call to it, inside its
+-- never-run probe: once such a column is retyped to a type that needs the settings, the
+-- probe no longer plans (undefined_function), and queue_drifted_unpinned_v1 takes over.
+-- Overload resolution treats a domain as its base type, and takes an implicit cast when
+-- no overload matches exactly: the types that reach one that way print alike too
+-- ("char" and the catalog's internal types as text, the reg* types as oid, which print
+-- by the pinned search_path). Created from prints_alike_v1(), so the two never disagree.
+DO $probes$
+DECLARE
+    t regtype;
+BEGIN
+    FOR t IN
+        SELECT p.oid::regtype FROM pg_type p
+        WHERE p.typtype = 'b' AND p.typnamespace = 'pg_catalog'::regnamespace
+          AND cdc_invalidator.prints_alike_v1(p.oid)
+        UNION ALL SELECT 'anyenum'::regtype
+    LOOP
+        EXECUTE format('CREATE OR REPLACE FUNCTION cdc_invalidator.prints_alike_probe_v1(%s) '
+                       'RETURNS boolean LANGUAGE sql IMMUTABLE AS ''SELECT true''', t);
+    END LOOP;
+END
+$probes$;
+
+-- queue_drifted_unpinned_v1(table, labels, attnums, op, names): queue_drifted_v1 for a
+-- capture function compiled without the pinned settings, whose probe failed: a column
+-- was renamed or dropped, or retyped to a type whose text depends on the writer's
+-- session. A key column of such a type would render as the writer's session prints it,
+-- which can differ from the key the app built: rather than leave a stale key, the
+-- statement queues a sweep of the table's templates (a cold cache, not a stale one) and
+-- says to run install, which compiles the function with the settings pinned. Otherwise
+-- (a rename; a retyped column that is not a key, judged by the filter, which the
+-- drifted statement does not apply) queue_drifted_v1 decides.
+CREATE OR REPLACE FUNCTION cdc_invalidator.queue_drifted_unpinned_v1(
+    tbl regclass, labels text[], attnums int2[], op text, names text)
+RETURNS text
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $unpinned$
+DECLARE
+    retyped text;
+BEGIN
+    SELECT string_agg(format('key column %s%s is now of type %s', quote_ident(k.l),
+                             CASE WHEN a.attname <> k.l THEN format(' (renamed %I)', a.attname) END,
+                             format_type(a.atttypid, a.atttypmod)),
+                      ', ' ORDER BY k.i)
+    INTO retyped
+    FROM unnest(labels, attnums) WITH ORDINALITY AS k (l, n, i)
+    JOIN pg_attribute a ON a.attrelid = tbl AND a.attnum = k.n AND NOT a.attisdropped
+    WHERE NOT cdc_invalidator.prints_alike_v1(a.atttypid);
+    IF retyped IS NOT NULL THEN
+        RETURN cdc_invalidator.queue_sweep_v1(names, format(
+            'in %s, %s, whose text depends on the writing session''s settings: '
+            'run install to render it alike in every session', tbl, retyped));
+    END IF;
+    RETURN cdc_invalidator.queue_drifted_v1(tbl, labels, attnums, op, names);
+END
+$unpinned$;
 
 -- The row trigger a watched partitioned table carries for partitions created or attached
 -- after watch(): statement triggers fire only on the table a statement names, so a write
@@ -287,6 +383,11 @@ $untriggered$;
 --    nothing to the 64-entry subtransaction cache whose overflow slows the server.
 --    When they are gone, queue_drifted_v1 finds the columns by attnum (a rename) or
 --    queues a sweep (a dropped column): a migration never makes a write fail.
+--  * The settings that change how values print (TimeZone, DateStyle, IntervalStyle,
+--    extra_float_digits) are pinned only when a rendered column's type needs them
+--    (prints_alike_v1): a SET clause costs every call. Without them, the same check
+--    also fails once such a column is retyped to a type that needs them, and the
+--    statement then queues a sweep until `install` pins them (queue_drifted_unpinned_v1).
 --  * The capture function belongs to the table's owner (SECURITY DEFINER as that role):
 --    converting a column to text can run code the table's owner chose (a type's output
 --    function or cast), and it must never run with the installer's rights. The owner is
@@ -327,6 +428,8 @@ DECLARE
     names    text;
     attnums  int2[];
     probe    text;
+    rendered text[];
+    pinned   boolean;
     body     text;
     pk       text[];
     counted  text[];
@@ -392,15 +495,6 @@ BEGIN
     -- its partitions is still a change of the table the configuration knows, and so is
     -- a write after the table was renamed (check reports that the configuration drifted).
     names := format('%L, %L', schema_n, table_n);
-    -- false AND (r.a IS NULL AND r.b IS NULL): planned, so it fails on a missing column,
-    -- and never run.
-    -- A judged table's probe names the primary key and counted columns too: once one is
-    -- renamed or dropped, the table is not judged (queue_drifted_v1: every UPDATE).
-    probe := 'false AND (' || coalesce((
-        SELECT string_agg(format('r.%I IS NULL', c), ' AND ')
-        FROM (SELECT DISTINCT c FROM unnest(key_columns
-                  || CASE WHEN judged THEN pk || counted ELSE '{}' END) c) d),
-        'true') || ')';
     update_q := cdc_invalidator.queue_statement_v1('UPDATE', names, key_columns, key_columns);
     IF judged THEN
         -- Planned here, on the table itself, so that a write never meets a statement
@@ -424,6 +518,30 @@ BEGIN
             judged_q, update_q, tbl::oid, natts);
     END IF;
 
+    -- The columns whose text the function uses: it renders the key columns, and the
+    -- filter compares the counted ones as text (extra_float_digits = 0 prints two close
+    -- floats alike, which would hide a change). Unless all of them print alike in every
+    -- session, the function pins the settings that change how values print.
+    rendered := key_columns || CASE WHEN judged THEN counted ELSE '{}' END;
+    pinned := EXISTS (
+        SELECT FROM pg_attribute a
+        WHERE a.attrelid = tbl AND a.attname = ANY (rendered) AND a.attnum > 0
+          AND NOT a.attisdropped AND NOT cdc_invalidator.prints_alike_v1(a.atttypid));
+    -- false AND (r.a IS NULL AND r.b IS NULL): planned, so it fails on a missing column,
+    -- and never run.
+    -- A judged table's probe names the primary key and counted columns too: once one is
+    -- renamed or dropped, the table is not judged (queue_drifted_v1: every UPDATE).
+    -- Without pinned settings, the probe passes each rendered column to
+    -- prints_alike_probe_v1(), which has no overload for a type that needs them: once one
+    -- is retyped to such a type, the probe fails too (queue_drifted_unpinned_v1).
+    probe := 'false AND (' || coalesce((
+        SELECT string_agg(format(CASE WHEN NOT pinned AND c = ANY (rendered)
+                                      THEN 'cdc_invalidator.prints_alike_probe_v1(r.%I)'
+                                      ELSE 'r.%I IS NULL' END, c), ' AND ' ORDER BY c)
+        FROM (SELECT DISTINCT c FROM unnest(rendered
+                  || CASE WHEN judged THEN pk ELSE '{}' END) c) d),
+        'true') || ')';
+
     body := format($body$
         DECLARE
             renamed boolean := false;
@@ -436,12 +554,12 @@ BEGIN
                     ELSE
                         PERFORM FROM old_rows r WHERE %3$s;
                     END IF;
-                EXCEPTION WHEN undefined_column THEN
+                EXCEPTION WHEN undefined_column OR undefined_function OR ambiguous_function THEN
                     renamed := true;
                 END;
             END IF;
             IF renamed THEN
-                EXECUTE cdc_invalidator.queue_drifted_v1(%4$s, %5$L, %6$L, TG_OP, %7$L);
+                EXECUTE cdc_invalidator.%10$I(%4$s, %5$L, %6$L, TG_OP, %7$L);
                 GET DIAGNOSTICS queued = ROW_COUNT;
                 IF queued > 0 THEN
                     PERFORM pg_notify('cdc_invalidator_v1', '');
@@ -468,16 +586,21 @@ BEGIN
         update_q,
         probe, tbl::oid, key_columns, attnums, names,
         cdc_invalidator.queue_statement_v1('DELETE', names, key_columns, key_columns),
-        cdc_invalidator.queue_statement_v1('TRUNCATE', names, key_columns, key_columns));
+        cdc_invalidator.queue_statement_v1('TRUNCATE', names, key_columns, key_columns),
+        CASE WHEN pinned THEN 'queue_drifted_v1' ELSE 'queue_drifted_unpinned_v1' END);
 
     -- The body goes in as a quoted literal (%L): no table or column name can end it
-    -- early. The settings that change how values print as text are pinned, so that a
-    -- key renders the same whichever session wrote the row (timestamps in UTC, ISO).
+    -- early. When a rendered column needs them, the settings that change how values print
+    -- as text are pinned, so that a key renders the same whichever session wrote the row
+    -- (timestamps in UTC, ISO). Each SET clause costs every call (the setting is saved
+    -- and restored), so they are left out when every rendered column prints alike anyway.
+    -- CREATE OR REPLACE resets every SET clause the function had: none stays behind.
     EXECUTE format(
         'CREATE OR REPLACE FUNCTION %s() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER '
-        'SET search_path = pg_catalog, pg_temp SET "TimeZone" = %L SET "DateStyle" = %L '
-        'SET "IntervalStyle" = %L SET extra_float_digits = 1 AS %L',
-        fn, 'UTC', 'ISO, MDY', 'postgres', body);
+        'SET search_path = pg_catalog, pg_temp %s AS %L',
+        fn, CASE WHEN pinned THEN format(
+            'SET "TimeZone" = %L SET "DateStyle" = %L SET "IntervalStyle" = %L '
+            'SET extra_float_digits = 1', 'UTC', 'ISO, MDY', 'postgres') ELSE '' END, body);
     EXECUTE format('REVOKE ALL ON FUNCTION %s() FROM PUBLIC', fn);
     EXECUTE format('ALTER FUNCTION %s() OWNER TO %s', fn, owner);
     EXECUTE format('GRANT USAGE ON SCHEMA cdc_invalidator TO %s', owner);

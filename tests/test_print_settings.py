@@ -1,0 +1,236 @@
+"""The settings that change how values print (TimeZone, DateStyle, IntervalStyle,
+extra_float_digits), trigger mode: a capture function pins them only when a column it
+renders needs them, since each SET clause costs every write; a key column retyped to a
+type that needs them later, before install runs again, never renders with the writer's
+settings: its statements sweep the table instead.
+
+Each test reads the capture function's settings from the catalog (pg_proc.proconfig),
+then writes through real PostgreSQL and checks which Redis keys are left.
+"""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from cdc_invalidator.cli import main
+from tests.support.env import Env
+from tests.support.listener import Spawn, listening
+from tests.support.sync import SYNC, install, keys, settle
+from tests.support.waits import wait_until
+
+pytestmark = pytest.mark.servers
+
+SEARCH_PATH = "search_path=pg_catalog, pg_temp"
+PINNED = [
+    SEARCH_PATH,
+    "TimeZone=UTC",
+    "DateStyle=ISO, MDY",
+    "IntervalStyle=postgres",
+    "extra_float_digits=1",
+]
+# A writer whose session prints dates and times unlike the pinned settings.
+ODD_SESSION = ("SET TimeZone = 'America/New_York'", "SET DateStyle = 'SQL, DMY'")
+
+
+def settings_of(env: Env, table: str) -> list[str]:
+    """The SET clauses of `table`'s capture function."""
+    config = env.scalar(
+        "SELECT p.proconfig FROM pg_proc p"
+        " WHERE p.oid = format('cdc_invalidator.%%I()', 'capture_' || %s::regclass::oid"
+        " || '_v1')::regprocedure",
+        [table],
+    )
+    assert isinstance(config, list)
+    return config
+
+
+def write_as_odd_session(env: Env, *statements: str) -> None:
+    with env.connect() as conn:
+        for setting in ODD_SESSION:
+            conn.execute(setting.encode())
+        for statement in statements:
+            conn.execute(statement.encode())
+
+
+def test_which_types_print_alike_in_every_session(env: Env) -> None:
+    env.sql(
+        "CREATE TYPE mood AS ENUM ('ok');"
+        "CREATE DOMAIN id1 AS bigint; CREATE DOMAIN id2 AS id1;"
+        "CREATE DOMAIN at1 AS timestamptz; CREATE DOMAIN at2 AS at1;"
+        "CREATE TYPE pair AS (a int, b int)"
+    )
+    install(env, {})
+    alike = [
+        "int2", "int4", "int8", "numeric", "text", "varchar(9)", "char(3)", "name",
+        "uuid", "bool", "oid", "mood", "id1", "id2",
+    ]  # fmt: skip
+    unlike = [
+        "timestamptz", "timestamp", "date", "time", "timetz", "interval", "float4",
+        "float8", "int4[]", "text[]", "int4range", "pair", "json", "at1", "at2", "money",
+    ]  # fmt: skip
+    probe = "SELECT cdc_invalidator.prints_alike_probe_v1(NULL::{})"
+    for name in alike:
+        assert env.scalar("SELECT cdc_invalidator.prints_alike_v1(%s::regtype)", [name]), name
+        # The probe a capture function plans plans for exactly those types.
+        assert env.scalar(probe.format(name)) is True, name
+    for name in unlike:
+        assert not env.scalar("SELECT cdc_invalidator.prints_alike_v1(%s::regtype)", [name]), name
+        with pytest.raises(psycopg.errors.UndefinedFunction):
+            env.scalar(probe.format(name))
+
+
+def test_a_table_keyed_by_int_and_text_pins_nothing_but_search_path(env: Env) -> None:
+    env.sql(
+        "CREATE TYPE mood AS ENUM ('ok', 'meh');"
+        "CREATE TABLE users (id int PRIMARY KEY, email text, mood mood, at timestamptz);"
+        "INSERT INTO users VALUES (1, 'a@x', 'ok', now()), (2, 'b@x', 'ok', now())"
+    )
+    config = install(env, {"public.users": ["user:{id}", "user:email:{email}:{mood}"]})
+    assert settings_of(env, "users") == [SEARCH_PATH]
+    r = env.redis()
+    r.mset({"user:1": "-", "user:email:a@x:ok": "-", "user:2": "-", "user:email:b@x:ok": "-"})
+    r.set("user:email:new@x:meh", "-")
+    with listening(config):
+        write_as_odd_session(env, "UPDATE users SET email = 'new@x', mood = 'meh' WHERE id = 1")
+        settle(env, r)
+    assert keys(r) == {"user:2", "user:email:b@x:ok"}
+
+
+def test_a_timestamptz_key_is_pinned_and_renders_in_utc_iso(env: Env) -> None:
+    env.sql(
+        "CREATE TABLE events (id int PRIMARY KEY, at timestamptz);"
+        "INSERT INTO events VALUES (1, '2024-05-01 12:00:00.5+00'), (2, '2024-05-02 12:00+00')"
+    )
+    config = install(env, {"public.events": ["event:{at}"]})
+    assert settings_of(env, "events") == PINNED
+    r = env.redis()
+    r.mset(
+        {
+            "event:2024-05-01 12:00:00.5+00": "-",
+            "event:2024-06-01 00:00:00+00": "-",
+            "event:2024-05-02 12:00:00+00": "spared",
+        }
+    )
+    with listening(config):
+        write_as_odd_session(
+            env, "UPDATE events SET at = '2024-05-31 20:00-04' WHERE id = 1"
+        )  # 2024-06-01 00:00 UTC
+        settle(env, r)
+    assert keys(r) == {"event:2024-05-02 12:00:00+00"}
+
+
+def test_a_column_filter_comparing_a_float_or_timestamp_is_pinned(env: Env) -> None:
+    """The filter compares counted columns as text: extra_float_digits = 0 would print
+    two close floats alike and hide a change."""
+    env.sql(
+        "CREATE TABLE plain (id int PRIMARY KEY, name text, score float8, seen timestamptz);"
+        "CREATE TABLE scored (id int PRIMARY KEY, name text, score float8, seen timestamptz);"
+        "CREATE TABLE sync (id int PRIMARY KEY)"
+    )
+    config = env.config({"public.plain": ["plain:{id}"], "public.scored": ["scored:{id}"], **SYNC})
+    text = config.read_text()
+    for table, lines in (
+        ("plain", 'ignore_columns = ["score", "seen"]'),
+        ("scored", 'columns = ["score"]'),
+    ):
+        header = f'[tables."public.{table}"]\n'
+        assert header in text
+        text = text.replace(header, header + lines + "\n")
+    config.write_text(text)
+    assert main(["install", "--config", str(config)]) == 0
+    assert settings_of(env, "plain") == [SEARCH_PATH]
+    assert settings_of(env, "scored") == PINNED
+
+
+def test_a_key_retyped_to_timestamptz_after_install_sweeps_until_install(
+    env: Env, spawn: Spawn
+) -> None:
+    env.sql(
+        "CREATE TABLE users (id int PRIMARY KEY, email text);"
+        "INSERT INTO users VALUES (1, 'a@x'), (2, 'b@x');"
+        "CREATE TABLE other (id int PRIMARY KEY)"
+    )
+    tables = {"public.users": ["user:{id}", "user:email:{email}"], "public.other": ["other:{id}"]}
+    config = install(env, tables)
+    assert settings_of(env, "users") == [SEARCH_PATH]
+    r = env.redis()
+    listener = spawn(config)
+    with env.connect() as writer:
+        # This session has run the capture function (and planned its probe) before the
+        # retype: the probe is planned again after it.
+        writer.execute("UPDATE users SET email = 'a2@x' WHERE id = 1")
+        settle(env, r)
+        env.sql(
+            "ALTER TABLE users ALTER COLUMN id TYPE timestamptz"
+            " USING '2024-05-01 12:00+00'::timestamptz + id * interval '1 day'"
+        )
+        r.mset({"user:2024-05-03 12:00:00+00": "-", "user:email:b@x": "-", "other:1": "-"})
+        for setting in ODD_SESSION:
+            writer.execute(setting.encode())
+        writer.execute("UPDATE users SET email = 'b2@x' WHERE email = 'b@x'")  # succeeds
+    # The key would render in the writer's zone and style: every key of users is swept.
+    wait_until(lambda: keys(r) == {"other:1"}, what="users' templates swept")
+    wait_until(lambda: listener.logged("unrenderable_changes_swept"), what="the sweep logged")
+    line = listener.logged("unrenderable_changes_swept")[0]
+    assert line["table"] == "public.users"
+    assert "key column id is now of type timestamp with time zone" in line["reason"]
+    assert "run install" in line["reason"]
+
+    # install pins the settings: keys render exactly again, in UTC and ISO.
+    assert main(["install", "--config", str(config)]) == 0
+    assert settings_of(env, "users") == PINNED
+    r.mset({"user:2024-05-03 12:00:00+00": "-", "user:email:b2@x": "-", "user:spared": "-"})
+    write_as_odd_session(env, "UPDATE users SET email = 'b3@x' WHERE email = 'b2@x'")
+    settle(env, r)
+    assert keys(r) == {"other:1", "user:spared"}
+
+
+def test_a_key_retyped_from_int_to_bigint_renders_as_before(env: Env, spawn: Spawn) -> None:
+    env.sql(
+        "CREATE TABLE users (id int PRIMARY KEY, email varchar(50));"
+        "INSERT INTO users VALUES (1, 'a@x'), (2, 'b@x')"
+    )
+    config = install(env, {"public.users": ["user:{id}", "user:email:{email}"]})
+    assert settings_of(env, "users") == [SEARCH_PATH]
+    r = env.redis()
+    listener = spawn(config)
+    with env.connect() as writer:
+        writer.execute("UPDATE users SET email = 'a1@x' WHERE id = 1")
+        settle(env, r)
+        env.sql(
+            "ALTER TABLE users ALTER COLUMN id TYPE bigint;"
+            "ALTER TABLE users ALTER COLUMN email TYPE text"
+        )
+        r.mset({"user:1": "-", "user:email:a1@x": "-", "user:2": "-", "user:email:b@x": "-"})
+        writer.execute("UPDATE users SET email = 'a2@x' WHERE id = 1")
+    settle(env, r)
+    # Exactly the row's keys: no sweep.
+    assert keys(r) == {"user:2", "user:email:b@x"}
+    assert not listener.logged("unrenderable_changes_swept")
+
+
+def test_an_unpinned_filter_whose_counted_column_is_retyped_queues_every_update(
+    env: Env,
+) -> None:
+    env.sql(
+        "CREATE TABLE users (id int PRIMARY KEY, email text, name text, seen timestamptz);"
+        "INSERT INTO users VALUES (1, 'a@x', 'n', now()), (2, 'b@x', 'n', now());"
+        "CREATE TABLE sync (id int PRIMARY KEY)"
+    )
+    config = env.config({"public.users": ["user:{id}"], **SYNC})
+    header = '[tables."public.users"]\n'
+    config.write_text(config.read_text().replace(header, header + 'columns = ["name"]\n'))
+    assert main(["install", "--config", str(config)]) == 0
+    assert settings_of(env, "users") == [SEARCH_PATH]
+    r = env.redis()
+    r.mset({"user:1": "-", "user:2": "-"})
+    with listening(config):
+        env.sql("UPDATE users SET seen = now() WHERE id = 1")  # judged: not counted
+        settle(env, r)
+        assert keys(r) == {"user:1", "user:2"}
+        # name now prints by the writer's extra_float_digits: the filter is off.
+        env.sql("ALTER TABLE users ALTER COLUMN name TYPE float8 USING 1.5")
+        env.sql("UPDATE users SET seen = now() WHERE id = 1")
+        settle(env, r)
+    assert keys(r) == {"user:2"}
