@@ -4,6 +4,8 @@ and test_replay)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from cdc_invalidator.capture.rows import RowDecoder, encode_history
@@ -75,6 +77,16 @@ def test_history_rows_round_trip_what_the_listener_recorded() -> None:
     decoded = RowDecoder().history_row(42, encode_history(events))
     assert decoded.dead == []
     assert decoded.events == [e._replace(position=42) for e in events]
+
+
+def test_history_that_the_fast_encoder_refuses_is_still_recorded() -> None:
+    """A lone surrogate (text decoded leniently) and a position past 64 bits: orjson
+    refuses both, and the history is written by json instead, read back the same."""
+    events = [ChangeEvent(USERS, Op.DELETE, {"id": "\udcff", "email": "é"}, None, 0)]
+    transactions = [(0, 2**70, 1, 2)]
+    text = encode_history(events, transactions)
+    assert json.loads(text)[0][5] == [2**70, 1, 2]
+    assert RowDecoder().history_row(7, text).events == [events[0]._replace(position=7)]
 
 
 @pytest.mark.parametrize(

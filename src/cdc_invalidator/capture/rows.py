@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, Row, TableName
 
 _OPS = {op.value: op for op in Op}
@@ -55,7 +57,15 @@ def encode_history(
         if began is not None:
             item.append(list(began[1:]))
         items.append(item)
-    return json.dumps(items, separators=(",", ":"))
+    return _dumps(items)
+
+
+def _dumps(items: list[list[object]]) -> str:
+    try:
+        return orjson.dumps(items).decode()
+    except orjson.JSONEncodeError:
+        # An integer past 64 bits or a lone surrogate: json writes what orjson refuses.
+        return json.dumps(items, separators=(",", ":"))
 
 
 class RowDecoder:
