@@ -128,7 +128,7 @@ class RunnerConfig:
     poll_interval_s: float = 1.0
     retry_initial_s: float = 0.1
     retry_max_s: float = 10.0
-    linger_s: float = 0.005
+    linger_s: float = 0.02
     second_delete_s: float = 0.0  # 0: off
 
 

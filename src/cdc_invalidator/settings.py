@@ -220,7 +220,7 @@ class Settings(BaseSettings):
     # Most events read, mapped and deleted in one round.
     batch_size: Annotated[int, Field(ge=1, le=100_000)] = 5000
     # Under load, how long a batch may gather after the previous one started (0: off).
-    batch_linger_ms: Annotated[float, Field(ge=0, le=1000)] = 5.0
+    batch_linger_ms: Annotated[float, Field(ge=0, le=1000)] = 20.0
     # How often the listener looks at the queue with no NOTIFY (NOTIFY is lost while
     # disconnected, so it is a wake-up, never the only trigger).
     poll_interval_ms: Annotated[int, Field(ge=10)] = 1000
