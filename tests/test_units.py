@@ -17,7 +17,7 @@ from prometheus_client import generate_latest
 
 from cdc_invalidator.backoff import Backoff
 from cdc_invalidator.capture.errors import Fatal, returned
-from cdc_invalidator.capture.trigger_queue import Retention, Snapshot
+from cdc_invalidator.capture.trigger_queue import Chunk, Retention, Snapshot
 from cdc_invalidator.durations import format_duration, parse_duration
 from cdc_invalidator.mapping import Mapper
 from cdc_invalidator.metrics import Metrics
@@ -276,3 +276,20 @@ def test_lags_observed_together_expose_what_one_by_one_would() -> None:
 
     assert lag_lines(together) == lag_lines(one_by_one)
     assert any(line.endswith(" 8.0") for line in lag_lines(together))  # the count
+
+
+def test_a_chunk_finds_its_header_wherever_it_comes_and_counts_its_rows() -> None:
+    """fetch_batch.sql's header row says where the next chunk starts: UNION ALL promises
+    no order, so it is found by its first column, not taken as the first row."""
+    row_a = (None, 700, None, 5, "public", "users", "U", '{"id": "1"}', '{"id": "1"}')
+    row_b = (None, 701, None, 9, "public", "users", "D", '{"id": "2"}', None)
+    header = ("10:12:", 2, 701, 9, None, None, None, "[[700, 0.5], [701, 0.25]]", None)
+    chunk = Chunk.read([row_a, header, row_b])
+    assert chunk.window == "10:12:"
+    assert chunk.rows == [row_a, row_b]
+    assert chunk.last == ("701", 9)
+    assert chunk.xid_ages == {700: 0.5, 701: 0.25}
+    empty = Chunk.read([("10:12:", 0, None, None, None, None, None, None, None)])
+    assert (empty.rows, empty.last, empty.xid_ages) == ([], None, {})
+    with pytest.raises(Fatal, match="counted 3 rows and returned 2"):
+        Chunk.read([row_a, row_b, (*header[:1], 3, *header[2:])])
