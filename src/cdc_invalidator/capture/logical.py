@@ -40,6 +40,7 @@ from cdc_invalidator.capture.errors import (
     missing_privilege,
     returned,
 )
+from cdc_invalidator.capture.history_writer import HistoryWriter
 from cdc_invalidator.capture.pgoutput import (
     Begin,
     Commit,
@@ -257,6 +258,7 @@ class LogicalStream:
     ) -> None:
         self._stream = stream
         self._side = side
+        self._history = HistoryWriter(side)
         self._config = config
         self._known = self._resolve_configured()
         self._decoder = Decoder(self._resolve, self._old_values_not_sent, self._unrenderable)
@@ -294,10 +296,7 @@ class LogicalStream:
         if batch.dead:
             self._save_dead(batch)
         if batch.events and self._config.history_s:
-            self._side.execute(
-                Q.RECORD_HISTORY.sql,
-                {"events": encode_history(batch.events, batch.transactions)},
-            )
+            self._history.write(encode_history(batch.events, batch.transactions))
         if batch.resync:
             self._side.execute(
                 Q.SET_RESYNC.sql,
@@ -338,6 +337,7 @@ class LogicalStream:
     def close(self) -> None:
         """Confirm what is done if the connections still work, then close them."""
         with contextlib.suppress(psycopg.Error, OSError):
+            self._history.close()
             if self._confirmed > self._persisted:
                 self._status_if_due(force=True)
         self._stream.close()
@@ -530,6 +530,8 @@ class LogicalStream:
         if target > self._persisted and (
             force or self._event_commit > self._persisted or target - self._persisted >= CHASE_BYTES
         ):
+            # Never past a batch whose history is not written yet.
+            self._history.flush()
             self._side.execute(
                 Q.SAVE_ACK.sql,
                 {
