@@ -144,7 +144,8 @@ def describe_settings(bench: Bench, sizes: Sizes) -> dict[str, str]:
         f"big drain {sizes.big_rows or 'skipped (--big)'}; writes: pgbench, 2 clients, "
         f"{sizes.write_s} s runs, {sizes.write_rounds} rounds of unwatched, watched + "
         "listener and watched without listener, each round in another order; the target "
-        "ratio is of the medians"
+        "ratio is of the medians; trigger mode repeats them with CPU-bound writers "
+        "(pgbench's sessions with synchronous_commit off)"
     )
     return out
 
@@ -190,7 +191,8 @@ def render(report: Report) -> str:
         "node. Ours is timed from its `listener_started` log line until every key is gone.",
         "Replay: the same history rows read back (the queue's key columns taken out of",
         "the JSON by the server; history_v1's batches parsed in Python), the distinct keys",
-        "UNLINKed. Writes: the same pgbench UPDATE on an unwatched table, interleaved.",
+        "UNLINKed. Writes: the same pgbench UPDATE on an unwatched table, interleaved;",
+        "CPU-bound writers: the same with synchronous_commit off in pgbench's sessions.",
         "",
         "## Machine",
         "",

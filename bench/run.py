@@ -19,7 +19,8 @@ against a floor of that mode (floors.py):
    backlog (phases/cluster.py);
 3. write overhead: pgbench UPDATE throughput on a watched table with the listener
    running and with none, against an unwatched table, in interleaved rounds; medians,
-   their ratio and the rounds' spread (phases/writes.py);
+   their ratio and the rounds' spread (phases/writes.py); trigger mode then repeats the
+   rounds with CPU-bound writers (pgbench's sessions with synchronous_commit off);
 4. replay: `cdc-invalidator replay --since 15m` of N changes kept in history, against
    the floor reading the same history rows' key columns and UNLINKing the keys 500 per
    command in a pipeline (phases/replay.py);
@@ -180,8 +181,10 @@ def run_mode(
         f"floor {replayed.floor_s:.3f} s",
         flush=True,
     )
-    floor, ours, writes = measured
+    floor, ours, writes, cpu_bound = measured
     rows = [*latency_rows(mode, sizes.rate, floor, ours), *drains, *writes_rows(mode, writes)]
+    if cpu_bound is not None:
+        rows += writes_rows(mode, cpu_bound, cpu_bound=True)
     if not target.logical:
         print(f"[{mode}] 5. write cost of a column filter (pgbench)", flush=True)
         with meter.phase(f"{mode} judged writes"):
@@ -198,7 +201,9 @@ def run_mode(
 
 def measure_latency_and_writes(
     bench: Bench, sizes: Sizes, meter: CpuMeter, report: Report, target: Target
-) -> tuple[Latency, Latency, Writes]:
+) -> tuple[Latency, Latency, Writes, Writes | None]:
+    """Phases 1 and 3: the latency, the write overhead and, in trigger mode, the write
+    overhead with CPU-bound writers (None in logical mode)."""
     mode = target.mode
     print(f"[{mode}] 1. latency: floor and cdc-invalidator side by side", flush=True)
     floor_proc = start_floor_listener(bench, target)
@@ -218,7 +223,13 @@ def measure_latency_and_writes(
     with meter.phase(f"{mode} writes"):
         writes = measure_writes(bench, sizes, target)
     report.raw[f"{mode} writes"] = asdict(writes)
-    return floor, ours, writes
+    cpu_bound = None
+    if not target.logical:
+        print(f"[{mode}] 3. write overhead, CPU-bound writers (synchronous_commit off)", flush=True)
+        with meter.phase(f"{mode} writes, CPU-bound"):
+            cpu_bound = measure_writes(bench, sizes, target, cpu_bound=True)
+        report.raw[f"{mode} writes cpu-bound"] = asdict(cpu_bound)
+    return floor, ours, writes, cpu_bound
 
 
 def run_peers(
