@@ -138,7 +138,10 @@ def measure_latency(
     dsns = {LAT_FLOOR: target.dsn, LAT_OURS: target.dsn}
     warmup = alternate(floor_changes[:w], our_changes[:w], block)
     paced_updates(bench, warmup, sizes.rate, None, dsns)
-    wait_for(lambda: bench.dbsize() == 0, 10, "warm-up keys deleted")
+    # Untimed, and long enough for a logical slot that must first read past the WAL the
+    # earlier phases wrote in the other database (the CPU-bound write rounds write
+    # millions of rows): the warm-up is what lets both consumers catch up.
+    wait_for(lambda: bench.dbsize() == 0, 300, "warm-up keys deleted")
     schedule = alternate(floor_changes[w:], our_changes[w:], block)
     commits, deleted, cpu = timed_run(
         bench,
