@@ -357,6 +357,7 @@ class Chaos:
         self.started = time.monotonic()
         self.history = History(self.started)
         self.truth = Truth()
+        self._marker_key = f"user:{MARKER_ID}"  # mark() sets the one its write must delete
         self.observed = StaleReads(self.truth)
         self.report = Report(params.capture)
         self._stop_writers = threading.Event()
@@ -675,16 +676,25 @@ class Chaos:
         return bool(row and row[0])
 
     def mark(self) -> Token:
-        """A marker write (its key cached first, so that its delete can be seen)."""
+        """A marker write: the marker row gets a new email each time, whose key is cached
+        first, so that its delete can be seen. Only this write deletes that key: a
+        transaction streamed again after a reconnect (an earlier marker's among them)
+        deletes earlier emails' keys, and must not pass for this one."""
+        with self.connect() as conn:
+            row = conn.execute("SELECT nextval('chaos_version')").fetchone()
+        assert row is not None
+        version = int(row[0])
+        self._marker_key = f"user:email:{email_of(MARKER_ID, version)}"
         r = self.redis_client()
-        r.set(f"user:{MARKER_ID}", "marker")
+        r.set(self._marker_key, "marker")
         r.close()
         with self.connect() as conn, conn.transaction():
             changed = conn.execute(
-                "INSERT INTO users VALUES (%s, %s, 'marker', nextval('chaos_version'))"
-                " ON CONFLICT (id) DO UPDATE SET version = excluded.version"
+                "INSERT INTO users VALUES (%s, %s, 'marker', %s)"
+                " ON CONFLICT (id) DO UPDATE SET email = excluded.email,"
+                " version = excluded.version"
                 " RETURNING 'update', id, email, version",
-                [MARKER_ID, email_of(MARKER_ID, 0)],
+                [MARKER_ID, email_of(MARKER_ID, version), version],
             ).fetchall()
             token = self.token(conn)
             order, began = self.position(conn)[1], time.monotonic()
@@ -694,7 +704,7 @@ class Chaos:
     def marker_deleted(self) -> bool:
         r = self.redis_client()
         try:
-            return not r.exists(f"user:{MARKER_ID}")
+            return not r.exists(self._marker_key)
         finally:
             r.close()
 
