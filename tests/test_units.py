@@ -12,12 +12,20 @@ import time
 from pathlib import Path
 from typing import cast
 
+import psycopg
 import pytest
 from prometheus_client import generate_latest
 
 from cdc_invalidator.backoff import Backoff
 from cdc_invalidator.capture.errors import Fatal, returned
-from cdc_invalidator.capture.trigger_queue import Chunk, Retention, Snapshot
+from cdc_invalidator.capture.trigger_queue import (
+    Chunk,
+    FetchKey,
+    ReadAhead,
+    Retention,
+    Snapshot,
+    fetch_key,
+)
 from cdc_invalidator.durations import format_duration, parse_duration
 from cdc_invalidator.mapping import Mapper
 from cdc_invalidator.metrics import Metrics
@@ -293,3 +301,35 @@ def test_a_chunk_finds_its_header_wherever_it_comes_and_counts_its_rows() -> Non
     assert (empty.rows, empty.last, empty.xid_ages) == ([], None, {})
     with pytest.raises(Fatal, match="counted 3 rows and returned 2"):
         Chunk.read([row_a, row_b, (*header[:1], 3, *header[2:])])
+
+
+def test_a_read_ahead_is_taken_only_for_the_read_it_was_started_for() -> None:
+    """The next chunk read ahead serves the batch() that continues from an acknowledged
+    chunk; after a chunk that was not acknowledged (another key) it is thrown away, and
+    its failure is raised only to the read it stood for."""
+    reads: list[FetchKey] = []
+
+    def fetch(key: FetchKey) -> list[tuple[object, ...]]:
+        reads.append(key)
+        if key[6] < 0:
+            raise psycopg.OperationalError("gone")
+        return [(key,)]
+
+    ahead = ReadAhead(fetch)
+    done = Snapshot.parse("10:12:")
+    nxt = fetch_key(done, done, ("11", 5), 100)
+    assert ahead.take(nxt) is None  # nothing started
+    ahead.start(nxt)
+    assert ahead.take(nxt) == [(nxt,)]
+    assert ahead.take(nxt) is None  # taken once
+    ahead.start(nxt)
+    again = fetch_key(done, None, ("0", 0), 100)  # the chunk was not acknowledged
+    assert ahead.take(again) is None
+    failing = fetch_key(done, done, ("11", 5), -1)
+    ahead.start(failing)
+    assert ahead.take(again) is None  # another read's failure: not this one's
+    ahead.start(failing)
+    with pytest.raises(psycopg.OperationalError):
+        ahead.take(failing)
+    ahead.close()
+    assert reads == [nxt, nxt, failing, failing]

@@ -72,12 +72,15 @@ class QueueBatch:
     size: int
     events: list[ChangeEvent]
     dead: dict[int, str] = field(default_factory=dict)
-    ages_s: list[float] = field(default_factory=list)
     read_at: float = 0.0
-    # The rows as read (fetch_batch.sql's row columns: xid at 1, id at 3) and each
-    # transaction's age by xid: what origins() looks up, only then.
+    # The rows as read (fetch_batch.sql's row columns: xid at 1, id at 3), for origins(),
+    # and each transaction's age by xid.
     rows: list[tuple[Any, ...]] = field(default_factory=list)
     xid_ages: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def ages_s(self) -> list[float]:
+        return list(self.xid_ages.values())
 
     def dead_letter(self, position: int, error: str) -> None:
         self.dead[position] = error
@@ -342,7 +345,6 @@ class TriggerQueue:
             size=len(rows),
             events=decoded.events,
             dead=dict(decoded.dead),
-            ages_s=list(chunk.xid_ages.values()),
             read_at=time.monotonic(),
             rows=rows,
             xid_ages=chunk.xid_ages,
