@@ -126,6 +126,31 @@ def test_metrics_count_the_work_and_the_lag(env: Env, spawn: Spawn) -> None:
     stop_listener(listener)
 
 
+def test_a_transaction_larger_than_a_batch_held_up_is_behind(env: Env, spawn: Spawn) -> None:
+    """Its first batch holds no commit yet (logical mode reads it later in the stream):
+    held up by Redis, the listener is behind from the transaction's commit time all
+    the same."""
+    port = free_port()
+    config = setup_users(
+        env, rows=10, metrics_port=port, ready_max_lag_s=0.5, batch_size=4, redis_timeout_s=60
+    )
+    listener = spawn(config)
+    wait_until(lambda: probe(port, "/readyz")[0] == 200, what="the listener ready")
+    r = env.redis()
+    cache(r, range(1, 11))
+    r.client_pause(PAUSE_MS, all=False)
+    try:
+        env.sql("UPDATE users SET email = 'm' || id || '@x'")  # 10 changes: 3 batches
+        wait_until(lambda: blocked_on_redis(r), what="the listener's UNLINKs held")
+        wait_until(lambda: probe(port, "/readyz")[0] == 503, what="the listener behind")
+        assert probe(port, "/readyz")[1]["behind_s"] > 0.5
+    finally:
+        r.client_unpause()
+    wait_until(lambda: r.exists(*[k for i in range(1, 11) for k in keys_of(i)]) == 0, what="gone")
+    wait_until(lambda: probe(port, "/readyz")[0] == 200, what="ready again")
+    stop_listener(listener)
+
+
 def test_readyz_fails_while_redis_is_down_and_counts_the_outage(own_env: Env, spawn: Spawn) -> None:
     port = free_port()
     config = setup_users(own_env, rows=1, metrics_port=port)

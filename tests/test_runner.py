@@ -87,6 +87,7 @@ class FakeBatch:
     ages_s: list[float] = field(default_factory=list)
     read_at: float = 0.0
     dead: dict[int, str] = field(default_factory=dict)
+    oldest_s: float | None = None
 
     @property
     def size(self) -> int:
@@ -110,6 +111,9 @@ class Arrives:
     ids: list[int]
     at: float = T0
     ages_s: list[float] = field(default_factory=list)
+    # The oldest transaction's age, if not the oldest of ages_s (one whose commit is in
+    # a later batch).
+    oldest_s: float | None = None
 
 
 @dataclass
@@ -167,7 +171,10 @@ class FakeSource:
             if item is not None and item.at <= clock.now:
                 self._script.popleft()
                 assert len(item.ids) <= limit, "a script batch larger than batch_size"
-                self._pending = FakeBatch(item.ids, item.ages_s, read_at=clock.now)
+                oldest_s = item.oldest_s
+                if oldest_s is None:
+                    oldest_s = max(item.ages_s, default=None)
+                self._pending = FakeBatch(item.ids, item.ages_s, clock.now, oldest_s=oldest_s)
             else:
                 self._pending = FakeBatch([], read_at=clock.now)
         batch = self._pending
@@ -534,6 +541,29 @@ def test_lag_and_behind_come_from_the_batch_ages(world: World) -> None:
     assert registry.get_sample_value("cdc_invalidator_commit_to_delete_seconds_sum") == (
         pytest.approx(2.25 + 0.75)
     )
+
+
+def test_a_held_batch_is_behind_from_its_oldest_transaction_not_its_commits(
+    world: World,
+) -> None:
+    """A batch of a transaction whose commit comes in a later batch (logical mode
+    streams a large one in pieces) has no ages_s; held up by Redis, it is behind all
+    the same."""
+    seen = []
+
+    def held_redis() -> None:
+        world.clock.advance(1.0)
+        seen.append(r.health(stall_s=60.0, max_lag_s=0.5))
+        world.stopper.stop()
+
+    source = FakeSource(world, [Arrives([1, 2], ages_s=[], oldest_s=0.2)])
+    r = make_runner(world, source, FakeSink(world, on_delete=held_redis))
+    r.redis.up()
+    r.postgres.up()
+    r.run()
+    (health,) = seen
+    assert health.ready is False
+    assert health.detail["behind_s"] == pytest.approx(1.2)
 
 
 # --- second deletes -----------------------------------------------------------------------

@@ -69,6 +69,13 @@ class Batch(Protocol):
         commit-to-delete lag. Empty in a batch of size 0: caught up."""
 
     @property
+    def oldest_s(self) -> float | None:
+        """How long before `read_at` the oldest transaction the batch holds changes of
+        was recorded; None if it holds none. Unlike `ages_s`, this counts a transaction
+        whose commit the batch has not reached yet (logical mode streams a large one in
+        pieces): a batch held up is behind from its first change, not its last commit."""
+
+    @property
     def read_at(self) -> float:
         """When the batch was read (time.monotonic()): the instant `ages_s` refer to."""
 
@@ -325,8 +332,8 @@ class Runner:
                 if not batch.ages_s:
                     self.behind_s = 0.0  # caught up
                 return 0
-            if batch.ages_s:
-                self.in_hand_since = batch.read_at - max(batch.ages_s)
+            if (oldest_s := batch.oldest_s) is not None:
+                self.in_hand_since = batch.read_at - oldest_s
             works, failed = self._mapper.map_all(batch.events)
             for event, exc in failed:
                 batch.dead_letter(event.position, str(exc))

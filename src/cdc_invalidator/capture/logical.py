@@ -97,6 +97,16 @@ class LogicalBatch:
     def dead_letter(self, position: int, error: str) -> None:
         self.dead[position] = error
 
+    @property
+    def oldest_s(self) -> float | None:
+        """From the oldest Begin: a transaction streamed in pieces counts before its
+        commit is read (its Begin carries the commit time)."""
+        if not self.transactions:
+            return None
+        oldest = min(t[3] for t in self.transactions)
+        read_wall = time.time() - (time.monotonic() - self.read_at) + self.clock_offset_s
+        return max(0.0, read_wall - PG_EPOCH - oldest / 1e6)
+
     def origins(self) -> list[Origin]:
         """Each event's transaction: its xid, commit LSN and commit time (on our clock)."""
         starts = [t[0] for t in self.transactions]

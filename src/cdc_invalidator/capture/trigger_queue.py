@@ -82,6 +82,10 @@ class QueueBatch:
     def ages_s(self) -> list[float]:
         return list(self.xid_ages.values())
 
+    @property
+    def oldest_s(self) -> float | None:
+        return max(self.xid_ages.values(), default=None)
+
     def dead_letter(self, position: int, error: str) -> None:
         self.dead[position] = error
 
