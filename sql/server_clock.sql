@@ -1,2 +1,5 @@
--- The server's clock, in Unix time: commit times in the stream are the server's.
-SELECT extract(epoch FROM clock_timestamp())::float8 AS now
+-- The server's clock, in Unix time: commit times in the stream are the server's. And
+-- what is complete now (pg_current_snapshot: xmin:xmax:xip), so that a transaction the
+-- stream later hands out is known to have been visible to readers by then.
+SELECT extract(epoch FROM clock_timestamp())::float8 AS now,
+       pg_current_snapshot()::text AS snapshot

@@ -25,7 +25,14 @@ from cdc_invalidator.redis_guard.window import UNKNOWN_PERSISTENCE_S, persistenc
 from cdc_invalidator.settings import load_settings
 from cdc_invalidator.sink import RedisSink
 from tests.support.env import Env, redis_of
-from tests.support.faults import acknowledged, cache, keys_of, setup_users, write
+from tests.support.faults import (
+    acknowledged,
+    blocked_on_redis,
+    cache,
+    keys_of,
+    setup_users,
+    write,
+)
 from tests.support.listener import ListenerProcess, Spawn, run_cli, stop_listener
 from tests.support.waits import wait_until
 
@@ -310,6 +317,37 @@ def test_second_delete_undoes_a_stale_set_after_the_first(env: Env, spawn: Spawn
     wait_until(lambda: r.exists("user:1") == 0, what="the second delete")
     stopped = stop_listener(listener)
     assert stopped["keys_deleted_again"] >= 1
+
+
+def test_a_backlog_deleted_after_the_readers_bound_owes_no_second_delete(
+    env: Env, spawn: Spawn
+) -> None:
+    """A stale SET lands at most second_delete_ms after the change became visible: a
+    first delete later than that came after every such SET. A backlog the listener finds
+    at its start is deleted (Redis holds the delete) more than second_delete_ms after it
+    was visible: it owes none; a change made while it runs does."""
+    config = setup_users(env, rows=2, second_delete_ms=1000)
+    r = env.redis()
+    cache(r, [1, 2])
+    env.sql("UPDATE users SET email = 'backlog@x' WHERE id = 1")  # no listener yet
+    r.client_pause(30_000, all=False)
+    try:
+        listener = spawn(config)
+        wait_until(lambda: blocked_on_redis(r), what="the backlog's UNLINK held")
+        # The one sleep here: the time under test, a hold longer than second_delete_ms.
+        time.sleep(1.1)
+    finally:
+        r.client_unpause()
+    wait_until(lambda: r.exists(*keys_of(1)) == 0, what="the backlog's delete")
+    r.set("user:1", "after the readers' bound")  # no reader of the old row can do this
+    cache(r, [2])
+    env.sql("UPDATE users SET email = 'live@x' WHERE id = 2")
+    wait_until(lambda: r.exists(*keys_of(2)) == 0, what="the live change's first delete")
+    r.set("user:2", "stale")  # a slow reader's, within second_delete_ms
+    stopped = stop_listener(listener)  # does the second deletes owed, at once
+    assert r.get("user:1") == "after the readers' bound", "the backlog owed no second delete"
+    assert r.exists("user:2") == 0, "the live change's second delete"
+    assert stopped["keys_deleted_again"] == 1
 
 
 # --- the window, from the server's own settings --------------------------------------

@@ -88,6 +88,7 @@ class FakeBatch:
     read_at: float = 0.0
     dead: dict[int, str] = field(default_factory=dict)
     oldest_s: float | None = None
+    visible_at: float | None = None
 
     @property
     def size(self) -> int:
@@ -114,6 +115,7 @@ class Arrives:
     # The oldest transaction's age, if not the oldest of ages_s (one whose commit is in
     # a later batch).
     oldest_s: float | None = None
+    visible_at: float | None = None  # when its changes were visible (clock time)
 
 
 @dataclass
@@ -174,7 +176,9 @@ class FakeSource:
                 oldest_s = item.oldest_s
                 if oldest_s is None:
                     oldest_s = max(item.ages_s, default=None)
-                self._pending = FakeBatch(item.ids, item.ages_s, clock.now, oldest_s=oldest_s)
+                self._pending = FakeBatch(
+                    item.ids, item.ages_s, clock.now, oldest_s=oldest_s, visible_at=item.visible_at
+                )
             else:
                 self._pending = FakeBatch([], read_at=clock.now)
         batch = self._pending
@@ -583,6 +587,29 @@ def test_second_deletes_fall_due_and_merge_within_10_ms(world: World) -> None:
     # Due second_delete_s after each first delete: the wait ends in time for them.
     assert at[3] == pytest.approx(at[0] + 30, abs=1e-6)
     assert at[4] == pytest.approx(at[2] + 30, abs=1e-6)
+
+
+def test_second_deletes_count_from_when_the_changes_were_visible(world: World) -> None:
+    """A reader's stale SET lands at most second_delete_s after the change was visible:
+    the second delete is due then, and owed not at all by a batch deleted later (a
+    backlog drained long after it was written)."""
+    source = FakeSource(
+        world,
+        [
+            Arrives([1], at=T0 + 10, visible_at=T0),  # visible 10 s ago: owes none
+            Arrives([2], at=T0 + 20, visible_at=T0 + 19.5),  # due at T0 + 19.5 + 2
+            Arrives([3], at=T0 + 30),  # unknown: due 2 s after its first delete
+        ],
+        stop_when_done=False,
+    )
+    world.clock.stop_at = T0 + 60
+    sink = FakeSink(world)
+    r = make_runner(world, source, sink, second_delete_s=2.0, poll_interval_s=7.0)
+    r.run()
+    assert [k for k, _ in sink.deletes] == [keys(1), keys(2), keys(2), keys(3), keys(3)]
+    at = [t for _, t in sink.deletes]
+    assert at[2] == pytest.approx(T0 + 21.5, abs=1e-6)
+    assert at[4] == pytest.approx(at[3] + 2, abs=1e-6)
 
 
 def test_second_deletes_are_done_on_shutdown(world: World) -> None:

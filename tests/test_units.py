@@ -18,6 +18,7 @@ from prometheus_client import generate_latest
 
 from cdc_invalidator.backoff import Backoff
 from cdc_invalidator.capture.errors import Fatal, returned
+from cdc_invalidator.capture.logical import Complete
 from cdc_invalidator.capture.trigger_queue import (
     Chunk,
     FetchKey,
@@ -333,3 +334,19 @@ def test_a_read_ahead_is_taken_only_for_the_read_it_was_started_for() -> None:
         ahead.take(failing)
     ahead.close()
     assert reads == [nxt, nxt, failing, failing]
+
+
+def test_complete_knows_which_streamed_transactions_had_ended_across_wraparound() -> None:
+    """pg_current_snapshot() gives 64-bit xids, the stream 32-bit ones, compared in
+    PostgreSQL's circular order."""
+    epoch = 3 << 32
+    xmin, xmax = epoch + 2**32 - 10, epoch + 2**32 + 5
+    # In progress: xmin itself (the oldest running) and 1, after the wrap.
+    near_wrap = Complete.parse(f"{xmin}:{xmax}:{xmin},{epoch + 2**32 + 1}", 1.0)
+    assert near_wrap.has(2**32 - 11)  # before xmin
+    assert not near_wrap.has(2**32 - 10)  # xmin itself was in progress
+    assert near_wrap.has(0)  # after the wrap, below xmax, not in progress
+    assert not near_wrap.has(1)  # in progress
+    assert not near_wrap.has(5)  # xmax: not yet started
+    assert not near_wrap.has(7)
+    assert near_wrap.at == 1.0

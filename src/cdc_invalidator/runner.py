@@ -76,6 +76,15 @@ class Batch(Protocol):
         pieces): a batch held up is behind from its first change, not its last commit."""
 
     @property
+    def visible_at(self) -> float | None:
+        """When (time.monotonic()) every change of the batch was certainly visible to a
+        reader's new snapshot; None if unknown. Trigger mode: when the snapshot the rows
+        were read in was taken. Logical mode: when the stream started, for the backlog
+        that had committed before; a commit streamed since may not be visible yet (a
+        synchronous standby holds it back): None. A second delete is due second_delete_s
+        after this (or after the first delete when None), and not at all if that is past."""
+
+    @property
     def read_at(self) -> float:
         """When the batch was read (time.monotonic()): the instant `ages_s` refer to."""
 
@@ -338,7 +347,7 @@ class Runner:
             for event, exc in failed:
                 batch.dead_letter(event.position, str(exc))
             deleted = self._sink.delete_routed(works)
-        self._later.add(works)
+        self._later.add(works, batch.visible_at)
         if self._tap is not None:
             self._tap.after(batch)
         # Committed: Redis had confirmed every delete before the acknowledgement.

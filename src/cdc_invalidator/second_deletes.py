@@ -38,17 +38,29 @@ class SecondDeletes:
         self._delay_s = delay_s  # 0: off
         self._counted = counted
         self._later: deque[tuple[float, Routed]] = deque()
+        self.skipped = 0  # batches that owed none: deleted after every stale SET could land
 
     @property
     def next_due(self) -> float | None:
         """When the next one falls due (time.monotonic()), None when none is owed."""
         return self._later[0][0] if self._later else None
 
-    def add(self, works: Routed) -> None:
-        """An acknowledged batch's keys, to delete again delay_s from now."""
+    def add(self, works: Routed, visible_at: float | None = None) -> None:
+        """An acknowledged batch's keys, to delete again delay_s after its changes were
+        visible (`visible_at`, time.monotonic()), or if that is unknown, after now (the
+        first delete). A stale SET comes from a reader that read the old row before the
+        change was visible, at most delay_s before it SETs: if the first delete was
+        later than that, it came after every such SET, and none is owed (a backlog
+        drained more than delay_s after it was written costs no second deletes)."""
         if not self._delay_s or not any(works.values()):
             return
-        due = time.monotonic() + self._delay_s
+        now = time.monotonic()
+        due = (now if visible_at is None else visible_at) + self._delay_s
+        if due <= now:
+            self.skipped += 1
+            return
+        if self._later:
+            due = max(due, self._later[-1][0])  # in order: a later one is as safe
         if self._later and due - self._later[-1][0] < SECOND_DELETE_MERGE_S:
             # Batches a few ms apart share one second delete: fewer, larger pipelines.
             merge(self._later[-1][1], works)

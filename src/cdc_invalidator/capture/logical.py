@@ -90,6 +90,8 @@ class LogicalBatch:
     # the server's clock) of each transaction the batch holds events of.
     transactions: list[tuple[int, int, int, int]] = field(default_factory=list)
     clock_offset_s: float = 0.0  # the server's clock minus ours (for origins())
+    # When every transaction of the batch was certainly visible to readers (runner.Batch)
+    visible_at: float | None = None
     ack_lsn: int = 0  # confirmed once the batch is acknowledged
     event_commit: int = 0  # end of the last transaction with events that the batch ends
     resync: bool = False  # the sweep owed after missed changes
@@ -234,12 +236,52 @@ class LogicalCapture:
 PG_EPOCH = 946_684_800.0
 
 
-def _clock_offset(side: psycopg.Connection[Any]) -> float:
-    """The server's clock minus ours, to within half a round trip."""
+@dataclass(frozen=True, slots=True)
+class Complete:
+    """The transactions a snapshot saw complete (its xmin, xmax and in-progress xids, to
+    32 bits as the stream's xids are), and when (time.monotonic(), taken after the
+    answer came: later than the snapshot, so an upper bound of when they were visible)."""
+
+    at: float
+    xmin: int
+    xmax: int
+    xip: frozenset[int]
+
+    @classmethod
+    def parse(cls, text: str, at: float) -> Complete:
+        xmin, xmax, xip = text.split(":")
+        return cls(
+            at,
+            int(xmin) & XID_MASK,
+            int(xmax) & XID_MASK,
+            frozenset(int(x) & XID_MASK for x in xip.split(",") if x),
+        )
+
+    def has(self, xid: int) -> bool:
+        """Whether the transaction `xid` had ended (committed, for one streamed) when
+        the snapshot was taken. xids wrap around at 2^32: compared as PostgreSQL does."""
+        if _precedes(xid, self.xmin):
+            return True
+        return _precedes(xid, self.xmax) and xid not in self.xip
+
+
+XID_MASK = (1 << 32) - 1
+
+
+def _precedes(a: int, b: int) -> bool:
+    """a is older than b, in PostgreSQL's circular 32-bit xid order."""
+    return a != b and ((a - b) & XID_MASK) >= 1 << 31
+
+
+def _clock_and_complete(side: psycopg.Connection[Any]) -> tuple[float, Complete | None]:
+    """The server's clock minus ours, to within half a round trip; and what the server
+    saw complete."""
     before = time.time()
     row = side.execute(Q.SERVER_CLOCK.sql).fetchone()
     after = time.time()
-    return float(row[0]) - (before + after) / 2 if row else 0.0
+    if row is None:
+        return 0.0, None
+    return float(row[0]) - (before + after) / 2, Complete.parse(row[1], time.monotonic())
 
 
 def _explain_refusal(side: psycopg.Connection[Any], exc: psycopg.Error) -> None:
@@ -288,8 +330,10 @@ class LogicalStream:
         self._status_at = time.monotonic()
         self._heartbeat_at = time.monotonic()
         self._pruned_at = time.monotonic()
-        # The server's clock minus ours: commit times are the server's.
-        self._clock_offset_s = _clock_offset(side)
+        # The server's clock minus ours: commit times are the server's. And what was
+        # complete when the stream started: a backlog's transactions, visible to readers
+        # before then (second deletes need no more than that).
+        self._clock_offset_s, self._complete = _clock_and_complete(side)
 
     # --- the runner's Source protocol ---------------------------------------------------
 
@@ -409,7 +453,20 @@ class LogicalStream:
         if self._in_txn is not None:
             self._txn_events += size - txn_from
         batch.size = size
+        batch.visible_at = self._visible_at(transactions)
         return batch
+
+    def _visible_at(self, transactions: list[tuple[int, int, int, int]]) -> float | None:
+        """When the batch's transactions were all visible: while the stream hands out
+        the backlog complete when it started. (The stream is in commit order: once one
+        was not complete then, none after it was.)"""
+        complete = self._complete
+        if complete is None:
+            return None
+        if all(complete.has(t[1]) for t in transactions):
+            return complete.at
+        self._complete = None
+        return None
 
     def _commit(self, commit: Commit, batch: LogicalBatch, events: int) -> None:
         self._in_txn = None

@@ -77,6 +77,8 @@ class QueueBatch:
     # and each transaction's age by xid.
     rows: list[tuple[Any, ...]] = field(default_factory=list)
     xid_ages: dict[int, float] = field(default_factory=dict)
+    # When the window's snapshot was taken: every row read in it had committed by then.
+    visible_at: float | None = None
 
     @property
     def ages_s(self) -> list[float]:
@@ -327,6 +329,10 @@ class TriggerQueue:
         self._decoder = RowDecoder()
         self._wakeup = WakeupPolicy()
         self._read_ahead = ReadAhead(self._fetch)
+        # When the window's snapshot was taken (time.monotonic(), an upper bound): its
+        # rows were visible to readers by then. A window saved by an earlier connection
+        # was taken before this one started.
+        self._window_at = time.monotonic()
 
     @contextmanager
     def batch(self, limit: int) -> Iterator[QueueBatch]:
@@ -336,7 +342,9 @@ class TriggerQueue:
         key = fetch_key(progress.done, progress.window, progress.after, limit)
         answer = self._read_ahead.take(key)
         chunk = Chunk.read(answer if answer is not None else self._fetch(key))
-        window = progress.window or Snapshot.parse(chunk.window)
+        window = progress.window
+        if window is None:  # a new window: its snapshot was taken by this read
+            window, self._window_at = Snapshot.parse(chunk.window), time.monotonic()
         if chunk.last is not None and len(chunk.rows) >= limit:
             # More of this window waits: read its next chunk while this one's keys are
             # deleted (the server works on it meanwhile). Taken by the next batch() if
@@ -352,6 +360,7 @@ class TriggerQueue:
             read_at=time.monotonic(),
             rows=rows,
             xid_ages=chunk.xid_ages,
+            visible_at=self._window_at,
         )
         yield batch
         # Acknowledged: Redis confirmed every delete of the batch.
