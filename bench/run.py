@@ -27,10 +27,13 @@ against a floor of that mode (floors.py):
 5. cache hit rate of a cache-aside workload whose updates mostly (90 %) touch a column
    no cache holds, on two tables alike but for `ignore_columns` (phases/hit_rate.py);
    trigger mode also measures the writers' cost of that filter (phases/judged_writes.py);
-6. `--peers`: Debezium's embedded engine (pydbzengine) beside ours in logical mode:
+6. second deletes: their cost (`second_delete_ms` at its default against 0) in
+   listener CPU, Redis UNLINK commands and time per change at a fixed write rate, and
+   in a backlog drain (phases/second_deletes.py);
+7. `--peers`: Debezium's embedded engine (pydbzengine) beside ours in logical mode:
    latency side by side, a drain of the same N, peak RSS (phases/peers.py).
 
-The listener runs with every setting at its default in every phase (replay_history too:
+The listener runs with every setting at its default in every phase but phase 6 (replay_history too:
 2 h of history kept), but where it connects.
 
 The servers, tables and listener process are in harness.py, the floors in floors.py
@@ -81,6 +84,7 @@ from phases.judged_writes import judged_rows, measure_judged_writes, prepare_jud
 from phases.latency import Latency, latency_ids, latency_rows, measure_latency
 from phases.peers import check_installed, find_jvm, measure_peers, peer_table
 from phases.replay import measure_replay, replay_rows
+from phases.second_deletes import measure_second_deletes, second_delete_rows
 from phases.writes import Writes, measure_writes, writes_rows
 from procs import CpuMeter
 from report import Report, Row, describe_machine, describe_settings, prefixed, write_results
@@ -196,6 +200,11 @@ def run_mode(
         hit_rate = measure_hit_rate(bench, sizes, target)
     report.raw[f"{mode} hit rate"] = asdict(hit_rate)
     rows += hit_rate_rows(hit_rate)
+    print(f"[{mode}] 6. second deletes: their cost against none", flush=True)
+    with meter.phase(f"{mode} second deletes"):
+        on, off = measure_second_deletes(bench, sizes, target)
+    report.raw[f"{mode} second deletes"] = {"on": asdict(on), "off": asdict(off)}
+    rows += second_delete_rows(on, off)
     return [*prefixed(mode, rows), *replay_rows(mode, replayed)]
 
 

@@ -69,9 +69,11 @@ def pgbench(  # noqa: PLR0913 - pgbench's run: the table, its length, where, wha
     column: str = "n",
     *,
     options: str | None = None,
+    rate: int | None = None,
 ) -> tuple[float, int]:
     """Single-row UPDATEs of `column` by id, 2 clients on 2 threads: (tps, transactions).
-    `options`: server settings for pgbench's sessions (libpq's PGOPTIONS)."""
+    `options`: server settings for pgbench's sessions (libpq's PGOPTIONS); `rate`: that
+    many transactions per second at most (pgbench -R), else as fast as they go."""
     env = dict(os.environ)
     if options:
         env["PGOPTIONS"] = f"{env.get('PGOPTIONS', '')} {options}".strip()
@@ -86,6 +88,7 @@ def pgbench(  # noqa: PLR0913 - pgbench's run: the table, its length, where, wha
             str(bench.pg.bindir / "pgbench"),
             *("-h", "127.0.0.1", "-p", str(bench.pg.port), "-U", "postgres"),
             *("-n", "-M", "prepared", "-c", "2", "-j", "2", "-T", str(seconds)),
+            *(("-R", str(rate)) if rate else ()),
             *("-f", str(script), dbname),
         ],
         capture_output=True,
