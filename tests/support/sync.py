@@ -28,10 +28,12 @@ QUEUE_LEN = "SELECT count(*) FROM cdc_invalidator.queue_v1"
 SLOT = "cdc_invalidator"  # the default slot_name and publication_name
 
 
-def install(env: Env, tables: Mapping[str, Sequence[str]], name: str = "config.toml") -> Path:
+def install(
+    env: Env, tables: Mapping[str, Sequence[str]], name: str = "config.toml", **settings: object
+) -> Path:
     if env.scalar("SELECT to_regclass('public.sync')") is None:
         env.sql("CREATE TABLE sync (id int PRIMARY KEY)")
-    config = env.config({**tables, **SYNC}, name=name)
+    config = env.config({**tables, **SYNC}, name=name, **settings)
     assert main(["install", "--config", str(config)]) == 0
     return config
 
