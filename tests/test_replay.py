@@ -43,9 +43,9 @@ ROWS = range(1, 51)
 BYSTANDER = "session:42"
 
 
-# The replay alone: the edit's second deletes, owed when Redis restarts on the snapshot,
-# would delete some restored keys before the replay finds them.
-REPLAY_ALONE: dict[str, object] = {"second_delete_ms": 0}
+# The replay alone (second_delete_ms = 0 where a test counts what a replay finds): the
+# edit's second deletes, owed when Redis restarts on the snapshot, would delete some
+# restored keys before the replay finds them.
 
 
 def edit_every_row(env: Env) -> None:
@@ -85,7 +85,7 @@ def test_redis_restored_from_an_old_snapshot_gets_its_stale_keys_deleted_again(
     own_env: Env, spawn: Spawn
 ) -> None:
     with_rdb_snapshots(own_env)
-    config = setup_users(own_env, rows=len(ROWS), replay_history="1h", **REPLAY_ALONE)
+    config = setup_users(own_env, rows=len(ROWS), replay_history="1h", second_delete_ms=0)
     listener = spawn(config)
     r = snapshot_then_edit(own_env, listener)
 
@@ -129,7 +129,7 @@ def test_redis_restored_while_the_listener_was_down_is_replayed_on_its_start(
 def test_replay_window_zero_turns_replay_off(own_env: Env, spawn: Spawn) -> None:
     with_rdb_snapshots(own_env)
     config = setup_users(
-        own_env, rows=len(ROWS), replay_history="1h", replay_window="0s", **REPLAY_ALONE
+        own_env, rows=len(ROWS), replay_history="1h", replay_window="0s", second_delete_ms=0
     )
     listener = spawn(config)
     snapshot_then_edit(own_env, listener)
@@ -224,7 +224,7 @@ def test_replay_after_redis_restarts_skips_bad_rows_and_the_listener_runs_on(
     own_env: Env, spawn: Spawn
 ) -> None:
     with_rdb_snapshots(own_env)
-    config = setup_users(own_env, rows=len(ROWS), replay_history="1h", **REPLAY_ALONE)
+    config = setup_users(own_env, rows=len(ROWS), replay_history="1h", second_delete_ms=0)
     listener = spawn(config)
     r = own_env.redis()
     wait_until(lambda: listener.logged("redis_identity_recorded"), what="the listener started")
