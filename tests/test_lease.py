@@ -7,6 +7,8 @@ joined; never on a clock. Concurrency is asserted by counts, never by timings.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -282,3 +284,28 @@ def test_the_listener_revokes_the_lease_of_a_read_it_made_stale(env: Env) -> Non
         )
         assert fresh == "changed@x"
         assert r.get("user:1") == "changed@x"
+
+
+# --- packaging --------------------------------------------------------------------------------
+
+WITHOUT_DJANGO = """
+import importlib, pkgutil, sys
+sys.modules["django"] = None  # as if not installed: any import of it fails
+import cdc_invalidator
+for m in pkgutil.walk_packages(cdc_invalidator.__path__, "cdc_invalidator."):
+    if m.name != "cdc_invalidator.django" and not m.name.endswith("__main__"):
+        importlib.import_module(m.name)
+try:
+    import cdc_invalidator.django
+except ImportError:
+    print("ok")
+"""
+
+
+def test_only_the_django_module_needs_django() -> None:
+    """Django is an optional extra (cdc-invalidator[django]): every other module
+    imports without it."""
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_DJANGO], capture_output=True, text=True, check=False
+    )
+    assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr[-2000:]
