@@ -12,6 +12,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from datetime import timedelta
+from typing import Any
 
 import pytest
 import redis
@@ -309,3 +310,29 @@ def test_only_the_django_module_needs_django() -> None:
         [sys.executable, "-c", WITHOUT_DJANGO], capture_output=True, text=True, check=False
     )
     assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr[-2000:]
+
+
+class Counted(redis.Redis):
+    """A client that counts the commands it sends (each one round trip: no pipelines)."""
+
+    sent: list[str]
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        self.sent.append(str(args[0]))
+        # redis-py leaves it unannotated (untyped_calls_exclude covers calls, not super()).
+        return super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+
+
+def test_a_hit_is_one_get_and_a_miss_one_round_trip_more(env: Env) -> None:
+    """What docs/consistency.md says leases cost."""
+    r = Counted(connection_pool=redis.ConnectionPool.from_url(env.redis_url, decode_responses=True))
+    r.sent = []
+    leases = LeaseCache(r)
+    leases.get_or_fill("warm-up", Loader("scripts loaded"))
+    r.sent.clear()
+    leases.get_or_fill("user:1", Loader("row"))  # a miss: GET, the lease, the fill
+    assert r.sent == ["GET", "EVALSHA", "EVALSHA"]
+    r.sent.clear()
+    leases.get_or_fill("user:1", Loader("unused"))  # a hit
+    assert r.sent == ["GET"]
+    r.close()
