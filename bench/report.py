@@ -129,7 +129,7 @@ def describe_settings(bench: Bench, sizes: Sizes) -> dict[str, str]:
     out["listener"] = (
         "`cdc-invalidator run`, every setting at its default in every phase (replay_history "
         "too: history kept for replay), but database_url, redis_url and, in logical mode, "
-        "slot_name: "
+        "slot_name (phase 6 also runs it with second_delete_ms = 0): "
         + ", ".join(
             f"{name}={f.get_default(call_default_factory=True)}"
             for name, f in Settings.model_fields.items()
