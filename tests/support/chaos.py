@@ -177,8 +177,8 @@ class Params:
     redis_save: bool = True
     # Each reader's SET compared with the committed states (stale_reads.StaleReads.set):
     # the staleness runs count the race's stale SETs. Off in the fault runs, which stay as
-    # they were: the readers' extra work made a timing-sensitive control flaky (the
-    # ack-before-unlink one, logical mode, failed 2 runs of 4 with it on).
+    # they were: it adds work under the truth's lock to every SET, beside the injector's
+    # timing-sensitive steps.
     count_stale_sets: bool = False
 
 
