@@ -105,6 +105,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from cdc_invalidator.cli import main as cli_main
+from cdc_invalidator.settings import load_settings
 from tests.support.config import write_config
 from tests.support.env import FAST_PG
 from tests.support.listener import ListenerProcess
@@ -157,7 +158,9 @@ class Params:
     writers: int = 3
     readers: int = 4
     ids: int = 200
-    second_delete_ms: int = 300
+    initial_rows: int | None = None  # rows 1..n at the start; None: three quarters of ids
+    # None: not in the listener's config, which runs with its default
+    second_delete_ms: int | None = 300
     writer_pause_s: float = 0.01
     reader_pause_s: float = 0.001
     # A share of the reads work a while between SELECT and SET (an app building the
@@ -169,6 +172,14 @@ class Params:
     replay_window: str = "auto"  # "0s": replay off, to show that the check would notice
     faults: tuple[str, ...] | None = None  # None: every kind of the capture mode
     mutant: str | None = None  # a broken listener (tests/support/mutants.py), for controls
+    # Redis restarted with `save 3600 1` first (the restore fault needs snapshots on; a
+    # run without faults may leave a shared Redis as it is).
+    redis_save: bool = True
+    # Each reader's SET compared with the committed states (stale_reads.StaleReads.set):
+    # the staleness runs count the race's stale SETs. Off in the fault runs, which stay as
+    # they were: it adds work under the truth's lock to every SET, beside the injector's
+    # timing-sensitive steps.
+    count_stale_sets: bool = False
 
 
 @dataclass
@@ -368,13 +379,15 @@ class Chaos:
         self._listeners: list[ListenerProcess] = []
         self._fault_windows: list[tuple[float, float]] = []
         self.config = workdir / "chaos.toml"
+        # What the listener runs with, read from its config once written (setup).
+        self.second_delete_ms = params.second_delete_ms or 0
 
     # --- set-up ---------------------------------------------------------------------------
 
     def setup(self) -> None:
         # RDB snapshots on, as a Redis that can come back older has: replay_window "auto"
         # derives the window from this rule (3600 s, more than a run lasts).
-        if "--save" not in self.rd.args:
+        if self.p.redis_save and "--save" not in self.rd.args:
             self.rd.args = [*self.rd.args, "--save", "3600 1"]
             self.rd.restart()
         with self.connect() as conn:
@@ -396,7 +409,7 @@ class Chaos:
             conn.execute(
                 "INSERT INTO users SELECT i, 'u' || i || '.0@x', 'n' || i, nextval('chaos_version')"
                 " FROM generate_series(1, %s) i",
-                [self.p.ids * 3 // 4],
+                [self.p.ids * 3 // 4 if self.p.initial_rows is None else self.p.initial_rows],
             )
             for n in range(self.p.rounds):
                 first = PROBE_BASE + n * PROBES
@@ -407,18 +420,20 @@ class Chaos:
                 )
             rows = conn.execute("SELECT 'insert', id, email, version FROM users").fetchall()
         self.truth.commit(0, 0.0, 0.0, rows)
-        mode: dict[str, object] = {"capture": "logical"} if self.p.capture == "logical" else {}
+        extra: dict[str, object] = {"capture": "logical"} if self.p.capture == "logical" else {}
+        if self.p.second_delete_ms is not None:
+            extra["second_delete_ms"] = self.p.second_delete_ms
         write_config(
             self.config,
             database_url=self.dsn,
             redis_url=self.rd.url,
             tables={"public.users": TEMPLATES},
-            second_delete_ms=self.p.second_delete_ms,
             replay_history="1h",
             redis_check_interval_ms=200,
             replay_window=self.p.replay_window,
-            **mode,
+            **extra,
         )
+        self.second_delete_ms = load_settings(self.config).second_delete_ms
         assert cli_main(["install", "--config", str(self.config)]) == 0, "install failed"
         self.start_listener()
 
@@ -624,16 +639,21 @@ class Chaos:
         value = render(conn.execute(query.encode(), [arg]).fetchone())
         if slow:
             time.sleep(slow)
+        sent = time.monotonic()
         r.set(key, value)
+        self.filled(stats, key, value, read_at, sent)
+        return value
+
+    def filled(self, stats: Stats, key: str, value: str, read_at: float, sent: float) -> None:
+        """A reader's SET of what it read at `read_at`, sent at `sent`, just returned."""
         set_at = time.monotonic()
-        self.observed.set(key, value, set_at)
+        self.observed.set(key, value, set_at, sent if self.p.count_stale_sets else None)
         gap_s = set_at - read_at
         stats.sets += 1
         stats.max_gap_s = max(stats.max_gap_s, gap_s)
-        if gap_s * 1000 > self.p.second_delete_ms > 0:
+        if gap_s * 1000 > self.second_delete_ms > 0:
             stats.slow_sets += 1
         self.history.note(id_of_key(key), f"SET {key} = {value} (gap {gap_s * 1000:.1f} ms)")
-        return value
 
     # --- acknowledgements -------------------------------------------------------------------
 
@@ -938,7 +958,7 @@ class Chaos:
         for thread in self._threads:
             if thread.name.startswith("writer"):
                 thread.join(30)
-        time.sleep(0.5)  # workload: readers refill the cache with the final data
+        self.refill()
         self._stop_readers.set()
         for thread in self._threads:
             thread.join(30)
@@ -948,6 +968,10 @@ class Chaos:
         assert self.listener.wait(30) == 0, "the listener did not exit cleanly"
         stopped = self.listener.logged("listener_stopped")
         self.report.listener = stopped[0] if stopped else {}
+
+    def refill(self) -> None:
+        """The readers, the writers stopped, refill the cache with the final data."""
+        time.sleep(0.5)  # workload
 
     def check(self, keys: Sequence[str] | None = None) -> list[str]:
         """Every cached key (or these) against the database: the stale ones."""
@@ -1085,7 +1109,12 @@ def run_one(params: Params, say: Callable[[str], None]) -> Report:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.chaos", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.chaos",
+        description=__doc__,
+        epilog="--staleness: quiet runs measuring the stale-set race instead, per listener"
+        " setting and reader slowness (tests/support/staleness.py; --staleness --help).",
+    )
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--round-s", type=float, default=3.0)
     parser.add_argument("--capture", choices=["trigger", "logical", "both"], default="both")

@@ -18,7 +18,12 @@ committed before its GET was sent:
   cannot undo and `second_delete_ms` bounds); the others waited for a delete (listener
   lag, or a fault);
 - an episode is "during a fault" when it overlaps a fault's window (from the fault until
-  the listener acknowledged a write made after it recovered); otherwise it is quiet.
+  the listener acknowledged a write made after it recovered); otherwise it is quiet;
+- a stale read is "still wrong" when its GET was sent STILL_WRONG_AFTER_S (50 ms) or more
+  after the commit that made it stale (Polaris's question: is the cache still
+  inconsistent some time after the write? The listener's lag alone stays below that);
+- a stale SET is a reader's SET of a value a commit had superseded before the SET was
+  sent: the stale-set race's last step, whether a delete then undoes it or not.
 
 Commit times are the writer's, taken just after COMMIT returned: a read in the
 moment between the commit and that record is compared with the older state (not
@@ -37,6 +42,9 @@ import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+# A stale read this long after the commit that made it stale is "still wrong".
+STILL_WRONG_AFTER_S = 0.05
 
 
 def id_of_key(key: str) -> int:
@@ -162,6 +170,8 @@ class Durations:
 class StaleReadSummary:
     compared: int = 0  # cache hits compared with the database
     stale_reads: int = 0
+    still_wrong: int = 0  # of those, read STILL_WRONG_AFTER_S or more after the commit
+    stale_sets: int = 0  # SETs of a value already superseded when they were sent
     quiet_races: Durations = field(default_factory=Durations)
     quiet_late: Durations = field(default_factory=Durations)
     fault_races: Durations = field(default_factory=Durations)
@@ -184,11 +194,16 @@ class StaleReads:
         self._episodes: dict[tuple[str, str], Episode] = {}
         self.compared = 0
         self.stale_reads = 0
+        self.still_wrong = 0
+        self.stale_sets = 0
 
-    def set(self, key: str, value: str, at: float) -> None:
-        """A reader SET `value` under `key` (`at`: when the SET returned)."""
+    def set(self, key: str, value: str, at: float, sent: float | None = None) -> None:
+        """A reader SET `value` under `key` (`at`: when the SET returned; `sent`, when
+        it was sent, if the SET is to be compared with the committed states)."""
+        stale = sent is not None and self._truth.stale_since(key, value, sent) is not None
         with self._lock:
             self._set_at[key, value] = at
+            self.stale_sets += stale
 
     def set_after(self, key: str, value: str, since: float) -> bool:
         """Whether a reader SET this value after `since`: the stale-set race."""
@@ -203,6 +218,7 @@ class StaleReads:
             if made is None:
                 return
             self.stale_reads += 1
+            self.still_wrong += asked_at - made.at >= STILL_WRONG_AFTER_S
             episode = self._episodes.get((key, value))
             if episode is None:
                 # SET after the COMMIT was sent: the reader read the row before it.
@@ -216,7 +232,9 @@ class StaleReads:
         """`faults`: each fault's window (from, to), in time.monotonic()."""
         with self._lock:
             episodes = list(self._episodes.values())
-            out = StaleReadSummary(self.compared, self.stale_reads)
+            out = StaleReadSummary(
+                self.compared, self.stale_reads, self.still_wrong, self.stale_sets
+            )
 
         def in_fault(e: Episode) -> bool:
             return any(e.since <= to and e.last_read >= start for start, to in faults)
