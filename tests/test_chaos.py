@@ -238,3 +238,22 @@ def test_the_race_outlives_the_delete_without_second_deletes(env: Env) -> None:
     assert result.stale_races == result.keys_stale, "\n".join(
         [summary, *(line for key in result.keys_stale[:5] for line in run.explain(key))]
     )
+
+
+def test_leases_leave_no_key_stale_after_readers_up_to_1s(env: Env) -> None:
+    """Readers up to 1 s slow between SELECT and SET, through
+    `cdc_invalidator.lease.LeaseCache(client).get_or_fill(key, loader, ttl=None)`, the
+    listener as it comes: no hot key stale at the end, and no hit still wrong 50 ms after
+    the commit that superseded it (issue 15 allows 0.1 % of hits; a run this short has a
+    few dozen)."""
+    run, result = run_staleness(env, "leases", 1000)
+    summary = "\n".join(result.lines())
+    assert result.keys_stale == [], "\n".join(
+        [summary, *(line for key in result.keys_stale[:5] for line in run.explain(key))]
+    )
+    assert result.stale_reads.still_wrong == 0, summary
+    # Not for want of the race: fills of values a commit had superseded were tried (and
+    # refused), the cache held keys to check, and hits were compared.
+    assert result.stale_reads.stale_sets > 0, summary
+    assert result.keys_cached > 0, summary
+    assert result.stale_reads.compared > 0, summary
