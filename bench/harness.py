@@ -157,14 +157,12 @@ class Bench:
             )
         admin.execute(sql.SQL("VACUUM ANALYZE {}").format(ident))
 
-    def write_config(self, target: Target, redis_url: str | None = None, **settings: int) -> None:
+    def write_config(self, target: Target, redis_url: str | None = None) -> None:
         # Every setting at its default (replay_history too: processed queue rows, or
-        # logical mode's history, kept for two hours), but where the listener connects
-        # and any `settings` a phase compares.
+        # logical mode's history, kept for two hours), but where the listener connects.
         lines = [
             f"database_url = {json.dumps(target.dsn)}",
             f"redis_url = {json.dumps(redis_url or self.rs.url)}",
-            *(f"{name} = {value}" for name, value in settings.items()),
         ]
         if target.logical:
             lines += ['capture = "logical"', f"slot_name = {json.dumps(SLOT)}"]

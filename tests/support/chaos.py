@@ -579,6 +579,13 @@ class Chaos:
             if committing is not None:
                 doubts.append((*committing, changed))
             raise
+        self.committed(committing, changed, stats)
+
+    def committed(
+        self, committing: tuple[str, int, float], changed: list[tuple[Any, ...]], stats: Stats
+    ) -> None:
+        """A write transaction's rows (op, id, email, version) as committed: the truth
+        every read is compared with, and each row's history."""
         self.truth.commit(committing[1], committing[2], time.monotonic(), changed)
         stats.writes += 1
         for op, row_id, email, version in changed:

@@ -259,10 +259,7 @@ class Staleness(Chaos):
             if committing is not None:
                 doubts.append((*committing, changed))
             raise
-        self.truth.commit(committing[1], committing[2], time.monotonic(), changed)
-        stats.writes += 1
-        for op, row_id, email, version in changed:
-            self.history.note(row_id, f"{op} committed: email={email} version={version}")
+        self.committed(committing, changed, stats)
 
     def _reader(self, rng: random.Random, stats: Stats) -> None:
         # No retries inside redis-py: a SET that failed is never sent again later.
