@@ -64,11 +64,12 @@ def pg_install(request: pytest.FixtureRequest) -> PgInstall:
     return pg
 
 
-def _docker_servers() -> Iterator[Servers]:  # pragma: no cover - needs a Docker engine
+def _docker_servers(major: int) -> Iterator[Servers]:  # pragma: no cover - needs Docker
     from testcontainers.postgres import PostgresContainer
     from testcontainers.redis import RedisContainer
 
-    pg = PostgresContainer("postgres:16", driver=None).with_command("-c wal_level=logical")
+    image = f"postgres:{major}"
+    pg = PostgresContainer(image, driver=None).with_command("-c wal_level=logical")
     rd = RedisContainer("redis:7")
     with pg, rd:
         host, port = pg.get_container_host_ip(), pg.get_exposed_port(5432)
@@ -91,9 +92,9 @@ def _local_servers() -> Iterator[Servers]:
 
 
 @pytest.fixture(scope="session")
-def servers() -> Iterator[Servers]:
+def servers(request: pytest.FixtureRequest) -> Iterator[Servers]:
     if os.environ.get("CDC_TEST_DOCKER") == "1":
-        yield from _docker_servers()
+        yield from _docker_servers(request.config.getoption("pg") or 15)
     else:
         yield from _local_servers()
 
