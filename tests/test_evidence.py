@@ -92,3 +92,5 @@ def test_servers_that_cannot_start_fail_the_run_under_ci(
     else:
         assert result.returncode == 1, output
         assert counts["integration"] == {"passed": 0, "failed": 2, "skipped": 0}, output
+        # Each failure names the PostgreSQL it ran on.
+        assert output.count(f"ran on PostgreSQL {version_of(broken_bindir)} (") == 2, output
