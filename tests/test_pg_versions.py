@@ -16,6 +16,7 @@ from cdc_invalidator.pg.versions import format_version, oldest_for, refusal
 from tests.support import pgversion
 from tests.support.env import Env
 from tests.support.pgversion import PgInstall
+from tests.support.psql import psql
 from tests.support.servers import ServerError
 
 USERS = {"public.users": ["user:{id}"]}
@@ -127,9 +128,35 @@ def test_programs_the_postgres_user_cannot_reach_are_named_and_others_still_foun
     hidden.mkdir()
     (hidden / "postgres").symlink_to(wheel / "postgres")
     monkeypatch.setattr(pgversion, "wheel_bindir", lambda: hidden)
+
+    def none_named() -> Path:  # not the wheel's again, as --pg 18 named it for this run
+        raise ServerError("none named")
+
+    monkeypatch.setattr(pgversion, "find_pg_bindir", none_named)
     assert pgversion.select(15).major == 15
     if os.geteuid() != 0:  # we run the servers ourselves: nothing is hidden from us
         assert pgversion.select(18).bindir == hidden
         return
     with pytest.raises(ServerError, match=r"as user 'postgres' \(every directory above it"):
         pgversion.select(18)
+
+
+@pytest.mark.usefixtures("capture")
+def test_the_install_script_run_by_hand_refuses_too_old_a_server(
+    env: Env, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`cdc-invalidator sql | psql`: the script checks the server itself, right after the
+    squatting guard, before it creates anything."""
+    monkeypatch.setattr(versions, "OLDEST", 99)
+    monkeypatch.setattr(versions, "OLDEST_LOGICAL", 99)
+    config = make_users(env)
+    code, script, err = run(config, "sql", capsys)
+    assert code == 0, err
+    result = psql(env, script)
+    assert result.returncode != 0
+    what = "logical capture" if env.logical else "cdc_invalidator"
+    version = env.scalar("SHOW server_version")
+    assert (
+        f"cdc_invalidator: the server is PostgreSQL {version}: {what} needs PostgreSQL 99 or later"
+    ) in result.stderr
+    assert env.scalar("SELECT to_regnamespace('cdc_invalidator')") is None
