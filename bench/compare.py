@@ -186,6 +186,13 @@ def _sizes_note(baseline: dict[str, Any], current: dict[str, Any]) -> list[str]:
             f"The options differ (baseline `{baseline.get('argv')}`, this run "
             f"`{current.get('argv')}`): rows of one run only are listed as new or gone."
         )
+    old_pg = baseline.get("machine", {}).get("postgresql")
+    new_pg = current.get("machine", {}).get("postgresql")
+    if old_pg and new_pg and str(old_pg).split(".")[0] != str(new_pg).split(".")[0]:
+        notes.append(
+            f"PostgreSQL differs (baseline {old_pg}, this run {new_pg}): a figure moves for "
+            "that reason too."
+        )
     return notes
 
 

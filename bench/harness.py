@@ -25,10 +25,13 @@ from redis.crc import key_slot
 # Run as a script (bench/run.py): the repository's root goes on the path for the test
 # rig's throwaway servers (tests/support is not part of the package).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.support import pgversion
+from tests.support.pgversion import PgInstall
 from tests.support.servers import (
     PostgresServer,
     RedisClusterServer,
     RedisServer,
+    ServerError,
 )
 
 from procs import proc_cpu_s, proc_status_kb, stop_process, wait_for
@@ -88,12 +91,22 @@ def user_keys(i: int) -> tuple[str, str]:
     return f"user:{i}", f"user:email:u{i}@example.com"
 
 
+def pg_install(major: int | None) -> PgInstall:
+    """PostgreSQL `major`'s programs (None: the system's). RuntimeError: none here."""
+    try:
+        return pgversion.select(major)
+    except ServerError as exc:
+        raise RuntimeError(str(exc)) from None
+
+
 class Bench:
     """The servers, an admin connection and the listener's config file."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, pg: PgInstall) -> None:
         self.workdir = workdir
-        self.pg = PostgresServer.create()  # default durable settings: fsync on
+        self.pg_install = pg  # which PostgreSQL (--pg): the report names it
+        # Default durable settings: fsync on.
+        self.pg = PostgresServer.create(bindir=pg.bindir)
         self.rs = RedisServer.create()
         self.pg.start()
         self.rs.start()

@@ -82,7 +82,7 @@ def describe_machine(bench: Bench) -> dict[str, str]:
         "cpu": model.group(1).strip() if model else "unknown",
         "ram": f"{int(mem.group(1)) / 1024 / 1024:.1f} GiB" if mem else "unknown",
         "kernel": platform.release(),
-        "postgresql": str(bench.execute("SHOW server_version")[0][0]),
+        "postgresql": f"{bench.execute('SHOW server_version')[0][0]} ({bench.pg_install.source})",
         "redis": str(redis_info.get("redis_version")),
         "python": platform.python_version(),
         "psycopg": psycopg.__version__,

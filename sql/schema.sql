@@ -421,6 +421,7 @@ AS $watch$
 DECLARE
     fn       text := format('cdc_invalidator.%I', 'capture_' || tbl::oid || '_v1');
     missing  text;
+    virtual  text;
     kind     "char";
     owner    regrole;
     schema_n name;
@@ -468,6 +469,19 @@ BEGIN
             missing, CASE judge WHEN 'ignore' THEN 'ignore_columns' ELSE 'columns' END
             USING ERRCODE = 'undefined_column';
     END IF;
+    -- A virtual generated column (PostgreSQL 18) is computed when read, and a trigger's
+    -- transition tables do not compute it (18.6: read as NULL, never changed): a key
+    -- built from one would never be deleted, a change counted by one never seen.
+    virtual := (
+        SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum) FROM pg_attribute a
+        WHERE a.attrelid = tbl AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = 'v'
+          AND (a.attname = ANY (key_columns)
+               OR (judge = 'columns' AND a.attname = ANY (filter_columns))));
+    IF virtual IS NOT NULL THEN
+        RAISE EXCEPTION 'cdc_invalidator.watch: column % of table % is a virtual generated column, which a trigger cannot read (PostgreSQL does not compute it in transition tables)', virtual, tbl
+            USING HINT = 'Use the columns it is computed from in the templates (or the column filter), or make it a STORED generated column.',
+                  ERRCODE = 'feature_not_supported';
+    END IF;
     -- The primary key pairs old and new rows; a table without one is not judged.
     pk := ARRAY(
         SELECT a.attname::text
@@ -479,6 +493,9 @@ BEGIN
         counted := ARRAY(
             SELECT a.attname::text FROM pg_attribute a
             WHERE a.attrelid = tbl AND a.attnum > 0 AND NOT a.attisdropped
+              -- Not a virtual generated column (unreadable here, see above): its change
+              -- is one of the columns it is computed from.
+              AND a.attgenerated <> 'v'
               AND (a.attname = ANY (key_columns)
                    OR (a.attname = ANY (filter_columns)) = (judge = 'columns'))
             -- Fixed-size values first: a change found there decides before any large

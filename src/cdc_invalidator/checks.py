@@ -17,6 +17,7 @@ from cdc_invalidator.durations import format_duration
 from cdc_invalidator.events import TableName
 from cdc_invalidator.mapping import KeyTemplate, Mapper
 from cdc_invalidator.mapping.columns import ColumnFilter, Judge
+from cdc_invalidator.pg import versions
 from cdc_invalidator.pg.queries import Q
 from cdc_invalidator.redact import redact_url
 from cdc_invalidator.redis_guard.window import MARGIN_S, persistence_window
@@ -106,6 +107,15 @@ def check_database(
     conn: psycopg.Connection[Any], settings: Settings, mode: ModeChecks, config_name: str
 ) -> Report:
     report = Report()
+    server = conn.info.server_version
+    too_old = versions.refusal(server, settings.capture)
+    if too_old:  # nothing else can be read: our SQL uses what the server lacks
+        report.errors.append(f"database {conn.info.dbname!r}: {too_old}")
+        return report
+    report.ok.append(
+        f"server: PostgreSQL {versions.format_version(server)} (server_version_num {server}); "
+        f"{settings.capture} capture needs {versions.oldest_for(settings.capture)} or later"
+    )
     mapper = settings.mapper()
     names = {TableName.parse(name): name for name in settings.tables}
     version = installed_version(conn)

@@ -26,7 +26,7 @@ from cdc_invalidator.capture.errors import Fatal, NotInstalled, missing_privileg
 from cdc_invalidator.checks import check_database, check_redis, check_templates
 from cdc_invalidator.database import DatabaseError, connect
 from cdc_invalidator.durations import format_duration, parse_duration
-from cdc_invalidator.install import SlotStepFailed, install
+from cdc_invalidator.install import SlotStepFailed, UnsupportedServer, install
 from cdc_invalidator.listener import build_listener
 from cdc_invalidator.mapping import Mapper
 from cdc_invalidator.metrics import BacklogCollector, Metrics
@@ -219,6 +219,9 @@ def cmd_install(args: argparse.Namespace, settings: Settings, console: Console) 
             done = install(conn, mode_for(settings))
         except SlotStepFailed as exc:
             console.error(f"installed, but {exc}")
+            return EXIT_FAILED
+        except UnsupportedServer as exc:
+            console.error(f"install refused, nothing was changed: {exc}")
             return EXIT_FAILED
         except psycopg.Error as exc:
             console.error(f"install failed, nothing was changed: {_pg_message(exc)}")

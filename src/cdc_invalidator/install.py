@@ -11,15 +11,24 @@ import psycopg
 from cdc_invalidator.capture import logical_sql, trigger_sql
 from cdc_invalidator.capture.errors import Fatal
 from cdc_invalidator.modes.base import CaptureMode
+from cdc_invalidator.pg import versions
 
 
 class SlotStepFailed(Exception):
     """The script was installed, but the slot step after it failed; says why."""
 
 
+class UnsupportedServer(Exception):
+    """The server is older than the capture mode needs: nothing was done; says why."""
+
+
 def install(conn: psycopg.Connection[Any], mode: CaptureMode) -> str:
-    """Install; return what was done, in one line. psycopg.Error: the script failed and
-    nothing was changed. SlotStepFailed: installed, but the slot step failed."""
+    """Install; return what was done, in one line. UnsupportedServer: the server is too
+    old, nothing was tried. psycopg.Error: the script failed and nothing was changed.
+    SlotStepFailed: installed, but the slot step failed."""
+    too_old = versions.refusal(conn.info.server_version, mode.name)
+    if too_old:
+        raise UnsupportedServer(too_old)
     trigger_sql.apply(conn, mode.install_script())
     try:
         return mode.finish_install(conn)

@@ -8,6 +8,10 @@
   counts those integration tests apart in the summary line, and writes the
   counts as JSON to the file named by `CDC_TEST_SUMMARY`: .ci/run reads it and fails
   a run in which no integration test passed.
+- Each run names its PostgreSQL (`--pg`, tests/support/pgversion.py): in the header, in
+  the summary line, in each failed integration test's report, and in its entry of the
+  summary file, which holds one entry per run (`make test` runs the suite on two
+  versions, each a pytest run of its own).
 """
 
 from __future__ import annotations
@@ -15,10 +19,13 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import pytest
+
+from tests.support.pgversion import PgInstall
 
 # The fixtures that start real servers (a test using one, directly or through another
 # fixture such as `env`, is an integration test). A test that starts its own inline says
@@ -58,11 +65,25 @@ def is_integration(item: pytest.Item) -> bool:
 
 
 class Evidence:
-    """Counts each test's outcome once (a failed setup or teardown makes it failed)."""
+    """Counts each test's outcome once (a failed setup or teardown makes it failed).
+    `pg`: the PostgreSQL the servers run (None: none was found, the servers' fixtures
+    say so)."""
 
-    def __init__(self) -> None:
+    def __init__(self, pg: PgInstall | None = None) -> None:
+        self.pg = pg
         self.integration: set[str] = set()
         self.outcome: dict[str, str] = {}
+
+    @pytest.hookimpl
+    def pytest_report_header(self) -> str:
+        return f"postgresql: {self.pg.describe() if self.pg else 'none found'}"
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item) -> Iterator[None]:
+        outcome: Any = yield
+        report: pytest.TestReport = outcome.get_result()
+        if report.failed and self.pg and item.nodeid in self.integration:
+            report.sections.append(("server", f"ran on {self.pg.describe()}"))
 
     @pytest.hookimpl
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
@@ -97,12 +118,18 @@ class Evidence:
         def said(kind: str) -> str:
             return ", ".join(f"{n} {outcome}" for outcome, n in counts[kind].items())
 
+        version = f" {self.pg.version}" if self.pg else ""
         terminalreporter.write_line(
-            f"integration tests (real PostgreSQL and Redis): {said('integration')}; "
+            f"integration tests (real PostgreSQL{version} and Redis): {said('integration')}; "
             f"other tests: {said('unit')}"
         )
 
     @pytest.hookimpl
     def pytest_sessionfinish(self) -> None:
+        """Append this run's counts to the summary file (a JSON list, one entry a run)."""
         if path := os.environ.get(SUMMARY_ENV):
-            Path(path).write_text(json.dumps(self.counts()))
+            summary = Path(path)
+            text = summary.read_text() if summary.exists() else ""
+            runs: list[dict[str, Any]] = json.loads(text) if text.strip() else []
+            runs.append({"pg": self.pg.version if self.pg else None, **self.counts()})
+            summary.write_text(json.dumps(runs))

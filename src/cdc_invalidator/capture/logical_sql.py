@@ -17,7 +17,7 @@ from psycopg import sql
 
 from cdc_invalidator.capture.errors import returned
 from cdc_invalidator.capture.slot import SlotClass, SlotState
-from cdc_invalidator.capture.trigger_sql import SCRIPT_HEADER, guard
+from cdc_invalidator.capture.trigger_sql import SCRIPT_HEADER, guard, version_check
 from cdc_invalidator.events import TableName
 from cdc_invalidator.mapping import Mapper
 from cdc_invalidator.mapping.columns import ColumnFilter
@@ -102,6 +102,8 @@ def install_script(
         [
             sql.SQL(SCRIPT_HEADER),
             guard(publication),
+            sql.SQL("\n"),
+            version_check("logical"),
             sql.SQL("\n"),
             Q.INSTALLING.sql,
             sql.SQL("\n"),

@@ -12,6 +12,7 @@ from cdc_invalidator.capture.errors import NotInstalled
 from cdc_invalidator.events import TableName
 from cdc_invalidator.mapping import Mapper
 from cdc_invalidator.mapping.columns import ColumnFilter
+from cdc_invalidator.pg import versions
 from cdc_invalidator.pg.queries import Q
 
 SCHEMA_VERSION = 1
@@ -64,6 +65,8 @@ def install_script(
         header,
         guard(None),
         sql.SQL("\n"),
+        version_check("trigger"),
+        sql.SQL("\n"),
         Q.SCHEMA.sql,
         sql.SQL("\n"),
         Q.GRANTS.sql,
@@ -88,6 +91,16 @@ def guard(publication: str | None, action: str = "install") -> sql.Composed:
     (sql/guard.sql). With `publication`, the publication of that name is checked too
     (logical mode reuses it; trigger mode only drops it)."""
     return Q.GUARD.sql.format(publication=sql.Literal(publication), action=sql.Literal(action))
+
+
+def version_check(capture: str) -> sql.Composed:
+    """After the guard in an install script: refuse a server older than `capture` mode
+    needs (the same bar `install` and `check` apply, cdc_invalidator.pg.versions)."""
+    oldest = versions.oldest_for(capture)
+    what = "logical capture" if capture == "logical" else "cdc_invalidator"
+    return Q.VERSION_CHECK.sql.format(
+        oldest_num=sql.Literal(oldest * 10000), what=sql.Literal(what), oldest=sql.Literal(oldest)
+    )
 
 
 def _leave_logical(publication: str) -> sql.Composed:

@@ -40,9 +40,13 @@ def free_port() -> int:
 
 
 def find_pg_bindir() -> Path:
-    candidates: list[str] = []
     if env := os.environ.get("CDC_INVALIDATOR_PG_BINDIR"):
-        candidates.append(env)
+        # Named on purpose (the tests' --pg, a developer's choice): never another one
+        # found instead, which would run on a version nobody asked for.
+        if not (Path(env) / "initdb").exists():
+            raise ServerError(f"CDC_INVALIDATOR_PG_BINDIR={env}: there is no initdb there")
+        return Path(env)
+    candidates: list[str] = []
     if pg_config := shutil.which("pg_config"):
         out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, check=False)
         candidates.append(out.stdout.strip())
@@ -116,8 +120,14 @@ class PostgresServer(Server):
         self.user = user
 
     @classmethod
-    def create(cls, settings: dict[str, str] | None = None, port: int | None = None) -> Self:
-        bindir = find_pg_bindir()
+    def create(
+        cls,
+        settings: dict[str, str] | None = None,
+        port: int | None = None,
+        bindir: Path | None = None,
+    ) -> Self:
+        """`bindir`: the PostgreSQL programs to run (default: find_pg_bindir())."""
+        bindir = bindir or find_pg_bindir()
         user = _pg_user()
         # Not under a 0700 pytest tmp dir: the postgres user must be able to reach it.
         directory = Path(tempfile.mkdtemp(prefix="cdc-invalidator-pg-"))
