@@ -49,6 +49,11 @@ database_url = "{database_url}"
 redis_url = "{redis_url}"
 capture = "{capture}"
 log_level = "warning"
+# 300 ms by default: every key deleted again that long after its change, for a reader
+# that SETs an old row after our delete. Off here: the demo times each delete by its
+# keyspace notification, and caches a key again at once for the next scene, which a
+# second delete would take before that scene's change.
+second_delete_ms = 0
 
 # Which Redis keys cache a row of each table. Fields are column names.
 [tables."public.users"]
