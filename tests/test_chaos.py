@@ -90,7 +90,7 @@ def test_the_rounds_catch_a_listener_that_acknowledges_before_deleting(own_env: 
     """Control: a listener that acknowledges each batch (durably) before its UNLINK. Each
     in-flight fault lands with the probes' delete held by Redis: the saved acknowledgement
     already covers the probes, and the killed listener (or the one whose UNLINK failed)
-    never deletes them. Second deletes are off (the default): with them on, a new
+    never deletes them. Second deletes are off here: with them on, a new
     listener's redo of its predecessor's last seconds would delete the killed one's
     probes, and only the early acknowledgement would show. So it does in logical mode
     after a PostgreSQL restart: PostgreSQL 15 does not save a slot's confirmed position

@@ -351,6 +351,8 @@ def test_redis_down_events_wait_then_drain(own_env: Env, spawn: Spawn) -> None:
     config = setup_users(own_env, rows=n, poll_interval_ms=NO_POLL_MS)
     r = own_env.redis()
     listener = spawn(config)
+    # It knows this Redis before it goes: the one that comes back is another (a restart).
+    wait_until(lambda: listener.logged("redis_identity_recorded"), what="the listener started")
 
     # The app's cache, persisted: Redis comes back from this dump with the stale values
     # already loaded (setting them after the restart would race the listener's retry).

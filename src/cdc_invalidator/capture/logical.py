@@ -71,6 +71,9 @@ log = structlog.get_logger("cdc_invalidator.capture.logical")
 # holds back more than this, and an idle listener does not write to chase its own
 # writes. (WAL is kept in 16 MB segments anyway.)
 CHASE_BYTES = 1 << 20
+# How long a batch that ends inside a transaction waits for the rest of it, which the
+# server is sending (a few ms for a transaction split by the socket's reads).
+TXN_REST_WAIT_S = 0.02
 
 
 @dataclass(slots=True)
@@ -417,7 +420,7 @@ class LogicalStream:
         self._more = False
         read = self._stream.read
         while size < limit:
-            msg = read()
+            msg = read() or self._rest_of_transaction()
             if msg is None:
                 break
             if isinstance(msg, Keepalive):
@@ -466,6 +469,22 @@ class LogicalStream:
         if all(complete.has(t[1]) for t in transactions):
             return complete.at
         self._complete = None
+        return None
+
+    def _rest_of_transaction(self) -> bytes | Keepalive | None:
+        """The next message of a transaction the buffer ended in: the server sends a
+        transaction whole once it committed, so the rest is on its way. Waited for a
+        moment (TXN_REST_WAIT_S at most), so that a batch ends at a commit, which it can
+        acknowledge, rather than wherever the socket's last read ended. None at once
+        between transactions."""
+        if self._in_txn is None:
+            return None
+        deadline = time.monotonic() + TXN_REST_WAIT_S
+        while (left := deadline - time.monotonic()) > 0:
+            if not self._stream.wait(left):
+                return None
+            if (msg := self._stream.read()) is not None:
+                return msg
         return None
 
     def _commit(self, commit: Commit, batch: LogicalBatch, events: int) -> None:
