@@ -38,7 +38,6 @@ class SecondDeletes:
         self._delay_s = delay_s  # 0: off
         self._counted = counted
         self._later: deque[tuple[float, Routed]] = deque()
-        self.skipped = 0  # batches that owed none: deleted after every stale SET could land
 
     @property
     def next_due(self) -> float | None:
@@ -57,8 +56,7 @@ class SecondDeletes:
         now = time.monotonic()
         due = (now if visible_at is None else visible_at) + self._delay_s
         if due <= now:
-            self.skipped += 1
-            return
+            return  # the first delete came after every stale SET could land
         if self._later:
             due = max(due, self._later[-1][0])  # in order: a later one is as safe
         if self._later and due - self._later[-1][0] < SECOND_DELETE_MERGE_S:
