@@ -51,7 +51,13 @@ DRAIN = "drain_users"
 BIG = "big_users"
 W_WATCHED = "w_watched"
 W_PLAIN = "w_plain"
-WATCHED = [LAT_OURS, DRAIN, BIG, W_WATCHED]
+BULK_WATCHED = "bulk_users"  # phase 8: one bulk statement, and a backfill in steps
+BULK_PLAIN = "bulk_plain"  # its unwatched twin
+# Phase 9's TRUNCATE: a table of its own, with templates no other table's keys match, so
+# that the sweep deletes none of the concurrent change's keys.
+SWEPT = "sweep_orders"
+SWEPT_TEMPLATES = ["order:{id}", "order:by_email:{email}"]
+WATCHED = [LAT_OURS, DRAIN, BIG, W_WATCHED, BULK_WATCHED, SWEPT]
 MODES = ("trigger", "logical")
 # Logical capture runs on its own database of the same server (its install removes
 # triggers, and its publication must not cover the trigger mode's tables), with the
@@ -71,6 +77,8 @@ class Sizes:
     big_rows: int | None
     write_s: int
     write_rounds: int
+    bulk_rows: int  # phase 8's one statement (a backfill of as many rows in 10k steps)
+    sweep_keys: tuple[int, ...]  # phase 9: the unrelated keys Redis holds, per run
 
 
 @dataclass
@@ -107,7 +115,8 @@ class Bench:
         self.pg_install = pg  # which PostgreSQL (--pg): the report names it
         # Default durable settings: fsync on.
         self.pg = PostgresServer.create(bindir=pg.bindir)
-        self.rs = RedisServer.create()
+        # DEBUG POPULATE loads the sweep phase's millions of unrelated keys in seconds.
+        self.rs = RedisServer.create(["--enable-debug-command", "local"])
         self.pg.start()
         self.rs.start()
         self.dsn = self.pg.dsn()
@@ -181,7 +190,7 @@ class Bench:
             lines += ['capture = "logical"', f"slot_name = {json.dumps(SLOT)}"]
         for table in WATCHED:
             lines.append(f'[tables."public.{table}"]')
-            lines.append(f"keys = {json.dumps(TEMPLATES)}")
+            lines.append(f"keys = {json.dumps(SWEPT_TEMPLATES if table == SWEPT else TEMPLATES)}")
         target.config.write_text("\n".join(lines) + "\n")
 
     def cli(self, target: Target, *args: str) -> str:

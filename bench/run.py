@@ -31,7 +31,13 @@ against a floor of that mode (floors.py):
    listener CPU, Redis UNLINK commands and time per change at a fixed write rate, and
    in a backlog drain (phases/second_deletes.py);
 7. `--peers`: Debezium's embedded engine (pydbzengine) beside ours in logical mode:
-   latency side by side, a drain of the same N, peak RSS (phases/peers.py).
+   latency side by side, a drain of the same N, peak RSS (phases/peers.py);
+8. bulk statements: a 1M-row UPDATE (--quick 100k) watched and unwatched, and the same
+   rows as a backfill of 10k-row statements: the writer's time, the last COMMIT until
+   the last key is gone, the WAL written, the listener's peak RSS (phases/bulk.py);
+9. sweeps: a TRUNCATE while Redis holds 1M and 10M unrelated keys (--quick 100k), with a
+   change committed during its sweep: the sweep's time, the change's head-of-line delay,
+   Redis's GET latency during the sweep against idle (phases/sweep.py).
 
 The listener runs with every setting at its default in every phase but phase 6 (replay_history too:
 2 h of history kept), but where it connects.
@@ -64,10 +70,13 @@ from pathlib import Path
 from floors import start_floor_listener, stop_floor_listener
 from harness import (
     BIG,
+    BULK_PLAIN,
+    BULK_WATCHED,
     DRAIN,
     LAT_FLOOR,
     LAT_OURS,
     MODES,
+    SWEPT,
     W_PLAIN,
     W_WATCHED,
     WRITE_ROWS,
@@ -78,6 +87,7 @@ from harness import (
     Target,
     pg_install,
 )
+from phases.bulk import bulk_rows, measure_bulk
 from phases.cluster import cluster_rows, measure_cluster_drain
 from phases.drain import drain_rows, measure_drain
 from phases.hit_rate import hit_rate_rows, measure_hit_rate, prepare_hit_rate
@@ -86,6 +96,7 @@ from phases.latency import Latency, latency_ids, latency_rows, measure_latency
 from phases.peers import check_installed, find_jvm, measure_peers, peer_table
 from phases.replay import measure_replay, replay_rows
 from phases.second_deletes import measure_second_deletes, second_delete_rows
+from phases.sweep import measure_sweeps, sweep_rows
 from phases.writes import Writes, measure_writes, writes_rows
 from procs import CpuMeter
 from report import Report, Row, describe_machine, describe_settings, prefixed, write_results
@@ -140,9 +151,22 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Sizes]:
         except RuntimeError as exc:
             parser.error(str(exc))
     if args.quick:
-        sizes = Sizes(args.rate, 3, 30, 10_000, 1, 100_000 if args.big else None, 1, 3)
+        sizes = Sizes(
+            args.rate, 3, 30, 10_000, 1, 100_000 if args.big else None, 1, 3, 100_000, (100_000,)
+        )
     else:
-        sizes = Sizes(args.rate, 10, 100, 100_000, 2, 1_000_000 if args.big else None, 5, 5)
+        sizes = Sizes(
+            args.rate,
+            10,
+            100,
+            100_000,
+            2,
+            1_000_000 if args.big else None,
+            5,
+            5,
+            1_000_000,
+            (1_000_000, 10_000_000),
+        )
     return args, sizes
 
 
@@ -218,7 +242,27 @@ def run_mode(
         on, off = measure_second_deletes(bench, sizes, target)
     report.raw[f"{mode} second deletes"] = {"on": asdict(on), "off": asdict(off)}
     rows += second_delete_rows(on, off)
+    rows += measure_bulk_and_sweeps(bench, sizes, meter, report, target)
     return [*prefixed(mode, rows), *replay_rows(mode, replayed)]
+
+
+def measure_bulk_and_sweeps(
+    bench: Bench, sizes: Sizes, meter: CpuMeter, report: Report, target: Target
+) -> list[Row]:
+    """Phases 8 and 9: bulk statements, and a TRUNCATE's sweep beside a concurrent change."""
+    mode = target.mode
+    rows: list[Row] = []
+    print(f"[{mode}] 8. bulk statements: {sizes.bulk_rows} rows at once, and in steps", flush=True)
+    with meter.phase(f"{mode} bulk"):
+        bulk = measure_bulk(bench, sizes.bulk_rows, target)
+    report.raw[f"{mode} bulk"] = asdict(bulk)
+    rows += bulk_rows(mode, bulk)
+    print(f"[{mode}] 9. a TRUNCATE's sweep beside a concurrent change", flush=True)
+    with meter.phase(f"{mode} sweep"):
+        sweeps = measure_sweeps(bench, sizes.sweep_keys, target)
+    report.raw[f"{mode} sweep"] = [asdict(s) for s in sweeps]
+    rows += sweep_rows(sweeps)
+    return rows
 
 
 def measure_latency_and_writes(
@@ -297,6 +341,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 (W_PLAIN, range(1, WRITE_ROWS + 1)),
                 (W_WATCHED, range(1, WRITE_ROWS + 1)),
                 (BIG, range(1, (sizes.big_rows or 0) + 1)),
+                (BULK_WATCHED, range(1, sizes.bulk_rows + 1)),
+                (BULK_PLAIN, range(1, sizes.bulk_rows + 1)),
+                (SWEPT, range(1, 1)),
             ):
                 bench.create_table(table, ids, target.admin)
             bench.write_config(target)

@@ -1,0 +1,203 @@
+"""Phase 8, bulk changes: what one statement over many rows costs its writer, and how
+long its keys stay cached after its COMMIT, in each capture mode.
+
+- one statement: `UPDATE bulk_users SET n = n + 1` over every row (1M; --quick 100k),
+  against the same statement on its unwatched twin (bulk_plain), in interleaved rounds;
+- a backfill: the same rows changed by statements of BACKFILL_STEP rows, each its own
+  transaction, one after the other.
+
+The listener runs throughout, with default settings (so the unwatched statement pays for
+whatever a running listener costs the server). Before each watched run every row's two
+keys are cached and Redis holds nothing else. Reported per kind: the writer's time
+(statements and COMMITs) watched and unwatched, and their ratio; from the (last) COMMIT
+until the last key is gone; the WAL each run wrote (the table's own and, in trigger mode,
+the queue's; logical mode's decoding writes none); the listener's peak RSS. Each timed run
+starts after VACUUM and CHECKPOINT, outside its timing, so that both pay the same
+full-page writes.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+from psycopg import sql
+
+from harness import BULK_PLAIN, BULK_WATCHED, Bench, Listener, Target
+from procs import wait_for, wait_idle
+from report import Row
+
+BACKFILL_STEP = 10_000
+ROUNDS = 2  # of the one statement, each kind in both orders
+# Targets (issue 17): a bulk statement costs its writer at most 1.3x unwatched in trigger
+# mode; in both modes every key is gone within 5 s of COMMIT, memory bounded.
+WRITER_TARGET = 1.3
+KEYS_GONE_TARGET_S = 5.0
+RSS_TARGET_MB = 100.0
+
+
+@dataclass
+class Run:
+    writer_s: float  # the statements and their COMMITs
+    wal_bytes: int
+    keys_gone_s: float | None  # from the last COMMIT; None: unwatched
+
+
+@dataclass
+class Bulk:
+    kind: str  # "one statement" or "backfill"
+    rows: int
+    statements: int
+    plain: list[Run]
+    watched: list[Run]
+
+    @property
+    def plain_s(self) -> float:
+        return statistics.median(r.writer_s for r in self.plain)
+
+    @property
+    def watched_s(self) -> float:
+        return statistics.median(r.writer_s for r in self.watched)
+
+    @property
+    def keys_gone_s(self) -> float:
+        return max(r.keys_gone_s or 0.0 for r in self.watched)
+
+
+@dataclass
+class BulkPhase:
+    statement: Bulk
+    backfill: Bulk
+    peak_rss_mb: float
+
+
+def wal_position(target: Target) -> int:
+    row = target.admin.execute(
+        "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint"
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def update(target: Target, table: str, rows: int, step: int) -> tuple[float, int, float]:
+    """Every row of `table` changed by statements of `step` rows (autocommit: each its
+    own transaction): the writer's seconds, the WAL written, and when the last COMMIT
+    returned (time.monotonic())."""
+    query = sql.SQL("UPDATE {} SET n = n + 1 WHERE id BETWEEN %s AND %s").format(
+        sql.Identifier(table)
+    )
+    wal = wal_position(target)
+    started = time.monotonic()
+    for lo in range(1, rows + 1, step):
+        target.admin.execute(query, (lo, min(rows, lo + step - 1)))
+    committed = time.monotonic()
+    return committed - started, wal_position(target) - wal, committed
+
+
+@dataclass
+class Rig:
+    """The phase's listener and its target: one timed run after another."""
+
+    bench: Bench
+    listener: Listener
+    target: Target
+
+    def run(self, *, watched: bool, rows: int, step: int) -> Run:
+        bench, target = self.bench, self.target
+        table = BULK_WATCHED if watched else BULK_PLAIN
+        bench.quiesce(target, table)
+        wait_idle(self.listener.pid)  # the previous run's deletes (and second deletes) done
+        if watched:
+            bench.redis.flushall()
+            bench.set_keys(range(1, rows + 1))
+        writer_s, wal, committed = update(target, table, rows, step)
+        print(
+            f"  [{target.mode}] {rows:,} rows in {-(-rows // step)} statement(s), "
+            f"{'watched' if watched else 'unwatched'}: {writer_s:.2f} s",
+            flush=True,
+        )
+        if not watched:
+            return Run(writer_s, wal, None)
+
+        def gone() -> bool:
+            self.listener.check()
+            return bench.dbsize() == 0
+
+        keys_gone = wait_for(gone, max(300.0, rows / 2000), "the bulk statement's keys", 0.005)
+        return Run(writer_s, wal, keys_gone - committed)
+
+
+def measure_bulk(bench: Bench, rows: int, target: Target) -> BulkPhase:
+    listener = Listener(bench, f"{target.mode}-bulk", target)
+    try:
+        listener.wait_started()
+        rig = Rig(bench, listener, target)
+        plain: list[Run] = []
+        watched: list[Run] = []
+        for round_no in range(ROUNDS):
+            for is_watched in (False, True) if round_no % 2 == 0 else (True, False):
+                run = rig.run(watched=is_watched, rows=rows, step=rows)
+                (watched if is_watched else plain).append(run)
+        statement = Bulk("one statement", rows, 1, plain, watched)
+        backfill = Bulk(
+            f"backfill, {BACKFILL_STEP:,}-row statements",
+            rows,
+            -(-rows // BACKFILL_STEP),
+            [rig.run(watched=False, rows=rows, step=BACKFILL_STEP)],
+            [rig.run(watched=True, rows=rows, step=BACKFILL_STEP)],
+        )
+        rss = listener.peak_rss_mb()
+    finally:
+        listener.stop()
+        bench.redis.flushall()
+    return BulkPhase(statement, backfill, rss)
+
+
+def bulk_rows(mode: str, phase: BulkPhase) -> list[Row]:
+    """The phase's rows (without the mode prefix)."""
+    rows: list[Row] = []
+    for bulk in (phase.statement, phase.backfill):
+        name = f"bulk UPDATE of {bulk.rows:,} rows, {bulk.kind}"
+        ratio = bulk.watched_s / bulk.plain_s
+        writer_target = WRITER_TARGET if mode == "trigger" else None
+        wal_watched = statistics.median(r.wal_bytes for r in bulk.watched)
+        wal_plain = statistics.median(r.wal_bytes for r in bulk.plain)
+        rows += [
+            Row(
+                f"{name}: writer's time, watched + listener vs unwatched"
+                + (f" (medians of {len(bulk.plain)})" if len(bulk.plain) > 1 else ""),
+                f"{bulk.watched_s:.2f} s",
+                f"{bulk.plain_s:.2f} s",
+                f"{ratio:.2f}x",
+                f"≤ {writer_target:.2f}x" if writer_target else "",
+                ratio <= writer_target if writer_target else None,
+            ),
+            Row(
+                f"{name}: last COMMIT → last key deleted",
+                f"{bulk.keys_gone_s:.2f} s",
+                "",
+                "",
+                f"≤ {KEYS_GONE_TARGET_S:.0f} s",
+                bulk.keys_gone_s <= KEYS_GONE_TARGET_S,
+            ),
+            Row(
+                f"{name}: WAL written, watched vs unwatched",
+                f"{wal_watched / 2**20:,.0f} MiB",
+                f"{wal_plain / 2**20:,.0f} MiB",
+                f"{wal_watched / wal_plain:.2f}x",
+                "",
+                None,
+            ),
+        ]
+    rows.append(
+        Row(
+            "bulk statements: listener peak RSS",
+            f"{phase.peak_rss_mb:.0f} MB",
+            "",
+            "",
+            f"≤ {RSS_TARGET_MB:.0f} MB",
+            phase.peak_rss_mb <= RSS_TARGET_MB,
+        )
+    )
+    return rows
