@@ -82,13 +82,19 @@ def streaming(listener: ListenerProcess, xid: int) -> bool:
     return any(line["xid"] == xid for line in listener.logged("transaction_streaming"))
 
 
-def marker(env: Env, i: int) -> None:
+def marker(env: Env, i: int) -> int:
     """A single-row commit after everything before it, whose key is deleted once the
-    listener has handled all that came before it (the stream is in commit order)."""
+    listener has handled all that came before it (the stream is in commit order).
+    Returns the WAL position before its commit: once the slot is confirmed past it, it is
+    confirmed past the start of any transaction still open then."""
     r = env.redis()
     r.set(f"small:{i}", "cached")
-    env.sql("UPDATE small SET note = note || '.' WHERE id = %s", [i])
+    with psycopg.connect(env.dsn) as conn:
+        conn.execute("UPDATE small SET note = note || '.' WHERE id = %s", [i])
+        before = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
+    assert before is not None
     wait_until(lambda: r.exists(f"small:{i}") == 0, what=f"small:{i} deleted")
+    return parse_lsn(before[0])
 
 
 def confirmed(env: Env) -> int:
@@ -189,26 +195,24 @@ def test_single_row_commits_during_a_streamed_one_are_deleted_and_acknowledged_i
         wait_until(lambda: streaming(listener, int(xid[0]) & 0xFFFFFFFF), what="blocks streamed")
         # Other sessions commit while it is open: their keys go at once, and the slot
         # is confirmed past them, not held back by the open transaction.
-        for i in range(2, 8):
-            marker(env, i)
-        after_singles = env.scalar("SELECT pg_current_wal_lsn()::text")
-        wait_until(
-            lambda: confirmed(env) >= parse_lsn(after_singles), what="the singles acknowledged"
-        )
+        at = max(marker(env, i) for i in range(2, 8))
+        wait_until(lambda: confirmed(env) > at, what="the singles acknowledged")
         writer.execute("UPDATE big SET name = 'x' || id WHERE id > %s", [N // 2])
         r.set("small:9", "cached")
         with env.connect() as other:  # interleaved in the WAL with the rest of it
             other.execute("UPDATE small SET note = 'y' WHERE id = 9")
         assert r.exists(*keys) == len(keys)
+        before = writer.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
+        assert before is not None
         writer.commit()
-    end = parse_lsn(env.scalar("SELECT pg_current_wal_lsn()::text"))
+    end = parse_lsn(env.scalar("SELECT pg_current_wal_lsn()::text"))  # past its commit
     # Until every key of the statement is gone, the slot is never confirmed at its end.
     while r.exists(*keys):
         position = confirmed(env)
         if r.exists(*keys):
             assert position < end, "the slot was confirmed past a transaction not deleted"
     wait_until(lambda: r.exists("small:9") == 0, what="the interleaved commit's key deleted")
-    wait_until(lambda: confirmed(env) >= end, what="the statement acknowledged")
+    wait_until(lambda: confirmed(env) > parse_lsn(before[0]), what="the statement acknowledged")
     stop(listener)
 
 
@@ -224,6 +228,10 @@ def test_a_listener_restarted_in_the_middle_of_a_streamed_transaction_deletes_al
         top = int(xid[0]) & 0xFFFFFFFF
         writer.execute("UPDATE big SET name = 'x' || id WHERE id <= %s", [N // 2])
         wait_until(lambda: streaming(first, top), what="blocks streamed to the first listener")
+        # A commit after its start is acknowledged: the slot's confirmed position passes
+        # the start of the open transaction, which must not make the slot skip it.
+        at = marker(env, 1)
+        wait_until(lambda: confirmed(env) > at, what="the marker acknowledged")
         first.signal(signal.SIGKILL)
         first.wait()
         second = spawn(config)
@@ -235,6 +243,54 @@ def test_a_listener_restarted_in_the_middle_of_a_streamed_transaction_deletes_al
         writer.commit()
     wait_until(lambda: r.exists(*keys) == 0, what="every key of the statement deleted")
     stop(second)
+
+
+def test_a_streamed_transaction_keeps_column_filters_truncate_and_dead_letters(
+    env: Env, spawn: Spawn
+) -> None:
+    env.sql(
+        "CREATE TABLE big (id int PRIMARY KEY, name text, note text);"
+        "CREATE TABLE small (id int PRIMARY KEY, note text);"
+        "CREATE TABLE other (id int PRIMARY KEY);"
+        f"INSERT INTO big SELECT g, 'n' || g, '' FROM generate_series(1, {N}) g;"
+        "INSERT INTO small SELECT g, 'x' FROM generate_series(1, 10) g"
+    )
+    installed = logical_config(env, {**BIG, **SMALL, "public.other": ["other:{id}"]})
+    install(installed)
+    # The listener runs without `other` (published by the install): its changes are dead
+    # letters. UPDATEs of big that change only `note` are judged and dropped.
+    config = logical_config(
+        env, {**BIG, **SMALL}, name="run.toml", log_level="debug", second_delete_ms=0
+    )
+    header = '[tables."public.big"]\n'
+    text = config.read_text()
+    assert header in text
+    config.write_text(text.replace(header, header + 'ignore_columns = ["note"]\n'))
+    listener = spawn(config)
+    wait_until(lambda: active(env), what="the listener streaming its slot")
+    r = env.redis()
+    renamed = cache_big(env, range(1, 11))
+    noted = cache_big(env, range(11, N + 1))
+    r.mset({"small:1": "c", "small:2": "c"})
+    with psycopg.connect(env.dsn) as writer:
+        xid = writer.execute("SELECT txid_current()").fetchone()
+        assert xid is not None
+        writer.execute("UPDATE big SET note = 'seen'")  # judged: nothing to delete
+        writer.execute("UPDATE big SET name = 'x' || id WHERE id <= 10")
+        writer.execute("INSERT INTO other VALUES (1)")
+        writer.execute("TRUNCATE small")
+        wait_until(lambda: streaming(listener, int(xid[0]) & 0xFFFFFFFF), what="blocks streamed")
+    wait_until(lambda: r.exists(*renamed, "small:1", "small:2") == 0, what="its keys deleted")
+    wait_until(
+        lambda: env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 1,
+        what="the dead letter saved",
+    )
+    assert r.exists(*noted) == len(noted)
+    table, error = env.scalar("SELECT array[table_name, error] FROM cdc_invalidator.dead_letter_v1")
+    assert table == "other"
+    assert "not in the configuration" in error
+    assert f"transaction {int(xid[0]) & 0xFFFFFFFF}" in error
+    stop(listener)
 
 
 # --- the held keys, as units ----------------------------------------------------------------
