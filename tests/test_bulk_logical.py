@@ -205,7 +205,7 @@ def test_single_row_commits_during_a_streamed_one_are_deleted_and_acknowledged_i
         before = writer.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
         assert before is not None
         writer.commit()
-    end = parse_lsn(env.scalar("SELECT pg_current_wal_lsn()::text"))  # past its commit
+    end = parse_lsn(env.scalar("SELECT pg_current_wal_insert_lsn()::text"))  # past its commit
     # Until every key of the statement is gone, the slot is never confirmed at its end.
     while r.exists(*keys):
         position = confirmed(env)
