@@ -42,6 +42,7 @@ def measure(  # noqa: PLR0913 - the options are keyword-only
     profile: Path | None = None,
     log_level: str = "info",
     history: str = "2h",  # the default
+    second_delete_ms: int = 300,  # the default
 ) -> dict[str, Any]:
     workdir = workdir or Path(tempfile.mkdtemp(prefix="bulk-logical-"))
     r = redis.Redis.from_url(redis_url, socket_timeout=120)
@@ -61,7 +62,7 @@ def measure(  # noqa: PLR0913 - the options are keyword-only
         tables=TEMPLATES,
         capture="logical",
         log_level=log_level,
-        second_delete_ms=300,  # the default
+        second_delete_ms=second_delete_ms,
         replay_history=history,
     )
     run = [sys.executable, "-m", "cdc_invalidator"]
@@ -91,11 +92,17 @@ def measure(  # noqa: PLR0913 - the options are keyword-only
             pipe.execute()
         cached = r.dbsize()
         cpu_before = proc_cpu_s(listener.pid)
+        sender = admin.execute(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'cdc_invalidator'"
+        ).fetchone()
+        sender_pid = int(sender[0]) if sender and sender[0] else None
+        sender_before = proc_cpu_s(sender_pid) if sender_pid else 0.0
         watched_s, watched_wal, committed = _update(dsn, "UPDATE big SET name = 'x'", at=True)
         wait_for(lambda: r.dbsize() == 0, 600, "every key deleted", interval_s=0.01)
         gone = time.monotonic() - committed
         rss_mb = proc_status_kb(listener.pid, "VmHWM") / 1024
         cpu_s = proc_cpu_s(listener.pid) - cpu_before
+        sender_s = proc_cpu_s(sender_pid) - sender_before if sender_pid else None
     finally:
         stop_process(listener)
         log.close()
@@ -112,6 +119,7 @@ def measure(  # noqa: PLR0913 - the options are keyword-only
         "listener_peak_rss_mb": round(rss_mb, 1),
         # From the statement's start to the last key deleted.
         "listener_cpu_s": round(cpu_s, 2),
+        "walsender_cpu_s": None if sender_s is None else round(sender_s, 2),
     }
 
 
@@ -136,6 +144,7 @@ def main() -> None:
     parser.add_argument("rows", type=int, nargs="?", default=1_000_000)
     parser.add_argument("--profile", type=Path)
     parser.add_argument("--history", default="2h", help="replay_history (default: 2h)")
+    parser.add_argument("--second-delete-ms", type=int, default=300)
     args = parser.parse_args()
     pg, rs = PostgresServer.create(), RedisServer.create()
     pg.start()
@@ -151,6 +160,7 @@ def main() -> None:
             profile=args.profile,
             log_level="debug",
             history=args.history,
+            second_delete_ms=args.second_delete_ms,
         )
         print(json.dumps(got, indent=1))
     finally:

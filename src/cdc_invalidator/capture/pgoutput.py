@@ -318,7 +318,8 @@ class Decoder:
         return ChangeEvent(relation.table, Op.INSERT, None, new, self.position)
 
     def _update(self, msg: bytes) -> ChangeEvent | None:
-        relation = self._relation_of(msg)
+        # (the hot path of a bulk UPDATE: helpers inlined where they were calls per row)
+        relation = self._relations.get(_I32.unpack_from(msg, 1)[0]) or self._relation_of(msg)
         if relation.missing:
             return self._unrenderable(relation)
         judged = relation.judged_at
@@ -327,8 +328,9 @@ class Decoder:
         old_values: dict[str, object] | None = None
         pos = 5
         tag = msg[pos]
+        wanted_at, ncols = relation.wanted_at, len(relation.columns)
         if tag in (0x4B, 0x4F):  # 'K' key, 'O' old (FULL)
-            old_values, pos = _scan(msg, pos + 1, relation)
+            old_values, pos = _walk(msg, pos + 1, wanted_at, ncols)
             if tag == 0x4B:
                 for column in relation.not_in_key:
                     old_values[column] = NOT_SENT
@@ -336,8 +338,9 @@ class Decoder:
             tag = msg[pos]
         if tag != 0x4E:
             raise ValueError(f"UPDATE without a new tuple (got {chr(tag)!r})")
-        new_values, end = _scan(msg, pos + 1, relation)
-        _at_end(msg, end)
+        new_values, end = _walk(msg, pos + 1, wanted_at, ncols)
+        if end != len(msg):
+            _at_end(msg, end)
         try:
             if old_values is None:
                 # No old tuple: no replica-identity column changed. Others may have, and
@@ -454,17 +457,19 @@ def _cstring(msg: bytes, pos: int) -> tuple[str, int]:
 
 def _scan(msg: bytes, pos: int, relation: Relation) -> tuple[dict[str, object], int]:
     """TupleData: the wanted columns' raw values, by name, and where the tuple ends."""
-    (n,) = _U16.unpack_from(msg, pos)
-    if n != len(relation.columns):
-        raise ValueError(f"tuple has {n} columns, its relation {len(relation.columns)}")
-    return _walk(msg, pos, relation.wanted_at)
+    return _walk(msg, pos, relation.wanted_at, len(relation.columns))
 
 
-def _walk(msg: bytes, pos: int, at: Mapping[int, K]) -> tuple[dict[K, object], int]:
+def _walk(
+    msg: bytes, pos: int, at: Mapping[int, K], expect: int = -1
+) -> tuple[dict[K, object], int]:
     """TupleData at `pos`: the raw values (bytes, None for NULL, UNCHANGED) of the
     columns whose index `at` names, under that name, and where the tuple ends. Every
-    column is walked; only those are kept."""
+    column is walked; only those are kept. `expect`: the relation's column count, which
+    the tuple must have (-1: not checked)."""
     (n,) = _U16.unpack_from(msg, pos)
+    if expect >= 0 and n != expect:
+        raise ValueError(f"tuple has {n} columns, its relation {expect}")
     pos += 2
     values: dict[K, object] = {}
     unpack = _I32.unpack_from
