@@ -331,3 +331,51 @@ def test_a_key_holding_the_separator_is_kept_whole() -> None:
     packed = pack({None: Invalidation({"a\0b", "c"})})
     (inv,) = Chunk(1, 2, packed).invalidations().values()
     assert inv.keys == {"a\0b", "c"}
+
+
+class _FullDisk:
+    """A temporary file that takes `room` writes, then fails as a full disk does."""
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+        self.data = bytearray()
+        self.pos = 0
+
+    def write(self, data: bytes) -> int:
+        if self.room == 0:
+            self.data += data[:3]  # a partial write before the failure
+            raise OSError(28, "No space left on device")
+        self.room -= 1
+        self.data += data
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def seek(self, pos: int) -> None:
+        self.pos = pos
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self.data) if n < 0 else self.pos + n
+        out = bytes(self.data[self.pos : end])
+        self.pos += len(out)
+        return out
+
+    def readline(self) -> bytes:  # pickle.load asks for it
+        return self.read()
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_full_temporary_disk_keeps_the_rest_in_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    disk = _FullDisk(room=1)
+    monkeypatch.setattr("cdc_invalidator.capture.streamed.tempfile.TemporaryFile", lambda **_: disk)
+    txn = StreamedTxn(10, 1, spill_bytes=64)
+    txn.add(chunk(10, "a:1"))
+    txn.add(chunk(10, "b:1" * 40))  # past the bound: a:1 written, b:1... fails
+    assert txn.spill_error is not None
+    assert "No space left" in txn.spill_error
+    txn.add(chunk(10, "c:1" * 40))  # no more spilling: held in memory
+    keys = [k for c in txn.chunks() for inv in c.invalidations().values() for k in inv.keys]
+    assert keys == ["a:1", "b:1" * 40, "c:1" * 40]

@@ -629,7 +629,17 @@ class LogicalStream:
         changes = len(events) + len(dead)  # events, and changes that are none
         dead += [Dead(e.position, str(exc), e) for e, exc in failed]
         history = encode_history(events) if self._config.history_s and events else None
-        self._block.add(Chunk(self._chunk_subxid, changes, pack(routed), dead, history))
+        block = self._block
+        failed_before = block.spill_error
+        block.add(Chunk(self._chunk_subxid, changes, pack(routed), dead, history))
+        if block.spill_error is not None and failed_before is None:
+            log.warning(
+                "streamed_transaction_kept_in_memory",
+                xid=block.xid,
+                error=block.spill_error,
+                detail="its keys could not be written to a temporary file (TMPDIR): the "
+                "rest of the transaction is held in memory until its commit",
+            )
 
     def _deliver(self, limit: int) -> LogicalBatch:
         """The next share of a committed streamed transaction's keys, `limit` changes'

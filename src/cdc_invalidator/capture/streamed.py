@@ -17,6 +17,7 @@ the commit.
 from __future__ import annotations
 
 import pickle
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -96,6 +97,7 @@ class StreamedTxn:
         self._spilled = 0  # chunks in the file
         self._aborted: set[int] = set()
         self.spilled_bytes = 0
+        self.spill_error: str | None = None  # why spilling stopped, if it did
 
     def add(self, chunk: Chunk) -> None:
         self._chunks.append(chunk)
@@ -130,16 +132,27 @@ class StreamedTxn:
                 yield chunk
 
     def _spill(self) -> None:
-        if self._file is None:
-            # Closed by close(), which its owner calls however the transaction ends.
-            self._file = tempfile.TemporaryFile(prefix="cdc-invalidator-txn-")  # noqa: SIM115
-        for chunk in self._chunks:
-            data = pickle.dumps(chunk, protocol=pickle.HIGHEST_PROTOCOL)
-            self._file.write(data)
-            self.spilled_bytes += len(data)
-        self._spilled += len(self._chunks)
-        self._chunks = []
-        self._held = 0
+        written = 0
+        try:
+            if self._file is None:
+                # Closed by close(), which its owner calls however the transaction ends.
+                self._file = tempfile.TemporaryFile(prefix="cdc-invalidator-txn-")  # noqa: SIM115
+            for chunk in self._chunks:
+                data = pickle.dumps(chunk, protocol=pickle.HIGHEST_PROTOCOL)
+                self._file.write(data)
+                self._file.flush()  # a full disk fails here, not later in a read
+                written += 1
+                self._spilled += 1
+                self.spilled_bytes += len(data)
+        except OSError as exc:
+            # No room (TMPDIR full, not writable): the rest stays in memory, past the
+            # bound, rather than the transaction being lost or the listener stopped. The
+            # chunks already in the file are whole; what a failed write left after them
+            # is never read (only `_spilled` chunks are).
+            self.spill_error = f"{type(exc).__name__}: {exc}"
+            self._spill_bytes = sys.maxsize
+        self._chunks = self._chunks[written:]
+        self._held = sum(c.weight for c in self._chunks)
 
     def close(self) -> None:
         if self._file is not None:
