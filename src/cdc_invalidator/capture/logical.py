@@ -520,7 +520,7 @@ class LogicalStream:
                 changes = cast("list[ChangeEvent]", out)
                 events.extend(changes)
                 size += len(changes)
-            elif self._stream_message(out, limit):
+            elif self._stream_message(out):
                 # A streamed transaction committed: its keys are handed out next, in
                 # batches of their own, before anything after its commit is read.
                 self._more = True
@@ -535,7 +535,7 @@ class LogicalStream:
 
     # --- streamed transactions ------------------------------------------------------------
 
-    def _stream_message(self, out: object, limit: int) -> bool:
+    def _stream_message(self, out: object) -> bool:
         """Stream Start, Commit or Abort outside a block; True on a commit."""
         cls = out.__class__
         if cls is StreamStart:
