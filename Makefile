@@ -40,7 +40,7 @@ format: $(STAMP)
 PG18_TESTS ?= tests/test_semantics.py tests/test_faults.py tests/test_logical.py \
 	tests/test_privileges.py tests/test_install.py tests/test_pg_versions.py \
 	tests/test_generated_columns.py tests/test_pgoutput_live.py tests/test_migrations.py \
-	tests/test_migrations_logical.py
+	tests/test_migrations_logical.py tests/test_bulk_logical.py
 
 test: install lint
 	@status=0; \

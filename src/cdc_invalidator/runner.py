@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import psycopg
 import structlog
@@ -20,6 +20,7 @@ from cdc_invalidator.backoff import Backoff
 from cdc_invalidator.capture.errors import Fatal, Standby
 from cdc_invalidator.events import ChangeEvent, Origin, TableName
 from cdc_invalidator.mapping import Mapper
+from cdc_invalidator.mapping.mapper import Routed, merge
 from cdc_invalidator.metrics import Metrics
 from cdc_invalidator.redis_guard.watch import RedisWatch
 from cdc_invalidator.second_deletes import SecondDeletes
@@ -95,6 +96,16 @@ class Batch(Protocol):
         """Each event's commit time and transaction, in the order of `events`: for the
         tail (tools/tap.py), computed only when asked. The commit is what `ages_s`
         measures from (the start of the writer's transaction in trigger mode)."""
+
+
+@runtime_checkable
+class Premapped(Protocol):
+    """A batch that also carries keys its source rendered already: logical mode's
+    transaction streamed before its commit, whose keys were computed as it came and are
+    handed out once it committed, without an event per change."""
+
+    @property
+    def premapped(self) -> Routed: ...
 
 
 class Source(Protocol):
@@ -344,6 +355,8 @@ class Runner:
             if (oldest_s := batch.oldest_s) is not None:
                 self.in_hand_since = batch.read_at - oldest_s
             works, failed = self._mapper.map_all(batch.events)
+            if isinstance(batch, Premapped) and batch.premapped:
+                merge(works, batch.premapped)
             for event, exc in failed:
                 batch.dead_letter(event.position, str(exc))
             deleted = self._sink.delete_routed(works)

@@ -45,12 +45,19 @@ from cdc_invalidator.capture.pgoutput import (
     Begin,
     Commit,
     Decoder,
+    ProtocolError,
     Relation,
     Resolved,
+    StreamAbort,
+    StreamCommit,
+    StreamStart,
+    StreamStop,
     Undecodable,
+    unwrap_streamed,
 )
 from cdc_invalidator.capture.rows import encode_history
 from cdc_invalidator.capture.slot import SlotClass, SlotState
+from cdc_invalidator.capture.streamed import Chunk, Dead, StreamedTxn, pack
 from cdc_invalidator.capture.trigger_sql import require_installed
 from cdc_invalidator.capture.walstream import (
     Keepalive,
@@ -61,6 +68,7 @@ from cdc_invalidator.capture.walstream import (
 )
 from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, Origin, TableName
 from cdc_invalidator.mapping.columns import ColumnFilter
+from cdc_invalidator.mapping.mapper import Mapper, Routed, merge
 from cdc_invalidator.pg.connect import BOOKKEEPING, REPLICATION, PgConnector
 from cdc_invalidator.pg.queries import Q
 
@@ -74,6 +82,11 @@ CHASE_BYTES = 1 << 20
 # How long a batch that ends inside a transaction waits for the rest of it, which the
 # server is sending (a few ms for a transaction split by the socket's reads).
 TXN_REST_WAIT_S = 0.02
+# A streamed transaction's changes are mapped to keys this many at a time (one chunk of
+# capture/streamed.py), and its chunks held in memory up to this many bytes (then in a
+# temporary file) per transaction: a listener's RSS is ~65 MB without it.
+STREAM_CHUNK = 5000
+SPILL_BYTES = 8 << 20
 
 
 @dataclass(slots=True)
@@ -98,6 +111,10 @@ class LogicalBatch:
     ack_lsn: int = 0  # confirmed once the batch is acknowledged
     event_commit: int = 0  # end of the last transaction with events that the batch ends
     resync: bool = False  # the sweep owed after missed changes
+    # Keys already rendered (a streamed transaction's, computed before its commit):
+    # deleted with those of `events` (runner.Premapped).
+    premapped: Routed = field(default_factory=dict)
+    history: list[str] = field(default_factory=list)  # their history_v1 texts, if kept
 
     def dead_letter(self, position: int, error: str) -> None:
         self.dead[position] = error
@@ -143,6 +160,11 @@ class LogicalConfig:
     heartbeat_s: float = 0.0  # 0: off
     history_s: float = 0.0  # how long what was invalidated is kept for replay (0: not kept)
     prune_every_s: float = 1.0
+    # The templates: with it, large transactions are streamed before their commit
+    # (protocol 2, `streaming 'on'`) and their keys computed as they come; without it
+    # (units), protocol 1: a transaction is sent only once committed.
+    mapper: Mapper | None = None
+    spill_bytes: int = SPILL_BYTES
 
 
 class LogicalCapture:
@@ -166,11 +188,11 @@ class LogicalCapture:
                 _explain_refusal(side, exc)
                 raise
             try:
-                stream = WalStream.start(
-                    repl,
-                    self._config.slot,
-                    {"proto_version": "1", "publication_names": self._config.publication},
-                )
+                options = {"proto_version": "1", "publication_names": self._config.publication}
+                if self._config.mapper is not None:
+                    # PostgreSQL 14 on (logical mode needs 15: pg/versions.py)
+                    options.update(proto_version="2", streaming="on")
+                stream = WalStream.start(repl, self._config.slot, options)
             except SlotInUse as exc:
                 repl.close()
                 raise Standby(str(exc)) from None
@@ -233,6 +255,25 @@ class LogicalCapture:
             side.execute(Q.RECORD_SLOT.sql, {"slot": cfg.slot, "lsn": confirmed})
             return parse_lsn(confirmed), owed
         return state.acked, owed
+
+
+@dataclass(slots=True)
+class _Delivery:
+    """A committed streamed transaction being handed out."""
+
+    txn: StreamedTxn
+    commit: StreamCommit
+    chunks: Iterator[Chunk]
+    history_started: bool = False
+
+
+def _with_transaction(history: str, transaction: tuple[int, int, int]) -> str:
+    """A chunk's history_v1 text with the transaction's (xid, commit LSN, commit time) on
+    its first event, as encode_history() puts them."""
+    items = json.loads(history)
+    if items:
+        items[0].append(list(transaction))
+    return json.dumps(items, separators=(",", ":"))
 
 
 # 2000-01-01 00:00:00 UTC, PostgreSQL's epoch, in Unix time.
@@ -319,6 +360,14 @@ class LogicalStream:
         self._decoder = Decoder(self._resolve, self._old_values_not_sent, self._unrenderable)
         self._resync = resync
         self._pending: LogicalBatch | None = None
+        # Streamed transactions: those in progress by xid, the one whose block is being
+        # read, the changes of its chunk not mapped yet, and one committed, being handed out.
+        self._open: dict[int, StreamedTxn] = {}
+        self._block: StreamedTxn | None = None
+        self._chunk: list[ChangeEvent] = []
+        self._chunk_dead: list[Dead] = []
+        self._chunk_subxid = 0
+        self._delivery: _Delivery | None = None
         # (xid, commit LSN, commit time) of an open one
         self._in_txn: tuple[int, int, int] | None = None
         self._read_upto = acked  # everything before it has been read into batches
@@ -345,7 +394,12 @@ class LogicalStream:
         """Up to `limit` events. A clean exit acknowledges them; an exception keeps them
         to be handed out again (the stream cannot be read twice)."""
         if self._pending is None:
-            self._pending = self._resync_batch() if self._resync else self._read(limit)
+            if self._resync:
+                self._pending = self._resync_batch()
+            elif self._delivery is not None:
+                self._pending = self._deliver(limit)
+            else:
+                self._pending = self._read(limit)
         batch = self._pending
         yield batch
         # Acknowledged: Redis confirmed every delete of the batch.
@@ -354,6 +408,9 @@ class LogicalStream:
             self._save_dead(batch)
         if batch.events and self._config.history_s:
             self._history.write(encode_history(batch.events, batch.transactions))
+        if batch.history:
+            # (each text a JSON array: their items joined into one)
+            self._history.write("[" + ",".join(h[1:-1] for h in batch.history if h != "[]") + "]")
         if batch.resync:
             self._side.execute(
                 Q.SET_RESYNC.sql,
@@ -399,10 +456,18 @@ class LogicalStream:
                 self._status_if_due(force=True)
         self._stream.close()
         self._side.close()
+        # Streamed transactions not committed yet: the slot sends them again from their
+        # start to the next stream.
+        for txn in self._open.values():
+            txn.close()
+        self._open.clear()
+        if self._delivery is not None:
+            self._delivery.txn.close()
+            self._delivery = None
 
     # --- reading ------------------------------------------------------------------------
 
-    def _read(self, limit: int) -> LogicalBatch:
+    def _read(self, limit: int) -> LogicalBatch:  # noqa: PLR0912, PLR0915 - the hot loop, inlined
         batch = LogicalBatch(
             size=0,
             events=[],
@@ -416,15 +481,19 @@ class LogicalStream:
         if self._in_txn is not None:  # a transaction continued from the last batch
             transactions.append((decoder.position + 1, *self._in_txn))
         size = 0
+        streamed = 0  # changes of streamed transactions, held until their commit
         txn_from = 0  # the batch's size when the open transaction began
         self._more = False
         read = self._stream.read
-        while size < limit:
+        while size + streamed < limit:
             msg = read() or self._rest_of_transaction()
             if msg is None:
                 break
             if isinstance(msg, Keepalive):
                 self._keepalive(msg, batch)
+                continue
+            if self._block is not None:
+                streamed += self._in_block(msg)
                 continue
             try:
                 out = decode(msg)
@@ -447,16 +516,175 @@ class LogicalStream:
                 transactions.append((decoder.position + 1, *self._in_txn))
             elif cls is Commit:
                 self._commit(cast(Commit, out), batch, self._txn_events + size - txn_from)
-            else:
+            elif cls is list:
                 changes = cast("list[ChangeEvent]", out)
                 events.extend(changes)
                 size += len(changes)
+            elif self._stream_message(out):
+                # A streamed transaction committed: its keys are handed out next, in
+                # batches of their own, before anything after its commit is read.
+                self._more = True
+                break
         else:
             self._more = True
         if self._in_txn is not None:
             self._txn_events += size - txn_from
         batch.size = size
         batch.visible_at = self._visible_at(transactions)
+        return batch
+
+    # --- streamed transactions ------------------------------------------------------------
+
+    def _stream_message(self, out: object) -> bool:
+        """Stream Start, Commit or Abort outside a block; True on a commit."""
+        cls = out.__class__
+        if cls is StreamStart:
+            start = cast(StreamStart, out)
+            txn = self._open.get(start.xid)
+            if start.first or txn is None:
+                if not start.first:
+                    # Its first blocks went to another stream: the slot sends a
+                    # transaction from its start to each new one, so this cannot be.
+                    raise ProtocolError(
+                        f"stream block of transaction {start.xid}, whose first block was not sent"
+                    )
+                if txn is not None:
+                    txn.close()
+                txn = self._open[start.xid] = StreamedTxn(
+                    start.xid, self._decoder.position + 1, self._config.spill_bytes
+                )
+                log.debug("transaction_streaming", xid=start.xid)
+            self._block = txn
+            self._chunk_subxid = start.xid
+            return False
+        if cls is StreamCommit:
+            commit = cast(StreamCommit, out)
+            txn = self._open.pop(commit.xid, None)
+            if txn is None:
+                raise ProtocolError(f"Stream Commit of transaction {commit.xid}, never streamed")
+            self._delivery = _Delivery(txn, commit, txn.chunks())
+            log.debug(
+                "streamed_transaction_committed", xid=commit.xid, spilled_bytes=txn.spilled_bytes
+            )
+            return True
+        if cls is StreamAbort:
+            abort = cast(StreamAbort, out)
+            txn = self._open.get(abort.xid)
+            log.debug("streamed_transaction_rolled_back", xid=abort.xid, subxid=abort.subxid)
+            if txn is not None and abort.subxid == abort.xid:
+                del self._open[abort.xid]
+                txn.close()
+            elif txn is not None:
+                txn.abort(abort.subxid)
+            return False
+        raise ProtocolError(f"{cls.__name__} message outside a stream block")
+
+    def _in_block(self, msg: bytes) -> int:
+        """A message inside a stream block: its change mapped into the open chunk (1),
+        or the block's end (0)."""
+        xid, body = unwrap_streamed(msg)
+        try:
+            out = self._decoder.decode(body)
+        except InvalidEvent as exc:
+            self._decoder.position += 1
+            event = exc.event if isinstance(exc, Undecodable) else None
+            self._to_chunk(xid, None, Dead(self._decoder.position, str(exc), event))
+            return 1
+        if out is None:
+            return 0
+        cls = out.__class__
+        if cls is ChangeEvent:
+            if xid == self._chunk_subxid and len(self._chunk) < STREAM_CHUNK:
+                self._chunk.append(out)  # type: ignore[arg-type] # (checked: a ChangeEvent)
+            else:
+                self._to_chunk(xid, cast(ChangeEvent, out))
+            return 1
+        if cls is list:
+            for event in cast("list[ChangeEvent]", out):
+                self._to_chunk(xid, event)
+            return 1
+        if cls is StreamStop:
+            self._flush_chunk()
+            self._block = None
+            return 0
+        raise ProtocolError(f"{cls.__name__} message inside a stream block")
+
+    def _to_chunk(self, subxid: int, event: ChangeEvent | None, dead: Dead | None = None) -> None:
+        if subxid != self._chunk_subxid or len(self._chunk) >= STREAM_CHUNK:
+            self._flush_chunk()
+            self._chunk_subxid = subxid
+        if event is not None:
+            self._chunk.append(event)
+        if dead is not None:
+            self._chunk_dead.append(dead)
+
+    def _flush_chunk(self) -> None:
+        """Map the open chunk's changes to their keys, held by their transaction."""
+        events, dead = self._chunk, self._chunk_dead
+        if (not events and not dead) or self._block is None:
+            return
+        self._chunk, self._chunk_dead = [], []
+        mapper = cast(Mapper, self._config.mapper)  # set: streaming is on
+        routed, failed = mapper.map_all(events)
+        changes = len(events) + len(dead)  # events, and changes that are none
+        dead += [Dead(e.position, str(exc), e) for e, exc in failed]
+        history = encode_history(events) if self._config.history_s and events else None
+        block = self._block
+        failed_before = block.spill_error
+        block.add(Chunk(self._chunk_subxid, changes, pack(routed), dead, history))
+        if block.spill_error is not None and failed_before is None:
+            log.warning(
+                "streamed_transaction_kept_in_memory",
+                xid=block.xid,
+                error=block.spill_error,
+                detail="its keys could not be written to a temporary file (TMPDIR): the "
+                "rest of the transaction is held in memory until its commit",
+            )
+
+    def _deliver(self, limit: int) -> LogicalBatch:
+        """The next share of a committed streamed transaction's keys, `limit` changes'
+        worth; the last one acknowledges its commit."""
+        delivery = cast(_Delivery, self._delivery)
+        txn, commit = delivery.txn, delivery.commit
+        batch = LogicalBatch(
+            size=0,
+            events=[],
+            ack_lsn=self._read_upto,
+            read_at=time.monotonic(),
+            clock_offset_s=self._clock_offset_s,
+        )
+        batch.transactions.append(
+            (txn.first_position, txn.xid, commit.commit_lsn, commit.commit_time)
+        )
+        while batch.size < limit:
+            chunk = next(delivery.chunks, None)
+            if chunk is None:
+                break
+            batch.size += chunk.changes
+            merge(batch.premapped, chunk.invalidations())
+            for dead in chunk.dead:
+                batch.dead[dead.position] = dead.error
+                if dead.event is not None:
+                    batch.undecodable[dead.position] = dead.event
+            if chunk.history is not None:
+                text = chunk.history
+                if not delivery.history_started:
+                    # The transaction's first event carries its xid, commit LSN and time.
+                    text = _with_transaction(text, (txn.xid, commit.commit_lsn, commit.commit_time))
+                    delivery.history_started = True
+                batch.history.append(text)
+        else:
+            self._more = True
+            batch.visible_at = self._visible_at(batch.transactions)
+            return batch
+        self._delivery = None
+        txn.close()
+        self._read_upto = batch.ack_lsn = batch.event_commit = commit.end_lsn
+        self._received = max(self._received, commit.end_lsn)
+        now = time.time() + self._clock_offset_s
+        batch.ages_s.append(max(0.0, now - PG_EPOCH - commit.commit_time / 1e6))
+        batch.visible_at = self._visible_at(batch.transactions)
+        self._more = True  # what follows the commit may be buffered already
         return batch
 
     def _visible_at(self, transactions: list[tuple[int, int, int, int]]) -> float | None:

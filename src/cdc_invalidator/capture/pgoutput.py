@@ -1,4 +1,4 @@
-"""Decode the messages of PostgreSQL's built-in `pgoutput` plugin (protocol version 1).
+"""Decode the messages of PostgreSQL's built-in `pgoutput` plugin (protocol version 2).
 
 Pure: bytes in, ChangeEvents out; the replication stream (walstream.py) hands over the
 payload of each XLogData message. Formats: PostgreSQL docs, "Logical Replication Message
@@ -16,6 +16,14 @@ both tuples of an UPDATE: when every one is byte for byte the same text (or 'u' 
 new tuple), the change is dropped. Each U message is one row, so old and new are paired
 by construction. Judging needs the whole old row ('O', REPLICA IDENTITY FULL, which
 install sets); without it the UPDATE is an event as usual.
+
+Protocol 2 with `streaming 'on'` sends a large transaction while it is still in progress,
+in blocks between Stream Start ('S', its xid) and Stream Stop ('E'), then Stream Commit
+('c') or Stream Abort ('A', a subtransaction's or the whole transaction's). Inside a
+block (only there) every change, Relation, Type and logical Message carries the xid of
+the (sub)transaction that made it right after its type byte: `streamed()` takes it off
+and decodes the rest as protocol 1 lays it out. Outside blocks the layouts are
+protocol 1's.
 """
 
 from __future__ import annotations
@@ -37,6 +45,12 @@ _BEGIN = struct.Struct("!QqI")  # final LSN, commit time, xid
 _COMMIT = struct.Struct("!BQQq")  # flags, commit LSN, end LSN, commit time
 _REL_HEAD = struct.Struct("!I")
 _TRUNC = struct.Struct("!IB")  # relation count, options
+_STREAM_START = struct.Struct("!IB")  # xid, first segment
+_STREAM_COMMIT = struct.Struct("!IBQQq")  # xid, flags, commit LSN, end LSN, commit time
+_STREAM_ABORT = struct.Struct("!II")  # xid, subxid (protocol 4 adds an LSN and a time)
+# Messages that carry a (sub)transaction's xid after their type byte inside a stream
+# block: Insert, Update, Delete, Truncate, Relation, Type, Message.
+_STREAMED_KINDS = frozenset(b"IUDTRYM")
 
 # What a tuple holds for a column besides text: a value the plugin did not send.
 UNCHANGED: Final = object()  # 'u': a TOASTed value the UPDATE did not change
@@ -58,6 +72,31 @@ class Commit(NamedTuple):
     commit_lsn: int
     end_lsn: int  # the end of the commit record: the position to acknowledge
     commit_time: int
+
+
+class StreamStart(NamedTuple):
+    xid: int  # the top-level transaction's
+    first: bool  # its first block
+
+
+class StreamStop(NamedTuple):
+    pass
+
+
+class StreamCommit(NamedTuple):
+    xid: int
+    commit_lsn: int
+    end_lsn: int  # the position to acknowledge
+    commit_time: int
+
+
+class StreamAbort(NamedTuple):
+    xid: int  # the top-level transaction
+    subxid: int  # the subtransaction rolled back: xid itself when the whole one was
+
+
+Stream = StreamStart | StreamStop | StreamCommit | StreamAbort
+STREAM_STOP: Final = StreamStop()
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,10 +191,14 @@ class Decoder:
     def relations(self) -> Mapping[int, Relation]:
         return self._relations
 
-    def decode(self, msg: bytes) -> Begin | Commit | ChangeEvent | list[ChangeEvent] | None:  # noqa: PLR0911 - one return per message type
+    def decode(  # noqa: PLR0911, PLR0912 - one return per message type
+        self, msg: bytes
+    ) -> Begin | Commit | ChangeEvent | list[ChangeEvent] | Stream | None:
         """One message: Begin, Commit, one ChangeEvent (I/U/D), a list (TRUNCATE of
-        several tables) or None (Relation, Type, Origin, Message, an UPDATE that its
-        table's column filter judged unchanged: nothing to invalidate).
+        several tables), a stream message (Stream Start, Stop, Commit, Abort) or None
+        (Relation, Type, Origin, Message, an UPDATE that its table's column filter
+        judged unchanged: nothing to invalidate). A message inside a stream block is
+        unwrapped by unwrap_streamed() first.
 
         Raises InvalidEvent for a change that cannot become an event (a value that is not
         UTF-8, an unknown relation) and ProtocolError for bytes that do not parse.
@@ -182,6 +225,16 @@ class Decoder:
                 return self._truncate(msg)
             if kind in b"YOM":  # Type, Origin, logical Message
                 return None
+            if kind == 0x53:  # 'S'
+                xid, first = _STREAM_START.unpack_from(msg, 1)
+                return StreamStart(xid, first == 1)
+            if kind == 0x45:  # 'E'
+                return STREAM_STOP
+            if kind == 0x63:  # 'c'
+                xid, _flags, commit_lsn, end_lsn, ts = _STREAM_COMMIT.unpack_from(msg, 1)
+                return StreamCommit(xid, commit_lsn, end_lsn, ts)
+            if kind == 0x41:  # 'A'
+                return StreamAbort._make(_STREAM_ABORT.unpack_from(msg, 1))
         # Helpers raise ValueError for bytes that do not fit the format.
         except (struct.error, IndexError, ValueError) as exc:
             raise ProtocolError(f"malformed {chr(msg[0])!r} message: {exc}") from None
@@ -265,7 +318,8 @@ class Decoder:
         return ChangeEvent(relation.table, Op.INSERT, None, new, self.position)
 
     def _update(self, msg: bytes) -> ChangeEvent | None:
-        relation = self._relation_of(msg)
+        # (the hot path of a bulk UPDATE: helpers inlined where they were calls per row)
+        relation = self._relations.get(_I32.unpack_from(msg, 1)[0]) or self._relation_of(msg)
         if relation.missing:
             return self._unrenderable(relation)
         judged = relation.judged_at
@@ -274,8 +328,9 @@ class Decoder:
         old_values: dict[str, object] | None = None
         pos = 5
         tag = msg[pos]
+        wanted_at, ncols = relation.wanted_at, len(relation.columns)
         if tag in (0x4B, 0x4F):  # 'K' key, 'O' old (FULL)
-            old_values, pos = _scan(msg, pos + 1, relation)
+            old_values, pos = _walk(msg, pos + 1, wanted_at, ncols)
             if tag == 0x4B:
                 for column in relation.not_in_key:
                     old_values[column] = NOT_SENT
@@ -283,8 +338,9 @@ class Decoder:
             tag = msg[pos]
         if tag != 0x4E:
             raise ValueError(f"UPDATE without a new tuple (got {chr(tag)!r})")
-        new_values, end = _scan(msg, pos + 1, relation)
-        _at_end(msg, end)
+        new_values, end = _walk(msg, pos + 1, wanted_at, ncols)
+        if end != len(msg):
+            _at_end(msg, end)
         try:
             if old_values is None:
                 # No old tuple: no replica-identity column changed. Others may have, and
@@ -354,6 +410,18 @@ class Decoder:
             self._on_missing_old(relation, list(missing))
 
 
+def unwrap_streamed(msg: bytes) -> tuple[int, bytes]:
+    """A message inside a stream block: the xid of the (sub)transaction it belongs to
+    (0 for one that carries none: Origin, Stream Stop) and the message as protocol 1
+    lays it out, for decode()."""
+    if msg[:1] and msg[0] in _STREAMED_KINDS:
+        if len(msg) < 5:
+            raise ProtocolError(f"streamed {chr(msg[0])!r} message without an xid")
+        (xid,) = _I32.unpack_from(msg, 1)
+        return xid, msg[:1] + msg[5:]
+    return 0, msg
+
+
 class Undecodable(InvalidEvent):
     """A change whose values cannot become keys. `event` holds what is known of it (the
     values decoded leniently) for the dead letter, so that it can be replayed by hand."""
@@ -389,17 +457,19 @@ def _cstring(msg: bytes, pos: int) -> tuple[str, int]:
 
 def _scan(msg: bytes, pos: int, relation: Relation) -> tuple[dict[str, object], int]:
     """TupleData: the wanted columns' raw values, by name, and where the tuple ends."""
-    (n,) = _U16.unpack_from(msg, pos)
-    if n != len(relation.columns):
-        raise ValueError(f"tuple has {n} columns, its relation {len(relation.columns)}")
-    return _walk(msg, pos, relation.wanted_at)
+    return _walk(msg, pos, relation.wanted_at, len(relation.columns))
 
 
-def _walk(msg: bytes, pos: int, at: Mapping[int, K]) -> tuple[dict[K, object], int]:
+def _walk(
+    msg: bytes, pos: int, at: Mapping[int, K], expect: int = -1
+) -> tuple[dict[K, object], int]:
     """TupleData at `pos`: the raw values (bytes, None for NULL, UNCHANGED) of the
     columns whose index `at` names, under that name, and where the tuple ends. Every
-    column is walked; only those are kept."""
+    column is walked; only those are kept. `expect`: the relation's column count, which
+    the tuple must have (-1: not checked)."""
     (n,) = _U16.unpack_from(msg, pos)
+    if expect >= 0 and n != expect:
+        raise ValueError(f"tuple has {n} columns, its relation {expect}")
     pos += 2
     values: dict[K, object] = {}
     unpack = _I32.unpack_from

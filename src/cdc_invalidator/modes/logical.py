@@ -90,6 +90,7 @@ class LogicalMode:
                 heartbeat_s=s.heartbeat_interval_ms / 1000,
                 history_s=s.history_s,
                 prune_every_s=s.prune_every_ms / 1000,
+                mapper=mapper,
             ),
         ).connect
 

@@ -1,0 +1,381 @@
+"""Logical mode and a large transaction: streamed before its commit (pgoutput protocol 2,
+`streaming 'on'`), its keys computed as it comes and deleted only at Stream Commit.
+
+The test server's logical_decoding_work_mem is set to its minimum (64kB) for this module,
+so that a transaction of a few thousand rows is streamed in blocks while still open.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from cdc_invalidator.capture.streamed import Chunk, Dead, StreamedTxn, pack
+from cdc_invalidator.capture.walstream import parse_lsn
+from cdc_invalidator.events import ChangeEvent, Op, TableName
+from cdc_invalidator.mapping.mapper import Invalidation
+from tests.support.env import Env, Servers
+from tests.support.listener import ListenerProcess
+from tests.support.logical import active, install, logical_config, slot, stop
+from tests.support.waits import wait_until
+
+Spawn = Any  # conftest's spawn fixture: config -> ListenerProcess
+
+N = 6000  # rows: far past 64kB of changes, so the transaction is streamed
+BIG = {"public.big": ["big:{id}", "big:name:{name}"]}
+SMALL = {"public.small": ["small:{id}"]}
+
+
+@pytest.fixture(scope="module")
+def small_work_mem(servers: Servers) -> Iterator[None]:
+    """logical_decoding_work_mem at its minimum for this module's walsenders."""
+    admin = servers.pg_dsn("postgres")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute("ALTER SYSTEM SET logical_decoding_work_mem = '64kB'")
+        conn.execute("SELECT pg_reload_conf()")
+    try:
+        yield
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute("ALTER SYSTEM RESET logical_decoding_work_mem")
+            conn.execute("SELECT pg_reload_conf()")
+
+
+pytestmark = pytest.mark.usefixtures("small_work_mem")
+
+
+def setup(env: Env, spawn: Spawn, history: str = "0s") -> tuple[ListenerProcess, Path]:
+    env.sql(
+        "CREATE TABLE big (id int PRIMARY KEY, name text);"
+        "CREATE TABLE small (id int PRIMARY KEY, note text);"
+        f"INSERT INTO big SELECT g, 'n' || g FROM generate_series(1, {N}) g;"
+        "INSERT INTO small SELECT g, 'x' FROM generate_series(1, 10) g"
+    )
+    # second deletes off: each test reads which keys are gone at given moments, and a
+    # second delete 300 ms later would only delete the same keys again.
+    config = logical_config(
+        env,
+        {**BIG, **SMALL},
+        log_level="debug",
+        second_delete_ms=0,
+        replay_history=history,
+    )
+    install(config)
+    listener = spawn(config)
+    wait_until(lambda: active(env), what="the listener streaming its slot")
+    return listener, config
+
+
+def cache_big(env: Env, ids: range, name: str = "n") -> list[str]:
+    """Cache both keys of each row (by its current name `name || id`)."""
+    keys = [f"big:{i}" for i in ids] + [f"big:name:{name}{i}" for i in ids]
+    env.redis().mset(dict.fromkeys(keys, "cached"))
+    return keys
+
+
+def streaming(listener: ListenerProcess, xid: int) -> bool:
+    return any(line["xid"] == xid for line in listener.logged("transaction_streaming"))
+
+
+def marker(env: Env, i: int) -> int:
+    """A single-row commit after everything before it, whose key is deleted once the
+    listener has handled all that came before it (the stream is in commit order).
+    Returns the WAL position before its commit: once the slot is confirmed past it, it is
+    confirmed past the start of any transaction still open then."""
+    r = env.redis()
+    r.set(f"small:{i}", "cached")
+    with psycopg.connect(env.dsn) as conn:
+        conn.execute("UPDATE small SET note = note || '.' WHERE id = %s", [i])
+        before = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
+    assert before is not None
+    wait_until(lambda: r.exists(f"small:{i}") == 0, what=f"small:{i} deleted")
+    return parse_lsn(before[0])
+
+
+def confirmed(env: Env) -> int:
+    found = slot(env)
+    assert found is not None
+    return parse_lsn(found["confirmed_flush_lsn"])
+
+
+def test_a_streamed_statement_is_deleted_only_after_its_commit(env: Env, spawn: Spawn) -> None:
+    listener, _ = setup(env, spawn, history="1h")
+    r = env.redis()
+    keys = cache_big(env, range(1, N + 1))
+    with psycopg.connect(env.dsn) as writer:
+        xid = writer.execute("SELECT txid_current()").fetchone()
+        assert xid is not None
+        writer.execute("UPDATE big SET name = 'x' || id")
+        wait_until(lambda: streaming(listener, int(xid[0]) & 0xFFFFFFFF), what="blocks streamed")
+        # Blocks of the open transaction have reached the listener; a marker committed
+        # meanwhile is handled (so is everything streamed before it), and nothing of the
+        # open one is deleted.
+        marker(env, 1)
+        assert r.exists(*keys) == len(keys)
+        writer.commit()
+    wait_until(lambda: r.exists(*keys) == 0, what="every key of the statement deleted")
+    (committed,) = listener.logged("streamed_transaction_committed")
+    assert committed["xid"] == int(xid[0]) & 0xFFFFFFFF
+
+    # The replay history holds its changes like any other transaction's, the first one
+    # naming the transaction (xid, commit LSN, commit time).
+    def history() -> list[tuple[str | None]]:
+        with env.connect() as conn:
+            return conn.execute(
+                "SELECT e->5->>0 FROM cdc_invalidator.history_v1, json_array_elements(events) e"
+                " WHERE e->>1 = 'big'"
+            ).fetchall()
+
+    # (written behind the loop, after the deletes)
+    wait_until(lambda: len(history()) >= N, what="the statement's history written")
+    items = history()
+    assert len(items) == N
+    assert [x for (x,) in items if x is not None] == [str(int(xid[0]) & 0xFFFFFFFF)]
+    stop(listener)
+
+
+def test_a_streamed_transaction_that_rolls_back_deletes_nothing(env: Env, spawn: Spawn) -> None:
+    listener, _ = setup(env, spawn)
+    r = env.redis()
+    keys = cache_big(env, range(1, N + 1))
+    with psycopg.connect(env.dsn) as writer:
+        xid = writer.execute("SELECT txid_current()").fetchone()
+        assert xid is not None
+        writer.execute("UPDATE big SET name = 'x' || id")
+        wait_until(lambda: streaming(listener, int(xid[0]) & 0xFFFFFFFF), what="blocks streamed")
+        writer.rollback()
+    wait_until(
+        lambda: listener.logged("streamed_transaction_rolled_back"), what="the abort streamed"
+    )
+    marker(env, 1)  # everything before it handled
+    assert r.exists(*keys) == len(keys)
+    assert listener.logged("streamed_transaction_committed") == []
+    stop(listener)
+
+
+def test_a_subtransaction_rolled_back_inside_a_streamed_one_deletes_none_of_its_rows(
+    env: Env, spawn: Spawn
+) -> None:
+    listener, _ = setup(env, spawn)
+    r = env.redis()
+    half = N // 2
+    kept = cache_big(env, range(1, half + 1))
+    rolled_back = cache_big(env, range(half + 1, N + 1))
+    with psycopg.connect(env.dsn) as writer:
+        writer.execute("UPDATE big SET name = 'x' || id WHERE id <= %s", [half])
+        writer.execute("SAVEPOINT s")
+        writer.execute("UPDATE big SET name = 'y' || id WHERE id > %s", [half])
+        writer.execute("ROLLBACK TO SAVEPOINT s")
+        writer.commit()
+    wait_until(lambda: r.exists(*kept) == 0, what="the kept half's keys deleted")
+    marker(env, 1)
+    assert r.exists(*rolled_back) == len(rolled_back)
+    # The subtransaction's changes had been streamed, and were discarded.
+    aborts = listener.logged("streamed_transaction_rolled_back")
+    assert aborts
+    assert all(a["subxid"] != a["xid"] for a in aborts)
+    stop(listener)
+
+
+def test_single_row_commits_during_a_streamed_one_are_deleted_and_acknowledged_in_order(
+    env: Env, spawn: Spawn
+) -> None:
+    listener, _ = setup(env, spawn)
+    r = env.redis()
+    keys = cache_big(env, range(1, N + 1))
+    with psycopg.connect(env.dsn) as writer:
+        xid = writer.execute("SELECT txid_current()").fetchone()
+        assert xid is not None
+        writer.execute("UPDATE big SET name = 'x' || id WHERE id <= %s", [N // 2])
+        wait_until(lambda: streaming(listener, int(xid[0]) & 0xFFFFFFFF), what="blocks streamed")
+        # Other sessions commit while it is open: their keys go at once, and the slot
+        # is confirmed past them, not held back by the open transaction.
+        at = max(marker(env, i) for i in range(2, 8))
+        wait_until(lambda: confirmed(env) > at, what="the singles acknowledged")
+        writer.execute("UPDATE big SET name = 'x' || id WHERE id > %s", [N // 2])
+        r.set("small:9", "cached")
+        with env.connect() as other:  # interleaved in the WAL with the rest of it
+            other.execute("UPDATE small SET note = 'y' WHERE id = 9")
+        assert r.exists(*keys) == len(keys)
+        before = writer.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
+        assert before is not None
+        writer.commit()
+    end = parse_lsn(env.scalar("SELECT pg_current_wal_insert_lsn()::text"))  # past its commit
+    # Until every key of the statement is gone, the slot is never confirmed at its end.
+    while r.exists(*keys):
+        position = confirmed(env)
+        if r.exists(*keys):
+            assert position < end, "the slot was confirmed past a transaction not deleted"
+    wait_until(lambda: r.exists("small:9") == 0, what="the interleaved commit's key deleted")
+    wait_until(lambda: confirmed(env) > parse_lsn(before[0]), what="the statement acknowledged")
+    stop(listener)
+
+
+def test_a_listener_restarted_in_the_middle_of_a_streamed_transaction_deletes_all_of_it(
+    env: Env, spawn: Spawn
+) -> None:
+    first, config = setup(env, spawn)
+    r = env.redis()
+    keys = cache_big(env, range(1, N + 1))
+    with psycopg.connect(env.dsn) as writer:
+        xid = writer.execute("SELECT txid_current()").fetchone()
+        assert xid is not None
+        top = int(xid[0]) & 0xFFFFFFFF
+        writer.execute("UPDATE big SET name = 'x' || id WHERE id <= %s", [N // 2])
+        wait_until(lambda: streaming(first, top), what="blocks streamed to the first listener")
+        # A commit after its start is acknowledged: the slot's confirmed position passes
+        # the start of the open transaction, which must not make the slot skip it.
+        at = marker(env, 1)
+        wait_until(lambda: confirmed(env) > at, what="the marker acknowledged")
+        first.signal(signal.SIGKILL)
+        first.wait()
+        second = spawn(config)
+        wait_until(lambda: active(env), what="the second listener streaming")
+        writer.execute("UPDATE big SET name = 'x' || id WHERE id > %s", [N // 2])
+        # The slot sends the open transaction again from its first block.
+        wait_until(lambda: streaming(second, top), what="blocks streamed to the second listener")
+        assert r.exists(*keys) == len(keys)
+        writer.commit()
+    wait_until(lambda: r.exists(*keys) == 0, what="every key of the statement deleted")
+    stop(second)
+
+
+def test_a_streamed_transaction_keeps_column_filters_truncate_and_dead_letters(
+    env: Env, spawn: Spawn
+) -> None:
+    env.sql(
+        "CREATE TABLE big (id int PRIMARY KEY, name text, note text);"
+        "CREATE TABLE small (id int PRIMARY KEY, note text);"
+        "CREATE TABLE other (id int PRIMARY KEY);"
+        f"INSERT INTO big SELECT g, 'n' || g, '' FROM generate_series(1, {N}) g;"
+        "INSERT INTO small SELECT g, 'x' FROM generate_series(1, 10) g"
+    )
+    installed = logical_config(env, {**BIG, **SMALL, "public.other": ["other:{id}"]})
+    install(installed)
+    # The listener runs without `other` (published by the install): its changes are dead
+    # letters. UPDATEs of big that change only `note` are judged and dropped.
+    config = logical_config(
+        env, {**BIG, **SMALL}, name="run.toml", log_level="debug", second_delete_ms=0
+    )
+    header = '[tables."public.big"]\n'
+    text = config.read_text()
+    assert header in text
+    config.write_text(text.replace(header, header + 'ignore_columns = ["note"]\n'))
+    listener = spawn(config)
+    wait_until(lambda: active(env), what="the listener streaming its slot")
+    r = env.redis()
+    renamed = cache_big(env, range(1, 11))
+    noted = cache_big(env, range(11, N + 1))
+    r.mset({"small:1": "c", "small:2": "c"})
+    with psycopg.connect(env.dsn) as writer:
+        xid = writer.execute("SELECT txid_current()").fetchone()
+        assert xid is not None
+        writer.execute("UPDATE big SET note = 'seen'")  # judged: nothing to delete
+        writer.execute("UPDATE big SET name = 'x' || id WHERE id <= 10")
+        writer.execute("INSERT INTO other VALUES (1)")
+        writer.execute("TRUNCATE small")
+        wait_until(lambda: streaming(listener, int(xid[0]) & 0xFFFFFFFF), what="blocks streamed")
+    wait_until(lambda: r.exists(*renamed, "small:1", "small:2") == 0, what="its keys deleted")
+    wait_until(
+        lambda: env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 1,
+        what="the dead letter saved",
+    )
+    assert r.exists(*noted) == len(noted)
+    table, error = env.scalar("SELECT array[table_name, error] FROM cdc_invalidator.dead_letter_v1")
+    assert table == "other"
+    assert "not in the configuration" in error
+    assert f"transaction {int(xid[0]) & 0xFFFFFFFF}" in error
+    stop(listener)
+
+
+# --- the held keys, as units ----------------------------------------------------------------
+
+BIG_T = TableName("public", "big")
+
+
+def chunk(subxid: int, *keys: str) -> Chunk:
+    return Chunk(subxid, len(keys), pack({None: Invalidation(set(keys))}))
+
+
+def test_held_chunks_spill_to_a_file_and_come_back_without_the_rolled_back_subtransactions() -> (
+    None
+):
+    txn = StreamedTxn(10, 1, spill_bytes=64)
+    txn.add(chunk(10, "a:1", "a:2"))
+    txn.add(chunk(11, "b:1"))
+    txn.add(chunk(12, "c:1", "c:2", "c:3" * 40))  # past the bound: all three spilled
+    assert txn.spilled_bytes > 0
+    assert txn.held_bytes == 0
+    txn.add(chunk(12, "c:4"))
+    txn.add(chunk(13, "d:1"))
+    txn.abort(12)  # in the file and in memory
+    dead = Dead(7, "bad", ChangeEvent(BIG_T, Op.INSERT, None, {"id": None}, 7))
+    txn.add(Chunk(10, 1, pack({5: Invalidation(set(), {"big:*"}, {BIG_T: "why"})}), [dead]))
+    out = list(txn.chunks())
+    assert [c.subxid for c in out] == [10, 11, 13, 10]
+    keys = [sorted(k for inv in c.invalidations().values() for k in inv.keys) for c in out]
+    assert keys == [["a:1", "a:2"], ["b:1"], ["d:1"], []]
+    last = out[-1].invalidations()[5]
+    assert last.patterns == {"big:*"}
+    assert last.unrenderable == {BIG_T: "why"}
+    assert out[-1].dead == [dead]
+    txn.close()
+
+
+def test_a_key_holding_the_separator_is_kept_whole() -> None:
+    packed = pack({None: Invalidation({"a\0b", "c"})})
+    (inv,) = Chunk(1, 2, packed).invalidations().values()
+    assert inv.keys == {"a\0b", "c"}
+
+
+class _FullDisk:
+    """A temporary file that takes `room` writes, then fails as a full disk does."""
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+        self.data = bytearray()
+        self.pos = 0
+
+    def write(self, data: bytes) -> int:
+        if self.room == 0:
+            self.data += data[:3]  # a partial write before the failure
+            raise OSError(28, "No space left on device")
+        self.room -= 1
+        self.data += data
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def seek(self, pos: int) -> None:
+        self.pos = pos
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self.data) if n < 0 else self.pos + n
+        out = bytes(self.data[self.pos : end])
+        self.pos += len(out)
+        return out
+
+    def readline(self) -> bytes:  # pickle.load asks for it
+        return self.read()
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_full_temporary_disk_keeps_the_rest_in_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    disk = _FullDisk(room=1)
+    monkeypatch.setattr("cdc_invalidator.capture.streamed.tempfile.TemporaryFile", lambda **_: disk)
+    txn = StreamedTxn(10, 1, spill_bytes=64)
+    txn.add(chunk(10, "a:1"))
+    txn.add(chunk(10, "b:1" * 40))  # past the bound: a:1 written, b:1... fails
+    assert txn.spill_error is not None
+    assert "No space left" in txn.spill_error
+    txn.add(chunk(10, "c:1" * 40))  # no more spilling: held in memory
+    keys = [k for c in txn.chunks() for inv in c.invalidations().values() for k in inv.keys]
+    assert keys == ["a:1", "b:1" * 40, "c:1" * 40]
