@@ -7,6 +7,7 @@ to 1,500 events, a pack holds 1,000 rows): every boundary between them is crosse
 
 from __future__ import annotations
 
+import json
 import threading
 
 import psycopg
@@ -82,6 +83,10 @@ def test_a_bulk_update_insert_and_delete_are_packed_and_every_key_deleted(env: E
     assert len(queued) == ROWS // PACK  # one queue row per pack, not per row
     assert {op for op, _ in queued} == {"U"}
     assert queue_len(env) == ROWS
+    # `status` counts the backlog in changes, a pack weighing its rows.
+    shown = run_cli("status", "--json", "--config", str(config))
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["backlog"] == ROWS
     with env.connect() as conn:
         # The key columns column-wise; old and new paired by index.
         row = conn.execute(
