@@ -8,6 +8,7 @@ to 1,500 events, a pack holds 1,000 rows): every boundary between them is crosse
 from __future__ import annotations
 
 import json
+import re
 import threading
 
 import psycopg
@@ -15,8 +16,10 @@ import redis
 
 from cdc_invalidator.cli import main
 from tests.support.env import Env
-from tests.support.listener import listening, run_cli
+from tests.support.faults import Written, acknowledged, setup_users, write
+from tests.support.listener import Spawn, listening, run_cli, stop_listener
 from tests.support.sync import SYNC, install, keys, queue_len, settle
+from tests.support.tail import Tail, channel_of, subscribers
 from tests.support.waits import wait_until
 
 USERS = {"public.users": ["user:{id}", "user:email:{email}"]}
@@ -295,3 +298,48 @@ def test_a_judged_bulk_update_queues_only_the_rows_whose_counted_columns_changed
     assert all(f"user:{i}" in left for i in range(1, 3001, 2))
     assert not any(f"user:{i}" in left for i in range(4001, 5001))
     assert all(f"user:{i}" in left for i in range(3001, 4001))
+
+
+def test_tail_shows_each_row_of_a_packed_change_with_its_transaction(
+    env: Env, spawn: Spawn, tails: list[Tail]
+) -> None:
+    config = setup_users(env, rows=300)
+    listener = spawn(config)
+    r = env.redis()
+    tail = Tail(config, env.tmp_path, "--table", "users")
+    tails.append(tail)
+    wait_until(lambda: subscribers(r, channel_of(env)) == 1, what="tail subscribed")
+
+    # The listener asks whether anyone tails once a second at most: write packs (three
+    # rows a statement, once the last one is consumed) until one is shown.
+    seen: list[Written] = []
+    shown: list[dict[str, str]] = []
+
+    def a_pack_shown() -> bool:
+        lines = [m.groupdict() for m in map(TAIL_LINE.match, tail.lines()) if m]
+        if len(lines) >= 3:
+            shown.extend(lines[:3])
+            return True
+        if not seen or acknowledged(env, seen[-1]):
+            first = 3 * len(seen) + 1
+            update = "UPDATE users SET email = 'x' || id WHERE id BETWEEN %s AND %s"
+            seen.append(write(env, update, [first, first + 2], ids=range(first, first + 3)))
+        return False
+
+    wait_until(a_pack_shown, what="a packed change shown by tail", timeout_s=30)
+    first = int(shown[0]["keys"].split()[0].removeprefix("user:"))
+    # One line per row of the pack, each with its own keys and the pack's transaction.
+    assert [line["keys"].split() for line in shown] == [
+        [f"user:{i}", f"user:email:u{i}@x", f"user:email:x{i}"] for i in range(first, first + 3)
+    ]
+    assert {line["op"] for line in shown} == {"UPDATE"}
+    assert len({line["txn"] for line in shown}) == 1
+    assert re.fullmatch(r"xid \d+", shown[0]["txn"]), shown
+    assert tail.interrupt() == 0, tail.stderr()
+    stop_listener(listener)
+
+
+TAIL_LINE = re.compile(
+    r"^(?P<at>\S+) (?P<table>\S+) (?P<op>[A-Z]+) "
+    r"(?P<keys>.+?) commit→delete (?P<ms>\d+) ms \((?P<txn>xid \d+[^)]*)\)$"
+)
