@@ -2,7 +2,8 @@
 --
 -- What this creates, all inside the schema "cdc_invalidator":
 --   queue_v1            one row per changed row of a watched table (one per TRUNCATE),
---                       stamped with the writer's transaction id.
+--                       or per pack of up to pack_rows_v1() rows of a statement that
+--                       changed several, stamped with the writer's transaction id.
 --   dead_letter_v1      events the listener could not turn into keys, with the error.
 --   listener_state_v1   how far the listener got: a snapshot whose visible transactions
 --                       have all been invalidated, and when it last got further.
@@ -47,6 +48,13 @@ CREATE TABLE IF NOT EXISTS cdc_invalidator.queue_v1 (
 -- The only index, so writers maintain one: the listener's reads and the bulk deletes
 -- are ranges of (xid, id).
 CREATE INDEX IF NOT EXISTS queue_v1_xid_id ON cdc_invalidator.queue_v1 (xid, id);
+-- A pack: the changes of up to pack_rows_v1() rows of one statement in one queue row,
+-- its key columns column-wise ({"id": ["1", "2", ...]}; an UPDATE's old and new arrays
+-- paired by index), `rows` saying how many. NULL: one change, as above. A statement of
+-- a million rows then writes a thousand queue rows instead of a million (the writer's
+-- cost: docs/DBA.md, "What a bulk statement costs"). Added to existing installs: NULL
+-- in every row already queued, which is what they are.
+ALTER TABLE cdc_invalidator.queue_v1 ADD COLUMN IF NOT EXISTS rows integer;
 
 -- Events that could not be rendered into keys (table no longer configured, a column
 -- missing from the payload, a value that cannot render). Columns are nullable on
@@ -62,6 +70,10 @@ CREATE TABLE IF NOT EXISTS cdc_invalidator.dead_letter_v1 (
     new_row     json,
     error       text NOT NULL
 );
+-- A pack's dead letter is the whole pack, copied verbatim (one row per queue row, so its
+-- id stays the queue id); its error names each element that failed (element 0 is the
+-- first), and the pack's other elements were invalidated.
+ALTER TABLE cdc_invalidator.dead_letter_v1 ADD COLUMN IF NOT EXISTS rows integer;
 
 CREATE TABLE IF NOT EXISTS cdc_invalidator.listener_state_v1 (
     singleton         boolean PRIMARY KEY DEFAULT true CHECK (singleton),
@@ -157,6 +169,57 @@ BEGIN
 END
 $statement$;
 
+-- pack_rows_v1(): the most changes one queue row holds (a pack). Measured on 1M-row
+-- statements: the writer's cost is flat from 1,000 to 20,000 (the aggregation, not the
+-- queue rows, costs it), and smaller packs keep the listener's reads fine-grained and
+-- a dead-lettered pack small.
+CREATE OR REPLACE FUNCTION cdc_invalidator.pack_rows_v1() RETURNS integer
+LANGUAGE sql IMMUTABLE AS 'SELECT 1000';
+
+-- queue_packed_v1(op, names, labels, columns): queue_statement_v1 for a statement that
+-- changed several rows: one queue row per pack of pack_rows_v1() rows, each key column
+-- an array of its values' text (array_agg keeps NULLs: a NULL field skips its key, as
+-- in a single row). Packs are numbered in the transition table's order (row_number),
+-- so an UPDATE's old and new packs of one number hold the same rows, in the same order
+-- as far as PostgreSQL keeps it; were that order ever off, the pack would still name
+-- every old and every new key.
+CREATE OR REPLACE FUNCTION cdc_invalidator.queue_packed_v1(
+    op text, names text, labels text[], columns text[])
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp
+AS $packed$
+DECLARE
+    -- (SELECT (row_number() OVER () - 1) / 1000 AS g, r.id::text AS c1 FROM old_rows r)
+    numbered text := format('(SELECT (row_number() OVER () - 1) / %s AS g', cdc_invalidator.pack_rows_v1())
+        || coalesce((SELECT string_agg(format(', r.%I::text AS c%s', c, i), '' ORDER BY i)
+                     FROM unnest(columns) WITH ORDINALITY AS k (c, i)), '')
+        || ' FROM %s r) r';
+    -- json_build_object('id', array_agg(r.c1), ...)
+    pack text := 'json_build_object(' || coalesce((
+        SELECT string_agg(format('%L, array_agg(r.c%s)', l, i), ', ' ORDER BY i)
+        FROM unnest(labels) WITH ORDINALITY AS k (l, i)), '') || ')';
+BEGIN
+    RETURN CASE op
+        WHEN 'INSERT' THEN format(
+            'INSERT INTO cdc_invalidator.queue_v1 (schema_name, table_name, op, new_row, rows) '
+            'SELECT %s, ''I'', %s, count(*)::int FROM %s GROUP BY r.g',
+            names, pack, format(numbered, 'new_rows'))
+        -- Each side aggregated on its own and the packs joined by number: a join of a
+        -- thousand packs, not of a million rows.
+        WHEN 'UPDATE' THEN format(
+            'INSERT INTO cdc_invalidator.queue_v1 (schema_name, table_name, op, old_row, new_row, rows) '
+            'SELECT %1$s, ''U'', o.j, n.j, o.n '
+            'FROM (SELECT r.g, %2$s AS j, count(*)::int AS n FROM %3$s GROUP BY r.g) o '
+            'JOIN (SELECT r.g, %2$s AS j FROM %4$s GROUP BY r.g) n USING (g)',
+            names, pack, format(numbered, 'old_rows'), format(numbered, 'new_rows'))
+        WHEN 'DELETE' THEN format(
+            'INSERT INTO cdc_invalidator.queue_v1 (schema_name, table_name, op, old_row, rows) '
+            'SELECT %s, ''D'', %s, count(*)::int FROM %s GROUP BY r.g',
+            names, pack, format(numbered, 'old_rows'))
+    END;
+END
+$packed$;
+
 -- queue_judged_update_v1(names, labels, columns, pk, counted): the UPDATE statement of a
 -- table with a column filter: only the rows in which a counted column changed are
 -- queued. Old and new rows are paired by primary key (a FULL JOIN of the transition
@@ -207,6 +270,55 @@ BEGIN
         names, old_json, new_json, project, pairs, changed);
 END
 $judged$;
+
+-- queue_judged_packed_v1(names, labels, columns, pk, counted): queue_judged_update_v1
+-- for an UPDATE of several rows: the same judgement row by row, the rows it queues
+-- packed (queue_packed_v1) by what each became, UPDATE, DELETE or INSERT (a changed
+-- primary key), up to pack_rows_v1() rows per pack.
+CREATE OR REPLACE FUNCTION cdc_invalidator.queue_judged_packed_v1(
+    names text, labels text[], columns text[], pk text[], counted text[])
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp
+AS $judged_packed$
+DECLARE
+    used text[] := ARRAY(SELECT DISTINCT c FROM unnest(pk || counted || columns) c ORDER BY c);
+    project text;
+    sides text;
+    old_pack text;
+    new_pack text;
+    pairs text;
+    changed text;
+BEGIN
+    SELECT string_agg(format('r.%I AS c%s', c, i), ', ' ORDER BY i) INTO project
+    FROM unnest(used) WITH ORDINALITY AS u (c, i);
+    -- The key columns' text on both sides, as o1, n1, o2, n2, ...
+    SELECT coalesce(string_agg(format(', o.c%1$s::text AS o%2$s, n.c%1$s::text AS n%2$s',
+                                      array_position(used, c), i), '' ORDER BY i), ''),
+           'json_build_object(' || coalesce(string_agg(
+               format('%L, array_agg(j.o%s)', l, i), ', ' ORDER BY i), '') || ')',
+           'json_build_object(' || coalesce(string_agg(
+               format('%L, array_agg(j.n%s)', l, i), ', ' ORDER BY i), '') || ')'
+    INTO sides, old_pack, new_pack
+    FROM unnest(labels, columns) WITH ORDINALITY AS k (l, c, i);
+    SELECT string_agg(format('o.c%1$s = n.c%1$s', array_position(used, c)), ' AND ') INTO pairs
+    FROM unnest(pk) c;
+    SELECT coalesce(string_agg(format(
+               '(o.c%1$s::text COLLATE "C") IS DISTINCT FROM (n.c%1$s::text COLLATE "C")',
+               array_position(used, c)), ' OR '), 'false') INTO changed
+    FROM unnest(counted) c;
+    RETURN format(
+        'INSERT INTO cdc_invalidator.queue_v1 (schema_name, table_name, op, old_row, new_row, rows) '
+        'SELECT %1$s, j.op, CASE WHEN j.op <> ''I'' THEN %2$s END, '
+        'CASE WHEN j.op <> ''D'' THEN %3$s END, count(*)::int '
+        'FROM (SELECT (row_number() OVER () - 1) / %8$s AS g, '
+        'CASE WHEN o.here IS NULL THEN ''I'' WHEN n.here IS NULL THEN ''D'' ELSE ''U'' END AS op%7$s '
+        'FROM (SELECT true AS here, %4$s FROM old_rows r) o '
+        'FULL JOIN (SELECT true AS here, %4$s FROM new_rows r) n ON %5$s '
+        'WHERE o.here IS NULL OR n.here IS NULL OR %6$s) j '
+        'GROUP BY j.g, j.op',
+        names, old_pack, new_pack, project, pairs, changed, sides, cdc_invalidator.pack_rows_v1());
+END
+$judged_packed$;
 
 -- queue_sweep_v1(names, reason): the statement that queues a sweep of a table's templates
 -- instead of its changes (a TRUNCATE event carrying `reason`, which the listener logs and
@@ -438,6 +550,7 @@ DECLARE
     natts    int2;
     judged_q text;
     update_q text;
+    packed_q text;  -- update_q for a statement that changed several rows
     rel      regclass;
     trg      record;
 BEGIN
@@ -513,6 +626,7 @@ BEGIN
     -- a write after the table was renamed (check reports that the configuration drifted).
     names := format('%L, %L', schema_n, table_n);
     update_q := cdc_invalidator.queue_statement_v1('UPDATE', names, key_columns, key_columns);
+    packed_q := cdc_invalidator.queue_packed_v1('UPDATE', names, key_columns, key_columns);
     IF judged THEN
         -- Planned here, on the table itself, so that a write never meets a statement
         -- PostgreSQL cannot plan (a FULL JOIN needs a primary key type whose equality
@@ -520,6 +634,9 @@ BEGIN
         judged_q := cdc_invalidator.queue_judged_update_v1(names, key_columns, key_columns, pk, counted);
         BEGIN
             EXECUTE 'EXPLAIN ' || replace(replace(judged_q,
+                'FROM old_rows r', format('FROM %s r', tbl)), 'FROM new_rows r', format('FROM %s r', tbl));
+            EXECUTE 'EXPLAIN ' || replace(replace(
+                cdc_invalidator.queue_judged_packed_v1(names, key_columns, key_columns, pk, counted),
                 'FROM old_rows r', format('FROM %s r', tbl)), 'FROM new_rows r', format('FROM %s r', tbl));
         EXCEPTION WHEN OTHERS THEN
             RAISE NOTICE 'cdc_invalidator.watch: the UPDATEs of % cannot be judged (%): every UPDATE is queued', tbl, SQLERRM;
@@ -533,6 +650,11 @@ BEGIN
             'IF (SELECT c.relnatts FROM pg_class c WHERE c.oid = %3$s) = %4$s THEN %1$s; '
             'ELSE %2$s; END IF' END,
             judged_q, update_q, tbl::oid, natts);
+        packed_q := format(CASE WHEN natts IS NULL THEN '%s' ELSE
+            'IF (SELECT c.relnatts FROM pg_class c WHERE c.oid = %3$s) = %4$s THEN %1$s; '
+            'ELSE %2$s; END IF' END,
+            cdc_invalidator.queue_judged_packed_v1(names, key_columns, key_columns, pk, counted),
+            packed_q, tbl::oid, natts);
     END IF;
 
     -- The columns whose text the function uses: it renders the key columns, and the
@@ -545,7 +667,9 @@ BEGIN
         WHERE a.attrelid = tbl AND a.attname = ANY (rendered) AND a.attnum > 0
           AND NOT a.attisdropped AND NOT cdc_invalidator.prints_alike_v1(a.atttypid));
     -- false AND (r.a IS NULL AND r.b IS NULL): planned, so it fails on a missing column,
-    -- and never run.
+    -- and never run. The statement that plans it counts the transition table's rows up to
+    -- two (NOT of the probe is constant true): a single row is queued as one change, as
+    -- before packs existed (no aggregation to pay for), several rows in packs.
     -- A judged table's probe names the primary key and counted columns too: once one is
     -- renamed or dropped, the table is not judged (queue_drifted_v1: every UPDATE).
     -- Without pinned settings, the probe passes each rendered column to
@@ -562,14 +686,15 @@ BEGIN
     body := format($body$
         DECLARE
             renamed boolean := false;
+            many    boolean;
             queued  bigint;
         BEGIN
             IF TG_OP <> 'TRUNCATE' THEN
                 BEGIN
                     IF TG_OP = 'INSERT' THEN
-                        PERFORM FROM new_rows r WHERE %3$s;
+                        SELECT count(*) > 1 INTO many FROM (SELECT FROM new_rows r WHERE NOT (%3$s) LIMIT 2) s;
                     ELSE
-                        PERFORM FROM old_rows r WHERE %3$s;
+                        SELECT count(*) > 1 INTO many FROM (SELECT FROM old_rows r WHERE NOT (%3$s) LIMIT 2) s;
                     END IF;
                 EXCEPTION WHEN undefined_column OR undefined_function OR ambiguous_function THEN
                     renamed := true;
@@ -583,11 +708,11 @@ BEGIN
                 END IF;
                 RETURN NULL;
             ELSIF TG_OP = 'INSERT' THEN
-                %1$s;
+                IF many THEN %11$s; ELSE %1$s; END IF;
             ELSIF TG_OP = 'UPDATE' THEN
-                %2$s;
+                IF many THEN %12$s; ELSE %2$s; END IF;
             ELSIF TG_OP = 'DELETE' THEN
-                %8$s;
+                IF many THEN %13$s; ELSE %8$s; END IF;
             ELSE
                 %9$s;
             END IF;
@@ -604,7 +729,10 @@ BEGIN
         probe, tbl::oid, key_columns, attnums, names,
         cdc_invalidator.queue_statement_v1('DELETE', names, key_columns, key_columns),
         cdc_invalidator.queue_statement_v1('TRUNCATE', names, key_columns, key_columns),
-        CASE WHEN pinned THEN 'queue_drifted_v1' ELSE 'queue_drifted_unpinned_v1' END);
+        CASE WHEN pinned THEN 'queue_drifted_v1' ELSE 'queue_drifted_unpinned_v1' END,
+        cdc_invalidator.queue_packed_v1('INSERT', names, key_columns, key_columns),
+        packed_q,
+        cdc_invalidator.queue_packed_v1('DELETE', names, key_columns, key_columns));
 
     -- The body goes in as a quoted literal (%L): no table or column name can end it
     -- early. When a rendered column needs them, the settings that change how values print
@@ -621,7 +749,7 @@ BEGIN
     EXECUTE format('REVOKE ALL ON FUNCTION %s() FROM PUBLIC', fn);
     EXECUTE format('ALTER FUNCTION %s() OWNER TO %s', fn, owner);
     EXECUTE format('GRANT USAGE ON SCHEMA cdc_invalidator TO %s', owner);
-    EXECUTE format('GRANT INSERT (schema_name, table_name, op, old_row, new_row) '
+    EXECUTE format('GRANT INSERT (schema_name, table_name, op, old_row, new_row, rows) '
                    'ON TABLE cdc_invalidator.queue_v1 TO %s', owner);
 
     -- The table, and for a partitioned table every partition too: statement triggers
@@ -716,7 +844,7 @@ BEGIN
                SELECT FROM pg_proc p
                WHERE p.pronamespace = 'cdc_invalidator'::regnamespace AND p.proowner = owner
                  AND p.proname LIKE 'capture\_%\_v1') THEN
-            EXECUTE format('REVOKE INSERT (schema_name, table_name, op, old_row, new_row) '
+            EXECUTE format('REVOKE INSERT (schema_name, table_name, op, old_row, new_row, rows) '
                            'ON TABLE cdc_invalidator.queue_v1 FROM %s', owner);
         END IF;
     END IF;

@@ -1,7 +1,8 @@
--- Backlog: rows of committed transactions that the listener has not acknowledged yet
--- (not visible in its finished snapshot, nor done in the window it is working through).
+-- Backlog: changes of committed transactions that the listener has not acknowledged yet
+-- (not visible in its finished snapshot, nor done in the window it is working through);
+-- a pack (a statement's rows in one queue row) counts its rows.
 SELECT
-    count(q.id) AS backlog,
+    coalesce(sum(coalesce(q.rows, 1)) FILTER (WHERE q.id IS NOT NULL), 0)::int8 AS backlog,
     extract(epoch FROM now() - min(q.enqueued_at))::float8 AS oldest_pending_age_s,
     (SELECT count(*) FROM cdc_invalidator.dead_letter_v1) AS dead_letters,
     s.last_processed_at,

@@ -456,7 +456,7 @@ def test_a_replay_reads_the_history_in_rounds_of_bounded_size(
     stop_listener(listener)
 
     mode = mode_for(load_settings(config))
-    monkeypatch.setattr(trigger_mode, "HISTORY_CHUNK", 25)  # trigger mode: rows per round
+    monkeypatch.setattr(trigger_mode, "HISTORY_CHUNK", 25)  # trigger mode: events per round
     monkeypatch.setattr(logical_mode, "HISTORY_CHUNK", 25)  # logical mode: events per round
     monkeypatch.setattr(logical_mode, "HISTORY_BATCH_ROWS", 1)
     with env.connect() as conn:

@@ -8,7 +8,13 @@ import json
 
 import pytest
 
-from cdc_invalidator.capture.rows import RowDecoder, encode_history
+from cdc_invalidator.capture.rows import (
+    RowDecoder,
+    by_events,
+    encode_history,
+    pack_element,
+    queue_id,
+)
 from cdc_invalidator.events import ChangeEvent, Op, TableName
 
 USERS = TableName("public", "users")
@@ -110,3 +116,78 @@ def test_a_bad_history_row_is_dead_with_its_id(text: str, kept: int, culprits: l
         assert culprit in reason, reason
     # The events of the row that decode still do.
     assert [e.position for e in decoded.events] == [42] * kept
+
+
+# --- packs: a statement's rows in one queue row, the key columns as arrays ------------
+
+
+def test_a_pack_decodes_into_one_event_per_element_with_its_own_position() -> None:
+    rows = [
+        (7, "public", "users", "I", None, '{"id": "1"}', None),
+        (8, "public", "users", "U", '{"id": ["2", "3"]}', '{"id": ["2", "4"]}', 2),
+        (9, "public", "users", "D", '{"id": ["5", null]}', None, 2),
+    ]
+    decoded = RowDecoder().queue_rows(rows, count_at=6)
+    assert decoded.dead == []
+    assert [(e.op, e.old, e.new) for e in decoded.events] == [
+        (Op.INSERT, None, {"id": "1"}),
+        (Op.UPDATE, {"id": "2"}, {"id": "2"}),
+        (Op.UPDATE, {"id": "3"}, {"id": "4"}),
+        (Op.DELETE, {"id": "5"}, None),
+        (Op.DELETE, {"id": None}, None),
+    ]
+    positions = [e.position for e in decoded.events]
+    assert positions[0] == 7
+    assert [(queue_id(p), pack_element(p)) for p in positions[1:]] == [
+        (8, 0),
+        (8, 1),
+        (9, 0),
+        (9, 1),
+    ]
+    assert len(set(positions)) == len(positions)
+    # An element whose key columns kept their values is one row for both (rendered once).
+    same = decoded.events[1]
+    assert same.old is same.new
+
+
+def test_an_update_pack_whose_key_columns_did_not_change_shares_each_row() -> None:
+    text = '{"id": ["1", "2"], "email": ["a", "b"]}'
+    decoded = RowDecoder().queue_rows([(1, "public", "users", "U", text, text, 2)], count_at=6)
+    assert [e.old for e in decoded.events] == [{"id": "1", "email": "a"}, {"id": "2", "email": "b"}]
+    assert all(e.old is e.new for e in decoded.events)
+
+
+@pytest.mark.parametrize(
+    ("op", "old", "new", "rows", "reason"),
+    [
+        ("I", None, '{"id": ["1"]}', 2, "new_row's 'id' is list of 1, expected an array of 2"),
+        ("I", None, '{"id": "1"}', 1, "new_row's 'id' is str, expected an array of 1"),
+        ("D", '["1"]', None, 1, "old_row is list, expected a JSON object of arrays"),
+        ("U", '{"id": ["1"]}', None, 1, "new_row is null, expected a JSON object of arrays"),
+        ("T", None, None, 1, "a TRUNCATE is never packed"),
+        ("I", None, '{"id": []}', 0, "rows is 0, expected 1 to"),
+        ("X", None, '{"id": ["1"]}', 1, "unknown operation 'X'"),
+        ("I", None, f'{{"id": [{HUGE}]}}', 1, "new_row cannot be parsed"),
+    ],
+)
+def test_a_malformed_pack_is_one_dead_letter_and_the_rows_around_it_decode(
+    op: str, old: str | None, new: str | None, rows: int, reason: str
+) -> None:
+    decoded = RowDecoder().queue_rows(
+        [
+            (1, "public", "users", "I", None, '{"id": "1"}', None),
+            (2, "public", "users", op, old, new, rows),
+            (3, "public", "users", "I", None, '{"id": ["3"]}', 1),
+        ],
+        count_at=6,
+    )
+    assert [e.new for e in decoded.events] == [{"id": "1"}, {"id": "3"}]
+    [(position, why)] = decoded.dead
+    assert position == 2
+    assert reason in why
+
+
+def test_rows_are_sliced_by_their_events_for_decoding() -> None:
+    rows = [(1, None), (2, 1000), (3, None), (4, None), (5, 998), (6, 0)]
+    slices = [[r[0] for r in part] for part in by_events(rows, 1, 1000)]
+    assert slices == [[1, 2], [3, 4, 5], [6]]

@@ -289,17 +289,20 @@ def test_lags_observed_together_expose_what_one_by_one_would() -> None:
 
 def test_a_chunk_finds_its_header_wherever_it_comes_and_counts_its_rows() -> None:
     """fetch_batch.sql's header row says where the next chunk starts: UNION ALL promises
-    no order, so it is found by its first column, not taken as the first row."""
-    row_a = (None, 700, None, 5, "public", "users", "U", '{"id": "1"}', '{"id": "1"}')
-    row_b = (None, 701, None, 9, "public", "users", "D", '{"id": "2"}', None)
-    header = ("10:12:", 2, 701, 9, None, None, None, "[[700, 0.5], [701, 0.25]]", None)
+    no order, so it is found by its first column, not taken as the first row. It also
+    counts the chunk's events, a pack weighing its rows."""
+    row_a = (None, 700, None, 5, "public", "users", "U", '{"id": "1"}', '{"id": "1"}', None)
+    # A pack of 3 rows: the chunk's events count it as 3.
+    row_b = (None, 701, None, 9, "public", "users", "D", '{"id": ["2", "3", "4"]}', None, 3)
+    header = ("10:12:", 2, 701, 9, None, None, None, "[[700, 0.5], [701, 0.25]]", None, 4)
     chunk = Chunk.read([row_a, header, row_b])
     assert chunk.window == "10:12:"
     assert chunk.rows == [row_a, row_b]
     assert chunk.last == ("701", 9)
     assert chunk.xid_ages == {700: 0.5, 701: 0.25}
-    empty = Chunk.read([("10:12:", 0, None, None, None, None, None, None, None)])
-    assert (empty.rows, empty.last, empty.xid_ages) == ([], None, {})
+    assert chunk.events == 4
+    empty = Chunk.read([("10:12:", 0, None, None, None, None, None, None, None, 0)])
+    assert (empty.rows, empty.last, empty.xid_ages, empty.events) == ([], None, {}, 0)
     with pytest.raises(Fatal, match="counted 3 rows and returned 2"):
         Chunk.read([row_a, row_b, (*header[:1], 3, *header[2:])])
 

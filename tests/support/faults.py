@@ -92,17 +92,22 @@ def cache(r: redis.Redis, ids: Sequence[int] | range, value: str = "stale") -> N
     pipe.execute()
 
 
-# Trigger mode: queue rows the listener has not acknowledged (its saved progress, as
-# `status` reads it). Processed rows stay in the table until pruned, so the queue's size
-# is not the measure.
+# Trigger mode: the events the listener has not acknowledged (its saved progress, as
+# `status` reads it), one row each: a queue row's, or each element of a pack's (a
+# statement's rows, their key columns as arrays). Processed rows stay in the table until
+# pruned, so the queue's size is not the measure.
 PENDING = """
-    SELECT q.id, (coalesce(q.new_row, q.old_row) ->> 'id')::int
+    SELECT q.id, coalesce(e.id, coalesce(q.new_row, q.old_row) ->> 'id')::int
     FROM cdc_invalidator.listener_state_v1 s
     JOIN cdc_invalidator.queue_v1 q
       ON q.xid >= pg_snapshot_xmin(s.snapshot)
      AND NOT pg_visible_in_snapshot(q.xid, s.snapshot)
      AND NOT coalesce(pg_visible_in_snapshot(q.xid, s.window_end)
                       AND (q.xid, q.id) <= (s.after_xid, s.after_id), false)
+    LEFT JOIN LATERAL (
+        SELECT json_array_elements_text(coalesce(q.new_row, q.old_row) -> 'id') AS id
+        WHERE q.rows IS NOT NULL
+    ) e ON true
 """
 
 

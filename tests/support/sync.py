@@ -24,7 +24,9 @@ from tests.support.waits import wait_until
 # Every test's config also watches `sync`: committing a row to it is a sync point.
 SYNC = {"public.sync": ["sync:{id}"]}
 
-QUEUE_LEN = "SELECT count(*) FROM cdc_invalidator.queue_v1"
+# The changes queued: a pack (a statement's rows, up to a thousand per queue row) weighs
+# its rows.
+QUEUE_LEN = "SELECT coalesce(sum(coalesce(rows, 1)), 0) FROM cdc_invalidator.queue_v1"
 SLOT = "cdc_invalidator"  # the default slot_name and publication_name
 
 

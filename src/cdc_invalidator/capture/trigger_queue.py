@@ -31,7 +31,7 @@ from psycopg import sql
 from psycopg.rows import tuple_row
 
 from cdc_invalidator.capture.errors import Fatal, NotInstalled, Standby, missing_privilege
-from cdc_invalidator.capture.rows import RowDecoder
+from cdc_invalidator.capture.rows import RowDecoder, pack_element, queue_id
 from cdc_invalidator.capture.trigger_sql import CHANNEL, require_installed
 from cdc_invalidator.events import ChangeEvent, Origin
 from cdc_invalidator.pg.connect import LISTENER, PgConnector
@@ -44,6 +44,8 @@ SAVE_EVERY_S = 0.1
 PRUNE_CHUNK = 5000
 # Batches this large mean changes arrive faster than the listener wakes: stop NOTIFY.
 UNLISTEN_AT = 8
+# A pack's dead letter names at most this many of its failed elements (and how many more).
+DEAD_ELEMENTS_NAMED = 10
 
 _START = ("0", 0)  # before every (xid, id)
 
@@ -66,8 +68,9 @@ class Snapshot:
 @dataclass(slots=True)
 class QueueBatch:
     """The runner's Batch (the fields mean what runner.Batch says). Here a position is
-    a queue row's id, and an age is measured from the row's enqueued_at: now() in the
-    writer, the start of its transaction."""
+    a queue row's id, or an element of its pack (capture/rows.py, pack_position), and
+    an age is measured from the row's enqueued_at: now() in the writer, the start of its
+    transaction. `size` counts events: a pack weighs its rows."""
 
     size: int
     events: list[ChangeEvent]
@@ -98,7 +101,7 @@ class QueueBatch:
         xids = {row[3]: row[1] for row in self.rows}
         out = []
         for event in self.events:
-            xid = xids.get(event.position)
+            xid = xids.get(queue_id(event.position))
             age = None if xid is None else self.xid_ages.get(xid)
             out.append(
                 Origin(
@@ -117,6 +120,9 @@ class Chunk:
     rows: list[tuple[Any, ...]]
     last: tuple[str, int] | None  # the greatest (xid, id) among the rows
     xid_ages: dict[int, float]
+    # The rows' events (a pack weighs its rows): the chunk is full, and more of its
+    # window may wait, when they reach the limit.
+    events: int
 
     @classmethod
     def read(cls, answer: list[tuple[Any, ...]]) -> Chunk:
@@ -124,7 +130,7 @@ class Chunk:
         # written, but UNION ALL promises no order.
         at = 0 if answer[0][0] is not None else next(i for i, r in enumerate(answer) if r[0])
         header = answer.pop(at)
-        snapshot, count, last_xid, last_id, _, _, _, ages, _ = header
+        snapshot, count, last_xid, last_id, _, _, _, ages, _, events = header
         if count != len(answer):
             raise Fatal(f"fetch_batch.sql counted {count} rows and returned {len(answer)}")
         return cls(
@@ -132,6 +138,7 @@ class Chunk:
             answer,
             None if last_xid is None else (str(last_xid), last_id),
             {xid: age for xid, age in json.loads(ages)} if ages else {},
+            events,
         )
 
 
@@ -345,16 +352,16 @@ class TriggerQueue:
         window = progress.window
         if window is None:  # a new window: its snapshot was taken by this read
             window, self._window_at = Snapshot.parse(chunk.window), time.monotonic()
-        if chunk.last is not None and len(chunk.rows) >= limit:
+        if chunk.last is not None and chunk.events >= limit:
             # More of this window waits: read its next chunk while this one's keys are
             # deleted (the server works on it meanwhile). Taken by the next batch() if
             # this one is acknowledged, thrown away if it is not.
             self._read_ahead.start(fetch_key(progress.done, window, chunk.last, limit))
         rows = chunk.rows
-        # Columns 3 to 8: id, schema_name, table_name, op, old_row, new_row.
-        decoded = self._decoder.queue_rows(rows, at=3)
+        # Columns 3 to 8: id, schema_name, table_name, op, old_row, new_row; 9: rows.
+        decoded = self._decoder.queue_rows(rows, at=3, count_at=9)
         batch = QueueBatch(
-            size=len(rows),
+            size=chunk.events,
             events=decoded.events,
             dead=dict(decoded.dead),
             read_at=time.monotonic(),
@@ -365,7 +372,7 @@ class TriggerQueue:
         yield batch
         # Acknowledged: Redis confirmed every delete of the batch.
         self._acknowledge(batch, chunk, window, limit)
-        listen = self._wakeup.after_batch(len(rows), limit)
+        listen = self._wakeup.after_batch(chunk.events, limit)
         if listen is not None:
             self._listen(listen)
 
@@ -376,8 +383,8 @@ class TriggerQueue:
             self._conn.cursor().executemany(
                 Q.DEAD_LETTER.sql,
                 [
-                    {"xid": str(xids[pos]), "id": pos, "error": err}
-                    for pos, err in batch.dead.items()
+                    {"xid": str(xids[id_]), "id": id_, "error": error}
+                    for id_, error in _dead_rows(batch.dead).items()
                 ],
             )
         progress.unsaved_events += batch.size
@@ -499,6 +506,25 @@ class TriggerQueue:
         if not self._prune_more:
             self._pruned_for = done
         return self._prune_more
+
+
+def _dead_rows(dead: dict[int, str]) -> dict[int, str]:
+    """Dead letters by queue row: a pack is parked once, whole, its error naming the
+    elements that failed (the others' keys were deleted)."""
+    out: dict[int, str] = {}
+    failed: dict[int, list[str]] = {}
+    for position, error in dead.items():
+        element = pack_element(position)
+        if element is None:
+            out[position] = error
+        else:
+            failed.setdefault(queue_id(position), []).append(f"element {element}: {error}")
+    for id_, errors in failed.items():
+        named = "; ".join(errors[:DEAD_ELEMENTS_NAMED])
+        more = len(errors) - DEAD_ELEMENTS_NAMED
+        text = f"{len(errors)} element(s) failed, the pack's others were invalidated: {named}"
+        out[id_] = text + (f"; and {more} more" if more > 0 else "")
+    return out
 
 
 def _prepare(conn: psycopg.Connection[Any]) -> Progress:

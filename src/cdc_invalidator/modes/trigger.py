@@ -11,7 +11,7 @@ from psycopg import sql
 
 from cdc_invalidator import checks
 from cdc_invalidator.capture import logical_sql, trigger_sql
-from cdc_invalidator.capture.rows import Decoded, RowDecoder
+from cdc_invalidator.capture.rows import Decoded, RowDecoder, by_events
 from cdc_invalidator.capture.trigger_queue import TriggerCapture
 from cdc_invalidator.checks import Report
 from cdc_invalidator.metrics import Figures
@@ -108,8 +108,12 @@ class TriggerMode:
         """The queue rows written in the window (processed rows are kept for
         replay_history), decoded as the listener decodes them."""
         decoder = RowDecoder()
-        for rows in history_rows(conn, Q.HISTORY_TRIGGER, since_s, HISTORY_CHUNK):
-            yield decoder.queue_rows(rows)
+        # Fewer rows per fetch than the logical history's: a pack is up to a thousand
+        # events, and decoded a slice of HISTORY_CHUNK events at a time.
+        per_fetch = max(1, HISTORY_CHUNK // 20)
+        for rows in history_rows(conn, Q.HISTORY_TRIGGER, since_s, per_fetch):
+            for part in by_events(rows, 6, HISTORY_CHUNK):
+                yield decoder.queue_rows(part, count_at=6)
 
     def last_acknowledged_s(self, conn: psycopg.Connection[Any]) -> float | None:
         return seconds_ago(conn, Q.LAST_ACKNOWLEDGED_TRIGGER)

@@ -19,7 +19,7 @@ from typing import Any
 
 import psycopg
 
-from cdc_invalidator.capture.rows import RowDecoder, Transaction
+from cdc_invalidator.capture.rows import RowDecoder, Transaction, queue_id
 from cdc_invalidator.capture.walstream import format_lsn
 from cdc_invalidator.events import ChangeEvent, Op, Row, TableName
 from cdc_invalidator.mapping import KeyTemplate, Mapper
@@ -119,15 +119,17 @@ def read_trigger(
     history = History()
     decoder = RowDecoder()
     params = {"schemas": [t.schema for t in tables], "tables": [t.name for t in tables]}
-    for rows in _chunks(conn, Q.EXPLAIN_TRIGGER, params):
-        decoded = decoder.queue_rows(rows)
+    # A pack is up to a thousand events: fewer rows per fetch than the history's.
+    for rows in _chunks(conn, Q.EXPLAIN_TRIGGER, params, CHUNK // 20):
+        # Columns 0 to 5 as the listener reads them, 6 to 9 what explain shows, 10: rows.
+        decoded = decoder.queue_rows(rows, count_at=10)
         history.skipped += len(decoded.dead)
-        extra = {row[0]: row[6:] for row in rows}
+        extra = {row[0]: row[6:10] for row in rows}
         for event in decoded.events:
             hit = invalidated_by(event, mapper.tables.get(event.table, ()), key)
             if hit is None:
                 continue
-            xid, began, committed, processed = extra[event.position]
+            xid, began, committed, processed = extra[queue_id(event.position)]
             if processed:
                 by = reach.last_processed
                 deleted = "deleted: the listener's saved progress has passed it" + (
@@ -203,12 +205,12 @@ def _reach(conn: psycopg.Connection[Any], query: Q) -> Reach:
 
 
 def _chunks(
-    conn: psycopg.Connection[Any], query: Q, params: dict[str, Any]
+    conn: psycopg.Connection[Any], query: Q, params: dict[str, Any], size: int = CHUNK
 ) -> Iterator[list[tuple[Any, ...]]]:
     """A server-side cursor: the history may hold millions of rows."""
     with conn.transaction(), conn.cursor(name="cdc_invalidator_explain") as cur:
         cur.execute(query.sql, params)
-        while rows := cur.fetchmany(CHUNK):
+        while rows := cur.fetchmany(size):
             yield rows
 
 
