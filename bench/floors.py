@@ -221,11 +221,12 @@ def _unlink_per_slot(keys: ClusterKeys, owner: list[int], found: list[bytes]) ->
 
 # What replay reads, per capture mode, in the window of the last %s seconds: trigger
 # mode, the key columns of the queue rows, old and new (an UPDATE may change a key),
-# taken out of the JSON by the server; logical mode, history_v1's batches (a JSON array
+# taken out of the JSON by the server (a statement's pack of rows: its key columns'
+# arrays, parsed here); logical mode, history_v1's batches (a JSON array
 # of [schema, table, op, old, new(, origin)] each), parsed here: json_array_elements and -> on
 # json took longer than the listener's own replay.
 REPLAY_TRIGGER = """
-    SELECT old_row->>'id', old_row->>'email', new_row->>'id', new_row->>'email'
+    SELECT old_row->>'id', old_row->>'email', new_row->>'id', new_row->>'email', rows
     FROM cdc_invalidator.queue_v1
     WHERE enqueued_at >= now() - make_interval(secs => %s)"""
 REPLAY_LOGICAL = """
@@ -250,9 +251,15 @@ def replay_floor(bench: Bench, target: Target, since_s: float) -> float:
                         if row:
                             found += _keys(row.get("id"), row.get("email"))
         else:
-            for a, b, c, d in conn.execute(REPLAY_TRIGGER.encode(), [since_s]):
-                found += _keys(a, b)
-                found += _keys(c, d)
+            for a, b, c, d, packed in conn.execute(REPLAY_TRIGGER.encode(), [since_s]):
+                if packed is None:
+                    found += _keys(a, b)
+                    found += _keys(c, d)
+                    continue
+                for ids, emails in ((a, b), (c, d)):
+                    if ids is not None:
+                        for i, e in zip(json.loads(ids), json.loads(emails), strict=True):
+                            found += _keys(i, e)
     unlink_all(client, list(dict.fromkeys(found)))
     elapsed = time.perf_counter() - t0
     client.close()

@@ -224,8 +224,12 @@ class Bench:
         return int(self.redis.dbsize())
 
     def queue_len(self, table: str) -> int:
-        """Rows of `table` in our queue table (processed or not: a design may keep some)."""
-        query = "SELECT count(*) FROM cdc_invalidator.queue_v1 WHERE table_name = %s"
+        """Changes of `table` in our queue table (processed or not: a design may keep
+        some), a pack of a statement's rows weighing its rows."""
+        query = (
+            "SELECT coalesce(sum(coalesce(rows, 1)), 0) FROM cdc_invalidator.queue_v1 "
+            "WHERE table_name = %s"
+        )
         return int(self.execute(query, [table])[0][0])
 
     def keyspace_events(self, on: bool) -> None:

@@ -70,7 +70,9 @@ def measure_judged_writes(bench: Bench, sizes: Sizes, target: Target) -> JudgedW
             flush=True,
         )
     queued = target.admin.execute(
-        "SELECT count(*) FROM cdc_invalidator.queue_v1 WHERE table_name = %s", [W_JUDGED]
+        "SELECT coalesce(sum(coalesce(rows, 1)), 0) FROM cdc_invalidator.queue_v1 "
+        "WHERE table_name = %s",
+        [W_JUDGED],
     ).fetchone()
     print(f"  [trigger] filtered table: {queued[0] if queued else '?'} changes queued", flush=True)
     bench.admin.execute("TRUNCATE cdc_invalidator.queue_v1")
