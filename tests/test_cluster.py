@@ -398,9 +398,9 @@ def test_a_sweep_refuses_while_a_slot_migrates(own_cluster: RedisClusterServer) 
     migration = Migration(own_cluster, slot, src, dst)
     migration.begin()
     with pytest.raises(ClusterChanging):
-        sink.sweep("user:*")
+        sink.sweep(["user:*"])
     migration.finish()
-    assert sink.sweep("user:*") == 0
+    assert sink.sweep(["user:*"]) == 0
     sink.close()
 
 
