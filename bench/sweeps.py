@@ -1,24 +1,36 @@
 """Sweeps against a big Redis: how long a TRUNCATE's sweep takes (all patterns in one
-SCAN pass, against the old pass per pattern), and Redis's own latency meanwhile (a
-client issuing GETs in a loop, its p50/p99/max while the sweep runs).
+SCAN pass, against the old pass per pattern), Redis's own latency meanwhile (a client
+issuing GETs in a loop, its p50/p99/max while the sweep runs), and the head-of-line
+delay of a change committed right after the TRUNCATE (its COMMIT to its key gone, a
+real listener running).
 
-A building block for the benchmark's sweep phase (`measure_sweep(redis_url, keys)`),
-and runnable alone on a throwaway Redis (it FLUSHes the database it is given):
+Building blocks for the benchmark's sweep phase (`measure_sweep(redis_url, keys)`,
+`measure_head_of_line(dsn, redis_url, keys, capture)`), and runnable alone on
+throwaway servers (it FLUSHes the Redis database it is given; the head-of-line run
+creates two tables in the database, installs, and uninstalls after):
 
-    python bench/sweeps.py redis://127.0.0.1:6399/0 1000000 [COUNT ...]
+    python bench/sweeps.py REDIS_URL KEYS [COUNT ...]
+    python bench/sweeps.py REDIS_URL KEYS --head-of-line DSN [trigger|logical]
 """
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing import synchronize as mp_sync
 from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import IO
 
+import psycopg
 import redis
 
 from cdc_invalidator.sink import RedisSink
@@ -145,8 +157,108 @@ def _figures(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class HeadOfLine:
+    capture: str
+    keys: int  # unrelated keys in Redis
+    delay_ms: float  # the UPDATE's COMMIT to its key gone
+    sweep_s: float  # the sweep's own time (its sweep_completed line)
+    during_sweep: bool  # the key was gone before the sweep completed
+
+
+TABLES = {
+    "public.sweep_orders": ["order:{id}", "order:customer:{customer_id}"],
+    "public.sweep_users": ["user:{id}"],
+}
+
+
+def _config(path: Path, dsn: str, redis_url: str, capture: str) -> None:
+    tables = "\n".join(f"{json.dumps(t)} = {json.dumps(ks)}" for t, ks in TABLES.items())
+    path.write_text(
+        f"database_url = {json.dumps(dsn)}\nredis_url = {json.dumps(redis_url)}\n"
+        f"capture = {json.dumps(capture)}\n"
+        # Second deletes would add a second sweep after the first: not what is measured.
+        "second_delete_ms = 0\n"
+        f"[tables]\n{tables}\n"
+    )
+
+
+def _cli(*args: str, stdout: IO[bytes] | int = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "CDC_INVALIDATOR_LOG_FORMAT": "json"}
+    command = [sys.executable, "-m", "cdc_invalidator", *args]
+    return subprocess.Popen(command, env=env, stdout=stdout, stderr=subprocess.STDOUT)
+
+
+def _logged(log: Path, event: str) -> list[dict[str, object]]:
+    out = []
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("{") and json.loads(line).get("event") == event:
+            out.append(json.loads(line))
+    return out
+
+
+def _until(predicate: Callable[[], object], timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("timed out")
+        time.sleep(0.001)
+
+
+def measure_head_of_line(
+    dsn: str, redis_url: str, keys: int, capture: str = "trigger"
+) -> HeadOfLine:
+    """TRUNCATE sweep_orders (two templates) with `keys` unrelated keys in Redis, then a
+    single-row UPDATE of sweep_users: how long after its COMMIT its key was gone, and
+    whether that was before the sweep completed."""
+    client = redis.Redis.from_url(redis_url)
+    load(client, keys)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS sweep_orders, sweep_users")
+        conn.execute("CREATE TABLE sweep_users (id int PRIMARY KEY, name text)")
+        conn.execute("INSERT INTO sweep_users VALUES (1, 'a'), (2, 'a')")
+        conn.execute("CREATE TABLE sweep_orders (id int PRIMARY KEY, customer_id int)")
+        conn.execute("INSERT INTO sweep_orders SELECT i, i FROM generate_series(1, 100) i")
+    work = Path(tempfile.mkdtemp(prefix="cdc-bench-sweeps-"))
+    config, log = work / "config.toml", work / "listener.log"
+    _config(config, dsn, redis_url, capture)
+    if _cli("install", "--config", str(config)).wait():
+        raise RuntimeError("install failed")
+    listener = _cli("run", "--config", str(config), stdout=log.open("wb"))
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            client.set("user:2", "v")  # caught up: a change before is done
+            _until(lambda: _logged(log, "listener_started"))
+            conn.execute("UPDATE sweep_users SET name = 'b' WHERE id = 2")
+            _until(lambda: not client.exists("user:2"))
+            client.set("user:1", "v")
+            conn.execute("TRUNCATE sweep_orders")
+            conn.execute("UPDATE sweep_users SET name = 'b' WHERE id = 1")
+            committed = time.perf_counter()
+            _until(lambda: not client.exists("user:1"))
+            gone = time.perf_counter()
+            during = not _logged(log, "sweep_completed")
+            _until(lambda: _logged(log, "sweep_completed"), timeout_s=600)
+        seconds = float(str(_logged(log, "sweep_completed")[0]["seconds"]))
+    finally:
+        listener.terminate()
+        listener.wait(60)
+        _cli("uninstall", "--config", str(config)).wait()
+        client.close()
+    return HeadOfLine(capture, keys, (gone - committed) * 1000, seconds, during)
+
+
 def main(argv: list[str]) -> int:
     url, keys = argv[1], int(argv[2])
+    if len(argv) > 3 and argv[3] == "--head-of-line":
+        capture = argv[5] if len(argv) > 5 else "trigger"
+        h = measure_head_of_line(argv[4], url, keys, capture)
+        print(
+            f"keys={keys} {h.capture}: the UPDATE's key gone {h.delay_ms:.1f} ms after its "
+            f"COMMIT ({'before' if h.during_sweep else 'after'} the sweep completed); "
+            f"the sweep took {h.sweep_s:.2f} s"
+        )
+        return 0
     counts = tuple(int(c) for c in argv[3:]) or (1000,)
     for f in measure_sweep(url, keys, counts):
         print(

@@ -6,6 +6,7 @@ batch's patterns, every primary of a cluster swept, and sweeps off the head of t
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -14,8 +15,12 @@ from redis.cluster import RedisCluster
 
 from cdc_invalidator.sink import ClusterSink, RedisSink
 from cdc_invalidator.sink.glob import GlobSet
+from tests.support.env import Env, Servers, make_env
 from tests.support.evidence import unavailable
+from tests.support.listener import ListenerProcess, Spawn, listening, stop_listener
 from tests.support.servers import RedisClusterServer, RedisServer, ServerError
+from tests.support.sync import SLOT, install, settle
+from tests.support.waits import wait_until
 
 # Keys with every character a glob treats specially, and bytes beyond ASCII.
 TRICKY_KEYS = [
@@ -212,3 +217,228 @@ def test_a_cluster_sweep_covers_every_primary(own_cluster: RedisClusterServer) -
             node.close()
     finally:
         rc.close()
+
+
+# --- sweeps off the head of the line ----------------------------------------------------
+
+ORDERS = {"public.orders": ["order:{id}", "order:customer:{customer_id}"]}
+USERS = {"public.users": ["user:{id}"]}
+# Enough unrelated keys that a sweep is still running when a change committed after the
+# TRUNCATE has been invalidated (each test checks that it was).
+UNRELATED = 400_000
+ORDER_KEYS = 5_000
+
+
+def setup_tables(env: Env) -> Path:
+    env.sql("CREATE TABLE users (id int PRIMARY KEY, name text)")
+    env.sql("INSERT INTO users VALUES (1, 'a')")
+    env.sql("CREATE TABLE orders (id int PRIMARY KEY, customer_id int)")
+    env.sql("INSERT INTO orders SELECT i, i FROM generate_series(1, 10) i")
+    # Second deletes off: a second sweep would run after the first and blur which
+    # sweep did what (second sweeps are not what these tests are about). Logical mode:
+    # the slot told where we are every 100 ms, so that an acknowledgement that ran ahead
+    # of the sweep would be seen while it runs. SCAN pages of 100 keys: a sweep of
+    # UNRELATED keys takes several times longer than at the default (more round trips),
+    # time for the checks made while it runs.
+    return install(
+        env, {**ORDERS, **USERS}, second_delete_ms=0, status_interval_ms=100, scan_count=100
+    )
+
+
+def fill(r: redis.Redis | RedisCluster) -> list[str]:
+    """UNRELATED keys no template matches, and the orders' cached keys (returned)."""
+    for start in range(0, UNRELATED, 10_000):
+        chunk = {f"unrelated:{i}": "v" for i in range(start, start + 10_000)}
+        if isinstance(r, RedisCluster):
+            r.mset_nonatomic(chunk)
+        else:
+            r.mset(chunk)
+    orders = [f"order:{i}" for i in range(ORDER_KEYS)]
+    orders += [f"order:customer:{i}" for i in range(ORDER_KEYS)]
+    if isinstance(r, RedisCluster):
+        r.mset_nonatomic(dict.fromkeys(orders, "v"))
+    else:
+        r.mset(dict.fromkeys(orders, "v"))
+    return orders
+
+
+def truncate_then_update(env: Env) -> str:
+    """TRUNCATE orders, then a single-row UPDATE of users in a transaction of its own;
+    the WAL position before the TRUNCATE's transaction."""
+    before = env.scalar("SELECT pg_current_wal_insert_lsn()::text")
+    env.sql("TRUNCATE orders")
+    env.sql("UPDATE users SET name = 'b' WHERE id = 1")
+    return str(before)
+
+
+def saved_events(env: Env) -> int:
+    """Trigger mode: the events counted by the listener's saves so far."""
+    return int(env.scalar("SELECT events_processed FROM cdc_invalidator.listener_state_v1"))
+
+
+def saved_since(env: Env, events: int) -> None:
+    """Trigger mode: wait for a save that counts the TRUNCATE and the UPDATE (2 events
+    past `events`): one that, if holds were ignored, would have saved past them both."""
+    if not env.logical:
+        wait_until(lambda: saved_events(env) >= events + 2, what="progress saved")
+
+
+def acknowledged_past_truncate(env: Env, before: str) -> bool:
+    """Whether the TRUNCATE has been acknowledged: trigger mode, its transaction is
+    visible in the saved snapshot (or pruned); logical mode, the slot is confirmed past `before`."""
+    if env.logical:
+        return bool(
+            env.scalar(
+                "SELECT confirmed_flush_lsn > %s::pg_lsn FROM pg_replication_slots"
+                " WHERE slot_name = %s",
+                [before, SLOT],
+            )
+        )
+    # (A queue row is pruned only once the saved snapshot sees it: gone is acknowledged.)
+    return bool(
+        env.scalar(
+            "SELECT coalesce((SELECT pg_visible_in_snapshot(q.xid, s.snapshot)"
+            " FROM cdc_invalidator.queue_v1 q, cdc_invalidator.listener_state_v1 s"
+            " WHERE q.op = 'T'), true)"
+        )
+    )
+
+
+@pytest.mark.usefixtures("capture")
+def test_a_change_during_a_truncate_sweep_is_invalidated_at_once(own_env: Env) -> None:
+    config = setup_tables(own_env)
+    r = own_env.redis()
+    orders = fill(r)
+    with listening(config) as listener:
+        sweeper = listener.runner.sweeper
+        settle(own_env, r)
+        r.set("user:1", "cached")
+        events = 0 if own_env.logical else saved_events(own_env)
+        before = truncate_then_update(own_env)
+        wait_until(lambda: r.exists("user:1") == 0, what="the UPDATE's key deleted")
+        saved_since(own_env, events)
+        # ... while the TRUNCATE's sweep had not completed, nor been acknowledged (all
+        # seen before the sweep was found still running).
+        acknowledged = acknowledged_past_truncate(own_env, before)
+        health = listener.runner.health(60, 3600).detail
+        pending = sweeper.pending
+        assert sweeper.completed == 0, "the sweep was meant to be running still"
+        assert not acknowledged
+        assert (pending, health["sweeps_pending"]) == (1, 1)
+
+        wait_until(lambda: sweeper.completed == 1, timeout_s=60, what="the sweep done")
+        assert r.exists(*orders) == 0
+        assert r.dbsize() == UNRELATED  # every unrelated key kept
+        settle(own_env, r)
+        assert acknowledged_past_truncate(own_env, before)
+        assert sweeper.pending == 0
+
+
+@pytest.mark.usefixtures("capture")
+def test_a_sweep_cut_short_is_not_acknowledged_and_comes_again(own_env: Env, spawn: Spawn) -> None:
+    config = setup_tables(own_env)
+    r = own_env.redis()
+    fill(r)
+    first: ListenerProcess = spawn(config)
+    settle(own_env, r)
+    r.set("user:1", "cached")
+    events = 0 if own_env.logical else saved_events(own_env)
+    before = truncate_then_update(own_env)
+    wait_until(lambda: r.exists("user:1") == 0, what="the UPDATE's key deleted")
+    saved_since(own_env, events)
+    first.kill()  # SIGKILL mid-sweep
+    assert not first.logged("sweep_completed"), "the kill was meant to land mid-sweep"
+    if own_env.logical:
+        wait_until(
+            lambda: own_env.scalar(
+                "SELECT active_pid IS NULL FROM pg_replication_slots WHERE slot_name = %s",
+                [SLOT],
+            ),
+            what="the slot released",
+        )
+    # The UPDATE after it was deleted, but nothing from the TRUNCATE on acknowledged.
+    assert not acknowledged_past_truncate(own_env, before)
+
+    r.set("order:1", "cached again")  # the next listener's sweep must take it
+    second: ListenerProcess = spawn(config)
+    wait_until(lambda: r.exists("order:1") == 0, timeout_s=60, what="the TRUNCATE swept again")
+    wait_until(lambda: second.logged("sweep_completed"), what="the sweep's completion")
+    settle(own_env, r)
+    assert acknowledged_past_truncate(own_env, before)
+    assert stop_listener(second)["sweeps"] == 1
+
+
+@pytest.fixture
+def cluster_env(
+    servers: Servers, own_cluster: RedisClusterServer, tmp_path: Path, capture: str
+) -> Iterator[Env]:
+    for node in own_cluster.nodes:
+        client = node.client()
+        client.flushall()
+        client.close()
+    on_cluster = Servers(servers.pg_dsn, own_cluster.url, servers.pg, own_cluster.nodes[0])
+    yield from make_env(on_cluster, tmp_path, capture=capture)
+
+
+def test_on_a_cluster_a_change_during_a_sweep_is_invalidated_at_once(
+    cluster_env: Env, own_cluster: RedisClusterServer
+) -> None:
+    env = cluster_env
+    config = setup_tables(env)
+    rc = RedisCluster.from_url(own_cluster.url, decode_responses=True)
+    try:
+        orders = fill(rc)
+        with listening(config) as listener:
+            sweeper = listener.runner.sweeper
+            settle_cluster(env, rc)
+            rc.set("user:1", "cached")
+            events = 0 if env.logical else saved_events(env)
+            before = truncate_then_update(env)
+            wait_until(lambda: rc.exists("user:1") == 0, what="the UPDATE's key deleted")
+            saved_since(env, events)
+            acknowledged = acknowledged_past_truncate(env, before)
+            assert sweeper.completed == 0, "the sweep was meant to be running still"
+            assert not acknowledged
+
+            wait_until(lambda: sweeper.completed == 1, timeout_s=60, what="the sweep done")
+            assert rc.exists(*orders) == 0
+            assert sum(node.client().dbsize() for node in own_cluster.nodes) == UNRELATED
+            settle_cluster(env, rc)
+            assert acknowledged_past_truncate(env, before)
+    finally:
+        rc.close()
+
+
+def settle_cluster(env: Env, rc: RedisCluster) -> None:
+    """settle() through the cluster (sync points are plain keys)."""
+    settle(env, cast(redis.Redis, rc))
+
+
+@pytest.mark.usefixtures("capture")
+@pytest.mark.parametrize("capture", ["logical"], ids=["logical"])
+def test_a_change_during_the_sweep_after_missed_changes_is_invalidated_at_once(
+    own_env: Env,
+) -> None:
+    config = setup_tables(own_env)
+    own_env.sql("UPDATE cdc_invalidator.slot_state_v1 SET resync_reason = 'owed: a test said so'")
+    r = own_env.redis()
+    orders = fill(r)
+    r.set("user:1", "cached")
+    with listening(config) as listener:
+        sweeper = listener.runner.sweeper
+        wait_until(lambda: sweeper.pending == 1, what="the owed sweep handed to the sweeper")
+        own_env.sql("UPDATE users SET name = 'b' WHERE id = 1")
+        wait_until(lambda: r.exists("user:1") == 0, what="the UPDATE's key deleted")
+        owed = own_env.scalar("SELECT resync_reason FROM cdc_invalidator.slot_state_v1")
+        assert sweeper.completed == 0, "the sweep was meant to be running still"
+        assert owed == "owed: a test said so", "owed until the sweep is done"
+
+        wait_until(lambda: sweeper.completed == 1, timeout_s=60, what="the sweep done")
+        assert r.exists(*orders) == 0
+        wait_until(
+            lambda: (
+                own_env.scalar("SELECT resync_reason FROM cdc_invalidator.slot_state_v1") is None
+            ),
+            what="the sweep no longer owed",
+        )
+        settle(own_env, r)

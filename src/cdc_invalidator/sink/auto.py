@@ -89,6 +89,9 @@ class AutoSink:
     def delete_routed(self, works: Routed) -> int:
         return self.sink.delete_routed(works)
 
+    def sweep_routed(self, works: Routed, stopped: Callable[[], bool] | None = None) -> int:
+        return self.sink.sweep_routed(works, stopped)
+
     def delete(self, work: Invalidation) -> int:
         return self.sink.delete(work)
 

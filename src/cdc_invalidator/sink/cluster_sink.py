@@ -67,11 +67,14 @@ class ClusterSink:
 
     def delete_routed(self, works: Routed) -> int:
         """delete() of every share; a cluster has only database 0 (redis_db)."""
-        if dbs := sorted(db for db, work in works.items() if db and work):
-            raise Fatal(
-                f"redis_db = {dbs[0]} in the configuration, but a Redis Cluster has only database 0"
-            )
+        _only_db0(works)
         return sum(self.delete(work) for work in works.values() if work)
+
+    def sweep_routed(self, works: Routed, stopped: Callable[[], bool] | None = None) -> int:
+        """sweep() of every share's patterns, all in one pass per primary."""
+        _only_db0(works)
+        patterns = {p for work in works.values() for p in work.patterns}
+        return self.sweep(patterns, stopped)
 
     def delete(self, work: Invalidation) -> int:
         """Delete every key and every key matching a pattern; return how many existed.
@@ -274,6 +277,13 @@ class ClusterSink:
 
     def close(self) -> None:
         self._client.close()
+
+
+def _only_db0(works: Routed) -> None:
+    if dbs := sorted(db for db, work in works.items() if db and work):
+        raise Fatal(
+            f"redis_db = {dbs[0]} in the configuration, but a Redis Cluster has only database 0"
+        )
 
 
 def pack_unlinks(commands: list[list[bytes]]) -> bytes:

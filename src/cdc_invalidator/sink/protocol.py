@@ -85,3 +85,14 @@ class Sink(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class SweepSink(Protocol):
+    """What the sweeper (sweeper.py) needs: RedisSink, ClusterSink, AutoSink."""
+
+    def sweep_routed(self, works: Routed, stopped: Callable[[], bool] | None = None) -> int:
+        """Sweep each Redis database's patterns, all of them in one SCAN pass; how many
+        keys existed. `stopped` is asked between SCAN pages (True: SweepStopped)."""
+        ...
+
+    def close(self) -> None: ...

@@ -48,6 +48,14 @@ class RedisSink:
         """delete() for each Redis database's share; how many keys existed."""
         return sum(self.for_db(db).delete(work) for db, work in works.items() if work)
 
+    def sweep_routed(self, works: Routed, stopped: Callable[[], bool] | None = None) -> int:
+        """sweep() of each Redis database's patterns."""
+        return sum(
+            self.for_db(db).sweep(work.patterns, stopped)
+            for db, work in works.items()
+            if work.patterns
+        )
+
     def delete(self, work: Invalidation) -> int:
         """Delete every key and every key matching a pattern; return how many existed.
 
