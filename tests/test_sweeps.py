@@ -442,3 +442,51 @@ def test_a_change_during_the_sweep_after_missed_changes_is_invalidated_at_once(
             what="the sweep no longer owed",
         )
         settle(own_env, r)
+
+
+def test_a_sweep_is_done_again_as_its_second_delete(env: Env) -> None:
+    env.sql("CREATE TABLE orders (id int PRIMARY KEY, customer_id int)")
+    # A second delete due 5 s after the TRUNCATE was visible: the first sweep (a few
+    # keys) is long done by then, and a stale SET lands in between.
+    config = install(env, ORDERS, second_delete_ms=5000)
+    r = env.redis()
+    r.set("order:1", "cached")
+    with listening(config) as listener:
+        sweeper = listener.runner.sweeper
+        settle(env, r)
+        env.sql("TRUNCATE orders")
+        wait_until(lambda: sweeper.completed == 1, what="the first sweep")
+        assert r.exists("order:1") == 0
+        assert sweeper.pending == 0, "acknowledged: the second sweep holds nothing"
+        r.set("order:1", "stale, from a reader that read before the TRUNCATE")
+        wait_until(lambda: sweeper.completed == 2, what="the second sweep")
+        assert r.exists("order:1") == 0
+        assert sweeper.keys_swept_again == 1
+
+
+@pytest.mark.usefixtures("capture")
+def test_a_failing_sweep_is_retried_and_holds_its_acknowledgement(own_env: Env) -> None:
+    config = setup_tables(own_env)
+    r = own_env.redis()
+    r.set("order:1", "cached")
+    with listening(config) as listener:
+        sweeper = listener.runner.sweeper
+        settle(own_env, r)
+        # SCAN refused (NOPERM, as from an ACL being fixed): sweeps fail, UNLINK works.
+        r.execute_command("ACL", "SETUSER", "default", "-scan")
+        try:
+            r.set("user:1", "cached")
+            events = 0 if own_env.logical else saved_events(own_env)
+            before = truncate_then_update(own_env)
+            wait_until(lambda: r.exists("user:1") == 0, what="the UPDATE's key deleted")
+            wait_until(lambda: sweeper.failures >= 2, what="the sweep tried again")
+            saved_since(own_env, events)
+            assert r.exists("order:1") == 1
+            assert sweeper.pending == 1
+            assert not acknowledged_past_truncate(own_env, before)
+        finally:
+            r.execute_command("ACL", "SETUSER", "default", "+scan")
+        wait_until(lambda: sweeper.completed == 1, what="the sweep done once SCAN works")
+        assert r.exists("order:1") == 0
+        settle(own_env, r)
+        assert acknowledged_past_truncate(own_env, before)

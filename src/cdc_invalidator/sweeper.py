@@ -74,6 +74,7 @@ class Sweeper:
         self.keys_swept = 0
         self.keys_swept_again = 0
         self.completed = 0
+        self.failures = 0  # failed tries
 
     def add(self, works: Routed, hold: Hold, since: float | None, visible_at: float | None) -> None:
         """A batch's sweep, its batch handed back with `hold` taken."""
@@ -135,9 +136,11 @@ class Sweeper:
             except Exception as exc:
                 # Redis down (or anything else): the batch stays unacknowledged and the
                 # sweep is tried again; the loop's own deletes go on meanwhile.
+                self.failures += 1
                 if not failing:
                     log.warning("sweep_failed", error=f"{type(exc).__name__}: {exc}")
                     failing = True
+                self._metrics.errors.labels("redis").inc()
                 self._stopping.wait(backoff.next_delay())
                 continue
             failing = False
