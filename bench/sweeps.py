@@ -173,13 +173,14 @@ TABLES = {
 
 
 def _config(path: Path, dsn: str, redis_url: str, capture: str) -> None:
-    tables = "\n".join(f"{json.dumps(t)} = {json.dumps(ks)}" for t, ks in TABLES.items())
+    tables = "".join(
+        f"[tables.{json.dumps(t)}]\nkeys = {json.dumps(ks)}\n" for t, ks in TABLES.items()
+    )
     path.write_text(
         f"database_url = {json.dumps(dsn)}\nredis_url = {json.dumps(redis_url)}\n"
         f"capture = {json.dumps(capture)}\n"
         # Second deletes would add a second sweep after the first: not what is measured.
-        "second_delete_ms = 0\n"
-        f"[tables]\n{tables}\n"
+        "second_delete_ms = 0\n" + tables
     )
 
 

@@ -322,13 +322,18 @@ def test_a_change_during_a_truncate_sweep_is_invalidated_at_once(own_env: Env) -
         acknowledged = acknowledged_past_truncate(own_env, before)
         health = listener.runner.health(60, 3600).detail
         pending = sweeper.pending
+        metrics = listener.runner.metrics.registry
+        gauge = metrics.get_sample_value("cdc_invalidator_sweeps_pending")
         assert sweeper.completed == 0, "the sweep was meant to be running still"
         assert not acknowledged
-        assert (pending, health["sweeps_pending"]) == (1, 1)
+        assert (pending, health["sweeps_pending"], gauge) == (1, 1, 1.0)
 
         wait_until(lambda: sweeper.completed == 1, timeout_s=60, what="the sweep done")
         assert r.exists(*orders) == 0
         assert r.dbsize() == UNRELATED  # every unrelated key kept
+        assert metrics.get_sample_value("cdc_invalidator_sweeps_pending") == 0.0
+        assert metrics.get_sample_value("cdc_invalidator_sweeps_total") == 1.0
+        assert metrics.get_sample_value("cdc_invalidator_keys_swept_total") == len(orders)
         settle(own_env, r)
         assert acknowledged_past_truncate(own_env, before)
         assert sweeper.pending == 0
