@@ -495,3 +495,27 @@ def test_a_failing_sweep_is_retried_and_holds_its_acknowledgement(own_env: Env) 
         assert r.exists("order:1") == 0
         settle(own_env, r)
         assert acknowledged_past_truncate(own_env, before)
+
+
+@pytest.mark.usefixtures("capture")
+def test_sweeps_waiting_behind_one_are_swept_together(own_env: Env) -> None:
+    config = setup_tables(own_env)
+    r = own_env.redis()
+    fill(r)
+    with listening(config) as listener:
+        sweeper = listener.runner.sweeper
+        settle(own_env, r)
+        own_env.sql("TRUNCATE orders")
+        wait_until(lambda: sweeper.pending == 1, what="the first sweep handed over")
+        # Two more, each in a batch of its own (handed over one by one), while it runs.
+        own_env.sql("TRUNCATE users")
+        wait_until(lambda: sweeper.pending == 2, what="the second sweep handed over")
+        r.set("order:1", "cached again")
+        own_env.sql("TRUNCATE orders")
+        wait_until(lambda: sweeper.pending == 3, what="the third sweep handed over")
+        assert sweeper.completed == 0, "the first sweep was meant to be running still"
+
+        wait_until(lambda: sweeper.pending == 0, timeout_s=60, what="every sweep done")
+        assert sweeper.completed == 2, "the two that waited were swept in one pass"
+        assert r.exists("order:1") == 0
+        settle(own_env, r)

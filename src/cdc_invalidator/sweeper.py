@@ -5,7 +5,9 @@ committed during a sweep have their keys deleted as fast as if none were running
 A sweep is a full SCAN of Redis: seconds for a few million keys. The runner deletes the
 batch's keys, takes a hold on the batch (capture/holds.py: the source reads on, but
 acknowledges nothing from that batch on), and hands the patterns here. Sweeps run one
-at a time, in the order they were handed over, so their holds are released in order.
+at a time, in the order they were handed over, so their holds are released in order;
+those that wait behind a sweep in progress are swept together in the next pass (a run
+of TRUNCATEs costs one pass more, not one each).
 A sweep that fails (Redis down) is tried again with back-off, its hold kept; on
 shutdown the sweep in hand is given up between two SCAN pages and its batch, never
 acknowledged, comes again.
@@ -27,7 +29,7 @@ import structlog
 
 from cdc_invalidator.backoff import Backoff
 from cdc_invalidator.capture.holds import Hold
-from cdc_invalidator.mapping import Routed
+from cdc_invalidator.mapping import Routed, merge
 from cdc_invalidator.metrics import Metrics
 from cdc_invalidator.sink import SweepStopped
 
@@ -40,7 +42,7 @@ SweepFn = Callable[[Routed, Callable[[], bool]], int]
 @dataclass(slots=True)
 class SweepJob:
     works: Routed  # patterns only
-    hold: Hold | None  # released once done; None: a second sweep, holding nothing
+    holds: list[Hold]  # released once done; none: a second sweep, holding nothing
     since: float | None  # when its oldest change was recorded (time.monotonic())
     visible_at: float | None  # when its changes were visible (runner.Batch)
     due: float = 0.0  # not before (time.monotonic()): a second sweep's time
@@ -48,6 +50,16 @@ class SweepJob:
     @property
     def patterns(self) -> int:
         return sum(len(work.patterns) for work in self.works.values())
+
+    def absorb(self, later: SweepJob) -> None:
+        """Sweep `later`'s patterns in this pass too, and release its holds with ours.
+        Its second sweep is due with ours, at the later of the two times (as safe)."""
+        merge(self.works, later.works)
+        self.holds += later.holds
+        if self.since is None or (later.since is not None and later.since < self.since):
+            self.since = later.since
+        if self.visible_at is not None:
+            self.visible_at = None if later.visible_at is None else later.visible_at
 
 
 class Sweeper:
@@ -79,7 +91,7 @@ class Sweeper:
     def add(self, works: Routed, hold: Hold, since: float | None, visible_at: float | None) -> None:
         """A batch's sweep, its batch handed back with `hold` taken."""
         with self._lock:
-            self._jobs.append(SweepJob(works, hold, since, visible_at))
+            self._jobs.append(SweepJob(works, [hold], since, visible_at))
             self._metrics.sweeps_pending.set(self._held())
             self._lock.notify()
         if self._thread is None:
@@ -97,7 +109,7 @@ class Sweeper:
         """When the oldest change of a batch whose sweep is not done was recorded
         (time.monotonic()): the listener is behind from then (for /readyz)."""
         with self._lock:
-            return min((j.since for j in self._jobs if j.hold and j.since), default=None)
+            return min((j.since for j in self._jobs if j.holds and j.since), default=None)
 
     def stop(self) -> None:
         """Give up the sweep in hand (its batch is not acknowledged and comes again) and
@@ -112,13 +124,20 @@ class Sweeper:
             self._close()
 
     def _held(self) -> int:
-        return sum(1 for job in self._jobs if job.hold is not None)
+        return sum(len(job.holds) for job in self._jobs)
 
     def _next(self) -> SweepJob | None:
         with self._lock:
-            while not self._jobs and not self._stopping.is_set():
+            jobs = self._jobs
+            while not jobs and not self._stopping.is_set():
                 self._lock.wait()
-            return None if self._stopping.is_set() else self._jobs[0]
+            if self._stopping.is_set():
+                return None
+            job = jobs[0]
+            while job.holds and len(jobs) > 1 and jobs[1].holds:
+                job.absorb(jobs[1])  # batches that came during the last sweep
+                del jobs[1]
+            return job
 
     def _run(self) -> None:
         backoff = Backoff(*self._retry)
@@ -151,7 +170,7 @@ class Sweeper:
         m = self._metrics
         m.sweeps.inc()
         m.keys_swept.inc(existed)
-        if job.hold is not None:
+        if job.holds:
             self.keys_swept += existed
             m.keys_deleted.inc(existed)
         else:  # a second sweep: stale SETs it undid
@@ -160,17 +179,18 @@ class Sweeper:
         self.completed += 1
         with self._lock:
             self._jobs.popleft()
-            if job.hold is not None:
-                job.hold.release()
-                if self._second_delete_s:
-                    due = (job.visible_at or started) + self._second_delete_s
-                    if started < due:  # a stale SET may have landed behind the sweep
-                        self._jobs.append(SweepJob(job.works, None, None, None, due))
+            for hold in job.holds:
+                hold.release()
+            if job.holds and self._second_delete_s:
+                due = (job.visible_at or started) + self._second_delete_s
+                if started < due:  # a stale SET may have landed behind the sweep
+                    self._jobs.append(SweepJob(job.works, [], None, None, due))
             m.sweeps_pending.set(self._held())
         log.info(
             "sweep_completed",
             patterns=job.patterns,
             existed=existed,
             seconds=round(time.monotonic() - started, 3),
-            second=job.hold is None,
+            batches=len(job.holds),
+            second=not job.holds,
         )
