@@ -340,7 +340,10 @@ def test_a_change_during_a_truncate_sweep_is_invalidated_at_once(own_env: Env) -
 
 
 @pytest.mark.usefixtures("capture")
-def test_a_sweep_cut_short_is_not_acknowledged_and_comes_again(own_env: Env, spawn: Spawn) -> None:
+@pytest.mark.parametrize("stop", ["SIGKILL", "SIGTERM"])
+def test_a_sweep_cut_short_is_not_acknowledged_and_comes_again(
+    own_env: Env, spawn: Spawn, stop: str
+) -> None:
     config = setup_tables(own_env)
     r = own_env.redis()
     fill(r)
@@ -351,8 +354,13 @@ def test_a_sweep_cut_short_is_not_acknowledged_and_comes_again(own_env: Env, spa
     before = truncate_then_update(own_env)
     wait_until(lambda: r.exists("user:1") == 0, what="the UPDATE's key deleted")
     saved_since(own_env, events)
-    first.kill()  # SIGKILL mid-sweep
-    assert not first.logged("sweep_completed"), "the kill was meant to land mid-sweep"
+    if stop == "SIGKILL":
+        first.kill()  # mid-sweep, nothing saved on the way out
+    else:
+        # A clean stop gives the sweep up and saves progress: the position before it.
+        assert stop_listener(first)["sweeps"] == 0
+        assert first.logged("sweep_given_up")
+    assert not first.logged("sweep_completed"), "the stop was meant to land mid-sweep"
     if own_env.logical:
         wait_until(
             lambda: own_env.scalar(
