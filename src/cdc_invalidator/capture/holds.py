@@ -54,7 +54,3 @@ class Holds(Generic[P]):
         while held and held[0][0].released:
             held.popleft()
         return held[0][1] if held else None
-
-    def __len__(self) -> int:
-        self.limit()
-        return len(self._held)
