@@ -258,7 +258,7 @@ def test_without_client_setname_the_name_must_be_off(tls_redis: RedisServer, cer
         redis_client(RedisOptions(url, tls_ca_file=str(certs.ca), client_name=None))
     )
     assert nameless.unlink(["k"]) == 1
-    assert nameless.sweep("k*") == 0
+    assert nameless.sweep(["k*"]) == 0
     nameless.close()
     r.acl_deluser("noname")
 

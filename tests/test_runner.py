@@ -24,6 +24,7 @@ import redis
 from cdc_invalidator import runner as runner_module
 from cdc_invalidator import second_deletes as second_deletes_module
 from cdc_invalidator.capture.errors import Fatal, Standby
+from cdc_invalidator.capture.holds import Hold
 from cdc_invalidator.capture.trigger_queue import (
     UNLISTEN_AT,
     Progress,
@@ -103,6 +104,9 @@ class FakeBatch:
 
     def origins(self) -> list[Origin]:
         return [Origin(None, "") for _ in self.ids]
+
+    def hold(self) -> Hold:
+        return Hold()  # (these batches' inserts have keys only, never a sweep)
 
 
 @dataclass(slots=True)

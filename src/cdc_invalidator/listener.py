@@ -60,5 +60,12 @@ def build_listener(
             TailChannel(RedisOptions.from_settings(settings), channel_name(settings.database_url)),
             mapper,
         ),
+        # The sweeper's own sink: its SCANs never share a connection (or a cluster's
+        # slot table) with the loop's deletes.
+        sweep_sink=open_sink(
+            RedisOptions.from_settings(settings),
+            unlink_chunk=settings.unlink_chunk,
+            scan_count=settings.scan_count,
+        ),
     )
     return runner, sink

@@ -67,6 +67,23 @@ class Metrics:
             ["table"],
             registry=r,
         )
+        self.sweeps = Counter(
+            f"{PREFIX}_sweeps",
+            "Sweeps completed (a batch's patterns: TRUNCATE, unrenderable changes, missed "
+            "changes; one SCAN pass each), second sweeps included",
+            registry=r,
+        )
+        self.sweeps_pending = Gauge(
+            f"{PREFIX}_sweeps_pending",
+            "Sweeps handed to the sweeper and not done: their batches are not acknowledged",
+            registry=r,
+        )
+        self.keys_swept = Counter(
+            f"{PREFIX}_keys_swept",
+            "Keys sweeps deleted that existed (also counted in keys_deleted, or "
+            "keys_deleted_again for a second sweep)",
+            registry=r,
+        )
         self.batches = Counter(f"{PREFIX}_batches", "Batches acknowledged", registry=r)
         self.dead_letters = Counter(
             f"{PREFIX}_dead_letters", "Events parked as dead letters", registry=r

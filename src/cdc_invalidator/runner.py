@@ -2,7 +2,10 @@
 
 The runner owns reconnects, back-off and shutdown. It acknowledges a batch only after
 Redis confirmed every delete (a failure rolls the batch back for another try), so every
-committed change is invalidated at least once whatever goes down in between.
+committed change is invalidated at least once whatever goes down in between. A batch's
+sweeps (patterns) go to the sweeper (sweeper.py) instead, the batch held: the loop goes
+on with later batches, and the source acknowledges nothing from the held batch on until
+its sweep is done.
 """
 
 from __future__ import annotations
@@ -18,14 +21,16 @@ import structlog
 
 from cdc_invalidator.backoff import Backoff
 from cdc_invalidator.capture.errors import Fatal, Standby
+from cdc_invalidator.capture.holds import Hold
 from cdc_invalidator.events import ChangeEvent, Origin, TableName
-from cdc_invalidator.mapping import Mapper
-from cdc_invalidator.mapping.mapper import Routed, merge
+from cdc_invalidator.mapping import Invalidation, Mapper, Routed
+from cdc_invalidator.mapping.mapper import merge
 from cdc_invalidator.metrics import Metrics
 from cdc_invalidator.redis_guard.watch import RedisWatch
 from cdc_invalidator.second_deletes import SecondDeletes
 from cdc_invalidator.shutdown import Stopper
-from cdc_invalidator.sink import REDIS_UNAVAILABLE, Sink
+from cdc_invalidator.sink import REDIS_UNAVAILABLE, Sink, SweepSink
+from cdc_invalidator.sweeper import Sweeper
 
 log = structlog.get_logger("cdc_invalidator.runner")
 
@@ -97,6 +102,12 @@ class Batch(Protocol):
         tail (tools/tap.py), computed only when asked. The commit is what `ages_s`
         measures from (the start of the writer's transaction in trigger mode)."""
 
+    def hold(self) -> Hold:
+        """Acknowledge in two steps: taken before a clean exit, the batch is handed back
+        (the source reads on past it: deleted) but nothing from it on is acknowledged
+        (saved, pruned, confirmed to the slot) until the hold is released (its sweep is
+        done). Holds are released in the order they were taken."""
+
 
 @runtime_checkable
 class Premapped(Protocol):
@@ -138,6 +149,17 @@ class Tap(Protocol):
 
     def after(self, batch: Batch) -> None: ...
     def close(self) -> None: ...
+
+
+def split_sweeps(works: Routed) -> tuple[Routed, Routed]:
+    """A batch's keys (deleted by the loop) and its patterns (swept behind it)."""
+    keys: Routed = {
+        db: Invalidation(keys=w.keys, unrenderable=w.unrenderable) for db, w in works.items()
+    }
+    sweeps: Routed = {
+        db: Invalidation(patterns=w.patterns) for db, w in works.items() if w.patterns
+    }
+    return keys, sweeps
 
 
 def linger_for(taken: int, linger_s: float) -> float:
@@ -208,6 +230,7 @@ class Runner:
         watch: RedisWatch | None = None,
         metrics: Metrics | None = None,
         tap: Tap | None = None,
+        sweep_sink: SweepSink | None = None,
     ) -> None:
         self._connect = connect
         self._mapper = mapper
@@ -219,6 +242,19 @@ class Runner:
         # Second deletes (second_delete_ms), due after each batch's first.
         self._later = SecondDeletes(sink, config.second_delete_s, self._deleted_again)
         self.metrics = metrics or Metrics()
+        # Sweeps behind the loop, on a thread with a Redis connection of its own (a sink
+        # of its own: `sweep_sink`, closed with it; without one, through `sink`, which
+        # must then be safe to share with a thread).
+        self._sweeper = Sweeper(
+            sweep=sweep_sink.sweep_routed
+            if sweep_sink is not None
+            else lambda works, _stopped: sink.delete_routed(works),
+            metrics=self.metrics,
+            second_delete_s=config.second_delete_s,
+            retry_initial_s=config.retry_initial_s,
+            retry_max_s=config.retry_max_s,
+            close=sweep_sink.close if sweep_sink is not None else None,
+        )
         self.postgres = Availability("postgres", self.metrics)
         self.redis = Availability("redis", self.metrics)
         # For /healthz and /readyz: when the loop last turned (time.monotonic()), whether
@@ -231,7 +267,7 @@ class Runner:
         # makes the listener fall behind before anything is finished.
         self.in_hand_since: float | None = None
         self.events_processed = 0
-        self.keys_deleted = 0
+        self._keys_deleted = 0  # by the loop; the sweeper counts its own
         self.keys_deleted_again = 0  # by second deletes: stale sets they undid
         self.dead_letters = 0
         # When each table's unrenderable changes were last logged (time.monotonic()).
@@ -239,6 +275,14 @@ class Runner:
 
     def run(self) -> None:
         """Until stop(): a batch in hand is finished (or rolled back) before returning."""
+        try:
+            self._run()
+        finally:
+            # A sweep in hand is given up: its batch was never acknowledged (the source
+            # saved the position before it) and comes again.
+            self._sweeper.stop()
+
+    def _run(self) -> None:
         cfg = self._config
         backoff = Backoff(cfg.retry_initial_s, cfg.retry_max_s)
         log.info("listener_started", tables=sorted(str(t) for t in self._mapper.tables))
@@ -283,11 +327,22 @@ class Runner:
             self._tap.close()
         log.info("listener_stopped", **self._counters())
 
+    @property
+    def keys_deleted(self) -> int:
+        """Keys deleted that existed, by the loop and its sweeps."""
+        return self._keys_deleted + self._sweeper.keys_swept
+
+    @property
+    def sweeper(self) -> Sweeper:
+        return self._sweeper
+
     def _counters(self) -> dict[str, int]:
         return {
             "events": self.events_processed,
             "keys_deleted": self.keys_deleted,
-            "keys_deleted_again": self.keys_deleted_again,
+            "keys_deleted_again": self.keys_deleted_again + self._sweeper.keys_swept_again,
+            "keys_swept": self._sweeper.keys_swept,
+            "sweeps": self._sweeper.completed,
             "dead_letters": self.dead_letters,
         }
 
@@ -359,8 +414,14 @@ class Runner:
                 merge(works, batch.premapped)
             for event, exc in failed:
                 batch.dead_letter(event.position, str(exc))
-            deleted = self._sink.delete_routed(works)
-        self._later.add(works, batch.visible_at)
+            keys, sweeps = split_sweeps(works)
+            deleted = self._sink.delete_routed(keys)
+            # The sweep goes behind the loop; the batch is acknowledged once it is done.
+            hold = batch.hold() if sweeps else None
+        if hold is not None:
+            since = self.in_hand_since or batch.read_at  # (a resync batch has no commits)
+            self._sweeper.add(sweeps, hold, since, batch.visible_at)
+        self._later.add(keys, batch.visible_at)
         if self._tap is not None:
             self._tap.after(batch)
         # Committed: Redis had confirmed every delete before the acknowledgement.
@@ -404,7 +465,7 @@ class Runner:
     def _observe(self, batch: Batch, deleted: int) -> None:
         """Count an acknowledged batch: the counters logged at exit, and the metrics."""
         self.events_processed += batch.size
-        self.keys_deleted += deleted
+        self._keys_deleted += deleted
         self.dead_letters += len(batch.dead)
         m = self.metrics
         m.batches.inc()
@@ -434,6 +495,8 @@ class Runner:
         behind_s = self.behind_s
         if (since := self.in_hand_since) is not None:
             behind_s = max(behind_s, time.monotonic() - since)
+        if (since := self._sweeper.oldest_since) is not None:
+            behind_s = max(behind_s, time.monotonic() - since)  # a sweep not done
         if self.active:
             ready = ready and redis_ok and behind_s <= max_lag_s
         return Health(
@@ -445,6 +508,7 @@ class Runner:
                 "postgres": postgres,
                 "redis": redis_ok,
                 "behind_s": round(behind_s, 3),
+                "sweeps_pending": self._sweeper.pending,
                 "max_lag_s": max_lag_s,
             },
         )

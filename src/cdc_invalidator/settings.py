@@ -234,6 +234,10 @@ class Settings(BaseSettings):
     retry_max_ms: Annotated[int, Field(ge=1)] = 10_000
     # Keys per UNLINK command; a batch's commands go to Redis in one pipeline.
     unlink_chunk: Annotated[int, Field(ge=1, le=100_000)] = 500
+    # SCAN's COUNT for sweeps: how long one SCAN holds Redis (measured on 2 vCPUs, Redis
+    # 7.0: ~0.75 ms at 1000, ~0.19 ms at 250) against a sweep's round trips (2M keys:
+    # 3.3 s at 1000, 4.6 s at 250). No pause between pages: Redis serves other clients
+    # between two SCANs, and its p99 follows one SCAN's length, not the sweep's share.
     scan_count: Annotated[int, Field(ge=10)] = 1000
     connect_timeout_s: Annotated[float, Field(gt=0)] = 5.0
     redis_timeout_s: Annotated[float, Field(gt=0)] = 5.0

@@ -13,6 +13,9 @@ changes may have been missed. So may they when the slot is gone or its WAL was r
 Then every watched table is swept as if truncated, before anything else, and the reason
 is logged as an error; the sweep is owed (saved) until it has completed.
 
+A batch whose sweep runs behind the loop (capture/holds.py) is read past at once, but the
+position told to the slot and saved stays before it until the sweep is done.
+
 Tables are followed by relation, not by name: the configured names are resolved at start
 through what install recorded (published_v1: the relid and the key columns' numbers), so
 a table or key column renamed later keeps its templates. A change of a table that lost a
@@ -41,6 +44,7 @@ from cdc_invalidator.capture.errors import (
     returned,
 )
 from cdc_invalidator.capture.history_writer import HistoryWriter
+from cdc_invalidator.capture.holds import Hold, Holds
 from cdc_invalidator.capture.pgoutput import (
     Begin,
     Commit,
@@ -115,9 +119,15 @@ class LogicalBatch:
     # deleted with those of `events` (runner.Premapped).
     premapped: Routed = field(default_factory=dict)
     history: list[str] = field(default_factory=list)  # their history_v1 texts, if kept
+    held: Hold | None = None  # hold(): acknowledged once its sweep is done
 
     def dead_letter(self, position: int, error: str) -> None:
         self.dead[position] = error
+
+    def hold(self) -> Hold:
+        if self.held is None:
+            self.held = Hold()
+        return self.held
 
     @property
     def oldest_s(self) -> float | None:
@@ -359,6 +369,11 @@ class LogicalStream:
         self._known = self._resolve_configured()
         self._decoder = Decoder(self._resolve, self._old_values_not_sent, self._unrenderable)
         self._resync = resync
+        # The resync batch read past, its sweep still running: owed until released.
+        self._resync_held: tuple[Hold, int, str | None] | None = None
+        # Batches read past whose sweeps are not done: the slot is told nothing past the
+        # first (the position confirmed before it).
+        self._holds: Holds[int] = Holds()
         self._pending: LogicalBatch | None = None
         # Streamed transactions: those in progress by xid, the one whose block is being
         # read, the changes of its chunk not mapped yet, and one committed, being handed out.
@@ -411,12 +426,13 @@ class LogicalStream:
         if batch.history:
             # (each text a JSON array: their items joined into one)
             self._history.write("[" + ",".join(h[1:-1] for h in batch.history if h != "[]") + "]")
+        if batch.held is not None:
+            self._holds.add(batch.held, self._confirmed)
         if batch.resync:
-            self._side.execute(
-                Q.SET_RESYNC.sql,
-                {"slot": self._config.slot, "reason": None, "lsn": None},
-            )
-            log.warning("missed_changes_swept", tables=len(batch.events), reason=self._resync)
+            if batch.held is not None:
+                self._resync_held = (batch.held, len(batch.events), self._resync)
+            else:
+                self._resync_swept(len(batch.events), self._resync)
             self._resync = None
         self._confirmed = max(self._confirmed, batch.ack_lsn)
         self._event_commit = max(self._event_commit, batch.event_commit)
@@ -438,9 +454,23 @@ class LogicalStream:
     def maintain(self) -> None:
         """Status update, heartbeat, history pruning, each if due: cheap when none is
         (clock reads). Called on every turn of the runner's loop, busy or idle."""
+        self._resync_if_swept()
         self._status_if_due()
         self._heartbeat_if_due()
         self._prune_if_due()
+
+    def _resync_if_swept(self) -> None:
+        if (held := self._resync_held) is not None and held[0].released:
+            self._resync_swept(held[1], held[2])
+            self._resync_held = None
+
+    def _resync_swept(self, tables: int, reason: str | None) -> None:
+        """The sweep owed after missed changes is done: no longer owed."""
+        self._side.execute(
+            Q.SET_RESYNC.sql,
+            {"slot": self._config.slot, "reason": None, "lsn": None},
+        )
+        log.warning("missed_changes_swept", tables=tables, reason=reason)
 
     def _prune_if_due(self) -> None:
         cfg = self._config
@@ -452,6 +482,7 @@ class LogicalStream:
         """Confirm what is done if the connections still work, then close them."""
         with contextlib.suppress(psycopg.Error, OSError):
             self._history.close()
+            self._resync_if_swept()
             if self._confirmed > self._persisted:
                 self._status_if_due(force=True)
         self._stream.close()
@@ -841,6 +872,8 @@ class LogicalStream:
         ):
             return
         target = self._confirmed
+        if (held := self._holds.limit()) is not None:
+            target = min(target, held)  # never past a batch whose sweep is not done
         if target > self._persisted and (
             force or self._event_commit > self._persisted or target - self._persisted >= CHASE_BYTES
         ):

@@ -7,7 +7,8 @@ or updated on the way, which keeps the writers' tables and the WAL quiet. A wind
 read in chunks ordered by (xid, id). The runner acknowledges a chunk only after Redis
 confirmed its deletes; only then does the position move on, and only a finished window
 moves `done` (saved in listener_state_v1, for restarts). Rows below `done` are deleted
-later in bulk.
+later in bulk. A batch whose sweep runs behind the loop (capture/holds.py) holds what is
+saved, and so the pruning, at the position before it until the sweep is done.
 
 One autocommit connection LISTENs, reads and saves; a session advisory lock makes sure
 that only one listener consumes at a time.
@@ -31,6 +32,7 @@ from psycopg import sql
 from psycopg.rows import tuple_row
 
 from cdc_invalidator.capture.errors import Fatal, NotInstalled, Standby, missing_privilege
+from cdc_invalidator.capture.holds import Hold, Holds
 from cdc_invalidator.capture.rows import RowDecoder, pack_element, queue_id
 from cdc_invalidator.capture.trigger_sql import CHANNEL, require_installed
 from cdc_invalidator.events import ChangeEvent, Origin
@@ -82,6 +84,7 @@ class QueueBatch:
     xid_ages: dict[int, float] = field(default_factory=dict)
     # When the window's snapshot was taken: every row read in it had committed by then.
     visible_at: float | None = None
+    held: Hold | None = None  # hold(): acknowledged once its sweep is done
 
     @property
     def ages_s(self) -> list[float]:
@@ -93,6 +96,11 @@ class QueueBatch:
 
     def dead_letter(self, position: int, error: str) -> None:
         self.dead[position] = error
+
+    def hold(self) -> Hold:
+        if self.held is None:
+            self.held = Hold()
+        return self.held
 
     def origins(self) -> list[Origin]:
         """Each event's writer: its xid, and the start of its transaction (enqueued_at,
@@ -156,13 +164,19 @@ class Progress:
     unsaved_events: int = 0
     saved: _State | None = None  # the state() last saved
     saved_at: float = 0.0
+    # Batches read past whose sweeps are not done: nothing past the first is saved.
+    holds: Holds[_State] = field(default_factory=Holds)
 
     def state(self) -> _State:
         return (self.done, self.window, self.after)
 
+    def acknowledged(self) -> _State:
+        """What may be saved: state(), or the position before the oldest batch held."""
+        return self.holds.limit() or self.state()
+
     @property
     def unsaved(self) -> bool:
-        return bool(self.unsaved_events) or self.state() != self.saved
+        return bool(self.unsaved_events) or self.acknowledged() != self.saved
 
     @property
     def saved_done(self) -> Snapshot:
@@ -346,6 +360,7 @@ class TriggerQueue:
         """Up to `limit` events. A clean exit acknowledges them, an exception does not:
         the same events come again."""
         progress = self._progress
+        before = progress.state()
         key = fetch_key(progress.done, progress.window, progress.after, limit)
         answer = self._read_ahead.take(key)
         chunk = Chunk.read(answer if answer is not None else self._fetch(key))
@@ -370,8 +385,11 @@ class TriggerQueue:
             visible_at=self._window_at,
         )
         yield batch
-        # Acknowledged: Redis confirmed every delete of the batch.
+        # Acknowledged: Redis confirmed every delete of the batch (a sweep, if the batch
+        # was held, is still running: saving stays before the batch until it is done).
         self._acknowledge(batch, chunk, window, limit)
+        if batch.held is not None:
+            progress.holds.add(batch.held, before)
         listen = self._wakeup.after_batch(chunk.events, limit)
         if listen is not None:
             self._listen(listen)
@@ -471,15 +489,15 @@ class TriggerQueue:
         progress = self._progress
         if not progress.unsaved:
             return
-        state = progress.state()
-        after_xid, after_id = progress.after
+        state = progress.acknowledged()
+        done, window, (after_xid, after_id) = state
         self._conn.execute(
             Q.SAVE_PROGRESS.sql,
             {
-                "snapshot": progress.done.text,
-                "window_end": progress.window.text if progress.window else None,
-                "after_xid": after_xid if progress.window else None,
-                "after_id": after_id if progress.window else None,
+                "snapshot": done.text,
+                "window_end": window.text if window else None,
+                "after_xid": after_xid if window else None,
+                "after_id": after_id if window else None,
                 "events": progress.unsaved_events,
             },
         )

@@ -8,7 +8,14 @@ from redis-py.
 from cdc_invalidator.sink.auto import AutoSink, connect_sink, open_sink
 from cdc_invalidator.sink.cluster_sink import ClusterSink
 from cdc_invalidator.sink.connect import RedisOptions, url_db
-from cdc_invalidator.sink.protocol import REDIS_ERRORS, REDIS_UNAVAILABLE, Persistence, Sink
+from cdc_invalidator.sink.protocol import (
+    REDIS_ERRORS,
+    REDIS_UNAVAILABLE,
+    Persistence,
+    Sink,
+    SweepSink,
+    SweepStopped,
+)
 from cdc_invalidator.sink.redis_sink import RedisSink
 
 __all__ = [
@@ -20,6 +27,8 @@ __all__ = [
     "RedisOptions",
     "RedisSink",
     "Sink",
+    "SweepSink",
+    "SweepStopped",
     "connect_sink",
     "open_sink",
     "url_db",

@@ -11,7 +11,7 @@ cluster to detect: the sink is a RedisSink for the master the sentinels name.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
 import redis
@@ -89,14 +89,17 @@ class AutoSink:
     def delete_routed(self, works: Routed) -> int:
         return self.sink.delete_routed(works)
 
+    def sweep_routed(self, works: Routed, stopped: Callable[[], bool] | None = None) -> int:
+        return self.sink.sweep_routed(works, stopped)
+
     def delete(self, work: Invalidation) -> int:
         return self.sink.delete(work)
 
     def unlink(self, keys: Collection[str]) -> int:
         return self.sink.unlink(keys)
 
-    def sweep(self, pattern: str) -> int:
-        return self.sink.sweep(pattern)
+    def sweep(self, patterns: Collection[str], stopped: Callable[[], bool] | None = None) -> int:
+        return self.sink.sweep(patterns, stopped)
 
     def identity(self) -> str:
         return self.sink.identity()

@@ -24,7 +24,8 @@ in tests/test_cluster.py.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import redis
@@ -36,7 +37,8 @@ from redis.exceptions import AskError, MovedError, TryAgainError
 
 from cdc_invalidator.capture.errors import Fatal
 from cdc_invalidator.mapping import Invalidation, Routed
-from cdc_invalidator.sink.protocol import Persistence
+from cdc_invalidator.sink.glob import GlobSet
+from cdc_invalidator.sink.protocol import Persistence, raise_if_stopped
 from cdc_invalidator.sink.redis_sink import server_identity, server_persistence
 
 log = structlog.get_logger("cdc_invalidator.sink")
@@ -65,11 +67,14 @@ class ClusterSink:
 
     def delete_routed(self, works: Routed) -> int:
         """delete() of every share; a cluster has only database 0 (redis_db)."""
-        if dbs := sorted(db for db, work in works.items() if db and work):
-            raise Fatal(
-                f"redis_db = {dbs[0]} in the configuration, but a Redis Cluster has only database 0"
-            )
+        _only_db0(works)
         return sum(self.delete(work) for work in works.values() if work)
+
+    def sweep_routed(self, works: Routed, stopped: Callable[[], bool] | None = None) -> int:
+        """sweep() of every share's patterns, all in one pass per primary."""
+        _only_db0(works)
+        patterns = {p for work in works.values() for p in work.patterns}
+        return self.sweep(patterns, stopped)
 
     def delete(self, work: Invalidation) -> int:
         """Delete every key and every key matching a pattern; return how many existed.
@@ -77,8 +82,8 @@ class ClusterSink:
         Returns only once every node confirmed its part: the caller acknowledges after.
         """
         deleted = self.unlink(work.keys)
-        for pattern in sorted(work.patterns):
-            deleted += self.sweep(pattern)
+        if work.patterns:
+            deleted += self.sweep(work.patterns)
         return deleted
 
     def unlink(self, keys: Collection[str | bytes]) -> int:
@@ -164,25 +169,72 @@ class ClusterSink:
             raise failure
         return deleted, moved, again
 
-    def sweep(self, pattern: str) -> int:
-        """SCAN every primary for a glob and UNLINK what it finds (TRUNCATE has no rows
-        to render). A key moving between nodes while the SCANs run could be missed, so
-        the slot layout is read before and after, and a sweep that saw slots migrate or
-        move raises ClusterChanging (retryable) instead of returning."""
+    def sweep(self, patterns: Collection[str], stopped: Callable[[], bool] | None = None) -> int:
+        """SCAN every primary once for all the globs and UNLINK what matches (TRUNCATE
+        has no rows to render), the primaries in parallel, each on a thread with a
+        connection of its own. A key moving between nodes while the SCANs run could be
+        missed, so the slot layout is read before and after, and a sweep that saw slots
+        migrate or move raises ClusterChanging (retryable) instead of returning."""
+        if not patterns:
+            return 0
+        globs = GlobSet(patterns)
         before = self._layout()
-        deleted = 0
-        for node in primaries(self._client):
-            client = self._client.get_redis_connection(node)
-            cursor = 0
-            while True:
-                cursor, page = client.scan(cursor, match=pattern, count=self._scan_count)
-                if page:
-                    deleted += self.unlink(page)
-                if cursor == 0:
-                    break
+        nodes = primaries(self._client)
+        clients = [self._client.get_redis_connection(node) for node in nodes]
+        with ThreadPoolExecutor(len(clients), thread_name_prefix="cdc-sweep-node") as pool:
+            futures = [pool.submit(self._sweep_node, c, globs, stopped) for c in clients]
+            # Every node's result (or error) is waited for before raising the first.
+            results = [f.exception() or f.result() for f in futures]
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
         if self._layout() != before:
             raise ClusterChanging("the cluster's slots moved during a sweep")
-        return deleted
+        return sum(r for r in results if isinstance(r, int))
+
+    def _sweep_node(
+        self, client: redis.Redis, globs: GlobSet, stopped: Callable[[], bool] | None
+    ) -> int:
+        """One primary's pass: SCAN, then the page's matches UNLINKed there, grouped by
+        slot (every key SCAN returns is the node's own; a redirection means the layout
+        is changing: ClusterChanging)."""
+        single = len(globs.patterns) == 1
+        pool = client.connection_pool
+        deleted = 0
+        cursor = 0
+        connection = pool.get_connection()
+        try:
+            while True:
+                raise_if_stopped(stopped)
+                connection.send_command(
+                    *(
+                        ("SCAN", cursor, "COUNT", self._scan_count)
+                        + (("MATCH", globs.match) if globs.match is not None else ())
+                    )
+                )
+                raw_cursor, page = connection.read_response()
+                cursor = int(raw_cursor)
+                if page and not single:
+                    page = globs.select(page)
+                if page:
+                    by_slot: dict[int, list[bytes]] = {}
+                    for key in page:
+                        by_slot.setdefault(key_slot(key), []).append(key)
+                    commands = list(by_slot.values())
+                    connection.send_packed_command([pack_unlinks(commands)])
+                    for _ in commands:
+                        try:
+                            deleted += int(connection.read_response())
+                        except (MovedError, AskError, TryAgainError) as exc:
+                            self._stale = True
+                            raise ClusterChanging(f"a key moved during a sweep: {exc}") from exc
+                if cursor == 0:
+                    return deleted
+        except BaseException:
+            connection.disconnect()  # replies may be left unread
+            raise
+        finally:
+            pool.release(connection)
 
     def _layout(self) -> tuple[tuple[str, str, tuple[tuple[str, ...], ...]], ...]:
         """Every primary's own account of itself (id, address, slots), with the slot
@@ -225,6 +277,13 @@ class ClusterSink:
 
     def close(self) -> None:
         self._client.close()
+
+
+def _only_db0(works: Routed) -> None:
+    if dbs := sorted(db for db, work in works.items() if db and work):
+        raise Fatal(
+            f"redis_db = {dbs[0]} in the configuration, but a Redis Cluster has only database 0"
+        )
 
 
 def pack_unlinks(commands: list[list[bytes]]) -> bytes:

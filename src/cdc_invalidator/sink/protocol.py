@@ -6,7 +6,7 @@ with, and the errors it raises. No redis-py type crosses this line: the runner, 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -37,6 +37,17 @@ REDIS_UNAVAILABLE: tuple[type[Exception], ...] = (
 # Everything a sink can raise from Redis or redis-py (REDIS_UNAVAILABLE and the rest):
 # what a command that talks to Redis once ends with, in one line.
 REDIS_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, RedisClusterException)
+
+
+class SweepStopped(Exception):
+    """A sweep given up before it completed (the listener is stopping): nothing it
+    stood for was acknowledged, and it comes again."""
+
+
+def raise_if_stopped(stopped: Callable[[], bool] | None) -> None:
+    """Between two SCAN pages of a sweep: give it up if the listener is stopping."""
+    if stopped is not None and stopped():
+        raise SweepStopped("the sweep was stopped before it completed")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +82,17 @@ class Sink(Protocol):
 
     def ping(self) -> str:
         """Ping every server deletes go to; say what answered, for `check`."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class SweepSink(Protocol):
+    """What the sweeper (sweeper.py) needs: RedisSink, ClusterSink, AutoSink."""
+
+    def sweep_routed(self, works: Routed, stopped: Callable[[], bool] | None = None) -> int:
+        """Sweep each Redis database's patterns, all of them in one SCAN pass; how many
+        keys existed. `stopped` is asked between SCAN pages (True: SweepStopped)."""
         ...
 
     def close(self) -> None: ...

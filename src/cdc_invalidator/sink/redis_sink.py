@@ -1,16 +1,19 @@
-"""Delete keys from Redis: pipelined UNLINK for keys, SCAN + UNLINK for patterns."""
+"""Delete keys from Redis: pipelined UNLINK for keys, SCAN + UNLINK for patterns (all of
+them in one SCAN pass, matched on our side: sink/glob.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from itertools import islice
+from typing import cast
 
 import hiredis
 import redis
 
 from cdc_invalidator.mapping import Invalidation, Routed
 from cdc_invalidator.sink.connect import MasterWatch, other_db
-from cdc_invalidator.sink.protocol import Persistence
+from cdc_invalidator.sink.glob import GlobSet
+from cdc_invalidator.sink.protocol import Persistence, raise_if_stopped
 
 # What persistence() reads: how much of the server's data a restart can lose.
 PERSISTENCE_SETTINGS = ("appendonly", "appendfsync", "save")
@@ -45,6 +48,14 @@ class RedisSink:
         """delete() for each Redis database's share; how many keys existed."""
         return sum(self.for_db(db).delete(work) for db, work in works.items() if work)
 
+    def sweep_routed(self, works: Routed, stopped: Callable[[], bool] | None = None) -> int:
+        """sweep() of each Redis database's patterns."""
+        return sum(
+            self.for_db(db).sweep(work.patterns, stopped)
+            for db, work in works.items()
+            if work.patterns
+        )
+
     def delete(self, work: Invalidation) -> int:
         """Delete every key and every key matching a pattern; return how many existed.
 
@@ -52,11 +63,11 @@ class RedisSink:
         """
         self._follow_master()
         deleted = self.unlink(work.keys)
-        for pattern in sorted(work.patterns):
-            deleted += self.sweep(pattern)
+        if work.patterns:
+            deleted += self.sweep(work.patterns)
         return deleted
 
-    def unlink(self, keys: Collection[str]) -> int:
+    def unlink(self, keys: Collection[str | bytes]) -> int:
         """UNLINK every key, `unlink_chunk` per command, all commands sent at once; how
         many existed. Returns once Redis confirmed every command.
 
@@ -94,14 +105,28 @@ class RedisSink:
         finally:
             pool.release(conn)
 
-    def sweep(self, pattern: str) -> int:
-        """SCAN for a glob and UNLINK page by page (TRUNCATE has no rows to render)."""
+    def sweep(self, patterns: Collection[str], stopped: Callable[[], bool] | None = None) -> int:
+        """SCAN once for every glob of `patterns` and UNLINK page by page what matches
+        (TRUNCATE has no rows to render); how many keys existed. One pattern goes to the
+        server as MATCH; several are matched here against each page (a pass per pattern
+        cost a full SCAN each), with their common literal prefix, if any, as MATCH.
+        `stopped` is asked between pages: True raises SweepStopped (shutdown)."""
+        if not patterns:
+            return 0
+        self._follow_master()
+        globs = GlobSet(patterns)
+        single = len(globs.patterns) == 1
         deleted = 0
         cursor = 0
         while True:
-            cursor, page = self._client.scan(cursor, match=pattern, count=self._scan_count)
+            raise_if_stopped(stopped)
+            cursor, found = self._client.scan(cursor, match=globs.match, count=self._scan_count)
+            # Keys come back as bytes: the client never decodes replies.
+            page: list[bytes] = cast("list[bytes]", found)
+            if page and not single:
+                page = globs.select(page)
             if page:
-                deleted += int(self._client.unlink(*page))
+                deleted += self.unlink(page)
             if cursor == 0:
                 return deleted
 
@@ -151,7 +176,7 @@ def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _chunks(items: Iterable[str], size: int) -> Iterator[Sequence[str]]:
+def _chunks(items: Iterable[str | bytes], size: int) -> Iterator[Sequence[str | bytes]]:
     it = iter(items)
     while chunk := tuple(islice(it, size)):
         yield chunk

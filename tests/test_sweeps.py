@@ -1,0 +1,529 @@
+"""Sweeps (TRUNCATE, unrenderable changes, the sweep after a lost slot) against real
+servers: the glob translation against Redis's own MATCH, one SCAN pass for all of a
+batch's patterns, every primary of a cluster swept, and sweeps off the head of the line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+import redis
+from redis.cluster import RedisCluster
+
+from cdc_invalidator.sink import ClusterSink, RedisSink
+from cdc_invalidator.sink.glob import GlobSet
+from tests.support.env import Env, Servers, make_env
+from tests.support.evidence import unavailable
+from tests.support.listener import ListenerProcess, Spawn, listening, stop_listener
+from tests.support.servers import RedisClusterServer, RedisServer, ServerError
+from tests.support.sync import SLOT, install, settle
+from tests.support.waits import wait_until
+
+# Keys with every character a glob treats specially, and bytes beyond ASCII.
+TRICKY_KEYS = [
+    b"user:1",
+    b"user:12",
+    b"user:",
+    b"user:a",
+    b"user:[",
+    b"user:]",
+    b"user:\\",
+    b"user:*",
+    b"user:?",
+    b"user:-",
+    b"user:^",
+    b"user:\n",
+    b"usEr:1",
+    b"xuser:1",
+    b"a]b",
+    b"a-b",
+    b"ab",
+    b"a\\b",
+    b"a[b",
+    b"[",
+    b"\\",
+    b"*",
+    b"?",
+    b"]",
+    b"-",
+    b"\x00",
+    b"\xff",
+    b"\xc3\xa9t\xc3\xa9",
+    b"a",
+    b"b",
+    b"z",
+    b"A",
+    b"user:1:name",
+    b"user::",
+]
+
+TRICKY_PATTERNS = [
+    b"*",
+    b"**",
+    b"?",
+    b"user:*",
+    b"user:?",
+    b"user:??",
+    b"user:\\*",
+    b"user:\\?",
+    b"user:\\[",
+    b"user:\\\\",
+    b"user:[",
+    b"user:[a",
+    b"user:[]",
+    b"user:[]]",
+    b"user:[^]",
+    b"user:[^]]",
+    b"user:[^1]",
+    b"user:[^1]*",
+    b"user:[0-9]",
+    b"user:[9-0]",
+    b"user:[0-9]*",
+    b"user:[a-]",
+    b"user:[a-]]",
+    b"user:[-a]",
+    b"user:[\\]]",
+    b"user:[\\-]",
+    b"user:[\\a-z]",
+    b"user:[[]",
+    b"user:[*?]",
+    b"a[-]b",
+    b"a[\\\\]b",
+    b"a\\",
+    b"\\",
+    b"\\\\",
+    b"[\\]",
+    b"[a-\xff]",
+    b"[\x80-\xff]",
+    b"[^a-z]",
+    b"*:*",
+    b"*1",
+    b"*1*",
+    b"u*r:*",
+    b"*\xa9*",
+    b"[",
+    b"]",
+    b"[]",
+    b"[^",
+    b"a[",
+    b"a[^b",
+    b"user:[0-9",
+    b"user:1[",
+    b"?*?",
+    b"user:1:*",
+    b"user:*:*",
+]
+
+
+@pytest.fixture(scope="module")
+def own_redis() -> Iterator[RedisServer]:
+    """A Redis of this module's own: its keyspace is the test's to fill and flush."""
+    try:
+        server = RedisServer.create()
+    except ServerError as exc:
+        unavailable(f"no Redis: {exc}")
+    with server:
+        yield server
+
+
+@pytest.fixture
+def rd(own_redis: RedisServer) -> Iterator[redis.Redis]:
+    client = own_redis.client()
+    client.flushall()
+    yield client
+    client.flushall()
+    client.close()
+
+
+def _server_match(client: redis.Redis, pattern: bytes) -> set[bytes]:
+    return set(cast("Iterator[bytes]", client.scan_iter(match=pattern, count=1000)))
+
+
+def _scans(client: redis.Redis) -> int:
+    stats: dict[str, Any] = client.info("commandstats")
+    return int(stats.get("cmdstat_scan", {}).get("calls", 0))
+
+
+def test_glob_translation_matches_redis_match(rd: redis.Redis) -> None:
+    rd.mset(dict.fromkeys(TRICKY_KEYS, b"1"))
+    assert rd.dbsize() == len(TRICKY_KEYS)
+    differ = {}
+    for pattern in TRICKY_PATTERNS:
+        ours = {key for key in TRICKY_KEYS if GlobSet([pattern]).matches(key)}
+        theirs = _server_match(rd, pattern)
+        if ours != theirs:
+            differ[pattern] = (sorted(ours - theirs), sorted(theirs - ours))
+    assert differ == {}
+    # Several patterns at once match what any one of them matches.
+    globs = GlobSet(TRICKY_PATTERNS[3:20])
+    union = set().union(*(_server_match(rd, p) for p in TRICKY_PATTERNS[3:20]))
+    assert set(globs.select(list(TRICKY_KEYS))) == union
+
+
+def test_one_scan_pass_for_several_patterns(rd: redis.Redis) -> None:
+    # Three tables' templates, and unrelated keys around them: more than one SCAN page.
+    swept = [f"{prefix}:{i}" for prefix in ("user", "user:email", "order") for i in range(3000)]
+    unrelated = [f"{prefix}:{i}" for prefix in ("users", "xuser", "session") for i in range(3000)]
+    pipe = rd.pipeline(transaction=False)
+    for key in swept + unrelated:
+        pipe.set(key, "1")
+    pipe.execute()
+    sink = RedisSink(rd, scan_count=1000)
+
+    before = _scans(rd)
+    assert sink.sweep(["nothing:*"]) == 0
+    one_pass = _scans(rd) - before
+    assert one_pass > 5  # paged: a pass is several SCANs
+
+    before = _scans(rd)
+    deleted = sink.sweep(["user:*", "user:email:*", "order:*"])
+    several = _scans(rd) - before
+    assert deleted == len(swept)
+    assert rd.exists(*swept) == 0
+    assert rd.exists(*unrelated) == len(unrelated)
+    # One pass over the keyspace (a pass per pattern would be three times one).
+    assert several <= one_pass + 2
+
+
+@pytest.fixture(scope="module")
+def own_cluster() -> Iterator[RedisClusterServer]:
+    try:
+        cluster = RedisClusterServer.create()
+    except ServerError as exc:
+        unavailable(f"no Redis Cluster: {exc}")
+    with cluster:
+        yield cluster
+
+
+def test_a_cluster_sweep_covers_every_primary(own_cluster: RedisClusterServer) -> None:
+    rc = RedisCluster.from_url(own_cluster.url)
+    try:
+        swept = {f"user:{i}": "1" for i in range(3000)} | {f"order:{i}": "1" for i in range(3000)}
+        unrelated = {f"users:{i}": "1" for i in range(1000)} | {f"x{i}": "1" for i in range(1000)}
+        rc.mset_nonatomic({**swept, **unrelated})
+        nodes = [node.client() for node in own_cluster.nodes]
+        assert all(node.dbsize() > 1000 for node in nodes)
+        before = [_scans(node) for node in nodes]
+        sink = ClusterSink(rc, scan_count=500)
+        assert sink.sweep(["user:*", "order:*"]) == len(swept)
+        scans = [_scans(node) - b for node, b in zip(nodes, before, strict=True)]
+        assert all(n > 1 for n in scans), scans  # every primary, paged
+        assert [n.keys("user:*") + n.keys("order:*") for n in nodes] == [[], [], []]
+        assert sum(node.dbsize() for node in nodes) == len(unrelated)
+        for node in nodes:
+            node.close()
+    finally:
+        rc.close()
+
+
+# --- sweeps off the head of the line ----------------------------------------------------
+
+ORDERS = {"public.orders": ["order:{id}", "order:customer:{customer_id}"]}
+USERS = {"public.users": ["user:{id}"]}
+# Enough unrelated keys that a sweep is still running when a change committed after the
+# TRUNCATE has been invalidated (each test checks that it was).
+UNRELATED = 400_000
+ORDER_KEYS = 5_000
+
+
+def setup_tables(env: Env) -> Path:
+    env.sql("CREATE TABLE users (id int PRIMARY KEY, name text)")
+    env.sql("INSERT INTO users VALUES (1, 'a')")
+    env.sql("CREATE TABLE orders (id int PRIMARY KEY, customer_id int)")
+    env.sql("INSERT INTO orders SELECT i, i FROM generate_series(1, 10) i")
+    # Second deletes off: a second sweep would run after the first and blur which
+    # sweep did what (second sweeps are not what these tests are about). Logical mode:
+    # the slot told where we are every 100 ms, so that an acknowledgement that ran ahead
+    # of the sweep would be seen while it runs. SCAN pages of 100 keys: a sweep of
+    # UNRELATED keys takes several times longer than at the default (more round trips),
+    # time for the checks made while it runs.
+    return install(
+        env, {**ORDERS, **USERS}, second_delete_ms=0, status_interval_ms=100, scan_count=100
+    )
+
+
+def fill(r: redis.Redis | RedisCluster) -> list[str]:
+    """UNRELATED keys no template matches, and the orders' cached keys (returned)."""
+    for start in range(0, UNRELATED, 10_000):
+        chunk = {f"unrelated:{i}": "v" for i in range(start, start + 10_000)}
+        if isinstance(r, RedisCluster):
+            r.mset_nonatomic(chunk)
+        else:
+            r.mset(chunk)
+    orders = [f"order:{i}" for i in range(ORDER_KEYS)]
+    orders += [f"order:customer:{i}" for i in range(ORDER_KEYS)]
+    if isinstance(r, RedisCluster):
+        r.mset_nonatomic(dict.fromkeys(orders, "v"))
+    else:
+        r.mset(dict.fromkeys(orders, "v"))
+    return orders
+
+
+def truncate_then_update(env: Env) -> str:
+    """TRUNCATE orders, then a single-row UPDATE of users in a transaction of its own;
+    the WAL position before the TRUNCATE's transaction."""
+    before = env.scalar("SELECT pg_current_wal_insert_lsn()::text")
+    env.sql("TRUNCATE orders")
+    env.sql("UPDATE users SET name = 'b' WHERE id = 1")
+    return str(before)
+
+
+def saved_events(env: Env) -> int:
+    """Trigger mode: the events counted by the listener's saves so far."""
+    return int(env.scalar("SELECT events_processed FROM cdc_invalidator.listener_state_v1"))
+
+
+def saved_since(env: Env, events: int) -> None:
+    """Trigger mode: wait for a save that counts the TRUNCATE and the UPDATE (2 events
+    past `events`): one that, if holds were ignored, would have saved past them both."""
+    if not env.logical:
+        wait_until(lambda: saved_events(env) >= events + 2, what="progress saved")
+
+
+def acknowledged_past_truncate(env: Env, before: str) -> bool:
+    """Whether the TRUNCATE has been acknowledged: trigger mode, its transaction is
+    visible in the saved snapshot (or pruned); logical mode, the slot is confirmed past `before`."""
+    if env.logical:
+        return bool(
+            env.scalar(
+                "SELECT confirmed_flush_lsn > %s::pg_lsn FROM pg_replication_slots"
+                " WHERE slot_name = %s",
+                [before, SLOT],
+            )
+        )
+    # (A queue row is pruned only once the saved snapshot sees it: gone is acknowledged.)
+    return bool(
+        env.scalar(
+            "SELECT coalesce((SELECT pg_visible_in_snapshot(q.xid, s.snapshot)"
+            " FROM cdc_invalidator.queue_v1 q, cdc_invalidator.listener_state_v1 s"
+            " WHERE q.op = 'T'), true)"
+        )
+    )
+
+
+@pytest.mark.usefixtures("capture")
+def test_a_change_during_a_truncate_sweep_is_invalidated_at_once(own_env: Env) -> None:
+    config = setup_tables(own_env)
+    r = own_env.redis()
+    orders = fill(r)
+    with listening(config) as listener:
+        sweeper = listener.runner.sweeper
+        settle(own_env, r)
+        r.set("user:1", "cached")
+        events = 0 if own_env.logical else saved_events(own_env)
+        before = truncate_then_update(own_env)
+        wait_until(lambda: r.exists("user:1") == 0, what="the UPDATE's key deleted")
+        saved_since(own_env, events)
+        # ... while the TRUNCATE's sweep had not completed, nor been acknowledged (all
+        # seen before the sweep was found still running).
+        acknowledged = acknowledged_past_truncate(own_env, before)
+        health = listener.runner.health(60, 3600).detail
+        pending = sweeper.pending
+        metrics = listener.runner.metrics.registry
+        gauge = metrics.get_sample_value("cdc_invalidator_sweeps_pending")
+        assert sweeper.completed == 0, "the sweep was meant to be running still"
+        assert not acknowledged
+        assert (pending, health["sweeps_pending"], gauge) == (1, 1, 1.0)
+
+        wait_until(lambda: sweeper.completed == 1, timeout_s=60, what="the sweep done")
+        assert r.exists(*orders) == 0
+        assert r.dbsize() == UNRELATED  # every unrelated key kept
+        assert metrics.get_sample_value("cdc_invalidator_sweeps_pending") == 0.0
+        assert metrics.get_sample_value("cdc_invalidator_sweeps_total") == 1.0
+        assert metrics.get_sample_value("cdc_invalidator_keys_swept_total") == len(orders)
+        settle(own_env, r)
+        assert acknowledged_past_truncate(own_env, before)
+        assert sweeper.pending == 0
+
+
+@pytest.mark.usefixtures("capture")
+@pytest.mark.parametrize("stop", ["SIGKILL", "SIGTERM"])
+def test_a_sweep_cut_short_is_not_acknowledged_and_comes_again(
+    own_env: Env, spawn: Spawn, stop: str
+) -> None:
+    config = setup_tables(own_env)
+    r = own_env.redis()
+    fill(r)
+    first: ListenerProcess = spawn(config)
+    settle(own_env, r)
+    r.set("user:1", "cached")
+    events = 0 if own_env.logical else saved_events(own_env)
+    before = truncate_then_update(own_env)
+    wait_until(lambda: r.exists("user:1") == 0, what="the UPDATE's key deleted")
+    saved_since(own_env, events)
+    if stop == "SIGKILL":
+        first.kill()  # mid-sweep, nothing saved on the way out
+    else:
+        # A clean stop gives the sweep up and saves progress: the position before it.
+        assert stop_listener(first)["sweeps"] == 0
+        assert first.logged("sweep_given_up")
+    assert not first.logged("sweep_completed"), "the stop was meant to land mid-sweep"
+    if own_env.logical:
+        wait_until(
+            lambda: own_env.scalar(
+                "SELECT active_pid IS NULL FROM pg_replication_slots WHERE slot_name = %s",
+                [SLOT],
+            ),
+            what="the slot released",
+        )
+    # The UPDATE after it was deleted, but nothing from the TRUNCATE on acknowledged.
+    assert not acknowledged_past_truncate(own_env, before)
+
+    r.set("order:1", "cached again")  # the next listener's sweep must take it
+    second: ListenerProcess = spawn(config)
+    wait_until(lambda: r.exists("order:1") == 0, timeout_s=60, what="the TRUNCATE swept again")
+    wait_until(lambda: second.logged("sweep_completed"), what="the sweep's completion")
+    settle(own_env, r)
+    assert acknowledged_past_truncate(own_env, before)
+    assert stop_listener(second)["sweeps"] == 1
+
+
+@pytest.fixture
+def cluster_env(
+    servers: Servers, own_cluster: RedisClusterServer, tmp_path: Path, capture: str
+) -> Iterator[Env]:
+    for node in own_cluster.nodes:
+        client = node.client()
+        client.flushall()
+        client.close()
+    on_cluster = Servers(servers.pg_dsn, own_cluster.url, servers.pg, own_cluster.nodes[0])
+    yield from make_env(on_cluster, tmp_path, capture=capture)
+
+
+def test_on_a_cluster_a_change_during_a_sweep_is_invalidated_at_once(
+    cluster_env: Env, own_cluster: RedisClusterServer
+) -> None:
+    env = cluster_env
+    config = setup_tables(env)
+    rc = RedisCluster.from_url(own_cluster.url, decode_responses=True)
+    try:
+        orders = fill(rc)
+        with listening(config) as listener:
+            sweeper = listener.runner.sweeper
+            settle_cluster(env, rc)
+            rc.set("user:1", "cached")
+            events = 0 if env.logical else saved_events(env)
+            before = truncate_then_update(env)
+            wait_until(lambda: rc.exists("user:1") == 0, what="the UPDATE's key deleted")
+            saved_since(env, events)
+            acknowledged = acknowledged_past_truncate(env, before)
+            assert sweeper.completed == 0, "the sweep was meant to be running still"
+            assert not acknowledged
+
+            wait_until(lambda: sweeper.completed == 1, timeout_s=60, what="the sweep done")
+            assert rc.exists(*orders) == 0
+            assert sum(node.client().dbsize() for node in own_cluster.nodes) == UNRELATED
+            settle_cluster(env, rc)
+            assert acknowledged_past_truncate(env, before)
+    finally:
+        rc.close()
+
+
+def settle_cluster(env: Env, rc: RedisCluster) -> None:
+    """settle() through the cluster (sync points are plain keys)."""
+    settle(env, cast(redis.Redis, rc))
+
+
+@pytest.mark.usefixtures("capture")
+@pytest.mark.parametrize("capture", ["logical"], ids=["logical"])
+def test_a_change_during_the_sweep_after_missed_changes_is_invalidated_at_once(
+    own_env: Env,
+) -> None:
+    config = setup_tables(own_env)
+    own_env.sql("UPDATE cdc_invalidator.slot_state_v1 SET resync_reason = 'owed: a test said so'")
+    r = own_env.redis()
+    orders = fill(r)
+    r.set("user:1", "cached")
+    with listening(config) as listener:
+        sweeper = listener.runner.sweeper
+        wait_until(lambda: sweeper.pending == 1, what="the owed sweep handed to the sweeper")
+        own_env.sql("UPDATE users SET name = 'b' WHERE id = 1")
+        wait_until(lambda: r.exists("user:1") == 0, what="the UPDATE's key deleted")
+        owed = own_env.scalar("SELECT resync_reason FROM cdc_invalidator.slot_state_v1")
+        assert sweeper.completed == 0, "the sweep was meant to be running still"
+        assert owed == "owed: a test said so", "owed until the sweep is done"
+
+        wait_until(lambda: sweeper.completed == 1, timeout_s=60, what="the sweep done")
+        assert r.exists(*orders) == 0
+        wait_until(
+            lambda: (
+                own_env.scalar("SELECT resync_reason FROM cdc_invalidator.slot_state_v1") is None
+            ),
+            what="the sweep no longer owed",
+        )
+        settle(own_env, r)
+
+
+def test_a_sweep_is_done_again_as_its_second_delete(env: Env) -> None:
+    env.sql("CREATE TABLE orders (id int PRIMARY KEY, customer_id int)")
+    # A second delete due 5 s after the TRUNCATE was visible: the first sweep (a few
+    # keys) is long done by then, and a stale SET lands in between.
+    config = install(env, ORDERS, second_delete_ms=5000)
+    r = env.redis()
+    r.set("order:1", "cached")
+    with listening(config) as listener:
+        sweeper = listener.runner.sweeper
+        settle(env, r)
+        env.sql("TRUNCATE orders")
+        wait_until(lambda: sweeper.completed == 1, what="the first sweep")
+        assert r.exists("order:1") == 0
+        assert sweeper.pending == 0, "acknowledged: the second sweep holds nothing"
+        r.set("order:1", "stale, from a reader that read before the TRUNCATE")
+        wait_until(lambda: sweeper.completed == 2, what="the second sweep")
+        assert r.exists("order:1") == 0
+        assert sweeper.keys_swept_again == 1
+
+
+@pytest.mark.usefixtures("capture")
+def test_a_failing_sweep_is_retried_and_holds_its_acknowledgement(own_env: Env) -> None:
+    config = setup_tables(own_env)
+    r = own_env.redis()
+    r.set("order:1", "cached")
+    with listening(config) as listener:
+        sweeper = listener.runner.sweeper
+        settle(own_env, r)
+        # SCAN refused (NOPERM, as from an ACL being fixed): sweeps fail, UNLINK works.
+        r.execute_command("ACL", "SETUSER", "default", "-scan")
+        try:
+            r.set("user:1", "cached")
+            events = 0 if own_env.logical else saved_events(own_env)
+            before = truncate_then_update(own_env)
+            wait_until(lambda: r.exists("user:1") == 0, what="the UPDATE's key deleted")
+            wait_until(lambda: sweeper.failures >= 2, what="the sweep tried again")
+            saved_since(own_env, events)
+            assert r.exists("order:1") == 1
+            assert sweeper.pending == 1
+            assert not acknowledged_past_truncate(own_env, before)
+        finally:
+            r.execute_command("ACL", "SETUSER", "default", "+scan")
+        wait_until(lambda: sweeper.completed == 1, what="the sweep done once SCAN works")
+        assert r.exists("order:1") == 0
+        settle(own_env, r)
+        assert acknowledged_past_truncate(own_env, before)
+
+
+@pytest.mark.usefixtures("capture")
+def test_sweeps_waiting_behind_one_are_swept_together(own_env: Env) -> None:
+    config = setup_tables(own_env)
+    r = own_env.redis()
+    fill(r)
+    with listening(config) as listener:
+        sweeper = listener.runner.sweeper
+        settle(own_env, r)
+        own_env.sql("TRUNCATE orders")
+        wait_until(lambda: sweeper.pending == 1, what="the first sweep handed over")
+        # Two more, each in a batch of its own (handed over one by one), while it runs.
+        own_env.sql("TRUNCATE users")
+        wait_until(lambda: sweeper.pending == 2, what="the second sweep handed over")
+        r.set("order:1", "cached again")
+        own_env.sql("TRUNCATE orders")
+        wait_until(lambda: sweeper.pending == 3, what="the third sweep handed over")
+        assert sweeper.completed == 0, "the first sweep was meant to be running still"
+
+        wait_until(lambda: sweeper.pending == 0, timeout_s=60, what="every sweep done")
+        assert sweeper.completed == 2, "the two that waited were swept in one pass"
+        assert r.exists("order:1") == 0
+        settle(own_env, r)
