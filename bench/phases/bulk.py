@@ -1,9 +1,10 @@
 """Phase 8, bulk changes: what one statement over many rows costs its writer, and how
 long its keys stay cached after its COMMIT, in each capture mode.
 
-- one statement: `UPDATE bulk_users SET n = n + 1` over every row (1M; --quick 100k),
-  against the same statement on its unwatched twin (bulk_plain), in interleaved rounds;
-- a backfill: the same rows changed by statements of BACKFILL_STEP rows, each its own
+- one statement over every row (1M; --quick 100k) of each kind, against the same
+  statement on its unwatched twin (bulk_plain), in interleaved rounds: `UPDATE ... SET
+  n = n + 1`, `DELETE`, and the `INSERT ... SELECT` that puts the rows back;
+- a backfill: every row UPDATEd by statements of BACKFILL_STEP rows, each its own
   transaction, one after the other.
 
 The listener runs throughout, with default settings (so the unwatched statement pays for
@@ -29,7 +30,15 @@ from procs import wait_for, wait_idle
 from report import Row
 
 BACKFILL_STEP = 10_000
-ROUNDS = 2  # of the one statement, each kind in both orders
+ROUNDS = 2  # of the one statements, each in both orders
+# Each kind's statement over the ids [lo, hi]: a round runs them in this order, so the
+# INSERT puts back what the DELETE took (the rows as the table was loaded).
+STATEMENTS = {
+    "UPDATE": "UPDATE {} SET n = n + 1 WHERE id BETWEEN %(lo)s AND %(hi)s",
+    "DELETE": "DELETE FROM {} WHERE id BETWEEN %(lo)s AND %(hi)s",
+    "INSERT ... SELECT": "INSERT INTO {} (id, email) SELECT g, 'u' || g || '@example.com' "
+    "FROM generate_series(%(lo)s::int, %(hi)s::int) g",
+}
 # Targets (issue 17): a bulk statement costs its writer at most 1.3x unwatched in trigger
 # mode; in both modes every key is gone within 5 s of COMMIT, memory bounded.
 WRITER_TARGET = 1.3
@@ -46,7 +55,7 @@ class Run:
 
 @dataclass
 class Bulk:
-    kind: str  # "one statement" or "backfill"
+    kind: str  # the statement, and whether one or a backfill
     rows: int
     statements: int
     plain: list[Run]
@@ -67,8 +76,7 @@ class Bulk:
 
 @dataclass
 class BulkPhase:
-    statement: Bulk
-    backfill: Bulk
+    statements: list[Bulk]  # one statement of each kind, then the backfill
     peak_rss_mb: float
 
 
@@ -80,17 +88,15 @@ def wal_position(target: Target) -> int:
     return int(row[0])
 
 
-def update(target: Target, table: str, rows: int, step: int) -> tuple[float, int, float]:
-    """Every row of `table` changed by statements of `step` rows (autocommit: each its
-    own transaction): the writer's seconds, the WAL written, and when the last COMMIT
-    returned (time.monotonic())."""
-    query = sql.SQL("UPDATE {} SET n = n + 1 WHERE id BETWEEN %s AND %s").format(
-        sql.Identifier(table)
-    )
+def write(target: Target, kind: str, table: str, rows: int, step: int) -> tuple[float, int, float]:
+    """Every row of `table` written by `kind`'s statements of `step` rows (autocommit:
+    each its own transaction): the writer's seconds, the WAL written, and when the last
+    COMMIT returned (time.monotonic())."""
+    query = sql.SQL(STATEMENTS[kind]).format(sql.Identifier(table))
     wal = wal_position(target)
     started = time.monotonic()
     for lo in range(1, rows + 1, step):
-        target.admin.execute(query, (lo, min(rows, lo + step - 1)))
+        target.admin.execute(query, {"lo": lo, "hi": min(rows, lo + step - 1)})
     committed = time.monotonic()
     return committed - started, wal_position(target) - wal, committed
 
@@ -103,7 +109,7 @@ class Rig:
     listener: Listener
     target: Target
 
-    def run(self, *, watched: bool, rows: int, step: int) -> Run:
+    def run(self, kind: str, *, watched: bool, rows: int, step: int) -> Run:
         bench, target = self.bench, self.target
         table = BULK_WATCHED if watched else BULK_PLAIN
         bench.quiesce(target, table)
@@ -111,9 +117,9 @@ class Rig:
         if watched:
             bench.redis.flushall()
             bench.set_keys(range(1, rows + 1))
-        writer_s, wal, committed = update(target, table, rows, step)
+        writer_s, wal, committed = write(target, kind, table, rows, step)
         print(
-            f"  [{target.mode}] {rows:,} rows in {-(-rows // step)} statement(s), "
+            f"  [{target.mode}] {kind} of {rows:,} rows in {-(-rows // step)} statement(s), "
             f"{'watched' if watched else 'unwatched'}: {writer_s:.2f} s",
             flush=True,
         )
@@ -133,32 +139,39 @@ def measure_bulk(bench: Bench, rows: int, target: Target) -> BulkPhase:
     try:
         listener.wait_started()
         rig = Rig(bench, listener, target)
-        plain: list[Run] = []
-        watched: list[Run] = []
+        runs: dict[tuple[str, bool], list[Run]] = {}
         for round_no in range(ROUNDS):
-            for is_watched in (False, True) if round_no % 2 == 0 else (True, False):
-                run = rig.run(watched=is_watched, rows=rows, step=rows)
-                (watched if is_watched else plain).append(run)
-        statement = Bulk("one statement", rows, 1, plain, watched)
-        backfill = Bulk(
-            f"backfill, {BACKFILL_STEP:,}-row statements",
-            rows,
-            -(-rows // BACKFILL_STEP),
-            [rig.run(watched=False, rows=rows, step=BACKFILL_STEP)],
-            [rig.run(watched=True, rows=rows, step=BACKFILL_STEP)],
+            order = (False, True) if round_no % 2 == 0 else (True, False)
+            for watched in order:  # each kind after the one before, on the same table
+                for kind in STATEMENTS:
+                    run = rig.run(kind, watched=watched, rows=rows, step=rows)
+                    runs.setdefault((kind, watched), []).append(run)
+        statements = [
+            Bulk(f"{kind}, one statement", rows, 1, runs[kind, False], runs[kind, True])
+            for kind in STATEMENTS
+        ]
+        steps = -(-rows // BACKFILL_STEP)
+        statements.append(
+            Bulk(
+                f"UPDATE, backfill of {steps} statements of {BACKFILL_STEP:,}",
+                rows,
+                steps,
+                [rig.run("UPDATE", watched=False, rows=rows, step=BACKFILL_STEP)],
+                [rig.run("UPDATE", watched=True, rows=rows, step=BACKFILL_STEP)],
+            )
         )
         rss = listener.peak_rss_mb()
     finally:
         listener.stop()
         bench.redis.flushall()
-    return BulkPhase(statement, backfill, rss)
+    return BulkPhase(statements, rss)
 
 
 def bulk_rows(mode: str, phase: BulkPhase) -> list[Row]:
     """The phase's rows (without the mode prefix)."""
     rows: list[Row] = []
-    for bulk in (phase.statement, phase.backfill):
-        name = f"bulk UPDATE of {bulk.rows:,} rows, {bulk.kind}"
+    for bulk in phase.statements:
+        name = f"bulk {bulk.kind}, {bulk.rows:,} rows"
         ratio = bulk.watched_s / bulk.plain_s
         writer_target = WRITER_TARGET if mode == "trigger" else None
         wal_watched = statistics.median(r.wal_bytes for r in bulk.watched)
