@@ -35,7 +35,16 @@ from django.core.cache.backends.redis import RedisCache, RedisCacheClient
 from django.core.exceptions import ImproperlyConfigured
 from redis.commands.core import Script
 
-from cdc_invalidator.lease import MARKER_PREFIX, Busy, Hit, Lease, LeaseCache, Lookup, is_marker
+from cdc_invalidator.lease import (
+    MARKER_PREFIX,
+    SET_VALUE_LUA,
+    Busy,
+    Hit,
+    Lease,
+    LeaseCache,
+    Lookup,
+    is_marker,
+)
 
 # OPTIONS of ours, taken out before the rest go to redis-py's connection pool.
 LEASE_MS, LEASE_WAIT_MS = "lease_ms", "lease_wait_ms"
@@ -45,16 +54,12 @@ HELD_MAX = 10_000
 
 # add(): SET unless the key holds a value (a lease's marker is no value). KEYS[1] key;
 # ARGV: the marker prefix, the value, the TTL in ms (0: none). Replies 1 if written.
-_ADD = """
+_ADD = (
+    """
 local v = redis.call('GET', KEYS[1])
-if v and string.sub(v, 1, #ARGV[1]) ~= ARGV[1] then return 0 end
-if ARGV[3] == '0' then
-  redis.call('SET', KEYS[1], ARGV[2])
-else
-  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-end
-return 1
-"""
+if v and string.sub(v, 1, #ARGV[1]) ~= ARGV[1] then return 0 end"""
+    + SET_VALUE_LUA
+)
 
 # incr(): INCRBY a key that holds a value; nil for a missing key or a lease.
 _INCR = """

@@ -51,11 +51,9 @@ if string.sub(v, 1, #ARGV[1]) == ARGV[1] then return {2} end
 return {0, v}
 """
 
-# The fill: the value replaces our marker only while the key still holds it (a SET
-# without PX drops the lease's expiry). KEYS[1] key; ARGV: our marker, the value, the
-# TTL in ms (0: none). Replies 1 if written, 0 if refused.
-_FILL = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+# The end of a script that writes a value once its condition held: ARGV[2] the value,
+# ARGV[3] the TTL in ms (0: none; a SET without PX drops a lease's expiry). Replies 1.
+SET_VALUE_LUA = """
 if ARGV[3] == '0' then
   redis.call('SET', KEYS[1], ARGV[2])
 else
@@ -63,6 +61,15 @@ else
 end
 return 1
 """
+
+# The fill: the value replaces our marker only while the key still holds it. KEYS[1]
+# key; ARGV: our marker, the value, the TTL in ms (0: none). Replies 1 if written, 0 if
+# refused.
+_FILL = (
+    """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end"""
+    + SET_VALUE_LUA
+)
 
 # Give a lease back unfilled (the loader failed): delete the key if it holds our marker.
 _RELEASE = """
