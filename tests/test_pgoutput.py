@@ -922,3 +922,68 @@ def test_what_the_compiled_walk_does_not_take_fails_as_before(msg: bytes, error:
     for decoder in hand_decoders(["id", "body"]):
         with pytest.raises(kind, match=error):
             decoder.decode(msg)
+
+
+def streamed_layout(msg: bytes, xid: int) -> bytes:
+    """A protocol-1 change as a stream block carries it: its xid after the type byte."""
+    return msg[:1] + struct.pack("!I", xid) + msg[1:]
+
+
+@pytest.mark.parametrize("name", CHANGE_SCENARIOS)
+@pytest.mark.parametrize("compiled", [True, False])
+def test_a_streamed_change_decodes_in_place_as_unwrapped(name: str, compiled: bool) -> None:
+    in_place, unwrapped = (Decoder(by_name(SAFE), compiled=compiled) for _ in range(2))
+    for n, msg in enumerate(SCENARIOS[name]):
+        if msg[:1] not in (b"I", b"U", b"D", b"R"):
+            continue  # (Begin and Commit are never inside a block)
+        streamed = streamed_layout(msg, 700 + n)
+        got = decode_all_streamed(in_place, [streamed])
+        xid, body = unwrap_streamed(streamed)
+        assert xid == 700 + n
+        assert got == [(xid, r) for r in decode_all(unwrapped, [body])]
+
+
+def decode_all_streamed(decoder: Decoder, msgs: list[bytes]) -> list[object]:
+    out: list[object] = []
+    for msg in msgs:
+        try:
+            out.append(decoder.decode_streamed(msg))
+        except InvalidEvent as exc:
+            out.append(
+                (unwrap_streamed(msg)[0], (type(exc), str(exc), getattr(exc, "event", None)))
+            )
+    return out
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [
+        hand_change(b"I", (b"N", tuple_data(b"Ann", b"7", b"x")))[:-1],
+        hand_change(b"U", (b"O", tuple_data(b"Ann", b"7", b"x"))),
+        hand_change(b"D", (b"N", tuple_data(b"Ann", b"7", b"x"))),
+        hand_change(b"U", (b"X", tuple_data(b"Ann", b"7", b"x"))),
+        b"U\x00\x00",
+    ],
+    ids=["cut-short", "update-no-new", "delete-no-old", "update-bad-tag", "no-relid"],
+)
+def test_a_malformed_streamed_change_fails_as_unwrapped(msg: bytes) -> None:
+    """The same ProtocolError, naming the same fault, in place as unwrapped."""
+    streamed = streamed_layout(msg, 700)
+    decoders = [Decoder(by_name(columns({HAND: ["id"]}))) for _ in range(2)]
+    for decoder in decoders:
+        decoder.decode(hand_relation())
+    with pytest.raises(ProtocolError) as in_place:
+        decoders[0].decode_streamed(streamed)
+    body = unwrap_streamed(streamed)[1]
+    with pytest.raises(ProtocolError) as unwrapped:
+        decoders[1].decode(body)
+    errors = [str(in_place.value), str(unwrapped.value)]
+    assert errors[0] == errors[1]
+    assert errors[0].startswith("malformed ")
+
+
+def test_a_streamed_change_of_an_undescribed_relation_is_invalid() -> None:
+    decoder = Decoder(by_name(all_columns))
+    msg = streamed_layout(hand_change(b"I", (b"N", tuple_data(b"Ann", b"7", b"x"))), 700)
+    with pytest.raises(InvalidEvent, match=f"relation {HAND_RELID}, which was never described"):
+        decoder.decode_streamed(msg)

@@ -326,17 +326,21 @@ class Decoder:
         }
         return ChangeEvent(relation.table, Op.TRUNCATE, None, reason, self.position)
 
-    def _insert(self, msg: bytes) -> ChangeEvent:
-        relation = self._relations.get(_I32.unpack_from(msg, 1)[0]) or self._relation_of(msg)
-        fast = relation.fast  # (None for a relation that lost key columns)
-        if fast is not None and msg[5] == 0x4E:  # 'N'
+    def _insert(self, msg: bytes, o: int = 0) -> ChangeEvent:
+        # `o`: 4 for a message inside a stream block (its xid after the type byte)
+        relation = self._relations.get(_I32.unpack_from(msg, 1 + o)[0])
+        # (fast is None for a relation that lost key columns)
+        if relation is not None and (fast := relation.fast) is not None and msg[5 + o] == 0x4E:
             try:
-                got = fast(msg, 6)
+                got = fast(msg, 6 + o)  # 'N'
             except _FAST_MISSES:
                 got = None
             if got is not None and got[1] == len(msg):
                 self.position += 1
                 return ChangeEvent(relation.table, _INSERT, None, got[0], self.position)
+        if o:
+            msg = msg[:1] + msg[5:]  # protocol 1's layout, for the general walk
+        relation = self._relation_of(msg)
         if relation.missing:
             return self._unrenderable(relation)
         if msg[5] != 0x4E:  # 'N'
@@ -350,28 +354,34 @@ class Decoder:
         self.position += 1
         return ChangeEvent(relation.table, Op.INSERT, None, new, self.position)
 
-    def _update(self, msg: bytes) -> ChangeEvent | None:
+    def _update(self, msg: bytes, o: int = 0) -> ChangeEvent | None:  # noqa: PLR0912 - inlined
         # (the hot path of a bulk UPDATE: helpers inlined where they were calls per row)
-        relation = self._relations.get(_I32.unpack_from(msg, 1)[0]) or self._relation_of(msg)
-        if relation.missing:
-            return self._unrenderable(relation)
-        judged = relation.judged_at
-        if judged is not None and msg[5] == 0x4F and _unchanged(msg, judged):  # 'O'
-            return None  # judged first: a skipped UPDATE is walked once, not decoded
+        # `o`: 4 for a message inside a stream block (its xid after the type byte)
+        relation = self._relations.get(_I32.unpack_from(msg, 1 + o)[0])
+        if relation is None or relation.missing or relation.judged_at is not None:
+            if o:
+                msg = msg[:1] + msg[5:]  # protocol 1's layout, for the general walk
+                o = 0
+            relation = relation or self._relation_of(msg)
+            if relation.missing:
+                return self._unrenderable(relation)
+            judged = relation.judged_at
+            if judged is not None and msg[5] == 0x4F and _unchanged(msg, judged):  # 'O'
+                return None  # judged first: a skipped UPDATE is walked once, not decoded
         fast = relation.fast
         if fast is not None:
             # The compiled walk; what it does not handle goes on to the general one. An
             # old tuple it takes is 'O' (FULL) or a 'K' holding every wanted column.
             old: dict[str, str | None] | None = None
             try:
-                tag = msg[5]
+                tag = msg[5 + o]
                 got = None
                 if tag == 0x4F or (tag == 0x4B and not relation.not_in_key):
-                    if (got := fast(msg, 6)) is not None:
+                    if (got := fast(msg, 6 + o)) is not None:
                         old, pos = got
                         got = fast(msg, pos + 1) if msg[pos] == 0x4E else None
                 elif tag == 0x4E:
-                    got = fast(msg, 6)
+                    got = fast(msg, 6 + o)
             except _FAST_MISSES:
                 got = None
             if got is not None and got[1] == len(msg):
@@ -384,7 +394,7 @@ class Decoder:
                     old = new  # one row for both, which the mapper renders once
                 self.position += 1
                 return ChangeEvent(relation.table, _UPDATE, old, new, self.position)
-        return self._update_general(relation, msg)
+        return self._update_general(relation, msg[:1] + msg[5:] if o else msg)
 
     def _update_general(self, relation: Relation, msg: bytes) -> ChangeEvent:
         """An UPDATE the compiled walk did not take: every case, and every error."""
@@ -424,17 +434,25 @@ class Decoder:
         self.position += 1
         return ChangeEvent(relation.table, Op.UPDATE, old, new, self.position)
 
-    def _delete(self, msg: bytes) -> ChangeEvent:
-        relation = self._relations.get(_I32.unpack_from(msg, 1)[0]) or self._relation_of(msg)
-        fast = relation.fast
-        if fast is not None and (msg[5] == 0x4F or (msg[5] == 0x4B and not relation.not_in_key)):
+    def _delete(self, msg: bytes, o: int = 0) -> ChangeEvent:
+        # `o`: 4 for a message inside a stream block (its xid after the type byte)
+        relation = self._relations.get(_I32.unpack_from(msg, 1 + o)[0])
+        tag = msg[5 + o]
+        if (
+            relation is not None
+            and (fast := relation.fast) is not None
+            and (tag == 0x4F or (tag == 0x4B and not relation.not_in_key))
+        ):
             try:
-                got = fast(msg, 6)
+                got = fast(msg, 6 + o)
             except _FAST_MISSES:
                 got = None
             if got is not None and got[1] == len(msg):
                 self.position += 1
                 return ChangeEvent(relation.table, _DELETE, got[0], None, self.position)
+        if o:
+            msg = msg[:1] + msg[5:]  # protocol 1's layout, for the general walk
+        relation = self._relation_of(msg)
         if relation.missing:
             return self._unrenderable(relation)
         tag = msg[5]
@@ -480,6 +498,26 @@ class Decoder:
         if missing and (relation.relid, missing) not in self._warned:
             self._warned.add((relation.relid, missing))
             self._on_missing_old(relation, list(missing))
+
+    def decode_streamed(
+        self, msg: bytes
+    ) -> tuple[int, Begin | Commit | ChangeEvent | list[ChangeEvent] | Stream | None]:
+        """A message inside a stream block: the xid it carries (see unwrap_streamed) and
+        what decode() makes of it unwrapped. A change is decoded in place, not copied
+        without its xid first (a bulk statement is a million of them)."""
+        kind = msg[0] if msg else 0
+        if kind in (0x55, 0x49, 0x44) and len(msg) >= 9:  # 'U', 'I', 'D'
+            (xid,) = _I32.unpack_from(msg, 1)
+            try:
+                if kind == 0x55:
+                    return xid, self._update(msg, 4)
+                if kind == 0x49:
+                    return xid, self._insert(msg, 4)
+                return xid, self._delete(msg, 4)
+            except (struct.error, IndexError, ValueError) as exc:
+                raise ProtocolError(f"malformed {chr(kind)!r} message: {exc}") from None
+        xid, body = unwrap_streamed(msg)
+        return xid, self.decode(body)
 
 
 def unwrap_streamed(msg: bytes) -> tuple[int, bytes]:
