@@ -46,6 +46,8 @@ def encode_history(
     `transactions`: (first position, xid, commit LSN, commit time) of each transaction
     the events belong to, in position order: the first event of each carries the other
     three, and the events after it belong to it too (one small list per transaction)."""
+    if not transactions:  # (a streamed transaction's chunk: one comprehension)
+        return _dumps([[e.table.schema, e.table.name, e.op, e.old, e.new] for e in events])
     items: list[list[object]] = []
     starts = iter(transactions)
     upcoming = next(starts, None)
