@@ -9,6 +9,7 @@ import pytest
 
 from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, TableName
 from cdc_invalidator.mapping import Invalidation, KeyTemplate, Mapper, TemplateError
+from cdc_invalidator.mapping.mapper import Routed, merge
 
 USERS = TableName("public", "users")
 
@@ -424,3 +425,16 @@ def test_render_all_of_a_bad_row_raises_what_render_raises(
     rows = [{"id": "1"}, bad, {"id": "2"}]
     with pytest.raises(InvalidEvent, match=error):
         template.render_all(rows)  # type: ignore[arg-type]
+
+
+def test_merge_carries_keys_patterns_and_the_unrenderable_tables() -> None:
+    """A streamed transaction's keys reach the runner through merge(): its tables swept
+    for want of key columns must too, to be counted and logged."""
+    orders = TableName("public", "orders")
+    into: Routed = {None: Invalidation({"a"}, {"p:*"})}
+    merge(into, {None: Invalidation({"b"}, {"q:*"}, {USERS: "gone"}), 2: Invalidation({"c"})})
+    merge(into, {None: Invalidation(unrenderable={orders: "dropped"})})
+    assert into[None] == Invalidation(
+        {"a", "b"}, {"p:*", "q:*"}, {USERS: "gone", orders: "dropped"}
+    )
+    assert into[2] == Invalidation({"c"})

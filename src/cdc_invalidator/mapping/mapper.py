@@ -32,6 +32,9 @@ def merge(into: Routed, other: Routed) -> None:
         target = into.setdefault(db, Invalidation())
         target.keys.update(work.keys)
         target.patterns.update(work.patterns)
+        # (a streamed transaction's unrenderable tables reach the runner this way: it
+        # counts and logs their sweeps as it does a batch's own)
+        target.unrenderable.update(work.unrenderable)
 
 
 class Mapper:
