@@ -9,6 +9,7 @@ import pytest
 
 from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, TableName
 from cdc_invalidator.mapping import Invalidation, KeyTemplate, Mapper, TemplateError
+from cdc_invalidator.mapping.mapper import Routed, merge
 
 USERS = TableName("public", "users")
 
@@ -262,7 +263,8 @@ def test_qualified_quotes_only_when_needed() -> None:
     assert TableName("App", "x").qualified == '"App".x'
 
 
-def test_add_all_matches_add_event_by_event() -> None:
+@pytest.mark.parametrize("reverse", [False, True])
+def test_add_all_matches_add_event_by_event(reverse: bool) -> None:
     mapper = Mapper(
         {
             USERS: [KeyTemplate.parse("user:{id}"), KeyTemplate.parse("user:email:{email}")],
@@ -282,6 +284,8 @@ def test_add_all_matches_add_event_by_event() -> None:
         _event(Op.INSERT, None, {"a": "x", "b": "y"}, table=TableName("public", "pairs")),
         _event(Op.INSERT, None, {"id": "6"}, table=TableName("public", "ghost")),
     ]
+    if reverse:  # (failures in a table's rows before and after those of other events)
+        events.reverse()
     expected = Invalidation()
     expected_failures = []
     for event in events:
@@ -390,3 +394,47 @@ def test_a_bad_filter_is_a_template_error_naming_the_template(source: str, messa
         KeyTemplate.parse(source)
     with pytest.raises(TemplateError, match="known: lower, upper, trim, md5, sha1, sha256"):
         KeyTemplate.parse("u:{x|nope}")
+
+
+@pytest.mark.parametrize("source", ["user:{id}", "{id}", "u:{id}:x", "u:{id|lower}", "p:{a}:{id}"])
+def test_render_all_gives_what_render_gives_row_by_row(source: str) -> None:
+    template = KeyTemplate.parse(source)
+    rows: list[dict[str, str | None]] = [
+        {"id": "1", "a": "A"},
+        {"id": None, "a": "A"},
+        {"id": "É:*", "a": None},
+        {"id": "", "a": ""},
+    ]
+    expected = [k for row in rows if (k := template.render(row)) is not None]
+    assert template.render_all(rows) == expected
+    assert template.render_all([]) == []
+
+
+@pytest.mark.parametrize(
+    ("bad", "error"),
+    [
+        ({"other": "1"}, "lacks column 'id'"),
+        ({"id": 5}, "column 'id' holds int 5, expected text"),
+    ],
+)
+@pytest.mark.parametrize("source", ["user:{id}", "user:{id|lower}"])
+def test_render_all_of_a_bad_row_raises_what_render_raises(
+    source: str, bad: dict[str, object], error: str
+) -> None:
+    template = KeyTemplate.parse(source)
+    rows = [{"id": "1"}, bad, {"id": "2"}]
+    with pytest.raises(InvalidEvent, match=error):
+        template.render_all(rows)  # type: ignore[arg-type]
+
+
+def test_merge_carries_keys_patterns_and_the_unrenderable_tables() -> None:
+    """A streamed transaction's keys reach the runner through merge(): its tables swept
+    for want of key columns must too, to be counted and logged."""
+    orders = TableName("public", "orders")
+    into: Routed = {None: Invalidation({"a"}, {"p:*"})}
+    merge(into, {None: Invalidation({"b"}, {"q:*"}, {USERS: "gone"}), 2: Invalidation({"c"})})
+    merge(into, {None: Invalidation(unrenderable={orders: "dropped"})})
+    assert into[None] == Invalidation(
+        {"a", "b"}, {"p:*", "q:*"}, {USERS: "gone", orders: "dropped"}
+    )
+    assert into[2] == Invalidation({"c"})

@@ -742,3 +742,248 @@ def test_a_streamed_change_carries_its_subtransaction_xid_after_its_type() -> No
     assert unwrap_streamed(origin) == (0, origin)
     with pytest.raises(ProtocolError, match="without an xid"):
         unwrap_streamed(b"I\0\0")
+
+
+# --- the compiled tuple walk ----------------------------------------------------------------
+
+CHANGE_SCENARIOS = sorted(
+    name for name, msgs in SCENARIOS.items() if any(m[:1] in (b"I", b"U", b"D") for m in msgs)
+)
+
+
+def decode_all(decoder: Decoder, msgs: list[bytes]) -> list[object]:
+    """Each message's result, or the error it raised (type and text)."""
+    out: list[object] = []
+    for msg in msgs:
+        try:
+            out.append(decoder.decode(msg))
+        except InvalidEvent as exc:
+            out.append((type(exc), str(exc), getattr(exc, "event", None)))
+    return out
+
+
+@pytest.mark.parametrize("name", CHANGE_SCENARIOS)
+@pytest.mark.parametrize("wanted", ["all", "first", "last"])
+def test_the_compiled_walk_decodes_every_recorded_change_as_the_general_walk(
+    name: str, wanted: str
+) -> None:
+    def columns_for(_table: TableName) -> Sequence[str] | None:
+        return None  # every column
+
+    def pick(table: TableName, cols: tuple[str, ...]) -> Sequence[str]:
+        return {"all": cols, "first": cols[:1], "last": cols[-1:]}[wanted]
+
+    def resolve(relid: int, table: TableName, cols: tuple[str, ...]) -> Resolved:
+        chosen = tuple(pick(table, cols))
+        return Resolved(table, chosen, {c: c for c in chosen})
+
+    msgs = SCENARIOS[name]
+    compiled, general = Decoder(resolve), Decoder(resolve, compiled=False)
+    assert decode_all(compiled, msgs) == decode_all(general, msgs)
+    assert compiled.position == general.position
+
+
+# A table whose key column is not its first: (name text, id int, body text), with
+# REPLICA IDENTITY FULL ('f'), every column flagged as part of it.
+HAND_RELID = 40001
+HAND = TableName("public", "hand")
+
+
+def hand_relation(identity: bytes = b"f") -> bytes:
+    cols = b"".join(
+        b"\x01" + name + b"\x00" + struct.pack("!Ii", oid, -1)
+        for name, oid in ((b"name", 25), (b"id", 23), (b"body", 25))
+    )
+    return (
+        b"R" + struct.pack("!I", HAND_RELID) + b"public\x00hand\x00" + identity + b"\x00\x03" + cols
+    )
+
+
+def tuple_data(*values: bytes | str | None) -> bytes:
+    """TupleData: bytes as text, None as NULL, "u" as an unchanged TOASTed value."""
+    out = struct.pack("!H", len(values))
+    for v in values:
+        out += b"n" if v is None else b"u" if v == "u" else text_field(v)  # type: ignore[arg-type]
+    return out
+
+
+def hand_change(kind: bytes, *tuples: tuple[bytes, bytes]) -> bytes:
+    return kind + struct.pack("!I", HAND_RELID) + b"".join(tag + data for tag, data in tuples)
+
+
+def hand_decoders(wanted: list[str]) -> list[Decoder]:
+    out = []
+    for compiled in (True, False):
+        decoder = Decoder(by_name(columns({HAND: wanted})), compiled=compiled)
+        decoder.decode(hand_relation())
+        out.append(decoder)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("msg", "wanted", "expected"),
+    [
+        pytest.param(
+            hand_change(b"I", (b"N", tuple_data(b"Ann", b"7", b"x"))),
+            ["id"],
+            ChangeEvent(HAND, Op.INSERT, None, {"id": "7"}, 1),
+            id="insert-key-not-first",
+        ),
+        pytest.param(
+            hand_change(b"I", (b"N", tuple_data(None, b"7", None))),
+            ["id", "name"],
+            ChangeEvent(HAND, Op.INSERT, None, {"name": None, "id": "7"}, 1),
+            id="insert-null",
+        ),
+        pytest.param(
+            hand_change(
+                b"U", (b"O", tuple_data(b"Ann", b"7", b"x")), (b"N", tuple_data(b"Bo", b"7", "u"))
+            ),
+            ["id", "name"],
+            ChangeEvent(HAND, Op.UPDATE, {"name": "Ann", "id": "7"}, {"name": "Bo", "id": "7"}, 1),
+            id="update-unwanted-toast-unchanged",
+        ),
+        pytest.param(
+            hand_change(
+                b"U", (b"O", tuple_data(b"Ann", b"7", b"x")), (b"N", tuple_data(b"Ann", b"7", "u"))
+            ),
+            ["id", "body"],
+            ChangeEvent(HAND, Op.UPDATE, {"id": "7", "body": "x"}, {"id": "7", "body": "x"}, 1),
+            id="update-wanted-toast-unchanged",
+        ),
+        pytest.param(
+            hand_change(
+                b"U", (b"O", tuple_data(b"Ann", b"7", b"x")), (b"N", tuple_data(None, b"8", b"x"))
+            ),
+            ["name", "id"],
+            ChangeEvent(HAND, Op.UPDATE, {"name": "Ann", "id": "7"}, {"name": None, "id": "8"}, 1),
+            id="update-to-null-and-new-key",
+        ),
+        pytest.param(
+            hand_change(b"U", (b"N", tuple_data(b"Ann", b"7", b"x"))),
+            ["id"],
+            ChangeEvent(HAND, Op.UPDATE, {"id": "7"}, {"id": "7"}, 1),
+            id="update-without-old-tuple",
+        ),
+        pytest.param(
+            hand_change(b"D", (b"O", tuple_data(b"Ann", b"7", None))),
+            ["body", "id"],
+            ChangeEvent(HAND, Op.DELETE, {"id": "7", "body": None}, None, 1),
+            id="delete-null",
+        ),
+    ],
+)
+def test_the_compiled_walk_on_hand_built_changes(
+    msg: bytes, wanted: list[str], expected: ChangeEvent
+) -> None:
+    for decoder in hand_decoders(wanted):
+        event = decoder.decode(msg)
+        assert event == expected
+        assert isinstance(event, ChangeEvent)
+        # One row for both when the key columns kept their text.
+        assert (event.old is event.new) == (expected.old == expected.new)
+        if event.new is not None:  # the columns in the table's order, as history keeps them
+            assert list(event.new) == [c for c in ("name", "id", "body") if c in wanted]
+
+
+@pytest.mark.parametrize(
+    ("msg", "error"),
+    [
+        pytest.param(
+            hand_change(b"I", (b"N", tuple_data(b"Ann", b"\xff7", None))),
+            r"column 'id' of public\.hand is not UTF-8",
+            id="not-utf8",
+        ),
+        pytest.param(
+            hand_change(b"U", (b"N", tuple_data(b"Ann", b"7", "u"))),
+            r"'body' of public\.hand is an unchanged TOASTed value",
+            id="toast-unchanged-without-old-row",
+        ),
+        pytest.param(
+            hand_change(b"I", (b"N", tuple_data(b"Ann", b"7"))),
+            r"tuple has 2 columns, its relation 3",
+            id="column-count",
+        ),
+        pytest.param(
+            hand_change(b"I", (b"N", tuple_data(b"Ann", b"7", b"x")))[:-1],
+            r"message ends inside a column value",
+            id="cut-short",
+        ),
+        pytest.param(
+            hand_change(b"I", (b"N", tuple_data(b"Ann", b"7", b"x"))) + b"\x00",
+            r"1 bytes after the tuple data",
+            id="trailing-bytes",
+        ),
+    ],
+)
+def test_what_the_compiled_walk_does_not_take_fails_as_before(msg: bytes, error: str) -> None:
+    # A bad value is one bad event; bytes that do not parse, a broken stream.
+    kind = InvalidEvent if "UTF-8" in error or "TOAST" in error else ProtocolError
+    for decoder in hand_decoders(["id", "body"]):
+        with pytest.raises(kind, match=error):
+            decoder.decode(msg)
+
+
+def streamed_layout(msg: bytes, xid: int) -> bytes:
+    """A protocol-1 change as a stream block carries it: its xid after the type byte."""
+    return msg[:1] + struct.pack("!I", xid) + msg[1:]
+
+
+@pytest.mark.parametrize("name", CHANGE_SCENARIOS)
+@pytest.mark.parametrize("compiled", [True, False])
+def test_a_streamed_change_decodes_in_place_as_unwrapped(name: str, compiled: bool) -> None:
+    in_place, unwrapped = (Decoder(by_name(SAFE), compiled=compiled) for _ in range(2))
+    for n, msg in enumerate(SCENARIOS[name]):
+        if msg[:1] not in (b"I", b"U", b"D", b"R"):
+            continue  # (Begin and Commit are never inside a block)
+        streamed = streamed_layout(msg, 700 + n)
+        got = decode_all_streamed(in_place, [streamed])
+        xid, body = unwrap_streamed(streamed)
+        assert xid == 700 + n
+        assert got == [(xid, r) for r in decode_all(unwrapped, [body])]
+
+
+def decode_all_streamed(decoder: Decoder, msgs: list[bytes]) -> list[object]:
+    out: list[object] = []
+    for msg in msgs:
+        try:
+            out.append(decoder.decode_streamed(msg))
+        except InvalidEvent as exc:
+            out.append(
+                (unwrap_streamed(msg)[0], (type(exc), str(exc), getattr(exc, "event", None)))
+            )
+    return out
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [
+        hand_change(b"I", (b"N", tuple_data(b"Ann", b"7", b"x")))[:-1],
+        hand_change(b"U", (b"O", tuple_data(b"Ann", b"7", b"x"))),
+        hand_change(b"D", (b"N", tuple_data(b"Ann", b"7", b"x"))),
+        hand_change(b"U", (b"X", tuple_data(b"Ann", b"7", b"x"))),
+        b"U\x00\x00",
+    ],
+    ids=["cut-short", "update-no-new", "delete-no-old", "update-bad-tag", "no-relid"],
+)
+def test_a_malformed_streamed_change_fails_as_unwrapped(msg: bytes) -> None:
+    """The same ProtocolError, naming the same fault, in place as unwrapped."""
+    streamed = streamed_layout(msg, 700)
+    decoders = [Decoder(by_name(columns({HAND: ["id"]}))) for _ in range(2)]
+    for decoder in decoders:
+        decoder.decode(hand_relation())
+    with pytest.raises(ProtocolError) as in_place:
+        decoders[0].decode_streamed(streamed)
+    body = unwrap_streamed(streamed)[1]
+    with pytest.raises(ProtocolError) as unwrapped:
+        decoders[1].decode(body)
+    errors = [str(in_place.value), str(unwrapped.value)]
+    assert errors[0] == errors[1]
+    assert errors[0].startswith("malformed ")
+
+
+def test_a_streamed_change_of_an_undescribed_relation_is_invalid() -> None:
+    decoder = Decoder(by_name(all_columns))
+    msg = streamed_layout(hand_change(b"I", (b"N", tuple_data(b"Ann", b"7", b"x"))), 700)
+    with pytest.raises(InvalidEvent, match=f"relation {HAND_RELID}, which was never described"):
+        decoder.decode_streamed(msg)

@@ -613,10 +613,10 @@ class LogicalStream:
     def _in_block(self, msg: bytes) -> int:
         """A message inside a stream block: its change mapped into the open chunk (1),
         or the block's end (0)."""
-        xid, body = unwrap_streamed(msg)
         try:
-            out = self._decoder.decode(body)
+            xid, out = self._decoder.decode_streamed(msg)
         except InvalidEvent as exc:
+            xid = unwrap_streamed(msg)[0]  # (the message's framing parsed: it has one)
             self._decoder.position += 1
             event = exc.event if isinstance(exc, Undecodable) else None
             self._to_chunk(xid, None, Dead(self._decoder.position, str(exc), event))

@@ -89,11 +89,16 @@ def encode_history(
     `transactions`: (first position, xid, commit LSN, commit time) of each transaction
     the events belong to, in position order: the first event of each carries the other
     three, and the events after it belong to it too (one small list per transaction)."""
+    if not transactions:  # (a streamed transaction's chunk: one comprehension)
+        return _dumps([[e.table.schema, e.table.name, e.op, e.old, e.new] for e in events])
     items: list[list[object]] = []
     starts = iter(transactions)
     upcoming = next(starts, None)
     for e in events:
-        item: list[object] = [e.table.schema, e.table.name, e.op.value, e.old, e.new]
+        # e.op, not e.op.value: an Op is a str ("U"), written as such by orjson and json
+        # alike, and Enum's value property is a Python call per event (profiled: 0.5 s
+        # of a 1M-row statement's history).
+        item: list[object] = [e.table.schema, e.table.name, e.op, e.old, e.new]
         began = None
         while upcoming is not None and upcoming[0] <= e.position:
             began, upcoming = upcoming, next(starts, None)

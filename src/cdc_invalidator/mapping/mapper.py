@@ -32,6 +32,9 @@ def merge(into: Routed, other: Routed) -> None:
         target = into.setdefault(db, Invalidation())
         target.keys.update(work.keys)
         target.patterns.update(work.patterns)
+        # (a streamed transaction's unrenderable tables reach the runner this way: it
+        # counts and logs their sweeps as it does a batch's own)
+        target.unrenderable.update(work.unrenderable)
 
 
 class Mapper:
@@ -46,6 +49,9 @@ class Mapper:
         # Each table's compiled renderers, in template order: the hot loop of add_all().
         self._renders = {
             table: tuple(t.render for t in ts) for table, ts in self._templates.items()
+        }
+        self._render_alls = {
+            table: tuple(t.render_all for t in ts) for table, ts in self._templates.items()
         }
 
     @property
@@ -77,37 +83,59 @@ class Mapper:
     ) -> list[tuple[ChangeEvent, InvalidEvent]]:
         """add() for many events; returns those that failed, with why, instead of raising.
 
-        The same keys as add(), through the same renderers, with add()'s bookkeeping
-        inlined: a backlog spends its time here. TRUNCATE and anything that fails go
-        through add(), which explains failures.
+        The same keys as add(), through the same rule: each table's rows (INSERT the
+        new row; DELETE the old; UPDATE both, or one for both when the key columns did
+        not change) gathered, then rendered a template at a time (KeyTemplate.render_all:
+        a backlog and a bulk statement spend their time here). TRUNCATE, and a table
+        whose rows do not all render, go through add() event by event, which explains
+        failures.
         """
-        keys = into.keys
-        renders_of = self._renders
+        events = events if isinstance(events, list) else list(events)
         insert, update, truncate = Op.INSERT, Op.UPDATE, Op.TRUNCATE
-        failed: list[tuple[ChangeEvent, InvalidEvent]] = []
+        rows_of: dict[TableName, list[Row]] = {}
+        one_by_one: list[ChangeEvent] = []
         for event in events:
-            renders = renders_of.get(event.table)
             op = event.op
-            if renders is not None and op is not truncate:
-                # INSERT: the new row; DELETE: the old; UPDATE: both, or one for both when
-                # the key columns did not change.
-                row = event.new if op is insert else event.old
-                other = event.new if op is update else row
-                if row is not None and other is not None:
-                    rendered: list[str] = []
-                    try:
-                        for render in renders:
-                            if (key := render(row)) is not None:
-                                rendered.append(key)
-                        if other is not row:
-                            for render in renders:
-                                if (key := render(other)) is not None:
-                                    rendered.append(key)
-                    except RenderError:
-                        pass  # add() says which row
-                    else:
-                        keys.update(rendered)
-                        continue
+            if op is truncate:
+                one_by_one.append(event)
+                continue
+            row = event.new if op is insert else event.old
+            other = event.new if op is update else row
+            if row is None or other is None:
+                one_by_one.append(event)
+                continue
+            rows = rows_of.get(event.table)
+            if rows is None:
+                rows = rows_of[event.table] = []
+            rows.append(row)
+            if other is not row:
+                rows.append(other)
+        keys = into.keys
+        for table, rows in rows_of.items():
+            renders = self._render_alls.get(table)
+            if renders is not None:
+                try:
+                    rendered = [render_all(rows) for render_all in renders]
+                except RenderError:
+                    pass  # add() says which row
+                else:
+                    for some in rendered:
+                        keys.update(some)
+                    continue
+            # (the events gathered above: those of the table not already one by one)
+            one_by_one += [e for e in events if e.table == table and _gathered(e)]
+        return self._add_each(one_by_one, events, into)
+
+    def _add_each(
+        self, some: list[ChangeEvent], events: list[ChangeEvent], into: Invalidation
+    ) -> list[tuple[ChangeEvent, InvalidEvent]]:
+        """add() for each of `some` (of `events`), in the events' order as add() would
+        have met them; the failures."""
+        if len(some) > 1:
+            order = {id(e): i for i, e in enumerate(events)}
+            some.sort(key=lambda e: order[id(e)])
+        failed: list[tuple[ChangeEvent, InvalidEvent]] = []
+        for event in some:
             try:
                 self.add(event, into)
             except InvalidEvent as exc:
@@ -139,6 +167,15 @@ class Mapper:
         if op is Op.INSERT or (op is Op.UPDATE and event.new is not event.old):
             _render(renders, event.new, "new", event, keys)
         into.keys.update(keys)
+
+
+def _gathered(event: ChangeEvent) -> bool:
+    """Whether add_all() gathered the event's rows (else it went one by one)."""
+    if event.op is Op.TRUNCATE:
+        return False
+    if event.op is Op.INSERT:
+        return event.new is not None
+    return event.old is not None and (event.op is not Op.UPDATE or event.new is not None)
 
 
 def _render(
