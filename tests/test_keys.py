@@ -13,6 +13,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from cdc_invalidator.cli import main
+from cdc_invalidator.tools import keys as keys_tool
 from tests.support.config import write_config
 from tests.support.env import Env
 from tests.support.servers import free_port
@@ -142,8 +143,9 @@ def test_where_reads_live_rows_and_notes_the_limit(
 
 @pytest.mark.usefixtures("capture")
 def test_where_cannot_write_nor_add_a_statement(
-    env: Env, users: Path, capsys: pytest.CaptureFixture[str]
+    env: Env, users: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(keys_tool, "STATEMENT_TIMEOUT", "1s")  # the last query: its timeout
     code, _, err = keys(capsys, users, "users", "--where", "true; DROP TABLE users")
     assert code == 2
     assert "--where 'true; DROP TABLE users': PostgreSQL: " in err
@@ -159,7 +161,7 @@ def test_where_cannot_write_nor_add_a_statement(
     assert "PostgreSQL: syntax error at or near" in err
     code, _, err = keys(capsys, users, "users", "--where", "pg_sleep(30) IS NULL")
     assert code == 1
-    assert "ran longer than 10s (statement_timeout)" in err
+    assert "ran longer than 1s (statement_timeout)" in err
 
 
 @pytest.mark.usefixtures("capture")
