@@ -36,6 +36,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from cdc_invalidator.capture.trigger_queue import SAVE_EVERY_S
 from tests.support.config import RETRY_INITIAL_MS, RETRY_MAX_MS
 from tests.support.env import Env, pg_of, redis_of
 from tests.support.faults import (
@@ -441,7 +442,15 @@ def test_redis_refusing_writes_mid_drain_acknowledges_nothing(own_env: Env) -> N
         # A replica of a master that does not exist: keeps its data, answers every
         # UNLINK with READONLY. Redis fails in the middle of a batch, deterministically.
         r.replicaof("127.0.0.1", str(free_port()))
-        wait_until(lambda: runner.redis.failures >= 3, what="batches failing on Redis")
+        wait_until(lambda: runner.redis.failures >= 1, what="a batch failing on Redis")
+        failing_since = time.monotonic()
+        # What was acknowledged before Redis failed is saved within SAVE_EVERY_S (the
+        # loop keeps saving during the outage): only then is the saved position `held`.
+        wait_until(
+            lambda: runner.redis.failures >= 3
+            and time.monotonic() - failing_since > 2 * SAVE_EVERY_S,
+            what="batches failing on Redis, the progress before them saved",
+        )
         assert runner.redis.available is False
         held = pending(own_env, r)
         assert 0 < held < n
