@@ -447,8 +447,9 @@ def test_redis_refusing_writes_mid_drain_acknowledges_nothing(own_env: Env) -> N
         # What was acknowledged before Redis failed is saved within SAVE_EVERY_S (the
         # loop keeps saving during the outage): only then is the saved position `held`.
         wait_until(
-            lambda: runner.redis.failures >= 3
-            and time.monotonic() - failing_since > 2 * SAVE_EVERY_S,
+            lambda: (
+                runner.redis.failures >= 3 and time.monotonic() - failing_since > 2 * SAVE_EVERY_S
+            ),
             what="batches failing on Redis, the progress before them saved",
         )
         assert runner.redis.available is False

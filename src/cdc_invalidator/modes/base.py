@@ -90,14 +90,27 @@ class CaptureMode(ModeChecks, Protocol):
 
 
 def history_rows(
-    conn: psycopg.Connection[Any], query: Q, since_s: float, per_fetch: int
+    conn: psycopg.Connection[Any],
+    query: Q,
+    since_s: float,
+    per_fetch: int,
+    *,
+    count_at: int | None = None,
 ) -> Iterator[list[tuple[Any, ...]]]:
     """The rows of history query `query` for the last `since_s` seconds, `per_fetch` at a
-    time. A server-side cursor: the window may hold millions."""
+    time. A server-side cursor: the window may hold millions. `count_at`: the column
+    saying how many events a row holds (NULL: one): the first fetch takes one row, each
+    next one about HISTORY_CHUNK events' worth of rows by the weight of the last, at most
+    `per_fetch` (a trigger queue's packs hold a thousand events a row, its single changes
+    one)."""
     with conn.transaction(), conn.cursor(name="cdc_invalidator_replay") as cur:
         cur.execute(query.sql, {"seconds": since_s})
-        while rows := cur.fetchmany(per_fetch):
+        n = per_fetch if count_at is None else 1  # then as many as the rows weigh
+        while rows := cur.fetchmany(n):
             yield rows
+            if count_at is not None:
+                events = sum(row[count_at] or 1 for row in rows)
+                n = max(1, min(per_fetch, HISTORY_CHUNK * len(rows) // events))
 
 
 def seconds_ago(conn: psycopg.Connection[Any], query: Q) -> float | None:

@@ -108,10 +108,10 @@ class TriggerMode:
         """The queue rows written in the window (processed rows are kept for
         replay_history), decoded as the listener decodes them."""
         decoder = RowDecoder()
-        # Fewer rows per fetch than the logical history's: a pack is up to a thousand
-        # events, and decoded a slice of HISTORY_CHUNK events at a time.
-        per_fetch = max(1, HISTORY_CHUNK // 20)
-        for rows in history_rows(conn, Q.HISTORY_TRIGGER, since_s, per_fetch):
+        # About HISTORY_CHUNK events a fetch, however many packs (a thousand events a
+        # row) and single changes the window mixes; decoded a slice at a time.
+        rows_of = history_rows(conn, Q.HISTORY_TRIGGER, since_s, HISTORY_CHUNK, count_at=6)
+        for rows in rows_of:
             for part in by_events(rows, 6, HISTORY_CHUNK):
                 yield decoder.queue_rows(part, count_at=6)
 
