@@ -498,14 +498,18 @@ class LogicalStream:
 
     # --- reading ------------------------------------------------------------------------
 
-    def _read(self, limit: int) -> LogicalBatch:  # noqa: PLR0912, PLR0915 - the hot loop, inlined
-        batch = LogicalBatch(
+    def _new_batch(self) -> LogicalBatch:
+        """An empty batch read now, acknowledging up to what was read before it."""
+        return LogicalBatch(
             size=0,
             events=[],
             ack_lsn=self._read_upto,
             read_at=time.monotonic(),
             clock_offset_s=self._clock_offset_s,
         )
+
+    def _read(self, limit: int) -> LogicalBatch:  # noqa: PLR0912, PLR0915 - the hot loop, inlined
+        batch = self._new_batch()
         events, transactions = batch.events, batch.transactions
         decoder = self._decoder
         decode = decoder.decode
@@ -677,13 +681,7 @@ class LogicalStream:
         worth; the last one acknowledges its commit."""
         delivery = cast(_Delivery, self._delivery)
         txn, commit = delivery.txn, delivery.commit
-        batch = LogicalBatch(
-            size=0,
-            events=[],
-            ack_lsn=self._read_upto,
-            read_at=time.monotonic(),
-            clock_offset_s=self._clock_offset_s,
-        )
+        batch = self._new_batch()
         batch.transactions.append(
             (txn.first_position, txn.xid, commit.commit_lsn, commit.commit_time)
         )
