@@ -428,7 +428,9 @@ def test_redis_down_when_listener_starts(own_env: Env, spawn: Spawn) -> None:
 
 
 def test_redis_refusing_writes_mid_drain_acknowledges_nothing(own_env: Env) -> None:
-    n = 20_000
+    # Trigger mode drains one statement's packs (a thousand rows each) fast: enough of
+    # them that Redis fails while most are still queued.
+    n = 20_000 if own_env.logical else 100_000
     config = setup_users(own_env, batch_size=500)
     r = own_env.redis()
     writes = insert_for_a_drain(own_env, n)
