@@ -7,6 +7,8 @@ Real processes: a master, a replica (`--replicaof`) and a sentinel (`--sentinel`
 from __future__ import annotations
 
 import signal
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,8 +18,10 @@ from typing import Any
 
 import pytest
 import redis
+from redis.sentinel import SentinelConnectionPool
 
 from cdc_invalidator.cli import main
+from cdc_invalidator.sink.connect import RedisOptions, redis_client
 from tests.support.config import write_config
 from tests.support.env import Env
 from tests.support.evidence import unavailable
@@ -206,3 +210,49 @@ def test_an_unknown_master_name_is_reported(env: Env, sentinel_setup: SentinelSe
     assert out.returncode == 1
     assert "No master found for 'nope'" in out.stderr
     assert f"named by sentinels 127.0.0.1:{sentinel_setup.sentinel.port}" in out.stderr
+
+
+def test_a_sentinel_that_drops_connections_is_passed_over_at_once(
+    sentinel_setup: SentinelSetup,
+) -> None:
+    """The first sentinel listed accepts and at once closes every connection: the master
+    is found through the second, after one connection to the first (redis-py's default
+    retried it ten times, with back-off, at every master lookup)."""
+    dropped = 0
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(0.05)
+        stop = threading.Event()
+
+        def drop_all() -> None:
+            nonlocal dropped
+            while not stop.is_set():
+                try:
+                    conn, _ = server.accept()
+                except TimeoutError:
+                    continue
+                conn.close()
+                dropped += 1
+
+        dropper = threading.Thread(target=drop_all)
+        dropper.start()
+        try:
+            options = RedisOptions(
+                "redis://ignored-with-sentinels/0",
+                sentinels=(
+                    ("127.0.0.1", server.getsockname()[1]),
+                    ("127.0.0.1", sentinel_setup.sentinel.port),
+                ),
+                sentinel_master=MASTER,
+            )
+            client = redis_client(options)
+            try:
+                assert client.ping()
+                pool = client.connection_pool
+                assert isinstance(pool, SentinelConnectionPool)
+                assert pool.get_master_address() == ("127.0.0.1", sentinel_setup.first.port)
+            finally:
+                client.close()
+        finally:
+            stop.set()
+            dropper.join()
+    assert dropped == 1
