@@ -78,9 +78,10 @@ BEGIN
     FOREACH g IN ARRAY grants LOOP
         EXECUTE format('GRANT %s TO %s', g, listener);
     END LOOP;
-    -- The version the listener checks at start (PUBLIC may call it too; said here so
+    -- The version and revision the listener checks at start (PUBLIC may call it too; said here so
     -- that it stays true if a DBA revokes that).
     EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.schema_version() TO %s', listener);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.schema_revision() TO %s', listener);
 
     IF NOT has_database_privilege(listener, current_database(), 'CONNECT') THEN
         RAISE NOTICE 'cdc_invalidator: role % may not connect to database %: GRANT CONNECT ON DATABASE % TO %',

@@ -129,6 +129,13 @@ ALTER TABLE cdc_invalidator.watched_v1
 CREATE OR REPLACE FUNCTION cdc_invalidator.schema_version() RETURNS integer
 LANGUAGE sql IMMUTABLE AS 'SELECT 1';
 
+-- The revision of version 1 this release installs: raised when `install` changes what
+-- version 1's objects hold in place, so that a listener of another release refuses to
+-- run instead of misreading rows (revision 2: packs, in queue_v1.rows; before it there
+-- was no such function: revision 1). A constant, so PUBLIC may call it.
+CREATE OR REPLACE FUNCTION cdc_invalidator.schema_revision() RETURNS integer
+LANGUAGE sql IMMUTABLE AS 'SELECT 2';
+
 -- queue_statement_v1(op, names, labels, columns): the statement a capture function runs
 -- for a statement of kind `op` (TG_OP) on a watched table: one INSERT ... SELECT from the
 -- statement's transition table into the queue, copying `columns` (as PostgreSQL's text

@@ -580,3 +580,31 @@ def test_writer_without_queue_privileges_is_captured(env: Env, plain_role: str) 
         wait_until(lambda: env.scalar("SELECT count(*) FROM cdc_invalidator.queue_v1") == 0)
     finally:
         listener.stop()
+
+
+def test_sql_of_an_older_release_is_refused_until_install_upgrades_it(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Version 1 as a release before packs left it (no schema_revision(), no
+    queue_v1.rows): the listener and `check` refuse it with what to do, rather than run
+    and misread the queue; `install` upgrades it in place and the listener then runs."""
+    tables(env)
+    config = env.config(USERS)
+    assert cli("install", "--config", config) == 0
+    env.sql("DROP FUNCTION cdc_invalidator.schema_revision()")
+    env.sql("ALTER TABLE cdc_invalidator.queue_v1 DROP COLUMN rows")
+    capsys.readouterr()
+    code, _, err = check(config, capsys)
+    assert code == 1
+    assert "v1 revision 1, from an older release; this release needs revision 2" in err, err
+    result = run_cli("run", "--config", str(config), env={"CDC_INVALIDATOR_LOG_FORMAT": "json"})
+    assert result.returncode == 1
+    out = result.stdout + result.stderr
+    assert '"not_installed"' in out, out
+    assert "revision 1, from an older release" in out, out
+    assert "Traceback" not in out
+    assert cli("install", "--config", config) == 0
+    capsys.readouterr()
+    code, out, err = check(config, capsys)
+    assert code == 0, err
+    assert "cdc_invalidator v1 (revision 2) installed" in out

@@ -12,7 +12,12 @@ import psycopg
 
 from cdc_invalidator.capture.errors import Fatal, returned
 from cdc_invalidator.capture.slot import SlotClass, SlotState
-from cdc_invalidator.capture.trigger_sql import SCHEMA_VERSION, installed_version
+from cdc_invalidator.capture.trigger_sql import (
+    SCHEMA_REVISION,
+    SCHEMA_VERSION,
+    installed_mismatch,
+    installed_version,
+)
 from cdc_invalidator.durations import format_duration
 from cdc_invalidator.events import TableName
 from cdc_invalidator.mapping import KeyTemplate, Mapper
@@ -118,20 +123,23 @@ def check_database(
     )
     mapper = settings.mapper()
     names = {TableName.parse(name): name for name in settings.tables}
-    version = installed_version(conn)
-    installed = version == SCHEMA_VERSION
-    if version is None:
+    found = installed_version(conn)
+    wrong = installed_mismatch(found)
+    installed = wrong is None
+    if found is None:
         report.errors.append(
             f"database {conn.info.dbname!r}: cdc_invalidator is not installed "
             "(run `cdc-invalidator install`, or have a DBA apply `cdc-invalidator sql`)"
         )
-    elif not installed:
+    elif wrong:
         report.errors.append(
-            f"database {conn.info.dbname!r}: installed SQL is v{version}, this release needs "
-            f"v{SCHEMA_VERSION}: run `cdc-invalidator install`"
+            f"database {conn.info.dbname!r}: {wrong}: run `cdc-invalidator install`"
         )
     else:
-        report.ok.append(f"database {conn.info.dbname!r}: cdc_invalidator v{version} installed")
+        report.ok.append(
+            f"database {conn.info.dbname!r}: cdc_invalidator v{SCHEMA_VERSION} "
+            f"(revision {SCHEMA_REVISION}) installed"
+        )
 
     filters = settings.column_filters()
     for table, templates in sorted(mapper.tables.items()):

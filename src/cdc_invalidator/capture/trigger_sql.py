@@ -16,6 +16,9 @@ from cdc_invalidator.pg import versions
 from cdc_invalidator.pg.queries import Q
 
 SCHEMA_VERSION = 1
+# Within the version, what this release's install leaves in version 1's objects (see
+# schema_revision() in sql/schema.sql): a listener runs only on its own revision.
+SCHEMA_REVISION = 2
 CHANNEL = "cdc_invalidator_v1"
 
 SCRIPT_HEADER = (
@@ -107,24 +110,43 @@ def _leave_logical(publication: str) -> sql.Composed:
     return Q.LEAVE_LOGICAL.sql.format(publication=sql.Identifier(publication))
 
 
-def installed_version(conn: psycopg.Connection[Any]) -> int | None:
-    """The version of our installed SQL, or None when it is not installed."""
+def installed_version(conn: psycopg.Connection[Any]) -> tuple[int, int] | None:
+    """The version and revision of our installed SQL, or None when it is not installed."""
     row = conn.execute(Q.CHECK_INSTALLED.sql).fetchone()
     if not row or not row[0]:
         return None
+    revised = bool(row[1])
     row = conn.execute(Q.SCHEMA_VERSION.sql).fetchone()
-    return int(row[0]) if row else None
+    if not row:
+        return None
+    version = int(row[0])
+    if not revised:
+        return version, 1
+    row = conn.execute(Q.SCHEMA_REVISION.sql).fetchone()
+    return version, int(row[0]) if row else 1
+
+
+def installed_mismatch(installed: tuple[int, int] | None) -> str | None:
+    """What is wrong with the installed SQL for this release, or None when it is ours."""
+    if installed is None:
+        return "cdc_invalidator is not installed"
+    version, revision = installed
+    if version != SCHEMA_VERSION:
+        return f"installed SQL is v{version}, this release needs v{SCHEMA_VERSION}"
+    if revision != SCHEMA_REVISION:
+        age = "an older" if revision < SCHEMA_REVISION else "a newer"
+        return (
+            f"installed SQL is v{version} revision {revision}, from {age} release; "
+            f"this release needs revision {SCHEMA_REVISION}"
+        )
+    return None
 
 
 def require_installed(conn: psycopg.Connection[Any]) -> None:
-    """NotInstalled unless our SQL of this release's version is installed."""
-    version = installed_version(conn)
-    if version != SCHEMA_VERSION:
-        found = "no cdc_invalidator schema" if version is None else f"schema v{version}"
-        raise NotInstalled(
-            f"database {conn.info.dbname!r} has {found}; this listener needs "
-            f"v{SCHEMA_VERSION}: run `cdc-invalidator install`"
-        )
+    """NotInstalled unless our SQL of this release's version and revision is installed."""
+    wrong = installed_mismatch(installed_version(conn))
+    if wrong:
+        raise NotInstalled(f"database {conn.info.dbname!r}: {wrong}: run `cdc-invalidator install`")
 
 
 def uninstall_script(publication: str | None = None) -> sql.Composed:

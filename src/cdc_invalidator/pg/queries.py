@@ -46,6 +46,7 @@ class Q(enum.Enum):
     # --- is it installed -----------------------------------------------------------------
     CHECK_INSTALLED = "check_installed.sql"
     SCHEMA_VERSION = "schema_version.sql"
+    SCHEMA_REVISION = "schema_revision.sql"  # only where check_installed.sql saw it
     LOGICAL_INSTALLED = "logical_installed.sql"
 
     # --- trigger mode: the listener --------------------------------------------------------

@@ -1,0 +1,1 @@
+SELECT cdc_invalidator.schema_revision()
