@@ -477,6 +477,28 @@ def test_a_sweep_is_done_again_as_its_second_delete(env: Env) -> None:
         assert sweeper.keys_swept_again == 1
 
 
+def test_a_sweep_goes_before_a_second_sweep_not_yet_due(env: Env) -> None:
+    env.sql("CREATE TABLE orders (id int PRIMARY KEY, customer_id int)")
+    env.sql("CREATE TABLE users (id int PRIMARY KEY, email text, name text)")
+    # The TRUNCATE of orders owes a second sweep 5 s after it was visible; the TRUNCATE
+    # of users, committed meanwhile, is swept at once, not after that second sweep.
+    config = install(env, {**ORDERS, **USERS}, second_delete_ms=5000)
+    r = env.redis()
+    with listening(config) as listener:
+        sweeper = listener.runner.sweeper
+        settle(env, r)
+        env.sql("TRUNCATE orders")
+        wait_until(lambda: sweeper.completed == 1, what="the first sweep of orders")
+        r.set("order:1", "stale, from a reader that read before the TRUNCATE")
+        r.set("user:1", "cached")
+        env.sql("TRUNCATE users")
+        wait_until(lambda: r.exists("user:1") == 0, what="the sweep of users")
+        assert r.exists("order:1") == 1, "the second sweep of orders was not due yet"
+        assert sweeper.keys_swept_again == 0
+        wait_until(lambda: sweeper.keys_swept_again == 1, what="the second sweep of orders")
+        assert r.exists("order:1") == 0
+
+
 @pytest.mark.usefixtures("capture")
 def test_a_failing_sweep_is_retried_and_holds_its_acknowledgement(own_env: Env) -> None:
     config = setup_tables(own_env)

@@ -14,11 +14,13 @@ acknowledged, comes again.
 
 With second_delete_ms, a sweep that started before its batch's changes were visible
 for that long is done once more at that time, as the second delete of its keys (not
-holding anything).
+holding anything). Such second sweeps wait on their own: a first sweep handed over
+meanwhile goes first, never held back until a second sweep falls due.
 """
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 from collections import deque
@@ -78,7 +80,8 @@ class Sweeper:
         self._second_delete_s = second_delete_s
         self._retry = (retry_initial_s, retry_max_s)
         self._close = close
-        self._jobs: deque[SweepJob] = deque()
+        self._jobs: deque[SweepJob] = deque()  # first sweeps, holding their batches
+        self._seconds: list[SweepJob] = []  # second sweeps, holding nothing, by `due`
         self._lock = threading.Condition()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -127,25 +130,31 @@ class Sweeper:
         return sum(len(job.holds) for job in self._jobs)
 
     def _next(self) -> SweepJob | None:
+        """The first sweep handed over (with those that came after it, swept together),
+        else the second sweeps due by now (together); None once stopping."""
         with self._lock:
-            jobs = self._jobs
-            while not jobs and not self._stopping.is_set():
-                self._lock.wait()
-            if self._stopping.is_set():
-                return None
-            job = jobs[0]
-            while job.holds and len(jobs) > 1 and jobs[1].holds:
-                job.absorb(jobs[1])  # batches that came during the last sweep
-                del jobs[1]
-            return job
+            jobs, seconds = self._jobs, self._seconds
+            while not self._stopping.is_set():
+                if jobs:
+                    job = jobs[0]
+                    while len(jobs) > 1:
+                        job.absorb(jobs[1])  # batches that came during the last sweep
+                        del jobs[1]
+                    return job
+                now = time.monotonic()
+                if seconds and seconds[0].due <= now:
+                    job = seconds[0]
+                    while len(seconds) > 1 and seconds[1].due <= now:
+                        merge(job.works, seconds.pop(1).works)
+                    return job
+                # Woken by add() or stop(), or when the next second sweep falls due.
+                self._lock.wait(seconds[0].due - now if seconds else None)
+            return None
 
     def _run(self) -> None:
         backoff = Backoff(*self._retry)
         failing = False
         while (job := self._next()) is not None:
-            if (wait := job.due - time.monotonic()) > 0:
-                self._stopping.wait(wait)
-                continue
             started = time.monotonic()
             try:
                 existed = self._sweep(job.works, self._stopping.is_set)
@@ -178,14 +187,18 @@ class Sweeper:
             m.keys_deleted_again.inc(existed)
         self.completed += 1
         with self._lock:
-            self._jobs.popleft()
-            for hold in job.holds:
-                hold.release()
-            if job.holds and self._second_delete_s:
-                due = (job.visible_at or started) + self._second_delete_s
-                if started < due:  # a stale SET may have landed behind the sweep
-                    self._jobs.append(SweepJob(job.works, [], None, None, due))
-            m.sweeps_pending.set(self._held())
+            if job.holds:
+                self._jobs.popleft()
+                for hold in job.holds:
+                    hold.release()
+                if self._second_delete_s:
+                    due = (job.visible_at or started) + self._second_delete_s
+                    if started < due:  # a stale SET may have landed behind the sweep
+                        second = SweepJob(job.works, [], None, None, due)
+                        bisect.insort(self._seconds, second, key=lambda j: j.due)
+                m.sweeps_pending.set(self._held())
+            else:  # by identity: another second sweep may hold equal patterns
+                self._seconds = [second for second in self._seconds if second is not job]
         log.info(
             "sweep_completed",
             patterns=job.patterns,
