@@ -49,20 +49,23 @@ def small_work_mem(servers: Servers) -> Iterator[None]:
 pytestmark = pytest.mark.usefixtures("small_work_mem")
 
 
-def setup(env: Env, spawn: Spawn, history: str = "0s") -> tuple[ListenerProcess, Path]:
+def setup(
+    env: Env, spawn: Spawn, history: str = "0s", second_delete_ms: int = 0
+) -> tuple[ListenerProcess, Path]:
     env.sql(
         "CREATE TABLE big (id int PRIMARY KEY, name text);"
         "CREATE TABLE small (id int PRIMARY KEY, note text);"
         f"INSERT INTO big SELECT g, 'n' || g FROM generate_series(1, {N}) g;"
         "INSERT INTO small SELECT g, 'x' FROM generate_series(1, 10) g"
     )
-    # second deletes off: each test reads which keys are gone at given moments, and a
-    # second delete 300 ms later would only delete the same keys again.
+    # second deletes off (but where a test is about them): each test reads which keys
+    # are gone at given moments, and a second delete 300 ms later would only delete the
+    # same keys again.
     config = logical_config(
         env,
         {**BIG, **SMALL},
         log_level="debug",
-        second_delete_ms=0,
+        second_delete_ms=second_delete_ms,
         replay_history=history,
     )
     install(config)
@@ -136,6 +139,37 @@ def test_a_streamed_statement_is_deleted_only_after_its_commit(env: Env, spawn: 
     items = history()
     assert len(items) == N
     assert [x for (x,) in items if x is not None] == [str(int(xid[0]) & 0xFFFFFFFF)]
+    stop(listener)
+
+
+def test_a_streamed_transaction_deleted_late_owes_no_second_deletes(env: Env, spawn: Spawn) -> None:
+    """Its commit is seen visible in a snapshot when Stream Commit arrives: keys first
+    deleted more than second_delete_ms after that are not deleted again (no stale SET
+    can come after them), as for a backlog."""
+    listener, _ = setup(env, spawn, second_delete_ms=300)
+    r = env.redis()
+    keys = cache_big(env, range(1, N + 1))
+    with psycopg.connect(env.dsn) as writer:
+        xid = writer.execute("SELECT txid_current()").fetchone()
+        assert xid is not None
+        writer.execute("UPDATE big SET name = 'x' || id")
+        wait_until(lambda: streaming(listener, int(xid[0]) & 0xFFFFFFFF), what="blocks streamed")
+        # Redis refuses writes for a second from before the commit: the first deletes
+        # come well past 300 ms after the snapshot that saw the commit.
+        r.execute_command("CLIENT", "PAUSE", "1000", "WRITE")
+        writer.commit()
+    wait_until(lambda: listener.logged("streamed_transaction_committed"), what="Stream Commit")
+    (committed,) = listener.logged("streamed_transaction_committed")
+    assert committed["seen_complete"] is True
+    wait_until(lambda: r.exists(*keys) == 0, what="every key of the statement deleted")
+    # Set again at once (a stale SET would be deleted by a second delete 300 ms after
+    # the first): still there once a later commit's own second delete, which comes after
+    # any owed before it (they run in order), has deleted its key set again.
+    r.mset(dict.fromkeys(keys, "set again"))
+    marker(env, 1)
+    r.set("small:1", "set again")
+    wait_until(lambda: r.exists("small:1") == 0, what="the marker's second delete")
+    assert r.exists(*keys) == len(keys)
     stop(listener)
 
 
