@@ -15,7 +15,14 @@ from typing import Any
 import psycopg
 import pytest
 
-from cdc_invalidator.capture.streamed import Chunk, Dead, StreamedTxn, pack
+from cdc_invalidator.capture.streamed import (
+    PREFETCH_AHEAD,
+    Chunk,
+    Dead,
+    Prefetch,
+    StreamedTxn,
+    pack,
+)
 from cdc_invalidator.capture.walstream import parse_lsn
 from cdc_invalidator.events import ChangeEvent, Op, TableName
 from cdc_invalidator.mapping.mapper import Invalidation
@@ -413,3 +420,39 @@ def test_a_full_temporary_disk_keeps_the_rest_in_memory(monkeypatch: pytest.Monk
     txn.add(chunk(10, "c:1" * 40))  # no more spilling: held in memory
     keys = [k for c in txn.chunks() for inv in c.invalidations().values() for k in inv.keys]
     assert keys == ["a:1", "b:1" * 40, "c:1" * 40]
+
+
+def test_prefetch_hands_out_every_chunk_in_order_and_a_read_failure() -> None:
+    txn = StreamedTxn(10, 1, spill_bytes=64)
+    for i in range(PREFETCH_AHEAD + 3):  # more than it reads ahead
+        txn.add(chunk(10, f"k:{i}" * 30))  # past the bound: in the file
+    assert txn.spilled_bytes > 0
+    ahead = Prefetch(txn.chunks())
+    got = []
+    while (item := ahead.next()) is not None:
+        c, routed = item
+        assert routed == c.invalidations()
+        got.append(sorted(routed[None].keys))
+    assert got == [[f"k:{i}" * 30] for i in range(PREFETCH_AHEAD + 3)]
+    assert ahead.next() is None
+    ahead.close()
+    txn.close()
+
+    def failing() -> Iterator[Chunk]:
+        yield chunk(10, "a:1")
+        raise OSError(5, "Input/output error")
+
+    ahead = Prefetch(failing())
+    first = ahead.next()
+    assert first is not None
+    with pytest.raises(OSError, match="Input/output error"):
+        ahead.next()
+    assert ahead.next() is None
+    ahead.close()
+
+
+def test_prefetch_closed_midway_stops_its_thread() -> None:
+    ahead = Prefetch(chunk(10, f"k:{i}") for i in range(PREFETCH_AHEAD + 10))
+    assert ahead.next() is not None
+    ahead.close()  # its thread is blocked on a full queue
+    assert not ahead._thread.is_alive()

@@ -61,7 +61,7 @@ from cdc_invalidator.capture.pgoutput import (
 )
 from cdc_invalidator.capture.rows import encode_history
 from cdc_invalidator.capture.slot import SlotClass, SlotState
-from cdc_invalidator.capture.streamed import Chunk, Dead, StreamedTxn, pack
+from cdc_invalidator.capture.streamed import Chunk, Dead, Prefetch, StreamedTxn, pack
 from cdc_invalidator.capture.trigger_sql import require_installed
 from cdc_invalidator.capture.walstream import (
     Keepalive,
@@ -273,7 +273,7 @@ class _Delivery:
 
     txn: StreamedTxn
     commit: StreamCommit
-    chunks: Iterator[Chunk]
+    chunks: Prefetch
     # When it was certainly visible to readers (time.monotonic()), if a snapshot taken
     # after its Stream Commit saw it complete: the runner's second deletes are owed only
     # for the shares handed out less than second_delete_ms after then.
@@ -497,6 +497,7 @@ class LogicalStream:
             txn.close()
         self._open.clear()
         if self._delivery is not None:
+            self._delivery.chunks.close()
             self._delivery.txn.close()
             self._delivery = None
 
@@ -602,7 +603,7 @@ class LogicalStream:
             if txn is None:
                 raise ProtocolError(f"Stream Commit of transaction {commit.xid}, never streamed")
             visible_at = self._seen_complete(commit.xid)
-            self._delivery = _Delivery(txn, commit, txn.chunks(), visible_at)
+            self._delivery = _Delivery(txn, commit, Prefetch(txn.chunks()), visible_at)
             log.debug(
                 "streamed_transaction_committed",
                 xid=commit.xid,
@@ -705,11 +706,15 @@ class LogicalStream:
             (txn.first_position, txn.xid, commit.commit_lsn, commit.commit_time)
         )
         while batch.size < limit:
-            chunk = next(delivery.chunks, None)
-            if chunk is None:
+            got = delivery.chunks.next()
+            if got is None:
                 break
+            chunk, routed = got
             batch.size += chunk.changes
-            merge(batch.premapped, chunk.invalidations())
+            if batch.premapped:
+                merge(batch.premapped, routed)
+            else:
+                batch.premapped = routed  # (its own: no copy)
             for dead in chunk.dead:
                 batch.dead[dead.position] = dead.error
                 if dead.event is not None:
@@ -726,6 +731,7 @@ class LogicalStream:
             batch.visible_at = self._visible_at(batch.transactions) or delivery.visible_at
             return batch
         self._delivery = None
+        delivery.chunks.close()
         txn.close()
         self._read_upto = batch.ack_lsn = batch.event_commit = commit.end_lsn
         self._received = max(self._received, commit.end_lsn)
