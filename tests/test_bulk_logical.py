@@ -15,7 +15,14 @@ from typing import Any
 import psycopg
 import pytest
 
-from cdc_invalidator.capture.streamed import Chunk, Dead, StreamedTxn, pack
+from cdc_invalidator.capture.streamed import (
+    PREFETCH_AHEAD,
+    Chunk,
+    Dead,
+    Prefetch,
+    StreamedTxn,
+    pack,
+)
 from cdc_invalidator.capture.walstream import parse_lsn
 from cdc_invalidator.events import ChangeEvent, Op, TableName
 from cdc_invalidator.mapping.mapper import Invalidation
@@ -49,20 +56,23 @@ def small_work_mem(servers: Servers) -> Iterator[None]:
 pytestmark = pytest.mark.usefixtures("small_work_mem")
 
 
-def setup(env: Env, spawn: Spawn, history: str = "0s") -> tuple[ListenerProcess, Path]:
+def setup(
+    env: Env, spawn: Spawn, history: str = "0s", second_delete_ms: int = 0
+) -> tuple[ListenerProcess, Path]:
     env.sql(
         "CREATE TABLE big (id int PRIMARY KEY, name text);"
         "CREATE TABLE small (id int PRIMARY KEY, note text);"
         f"INSERT INTO big SELECT g, 'n' || g FROM generate_series(1, {N}) g;"
         "INSERT INTO small SELECT g, 'x' FROM generate_series(1, 10) g"
     )
-    # second deletes off: each test reads which keys are gone at given moments, and a
-    # second delete 300 ms later would only delete the same keys again.
+    # second deletes off (but where a test is about them): each test reads which keys
+    # are gone at given moments, and a second delete 300 ms later would only delete the
+    # same keys again.
     config = logical_config(
         env,
         {**BIG, **SMALL},
         log_level="debug",
-        second_delete_ms=0,
+        second_delete_ms=second_delete_ms,
         replay_history=history,
     )
     install(config)
@@ -136,6 +146,37 @@ def test_a_streamed_statement_is_deleted_only_after_its_commit(env: Env, spawn: 
     items = history()
     assert len(items) == N
     assert [x for (x,) in items if x is not None] == [str(int(xid[0]) & 0xFFFFFFFF)]
+    stop(listener)
+
+
+def test_a_streamed_transaction_deleted_late_owes_no_second_deletes(env: Env, spawn: Spawn) -> None:
+    """Its commit is seen visible in a snapshot when Stream Commit arrives: keys first
+    deleted more than second_delete_ms after that are not deleted again (no stale SET
+    can come after them), as for a backlog."""
+    listener, _ = setup(env, spawn, second_delete_ms=300)
+    r = env.redis()
+    keys = cache_big(env, range(1, N + 1))
+    with psycopg.connect(env.dsn) as writer:
+        xid = writer.execute("SELECT txid_current()").fetchone()
+        assert xid is not None
+        writer.execute("UPDATE big SET name = 'x' || id")
+        wait_until(lambda: streaming(listener, int(xid[0]) & 0xFFFFFFFF), what="blocks streamed")
+        # Redis refuses writes for a second from before the commit: the first deletes
+        # come well past 300 ms after the snapshot that saw the commit.
+        r.execute_command("CLIENT", "PAUSE", "1000", "WRITE")
+        writer.commit()
+    wait_until(lambda: listener.logged("streamed_transaction_committed"), what="Stream Commit")
+    (committed,) = listener.logged("streamed_transaction_committed")
+    assert committed["seen_complete"] is True
+    wait_until(lambda: r.exists(*keys) == 0, what="every key of the statement deleted")
+    # Set again at once (a stale SET would be deleted by a second delete 300 ms after
+    # the first): still there once a later commit's own second delete, which comes after
+    # any owed before it (they run in order), has deleted its key set again.
+    r.mset(dict.fromkeys(keys, "set again"))
+    marker(env, 1)
+    r.set("small:1", "set again")
+    wait_until(lambda: r.exists("small:1") == 0, what="the marker's second delete")
+    assert r.exists(*keys) == len(keys)
     stop(listener)
 
 
@@ -379,3 +420,39 @@ def test_a_full_temporary_disk_keeps_the_rest_in_memory(monkeypatch: pytest.Monk
     txn.add(chunk(10, "c:1" * 40))  # no more spilling: held in memory
     keys = [k for c in txn.chunks() for inv in c.invalidations().values() for k in inv.keys]
     assert keys == ["a:1", "b:1" * 40, "c:1" * 40]
+
+
+def test_prefetch_hands_out_every_chunk_in_order_and_a_read_failure() -> None:
+    txn = StreamedTxn(10, 1, spill_bytes=64)
+    for i in range(PREFETCH_AHEAD + 3):  # more than it reads ahead
+        txn.add(chunk(10, f"k:{i}" * 30))  # past the bound: in the file
+    assert txn.spilled_bytes > 0
+    ahead = Prefetch(txn.chunks())
+    got = []
+    while (item := ahead.next()) is not None:
+        c, routed = item
+        assert routed == c.invalidations()
+        got.append(sorted(routed[None].keys))
+    assert got == [[f"k:{i}" * 30] for i in range(PREFETCH_AHEAD + 3)]
+    assert ahead.next() is None
+    ahead.close()
+    txn.close()
+
+    def failing() -> Iterator[Chunk]:
+        yield chunk(10, "a:1")
+        raise OSError(5, "Input/output error")
+
+    ahead = Prefetch(failing())
+    first = ahead.next()
+    assert first is not None
+    with pytest.raises(OSError, match="Input/output error"):
+        ahead.next()
+    assert ahead.next() is None
+    ahead.close()
+
+
+def test_prefetch_closed_midway_stops_its_thread() -> None:
+    ahead = Prefetch(chunk(10, f"k:{i}") for i in range(PREFETCH_AHEAD + 10))
+    assert ahead.next() is not None
+    ahead.close()  # its thread is blocked on a full queue
+    assert not ahead._thread.is_alive()

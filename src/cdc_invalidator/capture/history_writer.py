@@ -3,17 +3,22 @@
 Each acknowledged batch is recorded in cdc_invalidator.history_v1 (what a replay after
 a Redis snapshot restore deletes again). The INSERT used to be waited for before the
 next batch was read: 15% of a 100k-change drain went to that wait (py-spy). It now runs
-on a helper thread while the loop reads and deletes the next batch.
+on a helper thread while the loop reads and deletes the next batches. The loop waits
+only when the writes it queued hold more than MAX_QUEUED_BYTES of text: a committed
+streamed transaction's keys are handed out faster than PostgreSQL takes their history
+(profiled on a 1M-row UPDATE: the loop waited 2 s for the write before each batch's).
 
-What keeps the history whole: one write at a time, in order (a write waits for the one
-before it); and flush(), which waits for them and raises a write's failure, comes before
-the slot is told anything (the stream's SAVE_ACK), so the slot never moves past a batch
-whose history is not written. A failed write is raised by the next write() or flush():
-the runner reconnects and the slot sends those changes again.
+What keeps the history whole: the writes run one at a time, in the order queued (one
+thread); once one fails, those queued after it are not done; and flush(), which waits
+for them all and raises the failure, comes before the slot is told anything (the
+stream's SAVE_ACK), so the slot never moves past a batch whose history is not written.
+A failed write is raised by the next write() or flush(): the runner reconnects and the
+slot sends those changes again.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -21,31 +26,67 @@ import psycopg
 
 from cdc_invalidator.pg.queries import Q
 
+# History text queued behind the write in progress: the loop waits beyond it, so the
+# listener's memory stays bounded (a 1M-row transaction's history is ~100 MB of text).
+MAX_QUEUED_BYTES = 4 << 20
+
 
 class HistoryWriter:
     def __init__(self, conn: psycopg.Connection[Any]) -> None:
         self._conn = conn  # psycopg serializes it with the loop's own statements
         self._pool: ThreadPoolExecutor | None = None
-        self._pending: Future[None] | None = None
+        self._pending: deque[tuple[Future[None], int]] = deque()  # in order, with sizes
+        self._queued = 0  # bytes of text in _pending
+        self._failed = False  # a write failed: the ones queued after it do nothing
 
     def write(self, events: str) -> None:
         """Record a batch's history (encode_history's text) behind the loop."""
-        self.flush()  # one at a time: in order, and a failure surfaces here
+        self._collect(MAX_QUEUED_BYTES - len(events))  # a failure surfaces here
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="cdc-history")
-        self._pending = self._pool.submit(self._insert, events)
+        self._pending.append((self._pool.submit(self._insert, events), len(events)))
+        self._queued += len(events)
 
     def _insert(self, events: str) -> None:
-        self._conn.execute(Q.RECORD_HISTORY.sql, {"events": events})
+        if self._failed:
+            return  # after a failure: the slot sends these changes again
+        try:
+            self._conn.execute(Q.RECORD_HISTORY.sql, {"events": events})
+        except BaseException:
+            self._failed = True
+            raise
+
+    def _collect(self, room: int) -> None:
+        """Forget the writes done, and wait for the oldest ones until at most `room`
+        bytes are queued (-1: all); raise a failure."""
+        pending = self._pending
+        while pending and (self._queued > room or pending[0][0].done()):
+            future, size = pending.popleft()
+            self._queued -= size
+            try:
+                future.result()
+            except BaseException:
+                self._drop()
+                raise
+
+    def _drop(self) -> None:
+        """After a failure: forget the writes queued after it (they do nothing) and
+        start afresh on the next write."""
+        for future, _ in self._pending:
+            future.cancel()
+        self._pending.clear()
+        self._queued = 0
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self._failed = False
 
     def flush(self) -> None:
-        """Wait for the write in progress; raise its failure."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
+        """Wait for every write queued; raise a failure."""
+        self._collect(-1)
 
     def close(self) -> None:
-        """Wait for the write in progress (its failure is the caller's to ignore or not)
+        """Wait for the writes queued (their failure is the caller's to ignore or not)
         and stop the thread."""
         try:
             self.flush()

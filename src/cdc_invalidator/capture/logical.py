@@ -61,7 +61,7 @@ from cdc_invalidator.capture.pgoutput import (
 )
 from cdc_invalidator.capture.rows import encode_history
 from cdc_invalidator.capture.slot import SlotClass, SlotState
-from cdc_invalidator.capture.streamed import Chunk, Dead, StreamedTxn, pack
+from cdc_invalidator.capture.streamed import Chunk, Dead, Prefetch, StreamedTxn, pack
 from cdc_invalidator.capture.trigger_sql import require_installed
 from cdc_invalidator.capture.walstream import (
     Keepalive,
@@ -273,7 +273,11 @@ class _Delivery:
 
     txn: StreamedTxn
     commit: StreamCommit
-    chunks: Iterator[Chunk]
+    chunks: Prefetch
+    # When it was certainly visible to readers (time.monotonic()), if a snapshot taken
+    # after its Stream Commit saw it complete: the runner's second deletes are owed only
+    # for the shares handed out less than second_delete_ms after then.
+    visible_at: float | None = None
     history_started: bool = False
 
 
@@ -493,6 +497,7 @@ class LogicalStream:
             txn.close()
         self._open.clear()
         if self._delivery is not None:
+            self._delivery.chunks.close()
             self._delivery.txn.close()
             self._delivery = None
 
@@ -597,9 +602,13 @@ class LogicalStream:
             txn = self._open.pop(commit.xid, None)
             if txn is None:
                 raise ProtocolError(f"Stream Commit of transaction {commit.xid}, never streamed")
-            self._delivery = _Delivery(txn, commit, txn.chunks())
+            visible_at = self._seen_complete(commit.xid)
+            self._delivery = _Delivery(txn, commit, Prefetch(txn.chunks()), visible_at)
             log.debug(
-                "streamed_transaction_committed", xid=commit.xid, spilled_bytes=txn.spilled_bytes
+                "streamed_transaction_committed",
+                xid=commit.xid,
+                spilled_bytes=txn.spilled_bytes,
+                seen_complete=visible_at is not None,
             )
             return True
         if cls is StreamAbort:
@@ -613,6 +622,17 @@ class LogicalStream:
                 txn.abort(abort.subxid)
             return False
         raise ProtocolError(f"{cls.__name__} message outside a stream block")
+
+    def _seen_complete(self, xid: int) -> float | None:
+        """When a snapshot saw the committed transaction `xid` complete: now, unless the
+        server has not made it visible yet (None: the runner then goes by the first
+        delete). One round trip per streamed transaction, which spares the second
+        deletes of most of its keys: its shares are handed out over seconds."""
+        row = self._side.execute(Q.SERVER_CLOCK.sql).fetchone()
+        if row is None:
+            return None
+        complete = Complete.parse(row[1], time.monotonic())
+        return complete.at if complete.has(xid) else None
 
     def _in_block(self, msg: bytes) -> int:
         """A message inside a stream block: its change mapped into the open chunk (1),
@@ -686,11 +706,15 @@ class LogicalStream:
             (txn.first_position, txn.xid, commit.commit_lsn, commit.commit_time)
         )
         while batch.size < limit:
-            chunk = next(delivery.chunks, None)
-            if chunk is None:
+            got = delivery.chunks.next()
+            if got is None:
                 break
+            chunk, routed = got
             batch.size += chunk.changes
-            merge(batch.premapped, chunk.invalidations())
+            if batch.premapped:
+                merge(batch.premapped, routed)
+            else:
+                batch.premapped = routed  # (its own: no copy)
             for dead in chunk.dead:
                 batch.dead[dead.position] = dead.error
                 if dead.event is not None:
@@ -704,15 +728,16 @@ class LogicalStream:
                 batch.history.append(text)
         else:
             self._more = True
-            batch.visible_at = self._visible_at(batch.transactions)
+            batch.visible_at = self._visible_at(batch.transactions) or delivery.visible_at
             return batch
         self._delivery = None
+        delivery.chunks.close()
         txn.close()
         self._read_upto = batch.ack_lsn = batch.event_commit = commit.end_lsn
         self._received = max(self._received, commit.end_lsn)
         now = time.time() + self._clock_offset_s
         batch.ages_s.append(max(0.0, now - PG_EPOCH - commit.commit_time / 1e6))
-        batch.visible_at = self._visible_at(batch.transactions)
+        batch.visible_at = self._visible_at(batch.transactions) or delivery.visible_at
         self._more = True  # what follows the commit may be buffered already
         return batch
 

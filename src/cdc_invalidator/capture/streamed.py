@@ -11,17 +11,21 @@ million-row statement with two templates (2M keys, ~30 MB of keys) is never all 
 
 The chunks come back in the order they were added, each a share of the transaction's
 keys, patterns (TRUNCATE), dead letters and replay history, handed out in batches after
-the commit.
+the commit. They are read back and unpacked a few ahead of the loop, on a helper thread
+(Prefetch), while the loop waits for Redis to confirm the share before.
 """
 
 from __future__ import annotations
 
+import contextlib
 import pickle
+import queue
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import IO, NamedTuple
+from typing import IO, NamedTuple, cast
 
 from cdc_invalidator.events import ChangeEvent, TableName
 from cdc_invalidator.mapping.mapper import Invalidation, Routed
@@ -158,3 +162,69 @@ class StreamedTxn:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+# Chunks read back and unpacked ahead of the loop: each ~10,000 keys as a set (~1 MB).
+PREFETCH_AHEAD = 2
+_END = object()
+
+
+class Prefetch:
+    """A committed transaction's chunks with their invalidations, read back (from the
+    file) and unpacked on a helper thread, up to PREFETCH_AHEAD ahead of the loop.
+
+    Unpacking a chunk's keys into a set is most of the loop's own work while it hands a
+    streamed transaction to Redis (profiled on a 1M-row UPDATE: Chunk.invalidations,
+    ~3 ms per 10,000 keys, after the COMMIT); on the helper thread it overlaps with the
+    loop's wait for Redis's replies. A failure reading the file is raised by next()."""
+
+    def __init__(self, chunks: Iterator[Chunk]) -> None:
+        self._queue: queue.Queue[object] = queue.Queue(PREFETCH_AHEAD)
+        self._stopped = threading.Event()
+        self._done = False
+        self._thread = threading.Thread(
+            target=self._run, args=(chunks,), name="cdc-stream-prefetch", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, chunks: Iterator[Chunk]) -> None:
+        end: object = _END
+        try:
+            for chunk in chunks:
+                if not self._put((chunk, chunk.invalidations())):
+                    return
+        except Exception as exc:  # handed to the loop, which raises it
+            end = exc
+        self._put(end)
+
+    def _put(self, item: object) -> bool:
+        """Queue `item` unless stopped first (close() empties the queue to let it in)."""
+        while not self._stopped.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+            except queue.Full:
+                continue
+            return True
+        return False
+
+    def next(self) -> tuple[Chunk, Routed] | None:
+        """The next chunk and its invalidations; None after the last."""
+        if self._done:
+            return None
+        item = self._queue.get()
+        if item is _END:
+            self._done = True
+            return None
+        if isinstance(item, Exception):
+            self._done = True
+            raise item
+        return cast("tuple[Chunk, Routed]", item)
+
+    def close(self) -> None:
+        """Stop the thread (at once, or after the chunk in hand): then the transaction's
+        file may be closed."""
+        self._stopped.set()
+        while self._thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                self._queue.get_nowait()
+            self._thread.join(0.05)

@@ -1,0 +1,75 @@
+"""Logical mode's history writer (capture/history_writer.py): writes queued behind the
+loop, in order, bounded in bytes, and none after a failure. A pure unit: the
+connection is a stand-in that records the texts and blocks until told to go on."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, cast
+
+import psycopg
+import pytest
+
+from cdc_invalidator.capture.history_writer import MAX_QUEUED_BYTES, HistoryWriter
+
+
+class Conn:
+    """execute() records the text once the gate opens; fails for texts in `fail`."""
+
+    def __init__(self, fail: frozenset[str] = frozenset()) -> None:
+        self.gate = threading.Event()
+        self.written: list[str] = []
+        self.fail = fail
+
+    def execute(self, _sql: str, params: dict[str, Any]) -> None:
+        self.gate.wait()
+        if params["events"] in self.fail:
+            raise psycopg.OperationalError("the server went away")
+        self.written.append(params["events"])
+
+
+def writer(conn: Conn) -> HistoryWriter:
+    return HistoryWriter(cast("psycopg.Connection[Any]", conn))
+
+
+def test_writes_queue_behind_the_loop_and_are_written_in_order() -> None:
+    conn = Conn()
+    history = writer(conn)
+    for text in ("[1]", "[2]", "[3]"):
+        history.write(text)  # returns with the gate closed: nothing waited for
+    assert conn.written == []
+    conn.gate.set()
+    history.flush()
+    assert conn.written == ["[1]", "[2]", "[3]"]
+    history.close()
+
+
+def test_the_loop_waits_once_the_queued_text_passes_its_bound() -> None:
+    conn = Conn()
+    history = writer(conn)
+    big = "[" + "1" * (MAX_QUEUED_BYTES - 10) + "]"
+    history.write(big)
+    more = threading.Thread(target=history.write, args=("[" + "2" * 20 + "]",))
+    more.start()
+    more.join(0.2)
+    assert more.is_alive(), "a write past the bound did not wait for the one before"
+    conn.gate.set()
+    more.join()
+    history.flush()
+    assert conn.written == [big, "[" + "2" * 20 + "]"]
+    history.close()
+
+
+def test_a_failed_write_stops_those_after_it_and_is_raised_once() -> None:
+    conn = Conn(fail=frozenset({"[2]"}))
+    history = writer(conn)
+    for text in ("[1]", "[2]", "[3]"):
+        history.write(text)
+    conn.gate.set()
+    with pytest.raises(psycopg.OperationalError):
+        history.flush()
+    assert conn.written == ["[1]"]  # [3] was queued after the failure: not written
+    history.write("[4]")  # afresh (the slot sends [2] and [3] again)
+    history.flush()
+    assert conn.written == ["[1]", "[4]"]
+    history.close()
