@@ -91,6 +91,9 @@ TXN_REST_WAIT_S = 0.02
 # temporary file) per transaction: a listener's RSS is ~65 MB without it.
 STREAM_CHUNK = 5000
 SPILL_BYTES = 8 << 20
+# Snapshots asked for at a Stream Commit before its transaction is taken as not visible
+# yet (its second deletes then owed as after any first delete).
+SEEN_COMPLETE_ASKS = 3
 
 
 @dataclass(slots=True)
@@ -627,12 +630,19 @@ class LogicalStream:
         """When a snapshot saw the committed transaction `xid` complete: now, unless the
         server has not made it visible yet (None: the runner then goes by the first
         delete). One round trip per streamed transaction, which spares the second
-        deletes of most of its keys: its shares are handed out over seconds."""
-        row = self._side.execute(Q.SERVER_CLOCK.sql).fetchone()
-        if row is None:
-            return None
-        complete = Complete.parse(row[1], time.monotonic())
-        return complete.at if complete.has(xid) else None
+        deletes of most of its keys: its shares are handed out over seconds.
+
+        Asked up to SEEN_COMPLETE_ASKS times: the committing backend leaves the proc
+        array (becomes visible) just after flushing its commit record, which the stream
+        may already have sent; a round trip or two is plenty for it to finish."""
+        for _ in range(SEEN_COMPLETE_ASKS):
+            row = self._side.execute(Q.SERVER_CLOCK.sql).fetchone()
+            if row is None:
+                return None
+            complete = Complete.parse(row[1], time.monotonic())
+            if complete.has(xid):
+                return complete.at
+        return None
 
     def _in_block(self, msg: bytes) -> int:
         """A message inside a stream block: its change mapped into the open chunk (1),
