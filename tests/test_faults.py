@@ -48,6 +48,7 @@ from tests.support.faults import (
     blocked_on_redis,
     cache,
     insert_users,
+    insert_users_one_by_one,
     keys_of,
     lsn_before,
     queue_count,
@@ -79,13 +80,16 @@ PAUSE_MS = 20_000
 # --- the world: one table, two key templates ----------------------------------------------
 
 
-def insert_for_a_drain(env: Env, n: int) -> list[Written]:
+def insert_for_a_drain(env: Env, n: int, *, one_by_one: bool = False) -> list[Written]:
     """n rows to drain. Trigger mode: one transaction (the queue is read and acknowledged
-    in batches within it). Logical mode: ten, since the slot is only ever confirmed at the
-    end of a transaction: a fault then lands between acknowledged transactions and
-    unacknowledged ones, and the tests can tell which come again."""
+    in batches within it), of one statement (packs of a thousand rows), or `one_by_one`
+    (a queue row each, so that batch_size holds). Logical mode: ten, since the slot is
+    only ever confirmed at the end of a transaction: a fault then lands between
+    acknowledged transactions and unacknowledged ones, and the tests can tell which come
+    again."""
     if not env.logical:
-        return [insert_users(env, 1, n)]
+        insert = insert_users_one_by_one if one_by_one else insert_users
+        return [insert(env, 1, n)]
     step = n // 10
     return [insert_users(env, first, step) for first in range(1, n + 1, step)]
 
@@ -295,9 +299,11 @@ def frozen_mid_drain(
 ) -> tuple[ListenerProcess, Path, list[Written]]:
     """A listener draining n changes, caught in the middle: some batches done, its next
     UNLINKs held by CLIENT PAUSE WRITE. The caller unpauses Redis."""
-    # Small batches: the drain takes long enough to be caught in the middle.
+    # Small batches, of single rows: the drain takes long enough to be caught in the
+    # middle (packs of a thousand rows drained in a few dozen batches, sometimes all of
+    # them before Redis was paused).
     config = setup_users(own_env, batch_size=20)
-    writes = insert_for_a_drain(own_env, n)
+    writes = insert_for_a_drain(own_env, n, one_by_one=True)
     cache(r, range(1, n + 1))
     listener = spawn(config)
     wait_until(lambda: progressed(own_env, r, writes), what="the listener to make progress")

@@ -83,6 +83,19 @@ def insert_users(env: Env, first: int, count: int) -> Written:
     )
 
 
+def insert_users_one_by_one(env: Env, first: int, count: int) -> Written:
+    """One transaction of `count` one-row INSERT statements: in trigger mode, `count`
+    queue rows, where one statement over them all would be queued as packs of a thousand
+    (which a batch takes whole, whatever batch_size says)."""
+    last = first + count - 1
+    return write(
+        env,
+        f"DO $$ BEGIN FOR i IN {first:d}..{last:d} LOOP "
+        "INSERT INTO users VALUES (i, 'u' || i || '@x'); END LOOP; END $$",
+        ids=range(first, last + 1),
+    )
+
+
 def cache(r: redis.Redis, ids: Sequence[int] | range, value: str = "stale") -> None:
     """What an app would have cached (or negatively cached) for these rows."""
     pipe = r.pipeline(transaction=False)
