@@ -24,7 +24,7 @@ UNKNOWN = TableName("public", "not_configured")
 TEMPLATES = {
     USERS: ["user:{id}", "user:email:{email|lower}", "{{literal}}*[x]:{id}"],
     ORDERS: ["order:{id}:{region}", "order:by:{region|trim|upper}:{id}", "o:{id}"],
-    ITEMS: ["item:{sku}"],
+    ITEMS: ["item:{sku}", "item:h:{sku|md5}"],
     CONSTANT: ["settings:all"],
 }
 # Which columns each table's packs carry (sometimes one more the templates do not use,
@@ -199,6 +199,9 @@ NOT_TEXT: dict[str, list[object]] = {"id": [None], "email": [5]}
         Pack(USERS, Op.DELETE, NOT_TEXT, None, 1),
         Pack(USERS, Op.UPDATE, {"id": ["1"], "email": ["a"]}, None, 1),
         Pack(USERS, Op.TRUNCATE, None, None, 1),
+        # A lone surrogate (JSON can spell one) through a filter that encodes: render()
+        # meets it row by row, as before.
+        Pack(ITEMS, Op.INSERT, None, {"sku": ["1", "\ud800"]}, 2),
     ],
 )
 def test_map_pack_refuses_what_it_cannot_do_exactly_and_adds_nothing(pack: Pack) -> None:

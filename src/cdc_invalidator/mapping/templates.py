@@ -326,15 +326,21 @@ def _render_columns(
             arrays.append(values)
         out: list[str] = []
         # Every value is text or None (_texts() above): typed so for the loop.
-        for values in zip(*cast("list[Sequence[str | None]]", arrays), strict=True):
-            parts = [literals[0]]
-            for i, value in enumerate(values):
-                if value is None:
-                    break  # a NULL field: no key for this row
-                parts.append(steps[i](value))
-                parts.append(literals[i + 1])
-            else:
-                out.append("".join(parts))
+        texts = zip(*cast("list[Sequence[str | None]]", arrays), strict=True)
+        try:
+            for values in texts:
+                parts = [literals[0]]
+                for i, value in enumerate(values):
+                    if value is None:
+                        break  # a NULL field: no key for this row
+                    parts.append(steps[i](value))
+                    parts.append(literals[i + 1])
+                else:
+                    out.append("".join(parts))
+        except UnicodeError:
+            # A filter that encodes (md5, urlencode) met a lone surrogate, which JSON
+            # can spell: row by row, render() meets it as it always did.
+            return None
         return out
 
     return render_columns_many
