@@ -134,3 +134,42 @@ def test_tail_table_shows_that_table_only(env: Env, spawn: Spawn, tails: list[Ta
     assert not any("public.users" in t for t in tail.lines()), tail.lines()
     assert tail.interrupt() == 0
     stop_listener(listener)
+
+
+def test_tail_shows_each_row_of_a_multi_row_statement(
+    env: Env, spawn: Spawn, tails: list[Tail]
+) -> None:
+    """A statement of several rows is a pack in trigger mode, whose keys the listener
+    renders column-wise, without an event per row: the tail still shows each row, a
+    line each, with that row's keys."""
+    config = setup_users(env, rows=200)
+    listener = spawn(config)
+    r = env.redis()
+    tail = Tail(config, env.tmp_path, "--table", "users")
+    tails.append(tail)
+    wait_until(lambda: subscribers(r, channel_of(env)) == 1, what="tail subscribed")
+    seen: list[Written] = []
+    lines: dict[int, list[str]] = {}  # a row's id -> its line's keys
+
+    def a_whole_statement_shown() -> bool:
+        for text in tail.lines():
+            match = LINE.match(text)
+            if match and match["op"] == "UPDATE":
+                keys = match["keys"].split()
+                lines[int(keys[0].removeprefix("user:"))] = keys
+        if any(all(i + n in lines for n in range(3)) for i in range(1, 3 * len(seen), 3)):
+            return True
+        if not seen or acknowledged(env, seen[-1]):
+            i = 3 * len(seen) + 1  # rows i, i+1 and i+2 in one statement
+            update = "UPDATE users SET email = 'p' || id WHERE id BETWEEN %s AND %s"
+            seen.append(write(env, update, [i, i + 2], ids=range(i, i + 3)))
+        return False
+
+    # The listener asks whether anyone tails once a second at most: the first
+    # statements may go by unseen.
+    wait_until(a_whole_statement_shown, what="each row of a statement shown", timeout_s=30)
+    first = next(i for i in range(1, 3 * len(seen), 3) if all(i + n in lines for n in range(3)))
+    for n in range(first, first + 3):
+        assert lines[n] == [f"user:{n}", f"user:email:p{n}", f"user:email:u{n}@x"]
+    assert tail.interrupt() == 0, tail.stderr()
+    stop_listener(listener)

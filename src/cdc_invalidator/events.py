@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from typing import NamedTuple
 
@@ -108,6 +108,22 @@ class ChangeEvent(NamedTuple):
     old: Row | None
     new: Row | None
     position: int
+
+
+# A pack's key columns: each column's values, one per row, in row order.
+Columns = Mapping[str, Sequence[object]]
+
+
+class Pack(NamedTuple):
+    """The changes of `size` rows of one statement given column-wise (a trigger pack,
+    capture/rows.py): what ChangeEvents they would be, without one per row. An UPDATE's
+    old and new values are paired by index; `new is old` when their text is the same."""
+
+    table: TableName
+    op: Op
+    old: Columns | None
+    new: Columns | None
+    size: int
 
 
 class Origin(NamedTuple):

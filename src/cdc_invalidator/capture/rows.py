@@ -17,13 +17,13 @@ every queue id, and each says which row and which element it came from.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import orjson
 
-from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, Row, TableName
+from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, Pack, Row, TableName
 
 _OPS = {op.value: op for op in Op}
 # [schema, table, op, old, new], and on the first event of each transaction of a
@@ -41,15 +41,23 @@ Transaction = tuple[int, int, int]
 _Columns = tuple[list[str], list[list[Any]]]
 
 
+# Maps a pack's changes column-wise (Mapper.map_pack, its `into` bound); False when it
+# cannot do so exactly.
+MapPack = Callable[[Pack], bool]
+
+
 @dataclass(slots=True)
 class Decoded:
     events: list[ChangeEvent] = field(default_factory=list)
     # (position, reason) for each row, or event of a history row, that is no event.
     dead: list[tuple[int, str]] = field(default_factory=list)
+    # Packs whose changes were mapped column-wise (queue_rows' map_pack): no events.
+    mapped_packs: int = 0
 
     def extend(self, other: Decoded) -> None:
         self.events += other.events
         self.dead += other.dead
+        self.mapped_packs += other.mapped_packs
 
 
 def pack_position(queue_id: int, element: int) -> int:
@@ -124,13 +132,21 @@ class RowDecoder:
         self._tables: dict[tuple[str, str], TableName] = {}
 
     def queue_rows(
-        self, rows: Sequence[Sequence[Any]], at: int = 0, count_at: int | None = None
+        self,
+        rows: Sequence[Sequence[Any]],
+        at: int = 0,
+        count_at: int | None = None,
+        map_pack: MapPack | None = None,
     ) -> Decoded:
         """queue_v1 rows whose columns from `at` on are id, schema_name, table_name, op,
         old_row::text, new_row::text (as text: a value the driver could not parse would
         fail the whole read), and at `count_at` (if given) rows: a pack's size, None for
         one change. Events keep the rows' order (a pack's in its arrays' order); a single
-        change's position is the queue id, a pack's elements' are pack_position()s."""
+        change's position is the queue id, a pack's elements' are pack_position()s.
+
+        `map_pack`, if given, is offered each well-formed pack first: a pack it maps
+        gives no events (counted in mapped_packs), one it refuses gives its events as
+        without it (a bulk statement's drain builds no row and no event per change)."""
         if count_at is None or all(row[count_at] is None for row in rows):
             return self._single_rows(rows, at)
         out = Decoded()
@@ -142,15 +158,18 @@ class RowDecoder:
             if singles:
                 out.extend(self._single_rows(singles, at))
                 singles = []
-            self._pack(row, at, row[count_at], out)
+            self._pack(row, at, row[count_at], out, map_pack)
         if singles:
             out.extend(self._single_rows(singles, at))
         return out
 
-    def _pack(self, row: Sequence[Any], at: int, count: object, out: Decoded) -> None:
+    def _pack(
+        self, row: Sequence[Any], at: int, count: object, out: Decoded, map_pack: MapPack | None
+    ) -> None:
         """A pack's events, or one dead letter for the whole pack when it is malformed
         (its elements cannot be told apart then). An element whose values cannot render
-        is the mapper's to find: it dead-letters that element alone."""
+        is the mapper's to find: it dead-letters that element alone. A pack `map_pack`
+        maps gives no events."""
         queue_id = row[at]
         try:
             name, kind, old, new = self._pack_parts(row, at, count)
@@ -158,6 +177,14 @@ class RowDecoder:
             out.dead.append((queue_id, f"pack of {count!r} rows: {exc}"))
             return
         size = cast(int, count)  # checked by _pack_parts
+        if map_pack is not None:
+            old_columns = None if old is None else dict(zip(*old, strict=True))
+            new_columns = old_columns if new is old else None
+            if new is not None and new is not old:
+                new_columns = dict(zip(*new, strict=True))
+            if map_pack(Pack(name, kind, old_columns, new_columns, size)):
+                out.mapped_packs += 1
+                return
         make = tuple.__new__  # as in _single_rows: no Python-level __new__ per event
         base = -(queue_id << PACK_BITS) - 1  # pack_position(queue_id, i) == base - i
         # The drain's hot path: one comprehension per pack, each element's row built

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import psycopg
@@ -36,6 +37,7 @@ from cdc_invalidator.capture.holds import Hold, Holds
 from cdc_invalidator.capture.rows import RowDecoder, pack_element, queue_id
 from cdc_invalidator.capture.trigger_sql import CHANNEL, require_installed
 from cdc_invalidator.events import ChangeEvent, Origin
+from cdc_invalidator.mapping.mapper import Mapper, Routed
 from cdc_invalidator.pg.connect import LISTENER, PgConnector
 from cdc_invalidator.pg.queries import Q
 
@@ -72,7 +74,11 @@ class QueueBatch:
     """The runner's Batch (the fields mean what runner.Batch says). Here a position is
     a queue row's id, or an element of its pack (capture/rows.py, pack_position), and
     an age is measured from the row's enqueued_at: now() in the writer, the start of its
-    transaction. `size` counts events: a pack weighs its rows."""
+    transaction. `size` counts events: a pack weighs its rows.
+
+    A pack the mapper could map column-wise (Mapper.map_pack) is in `premapped` (the
+    runner's Premapped), not in `events`: no event per row. all_events() builds every
+    event, for the tail."""
 
     size: int
     events: list[ChangeEvent]
@@ -85,6 +91,9 @@ class QueueBatch:
     # When the window's snapshot was taken: every row read in it had committed by then.
     visible_at: float | None = None
     held: Hold | None = None  # hold(): acknowledged once its sweep is done
+    # The keys of the packs mapped column-wise, and how many packs they were.
+    premapped: Routed = field(default_factory=dict)
+    mapped_packs: int = 0
 
     @property
     def ages_s(self) -> list[float]:
@@ -102,13 +111,22 @@ class QueueBatch:
             self.held = Hold()
         return self.held
 
+    def all_events(self) -> list[ChangeEvent]:
+        """Every change of the batch as an event, those of the packs mapped column-wise
+        too (decoded again, as they would have been without map_pack): what `tail`
+        shows. Built only when asked."""
+        if not self.mapped_packs:
+            return self.events
+        return RowDecoder().queue_rows(self.rows, at=3, count_at=9).events
+
     def origins(self) -> list[Origin]:
-        """Each event's writer: its xid, and the start of its transaction (enqueued_at,
-        the writer's now(): the queue records no commit time) on our clock."""
+        """Each event's writer, in the order of all_events(): its xid, and the start of
+        its transaction (enqueued_at, the writer's now(): the queue records no commit
+        time) on our clock."""
         read_wall = time.time() - (time.monotonic() - self.read_at)
         xids = {row[3]: row[1] for row in self.rows}
         out = []
-        for event in self.events:
+        for event in self.all_events():
             xid = xids.get(queue_id(event.position))
             age = None if xid is None else self.xid_ages.get(xid)
             out.append(
@@ -308,9 +326,16 @@ class TriggerCapture:
     """Connects the trigger queue, and reconnects it where the last connection left off."""
 
     def __init__(
-        self, pg: PgConnector, *, prune_every_s: float = 1.0, history_s: float = 0.0
+        self,
+        pg: PgConnector,
+        *,
+        prune_every_s: float = 1.0,
+        history_s: float = 0.0,
+        mapper: Mapper | None = None,
     ) -> None:
         self._pg = pg
+        # Maps packs column-wise (Mapper.map_pack); None: every pack as events.
+        self._mapper = mapper
         self._prune_every_s = prune_every_s
         self._progress: Progress | None = None
         self._retention = Retention(history_s)
@@ -329,7 +354,9 @@ class TriggerCapture:
         # Within one process the progress in memory is never behind what was saved.
         if self._progress is None:
             self._progress = saved
-        return TriggerQueue(conn, self._progress, self._prune_every_s, self._retention)
+        return TriggerQueue(
+            conn, self._progress, self._prune_every_s, self._retention, self._mapper
+        )
 
 
 class TriggerQueue:
@@ -339,8 +366,10 @@ class TriggerQueue:
         progress: Progress,
         prune_every_s: float,
         retention: Retention,
+        mapper: Mapper | None = None,
     ) -> None:
         self._conn = conn
+        self._mapper = mapper
         self._progress = progress
         self._prune_every_s = prune_every_s
         self._retention = retention
@@ -374,7 +403,11 @@ class TriggerQueue:
             self._read_ahead.start(fetch_key(progress.done, window, chunk.last, limit))
         rows = chunk.rows
         # Columns 3 to 8: id, schema_name, table_name, op, old_row, new_row; 9: rows.
-        decoded = self._decoder.queue_rows(rows, at=3, count_at=9)
+        # A pack's keys rendered column-wise where the mapper can (a bulk statement's
+        # drain: profiled, building a dict and an event per row was most of decoding).
+        premapped: Routed = {}
+        map_pack = None if self._mapper is None else partial(self._mapper.map_pack, into=premapped)
+        decoded = self._decoder.queue_rows(rows, at=3, count_at=9, map_pack=map_pack)
         batch = QueueBatch(
             size=chunk.events,
             events=decoded.events,
@@ -383,6 +416,8 @@ class TriggerQueue:
             rows=rows,
             xid_ages=chunk.xid_ages,
             visible_at=self._window_at,
+            premapped=premapped,
+            mapped_packs=decoded.mapped_packs,
         )
         yield batch
         # Acknowledged: Redis confirmed every delete of the batch (a sweep, if the batch

@@ -5,7 +5,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from cdc_invalidator.events import UNRENDERABLE, ChangeEvent, InvalidEvent, Op, Row, TableName
+from cdc_invalidator.events import (
+    UNRENDERABLE,
+    ChangeEvent,
+    InvalidEvent,
+    Op,
+    Pack,
+    Row,
+    TableName,
+)
 from cdc_invalidator.mapping.templates import KeyTemplate, Render, RenderError
 
 
@@ -53,6 +61,10 @@ class Mapper:
         self._render_alls = {
             table: tuple(t.render_all for t in ts) for table, ts in self._templates.items()
         }
+        self._render_columns = {
+            table: tuple((t.render_columns, t.fields) for t in ts)
+            for table, ts in self._templates.items()
+        }
 
     @property
     def tables(self) -> Mapping[TableName, tuple[KeyTemplate, ...]]:
@@ -77,6 +89,41 @@ class Mapper:
         for db, group in groups.items():
             failed += self.add_all(group, routed.setdefault(db, Invalidation()))
         return routed, failed
+
+    def map_pack(self, pack: Pack, into: Routed) -> bool:
+        """The keys of a pack's changes (given column-wise), added to `into` under the
+        table's Redis database: the same keys as map_all() of their events, without an
+        event or a row per change (KeyTemplate.render_columns).
+
+        False, and nothing added, when that cannot be done exactly: an unknown table, a
+        missing row side, a missing column or a value not text. Their events then go
+        through map_all(), which dead-letters exactly the changes it cannot map."""
+        table, op, old, new, count = pack
+        templates = self._render_columns.get(table)
+        if templates is None or op is Op.TRUNCATE:
+            return False
+        first, second = (new, None) if op is Op.INSERT else (old, new)
+        if first is None or (op is Op.UPDATE and second is None):
+            return False
+        keys: list[str] = []
+        for render_columns, fields in templates:
+            rendered = render_columns(first, count)
+            if rendered is None:
+                return False
+            keys += rendered
+            if second is None or second is first:
+                continue
+            if all(second.get(f) == first.get(f) for f in fields):
+                continue  # this template's columns unchanged: rendered once, as add_all()
+            rendered = render_columns(second, count)
+            if rendered is None:
+                return False
+            keys += rendered
+        work = into.get(self._dbs.get(table))
+        if work is None:
+            work = into[self._dbs.get(table)] = Invalidation()
+        work.keys.update(keys)
+        return True
 
     def add_all(
         self, events: Iterable[ChangeEvent], into: Invalidation

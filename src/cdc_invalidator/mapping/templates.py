@@ -16,8 +16,9 @@ alone (``{email}:{id}`` sweeps ``*:*``: every key with a colon, sessions and loc
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 from cdc_invalidator.events import InvalidEvent, Row
 from cdc_invalidator.mapping.filters import FILTERS, Filter, chain
@@ -26,6 +27,9 @@ from cdc_invalidator.mapping.filters import FILTERS, Filter, chain
 Render = Callable[[Row], str | None]
 # The same for many rows: their keys (a NULL field: none for that row), or RenderError.
 RenderAll = Callable[[Sequence[Row]], list[str]]
+# The same for rows given column-wise (a pack: each column's values, one per row, in
+# row order), or None when this cannot be done exactly: see _render_columns().
+RenderColumns = Callable[[Mapping[str, Sequence[object]], int], list[str] | None]
 
 _GLOB_SPECIAL = frozenset("*?[]\\")
 # What every field of a sample key holds (`check` matches sweeps against sample keys).
@@ -74,6 +78,8 @@ class KeyTemplate:
     render: Render = field(init=False, repr=False, compare=False)
     # render() for many rows at once (_render_all()): a bulk statement's keys.
     render_all: RenderAll = field(init=False, repr=False, compare=False)
+    # render_all() for rows given as columns (_render_columns()): a trigger pack's keys.
+    render_columns: RenderColumns = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # Frozen: object.__setattr__ is how a field derived from the others is set.
@@ -84,6 +90,9 @@ class KeyTemplate:
         object.__setattr__(self, "render", render)
         object.__setattr__(
             self, "render_all", _render_all(render, self.literals, self.fields, transforms)
+        )
+        object.__setattr__(
+            self, "render_columns", _render_columns(self.literals, self.fields, transforms)
         )
 
     @classmethod
@@ -262,6 +271,87 @@ def _render_all(
         return [k for row in rows if (k := render(row)) is not None]
 
     return render_all_many
+
+
+def _render_columns(
+    literals: tuple[str, ...],
+    fields: tuple[str, ...],
+    transforms: tuple[Filter | None, ...],
+) -> RenderColumns:
+    """render_all() over `count` rows given as columns (label -> the rows' values): the
+    same keys as render_all() of the rows, without building a row per element.
+
+    Exactly render()'s rule, or None, never an error: a missing column, a column of
+    another length, or a value neither text nor NULL (which render() would refuse for
+    some row, depending on the order of its fields) gives None, and the caller goes
+    row by row, where render() says which row and why."""
+    if not fields:
+        # A constant key (no field): every row renders it.
+        (constant,) = literals
+
+        def render_constant(columns: Mapping[str, Sequence[object]], count: int) -> list[str]:
+            return [constant] if count else []
+
+        return render_constant
+    if len(fields) == 1 and transforms == (None,):
+        (column,) = fields
+        prefix, suffix = literals
+
+        def render_columns_one(
+            columns: Mapping[str, Sequence[object]], count: int
+        ) -> list[str] | None:
+            values = columns.get(column)
+            if values is None or len(values) != count:
+                return None
+            # Typed as text for the comprehension: a value neither str nor None makes it
+            # raise TypeError (str + int, str + list...), which is the check.
+            texts = cast("Sequence[str | None]", values)
+            try:
+                return [prefix + v + suffix for v in texts if v is not None]
+            except TypeError:
+                return None
+
+        return render_columns_one
+
+    steps = [transform or _same for transform in transforms]
+
+    def render_columns_many(
+        columns: Mapping[str, Sequence[object]], count: int
+    ) -> list[str] | None:
+        arrays: list[Sequence[object]] = []
+        for column in fields:
+            values = columns.get(column)
+            if values is None or len(values) != count or not _texts(values):
+                return None
+            arrays.append(values)
+        out: list[str] = []
+        # Every value is text or None (_texts() above): typed so for the loop.
+        texts = zip(*cast("list[Sequence[str | None]]", arrays), strict=True)
+        try:
+            for values in texts:
+                parts = [literals[0]]
+                for i, value in enumerate(values):
+                    if value is None:
+                        break  # a NULL field: no key for this row
+                    parts.append(steps[i](value))
+                    parts.append(literals[i + 1])
+                else:
+                    out.append("".join(parts))
+        except UnicodeError:
+            # A filter that encodes (md5, urlencode) met a lone surrogate, which JSON
+            # can spell: row by row, render() meets it as it always did.
+            return None
+        return out
+
+    return render_columns_many
+
+
+_TEXT_OR_NULL = frozenset((str, type(None)))
+
+
+def _texts(values: Sequence[object]) -> bool:
+    """Whether every value is text or NULL (one pass in C: no Python call per value)."""
+    return set(map(type, values)) <= _TEXT_OR_NULL
 
 
 def _same(value: str) -> str:

@@ -66,6 +66,7 @@ class TriggerMode:
             PgConnector.from_settings(s),
             prune_every_s=s.prune_every_ms / 1000,
             history_s=s.history_s,
+            mapper=s.mapper(),
         ).connect
 
     def status(self, conn: psycopg.Connection[Any]) -> Status:

@@ -10,12 +10,21 @@ acknowledgement: the deletes are never held up, and a failure is the channel's t
 from __future__ import annotations
 
 import time
+from typing import Protocol, runtime_checkable
 
-from cdc_invalidator.events import InvalidEvent
+from cdc_invalidator.events import ChangeEvent, InvalidEvent
 from cdc_invalidator.mapping import Invalidation, Mapper
 from cdc_invalidator.runner import Batch
 from cdc_invalidator.sink.pubsub import TailChannel
 from cdc_invalidator.tools.tail_message import MAX_EVENTS, TailEvent, encode
+
+
+@runtime_checkable
+class AllEvents(Protocol):
+    """A batch whose `events` may leave changes out (mapped without events: a trigger
+    batch's packs); all_events() has them all, in the order origins() follows."""
+
+    def all_events(self) -> list[ChangeEvent]: ...
 
 
 class Tap:
@@ -29,7 +38,9 @@ class Tap:
         if not self._channel.wanted():
             return
         at = time.time()
-        shown = batch.events[:MAX_EVENTS]
+        # Every change: a trigger batch's packs mapped column-wise are no `events`.
+        every = batch.all_events() if isinstance(batch, AllEvents) else batch.events
+        shown = every[:MAX_EVENTS]
         origins = batch.origins()
         events = []
         for event, origin in zip(shown, origins, strict=False):
@@ -51,7 +62,7 @@ class Tap:
                     txn=origin.transaction,
                 )
             )
-        self._channel.publish(encode(at, events, len(batch.events) - len(shown)))
+        self._channel.publish(encode(at, events, len(every) - len(shown)))
 
     def close(self) -> None:
         self._channel.close()
