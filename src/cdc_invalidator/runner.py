@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 import psycopg
 import structlog
@@ -109,11 +109,12 @@ class Batch(Protocol):
         done). Holds are released in the order they were taken."""
 
 
-@runtime_checkable
 class Premapped(Protocol):
     """A batch that also carries keys its source rendered already: logical mode's
     transaction streamed before its commit, whose keys were computed as it came and are
-    handed out once it committed, without an event per change."""
+    handed out once it committed, without an event per change. Told apart by the
+    attribute (premapped_of), not isinstance(): on Python 3.11 an isinstance() against a
+    runtime-checkable Protocol costs ~12 us of CPU, as much as a small batch's mapping."""
 
     @property
     def premapped(self) -> Routed: ...
@@ -149,6 +150,12 @@ class Tap(Protocol):
 
     def after(self, batch: Batch) -> None: ...
     def close(self) -> None: ...
+
+
+def premapped_of(batch: Batch) -> Routed | None:
+    """The keys a Premapped batch carries, None from any other batch."""
+    premapped: Routed | None = getattr(batch, "premapped", None)
+    return premapped
 
 
 def split_sweeps(works: Routed) -> tuple[Routed, Routed]:
@@ -410,8 +417,8 @@ class Runner:
             if (oldest_s := batch.oldest_s) is not None:
                 self.in_hand_since = batch.read_at - oldest_s
             works, failed = self._mapper.map_all(batch.events)
-            if isinstance(batch, Premapped) and batch.premapped:
-                merge(works, batch.premapped)
+            if premapped := premapped_of(batch):
+                merge(works, premapped)
             for event, exc in failed:
                 batch.dead_letter(event.position, str(exc))
             keys, sweeps = split_sweeps(works)
