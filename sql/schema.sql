@@ -320,6 +320,41 @@ BEGIN
 END
 $judged_packed$;
 
+-- queue_early_v1(statement, head): `statement` (queue_statement_v1's INSERT or DELETE, or
+-- the UPDATE of queue_statement_v1 or queue_judged_update_v1) for a statement that changed
+-- one row, whose queue row also goes to the listener in the NOTIFY payload: `head` ||
+-- xid, the writer's now() and [[op, old_row, new_row]] || '}' (see watch()), or the
+-- empty wake-up when that is 8000 bytes or more (NOTIFY's limit). The listener deletes
+-- its keys at once, before it reads the queue (which still acknowledges the row, and
+-- knows it by its transaction and content). Sent from the INSERT's own row filter, which
+-- always passes: the row is built once, with no second scan, aggregate or RETURNING
+-- (which would need SELECT on the queue, every table's rows, for the table owners the
+-- capture functions run as). A row the filter of a judged UPDATE drops is not queued
+-- and sends nothing. Packs (several rows) never carry a payload.
+CREATE OR REPLACE FUNCTION cdc_invalidator.queue_early_v1(statement text, head text)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp
+AS $early$
+DECLARE
+    parts text[] := regexp_match(statement,
+        '^INSERT INTO cdc_invalidator\.queue_v1 \(([a-z_, ]+)\) (SELECT .*)$');
+BEGIN
+    IF parts IS NULL OR parts[1] LIKE '%rows%' THEN
+        RAISE EXCEPTION 'cdc_invalidator.queue_early_v1: not a single-row queue INSERT: %', statement;
+    END IF;
+    RETURN format(
+        'INSERT INTO cdc_invalidator.queue_v1 (%1$s) SELECT %1$s FROM (%2$s) s (%1$s), '
+        'LATERAL (SELECT %3$L || pg_current_xact_id()::text '
+        '|| '',"a":'' || extract(epoch FROM now())::text '
+        '|| '',"r":['' || json_build_array(s.op, %4$s, %5$s)::text || '']}'' AS p) e '
+        'WHERE pg_notify(''cdc_invalidator_v1'', '
+        'CASE WHEN octet_length(e.p) < 8000 THEN e.p ELSE '''' END)::text = ''''',
+        parts[1], parts[2], head,
+        CASE WHEN parts[1] LIKE '%old_row%' THEN 's.old_row' ELSE 'NULL' END,
+        CASE WHEN parts[1] LIKE '%new_row%' THEN 's.new_row' ELSE 'NULL' END);
+END
+$early$;
+
 -- queue_sweep_v1(names, reason): the statement that queues a sweep of a table's templates
 -- instead of its changes (a TRUNCATE event carrying `reason`, which the listener logs and
 -- counts): for a change that cannot be rendered as it should be.
@@ -549,8 +584,10 @@ DECLARE
     judged   boolean := false;
     natts    int2;
     judged_q text;
-    update_q text;
-    packed_q text;  -- update_q for a statement that changed several rows
+    update_q text;  -- an UPDATE's queue INSERT, without a filter
+    early_q  text;  -- the UPDATE of one row: queued, judged if filtered, and its payload
+    packed_q text;  -- the UPDATE of several rows: packs
+    early_head text;
     rel      regclass;
     trg      record;
 BEGIN
@@ -625,7 +662,12 @@ BEGIN
     -- its partitions is still a change of the table the configuration knows, and so is
     -- a write after the table was renamed (check reports that the configuration drifted).
     names := format('%L, %L', schema_n, table_n);
+    -- The NOTIFY payload of a statement that changed one row starts so (queue_early_v1
+    -- says the rest): {"s": schema, "t": table, "x": xid, "a": the writer's now() (Unix
+    -- time), "r": [[op, old_row, new_row]]}, the names as the queue rows carry them.
+    early_head := format('{"s":%s,"t":%s,"x":', to_json(schema_n::text), to_json(table_n::text));
     update_q := cdc_invalidator.queue_statement_v1('UPDATE', names, key_columns, key_columns);
+    early_q := cdc_invalidator.queue_early_v1(update_q, early_head);
     packed_q := cdc_invalidator.queue_packed_v1('UPDATE', names, key_columns, key_columns);
     IF judged THEN
         -- Planned here, on the table itself, so that a write never meets a statement
@@ -645,11 +687,11 @@ BEGIN
         END;
     END IF;
     IF judged THEN
-        update_q := format(CASE WHEN natts IS NULL THEN '%s' ELSE
+        early_q := format(CASE WHEN natts IS NULL THEN '%s' ELSE
             -- ignore_columns: a column added since watch() would be judged by nobody.
             'IF (SELECT c.relnatts FROM pg_class c WHERE c.oid = %3$s) = %4$s THEN %1$s; '
             'ELSE %2$s; END IF' END,
-            judged_q, update_q, tbl::oid, natts);
+            cdc_invalidator.queue_early_v1(judged_q, early_head), early_q, tbl::oid, natts);
         packed_q := format(CASE WHEN natts IS NULL THEN '%s' ELSE
             'IF (SELECT c.relnatts FROM pg_class c WHERE c.oid = %3$s) = %4$s THEN %1$s; '
             'ELSE %2$s; END IF' END,
@@ -707,12 +749,16 @@ BEGIN
                     PERFORM pg_notify('cdc_invalidator_v1', '');
                 END IF;
                 RETURN NULL;
+            -- One row (or none) is queued as one change and sent to the listener in
+            -- its own NOTIFY payload (queue_early_v1), instead of the wake-up below: it
+            -- deletes the keys at once, and the queue read that follows acknowledges
+            -- the row without deleting them again. Several rows: packs, and the wake-up.
             ELSIF TG_OP = 'INSERT' THEN
-                IF many THEN %11$s; ELSE %1$s; END IF;
+                IF many THEN %11$s; ELSE %1$s; RETURN NULL; END IF;
             ELSIF TG_OP = 'UPDATE' THEN
-                IF many THEN %12$s; ELSE %2$s; END IF;
+                IF many THEN %12$s; ELSE %2$s; RETURN NULL; END IF;
             ELSIF TG_OP = 'DELETE' THEN
-                IF many THEN %13$s; ELSE %8$s; END IF;
+                IF many THEN %13$s; ELSE %8$s; RETURN NULL; END IF;
             ELSE
                 %9$s;
             END IF;
@@ -724,10 +770,12 @@ BEGIN
             RETURN NULL;
         END
     $body$,
-        cdc_invalidator.queue_statement_v1('INSERT', names, key_columns, key_columns),
-        update_q,
+        cdc_invalidator.queue_early_v1(
+            cdc_invalidator.queue_statement_v1('INSERT', names, key_columns, key_columns), early_head),
+        early_q,
         probe, tbl::oid, key_columns, attnums, names,
-        cdc_invalidator.queue_statement_v1('DELETE', names, key_columns, key_columns),
+        cdc_invalidator.queue_early_v1(
+            cdc_invalidator.queue_statement_v1('DELETE', names, key_columns, key_columns), early_head),
         cdc_invalidator.queue_statement_v1('TRUNCATE', names, key_columns, key_columns),
         CASE WHEN pinned THEN 'queue_drifted_v1' ELSE 'queue_drifted_unpinned_v1' END,
         cdc_invalidator.queue_packed_v1('INSERT', names, key_columns, key_columns),

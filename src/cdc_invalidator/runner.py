@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol, cast, runtime_checkable
 
 import psycopg
 import structlog
@@ -117,6 +117,18 @@ class Premapped(Protocol):
 
     @property
     def premapped(self) -> Routed: ...
+
+
+@runtime_checkable
+class Early(Protocol):
+    """A batch of changes deleted ahead of the batch that acknowledges them (trigger
+    mode's NOTIFY payloads: capture/early.py), which the source hands out next. It
+    acknowledges nothing: a clean exit tells the source which deletes Redis confirmed,
+    so that the acknowledging batch does not delete them again; its changes, their lag
+    and dead letters are that batch's. A change the mapper refuses (dead_letter()) is
+    left to that batch, and so is every change of one that needs a sweep (leave())."""
+
+    def leave(self) -> None: ...
 
 
 class Source(Protocol):
@@ -407,6 +419,9 @@ class Runner:
                 if not batch.ages_s:
                     self.behind_s = 0.0  # caught up
                 return 0
+            if isinstance(batch, Early):
+                self._delete_early(batch)
+                return batch.size
             if (oldest_s := batch.oldest_s) is not None:
                 self.in_hand_since = batch.read_at - oldest_s
             works, failed = self._mapper.map_all(batch.events)
@@ -439,6 +454,24 @@ class Runner:
             existed=deleted,
         )
         return batch.size
+
+    def _delete_early(self, batch: Batch) -> None:
+        """An Early batch's keys, deleted (and due again as second deletes); counted only
+        in keys deleted. Sweeps, and the log of an unrenderable change, are left to the
+        batch that acknowledges, held as it must be."""
+        works, failed = self._mapper.map_all(batch.events)
+        keys, sweeps = split_sweeps(works)
+        if sweeps or any(work.unrenderable for work in works.values()):
+            cast(Early, batch).leave()
+            return
+        for event, exc in failed:
+            batch.dead_letter(event.position, str(exc))
+        deleted = self._sink.delete_routed(keys)
+        self._later.add(keys, batch.visible_at)
+        if self._tap is not None:
+            self._tap.after(batch)
+        self._keys_deleted += deleted
+        self.metrics.keys_deleted.inc(deleted)
 
     def _swept_unrenderable(self, tables: dict[TableName, str]) -> None:
         """Count each sweep; log it once a minute per table, not once per batch: until
