@@ -13,17 +13,27 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, cast
 
 import psycopg
 import redis
 
-from cdc_invalidator.capture.early import EarlyBatch, EarlyChanges, content, visible_in
+from cdc_invalidator.capture.early import (
+    EarlyBatch,
+    EarlyChanges,
+    content,
+    early_batch,
+    visible_in,
+)
+from cdc_invalidator.capture.rows import RowDecoder
 from cdc_invalidator.cli import main
 from cdc_invalidator.events import ChangeEvent, Op, TableName
-from cdc_invalidator.runner import Batch
+from cdc_invalidator.mapping import KeyTemplate, Mapper, Routed
+from cdc_invalidator.runner import Batch, Runner, RunnerConfig, Source
+from cdc_invalidator.shutdown import Stopper
+from cdc_invalidator.sink import Persistence
 from tests.support.env import Env
 from tests.support.faults import cache, insert_users, keys_of, queue_count, setup_users, write
 from tests.support.listener import ListenerThread
@@ -312,3 +322,104 @@ def test_a_snapshot_sees_what_completed_before_it() -> None:
     assert not visible_in(snap, 103)
     assert not visible_in(snap, 105)
     assert not visible_in("1:1:", 728)
+
+
+# --- the runner's hand-off, against in-memory fakes ------------------------------------
+
+
+class RecordingSink:
+    """The runner's Sink: records the keys of each delete."""
+
+    def __init__(self) -> None:
+        self.deletes: list[list[str]] = []
+
+    def delete_routed(self, works: Routed) -> int:
+        self.deletes.append(sorted(k for work in works.values() for k in work.keys))
+        return len(self.deletes[-1])
+
+    def identity(self) -> str:
+        return "fake"
+
+    def persistence(self) -> list[Persistence]:
+        raise AssertionError("not used")
+
+    def ping(self) -> str:
+        raise AssertionError("not used")
+
+    def close(self) -> None:
+        pass
+
+
+class OneBatch:
+    """A Source that hands out one batch."""
+
+    def __init__(self, batch: EarlyBatch) -> None:
+        self.handed = batch
+
+    @contextmanager
+    def _batch(self) -> Iterator[EarlyBatch]:
+        yield self.handed
+
+    def batch(self, limit: int) -> AbstractContextManager[Batch]:
+        return self._batch()
+
+    def maintain(self) -> None:
+        pass
+
+    def wait(self, timeout_s: float, wakeup_fd: int | None = None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def payload(op: str, old: dict[str, str] | None, new: dict[str, str] | None) -> str:
+    return json.dumps({"s": "public", "t": "users", "x": 900, "a": 1.5, "r": [[op, old, new]]})
+
+
+def handed_to_a_runner(payloads: list[str]) -> tuple[EarlyBatch, RecordingSink, Runner]:
+    batch = early_batch(RowDecoder(), payloads, "800:800:", limit=100)
+    sink = RecordingSink()
+    stopper = Stopper()
+    try:
+        runner = Runner(
+            connect=lambda: cast(Source, None),
+            mapper=Mapper({TableName("public", "users"): [KeyTemplate.parse("user:{id}")]}),
+            sink=sink,
+            config=RunnerConfig(),
+            stopper=stopper,
+        )
+        assert runner._process_batch(cast(Source, OneBatch(batch))) == batch.size
+    finally:
+        stopper.close()
+    return batch, sink, runner
+
+
+def test_an_early_batch_deletes_and_counts_only_its_keys() -> None:
+    batch, sink, runner = handed_to_a_runner(
+        [payload("U", {"id": "1"}, {"id": "2"}), payload("D", {"id": "3"}, None)]
+    )
+    assert sink.deletes == [["user:1", "user:2", "user:3"]]
+    assert [xid for xid, _ in batch.deleted()] == [900, 900]
+    assert runner.keys_deleted == 3
+    assert runner.events_processed == 0, "counted by the queue read that acknowledges"
+
+
+def test_an_early_batch_needing_a_sweep_is_left_whole_to_the_queue_read() -> None:
+    # A payload written by hand: a TRUNCATE (the capture functions never send one) is a
+    # sweep, which only a batch that acknowledges may hold.
+    batch, sink, runner = handed_to_a_runner(
+        [payload("U", {"id": "1"}, {"id": "1"}), payload("T", None, None)]
+    )
+    assert sink.deletes == []
+    assert list(batch.deleted()) == []
+    assert runner.keys_deleted == 0
+
+
+def test_payloads_that_cannot_be_read_or_were_read_already_make_no_early_batch() -> None:
+    decoder = RowDecoder()
+    broken = ["{", "[1]", json.dumps({"s": "public"}), payload("X", None, None)]
+    assert early_batch(decoder, broken, "800:800:", limit=100).events == []
+    seen = payload("I", None, {"id": "1"})  # transaction 900, complete in 901:901:
+    assert early_batch(decoder, [seen], "901:901:", limit=100).events == []
+    assert len(early_batch(decoder, [seen, seen], "800:800:", limit=1).events) == 1
