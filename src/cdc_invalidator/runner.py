@@ -156,8 +156,10 @@ class Source(Protocol):
 
 
 class Tap(Protocol):
-    """Who watches acknowledged batches (`tail`: tools/tap.py). Called after each one
-    with changes; must cost next to nothing when nobody watches, and never raise."""
+    """Who watches acknowledged batches (`tail`: tools/tap.py), and Early ones once their
+    keys are deleted (the batch that acknowledges them then leaves them out). Called
+    after each one with changes; must cost next to nothing when nobody watches, and
+    never raise."""
 
     def after(self, batch: Batch) -> None: ...
     def close(self) -> None: ...
