@@ -421,11 +421,11 @@ class Runner:
                 if not batch.ages_s:
                     self.behind_s = 0.0  # caught up
                 return 0
+            if (oldest_s := batch.oldest_s) is not None:
+                self.in_hand_since = batch.read_at - oldest_s
             if isinstance(batch, Early):
                 self._delete_early(batch)
                 return batch.size
-            if (oldest_s := batch.oldest_s) is not None:
-                self.in_hand_since = batch.read_at - oldest_s
             works, failed = self._mapper.map_all(batch.events)
             if isinstance(batch, Premapped) and batch.premapped:
                 merge(works, batch.premapped)
@@ -474,6 +474,10 @@ class Runner:
             self._tap.after(batch)
         self._keys_deleted += deleted
         self.metrics.keys_deleted.inc(deleted)
+        if batch.oldest_s is not None:
+            # Done: as far behind as its oldest change (the batch that acknowledges it
+            # says about the same, by the server's clock), until a batch finds nothing.
+            self.behind_s = batch.oldest_s + (time.monotonic() - batch.read_at)
 
     def _swept_unrenderable(self, tables: dict[TableName, str]) -> None:
         """Count each sweep; log it once a minute per table, not once per batch: until

@@ -70,6 +70,9 @@ class EarlyBatch:
     left: set[int] = field(default_factory=set)  # positions left to the queue read
     dead: dict[int, str] = field(default_factory=dict)  # always empty
     ages_s: list[float] = field(default_factory=list)  # measured by the queue read
+    # The oldest writer's now() to `read_at`, by this host's clock against the server's
+    # (a skew between them shifts it; the queue read's ages are the server's own): how
+    # far behind the listener is while Redis holds these deletes (/readyz).
     oldest_s: float | None = None
     # Unknown: a second delete is due second_delete_s after the first.
     visible_at: float | None = None
@@ -169,6 +172,7 @@ def early_batch(decoder: RowDecoder, payloads: list[str], done: str, limit: int)
     visible in `done`, the finished snapshot), up to `limit`. A payload that cannot be
     read is skipped: the queue read has its rows."""
     batch = EarlyBatch([], [], [], read_at=time.monotonic())
+    wall = time.time()
     for payload in payloads:
         try:
             found = payload_events(decoder, payload, len(batch.events))
@@ -180,6 +184,9 @@ def early_batch(decoder: RowDecoder, payloads: list[str], done: str, limit: int)
         batch.events += events
         batch.xids += [xid] * len(events)
         batch.committed += [committed] * len(events)
+        if committed is not None:
+            age = max(0.0, wall - committed)
+            batch.oldest_s = max(age, batch.oldest_s or 0.0)
     return batch
 
 
