@@ -125,8 +125,10 @@ class Early(Protocol):
     mode's NOTIFY payloads: capture/early.py), which the source hands out next. It
     acknowledges nothing: a clean exit tells the source which deletes Redis confirmed,
     so that the acknowledging batch does not delete them again; its changes, their lag
-    and dead letters are that batch's. A change the mapper refuses (dead_letter()) is
-    left to that batch, and so is every change of one that needs a sweep (leave())."""
+    and dead letters are that batch's (its `oldest_s` counts in how far behind the
+    listener is, /readyz, as any batch's does). A change the mapper refuses
+    (dead_letter()) is left to that batch, and so is every change of one that needs a
+    sweep (leave())."""
 
     def leave(self) -> None: ...
 
