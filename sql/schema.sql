@@ -508,18 +508,22 @@ BEGIN
 END
 $untriggered$;
 
--- watch(table, columns[, judge, filter_columns]): capture every committed change of
--- `table`, copying `columns`. With a column filter (judge 'ignore': every column counts
--- but `filter_columns`; 'columns': only they count; `columns` count in both), an UPDATE
--- queues only the rows in which a counted column changed (queue_judged_update_v1),
--- provided the table has a primary key to pair old and new rows by; without one every
--- UPDATE is queued, as without a filter.
+-- watch(table, columns[, judge, filter_columns[, notify_payload]]): capture every
+-- committed change of `table`, copying `columns`. With a column filter (judge 'ignore':
+-- every column counts but `filter_columns`; 'columns': only they count; `columns` count
+-- in both), an UPDATE queues only the rows in which a counted column changed
+-- (queue_judged_update_v1), provided the table has a primary key to pair old and new
+-- rows by; without one every UPDATE is queued, as without a filter.
 -- It (re)generates one trigger function for the table, with the column list compiled
 -- in (no dynamic SQL per row), and attaches four statement-level triggers. INSERT,
 -- UPDATE and DELETE read transition tables, so a statement that touches 100k rows runs
 -- one INSERT ... SELECT into the queue instead of 100k trigger calls. TRUNCATE fires
 -- no row triggers at all: its own trigger queues one event for the whole table.
 -- Calling it again with other columns replaces the function; the triggers stay.
+-- With notify_payload, a statement that changed one row sends that row in its NOTIFY
+-- payload (queue_early_v1); off by default, since any role that can connect may LISTEN
+-- and so read the key columns of every such change. Off, the function is as it was
+-- before the payload existed: the empty wake-up only, nothing more per write.
 --
 -- What keeps writes safe and changes seen while the schema changes under it:
 --  * Every trigger fires ALWAYS, so writes applied with session_replication_role =
@@ -558,10 +562,13 @@ AS $missing$
         WHERE a.attrelid = tbl AND a.attname = c AND a.attnum > 0 AND NOT a.attisdropped)
 $missing$;
 
--- The two-argument watch() of earlier releases: replaced by this one (same call).
+-- The two- and four-argument watch() of earlier releases: replaced by this one (same
+-- calls; CREATE OR REPLACE cannot add a parameter, and the old one would stay beside it).
 DROP FUNCTION IF EXISTS cdc_invalidator.watch(regclass, text[]);
+DROP FUNCTION IF EXISTS cdc_invalidator.watch(regclass, text[], text, text[]);
 CREATE OR REPLACE FUNCTION cdc_invalidator.watch(
-    tbl regclass, key_columns text[], judge text DEFAULT NULL, filter_columns text[] DEFAULT NULL)
+    tbl regclass, key_columns text[], judge text DEFAULT NULL, filter_columns text[] DEFAULT NULL,
+    notify_payload boolean DEFAULT false)
 RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $watch$
@@ -588,6 +595,8 @@ DECLARE
     early_q  text;  -- the UPDATE of one row: queued, judged if filtered, and its payload
     packed_q text;  -- the UPDATE of several rows: packs
     early_head text;
+    single_q text[];  -- a one-row INSERT, UPDATE, DELETE: queued (with the payload if on)
+    single_end text;  -- after it: RETURN when it sent its own payload, not the wake-up
     rel      regclass;
     trg      record;
 BEGIN
@@ -667,7 +676,8 @@ BEGIN
     -- time), "r": [[op, old_row, new_row]]}, the names as the queue rows carry them.
     early_head := format('{"s":%s,"t":%s,"x":', to_json(schema_n::text), to_json(table_n::text));
     update_q := cdc_invalidator.queue_statement_v1('UPDATE', names, key_columns, key_columns);
-    early_q := cdc_invalidator.queue_early_v1(update_q, early_head);
+    early_q := CASE WHEN notify_payload THEN cdc_invalidator.queue_early_v1(update_q, early_head)
+                    ELSE update_q END;
     packed_q := cdc_invalidator.queue_packed_v1('UPDATE', names, key_columns, key_columns);
     IF judged THEN
         -- Planned here, on the table itself, so that a write never meets a statement
@@ -691,7 +701,9 @@ BEGIN
             -- ignore_columns: a column added since watch() would be judged by nobody.
             'IF (SELECT c.relnatts FROM pg_class c WHERE c.oid = %3$s) = %4$s THEN %1$s; '
             'ELSE %2$s; END IF' END,
-            cdc_invalidator.queue_early_v1(judged_q, early_head), early_q, tbl::oid, natts);
+            CASE WHEN notify_payload THEN cdc_invalidator.queue_early_v1(judged_q, early_head)
+                 ELSE judged_q END,
+            early_q, tbl::oid, natts);
         packed_q := format(CASE WHEN natts IS NULL THEN '%s' ELSE
             'IF (SELECT c.relnatts FROM pg_class c WHERE c.oid = %3$s) = %4$s THEN %1$s; '
             'ELSE %2$s; END IF' END,
@@ -725,6 +737,20 @@ BEGIN
                   || CASE WHEN judged THEN pk ELSE '{}' END) c) d),
         'true') || ')';
 
+    -- One row (or none) is queued as one change; with notify_payload it is also sent to
+    -- the listener in its own NOTIFY payload (queue_early_v1) instead of the wake-up: it
+    -- deletes the keys at once, and the queue read that follows acknowledges the row
+    -- without deleting them again. Several rows: packs, and the wake-up. Without
+    -- notify_payload the function is exactly what it was before payloads existed.
+    single_q := ARRAY[
+        cdc_invalidator.queue_statement_v1('INSERT', names, key_columns, key_columns),
+        early_q,
+        cdc_invalidator.queue_statement_v1('DELETE', names, key_columns, key_columns)];
+    IF notify_payload THEN
+        single_q[1] := cdc_invalidator.queue_early_v1(single_q[1], early_head);
+        single_q[3] := cdc_invalidator.queue_early_v1(single_q[3], early_head);
+    END IF;
+    single_end := CASE WHEN notify_payload THEN ' RETURN NULL;' ELSE '' END;
     body := format($body$
         DECLARE
             renamed boolean := false;
@@ -749,16 +775,12 @@ BEGIN
                     PERFORM pg_notify('cdc_invalidator_v1', '');
                 END IF;
                 RETURN NULL;
-            -- One row (or none) is queued as one change and sent to the listener in
-            -- its own NOTIFY payload (queue_early_v1), instead of the wake-up below: it
-            -- deletes the keys at once, and the queue read that follows acknowledges
-            -- the row without deleting them again. Several rows: packs, and the wake-up.
             ELSIF TG_OP = 'INSERT' THEN
-                IF many THEN %11$s; ELSE %1$s; RETURN NULL; END IF;
+                IF many THEN %11$s; ELSE %1$s;%14$s END IF;
             ELSIF TG_OP = 'UPDATE' THEN
-                IF many THEN %12$s; ELSE %2$s; RETURN NULL; END IF;
+                IF many THEN %12$s; ELSE %2$s;%14$s END IF;
             ELSIF TG_OP = 'DELETE' THEN
-                IF many THEN %13$s; ELSE %8$s; RETURN NULL; END IF;
+                IF many THEN %13$s; ELSE %8$s;%14$s END IF;
             ELSE
                 %9$s;
             END IF;
@@ -770,17 +792,16 @@ BEGIN
             RETURN NULL;
         END
     $body$,
-        cdc_invalidator.queue_early_v1(
-            cdc_invalidator.queue_statement_v1('INSERT', names, key_columns, key_columns), early_head),
-        early_q,
+        single_q[1],
+        single_q[2],
         probe, tbl::oid, key_columns, attnums, names,
-        cdc_invalidator.queue_early_v1(
-            cdc_invalidator.queue_statement_v1('DELETE', names, key_columns, key_columns), early_head),
+        single_q[3],
         cdc_invalidator.queue_statement_v1('TRUNCATE', names, key_columns, key_columns),
         CASE WHEN pinned THEN 'queue_drifted_v1' ELSE 'queue_drifted_unpinned_v1' END,
         cdc_invalidator.queue_packed_v1('INSERT', names, key_columns, key_columns),
         packed_q,
-        cdc_invalidator.queue_packed_v1('DELETE', names, key_columns, key_columns));
+        cdc_invalidator.queue_packed_v1('DELETE', names, key_columns, key_columns),
+        single_end);
 
     -- The body goes in as a quoted literal (%L): no table or column name can end it
     -- early. When a rendered column needs them, the settings that change how values print
@@ -901,7 +922,7 @@ END
 $unwatch$;
 
 -- Changing triggers runs with the installer's rights: nobody else may call these.
-REVOKE ALL ON FUNCTION cdc_invalidator.watch(regclass, text[], text, text[]) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cdc_invalidator.watch(regclass, text[], text, text[], boolean) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cdc_invalidator.unwatch(regclass) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cdc_invalidator.missing_columns(regclass, text[]) FROM PUBLIC;
 -- Nobody but our triggers runs this one; a role that could attach it to a table of its

@@ -1,6 +1,7 @@
 """Trigger mode's NOTIFY-payload fast path, on real PostgreSQL and Redis.
 
-A statement that changed one row hands its queue row to the listener in the NOTIFY
+With `notify_payload = true` (off by default: any role that can connect may LISTEN), a
+statement that changed one row hands its queue row to the listener in the NOTIFY
 payload; the listener deletes its keys at once (an early batch) and the queue read that
 follows acknowledges it without deleting them again. A statement of several rows (queued
 in packs) sends the plain wake-up. These tests look at both ends: the payload a separate
@@ -12,6 +13,7 @@ count the UNLINKs Redis ran.
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -19,6 +21,7 @@ from typing import Any, cast
 
 import psycopg
 import redis
+from psycopg.conninfo import make_conninfo
 
 from cdc_invalidator.capture.early import (
     EarlyBatch,
@@ -123,7 +126,9 @@ def settled(env: Env, r: redis.Redis, ids: range | list[int]) -> bool:
 def test_a_one_row_update_is_deleted_from_the_payload_with_one_unlink(env: Env) -> None:
     # second_delete_ms = 0: every batch's keys are deleted again 300 ms later by default,
     # and this test counts the UNLINKs of first deletes.
-    config = setup_users(env, rows=3, prune_every_ms=KEEP_QUEUE, second_delete_ms=0)
+    config = setup_users(
+        env, notify_payload=True, rows=3, prune_every_ms=KEEP_QUEUE, second_delete_ms=0
+    )
     r = env.redis()
     with listener_with_tap(env, config) as (listener, tap):
         cache(r, [2])
@@ -150,7 +155,7 @@ def test_a_one_row_update_is_deleted_from_the_payload_with_one_unlink(env: Env) 
 
 def test_one_row_inserts_and_deletes_are_deleted_early_once_each(env: Env) -> None:
     # second_delete_ms = 0: only first deletes are counted (as above).
-    config = setup_users(env, rows=3, second_delete_ms=0)
+    config = setup_users(env, notify_payload=True, rows=3, second_delete_ms=0)
     r = env.redis()
     with listener_with_tap(env, config) as (_listener, tap):
         cache(r, [1, 2, 3, 7])
@@ -170,7 +175,7 @@ def test_one_row_inserts_and_deletes_are_deleted_early_once_each(env: Env) -> No
 
 
 def test_a_statement_of_several_rows_goes_by_the_queue_in_packs(env: Env) -> None:
-    config = setup_users(env, rows=50)
+    config = setup_users(env, notify_payload=True, rows=50)
     r = env.redis()
     with listener_with_tap(env, config) as (_listener, tap):
         cache(r, range(1, 51))
@@ -191,7 +196,12 @@ def test_a_statement_of_several_rows_goes_by_the_queue_in_packs(env: Env) -> Non
 
 def test_redis_refusing_the_early_delete_leaves_it_to_the_queue_read(env: Env) -> None:
     config = setup_users(
-        env, rows=3, retry_initial_ms=20, retry_max_ms=50, prune_every_ms=KEEP_QUEUE
+        env,
+        notify_payload=True,
+        rows=3,
+        retry_initial_ms=20,
+        retry_max_ms=50,
+        prune_every_ms=KEEP_QUEUE,
     )
     r = env.redis()
     with listener_with_tap(env, config) as (listener, tap):
@@ -214,7 +224,7 @@ def test_redis_refusing_the_early_delete_leaves_it_to_the_queue_read(env: Env) -
 
 
 def test_a_payload_too_large_for_notify_falls_back_to_the_wakeup(env: Env) -> None:
-    config = setup_users(env)
+    config = setup_users(env, notify_payload=True)
     r = env.redis()
     long_email = "x" * 9000
     r.set(f"user:email:{long_email}", "stale")
@@ -231,7 +241,7 @@ def test_a_payload_too_large_for_notify_falls_back_to_the_wakeup(env: Env) -> No
 
 
 def test_a_rolled_back_transaction_deletes_nothing(env: Env) -> None:
-    config = setup_users(env, rows=3, prune_every_ms=KEEP_QUEUE)
+    config = setup_users(env, notify_payload=True, rows=3, prune_every_ms=KEEP_QUEUE)
     r = env.redis()
     with listener_with_tap(env, config) as (_listener, tap):
         cache(r, [1, 2])
@@ -250,7 +260,7 @@ def test_a_rolled_back_transaction_deletes_nothing(env: Env) -> None:
 def test_a_judged_update_sends_only_what_it_queues(env: Env) -> None:
     env.sql("CREATE TABLE users (id int PRIMARY KEY, email text, logins int)")
     env.sql("INSERT INTO users VALUES (1, 'u1@x', 0)")
-    config = env.config({"public.users": ["user:{id}", "user:email:{email}"]})
+    config = env.config({"public.users": ["user:{id}", "user:email:{email}"]}, notify_payload=True)
     header = '[tables."public.users"]\n'
     config.write_text(config.read_text().replace(header, header + 'ignore_columns = ["logins"]\n'))
     assert main(["install", "--config", str(config)]) == 0
@@ -261,6 +271,53 @@ def test_a_judged_update_sends_only_what_it_queues(env: Env) -> None:
         payload = json.loads(next_payload(conn))
     assert payload["r"] == [["U", {"id": "1", "email": "u1@x"}, {"id": "1", "email": "new@x"}]]
     assert env.scalar("SELECT count(*) FROM cdc_invalidator.queue_v1") == 1
+
+
+def capture_function(env: Env) -> str:
+    """The text of users' capture function."""
+    text = env.scalar(
+        "SELECT prosrc FROM pg_proc WHERE oid ="
+        " format('cdc_invalidator.%I()', 'capture_' || 'users'::regclass::oid || '_v1')"
+        "::regprocedure"
+    )
+    assert isinstance(text, str)
+    return text
+
+
+def test_the_payload_is_off_by_default_and_install_switches_it(env: Env) -> None:
+    """Off by default, a plain role that LISTENs (it needs no privilege for that) hears
+    only empty wake-ups, never a row; `install` with notify_payload = true compiles the
+    payload in, and `install` without it takes it out again."""
+    config = setup_users(env, rows=3)
+    role = "plain_" + uuid.uuid4().hex[:8]  # no grant of any kind
+    env.sql(f"CREATE ROLE {role} LOGIN")
+    updates = iter(range(100))
+
+    def heard() -> str:
+        """What the plain role hears of one one-row UPDATE."""
+        with psycopg.connect(make_conninfo(env.dsn, user=role), autocommit=True) as conn:
+            conn.execute(f"LISTEN {CHANNEL}")
+            env.sql(f"UPDATE users SET email = 'n{next(updates)}@x' WHERE id = 2")
+            return next_payload(conn)
+
+    try:
+        assert heard() == ""
+        assert "CASE WHEN octet_length" not in capture_function(env)
+
+        payload_on = config.read_text().replace("[tables.", "notify_payload = true\n[tables.", 1)
+        config.write_text(payload_on)
+        assert main(["install", "--config", str(config)]) == 0
+        assert "CASE WHEN octet_length" in capture_function(env)
+        payload = json.loads(heard())
+        assert payload["r"][0][0] == "U"
+        assert payload["r"][0][2] == {"id": "2", "email": "n1@x"}
+
+        config.write_text(payload_on.replace("notify_payload = true\n", ""))
+        assert main(["install", "--config", str(config)]) == 0
+        assert "CASE WHEN octet_length" not in capture_function(env)
+        assert heard() == ""
+    finally:
+        env.sql(f"DROP ROLE {role}")
 
 
 def change(op: Op, i: int) -> ChangeEvent:

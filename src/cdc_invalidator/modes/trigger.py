@@ -45,7 +45,9 @@ class TriggerMode:
     def install_script(self) -> sql.Composed:
         # With the publication: logical mode's objects go (a switch from logical mode).
         s = self._settings
-        return trigger_sql.install_script(s.mapper(), s.publication_name, s.column_filters())
+        return trigger_sql.install_script(
+            s.mapper(), s.publication_name, s.column_filters(), notify_payload=s.notify_payload
+        )
 
     def finish_install(self, conn: psycopg.Connection[Any]) -> str:
         """A slot left from logical mode is dropped: an abandoned slot keeps WAL forever."""
