@@ -465,6 +465,36 @@ def test_check_says_triggers_are_out_of_date_after_config_change(
     assert check(new, capsys)[0] == 0
 
 
+def test_check_says_which_way_notify_payload_was_installed(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tables(env)
+    off = env.config(USERS, name="off.toml")
+    on = env.config(USERS, name="on.toml", notify_payload=True)
+    assert cli("install", "--config", off) == 0
+    capsys.readouterr()
+    code, out, err = check(off, capsys)
+    assert (code, err) == (0, "")
+    assert "NOTIFY payload" not in out
+
+    code, out, err = check(on, capsys)  # configured on, installed off
+    assert (code, err) == (0, ""), "a warning: nothing is missed either way"
+    line = next(line for line in out.splitlines() if "notify_payload" in line)
+    assert line.startswith("warning: ")
+    assert "installed with notify_payload = false" in line
+    assert "true in the configuration" in line
+    assert "install" in line
+
+    assert cli("install", "--config", on) == 0
+    capsys.readouterr()
+    code, out, err = check(on, capsys)
+    assert (code, err) == (0, "")
+    assert "sent in its NOTIFY payload" in out
+    code, out, _ = check(off, capsys)
+    assert code == 0
+    assert "installed with notify_payload = true, but it is false" in out
+
+
 def test_check_notices_triggers_dropped_by_hand(
     env: Env, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -102,6 +102,8 @@ class TriggerMode:
             checks.check_triggers(report, where, table, watch, facts.wanted)
             column_filter = self._settings.column_filters().get(table)
             checks.check_trigger_filter(report, where, table, watch, column_filter)
+            payload = self._settings.notify_payload
+            checks.check_notify_payload(report, where, table, watch, payload)
 
     def check_server(self, conn: psycopg.Connection[Any], report: Report, config_name: str) -> None:
         checks.check_unconfigured(conn, report, self._settings.mapper(), config_name)
