@@ -196,6 +196,27 @@ def test_install_twice_is_harmless(env: Env) -> None:
     ]
 
 
+def test_install_over_an_earlier_releases_watch_leaves_one_watch(env: Env) -> None:
+    """Releases before notify_payload had a four-argument watch(); CREATE OR REPLACE
+    cannot add a parameter, so install drops it: otherwise two overloads would stay, and
+    the script's own watch() calls (and a DBA's) would be ambiguous."""
+    tables(env)
+    config = env.config(USERS)
+    assert cli("install", "--config", config) == 0
+    env.sql(
+        "DROP FUNCTION cdc_invalidator.watch(regclass, text[], text, text[], boolean);"
+        "CREATE FUNCTION cdc_invalidator.watch("
+        " tbl regclass, key_columns text[], judge text DEFAULT NULL,"
+        " filter_columns text[] DEFAULT NULL) RETURNS void LANGUAGE sql AS ''"
+    )
+    assert cli("install", "--config", config) == 0
+    assert env.scalar(
+        "SELECT array_agg(oid::regprocedure::text) FROM pg_proc"
+        " WHERE proname = 'watch' AND pronamespace = 'cdc_invalidator'::regnamespace"
+    ) == ["cdc_invalidator.watch(regclass,text[],text,text[],boolean)"]
+    env.sql("SELECT cdc_invalidator.watch('public.users', ARRAY['id', 'email'])")
+
+
 def test_reinstall_after_config_change_brings_triggers_in_line(env: Env) -> None:
     tables(env)
     first = env.config({"public.users": ["user:{id}"], **ORDERS}, name="first.toml")
