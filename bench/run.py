@@ -10,6 +10,9 @@ against a floor of that mode (floors.py):
    pg_notify payload UNLINKed by a minimal NOTIFY listener (floor_listener.py); logical
    mode, a minimal pgoutput consumer of a slot and publication of its own that decodes
    the key columns, UNLINKs them and acknowledges (floor_logical.py) (phases/latency.py);
+   trigger mode then runs it again with `notify_payload = true` installed (rows named
+   "... with notify_payload", against a floor measured beside it the same way), and
+   installs the defaults again;
 2. backlog drain: N row changes captured while the listener was stopped, then drained,
    against the floor reading the same changes (trigger mode: SELECT of the key columns;
    logical mode: a pgoutput slot of its own on the listener's publication) and UNLINKing
@@ -93,7 +96,13 @@ from phases.cluster import cluster_rows, measure_cluster_drain
 from phases.drain import drain_rows, measure_drain
 from phases.hit_rate import hit_rate_rows, measure_hit_rate, prepare_hit_rate
 from phases.judged_writes import judged_rows, measure_judged_writes, prepare_judged
-from phases.latency import Latency, latency_ids, latency_rows, measure_latency
+from phases.latency import (
+    Latency,
+    latency_ids,
+    latency_rows,
+    measure_latency,
+    measure_payload_latency,
+)
 from phases.peers import check_installed, find_jvm, measure_peers, peer_table
 from phases.replay import measure_replay, replay_rows
 from phases.second_deletes import measure_second_deletes, second_delete_rows
@@ -223,8 +232,11 @@ def run_mode(
         f"floor {replayed.floor_s:.3f} s",
         flush=True,
     )
-    floor, ours, writes, cpu_bound = measured
-    rows = [*latency_rows(mode, sizes.rate, floor, ours), *drains, *writes_rows(mode, writes)]
+    floor, ours, payload, writes, cpu_bound = measured
+    rows = latency_rows(mode, sizes.rate, floor, ours)
+    if payload is not None:
+        rows += latency_rows(mode, sizes.rate, *payload, variant=" with notify_payload")
+    rows += [*drains, *writes_rows(mode, writes)]
     if cpu_bound is not None:
         rows += writes_rows(mode, cpu_bound, cpu_bound=True)
     if not target.logical:
@@ -268,9 +280,10 @@ def measure_bulk_and_sweeps(
 
 def measure_latency_and_writes(
     bench: Bench, sizes: Sizes, meter: CpuMeter, report: Report, target: Target
-) -> tuple[Latency, Latency, Writes, Writes | None]:
-    """Phases 1 and 3: the latency, the write overhead and, in trigger mode, the write
-    overhead with CPU-bound writers (None in logical mode)."""
+) -> tuple[Latency, Latency, tuple[Latency, Latency] | None, Writes, Writes | None]:
+    """Phases 1 and 3: the latency (floor, ours; in trigger mode also floor and ours with
+    notify_payload = true, None in logical mode), the write overhead and, in trigger mode,
+    the write overhead with CPU-bound writers (None in logical mode)."""
     mode = target.mode
     print(f"[{mode}] 1. latency: floor and cdc-invalidator side by side", flush=True)
     floor_proc = start_floor_listener(bench, target)
@@ -285,6 +298,17 @@ def measure_latency_and_writes(
     print(f"  floor p50 {floor.p50_ms:.3f} ms p99 {floor.p99_ms:.3f} ms", flush=True)
     print(f"  ours  p50 {ours.p50_ms:.3f} ms p99 {ours.p99_ms:.3f} ms", flush=True)
     report.raw[f"{mode} latency"] = {"floor": asdict(floor), "ours": asdict(ours)}
+    payload = None
+    if not target.logical:
+        print(f"[{mode}] 1b. latency with notify_payload = true, beside its floor", flush=True)
+        with meter.phase(f"{mode} latency, notify_payload"):
+            payload = measure_payload_latency(bench, sizes, target)
+        print(f"  floor p50 {payload[0].p50_ms:.3f} ms p99 {payload[0].p99_ms:.3f} ms", flush=True)
+        print(f"  ours  p50 {payload[1].p50_ms:.3f} ms p99 {payload[1].p99_ms:.3f} ms", flush=True)
+        report.raw[f"{mode} latency notify_payload"] = {
+            "floor": asdict(payload[0]),
+            "ours": asdict(payload[1]),
+        }
 
     print(f"[{mode}] 3. write overhead (pgbench)", flush=True)
     with meter.phase(f"{mode} writes"):
@@ -296,7 +320,7 @@ def measure_latency_and_writes(
         with meter.phase(f"{mode} writes, CPU-bound"):
             cpu_bound = measure_writes(bench, sizes, target, cpu_bound=True)
         report.raw[f"{mode} writes cpu-bound"] = asdict(cpu_bound)
-    return floor, ours, writes, cpu_bound
+    return floor, ours, payload, writes, cpu_bound
 
 
 def run_peers(

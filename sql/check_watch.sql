@@ -2,8 +2,10 @@
 -- (found by name, or by the name its events carry if it was renamed since), the columns
 -- its capture function copies and what those columns are called now ('' once dropped),
 -- and every way its triggers, or its partitions' triggers, differ from what watch()
--- made: missing, disabled, not firing ALWAYS, or calling another function; and its
--- column filter as watch() compiled it.
+-- made: missing, disabled, not firing ALWAYS, or calling another function; its
+-- column filter as watch() compiled it; and whether its capture function sends a one-row
+-- change in the NOTIFY payload (notify_payload: its text holds queue_early_v1's call;
+-- NULL when the function is missing, which the trigger problems already say).
 WITH w AS (
     SELECT w.relid, w.columns, w.attnums, w.judge, w.filter_columns, w.judged, w.judged_natts
     FROM cdc_invalidator.watched_v1 w
@@ -60,5 +62,10 @@ SELECT
         FROM statement_triggers s
         WHERE (s.is_root OR s.present > 0)
           AND (s.tgfoid IS NULL OR s.tgenabled <> 'A' OR s.function <> s.ours)
-        ORDER BY 1) AS trigger_problems
+        ORDER BY 1) AS trigger_problems,
+    (SELECT strpos(p.prosrc, 'pg_notify(''cdc_invalidator_v1'', CASE WHEN octet_length') > 0
+     FROM pg_proc p
+     WHERE p.oid = to_regprocedure(
+         'cdc_invalidator.' || quote_ident('capture_' || w.relid::oid || '_v1') || '()'))
+        AS notify_payload
 FROM w

@@ -327,6 +327,41 @@ BEGIN
 END
 $judged_packed$;
 
+-- queue_early_v1(statement, head): `statement` (queue_statement_v1's INSERT or DELETE, or
+-- the UPDATE of queue_statement_v1 or queue_judged_update_v1) for a statement that changed
+-- one row, whose queue row also goes to the listener in the NOTIFY payload: `head` ||
+-- xid, the writer's now() and [[op, old_row, new_row]] || '}' (see watch()), or the
+-- empty wake-up when that is 8000 bytes or more (NOTIFY's limit). The listener deletes
+-- its keys at once, before it reads the queue (which still acknowledges the row, and
+-- knows it by its transaction and content). Sent from the INSERT's own row filter, which
+-- always passes: the row is built once, with no second scan, aggregate or RETURNING
+-- (which would need SELECT on the queue, every table's rows, for the table owners the
+-- capture functions run as). A row the filter of a judged UPDATE drops is not queued
+-- and sends nothing. Packs (several rows) never carry a payload.
+CREATE OR REPLACE FUNCTION cdc_invalidator.queue_early_v1(statement text, head text)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp
+AS $early$
+DECLARE
+    parts text[] := regexp_match(statement,
+        '^INSERT INTO cdc_invalidator\.queue_v1 \(([a-z_, ]+)\) (SELECT .*)$');
+BEGIN
+    IF parts IS NULL OR parts[1] LIKE '%rows%' THEN
+        RAISE EXCEPTION 'cdc_invalidator.queue_early_v1: not a single-row queue INSERT: %', statement;
+    END IF;
+    RETURN format(
+        'INSERT INTO cdc_invalidator.queue_v1 (%1$s) SELECT %1$s FROM (%2$s) s (%1$s), '
+        'LATERAL (SELECT %3$L || pg_current_xact_id()::text '
+        '|| '',"a":'' || extract(epoch FROM now())::text '
+        '|| '',"r":['' || json_build_array(s.op, %4$s, %5$s)::text || '']}'' AS p) e '
+        'WHERE pg_notify(''cdc_invalidator_v1'', '
+        'CASE WHEN octet_length(e.p) < 8000 THEN e.p ELSE '''' END)::text = ''''',
+        parts[1], parts[2], head,
+        CASE WHEN parts[1] LIKE '%old_row%' THEN 's.old_row' ELSE 'NULL' END,
+        CASE WHEN parts[1] LIKE '%new_row%' THEN 's.new_row' ELSE 'NULL' END);
+END
+$early$;
+
 -- queue_sweep_v1(names, reason): the statement that queues a sweep of a table's templates
 -- instead of its changes (a TRUNCATE event carrying `reason`, which the listener logs and
 -- counts): for a change that cannot be rendered as it should be.
@@ -480,18 +515,22 @@ BEGIN
 END
 $untriggered$;
 
--- watch(table, columns[, judge, filter_columns]): capture every committed change of
--- `table`, copying `columns`. With a column filter (judge 'ignore': every column counts
--- but `filter_columns`; 'columns': only they count; `columns` count in both), an UPDATE
--- queues only the rows in which a counted column changed (queue_judged_update_v1),
--- provided the table has a primary key to pair old and new rows by; without one every
--- UPDATE is queued, as without a filter.
+-- watch(table, columns[, judge, filter_columns[, notify_payload]]): capture every
+-- committed change of `table`, copying `columns`. With a column filter (judge 'ignore':
+-- every column counts but `filter_columns`; 'columns': only they count; `columns` count
+-- in both), an UPDATE queues only the rows in which a counted column changed
+-- (queue_judged_update_v1), provided the table has a primary key to pair old and new
+-- rows by; without one every UPDATE is queued, as without a filter.
 -- It (re)generates one trigger function for the table, with the column list compiled
 -- in (no dynamic SQL per row), and attaches four statement-level triggers. INSERT,
 -- UPDATE and DELETE read transition tables, so a statement that touches 100k rows runs
 -- one INSERT ... SELECT into the queue instead of 100k trigger calls. TRUNCATE fires
 -- no row triggers at all: its own trigger queues one event for the whole table.
 -- Calling it again with other columns replaces the function; the triggers stay.
+-- With notify_payload, a statement that changed one row sends that row in its NOTIFY
+-- payload (queue_early_v1); off by default, since any role that can connect may LISTEN
+-- and so read the key columns of every such change. Off, the function is as it was
+-- before the payload existed: the empty wake-up only, nothing more per write.
 --
 -- What keeps writes safe and changes seen while the schema changes under it:
 --  * Every trigger fires ALWAYS, so writes applied with session_replication_role =
@@ -530,10 +569,13 @@ AS $missing$
         WHERE a.attrelid = tbl AND a.attname = c AND a.attnum > 0 AND NOT a.attisdropped)
 $missing$;
 
--- The two-argument watch() of earlier releases: replaced by this one (same call).
+-- The two- and four-argument watch() of earlier releases: replaced by this one (same
+-- calls; CREATE OR REPLACE cannot add a parameter, and the old one would stay beside it).
 DROP FUNCTION IF EXISTS cdc_invalidator.watch(regclass, text[]);
+DROP FUNCTION IF EXISTS cdc_invalidator.watch(regclass, text[], text, text[]);
 CREATE OR REPLACE FUNCTION cdc_invalidator.watch(
-    tbl regclass, key_columns text[], judge text DEFAULT NULL, filter_columns text[] DEFAULT NULL)
+    tbl regclass, key_columns text[], judge text DEFAULT NULL, filter_columns text[] DEFAULT NULL,
+    notify_payload boolean DEFAULT false)
 RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $watch$
@@ -556,8 +598,12 @@ DECLARE
     judged   boolean := false;
     natts    int2;
     judged_q text;
-    update_q text;
-    packed_q text;  -- update_q for a statement that changed several rows
+    update_q text;  -- an UPDATE's queue INSERT, without a filter
+    early_q  text;  -- the UPDATE of one row: queued, judged if filtered, and its payload
+    packed_q text;  -- the UPDATE of several rows: packs
+    early_head text;
+    single_q text[];  -- a one-row INSERT, UPDATE, DELETE: queued (with the payload if on)
+    single_end text;  -- after it: RETURN when it sent its own payload, not the wake-up
     rel      regclass;
     trg      record;
 BEGIN
@@ -632,7 +678,13 @@ BEGIN
     -- its partitions is still a change of the table the configuration knows, and so is
     -- a write after the table was renamed (check reports that the configuration drifted).
     names := format('%L, %L', schema_n, table_n);
+    -- The NOTIFY payload of a statement that changed one row starts so (queue_early_v1
+    -- says the rest): {"s": schema, "t": table, "x": xid, "a": the writer's now() (Unix
+    -- time), "r": [[op, old_row, new_row]]}, the names as the queue rows carry them.
+    early_head := format('{"s":%s,"t":%s,"x":', to_json(schema_n::text), to_json(table_n::text));
     update_q := cdc_invalidator.queue_statement_v1('UPDATE', names, key_columns, key_columns);
+    early_q := CASE WHEN notify_payload THEN cdc_invalidator.queue_early_v1(update_q, early_head)
+                    ELSE update_q END;
     packed_q := cdc_invalidator.queue_packed_v1('UPDATE', names, key_columns, key_columns);
     IF judged THEN
         -- Planned here, on the table itself, so that a write never meets a statement
@@ -652,11 +704,13 @@ BEGIN
         END;
     END IF;
     IF judged THEN
-        update_q := format(CASE WHEN natts IS NULL THEN '%s' ELSE
+        early_q := format(CASE WHEN natts IS NULL THEN '%s' ELSE
             -- ignore_columns: a column added since watch() would be judged by nobody.
             'IF (SELECT c.relnatts FROM pg_class c WHERE c.oid = %3$s) = %4$s THEN %1$s; '
             'ELSE %2$s; END IF' END,
-            judged_q, update_q, tbl::oid, natts);
+            CASE WHEN notify_payload THEN cdc_invalidator.queue_early_v1(judged_q, early_head)
+                 ELSE judged_q END,
+            early_q, tbl::oid, natts);
         packed_q := format(CASE WHEN natts IS NULL THEN '%s' ELSE
             'IF (SELECT c.relnatts FROM pg_class c WHERE c.oid = %3$s) = %4$s THEN %1$s; '
             'ELSE %2$s; END IF' END,
@@ -690,6 +744,20 @@ BEGIN
                   || CASE WHEN judged THEN pk ELSE '{}' END) c) d),
         'true') || ')';
 
+    -- One row (or none) is queued as one change; with notify_payload it is also sent to
+    -- the listener in its own NOTIFY payload (queue_early_v1) instead of the wake-up: it
+    -- deletes the keys at once, and the queue read that follows acknowledges the row
+    -- without deleting them again. Several rows: packs, and the wake-up. Without
+    -- notify_payload the function is exactly what it was before payloads existed.
+    single_q := ARRAY[
+        cdc_invalidator.queue_statement_v1('INSERT', names, key_columns, key_columns),
+        early_q,
+        cdc_invalidator.queue_statement_v1('DELETE', names, key_columns, key_columns)];
+    IF notify_payload THEN
+        single_q[1] := cdc_invalidator.queue_early_v1(single_q[1], early_head);
+        single_q[3] := cdc_invalidator.queue_early_v1(single_q[3], early_head);
+    END IF;
+    single_end := CASE WHEN notify_payload THEN ' RETURN NULL;' ELSE '' END;
     body := format($body$
         DECLARE
             renamed boolean := false;
@@ -715,11 +783,11 @@ BEGIN
                 END IF;
                 RETURN NULL;
             ELSIF TG_OP = 'INSERT' THEN
-                IF many THEN %11$s; ELSE %1$s; END IF;
+                IF many THEN %11$s; ELSE %1$s;%14$s END IF;
             ELSIF TG_OP = 'UPDATE' THEN
-                IF many THEN %12$s; ELSE %2$s; END IF;
+                IF many THEN %12$s; ELSE %2$s;%14$s END IF;
             ELSIF TG_OP = 'DELETE' THEN
-                IF many THEN %13$s; ELSE %8$s; END IF;
+                IF many THEN %13$s; ELSE %8$s;%14$s END IF;
             ELSE
                 %9$s;
             END IF;
@@ -731,15 +799,16 @@ BEGIN
             RETURN NULL;
         END
     $body$,
-        cdc_invalidator.queue_statement_v1('INSERT', names, key_columns, key_columns),
-        update_q,
+        single_q[1],
+        single_q[2],
         probe, tbl::oid, key_columns, attnums, names,
-        cdc_invalidator.queue_statement_v1('DELETE', names, key_columns, key_columns),
+        single_q[3],
         cdc_invalidator.queue_statement_v1('TRUNCATE', names, key_columns, key_columns),
         CASE WHEN pinned THEN 'queue_drifted_v1' ELSE 'queue_drifted_unpinned_v1' END,
         cdc_invalidator.queue_packed_v1('INSERT', names, key_columns, key_columns),
         packed_q,
-        cdc_invalidator.queue_packed_v1('DELETE', names, key_columns, key_columns));
+        cdc_invalidator.queue_packed_v1('DELETE', names, key_columns, key_columns),
+        single_end);
 
     -- The body goes in as a quoted literal (%L): no table or column name can end it
     -- early. When a rendered column needs them, the settings that change how values print
@@ -860,7 +929,7 @@ END
 $unwatch$;
 
 -- Changing triggers runs with the installer's rights: nobody else may call these.
-REVOKE ALL ON FUNCTION cdc_invalidator.watch(regclass, text[], text, text[]) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cdc_invalidator.watch(regclass, text[], text, text[], boolean) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cdc_invalidator.unwatch(regclass) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cdc_invalidator.missing_columns(regclass, text[]) FROM PUBLIC;
 -- Nobody but our triggers runs this one; a role that could attach it to a table of its

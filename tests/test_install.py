@@ -196,6 +196,27 @@ def test_install_twice_is_harmless(env: Env) -> None:
     ]
 
 
+def test_install_over_an_earlier_releases_watch_leaves_one_watch(env: Env) -> None:
+    """Releases before notify_payload had a four-argument watch(); CREATE OR REPLACE
+    cannot add a parameter, so install drops it: otherwise two overloads would stay, and
+    the script's own watch() calls (and a DBA's) would be ambiguous."""
+    tables(env)
+    config = env.config(USERS)
+    assert cli("install", "--config", config) == 0
+    env.sql(
+        "DROP FUNCTION cdc_invalidator.watch(regclass, text[], text, text[], boolean);"
+        "CREATE FUNCTION cdc_invalidator.watch("
+        " tbl regclass, key_columns text[], judge text DEFAULT NULL,"
+        " filter_columns text[] DEFAULT NULL) RETURNS void LANGUAGE sql AS ''"
+    )
+    assert cli("install", "--config", config) == 0
+    assert env.scalar(
+        "SELECT array_agg(oid::regprocedure::text) FROM pg_proc"
+        " WHERE proname = 'watch' AND pronamespace = 'cdc_invalidator'::regnamespace"
+    ) == ["cdc_invalidator.watch(regclass,text[],text,text[],boolean)"]
+    env.sql("SELECT cdc_invalidator.watch('public.users', ARRAY['id', 'email'])")
+
+
 def test_reinstall_after_config_change_brings_triggers_in_line(env: Env) -> None:
     tables(env)
     first = env.config({"public.users": ["user:{id}"], **ORDERS}, name="first.toml")
@@ -463,6 +484,36 @@ def test_check_says_triggers_are_out_of_date_after_config_change(
     assert cli("install", "--config", new) == 0
     capsys.readouterr()
     assert check(new, capsys)[0] == 0
+
+
+def test_check_says_which_way_notify_payload_was_installed(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tables(env)
+    off = env.config(USERS, name="off.toml")
+    on = env.config(USERS, name="on.toml", notify_payload=True)
+    assert cli("install", "--config", off) == 0
+    capsys.readouterr()
+    code, out, err = check(off, capsys)
+    assert (code, err) == (0, "")
+    assert "NOTIFY payload" not in out
+
+    code, out, err = check(on, capsys)  # configured on, installed off
+    assert (code, err) == (0, ""), "a warning: nothing is missed either way"
+    line = next(line for line in out.splitlines() if "notify_payload" in line)
+    assert line.startswith("warning: ")
+    assert "installed with notify_payload = false" in line
+    assert "true in the configuration" in line
+    assert "install" in line
+
+    assert cli("install", "--config", on) == 0
+    capsys.readouterr()
+    code, out, err = check(on, capsys)
+    assert (code, err) == (0, "")
+    assert "sent in its NOTIFY payload" in out
+    code, out, _ = check(off, capsys)
+    assert code == 0
+    assert "installed with notify_payload = true, but it is false" in out
 
 
 def test_check_notices_triggers_dropped_by_hand(

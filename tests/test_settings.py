@@ -74,6 +74,7 @@ def test_config_path_from_environment(tmp_path: Path, monkeypatch: pytest.Monkey
         ('replay_history = "-1h"\n' + GOOD, "replay_history: '-1h' is not a duration"),
         ("replay_history = true\n" + GOOD, "replay_history: expected a duration"),
         ("second_delete_ms = -1\n" + GOOD, "second_delete_ms"),
+        ('notify_payload = "maybe"\n' + GOOD, "notify_payload"),
         ("redis_check_interval_ms = 1\n" + GOOD, "redis_check_interval_ms"),
         ('metrics_address = ""\n' + GOOD, "metrics_address"),
         (
@@ -178,6 +179,25 @@ def test_sql_prints_reviewable_script(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "SELECT cdc_invalidator.watch('public.users', ARRAY['email', 'id']::text[]);" in out
     assert "SELECT cdc_invalidator.watch('public.orders', ARRAY['id', 'user_id']::text[]);" in out
     assert out.count("-- ") > 20  # the DBA reads comments saying what each part does
+
+
+def test_sql_compiles_notify_payload_only_when_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Off by default (the script's watch() calls are as before the setting existed);
+    on, from the file or the environment, each watch() asks for the payload."""
+    path = _write(tmp_path, GOOD)
+    assert load_settings(path).notify_payload is False
+    assert main(["sql", "--config", str(path)]) == 0
+    assert "notify_payload =>" not in capsys.readouterr().out
+    monkeypatch.setenv("CDC_INVALIDATOR_NOTIFY_PAYLOAD", "true")
+    assert main(["sql", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "SELECT cdc_invalidator.watch('public.users', ARRAY['email', 'id']::text[], "
+        "notify_payload => true);" in out
+    )
+    assert out.count("notify_payload => true);") == 2
 
 
 @pytest.mark.parametrize(

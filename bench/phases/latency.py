@@ -4,7 +4,10 @@
 pg_notify payload to a minimal psycopg 3 listener that UNLINKs them (floor_listener.py);
 in logical mode, a minimal pgoutput consumer of a slot and publication of its own
 decodes the key columns, UNLINKs them and acknowledges (floor_logical.py). (b) The real
-listener, `python -m cdc_invalidator run` with default settings. Both run side by side
+listener, `python -m cdc_invalidator run` with default settings. In trigger mode, the
+same run again with `notify_payload = true` installed (a one-row statement's row in its
+NOTIFY payload, deleted before the queue read), against a floor measured beside it the
+same way; the default capture functions are installed again after it. Both run side by side
 and the commits alternate between their tables in half-second blocks, so that both see
 the same machine. "Deleted" is the same clock for both: a separate process (keywatch.py)
 receives Redis keyspace notifications (`del`) and timestamps them with CLOCK_MONOTONIC;
@@ -15,6 +18,7 @@ the time until both of its row's keys were gone.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import statistics
@@ -28,6 +32,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from floors import start_floor_listener, stop_floor_listener
 from harness import (
     CONTROL_CHANNEL,
     KEYWATCH,
@@ -157,6 +162,29 @@ def measure_latency(
     )
 
 
+def measure_payload_latency(bench: Bench, sizes: Sizes, target: Target) -> tuple[Latency, Latency]:
+    """Trigger mode, measure_latency with `notify_payload = true` installed: (floor, ours).
+    The target's own config is installed again afterwards, so that the later phases
+    measure the defaults."""
+    config = target.config.with_name(f"{target.mode}-notify-payload.toml")
+    config.write_text("notify_payload = true\n" + target.config.read_text())
+    payload = dataclasses.replace(target, config=config)
+    bench.cli(payload, "install")
+    try:
+        floor_proc = start_floor_listener(bench, payload)
+        try:
+            listener = Listener(bench, f"{target.mode}-latency-payload", payload)
+            try:
+                listener.wait_started()
+                return measure_latency(bench, sizes, floor_proc, listener, payload)
+            finally:
+                listener.stop()
+        finally:
+            stop_floor_listener(payload, floor_proc)
+    finally:
+        bench.cli(target, "install")
+
+
 def timed_run(  # noqa: PLR0913 - the run's parts; the two callbacks keyword-only
     bench: Bench,
     schedule: list[tuple[str, int]],
@@ -227,10 +255,13 @@ def quantile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[rank - 1]
 
 
-def latency_rows(mode: str, rate: int, floor: Latency, ours: Latency) -> list[Row]:
-    """The latency run's rows (without the mode prefix)."""
+def latency_rows(
+    mode: str, rate: int, floor: Latency, ours: Latency, variant: str = ""
+) -> list[Row]:
+    """The latency run's rows (without the mode prefix); a `variant` (" with
+    notify_payload") is appended to each name, which stays as it was without one."""
     p50_target, p99_target = P50_TARGETS[mode], P99_TARGETS[mode]
-    return [
+    rows = [
         Row(
             f"commit→deleted p50 @{rate:.0f}/s",
             fmt_ms(ours.p50_ms),
@@ -274,3 +305,4 @@ def latency_rows(mode: str, rate: int, floor: Latency, ours: Latency) -> list[Ro
             None,
         ),
     ]
+    return [dataclasses.replace(row, metric=row.metric + variant) for row in rows]

@@ -235,6 +235,8 @@ class Watch:
     filter_columns: list[str] | None = None
     judged: bool = False  # False: no primary key to pair rows by, every UPDATE queued
     columns_added: bool = False  # ignore_columns, a column added since: judging is off
+    # The capture function sends a one-row change in its NOTIFY payload (None: no function).
+    notify_payload: bool | None = None
 
 
 def watch_of(conn: psycopg.Connection[Any], table: TableName) -> Watch | None:
@@ -255,6 +257,7 @@ def watch_of(conn: psycopg.Connection[Any], table: TableName) -> Watch | None:
         columns_added,
         untriggered,
         problems,
+        notify_payload,
     ) = row
     # Installed by an older release, which did not record attnums: no drift to tell.
     return Watch(
@@ -267,6 +270,7 @@ def watch_of(conn: psycopg.Connection[Any], table: TableName) -> Watch | None:
         filter_columns,
         bool(judged),
         bool(columns_added),
+        notify_payload,
     )
 
 
@@ -328,6 +332,27 @@ def check_triggers(
         )
     if fine:
         report.ok.append(f"{where}: watched, columns {wanted}, triggers fire ALWAYS")
+
+
+def check_notify_payload(
+    report: Report, where: str, table: TableName, watch: Watch | None, configured: bool
+) -> None:
+    """Whether the capture function sends a one-row change in its NOTIFY payload, as
+    install compiled it, against notify_payload."""
+    if watch is None or watch.notify_payload is None:
+        return
+    if watch.notify_payload != configured:
+        report.warnings.append(
+            f"{where}: the capture function of {table} was installed with notify_payload = "
+            f"{str(watch.notify_payload).lower()}, but it is {str(configured).lower()} in the "
+            "configuration: run `cdc-invalidator install` to compile it in line"
+        )
+    elif configured:
+        report.ok.append(
+            f"{where}: a one-row change of {table} is sent in its NOTIFY payload "
+            "(notify_payload = true: any role that can connect can LISTEN and read its "
+            "key columns)"
+        )
 
 
 def check_trigger_filter(

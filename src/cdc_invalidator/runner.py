@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 import psycopg
 import structlog
@@ -120,6 +120,20 @@ class Premapped(Protocol):
     def premapped(self) -> Routed: ...
 
 
+class Early(Protocol):
+    """A batch of changes deleted ahead of the batch that acknowledges them (trigger
+    mode's NOTIFY payloads: capture/early.py), which the source hands out next. It
+    acknowledges nothing: a clean exit tells the source which deletes Redis confirmed,
+    so that the acknowledging batch does not delete them again; its changes, their lag
+    and dead letters are that batch's (its `oldest_s` counts in how far behind the
+    listener is, /readyz, as any batch's does). A change the mapper refuses
+    (dead_letter()) is left to that batch, and so is every change of one that needs a
+    sweep (leave()). Told apart by its leave() (early_of), as Premapped batches are by
+    their attribute."""
+
+    def leave(self) -> None: ...
+
+
 class Source(Protocol):
     """A connected capture: the trigger queue or the logical stream.
 
@@ -145,11 +159,18 @@ class Source(Protocol):
 
 
 class Tap(Protocol):
-    """Who watches acknowledged batches (`tail`: tools/tap.py). Called after each one
-    with changes; must cost next to nothing when nobody watches, and never raise."""
+    """Who watches acknowledged batches (`tail`: tools/tap.py), and Early ones once their
+    keys are deleted (the batch that acknowledges them then leaves them out). Called
+    after each one with changes; must cost next to nothing when nobody watches, and
+    never raise."""
 
     def after(self, batch: Batch) -> None: ...
     def close(self) -> None: ...
+
+
+def early_of(batch: Batch) -> Early | None:
+    """`batch` as an Early batch, None for any other."""
+    return cast(Early, batch) if hasattr(batch, "leave") else None
 
 
 def premapped_of(batch: Batch) -> Routed | None:
@@ -416,6 +437,9 @@ class Runner:
                 return 0
             if (oldest_s := batch.oldest_s) is not None:
                 self.in_hand_since = batch.read_at - oldest_s
+            if early := early_of(batch):
+                self._delete_early(batch, early)
+                return batch.size
             works, failed = self._mapper.map_all(batch.events)
             if premapped := premapped_of(batch):
                 merge(works, premapped)
@@ -446,6 +470,28 @@ class Runner:
             existed=deleted,
         )
         return batch.size
+
+    def _delete_early(self, batch: Batch, early: Early) -> None:
+        """An Early batch's keys, deleted (and due again as second deletes); counted only
+        in keys deleted. Sweeps, and the log of an unrenderable change, are left to the
+        batch that acknowledges, held as it must be."""
+        works, failed = self._mapper.map_all(batch.events)
+        keys, sweeps = split_sweeps(works)
+        if sweeps or any(work.unrenderable for work in works.values()):
+            early.leave()
+            return
+        for event, exc in failed:
+            batch.dead_letter(event.position, str(exc))
+        deleted = self._sink.delete_routed(keys)
+        self._later.add(keys, batch.visible_at)
+        if self._tap is not None:
+            self._tap.after(batch)
+        self._keys_deleted += deleted
+        self.metrics.keys_deleted.inc(deleted)
+        if batch.oldest_s is not None:
+            # Done: as far behind as its oldest change (the batch that acknowledges it
+            # says about the same, by the server's clock), until a batch finds nothing.
+            self.behind_s = batch.oldest_s + (time.monotonic() - batch.read_at)
 
     def _swept_unrenderable(self, tables: dict[TableName, str]) -> None:
         """Count each sweep; log it once a minute per table, not once per batch: until

@@ -191,6 +191,11 @@ class Settings(BaseSettings):
     # decoded by pgoutput through a replication slot; no triggers.
     capture: Literal["trigger", "logical"] = "trigger"
     tables: dict[str, TableSettings] = Field(min_length=1)
+    # Trigger mode: a statement that changed one row also sends that row's key columns in
+    # its NOTIFY payload, and the listener deletes its keys before it reads the queue.
+    # Off by default: LISTEN needs no privilege, so any role that can connect could read
+    # them. `install` compiles it into the capture functions: a change needs `install`.
+    notify_payload: bool = False
     # Logical mode: the replication slot and the publication `install` creates.
     slot_name: Annotated[str, Field(pattern=_SLOT_NAME)] = "cdc_invalidator"
     publication_name: Annotated[str, Field(pattern=_SLOT_NAME)] = "cdc_invalidator"

@@ -6,7 +6,8 @@ chaos run's checks catch the bug it stands for. Nothing in the product can switc
 
 - `ack_before_unlink`: each batch is acknowledged (the queue position or the slot's,
   saved at once) before its keys are deleted. Killed, or failing to reach Redis, in
-  between, it loses those invalidations.
+  between, it loses those invalidations. (Trigger mode's early batches, which delete
+  ahead of any acknowledgement, are off: they would hide the bug.)
 - `no_sweep`: logical mode resumes on a new slot after the old one was lost without
   sweeping the templates (the changes committed meanwhile are never invalidated).
 """
@@ -17,9 +18,12 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from cdc_invalidator.capture.early import EarlyBatch
 from cdc_invalidator.capture.logical import LogicalStream
+from cdc_invalidator.capture.trigger_queue import TriggerQueue
 from cdc_invalidator.cli import main as cli_main
-from cdc_invalidator.runner import Runner, Source
+from cdc_invalidator.mapping import merge
+from cdc_invalidator.runner import Runner, Source, premapped_of
 
 
 def _acknowledge_now(source: Source) -> None:
@@ -40,6 +44,8 @@ def ack_before_unlink() -> None:
             if not batch.size:
                 return 0
             works, failed = self._mapper.map_all(batch.events)
+            if premapped := premapped_of(batch):  # packs, mapped column-wise
+                merge(works, premapped)
             for event, exc in failed:
                 batch.dead_letter(event.position, str(exc))
         # The bug: acknowledged, durably, before Redis deleted anything.
@@ -49,7 +55,13 @@ def ack_before_unlink() -> None:
         self._observe(batch, deleted)
         return batch.size
 
+    def no_early_batches(self: TriggerQueue, payloads: list[str], limit: int) -> EarlyBatch:
+        # A one-row statement's keys would be deleted from its NOTIFY payload before
+        # anything is acknowledged, and the queue read after that deletes nothing more.
+        return EarlyBatch([], [], [])
+
     Runner._process_batch = process_batch  # type: ignore[method-assign]
+    TriggerQueue._early_batch = no_early_batches  # type: ignore[method-assign]
 
 
 def no_sweep() -> None:

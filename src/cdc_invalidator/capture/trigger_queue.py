@@ -11,7 +11,9 @@ later in bulk. A batch whose sweep runs behind the loop (capture/holds.py) holds
 saved, and so the pruning, at the position before it until the sweep is done.
 
 One autocommit connection LISTENs, reads and saves; a session advisory lock makes sure
-that only one listener consumes at a time.
+that only one listener consumes at a time. A statement that changed one row also sends
+it in its NOTIFY payload: deleted before the queue read that acknowledges it
+(capture/early.py).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import tuple_row
 
+from cdc_invalidator.capture.early import Content, EarlyBatch, EarlyChanges, early_batch
 from cdc_invalidator.capture.errors import Fatal, NotInstalled, Standby, missing_privilege
 from cdc_invalidator.capture.holds import Hold, Holds
 from cdc_invalidator.capture.rows import RowDecoder, pack_element, queue_id
@@ -383,11 +386,39 @@ class TriggerQueue:
         # rows were visible to readers by then. A window saved by an earlier connection
         # was taken before this one started.
         self._window_at = time.monotonic()
+        # NOTIFY payloads received (one-row statements' rows), not yet deleted early;
+        # the changes deleted early that the queue read acknowledges; whether that read
+        # is owed (an early batch was just handed out).
+        self._payloads: list[str] = []
+        self._early = EarlyChanges()
+        self._read_owed = False
 
     @contextmanager
-    def batch(self, limit: int) -> Iterator[QueueBatch]:
+    def batch(self, limit: int) -> Iterator[QueueBatch | EarlyBatch]:
         """Up to `limit` events. A clean exit acknowledges them, an exception does not:
-        the same events come again."""
+        the same events come again.
+
+        When NOTIFY payloads came, their rows first, as an early batch: deleted at once,
+        acknowledged by the queue read that follows (which skips deleting them again)."""
+        if self._payloads:
+            payloads, self._payloads = self._payloads, []
+            early = self._early_batch(payloads, limit)
+            if early.events:
+                yield early
+                # Redis confirmed the deletes (a failure raised): the queue read skips
+                # them, except those left to it (refused by the mapper, or a sweep).
+                self._early.add(early.deleted())
+                self._read_owed = True
+                return
+        with self._queue_batch(limit) as batch:
+            yield batch
+
+    def _early_batch(self, payloads: list[str], limit: int) -> EarlyBatch:
+        return early_batch(self._decoder, payloads, self._progress.done.text, limit)
+
+    @contextmanager
+    def _queue_batch(self, limit: int) -> Iterator[QueueBatch]:
+        self._read_owed = False
         progress = self._progress
         before = progress.state()
         key = fetch_key(progress.done, progress.window, progress.after, limit)
@@ -408,9 +439,10 @@ class TriggerQueue:
         premapped: Routed = {}
         map_pack = None if self._mapper is None else partial(self._mapper.map_pack, into=premapped)
         decoded = self._decoder.queue_rows(rows, at=3, count_at=9, map_pack=map_pack)
+        events, deleted_early = self._without_early(decoded.events, rows)
         batch = QueueBatch(
             size=chunk.events,
-            events=decoded.events,
+            events=events,
             dead=dict(decoded.dead),
             read_at=time.monotonic(),
             rows=rows,
@@ -423,11 +455,24 @@ class TriggerQueue:
         # Acknowledged: Redis confirmed every delete of the batch (a sweep, if the batch
         # was held, is still running: saving stays before the batch until it is done).
         self._acknowledge(batch, chunk, window, limit)
+        if deleted_early:
+            self._early.forget(deleted_early)
         if batch.held is not None:
             progress.holds.add(batch.held, before)
         listen = self._wakeup.after_batch(chunk.events, limit)
         if listen is not None:
             self._listen(listen)
+
+    def _without_early(
+        self, events: list[ChangeEvent], rows: list[tuple[Any, ...]]
+    ) -> tuple[list[ChangeEvent], list[tuple[int, Content]]]:
+        """`events` less those deleted early (acknowledged by this read, not deleted
+        again), and which those were."""
+        if not self._early:
+            return events, []
+        # Columns 1 and 3: xid, id. Only single changes were deleted early: a pack's
+        # elements (positions that are no queue id) are never found.
+        return self._early.split(events, {row[3]: int(row[1]) for row in rows})
 
     def _acknowledge(self, batch: QueueBatch, chunk: Chunk, window: Snapshot, limit: int) -> None:
         progress = self._progress
@@ -466,7 +511,7 @@ class TriggerQueue:
         effect), while pruning has more chunks to delete, and at the latest when saving
         progress falls due (at most SAVE_EVERY_S after going idle).
         """
-        if self._wakeup.look_again or self._prune_more:
+        if self._wakeup.look_again or self._prune_more or self._read_owed:
             return
         progress = self._progress
         if progress.unsaved:
@@ -475,14 +520,23 @@ class TriggerQueue:
                 return
         # Notifications that arrived with the last query's results are buffered by
         # psycopg, not left on the socket: look there first.
-        if any(True for _ in self._conn.notifies(timeout=0)):
+        if self._take_notifies():
             return
         fds = [self._conn.fileno()] if wakeup_fd is None else [self._conn.fileno(), wakeup_fd]
         readable, _, _ = select.select(fds, [], [], timeout_s)
         if self._conn.fileno() in readable:
             # Read them off the socket (raises OperationalError if the server is gone).
-            for _ in self._conn.notifies(timeout=0):
-                pass
+            self._take_notifies()
+
+    def _take_notifies(self) -> bool:
+        """Read the notifications received, keeping their payloads (one-row statements'
+        rows) for an early batch. Whether there were any."""
+        woken = False
+        for notify in self._conn.notifies(timeout=0):
+            woken = True
+            if notify.payload:
+                self._payloads.append(notify.payload)
+        return woken
 
     def _listen(self, on: bool) -> None:
         """LISTEN (idle: woken per commit) or UNLISTEN (busy: the runner lingers)."""
@@ -491,6 +545,7 @@ class TriggerQueue:
         if not on:
             for _ in self._conn.notifies(timeout=0):
                 pass  # drop wake-ups already received
+            self._payloads.clear()  # and their rows: the queue reads have them
 
     def _fetch(self, key: FetchKey) -> list[tuple[Any, ...]]:
         cur, prev_xip, after_xid, after_id, from_xid, from_id, limit = key

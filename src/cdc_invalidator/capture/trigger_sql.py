@@ -32,11 +32,13 @@ def install_script(
     mapper: Mapper,
     publication: str | None = None,
     filters: Mapping[TableName, ColumnFilter] | None = None,
+    notify_payload: bool = False,
 ) -> sql.Composed:
     """The whole install as one script: schema, one watch() per table (with its column
-    filter, if `filters` has one), then unwatch() for tables that are watched but no
-    longer configured; with `publication`, logical mode's publication and replica
-    identities go (a switch from logical mode)."""
+    filter, if `filters` has one; with `notify_payload`, its capture function sends a
+    one-row statement's row in the NOTIFY payload), then unwatch() for tables that are
+    watched but no longer configured; with `publication`, logical mode's publication and
+    replica identities go (a switch from logical mode)."""
     filters = filters or {}
     watches = []
     for table in sorted(mapper.tables):
@@ -54,6 +56,8 @@ def install_script(
                     if column_filter
                     else sql.SQL("")
                 ),
+                # Off: the call, and so the script, is what it was before the payload.
+                payload=sql.SQL(", notify_payload => true" if notify_payload else ""),
             )
         )
     unwatch = Q.UNWATCH_OTHERS.sql.format(

@@ -45,7 +45,9 @@ class TriggerMode:
     def install_script(self) -> sql.Composed:
         # With the publication: logical mode's objects go (a switch from logical mode).
         s = self._settings
-        return trigger_sql.install_script(s.mapper(), s.publication_name, s.column_filters())
+        return trigger_sql.install_script(
+            s.mapper(), s.publication_name, s.column_filters(), notify_payload=s.notify_payload
+        )
 
     def finish_install(self, conn: psycopg.Connection[Any]) -> str:
         """A slot left from logical mode is dropped: an abandoned slot keeps WAL forever."""
@@ -101,6 +103,8 @@ class TriggerMode:
             checks.check_triggers(report, where, table, watch, facts.wanted)
             column_filter = self._settings.column_filters().get(table)
             checks.check_trigger_filter(report, where, table, watch, column_filter)
+            payload = self._settings.notify_payload
+            checks.check_notify_payload(report, where, table, watch, payload)
 
     def check_server(self, conn: psycopg.Connection[Any], report: Report, config_name: str) -> None:
         checks.check_unconfigured(conn, report, self._settings.mapper(), config_name)

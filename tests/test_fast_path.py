@@ -1,0 +1,485 @@
+"""Trigger mode's NOTIFY-payload fast path, on real PostgreSQL and Redis.
+
+With `notify_payload = true` (off by default: any role that can connect may LISTEN), a
+statement that changed one row hands its queue row to the listener in the NOTIFY
+payload; the listener deletes its keys at once (an early batch) and the queue read that
+follows acknowledges it without deleting them again. A statement of several rows (queued
+in packs) sends the plain wake-up. These tests look at both ends: the payload a separate
+LISTEN connection receives, and the batches the runner hands its tap (which sees early
+batches too; an early batch's positions are its own, a queue batch's are queue ids), and
+count the UNLINKs Redis ran.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import Any, cast
+
+import psycopg
+import redis
+from psycopg.conninfo import make_conninfo
+
+from cdc_invalidator.capture.early import (
+    EarlyBatch,
+    EarlyChanges,
+    content,
+    early_batch,
+    visible_in,
+)
+from cdc_invalidator.capture.rows import RowDecoder
+from cdc_invalidator.capture.trigger_queue import QueueBatch
+from cdc_invalidator.cli import main
+from cdc_invalidator.events import ChangeEvent, Op, TableName
+from cdc_invalidator.mapping import KeyTemplate, Mapper, Routed
+from cdc_invalidator.runner import Batch, Runner, RunnerConfig, Source
+from cdc_invalidator.shutdown import Stopper
+from cdc_invalidator.sink import Persistence
+from tests.support.env import Env
+from tests.support.faults import cache, insert_users, keys_of, queue_count, setup_users, write
+from tests.support.listener import ListenerThread
+from tests.support.waits import wait_until
+
+CHANNEL = "cdc_invalidator_v1"
+WARM_UP = 999  # the user id of listener_with_tap's first change
+KEEP_QUEUE = 3_600_000  # prune_every_ms: the queue's rows stay for the test to read
+
+
+class RecordingTap:
+    """The runner's Tap: notes each batch's kind and its events' positions."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[bool, list[int]]] = []
+
+    def after(self, batch: Batch) -> None:
+        early = isinstance(batch, EarlyBatch)
+        # A trigger batch's packs mapped column-wise are no `events`: all_events() has them.
+        every = batch.all_events() if isinstance(batch, QueueBatch) else batch.events
+        self.batches.append((early, [e.position for e in every]))
+
+    def close(self) -> None:
+        pass
+
+    def early_ids(self) -> list[int]:
+        return [i for early, ids in self.batches if early for i in ids]
+
+    def queue_ids(self) -> list[int]:
+        return [i for early, ids in self.batches if not early for i in ids]
+
+
+@contextmanager
+def listener_with_tap(env: Env, config: Path) -> Iterator[tuple[ListenerThread, RecordingTap]]:
+    listener = ListenerThread.from_file(config)
+    tap = RecordingTap()
+    listener.runner._tap = tap  # the runner's own hook, as `tail` uses it
+    listener.start()
+    try:
+        # A first change, processed: the listener is past its start and waits for NOTIFY.
+        write(env, "INSERT INTO users VALUES (%s, 'warm@x')", [WARM_UP], ids=range(WARM_UP, 1000))
+        wait_until(lambda: tap.batches and queue_count(env) == 0, what="the warm-up change")
+        tap.batches.clear()
+        yield listener, tap
+    finally:
+        listener.stop()
+
+
+@contextmanager
+def notifications(env: Env) -> Iterator[psycopg.Connection[Any]]:
+    """A connection of its own LISTENing on the channel the capture functions notify."""
+    with env.connect() as conn:
+        conn.execute(f"LISTEN {CHANNEL}")
+        yield conn
+
+
+def next_payloads(conn: psycopg.Connection[Any], n: int) -> list[str]:
+    payloads = [notify.payload for notify in conn.notifies(timeout=10, stop_after=n)]
+    assert len(payloads) == n, f"{len(payloads)} NOTIFYs within 10 s, not {n}"
+    return payloads
+
+
+def next_payload(conn: psycopg.Connection[Any]) -> str:
+    [payload] = next_payloads(conn, 1)
+    return payload
+
+
+def unlinks(r: redis.Redis) -> int:
+    stats = r.info("commandstats")
+    return int(stats.get("cmdstat_unlink", {}).get("calls", 0))
+
+
+def queue_ids(env: Env) -> list[int]:
+    with env.connect() as conn:
+        return [
+            row[0]
+            for row in conn.execute(
+                "SELECT id FROM cdc_invalidator.queue_v1"
+                " WHERE coalesce(new_row, old_row) ->> 'id' IS DISTINCT FROM %s ORDER BY id",
+                [str(WARM_UP)],
+            )
+        ]
+
+
+def settled(env: Env, r: redis.Redis, ids: range | list[int]) -> bool:
+    return not any(r.exists(k) for i in ids for k in keys_of(i)) and queue_count(env) == 0
+
+
+def test_a_one_row_update_is_deleted_from_the_payload_with_one_unlink(env: Env) -> None:
+    # second_delete_ms = 0: every batch's keys are deleted again 300 ms later by default,
+    # and this test counts the UNLINKs of first deletes.
+    config = setup_users(
+        env, notify_payload=True, rows=3, prune_every_ms=KEEP_QUEUE, second_delete_ms=0
+    )
+    r = env.redis()
+    with listener_with_tap(env, config) as (listener, tap):
+        cache(r, [2])
+        r.config_resetstat()  # the warm-up's UNLINKs
+        with notifications(env) as conn:
+            write(env, "UPDATE users SET email = email WHERE id = 2", ids=range(2, 3))
+            payload = json.loads(next_payload(conn))
+        [queued] = queue_ids(env)
+        assert payload["s"] == "public"
+        assert payload["t"] == "users"
+        assert isinstance(payload["x"], int)
+        assert isinstance(payload["a"], (int, float))
+        row = {"id": "2", "email": "u2@x"}
+        assert payload["r"] == [["U", row, row]]
+        wait_until(lambda: settled(env, r, [2]), what="user 2's keys deleted and acknowledged")
+        # Its keys went in one UNLINK, from the payload; the queue read acknowledged the
+        # row without deleting its keys again.
+        assert tap.early_ids() == [0], tap.batches
+        assert queued not in tap.queue_ids()
+        assert unlinks(r) == 1
+        # Counted once, by the queue read (the warm-up's change is the other).
+        assert listener.runner.events_processed == 2
+
+
+def test_one_row_inserts_and_deletes_are_deleted_early_once_each(env: Env) -> None:
+    # second_delete_ms = 0: only first deletes are counted (as above).
+    config = setup_users(env, notify_payload=True, rows=3, second_delete_ms=0)
+    r = env.redis()
+    with listener_with_tap(env, config) as (_listener, tap):
+        cache(r, [1, 2, 3, 7])
+        r.config_resetstat()
+        with notifications(env) as conn:
+            write(env, "DELETE FROM users WHERE id = 1", ids=range(1, 2))
+            write(env, "INSERT INTO users VALUES (7, %s)", ["u7@x"], ids=range(7, 8))
+            ops = [json.loads(p)["r"][0][0] for p in next_payloads(conn, 2)]
+        assert ops == ["D", "I"]
+        wait_until(lambda: settled(env, r, [1, 7]), what="users 1 and 7 deleted")
+        # Each change deleted by exactly one batch: early (the queue read found it
+        # before its payload was looked at only if both came in one wake-up).
+        assert len(tap.early_ids()) + len(tap.queue_ids()) == 2, tap.batches
+        assert tap.early_ids(), tap.batches
+        assert unlinks(r) == sum(1 for _, ids in tap.batches if ids), tap.batches
+        assert all(r.exists(k) for i in (2, 3) for k in keys_of(i))
+
+
+def test_a_statement_of_several_rows_goes_by_the_queue_in_packs(env: Env) -> None:
+    config = setup_users(env, notify_payload=True, rows=50)
+    r = env.redis()
+    with listener_with_tap(env, config) as (_listener, tap):
+        cache(r, range(1, 51))
+        with notifications(env) as conn:
+            write(env, "DELETE FROM users WHERE id <= 2", ids=range(1, 3))
+            assert next_payload(conn) == ""  # the plain wake-up
+            write(
+                env,
+                "UPDATE users SET email = 'n' || email WHERE id BETWEEN 3 AND 50",
+                ids=range(3, 51),
+            )
+            assert next_payload(conn) == ""
+        wait_until(lambda: settled(env, r, range(1, 51)), what="50 users' keys deleted")
+        assert tap.early_ids() == []
+        assert len(tap.queue_ids()) == 50
+        assert all(i < 0 for i in tap.queue_ids()), "pack positions"
+
+
+def test_redis_refusing_the_early_delete_leaves_it_to_the_queue_read(env: Env) -> None:
+    config = setup_users(
+        env,
+        notify_payload=True,
+        rows=3,
+        retry_initial_ms=20,
+        retry_max_ms=50,
+        prune_every_ms=KEEP_QUEUE,
+    )
+    r = env.redis()
+    with listener_with_tap(env, config) as (listener, tap):
+        runner = listener.runner
+        cache(r, [1])
+        # A replica of a master nobody runs: keeps its keys, refuses every UNLINK.
+        r.replicaof("127.0.0.1", "1")
+        try:
+            with notifications(env) as conn:
+                write(env, "DELETE FROM users WHERE id = 1", ids=range(1, 2))
+                assert json.loads(next_payload(conn))["r"][0][0] == "D"
+            [queued] = queue_ids(env)
+            wait_until(lambda: runner.redis.failures >= 2, what="deletes refused")
+            assert all(r.exists(k) for k in keys_of(1))
+            assert queue_count(env) == 1, "nothing acknowledged while Redis refuses"
+        finally:
+            r.replicaof("NO", "ONE")
+        wait_until(lambda: settled(env, r, [1]), what="user 1's keys deleted once Redis is back")
+        assert queued in tap.queue_ids(), "the queue read deleted what the early batch could not"
+
+
+def test_a_payload_too_large_for_notify_falls_back_to_the_wakeup(env: Env) -> None:
+    config = setup_users(env, notify_payload=True)
+    r = env.redis()
+    long_email = "x" * 9000
+    r.set(f"user:email:{long_email}", "stale")
+    with listener_with_tap(env, config) as (_listener, tap):
+        with notifications(env) as conn:
+            write(env, "INSERT INTO users VALUES (7, %s)", [long_email], ids=range(7, 8))
+            assert next_payload(conn) == ""
+        wait_until(
+            lambda: r.exists(f"user:email:{long_email}") == 0 and queue_count(env) == 0,
+            what="the long key deleted",
+        )
+        assert tap.early_ids() == []
+        assert len(tap.queue_ids()) == 1
+
+
+def test_a_rolled_back_transaction_deletes_nothing(env: Env) -> None:
+    config = setup_users(env, notify_payload=True, rows=3, prune_every_ms=KEEP_QUEUE)
+    r = env.redis()
+    with listener_with_tap(env, config) as (_listener, tap):
+        cache(r, [1, 2])
+        with env.connect() as conn, conn.transaction(force_rollback=True):
+            conn.execute("UPDATE users SET email = 'gone' WHERE id = 1")
+        # A later commit, delivered: everything before it was looked at.
+        insert_users(env, 10, 1)
+        wait_until(lambda: settled(env, r, [10]), what="the later insert processed")
+        assert all(r.exists(k) for k in keys_of(1))
+        assert all(r.exists(k) for k in keys_of(2))
+        # Only the insert's row went by, early.
+        assert len(tap.early_ids()) == 1, tap.batches
+        assert tap.queue_ids() == []
+
+
+def test_a_judged_update_sends_only_what_it_queues(env: Env) -> None:
+    env.sql("CREATE TABLE users (id int PRIMARY KEY, email text, logins int)")
+    env.sql("INSERT INTO users VALUES (1, 'u1@x', 0)")
+    config = env.config({"public.users": ["user:{id}", "user:email:{email}"]}, notify_payload=True)
+    header = '[tables."public.users"]\n'
+    config.write_text(config.read_text().replace(header, header + 'ignore_columns = ["logins"]\n'))
+    assert main(["install", "--config", str(config)]) == 0
+    with notifications(env) as conn:
+        env.sql("UPDATE users SET logins = 1 WHERE id = 1")  # judged unchanged: nothing
+        env.sql("UPDATE users SET email = 'new@x' WHERE id = 1")
+        # The first notification is the second UPDATE's.
+        payload = json.loads(next_payload(conn))
+    assert payload["r"] == [["U", {"id": "1", "email": "u1@x"}, {"id": "1", "email": "new@x"}]]
+    assert env.scalar("SELECT count(*) FROM cdc_invalidator.queue_v1") == 1
+
+
+def capture_function(env: Env) -> str:
+    """The text of users' capture function."""
+    text = env.scalar(
+        "SELECT prosrc FROM pg_proc WHERE oid ="
+        " format('cdc_invalidator.%I()', 'capture_' || 'users'::regclass::oid || '_v1')"
+        "::regprocedure"
+    )
+    assert isinstance(text, str)
+    return text
+
+
+def test_the_payload_is_off_by_default_and_install_switches_it(env: Env) -> None:
+    """Off by default, a plain role that LISTENs (it needs no privilege for that) hears
+    only empty wake-ups, never a row; `install` with notify_payload = true compiles the
+    payload in, and `install` without it takes it out again."""
+    config = setup_users(env, rows=3)
+    role = "plain_" + uuid.uuid4().hex[:8]  # no grant of any kind
+    env.sql(f"CREATE ROLE {role} LOGIN")
+    updates = iter(range(100))
+
+    def heard() -> str:
+        """What the plain role hears of one one-row UPDATE."""
+        with psycopg.connect(make_conninfo(env.dsn, user=role), autocommit=True) as conn:
+            conn.execute(f"LISTEN {CHANNEL}")
+            env.sql(f"UPDATE users SET email = 'n{next(updates)}@x' WHERE id = 2")
+            return next_payload(conn)
+
+    try:
+        assert heard() == ""
+        assert "CASE WHEN octet_length" not in capture_function(env)
+
+        payload_on = config.read_text().replace("[tables.", "notify_payload = true\n[tables.", 1)
+        config.write_text(payload_on)
+        assert main(["install", "--config", str(config)]) == 0
+        assert "CASE WHEN octet_length" in capture_function(env)
+        payload = json.loads(heard())
+        assert payload["r"][0][0] == "U"
+        assert payload["r"][0][2] == {"id": "2", "email": "n1@x"}
+
+        config.write_text(payload_on.replace("notify_payload = true\n", ""))
+        assert main(["install", "--config", str(config)]) == 0
+        assert "CASE WHEN octet_length" not in capture_function(env)
+        assert heard() == ""
+    finally:
+        env.sql(f"DROP ROLE {role}")
+
+
+def change(op: Op, i: int) -> ChangeEvent:
+    return ChangeEvent(TableName("public", "users"), op, {"id": str(i)}, {"id": str(i)}, i)
+
+
+def test_early_changes_are_skipped_once_each_by_transaction_and_content() -> None:
+    early = EarlyChanges()
+    one, two = change(Op.UPDATE, 1), change(Op.UPDATE, 2)
+    early.add([(700, c) for c in (content(one), content(one)) if c is not None])
+    # Queue rows: three alike in transaction 700 (two deleted early), one in 701, and
+    # one of different content.
+    rows = [change(Op.UPDATE, 1)._replace(position=p) for p in (10, 11, 12, 13)]
+    rows.append(two._replace(position=14))
+    xids = {10: 700, 11: 700, 12: 700, 13: 701, 14: 700}
+    kept, skipped = early.split(rows, xids)
+    assert [e.position for e in kept] == [12, 13, 14]
+    assert len(skipped) == 2
+    # Not acknowledged: the same read skips the same again.
+    assert early.split(rows, xids)[1] == skipped
+    early.forget(skipped)
+    assert not early
+
+
+def test_early_changes_are_bounded_in_number_and_time() -> None:
+    found = content(change(Op.DELETE, 1))
+    assert found is not None
+    early = EarlyChanges(keep_s=3600, most=2)
+    early.add([(1, found), (2, found), (3, found)])
+    rows = [change(Op.DELETE, 1)._replace(position=p) for p in (1, 2, 3)]
+    kept, _ = early.split(rows, {1: 1, 2: 2, 3: 3})
+    assert [e.position for e in kept] == [1]  # made room
+    expiring = EarlyChanges(keep_s=0)
+    expiring.add([(1, found)])
+    assert not expiring
+
+
+def test_a_value_that_cannot_be_compared_is_never_recognized() -> None:
+    # A queue row written by hand can hold any JSON value where a key column's text goes.
+    event = ChangeEvent(TableName("public", "users"), Op.INSERT, None, {"id": cast(str, ["1"])}, 1)
+    assert content(event) is None
+
+
+def test_an_early_batch_knows_only_what_was_not_left() -> None:
+    events = [change(Op.UPDATE, i)._replace(position=i) for i in range(3)]
+    batch = EarlyBatch(events, [5, 5, 6], [None, None, None])
+    batch.dead_letter(1, "refused")
+    assert [xid for xid, _ in batch.deleted()] == [5, 6]
+    assert batch.dead == {}, "a refused change is the queue read's to dead-letter"
+    batch.leave()
+    assert list(batch.deleted()) == []
+
+
+def test_a_snapshot_sees_what_completed_before_it() -> None:
+    snap = "100:105:100,103"
+    assert visible_in(snap, 99)
+    assert not visible_in(snap, 100)
+    assert visible_in(snap, 101)
+    assert not visible_in(snap, 103)
+    assert not visible_in(snap, 105)
+    assert not visible_in("1:1:", 728)
+
+
+# --- the runner's hand-off, against in-memory fakes ------------------------------------
+
+
+class RecordingSink:
+    """The runner's Sink: records the keys of each delete."""
+
+    def __init__(self) -> None:
+        self.deletes: list[list[str]] = []
+
+    def delete_routed(self, works: Routed) -> int:
+        self.deletes.append(sorted(k for work in works.values() for k in work.keys))
+        return len(self.deletes[-1])
+
+    def identity(self) -> str:
+        return "fake"
+
+    def persistence(self) -> list[Persistence]:
+        raise AssertionError("not used")
+
+    def ping(self) -> str:
+        raise AssertionError("not used")
+
+    def close(self) -> None:
+        pass
+
+
+class OneBatch:
+    """A Source that hands out one batch."""
+
+    def __init__(self, batch: EarlyBatch) -> None:
+        self.handed = batch
+
+    @contextmanager
+    def _batch(self) -> Iterator[EarlyBatch]:
+        yield self.handed
+
+    def batch(self, limit: int) -> AbstractContextManager[Batch]:
+        return self._batch()
+
+    def maintain(self) -> None:
+        pass
+
+    def wait(self, timeout_s: float, wakeup_fd: int | None = None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def payload(op: str, old: dict[str, str] | None, new: dict[str, str] | None) -> str:
+    return json.dumps({"s": "public", "t": "users", "x": 900, "a": 1.5, "r": [[op, old, new]]})
+
+
+def handed_to_a_runner(payloads: list[str]) -> tuple[EarlyBatch, RecordingSink, Runner]:
+    batch = early_batch(RowDecoder(), payloads, "800:800:", limit=100)
+    sink = RecordingSink()
+    stopper = Stopper()
+    try:
+        runner = Runner(
+            connect=lambda: cast(Source, None),
+            mapper=Mapper({TableName("public", "users"): [KeyTemplate.parse("user:{id}")]}),
+            sink=sink,
+            config=RunnerConfig(),
+            stopper=stopper,
+        )
+        assert runner._process_batch(cast(Source, OneBatch(batch))) == batch.size
+    finally:
+        stopper.close()
+    return batch, sink, runner
+
+
+def test_an_early_batch_deletes_and_counts_only_its_keys() -> None:
+    batch, sink, runner = handed_to_a_runner(
+        [payload("U", {"id": "1"}, {"id": "2"}), payload("D", {"id": "3"}, None)]
+    )
+    assert sink.deletes == [["user:1", "user:2", "user:3"]]
+    assert [xid for xid, _ in batch.deleted()] == [900, 900]
+    assert runner.keys_deleted == 3
+    assert runner.events_processed == 0, "counted by the queue read that acknowledges"
+
+
+def test_an_early_batch_needing_a_sweep_is_left_whole_to_the_queue_read() -> None:
+    # A payload written by hand: a TRUNCATE (the capture functions never send one) is a
+    # sweep, which only a batch that acknowledges may hold.
+    batch, sink, runner = handed_to_a_runner(
+        [payload("U", {"id": "1"}, {"id": "1"}), payload("T", None, None)]
+    )
+    assert sink.deletes == []
+    assert list(batch.deleted()) == []
+    assert runner.keys_deleted == 0
+
+
+def test_payloads_that_cannot_be_read_or_were_read_already_make_no_early_batch() -> None:
+    decoder = RowDecoder()
+    broken = ["{", "[1]", json.dumps({"s": "public"}), payload("X", None, None)]
+    assert early_batch(decoder, broken, "800:800:", limit=100).events == []
+    seen = payload("I", None, {"id": "1"})  # transaction 900, complete in 901:901:
+    assert early_batch(decoder, [seen], "901:901:", limit=100).events == []
+    assert len(early_batch(decoder, [seen, seen], "800:800:", limit=1).events) == 1
