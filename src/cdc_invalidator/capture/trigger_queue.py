@@ -552,7 +552,7 @@ class TriggerQueue:
         return (
             self._conn.cursor(row_factory=tuple_row)
             .execute(
-                Q.FETCH_BATCH.text,
+                Q.FETCH_BATCH.compact,
                 {
                     "cur": cur,
                     "prev_xip": prev_xip,

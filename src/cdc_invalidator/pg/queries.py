@@ -116,12 +116,29 @@ class Q(enum.Enum):
     def sql(self) -> SQL:
         return SQL(_read(self.value))
 
+    @property
+    def compact(self) -> LiteralString:
+        """The text less its whole-line comments, for a query run at every batch:
+        psycopg parses a query's placeholders again at each execute once its text is
+        over 4,096 bytes (the comments a DBA reads would cost it that)."""
+        return _compact(self.value)
+
 
 @cache
 def _read(name: str) -> LiteralString:
     # Trusted text shipped with the package, never built from input: a LiteralString.
     content: LiteralString = files(PACKAGE).joinpath(name).read_text("utf-8")
     return content
+
+
+@cache
+def _compact(name: str) -> LiteralString:
+    text = _read(name)
+    kept: LiteralString = ""
+    for line in text.splitlines(keepends=True):
+        if not line.lstrip().startswith("--"):
+            kept += line
+    return kept
 
 
 def missing() -> list[str]:
