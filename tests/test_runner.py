@@ -194,6 +194,9 @@ class FakeSource:
     def maintain(self) -> None:
         self._world.log.append(("maintain",))
 
+    def settle(self) -> None:
+        self._world.log.append(("settle",))
+
     def wait(self, timeout_s: float, wakeup_fd: int | None = None) -> None:
         world = self._world
         world.log.append(("wait", timeout_s))
@@ -267,17 +270,27 @@ class FakeSink:
 
 class FakeWatch(RedisWatch):
     """The identity check: records whether it was forced; raises the scripted errors
-    first (Redis does not answer), then answers (the same server: no replay)."""
+    first (Redis does not answer), then answers: the same server (no replay), or with
+    `replays` another one each time (the replay settles the history, as RedisWatch's)."""
 
-    def __init__(self, world: World, failures: list[Exception] | None = None) -> None:
+    def __init__(
+        self, world: World, failures: list[Exception] | None = None, replays: bool = False
+    ) -> None:
         self._world = world  # no sink, mapper or database: RedisWatch's __init__ not called
         self._failures = deque(failures or [])
+        self._replays = replays
 
-    def check(self, force: bool = False) -> ReplayResult | None:
+    def check(
+        self, force: bool = False, settle: Callable[[], None] = lambda: None
+    ) -> ReplayResult | None:
         self._world.log.append(("check", force))
         if self._failures:
             raise self._failures.popleft()
-        return None
+        if not self._replays:
+            return None
+        settle()
+        self._world.log.append(("replay",))
+        return ReplayResult(events=0, keys=0, existed=0, skipped=0, seconds=0.0)
 
 
 def make_runner(
@@ -499,6 +512,15 @@ def test_redis_that_answers_again_is_available_before_the_next_batch(world: Worl
     assert [e[1] for e in world.entries("check")] == [True, True, True]
     assert sample(r, "reconnects_total", "redis") == 1
     assert sample(r, "errors_total", "redis") == 2
+
+
+def test_a_replay_settles_the_sources_history_first(world: World) -> None:
+    """The watch is handed the connected source's settle: logical mode's history of the
+    batches already acknowledged is written before a replay reads it."""
+    source = FakeSource(world, [Arrives([1])])
+    make_runner(world, source, FakeSink(world), watch=FakeWatch(world, replays=True)).run()
+    kinds = world.kinds()
+    assert kinds[kinds.index("check") + 1 : kinds.index("check") + 3] == ["settle", "replay"]
 
 
 def test_redis_errors_back_off_and_the_delay_resets_after_a_batch_goes_through(

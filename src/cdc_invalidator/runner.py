@@ -149,6 +149,12 @@ class Source(Protocol):
         """Housekeeping that is due (saving progress, pruning, status updates,
         heartbeats), on every turn: cheap when nothing is."""
 
+    def settle(self) -> None:
+        """Wait until what the acknowledged batches leave behind is written: logical
+        mode's replay history is written behind the loop. A replay reads that history,
+        so it settles first: a batch whose keys were deleted but whose history was still
+        queued would otherwise not be deleted again after a Redis snapshot restore."""
+
     def wait(self, timeout_s: float, wakeup_fd: int | None = None) -> None:
         """Only wait: until woken (new changes, or `wakeup_fd` readable: shutdown) or
         timeout_s; at once if more is already there to read, and no later than
@@ -387,7 +393,7 @@ class Runner:
             deleting = False
             try:
                 if self._watch is not None:
-                    if replayed := self._watch.check(force=redis_back):
+                    if replayed := self._watch.check(force=redis_back, settle=source.settle):
                         self.metrics.replays.inc()
                         self.metrics.replayed_keys.inc(replayed.existed)
                     if not writes_refused:

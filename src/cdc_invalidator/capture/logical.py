@@ -458,6 +458,10 @@ class LogicalStream:
             timeout_s = min(timeout_s, self._heartbeat_at + self._config.heartbeat_s - now)
         self._stream.wait(timeout_s, wakeup_fd)
 
+    def settle(self) -> None:
+        """Wait for the replay history queued (HistoryWriter); raise its failure."""
+        self._history.flush()
+
     def maintain(self) -> None:
         """Status update, heartbeat, history pruning, each if due: cheap when none is
         (clock reads). Called on every turn of the runner's loop, busy or idle."""

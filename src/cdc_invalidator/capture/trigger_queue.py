@@ -495,6 +495,9 @@ class TriggerQueue:
         else:
             progress.window, progress.after = window, chunk.last
 
+    def settle(self) -> None:
+        """Nothing to wait for: the queue rows are the history, written by the writers."""
+
     def maintain(self) -> None:
         """Save progress if due, prune if due: cheap when nothing is (two clock reads).
         Called on every turn of the runner's loop, busy or idle."""

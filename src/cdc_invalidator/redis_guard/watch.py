@@ -58,9 +58,12 @@ class RedisWatch:
         self._second_delete_s = second_delete_s
         self._predecessor_owed = second_delete_s > 0
 
-    def check(self, force: bool = False) -> ReplayResult | None:
-        """The replay done, if one was. Raises what Redis or PostgreSQL raise: the runner
-        retries."""
+    def check(
+        self, force: bool = False, settle: Callable[[], None] = lambda: None
+    ) -> ReplayResult | None:
+        """The replay done, if one was. `settle` is called before a replay reads the
+        history: it waits until the history of every batch acknowledged so far is
+        written. Raises what Redis or PostgreSQL raise: the runner retries."""
         now = time.monotonic()
         if not force and now < self._next_check:
             return None
@@ -81,6 +84,7 @@ class RedisWatch:
                 # Last seen: the in-memory confirmation, or (a listener restarted while
                 # Redis changed) when the old identity was saved.
                 gone_s = now - self._known_at if self._known is not None else saved[1]
+                settle()
                 result = self._replay(conn, saved[0], identity, gone_s)
                 store.save(identity)
             if self._predecessor_owed:
