@@ -67,7 +67,9 @@ def _replica_in_sync(server: RedisServer) -> bool:
 @pytest.fixture
 def sentinel_setup() -> Iterator[SentinelSetup]:
     try:
-        first = RedisServer.create()
+        # (A master waits repl-diskless-sync-delay, 5 s, for more replicas before the
+        # first sync: each test waited for it.)
+        first = RedisServer.create(["--repl-diskless-sync-delay", "0"])
         second = RedisServer.create(["--replicaof", "127.0.0.1", str(first.port)])
     except ServerError as exc:
         unavailable(f"no redis-server: {exc}")
