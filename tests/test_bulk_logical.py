@@ -81,15 +81,27 @@ def setup(
     return listener, config
 
 
+def streaming(listener: ListenerProcess, xid: int) -> bool:
+    return any(line["xid"] == xid for line in listener.logged("transaction_streaming"))
+
+
+def open_streamed(listener: ListenerProcess, writer: psycopg.Connection[Any], *sql: str) -> int:
+    """Run `sql` in `writer`'s transaction, left open, and wait until its blocks have
+    streamed to `listener`. Returns its xid as the stream names it (32 bits)."""
+    row = writer.execute("SELECT txid_current()").fetchone()
+    assert row is not None
+    xid = int(row[0]) & 0xFFFFFFFF
+    for statement in sql:
+        writer.execute(statement.encode())  # bytes: our own test SQL
+    wait_until(lambda: streaming(listener, xid), what="blocks streamed")
+    return xid
+
+
 def cache_big(env: Env, ids: range, name: str = "n") -> list[str]:
     """Cache both keys of each row (by its current name `name || id`)."""
     keys = [f"big:{i}" for i in ids] + [f"big:name:{name}{i}" for i in ids]
     env.redis().mset(dict.fromkeys(keys, "cached"))
     return keys
-
-
-def streaming(listener: ListenerProcess, xid: int) -> bool:
-    return any(line["xid"] == xid for line in listener.logged("transaction_streaming"))
 
 
 def marker(env: Env, i: int) -> int:
@@ -113,15 +125,28 @@ def confirmed(env: Env) -> int:
     return parse_lsn(found["confirmed_flush_lsn"])
 
 
-def test_a_streamed_statement_is_deleted_only_after_its_commit(env: Env, spawn: Spawn) -> None:
+# A bulk statement of each kind, and the rows whose keys it deletes: each far past
+# logical_decoding_work_mem, so streamed while its transaction is open.
+BULK = [
+    pytest.param("UPDATE big SET name = 'x' || id", range(1, N + 1), id="update"),
+    pytest.param("DELETE FROM big", range(1, N + 1), id="delete"),
+    pytest.param(
+        f"INSERT INTO big SELECT g, 'n' || g FROM generate_series({N + 1}, {2 * N}) g",
+        range(N + 1, 2 * N + 1),
+        id="insert-select",
+    ),
+]
+
+
+@pytest.mark.parametrize(("statement", "ids"), BULK)
+def test_a_streamed_statement_is_deleted_only_after_its_commit(
+    env: Env, spawn: Spawn, statement: str, ids: range
+) -> None:
     listener, _ = setup(env, spawn, history="1h")
     r = env.redis()
-    keys = cache_big(env, range(1, N + 1))
+    keys = cache_big(env, ids)  # an INSERT's: negatively cached
     with psycopg.connect(env.dsn) as writer:
-        xid = writer.execute("SELECT txid_current()").fetchone()
-        assert xid is not None
-        writer.execute("UPDATE big SET name = 'x' || id")
-        wait_until(lambda: streaming(listener, int(xid[0]) & 0xFFFFFFFF), what="blocks streamed")
+        xid = open_streamed(listener, writer, statement)
         # Blocks of the open transaction have reached the listener; a marker committed
         # meanwhile is handled (so is everything streamed before it), and nothing of the
         # open one is deleted.
@@ -130,7 +155,7 @@ def test_a_streamed_statement_is_deleted_only_after_its_commit(env: Env, spawn: 
         writer.commit()
     wait_until(lambda: r.exists(*keys) == 0, what="every key of the statement deleted")
     (committed,) = listener.logged("streamed_transaction_committed")
-    assert committed["xid"] == int(xid[0]) & 0xFFFFFFFF
+    assert committed["xid"] == xid
 
     # The replay history holds its changes like any other transaction's, the first one
     # naming the transaction (xid, commit LSN, commit time).
@@ -145,7 +170,7 @@ def test_a_streamed_statement_is_deleted_only_after_its_commit(env: Env, spawn: 
     wait_until(lambda: len(history()) >= N, what="the statement's history written")
     items = history()
     assert len(items) == N
-    assert [x for (x,) in items if x is not None] == [str(int(xid[0]) & 0xFFFFFFFF)]
+    assert [x for (x,) in items if x is not None] == [str(xid)]
     stop(listener)
 
 
@@ -157,10 +182,7 @@ def test_a_streamed_transaction_deleted_late_owes_no_second_deletes(env: Env, sp
     r = env.redis()
     keys = cache_big(env, range(1, N + 1))
     with psycopg.connect(env.dsn) as writer:
-        xid = writer.execute("SELECT txid_current()").fetchone()
-        assert xid is not None
-        writer.execute("UPDATE big SET name = 'x' || id")
-        wait_until(lambda: streaming(listener, int(xid[0]) & 0xFFFFFFFF), what="blocks streamed")
+        open_streamed(listener, writer, "UPDATE big SET name = 'x' || id")
         # Redis refuses writes for a second from before the commit: the first deletes
         # come well past 300 ms after the snapshot that saw the commit.
         r.execute_command("CLIENT", "PAUSE", "1000", "WRITE")
@@ -180,15 +202,15 @@ def test_a_streamed_transaction_deleted_late_owes_no_second_deletes(env: Env, sp
     stop(listener)
 
 
-def test_a_streamed_transaction_that_rolls_back_deletes_nothing(env: Env, spawn: Spawn) -> None:
+@pytest.mark.parametrize(("statement", "ids"), BULK)
+def test_a_streamed_transaction_that_rolls_back_deletes_nothing(
+    env: Env, spawn: Spawn, statement: str, ids: range
+) -> None:
     listener, _ = setup(env, spawn)
     r = env.redis()
-    keys = cache_big(env, range(1, N + 1))
+    keys = cache_big(env, ids)
     with psycopg.connect(env.dsn) as writer:
-        xid = writer.execute("SELECT txid_current()").fetchone()
-        assert xid is not None
-        writer.execute("UPDATE big SET name = 'x' || id")
-        wait_until(lambda: streaming(listener, int(xid[0]) & 0xFFFFFFFF), what="blocks streamed")
+        open_streamed(listener, writer, statement)
         writer.rollback()
     wait_until(
         lambda: listener.logged("streamed_transaction_rolled_back"), what="the abort streamed"
@@ -230,10 +252,7 @@ def test_single_row_commits_during_a_streamed_one_are_deleted_and_acknowledged_i
     r = env.redis()
     keys = cache_big(env, range(1, N + 1))
     with psycopg.connect(env.dsn) as writer:
-        xid = writer.execute("SELECT txid_current()").fetchone()
-        assert xid is not None
-        writer.execute("UPDATE big SET name = 'x' || id WHERE id <= %s", [N // 2])
-        wait_until(lambda: streaming(listener, int(xid[0]) & 0xFFFFFFFF), what="blocks streamed")
+        open_streamed(listener, writer, f"UPDATE big SET name = 'x' || id WHERE id <= {N // 2}")
         # Other sessions commit while it is open: their keys go at once, and the slot
         # is confirmed past them, not held back by the open transaction.
         at = max(marker(env, i) for i in range(2, 8))
@@ -264,11 +283,7 @@ def test_a_listener_restarted_in_the_middle_of_a_streamed_transaction_deletes_al
     r = env.redis()
     keys = cache_big(env, range(1, N + 1))
     with psycopg.connect(env.dsn) as writer:
-        xid = writer.execute("SELECT txid_current()").fetchone()
-        assert xid is not None
-        top = int(xid[0]) & 0xFFFFFFFF
-        writer.execute("UPDATE big SET name = 'x' || id WHERE id <= %s", [N // 2])
-        wait_until(lambda: streaming(first, top), what="blocks streamed to the first listener")
+        top = open_streamed(first, writer, f"UPDATE big SET name = 'x' || id WHERE id <= {N // 2}")
         # A commit after its start is acknowledged: the slot's confirmed position passes
         # the start of the open transaction, which must not make the slot skip it.
         at = marker(env, 1)
@@ -314,13 +329,14 @@ def test_a_streamed_transaction_keeps_column_filters_truncate_and_dead_letters(
     noted = cache_big(env, range(11, N + 1))
     r.mset({"small:1": "c", "small:2": "c"})
     with psycopg.connect(env.dsn) as writer:
-        xid = writer.execute("SELECT txid_current()").fetchone()
-        assert xid is not None
-        writer.execute("UPDATE big SET note = 'seen'")  # judged: nothing to delete
-        writer.execute("UPDATE big SET name = 'x' || id WHERE id <= 10")
-        writer.execute("INSERT INTO other VALUES (1)")
-        writer.execute("TRUNCATE small")
-        wait_until(lambda: streaming(listener, int(xid[0]) & 0xFFFFFFFF), what="blocks streamed")
+        xid = open_streamed(
+            listener,
+            writer,
+            "UPDATE big SET note = 'seen'",  # judged: nothing to delete
+            "UPDATE big SET name = 'x' || id WHERE id <= 10",
+            "INSERT INTO other VALUES (1)",
+            "TRUNCATE small",
+        )
     wait_until(lambda: r.exists(*renamed, "small:1", "small:2") == 0, what="its keys deleted")
     wait_until(
         lambda: env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 1,
@@ -330,7 +346,7 @@ def test_a_streamed_transaction_keeps_column_filters_truncate_and_dead_letters(
     table, error = env.scalar("SELECT array[table_name, error] FROM cdc_invalidator.dead_letter_v1")
     assert table == "other"
     assert "not in the configuration" in error
-    assert f"transaction {int(xid[0]) & 0xFFFFFFFF}" in error
+    assert f"transaction {xid}" in error
     stop(listener)
 
 

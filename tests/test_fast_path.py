@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import psycopg
+import pytest
 import redis
 from psycopg.conninfo import make_conninfo
 
@@ -41,6 +42,7 @@ from cdc_invalidator.sink import Persistence
 from tests.support.env import Env
 from tests.support.faults import cache, insert_users, keys_of, queue_count, setup_users, write
 from tests.support.listener import ListenerThread
+from tests.support.sync import keys
 from tests.support.waits import wait_until
 
 CHANNEL = "cdc_invalidator_v1"
@@ -321,6 +323,76 @@ def test_the_payload_is_off_by_default_and_install_switches_it(env: Env) -> None
         assert heard() == ""
     finally:
         env.sql(f"DROP ROLE {role}")
+
+
+# Migrations under the payload (docs/DBA.md, "Schema migrations" says what each must
+# do): the DDL, run while the listener runs (None: none), then a write that succeeds;
+# the keys that must go; whether its row still rides in the payload (deleted early). A
+# renamed or dropped key column takes the capture function's drifted path, which sends
+# the wake-up: the queue read deletes (a dropped one sweeps every key of the templates).
+NEW = "user:email:new@x"
+EVERY_USER = {NEW, *(k for i in (1, 2, 3) for k in keys_of(i))}
+MIGRATIONS = [
+    pytest.param(
+        "ALTER TABLE users RENAME COLUMN email TO mail",
+        "UPDATE users SET mail = 'new@x' WHERE id = 1",
+        {*keys_of(1), NEW},
+        False,
+        id="renamed-key-column",
+    ),
+    pytest.param(
+        "ALTER TABLE users ALTER COLUMN id TYPE bigint",
+        "UPDATE users SET email = 'new@x' WHERE id = 1",
+        {*keys_of(1), NEW},
+        True,
+        id="id-retyped-bigint",
+    ),
+    pytest.param(
+        None,
+        "SET session_replication_role = replica; UPDATE users SET email = 'new@x' WHERE id = 1",
+        {*keys_of(1), NEW},
+        True,
+        id="replica-role-write",
+    ),
+    pytest.param(
+        "ALTER TABLE users DROP COLUMN email",
+        "DELETE FROM users WHERE id = 2",
+        EVERY_USER,
+        False,
+        id="dropped-key-column-delete",
+    ),
+    pytest.param(
+        "ALTER TABLE users RENAME TO members",
+        "DELETE FROM members WHERE id = 2",
+        set(keys_of(2)),
+        True,
+        id="renamed-table-delete",
+    ),
+]
+
+
+@pytest.mark.parametrize(("ddl", "statement", "gone", "early"), MIGRATIONS)
+def test_migrations_under_the_payload_keep_writes_and_deletes(
+    env: Env, ddl: str | None, statement: str, gone: set[str], early: bool
+) -> None:
+    # second_delete_ms = 0: a key deleted 300 ms later by the second delete would hide an
+    # early delete that was lost (its queue row acknowledged without deleting again).
+    config = setup_users(env, notify_payload=True, rows=3, second_delete_ms=0)
+    r = env.redis()
+    with listener_with_tap(env, config) as (_listener, tap):
+        cache(r, [1, 2, 3])
+        r.mset({NEW: "stale", "other:1": "no template reaches it"})
+        if ddl is not None:
+            env.sql(ddl)
+        env.sql(statement)
+        wait_until(
+            lambda: not any(r.exists(k) for k in gone) and queue_count(env) == 0,
+            what="the write's keys deleted and acknowledged",
+        )
+        if early:
+            assert tap.early_ids(), tap.batches
+    assert keys(r) == (EVERY_USER - gone) | {"other:1"}
+    assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 0
 
 
 def change(op: Op, i: int) -> ChangeEvent:

@@ -15,7 +15,7 @@ from psycopg.conninfo import make_conninfo
 
 from cdc_invalidator.cli import main
 from tests.support.env import Env
-from tests.support.listener import ListenerThread, run_cli
+from tests.support.listener import ListenerThread, listening, run_cli
 from tests.support.psql import psql
 from tests.support.waits import wait_until
 
@@ -196,19 +196,50 @@ def test_install_twice_is_harmless(env: Env) -> None:
     ]
 
 
+# What the release before packs (schema revision 1, and no notify_payload) left installed,
+# as the current install's objects less what later releases added. `CAPTURE_FUNCTIONS`
+# names each capture function; `OLDER_CAPTURE` is a capture function's definition as that
+# release compiled it: one queue row per change whatever the statement's size (the
+# branch to packs never taken).
+OLDER_RELEASE = """
+    DROP FUNCTION cdc_invalidator.schema_revision();
+    ALTER TABLE cdc_invalidator.queue_v1 DROP COLUMN rows;
+    ALTER TABLE cdc_invalidator.dead_letter_v1 DROP COLUMN rows;
+    DROP FUNCTION cdc_invalidator.queue_early_v1, cdc_invalidator.queue_packed_v1,
+        cdc_invalidator.queue_judged_packed_v1, cdc_invalidator.pack_rows_v1;
+    DROP FUNCTION cdc_invalidator.watch(regclass, text[], text, text[], boolean);
+    CREATE FUNCTION cdc_invalidator.watch(
+        tbl regclass, key_columns text[], judge text DEFAULT NULL,
+        filter_columns text[] DEFAULT NULL) RETURNS void LANGUAGE sql AS '';
+"""
+CAPTURE_FUNCTIONS = (
+    "SELECT oid FROM pg_proc WHERE pronamespace = 'cdc_invalidator'::regnamespace"
+    " AND proname ~ '^capture_[0-9]+_v1$'"
+)
+OLDER_CAPTURE = "SELECT replace(pg_get_functiondef(%s), 'IF many THEN', 'IF false THEN')"
+
+
+def install_older_release(env: Env, config: Path) -> None:
+    """`config`'s tables installed as the release before packs left them (above)."""
+    assert cli("install", "--config", config) == 0
+    with env.connect() as conn, conn.transaction():
+        conn.execute(OLDER_RELEASE.encode())
+        functions = [oid for (oid,) in conn.execute(CAPTURE_FUNCTIONS)]
+        assert functions
+        for oid in functions:
+            row = conn.execute(OLDER_CAPTURE, [oid]).fetchone()
+            assert row is not None
+            assert "IF false THEN" in row[0]
+            conn.execute(row[0].encode())
+
+
 def test_install_over_an_earlier_releases_watch_leaves_one_watch(env: Env) -> None:
     """Releases before notify_payload had a four-argument watch(); CREATE OR REPLACE
     cannot add a parameter, so install drops it: otherwise two overloads would stay, and
     the script's own watch() calls (and a DBA's) would be ambiguous."""
     tables(env)
     config = env.config(USERS)
-    assert cli("install", "--config", config) == 0
-    env.sql(
-        "DROP FUNCTION cdc_invalidator.watch(regclass, text[], text, text[], boolean);"
-        "CREATE FUNCTION cdc_invalidator.watch("
-        " tbl regclass, key_columns text[], judge text DEFAULT NULL,"
-        " filter_columns text[] DEFAULT NULL) RETURNS void LANGUAGE sql AS ''"
-    )
+    install_older_release(env, config)
     assert cli("install", "--config", config) == 0
     assert env.scalar(
         "SELECT array_agg(oid::regprocedure::text) FROM pg_proc"
@@ -641,9 +672,7 @@ def test_sql_of_an_older_release_is_refused_until_install_upgrades_it(
     and misread the queue; `install` upgrades it in place and the listener then runs."""
     tables(env)
     config = env.config(USERS)
-    assert cli("install", "--config", config) == 0
-    env.sql("DROP FUNCTION cdc_invalidator.schema_revision()")
-    env.sql("ALTER TABLE cdc_invalidator.queue_v1 DROP COLUMN rows")
+    install_older_release(env, config)
     capsys.readouterr()
     code, _, err = check(config, capsys)
     assert code == 1
@@ -659,3 +688,52 @@ def test_sql_of_an_older_release_is_refused_until_install_upgrades_it(
     code, out, err = check(config, capsys)
     assert code == 0, err
     assert "cdc_invalidator v1 (revision 2) installed" in out
+
+
+def test_an_upgrade_from_the_older_release_delivers_its_backlog_and_packs_after(
+    env: Env,
+) -> None:
+    """docs/DBA.md's upgrade order with a backlog: the older release queued changes while
+    no listener ran (one row per change, its multi-row statements too); `install`
+    upgrades in place, keeping them, and recompiles the capture functions (a multi-row
+    statement is now a pack); the new listener then deletes every key of both."""
+    tables(env)
+    env.sql("INSERT INTO users SELECT g, 'u' || g || '@x' FROM generate_series(10, 31) g")
+    config = env.config(USERS)
+    install_older_release(env, config)
+    r = env.redis()
+
+    def user(i: int, *emails: str) -> list[str]:
+        return [f"user:{i}", *(f"user:email:{e}" for e in emails or [f"u{i}@x"])]
+
+    old = [*user(1, "a@x", "c@x"), *user(2, "b@x")]
+    old += [k for i in [*range(10, 20), *range(40, 45)] for k in user(i)]
+    new = [*user(20, "u20@x", "d@x"), *(k for i in range(21, 30) for k in user(i))]
+    kept = [k for i in (30, 31) for k in user(i)]
+    r.mset(dict.fromkeys(old + new + kept, "cached"))
+    # The backlog, queued while no listener runs (stopped for the upgrade).
+    env.sql("UPDATE users SET email = 'c@x' WHERE id = 1")
+    env.sql("DELETE FROM users WHERE id = 2")
+    env.sql("UPDATE users SET name = 'old' WHERE id BETWEEN 10 AND 19")
+    env.sql("INSERT INTO users SELECT g, 'u' || g || '@x' FROM generate_series(40, 44) g")
+    assert env.scalar("SELECT count(*) FROM cdc_invalidator.queue_v1") == 1 + 1 + 10 + 5
+
+    # Upgraded: the backlog kept (no `rows`: one change each), then one change and a
+    # pack of nine.
+    assert cli("install", "--config", config) == 0
+    env.sql("UPDATE users SET email = 'd@x' WHERE id = 20")
+    env.sql("DELETE FROM users WHERE id BETWEEN 21 AND 29")
+    assert env.scalar(
+        "SELECT array_agg(coalesce(rows, 1) ORDER BY id) FROM cdc_invalidator.queue_v1"
+    ) == [1] * 18 + [9]
+
+    with listening(config):
+        wait_until(
+            lambda: (
+                r.exists(*old, *new) == 0
+                and env.scalar("SELECT count(*) FROM cdc_invalidator.queue_v1") == 0
+            ),
+            what="the backlog's and the new writes' keys deleted, the queue drained",
+        )
+    assert r.exists(*kept) == len(kept)
+    assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 0
