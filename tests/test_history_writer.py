@@ -1,6 +1,7 @@
-"""Logical mode's history writer (capture/history_writer.py): writes queued behind the
-loop, in order, bounded in bytes, and none after a failure. A pure unit: the
-connection is a stand-in that records the texts and blocks until told to go on."""
+"""Logical mode's history writer (capture/history_writer.py): batches' texts gathered
+into one write, writes queued behind the loop, in order, bounded in bytes, and none
+after a failure. A pure unit: the connection is a stand-in that records the texts and
+blocks until told to go on."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from typing import Any, cast
 import psycopg
 import pytest
 
-from cdc_invalidator.capture.history_writer import MAX_QUEUED_BYTES, HistoryWriter
+from cdc_invalidator.capture import history_writer
+from cdc_invalidator.capture.history_writer import GATHER_BYTES, MAX_QUEUED_BYTES, HistoryWriter
 
 
 class Conn:
@@ -32,44 +34,76 @@ def writer(conn: Conn) -> HistoryWriter:
     return HistoryWriter(cast("psycopg.Connection[Any]", conn))
 
 
+def big(item: str) -> str:
+    """A text past GATHER_BYTES: queued as soon as it is written."""
+    return "[" + item * GATHER_BYTES + "]"
+
+
+def test_small_texts_are_gathered_into_one_write_in_order() -> None:
+    conn = Conn()
+    conn.gate.set()
+    history = writer(conn)
+    for text in ("[1]", "[]", "[2,3]", "[4]"):
+        history.write(text)
+    assert conn.written == []  # gathered: nothing written, nothing queued
+    history.flush()
+    assert conn.written == ["[1,2,3,4]"]
+    history.write("[5]")
+    history.close()
+    assert conn.written == ["[1,2,3,4]", "[5]"]
+
+
+def test_gathered_texts_are_queued_once_the_first_is_old(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(history_writer, "GATHER_S", 0.0)
+    conn = Conn()
+    conn.gate.set()
+    history = writer(conn)
+    history.write("[1]")
+    history.write("[2]")
+    history.flush()
+    assert conn.written == ["[1]", "[2]"]
+    history.close()
+
+
 def test_writes_queue_behind_the_loop_and_are_written_in_order() -> None:
     conn = Conn()
     history = writer(conn)
-    for text in ("[1]", "[2]", "[3]"):
+    texts = [big(item) for item in "123"]
+    for text in texts:
         history.write(text)  # returns with the gate closed: nothing waited for
     assert conn.written == []
     conn.gate.set()
     history.flush()
-    assert conn.written == ["[1]", "[2]", "[3]"]
+    assert conn.written == texts
     history.close()
 
 
 def test_the_loop_waits_once_the_queued_text_passes_its_bound() -> None:
     conn = Conn()
     history = writer(conn)
-    big = "[" + "1" * (MAX_QUEUED_BYTES - 10) + "]"
-    history.write(big)
-    more = threading.Thread(target=history.write, args=("[" + "2" * 20 + "]",))
+    first = "[" + "1" * (MAX_QUEUED_BYTES - 10) + "]"
+    history.write(first)
+    more = threading.Thread(target=history.write, args=(big("2"),))
     more.start()
     more.join(0.2)
     assert more.is_alive(), "a write past the bound did not wait for the one before"
     conn.gate.set()
     more.join()
     history.flush()
-    assert conn.written == [big, "[" + "2" * 20 + "]"]
+    assert conn.written == [first, big("2")]
     history.close()
 
 
 def test_a_failed_write_stops_those_after_it_and_is_raised_once() -> None:
-    conn = Conn(fail=frozenset({"[2]"}))
+    conn = Conn(fail=frozenset({big("2")}))
     history = writer(conn)
-    for text in ("[1]", "[2]", "[3]"):
-        history.write(text)
+    for item in "123":
+        history.write(big(item))
     conn.gate.set()
     with pytest.raises(psycopg.OperationalError):
         history.flush()
-    assert conn.written == ["[1]"]  # [3] was queued after the failure: not written
-    history.write("[4]")  # afresh (the slot sends [2] and [3] again)
+    assert conn.written == [big("1")]  # the third was queued after the failure: not written
+    history.write("[4]")  # afresh (the slot sends the second and third again)
     history.flush()
-    assert conn.written == ["[1]", "[4]"]
+    assert conn.written == [big("1"), "[4]"]
     history.close()
