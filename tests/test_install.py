@@ -3,7 +3,6 @@ watch()/unwatch() API with its privileges, on a real PostgreSQL."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from cdc_invalidator.cli import main
 from tests.support.env import Env
 from tests.support.listener import ListenerThread, listening, run_cli
 from tests.support.psql import psql
+from tests.support.roles import login_role
 from tests.support.waits import wait_until
 
 USERS = {"public.users": ["user:{id}", "user:email:{email}"]}
@@ -591,13 +591,8 @@ def test_watch_and_unwatch_by_hand(env: Env) -> None:
 @pytest.fixture
 def plain_role(env: Env) -> Iterator[str]:
     """A login role with no privileges beyond what a test grants it."""
-    role = "plain_" + uuid.uuid4().hex[:8]
-    with env.connect() as conn:
-        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
-    yield role
-    with env.connect() as conn:
-        conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
-        conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+    with login_role(env, "plain_") as role:
+        yield role
 
 
 def test_watch_and_unwatch_are_not_executable_by_public(env: Env, plain_role: str) -> None:
