@@ -31,14 +31,12 @@ from cdc_invalidator.capture.logical import CHASE_BYTES
 from cdc_invalidator.capture.walstream import parse_lsn
 from tests.support.env import Env
 from tests.support.faults import blocked_on_redis
-from tests.support.listener import ListenerProcess, Spawn, run_cli
+from tests.support.listener import ListenerProcess, Spawn, check, cli, run_cli
 from tests.support.logical import (
     ORDERS,
     SLOT,
     USERS,
     active,
-    check,
-    cli,
     gone,
     install,
     logical_config,
