@@ -22,7 +22,7 @@ from tests.support.evidence import Evidence, unavailable
 from tests.support.listener import ListenerProcess, Spawn
 from tests.support.pgversion import PgInstall
 from tests.support.servers import PostgresServer, RedisServer, ServerError
-from tests.support.tail import Tail
+from tests.support.tail import StartedTails
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -142,9 +142,9 @@ def spawn(tmp_path: Path) -> Iterator[Spawn]:
 
 
 @pytest.fixture
-def tails() -> Iterator[list[Tail]]:
-    """`cdc-invalidator tail` processes a test starts (appended): killed if left running."""
-    started: list[Tail] = []
+def started_tail() -> Iterator[StartedTails]:
+    """Start `cdc-invalidator tail` (env, config, its arguments): returns the Tail once it
+    has subscribed; whatever is left running is killed."""
+    started = StartedTails()
     yield started
-    for tail in started:
-        tail.kill()
+    started.kill()

@@ -19,7 +19,7 @@ from tests.support.env import Env
 from tests.support.faults import Written, acknowledged, setup_users, write
 from tests.support.listener import Spawn, listening, run_cli, stop_listener
 from tests.support.sync import SYNC, install, keys, queue_len, settle
-from tests.support.tail import Tail, channel_of, subscribers
+from tests.support.tail import LINE, StartedTails
 from tests.support.waits import wait_until
 
 USERS = {"public.users": ["user:{id}", "user:email:{email}"]}
@@ -301,14 +301,11 @@ def test_a_judged_bulk_update_queues_only_the_rows_whose_counted_columns_changed
 
 
 def test_tail_shows_each_row_of_a_packed_change_with_its_transaction(
-    env: Env, spawn: Spawn, tails: list[Tail]
+    env: Env, spawn: Spawn, started_tail: StartedTails
 ) -> None:
     config = setup_users(env, rows=300)
     listener = spawn(config)
-    r = env.redis()
-    tail = Tail(config, env.tmp_path, "--table", "users")
-    tails.append(tail)
-    wait_until(lambda: subscribers(r, channel_of(env)) == 1, what="tail subscribed")
+    tail = started_tail(env, config, "--table", "users")
 
     # The listener asks whether anyone tails once a second at most: write packs (three
     # rows a statement, once the last one is consumed) until one is shown.
@@ -316,7 +313,7 @@ def test_tail_shows_each_row_of_a_packed_change_with_its_transaction(
     shown: list[dict[str, str]] = []
 
     def a_pack_shown() -> bool:
-        lines = [m.groupdict() for m in map(TAIL_LINE.match, tail.lines()) if m]
+        lines = [m.groupdict() for m in map(LINE.match, tail.lines()) if m]
         if len(lines) >= 3:
             shown.extend(lines[:3])
             return True
@@ -337,9 +334,3 @@ def test_tail_shows_each_row_of_a_packed_change_with_its_transaction(
     assert re.fullmatch(r"xid \d+", shown[0]["txn"]), shown
     assert tail.interrupt() == 0, tail.stderr()
     stop_listener(listener)
-
-
-TAIL_LINE = re.compile(
-    r"^(?P<at>\S+) (?P<table>\S+) (?P<op>[A-Z]+) "
-    r"(?P<keys>.+?) commit→delete (?P<ms>\d+) ms \((?P<txn>xid \d+[^)]*)\)$"
-)

@@ -31,7 +31,7 @@ from tests.support.listener import listening
 from tests.support.servers import RedisClusterServer, RedisServer, ServerError
 from tests.support.sync import SYNC, install
 from tests.support.sync import settle as settle_on
-from tests.support.tail import Tail, channel_of, subscribers
+from tests.support.tail import StartedTails
 from tests.support.waits import wait_until
 
 USERS = {"public.users": ["user:{id}", "user:email:{email}"]}
@@ -600,17 +600,14 @@ def test_unlink_writes_once_to_each_primary_and_never_key_by_key(
 
 
 def test_tail_and_explain_on_a_cluster(
-    cenv: Env, rc: RedisCluster, tails: list[Tail], capsys: pytest.CaptureFixture[str]
+    cenv: Env, rc: RedisCluster, started_tail: StartedTails, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """tail subscribes on the node redis_url names, where the listener asks NUMSUB;
-    explain finds a key on whichever master owns its slot."""
+    """tail subscribes on the node redis_url names (started_tail waits for that), where
+    the listener asks NUMSUB; explain finds a key on whichever master owns its slot."""
     users_table(cenv, 200)
     config = install(cenv, USERS)
-    node = redis.Redis.from_url(cenv.redis_url)
     with listening(config):
-        tail = Tail(config, cenv.tmp_path)
-        tails.append(tail)
-        wait_until(lambda: subscribers(node, channel_of(cenv)) == 1, what="tail subscribed")
+        tail = started_tail(cenv, config)
         done: list[int] = []
 
         def shown() -> bool:
@@ -630,7 +627,6 @@ def test_tail_and_explain_on_a_cluster(
     for key in keys:
         assert main(["explain", key, "--config", str(config)]) == 0
         assert "in Redis now: yes, no expiry" in capsys.readouterr().out
-    node.close()
 
 
 def node_of_key(rc: RedisCluster, key: str) -> int:

@@ -35,13 +35,13 @@ from cdc_invalidator.capture.rows import RowDecoder
 from cdc_invalidator.capture.trigger_queue import QueueBatch
 from cdc_invalidator.cli import main
 from cdc_invalidator.events import ChangeEvent, Op, TableName
-from cdc_invalidator.mapping import KeyTemplate, Mapper, Routed
+from cdc_invalidator.mapping import KeyTemplate, Mapper
 from cdc_invalidator.runner import Batch, Runner, RunnerConfig, Source
 from cdc_invalidator.shutdown import Stopper
-from cdc_invalidator.sink import Persistence
 from tests.support.env import Env
 from tests.support.faults import cache, insert_users, keys_of, queue_count, setup_users, write
 from tests.support.listener import ListenerThread
+from tests.support.runner_fakes import RecordingSink
 from tests.support.sync import keys
 from tests.support.waits import wait_until
 
@@ -457,29 +457,6 @@ def test_a_snapshot_sees_what_completed_before_it() -> None:
 
 
 # --- the runner's hand-off, against in-memory fakes ------------------------------------
-
-
-class RecordingSink:
-    """The runner's Sink: records the keys of each delete."""
-
-    def __init__(self) -> None:
-        self.deletes: list[list[str]] = []
-
-    def delete_routed(self, works: Routed) -> int:
-        self.deletes.append(sorted(k for work in works.values() for k in work.keys))
-        return len(self.deletes[-1])
-
-    def identity(self) -> str:
-        return "fake"
-
-    def persistence(self) -> list[Persistence]:
-        raise AssertionError("not used")
-
-    def ping(self) -> str:
-        raise AssertionError("not used")
-
-    def close(self) -> None:
-        pass
 
 
 class OneBatch:

@@ -3,7 +3,6 @@ watch()/unwatch() API with its privileges, on a real PostgreSQL."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,10 +12,10 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from cdc_invalidator.cli import main
 from tests.support.env import Env
-from tests.support.listener import ListenerThread, listening, run_cli
+from tests.support.listener import ListenerThread, check, cli, listening, run_cli
 from tests.support.psql import psql
+from tests.support.roles import login_role
 from tests.support.waits import wait_until
 
 USERS = {"public.users": ["user:{id}", "user:email:{email}"]}
@@ -58,10 +57,6 @@ def catalog(env: Env) -> dict[str, list[tuple[Any, ...]]]:
                 "SELECT relid::text, columns FROM cdc_invalidator.watched_v1 ORDER BY 1"
             ).fetchall()
         return snap
-
-
-def cli(*args: str | Path) -> int:
-    return main([str(a) for a in args])
 
 
 def tables(env: Env) -> None:
@@ -359,17 +354,10 @@ def test_uninstall_removes_every_object_and_is_repeatable(env: Env) -> None:
 # --- check ---------------------------------------------------------------------------------
 
 
-def check(config: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = cli("check", "--config", config)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_check_passes_when_all_is_well(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
     tables(env)
     config = env.config({**USERS, **ORDERS})
     assert cli("install", "--config", config) == 0
-    capsys.readouterr()
     code, out, err = check(config, capsys)
     assert code == 0, err
     assert err == ""
@@ -390,7 +378,6 @@ def test_check_warns_when_one_tables_sweep_reaches_anothers_keys(
         }
     )
     assert cli("install", "--config", config) == 0
-    capsys.readouterr()
     code, out, err = check(config, capsys)
     assert code == 0, err  # a warning, not an error: nothing is lost, keys are over-deleted
     warnings = [line for line in out.splitlines() if "TRUNCATE" in line]
@@ -410,7 +397,6 @@ def test_check_warns_about_whichever_table_sweeps_the_other(
     tables(env)
     config = env.config({"public.users": ["u:{id}:x"], "public.orders": ["u:{id}"]})
     assert cli("install", "--config", config) == 0
-    capsys.readouterr()
     code, out, err = check(config, capsys)
     assert code == 0, err
     # orders' u:* matches users' u:1:x; users' u:*:x matches no key of orders (u:1).
@@ -430,7 +416,6 @@ def test_check_is_quiet_about_tables_in_different_redis_databases(
     with config.open("a") as f:
         f.write("redis_db = 5\n")  # the last table written: user_settings
     assert cli("install", "--config", config) == 0
-    capsys.readouterr()
     code, out, err = check(config, capsys)
     assert code == 0, err
     assert "TRUNCATE" not in out, out
@@ -474,7 +459,6 @@ def test_check_names_file_and_missing_table(env: Env, capsys: pytest.CaptureFixt
     config = env.config(USERS)
     assert cli("install", "--config", config) == 0
     wrong = env.config({**USERS, "public.nosuch": ["n:{id}"]}, name="wrong.toml")
-    capsys.readouterr()
     code, _, err = check(wrong, capsys)
     assert code != 0
     line = next(line for line in err.splitlines() if "nosuch" in line)
@@ -489,7 +473,6 @@ def test_check_names_template_and_missing_column(
     config = env.config(USERS)
     assert cli("install", "--config", config) == 0
     wrong = env.config({"public.users": ["user:{id}", "user:nick:{nickname}"]}, name="wrong.toml")
-    capsys.readouterr()
     code, _, err = check(wrong, capsys)
     assert code != 0
     line = next(line for line in err.splitlines() if "nickname" in line)
@@ -505,7 +488,6 @@ def test_check_says_triggers_are_out_of_date_after_config_change(
     old = env.config({"public.users": ["user:{id}"]}, name="old.toml")
     assert cli("install", "--config", old) == 0
     new = env.config(USERS, name="new.toml")  # gained user:email:{email}, not re-installed
-    capsys.readouterr()
     code, _, err = check(new, capsys)
     assert code != 0
     line = next(line for line in err.splitlines() if "users" in line)
@@ -513,7 +495,6 @@ def test_check_says_triggers_are_out_of_date_after_config_change(
     assert "email" in line
     assert "install" in line
     assert cli("install", "--config", new) == 0
-    capsys.readouterr()
     assert check(new, capsys)[0] == 0
 
 
@@ -524,7 +505,6 @@ def test_check_says_which_way_notify_payload_was_installed(
     off = env.config(USERS, name="off.toml")
     on = env.config(USERS, name="on.toml", notify_payload=True)
     assert cli("install", "--config", off) == 0
-    capsys.readouterr()
     code, out, err = check(off, capsys)
     assert (code, err) == (0, "")
     assert "NOTIFY payload" not in out
@@ -538,7 +518,6 @@ def test_check_says_which_way_notify_payload_was_installed(
     assert "install" in line
 
     assert cli("install", "--config", on) == 0
-    capsys.readouterr()
     code, out, err = check(on, capsys)
     assert (code, err) == (0, "")
     assert "sent in its NOTIFY payload" in out
@@ -554,7 +533,6 @@ def test_check_notices_triggers_dropped_by_hand(
     config = env.config(USERS)
     assert cli("install", "--config", config) == 0
     env.sql("DROP TRIGGER cdc_invalidator_trunc_v1 ON users")
-    capsys.readouterr()
     code, _, err = check(config, capsys)
     assert code != 0
     assert "users" in err
@@ -591,13 +569,8 @@ def test_watch_and_unwatch_by_hand(env: Env) -> None:
 @pytest.fixture
 def plain_role(env: Env) -> Iterator[str]:
     """A login role with no privileges beyond what a test grants it."""
-    role = "plain_" + uuid.uuid4().hex[:8]
-    with env.connect() as conn:
-        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
-    yield role
-    with env.connect() as conn:
-        conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
-        conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+    with login_role(env, "plain_") as role:
+        yield role
 
 
 def test_watch_and_unwatch_are_not_executable_by_public(env: Env, plain_role: str) -> None:
@@ -673,7 +646,6 @@ def test_sql_of_an_older_release_is_refused_until_install_upgrades_it(
     tables(env)
     config = env.config(USERS)
     install_older_release(env, config)
-    capsys.readouterr()
     code, _, err = check(config, capsys)
     assert code == 1
     assert "v1 revision 1, from an older release; this release needs revision 2" in err, err
@@ -684,7 +656,6 @@ def test_sql_of_an_older_release_is_refused_until_install_upgrades_it(
     assert "revision 1, from an older release" in out, out
     assert "Traceback" not in out
     assert cli("install", "--config", config) == 0
-    capsys.readouterr()
     code, out, err = check(config, capsys)
     assert code == 0, err
     assert "cdc_invalidator v1 (revision 2) installed" in out

@@ -4,7 +4,6 @@ PostgreSQL, as the configured role)."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from cdc_invalidator.cli import main
 from cdc_invalidator.tools import keys as keys_tool
 from tests.support.config import write_config
 from tests.support.env import Env
+from tests.support.roles import login_role
 from tests.support.servers import free_port
 
 TEMPLATES = ["user:{id}", "user:email:{email|lower}", "user:h:{email|trim|md5}"]
@@ -107,19 +107,8 @@ def users(env: Env) -> Path:
 @pytest.fixture
 def reader(env: Env) -> Iterator[str]:
     """A login role with a password and no privilege on users."""
-    role = "reader_" + uuid.uuid4().hex[:8]
-    with env.connect() as conn:
-        conn.execute(
-            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
-                sql.Identifier(role), sql.Literal(PASSWORD)
-            )
-        )
-    yield role
-    with env.connect() as conn:
-        conn.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", [role]
-        )
-        conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+    with login_role(env, "reader_", sql.SQL("PASSWORD {}").format(sql.Literal(PASSWORD))) as role:
+        yield role
 
 
 @pytest.mark.usefixtures("capture")

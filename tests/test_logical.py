@@ -31,14 +31,12 @@ from cdc_invalidator.capture.logical import CHASE_BYTES
 from cdc_invalidator.capture.walstream import parse_lsn
 from tests.support.env import Env
 from tests.support.faults import blocked_on_redis
-from tests.support.listener import ListenerProcess, Spawn, run_cli
+from tests.support.listener import ListenerProcess, Spawn, check, cli, run_cli
 from tests.support.logical import (
     ORDERS,
     SLOT,
     USERS,
     active,
-    check,
-    cli,
     gone,
     install,
     logical_config,
@@ -48,6 +46,7 @@ from tests.support.logical import (
     stop,
 )
 from tests.support.psql import PSQL, psql
+from tests.support.roles import login_role
 from tests.support.waits import wait_until
 
 pytestmark = [pytest.mark.servers]
@@ -1212,17 +1211,8 @@ def test_status_before_install_says_not_installed(env: Env) -> None:
 def plain_role(env: Env) -> Iterator[str]:
     """A login role without REPLICATION, granted what the listener reads and writes in
     our schema: only the REPLICATION attribute is missing."""
-    role = "norepl_" + uuid.uuid4().hex[:8]
-    ident = sql.Identifier(role)
-    with env.connect() as conn:
-        conn.execute(sql.SQL("CREATE ROLE {} LOGIN NOREPLICATION").format(ident))
-    yield role
-    with env.connect() as conn:
-        conn.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", [role]
-        )
-        conn.execute(sql.SQL("DROP OWNED BY {}").format(ident))
-        conn.execute(sql.SQL("DROP ROLE {}").format(ident))
+    with login_role(env, "norepl_", "NOREPLICATION") as role:
+        yield role
 
 
 def grant_schema(env: Env, role: str) -> None:

@@ -14,11 +14,10 @@ import pytest
 import redis
 
 from tests.support.env import Env
-from tests.support.listener import Spawn
+from tests.support.listener import Spawn, check
 from tests.support.logical import (
     ORDERS,
     USERS,
-    check,
     gone,
     install,
     logical_config,

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import json
 import signal
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import LiteralString
 
 import psycopg
 import pytest
@@ -25,6 +23,7 @@ from cdc_invalidator.cli import main
 from tests.support.config import write_config
 from tests.support.env import Env
 from tests.support.listener import ListenerProcess, Spawn, run_cli
+from tests.support.roles import login_role
 from tests.support.waits import wait_until
 
 pytestmark = pytest.mark.usefixtures("capture")
@@ -52,30 +51,18 @@ LOGICAL_GRANTS = {
 }
 
 
-def _role(env: Env, prefix: str, options: LiteralString) -> Iterator[str]:
-    role = prefix + uuid.uuid4().hex[:8]
-    ident = sql.Identifier(role)
-    with env.connect() as conn:
-        conn.execute(sql.SQL("CREATE ROLE {} LOGIN {}").format(ident, sql.SQL(options)))
-    yield role
-    with env.connect() as conn:
-        conn.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", [role]
-        )
-        conn.execute(sql.SQL("DROP OWNED BY {}").format(ident))
-        conn.execute(sql.SQL("DROP ROLE {}").format(ident))
-
-
 @pytest.fixture
 def listener_role(env: Env) -> Iterator[str]:
     """A login role, no superuser; in logical mode with REPLICATION. Nothing granted."""
-    yield from _role(env, "cdc_listener_", "REPLICATION" if env.logical else "")
+    with login_role(env, "cdc_listener_", "REPLICATION" if env.logical else "") as role:
+        yield role
 
 
 @pytest.fixture
 def writer_role(env: Env) -> Iterator[str]:
     """An application's role: privileges on its tables, none on our schema."""
-    yield from _role(env, "app_writer_", "")
+    with login_role(env, "app_writer_") as role:
+        yield role
 
 
 def as_role(env: Env, role: str) -> str:

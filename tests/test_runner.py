@@ -39,7 +39,7 @@ from cdc_invalidator.redis_guard.watch import RedisWatch
 from cdc_invalidator.replay import ReplayResult
 from cdc_invalidator.runner import BUSY_BATCH, Runner, RunnerConfig, Source
 from cdc_invalidator.shutdown import Stopper
-from cdc_invalidator.sink import Persistence
+from tests.support.runner_fakes import RecordingSink
 
 USERS = TableName("public", "users")
 T0 = 1000.0
@@ -227,9 +227,9 @@ class Connector:
         return self._source
 
 
-class FakeSink:
-    """Records every delete. `failures` scripts the first calls: an exception to raise,
-    or None to go through."""
+class FakeSink(RecordingSink):
+    """Records every delete (`deletes`), the clock then (`at`) and a log entry.
+    `failures` scripts the first calls: an exception to raise, or None to go through."""
 
     def __init__(
         self,
@@ -237,11 +237,12 @@ class FakeSink:
         failures: list[Exception | None] | None = None,
         on_delete: Callable[[], None] | None = None,
     ) -> None:
+        super().__init__()
         self._world = world
         self._failures = deque(failures or [])
         self._on_delete = on_delete
         self.attempts = 0
-        self.deletes: list[tuple[list[str], float]] = []  # keys, and the clock then
+        self.at: list[float] = []  # the clock at each of `deletes`
 
     def delete_routed(self, works: Routed) -> int:
         self.attempts += 1
@@ -250,22 +251,10 @@ class FakeSink:
         failure = self._failures.popleft() if self._failures else None
         if failure is not None:
             raise failure
-        keys = sorted(k for work in works.values() for k in work.keys)
-        self.deletes.append((keys, self._world.clock.now))
-        self._world.log.append(("delete", keys))
-        return len(keys)
-
-    def identity(self) -> str:
-        return "fake"
-
-    def persistence(self) -> list[Persistence]:
-        raise AssertionError("not used by the runner")
-
-    def ping(self) -> str:
-        raise AssertionError("not used by the runner")
-
-    def close(self) -> None:
-        pass
+        deleted = super().delete_routed(works)
+        self.at.append(self._world.clock.now)
+        self._world.log.append(("delete", self.deletes[-1]))
+        return deleted
 
 
 class FakeWatch(RedisWatch):
@@ -608,8 +597,8 @@ def test_second_deletes_fall_due_and_merge_within_10_ms(world: World) -> None:
     world.clock.stop_at = T0 + 60
     sink = FakeSink(world)
     make_runner(world, source, sink, second_delete_s=30.0, poll_interval_s=7.0).run()
-    assert [k for k, _ in sink.deletes] == [keys(1), keys(2), keys(3), keys(1, 2), keys(3)]
-    at = [t for _, t in sink.deletes]
+    assert sink.deletes == [keys(1), keys(2), keys(3), keys(1, 2), keys(3)]
+    at = sink.at
     # Due second_delete_s after each first delete: the wait ends in time for them.
     assert at[3] == pytest.approx(at[0] + 30, abs=1e-6)
     assert at[4] == pytest.approx(at[2] + 30, abs=1e-6)
@@ -632,8 +621,8 @@ def test_second_deletes_count_from_when_the_changes_were_visible(world: World) -
     sink = FakeSink(world)
     r = make_runner(world, source, sink, second_delete_s=2.0, poll_interval_s=7.0)
     r.run()
-    assert [k for k, _ in sink.deletes] == [keys(1), keys(2), keys(2), keys(3), keys(3)]
-    at = [t for _, t in sink.deletes]
+    assert sink.deletes == [keys(1), keys(2), keys(2), keys(3), keys(3)]
+    at = sink.at
     assert at[2] == pytest.approx(T0 + 21.5, abs=1e-6)
     assert at[4] == pytest.approx(at[3] + 2, abs=1e-6)
 
@@ -642,7 +631,7 @@ def test_second_deletes_are_done_on_shutdown(world: World) -> None:
     source = FakeSource(world, [Arrives([1]), Arrives([2], at=T0 + 1)], stop_when_done=True)
     sink = FakeSink(world)
     make_runner(world, source, sink, second_delete_s=30.0).run()
-    assert [k for k, _ in sink.deletes] == [keys(1), keys(2), keys(1), keys(2)]
+    assert sink.deletes == [keys(1), keys(2), keys(1), keys(2)]
     assert world.clock.now < T0 + 30  # not due yet: done because the listener stops
     assert world.kinds()[-3:] == ["close", "delete", "delete"]
 
@@ -655,7 +644,8 @@ def test_second_deletes_on_shutdown_give_up_when_redis_is_gone(world: World) -> 
     source = FakeSource(world, [Arrives([1])])
     sink = FakeSink(world, on_delete=redis_gone_at_shutdown)
     make_runner(world, source, sink, second_delete_s=30.0).run()  # nothing raised
-    assert sink.deletes == [(keys(1), T0)]
+    assert sink.deletes == [keys(1)]
+    assert sink.at == [T0]
     assert sink.attempts == 2
 
 

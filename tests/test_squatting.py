@@ -8,7 +8,6 @@ squatter's trigger here makes it a superuser). Both capture modes, where it appl
 from __future__ import annotations
 
 import subprocess
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, LiteralString
@@ -24,6 +23,7 @@ from cdc_invalidator.settings import load_settings
 from tests.support.config import write_config
 from tests.support.env import Env
 from tests.support.listener import run_cli
+from tests.support.roles import login_role
 
 pytestmark = pytest.mark.usefixtures("capture")
 
@@ -66,23 +66,14 @@ def state(env: Env) -> list[tuple[Any, ...]]:
 def _role(env: Env, prefix: str, options: LiteralString = "") -> Iterator[str]:
     """A login role, no superuser, that may create schemas (and publications) in the
     test's database."""
-    role = prefix + uuid.uuid4().hex[:8]
-    ident = sql.Identifier(role)
-    with env.connect() as conn:
-        conn.execute(sql.SQL("CREATE ROLE {} LOGIN {}").format(ident, sql.SQL(options)))
-        conn.execute(
-            sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(
-                sql.Identifier(conn.info.dbname), ident
+    with login_role(env, prefix, options) as role:
+        with env.connect() as conn:
+            conn.execute(
+                sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(
+                    sql.Identifier(conn.info.dbname), sql.Identifier(role)
+                )
             )
-        )
-    yield role
-    with env.connect() as conn:
-        conn.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", [role]
-        )
-        # CASCADE: our triggers may depend on a capture function the role was given.
-        conn.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(ident))
-        conn.execute(sql.SQL("DROP ROLE {}").format(ident))
+        yield role
 
 
 @pytest.fixture

@@ -4,33 +4,24 @@ the listener consumes on, and publishes nothing while nobody tails."""
 
 from __future__ import annotations
 
-import re
-
 import pytest
 
 from tests.support.env import Env
 from tests.support.faults import Written, acknowledged, setup_users, write
 from tests.support.listener import ListenerProcess, Spawn, run_cli, stop_listener
-from tests.support.tail import Tail, channel_of, subscribers
+from tests.support.tail import LINE, StartedTails, channel_of, subscribers
 from tests.support.waits import wait_until
 
 pytestmark = [pytest.mark.servers, pytest.mark.usefixtures("capture")]
 
-LINE = re.compile(
-    r"^(?P<at>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z) (?P<table>\S+) (?P<op>[A-Z]+) "
-    r"(?P<keys>.+?) commit→delete (?P<ms>\d+) ms \((?P<txn>xid \d+[^)]*)\)$"
-)
-
 
 def test_tail_prints_each_invalidation_while_the_listener_consumes(
-    env: Env, spawn: Spawn, tails: list[Tail]
+    env: Env, spawn: Spawn, started_tail: StartedTails
 ) -> None:
     config = setup_users(env, rows=200)
     listener = spawn(config)
     r = env.redis()
-    tail = Tail(config, env.tmp_path, "--table", "users")
-    tails.append(tail)
-    wait_until(lambda: subscribers(r, channel_of(env)) == 1, what="tail subscribed")
+    tail = started_tail(env, config, "--table", "users")
     assert "Ctrl-C to stop" in tail.stderr()
 
     # The listener asks whether anyone tails once a second at most: write (each write
@@ -69,13 +60,12 @@ def test_tail_prints_each_invalidation_while_the_listener_consumes(
     stop_listener(listener)
 
 
-def test_tail_shows_a_truncate_as_a_sweep(env: Env, spawn: Spawn, tails: list[Tail]) -> None:
+def test_tail_shows_a_truncate_as_a_sweep(
+    env: Env, spawn: Spawn, started_tail: StartedTails
+) -> None:
     config = setup_users(env, rows=3)
     listener = spawn(config)
-    r = env.redis()
-    tail = Tail(config, env.tmp_path)
-    tails.append(tail)
-    wait_until(lambda: subscribers(r, channel_of(env)) == 1, what="tail subscribed")
+    tail = started_tail(env, config)
 
     def truncate_shown() -> bool:
         env.sql("TRUNCATE users")
@@ -104,7 +94,9 @@ def test_nobody_tailing_nothing_is_published(env: Env, spawn: Spawn) -> None:
     stop_listener(listener)
 
 
-def test_tail_table_shows_that_table_only(env: Env, spawn: Spawn, tails: list[Tail]) -> None:
+def test_tail_table_shows_that_table_only(
+    env: Env, spawn: Spawn, started_tail: StartedTails
+) -> None:
     env.sql(
         "CREATE TABLE users (id int PRIMARY KEY, email text);"
         "CREATE TABLE orders (id int PRIMARY KEY, user_id int)"
@@ -112,10 +104,7 @@ def test_tail_table_shows_that_table_only(env: Env, spawn: Spawn, tails: list[Ta
     config = env.config({"public.users": ["user:{id}"], "public.orders": ["order:{id}"]})
     assert run_cli("install", "--config", str(config)).returncode == 0
     listener = spawn(config)
-    r = env.redis()
-    tail = Tail(config, env.tmp_path, "--table", "public.orders")
-    tails.append(tail)
-    wait_until(lambda: subscribers(r, channel_of(env)) == 1, what="tail subscribed")
+    tail = started_tail(env, config, "--table", "public.orders")
     written: list[Written] = []
 
     def an_order_shown() -> bool:
@@ -137,17 +126,14 @@ def test_tail_table_shows_that_table_only(env: Env, spawn: Spawn, tails: list[Ta
 
 
 def test_tail_shows_each_row_of_a_multi_row_statement(
-    env: Env, spawn: Spawn, tails: list[Tail]
+    env: Env, spawn: Spawn, started_tail: StartedTails
 ) -> None:
     """A statement of several rows is a pack in trigger mode, whose keys the listener
     renders column-wise, without an event per row: the tail still shows each row, a
     line each, with that row's keys."""
     config = setup_users(env, rows=200)
     listener = spawn(config)
-    r = env.redis()
-    tail = Tail(config, env.tmp_path, "--table", "users")
-    tails.append(tail)
-    wait_until(lambda: subscribers(r, channel_of(env)) == 1, what="tail subscribed")
+    tail = started_tail(env, config, "--table", "users")
     seen: list[Written] = []
     lines: dict[int, list[str]] = {}  # a row's id -> its line's keys
 

@@ -12,12 +12,16 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from cdc_invalidator.cli import main
 from cdc_invalidator.listener import build_listener
 from cdc_invalidator.settings import Settings, load_settings
 from cdc_invalidator.shutdown import Stopper
 from tests.support.waits import wait_until
+
+if TYPE_CHECKING:  # a fixture's type only: `python -m tests.chaos` imports this outside pytest
+    import pytest
 
 
 class ListenerThread:
@@ -142,6 +146,19 @@ def exited_cleanly(listener: ListenerProcess) -> dict[str, Any]:
     stopped = listener.logged("listener_stopped")
     assert len(stopped) == 1
     return stopped[0]
+
+
+def cli(*args: str | Path) -> int:
+    """The CLI in-process: its exit code; its output goes to the test's capture."""
+    return main([str(a) for a in args])
+
+
+def check(config: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """`check` in-process: its exit code, and its stdout and stderr alone."""
+    capsys.readouterr()
+    code = cli("check", "--config", config)
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def run_cli(*args: str, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -1,5 +1,5 @@
 """Logical mode's world, which its migration tests share: users and orders tables, a
-logical-mode config, the CLI in-process, and our replication slot as PostgreSQL shows it.
+logical-mode config, install, and our replication slot as PostgreSQL shows it.
 """
 
 from __future__ import annotations
@@ -10,13 +10,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import pytest
 import redis
 
-from cdc_invalidator.cli import main
 from tests.support.config import toml_value, write_config
 from tests.support.env import Env
-from tests.support.listener import ListenerProcess, ListenerThread
+from tests.support.listener import ListenerProcess, ListenerThread, cli
 from tests.support.waits import wait_until
 
 SLOT = "cdc_invalidator"  # the default slot_name and publication_name
@@ -62,10 +60,6 @@ def logical_config(
     return path
 
 
-def cli(*args: str | Path) -> int:
-    return main([str(a) for a in args])
-
-
 def install(config: Path) -> None:
     assert cli("install", "--config", config) == 0
 
@@ -109,10 +103,3 @@ def running(env: Env, config: Path) -> Iterator[ListenerThread]:
 def stop(listener: ListenerProcess) -> None:
     listener.signal(signal.SIGTERM)
     assert listener.wait() == 0
-
-
-def check(config: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = cli("check", "--config", config)
-    out, err = capsys.readouterr()
-    return code, out, err

@@ -4,6 +4,7 @@ who subscribes to the channel."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,6 +14,13 @@ import redis
 
 from cdc_invalidator.tools.tail_message import CHANNEL_PREFIX
 from tests.support.env import Env
+from tests.support.waits import wait_until
+
+# One line of tail's output: a change, its keys, and its commit-to-delete time.
+LINE = re.compile(
+    r"^(?P<at>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z) (?P<table>\S+) (?P<op>[A-Z]+) "
+    r"(?P<keys>.+?) commit→delete (?P<ms>\d+) ms \((?P<txn>xid \d+[^)]*)\)$"
+)
 
 
 class Tail:
@@ -42,6 +50,25 @@ class Tail:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
+
+
+class StartedTails:
+    """Starts `cdc-invalidator tail` processes (the `started_tail` fixture): each call
+    returns once the tail has subscribed; kill() kills those left running."""
+
+    def __init__(self) -> None:
+        self._started: list[Tail] = []
+
+    def __call__(self, env: Env, config: Path, *args: str) -> Tail:
+        tail = Tail(config, env.tmp_path, *args)
+        self._started.append(tail)
+        with env.redis() as r:
+            wait_until(lambda: subscribers(r, channel_of(env)) == 1, what="tail subscribed")
+        return tail
+
+    def kill(self) -> None:
+        for tail in self._started:
+            tail.kill()
 
 
 def subscribers(r: redis.Redis, channel: str) -> int:
