@@ -55,6 +55,28 @@ CREATE INDEX IF NOT EXISTS queue_v1_xid_id ON cdc_invalidator.queue_v1 (xid, id)
 -- cost: docs/DBA.md, "What a bulk statement costs"). Added to existing installs: NULL
 -- in every row already queued, which is what they are.
 ALTER TABLE cdc_invalidator.queue_v1 ADD COLUMN IF NOT EXISTS rows integer;
+-- A pack's JSON (a thousand rows' key columns, tens of kB) is compressed as it is stored,
+-- by the writer's own session inside its statement: lz4 where the server was built with
+-- it, else PostgreSQL's default, pglz, which cost a 1M-row statement's writer 12-16 % more
+-- time (DELETE 1.33 against 1.15 s, UPDATE 3.99 against 3.51 s) and its reader more to
+-- decompress. One-row changes are too small to be compressed either way. Rows already
+-- queued keep theirs.
+DO $queue_lz4$
+BEGIN
+    IF EXISTS (
+        SELECT FROM pg_settings
+        WHERE name = 'default_toast_compression' AND 'lz4' = ANY (enumvals)
+    ) AND EXISTS (  -- (already both: no lock taken again)
+        SELECT FROM pg_attribute
+        WHERE attrelid = 'cdc_invalidator.queue_v1'::regclass
+          AND attname IN ('old_row', 'new_row') AND attcompression <> 'l'
+    ) THEN
+        ALTER TABLE cdc_invalidator.queue_v1
+            ALTER COLUMN old_row SET COMPRESSION lz4,
+            ALTER COLUMN new_row SET COMPRESSION lz4;
+    END IF;
+END
+$queue_lz4$;
 
 -- Events that could not be rendered into keys (table no longer configured, a column
 -- missing from the payload, a value that cannot render). Columns are nullable on

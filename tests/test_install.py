@@ -191,6 +191,39 @@ def test_install_twice_is_harmless(env: Env) -> None:
     ]
 
 
+def test_install_compresses_packs_with_lz4_where_the_server_has_it(env: Env) -> None:
+    """A pack's JSON is compressed by the writer's session: lz4 costs a bulk statement's
+    writer less than pglz. Set on an install made before (and only once: no lock each
+    time); a server without lz4 keeps its default."""
+    has_lz4 = env.scalar(
+        "SELECT 'lz4' = ANY (enumvals) FROM pg_settings WHERE name = 'default_toast_compression'"
+    )
+    tables(env)
+    config = env.config(USERS)
+    assert cli("install", "--config", config) == 0
+    compression = (
+        "SELECT array_agg(attcompression::text ORDER BY attname) FROM pg_attribute"
+        " WHERE attrelid = 'cdc_invalidator.queue_v1'::regclass"
+        " AND attname IN ('old_row', 'new_row')"
+    )
+    assert env.scalar(compression) == (["l", "l"] if has_lz4 else ["", ""])
+    if has_lz4:
+        env.sql(
+            "ALTER TABLE cdc_invalidator.queue_v1 ALTER COLUMN old_row SET COMPRESSION pglz,"
+            " ALTER COLUMN new_row SET COMPRESSION default"
+        )
+        assert cli("install", "--config", config) == 0
+        assert env.scalar(compression) == ["l", "l"]
+        env.sql("INSERT INTO users SELECT g, 'u' || g || '@x' FROM generate_series(10, 2009) g")
+        assert (
+            env.scalar(
+                "SELECT pg_column_compression(new_row) FROM cdc_invalidator.queue_v1"
+                " WHERE rows = 1000 LIMIT 1"
+            )
+            == "lz4"
+        )
+
+
 # What the release before packs (schema revision 1, and no notify_payload) left installed,
 # as the current install's objects less what later releases added. `CAPTURE_FUNCTIONS`
 # names each capture function; `OLDER_CAPTURE` is a capture function's definition as that
