@@ -85,6 +85,16 @@ def test_history_rows_round_trip_what_the_listener_recorded() -> None:
     assert decoded.events == [e._replace(position=42) for e in events]
 
 
+def test_history_puts_each_transaction_on_its_first_event_here() -> None:
+    """A transaction goes on the first event at or after its first position; of those
+    that meet on one event (the ones before had no event in the batch), the last; one
+    after every event goes nowhere."""
+    events = [ChangeEvent(USERS, Op.DELETE, {"id": str(p)}, None, p) for p in (3, 4, 7, 8)]
+    transactions = [(1, 10, 0, 0), (3, 11, 0, 0), (5, 12, 0, 0), (6, 13, 0, 0), (9, 14, 0, 0)]
+    items = json.loads(encode_history(events, transactions))
+    assert [item[5:] for item in items] == [[[11, 0, 0]], [], [[13, 0, 0]], []]
+
+
 def test_history_that_the_fast_encoder_refuses_is_still_recorded() -> None:
     """A lone surrogate (text decoded leniently) and a position past 64 bits: orjson
     refuses both, and the history is written by json instead, read back the same."""
