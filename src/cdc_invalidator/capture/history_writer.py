@@ -18,11 +18,13 @@ must tell the slot nothing more (LogicalStream.close() confirms only once the wr
 closed cleanly). The runner reconnects, with a new writer, and the slot sends those
 changes again.
 
-Batches' texts are gathered into one INSERT, until they hold GATHER_BYTES or the oldest
-is GATHER_S old, or flush() (every status update; a replay's settle()): at 300 changes/s
-each batch is one change, and an INSERT each cost 160 of the listener's 430 µs of CPU
-per change (and the server a commit each). History written later only widens a replay's
-reach (its `at` is the INSERT's); what is not written yet was not acknowledged either.
+Batches' texts are gathered into one INSERT, queued by the write() that finds them
+holding GATHER_BYTES or the oldest GATHER_S old, or by flush() (every status update
+that confirms anything; a replay's settle(); close()): a quiet listener's last batches
+wait for its next status update. Why: at 300 changes/s each batch is one change, and an
+INSERT each cost 160 of the listener's 430 µs of CPU per change (and the server a commit
+each). History written later only widens a replay's reach (its `at` is the INSERT's);
+what is not written yet was not confirmed to the slot either.
 """
 
 from __future__ import annotations
