@@ -29,8 +29,9 @@ CREATE TABLE IF NOT EXISTS cdc_invalidator.slot_state_v1 (
 CREATE SEQUENCE IF NOT EXISTS cdc_invalidator.logical_dead_letter_v1;
 
 -- What the listener invalidated recently, for replay after Redis restores an old
--- snapshot: one row per acknowledged batch, its events' key columns as a JSON array of
--- [schema, table, op, old, new]. (Trigger mode keeps its queue rows for that instead.)
+-- snapshot: acknowledged batches, several gathered into a row (capture/history_writer.py),
+-- their events' key columns as one JSON array of [schema, table, op, old, new]. (Trigger
+-- mode keeps its queue rows for that instead.)
 -- Pruned by the listener after replay_history.
 CREATE TABLE IF NOT EXISTS cdc_invalidator.history_v1 (
     id     bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,

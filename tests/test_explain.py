@@ -128,7 +128,7 @@ def test_explain_finds_the_change_that_deleted_a_key(
     stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
     if env.logical:
         assert re.search(
-            rf"committed {stamp}: .*; deleted {stamp} \(\d+ ms after the commit\); "
+            rf"committed {stamp}: .*; deleted by {stamp} \(at most \d+ ms after the commit\); "
             r"xid \d+, commit LSN [0-9A-F]+/[0-9A-F]+$",
             line,
         ), line
@@ -144,7 +144,7 @@ def test_explain_finds_the_change_that_deleted_a_key(
     assert "in Redis now: no" in out
     assert re.search(
         rf"nothing in the history invalidated this key: the history reaches back to {stamp} "
-        r"\(\d+s ago; \d+ (queue rows|batches); replay_history = 1h\)",
+        r"\(\d+s ago; \d+ (queue rows|rows); replay_history = 1h\)",
         out,
     ), out
     # A TRUNCATE sweeps every key of the table's templates: explain says so.

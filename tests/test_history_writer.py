@@ -94,7 +94,10 @@ def test_the_loop_waits_once_the_queued_text_passes_its_bound() -> None:
     history.close()
 
 
-def test_a_failed_write_stops_those_after_it_and_is_raised_once() -> None:
+def test_a_failed_write_stops_those_after_it_and_is_raised_until_closed() -> None:
+    """The batches acknowledged after a failed write have no history: no later flush()
+    may say otherwise, or the stream's close() would confirm them to the slot (which
+    must send them again)."""
     conn = Conn(fail=frozenset({big("2")}))
     history = writer(conn)
     for item in "123":
@@ -103,7 +106,21 @@ def test_a_failed_write_stops_those_after_it_and_is_raised_once() -> None:
     with pytest.raises(psycopg.OperationalError):
         history.flush()
     assert conn.written == [big("1")]  # the third was queued after the failure: not written
-    history.write("[4]")  # afresh (the slot sends the second and third again)
-    history.flush()
-    assert conn.written == [big("1"), "[4]"]
-    history.close()
+    with pytest.raises(psycopg.OperationalError):
+        history.write("[4]")
+    with pytest.raises(psycopg.OperationalError):
+        history.flush()
+    with pytest.raises(psycopg.OperationalError):
+        history.close()
+    assert conn.written == [big("1")]
+
+
+def test_texts_gathered_when_a_write_fails_are_never_written() -> None:
+    conn = Conn(fail=frozenset({big("1")}))
+    history = writer(conn)
+    history.write(big("1"))
+    history.write("[2]")  # gathered behind the failing write
+    conn.gate.set()
+    with pytest.raises(psycopg.OperationalError):
+        history.close()
+    assert conn.written == []

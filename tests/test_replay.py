@@ -38,7 +38,7 @@ from tests.support.faults import (
     setup_users,
     write,
 )
-from tests.support.listener import ListenerProcess, Spawn, run_cli, stop_listener
+from tests.support.listener import ListenerProcess, Spawn, listening, run_cli, stop_listener
 from tests.support.waits import wait_until
 
 pytestmark = [pytest.mark.servers, pytest.mark.usefixtures("capture")]
@@ -129,6 +129,32 @@ def test_redis_restored_while_the_listener_was_down_is_replayed_on_its_start(
     assert cached(own_env.redis()) == 0
     assert second.logged("replay_done")[0]["existed"] == 2 * len(ROWS)
     stop_listener(second)
+
+
+@pytest.mark.parametrize("capture", ["trigger"])  # logical mode stamps the deletes' time
+@pytest.mark.xfail(
+    strict=True,
+    reason="trigger mode's replay selects queue rows by enqueued_at (the writer's now()), "
+    "not by when the listener deleted their keys: a backlog drained just before Redis "
+    "lost its last writes is outside the window",
+)
+def test_a_backlog_drained_just_before_a_restore_is_replayed(own_env: Env, spawn: Spawn) -> None:
+    with_rdb_snapshots(own_env)
+    config = setup_users(
+        own_env, rows=len(ROWS), replay_history="1h", replay_window="60s", second_delete_ms=0
+    )
+    r = own_env.redis()
+    cache(r, ROWS)
+    r.save()
+    # Edited while no listener ran, ten minutes before it caught up (a backlog).
+    edit_every_row(own_env)
+    own_env.sql("UPDATE cdc_invalidator.queue_v1 SET enqueued_at = now() - interval '10 min'")
+    listener = spawn(config)
+    wait_until(lambda: cached(r) == 0, what="the backlog's keys deleted")
+    crash_onto_the_snapshot(own_env)  # the deletes, a second old, lost with the server
+    wait_until(lambda: listener.logged("replay_done"), what="the replay")
+    assert cached(own_env.redis()) == 0
+    stop_listener(listener)
 
 
 def test_replay_window_zero_turns_replay_off(own_env: Env, spawn: Spawn) -> None:
@@ -343,6 +369,44 @@ def test_a_replay_reads_the_history_only_once_settled(env: Env) -> None:
     )
     assert watch.check(force=True, settle=lambda: order.append("settle")) is not None
     assert order == ["settle", "read"]
+
+
+# history_v1 refusing every INSERT as a full disk does (the connection stays usable).
+FULL_DISK = """
+CREATE FUNCTION full_disk() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'could not extend file: No space left on device' USING ERRCODE = 'disk_full';
+END
+$$;
+CREATE TRIGGER full_disk BEFORE INSERT ON cdc_invalidator.history_v1
+    FOR EACH ROW EXECUTE FUNCTION full_disk();
+"""
+
+
+@pytest.mark.parametrize("capture", ["logical"])  # trigger mode's history is the queue
+def test_a_batch_whose_history_was_not_written_comes_again_from_the_slot(env: Env) -> None:
+    """Its keys were deleted, but a replay could not find them: the slot must send the
+    change again. The stream whose history write failed confirms nothing more, not even
+    when the runner closes it (its connection still works)."""
+    config = setup_users(env, rows=1, replay_history="1h", second_delete_ms=0)
+    env.sql(FULL_DISK)
+    with listening(config) as listener:
+        runner = listener.runner
+        env.sql("UPDATE users SET email = 'new1@x' WHERE id = 1")
+        # Each failure is a stream closed and opened again: the second one, a change
+        # sent again (a stream that confirmed it on close would be sent nothing).
+        wait_until(lambda: runner.postgres.failures >= 2, what="the history write failing twice")
+        env.sql("DROP TRIGGER full_disk ON cdc_invalidator.history_v1")
+        wait_until(
+            lambda: (
+                env.scalar(
+                    "SELECT count(*) FROM cdc_invalidator.history_v1"
+                    " WHERE strpos(events::text, 'new1@x') > 0"
+                )
+                == 1
+            ),
+            what="the change sent again, its history written",
+        )
 
 
 def stale_set_after_the_first_delete(

@@ -12,14 +12,19 @@ What keeps the history whole: the writes run one at a time, in the order queued 
 thread); once one fails, those queued after it are not done; and flush(), which waits
 for them all and raises the failure, comes before the slot is told anything (the
 stream's SAVE_ACK), so the slot never moves past a batch whose history is not written.
-A failed write is raised by the next write() or flush(): the runner reconnects and the
-slot sends those changes again.
+A failed write is raised by the next write() or flush(), and by every one after it
+(close() included): the batches acknowledged since have no history now, so this stream
+must tell the slot nothing more (LogicalStream.close() confirms only once the writer
+closed cleanly). The runner reconnects, with a new writer, and the slot sends those
+changes again.
 
-Batches' texts are gathered into one INSERT, until they hold GATHER_BYTES or the oldest
-is GATHER_S old, or flush() (every status update; a replay's settle()): at 300 changes/s
-each batch is one change, and an INSERT each cost 160 of the listener's 430 µs of CPU
-per change (and the server a commit each). History written later only widens a replay's
-reach (its `at` is the INSERT's); what is not written yet was not acknowledged either.
+Batches' texts are gathered into one INSERT, queued by the write() that finds them
+holding GATHER_BYTES or the oldest GATHER_S old, or by flush() (every status update
+that confirms anything; a replay's settle(); close()): a quiet listener's last batches
+wait for its next status update. Why: at 300 changes/s each batch is one change, and an
+INSERT each cost 160 of the listener's 430 µs of CPU per change (and the server a commit
+each). History written later only widens a replay's reach (its `at` is the INSERT's);
+what is not written yet was not confirmed to the slot either.
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ class HistoryWriter:
         self._pending: deque[tuple[Future[None], int]] = deque()  # in order, with sizes
         self._queued = 0  # bytes of text in _pending
         self._failed = False  # a write failed: the ones queued after it do nothing
+        # The failure collected: raised again by every write(), flush() and close().
+        self._lost: BaseException | None = None
         self._gathered: list[str] = []  # texts not queued yet, in order
         self._gathered_bytes = 0
         self._gathered_since = 0.0  # monotonic time of the first gathered
@@ -55,6 +62,8 @@ class HistoryWriter:
     def write(self, events: str) -> None:
         """Record a batch's history (encode_history's text, a JSON array) behind the
         loop: gathered, then queued with the texts after it."""
+        if self._lost is not None:
+            raise self._lost
         if not self._gathered:
             self._gathered_since = time.monotonic()
         self._gathered.append(events)
@@ -101,24 +110,29 @@ class HistoryWriter:
             self._queued -= size
             try:
                 future.result()
-            except BaseException:
+            except BaseException as exc:
+                self._lost = exc
                 self._drop()
                 raise
 
     def _drop(self) -> None:
-        """After a failure: forget the writes queued after it (they do nothing) and
-        start afresh on the next write."""
+        """After a failure: forget the writes queued after it (they do nothing), and
+        what is gathered (its batches' history is lost with theirs)."""
         for future, _ in self._pending:
             future.cancel()
         self._pending.clear()
         self._queued = 0
+        self._gathered = []
+        self._gathered_bytes = 0
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
-        self._failed = False
 
     def flush(self) -> None:
-        """Write what is gathered and wait for every write queued; raise a failure."""
+        """Write what is gathered and wait for every write queued; raise a failure (any
+        there was)."""
+        if self._lost is not None:
+            raise self._lost
         self._queue_gathered()
         self._collect(-1)
 

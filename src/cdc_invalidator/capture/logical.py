@@ -492,6 +492,8 @@ class LogicalStream:
     def close(self) -> None:
         """Confirm what is done if the connections still work, then close them."""
         with contextlib.suppress(psycopg.Error, OSError):
+            # Raises if any history write failed: then nothing more is confirmed (the
+            # batches acknowledged since have no history; the slot sends them again).
             self._history.close()
             self._resync_if_swept()
             if self._confirmed > self._persisted:

@@ -20,13 +20,14 @@ from cdc_invalidator.pg.queries import Q
 from cdc_invalidator.runner import Source
 
 # Events read and deleted per round of a replay: bounded memory whatever the window
-# holds. A trigger queue row is one event (a pack: its rows); a history_v1 row is one
-# acknowledged batch (up to batch_size events), so logical mode fetches one row at a
-# time and cuts its rounds by events. Every listener that starts replays the second
-# deletes its predecessor may have died owing, so this is paid in every restart after
-# a busy spell: measured on a listener started right after a 100k-change drain, rounds
-# of 20,000 events (4 rows a fetch) peaked at 104 MB, rounds of 5,000 at 72 MB; rounds
-# that size are still 5,000 keys or more per pipeline.
+# holds. A trigger queue row is one event (a pack: its rows); a history_v1 row gathers
+# acknowledged batches (up to GATHER_BYTES of JSON, and the batch that passed it: more
+# events than one batch), so logical mode fetches one row at a time and cuts its rounds
+# by events. Every listener that starts replays the second deletes its predecessor may
+# have died owing, so this is paid in every restart after a busy spell: measured on a
+# listener started right after a 100k-change drain (a row per batch then), rounds of
+# 20,000 events (4 rows a fetch) peaked at 104 MB, rounds of 5,000 at 72 MB; rounds that
+# size are still 5,000 keys or more per pipeline.
 HISTORY_CHUNK = 5_000
 HISTORY_BATCH_ROWS = 1
 

@@ -172,7 +172,9 @@ def read_logical(
                 if hit is None:
                     continue
                 committed = None if txn is None else PG_EPOCH + timedelta(microseconds=txn[2])
-                lag = f" ({_ms(at - committed)} after the commit)" if committed else ""
+                # `at` is when the batch's history was written, which gathers batches
+                # (capture/history_writer.py): later than the deletes, by up to a second.
+                lag = f" (at most {_ms(at - committed)} after the commit)" if committed else ""
                 _add(
                     history,
                     Found(
@@ -182,7 +184,7 @@ def read_logical(
                         hit[1],
                         committed,
                         "committed",
-                        f"deleted {_when(at)}{lag}",
+                        f"deleted by {_when(at)}{lag}",
                         "transaction not recorded (written by an older version)"
                         if txn is None
                         else f"xid {txn[0]}, commit LSN {format_lsn(txn[1])}",
@@ -269,7 +271,7 @@ def history_lines(history: History, reach: Reach, mode: str, history_setting: st
     if reach.oldest is None:
         span = f"the history is empty (replay_history = {history_setting})"
     else:
-        unit = "queue rows" if mode == "trigger" else "batches"
+        unit = "queue rows" if mode == "trigger" else "rows"
         span = (
             f"the history reaches back to {_when(reach.oldest)} ({_age(reach, reach.oldest)}; "
             f"{reach.rows} {unit}; replay_history = {history_setting})"
