@@ -24,7 +24,7 @@ from psycopg import sql
 
 from cdc_invalidator.settings import Settings
 from harness import DRAIN, W_WATCHED, Bench, Listener, Sizes, Target
-from phases.drain import drain_ours, queue_updates
+from phases.drain import clear_history, drain_ours, queue_updates
 from phases.writes import catch_up, listener_backends, pgbench
 from procs import proc_cpu_s, wait_idle
 from report import Row, fmt_ratio
@@ -95,8 +95,7 @@ def measure_cost(bench: Bench, sizes: Sizes, base: Target, second_delete_ms: int
     rows = sizes.drain_rows
     bench.redis.flushall()
     # The drain phase's backlog, without its floor's slot (no floor here).
-    if not target.logical:
-        bench.admin.execute("TRUNCATE cdc_invalidator.queue_v1")
+    clear_history(bench, target)
     queue_updates(bench, DRAIN, rows, target)
     bench.quiesce(target, DRAIN)
     bench.set_keys(range(1, rows + 1))
