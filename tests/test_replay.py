@@ -24,6 +24,7 @@ from cdc_invalidator.cli import main
 from cdc_invalidator.modes import logical as logical_mode
 from cdc_invalidator.modes import trigger as trigger_mode
 from cdc_invalidator.modes.choose import mode_for
+from cdc_invalidator.pg.queries import Q
 from cdc_invalidator.redis_guard.identity import IdentityStore
 from cdc_invalidator.redis_guard.watch import RedisWatch
 from cdc_invalidator.redis_guard.window import UNKNOWN_PERSISTENCE_S, persistence_window
@@ -197,6 +198,26 @@ def test_replay_since_deletes_again_what_was_invalidated(env: Env, spawn: Spawn)
     assert r.get(BYSTANDER) == "fresh"
 
 
+@pytest.mark.parametrize("capture", ["trigger"])  # logical mode stamps the deletes' time
+def test_replay_since_takes_a_backlog_drained_in_it(env: Env, spawn: Spawn) -> None:
+    """`replay --since 1m` after a backlog written ten minutes ago was drained just now:
+    its keys were invalidated in the last minute."""
+    config = setup_users(env, rows=len(ROWS), replay_history="1h")
+    edit_every_row(env)  # no listener yet
+    env.sql("UPDATE cdc_invalidator.queue_v1 SET enqueued_at = now() - interval '10 min'")
+    r = env.redis()
+    cache(r, ROWS)
+    listener = spawn(config)
+    wait_until(lambda: cached(r) == 0, what="the backlog's keys deleted")
+    stop_listener(listener)
+
+    cache(r, ROWS)  # a backup from before the drain, restored
+    done = run_cli("replay", "--since", "1m", "--config", str(config))
+    assert done.returncode == 0, done.stderr
+    assert f"{2 * len(ROWS)} keys were back and are deleted again" in done.stdout, done.stdout
+    assert cached(r) == 0
+
+
 # --- rows the listener would dead-letter: skipped and logged, never a crash -------------
 
 # Past Python's int conversion limit (4300 digits): json.loads, and with it the driver's
@@ -343,6 +364,26 @@ def test_history_is_kept_for_replay_history_then_pruned(env: Env, spawn: Spawn) 
         what="the history pruned after replay_history",
     )
     stop_listener(listener)
+
+
+@pytest.mark.parametrize("capture", ["trigger"])  # progress_v1 is trigger mode's
+def test_saved_positions_past_replay_history_are_pruned_but_the_newest_of_them(
+    env: Env,
+) -> None:
+    """prune.sql: progress_v1 rows older than replay_history go, except the newest of
+    them, where a window starting at the cutoff begins."""
+    setup_users(env)
+    env.sql(
+        "INSERT INTO cdc_invalidator.progress_v1 (at, snapshot)"
+        " SELECT now() - g * interval '1 min', '1:1:' FROM unnest('{1, 5, 10, 20}'::int[]) g"
+    )
+    with env.connect() as conn:
+        conn.execute(Q.PRUNE.sql, {"snapshot": "1:1:", "limit": 10, "keep_s": 7 * 60})
+        left = conn.execute(
+            "SELECT array_agg(extract(epoch FROM now() - at)::int / 60 ORDER BY at)"
+            " FROM cdc_invalidator.progress_v1"
+        ).fetchone()
+    assert left == ([10, 5, 1],)  # 20 went; 10, the newest past the cutoff, stays
 
 
 def test_a_replay_reads_the_history_only_once_settled(env: Env) -> None:
