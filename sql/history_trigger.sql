@@ -6,8 +6,8 @@
 -- saves, with each snapshot it finished, when it did (progress_v1): every transaction
 -- visible in the newest snapshot saved at or before the window's start had its keys
 -- deleted before it, so the rows of the window are those it does not see (which takes
--- in every row written in the window too). No such snapshot (none saved yet, or the
--- window reaches past replay_history): every row kept. The index on (xid, id) finds
+-- in every row written in the window too). No such snapshot (none saved yet, or none
+-- that old is kept: pruning keeps one past replay_history): every row kept. The index on (xid, id) finds
 -- them from the snapshot's xmin: everything below it is visible in it.
 -- The json columns as text: the listener's own decoding reads them (a value the driver
 -- cannot parse would fail the whole read). `rows`: a pack's size (NULL: one change).
