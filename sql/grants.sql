@@ -45,6 +45,9 @@ BEGIN
             'SELECT, DELETE ON TABLE cdc_invalidator.queue_v1',
             -- its position: read at start, saved as it goes
             'SELECT, UPDATE ON TABLE cdc_invalidator.listener_state_v1',
+            -- each save's snapshot and time, for replay: written with the position,
+            -- pruned (the newest old row found first), read back
+            'SELECT, INSERT, DELETE ON TABLE cdc_invalidator.progress_v1',
             -- INSERT ... ON CONFLICT (id) DO UPDATE: a dead letter parked twice
             'SELECT, INSERT, UPDATE ON TABLE cdc_invalidator.dead_letter_v1',
             -- check: the columns each table's triggers copy
@@ -99,3 +102,23 @@ END
 $grant$;
 
 REVOKE ALL ON FUNCTION cdc_invalidator.grant_listener(regrole, text) FROM PUBLIC;
+
+-- An install that adds a table the trigger listener writes (progress_v1, revision 3)
+-- gives it to the roles already granted trigger mode (UPDATE on listener_state_v1:
+-- grant_listener's trigger set), as grant_listener would, so that the upgrade order of
+-- docs/DBA.md (stop, install, start) needs no call in between. Nothing else changes.
+DO $carry_grants$
+DECLARE
+    listener regrole;
+BEGIN
+    FOR listener IN
+        SELECT a.grantee::regrole
+        FROM pg_class c, aclexplode(c.relacl) a
+        WHERE c.oid = 'cdc_invalidator.listener_state_v1'::regclass
+          AND a.privilege_type = 'UPDATE' AND a.grantee <> 0 AND a.grantee <> c.relowner
+    LOOP
+        EXECUTE format('GRANT SELECT, INSERT, DELETE ON TABLE cdc_invalidator.progress_v1 TO %s',
+                       listener);
+    END LOOP;
+END
+$carry_grants$;

@@ -14,3 +14,6 @@ WHERE xid >= pg_snapshot_xmax(pg_current_snapshot());
 -- the restore is read (the rest again, harmlessly).
 UPDATE cdc_invalidator.listener_state_v1
 SET snapshot = '1:1:', window_end = NULL, after_xid = NULL, after_id = NULL;
+-- The snapshots saved for replay count in the old cluster's ids too: without them, a
+-- replay takes every queue row kept (history_trigger.sql), as after a fresh install.
+DELETE FROM cdc_invalidator.progress_v1;

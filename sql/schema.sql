@@ -7,6 +7,7 @@
 --   dead_letter_v1      events the listener could not turn into keys, with the error.
 --   listener_state_v1   how far the listener got: a snapshot whose visible transactions
 --                       have all been invalidated, and when it last got further.
+--   progress_v1         each saved snapshot with the time it was saved, for replay.
 --   redis_identity_v1   the Redis server the listener last wrote to (replay on a change).
 --   watched_v1          which tables carry our triggers and which columns they copy.
 --   watch(), unwatch()  the API a DBA can also call by hand.
@@ -112,6 +113,28 @@ CREATE TABLE IF NOT EXISTS cdc_invalidator.listener_state_v1 (
 INSERT INTO cdc_invalidator.listener_state_v1 (singleton) VALUES (true)
 ON CONFLICT (singleton) DO NOTHING;
 
+-- When the listener's progress got where: each save of listener_state_v1 also records
+-- its snapshot here, with the time of the save (save_progress.sql). Every transaction
+-- visible in a row's snapshot had its keys deleted by `at`. Replay reads it to find the
+-- queue rows whose keys were deleted since a time (history_trigger.sql): the rows not
+-- visible in the newest snapshot saved by then, however long ago they were written. At
+-- most one row per save (ten a second), pruned with the queue after replay_history,
+-- keeping the newest row older than that (prune.sql).
+CREATE TABLE IF NOT EXISTS cdc_invalidator.progress_v1 (
+    at       timestamptz NOT NULL DEFAULT now(),
+    snapshot pg_snapshot NOT NULL
+);
+-- Replay looks up the newest row at or before a time, pruning deletes the oldest.
+CREATE INDEX IF NOT EXISTS progress_v1_at ON cdc_invalidator.progress_v1 (at);
+-- Installed over a release without it (revision 2 or older): the position that release
+-- saved, and when, is such a row already (last_processed_at is set with each save).
+-- Without it every replay would take every row kept, until replay_history has passed:
+-- the listener's start, which replays the last seconds' second deletes, too.
+INSERT INTO cdc_invalidator.progress_v1 (at, snapshot)
+SELECT last_processed_at, snapshot FROM cdc_invalidator.listener_state_v1
+WHERE last_processed_at IS NOT NULL
+  AND NOT EXISTS (SELECT FROM cdc_invalidator.progress_v1);
+
 -- The Redis the listener last wrote to, as INFO names it (run_id, master_replid). A
 -- different one (restarted from a snapshot, failed over) may hold keys the listener
 -- deleted before: those invalidated within the replay window are deleted again, and
@@ -154,9 +177,10 @@ LANGUAGE sql IMMUTABLE AS 'SELECT 1';
 -- The revision of version 1 this release installs: raised when `install` changes what
 -- version 1's objects hold in place, so that a listener of another release refuses to
 -- run instead of misreading rows (revision 2: packs, in queue_v1.rows; before it there
--- was no such function: revision 1). A constant, so PUBLIC may call it.
+-- was no such function: revision 1; revision 3: progress_v1, which the listener writes
+-- and replay reads). A constant, so PUBLIC may call it.
 CREATE OR REPLACE FUNCTION cdc_invalidator.schema_revision() RETURNS integer
-LANGUAGE sql IMMUTABLE AS 'SELECT 2';
+LANGUAGE sql IMMUTABLE AS 'SELECT 3';
 
 -- queue_statement_v1(op, names, labels, columns): the statement a capture function runs
 -- for a statement of kind `op` (TG_OP) on a watched table: one INSERT ... SELECT from the

@@ -231,6 +231,7 @@ def test_install_compresses_packs_with_lz4_where_the_server_has_it(env: Env) -> 
 # branch to packs never taken).
 OLDER_RELEASE = """
     DROP FUNCTION cdc_invalidator.schema_revision();
+    DROP TABLE cdc_invalidator.progress_v1;
     ALTER TABLE cdc_invalidator.queue_v1 DROP COLUMN rows;
     ALTER TABLE cdc_invalidator.dead_letter_v1 DROP COLUMN rows;
     DROP FUNCTION cdc_invalidator.queue_early_v1, cdc_invalidator.queue_packed_v1,
@@ -681,7 +682,7 @@ def test_sql_of_an_older_release_is_refused_until_install_upgrades_it(
     install_older_release(env, config)
     code, _, err = check(config, capsys)
     assert code == 1
-    assert "v1 revision 1, from an older release; this release needs revision 2" in err, err
+    assert "v1 revision 1, from an older release; this release needs revision 3" in err, err
     result = run_cli("run", "--config", str(config), env={"CDC_INVALIDATOR_LOG_FORMAT": "json"})
     assert result.returncode == 1
     out = result.stdout + result.stderr
@@ -691,7 +692,7 @@ def test_sql_of_an_older_release_is_refused_until_install_upgrades_it(
     assert cli("install", "--config", config) == 0
     code, out, err = check(config, capsys)
     assert code == 0, err
-    assert "cdc_invalidator v1 (revision 2) installed" in out
+    assert "cdc_invalidator v1 (revision 3) installed" in out
 
 
 def test_an_upgrade_from_the_older_release_delivers_its_backlog_and_packs_after(
@@ -741,3 +742,27 @@ def test_an_upgrade_from_the_older_release_delivers_its_backlog_and_packs_after(
         )
     assert r.exists(*kept) == len(kept)
     assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 0
+
+
+def test_an_install_over_revision_2_starts_the_replay_history_at_the_saved_position(
+    env: Env,
+) -> None:
+    """Revision 2 had no progress_v1: the position it saved, and when (listener_state_v1),
+    becomes its first row, so that a replay window starting after that save does not take
+    every row kept (a fresh install has no position, and no row)."""
+    tables(env)
+    config = env.config(USERS)
+    assert cli("install", "--config", config) == 0
+    assert env.scalar("SELECT count(*) FROM cdc_invalidator.progress_v1") == 0
+    env.sql(
+        "UPDATE cdc_invalidator.listener_state_v1"
+        " SET snapshot = pg_current_snapshot(), last_processed_at = now() - interval '1 min';"
+        " DROP TABLE cdc_invalidator.progress_v1"
+    )
+    assert cli("install", "--config", config) == 0
+    assert env.scalar(
+        "SELECT array_agg(p.at = s.last_processed_at AND p.snapshot::text = s.snapshot::text)"
+        " FROM cdc_invalidator.progress_v1 p, cdc_invalidator.listener_state_v1 s"
+    ) == [True]
+    assert cli("install", "--config", config) == 0  # again: nothing added
+    assert env.scalar("SELECT count(*) FROM cdc_invalidator.progress_v1") == 1

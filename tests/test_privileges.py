@@ -37,6 +37,7 @@ GHOST = {"public.ghost": ["ghost:{id}"]}
 TRIGGER_GRANTS = {
     "queue_v1": {"SELECT", "DELETE"},
     "listener_state_v1": {"SELECT", "UPDATE"},
+    "progress_v1": {"SELECT", "INSERT", "DELETE"},
     "dead_letter_v1": {"SELECT", "INSERT", "UPDATE"},
     "watched_v1": {"SELECT"},
     "redis_identity_v1": {"SELECT", "INSERT", "UPDATE"},
@@ -255,6 +256,41 @@ def test_listener_as_least_privilege_role_invalidates_and_keeps_its_books(
     listener = spawn(own)
     wait_until(lambda: listener.logged("replay_done"), what="the replay after Redis changed")
     assert env.scalar("SELECT identity FROM cdc_invalidator.redis_identity_v1") == identity
+    stop(listener)
+
+
+# What revision 2 (before progress_v1) left installed, as the current install less it.
+REVISION_2 = """
+    DROP TABLE cdc_invalidator.progress_v1;
+    CREATE OR REPLACE FUNCTION cdc_invalidator.schema_revision() RETURNS integer
+    LANGUAGE sql IMMUTABLE AS 'SELECT 2';
+"""
+
+
+@pytest.mark.parametrize("capture", ["trigger"])  # progress_v1 is trigger mode's
+def test_an_upgrade_from_revision_2_keeps_the_listeners_grants_and_its_backlog(
+    env: Env, spawn: Spawn, listener_role: str, writer_role: str
+) -> None:
+    """docs/DBA.md's upgrade order, with a backlog queued and the listener's role granted
+    by the older release: `install` adds progress_v1 and gives it to that role, whose
+    listener then drains the backlog and saves its progress there (no grant_listener
+    call in between)."""
+    tables(env, writer_role)
+    dba = install(env)
+    grant(env, listener_role)
+    env.sql(REVISION_2)
+    r = env.redis()
+    r.mset({"user:1": "-", "user:email:a@x": "1"})
+    with psycopg.connect(as_role(env, writer_role), autocommit=True) as writer:
+        writer.execute("UPDATE users SET email = 'z@x' WHERE id = 1")  # no listener runs
+    assert main(["install", "--config", str(dba)]) == 0
+    assert granted(env, listener_role) == TRIGGER_GRANTS
+    listener = spawn(config(env, USERS, name="listener.toml", role=listener_role))
+    wait_until(lambda: r.exists("user:1", "user:email:a@x") == 0, what="the backlog's keys")
+    wait_until(
+        lambda: env.scalar("SELECT count(*) FROM cdc_invalidator.progress_v1") > 0,
+        what="the role's progress saved for replay",
+    )
     stop(listener)
 
 

@@ -24,6 +24,7 @@ from cdc_invalidator.cli import main
 from cdc_invalidator.modes import logical as logical_mode
 from cdc_invalidator.modes import trigger as trigger_mode
 from cdc_invalidator.modes.choose import mode_for
+from cdc_invalidator.pg.queries import Q
 from cdc_invalidator.redis_guard.identity import IdentityStore
 from cdc_invalidator.redis_guard.watch import RedisWatch
 from cdc_invalidator.redis_guard.window import UNKNOWN_PERSISTENCE_S, persistence_window
@@ -132,13 +133,14 @@ def test_redis_restored_while_the_listener_was_down_is_replayed_on_its_start(
 
 
 @pytest.mark.parametrize("capture", ["trigger"])  # logical mode stamps the deletes' time
-@pytest.mark.xfail(
-    strict=True,
-    reason="trigger mode's replay selects queue rows by enqueued_at (the writer's now()), "
-    "not by when the listener deleted their keys: a backlog drained just before Redis "
-    "lost its last writes is outside the window",
-)
-def test_a_backlog_drained_just_before_a_restore_is_replayed(own_env: Env, spawn: Spawn) -> None:
+@pytest.mark.parametrize("restarted", [False, True], ids=["running", "restarted"])
+def test_a_backlog_drained_just_before_a_restore_is_replayed(
+    own_env: Env, spawn: Spawn, restarted: bool
+) -> None:
+    """Trigger mode's replay takes the queue rows whose keys were deleted in the window,
+    not those written in it: a backlog written ten minutes before it was drained is
+    replayed. `restarted`: by the next listener, on its start (what the window needs is
+    kept in PostgreSQL, not in the listener)."""
     with_rdb_snapshots(own_env)
     config = setup_users(
         own_env, rows=len(ROWS), replay_history="1h", replay_window="60s", second_delete_ms=0
@@ -151,7 +153,12 @@ def test_a_backlog_drained_just_before_a_restore_is_replayed(own_env: Env, spawn
     own_env.sql("UPDATE cdc_invalidator.queue_v1 SET enqueued_at = now() - interval '10 min'")
     listener = spawn(config)
     wait_until(lambda: cached(r) == 0, what="the backlog's keys deleted")
+    if restarted:
+        stop_listener(listener)
     crash_onto_the_snapshot(own_env)  # the deletes, a second old, lost with the server
+    if restarted:
+        assert cached(own_env.redis()) == 2 * len(ROWS), "the snapshot brought them back"
+        listener = spawn(config)
     wait_until(lambda: listener.logged("replay_done"), what="the replay")
     assert cached(own_env.redis()) == 0
     stop_listener(listener)
@@ -189,6 +196,26 @@ def test_replay_since_deletes_again_what_was_invalidated(env: Env, spawn: Spawn)
     assert f"{2 * len(ROWS)} keys were back and are deleted again" in done.stdout, done.stdout
     assert cached(r) == 0
     assert r.get(BYSTANDER) == "fresh"
+
+
+@pytest.mark.parametrize("capture", ["trigger"])  # logical mode stamps the deletes' time
+def test_replay_since_takes_a_backlog_drained_in_it(env: Env, spawn: Spawn) -> None:
+    """`replay --since 1m` after a backlog written ten minutes ago was drained just now:
+    its keys were invalidated in the last minute."""
+    config = setup_users(env, rows=len(ROWS), replay_history="1h")
+    edit_every_row(env)  # no listener yet
+    env.sql("UPDATE cdc_invalidator.queue_v1 SET enqueued_at = now() - interval '10 min'")
+    r = env.redis()
+    cache(r, ROWS)
+    listener = spawn(config)
+    wait_until(lambda: cached(r) == 0, what="the backlog's keys deleted")
+    stop_listener(listener)
+
+    cache(r, ROWS)  # a backup from before the drain, restored
+    done = run_cli("replay", "--since", "1m", "--config", str(config))
+    assert done.returncode == 0, done.stderr
+    assert f"{2 * len(ROWS)} keys were back and are deleted again" in done.stdout, done.stdout
+    assert cached(r) == 0
 
 
 # --- rows the listener would dead-letter: skipped and logged, never a crash -------------
@@ -337,6 +364,26 @@ def test_history_is_kept_for_replay_history_then_pruned(env: Env, spawn: Spawn) 
         what="the history pruned after replay_history",
     )
     stop_listener(listener)
+
+
+@pytest.mark.parametrize("capture", ["trigger"])  # progress_v1 is trigger mode's
+def test_saved_positions_past_replay_history_are_pruned_but_the_newest_of_them(
+    env: Env,
+) -> None:
+    """prune.sql: progress_v1 rows older than replay_history go, except the newest of
+    them, where a window starting at the cutoff begins."""
+    setup_users(env)
+    env.sql(
+        "INSERT INTO cdc_invalidator.progress_v1 (at, snapshot)"
+        " SELECT now() - g * interval '1 min', '1:1:' FROM unnest('{1, 5, 10, 20}'::int[]) g"
+    )
+    with env.connect() as conn:
+        conn.execute(Q.PRUNE.sql, {"snapshot": "1:1:", "limit": 10, "keep_s": 7 * 60})
+        left = conn.execute(
+            "SELECT array_agg(extract(epoch FROM now() - at)::int / 60 ORDER BY at)"
+            " FROM cdc_invalidator.progress_v1"
+        ).fetchone()
+    assert left == ([10, 5, 1],)  # 20 went; 10, the newest past the cutoff, stays
 
 
 def test_a_replay_reads_the_history_only_once_settled(env: Env) -> None:

@@ -94,8 +94,8 @@ def redo_owed(
 ) -> None:
     """The listener before this one may have died owing second deletes (they live in
     memory): delete again what it acknowledged in its last delay_s. Logical mode knows
-    when each batch was acknowledged; trigger mode goes by the writing transactions'
-    start, which covers it while the listener kept up."""
+    when each batch was acknowledged; trigger mode, when it saved the position past each
+    change (progress_v1), and it takes in the rows not acknowledged yet too."""
     ago = history.last_acknowledged_s(conn)
     if ago is None:
         return  # nothing acknowledged yet

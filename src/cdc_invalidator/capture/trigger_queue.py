@@ -602,7 +602,8 @@ class TriggerQueue:
         """Delete a chunk of processed rows, now and then; True if more remain.
 
         Only below the saved snapshot (an empty queue table means saved progress), and
-        only once they are older than replay_history."""
+        only once they are older than replay_history; the saved snapshots older than
+        that (progress_v1) with them, less the newest."""
         # Every prune_every_s, and at once again while chunks come back full: the
         # clean-up keeps up with any rate, in statements of bounded size.
         if not self._prune_more and time.monotonic() - self._pruned_at < self._prune_every_s:
@@ -611,7 +612,8 @@ class TriggerQueue:
         if done is None or self._pruned_for is done:
             return False
         deleted = self._conn.execute(
-            Q.PRUNE.sql, {"snapshot": done.text, "limit": PRUNE_CHUNK}
+            Q.PRUNE.sql,
+            {"snapshot": done.text, "limit": PRUNE_CHUNK, "keep_s": self._retention.keep_s},
         ).rowcount
         self._pruned_at = time.monotonic()
         self._prune_more = deleted >= PRUNE_CHUNK

@@ -110,8 +110,9 @@ class TriggerMode:
         checks.check_unconfigured(conn, report, self._settings.mapper(), config_name)
 
     def history(self, conn: psycopg.Connection[Any], since_s: float) -> Iterator[Decoded]:
-        """The queue rows written in the window (processed rows are kept for
-        replay_history), decoded as the listener decodes them."""
+        """The queue rows whose keys were deleted in the window, or not yet (processed
+        rows are kept for replay_history; sql/history_trigger.sql says how they are
+        found), decoded as the listener decodes them."""
         decoder = RowDecoder()
         # About HISTORY_CHUNK events a fetch, however many packs (a thousand events a
         # row) and single changes the window mixes; decoded a slice at a time.
