@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import re
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -60,6 +62,15 @@ def edit_every_row(env: Env) -> None:
 
 def cached(r: redis.Redis) -> int:
     return int(r.exists(*[k for i in ROWS for k in keys_of(i)]))
+
+
+def replay_deletes_every_row_again(config: Path, since: str) -> subprocess.CompletedProcess[str]:
+    """`replay --since` after every row's keys were cached again (a backup restored):
+    it deletes them all again; what it ran, for the caller's further checks."""
+    done = run_cli("replay", "--since", since, "--config", str(config))
+    assert done.returncode == 0, done.stderr
+    assert f"{2 * len(ROWS)} keys were back and are deleted again" in done.stdout, done.stdout
+    return done
 
 
 def snapshot_then_edit(env: Env, listener: ListenerProcess) -> redis.Redis:
@@ -191,9 +202,7 @@ def test_replay_since_deletes_again_what_was_invalidated(env: Env, spawn: Spawn)
     # An operator restored a backup taken before the edit.
     cache(r, ROWS)
     r.set(BYSTANDER, "fresh")
-    done = run_cli("replay", "--since", "15m", "--config", str(config))
-    assert done.returncode == 0, done.stderr
-    assert f"{2 * len(ROWS)} keys were back and are deleted again" in done.stdout, done.stdout
+    replay_deletes_every_row_again(config, "15m")
     assert cached(r) == 0
     assert r.get(BYSTANDER) == "fresh"
 
@@ -212,9 +221,7 @@ def test_replay_since_takes_a_backlog_drained_in_it(env: Env, spawn: Spawn) -> N
     stop_listener(listener)
 
     cache(r, ROWS)  # a backup from before the drain, restored
-    done = run_cli("replay", "--since", "1m", "--config", str(config))
-    assert done.returncode == 0, done.stderr
-    assert f"{2 * len(ROWS)} keys were back and are deleted again" in done.stdout, done.stdout
+    replay_deletes_every_row_again(config, "1m")
     assert cached(r) == 0
 
 
@@ -321,9 +328,7 @@ def test_replay_since_skips_bad_rows_and_replays_the_rest(env: Env, spawn: Spawn
     stop_listener(listener)
 
     cache(r, ROWS)  # a backup from before the edits, restored
-    done = run_cli("replay", "--since", "15m", "--config", str(config))
-    assert done.returncode == 0, done.stderr
-    assert f"{2 * len(ROWS)} keys were back and are deleted again" in done.stdout, done.stdout
+    done = replay_deletes_every_row_again(config, "15m")
     assert cached(r) == 0
     assert "Traceback" not in done.stderr
     skips = {
