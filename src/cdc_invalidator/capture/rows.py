@@ -26,7 +26,6 @@ from typing import Any, cast
 import orjson
 
 from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, Pack, Row, TableName
-from cdc_invalidator.mapping.mapper import Routed
 
 _OPS = {op.value: op for op in Op}
 # [schema, table, op, old, new], and on the first event of each transaction of a
@@ -44,9 +43,9 @@ Transaction = tuple[int, int, int]
 _Columns = tuple[list[str], list[list[Any]]]
 
 
-# Maps a pack's changes column-wise into the Routed given (Mapper.map_pack); False when
-# it cannot do so exactly.
-MapPack = Callable[[Pack, Routed], bool]
+# Maps a pack's changes column-wise (Mapper.map_pack, its `into` bound); False when it
+# cannot do so exactly.
+MapPack = Callable[[Pack], bool]
 
 
 @dataclass(slots=True)
@@ -142,7 +141,6 @@ class RowDecoder:
         at: int = 0,
         count_at: int | None = None,
         map_pack: MapPack | None = None,
-        into: Routed | None = None,
     ) -> Decoded:
         """queue_v1 rows whose columns from `at` on are id, schema_name, table_name, op,
         old_row::text, new_row::text (as text: a value the driver could not parse would
@@ -150,12 +148,9 @@ class RowDecoder:
         one change. Events keep the rows' order (a pack's in its arrays' order); a single
         change's position is the queue id, a pack's elements' are pack_position()s.
 
-        `map_pack`, if given (with `into`, where it adds the keys), is offered each
-        well-formed pack first: a pack it maps gives no events (counted in mapped_packs),
-        one it refuses gives its events as without it (a bulk statement's drain builds no
-        row and no event per change)."""
-        if map_pack is not None and into is None:
-            raise TypeError("map_pack adds its keys to `into`: give both")
+        `map_pack`, if given, is offered each well-formed pack first: a pack it maps
+        gives no events (counted in mapped_packs), one it refuses gives its events as
+        without it (a bulk statement's drain builds no row and no event per change)."""
         if count_at is None or all(row[count_at] is None for row in rows):
             return self._single_rows(rows, at)
         out = Decoded()
@@ -167,20 +162,13 @@ class RowDecoder:
             if singles:
                 out.extend(self._single_rows(singles, at))
                 singles = []
-            self._pack(row, at, row[count_at], out, map_pack=map_pack, into=into)
+            self._pack(row, at, row[count_at], out, map_pack)
         if singles:
             out.extend(self._single_rows(singles, at))
         return out
 
-    def _pack(  # noqa: PLR0913 - map_pack and the `into` it adds to are keyword-only
-        self,
-        row: Sequence[Any],
-        at: int,
-        count: object,
-        out: Decoded,
-        *,
-        map_pack: MapPack | None,
-        into: Routed | None,
+    def _pack(
+        self, row: Sequence[Any], at: int, count: object, out: Decoded, map_pack: MapPack | None
     ) -> None:
         """A pack's events, or one dead letter for the whole pack when it is malformed
         (its elements cannot be told apart then). An element whose values cannot render
@@ -193,12 +181,12 @@ class RowDecoder:
             out.dead.append((queue_id, f"pack of {count!r} rows: {exc}"))
             return
         size = cast(int, count)  # checked by _pack_parts
-        if map_pack is not None and into is not None:
+        if map_pack is not None:
             old_columns = None if old is None else dict(zip(*old, strict=True))
             new_columns = old_columns if new is old else None
             if new is not None and new is not old:
                 new_columns = dict(zip(*new, strict=True))
-            if map_pack(Pack(name, kind, old_columns, new_columns, size), into):
+            if map_pack(Pack(name, kind, old_columns, new_columns, size)):
                 out.mapped_packs += 1
                 return
         make = tuple.__new__  # as in _single_rows: no Python-level __new__ per event

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import psycopg
@@ -371,8 +372,7 @@ class TriggerQueue:
         mapper: Mapper | None = None,
     ) -> None:
         self._conn = conn
-        # Maps packs column-wise; None: every pack as events.
-        self._map_pack = None if mapper is None else mapper.map_pack
+        self._mapper = mapper
         self._progress = progress
         self._prune_every_s = prune_every_s
         self._retention = retention
@@ -437,9 +437,8 @@ class TriggerQueue:
         # A pack's keys rendered column-wise where the mapper can (a bulk statement's
         # drain: profiled, building a dict and an event per row was most of decoding).
         premapped: Routed = {}
-        decoded = self._decoder.queue_rows(
-            rows, at=3, count_at=9, map_pack=self._map_pack, into=premapped
-        )
+        map_pack = None if self._mapper is None else partial(self._mapper.map_pack, into=premapped)
+        decoded = self._decoder.queue_rows(rows, at=3, count_at=9, map_pack=map_pack)
         events, deleted_early = self._without_early(decoded.events, rows)
         batch = QueueBatch(
             size=chunk.events,
