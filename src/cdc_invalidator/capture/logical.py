@@ -430,9 +430,8 @@ class LogicalStream:
             self._save_dead(batch)
         if batch.events and self._config.history_s:
             self._history.write(encode_history(batch.events, batch.transactions))
-        if batch.history:
-            # (each text a JSON array: their items joined into one)
-            self._history.write("[" + ",".join(h[1:-1] for h in batch.history if h != "[]") + "]")
+        for text in batch.history:  # (the writer gathers them into one INSERT)
+            self._history.write(text)
         if batch.held is not None:
             self._holds.add(batch.held, self._confirmed)
         if batch.resync:
