@@ -442,6 +442,9 @@ def test_wakeup_policy_never_unlistens_when_batches_are_too_small_to_tell() -> N
 class NoConnection:
     """Any use fails the test: a wait() that should return at once must not touch it."""
 
+    def add_notify_handler(self, callback: object) -> None:
+        """Registered once, by the queue's constructor."""
+
     def __getattr__(self, name: str) -> object:
         raise AssertionError(f"the connection was used ({name})")
 

@@ -55,7 +55,7 @@ def ack_before_unlink() -> None:
         self._observe(batch, deleted)
         return batch.size
 
-    def no_early_batches(self: TriggerQueue, payloads: list[str], limit: int) -> EarlyBatch:
+    def no_early_batches(self: TriggerQueue, payloads: list[str | bytes], limit: int) -> EarlyBatch:
         # A one-row statement's keys would be deleted from its NOTIFY payload before
         # anything is acknowledged, and the queue read after that deletes nothing more.
         return EarlyBatch([], [], [])

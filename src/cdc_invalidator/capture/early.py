@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,7 +167,9 @@ class EarlyChanges:
                 del by_xid[xid]
 
 
-def early_batch(decoder: RowDecoder, payloads: list[str], done: str, limit: int) -> EarlyBatch:
+def early_batch(
+    decoder: RowDecoder, payloads: Sequence[str | bytes], done: str, limit: int
+) -> EarlyBatch:
     """The changes of `payloads` not yet read from the queue (their transactions not
     visible in `done`, the finished snapshot), up to `limit`. A payload that cannot be
     read is skipped: the queue read has its rows."""
@@ -191,7 +193,7 @@ def early_batch(decoder: RowDecoder, payloads: list[str], done: str, limit: int)
 
 
 def payload_events(
-    decoder: RowDecoder, payload: str, first: int
+    decoder: RowDecoder, payload: str | bytes, first: int
 ) -> tuple[int, float | None, list[ChangeEvent]] | None:
     """A capture function's NOTIFY payload: the writer's xid, its now() and its rows'
     events (positions from `first` on), or None if it is no payload of ours. Raises what
