@@ -8,7 +8,6 @@ database refused); 2 the configuration or the command line is wrong.
 from __future__ import annotations
 
 import argparse
-import gc
 import getpass
 import json
 import os
@@ -20,7 +19,7 @@ import psycopg
 import structlog
 from psycopg.conninfo import conninfo_to_dict
 
-from cdc_invalidator import __version__, logs
+from cdc_invalidator import __version__, logs, runtime
 from cdc_invalidator.capture import logical_sql, trigger_sql
 from cdc_invalidator.capture.errors import Fatal, NotInstalled, missing_privilege
 from cdc_invalidator.checks import check_database, check_redis, check_templates
@@ -463,24 +462,8 @@ def cmd_explain(args: argparse.Namespace, settings: Settings, console: Console) 
     return EXIT_OK
 
 
-# Garbage collections of the youngest generation come every this many new container
-# objects (Python's default: 700), a full one more rarely again.
-GC_YOUNG_THRESHOLD = 10_000
-
-
-def tune_gc() -> None:
-    """Set the collector for the loop: what the process built to start (modules,
-    settings, clients: some 65,000 objects) is frozen out of every collection, and the
-    youngest generation is collected less often. A batch of 5,000 changes creates some
-    10,000 short-lived dicts and tuples; decoding one took 0.163 s of CPU for 20 batches
-    with Python's defaults, 0.085 s with these (its collections walked the startup
-    objects again and again). Garbage is still collected, in fewer, larger passes."""
-    gc.freeze()
-    _young, middle, old = gc.get_threshold()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
-
-
 def cmd_run(args: argparse.Namespace, settings: Settings, console: Console) -> int:
+    runtime.tune_malloc()  # before any thread starts: it bounds their arenas
     logs.configure(settings.log_level, settings.log_format, console.scrub)
     mode = mode_for(settings)
     log = structlog.get_logger("cdc_invalidator.cli")
@@ -518,7 +501,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings, console: Console) -> i
             sink.close()
             stopper.close()
             return EXIT_FAILED
-    tune_gc()
+    runtime.tune_gc()
     try:
         runner.run()
     except NotInstalled as exc:
