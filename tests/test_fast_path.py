@@ -32,10 +32,11 @@ from cdc_invalidator.capture.early import (
     visible_in,
 )
 from cdc_invalidator.capture.rows import RowDecoder
-from cdc_invalidator.capture.trigger_queue import QueueBatch
+from cdc_invalidator.capture.trigger_queue import QueueBatch, TriggerCapture
 from cdc_invalidator.cli import main
 from cdc_invalidator.events import ChangeEvent, Op, TableName
 from cdc_invalidator.mapping import KeyTemplate, Mapper
+from cdc_invalidator.pg.connect import PgConnector
 from cdc_invalidator.runner import Batch, Runner, RunnerConfig, Source
 from cdc_invalidator.shutdown import Stopper
 from tests.support.env import Env
@@ -162,6 +163,28 @@ def test_a_one_row_update_is_deleted_from_the_payload_with_one_unlink(env: Env) 
         assert unlinks(r) == 1
         # Counted once, by the queue read (the warm-up's change is the other).
         assert listener.runner.events_processed == 2
+
+
+def test_a_payload_read_with_a_query_result_still_makes_an_early_batch(env: Env) -> None:
+    """A NOTIFY that reaches the listener while it runs a query is read by psycopg with
+    that query's results, not off the idle socket: it must reach the queue all the same
+    (as a wake-up, and with its row for an early batch), not wait in psycopg's backlog."""
+    setup_users(env, notify_payload=True, rows=3)
+    pg = PgConnector(env.dsn, application_name="test-fast-path", connect_timeout_s=5)
+    queue = TriggerCapture(pg).connect()
+    try:
+        write(env, "UPDATE users SET email = email WHERE id = 2", ids=range(2, 3))
+        # Committed (and its NOTIFY signalled) before this query was sent: the server
+        # sends the notification before this query's ReadyForQuery at the latest.
+        queue._conn.execute("SELECT 1")
+        queue.wait(0.0)  # (must not need the socket to know)
+        with queue.batch(100) as batch:
+            assert isinstance(batch, EarlyBatch), batch
+            assert [(e.op, e.new) for e in batch.events] == [
+                (Op.UPDATE, {"id": "2", "email": "u2@x"})
+            ]
+    finally:
+        queue.close()
 
 
 def test_one_row_inserts_and_deletes_are_deleted_early_once_each(env: Env) -> None:
