@@ -180,7 +180,9 @@ class RedisSink:
     def close(self) -> None:
         for sink in self._dbs.values():
             sink.close()
-        self._held = None  # disconnected with the pool's others
+        held, self._held = self._held, None
+        if held is not None:
+            held.disconnect()  # (a client given its pool leaves the pool open on close)
         self._client.close()
 
 
