@@ -112,8 +112,11 @@ class RedisSink:
         if conn is None:
             conn = pool.get_connection()
         try:
-            # (A disconnected connection connects again here.)
-            conn.send_packed_command(commands)
+            # One write for all of them (redis-py writes each item of a list on its own:
+            # 20 send calls for a batch of 10,000 keys; joined, 445 -> 345 us of CPU per
+            # batch in a loop against a local Redis, the same wall time). A disconnected
+            # connection connects again here.
+            conn.send_packed_command([b"".join(commands)])  # (a list: bytes would iterate)
             # An error reply raises (ResponseError), leaving the replies after it unread.
             return sum(int(conn.read_response()) for _ in commands)
         except BaseException:
