@@ -177,7 +177,6 @@ def test_a_payload_read_with_a_query_result_still_makes_an_early_batch(env: Env)
         # Committed (and its NOTIFY signalled) before this query was sent: the server
         # sends the notification before this query's ReadyForQuery at the latest.
         queue._conn.execute("SELECT 1")
-        queue.wait(0.0)  # (must not need the socket to know)
         with queue.batch(100) as batch:
             assert isinstance(batch, EarlyBatch), batch
             assert [(e.op, e.new) for e in batch.events] == [

@@ -463,7 +463,7 @@ def cmd_explain(args: argparse.Namespace, settings: Settings, console: Console) 
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings, console: Console) -> int:
-    runtime.tune_malloc()  # before any thread starts: it bounds their arenas
+    runtime.tune_malloc()  # before the listener allocates anything large
     logs.configure(settings.log_level, settings.log_format, console.scrub)
     mode = mode_for(settings)
     log = structlog.get_logger("cdc_invalidator.cli")

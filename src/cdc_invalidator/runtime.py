@@ -38,7 +38,7 @@ def tune_gc() -> None:
 def tune_malloc() -> None:
     """Keep glibc malloc's mmap threshold where it starts. Measured on a logical-mode
     listener through three streamed 1M-row statements (UPDATE, DELETE, INSERT ...
-    SELECT): peak RSS 101-104 MB with glibc's moving threshold (three runs), 85-92 MB
+    SELECT): peak RSS 101-103 MB with glibc's moving threshold (three runs), 85-92 MB
     with it fixed at 128 KiB (four runs), 95 MB at 1 MiB; between statements 69-76 MB
     instead of 93-102: the memory went back to the system. The keys were gone as soon
     (within the runs' spread). Limiting malloc's arenas to two changed nothing alone.

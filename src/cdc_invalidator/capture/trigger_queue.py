@@ -547,15 +547,17 @@ class TriggerQueue:
         with self._conn.lock:  # the read-ahead thread may use the connection
             pgconn.consume_input()
             while (notify := pgconn.notifies()) is not None:
-                self._woken = True
-                if notify.extra:
-                    self._payloads.append(notify.extra)  # JSON: orjson reads the bytes
+                self._note(notify.extra)  # JSON: orjson reads the bytes
 
     def _notified(self, notify: psycopg.Notify) -> None:
         """A notification psycopg read with a query's results."""
+        self._note(notify.payload)
+
+    def _note(self, payload: str | bytes) -> None:
+        """A wake-up, and its payload (a one-row statement's row) if it has one."""
         self._woken = True
-        if notify.payload:
-            self._payloads.append(notify.payload)
+        if payload:
+            self._payloads.append(payload)
 
     def _listen(self, on: bool) -> None:
         """LISTEN (idle: woken per commit) or UNLISTEN (busy: the runner lingers)."""

@@ -31,7 +31,7 @@ class RedisSink:
         # The connection the first thread to delete (the runner's loop) keeps for its
         # UNLINKs, instead of taking one from the pool and giving it back per batch:
         # redis-py's pool does bookkeeping, a readiness poll and metrics on each (12 us
-        # a batch warm, about twice that on the path from a quiet commit to its delete).
+        # a batch, measured warm in a loop).
         # Not through Sentinel: its pool moves to a new master only the connections it
         # is given back (MasterWatch).
         self._held: redis.Connection | None = None
