@@ -405,6 +405,31 @@ def test_redis_down_events_wait_then_drain(own_env: Env, spawn: Spawn) -> None:
     assert stopped["events"] == n
 
 
+@pytest.mark.usefixtures("capture")
+def test_a_killed_redis_connection_costs_one_retry_not_an_outage(env: Env, spawn: Spawn) -> None:
+    """The loop keeps its Redis connection from batch to batch. Killed under it (a
+    proxy's idle timeout, CLIENT KILL, a failed-over load balancer), the next batch's
+    UNLINKs fail on it once and go through on a new one: no outage, nothing held."""
+    config = setup_users(env, rows=2)
+    r = env.redis()
+    listener = spawn(config)
+    wait_until(lambda: listener.logged("redis_identity_recorded"), what="the listener started")
+    cache(r, [1])
+    env.sql("UPDATE users SET email = 'new-' || email WHERE id = 1")
+    wait_until(lambda: r.exists(*keys_of(1)) == 0, what="the first change's keys deleted")
+
+    killed = r.client_kill_filter(_type="normal", skipme=True)
+    assert isinstance(killed, int)
+    assert killed >= 1  # the listener's connections, the kept one among them
+
+    cache(r, [2])
+    env.sql("UPDATE users SET email = 'new-' || email WHERE id = 2")
+    wait_until(lambda: r.exists(*keys_of(2)) == 0, what="the next change's keys deleted")
+    assert not listener.logged("redis_unavailable")
+    stopped = stop_listener(listener)
+    assert stopped["events"] == 2
+
+
 def test_redis_down_when_listener_starts(own_env: Env, spawn: Spawn) -> None:
     n = 100
     config = setup_users(own_env)
