@@ -28,16 +28,7 @@ class RedisSink:
         self._unlink_chunk = unlink_chunk
         self._scan_count = scan_count
         self._dbs: dict[int, RedisSink] = {}  # other logical databases (redis_db)
-        # The connection the first thread to delete (the runner's loop) keeps for its
-        # UNLINKs, instead of taking one from the pool and giving it back per batch:
-        # redis-py's pool does bookkeeping, a readiness poll and metrics on each (12 us
-        # a batch, measured warm in a loop).
-        # Not through Sentinel: its pool moves to a new master only the connections it
-        # is given back (MasterWatch).
-        self._held: redis.Connection | None = None
-        self._holder: int | None = None
-        self._hold_lock = threading.Lock()
-        self._may_hold = not isinstance(client.connection_pool, SentinelConnectionPool)
+        self._kept = KeptConnection(client.connection_pool)
 
     @property
     def client(self) -> redis.Redis:
@@ -107,7 +98,7 @@ class RedisSink:
         """Send packed UNLINKs on one connection (the loop's own, or a pooled one) and
         sum their replies."""
         pool = self._client.connection_pool
-        conn = self._loop_connection()
+        conn = self._kept.get()
         pooled = conn is None
         if conn is None:
             conn = pool.get_connection()
@@ -125,20 +116,6 @@ class RedisSink:
         finally:
             if pooled:
                 pool.release(conn)
-
-    def _loop_connection(self) -> redis.Connection | None:
-        """The connection kept by the first thread that sends (None: another thread, or
-        Sentinel)."""
-        if not self._may_hold:
-            return None
-        me = threading.get_ident()
-        if self._holder is None:
-            with self._hold_lock:
-                if self._holder is None:
-                    # (Redis down: raises, and the next send asks again.)
-                    self._held = self._client.connection_pool.get_connection()
-                    self._holder = me
-        return self._held if me == self._holder else None
 
     def sweep(self, patterns: Collection[str], stopped: Callable[[], bool] | None = None) -> int:
         """SCAN once for every glob of `patterns` and UNLINK page by page what matches
@@ -183,10 +160,44 @@ class RedisSink:
     def close(self) -> None:
         for sink in self._dbs.values():
             sink.close()
-        held, self._held = self._held, None
-        if held is not None:
-            held.disconnect()  # (a client given its pool leaves the pool open on close)
+        self._kept.close()  # (a client given its pool leaves the pool open on close)
         self._client.close()
+
+
+class KeptConnection:
+    """The connection the first thread to send (the runner's loop) keeps for its
+    UNLINKs, instead of taking one from the pool and giving it back per batch: redis-py's
+    pool does bookkeeping, a readiness poll and metrics on each (12 us a batch, measured
+    warm in a loop). Other threads (sweeps, replays from the CLI) use the pool.
+
+    Not through Sentinel: its pool moves to a new master only the connections it is
+    given back (MasterWatch)."""
+
+    def __init__(self, pool: redis.ConnectionPool) -> None:
+        self._pool = None if isinstance(pool, SentinelConnectionPool) else pool
+        self._conn: redis.Connection | None = None
+        self._holder: int | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> redis.Connection | None:
+        """The kept connection, for the thread that keeps it; None for any other (or
+        Sentinel). A connection that failed was disconnected by its user: it connects
+        again on its next send."""
+        if self._pool is None:
+            return None
+        me = threading.get_ident()
+        if self._holder is None:
+            with self._lock:
+                if self._holder is None:
+                    # (Redis down: raises, and the next send asks again.)
+                    self._conn = self._pool.get_connection()
+                    self._holder = me
+        return self._conn if me == self._holder else None
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.disconnect()
 
 
 def server_identity(client: redis.Redis) -> str:
