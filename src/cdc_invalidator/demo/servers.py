@@ -142,6 +142,10 @@ class PostgresServer(Server):
         return server
 
     def _init(self, settings: dict[str, str] | None) -> None:
+        self._initdb()
+        self._configure(settings)
+
+    def _initdb(self) -> None:
         self._run(
             [
                 str(self.bindir / "initdb"),
@@ -156,6 +160,8 @@ class PostgresServer(Server):
                 "--locale=C",
             ]
         )
+
+    def _configure(self, settings: dict[str, str] | None) -> None:
         conf = {
             "listen_addresses": "'127.0.0.1'",
             "port": str(self.port),
