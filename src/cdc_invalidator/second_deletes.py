@@ -11,14 +11,23 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import psycopg
 import structlog
 
-from cdc_invalidator.mapping import Mapper, Routed, merge
+from cdc_invalidator.events import TableName
+from cdc_invalidator.mapping import (
+    Invalidation,
+    Mapper,
+    PackedKeys,
+    Routed,
+    pack_keys,
+    unpack_keys,
+)
 from cdc_invalidator.redis_guard.window import MARGIN_S
 from cdc_invalidator.replay import History, replay
 from cdc_invalidator.sink import REDIS_UNAVAILABLE, Sink
@@ -27,6 +36,46 @@ log = structlog.get_logger("cdc_invalidator.second_deletes")
 
 # Second deletes falling due within this of each other are sent together.
 SECOND_DELETE_MERGE_S = 0.01
+# Keys deleted again per call to the sink (one pipeline of UNLINKs): what is owed is
+# unpacked this many at a time.
+SECOND_DELETE_GROUP = 10_000
+
+
+@dataclass(slots=True)
+class _Owed:
+    """One Redis database's keys owed a second delete, each batch's packed (pack_keys):
+    not a str object per key in a merged set. A bulk statement's keys
+    are deleted at up to ~900,000 a second, and those of its first delay_s (all of them
+    visible at its commit) are owed: ~260,000 keys, which as a merged set of str held
+    some 25 MB at once (the listener's RSS, sampled through a streamed 1M-row DELETE)."""
+
+    parts: list[PackedKeys] = field(default_factory=list)
+    patterns: set[str] = field(default_factory=set)
+    unrenderable: dict[TableName, str] = field(default_factory=dict)
+
+    def add(self, work: Invalidation) -> None:
+        if work.keys:
+            self.parts.append(pack_keys(work.keys))
+        self.patterns.update(work.patterns)
+        self.unrenderable.update(work.unrenderable)
+
+    def groups(self) -> Iterator[Invalidation]:
+        """What is owed, SECOND_DELETE_GROUP keys (or so) at a time; the patterns and
+        unrenderable tables with the first."""
+        keys: set[str] = set()
+        first = True
+        for part in self.parts:
+            keys.update(unpack_keys(part))
+            if len(keys) >= SECOND_DELETE_GROUP:
+                yield self._group(keys, first)
+                keys, first = set(), False
+        if keys or first:
+            yield self._group(keys, first)
+
+    def _group(self, keys: set[str], first: bool) -> Invalidation:
+        if not first:
+            return Invalidation(keys)
+        return Invalidation(keys, set(self.patterns), dict(self.unrenderable))
 
 
 class SecondDeletes:
@@ -37,7 +86,7 @@ class SecondDeletes:
         self._sink = sink
         self._delay_s = delay_s  # 0: off
         self._counted = counted
-        self._later: deque[tuple[float, Routed]] = deque()
+        self._later: deque[tuple[float, dict[int | None, _Owed]]] = deque()
 
     @property
     def next_due(self) -> float | None:
@@ -59,11 +108,13 @@ class SecondDeletes:
             return  # the first delete came after every stale SET could land
         if self._later:
             due = max(due, self._later[-1][0])  # in order: a later one is as safe
-        if self._later and due - self._later[-1][0] < SECOND_DELETE_MERGE_S:
-            # Batches a few ms apart share one second delete: fewer, larger pipelines.
-            merge(self._later[-1][1], works)
-        else:
-            self._later.append((due, works))
+        if not self._later or due - self._later[-1][0] >= SECOND_DELETE_MERGE_S:
+            self._later.append((due, {}))
+        # Batches a few ms apart share one second delete: fewer, larger pipelines.
+        owed = self._later[-1][1]
+        for db, work in works.items():
+            if work:
+                owed.setdefault(db, _Owed()).add(work)
 
     def run(self, until: float) -> None:
         """The second deletes due by `until`. Off the acknowledgement path: the batches
@@ -73,7 +124,9 @@ class SecondDeletes:
         stopping = until == float("inf")
         while later and later[0][0] <= until:
             with contextlib.suppress(*REDIS_UNAVAILABLE) if stopping else nullcontext():
-                self._counted(self._sink.delete_routed(later[0][1]))
+                for db, owed in later[0][1].items():
+                    for group in owed.groups():
+                        self._counted(self._sink.delete_routed({db: group}))
             later.popleft()
 
 

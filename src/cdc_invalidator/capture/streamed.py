@@ -28,9 +28,7 @@ from dataclasses import dataclass, field
 from typing import IO, NamedTuple, cast
 
 from cdc_invalidator.events import ChangeEvent, TableName
-from cdc_invalidator.mapping.mapper import Invalidation, Routed
-
-SEP = "\0"
+from cdc_invalidator.mapping.mapper import Invalidation, PackedKeys, Routed, pack_keys, unpack_keys
 
 
 class Dead(NamedTuple):
@@ -42,7 +40,7 @@ class Dead(NamedTuple):
 class Keys(NamedTuple):
     """One Redis database's share of a chunk."""
 
-    keys: str | tuple[str, ...]  # joined by SEP; a tuple if a key held SEP itself
+    keys: PackedKeys
     patterns: frozenset[str]
     unrenderable: dict[TableName, str]
 
@@ -69,7 +67,7 @@ class Chunk:
         for db, share in self.routed.items():
             keys = share.keys
             out[db] = Invalidation(
-                set(keys.split(SEP) if isinstance(keys, str) else keys) if keys else set(),
+                set(unpack_keys(keys)),
                 set(share.patterns),
                 dict(share.unrenderable),
             )
@@ -80,10 +78,7 @@ def pack(routed: Routed) -> dict[int | None, Keys]:
     """A batch's invalidations, compactly."""
     out: dict[int | None, Keys] = {}
     for db, work in routed.items():
-        joined: str | tuple[str, ...] = SEP.join(work.keys)
-        if work.keys and joined.count(SEP) != len(work.keys) - 1:
-            joined = tuple(work.keys)  # a template's literal held NUL: kept apart
-        out[db] = Keys(joined, frozenset(work.patterns), dict(work.unrenderable))
+        out[db] = Keys(pack_keys(work.keys), frozenset(work.patterns), dict(work.unrenderable))
     return out
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from cdc_invalidator.events import (
@@ -33,6 +33,26 @@ class Invalidation:
 
 # Invalidations by Redis logical database: None is the one redis_url names.
 Routed = dict[int | None, Invalidation]
+
+
+# A key set held compactly (a streamed transaction's chunks, second deletes owed): its
+# keys joined into one string by NUL, which PostgreSQL text cannot hold, instead of a
+# str object per key in a set (~90 bytes a key in all).
+KEYS_SEP = "\0"
+PackedKeys = str | tuple[str, ...]  # a tuple where a template's literal held KEYS_SEP
+
+
+def pack_keys(keys: Collection[str]) -> PackedKeys:
+    joined = KEYS_SEP.join(keys)
+    if keys and joined.count(KEYS_SEP) != len(keys) - 1:
+        return tuple(keys)
+    return joined
+
+
+def unpack_keys(packed: PackedKeys) -> Sequence[str]:
+    if isinstance(packed, tuple):
+        return packed
+    return packed.split(KEYS_SEP) if packed else ()
 
 
 def merge(into: Routed, other: Routed) -> None:
