@@ -31,7 +31,7 @@ def test_batches_merged_into_one_due_come_back_whole_in_bounded_groups() -> None
     later, counted = owed_by(sink)
     visible = time.monotonic()
     batches = 25
-    per_batch = 1_000
+    per_batch = 3_000  # not a divisor of the group: batches are split between groups
     for b in range(batches):  # a bulk statement's batches: all visible at its commit
         keys = {f"user:{b * per_batch + i}" for i in range(per_batch)}
         later.add({None: Invalidation(keys)}, visible)

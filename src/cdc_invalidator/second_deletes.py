@@ -60,15 +60,19 @@ class _Owed:
         self.unrenderable.update(work.unrenderable)
 
     def groups(self) -> Iterator[Invalidation]:
-        """What is owed, SECOND_DELETE_GROUP keys (or so) at a time; the patterns and
-        unrenderable tables with the first."""
+        """What is owed, at most SECOND_DELETE_GROUP keys at a time (a batch's keys may
+        be split between two); the patterns and unrenderable tables with the first."""
         keys: set[str] = set()
         first = True
         for part in self.parts:
-            keys.update(unpack_keys(part))
-            if len(keys) >= SECOND_DELETE_GROUP:
-                yield self._group(keys, first)
-                keys, first = set(), False
+            rest = unpack_keys(part)
+            while rest:
+                room = SECOND_DELETE_GROUP - len(keys)
+                keys.update(rest[:room])
+                rest = rest[room:]
+                if len(keys) >= SECOND_DELETE_GROUP:
+                    yield self._group(keys, first)
+                    keys, first = set(), False
         if keys or first:
             yield self._group(keys, first)
 

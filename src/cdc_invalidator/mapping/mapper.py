@@ -43,6 +43,7 @@ PackedKeys = str | tuple[str, ...]  # a tuple where a template's literal held KE
 
 
 def pack_keys(keys: Collection[str]) -> PackedKeys:
+    """`keys` as one string, or as a tuple if a key held the separator."""
     joined = KEYS_SEP.join(keys)
     if keys and joined.count(KEYS_SEP) != len(keys) - 1:
         return tuple(keys)
@@ -50,6 +51,7 @@ def pack_keys(keys: Collection[str]) -> PackedKeys:
 
 
 def unpack_keys(packed: PackedKeys) -> Sequence[str]:
+    """The keys pack_keys packed, in the same order."""
     if isinstance(packed, tuple):
         return packed
     return packed.split(KEYS_SEP) if packed else ()
