@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,11 @@ FORMAT = 1
 # goes the way its figure goes (ours/floor of a time: lower; of a throughput: higher).
 LOWER_IS_BETTER = {"ms", "s", "µs", "MB"}
 HIGHER_IS_BETTER = {"tps", "changes/s", "%"}
+# The floors' units that measure the machine's speed: how long the same minimal work took,
+# or how much of it went through in a second.
+FLOOR_TIMES = {"ms", "s", "µs"}
+FLOOR_RATES = {"tps", "changes/s"}
+FLOOR_ROWS_MIN = 3  # floors in both runs needed before their drift is told
 
 _NUMBER = re.compile(r"\s*(-?\d[\d,]*(?:\.\d+)?)\s*(%|[A-Za-zµ]+(?:/s)?)?")
 _FRACTION = re.compile(r"\s*(\d+)/(\d+)\s*$")  # "900/900": changes whose keys went
@@ -196,6 +202,58 @@ def _sizes_note(baseline: dict[str, Any], current: dict[str, Any]) -> list[str]:
     return notes
 
 
+def _machine_note(baseline: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Another CPU model or count than the baseline's: said, as another PostgreSQL is."""
+    old, new = baseline.get("machine", {}), current.get("machine", {})
+
+    def cpus(machine: dict[str, Any]) -> str:
+        return f"{machine.get('nproc', '?')} x {machine.get('cpu', '?')}"
+
+    if not all(m.get("cpu") for m in (old, new)) or cpus(old) == cpus(new):
+        return []
+    return [
+        f"The machine differs (baseline {cpus(old)}, this run {cpus(new)}): a figure moves "
+        "for that reason too."
+    ]
+
+
+def floor_drift(
+    before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]
+) -> tuple[float, float, float, int] | None:
+    """How long the floors' work took in this run against the baseline, over the rows
+    whose floor both runs measured in one unit of time or rate: (median, lowest, highest
+    factor, rows), a factor above 1 meaning slower; None with fewer than FLOOR_ROWS_MIN.
+    A floor is the same minimal work in both runs, so its drift is the machine's."""
+    factors = []
+    for name, new in after.items():
+        old = before.get(name)
+        if old is None:
+            continue
+        a, b = figure(str(old.get("floor") or "")), figure(str(new.get("floor") or ""))
+        if a is None or b is None or a[1] != b[1] or a[0] <= 0 or b[0] <= 0:
+            continue
+        if a[1] in FLOOR_TIMES:
+            factors.append(b[0] / a[0])
+        elif a[1] in FLOOR_RATES:
+            factors.append(a[0] / b[0])
+    if len(factors) < FLOOR_ROWS_MIN:
+        return None
+    return statistics.median(factors), min(factors), max(factors), len(factors)
+
+
+def _drift_note(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]) -> list[str]:
+    drift = floor_drift(before, after)
+    if drift is None or abs(drift[0] - 1) * 100 <= WORSE_PCT:
+        return []
+    median, low, high, rows = drift
+    return [
+        f"The floors took {median:.2f}x the baseline's time in this run (the median of the "
+        f"{rows} rows whose floor both runs measured; {low:.2f}x to {high:.2f}x): this "
+        f"machine was {'slower' if median > 1 else 'faster'}. A figure judged on ours alone "
+        "(no floor) moves with the machine; a ratio to its floor much less."
+    ]
+
+
 def compare(baseline: dict[str, Any], current: dict[str, Any]) -> Comparison:
     """Both trimmed runs (trim()), row by row under the same metric name."""
     before = {str(row["metric"]): row for row in baseline.get("rows", [])}
@@ -204,7 +262,11 @@ def compare(baseline: dict[str, Any], current: dict[str, Any]) -> Comparison:
         changes=[compare_row(before[name], row) for name, row in after.items() if name in before],
         new=[name for name in after if name not in before],
         gone=[name for name in before if name not in after],
-        notes=_sizes_note(baseline, current),
+        notes=[
+            *_sizes_note(baseline, current),
+            *_machine_note(baseline, current),
+            *_drift_note(before, after),
+        ],
     )
 
 
@@ -263,13 +325,14 @@ def summary(baseline: dict[str, Any], comparison: Comparison, path: Path) -> lis
     )
     regressions = comparison.regressions
     head = f"against {path.name} ({describe(baseline)}): {counts}, "
+    notes = [f"  note: {note}" for note in comparison.notes]
     if not regressions:
-        return [head + "no regression"]
+        return [head + "no regression", *notes]
     lines = [head + f"{len(regressions)} REGRESSION(S):"]
     lines += [
         f"  {c.metric}: {c.before} -> {c.after} ({'; '.join(c.regressions)})" for c in regressions
     ]
-    return lines
+    return [*lines, *notes]
 
 
 def baseline_section(current: dict[str, Any], path: Path = BASELINE) -> tuple[list[str], list[str]]:

@@ -152,6 +152,67 @@ def test_a_run_on_another_postgresql_major_says_so_and_a_minor_release_does_not(
     assert compare(baseline, trim(on_15_19)).notes == []
 
 
+DRAIN = "[trigger] backlog drain 100k changes / 200k keys"
+CPU = "[trigger] listener CPU per change (process + its backends)"
+
+
+def test_a_run_on_another_cpu_says_so_and_the_same_one_does_not() -> None:
+    here = latest(row(P50, "0.900 ms", "0.450 ms", "2.00x"))
+    here["machine"] |= {"nproc": "2", "cpu": "Intel(R) Xeon(R) Processor"}
+    there = latest(row(P50, "0.900 ms", "0.450 ms", "2.00x"))
+    there["machine"] |= {"nproc": "2", "cpu": "AMD EPYC"}
+    assert compare(trim(there), trim(here)).notes == [
+        "The machine differs (baseline 2 x AMD EPYC, this run 2 x Intel(R) Xeon(R) "
+        "Processor): a figure moves for that reason too."
+    ]
+    assert compare(trim(here), trim(here)).notes == []
+
+
+def test_floors_that_moved_more_than_10_percent_are_told_as_the_machines_speed(
+    tmp_path: Path,
+) -> None:
+    baseline = trim(
+        latest(
+            row(P50, "0.900 ms", "0.200 ms", "4.50x"),
+            row(DRAIN, "0.300 s", "0.200 s", "1.50x"),
+            row(WRITES, "4,000 tps", "5,000 tps", "0.80"),
+            row(CPU, "20 µs + 10 µs"),  # no floor: not counted
+        )
+    )
+    # The floors' work took twice as long: the times doubled, the rate halved.
+    slower = trim(
+        latest(
+            row(P50, "1.800 ms", "0.400 ms", "4.50x"),
+            row(DRAIN, "0.600 s", "0.400 s", "1.50x"),
+            row(WRITES, "2,000 tps", "2,500 tps", "0.80"),
+            row(CPU, "40 µs + 20 µs"),
+        )
+    )
+    comparison = compare(baseline, slower)
+    assert comparison.notes == [
+        "The floors took 2.00x the baseline's time in this run (the median of the 3 rows "
+        "whose floor both runs measured; 2.00x to 2.00x): this machine was slower. A figure "
+        "judged on ours alone (no floor) moves with the machine; a ratio to its floor much less."
+    ]
+    # The CPU row, judged on ours, is still a regression: the note explains, not excuses.
+    assert [c.metric for c in comparison.regressions] == [CPU]
+    path = tmp_path / "baseline.json"
+    path.write_text(json.dumps(baseline))
+    _, printed = baseline_section(slower, path)
+    assert printed[-1] == "  note: " + comparison.notes[0]
+    # Within 10 %, or with fewer than three floors in both runs, nothing is said.
+    steady = trim(
+        latest(
+            row(P50, "0.950 ms", "0.210 ms", "4.52x"),
+            row(DRAIN, "0.300 s", "0.190 s", "1.58x"),
+            row(WRITES, "4,000 tps", "4,800 tps", "0.83"),
+        )
+    )
+    assert compare(baseline, steady).notes == []
+    two = trim(latest(row(P50, "1.8 ms", "0.4 ms", "4.50x"), row(DRAIN, "0.6 s", "0.4 s", "1.50x")))
+    assert compare(baseline, two).notes == []
+
+
 def test_a_missing_or_broken_baseline_is_one_line_and_the_run_goes_on(tmp_path: Path) -> None:
     current = trim(latest(row(P50, "0.900 ms", "0.450 ms", "2.00x")))
     missing = tmp_path / "baseline.json"
