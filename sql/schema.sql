@@ -189,6 +189,11 @@ LANGUAGE sql IMMUTABLE AS 'SELECT 3';
 -- 'schema', 'table' pair the events carry. The one place that says how a row becomes a
 -- queue row: watch() compiles its result into each table's capture function, and a
 -- capture function whose columns were renamed since runs it again with the new names.
+-- 'UPDATE ONE' is an UPDATE statement that changed at most one row (a capture function
+-- knows it has before it runs the statement): its old row is read by a subquery, without
+-- the numbering and join that pair several rows. Measured in the writer's backend (CPU
+-- time of 10,000 single-row UPDATEs, 12 interleaved rounds): 83.5 → 72.5 µs a
+-- statement, against 23 µs unwatched.
 CREATE OR REPLACE FUNCTION cdc_invalidator.queue_statement_v1(
     op text, names text, labels text[], columns text[])
 RETURNS text
@@ -211,6 +216,10 @@ BEGIN
             'SELECT %1$s, ''U'', o.j, n.j '
             'FROM (SELECT row_number() OVER () AS rn, %2$s AS j FROM old_rows r) o '
             'JOIN (SELECT row_number() OVER () AS rn, %2$s AS j FROM new_rows r) n USING (rn)',
+            names, row_json)
+        WHEN 'UPDATE ONE' THEN format(
+            'INSERT INTO cdc_invalidator.queue_v1 (schema_name, table_name, op, old_row, new_row) '
+            'SELECT %1$s, ''U'', (SELECT %2$s FROM old_rows r), %2$s FROM new_rows r',
             names, row_json)
         WHEN 'DELETE' THEN format(
             'INSERT INTO cdc_invalidator.queue_v1 (schema_name, table_name, op, old_row) '
@@ -373,8 +382,8 @@ BEGIN
 END
 $judged_packed$;
 
--- queue_early_v1(statement, head): `statement` (queue_statement_v1's INSERT or DELETE, or
--- the UPDATE of queue_statement_v1 or queue_judged_update_v1) for a statement that changed
+-- queue_early_v1(statement, head): `statement` (queue_statement_v1's INSERT, DELETE or
+-- UPDATE ONE, or the UPDATE of queue_judged_update_v1) for a statement that changed
 -- one row, whose queue row also goes to the listener in the NOTIFY payload: `head` ||
 -- xid, the writer's now() and [[op, old_row, new_row]] || '}' (see watch()), or the
 -- empty wake-up when that is 8000 bytes or more (NOTIFY's limit). The listener deletes
@@ -644,7 +653,7 @@ DECLARE
     judged   boolean := false;
     natts    int2;
     judged_q text;
-    update_q text;  -- an UPDATE's queue INSERT, without a filter
+    update_q text;  -- a one-row UPDATE's queue INSERT, without a filter
     early_q  text;  -- the UPDATE of one row: queued, judged if filtered, and its payload
     packed_q text;  -- the UPDATE of several rows: packs
     early_head text;
@@ -728,7 +737,7 @@ BEGIN
     -- says the rest): {"s": schema, "t": table, "x": xid, "a": the writer's now() (Unix
     -- time), "r": [[op, old_row, new_row]]}, the names as the queue rows carry them.
     early_head := format('{"s":%s,"t":%s,"x":', to_json(schema_n::text), to_json(table_n::text));
-    update_q := cdc_invalidator.queue_statement_v1('UPDATE', names, key_columns, key_columns);
+    update_q := cdc_invalidator.queue_statement_v1('UPDATE ONE', names, key_columns, key_columns);
     early_q := CASE WHEN notify_payload THEN cdc_invalidator.queue_early_v1(update_q, early_head)
                     ELSE update_q END;
     packed_q := cdc_invalidator.queue_packed_v1('UPDATE', names, key_columns, key_columns);

@@ -3,6 +3,7 @@ watch()/unwatch() API with its privileges, on a real PostgreSQL."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -228,7 +229,8 @@ def test_install_compresses_packs_with_lz4_where_the_server_has_it(env: Env) -> 
 # as the current install's objects less what later releases added. `CAPTURE_FUNCTIONS`
 # names each capture function; `OLDER_CAPTURE` is a capture function's definition as that
 # release compiled it: one queue row per change whatever the statement's size (the
-# branch to packs never taken).
+# branch to packs never taken, its UPDATE's rows paired by number as they then were:
+# `older_update`).
 OLDER_RELEASE = """
     DROP FUNCTION cdc_invalidator.schema_revision();
     DROP TABLE cdc_invalidator.progress_v1;
@@ -246,6 +248,20 @@ CAPTURE_FUNCTIONS = (
     " AND proname ~ '^capture_[0-9]+_v1$'"
 )
 OLDER_CAPTURE = "SELECT replace(pg_get_functiondef(%s), 'IF many THEN', 'IF false THEN')"
+# queue_statement_v1's UPDATE ONE (the old row by a subquery, for one row) -> its UPDATE.
+ONE_ROW_UPDATE = re.compile(
+    r"SELECT (.*?), 'U', \(SELECT (json_build_object\(.*?\)) FROM old_rows r\), \2 FROM new_rows r"
+)
+
+
+def older_update(definition: str) -> str:
+    """A capture function's UPDATE of one row as the release before packs ran every UPDATE."""
+    return ONE_ROW_UPDATE.sub(
+        r"SELECT \1, 'U', o.j, n.j"
+        r" FROM (SELECT row_number() OVER () AS rn, \2 AS j FROM old_rows r) o"
+        r" JOIN (SELECT row_number() OVER () AS rn, \2 AS j FROM new_rows r) n USING (rn)",
+        definition,
+    )
 
 
 def install_older_release(env: Env, config: Path) -> None:
@@ -259,7 +275,9 @@ def install_older_release(env: Env, config: Path) -> None:
             row = conn.execute(OLDER_CAPTURE, [oid]).fetchone()
             assert row is not None
             assert "IF false THEN" in row[0]
-            conn.execute(row[0].encode())
+            definition = older_update(row[0])
+            assert "USING (rn)" in definition
+            conn.execute(definition.encode())
 
 
 def test_install_over_an_earlier_releases_watch_leaves_one_watch(env: Env) -> None:
