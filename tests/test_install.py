@@ -248,9 +248,11 @@ CAPTURE_FUNCTIONS = (
     " AND proname ~ '^capture_[0-9]+_v1$'"
 )
 OLDER_CAPTURE = "SELECT replace(pg_get_functiondef(%s), 'IF many THEN', 'IF false THEN')"
-# queue_statement_v1's UPDATE ONE (the old row by a subquery, for one row) -> its UPDATE.
+# queue_statement_v1's UPDATE ONE (the new row by a subquery, for one row) -> its UPDATE.
 ONE_ROW_UPDATE = re.compile(
-    r"SELECT (.*?), 'U', \(SELECT (json_build_object\(.*?\)) FROM old_rows r\), \2 FROM new_rows r"
+    r"SELECT (.*?), CASE WHEN x\.n IS NULL THEN 'D' ELSE 'U' END, x\.o, x\.n"
+    r" FROM \(SELECT (json_build_object\(.*?\)) AS o,"
+    r" \(SELECT \2 FROM new_rows r\) AS n FROM old_rows r\) x"
 )
 
 
