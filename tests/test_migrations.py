@@ -62,6 +62,33 @@ def test_renamed_key_column_keeps_invalidating_and_check_says_so(env: Env) -> No
     assert "key column 'email' of public.users is now named 'mail'" in result.stderr
 
 
+def test_renamed_key_column_and_rows_moved_into_a_partition_that_drops_them(env: Env) -> None:
+    """A capture function whose key column was renamed runs the general statements
+    (queue_drifted_v1): rows an UPDATE moved into a partition whose BEFORE INSERT trigger
+    dropped them are queued as DELETEs there too, one row alone and several at once."""
+    env.sql(
+        "CREATE TABLE ev (id int, day date, PRIMARY KEY (id, day)) PARTITION BY RANGE (day);"
+        "CREATE TABLE ev_a PARTITION OF ev FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');"
+        "CREATE TABLE ev_b PARTITION OF ev FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');"
+        "INSERT INTO ev SELECT g, '2024-05-01' FROM generate_series(1, 5) g;"
+        "CREATE FUNCTION drop_odd() RETURNS trigger LANGUAGE plpgsql AS"
+        " 'BEGIN IF NEW.ident % 2 = 1 THEN RETURN NULL; END IF; RETURN NEW; END';"
+    )
+    config = install(env, {"public.ev": ["ev:{id}"]})
+    env.sql(
+        "ALTER TABLE ev RENAME COLUMN id TO ident;"
+        "CREATE TRIGGER drops BEFORE INSERT ON ev_b FOR EACH ROW EXECUTE FUNCTION drop_odd()"
+    )
+    r = env.redis()
+    r.mset({f"ev:{i}": "cached" for i in range(1, 7)})
+    with listening(config):
+        env.sql("UPDATE ev SET day = '2025-06-01' WHERE ident = 1")  # dropped
+        env.sql("UPDATE ev SET day = '2025-06-01' WHERE ident IN (2, 3, 4)")  # 3 dropped
+        settle(env, r)
+    assert env.scalar("SELECT array_agg(ident ORDER BY ident) FROM ev_b") == [2, 4]
+    assert keys(r) == {"ev:5", "ev:6"}
+
+
 def test_renamed_table_keeps_invalidating_and_check_says_so(env: Env) -> None:
     users_table(env, [(1, "u1@x"), (2, "u2@x")])
     config = install(env, USERS)
