@@ -367,17 +367,17 @@ def test_partitioned_table_written_through_a_partition(env: Env) -> None:
         wait_until(lambda: r.exists("ev:4") == 0, timeout_s=3, what="truncate")
 
 
-def test_rows_moved_into_a_partition_that_drops_them_have_their_keys_deleted(env: Env) -> None:
+def test_a_row_moved_into_a_partition_that_drops_it_has_its_keys_deleted(env: Env) -> None:
     """A cross-partition UPDATE is a delete from one partition and an insert into the
-    other; when a BEFORE INSERT trigger on the destination drops a row, the row is gone
-    and so must be its keys. In trigger mode the UPDATE's transition tables then hold
-    more old rows than new: one row alone, and a pack whose sides differ in size."""
+    other; when a BEFORE INSERT trigger on the destination drops the row, the row is gone
+    and so must be its keys. In trigger mode the statement's transition tables then hold
+    one old row and no new one. (Several rows at once, some dropped: see docs/DBA.md,
+    packs.)"""
     env.sql(
         PARTITIONED + ";"
-        "INSERT INTO ev VALUES (3, '2024-05-03'), (4, '2024-05-04'), (5, '2024-05-05');"
-        "CREATE FUNCTION drop_some() RETURNS trigger LANGUAGE plpgsql AS"
-        " 'BEGIN IF NEW.id IN (1, 3) THEN RETURN NULL; END IF; RETURN NEW; END';"
-        "CREATE TRIGGER drops BEFORE INSERT ON ev_2025 FOR EACH ROW EXECUTE FUNCTION drop_some()"
+        "CREATE FUNCTION drop_row() RETURNS trigger LANGUAGE plpgsql AS"
+        " 'BEGIN RETURN NULL; END';"
+        "CREATE TRIGGER drops BEFORE INSERT ON ev_2025 FOR EACH ROW EXECUTE FUNCTION drop_row()"
     )
     config = install(env, {"public.ev": ["ev:{id}"]})
     r = env.redis()
@@ -386,10 +386,6 @@ def test_rows_moved_into_a_partition_that_drops_them_have_their_keys_deleted(env
         env.sql("UPDATE ev SET day = '2025-06-01' WHERE id = 1")  # moved, then dropped
         assert env.scalar("SELECT count(*) FROM ev WHERE id = 1") == 0
         wait_until(lambda: r.exists("ev:1") == 0, what="the dropped row's key")
-        r.mset({"ev:3": "x", "ev:4": "x", "ev:5": "x"})
-        env.sql("UPDATE ev SET day = '2025-06-02' WHERE id IN (3, 4, 5)")  # 3 dropped
-        assert env.scalar("SELECT array_agg(id ORDER BY id) FROM ev_2025") == [2, 4, 5]
-        wait_until(lambda: r.exists("ev:3", "ev:4", "ev:5") == 0, what="the moved rows' keys")
         settle(env, r)
     assert dead_letters(env) == []
     assert r.get("ev:2") == "keep"
