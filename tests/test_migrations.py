@@ -89,6 +89,40 @@ def test_renamed_key_column_and_rows_moved_into_a_partition_that_drops_them(env:
     assert keys(r) == {"ev:5", "ev:6"}
 
 
+@pytest.mark.parametrize("replica", [False, True], ids=["origin", "replica"])
+@pytest.mark.parametrize("settings", ["", "notify_payload = true"], ids=["queue", "payload"])
+@pytest.mark.parametrize("lines", ["", 'ignore_columns = ["note"]'], ids=["all", "filtered"])
+def test_a_row_moved_into_a_partition_that_drops_it_on_every_capture_path(
+    env: Env, replica: bool, settings: str, lines: str
+) -> None:
+    """The one-row UPDATE whose row a partition's BEFORE INSERT trigger dropped deletes its
+    key on each of the capture function's paths: the queue or the NOTIFY payload, with
+    or without a column filter (its judged statement), written in replica mode too."""
+    env.sql(
+        "CREATE TABLE ev (id int, day date, note text, PRIMARY KEY (id, day))"
+        " PARTITION BY RANGE (day);"
+        "CREATE TABLE ev_a PARTITION OF ev FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');"
+        "CREATE TABLE ev_b PARTITION OF ev FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');"
+        "INSERT INTO ev VALUES (1, '2024-05-01');"
+        "CREATE FUNCTION drop_row() RETURNS trigger LANGUAGE plpgsql AS 'BEGIN RETURN NULL; END';"
+        "CREATE TRIGGER drops BEFORE INSERT ON ev_b FOR EACH ROW EXECUTE FUNCTION drop_row()"
+    )
+    config = env.tmp_path / "config.toml"
+    config.write_text(
+        f'database_url = "{env.dsn}"\nredis_url = "{env.redis_url}"\n{settings}\n'
+        f'[tables."public.ev"]\nkeys = ["ev:{{id}}"]\n{lines}\n'
+    )
+    assert main(["install", "--config", str(config)]) == 0
+    r = env.redis()
+    r.set("ev:1", "cached")
+    with listening(config), env.connect() as conn:
+        if replica:
+            conn.execute("SET session_replication_role = replica")
+        conn.execute("UPDATE ev SET day = '2025-06-01' WHERE id = 1")
+        wait_until(lambda: r.exists("ev:1") == 0, what="the dropped row's key")
+    assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 0
+
+
 def test_renamed_table_keeps_invalidating_and_check_says_so(env: Env) -> None:
     users_table(env, [(1, "u1@x"), (2, "u2@x")])
     config = install(env, USERS)
