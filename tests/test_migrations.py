@@ -95,17 +95,21 @@ def test_renamed_key_column_and_rows_moved_into_a_partition_that_drops_them(env:
 def test_a_row_moved_into_a_partition_that_drops_it_on_every_capture_path(
     env: Env, replica: bool, settings: str, lines: str
 ) -> None:
-    """The one-row UPDATE whose row a partition's BEFORE INSERT trigger dropped deletes its
-    key on each of the capture function's paths: the queue or the NOTIFY payload, with
-    or without a column filter (its judged statement), written in replica mode too."""
+    """An UPDATE whose rows a partition's BEFORE INSERT trigger dropped deletes their keys
+    on each of the capture function's paths: the queue or the NOTIFY payload, with or
+    without a column filter (its judged statements), written in replica mode too; one
+    row alone, then three rows of which two are dropped (packs)."""
     env.sql(
         "CREATE TABLE ev (id int, day date, note text, PRIMARY KEY (id, day))"
         " PARTITION BY RANGE (day);"
         "CREATE TABLE ev_a PARTITION OF ev FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');"
         "CREATE TABLE ev_b PARTITION OF ev FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');"
-        "INSERT INTO ev VALUES (1, '2024-05-01');"
-        "CREATE FUNCTION drop_row() RETURNS trigger LANGUAGE plpgsql AS 'BEGIN RETURN NULL; END';"
-        "CREATE TRIGGER drops BEFORE INSERT ON ev_b FOR EACH ROW EXECUTE FUNCTION drop_row()"
+        "INSERT INTO ev SELECT g, '2024-05-01' FROM generate_series(1, 5) g;"
+        "CREATE FUNCTION drop_row() RETURNS trigger LANGUAGE plpgsql AS"
+        " 'BEGIN IF NEW.id = 3 THEN RETURN NEW; END IF; RETURN NULL; END';"
+        "CREATE TRIGGER drops BEFORE INSERT ON ev_b FOR EACH ROW EXECUTE FUNCTION drop_row();"
+        # An ordinary trigger does not fire in replica mode: this one must, to drop the row.
+        "ALTER TABLE ev_b ENABLE ALWAYS TRIGGER drops"
     )
     config = env.tmp_path / "config.toml"
     config.write_text(
@@ -114,12 +118,16 @@ def test_a_row_moved_into_a_partition_that_drops_it_on_every_capture_path(
     )
     assert main(["install", "--config", str(config)]) == 0
     r = env.redis()
-    r.set("ev:1", "cached")
+    r.mset({f"ev:{i}": "cached" for i in range(1, 6)})
     with listening(config), env.connect() as conn:
         if replica:
             conn.execute("SET session_replication_role = replica")
         conn.execute("UPDATE ev SET day = '2025-06-01' WHERE id = 1")
         wait_until(lambda: r.exists("ev:1") == 0, what="the dropped row's key")
+        conn.execute("UPDATE ev SET day = '2025-06-01' WHERE id IN (2, 3, 4)")
+        wait_until(lambda: r.exists("ev:2", "ev:3", "ev:4") == 0, what="the three rows' keys")
+    assert env.scalar("SELECT array_agg(id ORDER BY id) FROM ev") == [3, 5]
+    assert r.get("ev:5") == "cached"
     assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 0
 
 

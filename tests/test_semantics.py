@@ -371,8 +371,7 @@ def test_a_row_moved_into_a_partition_that_drops_it_has_its_keys_deleted(env: En
     """A cross-partition UPDATE is a delete from one partition and an insert into the
     other; when a BEFORE INSERT trigger on the destination drops the row, the row is gone
     and so must be its keys. In trigger mode the statement's transition tables then hold
-    one old row and no new one. (Several rows at once, some dropped: see docs/DBA.md,
-    packs.)"""
+    one old row and no new one. (Several rows at once: the next test.)"""
     env.sql(
         PARTITIONED + ";"
         "CREATE FUNCTION drop_row() RETURNS trigger LANGUAGE plpgsql AS"
@@ -389,6 +388,35 @@ def test_a_row_moved_into_a_partition_that_drops_it_has_its_keys_deleted(env: En
         settle(env, r)
     assert dead_letters(env) == []
     assert r.get("ev:2") == "keep"
+
+
+def test_rows_of_a_bulk_update_moved_into_a_partition_that_drops_some(env: Env) -> None:
+    """The same for statements of several rows, which trigger mode queues in packs of
+    1,000 rows: 1,001 rows moved and the last dropped (the old rows' second pack would
+    have no partner among the new rows'), then 1,500 moved and three of them dropped
+    (old and new packs of different sizes). Every old key and every new key is deleted,
+    nothing goes to the dead letters, and a row left alone keeps its key. The key names
+    the partitioning column, so a moved row's old and new keys differ."""
+    env.sql(
+        PARTITIONED + ";"
+        "INSERT INTO ev SELECT g, '2024-05-01' FROM generate_series(3, 2503) g;"
+        "CREATE FUNCTION drop_some() RETURNS trigger LANGUAGE plpgsql AS"
+        " 'BEGIN IF NEW.id IN (1003, 1500, 2000, 2100) THEN RETURN NULL; END IF; RETURN NEW; END';"
+        "CREATE TRIGGER drops BEFORE INSERT ON ev_2025 FOR EACH ROW EXECUTE FUNCTION drop_some()"
+    )
+    config = install(env, {"public.ev": ["ev:{id}:{day}"]})
+    r = env.redis()
+    moved, dropped = range(3, 2503), {1003, 1500, 2000, 2100}
+    r.mset({f"ev:{i}:2024-05-01": "old" for i in moved})
+    r.mset({f"ev:{i}:2025-06-01": "new" for i in moved if i not in dropped})
+    r.set("ev:2503:2024-05-01", "keep")
+    with listening(config):
+        env.sql("UPDATE ev SET day = '2025-06-01' WHERE id BETWEEN 3 AND 1003")
+        env.sql("UPDATE ev SET day = '2025-06-01' WHERE id BETWEEN 1004 AND 2502")
+        settle(env, r)
+    assert env.scalar("SELECT count(*) FROM ev_2025 WHERE id >= 3") == len(moved) - len(dropped)
+    assert dead_letters(env) == []
+    assert keys(r) == {"ev:2503:2024-05-01"}
 
 
 def test_rendering_does_not_depend_on_the_writers_session(env: Env) -> None:
