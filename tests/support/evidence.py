@@ -95,6 +95,10 @@ class Evidence:
 
     @pytest.hookimpl
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        # Under pytest-xdist the controller collects nothing: the marker set at collection
+        # reaches it in the report's keywords, from the worker that ran the test.
+        if "servers" in report.keywords:
+            self.integration.add(report.nodeid)
         if report.failed:
             self.outcome[report.nodeid] = "failed"
         elif report.skipped and self.outcome.get(report.nodeid) != "failed":
@@ -125,8 +129,11 @@ class Evidence:
         )
 
     @pytest.hookimpl
-    def pytest_sessionfinish(self) -> None:
-        """Append this run's counts to the summary file (a JSON list, one entry a run)."""
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        """Append this run's counts to the summary file (a JSON list, one entry a run):
+        the controller's, which saw every worker's reports, not each worker's part."""
+        if hasattr(session.config, "workerinput"):
+            return
         if path := os.environ.get(SUMMARY_ENV):
             summary = Path(path)
             text = summary.read_text() if summary.exists() else ""
