@@ -54,14 +54,14 @@ def broken_bindir() -> Iterator[Path]:
 
 
 def run_suite(
-    bindir: Path, summary: Path, ci: str | None
+    bindir: Path, summary: Path, ci: str | None, workers: list[str]
 ) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
     env = {k: v for k, v in os.environ.items() if k != "CI"}
     env |= {"CDC_INVALIDATOR_PG_BINDIR": str(bindir), SUMMARY_ENV: str(summary)}
     if ci is not None:
         env["CI"] = ci
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *SELECTED],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *workers, *SELECTED],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -75,11 +75,16 @@ def run_suite(
     return result, runs[0]
 
 
+# As `make test` runs it (two pytest-xdist workers: the controller, which writes the
+# summary, collects nothing itself), and in one process.
+@pytest.mark.parametrize(
+    "workers", [["-n", "0"], ["-n", "2", "--dist", "loadfile"]], ids=["one-process", "xdist"]
+)
 @pytest.mark.parametrize("ci", [None, "true"], ids=["developer", "ci"])
 def test_servers_that_cannot_start_fail_the_run_under_ci(
-    broken_bindir: Path, tmp_path: Path, ci: str | None
+    broken_bindir: Path, tmp_path: Path, ci: str | None, workers: list[str]
 ) -> None:
-    result, counts = run_suite(broken_bindir, tmp_path / "summary.json", ci)
+    result, counts = run_suite(broken_bindir, tmp_path / "summary.json", ci, workers)
     output = result.stdout + result.stderr
     assert "initdb: broken on purpose" in output, output
     assert counts["unit"]["passed"] > 0, output
