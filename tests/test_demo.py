@@ -13,7 +13,13 @@ import pytest
 
 from tests.support.evidence import unavailable
 from tests.support.listener import run_cli
-from tests.support.servers import ServerError, find_pg_bindir, find_redis_server
+from tests.support.servers import (
+    PostgresServer,
+    RedisServer,
+    ServerError,
+    find_pg_bindir,
+    find_redis_server,
+)
 
 OUR_PREFIXES = ("cdc-invalidator-demo-", "cdc-invalidator-pg-", "cdc-invalidator-redis-")
 
@@ -65,3 +71,28 @@ def test_demo_reports_a_measured_delete_and_cleans_up(own_tmpdir: Path, capture:
     assert not Path(match[1]).exists()
     assert _ours(own_tmpdir) == before
     assert not os.listdir(own_tmpdir)
+
+
+# --- The servers' ports ------------------------------------------------------------------
+
+
+@pytest.mark.servers
+def test_a_server_whose_port_another_one_took_moves_to_a_free_port() -> None:
+    """free_port() gives a port nobody listens on *now*: another test worker's server may
+    bind it before ours starts. Ours then fails to bind it (and a Redis client would
+    otherwise have reached the other Redis): the first start moves to a new port."""
+    try:
+        first_redis, first_pg = RedisServer.create(), PostgresServer.create()
+    except ServerError as exc:
+        unavailable(f"no local servers: {exc}")
+    with first_redis, first_pg:
+        redis_server = RedisServer.create(port=first_redis.port)
+        pg = PostgresServer.create(port=first_pg.port)
+        with redis_server, pg:
+            assert redis_server.port != first_redis.port
+            assert redis_server.process is not None
+            assert redis_server.client().info("server")["process_id"] == redis_server.process.pid
+            assert pg.port != first_pg.port
+            assert pg.running()
+            assert first_pg.running()
+            assert first_redis.client().ping()

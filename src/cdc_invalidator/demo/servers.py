@@ -32,6 +32,16 @@ class ServerError(Exception):
     """A server could not be found or started; the message says what to install."""
 
 
+class PortTaken(ServerError):
+    """Another process listened on the port free_port() gave (it is free only until
+    somebody binds it: another test worker, another program)."""
+
+
+# A server's first start on a port another process took moves to a new free port, this
+# many times; a restart keeps its port (its clients and configuration name it).
+PORT_ATTEMPTS = 5
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -118,6 +128,7 @@ class PostgresServer(Server):
         self.port = port
         self.bindir = bindir
         self.user = user
+        self.started = False  # once: later starts are restarts, on the same port
 
     @classmethod
     def create(
@@ -182,19 +193,42 @@ class PostgresServer(Server):
             raise ServerError(f"{' '.join(cmd[:2])} failed: {result.stderr.strip()[-2000:]}")
 
     def start(self) -> None:
-        self._run(
-            [
-                str(self.bindir / "pg_ctl"),
-                "-D",
-                str(self.datadir),
-                "-l",
-                str(self.logfile),
-                "-w",
-                "-t",
-                "60",
-                "start",
-            ]
-        )
+        for attempt in range(PORT_ATTEMPTS):
+            try:
+                self._start_once()
+            except PortTaken:
+                if self.started or attempt == PORT_ATTEMPTS - 1:
+                    raise
+                self.port = free_port()
+                # The last setting of a name in the file wins.
+                with (self.datadir / "postgresql.auto.conf").open("a") as f:
+                    f.write(f"port = {self.port}\n")
+            else:
+                self.started = True
+                return
+
+    def _start_once(self) -> None:
+        logged = self.logfile.stat().st_size if self.logfile.exists() else 0
+        try:
+            self._run(
+                [
+                    str(self.bindir / "pg_ctl"),
+                    "-D",
+                    str(self.datadir),
+                    "-l",
+                    str(self.logfile),
+                    "-w",
+                    "-t",
+                    "60",
+                    "start",
+                ]
+            )
+        except ServerError as exc:
+            with contextlib.suppress(OSError), self.logfile.open(errors="replace") as log:
+                log.seek(logged)
+                if "Address already in use" in log.read():
+                    raise PortTaken(f"port {self.port} is taken: {exc}") from None
+            raise
 
     def stop(self, mode: str = "fast") -> None:
         self._run([str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", mode, "-w", "stop"])
@@ -228,6 +262,7 @@ class RedisServer(Server):
         self.binary = binary
         self.args = args
         self.process: subprocess.Popen[bytes] | None = None
+        self.started = False  # once: later starts are restarts, on the same port
 
     @classmethod
     def create(cls, args: list[str] | None = None, port: int | None = None) -> Self:
@@ -250,6 +285,18 @@ class RedisServer(Server):
         return ["--port", str(self.port)]
 
     def start(self, timeout_s: float = 20.0) -> None:
+        for attempt in range(PORT_ATTEMPTS):
+            try:
+                self._start_once(timeout_s)
+            except PortTaken:
+                if self.started or attempt == PORT_ATTEMPTS - 1:
+                    raise
+                self.port = free_port()
+            else:
+                self.started = True
+                return
+
+    def _start_once(self, timeout_s: float) -> None:
         cmd = [
             *self._head(),
             *self._port_args(),
@@ -273,7 +320,10 @@ class RedisServer(Server):
         try:
             while True:
                 if self.process.poll() is not None:
+                    self.process = None
                     log = (self.directory / "redis.log").read_text(errors="replace")[-2000:]
+                    if "Address already in use" in log:
+                        raise PortTaken(f"port {self.port} is taken: {log}")
                     raise ServerError(f"redis-server exited: {log}")
                 try:
                     client.ping()
@@ -281,8 +331,17 @@ class RedisServer(Server):
                     if time.monotonic() > deadline:
                         raise ServerError("redis-server did not answer PING in time") from None
                     time.sleep(0.02)
-                else:
+                    continue
+                # Ours, not a server another process started on the same port (ours then
+                # exits, failing to bind it). A user not allowed INFO cannot tell: ours.
+                try:
+                    pid = client.info("server").get("process_id")
+                except redis.ResponseError:
                     return
+                if pid == self.process.pid:
+                    return
+                self.kill()
+                raise PortTaken(f"port {self.port} is taken by another redis-server (pid {pid})")
         finally:
             client.close()
 
