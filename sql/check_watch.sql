@@ -2,7 +2,9 @@
 -- (found by name, or by the name its events carry if it was renamed since), the columns
 -- its capture function copies and what those columns are called now ('' once dropped),
 -- and every way its triggers, or its partitions' triggers, differ from what watch()
--- made: missing, disabled, not firing ALWAYS, or calling another function; its
+-- made: missing, disabled, not firing ALWAYS, or calling another function; the tables
+-- it became a partition of that are not watched (a statement naming one of them fires
+-- their statement triggers, not the table's: its changes of the table are not seen); its
 -- column filter as watch() compiled it; and whether its capture function sends a one-row
 -- change in the NOTIFY payload (notify_payload: its text holds queue_early_v1's call;
 -- NULL when the function is missing, which the trigger problems already say).
@@ -52,6 +54,13 @@ SELECT
     ARRAY(
         SELECT s.label FROM statement_triggers s
         WHERE NOT s.is_root AND s.present = 0 GROUP BY s.label ORDER BY 1) AS untriggered_partitions,
+    ARRAY(
+        SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname)
+        FROM pg_partition_ancestors(w.relid) a
+        JOIN pg_class c ON c.oid = a.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE a.relid <> w.relid::oid
+          AND NOT EXISTS (SELECT FROM cdc_invalidator.watched_v1 x WHERE x.relid::oid = a.relid)
+        ORDER BY 1) AS unwatched_parents,
     ARRAY(
         SELECT format('%%s: trigger %%s %%s', s.label, s.name, CASE
             WHEN s.tgfoid IS NULL THEN 'is missing'

@@ -185,6 +185,33 @@ def test_retyped_key_column_and_other_ddl_change_nothing(env: Env) -> None:
     assert check(config).returncode == 0
 
 
+def test_a_watched_table_attached_to_an_unwatched_parent_is_reported_by_check(env: Env) -> None:
+    """A watched table ATTACHed as a partition of a table the configuration does not
+    name: a statement that names the parent fires the parent's statement triggers, none
+    of ours, so its changes of the partition's rows go unseen. Nothing at write time can
+    know; `check` says so and what to do."""
+    users_table(env, [(1, "u1@x"), (2, "u2@x")])
+    config = install(env, USERS)
+    assert check(config).returncode == 0
+    env.sql(
+        "CREATE TABLE everyone (id int NOT NULL, email text, name text) PARTITION BY RANGE (id);"
+        "ALTER TABLE everyone ATTACH PARTITION users FOR VALUES FROM (0) TO (1000)"
+    )
+    r = env.redis()
+    seed(r, 1, 2)
+    with listening(config):
+        env.sql("UPDATE everyone SET name = 'x' WHERE id = 1")  # names the parent
+        env.sql("UPDATE users SET name = 'y' WHERE id = 2")  # names the table: seen
+        settle(env, r)
+    assert keys(r) == {"user:1", "user:email:u1@x"}  # what check warns of
+    result = check(config)
+    assert result.returncode == 1
+    assert "table public.users is now a partition of public.everyone, which is not watched" in (
+        result.stderr
+    )
+    assert "Configure public.everyone instead" in result.stderr
+
+
 def test_partition_created_after_install_is_swept_until_install(env: Env) -> None:
     env.sql(
         "CREATE TABLE events (id int, kind text) PARTITION BY RANGE (id);"

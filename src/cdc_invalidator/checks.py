@@ -231,6 +231,8 @@ class Watch:
     live_columns: list[str]  # what those columns are called now ('' once dropped)
     untriggered_partitions: list[str]
     trigger_problems: list[str]
+    # Tables it is now a partition of that are not watched: their writes of it go unseen.
+    unwatched_parents: list[str] = field(default_factory=list)
     judge: str | None = None  # the column filter compiled in: 'ignore', 'columns', None
     filter_columns: list[str] | None = None
     judged: bool = False  # False: no primary key to pair rows by, every UPDATE queued
@@ -256,6 +258,7 @@ def watch_of(conn: psycopg.Connection[Any], table: TableName) -> Watch | None:
         judged,
         columns_added,
         untriggered,
+        unwatched_parents,
         problems,
         notify_payload,
     ) = row
@@ -266,6 +269,7 @@ def watch_of(conn: psycopg.Connection[Any], table: TableName) -> Watch | None:
         live_columns if has_attnums else columns,
         untriggered,
         problems,
+        unwatched_parents,
         judge,
         filter_columns,
         bool(judged),
@@ -323,6 +327,17 @@ def check_triggers(
             f"{where}: partitions {', '.join(watch.untriggered_partitions)} were created or "
             "attached after install and have no capture triggers: their writes sweep all of "
             "the table's key templates until you run `cdc-invalidator install`"
+        )
+    if watch.unwatched_parents:
+        fine = False
+        parent = watch.unwatched_parents[0]
+        report.errors.append(
+            f"{where}: table {table} is now a partition of {', '.join(watch.unwatched_parents)}, "
+            f"which is not watched: a statement that names {parent} changes the table's rows "
+            "without firing its triggers (statement triggers fire on the table a statement "
+            f"names), and those changes are not invalidated. Configure {parent} instead (its "
+            "partitions are watched with it), then run `cdc-invalidator install`; logical "
+            "mode sees writes through either"
         )
     if sorted(watch.columns) != wanted:
         fine = False
