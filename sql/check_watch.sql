@@ -52,8 +52,14 @@ SELECT
         AND w.judged_natts <> (SELECT c.relnatts FROM pg_class c WHERE c.oid = w.relid)
         AS columns_added,
     ARRAY(
-        SELECT s.label FROM statement_triggers s
-        WHERE NOT s.is_root AND s.present = 0 GROUP BY s.label ORDER BY 1) AS untriggered_partitions,
+        SELECT s.label FROM statement_triggers s JOIN pg_class c ON c.oid = s.rel
+        WHERE NOT s.is_root AND s.present = 0 AND c.relkind <> 'f'
+        GROUP BY s.label ORDER BY 1) AS untriggered_partitions,
+    -- Foreign tables can have no transition tables: an INSERT that the parent's capture
+    -- trigger sees routed into one fails.
+    ARRAY(
+        SELECT s.label FROM statement_triggers s JOIN pg_class c ON c.oid = s.rel
+        WHERE NOT s.is_root AND c.relkind = 'f' GROUP BY s.label ORDER BY 1) AS foreign_partitions,
     ARRAY(
         SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname)
         FROM pg_partition_ancestors(w.relid) a

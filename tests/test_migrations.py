@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psycopg
 import pytest
 import redis
 from psycopg.conninfo import make_conninfo
@@ -210,6 +211,37 @@ def test_a_watched_table_attached_to_an_unwatched_parent_is_reported_by_check(en
         result.stderr
     )
     assert "Configure public.everyone instead" in result.stderr
+
+
+def test_a_foreign_table_attached_as_a_partition_is_reported_by_check(env: Env) -> None:
+    """install refuses a foreign-table partition (a trigger on a foreign table can have
+    no transition tables); one ATTACHed after install makes an INSERT through the parent
+    that lands in it fail, because of our triggers' transition tables (measured here:
+    the same INSERT succeeded before install). check says so and what to do."""
+    port, dbname = env.scalar("SELECT ARRAY[current_setting('port'), current_database()]")
+    env.sql(
+        "CREATE TABLE ev (id int NOT NULL, day date NOT NULL) PARTITION BY RANGE (day);"
+        "CREATE TABLE ev_a PARTITION OF ev FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');"
+        "CREATE TABLE ev_remote (id int NOT NULL, day date NOT NULL);"
+        "CREATE EXTENSION postgres_fdw;"
+        "CREATE SERVER here FOREIGN DATA WRAPPER postgres_fdw"
+        f" OPTIONS (host '127.0.0.1', port '{port}', dbname '{dbname}');"
+        "CREATE USER MAPPING FOR CURRENT_USER SERVER here OPTIONS (user 'postgres');"
+        "CREATE FOREIGN TABLE ev_f (id int NOT NULL, day date NOT NULL)"
+        " SERVER here OPTIONS (table_name 'ev_remote');"
+        "ALTER TABLE ev ATTACH PARTITION ev_f FOR VALUES FROM ('2030-01-01') TO ('2031-01-01')"
+    )
+    env.sql("INSERT INTO ev VALUES (1, '2030-06-01')")  # unwatched: it succeeds
+    env.sql("ALTER TABLE ev DETACH PARTITION ev_f")
+    config = install(env, {"public.ev": ["ev:{id}"]})
+    env.sql("ALTER TABLE ev ATTACH PARTITION ev_f FOR VALUES FROM ('2030-01-01') TO ('2031-01-01')")
+    with pytest.raises(psycopg.errors.FeatureNotSupported, match="child foreign tables"):
+        env.sql("INSERT INTO ev VALUES (2, '2030-06-01')")
+    result = check(config)
+    assert result.returncode == 1
+    assert "partitions public.ev_f are foreign tables" in result.stderr
+    assert "Detach them, or use logical mode for this table" in result.stderr
+    assert "were created or attached after install" not in result.stderr
 
 
 def test_partition_created_after_install_is_swept_until_install(env: Env) -> None:

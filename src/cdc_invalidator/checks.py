@@ -233,6 +233,8 @@ class Watch:
     trigger_problems: list[str]
     # Tables it is now a partition of that are not watched: their writes of it go unseen.
     unwatched_parents: list[str] = field(default_factory=list)
+    # Its partitions that are foreign tables (attached after install, which refuses them).
+    foreign_partitions: list[str] = field(default_factory=list)
     judge: str | None = None  # the column filter compiled in: 'ignore', 'columns', None
     filter_columns: list[str] | None = None
     judged: bool = False  # False: no primary key to pair rows by, every UPDATE queued
@@ -258,6 +260,7 @@ def watch_of(conn: psycopg.Connection[Any], table: TableName) -> Watch | None:
         judged,
         columns_added,
         untriggered,
+        foreign_partitions,
         unwatched_parents,
         problems,
         notify_payload,
@@ -270,6 +273,7 @@ def watch_of(conn: psycopg.Connection[Any], table: TableName) -> Watch | None:
         untriggered,
         problems,
         unwatched_parents,
+        foreign_partitions,
         judge,
         filter_columns,
         bool(judged),
@@ -327,6 +331,15 @@ def check_triggers(
             f"{where}: partitions {', '.join(watch.untriggered_partitions)} were created or "
             "attached after install and have no capture triggers: their writes sweep all of "
             "the table's key templates until you run `cdc-invalidator install`"
+        )
+    if watch.foreign_partitions:
+        fine = False
+        report.errors.append(
+            f"{where}: partitions {', '.join(watch.foreign_partitions)} are foreign tables, "
+            f"which cannot have the transition tables our triggers on {table} use: an INSERT "
+            'through the table that lands in one fails ("cannot collect transition tuples '
+            'from child foreign tables"), and what is written to their foreign server '
+            "is not captured here. Detach them, or use logical mode for this table"
         )
     if watch.unwatched_parents:
         fine = False
