@@ -1,6 +1,20 @@
 # The listener image. Build: docker build -t cdc-invalidator .
 # Run:   docker run --rm -v $PWD/config.toml:/etc/cdc-invalidator/config.toml:ro cdc-invalidator
 # Any subcommand works too: docker run ... cdc-invalidator check
+# The wheel is built in a stage of its own, with a C compiler for capture/_walk.c
+# (logical mode's tuple walks in C; the package builds without it, slower, which the
+# final stage refuses). psycopg[binary] and hiredis come as wheels.
+FROM python:3.11-slim AS build
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+# Only what the wheel is built from (.dockerignore keeps the rest out of the context).
+WORKDIR /build
+COPY pyproject.toml README.md ./
+COPY src ./src
+COPY sql ./sql
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -8,14 +22,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# Only what the wheel is built from (.dockerignore keeps the rest out of the context).
-# psycopg[binary] and hiredis come as wheels: no compiler needed.
-WORKDIR /build
-COPY pyproject.toml README.md ./
-COPY src ./src
-COPY sql ./sql
-RUN pip install . \
-    && rm -rf /build
+COPY --from=build /wheels /tmp/wheels
+RUN pip install /tmp/wheels/*.whl \
+    && rm -rf /tmp/wheels \
+    && python -c "from cdc_invalidator.capture.pgoutput import NATIVE_WALKS; assert NATIVE_WALKS, 'capture/_walk.c was not built'"
 
 # The listener needs no privileges in the container.
 RUN useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin cdc

@@ -9,7 +9,8 @@ PEERS_STAMP := $(VENV)/.installed-peers
 
 .PHONY: install system-deps lint format test bench bench-baseline chaos demo clean
 
-$(STAMP): pyproject.toml
+# _walk.c: the package's C extension, rebuilt by the editable install when it changes.
+$(STAMP): pyproject.toml src/cdc_invalidator/capture/_walk.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
@@ -88,3 +89,4 @@ demo: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info src/*.egg-info
+	rm -f src/cdc_invalidator/capture/_walk.*.so

@@ -27,6 +27,7 @@ programs=(
     "pg_dump      postgresql-client"   # tests/test_restore.py
     "runuser      util-linux"     # runs PostgreSQL as the postgres user when we are root
     "ip           iproute2"       # the vanished-host test's network namespace
+    "gcc          gcc"            # builds capture/_walk.c at pip install (logical mode's tuple walks)
 )
 if [ "${1:-}" = "--peers" ]; then
     # A java on PATH or under JAVA_HOME is used as found (Debezium 3 needs 17 or later;

@@ -28,7 +28,9 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from cdc_invalidator.capture.logical import CHASE_BYTES
+from cdc_invalidator.capture.pgoutput import NATIVE_WALKS
 from cdc_invalidator.capture.walstream import parse_lsn
+from cdc_invalidator.checks import Report, check_walks
 from tests.support.env import Env
 from tests.support.faults import blocked_on_redis
 from tests.support.listener import ListenerProcess, Spawn, check, cli, run_cli
@@ -547,6 +549,15 @@ def test_check_passes_with_ok_lines(env: Env, capsys: pytest.CaptureFixture[str]
     assert any("users" in line and "published" in line and "'email'" in line for line in oks)
     assert any("orders" in line and "published" in line for line in oks)
     assert any("replication slot 'cdc_invalidator'" in line for line in oks)
+    # (Built where there is a C compiler, as here: test_pgoutput fails under CI if not.)
+    assert "ok: pgoutput's tuples are walked in C (capture/_walk.c)" in oks or not NATIVE_WALKS
+
+
+def test_check_warns_when_the_tuple_walks_are_in_python() -> None:
+    report = Report()
+    check_walks(report, native=False)
+    assert report.passed
+    assert "capture/_walk.c was not built" in report.warnings[0]
 
 
 def test_check_errors_for_a_kept_table_without_replica_identity(

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from cdc_invalidator.capture import pgoutput
 from cdc_invalidator.capture.pgoutput import (
+    NATIVE_WALKS,
     Begin,
     Commit,
     Decoder,
@@ -32,6 +34,7 @@ from cdc_invalidator.capture.pgoutput import (
 )
 from cdc_invalidator.events import UNRENDERABLE, ChangeEvent, InvalidEvent, Op, TableName
 from cdc_invalidator.mapping.columns import ColumnFilter, Judge
+from tests.support.evidence import unavailable
 
 _DATA = json.loads((Path(__file__).parent / "data" / "pgoutput.json").read_text())
 TOAST_SLUG: str = _DATA["_values"]["pages_full.slug"]
@@ -778,9 +781,12 @@ def test_the_compiled_walk_decodes_every_recorded_change_as_the_general_walk(
         return Resolved(table, chosen, {c: c for c in chosen})
 
     msgs = SCENARIOS[name]
-    compiled, general = Decoder(resolve), Decoder(resolve, compiled=False)
-    assert decode_all(compiled, msgs) == decode_all(general, msgs)
-    assert compiled.position == general.position
+    general = Decoder(resolve, compiled=False)
+    expected = decode_all(general, msgs)
+    for native in (True, False):  # the C walks, and the Python ones
+        compiled = Decoder(resolve, native=native)
+        assert decode_all(compiled, msgs) == expected
+        assert compiled.position == general.position
 
 
 # A table whose key column is not its first: (name text, id int, body text), with
@@ -812,9 +818,10 @@ def hand_change(kind: bytes, *tuples: tuple[bytes, bytes]) -> bytes:
 
 
 def hand_decoders(wanted: list[str]) -> list[Decoder]:
+    """The C walks, the Python ones, and the general walk alone."""
     out = []
-    for compiled in (True, False):
-        decoder = Decoder(by_name(columns({HAND: wanted})), compiled=compiled)
+    for compiled, native in ((True, True), (True, False), (False, False)):
+        decoder = Decoder(by_name(columns({HAND: wanted})), compiled=compiled, native=native)
         decoder.decode(hand_relation())
         out.append(decoder)
     return out
@@ -922,6 +929,84 @@ def test_what_the_compiled_walk_does_not_take_fails_as_before(msg: bytes, error:
     for decoder in hand_decoders(["id", "body"]):
         with pytest.raises(kind, match=error):
             decoder.decode(msg)
+
+
+def test_the_c_walks_were_built_where_there_is_a_compiler() -> None:
+    """capture/_walk.c is an optional extension (pyproject.toml): a machine without a C
+    compiler installs without it. CI has one, so there a build that failed fails this."""
+    if not NATIVE_WALKS:
+        unavailable("capture/_walk.c was not built: no C compiler when the package was installed")
+
+
+def _walk_result(walk: Callable[[bytes, int], object], msg: bytes, pos: int) -> object:
+    """A compiled walk's result as its caller reads it: None for what it does not take
+    (the Python walks raise for some of it, or end past the message)."""
+    try:
+        got = walk(msg, pos)
+    except (IndexError, struct.error, UnicodeDecodeError):
+        return None
+    if not isinstance(got, tuple) or got[-1] > len(msg):
+        return None
+    return got
+
+
+def test_the_c_walks_agree_with_the_python_walks_on_every_cut_and_flipped_byte() -> None:
+    """Every recorded change and hand-built one, cut at every length and with each byte
+    changed in turn: the C walks (capture/_walk.c) return what the Python walks do, and
+    never read past a message's end (a cut message is a new bytes object, so a read past
+    it would show as a wrong result here, or under a memory checker)."""
+    if not NATIVE_WALKS:
+        unavailable("capture/_walk.c was not built")
+    samples = [m for msgs in SCENARIOS.values() for m in msgs if m[:1] in (b"I", b"U", b"D")]
+    samples += [
+        hand_change(
+            b"U", (b"O", tuple_data(b"Ann", b"7", b"x")), (b"N", tuple_data(b"Bo", b"7", "u"))
+        ),
+        hand_change(
+            b"U", (b"O", tuple_data(None, b"7", b"x")), (b"N", tuple_data(None, b"8", None))
+        ),
+        hand_change(b"I", (b"N", tuple_data(b"\xc3\xa9t\xc3\xa9", b"7", b"x" * 300))),
+    ]
+    checked = 0
+    for msg in samples:
+        ncols = struct.unpack_from("!H", msg, 6)[0]
+        for wanted in ({0: "a"}, {ncols - 1: "z"}, {i: f"c{i}" for i in range(ncols)}, {}):
+            walks = pgoutput._walks(ncols, wanted, native=True)
+            python = pgoutput._walks(ncols, wanted, native=False)
+            variants = [msg[:n] for n in range(len(msg) + 1)]
+            variants += [msg[:i] + bytes([msg[i] ^ 0xFF]) + msg[i + 1 :] for i in range(len(msg))]
+            if len(msg) < 100:  # every field kind at every place, in the short ones
+                kinds = b"tnub\x00"
+                variants += [
+                    msg[:i] + bytes([k]) + msg[i + 1 :] for i in range(6, len(msg)) for k in kinds
+                ]
+            for variant in variants:
+                for c_walk, py_walk in zip(walks, python, strict=True):
+                    c, py = _walk_result(c_walk, variant, 6), _walk_result(py_walk, variant, 6)
+                    assert c == py, (variant.hex(), wanted)
+                    if c is not None and py is not None:  # one dict for both, as in Python
+                        assert isinstance(c, tuple)
+                        assert isinstance(py, tuple)
+                        assert (c[0] is c[1]) == (py[0] is py[1])
+                    checked += 1
+    assert checked > 5_000
+
+
+def test_a_c_walker_refuses_what_it_cannot_walk_by() -> None:
+    if not NATIVE_WALKS:
+        unavailable("capture/_walk.c was not built")
+    from cdc_invalidator.capture._walk import Walker  # noqa: PLC0415 - built or not
+
+    with pytest.raises(ValueError, match="indexes ascending"):
+        Walker(3, ((1, "b"), (0, "a")))
+    with pytest.raises(ValueError, match="below ncols"):
+        Walker(3, ((3, "d"),))
+    with pytest.raises(TypeError, match="pairs"):
+        Walker(3, ((0, b"a"),))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="msg: bytes"):
+        Walker(3, ())(bytearray(b"\x00\x03"), 0)  # type: ignore[arg-type]
+    assert Walker(0, ())(b"\x00\x00", 0) == ({}, 2)
+    assert Walker(1, ((0, "a"),))(b"\x00\x01t\x00\x00\x00\x01x", -5) is None
 
 
 def streamed_layout(msg: bytes, xid: int) -> bytes:

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 import psycopg
 
 from cdc_invalidator.capture.errors import Fatal, returned
+from cdc_invalidator.capture.pgoutput import NATIVE_WALKS
 from cdc_invalidator.capture.slot import SlotClass, SlotState
 from cdc_invalidator.capture.trigger_sql import (
     SCHEMA_REVISION,
@@ -567,6 +568,18 @@ def drifted(conn: psycopg.Connection[Any], report: Report, where: str, table: Ta
     return drifted
 
 
+def check_walks(report: Report, *, native: bool) -> None:
+    """Whether logical mode decodes with the C tuple walks (an optional extension)."""
+    if native:
+        report.ok.append("pgoutput's tuples are walked in C (capture/_walk.c)")
+    else:
+        report.warnings.append(
+            "pgoutput's tuples are walked in Python: capture/_walk.c was not built (no C "
+            "compiler when the package was installed), and decoding takes about twice the "
+            "time; reinstall the package where gcc is"
+        )
+
+
 def check_logical_server(conn: psycopg.Connection[Any], settings: Settings, report: Report) -> None:
     row = returned(
         conn.execute(
@@ -586,6 +599,7 @@ def check_logical_server(conn: psycopg.Connection[Any], settings: Settings, repo
             f"(ALTER ROLE {user} REPLICATION; on Amazon RDS: GRANT rds_replication TO {user}), "
             "or use a role that has it"
         )
+    check_walks(report, native=NATIVE_WALKS)
     guard = conn.execute(Q.CHECK_DDL_GUARD.sql).fetchone()
     if publication_exists and not (guard and guard[0]):
         report.warnings.append(

@@ -37,6 +37,14 @@ from cdc_invalidator.capture.errors import Fatal
 from cdc_invalidator.events import UNRENDERABLE, ChangeEvent, InvalidEvent, Op, Row, TableName
 from cdc_invalidator.mapping.columns import ColumnFilter, Judge
 
+try:  # capture/_walk.c, built at install where there is a C compiler (pyproject.toml)
+    from cdc_invalidator.capture._walk import Walker
+except ImportError:  # pragma: no cover - the Python walks below do the same, slower
+    Walker = None  # type: ignore[assignment,misc]  # (one name, with or without C)
+
+# The tuple walks are in C (capture/_walk.c) when it was built: True here then.
+NATIVE_WALKS: Final = Walker is not None
+
 K = TypeVar("K", int, str)  # what a tuple walk keys its values by: index or name
 
 # A relation's compiled tuple walk (see _compile_walk): TupleData at `pos` -> the wanted
@@ -195,7 +203,8 @@ class Decoder:
 
     `compiled`: each relation's tuples are walked by code compiled for it (the fast path
     of text and NULL values) before the general walk; False walks them the general way
-    only (the tests compare the two).
+    only (the tests compare the two). `native`: that code is C (capture/_walk.c, where it
+    was built), else Python generated for the relation.
     """
 
     def __init__(
@@ -205,8 +214,10 @@ class Decoder:
         on_unrenderable: Callable[[Relation], None] | None = None,
         *,
         compiled: bool = True,
+        native: bool = NATIVE_WALKS,
     ) -> None:
         self._compiled = compiled
+        self._native = native
         self._resolve = resolve
         self._on_missing_old = on_missing_old
         self._on_unrenderable = on_unrenderable
@@ -306,6 +317,7 @@ class Decoder:
         wanted_at = {i: c for c, i in wanted}
         order = {i: wanted_at[i] for i in sorted(wanted_at)}
         compiled = self._compiled and not missing
+        fast, pair = _walks(ncols, order, native=self._native) if compiled else (None, None)
         relation = Relation(
             relid,
             table,
@@ -317,8 +329,8 @@ class Decoder:
             tuple(c for c, i in wanted if i not in identity_at),
             missing,
             judged_at,
-            _compile_walk(ncols, order) if compiled else None,
-            _compile_pair(ncols, order) if compiled else None,
+            fast,
+            pair,
         )
         self._relations[relid] = relation
         if missing and self._on_unrenderable is not None:
@@ -608,6 +620,19 @@ def _walk(
     if pos > len(msg):
         raise ValueError("message ends inside a column value")
     return values, pos
+
+
+def _walks(ncols: int, wanted: Mapping[int, str], *, native: bool) -> tuple[FastWalk, FastPair]:
+    """A relation's compiled walks (wanted: index -> name, in column order): in C when
+    `native` (capture/_walk.c: the same results, a third of the decoding's time), else
+    the Python ones below."""
+    if native and Walker is not None:
+        columns = tuple(wanted.items())
+        return (
+            cast(FastWalk, Walker(ncols, columns)),
+            cast(FastPair, Walker(ncols, columns, pair=True)),
+        )
+    return _compile_walk(ncols, wanted), _compile_pair(ncols, wanted)
 
 
 def _compile_walk(ncols: int, wanted: Mapping[int, str]) -> FastWalk:
