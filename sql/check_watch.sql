@@ -16,7 +16,7 @@ WITH w AS (
            AND w.schema_name = %(schema)s AND w.table_name = %(name)s)
     LIMIT 1
 ), rels AS (
-    SELECT w.relid AS root, r.rel, r.rel = w.relid AS is_root,
+    SELECT w.relid AS root, r.rel, r.rel = w.relid AS is_root, c.relkind,
            quote_ident(n.nspname) || '.' || quote_ident(c.relname) AS label
     FROM w, LATERAL (SELECT w.relid AS rel
                      UNION SELECT pt.relid FROM pg_partition_tree(w.relid) pt) r
@@ -52,14 +52,13 @@ SELECT
         AND w.judged_natts <> (SELECT c.relnatts FROM pg_class c WHERE c.oid = w.relid)
         AS columns_added,
     ARRAY(
-        SELECT s.label FROM statement_triggers s JOIN pg_class c ON c.oid = s.rel
-        WHERE NOT s.is_root AND s.present = 0 AND c.relkind <> 'f'
+        SELECT s.label FROM statement_triggers s
+        WHERE NOT s.is_root AND s.present = 0 AND s.relkind <> 'f'
         GROUP BY s.label ORDER BY 1) AS untriggered_partitions,
     -- Foreign tables can have no transition tables: an INSERT that the parent's capture
     -- trigger sees routed into one fails.
     ARRAY(
-        SELECT s.label FROM statement_triggers s JOIN pg_class c ON c.oid = s.rel
-        WHERE NOT s.is_root AND c.relkind = 'f' GROUP BY s.label ORDER BY 1) AS foreign_partitions,
+        SELECT r.label FROM rels r WHERE r.relkind = 'f' ORDER BY 1) AS foreign_partitions,
     ARRAY(
         SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname)
         FROM pg_partition_ancestors(w.relid) a

@@ -28,7 +28,7 @@ typedef struct {
     Py_ssize_t ncols;
     Py_ssize_t nwanted;
     int pair;
-    PyObject **names;    /* their names (str), owned */
+    PyObject **names;    /* the wanted columns' names (str), owned, in column order */
     char *wanted;        /* ncols flags: 1 for a wanted column */
 } Walker;
 

@@ -20,6 +20,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Self
 
@@ -104,6 +105,27 @@ def _pg_user() -> str | None:
 class Server:
     """Started on entering a `with`, stopped and removed on leaving it."""
 
+    port: int
+    started = False  # once: later starts are restarts, on the same port
+
+    def _start_on_a_free_port(self, start_once: Callable[[], None]) -> None:
+        """start_once(), moved to a new free port while its port is taken, on the first
+        start only."""
+        for attempt in range(PORT_ATTEMPTS):
+            try:
+                start_once()
+            except PortTaken:
+                if self.started or attempt == PORT_ATTEMPTS - 1:
+                    raise
+                self.port = free_port()
+                self._port_moved()
+            else:
+                self.started = True
+                return
+
+    def _port_moved(self) -> None:
+        """Tell the server's own configuration about a new self.port (if it has one)."""
+
     def start(self) -> None:
         raise NotImplementedError
 
@@ -128,7 +150,6 @@ class PostgresServer(Server):
         self.port = port
         self.bindir = bindir
         self.user = user
-        self.started = False  # once: later starts are restarts, on the same port
 
     @classmethod
     def create(
@@ -193,19 +214,12 @@ class PostgresServer(Server):
             raise ServerError(f"{' '.join(cmd[:2])} failed: {result.stderr.strip()[-2000:]}")
 
     def start(self) -> None:
-        for attempt in range(PORT_ATTEMPTS):
-            try:
-                self._start_once()
-            except PortTaken:
-                if self.started or attempt == PORT_ATTEMPTS - 1:
-                    raise
-                self.port = free_port()
-                # The last setting of a name in the file wins.
-                with (self.datadir / "postgresql.auto.conf").open("a") as f:
-                    f.write(f"port = {self.port}\n")
-            else:
-                self.started = True
-                return
+        self._start_on_a_free_port(self._start_once)
+
+    def _port_moved(self) -> None:
+        # The last setting of a name in the file wins.
+        with (self.datadir / "postgresql.auto.conf").open("a") as f:
+            f.write(f"port = {self.port}\n")
 
     def _start_once(self) -> None:
         logged = self.logfile.stat().st_size if self.logfile.exists() else 0
@@ -262,7 +276,6 @@ class RedisServer(Server):
         self.binary = binary
         self.args = args
         self.process: subprocess.Popen[bytes] | None = None
-        self.started = False  # once: later starts are restarts, on the same port
 
     @classmethod
     def create(cls, args: list[str] | None = None, port: int | None = None) -> Self:
@@ -285,16 +298,7 @@ class RedisServer(Server):
         return ["--port", str(self.port)]
 
     def start(self, timeout_s: float = 20.0) -> None:
-        for attempt in range(PORT_ATTEMPTS):
-            try:
-                self._start_once(timeout_s)
-            except PortTaken:
-                if self.started or attempt == PORT_ATTEMPTS - 1:
-                    raise
-                self.port = free_port()
-            else:
-                self.started = True
-                return
+        self._start_on_a_free_port(lambda: self._start_once(timeout_s))
 
     def _start_once(self, timeout_s: float) -> None:
         cmd = [
