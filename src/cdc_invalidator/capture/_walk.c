@@ -7,6 +7,9 @@
  *   walk: ({name: text or None}, end)
  *   pair: (old, new, end) for an UPDATE's old tuple at `pos`, then 'N' and the new one;
  *         new is old (one dict) when the wanted columns' bytes are the same.
+ * walker.collect(msg, pos, old, new, keyed) walks a whole streamed change instead and
+ * appends its wanted values column-wise, one list per column (capture/packs.py): a bulk
+ * statement's million changes without a dict or an event each.
  * Anything else, a message that ends early included, gives None: the general walk in
  * Python then decodes the message and names what is wrong. So every read here is
  * bounds-checked against the message's length, and nothing here raises but MemoryError.
@@ -231,6 +234,239 @@ done:
     return result;
 }
 
+/* The wanted columns' values (new references) into out[0..nwanted); 0 for a value that
+ * is not UTF-8 (nothing left to release), -1 for MemoryError. */
+static int
+decode_values(const Walker *w, const Raw *raw, PyObject **out)
+{
+    Py_ssize_t i;
+    for (i = 0; i < w->nwanted; i++) {
+        if (raw[i].at == NULL) {
+            out[i] = Py_NewRef(Py_None);
+            continue;
+        }
+        out[i] = PyUnicode_DecodeUTF8(raw[i].at, raw[i].len, NULL);
+        if (out[i] == NULL) {
+            while (i-- > 0) {
+                Py_DECREF(out[i]);
+            }
+            if (PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
+                PyErr_Clear();
+                return 0;
+            }
+            return -1;
+        }
+    }
+    return 1;
+}
+
+/* A side given to collect(): None, or a tuple of nwanted lists. */
+static int
+side_ok(const Walker *w, PyObject *side)
+{
+    Py_ssize_t i;
+    if (side == Py_None) {
+        return 1;
+    }
+    if (!PyTuple_CheckExact(side) || PyTuple_GET_SIZE(side) != w->nwanted) {
+        return 0;
+    }
+    for (i = 0; i < w->nwanted; i++) {
+        if (!PyList_CheckExact(PyTuple_GET_ITEM(side, i))) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* Append values[i] to the i-th list of `side`; on MemoryError, what was appended is taken
+ * back, so that the lists keep one length. */
+static int
+append_values(const Walker *w, PyObject *side, PyObject **values)
+{
+    Py_ssize_t i, j;
+    for (i = 0; i < w->nwanted; i++) {
+        if (PyList_Append(PyTuple_GET_ITEM(side, i), values[i]) < 0) {
+            for (j = 0; j < i; j++) {
+                PyObject *list = PyTuple_GET_ITEM(side, j);
+                Py_ssize_t n = PyList_GET_SIZE(list);
+                (void)PyList_SetSlice(list, n - 1, n, NULL);
+            }
+            return -1;
+        }
+    }
+    return 1;
+}
+
+static void
+release_values(const Walker *w, PyObject **values)
+{
+    Py_ssize_t i;
+    for (i = 0; i < w->nwanted; i++) {
+        Py_DECREF(values[i]);
+    }
+}
+
+/* walker.collect(msg, pos, old, new, keyed): a whole INSERT, UPDATE or DELETE message
+ * (its type byte msg[0]; `pos` the offset of its first tuple's tag) walked, and the
+ * wanted columns' values appended column-wise: to the lists of `old` (the old row) and of
+ * `new` (the new row), each a tuple of one list per wanted column, in column order.
+ * `keyed`: a 'K' (replica identity) old tuple holds every wanted column.
+ *
+ * Returns 0 when it does not take the message (as the walks above: anything not text or
+ * NULL in a wanted column, bytes not UTF-8, a tuple that is not the message's end, a
+ * side missing): then nothing was appended, and the caller decodes the message the
+ * general way. Else: 1 INSERT or DELETE, or an UPDATE whose wanted columns' bytes are the
+ * same in both tuples (the same str objects appended to both sides); 2 an UPDATE whose
+ * differ; 3 an UPDATE without an old tuple (its new values appended to both sides). */
+static PyObject *
+walker_collect(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Walker *w = (Walker *)self;
+    Py_ssize_t size, pos;
+    const unsigned char *msg;
+    PyObject *old_side, *new_side;
+    Raw small[2 * SMALL];
+    PyObject *small_values[2 * SMALL];
+    Raw *old_raw = small, *new_raw;
+    PyObject **old_values = small_values, **new_values;
+    int keyed, taken = 0, walked, decoded;
+    unsigned char kind, tag;
+
+    if (nargs != 5 || !PyBytes_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "collect takes (msg: bytes, pos: int, old, new, keyed: bool)");
+        return NULL;
+    }
+    pos = PyLong_AsSsize_t(args[1]);
+    if (pos == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    old_side = args[2];
+    new_side = args[3];
+    keyed = PyObject_IsTrue(args[4]);
+    if (keyed < 0) {
+        return NULL;
+    }
+    if (!side_ok(w, old_side) || !side_ok(w, new_side)) {
+        PyErr_SetString(PyExc_TypeError, "collect: old and new are None or a tuple of lists, "
+                                         "one per wanted column");
+        return NULL;
+    }
+    msg = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+    size = PyBytes_GET_SIZE(args[0]);
+    if (size < 1 || pos < 1 || pos >= size) {
+        return PyLong_FromLong(0);
+    }
+    if (w->nwanted > SMALL) {
+        old_raw = PyMem_New(Raw, 2 * w->nwanted);
+        old_values = PyMem_New(PyObject *, 2 * w->nwanted);
+        if (old_raw == NULL || old_values == NULL) {
+            PyMem_Free(old_raw);
+            PyMem_Free(old_values);
+            return PyErr_NoMemory();
+        }
+    }
+    new_raw = old_raw + w->nwanted;
+    new_values = old_values + w->nwanted;
+    kind = msg[0];
+    tag = msg[pos];
+
+    if (kind == 'I' || kind == 'D') {
+        /* one tuple: an INSERT's new ('N'), a DELETE's old ('O', or 'K' when keyed) */
+        PyObject *side = kind == 'I' ? new_side : old_side;
+        int tag_ok = kind == 'I' ? tag == 'N' : (tag == 'O' || (tag == 'K' && keyed));
+        if (side == Py_None || !tag_ok) {
+            goto done;
+        }
+        pos += 1;
+        if (!walk_tuple(w, msg, size, &pos, new_raw) || pos != size) {
+            goto done;
+        }
+        decoded = decode_values(w, new_raw, new_values);
+        if (decoded <= 0) {
+            taken = decoded;
+            goto done;
+        }
+        taken = append_values(w, side, new_values);
+        release_values(w, new_values);
+    }
+    else if (kind == 'U') {
+        int same = 1, no_old = (tag == 'N');
+        if (old_side == Py_None || new_side == Py_None) {
+            goto done;
+        }
+        if (!no_old) {
+            if (!(tag == 'O' || (tag == 'K' && keyed))) {
+                goto done;
+            }
+            pos += 1;
+            walked = walk_tuple(w, msg, size, &pos, old_raw);
+            if (!walked || pos >= size || msg[pos] != 'N') {
+                goto done;
+            }
+        }
+        pos += 1;
+        if (!walk_tuple(w, msg, size, &pos, new_raw) || pos != size) {
+            goto done;
+        }
+        if (!no_old) {
+            same = same_raw(old_raw, new_raw, w->nwanted);
+        }
+        decoded = decode_values(w, new_raw, new_values);
+        if (decoded <= 0) {
+            taken = decoded;
+            goto done;
+        }
+        if (!same) {
+            decoded = decode_values(w, old_raw, old_values);
+            if (decoded <= 0) {
+                release_values(w, new_values);
+                taken = decoded;
+                goto done;
+            }
+        }
+        taken = append_values(w, old_side, same ? new_values : old_values);
+        if (taken > 0) {
+            taken = append_values(w, new_side, new_values);
+            if (taken < 0) {
+                /* take the old side's values back too: both sides keep one length */
+                Py_ssize_t i;
+                for (i = 0; i < w->nwanted; i++) {
+                    PyObject *list = PyTuple_GET_ITEM(old_side, i);
+                    Py_ssize_t n = PyList_GET_SIZE(list);
+                    (void)PyList_SetSlice(list, n - 1, n, NULL);
+                }
+            }
+        }
+        release_values(w, new_values);
+        if (!same) {
+            release_values(w, old_values);
+        }
+        if (taken > 0) {
+            taken = no_old ? 3 : (same ? 1 : 2);
+        }
+    }
+
+done:
+    if (old_raw != small) {
+        PyMem_Free(old_raw);
+        PyMem_Free(old_values);
+    }
+    if (taken < 0) {
+        return NULL;
+    }
+    return PyLong_FromLong(taken);
+}
+
+static PyMethodDef walker_methods[] = {
+    {"collect", (PyCFunction)(void (*)(void))walker_collect, METH_FASTCALL,
+     PyDoc_STR("collect(msg, pos, old, new, keyed): a change message's wanted values "
+               "appended column-wise; 0 when not taken (nothing appended), 1 taken, "
+               "2 an UPDATE whose wanted values changed, 3 an UPDATE without old tuple")},
+    {NULL, NULL, 0, NULL},
+};
+
 static PyObject *
 walker_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
@@ -313,6 +549,7 @@ static PyTypeObject WalkerType = {
     .tp_new = walker_new,
     .tp_dealloc = (destructor)walker_dealloc,
     .tp_vectorcall_offset = offsetof(Walker, vectorcall),
+    .tp_methods = walker_methods,
     .tp_call = PyVectorcall_Call,
 };
 

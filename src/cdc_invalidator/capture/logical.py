@@ -45,6 +45,7 @@ from cdc_invalidator.capture.errors import (
 )
 from cdc_invalidator.capture.history_writer import HistoryWriter
 from cdc_invalidator.capture.holds import Hold, Holds
+from cdc_invalidator.capture.packs import Collector
 from cdc_invalidator.capture.pgoutput import (
     Begin,
     Commit,
@@ -59,7 +60,7 @@ from cdc_invalidator.capture.pgoutput import (
     Undecodable,
     unwrap_streamed,
 )
-from cdc_invalidator.capture.rows import encode_history
+from cdc_invalidator.capture.rows import encode_history, with_transaction
 from cdc_invalidator.capture.slot import SlotClass, SlotState
 from cdc_invalidator.capture.streamed import Chunk, Dead, Prefetch, StreamedTxn, pack
 from cdc_invalidator.capture.trigger_sql import require_installed
@@ -284,15 +285,6 @@ class _Delivery:
     history_started: bool = False
 
 
-def _with_transaction(history: str, transaction: tuple[int, int, int]) -> str:
-    """A chunk's history_v1 text with the transaction's (xid, commit LSN, commit time) on
-    its first event, as encode_history() puts them."""
-    items = json.loads(history)
-    if items:
-        items[0].append(list(transaction))
-    return json.dumps(items, separators=(",", ":"))
-
-
 # 2000-01-01 00:00:00 UTC, PostgreSQL's epoch, in Unix time.
 PG_EPOCH = 946_684_800.0
 
@@ -387,6 +379,7 @@ class LogicalStream:
         self._open: dict[int, StreamedTxn] = {}
         self._block: StreamedTxn | None = None
         self._chunk: list[ChangeEvent] = []
+        self._chunk_packs = Collector(self._decoder)  # the chunk's changes column-wise
         self._chunk_dead: list[Dead] = []
         self._chunk_subxid = 0
         self._delivery: _Delivery | None = None
@@ -652,6 +645,9 @@ class LogicalStream:
     def _in_block(self, msg: bytes) -> int:
         """A message inside a stream block: its change mapped into the open chunk (1),
         or the block's end (0)."""
+        packs = self._chunk_packs
+        if len(self._chunk) + packs.size < STREAM_CHUNK and packs.take(msg, self._chunk_subxid):
+            return 1  # (the common change, column-wise: capture/packs.py)
         try:
             xid, out = self._decoder.decode_streamed(msg)
         except InvalidEvent as exc:
@@ -664,7 +660,7 @@ class LogicalStream:
             return 0
         cls = out.__class__
         if cls is ChangeEvent:
-            if xid == self._chunk_subxid and len(self._chunk) < STREAM_CHUNK:
+            if xid == self._chunk_subxid and len(self._chunk) + packs.size < STREAM_CHUNK:
                 self._chunk.append(out)  # type: ignore[arg-type] # (checked: a ChangeEvent)
             else:
                 self._to_chunk(xid, cast(ChangeEvent, out))
@@ -680,7 +676,8 @@ class LogicalStream:
         raise ProtocolError(f"{cls.__name__} message inside a stream block")
 
     def _to_chunk(self, subxid: int, event: ChangeEvent | None, dead: Dead | None = None) -> None:
-        if subxid != self._chunk_subxid or len(self._chunk) >= STREAM_CHUNK:
+        full = len(self._chunk) + self._chunk_packs.size >= STREAM_CHUNK
+        if subxid != self._chunk_subxid or full:
             self._flush_chunk()
             self._chunk_subxid = subxid
         if event is not None:
@@ -691,14 +688,26 @@ class LogicalStream:
     def _flush_chunk(self) -> None:
         """Map the open chunk's changes to their keys, held by their transaction."""
         events, dead = self._chunk, self._chunk_dead
-        if (not events and not dead) or self._block is None:
+        packs = self._chunk_packs.drain() if self._chunk_packs.size else []
+        if (not events and not dead and not packs) or self._block is None:
             return
         self._chunk, self._chunk_dead = [], []
         mapper = cast(Mapper, self._config.mapper)  # set: streaming is on
         routed, failed = mapper.map_all(events)
-        changes = len(events) + len(dead)  # events, and changes that are none
+        changes = len(events) + len(dead) + sum(len(p) for p in packs)
+        for column_pack in packs:
+            if not mapper.map_pack(column_pack.as_pack(), routed):
+                # Not exactly renderable column-wise: change by change, which says which
+                # fails and why (a dead letter each).
+                more, more_failed = mapper.map_all(column_pack.events())
+                merge(routed, more)
+                failed += more_failed
         dead += [Dead(e.position, str(exc), e) for e, exc in failed]
-        history = encode_history(events) if self._config.history_s and events else None
+        history = (
+            encode_history(events, packs=packs)
+            if self._config.history_s and (events or packs)
+            else None
+        )
         block = self._block
         failed_before = block.spill_error
         block.add(Chunk(self._chunk_subxid, changes, pack(routed), dead, history))
@@ -738,7 +747,7 @@ class LogicalStream:
                 text = chunk.history
                 if not delivery.history_started:
                     # The transaction's first event carries its xid, commit LSN and time.
-                    text = _with_transaction(text, (txn.xid, commit.commit_lsn, commit.commit_time))
+                    text = with_transaction(text, (txn.xid, commit.commit_lsn, commit.commit_time))
                     delivery.history_started = True
                 batch.history.append(text)
         else:

@@ -21,16 +21,24 @@ import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 
 from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, Pack, Row, TableName
 
+if TYPE_CHECKING:
+    from cdc_invalidator.capture.packs import ColumnPack
+
 _OPS = {op.value: op for op in Op}
 # [schema, table, op, old, new], and on the first event of each transaction of a
 # batch a sixth: [xid, commit LSN, commit time] (`explain`; replay reads the five).
-_HISTORY_ITEM_LENGTHS = (5, 6)
+# A streamed transaction's changes gathered column-wise (capture/packs.py) are one item
+# of seven: [schema, table, op, old, new, transaction or null, count], old and new
+# objects of `count`-long arrays, one per key column (as a trigger pack's rows), new
+# null for an UPDATE whose key columns are the same in both.
+_HISTORY_ITEM_LENGTHS = (5, 6, 7)
+_HISTORY_PACK_LENGTH = 7
 _TRANSACTION_LENGTH = 3
 # A pack's element index takes the low bits of its position: a pack may hold this many.
 PACK_BITS = 20
@@ -95,13 +103,17 @@ _POSITION = attrgetter("position")
 
 
 def encode_history(
-    events: list[ChangeEvent], transactions: Sequence[tuple[int, int, int, int]] = ()
+    events: list[ChangeEvent],
+    transactions: Sequence[tuple[int, int, int, int]] = (),
+    packs: Sequence[ColumnPack] = (),
 ) -> str:
     """A batch's events as history_v1 stores them (key columns only, as decoded).
 
     `transactions`: (first position, xid, commit LSN, commit time) of each transaction
     the events belong to, in position order: the first event of each carries the other
-    three, and the events after it belong to it too (one small list per transaction)."""
+    three, and the events after it belong to it too (one small list per transaction).
+    `packs`: changes of the same transaction gathered column-wise, written after the
+    events as the events they stand for."""
     # Each event unpacked by the comprehension, not read field by field (a NamedTuple's
     # field is a Python-level descriptor): e.op, not e.op.value, since an Op is a str
     # ("U"), written as such by orjson and json alike (Enum's value property is a Python
@@ -117,7 +129,26 @@ def encode_history(
     for i, rest in marks.items():
         if i < len(items):
             items[i].append(rest)
+    for pack in packs:
+        schema, name = pack.relation.table
+        old = None if pack.old is None else dict(zip(pack.names, pack.old, strict=True))
+        new = None if pack.new is None else dict(zip(pack.names, pack.new, strict=True))
+        if pack.op is Op.UPDATE and not pack.differs:
+            new = None
+        items.append([schema, name, pack.op, old, new, None, len(pack)])
     return _dumps(items)
+
+
+def with_transaction(history: str, transaction: Transaction) -> str:
+    """encode_history's text with `transaction` (xid, commit LSN, commit time) on its
+    first item, as encode_history() puts a batch's."""
+    items = json.loads(history)
+    if items:
+        if len(items[0]) == _HISTORY_PACK_LENGTH:
+            items[0][5] = list(transaction)
+        else:
+            items[0].append(list(transaction))
+    return json.dumps(items, separators=(",", ":"))
 
 
 def _dumps(items: list[list[object]]) -> str:
@@ -195,7 +226,7 @@ class RowDecoder:
         # from the column arrays (_rows), no Python call per element.
         if old is not None and (new is None or new is old):
             # A DELETE, or an UPDATE that left the key columns alone: one row for both.
-            olds = _rows(old, size)
+            olds = column_rows(old, size)
             if new is None:
                 out.events += [
                     make(ChangeEvent, (name, kind, o, None, base - i)) for i, o in enumerate(olds)
@@ -205,14 +236,14 @@ class RowDecoder:
                     make(ChangeEvent, (name, kind, o, o, base - i)) for i, o in enumerate(olds)
                 ]
         elif new is not None and old is None:
-            news = _rows(new, size)
+            news = column_rows(new, size)
             out.events += [
                 make(ChangeEvent, (name, kind, None, n, base - i)) for i, n in enumerate(news)
             ]
         elif new is not None and old is not None:
             # Some rows' key columns changed: each element's old and new row, one row
             # for both where its values are the same (rendered once).
-            pairs = zip(_rows(old, size), _rows(new, size), strict=True)
+            pairs = zip(column_rows(old, size), column_rows(new, size), strict=True)
             out.events += [
                 make(ChangeEvent, (name, kind, o, o if o == n else n, base - i))
                 for i, (o, n) in enumerate(pairs)
@@ -308,15 +339,40 @@ class RowDecoder:
         for n, item in enumerate(items):
             try:
                 values = _history_item(item)
-                out.events.append(self.event(position, values[:5]))
+                if len(values) == _HISTORY_PACK_LENGTH:
+                    events = self._history_pack(position, values)
+                else:
+                    events = [self.event(position, values[:5])]
             except InvalidEvent as exc:
                 out.dead.append((position, f"event {n}: {exc}"))
                 continue
+            out.events += events
             if transactions is not None:
-                if len(values) > _HISTORY_ITEM_LENGTHS[0]:
+                if len(values) > _HISTORY_ITEM_LENGTHS[0] and values[5] is not None:
                     current = _transaction(values[5])
-                transactions.append(current)
+                transactions += [current] * len(events)
         return out
+
+    def _history_pack(self, position: int, values: list[object]) -> list[ChangeEvent]:
+        """A history item of changes gathered column-wise: their events, each with
+        `position`; InvalidEvent saying what is wrong with it."""
+        schema, table, op, old, new, _, count = values
+        if not isinstance(count, int) or count < 0:
+            raise InvalidEvent(f"count is {_kind(count)}, expected a number of changes")
+        kind = _OPS.get(op) if isinstance(op, str) else None
+        if kind is None or kind is Op.TRUNCATE:
+            raise InvalidEvent(f"unknown operation {op!r} for changes gathered column-wise")
+        olds = None if kind is Op.INSERT else column_rows(_columns_of(old, "old", count), count)
+        news = None
+        if kind is not Op.DELETE and (kind is Op.INSERT or new is not None):
+            news = column_rows(_columns_of(new, "new", count), count)
+        same = kind is Op.UPDATE and news is None
+        events = []
+        for i in range(count):
+            row_old = None if olds is None else olds[i]
+            row_new = None if news is None else news[i]
+            events.append(self.event(position, (schema, table, op, row_old, row_new), same=same))
+        return events
 
     def event(self, position: int, values: Sequence[object], *, same: bool = False) -> ChangeEvent:
         """One change from parsed (schema, table, op, old, new); InvalidEvent saying what
@@ -339,7 +395,11 @@ class RowDecoder:
 def _pack_columns(text: str | None, name: str, count: int) -> _Columns:
     """A pack's old_row or new_row: an object of `count`-long arrays, one per key column,
     as (labels, arrays); InvalidEvent saying what is wrong with it."""
-    value = _parse(text, name)
+    return _columns_of(_parse(text, name), name, count)
+
+
+def _columns_of(value: object, name: str, count: int) -> _Columns:
+    """_pack_columns() of a parsed value."""
     if not isinstance(value, dict):
         raise InvalidEvent(f"{name} is {_kind(value)}, expected a JSON object of arrays")
     labels = list(value)
@@ -354,7 +414,7 @@ def _pack_columns(text: str | None, name: str, count: int) -> _Columns:
     return labels, columns
 
 
-def _rows(columns: _Columns, count: int) -> list[Row]:
+def column_rows(columns: _Columns, count: int) -> list[Row]:
     """A pack's elements as rows, from its key columns (every array `count` long). A dict
     display in a comprehension for the usual one or two columns: several times faster
     than dict(zip()) per element, which the rest take."""
