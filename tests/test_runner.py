@@ -90,6 +90,7 @@ class FakeBatch:
     dead: dict[int, str] = field(default_factory=dict)
     oldest_s: float | None = None
     visible_at: float | None = None
+    confirm_later: bool = False  # (runner.Pipelined)
 
     @property
     def size(self) -> int:
@@ -120,6 +121,7 @@ class Arrives:
     # a later batch).
     oldest_s: float | None = None
     visible_at: float | None = None  # when its changes were visible (clock time)
+    confirm_later: bool = False  # a streamed transaction's share before its last
 
 
 @dataclass
@@ -181,7 +183,12 @@ class FakeSource:
                 if oldest_s is None:
                     oldest_s = max(item.ages_s, default=None)
                 self._pending = FakeBatch(
-                    item.ids, item.ages_s, clock.now, oldest_s=oldest_s, visible_at=item.visible_at
+                    item.ids,
+                    item.ages_s,
+                    clock.now,
+                    oldest_s=oldest_s,
+                    visible_at=item.visible_at,
+                    confirm_later=item.confirm_later,
                 )
             else:
                 self._pending = FakeBatch([], read_at=clock.now)
@@ -244,7 +251,7 @@ class FakeSink(RecordingSink):
         self.attempts = 0
         self.at: list[float] = []  # the clock at each of `deletes`
 
-    def delete_routed(self, works: Routed) -> int:
+    def delete_routed(self, works: Routed, later: bool = False) -> int:
         self.attempts += 1
         if self._on_delete is not None:
             self._on_delete()
@@ -253,7 +260,7 @@ class FakeSink(RecordingSink):
             raise failure
         deleted = super().delete_routed(works)
         self.at.append(self._world.clock.now)
-        self._world.log.append(("delete", self.deletes[-1]))
+        self._world.log.append(("delete later" if later else "delete", self.deletes[-1]))
         return deleted
 
 
@@ -545,6 +552,39 @@ def test_a_batch_is_acknowledged_only_after_redis_confirmed(world: World) -> Non
         ("delete", keys(1, 2)),
         ("ack", [1, 2]),
     ]
+
+
+def test_a_share_confirmed_later_is_confirmed_before_any_other_batch_acknowledges(
+    world: World,
+) -> None:
+    """A streamed transaction's shares before its last leave Redis's confirmation to the
+    next delete; the last share confirms it before it acknowledges the commit, even when
+    it holds no change of its own (the shares ended exactly at a batch's limit)."""
+    source = FakeSource(
+        world,
+        [
+            Arrives([1, 2], confirm_later=True),
+            Arrives([3], confirm_later=True),
+            Arrives([]),  # the last share: nothing left, only the commit to acknowledge
+            Arrives([4]),
+        ],
+    )
+    sink = FakeSink(world)
+    make_runner(world, source, sink).run()
+    handled = [e[:2] for e in world.log if e[0] in ("batch", "delete", "delete later", "ack")]
+    assert handled[:9] == [
+        ("batch", [1, 2]),
+        ("delete later", keys(1, 2)),
+        ("ack", [1, 2]),
+        ("batch", [3]),
+        ("delete later", keys(3)),
+        ("ack", [3]),
+        ("batch", []),
+        ("delete", []),  # what the shares before left to confirm: before the ack
+        ("ack", []),
+    ]
+    assert ("delete", keys(4)) in handled
+    assert handled.count(("delete", [])) == 1  # confirmed once, not on every batch after
 
 
 def test_lag_and_behind_come_from_the_batch_ages(world: World) -> None:

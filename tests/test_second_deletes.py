@@ -16,7 +16,7 @@ class Recorder:
     def __init__(self) -> None:
         self.calls: list[Routed] = []
 
-    def delete_routed(self, works: Routed) -> int:
+    def delete_routed(self, works: Routed, later: bool = False) -> int:
         self.calls.append(works)
         return sum(len(work.keys) for work in works.values())
 

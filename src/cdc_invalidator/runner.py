@@ -22,7 +22,7 @@ import structlog
 from cdc_invalidator.backoff import Backoff
 from cdc_invalidator.capture.errors import Fatal, Standby
 from cdc_invalidator.capture.holds import Hold
-from cdc_invalidator.events import ChangeEvent, Origin, TableName
+from cdc_invalidator.events import ChangeEvent, InvalidEvent, Origin, TableName
 from cdc_invalidator.mapping import Invalidation, Mapper, Routed
 from cdc_invalidator.mapping.mapper import merge
 from cdc_invalidator.metrics import Metrics
@@ -120,6 +120,18 @@ class Premapped(Protocol):
     def premapped(self) -> Routed: ...
 
 
+class Pipelined(Protocol):
+    """A batch whose acknowledgement records nothing a lost delete would make wrong:
+    logical mode's share of a streamed transaction before its last (the slot is told
+    its commit only with the last, and a restart sends all of it again). Its deletes may
+    be confirmed with the next batch's (Sink.delete_routed `later`), so that Redis works
+    on them while the loop prepares that one. Told apart by the attribute
+    (confirm_later_of), as Premapped batches are."""
+
+    @property
+    def confirm_later(self) -> bool: ...
+
+
 class Early(Protocol):
     """A batch of changes deleted ahead of the batch that acknowledges them (trigger
     mode's NOTIFY payloads: capture/early.py), which the source hands out next. It
@@ -183,6 +195,12 @@ def premapped_of(batch: Batch) -> Routed | None:
     """The keys a Premapped batch carries, None from any other batch."""
     premapped: Routed | None = getattr(batch, "premapped", None)
     return premapped
+
+
+def confirm_later_of(batch: Batch) -> bool:
+    """Whether the batch's deletes may be confirmed with the next batch's (Pipelined)."""
+    later: bool = getattr(batch, "confirm_later", False)
+    return later
 
 
 def split_sweeps(works: Routed) -> tuple[Routed, Routed]:
@@ -275,6 +293,8 @@ class Runner:
         self._tap = tap
         # Second deletes (second_delete_ms), due after each batch's first.
         self._later = SecondDeletes(sink, config.second_delete_s, self._deleted_again)
+        # A Pipelined batch's deletes were sent, their confirmation left to the next.
+        self._deletes_owed = False
         self.metrics = metrics or Metrics()
         # Sweeps behind the loop, on a thread with a Redis connection of its own (a sink
         # of its own: `sweep_sink`, closed with it; without one, through `sink`, which
@@ -437,6 +457,12 @@ class Runner:
 
     def _process_batch_in_hand(self, source: Source) -> int:
         with source.batch(self._config.batch_size) as batch:
+            later = confirm_later_of(batch)
+            if self._deletes_owed and not later:
+                # Deletes of the shares before, which Redis may not have confirmed yet:
+                # confirmed before this batch acknowledges, whatever it holds.
+                self._sink.delete_routed({})
+                self._deletes_owed = False
             if not batch.size:
                 if not batch.ages_s:
                     self.behind_s = 0.0  # caught up
@@ -446,13 +472,12 @@ class Runner:
             if early := early_of(batch):
                 self._delete_early(batch, early)
                 return batch.size
-            works, failed = self._mapper.map_all(batch.events)
-            if premapped := premapped_of(batch):
-                merge(works, premapped)
+            works, failed = self._map(batch)
             for event, exc in failed:
                 batch.dead_letter(event.position, str(exc))
             keys, sweeps = split_sweeps(works)
-            deleted = self._sink.delete_routed(keys)
+            self._deletes_owed = later
+            deleted = self._sink.delete_routed(keys, later=later)
             # The sweep goes behind the loop; the batch is acknowledged once it is done.
             hold = batch.hold() if sweeps else None
         if hold is not None:
@@ -476,6 +501,17 @@ class Runner:
             existed=deleted,
         )
         return batch.size
+
+    def _map(self, batch: Batch) -> tuple[Routed, list[tuple[ChangeEvent, InvalidEvent]]]:
+        """The batch's keys and patterns, with what its source rendered already; the
+        events that could not be mapped."""
+        premapped = premapped_of(batch)
+        if premapped and not batch.events:
+            return premapped, []  # (its own: a share's 10,000 keys are not copied)
+        works, failed = self._mapper.map_all(batch.events)
+        if premapped:
+            merge(works, premapped)
+        return works, failed
 
     def _delete_early(self, batch: Batch, early: Early) -> None:
         """An Early batch's keys, deleted (and due again as second deletes); counted only

@@ -14,7 +14,7 @@ class RecordingSink:
     def __init__(self) -> None:
         self.deletes: list[list[str]] = []
 
-    def delete_routed(self, works: Routed) -> int:
+    def delete_routed(self, works: Routed, later: bool = False) -> int:
         keys = sorted(k for work in works.values() for k in work.keys)
         self.deletes.append(keys)
         return len(keys)

@@ -124,6 +124,9 @@ class LogicalBatch:
     premapped: Routed = field(default_factory=dict)
     history: list[str] = field(default_factory=list)  # their history_v1 texts, if kept
     held: Hold | None = None  # hold(): acknowledged once its sweep is done
+    # A share of a streamed transaction before its last: its acknowledgement tells the
+    # slot nothing, so its deletes may be confirmed with the next share's (runner.Pipelined).
+    confirm_later: bool = False
 
     def dead_letter(self, position: int, error: str) -> None:
         self.dead[position] = error
@@ -753,6 +756,7 @@ class LogicalStream:
         else:
             self._more = True
             batch.visible_at = self._visible_at(batch.transactions) or delivery.visible_at
+            batch.confirm_later = True  # (the last share confirms them all, then acknowledges)
             return batch
         self._delivery = None
         delivery.chunks.close()

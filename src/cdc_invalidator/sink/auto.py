@@ -86,8 +86,8 @@ class AutoSink:
             )
         return self._sink
 
-    def delete_routed(self, works: Routed) -> int:
-        return self.sink.delete_routed(works)
+    def delete_routed(self, works: Routed, later: bool = False) -> int:
+        return self.sink.delete_routed(works, later)
 
     def sweep_routed(self, works: Routed, stopped: Callable[[], bool] | None = None) -> int:
         return self.sink.sweep_routed(works, stopped)

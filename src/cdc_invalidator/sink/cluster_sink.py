@@ -65,8 +65,9 @@ class ClusterSink:
     def client(self) -> RedisCluster:
         return self._client
 
-    def delete_routed(self, works: Routed) -> int:
-        """delete() of every share; a cluster has only database 0 (redis_db)."""
+    def delete_routed(self, works: Routed, later: bool = False) -> int:
+        """delete() of every share; a cluster has only database 0 (redis_db). Confirmed
+        at once, `later` or not: the nodes' replies are read as they come (per node)."""
         _only_db0(works)
         return sum(self.delete(work) for work in works.values() if work)
 

@@ -64,10 +64,16 @@ class Sink(Protocol):
     """What the runner, replay and `check` need from Redis (RedisSink, ClusterSink,
     AutoSink). Every method raises what Redis raises (REDIS_UNAVAILABLE: retry later)."""
 
-    def delete_routed(self, works: Routed) -> int:
+    def delete_routed(self, works: Routed, later: bool = False) -> int:
         """Delete each Redis database's keys and sweep its patterns; how many keys
         existed. Returns only once Redis confirmed all of it: the caller acknowledges
-        after."""
+        after.
+
+        `later`: for a batch whose acknowledgement records nothing (a streamed
+        transaction's share before its last): Redis may confirm its deletes with the
+        next call's, which waits for both, so that Redis deletes one share while the
+        loop prepares the next. Those deletes are sent again if their confirmation is
+        lost with a connection, and the count returned is of what was confirmed."""
         ...
 
     def identity(self) -> str:

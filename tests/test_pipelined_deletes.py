@@ -1,0 +1,96 @@
+"""Deletes whose confirmation Redis may give with the next call's (Sink.delete_routed
+`later`: a streamed transaction's shares before its last), against a real Redis: read
+by the next call, sent again when their connection dies first, and confirmed in every
+logical database before a call that confirms returns. The runner's side (the last share
+confirms before it acknowledges) is in test_runner; a streamed statement end to end in
+test_bulk_logical."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from cdc_invalidator.mapping import Invalidation
+from cdc_invalidator.sink import RedisSink
+from tests.support.evidence import unavailable
+from tests.support.servers import RedisServer, ServerError
+
+pytestmark = pytest.mark.servers
+
+
+@pytest.fixture(scope="module")
+def own_redis() -> Iterator[RedisServer]:
+    """A Redis of this module's own: paused and its clients killed by the tests."""
+    try:
+        server = RedisServer.create()
+    except ServerError as exc:
+        unavailable(f"no Redis: {exc}")
+    with server:
+        yield server
+
+
+@pytest.fixture
+def rd(own_redis: RedisServer) -> Iterator[redis.Redis]:
+    client = own_redis.client()
+    client.flushall()
+    yield client
+    client.execute_command("CLIENT", "UNPAUSE")
+    client.flushall()
+    client.close()
+
+
+def cached(client: redis.Redis, prefix: str, n: int = 1200) -> set[str]:
+    keys = {f"{prefix}:{i}" for i in range(n)}
+    client.mset(dict.fromkeys(keys, "v"))
+    return keys
+
+
+def test_deletes_confirmed_later_are_confirmed_by_the_next_call(rd: redis.Redis) -> None:
+    sink = RedisSink(rd, unlink_chunk=500)
+    first, second, third = cached(rd, "a"), cached(rd, "b"), cached(rd, "c")
+    # Sent, not waited for: the count comes with the call that reads the replies.
+    assert sink.delete_routed({None: Invalidation(first)}, later=True) == 0
+    assert sink.delete_routed({None: Invalidation(second)}, later=True) == len(first)
+    assert sink.delete_routed({None: Invalidation(third)}) == len(second) + len(third)
+    assert rd.dbsize() == 0
+    # Nothing is left owed: the next call reads only its own replies.
+    again = cached(rd, "d", 10)
+    assert sink.delete_routed({None: Invalidation(again)}) == len(again)
+
+
+def test_deletes_owed_on_a_connection_that_died_are_sent_again(
+    rd: redis.Redis, own_redis: RedisServer
+) -> None:
+    """Redis never ran them (paused, then the connection killed with them in its
+    buffer): the next call sends them again before its own."""
+    sink = RedisSink(rd, unlink_chunk=500)
+    owed, after = cached(rd, "a"), cached(rd, "b")
+    admin = own_redis.client()
+    admin.execute_command("CLIENT", "PAUSE", 10_000, "WRITE")
+    assert sink.delete_routed({None: Invalidation(owed)}, later=True) == 0
+    killed = admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+    assert killed >= 1
+    admin.execute_command("CLIENT", "UNPAUSE")
+    assert rd.exists(*owed) == len(owed), "the UNLINKs died with their connection"
+    # The dead connection fails on its first use; the retry sends both.
+    assert sink.delete_routed({None: Invalidation(after)}) == len(owed) + len(after)
+    assert rd.dbsize() == 0
+    admin.close()
+
+
+def test_a_call_that_confirms_reads_every_database_owed(
+    rd: redis.Redis, own_redis: RedisServer
+) -> None:
+    sink = RedisSink(rd, unlink_chunk=500)
+    other = own_redis.client(db=3)
+    other.flushdb()
+    there = cached(other, "t")
+    here = cached(rd, "h", 10)
+    assert sink.delete_routed({3: Invalidation(there)}, later=True) == 0
+    # The last share has keys of database 0 only: database 3's owed are read all the same.
+    assert sink.delete_routed({None: Invalidation(here)}) == len(here) + len(there)
+    assert other.dbsize() == 0
+    assert sink.delete_routed({}) == 0  # (the runner's call to confirm: nothing left)
+    other.close()
