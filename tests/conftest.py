@@ -108,6 +108,18 @@ def own_servers() -> Iterator[Servers]:
         yield servers
 
 
+@pytest.fixture(scope="module")
+def own_redis() -> Iterator[RedisServer]:
+    """A Redis of the module's own: its keyspace, pauses and clients are the module's
+    tests' to fill, flush and kill."""
+    try:
+        server = RedisServer.create()
+    except ServerError as exc:
+        unavailable(f"no Redis: {exc}")
+    with server:
+        yield server
+
+
 @pytest.fixture(params=["trigger", "logical"])
 def capture(request: pytest.FixtureRequest) -> str:
     """The capture mode: a module whose behaviour both modes share uses

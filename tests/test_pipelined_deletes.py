@@ -14,21 +14,9 @@ import redis
 
 from cdc_invalidator.mapping import Invalidation
 from cdc_invalidator.sink import RedisSink
-from tests.support.evidence import unavailable
-from tests.support.servers import RedisServer, ServerError
+from tests.support.servers import RedisServer
 
 pytestmark = pytest.mark.servers
-
-
-@pytest.fixture(scope="module")
-def own_redis() -> Iterator[RedisServer]:
-    """A Redis of this module's own: paused and its clients killed by the tests."""
-    try:
-        server = RedisServer.create()
-    except ServerError as exc:
-        unavailable(f"no Redis: {exc}")
-    with server:
-        yield server
 
 
 @pytest.fixture

@@ -118,17 +118,6 @@ TRICKY_PATTERNS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def own_redis() -> Iterator[RedisServer]:
-    """A Redis of this module's own: its keyspace is the test's to fill and flush."""
-    try:
-        server = RedisServer.create()
-    except ServerError as exc:
-        unavailable(f"no Redis: {exc}")
-    with server:
-        yield server
-
-
 @pytest.fixture
 def rd(own_redis: RedisServer) -> Iterator[redis.Redis]:
     client = own_redis.client()
