@@ -31,6 +31,7 @@ from tests.support.evidence import unavailable
 from tests.test_pgoutput import (
     CHANGE_SCENARIOS,
     HAND,
+    HAND_RELID,
     SCENARIOS,
     columns,
     hand_change,
@@ -66,7 +67,8 @@ class Twins:
         self.plain = make()
         self.gathering._on_missing_old = self._teller(0)
         self.plain._on_missing_old = self._teller(1)
-        self.collector = Collector(self.gathering)
+        self.collector = Collector(self.gathering, 10**6)
+        self.collector.subxid = XID
         self.events: list[object] = []  # what the gathering side decoded itself
         self.expected: list[object] = []
         self.taken = 0
@@ -83,24 +85,21 @@ class Twins:
             self.gathering.decode(msg)
             self.plain.decode(msg)
             return
-        before = self._lengths()
         position = self.gathering.position
-        if self.collector.take(msg, XID):
+        if self.collector.take(msg):
             self.taken += 1
             assert self.gathering.position == position + 1
         else:
-            assert self._lengths() == before, "a change not taken left nothing behind"
             assert self.gathering.position == position
             self.events.append(_outcome(self.gathering, msg))
         self.expected.append(_outcome(self.plain, msg))
 
-    def _lengths(self) -> list[list[int]]:
-        packs = self.collector._done + list(self.collector._open.values())
-        return [[len(c) for c in (p.old or ()) + (p.new or ())] + [len(p)] for p in packs if len(p)]
-
     def got(self) -> list[object]:
         """Every change's outcome in position order: the packs' events and the rest."""
-        packed: list[object] = [e for p in self.collector.drain() for e in p.events()]
+        packs = self.collector.drain()
+        for pack in packs:  # a change not taken left nothing behind in any column
+            assert all(len(c) == len(pack) for c in (pack.old or ()) + (pack.new or ()))
+        packed: list[object] = [e for p in packs for e in p.events()]
         decoded = [e for e in self.events if isinstance(e, ChangeEvent)]
         failed = [e for e in self.events if not isinstance(e, ChangeEvent)]
         ordered = sorted(packed + decoded, key=lambda e: e.position)  # type: ignore[attr-defined]
@@ -202,34 +201,57 @@ def test_hand_built_changes_cut_and_flipped_byte_by_byte_gather_as_the_decoder_d
     assert checked > 1_000
 
 
+def collector_of(decoder: Decoder, limit: int = 10**6) -> Collector:
+    collector = Collector(decoder, limit)
+    collector.subxid = XID
+    return collector
+
+
 def test_changes_of_other_subtransactions_and_filtered_relations_are_left_to_the_decoder() -> None:
     insert = streamed_layout(HAND_CHANGES[0], XID)
     decoder = Decoder(by_name(columns({HAND: ["id"]})))
     decoder.decode(hand_relation())
-    collector = Collector(decoder)
-    assert not collector.take(insert, XID + 1)  # the open chunk is another (sub)transaction's
-    assert collector.take(insert, XID)
+    collector = collector_of(decoder)
+    # The open chunk is another (sub)transaction's.
+    assert not collector.take(streamed_layout(HAND_CHANGES[0], XID + 1))
+    assert collector.take(insert)
     judged = Decoder(
         by_name(columns({HAND: ["id"]}), filters={HAND: ColumnFilter(Judge.IGNORE, ("body",), ())})
     )
     judged.decode(hand_relation())
-    assert not Collector(judged).take(insert, XID)  # a column filter judges its UPDATEs
-    assert not Collector(Decoder(by_name(columns({})))).take(insert, XID)  # never described
+    assert not collector_of(judged).take(insert)  # a column filter judges its UPDATEs
+    assert not collector_of(Decoder(by_name(columns({})))).take(insert)  # never described
+    assert not collector.take(b"B" + insert[1:])  # not a change
+
+
+def test_a_chunk_takes_up_to_its_limit_then_again_after_a_drain() -> None:
+    decoder = Decoder(by_name(columns({HAND: ["id"]})))
+    decoder.decode(hand_relation())
+    collector = collector_of(decoder, limit=3)
+    insert = streamed_layout(HAND_CHANGES[0], XID)
+    assert [collector.take(insert) for _ in range(4)] == [True, True, True, False]
+    assert collector.size == 3
+    [pack] = collector.drain()
+    assert pack.positions == [1, 2, 3]
+    assert collector.size == 0
+    assert collector.take(insert)
+    assert [p.positions for p in collector.drain()] == [[4]]
 
 
 def test_a_relation_described_again_mid_chunk_starts_a_new_pack() -> None:
     decoder = Decoder(by_name(columns({HAND: ["name", "id"]})))
-    collector = Collector(decoder)
+    collector = collector_of(decoder)
     decoder.decode(hand_relation())
-    assert collector.take(streamed_layout(HAND_CHANGES[0], XID), XID)
+    assert collector.take(streamed_layout(HAND_CHANGES[0], XID))
     # The same relation now has its columns in another order: (id, name, body).
     cols = b"".join(
         b"\x01" + n + b"\x00" + struct.pack("!Ii", 25, -1) for n in (b"id", b"name", b"body")
     )
     relid = struct.unpack_from("!I", HAND_CHANGES[0], 1)[0]
+    collector.close_open()  # (as the stream does on a Relation message inside a block)
     decoder.decode(b"R" + struct.pack("!I", relid) + b"public\x00hand\x00f\x00\x03" + cols)
     assert collector.take(
-        streamed_layout(hand_change(b"I", (b"N", tuple_data(b"8", b"Bo", None))), XID), XID
+        streamed_layout(hand_change(b"I", (b"N", tuple_data(b"8", b"Bo", None))), XID)
     )
     packs = collector.drain()
     assert [e.new for p in packs for e in p.events()] == [
@@ -245,9 +267,9 @@ MAPPER = Mapper({HAND: [KeyTemplate.parse("hand:{id}"), KeyTemplate.parse("by-na
 def gathered(*msgs: bytes, identity: bytes = b"f") -> list[ColumnPack]:
     decoder = Decoder(by_name(columns({HAND: ["name", "id"]})))
     decoder.decode(hand_relation(identity))
-    collector = Collector(decoder)
+    collector = collector_of(decoder)
     for msg in msgs:
-        assert collector.take(streamed_layout(msg, XID), XID), msg
+        assert collector.take(streamed_layout(msg, XID)), msg
     return collector.drain()
 
 
@@ -332,3 +354,50 @@ def test_a_collect_call_that_does_not_fit_is_a_type_error() -> None:
     assert walker.collect(msg, 10**6, None, new, False) == 0
     assert walker.collect(msg, -1, None, new, False) == 0
     assert walker.collect(b"", 9, None, new, False) == 0
+
+
+def test_a_gatherer_refuses_what_does_not_fit() -> None:
+    from cdc_invalidator.capture._walk import Gatherer, Walker  # noqa: PLC0415 - built or not
+
+    insert = streamed_layout(HAND_CHANGES[0], XID)
+    with pytest.raises(TypeError, match="start must be callable"):
+        Gatherer(None, object(), 5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="take"):
+        Gatherer(lambda _m: None, object(), 5).take(bytearray(insert))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="returns None or"):
+        Gatherer(lambda _m: (1, 2), object(), 5).take(insert)
+    walker = Walker(3, ((1, "id"),))
+    with pytest.raises(TypeError, match="one per wanted column"):
+        Gatherer(lambda _m: (0, walker, None, ([], []), [], True), object(), 5).take(insert)
+    with pytest.raises(AttributeError, match="position"):
+        Gatherer(lambda _m: (0, walker, None, ([],), [], True), object(), 5).take(insert)
+    assert not Gatherer(lambda _m: None, object(), 5).take(insert)  # start() said no
+
+
+def test_changes_of_two_relations_interleaved_go_to_their_own_packs() -> None:
+    other_relid, other = HAND_RELID + 1, TableName("public", "other")
+    relation = hand_relation()
+    second = b"R" + struct.pack("!I", other_relid) + b"public\x00other\x00" + relation[17:]
+    decoder = Decoder(by_name(columns({HAND: ["id"], other: ["id"]})))
+    decoder.decode(relation)
+    decoder.decode(second)
+    collector = collector_of(decoder)
+    hand = streamed_layout(hand_change(b"I", (b"N", tuple_data(b"Ann", b"1", None))), XID)
+    theirs = streamed_layout(
+        b"I" + struct.pack("!I", other_relid) + b"N" + tuple_data(b"Bo", b"2", None), XID
+    )
+    for msg in (hand, theirs, hand, theirs, theirs, hand):
+        assert collector.take(msg)
+    got = {
+        (e.table.name, e.new["id"] if e.new else None, e.position)
+        for p in collector.drain()
+        for e in p.events()
+    }
+    assert got == {
+        ("hand", "1", 1),
+        ("other", "2", 2),
+        ("hand", "1", 3),
+        ("other", "2", 4),
+        ("other", "2", 5),
+        ("hand", "1", 6),
+    }

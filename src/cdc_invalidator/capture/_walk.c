@@ -9,7 +9,8 @@
  *         new is old (one dict) when the wanted columns' bytes are the same.
  * walker.collect(msg, pos, old, new, keyed) walks a whole streamed change instead and
  * appends its wanted values column-wise, one list per column (capture/packs.py): a bulk
- * statement's million changes without a dict or an event each.
+ * statement's million changes without a dict or an event each. A Gatherer runs that for
+ * each message of a stream block, the per-message loop of capture/packs.py.
  * Anything else, a message that ends early included, gives None: the general walk in
  * Python then decodes the message and names what is wrong. So every read here is
  * bounds-checked against the message's length, and nothing here raises but MemoryError.
@@ -307,7 +308,8 @@ release_values(const Walker *w, PyObject **values)
     }
 }
 
-/* walker.collect(msg, pos, old, new, keyed): a whole INSERT, UPDATE or DELETE message
+/* collect_into(w, msg, size, pos, old, new, keyed), as walker.collect(msg, pos, old, new,
+ * keyed): a whole INSERT, UPDATE or DELETE message
  * (its type byte msg[0]; `pos` the offset of its first tuple's tag) walked, and the
  * wanted columns' values appended column-wise: to the lists of `old` (the old row) and of
  * `new` (the new row), each a tuple of one list per wanted column, in column order.
@@ -319,44 +321,19 @@ release_values(const Walker *w, PyObject **values)
  * general way. Else: 1 INSERT or DELETE, or an UPDATE whose wanted columns' bytes are the
  * same in both tuples (the same str objects appended to both sides); 2 an UPDATE whose
  * differ; 3 an UPDATE without an old tuple (its new values appended to both sides). */
-static PyObject *
-walker_collect(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+static int
+collect_into(const Walker *w, const unsigned char *msg, Py_ssize_t size, Py_ssize_t pos,
+             PyObject *old_side, PyObject *new_side, int keyed)
 {
-    Walker *w = (Walker *)self;
-    Py_ssize_t size, pos;
-    const unsigned char *msg;
-    PyObject *old_side, *new_side;
     Raw small[2 * SMALL];
     PyObject *small_values[2 * SMALL];
     Raw *old_raw = small, *new_raw;
     PyObject **old_values = small_values, **new_values;
-    int keyed, taken = 0, walked, decoded;
+    int taken = 0, walked, decoded;
     unsigned char kind, tag;
 
-    if (nargs != 5 || !PyBytes_Check(args[0])) {
-        PyErr_SetString(PyExc_TypeError,
-                        "collect takes (msg: bytes, pos: int, old, new, keyed: bool)");
-        return NULL;
-    }
-    pos = PyLong_AsSsize_t(args[1]);
-    if (pos == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    old_side = args[2];
-    new_side = args[3];
-    keyed = PyObject_IsTrue(args[4]);
-    if (keyed < 0) {
-        return NULL;
-    }
-    if (!side_ok(w, old_side) || !side_ok(w, new_side)) {
-        PyErr_SetString(PyExc_TypeError, "collect: old and new are None or a tuple of lists, "
-                                         "one per wanted column");
-        return NULL;
-    }
-    msg = (const unsigned char *)PyBytes_AS_STRING(args[0]);
-    size = PyBytes_GET_SIZE(args[0]);
     if (size < 1 || pos < 1 || pos >= size) {
-        return PyLong_FromLong(0);
+        return 0;
     }
     if (w->nwanted > SMALL) {
         old_raw = PyMem_New(Raw, 2 * w->nwanted);
@@ -364,7 +341,8 @@ walker_collect(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         if (old_raw == NULL || old_values == NULL) {
             PyMem_Free(old_raw);
             PyMem_Free(old_values);
-            return PyErr_NoMemory();
+            PyErr_NoMemory();
+            return -1;
         }
     }
     new_raw = old_raw + w->nwanted;
@@ -453,6 +431,38 @@ done:
         PyMem_Free(old_raw);
         PyMem_Free(old_values);
     }
+    return taken;
+}
+
+/* walker.collect(msg, pos, old, new, keyed): a whole INSERT, UPDATE or DELETE message
+ * (see collect_into above), for the tests and for one message at a time. */
+static PyObject *
+walker_collect(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Walker *w = (Walker *)self;
+    Py_ssize_t pos;
+    int keyed, taken;
+
+    if (nargs != 5 || !PyBytes_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "collect takes (msg: bytes, pos: int, old, new, keyed: bool)");
+        return NULL;
+    }
+    pos = PyLong_AsSsize_t(args[1]);
+    if (pos == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    keyed = PyObject_IsTrue(args[4]);
+    if (keyed < 0) {
+        return NULL;
+    }
+    if (!side_ok(w, args[2]) || !side_ok(w, args[3])) {
+        PyErr_SetString(PyExc_TypeError, "collect: old and new are None or a tuple of lists, "
+                                         "one per wanted column");
+        return NULL;
+    }
+    taken = collect_into(w, (const unsigned char *)PyBytes_AS_STRING(args[0]),
+                         PyBytes_GET_SIZE(args[0]), pos, args[2], args[3], keyed);
     if (taken < 0) {
         return NULL;
     }
@@ -553,6 +563,313 @@ static PyTypeObject WalkerType = {
     .tp_call = PyVectorcall_Call,
 };
 
+/* A Gatherer: the streamed changes of one chunk that collect_into() takes, gathered
+ * into packs, one per (kind, subtransaction, relation): the per-message loop of
+ * capture/packs.py in C. Called as gatherer.take(msg) for each message of a stream block:
+ * True when taken. For a message whose 9-byte head (type, xid, relation OID) it has not
+ * met, it asks start(msg), which returns None (never take such messages) or the pack's
+ * parts: (pack, walker, old, new, positions, keyed); collect_into() then appends to old
+ * and new, and the change's position (the decoder's `position` plus one, written back)
+ * to positions. drain() hands back each pack with what collect_into() said of its rows,
+ * (pack, changed, without_old), and forgets them all. */
+
+#define HEAD 9 /* type byte, xid, relation OID */
+
+typedef struct {
+    unsigned char head[HEAD];
+    PyObject *pack;      /* NULL: messages with this head are not taken */
+    Walker *walker;
+    PyObject *old, *new, *positions;
+    int keyed, changed, without_old;
+} Entry;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *start;   /* start(msg) -> parts or None */
+    PyObject *decoder; /* its `position` numbers the changes */
+    Entry *entries;
+    Py_ssize_t count, room, last;
+    Py_ssize_t size;   /* changes taken since drain() */
+    Py_ssize_t limit;  /* taken at most, until drain() */
+} Gatherer;
+
+static PyObject *position_name; /* "position", interned */
+
+static void
+entry_clear(Entry *e)
+{
+    Py_CLEAR(e->pack);
+    Py_CLEAR(e->walker);
+    Py_CLEAR(e->old);
+    Py_CLEAR(e->new);
+    Py_CLEAR(e->positions);
+}
+
+/* The entry for the message's head: found, or made from start(msg); NULL with an error
+ * set on failure. */
+static Entry *
+gatherer_entry(Gatherer *g, PyObject *msg, const unsigned char *head)
+{
+    Py_ssize_t i;
+    PyObject *parts;
+    Entry *e;
+    if (g->last >= 0 && memcmp(g->entries[g->last].head, head, HEAD) == 0) {
+        return &g->entries[g->last];
+    }
+    for (i = 0; i < g->count; i++) {
+        if (memcmp(g->entries[i].head, head, HEAD) == 0) {
+            g->last = i;
+            return &g->entries[i];
+        }
+    }
+    parts = PyObject_CallOneArg(g->start, msg);
+    if (parts == NULL) {
+        return NULL;
+    }
+    if (parts != Py_None
+        && (!PyTuple_CheckExact(parts) || PyTuple_GET_SIZE(parts) != 6
+            || !PyObject_TypeCheck(PyTuple_GET_ITEM(parts, 1), &WalkerType)
+            || !PyList_CheckExact(PyTuple_GET_ITEM(parts, 4)))) {
+        Py_DECREF(parts);
+        PyErr_SetString(PyExc_TypeError,
+                        "start() returns None or (pack, walker, old, new, positions, keyed)");
+        return NULL;
+    }
+    if (parts != Py_None) {
+        Walker *w = (Walker *)PyTuple_GET_ITEM(parts, 1);
+        if (!side_ok(w, PyTuple_GET_ITEM(parts, 2)) || !side_ok(w, PyTuple_GET_ITEM(parts, 3))) {
+            Py_DECREF(parts);
+            PyErr_SetString(PyExc_TypeError, "start(): old and new are None or a tuple of "
+                                             "lists, one per wanted column");
+            return NULL;
+        }
+    }
+    if (g->count == g->room) {
+        Py_ssize_t room = g->room ? 2 * g->room : 4;
+        Entry *grown = PyMem_Resize(g->entries, Entry, room);
+        if (grown == NULL) {
+            Py_DECREF(parts);
+            PyErr_NoMemory();
+            return NULL;
+        }
+        g->entries = grown;
+        g->room = room;
+    }
+    e = &g->entries[g->count];
+    memset(e, 0, sizeof(*e));
+    memcpy(e->head, head, HEAD);
+    if (parts != Py_None) {
+        int keyed = PyObject_IsTrue(PyTuple_GET_ITEM(parts, 5));
+        if (keyed < 0) {
+            Py_DECREF(parts);
+            return NULL;
+        }
+        e->pack = Py_NewRef(PyTuple_GET_ITEM(parts, 0));
+        e->walker = (Walker *)Py_NewRef(PyTuple_GET_ITEM(parts, 1));
+        e->old = Py_NewRef(PyTuple_GET_ITEM(parts, 2));
+        e->new = Py_NewRef(PyTuple_GET_ITEM(parts, 3));
+        e->positions = Py_NewRef(PyTuple_GET_ITEM(parts, 4));
+        e->keyed = keyed;
+    }
+    Py_DECREF(parts);
+    g->last = g->count++;
+    return e;
+}
+
+static PyObject *
+gatherer_take(PyObject *self, PyObject *msg)
+{
+    Gatherer *g = (Gatherer *)self;
+    const unsigned char *bytes;
+    Py_ssize_t size;
+    PyObject *position, *next;
+    long long number;
+    Entry *e;
+    int taken;
+
+    if (!PyBytes_Check(msg)) {
+        PyErr_SetString(PyExc_TypeError, "take(msg: bytes)");
+        return NULL;
+    }
+    bytes = (const unsigned char *)PyBytes_AS_STRING(msg);
+    size = PyBytes_GET_SIZE(msg);
+    if (size <= HEAD || g->size >= g->limit
+        || !(bytes[0] == 'I' || bytes[0] == 'U' || bytes[0] == 'D')) {
+        Py_RETURN_FALSE;
+    }
+    e = gatherer_entry(g, msg, bytes);
+    if (e == NULL) {
+        return NULL;
+    }
+    if (e->pack == NULL) {
+        Py_RETURN_FALSE;
+    }
+    taken = collect_into(e->walker, bytes, size, HEAD, e->old, e->new, e->keyed);
+    if (taken < 0) {
+        return NULL;
+    }
+    if (taken == 0) {
+        Py_RETURN_FALSE;
+    }
+    /* Numbered as the decoder numbers the changes it decodes itself. */
+    position = PyObject_GetAttr(g->decoder, position_name);
+    if (position == NULL) {
+        return NULL;
+    }
+    number = PyLong_AsLongLong(position);
+    Py_DECREF(position);
+    if (number == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    next = PyLong_FromLongLong(number + 1);
+    if (next == NULL) {
+        return NULL;
+    }
+    if (PyObject_SetAttr(g->decoder, position_name, next) < 0
+        || PyList_Append(e->positions, next) < 0) {
+        Py_DECREF(next);
+        return NULL;
+    }
+    Py_DECREF(next);
+    g->size++;
+    if (taken == 2) {
+        e->changed = 1;
+    }
+    else if (taken == 3) {
+        e->without_old = 1;
+    }
+    Py_RETURN_TRUE;
+}
+
+static PyObject *
+gatherer_drain(PyObject *self, PyObject *Py_UNUSED(ignored))
+{
+    Gatherer *g = (Gatherer *)self;
+    Py_ssize_t i;
+    PyObject *out = PyList_New(0);
+    if (out == NULL) {
+        return NULL;
+    }
+    for (i = 0; i < g->count; i++) {
+        Entry *e = &g->entries[i];
+        if (e->pack != NULL) {
+            PyObject *item = Py_BuildValue("(OOO)", e->pack, e->changed ? Py_True : Py_False,
+                                           e->without_old ? Py_True : Py_False);
+            if (item == NULL || PyList_Append(out, item) < 0) {
+                Py_XDECREF(item);
+                Py_DECREF(out);
+                return NULL;
+            }
+            Py_DECREF(item);
+        }
+    }
+    for (i = 0; i < g->count; i++) {
+        entry_clear(&g->entries[i]);
+    }
+    g->count = 0;
+    g->last = -1;
+    g->size = 0;
+    return out;
+}
+
+static PyObject *
+gatherer_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *keywords[] = {"start", "decoder", "limit", NULL};
+    PyObject *start, *decoder;
+    Py_ssize_t limit;
+    Gatherer *g;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOn", keywords, &start, &decoder, &limit)) {
+        return NULL;
+    }
+    if (!PyCallable_Check(start)) {
+        PyErr_SetString(PyExc_TypeError, "start must be callable");
+        return NULL;
+    }
+    g = (Gatherer *)type->tp_alloc(type, 0);
+    if (g == NULL) {
+        return NULL;
+    }
+    g->start = Py_NewRef(start);
+    g->decoder = Py_NewRef(decoder);
+    g->limit = limit;
+    g->last = -1;
+    return (PyObject *)g;
+}
+
+static int
+gatherer_traverse(Gatherer *g, visitproc visit, void *arg)
+{
+    Py_ssize_t i;
+    Py_VISIT(g->start);
+    Py_VISIT(g->decoder);
+    for (i = 0; i < g->count; i++) {
+        Py_VISIT(g->entries[i].pack);
+        Py_VISIT(g->entries[i].walker);
+        Py_VISIT(g->entries[i].old);
+        Py_VISIT(g->entries[i].new);
+        Py_VISIT(g->entries[i].positions);
+    }
+    return 0;
+}
+
+static int
+gatherer_clear(Gatherer *g)
+{
+    Py_ssize_t i;
+    Py_CLEAR(g->start);
+    Py_CLEAR(g->decoder);
+    for (i = 0; i < g->count; i++) {
+        entry_clear(&g->entries[i]);
+    }
+    g->count = 0;
+    g->last = -1;
+    return 0;
+}
+
+static void
+gatherer_dealloc(Gatherer *g)
+{
+    PyObject_GC_UnTrack(g);
+    gatherer_clear(g);
+    PyMem_Free(g->entries);
+    Py_TYPE(g)->tp_free((PyObject *)g);
+}
+
+static PyObject *
+gatherer_get_size(Gatherer *g, void *Py_UNUSED(closure))
+{
+    return PyLong_FromSsize_t(g->size);
+}
+
+static PyMethodDef gatherer_methods[] = {
+    {"take", (PyCFunction)gatherer_take, METH_O,
+     PyDoc_STR("take(msg): whether the streamed change was gathered into a pack")},
+    {"drain", (PyCFunction)gatherer_drain, METH_NOARGS,
+     PyDoc_STR("drain(): [(pack, changed, without_old)] of the packs, all forgotten")},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef gatherer_getset[] = {
+    {"size", (getter)gatherer_get_size, NULL, PyDoc_STR("changes taken since drain()"), NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject GathererType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "cdc_invalidator.capture._walk.Gatherer",
+    .tp_doc = PyDoc_STR("Gatherer(start, decoder, limit): a chunk's streamed changes "
+                        "gathered into packs (capture/packs.py)"),
+    .tp_basicsize = sizeof(Gatherer),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = gatherer_new,
+    .tp_dealloc = (destructor)gatherer_dealloc,
+    .tp_traverse = (traverseproc)gatherer_traverse,
+    .tp_clear = (inquiry)gatherer_clear,
+    .tp_methods = gatherer_methods,
+    .tp_getset = gatherer_getset,
+};
+
 static struct PyModuleDef walk_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "cdc_invalidator.capture._walk",
@@ -564,14 +881,19 @@ PyMODINIT_FUNC
 PyInit__walk(void)
 {
     PyObject *module;
-    if (PyType_Ready(&WalkerType) < 0) {
+    if (PyType_Ready(&WalkerType) < 0 || PyType_Ready(&GathererType) < 0) {
+        return NULL;
+    }
+    position_name = PyUnicode_InternFromString("position");
+    if (position_name == NULL) {
         return NULL;
     }
     module = PyModule_Create(&walk_module);
     if (module == NULL) {
         return NULL;
     }
-    if (PyModule_AddObjectRef(module, "Walker", (PyObject *)&WalkerType) < 0) {
+    if (PyModule_AddObjectRef(module, "Walker", (PyObject *)&WalkerType) < 0
+        || PyModule_AddObjectRef(module, "Gatherer", (PyObject *)&GathererType) < 0) {
         Py_DECREF(module);
         return NULL;
     }

@@ -1,4 +1,6 @@
 # capture/_walk.c: the compiled tuple walks of capture/pgoutput.py.
+from collections.abc import Callable
+
 class Walker:
     def __init__(
         self, ncols: int, wanted: tuple[tuple[int, str], ...], pair: bool = False
@@ -18,3 +20,19 @@ class Walker:
         keyed: bool,
         /,
     ) -> int: ...
+
+# A chunk's streamed changes gathered into packs (capture/packs.py's Collector): take(msg)
+# asks start(msg) about each new message head (type, xid, relation OID), which returns
+# None or (pack, walker, old, new, positions, keyed); drain() hands back
+# [(pack, changed, without_old)] and forgets them.
+class Gatherer:
+    def __init__(
+        self,
+        start: Callable[[bytes], tuple[object, ...] | None],
+        decoder: object,
+        limit: int,
+    ) -> None: ...
+    def take(self, msg: bytes, /) -> bool: ...
+    def drain(self) -> list[tuple[object, bool, bool]]: ...
+    @property
+    def size(self) -> int: ...

@@ -382,9 +382,8 @@ class LogicalStream:
         self._open: dict[int, StreamedTxn] = {}
         self._block: StreamedTxn | None = None
         self._chunk: list[ChangeEvent] = []
-        self._chunk_packs = Collector(self._decoder)  # the chunk's changes column-wise
+        self._chunk_packs = Collector(self._decoder, STREAM_CHUNK)  # the chunk's, column-wise
         self._chunk_dead: list[Dead] = []
-        self._chunk_subxid = 0
         self._delivery: _Delivery | None = None
         # (xid, commit LSN, commit time) of an open one
         self._in_txn: tuple[int, int, int] | None = None
@@ -529,6 +528,7 @@ class LogicalStream:
         txn_from = 0  # the batch's size when the open transaction began
         self._more = False
         read = self._stream.read
+        gather = self._chunk_packs.take  # (C: the common streamed change, column-wise)
         while size + streamed < limit:
             msg = read() or self._rest_of_transaction()
             if msg is None:
@@ -537,7 +537,7 @@ class LogicalStream:
                 self._keepalive(msg, batch)
                 continue
             if self._block is not None:
-                streamed += self._in_block(msg)
+                streamed += 1 if gather(msg) else self._in_block(msg)
                 continue
             try:
                 out = decode(msg)
@@ -599,7 +599,7 @@ class LogicalStream:
                 )
                 log.debug("transaction_streaming", xid=start.xid)
             self._block = txn
-            self._chunk_subxid = start.xid
+            self._chunk_packs.subxid = start.xid
             return False
         if cls is StreamCommit:
             commit = cast(StreamCommit, out)
@@ -649,8 +649,8 @@ class LogicalStream:
         """A message inside a stream block: its change mapped into the open chunk (1),
         or the block's end (0)."""
         packs = self._chunk_packs
-        if len(self._chunk) + packs.size < STREAM_CHUNK and packs.take(msg, self._chunk_subxid):
-            return 1  # (the common change, column-wise: capture/packs.py)
+        if msg[:1] == b"R":
+            packs.close_open()  # (the relation's columns may differ from here on)
         try:
             xid, out = self._decoder.decode_streamed(msg)
         except InvalidEvent as exc:
@@ -663,7 +663,7 @@ class LogicalStream:
             return 0
         cls = out.__class__
         if cls is ChangeEvent:
-            if xid == self._chunk_subxid and len(self._chunk) + packs.size < STREAM_CHUNK:
+            if xid == self._chunk_packs.subxid and len(self._chunk) + packs.size < STREAM_CHUNK:
                 self._chunk.append(out)  # type: ignore[arg-type] # (checked: a ChangeEvent)
             else:
                 self._to_chunk(xid, cast(ChangeEvent, out))
@@ -680,9 +680,9 @@ class LogicalStream:
 
     def _to_chunk(self, subxid: int, event: ChangeEvent | None, dead: Dead | None = None) -> None:
         full = len(self._chunk) + self._chunk_packs.size >= STREAM_CHUNK
-        if subxid != self._chunk_subxid or full:
+        if subxid != self._chunk_packs.subxid or full:
             self._flush_chunk()
-            self._chunk_subxid = subxid
+            self._chunk_packs.subxid = subxid
         if event is not None:
             self._chunk.append(event)
         if dead is not None:
@@ -691,7 +691,7 @@ class LogicalStream:
     def _flush_chunk(self) -> None:
         """Map the open chunk's changes to their keys, held by their transaction."""
         events, dead = self._chunk, self._chunk_dead
-        packs = self._chunk_packs.drain() if self._chunk_packs.size else []
+        packs = self._chunk_packs.drain()  # (always: what it knew of the relations too)
         if (not events and not dead and not packs) or self._block is None:
             return
         self._chunk, self._chunk_dead = [], []
@@ -713,7 +713,7 @@ class LogicalStream:
         )
         block = self._block
         failed_before = block.spill_error
-        block.add(Chunk(self._chunk_subxid, changes, pack(routed), dead, history))
+        block.add(Chunk(self._chunk_packs.subxid, changes, pack(routed), dead, history))
         if block.spill_error is not None and failed_before is None:
             log.warning(
                 "streamed_transaction_kept_in_memory",

@@ -17,18 +17,23 @@ events (events()), which map_all() maps or dead-letters one by one.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from cdc_invalidator.capture.rows import column_rows
 from cdc_invalidator.events import ChangeEvent, Op, Pack
 
+try:  # capture/_walk.c, where it was built (capture/pgoutput.py says the same of the walks)
+    from cdc_invalidator.capture._walk import Gatherer
+except ImportError:  # pragma: no cover - then the Decoder decodes every change
+    Gatherer = None  # type: ignore[assignment,misc]
+
 if TYPE_CHECKING:
-    from cdc_invalidator.capture.pgoutput import Collect, Decoder, Relation
+    from cdc_invalidator.capture.pgoutput import Decoder, Relation
 
 # A streamed change: type byte, (sub)transaction xid, relation OID, then its tuples.
 _XID_RELID = struct.Struct("!II")
-_TUPLES_AT = 9  # the first tuple's tag, after the type byte, xid and relation OID
 _OPS = {0x49: Op.INSERT, 0x55: Op.UPDATE, 0x44: Op.DELETE}  # 'I', 'U', 'D'
 
 Side = tuple[list[object], ...]  # one list per wanted column, in column order
@@ -44,8 +49,6 @@ class ColumnPack:
     names: tuple[str, ...]  # the wanted columns, as the lists are ordered
     old: Side | None
     new: Side | None
-    collect: Collect
-    keyed: bool  # a 'K' old tuple holds every wanted column
     positions: list[int] = field(default_factory=list)
     differs: bool = False  # an UPDATE whose wanted values changed in some row
 
@@ -79,66 +82,68 @@ class ColumnPack:
 
 
 class Collector:
-    """The open chunk's changes that Walker.collect takes, a ColumnPack per relation
-    and kind. `decoder` numbers them (its position) and warns of old values not sent."""
+    """The open chunk's changes that the C walks take, a ColumnPack per kind,
+    (sub)transaction and relation: the per-message loop is C's (_walk.c's Gatherer, which
+    asks _start() about each new message head and appends with Walker.collect's walk).
+    `decoder` numbers the changes (its position) and warns of old values not sent.
+    Without the C walks nothing is taken: the Decoder decodes every change.
 
-    def __init__(self, decoder: Decoder) -> None:
+    take(msg) says whether a streamed change was taken; `subxid` is the open chunk's
+    (sub)transaction, whose changes alone are taken; `limit` how many until drain()."""
+
+    def __init__(self, decoder: Decoder, limit: int) -> None:
         self._decoder = decoder
         self._relations = decoder.relations
-        self._open: dict[tuple[int, int], ColumnPack] = {}
         self._done: list[ColumnPack] = []
-        self.size = 0  # changes taken since drain()
-
-    def take(self, msg: bytes, subxid: int) -> bool:
-        """Whether the streamed change `msg` of (sub)transaction `subxid` was taken."""
-        kind = msg[0] if msg else 0
-        if kind not in _OPS or len(msg) < _TUPLES_AT + 1:
-            return False
-        xid, relid = _XID_RELID.unpack_from(msg, 1)
-        if xid != subxid:
-            return False
-        relation = self._relations.get(relid)
-        pack = self._open.get((relid, kind))
-        if pack is None or pack.relation is not relation:
-            if relation is None or relation.collect is None:
-                return False
-            pack = self._start(relation, relid, kind)
-        taken = pack.collect(msg, _TUPLES_AT, pack.old, pack.new, pack.keyed)
-        if not taken:
-            return False
-        decoder = self._decoder
-        decoder.position += 1
-        pack.positions.append(decoder.position)
-        self.size += 1
-        if taken == 2:  # noqa: PLR2004 - Walker.collect's "values changed"
-            pack.differs = True
-        elif taken == 3:  # noqa: PLR2004 - Walker.collect's "no old tuple"
-            decoder.missing_old(pack.relation)
-        return True
-
-    def _start(self, relation: Relation, relid: int, kind: int) -> ColumnPack:
-        """A new pack for `relation`'s changes of `kind` (a Relation message since the
-        last one closes it: its columns may differ)."""
-        replaced = self._open.pop((relid, kind), None)
-        if replaced is not None:
-            self._done.append(replaced)
-        op = _OPS[kind]
-        names = tuple(relation.wanted_at[i] for i in sorted(relation.wanted_at))
-        width = len(names)
-        pack = ColumnPack(
-            relation,
-            op,
-            names,
-            None if op is Op.INSERT else tuple([] for _ in range(width)),
-            None if op is Op.DELETE else tuple([] for _ in range(width)),
-            relation.collect,  # type: ignore[arg-type] # (checked by the caller)
-            not relation.not_in_key,
+        self.subxid = 0
+        self._gatherer = None if Gatherer is None else Gatherer(self._start, decoder, limit)
+        self.take: Callable[[bytes], bool] = (
+            _take_nothing if self._gatherer is None else self._gatherer.take
         )
-        self._open[relid, kind] = pack
-        return pack
+
+    @property
+    def size(self) -> int:
+        """Changes taken since the last drain()."""
+        return 0 if self._gatherer is None else self._gatherer.size
+
+    def _start(self, msg: bytes) -> tuple[object, ...] | None:
+        """The parts of a pack for the changes whose head `msg` has (type, xid, relation
+        OID), or None: not taken (another (sub)transaction's, a relation not described,
+        without the C walk or whose UPDATEs a column filter judges)."""
+        xid, relid = _XID_RELID.unpack_from(msg, 1)
+        relation = self._relations.get(relid)
+        if xid != self.subxid or relation is None or relation.collect is None:
+            return None
+        op = _OPS[msg[0]]
+        names = tuple(relation.wanted_at[i] for i in sorted(relation.wanted_at))
+        old: Side | None = None if op is Op.INSERT else tuple([] for _ in names)
+        new: Side | None = None if op is Op.DELETE else tuple([] for _ in names)
+        pack = ColumnPack(relation, op, names, old, new)
+        return pack, relation.fast, old, new, pack.positions, not relation.not_in_key
+
+    def close_open(self) -> None:
+        """A Relation message inside the block: the packs so far are closed (the
+        relation's columns may differ from here on)."""
+        self._done += self._drained()
 
     def drain(self) -> list[ColumnPack]:
         """The packs gathered since the last drain, and a fresh start."""
-        packs = self._done + list(self._open.values())
-        self._done, self._open, self.size = [], {}, 0
+        packs = self._done + self._drained()
+        self._done = []
         return [p for p in packs if len(p)]
+
+    def _drained(self) -> list[ColumnPack]:
+        if self._gatherer is None:
+            return []
+        packs = []
+        for made, changed, without_old in self._gatherer.drain():
+            pack = cast(ColumnPack, made)  # (made by _start)
+            pack.differs = changed
+            if without_old:
+                self._decoder.missing_old(pack.relation)
+            packs.append(pack)
+        return packs
+
+
+def _take_nothing(_msg: bytes) -> bool:
+    return False
