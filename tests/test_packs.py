@@ -401,3 +401,69 @@ def test_changes_of_two_relations_interleaved_go_to_their_own_packs() -> None:
         ("other", "2", 5),
         ("hand", "1", 6),
     }
+
+
+def test_a_change_whose_numbering_fails_leaves_nothing_behind() -> None:
+    """The decoder's position is read before anything is appended: a position that is no
+    integer raises, and the pack keeps one length in every list."""
+    decoder = Decoder(by_name(columns({HAND: ["id"]})))
+    decoder.decode(hand_relation())
+    collector = collector_of(decoder)
+    insert = streamed_layout(HAND_CHANGES[0], XID)
+    assert collector.take(insert)
+    decoder.position = 1.5  # type: ignore[assignment]
+    with pytest.raises(TypeError):
+        collector.take(insert)
+    decoder.position = 1
+    assert collector.take(insert)
+    [pack] = collector.drain()
+    assert pack.positions == [1, 2]
+    assert pack.new == (["7", "7"],)
+
+
+class Reentering:
+    """A decoder whose position, when read, takes another message first (a Python hook
+    run from inside take()): the C must not hold on to its entries across it."""
+
+    def __init__(self, inner: Decoder, msgs: list[bytes]) -> None:
+        self.inner = inner
+        self.msgs = msgs
+        self.collector: Collector | None = None
+        self.relations = inner.relations
+
+    @property
+    def position(self) -> int:
+        if self.msgs and self.collector is not None:
+            self.collector.take(self.msgs.pop())
+        return self.inner.position
+
+    @position.setter
+    def position(self, value: int) -> None:
+        self.inner.position = value
+
+    def missing_old(self, relation: Relation) -> None:
+        self.inner.missing_old(relation)
+
+
+def test_a_take_re_entered_from_python_code_it_calls_is_safe() -> None:
+    decoder = Decoder(by_name(columns({HAND: ["id"], TableName("public", "other"): ["id"]})))
+    decoder.decode(hand_relation())
+    relids = [HAND_RELID + n for n in range(1, 9)]  # enough new heads to move the entries
+    for relid in relids:
+        decoder.decode(
+            b"R" + struct.pack("!I", relid) + b"public\x00other\x00" + hand_relation()[17:]
+        )
+    others = [
+        streamed_layout(b"I" + struct.pack("!I", r) + b"N" + tuple_data(b"Bo", b"2", None), XID)
+        for r in relids
+    ]
+    reentering = Reentering(decoder, others)
+    collector = Collector(reentering, 10**6)  # type: ignore[arg-type]
+    collector.subxid = XID
+    reentering.collector = collector
+    insert = streamed_layout(HAND_CHANGES[0], XID)
+    assert collector.take(insert)
+    packs = collector.drain()
+    for pack in packs:
+        assert all(len(c) == len(pack) for c in (pack.old or ()) + (pack.new or ()))
+    assert sum(len(p) for p in packs) == 1 + len(relids)

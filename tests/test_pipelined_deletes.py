@@ -82,3 +82,24 @@ def test_a_call_that_confirms_reads_every_database_owed(
     assert other.dbsize() == 0
     assert sink.delete_routed({}) == 0  # (the runner's call to confirm: nothing left)
     other.close()
+
+
+def test_a_health_check_due_while_replies_are_owed_does_not_read_one_as_its_pong(
+    own_redis: RedisServer,
+) -> None:
+    """A redis_url with health_check_interval has redis-py PING an idle connection before
+    its next send: with UNLINK replies owed on it, the PING's answer would be one of them
+    (and every reply after it one off). The check waits until nothing is owed."""
+    client = own_redis.client(health_check_interval=3600)
+    client.flushall()
+    sink = RedisSink(client, unlink_chunk=500)
+    owed, after = cached(client, "a"), cached(client, "b", 700)
+    assert sink.delete_routed({None: Invalidation(owed)}, later=True) == 0
+    conn = sink._kept.get()
+    assert conn is not None
+    conn.next_health_check = -1  # idle past the interval: a check is due
+    assert sink.delete_routed({None: Invalidation(after)}) == len(owed) + len(after)
+    again = cached(client, "c", 3)
+    assert sink.delete_routed({None: Invalidation(again)}) == len(again)  # in step
+    assert client.dbsize() == 0
+    client.close()

@@ -587,6 +587,56 @@ def test_a_share_confirmed_later_is_confirmed_before_any_other_batch_acknowledge
     assert handled.count(("delete", [])) == 1  # confirmed once, not on every batch after
 
 
+class OwingSink(FakeSink):
+    """Counts as a RedisSink does with `later`: a share's keys are counted by the call
+    that reads their replies."""
+
+    owed = 0
+
+    def delete_routed(self, works: Routed, later: bool = False) -> int:
+        existed = super().delete_routed(works, later)
+        if later:
+            self.owed += existed
+            return 0
+        existed, self.owed = existed + self.owed, 0
+        return existed
+
+
+def test_the_keys_of_shares_confirmed_later_count_as_keys_deleted(world: World) -> None:
+    script: list[Arrives | BaseException] = [
+        Arrives([1, 2], confirm_later=True),
+        Arrives([3], confirm_later=True),
+        Arrives([]),
+    ]
+    runner = make_runner(world, FakeSource(world, script), OwingSink(world))
+    runner.run()
+    assert runner.keys_deleted == 3
+
+
+def test_shares_confirmed_later_are_confirmed_before_second_deletes_run(world: World) -> None:
+    """A second delete's reply must be its own: what the shares before it owe is read
+    first (and counted as first deletes)."""
+    script: list[Arrives | BaseException] = [
+        Arrives([1], visible_at=T0),
+        Arrives([2, 3], at=T0 + 0.1, confirm_later=True),
+        Arrives([4], at=T0 + 0.1, confirm_later=True),
+        Arrives([], at=T0 + 0.1),
+    ]
+
+    def slow_redis() -> None:
+        world.clock.advance(0.15)  # key 1's second delete falls due between the shares
+
+    sink = OwingSink(world, on_delete=slow_redis)
+    runner = make_runner(world, FakeSource(world, script), sink, second_delete_s=0.3)
+    runner.run()
+    deletes = [e[:2] for e in world.log if e[0] in ("delete", "delete later")]
+    # The second delete of key 1 came due while the shares were handed out.
+    again = deletes.index(("delete", keys(1)), 1)
+    assert ("delete", []) in deletes[:again], "the owed replies read before it"
+    assert runner.keys_deleted == 4
+    assert runner.keys_deleted_again == 4  # (each key once more: the shares at the stop)
+
+
 def test_lag_and_behind_come_from_the_batch_ages(world: World) -> None:
     """ages_s are as of read_at: the runner adds the time since (here a slow delete)."""
 

@@ -10,6 +10,7 @@ its sweep is done.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -376,6 +377,9 @@ class Runner:
             finally:
                 self._set_active(False)
                 source.close()
+        with contextlib.suppress(*REDIS_UNAVAILABLE):
+            # (nothing acknowledged waits for them: read so that they count as deletes)
+            self._confirm_owed()
         self._later.run(until=float("inf"))
         if self._tap is not None:
             self._tap.close()
@@ -420,6 +424,8 @@ class Runner:
                         self.redis.up()  # it answered (or did, less than a check ago)
                 redis_back = False
                 deleting = True
+                if (due := self._later.next_due) is not None and due <= started:
+                    self._confirm_owed()  # (second deletes' replies must be theirs alone)
                 self._later.run(until=started)
                 taken = self._process_batch(source)
             except REDIS_UNAVAILABLE as exc:
@@ -458,11 +464,10 @@ class Runner:
     def _process_batch_in_hand(self, source: Source) -> int:
         with source.batch(self._config.batch_size) as batch:
             later = confirm_later_of(batch)
-            if self._deletes_owed and not later:
+            if not later:
                 # Deletes of the shares before, which Redis may not have confirmed yet:
                 # confirmed before this batch acknowledges, whatever it holds.
-                self._sink.delete_routed({})
-                self._deletes_owed = False
+                self._confirm_owed()
             if not batch.size:
                 if not batch.ages_s:
                     self.behind_s = 0.0  # caught up
@@ -501,6 +506,16 @@ class Runner:
             existed=deleted,
         )
         return batch.size
+
+    def _confirm_owed(self) -> None:
+        """Wait for Redis to confirm the deletes of Pipelined batches before (counted as
+        keys deleted, as theirs)."""
+        if not self._deletes_owed:
+            return
+        existed = self._sink.delete_routed({})
+        self._deletes_owed = False
+        self._keys_deleted += existed
+        self.metrics.keys_deleted.inc(existed)
 
     def _map(self, batch: Batch) -> tuple[Routed, list[tuple[ChangeEvent, InvalidEvent]]]:
         """The batch's keys and patterns, with what its source rendered already; the

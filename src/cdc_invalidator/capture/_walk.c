@@ -605,26 +605,28 @@ entry_clear(Entry *e)
     Py_CLEAR(e->positions);
 }
 
-/* The entry for the message's head: found, or made from start(msg); NULL with an error
- * set on failure. */
-static Entry *
+/* The index of the entry for the message's head: found, or made from start(msg); -1
+ * with an error set on failure. (An index, not a pointer: Python code called from here
+ * may take() again and move the entries.) */
+static Py_ssize_t
 gatherer_entry(Gatherer *g, PyObject *msg, const unsigned char *head)
 {
     Py_ssize_t i;
     PyObject *parts;
     Entry *e;
+    int keyed = 0;
     if (g->last >= 0 && memcmp(g->entries[g->last].head, head, HEAD) == 0) {
-        return &g->entries[g->last];
+        return g->last;
     }
     for (i = 0; i < g->count; i++) {
         if (memcmp(g->entries[i].head, head, HEAD) == 0) {
             g->last = i;
-            return &g->entries[i];
+            return i;
         }
     }
     parts = PyObject_CallOneArg(g->start, msg);
     if (parts == NULL) {
-        return NULL;
+        return -1;
     }
     if (parts != Py_None
         && (!PyTuple_CheckExact(parts) || PyTuple_GET_SIZE(parts) != 6
@@ -633,7 +635,7 @@ gatherer_entry(Gatherer *g, PyObject *msg, const unsigned char *head)
         Py_DECREF(parts);
         PyErr_SetString(PyExc_TypeError,
                         "start() returns None or (pack, walker, old, new, positions, keyed)");
-        return NULL;
+        return -1;
     }
     if (parts != Py_None) {
         Walker *w = (Walker *)PyTuple_GET_ITEM(parts, 1);
@@ -641,7 +643,20 @@ gatherer_entry(Gatherer *g, PyObject *msg, const unsigned char *head)
             Py_DECREF(parts);
             PyErr_SetString(PyExc_TypeError, "start(): old and new are None or a tuple of "
                                              "lists, one per wanted column");
-            return NULL;
+            return -1;
+        }
+        keyed = PyObject_IsTrue(PyTuple_GET_ITEM(parts, 5));
+        if (keyed < 0) {
+            Py_DECREF(parts);
+            return -1;
+        }
+    }
+    /* No Python code runs from here on: the entry is made in place. */
+    for (i = 0; i < g->count; i++) {
+        if (memcmp(g->entries[i].head, head, HEAD) == 0) {
+            /* start() took a message of this head itself (re-entered): keep the first */
+            Py_DECREF(parts);
+            return i;
         }
     }
     if (g->count == g->room) {
@@ -650,7 +665,7 @@ gatherer_entry(Gatherer *g, PyObject *msg, const unsigned char *head)
         if (grown == NULL) {
             Py_DECREF(parts);
             PyErr_NoMemory();
-            return NULL;
+            return -1;
         }
         g->entries = grown;
         g->room = room;
@@ -659,11 +674,6 @@ gatherer_entry(Gatherer *g, PyObject *msg, const unsigned char *head)
     memset(e, 0, sizeof(*e));
     memcpy(e->head, head, HEAD);
     if (parts != Py_None) {
-        int keyed = PyObject_IsTrue(PyTuple_GET_ITEM(parts, 5));
-        if (keyed < 0) {
-            Py_DECREF(parts);
-            return NULL;
-        }
         e->pack = Py_NewRef(PyTuple_GET_ITEM(parts, 0));
         e->walker = (Walker *)Py_NewRef(PyTuple_GET_ITEM(parts, 1));
         e->old = Py_NewRef(PyTuple_GET_ITEM(parts, 2));
@@ -673,7 +683,22 @@ gatherer_entry(Gatherer *g, PyObject *msg, const unsigned char *head)
     }
     Py_DECREF(parts);
     g->last = g->count++;
-    return e;
+    return g->last;
+}
+
+/* Take back the last value of each list of `side` (None: nothing). */
+static void
+pop_side(PyObject *side)
+{
+    Py_ssize_t i;
+    if (side == Py_None) {
+        return;
+    }
+    for (i = 0; i < PyTuple_GET_SIZE(side); i++) {
+        PyObject *list = PyTuple_GET_ITEM(side, i);
+        Py_ssize_t n = PyList_GET_SIZE(list);
+        (void)PyList_SetSlice(list, n - 1, n, NULL);
+    }
 }
 
 static PyObject *
@@ -681,11 +706,12 @@ gatherer_take(PyObject *self, PyObject *msg)
 {
     Gatherer *g = (Gatherer *)self;
     const unsigned char *bytes;
-    Py_ssize_t size;
-    PyObject *position, *next;
+    Py_ssize_t size, at, n;
+    PyObject *position, *next, *result = NULL;
+    PyObject *walker, *old, *new, *positions;
     long long number;
     Entry *e;
-    int taken;
+    int taken, keyed;
 
     if (!PyBytes_Check(msg)) {
         PyErr_SetString(PyExc_TypeError, "take(msg: bytes)");
@@ -697,21 +723,15 @@ gatherer_take(PyObject *self, PyObject *msg)
         || !(bytes[0] == 'I' || bytes[0] == 'U' || bytes[0] == 'D')) {
         Py_RETURN_FALSE;
     }
-    e = gatherer_entry(g, msg, bytes);
-    if (e == NULL) {
+    at = gatherer_entry(g, msg, bytes);
+    if (at < 0) {
         return NULL;
     }
-    if (e->pack == NULL) {
+    if (g->entries[at].pack == NULL) {
         Py_RETURN_FALSE;
     }
-    taken = collect_into(e->walker, bytes, size, HEAD, e->old, e->new, e->keyed);
-    if (taken < 0) {
-        return NULL;
-    }
-    if (taken == 0) {
-        Py_RETURN_FALSE;
-    }
-    /* Numbered as the decoder numbers the changes it decodes itself. */
+    /* The change's number, as the decoder numbers those it decodes itself: asked for
+     * before anything is appended, so that nothing is left half done if it fails. */
     position = PyObject_GetAttr(g->decoder, position_name);
     if (position == NULL) {
         return NULL;
@@ -725,20 +745,60 @@ gatherer_take(PyObject *self, PyObject *msg)
     if (next == NULL) {
         return NULL;
     }
-    if (PyObject_SetAttr(g->decoder, position_name, next) < 0
-        || PyList_Append(e->positions, next) < 0) {
+    /* (Python ran above: the entry is looked up again, and held while used.) */
+    if (at >= g->count || memcmp(g->entries[at].head, bytes, HEAD) != 0
+        || g->entries[at].pack == NULL) {
         Py_DECREF(next);
+        PyErr_SetString(PyExc_RuntimeError, "the gatherer changed while taking a message");
         return NULL;
     }
-    Py_DECREF(next);
+    e = &g->entries[at];
+    walker = Py_NewRef((PyObject *)e->walker);
+    old = Py_NewRef(e->old);
+    new = Py_NewRef(e->new);
+    positions = Py_NewRef(e->positions);
+    keyed = e->keyed;
+    if (PyList_Append(positions, next) < 0) {
+        goto done;
+    }
+    taken = collect_into((Walker *)walker, bytes, size, HEAD, old, new, keyed);
+    if (taken <= 0) {
+        n = PyList_GET_SIZE(positions);
+        (void)PyList_SetSlice(positions, n - 1, n, NULL);
+        if (taken == 0) {
+            result = Py_NewRef(Py_False);
+        }
+        goto done;
+    }
+    if (PyObject_SetAttr(g->decoder, position_name, next) < 0) {
+        /* nothing of the change stays: its values and its position are taken back */
+        if (bytes[0] != 'I') {
+            pop_side(old);
+        }
+        if (bytes[0] != 'D') {
+            pop_side(new);
+        }
+        n = PyList_GET_SIZE(positions);
+        (void)PyList_SetSlice(positions, n - 1, n, NULL);
+        goto done;
+    }
     g->size++;
-    if (taken == 2) {
-        e->changed = 1;
+    if (at < g->count && g->entries[at].positions == positions) {
+        if (taken == 2) {
+            g->entries[at].changed = 1;
+        }
+        else if (taken == 3) {
+            g->entries[at].without_old = 1;
+        }
     }
-    else if (taken == 3) {
-        e->without_old = 1;
-    }
-    Py_RETURN_TRUE;
+    result = Py_NewRef(Py_True);
+done:
+    Py_DECREF(next);
+    Py_DECREF(walker);
+    Py_DECREF(old);
+    Py_DECREF(new);
+    Py_DECREF(positions);
+    return result;
 }
 
 static PyObject *
@@ -850,8 +910,32 @@ static PyMethodDef gatherer_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+static PyObject *
+gatherer_get_limit(Gatherer *g, void *Py_UNUSED(closure))
+{
+    return PyLong_FromSsize_t(g->limit);
+}
+
+static int
+gatherer_set_limit(Gatherer *g, PyObject *value, void *Py_UNUSED(closure))
+{
+    Py_ssize_t limit;
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "limit cannot be deleted");
+        return -1;
+    }
+    limit = PyLong_AsSsize_t(value);
+    if (limit == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    g->limit = limit;
+    return 0;
+}
+
 static PyGetSetDef gatherer_getset[] = {
     {"size", (getter)gatherer_get_size, NULL, PyDoc_STR("changes taken since drain()"), NULL},
+    {"limit", (getter)gatherer_get_limit, (setter)gatherer_set_limit,
+     PyDoc_STR("changes taken at most until drain()"), NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

@@ -88,8 +88,9 @@ CHASE_BYTES = 1 << 20
 # server is sending (a few ms for a transaction split by the socket's reads).
 TXN_REST_WAIT_S = 0.02
 # A streamed transaction's changes are mapped to keys this many at a time (one chunk of
-# capture/streamed.py), and its chunks held in memory up to this many bytes (then in a
-# temporary file) per transaction: a listener's RSS is ~65 MB without it.
+# capture/streamed.py; up to twice as many where decoded events and gathered packs share
+# a chunk, each side counting against it), and its chunks held in memory up to this many
+# bytes (then in a temporary file) per transaction: a listener's RSS is ~65 MB without it.
 STREAM_CHUNK = 5000
 SPILL_BYTES = 8 << 20
 # Snapshots asked for at a Stream Commit before its transaction is taken as not visible

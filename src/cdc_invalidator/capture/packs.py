@@ -95,6 +95,7 @@ class Collector:
         self._decoder = decoder
         self._relations = decoder.relations
         self._done: list[ColumnPack] = []
+        self._limit = limit
         self.subxid = 0
         self._gatherer = None if Gatherer is None else Gatherer(self._start, decoder, limit)
         self.take: Callable[[bytes], bool] = (
@@ -104,7 +105,8 @@ class Collector:
     @property
     def size(self) -> int:
         """Changes taken since the last drain()."""
-        return 0 if self._gatherer is None else self._gatherer.size
+        closed = sum(len(p) for p in self._done)
+        return closed + (0 if self._gatherer is None else self._gatherer.size)
 
     def _start(self, msg: bytes) -> tuple[object, ...] | None:
         """The parts of a pack for the changes whose head `msg` has (type, xid, relation
@@ -125,11 +127,15 @@ class Collector:
         """A Relation message inside the block: the packs so far are closed (the
         relation's columns may differ from here on)."""
         self._done += self._drained()
+        if self._gatherer is not None:  # (the closed packs count against the limit)
+            self._gatherer.limit = max(0, self._limit - sum(len(p) for p in self._done))
 
     def drain(self) -> list[ColumnPack]:
         """The packs gathered since the last drain, and a fresh start."""
         packs = self._done + self._drained()
         self._done = []
+        if self._gatherer is not None:
+            self._gatherer.limit = self._limit
         return [p for p in packs if len(p)]
 
     def _drained(self) -> list[ColumnPack]:

@@ -348,7 +348,9 @@ class RowDecoder:
                 continue
             out.events += events
             if transactions is not None:
-                if len(values) > _HISTORY_ITEM_LENGTHS[0] and values[5] is not None:
+                if len(values) > _HISTORY_ITEM_LENGTHS[0] and (
+                    len(values) < _HISTORY_PACK_LENGTH or values[5] is not None
+                ):
                     current = _transaction(values[5])
                 transactions += [current] * len(events)
         return out

@@ -140,7 +140,11 @@ class RedisSink:
             # connection connects again here.
             payload = owed + commands if self._resend and not pooled else commands
             if payload:
-                conn.send_packed_command([b"".join(payload)])  # (a list: bytes would iterate)
+                # No health check (a PING when the connection was idle for the client's
+                # health_check_interval) while replies are owed on it: it would read one
+                # of them as its PONG.
+                pending = bool(owed) and not self._resend
+                conn.send_packed_command([b"".join(payload)], check_health=not pending)
             if not pooled:
                 self._resend = False
             # An error reply raises (ResponseError), leaving the replies after it unread.
