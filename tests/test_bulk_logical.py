@@ -353,6 +353,43 @@ def test_a_streamed_transaction_keeps_column_filters_truncate_and_dead_letters(
     stop(listener)
 
 
+def test_a_key_column_moved_inside_a_streamed_transaction_is_read_where_it_is_now(
+    env: Env, spawn: Spawn
+) -> None:
+    """A column dropped and another added inside the transaction: `name` moves from the
+    third column to the second, the tuples keep three. The changes before and after are
+    gathered column-wise each with their own Relation message (a walk kept from before
+    would read the new third column as `name`, and leave the second UPDATE's keys)."""
+    env.sql(
+        "CREATE TABLE wide (id int PRIMARY KEY, note text, name text);"
+        f"INSERT INTO wide SELECT g, 'x', 'n' || g FROM generate_series(1, {N}) g;"
+        "CREATE TABLE small (id int PRIMARY KEY, note text);"
+        "INSERT INTO small SELECT g, 'x' FROM generate_series(1, 10) g"
+    )
+    tables = {"public.wide": ["wide:{id}", "wide:name:{name}"], **SMALL}
+    config = logical_config(env, tables, log_level="debug", second_delete_ms=0)
+    install(config)
+    listener = spawn(config)
+    wait_until(lambda: active(env), what="the listener streaming its slot")
+    r = env.redis()
+    ids = range(1, N + 1)
+    keys = [f"wide:{i}" for i in ids] + [f"wide:name:{p}{i}" for i in ids for p in "nab"]
+    with psycopg.connect(env.dsn) as writer:
+        open_streamed(
+            listener,
+            writer,
+            "UPDATE wide SET name = 'a' || id",
+            "ALTER TABLE wide DROP COLUMN note",
+            "ALTER TABLE wide ADD COLUMN note2 text",
+            "UPDATE wide SET name = 'b' || id",
+        )
+        r.mset(dict.fromkeys(keys, "cached"))
+        writer.commit()
+    wait_until(lambda: r.exists(*keys) == 0, what="both statements' keys deleted")
+    assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 0
+    stop(listener)
+
+
 # --- the held keys, as units ----------------------------------------------------------------
 
 BIG_T = TableName("public", "big")
