@@ -445,25 +445,21 @@ class Reentering:
         self.inner.missing_old(relation)
 
 
-def test_a_take_re_entered_from_python_code_it_calls_is_safe() -> None:
+def test_a_take_re_entered_from_python_code_it_calls_is_refused_leaving_nothing() -> None:
     decoder = Decoder(by_name(columns({HAND: ["id"], TableName("public", "other"): ["id"]})))
     decoder.decode(hand_relation())
-    relids = [HAND_RELID + n for n in range(1, 9)]  # enough new heads to move the entries
-    for relid in relids:
-        decoder.decode(
-            b"R" + struct.pack("!I", relid) + b"public\x00other\x00" + hand_relation()[17:]
-        )
-    others = [
-        streamed_layout(b"I" + struct.pack("!I", r) + b"N" + tuple_data(b"Bo", b"2", None), XID)
-        for r in relids
-    ]
-    reentering = Reentering(decoder, others)
+    relid = HAND_RELID + 1
+    decoder.decode(b"R" + struct.pack("!I", relid) + b"public\x00other\x00" + hand_relation()[17:])
+    other = streamed_layout(
+        b"I" + struct.pack("!I", relid) + b"N" + tuple_data(b"Bo", b"2", None), XID
+    )
+    reentering = Reentering(decoder, [other])
     collector = Collector(reentering, 10**6)  # type: ignore[arg-type]
     collector.subxid = XID
     reentering.collector = collector
-    insert = streamed_layout(HAND_CHANGES[0], XID)
-    assert collector.take(insert)
-    packs = collector.drain()
-    for pack in packs:
-        assert all(len(c) == len(pack) for c in (pack.old or ()) + (pack.new or ()))
-    assert sum(len(p) for p in packs) == 1 + len(relids)
+    with pytest.raises(RuntimeError, match="inside take"):
+        collector.take(streamed_layout(HAND_CHANGES[0], XID))
+    assert collector.drain() == []  # nothing half done
+    assert decoder.position == 0
+    assert collector.take(other)  # and it goes on
+    assert [p.positions for p in collector.drain()] == [[1]]

@@ -103,3 +103,32 @@ def test_a_health_check_due_while_replies_are_owed_does_not_read_one_as_its_pong
     assert sink.delete_routed({None: Invalidation(again)}) == len(again)  # in step
     assert client.dbsize() == 0
     client.close()
+
+
+def test_owed_deletes_on_a_connection_closed_by_another_hand_are_sent_again(
+    own_redis: RedisServer,
+) -> None:
+    """The kept connection closed outside the sink (the pool's disconnect, a client's
+    close) with replies owed on it: the next send connects again and sends them again,
+    rather than reading its own replies as theirs."""
+    client = own_redis.client()
+    client.flushall()
+    admin = own_redis.client()
+    sink = RedisSink(client, unlink_chunk=500)
+    owed, after = cached(client, "a"), cached(client, "b", 700)
+    admin.execute_command("CLIENT", "PAUSE", 10_000, "WRITE")  # the UNLINKs never run
+    assert sink.delete_routed({None: Invalidation(owed)}, later=True) == 0
+    conn = sink._kept.get()  # the loop's connection (this thread keeps it)
+    assert conn is not None
+    conn.disconnect()
+    admin.execute_command("CLIENT", "UNPAUSE")
+    connections = admin.info("stats")["total_connections_received"]
+    sink.delete_routed({None: Invalidation(after)})
+    # One new connection, whose replies were read in step: no read waited for a reply
+    # that never came (a timeout, then a retry on another connection).
+    assert admin.info("stats")["total_connections_received"] == connections + 1
+    assert client.dbsize() == 0
+    again = cached(client, "c", 3)
+    assert sink.delete_routed({None: Invalidation(again)}) == len(again)
+    client.close()
+    admin.close()

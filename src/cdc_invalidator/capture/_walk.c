@@ -591,6 +591,7 @@ typedef struct {
     Py_ssize_t count, room, last;
     Py_ssize_t size;   /* changes taken since drain() */
     Py_ssize_t limit;  /* taken at most, until drain() */
+    int busy;          /* in take(): the Python it calls may not take() or drain() */
 } Gatherer;
 
 static PyObject *position_name; /* "position", interned */
@@ -606,8 +607,7 @@ entry_clear(Entry *e)
 }
 
 /* The index of the entry for the message's head: found, or made from start(msg); -1
- * with an error set on failure. (An index, not a pointer: Python code called from here
- * may take() again and move the entries.) */
+ * with an error set on failure. */
 static Py_ssize_t
 gatherer_entry(Gatherer *g, PyObject *msg, const unsigned char *head)
 {
@@ -649,14 +649,6 @@ gatherer_entry(Gatherer *g, PyObject *msg, const unsigned char *head)
         if (keyed < 0) {
             Py_DECREF(parts);
             return -1;
-        }
-    }
-    /* No Python code runs from here on: the entry is made in place. */
-    for (i = 0; i < g->count; i++) {
-        if (memcmp(g->entries[i].head, head, HEAD) == 0) {
-            /* start() took a message of this head itself (re-entered): keep the first */
-            Py_DECREF(parts);
-            return i;
         }
     }
     if (g->count == g->room) {
@@ -701,20 +693,23 @@ pop_side(PyObject *side)
     }
 }
 
+static PyObject *gatherer_take_busy(Gatherer *g, PyObject *msg, const unsigned char *bytes,
+                                    Py_ssize_t size);
+
 static PyObject *
 gatherer_take(PyObject *self, PyObject *msg)
 {
     Gatherer *g = (Gatherer *)self;
     const unsigned char *bytes;
-    Py_ssize_t size, at, n;
-    PyObject *position, *next, *result = NULL;
-    PyObject *walker, *old, *new, *positions;
-    long long number;
-    Entry *e;
-    int taken, keyed;
+    Py_ssize_t size;
+    PyObject *result;
 
     if (!PyBytes_Check(msg)) {
         PyErr_SetString(PyExc_TypeError, "take(msg: bytes)");
+        return NULL;
+    }
+    if (g->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "take() or drain() called from inside take()");
         return NULL;
     }
     bytes = (const unsigned char *)PyBytes_AS_STRING(msg);
@@ -723,6 +718,24 @@ gatherer_take(PyObject *self, PyObject *msg)
         || !(bytes[0] == 'I' || bytes[0] == 'U' || bytes[0] == 'D')) {
         Py_RETURN_FALSE;
     }
+    /* The Python called from here (start(), the decoder's position) takes nothing: the
+     * entries, the lists' last items and the count stay this call's own. */
+    g->busy = 1;
+    result = gatherer_take_busy(g, msg, bytes, size);
+    g->busy = 0;
+    return result;
+}
+
+static PyObject *
+gatherer_take_busy(Gatherer *g, PyObject *msg, const unsigned char *bytes, Py_ssize_t size)
+{
+    Py_ssize_t at, n;
+    PyObject *position, *next, *result = NULL;
+    PyObject *walker, *old, *new, *positions;
+    long long number;
+    Entry *e;
+    int taken, keyed;
+
     at = gatherer_entry(g, msg, bytes);
     if (at < 0) {
         return NULL;
@@ -745,14 +758,7 @@ gatherer_take(PyObject *self, PyObject *msg)
     if (next == NULL) {
         return NULL;
     }
-    /* (Python ran above: the entry is looked up again, and held while used.) */
-    if (at >= g->count || memcmp(g->entries[at].head, bytes, HEAD) != 0
-        || g->entries[at].pack == NULL) {
-        Py_DECREF(next);
-        PyErr_SetString(PyExc_RuntimeError, "the gatherer changed while taking a message");
-        return NULL;
-    }
-    e = &g->entries[at];
+    e = &g->entries[at]; /* (busy: the entries did not move while Python ran) */
     walker = Py_NewRef((PyObject *)e->walker);
     old = Py_NewRef(e->old);
     new = Py_NewRef(e->new);
@@ -783,13 +789,12 @@ gatherer_take(PyObject *self, PyObject *msg)
         goto done;
     }
     g->size++;
-    if (at < g->count && g->entries[at].positions == positions) {
-        if (taken == 2) {
-            g->entries[at].changed = 1;
-        }
-        else if (taken == 3) {
-            g->entries[at].without_old = 1;
-        }
+    e = &g->entries[at];
+    if (taken == 2) {
+        e->changed = 1;
+    }
+    else if (taken == 3) {
+        e->without_old = 1;
     }
     result = Py_NewRef(Py_True);
 done:
@@ -806,7 +811,12 @@ gatherer_drain(PyObject *self, PyObject *Py_UNUSED(ignored))
 {
     Gatherer *g = (Gatherer *)self;
     Py_ssize_t i;
-    PyObject *out = PyList_New(0);
+    PyObject *out;
+    if (g->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "take() or drain() called from inside take()");
+        return NULL;
+    }
+    out = PyList_New(0);
     if (out == NULL) {
         return NULL;
     }

@@ -133,6 +133,8 @@ class RedisSink:
         if conn is None:
             conn = pool.get_connection()
         owed = [] if pooled else self._owed
+        if owed and not conn.is_connected:
+            self._resend = True  # (closed by another hand: the replies owed went with it)
         try:
             # One write for all of them (redis-py writes each item of a list on its own:
             # 20 send calls for a batch of 10,000 keys; joined, 445 -> 345 us of CPU per
