@@ -800,3 +800,30 @@ def test_stop_finishes_the_batch_in_hand_then_closes_the_source(world: World) ->
         ("ack", [1, 2]),
         ("close",),
     ]
+
+
+def test_a_share_whose_delete_failed_comes_again_and_the_last_still_confirms_all(
+    world: World,
+) -> None:
+    script: list[Arrives | BaseException] = [
+        Arrives([1, 2], confirm_later=True),
+        Arrives([3], confirm_later=True),
+        Arrives([]),
+    ]
+    sink = OwingSink(world, failures=[None, redis.TimeoutError("Timeout reading from socket")])
+    runner = make_runner(world, FakeSource(world, script), sink)
+    runner.run()
+    handled = [e[:2] for e in world.log if e[0] in ("batch", "delete", "delete later", "ack")]
+    assert handled[:9] == [
+        ("batch", [1, 2]),
+        ("delete later", keys(1, 2)),
+        ("ack", [1, 2]),
+        ("batch", [3]),  # its delete failed: no ack, and it comes again
+        ("batch", [3]),
+        ("delete later", keys(3)),
+        ("ack", [3]),
+        ("batch", []),
+        ("delete", []),
+    ]
+    assert handled[9] == ("ack", [])
+    assert runner.keys_deleted == 3

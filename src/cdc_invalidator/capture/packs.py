@@ -25,9 +25,9 @@ from cdc_invalidator.capture.rows import column_rows
 from cdc_invalidator.events import ChangeEvent, Op, Pack
 
 try:  # capture/_walk.c, where it was built (capture/pgoutput.py says the same of the walks)
-    from cdc_invalidator.capture._walk import Gatherer
+    from cdc_invalidator.capture._walk import Gatherer, Walker
 except ImportError:  # pragma: no cover - then the Decoder decodes every change
-    Gatherer = None  # type: ignore[assignment,misc]
+    Gatherer = Walker = None  # type: ignore[assignment,misc]
 
 if TYPE_CHECKING:
     from cdc_invalidator.capture.pgoutput import Decoder, Relation
@@ -114,7 +114,7 @@ class Collector:
         without the C walk or whose UPDATEs a column filter judges)."""
         xid, relid = _XID_RELID.unpack_from(msg, 1)
         relation = self._relations.get(relid)
-        if xid != self.subxid or relation is None or relation.collect is None:
+        if xid != self.subxid or relation is None or not _gathered(relation):
             return None
         op = _OPS[msg[0]]
         names = tuple(relation.wanted_at[i] for i in sorted(relation.wanted_at))
@@ -153,3 +153,9 @@ class Collector:
 
 def _take_nothing(_msg: bytes) -> bool:
     return False
+
+
+def _gathered(relation: Relation) -> bool:
+    """Whether the relation's changes are gathered: its walk is C's (a relation that
+    lost key columns has none), and no column filter judges its UPDATEs."""
+    return Walker is not None and isinstance(relation.fast, Walker) and relation.judged_at is None

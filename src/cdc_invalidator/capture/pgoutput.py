@@ -31,14 +31,11 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final, NamedTuple, TypeVar, cast
+from typing import Final, NamedTuple, TypeVar, cast
 
 from cdc_invalidator.capture.errors import Fatal
 from cdc_invalidator.events import UNRENDERABLE, ChangeEvent, InvalidEvent, Op, Row, TableName
 from cdc_invalidator.mapping.columns import ColumnFilter, Judge
-
-if TYPE_CHECKING:
-    from cdc_invalidator.capture.packs import Side
 
 try:  # capture/_walk.c, built at install where there is a C compiler (pyproject.toml)
     from cdc_invalidator.capture._walk import Walker
@@ -57,10 +54,6 @@ FastWalk = Callable[[bytes, int], "tuple[dict[str, str | None], int] | None"]
 # Its walk of an UPDATE's old and new tuples in one call (see _compile_pair): the old row,
 # the new row (the same dict when the wanted columns' text is the same) and the end.
 FastPair = Callable[[bytes, int], "tuple[dict[str, str | None], dict[str, str | None], int] | None"]
-# The C walk's take of a whole INSERT, UPDATE or DELETE column-wise (Walker.collect in
-# capture/_walk.c; capture/packs.py): (msg, pos of its first tuple, old side, new side,
-# whether a 'K' old tuple holds every wanted column) -> 0 not taken, else taken.
-Collect = Callable[[bytes, int, "Side | None", "Side | None", bool], int]
 
 _U16 = struct.Struct("!H")
 _I32 = struct.Struct("!I")
@@ -152,9 +145,6 @@ class Relation:
     fast: FastWalk | None = field(default=None, compare=False, repr=False)
     # Its walk of an UPDATE's two tuples (None when `fast` is).
     pair: FastPair | None = field(default=None, compare=False, repr=False)
-    # The C walk's column-wise take of a whole change (capture/packs.py): None without
-    # the C walks, and for UPDATEs judged by a column filter.
-    collect: Collect | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,7 +318,6 @@ class Decoder:
         order = {i: wanted_at[i] for i in sorted(wanted_at)}
         compiled = self._compiled and not missing
         fast, pair = _walks(ncols, order, native=self._native) if compiled else (None, None)
-        collect = cast("Collect | None", getattr(fast, "collect", None))
         relation = Relation(
             relid,
             table,
@@ -342,7 +331,6 @@ class Decoder:
             judged_at,
             fast,
             pair,
-            collect if judged_at is None else None,
         )
         self._relations[relid] = relation
         if missing and self._on_unrenderable is not None:

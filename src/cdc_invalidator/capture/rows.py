@@ -129,13 +129,11 @@ def encode_history(
     for i, rest in marks.items():
         if i < len(items):
             items[i].append(rest)
-    for pack in packs:
-        schema, name = pack.relation.table
-        old = None if pack.old is None else dict(zip(pack.names, pack.old, strict=True))
-        new = None if pack.new is None else dict(zip(pack.names, pack.new, strict=True))
-        if pack.op is Op.UPDATE and not pack.differs:
-            new = None
-        items.append([schema, name, pack.op, old, new, None, len(pack)])
+    for column_pack in packs:
+        (schema, name), op, old, new, count = column_pack.as_pack()
+        if op is Op.UPDATE and new is old:
+            new = None  # (the key columns the same in both: written once)
+        items.append([schema, name, op, old, new, None, count])
     return _dumps(items)
 
 

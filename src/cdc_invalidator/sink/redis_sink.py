@@ -132,31 +132,29 @@ class RedisSink:
         pooled = conn is None
         if conn is None:
             conn = pool.get_connection()
+        # Replies owed on the kept connection (none on a pooled one): read first, since
+        # they were sent first, or the UNLINKs sent again if the connection failed, or
+        # was closed by another hand, since.
         owed = [] if pooled else self._owed
-        if owed and not conn.is_connected:
-            self._resend = True  # (closed by another hand: the replies owed went with it)
+        resend = bool(owed) and (self._resend or not conn.is_connected)
         try:
             # One write for all of them (redis-py writes each item of a list on its own:
             # 20 send calls for a batch of 10,000 keys; joined, 445 -> 345 us of CPU per
             # batch in a loop against a local Redis, the same wall time). A disconnected
-            # connection connects again here.
-            payload = owed + commands if self._resend and not pooled else commands
+            # connection connects again here. No health check (a PING when it was idle
+            # for the client's health_check_interval) while replies are owed on it: it
+            # would read one of them as its PONG.
+            payload = owed + commands if resend else commands
             if payload:
-                # No health check (a PING when the connection was idle for the client's
-                # health_check_interval) while replies are owed on it: it would read one
-                # of them as its PONG.
-                pending = bool(owed) and not self._resend
-                conn.send_packed_command([b"".join(payload)], check_health=not pending)
-            if not pooled:
-                self._resend = False
+                conn.send_packed_command(
+                    [b"".join(payload)], check_health=resend or not owed
+                )  # (a list: bytes would iterate)
             # An error reply raises (ResponseError), leaving the replies after it unread.
-            # The owed replies come first: they were sent first.
             existed = sum(int(conn.read_response()) for _ in owed)
             if not pooled:
-                self._owed = []
-            if later and not pooled:
-                self._owed = commands
-                return existed
+                self._owed, self._resend = (commands if later else []), False
+                if later:
+                    return existed
             return existed + sum(int(conn.read_response()) for _ in commands)
         except BaseException:
             conn.disconnect()  # nothing of it is left to read: a clean start next time
