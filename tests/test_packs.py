@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import pytest
 
-from cdc_invalidator.capture.packs import Collector, ColumnPack
+from cdc_invalidator.capture.packs import Collector, ColumnPack, map_packs
 from cdc_invalidator.capture.pgoutput import (
     NATIVE_WALKS,
     Decoder,
@@ -59,15 +59,17 @@ def picking(wanted: str) -> Callable[[int, TableName, tuple[str, ...]], Resolved
 
 class Twins:
     """Two decoders fed the same messages: one through a Collector first (what it does
-    not take, through the decoder), the other through the decoder only."""
+    not take, through the decoder), the other through the decoder only. `streamed`: the
+    changes in a stream block's layout (with an xid), else in a committed transaction's."""
 
-    def __init__(self, make: Callable[[], Decoder]) -> None:
+    def __init__(self, make: Callable[[], Decoder], streamed: bool = True) -> None:
         self.told: list[list[tuple[TableName, list[str]]]] = [[], []]
         self.gathering = make()
         self.plain = make()
         self.gathering._on_missing_old = self._teller(0)
         self.plain._on_missing_old = self._teller(1)
-        self.collector = Collector(self.gathering, 10**6)
+        self.streamed = streamed
+        self.collector = Collector(self.gathering, 10**6, streamed=streamed)
         self.collector.subxid = XID
         self.events: list[object] = []  # what the gathering side decoded itself
         self.expected: list[object] = []
@@ -79,20 +81,23 @@ class Twins:
 
         return tell
 
-    def feed(self, msg: bytes) -> None:
-        """A Relation message (protocol 1) to both, or a change in a stream block."""
+    def feed(self, msg: bytes, laid_out: bool = False) -> None:
+        """A Relation message (protocol 1) to both, or a change (protocol 1's layout,
+        moved into a stream block's if `streamed`, unless `laid_out` already)."""
         if msg[:1] == b"R":
             self.gathering.decode(msg)
             self.plain.decode(msg)
             return
+        if self.streamed and not laid_out:
+            msg = streamed_layout(msg, XID)
         position = self.gathering.position
         if self.collector.take(msg):
             self.taken += 1
             assert self.gathering.position == position + 1
         else:
             assert self.gathering.position == position
-            self.events.append(_outcome(self.gathering, msg))
-        self.expected.append(_outcome(self.plain, msg))
+            self.events.append(_outcome(self.gathering, msg, self.streamed))
+        self.expected.append(_outcome(self.plain, msg, self.streamed))
 
     def got(self) -> list[object]:
         """Every change's outcome in position order: the packs' events and the rest."""
@@ -110,11 +115,11 @@ class Twins:
         return kept + [e for e in self.expected if not isinstance(e, ChangeEvent)]
 
 
-def _outcome(decoder: Decoder, msg: bytes) -> object:
-    """What the decoder makes of a streamed message: its event, or the error (type and
-    text), or None (a message with no change)."""
+def _outcome(decoder: Decoder, msg: bytes, streamed: bool) -> object:
+    """What the decoder makes of a message: its event, or the error (type and text), or
+    None (a message with no change)."""
     try:
-        _, out = decoder.decode_streamed(msg)
+        out = decoder.decode_streamed(msg)[1] if streamed else decoder.decode(msg)
     except (InvalidEvent, ProtocolError) as exc:
         return (type(exc).__name__, str(exc))
     return out if isinstance(out, ChangeEvent) else None
@@ -128,15 +133,19 @@ def _same_rows(got: list[object], want: list[object]) -> None:
             assert (g.old is g.new) == (w.old is w.new), (g, w)
 
 
+LAYOUTS = pytest.mark.parametrize("streamed", [True, False], ids=["streamed", "committed"])
+
+
+@LAYOUTS
 @pytest.mark.parametrize("name", CHANGE_SCENARIOS)
 @pytest.mark.parametrize("wanted", ["all", "first", "last"])
 def test_every_recorded_change_gathered_is_the_event_the_decoder_makes(
-    name: str, wanted: str
+    name: str, wanted: str, streamed: bool
 ) -> None:
-    twins = Twins(lambda: Decoder(picking(wanted)))
+    twins = Twins(lambda: Decoder(picking(wanted)), streamed)
     for msg in SCENARIOS[name]:
         if msg[:1] in (b"R", b"I", b"U", b"D"):
-            twins.feed(msg if msg[:1] == b"R" else streamed_layout(msg, XID))
+            twins.feed(msg)
     _same_rows(twins.got(), twins.want())
     assert twins.gathering.position == twins.plain.position
     assert twins.told[0] == twins.told[1]
@@ -145,16 +154,17 @@ def test_every_recorded_change_gathered_is_the_event_the_decoder_makes(
 @pytest.mark.parametrize(
     "name", ["insert", "default_update_name", "full_update_email", "full_delete", "partition"]
 )
-def test_the_common_changes_are_all_gathered_column_wise(name: str) -> None:
+@LAYOUTS
+def test_the_common_changes_are_all_gathered_column_wise(name: str, streamed: bool) -> None:
     """INSERT, UPDATE (with and without old tuple), DELETE of FULL identity: every one
     taken. (What is not: a 'K' old tuple without every wanted column, a wanted unchanged
     TOASTed value, a value not UTF-8: the tests above give them to the decoder.)"""
-    twins = Twins(lambda: Decoder(picking("first")))
+    twins = Twins(lambda: Decoder(picking("first")), streamed)
     changes = 0
     for msg in SCENARIOS[name]:
         if msg[:1] in (b"R", b"I", b"U", b"D"):
             changes += msg[:1] != b"R"
-            twins.feed(msg if msg[:1] == b"R" else streamed_layout(msg, XID))
+            twins.feed(msg)
     assert changes > 0
     assert twins.taken == changes
     _same_rows(twins.got(), twins.want())
@@ -175,26 +185,24 @@ HAND_CHANGES = [
 ]
 
 
+@LAYOUTS
 @pytest.mark.parametrize("identity", [b"f", b"d"])
 @pytest.mark.parametrize("wanted", [["id"], ["name", "id"], ["id", "body"], []])
 def test_hand_built_changes_cut_and_flipped_byte_by_byte_gather_as_the_decoder_decodes(
-    identity: bytes, wanted: list[str]
+    identity: bytes, wanted: list[str], streamed: bool
 ) -> None:
     """Every variant either is taken and gives the decoder's event, or is left to the
     decoder with nothing appended: a ProtocolError stays the decoder's to raise."""
     checked = 0
     for msg in HAND_CHANGES:
-        streamed = streamed_layout(msg, XID)
-        variants = [streamed, streamed + b"\x00", streamed + b"n"]  # trailing bytes
-        variants += [streamed[:n] for n in range(len(streamed))]
-        variants += [
-            streamed[:i] + bytes([streamed[i] ^ 0xFF]) + streamed[i + 1 :]
-            for i in range(len(streamed))
-        ]
+        laid = streamed_layout(msg, XID) if streamed else msg
+        variants = [laid, laid + b"\x00", laid + b"n"]  # trailing bytes
+        variants += [laid[:n] for n in range(len(laid))]
+        variants += [laid[:i] + bytes([laid[i] ^ 0xFF]) + laid[i + 1 :] for i in range(len(laid))]
         for variant in variants:
-            twins = Twins(lambda: Decoder(by_name(columns({HAND: wanted}))))
+            twins = Twins(lambda: Decoder(by_name(columns({HAND: wanted}))), streamed)
             twins.feed(hand_relation(identity))
-            twins.feed(variant)
+            twins.feed(variant, laid_out=True)
             _same_rows(twins.got(), twins.want())
             assert twins.told[0] == twins.told[1]
             checked += 1
@@ -284,6 +292,25 @@ def test_a_pack_maps_to_the_keys_of_its_events() -> None:
     assert column_wise[None].keys == by_event[None].keys
     assert "hand:9" in column_wise[None].keys  # an UPDATE's new key
     assert "by-name:Ann" in column_wise[None].keys  # and its old one
+
+
+def test_packs_the_mapper_cannot_map_exactly_come_back_as_their_events() -> None:
+    """A template needing a column the packs did not gather: map_packs() adds nothing of
+    those packs and hands back their events, which map_all() dead-letters one by one,
+    each with its own position (the pack of another table maps column-wise)."""
+    packs = gathered(HAND_CHANGES[0], HAND_CHANGES[1], HAND_CHANGES[6])
+    wants_body = Mapper({HAND: [KeyTemplate.parse("hand:{id}:{body}")]})
+    into: dict[int | None, Invalidation] = {}
+    mapped, back = map_packs(wants_body, packs, into)
+    assert mapped == []
+    assert into == {}
+    assert back == [e for p in packs for e in p.events()]
+    _, failed = wants_body.map_all(back)
+    assert [e.position for e, _ in failed] == [e.position for e in back]
+    assert all("body" in str(exc) for _, exc in failed)
+    mapped, back = map_packs(MAPPER, packs, into)
+    assert (mapped, back) == (packs, [])
+    assert "hand:7" in into[None].keys
 
 
 def test_an_update_pack_whose_rows_kept_their_key_columns_is_one_row_for_both() -> None:

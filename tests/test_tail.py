@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from cdc_invalidator.capture.logical import GATHER_AFTER
 from tests.support.env import Env
 from tests.support.faults import Written, acknowledged, setup_users, write
 from tests.support.listener import ListenerProcess, Spawn, run_cli, stop_listener
@@ -125,17 +126,26 @@ def test_tail_table_shows_that_table_only(
     stop_listener(listener)
 
 
+# Rows per statement: past the changes of a transaction that logical mode decodes one by
+# one before gathering the rest column-wise (capture/logical.py).
+STATEMENT_ROWS = GATHER_AFTER + 36
+
+
 def test_tail_shows_each_row_of_a_multi_row_statement(
     env: Env, spawn: Spawn, started_tail: StartedTails
 ) -> None:
-    """A statement of several rows is a pack in trigger mode, whose keys the listener
-    renders column-wise, without an event per row: the tail still shows each row, a
-    line each, with that row's keys."""
-    config = setup_users(env, rows=200)
+    """A statement of many rows is a pack in trigger mode, and mostly gathered
+    column-wise in logical mode: the listener renders its keys without an event per row.
+    The tail still shows each row, a line each, with that row's keys."""
+    config = setup_users(env, rows=30 * STATEMENT_ROWS)
     listener = spawn(config)
     tail = started_tail(env, config, "--table", "users")
     seen: list[Written] = []
     lines: dict[int, list[str]] = {}  # a row's id -> its line's keys
+    n = STATEMENT_ROWS
+
+    def starts() -> range:  # the first row of each statement written
+        return range(1, n * len(seen), n)
 
     def a_whole_statement_shown() -> bool:
         for text in tail.lines():
@@ -143,19 +153,19 @@ def test_tail_shows_each_row_of_a_multi_row_statement(
             if match and match["op"] == "UPDATE":
                 keys = match["keys"].split()
                 lines[int(keys[0].removeprefix("user:"))] = keys
-        if any(all(i + n in lines for n in range(3)) for i in range(1, 3 * len(seen), 3)):
+        if any(all(i + k in lines for k in range(n)) for i in starts()):
             return True
         if not seen or acknowledged(env, seen[-1]):
-            i = 3 * len(seen) + 1  # rows i, i+1 and i+2 in one statement
+            i = n * len(seen) + 1  # rows i to i + n - 1 in one statement
             update = "UPDATE users SET email = 'p' || id WHERE id BETWEEN %s AND %s"
-            seen.append(write(env, update, [i, i + 2], ids=range(i, i + 3)))
+            seen.append(write(env, update, [i, i + n - 1], ids=range(i, i + n)))
         return False
 
     # The listener asks whether anyone tails once a second at most: the first
     # statements may go by unseen.
     wait_until(a_whole_statement_shown, what="each row of a statement shown", timeout_s=30)
-    first = next(i for i in range(1, 3 * len(seen), 3) if all(i + n in lines for n in range(3)))
-    for n in range(first, first + 3):
-        assert lines[n] == [f"user:{n}", f"user:email:p{n}", f"user:email:u{n}@x"]
+    first = next(i for i in starts() if all(i + k in lines for k in range(n)))
+    for k in range(first, first + n):
+        assert lines[k] == [f"user:{k}", f"user:email:p{k}", f"user:email:u{k}@x"]
     assert tail.interrupt() == 0, tail.stderr()
     stop_listener(listener)

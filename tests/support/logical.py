@@ -103,3 +103,13 @@ def running(env: Env, config: Path) -> Iterator[ListenerThread]:
 def stop(listener: ListenerProcess) -> None:
     listener.signal(signal.SIGTERM)
     assert listener.wait() == 0
+
+
+def the_dead_letter(env: Env) -> tuple[str, str]:
+    """(table, error) of the one dead letter saved, once it is."""
+    wait_until(
+        lambda: env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 1,
+        what="the dead letter saved",
+    )
+    table, error = env.scalar("SELECT array[table_name, error] FROM cdc_invalidator.dead_letter_v1")
+    return table, error

@@ -566,14 +566,15 @@ static PyTypeObject WalkerType = {
 /* A Gatherer: the streamed changes of one chunk that collect_into() takes, gathered
  * into packs, one per (kind, subtransaction, relation): the per-message loop of
  * capture/packs.py in C. Called as gatherer.take(msg) for each message of a stream block:
- * True when taken. For a message whose 9-byte head (type, xid, relation OID) it has not
+ * True when taken. For a message whose head (type, xid, relation OID: 9 bytes; or,
+ * with head=5, type and relation OID, a transaction sent once committed) it has not
  * met, it asks start(msg), which returns None (never take such messages) or the pack's
  * parts: (pack, walker, old, new, positions, keyed); collect_into() then appends to old
  * and new, and the change's position (the decoder's `position` plus one, written back)
  * to positions. drain() hands back each pack with what collect_into() said of its rows,
  * (pack, changed, without_old), and forgets them all. */
 
-#define HEAD 9 /* type byte, xid, relation OID */
+#define HEAD 9 /* at most: type byte, xid, relation OID */
 
 typedef struct {
     unsigned char head[HEAD];
@@ -591,6 +592,7 @@ typedef struct {
     Py_ssize_t count, room, last;
     Py_ssize_t size;   /* changes taken since drain() */
     Py_ssize_t limit;  /* taken at most, until drain() */
+    Py_ssize_t head;   /* the head's bytes: 9 in a stream block, 5 outside */
     int busy;          /* in take(): the Python it calls may not take() or drain() */
 } Gatherer;
 
@@ -615,11 +617,11 @@ gatherer_entry(Gatherer *g, PyObject *msg, const unsigned char *head)
     PyObject *parts;
     Entry *e;
     int keyed = 0;
-    if (g->last >= 0 && memcmp(g->entries[g->last].head, head, HEAD) == 0) {
+    if (g->last >= 0 && memcmp(g->entries[g->last].head, head, (size_t)g->head) == 0) {
         return g->last;
     }
     for (i = 0; i < g->count; i++) {
-        if (memcmp(g->entries[i].head, head, HEAD) == 0) {
+        if (memcmp(g->entries[i].head, head, (size_t)g->head) == 0) {
             g->last = i;
             return i;
         }
@@ -664,7 +666,7 @@ gatherer_entry(Gatherer *g, PyObject *msg, const unsigned char *head)
     }
     e = &g->entries[g->count];
     memset(e, 0, sizeof(*e));
-    memcpy(e->head, head, HEAD);
+    memcpy(e->head, head, (size_t)g->head);
     if (parts != Py_None) {
         e->pack = Py_NewRef(PyTuple_GET_ITEM(parts, 0));
         e->walker = (Walker *)Py_NewRef(PyTuple_GET_ITEM(parts, 1));
@@ -714,7 +716,7 @@ gatherer_take(PyObject *self, PyObject *msg)
     }
     bytes = (const unsigned char *)PyBytes_AS_STRING(msg);
     size = PyBytes_GET_SIZE(msg);
-    if (size <= HEAD || g->size >= g->limit
+    if (size <= g->head || g->size >= g->limit
         || !(bytes[0] == 'I' || bytes[0] == 'U' || bytes[0] == 'D')) {
         Py_RETURN_FALSE;
     }
@@ -767,7 +769,7 @@ gatherer_take_busy(Gatherer *g, PyObject *msg, const unsigned char *bytes, Py_ss
     if (PyList_Append(positions, next) < 0) {
         goto done;
     }
-    taken = collect_into((Walker *)walker, bytes, size, HEAD, old, new, keyed);
+    taken = collect_into((Walker *)walker, bytes, size, g->head, old, new, keyed);
     if (taken <= 0) {
         n = PyList_GET_SIZE(positions);
         (void)PyList_SetSlice(positions, n - 1, n, NULL);
@@ -845,11 +847,16 @@ gatherer_drain(PyObject *self, PyObject *Py_UNUSED(ignored))
 static PyObject *
 gatherer_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *keywords[] = {"start", "decoder", "limit", NULL};
+    static char *keywords[] = {"start", "decoder", "limit", "head", NULL};
     PyObject *start, *decoder;
-    Py_ssize_t limit;
+    Py_ssize_t limit, head = HEAD;
     Gatherer *g;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOn", keywords, &start, &decoder, &limit)) {
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOn|n", keywords, &start, &decoder, &limit,
+                                     &head)) {
+        return NULL;
+    }
+    if (head != 9 && head != 5) {
+        PyErr_SetString(PyExc_ValueError, "head must be 9 (a stream block's) or 5");
         return NULL;
     }
     if (!PyCallable_Check(start)) {
@@ -863,6 +870,7 @@ gatherer_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     g->start = Py_NewRef(start);
     g->decoder = Py_NewRef(decoder);
     g->limit = limit;
+    g->head = head;
     g->last = -1;
     return (PyObject *)g;
 }
@@ -952,7 +960,7 @@ static PyGetSetDef gatherer_getset[] = {
 static PyTypeObject GathererType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "cdc_invalidator.capture._walk.Gatherer",
-    .tp_doc = PyDoc_STR("Gatherer(start, decoder, limit): a chunk's streamed changes "
+    .tp_doc = PyDoc_STR("Gatherer(start, decoder, limit, head=9): a chunk's changes "
                         "gathered into packs (capture/packs.py)"),
     .tp_basicsize = sizeof(Gatherer),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,

@@ -31,6 +31,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any, cast
 
 import psycopg
@@ -45,7 +46,7 @@ from cdc_invalidator.capture.errors import (
 )
 from cdc_invalidator.capture.history_writer import HistoryWriter
 from cdc_invalidator.capture.holds import Hold, Holds
-from cdc_invalidator.capture.packs import Collector
+from cdc_invalidator.capture.packs import Collector, ColumnPack, map_packs
 from cdc_invalidator.capture.pgoutput import (
     Begin,
     Commit,
@@ -60,7 +61,7 @@ from cdc_invalidator.capture.pgoutput import (
     Undecodable,
     unwrap_streamed,
 )
-from cdc_invalidator.capture.rows import encode_history, with_transaction
+from cdc_invalidator.capture.rows import Transaction, encode_history, with_transaction
 from cdc_invalidator.capture.slot import SlotClass, SlotState
 from cdc_invalidator.capture.streamed import Chunk, Dead, Prefetch, StreamedTxn, pack
 from cdc_invalidator.capture.trigger_sql import require_installed
@@ -93,6 +94,15 @@ TXN_REST_WAIT_S = 0.02
 # bytes (then in a temporary file) per transaction: a listener's RSS is ~65 MB without it.
 STREAM_CHUNK = 5000
 SPILL_BYTES = 8 << 20
+# A transaction sent once committed (below logical_decoding_work_mem: a backfill's
+# 10,000-row statements) has its changes from this many on gathered column-wise, as a
+# streamed one's are (capture/packs.py): decoded one by one, each cost a dict, an event
+# and a history item (profiled on a backfill of 100 statements of 10,000 rows: decoding,
+# mapping and history, 35% of the listener's samples). The first few go through the
+# Decoder: a small transaction's latency is what it was.
+GATHER_AFTER = 64
+_UNLIMITED = 1 << 62
+_POSITION = attrgetter("position")
 # Snapshots asked for at a Stream Commit before its transaction is taken as not visible
 # yet (its second deletes then owed as after any first delete).
 SEEN_COMPLETE_ASKS = 3
@@ -120,10 +130,13 @@ class LogicalBatch:
     ack_lsn: int = 0  # confirmed once the batch is acknowledged
     event_commit: int = 0  # end of the last transaction with events that the batch ends
     resync: bool = False  # the sweep owed after missed changes
-    # Keys already rendered (a streamed transaction's, computed before its commit):
-    # deleted with those of `events` (runner.Premapped).
+    # Keys already rendered (a streamed transaction's, computed before its commit, and
+    # those of `packs`): deleted with those of `events` (runner.Premapped).
     premapped: Routed = field(default_factory=dict)
     history: list[str] = field(default_factory=list)  # their history_v1 texts, if kept
+    # Changes of large transactions gathered column-wise (GATHER_AFTER), mapped into
+    # `premapped`: counted in `size`, not in `events`.
+    packs: list[ColumnPack] = field(default_factory=list)
     held: Hold | None = None  # hold(): acknowledged once its sweep is done
     # A share of a streamed transaction before its last: its acknowledgement tells the
     # slot nothing, so its deletes may be confirmed with the next share's (runner.Pipelined).
@@ -147,11 +160,22 @@ class LogicalBatch:
         read_wall = time.time() - (time.monotonic() - self.read_at) + self.clock_offset_s
         return max(0.0, read_wall - PG_EPOCH - oldest / 1e6)
 
+    def all_events(self) -> list[ChangeEvent]:
+        """Every change of the batch as an event, those of its packs too (as the Decoder
+        would have made them), in position order: what `tail` shows. Built only when
+        asked."""
+        if not self.packs:
+            return self.events
+        every = self.events + [e for p in self.packs for e in p.events()]
+        every.sort(key=_POSITION)
+        return every
+
     def origins(self) -> list[Origin]:
-        """Each event's transaction: its xid, commit LSN and commit time (on our clock)."""
+        """Each event's transaction, in the order of all_events(): its xid, commit LSN
+        and commit time (on our clock)."""
         starts = [t[0] for t in self.transactions]
         out = []
-        for event in self.events:
+        for event in self.all_events():
             i = bisect.bisect_right(starts, event.position) - 1
             if i < 0:  # a sweep (resync) belongs to no transaction
                 out.append(Origin(None, ""))
@@ -384,6 +408,9 @@ class LogicalStream:
         self._block: StreamedTxn | None = None
         self._chunk: list[ChangeEvent] = []
         self._chunk_packs = Collector(self._decoder, STREAM_CHUNK)  # the chunk's, column-wise
+        # A large transaction's changes sent once committed, column-wise (GATHER_AFTER);
+        # drained at its commit and at a batch's end. (Without a mapper, units: never.)
+        self._txn_packs = Collector(self._decoder, _UNLIMITED, streamed=False)
         self._chunk_dead: list[Dead] = []
         self._delivery: _Delivery | None = None
         # (xid, commit LSN, commit time) of an open one
@@ -527,9 +554,13 @@ class LogicalStream:
         size = 0
         streamed = 0  # changes of streamed transactions, held until their commit
         txn_from = 0  # the batch's size when the open transaction began
+        # The batch's size from which the open transaction's changes are gathered
+        # column-wise (GATHER_AFTER): never between transactions.
+        gather_from = self._gather_from(0)
         self._more = False
         read = self._stream.read
         gather = self._chunk_packs.take  # (C: the common streamed change, column-wise)
+        gather_committed = self._txn_packs.take  # (C: the same, of a large transaction)
         while size + streamed < limit:
             msg = read() or self._rest_of_transaction()
             if msg is None:
@@ -540,6 +571,9 @@ class LogicalStream:
             if self._block is not None:
                 streamed += 1 if gather(msg) else self._in_block(msg)
                 continue
+            if size >= gather_from and gather_committed(msg):
+                size += 1
+                continue
             try:
                 out = decode(msg)
             except InvalidEvent as exc:
@@ -547,6 +581,8 @@ class LogicalStream:
                 size += 1
                 continue
             if out is None:
+                if msg[:1] == b"R":  # (the relation's columns may differ from here on)
+                    self._txn_packs.close_open()
                 continue
             cls = out.__class__
             if cls is ChangeEvent:
@@ -558,9 +594,12 @@ class LogicalStream:
                 self._in_txn = (begin.xid, begin.final_lsn, begin.commit_time)
                 self._txn_events = 0
                 txn_from = size
+                gather_from = self._gather_from(size)
                 transactions.append((decoder.position + 1, *self._in_txn))
             elif cls is Commit:
+                self._map_gathered(batch)
                 self._commit(cast(Commit, out), batch, self._txn_events + size - txn_from)
+                gather_from = _UNLIMITED
             elif cls is list:
                 changes = cast("list[ChangeEvent]", out)
                 events.extend(changes)
@@ -573,10 +612,35 @@ class LogicalStream:
         else:
             self._more = True
         if self._in_txn is not None:
+            self._map_gathered(batch)  # (the rest of the transaction comes in later batches)
             self._txn_events += size - txn_from
         batch.size = size
         batch.visible_at = self._visible_at(transactions)
         return batch
+
+    def _gather_from(self, size: int) -> int:
+        """The batch's size from which the open transaction (if any), `size` changes into
+        the batch when it began or the batch did, is gathered column-wise."""
+        if self._in_txn is None or self._config.mapper is None:
+            return _UNLIMITED
+        return size + max(0, GATHER_AFTER - self._txn_events)
+
+    def _map_gathered(self, batch: LogicalBatch) -> None:
+        """The open transaction's changes gathered column-wise, mapped into the batch's
+        keys, their history written as its (each item with the transaction)."""
+        packs = self._txn_packs.drain()
+        if not packs:
+            return
+        mapper = cast(Mapper, self._config.mapper)  # (set: _gather_from)
+        mapped, back = map_packs(mapper, packs, batch.premapped)
+        if back:  # (the runner maps them, or dead-letters them, and their history is events')
+            batch.events += back
+            batch.events.sort(key=_POSITION)  # (origins() and the history go by position)
+        batch.packs += mapped
+        if mapped and self._config.history_s:
+            batch.history.append(
+                encode_history([], packs=mapped, transaction=cast(Transaction, self._in_txn))
+            )
 
     # --- streamed transactions ------------------------------------------------------------
 
@@ -699,13 +763,11 @@ class LogicalStream:
         mapper = cast(Mapper, self._config.mapper)  # set: streaming is on
         routed, failed = mapper.map_all(events)
         changes = len(events) + len(dead) + sum(len(p) for p in packs)
-        for column_pack in packs:
-            if not mapper.map_pack(column_pack.as_pack(), routed):
-                # Not exactly renderable column-wise: change by change, which says which
-                # fails and why (a dead letter each).
-                more, more_failed = mapper.map_all(column_pack.events())
-                merge(routed, more)
-                failed += more_failed
+        _, back = map_packs(mapper, packs, routed)
+        if back:
+            more, more_failed = mapper.map_all(back)
+            merge(routed, more)
+            failed += more_failed
         dead += [Dead(e.position, str(exc), e) for e, exc in failed]
         history = (
             encode_history(events, packs=packs)

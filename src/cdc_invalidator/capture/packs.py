@@ -1,4 +1,4 @@
-"""A streamed transaction's changes gathered column-wise, as trigger packs are.
+"""A large transaction's changes gathered column-wise, as trigger packs are.
 
 A bulk statement streams a million INSERT, UPDATE or DELETE messages of one relation.
 Decoded one by one, each costs a dict of its values, a ChangeEvent, and a row per
@@ -7,6 +7,10 @@ after COMMIT (it falls behind the writer while the statement runs). Here the C w
 (capture/_walk.c, Walker.collect) appends each message's key-column values to one list
 per column, and the open chunk maps them with Mapper.map_pack, a template a column at a
 time: the same keys, without an object per change.
+
+A transaction sent once committed (not streamed: below logical_decoding_work_mem) has
+its changes past capture/logical.py's GATHER_AFTER gathered the same way, by a Collector
+reading their 5-byte head (no xid), drained at its commit and at a batch's end.
 
 What collect() does not take (a value not text, a relation without the C walk or with a
 column filter, a message that is not a change) goes the way it always went: decoded into
@@ -31,9 +35,13 @@ except ImportError:  # pragma: no cover - then the Decoder decodes every change
 
 if TYPE_CHECKING:
     from cdc_invalidator.capture.pgoutput import Decoder, Relation
+    from cdc_invalidator.mapping.mapper import Mapper, Routed
 
-# A streamed change: type byte, (sub)transaction xid, relation OID, then its tuples.
+# A streamed change: type byte, (sub)transaction xid, relation OID, then its tuples; a
+# change of a transaction sent once committed: type byte, relation OID, its tuples.
 _XID_RELID = struct.Struct("!II")
+_RELID = struct.Struct("!I")
+STREAMED_HEAD, COMMITTED_HEAD = 9, 5
 _OPS = {0x49: Op.INSERT, 0x55: Op.UPDATE, 0x44: Op.DELETE}  # 'I', 'U', 'D'
 
 Side = tuple[list[object], ...]  # one list per wanted column, in column order
@@ -81,6 +89,22 @@ class ColumnPack:
         return events
 
 
+def map_packs(
+    mapper: Mapper, packs: list[ColumnPack], into: Routed
+) -> tuple[list[ColumnPack], list[ChangeEvent]]:
+    """Each pack's keys added to `into` column-wise (Mapper.map_pack): the packs mapped,
+    and the events of those that cannot be mapped exactly so, for map_all(), which maps
+    or dead-letters them one by one (each with its own position and why)."""
+    mapped: list[ColumnPack] = []
+    back: list[ChangeEvent] = []
+    for column_pack in packs:
+        if mapper.map_pack(column_pack.as_pack(), into):
+            mapped.append(column_pack)
+        else:
+            back += column_pack.events()
+    return mapped, back
+
+
 class Collector:
     """The open chunk's changes that the C walks take, a ColumnPack per kind,
     (sub)transaction and relation: the per-message loop is C's (_walk.c's Gatherer, which
@@ -88,16 +112,20 @@ class Collector:
     `decoder` numbers the changes (its position) and warns of old values not sent.
     Without the C walks nothing is taken: the Decoder decodes every change.
 
-    take(msg) says whether a streamed change was taken; `subxid` is the open chunk's
-    (sub)transaction, whose changes alone are taken; `limit` how many until drain()."""
+    take(msg) says whether a change was taken; `limit` how many until drain(). In a
+    stream block (`streamed`) `subxid` is the open chunk's (sub)transaction, whose changes
+    alone are taken; outside one, a message holds no xid, and the caller drains at each
+    commit: the packs then hold one transaction's changes each."""
 
-    def __init__(self, decoder: Decoder, limit: int) -> None:
+    def __init__(self, decoder: Decoder, limit: int, *, streamed: bool = True) -> None:
         self._decoder = decoder
         self._relations = decoder.relations
         self._done: list[ColumnPack] = []
         self._limit = limit
+        self._streamed = streamed
         self.subxid = 0
-        self._gatherer = None if Gatherer is None else Gatherer(self._start, decoder, limit)
+        head = STREAMED_HEAD if streamed else COMMITTED_HEAD
+        self._gatherer = None if Gatherer is None else Gatherer(self._start, decoder, limit, head)
         self.take: Callable[[bytes], bool] = (
             _take_nothing if self._gatherer is None else self._gatherer.take
         )
@@ -109,12 +137,18 @@ class Collector:
         return closed + (0 if self._gatherer is None else self._gatherer.size)
 
     def _start(self, msg: bytes) -> tuple[object, ...] | None:
-        """The parts of a pack for the changes whose head `msg` has (type, xid, relation
-        OID), or None: not taken (another (sub)transaction's, a relation not described,
-        without the C walk or whose UPDATEs a column filter judges)."""
-        xid, relid = _XID_RELID.unpack_from(msg, 1)
+        """The parts of a pack for the changes whose head `msg` has (type, xid if
+        streamed, relation OID), or None: not taken (another (sub)transaction's, a
+        relation not described, without the C walk or whose UPDATEs a column filter
+        judges)."""
+        if self._streamed:
+            xid, relid = _XID_RELID.unpack_from(msg, 1)
+            if xid != self.subxid:
+                return None
+        else:
+            (relid,) = _RELID.unpack_from(msg, 1)
         relation = self._relations.get(relid)
-        if xid != self.subxid or relation is None or not _gathered(relation):
+        if relation is None or not _gathered(relation):
             return None
         op = _OPS[msg[0]]
         names = tuple(relation.wanted_at[i] for i in sorted(relation.wanted_at))

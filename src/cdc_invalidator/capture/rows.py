@@ -106,14 +106,16 @@ def encode_history(
     events: list[ChangeEvent],
     transactions: Sequence[tuple[int, int, int, int]] = (),
     packs: Sequence[ColumnPack] = (),
+    transaction: Transaction | None = None,
 ) -> str:
     """A batch's events as history_v1 stores them (key columns only, as decoded).
 
     `transactions`: (first position, xid, commit LSN, commit time) of each transaction
     the events belong to, in position order: the first event of each carries the other
     three, and the events after it belong to it too (one small list per transaction).
-    `packs`: changes of the same transaction gathered column-wise, written after the
-    events as the events they stand for."""
+    `packs`: changes of one transaction gathered column-wise, written after the events
+    as the events they stand for; `transaction` (xid, commit LSN, commit time), if
+    given, on each of their items (else with_transaction() puts it on the first)."""
     # Each event unpacked by the comprehension, not read field by field (a NamedTuple's
     # field is a Python-level descriptor): e.op, not e.op.value, since an Op is a str
     # ("U"), written as such by orjson and json alike (Enum's value property is a Python
@@ -129,11 +131,12 @@ def encode_history(
     for i, rest in marks.items():
         if i < len(items):
             items[i].append(rest)
+    pack_transaction = None if transaction is None else list(transaction)
     for column_pack in packs:
         (schema, name), op, old, new, count = column_pack.as_pack()
         if op is Op.UPDATE and new is old:
             new = None  # (the key columns the same in both: written once)
-        items.append([schema, name, op, old, new, None, count])
+        items.append([schema, name, op, old, new, pack_transaction, count])
     return _dumps(items)
 
 
