@@ -225,6 +225,30 @@ def test_replay_since_takes_a_backlog_drained_in_it(env: Env, spawn: Spawn) -> N
     assert cached(r) == 0
 
 
+def test_a_next_listener_redoes_what_its_predecessor_acknowledged_not_the_backlog(
+    env: Env, spawn: Spawn
+) -> None:
+    """The second deletes a stopped listener may have owed are redone by the next one:
+    the changes it acknowledged in its last second_delete_ms. Not the backlog written
+    while no listener ran: the next one deletes that once, with its own second deletes
+    (redoing it too, before its first batch, deleted a backlog twice and held it back)."""
+    config = setup_users(env, rows=len(ROWS), second_delete_ms=3000, replay_history="1h")
+    first = spawn(config)
+    wait_until(lambda: first.logged("redis_identity_recorded"), what="the listener started")
+    done = write(env, "UPDATE users SET email = 'new@x' WHERE id = 1", ids=range(1, 2))
+    wait_until(lambda: acknowledged(env, done), what="the change acknowledged")
+    first.kill()
+    edit_every_row(env)  # the backlog: no listener runs
+    r = env.redis()
+    cache(r, ROWS)
+    second = spawn(config)
+    wait_until(lambda: cached(r) == 0, what="the backlog's keys deleted")
+    wait_until(lambda: second.logged("second_deletes_redone"), what="the redo logged")
+    [redone] = second.logged("second_deletes_redone")
+    assert redone["events"] == 1, redone
+    stop_listener(second)
+
+
 # --- rows the listener would dead-letter: skipped and logged, never a crash -------------
 
 # Past Python's int conversion limit (4300 digits): json.loads, and with it the driver's
@@ -405,6 +429,10 @@ def test_a_replay_reads_the_history_only_once_settled(env: Env) -> None:
         def history(self, conn: psycopg.Connection[Any], since_s: float) -> Iterator[Decoded]:
             order.append("read")
             return mode.history(conn, since_s)
+
+        def acknowledged(self, conn: psycopg.Connection[Any], since_s: float) -> Iterator[Decoded]:
+            order.append("read acknowledged")
+            return mode.acknowledged(conn, since_s)
 
         def last_acknowledged_s(self, conn: psycopg.Connection[Any]) -> float | None:
             return mode.last_acknowledged_s(conn)

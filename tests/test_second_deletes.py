@@ -1,15 +1,22 @@
 """SecondDeletes: what is owed, held compactly, comes back whole and in bounded groups.
 
 The sink is a recorder: these are the loop's bookkeeping, whose effect on a real Redis
-the runner's and the chaos tests check."""
+the runner's and the chaos tests check. Then which queue rows a next listener redoes
+(redo_owed, trigger mode), read on a real server: those its predecessor processed, not
+its backlog (test_replay runs the whole of it in both modes)."""
 
 from __future__ import annotations
 
 import time
 
+import pytest
+
 from cdc_invalidator.events import TableName
 from cdc_invalidator.mapping import KEYS_SEP, Invalidation, Routed
+from cdc_invalidator.pg.queries import Q
 from cdc_invalidator.second_deletes import SECOND_DELETE_GROUP, SecondDeletes
+from tests.support.env import Env
+from tests.support.faults import setup_users
 
 
 class Recorder:
@@ -79,3 +86,53 @@ def test_batches_apart_are_separate_second_deletes_in_order() -> None:
     assert [works[None].keys for works in sink.calls] == [{"a"}]
     later.run(until=first_due + 0.05)
     assert [works[None].keys for works in sink.calls] == [{"a"}, {"b"}]
+
+
+@pytest.mark.servers
+def test_a_next_listener_redoes_the_rows_processed_up_to_its_predecessors_position(
+    env: Env,
+) -> None:
+    """listener_state_v1 says what was processed: every transaction visible in its
+    snapshot, and those of the window it was reading up to its (xid, id). Those rows are
+    redone, from the saved snapshot at the window's start on; the rows after are not
+    (history_trigger.sql, what `replay` reads, takes them all)."""
+    setup_users(env, rows=7)  # (written before install: no queue rows)
+    snapshots = []
+    with env.connect() as conn:
+        for i in range(1, 8):
+            conn.execute("UPDATE users SET email = 'x' || id WHERE id = %s", [i])
+            row = conn.execute("SELECT pg_current_snapshot()::text").fetchone()
+            assert row is not None
+            snapshots.append(row[0])  # after the i-th transaction committed
+        rows = conn.execute(
+            "SELECT id, xid::text FROM cdc_invalidator.queue_v1 ORDER BY xid, id"
+        ).fetchall()
+        assert len(rows) == 7
+        ids = [r[0] for r in rows]
+        # Processed: the first two (in the snapshot), then the window up to the fourth.
+        conn.execute(
+            "UPDATE cdc_invalidator.listener_state_v1 SET snapshot = %s::pg_snapshot,"
+            " window_end = %s::pg_snapshot, after_xid = %s::xid8, after_id = %s",
+            [snapshots[1], snapshots[5], rows[3][1], rows[3][0]],
+        )
+        conn.execute("DELETE FROM cdc_invalidator.progress_v1")
+
+        def read(query: Q) -> list[int]:
+            return [r[0] for r in conn.execute(query.sql, {"seconds": 60}).fetchall()]
+
+        # No saved snapshot as old as the window: from the first row on.
+        assert read(Q.REDO_TRIGGER) == ids[:4]
+        assert read(Q.HISTORY_TRIGGER) == ids
+        # The first transaction's keys deleted before the window: not owed.
+        conn.execute(
+            "INSERT INTO cdc_invalidator.progress_v1 (at, snapshot)"
+            " VALUES (now() - interval '1 hour', %s::pg_snapshot)",
+            [snapshots[0]],
+        )
+        assert read(Q.REDO_TRIGGER) == ids[1:4]
+        # Between windows (no window open): the snapshot alone.
+        conn.execute(
+            "UPDATE cdc_invalidator.listener_state_v1"
+            " SET window_end = NULL, after_xid = NULL, after_id = NULL"
+        )
+        assert read(Q.REDO_TRIGGER) == ids[1:2]

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import psycopg
 import structlog
 
+from cdc_invalidator.capture.rows import Decoded
 from cdc_invalidator.events import TableName
 from cdc_invalidator.mapping import (
     Invalidation,
@@ -137,6 +138,11 @@ class SecondDeletes:
 class Acknowledged(History, Protocol):
     """A capture mode's history, and when it last acknowledged anything."""
 
+    def acknowledged(self, conn: psycopg.Connection[Any], since_s: float) -> Iterator[Decoded]:
+        """history() less the events not acknowledged yet (which the next listener
+        deletes itself, with their own second deletes)."""
+        ...
+
     def last_acknowledged_s(self, conn: psycopg.Connection[Any]) -> float | None:
         """Seconds since the listener last acknowledged events, None if it never did."""
         ...
@@ -157,7 +163,7 @@ def redo_owed(
     if ago is None:
         return  # nothing acknowledged yet
     since_s = max(0.0, ago) + delay_s + MARGIN_S
-    result = replay(conn, history, mapper, sink, since_s)
+    result = replay(conn, _AcknowledgedOnly(history), mapper, sink, since_s)
     log.info(
         "second_deletes_redone",
         since_s=round(since_s, 1),
@@ -165,3 +171,17 @@ def redo_owed(
         existed=result.existed,
         detail="the previous listener may have stopped owing these",
     )
+
+
+@dataclass(frozen=True, slots=True)
+class _AcknowledgedOnly:
+    """A History of what was acknowledged only: what replay() reads for redo_owed()."""
+
+    of: Acknowledged
+
+    @property
+    def history_table(self) -> str:
+        return self.of.history_table
+
+    def history(self, conn: psycopg.Connection[Any], since_s: float) -> Iterator[Decoded]:
+        return self.of.acknowledged(conn, since_s)

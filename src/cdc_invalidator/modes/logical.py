@@ -159,5 +159,9 @@ class LogicalMode:
         if chunk.events or chunk.dead:
             yield chunk
 
+    def acknowledged(self, conn: psycopg.Connection[Any], since_s: float) -> Iterator[Decoded]:
+        """history(): only acknowledged batches are written to it."""
+        return self.history(conn, since_s)
+
     def last_acknowledged_s(self, conn: psycopg.Connection[Any]) -> float | None:
         return seconds_ago(conn, Q.LAST_ACKNOWLEDGED_LOGICAL)

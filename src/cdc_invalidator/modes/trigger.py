@@ -113,13 +113,21 @@ class TriggerMode:
         """The queue rows whose keys were deleted in the window, or not yet (processed
         rows are kept for replay_history; sql/history_trigger.sql says how they are
         found), decoded as the listener decodes them."""
-        decoder = RowDecoder()
-        # About HISTORY_CHUNK events a fetch, however many packs (a thousand events a
-        # row) and single changes the window mixes; decoded a slice at a time.
-        rows_of = history_rows(conn, Q.HISTORY_TRIGGER, since_s, HISTORY_CHUNK, count_at=6)
-        for rows in rows_of:
-            for part in by_events(rows, 6, HISTORY_CHUNK):
-                yield decoder.queue_rows(part, count_at=6)
+        return _queue_history(conn, Q.HISTORY_TRIGGER, since_s)
+
+    def acknowledged(self, conn: psycopg.Connection[Any], since_s: float) -> Iterator[Decoded]:
+        """history() less the rows not processed yet (sql/redo_trigger.sql)."""
+        return _queue_history(conn, Q.REDO_TRIGGER, since_s)
 
     def last_acknowledged_s(self, conn: psycopg.Connection[Any]) -> float | None:
         return seconds_ago(conn, Q.LAST_ACKNOWLEDGED_TRIGGER)
+
+
+def _queue_history(conn: psycopg.Connection[Any], query: Q, since_s: float) -> Iterator[Decoded]:
+    """The queue rows of history query `query`, decoded as the listener decodes them."""
+    decoder = RowDecoder()
+    # About HISTORY_CHUNK events a fetch, however many packs (a thousand events a row)
+    # and single changes the window mixes; decoded a slice at a time.
+    for rows in history_rows(conn, query, since_s, HISTORY_CHUNK, count_at=6):
+        for part in by_events(rows, 6, HISTORY_CHUNK):
+            yield decoder.queue_rows(part, count_at=6)

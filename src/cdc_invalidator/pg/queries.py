@@ -83,6 +83,7 @@ class Q(enum.Enum):
 
     # --- replay --------------------------------------------------------------------------
     HISTORY_TRIGGER = "history_trigger.sql"
+    REDO_TRIGGER = "redo_trigger.sql"  # history_trigger.sql's rows already processed
     HISTORY_LOGICAL = "history_logical.sql"
     LAST_ACKNOWLEDGED_TRIGGER = "last_acknowledged_trigger.sql"
     LAST_ACKNOWLEDGED_LOGICAL = "last_acknowledged_logical.sql"
