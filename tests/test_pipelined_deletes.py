@@ -14,6 +14,7 @@ import redis
 
 from cdc_invalidator.mapping import Invalidation
 from cdc_invalidator.sink import RedisSink
+from cdc_invalidator.sink.redis_sink import OWED_SENDS
 from tests.support.servers import RedisServer
 
 pytestmark = pytest.mark.servers
@@ -35,13 +36,15 @@ def cached(client: redis.Redis, prefix: str, n: int = 1200) -> set[str]:
     return keys
 
 
-def test_deletes_confirmed_later_are_confirmed_by_the_next_call(rd: redis.Redis) -> None:
+def test_deletes_confirmed_later_are_confirmed_by_a_later_call(rd: redis.Redis) -> None:
     sink = RedisSink(rd, unlink_chunk=500)
-    first, second, third = cached(rd, "a"), cached(rd, "b"), cached(rd, "c")
-    # Sent, not waited for: the count comes with the call that reads the replies.
-    assert sink.delete_routed({None: Invalidation(first)}, later=True) == 0
-    assert sink.delete_routed({None: Invalidation(second)}, later=True) == len(first)
-    assert sink.delete_routed({None: Invalidation(third)}) == len(second) + len(third)
+    shares = [cached(rd, str(n), 1200 + n) for n in range(OWED_SENDS + 2)]
+    # Sent, not waited for: a count comes with the call that reads their replies, once
+    # more than OWED_SENDS calls' replies are unread.
+    counts = [sink.delete_routed({None: Invalidation(s)}, later=True) for s in shares[:-1]]
+    assert counts == [0] * OWED_SENDS + [len(shares[0])]
+    last = sink.delete_routed({None: Invalidation(shares[-1])})
+    assert last == sum(len(s) for s in shares[1:])
     assert rd.dbsize() == 0
     # Nothing is left owed: the next call reads only its own replies.
     again = cached(rd, "d", 10)
@@ -52,18 +55,21 @@ def test_deletes_owed_on_a_connection_that_died_are_sent_again(
     rd: redis.Redis, own_redis: RedisServer
 ) -> None:
     """Redis never ran them (paused, then the connection killed with them in its
-    buffer): the next call sends them again before its own."""
+    buffer): the next call sends them again before its own, every call's owed."""
     sink = RedisSink(rd, unlink_chunk=500)
-    owed, after = cached(rd, "a"), cached(rd, "b")
+    owed = [cached(rd, str(n), 1200 + n) for n in range(OWED_SENDS)]
+    after = cached(rd, "b")
     admin = own_redis.client()
     admin.execute_command("CLIENT", "PAUSE", 10_000, "WRITE")
-    assert sink.delete_routed({None: Invalidation(owed)}, later=True) == 0
+    for keys in owed:
+        assert sink.delete_routed({None: Invalidation(keys)}, later=True) == 0
     killed = admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
     assert killed >= 1
     admin.execute_command("CLIENT", "UNPAUSE")
-    assert rd.exists(*owed) == len(owed), "the UNLINKs died with their connection"
-    # The dead connection fails on its first use; the retry sends both.
-    assert sink.delete_routed({None: Invalidation(after)}) == len(owed) + len(after)
+    every = set().union(*owed)
+    assert rd.exists(*every) == len(every), "the UNLINKs died with their connection"
+    # The dead connection fails on its first use; the retry sends them all.
+    assert sink.delete_routed({None: Invalidation(after)}) == len(every) + len(after)
     assert rd.dbsize() == 0
     admin.close()
 

@@ -125,8 +125,8 @@ class Pipelined(Protocol):
     """A batch whose acknowledgement records nothing a lost delete would make wrong:
     logical mode's share of a streamed transaction before its last (the slot is told
     its commit only with the last, and a restart sends all of it again). Its deletes may
-    be confirmed with the next batch's (Sink.delete_routed `later`), so that Redis works
-    on them while the loop prepares that one. Told apart by the attribute
+    be confirmed with a later batch's (Sink.delete_routed `later`), so that Redis works
+    on them while the loop prepares the next. Told apart by the attribute
     (confirm_later_of), as Premapped batches are."""
 
     @property

@@ -139,7 +139,7 @@ class LogicalBatch:
     packs: list[ColumnPack] = field(default_factory=list)
     held: Hold | None = None  # hold(): acknowledged once its sweep is done
     # A share of a streamed transaction before its last: its acknowledgement tells the
-    # slot nothing, so its deletes may be confirmed with the next share's (runner.Pipelined).
+    # slot nothing, so its deletes may be confirmed with a later share's (runner.Pipelined).
     confirm_later: bool = False
 
     def dead_letter(self, position: int, error: str) -> None:

@@ -70,10 +70,11 @@ class Sink(Protocol):
         after.
 
         `later`: for a batch whose acknowledgement records nothing (a streamed
-        transaction's share before its last): Redis may confirm its deletes with the
-        next call's, which waits for both, so that Redis deletes one share while the
-        loop prepares the next. Those deletes are sent again if their confirmation is
-        lost with a connection, and the count returned is of what was confirmed."""
+        transaction's share before its last): Redis may confirm its deletes with a later
+        call's (the first without `later` waits for all of them), so that Redis deletes
+        one share while the loop prepares the next. Those deletes are sent again if
+        their confirmation is lost with a connection, and the count returned is of what
+        was confirmed."""
         ...
 
     def identity(self) -> str:

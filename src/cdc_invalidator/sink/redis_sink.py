@@ -19,6 +19,9 @@ from cdc_invalidator.sink.protocol import Persistence, raise_if_stopped
 
 # What persistence() reads: how much of the server's data a restart can lose.
 PERSISTENCE_SETTINGS = ("appendonly", "appendfsync", "save")
+# Calls of delete_routed(later=True) whose replies may be unread on return: with one,
+# the loop waits for Redis to finish a share before it prepares the one after next.
+OWED_SENDS = 2
 
 
 class RedisSink:
@@ -29,10 +32,10 @@ class RedisSink:
         self._scan_count = scan_count
         self._dbs: dict[int, RedisSink] = {}  # other logical databases (redis_db)
         self._kept = KeptConnection(client.connection_pool)
-        # UNLINKs sent on the kept connection whose replies are read by the next send
-        # (delete_routed(later=True)); `_resend`: that connection failed since, so they
-        # go again (UNLINK is idempotent) on the next one.
-        self._owed: list[bytes] = []
+        # UNLINKs sent on the kept connection whose replies are read by a later send
+        # (delete_routed(later=True)), a list per call, oldest first; `_resend`: that
+        # connection failed since, so they go again (UNLINK is idempotent) on the next.
+        self._owed: list[list[bytes]] = []
         self._resend = False
 
     @property
@@ -55,10 +58,10 @@ class RedisSink:
     def delete_routed(self, works: Routed, later: bool = False) -> int:
         """delete() for each Redis database's share; how many keys existed.
 
-        `later`: Redis may confirm these deletes with the next call's (Sink.delete_routed):
-        they are sent, and their replies read by the next send on the same connection,
-        which sends them again if that connection failed meanwhile. The count is then of
-        the deletes confirmed by this call, whichever batch's they were."""
+        `later`: Redis may confirm these deletes with a later call's (Sink.delete_routed):
+        they are sent, and their replies read by a later send on the same connection
+        (OWED_SENDS), which sends them again if that connection failed meanwhile. The
+        count is then of the deletes confirmed by this call, whichever batch's they were."""
         existed = sum(
             self.for_db(db).delete(work, later=later) for db, work in works.items() if work
         )
@@ -122,11 +125,12 @@ class RedisSink:
         """Send packed UNLINKs on one connection (the loop's own, or a pooled one) and
         sum their replies, and those of the UNLINKs owed before them.
 
-        `later` (on the loop's own connection only): their replies are left to the next
-        send, which reads them first. Thus Redis works on one batch's deletes while the
-        loop prepares the next (a streamed transaction's 2M keys handed out: 3.1-3.9 s
-        with each batch confirmed before the next was prepared, 2.1-2.6 s overlapped,
-        which is Redis's own CPU for them on this 2-vCPU VM)."""
+        `later` (on the loop's own connection only): their replies are left unread, up
+        to OWED_SENDS calls' worth, the oldest read first. Thus Redis works on one
+        batch's deletes while the loop prepares the next (a streamed transaction's 2M
+        keys handed out: 3.1-3.9 s with each batch confirmed before the next was
+        prepared, 2.1-2.6 s overlapped, which is Redis's own CPU for them on this 2-vCPU
+        VM)."""
         pool = self._client.connection_pool
         conn = self._kept.get()
         pooled = conn is None
@@ -135,7 +139,7 @@ class RedisSink:
         # Replies owed on the kept connection (none on a pooled one): read first, since
         # they were sent first, or the UNLINKs sent again if the connection failed, or
         # was closed by another hand, since.
-        owed = [] if pooled else self._owed
+        owed = [] if pooled else [command for sent in self._owed for command in sent]
         resend = bool(owed) and (self._resend or not conn.is_connected)
         try:
             # One write for all of them (redis-py writes each item of a list on its own:
@@ -150,12 +154,12 @@ class RedisSink:
                     [b"".join(payload)], check_health=resend or not owed
                 )  # (a list: bytes would iterate)
             # An error reply raises (ResponseError), leaving the replies after it unread.
-            existed = sum(int(conn.read_response()) for _ in owed)
-            if not pooled:
-                self._owed, self._resend = (commands if later else []), False
-                if later:
-                    return existed
-            return existed + sum(int(conn.read_response()) for _ in commands)
+            if pooled:
+                return sum(int(conn.read_response()) for _ in commands)
+            if commands:
+                self._owed.append(commands)
+            self._resend = False
+            return self._read_owed(conn, OWED_SENDS if later else 0)
         except BaseException:
             conn.disconnect()  # nothing of it is left to read: a clean start next time
             if not pooled and self._owed:
@@ -164,6 +168,15 @@ class RedisSink:
         finally:
             if pooled:
                 pool.release(conn)
+
+    def _read_owed(self, conn: redis.Connection, keep: int) -> int:
+        """Read the replies owed on `conn`, oldest first, until `keep` sends' are left;
+        how many of their keys existed."""
+        existed = 0
+        while len(self._owed) > keep:
+            existed += sum(int(conn.read_response()) for _ in self._owed[0])
+            del self._owed[0]  # (read whole: a failure above leaves it to send again)
+        return existed
 
     def sweep(self, patterns: Collection[str], stopped: Callable[[], bool] | None = None) -> int:
         """SCAN once for every glob of `patterns` and UNLINK page by page what matches
