@@ -16,8 +16,10 @@ SELECT q.id, q.schema_name, q.table_name, q.op, q.old_row::text, q.new_row::text
 FROM cdc_invalidator.queue_v1 q, state s
 WHERE q.xid >= (SELECT coalesce(pg_snapshot_xmin(snapshot), '0'::xid8) FROM start)
   -- Nothing processed is past both snapshots' xmax: the index's upper bound too (a
-  -- backlog queued since is not read at all).
-  AND q.xid < greatest(pg_snapshot_xmax(s.snapshot), pg_snapshot_xmax(s.window_end))
+  -- backlog queued since is not read at all), as a subquery so that the planner takes
+  -- it as one value, whatever plan it picks for the join.
+  AND q.xid < (SELECT greatest(pg_snapshot_xmax(snapshot), pg_snapshot_xmax(window_end))
+               FROM state)
   AND NOT coalesce(pg_visible_in_snapshot(q.xid, (SELECT snapshot FROM start)), false)
   AND (pg_visible_in_snapshot(q.xid, s.snapshot)
        OR coalesce(pg_visible_in_snapshot(q.xid, s.window_end)

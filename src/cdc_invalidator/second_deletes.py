@@ -158,7 +158,8 @@ def redo_owed(
     """The listener before this one may have died owing second deletes (they live in
     memory): delete again what it acknowledged in its last delay_s. Logical mode knows
     when each batch was acknowledged; trigger mode, when it saved the position past each
-    change (progress_v1), and it takes in the rows not acknowledged yet too."""
+    change (progress_v1), and how far it had got (listener_state_v1): the rows it had
+    not processed are this listener's to delete, with their own second deletes."""
     ago = history.last_acknowledged_s(conn)
     if ago is None:
         return  # nothing acknowledged yet

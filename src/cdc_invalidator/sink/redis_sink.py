@@ -162,6 +162,8 @@ class RedisSink:
             return self._read_owed(conn, OWED_SENDS if later else 0)
         except BaseException:
             conn.disconnect()  # nothing of it is left to read: a clean start next time
+            if not pooled and commands and self._owed and self._owed[-1] is commands:
+                del self._owed[-1]  # (this call's own: its caller sends them again)
             if not pooled and self._owed:
                 self._resend = True  # the replies owed are lost with it: send them again
             raise
