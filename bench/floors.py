@@ -207,6 +207,21 @@ def _keys(id_text: str | None, email: str | None) -> Iterable[bytes]:
         yield b"user:email:" + email.encode()
 
 
+def _history_keys(item: list[Any]) -> Iterable[bytes]:
+    """The keys of a history_v1 item: [schema, table, op, old, new], and on a
+    transaction's first event its [xid, commit LSN, commit time] (what `explain` reads);
+    or changes gathered column-wise, [schema, table, op, old, new, transaction, count],
+    old and new each key column's array."""
+    for row in item[3:5]:
+        if not row:
+            continue
+        if len(item) == PACK_ITEM:
+            for i, e in zip(row.get("id") or [], row.get("email") or [], strict=True):
+                yield from _keys(i, e)
+        else:
+            yield from _keys(row.get("id"), row.get("email"))
+
+
 def _unlink_per_slot(keys: ClusterKeys, owner: list[int], found: list[bytes]) -> None:
     by_slot: dict[int, list[bytes]] = {}
     for key in found:
@@ -225,6 +240,7 @@ def _unlink_per_slot(keys: ClusterKeys, owner: list[int], found: list[bytes]) ->
 # arrays, parsed here); logical mode, history_v1's batches (a JSON array
 # of [schema, table, op, old, new(, origin)] each), parsed here: json_array_elements and -> on
 # json took longer than the listener's own replay.
+PACK_ITEM = 7  # the length of a history_v1 item of changes gathered column-wise
 REPLAY_TRIGGER = """
     SELECT old_row->>'id', old_row->>'email', new_row->>'id', new_row->>'email', rows
     FROM cdc_invalidator.queue_v1
@@ -244,12 +260,8 @@ def replay_floor(bench: Bench, target: Target, since_s: float) -> float:
     with psycopg.connect(target.dsn, autocommit=True) as conn:
         if target.logical:
             for (text,) in conn.execute(REPLAY_LOGICAL.encode(), [since_s]):
-                # [schema, table, op, old, new], and on a transaction's first event
-                # its [xid, commit LSN, commit time] (what `explain` reads).
-                for _schema, _table, _op, old, new, *_origin in json.loads(text):
-                    for row in (old, new):
-                        if row:
-                            found += _keys(row.get("id"), row.get("email"))
+                for item in json.loads(text):
+                    found += _history_keys(item)
         else:
             for a, b, c, d, packed in conn.execute(REPLAY_TRIGGER.encode(), [since_s]):
                 if packed is None:
