@@ -23,7 +23,7 @@ from cdc_invalidator.capture.pgoutput import (
     by_name,
 )
 from cdc_invalidator.capture.rows import RowDecoder, encode_history, with_transaction
-from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, TableName
+from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, Pack, TableName
 from cdc_invalidator.mapping.columns import ColumnFilter, Judge
 from cdc_invalidator.mapping.mapper import Invalidation, Mapper
 from cdc_invalidator.mapping.templates import KeyTemplate
@@ -338,6 +338,37 @@ def test_history_of_packs_replays_as_their_events() -> None:
     marked = with_transaction(text, (700, 0x1000, 11))
     assert len(RowDecoder().history_row(42, marked, transactions).events) == len(events)
     assert transactions == [(700, 0x1000, 11)] * len(events)
+
+
+def test_history_of_packs_replayed_column_wise_gives_the_same_keys() -> None:
+    """history_row's map_pack (what replay passes): an item it maps gives no events,
+    the same keys as its events mapped one by one; a malformed item, or one read with
+    its transactions (explain), is decoded as before."""
+    packs = gathered(*HAND_CHANGES[:4], HAND_CHANGES[5], HAND_CHANGES[6], identity=b"f")
+    text = encode_history([], packs=packs)
+    column_wise: dict[int | None, Invalidation] = {}
+    offered: list[Pack] = []
+
+    def map_pack(pack: Pack) -> bool:
+        offered.append(pack)
+        return MAPPER.map_pack(pack, column_wise)
+
+    decoded = RowDecoder().history_row(42, text, map_pack=map_pack)
+    assert decoded.events == []
+    assert decoded.dead == []
+    assert decoded.mapped_packs == len(packs) == len(offered)
+    assert decoded.mapped_changes == sum(len(p) for p in packs)
+    by_event, failed = MAPPER.map_all(RowDecoder().history_row(42, text).events)
+    assert failed == []
+    assert column_wise[None].keys == by_event[None].keys
+    # Read with its transactions, or refused by map_pack: its events, as without it.
+    events = RowDecoder().history_row(42, text).events
+    assert RowDecoder().history_row(42, text, [], map_pack).events == events
+    assert RowDecoder().history_row(42, text, None, lambda _p: False).events == events
+    bad = json.dumps([["public", "hand", "D", {"id": ["1"]}, None, None, 2]])
+    refused = RowDecoder().history_row(7, bad, map_pack=map_pack)
+    assert refused.mapped_packs == 0
+    assert len(refused.dead) == 1
 
 
 @pytest.mark.parametrize(

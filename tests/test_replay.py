@@ -21,7 +21,7 @@ import psycopg
 import pytest
 import redis
 
-from cdc_invalidator.capture.rows import Decoded
+from cdc_invalidator.capture.rows import Decoded, MapPack
 from cdc_invalidator.cli import main
 from cdc_invalidator.modes import logical as logical_mode
 from cdc_invalidator.modes import trigger as trigger_mode
@@ -426,13 +426,17 @@ def test_a_replay_reads_the_history_only_once_settled(env: Env) -> None:
     class Recorded:
         history_table = mode.history_table
 
-        def history(self, conn: psycopg.Connection[Any], since_s: float) -> Iterator[Decoded]:
+        def history(
+            self, conn: psycopg.Connection[Any], since_s: float, map_pack: MapPack | None = None
+        ) -> Iterator[Decoded]:
             order.append("read")
-            return mode.history(conn, since_s)
+            return mode.history(conn, since_s, map_pack)
 
-        def acknowledged(self, conn: psycopg.Connection[Any], since_s: float) -> Iterator[Decoded]:
+        def acknowledged(
+            self, conn: psycopg.Connection[Any], since_s: float, map_pack: MapPack | None = None
+        ) -> Iterator[Decoded]:
             order.append("read acknowledged")
-            return mode.acknowledged(conn, since_s)
+            return mode.acknowledged(conn, since_s, map_pack)
 
         def last_acknowledged_s(self, conn: psycopg.Connection[Any]) -> float | None:
             return mode.last_acknowledged_s(conn)

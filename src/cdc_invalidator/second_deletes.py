@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import psycopg
 import structlog
 
-from cdc_invalidator.capture.rows import Decoded
+from cdc_invalidator.capture.rows import Decoded, MapPack
 from cdc_invalidator.events import TableName
 from cdc_invalidator.mapping import (
     Invalidation,
@@ -138,7 +138,9 @@ class SecondDeletes:
 class Acknowledged(History, Protocol):
     """A capture mode's history, and when it last acknowledged anything."""
 
-    def acknowledged(self, conn: psycopg.Connection[Any], since_s: float) -> Iterator[Decoded]:
+    def acknowledged(
+        self, conn: psycopg.Connection[Any], since_s: float, map_pack: MapPack | None = None
+    ) -> Iterator[Decoded]:
         """history() less the events not acknowledged yet (which the next listener
         deletes itself, with their own second deletes)."""
         ...
@@ -184,5 +186,7 @@ class _AcknowledgedOnly:
     def history_table(self) -> str:
         return self.of.history_table
 
-    def history(self, conn: psycopg.Connection[Any], since_s: float) -> Iterator[Decoded]:
-        return self.of.acknowledged(conn, since_s)
+    def history(
+        self, conn: psycopg.Connection[Any], since_s: float, map_pack: MapPack | None = None
+    ) -> Iterator[Decoded]:
+        return self.of.acknowledged(conn, since_s, map_pack)

@@ -61,13 +61,16 @@ class Decoded:
     events: list[ChangeEvent] = field(default_factory=list)
     # (position, reason) for each row, or event of a history row, that is no event.
     dead: list[tuple[int, str]] = field(default_factory=list)
-    # Packs whose changes were mapped column-wise (queue_rows' map_pack): no events.
+    # Packs whose changes were mapped column-wise (queue_rows' and history_row's
+    # map_pack): no events; and how many changes they held.
     mapped_packs: int = 0
+    mapped_changes: int = 0
 
     def extend(self, other: Decoded) -> None:
         self.events += other.events
         self.dead += other.dead
         self.mapped_packs += other.mapped_packs
+        self.mapped_changes += other.mapped_changes
 
 
 def pack_position(queue_id: int, element: int) -> int:
@@ -220,6 +223,7 @@ class RowDecoder:
                 new_columns = dict(zip(*new, strict=True))
             if map_pack(Pack(name, kind, old_columns, new_columns, size)):
                 out.mapped_packs += 1
+                out.mapped_changes += size
                 return
         make = tuple.__new__  # as in _single_rows: no Python-level __new__ per event
         base = -(queue_id << PACK_BITS) - 1  # pack_position(queue_id, i) == base - i
@@ -324,12 +328,18 @@ class RowDecoder:
             out.dead.append((position, str(exc)))
 
     def history_row(
-        self, position: int, text: str, transactions: list[Transaction | None] | None = None
+        self,
+        position: int,
+        text: str,
+        transactions: list[Transaction | None] | None = None,
+        map_pack: MapPack | None = None,
     ) -> Decoded:
         """A history_v1 row: a JSON array of [schema, table, op, old, new] (what
         encode_history wrote). Its events, and its failures, take the row's id as
         position. `transactions`, if given, gets each event's transaction (None where
-        the row does not say: written before transactions were recorded)."""
+        the row does not say: written before transactions were recorded). `map_pack`
+        (not with `transactions`) as in queue_rows: an item of changes gathered
+        column-wise that it maps gives no events."""
         out = Decoded()
         try:
             items = _history_items(text)
@@ -341,6 +351,12 @@ class RowDecoder:
             try:
                 values = _history_item(item)
                 if len(values) == _HISTORY_PACK_LENGTH:
+                    wanted = map_pack is not None and transactions is None
+                    pack = self._as_pack(values) if wanted else None
+                    if pack is not None and map_pack is not None and map_pack(pack):
+                        out.mapped_packs += 1
+                        out.mapped_changes += pack.size
+                        continue
                     events = self._history_pack(position, values)
                 else:
                     events = [self.event(position, values[:5])]
@@ -355,6 +371,36 @@ class RowDecoder:
                     current = _transaction(values[5])
                 transactions += [current] * len(events)
         return out
+
+    def _as_pack(self, values: list[object]) -> Pack | None:
+        """A history item of changes gathered column-wise as the mapper's Pack; None
+        where it is not well formed (_history_pack() then says what is wrong)."""
+        schema, table, op, old, new, _, count = values
+        kind = _OPS.get(op) if isinstance(op, str) else None
+        if (
+            kind is None
+            or kind is Op.TRUNCATE
+            or not isinstance(count, int)
+            or count < 0
+            or not isinstance(schema, str)
+            or not isinstance(table, str)
+        ):
+            return None
+        try:
+            olds = (
+                None
+                if kind is Op.INSERT
+                else dict(zip(*_columns_of(old, "old", count), strict=True))
+            )
+            news = olds if kind is Op.UPDATE and new is None else None
+            if kind is Op.INSERT or (kind is Op.UPDATE and new is not None):
+                news = dict(zip(*_columns_of(new, "new", count), strict=True))
+        except InvalidEvent:
+            return None
+        name = self._tables.get((schema, table))
+        if name is None:
+            name = self._tables[schema, table] = TableName(schema, table)
+        return Pack(name, kind, olds, news, count)
 
     def _history_pack(self, position: int, values: list[object]) -> list[ChangeEvent]:
         """A history item of changes gathered column-wise: their events, each with

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import psycopg
 from psycopg import sql
 
-from cdc_invalidator.capture.rows import Decoded
+from cdc_invalidator.capture.rows import Decoded, MapPack
 from cdc_invalidator.checks import ModeChecks
 from cdc_invalidator.metrics import Figures
 from cdc_invalidator.pg.queries import Q
@@ -75,8 +75,12 @@ class CaptureMode(ModeChecks, Protocol):
     def figures(self, conn: psycopg.Connection[Any]) -> Figures: ...
 
     # -- what replay reads -------------------------------------------------------------------
-    def history(self, conn: psycopg.Connection[Any], since_s: float) -> Iterator[Decoded]: ...
-    def acknowledged(self, conn: psycopg.Connection[Any], since_s: float) -> Iterator[Decoded]: ...
+    def history(
+        self, conn: psycopg.Connection[Any], since_s: float, map_pack: MapPack | None = None
+    ) -> Iterator[Decoded]: ...
+    def acknowledged(
+        self, conn: psycopg.Connection[Any], since_s: float, map_pack: MapPack | None = None
+    ) -> Iterator[Decoded]: ...
     def last_acknowledged_s(self, conn: psycopg.Connection[Any]) -> float | None: ...
 
     # -- in words, for the demo ---------------------------------------------------------

@@ -12,7 +12,7 @@ from psycopg import sql
 from cdc_invalidator import checks
 from cdc_invalidator.capture import logical_sql, trigger_sql
 from cdc_invalidator.capture.logical import LogicalCapture, LogicalConfig
-from cdc_invalidator.capture.rows import Decoded, RowDecoder
+from cdc_invalidator.capture.rows import Decoded, MapPack, RowDecoder
 from cdc_invalidator.checks import Report
 from cdc_invalidator.events import TableName
 from cdc_invalidator.metrics import Figures
@@ -143,25 +143,28 @@ class LogicalMode:
     def check_server(self, conn: psycopg.Connection[Any], report: Report, config_name: str) -> None:
         checks.check_logical_server(conn, self._settings, report)
 
-    def history(self, conn: psycopg.Connection[Any], since_s: float) -> Iterator[Decoded]:
+    def history(
+        self, conn: psycopg.Connection[Any], since_s: float, map_pack: MapPack | None = None
+    ) -> Iterator[Decoded]:
         """The batches acknowledged in the window (history_v1), decoded as the listener
         encoded them; a row's events and failures take its id as position."""
         decoder = RowDecoder()
         chunk = Decoded()
         for rows in history_rows(conn, Q.HISTORY_LOGICAL, since_s, HISTORY_BATCH_ROWS):
             for position, text in rows:
-                decoded = decoder.history_row(position, text)
-                chunk.events += decoded.events
-                chunk.dead += decoded.dead
-            if len(chunk.events) >= HISTORY_CHUNK:
+                decoded = decoder.history_row(position, text, map_pack=map_pack)
+                chunk.extend(decoded)
+            if len(chunk.events) + chunk.mapped_changes >= HISTORY_CHUNK:
                 yield chunk
                 chunk = Decoded()
-        if chunk.events or chunk.dead:
+        if chunk.events or chunk.dead or chunk.mapped_changes:
             yield chunk
 
-    def acknowledged(self, conn: psycopg.Connection[Any], since_s: float) -> Iterator[Decoded]:
+    def acknowledged(
+        self, conn: psycopg.Connection[Any], since_s: float, map_pack: MapPack | None = None
+    ) -> Iterator[Decoded]:
         """history(): only acknowledged batches are written to it."""
-        return self.history(conn, since_s)
+        return self.history(conn, since_s, map_pack)
 
     def last_acknowledged_s(self, conn: psycopg.Connection[Any]) -> float | None:
         return seconds_ago(conn, Q.LAST_ACKNOWLEDGED_LOGICAL)

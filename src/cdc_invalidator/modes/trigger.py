@@ -11,7 +11,7 @@ from psycopg import sql
 
 from cdc_invalidator import checks
 from cdc_invalidator.capture import logical_sql, trigger_sql
-from cdc_invalidator.capture.rows import Decoded, RowDecoder, by_events
+from cdc_invalidator.capture.rows import Decoded, MapPack, RowDecoder, by_events
 from cdc_invalidator.capture.trigger_queue import TriggerCapture
 from cdc_invalidator.checks import Report
 from cdc_invalidator.metrics import Figures
@@ -109,25 +109,32 @@ class TriggerMode:
     def check_server(self, conn: psycopg.Connection[Any], report: Report, config_name: str) -> None:
         checks.check_unconfigured(conn, report, self._settings.mapper(), config_name)
 
-    def history(self, conn: psycopg.Connection[Any], since_s: float) -> Iterator[Decoded]:
+    def history(
+        self, conn: psycopg.Connection[Any], since_s: float, map_pack: MapPack | None = None
+    ) -> Iterator[Decoded]:
         """The queue rows whose keys were deleted in the window, or not yet (processed
         rows are kept for replay_history; sql/history_trigger.sql says how they are
         found), decoded as the listener decodes them."""
-        return _queue_history(conn, Q.HISTORY_TRIGGER, since_s)
+        return _queue_history(conn, Q.HISTORY_TRIGGER, since_s, map_pack)
 
-    def acknowledged(self, conn: psycopg.Connection[Any], since_s: float) -> Iterator[Decoded]:
+    def acknowledged(
+        self, conn: psycopg.Connection[Any], since_s: float, map_pack: MapPack | None = None
+    ) -> Iterator[Decoded]:
         """history() less the rows not processed yet (sql/redo_trigger.sql)."""
-        return _queue_history(conn, Q.REDO_TRIGGER, since_s)
+        return _queue_history(conn, Q.REDO_TRIGGER, since_s, map_pack)
 
     def last_acknowledged_s(self, conn: psycopg.Connection[Any]) -> float | None:
         return seconds_ago(conn, Q.LAST_ACKNOWLEDGED_TRIGGER)
 
 
-def _queue_history(conn: psycopg.Connection[Any], query: Q, since_s: float) -> Iterator[Decoded]:
-    """The queue rows of history query `query`, decoded as the listener decodes them."""
+def _queue_history(
+    conn: psycopg.Connection[Any], query: Q, since_s: float, map_pack: MapPack | None
+) -> Iterator[Decoded]:
+    """The queue rows of history query `query`, decoded as the listener decodes them
+    (`map_pack`: RowDecoder.queue_rows')."""
     decoder = RowDecoder()
     # About HISTORY_CHUNK events a fetch, however many packs (a thousand events a row)
     # and single changes the window mixes; decoded a slice at a time.
     for rows in history_rows(conn, query, since_s, HISTORY_CHUNK, count_at=6):
         for part in by_events(rows, 6, HISTORY_CHUNK):
-            yield decoder.queue_rows(part, count_at=6)
+            yield decoder.queue_rows(part, count_at=6, map_pack=map_pack)
