@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 
-from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, Pack, Row, TableName
+from cdc_invalidator.events import ChangeEvent, Columns, InvalidEvent, Op, Pack, Row, TableName
 
 if TYPE_CHECKING:
     from cdc_invalidator.capture.packs import ColumnPack
@@ -351,13 +351,12 @@ class RowDecoder:
             try:
                 values = _history_item(item)
                 if len(values) == _HISTORY_PACK_LENGTH:
-                    wanted = map_pack is not None and transactions is None
-                    pack = self._as_pack(values) if wanted else None
-                    if pack is not None and map_pack is not None and map_pack(pack):
+                    pack = self._history_pack(values)
+                    if map_pack is not None and transactions is None and map_pack(pack):
                         out.mapped_packs += 1
                         out.mapped_changes += pack.size
                         continue
-                    events = self._history_pack(position, values)
+                    events = self._pack_events(position, pack)
                 else:
                     events = [self.event(position, values[:5])]
             except InvalidEvent as exc:
@@ -372,56 +371,42 @@ class RowDecoder:
                 transactions += [current] * len(events)
         return out
 
-    def _as_pack(self, values: list[object]) -> Pack | None:
-        """A history item of changes gathered column-wise as the mapper's Pack; None
-        where it is not well formed (_history_pack() then says what is wrong)."""
-        schema, table, op, old, new, _, count = values
-        kind = _OPS.get(op) if isinstance(op, str) else None
-        if (
-            kind is None
-            or kind is Op.TRUNCATE
-            or not isinstance(count, int)
-            or count < 0
-            or not isinstance(schema, str)
-            or not isinstance(table, str)
-        ):
-            return None
-        try:
-            olds = (
-                None
-                if kind is Op.INSERT
-                else dict(zip(*_columns_of(old, "old", count), strict=True))
-            )
-            news = olds if kind is Op.UPDATE and new is None else None
-            if kind is Op.INSERT or (kind is Op.UPDATE and new is not None):
-                news = dict(zip(*_columns_of(new, "new", count), strict=True))
-        except InvalidEvent:
-            return None
-        name = self._tables.get((schema, table))
-        if name is None:
-            name = self._tables[schema, table] = TableName(schema, table)
-        return Pack(name, kind, olds, news, count)
-
-    def _history_pack(self, position: int, values: list[object]) -> list[ChangeEvent]:
-        """A history item of changes gathered column-wise: their events, each with
-        `position`; InvalidEvent saying what is wrong with it."""
+    def _history_pack(self, values: list[object]) -> Pack:
+        """A history item of changes gathered column-wise as the mapper's Pack (`new is
+        old`: an UPDATE that left its key columns alone); InvalidEvent saying what is
+        wrong with it."""
         schema, table, op, old, new, _, count = values
         if not isinstance(count, int) or count < 0:
             raise InvalidEvent(f"count is {_kind(count)}, expected a number of changes")
         kind = _OPS.get(op) if isinstance(op, str) else None
         if kind is None or kind is Op.TRUNCATE:
             raise InvalidEvent(f"unknown operation {op!r} for changes gathered column-wise")
-        olds = None if kind is Op.INSERT else column_rows(_columns_of(old, "old", count), count)
-        news = None
-        if kind is not Op.DELETE and (kind is Op.INSERT or new is not None):
-            news = column_rows(_columns_of(new, "new", count), count)
-        same = kind is Op.UPDATE and news is None
-        events = []
-        for i in range(count):
-            row_old = None if olds is None else olds[i]
-            row_new = None if news is None else news[i]
-            events.append(self.event(position, (schema, table, op, row_old, row_new), same=same))
-        return events
+        olds = None
+        if kind is not Op.INSERT:
+            olds = dict(zip(*_columns_of(old, "old", count), strict=True))
+        news = olds if kind is Op.UPDATE and new is None else None
+        if kind is Op.INSERT or (kind is Op.UPDATE and new is not None):
+            news = dict(zip(*_columns_of(new, "new", count), strict=True))
+        return Pack(self._table(schema, table), kind, olds, news, count)
+
+    def _pack_events(self, position: int, pack: Pack) -> list[ChangeEvent]:
+        """A history pack's changes as events, each with `position` (one row for both
+        sides where `new is old`)."""
+        table, op, old, new, count = pack
+        olds = None if old is None else column_rows(_labelled(old), count)
+        news = olds
+        if new is not old:
+            news = None if new is None else column_rows(_labelled(new), count)
+        return [
+            ChangeEvent(
+                table,
+                op,
+                None if olds is None else olds[i],
+                None if news is None else news[i],
+                position,
+            )
+            for i in range(count)
+        ]
 
     def event(self, position: int, values: Sequence[object], *, same: bool = False) -> ChangeEvent:
         """One change from parsed (schema, table, op, old, new); InvalidEvent saying what
@@ -431,14 +416,19 @@ class RowDecoder:
         kind = _OPS.get(op) if isinstance(op, str) else None
         if kind is None:
             raise InvalidEvent(f"unknown operation {op!r}")
+        name = self._table(schema, table)
+        old_row = _row(old, "old_row")
+        new_row = old_row if same else _row(new, "new_row")
+        return ChangeEvent(name, kind, old_row, new_row, position)
+
+    def _table(self, schema: object, table: object) -> TableName:
+        """The table named, interned; InvalidEvent if its name is not text."""
         if not isinstance(schema, str) or not isinstance(table, str):
             raise InvalidEvent(f"table name {schema!r}.{table!r} is not text")
         name = self._tables.get((schema, table))
         if name is None:
             name = self._tables[schema, table] = TableName(schema, table)
-        old_row = _row(old, "old_row")
-        new_row = old_row if same else _row(new, "new_row")
-        return ChangeEvent(name, kind, old_row, new_row, position)
+        return name
 
 
 def _pack_columns(text: str | None, name: str, count: int) -> _Columns:
@@ -531,6 +521,12 @@ def _row(value: object, name: str) -> Row | None:
     if value is None or value.__class__ is dict:
         return value  # a dict of JSON values: their types are checked when rendered
     raise InvalidEvent(f"{name} is {_kind(value)}, expected a JSON object")
+
+
+def _labelled(columns: Columns) -> _Columns:
+    """A pack side's labels and arrays, as _columns_of() gives them (its arrays: lists
+    parsed from JSON, checked there)."""
+    return list(columns), cast("list[list[Any]]", list(columns.values()))
 
 
 def _kind(value: object) -> str:
