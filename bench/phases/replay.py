@@ -1,10 +1,10 @@
 """Phase 4, replay: N changes invalidated by the listener (history kept, as by default
 for replay_history = 2h), the keys set again (a restored snapshot), then `cdc-invalidator
 replay --since 15m` timed (its own figure, and with process start). Floor
-(floors.replay_floor): the same history rows read back, their key columns taken out of
-the JSON by the server (the queue's old_row and new_row in trigger mode, history_v1's
-batches in logical mode), then the distinct keys UNLINKed 500 per command in one hiredis
-pipeline. It runs first, on the same restored keys."""
+(floors.replay_floor): the same history rows read back as text and each parsed once (the
+queue's old_row and new_row in trigger mode, history_v1's batches in logical mode), a
+pack's key columns rendered a template at a time, then the distinct keys UNLINKed 500 per
+command in one hiredis pipeline. It runs first, on the same restored keys."""
 
 from __future__ import annotations
 
