@@ -2,8 +2,8 @@
 # Run:   docker run --rm -v $PWD/config.toml:/etc/cdc-invalidator/config.toml:ro cdc-invalidator
 # Any subcommand works too: docker run ... cdc-invalidator check
 # The wheel is built in a stage of its own, with a C compiler for capture/_walk.c
-# (logical mode's tuple walks in C; the package builds without it, slower, which the
-# final stage refuses). psycopg[binary] and hiredis come as wheels.
+# (logical mode's tuple walks in C) and sink/_slots.c (a Redis Cluster's hash slots);
+# the package builds without them, slower, which the final stage refuses. psycopg[binary] and hiredis come as wheels.
 FROM python:3.11-slim AS build
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
@@ -25,7 +25,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 COPY --from=build /wheels /tmp/wheels
 RUN pip install /tmp/wheels/*.whl \
     && rm -rf /tmp/wheels \
-    && python -c "from cdc_invalidator.capture.pgoutput import NATIVE_WALKS; assert NATIVE_WALKS, 'capture/_walk.c was not built'"
+    && python -c "from cdc_invalidator.capture.pgoutput import NATIVE_WALKS; assert NATIVE_WALKS, 'capture/_walk.c was not built'" \
+    && python -c "from cdc_invalidator.sink.slots import NATIVE_SLOTS; assert NATIVE_SLOTS, 'sink/_slots.c was not built'"
 
 # The listener needs no privileges in the container.
 RUN useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin cdc

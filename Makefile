@@ -9,8 +9,9 @@ PEERS_STAMP := $(VENV)/.installed-peers
 
 .PHONY: install system-deps lint format test bench bench-baseline chaos demo clean
 
-# _walk.c: the package's C extension, rebuilt by the editable install when it changes.
-$(STAMP): pyproject.toml src/cdc_invalidator/capture/_walk.c
+# _walk.c, _slots.c: the package's C extensions, rebuilt by the editable install when
+# they change.
+$(STAMP): pyproject.toml src/cdc_invalidator/capture/_walk.c src/cdc_invalidator/sink/_slots.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
@@ -89,4 +90,4 @@ demo: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info src/*.egg-info
-	rm -f src/cdc_invalidator/capture/_walk.*.so
+	rm -f src/cdc_invalidator/capture/_walk.*.so src/cdc_invalidator/sink/_slots.*.so

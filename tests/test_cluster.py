@@ -22,8 +22,9 @@ from cdc_invalidator.capture.errors import Fatal
 from cdc_invalidator.cli import main
 from cdc_invalidator.mapping import Invalidation
 from cdc_invalidator.sink import ClusterSink, RedisSink, connect_sink, open_sink
-from cdc_invalidator.sink.cluster_sink import ClusterChanging, pack_unlinks
+from cdc_invalidator.sink.cluster_sink import ClusterChanging
 from cdc_invalidator.sink.connect import RedisOptions
+from cdc_invalidator.sink.slots import group_by_slot, pack_unlinks
 from tests.support.env import Env, Servers, capture_of, make_env
 from tests.support.evidence import unavailable
 from tests.support.faults import PENDING
@@ -372,6 +373,38 @@ def test_a_cluster_has_only_database_0(cluster: RedisClusterServer) -> None:
         connect_sink(cluster.nodes[0].url.replace("/0", "/3"))
 
 
+def test_a_slots_keys_past_unlink_chunk_go_in_several_unlinks(cluster: RedisClusterServer) -> None:
+    """One UNLINK per slot, of at most unlink_chunk keys: seven keys of one hash tag with
+    a chunk of three are three UNLINKs, every key deleted, the others' too."""
+    sink = connect_sink(cluster.url, unlink_chunk=3)
+    assert isinstance(sink, ClusterSink)
+    client = sink.client
+    tagged = [f"{{chunked}}:{i}" for i in range(7)]
+    others = [f"unchunked:{i}" for i in range(20)]
+    client.mset_nonatomic({key: "v" for key in tagged + others})
+    node = client.nodes_manager.slots_cache[key_slot(b"chunked")][0]
+    direct = client.get_redis_connection(node)
+
+    def unlinks() -> int:
+        stats: dict[str, dict[str, int]] = direct.info("commandstats")
+        return stats.get("cmdstat_unlink", {}).get("calls", 0)
+
+    by_node = sink._by_node(tagged)
+    assert [len(command) for _, commands in by_node for command in commands] == [3, 3, 1]
+    before = unlinks()
+    assert sink.unlink(tagged + others) == 27
+    # The node's other UNLINKs: one per slot of the other keys that it serves.
+    served = node_slots(client, node)
+    other_slots = {slot for key in others if (slot := key_slot(key.encode())) in served}
+    assert unlinks() - before == 3 + len(other_slots)
+    assert client.exists(*tagged, *others) == 0
+    sink.close()
+
+
+def node_slots(client: RedisCluster, node: ClusterNode) -> set[int]:
+    return {slot for slot, owners in client.nodes_manager.slots_cache.items() if owners[0] == node}
+
+
 def test_identity_changes_when_a_node_restarts(own_cluster: RedisClusterServer) -> None:
     sink = connect_sink(own_cluster.url)
     assert isinstance(sink, ClusterSink)
@@ -528,7 +561,7 @@ def test_a_primarys_pool_hands_out_connections_that_take_packed_commands(
     inspect.signature(pool.get_connection).bind()  # no command name (redis-py >= 5.3)
     connection = pool.get_connection()
     try:
-        commands = [keys[:2], keys[2:]]
+        commands: list[list[str | bytes]] = [list(keys[:2]), list(keys[2:])]
         packed = pack_unlinks(commands)
         # Our RESP is redis-py's, byte for byte.
         ours = connection.pack_commands([("UNLINK", *group) for group in commands])
@@ -539,6 +572,19 @@ def test_a_primarys_pool_hands_out_connections_that_take_packed_commands(
     finally:
         pool.release(connection)
     sink.close()
+
+
+def test_hash_slots_are_the_clusters_own(cluster: RedisClusterServer) -> None:
+    """group_by_slot() (C where built) puts each key where CLUSTER KEYSLOT says it
+    belongs: hash tags, empty tags, UTF-8 and binary keys included."""
+    keys: list[str | bytes] = ["user:1", "{user}:2", "a{}b", "{user", "x{a}{b}", "é{日}", b"\xff"]
+    client = cluster.nodes[0].client()
+    try:
+        for slot, group in group_by_slot(keys).items():
+            for key in group:
+                assert client.execute_command("CLUSTER", "KEYSLOT", key) == slot
+    finally:
+        client.close()
 
 
 def test_redirections_are_the_exceptions_cluster_sink_catches() -> None:
