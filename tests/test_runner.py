@@ -720,6 +720,46 @@ def test_second_deletes_count_from_when_the_changes_were_visible(world: World) -
     assert at[4] == pytest.approx(at[3] + 2, abs=1e-6)
 
 
+def test_second_deletes_wait_while_a_backlog_drains(world: World) -> None:
+    """Full batches (a backlog) go first: every key of them is stale until deleted. The
+    second deletes owed wait until a batch is not full, here one batch past their time."""
+    script: list[Arrives | BaseException] = [
+        Arrives([1, 2], visible_at=T0),  # owed, due at T0 + 0.3
+        Arrives([3, 4], visible_at=T0),  # owed, the same second delete
+        Arrives([5, 6], visible_at=T0),  # deleted at T0 + 0.3: owes none
+        Arrives([7]),  # read at T0 + 0.3, when the second delete is due
+    ]
+
+    def slow_redis() -> None:
+        world.clock.advance(0.1)
+
+    sink = FakeSink(world, on_delete=slow_redis)
+    make_runner(world, FakeSource(world, script), sink, batch_size=2, second_delete_s=0.3).run()
+    assert sink.deletes == [keys(1, 2), keys(3, 4), keys(5, 6), keys(7), keys(1, 2, 3, 4), keys(7)]
+    # Sent at T0 + 0.4 (0.1 s late: after the backlog), done 0.1 s later.
+    assert sink.at[4] == pytest.approx(T0 + 0.5)
+
+
+def test_second_deletes_wait_for_a_backlog_second_delete_s_at_most(world: World) -> None:
+    """A backlog that goes on does not hold them back for ever: second_delete_s past
+    their time, they go between two full batches."""
+    script: list[Arrives | BaseException] = [
+        Arrives([2 * i + 1, 2 * i + 2], visible_at=T0) for i in range(8)
+    ]
+
+    def slow_redis() -> None:
+        world.clock.advance(0.1)
+
+    sink = FakeSink(world, on_delete=slow_redis)
+    make_runner(world, FakeSource(world, script), sink, batch_size=2, second_delete_s=0.3).run()
+    # The first two batches owe one (due at T0 + 0.3), sent at T0 + 0.6 (done 0.1 s
+    # later), before the 7th batch.
+    assert sink.deletes[6] == keys(1, 2, 3, 4)
+    assert sink.at[6] == pytest.approx(T0 + 0.7)
+    assert sink.deletes[:6] == [keys(2 * i + 1, 2 * i + 2) for i in range(6)]
+    assert sink.deletes[7:] == [keys(13, 14), keys(15, 16)]
+
+
 def test_second_deletes_are_done_on_shutdown(world: World) -> None:
     source = FakeSource(world, [Arrives([1]), Arrives([2], at=T0 + 1)], stop_when_done=True)
     sink = FakeSink(world)

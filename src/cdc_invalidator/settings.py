@@ -219,10 +219,11 @@ class Settings(BaseSettings):
     # How often the listener asks Redis who it is (INFO), besides on every reconnect.
     redis_check_interval_ms: Annotated[int, Field(ge=100)] = 1000
     # The longest a cache-aside reader may take from its database read to its SET: every
-    # key is deleted again this long after its change was visible (0: off), undoing a
-    # reader that read the old row before the commit and SETs it after our delete. On by
-    # default: readers are that slow in practice (a GC pause, a slow request), and a stale
-    # value set then stays until the row's next change.
+    # key is deleted again this long after its change was visible (up to twice this while
+    # a backlog drains in full batches; 0: off), undoing a reader that read the old row
+    # before the commit and SETs it after our delete. On by default: readers are that
+    # slow in practice (a GC pause, a slow request), and a stale value set then stays
+    # until the row's next change.
     second_delete_ms: Annotated[int, Field(ge=0, le=600_000)] = 300
 
     # Most events read, mapped and deleted in one round.
