@@ -722,21 +722,22 @@ def test_second_deletes_count_from_when_the_changes_were_visible(world: World) -
 
 def test_second_deletes_wait_while_a_backlog_drains(world: World) -> None:
     """Full batches (a backlog) go first: every key of them is stale until deleted. The
-    second deletes owed wait until a batch is not full, here one batch past their time."""
+    second deletes owed wait until a batch that is not full is deleted, here 0.15 s past
+    their time. (Times are kept off the boundaries, where float sums could tip them.)"""
     script: list[Arrives | BaseException] = [
-        Arrives([1, 2], visible_at=T0),  # owed, due at T0 + 0.3
+        Arrives([1, 2], visible_at=T0),  # owed, due at T0 + 0.25
         Arrives([3, 4], visible_at=T0),  # owed, the same second delete
         Arrives([5, 6], visible_at=T0),  # deleted at T0 + 0.3: owes none
-        Arrives([7]),  # read at T0 + 0.3, when the second delete is due
+        Arrives([7]),  # read at T0 + 0.3, past the second delete's time
     ]
 
     def slow_redis() -> None:
         world.clock.advance(0.1)
 
     sink = FakeSink(world, on_delete=slow_redis)
-    make_runner(world, FakeSource(world, script), sink, batch_size=2, second_delete_s=0.3).run()
+    make_runner(world, FakeSource(world, script), sink, batch_size=2, second_delete_s=0.25).run()
     assert sink.deletes == [keys(1, 2), keys(3, 4), keys(5, 6), keys(7), keys(1, 2, 3, 4), keys(7)]
-    # Sent at T0 + 0.4 (0.1 s late: after the backlog), done 0.1 s later.
+    # Sent at T0 + 0.4, after the backlog, done 0.1 s later.
     assert sink.at[4] == pytest.approx(T0 + 0.5)
 
 
@@ -751,13 +752,13 @@ def test_second_deletes_wait_for_a_backlog_second_delete_s_at_most(world: World)
         world.clock.advance(0.1)
 
     sink = FakeSink(world, on_delete=slow_redis)
-    make_runner(world, FakeSource(world, script), sink, batch_size=2, second_delete_s=0.3).run()
-    # The first two batches owe one (due at T0 + 0.3), sent at T0 + 0.6 (done 0.1 s
-    # later), before the 7th batch.
-    assert sink.deletes[6] == keys(1, 2, 3, 4)
-    assert sink.at[6] == pytest.approx(T0 + 0.7)
-    assert sink.deletes[:6] == [keys(2 * i + 1, 2 * i + 2) for i in range(6)]
-    assert sink.deletes[7:] == [keys(13, 14), keys(15, 16)]
+    make_runner(world, FakeSource(world, script), sink, batch_size=2, second_delete_s=0.32).run()
+    # The first three batches owe one (due at T0 + 0.32), held back until T0 + 0.64:
+    # sent before the 8th batch, read at T0 + 0.7 (done 0.1 s later).
+    assert sink.deletes[:7] == [keys(2 * i + 1, 2 * i + 2) for i in range(7)]
+    assert sink.deletes[7] == keys(1, 2, 3, 4, 5, 6)
+    assert sink.at[7] == pytest.approx(T0 + 0.8)
+    assert sink.deletes[8:] == [keys(15, 16)]
 
 
 def test_second_deletes_are_done_on_shutdown(world: World) -> None:

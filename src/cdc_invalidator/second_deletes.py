@@ -158,14 +158,15 @@ def redo_owed(
     delay_s: float,
 ) -> None:
     """The listener before this one may have died owing second deletes (they live in
-    memory): delete again what it acknowledged in its last delay_s. Logical mode knows
+    memory): delete again what it acknowledged in its last 2 * delay_s (a second delete
+    waits up to delay_s past its time while a backlog drains: runner.py). Logical mode knows
     when each batch was acknowledged; trigger mode, when it saved the position past each
     change (progress_v1), and how far it had got (listener_state_v1): the rows it had
     not processed are this listener's to delete, with their own second deletes."""
     ago = history.last_acknowledged_s(conn)
     if ago is None:
         return  # nothing acknowledged yet
-    since_s = max(0.0, ago) + delay_s + MARGIN_S
+    since_s = max(0.0, ago) + 2 * delay_s + MARGIN_S
     result = replay(conn, _AcknowledgedOnly(history), mapper, sink, since_s)
     log.info(
         "second_deletes_redone",
