@@ -77,24 +77,30 @@ key_bytes(PyObject *key, Py_ssize_t *len)
 static PyObject *
 group_by_slot(PyObject *Py_UNUSED(module), PyObject *keys)
 {
-    PyObject *seq = PySequence_Fast(keys, "keys must be iterable");
-    if (seq == NULL)
+    /* An owned copy: a collection the allocations below start cannot change it. */
+    PyObject *list = PySequence_List(keys);
+    if (list == NULL)
         return NULL;
-    PyObject **groups = PyMem_Calloc(SLOTS, sizeof(PyObject *));  /* borrowed from result */
+    Py_ssize_t n = PyList_GET_SIZE(list);
+    /* Each slot's group: its number in `groups` + 1, 0 for none yet (32 KiB). */
+    uint16_t *index = PyMem_Calloc(SLOTS, sizeof(uint16_t));
+    PyObject **groups = PyMem_Malloc((size_t)(n < SLOTS ? (n ? n : 1) : SLOTS) * sizeof(PyObject *));
     PyObject *result = PyDict_New();
-    if (groups == NULL || result == NULL) {
+    Py_ssize_t ngroups = 0;
+    if (index == NULL || groups == NULL) {
         PyErr_NoMemory();
         goto error;
     }
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    PyObject **items = PySequence_Fast_ITEMS(seq);
+    if (result == NULL)
+        goto error;
     for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *key = PyList_GET_ITEM(list, i);
         Py_ssize_t len;
-        const char *buf = key_bytes(items[i], &len);
+        const char *buf = key_bytes(key, &len);
         if (buf == NULL)
             goto error;
         unsigned int slot = hash_slot(buf, len);
-        if (groups[slot] == NULL) {
+        if (index[slot] == 0) {
             PyObject *group = PyList_New(0);
             PyObject *number = PyLong_FromUnsignedLong(slot);
             int failed = group == NULL || number == NULL ||
@@ -103,18 +109,21 @@ group_by_slot(PyObject *Py_UNUSED(module), PyObject *keys)
             Py_XDECREF(group);  /* the dict holds it */
             if (failed)
                 goto error;
-            groups[slot] = group;
+            groups[ngroups++] = group;
+            index[slot] = (uint16_t)ngroups;
         }
-        if (PyList_Append(groups[slot], items[i]) < 0)
+        if (PyList_Append(groups[index[slot] - 1], key) < 0)
             goto error;
     }
+    PyMem_Free(index);
     PyMem_Free(groups);
-    Py_DECREF(seq);
+    Py_DECREF(list);
     return result;
 error:
+    PyMem_Free(index);
     PyMem_Free(groups);
     Py_XDECREF(result);
-    Py_DECREF(seq);
+    Py_DECREF(list);
     return NULL;
 }
 
@@ -191,6 +200,10 @@ pack_unlinks(PyObject *Py_UNUSED(module), PyObject *commands)
             *out++ = '\r';
             *out++ = '\n';
         }
+    }
+    if (out != PyBytes_AS_STRING(packed) + size) {  /* the two passes disagree: a bug */
+        Py_CLEAR(packed);
+        PyErr_SetString(PyExc_SystemError, "pack_unlinks: packed size mismatch");
     }
 done:
     Py_DECREF(seq);
