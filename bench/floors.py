@@ -230,8 +230,8 @@ def _change_keys(
         if not packed:
             found += _keys(row.get("id"), row.get("email"))
             continue
-        found += [b"user:" + i.encode() for i in row.get("id") or []]
-        found += [b"user:email:" + e.encode() for e in row.get("email") or []]
+        found += [b"user:" + i.encode() for i in row.get("id") or [] if i is not None]
+        found += [b"user:email:" + e.encode() for e in row.get("email") or [] if e is not None]
     return found
 
 
@@ -270,7 +270,10 @@ REPLAY_LOGICAL = """
 
 
 def _queue_keys(old_text: str | None, new_text: str | None, packed: bool) -> list[bytes]:
-    """The keys of a queue row (its old and new rows as text, each parsed once)."""
+    """The keys of a queue row (its old and new rows as text, each parsed once; the new
+    one not at all when its text is the old one's, as the listener does)."""
+    if new_text == old_text:
+        new_text = None
     return _change_keys(
         orjson.loads(old_text) if old_text is not None else None,
         orjson.loads(new_text) if new_text is not None else None,
