@@ -11,10 +11,12 @@ import time
 
 import pytest
 
+from cdc_invalidator.capture.rows import Decoded
 from cdc_invalidator.events import TableName
-from cdc_invalidator.mapping import KEYS_SEP, Invalidation, Routed
+from cdc_invalidator.mapping import KEYS_SEP, Invalidation, Mapper, Routed
 from cdc_invalidator.pg.queries import Q
-from cdc_invalidator.second_deletes import SECOND_DELETE_GROUP, SecondDeletes
+from cdc_invalidator.redis_guard.window import MARGIN_S
+from cdc_invalidator.second_deletes import SECOND_DELETE_GROUP, SecondDeletes, redo_owed
 from tests.support.env import Env
 from tests.support.faults import setup_users
 
@@ -89,6 +91,34 @@ def test_batches_apart_are_separate_second_deletes_in_order() -> None:
 
 
 @pytest.mark.servers
+class LastAcknowledged:
+    """An Acknowledged history that last acknowledged `ago` seconds back and records the
+    window it is asked for (nothing in it)."""
+
+    history_table = "cdc_invalidator.fake"
+
+    def __init__(self, ago: float) -> None:
+        self.ago = ago
+        self.asked: list[float] = []
+
+    def last_acknowledged_s(self, conn: object) -> float:
+        return self.ago
+
+    def acknowledged(self, conn: object, since_s: float, map_pack: object = None) -> list[Decoded]:
+        self.asked.append(since_s)
+        return []
+
+    history = acknowledged
+
+
+def test_the_redo_reaches_back_twice_second_delete_ms_before_the_last_acknowledgement() -> None:
+    """A second delete may wait second_delete_ms past its time while a backlog drains
+    (runner.py): one its predecessor owed at its death can be up to twice that old."""
+    history = LastAcknowledged(ago=2.0)
+    redo_owed(None, history, Mapper({}), Recorder(), 0.3)  # type: ignore[arg-type]
+    assert history.asked == [pytest.approx(2.0 + 2 * 0.3 + MARGIN_S)]
+
+
 def test_a_next_listener_redoes_the_rows_processed_up_to_its_predecessors_position(
     env: Env,
 ) -> None:
