@@ -38,12 +38,15 @@ against a floor of that mode (floors.py):
 8. bulk statements: a 1M-row UPDATE, DELETE and INSERT ... SELECT (--quick 100k)
    watched and unwatched, and the same rows UPDATEd as a backfill of 10k-row statements:
    the writer's time, the last COMMIT until the last key is gone, the WAL written, the
-   listener's peak RSS (phases/bulk.py);
+   listener's peak RSS; trigger mode then runs the statements and the backfill again with
+   `bulk_sweep_rows = 100000` installed (rows named "... with bulk_sweep_rows"), and
+   installs the defaults again (phases/bulk.py);
 9. sweeps: a TRUNCATE while Redis holds 1M and 10M unrelated keys (--quick 100k), with a
    change committed during its sweep: the sweep's time, the change's head-of-line delay,
    Redis's GET latency during the sweep against idle (phases/sweep.py).
 
-The listener runs with every setting at its default in every phase but phase 6 (replay_history too:
+The listener runs with every setting at its default in every phase but phase 6 and the
+rows named "with notify_payload" or "with bulk_sweep_rows" (replay_history too:
 2 h of history kept), but where it connects.
 
 The servers, tables and listener process are in harness.py, the floors in floors.py
@@ -91,7 +94,7 @@ from harness import (
     Target,
     pg_install,
 )
-from phases.bulk import bulk_rows, measure_bulk
+from phases.bulk import BULK_SWEEP_ROWS, bulk_rows, measure_bulk, measure_bulk_swept
 from phases.cluster import cluster_rows, measure_cluster_drain
 from phases.drain import drain_rows, measure_drain
 from phases.hit_rate import hit_rate_rows, measure_hit_rate, prepare_hit_rate
@@ -270,6 +273,12 @@ def measure_bulk_and_sweeps(
         bulk = measure_bulk(bench, sizes.bulk_rows, target)
     report.raw[f"{mode} bulk"] = asdict(bulk)
     rows += bulk_rows(mode, bulk)
+    if mode == "trigger":
+        print(f"[{mode}] 8b. the same with bulk_sweep_rows = {BULK_SWEEP_ROWS:,}", flush=True)
+        with meter.phase(f"{mode} bulk, bulk_sweep_rows"):
+            swept = measure_bulk_swept(bench, sizes.bulk_rows, target)
+        report.raw[f"{mode} bulk bulk_sweep_rows"] = asdict(swept)
+        rows += bulk_rows(mode, swept, f" with bulk_sweep_rows = {BULK_SWEEP_ROWS:,}")
     print(f"[{mode}] 9. a TRUNCATE's sweep beside a concurrent change", flush=True)
     with meter.phase(f"{mode} sweep"):
         sweeps = measure_sweeps(bench, sizes.sweep_keys, target)

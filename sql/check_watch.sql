@@ -7,7 +7,9 @@
 -- their statement triggers, not the table's: its changes of the table are not seen); its
 -- column filter as watch() compiled it; and whether its capture function sends a one-row
 -- change in the NOTIFY payload (notify_payload: its text holds queue_early_v1's call;
--- NULL when the function is missing, which the trigger problems already say).
+-- NULL when the function is missing, which the trigger problems already say), and the
+-- bulk_sweep_rows it was compiled with (queue_bulk_sweep_v1's number in its text; NULL
+-- when off or missing).
 WITH w AS (
     SELECT w.relid, w.columns, w.attnums, w.judge, w.filter_columns, w.judged, w.judged_natts
     FROM cdc_invalidator.watched_v1 w
@@ -81,5 +83,12 @@ SELECT
      FROM pg_proc p
      WHERE p.oid = to_regprocedure(
          'cdc_invalidator.' || quote_ident('capture_' || w.relid::oid || '_v1') || '()'))
-        AS notify_payload
+        AS notify_payload,
+    -- (a text longer than any identifier: no column name can hold it)
+    (SELECT (regexp_match(p.prosrc, 'IF statement_rows >= ([0-9]+) THEN INSERT INTO '
+                                    'cdc_invalidator\.queue_v1 \(schema_name, table_name, op, new_row\) VALUES'))[1]::int
+     FROM pg_proc p
+     WHERE p.oid = to_regprocedure(
+         'cdc_invalidator.' || quote_ident('capture_' || w.relid::oid || '_v1') || '()'))
+        AS bulk_sweep_rows
 FROM w

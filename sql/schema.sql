@@ -438,6 +438,18 @@ AS $sweep$
         'VALUES (%s, ''T'', json_build_object(''unrenderable'', %L))', names, reason)
 $sweep$;
 
+-- queue_bulk_sweep_v1(names, bulk_sweep_rows): the statement that queues a sweep of a
+-- table's templates for a statement of at least `bulk_sweep_rows` rows (watch()'s
+-- bulk_sweep_rows): a TRUNCATE event carrying that number, which the listener counts.
+CREATE OR REPLACE FUNCTION cdc_invalidator.queue_bulk_sweep_v1(names text, bulk_sweep_rows integer)
+RETURNS text
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
+AS $bulk$
+    SELECT format(
+        'INSERT INTO cdc_invalidator.queue_v1 (schema_name, table_name, op, new_row) '
+        'VALUES (%s, ''T'', json_build_object(''bulk'', %s))', names, bulk_sweep_rows)
+$bulk$;
+
 -- queue_drifted_v1(table, labels, attnums, op, names): the statement for a capture
 -- function whose compiled column names no longer all exist (a column was renamed or
 -- dropped since watch()). Columns are found again by attnum, which a rename keeps: the
@@ -595,6 +607,11 @@ $untriggered$;
 -- payload (queue_early_v1); off by default, since any role that can connect may LISTEN
 -- and so read the key columns of every such change. Off, the function is as it was
 -- before the payload existed: the empty wake-up only, nothing more per write.
+-- With bulk_sweep_rows (N), a statement that changed at least N rows queues one sweep
+-- of the table's templates (queue_bulk_sweep_v1) instead of its packs: the writer no
+-- longer reads its transition table beyond counting N rows, and the table's cached keys
+-- all go (a cold cache instead of a slow write; a filtered table's UPDATEs are still
+-- judged row by row). Off (NULL) by default; off, the function is as it was before.
 --
 -- What keeps writes safe and changes seen while the schema changes under it:
 --  * Every trigger fires ALWAYS, so writes applied with session_replication_role =
@@ -633,13 +650,14 @@ AS $missing$
         WHERE a.attrelid = tbl AND a.attname = c AND a.attnum > 0 AND NOT a.attisdropped)
 $missing$;
 
--- The two- and four-argument watch() of earlier releases: replaced by this one (same
+-- The two-, four- and five-argument watch() of earlier releases: replaced by this one (same
 -- calls; CREATE OR REPLACE cannot add a parameter, and the old one would stay beside it).
 DROP FUNCTION IF EXISTS cdc_invalidator.watch(regclass, text[]);
 DROP FUNCTION IF EXISTS cdc_invalidator.watch(regclass, text[], text, text[]);
+DROP FUNCTION IF EXISTS cdc_invalidator.watch(regclass, text[], text, text[], boolean);
 CREATE OR REPLACE FUNCTION cdc_invalidator.watch(
     tbl regclass, key_columns text[], judge text DEFAULT NULL, filter_columns text[] DEFAULT NULL,
-    notify_payload boolean DEFAULT false)
+    notify_payload boolean DEFAULT false, bulk_sweep_rows integer DEFAULT NULL)
 RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $watch$
@@ -668,11 +686,17 @@ DECLARE
     early_head text;
     single_q text[];  -- a one-row INSERT, UPDATE, DELETE: queued (with the payload if on)
     single_end text;  -- after it: RETURN when it sent its own payload, not the wake-up
+    many_q   text[];  -- several rows' INSERT, UPDATE, DELETE: packs, or a bulk sweep
+    count_q  text[];  -- the count of rows: INTO what, up to how many, then, declared
     rel      regclass;
     trg      record;
 BEGIN
     SELECT c.relkind, c.relowner, n.nspname, c.relname INTO kind, owner, schema_n, table_n
     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = tbl;
+    IF bulk_sweep_rows < 1000 THEN
+        RAISE EXCEPTION 'cdc_invalidator.watch: bulk_sweep_rows must be at least 1000, not %', bulk_sweep_rows
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     IF kind NOT IN ('r', 'p') THEN
         RAISE EXCEPTION 'cdc_invalidator.watch: % is not a table', tbl
             USING ERRCODE = 'wrong_object_type';
@@ -839,18 +863,39 @@ BEGIN
         single_q[3] := cdc_invalidator.queue_early_v1(single_q[3], early_head);
     END IF;
     single_end := CASE WHEN notify_payload THEN ' RETURN NULL;' ELSE '' END;
+    -- Several rows: packs. With bulk_sweep_rows, a statement of that many rows or more
+    -- queues one sweep instead: the count that tells one row from several counts up to
+    -- that many (once, for every statement of several rows), and that is all it reads of
+    -- the transition table. A judged UPDATE is still judged: a filter exists so that rows
+    -- whose counted columns did not change invalidate nothing. Off, the count stops at
+    -- two and the function is as it was before the setting existed.
+    many_q := ARRAY[
+        cdc_invalidator.queue_packed_v1('INSERT', names, key_columns, key_columns),
+        packed_q,
+        cdc_invalidator.queue_packed_v1('DELETE', names, key_columns, key_columns)];
+    count_q := ARRAY['count(*) > 1 INTO many', '2', '', ''];
+    IF bulk_sweep_rows IS NOT NULL THEN
+        count_q := ARRAY['count(*) INTO statement_rows', bulk_sweep_rows::text,
+                         ' many := statement_rows > 1;', E'\n            statement_rows bigint;'];
+        FOR i IN 1..3 LOOP
+            CONTINUE WHEN i = 2 AND judged;
+            -- (check_watch.sql reads the number back from this text.)
+            many_q[i] := format('IF statement_rows >= %s THEN %s; ELSE %s; END IF', bulk_sweep_rows,
+                                cdc_invalidator.queue_bulk_sweep_v1(names, bulk_sweep_rows), many_q[i]);
+        END LOOP;
+    END IF;
     body := format($body$
         DECLARE
             renamed boolean := false;
             many    boolean;
-            queued  bigint;
+            queued  bigint;%18$s
         BEGIN
             IF TG_OP <> 'TRUNCATE' THEN
                 BEGIN
                     IF TG_OP = 'INSERT' THEN
-                        SELECT count(*) > 1 INTO many FROM (SELECT FROM new_rows r WHERE NOT (%3$s) LIMIT 2) s;
+                        SELECT %15$s FROM (SELECT FROM new_rows r WHERE NOT (%3$s) LIMIT %16$s) s;%17$s
                     ELSE
-                        SELECT count(*) > 1 INTO many FROM (SELECT FROM old_rows r WHERE NOT (%3$s) LIMIT 2) s;
+                        SELECT %15$s FROM (SELECT FROM old_rows r WHERE NOT (%3$s) LIMIT %16$s) s;%17$s
                     END IF;
                 EXCEPTION WHEN undefined_column OR undefined_function OR ambiguous_function THEN
                     renamed := true;
@@ -886,10 +931,11 @@ BEGIN
         single_q[3],
         cdc_invalidator.queue_statement_v1('TRUNCATE', names, key_columns, key_columns),
         CASE WHEN pinned THEN 'queue_drifted_v1' ELSE 'queue_drifted_unpinned_v1' END,
-        cdc_invalidator.queue_packed_v1('INSERT', names, key_columns, key_columns),
-        packed_q,
-        cdc_invalidator.queue_packed_v1('DELETE', names, key_columns, key_columns),
-        single_end);
+        many_q[1],
+        many_q[2],
+        many_q[3],
+        single_end,
+        count_q[1], count_q[2], count_q[3], count_q[4]);
 
     -- The body goes in as a quoted literal (%L): no table or column name can end it
     -- early. When a rendered column needs them, the settings that change how values print
@@ -1010,7 +1056,7 @@ END
 $unwatch$;
 
 -- Changing triggers runs with the installer's rights: nobody else may call these.
-REVOKE ALL ON FUNCTION cdc_invalidator.watch(regclass, text[], text, text[], boolean) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cdc_invalidator.watch(regclass, text[], text, text[], boolean, integer) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cdc_invalidator.unwatch(regclass) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cdc_invalidator.missing_columns(regclass, text[]) FROM PUBLIC;
 -- Nobody but our triggers runs this one; a role that could attach it to a table of its

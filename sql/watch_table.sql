@@ -1,1 +1,1 @@
-SELECT cdc_invalidator.watch({table}, {columns}{column_filter}{payload});
+SELECT cdc_invalidator.watch({table}, {columns}{column_filter}{payload}{bulk});

@@ -238,7 +238,7 @@ OLDER_RELEASE = """
     ALTER TABLE cdc_invalidator.dead_letter_v1 DROP COLUMN rows;
     DROP FUNCTION cdc_invalidator.queue_early_v1, cdc_invalidator.queue_packed_v1,
         cdc_invalidator.queue_judged_packed_v1, cdc_invalidator.pack_rows_v1;
-    DROP FUNCTION cdc_invalidator.watch(regclass, text[], text, text[], boolean);
+    DROP FUNCTION cdc_invalidator.watch(regclass, text[], text, text[], boolean, integer);
     CREATE FUNCTION cdc_invalidator.watch(
         tbl regclass, key_columns text[], judge text DEFAULT NULL,
         filter_columns text[] DEFAULT NULL) RETURNS void LANGUAGE sql AS '';
@@ -293,8 +293,38 @@ def test_install_over_an_earlier_releases_watch_leaves_one_watch(env: Env) -> No
     assert env.scalar(
         "SELECT array_agg(oid::regprocedure::text) FROM pg_proc"
         " WHERE proname = 'watch' AND pronamespace = 'cdc_invalidator'::regnamespace"
-    ) == ["cdc_invalidator.watch(regclass,text[],text,text[],boolean)"]
+    ) == ["cdc_invalidator.watch(regclass,text[],text,text[],boolean,integer)"]
     env.sql("SELECT cdc_invalidator.watch('public.users', ARRAY['id', 'email'])")
+
+
+def test_install_over_a_five_argument_watch_leaves_one_watch_nobody_else_may_call(
+    env: Env,
+) -> None:
+    """Releases before bulk_sweep_rows had a five-argument watch() (notify_payload its
+    last): install drops it, and the one it creates is revoked from PUBLIC as it was."""
+    tables(env)
+    config = env.config(USERS)
+    assert cli("install", "--config", config) == 0
+    env.sql(
+        "DROP FUNCTION cdc_invalidator.watch(regclass, text[], text, text[], boolean, integer);"
+        " CREATE FUNCTION cdc_invalidator.watch(tbl regclass, key_columns text[],"
+        " judge text DEFAULT NULL, filter_columns text[] DEFAULT NULL,"
+        " notify_payload boolean DEFAULT false) RETURNS void LANGUAGE sql AS '';"
+        " REVOKE ALL ON FUNCTION cdc_invalidator.watch(regclass, text[], text, text[], boolean)"
+        " FROM PUBLIC"
+    )
+    assert cli("install", "--config", config) == 0
+    assert env.scalar(
+        "SELECT array_agg(oid::regprocedure::text) FROM pg_proc"
+        " WHERE proname = 'watch' AND pronamespace = 'cdc_invalidator'::regnamespace"
+    ) == ["cdc_invalidator.watch(regclass,text[],text,text[],boolean,integer)"]
+    assert (
+        env.scalar(
+            "SELECT has_function_privilege('public',"
+            " 'cdc_invalidator.watch(regclass,text[],text,text[],boolean,integer)', 'EXECUTE')"
+        )
+        is False
+    )
 
 
 def test_reinstall_after_config_change_brings_triggers_in_line(env: Env) -> None:
@@ -578,6 +608,43 @@ def test_check_says_which_way_notify_payload_was_installed(
     code, out, _ = check(off, capsys)
     assert code == 0
     assert "installed with notify_payload = true, but it is false" in out
+
+
+def test_check_says_which_bulk_sweep_rows_was_installed(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tables(env)
+    off = env.config(USERS, name="off.toml")
+    on = env.config(USERS, name="on.toml", bulk_sweep_rows=5000)
+    assert cli("install", "--config", off) == 0
+    code, out, err = check(off, capsys)
+    assert (code, err) == (0, "")
+    assert "bulk_sweep_rows" not in out
+
+    code, out, err = check(on, capsys)  # configured on, installed off
+    assert (code, err) == (0, ""), "a warning: nothing is missed either way"
+    line = next(line for line in out.splitlines() if "bulk_sweep_rows" in line)
+    assert line.startswith("warning: ")
+    assert "installed with bulk_sweep_rows = 0, but it is 5000" in line
+    assert "install" in line
+
+    assert cli("install", "--config", on) == 0
+    code, out, err = check(on, capsys)
+    assert (code, err) == (0, "")
+    assert "a statement of 5000 rows or more of public.users sweeps" in out
+    code, out, _ = check(off, capsys)
+    assert code == 0
+    assert "installed with bulk_sweep_rows = 5000, but it is 0" in out
+
+
+def test_watch_refuses_a_bulk_sweep_rows_below_a_pack(env: Env) -> None:
+    tables(env)
+    assert cli("install", "--config", env.config(USERS)) == 0
+    with env.connect() as conn, pytest.raises(psycopg.errors.InvalidParameterValue) as exc:
+        conn.execute(
+            "SELECT cdc_invalidator.watch('public.users', ARRAY['id'], bulk_sweep_rows => 999)"
+        )
+    assert "bulk_sweep_rows must be at least 1000, not 999" in str(exc.value)
 
 
 def test_check_notices_triggers_dropped_by_hand(

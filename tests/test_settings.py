@@ -75,6 +75,11 @@ def test_config_path_from_environment(tmp_path: Path, monkeypatch: pytest.Monkey
         ("replay_history = true\n" + GOOD, "replay_history: expected a duration"),
         ("second_delete_ms = -1\n" + GOOD, "second_delete_ms"),
         ('notify_payload = "maybe"\n' + GOOD, "notify_payload"),
+        (
+            "bulk_sweep_rows = 999\n" + GOOD,
+            r"bulk_sweep_rows: must be 0 \(off\) or at least 1000 rows \(got 999\)",
+        ),
+        ("bulk_sweep_rows = -1\n" + GOOD, "bulk_sweep_rows"),
         ("redis_check_interval_ms = 1\n" + GOOD, "redis_check_interval_ms"),
         ('metrics_address = ""\n' + GOOD, "metrics_address"),
         (
@@ -179,6 +184,23 @@ def test_sql_prints_reviewable_script(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "SELECT cdc_invalidator.watch('public.users', ARRAY['email', 'id']::text[]);" in out
     assert "SELECT cdc_invalidator.watch('public.orders', ARRAY['id', 'user_id']::text[]);" in out
     assert out.count("-- ") > 20  # the DBA reads comments saying what each part does
+
+
+def test_sql_compiles_bulk_sweep_rows_only_when_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _write(tmp_path, GOOD)
+    assert load_settings(path).bulk_sweep_rows == 0
+    assert main(["sql", "--config", str(path)]) == 0
+    assert "bulk_sweep_rows =>" not in capsys.readouterr().out
+    monkeypatch.setenv("CDC_INVALIDATOR_BULK_SWEEP_ROWS", "100000")
+    assert main(["sql", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "SELECT cdc_invalidator.watch('public.users', ARRAY['email', 'id']::text[], "
+        "bulk_sweep_rows => 100000);" in out
+    )
+    assert out.count("bulk_sweep_rows => 100000);") == 2
 
 
 def test_sql_compiles_notify_payload_only_when_asked(

@@ -7,6 +7,13 @@ long its keys stay cached after its COMMIT, in each capture mode.
 - a backfill: every row UPDATEd by statements of BACKFILL_STEP rows, each its own
   transaction, one after the other.
 
+In trigger mode the one statements and the backfill are measured again with
+`bulk_sweep_rows` installed (BULK_SWEEP_ROWS: a statement of that many rows or more
+queues one sweep of the table's templates instead of its rows; the backfill's smaller
+statements are packed as before; rows named "... with bulk_sweep_rows"), one round of
+each; the defaults are installed again after it. Its keys are all the table's: Redis holds
+nothing else, so its sweep finds exactly the keys the statement's rows had.
+
 The listener runs throughout, with default settings (so the unwatched statement pays for
 whatever a running listener costs the server). Before each watched run every row's two
 keys are cached and Redis holds nothing else. Reported per kind: the writer's time
@@ -19,6 +26,7 @@ full-page writes.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from dataclasses import dataclass
@@ -41,6 +49,8 @@ STATEMENTS = {
 }
 # Targets (issue 17): a bulk statement costs its writer at most 1.3x unwatched in trigger
 # mode; in both modes every key is gone within 5 s of COMMIT, memory bounded.
+# Trigger mode's second measure: statements of this many rows or more are swept.
+BULK_SWEEP_ROWS = 100_000
 WRITER_TARGET = 1.3
 KEYS_GONE_TARGET_S = 5.0
 RSS_TARGET_MB = 100.0
@@ -134,13 +144,15 @@ class Rig:
         return Run(writer_s, wal, keys_gone - committed)
 
 
-def measure_bulk(bench: Bench, rows: int, target: Target) -> BulkPhase:
-    listener = Listener(bench, f"{target.mode}-bulk", target)
+def measure_bulk(
+    bench: Bench, rows: int, target: Target, *, rounds: int = ROUNDS, backfill: bool = True
+) -> BulkPhase:
+    listener = Listener(bench, f"{target.config.stem}-bulk", target)
     try:
         listener.wait_started()
         rig = Rig(bench, listener, target)
         runs: dict[tuple[str, bool], list[Run]] = {}
-        for round_no in range(ROUNDS):
+        for round_no in range(rounds):
             order = (False, True) if round_no % 2 == 0 else (True, False)
             for watched in order:  # each kind after the one before, on the same table
                 for kind in STATEMENTS:
@@ -151,15 +163,16 @@ def measure_bulk(bench: Bench, rows: int, target: Target) -> BulkPhase:
             for kind in STATEMENTS
         ]
         steps = -(-rows // BACKFILL_STEP)
-        statements.append(
-            Bulk(
-                f"UPDATE, backfill of {steps} statements of {BACKFILL_STEP:,}",
-                rows,
-                steps,
-                [rig.run("UPDATE", watched=False, rows=rows, step=BACKFILL_STEP)],
-                [rig.run("UPDATE", watched=True, rows=rows, step=BACKFILL_STEP)],
+        if backfill:
+            statements.append(
+                Bulk(
+                    f"UPDATE, backfill of {steps} statements of {BACKFILL_STEP:,}",
+                    rows,
+                    steps,
+                    [rig.run("UPDATE", watched=False, rows=rows, step=BACKFILL_STEP)],
+                    [rig.run("UPDATE", watched=True, rows=rows, step=BACKFILL_STEP)],
+                )
             )
-        )
         rss = listener.peak_rss_mb()
     finally:
         listener.stop()
@@ -167,11 +180,27 @@ def measure_bulk(bench: Bench, rows: int, target: Target) -> BulkPhase:
     return BulkPhase(statements, rss)
 
 
-def bulk_rows(mode: str, phase: BulkPhase) -> list[Row]:
-    """The phase's rows (without the mode prefix)."""
+def measure_bulk_swept(bench: Bench, rows: int, target: Target) -> BulkPhase:
+    """Trigger mode: the one statements with `bulk_sweep_rows = BULK_SWEEP_ROWS`
+    installed, one round, and the backfill (its statements smaller: packed, each counted
+    up to BULK_SWEEP_ROWS rows first); the target's own config is installed again
+    afterwards."""
+    config = target.config.with_name(f"{target.mode}-bulk-sweep.toml")
+    config.write_text(f"bulk_sweep_rows = {BULK_SWEEP_ROWS}\n" + target.config.read_text())
+    swept = dataclasses.replace(target, config=config)
+    bench.cli(swept, "install")
+    try:
+        return measure_bulk(bench, rows, swept, rounds=1)
+    finally:
+        bench.cli(target, "install")
+
+
+def bulk_rows(mode: str, phase: BulkPhase, variant: str = "") -> list[Row]:
+    """The phase's rows (without the mode prefix); `variant` (" with bulk_sweep_rows")
+    is appended to each statement's name."""
     rows: list[Row] = []
     for bulk in phase.statements:
-        name = f"bulk {bulk.kind}, {bulk.rows:,} rows"
+        name = f"bulk {bulk.kind}, {bulk.rows:,} rows{variant}"
         ratio = bulk.watched_s / bulk.plain_s
         writer_target = WRITER_TARGET if mode == "trigger" else None
         wal_watched = statistics.median(r.wal_bytes for r in bulk.watched)
@@ -205,7 +234,7 @@ def bulk_rows(mode: str, phase: BulkPhase) -> list[Row]:
         ]
     rows.append(
         Row(
-            "bulk statements: listener peak RSS",
+            f"bulk statements{variant}: listener peak RSS",
             f"{phase.peak_rss_mb:.0f} MB",
             "",
             "",

@@ -243,6 +243,8 @@ class Watch:
     columns_added: bool = False  # ignore_columns, a column added since: judging is off
     # The capture function sends a one-row change in its NOTIFY payload (None: no function).
     notify_payload: bool | None = None
+    # The statement size from which it queues a sweep instead of packs (None: off).
+    bulk_sweep_rows: int | None = None
 
 
 def watch_of(conn: psycopg.Connection[Any], table: TableName) -> Watch | None:
@@ -266,6 +268,7 @@ def watch_of(conn: psycopg.Connection[Any], table: TableName) -> Watch | None:
         unwatched_parents,
         problems,
         notify_payload,
+        bulk_sweep_rows,
     ) = row
     # Installed by an older release, which did not record attnums: no drift to tell.
     return Watch(
@@ -281,6 +284,7 @@ def watch_of(conn: psycopg.Connection[Any], table: TableName) -> Watch | None:
         bool(judged),
         bool(columns_added),
         notify_payload,
+        bulk_sweep_rows,
     )
 
 
@@ -382,6 +386,29 @@ def check_notify_payload(
             f"{where}: a one-row change of {table} is sent in its NOTIFY payload "
             "(notify_payload = true: any role that can connect can LISTEN and read its "
             "key columns)"
+        )
+
+
+def check_bulk_sweep_rows(
+    report: Report, where: str, table: TableName, watch: Watch | None, configured: int
+) -> None:
+    """The statement size from which the capture function queues a sweep instead of
+    packs, as install compiled it, against bulk_sweep_rows (0: off)."""
+    if watch is None or watch.notify_payload is None:  # no capture function
+        return
+    installed = watch.bulk_sweep_rows or 0
+    if installed != configured:
+        report.warnings.append(
+            f"{where}: the capture function of {table} was installed with bulk_sweep_rows = "
+            f"{installed}, but it is {configured} in the configuration: run "
+            "`cdc-invalidator install` to compile it in line"
+        )
+    elif configured:
+        which = "an INSERT or DELETE" if watch.judged else "a statement"
+        judged = " (its UPDATEs are judged by its column filter)" if watch.judged else ""
+        report.ok.append(
+            f"{where}: {which} of {configured} rows or more of {table} sweeps the table's "
+            f"templates instead of queueing its rows (bulk_sweep_rows){judged}"
         )
 
 

@@ -26,6 +26,10 @@ class Op(StrEnum):
 # triggers): their table is swept instead, and the runner logs and counts it. The
 # trigger queue's SQL writes the same key.
 UNRENDERABLE = "unrenderable"
+# A TRUNCATE event whose new row is {BULK: rows} stands for one statement of at least
+# that many rows (trigger mode's bulk_sweep_rows): its table is swept instead of its
+# rows' keys deleted, and the runner counts it.
+BULK = "bulk"
 
 
 class InvalidEvent(Exception):

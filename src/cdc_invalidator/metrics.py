@@ -67,10 +67,17 @@ class Metrics:
             ["table"],
             registry=r,
         )
+        self.bulk_sweeps = Counter(
+            f"{PREFIX}_bulk_sweeps",
+            "Statements of at least bulk_sweep_rows rows whose table is swept instead of "
+            "their rows' keys deleted (trigger mode; counted as their sweep is handed over)",
+            ["table"],
+            registry=r,
+        )
         self.sweeps = Counter(
             f"{PREFIX}_sweeps",
-            "Sweeps completed (a batch's patterns: TRUNCATE, unrenderable changes, missed "
-            "changes; one SCAN pass each), second sweeps included",
+            "Sweeps completed (a batch's patterns: TRUNCATE, bulk statements, unrenderable "
+            "changes, missed changes; one SCAN pass each), second sweeps included",
             registry=r,
         )
         self.sweeps_pending = Gauge(

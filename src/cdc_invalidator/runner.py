@@ -207,7 +207,8 @@ def confirm_later_of(batch: Batch) -> bool:
 def split_sweeps(works: Routed) -> tuple[Routed, Routed]:
     """A batch's keys (deleted by the loop) and its patterns (swept behind it)."""
     keys: Routed = {
-        db: Invalidation(keys=w.keys, unrenderable=w.unrenderable) for db, w in works.items()
+        db: Invalidation(keys=w.keys, unrenderable=w.unrenderable, bulk=w.bulk)
+        for db, w in works.items()
     }
     sweeps: Routed = {
         db: Invalidation(patterns=w.patterns) for db, w in works.items() if w.patterns
@@ -506,6 +507,8 @@ class Runner:
         for work in works.values():
             if work.unrenderable:
                 self._swept_unrenderable(work.unrenderable)
+        if any(work.bulk for work in works.values()):
+            self._swept_bulk(works)
         self._observe(batch, deleted)
         log.debug(
             "batch_processed",
@@ -576,6 +579,17 @@ class Runner:
                     action="swept every key template of the table; edit the configuration "
                     "to the new schema and run `cdc-invalidator install`",
                 )
+
+    def _swept_bulk(self, works: Routed) -> None:
+        """Count the bulk statements swept (each Redis database's work names the same
+        statements of a table whose templates it holds: counted once)."""
+        statements: dict[TableName, int] = {}
+        for work in works.values():
+            for table, n in work.bulk.items():
+                statements[table] = max(statements.get(table, 0), n)
+        for table, n in statements.items():
+            self.metrics.bulk_sweeps.labels(str(table)).inc(n)
+            log.info("bulk_statements_swept", table=str(table), statements=n)
 
     def _deleted_again(self, existed: int) -> None:
         self.keys_deleted_again += existed

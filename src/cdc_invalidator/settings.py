@@ -68,6 +68,9 @@ def _auto_or_duration(value: object) -> float | None:
 # Names of our replication slot and publication: what PostgreSQL allows for a slot.
 _SLOT_NAME = r"^[a-z0-9_]{1,63}$"
 _MAX_PORT = 65535
+# The least bulk_sweep_rows (0 aside): a pack's rows (pack_rows_v1() in sql/schema.sql);
+# watch() refuses less too.
+BULK_SWEEP_MIN_ROWS = 1000
 # A configuration error echoes the wrong value unless it is longer than this.
 _ECHOED_MAX_LENGTH = 200
 
@@ -196,6 +199,11 @@ class Settings(BaseSettings):
     # Off by default: LISTEN needs no privilege, so any role that can connect could read
     # them. `install` compiles it into the capture functions: a change needs `install`.
     notify_payload: bool = False
+    # Trigger mode: a statement that changed at least this many rows queues one sweep of
+    # its table's templates instead of its rows (0: never). The writer then pays little
+    # more than PostgreSQL's own transition table, and every cached key of the table goes
+    # (a cold cache instead of a slow write). Compiled in by `install`, like the payload.
+    bulk_sweep_rows: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
     # Logical mode: the replication slot and the publication `install` creates.
     slot_name: Annotated[str, Field(pattern=_SLOT_NAME)] = "cdc_invalidator"
     publication_name: Annotated[str, Field(pattern=_SLOT_NAME)] = "cdc_invalidator"
@@ -272,6 +280,15 @@ class Settings(BaseSettings):
             for source in table.keys:
                 _refuse_broad_sweep(name, parsed, table.key_prefix, source)
         return tables
+
+    @field_validator("bulk_sweep_rows")
+    @classmethod
+    def _bulk_sweep_rows_bulk(cls, rows: int) -> int:
+        # Below a pack's thousand rows, ordinary multi-row statements would sweep: a whole
+        # SCAN of Redis each, and a cold table, for what a pack or two delete exactly.
+        if 0 < rows < BULK_SWEEP_MIN_ROWS:
+            raise ValueError(f"must be 0 (off) or at least {BULK_SWEEP_MIN_ROWS} rows")
+        return rows
 
     @field_validator("database_url")
     @classmethod

@@ -33,12 +33,14 @@ def install_script(
     publication: str | None = None,
     filters: Mapping[TableName, ColumnFilter] | None = None,
     notify_payload: bool = False,
+    bulk_sweep_rows: int = 0,
 ) -> sql.Composed:
     """The whole install as one script: schema, one watch() per table (with its column
     filter, if `filters` has one; with `notify_payload`, its capture function sends a
-    one-row statement's row in the NOTIFY payload), then unwatch() for tables that are
-    watched but no longer configured; with `publication`, logical mode's publication and
-    replica identities go (a switch from logical mode)."""
+    one-row statement's row in the NOTIFY payload; with `bulk_sweep_rows`, a statement of
+    that many rows or more queues a sweep of the table's templates), then unwatch() for
+    tables that are watched but no longer configured; with `publication`, logical mode's
+    publication and replica identities go (a switch from logical mode)."""
     filters = filters or {}
     watches = []
     for table in sorted(mapper.tables):
@@ -58,6 +60,11 @@ def install_script(
                 ),
                 # Off: the call, and so the script, is what it was before the payload.
                 payload=sql.SQL(", notify_payload => true" if notify_payload else ""),
+                bulk=(
+                    sql.SQL(", bulk_sweep_rows => {}").format(sql.Literal(bulk_sweep_rows))
+                    if bulk_sweep_rows
+                    else sql.SQL("")
+                ),
             )
         )
     unwatch = Q.UNWATCH_OTHERS.sql.format(

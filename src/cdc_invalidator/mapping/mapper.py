@@ -6,6 +6,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from cdc_invalidator.events import (
+    BULK,
     UNRENDERABLE,
     ChangeEvent,
     InvalidEvent,
@@ -26,6 +27,8 @@ class Invalidation:
     # Tables swept because a change of theirs could not be rendered (a key column was
     # dropped or a partition lacks triggers), with the capture's reason: logged, counted.
     unrenderable: dict[TableName, str] = field(default_factory=dict)
+    # Tables swept for bulk statements (bulk_sweep_rows), with how many: counted.
+    bulk: dict[TableName, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.keys) + len(self.patterns)
@@ -65,6 +68,8 @@ def merge(into: Routed, other: Routed) -> None:
         # (a streamed transaction's unrenderable tables reach the runner this way: it
         # counts and logs their sweeps as it does a batch's own)
         target.unrenderable.update(work.unrenderable)
+        for table, statements in work.bulk.items():
+            target.bulk[table] = target.bulk.get(table, 0) + statements
 
 
 class Mapper:
@@ -224,9 +229,12 @@ class Mapper:
             raise InvalidEvent(f"table {event.table} is not in the configuration")
         if event.op is Op.TRUNCATE:
             into.patterns.update(t.glob() for t in self._templates[event.table])
-            reason = event.new.get(UNRENDERABLE) if event.new else None
-            if reason is not None:
-                into.unrenderable[event.table] = str(reason)
+            if event.new:
+                reason = event.new.get(UNRENDERABLE)
+                if reason is not None:
+                    into.unrenderable[event.table] = str(reason)
+                elif BULK in event.new:
+                    into.bulk[event.table] = into.bulk.get(event.table, 0) + 1
             return
         keys: list[str] = []
         op = event.op

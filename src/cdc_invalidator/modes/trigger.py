@@ -46,7 +46,11 @@ class TriggerMode:
         # With the publication: logical mode's objects go (a switch from logical mode).
         s = self._settings
         return trigger_sql.install_script(
-            s.mapper(), s.publication_name, s.column_filters(), notify_payload=s.notify_payload
+            s.mapper(),
+            s.publication_name,
+            s.column_filters(),
+            notify_payload=s.notify_payload,
+            bulk_sweep_rows=s.bulk_sweep_rows,
         )
 
     def finish_install(self, conn: psycopg.Connection[Any]) -> str:
@@ -105,6 +109,8 @@ class TriggerMode:
             checks.check_trigger_filter(report, where, table, watch, column_filter)
             payload = self._settings.notify_payload
             checks.check_notify_payload(report, where, table, watch, payload)
+            bulk = self._settings.bulk_sweep_rows
+            checks.check_bulk_sweep_rows(report, where, table, watch, bulk)
 
     def check_server(self, conn: psycopg.Connection[Any], report: Report, config_name: str) -> None:
         checks.check_unconfigured(conn, report, self._settings.mapper(), config_name)
