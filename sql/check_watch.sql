@@ -8,8 +8,8 @@
 -- column filter as watch() compiled it; and whether its capture function sends a one-row
 -- change in the NOTIFY payload (notify_payload: its text holds queue_early_v1's call;
 -- NULL when the function is missing, which the trigger problems already say), and the
--- bulk_sweep_rows it was compiled with (queue_bulk_sweep_v1's number in its text; NULL
--- when off or missing).
+-- bulk_sweep_rows it was compiled with (the N of its `IF statement_rows >= N THEN` and
+-- queue_bulk_sweep_v1's INSERT; NULL when off or missing).
 WITH w AS (
     SELECT w.relid, w.columns, w.attnums, w.judge, w.filter_columns, w.judged, w.judged_natts
     FROM cdc_invalidator.watched_v1 w

@@ -207,8 +207,7 @@ def confirm_later_of(batch: Batch) -> bool:
 def split_sweeps(works: Routed) -> tuple[Routed, Routed]:
     """A batch's keys (deleted by the loop) and its patterns (swept behind it)."""
     keys: Routed = {
-        db: Invalidation(keys=w.keys, unrenderable=w.unrenderable, bulk=w.bulk)
-        for db, w in works.items()
+        db: Invalidation(keys=w.keys, unrenderable=w.unrenderable) for db, w in works.items()
     }
     sweeps: Routed = {
         db: Invalidation(patterns=w.patterns) for db, w in works.items() if w.patterns
