@@ -426,28 +426,39 @@ BEGIN
 END
 $early$;
 
--- queue_sweep_v1(names, reason): the statement that queues a sweep of a table's templates
--- instead of its changes (a TRUNCATE event carrying `reason`, which the listener logs and
--- counts): for a change that cannot be rendered as it should be.
+-- queue_sweep_row_v1(names, marker): the statement that queues a sweep of a table's
+-- templates instead of its changes: a TRUNCATE event whose new row is `marker` (SQL of a
+-- json_build_object saying why). The one place that says how a capture function queues
+-- a sweep; queue_sweep_v1 and queue_bulk_sweep_v1 give the marker.
+CREATE OR REPLACE FUNCTION cdc_invalidator.queue_sweep_row_v1(names text, marker text)
+RETURNS text
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
+AS $sweep_row$
+    SELECT format(
+        'INSERT INTO cdc_invalidator.queue_v1 (schema_name, table_name, op, new_row) '
+        'VALUES (%s, ''T'', %s)', names, marker)
+$sweep_row$;
+
+-- queue_sweep_v1(names, reason): a sweep for a change that cannot be rendered as it
+-- should be, carrying `reason` ({"unrenderable": reason}), which the listener logs and
+-- counts.
 CREATE OR REPLACE FUNCTION cdc_invalidator.queue_sweep_v1(names text, reason text)
 RETURNS text
 LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
 AS $sweep$
-    SELECT format(
-        'INSERT INTO cdc_invalidator.queue_v1 (schema_name, table_name, op, new_row) '
-        'VALUES (%s, ''T'', json_build_object(''unrenderable'', %L))', names, reason)
+    SELECT cdc_invalidator.queue_sweep_row_v1(
+        names, format('json_build_object(''unrenderable'', %L)', reason))
 $sweep$;
 
--- queue_bulk_sweep_v1(names, bulk_sweep_rows): the statement that queues a sweep of a
--- table's templates for a statement of at least `bulk_sweep_rows` rows (watch()'s
--- bulk_sweep_rows): a TRUNCATE event carrying that number, which the listener counts.
+-- queue_bulk_sweep_v1(names, bulk_sweep_rows): a sweep for a statement of at least
+-- `bulk_sweep_rows` rows (watch()'s bulk_sweep_rows), carrying that number ({"bulk": N}),
+-- which the listener counts.
 CREATE OR REPLACE FUNCTION cdc_invalidator.queue_bulk_sweep_v1(names text, bulk_sweep_rows integer)
 RETURNS text
 LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
 AS $bulk$
-    SELECT format(
-        'INSERT INTO cdc_invalidator.queue_v1 (schema_name, table_name, op, new_row) '
-        'VALUES (%s, ''T'', json_build_object(''bulk'', %s))', names, bulk_sweep_rows)
+    SELECT cdc_invalidator.queue_sweep_row_v1(
+        names, format('json_build_object(''bulk'', %s)', bulk_sweep_rows))
 $bulk$;
 
 -- queue_drifted_v1(table, labels, attnums, op, names): the statement for a capture

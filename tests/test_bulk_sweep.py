@@ -14,13 +14,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import psycopg
 import pytest
 import redis
+from psycopg.conninfo import make_conninfo
 
-from tests.support.config import write_config
+from tests.support.config import toml_value, write_config
 from tests.support.env import Env
 from tests.support.faults import cache, keys_of, queue_count, setup_users, write
 from tests.support.listener import ListenerThread, cli
+from tests.support.roles import login_role
 from tests.support.waits import wait_until
 
 ROWS = 1_500
@@ -244,3 +247,74 @@ def test_a_filtered_tables_bulk_update_of_a_counted_column_is_packed(env: Env) -
         assert gone(r, range(1, ROWS + 1))
         assert r.exists(*UNRELATED) == len(UNRELATED), "packed: no sweep"
         assert bulk_sweeps(listener) == 0
+
+
+# A DBA's migrations of the watched table after install, with bulk_sweep_rows on: each
+# leaves the capture function compiled for the old schema. The table the writes name
+# after it, and how its key columns are named in them.
+MIGRATIONS = {
+    "rename a key column": ("ALTER TABLE users RENAME COLUMN email TO mail", "users"),
+    "retype a key column alike": ("ALTER TABLE users ALTER COLUMN id TYPE bigint", "users"),
+    "retype a key column to a type printed per session": (
+        "ALTER TABLE users ALTER COLUMN id TYPE float8",
+        "users",
+    ),
+    "drop a key column": ("ALTER TABLE users DROP COLUMN email", "users"),
+    "rename the table": ("ALTER TABLE users RENAME TO people", "people"),
+}
+
+
+@pytest.mark.parametrize("migration", list(MIGRATIONS))
+def test_after_a_migration_bulk_and_single_writes_succeed_and_lose_nothing(
+    env: Env, migration: str
+) -> None:
+    config = setup_users(env, rows=ROWS, bulk_sweep_rows=BULK)
+    ddl, table = MIGRATIONS[migration]
+    env.sql(ddl)
+    r = env.redis()
+    warm(r)
+    # No write fails: a bulk one, and a one-row one beside it.
+    write(env, f"UPDATE {table} SET id = id WHERE id <= {BULK}", ids=range(1, BULK + 1))
+    write(env, f"DELETE FROM {table} WHERE id = 1400", ids=range(1400, 1401))
+    with listening(config):
+        wait_until(lambda: queue_count(env) == 0, what="everything acknowledged")
+        assert gone(r, range(1, BULK + 1))
+        assert gone(r, range(1400, 1401))
+
+
+def test_a_bulk_statement_in_replica_mode_is_swept(env: Env) -> None:
+    """Writes applied with session_replication_role = replica (subscribers, loaders) fire
+    our triggers (ENABLE ALWAYS): a bulk one is swept like any other."""
+    config = setup_users(env, rows=ROWS, bulk_sweep_rows=BULK)
+    r = env.redis()
+    warm(r)
+    with env.connect() as conn, conn.transaction():
+        conn.execute("SET LOCAL session_replication_role = replica")
+        conn.execute(STATEMENTS["DELETE"])
+    assert queued(env) == [("T", {"bulk": BULK}, None)]
+    with listening(config) as listener:
+        settled_swept(env, r, listener)
+
+
+def test_a_bulk_statement_under_least_privilege_roles(env: Env) -> None:
+    """An application role that may only write the table, and a listener role granted
+    by grant_listener() alone: the sweep is queued (by the capture function, as the
+    table's owner) and swept, and nothing else is needed."""
+    config = setup_users(env, rows=ROWS, bulk_sweep_rows=BULK)
+    r = env.redis()
+    warm(r)
+    with login_role(env, "app_writer_") as writer, login_role(env, "cdc_listener_") as reader:
+        env.sql(f"GRANT SELECT, UPDATE, DELETE ON users TO {writer}")
+        env.sql("SELECT cdc_invalidator.grant_listener(%s, 'trigger')", [reader])
+        own = config.with_name("listener.toml")
+        own.write_text(
+            config.read_text().replace(
+                f"database_url = {toml_value(env.dsn)}",
+                f"database_url = {toml_value(make_conninfo(env.dsn, user=reader))}",
+            )
+        )
+        assert reader in own.read_text()
+        with psycopg.connect(make_conninfo(env.dsn, user=writer), autocommit=True) as conn:
+            conn.execute(STATEMENTS["DELETE"].encode())
+        with listening(own) as listener:
+            settled_swept(env, r, listener)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -582,59 +583,65 @@ def test_check_says_triggers_are_out_of_date_after_config_change(
     assert check(new, capsys)[0] == 0
 
 
-def test_check_says_which_way_notify_payload_was_installed(
-    env: Env, capsys: pytest.CaptureFixture[str]
+@dataclass(frozen=True)
+class Compiled:
+    """A setting install compiles into the capture functions, and what check says of it."""
+
+    settings: dict[str, object]  # the setting on
+    named: str  # in the line of check's warning
+    off: str  # not in check's output while it is off, installed and configured
+    warned: tuple[str, ...]  # configured on, installed off
+    on: str  # configured and installed on
+    back: str  # configured off, installed on
+
+
+COMPILED = [
+    Compiled(
+        {"notify_payload": True},
+        "notify_payload",
+        "NOTIFY payload",
+        ("installed with notify_payload = false", "true in the configuration"),
+        "sent in its NOTIFY payload",
+        "installed with notify_payload = true, but it is false",
+    ),
+    Compiled(
+        {"bulk_sweep_rows": 5000},
+        "bulk_sweep_rows",
+        "bulk_sweep_rows",
+        ("installed with bulk_sweep_rows = 0, but it is 5000",),
+        "a statement of 5000 rows or more of public.users sweeps",
+        "installed with bulk_sweep_rows = 5000, but it is 0",
+    ),
+]
+
+
+@pytest.mark.parametrize("compiled", COMPILED, ids=[c.named for c in COMPILED])
+def test_check_says_how_a_compiled_setting_was_installed(
+    env: Env, capsys: pytest.CaptureFixture[str], compiled: Compiled
 ) -> None:
     tables(env)
     off = env.config(USERS, name="off.toml")
-    on = env.config(USERS, name="on.toml", notify_payload=True)
+    on = env.config(USERS, name="on.toml", **compiled.settings)
     assert cli("install", "--config", off) == 0
     code, out, err = check(off, capsys)
     assert (code, err) == (0, "")
-    assert "NOTIFY payload" not in out
+    assert compiled.off not in out
 
     code, out, err = check(on, capsys)  # configured on, installed off
     assert (code, err) == (0, ""), "a warning: nothing is missed either way"
-    line = next(line for line in out.splitlines() if "notify_payload" in line)
+    line = next(line for line in out.splitlines() if compiled.named in line)
     assert line.startswith("warning: ")
-    assert "installed with notify_payload = false" in line
-    assert "true in the configuration" in line
+    for needle in compiled.warned:
+        assert needle in line
     assert "install" in line
 
     assert cli("install", "--config", on) == 0
     code, out, err = check(on, capsys)
     assert (code, err) == (0, "")
-    assert "sent in its NOTIFY payload" in out
+    assert compiled.on in out
     code, out, _ = check(off, capsys)
     assert code == 0
-    assert "installed with notify_payload = true, but it is false" in out
-
-
-def test_check_says_which_bulk_sweep_rows_was_installed(
-    env: Env, capsys: pytest.CaptureFixture[str]
-) -> None:
-    tables(env)
-    off = env.config(USERS, name="off.toml")
-    on = env.config(USERS, name="on.toml", bulk_sweep_rows=5000)
-    assert cli("install", "--config", off) == 0
-    code, out, err = check(off, capsys)
-    assert (code, err) == (0, "")
-    assert "bulk_sweep_rows" not in out
-
-    code, out, err = check(on, capsys)  # configured on, installed off
-    assert (code, err) == (0, ""), "a warning: nothing is missed either way"
-    line = next(line for line in out.splitlines() if "bulk_sweep_rows" in line)
-    assert line.startswith("warning: ")
-    assert "installed with bulk_sweep_rows = 0, but it is 5000" in line
-    assert "install" in line
-
-    assert cli("install", "--config", on) == 0
-    code, out, err = check(on, capsys)
-    assert (code, err) == (0, "")
-    assert "a statement of 5000 rows or more of public.users sweeps" in out
-    code, out, _ = check(off, capsys)
-    assert code == 0
-    assert "installed with bulk_sweep_rows = 5000, but it is 0" in out
+    assert compiled.back in out
 
 
 def test_watch_refuses_a_bulk_sweep_rows_below_a_pack(env: Env) -> None:

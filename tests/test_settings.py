@@ -186,40 +186,36 @@ def test_sql_prints_reviewable_script(tmp_path: Path, capsys: pytest.CaptureFixt
     assert out.count("-- ") > 20  # the DBA reads comments saying what each part does
 
 
-def test_sql_compiles_bulk_sweep_rows_only_when_asked(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    path = _write(tmp_path, GOOD)
-    assert load_settings(path).bulk_sweep_rows == 0
-    assert main(["sql", "--config", str(path)]) == 0
-    assert "bulk_sweep_rows =>" not in capsys.readouterr().out
-    monkeypatch.setenv("CDC_INVALIDATOR_BULK_SWEEP_ROWS", "100000")
-    assert main(["sql", "--config", str(path)]) == 0
-    out = capsys.readouterr().out
-    assert (
-        "SELECT cdc_invalidator.watch('public.users', ARRAY['email', 'id']::text[], "
-        "bulk_sweep_rows => 100000);" in out
-    )
-    assert out.count("bulk_sweep_rows => 100000);") == 2
+# Settings install compiles into the capture functions: (setting, its default, the
+# environment's value, what each watch() call then says).
+COMPILED = [
+    ("notify_payload", False, "true", "notify_payload => true"),
+    ("bulk_sweep_rows", 0, "100000", "bulk_sweep_rows => 100000"),
+]
 
 
-def test_sql_compiles_notify_payload_only_when_asked(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("compiled", COMPILED, ids=[row[0] for row in COMPILED])
+def test_sql_compiles_a_setting_only_when_asked(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    compiled: tuple[str, object, str, str],
 ) -> None:
     """Off by default (the script's watch() calls are as before the setting existed);
-    on, from the file or the environment, each watch() asks for the payload."""
+    on, from the file or the environment, each watch() asks for it."""
+    setting, default, value, call = compiled
     path = _write(tmp_path, GOOD)
-    assert load_settings(path).notify_payload is False
+    assert getattr(load_settings(path), setting) == default
     assert main(["sql", "--config", str(path)]) == 0
-    assert "notify_payload =>" not in capsys.readouterr().out
-    monkeypatch.setenv("CDC_INVALIDATOR_NOTIFY_PAYLOAD", "true")
+    assert f"{setting} =>" not in capsys.readouterr().out
+    monkeypatch.setenv(f"CDC_INVALIDATOR_{setting.upper()}", value)
     assert main(["sql", "--config", str(path)]) == 0
     out = capsys.readouterr().out
     assert (
         "SELECT cdc_invalidator.watch('public.users', ARRAY['email', 'id']::text[], "
-        "notify_payload => true);" in out
+        f"{call});" in out
     )
-    assert out.count("notify_payload => true);") == 2
+    assert out.count(f"{call});") == 2
 
 
 @pytest.mark.parametrize(
