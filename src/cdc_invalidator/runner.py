@@ -506,8 +506,8 @@ class Runner:
         for work in works.values():
             if work.unrenderable:
                 self._swept_unrenderable(work.unrenderable)
-        if any(work.bulk for work in works.values()):
-            self._swept_bulk(works)
+            if work.bulk:
+                self._swept_bulk(work.bulk)
         self._observe(batch, deleted)
         log.debug(
             "batch_processed",
@@ -579,13 +579,9 @@ class Runner:
                     "to the new schema and run `cdc-invalidator install`",
                 )
 
-    def _swept_bulk(self, works: Routed) -> None:
-        """Count the bulk statements swept (each Redis database's work names the same
-        statements of a table whose templates it holds: counted once)."""
-        statements: dict[TableName, int] = {}
-        for work in works.values():
-            for table, n in work.bulk.items():
-                statements[table] = max(statements.get(table, 0), n)
+    def _swept_bulk(self, statements: dict[TableName, int]) -> None:
+        """Count the bulk statements swept, per table (a table's events all go to its one
+        Redis database's work: each is counted once)."""
         for table, n in statements.items():
             self.metrics.bulk_sweeps.labels(str(table)).inc(n)
             log.info("bulk_statements_swept", table=str(table), statements=n)
