@@ -10,7 +10,7 @@ from cdc_invalidator.capture.logical import GATHER_AFTER
 from tests.support.env import Env
 from tests.support.faults import Written, acknowledged, setup_users, write
 from tests.support.listener import ListenerProcess, Spawn, run_cli, stop_listener
-from tests.support.tail import LINE, StartedTails, channel_of, subscribers
+from tests.support.tail import LINE, StartedTails, Tail, channel_of, subscribers
 from tests.support.waits import wait_until
 
 pytestmark = [pytest.mark.servers, pytest.mark.usefixtures("capture")]
@@ -73,6 +73,59 @@ def test_tail_shows_a_truncate_as_a_sweep(
         return any(" public.users TRUNCATE sweep user:* user:email:*" in t for t in tail.lines())
 
     wait_until(truncate_shown, what="a TRUNCATE shown", timeout_s=30)
+    assert tail.interrupt() == 0
+    stop_listener(listener)
+
+
+def written_until_shown(env: Env, tail: Tail, statement: str, text: str) -> list[str]:
+    """`statement` run until tail printed a line with `text` (the listener asks whether
+    anyone tails once a second at most): those lines."""
+    shown: list[str] = []
+
+    def a_line_shown() -> bool:
+        env.sql(statement)
+        shown.extend(t for t in tail.lines() if text in t)
+        return bool(shown)
+
+    wait_until(a_line_shown, what=f"a line with {text!r}", timeout_s=30)
+    return shown
+
+
+def test_tail_shows_a_dropped_key_columns_sweep_as_unrenderable(
+    env: Env, spawn: Spawn, started_tail: StartedTails
+) -> None:
+    """A change whose key column was dropped is swept: tail says so, and why, instead
+    of showing a TRUNCATE nobody ran."""
+    config = setup_users(env, rows=3)
+    listener = spawn(config)
+    tail = started_tail(env, config)
+    env.sql("ALTER TABLE users DROP COLUMN email")
+
+    shown = written_until_shown(
+        env, tail, "UPDATE users SET id = id WHERE id = 1", " public.users UNRENDERABLE sweep "
+    )
+    assert "user:* user:email:* (" in shown[0], shown
+    assert "email" in shown[0].split("user:email:* (", 1)[1], "the reason names the column"
+    assert not any("TRUNCATE" in t for t in tail.lines())
+    assert tail.interrupt() == 0
+    stop_listener(listener)
+
+
+@pytest.mark.parametrize("capture", ["trigger"], ids=["trigger"])
+def test_tail_shows_a_bulk_statements_sweep_as_bulk(
+    env: Env, spawn: Spawn, started_tail: StartedTails
+) -> None:
+    """Trigger mode's bulk_sweep_rows: a statement of that many rows is one sweep,
+    shown as the bulk statement it stands for, with the setting that made it one."""
+    config = setup_users(env, rows=1000, bulk_sweep_rows=1000)
+    listener = spawn(config)
+    tail = started_tail(env, config)
+
+    shown = written_until_shown(
+        env, tail, "UPDATE users SET email = email", " public.users BULK sweep "
+    )
+    assert "user:* user:email:* (a statement of 1000 rows or more: bulk_sweep_rows)" in shown[0]
+    assert not any("TRUNCATE" in t for t in tail.lines())
     assert tail.interrupt() == 0
     stop_listener(listener)
 

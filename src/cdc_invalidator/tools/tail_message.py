@@ -4,9 +4,12 @@ named after the database, and how `tail` prints it.
 A message: {"v": 1, "at": the acknowledgement, "events": [event, ...], "more": events
 left out}, times as Unix time on the listener's clock; an event: {"table", "op",
 "keys", "patterns" (a TRUNCATE's sweeps), "error" (a dead letter's reason, or absent),
-"commit" (Unix time, or null), "txn"}. "commit" is the transaction's commit in logical
-mode and the start of the writer's transaction in trigger mode (what the queue records),
-so commit → delete is the lag the `lag_seconds` histogram measures.
+"commit" (Unix time, or null), "txn", "why" (absent but for a sweep that stands for
+something else: "op" is then "BULK", a statement of bulk_sweep_rows rows or more, or
+"UNRENDERABLE", changes the capture could not turn into key columns)}. "commit" is the
+transaction's commit in logical mode and the start of the writer's transaction in
+trigger mode (what the queue records), so commit → delete is the lag the `lag_seconds`
+histogram measures. An older `tail` prints the op as it comes, without "why".
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class TailEvent:
     error: str | None
     commit: float | None
     txn: str
+    why: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -57,6 +61,8 @@ class TailEvent:
             out["patterns"] = self.patterns
         if self.error is not None:
             out["error"] = self.error
+        if self.why is not None:
+            out["why"] = self.why
         return out
 
 
@@ -88,6 +94,7 @@ def decode(text: str) -> TailBatch:
                 error=None if e.get("error") is None else str(e["error"]),
                 commit=None if e.get("commit") is None else float(e["commit"]),
                 txn=str(e.get("txn") or ""),
+                why=None if e.get("why") is None else str(e["why"]),
             )
             for e in data["events"]
         ]
@@ -104,6 +111,8 @@ def line(at: float, event: TailEvent) -> str:
     what = " ".join(event.keys) if event.keys else "(no keys)"
     if event.patterns:
         what = " ".join(["sweep", *event.patterns, *event.keys])
+    if event.why is not None:
+        what = f"{what} ({event.why})"
     if event.error is not None:
         what = f"(dead letter: {event.error})"
     lag = (

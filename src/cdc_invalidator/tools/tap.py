@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Protocol, runtime_checkable
 
-from cdc_invalidator.events import ChangeEvent, InvalidEvent
+from cdc_invalidator.events import BULK, UNRENDERABLE, ChangeEvent, InvalidEvent, Op
 from cdc_invalidator.mapping import Invalidation, Mapper
 from cdc_invalidator.runner import Batch
 from cdc_invalidator.sink.pubsub import TailChannel
@@ -51,18 +51,33 @@ class Tap:
                     self._mapper.add(event, work)
                 except InvalidEvent as exc:
                     error = str(exc)
+            op, why = _shown_as(event)
             events.append(
                 TailEvent(
                     table=str(event.table),
-                    op=event.op.value,
+                    op=op,
                     keys=sorted(work.keys),
                     patterns=sorted(work.patterns),
                     error=error,
                     commit=origin.committed_at,
                     txn=origin.transaction,
+                    why=why,
                 )
             )
         self._channel.publish(encode(at, events, len(every) - len(shown)))
 
     def close(self) -> None:
         self._channel.close()
+
+
+def _shown_as(event: ChangeEvent) -> tuple[str, str | None]:
+    """The operation as `tail` shows it, and why: a TRUNCATE event that stands for
+    something else (events.py) shows as what it stands for, not as a TRUNCATE nobody ran."""
+    if event.op is Op.TRUNCATE and event.new:
+        reason = event.new.get(UNRENDERABLE)
+        if reason is not None:
+            return "UNRENDERABLE", str(reason)
+        rows = event.new.get(BULK)
+        if rows is not None:
+            return "BULK", f"a statement of {rows} rows or more: bulk_sweep_rows"
+    return event.op.value, None
