@@ -152,6 +152,39 @@ def test_glob_translation_matches_redis_match(rd: redis.Redis) -> None:
     assert set(globs.select(list(TRICKY_KEYS))) == union
 
 
+@pytest.mark.parametrize(
+    "patterns",
+    [
+        [b"user:*", b"user:email:*"],  # MATCH user:* is one of them: the page as it comes
+        [b"user:*:profile", b"user:email:*"],  # MATCH user:* is none: matched here
+        [b"user:[0-9]*", b"user:email:*"],
+        [b"*", b"user:*"],
+        [b"user:\\*", b"user:\\*x"],  # MATCH is the escaped prefix and a star
+    ],
+    ids=["wider-is-match", "wider-is-not", "class", "star", "escaped"],
+)
+def test_a_scanned_page_keeps_what_the_patterns_match(
+    rd: redis.Redis, patterns: list[bytes]
+) -> None:
+    """A page SCAN returned for `match`, kept or matched here: what the server's MATCH
+    finds for the patterns one by one, no more, no less."""
+    keys = [
+        *(f"user:{i}" for i in range(50)),
+        *(f"user:{i}:profile" for i in range(50)),
+        *(f"user:email:{i}@x" for i in range(50)),
+        "user:",
+        "user:*",
+        "user:*x",
+        "user:x",
+        "users:1",
+        "session:1",
+    ]
+    rd.mset(dict.fromkeys(keys, b"1"))
+    globs = GlobSet(patterns)
+    page = [bytes(k) for k in rd.scan_iter(match=globs.match, count=1000)]
+    assert set(globs.scanned(page)) == set().union(*(_server_match(rd, p) for p in patterns))
+
+
 def test_one_scan_pass_for_several_patterns(rd: redis.Redis) -> None:
     # Three tables' templates, and unrelated keys around them: more than one SCAN page.
     swept = [f"{prefix}:{i}" for prefix in ("user", "user:email", "order") for i in range(3000)]

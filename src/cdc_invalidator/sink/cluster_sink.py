@@ -205,7 +205,6 @@ class ClusterSink:
         """One primary's pass: SCAN, then the page's matches UNLINKed there, grouped by
         slot (every key SCAN returns is the node's own; a redirection means the layout
         is changing: ClusterChanging)."""
-        single = len(globs.patterns) == 1
         pool = client.connection_pool
         deleted = 0
         cursor = 0
@@ -221,8 +220,7 @@ class ClusterSink:
                 )
                 raw_cursor, page = connection.read_response()
                 cursor = int(raw_cursor)
-                if page and not single:
-                    page = globs.select(page)
+                page = globs.scanned(page)
                 if page:
                     commands = list(group_by_slot(page).values())
                     connection.send_packed_command([pack_unlinks(commands)])

@@ -188,16 +188,13 @@ class RedisSink:
             return 0
         self._follow_master()
         globs = GlobSet(patterns)
-        single = len(globs.patterns) == 1
         deleted = 0
         cursor = 0
         while True:
             raise_if_stopped(stopped)
             cursor, found = self._client.scan(cursor, match=globs.match, count=self._scan_count)
             # Keys come back as bytes: the client never decodes replies.
-            page: list[bytes] = cast("list[bytes]", found)
-            if page and not single:
-                page = globs.select(page)
+            page = globs.scanned(cast("list[bytes]", found))
             if page:
                 deleted += self.unlink(page)
             if cursor == 0:
