@@ -210,6 +210,29 @@ def test_one_scan_pass_for_several_patterns(rd: redis.Redis) -> None:
     assert several <= one_pass + 2
 
 
+def test_a_sweep_whose_connection_is_killed_resumes_where_it_was(rd: redis.Redis) -> None:
+    """The sweep's connection killed between pages, twice: the pass goes on from its
+    cursor on a new one, and every matching key goes, each counted once."""
+    swept = [f"user:{i}" for i in range(3000)]
+    rd.mset(dict.fromkeys(swept, "1"))
+    rd.mset({f"session:{i}": "1" for i in range(3000)})
+    sink = RedisSink(rd, scan_count=100)  # pages of about 100 keys: some 60 of them
+    pages = 0
+    killed = []
+
+    def stopped() -> bool:  # asked after each page: kill the sweep's connection twice
+        nonlocal pages
+        pages += 1
+        if pages in (5, 20):
+            killed.append(rd.client_kill_filter(_type="normal", skipme=True))
+        return False
+
+    assert sink.sweep(["user:*"], stopped) == len(swept)
+    assert killed == [1, 1]
+    assert rd.exists(*swept) == 0
+    assert rd.dbsize() == 3000
+
+
 @pytest.fixture(scope="module")
 def own_cluster() -> Iterator[RedisClusterServer]:
     try:

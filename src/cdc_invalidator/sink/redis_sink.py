@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Collection, Iterable, Iterator
+from dataclasses import dataclass, field
 from itertools import islice
 from typing import cast
 
@@ -183,22 +184,75 @@ class RedisSink:
         (TRUNCATE has no rows to render); how many keys existed. One pattern goes to the
         server as MATCH; several are matched here against each page (a pass per pattern
         cost a full SCAN each), with their common literal prefix, if any, as MATCH.
-        `stopped` is asked between pages: True raises SweepStopped (shutdown)."""
+        `stopped` is asked between pages: True raises SweepStopped (shutdown).
+
+        Pipelined: a page's UNLINKs go in one write with the next page's SCAN, and their
+        replies are read once that page is matched and packed, so Redis deletes one page
+        while we prepare the next. A 2M-key sweep took 3.6-4.3 s that way, against
+        5.0-5.8 s one command at a time (five rounds each, Redis's CPU 3.4-4.2 s either
+        way: the wall time is now about Redis's own); a client's GET beside it, p99
+        3.3-4.0 ms against 2.9-6.1 ms.
+
+        A connection that fails is replaced and the pass resumes where it was (the SCAN's
+        cursor again, the page's UNLINKs again: they are idempotent); a second failure
+        without a page done in between raises, and the sweeper tries again later."""
         if not patterns:
             return 0
         self._follow_master()
         globs = GlobSet(patterns)
-        deleted = 0
-        cursor = 0
+        pool = self._client.connection_pool
+        sweep = _Pass()
+        pages_at_failure = -1
         while True:
-            raise_if_stopped(stopped)
-            cursor, found = self._client.scan(cursor, match=globs.match, count=self._scan_count)
+            conn = pool.get_connection()
+            try:
+                self._pass(conn, globs, sweep, stopped)
+            except (redis.ConnectionError, redis.TimeoutError):
+                conn.disconnect()
+                if sweep.pages == pages_at_failure:
+                    raise
+                pages_at_failure = sweep.pages
+            except BaseException:
+                conn.disconnect()  # replies may be left unread
+                raise
+            else:
+                return sweep.deleted
+            finally:
+                pool.release(conn)
+
+    def _pass(
+        self,
+        conn: redis.Connection,
+        globs: GlobSet,
+        sweep: _Pass,
+        stopped: Callable[[], bool] | None,
+    ) -> None:
+        """Carry `sweep` on over `conn` from where it is to its end."""
+        match = () if globs.match is None else ("MATCH", globs.match)
+
+        def send() -> None:
+            sends = list(sweep.unlinks)
+            if sweep.cursor is not None:
+                sends[:0] = conn.pack_command(
+                    "SCAN", sweep.cursor, "COUNT", self._scan_count, *match
+                )
+            if sends:
+                conn.send_packed_command([b"".join(sends)])
+
+        send()
+        while sweep.cursor is not None:
+            raw_cursor, found = conn.read_response()
             # Keys come back as bytes: the client never decodes replies.
             page = globs.scanned(cast("list[bytes]", found))
-            if page:
-                deleted += self.unlink(page)
-            if cursor == 0:
-                return deleted
+            unlinks = [pack_unlinks([chunk]) for chunk in _chunks(page, self._unlink_chunk)]
+            sweep.deleted += sum(int(conn.read_response()) for _ in sweep.unlinks)
+            sweep.cursor = int(raw_cursor) or None
+            sweep.unlinks = unlinks
+            sweep.pages += 1
+            raise_if_stopped(stopped)
+            send()
+        sweep.deleted += sum(int(conn.read_response()) for _ in sweep.unlinks)
+        sweep.unlinks = []
 
     def identity(self) -> str:
         """Who this Redis is: run_id (new on every start) and master_replid (new when a
@@ -277,6 +331,16 @@ def server_persistence(client: redis.Redis) -> Persistence:
     except redis.ResponseError as exc:  # NOPERM, or CONFIG renamed away
         return Persistence({}, refused=str(exc))
     return Persistence(config)
+
+
+@dataclass
+class _Pass:
+    """A sweep's pass, as far as it went: what a new connection resumes from."""
+
+    cursor: int | None = 0  # the SCAN whose reply comes next; None: the last page's done
+    unlinks: list[bytes] = field(default_factory=list)  # sent after that SCAN, unconfirmed
+    deleted: int = 0
+    pages: int = 0
 
 
 def _text(value: object) -> str:
