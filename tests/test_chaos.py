@@ -134,9 +134,9 @@ def test_the_race_is_caught_without_second_deletes(own_env: Env) -> None:
     a commit, SET after its delete) stay: the end's check finds them, and each is
     reported as a value SET by a reader after the change that made it stale."""
     # Only a race on a row's last write survives to the end. With the fault runs' readers
-    # (4, a fifth of reads slow by up to 100 ms) a run left 2-6 such keys, and once none on
-    # a loaded CI machine; with 16 readers, half of them slow by up to 200 ms, 9-16 (four
-    # seeds, both modes).
+    # (4, a fifth of their reads slow by up to 100 ms) a run left 2-6 such keys, and once
+    # none on a loaded CI machine; with 16 readers, half of their reads slow by up to
+    # 200 ms, 9-16 (four seeds, both modes).
     params = Params(
         capture=own_env.capture,
         rounds=0,

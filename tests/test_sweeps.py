@@ -5,7 +5,8 @@ batch's patterns, every primary of a cluster swept, and sweeps off the head of t
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import itertools
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -210,27 +211,137 @@ def test_one_scan_pass_for_several_patterns(rd: redis.Redis) -> None:
     assert several <= one_pass + 2
 
 
+def _flaky(sink: RedisSink, fail_at: int) -> list[str]:
+    """Make the `fail_at`-th write of a SCAN or UNLINK, or read of their replies, on the
+    sink's pooled connections fail as a dropped connection would (the write not made,
+    or the reply lost after Redis ran the command); what was injected, in a list."""
+    pool = sink.client.connection_pool
+    get_connection = pool.get_connection
+    calls = itertools.count(1)
+    injected: list[str] = []
+
+    def fail(conn: redis.Connection, what: str) -> None:
+        injected.append(what)
+        conn.disconnect()
+        raise redis.ConnectionError(f"injected: {what}")
+
+    def flaky_connection(*args: Any, **kwargs: Any) -> redis.Connection:
+        conn = get_connection(*args, **kwargs)
+        if getattr(conn, "flaky", False):
+            return conn
+        send, read = conn.send_packed_command, conn.read_response
+
+        def send_packed_command(command: Any, check_health: bool = True) -> None:
+            packed = b"".join(command)
+            if (b"\r\nSCAN\r\n" in packed or b"\r\nUNLINK\r\n" in packed) and next(
+                calls
+            ) == fail_at:
+                fail(conn, "write")
+            send(command, check_health=check_health)  # type: ignore[no-untyped-call]
+
+        def read_response(*args: Any, **kwargs: Any) -> Any:
+            reply = read(*args, **kwargs)
+            if isinstance(reply, list | int) and next(calls) == fail_at:
+                fail(conn, f"reply {reply!r:.20}")
+            return reply
+
+        conn.send_packed_command = send_packed_command  # type: ignore[method-assign]
+        conn.read_response = read_response  # type: ignore[method-assign]
+        conn.flaky = True  # type: ignore[attr-defined]
+        return conn
+
+    pool.get_connection = flaky_connection  # type: ignore[method-assign]
+    return injected
+
+
+def test_a_sweep_resumes_after_a_failure_at_any_write_or_reply(own_redis: RedisServer) -> None:
+    """Every point of a pipelined pass where its connection can fail (the write of a
+    SCAN with the last page's UNLINKs; a SCAN's reply; an UNLINK's, the command run but
+    its reply lost; the last page's), once each: the pass resumes and every matching key
+    goes, none of the others."""
+    swept = [f"user:{i}" for i in range(350)]
+    kept = {f"session:{i}": "1" for i in range(150)}
+    points = 0
+    client = own_redis.client()
+    for fail_at in itertools.count(1):
+        client.flushall()
+        client.mset(dict.fromkeys(swept, "1"))
+        client.mset(kept)
+        # The sweep's own client, its connections made flaky: pages of about 100 keys,
+        # UNLINKs of 40.
+        sink = RedisSink(own_redis.client(), scan_count=100, unlink_chunk=40)
+        injected = _flaky(sink, fail_at)
+        deleted = sink.sweep(["user:*"])
+        sink.close()
+        assert client.exists(*swept) == 0, (fail_at, injected)
+        assert client.dbsize() == len(kept), (fail_at, injected)
+        assert 0 < deleted <= len(swept), (fail_at, injected)
+        if not injected:
+            break  # past the last point
+        points += 1
+    client.close()
+    assert points > 20  # several pages, each with its UNLINKs
+
+
 def test_a_sweep_whose_connection_is_killed_resumes_where_it_was(rd: redis.Redis) -> None:
     """The sweep's connection killed between pages, twice: the pass goes on from its
-    cursor on a new one, and every matching key goes, each counted once."""
+    cursor on a new one (a pass over, not the whole keyspace again), and every matching
+    key goes, each counted once."""
     swept = [f"user:{i}" for i in range(3000)]
     rd.mset(dict.fromkeys(swept, "1"))
     rd.mset({f"session:{i}": "1" for i in range(3000)})
     sink = RedisSink(rd, scan_count=100)  # pages of about 100 keys: some 60 of them
+    one_pass = _scans_of(lambda: sink.sweep(["nothing:*"]), rd)
     pages = 0
     killed = []
 
-    def stopped() -> bool:  # asked after each page: kill the sweep's connection twice
+    def stopped() -> bool:  # asked between pages: kill the sweep's connection twice
         nonlocal pages
         pages += 1
         if pages in (5, 20):
             killed.append(rd.client_kill_filter(_type="normal", skipme=True))
         return False
 
-    assert sink.sweep(["user:*"], stopped) == len(swept)
-    assert killed == [1, 1]
+    scans = _scans_of(lambda: sink.sweep(["user:*"], stopped), rd)
+    assert len(killed) == 2, killed
+    assert all(killed), killed
     assert rd.exists(*swept) == 0
     assert rd.dbsize() == 3000
+    assert scans <= one_pass + 2 * 2, (scans, one_pass)  # at most a page again per kill
+
+
+def test_a_sweep_resumed_on_another_server_starts_over(
+    rd: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SCAN cursor means nothing to another server (a failover, a restart, a name
+    that now points elsewhere): when the server after a failure is not the one before,
+    the pass starts over instead of resuming."""
+    # Keys the sweep leaves: a pass over what is left after half a pass is most of one.
+    rd.mset({f"user:{i}": "1" for i in range(3000)})
+    rd.mset({f"session:{i}": "1" for i in range(6000)})
+    sink = RedisSink(rd, scan_count=100)
+    one_pass = _scans_of(lambda: sink.sweep(["nothing:*"]), rd)  # some 90 pages
+    servers = iter(["a/1", "b/2"])  # the server before the failure, and after it
+    monkeypatch.setattr(sink, "identity", lambda: next(servers))
+    pages = 0
+
+    def stopped() -> bool:
+        nonlocal pages
+        pages += 1
+        if pages == 45:  # half way
+            assert rd.client_kill_filter(_type="normal", skipme=True) >= 1
+        return False
+
+    scans = _scans_of(lambda: sink.sweep(["user:*"], stopped), rd)
+    assert rd.dbsize() == 6000
+    # Half a pass, then one over 7,500 keys: about 45 + 75 SCANs (resumed: about 90).
+    assert scans >= one_pass + 20, (scans, one_pass)
+
+
+def _scans_of(sweep: Callable[[], object], client: redis.Redis) -> int:
+    before = _scans(client)
+    sweep()
+    return _scans(client) - before
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """Delete keys from Redis: pipelined UNLINK for keys, SCAN + UNLINK for patterns (all of
-them in one SCAN pass, matched on our side: sink/glob.py)."""
+them in one SCAN pass, matched on our side where MATCH cannot: sink/glob.py)."""
 
 from __future__ import annotations
 
@@ -182,8 +182,9 @@ class RedisSink:
     def sweep(self, patterns: Collection[str], stopped: Callable[[], bool] | None = None) -> int:
         """SCAN once for every glob of `patterns` and UNLINK page by page what matches
         (TRUNCATE has no rows to render); how many keys existed. One pattern goes to the
-        server as MATCH; several are matched here against each page (a pass per pattern
-        cost a full SCAN each), with their common literal prefix, if any, as MATCH.
+        server as MATCH; several share one pass (a pass per pattern cost a full SCAN
+        each), their common literal prefix, if any, as MATCH, each page matched here
+        unless that MATCH is one of them (sink/glob.py).
         `stopped` is asked between pages: True raises SweepStopped (shutdown).
 
         Pipelined: a page's UNLINKs go in one write with the next page's SCAN, and their
@@ -194,11 +195,13 @@ class RedisSink:
         3.3-4.0 ms against 2.9-6.1 ms.
 
         A connection that fails is replaced and the pass resumes where it was (the SCAN's
-        cursor again, the page's UNLINKs again: they are idempotent); a second failure
-        without a page done in between raises, and the sweeper tries again later."""
+        cursor again, the page's UNLINKs again: they are idempotent), if the server is
+        the same one: a cursor means nothing to another (a failover, a restart, an
+        endpoint that now names a new primary), where the pass starts over. A second
+        failure without a page done in between raises, and the sweeper tries again."""
         if not patterns:
             return 0
-        self._follow_master()
+        server = self.identity()  # (follows a Sentinel's master first)
         globs = GlobSet(patterns)
         pool = self._client.connection_pool
         sweep = _Pass()
@@ -212,6 +215,9 @@ class RedisSink:
                 if sweep.pages == pages_at_failure:
                     raise
                 pages_at_failure = sweep.pages
+                now = self.identity()
+                if now != server:
+                    server, sweep.cursor = now, 0
             except BaseException:
                 conn.disconnect()  # replies may be left unread
                 raise
@@ -228,6 +234,7 @@ class RedisSink:
         stopped: Callable[[], bool] | None,
     ) -> None:
         """Carry `sweep` on over `conn` from where it is to its end."""
+        raise_if_stopped(stopped)
         match = () if globs.match is None else ("MATCH", globs.match)
 
         def send() -> None:
@@ -337,8 +344,9 @@ def server_persistence(client: redis.Redis) -> Persistence:
 class _Pass:
     """A sweep's pass, as far as it went: what a new connection resumes from."""
 
-    cursor: int | None = 0  # the SCAN whose reply comes next; None: the last page's done
-    unlinks: list[bytes] = field(default_factory=list)  # sent after that SCAN, unconfirmed
+    cursor: int | None = 0  # the next SCAN's; None: the last page was scanned
+    # The last page's UNLINKs, unconfirmed: sent after that SCAN (or to be, with it).
+    unlinks: list[bytes] = field(default_factory=list)
     deleted: int = 0
     pages: int = 0
 

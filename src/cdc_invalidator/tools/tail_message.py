@@ -4,12 +4,12 @@ named after the database, and how `tail` prints it.
 A message: {"v": 1, "at": the acknowledgement, "events": [event, ...], "more": events
 left out}, times as Unix time on the listener's clock; an event: {"table", "op",
 "keys", "patterns" (a TRUNCATE's sweeps), "error" (a dead letter's reason, or absent),
-"commit" (Unix time, or null), "txn", "why" (absent but for a sweep that stands for
-something else: "op" is then "BULK", a statement of bulk_sweep_rows rows or more, or
-"UNRENDERABLE", changes the capture could not turn into key columns)}. "commit" is the
-transaction's commit in logical mode and the start of the writer's transaction in
-trigger mode (what the queue records), so commit → delete is the lag the `lag_seconds`
-histogram measures. An older `tail` prints the op as it comes, without "why".
+"commit" (Unix time, or null), "txn", and for a sweep ("op" "T") that stands for
+something else than a TRUNCATE, "shown_as" ("BULK": a statement of bulk_sweep_rows rows
+or more; "UNRENDERABLE": changes the capture could not turn into key columns) and "why"}.
+"commit" is the transaction's commit in logical mode and the start of the writer's
+transaction in trigger mode (what the queue records), so commit → delete is the lag the
+`lag_seconds` histogram measures. An older `tail` shows those sweeps as a TRUNCATE.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ class TailEvent:
     error: str | None
     commit: float | None
     txn: str
+    shown_as: str | None = None
     why: str | None = None
 
     def as_json(self) -> dict[str, Any]:
@@ -61,6 +62,8 @@ class TailEvent:
             out["patterns"] = self.patterns
         if self.error is not None:
             out["error"] = self.error
+        if self.shown_as is not None:
+            out["shown_as"] = self.shown_as
         if self.why is not None:
             out["why"] = self.why
         return out
@@ -94,6 +97,7 @@ def decode(text: str) -> TailBatch:
                 error=None if e.get("error") is None else str(e["error"]),
                 commit=None if e.get("commit") is None else float(e["commit"]),
                 txn=str(e.get("txn") or ""),
+                shown_as=None if e.get("shown_as") is None else str(e["shown_as"]),
                 why=None if e.get("why") is None else str(e["why"]),
             )
             for e in data["events"]
@@ -121,4 +125,5 @@ def line(at: float, event: TailEvent) -> str:
         else f" commit→delete {max(0.0, at - event.commit) * 1000:.0f} ms"
     )
     txn = f" ({event.txn})" if event.txn else ""
-    return f"{when} {event.table} {_OPS.get(event.op, event.op)} {what}{lag}{txn}"
+    op = event.shown_as or _OPS.get(event.op, event.op)
+    return f"{when} {event.table} {op} {what}{lag}{txn}"

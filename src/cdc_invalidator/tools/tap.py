@@ -51,16 +51,17 @@ class Tap:
                     self._mapper.add(event, work)
                 except InvalidEvent as exc:
                     error = str(exc)
-            op, why = _shown_as(event)
+            shown_as, why = _stands_for(event)
             events.append(
                 TailEvent(
                     table=str(event.table),
-                    op=op,
+                    op=event.op.value,
                     keys=sorted(work.keys),
                     patterns=sorted(work.patterns),
                     error=error,
                     commit=origin.committed_at,
                     txn=origin.transaction,
+                    shown_as=shown_as,
                     why=why,
                 )
             )
@@ -70,14 +71,12 @@ class Tap:
         self._channel.close()
 
 
-def _shown_as(event: ChangeEvent) -> tuple[str, str | None]:
-    """The operation as `tail` shows it, and why: a TRUNCATE event that stands for
-    something else (events.py) shows as what it stands for, not as a TRUNCATE nobody ran."""
+def _stands_for(event: ChangeEvent) -> tuple[str | None, str | None]:
+    """What a TRUNCATE event that stands for something else (events.py) stands for, as
+    `tail` shows it instead of a TRUNCATE nobody ran, and why; (None, None) for others."""
     if event.op is Op.TRUNCATE and event.new:
-        reason = event.new.get(UNRENDERABLE)
-        if reason is not None:
-            return "UNRENDERABLE", str(reason)
-        rows = event.new.get(BULK)
-        if rows is not None:
-            return "BULK", f"a statement of {rows} rows or more: bulk_sweep_rows"
-    return event.op.value, None
+        if UNRENDERABLE in event.new:
+            return "UNRENDERABLE", str(event.new[UNRENDERABLE])
+        if BULK in event.new:
+            return "BULK", f"a statement of {event.new[BULK]} rows or more: bulk_sweep_rows"
+    return None, None
