@@ -182,6 +182,12 @@ BEGIN
     EXECUTE format('ALTER ROLE %I SUPERUSER', '{role}');
 END $f$;
 """
+# A function install itself creates (CREATE OR REPLACE), the one bulk_sweep_rows added:
+# replaced by a superuser, it would keep its owner, who could change it later.
+BULK_SWEEP = """
+CREATE FUNCTION cdc_invalidator.queue_bulk_sweep_v1(names text, bulk_sweep_rows integer)
+RETURNS text LANGUAGE sql AS $f$ SELECT 'ALTER ROLE {role} SUPERUSER' $f$;
+"""
 RULE = """
 CREATE RULE keep_a_copy AS ON INSERT TO cdc_invalidator.queue_v1
 DO ALSO NOTIFY mallory_listens;
@@ -259,8 +265,13 @@ def test_without_the_guard_the_squatted_queue_would_promote_its_owner(
     env.sql(sql.SQL("ALTER ROLE {} NOSUPERUSER").format(sql.Identifier(mallory)).as_string(None))
 
 
+@pytest.mark.parametrize(
+    ("definition", "function"),
+    [(WATCH, "watch(regclass,text[])"), (BULK_SWEEP, "queue_bulk_sweep_v1(text,integer)")],
+    ids=["watch", "queue_bulk_sweep_v1"],
+)
 def test_install_refuses_a_function_put_into_a_schema_prepared_for_it(
-    env: Env, mallory: str
+    env: Env, mallory: str, definition: str, function: str
 ) -> None:
     """The DBA made the schema and let another role create in it: the function that
     role put there is named, not the schema."""
@@ -270,14 +281,14 @@ def test_install_refuses_a_function_put_into_a_schema_prepared_for_it(
         .format(sql.Identifier(mallory))
         .as_string()
     )
-    run_as(env, mallory, WATCH.replace("{role}", mallory))
+    run_as(env, mallory, definition.replace("{role}", mallory))
     before = state(env)
 
     result = install(env)
 
     assert_refused(
         result,
-        "function cdc_invalidator.watch(regclass,text[]) is owned by role "
+        f"function cdc_invalidator.{function} is owned by role "
         f'"{mallory}", not by the installing role "{superuser(env)}"',
     )
     assert state(env) == before

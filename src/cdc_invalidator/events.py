@@ -114,6 +114,27 @@ class ChangeEvent(NamedTuple):
     position: int
 
 
+class StandIn(NamedTuple):
+    """What a TRUNCATE event stands for when no TRUNCATE ran: `kind` UNRENDERABLE (with
+    the capture's reason) or BULK (with the statement size it was queued from)."""
+
+    kind: str
+    detail: str
+
+
+def stand_in(event: ChangeEvent) -> StandIn | None:
+    """What this TRUNCATE event stands for (UNRENDERABLE, BULK above); None for a real
+    TRUNCATE and any other event. The one reading of those markers."""
+    if event.op is not Op.TRUNCATE or not event.new:
+        return None
+    reason = event.new.get(UNRENDERABLE)
+    if reason is not None:
+        return StandIn(UNRENDERABLE, str(reason))
+    if BULK in event.new:
+        return StandIn(BULK, str(event.new[BULK]))
+    return None
+
+
 # A pack's key columns: each column's values, one per row, in row order.
 Columns = Mapping[str, Sequence[object]]
 

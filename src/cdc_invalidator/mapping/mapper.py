@@ -6,7 +6,6 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from cdc_invalidator.events import (
-    BULK,
     UNRENDERABLE,
     ChangeEvent,
     InvalidEvent,
@@ -14,6 +13,7 @@ from cdc_invalidator.events import (
     Pack,
     Row,
     TableName,
+    stand_in,
 )
 from cdc_invalidator.mapping.templates import KeyTemplate, Render, RenderError
 
@@ -229,12 +229,13 @@ class Mapper:
             raise InvalidEvent(f"table {event.table} is not in the configuration")
         if event.op is Op.TRUNCATE:
             into.patterns.update(t.glob() for t in self._templates[event.table])
-            if event.new:
-                reason = event.new.get(UNRENDERABLE)
-                if reason is not None:
-                    into.unrenderable[event.table] = str(reason)
-                elif BULK in event.new:
-                    into.bulk[event.table] = into.bulk.get(event.table, 0) + 1
+            stands_for = stand_in(event)
+            if stands_for is None:
+                return
+            if stands_for.kind == UNRENDERABLE:
+                into.unrenderable[event.table] = stands_for.detail
+            else:
+                into.bulk[event.table] = into.bulk.get(event.table, 0) + 1
             return
         keys: list[str] = []
         op = event.op

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Protocol, runtime_checkable
 
-from cdc_invalidator.events import BULK, UNRENDERABLE, ChangeEvent, InvalidEvent, Op
+from cdc_invalidator.events import UNRENDERABLE, ChangeEvent, InvalidEvent, stand_in
 from cdc_invalidator.mapping import Invalidation, Mapper
 from cdc_invalidator.runner import Batch
 from cdc_invalidator.sink.pubsub import TailChannel
@@ -72,11 +72,11 @@ class Tap:
 
 
 def _stands_for(event: ChangeEvent) -> tuple[str | None, str | None]:
-    """What a TRUNCATE event that stands for something else (events.py) stands for, as
-    `tail` shows it instead of a TRUNCATE nobody ran, and why; (None, None) for others."""
-    if event.op is Op.TRUNCATE and event.new:
-        if UNRENDERABLE in event.new:
-            return "UNRENDERABLE", str(event.new[UNRENDERABLE])
-        if BULK in event.new:
-            return "BULK", f"a statement of {event.new[BULK]} rows or more: bulk_sweep_rows"
-    return None, None
+    """How `tail` shows a TRUNCATE event that stands for something else (events.py),
+    instead of a TRUNCATE nobody ran, and why; (None, None) for any other event."""
+    stands_for = stand_in(event)
+    if stands_for is None:
+        return None, None
+    if stands_for.kind == UNRENDERABLE:
+        return "UNRENDERABLE", stands_for.detail
+    return "BULK", f"a statement of {stands_for.detail} rows or more: bulk_sweep_rows"
