@@ -24,8 +24,9 @@ from cdc_invalidator.capture.streamed import (
     pack,
 )
 from cdc_invalidator.capture.walstream import parse_lsn
-from cdc_invalidator.events import ChangeEvent, Op, TableName
-from cdc_invalidator.mapping.mapper import Invalidation
+from cdc_invalidator.events import ChangeEvent, Op, StandIn, TableName
+from cdc_invalidator.events import StandInKind as Kind
+from cdc_invalidator.mapping.mapper import Invalidation, StoodIn
 from tests.support.env import Env, Servers
 from tests.support.listener import ListenerProcess
 from tests.support.logical import (
@@ -415,14 +416,16 @@ def test_held_chunks_spill_to_a_file_and_come_back_without_the_rolled_back_subtr
     txn.add(chunk(13, "d:1"))
     txn.abort(12)  # in the file and in memory
     dead = Dead(7, "bad", ChangeEvent(BIG_T, Op.INSERT, None, {"id": None}, 7))
-    txn.add(Chunk(10, 1, pack({5: Invalidation(set(), {"big:*"}, {BIG_T: "why"})}), [dead]))
+    swept = Invalidation(set(), {"big:*"})
+    swept.add_stand_in(BIG_T, StandIn(Kind.UNRENDERABLE, "why"))
+    txn.add(Chunk(10, 1, pack({5: swept}), [dead]))
     out = list(txn.chunks())
     assert [c.subxid for c in out] == [10, 11, 13, 10]
     keys = [sorted(k for inv in c.invalidations().values() for k in inv.keys) for c in out]
     assert keys == [["a:1", "a:2"], ["b:1"], ["d:1"], []]
     last = out[-1].invalidations()[5]
     assert last.patterns == {"big:*"}
-    assert last.unrenderable == {BIG_T: "why"}
+    assert last.stood_in == {(BIG_T, Kind.UNRENDERABLE): StoodIn("why", 1)}
     assert out[-1].dead == [dead]
     txn.close()
 

@@ -7,9 +7,10 @@ from fnmatch import fnmatchcase
 
 import pytest
 
-from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, TableName
+from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, StandIn, TableName
+from cdc_invalidator.events import StandInKind as Kind
 from cdc_invalidator.mapping import Invalidation, KeyTemplate, Mapper, TemplateError
-from cdc_invalidator.mapping.mapper import Routed, merge
+from cdc_invalidator.mapping.mapper import Routed, StoodIn, merge
 
 USERS = TableName("public", "users")
 
@@ -427,14 +428,40 @@ def test_render_all_of_a_bad_row_raises_what_render_raises(
         template.render_all(rows)  # type: ignore[arg-type]
 
 
-def test_merge_carries_keys_patterns_and_the_unrenderable_tables() -> None:
-    """A streamed transaction's keys reach the runner through merge(): its tables swept
-    for want of key columns must too, to be counted and logged."""
+def test_merge_carries_keys_patterns_and_the_stand_ins() -> None:
+    """A streamed transaction's keys reach the runner through merge(): the tables swept
+    for what their TRUNCATE events stood for must too, to be counted and logged."""
     orders = TableName("public", "orders")
     into: Routed = {None: Invalidation({"a"}, {"p:*"})}
-    merge(into, {None: Invalidation({"b"}, {"q:*"}, {USERS: "gone"}), 2: Invalidation({"c"})})
-    merge(into, {None: Invalidation(unrenderable={orders: "dropped"})})
+    first = Invalidation({"b"}, {"q:*"})
+    first.add_stand_in(USERS, StandIn(Kind.UNRENDERABLE, "gone"))
+    first.add_stand_in(orders, StandIn(Kind.BULK, "1000"), times=2)
+    merge(into, {None: first, 2: Invalidation({"c"})})
+    later = Invalidation()
+    later.add_stand_in(USERS, StandIn(Kind.UNRENDERABLE, "dropped"))
+    later.add_stand_in(orders, StandIn(Kind.BULK, "5000"))
+    merge(into, {None: later})
     assert into[None] == Invalidation(
-        {"a", "b"}, {"p:*", "q:*"}, {USERS: "gone", orders: "dropped"}
+        {"a", "b"},
+        {"p:*", "q:*"},
+        {
+            (USERS, Kind.UNRENDERABLE): StoodIn("dropped", 2),
+            (orders, Kind.BULK): StoodIn("5000", 3),
+        },
     )
     assert into[2] == Invalidation({"c"})
+
+
+def test_a_truncate_standing_in_is_swept_and_noted_per_table_and_kind() -> None:
+    """Stand-ins sweep like a TRUNCATE and are noted by table and kind, the last one's
+    detail with how many: a real TRUNCATE notes nothing."""
+    mapper = Mapper({USERS: [KeyTemplate.parse("user:{id}")]})
+    into = Invalidation()
+    # (the markers as the queue's SQL and the logical capture write them)
+    for new in ({"bulk": "1000"}, {"unrenderable": "why"}, {"bulk": "2000"}, None):
+        mapper.add(ChangeEvent(USERS, Op.TRUNCATE, None, new, 1), into)
+    assert into.patterns == {"user:*"}
+    assert into.stood_in == {
+        (USERS, Kind.BULK): StoodIn("2000", 2),
+        (USERS, Kind.UNRENDERABLE): StoodIn("why", 1),
+    }

@@ -32,7 +32,8 @@ from cdc_invalidator.capture.pgoutput import (
     by_name,
     unwrap_streamed,
 )
-from cdc_invalidator.events import UNRENDERABLE, ChangeEvent, InvalidEvent, Op, TableName
+from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, TableName
+from cdc_invalidator.events import StandInKind as Kind
 from cdc_invalidator.mapping.columns import ColumnFilter, Judge
 from tests.support.evidence import unavailable
 
@@ -188,7 +189,7 @@ def test_a_key_column_the_table_lacks_makes_each_change_a_sweep_told_once() -> N
     )
     got = events_of(feed(decoder, "insert"))
     # Its keys cannot be rendered: a sweep of the table's templates, as for TRUNCATE.
-    reason = {UNRENDERABLE: "key columns nickname of public.users no longer exist"}
+    reason = {Kind.UNRENDERABLE: "key columns nickname of public.users no longer exist"}
     assert [(e.table, e.op, e.old, e.new) for e in got] == [(USERS, Op.TRUNCATE, None, reason)] * 2
     assert [e.position for e in got] == [1, 2]
     assert told == [(USERS, ("nickname",))], "once per Relation message, not per row"

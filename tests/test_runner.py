@@ -34,7 +34,9 @@ from cdc_invalidator.capture.trigger_queue import (
     WakeupPolicy,
 )
 from cdc_invalidator.events import ChangeEvent, Op, Origin, TableName
+from cdc_invalidator.events import StandInKind as Kind
 from cdc_invalidator.mapping import KeyTemplate, Mapper, Routed
+from cdc_invalidator.mapping.mapper import StoodIn
 from cdc_invalidator.redis_guard.watch import RedisWatch
 from cdc_invalidator.replay import ReplayResult
 from cdc_invalidator.runner import BUSY_BATCH, Runner, RunnerConfig, Source
@@ -868,3 +870,51 @@ def test_a_share_whose_delete_failed_comes_again_and_the_last_still_confirms_all
     ]
     assert handled[9] == ("ack", [])
     assert runner.keys_deleted == 3
+
+
+# --- sweeps standing in for other changes -----------------------------------------------------
+
+
+def test_stand_ins_are_counted_and_unrenderable_ones_logged_once_a_minute_per_table(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch's sweep of a table for bulk statements counts each statement and logs
+    each batch; for unrenderable changes it counts the sweep (whatever their number) and
+    logs a table's reason once a minute: until install runs, every batch sweeps."""
+    logged: list[tuple[str, str, dict[str, object]]] = []
+
+    class Log:
+        def __getattr__(self, level: str) -> Callable[..., None]:
+            return lambda event, **kw: logged.append((level, event, kw))
+
+    monkeypatch.setattr(runner_module, "log", Log())
+    r = make_runner(world, FakeSource(world, []), FakeSink(world))
+    orders = TableName("public", "orders")
+
+    def batch(*stand_ins: tuple[TableName, Kind, str, int]) -> None:
+        for table, kind, detail, times in stand_ins:
+            r._swept_for(table, kind, StoodIn(detail, times))
+
+    def count(name: str, table: TableName) -> float | None:
+        return r.metrics.registry.get_sample_value(
+            f"cdc_invalidator_{name}_sweeps_total", {"table": str(table)}
+        )
+
+    batch((USERS, Kind.UNRENDERABLE, "email is gone", 500), (orders, Kind.BULK, "1000", 2))
+    world.clock.advance(59.0)
+    batch((USERS, Kind.UNRENDERABLE, "still gone", 1), (orders, Kind.UNRENDERABLE, "id is gone", 3))
+    world.clock.advance(1.0)
+    batch((USERS, Kind.UNRENDERABLE, "gone at last", 1), (orders, Kind.BULK, "1000", 1))
+
+    assert count("unrenderable", USERS) == 3
+    assert count("unrenderable", orders) == 1
+    assert count("bulk", orders) == 3
+    assert [(level, event, kw["table"]) for level, event, kw in logged] == [
+        ("warning", "unrenderable_changes_swept", "public.users"),
+        ("info", "bulk_statements_swept", "public.orders"),
+        ("warning", "unrenderable_changes_swept", "public.orders"),
+        ("warning", "unrenderable_changes_swept", "public.users"),
+        ("info", "bulk_statements_swept", "public.orders"),
+    ]
+    reasons = [kw.get("reason") for _, _, kw in logged]
+    assert reasons == ["email is gone", None, "id is gone", "gone at last", None]

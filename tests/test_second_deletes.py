@@ -12,7 +12,6 @@ import time
 import pytest
 
 from cdc_invalidator.capture.rows import Decoded
-from cdc_invalidator.events import TableName
 from cdc_invalidator.mapping import KEYS_SEP, Invalidation, Mapper, Routed
 from cdc_invalidator.pg.queries import Q
 from cdc_invalidator.redis_guard.window import MARGIN_S
@@ -60,20 +59,17 @@ def test_batches_merged_into_one_due_come_back_whole_in_bounded_groups() -> None
     assert later.next_due is None
 
 
-def test_a_key_holding_the_separator_and_a_batchs_patterns_are_kept() -> None:
+def test_a_key_holding_the_separator_is_kept_whole() -> None:
     sink = Recorder()
     later, _ = owed_by(sink)
     visible = time.monotonic()
-    table = TableName("public", "users")
     odd = f"user{KEYS_SEP}1"  # a template's literal may hold anything
-    later.add({None: Invalidation({odd, "user:2"}, {"user:*"}, {table: "why"})}, visible)
+    later.add({None: Invalidation({odd, "user:2"})}, visible)
     later.add({None: Invalidation({"user:3"})}, visible)
     later.run(until=visible + 1)
 
     (works,) = sink.calls
     assert works[None].keys == {odd, "user:2", "user:3"}
-    assert works[None].patterns == {"user:*"}
-    assert works[None].unrenderable == {table: "why"}
 
 
 def test_batches_apart_are_separate_second_deletes_in_order() -> None:

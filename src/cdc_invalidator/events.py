@@ -21,15 +21,17 @@ class Op(StrEnum):
     TRUNCATE = "T"
 
 
-# A TRUNCATE event whose new row is {UNRENDERABLE: reason} stands for changes the capture
-# could not turn into key columns (a key column was dropped, a partition has no capture
-# triggers): their table is swept instead, and the runner logs and counts it. The
-# trigger queue's SQL writes the same key.
-UNRENDERABLE = "unrenderable"
-# A TRUNCATE event whose new row is {BULK: rows} stands for one statement of at least
-# that many rows (trigger mode's bulk_sweep_rows): its table is swept instead of its
-# rows' keys deleted, and the runner counts it.
-BULK = "bulk"
+class StandInKind(StrEnum):
+    """What a TRUNCATE event may stand for when no TRUNCATE ran; the key of its marker,
+    the event's new row (the trigger queue's SQL writes the same keys). Its table is
+    swept, and the runner logs and counts it by kind."""
+
+    # {"unrenderable": reason}: changes the capture could not turn into key columns (a
+    # key column was dropped, a partition has no capture triggers).
+    UNRENDERABLE = "unrenderable"
+    # {"bulk": rows}: one statement of at least that many rows (trigger mode's
+    # bulk_sweep_rows), swept instead of its rows' keys deleted.
+    BULK = "bulk"
 
 
 class InvalidEvent(Exception):
@@ -115,23 +117,23 @@ class ChangeEvent(NamedTuple):
 
 
 class StandIn(NamedTuple):
-    """What a TRUNCATE event stands for when no TRUNCATE ran: `kind` UNRENDERABLE (with
-    the capture's reason) or BULK (with the statement size it was queued from)."""
+    """What a TRUNCATE event stands for when no TRUNCATE ran: its kind, with the
+    capture's reason (UNRENDERABLE) or the statement size it was queued from (BULK)."""
 
-    kind: str
+    kind: StandInKind
     detail: str
 
 
 def stand_in(event: ChangeEvent) -> StandIn | None:
-    """What this TRUNCATE event stands for (UNRENDERABLE, BULK above); None for a real
-    TRUNCATE and any other event. The one reading of those markers."""
+    """What this TRUNCATE event stands for (StandInKind); None for a real TRUNCATE and
+    any other event. The one reading of those markers."""
     if event.op is not Op.TRUNCATE or not event.new:
         return None
-    reason = event.new.get(UNRENDERABLE)
+    reason = event.new.get(StandInKind.UNRENDERABLE)
     if reason is not None:
-        return StandIn(UNRENDERABLE, str(reason))
-    if BULK in event.new:
-        return StandIn(BULK, str(event.new[BULK]))
+        return StandIn(StandInKind.UNRENDERABLE, str(reason))
+    if StandInKind.BULK in event.new:
+        return StandIn(StandInKind.BULK, str(event.new[StandInKind.BULK]))
     return None
 
 

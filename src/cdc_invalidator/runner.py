@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import Protocol, assert_never, cast
 
 import psycopg
 import structlog
@@ -23,9 +23,9 @@ import structlog
 from cdc_invalidator.backoff import Backoff
 from cdc_invalidator.capture.errors import Fatal, Standby
 from cdc_invalidator.capture.holds import Hold
-from cdc_invalidator.events import ChangeEvent, InvalidEvent, Origin, TableName
+from cdc_invalidator.events import ChangeEvent, InvalidEvent, Origin, StandInKind, TableName
 from cdc_invalidator.mapping import Invalidation, Mapper, Routed
-from cdc_invalidator.mapping.mapper import merge
+from cdc_invalidator.mapping.mapper import StoodIn, merge
 from cdc_invalidator.metrics import Metrics
 from cdc_invalidator.redis_guard.watch import RedisWatch
 from cdc_invalidator.second_deletes import SecondDeletes
@@ -206,9 +206,7 @@ def confirm_later_of(batch: Batch) -> bool:
 
 def split_sweeps(works: Routed) -> tuple[Routed, Routed]:
     """A batch's keys (deleted by the loop) and its patterns (swept behind it)."""
-    keys: Routed = {
-        db: Invalidation(keys=w.keys, unrenderable=w.unrenderable) for db, w in works.items()
-    }
+    keys: Routed = {db: Invalidation(keys=w.keys) for db, w in works.items()}
     sweeps: Routed = {
         db: Invalidation(patterns=w.patterns) for db, w in works.items() if w.patterns
     }
@@ -504,10 +502,8 @@ class Runner:
         for position, error in batch.dead.items():
             log.warning("event_dead_lettered", position=position, error=error)
         for work in works.values():
-            if work.unrenderable:
-                self._swept_unrenderable(work.unrenderable)
-            if work.bulk:
-                self._swept_bulk(work.bulk)
+            for (table, kind), seen in work.stood_in.items():
+                self._swept_for(table, kind, seen)
         self._observe(batch, deleted)
         log.debug(
             "batch_processed",
@@ -545,7 +541,7 @@ class Runner:
         batch that acknowledges, held as it must be."""
         works, failed = self._mapper.map_all(batch.events)
         keys, sweeps = split_sweeps(works)
-        if sweeps or any(work.unrenderable for work in works.values()):
+        if sweeps or any(work.stood_in for work in works.values()):
             early.leave()
             return
         for event, exc in failed:
@@ -561,30 +557,31 @@ class Runner:
             # says about the same, by the server's clock), until a batch finds nothing.
             self.behind_s = batch.oldest_s + (time.monotonic() - batch.read_at)
 
-    def _swept_unrenderable(self, tables: dict[TableName, str]) -> None:
-        """Count each sweep; log it once a minute per table, not once per batch: until
-        install runs again, every batch with such a change sweeps."""
-        now = time.monotonic()
-        for table, reason in tables.items():
-            self.metrics.unrenderable_sweeps.labels(str(table)).inc()
-            if now - self._unrenderable_logged.get(table, -UNRENDERABLE_LOG_EVERY_S) >= (
-                UNRENDERABLE_LOG_EVERY_S
-            ):
-                self._unrenderable_logged[table] = now
-                log.warning(
-                    "unrenderable_changes_swept",
-                    table=str(table),
-                    reason=reason,
-                    action="swept every key template of the table; edit the configuration "
-                    "to the new schema and run `cdc-invalidator install`",
-                )
+    def _swept_for(self, table: TableName, kind: StandInKind, seen: StoodIn) -> None:
+        """Count and log a batch's sweep of `table` standing for `seen` (events.stand_in).
 
-    def _swept_bulk(self, statements: dict[TableName, int]) -> None:
-        """Count the bulk statements swept, per table (a table's events all go to its one
-        Redis database's work: each is counted once)."""
-        for table, n in statements.items():
-            self.metrics.bulk_sweeps.labels(str(table)).inc(n)
-            log.info("bulk_statements_swept", table=str(table), statements=n)
+        Unrenderable changes: a sweep counted per batch, logged once a minute per table
+        (until install runs again, every batch with such a change sweeps). Bulk
+        statements: each counted, logged per batch (each one is an event worth seeing)."""
+        if kind is StandInKind.BULK:
+            self.metrics.bulk_sweeps.labels(str(table)).inc(seen.times)
+            log.info("bulk_statements_swept", table=str(table), statements=seen.times)
+            return
+        if kind is not StandInKind.UNRENDERABLE:
+            assert_never(kind)
+        self.metrics.unrenderable_sweeps.labels(str(table)).inc()
+        now = time.monotonic()
+        if now - self._unrenderable_logged.get(table, -UNRENDERABLE_LOG_EVERY_S) >= (
+            UNRENDERABLE_LOG_EVERY_S
+        ):
+            self._unrenderable_logged[table] = now
+            log.warning(
+                "unrenderable_changes_swept",
+                table=str(table),
+                reason=seen.detail,
+                action="swept every key template of the table; edit the configuration "
+                "to the new schema and run `cdc-invalidator install`",
+            )
 
     def _deleted_again(self, existed: int) -> None:
         self.keys_deleted_again += existed

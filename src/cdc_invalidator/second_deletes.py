@@ -20,7 +20,6 @@ import psycopg
 import structlog
 
 from cdc_invalidator.capture.rows import Decoded, MapPack
-from cdc_invalidator.events import TableName
 from cdc_invalidator.mapping import (
     Invalidation,
     Mapper,
@@ -51,20 +50,15 @@ class _Owed:
     some 25 MB at once (the listener's RSS, sampled through a streamed 1M-row DELETE)."""
 
     parts: list[PackedKeys] = field(default_factory=list)
-    patterns: set[str] = field(default_factory=set)
-    unrenderable: dict[TableName, str] = field(default_factory=dict)
 
     def add(self, work: Invalidation) -> None:
         if work.keys:
             self.parts.append(pack_keys(work.keys))
-        self.patterns.update(work.patterns)
-        self.unrenderable.update(work.unrenderable)
 
     def groups(self) -> Iterator[Invalidation]:
         """What is owed, at most SECOND_DELETE_GROUP keys at a time (a batch's keys may
-        be split between two); the patterns and unrenderable tables with the first."""
+        be split between two)."""
         keys: set[str] = set()
-        first = True
         for part in self.parts:
             rest = unpack_keys(part)
             while rest:
@@ -72,15 +66,10 @@ class _Owed:
                 keys.update(rest[:room])
                 rest = rest[room:]
                 if len(keys) >= SECOND_DELETE_GROUP:
-                    yield self._group(keys, first)
-                    keys, first = set(), False
-        if keys or first:
-            yield self._group(keys, first)
-
-    def _group(self, keys: set[str], first: bool) -> Invalidation:
-        if not first:
-            return Invalidation(keys)
-        return Invalidation(keys, set(self.patterns), dict(self.unrenderable))
+                    yield Invalidation(keys)
+                    keys = set()
+        if keys:
+            yield Invalidation(keys)
 
 
 class SecondDeletes:
@@ -99,7 +88,8 @@ class SecondDeletes:
         return self._later[0][0] if self._later else None
 
     def add(self, works: Routed, visible_at: float | None = None) -> None:
-        """An acknowledged batch's keys, to delete again delay_s after its changes were
+        """An acknowledged batch's keys (not its patterns: a sweep's second sweep is the
+        sweeper's, which holds no batch back), to delete again delay_s after its changes were
         visible (`visible_at`, time.monotonic()), or if that is unknown, after now (the
         first delete). A stale SET comes from a reader that read the old row before the
         change was visible, at most delay_s before it SETs: if the first delete was

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Final, NamedTuple, TypeVar, cast
 
 from cdc_invalidator.capture.errors import Fatal
-from cdc_invalidator.events import UNRENDERABLE, ChangeEvent, InvalidEvent, Op, Row, TableName
+from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, Row, StandInKind, TableName
 from cdc_invalidator.mapping.columns import ColumnFilter, Judge
 
 try:  # capture/_walk.c, built at install where there is a C compiler (pyproject.toml)
@@ -199,7 +199,7 @@ class Decoder:
     `on_missing_old(relation, columns)` is told once when old values of key columns are
     not sent; `on_unrenderable(relation)` once per Relation message that lacks key
     columns; each change of such a table becomes a TRUNCATE event carrying the reason
-    (mapping.UNRENDERABLE), which the runner sweeps, logs and counts.
+    (StandInKind.UNRENDERABLE), which the runner sweeps, logs and counts.
 
     `compiled`: each relation's tuples are walked by code compiled for it (the fast path
     of text and NULL values) before the general walk; False walks them the general way
@@ -340,8 +340,9 @@ class Decoder:
         """A change of a table that lost key columns: its keys cannot be known, so it
         stands for a sweep of every template of the table, as a TRUNCATE does."""
         self.position += 1
+        missing = ", ".join(relation.missing)
         reason = {
-            UNRENDERABLE: f"key columns {', '.join(relation.missing)} of {relation.table} "
+            StandInKind.UNRENDERABLE.value: f"key columns {missing} of {relation.table} "
             "no longer exist"
         }
         return ChangeEvent(relation.table, Op.TRUNCATE, None, reason, self.position)

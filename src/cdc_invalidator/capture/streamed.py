@@ -27,8 +27,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO, NamedTuple, cast
 
-from cdc_invalidator.events import ChangeEvent, TableName
-from cdc_invalidator.mapping.mapper import Invalidation, PackedKeys, Routed, pack_keys, unpack_keys
+from cdc_invalidator.events import ChangeEvent, StandInKind, TableName
+from cdc_invalidator.mapping.mapper import (
+    Invalidation,
+    PackedKeys,
+    Routed,
+    StoodIn,
+    pack_keys,
+    unpack_keys,
+)
 
 
 class Dead(NamedTuple):
@@ -42,7 +49,7 @@ class Keys(NamedTuple):
 
     keys: PackedKeys
     patterns: frozenset[str]
-    unrenderable: dict[TableName, str]
+    stood_in: dict[tuple[TableName, StandInKind], StoodIn]  # (Invalidation's)
 
 
 @dataclass(slots=True)
@@ -69,7 +76,7 @@ class Chunk:
             out[db] = Invalidation(
                 set(unpack_keys(keys)),
                 set(share.patterns),
-                dict(share.unrenderable),
+                dict(share.stood_in),
             )
         return out
 
@@ -78,7 +85,7 @@ def pack(routed: Routed) -> dict[int | None, Keys]:
     """A batch's invalidations, compactly."""
     out: dict[int | None, Keys] = {}
     for db, work in routed.items():
-        out[db] = Keys(pack_keys(work.keys), frozenset(work.patterns), dict(work.unrenderable))
+        out[db] = Keys(pack_keys(work.keys), frozenset(work.patterns), dict(work.stood_in))
     return out
 
 

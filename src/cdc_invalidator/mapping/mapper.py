@@ -4,18 +4,27 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from cdc_invalidator.events import (
-    UNRENDERABLE,
     ChangeEvent,
     InvalidEvent,
     Op,
     Pack,
     Row,
+    StandIn,
+    StandInKind,
     TableName,
     stand_in,
 )
 from cdc_invalidator.mapping.templates import KeyTemplate, Render, RenderError
+
+
+class StoodIn(NamedTuple):
+    """A table's stand-ins of one kind in a batch: the last one's detail, how many."""
+
+    detail: str
+    times: int
 
 
 @dataclass(slots=True)
@@ -24,14 +33,19 @@ class Invalidation:
 
     keys: set[str] = field(default_factory=set)
     patterns: set[str] = field(default_factory=set)
-    # Tables swept because a change of theirs could not be rendered (a key column was
-    # dropped or a partition lacks triggers), with the capture's reason: logged, counted.
-    unrenderable: dict[TableName, str] = field(default_factory=dict)
-    # Tables swept for bulk statements (bulk_sweep_rows), with how many: counted.
-    bulk: dict[TableName, int] = field(default_factory=dict)
+    # Tables swept for TRUNCATE events that stand for something else (events.stand_in:
+    # changes the capture could not render, a bulk statement), for the runner to log and
+    # count: by table and kind, the last one's detail and how many there were (a
+    # streamed transaction may hold a million of one table's, so not one entry each).
+    stood_in: dict[tuple[TableName, StandInKind], StoodIn] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.keys) + len(self.patterns)
+
+    def add_stand_in(self, table: TableName, what: StandIn, times: int = 1) -> None:
+        """Note `times` stand-ins like `what` for `table`."""
+        seen = self.stood_in.get((table, what.kind))
+        self.stood_in[table, what.kind] = StoodIn(what.detail, times + (seen.times if seen else 0))
 
 
 # Invalidations by Redis logical database: None is the one redis_url names.
@@ -65,11 +79,10 @@ def merge(into: Routed, other: Routed) -> None:
         target = into.setdefault(db, Invalidation())
         target.keys.update(work.keys)
         target.patterns.update(work.patterns)
-        # (a streamed transaction's unrenderable tables reach the runner this way: it
-        # counts and logs their sweeps as it does a batch's own)
-        target.unrenderable.update(work.unrenderable)
-        for table, statements in work.bulk.items():
-            target.bulk[table] = target.bulk.get(table, 0) + statements
+        # (a streamed transaction's stand-ins reach the runner this way: it counts and
+        # logs their sweeps as it does a batch's own)
+        for (table, kind), seen in work.stood_in.items():
+            target.add_stand_in(table, StandIn(kind, seen.detail), seen.times)
 
 
 class Mapper:
@@ -230,12 +243,8 @@ class Mapper:
         if event.op is Op.TRUNCATE:
             into.patterns.update(t.glob() for t in self._templates[event.table])
             stands_for = stand_in(event)
-            if stands_for is None:
-                return
-            if stands_for.kind == UNRENDERABLE:
-                into.unrenderable[event.table] = stands_for.detail
-            else:
-                into.bulk[event.table] = into.bulk.get(event.table, 0) + 1
+            if stands_for is not None:
+                into.add_stand_in(event.table, stands_for)
             return
         keys: list[str] = []
         op = event.op

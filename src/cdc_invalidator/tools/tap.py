@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Protocol, runtime_checkable
 
-from cdc_invalidator.events import UNRENDERABLE, ChangeEvent, InvalidEvent, stand_in
+from cdc_invalidator.events import ChangeEvent, InvalidEvent, StandInKind, stand_in
 from cdc_invalidator.mapping import Invalidation, Mapper
 from cdc_invalidator.runner import Batch
 from cdc_invalidator.sink.pubsub import TailChannel
@@ -77,6 +77,6 @@ def _stands_for(event: ChangeEvent) -> tuple[str | None, str | None]:
     stands_for = stand_in(event)
     if stands_for is None:
         return None, None
-    if stands_for.kind == UNRENDERABLE:
+    if stands_for.kind is StandInKind.UNRENDERABLE:
         return "UNRENDERABLE", stands_for.detail
     return "BULK", f"a statement of {stands_for.detail} rows or more: bulk_sweep_rows"
