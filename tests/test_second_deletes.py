@@ -72,6 +72,19 @@ def test_a_key_holding_the_separator_is_kept_whole() -> None:
     assert works[None].keys == {odd, "user:2", "user:3"}
 
 
+def test_patterns_are_owed_nothing_the_sweeper_sweeps_them_again() -> None:
+    """Keys only: a batch of patterns alone owes no second delete here (the sweeper
+    does a sweep's second sweep), and one with keys owes its keys."""
+    sink = Recorder()
+    later, _ = owed_by(sink)
+    visible = time.monotonic()
+    later.add({None: Invalidation(patterns={"user:*"})}, visible)
+    assert later.next_due is None
+    later.add({None: Invalidation({"user:1"}, {"user:*"})}, visible)
+    later.run(until=visible + 1)
+    assert [works[None] for works in sink.calls] == [Invalidation({"user:1"})]
+
+
 def test_batches_apart_are_separate_second_deletes_in_order() -> None:
     sink = Recorder()
     later, _ = owed_by(sink)

@@ -88,14 +88,16 @@ class SecondDeletes:
         return self._later[0][0] if self._later else None
 
     def add(self, works: Routed, visible_at: float | None = None) -> None:
-        """An acknowledged batch's keys (not its patterns: a sweep's second sweep is the
-        sweeper's, which holds no batch back), to delete again delay_s after its changes were
+        """An acknowledged batch's keys, to delete again delay_s after its changes were
         visible (`visible_at`, time.monotonic()), or if that is unknown, after now (the
         first delete). A stale SET comes from a reader that read the old row before the
         change was visible, at most delay_s before it SETs: if the first delete was
         later than that, it came after every such SET, and none is owed (a backlog
-        drained more than delay_s after it was written costs no second deletes)."""
-        if not self._delay_s or not any(works.values()):
+        drained more than delay_s after it was written costs no second deletes).
+
+        Keys only: patterns are ignored, a sweep's second sweep being the sweeper's
+        (sweeper.py), which holds no batch back."""
+        if not self._delay_s or not any(work.keys for work in works.values()):
             return
         now = time.monotonic()
         due = (now if visible_at is None else visible_at) + self._delay_s
@@ -108,7 +110,7 @@ class SecondDeletes:
         # Batches a few ms apart share one second delete: fewer, larger pipelines.
         owed = self._later[-1][1]
         for db, work in works.items():
-            if work:
+            if work.keys:
                 owed.setdefault(db, _Owed()).add(work)
 
     def run(self, until: float) -> None:
