@@ -458,10 +458,12 @@ def test_a_truncate_standing_in_is_swept_and_noted_per_table_and_kind() -> None:
     mapper = Mapper({USERS: [KeyTemplate.parse("user:{id}")]})
     into = Invalidation()
     # (the markers as the queue's SQL and the logical capture write them)
-    for new in ({"bulk": "1000"}, {"unrenderable": "why"}, {"bulk": "2000"}, None):
-        mapper.add(ChangeEvent(USERS, Op.TRUNCATE, None, new, 1), into)
+    rows = ({"bulk": 1000}, {"unrenderable": "why"}, {"bulk": 2000}, {"resync": "lost"}, None)
+    for new in rows:
+        mapper.add(ChangeEvent(USERS, Op.TRUNCATE, None, new, 1), into)  # type: ignore[arg-type]
     assert into.patterns == {"user:*"}
     assert into.stood_in == {
         (USERS, Kind.BULK): StoodIn("2000", 2),
         (USERS, Kind.UNRENDERABLE): StoodIn("why", 1),
+        (USERS, Kind.RESYNC): StoodIn("lost", 1),
     }

@@ -111,6 +111,28 @@ def test_tail_shows_a_dropped_key_columns_sweep_as_unrenderable(
     stop_listener(listener)
 
 
+@pytest.mark.parametrize("capture", ["logical"], ids=["logical"])
+def test_tail_shows_the_sweep_after_missed_changes_as_resync(
+    env: Env, spawn: Spawn, started_tail: StartedTails
+) -> None:
+    """The sweep owed after changes may have been missed (logical mode: a lost slot)
+    shows as what it is, with the reason, not as TRUNCATEs of every table."""
+    config = setup_users(env, rows=3)
+    stop_listener(spawn(config))  # (the slot and its state row exist)
+    env.sql("UPDATE cdc_invalidator.slot_state_v1 SET resync_reason = 'owed: a test said so'")
+    r = env.redis()
+    tail = started_tail(env, config)
+    wait_until(lambda: subscribers(r, channel_of(env)) == 1, what="tail subscribed")
+    listener = spawn(config)  # its first batch is the sweep, which it asks about
+
+    wait_until(lambda: " RESYNC sweep " in "\n".join(tail.lines()), what="the sweep shown")
+    (shown,) = [t for t in tail.lines() if " RESYNC sweep " in t]
+    assert " public.users RESYNC sweep user:* user:email:* (owed: a test said so: " in shown
+    assert tail.interrupt() == 0
+    assert not any("TRUNCATE" in t for t in tail.lines())
+    stop_listener(listener)
+
+
 @pytest.mark.parametrize("capture", ["trigger"], ids=["trigger"])
 def test_tail_shows_a_bulk_statements_sweep_as_bulk(
     env: Env, spawn: Spawn, started_tail: StartedTails

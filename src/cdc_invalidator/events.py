@@ -32,6 +32,9 @@ class StandInKind(StrEnum):
     # {"bulk": rows}: one statement of at least that many rows (trigger mode's
     # bulk_sweep_rows), swept instead of its rows' keys deleted.
     BULK = "bulk"
+    # {"resync": reason}: every watched table, after changes may have been missed
+    # (logical mode: the slot was lost, missing or ahead of us); the capture logs it.
+    RESYNC = "resync"
 
 
 class InvalidEvent(Exception):
@@ -118,7 +121,8 @@ class ChangeEvent(NamedTuple):
 
 class StandIn(NamedTuple):
     """What a TRUNCATE event stands for when no TRUNCATE ran: its kind, with the
-    capture's reason (UNRENDERABLE) or the statement size it was queued from (BULK)."""
+    capture's reason (UNRENDERABLE, RESYNC) or the statement size it was queued from
+    (BULK)."""
 
     kind: StandInKind
     detail: str
@@ -129,11 +133,10 @@ def stand_in(event: ChangeEvent) -> StandIn | None:
     any other event. The one reading of those markers."""
     if event.op is not Op.TRUNCATE or not event.new:
         return None
-    reason = event.new.get(StandInKind.UNRENDERABLE)
-    if reason is not None:
-        return StandIn(StandInKind.UNRENDERABLE, str(reason))
-    if StandInKind.BULK in event.new:
-        return StandIn(StandInKind.BULK, str(event.new[StandInKind.BULK]))
+    for kind in StandInKind:
+        detail = event.new.get(kind)
+        if detail is not None:
+            return StandIn(kind, str(detail))
     return None
 
 

@@ -562,11 +562,14 @@ class Runner:
 
         Unrenderable changes: a sweep counted per batch, logged once a minute per table
         (until install runs again, every batch with such a change sweeps). Bulk
-        statements: each counted, logged per batch (each one is an event worth seeing)."""
+        statements: each counted, logged per batch (each one is an event worth seeing).
+        The sweep after missed changes: nothing here, the capture logs it when done."""
         if kind is StandInKind.BULK:
             self.metrics.bulk_sweeps.labels(str(table)).inc(seen.times)
             log.info("bulk_statements_swept", table=str(table), statements=seen.times)
             return
+        if kind is StandInKind.RESYNC:
+            return  # counted and logged by the capture (missed_changes_swept)
         if kind is not StandInKind.UNRENDERABLE:
             assert_never(kind)
         self.metrics.unrenderable_sweeps.labels(str(table)).inc()

@@ -72,7 +72,7 @@ from cdc_invalidator.capture.walstream import (
     format_lsn,
     parse_lsn,
 )
-from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, Origin, TableName
+from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, Origin, StandInKind, TableName
 from cdc_invalidator.mapping.columns import ColumnFilter
 from cdc_invalidator.mapping.mapper import Mapper, Routed, merge
 from cdc_invalidator.pg.connect import BOOKKEEPING, REPLICATION, PgConnector
@@ -890,9 +890,11 @@ class LogicalStream:
             batch.undecodable[decoder.position] = exc.event
 
     def _resync_batch(self) -> LogicalBatch:
-        """Every watched table as truncated: the mapper sweeps each template as a glob."""
+        """Every watched table as truncated: the mapper sweeps each template as a glob.
+        Each event says why (StandInKind.RESYNC), for `tail`: no TRUNCATE ran."""
+        why = {StandInKind.RESYNC.value: self._resync or "changes may have been missed"}
         events = [
-            ChangeEvent(table, Op.TRUNCATE, None, None, -(i + 1))
+            ChangeEvent(table, Op.TRUNCATE, None, why, -(i + 1))
             for i, table in enumerate(sorted(self._config.columns))
         ]
         return LogicalBatch(len(events), events, ack_lsn=self._read_upto, resync=True)

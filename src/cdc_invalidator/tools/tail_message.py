@@ -6,7 +6,8 @@ left out}, times as Unix time on the listener's clock; an event: {"table", "op",
 "keys", "patterns" (a TRUNCATE's sweeps), "error" (a dead letter's reason, or absent),
 "commit" (Unix time, or null), "txn", and for a sweep ("op" "T") that stands for
 something else than a TRUNCATE, "shown_as" ("BULK": a statement of bulk_sweep_rows rows
-or more; "UNRENDERABLE": changes the capture could not turn into key columns) and "why"}.
+or more; "UNRENDERABLE": changes the capture could not turn into key columns; "RESYNC":
+every watched table after changes may have been missed, logical mode) and "why"}.
 "commit" is the transaction's commit in logical mode and the start of the writer's
 transaction in trigger mode (what the queue records), so commit → delete is the lag the
 `lag_seconds` histogram measures. An older `tail` shows those sweeps as a TRUNCATE.

@@ -10,7 +10,7 @@ acknowledgement: the deletes are never held up, and a failure is the channel's t
 from __future__ import annotations
 
 import time
-from typing import Protocol, runtime_checkable
+from typing import Protocol, assert_never, runtime_checkable
 
 from cdc_invalidator.events import ChangeEvent, InvalidEvent, StandInKind, stand_in
 from cdc_invalidator.mapping import Invalidation, Mapper
@@ -77,6 +77,11 @@ def _stands_for(event: ChangeEvent) -> tuple[str | None, str | None]:
     stands_for = stand_in(event)
     if stands_for is None:
         return None, None
-    if stands_for.kind is StandInKind.UNRENDERABLE:
-        return "UNRENDERABLE", stands_for.detail
-    return "BULK", f"a statement of {stands_for.detail} rows or more: bulk_sweep_rows"
+    kind, detail = stands_for
+    if kind is StandInKind.UNRENDERABLE:
+        return "UNRENDERABLE", detail
+    if kind is StandInKind.BULK:
+        return "BULK", f"a statement of {detail} rows or more: bulk_sweep_rows"
+    if kind is StandInKind.RESYNC:
+        return "RESYNC", f"{detail}: every watched table swept"
+    assert_never(kind)
