@@ -8,6 +8,7 @@ get one of their own. Every wait is on an event (wait_until), never on a clock.
 from __future__ import annotations
 
 import inspect
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import cast
@@ -440,6 +441,55 @@ def test_a_sweep_refuses_while_a_slot_migrates(own_cluster: RedisClusterServer) 
         sink.sweep(["user:*"])
     migration.finish()
     assert sink.sweep(["user:*"]) == 0
+    sink.close()
+
+
+def test_a_primarys_sweep_resumes_where_it_was_when_its_connection_is_killed(
+    cluster: RedisClusterServer,
+) -> None:
+    """A primary's pass is a single server's (sink/scan_pass.py): its connection killed
+    twice mid-sweep, it goes on from its cursor on a new one, not from the start, and
+    every matching key goes."""
+    sink = connect_sink(cluster.url, scan_count=100)
+    assert isinstance(sink, ClusterSink)
+    client = sink.client
+    swept = [f"swept:{i}" for i in range(3000)]
+    kept = [f"kept:{i}" for i in range(6000)]
+    client.mset_nonatomic(dict.fromkeys(swept + kept, "1"))
+    direct = cluster.nodes[0].client()
+
+    def scans() -> int:
+        stats: dict[str, dict[str, int]] = direct.info("commandstats")
+        return stats.get("cmdstat_scan", {}).get("calls", 0)
+
+    before = scans()
+    assert sink.sweep(["nothing:*"]) == 0
+    one_pass = scans() - before  # on this node: some 30 pages
+    asked = 0
+    killed: list[int] = []
+    lock = threading.Lock()
+
+    def stopped() -> bool:  # asked between pages, by each primary's thread: ~90 in all
+        nonlocal asked
+        with lock:
+            asked += 1
+            if asked in (20, 50):  # the node some 7 and 17 pages in
+                killed.append(direct.client_kill_filter(_type="normal", skipme=True))
+        return False
+
+    before = scans()
+    deleted = sink.sweep(["swept:*"], stopped)
+    scanned = scans() - before
+    assert len(killed) == 2, killed
+    assert all(killed), killed
+    assert client.exists(*swept) == 0
+    assert sum(keys_per_node(cluster, "kept:*")) == len(kept)
+    # (an UNLINK run whose reply the kill lost is not counted: its keys were gone after)
+    assert 0 < deleted <= len(swept)
+    # Resumed: at most a page again per kill (from the start: some 24 more).
+    assert scanned <= one_pass + 2 * 2, (scanned, one_pass)
+    client.delete(*kept)
+    direct.close()
     sink.close()
 
 

@@ -40,8 +40,9 @@ from redis.exceptions import AskError, MovedError, TryAgainError
 from cdc_invalidator.capture.errors import Fatal
 from cdc_invalidator.mapping import Invalidation, Routed
 from cdc_invalidator.sink.glob import GlobSet
-from cdc_invalidator.sink.protocol import Persistence, raise_if_stopped
+from cdc_invalidator.sink.protocol import Persistence
 from cdc_invalidator.sink.redis_sink import server_identity, server_persistence
+from cdc_invalidator.sink.scan_pass import ServerSweep
 from cdc_invalidator.sink.slots import Key, group_by_slot, pack_unlinks
 
 log = structlog.get_logger("cdc_invalidator.sink")
@@ -202,41 +203,21 @@ class ClusterSink:
     def _sweep_node(
         self, client: redis.Redis, globs: GlobSet, stopped: Callable[[], bool] | None
     ) -> int:
-        """One primary's pass: SCAN, then the page's matches UNLINKed there, grouped by
-        slot (every key SCAN returns is the node's own; a redirection means the layout
-        is changing: ClusterChanging)."""
-        pool = client.connection_pool
-        deleted = 0
-        cursor = 0
-        connection = pool.get_connection()
+        """One primary's pass, as a single server's (sink/scan_pass.py: pipelined,
+        resumed after a failed connection while the node is the same), its page's
+        matches UNLINKed there grouped by slot (every key SCAN returns is the node's
+        own; a redirection means the layout is changing: ClusterChanging)."""
         try:
-            while True:
-                raise_if_stopped(stopped)
-                connection.send_command(
-                    *(
-                        ("SCAN", cursor, "COUNT", self._scan_count)
-                        + (("MATCH", globs.match) if globs.match is not None else ())
-                    )
-                )
-                raw_cursor, page = connection.read_response()
-                cursor = int(raw_cursor)
-                page = globs.scanned(page)
-                if page:
-                    commands = list(group_by_slot(page).values())
-                    connection.send_packed_command([pack_unlinks(commands)])
-                    for _ in commands:
-                        try:
-                            deleted += int(connection.read_response())
-                        except (MovedError, AskError, TryAgainError) as exc:
-                            self._stale = True
-                            raise ClusterChanging(f"a key moved during a sweep: {exc}") from exc
-                if cursor == 0:
-                    return deleted
-        except BaseException:
-            connection.disconnect()  # replies may be left unread
-            raise
-        finally:
-            pool.release(connection)
+            return ServerSweep(
+                client.connection_pool,
+                lambda: server_identity(client),
+                globs,
+                self._scan_count,
+                lambda page: [pack_unlinks([keys]) for keys in group_by_slot(page).values()],
+            ).run(stopped)
+        except (MovedError, AskError, TryAgainError) as exc:
+            self._stale = True
+            raise ClusterChanging(f"a key moved during a sweep: {exc}") from exc
 
     def _layout(self) -> tuple[tuple[str, str, tuple[tuple[str, ...], ...]], ...]:
         """Every primary's own account of itself (id, address, slots), with the slot

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Collection, Iterable, Iterator
-from dataclasses import dataclass, field
 from itertools import islice
-from typing import cast
 
 import redis
 from redis.sentinel import SentinelConnectionPool
@@ -15,7 +13,8 @@ from redis.sentinel import SentinelConnectionPool
 from cdc_invalidator.mapping import Invalidation, Routed
 from cdc_invalidator.sink.connect import MasterWatch, other_db
 from cdc_invalidator.sink.glob import GlobSet
-from cdc_invalidator.sink.protocol import Persistence, raise_if_stopped
+from cdc_invalidator.sink.protocol import Persistence
+from cdc_invalidator.sink.scan_pass import ServerSweep
 from cdc_invalidator.sink.slots import Key, pack_unlinks
 
 # What persistence() reads: how much of the server's data a restart can lose.
@@ -184,82 +183,19 @@ class RedisSink:
         (TRUNCATE has no rows to render); how many keys existed. One pattern goes to the
         server as MATCH; several share one pass (a pass per pattern cost a full SCAN
         each), their common literal prefix, if any, as MATCH, each page matched here
-        unless that MATCH is one of them (sink/glob.py).
-        `stopped` is asked between pages: True raises SweepStopped (shutdown).
-
-        Pipelined: a page's UNLINKs go in one write with the next page's SCAN, and their
-        replies are read once that page is matched and packed, so Redis deletes one page
-        while we prepare the next. A 2M-key sweep took 3.6-4.3 s that way, against
-        5.0-5.8 s one command at a time (five rounds each, Redis's CPU 3.4-4.2 s either
-        way: the wall time is now about Redis's own); a client's GET beside it, p99
-        3.3-4.0 ms against 2.9-6.1 ms.
-
-        A connection that fails is replaced and the pass resumes where it was (the SCAN's
-        cursor again, the page's UNLINKs again: they are idempotent), if the server is
-        the same one: a cursor means nothing to another (a failover, a restart, an
-        endpoint that now names a new primary), where the pass starts over. A second
-        failure without a page done in between raises, and the sweeper tries again."""
+        unless that MATCH is one of them (sink/glob.py). Pipelined, and resumed after a
+        failed connection on the same server (sink/scan_pass.py).
+        `stopped` is asked between pages: True raises SweepStopped (shutdown)."""
         if not patterns:
             return 0
-        server = self.identity()  # (follows a Sentinel's master first)
-        globs = GlobSet(patterns)
-        pool = self._client.connection_pool
-        sweep = _Pass()
-        pages_at_failure = -1
-        while True:
-            conn = pool.get_connection()
-            try:
-                self._pass(conn, globs, sweep, stopped)
-            except (redis.ConnectionError, redis.TimeoutError):
-                conn.disconnect()
-                if sweep.pages == pages_at_failure:
-                    raise
-                pages_at_failure = sweep.pages
-                now = self.identity()
-                if now != server:
-                    server, sweep.cursor = now, 0
-            except BaseException:
-                conn.disconnect()  # replies may be left unread
-                raise
-            else:
-                return sweep.deleted
-            finally:
-                pool.release(conn)
-
-    def _pass(
-        self,
-        conn: redis.Connection,
-        globs: GlobSet,
-        sweep: _Pass,
-        stopped: Callable[[], bool] | None,
-    ) -> None:
-        """Carry `sweep` on over `conn` from where it is to its end."""
-        raise_if_stopped(stopped)
-        match = () if globs.match is None else ("MATCH", globs.match)
-
-        def send() -> None:
-            sends = list(sweep.unlinks)
-            if sweep.cursor is not None:
-                sends[:0] = conn.pack_command(
-                    "SCAN", sweep.cursor, "COUNT", self._scan_count, *match
-                )
-            if sends:
-                conn.send_packed_command([b"".join(sends)])
-
-        send()
-        while sweep.cursor is not None:
-            raw_cursor, found = conn.read_response()
-            # Keys come back as bytes: the client never decodes replies.
-            page = globs.scanned(cast("list[bytes]", found))
-            unlinks = [pack_unlinks([chunk]) for chunk in _chunks(page, self._unlink_chunk)]
-            sweep.deleted += sum(int(conn.read_response()) for _ in sweep.unlinks)
-            sweep.cursor = int(raw_cursor) or None
-            sweep.unlinks = unlinks
-            sweep.pages += 1
-            raise_if_stopped(stopped)
-            send()
-        sweep.deleted += sum(int(conn.read_response()) for _ in sweep.unlinks)
-        sweep.unlinks = []
+        chunk = self._unlink_chunk
+        return ServerSweep(
+            self._client.connection_pool,
+            self.identity,  # (follows a Sentinel's master first)
+            GlobSet(patterns),
+            self._scan_count,
+            lambda page: [pack_unlinks([keys]) for keys in _chunks(page, chunk)],
+        ).run(stopped)
 
     def identity(self) -> str:
         """Who this Redis is: run_id (new on every start) and master_replid (new when a
@@ -338,17 +274,6 @@ def server_persistence(client: redis.Redis) -> Persistence:
     except redis.ResponseError as exc:  # NOPERM, or CONFIG renamed away
         return Persistence({}, refused=str(exc))
     return Persistence(config)
-
-
-@dataclass
-class _Pass:
-    """A sweep's pass, as far as it went: what a new connection resumes from."""
-
-    cursor: int | None = 0  # the next SCAN's; None: the last page was scanned
-    # The last page's UNLINKs, unconfirmed: sent after that SCAN (or to be, with it).
-    unlinks: list[bytes] = field(default_factory=list)
-    deleted: int = 0
-    pages: int = 0
 
 
 def _text(value: object) -> str:
