@@ -25,6 +25,7 @@ from cdc_invalidator.mapping import Invalidation
 from cdc_invalidator.sink import ClusterSink, RedisSink, connect_sink, open_sink
 from cdc_invalidator.sink.cluster_sink import ClusterChanging
 from cdc_invalidator.sink.connect import RedisOptions
+from cdc_invalidator.sink.redis_sink import server_identity
 from cdc_invalidator.sink.slots import group_by_slot, pack_unlinks
 from tests.support.env import Env, Servers, capture_of, make_env
 from tests.support.evidence import unavailable
@@ -445,7 +446,7 @@ def test_a_sweep_refuses_while_a_slot_migrates(own_cluster: RedisClusterServer) 
 
 
 def test_a_primarys_sweep_resumes_where_it_was_when_its_connection_is_killed(
-    cluster: RedisClusterServer,
+    cluster: RedisClusterServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A primary's pass is a single server's (sink/scan_pass.py): its connection killed
     twice mid-sweep, it goes on from its cursor on a new one, not from the start, and
@@ -456,41 +457,59 @@ def test_a_primarys_sweep_resumes_where_it_was_when_its_connection_is_killed(
     swept = [f"swept:{i}" for i in range(3000)]
     kept = [f"kept:{i}" for i in range(6000)]
     client.mset_nonatomic(dict.fromkeys(swept + kept, "1"))
-    direct = cluster.nodes[0].client()
+    node = cluster.nodes[0]
+    direct = node.client()
+    # Who asked node 0 who it is: once per pass, and once again per resume; and which
+    # thread is node 0's pass.
+    asked_identity: list[str] = []
+    node_thread: list[int] = []
+
+    def counted_identity(of: redis.Redis) -> str:
+        found = server_identity(of)
+        if of.connection_pool.connection_kwargs.get("port") == node.port:
+            asked_identity.append(found)
+            node_thread.append(threading.get_ident())
+        return found
+
+    monkeypatch.setattr("cdc_invalidator.sink.cluster_sink.server_identity", counted_identity)
 
     def scans() -> int:
         stats: dict[str, dict[str, int]] = direct.info("commandstats")
         return stats.get("cmdstat_scan", {}).get("calls", 0)
 
-    before = scans()
-    assert sink.sweep(["nothing:*"]) == 0
-    one_pass = scans() - before  # on this node: some 30 pages
-    asked = 0
-    killed: list[int] = []
-    lock = threading.Lock()
+    try:
+        before = scans()
+        assert sink.sweep(["nothing:*"]) == 0
+        one_pass = scans() - before  # on this node: some 30 pages
+        asked_identity.clear()
+        node_thread.clear()
+        pages = 0
+        killed: list[int] = []
 
-    def stopped() -> bool:  # asked between pages, by each primary's thread: ~90 in all
-        nonlocal asked
-        with lock:
-            asked += 1
-            if asked in (20, 50):  # the node some 7 and 17 pages in
-                killed.append(direct.client_kill_filter(_type="normal", skipme=True))
-        return False
+        def stopped() -> bool:  # asked between pages, by each primary's thread
+            nonlocal pages
+            if threading.get_ident() == node_thread[0]:
+                pages += 1
+                if pages in (5, 15):  # node 0's pass, between its pages
+                    killed.append(direct.client_kill_filter(_type="normal", skipme=True))
+            return False
 
-    before = scans()
-    deleted = sink.sweep(["swept:*"], stopped)
-    scanned = scans() - before
-    assert len(killed) == 2, killed
-    assert all(killed), killed
-    assert client.exists(*swept) == 0
-    assert sum(keys_per_node(cluster, "kept:*")) == len(kept)
-    # (an UNLINK run whose reply the kill lost is not counted: its keys were gone after)
-    assert 0 < deleted <= len(swept)
-    # Resumed: at most a page again per kill (from the start: some 24 more).
-    assert scanned <= one_pass + 2 * 2, (scanned, one_pass)
-    client.delete(*kept)
-    direct.close()
-    sink.close()
+        before = scans()
+        deleted = sink.sweep(["swept:*"], stopped)
+        scanned = scans() - before
+        assert len(killed) == 2, killed
+        assert len(asked_identity) == 1 + 2, "node 0's pass resumed twice"
+        assert len(set(asked_identity)) == 1
+        assert client.exists(*swept) == 0
+        assert sum(keys_per_node(cluster, "kept:*")) == len(kept)
+        # (an UNLINK run whose reply the kill lost is not counted: its keys were gone after)
+        assert 0 < deleted <= len(swept)
+        # Resumed: at most a page again per kill (from the start: some 20 more).
+        assert scanned <= one_pass + 2 * 2, (scanned, one_pass)
+    finally:
+        client.delete(*swept, *kept)
+        direct.close()
+        sink.close()
 
 
 def _first_slot(node: RedisServer) -> int:
