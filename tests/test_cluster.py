@@ -488,7 +488,7 @@ def test_a_primarys_sweep_resumes_where_it_was_when_its_connection_is_killed(
 
         def stopped() -> bool:  # asked between pages, by each primary's thread
             nonlocal pages
-            if threading.get_ident() == node_thread[0]:
+            if node_thread and threading.get_ident() == node_thread[0]:
                 pages += 1
                 if pages in (5, 15):  # node 0's pass, between its pages
                     killed.append(direct.client_kill_filter(_type="normal", skipme=True))
