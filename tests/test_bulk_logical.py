@@ -24,7 +24,7 @@ from cdc_invalidator.capture.streamed import (
     pack,
 )
 from cdc_invalidator.capture.walstream import parse_lsn
-from cdc_invalidator.events import ChangeEvent, Op, StandIn, TableName
+from cdc_invalidator.events import ChangeEvent, Op, TableName
 from cdc_invalidator.events import StandInKind as Kind
 from cdc_invalidator.mapping.mapper import Invalidation, StoodIn
 from tests.support.env import Env, Servers
@@ -417,7 +417,7 @@ def test_held_chunks_spill_to_a_file_and_come_back_without_the_rolled_back_subtr
     txn.abort(12)  # in the file and in memory
     dead = Dead(7, "bad", ChangeEvent(BIG_T, Op.INSERT, None, {"id": None}, 7))
     swept = Invalidation(set(), {"big:*"})
-    swept.add_stand_in(BIG_T, StandIn(Kind.UNRENDERABLE, "why"))
+    swept.add_stand_in(BIG_T, Kind.UNRENDERABLE, "why")
     txn.add(Chunk(10, 1, pack({5: swept}), [dead]))
     out = list(txn.chunks())
     assert [c.subxid for c in out] == [10, 11, 13, 10]

@@ -7,7 +7,7 @@ from fnmatch import fnmatchcase
 
 import pytest
 
-from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, StandIn, TableName
+from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, TableName
 from cdc_invalidator.events import StandInKind as Kind
 from cdc_invalidator.mapping import Invalidation, KeyTemplate, Mapper, TemplateError
 from cdc_invalidator.mapping.mapper import Routed, StoodIn, merge
@@ -434,12 +434,12 @@ def test_merge_carries_keys_patterns_and_the_stand_ins() -> None:
     orders = TableName("public", "orders")
     into: Routed = {None: Invalidation({"a"}, {"p:*"})}
     first = Invalidation({"b"}, {"q:*"})
-    first.add_stand_in(USERS, StandIn(Kind.UNRENDERABLE, "gone"))
-    first.add_stand_in(orders, StandIn(Kind.BULK, "1000"), times=2)
+    first.add_stand_in(USERS, Kind.UNRENDERABLE, "gone")
+    first.add_stand_in(orders, Kind.BULK, "1000", times=2)
     merge(into, {None: first, 2: Invalidation({"c"})})
     later = Invalidation()
-    later.add_stand_in(USERS, StandIn(Kind.UNRENDERABLE, "dropped"))
-    later.add_stand_in(orders, StandIn(Kind.BULK, "5000"))
+    later.add_stand_in(USERS, Kind.UNRENDERABLE, "dropped")
+    later.add_stand_in(orders, Kind.BULK, "5000")
     merge(into, {None: later})
     assert into[None] == Invalidation(
         {"a", "b"},

@@ -12,7 +12,6 @@ from cdc_invalidator.events import (
     Op,
     Pack,
     Row,
-    StandIn,
     StandInKind,
     TableName,
     stand_in,
@@ -33,19 +32,21 @@ class Invalidation:
 
     keys: set[str] = field(default_factory=set)
     patterns: set[str] = field(default_factory=set)
-    # Tables swept for TRUNCATE events that stand for something else (events.stand_in:
-    # changes the capture could not render, a bulk statement), for the runner to log and
-    # count: by table and kind, the last one's detail and how many there were (a
-    # streamed transaction may hold a million of one table's, so not one entry each).
+    # Tables swept for TRUNCATE events that stand for something else (events.stand_in,
+    # StandInKind), for the runner to log and count: by table and kind, the last one's
+    # detail and how many there were (a streamed transaction may hold a million of one
+    # table's, so not one entry each).
     stood_in: dict[tuple[TableName, StandInKind], StoodIn] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.keys) + len(self.patterns)
 
-    def add_stand_in(self, table: TableName, what: StandIn, times: int = 1) -> None:
-        """Note `times` stand-ins like `what` for `table`."""
-        seen = self.stood_in.get((table, what.kind))
-        self.stood_in[table, what.kind] = StoodIn(what.detail, times + (seen.times if seen else 0))
+    def add_stand_in(
+        self, table: TableName, kind: StandInKind, detail: str, times: int = 1
+    ) -> None:
+        """Note `times` stand-ins of `kind` for `table`, the last with `detail`."""
+        seen = self.stood_in.get((table, kind))
+        self.stood_in[table, kind] = StoodIn(detail, times + (seen.times if seen else 0))
 
 
 # Invalidations by Redis logical database: None is the one redis_url names.
@@ -82,7 +83,7 @@ def merge(into: Routed, other: Routed) -> None:
         # (a streamed transaction's stand-ins reach the runner this way: it counts and
         # logs their sweeps as it does a batch's own)
         for (table, kind), seen in work.stood_in.items():
-            target.add_stand_in(table, StandIn(kind, seen.detail), seen.times)
+            target.add_stand_in(table, kind, seen.detail, seen.times)
 
 
 class Mapper:
@@ -244,7 +245,7 @@ class Mapper:
             into.patterns.update(t.glob() for t in self._templates[event.table])
             stands_for = stand_in(event)
             if stands_for is not None:
-                into.add_stand_in(event.table, stands_for)
+                into.add_stand_in(event.table, *stands_for)
             return
         keys: list[str] = []
         op = event.op
