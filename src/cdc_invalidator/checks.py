@@ -99,6 +99,11 @@ class TableFacts:
 class ModeChecks(Protocol):
     """The checks of one capture mode (modes/), run when our SQL is installed."""
 
+    @property
+    def name(self) -> str:
+        """Which mode: what the server's version is judged for."""
+        ...
+
     def check_table(self, conn: psycopg.Connection[Any], report: Report, facts: TableFacts) -> None:
         """Report on one configured table. The mode runs `facts.present()` after its
         drift checks (a renamed table or column explains a missing one), and only then
@@ -115,13 +120,13 @@ def check_database(
 ) -> Report:
     report = Report()
     server = conn.info.server_version
-    too_old = versions.refusal(server, settings.capture)
+    too_old = versions.refusal(server, mode.name)
     if too_old:  # nothing else can be read: our SQL uses what the server lacks
         report.errors.append(f"database {conn.info.dbname!r}: {too_old}")
         return report
     report.ok.append(
         f"server: PostgreSQL {versions.format_version(server)} (server_version_num {server}); "
-        f"{settings.capture} capture needs {versions.oldest_for(settings.capture)} or later"
+        f"{mode.name} capture needs {versions.oldest_for(mode.name)} or later"
     )
     mapper = settings.mapper()
     names = {TableName.parse(name): name for name in settings.tables}

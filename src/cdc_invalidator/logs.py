@@ -1,4 +1,5 @@
-"""structlog setup. Only the CLI calls configure(); library code just gets a logger."""
+"""structlog setup. Only the CLI (and the demo, for its own run) calls configure();
+library code just gets a logger."""
 
 from __future__ import annotations
 
