@@ -45,6 +45,24 @@ def _all_procs() -> dict[int, tuple[int, float]]:
     return out
 
 
+def tree_cpu_s(*roots: int) -> float:
+    """CPU seconds of the processes `roots` and their descendants, reaped children
+    included (a process's CPU counts in its parent's once it has exited)."""
+    procs = _all_procs()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    total, todo, seen = 0.0, [r for r in roots if r in procs], set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        total += procs[pid][1]
+        todo += children.get(pid, [])
+    return total
+
+
 def machine_busy_s() -> float:
     """CPU seconds the whole machine spent busy (all cores), from /proc/stat."""
     values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -67,19 +85,7 @@ class CpuMeter:
         self.foreign_pct: dict[str, float] = {}
 
     def _ours_s(self) -> float:
-        procs = _all_procs()
-        children: dict[int, list[int]] = {}
-        for pid, (ppid, _) in procs.items():
-            children.setdefault(ppid, []).append(pid)
-        total, todo, seen = 0.0, [r for r in self.roots if r in procs], set()
-        while todo:
-            pid = todo.pop()
-            if pid in seen:
-                continue
-            seen.add(pid)
-            total += procs[pid][1]
-            todo += children.get(pid, [])
-        return total
+        return tree_cpu_s(*self.roots)
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:

@@ -18,10 +18,12 @@ The listener runs throughout, with default settings (so the unwatched statement 
 whatever a running listener costs the server). Before each watched run every row's two
 keys are cached and Redis holds nothing else. Reported per kind: the writer's time
 (statements and COMMITs) watched and unwatched, and their ratio; from the (last) COMMIT
-until the last key is gone; the WAL each run wrote (the table's own and, in trigger mode,
-the queue's; logical mode's decoding writes none); the listener's peak RSS. Each timed run
-starts after VACUUM and CHECKPOINT, outside its timing, so that both pay the same
-full-page writes.
+until the last key is gone, and the CPU that Redis, the listener and PostgreSQL (every
+process of the cluster: the WAL sender, autovacuum) used meanwhile in that run, which
+tells a wait on Redis's own work from one on two shared cores; the WAL each run wrote
+(the table's own and, in trigger mode, the queue's; logical mode's decoding writes
+none); the listener's peak RSS. Each timed run starts after VACUUM and CHECKPOINT,
+outside its timing, so that both pay the same full-page writes.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from dataclasses import dataclass
 from psycopg import sql
 
 from harness import BULK_PLAIN, BULK_WATCHED, Bench, Listener, Target
-from procs import wait_for, wait_idle
+from procs import tree_cpu_s, wait_for, wait_idle
 from report import Row
 
 BACKFILL_STEP = 10_000
@@ -61,6 +63,8 @@ class Run:
     writer_s: float  # the statements and their COMMITs
     wal_bytes: int
     keys_gone_s: float | None  # from the last COMMIT; None: unwatched
+    # CPU seconds in that time: Redis, the listener, PostgreSQL (None: unwatched)
+    cpu_s: tuple[float, float, float] | None = None
 
 
 @dataclass
@@ -135,13 +139,24 @@ class Rig:
         )
         if not watched:
             return Run(writer_s, wal, None)
+        cpu0 = self.cpu_s()
 
         def gone() -> bool:
             self.listener.check()
             return bench.dbsize() == 0
 
         keys_gone = wait_for(gone, max(300.0, rows / 2000), "the bulk statement's keys", 0.005)
-        return Run(writer_s, wal, keys_gone - committed)
+        cpu = tuple(b - a for a, b in zip(cpu0, self.cpu_s(), strict=True))
+        return Run(writer_s, wal, keys_gone - committed, (cpu[0], cpu[1], cpu[2]))
+
+    def cpu_s(self) -> tuple[float, float, float]:
+        """CPU seconds so far of Redis, the listener and the PostgreSQL cluster."""
+        redis_pid = int(self.bench.redis.info("server")["process_id"])
+        return (
+            tree_cpu_s(redis_pid),
+            tree_cpu_s(self.listener.pid),
+            tree_cpu_s(self.bench.pg.pid or 0),
+        )
 
 
 def measure_bulk(
@@ -204,6 +219,8 @@ def bulk_rows(mode: str, phase: BulkPhase, variant: str = "") -> list[Row]:
         ratio = bulk.watched_s / bulk.plain_s
         writer_target = WRITER_TARGET if mode == "trigger" else None
         wal_watched = statistics.median(r.wal_bytes for r in bulk.watched)
+        # (of the run whose keys went last: the one the row after COMMIT reports)
+        slowest = max(bulk.watched, key=lambda r: r.keys_gone_s or 0.0)
         wal_plain = statistics.median(r.wal_bytes for r in bulk.plain)
         rows += [
             Row(
@@ -222,6 +239,14 @@ def bulk_rows(mode: str, phase: BulkPhase, variant: str = "") -> list[Row]:
                 "",
                 f"≤ {KEYS_GONE_TARGET_S:.0f} s",
                 bulk.keys_gone_s <= KEYS_GONE_TARGET_S,
+            ),
+            Row(
+                f"{name}: CPU from the last COMMIT to the last key, Redis / listener / PostgreSQL",
+                " / ".join(f"{s:.2f}" for s in slowest.cpu_s or ()) + " s",
+                "",
+                "",
+                "",
+                None,
             ),
             Row(
                 f"{name}: WAL written, watched vs unwatched",
