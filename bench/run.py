@@ -38,7 +38,8 @@ against a floor of that mode (floors.py):
 8. bulk statements: a 1M-row UPDATE, DELETE and INSERT ... SELECT (--quick 100k)
    watched and unwatched, and the same rows UPDATEd as a backfill of 10k-row statements:
    the writer's time, the last COMMIT until the last key is gone and the CPU Redis, the
-   listener and PostgreSQL used meanwhile, the WAL written, the listener's peak RSS; trigger mode then runs the statements and the backfill again with
+   listener and PostgreSQL used meanwhile, the WAL written, the listener's peak RSS;
+   trigger mode then runs the statements and the backfill again with
    `bulk_sweep_rows = 100000` installed (rows named "... with bulk_sweep_rows"), and
    installs the defaults again (phases/bulk.py);
 9. sweeps: a TRUNCATE while Redis holds 1M and 10M unrelated keys (--quick 100k), with a
