@@ -7,7 +7,9 @@ so that a transaction of a few thousand rows is streamed in blocks while still o
 
 from __future__ import annotations
 
+import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -127,6 +129,19 @@ def marker(env: Env, i: int) -> int:
     return parse_lsn(before[0])
 
 
+def owed_no_second_delete(env: Env, keys: list[str]) -> None:
+    """`keys`, deleted, are owed no second delete: set again at once (a stale SET would
+    be deleted by a second delete second_delete_ms after the first), they are still there
+    once a later commit's own second delete, which comes after any owed before it (they
+    run in order), has deleted its key set again."""
+    r = env.redis()
+    r.mset(dict.fromkeys(keys, "set again"))
+    marker(env, 1)
+    r.set("small:1", "set again")
+    wait_until(lambda: r.exists("small:1") == 0, what="the marker's second delete")
+    assert r.exists(*keys) == len(keys)
+
+
 def confirmed(env: Env) -> int:
     found = slot(env)
     assert found is not None
@@ -202,14 +217,46 @@ def test_a_streamed_transaction_deleted_late_owes_no_second_deletes(env: Env, sp
     (committed,) = listener.logged("streamed_transaction_committed")
     assert committed["seen_complete"] is True
     wait_until(lambda: r.exists(*keys) == 0, what="every key of the statement deleted")
-    # Set again at once (a stale SET would be deleted by a second delete 300 ms after
-    # the first): still there once a later commit's own second delete, which comes after
-    # any owed before it (they run in order), has deleted its key set again.
-    r.mset(dict.fromkeys(keys, "set again"))
-    marker(env, 1)
-    r.set("small:1", "set again")
-    wait_until(lambda: r.exists("small:1") == 0, what="the marker's second delete")
-    assert r.exists(*keys) == len(keys)
+    owed_no_second_delete(env, keys)
+    stop(listener)
+
+
+def test_a_streamed_transaction_seen_ended_before_its_stream_commit_owes_no_second_deletes(
+    env: Env, spawn: Spawn
+) -> None:
+    """The WAL sender behind (stopped here, as decoding a bulk statement keeps it for
+    seconds): while the transaction is open the listener takes a snapshot now and then,
+    and one that saw it end dates its visibility. Its Stream Commit, more than
+    second_delete_ms later, then owes no second deletes (before: it was dated by a
+    snapshot taken at Stream Commit, and every key deleted in the 300 ms after was owed
+    again)."""
+    listener, _ = setup(env, spawn, second_delete_ms=300)
+    r = env.redis()
+    keys = cache_big(env, range(1, N + 1))
+    with psycopg.connect(env.dsn) as writer:
+        xid = open_streamed(listener, writer, "UPDATE big SET name = 'x' || id")
+        found = slot(env)
+        assert found is not None
+        sender = int(found["active_pid"])
+        os.kill(sender, signal.SIGSTOP)
+        try:
+            writer.commit()
+            wait_until(
+                lambda: any(
+                    line["xid"] == xid
+                    for line in listener.logged("streamed_transaction_seen_complete")
+                ),
+                what="a snapshot that saw it end",
+            )
+            # (the WAL sender that far behind: its Stream Commit past second_delete_ms)
+            time.sleep(0.4)
+            assert r.exists(*keys) == len(keys)  # nothing before its Stream Commit
+        finally:
+            os.kill(sender, signal.SIGCONT)
+    wait_until(lambda: r.exists(*keys) == 0, what="every key of the statement deleted")
+    (committed,) = listener.logged("streamed_transaction_committed")
+    assert committed["seen_before"] is True
+    owed_no_second_delete(env, keys)
     stop(listener)
 
 

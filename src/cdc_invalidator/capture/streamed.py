@@ -102,6 +102,9 @@ class StreamedTxn:
         self._file: IO[bytes] | None = None
         self._spilled = 0  # chunks in the file
         self._aborted: set[int] = set()
+        # When a snapshot first saw it complete (time.monotonic()), if one did before its
+        # Stream Commit: capture.logical asks while it is open.
+        self.seen_complete_at: float | None = None
         self.spilled_bytes = 0
         self.spill_error: str | None = None  # why spilling stopped, if it did
 
