@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -239,6 +240,10 @@ def test_a_streamed_transaction_seen_ended_before_its_stream_commit_owes_no_seco
         assert found is not None
         sender = int(found["active_pid"])
         os.kill(sender, signal.SIGSTOP)
+        # Should the stopped process hold a lock the COMMIT waits on, it goes on by
+        # itself after a while: the test then fails instead of hanging.
+        resume = threading.Timer(20.0, os.kill, (sender, signal.SIGCONT))
+        resume.start()
         try:
             writer.commit()
             wait_until(
@@ -252,6 +257,7 @@ def test_a_streamed_transaction_seen_ended_before_its_stream_commit_owes_no_seco
             time.sleep(0.4)
             assert r.exists(*keys) == len(keys)  # nothing before its Stream Commit
         finally:
+            resume.cancel()
             os.kill(sender, signal.SIGCONT)
     wait_until(lambda: r.exists(*keys) == 0, what="every key of the statement deleted")
     (committed,) = listener.logged("streamed_transaction_committed")

@@ -106,12 +106,13 @@ _POSITION = attrgetter("position")
 # Snapshots asked for at a Stream Commit before its transaction is taken as not visible
 # yet (its second deletes then owed as after any first delete).
 SEEN_COMPLETE_ASKS = 3
-# While a streamed transaction is open, a snapshot is taken this often, as the stream is
-# read, to see whether it ended: after a bulk statement the WAL sender decodes for
+# While a streamed transaction is open, a snapshot is taken at most this often, on the
+# loop's turns (maintain(): after a batch's deletes, never before them), to see whether
+# it ended: after a bulk statement the WAL sender decodes for
 # seconds past its COMMIT (a 1M-row DELETE: Stream Commit 2-3 s later on 2 cores), and a
 # transaction visible since then owes no second deletes for keys deleted that late. Seen
 # only at its Stream Commit, every key deleted in the 300 ms after was deleted twice: that
-# DELETE's keys went 4.1-5.0 s after COMMIT, 2.9-3.8 s now (three interleaved rounds).
+# DELETE's keys went a median 4.1 s after COMMIT, 3.4 s now (six interleaved rounds).
 SEE_COMPLETE_EVERY_S = 0.1
 
 
@@ -313,9 +314,9 @@ class _Delivery:
     txn: StreamedTxn
     commit: StreamCommit
     chunks: Prefetch
-    # When it was certainly visible to readers (time.monotonic()), if a snapshot taken
-    # after its Stream Commit saw it complete: the runner's second deletes are owed only
-    # for the shares handed out less than second_delete_ms after then.
+    # When it was certainly visible to readers (time.monotonic()), if a snapshot saw it
+    # complete (while it was open, or at its Stream Commit): the runner's second deletes
+    # are owed only for the shares handed out less than second_delete_ms after then.
     visible_at: float | None = None
     history_started: bool = False
 
@@ -493,12 +494,15 @@ class LogicalStream:
         self._history.flush()
 
     def maintain(self) -> None:
-        """Status update, heartbeat, history pruning, each if due: cheap when none is
-        (clock reads). Called on every turn of the runner's loop, busy or idle."""
+        """Status update, heartbeat, history pruning, and while streamed transactions
+        are open whether they ended, each if due: cheap when none is (clock reads).
+        Called on every turn of the runner's loop, busy or idle."""
         self._resync_if_swept()
         self._status_if_due()
         self._heartbeat_if_due()
         self._prune_if_due()
+        if self._open:
+            self._see_complete_if_due()
 
     def _resync_if_swept(self) -> None:
         if (held := self._resync_held) is not None and held[0].released:
@@ -624,8 +628,6 @@ class LogicalStream:
             self._txn_events += size - txn_from
         batch.size = size
         batch.visible_at = self._visible_at(transactions)
-        if self._open:
-            self._see_complete_if_due()
         return batch
 
     def _gather_from(self, size: int) -> int:
@@ -706,8 +708,9 @@ class LogicalStream:
     def _seen_complete(self, xid: int) -> float | None:
         """When a snapshot saw the committed transaction `xid` complete: now, unless the
         server has not made it visible yet (None: the runner then goes by the first
-        delete). One round trip per streamed transaction, which spares the second
-        deletes of most of its keys: its shares are handed out over seconds.
+        delete). Asked at Stream Commit when no snapshot saw it end while it was open
+        (_see_complete_if_due): it spares the second deletes of most of its keys, its
+        shares being handed out over seconds.
 
         Asked up to SEEN_COMPLETE_ASKS times: the committing backend leaves the proc
         array (becomes visible) just after flushing its commit record, which the stream
