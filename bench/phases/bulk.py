@@ -139,15 +139,16 @@ class Rig:
         )
         if not watched:
             return Run(writer_s, wal, None)
-        cpu0 = self.cpu_s()
+        redis0, listener0, pg0 = self.cpu_s()
 
         def gone() -> bool:
             self.listener.check()
             return bench.dbsize() == 0
 
         keys_gone = wait_for(gone, max(300.0, rows / 2000), "the bulk statement's keys", 0.005)
-        cpu = tuple(b - a for a, b in zip(cpu0, self.cpu_s(), strict=True))
-        return Run(writer_s, wal, keys_gone - committed, (cpu[0], cpu[1], cpu[2]))
+        redis1, listener1, pg1 = self.cpu_s()
+        cpu = (redis1 - redis0, listener1 - listener0, pg1 - pg0)
+        return Run(writer_s, wal, keys_gone - committed, cpu)
 
     def cpu_s(self) -> tuple[float, float, float]:
         """CPU seconds so far of Redis, the listener and the PostgreSQL cluster."""
@@ -219,9 +220,9 @@ def bulk_rows(mode: str, phase: BulkPhase, variant: str = "") -> list[Row]:
         ratio = bulk.watched_s / bulk.plain_s
         writer_target = WRITER_TARGET if mode == "trigger" else None
         wal_watched = statistics.median(r.wal_bytes for r in bulk.watched)
+        wal_plain = statistics.median(r.wal_bytes for r in bulk.plain)
         # (of the run whose keys went last: the one the row after COMMIT reports)
         slowest = max(bulk.watched, key=lambda r: r.keys_gone_s or 0.0)
-        wal_plain = statistics.median(r.wal_bytes for r in bulk.plain)
         rows += [
             Row(
                 f"{name}: writer's time, watched + listener vs unwatched"

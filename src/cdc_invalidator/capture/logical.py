@@ -108,11 +108,11 @@ _POSITION = attrgetter("position")
 SEEN_COMPLETE_ASKS = 3
 # While a streamed transaction is open, a snapshot is taken at most this often, on the
 # loop's turns (maintain(): after a batch's deletes, never before them), to see whether
-# it ended: after a bulk statement the WAL sender decodes for
-# seconds past its COMMIT (a 1M-row DELETE: Stream Commit 2-3 s later on 2 cores), and a
-# transaction visible since then owes no second deletes for keys deleted that late. Seen
-# only at its Stream Commit, every key deleted in the 300 ms after was deleted twice: that
-# DELETE's keys went a median 4.1 s after COMMIT, 3.4 s now (six interleaved rounds).
+# it ended: after a bulk statement the WAL sender decodes for seconds past its COMMIT (a
+# 1M-row DELETE: Stream Commit 2-3 s later on 2 cores), and a transaction visible since
+# then owes no second deletes for keys deleted that late. Seen only at its Stream
+# Commit, every key deleted in the 300 ms after was deleted twice: that DELETE's keys
+# went a median 4.1 s after COMMIT, 3.4 s now (six interleaved rounds).
 SEE_COMPLETE_EVERY_S = 0.1
 
 
@@ -716,13 +716,18 @@ class LogicalStream:
         array (becomes visible) just after flushing its commit record, which the stream
         may already have sent; a round trip or two is plenty for it to finish."""
         for _ in range(SEEN_COMPLETE_ASKS):
-            row = self._side.execute(Q.SERVER_CLOCK.sql).fetchone()
-            if row is None:
+            complete = self._complete_now()
+            if complete is None:
                 return None
-            complete = Complete.parse(row[1], time.monotonic())
             if complete.has(xid):
                 return complete.at
         return None
+
+    def _complete_now(self) -> Complete | None:
+        """What a snapshot taken now sees complete (one round trip on the side
+        connection)."""
+        row = self._side.execute(Q.SERVER_CLOCK.sql).fetchone()
+        return None if row is None else Complete.parse(row[1], time.monotonic())
 
     def _see_complete_if_due(self) -> None:
         """Every SEE_COMPLETE_EVERY_S while streamed transactions are open: note when a
@@ -736,10 +741,8 @@ class LogicalStream:
         if not unseen:
             return
         self._seen_at = now
-        row = self._side.execute(Q.SERVER_CLOCK.sql).fetchone()
-        if row is None:
+        if (complete := self._complete_now()) is None:
             return
-        complete = Complete.parse(row[1], time.monotonic())
         for txn in unseen:
             if complete.has(txn.xid):
                 txn.seen_complete_at = complete.at
