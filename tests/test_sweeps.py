@@ -6,7 +6,9 @@ batch's patterns, every primary of a cluster swept, and sweeps off the head of t
 from __future__ import annotations
 
 import itertools
+import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
 
@@ -387,7 +389,7 @@ UNRELATED = 400_000
 ORDER_KEYS = 5_000
 
 
-def setup_tables(env: Env) -> Path:
+def setup_tables(env: Env, **settings: object) -> Path:
     env.sql("CREATE TABLE users (id int PRIMARY KEY, name text)")
     env.sql("INSERT INTO users VALUES (1, 'a')")
     env.sql("CREATE TABLE orders (id int PRIMARY KEY, customer_id int)")
@@ -398,9 +400,8 @@ def setup_tables(env: Env) -> Path:
     # of the sweep would be seen while it runs. SCAN pages of 100 keys: a sweep of
     # UNRELATED keys takes several times longer than at the default (more round trips),
     # time for the checks made while it runs.
-    return install(
-        env, {**ORDERS, **USERS}, second_delete_ms=0, status_interval_ms=100, scan_count=100
-    )
+    fast: dict[str, object] = {"second_delete_ms": 0, "status_interval_ms": 100, "scan_count": 100}
+    return install(env, {**ORDERS, **USERS}, "config.toml", **{**fast, **settings})
 
 
 def fill(r: redis.Redis | RedisCluster) -> list[str]:
@@ -657,6 +658,16 @@ def test_a_sweep_goes_before_a_second_sweep_not_yet_due(env: Env) -> None:
         assert r.exists("order:1") == 0
 
 
+@contextmanager
+def scan_refused(r: redis.Redis) -> Iterator[None]:
+    """SCAN refused (NOPERM, as from an ACL being fixed): sweeps fail, UNLINK works."""
+    r.execute_command("ACL", "SETUSER", "default", "-scan")
+    try:
+        yield
+    finally:
+        r.execute_command("ACL", "SETUSER", "default", "+scan")
+
+
 @pytest.mark.usefixtures("capture")
 def test_a_failing_sweep_is_retried_and_holds_its_acknowledgement(own_env: Env) -> None:
     config = setup_tables(own_env)
@@ -665,9 +676,7 @@ def test_a_failing_sweep_is_retried_and_holds_its_acknowledgement(own_env: Env) 
     with listening(config) as listener:
         sweeper = listener.runner.sweeper
         settle(own_env, r)
-        # SCAN refused (NOPERM, as from an ACL being fixed): sweeps fail, UNLINK works.
-        r.execute_command("ACL", "SETUSER", "default", "-scan")
-        try:
+        with scan_refused(r):
             r.set("user:1", "cached")
             events = 0 if own_env.logical else saved_events(own_env)
             before = truncate_then_update(own_env)
@@ -677,12 +686,98 @@ def test_a_failing_sweep_is_retried_and_holds_its_acknowledgement(own_env: Env) 
             assert r.exists("order:1") == 1
             assert sweeper.pending == 1
             assert not acknowledged_past_truncate(own_env, before)
-        finally:
-            r.execute_command("ACL", "SETUSER", "default", "+scan")
         wait_until(lambda: sweeper.completed == 1, what="the sweep done once SCAN works")
         assert r.exists("order:1") == 0
         settle(own_env, r)
         assert acknowledged_past_truncate(own_env, before)
+
+
+HISTORY_WITH = "SELECT max(at) FROM cdc_invalidator.history_v1 WHERE strpos(events::text, %s) > 0"
+
+
+@pytest.mark.usefixtures("capture")
+@pytest.mark.parametrize("capture", ["logical"], ids=["logical"])  # trigger: the queue
+def test_a_sweeps_history_is_written_once_the_sweep_is_done(own_env: Env) -> None:
+    """Logical mode: a batch with a sweep has its replay history written when the sweep
+    is done, not when the batch is handed back. A replay takes the rows written within
+    its window: a sweep that failed for longer than that deletes after a history
+    written at hand-back has aged out of it."""
+    config = setup_tables(own_env, replay_history="1h")
+    r = own_env.redis()
+    r.set("order:1", "cached")
+    with listening(config) as listener:
+        sweeper = listener.runner.sweeper
+        settle(own_env, r)
+        with scan_refused(r):
+            truncate_then_update(own_env)
+            wait_until(lambda: sweeper.failures >= 2, what="the sweep tried again")
+            # Changes after it, until the history writer, past its gathering (0.2 s),
+            # writes their history with whatever it gathered before them.
+            ids = itertools.count(1000)
+
+            def a_later_change_written() -> bool:
+                own_env.sql("INSERT INTO users VALUES (%s, 'later')", [next(ids)])
+                return own_env.scalar(HISTORY_WITH, ['"users","I"']) is not None
+
+            wait_until(a_later_change_written, what="the history of changes after the TRUNCATE")
+            failing_at = own_env.scalar("SELECT now()")
+        wait_until(lambda: sweeper.completed == 1, what="the sweep done once SCAN works")
+        assert r.exists("order:1") == 0
+        wait_until(
+            lambda: own_env.scalar(HISTORY_WITH, ['"T"']) is not None,
+            what="the TRUNCATE's history",
+        )
+        truncated_at = own_env.scalar(HISTORY_WITH, ['"T"'])
+        assert truncated_at > failing_at, "written while its sweep was not done"
+
+
+def test_a_sweep_is_run_when_the_connection_dies_as_its_batch_is_acknowledged(
+    own_env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trigger mode: the listener's backend is terminated while Redis deletes a batch
+    that holds a sweep (a TRUNCATE) and is large enough to turn NOTIFY off
+    (UNLISTEN_AT). The batch was done and is not read again; its sweep must still run
+    and its hold be released, whatever PostgreSQL call fails next (UNLISTEN was once
+    that call, between the acknowledgement and the sweep's handing over: the sweep was
+    never run, and nothing saved or pruned past it)."""
+    config = setup_tables(own_env)
+    r = own_env.redis()
+    r.set("order:1", "cached")
+    with listening(config) as listener:
+        settle(own_env, r)
+        delete_routed = listener.sink.delete_routed
+        armed, cut = threading.Event(), threading.Event()
+
+        def delete_then_cut(routed: Any, later: bool = False) -> int:
+            deleted = delete_routed(routed, later=later)
+            if armed.is_set() and not cut.is_set():
+                cut.set()
+                pids = own_env.scalar(
+                    "SELECT array_agg(pid) FROM pg_stat_activity"
+                    " WHERE application_name = 'cdc-invalidator'"
+                )
+                own_env.sql("SELECT pg_terminate_backend(p) FROM unnest(%s::int[]) p", [pids])
+                wait_until(
+                    lambda: (
+                        not own_env.scalar(
+                            "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", [pids]
+                        )
+                    ),
+                    what="the listener's sessions gone",
+                )
+            return deleted
+
+        monkeypatch.setattr(listener.sink, "delete_routed", delete_then_cut)
+        armed.set()
+        before = str(own_env.scalar("SELECT pg_current_wal_insert_lsn()::text"))
+        with own_env.connect() as conn, conn.transaction():
+            conn.execute("TRUNCATE orders")
+            conn.execute("INSERT INTO users SELECT i, 'n' FROM generate_series(2, 11) i")
+        wait_until(cut.is_set, what="the batch's deletes, and the cut")
+        wait_until(lambda: r.exists("order:1") == 0, what="the TRUNCATE's sweep done")
+        settle(own_env, r)
+        assert acknowledged_past_truncate(own_env, before)
+        assert listener.runner.postgres.failures >= 1  # the cut was seen
 
 
 @pytest.mark.usefixtures("capture")

@@ -409,6 +409,8 @@ class LogicalStream:
         # Batches read past whose sweeps are not done: the slot is told nothing past the
         # first (the position confirmed before it).
         self._holds: Holds[int] = Holds()
+        # Those batches' history_v1 texts, written once the sweep is done.
+        self._swept_history: list[tuple[Hold, list[str]]] = []
         self._pending: LogicalBatch | None = None
         # Streamed transactions: those in progress by xid, the one whose block is being
         # read, the changes of its chunk not mapped yet, and one committed, being handed out.
@@ -460,12 +462,18 @@ class LogicalStream:
         self._pending = None
         if batch.dead:
             self._save_dead(batch)
+        history = batch.history  # (the writer gathers them into one INSERT)
         if batch.events and self._config.history_s:
-            self._history.write(encode_history(batch.events, batch.transactions))
-        for text in batch.history:  # (the writer gathers them into one INSERT)
-            self._history.write(text)
-        if batch.held is not None:
+            history = [encode_history(batch.events, batch.transactions), *history]
+        if batch.held is None:
+            for text in history:
+                self._history.write(text)
+        else:
             self._holds.add(batch.held, self._confirmed)
+            # Its history once its sweep is done: a replay takes the rows written in its
+            # window, and a sweep that failed for longer than that (SCAN refused, a
+            # resharding) deletes after a history written now would have aged out.
+            self._swept_history.append((batch.held, history))
         if batch.resync:
             if batch.held is not None:
                 self._resync_held = (batch.held, len(batch.events), self._resync)
@@ -491,7 +499,22 @@ class LogicalStream:
 
     def settle(self) -> None:
         """Wait for the replay history queued (HistoryWriter); raise its failure."""
+        self._write_swept_history()
         self._history.flush()
+
+    def _write_swept_history(self) -> None:
+        """Queue the history of the batches whose sweeps are done (in any order: a
+        replay reads by time, and the slot waits for the oldest sweep anyway)."""
+        if not self._swept_history:
+            return
+        waiting = []
+        for hold, history in self._swept_history:
+            if hold.released:
+                for text in history:
+                    self._history.write(text)
+            else:
+                waiting.append((hold, history))
+        self._swept_history = waiting
 
     def maintain(self) -> None:
         """Status update, heartbeat, history pruning, and while streamed transactions
@@ -528,6 +551,7 @@ class LogicalStream:
         with contextlib.suppress(psycopg.Error, OSError):
             # Raises if any history write failed: then nothing more is confirmed (the
             # batches acknowledged since have no history; the slot sends them again).
+            self._write_swept_history()
             self._history.close()
             self._resync_if_swept()
             if self._confirmed > self._persisted:
@@ -1031,7 +1055,10 @@ class LogicalStream:
         if target > self._persisted and (
             force or self._event_commit > self._persisted or target - self._persisted >= CHASE_BYTES
         ):
-            # Never past a batch whose history is not written yet.
+            # Never past a batch whose history is not written yet: the swept batches'
+            # are queued after the limit was read (every sweep done by then is done
+            # now), then all of it is written.
+            self._write_swept_history()
             self._history.flush()
             self._side.execute(
                 Q.SAVE_ACK.sql,

@@ -396,6 +396,9 @@ class TriggerQueue:
         # with a query's results go to _notified() (psycopg hands them over as it reads
         # the results); those that arrive while idle are read off the socket by wait().
         self._woken = False
+        # LISTEN (True) or UNLISTEN (False) as the next batch() begins: the wake-up
+        # policy's switch after the last batch.
+        self._listen_next: bool | None = None
         conn.add_notify_handler(self._notified)
 
     @contextmanager
@@ -405,6 +408,9 @@ class TriggerQueue:
 
         When NOTIFY payloads came, their rows first, as an early batch: deleted at once,
         acknowledged by the queue read that follows (which skips deleting them again)."""
+        if (listen := self._listen_next) is not None:
+            self._listen_next = None
+            self._listen(listen)
         self._woken = False  # this batch, or the queue read owed after it, sees them
         if self._payloads:
             payloads, self._payloads = self._payloads, []
@@ -465,9 +471,11 @@ class TriggerQueue:
             self._early.forget(deleted_early)
         if batch.held is not None:
             progress.holds.add(batch.held, before)
-        listen = self._wakeup.after_batch(chunk.events, limit)
-        if listen is not None:
-            self._listen(listen)
+        # LISTEN or UNLISTEN as the next batch begins, not now: the position has moved
+        # and the batch's hold is registered, and a failure before the runner hands
+        # the hold's sweep to the sweeper would keep it held for good (its sweep never
+        # run, nothing saved or pruned past it).
+        self._listen_next = self._wakeup.after_batch(chunk.events, limit)
 
     def _without_early(
         self, events: list[ChangeEvent], rows: list[tuple[Any, ...]]
