@@ -13,6 +13,7 @@ modes).
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 
@@ -23,9 +24,11 @@ import redis
 from cdc_invalidator.cli import main
 from cdc_invalidator.pg.queries import Q
 from tests.support.config import write_config
-from tests.support.env import Env, Servers
-from tests.support.listener import ListenerThread, Spawn
+from tests.support.env import Env, Servers, pg_of
+from tests.support.faults import cache, keys_of, setup_users
+from tests.support.listener import ListenerThread, Spawn, listening
 from tests.support.servers import find_pg_bindir
+from tests.support.sync import queue_len
 from tests.support.waits import wait_until
 
 USERS = {"public.users": ["user:{id}", "user:email:{email}"]}
@@ -152,3 +155,52 @@ def test_the_sweep_after_a_restore_deletes_every_watched_key(env: Env, spawn: Sp
     assert r.get("other:1") == "-"
     listener.signal(signal.SIGTERM)
     assert listener.wait() == 0
+
+
+def test_a_server_without_the_last_transactions_is_read_from_its_saved_position(
+    own_env: Env,
+) -> None:
+    """Trigger mode: the listener reconnects to a server that lacks the transactions it
+    read last (a standby promoted before it received them; here a cold copy of the data
+    directory taken earlier, on the same port). That server hands those transaction ids
+    out again: read on from the position reached on the old server, its new
+    transactions would look done already and be skipped. It resumes from the position
+    saved there instead."""
+    env = own_env
+    pg = pg_of(env)
+    rows = 20
+    # (second deletes off: those of the keys deleted before the copy came up would
+    # delete the keys cached after it, whatever the listener read there)
+    config = setup_users(env, rows=rows, second_delete_ms=0)
+    r = env.redis()
+    copy = pg.datadir.with_name("copy")
+    with listening(config) as listener:
+        wait_until(lambda: listener.runner.postgres.available, what="the listener connected")
+        pg.stop()
+        shutil.copytree(pg.datadir, copy, symlinks=True)
+        if (owner := pg.user) is not None:  # (copied as root)
+            for path in [copy, *copy.rglob("*")]:
+                shutil.chown(path, owner, owner)
+        pg.start()
+        # Transactions the copy will not have, read by the listener.
+        with env.connect() as conn:
+            for i in range(300):
+                conn.execute("UPDATE users SET email = %s WHERE id = %s", [f"{i}@x", 1 + i % rows])
+        wait_until(lambda: queue_len(env) == 0, what="the copy's missing transactions read")
+
+        pg.stop()  # the old server is gone; the copy comes up in its place
+        shutil.rmtree(pg.datadir)
+        copy.rename(pg.datadir)
+        pg.start()
+        read = listener.runner.events_processed
+        cache(r, range(1, rows + 1))
+        with env.connect() as conn:
+            for i in range(1, rows + 1):
+                conn.execute("UPDATE users SET email = %s WHERE id = %s", [f"new{i}@x", i])
+        wait_until(
+            lambda: r.exists(*[k for i in range(1, rows + 1) for k in keys_of(i)]) == 0,
+            timeout_s=30,
+            what="the changes committed on the copy invalidated",
+        )
+        assert listener.runner.events_processed >= read + rows  # read from the queue
+        assert listener.runner.postgres.failures >= 2  # both stops were seen

@@ -28,9 +28,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import psycopg
+import structlog
 from psycopg import sql
 from psycopg.rows import tuple_row
 
@@ -43,6 +44,8 @@ from cdc_invalidator.events import ChangeEvent, Origin
 from cdc_invalidator.mapping.mapper import Mapper, Routed
 from cdc_invalidator.pg.connect import LISTENER, PgConnector
 from cdc_invalidator.pg.queries import Q
+
+log = structlog.get_logger("cdc_invalidator.capture.trigger")
 
 # Progress is saved at most this often, and this long at most after going idle: a crash
 # re-delivers at most this much work, where a save per batch would cost a write per batch.
@@ -341,12 +344,13 @@ class TriggerCapture:
         self._mapper = mapper
         self._prune_every_s = prune_every_s
         self._progress: Progress | None = None
+        self._server_started: str | None = None  # pg_postmaster_start_time()
         self._retention = Retention(history_s)
 
     def connect(self) -> TriggerQueue:
         conn = self._pg.connect(LISTENER)
         try:
-            saved = _prepare(conn)
+            saved, started = _prepare(conn)
         except psycopg.errors.InsufficientPrivilege as exc:
             user = conn.info.user
             conn.close()
@@ -354,9 +358,24 @@ class TriggerCapture:
         except BaseException:
             conn.close()
             raise
-        # Within one process the progress in memory is never behind what was saved.
+        # Within one run of one server, the progress in memory is never behind what was
+        # saved, and the next connection goes on from it. Another server (a standby
+        # promoted after a failover, which may lack the last transactions and hand
+        # their ids out again: a position reached on the old one would skip new
+        # transactions) or the same one restarted: from the position saved, which came
+        # with the data (replicated or recovered with it). Read again: harmless.
+        if self._progress is not None and started != self._server_started:
+            log.warning(
+                "postgres_server_changed",
+                previous_start=self._server_started,
+                start=started,
+                detail="another PostgreSQL server, or restarted: resuming from the "
+                "position saved there",
+            )
+            self._progress = None
         if self._progress is None:
             self._progress = saved
+        self._server_started = started
         return TriggerQueue(
             conn, self._progress, self._prune_every_s, self._retention, self._mapper
         )
@@ -668,7 +687,8 @@ def _dead_rows(dead: dict[int, str]) -> dict[int, str]:
     return out
 
 
-def _prepare(conn: psycopg.Connection[Any]) -> Progress:
+def _prepare(conn: psycopg.Connection[Any]) -> tuple[Progress, str]:
+    """The progress saved, and when the server started."""
     # The session's settings (no fsync wait, no bitmap scans) are the LISTENER kind's.
     require_installed(conn)
     locked = conn.execute(Q.TAKE_LOCK.sql).fetchone()
@@ -681,11 +701,15 @@ def _prepare(conn: psycopg.Connection[Any]) -> Progress:
             "cdc_invalidator.listener_state_v1 is empty: run `cdc-invalidator install`"
         )
     done, window_end, after_xid, after_id = row
-    ahead = conn.execute(Q.PROGRESS_AHEAD.sql, {"snapshot": done}).fetchone()
-    if ahead and ahead[0]:
+    # (a SELECT of values: one row)
+    ahead, next_xid, started = cast(
+        "tuple[bool, str, str]",
+        conn.execute(Q.PROGRESS_AHEAD.sql, {"snapshot": done}).fetchone(),
+    )
+    if ahead:
         raise Fatal(
             f"the saved position ({done}) lies past this server's transaction ids (next "
-            f"{ahead[1]}): the database was restored from a dump into another cluster, or "
+            f"{next_xid}): the database was restored from a dump into another cluster, or "
             "copied there, and changes committed here would be skipped. Stop every listener, "
             "run sql/reset_after_restore.sql as the installing role (docs/DBA.md, "
             '"After restoring the database"), then start again'
@@ -696,4 +720,4 @@ def _prepare(conn: psycopg.Connection[Any]) -> Progress:
         progress.after = (after_xid, after_id)
     progress.saved = progress.state()
     progress.saved_at = time.monotonic()
-    return progress
+    return progress, started
