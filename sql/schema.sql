@@ -418,8 +418,9 @@ BEGIN
         'LATERAL (SELECT %3$L || pg_current_xact_id()::text '
         '|| '',"a":'' || extract(epoch FROM now())::text '
         '|| '',"r":['' || json_build_array(s.op, %4$s, %5$s)::text || '']}'' AS p) e '
-        'WHERE pg_notify(''cdc_invalidator_v1'', '
-        'CASE WHEN octet_length(e.p) < 8000 THEN e.p ELSE '''' END)::text = ''''',
+        'WHERE CASE WHEN current_setting(''cdc_invalidator.notify'', true) = ''off'' THEN true '
+        'ELSE pg_notify(''cdc_invalidator_v1'', '
+        'CASE WHEN octet_length(e.p) < 8000 THEN e.p ELSE '''' END)::text = '''' END',
         parts[1], parts[2], head,
         CASE WHEN parts[1] LIKE '%old_row%' THEN 's.old_row' ELSE 'NULL' END,
         CASE WHEN parts[1] LIKE '%new_row%' THEN 's.new_row' ELSE 'NULL' END);
@@ -596,7 +597,9 @@ BEGIN
         VALUES (TG_ARGV[0], TG_ARGV[1], 'T', json_build_object('unrenderable', format(
             'partition %s has no capture triggers (created after install)',
             TG_RELID::regclass)));
-        PERFORM pg_notify('cdc_invalidator_v1', '');
+        IF current_setting('cdc_invalidator.notify', true) IS DISTINCT FROM 'off' THEN
+            PERFORM pg_notify('cdc_invalidator_v1', '');
+        END IF;
     END IF;
     RETURN NULL;
 END
@@ -915,7 +918,7 @@ BEGIN
             IF renamed THEN
                 EXECUTE cdc_invalidator.%10$I(%4$s, %5$L, %6$L, TG_OP, %7$L);
                 GET DIAGNOSTICS queued = ROW_COUNT;
-                IF queued > 0 THEN
+                IF queued > 0 AND current_setting('cdc_invalidator.notify', true) IS DISTINCT FROM 'off' THEN
                     PERFORM pg_notify('cdc_invalidator_v1', '');
                 END IF;
                 RETURN NULL;
@@ -929,8 +932,11 @@ BEGIN
                 %9$s;
             END IF;
             -- A wake-up only: the queue row is the record. Identical notifications
-            -- in one transaction fold into one, delivered at commit.
-            IF FOUND THEN
+            -- in one transaction fold into one, delivered at commit. Not in a session
+            -- that set cdc_invalidator.notify = off: PostgreSQL refuses to PREPARE a
+            -- transaction that sent a NOTIFY (two-phase commit); the listener's poll
+            -- finds its rows instead.
+            IF FOUND AND current_setting('cdc_invalidator.notify', true) IS DISTINCT FROM 'off' THEN
                 PERFORM pg_notify('cdc_invalidator_v1', '');
             END IF;
             RETURN NULL;

@@ -1,0 +1,70 @@
+"""Two-phase commit on watched tables (trigger mode), on real PostgreSQL and Redis.
+
+PostgreSQL refuses to PREPARE a transaction that sent a NOTIFY, and every capture
+function wakes the listener with one. A session that sets `cdc_invalidator.notify = off`
+(ALTER ROLE ... SET, for the roles whose transactions are prepared) is captured without
+the wake-up: its transactions can be prepared, and the listener's poll finds their rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from tests.support.env import Env, pg_of
+from tests.support.faults import cache, keys_of, setup_users
+from tests.support.listener import listening
+from tests.support.waits import wait_until
+
+pytestmark = pytest.mark.servers
+
+ROWS = 10
+
+
+@pytest.fixture
+def prepared_env(own_env: Env) -> Iterator[Env]:
+    """own_env's server with prepared transactions allowed (a restart)."""
+    own_env.sql("ALTER SYSTEM SET max_prepared_transactions = 4")
+    pg_of(own_env).restart()
+    yield own_env
+    # Whatever a failed test left prepared would keep its locks.
+    with own_env.connect() as conn:
+        for (gid,) in conn.execute("SELECT gid FROM pg_prepared_xacts").fetchall():
+            conn.execute(f"ROLLBACK PREPARED '{gid}'".encode())
+
+
+def prepare(env: Env, gid: str, *, notify: str | None) -> None:
+    """One single-row and one several-row UPDATE of users, PREPAREd as `gid`; the
+    session's cdc_invalidator.notify set to `notify` first (None: left alone)."""
+    with env.connect() as conn:
+        if notify is not None:
+            conn.execute("SELECT set_config('cdc_invalidator.notify', %s, false)", [notify])
+        conn.execute("BEGIN")
+        conn.execute("UPDATE users SET email = email || '.' WHERE id = 1")
+        conn.execute("UPDATE users SET email = email || '.' WHERE id > 1")
+        conn.execute(f"PREPARE TRANSACTION '{gid}'".encode())
+
+
+@pytest.mark.parametrize("notify_payload", [False, True], ids=["wake-up", "payload"])
+def test_a_session_with_notify_off_can_prepare_and_its_changes_are_invalidated(
+    prepared_env: Env, notify_payload: bool
+) -> None:
+    env = prepared_env
+    config = setup_users(env, rows=ROWS, notify_payload=notify_payload, poll_interval_ms=200)
+    r = env.redis()
+    with listening(config):
+        # As PostgreSQL has it: no PREPARE after a NOTIFY, so not by default.
+        with pytest.raises(psycopg.errors.FeatureNotSupported, match="NOTIFY"):
+            prepare(env, "refused", notify=None)
+        assert env.scalar("SELECT count(*) FROM pg_prepared_xacts") == 0
+
+        cache(r, range(1, ROWS + 1))
+        prepare(env, "prepared", notify="off")
+        assert env.scalar("SELECT count(*) FROM pg_prepared_xacts") == 1
+        env.sql("COMMIT PREPARED 'prepared'")
+        wait_until(
+            lambda: r.exists(*[k for i in range(1, ROWS + 1) for k in keys_of(i)]) == 0,
+            what="the prepared transaction's keys deleted, found by the poll",
+        )
