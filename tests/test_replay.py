@@ -42,6 +42,7 @@ from tests.support.faults import (
     write,
 )
 from tests.support.listener import ListenerProcess, Spawn, listening, run_cli, stop_listener
+from tests.support.servers import RedisServer
 from tests.support.waits import wait_until
 
 pytestmark = [pytest.mark.servers, pytest.mark.usefixtures("capture")]
@@ -590,6 +591,23 @@ def test_persistence_window_without_config_permission_assumes_an_hour(env: Env) 
         assert "set replay_window" in reason
     finally:
         admin.acl_deluser("replayer")
+
+
+@pytest.mark.parametrize("capture", ["trigger"])  # Redis's alone
+def test_persistence_window_without_persistence_but_a_snapshot_loaded_assumes_an_hour() -> None:
+    """save "" and appendonly no: Redis still loads the dump.rdb it finds as it starts
+    (a backup restored by hand, an earlier SAVE's), of an age nobody can tell."""
+    with RedisServer.create() as server:
+        r = server.client()
+        assert persistence_window(RedisSink(r).persistence())[0] == 0, "started empty"
+        r.mset({"user:1": "cached", "user:2": "cached"})
+        r.save()
+        server.kill()
+        server.start()
+        window, reason = persistence_window(RedisSink(server.client()).persistence())
+        assert window == UNKNOWN_PERSISTENCE_S
+        assert "no persistence configured, but the server loaded 2 keys" in reason
+        assert "set replay_window" in reason
 
 
 def test_stopping_does_the_second_deletes_still_owed(env: Env, spawn: Spawn) -> None:

@@ -40,4 +40,17 @@ def _window(server: Persistence) -> tuple[float, str]:
         # A snapshot is taken at the latest after the longest period (once anything
         # changed at all): an older one cannot come back.
         return max(periods), f"RDB snapshots (save {config['save']!r})"
-    return 0.0, "no persistence: a restart comes back empty"
+    # Without persistence configured Redis still loads a dump.rdb it finds as it
+    # starts: a backup restored by hand, an old SAVE's, a replica's full sync. Of an age
+    # nobody can tell: only a server that says it loaded no keys came back empty.
+    if server.loaded_keys == 0:
+        return 0.0, "no persistence: the server loaded no keys as it started"
+    loaded = (
+        "cannot tell whether it loaded keys as it started (Redis before 7.0)"
+        if server.loaded_keys is None
+        else f"loaded {server.loaded_keys} keys from an RDB file as it started"
+    )
+    return UNKNOWN_PERSISTENCE_S, (
+        f"no persistence configured, but the server {loaded}: assumed "
+        f"{format_duration(UNKNOWN_PERSISTENCE_S)}; set replay_window"
+    )

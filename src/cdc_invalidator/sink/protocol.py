@@ -54,10 +54,13 @@ def raise_if_stopped(stopped: Callable[[], bool] | None) -> None:
 class Persistence:
     """One server's persistence settings as CONFIG GET reads them (`appendonly`,
     `appendfsync`, `save`), or why they could not be read (`refused`: NOPERM, CONFIG
-    renamed away). What they mean for a restart is replay's business."""
+    renamed away); and how many keys it loaded from a file when it started (INFO
+    persistence's `rdb_last_load_keys_loaded`; None where Redis does not say, before
+    7.0). What they mean for a restart is replay's business."""
 
     config: Mapping[str, str]
     refused: str | None = None
+    loaded_keys: int | None = None
 
 
 class Sink(Protocol):

@@ -265,15 +265,18 @@ def server_identity(client: redis.Redis) -> str:
 
 
 def server_persistence(client: redis.Redis) -> Persistence:
-    """One server's persistence settings, or why CONFIG GET refused them."""
+    """One server's persistence settings, or why CONFIG GET refused them; and the keys
+    it loaded as it started."""
+    loaded = client.info("persistence").get("rdb_last_load_keys_loaded")
+    loaded_keys = None if loaded is None else int(loaded)
     config: dict[str, str] = {}
     try:
         for name in PERSISTENCE_SETTINGS:
             for key, value in client.config_get(name).items():
                 config[_text(key)] = _text(value)
     except redis.ResponseError as exc:  # NOPERM, or CONFIG renamed away
-        return Persistence({}, refused=str(exc))
-    return Persistence(config)
+        return Persistence({}, refused=str(exc), loaded_keys=loaded_keys)
+    return Persistence(config, loaded_keys=loaded_keys)
 
 
 def _text(value: object) -> str:
