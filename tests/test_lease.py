@@ -147,6 +147,18 @@ def test_a_waiter_takes_over_a_lease_revoked_while_it_waits(client: Client) -> N
     assert second.acquire("user:1") == Hit("fresh")
 
 
+def test_a_held_lease_that_is_gone_is_not_taken_again(client: Client) -> None:
+    leases = LeaseCache(client)
+    held = leases.acquire("user:1")
+    assert isinstance(held, Lease)
+    assert leases.acquire("user:1", held) == held  # still ours
+    client.unlink("user:1")  # the invalidation revokes it
+    assert isinstance(leases.acquire("user:1", held), Busy)  # at once, not after wait_ms
+    assert client.exists("user:1") == 0
+    assert leases.fill(held, "read under the revoked lease") is False
+    assert isinstance(leases.acquire("user:1"), Lease)  # a new read takes a new one
+
+
 def test_a_failing_loader_gives_the_lease_back(client: Client) -> None:
     leases = LeaseCache(client)
 

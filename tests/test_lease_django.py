@@ -103,6 +103,23 @@ def test_an_invalidation_between_get_and_set_refuses_the_set(r: redis.Redis) -> 
     assert cache.get("user:1") == "fresh"
 
 
+def test_a_second_get_after_an_invalidation_takes_no_lease_and_the_set_is_dropped(
+    r: redis.Redis,
+) -> None:
+    """get, the app's read, the listener's UNLINK, get again, set: the value read under
+    the first lease may be stale, and is not written under a lease taken again."""
+    cache = caches["default"]
+    assert cache.get("user:1") is None
+    r.unlink(full("user:1"))  # the listener, after the app's read
+    assert cache.get("user:1") is None
+    assert r.exists(full("user:1")) == 0, "the gone lease taken again"
+    cache.set("user:1", "read before the invalidation")
+    assert r.exists(full("user:1")) == 0
+    assert cache.get("user:1") is None  # a new lease, for a new read
+    cache.set("user:1", "fresh")
+    assert cache.get("user:1") == "fresh"
+
+
 def test_get_or_set_goes_through_the_lease(r: redis.Redis) -> None:
     cache = caches["default"]
     calls: list[str] = []

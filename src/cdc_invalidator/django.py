@@ -117,7 +117,8 @@ class LeaseRedisCacheClient(RedisCacheClient):
     # --- the lease protocol, for LeaseRedisCache ---------------------------------------
 
     def lookup(self, key: str, held: Lease | None) -> Lookup:
-        """A hit, else a lease (`held` again if still ours), else Busy after the wait."""
+        """A hit, else a lease (`held` again if still ours), else Busy: after the wait,
+        or at once when `held` is gone (revoked: the set after it is dropped)."""
         value = self.get_client(key).get(key)
         if value is not None and not is_marker(value):
             return Hit(value)

@@ -38,11 +38,13 @@ from redis.cluster import RedisCluster
 MARKER_PREFIX = b"\x00cdc-lease:"
 
 # GET; on a miss take the lease (the key holds our marker for lease_ms). Replies
-# {0, value} (a hit), {1} (the lease is ours: new, or still ours from before) or {2}
-# (another caller holds it). KEYS[1] key; ARGV: the prefix, our marker, lease_ms.
+# {0, value} (a hit), {1} (the lease is ours: new, or still ours from before), {2}
+# (another caller holds it) or {3} (our lease from before is gone: revoked or expired).
+# KEYS[1] key; ARGV: the prefix, our marker, lease_ms, '1' if the marker is from before.
 _ACQUIRE = """
 local v = redis.call('GET', KEYS[1])
 if not v then
+  if ARGV[4] == '1' then return {3} end
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
   return {1}
 end
@@ -77,7 +79,7 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-_HIT, _OURS = 0, 1  # _ACQUIRE's replies; 2: another caller's lease
+_HIT, _OURS, _GONE = 0, 1, 3  # _ACQUIRE's replies; 2: another caller's lease
 
 Client = redis.Redis | RedisCluster
 Key = str | bytes
@@ -184,14 +186,21 @@ class LeaseCache:
         return loaded
 
     def acquire(self, key: Key, held: Lease | None = None) -> Lookup:
-        """After a miss: the value if it arrived, else a lease (`held` again if the key
-        still holds it), waiting up to wait_ms while another caller holds one."""
+        """After a miss: the value if it arrived, else a lease, waiting up to wait_ms
+        while another caller holds one.
+
+        `held`: a lease this caller took before, returned again while the key still
+        holds it. Once it is gone (an invalidation revoked it, or it expired) it is not
+        taken again, nor a new one: Busy at once. What the caller read under it may be
+        stale, and a lease taken now would let that read fill."""
         marker = held.marker if held is not None else MARKER_PREFIX + new_token()
         deadline = time.monotonic() + self.wait_ms / 1000
         delay = 0.002
         while True:
-            found = self._lookup(key, marker)
+            found = self._lookup(key, marker, again=held is not None)
             left = deadline - time.monotonic()
+            if found is None:
+                return Busy()
             if not isinstance(found, Busy) or left <= 0:
                 return found
             # Poll (the same script: a lease revoked or expired meanwhile becomes ours).
@@ -206,12 +215,17 @@ class LeaseCache:
         """Give an unfilled lease back, so that the next caller need not wait for it."""
         self._release(keys=[lease.key], args=[lease.marker])
 
-    def _lookup(self, key: Key, marker: bytes) -> Lookup:
-        reply: Any = self._acquire(keys=[key], args=[MARKER_PREFIX, marker, self.lease_ms])
+    def _lookup(self, key: Key, marker: bytes, *, again: bool) -> Lookup | None:
+        """_ACQUIRE's reply; None: the lease from before (`again`) is gone."""
+        reply: Any = self._acquire(
+            keys=[key], args=[MARKER_PREFIX, marker, self.lease_ms, "1" if again else "0"]
+        )
         if reply[0] == _HIT:
             return Hit(reply[1])
         if reply[0] == _OURS:
             return Lease(key, marker)
+        if reply[0] == _GONE:
+            return None
         return Busy()
 
 
