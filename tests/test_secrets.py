@@ -355,6 +355,11 @@ BAD = [
         "redis_url: not a Redis URL",
     ),
     Bad(
+        "redis_url that asks for decoded replies",
+        {"redis_url": f"redis://cdc:{ACL_PASSWORD}@127.0.0.1:1/0?decode_responses=True"},
+        "redis_url: sets decode_responses",
+    ),
+    Bad(
         "database_url with a bad percent-encoding",
         {"database_url": f"postgresql://app:{MARK}%zz-9f1c@127.0.0.1:1/app"},
         "database_url: libpq cannot read it (invalid percent-encoded token",

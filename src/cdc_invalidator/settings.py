@@ -312,13 +312,19 @@ class Settings(BaseSettings):
         if not url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// (TLS) or unix://")
         try:
-            parse_url(url)
+            options = parse_url(url)
         except ValueError:
             # The reason is not given: it may quote part of the password.
             raise ValueError(
                 "not a Redis URL: redis://host:port/db, rediss://... or unix:///path, with "
                 "user:password@ before the host (percent-encode special characters)"
             ) from None
+        if options.get("decode_responses"):
+            # (redis-py lets the URL's query override what the listener asks for.)
+            raise ValueError(
+                "sets decode_responses: the listener reads Redis's replies as bytes "
+                "(keys need not be text); remove it from the URL's query"
+            )
         return url
 
     @model_validator(mode="after")
