@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import pytest
 import redis
@@ -61,6 +62,7 @@ from tests.support.listener import (
     ListenerThread,
     Spawn,
     exited_cleanly,
+    listening,
     stop_listener,
 )
 from tests.support.servers import PostgresServer, RedisServer, free_port
@@ -403,6 +405,53 @@ def test_redis_down_events_wait_then_drain(own_env: Env, spawn: Spawn) -> None:
     assert len(listener.logged("redis_changed")) == 1
     assert stopped["keys_deleted"] + replayed == 2 * n
     assert stopped["events"] == n
+
+
+@pytest.mark.parametrize("capture", ["trigger"], ids=["trigger"])  # logical: no NOTIFY
+def test_redis_down_the_listener_still_reads_its_notifications(own_env: Env) -> None:
+    """Trigger mode: during a Redis outage the loop runs no query, and notifications
+    keep coming. Left unread, they fill the socket and block the listener's backend as it
+    sends them, which holds the server's NOTIFY queue for every session (once full,
+    every write to a watched table fails at commit): they are read all the same."""
+    config = setup_users(own_env, rows=1)
+    r = own_env.redis()
+    with listening(config) as listener:
+        wait_until(lambda: listener.runner.postgres.available, what="the listener connected")
+        redis_of(own_env).stop()
+        try:
+            written = write(own_env, "UPDATE users SET email = 'new-' || email", ids=range(1, 2))
+            wait_until(lambda: listener.runner.redis.available is False, what="the outage")
+            # About 100 MB (the socket's buffers hold some MB), in one transaction.
+            with own_env.connect() as conn, conn.transaction():
+                conn.execute(
+                    "SELECT pg_notify('cdc_invalidator_v1', i || repeat('x', 7900))"
+                    " FROM generate_series(1, 12000) i"
+                )
+            wait_until(
+                lambda: backend_waits_on(own_env) == "ClientWrite",
+                what="the listener's backend blocked sending them",
+            )
+            wait_until(
+                lambda: backend_waits_on(own_env) == "ClientRead",
+                timeout_s=60,
+                what="every notification read: the backend idle again",
+            )
+            assert none_acknowledged(own_env, 1, written)
+        finally:
+            redis_of(own_env).start()
+        wait_until(lambda: drained(own_env, r, written), what="the change done once Redis is back")
+
+
+def backend_waits_on(env: Env) -> str | None:
+    """What the listener's session waits on (pg_stat_activity.wait_event)."""
+    return cast(
+        "str | None",
+        env.scalar(
+            "SELECT wait_event FROM pg_stat_activity"
+            " WHERE application_name = %s AND backend_type = 'client backend'",
+            [APP_NAME],
+        ),
+    )
 
 
 @pytest.mark.usefixtures("capture")

@@ -54,6 +54,15 @@ SAVE_EVERY_S = 0.1
 PRUNE_CHUNK = 5000
 # Batches this large mean changes arrive faster than the listener wakes: stop NOTIFY.
 UNLISTEN_AT = 8
+# No queue read for this long (Redis is down: the loop waits for it, not for us): the
+# notifications that keep coming are read off the socket anyway. Left unread, they
+# would fill it and block our backend as it sends them, which holds the server's NOTIFY
+# queue for every session: once full, every write to a watched table fails at commit.
+DRAIN_AFTER_S = 1.0
+# NOTIFY payloads kept for an early batch, at most, in bytes: those past it go by the
+# queue read (a long outage with the payload on would otherwise keep every one in
+# memory; ours are 100-200 bytes, a foreign NOTIFY on the channel up to 8000).
+PAYLOAD_BYTES_KEPT = 4 << 20
 # A pack's dead letter names at most this many of its failed elements (and how many more).
 DEAD_ELEMENTS_NAMED = 10
 
@@ -409,6 +418,7 @@ class TriggerQueue:
         # the changes deleted early that the queue read acknowledges; whether that read
         # is owed (an early batch was just handed out).
         self._payloads: list[str | bytes] = []
+        self._payload_bytes = 0  # theirs (PAYLOAD_BYTES_KEPT)
         self._early = EarlyChanges()
         self._read_owed = False
         # A NOTIFY came since the last queue read began: read again. Those that arrive
@@ -418,6 +428,7 @@ class TriggerQueue:
         # LISTEN (True) or UNLISTEN (False) as the next batch() begins: the wake-up
         # policy's switch after the last batch.
         self._listen_next: bool | None = None
+        self._read_at = time.monotonic()  # the last queue read began
         conn.add_notify_handler(self._notified)
 
     @contextmanager
@@ -432,7 +443,7 @@ class TriggerQueue:
             self._listen(listen)
         self._woken = False  # this batch, or the queue read owed after it, sees them
         if self._payloads:
-            payloads, self._payloads = self._payloads, []
+            payloads, self._payloads, self._payload_bytes = self._payloads, [], 0
             early = self._early_batch(payloads, limit)
             if early.events:
                 yield early
@@ -450,6 +461,7 @@ class TriggerQueue:
     @contextmanager
     def _queue_batch(self, limit: int) -> Iterator[QueueBatch]:
         self._read_owed = False
+        self._read_at = time.monotonic()
         progress = self._progress
         before = progress.state()
         key = fetch_key(progress.done, progress.window, progress.after, limit)
@@ -532,12 +544,19 @@ class TriggerQueue:
         """Nothing to wait for: the queue rows are the history, written by the writers."""
 
     def maintain(self) -> None:
-        """Save progress if due, prune if due: cheap when nothing is (two clock reads).
-        Called on every turn of the runner's loop, busy or idle."""
+        """Save progress if due, prune if due, read notifications while no queue read
+        comes: cheap when nothing is (three clock reads). Called on every turn of the
+        runner's loop, busy or idle, and during Redis outages."""
         progress = self._progress
-        if progress.unsaved and time.monotonic() - progress.saved_at >= SAVE_EVERY_S:
+        now = time.monotonic()
+        if progress.unsaved and now - progress.saved_at >= SAVE_EVERY_S:
             self._save()
         self._prune()
+        if now - self._read_at >= DRAIN_AFTER_S:
+            self._read_at = now
+            readable, _, _ = select.select([self._conn.fileno()], [], [], 0)
+            if readable:
+                self._take_notifies()
 
     def wait(self, timeout_s: float, wakeup_fd: int | None = None) -> None:
         """Return on a NOTIFY, a byte on `wakeup_fd` (shutdown) or after timeout_s; at
@@ -583,8 +602,9 @@ class TriggerQueue:
     def _note(self, payload: str | bytes) -> None:
         """A wake-up, and its payload (a one-row statement's row) if it has one."""
         self._woken = True
-        if payload:
+        if payload and self._payload_bytes < PAYLOAD_BYTES_KEPT:
             self._payloads.append(payload)
+            self._payload_bytes += len(payload)
 
     def _listen(self, on: bool) -> None:
         """LISTEN (idle: woken per commit) or UNLISTEN (busy: the runner lingers)."""
@@ -596,6 +616,7 @@ class TriggerQueue:
             self._take_notifies()
             self._woken = False
             self._payloads.clear()
+            self._payload_bytes = 0
 
     def _fetch(self, key: FetchKey) -> list[tuple[Any, ...]]:
         cur, prev_xip, after_xid, after_id, from_xid, from_id, limit = key
