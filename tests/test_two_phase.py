@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
+from cdc_invalidator.cli import main
 from tests.support.env import Env, pg_of
 from tests.support.faults import cache, keys_of, setup_users
 from tests.support.listener import listening
@@ -68,3 +69,14 @@ def test_a_session_with_notify_off_can_prepare_and_its_changes_are_invalidated(
             lambda: r.exists(*[k for i in range(1, ROWS + 1) for k in keys_of(i)]) == 0,
             what="the prepared transaction's keys deleted, found by the poll",
         )
+
+
+def test_check_warns_where_transactions_can_be_prepared(
+    prepared_env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = setup_users(prepared_env)
+    capsys.readouterr()
+    assert main(["check", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "warning: max_prepared_transactions is 4" in out
+    assert "cdc_invalidator.notify = 'off'" in out

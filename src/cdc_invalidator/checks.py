@@ -229,6 +229,18 @@ def check_unconfigured(
         )
 
 
+def check_two_phase(conn: psycopg.Connection[Any], report: Report) -> None:
+    """Trigger mode: prepared transactions allowed, which PostgreSQL refuses to prepare
+    once they sent a NOTIFY (every capture function's wake-up)."""
+    row = conn.execute(Q.CHECK_TWO_PHASE.sql).fetchone()
+    if row and row[0] > 0:
+        report.warnings.append(
+            f"max_prepared_transactions is {row[0]}: a transaction that writes a watched "
+            "table cannot be prepared (PREPARE TRANSACTION, XA) unless its session sets "
+            "cdc_invalidator.notify = 'off' (docs/DBA.md, \"Trigger mode: two-phase commit\")"
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class Watch:
     """What install recorded for a table, against the live catalog (check_watch.sql)."""

@@ -102,6 +102,7 @@ class Q(enum.Enum):
     LOGICAL_STATUS = "logical_status.sql"
     CHECK_TABLE = "check_table.sql"
     CHECK_UNCONFIGURED = "check_unconfigured.sql"
+    CHECK_TWO_PHASE = "check_two_phase.sql"  # trigger mode: PREPARE refused after NOTIFY
     CHECK_WATCH = "check_watch.sql"
     CHECK_PUBLISHED = "check_published.sql"
     CHECK_IDENTITY = "check_identity.sql"
