@@ -47,15 +47,35 @@ CREATE TABLE IF NOT EXISTS cdc_invalidator.queue_v1 (
     autovacuum_vacuum_threshold = 1000
 );
 -- The only index, so writers maintain one: the listener's reads and the bulk deletes
--- are ranges of (xid, id).
-CREATE INDEX IF NOT EXISTS queue_v1_xid_id ON cdc_invalidator.queue_v1 (xid, id);
+-- are ranges of (xid, id). Created where the catalog lacks it, and the column below
+-- added likewise: CREATE INDEX IF NOT EXISTS and ADD COLUMN IF NOT EXISTS lock the table
+-- before they look (SHARE, ACCESS EXCLUSIVE), and install is one transaction: every run
+-- would hold every write to a watched table (each queues a row here) until it commits,
+-- and wait itself behind any transaction that writes one or reads the queue (pg_dump).
+DO $queue_index$
+BEGIN
+    IF to_regclass('cdc_invalidator.queue_v1_xid_id') IS NULL THEN
+        CREATE INDEX queue_v1_xid_id ON cdc_invalidator.queue_v1 (xid, id);
+    END IF;
+END
+$queue_index$;
 -- A pack: the changes of up to pack_rows_v1() rows of one statement in one queue row,
 -- its key columns column-wise ({"id": ["1", "2", ...]}; an UPDATE's old and new arrays
 -- paired by index), `rows` saying how many. NULL: one change, as above. A statement of
 -- a million rows then writes a thousand queue rows instead of a million (the writer's
 -- cost: docs/DBA.md, "What a bulk statement costs"). Added to existing installs: NULL
 -- in every row already queued, which is what they are.
-ALTER TABLE cdc_invalidator.queue_v1 ADD COLUMN IF NOT EXISTS rows integer;
+DO $queue_rows$
+BEGIN
+    IF NOT EXISTS (
+        SELECT FROM pg_attribute
+        WHERE attrelid = 'cdc_invalidator.queue_v1'::regclass AND attname = 'rows'
+          AND NOT attisdropped
+    ) THEN
+        ALTER TABLE cdc_invalidator.queue_v1 ADD COLUMN rows integer;
+    END IF;
+END
+$queue_rows$;
 -- A pack's JSON (a thousand rows' key columns, tens of kB) is compressed as it is stored,
 -- by the writer's own session inside its statement: lz4 where the server was built with
 -- it, else PostgreSQL's default, pglz, which cost a 1M-row statement's writer 12-16 % more

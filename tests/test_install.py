@@ -193,6 +193,25 @@ def test_install_twice_is_harmless(env: Env) -> None:
     ]
 
 
+def test_install_again_waits_for_no_writer_and_blocks_none(env: Env) -> None:
+    """Install runs in one transaction: a lock it took on the queue, which every write to
+    a watched table inserts into, would hold those writes until it commits, and it
+    would itself wait behind any writer's open transaction (or pg_dump's read)."""
+    tables(env)
+    config = env.config({**USERS, **ORDERS})
+    assert cli("install", "--config", config) == 0
+    with env.connect() as writer, env.connect() as dump:
+        writer.execute("BEGIN")
+        writer.execute("UPDATE users SET name = 'a writer, not committed yet' WHERE id = 2")
+        dump.execute("BEGIN")
+        dump.execute("LOCK TABLE cdc_invalidator.queue_v1 IN ACCESS SHARE MODE")
+        done = run_cli("install", "--config", str(config), env={"PGOPTIONS": "-c lock_timeout=5s"})
+        assert done.returncode == 0, done.stderr
+        writer.execute("COMMIT")
+        dump.execute("COMMIT")
+    assert [op for _, op, _, _ in queued(env)] == ["U"]
+
+
 def test_install_compresses_packs_with_lz4_where_the_server_has_it(env: Env) -> None:
     """A pack's JSON is compressed by the writer's session: lz4 costs a bulk statement's
     writer less than pglz. Set on an install made before (and only once: no lock each
