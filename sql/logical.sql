@@ -323,8 +323,10 @@ $list$;
 --     longer covers the key columns (with a column filter: every column), gets REPLICA
 --     IDENTITY FULL as install would
 --     (refused for replica_identity = "keep", as install refuses it);
---   * a table that has REPLICA IDENTITY FULL and a column list is republished whole (a
---     list must cover a FULL identity's columns, or UPDATE and DELETE fail).
+--   * a table whose column list no longer covers its identity's columns is republished
+--     with them (a list must cover the identity, or UPDATE and DELETE fail): whole for
+--     REPLICA IDENTITY FULL, with the new columns after a wider primary key or identity
+--     index.
 -- Its work is our own catalog look-ups: no cost to writes. install sets
 -- cdc_invalidator.installing for its own transaction, where it does all this itself.
 -- It fires for every role's ALTER TABLE and CREATE TABLE (temporary tables included), so
@@ -373,14 +375,25 @@ BEGIN
           AND (a.attnum = ANY (r.attnums) OR (r.judge IS NOT NULL AND a.attnum > 0));
         PERFORM cdc_invalidator.ensure_replica_identity(r.relid, cols);
         PERFORM cdc_invalidator.require_publishable(r.relid);
-        IF (SELECT relreplident FROM pg_class WHERE oid = r.relid) = 'f'
-           AND EXISTS (SELECT FROM pg_publication_rel pr WHERE pr.prpubid = pub
-                       AND pr.prrelid = r.relid AND pr.prattrs IS NOT NULL) THEN
+        -- A column list that no longer covers the identity (FULL: every column; else
+        -- the primary key's or the identity index's, which a new primary key or
+        -- identity index may widen past the key columns) is published afresh.
+        IF EXISTS (
+            SELECT FROM pg_publication_rel pr JOIN pg_class c ON c.oid = pr.prrelid
+            WHERE pr.prpubid = pub AND pr.prrelid = r.relid AND pr.prattrs IS NOT NULL
+              AND (c.relreplident = 'f' OR EXISTS (
+                  SELECT FROM pg_index i, unnest(i.indkey::int2[]) k (attnum)
+                  WHERE i.indrelid = r.relid
+                    AND ((c.relreplident = 'd' AND i.indisprimary)
+                         OR (c.relreplident = 'i' AND i.indisreplident))
+                    AND k.attnum <> ALL (pr.prattrs::int2[])))
+        ) THEN
             -- One transaction: the stream never sees the table out of the publication.
             EXECUTE format('ALTER PUBLICATION %I DROP TABLE %s', r.publication, r.relid);
-            EXECUTE format('ALTER PUBLICATION %I ADD TABLE %s', r.publication, r.relid);
-            RAISE NOTICE 'cdc_invalidator: % has REPLICA IDENTITY FULL: publication % now '
-                'carries all its columns', r.relid, r.publication;
+            EXECUTE format('ALTER PUBLICATION %I ADD TABLE %s', r.publication,
+                           cdc_invalidator.publish_list(r.relid));
+            RAISE NOTICE 'cdc_invalidator: the replica identity of % changed: publication % '
+                'now carries %', r.relid, r.publication, cdc_invalidator.publish_list(r.relid);
         END IF;
     END LOOP;
 END

@@ -189,6 +189,36 @@ def test_dropping_the_primary_key_keeps_writes_working(env: Env) -> None:
         wait_until(lambda: gone(r, "order:1"), what="the delete's key")
 
 
+@pytest.mark.parametrize(
+    "ddl",
+    [
+        "ALTER TABLE orders DROP CONSTRAINT orders_pkey, ADD PRIMARY KEY (id, note)",
+        "CREATE UNIQUE INDEX orders_note ON orders (note);"
+        " ALTER TABLE orders ALTER COLUMN note SET NOT NULL,"
+        " REPLICA IDENTITY USING INDEX orders_note",
+    ],
+    ids=["wider-primary-key", "identity-index"],
+)
+def test_a_replica_identity_on_other_columns_keeps_writes_working(env: Env, ddl: str) -> None:
+    """The identity still covers the key columns but takes a column the publication's
+    list lacks: a list must cover the identity, or UPDATE and DELETE fail. The guard
+    republishes the table with the identity's columns."""
+    make_tables(env)
+    config = logical_config(env, ORDERS)
+    install(config)
+    r = env.redis()
+    with running(env, config):
+        assert publication_columns(env, "orders") == ["id"]
+        env.sql(ddl)
+        assert "note" in (publication_columns(env, "orders") or ["note"])
+        r.mset({"order:1": "O"})
+        env.sql("UPDATE orders SET note = 'n' WHERE id = 1")
+        wait_until(lambda: gone(r, "order:1"), what="the update's key")
+        r.mset({"order:1": "O"})
+        env.sql("DELETE FROM orders WHERE id = 1")
+        wait_until(lambda: gone(r, "order:1"), what="the delete's key")
+
+
 def test_retyping_a_key_column(env: Env) -> None:
     make_tables(env)
     config = logical_config(env, {**USERS, **ORDERS})
