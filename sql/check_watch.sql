@@ -2,7 +2,8 @@
 -- (found by name, or by the name its events carry if it was renamed since), the columns
 -- its capture function copies and what those columns are called now ('' once dropped),
 -- and every way its triggers, or its partitions' triggers, differ from what watch()
--- made: missing, disabled, not firing ALWAYS, or calling another function; the tables
+-- made: missing, disabled, not firing ALWAYS, or calling another function (and its
+-- capture function's owner no longer granted the queue); the tables
 -- it became a partition of that are not watched (a statement naming one of them fires
 -- their statement triggers, not the table's: its changes of the table are not seen); its
 -- column filter as watch() compiled it; and whether its capture function sends a one-row
@@ -78,6 +79,20 @@ SELECT
         FROM statement_triggers s
         WHERE (s.is_root OR s.present > 0)
           AND (s.tgfoid IS NULL OR s.tgenabled <> 'A' OR s.function <> s.ours)
+        UNION ALL
+        -- Its capture function runs as its owner, granted what it needs by install: an
+        -- owner changed since (REASSIGN OWNED moves the function, not the grants) makes
+        -- every write to the table fail.
+        SELECT format('capture function %%s belongs to role %%s, which may not insert into '
+                      'the queue (an owner changed since install, e.g. by REASSIGN OWNED): '
+                      'every write to the table fails', p.oid::regprocedure,
+                      quote_ident(pg_get_userbyid(p.proowner)))
+        FROM pg_proc p
+        WHERE p.oid = to_regprocedure(
+                  'cdc_invalidator.' || quote_ident('capture_' || w.relid::oid || '_v1') || '()')
+          AND NOT (has_schema_privilege(p.proowner, 'cdc_invalidator', 'USAGE')
+                   AND has_column_privilege(p.proowner, 'cdc_invalidator.queue_v1', 'op',
+                                            'INSERT'))
         ORDER BY 1) AS trigger_problems,
     (SELECT strpos(p.prosrc, 'pg_notify(''cdc_invalidator_v1'', CASE WHEN octet_length') > 0
      FROM pg_proc p

@@ -458,6 +458,34 @@ def test_uninstall_removes_every_object_and_is_repeatable(env: Env) -> None:
 # --- check ---------------------------------------------------------------------------------
 
 
+def test_an_owner_changed_by_reassign_owned_is_named_by_check_and_mended_by_install(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """REASSIGN OWNED moves a table and its capture function to another role, not the
+    grants install gave the old owner: every write to the table fails until install
+    grants the new one."""
+    env.sql("CREATE ROLE cdc_app_owner; CREATE ROLE cdc_new_owner")
+    try:
+        env.sql("CREATE TABLE users (id int PRIMARY KEY, email text, name text)")
+        env.sql("ALTER TABLE users OWNER TO cdc_app_owner")
+        config = env.config(USERS)
+        assert cli("install", "--config", config) == 0
+        env.sql("REASSIGN OWNED BY cdc_app_owner TO cdc_new_owner")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            env.sql("INSERT INTO users VALUES (1, 'a@x')")
+        code, _, err = check(config, capsys)
+        assert code == 1
+        assert "belongs to role cdc_new_owner, which may not insert into the queue" in err
+        assert "run `cdc-invalidator install`" in err
+        assert cli("install", "--config", config) == 0
+        env.sql("INSERT INTO users VALUES (1, 'a@x')")
+        assert check(config, capsys)[0] == 0
+    finally:
+        env.sql("DROP TABLE IF EXISTS users")
+        for role in ("cdc_app_owner", "cdc_new_owner"):
+            env.sql(f"DROP OWNED BY {role}; DROP ROLE {role}")
+
+
 def test_check_passes_when_all_is_well(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
     tables(env)
     config = env.config({**USERS, **ORDERS})
