@@ -6,4 +6,4 @@
 -- from the position saved, not from the one the last connection reached.
 SELECT pg_snapshot_xmax(%(snapshot)s::pg_snapshot) > pg_snapshot_xmax(pg_current_snapshot()),
        pg_snapshot_xmax(pg_current_snapshot())::text,
-       pg_postmaster_start_time()::text
+       extract(epoch FROM pg_postmaster_start_time())::text  -- (not the session's time zone)

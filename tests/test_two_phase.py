@@ -80,3 +80,19 @@ def test_check_warns_where_transactions_can_be_prepared(
     out = capsys.readouterr().out
     assert "warning: max_prepared_transactions is 4" in out
     assert "cdc_invalidator.notify = 'off'" in out
+    assert "compiled by an earlier release" not in out
+    # A capture function of a release before the setting (this one's body stands in).
+    function = prepared_env.scalar(
+        "SELECT 'cdc_invalidator.' || quote_ident('capture_' || 'public.users'::regclass::oid"
+        " || '_v1')"
+    )
+    prepared_env.sql(
+        f"CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql"
+        " AS $$BEGIN PERFORM pg_notify('cdc_invalidator_v1', ''); RETURN NULL; END$$"
+    )
+    assert main(["check", "--config", str(config)]) == 0
+    assert "1 capture function(s) were compiled by an earlier release" in capsys.readouterr().out
+    assert main(["install", "--config", str(config)]) == 0
+    capsys.readouterr()
+    assert main(["check", "--config", str(config)]) == 0
+    assert "compiled by an earlier release" not in capsys.readouterr().out

@@ -233,11 +233,17 @@ def check_two_phase(conn: psycopg.Connection[Any], report: Report) -> None:
     """Trigger mode: prepared transactions allowed, which PostgreSQL refuses to prepare
     once they sent a NOTIFY (every capture function's wake-up)."""
     row = conn.execute(Q.CHECK_TWO_PHASE.sql).fetchone()
-    if row and row[0] > 0:
+    if not row or row[0] == 0:
+        return
+    report.warnings.append(
+        f"max_prepared_transactions is {row[0]}: a transaction that writes a watched "
+        "table cannot be prepared (PREPARE TRANSACTION, XA) unless its session sets "
+        "cdc_invalidator.notify = 'off' (docs/DBA.md, \"Trigger mode: two-phase commit\")"
+    )
+    if row[1]:
         report.warnings.append(
-            f"max_prepared_transactions is {row[0]}: a transaction that writes a watched "
-            "table cannot be prepared (PREPARE TRANSACTION, XA) unless its session sets "
-            "cdc_invalidator.notify = 'off' (docs/DBA.md, \"Trigger mode: two-phase commit\")"
+            f"{row[1]} capture function(s) were compiled by an earlier release and ignore "
+            "cdc_invalidator.notify: run `cdc-invalidator install`"
         )
 
 

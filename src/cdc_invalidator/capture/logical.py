@@ -409,7 +409,7 @@ class LogicalStream:
         # Batches read past whose sweeps are not done: the slot is told nothing past the
         # first (the position confirmed before it).
         self._holds: Holds[int] = Holds()
-        # Those batches' history_v1 texts, written once the sweep is done.
+        # Those batches' history_v1 texts, written again once the sweep is done.
         self._swept_history: list[tuple[Hold, list[str]]] = []
         self._pending: LogicalBatch | None = None
         # Streamed transactions: those in progress by xid, the one whose block is being
@@ -465,14 +465,16 @@ class LogicalStream:
         history = batch.history  # (the writer gathers them into one INSERT)
         if batch.events and self._config.history_s:
             history = [encode_history(batch.events, batch.transactions), *history]
-        if batch.held is None:
-            for text in history:
-                self._history.write(text)
-        else:
+        for text in history:
+            self._history.write(text)
+        if batch.held is not None:
             self._holds.add(batch.held, self._confirmed)
-            # Its history once its sweep is done: a replay takes the rows written in its
-            # window, and a sweep that failed for longer than that (SCAN refused, a
-            # resharding) deletes after a history written now would have aged out.
+        if batch.held is not None and history:
+            # Its history again once its sweep is done: a replay takes the rows written
+            # in its window, and a sweep that failed for longer than that (SCAN refused,
+            # a resharding) deletes after the history written now has aged out. (Now
+            # too: its keys are deleted, and a replay before the sweep is done must
+            # find them.)
             self._swept_history.append((batch.held, history))
         if batch.resync:
             if batch.held is not None:
@@ -503,7 +505,7 @@ class LogicalStream:
         self._history.flush()
 
     def _write_swept_history(self) -> None:
-        """Queue the history of the batches whose sweeps are done (in any order: a
+        """Queue again the history of the batches whose sweeps are done (in any order: a
         replay reads by time, and the slot waits for the oldest sweep anyway)."""
         if not self._swept_history:
             return
@@ -549,13 +551,17 @@ class LogicalStream:
     def close(self) -> None:
         """Confirm what is done if the connections still work, then close them."""
         with contextlib.suppress(psycopg.Error, OSError):
-            # Raises if any history write failed: then nothing more is confirmed (the
-            # batches acknowledged since have no history; the slot sends them again).
-            self._write_swept_history()
-            self._history.close()
-            self._resync_if_swept()
-            if self._confirmed > self._persisted:
-                self._status_if_due(force=True)
+            try:
+                # Raises if any history write failed: then nothing more is confirmed
+                # (the batches acknowledged since have no history; the slot sends them
+                # again). The writer is closed after the last confirmation, which may
+                # queue the history of sweeps done meanwhile.
+                self._history.flush()
+                self._resync_if_swept()
+                if self._confirmed > self._persisted:
+                    self._status_if_due(force=True)
+            finally:
+                self._history.close()
         self._stream.close()
         self._side.close()
         # Streamed transactions not committed yet: the slot sends them again from their
@@ -1056,7 +1062,7 @@ class LogicalStream:
             force or self._event_commit > self._persisted or target - self._persisted >= CHASE_BYTES
         ):
             # Never past a batch whose history is not written yet: the swept batches'
-            # are queued after the limit was read (every sweep done by then is done
+            # (again) queued after the limit was read (every sweep done by then is done
             # now), then all of it is written.
             self._write_swept_history()
             self._history.flush()

@@ -59,6 +59,9 @@ UNLISTEN_AT = 8
 # would fill it and block our backend as it sends them, which holds the server's NOTIFY
 # queue for every session: once full, every write to a watched table fails at commit.
 DRAIN_AFTER_S = 1.0
+# ... for at most this long each time (libpq reads some tens of kB a call: read on while
+# more waits).
+DRAIN_FOR_S = 0.5
 # NOTIFY payloads kept for an early batch, at most, in bytes: those past it go by the
 # queue read (a long outage with the payload on would otherwise keep every one in
 # memory; ours are 100-200 bytes, a foreign NOTIFY on the channel up to 8000).
@@ -255,8 +258,8 @@ class WakeupPolicy:
         self.look_again = False
 
     def after_batch(self, size: int, limit: int) -> bool | None:
-        """An acknowledged batch of `size` taken with `limit`: True to LISTEN now, False
-        to UNLISTEN now, None to leave it."""
+        """An acknowledged batch of `size` taken with `limit`: True to LISTEN, False to
+        UNLISTEN (the queue does it as the next batch begins), None to leave it."""
         self.look_again = False
         if size >= limit:
             return None  # a full batch: more is waiting, the runner reads on at once
@@ -382,6 +385,8 @@ class TriggerCapture:
                 "position saved there",
             )
             self._progress = None
+            # The positions kept for pruning were the other server's too.
+            self._retention = Retention(self._retention.keep_s)
         if self._progress is None:
             self._progress = saved
         self._server_started = started
@@ -423,7 +428,8 @@ class TriggerQueue:
         self._read_owed = False
         # A NOTIFY came since the last queue read began: read again. Those that arrive
         # with a query's results go to _notified() (psycopg hands them over as it reads
-        # the results); those that arrive while idle are read off the socket by wait().
+        # the results); those that arrive while idle are read off the socket by wait(),
+        # or by maintain() while no queue read comes (a Redis outage).
         self._woken = False
         # LISTEN (True) or UNLISTEN (False) as the next batch() begins: the wake-up
         # policy's switch after the last batch.
@@ -554,8 +560,8 @@ class TriggerQueue:
         self._prune()
         if now - self._read_at >= DRAIN_AFTER_S:
             self._read_at = now
-            readable, _, _ = select.select([self._conn.fileno()], [], [], 0)
-            if readable:
+            fd = self._conn.fileno()
+            while select.select([fd], [], [], 0)[0] and time.monotonic() < now + DRAIN_FOR_S:
                 self._take_notifies()
 
     def wait(self, timeout_s: float, wakeup_fd: int | None = None) -> None:

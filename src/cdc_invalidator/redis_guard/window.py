@@ -41,14 +41,16 @@ def _window(server: Persistence) -> tuple[float, str]:
         # changed at all): an older one cannot come back.
         return max(periods), f"RDB snapshots (save {config['save']!r})"
     # Without persistence configured Redis still loads a dump.rdb it finds as it
-    # starts: a backup restored by hand, an old SAVE's, a replica's full sync. Of an age
-    # nobody can tell: only a server that says it loaded no keys came back empty.
+    # starts (a backup restored by hand, an old SAVE's), and a replica loads its
+    # master's in a full sync: of an age nobody can tell (a promoted replica may have
+    # lagged). Only a server that says it loaded no keys came back empty.
     if server.loaded_keys == 0:
-        return 0.0, "no persistence: the server loaded no keys as it started"
+        return 0.0, "no persistence: the server loaded no keys from an RDB file"
     loaded = (
-        "cannot tell whether it loaded keys as it started (Redis before 7.0)"
+        "cannot tell whether it loaded keys from an RDB file (Redis before 7.0)"
         if server.loaded_keys is None
-        else f"loaded {server.loaded_keys} keys from an RDB file as it started"
+        else f"loaded {server.loaded_keys} keys from an RDB file (as it started, or "
+        "in a replica's full sync)"
     )
     return UNKNOWN_PERSISTENCE_S, (
         f"no persistence configured, but the server {loaded}: assumed "
