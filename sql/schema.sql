@@ -160,6 +160,27 @@ WHERE last_processed_at IS NOT NULL
 -- deleted before: those invalidated within the replay window are deleted again, and
 -- then the new identity is saved. Kept here so that a listener restarted along with
 -- Redis still notices.
+-- A publication FOR ALL TABLES (Debezium's default, for one) takes our tables too, and
+-- one that publishes deletes or updates makes every DELETE of a table without a replica
+-- identity fail: the listener's pruning of the queue and of progress_v1, which have no
+-- primary key (the queue's one index is what its writers maintain). Where such a
+-- publication exists they get REPLICA IDENTITY FULL: wal_level = logical then logs a
+-- pruned row whole once more; the writers pay nothing (an INSERT logs no old row).
+-- Looked up first: the ALTER locks the queue (check reports a publication made later).
+DO $all_tables$
+DECLARE
+    tbl regclass;
+BEGIN
+    IF EXISTS (SELECT FROM pg_publication WHERE puballtables AND (pubdelete OR pubupdate)) THEN
+        FOREACH tbl IN ARRAY ARRAY['cdc_invalidator.queue_v1', 'cdc_invalidator.progress_v1']::regclass[] LOOP
+            IF (SELECT relreplident FROM pg_class WHERE oid = tbl) <> 'f' THEN
+                EXECUTE format('ALTER TABLE %s REPLICA IDENTITY FULL', tbl);
+            END IF;
+        END LOOP;
+    END IF;
+END
+$all_tables$;
+
 CREATE TABLE IF NOT EXISTS cdc_invalidator.redis_identity_v1 (
     singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
     identity  text NOT NULL,

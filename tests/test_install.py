@@ -486,6 +486,31 @@ def test_an_owner_changed_by_reassign_owned_is_named_by_check_and_mended_by_inst
             env.sql(f"DROP OWNED BY {role}; DROP ROLE {role}")
 
 
+def test_a_publication_for_all_tables_leaves_the_listeners_pruning_working(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A publication FOR ALL TABLES that publishes deletes (Debezium's default) takes our
+    queue too, and a DELETE of a table without a replica identity then fails: the
+    listener's pruning did, over and over. install gives the queue and progress_v1 one;
+    check names such a publication made after install."""
+    env.sql("CREATE PUBLICATION cdc_test_everything FOR ALL TABLES")
+    tables(env)
+    config = env.config(USERS)
+    assert cli("install", "--config", config) == 0
+    assert check(config, capsys)[0] == 0
+    with listening(config) as listener:
+        env.sql("UPDATE users SET name = 'pruned once done' WHERE id = 2")
+        wait_until(lambda: queued(env) == [], what="the processed row pruned")
+        assert listener.runner.postgres.failures == 0
+    # As if the publication came after install.
+    env.sql("ALTER TABLE cdc_invalidator.queue_v1 REPLICA IDENTITY DEFAULT")
+    code, _, err = check(config, capsys)
+    assert code == 1
+    assert "publication cdc_test_everything is FOR ALL TABLES" in err
+    assert cli("install", "--config", config) == 0
+    assert check(config, capsys)[0] == 0
+
+
 def test_check_passes_when_all_is_well(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
     tables(env)
     config = env.config({**USERS, **ORDERS})

@@ -229,6 +229,19 @@ def check_unconfigured(
         )
 
 
+def check_all_tables(conn: psycopg.Connection[Any], report: Report) -> None:
+    """Trigger mode: a publication FOR ALL TABLES made after install, which takes our
+    queue too, and makes the listener's pruning fail."""
+    row = conn.execute(Q.CHECK_ALL_TABLES.sql).fetchone()
+    if row and row[0]:
+        report.errors.append(
+            f"publication {row[0]} is FOR ALL TABLES and publishes deletes: it takes "
+            "cdc_invalidator.queue_v1 and progress_v1 too, which have no replica identity "
+            "for it, so the listener's pruning of them fails: run `cdc-invalidator install` "
+            "(it gives them REPLICA IDENTITY FULL)"
+        )
+
+
 def check_two_phase(conn: psycopg.Connection[Any], report: Report) -> None:
     """Trigger mode: prepared transactions allowed, which PostgreSQL refuses to prepare
     once they sent a NOTIFY (every capture function's wake-up)."""

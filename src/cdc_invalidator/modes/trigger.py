@@ -115,6 +115,7 @@ class TriggerMode:
     def check_server(self, conn: psycopg.Connection[Any], report: Report, config_name: str) -> None:
         checks.check_unconfigured(conn, report, self._settings.mapper(), config_name)
         checks.check_two_phase(conn, report)
+        checks.check_all_tables(conn, report)
 
     def history(
         self, conn: psycopg.Connection[Any], since_s: float, map_pack: MapPack | None = None

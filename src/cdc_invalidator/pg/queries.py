@@ -103,6 +103,7 @@ class Q(enum.Enum):
     CHECK_TABLE = "check_table.sql"
     CHECK_UNCONFIGURED = "check_unconfigured.sql"
     CHECK_TWO_PHASE = "check_two_phase.sql"  # trigger mode: PREPARE refused after NOTIFY
+    CHECK_ALL_TABLES = "check_all_tables.sql"  # trigger mode: FOR ALL TABLES publications
     CHECK_WATCH = "check_watch.sql"
     CHECK_PUBLISHED = "check_published.sql"
     CHECK_IDENTITY = "check_identity.sql"
