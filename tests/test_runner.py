@@ -39,7 +39,7 @@ from cdc_invalidator.mapping import KeyTemplate, Mapper, Routed
 from cdc_invalidator.mapping.mapper import StoodIn
 from cdc_invalidator.redis_guard.watch import RedisWatch
 from cdc_invalidator.replay import ReplayResult
-from cdc_invalidator.runner import BUSY_BATCH, Runner, RunnerConfig, Source
+from cdc_invalidator.runner import BUSY_BATCH, HEALTHY_CONNECTION_S, Runner, RunnerConfig, Source
 from cdc_invalidator.shutdown import Stopper
 from tests.support.runner_fakes import RecordingSink
 
@@ -790,8 +790,11 @@ def test_second_deletes_on_shutdown_give_up_when_redis_is_gone(world: World) -> 
 
 def test_postgres_errors_back_off_and_the_delay_resets_after_a_connection(world: World) -> None:
     down = psycopg.OperationalError("connection refused")
-    # The connection breaks while reading the second batch: reconnect, and it comes.
-    source = FakeSource(world, [Arrives([1]), down, Arrives([2])])
+    # The connection, healthy for a while, breaks while reading a batch: reconnect, and
+    # it comes.
+    source = FakeSource(
+        world, [Arrives([1]), Arrives([3], at=T0 + HEALTHY_CONNECTION_S + 10), down, Arrives([2])]
+    )
     sink = FakeSink(world)
     r = make_runner(world, source, sink, connect_failures=[down, down, down])
     r.run()
@@ -799,11 +802,24 @@ def test_postgres_errors_back_off_and_the_delay_resets_after_a_connection(world:
     first, second, third, after_success = world.stopper.sleeps
     assert first < second < third
     assert after_success < second
-    assert [e[1] for e in world.entries("ack") if e[1]] == [[1], [2]]
+    assert [e[1] for e in world.entries("ack") if e[1]] == [[1], [3], [2]]
     # The broken source was closed before reconnecting; one outage per way.
     assert world.kinds().count("close") == 2
     assert sample(r, "reconnects_total", "postgres") == 2
     assert r.postgres.available
+
+
+def test_a_connection_that_fails_again_at_once_is_retried_later_and_later(
+    world: World,
+) -> None:
+    """An error every turn meets (not the network: a statement PostgreSQL refuses) ends
+    each connection right after it is made: the back-off goes on growing."""
+    refused = psycopg.errors.ObjectNotInPrerequisiteState("cannot delete from table")
+    source = FakeSource(world, [Arrives([1]), refused, refused, refused, Arrives([2])])
+    make_runner(world, source, FakeSink(world)).run()
+    first, second, third = world.stopper.sleeps[:3]
+    assert first < second < third
+    assert third > 3 * first
 
 
 def test_a_standby_polls_for_its_turn(world: World) -> None:

@@ -37,6 +37,9 @@ log = structlog.get_logger("cdc_invalidator.runner")
 
 # How often an "alive and working" line is logged, whatever the rate.
 PROGRESS_EVERY_S = 60.0
+# A PostgreSQL connection that lasted this long was healthy: its loss starts the
+# reconnects' back-off over.
+HEALTHY_CONNECTION_S = 10.0
 # A table whose changes cannot be rendered is swept at every batch: log that this often.
 UNRENDERABLE_LOG_EVERY_S = 60.0
 # Batches of this many changes mean a busy database: the runner lingers its full
@@ -360,7 +363,7 @@ class Runner:
                 self._stopper.sleep(backoff.next_delay())
                 continue
             self.postgres.up()
-            backoff.reset()
+            connected_at = time.monotonic()
             if standby:
                 log.info("active")
                 standby = False
@@ -369,8 +372,13 @@ class Runner:
                 self._consume(source)
             except psycopg.OperationalError as exc:
                 # The connection is dead (server restart, terminated backend): a batch in
-                # hand was not acknowledged and comes again; reconnect and go on.
+                # hand was not acknowledged and comes again; reconnect and go on. The
+                # back-off starts over only after a connection that lasted: one that
+                # fails again at once (an error every turn meets, not the network) is
+                # retried later and later, not ten times a second.
                 self.postgres.down(exc)
+                if time.monotonic() - connected_at >= HEALTHY_CONNECTION_S:
+                    backoff.reset()
                 self._stopper.sleep(backoff.next_delay())
             finally:
                 self._set_active(False)
