@@ -38,7 +38,15 @@ CREATE TABLE IF NOT EXISTS cdc_invalidator.history_v1 (
     at     timestamptz NOT NULL DEFAULT now(),
     events json NOT NULL
 );
-CREATE INDEX IF NOT EXISTS history_v1_at ON cdc_invalidator.history_v1 (at);
+DO $history_index$
+BEGIN
+    -- (looked up first: CREATE INDEX IF NOT EXISTS locks the table before it looks, and
+    -- install is one transaction: the listener's history writes would wait for it)
+    IF to_regclass('cdc_invalidator.history_v1_at') IS NULL THEN
+        CREATE INDEX history_v1_at ON cdc_invalidator.history_v1 (at);
+    END IF;
+END
+$history_index$;
 -- A batch's JSON (about 100 bytes per change) is compressed as it is stored, by the
 -- listener's session, on the server's cores: lz4 where the server was built with it,
 -- else PostgreSQL's default, pglz, which measured twice that session's CPU (a 1M-change
@@ -232,7 +240,8 @@ CREATE TABLE IF NOT EXISTS cdc_invalidator.published_v1 (
 );
 -- The table's column filter ('ignore' or 'columns'; NULL: none): the listener judges its
 -- UPDATEs from the whole old row, which the DDL guard keeps sent.
-ALTER TABLE cdc_invalidator.published_v1 ADD COLUMN IF NOT EXISTS judge text;
+-- (Only where missing: the DDL guard reads this table in every role's ALTER TABLE.)
+SELECT cdc_invalidator.add_column_v1('cdc_invalidator.published_v1', 'judge', 'text');
 
 -- record_published(...): one configured table, resolved now.
 CREATE OR REPLACE FUNCTION cdc_invalidator.record_published(

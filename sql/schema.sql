@@ -20,6 +20,24 @@ CREATE SCHEMA IF NOT EXISTS cdc_invalidator;
 COMMENT ON SCHEMA cdc_invalidator IS
     'cdc-invalidator: queue of row changes whose Redis keys must be deleted';
 
+-- add_column_v1(table, column, type): install's ADD COLUMN of a column a later release
+-- added, run only where the table lacks it, looked up in the catalog first: ADD COLUMN
+-- IF NOT EXISTS takes ACCESS EXCLUSIVE on the table before it looks, and install is one
+-- transaction, so every run would hold every reader and writer of the table (for the
+-- queue: every write to a watched table) until it commits.
+CREATE OR REPLACE FUNCTION cdc_invalidator.add_column_v1(tbl regclass, col name, type text)
+RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $add_column$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_attribute
+                   WHERE attrelid = tbl AND attname = col AND NOT attisdropped) THEN
+        EXECUTE format('ALTER TABLE %s ADD COLUMN %I %s', tbl, col, type);
+    END IF;
+END
+$add_column$;
+REVOKE ALL ON FUNCTION cdc_invalidator.add_column_v1(regclass, name, text) FROM PUBLIC;
+
 -- The queue. Rows hold only the key columns that the key templates use, rendered as
 -- PostgreSQL text (what ::text gives), never whole rows: that keeps TOASTed columns and
 -- size limits out of the write path.
@@ -47,11 +65,10 @@ CREATE TABLE IF NOT EXISTS cdc_invalidator.queue_v1 (
     autovacuum_vacuum_threshold = 1000
 );
 -- The only index, so writers maintain one: the listener's reads and the bulk deletes
--- are ranges of (xid, id). Created where the catalog lacks it, and the column below
--- added likewise: CREATE INDEX IF NOT EXISTS and ADD COLUMN IF NOT EXISTS lock the table
--- before they look (SHARE, ACCESS EXCLUSIVE), and install is one transaction: every run
--- would hold every write to a watched table (each queues a row here) until it commits,
--- and wait itself behind any transaction that writes one or reads the queue (pg_dump).
+-- are ranges of (xid, id). Created where the catalog lacks it: CREATE INDEX IF NOT
+-- EXISTS takes SHARE on the table before it looks, and install is one transaction: every
+-- run would hold every write to a watched table (each queues a row here) until it
+-- commits, and wait itself behind any transaction that writes one.
 DO $queue_index$
 BEGIN
     IF to_regclass('cdc_invalidator.queue_v1_xid_id') IS NULL THEN
@@ -65,17 +82,7 @@ $queue_index$;
 -- a million rows then writes a thousand queue rows instead of a million (the writer's
 -- cost: docs/DBA.md, "What a bulk statement costs"). Added to existing installs: NULL
 -- in every row already queued, which is what they are.
-DO $queue_rows$
-BEGIN
-    IF NOT EXISTS (
-        SELECT FROM pg_attribute
-        WHERE attrelid = 'cdc_invalidator.queue_v1'::regclass AND attname = 'rows'
-          AND NOT attisdropped
-    ) THEN
-        ALTER TABLE cdc_invalidator.queue_v1 ADD COLUMN rows integer;
-    END IF;
-END
-$queue_rows$;
+SELECT cdc_invalidator.add_column_v1('cdc_invalidator.queue_v1', 'rows', 'integer');
 -- A pack's JSON (a thousand rows' key columns, tens of kB) is compressed as it is stored,
 -- by the writer's own session inside its statement: lz4 where the server was built with
 -- it, else PostgreSQL's default, pglz, which cost a 1M-row statement's writer 12-16 % more
@@ -116,7 +123,7 @@ CREATE TABLE IF NOT EXISTS cdc_invalidator.dead_letter_v1 (
 -- A pack's dead letter is the whole pack, copied verbatim (one row per queue row, so its
 -- id stays the queue id); its error names each element that failed (element 0 is the
 -- first), and the pack's other elements were invalidated.
-ALTER TABLE cdc_invalidator.dead_letter_v1 ADD COLUMN IF NOT EXISTS rows integer;
+SELECT cdc_invalidator.add_column_v1('cdc_invalidator.dead_letter_v1', 'rows', 'integer');
 
 CREATE TABLE IF NOT EXISTS cdc_invalidator.listener_state_v1 (
     singleton         boolean PRIMARY KEY DEFAULT true CHECK (singleton),
@@ -145,7 +152,13 @@ CREATE TABLE IF NOT EXISTS cdc_invalidator.progress_v1 (
     snapshot pg_snapshot NOT NULL
 );
 -- Replay looks up the newest row at or before a time, pruning deletes the oldest.
-CREATE INDEX IF NOT EXISTS progress_v1_at ON cdc_invalidator.progress_v1 (at);
+DO $progress_index$
+BEGIN
+    IF to_regclass('cdc_invalidator.progress_v1_at') IS NULL THEN  -- (as the queue's)
+        CREATE INDEX progress_v1_at ON cdc_invalidator.progress_v1 (at);
+    END IF;
+END
+$progress_index$;
 -- Installed over a release without it (revision 2 or older): the position that release
 -- saved, and when, is such a row already (last_processed_at is set with each save).
 -- Without it every replay would take every row kept, until replay_history has passed:
@@ -155,14 +168,9 @@ SELECT last_processed_at, snapshot FROM cdc_invalidator.listener_state_v1
 WHERE last_processed_at IS NOT NULL
   AND NOT EXISTS (SELECT FROM cdc_invalidator.progress_v1);
 
--- The Redis the listener last wrote to, as INFO names it (run_id, master_replid). A
--- different one (restarted from a snapshot, failed over) may hold keys the listener
--- deleted before: those invalidated within the replay window are deleted again, and
--- then the new identity is saved. Kept here so that a listener restarted along with
--- Redis still notices.
 -- A publication FOR ALL TABLES (Debezium's default, for one) takes our tables too, and
--- one that publishes deletes or updates makes every DELETE of a table without a replica
--- identity fail: the listener's pruning of the queue and of progress_v1, which have no
+-- one that publishes deletes (updates) makes every DELETE (UPDATE) of a table without a
+-- replica identity fail: the listener's pruning of the queue and of progress_v1, which have no
 -- primary key (the queue's one index is what its writers maintain). Where such a
 -- publication exists they get REPLICA IDENTITY FULL: wal_level = logical then logs a
 -- pruned row whole once more; the writers pay nothing (an INSERT logs no old row).
@@ -181,6 +189,11 @@ BEGIN
 END
 $all_tables$;
 
+-- The Redis the listener last wrote to, as INFO names it (run_id, master_replid). A
+-- different one (restarted from a snapshot, failed over) may hold keys the listener
+-- deleted before: those invalidated within the replay window are deleted again, and
+-- then the new identity is saved. Kept here so that a listener restarted along with
+-- Redis still notices.
 CREATE TABLE IF NOT EXISTS cdc_invalidator.redis_identity_v1 (
     singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
     identity  text NOT NULL,
@@ -196,20 +209,18 @@ CREATE TABLE IF NOT EXISTS cdc_invalidator.watched_v1 (
     columns    text[] NOT NULL,
     watched_at timestamptz NOT NULL DEFAULT now()
 );
-ALTER TABLE cdc_invalidator.watched_v1
-    ADD COLUMN IF NOT EXISTS attnums     int2[],
-    ADD COLUMN IF NOT EXISTS schema_name text,
-    ADD COLUMN IF NOT EXISTS table_name  text,
-    -- The table's column filter, as configured: 'ignore' (ignore_columns) or 'columns'
-    -- with its list; NULL: none, every UPDATE is queued.
-    ADD COLUMN IF NOT EXISTS judge          text,
-    ADD COLUMN IF NOT EXISTS filter_columns text[],
-    -- Whether UPDATEs are judged row by row: false when the table has no primary key
-    -- to pair old and new rows by (then every UPDATE is queued).
-    ADD COLUMN IF NOT EXISTS judged         boolean,
-    -- ignore_columns: pg_class.relnatts when watched. A column added since is judged by
-    -- nobody: while it differs, every UPDATE is queued.
-    ADD COLUMN IF NOT EXISTS judged_natts   int2;
+-- Columns added by later releases:
+--   attnums, schema_name, table_name: where the key columns were, the events' name;
+--   judge, filter_columns: the table's column filter, as configured: 'ignore'
+--     (ignore_columns) or 'columns' with its list; NULL: none, every UPDATE is queued;
+--   judged: whether UPDATEs are judged row by row: false when the table has no primary
+--     key to pair old and new rows by (then every UPDATE is queued);
+--   judged_natts: ignore_columns: pg_class.relnatts when watched. A column added since
+--     is judged by nobody: while it differs, every UPDATE is queued.
+SELECT cdc_invalidator.add_column_v1('cdc_invalidator.watched_v1', c.name, c.type)
+FROM (VALUES ('attnums', 'int2[]'), ('schema_name', 'text'), ('table_name', 'text'),
+             ('judge', 'text'), ('filter_columns', 'text[]'), ('judged', 'boolean'),
+             ('judged_natts', 'int2')) AS c (name, type);
 
 -- `cdc-invalidator check` compares this with the version the listener expects.
 CREATE OR REPLACE FUNCTION cdc_invalidator.schema_version() RETURNS integer

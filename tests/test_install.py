@@ -203,8 +203,12 @@ def test_install_again_waits_for_no_writer_and_blocks_none(env: Env) -> None:
     with env.connect() as writer, env.connect() as dump:
         writer.execute("BEGIN")
         writer.execute("UPDATE users SET name = 'a writer, not committed yet' WHERE id = 2")
-        dump.execute("BEGIN")
-        dump.execute("LOCK TABLE cdc_invalidator.queue_v1 IN ACCESS SHARE MODE")
+        dump.execute("BEGIN")  # as pg_dump: ACCESS SHARE on every table it dumps
+        for (table,) in dump.execute(
+            "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables"
+            " WHERE schemaname = 'cdc_invalidator'"
+        ).fetchall():
+            dump.execute(f"LOCK TABLE {table} IN ACCESS SHARE MODE".encode())
         done = run_cli("install", "--config", str(config), env={"PGOPTIONS": "-c lock_timeout=5s"})
         assert done.returncode == 0, done.stderr
         writer.execute("COMMIT")

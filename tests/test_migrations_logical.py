@@ -193,9 +193,9 @@ def test_dropping_the_primary_key_keeps_writes_working(env: Env) -> None:
     "ddl",
     [
         "ALTER TABLE orders DROP CONSTRAINT orders_pkey, ADD PRIMARY KEY (id, note)",
-        "CREATE UNIQUE INDEX orders_note ON orders (note);"
+        "CREATE UNIQUE INDEX orders_id_note ON orders (id, note);"
         " ALTER TABLE orders ALTER COLUMN note SET NOT NULL,"
-        " REPLICA IDENTITY USING INDEX orders_note",
+        " REPLICA IDENTITY USING INDEX orders_id_note",
     ],
     ids=["wider-primary-key", "identity-index"],
 )
@@ -210,7 +210,7 @@ def test_a_replica_identity_on_other_columns_keeps_writes_working(env: Env, ddl:
     with running(env, config):
         assert publication_columns(env, "orders") == ["id"]
         env.sql(ddl)
-        assert "note" in (publication_columns(env, "orders") or ["note"])
+        assert publication_columns(env, "orders") == ["id", "note"]
         r.mset({"order:1": "O"})
         env.sql("UPDATE orders SET note = 'n' WHERE id = 1")
         wait_until(lambda: gone(r, "order:1"), what="the update's key")

@@ -235,7 +235,7 @@ def check_all_tables(conn: psycopg.Connection[Any], report: Report) -> None:
     row = conn.execute(Q.CHECK_ALL_TABLES.sql).fetchone()
     if row and row[0]:
         report.errors.append(
-            f"publication {row[0]} is FOR ALL TABLES and publishes deletes: it takes "
+            f"publication {row[0]} is FOR ALL TABLES and publishes deletes or updates: it takes "
             "cdc_invalidator.queue_v1 and progress_v1 too, which have no replica identity "
             "for it, so the listener's pruning of them fails: run `cdc-invalidator install` "
             "(it gives them REPLICA IDENTITY FULL)"
@@ -244,15 +244,17 @@ def check_all_tables(conn: psycopg.Connection[Any], report: Report) -> None:
 
 def check_two_phase(conn: psycopg.Connection[Any], report: Report) -> None:
     """Trigger mode: prepared transactions allowed, which PostgreSQL refuses to prepare
-    once they sent a NOTIFY (every capture function's wake-up)."""
+    once they sent a NOTIFY (every capture function's wake-up); capture functions that
+    ignore cdc_invalidator.notify, which turns that wake-up off."""
     row = conn.execute(Q.CHECK_TWO_PHASE.sql).fetchone()
-    if not row or row[0] == 0:
+    if not row:
         return
-    report.warnings.append(
-        f"max_prepared_transactions is {row[0]}: a transaction that writes a watched "
-        "table cannot be prepared (PREPARE TRANSACTION, XA) unless its session sets "
-        "cdc_invalidator.notify = 'off' (docs/DBA.md, \"Trigger mode: two-phase commit\")"
-    )
+    if row[0] > 0:
+        report.warnings.append(
+            f"max_prepared_transactions is {row[0]}: a transaction that writes a watched "
+            "table cannot be prepared (PREPARE TRANSACTION, XA) unless its session sets "
+            "cdc_invalidator.notify = 'off' (docs/DBA.md, \"Trigger mode: two-phase commit\")"
+        )
     if row[1]:
         report.warnings.append(
             f"{row[1]} capture function(s) were compiled by an earlier release and ignore "

@@ -79,6 +79,10 @@ from cdc_invalidator.pg.connect import BOOKKEEPING, REPLICATION, PgConnector
 from cdc_invalidator.pg.queries import Q
 
 log = structlog.get_logger("cdc_invalidator.capture.logical")
+# A sweep done this long after its batch was handed back has the batch's history written
+# again (see LogicalStream.batch). Sooner, the row written at hand-back is as good: a
+# replay's window reaches seconds (MARGIN_S) before anything a restore can have lost.
+SWEPT_HISTORY_AGAIN_S = 1.0
 
 # Progress that is only a keepalive's (WAL of other tables or databases, or our own
 # bookkeeping) is saved and confirmed once it amounts to this much: the slot never
@@ -409,8 +413,9 @@ class LogicalStream:
         # Batches read past whose sweeps are not done: the slot is told nothing past the
         # first (the position confirmed before it).
         self._holds: Holds[int] = Holds()
-        # Those batches' history_v1 texts, written again once the sweep is done.
-        self._swept_history: list[tuple[Hold, list[str]]] = []
+        # Those batches' history_v1 texts, and when they were handed back: written again
+        # once the sweep is done, if it took SWEPT_HISTORY_AGAIN_S or longer.
+        self._swept_history: list[tuple[Hold, list[str], float]] = []
         self._pending: LogicalBatch | None = None
         # Streamed transactions: those in progress by xid, the one whose block is being
         # read, the changes of its chunk not mapped yet, and one committed, being handed out.
@@ -470,12 +475,12 @@ class LogicalStream:
         if batch.held is not None:
             self._holds.add(batch.held, self._confirmed)
         if batch.held is not None and history:
-            # Its history again once its sweep is done: a replay takes the rows written
-            # in its window, and a sweep that failed for longer than that (SCAN refused,
-            # a resharding) deletes after the history written now has aged out. (Now
-            # too: its keys are deleted, and a replay before the sweep is done must
-            # find them.)
-            self._swept_history.append((batch.held, history))
+            # Its history again once its sweep is done, if that took a while: a replay
+            # takes the rows written in its window, and a sweep that failed for longer
+            # than that (SCAN refused, a resharding) deletes after the history written
+            # now has aged out. (Now too: its keys are deleted, and a replay before the
+            # sweep is done must find them.)
+            self._swept_history.append((batch.held, history, time.monotonic()))
         if batch.resync:
             if batch.held is not None:
                 self._resync_held = (batch.held, len(batch.events), self._resync)
@@ -510,12 +515,13 @@ class LogicalStream:
         if not self._swept_history:
             return
         waiting = []
-        for hold, history in self._swept_history:
-            if hold.released:
+        now = time.monotonic()
+        for hold, history, handed_back_at in self._swept_history:
+            if not hold.released:
+                waiting.append((hold, history, handed_back_at))
+            elif now - handed_back_at >= SWEPT_HISTORY_AGAIN_S:
                 for text in history:
                     self._history.write(text)
-            else:
-                waiting.append((hold, history))
         self._swept_history = waiting
 
     def maintain(self) -> None:
