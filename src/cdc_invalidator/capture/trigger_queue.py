@@ -356,7 +356,7 @@ class TriggerCapture:
         self._mapper = mapper
         self._prune_every_s = prune_every_s
         self._progress: Progress | None = None
-        self._server_started: str | None = None  # pg_postmaster_start_time()
+        self._server_started: str | None = None  # pg_postmaster_start_time(), epoch s
         self._retention = Retention(history_s)
 
     def connect(self) -> TriggerQueue:
