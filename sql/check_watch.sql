@@ -3,7 +3,8 @@
 -- its capture function copies and what those columns are called now ('' once dropped),
 -- and every way its triggers, or its partitions' triggers, differ from what watch()
 -- made: missing, disabled, not firing ALWAYS, or calling another function (and its
--- capture function's owner no longer granted the queue); the tables
+-- capture function's owner no longer granted the queue, or a partitioned table's owner
+-- not granted its row trigger's function); the tables
 -- it became a partition of that are not watched (a statement naming one of them fires
 -- their statement triggers, not the table's: its changes of the table are not seen); its
 -- column filter as watch() compiled it; and whether its capture function sends a one-row
@@ -93,6 +94,18 @@ SELECT
           AND NOT (has_schema_privilege(p.proowner, 'cdc_invalidator', 'USAGE')
                    AND has_column_privilege(p.proowner, 'cdc_invalidator.queue_v1', 'op',
                                             'INSERT'))
+        UNION ALL
+        -- PostgreSQL copies the row trigger of a partitioned table onto each partition
+        -- created or attached later, and checks EXECUTE on its function as the role doing
+        -- it (the table's owner): an owner changed since install makes that fail.
+        SELECT format('role %%s, which owns the table, may not execute '
+                      'cdc_invalidator.sweep_untriggered_v1() (an owner changed since '
+                      'install): creating or attaching a partition fails',
+                      quote_ident(pg_get_userbyid(c.relowner)))
+        FROM pg_class c
+        WHERE c.oid = w.relid AND c.relkind = 'p'
+          AND NOT has_function_privilege(c.relowner, 'cdc_invalidator.sweep_untriggered_v1()',
+                                         'EXECUTE')
         ORDER BY 1) AS trigger_problems,
     (SELECT strpos(p.prosrc, 'pg_notify(''cdc_invalidator_v1'', CASE WHEN octet_length') > 0
      FROM pg_proc p

@@ -1023,6 +1023,11 @@ BEGIN
     EXECUTE format('GRANT USAGE ON SCHEMA cdc_invalidator TO %s', owner);
     EXECUTE format('GRANT INSERT (schema_name, table_name, op, old_row, new_row, rows) '
                    'ON TABLE cdc_invalidator.queue_v1 TO %s', owner);
+    -- PostgreSQL checks EXECUTE on a row trigger's function as the role that creates or
+    -- attaches a partition, when it copies the trigger onto it: without this grant the
+    -- table's owner could not add a partition to a watched partitioned table. (It adds
+    -- nothing the owner could not do already: it may insert sweeps into the queue.)
+    EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.sweep_untriggered_v1() TO %s', owner);
 
     -- The table, and for a partitioned table every partition too: statement triggers
     -- fire only on the table a statement names. Only missing triggers are created, and
@@ -1118,6 +1123,8 @@ BEGIN
                  AND p.proname LIKE 'capture\_%\_v1') THEN
             EXECUTE format('REVOKE INSERT (schema_name, table_name, op, old_row, new_row, rows) '
                            'ON TABLE cdc_invalidator.queue_v1 FROM %s', owner);
+            EXECUTE format('REVOKE EXECUTE ON FUNCTION cdc_invalidator.sweep_untriggered_v1() '
+                           'FROM %s', owner);
         END IF;
     END IF;
     DELETE FROM cdc_invalidator.watched_v1 WHERE relid = tbl;
@@ -1129,5 +1136,6 @@ REVOKE ALL ON FUNCTION cdc_invalidator.watch(regclass, text[], text, text[], boo
 REVOKE ALL ON FUNCTION cdc_invalidator.unwatch(regclass) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cdc_invalidator.missing_columns(regclass, text[]) FROM PUBLIC;
 -- Nobody but our triggers runs this one; a role that could attach it to a table of its
--- own could queue sweeps.
+-- own could queue sweeps. Watched tables' owners are granted it (watch()), for their
+-- partitions.
 REVOKE ALL ON FUNCTION cdc_invalidator.sweep_untriggered_v1() FROM PUBLIC;

@@ -276,6 +276,35 @@ def test_partition_created_after_install_is_swept_until_install(env: Env) -> Non
         assert r.get("event:5") == "cached"
 
 
+def test_the_owner_of_a_watched_partitioned_table_adds_partitions(env: Env) -> None:
+    """PostgreSQL copies our row trigger onto a new partition as the role creating it,
+    and checks that role may execute its function: the table's owner, not a superuser."""
+    role = f"parts_{env.dsn.rsplit('/', 1)[1]}"
+    env.sql(
+        f"CREATE ROLE {role}; GRANT CREATE ON SCHEMA public TO {role}; SET ROLE {role};"
+        "CREATE TABLE events (id int, kind text) PARTITION BY RANGE (id);"
+        "CREATE TABLE events_1 PARTITION OF events FOR VALUES FROM (0) TO (100); RESET ROLE"
+    )
+    config = install(env, {"public.events": ["event:{id}"]})
+    env.sql(
+        f"SET ROLE {role};"
+        "CREATE TABLE events_2 PARTITION OF events FOR VALUES FROM (100) TO (200);"
+        "CREATE TABLE events_3 (id int, kind text);"
+        "ALTER TABLE events ATTACH PARTITION events_3 FOR VALUES FROM (200) TO (300); RESET ROLE"
+    )
+    r = env.redis()
+    with listening(config):
+        r.mset({"event:150": "-", "event:5": "cached"})
+        env.sql(f"SET ROLE {role}; INSERT INTO events_2 VALUES (150, 'x'); RESET ROLE")
+        wait_until(lambda: r.exists("event:150", "event:5") == 0, what="the new partition swept")
+        settle(env, r)
+    # Another owner since install: check says that adding a partition now fails.
+    env.sql(f"CREATE ROLE {role}_2; ALTER TABLE events OWNER TO {role}_2")
+    result = check(config)
+    assert f"role {role}_2, which owns the table, may not execute" in result.stderr
+    env.sql(f"DROP OWNED BY {role}, {role}_2 CASCADE; DROP ROLE {role}, {role}_2")
+
+
 def test_writes_in_replica_mode_are_captured(env: Env) -> None:
     users_table(env, [(1, "u1@x")])
     config = install(env, USERS)
