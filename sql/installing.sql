@@ -1,3 +1,4 @@
--- The DDL guard (event trigger, sql/logical.sql) stands aside while install does its
--- work itself: for this transaction only.
+-- Our event triggers (logical mode's DDL guard, sql/logical.sql; trigger mode's rebuild
+-- guard, sql/rebuild_guard.sql) stand aside while install does its work itself: for this
+-- transaction only.
 SELECT set_config('cdc_invalidator.installing', 'on', true);

@@ -1,4 +1,5 @@
--- Triggers are not needed in this mode: writers stop paying for them.
+-- Triggers are not needed in this mode: writers stop paying for them (leave_trigger.sql
+-- took them off); what is left of tables dropped since they were watched goes too.
 SELECT cdc_invalidator.unwatch(relid) FROM cdc_invalidator.watched_v1;
 -- What the configuration names, by relation and column number (tables no longer
 -- configured are forgotten first, so that the DDL guard leaves them alone).

@@ -629,30 +629,50 @@ BEGIN
 END
 $unpinned$;
 
+-- queue_sweep_once_v1(schema, table, reason): queue one sweep of the table's templates
+-- (by the name its events carry) for the current transaction, however many of its
+-- statements or rows ask, carrying `reason` ({"unrenderable": reason}), which the
+-- listener logs and counts. For the triggers and event triggers that see a change they
+-- cannot render: sweep_untriggered_v1 below, and the rebuild guard (rebuild_guard.sql).
+CREATE OR REPLACE FUNCTION cdc_invalidator.queue_sweep_once_v1(
+    schema_n text, table_n text, reason text)
+RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $once$
+BEGIN
+    IF NOT EXISTS (
+        SELECT FROM cdc_invalidator.queue_v1 q
+        WHERE q.xid = pg_current_xact_id() AND q.op = 'T'
+          AND q.schema_name = schema_n AND q.table_name = table_n) THEN
+        INSERT INTO cdc_invalidator.queue_v1 (schema_name, table_name, op, new_row)
+        VALUES (schema_n, table_n, 'T', json_build_object('unrenderable', reason));
+        IF current_setting('cdc_invalidator.notify', true) IS DISTINCT FROM 'off' THEN
+            PERFORM pg_notify('cdc_invalidator_v1', '');
+        END IF;
+    END IF;
+END
+$once$;
+REVOKE ALL ON FUNCTION cdc_invalidator.queue_sweep_once_v1(text, text, text) FROM PUBLIC;
+
 -- The row trigger a watched partitioned table carries for partitions created or attached
 -- after watch(): statement triggers fire only on the table a statement names, so a write
 -- naming a new partition would otherwise go unseen until `install` gave it triggers of
 -- its own. Partitions that have them have this trigger disabled. A change it sees cannot
 -- be rendered here cheaply, so it queues one sweep of the table's templates per
--- transaction (TG_ARGV: the schema and table name the events carry). It reads and writes
--- only our queue: the installing role may own it.
+-- transaction (TG_ARGV: the schema and table name the events carry). The rebuild guard's
+-- stand-in triggers (rebuild_guard.sql) call it too, for a table that took a watched
+-- table's name. It reads and writes only our queue: the installing role may own it.
 CREATE OR REPLACE FUNCTION cdc_invalidator.sweep_untriggered_v1()
 RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $untriggered$
 BEGIN
-    IF NOT EXISTS (
-        SELECT FROM cdc_invalidator.queue_v1 q
-        WHERE q.xid = pg_current_xact_id() AND q.op = 'T'
-          AND q.schema_name = TG_ARGV[0] AND q.table_name = TG_ARGV[1]) THEN
-        INSERT INTO cdc_invalidator.queue_v1 (schema_name, table_name, op, new_row)
-        VALUES (TG_ARGV[0], TG_ARGV[1], 'T', json_build_object('unrenderable', format(
-            'partition %s has no capture triggers (created after install)',
-            TG_RELID::regclass)));
-        IF current_setting('cdc_invalidator.notify', true) IS DISTINCT FROM 'off' THEN
-            PERFORM pg_notify('cdc_invalidator_v1', '');
-        END IF;
-    END IF;
+    PERFORM cdc_invalidator.queue_sweep_once_v1(TG_ARGV[0], TG_ARGV[1], CASE
+        WHEN TG_NAME LIKE 'cdc\_invalidator\_stand\_in%' THEN format(
+            '%s has no capture triggers: it, or the table it is a partition of, took the '
+            'name of watched table %I.%I after install', TG_RELID::regclass, TG_ARGV[0], TG_ARGV[1])
+        ELSE format('partition %s has no capture triggers (created after install)',
+                    TG_RELID::regclass) END);
     RETURN NULL;
 END
 $untriggered$;
@@ -1077,6 +1097,18 @@ BEGIN
             EXECUTE format('ALTER TABLE %s DISABLE TRIGGER cdc_invalidator_part_v1', rel);
         END LOOP;
     END IF;
+
+    -- The rebuild guard's stand-in (rebuild_guard.sql), if the table took a watched name
+    -- after the last install, gives way to the capture triggers now in place (looked up
+    -- first: DROP TRIGGER IF EXISTS would lock the table when there is none). A partition's
+    -- copy of a row trigger goes with the table's.
+    FOR trg IN
+        SELECT tg.tgname AS name FROM pg_trigger tg
+        WHERE tg.tgrelid = tbl AND tg.tgparentid = 0
+          AND tg.tgname IN ('cdc_invalidator_stand_in_v1', 'cdc_invalidator_stand_in_row_v1')
+    LOOP
+        EXECUTE format('DROP TRIGGER %I ON %s', trg.name, tbl);
+    END LOOP;
 
     INSERT INTO cdc_invalidator.watched_v1 (relid, columns, attnums, schema_name, table_name,
                                            judge, filter_columns, judged, judged_natts)

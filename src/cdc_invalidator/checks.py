@@ -242,6 +242,25 @@ def check_all_tables(conn: psycopg.Connection[Any], report: Report) -> None:
         )
 
 
+def check_rebuild_guard(conn: psycopg.Connection[Any], report: Report) -> None:
+    """Trigger mode: the event triggers that keep a rebuilt watched table captured."""
+    row = conn.execute(Q.CHECK_REBUILD_GUARD.sql).fetchone()
+    if not (row and row[0]):
+        report.warnings.append(
+            "the rebuild guard (event triggers cdc_invalidator_rebuilt and "
+            "cdc_invalidator_dropped) is not installed or is disabled: a watched table "
+            "dropped, or replaced by another that takes its name, leaves its keys cached and "
+            'its new writes uncaptured until install runs again (docs/DBA.md, "Schema '
+            'migrations"); run `cdc-invalidator install` as a superuser to add it'
+        )
+
+
+def stand_in_of(conn: psycopg.Connection[Any], table: TableName) -> bool:
+    """Whether the table carries the rebuild guard's stand-in triggers."""
+    row = conn.execute(Q.CHECK_STAND_IN.sql, {"table": table.qualified}).fetchone()
+    return bool(row and row[0])
+
+
 def check_two_phase(conn: psycopg.Connection[Any], report: Report) -> None:
     """Trigger mode: prepared transactions allowed, which PostgreSQL refuses to prepare
     once they sent a NOTIFY (every capture function's wake-up); capture functions that
@@ -356,10 +375,25 @@ def report_drift(report: Report, where: str, table: TableName, watch: Watch) -> 
     return drifted
 
 
-def check_triggers(
-    report: Report, where: str, table: TableName, watch: Watch | None, wanted: list[str]
+def check_triggers(  # noqa: PLR0913 - the table's facts
+    report: Report,
+    where: str,
+    table: TableName,
+    watch: Watch | None,
+    wanted: list[str],
+    *,
+    stand_in: bool = False,
 ) -> None:
-    """Our triggers on the table and its partitions: present, ours, firing ALWAYS."""
+    """Our triggers on the table and its partitions: present, ours, firing ALWAYS; or
+    the rebuild guard's stand-in (`stand_in`), on a table that took the watched name."""
+    if watch is None and stand_in:
+        report.errors.append(
+            f"{where}: table {table} was created, or renamed to this name, after install: "
+            "it has no capture triggers, only the rebuild guard's stand-in, which sweeps all "
+            "of the table's key templates for every transaction that writes it: run "
+            "`cdc-invalidator install`"
+        )
+        return
     if watch is None:
         report.errors.append(
             f"{where}: table {table} is not watched (no triggers): run `cdc-invalidator install`"

@@ -112,6 +112,8 @@ def install_script(
             Q.LOGICAL.sql,
             sql.SQL("\n"),
             Q.GRANTS.sql,
+            sql.SQL("\n"),
+            Q.LEAVE_TRIGGER.sql,
             *identities,
             sql.SQL("\n-- The publication the listener streams: exactly the configured tables.\n"),
             publish,

@@ -81,6 +81,8 @@ def install_script(
         sql.SQL("\n"),
         version_check("trigger"),
         sql.SQL("\n"),
+        Q.INSTALLING.sql,
+        sql.SQL("\n"),
         Q.SCHEMA.sql,
         sql.SQL("\n"),
         Q.GRANTS.sql,
@@ -88,6 +90,8 @@ def install_script(
         *watches,
         sql.SQL("\n"),
         unwatch,
+        sql.SQL("\n"),
+        Q.REBUILD_GUARD.sql,
     ]
     if publication is not None:
         parts += [sql.SQL("\n"), _leave_logical(publication)]
@@ -165,7 +169,7 @@ def uninstall_script(publication: str | None = None) -> sql.Composed:
     parts: list[sql.Composable] = [guard(publication, "uninstall"), sql.SQL("\n")]
     if publication is not None:
         parts += [_leave_logical(publication), sql.SQL("\n")]
-    return sql.Composed([*parts, Q.UNINSTALL.sql])
+    return sql.Composed([*parts, Q.LEAVE_TRIGGER.sql, sql.SQL("\n"), Q.UNINSTALL.sql])
 
 
 def render(script: sql.Composable) -> str:

@@ -104,7 +104,8 @@ class TriggerMode:
         if watch is not None and checks.report_drift(report, where, table, watch):
             return
         if facts.present():
-            checks.check_triggers(report, where, table, watch, facts.wanted)
+            stand_in = watch is None and checks.stand_in_of(conn, table)
+            checks.check_triggers(report, where, table, watch, facts.wanted, stand_in=stand_in)
             column_filter = self._settings.column_filters().get(table)
             checks.check_trigger_filter(report, where, table, watch, column_filter)
             payload = self._settings.notify_payload
@@ -116,6 +117,7 @@ class TriggerMode:
         checks.check_unconfigured(conn, report, self._settings.mapper(), config_name)
         checks.check_two_phase(conn, report)
         checks.check_all_tables(conn, report)
+        checks.check_rebuild_guard(conn, report)
 
     def history(
         self, conn: psycopg.Connection[Any], since_s: float, map_pack: MapPack | None = None

@@ -31,7 +31,9 @@ class Q(enum.Enum):
     SCHEMA = "schema.sql"  # both modes' shared objects and the trigger queue
     GRANTS = "grants.sql"  # grant_listener()
     LOGICAL = "logical.sql"  # logical mode's objects and the DDL guard
-    INSTALLING = "installing.sql"  # the DDL guard stands aside while install works
+    INSTALLING = "installing.sql"  # the event triggers stand aside while install works
+    REBUILD_GUARD = "rebuild_guard.sql"  # trigger mode: a watched table dropped or replaced
+    LEAVE_TRIGGER = "leave_trigger.sql"  # logical mode: the rebuild guard and stand-ins go
     WATCH_TABLE = "watch_table.sql"
     UNWATCH_OTHERS = "unwatch_others.sql"
     LEAVE_LOGICAL = "leave_logical.sql"
@@ -110,6 +112,8 @@ class Q(enum.Enum):
     CHECK_DRIFT = "check_drift.sql"
     CHECK_LOGICAL_SERVER = "check_logical_server.sql"
     CHECK_DDL_GUARD = "check_ddl_guard.sql"
+    CHECK_REBUILD_GUARD = "check_rebuild_guard.sql"
+    CHECK_STAND_IN = "check_stand_in.sql"
 
     @property
     def text(self) -> LiteralString:

@@ -1,0 +1,192 @@
+"""Trigger mode: migrations that rebuild a watched table instead of altering it (DROP and
+CREATE again, or a copy swapped in by RENAME, as online-migration tools do). The rebuild
+guard (sql/rebuild_guard.sql) sweeps the table's keys at the drop and at the swap, and
+gives the table that took the name a stand-in that sweeps for each transaction that
+writes it, until install compiles its capture function again."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.support.env import Env
+from tests.support.listener import listening, run_cli
+from tests.support.sync import install, settle, users_table
+from tests.support.waits import wait_until
+
+USERS = {"public.users": ["user:{id}", "user:email:{email}"]}
+OURS = (
+    "SELECT array_agg(tg.tgname::text ORDER BY tg.tgname) FROM pg_trigger tg"
+    " JOIN pg_proc p ON p.oid = tg.tgfoid"
+    " WHERE tg.tgrelid = 'users'::regclass AND p.pronamespace = 'cdc_invalidator'::regnamespace"
+)
+GUARDS = (
+    "SELECT array_agg(evtname::text ORDER BY evtname) FROM pg_event_trigger"
+    " WHERE evtname LIKE 'cdc\\_invalidator\\_%'"
+)
+STAND_IN = ["cdc_invalidator_stand_in_v1"]
+
+
+def check(config: Path) -> subprocess.CompletedProcess[str]:
+    return run_cli("check", "--config", str(config))
+
+
+@pytest.fixture
+def owner(env: Env) -> Iterator[str]:
+    """A role that owns the table and runs the migrations, as an application's does: not
+    a superuser, no privilege on our schema."""
+    role = f"migrator_{env.dsn.rsplit('/', 1)[1]}"
+    env.sql(f"CREATE ROLE {role}; GRANT CREATE ON SCHEMA public TO {role}")
+    yield role
+    env.sql(f"DROP OWNED BY {role} CASCADE; DROP ROLE {role}")
+
+
+def as_role(role: str, statements: str) -> str:
+    return f"SET ROLE {role}; {statements}; RESET ROLE"
+
+
+def seed(r: redis.Redis) -> None:
+    r.mset({"user:1": "cached", "user:email:u1@x": "1", "user:2": "cached"})
+
+
+def wait_swept(r: redis.Redis) -> None:
+    """Every key seed() cached is gone, user:2 included, which no row written renders."""
+    wait_until(lambda: r.exists("user:1", "user:email:u1@x", "user:2") == 0, what="swept")
+
+
+def test_a_copy_swapped_in_by_rename_is_swept_until_install(env: Env, owner: str) -> None:
+    env.sql(as_role(owner, "CREATE TABLE users (id int PRIMARY KEY, email text, name text)"))
+    env.sql("INSERT INTO users (id, email) VALUES (1, 'u1@x'), (2, 'u2@x')")
+    config = install(env, USERS)
+    r = env.redis()
+    with listening(config):
+        seed(r)
+        # The swap, as pg-osc or a hand-made migration does it: a copy with a changed
+        # column, filled, then renamed into place in one transaction.
+        env.sql(
+            as_role(
+                owner,
+                "BEGIN;"
+                "CREATE TABLE users_new (LIKE users INCLUDING ALL);"
+                "INSERT INTO users_new SELECT id, upper(email), name FROM users;"
+                "ALTER TABLE users RENAME TO users_old;"
+                "ALTER TABLE users_new RENAME TO users;"
+                "COMMIT",
+            )
+        )
+        # Every cached row may differ from the copy's: the swap swept them.
+        wait_swept(r)
+        assert env.scalar(OURS) == STAND_IN
+        # The copy's writes are captured, as sweeps, until install.
+        seed(r)
+        env.sql(as_role(owner, "UPDATE users SET name = 'x' WHERE id = 1"))
+        wait_swept(r)
+        seed(r)
+        env.sql(as_role(owner, "TRUNCATE users"))
+        wait_swept(r)
+        settle(env, r)
+        result = check(config)
+        assert result.returncode == 1
+        assert "table public.users was created, or renamed to this name, after install" in (
+            result.stderr
+        )
+        # Installed again: the capture triggers replace the stand-in, keys are exact.
+        install(env, USERS)
+        assert env.scalar(OURS) == [
+            "cdc_invalidator_del_v1",
+            "cdc_invalidator_ins_v1",
+            "cdc_invalidator_trunc_v1",
+            "cdc_invalidator_upd_v1",
+        ]
+        assert check(config).returncode == 0, check(config).stderr
+        seed(r)
+        env.sql(as_role(owner, "INSERT INTO users (id, email) VALUES (1, 'u1@x')"))
+        wait_until(lambda: r.exists("user:1", "user:email:u1@x") == 0, what="the exact keys")
+        settle(env, r)
+        assert r.get("user:2") == "cached"
+
+
+@pytest.mark.parametrize("kind", ["plain", "partitioned", "create_as"])
+def test_a_dropped_table_is_swept_and_one_created_in_its_place_too(
+    env: Env, owner: str, kind: str
+) -> None:
+    users_table(env, [(1, "u1@x"), (2, "u2@x")])
+    env.sql(f"ALTER TABLE users OWNER TO {owner}")
+    config = install(env, USERS)
+    r = env.redis()
+    with listening(config):
+        seed(r)
+        env.sql(as_role(owner, "DROP TABLE users"))
+        # Its rows are gone: so are their keys.
+        wait_swept(r)
+        if kind == "partitioned":
+            created = (
+                "CREATE TABLE users (id int, email text, name text) PARTITION BY RANGE (id);"
+                "CREATE TABLE users_low PARTITION OF users FOR VALUES FROM (0) TO (100)"
+            )
+            write = "INSERT INTO users_low (id, email) VALUES (1, 'u1@x')"  # names the partition
+        elif kind == "create_as":
+            created = "CREATE TABLE users AS SELECT 1 AS id, 'u1@x'::text AS email, '' AS name"
+            write = "UPDATE users SET name = 'x'"
+        else:
+            created = "CREATE TABLE users (id int PRIMARY KEY, email text, name text)"
+            write = "INSERT INTO users (id, email) VALUES (1, 'u1@x')"
+        env.sql(as_role(owner, created))
+        assert env.scalar(OURS) == (
+            ["cdc_invalidator_stand_in_row_v1", *STAND_IN] if kind == "partitioned" else STAND_IN
+        )
+        settle(env, r)
+        seed(r)
+        env.sql(as_role(owner, write))
+        wait_swept(r)
+        settle(env, r)
+
+
+def test_a_rebuild_that_rolls_back_leaves_the_cache_and_the_table_alone(
+    env: Env, owner: str
+) -> None:
+    users_table(env, [(1, "u1@x")])
+    env.sql(f"ALTER TABLE users OWNER TO {owner}")
+    config = install(env, USERS)
+    r = env.redis()
+    with listening(config):
+        seed(r)
+        env.sql(
+            as_role(
+                owner,
+                "BEGIN;"
+                "ALTER TABLE users RENAME TO users_old;"
+                "CREATE TABLE users (id int PRIMARY KEY, email text, name text);"
+                "DROP TABLE users_old;"
+                "ROLLBACK",
+            )
+        )
+        settle(env, r)
+        assert r.exists("user:1", "user:email:u1@x", "user:2") == 3
+    assert check(config).returncode == 0
+
+
+def test_logical_install_takes_the_stand_in_and_the_guard_away(env: Env) -> None:
+    users_table(env, [(1, "u1@x")])
+    install(env, USERS)
+    assert env.scalar(GUARDS) == ["cdc_invalidator_dropped", "cdc_invalidator_rebuilt"]
+    env.sql("DROP TABLE users; CREATE TABLE users (id int PRIMARY KEY, email text, name text)")
+    assert env.scalar(OURS) == STAND_IN
+    install(env, USERS, name="logical.toml", capture="logical")
+    assert env.scalar(OURS) is None
+    assert env.scalar(GUARDS) == ["cdc_invalidator_guard"]
+    install(env, USERS)  # and back
+    assert env.scalar(GUARDS) == ["cdc_invalidator_dropped", "cdc_invalidator_rebuilt"]
+    assert len(env.scalar(OURS)) == 4
+
+
+def test_check_warns_when_the_rebuild_guard_is_off(env: Env) -> None:
+    users_table(env, [(1, "u1@x")])
+    config = install(env, USERS)
+    assert "rebuild guard" not in check(config).stdout
+    env.sql("ALTER EVENT TRIGGER cdc_invalidator_dropped DISABLE")
+    assert "the rebuild guard (event triggers cdc_invalidator_rebuilt and" in check(config).stdout
