@@ -12,7 +12,9 @@
 -- carry no trigger, rule or policy (we create none on them). The one other owner
 -- allowed: a table's capture function, capture_<oid>_v1, may belong to the owner of the
 -- table with that oid (it then runs with the rights of that table's owner, who may
--- attach any trigger to that table anyway).
+-- attach any trigger to that table anyway), or, once that table was dropped, to a role
+-- the installer is a member of (watch() gave it to the table's owner, which it requires
+-- the installer to be a member of; install drops it, and never runs it).
 --
 -- It reads only pg_catalog, named as such, and the search_path is pinned first: nothing
 -- it runs can be code that another role put in a schema of its own. Everything after it
@@ -50,13 +52,22 @@ BEGIN
                    p.oid::pg_catalog.regprocedure::pg_catalog.text, p.proowner
             FROM pg_catalog.pg_proc p
             WHERE p.pronamespace = ours
-              -- A table's capture function may belong to that table's owner.
+              -- A table's capture function may belong to that table's owner; once the
+              -- table is dropped (install then drops the function), to a role the
+              -- installer is a member of, as watch() required of that owner.
               AND NOT EXISTS (
                   SELECT FROM pg_catalog.pg_class t
                   WHERE p.pronargs = 0
                     AND t.oid::pg_catalog.text
                         = pg_catalog.substring(p.proname, '^capture_([0-9]+)_v1$')
                     AND t.relkind IN ('r', 'p') AND t.relowner = p.proowner)
+              AND NOT (p.pronargs = 0
+                       AND p.proname OPERATOR(pg_catalog.~) '^capture_[0-9]+_v1$'
+                       AND NOT EXISTS (
+                           SELECT FROM pg_catalog.pg_class t
+                           WHERE t.oid::pg_catalog.text
+                                 = pg_catalog.substring(p.proname, '^capture_([0-9]+)_v1$'))
+                       AND pg_catalog.pg_has_role(installer, p.proowner, 'MEMBER'))
             UNION ALL
             -- A relation's row type is listed with its relation, an array type with
             -- its element type.

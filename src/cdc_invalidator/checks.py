@@ -220,13 +220,32 @@ def _present(  # noqa: PLR0913 - the table's facts
 def check_unconfigured(
     conn: psycopg.Connection[Any], report: Report, mapper: Mapper, config_name: str
 ) -> None:
-    """Trigger mode: tables watched by an earlier install but no longer configured."""
-    configured = [t.qualified for t in mapper.tables]
-    for (name,) in conn.execute(Q.CHECK_UNCONFIGURED.sql, {"tables": configured}):
-        report.warnings.append(
-            f"table {name} is watched but not in {config_name}: its events will go to "
-            "the dead letters (run `cdc-invalidator install` to remove its triggers)"
-        )
+    """Trigger mode: tables watched by an earlier install but no longer configured: gone,
+    renamed away from a configured name that another table took, or dropped from the
+    configuration."""
+    tables = sorted(mapper.tables)
+    params = {
+        "tables": [t.qualified for t in tables],
+        "schemas": [t.schema for t in tables],
+        "names": [t.name for t in tables],
+    }
+    for live_name, events_name, name_configured in conn.execute(Q.CHECK_UNCONFIGURED.sql, params):
+        if live_name is None:
+            report.warnings.append(
+                f"table {events_name} was dropped since install; its record stays until "
+                "you run `cdc-invalidator install`"
+            )
+        elif name_configured:
+            report.warnings.append(
+                f"table {live_name} was renamed from {events_name}, a name another table "
+                f"took since: its changes still invalidate {events_name}'s keys until you "
+                "run `cdc-invalidator install`, which removes its triggers"
+            )
+        else:
+            report.warnings.append(
+                f"table {live_name} is watched but not in {config_name}: its events will go "
+                "to the dead letters (run `cdc-invalidator install` to remove its triggers)"
+            )
 
 
 def check_all_tables(conn: psycopg.Connection[Any], report: Report) -> None:
