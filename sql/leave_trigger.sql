@@ -1,8 +1,6 @@
 -- Trigger capture's objects on the application's tables go: every table with a trigger
 -- whose function lives in our schema, registered or not (the capture triggers, and the
--- rebuild guard's stand-ins, which watched_v1 does not list), and the rebuild guard
--- itself (only a superuser made it, and may drop it; left behind, it finds no watched
--- table and does nothing, and goes with the schema on uninstall).
+-- rebuild guard's stand-ins, which watched_v1 does not list).
 DO $leave_trigger$
 BEGIN
     IF to_regnamespace('cdc_invalidator') IS NOT NULL THEN
@@ -10,10 +8,6 @@ BEGIN
         FROM (SELECT DISTINCT tg.tgrelid
               FROM pg_trigger tg JOIN pg_proc p ON p.oid = tg.tgfoid
               WHERE p.pronamespace = 'cdc_invalidator'::regnamespace) t;
-    END IF;
-    IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
-        DROP EVENT TRIGGER IF EXISTS cdc_invalidator_rebuilt;
-        DROP EVENT TRIGGER IF EXISTS cdc_invalidator_dropped;
     END IF;
 END
 $leave_trigger$;

@@ -10,8 +10,11 @@ WITH live AS (
     JOIN pg_class c ON c.oid = p.relid
     WHERE (p.schema_name, p.table_name) = (%(schema)s, %(name)s)
        OR p.relid::oid = (SELECT relid FROM live)
-    -- The record of this name first, then the record of the relation the name is now.
-    ORDER BY (p.schema_name, p.table_name) = (%(schema)s, %(name)s) DESC
+    -- The record of this name first (of the relation the name is now, if two have it:
+    -- one renamed away, one that took the name), then the record of the relation the
+    -- name is now.
+    ORDER BY (p.schema_name, p.table_name) = (%(schema)s, %(name)s) DESC,
+             p.relid::oid = (SELECT relid FROM live) DESC
     LIMIT 1
 ), target AS (
     SELECT coalesce((SELECT relid FROM rec), (SELECT relid FROM live)) AS relid

@@ -1,25 +1,44 @@
--- The rebuild guard (trigger mode): two event triggers for migrations that rebuild a
+-- The rebuild guard (both modes): two event triggers for migrations that rebuild a
 -- watched table instead of altering it, which would otherwise let committed changes go
 -- by uninvalidated until the next install:
 --   * DROP TABLE of a watched table (or of the table that took its name) deletes every
---     row, and no trigger of the table fires: the drop queues one sweep of the table's
---     templates, in its own transaction, like a TRUNCATE.
+--     row, and no trigger fires nor any change is decoded: the drop asks for one sweep of
+--     the table's templates, in its own transaction, like a TRUNCATE.
 --   * A table that takes a watched table's name (CREATE TABLE after a DROP, CREATE TABLE
 --     AS, or ALTER TABLE ... RENAME TO / SET SCHEMA, as online-migration tools swap a
---     copy in) has none of our triggers: its rows are not the ones cached, and its writes
---     would not be seen. The command queues one sweep, and the table gets a stand-in:
---     statement triggers (a row trigger too on a partitioned table, which PostgreSQL
---     copies onto its partitions) that queue one sweep of the templates per transaction
---     that writes it (sweep_untriggered_v1). A cold cache, never a stale one, until
---     `install` compiles the table's capture function (watch() drops the stand-in).
--- The watched names are those the events carry (watched_v1.schema_name, table_name):
--- watched_v1 keeps a dropped table's row until install runs again.
+--     copy in) is captured by nothing of ours: its rows are not the ones cached, and its
+--     writes would not be seen. The command asks for one sweep, and then:
+--       trigger mode: the table gets a stand-in: statement triggers (a row trigger too on
+--       a partitioned table, which PostgreSQL copies onto its partitions) that queue one
+--       sweep of the templates per transaction that writes it (sweep_untriggered_v1). A
+--       cold cache, never a stale one, until `install` compiles the table's capture
+--       function (watch() drops the stand-in);
+--       logical mode: the table is published as install would publish it (recorded in
+--       published_v1 under the configured name, its replica identity made to cover the
+--       key columns, added to the publication), so its changes are decoded from then on.
+-- A sweep is a queue row in trigger mode (queue_sweep_once_v1), a transactional logical
+-- decoding message in logical mode (emit_sweep_v1): both commit or roll back with the
+-- DDL. The watched names are those the events carry (watched_v1's and published_v1's
+-- schema_name and table_name): a dropped table's row stays until install runs again.
 -- Their work is a catalog look-up of the tables the command touched: no cost to writes.
 -- They fire for every role's DDL and run as their owner (the superuser who installed
 -- them), so that a role with no privilege on our schema keeps its DDL working; install
--- sets cdc_invalidator.installing for its own transaction, and they stand aside. A
--- stand-in that cannot be made is a WARNING, never a failed migration (`check` then
--- says the table is not watched).
+-- sets cdc_invalidator.installing for its own transaction, and they stand aside. What
+-- cannot be done is a WARNING, never a failed migration (`check` then says the table is
+-- not watched, or not published).
+
+-- emit_sweep_v1(schema, table, reason): logical mode's sweep of a table's templates,
+-- written into the WAL in the current transaction for the listener (pgoutput's
+-- `messages`; capture/pgoutput.py reads our prefix).
+CREATE OR REPLACE FUNCTION cdc_invalidator.emit_sweep_v1(schema_n text, table_n text, reason text)
+RETURNS void
+LANGUAGE sql SET search_path = pg_catalog, pg_temp
+AS $emit$
+    SELECT FROM pg_logical_emit_message(true, 'cdc_invalidator_v1', json_build_object(
+        'schema', schema_n, 'table', table_n, 'reason', reason)::text);
+$emit$;
+REVOKE ALL ON FUNCTION cdc_invalidator.emit_sweep_v1(text, text, text) FROM PUBLIC;
+
 CREATE OR REPLACE FUNCTION cdc_invalidator.rebuilt_v1()
 RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -30,54 +49,112 @@ BEGIN
     IF coalesce(current_setting('cdc_invalidator.installing', true), '') = 'on' THEN
         RETURN;
     END IF;
-    FOR r IN
-        -- Tables the command touched that now bear a watched name and carry no trigger
-        -- of ours (not the watched table itself; not one that has a stand-in already,
-        -- such as after the stand-in's own ALTER TABLE below).
-        SELECT DISTINCT c.oid::regclass AS rel, c.relkind, w.schema_name, w.table_name
-        FROM pg_event_trigger_ddl_commands() d
-        JOIN pg_class c ON c.oid = d.objid
-        JOIN pg_namespace n ON n.oid = c.relnamespace
-        JOIN cdc_invalidator.watched_v1 w
-          ON w.schema_name = n.nspname::text AND w.table_name = c.relname::text
-        WHERE d.classid = 'pg_catalog.pg_class'::regclass AND c.relkind IN ('r', 'p')
-          AND NOT EXISTS (SELECT FROM cdc_invalidator.watched_v1 x WHERE x.relid::oid = c.oid)
-          AND NOT EXISTS (SELECT FROM pg_trigger tg JOIN pg_proc p ON p.oid = tg.tgfoid
-                          WHERE tg.tgrelid = c.oid
-                            AND p.pronamespace = 'cdc_invalidator'::regnamespace)
-    LOOP
-        BEGIN
-            EXECUTE format('CREATE TRIGGER cdc_invalidator_stand_in_v1 AFTER INSERT OR UPDATE '
-                           'OR DELETE OR TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION '
-                           'cdc_invalidator.sweep_untriggered_v1(%L, %L)',
-                           r.rel, r.schema_name, r.table_name);
-            EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER cdc_invalidator_stand_in_v1', r.rel);
-            IF r.relkind = 'p' THEN
-                -- A statement that names a partition fires that partition's statement
-                -- triggers only; a row trigger reaches every partition, present or later.
-                -- Its owner must be able to run the function to add partitions (watch()
-                -- grants it the same).
-                EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.sweep_untriggered_v1() '
-                               'TO %s', (SELECT c.relowner::regrole FROM pg_class c
-                                         WHERE c.oid = r.rel));
-                EXECUTE format('CREATE TRIGGER cdc_invalidator_stand_in_row_v1 AFTER INSERT '
-                               'OR UPDATE OR DELETE ON %s FOR EACH ROW EXECUTE FUNCTION '
+    -- Never a failed migration: whatever goes wrong here is a WARNING.
+    BEGIN
+        FOR r IN
+            -- Tables the command touched that now bear a watched name and carry no trigger
+            -- of ours (not the watched table itself; not one that has a stand-in already,
+            -- such as after the stand-in's own ALTER TABLE below).
+            SELECT DISTINCT c.oid::regclass AS rel, c.relkind, w.schema_name, w.table_name
+            FROM pg_event_trigger_ddl_commands() d
+            JOIN pg_class c ON c.oid = d.objid
+            JOIN pg_namespace n ON n.oid = c.relnamespace
+            JOIN cdc_invalidator.watched_v1 w
+              ON w.schema_name = n.nspname::text AND w.table_name = c.relname::text
+            WHERE d.classid = 'pg_catalog.pg_class'::regclass AND c.relkind IN ('r', 'p')
+              AND NOT EXISTS (SELECT FROM cdc_invalidator.watched_v1 x WHERE x.relid::oid = c.oid)
+              AND NOT EXISTS (SELECT FROM pg_trigger tg JOIN pg_proc p ON p.oid = tg.tgfoid
+                              WHERE tg.tgrelid = c.oid
+                                AND p.pronamespace = 'cdc_invalidator'::regnamespace)
+        LOOP
+            BEGIN
+                EXECUTE format('CREATE TRIGGER cdc_invalidator_stand_in_v1 AFTER INSERT OR UPDATE '
+                               'OR DELETE OR TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION '
                                'cdc_invalidator.sweep_untriggered_v1(%L, %L)',
                                r.rel, r.schema_name, r.table_name);
-                EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER cdc_invalidator_stand_in_row_v1',
-                               r.rel);
-            END IF;
-            PERFORM cdc_invalidator.queue_sweep_once_v1(r.schema_name, r.table_name, format(
-                'table %s took the name of watched table %I.%I after install', r.rel,
-                r.schema_name, r.table_name));
-            RAISE WARNING 'cdc_invalidator: table % took the name of a watched table: until '
-                '`cdc-invalidator install` runs again, every transaction that writes it sweeps '
-                'all of the table''s cached keys', r.rel;
-        EXCEPTION WHEN OTHERS THEN
-            RAISE WARNING 'cdc_invalidator: table % took the name of a watched table, and its '
-                'changes are not captured (%): run `cdc-invalidator install`', r.rel, SQLERRM;
-        END;
-    END LOOP;
+                EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER cdc_invalidator_stand_in_v1', r.rel);
+                IF r.relkind = 'p' THEN
+                    -- A statement that names a partition fires that partition's statement
+                    -- triggers only; a row trigger reaches every partition, present or later.
+                    -- Its owner must be able to run the function to add partitions (watch()
+                    -- grants it the same).
+                    EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.sweep_untriggered_v1() '
+                                   'TO %s', (SELECT c.relowner::regrole FROM pg_class c
+                                             WHERE c.oid = r.rel));
+                    EXECUTE format('CREATE TRIGGER cdc_invalidator_stand_in_row_v1 AFTER INSERT '
+                                   'OR UPDATE OR DELETE ON %s FOR EACH ROW EXECUTE FUNCTION '
+                                   'cdc_invalidator.sweep_untriggered_v1(%L, %L)',
+                                   r.rel, r.schema_name, r.table_name);
+                    EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER cdc_invalidator_stand_in_row_v1',
+                                   r.rel);
+                END IF;
+                PERFORM cdc_invalidator.queue_sweep_once_v1(r.schema_name, r.table_name, format(
+                    'table %s took the name of watched table %I.%I after install', r.rel,
+                    r.schema_name, r.table_name));
+                RAISE WARNING 'cdc_invalidator: table % took the name of a watched table: until '
+                    '`cdc-invalidator install` runs again, every transaction that writes it sweeps '
+                    'all of the table''s cached keys', r.rel;
+            EXCEPTION WHEN OTHERS THEN
+                RAISE WARNING 'cdc_invalidator: table % took the name of a watched table, and its '
+                    'changes are not captured (%): run `cdc-invalidator install`', r.rel, SQLERRM;
+            END;
+        END LOOP;
+        -- (published_v1 exists only where logical mode was installed.)
+        IF to_regclass('cdc_invalidator.published_v1') IS NOT NULL THEN
+            FOR r IN
+                -- Logical mode: tables that now bear a published name, are not published, and
+                -- are not partitions (those are published with their partitioned table).
+                SELECT DISTINCT ON (c.oid) c.oid::regclass AS rel, p.schema_name, p.table_name,
+                       p.columns, p.keep, p.publication, p.judge
+                FROM pg_event_trigger_ddl_commands() d
+                JOIN pg_class c ON c.oid = d.objid
+                JOIN pg_namespace n ON n.oid = c.relnamespace
+                JOIN cdc_invalidator.published_v1 p
+                  ON p.schema_name = n.nspname::text AND p.table_name = c.relname::text
+                JOIN pg_publication pub ON pub.pubname = p.publication
+                WHERE d.classid = 'pg_catalog.pg_class'::regclass AND c.relkind IN ('r', 'p')
+                  AND NOT c.relispartition
+                  AND NOT EXISTS (SELECT FROM cdc_invalidator.published_v1 x WHERE x.relid::oid = c.oid)
+                  AND NOT EXISTS (SELECT FROM pg_publication_rel pr
+                                  WHERE pr.prpubid = pub.oid AND pr.prrelid = c.oid)
+                ORDER BY c.oid
+            LOOP
+                PERFORM cdc_invalidator.emit_sweep_v1(r.schema_name, r.table_name, format(
+                    'table %s took the name of published table %I.%I after install', r.rel,
+                    r.schema_name, r.table_name));
+                BEGIN
+                    -- The DDL guard stands aside for the identity and publication changes made
+                    -- here (a subtransaction: an error puts the setting back too).
+                    PERFORM set_config('cdc_invalidator.installing', 'on', true);
+                    PERFORM cdc_invalidator.record_published(r.rel, r.schema_name, r.table_name,
+                                                             r.columns, r.keep, r.publication);
+                    UPDATE cdc_invalidator.published_v1 SET judge = r.judge WHERE relid = r.rel;
+                    IF r.keep THEN
+                        PERFORM cdc_invalidator.require_replica_identity(r.rel);
+                    ELSE
+                        -- A column filter judges UPDATEs from the whole old row.
+                        PERFORM cdc_invalidator.ensure_replica_identity(r.rel, CASE
+                            WHEN r.judge IS NULL THEN r.columns
+                            ELSE ARRAY(SELECT a.attname::text FROM pg_attribute a
+                                       WHERE a.attrelid = r.rel AND a.attnum > 0
+                                         AND NOT a.attisdropped) END);
+                    END IF;
+                    PERFORM cdc_invalidator.require_publishable(r.rel);
+                    EXECUTE format('ALTER PUBLICATION %I ADD TABLE %s', r.publication,
+                                   cdc_invalidator.publish_list(r.rel));
+                    PERFORM set_config('cdc_invalidator.installing', '', true);
+                    RAISE WARNING 'cdc_invalidator: table % took the name of a published table: it is '
+                        'published in %, and the table''s cached keys are swept once', r.rel, r.publication;
+                EXCEPTION WHEN OTHERS THEN
+                    RAISE WARNING 'cdc_invalidator: table % took the name of a published table, and its '
+                        'changes are not captured (%): run `cdc-invalidator install`', r.rel, SQLERRM;
+                END;
+            END LOOP;
+        END IF;
+    EXCEPTION WHEN OTHERS THEN
+        RAISE WARNING 'cdc_invalidator: the rebuild guard failed (%): a table that took a '
+            'watched table''s name may not be captured: run `cdc-invalidator check`', SQLERRM;
+    END;
 END
 $rebuilt$;
 
@@ -88,19 +165,41 @@ AS $dropped$
 DECLARE
     r record;
 BEGIN
-    FOR r IN
-        -- The watched table, or the table that took its name since (the stand-in's).
-        SELECT DISTINCT w.schema_name, w.table_name, d.object_identity
-        FROM pg_event_trigger_dropped_objects() d
-        JOIN cdc_invalidator.watched_v1 w
-          ON w.relid::oid = d.objid
-          OR (w.schema_name = d.schema_name AND w.table_name = d.object_name)
-        WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.objsubid = 0
-          AND d.object_type = 'table'
-    LOOP
-        PERFORM cdc_invalidator.queue_sweep_once_v1(r.schema_name, r.table_name,
-            format('table %s was dropped', r.object_identity));
-    END LOOP;
+    -- Never a failed migration: whatever goes wrong here is a WARNING.
+    BEGIN
+        FOR r IN
+            -- The watched table, or the table that took its name since (the stand-in's).
+            SELECT DISTINCT w.schema_name, w.table_name, d.object_identity
+            FROM pg_event_trigger_dropped_objects() d
+            JOIN cdc_invalidator.watched_v1 w
+              ON w.relid::oid = d.objid
+              OR (w.schema_name = d.schema_name AND w.table_name = d.object_name)
+            WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.objsubid = 0
+              AND d.object_type = 'table'
+        LOOP
+            PERFORM cdc_invalidator.queue_sweep_once_v1(r.schema_name, r.table_name,
+                format('table %s was dropped', r.object_identity));
+        END LOOP;
+        IF to_regclass('cdc_invalidator.published_v1') IS NOT NULL THEN
+            FOR r IN
+                -- Logical mode: the published table, or the table that took its name since.
+                SELECT DISTINCT p.schema_name, p.table_name, d.object_identity
+                FROM pg_event_trigger_dropped_objects() d
+                JOIN cdc_invalidator.published_v1 p
+                  ON p.relid::oid = d.objid
+                  OR (p.schema_name = d.schema_name AND p.table_name = d.object_name)
+                WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.objsubid = 0
+                  AND d.object_type = 'table'
+                  AND EXISTS (SELECT FROM pg_publication pub WHERE pub.pubname = p.publication)
+            LOOP
+                PERFORM cdc_invalidator.emit_sweep_v1(r.schema_name, r.table_name,
+                    format('table %s was dropped', r.object_identity));
+            END LOOP;
+        END IF;
+    EXCEPTION WHEN OTHERS THEN
+        RAISE WARNING 'cdc_invalidator: the rebuild guard failed (%): the cached keys of a '
+            'dropped watched table may stay cached: delete them by hand', SQLERRM;
+    END;
 END
 $dropped$;
 
@@ -108,7 +207,7 @@ REVOKE ALL ON FUNCTION cdc_invalidator.rebuilt_v1() FROM PUBLIC;
 REVOKE ALL ON FUNCTION cdc_invalidator.dropped_v1() FROM PUBLIC;
 
 -- Event triggers are for superusers only: installed by another role, there is no guard;
--- `check` says so.
+-- `check` says so. They go with uninstall (uninstall.sql), not with a switch of modes.
 DO $rebuild_guard$
 BEGIN
     IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN

@@ -449,6 +449,7 @@ def test_uninstall_removes_every_object_and_is_repeatable(env: Env) -> None:
     assert env.scalar("SELECT to_regnamespace('cdc_invalidator')") is None
     assert env.scalar(f"SELECT count(*) FROM pg_trigger WHERE {OUR_TRIGGERS}") == 0
     assert env.scalar(r"SELECT count(*) FROM pg_proc WHERE proname LIKE 'capture\_%\_v1'") == 0
+    assert env.scalar(r"SELECT count(*) FROM pg_event_trigger WHERE evtname LIKE 'cdc\_%'") == 0
     assert all(rows == [] for rows in catalog(env).values())
     # The application's tables and data are untouched and writable.
     env.sql("UPDATE users SET name = 'after'; INSERT INTO orders VALUES (5, 1); TRUNCATE items")

@@ -748,6 +748,39 @@ def test_a_streamed_change_carries_its_subtransaction_xid_after_its_type() -> No
         unwrap_streamed(b"I\0\0")
 
 
+def logical_message(prefix: str, content: bytes, *, transactional: bool = True) -> bytes:
+    """A pgoutput Message ('M') as protocol 1 lays it out."""
+    return (
+        b"M"
+        + struct.pack("!BQ", 1 if transactional else 0, 0x1_0000_0020)
+        + prefix.encode()
+        + b"\0"
+        + struct.pack("!I", len(content))
+        + content
+    )
+
+
+def test_our_logical_message_is_a_sweep_of_the_table_it_names() -> None:
+    """The rebuild guard's sweeps come as transactional messages of our prefix
+    (sql/rebuild_guard.sql); any other message is somebody else's."""
+    decoder = Decoder(by_name(all_columns))
+    body = {"schema": "My Schema", "table": 'Order"s', "reason": "table x was dropped"}
+    ours = logical_message(pgoutput.MESSAGE_PREFIX, json.dumps(body).encode())
+    event = decoder.decode(ours)
+    assert event == ChangeEvent(ORDERS, Op.TRUNCATE, None, {"unrenderable": body["reason"]}, 1)
+    # Streamed: the same after the transaction's xid.
+    assert decoder.decode_streamed(ours[:1] + struct.pack("!I", 701) + ours[1:])[0] == 701
+    for other in (
+        logical_message("another_app", json.dumps(body).encode()),
+        logical_message(pgoutput.MESSAGE_PREFIX, json.dumps(body).encode(), transactional=False),
+    ):
+        assert decoder.decode(other) is None
+    with pytest.raises(InvalidEvent, match="cdc_invalidator_v1"):
+        decoder.decode(logical_message(pgoutput.MESSAGE_PREFIX, b'{"schema": "public"}'))
+    with pytest.raises(ProtocolError, match="malformed 'M' message"):
+        decoder.decode(ours[:5])
+
+
 # --- the compiled tuple walk ----------------------------------------------------------------
 
 CHANGE_SCENARIOS = sorted(

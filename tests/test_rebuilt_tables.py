@@ -15,6 +15,8 @@ import redis
 
 from tests.support.env import Env
 from tests.support.listener import listening, run_cli
+from tests.support.logical import install as logical_install
+from tests.support.logical import logical_config, running
 from tests.support.sync import install, settle, users_table
 from tests.support.waits import wait_until
 
@@ -54,6 +56,24 @@ def seed(r: redis.Redis) -> None:
     r.mset({"user:1": "cached", "user:email:u1@x": "1", "user:2": "cached"})
 
 
+SWAP = "ALTER TABLE users RENAME TO users_old; ALTER TABLE users_new RENAME TO users"
+
+
+def rebuild_by_copy(env: Env, owner: str, into_place: str) -> None:
+    """A migration as pg-osc or a hand-made one does it, in one transaction: a copy with a
+    changed column, filled, then put in place by `into_place` (SWAP, or a DROP and a
+    rename)."""
+    env.sql(
+        as_role(
+            owner,
+            "BEGIN;"
+            "CREATE TABLE users_new (LIKE users INCLUDING ALL);"
+            "INSERT INTO users_new SELECT id, upper(email), name FROM users;"
+            f"{into_place}; COMMIT",
+        )
+    )
+
+
 def wait_swept(r: redis.Redis) -> None:
     """Every key seed() cached is gone, user:2 included, which no row written renders."""
     wait_until(lambda: r.exists("user:1", "user:email:u1@x", "user:2") == 0, what="swept")
@@ -66,19 +86,7 @@ def test_a_copy_swapped_in_by_rename_is_swept_until_install(env: Env, owner: str
     r = env.redis()
     with listening(config):
         seed(r)
-        # The swap, as pg-osc or a hand-made migration does it: a copy with a changed
-        # column, filled, then renamed into place in one transaction.
-        env.sql(
-            as_role(
-                owner,
-                "BEGIN;"
-                "CREATE TABLE users_new (LIKE users INCLUDING ALL);"
-                "INSERT INTO users_new SELECT id, upper(email), name FROM users;"
-                "ALTER TABLE users RENAME TO users_old;"
-                "ALTER TABLE users_new RENAME TO users;"
-                "COMMIT",
-            )
-        )
+        rebuild_by_copy(env, owner, SWAP)
         # Every cached row may differ from the copy's: the swap swept them.
         wait_swept(r)
         assert env.scalar(OURS) == STAND_IN
@@ -175,7 +183,7 @@ def test_a_rebuild_that_rolls_back_leaves_the_cache_and_the_table_alone(
     assert check(config).returncode == 0
 
 
-def test_logical_install_takes_the_stand_in_and_the_guard_away(env: Env) -> None:
+def test_logical_install_takes_the_stand_in_away_and_keeps_the_guard(env: Env) -> None:
     users_table(env, [(1, "u1@x")])
     install(env, USERS)
     assert env.scalar(GUARDS) == ["cdc_invalidator_dropped", "cdc_invalidator_rebuilt"]
@@ -183,7 +191,12 @@ def test_logical_install_takes_the_stand_in_and_the_guard_away(env: Env) -> None
     assert env.scalar(OURS) == STAND_IN
     install(env, USERS, name="logical.toml", capture="logical")
     assert env.scalar(OURS) is None
-    assert env.scalar(GUARDS) == ["cdc_invalidator_guard"]
+    # The rebuild guard serves both modes; logical mode adds its DDL guard.
+    assert env.scalar(GUARDS) == [
+        "cdc_invalidator_dropped",
+        "cdc_invalidator_guard",
+        "cdc_invalidator_rebuilt",
+    ]
     install(env, USERS)  # and back
     assert env.scalar(GUARDS) == ["cdc_invalidator_dropped", "cdc_invalidator_rebuilt"]
     assert len(env.scalar(OURS)) == 4
@@ -195,3 +208,61 @@ def test_check_warns_when_the_rebuild_guard_is_off(env: Env) -> None:
     assert "rebuild guard" not in check(config).stdout
     env.sql("ALTER EVENT TRIGGER cdc_invalidator_dropped DISABLE")
     assert "the rebuild guard (event triggers cdc_invalidator_rebuilt and" in check(config).stdout
+
+
+# --- logical mode: the table that takes the name is published, the sweeps are messages --
+
+
+def published(env: Env) -> list[str] | None:
+    value: list[str] | None = env.scalar(
+        "SELECT array_agg(prrelid::regclass::text ORDER BY prrelid::regclass::text)"
+        " FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid"
+        " WHERE p.pubname = 'cdc_invalidator'"
+    )
+    return value
+
+
+@pytest.mark.parametrize("swap", [False, True], ids=["drop_and_create", "rename"])
+def test_logical_a_rebuilt_table_is_swept_then_published(env: Env, owner: str, swap: bool) -> None:
+    env.sql(as_role(owner, "CREATE TABLE users (id int PRIMARY KEY, email text, name text)"))
+    env.sql("INSERT INTO users (id, email) VALUES (1, 'u1@x'), (2, 'u2@x')")
+    config = logical_config(env, USERS)
+    logical_install(config)
+    r = env.redis()
+    with running(env, config):
+        seed(r)
+        rebuild_by_copy(
+            env, owner, SWAP if swap else "DROP TABLE users; ALTER TABLE users_new RENAME TO users"
+        )
+        wait_swept(r)  # every row may differ in the copy
+        assert published(env) == (["users", "users_old"] if swap else ["users"])
+        # The copy's changes are decoded from now on: exact keys, no sweep.
+        r.mset({"user:1": "cached", "user:email:U1@X": "1", "user:2": "cached"})
+        env.sql(as_role(owner, "UPDATE users SET name = 'x' WHERE id = 1"))
+        wait_until(lambda: r.exists("user:1", "user:email:U1@X") == 0, what="the copy's exact keys")
+        if not swap:
+            # Dropped: its keys go too (the drop asked for a sweep).
+            seed(r)
+            env.sql(as_role(owner, "DROP TABLE users"))
+            wait_swept(r)
+    assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 0
+
+
+def test_logical_a_rebuild_that_rolls_back_is_not_swept(env: Env, owner: str) -> None:
+    env.sql(as_role(owner, "CREATE TABLE users (id int PRIMARY KEY, email text, name text)"))
+    config = logical_config(env, USERS)
+    logical_install(config)
+    r = env.redis()
+    with running(env, config):
+        seed(r)
+        env.sql(
+            as_role(
+                owner,
+                "BEGIN; DROP TABLE users;"
+                "CREATE TABLE users (id int PRIMARY KEY, email text, name text); ROLLBACK",
+            )
+        )
+        env.sql("INSERT INTO users (id, email) VALUES (2, 'u2@x')")
+        wait_until(lambda: r.exists("user:2") == 0, what="the next change")
+        assert r.exists("user:1", "user:email:u1@x") == 2
+    assert published(env) == ["users"]

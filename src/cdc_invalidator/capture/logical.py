@@ -244,8 +244,9 @@ class LogicalCapture:
             try:
                 options = {"proto_version": "1", "publication_names": self._config.publication}
                 if self._config.mapper is not None:
-                    # PostgreSQL 14 on (logical mode needs 15: pg/versions.py)
-                    options.update(proto_version="2", streaming="on")
+                    # PostgreSQL 14 on (logical mode needs 15: pg/versions.py); our
+                    # event triggers' sweeps come as logical decoding messages.
+                    options.update(proto_version="2", streaming="on", messages="true")
                 stream = WalStream.start(repl, self._config.slot, options)
             except SlotInUse as exc:
                 repl.close()
@@ -1017,7 +1018,12 @@ class LogicalStream:
                 if entry is not None:
                     target = int(ancestor)
                     break
-            else:
+        if entry is None:
+            # A table published since this connection began: the rebuild guard publishes
+            # one that took a configured table's name (sql/rebuild_guard.sql).
+            self._known = self._resolve_configured()
+            entry = self._known.get(relid)
+            if entry is None:
                 return None
         table, wanted, attnums = entry
         now = dict(

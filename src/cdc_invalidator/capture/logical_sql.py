@@ -117,6 +117,8 @@ def install_script(
             *identities,
             sql.SQL("\n-- The publication the listener streams: exactly the configured tables.\n"),
             publish,
+            sql.SQL("\n"),
+            Q.REBUILD_GUARD.sql,
             footer,
         ]
     )

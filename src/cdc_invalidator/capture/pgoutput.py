@@ -28,6 +28,7 @@ protocol 1's.
 
 from __future__ import annotations
 
+import json
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -64,6 +65,11 @@ _TRUNC = struct.Struct("!IB")  # relation count, options
 _STREAM_START = struct.Struct("!IB")  # xid, first segment
 _STREAM_COMMIT = struct.Struct("!IBQQq")  # xid, flags, commit LSN, end LSN, commit time
 _STREAM_ABORT = struct.Struct("!II")  # xid, subxid (protocol 4 adds an LSN and a time)
+_MESSAGE_HEAD = struct.Struct("!BQ")  # flags (1: transactional), the message's LSN
+# The prefix of our logical decoding messages (pg_logical_emit_message, written by our
+# event triggers: sql/rebuild_guard.sql): a table to sweep, as a JSON object {"schema",
+# "table", "reason"}. Messages of any other prefix are somebody else's.
+MESSAGE_PREFIX: Final = "cdc_invalidator_v1"
 # What a compiled tuple walk may raise on bytes it does not handle (the general walk
 # then decodes them and names what is wrong).
 _FAST_MISSES = (IndexError, struct.error, UnicodeDecodeError)
@@ -232,10 +238,11 @@ class Decoder:
     def decode(  # noqa: PLR0911, PLR0912 - one return per message type
         self, msg: bytes
     ) -> Begin | Commit | ChangeEvent | list[ChangeEvent] | Stream | None:
-        """One message: Begin, Commit, one ChangeEvent (I/U/D), a list (TRUNCATE of
-        several tables), a stream message (Stream Start, Stop, Commit, Abort) or None
-        (Relation, Type, Origin, Message, an UPDATE that its table's column filter
-        judged unchanged: nothing to invalidate). A message inside a stream block is
+        """One message: Begin, Commit, one ChangeEvent (I/U/D, or a sweep our logical
+        decoding message asks for), a list (TRUNCATE of several tables), a stream message
+        (Stream Start, Stop, Commit, Abort) or None (Relation, Type, Origin, somebody
+        else's Message, an UPDATE that its table's column filter judged unchanged:
+        nothing to invalidate). A message inside a stream block is
         unwrapped by unwrap_streamed() first.
 
         Raises InvalidEvent for a change that cannot become an event (a value that is not
@@ -261,7 +268,9 @@ class Decoder:
                 return None
             if kind == 0x54:  # 'T'
                 return self._truncate(msg)
-            if kind in b"YOM":  # Type, Origin, logical Message
+            if kind == 0x4D:  # 'M'
+                return self._message(msg)
+            if kind in b"YO":  # Type, Origin
                 return None
             if kind == 0x53:  # 'S'
                 xid, first = _STREAM_START.unpack_from(msg, 1)
@@ -499,6 +508,28 @@ class Decoder:
             self.position += 1
             events.append(ChangeEvent(relation.table, Op.TRUNCATE, None, None, self.position))
         return events
+
+    def _message(self, msg: bytes) -> ChangeEvent | None:
+        """A logical decoding message. Ours (our prefix, transactional: it commits or
+        aborts with the DDL that wrote it) names a table whose keys must all go: a TRUNCATE
+        event carrying the reason (StandInKind.UNRENDERABLE), swept, logged and counted
+        by the runner. Any other is not ours to read."""
+        flags, _lsn = _MESSAGE_HEAD.unpack_from(msg, 1)
+        prefix, pos = _cstring(msg, 1 + _MESSAGE_HEAD.size)
+        if prefix != MESSAGE_PREFIX or not flags & 1:
+            return None
+        (length,) = _I32.unpack_from(msg, pos)
+        content = bytes(msg[pos + 4 : pos + 4 + length])
+        try:
+            body = json.loads(content)
+            table = TableName(str(body["schema"]), str(body["table"]))
+            reason = str(body["reason"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InvalidEvent(f"message {content[:200]!r} ({MESSAGE_PREFIX}): {exc}") from None
+        self.position += 1
+        return ChangeEvent(
+            table, Op.TRUNCATE, None, {StandInKind.UNRENDERABLE.value: reason}, self.position
+        )
 
     def _relation_of(self, msg: bytes) -> Relation:
         (relid,) = _I32.unpack_from(msg, 1)

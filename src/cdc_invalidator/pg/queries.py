@@ -32,8 +32,8 @@ class Q(enum.Enum):
     GRANTS = "grants.sql"  # grant_listener()
     LOGICAL = "logical.sql"  # logical mode's objects and the DDL guard
     INSTALLING = "installing.sql"  # the event triggers stand aside while install works
-    REBUILD_GUARD = "rebuild_guard.sql"  # trigger mode: a watched table dropped or replaced
-    LEAVE_TRIGGER = "leave_trigger.sql"  # logical mode: the rebuild guard and stand-ins go
+    REBUILD_GUARD = "rebuild_guard.sql"  # a watched table dropped or replaced
+    LEAVE_TRIGGER = "leave_trigger.sql"  # logical mode: our triggers go
     WATCH_TABLE = "watch_table.sql"
     UNWATCH_OTHERS = "unwatch_others.sql"
     LEAVE_LOGICAL = "leave_logical.sql"
