@@ -1,5 +1,5 @@
--- Whether the rebuild guard (trigger mode's event triggers, sql/rebuild_guard.sql) is
--- installed and enabled: both of its event triggers.
+-- Whether the rebuild guard (the event triggers of sql/rebuild_guard.sql) is installed
+-- and fires ALWAYS (also in sessions with session_replication_role = replica): both.
 SELECT count(*) = 2 AS guarded
 FROM pg_event_trigger
-WHERE evtname IN ('cdc_invalidator_rebuilt', 'cdc_invalidator_dropped') AND evtenabled <> 'D'
+WHERE evtname IN ('cdc_invalidator_rebuilt', 'cdc_invalidator_dropped') AND evtenabled = 'A'

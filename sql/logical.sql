@@ -409,14 +409,19 @@ END
 $guard$;
 
 -- Event triggers are for superusers only: installed by another role, there is no guard
--- (and no column lists, see publish_list()); `check` says so.
+-- (and no column lists, see publish_list()); `check` says so. ALWAYS: DDL run with
+-- session_replication_role = replica is guarded too.
 DO $guard_install$
 BEGIN
-    IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
-       AND NOT EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'cdc_invalidator_guard') THEN
-        CREATE EVENT TRIGGER cdc_invalidator_guard ON ddl_command_end
-            WHEN TAG IN ('ALTER TABLE', 'CREATE TABLE')
-            EXECUTE FUNCTION cdc_invalidator.ddl_guard();
+    IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+        IF NOT EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'cdc_invalidator_guard') THEN
+            CREATE EVENT TRIGGER cdc_invalidator_guard ON ddl_command_end
+                WHEN TAG IN ('ALTER TABLE', 'CREATE TABLE')
+                EXECUTE FUNCTION cdc_invalidator.ddl_guard();
+        END IF;
+        IF (SELECT evtenabled FROM pg_event_trigger WHERE evtname = 'cdc_invalidator_guard') <> 'A' THEN
+            ALTER EVENT TRIGGER cdc_invalidator_guard ENABLE ALWAYS;
+        END IF;
     END IF;
 END
 $guard_install$;

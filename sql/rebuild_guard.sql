@@ -39,6 +39,22 @@ AS $emit$
 $emit$;
 REVOKE ALL ON FUNCTION cdc_invalidator.emit_sweep_v1(text, text, text) FROM PUBLIC;
 
+-- touched_v1(): in rebuilt_v1's event, the tables the command touched: those it names
+-- (ALTER INDEX ... RENAME TO may name a table), and every table of a schema it touched
+-- (ALTER SCHEMA ... RENAME TO gives each of them a new qualified name).
+CREATE OR REPLACE FUNCTION cdc_invalidator.touched_v1()
+RETURNS TABLE (rel oid)
+LANGUAGE sql SET search_path = pg_catalog, pg_temp
+AS $touched$
+    SELECT d.objid FROM pg_event_trigger_ddl_commands() d
+    WHERE d.classid = 'pg_catalog.pg_class'::regclass
+    UNION
+    SELECT c.oid FROM pg_event_trigger_ddl_commands() d
+    JOIN pg_class c ON c.relnamespace = d.objid
+    WHERE d.classid = 'pg_catalog.pg_namespace'::regclass
+$touched$;
+REVOKE ALL ON FUNCTION cdc_invalidator.touched_v1() FROM PUBLIC;
+
 CREATE OR REPLACE FUNCTION cdc_invalidator.rebuilt_v1()
 RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -56,12 +72,12 @@ BEGIN
             -- of ours (not the watched table itself; not one that has a stand-in already,
             -- such as after the stand-in's own ALTER TABLE below).
             SELECT DISTINCT c.oid::regclass AS rel, c.relkind, w.schema_name, w.table_name
-            FROM pg_event_trigger_ddl_commands() d
-            JOIN pg_class c ON c.oid = d.objid
+            FROM cdc_invalidator.touched_v1() t
+            JOIN pg_class c ON c.oid = t.rel
             JOIN pg_namespace n ON n.oid = c.relnamespace
             JOIN cdc_invalidator.watched_v1 w
               ON w.schema_name = n.nspname::text AND w.table_name = c.relname::text
-            WHERE d.classid = 'pg_catalog.pg_class'::regclass AND c.relkind IN ('r', 'p')
+            WHERE c.relkind IN ('r', 'p')
               AND NOT EXISTS (SELECT FROM cdc_invalidator.watched_v1 x WHERE x.relid::oid = c.oid)
               AND NOT EXISTS (SELECT FROM pg_trigger tg JOIN pg_proc p ON p.oid = tg.tgfoid
                               WHERE tg.tgrelid = c.oid
@@ -75,18 +91,17 @@ BEGIN
                 EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER cdc_invalidator_stand_in_v1', r.rel);
                 IF r.relkind = 'p' THEN
                     -- A statement that names a partition fires that partition's statement
-                    -- triggers only; a row trigger reaches every partition, present or later.
-                    -- Its owner must be able to run the function to add partitions (watch()
-                    -- grants it the same).
-                    EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.sweep_untriggered_v1() '
-                                   'TO %s', (SELECT c.relowner::regrole FROM pg_class c
-                                             WHERE c.oid = r.rel));
+                    -- triggers only; a row trigger reaches every partition, present or later
+                    -- (their TRUNCATEs: the loop below). Its owner must be able to run the
+                    -- function to add partitions.
                     EXECUTE format('CREATE TRIGGER cdc_invalidator_stand_in_row_v1 AFTER INSERT '
                                    'OR UPDATE OR DELETE ON %s FOR EACH ROW EXECUTE FUNCTION '
                                    'cdc_invalidator.sweep_untriggered_v1(%L, %L)',
                                    r.rel, r.schema_name, r.table_name);
                     EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER cdc_invalidator_stand_in_row_v1',
                                    r.rel);
+                    PERFORM cdc_invalidator.regrant_sweeps_v1(c.relowner::regrole)
+                    FROM pg_class c WHERE c.oid = r.rel;
                 END IF;
                 PERFORM cdc_invalidator.queue_sweep_once_v1(r.schema_name, r.table_name, format(
                     'table %s took the name of watched table %I.%I after install', r.rel,
@@ -99,6 +114,40 @@ BEGIN
                     'changes are not captured (%): run `cdc-invalidator install`', r.rel, SQLERRM;
             END;
         END LOOP;
+        FOR r IN
+            -- Partitions created or attached since install under a watched partitioned
+            -- table (or a stand-in's): a row trigger of ours reaches their rows, but a
+            -- TRUNCATE that names one fires only its own statement triggers, and it has
+            -- none of ours. (ATTACH PARTITION names the parent, CREATE TABLE ... PARTITION
+            -- OF the partition: the whole tree is looked at.)
+            SELECT DISTINCT p.relid::regclass AS rel, w.schema_name, w.table_name
+            FROM cdc_invalidator.touched_v1() t
+            JOIN pg_class c ON c.oid = t.rel AND (c.relispartition OR c.relkind = 'p')
+            CROSS JOIN LATERAL pg_partition_root(t.rel) AS top (root)
+            JOIN pg_class rc ON rc.oid = top.root
+            JOIN pg_namespace rn ON rn.oid = rc.relnamespace
+            JOIN cdc_invalidator.watched_v1 w
+              ON w.relid::oid = top.root
+              OR (w.schema_name, w.table_name) = (rn.nspname::text, rc.relname::text)
+            CROSS JOIN LATERAL pg_partition_tree(top.root) p
+            JOIN pg_class pc ON pc.oid = p.relid AND pc.relkind IN ('r', 'p')
+            WHERE p.relid::oid <> top.root
+              AND NOT EXISTS (SELECT FROM pg_trigger tg JOIN pg_proc f ON f.oid = tg.tgfoid
+                              WHERE tg.tgrelid = p.relid AND tg.tgtype & 32 <> 0  -- TRUNCATE
+                                AND f.pronamespace = 'cdc_invalidator'::regnamespace)
+        LOOP
+            BEGIN
+                EXECUTE format('CREATE TRIGGER cdc_invalidator_part_trunc_v1 AFTER TRUNCATE ON %s '
+                               'FOR EACH STATEMENT EXECUTE FUNCTION '
+                               'cdc_invalidator.sweep_untriggered_v1(%L, %L)',
+                               r.rel, r.schema_name, r.table_name);
+                EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER cdc_invalidator_part_trunc_v1',
+                               r.rel);
+            EXCEPTION WHEN OTHERS THEN
+                RAISE WARNING 'cdc_invalidator: a TRUNCATE of partition % is not captured (%): run '
+                    '`cdc-invalidator install`', r.rel, SQLERRM;
+            END;
+        END LOOP;
         -- (published_v1 exists only where logical mode was installed.)
         IF to_regclass('cdc_invalidator.published_v1') IS NOT NULL THEN
             FOR r IN
@@ -106,13 +155,13 @@ BEGIN
                 -- are not partitions (those are published with their partitioned table).
                 SELECT DISTINCT ON (c.oid) c.oid::regclass AS rel, p.schema_name, p.table_name,
                        p.columns, p.keep, p.publication, p.judge
-                FROM pg_event_trigger_ddl_commands() d
-                JOIN pg_class c ON c.oid = d.objid
+                FROM cdc_invalidator.touched_v1() t
+                JOIN pg_class c ON c.oid = t.rel
                 JOIN pg_namespace n ON n.oid = c.relnamespace
                 JOIN cdc_invalidator.published_v1 p
                   ON p.schema_name = n.nspname::text AND p.table_name = c.relname::text
                 JOIN pg_publication pub ON pub.pubname = p.publication
-                WHERE d.classid = 'pg_catalog.pg_class'::regclass AND c.relkind IN ('r', 'p')
+                WHERE c.relkind IN ('r', 'p')
                   AND NOT c.relispartition
                   AND NOT EXISTS (SELECT FROM cdc_invalidator.published_v1 x WHERE x.relid::oid = c.oid)
                   AND NOT EXISTS (SELECT FROM pg_publication_rel pr
@@ -208,18 +257,27 @@ REVOKE ALL ON FUNCTION cdc_invalidator.dropped_v1() FROM PUBLIC;
 
 -- Event triggers are for superusers only: installed by another role, there is no guard;
 -- `check` says so. They go with uninstall (uninstall.sql), not with a switch of modes.
+-- ALWAYS: a migration run with session_replication_role = replica (as some loaders and
+-- restore tools set it) is guarded too, as its writes are captured.
 DO $rebuild_guard$
 BEGIN
     IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
         IF NOT EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'cdc_invalidator_rebuilt') THEN
             CREATE EVENT TRIGGER cdc_invalidator_rebuilt ON ddl_command_end
-                WHEN TAG IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO', 'ALTER TABLE')
+                WHEN TAG IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO', 'ALTER TABLE',
+                             'ALTER INDEX', 'ALTER SCHEMA')
                 EXECUTE FUNCTION cdc_invalidator.rebuilt_v1();
         END IF;
         IF NOT EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'cdc_invalidator_dropped') THEN
             CREATE EVENT TRIGGER cdc_invalidator_dropped ON sql_drop
                 WHEN TAG IN ('DROP TABLE', 'DROP SCHEMA', 'DROP OWNED')
                 EXECUTE FUNCTION cdc_invalidator.dropped_v1();
+        END IF;
+        IF (SELECT evtenabled FROM pg_event_trigger WHERE evtname = 'cdc_invalidator_rebuilt') <> 'A' THEN
+            ALTER EVENT TRIGGER cdc_invalidator_rebuilt ENABLE ALWAYS;
+        END IF;
+        IF (SELECT evtenabled FROM pg_event_trigger WHERE evtname = 'cdc_invalidator_dropped') <> 'A' THEN
+            ALTER EVENT TRIGGER cdc_invalidator_dropped ENABLE ALWAYS;
         END IF;
     END IF;
 END

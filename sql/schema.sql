@@ -629,30 +629,46 @@ BEGIN
 END
 $unpinned$;
 
--- queue_sweep_once_v1(schema, table, reason): queue one sweep of the table's templates
--- (by the name its events carry) for the current transaction, however many of its
--- statements or rows ask, carrying `reason` ({"unrenderable": reason}), which the
+-- queue_sweep_once_v1(schema, table, reason[, writer]): queue one sweep of the table's
+-- templates (by the name its events carry) for the current transaction, however many of
+-- its statements or rows ask, carrying `reason` ({"unrenderable": reason}), which the
 -- listener logs and counts. For the triggers and event triggers that see a change they
 -- cannot render: sweep_untriggered_v1 below, and the rebuild guard (rebuild_guard.sql).
+-- With `writer`, the table a trigger fired on: nothing is queued unless that table (or
+-- the partitioned table at the top of its tree) is watched under that name or bears it
+-- (a stand-in's): a trigger someone else attached to a table of theirs, with any name
+-- in its arguments, sweeps nothing.
+DROP FUNCTION IF EXISTS cdc_invalidator.queue_sweep_once_v1(text, text, text);
 CREATE OR REPLACE FUNCTION cdc_invalidator.queue_sweep_once_v1(
-    schema_n text, table_n text, reason text)
+    schema_n text, table_n text, reason text, writer regclass DEFAULT NULL)
 RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $once$
+DECLARE
+    root oid := coalesce(pg_partition_root(writer), writer);
 BEGIN
-    IF NOT EXISTS (
+    IF EXISTS (
         SELECT FROM cdc_invalidator.queue_v1 q
         WHERE q.xid = pg_current_xact_id() AND q.op = 'T'
           AND q.schema_name = schema_n AND q.table_name = table_n) THEN
-        INSERT INTO cdc_invalidator.queue_v1 (schema_name, table_name, op, new_row)
-        VALUES (schema_n, table_n, 'T', json_build_object('unrenderable', reason));
-        IF current_setting('cdc_invalidator.notify', true) IS DISTINCT FROM 'off' THEN
-            PERFORM pg_notify('cdc_invalidator_v1', '');
-        END IF;
+        RETURN;
+    END IF;
+    IF writer IS NOT NULL
+       AND NOT EXISTS (SELECT FROM cdc_invalidator.watched_v1 w
+                       WHERE w.relid::oid = root
+                         AND (w.schema_name, w.table_name) = (schema_n, table_n))
+       AND NOT EXISTS (SELECT FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                       WHERE c.oid = root AND (n.nspname::text, c.relname::text) = (schema_n, table_n)) THEN
+        RETURN;
+    END IF;
+    INSERT INTO cdc_invalidator.queue_v1 (schema_name, table_name, op, new_row)
+    VALUES (schema_n, table_n, 'T', json_build_object('unrenderable', reason));
+    IF current_setting('cdc_invalidator.notify', true) IS DISTINCT FROM 'off' THEN
+        PERFORM pg_notify('cdc_invalidator_v1', '');
     END IF;
 END
 $once$;
-REVOKE ALL ON FUNCTION cdc_invalidator.queue_sweep_once_v1(text, text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cdc_invalidator.queue_sweep_once_v1(text, text, text, regclass) FROM PUBLIC;
 
 -- The row trigger a watched partitioned table carries for partitions created or attached
 -- after watch(): statement triggers fire only on the table a statement names, so a write
@@ -672,10 +688,35 @@ BEGIN
             '%s has no capture triggers: it, or the table it is a partition of, took the '
             'name of watched table %I.%I after install', TG_RELID::regclass, TG_ARGV[0], TG_ARGV[1])
         ELSE format('partition %s has no capture triggers (created after install)',
-                    TG_RELID::regclass) END);
+                    TG_RELID::regclass) END, TG_RELID);
     RETURN NULL;
 END
 $untriggered$;
+
+-- regrant_sweeps_v1(role): EXECUTE on sweep_untriggered_v1() for `role` exactly while it
+-- owns a partitioned table carrying a row trigger of ours (a watched one's
+-- cdc_invalidator_part_v1, a stand-in's): PostgreSQL checks that privilege as the role
+-- creating or attaching a partition, when it copies the trigger onto it, so without it
+-- the owner could not add one. Called wherever such triggers or owners change.
+CREATE OR REPLACE FUNCTION cdc_invalidator.regrant_sweeps_v1(role regrole)
+RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $regrant$
+BEGIN
+    IF role = (SELECT nspowner FROM pg_namespace WHERE nspname = 'cdc_invalidator') THEN
+        RETURN;
+    END IF;
+    IF EXISTS (SELECT FROM pg_trigger tg JOIN pg_class c ON c.oid = tg.tgrelid
+               WHERE c.relowner = role AND c.relkind = 'p' AND tg.tgparentid = 0
+                 AND tg.tgname IN ('cdc_invalidator_part_v1', 'cdc_invalidator_stand_in_row_v1')) THEN
+        EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.sweep_untriggered_v1() TO %s', role);
+    ELSE
+        EXECUTE format('REVOKE EXECUTE ON FUNCTION cdc_invalidator.sweep_untriggered_v1() FROM %s',
+                       role);
+    END IF;
+END
+$regrant$;
+REVOKE ALL ON FUNCTION cdc_invalidator.regrant_sweeps_v1(regrole) FROM PUBLIC;
 
 -- watch(table, columns[, judge, filter_columns[, notify_payload]]): capture every
 -- committed change of `table`, copying `columns`. With a column filter (judge 'ignore':
@@ -1043,11 +1084,6 @@ BEGIN
     EXECUTE format('GRANT USAGE ON SCHEMA cdc_invalidator TO %s', owner);
     EXECUTE format('GRANT INSERT (schema_name, table_name, op, old_row, new_row, rows) '
                    'ON TABLE cdc_invalidator.queue_v1 TO %s', owner);
-    -- PostgreSQL checks EXECUTE on a row trigger's function as the role that creates or
-    -- attaches a partition, when it copies the trigger onto it: without this grant the
-    -- table's owner could not add a partition to a watched partitioned table. (It adds
-    -- nothing the owner could not do already: it may insert sweeps into the queue.)
-    EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.sweep_untriggered_v1() TO %s', owner);
 
     -- The table, and for a partitioned table every partition too: statement triggers
     -- fire only on the table a statement names. Only missing triggers are created, and
@@ -1098,17 +1134,23 @@ BEGIN
         END LOOP;
     END IF;
 
-    -- The rebuild guard's stand-in (rebuild_guard.sql), if the table took a watched name
-    -- after the last install, gives way to the capture triggers now in place (looked up
-    -- first: DROP TRIGGER IF EXISTS would lock the table when there is none). A partition's
-    -- copy of a row trigger goes with the table's.
+    -- The rebuild guard's triggers (rebuild_guard.sql) give way to the capture triggers
+    -- now in place: the stand-in of a table that took a watched name after the last
+    -- install, and the TRUNCATE trigger of a partition created since (looked up first:
+    -- DROP TRIGGER IF EXISTS would lock the table when there is none). A partition's copy
+    -- of a row trigger goes with the table's.
     FOR trg IN
-        SELECT tg.tgname AS name FROM pg_trigger tg
-        WHERE tg.tgrelid = tbl AND tg.tgparentid = 0
-          AND tg.tgname IN ('cdc_invalidator_stand_in_v1', 'cdc_invalidator_stand_in_row_v1')
+        SELECT tg.tgname AS name, tg.tgrelid::regclass AS rel FROM pg_trigger tg
+        WHERE (tg.tgrelid = tbl OR tg.tgrelid IN (SELECT p.relid FROM pg_partition_tree(tbl) p))
+          AND tg.tgparentid = 0
+          AND tg.tgname IN ('cdc_invalidator_stand_in_v1', 'cdc_invalidator_stand_in_row_v1',
+                            'cdc_invalidator_part_trunc_v1')
     LOOP
-        EXECUTE format('DROP TRIGGER %I ON %s', trg.name, tbl);
+        EXECUTE format('DROP TRIGGER %I ON %s', trg.name, trg.rel);
     END LOOP;
+    -- The owner may add partitions: PostgreSQL copies our row trigger onto them as the
+    -- role doing it, which must be able to run its function.
+    PERFORM cdc_invalidator.regrant_sweeps_v1(owner);
 
     INSERT INTO cdc_invalidator.watched_v1 (relid, columns, attnums, schema_name, table_name,
                                            judge, filter_columns, judged, judged_natts)
@@ -1155,10 +1197,15 @@ BEGIN
                  AND p.proname LIKE 'capture\_%\_v1') THEN
             EXECUTE format('REVOKE INSERT (schema_name, table_name, op, old_row, new_row, rows) '
                            'ON TABLE cdc_invalidator.queue_v1 FROM %s', owner);
-            EXECUTE format('REVOKE EXECUTE ON FUNCTION cdc_invalidator.sweep_untriggered_v1() '
-                           'FROM %s', owner);
         END IF;
     END IF;
+    -- Whoever owned a partitioned table whose row trigger went keeps the grant it
+    -- needed for it only while it owns another.
+    IF owner IS NOT NULL THEN
+        PERFORM cdc_invalidator.regrant_sweeps_v1(owner);
+    END IF;
+    PERFORM cdc_invalidator.regrant_sweeps_v1(c.relowner::regrole)
+    FROM pg_class c WHERE c.oid = tbl;
     DELETE FROM cdc_invalidator.watched_v1 WHERE relid = tbl;
 END
 $unwatch$;
@@ -1167,7 +1214,7 @@ $unwatch$;
 REVOKE ALL ON FUNCTION cdc_invalidator.watch(regclass, text[], text, text[], boolean, integer) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cdc_invalidator.unwatch(regclass) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cdc_invalidator.missing_columns(regclass, text[]) FROM PUBLIC;
--- Nobody but our triggers runs this one; a role that could attach it to a table of its
--- own could queue sweeps. Watched tables' owners are granted it (watch()), for their
--- partitions.
+-- Nobody but our triggers runs this one (and it queues nothing for a table not watched
+-- under the name it is given). The owners of partitioned tables carrying our row
+-- triggers are granted it (regrant_sweeps_v1()), for their partitions.
 REVOKE ALL ON FUNCTION cdc_invalidator.sweep_untriggered_v1() FROM PUBLIC;

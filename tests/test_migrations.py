@@ -297,7 +297,24 @@ def test_the_owner_of_a_watched_partitioned_table_adds_partitions(env: Env) -> N
         r.mset({"event:150": "-", "event:5": "cached"})
         env.sql(f"SET ROLE {role}; INSERT INTO events_2 VALUES (150, 'x'); RESET ROLE")
         wait_until(lambda: r.exists("event:150", "event:5") == 0, what="the new partition swept")
+        # A TRUNCATE naming a new partition fires its own statement triggers only: the
+        # rebuild guard gave it one of ours.
+        for partition in ("events_2", "events_3"):
+            r.mset({"event:5": "cached"})
+            env.sql(f"SET ROLE {role}; TRUNCATE {partition}; RESET ROLE")
+            wait_until(lambda: r.exists("event:5") == 0, what=f"{partition}'s TRUNCATE swept")
         settle(env, r)
+    # The function is the owner's to attach to a table of its own, with any name: it
+    # sweeps nothing there.
+    queued = "SELECT count(*) FROM cdc_invalidator.queue_v1 WHERE op = 'T'"
+    before = env.scalar(queued)
+    env.sql(
+        f"SET ROLE {role}; CREATE TABLE mine (id int);"
+        "CREATE TRIGGER forged AFTER INSERT ON mine FOR EACH STATEMENT"
+        " EXECUTE FUNCTION cdc_invalidator.sweep_untriggered_v1('public', 'events');"
+        "INSERT INTO mine VALUES (1); RESET ROLE"
+    )
+    assert env.scalar(queued) == before
     # Another owner since install: check says that adding a partition now fails.
     env.sql(f"CREATE ROLE {role}_2; ALTER TABLE events OWNER TO {role}_2")
     result = check(config)

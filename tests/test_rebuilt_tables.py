@@ -159,6 +159,47 @@ def test_a_dropped_table_is_swept_and_one_created_in_its_place_too(
     assert env.scalar(OURS) == sorted(CAPTURE + partitioned)
 
 
+def test_rebuilds_the_guard_sees_in_replica_mode_by_schema_and_by_alter_index(env: Env) -> None:
+    """Not only CREATE TABLE and ALTER TABLE ... RENAME: DDL run with
+    session_replication_role = replica, a schema swapped in by ALTER SCHEMA ... RENAME,
+    and ALTER INDEX ... RENAME TO (PostgreSQL lets it rename a table)."""
+    env.sql(
+        "CREATE SCHEMA app; CREATE TABLE app.users (id int PRIMARY KEY, email text);"
+        "CREATE TABLE public.users (id int PRIMARY KEY, email text)"
+    )
+    install(env, {"app.users": ["user:{id}"], "public.users": ["puser:{id}"]})
+    stand_ins = (
+        "SELECT array_agg(tgrelid::regclass::text ORDER BY tgrelid::regclass::text) FROM pg_trigger"
+        " WHERE tgname = 'cdc_invalidator_stand_in_v1'"
+    )
+    env.sql(
+        "SET session_replication_role = replica; DROP TABLE public.users;"
+        "CREATE TABLE public.users (id int PRIMARY KEY, email text)"
+    )
+    assert env.scalar(stand_ins) == ["users"]
+    env.sql(
+        "CREATE SCHEMA app_new; CREATE TABLE app_new.users (id int PRIMARY KEY, email text);"
+        "ALTER SCHEMA app RENAME TO app_old; ALTER SCHEMA app_new RENAME TO app"
+    )
+    assert env.scalar(stand_ins) == ["app.users", "users"]
+    env.sql(
+        "CREATE TABLE users_next (id int PRIMARY KEY, email text);"
+        "ALTER TABLE users RENAME TO users_gone; ALTER INDEX users_next RENAME TO users"
+    )
+    assert env.scalar(stand_ins) == ["app.users", "users", "users_gone"]
+    # Install gives the tables that bear the names their triggers, and takes the stand-in
+    # off the table renamed away (it would sweep public.users' keys on every write).
+    install(env, {"app.users": ["user:{id}"], "public.users": ["puser:{id}"]})
+    assert env.scalar(stand_ins) is None
+    assert (
+        env.scalar(
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'users_gone'::regclass"
+            " AND tgname LIKE 'cdc\\_invalidator%'"
+        )
+        == 0
+    )
+
+
 def test_a_rebuild_that_rolls_back_leaves_the_cache_and_the_table_alone(
     env: Env, owner: str
 ) -> None:

@@ -267,7 +267,7 @@ def check_rebuild_guard(conn: psycopg.Connection[Any], report: Report) -> None:
     if not (row and row[0]):
         report.warnings.append(
             "the rebuild guard (event triggers cdc_invalidator_rebuilt and "
-            "cdc_invalidator_dropped) is not installed or is disabled: a watched table "
+            "cdc_invalidator_dropped) is not installed, or does not fire ALWAYS: a watched table "
             "dropped, or replaced by another that takes its name, leaves its keys cached and "
             'its new writes uncaptured until install runs again (docs/DBA.md, "Schema '
             'migrations"); run `cdc-invalidator install` as a superuser to add it'
