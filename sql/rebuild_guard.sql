@@ -34,8 +34,9 @@ CREATE OR REPLACE FUNCTION cdc_invalidator.emit_sweep_v1(schema_n text, table_n 
 RETURNS void
 LANGUAGE sql SET search_path = pg_catalog, pg_temp
 AS $emit$
-    SELECT FROM pg_logical_emit_message(true, 'cdc_invalidator_v1', json_build_object(
-        'schema', schema_n, 'table', table_n, 'reason', reason)::text);
+    -- (as UTF-8 bytes: a text message is sent in the server's encoding)
+    SELECT FROM pg_logical_emit_message(true, 'cdc_invalidator_v1', convert_to(json_build_object(
+        'schema', schema_n, 'table', table_n, 'reason', reason)::text, 'UTF8'));
 $emit$;
 REVOKE ALL ON FUNCTION cdc_invalidator.emit_sweep_v1(text, text, text) FROM PUBLIC;
 
@@ -120,21 +121,27 @@ BEGIN
             -- TRUNCATE that names one fires only its own statement triggers, and it has
             -- none of ours. (ATTACH PARTITION names the parent, CREATE TABLE ... PARTITION
             -- OF the partition: the whole tree is looked at.)
-            SELECT DISTINCT p.relid::regclass AS rel, w.schema_name, w.table_name
+            SELECT DISTINCT ON (p.relid) p.relid::regclass AS rel, w.schema_name, w.table_name
             FROM cdc_invalidator.touched_v1() t
             JOIN pg_class c ON c.oid = t.rel AND (c.relispartition OR c.relkind = 'p')
-            CROSS JOIN LATERAL pg_partition_root(t.rel) AS top (root)
-            JOIN pg_class rc ON rc.oid = top.root
-            JOIN pg_namespace rn ON rn.oid = rc.relnamespace
+            -- the touched table and the tables it is a partition of: a watched one (or a
+            -- stand-in's) among them, nearest first
+            CROSS JOIN LATERAL (SELECT t.rel AS relid, 0 AS depth
+                                UNION ALL
+                                SELECT a.relid, row_number() OVER () FROM pg_partition_ancestors(t.rel) a
+                                WHERE a.relid::oid <> t.rel) up
+            JOIN pg_class uc ON uc.oid = up.relid
+            JOIN pg_namespace un ON un.oid = uc.relnamespace
             JOIN cdc_invalidator.watched_v1 w
-              ON w.relid::oid = top.root
-              OR (w.schema_name, w.table_name) = (rn.nspname::text, rc.relname::text)
-            CROSS JOIN LATERAL pg_partition_tree(top.root) p
+              ON w.relid::oid = up.relid
+              OR (w.schema_name, w.table_name) = (un.nspname::text, uc.relname::text)
+            CROSS JOIN LATERAL pg_partition_tree(up.relid) p
             JOIN pg_class pc ON pc.oid = p.relid AND pc.relkind IN ('r', 'p')
-            WHERE p.relid::oid <> top.root
+            WHERE p.relid::oid <> up.relid
               AND NOT EXISTS (SELECT FROM pg_trigger tg JOIN pg_proc f ON f.oid = tg.tgfoid
                               WHERE tg.tgrelid = p.relid AND tg.tgtype & 32 <> 0  -- TRUNCATE
                                 AND f.pronamespace = 'cdc_invalidator'::regnamespace)
+            ORDER BY p.relid, up.depth
         LOOP
             BEGIN
                 EXECUTE format('CREATE TRIGGER cdc_invalidator_part_trunc_v1 AFTER TRUNCATE ON %s '
@@ -148,6 +155,15 @@ BEGIN
                     '`cdc-invalidator install`', r.rel, SQLERRM;
             END;
         END LOOP;
+        -- A partitioned table carrying our row trigger that changed owners: the new one
+        -- may add partitions.
+        PERFORM cdc_invalidator.regrant_sweeps_v1(o.owner)
+        FROM (SELECT DISTINCT c.relowner::regrole AS owner
+              FROM cdc_invalidator.touched_v1() t JOIN pg_class c ON c.oid = t.rel
+              WHERE c.relkind = 'p'
+                AND EXISTS (SELECT FROM pg_trigger tg WHERE tg.tgrelid = c.oid
+                              AND tg.tgname IN ('cdc_invalidator_part_v1',
+                                                'cdc_invalidator_stand_in_row_v1'))) o;
         -- (published_v1 exists only where logical mode was installed.)
         IF to_regclass('cdc_invalidator.published_v1') IS NOT NULL THEN
             FOR r IN

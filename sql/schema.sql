@@ -634,18 +634,16 @@ $unpinned$;
 -- its statements or rows ask, carrying `reason` ({"unrenderable": reason}), which the
 -- listener logs and counts. For the triggers and event triggers that see a change they
 -- cannot render: sweep_untriggered_v1 below, and the rebuild guard (rebuild_guard.sql).
--- With `writer`, the table a trigger fired on: nothing is queued unless that table (or
--- the partitioned table at the top of its tree) is watched under that name or bears it
--- (a stand-in's): a trigger someone else attached to a table of theirs, with any name
--- in its arguments, sweeps nothing.
+-- With `writer`, the table a trigger fired on: nothing is queued unless that table or a
+-- table it is a partition of (at any level) is watched under that name or bears it (a
+-- stand-in's): a trigger someone else attached to a table of theirs, with any name in
+-- its arguments, sweeps nothing.
 DROP FUNCTION IF EXISTS cdc_invalidator.queue_sweep_once_v1(text, text, text);
 CREATE OR REPLACE FUNCTION cdc_invalidator.queue_sweep_once_v1(
     schema_n text, table_n text, reason text, writer regclass DEFAULT NULL)
 RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $once$
-DECLARE
-    root oid := coalesce(pg_partition_root(writer), writer);
 BEGIN
     IF EXISTS (
         SELECT FROM cdc_invalidator.queue_v1 q
@@ -653,12 +651,15 @@ BEGIN
           AND q.schema_name = schema_n AND q.table_name = table_n) THEN
         RETURN;
     END IF;
-    IF writer IS NOT NULL
-       AND NOT EXISTS (SELECT FROM cdc_invalidator.watched_v1 w
-                       WHERE w.relid::oid = root
-                         AND (w.schema_name, w.table_name) = (schema_n, table_n))
-       AND NOT EXISTS (SELECT FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                       WHERE c.oid = root AND (n.nspname::text, c.relname::text) = (schema_n, table_n)) THEN
+    IF writer IS NOT NULL AND NOT EXISTS (
+        -- (pg_partition_ancestors lists the table itself first; nothing for one that is
+        -- neither a partition nor partitioned)
+        SELECT FROM (SELECT writer::oid AS relid UNION SELECT a.relid FROM pg_partition_ancestors(writer) a) up
+        JOIN pg_class c ON c.oid = up.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE (n.nspname::text, c.relname::text) = (schema_n, table_n)
+           OR EXISTS (SELECT FROM cdc_invalidator.watched_v1 w
+                      WHERE w.relid::oid = up.relid
+                        AND (w.schema_name, w.table_name) = (schema_n, table_n))) THEN
         RETURN;
     END IF;
     INSERT INTO cdc_invalidator.queue_v1 (schema_name, table_name, op, new_row)
@@ -695,7 +696,8 @@ $untriggered$;
 
 -- regrant_sweeps_v1(role): EXECUTE on sweep_untriggered_v1() for `role` exactly while it
 -- owns a partitioned table carrying a row trigger of ours (a watched one's
--- cdc_invalidator_part_v1, a stand-in's): PostgreSQL checks that privilege as the role
+-- cdc_invalidator_part_v1, a stand-in's, or a copy of either on a partitioned partition):
+-- PostgreSQL checks that privilege as the role
 -- creating or attaching a partition, when it copies the trigger onto it, so without it
 -- the owner could not add one. Called wherever such triggers or owners change.
 CREATE OR REPLACE FUNCTION cdc_invalidator.regrant_sweeps_v1(role regrole)
@@ -707,7 +709,7 @@ BEGIN
         RETURN;
     END IF;
     IF EXISTS (SELECT FROM pg_trigger tg JOIN pg_class c ON c.oid = tg.tgrelid
-               WHERE c.relowner = role AND c.relkind = 'p' AND tg.tgparentid = 0
+               WHERE c.relowner = role AND c.relkind = 'p'
                  AND tg.tgname IN ('cdc_invalidator_part_v1', 'cdc_invalidator_stand_in_row_v1')) THEN
         EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.sweep_untriggered_v1() TO %s', role);
     ELSE
@@ -1115,6 +1117,14 @@ BEGIN
         END LOOP;
     END LOOP;
     IF kind = 'p' THEN
+        -- Made under another name (the table was renamed, and configured so, since): its
+        -- sweeps would carry the old one. Made again; its copies go and come with it.
+        IF EXISTS (SELECT FROM pg_trigger tg
+                   WHERE tg.tgrelid = tbl AND tg.tgname = 'cdc_invalidator_part_v1'
+                     AND strpos(pg_get_triggerdef(tg.oid), format('sweep_untriggered_v1(%L, %L)',
+                                                                   schema_n, table_n)) = 0) THEN
+            EXECUTE format('DROP TRIGGER cdc_invalidator_part_v1 ON %s', tbl);
+        END IF;
         IF NOT EXISTS (SELECT FROM pg_trigger WHERE tgrelid = tbl AND tgname = 'cdc_invalidator_part_v1') THEN
             EXECUTE format('CREATE TRIGGER cdc_invalidator_part_v1 AFTER INSERT OR UPDATE OR DELETE ON %s '
                            'FOR EACH ROW EXECUTE FUNCTION cdc_invalidator.sweep_untriggered_v1(%L, %L)',
@@ -1148,9 +1158,13 @@ BEGIN
     LOOP
         EXECUTE format('DROP TRIGGER %I ON %s', trg.name, trg.rel);
     END LOOP;
-    -- The owner may add partitions: PostgreSQL copies our row trigger onto them as the
-    -- role doing it, which must be able to run its function.
-    PERFORM cdc_invalidator.regrant_sweeps_v1(owner);
+    -- The owners of the partitioned tables of the tree may add partitions: PostgreSQL
+    -- copies our row trigger onto them as the role doing it, which must be able to run
+    -- its function.
+    PERFORM cdc_invalidator.regrant_sweeps_v1(o.owner)
+    FROM (SELECT DISTINCT c.relowner::regrole AS owner FROM pg_class c
+          WHERE c.oid IN (SELECT tbl UNION SELECT p.relid FROM pg_partition_tree(tbl) p)
+            AND (c.relkind = 'p' OR c.oid = tbl)) o;
 
     INSERT INTO cdc_invalidator.watched_v1 (relid, columns, attnums, schema_name, table_name,
                                            judge, filter_columns, judged, judged_natts)

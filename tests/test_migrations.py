@@ -322,6 +322,48 @@ def test_the_owner_of_a_watched_partitioned_table_adds_partitions(env: Env) -> N
     env.sql(f"DROP OWNED BY {role}, {role}_2 CASCADE; DROP ROLE {role}, {role}_2")
 
 
+def test_a_watched_table_within_a_partition_tree_renamed_and_reconfigured(env: Env) -> None:
+    """A watched table that is itself a partition (of a table not watched): a partition
+    added under it is swept, its TRUNCATE too. Configured as its parent instead, install
+    leaves the triggers it gives the old table in place; renamed and configured so, a
+    partition added later is swept under the new name."""
+    env.sql(
+        "CREATE TABLE o (r text, id int) PARTITION BY LIST (r);"
+        "CREATE TABLE o_eu PARTITION OF o FOR VALUES IN ('eu') PARTITION BY RANGE (id);"
+        "CREATE TABLE o_eu_0 PARTITION OF o_eu FOR VALUES FROM (0) TO (100)"
+    )
+    config = install(env, {"public.o_eu": ["o:{id}"]})
+    env.sql("CREATE TABLE o_eu_1 PARTITION OF o_eu FOR VALUES FROM (100) TO (200)")
+    r = env.redis()
+    with listening(config):
+        r.mset({"o:150": "-", "o:5": "cached"})
+        env.sql("INSERT INTO o_eu_1 VALUES ('eu', 150)")
+        wait_until(lambda: r.exists("o:150", "o:5") == 0, what="the new sub-partition swept")
+        r.set("o:5", "cached")
+        env.sql("TRUNCATE o_eu_1")
+        wait_until(lambda: r.exists("o:5") == 0, what="its TRUNCATE swept")
+        settle(env, r)
+    # The parent configured instead: the former table's partitions keep capture triggers.
+    parent = install(env, {"public.o": ["o:{id}"]}, name="parent.toml")
+    with listening(parent):
+        r.mset({"o:7": "-", "o:8": "cached"})
+        env.sql("INSERT INTO o_eu_0 VALUES ('eu', 7)")  # names the partition
+        wait_until(lambda: r.exists("o:7") == 0, what="the exact key")
+        settle(env, r)
+        assert r.get("o:8") == "cached"
+    # Renamed, and configured under the new name: a partition added later is swept under
+    # it (the row trigger is made again with the new name).
+    env.sql("ALTER TABLE o RENAME TO o2")
+    renamed = install(env, {"public.o2": ["o:{id}"]}, name="renamed.toml")
+    env.sql("CREATE TABLE o_us PARTITION OF o2 FOR VALUES IN ('us')")
+    with listening(renamed):
+        r.mset({"o:9": "-", "o:5": "cached"})
+        env.sql("INSERT INTO o_us VALUES ('us', 9)")
+        wait_until(lambda: r.exists("o:9", "o:5") == 0, what="the partition swept as o2")
+        settle(env, r)
+    assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 0
+
+
 def test_writes_in_replica_mode_are_captured(env: Env) -> None:
     users_table(env, [(1, "u1@x")])
     config = install(env, USERS)

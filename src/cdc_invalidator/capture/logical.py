@@ -1010,22 +1010,16 @@ class LogicalStream:
         after it, still carries the old name). A partition's columns have its parent's
         names, so a partition resolves through its configured ancestor.
         """
-        entry = self._known.get(relid)
-        target = relid
-        if entry is None:
-            for (ancestor,) in self._side.execute(Q.PARTITION_ANCESTORS.sql, {"relid": relid}):
-                entry = self._known.get(int(ancestor))
-                if entry is not None:
-                    target = int(ancestor)
-                    break
-        if entry is None:
-            # A table published since this connection began: the rebuild guard publishes
-            # one that took a configured table's name (sql/rebuild_guard.sql).
+        found = self._known_or_ancestor(relid)
+        if found is None:
+            # A table published since this connection began (or a partition of one): the
+            # rebuild guard publishes one that took a configured table's name
+            # (sql/rebuild_guard.sql).
             self._known = self._resolve_configured()
-            entry = self._known.get(relid)
-            if entry is None:
+            found = self._known_or_ancestor(relid)
+            if found is None:
                 return None
-        table, wanted, attnums = entry
+        target, (table, wanted, attnums) = found
         now = dict(
             self._side.execute(
                 Q.RELATION_COLUMNS.sql,
@@ -1040,6 +1034,20 @@ class LogicalStream:
                     names[column] = candidate
                     break
         return Resolved(table, wanted, names, self._config.filters.get(table))
+
+    def _known_or_ancestor(
+        self, relid: int
+    ) -> tuple[int, tuple[TableName, tuple[str, ...], list[int | None]]] | None:
+        """The configured table a relation is, or the nearest one it is a partition of,
+        with that table's relid; None if neither."""
+        entry = self._known.get(relid)
+        if entry is not None:
+            return relid, entry
+        for (ancestor,) in self._side.execute(Q.PARTITION_ANCESTORS.sql, {"relid": relid}):
+            entry = self._known.get(int(ancestor))
+            if entry is not None:
+                return int(ancestor), entry
+        return None
 
     def _unrenderable(self, relation: Relation) -> None:
         log.warning(

@@ -38,7 +38,7 @@ def install_script(
     """The whole install as one script: schema, one watch() per table (with its column
     filter, if `filters` has one; with `notify_payload`, its capture function sends a
     one-row statement's row in the NOTIFY payload; with `bulk_sweep_rows`, a statement of
-    that many rows or more queues a sweep of the table's templates), then unwatch() for
+    that many rows or more queues a sweep of the table's templates), after unwatch() for
     tables that are watched but no longer configured; with `publication`, logical mode's
     publication and replica identities go (a switch from logical mode)."""
     filters = filters or {}
@@ -86,10 +86,13 @@ def install_script(
         Q.SCHEMA.sql,
         sql.SQL("\n"),
         Q.GRANTS.sql,
-        watch_header,
-        *watches,
+        # Triggers no longer configured go first: a table newly configured may be the
+        # partitioned table of one that was (or a partition of it), and watch() then
+        # gives it triggers that unwatch() of the old one would take away again.
         sql.SQL("\n"),
         unwatch,
+        watch_header,
+        *watches,
         sql.SQL("\n"),
         Q.REBUILD_GUARD.sql,
     ]
