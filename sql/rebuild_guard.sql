@@ -5,9 +5,10 @@
 --     row, and no trigger fires nor any change is decoded: the drop asks for one sweep of
 --     the table's templates, in its own transaction, like a TRUNCATE.
 --   * A table that takes a watched table's name (CREATE TABLE after a DROP, CREATE TABLE
---     AS, or ALTER TABLE ... RENAME TO / SET SCHEMA, as online-migration tools swap a
---     copy in) is captured by nothing of ours: its rows are not the ones cached, and its
---     writes would not be seen. The command asks for one sweep, and then:
+--     AS, ALTER TABLE ... RENAME TO / SET SCHEMA, as online-migration tools swap a copy
+--     in, ALTER INDEX ... RENAME TO of a table, ALTER SCHEMA ... RENAME TO of its schema)
+--     is captured by nothing of ours: its rows are not the ones cached, and its writes
+--     would not be seen. The command asks for one sweep, and then:
 --       trigger mode: the table gets a stand-in: statement triggers (a row trigger too on
 --       a partitioned table, which PostgreSQL copies onto its partitions) that queue one
 --       sweep of the templates per transaction that writes it (sweep_untriggered_v1). A
@@ -16,6 +17,10 @@
 --       logical mode: the table is published as install would publish it (recorded in
 --       published_v1 under the configured name, its replica identity made to cover the
 --       key columns, added to the publication), so its changes are decoded from then on.
+--   * Trigger mode: a partition created or attached under a watched partitioned table (or
+--     a stand-in) gets a TRUNCATE statement trigger of ours: the table's row trigger
+--     reaches the partition's rows, but a TRUNCATE naming the partition fires only the
+--     partition's own statement triggers.
 -- A sweep is a queue row in trigger mode (queue_sweep_once_v1), a transactional logical
 -- decoding message in logical mode (emit_sweep_v1): both commit or roll back with the
 -- DDL. The watched names are those the events carry (watched_v1's and published_v1's

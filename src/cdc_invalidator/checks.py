@@ -262,7 +262,7 @@ def check_all_tables(conn: psycopg.Connection[Any], report: Report) -> None:
 
 
 def check_rebuild_guard(conn: psycopg.Connection[Any], report: Report) -> None:
-    """Trigger mode: the event triggers that keep a rebuilt watched table captured."""
+    """The event triggers that keep a rebuilt watched table captured (both modes)."""
     row = conn.execute(Q.CHECK_REBUILD_GUARD.sql).fetchone()
     if not (row and row[0]):
         report.warnings.append(
