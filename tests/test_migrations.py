@@ -315,11 +315,22 @@ def test_the_owner_of_a_watched_partitioned_table_adds_partitions(env: Env) -> N
         "INSERT INTO mine VALUES (1); RESET ROLE"
     )
     assert env.scalar(queued) == before
-    # Another owner since install: check says that adding a partition now fails.
-    env.sql(f"CREATE ROLE {role}_2; ALTER TABLE events OWNER TO {role}_2")
+    # Another owner since install: the rebuild guard grants it what adding a partition
+    # needs; without the guard, check says that adding one fails.
+    env.sql(
+        f"CREATE ROLE {role}_2; GRANT CREATE ON SCHEMA public TO {role}_2;"
+        f"ALTER TABLE events OWNER TO {role}_2; SET ROLE {role}_2;"
+        "CREATE TABLE events_5 PARTITION OF events FOR VALUES FROM (500) TO (600); RESET ROLE"
+    )
+    env.sql(
+        f"ALTER EVENT TRIGGER cdc_invalidator_rebuilt DISABLE; CREATE ROLE {role}_3;"
+        f"ALTER TABLE events OWNER TO {role}_3"
+    )
     result = check(config)
-    assert f"role {role}_2, which owns the table, may not execute" in result.stderr
-    env.sql(f"DROP OWNED BY {role}, {role}_2 CASCADE; DROP ROLE {role}, {role}_2")
+    assert f"role {role}_3, which owns the table, may not execute" in result.stderr
+    env.sql(
+        f"DROP OWNED BY {role}, {role}_2, {role}_3 CASCADE; DROP ROLE {role}, {role}_2, {role}_3"
+    )
 
 
 def test_a_watched_table_within_a_partition_tree_renamed_and_reconfigured(env: Env) -> None:
