@@ -329,3 +329,41 @@ def test_logical_a_rebuild_that_rolls_back_is_not_swept(env: Env, owner: str) ->
         wait_until(lambda: r.exists("user:2") == 0, what="the next change")
         assert r.exists("user:1", "user:email:u1@x") == 2
     assert published(env) == ["users"]
+
+
+# --- a partition dropped or detached: its rows leave the table ------------------------
+
+
+@pytest.mark.parametrize("capture", ["trigger", "logical"])
+def test_a_partition_dropped_or_detached_sweeps_its_table(env: Env, capture: str) -> None:
+    env.sql(
+        "CREATE TABLE events (id int, kind text) PARTITION BY RANGE (id);"
+        "CREATE TABLE events_1 PARTITION OF events FOR VALUES FROM (0) TO (100);"
+        "CREATE TABLE events_2 PARTITION OF events FOR VALUES FROM (100) TO (200)"
+    )
+    tables = {"public.events": ["event:{id}"]}
+    if capture == "logical":
+        config = logical_config(env, tables)
+        logical_install(config)
+        listener = running(env, config)
+    else:
+        config = install(env, tables)
+        listener = listening(config)
+    # One created after install, one attached: recorded by the guard.
+    env.sql(
+        "CREATE TABLE events_3 PARTITION OF events FOR VALUES FROM (200) TO (300);"
+        "CREATE TABLE events_4 (id int, kind text);"
+        "ALTER TABLE events ATTACH PARTITION events_4 FOR VALUES FROM (300) TO (400)"
+    )
+    r = env.redis()
+    with listener:
+        for ddl in (
+            "DROP TABLE events_1",
+            "ALTER TABLE events DETACH PARTITION events_2",
+            "DROP TABLE events_3",
+            "ALTER TABLE events DETACH PARTITION events_4",
+        ):
+            r.mset({"event:5": "cached", "event:150": "cached"})
+            env.sql(ddl)
+            wait_until(lambda: r.exists("event:5", "event:150") == 0, what=f"{ddl}: swept")
+    assert env.scalar("SELECT count(*) FROM cdc_invalidator.partitions_v1") == 0
