@@ -261,7 +261,6 @@ AS $record$
         schema_name = excluded.schema_name, table_name = excluded.table_name,
         columns = excluded.columns, attnums = excluded.attnums, keep = excluded.keep,
         publication = excluded.publication;
-    SELECT cdc_invalidator.record_partitions_v1(tbl, tbl_schema, tbl_name);
 $record$;
 
 -- record_filter(table, judge, columns, keep): a configured table's column filter. Its

@@ -4,7 +4,6 @@ SELECT cdc_invalidator.unwatch(relid) FROM cdc_invalidator.watched_v1;
 -- What the configuration names, by relation and column number (tables no longer
 -- configured are forgotten first, so that the DDL guard leaves them alone).
 DELETE FROM cdc_invalidator.published_v1;
-DELETE FROM cdc_invalidator.partitions_v1;
 {records}
 -- Identities set FULL for tables no longer configured go back to what they were.
 SELECT cdc_invalidator.restore_replica_identity(ARRAY[{tables}]::regclass[]);

@@ -45,48 +45,6 @@ AS $emit$
 $emit$;
 REVOKE ALL ON FUNCTION cdc_invalidator.emit_sweep_v1(text, text, text) FROM PUBLIC;
 
--- watched_names_v1(): every watched table by relation, with the name its events carry:
--- watched_v1's (trigger mode), and published_v1's where its publication exists (logical
--- mode; published_v1 exists only where logical mode was installed).
-CREATE OR REPLACE FUNCTION cdc_invalidator.watched_names_v1()
-RETURNS TABLE (relid oid, schema_name text, table_name text)
-LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
-AS $names$
-BEGIN
-    RETURN QUERY SELECT w.relid::oid, w.schema_name, w.table_name FROM cdc_invalidator.watched_v1 w;
-    IF to_regclass('cdc_invalidator.published_v1') IS NOT NULL THEN
-        RETURN QUERY SELECT p.relid::oid, p.schema_name, p.table_name
-                     FROM cdc_invalidator.published_v1 p
-                     WHERE EXISTS (SELECT FROM pg_publication pub WHERE pub.pubname = p.publication);
-    END IF;
-END
-$names$;
-REVOKE ALL ON FUNCTION cdc_invalidator.watched_names_v1() FROM PUBLIC;
-
--- sweep_named_v1(schema, table, reason): one sweep of the watched table of that name, as
--- its capture mode carries one: a queue row (trigger mode) or a logical decoding message
--- (logical mode). Nothing for a name no longer watched.
-CREATE OR REPLACE FUNCTION cdc_invalidator.sweep_named_v1(schema_n text, table_n text, reason text)
-RETURNS void
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
-AS $named$
-BEGIN
-    IF EXISTS (SELECT FROM cdc_invalidator.watched_v1 w
-               WHERE (w.schema_name, w.table_name) = (schema_n, table_n)) THEN
-        PERFORM cdc_invalidator.queue_sweep_once_v1(schema_n, table_n, reason);
-    END IF;
-    -- (nested: one expression is planned whole, and published_v1 may not exist)
-    IF to_regclass('cdc_invalidator.published_v1') IS NOT NULL THEN
-        IF EXISTS (SELECT FROM cdc_invalidator.published_v1 p
-                   JOIN pg_publication pub ON pub.pubname = p.publication
-                   WHERE (p.schema_name, p.table_name) = (schema_n, table_n)) THEN
-            PERFORM cdc_invalidator.emit_sweep_v1(schema_n, table_n, reason);
-        END IF;
-    END IF;
-END
-$named$;
-REVOKE ALL ON FUNCTION cdc_invalidator.sweep_named_v1(text, text, text) FROM PUBLIC;
-
 -- touched_v1(): in rebuilt_v1's event, the tables the command touched: those it names
 -- (ALTER INDEX ... RENAME TO may name a table), and every table of a schema it touched
 -- (ALTER SCHEMA ... RENAME TO gives each of them a new qualified name).
@@ -108,8 +66,7 @@ RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $rebuilt$
 DECLARE
-    r    record;
-    gone record;
+    r record;
 BEGIN
     IF coalesce(current_setting('cdc_invalidator.installing', true), '') = 'on' THEN
         RETURN;
@@ -203,29 +160,6 @@ BEGIN
                     '`cdc-invalidator install`', r.rel, SQLERRM;
             END;
         END LOOP;
-        FOR r IN
-            -- Watched partitioned tables the command touched, or that a touched table is
-            -- a partition of: their partitions now (created or attached since), and those
-            -- recorded that no longer are (detached: their rows left the table).
-            SELECT DISTINCT x.relid, x.schema_name, x.table_name
-            FROM cdc_invalidator.touched_v1() t
-            JOIN pg_class c ON c.oid = t.rel AND (c.relispartition OR c.relkind = 'p')
-            CROSS JOIN LATERAL (SELECT t.rel AS relid
-                                UNION SELECT a.relid FROM pg_partition_ancestors(t.rel) a) up
-            JOIN cdc_invalidator.watched_names_v1() x ON x.relid = up.relid
-        LOOP
-            FOR gone IN
-                DELETE FROM cdc_invalidator.partitions_v1 p
-                WHERE (p.schema_name, p.table_name) = (r.schema_name, r.table_name)
-                  AND p.relid NOT IN (SELECT pt.relid FROM pg_partition_tree(r.relid) pt)
-                  AND EXISTS (SELECT FROM pg_class pc WHERE pc.oid = p.relid)
-                RETURNING p.relid
-            LOOP
-                PERFORM cdc_invalidator.sweep_named_v1(r.schema_name, r.table_name,
-                    format('partition %s was detached', gone.relid::regclass));
-            END LOOP;
-            PERFORM cdc_invalidator.record_partitions_v1(r.relid, r.schema_name, r.table_name);
-        END LOOP;
         -- A partitioned table carrying our row trigger that changed owners: the new one
         -- may add partitions.
         PERFORM cdc_invalidator.regrant_sweeps_v1(o.owner)
@@ -304,29 +238,34 @@ BEGIN
     -- Never a failed migration: whatever goes wrong here is a WARNING.
     BEGIN
         FOR r IN
-            -- The watched table, or the table that took its name since (the stand-in's),
-            SELECT DISTINCT x.schema_name, x.table_name,
-                   format('table %s was dropped', d.object_identity) AS reason
+            -- The watched table, or the table that took its name since (the stand-in's).
+            SELECT DISTINCT w.schema_name, w.table_name, d.object_identity
             FROM pg_event_trigger_dropped_objects() d
-            JOIN cdc_invalidator.watched_names_v1() x
-              ON x.relid = d.objid
-              OR (x.schema_name, x.table_name) = (d.schema_name, d.object_name)
-            WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.objsubid = 0
-              AND d.object_type = 'table'
-            UNION
-            -- or a partition of one (at any level).
-            SELECT p.schema_name, p.table_name,
-                   format('partition %s was dropped', d.object_identity)
-            FROM pg_event_trigger_dropped_objects() d
-            JOIN cdc_invalidator.partitions_v1 p ON p.relid = d.objid
+            JOIN cdc_invalidator.watched_v1 w
+              ON w.relid::oid = d.objid
+              OR (w.schema_name = d.schema_name AND w.table_name = d.object_name)
             WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.objsubid = 0
               AND d.object_type = 'table'
         LOOP
-            PERFORM cdc_invalidator.sweep_named_v1(r.schema_name, r.table_name, r.reason);
+            PERFORM cdc_invalidator.queue_sweep_once_v1(r.schema_name, r.table_name,
+                format('table %s was dropped', r.object_identity));
         END LOOP;
-        DELETE FROM cdc_invalidator.partitions_v1 p
-        WHERE p.relid IN (SELECT d.objid FROM pg_event_trigger_dropped_objects() d
-                          WHERE d.classid = 'pg_catalog.pg_class'::regclass);
+        IF to_regclass('cdc_invalidator.published_v1') IS NOT NULL THEN
+            FOR r IN
+                -- Logical mode: the published table, or the table that took its name since.
+                SELECT DISTINCT p.schema_name, p.table_name, d.object_identity
+                FROM pg_event_trigger_dropped_objects() d
+                JOIN cdc_invalidator.published_v1 p
+                  ON p.relid::oid = d.objid
+                  OR (p.schema_name = d.schema_name AND p.table_name = d.object_name)
+                WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.objsubid = 0
+                  AND d.object_type = 'table'
+                  AND EXISTS (SELECT FROM pg_publication pub WHERE pub.pubname = p.publication)
+            LOOP
+                PERFORM cdc_invalidator.emit_sweep_v1(r.schema_name, r.table_name,
+                    format('table %s was dropped', r.object_identity));
+            END LOOP;
+        END IF;
     EXCEPTION WHEN OTHERS THEN
         RAISE WARNING 'cdc_invalidator: the rebuild guard failed (%): the cached keys of a '
             'dropped watched table may stay cached: delete them by hand', SQLERRM;

@@ -222,16 +222,6 @@ FROM (VALUES ('attnums', 'int2[]'), ('schema_name', 'text'), ('table_name', 'tex
              ('judge', 'text'), ('filter_columns', 'text[]'), ('judged', 'boolean'),
              ('judged_natts', 'int2')) AS c (name, type);
 
--- The partitions (at any level) of watched tables, both modes, with the name their
--- table's events carry: for the rebuild guard (rebuild_guard.sql), which sweeps that
--- table when one is dropped or detached (its rows leave the table, and no change of
--- theirs is captured or decoded). Recorded by watch(), record_published() and the guard.
-CREATE TABLE IF NOT EXISTS cdc_invalidator.partitions_v1 (
-    relid       oid PRIMARY KEY,
-    schema_name text NOT NULL,
-    table_name  text NOT NULL
-);
-
 -- `cdc-invalidator check` compares this with the version the listener expects.
 CREATE OR REPLACE FUNCTION cdc_invalidator.schema_version() RETURNS integer
 LANGUAGE sql IMMUTABLE AS 'SELECT 1';
@@ -680,22 +670,6 @@ BEGIN
 END
 $once$;
 REVOKE ALL ON FUNCTION cdc_invalidator.queue_sweep_once_v1(text, text, text, regclass) FROM PUBLIC;
-
--- record_partitions_v1(table, schema, name): the partitions `table` has now, under the
--- name its events carry (partitions_v1). Writes only rows that change: run again, it
--- writes nothing.
-CREATE OR REPLACE FUNCTION cdc_invalidator.record_partitions_v1(
-    tbl regclass, schema_n text, table_n text)
-RETURNS void
-LANGUAGE sql SET search_path = pg_catalog, pg_temp
-AS $partitions$
-    INSERT INTO cdc_invalidator.partitions_v1 AS p (relid, schema_name, table_name)
-    SELECT t.relid, schema_n, table_n FROM pg_partition_tree(tbl) t WHERE t.relid <> tbl
-    ON CONFLICT (relid) DO UPDATE SET schema_name = excluded.schema_name,
-                                      table_name = excluded.table_name
-    WHERE (p.schema_name, p.table_name) IS DISTINCT FROM (excluded.schema_name, excluded.table_name);
-$partitions$;
-REVOKE ALL ON FUNCTION cdc_invalidator.record_partitions_v1(regclass, text, text) FROM PUBLIC;
 
 -- The row trigger a watched partitioned table carries for partitions created or attached
 -- after watch(): statement triggers fire only on the table a statement names, so a write
@@ -1184,7 +1158,6 @@ BEGIN
     LOOP
         EXECUTE format('DROP TRIGGER %I ON %s', trg.name, trg.rel);
     END LOOP;
-    PERFORM cdc_invalidator.record_partitions_v1(tbl, schema_n, table_n);
     -- The owners of the partitioned tables of the tree may add partitions: PostgreSQL
     -- copies our row trigger onto them as the role doing it, which must be able to run
     -- its function.
@@ -1247,8 +1220,6 @@ BEGIN
     END IF;
     PERFORM cdc_invalidator.regrant_sweeps_v1(c.relowner::regrole)
     FROM pg_class c WHERE c.oid = tbl;
-    DELETE FROM cdc_invalidator.partitions_v1
-    WHERE relid IN (SELECT p.relid FROM pg_partition_tree(tbl) p);
     DELETE FROM cdc_invalidator.watched_v1 WHERE relid = tbl;
 END
 $unwatch$;
