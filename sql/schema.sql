@@ -697,25 +697,31 @@ $untriggered$;
 -- regrant_sweeps_v1(role): EXECUTE on sweep_untriggered_v1() for `role` exactly while it
 -- owns a partitioned table carrying a row trigger of ours (a watched one's
 -- cdc_invalidator_part_v1, a stand-in's, or a copy of either on a partitioned partition):
--- PostgreSQL checks that privilege as the role
--- creating or attaching a partition, when it copies the trigger onto it, so without it
--- the owner could not add one. Called wherever such triggers or owners change.
+-- PostgreSQL checks that privilege as the role creating or attaching a partition, when
+-- it copies the trigger onto it, so without it the owner could not add one. Called
+-- wherever such triggers or owners change; it changes the function's privileges only
+-- when they differ (install runs it for every watched table, every time).
 CREATE OR REPLACE FUNCTION cdc_invalidator.regrant_sweeps_v1(role regrole)
 RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $regrant$
+DECLARE
+    needs   boolean := EXISTS (
+        SELECT FROM pg_trigger tg JOIN pg_class c ON c.oid = tg.tgrelid
+        WHERE c.relowner = role AND c.relkind = 'p'
+          AND tg.tgname IN ('cdc_invalidator_part_v1', 'cdc_invalidator_stand_in_row_v1'));
+    granted boolean := EXISTS (
+        SELECT FROM pg_proc p, aclexplode(p.proacl) a
+        WHERE p.oid = 'cdc_invalidator.sweep_untriggered_v1()'::regprocedure
+          AND a.grantee = role AND a.privilege_type = 'EXECUTE');
 BEGIN
-    IF role = (SELECT nspowner FROM pg_namespace WHERE nspname = 'cdc_invalidator') THEN
+    IF role = (SELECT nspowner FROM pg_namespace WHERE nspname = 'cdc_invalidator')
+       OR needs = granted THEN
         RETURN;
     END IF;
-    IF EXISTS (SELECT FROM pg_trigger tg JOIN pg_class c ON c.oid = tg.tgrelid
-               WHERE c.relowner = role AND c.relkind = 'p'
-                 AND tg.tgname IN ('cdc_invalidator_part_v1', 'cdc_invalidator_stand_in_row_v1')) THEN
-        EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.sweep_untriggered_v1() TO %s', role);
-    ELSE
-        EXECUTE format('REVOKE EXECUTE ON FUNCTION cdc_invalidator.sweep_untriggered_v1() FROM %s',
-                       role);
-    END IF;
+    EXECUTE format('%s EXECUTE ON FUNCTION cdc_invalidator.sweep_untriggered_v1() %s %s',
+                   CASE WHEN needs THEN 'GRANT' ELSE 'REVOKE' END,
+                   CASE WHEN needs THEN 'TO' ELSE 'FROM' END, role);
 END
 $regrant$;
 REVOKE ALL ON FUNCTION cdc_invalidator.regrant_sweeps_v1(regrole) FROM PUBLIC;
