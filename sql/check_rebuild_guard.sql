@@ -1,5 +1,7 @@
 -- Whether the rebuild guard (the event triggers of sql/rebuild_guard.sql) is installed
--- and fires ALWAYS (also in sessions with session_replication_role = replica): both.
-SELECT count(*) = 2 AS guarded
+-- and fires ALWAYS (also in sessions with session_replication_role = replica): all four.
+SELECT count(*) = 4 AS guarded
 FROM pg_event_trigger
-WHERE evtname IN ('cdc_invalidator_rebuilt', 'cdc_invalidator_dropped') AND evtenabled = 'A'
+WHERE evtname IN ('cdc_invalidator_rebuilt', 'cdc_invalidator_dropped',
+                  'cdc_invalidator_parts_before', 'cdc_invalidator_parts_after')
+  AND evtenabled = 'A'

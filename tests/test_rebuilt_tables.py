@@ -30,6 +30,12 @@ GUARDS = (
     "SELECT array_agg(evtname::text ORDER BY evtname) FROM pg_event_trigger"
     " WHERE evtname LIKE 'cdc\\_invalidator\\_%'"
 )
+REBUILD_GUARD = [
+    "cdc_invalidator_dropped",
+    "cdc_invalidator_parts_after",
+    "cdc_invalidator_parts_before",
+    "cdc_invalidator_rebuilt",
+]
 STAND_IN = ["cdc_invalidator_stand_in_v1"]
 CAPTURE = [f"cdc_invalidator_{op}_v1" for op in ("del", "ins", "trunc", "upd")]
 
@@ -227,19 +233,15 @@ def test_a_rebuild_that_rolls_back_leaves_the_cache_and_the_table_alone(
 def test_logical_install_takes_the_stand_in_away_and_keeps_the_guard(env: Env) -> None:
     users_table(env, [(1, "u1@x")])
     install(env, USERS)
-    assert env.scalar(GUARDS) == ["cdc_invalidator_dropped", "cdc_invalidator_rebuilt"]
+    assert env.scalar(GUARDS) == REBUILD_GUARD
     env.sql("DROP TABLE users; CREATE TABLE users (id int PRIMARY KEY, email text, name text)")
     assert env.scalar(OURS) == STAND_IN
     install(env, USERS, name="logical.toml", capture="logical")
     assert env.scalar(OURS) is None
     # The rebuild guard serves both modes; logical mode adds its DDL guard.
-    assert env.scalar(GUARDS) == [
-        "cdc_invalidator_dropped",
-        "cdc_invalidator_guard",
-        "cdc_invalidator_rebuilt",
-    ]
+    assert env.scalar(GUARDS) == sorted([*REBUILD_GUARD, "cdc_invalidator_guard"])
     install(env, USERS)  # and back
-    assert env.scalar(GUARDS) == ["cdc_invalidator_dropped", "cdc_invalidator_rebuilt"]
+    assert env.scalar(GUARDS) == REBUILD_GUARD
     assert len(env.scalar(OURS)) == 4
 
 
@@ -247,8 +249,73 @@ def test_check_warns_when_the_rebuild_guard_is_off(env: Env) -> None:
     users_table(env, [(1, "u1@x")])
     config = install(env, USERS)
     assert "rebuild guard" not in check(config).stdout
-    env.sql("ALTER EVENT TRIGGER cdc_invalidator_dropped DISABLE")
-    assert "the rebuild guard (event triggers cdc_invalidator_rebuilt and" in check(config).stdout
+    env.sql("ALTER EVENT TRIGGER cdc_invalidator_parts_after DISABLE")
+    assert "the rebuild guard (event triggers cdc_invalidator_rebuilt," in check(config).stdout
+
+
+# --- both modes: a partition that leaves a watched table, or joins it with rows ---------
+
+PARTITIONED = (
+    "CREATE TABLE users (id int, email text, name text) PARTITION BY RANGE (id);"
+    "CREATE TABLE users_low PARTITION OF users FOR VALUES FROM (0) TO (100);"
+    "CREATE TABLE users_mid PARTITION OF users FOR VALUES FROM (100) TO (200);"
+    "CREATE TABLE users_old PARTITION OF users FOR VALUES FROM (200) TO (300)"
+)
+
+
+def test_a_partition_dropped_detached_or_attached_with_rows_is_swept(
+    env: Env, owner: str, capture: str
+) -> None:
+    """Its rows leave (or join) the table with no row change a trigger sees or that is
+    decoded: the command sweeps the table's keys, in its own transaction."""
+    env.sql(as_role(owner, PARTITIONED))
+    # (a partition in a schema of its own, dropped with it)
+    env.sql(
+        f"CREATE SCHEMA gone AUTHORIZATION {owner}; CREATE TABLE gone.users_gone PARTITION OF users"
+        " FOR VALUES FROM (400) TO (500)"
+    )
+    env.sql(
+        "INSERT INTO users (id, email)"
+        " VALUES (1, 'u1@x'), (2, 'u2@x'), (150, 'm@x'), (250, 'o@x'), (450, 'g@x')"
+    )
+    # (no second deletes: a sweep repeated 300 ms later would take the next step's keys)
+    config = install(env, USERS, second_delete_ms=0)
+    r = env.redis()
+    with running(env, config) if env.logical else listening(config):
+        for command in (
+            as_role(owner, "DROP TABLE users_old"),
+            as_role(owner, "ALTER TABLE users DETACH PARTITION users_mid"),
+            as_role(
+                owner, "ALTER TABLE users ATTACH PARTITION users_mid FOR VALUES FROM (100) TO (200)"
+            ),
+            # (in three transactions: the last one sweeps)
+            "ALTER TABLE users DETACH PARTITION users_mid CONCURRENTLY",
+            as_role(owner, "DROP SCHEMA IF EXISTS gone CASCADE"),
+        ):
+            seed(r)
+            env.sql(command)
+            wait_swept(r)
+            settle(env, r)
+        # Nothing left the table, or joined it: nothing is swept. An empty partition
+        # attached (as partition managers premake them), a drop rolled back, a partition
+        # of a table not watched.
+        seed(r)
+        env.sql(
+            as_role(
+                owner,
+                "CREATE TABLE users_next (LIKE users);"
+                "ALTER TABLE users ATTACH PARTITION users_next FOR VALUES FROM (300) TO (400);"
+                "BEGIN; DROP TABLE users_low; ROLLBACK;"
+                "CREATE TABLE other (id int) PARTITION BY RANGE (id);"
+                "CREATE TABLE other_1 PARTITION OF other FOR VALUES FROM (0) TO (10);"
+                "INSERT INTO other VALUES (1); DROP TABLE other_1",
+            )
+        )
+        env.sql("UPDATE users SET name = 'x' WHERE id = 1")
+        wait_until(lambda: r.exists("user:1", "user:email:u1@x") == 0, what="the exact keys")
+        settle(env, r)
+        assert r.get("user:2") == "cached"
+    assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 0
 
 
 # --- logical mode: the table that takes the name is published, the sweeps are messages --

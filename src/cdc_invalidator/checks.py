@@ -266,11 +266,13 @@ def check_rebuild_guard(conn: psycopg.Connection[Any], report: Report) -> None:
     row = conn.execute(Q.CHECK_REBUILD_GUARD.sql).fetchone()
     if not (row and row[0]):
         report.warnings.append(
-            "the rebuild guard (event triggers cdc_invalidator_rebuilt and "
-            "cdc_invalidator_dropped) is not installed, or does not fire ALWAYS: a watched table "
-            "dropped, or replaced by another that takes its name, leaves its keys cached and "
-            'its new writes uncaptured until install runs again (docs/DBA.md, "Schema '
-            'migrations"); run `cdc-invalidator install` as a superuser to add it'
+            "the rebuild guard (event triggers cdc_invalidator_rebuilt, cdc_invalidator_dropped, "
+            "cdc_invalidator_parts_before and cdc_invalidator_parts_after) is not installed, or "
+            "does not fire ALWAYS: a watched table dropped, or replaced by another that takes "
+            "its name, leaves its keys cached and its new writes uncaptured until install runs "
+            "again, and a partition dropped or detached leaves its rows' keys cached "
+            '(docs/DBA.md, "Schema migrations"); run `cdc-invalidator install` as a superuser '
+            "to add it"
         )
 
 
