@@ -1009,6 +1009,10 @@ class LogicalStream:
         renamed), then under its configured name (a change made before a rename, decoded
         after it, still carries the old name). A partition's columns have its parent's
         names, so a partition resolves through its configured ancestor.
+
+        Both names in the message, and different, and the message's column names not
+        the relation's now: names were swapped after the change was made (email and
+        name, say), and either could be the key column's. Resolved.unsure: swept.
         """
         found = self._known_or_ancestor(relid)
         if found is None:
@@ -1028,12 +1032,20 @@ class LogicalStream:
         )
         present = set(columns)
         names: dict[str, str] = {}
+        twice = False
         for column, attnum in zip(wanted, attnums, strict=True):
-            for candidate in (now.get(attnum), column):
+            renamed = now.get(attnum)
+            twice |= renamed is not None and renamed != column and {renamed, column} <= present
+            for candidate in (renamed, column):
                 if candidate is not None and candidate in present:
                     names[column] = candidate
                     break
-        return Resolved(table, wanted, names, self._config.filters.get(table))
+        unsure = twice and [
+            name
+            for (name,) in self._side.execute(Q.RELATION_NAMES.sql, {"relid": relid})
+            if name in present
+        ] != list(columns)
+        return Resolved(table, wanted, names, self._config.filters.get(table), unsure)
 
     def _known_or_ancestor(
         self, relid: int
@@ -1050,6 +1062,16 @@ class LogicalStream:
         return None
 
     def _unrenderable(self, relation: Relation) -> None:
+        if relation.unsure:
+            log.warning(
+                "key_columns_renamed_behind",
+                table=str(relation.table),
+                columns=list(relation.missing),
+                action="changes made before key columns swapped names, decoded after: "
+                "each sweeps the table's key templates (SCAN + UNLINK); later changes "
+                "get exact keys",
+            )
+            return
         log.warning(
             "key_columns_missing",
             table=str(relation.table),

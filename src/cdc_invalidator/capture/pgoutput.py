@@ -151,6 +151,8 @@ class Relation:
     fast: FastWalk | None = field(default=None, compare=False, repr=False)
     # Its walk of an UPDATE's two tuples (None when `fast` is).
     pair: FastPair | None = field(default=None, compare=False, repr=False)
+    # `missing` holds every key column because their names are not certain (Resolved).
+    unsure: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +165,11 @@ class Resolved:
     columns: tuple[str, ...]
     names: Mapping[str, str]
     column_filter: ColumnFilter | None = None
+    # The message names its columns as they were when the change was made, and a key
+    # column's name now may have been another column's then (names swapped since, the
+    # message decoded behind the renames): which column is which is not certain, so the
+    # relation's changes are swept, as for a missing key column.
+    unsure: bool = False
 
 
 # (relid, name in the message, column names in the message) -> Resolved, or None for a
@@ -317,7 +324,8 @@ class Decoder:
         else:
             table = resolved.table
             index = {c: i for i, c in enumerate(columns)}
-            at = {c: index.get(resolved.names.get(c, "")) for c in resolved.columns}
+            names = {} if resolved.unsure else resolved.names
+            at = {c: index.get(names.get(c, "")) for c in resolved.columns}
             wanted = tuple((c, i) for c, i in at.items() if i is not None)
             missing = tuple(c for c, i in at.items() if i is None)
             if resolved.column_filter is not None and not missing:
@@ -340,6 +348,7 @@ class Decoder:
             judged_at,
             fast,
             pair,
+            resolved is not None and resolved.unsure,
         )
         self._relations[relid] = relation
         if missing and self._on_unrenderable is not None:
@@ -352,7 +361,12 @@ class Decoder:
         missing = ", ".join(relation.missing)
         reason = {
             StandInKind.UNRENDERABLE.value: f"key columns {missing} of {relation.table} "
-            "no longer exist"
+            + (
+                "were renamed after this change, and their names in it are other "
+                "columns' now: which column is which is not certain"
+                if relation.unsure
+                else "no longer exist"
+            )
         }
         return ChangeEvent(relation.table, Op.TRUNCATE, None, reason, self.position)
 

@@ -77,6 +77,7 @@ class Q(enum.Enum):
     PUBLISHED_TABLES = "published_tables.sql"
     PARTITION_ANCESTORS = "partition_ancestors.sql"
     RELATION_COLUMNS = "relation_columns.sql"
+    RELATION_NAMES = "relation_names.sql"
     SAVE_ACK = "save_ack.sql"
     RECORD_HISTORY = "record_history.sql"
     PRUNE_HISTORY = "prune_history.sql"
