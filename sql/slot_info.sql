@@ -12,7 +12,8 @@ SELECT n.name AS slot_name,
        s.confirmed_flush_lsn::text AS confirmed_flush_lsn,
        st.acked_lsn::text AS acked_lsn,
        st.resync_reason,
-       st.slot_name IS NOT NULL AS registered
+       st.slot_name IS NOT NULL AS registered,
+       coalesce(s.two_phase, false) AS two_phase
 FROM (SELECT %(slot)s::name AS name) n
 LEFT JOIN pg_replication_slots s ON s.slot_name = n.name
 LEFT JOIN cdc_invalidator.slot_state_v1 st ON st.slot_name = n.name

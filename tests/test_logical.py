@@ -398,6 +398,33 @@ def test_install_refuses_a_slot_name_taken_in_another_database(
         assert "slot_name" in err
 
 
+def test_a_slot_made_with_two_phase_is_refused_naming_it(
+    env: Env, spawn: Spawn, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """pgoutput sends such a slot's prepared transactions at PREPARE, before they commit,
+    and only a COMMIT PREPARED message at commit: the listener could not keep its promise
+    of deleting at commit. Made by a DBA in our slot's place, it is refused by check,
+    install and the listener, with the reason (before, the listener died on the first message it
+    could not read, again at every restart)."""
+    make_tables(env)
+    config = logical_config(env, USERS)
+    install(config)
+    env.sql(
+        f"SELECT pg_drop_replication_slot('{SLOT}');"
+        f"SELECT pg_create_logical_replication_slot('{SLOT}', 'pgoutput', false, true)"
+    )
+    code, _, err = check(config, capsys)
+    assert code == 1
+    assert "was created with two_phase" in err
+    assert cli("install", "--config", config) == 1
+    assert "was created with two_phase" in capsys.readouterr().err
+    listener = spawn(config)
+    assert listener.wait() == 1
+    (fatal,) = listener.logged("cannot_consume")
+    assert "was created with two_phase" in fatal["error"]
+    assert "slot_name" in fatal["error"]
+
+
 def test_a_slot_of_another_database_is_neither_used_nor_dropped(
     env: Env, spawn: Spawn, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -49,6 +49,7 @@ NO_SLOT = {
         (NO_SLOT, SlotClass.GONE, "is gone (dropped, or the server failed over"),
         ({"plugin": "wal2json"}, SlotClass.FOREIGN, "(logical slot of 'wal2json' on database"),
         ({"database": "other"}, SlotClass.FOREIGN, "on database 'other')"),
+        ({"two_phase": True}, SlotClass.FOREIGN, "was created with two_phase"),
         (
             {"slot_type": "physical", "plugin": None, "database": None},
             SlotClass.FOREIGN,

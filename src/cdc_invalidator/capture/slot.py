@@ -65,6 +65,9 @@ class SlotState:
     acked_lsn: str | None  # the last position the listener saved (and then confirmed)
     resync_reason: str | None  # a sweep owed, and why
     registered: bool  # install registered the slot in slot_state_v1
+    # Made with two_phase: pgoutput then sends a prepared transaction's changes at
+    # PREPARE, before it commits, and only a COMMIT PREPARED message when it does.
+    two_phase: bool = False
 
     @classmethod
     def read(cls, conn: psycopg.Connection[Any], slot: str) -> SlotState:
@@ -102,6 +105,12 @@ class SlotState:
                 SlotClass.FOREIGN,
                 f"{where} belongs to something else ({self.slot_type} slot of "
                 f"{self.plugin!r} on database {self.database!r})",
+            )
+        if self.two_phase:
+            return Verdict(
+                SlotClass.FOREIGN,
+                f"{where} was created with two_phase, which makes pgoutput send prepared "
+                "transactions before they commit; the listener takes committed ones only",
             )
         if self.active_pid is not None:
             return Verdict(SlotClass.IN_USE, f"{where} is in use by process {self.active_pid}")
