@@ -3,5 +3,5 @@
 SELECT count(*) = 4 AS guarded
 FROM pg_event_trigger
 WHERE evtname IN ('cdc_invalidator_rebuilt', 'cdc_invalidator_dropped',
-                  'cdc_invalidator_parts_before', 'cdc_invalidator_parts_after')
+                  'cdc_invalidator_parts_moved', 'cdc_invalidator_parts_dropped')
   AND evtenabled = 'A'

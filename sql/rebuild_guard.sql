@@ -23,7 +23,7 @@
 --     partition's own statement triggers.
 --   * A partition dropped or detached takes its rows out of the watched table, one
 --     attached with rows brings them in, with no row change seen: the command asks for
---     one sweep (parts_before_v1 and parts_after_v1, below).
+--     one sweep (members_v1, parts_moved_v1 and parts_dropped_v1, below).
 -- A sweep is a queue row in trigger mode (queue_sweep_once_v1), a transactional logical
 -- decoding message in logical mode (emit_sweep_v1): both commit or roll back with the
 -- DDL. The watched names are those the events carry (watched_v1's and published_v1's
@@ -283,20 +283,37 @@ BEGIN
 END
 $dropped$;
 
--- The partitions of watched partitioned tables, around each command that may drop or
--- detach one (or attach one): such a partition's rows leave (or join) the table with no
--- row change that a trigger sees or that is decoded, and once it is dropped nothing in
--- the catalog says whose partition it was. parts_before_v1 (ddl_command_start) takes
--- the trees, parts_after_v1 (ddl_command_end) compares: a table that lost a partition,
--- or gained one that holds a row, asks for one sweep of its templates, in the command's
--- transaction (for DETACH ... CONCURRENTLY, its last one). The trees are read from
--- pg_inherits, which locks no partition; a partition whose detach is pending still
--- counts, so that FINALIZE is seen. They are kept in a session setting as a stack, one
--- entry per command in progress, since a command can run another inside it.
+-- The partitions of watched partitioned tables: a partition's rows leave the table when it
+-- is dropped (DROP TABLE, or any DROP ... CASCADE that takes it: a schema, an owner, a
+-- foreign server, a function its partition key uses) or detached (DETACH PARTITION, also
+-- CONCURRENTLY and FINALIZE), and join it when a table holding rows is attached (or a
+-- foreign table made a partition), with no row change that a trigger sees or that is
+-- decoded. Once a partition is dropped nothing in the catalog says whose it was, so
+-- members_v1 records it: install fills it (sync_members_v1), and so do the commands that
+-- add partitions (parts_moved_v1). A command that takes a recorded partition away, or
+-- adds one holding rows, asks for one sweep of the table's templates, in its own
+-- transaction (DETACH ... CONCURRENTLY: its last one).
+
+-- members_v1: each partition, at any depth, of each watched partitioned table (or a
+-- table that took a watched name: a stand-in); `root` is that table.
+CREATE TABLE IF NOT EXISTS cdc_invalidator.members_v1 (
+    part oid NOT NULL,
+    root oid NOT NULL,
+    PRIMARY KEY (part, root)
+);
+REVOKE ALL ON TABLE cdc_invalidator.members_v1 FROM PUBLIC;
+DO $members_root$
+BEGIN
+    IF to_regclass('cdc_invalidator.members_v1_root') IS NULL THEN  -- (as the queue's)
+        CREATE INDEX members_v1_root ON cdc_invalidator.members_v1 (root);
+    END IF;
+END
+$members_root$;
 
 -- partitions_v1(root): every partition under the partitioned table `root`, at any depth
 -- (all of its descendants are partitions: PostgreSQL allows no inheritance children in a
--- partition tree).
+-- partition tree). Read from pg_inherits, which locks nothing; a partition whose detach
+-- is pending still counts, until FINALIZE.
 CREATE OR REPLACE FUNCTION cdc_invalidator.partitions_v1(root oid)
 RETURNS oid[]
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
@@ -310,142 +327,220 @@ $partitions$;
 REVOKE ALL ON FUNCTION cdc_invalidator.partitions_v1(oid) FROM PUBLIC;
 
 -- bearers_v1(relid, schema, table): the partitioned tables among the watched table
--- `relid` and the one that bears its name (a stand-in), by their indexes.
+-- `relid` and the one that bears its name now (a stand-in), each found by its index.
 CREATE OR REPLACE FUNCTION cdc_invalidator.bearers_v1(relid oid, schema_n text, table_n text)
 RETURNS TABLE (oid oid)
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+LANGUAGE sql STABLE ROWS 1 SET search_path = pg_catalog, pg_temp
 AS $bearers$
     SELECT c.oid FROM pg_class c WHERE c.oid = relid AND c.relkind = 'p'
     UNION
-    SELECT c.oid FROM pg_class c
-    WHERE c.relname = table_n::name AND c.relnamespace = to_regnamespace(schema_n) AND c.relkind = 'p'
+    SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE c.relname = table_n::name AND n.nspname = schema_n::name AND c.relkind = 'p'
 $bearers$;
 REVOKE ALL ON FUNCTION cdc_invalidator.bearers_v1(oid, text, text) FROM PUBLIC;
 
--- watched_trees_v1(): the watched partitioned tables (or the tables that took their
--- names: stand-ins) with their partitions, as a JSON array of {"m": "t" (trigger mode,
--- watched_v1) or "l" (logical mode, published_v1), "s", "t": the name their events
--- carry, "r": the table, "p": its partitions}.
-CREATE OR REPLACE FUNCTION cdc_invalidator.watched_trees_v1()
-RETURNS jsonb
+-- roots_v1(): the partitioned tables whose partitions members_v1 records, with the name
+-- their events carry and the mode ('t': watched_v1, a queue row; 'l': published_v1, a
+-- logical decoding message): each watched one, and each that bears a watched name.
+CREATE OR REPLACE FUNCTION cdc_invalidator.roots_v1()
+RETURNS TABLE (root oid, mode "char", schema_name text, table_name text)
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
-AS $trees$
-DECLARE
-    trees jsonb;
+AS $roots$
 BEGIN
-    SELECT coalesce(jsonb_agg(jsonb_build_object('m', 't', 's', w.schema_name, 't', w.table_name,
-                                                 'r', c.oid, 'p', cdc_invalidator.partitions_v1(c.oid))),
-                    '[]')
-    INTO trees
+    RETURN QUERY
+    SELECT b.oid, 't'::"char", w.schema_name, w.table_name
     FROM cdc_invalidator.watched_v1 w
-    CROSS JOIN LATERAL cdc_invalidator.bearers_v1(w.relid::oid, w.schema_name, w.table_name) c;
+    CROSS JOIN LATERAL cdc_invalidator.bearers_v1(w.relid::oid, w.schema_name, w.table_name) b;
     -- (published_v1 exists only where logical mode was installed.)
     IF to_regclass('cdc_invalidator.published_v1') IS NOT NULL THEN
-        trees := trees || (
-            SELECT coalesce(jsonb_agg(jsonb_build_object('m', 'l', 's', p.schema_name,
-                                                         't', p.table_name, 'r', c.oid,
-                                                         'p', cdc_invalidator.partitions_v1(c.oid))),
-                            '[]')
-            FROM cdc_invalidator.published_v1 p
-            CROSS JOIN LATERAL cdc_invalidator.bearers_v1(p.relid::oid, p.schema_name, p.table_name) c
-            WHERE EXISTS (SELECT FROM pg_publication pub WHERE pub.pubname = p.publication));
+        RETURN QUERY
+        SELECT b.oid, 'l'::"char", p.schema_name, p.table_name
+        FROM cdc_invalidator.published_v1 p
+        CROSS JOIN LATERAL cdc_invalidator.bearers_v1(p.relid::oid, p.schema_name, p.table_name) b
+        WHERE EXISTS (SELECT FROM pg_publication pub WHERE pub.pubname = p.publication);
     END IF;
-    RETURN trees;
 END
-$trees$;
-REVOKE ALL ON FUNCTION cdc_invalidator.watched_trees_v1() FROM PUBLIC;
+$roots$;
+REVOKE ALL ON FUNCTION cdc_invalidator.roots_v1() FROM PUBLIC;
 
-CREATE OR REPLACE FUNCTION cdc_invalidator.parts_before_v1()
-RETURNS event_trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $before$
-BEGIN
-    IF coalesce(current_setting('cdc_invalidator.installing', true), '') = 'on' THEN
-        RETURN;
-    END IF;
-    BEGIN
-        PERFORM set_config('cdc_invalidator.trees', (jsonb_build_array(cdc_invalidator.watched_trees_v1())
-            || coalesce(nullif(current_setting('cdc_invalidator.trees', true), '')::jsonb, '[]'))::text,
-            false);
-    EXCEPTION WHEN OTHERS THEN
-        -- (an empty entry: parts_after_v1 still has one to take)
-        PERFORM set_config('cdc_invalidator.trees', '[[]]', false);
-        RAISE WARNING 'cdc_invalidator: the rebuild guard failed (%): a partition this command '
-            'drops or detaches is not swept', SQLERRM;
-    END;
-END
-$before$;
-REVOKE ALL ON FUNCTION cdc_invalidator.parts_before_v1() FROM PUBLIC;
-
-CREATE OR REPLACE FUNCTION cdc_invalidator.parts_after_v1()
-RETURNS event_trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $after$
+-- sweep_root_v1(root, reason): one sweep of the templates of each name `root` is watched
+-- under (a root no longer watched: none).
+CREATE OR REPLACE FUNCTION cdc_invalidator.sweep_root_v1(root_rel oid, reason text)
+RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $sweep_root$
 DECLARE
-    stack  jsonb;
-    tree   record;
+    r record;
+BEGIN
+    FOR r IN SELECT DISTINCT x.mode, x.schema_name, x.table_name
+             FROM cdc_invalidator.roots_v1() x WHERE x.root = root_rel LOOP
+        IF r.mode = 't' THEN
+            PERFORM cdc_invalidator.queue_sweep_once_v1(r.schema_name, r.table_name, reason);
+        ELSE
+            PERFORM cdc_invalidator.emit_sweep_v1(r.schema_name, r.table_name, reason);
+        END IF;
+    END LOOP;
+END
+$sweep_root$;
+REVOKE ALL ON FUNCTION cdc_invalidator.sweep_root_v1(oid, text) FROM PUBLIC;
+
+-- sync_members_v1(roots, sweep): members_v1 made to match pg_inherits for `roots` (NULL:
+-- every root, and the rows of tables no longer roots go). It writes only what differs
+-- (install runs it every time). With `sweep`, a root that lost a partition, or gained one
+-- this transaction holds a lock on (it attached or created it) that holds a row, or a
+-- foreign one (not read: it is on another server), is swept. A partition gained that
+-- this transaction does not hold was added by another, whose command swept for it.
+CREATE OR REPLACE FUNCTION cdc_invalidator.sync_members_v1(roots oid[], sweep boolean)
+RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $sync$
+DECLARE
+    r      record;
     now    oid[];
     lost   oid[];
+    gained oid[];
     joined boolean;
-    reason text;
     g      record;
 BEGIN
+    IF roots IS NULL THEN
+        DELETE FROM cdc_invalidator.members_v1 m
+        WHERE m.root NOT IN (SELECT x.root FROM cdc_invalidator.roots_v1() x);
+    END IF;
+    FOR r IN SELECT DISTINCT x.root FROM cdc_invalidator.roots_v1() x
+             WHERE roots IS NULL OR x.root = ANY (roots) LOOP
+        now := cdc_invalidator.partitions_v1(r.root);
+        WITH gone AS (
+            DELETE FROM cdc_invalidator.members_v1 m
+            WHERE m.root = r.root AND m.part <> ALL (now)
+            RETURNING m.part)
+        SELECT coalesce(array_agg(gone.part), '{}') INTO lost FROM gone;
+        WITH added AS (
+            INSERT INTO cdc_invalidator.members_v1 (part, root)
+            SELECT p, r.root FROM unnest(now) p
+            WHERE NOT EXISTS (SELECT FROM cdc_invalidator.members_v1 m
+                              WHERE m.part = p AND m.root = r.root)
+            ON CONFLICT DO NOTHING
+            RETURNING part)
+        SELECT coalesce(array_agg(added.part), '{}') INTO gained FROM added;
+        CONTINUE WHEN NOT sweep;
+        joined := false;
+        FOR g IN
+            SELECT c.oid::regclass AS rel, c.relkind FROM pg_class c
+            WHERE c.oid = ANY (gained) AND c.relkind IN ('r', 'f')
+              AND EXISTS (SELECT FROM pg_locks l
+                          WHERE l.pid = pg_backend_pid() AND l.locktype = 'relation'
+                            AND l.database = (SELECT oid FROM pg_database
+                                              WHERE datname = current_database())
+                            AND l.relation = c.oid AND l.granted)
+        LOOP
+            IF g.relkind = 'f' THEN
+                joined := true;
+            ELSE
+                EXECUTE format('SELECT EXISTS (SELECT FROM ONLY %s)', g.rel) INTO joined;
+            END IF;
+            EXIT WHEN joined;
+        END LOOP;
+        IF cardinality(lost) > 0 THEN
+            PERFORM cdc_invalidator.sweep_root_v1(r.root, format(
+                '%s partition(s) of table %s detached (%s)', cardinality(lost), r.root::regclass,
+                (SELECT string_agg(o::regclass::text, ', ') FROM unnest(lost) o)));
+        ELSIF joined THEN
+            PERFORM cdc_invalidator.sweep_root_v1(r.root, format(
+                'a partition holding rows joined table %s', r.root::regclass));
+        END IF;
+    END LOOP;
+END
+$sync$;
+REVOKE ALL ON FUNCTION cdc_invalidator.sync_members_v1(oid[], boolean) FROM PUBLIC;
+
+-- parts_moved_v1 (ddl_command_end of CREATE TABLE, CREATE FOREIGN TABLE, ALTER TABLE):
+-- the trees that may have gained or lost a partition: those of a partitioned table the
+-- command touched (ATTACH and DETACH name the parent), and of a partition not recorded
+-- yet (CREATE TABLE ... PARTITION OF names the partition). A command on a recorded leaf
+-- partition, or on a table outside every watched tree, costs a look-up of it only.
+CREATE OR REPLACE FUNCTION cdc_invalidator.parts_moved_v1()
+RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $moved$
+DECLARE
+    roots oid[];
+BEGIN
     IF coalesce(current_setting('cdc_invalidator.installing', true), '') = 'on' THEN
-        RETURN;
+        RETURN;  -- (install syncs members_v1 itself)
     END IF;
     -- Never a failed migration: whatever goes wrong here is a WARNING.
     BEGIN
-        stack := coalesce(nullif(current_setting('cdc_invalidator.trees', true), '')::jsonb, '[]');
-        PERFORM set_config('cdc_invalidator.trees', (stack - 0)::text, false);
-        FOR tree IN
-            SELECT x.m, x.s, x.t, x.r, x.p
-            FROM jsonb_to_recordset(coalesce(stack -> 0, '[]')) AS x(m text, s text, t text, r oid, p oid[])
-            -- (a table dropped itself is swept by dropped_v1)
-            WHERE EXISTS (SELECT FROM pg_class c WHERE c.oid = x.r)
-        LOOP
-            now := cdc_invalidator.partitions_v1(tree.r);
-            lost := ARRAY(SELECT unnest(tree.p) EXCEPT SELECT unnest(now));
-            joined := false;
-            -- A partition attached with rows in it: they join the table unseen (an empty
-            -- one, as a partition manager premakes them, changes nothing cached).
-            FOR g IN
-                SELECT c.oid::regclass AS rel, c.relkind FROM pg_class c
-                WHERE c.oid = ANY (ARRAY(SELECT unnest(now) EXCEPT SELECT unnest(tree.p)))
-                  AND c.relkind IN ('r', 'f')
-            LOOP
-                IF g.relkind = 'f' THEN
-                    joined := true;  -- (not read here: it is on another server)
-                ELSE
-                    EXECUTE format('SELECT EXISTS (SELECT FROM ONLY %s)', g.rel) INTO joined;
-                END IF;
-                EXIT WHEN joined;
-            END LOOP;
-            CONTINUE WHEN cardinality(lost) = 0 AND NOT joined;
-            reason := CASE WHEN cardinality(lost) > 0 THEN format(
-                    '%s partition(s) of table %s dropped or detached (%s)', cardinality(lost),
-                    tree.r::regclass, (SELECT string_agg(coalesce(
-                                               (SELECT c.oid::regclass::text FROM pg_class c
-                                                WHERE c.oid = o), 'dropped, oid ' || o), ', ')
-                                       FROM unnest(lost) o))
-                ELSE format('a partition holding rows attached to table %s', tree.r::regclass) END;
-            IF tree.m = 't' THEN
-                PERFORM cdc_invalidator.queue_sweep_once_v1(tree.s, tree.t, reason);
-            ELSE
-                PERFORM cdc_invalidator.emit_sweep_v1(tree.s, tree.t, reason);
-            END IF;
-        END LOOP;
+        IF NOT EXISTS (SELECT FROM cdc_invalidator.touched_v1() t JOIN pg_class c ON c.oid = t.rel
+                       WHERE c.relkind = 'p' OR c.relispartition) THEN
+            RETURN;  -- (most DDL: no partition tree touched)
+        END IF;
+        SELECT array_agg(DISTINCT x.root) INTO roots
+        FROM cdc_invalidator.touched_v1() t
+        JOIN pg_class c ON c.oid = t.rel
+        CROSS JOIN LATERAL (SELECT t.rel AS relid
+                            UNION SELECT a.relid FROM pg_partition_ancestors(t.rel) a) up
+        JOIN cdc_invalidator.roots_v1() x ON x.root = up.relid
+        WHERE c.relkind = 'p'
+           OR (c.relispartition
+               AND NOT EXISTS (SELECT FROM cdc_invalidator.members_v1 m WHERE m.part = c.oid));
+        IF roots IS NOT NULL THEN
+            PERFORM cdc_invalidator.sync_members_v1(roots, true);
+        END IF;
     EXCEPTION WHEN OTHERS THEN
-        PERFORM set_config('cdc_invalidator.trees', '', false);
-        RAISE WARNING 'cdc_invalidator: the rebuild guard failed (%): the cached keys of a '
-            'partition this command dropped or detached may stay cached: run `cdc-invalidator '
-            'check`', SQLERRM;
+        RAISE WARNING 'cdc_invalidator: the rebuild guard failed (%): a partition this command '
+            'detached, or attached with rows, may leave its keys cached: run `cdc-invalidator '
+            'install`, and sweep the table''s keys', SQLERRM;
     END;
 END
-$after$;
+$moved$;
+REVOKE ALL ON FUNCTION cdc_invalidator.parts_moved_v1() FROM PUBLIC;
+
+-- parts_dropped_v1 (sql_drop, of every command): recorded partitions dropped sweep the
+-- tables they belonged to, unless those went too (dropped_v1 sweeps a dropped watched
+-- table). Its cost is a look-up of the dropped tables in members_v1.
+CREATE OR REPLACE FUNCTION cdc_invalidator.parts_dropped_v1()
+RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $parts_dropped$
+DECLARE
+    r record;
+BEGIN
+    -- Never a failed migration: whatever goes wrong here is a WARNING.
+    BEGIN
+        FOR r IN
+            WITH dropped AS (
+                SELECT d.objid, d.object_identity FROM pg_event_trigger_dropped_objects() d
+                WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.objsubid = 0
+                  AND d.object_type IN ('table', 'foreign table')),
+            -- (two deletes, each by its index: this runs for every DROP in the database)
+            roots_gone AS (
+                DELETE FROM cdc_invalidator.members_v1 m
+                WHERE m.root = ANY (ARRAY(SELECT objid FROM dropped))),
+            gone AS (
+                DELETE FROM cdc_invalidator.members_v1 m
+                WHERE m.part = ANY (ARRAY(SELECT objid FROM dropped))
+                RETURNING m.root, m.part)
+            SELECT g.root, string_agg(d.object_identity, ', ' ORDER BY d.object_identity) AS parts
+            FROM gone g JOIN dropped d ON d.objid = g.part
+            WHERE EXISTS (SELECT FROM pg_class c WHERE c.oid = g.root)
+            GROUP BY g.root
+        LOOP
+            PERFORM cdc_invalidator.sweep_root_v1(r.root, format(
+                'partition(s) %s of table %s dropped', r.parts, r.root::regclass));
+        END LOOP;
+    EXCEPTION WHEN OTHERS THEN
+        RAISE WARNING 'cdc_invalidator: the rebuild guard failed (%): the cached keys of a '
+            'dropped partition may stay cached: sweep the table''s keys', SQLERRM;
+    END;
+END
+$parts_dropped$;
+REVOKE ALL ON FUNCTION cdc_invalidator.parts_dropped_v1() FROM PUBLIC;
+
+-- Install's own record of the partitions (it ran watch() and the publication first).
+SELECT cdc_invalidator.sync_members_v1(NULL, false);
 
 REVOKE ALL ON FUNCTION cdc_invalidator.rebuilt_v1() FROM PUBLIC;
 REVOKE ALL ON FUNCTION cdc_invalidator.dropped_v1() FROM PUBLIC;
-REVOKE ALL ON FUNCTION cdc_invalidator.parts_after_v1() FROM PUBLIC;
 
 -- Event triggers are for superusers only: installed by another role, there is no guard;
 -- `check` says so. They go with uninstall (uninstall.sql), not with a switch of modes.
@@ -465,18 +560,15 @@ BEGIN
                 WHEN TAG IN ('DROP TABLE', 'DROP SCHEMA', 'DROP OWNED')
                 EXECUTE FUNCTION cdc_invalidator.dropped_v1();
         END IF;
-        -- (the commands that can drop, detach or attach a partition)
-        IF NOT EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'cdc_invalidator_parts_before') THEN
-            CREATE EVENT TRIGGER cdc_invalidator_parts_before ON ddl_command_start
-                WHEN TAG IN ('ALTER TABLE', 'DROP TABLE', 'DROP FOREIGN TABLE', 'DROP SCHEMA',
-                             'DROP OWNED')
-                EXECUTE FUNCTION cdc_invalidator.parts_before_v1();
+        IF NOT EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'cdc_invalidator_parts_moved') THEN
+            CREATE EVENT TRIGGER cdc_invalidator_parts_moved ON ddl_command_end
+                WHEN TAG IN ('CREATE TABLE', 'CREATE FOREIGN TABLE', 'ALTER TABLE')
+                EXECUTE FUNCTION cdc_invalidator.parts_moved_v1();
         END IF;
-        IF NOT EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'cdc_invalidator_parts_after') THEN
-            CREATE EVENT TRIGGER cdc_invalidator_parts_after ON ddl_command_end
-                WHEN TAG IN ('ALTER TABLE', 'DROP TABLE', 'DROP FOREIGN TABLE', 'DROP SCHEMA',
-                             'DROP OWNED')
-                EXECUTE FUNCTION cdc_invalidator.parts_after_v1();
+        -- (every command: a DROP ... CASCADE of many kinds of object can take a table)
+        IF NOT EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'cdc_invalidator_parts_dropped') THEN
+            CREATE EVENT TRIGGER cdc_invalidator_parts_dropped ON sql_drop
+                EXECUTE FUNCTION cdc_invalidator.parts_dropped_v1();
         END IF;
         IF (SELECT evtenabled FROM pg_event_trigger WHERE evtname = 'cdc_invalidator_rebuilt') <> 'A' THEN
             ALTER EVENT TRIGGER cdc_invalidator_rebuilt ENABLE ALWAYS;
@@ -484,11 +576,11 @@ BEGIN
         IF (SELECT evtenabled FROM pg_event_trigger WHERE evtname = 'cdc_invalidator_dropped') <> 'A' THEN
             ALTER EVENT TRIGGER cdc_invalidator_dropped ENABLE ALWAYS;
         END IF;
-        IF (SELECT evtenabled FROM pg_event_trigger WHERE evtname = 'cdc_invalidator_parts_before') <> 'A' THEN
-            ALTER EVENT TRIGGER cdc_invalidator_parts_before ENABLE ALWAYS;
+        IF (SELECT evtenabled FROM pg_event_trigger WHERE evtname = 'cdc_invalidator_parts_moved') <> 'A' THEN
+            ALTER EVENT TRIGGER cdc_invalidator_parts_moved ENABLE ALWAYS;
         END IF;
-        IF (SELECT evtenabled FROM pg_event_trigger WHERE evtname = 'cdc_invalidator_parts_after') <> 'A' THEN
-            ALTER EVENT TRIGGER cdc_invalidator_parts_after ENABLE ALWAYS;
+        IF (SELECT evtenabled FROM pg_event_trigger WHERE evtname = 'cdc_invalidator_parts_dropped') <> 'A' THEN
+            ALTER EVENT TRIGGER cdc_invalidator_parts_dropped ENABLE ALWAYS;
         END IF;
     END IF;
 END

@@ -10,8 +10,8 @@ BEGIN
     IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
         DROP EVENT TRIGGER IF EXISTS cdc_invalidator_rebuilt;
         DROP EVENT TRIGGER IF EXISTS cdc_invalidator_dropped;
-        DROP EVENT TRIGGER IF EXISTS cdc_invalidator_parts_before;
-        DROP EVENT TRIGGER IF EXISTS cdc_invalidator_parts_after;
+        DROP EVENT TRIGGER IF EXISTS cdc_invalidator_parts_moved;
+        DROP EVENT TRIGGER IF EXISTS cdc_invalidator_parts_dropped;
     END IF;
 END
 $uninstall$;

@@ -32,8 +32,8 @@ GUARDS = (
 )
 REBUILD_GUARD = [
     "cdc_invalidator_dropped",
-    "cdc_invalidator_parts_after",
-    "cdc_invalidator_parts_before",
+    "cdc_invalidator_parts_dropped",
+    "cdc_invalidator_parts_moved",
     "cdc_invalidator_rebuilt",
 ]
 STAND_IN = ["cdc_invalidator_stand_in_v1"]
@@ -249,7 +249,7 @@ def test_check_warns_when_the_rebuild_guard_is_off(env: Env) -> None:
     users_table(env, [(1, "u1@x")])
     config = install(env, USERS)
     assert "rebuild guard" not in check(config).stdout
-    env.sql("ALTER EVENT TRIGGER cdc_invalidator_parts_after DISABLE")
+    env.sql("ALTER EVENT TRIGGER cdc_invalidator_parts_dropped DISABLE")
     assert "the rebuild guard (event triggers cdc_invalidator_rebuilt," in check(config).stdout
 
 
@@ -259,7 +259,13 @@ PARTITIONED = (
     "CREATE TABLE users (id int, email text, name text) PARTITION BY RANGE (id);"
     "CREATE TABLE users_low PARTITION OF users FOR VALUES FROM (0) TO (100);"
     "CREATE TABLE users_mid PARTITION OF users FOR VALUES FROM (100) TO (200);"
-    "CREATE TABLE users_old PARTITION OF users FOR VALUES FROM (200) TO (300)"
+    "CREATE TABLE users_old PARTITION OF users FOR VALUES FROM (200) TO (300);"
+    # a partition whose own partition key uses a function: DROP FUNCTION ... CASCADE
+    # takes it
+    "CREATE FUNCTION bucket(int) RETURNS int LANGUAGE sql IMMUTABLE AS 'SELECT $1 / 10';"
+    "CREATE TABLE users_fn PARTITION OF users FOR VALUES FROM (500) TO (600)"
+    " PARTITION BY RANGE (bucket(id));"
+    "CREATE TABLE users_fn_5 PARTITION OF users_fn FOR VALUES FROM (50) TO (60)"
 )
 
 
@@ -276,7 +282,7 @@ def test_a_partition_dropped_detached_or_attached_with_rows_is_swept(
     )
     env.sql(
         "INSERT INTO users (id, email)"
-        " VALUES (1, 'u1@x'), (2, 'u2@x'), (150, 'm@x'), (250, 'o@x'), (450, 'g@x')"
+        " VALUES (1, 'u1@x'), (2, 'u2@x'), (150, 'm@x'), (250, 'o@x'), (450, 'g@x'), (550, 'f@x')"
     )
     # (no second deletes: a sweep repeated 300 ms later would take the next step's keys)
     config = install(env, USERS, second_delete_ms=0)
@@ -291,6 +297,7 @@ def test_a_partition_dropped_detached_or_attached_with_rows_is_swept(
             # (in three transactions: the last one sweeps)
             "ALTER TABLE users DETACH PARTITION users_mid CONCURRENTLY",
             as_role(owner, "DROP SCHEMA IF EXISTS gone CASCADE"),
+            as_role(owner, "DROP FUNCTION bucket(int) CASCADE"),
         ):
             seed(r)
             env.sql(command)
@@ -304,17 +311,31 @@ def test_a_partition_dropped_detached_or_attached_with_rows_is_swept(
             as_role(
                 owner,
                 "CREATE TABLE users_next (LIKE users);"
-                "ALTER TABLE users ATTACH PARTITION users_next FOR VALUES FROM (300) TO (400);"
-                "BEGIN; DROP TABLE users_low; ROLLBACK;"
+                "ALTER TABLE users ATTACH PARTITION users_next FOR VALUES FROM (300) TO (400)",
+            )
+        )
+        env.sql(
+            as_role(
+                owner, "CREATE TABLE users_new PARTITION OF users FOR VALUES FROM (600) TO (700)"
+            )
+        )
+        env.sql(as_role(owner, "BEGIN; DROP TABLE users_low; ROLLBACK"))
+        env.sql(
+            as_role(
+                owner,
                 "CREATE TABLE other (id int) PARTITION BY RANGE (id);"
                 "CREATE TABLE other_1 PARTITION OF other FOR VALUES FROM (0) TO (10);"
                 "INSERT INTO other VALUES (1); DROP TABLE other_1",
             )
         )
+        assert env.scalar("SELECT count(*) FROM users_next") == 0
         env.sql("UPDATE users SET name = 'x' WHERE id = 1")
         wait_until(lambda: r.exists("user:1", "user:email:u1@x") == 0, what="the exact keys")
         settle(env, r)
         assert r.get("user:2") == "cached"
+        # A partition created after install is recorded too: its drop sweeps.
+        env.sql(as_role(owner, "DROP TABLE users_new"))
+        wait_swept(r)
     assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 0
 
 

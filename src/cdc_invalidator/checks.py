@@ -267,7 +267,7 @@ def check_rebuild_guard(conn: psycopg.Connection[Any], report: Report) -> None:
     if not (row and row[0]):
         report.warnings.append(
             "the rebuild guard (event triggers cdc_invalidator_rebuilt, cdc_invalidator_dropped, "
-            "cdc_invalidator_parts_before and cdc_invalidator_parts_after) is not installed, or "
+            "cdc_invalidator_parts_moved and cdc_invalidator_parts_dropped) is not installed, or "
             "does not fire ALWAYS: a watched table dropped, or replaced by another that takes "
             "its name, leaves its keys cached and its new writes uncaptured until install runs "
             "again, and a partition dropped or detached leaves its rows' keys cached "
