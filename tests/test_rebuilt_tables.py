@@ -10,6 +10,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 import redis
 
@@ -337,6 +338,36 @@ def test_a_partition_dropped_detached_or_attached_with_rows_is_swept(
         env.sql(as_role(owner, "DROP TABLE users_new"))
         wait_swept(r)
     assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 0
+
+
+def test_a_detach_that_stopped_half_way_is_reported_and_swept_at_finalize(env: Env) -> None:
+    """DETACH ... CONCURRENTLY commits its first transaction, then waits for older
+    snapshots; cancelled there, the partition is left detach-pending: its rows are no
+    longer read through the table, and nothing sweeps until FINALIZE. check says so."""
+    env.sql(PARTITIONED)
+    env.sql("INSERT INTO users (id, email) VALUES (1, 'u1@x'), (150, 'm@x')")
+    config = install(env, USERS, second_delete_ms=0)
+    r = env.redis()
+    with env.connect() as reader, listening(config):
+        reader.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        reader.execute("SELECT count(*) FROM users")  # an old snapshot: the detach waits
+        detacher = env.connect(options="-c statement_timeout=1s")
+        with detacher, pytest.raises(psycopg.errors.QueryCanceled):
+            detacher.execute("ALTER TABLE users DETACH PARTITION users_mid CONCURRENTLY")
+        reader.execute("COMMIT")
+        result = check(config)
+        assert (
+            "partition public.users_mid of watched table public.users is being detached"
+            " concurrently and the detach stopped" in result.stdout
+        ), result.stdout
+        assert "ALTER TABLE public.users DETACH PARTITION public.users_mid FINALIZE" in (
+            result.stdout
+        )
+        settle(env, r)
+        seed(r)
+        env.sql("ALTER TABLE users DETACH PARTITION users_mid FINALIZE")
+        wait_swept(r)
+    assert "being detached concurrently" not in check(config).stdout
 
 
 # --- logical mode: the table that takes the name is published, the sweeps are messages --

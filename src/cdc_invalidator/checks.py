@@ -262,9 +262,19 @@ def check_all_tables(conn: psycopg.Connection[Any], report: Report) -> None:
 
 
 def check_rebuild_guard(conn: psycopg.Connection[Any], report: Report) -> None:
-    """The event triggers that keep a rebuilt watched table captured (both modes)."""
+    """The event triggers that keep a rebuilt watched table captured, and sweep for its
+    partitions (both modes); a partition whose detach stopped half-way."""
     row = conn.execute(Q.CHECK_REBUILD_GUARD.sql).fetchone()
-    if not (row and row[0]):
+    if row and row[0]:
+        if conn.info.server_version // 10000 >= versions.DETACH_CONCURRENTLY:
+            for part, parent, root in conn.execute(Q.CHECK_DETACH_PENDING.sql):
+                report.warnings.append(
+                    f"partition {part} of watched table {root} is being detached "
+                    "concurrently and the detach stopped: its rows are no longer read "
+                    "through the table, and their keys are swept only when it completes: "
+                    f"ALTER TABLE {parent} DETACH PARTITION {part} FINALIZE"
+                )
+    else:
         report.warnings.append(
             "the rebuild guard (event triggers cdc_invalidator_rebuilt, cdc_invalidator_dropped, "
             "cdc_invalidator_parts_moved and cdc_invalidator_parts_dropped) is not installed, or "

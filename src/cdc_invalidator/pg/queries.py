@@ -114,6 +114,7 @@ class Q(enum.Enum):
     CHECK_LOGICAL_SERVER = "check_logical_server.sql"
     CHECK_DDL_GUARD = "check_ddl_guard.sql"
     CHECK_REBUILD_GUARD = "check_rebuild_guard.sql"
+    CHECK_DETACH_PENDING = "check_detach_pending.sql"
     CHECK_STAND_IN = "check_stand_in.sql"
 
     @property

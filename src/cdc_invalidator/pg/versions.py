@@ -10,6 +10,8 @@ OLDEST = 13
 # Logical mode's publication carries column lists (CREATE PUBLICATION ... FOR TABLE t
 # (a, b), pg_publication_rel.prattrs), which check and the DDL guard read: PostgreSQL 15.
 OLDEST_LOGICAL = 15
+# DETACH PARTITION ... CONCURRENTLY, and pg_inherits.inhdetachpending: PostgreSQL 14.
+DETACH_CONCURRENTLY = 14
 
 _TWO_PART = 10  # from PostgreSQL 10 on, a version is major.minor
 
