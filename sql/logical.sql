@@ -336,8 +336,8 @@ $list$;
 --     with them (a list must cover the identity, or UPDATE and DELETE fail): whole for
 --     REPLICA IDENTITY FULL, with the new columns after a wider primary key or identity
 --     index.
--- Its work is our own catalog look-ups: no cost to writes. install sets
--- cdc_invalidator.installing for its own transaction, where it does all this itself.
+-- Its work is our own catalog look-ups: no cost to writes. install marks its own
+-- transaction (installing_v1(), schema.sql), where it does all this itself.
 -- It fires for every role's ALTER TABLE and CREATE TABLE (temporary tables included), so
 -- it looks only at the tables the command touched, and runs as its owner (the superuser
 -- who installed it): a role with no privilege on our schema must keep its DDL working.
@@ -350,7 +350,7 @@ DECLARE
     pub  oid;
     cols text[];
 BEGIN
-    IF coalesce(current_setting('cdc_invalidator.installing', true), '') = 'on' THEN
+    IF cdc_invalidator.installing_v1() THEN
         RETURN;
     END IF;
     FOR r IN

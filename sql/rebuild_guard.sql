@@ -32,7 +32,7 @@
 -- tables' partitions: no cost to writes.
 -- They fire for every role's DDL and run as their owner (the superuser who installed
 -- them), so that a role with no privilege on our schema keeps its DDL working; install
--- sets cdc_invalidator.installing for its own transaction, and they stand aside. What
+-- marks its own transaction (installing_v1(), schema.sql), and they stand aside. What
 -- cannot be done is a WARNING, never a failed migration (`check` then says the table is
 -- not watched, or not published).
 
@@ -75,7 +75,7 @@ AS $rebuilt$
 DECLARE
     r record;
 BEGIN
-    IF coalesce(current_setting('cdc_invalidator.installing', true), '') = 'on' THEN
+    IF cdc_invalidator.installing_v1() THEN
         RETURN;
     END IF;
     -- Never a failed migration: whatever goes wrong here is a WARNING.
@@ -206,6 +206,8 @@ BEGIN
                     -- The DDL guard stands aside for the identity and publication changes made
                     -- here (a subtransaction: an error puts the setting back too).
                     PERFORM set_config('cdc_invalidator.installing', 'on', true);
+                    INSERT INTO cdc_invalidator.install_marks_v1 VALUES (pg_current_xact_id())
+                    ON CONFLICT DO NOTHING;
                     PERFORM cdc_invalidator.record_published(r.rel, r.schema_name, r.table_name,
                                                              r.columns, r.keep, r.publication);
                     UPDATE cdc_invalidator.published_v1 SET judge = r.judge WHERE relid = r.rel;
@@ -223,6 +225,7 @@ BEGIN
                     EXECUTE format('ALTER PUBLICATION %I ADD TABLE %s', r.publication,
                                    cdc_invalidator.publish_list(r.rel));
                     PERFORM set_config('cdc_invalidator.installing', '', true);
+                    DELETE FROM cdc_invalidator.install_marks_v1 WHERE xid = pg_current_xact_id();
                     RAISE WARNING 'cdc_invalidator: table % took the name of a published table: it is '
                         'published in %, and the table''s cached keys are swept once', r.rel, r.publication;
                 EXCEPTION WHEN OTHERS THEN
@@ -301,11 +304,15 @@ CREATE TABLE IF NOT EXISTS cdc_invalidator.members_v1 (
     root oid NOT NULL,
     PRIMARY KEY (part, root)
 );
-REVOKE ALL ON TABLE cdc_invalidator.members_v1 FROM PUBLIC;
 DO $members_root$
 BEGIN
     IF to_regclass('cdc_invalidator.members_v1_root') IS NULL THEN  -- (as the queue's)
         CREATE INDEX members_v1_root ON cdc_invalidator.members_v1 (root);
+    END IF;
+    -- Readable by anyone who may use our schema (the listener's role, for `check`): it
+    -- holds table OIDs, which pg_inherits shows everyone anyway. Granted once.
+    IF NOT has_table_privilege('public', 'cdc_invalidator.members_v1', 'SELECT') THEN
+        GRANT SELECT ON TABLE cdc_invalidator.members_v1 TO PUBLIC;
     END IF;
 END
 $members_root$;
@@ -465,7 +472,7 @@ AS $moved$
 DECLARE
     roots oid[];
 BEGIN
-    IF coalesce(current_setting('cdc_invalidator.installing', true), '') = 'on' THEN
+    IF cdc_invalidator.installing_v1() THEN
         RETURN;  -- (install syncs members_v1 itself)
     END IF;
     -- Never a failed migration: whatever goes wrong here is a WARNING.

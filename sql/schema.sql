@@ -20,6 +20,31 @@ CREATE SCHEMA IF NOT EXISTS cdc_invalidator;
 COMMENT ON SCHEMA cdc_invalidator IS
     'cdc-invalidator: queue of row changes whose Redis keys must be deleted';
 
+-- Install's mark: our event triggers (logical mode's DDL guard, the rebuild guard) stand
+-- aside while install does their work itself. The session setting installing.sql sets
+-- can be set by any role, even from a function a migration runs: alone it would let a
+-- table's owner switch the guards off for its own DDL. So a transaction is installing
+-- only if it also wrote its id here, which only the installing role can (the guards
+-- run as that role). install_done.sql takes the row away in the same transaction: no
+-- one ever sees it.
+CREATE TABLE IF NOT EXISTS cdc_invalidator.install_marks_v1 (
+    xid xid8 PRIMARY KEY
+);
+REVOKE ALL ON TABLE cdc_invalidator.install_marks_v1 FROM PUBLIC;
+INSERT INTO cdc_invalidator.install_marks_v1 VALUES (pg_current_xact_id()) ON CONFLICT DO NOTHING;
+
+-- installing_v1(): whether this transaction is install's (or the rebuild guard's own
+-- publishing, which marks itself the same way).
+CREATE OR REPLACE FUNCTION cdc_invalidator.installing_v1()
+RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $installing$
+    SELECT coalesce(current_setting('cdc_invalidator.installing', true), '') = 'on'
+       AND EXISTS (SELECT FROM cdc_invalidator.install_marks_v1 m
+                   WHERE m.xid = pg_current_xact_id_if_assigned())
+$installing$;
+REVOKE ALL ON FUNCTION cdc_invalidator.installing_v1() FROM PUBLIC;
+
 -- add_column_v1(table, column, type): install's ADD COLUMN of a column a later release
 -- added, run only where the table lacks it, looked up in the catalog first: ADD COLUMN
 -- IF NOT EXISTS takes ACCESS EXCLUSIVE on the table before it looks, and install is one

@@ -202,6 +202,13 @@ def test_dropping_a_listed_key_column_is_refused_naming_cdc_invalidator(env: Env
     # CASCADE would take the table out of the publication: changes lost. Refused too.
     with pytest.raises(psycopg.errors.DependentObjectsStillExist, match="cdc_invalidator"):
         env.sql("ALTER TABLE orders DROP COLUMN id CASCADE")
+    # The setting install stands the guard aside with is anyone's to set: alone, it is
+    # not install (its transaction marks itself where only the installing role can).
+    with pytest.raises(psycopg.errors.DependentObjectsStillExist, match="cdc_invalidator"):
+        env.sql(
+            "BEGIN; SET LOCAL cdc_invalidator.installing = 'on';"
+            " ALTER TABLE orders DROP COLUMN id CASCADE; COMMIT"
+        )
     assert publication_columns(env, "orders") == ["id"]
     env.sql("UPDATE orders SET note = 'n'; DELETE FROM orders")  # writes still work
 

@@ -119,6 +119,8 @@ def install_script(
             publish,
             sql.SQL("\n"),
             Q.REBUILD_GUARD.sql,
+            sql.SQL("\n"),
+            Q.INSTALL_DONE.sql,
             footer,
         ]
     )

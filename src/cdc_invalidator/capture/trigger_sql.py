@@ -98,6 +98,7 @@ def install_script(
     ]
     if publication is not None:
         parts += [sql.SQL("\n"), _leave_logical(publication)]
+    parts += [sql.SQL("\n"), Q.INSTALL_DONE.sql]
     return sql.Composed(parts)
 
 

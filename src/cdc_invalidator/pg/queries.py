@@ -31,7 +31,8 @@ class Q(enum.Enum):
     SCHEMA = "schema.sql"  # both modes' shared objects and the trigger queue
     GRANTS = "grants.sql"  # grant_listener()
     LOGICAL = "logical.sql"  # logical mode's objects and the DDL guard
-    INSTALLING = "installing.sql"  # the event triggers stand aside while install works
+    INSTALLING = "installing.sql"
+    INSTALL_DONE = "install_done.sql"  # the event triggers stand aside while install works
     REBUILD_GUARD = "rebuild_guard.sql"  # a watched table dropped or replaced
     LEAVE_TRIGGER = "leave_trigger.sql"  # logical mode: our triggers go
     WATCH_TABLE = "watch_table.sql"
