@@ -147,8 +147,13 @@ BEGIN
             JOIN cdc_invalidator.watched_v1 w
               ON w.relid::oid = up.relid
               OR (w.schema_name, w.table_name) = (un.nspname::text, uc.relname::text)
+            -- the touched table, if a partition, and the partitions under it: not the whole
+            -- tree, since each ALTER TABLE below fires this function again, for its own
+            -- partition (over the whole tree, an ATTACH of 300 partitions took 40 s).
             -- (read from pg_inherits: pg_partition_tree would lock every partition)
-            CROSS JOIN LATERAL unnest(cdc_invalidator.partitions_v1(up.relid)) AS p(relid)
+            CROSS JOIN LATERAL (SELECT t.rel WHERE c.relispartition
+                                UNION
+                                SELECT unnest(cdc_invalidator.partitions_v1(t.rel))) AS p(relid)
             JOIN pg_class pc ON pc.oid = p.relid AND pc.relkind IN ('r', 'p')
             -- (NOT IN: one hashed pass over pg_trigger. The planner, blind to how many
             -- partitions there are, nested a NOT EXISTS over all of them: 48 ms per DDL
@@ -158,6 +163,10 @@ BEGIN
                                     AND f.pronamespace = 'cdc_invalidator'::regnamespace)
             ORDER BY p.relid, up.depth
         LOOP
+            -- (given one meanwhile by this function, fired again by the ALTER TABLE below
+            -- of a partitioned partition above it)
+            CONTINUE WHEN EXISTS (SELECT FROM pg_trigger tg WHERE tg.tgrelid = r.rel
+                                    AND tg.tgname = 'cdc_invalidator_part_trunc_v1');
             BEGIN
                 EXECUTE format('CREATE TRIGGER cdc_invalidator_part_trunc_v1 AFTER TRUNCATE ON %s '
                                'FOR EACH STATEMENT EXECUTE FUNCTION '
@@ -298,10 +307,11 @@ $dropped$;
 -- transaction (DETACH ... CONCURRENTLY: its last one).
 
 -- members_v1: each partition, at any depth, of each watched partitioned table (or a
--- table that took a watched name: a stand-in); `root` is that table.
+-- table that took a watched name: a stand-in); `root` is that table. (regclass, as
+-- watched_v1's relid: pg_dump writes names, so a restore keeps the record true.)
 CREATE TABLE IF NOT EXISTS cdc_invalidator.members_v1 (
-    part oid NOT NULL,
-    root oid NOT NULL,
+    part regclass NOT NULL,
+    root regclass NOT NULL,
     PRIMARY KEY (part, root)
 );
 DO $members_root$
@@ -391,23 +401,47 @@ END
 $sweep_root$;
 REVOKE ALL ON FUNCTION cdc_invalidator.sweep_root_v1(oid, text) FROM PUBLIC;
 
+-- holds_rows_v1(rel, unheld): whether a partition that left or joined a table may hold
+-- rows, told without reading it: these functions run as a superuser, and a query of the
+-- table would plan its owner's index expressions and predicates, running the owner's
+-- functions with our rights. A partitioned one: no (its leaves are asked); one gone
+-- (dropped while nothing saw it): yes; one this transaction holds no lock on: `unheld`
+-- (another session's command moved it, and that command swept for it; or its size says
+-- nothing of this command); a foreign one: yes (it is on another server); a table: if it
+-- has pages (rows deleted and not vacuumed count: a sweep too many, never one too few).
+CREATE OR REPLACE FUNCTION cdc_invalidator.holds_rows_v1(rel oid, unheld boolean)
+RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $holds$
+    SELECT CASE
+        WHEN c.oid IS NULL THEN true
+        WHEN c.relkind = 'p' THEN false
+        WHEN NOT EXISTS (SELECT FROM pg_locks l
+                         WHERE l.pid = pg_backend_pid() AND l.locktype = 'relation'
+                           AND l.database = (SELECT d.oid FROM pg_database d
+                                             WHERE d.datname = current_database())
+                           AND l.relation = c.oid AND l.granted) THEN unheld
+        WHEN c.relkind = 'f' THEN true
+        ELSE pg_relation_size(c.oid) > 0 END
+    FROM (SELECT rel) r LEFT JOIN pg_class c ON c.oid = r.rel
+$holds$;
+REVOKE ALL ON FUNCTION cdc_invalidator.holds_rows_v1(oid, boolean) FROM PUBLIC;
+
 -- sync_members_v1(roots, sweep): members_v1 made to match pg_inherits for `roots` (NULL:
 -- every root, and the rows of tables no longer roots go). It writes only what differs
--- (install runs it every time). With `sweep`, a root that lost a partition, or gained one
--- this transaction holds a lock on (it attached or created it) that holds a row, or a
--- foreign one (not read: it is on another server), is swept. A partition gained that
--- this transaction does not hold was added by another, whose command swept for it.
+-- (install runs it every time), in one statement per root, so that pg_inherits and
+-- members_v1 are read in one snapshot: a partition another session adds or takes away
+-- meanwhile is in both or in neither. With `sweep`, a root that lost a partition that may
+-- hold rows (detached; an empty one detached sweeps nothing), or gained one that this
+-- transaction holds and that holds rows (attached), is swept (holds_rows_v1).
 CREATE OR REPLACE FUNCTION cdc_invalidator.sync_members_v1(roots oid[], sweep boolean)
 RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $sync$
 DECLARE
     r      record;
-    now    oid[];
     lost   oid[];
     gained oid[];
-    joined boolean;
-    g      record;
 BEGIN
     IF roots IS NULL THEN
         DELETE FROM cdc_invalidator.members_v1 m
@@ -415,43 +449,26 @@ BEGIN
     END IF;
     FOR r IN SELECT DISTINCT x.root FROM cdc_invalidator.roots_v1() x
              WHERE roots IS NULL OR x.root = ANY (roots) LOOP
-        now := cdc_invalidator.partitions_v1(r.root);
-        WITH gone AS (
+        WITH now AS (
+            SELECT unnest(cdc_invalidator.partitions_v1(r.root)) AS part),
+        gone AS (
             DELETE FROM cdc_invalidator.members_v1 m
-            WHERE m.root = r.root AND m.part <> ALL (now)
-            RETURNING m.part)
-        SELECT coalesce(array_agg(gone.part), '{}') INTO lost FROM gone;
-        WITH added AS (
+            WHERE m.root = r.root AND m.part NOT IN (SELECT part FROM now)
+            RETURNING m.part::oid AS part),
+        added AS (
             INSERT INTO cdc_invalidator.members_v1 (part, root)
-            SELECT p, r.root FROM unnest(now) p
+            SELECT n.part, r.root FROM now n
             WHERE NOT EXISTS (SELECT FROM cdc_invalidator.members_v1 m
-                              WHERE m.part = p AND m.root = r.root)
+                              WHERE m.part = n.part AND m.root = r.root)
             ON CONFLICT DO NOTHING
-            RETURNING part)
-        SELECT coalesce(array_agg(added.part), '{}') INTO gained FROM added;
+            RETURNING part::oid AS part)
+        SELECT ARRAY(SELECT part FROM gone), ARRAY(SELECT part FROM added) INTO lost, gained;
         CONTINUE WHEN NOT sweep;
-        joined := false;
-        FOR g IN
-            SELECT c.oid::regclass AS rel, c.relkind FROM pg_class c
-            WHERE c.oid = ANY (gained) AND c.relkind IN ('r', 'f')
-              AND EXISTS (SELECT FROM pg_locks l
-                          WHERE l.pid = pg_backend_pid() AND l.locktype = 'relation'
-                            AND l.database = (SELECT oid FROM pg_database
-                                              WHERE datname = current_database())
-                            AND l.relation = c.oid AND l.granted)
-        LOOP
-            IF g.relkind = 'f' THEN
-                joined := true;
-            ELSE
-                EXECUTE format('SELECT EXISTS (SELECT FROM ONLY %s)', g.rel) INTO joined;
-            END IF;
-            EXIT WHEN joined;
-        END LOOP;
-        IF cardinality(lost) > 0 THEN
+        IF EXISTS (SELECT FROM unnest(lost) o WHERE cdc_invalidator.holds_rows_v1(o, true)) THEN
             PERFORM cdc_invalidator.sweep_root_v1(r.root, format(
                 '%s partition(s) of table %s detached (%s)', cardinality(lost), r.root::regclass,
                 (SELECT string_agg(o::regclass::text, ', ') FROM unnest(lost) o)));
-        ELSIF joined THEN
+        ELSIF EXISTS (SELECT FROM unnest(gained) g WHERE cdc_invalidator.holds_rows_v1(g, false)) THEN
             PERFORM cdc_invalidator.sweep_root_v1(r.root, format(
                 'a partition holding rows joined table %s', r.root::regclass));
         END IF;
@@ -460,17 +477,23 @@ END
 $sync$;
 REVOKE ALL ON FUNCTION cdc_invalidator.sync_members_v1(oid[], boolean) FROM PUBLIC;
 
--- parts_moved_v1 (ddl_command_end of CREATE TABLE, CREATE FOREIGN TABLE, ALTER TABLE):
--- the trees that may have gained or lost a partition: those of a partitioned table the
--- command touched (ATTACH and DETACH name the parent), and of a partition not recorded
--- yet (CREATE TABLE ... PARTITION OF names the partition). A command on a recorded leaf
--- partition, or on a table outside every watched tree, costs a look-up of it only.
+-- parts_moved_v1 (ddl_command_end of CREATE TABLE, CREATE FOREIGN TABLE, ALTER TABLE,
+-- and of CREATE SCHEMA, ALTER SCHEMA, ALTER INDEX, which can make or rename a table):
+--   * a partitioned table the command touched, in a watched tree (ATTACH and DETACH name
+--     the parent): the trees above it are compared with the record (sync_members_v1);
+--   * a partition not recorded yet (CREATE TABLE ... PARTITION OF names the partition):
+--     its own rows are added, reading no others (so that two sessions creating partitions
+--     neither wait on each other nor, SERIALIZABLE, fail each other), and it is swept for
+--     if it may hold rows (a foreign table).
+-- A command on a recorded leaf partition, or on a table outside every watched tree,
+-- costs a look-up of it only.
 CREATE OR REPLACE FUNCTION cdc_invalidator.parts_moved_v1()
 RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $moved$
 DECLARE
     roots oid[];
+    r     record;
 BEGIN
     IF cdc_invalidator.installing_v1() THEN
         RETURN;  -- (install syncs members_v1 itself)
@@ -481,15 +504,29 @@ BEGIN
                        WHERE c.relkind = 'p' OR c.relispartition) THEN
             RETURN;  -- (most DDL: no partition tree touched)
         END IF;
+        FOR r IN
+            SELECT DISTINCT c.oid AS part, x.root
+            FROM cdc_invalidator.touched_v1() t
+            JOIN pg_class c ON c.oid = t.rel AND c.relispartition AND c.relkind <> 'p'
+            CROSS JOIN LATERAL pg_partition_ancestors(t.rel) a
+            JOIN cdc_invalidator.roots_v1() x ON x.root = a.relid
+            WHERE NOT EXISTS (SELECT FROM cdc_invalidator.members_v1 m
+                              WHERE m.part = c.oid AND m.root = x.root)
+        LOOP
+            INSERT INTO cdc_invalidator.members_v1 (part, root) VALUES (r.part, r.root)
+            ON CONFLICT DO NOTHING;
+            IF cdc_invalidator.holds_rows_v1(r.part, false) THEN
+                PERFORM cdc_invalidator.sweep_root_v1(r.root, format(
+                    'partition %s holding rows joined table %s', r.part::regclass,
+                    r.root::regclass));
+            END IF;
+        END LOOP;
         SELECT array_agg(DISTINCT x.root) INTO roots
         FROM cdc_invalidator.touched_v1() t
-        JOIN pg_class c ON c.oid = t.rel
+        JOIN pg_class c ON c.oid = t.rel AND c.relkind = 'p'
         CROSS JOIN LATERAL (SELECT t.rel AS relid
                             UNION SELECT a.relid FROM pg_partition_ancestors(t.rel) a) up
-        JOIN cdc_invalidator.roots_v1() x ON x.root = up.relid
-        WHERE c.relkind = 'p'
-           OR (c.relispartition
-               AND NOT EXISTS (SELECT FROM cdc_invalidator.members_v1 m WHERE m.part = c.oid));
+        JOIN cdc_invalidator.roots_v1() x ON x.root = up.relid;
         IF roots IS NOT NULL THEN
             PERFORM cdc_invalidator.sync_members_v1(roots, true);
         END IF;
@@ -522,11 +559,11 @@ BEGIN
             -- (two deletes, each by its index: this runs for every DROP in the database)
             roots_gone AS (
                 DELETE FROM cdc_invalidator.members_v1 m
-                WHERE m.root = ANY (ARRAY(SELECT objid FROM dropped))),
+                WHERE m.root::oid = ANY (ARRAY(SELECT objid FROM dropped))),
             gone AS (
                 DELETE FROM cdc_invalidator.members_v1 m
-                WHERE m.part = ANY (ARRAY(SELECT objid FROM dropped))
-                RETURNING m.root, m.part)
+                WHERE m.part::oid = ANY (ARRAY(SELECT objid FROM dropped))
+                RETURNING m.root::oid AS root, m.part::oid AS part)
             SELECT g.root, string_agg(d.object_identity, ', ' ORDER BY d.object_identity) AS parts
             FROM gone g JOIN dropped d ON d.objid = g.part
             WHERE EXISTS (SELECT FROM pg_class c WHERE c.oid = g.root)
@@ -556,10 +593,23 @@ REVOKE ALL ON FUNCTION cdc_invalidator.dropped_v1() FROM PUBLIC;
 DO $rebuild_guard$
 BEGIN
     IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+        -- Made again where an earlier release made them for fewer commands.
+        IF EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'cdc_invalidator_rebuilt'
+                     AND evttags IS DISTINCT FROM ARRAY['CREATE TABLE', 'CREATE TABLE AS',
+                         'SELECT INTO', 'ALTER TABLE', 'ALTER INDEX', 'ALTER SCHEMA',
+                         'CREATE SCHEMA']) THEN
+            DROP EVENT TRIGGER cdc_invalidator_rebuilt;
+        END IF;
+        IF EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'cdc_invalidator_parts_moved'
+                     AND evttags IS DISTINCT FROM ARRAY['CREATE TABLE', 'CREATE FOREIGN TABLE',
+                         'ALTER TABLE', 'CREATE SCHEMA', 'ALTER SCHEMA', 'ALTER INDEX']) THEN
+            DROP EVENT TRIGGER cdc_invalidator_parts_moved;
+        END IF;
+        -- (CREATE SCHEMA ... CREATE TABLE: a table made inside a schema's command)
         IF NOT EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'cdc_invalidator_rebuilt') THEN
             CREATE EVENT TRIGGER cdc_invalidator_rebuilt ON ddl_command_end
                 WHEN TAG IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO', 'ALTER TABLE',
-                             'ALTER INDEX', 'ALTER SCHEMA')
+                             'ALTER INDEX', 'ALTER SCHEMA', 'CREATE SCHEMA')
                 EXECUTE FUNCTION cdc_invalidator.rebuilt_v1();
         END IF;
         IF NOT EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'cdc_invalidator_dropped') THEN
@@ -569,7 +619,8 @@ BEGIN
         END IF;
         IF NOT EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'cdc_invalidator_parts_moved') THEN
             CREATE EVENT TRIGGER cdc_invalidator_parts_moved ON ddl_command_end
-                WHEN TAG IN ('CREATE TABLE', 'CREATE FOREIGN TABLE', 'ALTER TABLE')
+                WHEN TAG IN ('CREATE TABLE', 'CREATE FOREIGN TABLE', 'ALTER TABLE',
+                             'CREATE SCHEMA', 'ALTER SCHEMA', 'ALTER INDEX')
                 EXECUTE FUNCTION cdc_invalidator.parts_moved_v1();
         END IF;
         -- (every command: a DROP ... CASCADE of many kinds of object can take a table)

@@ -289,7 +289,17 @@ def test_a_partition_dropped_detached_or_attached_with_rows_is_swept(
     config = install(env, USERS, second_delete_ms=0)
     r = env.redis()
     with running(env, config) if env.logical else listening(config):
+        # Made after install, inside a CREATE SCHEMA: recorded all the same. (Its insert is
+        # decoded before the drop below: decoded after it, it would be a dead letter, the
+        # partition being gone from the catalog.)
+        env.sql(
+            f"CREATE SCHEMA made AUTHORIZATION {owner}"
+            " CREATE TABLE users_made PARTITION OF public.users FOR VALUES FROM (800) TO (900);"
+            "INSERT INTO users (id, email) VALUES (850, 'made@x')"
+        )
+        settle(env, r)
         for command in (
+            as_role(owner, "DROP TABLE made.users_made"),
             as_role(owner, "DROP TABLE users_old"),
             as_role(owner, "ALTER TABLE users DETACH PARTITION users_mid"),
             as_role(
@@ -321,6 +331,7 @@ def test_a_partition_dropped_detached_or_attached_with_rows_is_swept(
             )
         )
         env.sql(as_role(owner, "BEGIN; DROP TABLE users_low; ROLLBACK"))
+        env.sql(as_role(owner, "ALTER TABLE users DETACH PARTITION users_next"))  # empty
         env.sql(
             as_role(
                 owner,
@@ -337,7 +348,9 @@ def test_a_partition_dropped_detached_or_attached_with_rows_is_swept(
         # A partition created after install is recorded too: its drop sweeps.
         env.sql(as_role(owner, "DROP TABLE users_new"))
         wait_swept(r)
-    assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 0
+    assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 0, env.scalar(
+        "SELECT json_agg(d)::text FROM cdc_invalidator.dead_letter_v1 d"
+    )
 
 
 def test_a_detach_that_stopped_half_way_is_reported_and_swept_at_finalize(env: Env) -> None:
@@ -368,6 +381,35 @@ def test_a_detach_that_stopped_half_way_is_reported_and_swept_at_finalize(env: E
         env.sql("ALTER TABLE users DETACH PARTITION users_mid FINALIZE")
         wait_swept(r)
     assert "being detached concurrently" not in check(config).stdout
+
+
+def test_the_guard_never_runs_a_table_owners_code(env: Env, owner: str) -> None:
+    """The guard runs as the superuser who installed it. It must not query a partition
+    it is told of: planning the query would run the owner's functions (an index
+    predicate here) as that superuser. This one fails there, as it could have done
+    anything else; the attach is swept all the same."""
+    env.sql(as_role(owner, PARTITIONED))
+    config = install(env, USERS, second_delete_ms=0)
+    env.sql(
+        as_role(
+            owner,
+            "CREATE FUNCTION mine(int) RETURNS int LANGUAGE plpgsql IMMUTABLE AS $$ BEGIN"
+            " IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN"
+            "  RAISE EXCEPTION 'my code ran as a superuser'; END IF; RETURN $1; END $$;"
+            "CREATE TABLE users_new (LIKE users);"
+            "CREATE INDEX ON users_new (id) WHERE mine(1) = 1;"
+            "INSERT INTO users_new (id, email) VALUES (350, 'n@x')",
+        )
+    )
+    r = env.redis()
+    with listening(config):
+        seed(r)
+        env.sql(
+            as_role(
+                owner, "ALTER TABLE users ATTACH PARTITION users_new FOR VALUES FROM (300) TO (400)"
+            )
+        )
+        wait_swept(r)
 
 
 # --- logical mode: the table that takes the name is published, the sweeps are messages --
