@@ -316,6 +316,13 @@ CREATE TABLE IF NOT EXISTS cdc_invalidator.members_v1 (
 );
 DO $members_root$
 BEGIN
+    -- (made with oid columns by a development build: made regclass, so that a restore
+    -- keeps it true)
+    IF (SELECT a.atttypid FROM pg_attribute a WHERE a.attrelid = 'cdc_invalidator.members_v1'::regclass
+          AND a.attname = 'part') = 'oid'::regtype THEN
+        ALTER TABLE cdc_invalidator.members_v1
+            ALTER COLUMN part TYPE regclass, ALTER COLUMN root TYPE regclass;
+    END IF;
     IF to_regclass('cdc_invalidator.members_v1_root') IS NULL THEN  -- (as the queue's)
         CREATE INDEX members_v1_root ON cdc_invalidator.members_v1 (root);
     END IF;
@@ -409,23 +416,32 @@ REVOKE ALL ON FUNCTION cdc_invalidator.sweep_root_v1(oid, text) FROM PUBLIC;
 -- (another session's command moved it, and that command swept for it; or its size says
 -- nothing of this command); a foreign one: yes (it is on another server); a table: if it
 -- has pages (rows deleted and not vacuumed count: a sweep too many, never one too few).
-CREATE OR REPLACE FUNCTION cdc_invalidator.holds_rows_v1(rel oid, unheld boolean)
+DROP FUNCTION IF EXISTS cdc_invalidator.holds_rows_v1(oid, boolean);  -- (a development build's)
+-- (`held`: held_v1(), read once per command: pg_locks is a scan of the whole lock table)
+CREATE OR REPLACE FUNCTION cdc_invalidator.holds_rows_v1(rel oid, unheld boolean, held oid[])
 RETURNS boolean
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
 AS $holds$
     SELECT CASE
         WHEN c.oid IS NULL THEN true
         WHEN c.relkind = 'p' THEN false
-        WHEN NOT EXISTS (SELECT FROM pg_locks l
-                         WHERE l.pid = pg_backend_pid() AND l.locktype = 'relation'
-                           AND l.database = (SELECT d.oid FROM pg_database d
-                                             WHERE d.datname = current_database())
-                           AND l.relation = c.oid AND l.granted) THEN unheld
+        WHEN c.oid <> ALL (held) THEN unheld
         WHEN c.relkind = 'f' THEN true
         ELSE pg_relation_size(c.oid) > 0 END
     FROM (SELECT rel) r LEFT JOIN pg_class c ON c.oid = r.rel
 $holds$;
-REVOKE ALL ON FUNCTION cdc_invalidator.holds_rows_v1(oid, boolean) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cdc_invalidator.holds_rows_v1(oid, boolean, oid[]) FROM PUBLIC;
+
+-- held_v1(): the relations of this database this backend holds a lock on.
+CREATE OR REPLACE FUNCTION cdc_invalidator.held_v1()
+RETURNS oid[]
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $held$
+    SELECT coalesce(array_agg(DISTINCT l.relation), '{}') FROM pg_locks l
+    WHERE l.pid = pg_backend_pid() AND l.locktype = 'relation' AND l.granted
+      AND l.database = (SELECT d.oid FROM pg_database d WHERE d.datname = current_database())
+$held$;
+REVOKE ALL ON FUNCTION cdc_invalidator.held_v1() FROM PUBLIC;
 
 -- sync_members_v1(roots, sweep): members_v1 made to match pg_inherits for `roots` (NULL:
 -- every root, and the rows of tables no longer roots go). It writes only what differs
@@ -442,6 +458,7 @@ DECLARE
     r      record;
     lost   oid[];
     gained oid[];
+    held   oid[];
 BEGIN
     IF roots IS NULL THEN
         DELETE FROM cdc_invalidator.members_v1 m
@@ -463,12 +480,18 @@ BEGIN
             ON CONFLICT DO NOTHING
             RETURNING part::oid AS part)
         SELECT ARRAY(SELECT part FROM gone), ARRAY(SELECT part FROM added) INTO lost, gained;
-        CONTINUE WHEN NOT sweep;
-        IF EXISTS (SELECT FROM unnest(lost) o WHERE cdc_invalidator.holds_rows_v1(o, true)) THEN
+        CONTINUE WHEN NOT sweep OR cardinality(lost) + cardinality(gained) = 0;
+        held := coalesce(held, cdc_invalidator.held_v1());
+        -- (a partitioned one lost is asked through its partitions now, recorded or not)
+        IF EXISTS (SELECT FROM (SELECT unnest(lost) AS o
+                                UNION SELECT unnest(cdc_invalidator.partitions_v1(c.oid))
+                                FROM unnest(lost) x JOIN pg_class c ON c.oid = x AND c.relkind = 'p') l
+                   WHERE cdc_invalidator.holds_rows_v1(l.o, true, held)) THEN
             PERFORM cdc_invalidator.sweep_root_v1(r.root, format(
                 '%s partition(s) of table %s detached (%s)', cardinality(lost), r.root::regclass,
                 (SELECT string_agg(o::regclass::text, ', ') FROM unnest(lost) o)));
-        ELSIF EXISTS (SELECT FROM unnest(gained) g WHERE cdc_invalidator.holds_rows_v1(g, false)) THEN
+        ELSIF EXISTS (SELECT FROM unnest(gained) g
+                      WHERE cdc_invalidator.holds_rows_v1(g, false, held)) THEN
             PERFORM cdc_invalidator.sweep_root_v1(r.root, format(
                 'a partition holding rows joined table %s', r.root::regclass));
         END IF;
@@ -515,7 +538,7 @@ BEGIN
         LOOP
             INSERT INTO cdc_invalidator.members_v1 (part, root) VALUES (r.part, r.root)
             ON CONFLICT DO NOTHING;
-            IF cdc_invalidator.holds_rows_v1(r.part, false) THEN
+            IF cdc_invalidator.holds_rows_v1(r.part, false, cdc_invalidator.held_v1()) THEN
                 PERFORM cdc_invalidator.sweep_root_v1(r.root, format(
                     'partition %s holding rows joined table %s', r.part::regclass,
                     r.root::regclass));

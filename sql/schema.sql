@@ -26,11 +26,15 @@ COMMENT ON SCHEMA cdc_invalidator IS
 -- table's owner switch the guards off for its own DDL. So a transaction is installing
 -- only if it also wrote its id here, which only the installing role can (the guards
 -- run as that role). install_done.sql takes the row away in the same transaction: no
--- one ever sees it.
+-- one ever sees it. A row another transaction left (the printed script run by psql
+-- without --single-transaction commits each statement, and one stopped half-way leaves
+-- its mark) counts for nothing, even restored into a cluster whose counter reaches that
+-- id again: the row must be this transaction's own (its xmin); the next install deletes it.
 CREATE TABLE IF NOT EXISTS cdc_invalidator.install_marks_v1 (
     xid xid8 PRIMARY KEY
 );
 REVOKE ALL ON TABLE cdc_invalidator.install_marks_v1 FROM PUBLIC;
+DELETE FROM cdc_invalidator.install_marks_v1 WHERE xid <> pg_current_xact_id();
 INSERT INTO cdc_invalidator.install_marks_v1 VALUES (pg_current_xact_id()) ON CONFLICT DO NOTHING;
 
 -- installing_v1(): whether this transaction is install's (or the rebuild guard's own
@@ -41,7 +45,10 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
 AS $installing$
     SELECT coalesce(current_setting('cdc_invalidator.installing', true), '') = 'on'
        AND EXISTS (SELECT FROM cdc_invalidator.install_marks_v1 m
-                   WHERE m.xid = pg_current_xact_id_if_assigned())
+                   WHERE m.xid = pg_current_xact_id_if_assigned()
+                     -- (written by this transaction, or a subtransaction of it, whose
+                     -- ids come after: not a row from before it that claims its id)
+                     AND age(m.xmin) <= 0)
 $installing$;
 REVOKE ALL ON FUNCTION cdc_invalidator.installing_v1() FROM PUBLIC;
 
