@@ -73,13 +73,23 @@ RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $rebuilt$
 DECLARE
-    r record;
+    r      record;
+    was    text := coalesce(current_setting('cdc_invalidator.installing', true), '');
+    marked boolean;
 BEGIN
     IF cdc_invalidator.installing_v1() THEN
         RETURN;
     END IF;
     -- Never a failed migration: whatever goes wrong here is a WARNING.
     BEGIN
+        -- The triggers made below are made by ALTER TABLE too, which fires our event
+        -- triggers again, for each table: marked as install's (installing_v1()), those
+        -- stand aside (else an ATTACH of 1,000 partitions took 15 s). The setting and
+        -- the mark are put back as they were after (this may run inside install, before
+        -- install marked itself), and with the block on an error.
+        PERFORM set_config('cdc_invalidator.installing', 'on', true);
+        INSERT INTO cdc_invalidator.install_marks_v1 VALUES (pg_current_xact_id())
+        ON CONFLICT DO NOTHING RETURNING true INTO marked;
         FOR r IN
             -- Tables the command touched that now bear a watched name and carry no trigger
             -- of ours (not the watched table itself; not one that has a stand-in already,
@@ -163,8 +173,7 @@ BEGIN
                                     AND f.pronamespace = 'cdc_invalidator'::regnamespace)
             ORDER BY p.relid, up.depth
         LOOP
-            -- (given one meanwhile by this function, fired again by the ALTER TABLE below
-            -- of a partitioned partition above it)
+            -- (checked again: the list was read once, before the triggers below)
             CONTINUE WHEN EXISTS (SELECT FROM pg_trigger tg WHERE tg.tgrelid = r.rel
                                     AND tg.tgname = 'cdc_invalidator_part_trunc_v1');
             BEGIN
@@ -179,6 +188,10 @@ BEGIN
                     '`cdc-invalidator install`', r.rel, SQLERRM;
             END;
         END LOOP;
+        PERFORM set_config('cdc_invalidator.installing', was, true);
+        IF marked THEN
+            DELETE FROM cdc_invalidator.install_marks_v1 WHERE xid = pg_current_xact_id();
+        END IF;
         -- A partitioned table carrying our row trigger that changed owners: the new one
         -- may add partitions.
         PERFORM cdc_invalidator.regrant_sweeps_v1(o.owner)
@@ -216,7 +229,7 @@ BEGIN
                     -- here (a subtransaction: an error puts the setting back too).
                     PERFORM set_config('cdc_invalidator.installing', 'on', true);
                     INSERT INTO cdc_invalidator.install_marks_v1 VALUES (pg_current_xact_id())
-                    ON CONFLICT DO NOTHING;
+                    ON CONFLICT DO NOTHING RETURNING true INTO marked;
                     PERFORM cdc_invalidator.record_published(r.rel, r.schema_name, r.table_name,
                                                              r.columns, r.keep, r.publication);
                     UPDATE cdc_invalidator.published_v1 SET judge = r.judge WHERE relid = r.rel;
@@ -233,8 +246,11 @@ BEGIN
                     PERFORM cdc_invalidator.require_publishable(r.rel);
                     EXECUTE format('ALTER PUBLICATION %I ADD TABLE %s', r.publication,
                                    cdc_invalidator.publish_list(r.rel));
-                    PERFORM set_config('cdc_invalidator.installing', '', true);
-                    DELETE FROM cdc_invalidator.install_marks_v1 WHERE xid = pg_current_xact_id();
+                    PERFORM set_config('cdc_invalidator.installing', was, true);
+                    IF marked THEN
+                        DELETE FROM cdc_invalidator.install_marks_v1
+                        WHERE xid = pg_current_xact_id();
+                    END IF;
                     RAISE WARNING 'cdc_invalidator: table % took the name of a published table: it is '
                         'published in %, and the table''s cached keys are swept once', r.rel, r.publication;
                 EXCEPTION WHEN OTHERS THEN
@@ -488,8 +504,10 @@ BEGIN
                                 FROM unnest(lost) x JOIN pg_class c ON c.oid = x AND c.relkind = 'p') l
                    WHERE cdc_invalidator.holds_rows_v1(l.o, true, held)) THEN
             PERFORM cdc_invalidator.sweep_root_v1(r.root, format(
-                '%s partition(s) of table %s detached (%s)', cardinality(lost), r.root::regclass,
-                (SELECT string_agg(o::regclass::text, ', ') FROM unnest(lost) o)));
+                '%s partition(s) of table %s detached (%s%s)', cardinality(lost), r.root::regclass,
+                -- (ten names at most: a reason is logged and stored with the sweep)
+                (SELECT string_agg(o::regclass::text, ', ') FROM (SELECT unnest(lost[1:10]) o) x),
+                CASE WHEN cardinality(lost) > 10 THEN ', ...' ELSE '' END));
         ELSIF EXISTS (SELECT FROM unnest(gained) g
                       WHERE cdc_invalidator.holds_rows_v1(g, false, held)) THEN
             PERFORM cdc_invalidator.sweep_root_v1(r.root, format(
@@ -587,13 +605,16 @@ BEGIN
                 DELETE FROM cdc_invalidator.members_v1 m
                 WHERE m.part::oid = ANY (ARRAY(SELECT objid FROM dropped))
                 RETURNING m.root::oid AS root, m.part::oid AS part)
-            SELECT g.root, string_agg(d.object_identity, ', ' ORDER BY d.object_identity) AS parts
+            -- (ten names at most: a reason is logged and stored with the sweep)
+            SELECT g.root, count(*) AS n,
+                   (array_agg(d.object_identity ORDER BY d.object_identity))[1:10] AS parts
             FROM gone g JOIN dropped d ON d.objid = g.part
             WHERE EXISTS (SELECT FROM pg_class c WHERE c.oid = g.root)
             GROUP BY g.root
         LOOP
             PERFORM cdc_invalidator.sweep_root_v1(r.root, format(
-                'partition(s) %s of table %s dropped', r.parts, r.root::regclass));
+                '%s partition(s) of table %s dropped (%s%s)', r.n, r.root::regclass,
+                array_to_string(r.parts, ', '), CASE WHEN r.n > 10 THEN ', ...' ELSE '' END));
         END LOOP;
     EXCEPTION WHEN OTHERS THEN
         RAISE WARNING 'cdc_invalidator: the rebuild guard failed (%): the cached keys of a '
