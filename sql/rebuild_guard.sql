@@ -424,16 +424,16 @@ END
 $sweep_root$;
 REVOKE ALL ON FUNCTION cdc_invalidator.sweep_root_v1(oid, text) FROM PUBLIC;
 
--- holds_rows_v1(rel, unheld): whether a partition that left or joined a table may hold
--- rows, told without reading it: these functions run as a superuser, and a query of the
--- table would plan its owner's index expressions and predicates, running the owner's
+-- holds_rows_v1(rel, unheld, held): whether a partition that left or joined a table may
+-- hold rows, told without reading it: these functions run as a superuser, and a query of
+-- the table would plan its owner's index expressions and predicates, running the owner's
 -- functions with our rights. A partitioned one: no (its leaves are asked); one gone
--- (dropped while nothing saw it): yes; one this transaction holds no lock on: `unheld`
--- (another session's command moved it, and that command swept for it; or its size says
+-- (dropped while nothing saw it): yes; one this transaction holds no lock on (not in
+-- `held`, held_v1() read once per command: pg_locks is a scan of the whole lock table):
+-- `unheld` (another session's command moved it, and swept for it; or its size says
 -- nothing of this command); a foreign one: yes (it is on another server); a table: if it
 -- has pages (rows deleted and not vacuumed count: a sweep too many, never one too few).
 DROP FUNCTION IF EXISTS cdc_invalidator.holds_rows_v1(oid, boolean);  -- (a development build's)
--- (`held`: held_v1(), read once per command: pg_locks is a scan of the whole lock table)
 CREATE OR REPLACE FUNCTION cdc_invalidator.holds_rows_v1(rel oid, unheld boolean, held oid[])
 RETURNS boolean
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
