@@ -87,9 +87,7 @@ BEGIN
         -- stand aside (else an ATTACH of 1,000 partitions took 15 s). The setting and
         -- the mark are put back as they were after (this may run inside install, before
         -- install marked itself), and with the block on an error.
-        PERFORM set_config('cdc_invalidator.installing', 'on', true);
-        INSERT INTO cdc_invalidator.install_marks_v1 VALUES (pg_current_xact_id())
-        ON CONFLICT DO NOTHING RETURNING true INTO marked;
+        marked := cdc_invalidator.mark_install_v1();
         FOR r IN
             -- Tables the command touched that now bear a watched name and carry no trigger
             -- of ours (not the watched table itself; not one that has a stand-in already,
@@ -188,10 +186,7 @@ BEGIN
                     '`cdc-invalidator install`', r.rel, SQLERRM;
             END;
         END LOOP;
-        PERFORM set_config('cdc_invalidator.installing', was, true);
-        IF marked THEN
-            DELETE FROM cdc_invalidator.install_marks_v1 WHERE xid = pg_current_xact_id();
-        END IF;
+        PERFORM cdc_invalidator.unmark_install_v1(was, marked);
         -- A partitioned table carrying our row trigger that changed owners: the new one
         -- may add partitions.
         PERFORM cdc_invalidator.regrant_sweeps_v1(o.owner)
@@ -227,9 +222,7 @@ BEGIN
                 BEGIN
                     -- The DDL guard stands aside for the identity and publication changes made
                     -- here (a subtransaction: an error puts the setting back too).
-                    PERFORM set_config('cdc_invalidator.installing', 'on', true);
-                    INSERT INTO cdc_invalidator.install_marks_v1 VALUES (pg_current_xact_id())
-                    ON CONFLICT DO NOTHING RETURNING true INTO marked;
+                    marked := cdc_invalidator.mark_install_v1();
                     PERFORM cdc_invalidator.record_published(r.rel, r.schema_name, r.table_name,
                                                              r.columns, r.keep, r.publication);
                     UPDATE cdc_invalidator.published_v1 SET judge = r.judge WHERE relid = r.rel;
@@ -246,11 +239,7 @@ BEGIN
                     PERFORM cdc_invalidator.require_publishable(r.rel);
                     EXECUTE format('ALTER PUBLICATION %I ADD TABLE %s', r.publication,
                                    cdc_invalidator.publish_list(r.rel));
-                    PERFORM set_config('cdc_invalidator.installing', was, true);
-                    IF marked THEN
-                        DELETE FROM cdc_invalidator.install_marks_v1
-                        WHERE xid = pg_current_xact_id();
-                    END IF;
+                    PERFORM cdc_invalidator.unmark_install_v1(was, marked);
                     RAISE WARNING 'cdc_invalidator: table % took the name of a published table: it is '
                         'published in %, and the table''s cached keys are swept once', r.rel, r.publication;
                 EXCEPTION WHEN OTHERS THEN

@@ -35,7 +35,6 @@ CREATE TABLE IF NOT EXISTS cdc_invalidator.install_marks_v1 (
 );
 REVOKE ALL ON TABLE cdc_invalidator.install_marks_v1 FROM PUBLIC;
 DELETE FROM cdc_invalidator.install_marks_v1 WHERE xid <> pg_current_xact_id();
-INSERT INTO cdc_invalidator.install_marks_v1 VALUES (pg_current_xact_id()) ON CONFLICT DO NOTHING;
 
 -- installing_v1(): whether this transaction is install's (or the rebuild guard's own
 -- publishing, which marks itself the same way).
@@ -51,6 +50,40 @@ AS $installing$
                      AND age(m.xmin) <= 0)
 $installing$;
 REVOKE ALL ON FUNCTION cdc_invalidator.installing_v1() FROM PUBLIC;
+
+-- mark_install_v1() / unmark_install_v1(was, marked): our own DDL, made by an event trigger
+-- of ours (the rebuild guard's triggers and publishing), marked as install's so that our
+-- event triggers, fired again by it, stand aside. mark returns whether it wrote the mark
+-- (inside install, install's is there already); unmark puts the setting back to `was`
+-- and takes away only a mark of its own.
+CREATE OR REPLACE FUNCTION cdc_invalidator.mark_install_v1()
+RETURNS boolean
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $mark$
+DECLARE
+    marked boolean;
+BEGIN
+    PERFORM set_config('cdc_invalidator.installing', 'on', true);
+    INSERT INTO cdc_invalidator.install_marks_v1 VALUES (pg_current_xact_id())
+    ON CONFLICT DO NOTHING RETURNING true INTO marked;
+    RETURN coalesce(marked, false);
+END
+$mark$;
+REVOKE ALL ON FUNCTION cdc_invalidator.mark_install_v1() FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION cdc_invalidator.unmark_install_v1(was text, marked boolean)
+RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $unmark$
+BEGIN
+    PERFORM set_config('cdc_invalidator.installing', was, true);
+    IF marked THEN
+        DELETE FROM cdc_invalidator.install_marks_v1 WHERE xid = pg_current_xact_id();
+    END IF;
+END
+$unmark$;
+REVOKE ALL ON FUNCTION cdc_invalidator.unmark_install_v1(text, boolean) FROM PUBLIC;
+SELECT cdc_invalidator.mark_install_v1();  -- install's own mark
 
 -- add_column_v1(table, column, type): install's ADD COLUMN of a column a later release
 -- added, run only where the table lacks it, looked up in the catalog first: ADD COLUMN
