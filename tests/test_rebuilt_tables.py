@@ -353,6 +353,34 @@ def test_a_partition_dropped_detached_or_attached_with_rows_is_swept(
     )
 
 
+def test_check_names_partitions_made_while_the_guard_was_off_until_install(
+    env: Env, capture: str
+) -> None:
+    """A partition made while parts_moved was disabled is not recorded: its DROP would
+    not be swept. check names it; install records it."""
+    env.sql(PARTITIONED)
+    config = install(env, USERS, second_delete_ms=0)
+    assert "does not know them" not in check(config).stdout
+    env.sql(
+        "ALTER EVENT TRIGGER cdc_invalidator_parts_moved DISABLE;"
+        "CREATE TABLE users_new PARTITION OF users FOR VALUES FROM (600) TO (700);"
+        "ALTER EVENT TRIGGER cdc_invalidator_parts_moved ENABLE ALWAYS"
+    )
+    result = check(config)
+    assert (
+        "partitions public.users_new of watched table public.users were made while the "
+        "rebuild guard was disabled or missing, and it does not know them"
+    ) in result.stdout, result.stdout
+    install(env, USERS, second_delete_ms=0)
+    assert "does not know them" not in check(config).stdout
+    r = env.redis()
+    with running(env, config) if env.logical else listening(config):
+        settle(env, r)
+        seed(r)
+        env.sql("DROP TABLE users_new")
+        wait_swept(r)
+
+
 def test_a_detach_that_stopped_half_way_is_reported_and_swept_at_finalize(env: Env) -> None:
     """DETACH ... CONCURRENTLY commits its first transaction, then waits for older
     snapshots; cancelled there, the partition is left detach-pending: its rows are no

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import permutations
@@ -261,11 +261,23 @@ def check_all_tables(conn: psycopg.Connection[Any], report: Report) -> None:
         )
 
 
-def check_rebuild_guard(conn: psycopg.Connection[Any], report: Report) -> None:
+def check_rebuild_guard(
+    conn: psycopg.Connection[Any], report: Report, tables: Iterable[TableName]
+) -> None:
     """The event triggers that keep a rebuilt watched table captured, and sweep for its
-    partitions (both modes); a partition whose detach stopped half-way."""
+    partitions (both modes); partitions of the configured `tables` they do not know of; a
+    partition whose detach stopped half-way."""
     row = conn.execute(Q.CHECK_REBUILD_GUARD.sql).fetchone()
     if row and row[0]:
+        names = [t.qualified for t in tables]
+        for root, count, parts in conn.execute(Q.CHECK_UNRECORDED_PARTS.sql, {"tables": names}):
+            more = f" and {count - len(parts)} more" if count > len(parts) else ""
+            report.warnings.append(
+                f"partitions {', '.join(parts)}{more} of watched table {root} were made while "
+                "the rebuild guard was disabled or missing, and it does not know them: their "
+                "DROP or DETACH would leave their rows' keys cached. Run "
+                "`cdc-invalidator install` to record them"
+            )
         if conn.info.server_version // 10000 >= versions.DETACH_CONCURRENTLY:
             for part, parent, root in conn.execute(Q.CHECK_DETACH_PENDING.sql):
                 report.warnings.append(

@@ -142,7 +142,7 @@ class LogicalMode:
 
     def check_server(self, conn: psycopg.Connection[Any], report: Report, config_name: str) -> None:
         checks.check_logical_server(conn, self._settings, report)
-        checks.check_rebuild_guard(conn, report)
+        checks.check_rebuild_guard(conn, report, self._settings.mapper().tables)
 
     def history(
         self, conn: psycopg.Connection[Any], since_s: float, map_pack: MapPack | None = None

@@ -117,7 +117,7 @@ class TriggerMode:
         checks.check_unconfigured(conn, report, self._settings.mapper(), config_name)
         checks.check_two_phase(conn, report)
         checks.check_all_tables(conn, report)
-        checks.check_rebuild_guard(conn, report)
+        checks.check_rebuild_guard(conn, report, self._settings.mapper().tables)
 
     def history(
         self, conn: psycopg.Connection[Any], since_s: float, map_pack: MapPack | None = None

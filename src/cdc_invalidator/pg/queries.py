@@ -116,6 +116,7 @@ class Q(enum.Enum):
     CHECK_DDL_GUARD = "check_ddl_guard.sql"
     CHECK_REBUILD_GUARD = "check_rebuild_guard.sql"
     CHECK_DETACH_PENDING = "check_detach_pending.sql"
+    CHECK_UNRECORDED_PARTS = "check_unrecorded_parts.sql"
     CHECK_STAND_IN = "check_stand_in.sql"
 
     @property
