@@ -130,6 +130,24 @@ def test_where_reads_live_rows_and_notes_the_limit(
     assert "no row of public.users matches --where 'id > 100'" in err
 
 
+def test_where_renders_as_the_listener_whatever_the_operators_settings(
+    env: Env, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The operator's session may print times in its own zone and style: the keys shown
+    are the listener's (UTC, ISO), or they would not be the keys to look for."""
+    env.sql(
+        "CREATE TABLE ev (id int PRIMARY KEY, at timestamptz, tag bytea);"
+        "INSERT INTO ev VALUES (1, '2024-05-01 12:00+00', '\\x00ff')"
+    )
+    config = env.config({"public.ev": ["ev:{at}:{tag}"]})
+    monkeypatch.setenv("PGTZ", "America/New_York")
+    monkeypatch.setenv("PGDATESTYLE", "SQL, DMY")
+    monkeypatch.setenv("PGOPTIONS", "-c bytea_output=escape")
+    code, out, err = keys(capsys, config, "ev", "--where", "id = 1")
+    assert code == 0, err
+    assert out.splitlines() == ["ev:2024-05-01 12:00:00+00:\\x00ff"]
+
+
 @pytest.mark.usefixtures("capture")
 def test_where_cannot_write_nor_add_a_statement(
     env: Env, users: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch

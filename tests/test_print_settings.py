@@ -97,6 +97,21 @@ def test_a_table_keyed_by_int_and_text_pins_nothing_but_search_path(env: Env) ->
     assert keys(r) == {"user:2", "user:email:b@x:ok"}
 
 
+def test_a_key_that_may_hold_bytea_pins_bytea_output_too(env: Env) -> None:
+    """bytea_output changes how a bytea prints (hex, or escape): pinned where a rendered
+    column may hold one, and only there (one setting more costs every statement)."""
+    env.sql(
+        "CREATE TABLE blobs (id int PRIMARY KEY, h bytea, at timestamptz, hs bytea[]);"
+        "INSERT INTO blobs VALUES (1, '\\x00ff', now(), '{}')"
+    )
+    install(env, {"public.blobs": ["blob:{h}"]})
+    assert settings_of(env, "blobs") == [*PINNED, "bytea_output=hex"]
+    install(env, {"public.blobs": ["blob:{hs}"]})
+    assert settings_of(env, "blobs") == [*PINNED, "bytea_output=hex"]
+    install(env, {"public.blobs": ["blob:{at}"]})
+    assert settings_of(env, "blobs") == PINNED
+
+
 def test_a_timestamptz_key_is_pinned_and_renders_in_utc_iso(env: Env) -> None:
     env.sql(
         "CREATE TABLE events (id int PRIMARY KEY, at timestamptz);"

@@ -457,19 +457,59 @@ def test_a_merge_that_moves_rows_between_partitions(env: Env, actions: str) -> N
 
 def test_rendering_does_not_depend_on_the_writers_session(env: Env) -> None:
     env.sql(
-        "CREATE TABLE ev (id int PRIMARY KEY, at timestamptz, day date);"
-        "INSERT INTO ev VALUES (1, '2024-05-01 12:00+00', '2024-05-01')"
+        "CREATE TABLE ev (id int PRIMARY KEY, at timestamptz, day date, tag bytea);"
+        "INSERT INTO ev VALUES (1, '2024-05-01 12:00+00', '2024-05-01', '\\xdeadbeef')"
     )
-    config = install(env, {"public.ev": ["ev:at:{at}", "ev:day:{day}"]})
+    config = install(env, {"public.ev": ["ev:at:{at}", "ev:day:{day}", "ev:tag:{tag}"]})
     r = env.redis()
     # The keys as the app renders them: a session with the server's defaults.
-    at, day = env.scalar("SELECT ARRAY[at::text, day::text] FROM ev")
-    r.mset({f"ev:at:{at}": "1", f"ev:day:{day}": "1"})
+    at, day, tag = env.scalar("SELECT ARRAY[at::text, day::text, tag::text] FROM ev")
+    assert tag == "\\xdeadbeef"
+    r.mset({f"ev:at:{at}": "1", f"ev:day:{day}": "1", f"ev:tag:{tag}": "1"})
     with listening(config), env.connect() as admin:
         admin.execute("SET TimeZone = 'America/New_York'")
         admin.execute("SET DateStyle = 'SQL, DMY'")
+        admin.execute("SET bytea_output = 'escape'")
         admin.execute("UPDATE ev SET id = 1")
         wait_until(lambda: r.dbsize() == 0, timeout_s=3, what="the row's keys deleted")
+
+
+def test_values_render_as_their_text_cast_in_either_mode(env: Env) -> None:
+    """A key renders a value as `::text` gives it, in both modes. For boolean,
+    character(n) and inet (and a domain over one) that is not what the type's output
+    function prints, which is what pgoutput sends: t / true, 'ab   ' / 'ab', 10.0.0.1 /
+    10.0.0.1/32."""
+    env.sql(
+        "CREATE DOMAIN yes_no AS boolean;"
+        "CREATE TABLE hosts (id int PRIMARY KEY, up boolean, code char(5), ip inet, ok yes_no);"
+        "INSERT INTO hosts VALUES (1, false, 'ab', '10.0.0.1', true), (2, true, 'cd', '::1', false)"
+    )
+    config = install(
+        env, {"public.hosts": ["up:{id}:{up}", "code:{code}", "ip:{ip}", "ok:{id}:{ok}"]}
+    )
+    cast_keys = (
+        "SELECT array_agg(k ORDER BY k) FROM hosts, LATERAL (VALUES"
+        " ('up:' || id || ':' || up::text), ('code:' || code::text), ('ip:' || ip::text),"
+        " ('ok:' || id || ':' || ok::text)) AS v (k)"
+    )
+    before = env.scalar(cast_keys)
+    assert {"ip:10.0.0.1/32", "up:1:false", "code:ab"} <= set(before)
+    # What the output functions print: keys nobody renders, left alone.
+    printed = ["up:1:f", "up:2:t", "code:ab   ", "ip:10.0.0.1", "ip:::1", "ok:1:t", "ok:2:f"]
+    r = env.redis()
+    with listening(config):
+        env.sql(
+            "UPDATE hosts SET up = NOT up, code = upper(code), ok = NOT ok,"
+            " ip = CASE id WHEN 1 THEN '10.0.0.2'::inet ELSE '::2' END;"
+            "INSERT INTO hosts VALUES (3, true, 'ef', '192.168.0.0/16', true)"
+        )
+        after = env.scalar(cast_keys)
+        settle(env, r)
+        r.mset(dict.fromkeys(before + after, "cached") | dict.fromkeys(printed, "printed"))
+        env.sql("UPDATE hosts SET id = id + 10")  # every row's keys, old and new
+        wait_until(lambda: r.exists(*before, *after) == 0, what="the cast keys deleted")
+        settle(env, r)
+    assert r.mget(printed) == ["printed"] * len(printed)
 
 
 # --- Volume ------------------------------------------------------------------------------

@@ -664,6 +664,18 @@ def check_logical_table(  # noqa: PLR0913 - the table's facts are keyword-only
                 f"{where}: the replica identity of {rel} does not cover columns {missing}, "
                 "whose old values the templates need: run `cdc-invalidator install`"
             )
+    if conn.info.server_version // 10000 < versions.PUBLISHED_GENERATED:
+        row = conn.execute(
+            Q.CHECK_GENERATED.sql, {"table": table.qualified, "columns": wanted}
+        ).fetchone()
+        if row and row[0]:
+            fine = False
+            report.warnings.append(
+                f"{where}: key columns {row[0]} of {table} are generated columns, which "
+                "PostgreSQL sends in logical replication only from version 18: each change "
+                "of the table sweeps all of its templates (SCAN) instead of deleting its keys. "
+                "Key by the columns they are computed from, or use trigger mode for it"
+            )
     if published[1]:
         fine = False
         report.errors.append(

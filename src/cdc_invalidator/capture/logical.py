@@ -407,7 +407,9 @@ class LogicalStream:
         self._history = HistoryWriter(side)
         self._config = config
         self._known = self._resolve_configured()
-        self._decoder = Decoder(self._resolve, self._old_values_not_sent, self._unrenderable)
+        self._decoder = Decoder(
+            self._resolve, self._old_values_not_sent, self._unrenderable, base_types=self._bases
+        )
         self._resync = resync
         # The resync batch read past, its sweep still running: owed until released.
         self._resync_held: tuple[Hold, int, str | None] | None = None
@@ -1046,6 +1048,11 @@ class LogicalStream:
             if name in present
         ] != list(columns)
         return Resolved(table, wanted, names, self._config.filters.get(table), unsure)
+
+    def _bases(self, types: set[int]) -> dict[int, int]:
+        """The base type of each type (a domain's; any other type's its own)."""
+        rows = self._side.execute(Q.BASE_TYPES.sql, {"types": sorted(types)}).fetchall()
+        return {int(oid): int(base) for oid, base in rows}
 
     def _known_or_ancestor(
         self, relid: int

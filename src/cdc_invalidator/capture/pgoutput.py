@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Final, NamedTuple, TypeVar, cast
 
 from cdc_invalidator.capture.errors import Fatal
+from cdc_invalidator.capture.text_casts import FIRST_NORMAL_OID, TEXT_CASTS
 from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, Row, StandInKind, TableName
 from cdc_invalidator.mapping.columns import ColumnFilter, Judge
 
@@ -153,6 +154,10 @@ class Relation:
     pair: FastPair | None = field(default=None, compare=False, repr=False)
     # `missing` holds every key column because their names are not certain (Resolved).
     unsure: bool = False
+    # Wanted columns whose type's `::text` differs from its output (text_casts.py): their
+    # values are cast by _row and by the compiled walks (which then are not C's alone, so
+    # that its changes are not gathered column-wise: capture/packs.py).
+    casts: Mapping[str, Callable[[str], str]] = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +180,8 @@ class Resolved:
 # (relid, name in the message, column names in the message) -> Resolved, or None for a
 # relation the configuration does not know. Called once per Relation message.
 Resolve = Callable[[int, TableName, tuple[str, ...]], Resolved | None]
+# The base type of each of these types (a domain's; any other type is its own).
+BaseTypes = Callable[[set[int]], Mapping[int, int]]
 
 
 def by_name(
@@ -213,6 +220,9 @@ class Decoder:
     not sent; `on_unrenderable(relation)` once per Relation message that lacks key
     columns; each change of such a table becomes a TRUNCATE event carrying the reason
     (StandInKind.UNRENDERABLE), which the runner sweeps, logs and counts.
+    `base_types(types)`: the catalog's base type of each type a key column's Relation
+    names that is not built in (a domain's; without it, such a type is its own), for the
+    types whose text cast differs from what pgoutput sends (capture/text_casts.py).
 
     `compiled`: each relation's tuples are walked by code compiled for it (the fast path
     of text and NULL values) before the general walk; False walks them the general way
@@ -220,16 +230,19 @@ class Decoder:
     was built), else Python generated for the relation.
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - the listener's hooks, two switches
         self,
         resolve: Resolve,
         on_missing_old: Callable[[Relation, list[str]], None] | None = None,
         on_unrenderable: Callable[[Relation], None] | None = None,
         *,
+        base_types: BaseTypes | None = None,
         compiled: bool = True,
         native: bool = NATIVE_WALKS,
     ) -> None:
         self._compiled = compiled
+        self._base_types = base_types
+        self._bases: dict[int, int] = {}  # a domain's base type (which never changes)
         self._native = native
         self._resolve = resolve
         self._on_missing_old = on_missing_old
@@ -304,6 +317,7 @@ class Decoder:
         (ncols,) = _U16.unpack_from(msg, pos + 1)
         pos += 3
         columns: list[str] = []
+        types: list[int] = []
         identity_columns: set[str] = set()
         for _ in range(ncols):
             flags = msg[pos]
@@ -311,6 +325,7 @@ class Decoder:
             pos += 8  # type oid, type modifier
             if pos > len(msg):
                 raise ValueError(f"relation message ends inside column {column!r}")
+            types.append(_I32.unpack_from(msg, pos - 8)[0])
             columns.append(column)
             if flags & 1:
                 identity_columns.add(column)
@@ -333,8 +348,11 @@ class Decoder:
         identity_at = {i for i, c in enumerate(columns) if c in identity_columns}
         wanted_at = {i: c for c, i in wanted}
         order = {i: wanted_at[i] for i in sorted(wanted_at)}
+        casts = self._casts(wanted, types)
         compiled = self._compiled and not missing
         fast, pair = _walks(ncols, order, native=self._native) if compiled else (None, None)
+        if fast is not None and pair is not None and casts:
+            fast, pair = _casting(fast, pair, casts)
         relation = Relation(
             relid,
             table,
@@ -349,10 +367,25 @@ class Decoder:
             fast,
             pair,
             resolved is not None and resolved.unsure,
+            casts,
         )
         self._relations[relid] = relation
         if missing and self._on_unrenderable is not None:
             self._on_unrenderable(relation)
+
+    def _casts(
+        self, wanted: tuple[tuple[str, int], ...], types: list[int]
+    ) -> dict[str, Callable[[str], str]]:
+        """The wanted columns whose type (a domain's: its base type) has a text cast of
+        its own, with that cast."""
+        unknown = {t for _, i in wanted if (t := types[i]) >= FIRST_NORMAL_OID} - self._bases.keys()
+        if unknown and self._base_types is not None:
+            self._bases.update(self._base_types(unknown))
+        return {
+            c: to_text
+            for c, i in wanted
+            if (to_text := TEXT_CASTS.get(self._bases.get(types[i], types[i]))) is not None
+        }
 
     def _unrenderable(self, relation: Relation) -> ChangeEvent:
         """A change of a table that lost key columns: its keys cannot be known, so it
@@ -365,7 +398,8 @@ class Decoder:
                 "were renamed after this change, and their names in it are other "
                 "columns' now: which column is which is not certain"
                 if relation.unsure
-                else "no longer exist"
+                else "are not in it (dropped since, or generated columns, which PostgreSQL "
+                "sends from version 18 on)"
             )
         }
         return ChangeEvent(relation.table, Op.TRUNCATE, None, reason, self.position)
@@ -685,6 +719,36 @@ def _walks(ncols: int, wanted: Mapping[int, str], *, native: bool) -> tuple[Fast
     return _compile_walk(ncols, wanted), _compile_pair(ncols, wanted)
 
 
+def _casting(
+    fast: FastWalk, pair: FastPair, casts: Mapping[str, Callable[[str], str]]
+) -> tuple[FastWalk, FastPair]:
+    """The compiled walks of a relation with `casts`, casting what they give."""
+
+    def cast_walk(msg: bytes, pos: int) -> tuple[dict[str, str | None], int] | None:
+        got = fast(msg, pos)
+        if got is not None:
+            _cast(got[0], casts)
+        return got
+
+    def cast_pair(
+        msg: bytes, pos: int
+    ) -> tuple[dict[str, str | None], dict[str, str | None], int] | None:
+        got = pair(msg, pos)
+        if got is not None:
+            _cast(got[0], casts)
+            if got[1] is not got[0]:
+                _cast(got[1], casts)
+        return got
+
+    return cast_walk, cast_pair
+
+
+def _cast(row: dict[str, str | None], casts: Mapping[str, Callable[[str], str]]) -> None:
+    for column, to_text in casts.items():
+        if (value := row.get(column)) is not None:
+            row[column] = to_text(value)
+
+
 def _compile_walk(ncols: int, wanted: Mapping[int, str]) -> FastWalk:
     """A walk of this relation's TupleData with its loop unrolled: per column, one type
     byte read and, for text, one length read; the wanted columns (`wanted`: index -> name,
@@ -815,7 +879,17 @@ def _at_end(msg: bytes, end: int) -> None:
 def _row(
     relation: Relation, values: dict[str, object], other: dict[str, object] | None = None
 ) -> Row:
-    """The wanted columns as text; a value not sent is taken from the other tuple."""
+    """The wanted columns as text (as `::text` gives it); a value not sent is taken from
+    the other tuple."""
+    row = _texts(relation, values, other)
+    _cast(row, relation.casts)
+    return row
+
+
+def _texts(
+    relation: Relation, values: dict[str, object], other: dict[str, object] | None
+) -> dict[str, str | None]:
+    """The wanted columns as the output functions print them (_row)."""
     row: dict[str, str | None] = {}
     for column, value in values.items():
         if value.__class__ is bytes:
@@ -832,7 +906,7 @@ def _row(
         alt = other.get(column, NOT_SENT) if other is not None else NOT_SENT
         if alt is not UNCHANGED and alt is not NOT_SENT:
             # The other tuple's value for it (bytes or NULL), decoded the same way.
-            row[column] = _row(relation, {column: alt})[column]
+            row[column] = _texts(relation, {column: alt}, None)[column]
         elif value is UNCHANGED:
             # Rendering the marker would delete a key nobody uses and leave the
             # real one stale: park the event instead.

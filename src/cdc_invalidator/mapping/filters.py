@@ -9,7 +9,7 @@ render the same key. The set is what cache-key helpers commonly do to a key part
   ``str.lower()``/``str.upper()``: Unicode-aware, as Ruby's ``downcase`` and PHP's
   ``mb_strtolower`` (Unicode's default case mapping, without a locale's special rules).
 - ``trim``: strip leading and trailing whitespace (Python's ``str.strip()``: Unicode
-  whitespace, as Ruby's ``strip`` and PHP's ``trim`` for ASCII).
+  whitespace; Ruby's ``strip`` and PHP's ``trim`` strip only ASCII's, and NUL).
 - ``md5``, ``sha1``, ``sha256``: the lowercase hex digest of the UTF-8 bytes: long or
   unsafe values made into a fixed-length key part (Django's
   ``make_template_fragment_key`` hashes with md5, Rails' ``ActiveSupport::Cache``

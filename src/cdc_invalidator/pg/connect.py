@@ -21,11 +21,18 @@ from psycopg import sql
 from cdc_invalidator.capture import keepalive
 from cdc_invalidator.settings import Settings
 
-# The walsender prints values with its session's settings: pin those that change how a
-# value prints, as the trigger functions do, so that keys render the same in both modes.
-RENDER_OPTIONS = (
-    "-c TimeZone=UTC -c DateStyle=ISO,MDY -c IntervalStyle=postgres -c extra_float_digits=1"
+# The settings that change how a value prints, as the trigger functions pin them (their
+# SET clause, sql/schema.sql): a key renders the same whichever session wrote the row.
+RENDER_SETTINGS = (
+    ("TimeZone", "UTC"),
+    ("DateStyle", "ISO,MDY"),
+    ("IntervalStyle", "postgres"),
+    ("extra_float_digits", "1"),
+    ("bytea_output", "hex"),
 )
+# The walsender prints values with its session's settings: pinned the same way, so that
+# keys render the same in both modes.
+RENDER_OPTIONS = " ".join(f"-c {name}={value}" for name, value in RENDER_SETTINGS)
 # Losing our own bookkeeping writes in a server crash only re-delivers events (their
 # keys are deleted twice), so the listener does not wait for WAL fsync and takes no fsync
 # bandwidth from the writers.

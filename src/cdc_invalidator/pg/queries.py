@@ -79,6 +79,7 @@ class Q(enum.Enum):
     PARTITION_ANCESTORS = "partition_ancestors.sql"
     RELATION_COLUMNS = "relation_columns.sql"
     RELATION_NAMES = "relation_names.sql"
+    BASE_TYPES = "base_types.sql"
     SAVE_ACK = "save_ack.sql"
     RECORD_HISTORY = "record_history.sql"
     PRUNE_HISTORY = "prune_history.sql"
@@ -111,6 +112,7 @@ class Q(enum.Enum):
     CHECK_WATCH = "check_watch.sql"
     CHECK_PUBLISHED = "check_published.sql"
     CHECK_IDENTITY = "check_identity.sql"
+    CHECK_GENERATED = "check_generated.sql"  # logical mode before PostgreSQL 18
     CHECK_DRIFT = "check_drift.sql"
     CHECK_LOGICAL_SERVER = "check_logical_server.sql"
     CHECK_DDL_GUARD = "check_ddl_guard.sql"

@@ -12,6 +12,8 @@ OLDEST = 13
 OLDEST_LOGICAL = 15
 # DETACH PARTITION ... CONCURRENTLY, and pg_inherits.inhdetachpending: PostgreSQL 14.
 DETACH_CONCURRENTLY = 14
+# Publications carry generated columns (publish_generated_columns): PostgreSQL 18.
+PUBLISHED_GENERATED = 18
 
 _TWO_PART = 10  # from PostgreSQL 10 on, a version is major.minor
 

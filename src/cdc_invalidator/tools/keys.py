@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, LiteralString
 
 import psycopg
 from psycopg import sql
@@ -19,6 +19,7 @@ from psycopg import sql
 from cdc_invalidator.events import Row, TableName
 from cdc_invalidator.mapping import KeyTemplate, Mapper
 from cdc_invalidator.mapping.templates import RenderError
+from cdc_invalidator.pg.connect import RENDER_SETTINGS
 from cdc_invalidator.pg.queries import Q
 from cdc_invalidator.tools import UsageError
 
@@ -114,6 +115,11 @@ def unused(mapper: Mapper, table: TableName, values: Iterable[str]) -> list[str]
     return [c for c in values if c not in used]
 
 
+PIN_RENDER_SETTINGS: LiteralString = "SELECT " + ", ".join(
+    ["set_config(%s, %s, true)"] * len(RENDER_SETTINGS)
+)
+
+
 @dataclass(frozen=True, slots=True)
 class LiveRows:
     rows: list[dict[str, str | None]]
@@ -128,7 +134,9 @@ def read_rows(
     `where` is the operator's own SQL, run with the operator's role: a READ ONLY
     transaction (rolled back), one statement of the extended protocol (the limit is a
     bound parameter, so a `;` in the condition is a syntax error, never a second
-    statement), and a statement_timeout."""
+    statement), and a statement_timeout. Values print with the settings the listener
+    renders them with (UTC, ISO dates, hex bytea: RENDER_SETTINGS), which the condition
+    is read with too."""
     query = Q.KEYS_WHERE.sql.format(
         columns=sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c)) for c in columns),
         table=sql.Identifier(table.schema, table.name),
@@ -141,6 +149,7 @@ def read_rows(
         conn.execute(
             sql.SQL("SET LOCAL statement_timeout = {}").format(sql.Literal(STATEMENT_TIMEOUT))
         )
+        conn.execute(PIN_RENDER_SETTINGS, [v for setting in RENDER_SETTINGS for v in setting])
         fetched = conn.execute(query, {"limit": limit + 1}).fetchall()
     rows = [dict(zip(columns, row, strict=True)) for row in fetched[:limit]]
     return LiveRows(rows, len(fetched) > limit)

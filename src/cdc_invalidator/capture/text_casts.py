@@ -1,0 +1,47 @@
+"""A value as `::text` prints it, from the text its type's output function gives.
+
+Keys render a column's value as PostgreSQL's text cast gives it (docs/configuration.md):
+trigger mode's capture functions write `col::text`. pgoutput sends the output function's
+text instead, and for most types the two are the same: a cast to text is an I/O
+conversion. Three base types have a cast function of their own (pg_cast, castfunc to
+text; `name` and `"char"` aside, which print alike), and logical mode turns their output
+into what the cast gives, so that a key is the same in either mode:
+
+| type | output (pgoutput) | `::text` |
+|---|---|---|
+| boolean | `t`, `f` | `true`, `false` |
+| character(n) | padded to n with spaces | trailing spaces removed |
+| inet | the mask left out when it is the whole address (`/32`, `/128`) | always with it |
+
+A domain over one of them prints as its base type.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Final
+
+BOOL: Final = 16
+BPCHAR: Final = 1042
+INET: Final = 869
+# Types made by CREATE TYPE / CREATE DOMAIN / extensions start here (FirstNormalObjectId):
+# a domain's base type is looked up in the catalog, built-in types are known by number.
+FIRST_NORMAL_OID: Final = 16384
+
+
+def _bool(value: str) -> str:
+    return "true" if value == "t" else "false" if value == "f" else value
+
+
+def _bpchar(value: str) -> str:
+    return value.rstrip(" ")
+
+
+def _inet(value: str) -> str:
+    if "/" in value:
+        return value
+    return value + ("/128" if ":" in value else "/32")
+
+
+# Each is idempotent: applied to a value already cast, it changes nothing.
+TEXT_CASTS: Final[Mapping[int, Callable[[str], str]]] = {BOOL: _bool, BPCHAR: _bpchar, INET: _inet}
