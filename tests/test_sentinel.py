@@ -200,6 +200,47 @@ def test_a_quiet_listener_notices_a_failover_and_replays(
     assert listener.wait() == 0
 
 
+def test_a_replica_promoted_after_its_link_was_down_is_replayed_back_to_the_cut(
+    env: Env, sentinel_setup: SentinelSetup, spawn: Spawn
+) -> None:
+    """The replica's link to the master is cut (it may not resync), the listener's
+    UNLINKs go on reaching the master only, and seconds later the replica is promoted:
+    it holds the stale keys. Its settings promise it loses nothing (AOF, fsync always),
+    but it said where its copy of the old master's history ends (second_repl_offset):
+    the replay reaches back to the last check that saw the master there."""
+    setup = sentinel_setup
+    env.sql(
+        "CREATE TABLE users (id int PRIMARY KEY, email text); INSERT INTO users VALUES (1, 'a')"
+    )
+    listener = spawn(sentinel_config(env, setup))
+    first = setup.first.client(decode_responses=True)
+    second = setup.second.client(decode_responses=True)
+    second.config_set("appendonly", "yes")
+    second.config_set("appendfsync", "always")
+    first.mset({"user:1": "stale", "user:email:a": "1"})
+    assert first.wait(1, 10_000) == 1
+    wait_until(lambda: listener.logged("redis_identity_recorded"), what="the listener started")
+    # The link cut: the replica may not resync (PSYNC refused), its connection killed.
+    first.execute_command("ACL", "SETUSER", "default", "-psync", "-sync")
+    first.client_kill_filter(_type="replica")
+    wait_until(lambda: not _replica_in_sync(setup.second), what="the link down")
+    env.sql("UPDATE users SET email = 'b' WHERE id = 1")
+    wait_until(lambda: first.exists("user:1", "user:email:a") == 0, what="deleted on the master")
+    assert second.exists("user:1", "user:email:a") == 2, "the replica lags"
+    edited = time.monotonic()
+    # The deletes must be older than the 5 s margin a failover is given anyway: a time
+    # to let pass, not an event to wait on.
+    time.sleep(max(0.0, edited + 7 - time.monotonic()))
+    assert setup.sentinel_client.sentinel_failover(MASTER)
+    wait_until(lambda: setup.master_port() == setup.second.port, what="the new master named")
+    wait_until(lambda: listener.logged("replay_done"), what="the replay")
+    assert second.exists("user:1", "user:email:a") == 0
+    window = listener.logged("redis_changed")[0]["window"]
+    assert "a replica promoted with the old master's writes up to offset" in window
+    listener.signal(signal.SIGTERM)
+    assert listener.wait() == 0
+
+
 def test_an_unknown_master_name_is_reported(env: Env, sentinel_setup: SentinelSetup) -> None:
     config = write_config(
         env.tmp_path / "nope.toml",
@@ -215,6 +256,24 @@ def test_an_unknown_master_name_is_reported(env: Env, sentinel_setup: SentinelSe
     assert out.returncode == 1
     assert "No master found for 'nope'" in out.stderr
     assert f"named by sentinels 127.0.0.1:{sentinel_setup.sentinel.port}" in out.stderr
+
+
+def test_check_refuses_a_replica_named_as_the_server(
+    env: Env, sentinel_setup: SentinelSetup
+) -> None:
+    """redis_url at a replica: every delete fails with READONLY (or, on a writable one,
+    stays on it), and the backlog grows. check says so, not "reachable"."""
+    config = write_config(
+        env.tmp_path / "replica.toml",
+        database_url=env.dsn,
+        redis_url=f"redis://127.0.0.1:{sentinel_setup.second.port}/0",
+        tables={"public.users": ["user:{id}"]},
+    )
+    env.sql("CREATE TABLE users (id int PRIMARY KEY)")
+    assert main(["install", "--config", str(config)]) == 0
+    out = run_cli("check", "--config", str(config))
+    assert out.returncode == 1
+    assert "but a replica: its deletes fail (READONLY)" in out.stderr + out.stdout
 
 
 def test_a_sentinel_that_drops_connections_is_passed_over_at_once(

@@ -824,8 +824,16 @@ def check_redis(sink: Sink, url: str, settings: Settings) -> Report:
     report = Report()
     try:
         what = sink.ping()
+        replicas = [s for s in sink.states() if not s.master]
     except _REDIS_FAILED as exc:
         report.errors.append(f"redis at {redact_url(url)}: {exc}")
+        return report
+    if replicas:
+        report.errors.append(
+            f"redis at {redact_url(url)}: {what}, but a replica: its deletes fail "
+            "(READONLY) or, on a writable replica, reach no other server. Point redis_url "
+            "at the master, or use redis_sentinels"
+        )
         return report
     report.ok.append(f"redis at {redact_url(url)}: {what}")
     check_slots(report, native=NATIVE_SLOTS)

@@ -4,7 +4,7 @@ servers (tests/test_runner.py, tests/test_fast_path.py)."""
 from __future__ import annotations
 
 from cdc_invalidator.mapping import Routed
-from cdc_invalidator.sink import Persistence
+from cdc_invalidator.sink import Persistence, ServerState
 
 
 class RecordingSink:
@@ -23,6 +23,9 @@ class RecordingSink:
         return "fake"
 
     def persistence(self) -> list[Persistence]:
+        raise AssertionError("not used by the runner")
+
+    def states(self) -> list[ServerState]:
         raise AssertionError("not used by the runner")
 
     def ping(self) -> str:

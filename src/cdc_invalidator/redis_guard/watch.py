@@ -6,7 +6,10 @@ promoted before it received our last UNLINKs, serves keys the listener had delet
 stale rows again. The listener notices by asking Redis who it is (run_id and
 master_replid from INFO) on every reconnect and every redis_check_interval_ms; when the
 answer changes, every key invalidated since shortly before the old server was last seen
-(less what its persistence can lose) is deleted again, before anything else.
+(less what its persistence can lose) is deleted again, before anything else; or since
+longer ago, when what the servers said at the checks before shows they held less than
+that (durability.py: a snapshot that failed, a restart before the next snapshot, a
+replica promoted that lagged).
 """
 
 from __future__ import annotations
@@ -19,11 +22,13 @@ import psycopg
 import structlog
 
 from cdc_invalidator.mapping import Mapper
+from cdc_invalidator.redis_guard.durability import Durability, Reach
 from cdc_invalidator.redis_guard.identity import IdentityStore
 from cdc_invalidator.redis_guard.window import MARGIN_S, persistence_window
 from cdc_invalidator.replay import ReplayResult, replay
 from cdc_invalidator.second_deletes import Acknowledged, redo_owed
 from cdc_invalidator.sink import Sink
+from cdc_invalidator.sink.protocol import identity_of
 
 log = structlog.get_logger("cdc_invalidator.redis_guard")
 
@@ -54,6 +59,7 @@ class RedisWatch:
         self._announced: str | None = None  # the identity a replay was logged for
         self._known_at = 0.0  # monotonic time the known identity was last confirmed
         self._next_check = 0.0
+        self._durability = Durability()
         # second_delete_ms: the second deletes a killed predecessor owed are redone once.
         self._second_delete_s = second_delete_s
         self._predecessor_owed = second_delete_s > 0
@@ -67,11 +73,15 @@ class RedisWatch:
         now = time.monotonic()
         if not force and now < self._next_check:
             return None
-        identity = self._sink.identity()
+        states = self._sink.states()
+        identity = identity_of(states)
+        wall = time.time()
         self._next_check = time.monotonic() + self._check_every_s
         if identity == self._known:
             self._known_at = now
+            self._durability.observe(states, now, wall)
             return None
+        reaches = self._durability.reaches(states, now, wall) if self._known is not None else []
         result = None
         with self._connect() as conn:
             store = IdentityStore(conn)
@@ -85,16 +95,22 @@ class RedisWatch:
                 # Redis changed) when the old identity was saved.
                 gone_s = now - self._known_at if self._known is not None else saved[1]
                 settle()
-                result = self._replay(conn, saved[0], identity, gone_s)
+                result = self._replay(conn, saved[0], identity, gone_s, reaches)
                 store.save(identity)
             if self._predecessor_owed:
                 redo_owed(conn, self._history, self._mapper, self._sink, self._second_delete_s)
                 self._predecessor_owed = False
         self._known, self._known_at = identity, now
+        self._durability.observe(states, now, wall)
         return result
 
     def _replay(
-        self, conn: psycopg.Connection[Any], previous: str, current: str, gone_s: float
+        self,
+        conn: psycopg.Connection[Any],
+        previous: str,
+        current: str,
+        gone_s: float,
+        reaches: list[Reach],
     ) -> ReplayResult | None:
         if self._window_s == 0:
             log.warning("redis_changed", previous=previous, current=current, replay="off")
@@ -104,6 +120,9 @@ class RedisWatch:
         else:
             lost_s, why = self._window_s, "replay_window"
         since_s = gone_s + lost_s + MARGIN_S
+        for reach in reaches:
+            if reach.since_s > since_s:
+                since_s, why = reach.since_s, f"{reach.why} (settings: {why})"
         if self._announced != current:  # once, not on every retry of a failed replay
             self._announced = current
             log.warning(

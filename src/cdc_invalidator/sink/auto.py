@@ -22,7 +22,7 @@ from cdc_invalidator.capture.errors import Fatal
 from cdc_invalidator.mapping import Invalidation, Routed
 from cdc_invalidator.sink.cluster_sink import ClusterSink, primaries
 from cdc_invalidator.sink.connect import RedisOptions, redis_client, url_db
-from cdc_invalidator.sink.protocol import Persistence
+from cdc_invalidator.sink.protocol import Persistence, ServerState
 from cdc_invalidator.sink.redis_sink import RedisSink
 
 log = structlog.get_logger("cdc_invalidator.sink")
@@ -106,6 +106,9 @@ class AutoSink:
 
     def persistence(self) -> list[Persistence]:
         return self.sink.persistence()
+
+    def states(self) -> list[ServerState]:
+        return self.sink.states()
 
     def ping(self) -> str:
         return self.sink.ping()

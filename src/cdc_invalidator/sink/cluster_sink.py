@@ -40,8 +40,8 @@ from redis.exceptions import AskError, MovedError, TryAgainError
 from cdc_invalidator.capture.errors import Fatal
 from cdc_invalidator.mapping import Invalidation, Routed
 from cdc_invalidator.sink.glob import GlobSet
-from cdc_invalidator.sink.protocol import Persistence
-from cdc_invalidator.sink.redis_sink import server_identity, server_persistence
+from cdc_invalidator.sink.protocol import Persistence, ServerState, identity_of
+from cdc_invalidator.sink.redis_sink import server_identity, server_persistence, server_state
 from cdc_invalidator.sink.scan_pass import ServerSweep
 from cdc_invalidator.sink.slots import Key, group_by_slot, pack_unlinks
 
@@ -243,14 +243,18 @@ class ClusterSink:
     def identity(self) -> str:
         """Every primary's `run_id/master_replid`, sorted and joined with commas: changes
         when a node restarts or a replica takes over. Reads the slot table afresh."""
-        self._client.nodes_manager.initialize()
-        clients = [self._client.get_redis_connection(n) for n in primaries(self._client)]
-        return ",".join(sorted(server_identity(client) for client in clients))
+        return identity_of(self.states())
 
     def persistence(self) -> list[Persistence]:
         """Every primary's: each restarts from its own files."""
         clients = [self._client.get_redis_connection(n) for n in primaries(self._client)]
         return [server_persistence(client) for client in clients]
+
+    def states(self) -> list[ServerState]:
+        """Every primary's. Reads the slot table afresh."""
+        self._client.nodes_manager.initialize()
+        clients = [self._client.get_redis_connection(n) for n in primaries(self._client)]
+        return [server_state(client) for client in clients]
 
     def ping(self) -> str:
         nodes = primaries(self._client)

@@ -6,7 +6,7 @@ with, and the errors it raises. No redis-py type crosses this line: the runner, 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -63,6 +63,39 @@ class Persistence:
     loaded_keys: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class ServerState:
+    """One server's INFO server, persistence and replication, read at each identity
+    check: who it is, and how much of its data a restart, or a replica taking over,
+    would bring back (redis_guard/durability.py)."""
+
+    run_id: str
+    master: bool  # role: master (a replica takes no deletes, or keeps them to itself)
+    replid: str  # master_replid
+    offset: int  # master_repl_offset: how far its replication stream has gone
+    # After a promotion: the history it continued (the old master's replid) and the
+    # offset where its own began (second_repl_offset; -1: none). It holds the old
+    # master's writes before that offset, and none after.
+    replid2: str
+    second_offset: int
+    aof: bool  # aof_enabled
+    aof_ok: bool  # aof_last_write_status: ok
+    saved_at: float  # rdb_last_save_time: its last successful RDB save, unix time
+    unsaved: int  # rdb_changes_since_last_save
+    saves: int | None  # rdb_saves since it started (None: Redis before 7.0 does not say)
+    loaded_keys: int | None  # rdb_last_load_keys_loaded (None: before 7.0)
+
+    @property
+    def identity(self) -> str:
+        """`run_id/master_replid`: either changing means its data may be older."""
+        return f"{self.run_id}/{self.replid}"
+
+
+def identity_of(states: Sequence[ServerState]) -> str:
+    """The identities of a sink's servers (every primary of a cluster), sorted, joined."""
+    return ",".join(sorted(state.identity for state in states))
+
+
 class Sink(Protocol):
     """What the runner, replay and `check` need from Redis (RedisSink, ClusterSink,
     AutoSink). Every method raises what Redis raises (REDIS_UNAVAILABLE: retry later)."""
@@ -88,6 +121,11 @@ class Sink(Protocol):
     def persistence(self) -> list[Persistence]:
         """The persistence settings of every server that holds our keys (every primary
         of a cluster: each restarts from its own files)."""
+        ...
+
+    def states(self) -> list[ServerState]:
+        """The state of every server that holds our keys (every primary of a cluster);
+        identity() is identity_of() them."""
         ...
 
     def ping(self) -> str:

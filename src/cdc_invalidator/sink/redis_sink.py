@@ -13,7 +13,7 @@ from redis.sentinel import SentinelConnectionPool
 from cdc_invalidator.mapping import Invalidation, Routed
 from cdc_invalidator.sink.connect import MasterWatch, other_db
 from cdc_invalidator.sink.glob import GlobSet
-from cdc_invalidator.sink.protocol import Persistence
+from cdc_invalidator.sink.protocol import Persistence, ServerState, identity_of
 from cdc_invalidator.sink.scan_pass import ServerSweep
 from cdc_invalidator.sink.slots import Key, pack_unlinks
 
@@ -200,13 +200,16 @@ class RedisSink:
     def identity(self) -> str:
         """Who this Redis is: run_id (new on every start) and master_replid (new when a
         replica is promoted). Either changing means its data may be older than ours."""
-        # Through Sentinel: ask who the master is now, so that a quiet listener notices
-        # a failover (and replays) even while the old master is still up.
-        self._follow_master()
-        return server_identity(self._client)
+        return identity_of(self.states())
 
     def persistence(self) -> list[Persistence]:
         return [server_persistence(self._client)]
+
+    def states(self) -> list[ServerState]:
+        # Through Sentinel: ask who the master is now, so that a quiet listener notices
+        # a failover (and replays) even while the old master is still up.
+        self._follow_master()
+        return [server_state(self._client)]
 
     def ping(self) -> str:
         self._client.ping()
@@ -257,11 +260,32 @@ class KeptConnection:
 
 def server_identity(client: redis.Redis) -> str:
     """One server's `run_id/master_replid` (see RedisSink.identity)."""
+    return server_state(client).identity
+
+
+def server_state(client: redis.Redis) -> ServerState:
+    """One server's ServerState, in one round trip."""
     pipe = client.pipeline(transaction=False)
     pipe.info("server")
+    pipe.info("persistence")
     pipe.info("replication")
-    server, replication = pipe.execute()
-    return f"{server['run_id']}/{replication.get('master_replid', '')}"
+    server, persistence, replication = pipe.execute()
+    saves = persistence.get("rdb_saves")
+    loaded = persistence.get("rdb_last_load_keys_loaded")
+    return ServerState(
+        run_id=str(server["run_id"]),
+        master=replication.get("role") == "master",
+        replid=str(replication.get("master_replid", "")),
+        offset=int(replication.get("master_repl_offset", 0)),
+        replid2=str(replication.get("master_replid2", "")),
+        second_offset=int(replication.get("second_repl_offset", -1)),
+        aof=bool(int(persistence.get("aof_enabled", 0))),
+        aof_ok=persistence.get("aof_last_write_status", "ok") == "ok",
+        saved_at=float(persistence.get("rdb_last_save_time", 0)),
+        unsaved=int(persistence.get("rdb_changes_since_last_save", 0)),
+        saves=None if saves is None else int(saves),
+        loaded_keys=None if loaded is None else int(loaded),
+    )
 
 
 def server_persistence(client: redis.Redis) -> Persistence:

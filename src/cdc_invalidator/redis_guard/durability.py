@@ -1,0 +1,135 @@
+"""How far back a Redis that changed may have gone, from what its servers said at each
+identity check (RedisWatch), beside what their persistence settings promise (window.py).
+
+The settings say what a server loses when all goes well: a snapshot every N seconds, an
+fsync every second. They say nothing of when it did not:
+
+- a snapshot that fails (a full disk, a file it may not write) leaves the dump from
+  before, which a restart loads;
+- a server that restarted holds the dump it loaded and saves again only a period later:
+  a second crash before then brings the same old dump back once more;
+- a replica promoted after its link to the master was down holds only what it received
+  before.
+
+So each check records, per server, its durable point: with AOF, the time of the check
+(while its writes succeed; else the last check at which they did); with RDB, its last
+successful save (`rdb_last_save_time`), or the time of the check when nothing changed
+since; a server that has not saved since it started holds the dump it loaded, as old as
+its predecessor's durable point (carried over). And the
+replication offset of each master, for an hour: a promoted replica says where its copy
+of the old master's history ends (`second_repl_offset`), and the last check at which the
+old master had not gone past that offset is where the writes it lacks may begin.
+
+Kept in memory: a listener that restarts while Redis changed replays from when the
+identity was saved (watch.py), as before.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cdc_invalidator.durations import format_duration
+from cdc_invalidator.redis_guard.window import MARGIN_S, UNKNOWN_PERSISTENCE_S
+from cdc_invalidator.sink import ServerState
+
+# How long replication offsets are kept: a promoted replica that lagged longer is
+# assumed to have lagged this long.
+KEEP_S = UNKNOWN_PERSISTENCE_S
+
+
+@dataclass(frozen=True, slots=True)
+class Reach:
+    """How far back a replay must reach (seconds before now) for one reason."""
+
+    since_s: float
+    why: str
+
+
+class Durability:
+    def __init__(self) -> None:
+        # By server identity: the unix time up to which its data is on disk (None: not
+        # known, as for a Redis before 7.0, which does not count its saves).
+        self._durable: dict[str, float | None] = {}
+        # The durable point of the servers a change replaced: what a server that has not
+        # saved since it started holds.
+        self._carried: float | None = None
+        # (monotonic time last seen, replid, offset) of each master, in time order; the
+        # last entry of an offset that stands still is moved to the latest check.
+        self._offsets: deque[tuple[float, str, int]] = deque()
+
+    def observe(self, states: Sequence[ServerState], mono: float, wall: float) -> None:
+        """Record what the servers said at a check (after reaches(), on a change)."""
+        seen = {s.identity for s in states}
+        durable = {s.identity: self._durable_of(s, wall) for s in states}
+        self._durable = {i: d for i, d in self._durable.items() if i in seen} | durable
+        for s in states:
+            self._offset(mono, s.replid, s.offset)
+        while self._offsets and self._offsets[0][0] < mono - KEEP_S:
+            self._offsets.popleft()
+
+    def reaches(self, states: Sequence[ServerState], mono: float, wall: float) -> list[Reach]:
+        """The servers changed to `states`: how far back a replay must reach for what the
+        servers they replaced had not made durable, or a promoted replica had not
+        received."""
+        now = {s.identity for s in states}
+        gone = [d for identity, d in self._durable.items() if identity not in now]
+        durable = None if not gone or None in gone else min(d for d in gone if d is not None)
+        if gone:
+            self._carried = durable
+        out: list[Reach] = []
+        # Restarted servers (not promoted ones); one that loaded no keys brought nothing
+        # back from disk.
+        restarted = [s for s in states if s.identity not in self._durable and s.second_offset < 0]
+        if durable is not None and any(s.loaded_keys != 0 for s in restarted):
+            out.append(
+                Reach(
+                    wall - durable + MARGIN_S,
+                    f"the data on disk of the server(s) replaced dated from "
+                    f"{format_duration(max(0.0, wall - durable))} ago",
+                )
+            )
+        for s in states:
+            if s.second_offset >= 0 and (reach := self._promoted(s, mono)) is not None:
+                out.append(reach)
+        return out
+
+    def _durable_of(self, s: ServerState, wall: float) -> float | None:
+        if s.aof:
+            return wall if s.aof_ok else self._durable.get(s.identity)
+        if s.saves == 0:
+            # Not saved since it started: its disk holds the dump it loaded (its memory
+            # too, until it changes: invalidations made before are not in it either).
+            return self._durable.get(s.identity, self._carried)
+        if s.unsaved == 0:
+            return wall  # what it holds is what it would load
+        return None if s.saves is None else s.saved_at
+
+    def _offset(self, mono: float, replid: str, offset: int) -> None:
+        for i in range(len(self._offsets) - 1, -1, -1):
+            if self._offsets[i][1] == replid:
+                if self._offsets[i][2] == offset:
+                    del self._offsets[i]
+                break
+        self._offsets.append((mono, replid, offset))
+
+    def _promoted(self, s: ServerState, mono: float) -> Reach | None:
+        """A replica promoted: the writes to the master it followed (replid2) from the
+        last check that saw it at an offset the replica holds (below second_offset)."""
+        mine = [(t, offset) for t, replid, offset in self._offsets if replid == s.replid2]
+        if not mine:
+            return None  # not a master we saw: the settings' window stands
+        held = [t for t, offset in mine if offset < s.second_offset]
+        if held:
+            return Reach(
+                mono - max(held) + MARGIN_S,
+                f"a replica promoted with the old master's writes up to offset "
+                f"{s.second_offset - 1}, its offset {format_duration(mono - max(held))} ago",
+            )
+        return Reach(
+            max(UNKNOWN_PERSISTENCE_S, mono - mine[0][0] + MARGIN_S),
+            "a replica promoted without the old master's writes of the last "
+            f"{format_duration(mono - mine[0][0])} at least: assumed "
+            f"{format_duration(UNKNOWN_PERSISTENCE_S)}",
+        )

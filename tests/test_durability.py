@@ -1,0 +1,103 @@
+"""What Redis's servers said at each identity check, and how far back a replay reaches
+when they change (redis_guard/durability.py): pure, from ServerStates. Against real
+servers: tests/test_replay.py (a snapshot that failed, a restart before the next one)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from cdc_invalidator.redis_guard.durability import Durability
+from cdc_invalidator.redis_guard.window import MARGIN_S, UNKNOWN_PERSISTENCE_S
+from cdc_invalidator.sink import ServerState
+
+T0 = 1_800_000_000.0  # unix time of the checks below: T0 + their monotonic time
+
+RDB = ServerState(
+    run_id="a",
+    master=True,
+    replid="ra",
+    offset=0,
+    replid2="0" * 40,
+    second_offset=-1,
+    aof=False,
+    aof_ok=True,
+    saved_at=T0,
+    unsaved=0,
+    saves=1,
+    loaded_keys=0,
+)
+
+
+def observe(d: Durability, state: ServerState, at: float) -> None:
+    d.observe([state], at, T0 + at)
+
+
+def reach(d: Durability, state: ServerState, at: float) -> float:
+    """The farthest reach of the change to `state` at `at`, less the margin (0: none)."""
+    reaches = d.reaches([state], at, T0 + at)
+    return max((r.since_s for r in reaches), default=MARGIN_S) - MARGIN_S
+
+
+def test_a_snapshot_that_failed_reaches_back_to_the_last_one_that_did() -> None:
+    d = Durability()
+    observe(d, RDB, 0)  # saved at T0, nothing since
+    observe(d, replace(RDB, unsaved=5), 10)  # our deletes, and every snapshot since fails
+    observe(d, replace(RDB, unsaved=9), 30)
+    restarted = replace(RDB, run_id="b", saved_at=T0 + 31, unsaved=0, saves=0, loaded_keys=7)
+    assert reach(d, restarted, 31) == pytest.approx(31)
+
+
+def test_a_restart_before_the_next_snapshot_carries_the_dump_it_loaded() -> None:
+    d = Durability()
+    observe(d, replace(RDB, unsaved=5), 10)
+    first = replace(RDB, run_id="b", saved_at=T0 + 20, unsaved=0, saves=0, loaded_keys=7)
+    assert reach(d, first, 20) == pytest.approx(20)
+    observe(d, first, 20)
+    # The replay's deletes; no snapshot yet (lastsave is its start, not a save).
+    observe(d, replace(first, unsaved=40), 25)
+    second = replace(first, run_id="c", saved_at=T0 + 30, unsaved=0)
+    assert reach(d, second, 30) == pytest.approx(30), "the dump of T0 came back again"
+    # Once the server saved, its own snapshot is what a restart loads.
+    observe(d, second, 30)
+    observe(d, replace(second, saves=1, saved_at=T0 + 40, unsaved=3), 45)
+    assert reach(d, replace(second, run_id="d", saves=0), 50) == pytest.approx(10)
+
+
+def test_a_server_that_loaded_nothing_or_kept_everything_reaches_no_further() -> None:
+    d = Durability()
+    observe(d, replace(RDB, unsaved=5), 10)
+    assert reach(d, replace(RDB, run_id="b", loaded_keys=0, saves=0), 20) == 0
+    d = Durability()
+    observe(d, replace(RDB, aof=True, unsaved=5), 10)  # AOF writing: durable at each check
+    assert reach(d, replace(RDB, run_id="b", aof=True, loaded_keys=9), 12) == pytest.approx(2)
+
+
+def test_an_aof_whose_writes_fail_reaches_back_to_the_last_check_they_did() -> None:
+    d = Durability()
+    observe(d, replace(RDB, aof=True, unsaved=5), 10)
+    observe(d, replace(RDB, aof=True, aof_ok=False, unsaved=9), 20)
+    assert reach(d, replace(RDB, run_id="b", aof=True, loaded_keys=9), 30) == pytest.approx(20)
+
+
+def test_a_redis_that_does_not_count_its_saves_is_left_to_the_settings() -> None:
+    d = Durability()
+    observe(d, replace(RDB, unsaved=5, saves=None), 10)
+    assert reach(d, replace(RDB, run_id="b", saves=None, loaded_keys=None), 20) == 0
+
+
+def test_a_promoted_replica_reaches_back_to_the_last_offset_it_holds() -> None:
+    d = Durability()
+    for at, offset in ((0, 100), (10, 100), (11, 300), (20, 500)):
+        observe(d, replace(RDB, offset=offset), at)
+    promoted = replace(RDB, run_id="r", replid="rr", replid2="ra", second_offset=101)
+    # Writes past offset 100 began after the check at 10: 25 - 10.
+    assert reach(d, promoted, 25) == pytest.approx(15)
+    in_sync = replace(promoted, second_offset=501)
+    assert reach(d, in_sync, 25) == pytest.approx(5)
+    # It lagged from before the oldest offset kept: an hour at least.
+    behind = replace(promoted, second_offset=50)
+    assert reach(d, behind, 25) == pytest.approx(UNKNOWN_PERSISTENCE_S - MARGIN_S)
+    # A master never seen (the listener started after): the settings' window stands.
+    assert reach(d, replace(promoted, replid2="other"), 25) == 0
