@@ -26,7 +26,8 @@ COPY --from=build /wheels /tmp/wheels
 RUN pip install /tmp/wheels/*.whl \
     && rm -rf /tmp/wheels \
     && python -c "from cdc_invalidator.capture.pgoutput import NATIVE_WALKS; assert NATIVE_WALKS, 'capture/_walk.c was not built'" \
-    && python -c "from cdc_invalidator.sink.slots import NATIVE_SLOTS; assert NATIVE_SLOTS, 'sink/_slots.c was not built'"
+    && python -c "from cdc_invalidator.sink.slots import NATIVE_SLOTS; assert NATIVE_SLOTS, 'sink/_slots.c was not built'" \
+    && cdc-invalidator --help >/dev/null
 
 # The listener needs no privileges in the container.
 RUN useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin cdc

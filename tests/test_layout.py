@@ -1,4 +1,5 @@
-"""The package's imports point one way: no module imports, directly or not, one that
+"""The wheel holds every subpackage (pyproject.toml lists them). The package's imports
+point one way: no module imports, directly or not, one that
 imports it back, and nothing in capture/ reaches what sits above it (the replay, the
 modes, the runner). Read from the source with ast: imports under `if TYPE_CHECKING:`
 run nothing and are left out. A package's __init__ that re-exports its submodules
@@ -8,6 +9,7 @@ import of the package."""
 from __future__ import annotations
 
 import ast
+import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -130,3 +132,13 @@ def test_capture_reaches_nothing_above_it() -> None:
                 m for m in reachable(graph, module) if m.rpartition(".")[0] in above or m in above
             }
             assert not reached, f"{module} imports {sorted(reached)}"
+
+
+def test_the_wheel_lists_every_subpackage() -> None:
+    """`pip install .` (and the Docker image) installs the packages pyproject.toml names:
+    one left out installs a CLI that fails on import."""
+    pyproject = tomllib.loads((PACKAGE.parent.parent / "pyproject.toml").read_text())
+    listed = set(pyproject["tool"]["setuptools"]["packages"])
+    present = {module_name(init, PACKAGE) for init in PACKAGE.rglob("__init__.py")}
+    assert present - listed == set()
+    assert listed - present == {"cdc_invalidator.sql"}  # (sql/ at the top, package-dir)
