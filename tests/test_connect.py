@@ -96,6 +96,18 @@ def test_each_kind_of_session_has_its_settings(
 
 
 @pytest.mark.servers
+def test_every_session_reads_utf8_whatever_the_client_encoding_asked(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PGCLIENTENCODING (or a role's or database's client_encoding) set to one that
+    cannot hold a value: the listener's read of it would fail, and the listener stop."""
+    monkeypatch.setenv("PGCLIENTENCODING", "LATIN1")
+    pg = PgConnector(env.dsn, application_name="app", connect_timeout_s=1)
+    with pg.connect(CLI) as conn:
+        assert conn.execute("SELECT '日本@x'::text").fetchone() == ("日本@x",)
+
+
+@pytest.mark.servers
 def test_a_failed_setting_closes_the_session(env: Env) -> None:
     pg = PgConnector(env.dsn, application_name="app", connect_timeout_s=1)
     bad = Kind(settings=(("no_such_setting_here", "1"),))

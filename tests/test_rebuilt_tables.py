@@ -254,6 +254,17 @@ def test_check_warns_when_the_rebuild_guard_is_off(env: Env) -> None:
     assert "the rebuild guard (event triggers cdc_invalidator_rebuilt," in check(config).stdout
 
 
+def test_check_says_a_dropped_table_does_not_exist(env: Env) -> None:
+    users_table(env, [(1, "u1@x")])
+    config = install(env, USERS)
+    env.sql("DROP TABLE users")
+    checked = check(config)
+    said = checked.stdout + checked.stderr
+    assert "table public.users does not exist" in said
+    assert "table public.users was dropped since install" in said
+    assert "None" not in said, said
+
+
 # --- both modes: a partition that leaves a watched table, or joins it with rows ---------
 
 PARTITIONED = (

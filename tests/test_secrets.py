@@ -23,7 +23,7 @@ import pytest
 from psycopg import sql
 
 from cdc_invalidator.cli import main
-from cdc_invalidator.redact import Scrubber, secrets_of
+from cdc_invalidator.redact import Scrubber, redact_url, secrets_of
 from tests.support.config import FAST, toml_value
 from tests.support.env import FAST_PG
 from tests.support.evidence import unavailable
@@ -137,6 +137,8 @@ def configure(
         (f"host=h password={MARK}-a {MARK}-b dbname=db", f"{MARK}-b", f"{MARK}-a {MARK}-b"),
         (f"redis://:{REDIS_PASSWORD}@h:6379/0", REDIS_PASSWORD, REDIS_PASSWORD),
         (f"rediss://cdc:{quote(PG_ENCODED, safe='')}@h/0", "S3cr3t%2Fpg%407b2e", PG_ENCODED),
+        # No colon: redis-py reads a user name, but it was meant as a password.
+        (f"redis://{REDIS_PASSWORD}@h:6379/0", REDIS_PASSWORD, REDIS_PASSWORD),
     ],
 )
 def test_secrets_of_finds_passwords_as_written_and_as_meant(
@@ -146,6 +148,12 @@ def test_secrets_of_finds_passwords_as_written_and_as_meant(
     assert {written, meant} <= set(found)
     scrub = Scrubber(found)
     assert MARK not in scrub(f"{url} / {written} / {meant}")
+
+
+def test_a_redis_url_whose_password_has_no_colon_is_redacted_whole() -> None:
+    """redis://SECRET@host: redis-py reads a user name, older clients a password."""
+    assert redact_url(f"redis://{REDIS_PASSWORD}@h:6379/0") == "redis://***@h:6379/0"
+    assert redact_url("postgresql://app@db/app") == "postgresql://app@db/app"
 
 
 # --- The servers: PostgreSQL with scram-sha-256, Redis with passwords -------------------

@@ -328,7 +328,7 @@ def check_two_phase(conn: psycopg.Connection[Any], report: Report) -> None:
 class Watch:
     """What install recorded for a table, against the live catalog (check_watch.sql)."""
 
-    live_name: str  # the table's name now
+    live_name: str | None  # the table's name now (None: dropped)
     columns: list[str]  # the key columns its capture function copies, as configured
     live_columns: list[str]  # what those columns are called now ('' once dropped)
     untriggered_partitions: list[str]
@@ -391,6 +391,10 @@ def watch_of(conn: psycopg.Connection[Any], table: TableName) -> Watch | None:
 def report_drift(report: Report, where: str, table: TableName, watch: Watch) -> bool:
     """A renamed table or key column: the configuration no longer names the live schema.
     True when it was reported (nothing more can be checked by the configured names)."""
+    if watch.live_name is None:
+        # (check_unconfigured warns that it was dropped since install, by its events' name)
+        report.errors.append(f"{where}: table {table} does not exist")
+        return True
     drifted = False
     if watch.live_name != table.qualified:
         drifted = True

@@ -13,6 +13,9 @@ MASK = "***"
 # Shorter "secrets" are not masked: a one-letter password would mask that letter everywhere.
 _MIN_SECRET_LENGTH = 3
 _URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]*)@")
+# A Redis URL's user info without a colon (redis://secret@host): redis-py takes it for a
+# user name, but it is written where older clients took a password: masked whole.
+_REDIS_USERINFO = re.compile(r"(?P<scheme>rediss?://)(?P<user>[^:/@\s]+)@", re.IGNORECASE)
 _KEYWORD_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
 # In a keyword string libpq cannot parse (an unquoted password with a space), the
 # password as meant: up to the next "word=" or the end.
@@ -22,6 +25,7 @@ _LOOSE_PASSWORD = re.compile(r"password\s*=\s*(.*?)\s*(?=\s\w+\s*=|$)", re.IGNOR
 def redact_url(url: str) -> str:
     """A URL or libpq keyword DSN with its password replaced by ***."""
     url = _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{MASK}@", url)
+    url = _REDIS_USERINFO.sub(lambda m: f"{m['scheme']}{MASK}@", url)
     return _KEYWORD_PASSWORD.sub(lambda m: m.group(1) + MASK, url)
 
 
@@ -45,6 +49,8 @@ def secrets_of(*urls: str) -> list[str]:
             found.add(password)
         for m in _URL_PASSWORD.finditer(url):
             found.update((m["pw"], unquote(m["pw"])))
+        for m in _REDIS_USERINFO.finditer(url):
+            found.update((m["user"], unquote(m["user"])))
         for m in _KEYWORD_PASSWORD.finditer(url):
             value = m.group(2)
             found.update((value, value.strip("'").replace("\\'", "'").replace("\\\\", "\\")))

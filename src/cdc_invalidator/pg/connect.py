@@ -105,6 +105,11 @@ class PgConnector:
             autocommit=autocommit,
             application_name=self._application_name + kind.suffix,
             connect_timeout=self._connect_timeout,
+            # Whatever PGCLIENTENCODING, the role's or the database's default say: a
+            # value the client encoding cannot hold would fail the listener's reads of
+            # it (a row's key, a dead letter), and a SQL_ASCII database would send text
+            # psycopg does not decode.
+            client_encoding="UTF8",
             **extra,
         )
         settings = list(kind.settings)
