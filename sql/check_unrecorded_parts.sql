@@ -8,7 +8,10 @@ WITH RECURSIVE roots AS (
     FROM unnest(%(tables)s::text[]) AS t (name)
     JOIN pg_class c ON c.oid = to_regclass(t.name)
     WHERE c.relkind = 'p'
-      AND (EXISTS (SELECT FROM cdc_invalidator.watched_v1 w WHERE w.relid::oid = c.oid)
+      -- (watched: our capture trigger on it, read from the catalog, which the listener's
+      -- role may read in either mode; published)
+      AND (EXISTS (SELECT FROM pg_trigger tg
+                   WHERE tg.tgrelid = c.oid AND tg.tgname = 'cdc_invalidator_ins_v1')
            OR EXISTS (SELECT FROM pg_publication_rel pr WHERE pr.prrelid = c.oid))
 ), tree (root, rel) AS (
     SELECT r.root, i.inhrelid FROM roots r JOIN pg_inherits i ON i.inhparent = r.root

@@ -324,6 +324,50 @@ AS $list$
     FROM pg_class c WHERE c.oid = tbl;
 $list$;
 
+-- publication_drift_v1(): how the publication of the configured tables (published_v1)
+-- differs from what install made it, in a way that leaves changes unpublished (and so
+-- their keys cached): publish options without one of insert, update, delete, truncate;
+-- publish_via_partition_root (no TRUNCATE of a partition is published then); a
+-- configured table taken out of it, or given a row filter, or a column list without
+-- its key columns. NULL when none (or when the publication is gone, which the listener
+-- and `check` say on their own).
+CREATE OR REPLACE FUNCTION cdc_invalidator.publication_drift_v1()
+RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $drift$
+    SELECT d.problem FROM (
+        SELECT CASE
+            WHEN NOT (pub.pubinsert AND pub.pubupdate AND pub.pubdelete AND pub.pubtruncate)
+                THEN format('publication %I publishes only %s', pub.pubname, coalesce(
+                    nullif(concat_ws(', ', CASE WHEN pub.pubinsert THEN 'insert' END,
+                                     CASE WHEN pub.pubupdate THEN 'update' END,
+                                     CASE WHEN pub.pubdelete THEN 'delete' END,
+                                     CASE WHEN pub.pubtruncate THEN 'truncate' END), ''),
+                    'nothing'))
+            WHEN pub.pubviaroot
+                THEN format('publication %I publishes through partition roots '
+                            '(publish_via_partition_root), and so no TRUNCATE of a partition',
+                            pub.pubname)
+            WHEN pr.oid IS NULL
+                THEN format('table %s was taken out of publication %I', p.relid, pub.pubname)
+            WHEN pr.prqual IS NOT NULL
+                THEN format('publication %I publishes only the rows of table %s that its row '
+                            'filter keeps', pub.pubname, p.relid)
+            WHEN pr.prattrs IS NOT NULL
+                 AND NOT (array_remove(p.attnums, NULL) <@ pr.prattrs::int2[])
+                THEN format('the column list of table %s in publication %I leaves out key '
+                            'columns', p.relid, pub.pubname)
+        END AS problem
+        FROM cdc_invalidator.published_v1 p
+        JOIN pg_class c ON c.oid = p.relid
+        JOIN pg_publication pub ON pub.pubname = p.publication
+        LEFT JOIN pg_publication_rel pr ON pr.prpubid = pub.oid AND pr.prrelid = p.relid
+    ) d
+    WHERE d.problem IS NOT NULL
+    ORDER BY 1
+    LIMIT 1
+$drift$;
+
 -- ddl_guard(): after each ALTER TABLE or CREATE TABLE in this database, keep every
 -- configured table publishable without breaking a write, or refuse the DDL:
 --   * a table that left the publication (DROP COLUMN ... CASCADE of a listed column
@@ -336,6 +380,8 @@ $list$;
 --     with them (a list must cover the identity, or UPDATE and DELETE fail): whole for
 --     REPLICA IDENTITY FULL, with the new columns after a wider primary key or identity
 --     index.
+-- And after each ALTER PUBLICATION, refuse one that leaves changes of the configured
+-- tables unpublished (publication_drift_v1()): the publication follows the configuration.
 -- Its work is our own catalog look-ups: no cost to writes. install marks its own
 -- transaction (installing_v1(), schema.sql), where it does all this itself.
 -- It fires for every role's ALTER TABLE and CREATE TABLE (temporary tables included), so
@@ -346,11 +392,25 @@ RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $guard$
 DECLARE
-    r    record;
-    pub  oid;
-    cols text[];
+    r      record;
+    pub    oid;
+    cols   text[];
+    drift  text;
+    was    text;
+    marked boolean;
 BEGIN
     IF cdc_invalidator.installing_v1() THEN
+        RETURN;
+    END IF;
+    IF TG_TAG = 'ALTER PUBLICATION' THEN
+        drift := cdc_invalidator.publication_drift_v1();
+        IF drift IS NOT NULL THEN
+            RAISE EXCEPTION 'cdc_invalidator: % after this: the changes it would not publish '
+                'would not invalidate the cache', drift
+                USING HINT = 'The publication follows the configuration: change that and run '
+                             '`cdc-invalidator install`; see docs/DBA.md, "Logical mode".',
+                      ERRCODE = 'object_in_use';
+        END IF;
         RETURN;
     END IF;
     FOR r IN
@@ -398,9 +458,14 @@ BEGIN
                     AND k.attnum <> ALL (pr.prattrs::int2[])))
         ) THEN
             -- One transaction: the stream never sees the table out of the publication.
+            -- (Marked as install's: this guard's ALTER PUBLICATION check stands aside
+            -- between the two.)
+            was := current_setting('cdc_invalidator.installing', true);
+            marked := cdc_invalidator.mark_install_v1();
             EXECUTE format('ALTER PUBLICATION %I DROP TABLE %s', r.publication, r.relid);
             EXECUTE format('ALTER PUBLICATION %I ADD TABLE %s', r.publication,
                            cdc_invalidator.publish_list(r.relid));
+            PERFORM cdc_invalidator.unmark_install_v1(was, marked);
             RAISE NOTICE 'cdc_invalidator: the replica identity of % changed: publication % '
                 'now carries %', r.relid, r.publication, cdc_invalidator.publish_list(r.relid);
         END IF;
@@ -414,9 +479,15 @@ $guard$;
 DO $guard_install$
 BEGIN
     IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+        -- (made by an earlier release without ALTER PUBLICATION: made again)
+        IF EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'cdc_invalidator_guard'
+                     AND evttags IS DISTINCT FROM ARRAY['ALTER TABLE', 'CREATE TABLE',
+                                                        'ALTER PUBLICATION']) THEN
+            DROP EVENT TRIGGER cdc_invalidator_guard;
+        END IF;
         IF NOT EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'cdc_invalidator_guard') THEN
             CREATE EVENT TRIGGER cdc_invalidator_guard ON ddl_command_end
-                WHEN TAG IN ('ALTER TABLE', 'CREATE TABLE')
+                WHEN TAG IN ('ALTER TABLE', 'CREATE TABLE', 'ALTER PUBLICATION')
                 EXECUTE FUNCTION cdc_invalidator.ddl_guard();
         END IF;
         IF (SELECT evtenabled FROM pg_event_trigger WHERE evtname = 'cdc_invalidator_guard') <> 'A' THEN

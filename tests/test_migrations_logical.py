@@ -213,6 +213,52 @@ def test_dropping_a_listed_key_column_is_refused_naming_cdc_invalidator(env: Env
     env.sql("UPDATE orders SET note = 'n'; DELETE FROM orders")  # writes still work
 
 
+@pytest.mark.parametrize(
+    "alter",
+    [
+        "SET (publish = 'insert')",
+        "SET (publish_via_partition_root = true)",
+        "SET TABLE users WHERE (id < 50), orders",
+        "DROP TABLE users",
+        "SET TABLE users (email), orders",
+    ],
+)
+def test_altering_our_publication_is_refused(env: Env, alter: str) -> None:
+    """What the publication no longer publishes is not captured, and nothing says so:
+    the guard refuses it, as install made it (another publication is nobody's care)."""
+    make_tables(env)
+    install(logical_config(env, {**USERS, **ORDERS}))
+    with pytest.raises(psycopg.errors.ObjectInUse, match="would not invalidate the cache"):
+        env.sql(f"ALTER PUBLICATION cdc_invalidator {alter}")
+    env.sql(
+        "CREATE PUBLICATION other FOR TABLE users; ALTER PUBLICATION other SET (publish = 'insert')"
+    )
+    env.sql("DROP PUBLICATION other")
+
+
+def test_a_publication_changed_without_the_guard_is_reported_then_swept_by_install(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_tables(env)
+    config = logical_config(env, USERS)
+    install(config)
+    env.sql(
+        "ALTER EVENT TRIGGER cdc_invalidator_guard DISABLE;"
+        "ALTER PUBLICATION cdc_invalidator SET (publish = 'insert');"
+        "ALTER EVENT TRIGGER cdc_invalidator_guard ENABLE ALWAYS"
+    )
+    code, _, err = check(config, capsys)
+    assert code == 1
+    assert "publication cdc_invalidator publishes only insert: the changes it does not" in err
+    r = env.redis()
+    with running(env, config):
+        r.mset({"user:1": "stale", "user:2": "cached"})
+        env.sql("UPDATE users SET email = 'changed@x' WHERE id = 1")  # not published
+        install(config)  # put right, and every table it held swept
+        wait_until(lambda: gone(r, "user:1", "user:2"), what="the sweep")
+    assert check(config, capsys)[0] == 0
+
+
 def update_and_delete_order_1(env: Env, r: redis.Redis) -> None:
     """An UPDATE and a DELETE of order 1: each succeeds and deletes order:1."""
     r.mset({"order:1": "O"})

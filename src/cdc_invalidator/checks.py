@@ -753,6 +753,17 @@ def check_slots(report: Report, *, native: bool) -> None:
         )
 
 
+def _publication_drift(conn: psycopg.Connection[Any]) -> str | None:
+    """publication_drift_v1(), or None where an earlier release installed (without it:
+    `check` then says to run install anyway)."""
+    try:
+        with conn.transaction():
+            row = conn.execute(Q.CHECK_PUBLICATION_DRIFT.sql).fetchone()
+    except psycopg.errors.UndefinedFunction:
+        return None
+    return row[0] if row else None
+
+
 def check_logical_server(conn: psycopg.Connection[Any], settings: Settings, report: Report) -> None:
     row = returned(
         conn.execute(
@@ -780,6 +791,13 @@ def check_logical_server(conn: psycopg.Connection[Any], settings: Settings, repo
             "disabled: a new partition or a dropped primary key can make writes to a "
             'published table fail (docs/DBA.md, "Schema migrations"); run '
             "`cdc-invalidator install` as a superuser to add it"
+        )
+    drift = _publication_drift(conn) if publication_exists else None
+    if drift:
+        report.errors.append(
+            f"{drift}: the changes it does not publish are not invalidated. The publication "
+            "follows the configuration: run `cdc-invalidator install`, which puts it right "
+            "and sweeps its tables"
         )
     if not publication_exists:
         report.errors.append(

@@ -116,6 +116,7 @@ class Q(enum.Enum):
     CHECK_DRIFT = "check_drift.sql"
     CHECK_LOGICAL_SERVER = "check_logical_server.sql"
     CHECK_DDL_GUARD = "check_ddl_guard.sql"
+    CHECK_PUBLICATION_DRIFT = "check_publication_drift.sql"
     CHECK_REBUILD_GUARD = "check_rebuild_guard.sql"
     CHECK_DETACH_PENDING = "check_detach_pending.sql"
     CHECK_UNRECORDED_PARTS = "check_unrecorded_parts.sql"
