@@ -79,6 +79,43 @@ def test_second_listener_waits_then_takes_over(own_env: Env, tmp_path: Path) -> 
         second.kill()
 
 
+def test_a_listener_pointed_at_a_standby_waits_for_its_promotion(
+    own_env: Env, tmp_path: Path
+) -> None:
+    """After a failover, database_url may still reach a standby (DNS, a virtual IP not
+    moved yet, the old primary come back as one). It takes no writes: the listener
+    waits and retries as for a server down, instead of exiting (a restart loop under
+    systemd or Kubernetes), and goes on once the server is promoted."""
+    config = setup_users(own_env, rows=3)
+    standby = PostgresServer.standby_of(pg_of(own_env))
+    try:
+        dbname = own_env.dsn.rsplit("/", 1)[1]
+        text = config.read_text()
+        config.write_text(text.replace(own_env.dsn, standby.dsn(dbname)))
+        assert standby.dsn(dbname) in config.read_text()
+        listener = ListenerProcess(config, tmp_path / "listener.log").start()
+        try:
+            wait_until(lambda: listener.logged("postgres_unavailable"), what="the wait")
+            error = listener.logged("postgres_unavailable")[0]["error"]
+            assert "InRecovery: the server (127.0.0.1:" in error, error
+            assert "is a standby, in recovery" in error
+            assert listener.process is not None
+            assert listener.process.poll() is None, "still running, not exited"
+            standby.promote()
+            wait_until(lambda: listener.logged("postgres_available"), what="the promotion seen")
+            r = own_env.redis()
+            cache(r, [1])
+            with psycopg.connect(standby.dsn(dbname), autocommit=True) as conn:
+                conn.execute("UPDATE users SET email = 'p@x' WHERE id = 1")
+            wait_until(lambda: r.exists(*keys_of(1)) == 0, what="a change on the promoted server")
+            listener.signal(signal.SIGTERM)
+            assert listener.wait() == 0
+        finally:
+            listener.kill()
+    finally:
+        standby.destroy()
+
+
 def listener_pids(env: Env) -> list[int]:
     """The backends of the consuming listener: its session (trigger mode), or the
     walsender and its side session (logical mode)."""

@@ -60,6 +60,34 @@ class PostgresServer(demo_servers.PostgresServer):
         self.stop(mode)
         self.start()
 
+    @classmethod
+    def standby_of(cls, primary: demo_servers.PostgresServer) -> PostgresServer:
+        """A streaming standby of `primary` (pg_basebackup -R), started: in recovery,
+        read-only, until promote()."""
+        directory = Path(tempfile.mkdtemp(prefix="cdc-invalidator-pg-standby-"))
+        if primary.user:
+            shutil.chown(directory, primary.user, primary.user)
+        standby = cls(directory, free_port(), primary.bindir, primary.user)
+        try:
+            standby._run(
+                [
+                    str(primary.bindir / "pg_basebackup"),
+                    *("-D", str(standby.datadir), "-R", "--no-sync", "-X", "stream", "-c", "fast"),
+                    *("-h", "127.0.0.1", "-p", str(primary.port), "-U", "postgres"),
+                ]
+            )
+            # (the primary's own settings came with the copy: the last line wins)
+            with (standby.datadir / "postgresql.auto.conf").open("a") as f:
+                f.write(f"port = {standby.port}\nunix_socket_directories = '{directory}'\n")
+            standby.start()
+        except BaseException:
+            standby.destroy()
+            raise
+        return standby
+
+    def promote(self) -> None:
+        self._run([str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-w", "promote"])
+
     @property
     def pid(self) -> int | None:
         try:

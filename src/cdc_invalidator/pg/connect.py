@@ -19,6 +19,7 @@ import psycopg
 from psycopg import sql
 
 from cdc_invalidator.capture import keepalive
+from cdc_invalidator.pg.queries import Q
 from cdc_invalidator.settings import Settings
 
 # The settings that change how a value prints, as the trigger functions pin them (their
@@ -42,6 +43,12 @@ NO_FSYNC_WAIT = ("synchronous_commit", "off")
 METRICS_STATEMENT_TIMEOUT = "5s"
 
 
+class InRecovery(psycopg.OperationalError):
+    """The server is a standby: it takes no writes, the listener's or the app's. After a
+    failover the URL may name the old primary's address until DNS or a virtual IP moves
+    (or name several hosts): a server down for the listener, which waits and retries."""
+
+
 @dataclass(frozen=True, slots=True)
 class Kind:
     """What one kind of session needs besides the URL, its name and connect_timeout."""
@@ -52,6 +59,9 @@ class Kind:
     # Startup options; the server's keepalives then go there too (with keepalives only).
     options: str = ""
     replication: bool = False  # replication=database: the walsender's protocol
+    # A session that writes: on a standby (in recovery) it is InRecovery, which the
+    # listener waits out as it does a server down.
+    writes: bool = False
 
     def __post_init__(self) -> None:
         if self.options and not self.keepalives:
@@ -64,9 +74,11 @@ class Kind:
 # with them the planner picks a bitmap scan that sorts the whole window for every chunk
 # (measured: 5x slower on a 100k-row window). (Turning sequential scans off as well was
 # measured to make latency 50x worse at p99.)
-LISTENER = Kind(keepalives=True, settings=(NO_FSYNC_WAIT, ("enable_bitmapscan", "off")))
+LISTENER = Kind(
+    keepalives=True, settings=(NO_FSYNC_WAIT, ("enable_bitmapscan", "off")), writes=True
+)
 # Logical mode's ordinary session beside the stream: slot state, dead letters, history.
-BOOKKEEPING = Kind(keepalives=True, settings=(NO_FSYNC_WAIT,))
+BOOKKEEPING = Kind(keepalives=True, settings=(NO_FSYNC_WAIT,), writes=True)
 # Logical mode's stream (START_REPLICATION).
 REPLICATION = Kind(keepalives=True, options=RENDER_OPTIONS, replication=True)
 # Short-lived sessions beside the listener (replay's identity watch): they hold nothing,
@@ -116,6 +128,8 @@ class PgConnector:
         if kind.keepalives and not kind.options:
             settings += keepalive.SET_SETTINGS.items()
         try:
+            if kind.writes:
+                _refuse_standby(conn)
             if settings:
                 # In one round trip: a standby connects again every poll_interval_ms.
                 conn.execute(
@@ -134,3 +148,13 @@ class PgConnector:
     def factory(self, kind: Kind) -> Callable[[], psycopg.Connection[Any]]:
         """A function that opens a session of this kind (for who reconnects at will)."""
         return partial(self.connect, kind)
+
+
+def _refuse_standby(conn: psycopg.Connection[Any]) -> None:
+    row = conn.execute(Q.IN_RECOVERY.sql).fetchone()
+    if row and row[0]:
+        raise InRecovery(
+            f"the server ({conn.info.host}:{conn.info.port}) is a standby, in recovery: "
+            "waiting for it to be promoted or for database_url to reach the primary (with "
+            "several hosts, target_session_attrs=read-write)"
+        )

@@ -72,6 +72,7 @@ class Q(enum.Enum):
 
     # --- logical mode: the listener ------------------------------------------------------
     SERVER_CLOCK = "server_clock.sql"
+    IN_RECOVERY = "in_recovery.sql"  # a listener's session on a standby waits
     PUBLISHED_RECORDED = "published_recorded.sql"
     LOGICAL_RESOLVE = "logical_resolve.sql"
     LOGICAL_RESOLVE_BY_NAME = "logical_resolve_by_name.sql"
