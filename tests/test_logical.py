@@ -31,6 +31,7 @@ from cdc_invalidator.capture.logical import CHASE_BYTES
 from cdc_invalidator.capture.pgoutput import NATIVE_WALKS
 from cdc_invalidator.capture.walstream import parse_lsn
 from cdc_invalidator.checks import Report, check_walks
+from cdc_invalidator.pg.queries import Q
 from tests.support.env import Env
 from tests.support.faults import blocked_on_redis
 from tests.support.listener import ListenerProcess, Spawn, check, cli, run_cli
@@ -1407,3 +1408,35 @@ def test_walsender_terminated_mid_batch_reconnects_and_loses_nothing(
     # The slot never heard of the batch held when its walsender died: it came again.
     (stopped,) = listener.logged("listener_stopped")
     assert stopped["events"] > n + 1
+
+
+def test_only_the_listener_streaming_the_slot_writes_its_position(env: Env) -> None:
+    """A listener stopped (a frozen VM) while another took the slot over, then resumed:
+    what it still had to save is older than the slot. Written, the next listener to take
+    the slot would read it as ahead of what was saved (changes missed: every table
+    swept), and a sweep owed by the other could be cleared. Both are written only while
+    the writer's walsender streams the slot."""
+    make_tables(env)
+    config = logical_config(env, USERS)
+    install(config)
+    state = "SELECT events_processed, resync_reason FROM cdc_invalidator.slot_state_v1"
+    with running(env, config):
+        query = "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s"
+        wait_until(lambda: env.scalar(query, [SLOT]) is not None, what="the slot streamed")
+        ours = env.scalar(query, [SLOT])
+        acked = env.scalar("SELECT acked_lsn::text FROM cdc_invalidator.slot_state_v1")
+        with env.connect() as conn:
+            before = conn.execute(state).fetchone()
+            assert before is not None
+            save = {"slot": SLOT, "lsn": acked, "events": 5}
+            conn.execute(Q.SAVE_ACK.sql, {**save, "walsender": ours + 1})
+            assert conn.execute(state).fetchone() == before, "not the slot's walsender"
+            conn.execute(Q.SAVE_ACK.sql, {**save, "walsender": ours})
+            assert conn.execute(state).fetchone() == (before[0] + 5, before[1])
+            conn.execute("UPDATE cdc_invalidator.slot_state_v1 SET resync_reason = 'lost'")
+            for walsender, reason in ((ours + 1, "lost"), (ours, "another")):
+                clear = {"slot": SLOT, "reason": reason, "walsender": walsender}
+                conn.execute(Q.CLEAR_RESYNC.sql, clear)
+                assert conn.execute(state).fetchone() == (before[0] + 5, "lost")
+            conn.execute(Q.CLEAR_RESYNC.sql, {"slot": SLOT, "reason": "lost", "walsender": ours})
+            assert conn.execute(state).fetchone() == (before[0] + 5, None)

@@ -546,8 +546,8 @@ class LogicalStream:
     def _resync_swept(self, tables: int, reason: str | None) -> None:
         """The sweep owed after missed changes is done: no longer owed."""
         self._side.execute(
-            Q.SET_RESYNC.sql,
-            {"slot": self._config.slot, "reason": None, "lsn": None},
+            Q.CLEAR_RESYNC.sql,
+            {"slot": self._config.slot, "reason": reason, "walsender": self._stream.walsender},
         )
         log.warning("missed_changes_swept", tables=tables, reason=reason)
 
@@ -1121,6 +1121,7 @@ class LogicalStream:
                     "slot": self._config.slot,
                     "lsn": format_lsn(target),
                     "events": self._unsaved_events,
+                    "walsender": self._stream.walsender,
                 },
             )
             self._persisted = target

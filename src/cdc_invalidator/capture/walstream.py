@@ -49,6 +49,12 @@ class WalStream:
         self._conn = conn
         self._pgconn = conn.pgconn
 
+    @property
+    def walsender(self) -> int:
+        """The process id of the walsender streaming to us: the slot's active_pid while
+        the slot is ours."""
+        return self._conn.info.backend_pid
+
     @classmethod
     def start(
         cls,

@@ -68,6 +68,7 @@ class Q(enum.Enum):
     DROP_SLOT = "drop_slot.sql"
     OUR_SLOT = "our_slot.sql"
     SET_RESYNC = "set_resync.sql"
+    CLEAR_RESYNC = "clear_resync.sql"
     CAN_REPLICATE = "can_replicate.sql"
 
     # --- logical mode: the listener ------------------------------------------------------
