@@ -44,6 +44,15 @@ def test_environment_wins_over_file(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert settings.database_url == "postgresql://app@db/app"
 
 
+def test_a_bad_value_from_the_environment_names_the_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file does not hold it: the message says where it came from."""
+    monkeypatch.setenv("CDC_INVALIDATOR_BATCH_SIZE", "abc")
+    with pytest.raises(ConfigError, match=r"batch_size: .* \(from CDC_INVALIDATOR_BATCH_SIZE\)"):
+        load_settings(_write(tmp_path, GOOD))
+
+
 def test_config_path_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CDC_INVALIDATOR_CONFIG", str(_write(tmp_path, GOOD)))
     assert load_settings(None).redis_url == "redis://cache:6379/0"
