@@ -489,6 +489,32 @@ def test_a_replay_reads_the_history_only_once_settled(env: Env) -> None:
     assert order == ["settle", "read"]
 
 
+def test_a_replay_refused_a_session_waits_for_the_next_check(env: Env) -> None:
+    """PostgreSQL refuses the watch's session (max_connections reached, say): the check
+    says so and returns, leaving the listener's own sessions alone (an error here closed
+    them, and every invalidation waited for a free connection); the next check replays."""
+    settings = load_settings(setup_users(env, rows=1, second_delete_ms=0))
+    with env.connect() as conn:
+        IdentityStore(conn).save("a server that is gone")
+    refused = [psycopg.OperationalError("FATAL: sorry, too many clients already")]
+
+    def connect() -> psycopg.Connection[Any]:
+        if refused:
+            raise refused.pop()
+        return env.connect()
+
+    watch = RedisWatch(
+        sink=RedisSink(env.redis()),
+        mapper=settings.mapper(),
+        history=mode_for(settings),
+        connect=connect,
+        window_s=60,
+        check_every_s=0.1,
+    )
+    assert watch.check(force=True) is None
+    assert watch.check(force=True) is not None, "replayed at the next check"
+
+
 # history_v1 refusing every INSERT as a full disk does (the connection stays usable).
 FULL_DISK = """
 CREATE FUNCTION full_disk() RETURNS trigger LANGUAGE plpgsql AS $$

@@ -83,7 +83,15 @@ class RedisWatch:
             return None
         reaches = self._durability.reaches(states, now, wall) if self._known is not None else []
         result = None
-        with self._connect() as conn:
+        try:
+            conn = self._connect()
+        except psycopg.OperationalError as exc:
+            # A session of its own (max_connections reached, say): the replay waits for
+            # the next check, and the batches go on meanwhile, on the listener's sessions,
+            # which an error here would have closed.
+            log.warning("redis_check_deferred", error=f"{type(exc).__name__}: {exc}")
+            return None
+        with conn:
             store = IdentityStore(conn)
             saved = store.load()
             if saved is None or saved[0] == identity:
