@@ -7,13 +7,17 @@ from __future__ import annotations
 import pytest
 
 from cdc_invalidator.capture.logical import GATHER_AFTER
+from tests.support.config import write_config
 from tests.support.env import Env
 from tests.support.faults import Written, acknowledged, setup_users, write
 from tests.support.listener import ListenerProcess, Spawn, run_cli, stop_listener
+from tests.support.servers import RedisServer
 from tests.support.tail import LINE, StartedTails, Tail, channel_of, subscribers
 from tests.support.waits import wait_until
 
 pytestmark = [pytest.mark.servers, pytest.mark.usefixtures("capture")]
+
+RIGHT = "right-one"  # a test server's password
 
 
 def test_tail_prints_each_invalidation_while_the_listener_consumes(
@@ -244,3 +248,23 @@ def test_tail_shows_each_row_of_a_multi_row_statement(
         assert lines[k] == [f"user:{k}", f"user:email:p{k}", f"user:email:u{k}@x"]
     assert tail.interrupt() == 0, tail.stderr()
     stop_listener(listener)
+
+
+@pytest.mark.parametrize("capture", ["trigger"])  # (Redis alone)
+def test_a_password_redis_refuses_ends_tail_with_the_error(env: Env) -> None:
+    """The listener waits for a password being fixed; a command run by hand says so at
+    once, instead of subscribing again every second for good."""
+    locked = RedisServer.create()
+    with locked:
+        locked.client().config_set("requirepass", RIGHT)
+        config = write_config(
+            env.tmp_path / "wrong.toml",
+            database_url=env.dsn,
+            redis_url=f"redis://:wrong-one@127.0.0.1:{locked.port}/0",
+            tables={"public.users": ["user:{id}"]},
+        )
+        done = run_cli("tail", "--config", str(config))
+        locked.client(password=RIGHT).config_set("requirepass", "")  # (to stop it)
+    assert done.returncode == 1
+    assert "Redis: AuthenticationError" in done.stderr
+    assert "wrong-one" not in done.stdout + done.stderr

@@ -10,6 +10,7 @@ from cdc_invalidator.sink.cluster_sink import ClusterSink
 from cdc_invalidator.sink.connect import RedisOptions, url_db
 from cdc_invalidator.sink.protocol import (
     REDIS_ERRORS,
+    REDIS_REFUSED,
     REDIS_UNAVAILABLE,
     Persistence,
     ServerState,
@@ -21,6 +22,7 @@ from cdc_invalidator.sink.redis_sink import RedisSink
 
 __all__ = [
     "REDIS_ERRORS",
+    "REDIS_REFUSED",
     "REDIS_UNAVAILABLE",
     "AutoSink",
     "ClusterSink",

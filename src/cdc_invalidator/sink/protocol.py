@@ -34,6 +34,13 @@ REDIS_UNAVAILABLE: tuple[type[Exception], ...] = (
     RedisClusterException,
 )
 
+# Among those, Redis refusing who we are or what we may do: the listener waits (a secret
+# or an ACL being fixed); a command run by hand says so at once.
+REDIS_REFUSED: tuple[type[Exception], ...] = (
+    redis.AuthenticationError,
+    redis.exceptions.NoPermissionError,
+)
+
 # Everything a sink can raise from Redis or redis-py (REDIS_UNAVAILABLE and the rest):
 # what a command that talks to Redis once ends with, in one line.
 REDIS_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, RedisClusterException)
