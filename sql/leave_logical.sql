@@ -1,18 +1,22 @@
 -- Logical capture's objects, if this database had them: the publication goes, and tables
 -- whose REPLICA IDENTITY install set to FULL get their old identity back. (The slot is
 -- dropped after this transaction: that cannot run inside one that has written.)
-DROP PUBLICATION IF EXISTS {publication};
 DO $leave$
 BEGIN
     -- The DDL guard only serves logical capture (and only a superuser made it, and may
     -- drop it; left behind, it does nothing without the publication, and goes with the
-    -- schema on uninstall).
+    -- schema on uninstall). First: it refuses a DROP PUBLICATION of ours.
     IF EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'cdc_invalidator_guard')
        AND (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
         DROP EVENT TRIGGER cdc_invalidator_guard;
     END IF;
+END
+$leave$;
+DROP PUBLICATION IF EXISTS {publication};
+DO $leave_identity$
+BEGIN
     IF to_regprocedure('cdc_invalidator.restore_replica_identity(regclass[])') IS NOT NULL THEN
         PERFORM cdc_invalidator.restore_replica_identity('{{}}');
     END IF;
 END
-$leave$;
+$leave_identity$;

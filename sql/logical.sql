@@ -326,47 +326,102 @@ $list$;
 
 -- publication_drift_v1(): how the publication of the configured tables (published_v1)
 -- differs from what install made it, in a way that leaves changes unpublished (and so
--- their keys cached): publish options without one of insert, update, delete, truncate;
--- publish_via_partition_root (no TRUNCATE of a partition is published then); a
--- configured table taken out of it, or given a row filter, or a column list without
--- its key columns. NULL when none (or when the publication is gone, which the listener
--- and `check` say on their own).
+-- their keys cached), or fails writes: publish options without one of insert, update,
+-- delete, truncate; publish_via_partition_root (no TRUNCATE of a partition is published
+-- then); a configured table taken out of it; a row filter, or a column list without
+-- the key columns, on a configured table or on one of its partitions (published under
+-- its own name, with its own filter); a column list that does not cover the table's
+-- replica identity (its UPDATEs and DELETEs fail). NULL when none, or when the
+-- publication is gone (the guard refuses that on its own; `check` and the listener say
+-- so).
 CREATE OR REPLACE FUNCTION cdc_invalidator.publication_drift_v1()
 RETURNS text
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
 AS $drift$
-    SELECT d.problem FROM (
-        SELECT CASE
-            WHEN NOT (pub.pubinsert AND pub.pubupdate AND pub.pubdelete AND pub.pubtruncate)
-                THEN format('publication %I publishes only %s', pub.pubname, coalesce(
-                    nullif(concat_ws(', ', CASE WHEN pub.pubinsert THEN 'insert' END,
-                                     CASE WHEN pub.pubupdate THEN 'update' END,
-                                     CASE WHEN pub.pubdelete THEN 'delete' END,
-                                     CASE WHEN pub.pubtruncate THEN 'truncate' END), ''),
-                    'nothing'))
-            WHEN pub.pubviaroot
-                THEN format('publication %I publishes through partition roots '
-                            '(publish_via_partition_root), and so no TRUNCATE of a partition',
-                            pub.pubname)
-            WHEN pr.oid IS NULL
-                THEN format('table %s was taken out of publication %I', p.relid, pub.pubname)
-            WHEN pr.prqual IS NOT NULL
-                THEN format('publication %I publishes only the rows of table %s that its row '
-                            'filter keeps', pub.pubname, p.relid)
-            WHEN pr.prattrs IS NOT NULL
-                 AND NOT (array_remove(p.attnums, NULL) <@ pr.prattrs::int2[])
-                THEN format('the column list of table %s in publication %I leaves out key '
-                            'columns', p.relid, pub.pubname)
-        END AS problem
+    WITH ours AS (
+        SELECT p.relid::oid AS root, pub.*,
+               ARRAY(SELECT a.attname FROM pg_attribute a
+                     WHERE a.attrelid = p.relid AND a.attnum = ANY (p.attnums)) AS key_names
         FROM cdc_invalidator.published_v1 p
         JOIN pg_class c ON c.oid = p.relid
         JOIN pg_publication pub ON pub.pubname = p.publication
-        LEFT JOIN pg_publication_rel pr ON pr.prpubid = pub.oid AND pr.prrelid = p.relid
+    ), rels AS (
+        -- Each configured table and each of its partitions, with our publication's row
+        -- for it (if any), and its key columns' numbers in it (a partition may number
+        -- them otherwise).
+        SELECT o.*, t.rel, t.rel = o.root AS is_root, pr.oid AS prid, pr.prqual,
+               pr.prattrs::int2[] AS prattrs,
+               ARRAY(SELECT a.attnum FROM pg_attribute a
+                     WHERE a.attrelid = t.rel AND a.attname = ANY (o.key_names)) AS key_attnums
+        FROM ours o
+        CROSS JOIN LATERAL (SELECT o.root AS rel
+                            UNION SELECT pt.relid FROM pg_partition_tree(o.root) pt) t
+        LEFT JOIN pg_publication_rel pr ON pr.prpubid = o.oid AND pr.prrelid = t.rel
+    )
+    SELECT d.problem FROM (
+        SELECT CASE
+            WHEN NOT (r.pubinsert AND r.pubupdate AND r.pubdelete AND r.pubtruncate)
+                THEN format('publication %I publishes only %s', r.pubname, coalesce(
+                    nullif(concat_ws(', ', CASE WHEN r.pubinsert THEN 'insert' END,
+                                     CASE WHEN r.pubupdate THEN 'update' END,
+                                     CASE WHEN r.pubdelete THEN 'delete' END,
+                                     CASE WHEN r.pubtruncate THEN 'truncate' END), ''),
+                    'nothing'))
+            WHEN r.pubviaroot
+                THEN format('publication %I publishes through partition roots '
+                            '(publish_via_partition_root), and so no TRUNCATE of a partition',
+                            r.pubname)
+            WHEN r.is_root AND r.prid IS NULL
+                THEN format('table %s was taken out of publication %I', r.rel::regclass, r.pubname)
+            WHEN r.prqual IS NOT NULL
+                THEN format('publication %I publishes only the rows of table %s that its row '
+                            'filter keeps', r.pubname, r.rel::regclass)
+            WHEN r.prattrs IS NOT NULL AND NOT (r.key_attnums <@ r.prattrs)
+                THEN format('the column list of table %s in publication %I leaves out key '
+                            'columns', r.rel::regclass, r.pubname)
+            WHEN r.prattrs IS NOT NULL AND EXISTS (
+                    SELECT FROM pg_class cl WHERE cl.oid = r.rel AND (
+                        (cl.relreplident = 'f' AND EXISTS (
+                            SELECT FROM pg_attribute a
+                            WHERE a.attrelid = r.rel AND a.attnum > 0 AND NOT a.attisdropped
+                              AND a.attnum <> ALL (r.prattrs)))
+                        OR EXISTS (
+                            SELECT FROM pg_index i, unnest(i.indkey::int2[]) k (attnum)
+                            WHERE i.indrelid = r.rel AND k.attnum <> ALL (r.prattrs)
+                              AND ((cl.relreplident = 'd' AND i.indisprimary)
+                                   OR (cl.relreplident = 'i' AND i.indisreplident)))))
+                THEN format('the column list of table %s in publication %I does not cover its '
+                            'replica identity: its UPDATEs and DELETEs fail', r.rel::regclass,
+                            r.pubname)
+        END AS problem
+        FROM rels r
     ) d
     WHERE d.problem IS NOT NULL
     ORDER BY 1
     LIMIT 1
 $drift$;
+
+-- publication_touched_v1(): whether the command this event trigger fires for may have
+-- changed a publication of ours: it names one, or names nothing (DROP PUBLICATION,
+-- ALTER PUBLICATION ... DROP TABLE name no object), or ours no longer exists under its
+-- name (renamed, dropped). A command that names only other publications is none of ours.
+CREATE OR REPLACE FUNCTION cdc_invalidator.publication_touched_v1()
+RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $touched$
+    SELECT NOT EXISTS (SELECT FROM pg_event_trigger_ddl_commands())
+        OR EXISTS (SELECT FROM cdc_invalidator.published_v1 p
+                   WHERE NOT EXISTS (SELECT FROM pg_publication pub
+                                     WHERE pub.pubname = p.publication))
+        OR EXISTS (
+            SELECT FROM pg_event_trigger_ddl_commands() d
+            LEFT JOIN pg_publication_rel pr
+              ON d.classid = 'pg_catalog.pg_publication_rel'::regclass AND pr.oid = d.objid
+            JOIN pg_publication pub
+              ON pub.oid = CASE WHEN d.classid = 'pg_catalog.pg_publication'::regclass
+                                THEN d.objid ELSE pr.prpubid END
+            WHERE pub.pubname IN (SELECT p.publication FROM cdc_invalidator.published_v1 p))
+$touched$;
 
 -- ddl_guard(): after each ALTER TABLE or CREATE TABLE in this database, keep every
 -- configured table publishable without breaking a write, or refuse the DDL:
@@ -380,8 +435,10 @@ $drift$;
 --     with them (a list must cover the identity, or UPDATE and DELETE fail): whole for
 --     REPLICA IDENTITY FULL, with the new columns after a wider primary key or identity
 --     index.
--- And after each ALTER PUBLICATION, refuse one that leaves changes of the configured
--- tables unpublished (publication_drift_v1()): the publication follows the configuration.
+-- And after each ALTER, CREATE or DROP PUBLICATION that may touch ours
+-- (publication_touched_v1()), refuse one that leaves changes of the configured tables
+-- unpublished, or fails their writes (publication_drift_v1()), or renames or drops ours:
+-- the publication follows the configuration.
 -- Its work is our own catalog look-ups: no cost to writes. install marks its own
 -- transaction (installing_v1(), schema.sql), where it does all this itself.
 -- It fires for every role's ALTER TABLE and CREATE TABLE (temporary tables included), so
@@ -402,8 +459,18 @@ BEGIN
     IF cdc_invalidator.installing_v1() THEN
         RETURN;
     END IF;
-    IF TG_TAG = 'ALTER PUBLICATION' THEN
-        drift := cdc_invalidator.publication_drift_v1();
+    IF TG_TAG IN ('ALTER PUBLICATION', 'CREATE PUBLICATION', 'DROP PUBLICATION') THEN
+        IF NOT cdc_invalidator.publication_touched_v1() THEN
+            RETURN;
+        END IF;
+        -- Renamed or dropped: the slot cannot decode past this command (PostgreSQL reads
+        -- the catalog as it was then), so every change after it would wait for good.
+        SELECT format('publication %I would no longer exist, and logical capture would '
+                      'stop at this command', p.publication) INTO drift
+        FROM cdc_invalidator.published_v1 p
+        WHERE NOT EXISTS (SELECT FROM pg_publication pub WHERE pub.pubname = p.publication)
+        LIMIT 1;
+        drift := coalesce(drift, cdc_invalidator.publication_drift_v1());
         IF drift IS NOT NULL THEN
             RAISE EXCEPTION 'cdc_invalidator: % after this: the changes it would not publish '
                 'would not invalidate the cache', drift
@@ -482,12 +549,13 @@ BEGIN
         -- (made by an earlier release without ALTER PUBLICATION: made again)
         IF EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'cdc_invalidator_guard'
                      AND evttags IS DISTINCT FROM ARRAY['ALTER TABLE', 'CREATE TABLE',
-                                                        'ALTER PUBLICATION']) THEN
+                         'ALTER PUBLICATION', 'CREATE PUBLICATION', 'DROP PUBLICATION']) THEN
             DROP EVENT TRIGGER cdc_invalidator_guard;
         END IF;
         IF NOT EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'cdc_invalidator_guard') THEN
             CREATE EVENT TRIGGER cdc_invalidator_guard ON ddl_command_end
-                WHEN TAG IN ('ALTER TABLE', 'CREATE TABLE', 'ALTER PUBLICATION')
+                WHEN TAG IN ('ALTER TABLE', 'CREATE TABLE', 'ALTER PUBLICATION',
+                             'CREATE PUBLICATION', 'DROP PUBLICATION')
                 EXECUTE FUNCTION cdc_invalidator.ddl_guard();
         END IF;
         IF (SELECT evtenabled FROM pg_event_trigger WHERE evtname = 'cdc_invalidator_guard') <> 'A' THEN

@@ -637,8 +637,8 @@ $alike$;
 
 -- prints_bytea_v1(type): whether a value of this type may print a bytea (bytea itself,
 -- or an array, composite, range or any type an extension brings, which may hold one),
--- whose text bytea_output sets; false for the other built-in types. A domain prints as
--- its base type.
+-- whose text bytea_output sets; false for the other built-in types and for enums. A
+-- domain prints as its base type.
 CREATE OR REPLACE FUNCTION cdc_invalidator.prints_bytea_v1(typ oid)
 RETURNS boolean
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
@@ -649,8 +649,8 @@ AS $bytea$
         SELECT t.oid, t.typtype, t.typbasetype, t.typcategory
         FROM chain c JOIN pg_type t ON t.oid = c.typbasetype
         WHERE c.typtype = 'd')
-    SELECT coalesce(bool_or(c.oid = 'bytea'::regtype OR c.typtype <> 'b' OR c.oid >= 16384
-                            OR c.typcategory = 'A'), true)
+    SELECT coalesce(bool_or(c.oid = 'bytea'::regtype OR c.typtype NOT IN ('b', 'e')
+                            OR (c.oid >= 16384 AND c.typtype <> 'e') OR c.typcategory = 'A'), true)
     FROM chain c WHERE c.typtype <> 'd'
 $bytea$;
 

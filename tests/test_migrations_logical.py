@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from tests.support.env import Env
-from tests.support.listener import Spawn, check
+from tests.support.listener import Spawn, check, cli
 from tests.support.logical import (
     ORDERS,
     USERS,
@@ -218,22 +218,47 @@ def test_dropping_a_listed_key_column_is_refused_naming_cdc_invalidator(env: Env
     [
         "SET (publish = 'insert')",
         "SET (publish_via_partition_root = true)",
-        "SET TABLE users WHERE (id < 50), orders",
+        "SET TABLE users WHERE (id < 50), orders, part",
         "DROP TABLE users",
-        "SET TABLE users (email), orders",
+        "SET TABLE users (email), orders, part",
+        # (every key column, but not the FULL identity: UPDATE and DELETE would fail)
+        "SET TABLE users (id, email), orders, part",
+        "ADD TABLE part_1 WHERE (id < 5)",  # a partition, published under its own name
+        "RENAME TO other_name",  # decoding would stop at the rename
     ],
 )
 def test_altering_our_publication_is_refused(env: Env, alter: str) -> None:
     """What the publication no longer publishes is not captured, and nothing says so:
     the guard refuses it, as install made it (another publication is nobody's care)."""
     make_tables(env)
-    install(logical_config(env, {**USERS, **ORDERS}))
-    with pytest.raises(psycopg.errors.ObjectInUse, match="would not invalidate the cache"):
+    env.sql(
+        "CREATE TABLE part (id int PRIMARY KEY) PARTITION BY RANGE (id);"
+        "CREATE TABLE part_1 PARTITION OF part FOR VALUES FROM (0) TO (100)"
+    )
+    install(logical_config(env, {**USERS, **ORDERS, "public.part": ["part:{id}"]}))
+    with pytest.raises(psycopg.errors.ObjectInUse, match=r"cdc_invalidator: .* after this"):
         env.sql(f"ALTER PUBLICATION cdc_invalidator {alter}")
     env.sql(
         "CREATE PUBLICATION other FOR TABLE users; ALTER PUBLICATION other SET (publish = 'insert')"
     )
     env.sql("DROP PUBLICATION other")
+
+
+def test_dropping_our_publication_is_refused(env: Env) -> None:
+    """Decoding stops for good at a DROP PUBLICATION of the one the slot streams (even if
+    made again in the same transaction): refused. uninstall still removes it."""
+    make_tables(env)
+    config = logical_config(env, USERS)
+    install(config)
+    for ddl in (
+        "DROP PUBLICATION cdc_invalidator",
+        "BEGIN; DROP PUBLICATION cdc_invalidator;"
+        " CREATE PUBLICATION cdc_invalidator FOR TABLE users WHERE (id < 50); COMMIT",
+    ):
+        with pytest.raises(psycopg.errors.ObjectInUse, match="would no longer exist"):
+            env.sql(ddl)
+    assert cli("uninstall", "--config", config) == 0
+    assert env.scalar("SELECT count(*) FROM pg_publication") == 0
 
 
 def test_a_publication_changed_without_the_guard_is_reported_then_swept_by_install(

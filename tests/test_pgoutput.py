@@ -191,7 +191,8 @@ def test_a_key_column_the_table_lacks_makes_each_change_a_sweep_told_once() -> N
     # Its keys cannot be rendered: a sweep of the table's templates, as for TRUNCATE.
     reason = {
         Kind.UNRENDERABLE: "key columns nickname of public.users are not in it (dropped since, "
-        "or generated columns, which PostgreSQL sends from version 18 on)"
+        "or generated columns, which PostgreSQL sends from version 18 on), or are of a type "
+        "dropped since"
     }
     assert [(e.table, e.op, e.old, e.new) for e in got] == [(USERS, Op.TRUNCATE, None, reason)] * 2
     assert [e.position for e in got] == [1, 2]
@@ -906,6 +907,23 @@ def test_values_whose_text_cast_differs_are_cast_by_every_walk() -> None:
         )
         assert decoder.decode(relation) is None
         assert [decoder.decode(m) for m in msgs] == expected, (compiled, native)
+
+
+def test_a_key_column_of_a_type_dropped_since_is_swept_not_guessed() -> None:
+    """A change decoded after its column's domain was dropped (retyped first): whether
+    that domain was over a type cast otherwise is not known. Swept, not rendered."""
+    cols = b"".join(b"\x01" + n + b"\x00" + struct.pack("!Ii", oid, -1) for n, oid in CASTS_TYPES)
+    relation = b"R" + struct.pack("!I", CASTS_RELID) + b"public\x00hosts\x00f\x00\x05" + cols
+    insert = b"I" + struct.pack("!I", CASTS_RELID) + b"N"
+    insert += tuple_data(b"f", b"ab   ", b"10.0.0.1", b"t", b"1")
+    wanted = columns({CASTS: [n.decode() for n, _ in CASTS_TYPES]})
+    decoder = Decoder(by_name(wanted), base_types=lambda _types: {})
+    decoder.decode(relation)
+    event = decoder.decode(insert)
+    assert isinstance(event, ChangeEvent)
+    assert event.op is Op.TRUNCATE
+    assert "key columns ok of public.hosts" in str(event.new)
+    assert "of a type dropped since" in str(event.new)
 
 
 @pytest.mark.parametrize(

@@ -243,6 +243,7 @@ class Decoder:
         self._compiled = compiled
         self._base_types = base_types
         self._bases: dict[int, int] = {}  # a domain's base type (which never changes)
+        self._dropped: set[int] = set()  # types the catalog no longer has
         self._native = native
         self._resolve = resolve
         self._on_missing_old = on_missing_old
@@ -342,7 +343,8 @@ class Decoder:
             names = {} if resolved.unsure else resolved.names
             at = {c: index.get(names.get(c, "")) for c in resolved.columns}
             wanted = tuple((c, i) for c, i in at.items() if i is not None)
-            missing = tuple(c for c, i in at.items() if i is None)
+            # (and a key column of a type dropped since: how it prints is not known)
+            missing = tuple(c for c, i in at.items() if i is None) + self._untyped(wanted, types)
             if resolved.column_filter is not None and not missing:
                 judged_at = _counted(resolved.column_filter, tuple(columns), {i for _, i in wanted})
         identity_at = {i for i, c in enumerate(columns) if c in identity_columns}
@@ -373,14 +375,24 @@ class Decoder:
         if missing and self._on_unrenderable is not None:
             self._on_unrenderable(relation)
 
+    def _untyped(self, wanted: tuple[tuple[str, int], ...], types: list[int]) -> tuple[str, ...]:
+        """The wanted columns of a type not built in that the catalog no longer has (a
+        domain dropped since the change: it may have been over a type cast otherwise).
+        Asks the catalog the base type of those not asked before."""
+        if self._base_types is None:
+            return ()
+        unknown = {t for _, i in wanted if (t := types[i]) >= FIRST_NORMAL_OID} - self._bases.keys()
+        if unknown:
+            found = self._base_types(unknown)
+            self._bases.update(found)
+            self._dropped |= unknown - found.keys()
+        return tuple(c for c, i in wanted if types[i] in self._dropped)
+
     def _casts(
         self, wanted: tuple[tuple[str, int], ...], types: list[int]
     ) -> dict[str, Callable[[str], str]]:
         """The wanted columns whose type (a domain's: its base type) has a text cast of
-        its own, with that cast."""
-        unknown = {t for _, i in wanted if (t := types[i]) >= FIRST_NORMAL_OID} - self._bases.keys()
-        if unknown and self._base_types is not None:
-            self._bases.update(self._base_types(unknown))
+        its own, with that cast (_untyped() asked the catalog first)."""
         return {
             c: to_text
             for c, i in wanted
@@ -399,7 +411,7 @@ class Decoder:
                 "columns' now: which column is which is not certain"
                 if relation.unsure
                 else "are not in it (dropped since, or generated columns, which PostgreSQL "
-                "sends from version 18 on)"
+                "sends from version 18 on), or are of a type dropped since"
             )
         }
         return ChangeEvent(relation.table, Op.TRUNCATE, None, reason, self.position)
