@@ -101,3 +101,16 @@ def test_a_promoted_replica_reaches_back_to_the_last_offset_it_holds() -> None:
     assert reach(d, behind, 25) == pytest.approx(UNKNOWN_PERSISTENCE_S - MARGIN_S)
     # A master never seen (the listener started after): the settings' window stands.
     assert reach(d, replace(promoted, replid2="other"), 25) == 0
+
+
+def test_a_restarted_master_that_had_a_replica_reaches_back_to_its_dump() -> None:
+    """A master with a replica saves its replid and offset in its dump, and once
+    restarted reports them as a promoted replica does (master_replid2,
+    second_repl_offset): its dump is what it loaded all the same."""
+    d = Durability()
+    observe(d, replace(RDB, offset=100), 0)
+    observe(d, replace(RDB, offset=900, unsaved=5), 7200)  # 2 h of failing snapshots
+    restarted = replace(
+        RDB, run_id="b", replid="rb", replid2="ra", second_offset=101, saves=0, loaded_keys=7
+    )
+    assert reach(d, restarted, 7210) == pytest.approx(7210)

@@ -37,6 +37,8 @@ from cdc_invalidator.sink import ServerState
 # How long replication offsets are kept: a promoted replica that lagged longer is
 # assumed to have lagged this long.
 KEEP_S = UNKNOWN_PERSISTENCE_S
+# How many replids are remembered beyond that (a few change per failover or restart).
+REPLIDS_KEPT = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +60,8 @@ class Durability:
         # (monotonic time last seen, replid, offset) of each master, in time order; the
         # last entry of an offset that stands still is moved to the latest check.
         self._offsets: deque[tuple[float, str, int]] = deque()
+        # The replids seen, longer than their offsets are kept (the newest REPLIDS_KEPT).
+        self._replids: deque[str] = deque(maxlen=REPLIDS_KEPT)
 
     def observe(self, states: Sequence[ServerState], mono: float, wall: float) -> None:
         """Record what the servers said at a check (after reaches(), on a change)."""
@@ -66,6 +70,8 @@ class Durability:
         self._durable = {i: d for i, d in self._durable.items() if i in seen} | durable
         for s in states:
             self._offset(mono, s.replid, s.offset)
+            if s.replid not in self._replids:
+                self._replids.append(s.replid)
         while self._offsets and self._offsets[0][0] < mono - KEEP_S:
             self._offsets.popleft()
 
@@ -79,10 +85,11 @@ class Durability:
         if gone:
             self._carried = durable
         out: list[Reach] = []
-        # Restarted servers (not promoted ones); one that loaded no keys brought nothing
-        # back from disk.
-        restarted = [s for s in states if s.identity not in self._durable and s.second_offset < 0]
-        if durable is not None and any(s.loaded_keys != 0 for s in restarted):
+        # The new servers: restarted ones loaded a dump (a master with a replica reports
+        # the dump's replid and offset as a promoted replica does: both reaches apply,
+        # the further wins); one that loaded no keys and keeps no AOF brought nothing back.
+        new = [s for s in states if s.identity not in self._durable]
+        if durable is not None and any(s.aof or s.loaded_keys != 0 for s in new):
             out.append(
                 Reach(
                     wall - durable + MARGIN_S,
@@ -119,6 +126,13 @@ class Durability:
         last check that saw it at an offset the replica holds (below second_offset)."""
         mine = [(t, offset) for t, replid, offset in self._offsets if replid == s.replid2]
         if not mine:
+            if s.replid2 in self._replids:  # seen longer ago than the offsets kept
+                return Reach(
+                    UNKNOWN_PERSISTENCE_S,
+                    "a replica promoted, or a server restarted, from a history last seen "
+                    f"more than {format_duration(KEEP_S)} ago: assumed "
+                    f"{format_duration(UNKNOWN_PERSISTENCE_S)}",
+                )
             return None  # not a master we saw: the settings' window stands
         held = [t for t, offset in mine if offset < s.second_offset]
         if held:
