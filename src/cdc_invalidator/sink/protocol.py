@@ -80,9 +80,10 @@ class ServerState:
     master: bool  # role: master (a replica takes no deletes, or keeps them to itself)
     replid: str  # master_replid
     offset: int  # master_repl_offset: how far its replication stream has gone
-    # After a promotion: the history it continued (the old master's replid) and the
-    # offset where its own began (second_repl_offset; -1: none). It holds the old
-    # master's writes before that offset, and none after.
+    # After a promotion (or a restart from a dump a master with replicas saved): the
+    # history it continued (master_replid2) and the offset where its own began
+    # (second_repl_offset; -1: none). It holds that history's writes before that offset,
+    # and none after.
     replid2: str
     second_offset: int
     aof: bool  # aof_enabled
