@@ -3,14 +3,17 @@ and the metrics session's statement_timeout against a database that hangs."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
+import time
 from typing import Any
 
 import psycopg
 import pytest
 
 from cdc_invalidator.cli import main
-from cdc_invalidator.metrics import BacklogCollector
+from cdc_invalidator.metrics import READING_WAIT_S, BacklogCollector
 from cdc_invalidator.modes.trigger import TriggerMode
 from cdc_invalidator.pg.connect import (
     BOOKKEEPING,
@@ -25,6 +28,7 @@ from cdc_invalidator.pg.connect import (
 from cdc_invalidator.settings import load_settings
 from tests.support.config import write_config
 from tests.support.env import Env
+from tests.support.waits import wait_until
 
 KEEPALIVES = {
     "tcp_keepalives_idle": "1",
@@ -159,4 +163,37 @@ def test_a_hung_database_fails_the_metrics_reading_instead_of_holding_it(env: En
     now[0] += 60
     seen = read(backlog)
     assert (seen["cdc_invalidator_status_up"], seen["cdc_invalidator_backlog_events"]) == (1, 0)
+    backlog.close()
+
+
+@pytest.mark.servers
+def test_a_database_that_does_not_answer_holds_no_scrape(env: Env) -> None:
+    """Its backend stopped (a frozen process, a pooler out of connections): no
+    statement_timeout fires. The scrape answers without the figures after
+    READING_WAIT_S, the reading goes on behind it, and the next scrape after it
+    answered has them again."""
+    env.sql("CREATE TABLE users (id int PRIMARY KEY)")
+    config = write_config(
+        env.tmp_path / "config.toml",
+        database_url=env.dsn,
+        redis_url=env.redis_url,
+        tables={"public.users": ["user:{id}"]},
+    )
+    assert main(["install", "--config", str(config)]) == 0
+    pg = PgConnector(env.dsn, application_name="app", connect_timeout_s=1)
+    now = [0.0]
+    backlog = BacklogCollector(
+        pg.factory(METRICS), TriggerMode(load_settings(config)), clock=lambda: now[0]
+    )
+    assert read(backlog)["cdc_invalidator_status_up"] == 1  # its session opened
+    pid = env.scalar("SELECT pid FROM pg_stat_activity WHERE application_name = 'app-metrics'")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        now[0] += 60
+        started = time.monotonic()
+        assert read(backlog)["cdc_invalidator_status_up"] == 0
+        assert time.monotonic() - started < READING_WAIT_S + 2
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    wait_until(lambda: read(backlog)["cdc_invalidator_status_up"] == 1, what="the figures")
     backlog.close()

@@ -140,8 +140,9 @@ class Metrics:
 # A scrape within this of the last reading gets its figures again: several Prometheus
 # servers, or a person with curl, cost the database one round of queries per interval.
 FIGURES_MAX_AGE_S = 1.0
-# How long a scrape waits for another one's reading before it answers without figures
-# (status_up 0): scrapes never pile up behind a reading that hangs.
+# How long a scrape waits for the reading before it answers without figures (status_up
+# 0): scrapes never pile up behind a reading that hangs, nor wait on it themselves (a
+# server that does not answer at all: a backend stopped, a pooler out of connections).
 READING_WAIT_S = 5.0
 
 # (name without the prefix, help, value)
@@ -157,8 +158,9 @@ class DatabaseFigures(Protocol):
 class BacklogCollector(Collector):
     """Backlog (trigger mode) or slot lag (logical mode), read at scrape time.
 
-    Scrapes come from the probe server's threads: one lock guards the connection and the
-    cached figures, so there is at most one round of queries at a time.
+    Scrapes come from the probe server's threads. The queries run in a thread of their
+    own, one round at a time, which alone uses the connection; a scrape waits for it
+    READING_WAIT_S at most. A lock guards the cached figures and that thread's handle.
     """
 
     def __init__(
@@ -174,11 +176,14 @@ class BacklogCollector(Collector):
         self._max_age_s = max_age_s
         self._clock = clock
         self._lock = threading.Lock()
-        # Under the lock: the connection, the last reading (None: it failed), when it was
-        # taken, and whether the figures could be read last time (for one log line per change).
-        self._conn: psycopg.Connection[Any] | None = None
+        # Under the lock: the last reading (None: it failed), when it was taken, and the
+        # thread taking the next one (None: none running).
         self._figures: Figures | None = None
         self._read_at: float | None = None
+        self._reading: threading.Thread | None = None
+        # The reading thread's own: its connection, and whether the figures could be read
+        # last time (for one log line per change).
+        self._conn: psycopg.Connection[Any] | None = None
         self._readable: bool | None = None
 
     def describe(self) -> list[GaugeMetricFamily]:
@@ -197,15 +202,25 @@ class BacklogCollector(Collector):
             yield family
 
     def _current(self) -> Figures | None:
-        if not self._lock.acquire(timeout=READING_WAIT_S):
+        with self._lock:
+            if self._read_at is not None and self._clock() - self._read_at < self._max_age_s:
+                return self._figures
+            if self._reading is None:
+                self._reading = threading.Thread(
+                    target=self._refresh, name="cdc-invalidator-metrics-reading", daemon=True
+                )
+                self._reading.start()
+            reading = self._reading
+        reading.join(READING_WAIT_S)
+        if reading.is_alive():
             return None
-        try:
-            if self._read_at is None or self._clock() - self._read_at >= self._max_age_s:
-                self._figures = self._read_logged()
-                self._read_at = self._clock()
+        with self._lock:
             return self._figures
-        finally:
-            self._lock.release()
+
+    def _refresh(self) -> None:
+        figures = self._read_logged()
+        with self._lock:
+            self._figures, self._read_at, self._reading = figures, self._clock(), None
 
     def _read_logged(self) -> Figures | None:
         try:
@@ -230,12 +245,13 @@ class BacklogCollector(Collector):
         return self._mode.figures(self._conn)
 
     def close(self) -> None:
-        # Never under a reading in another thread; one that hangs is left to the exit.
-        if not self._lock.acquire(timeout=READING_WAIT_S):
-            return
-        try:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-        finally:
-            self._lock.release()
+        # Never under a reading; one that hangs is left to the exit (a daemon thread).
+        with self._lock:
+            reading = self._reading
+        if reading is not None:
+            reading.join(READING_WAIT_S)
+            if reading.is_alive():
+                return
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
