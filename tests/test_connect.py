@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -126,8 +127,9 @@ def read(backlog: BacklogCollector) -> dict[str, float]:
     return {family.name: family.samples[0].value for family in backlog.collect()}
 
 
-@pytest.mark.servers
-def test_a_hung_database_fails_the_metrics_reading_instead_of_holding_it(env: Env) -> None:
+def installed_collector(env: Env, clock: Callable[[], float]) -> BacklogCollector:
+    """The metrics' database figures of an installed users table, on a session
+    application_name app-metrics, timed by `clock`."""
     env.sql("CREATE TABLE users (id int PRIMARY KEY)")
     config = write_config(
         env.tmp_path / "config.toml",
@@ -137,10 +139,13 @@ def test_a_hung_database_fails_the_metrics_reading_instead_of_holding_it(env: En
     )
     assert main(["install", "--config", str(config)]) == 0
     pg = PgConnector(env.dsn, application_name="app", connect_timeout_s=1)
+    return BacklogCollector(pg.factory(METRICS), TriggerMode(load_settings(config)), clock=clock)
+
+
+@pytest.mark.servers
+def test_a_hung_database_fails_the_metrics_reading_instead_of_holding_it(env: Env) -> None:
     now = [0.0]
-    backlog = BacklogCollector(
-        pg.factory(METRICS), TriggerMode(load_settings(config)), clock=lambda: now[0]
-    )
+    backlog = installed_collector(env, lambda: now[0])
     locked = threading.Event()
     release = threading.Event()
 
@@ -172,19 +177,8 @@ def test_a_database_that_does_not_answer_holds_no_scrape(env: Env) -> None:
     statement_timeout fires. The scrape answers without the figures after
     READING_WAIT_S, the reading goes on behind it, and the next scrape after it
     answered has them again."""
-    env.sql("CREATE TABLE users (id int PRIMARY KEY)")
-    config = write_config(
-        env.tmp_path / "config.toml",
-        database_url=env.dsn,
-        redis_url=env.redis_url,
-        tables={"public.users": ["user:{id}"]},
-    )
-    assert main(["install", "--config", str(config)]) == 0
-    pg = PgConnector(env.dsn, application_name="app", connect_timeout_s=1)
     now = [0.0]
-    backlog = BacklogCollector(
-        pg.factory(METRICS), TriggerMode(load_settings(config)), clock=lambda: now[0]
-    )
+    backlog = installed_collector(env, lambda: now[0])
     assert read(backlog)["cdc_invalidator_status_up"] == 1  # its session opened
     pid = env.scalar("SELECT pid FROM pg_stat_activity WHERE application_name = 'app-metrics'")
     os.kill(pid, signal.SIGSTOP)
