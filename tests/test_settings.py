@@ -77,6 +77,12 @@ def test_config_path_from_environment(tmp_path: Path, monkeypatch: pytest.Monkey
         (GOOD.replace('[tables."orders"]', '[tables."public.USERS"]'), "name the same table"),
         (GOOD.replace("keys = [", "kees = [", 1), "unknown setting 'tables.public.users.kees'"),
         ('slot_name = "My-Slot"\n' + GOOD, "slot_name"),
+        # libpq reads these only as it connects: an error each start, not a configuration's
+        (
+            GOOD.replace("@db/app", "@db/app?sslmode=bogus"),
+            "sslmode='bogus': must be one of disable, allow,",
+        ),
+        (GOOD.replace("@db/app", "@db:abc/app"), "port='abc': must be a number"),
         ('publication_name = ""\n' + GOOD, "publication_name"),
         ("status_interval_ms = 0\n" + GOOD, "status_interval_ms"),
         ('replay_window = "soon"\n' + GOOD, "replay_window: 'soon' is not a duration"),

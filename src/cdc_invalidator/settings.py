@@ -51,6 +51,19 @@ class ConfigError(Exception):
 # Settings that hold passwords: their values are never echoed in an error, and their
 # passwords are scrubbed from every message about the configuration.
 _URL_SETTINGS = ("database_url", "redis_url")
+# The libpq parameters whose values are one of a few words (libpq's documentation).
+_LIBPQ_CHOICES = {
+    "sslmode": ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"),
+    "target_session_attrs": (
+        "any",
+        "read-write",
+        "read-only",
+        "primary",
+        "standby",
+        "prefer-standby",
+    ),
+    "gssencmode": ("disable", "prefer", "require"),
+}
 _PASSWORD_SETTINGS = ("redis_sentinel_password",)
 
 
@@ -297,13 +310,22 @@ class Settings(BaseSettings):
         # as a configuration error, and its echo of the text is scrubbed (load_settings).
         if url:
             try:
-                conninfo_to_dict(url)
+                params = conninfo_to_dict(url)
             except ProgrammingError as exc:
                 raise ValueError(
                     f"libpq cannot read it ({str(exc).strip()}): write a postgresql:// URL "
                     "(percent-encode special characters of the password) or key=value pairs "
                     "(a value with spaces in single quotes)"
                 ) from None
+            # libpq checks these values only as it connects: a wrong one would be an
+            # error each start, which a restart cannot fix (exit 2, not 1).
+            for name, allowed in _LIBPQ_CHOICES.items():
+                value = params.get(name)
+                if value is not None and str(value) not in allowed:
+                    raise ValueError(f"{name}={value!r}: must be one of {', '.join(allowed)}")
+            port = params.get("port")
+            if port is not None and not all(p.isdigit() for p in str(port).split(",") if p):
+                raise ValueError(f"port={port!r}: must be a number (or numbers, for several hosts)")
         return url
 
     @field_validator("redis_url")
