@@ -1,6 +1,10 @@
--- Whether the DDL guard (event trigger, sql/logical.sql) is installed, enabled, and fires
--- for every command it guards (one made by an earlier release lacks the publication's).
-SELECT EXISTS (SELECT FROM pg_event_trigger
-               WHERE evtname = 'cdc_invalidator_guard' AND evtenabled <> 'D'
-                 AND evttags @> ARRAY['ALTER TABLE', 'CREATE TABLE', 'ALTER PUBLICATION',
-                                      'CREATE PUBLICATION', 'DROP PUBLICATION']) AS guarded
+-- Whether the DDL guard (event triggers, sql/logical.sql) is installed, enabled, and fires
+-- for every command it guards (one made by an earlier release lacks some).
+SELECT count(*) = 2 AS guarded
+FROM pg_event_trigger
+WHERE evtenabled <> 'D'
+  AND ((evtname = 'cdc_invalidator_guard'
+        AND evttags @> ARRAY['ALTER TABLE', 'CREATE TABLE', 'CREATE FOREIGN TABLE',
+                             'ALTER PUBLICATION', 'CREATE PUBLICATION', 'DROP PUBLICATION'])
+       OR (evtname = 'cdc_invalidator_guard_drops'
+           AND evttags @> ARRAY['ALTER PUBLICATION', 'DROP PUBLICATION']))

@@ -6,9 +6,9 @@ BEGIN
     -- The DDL guard only serves logical capture (and only a superuser made it, and may
     -- drop it; left behind, it does nothing without the publication, and goes with the
     -- schema on uninstall). First: it refuses a DROP PUBLICATION of ours.
-    IF EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'cdc_invalidator_guard')
-       AND (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
-        DROP EVENT TRIGGER cdc_invalidator_guard;
+    IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+        DROP EVENT TRIGGER IF EXISTS cdc_invalidator_guard;
+        DROP EVENT TRIGGER IF EXISTS cdc_invalidator_guard_drops;
     END IF;
 END
 $leave$;

@@ -324,38 +324,48 @@ AS $list$
     FROM pg_class c WHERE c.oid = tbl;
 $list$;
 
--- publication_drift_v1(): how the publication of the configured tables (published_v1)
--- differs from what install made it, in a way that leaves changes unpublished (and so
--- their keys cached), or fails writes: publish options without one of insert, update,
--- delete, truncate; publish_via_partition_root (no TRUNCATE of a partition is published
--- then); a configured table taken out of it; a row filter, or a column list without
--- the key columns, on a configured table or on one of its partitions (published under
--- its own name, with its own filter); a column list that does not cover the table's
--- replica identity (its UPDATEs and DELETEs fail). NULL when none, or when the
--- publication is gone (the guard refuses that on its own; `check` and the listener say
--- so).
-CREATE OR REPLACE FUNCTION cdc_invalidator.publication_drift_v1()
+-- publication_drift_v1(tbl): how the publication of the configured tables
+-- (published_v1; `tbl`: that one, NULL: all) differs from what install made it, in a
+-- way that leaves changes unpublished (and so their keys cached), or fails writes:
+--   * publish options without one of insert, update, delete, truncate;
+--     publish_via_partition_root (no TRUNCATE of a partition is published then); from
+--     PostgreSQL 18, generated columns not published (a FULL identity's UPDATE fails);
+--   * a configured table taken out of it (neither listed, nor in a schema it lists);
+--   * a row filter, or a column list without the key columns, on a configured table or
+--     on one of its partitions (published under its own name, with its own filter); a
+--     column list that does not cover the table's replica identity (its UPDATEs and
+--     DELETEs fail);
+--   * a partition whose changes are not in the WAL (UNLOGGED) or not here at all (a
+--     foreign table).
+-- NULL when none, or when the publication is gone (the guard refuses that on its own;
+-- `check` and the listener say so).
+DROP FUNCTION IF EXISTS cdc_invalidator.publication_drift_v1();  -- (without `tbl`)
+CREATE OR REPLACE FUNCTION cdc_invalidator.publication_drift_v1(tbl regclass DEFAULT NULL)
 RETURNS text
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
 AS $drift$
     WITH ours AS (
-        SELECT p.relid::oid AS root, pub.*,
+        SELECT p.relid::oid AS root, pub.*, to_jsonb(pub) ->> 'pubgencols' AS gencols,
                ARRAY(SELECT a.attname FROM pg_attribute a
                      WHERE a.attrelid = p.relid AND a.attnum = ANY (p.attnums)) AS key_names
         FROM cdc_invalidator.published_v1 p
         JOIN pg_class c ON c.oid = p.relid
         JOIN pg_publication pub ON pub.pubname = p.publication
+        WHERE tbl IS NULL OR p.relid = tbl
     ), rels AS (
         -- Each configured table and each of its partitions, with our publication's row
         -- for it (if any), and its key columns' numbers in it (a partition may number
         -- them otherwise).
         SELECT o.*, t.rel, t.rel = o.root AS is_root, pr.oid AS prid, pr.prqual,
-               pr.prattrs::int2[] AS prattrs,
+               pr.prattrs::int2[] AS prattrs, cl.relkind, cl.relpersistence,
+               EXISTS (SELECT FROM pg_publication_namespace pn
+                       WHERE pn.pnpubid = o.oid AND pn.pnnspid = cl.relnamespace) AS by_schema,
                ARRAY(SELECT a.attnum FROM pg_attribute a
                      WHERE a.attrelid = t.rel AND a.attname = ANY (o.key_names)) AS key_attnums
         FROM ours o
         CROSS JOIN LATERAL (SELECT o.root AS rel
                             UNION SELECT pt.relid FROM pg_partition_tree(o.root) pt) t
+        JOIN pg_class cl ON cl.oid = t.rel
         LEFT JOIN pg_publication_rel pr ON pr.prpubid = o.oid AND pr.prrelid = t.rel
     )
     SELECT d.problem FROM (
@@ -371,8 +381,17 @@ AS $drift$
                 THEN format('publication %I publishes through partition roots '
                             '(publish_via_partition_root), and so no TRUNCATE of a partition',
                             r.pubname)
-            WHEN r.is_root AND r.prid IS NULL
+            WHEN r.gencols IS NOT NULL AND r.gencols <> 's'
+                THEN format('publication %I does not publish stored generated columns',
+                            r.pubname)
+            WHEN r.is_root AND r.prid IS NULL AND NOT r.by_schema
                 THEN format('table %s was taken out of publication %I', r.rel::regclass, r.pubname)
+            WHEN r.relpersistence <> 'p'
+                THEN format('partition %s of a table publication %I holds is UNLOGGED: its '
+                            'changes are not in the WAL', r.rel::regclass, r.pubname)
+            WHEN r.relkind = 'f'
+                THEN format('partition %s of a table publication %I holds is a foreign table: '
+                            'its changes are made on another server', r.rel::regclass, r.pubname)
             WHEN r.prqual IS NOT NULL
                 THEN format('publication %I publishes only the rows of table %s that its row '
                             'filter keeps', r.pubname, r.rel::regclass)
@@ -380,16 +399,16 @@ AS $drift$
                 THEN format('the column list of table %s in publication %I leaves out key '
                             'columns', r.rel::regclass, r.pubname)
             WHEN r.prattrs IS NOT NULL AND EXISTS (
-                    SELECT FROM pg_class cl WHERE cl.oid = r.rel AND (
-                        (cl.relreplident = 'f' AND EXISTS (
+                    SELECT FROM pg_class c2 WHERE c2.oid = r.rel AND (
+                        (c2.relreplident = 'f' AND EXISTS (
                             SELECT FROM pg_attribute a
                             WHERE a.attrelid = r.rel AND a.attnum > 0 AND NOT a.attisdropped
                               AND a.attnum <> ALL (r.prattrs)))
                         OR EXISTS (
                             SELECT FROM pg_index i, unnest(i.indkey::int2[]) k (attnum)
                             WHERE i.indrelid = r.rel AND k.attnum <> ALL (r.prattrs)
-                              AND ((cl.relreplident = 'd' AND i.indisprimary)
-                                   OR (cl.relreplident = 'i' AND i.indisreplident)))))
+                              AND ((c2.relreplident = 'd' AND i.indisprimary)
+                                   OR (c2.relreplident = 'i' AND i.indisreplident)))))
                 THEN format('the column list of table %s in publication %I does not cover its '
                             'replica identity: its UPDATEs and DELETEs fail', r.rel::regclass,
                             r.pubname)
@@ -401,27 +420,58 @@ AS $drift$
     LIMIT 1
 $drift$;
 
--- publication_touched_v1(): whether the command this event trigger fires for may have
--- changed a publication of ours: it names one, or names nothing (DROP PUBLICATION,
--- ALTER PUBLICATION ... DROP TABLE name no object), or ours no longer exists under its
--- name (renamed, dropped). A command that names only other publications is none of ours.
-CREATE OR REPLACE FUNCTION cdc_invalidator.publication_touched_v1()
+-- publication_touched_v1(): whether the command this event trigger fires for changed a
+-- publication of ours. ddl_command_end: it names ours (the publication, a table or a
+-- schema in it), or ours no longer exists under its name (renamed, dropped). sql_drop:
+-- what it dropped was ours, or of ours (ALTER PUBLICATION ... DROP TABLE, SET TABLE
+-- name no other object). A command that touches only other publications is none of ours.
+CREATE OR REPLACE FUNCTION cdc_invalidator.publication_touched_v1(event text)
 RETURNS boolean
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
 AS $touched$
-    SELECT NOT EXISTS (SELECT FROM pg_event_trigger_ddl_commands())
-        OR EXISTS (SELECT FROM cdc_invalidator.published_v1 p
+BEGIN
+    IF event = 'sql_drop' THEN
+        RETURN EXISTS (
+            SELECT FROM pg_event_trigger_dropped_objects() o
+            WHERE CASE o.object_type
+                      WHEN 'publication' THEN o.address_names[1]
+                      WHEN 'publication relation' THEN o.address_args[1]
+                      WHEN 'publication namespace' THEN o.address_args[1]
+                  END IN (SELECT p.publication FROM cdc_invalidator.published_v1 p));
+    END IF;
+    RETURN EXISTS (SELECT FROM cdc_invalidator.published_v1 p
                    WHERE NOT EXISTS (SELECT FROM pg_publication pub
                                      WHERE pub.pubname = p.publication))
         OR EXISTS (
             SELECT FROM pg_event_trigger_ddl_commands() d
             LEFT JOIN pg_publication_rel pr
               ON d.classid = 'pg_catalog.pg_publication_rel'::regclass AND pr.oid = d.objid
+            LEFT JOIN pg_publication_namespace pn
+              ON d.classid = 'pg_catalog.pg_publication_namespace'::regclass AND pn.oid = d.objid
             JOIN pg_publication pub
               ON pub.oid = CASE WHEN d.classid = 'pg_catalog.pg_publication'::regclass
-                                THEN d.objid ELSE pr.prpubid END
-            WHERE pub.pubname IN (SELECT p.publication FROM cdc_invalidator.published_v1 p))
+                                THEN d.objid ELSE coalesce(pr.prpubid, pn.pnpubid) END
+            WHERE pub.pubname IN (SELECT p.publication FROM cdc_invalidator.published_v1 p));
+END
 $touched$;
+DROP FUNCTION IF EXISTS cdc_invalidator.publication_touched_v1();  -- (without `event`)
+
+-- refuse_drift_v1(drift): the guard's refusal of a command that leaves `drift`
+-- (publication_drift_v1()); nothing for NULL.
+CREATE OR REPLACE FUNCTION cdc_invalidator.refuse_drift_v1(drift text)
+RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $refuse$
+BEGIN
+    IF drift IS NOT NULL THEN
+        RAISE EXCEPTION 'cdc_invalidator: % after this: the changes it would not publish '
+            'would not invalidate the cache', drift
+            USING HINT = 'The publication follows the configuration: change that and run '
+                         '`cdc-invalidator install`; see docs/DBA.md, "Logical mode".',
+                  ERRCODE = 'object_in_use';
+    END IF;
+END
+$refuse$;
 
 -- ddl_guard(): after each ALTER TABLE or CREATE TABLE in this database, keep every
 -- configured table publishable without breaking a write, or refuse the DDL:
@@ -460,7 +510,7 @@ BEGIN
         RETURN;
     END IF;
     IF TG_TAG IN ('ALTER PUBLICATION', 'CREATE PUBLICATION', 'DROP PUBLICATION') THEN
-        IF NOT cdc_invalidator.publication_touched_v1() THEN
+        IF NOT cdc_invalidator.publication_touched_v1(TG_EVENT) THEN
             RETURN;
         END IF;
         -- Renamed or dropped: the slot cannot decode past this command (PostgreSQL reads
@@ -470,14 +520,8 @@ BEGIN
         FROM cdc_invalidator.published_v1 p
         WHERE NOT EXISTS (SELECT FROM pg_publication pub WHERE pub.pubname = p.publication)
         LIMIT 1;
-        drift := coalesce(drift, cdc_invalidator.publication_drift_v1());
-        IF drift IS NOT NULL THEN
-            RAISE EXCEPTION 'cdc_invalidator: % after this: the changes it would not publish '
-                'would not invalidate the cache', drift
-                USING HINT = 'The publication follows the configuration: change that and run '
-                             '`cdc-invalidator install`; see docs/DBA.md, "Logical mode".',
-                      ERRCODE = 'object_in_use';
-        END IF;
+        PERFORM cdc_invalidator.refuse_drift_v1(
+            coalesce(drift, cdc_invalidator.publication_drift_v1()));
         RETURN;
     END IF;
     FOR r IN
@@ -503,6 +547,7 @@ BEGIN
         IF r.keep THEN
             PERFORM cdc_invalidator.require_replica_identity(r.relid);
             PERFORM cdc_invalidator.require_publishable(r.relid);
+            PERFORM cdc_invalidator.refuse_drift_v1(cdc_invalidator.publication_drift_v1(r.relid));
             CONTINUE;
         END IF;
         -- A table with a column filter needs every old value (its UPDATEs are judged).
@@ -536,6 +581,10 @@ BEGIN
             RAISE NOTICE 'cdc_invalidator: the replica identity of % changed: publication % '
                 'now carries %', r.relid, r.publication, cdc_invalidator.publish_list(r.relid);
         END IF;
+        -- What the command brought into the table's tree: an UNLOGGED or foreign
+        -- partition, a partition attached with its own row filter or column list, a
+        -- partition's identity its own column list no longer covers.
+        PERFORM cdc_invalidator.refuse_drift_v1(cdc_invalidator.publication_drift_v1(r.relid));
     END LOOP;
 END
 $guard$;
@@ -546,17 +595,30 @@ $guard$;
 DO $guard_install$
 BEGIN
     IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
-        -- (made by an earlier release without ALTER PUBLICATION: made again)
+        -- (made by an earlier release with fewer commands: made again)
         IF EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'cdc_invalidator_guard'
                      AND evttags IS DISTINCT FROM ARRAY['ALTER TABLE', 'CREATE TABLE',
-                         'ALTER PUBLICATION', 'CREATE PUBLICATION', 'DROP PUBLICATION']) THEN
+                         'CREATE FOREIGN TABLE', 'ALTER PUBLICATION', 'CREATE PUBLICATION',
+                         'DROP PUBLICATION']) THEN
             DROP EVENT TRIGGER cdc_invalidator_guard;
         END IF;
         IF NOT EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'cdc_invalidator_guard') THEN
             CREATE EVENT TRIGGER cdc_invalidator_guard ON ddl_command_end
-                WHEN TAG IN ('ALTER TABLE', 'CREATE TABLE', 'ALTER PUBLICATION',
-                             'CREATE PUBLICATION', 'DROP PUBLICATION')
+                WHEN TAG IN ('ALTER TABLE', 'CREATE TABLE', 'CREATE FOREIGN TABLE',
+                             'ALTER PUBLICATION', 'CREATE PUBLICATION', 'DROP PUBLICATION')
                 EXECUTE FUNCTION cdc_invalidator.ddl_guard();
+        END IF;
+        -- What a command drops of a publication, ddl_command_end does not name
+        -- (ALTER PUBLICATION ... DROP TABLE, DROP PUBLICATION): sql_drop does.
+        IF NOT EXISTS (SELECT FROM pg_event_trigger
+                       WHERE evtname = 'cdc_invalidator_guard_drops') THEN
+            CREATE EVENT TRIGGER cdc_invalidator_guard_drops ON sql_drop
+                WHEN TAG IN ('ALTER PUBLICATION', 'DROP PUBLICATION')
+                EXECUTE FUNCTION cdc_invalidator.ddl_guard();
+        END IF;
+        IF (SELECT evtenabled FROM pg_event_trigger
+            WHERE evtname = 'cdc_invalidator_guard_drops') <> 'A' THEN
+            ALTER EVENT TRIGGER cdc_invalidator_guard_drops ENABLE ALWAYS;
         END IF;
         IF (SELECT evtenabled FROM pg_event_trigger WHERE evtname = 'cdc_invalidator_guard') <> 'A' THEN
             ALTER EVENT TRIGGER cdc_invalidator_guard ENABLE ALWAYS;
@@ -571,6 +633,7 @@ REVOKE ALL ON FUNCTION cdc_invalidator.require_publishable(regclass) FROM PUBLIC
 REVOKE ALL ON FUNCTION cdc_invalidator.restore_replica_identity(regclass[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cdc_invalidator.publish(name, regclass[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cdc_invalidator.ddl_guard() FROM PUBLIC;
+REVOKE ALL ON FUNCTION cdc_invalidator.refuse_drift_v1(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cdc_invalidator.record_published(regclass, text, text, text[], boolean, name)
     FROM PUBLIC;
 REVOKE ALL ON FUNCTION cdc_invalidator.record_filter(regclass, text, text[], boolean) FROM PUBLIC;

@@ -225,16 +225,15 @@ def test_dropping_a_listed_key_column_is_refused_naming_cdc_invalidator(env: Env
         "SET TABLE users (id, email), orders, part",
         "ADD TABLE part_1 WHERE (id < 5)",  # a partition, published under its own name
         "RENAME TO other_name",  # decoding would stop at the rename
+        "SET TABLES IN SCHEMA empty",  # (names a schema, not the tables it takes out)
     ],
 )
 def test_altering_our_publication_is_refused(env: Env, alter: str) -> None:
     """What the publication no longer publishes is not captured, and nothing says so:
     the guard refuses it, as install made it (another publication is nobody's care)."""
     make_tables(env)
-    env.sql(
-        "CREATE TABLE part (id int PRIMARY KEY) PARTITION BY RANGE (id);"
-        "CREATE TABLE part_1 PARTITION OF part FOR VALUES FROM (0) TO (100)"
-    )
+    make_part(env)
+    env.sql("CREATE SCHEMA empty")
     install(logical_config(env, {**USERS, **ORDERS, "public.part": ["part:{id}"]}))
     with pytest.raises(psycopg.errors.ObjectInUse, match=r"cdc_invalidator: .* after this"):
         env.sql(f"ALTER PUBLICATION cdc_invalidator {alter}")
@@ -242,6 +241,49 @@ def test_altering_our_publication_is_refused(env: Env, alter: str) -> None:
         "CREATE PUBLICATION other FOR TABLE users; ALTER PUBLICATION other SET (publish = 'insert')"
     )
     env.sql("DROP PUBLICATION other")
+
+
+def make_part(env: Env) -> None:
+    env.sql(
+        "CREATE TABLE part (id int PRIMARY KEY) PARTITION BY RANGE (id);"
+        "CREATE TABLE part_1 PARTITION OF part FOR VALUES FROM (0) TO (100)"
+    )
+
+
+@pytest.mark.parametrize(
+    "ddl",
+    [
+        # Their rows' changes are not in the WAL, or not on this server at all.
+        "CREATE UNLOGGED TABLE part_2 PARTITION OF part FOR VALUES FROM (100) TO (200)",
+        "ALTER TABLE part_1 SET UNLOGGED",
+        # A table published with a row filter of its own, then attached.
+        "CREATE TABLE part_5 (id int PRIMARY KEY);"
+        " ALTER PUBLICATION cdc_invalidator ADD TABLE part_5 WHERE (id < 0);"
+        " ALTER TABLE part ATTACH PARTITION part_5 FOR VALUES FROM (500) TO (600)",
+    ],
+)
+def test_a_partition_whose_changes_would_not_be_decoded_is_refused(env: Env, ddl: str) -> None:
+    make_part(env)
+    install(logical_config(env, {"public.part": ["part:{id}"]}))
+    with pytest.raises(psycopg.errors.ObjectInUse, match=r"cdc_invalidator: .* after this"):
+        env.sql(ddl)
+    env.sql("INSERT INTO part VALUES (1); UPDATE part SET id = 2; DELETE FROM part")
+
+
+def test_other_publications_stay_free_while_ours_is_put_wrong(env: Env) -> None:
+    """Ours drifted with the guard off: check says so, install puts it right. Meanwhile
+    another team's publications are theirs to change and drop."""
+    make_tables(env)
+    install(logical_config(env, USERS))
+    env.sql(
+        "ALTER EVENT TRIGGER cdc_invalidator_guard DISABLE;"
+        "ALTER PUBLICATION cdc_invalidator SET (publish = 'insert');"
+        "ALTER EVENT TRIGGER cdc_invalidator_guard ENABLE ALWAYS"
+    )
+    env.sql(
+        "CREATE PUBLICATION theirs FOR TABLE orders; ALTER PUBLICATION theirs DROP TABLE orders;"
+        "ALTER PUBLICATION theirs ADD TABLE orders; DROP PUBLICATION theirs"
+    )
 
 
 def test_dropping_our_publication_is_refused(env: Env) -> None:

@@ -214,6 +214,15 @@ def cmd_sql(args: argparse.Namespace, settings: Settings, console: Console) -> i
 
 def cmd_install(args: argparse.Namespace, settings: Settings, console: Console) -> int:
     with connect(settings) as conn:
+        # What the script warns of (a publication put right and swept, a partition it
+        # could not give a trigger): said, not lost with the session.
+        conn.add_notice_handler(
+            lambda diag: (
+                console.warn(f"warning: {diag.message_primary}")
+                if diag.severity_nonlocalized == "WARNING"
+                else None
+            )
+        )
         try:
             done = install(conn, mode_for(settings))
         except SlotStepFailed as exc:
