@@ -501,3 +501,19 @@ def test_the_ddl_guard_never_gets_in_the_way_of_other_roles(env: Env) -> None:
             f"DROP TABLE IF EXISTS mine; ALTER TABLE orders OWNER TO CURRENT_USER;"
             f"REVOKE ALL ON SCHEMA public FROM {role}; DROP ROLE {role}"
         )
+
+
+def test_a_foreign_partition_is_refused(env: Env) -> None:
+    """What is written to a foreign table happens on its server: never decoded here.
+    (A partitioned table with unique indexes takes no foreign partition at all.)"""
+    env.sql(
+        "CREATE TABLE loose (id int) PARTITION BY RANGE (id);"
+        "CREATE TABLE loose_1 PARTITION OF loose FOR VALUES FROM (0) TO (100);"
+        "CREATE FOREIGN DATA WRAPPER nothing; CREATE SERVER nowhere FOREIGN DATA WRAPPER nothing"
+    )
+    install(logical_config(env, {"public.loose": ["loose:{id}"]}))
+    with pytest.raises(psycopg.errors.ObjectInUse, match="is a foreign table"):
+        env.sql(
+            "CREATE FOREIGN TABLE loose_2 PARTITION OF loose FOR VALUES FROM (100) TO (200)"
+            " SERVER nowhere"
+        )
