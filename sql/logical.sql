@@ -475,9 +475,10 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $refuse$
 BEGIN
     IF drift IS NOT NULL THEN
-        RAISE EXCEPTION 'cdc_invalidator: % after this: the changes it would not publish '
-            'would not invalidate the cache', drift
-            USING HINT = 'The publication follows the configuration: change that and run '
+        RAISE EXCEPTION 'cdc_invalidator: refused, for after this %', drift
+            USING DETAIL = 'Changes the publication does not carry are not invalidated, and '
+                           'writes it does not cover fail.',
+                  HINT = 'The publication follows the configuration: change that and run '
                          '`cdc-invalidator install`; see docs/DBA.md, "Logical mode".',
                   ERRCODE = 'object_in_use';
     END IF;
@@ -556,16 +557,15 @@ BEGIN
                       ERRCODE = 'dependent_objects_still_exist';
         END IF;
         IF r.keep THEN
+            -- (its identity is the DBA's: none is refused, any other is published for)
             PERFORM cdc_invalidator.require_replica_identity(r.relid);
-            PERFORM cdc_invalidator.require_publishable(r.relid);
-            PERFORM cdc_invalidator.refuse_drift_v1(cdc_invalidator.publication_drift_v1(r.relid));
-            CONTINUE;
+        ELSE
+            -- A table with a column filter needs every old value (its UPDATEs are judged).
+            SELECT coalesce(array_agg(a.attname::text), '{}') INTO cols FROM pg_attribute a
+            WHERE a.attrelid = r.relid AND NOT a.attisdropped
+              AND (a.attnum = ANY (r.attnums) OR (r.judge IS NOT NULL AND a.attnum > 0));
+            PERFORM cdc_invalidator.ensure_replica_identity(r.relid, cols);
         END IF;
-        -- A table with a column filter needs every old value (its UPDATEs are judged).
-        SELECT coalesce(array_agg(a.attname::text), '{}') INTO cols FROM pg_attribute a
-        WHERE a.attrelid = r.relid AND NOT a.attisdropped
-          AND (a.attnum = ANY (r.attnums) OR (r.judge IS NOT NULL AND a.attnum > 0));
-        PERFORM cdc_invalidator.ensure_replica_identity(r.relid, cols);
         PERFORM cdc_invalidator.require_publishable(r.relid);
         -- A column list that no longer covers the identity (FULL: every column; else
         -- the primary key's or the identity index's, which a new primary key or

@@ -517,3 +517,43 @@ def test_a_foreign_partition_is_refused(env: Env) -> None:
             "CREATE FOREIGN TABLE loose_2 PARTITION OF loose FOR VALUES FROM (100) TO (200)"
             " SERVER nowhere"
         )
+
+
+@pytest.mark.parametrize(
+    "ddl",
+    [
+        "ALTER TABLE orders REPLICA IDENTITY FULL",
+        "ALTER TABLE orders DROP CONSTRAINT orders_pkey, ADD PRIMARY KEY (id, note)",
+    ],
+)
+def test_a_keep_tables_new_identity_is_published_for(env: Env, ddl: str) -> None:
+    """replica_identity = "keep": the identity is the DBA's. One its column list does not
+    cover is published for, as for any table, not refused."""
+    make_tables(env)
+    env.sql("UPDATE orders SET note = 'n'")
+    install(logical_config(env, ORDERS, keep=["public.orders"]))
+    assert publication_columns(env, "orders") == ["id"]
+    env.sql(ddl)
+    env.sql("UPDATE orders SET note = 'm'; DELETE FROM orders")  # writes work
+
+
+def test_install_after_a_template_outside_the_identity_sweeps_nothing(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """install gives the table REPLICA IDENTITY FULL before it publishes the table whole:
+    the column list in between is install's own, no drift, nothing swept."""
+    make_tables(env)
+    install(logical_config(env, ORDERS))
+    r = env.redis()
+    r.mset({"order:1": "cached", "order:2": "-"})
+    wider = logical_config(env, {"public.orders": ["order:{id}", "order:note:{note}"]})
+    capsys.readouterr()
+    assert cli("install", "--config", wider) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert publication_columns(env, "orders") is None  # published whole, FULL
+    with running(env, wider):
+        # Decoded after install's transaction: once its keys are gone, so would be a
+        # sweep that install had asked for.
+        env.sql("INSERT INTO orders VALUES (2, 'two')")
+        wait_until(lambda: r.exists("order:2") == 0, what="the insert's key")
+    assert r.get("order:1") == "cached", "nothing was swept"

@@ -114,6 +114,7 @@ def install_script(
             Q.GRANTS.sql,
             sql.SQL("\n"),
             Q.LEAVE_TRIGGER.sql,
+            Q.LOGICAL_DRIFT_SWEEP.sql,
             *identities,
             sql.SQL("\n-- The publication the listener streams: exactly the configured tables.\n"),
             publish,

@@ -43,6 +43,7 @@ class Q(enum.Enum):
     ENSURE_REPLICA_IDENTITY = "ensure_replica_identity.sql"
     REQUIRE_REPLICA_IDENTITY = "require_replica_identity.sql"
     LOGICAL_INSTALL = "logical_install.sql"  # the publication
+    LOGICAL_DRIFT_SWEEP = "logical_drift_sweep.sql"  # before it: a drift found is swept
     UNINSTALL = "uninstall.sql"
     RESET_AFTER_RESTORE = "reset_after_restore.sql"  # run by a DBA by hand (docs/DBA.md)
 
