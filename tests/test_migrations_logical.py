@@ -275,11 +275,7 @@ def test_other_publications_stay_free_while_ours_is_put_wrong(env: Env) -> None:
     another team's publications are theirs to change and drop."""
     make_tables(env)
     install(logical_config(env, USERS))
-    env.sql(
-        "ALTER EVENT TRIGGER cdc_invalidator_guard DISABLE;"
-        "ALTER PUBLICATION cdc_invalidator SET (publish = 'insert');"
-        "ALTER EVENT TRIGGER cdc_invalidator_guard ENABLE ALWAYS"
-    )
+    env.sql(DRIFT_UNGUARDED)
     env.sql(
         "CREATE PUBLICATION theirs FOR TABLE orders; ALTER PUBLICATION theirs DROP TABLE orders;"
         "ALTER PUBLICATION theirs ADD TABLE orders; DROP PUBLICATION theirs"
@@ -303,17 +299,21 @@ def test_dropping_our_publication_is_refused(env: Env) -> None:
     assert env.scalar("SELECT count(*) FROM pg_publication") == 0
 
 
+# Our publication put wrong with the guard off (as a role that may turn it off can).
+DRIFT_UNGUARDED = (
+    "ALTER EVENT TRIGGER cdc_invalidator_guard DISABLE;"
+    "ALTER PUBLICATION cdc_invalidator SET (publish = 'insert');"
+    "ALTER EVENT TRIGGER cdc_invalidator_guard ENABLE ALWAYS"
+)
+
+
 def test_a_publication_changed_without_the_guard_is_reported_then_swept_by_install(
     env: Env, capsys: pytest.CaptureFixture[str]
 ) -> None:
     make_tables(env)
     config = logical_config(env, USERS)
     install(config)
-    env.sql(
-        "ALTER EVENT TRIGGER cdc_invalidator_guard DISABLE;"
-        "ALTER PUBLICATION cdc_invalidator SET (publish = 'insert');"
-        "ALTER EVENT TRIGGER cdc_invalidator_guard ENABLE ALWAYS"
-    )
+    env.sql(DRIFT_UNGUARDED)
     code, _, err = check(config, capsys)
     assert code == 1
     assert "publication cdc_invalidator publishes only insert: the changes it does not" in err

@@ -25,7 +25,7 @@ from cdc_invalidator.sink.connect import RedisOptions, redis_client
 from tests.support.config import write_config
 from tests.support.env import Env
 from tests.support.evidence import unavailable
-from tests.support.listener import ListenerThread, Spawn, run_cli
+from tests.support.listener import ListenerProcess, ListenerThread, Spawn, run_cli
 from tests.support.servers import RedisServer, ServerError
 from tests.support.waits import wait_until
 
@@ -112,6 +112,19 @@ def sentinel_config(env: Env, setup: SentinelSetup, name: str = "sentinel.toml")
     return path
 
 
+def user_1_watched(
+    env: Env, setup: SentinelSetup, spawn: Spawn
+) -> tuple[ListenerProcess, redis.Redis, redis.Redis]:
+    """users with row 1, a listener through the sentinel, and clients of both servers."""
+    env.sql(
+        "CREATE TABLE users (id int PRIMARY KEY, email text); INSERT INTO users VALUES (1, 'a')"
+    )
+    listener = spawn(sentinel_config(env, setup))
+    first = setup.first.client(decode_responses=True)
+    second = setup.second.client(decode_responses=True)
+    return listener, first, second
+
+
 def test_listener_follows_a_failover(env: Env, sentinel_setup: SentinelSetup) -> None:
     setup = sentinel_setup
     env.sql(
@@ -163,12 +176,7 @@ def test_a_quiet_listener_notices_a_failover_and_replays(
     so the listener moves to the new master (and replays) within seconds, not when
     Sentinel gets round to demoting the old master."""
     setup = sentinel_setup
-    env.sql(
-        "CREATE TABLE users (id int PRIMARY KEY, email text); INSERT INTO users VALUES (1, 'a')"
-    )
-    listener = spawn(sentinel_config(env, setup))
-    first = setup.first.client(decode_responses=True)
-    second = setup.second.client(decode_responses=True)
+    listener, first, second = user_1_watched(env, setup, spawn)
     first.set("user:1", "A")
     env.sql("UPDATE users SET email = 'b' WHERE id = 1")
     wait_until(lambda: first.exists("user:1") == 0, what="deleted on the master")
@@ -209,12 +217,7 @@ def test_a_replica_promoted_after_its_link_was_down_is_replayed_back_to_the_cut(
     but it said where its copy of the old master's history ends (second_repl_offset):
     the replay reaches back to the last check that saw the master there."""
     setup = sentinel_setup
-    env.sql(
-        "CREATE TABLE users (id int PRIMARY KEY, email text); INSERT INTO users VALUES (1, 'a')"
-    )
-    listener = spawn(sentinel_config(env, setup))
-    first = setup.first.client(decode_responses=True)
-    second = setup.second.client(decode_responses=True)
+    listener, first, second = user_1_watched(env, setup, spawn)
     second.config_set("appendonly", "yes")
     second.config_set("appendfsync", "always")
     first.mset({"user:1": "stale", "user:email:a": "1"})

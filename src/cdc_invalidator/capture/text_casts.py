@@ -4,8 +4,9 @@ Keys render a column's value as PostgreSQL's text cast gives it (docs/configurat
 trigger mode's capture functions write `col::text`. pgoutput sends the output function's
 text instead, and for most types the two are the same: a cast to text is an I/O
 conversion. Three base types have a cast function of their own (pg_cast, castfunc to
-text; `name` and `"char"` aside, which print alike), and logical mode turns their output
-into what the cast gives, so that a key is the same in either mode:
+text; `name` aside, which prints alike, and `"char"`, a one-byte catalog type), and
+logical mode turns their output into what the cast gives, so that a key is the same in
+either mode:
 
 | type | output (pgoutput) | `::text` |
 |---|---|---|
