@@ -202,25 +202,33 @@ class BacklogCollector(Collector):
             yield family
 
     def _current(self) -> Figures | None:
-        with self._lock:
-            if self._read_at is not None and self._clock() - self._read_at < self._max_age_s:
-                return self._figures
-            if self._reading is None:
-                self._reading = threading.Thread(
-                    target=self._refresh, name="cdc-invalidator-metrics-reading", daemon=True
-                )
-                self._reading.start()
-            reading = self._reading
-        reading.join(READING_WAIT_S)
-        if reading.is_alive():
-            return None
-        with self._lock:
-            return self._figures
+        # A reading counts from when it started: one still running from before (its
+        # scrape gave up on it) is waited for, then, stale, followed by a fresh one.
+        deadline = time.monotonic() + READING_WAIT_S
+        asked = self._clock()
+        while True:
+            with self._lock:
+                read_at = self._read_at
+                # (one started since this scrape asked will do, however long it took)
+                if read_at is not None and (
+                    read_at >= asked or self._clock() - read_at < self._max_age_s
+                ):
+                    return self._figures
+                if self._reading is None:
+                    self._reading = threading.Thread(
+                        target=self._refresh, name="cdc-invalidator-metrics-reading", daemon=True
+                    )
+                    self._reading.start()
+                reading = self._reading
+            reading.join(max(0.0, deadline - time.monotonic()))
+            if reading.is_alive():
+                return None
 
     def _refresh(self) -> None:
+        started = self._clock()
         figures = self._read_logged()
         with self._lock:
-            self._figures, self._read_at, self._reading = figures, self._clock(), None
+            self._figures, self._read_at, self._reading = figures, started, None
 
     def _read_logged(self) -> Figures | None:
         try:
