@@ -9,7 +9,8 @@
 -- superuser's install, the next write would run that role's code as the superuser. So
 -- this stops the transaction unless every object in schema cdc_invalidator (and the
 -- publication in logical mode) belongs to the role running the script, and our tables
--- carry no trigger, rule or policy (we create none on them). The one other owner
+-- carry no trigger, rule or policy but logical mode's one (we create no other). The one
+-- other owner
 -- allowed: a table's capture function, capture_<oid>_v1, may belong to the owner of the
 -- table with that oid (it then runs with the rights of that table's owner, who may
 -- attach any trigger to that table anyway), or, once that table was dropped, to a role
@@ -119,7 +120,9 @@ BEGIN
         FROM owned o WHERE o.owner <> installer
         UNION ALL
         -- Code attached to our tables runs in the writes that touch them: install
-        -- attaches none. (Internal triggers, those of constraints, are the server's own.)
+        -- attaches one, logical mode's check at COMMIT of a kept table's identity
+        -- (logical.sql), whose function is ours if the check of functions above passed.
+        -- (Internal triggers, those of constraints, are the server's own.)
         SELECT 6, true, f.proowner,
                pg_catalog.format('table cdc_invalidator.%I carries trigger %I calling %s of role "%s", which install does not create',
                                  c.relname, g.tgname, f.oid::pg_catalog.regprocedure,
@@ -131,6 +134,9 @@ BEGIN
         JOIN pg_catalog.pg_class c ON c.oid = g.tgrelid
         JOIN pg_catalog.pg_proc f ON f.oid = g.tgfoid
         WHERE c.relnamespace = ours AND NOT g.tgisinternal
+          AND NOT (c.relname = 'identity_due_v1' AND g.tgname = 'cdc_invalidator_identity_due'
+                   AND f.pronamespace = ours AND f.proname = 'identity_due_check_v1'
+                   AND f.pronargs = 0)
         UNION ALL
         SELECT 7, true, c.relowner,
                pg_catalog.format('table cdc_invalidator.%I (role "%s") carries rule %I, which install does not create',
@@ -163,8 +169,8 @@ BEGIN
         'cdc_invalidator: refusing to %s: %s (%s after checking what it does)',
         {action}, culprit.what, CASE WHEN culprit.attached THEN 'drop it' ELSE 'drop or reassign it' END);
     hint_text := CASE WHEN culprit.attached THEN
-            'Install creates no trigger, rule or policy on its own tables: they would run '
-            'in the application''s writes. After review, DROP TRIGGER / DROP RULE / DROP '
+            'Install creates no rule or policy on its own tables, and one trigger: they would '
+            'run in the application''s writes. After review, DROP TRIGGER / DROP RULE / DROP '
             'POLICY ... ON the table, or DROP SCHEMA cdc_invalidator CASCADE and install '
             'again.'
         ELSE pg_catalog.format(

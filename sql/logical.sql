@@ -115,31 +115,40 @@ BEGIN
 END
 $ensure$;
 
+-- without_replica_identity_v1(table): the table, or a partition of it, that has no
+-- replica identity (NULL: none). Published, its UPDATEs and DELETEs would fail ("cannot
+-- update table ... because it does not have a replica identity and publishes updates").
+CREATE OR REPLACE FUNCTION cdc_invalidator.without_replica_identity_v1(tbl regclass)
+RETURNS regclass
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $without$
+    SELECT r.relid::regclass
+    FROM (SELECT tbl AS relid UNION SELECT p.relid FROM pg_partition_tree(tbl) p) r
+    JOIN pg_class c ON c.oid = r.relid
+    WHERE c.relkind = 'r'
+      AND (c.relreplident = 'n'
+           OR (c.relreplident = 'd' AND NOT EXISTS (
+               SELECT FROM pg_index i WHERE i.indrelid = r.relid AND i.indisprimary)))
+    LIMIT 1;
+$without$;
+
 -- require_replica_identity(table): for a table whose identity install leaves alone
--- (replica_identity = "keep"): refuse one without any, since publishing it would make
--- every UPDATE and DELETE of it fail ("cannot update table ... because it does not have
--- a replica identity and publishes updates").
+-- (replica_identity = "keep"): refuse one without any (without_replica_identity_v1()).
 CREATE OR REPLACE FUNCTION cdc_invalidator.require_replica_identity(tbl regclass)
 RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $require$
 DECLARE
-    rel regclass;
+    rel regclass := cdc_invalidator.without_replica_identity_v1(tbl);
 BEGIN
-    FOR rel IN
-        SELECT r.relid FROM (SELECT tbl AS relid UNION SELECT p.relid FROM pg_partition_tree(tbl) p) r
-        JOIN pg_class c ON c.oid = r.relid
-        WHERE c.relkind = 'r'
-          AND (c.relreplident = 'n'
-               OR (c.relreplident = 'd' AND NOT EXISTS (
-                   SELECT FROM pg_index i WHERE i.indrelid = r.relid AND i.indisprimary)))
-    LOOP
+    IF rel IS NOT NULL THEN
         RAISE EXCEPTION 'cdc_invalidator: table % has no replica identity: once published, its '
             'updates and deletes would fail', rel
-            USING HINT = 'Give it a primary key, or set replica_identity = "full" in the '
-                         'configuration so that install sets REPLICA IDENTITY FULL.',
+            USING HINT = 'Give it a primary key (in the same transaction, for a key being '
+                         'replaced), or set replica_identity = "full" in the configuration '
+                         'so that install sets REPLICA IDENTITY FULL.',
                   ERRCODE = 'object_not_in_prerequisite_state';
-    END LOOP;
+    END IF;
 END
 $require$;
 
@@ -492,7 +501,7 @@ $refuse$;
 --   * a table (or a new partition) that lost its replica identity, or whose identity no
 --     longer covers the key columns (with a column filter: every column), gets REPLICA
 --     IDENTITY FULL as install would
---     (refused for replica_identity = "keep", as install refuses it);
+--     (for replica_identity = "keep", refused at COMMIT if still without one);
 --   * a table whose column list no longer covers its identity's columns is republished
 --     with them (a list must cover the identity, or UPDATE and DELETE fail): whole for
 --     REPLICA IDENTITY FULL, with the new columns after a wider primary key or identity
@@ -557,8 +566,9 @@ BEGIN
                       ERRCODE = 'dependent_objects_still_exist';
         END IF;
         IF r.keep THEN
-            -- (its identity is the DBA's: none is refused, any other is published for)
-            PERFORM cdc_invalidator.require_replica_identity(r.relid);
+            -- (its identity is the DBA's: none is refused at COMMIT, any other is
+            -- published for)
+            PERFORM cdc_invalidator.require_identity_at_commit_v1(r.relid);
         ELSE
             -- A table with a column filter needs every old value (its UPDATEs are judged).
             SELECT coalesce(array_agg(a.attname::text), '{}') INTO cols FROM pg_attribute a
@@ -600,6 +610,59 @@ BEGIN
 END
 $guard$;
 
+-- A keep table's identity is required when its transaction commits, not after each of
+-- its statements: a migration may replace the primary key in two statements, and
+-- `pg_restore --clean --single-transaction` drops the key, then the table. The guard
+-- notes a table left without one here; a deferred constraint trigger looks again at
+-- COMMIT (or at SET CONSTRAINTS ... IMMEDIATE) and refuses it if it is still without,
+-- or removes the note. ALWAYS: it must also fire under session_replication_role =
+-- replica, as the guard does.
+CREATE TABLE IF NOT EXISTS cdc_invalidator.identity_due_v1 (
+    relid oid NOT NULL,
+    xid   xid8 NOT NULL DEFAULT pg_current_xact_id()
+);
+
+CREATE OR REPLACE FUNCTION cdc_invalidator.identity_due_check_v1()
+RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $due$
+BEGIN
+    DELETE FROM cdc_invalidator.identity_due_v1 WHERE relid = NEW.relid AND xid = NEW.xid;
+    -- (dropped since, or no longer configured as kept: nothing to require)
+    IF EXISTS (SELECT FROM cdc_invalidator.published_v1 p JOIN pg_class c ON c.oid = p.relid
+               WHERE p.relid::oid = NEW.relid AND p.keep) THEN
+        PERFORM cdc_invalidator.require_replica_identity(NEW.relid::regclass);
+    END IF;
+    RETURN NULL;
+END
+$due$;
+
+DO $due_trigger$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_trigger WHERE tgname = 'cdc_invalidator_identity_due'
+                     AND tgrelid = 'cdc_invalidator.identity_due_v1'::regclass) THEN
+        CREATE CONSTRAINT TRIGGER cdc_invalidator_identity_due
+            AFTER INSERT ON cdc_invalidator.identity_due_v1
+            DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+            EXECUTE FUNCTION cdc_invalidator.identity_due_check_v1();
+        ALTER TABLE cdc_invalidator.identity_due_v1
+            ENABLE ALWAYS TRIGGER cdc_invalidator_identity_due;
+    END IF;
+END
+$due_trigger$;
+
+-- require_identity_at_commit_v1(table): a kept table (or a partition of it) without an
+-- identity now is noted, once per transaction, for the check at COMMIT above.
+CREATE OR REPLACE FUNCTION cdc_invalidator.require_identity_at_commit_v1(tbl regclass)
+RETURNS void
+LANGUAGE sql SET search_path = pg_catalog, pg_temp
+AS $at_commit$
+    INSERT INTO cdc_invalidator.identity_due_v1 (relid)
+    SELECT tbl WHERE cdc_invalidator.without_replica_identity_v1(tbl) IS NOT NULL
+      AND NOT EXISTS (SELECT FROM cdc_invalidator.identity_due_v1 d
+                      WHERE d.relid = tbl::oid AND d.xid = pg_current_xact_id());
+$at_commit$;
+
 -- Event triggers are for superusers only: installed by another role, there is no guard
 -- (and no column lists, see publish_list()); `check` says so. ALWAYS: DDL run with
 -- session_replication_role = replica is guarded too.
@@ -640,6 +703,9 @@ $guard_install$;
 
 REVOKE ALL ON FUNCTION cdc_invalidator.ensure_replica_identity(regclass, text[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cdc_invalidator.require_replica_identity(regclass) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cdc_invalidator.without_replica_identity_v1(regclass) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cdc_invalidator.require_identity_at_commit_v1(regclass) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cdc_invalidator.identity_due_check_v1() FROM PUBLIC;
 REVOKE ALL ON FUNCTION cdc_invalidator.require_publishable(regclass) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cdc_invalidator.restore_replica_identity(regclass[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cdc_invalidator.publish(name, regclass[]) FROM PUBLIC;

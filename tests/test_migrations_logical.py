@@ -537,6 +537,30 @@ def test_a_keep_tables_new_identity_is_published_for(env: Env, ddl: str) -> None
     env.sql("UPDATE orders SET note = 'm'; DELETE FROM orders")  # writes work
 
 
+def test_a_keep_tables_primary_key_is_required_at_commit_not_between_statements(
+    env: Env,
+) -> None:
+    """replica_identity = "keep": a transaction may leave the table without an identity
+    between two statements (a migration that replaces the primary key in two;
+    `pg_restore --clean --single-transaction`, which drops the key, then the table).
+    Only a COMMIT that leaves it without one is refused: its UPDATEs and DELETEs would
+    fail from then on."""
+    make_tables(env)
+    config = logical_config(env, ORDERS, keep=["public.orders"])
+    install(config)
+    drop_key = "ALTER TABLE orders DROP CONSTRAINT orders_pkey"
+    env.sql(f"{drop_key}; ALTER TABLE orders ADD PRIMARY KEY (id)")
+    for alone in ("", "SET session_replication_role = replica; "):
+        with pytest.raises(
+            psycopg.errors.ObjectNotInPrerequisiteState, match=r"orders.*no replica identity"
+        ):
+            env.sql(alone + drop_key)
+    r = env.redis()
+    with running(env, config):
+        update_and_delete_order_1(env, r)  # the key is still there, and captured
+    env.sql(f"{drop_key}; DROP TABLE orders")
+
+
 def test_install_after_a_template_outside_the_identity_sweeps_nothing(
     env: Env, capsys: pytest.CaptureFixture[str]
 ) -> None:
