@@ -317,6 +317,33 @@ def test_slot_half_migrated_ask_is_followed_and_sweeps_wait(
         settle(own_cenv, own_rc)
 
 
+def test_ask_to_a_node_that_owns_no_slot_yet_is_followed(
+    own_cluster: RedisClusterServer,
+) -> None:
+    """A slot migrating to a node just added (`redis-cli --cluster reshard` to a new
+    node): CLUSTER SLOTS does not list a node without slots, so redis-py's slot table
+    does not know it. Keys the source answers ASK for are deleted there, after ASKING
+    (redis-py's own following failed with an AttributeError, and the listener exited at
+    every start until the slot had moved)."""
+    sink = connect_sink(own_cluster.url)
+    assert isinstance(sink, ClusterSink)
+    moved, never, stayed = "{t}moved", "{t}never-cached", "{t}stayed"
+    sink.client.mset({moved: "cached", stayed: "cached"})
+    src = node_of(own_cluster, sink.client, moved)
+    new = own_cluster.add_node()
+    migration = Migration(own_cluster, key_slot(moved.encode()), src, new)
+    migration.begin()
+    _cmd(src, "MIGRATE", "127.0.0.1", new.port, "", 0, 5000, "KEYS", moved)
+    # One UNLINK of the slot: src holds only `stayed` (TRYAGAIN), then key by key: ASK
+    # for the two it does not hold.
+    assert sink.unlink([moved, never, stayed]) == 2
+    assert _exists_asking(new, moved) == 0
+    with pytest.raises(AskError):  # (src answers ASK for a key it does not hold)
+        _cmd(src, "EXISTS", stayed)
+    assert sink.unlink([never]) == 0  # alone: ASK at once
+    sink.close()
+
+
 def test_a_node_down_holds_the_batch_until_it_is_back(
     own_cenv: Env, own_cluster: RedisClusterServer, own_rc: RedisCluster
 ) -> None:

@@ -226,9 +226,10 @@ class RedisClusterServer(demo_servers.Server):
     """A Redis Cluster of `masters` redis-server processes (no replicas), each a
     RedisServer with cluster mode on; `redis-cli --cluster create` assigns the slots."""
 
-    def __init__(self, nodes: list[RedisServer], cli: str) -> None:
+    def __init__(self, nodes: list[RedisServer], cli: str, args: list[str]) -> None:
         self.nodes = nodes
         self.cli = cli
+        self.args = args  # each node's cluster options
 
     @classmethod
     def create(cls, masters: int = 3, node_timeout_ms: int = 2000) -> Self:
@@ -246,7 +247,7 @@ class RedisClusterServer(demo_servers.Server):
         nodes = [
             RedisServer.create([*args, "--cluster-port", str(free_port())]) for _ in range(masters)
         ]
-        return cls(nodes, cli)
+        return cls(nodes, cli, args)
 
     @property
     def url(self) -> str:
@@ -295,6 +296,30 @@ class RedisClusterServer(demo_servers.Server):
                     time.sleep(0.02)
             finally:
                 client.close()
+
+    def add_node(self, timeout_s: float = 30.0) -> RedisServer:
+        """A new primary that joins the cluster owning no slots (`redis-cli --cluster
+        add-node`): CLUSTER SLOTS does not list it until a slot is moved to it."""
+        node = RedisServer.create([*self.args, "--cluster-port", str(free_port())])
+        node.start()
+        self.nodes.append(node)
+        result = subprocess.run(
+            [
+                self.cli,
+                "--cluster",
+                "add-node",
+                f"127.0.0.1:{node.port}",
+                f"127.0.0.1:{self.nodes[0].port}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise ServerError(f"redis-cli --cluster add-node failed: {result.stdout[-2000:]}")
+        self.wait_ok(timeout_s)
+        return node
 
     def restart_node(self, index: int) -> None:
         """Stop one node and start it again (same port, same nodes.conf: same slots)."""

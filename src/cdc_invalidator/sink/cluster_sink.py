@@ -13,8 +13,9 @@ interleaved rounds, floors 0.93-1.25 s).
 
 Redirections: an UNLINK answered MOVED (the slot has a new owner), ASK (the slot is being
 migrated and the keys are already gone from this node) or TRYAGAIN (some of the keys
-moved, some not) is sent again one key at a time through RedisCluster.execute_command,
-which follows MOVED and ASK and updates the slot table. A node that cannot be reached
+moved, some not) is sent again one key at a time, following MOVED (the slot table
+updated) and ASK (with ASKING, to whichever node it names, known to the slot table or
+not). A node that cannot be reached
 raises: the runner backs off and retries the whole batch, and the slot table is read
 afresh first.
 
@@ -33,7 +34,7 @@ from typing import Any
 
 import redis
 import structlog
-from redis.cluster import ClusterNode, RedisCluster
+from redis.cluster import PRIMARY, ClusterNode, RedisCluster
 from redis.connection import Connection, ConnectionPool
 from redis.exceptions import AskError, MovedError, TryAgainError
 
@@ -48,6 +49,9 @@ from cdc_invalidator.sink.slots import Key, group_by_slot, pack_unlinks
 log = structlog.get_logger("cdc_invalidator.sink")
 
 SLOTS = 16384
+# Redirections followed for one key before giving up (ClusterChanging: retried later): a
+# slot moves once, and an ASK leads to the node importing it.
+REDIRECTIONS = 5
 
 
 class ClusterChanging(TryAgainError):
@@ -64,6 +68,8 @@ class ClusterSink:
         self._unlink_chunk = unlink_chunk
         self._scan_count = scan_count
         self._stale = False  # a node failed: read the slot table again before the next try
+        # Nodes an ASK named that redis-py's slot table does not know (_node_at).
+        self._asked: dict[tuple[str, int], ClusterNode] = {}
 
     @property
     def client(self) -> RedisCluster:
@@ -109,8 +115,43 @@ class ClusterSink:
         # Still redirected: one key per UNLINK (a key is on one side of a migration or
         # the other; several keys may be split across both, which is what TRYAGAIN says).
         for key in again:
-            deleted += int(self._client.execute_command("UNLINK", key))
+            deleted += self._unlink_one(key)
         return deleted
+
+    def _unlink_one(self, key: Key) -> int:
+        """UNLINK one key, following MOVED and ASK here rather than through
+        RedisCluster.execute_command: the node an ASK names may be new to the cluster
+        and own no slot yet (a resharding to a node just added), which CLUSTER SLOTS
+        does not list; redis-py then failed on a node it did not know (AttributeError)."""
+        node: ClusterNode = self._client.get_node_from_key(key)
+        asking = False
+        for _ in range(REDIRECTIONS):
+            client = self._client.get_redis_connection(node)
+            try:
+                if not asking:
+                    return int(client.execute_command("UNLINK", key))
+                pipe = client.pipeline(transaction=False)
+                pipe.execute_command("ASKING")
+                pipe.execute_command("UNLINK", key)
+                return int(pipe.execute()[1])
+            except MovedError as exc:
+                self._client.nodes_manager.move_slot(exc)
+                node, asking = self._node_at(exc.host, exc.port), False
+            except AskError as exc:
+                node, asking = self._node_at(exc.host, exc.port), True
+        self._stale = True
+        slot = self._client.keyslot(key)
+        raise ClusterChanging(f"an UNLINK was redirected {REDIRECTIONS} times in slot {slot}")
+
+    def _node_at(self, host: str, port: int) -> ClusterNode:
+        """The node at an address a redirection named: redis-py's, or one made as
+        redis-py makes them (its connection created on first use), kept here."""
+        node: ClusterNode | None = self._client.get_node(host=host, port=port)
+        if node is None:
+            node = self._asked.get((host, port))
+            if node is None:
+                node = self._asked[(host, port)] = ClusterNode(host, port, PRIMARY)
+        return node
 
     def _by_node(self, keys: Collection[Key]) -> list[tuple[ClusterNode, list[list[Key]]]]:
         """Each primary with its UNLINKs: one per slot (or per unlink_chunk keys)."""
@@ -263,6 +304,9 @@ class ClusterSink:
         return f"reachable, a Redis Cluster of {len(nodes)} primaries, each reachable"
 
     def close(self) -> None:
+        for node in self._asked.values():
+            if node.redis_connection is not None:
+                node.redis_connection.close()
         self._client.close()
 
 
