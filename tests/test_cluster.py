@@ -472,6 +472,32 @@ def test_a_sweep_refuses_while_a_slot_migrates(own_cluster: RedisClusterServer) 
     sink.close()
 
 
+def test_a_sweep_is_complete_without_a_key_orphaned_by_a_migration_given_up(
+    own_cluster: RedisClusterServer,
+) -> None:
+    """A key MIGRATEd to a node, then the migration given up (CLUSTER SETSLOT ...
+    STABLE on both sides), stays on a node that does not own its slot: every UNLINK
+    there is answered MOVED, and no client reads it. The sweep completes without it and
+    says so (it failed as "a key moved during a sweep", every retry, for good, holding
+    its TRUNCATE's acknowledgement)."""
+    sink = connect_sink(own_cluster.url)
+    assert isinstance(sink, ClusterSink)
+    orphan, beside = "{t}orphan", "{t}beside"
+    for key in (orphan, beside, "{u}other"):
+        sink.client.set(key, "x")
+    src = node_of(own_cluster, sink.client, orphan)
+    dst = _other(own_cluster, src)
+    migration = Migration(own_cluster, key_slot(orphan.encode()), src, dst)
+    migration.begin()
+    _cmd(src, "MIGRATE", "127.0.0.1", dst.port, "", 0, 5000, "KEYS", orphan)
+    for node in (src, dst):
+        _cmd(node, "CLUSTER", "SETSLOT", migration.slot, "STABLE")
+    assert sink.sweep(["{t}*", "{u}*"]) == 2  # (logged: sweep_orphan_keys, the node, slot)
+    assert sink.client.exists(beside, "{u}other", orphan) == 0  # (the orphan: unreachable)
+    assert _cmd(dst, "SCAN", 0, "MATCH", "{t}*", "COUNT", 1000) == (0, [orphan.encode()])
+    sink.close()
+
+
 def test_a_primarys_sweep_resumes_where_it_was_when_its_connection_is_killed(
     cluster: RedisClusterServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -230,35 +230,73 @@ class ClusterSink:
         before = self._layout()
         nodes = primaries(self._client)
         clients = [self._client.get_redis_connection(node) for node in nodes]
+        redirected: list[set[int]] = [set() for _ in clients]
         with ThreadPoolExecutor(len(clients), thread_name_prefix="cdc-sweep-node") as pool:
-            futures = [pool.submit(self._sweep_node, c, globs, stopped) for c in clients]
+            futures = [
+                pool.submit(self._sweep_node, c, globs, stopped, r)
+                for c, r in zip(clients, redirected, strict=True)
+            ]
             # Every node's result (or error) is waited for before raising the first.
             results = [f.exception() or f.result() for f in futures]
         for result in results:
             if isinstance(result, BaseException):
                 raise result
         if self._layout() != before:
+            self._stale = True
             raise ClusterChanging("the cluster's slots moved during a sweep")
+        self._judge_redirections(before, nodes, redirected)
         return sum(r for r in results if isinstance(r, int))
 
     def _sweep_node(
-        self, client: redis.Redis, globs: GlobSet, stopped: Callable[[], bool] | None
+        self,
+        client: redis.Redis,
+        globs: GlobSet,
+        stopped: Callable[[], bool] | None,
+        redirected: set[int],
     ) -> int:
         """One primary's pass, as a single server's (sink/scan_pass.py: pipelined,
         resumed after a failed connection while the node is the same), its page's
-        matches UNLINKed there grouped by slot (every key SCAN returns is the node's
-        own; a redirection means the layout is changing: ClusterChanging)."""
-        try:
-            return ServerSweep(
-                client.connection_pool,
-                lambda: server_identity(client),
-                globs,
-                self._scan_count,
-                lambda page: [pack_unlinks([keys]) for keys in group_by_slot(page).values()],
-            ).run(stopped)
-        except (MovedError, AskError, TryAgainError) as exc:
-            self._stale = True
-            raise ClusterChanging(f"a key moved during a sweep: {exc}") from exc
+        matches UNLINKed there grouped by slot. Every key SCAN returns is the node's
+        own, unless slots move meanwhile or it is an orphan: the slots of UNLINKs
+        redirected are gathered in `redirected` (_judge_redirections)."""
+        return ServerSweep(
+            client.connection_pool,
+            lambda: server_identity(client),
+            globs,
+            self._scan_count,
+            lambda page: [pack_unlinks([keys]) for keys in group_by_slot(page).values()],
+            redirected,
+        ).run(stopped)
+
+    def _judge_redirections(
+        self,
+        layout: tuple[tuple[str, str, tuple[tuple[str, ...], ...]], ...],
+        nodes: list[ClusterNode],
+        redirected: list[set[int]],
+    ) -> None:
+        """After a sweep whose layout held (no slot moved or migrated from before it to
+        after it): an UNLINK redirected in a slot its node did not own throughout was of
+        an orphan, a key left on a node that does not own its slot (a migration given up
+        with CLUSTER SETSLOT ... STABLE). No client reaches it there (every read is
+        redirected to the owner, which the sweep scanned), so it is no stale cache: the
+        sweep is complete, and says so. Any other redirection means keys moved during
+        the sweep: ClusterChanging (retried), as before."""
+        owned = {name: _slot_set(slots) for _, name, slots in layout}
+        orphans: dict[str, list[int]] = {}
+        for node, slots in zip(nodes, redirected, strict=True):
+            for slot in sorted(slots):
+                if slot < 0 or slot in owned.get(node.name, range(SLOTS)):
+                    self._stale = True
+                    raise ClusterChanging(f"a key moved during a sweep: slot {slot} on {node.name}")
+                orphans.setdefault(node.name, []).append(slot)
+        if orphans:
+            log.warning(
+                "sweep_orphan_keys",
+                nodes=orphans,
+                detail="keys on a node that does not own their slot (a slot migration "
+                "given up); no client reads them there, and the sweep is complete "
+                "without them",
+            )
 
     def _layout(self) -> tuple[tuple[str, str, tuple[tuple[str, ...], ...]], ...]:
         """Every primary's own account of itself (id, address, slots), with the slot
@@ -315,6 +353,11 @@ def _only_db0(works: Routed) -> None:
         raise Fatal(
             f"redis_db = {dbs[0]} in the configuration, but a Redis Cluster has only database 0"
         )
+
+
+def _slot_set(ranges: tuple[tuple[str, ...], ...]) -> set[int]:
+    """The slots of CLUSTER NODES' ranges ("5461", "10922"; a single slot: "5461")."""
+    return {slot for r in ranges for slot in range(int(r[0]), int(r[-1]) + 1)}
 
 
 def primaries(client: RedisCluster) -> list[ClusterNode]:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import cast
 
 import redis
+from redis.exceptions import AskError, MovedError, TryAgainError
 
 from cdc_invalidator.sink.glob import GlobSet
 from cdc_invalidator.sink.protocol import raise_if_stopped
@@ -52,6 +53,10 @@ class ServerSweep:
     globs: GlobSet
     scan_count: int
     unlinks_of: UnlinksOf
+    # A Cluster node's: the slots of UNLINKs answered MOVED or ASK (-1: TRYAGAIN), which
+    # the pass goes on past, for the caller to judge (ClusterSink.sweep). None: such a
+    # reply raises.
+    redirected: set[int] | None = None
 
     def run(self, stopped: Callable[[], bool] | None = None) -> int:
         """One pass; how many keys existed. `stopped` is asked between pages: True
@@ -101,11 +106,27 @@ class ServerSweep:
             raw_cursor, found = conn.read_response()
             page = globs.scanned(cast("list[bytes]", found))
             unlinks = self.unlinks_of(page)
-            sweep.deleted += sum(int(conn.read_response()) for _ in sweep.unlinks)
+            sweep.deleted += self._unlinked(conn, len(sweep.unlinks))
             sweep.cursor = int(raw_cursor) or None
             sweep.unlinks = unlinks
             sweep.pages += 1
             raise_if_stopped(stopped)
             send()
-        sweep.deleted += sum(int(conn.read_response()) for _ in sweep.unlinks)
+        sweep.deleted += self._unlinked(conn, len(sweep.unlinks))
         sweep.unlinks = []
+
+    def _unlinked(self, conn: redis.Connection, replies: int) -> int:
+        """Read `replies` UNLINK replies; how many keys existed."""
+        existed = 0
+        for _ in range(replies):
+            try:
+                existed += int(conn.read_response())
+            except (MovedError, AskError) as exc:
+                if self.redirected is None:
+                    raise
+                self.redirected.add(exc.slot_id)
+            except TryAgainError:
+                if self.redirected is None:
+                    raise
+                self.redirected.add(-1)
+        return existed
