@@ -27,7 +27,7 @@ chunk AS MATERIALIZED (
     FROM w, LATERAL (
         -- Transactions that were still running when the last snapshot was taken.
         -- (The position is a filter here, not an index bound: these rows are few.)
-        (SELECT r.xid, r.id, r.enqueued_at, r.schema_name, r.table_name, r.op, r.old_row, r.new_row,
+        (SELECT r.xid, r.id, r.pid, r.enqueued_at, r.schema_name, r.table_name, r.op, r.old_row, r.new_row,
                 r.rows, greatest(r.rows, 1) AS events
          FROM cdc_invalidator.queue_v1 r
          WHERE r.xid = ANY (%(prev_xip)s::xid8[])
@@ -40,7 +40,7 @@ chunk AS MATERIALIZED (
         -- Transactions that started after it: from (its xmax, 0) or the position, whichever
         -- is later, as one lower bound (given a second one, btree may start from the other
         -- and walk the whole index).
-        (SELECT r.xid, r.id, r.enqueued_at, r.schema_name, r.table_name, r.op, r.old_row, r.new_row,
+        (SELECT r.xid, r.id, r.pid, r.enqueued_at, r.schema_name, r.table_name, r.op, r.old_row, r.new_row,
                 r.rows, greatest(r.rows, 1) AS events
          FROM cdc_invalidator.queue_v1 r
          WHERE (r.xid, r.id) > (%(from_xid)s::xid8, %(from_id)s)
@@ -66,8 +66,9 @@ SELECT w.cur::text, (SELECT count(*) FROM chunk), (SELECT xid::text::int8 FROM l
        NULL, (SELECT coalesce(sum(events), 0)::int8 FROM chunk)
 FROM w
 UNION ALL
--- A row: [-, xid, -, id, schema, table, op, old, new, rows]; an xid8 as a number (its
--- text is its decimal value): cheaper to read than text.
-SELECT NULL, c.xid::text::int8, NULL, c.id, c.schema_name, c.table_name, c.op,
+-- A row: [-, xid, pid, id, schema, table, op, old, new, rows]; an xid8 as a number (its
+-- text is its decimal value): cheaper to read than text. (pid: the writer's backend,
+-- NULL but for a row a NOTIFY payload was sent for.)
+SELECT NULL, c.xid::text::int8, c.pid, c.id, c.schema_name, c.table_name, c.op,
        c.old_row::text, c.new_row::text, c.rows
 FROM chunk c

@@ -148,6 +148,11 @@ $queue_index$;
 -- cost: docs/DBA.md, "What a bulk statement costs"). Added to existing installs: NULL
 -- in every row already queued, which is what they are.
 SELECT cdc_invalidator.add_column_v1('cdc_invalidator.queue_v1', 'rows', 'integer');
+-- The writer's backend (pg_backend_pid()), for a row whose change also went out in a
+-- NOTIFY payload (queue_early_v1): the listener skips deleting such a row's keys again
+-- only if the payload it deleted them from came from that backend (capture/early.py).
+-- NULL for every other row.
+SELECT cdc_invalidator.add_column_v1('cdc_invalidator.queue_v1', 'pid', 'integer');
 -- A pack's JSON (a thousand rows' key columns, tens of kB) is compressed as it is stored,
 -- by the writer's own session inside its statement: lz4 where the server was built with
 -- it, else PostgreSQL's default, pglz, which cost a 1M-row statement's writer 12-16 % more
@@ -514,7 +519,7 @@ $judged_packed$;
 -- xid, the writer's now() and [[op, old_row, new_row]] || '}' (see watch()), or the
 -- empty wake-up when that is 8000 bytes or more (NOTIFY's limit). The listener deletes
 -- its keys at once, before it reads the queue (which still acknowledges the row, and
--- knows it by its transaction and content). Sent from the INSERT's own row filter, which
+-- knows it by its transaction, its writer's backend, queued as pid, and content). Sent from the INSERT's own row filter, which
 -- always passes: the row is built once, with no second scan, aggregate or RETURNING
 -- (which would need SELECT on the queue, every table's rows, for the table owners the
 -- capture functions run as). A row the filter of a judged UPDATE drops is not queued
@@ -531,7 +536,8 @@ BEGIN
         RAISE EXCEPTION 'cdc_invalidator.queue_early_v1: not a single-row queue INSERT: %', statement;
     END IF;
     RETURN format(
-        'INSERT INTO cdc_invalidator.queue_v1 (%1$s) SELECT %1$s FROM (%2$s) s (%1$s), '
+        'INSERT INTO cdc_invalidator.queue_v1 (%1$s, pid) SELECT %1$s, pg_backend_pid() '
+        'FROM (%2$s) s (%1$s), '
         'LATERAL (SELECT %3$L || pg_current_xact_id()::text '
         '|| '',"a":'' || extract(epoch FROM now())::text '
         '|| '',"r":['' || json_build_array(s.op, %4$s, %5$s)::text || '']}'' AS p) e '
@@ -1183,7 +1189,7 @@ BEGIN
     EXECUTE format('REVOKE ALL ON FUNCTION %s() FROM PUBLIC', fn);
     EXECUTE format('ALTER FUNCTION %s() OWNER TO %s', fn, owner);
     EXECUTE format('GRANT USAGE ON SCHEMA cdc_invalidator TO %s', owner);
-    EXECUTE format('GRANT INSERT (schema_name, table_name, op, old_row, new_row, rows) '
+    EXECUTE format('GRANT INSERT (schema_name, table_name, op, old_row, new_row, rows, pid) '
                    'ON TABLE cdc_invalidator.queue_v1 TO %s', owner);
 
     -- The table, and for a partitioned table every partition too: statement triggers
@@ -1308,7 +1314,7 @@ BEGIN
                SELECT FROM pg_proc p
                WHERE p.pronamespace = 'cdc_invalidator'::regnamespace AND p.proowner = owner
                  AND p.proname LIKE 'capture\_%\_v1') THEN
-            EXECUTE format('REVOKE INSERT (schema_name, table_name, op, old_row, new_row, rows) '
+            EXECUTE format('REVOKE INSERT (schema_name, table_name, op, old_row, new_row, rows, pid) '
                            'ON TABLE cdc_invalidator.queue_v1 FROM %s', owner);
         END IF;
     END IF;

@@ -27,6 +27,7 @@ from psycopg.conninfo import make_conninfo
 from cdc_invalidator.capture.early import (
     EarlyBatch,
     EarlyChanges,
+    Sender,
     content,
     early_batch,
     visible_in,
@@ -273,6 +274,33 @@ def test_a_payload_too_large_for_notify_falls_back_to_the_wakeup(env: Env) -> No
         assert len(tap.queue_ids()) == 1
 
 
+def test_a_payload_another_backend_sent_never_stands_for_the_writers_row(env: Env) -> None:
+    """Any role may NOTIFY on the channel. A payload naming a transaction still open (its
+    xid is in pg_locks) and its row has that row's keys deleted before the commit, when a
+    reader may cache the old row again: the writer's row must still be deleted when the
+    queue read gets it, since the payload did not come from the writer's backend. (The
+    writer's own payload is not sent here, as when it is dropped; with it, its delete
+    after the commit would hide the loss.)"""
+    config = setup_users(env, notify_payload=True, rows=4, second_delete_ms=0)
+    r = env.redis()
+    with listener_with_tap(env, config) as (_listener, tap), env.connect() as writer:
+        cache(r, [4])
+        writer.execute("SET cdc_invalidator.notify = 'off'")
+        writer.execute("BEGIN")
+        writer.execute("UPDATE users SET email = email WHERE id = 4")
+        found = writer.execute("SELECT pg_current_xact_id()::text").fetchone()
+        assert found is not None
+        xid = int(found[0])
+        row = {"id": "4", "email": "u4@x"}
+        forged = {"s": "public", "t": "users", "x": xid, "a": None, "r": [["U", row, row]]}
+        env.sql("SELECT pg_notify(%s, %s)", [CHANNEL, json.dumps(forged)])
+        wait_until(tap.early_ids, what="the forged payload's early delete")
+        assert not any(r.exists(k) for k in keys_of(4))
+        cache(r, [4])  # a reader refills the cache from the row as it was
+        writer.execute("COMMIT")
+        wait_until(lambda: settled(env, r, [4]), what="the writer's row deleted, once visible")
+
+
 def test_a_rolled_back_transaction_deletes_nothing(env: Env) -> None:
     config = setup_users(env, notify_payload=True, rows=3, prune_every_ms=KEEP_QUEUE)
     r = env.redis()
@@ -427,20 +455,24 @@ def change(op: Op, i: int) -> ChangeEvent:
     return ChangeEvent(TableName("public", "users"), op, {"id": str(i)}, {"id": str(i)}, i)
 
 
-def test_early_changes_are_skipped_once_each_by_transaction_and_content() -> None:
+def test_early_changes_are_skipped_once_each_by_transaction_writer_and_content() -> None:
     early = EarlyChanges()
     one, two = change(Op.UPDATE, 1), change(Op.UPDATE, 2)
-    early.add([(700, c) for c in (content(one), content(one)) if c is not None])
-    # Queue rows: three alike in transaction 700 (two deleted early), one in 701, and
-    # one of different content.
-    rows = [change(Op.UPDATE, 1)._replace(position=p) for p in (10, 11, 12, 13)]
+    early.add([((700, 42), c) for c in (content(one), content(one)) if c is not None])
+    # Queue rows: three alike in transaction 700 by backend 42 (two deleted early), one
+    # in 701, one of different content, and one alike whose writer was another backend
+    # or sent no payload (pid NULL): the payload that claimed it came from elsewhere.
+    rows = [change(Op.UPDATE, 1)._replace(position=p) for p in (10, 11, 12, 13, 15, 16)]
     rows.append(two._replace(position=14))
-    xids = {10: 700, 11: 700, 12: 700, 13: 701, 14: 700}
-    kept, skipped = early.split(rows, xids)
-    assert [e.position for e in kept] == [12, 13, 14]
+    senders: dict[int, Sender] = {
+        10: (700, 42), 11: (700, 42), 12: (700, 42), 13: (701, 42), 14: (700, 42),
+        15: (700, 43), 16: (700, None),
+    }  # fmt: skip
+    kept, skipped = early.split(rows, senders)
+    assert [e.position for e in kept] == [12, 13, 15, 16, 14]
     assert len(skipped) == 2
     # Not acknowledged: the same read skips the same again.
-    assert early.split(rows, xids)[1] == skipped
+    assert early.split(rows, senders)[1] == skipped
     early.forget(skipped)
     assert not early
 
@@ -449,12 +481,12 @@ def test_early_changes_are_bounded_in_number_and_time() -> None:
     found = content(change(Op.DELETE, 1))
     assert found is not None
     early = EarlyChanges(keep_s=3600, most=2)
-    early.add([(1, found), (2, found), (3, found)])
+    early.add([((1, 9), found), ((2, 9), found), ((3, 9), found)])
     rows = [change(Op.DELETE, 1)._replace(position=p) for p in (1, 2, 3)]
-    kept, _ = early.split(rows, {1: 1, 2: 2, 3: 3})
+    kept, _ = early.split(rows, {1: (1, 9), 2: (2, 9), 3: (3, 9)})
     assert [e.position for e in kept] == [1]  # made room
     expiring = EarlyChanges(keep_s=0)
-    expiring.add([(1, found)])
+    expiring.add([((1, 9), found)])
     assert not expiring
 
 
@@ -466,9 +498,9 @@ def test_a_value_that_cannot_be_compared_is_never_recognized() -> None:
 
 def test_an_early_batch_knows_only_what_was_not_left() -> None:
     events = [change(Op.UPDATE, i)._replace(position=i) for i in range(3)]
-    batch = EarlyBatch(events, [5, 5, 6], [None, None, None])
+    batch = EarlyBatch(events, [5, 5, 6], [40, 40, 41], [None, None, None])
     batch.dead_letter(1, "refused")
-    assert [xid for xid, _ in batch.deleted()] == [5, 6]
+    assert [sender for sender, _ in batch.deleted()] == [(5, 40), (6, 41)]
     assert batch.dead == {}, "a refused change is the queue read's to dead-letter"
     batch.leave()
     assert list(batch.deleted()) == []
@@ -515,7 +547,7 @@ def payload(op: str, old: dict[str, str] | None, new: dict[str, str] | None) -> 
 
 
 def handed_to_a_runner(payloads: list[str]) -> tuple[EarlyBatch, RecordingSink, Runner]:
-    batch = early_batch(RowDecoder(), payloads, "800:800:", limit=100)
+    batch = early_batch(RowDecoder(), [(77, p) for p in payloads], "800:800:", limit=100)
     sink = RecordingSink()
     stopper = Stopper()
     try:
@@ -537,7 +569,7 @@ def test_an_early_batch_deletes_and_counts_only_its_keys() -> None:
         [payload("U", {"id": "1"}, {"id": "2"}), payload("D", {"id": "3"}, None)]
     )
     assert sink.deletes == [["user:1", "user:2", "user:3"]]
-    assert [xid for xid, _ in batch.deleted()] == [900, 900]
+    assert [sender for sender, _ in batch.deleted()] == [(900, 77), (900, 77)]
     assert runner.keys_deleted == 3
     assert runner.events_processed == 0, "counted by the queue read that acknowledges"
 
@@ -556,7 +588,7 @@ def test_an_early_batch_needing_a_sweep_is_left_whole_to_the_queue_read() -> Non
 def test_payloads_that_cannot_be_read_or_were_read_already_make_no_early_batch() -> None:
     decoder = RowDecoder()
     broken = ["{", "[1]", json.dumps({"s": "public"}), payload("X", None, None)]
-    assert early_batch(decoder, broken, "800:800:", limit=100).events == []
-    seen = payload("I", None, {"id": "1"})  # transaction 900, complete in 901:901:
+    assert early_batch(decoder, [(1, b) for b in broken], "800:800:", limit=100).events == []
+    seen = (1, payload("I", None, {"id": "1"}))  # transaction 900, complete in 901:901:
     assert early_batch(decoder, [seen], "901:901:", limit=100).events == []
     assert len(early_batch(decoder, [seen, seen], "800:800:", limit=1).events) == 1

@@ -55,10 +55,12 @@ def ack_before_unlink() -> None:
         self._observe(batch, deleted)
         return batch.size
 
-    def no_early_batches(self: TriggerQueue, payloads: list[str | bytes], limit: int) -> EarlyBatch:
+    def no_early_batches(
+        self: TriggerQueue, payloads: list[tuple[int, str | bytes]], limit: int
+    ) -> EarlyBatch:
         # A one-row statement's keys would be deleted from its NOTIFY payload before
         # anything is acknowledged, and the queue read after that deletes nothing more.
-        return EarlyBatch([], [], [])
+        return EarlyBatch([], [], [], [])
 
     Runner._process_batch = process_batch  # type: ignore[method-assign]
     TriggerQueue._early_batch = no_early_batches  # type: ignore[method-assign]

@@ -5,10 +5,20 @@ in packs, without this) also sends that row in its NOTIFY payload (sql/schema.sq
 queue_early_v1). The listener maps and deletes it at once, as an EarlyBatch, instead of
 first reading the queue: one PostgreSQL round trip less between commit and delete. The
 queue stays the record: the read that follows acknowledges the row, and skips deleting
-its keys again when EarlyChanges knows it (same transaction, same content) as deleted,
-confirmed by Redis. Anything else (a payload that cannot be read, a change the mapper
-refuses or that needs a sweep, a delete that failed, an entry forgotten) is left to the
-queue read, which deletes as it always did: the fast path only ever adds deletes.
+its keys again when EarlyChanges knows it (same transaction, same content, sent by the
+backend that wrote it) as deleted, confirmed by Redis. Anything else (a payload that
+cannot be read, a change the mapper refuses or that needs a sweep, a delete that
+failed, an entry forgotten) is left to the queue read, which deletes as it always did:
+the fast path only ever adds deletes.
+
+The sender counts because any role that can connect may NOTIFY on our channel, with any
+payload: one naming a transaction still open (its xid is in pg_locks) and that
+transaction's row would be deleted early, before the commit (a reader could cache the
+old row again right after), and the queue read would skip the row's real delete. So a
+payload counts for the skip only if its NOTIFY came from the backend that queued the row
+(queue_v1.pid, written with each row a payload is sent for; PostgreSQL gives every
+notification its sender's pid): a backend's NOTIFY in the writing transaction is
+delivered only once that committed, and no other backend has its pid while it runs.
 """
 
 from __future__ import annotations
@@ -34,6 +44,9 @@ EARLY_KEEP_MAX = 10_000  # transactions
 # A change as the queue read recognizes one deleted early: (op, old, new), the rows as
 # sorted (column, value) pairs. Queue rows have no id before they are read.
 Content = tuple[str, tuple[tuple[str, Any], ...] | None, tuple[tuple[str, Any], ...] | None]
+# Who wrote it: (xid, the backend's pid). A queue row's pid is None where no payload was
+# sent for it (or its capture function predates queue_v1.pid): never recognized.
+Sender = tuple[int, int | None]
 
 
 def content(event: ChangeEvent) -> Content | None:
@@ -65,6 +78,7 @@ class EarlyBatch:
 
     events: list[ChangeEvent]
     xids: list[int]  # each event's transaction
+    pids: list[int]  # the backend each event's NOTIFY came from
     committed: list[float | None]  # each event's writer's now() (Unix time, the server's)
     read_at: float = 0.0
     left: set[int] = field(default_factory=set)  # positions left to the queue read
@@ -94,11 +108,11 @@ class EarlyBatch:
     def origins(self) -> list[Origin]:
         return [Origin(at, f"xid {xid}") for xid, at in zip(self.xids, self.committed, strict=True)]
 
-    def deleted(self) -> Iterator[tuple[int, Content]]:
-        """(xid, content) of each change whose keys this batch deleted."""
+    def deleted(self) -> Iterator[tuple[Sender, Content]]:
+        """((xid, pid), content) of each change whose keys this batch deleted."""
         for i, event in enumerate(self.events):
             if i not in self.left and (found := content(event)) is not None:
-                yield self.xids[i], found
+                yield (self.xids[i], self.pids[i]), found
 
 
 class EarlyChanges:
@@ -109,54 +123,54 @@ class EarlyChanges:
     def __init__(self, keep_s: float = EARLY_KEEP_S, most: int = EARLY_KEEP_MAX) -> None:
         self._keep_s = keep_s
         self._most = most
-        # xid -> (when remembered, how many of each content), oldest first.
-        self._by_xid: dict[int, tuple[float, Counter[Content]]] = {}
+        # (xid, pid) -> (when remembered, how many of each content), oldest first.
+        self._by_sender: dict[Sender, tuple[float, Counter[Content]]] = {}
 
     def __bool__(self) -> bool:
-        return bool(self._by_xid)
+        return bool(self._by_sender)
 
-    def add(self, changes: Iterable[tuple[int, Content]]) -> None:
+    def add(self, changes: Iterable[tuple[Sender, Content]]) -> None:
         now = time.monotonic()
-        by_xid = self._by_xid
-        for xid, found in changes:
-            entry = by_xid.get(xid)
+        by_sender = self._by_sender
+        for sender, found in changes:
+            entry = by_sender.get(sender)
             if entry is None:
-                entry = by_xid[xid] = (now, Counter())
+                entry = by_sender[sender] = (now, Counter())
             entry[1][found] += 1
         cutoff = now - self._keep_s
-        while by_xid:
-            oldest, (at, _) = next(iter(by_xid.items()))
-            if at > cutoff and len(by_xid) <= self._most:
+        while by_sender:
+            oldest, (at, _) = next(iter(by_sender.items()))
+            if at > cutoff and len(by_sender) <= self._most:
                 break
-            del by_xid[oldest]
+            del by_sender[oldest]
 
     def split(
-        self, events: list[ChangeEvent], xids: dict[int, int]
-    ) -> tuple[list[ChangeEvent], list[tuple[int, Content]]]:
-        """`events` (queue rows: position -> xid in `xids`) less those deleted early, and
-        which those were (for forget(), once acknowledged)."""
+        self, events: list[ChangeEvent], senders: dict[int, Sender]
+    ) -> tuple[list[ChangeEvent], list[tuple[Sender, Content]]]:
+        """`events` (queue rows: position -> (xid, pid) in `senders`) less those deleted
+        early, and which those were (for forget(), once acknowledged)."""
         kept: list[ChangeEvent] = []
-        skipped: list[tuple[int, Content]] = []
-        used: Counter[tuple[int, Content]] = Counter()
-        by_xid = self._by_xid
+        skipped: list[tuple[Sender, Content]] = []
+        used: Counter[tuple[Sender, Content]] = Counter()
+        by_sender = self._by_sender
         for event in events:
-            xid = xids.get(event.position)
+            sender = senders.get(event.position)
             if (
-                xid is not None
-                and (entry := by_xid.get(xid)) is not None
+                sender is not None
+                and (entry := by_sender.get(sender)) is not None
                 and (found := content(event)) is not None
-                and used[xid, found] < entry[1][found]
+                and used[sender, found] < entry[1][found]
             ):
-                used[xid, found] += 1
-                skipped.append((xid, found))
+                used[sender, found] += 1
+                skipped.append((sender, found))
             else:
                 kept.append(event)
         return kept, skipped
 
-    def forget(self, changes: Iterable[tuple[int, Content]]) -> None:
-        by_xid = self._by_xid
-        for xid, found in changes:
-            entry = by_xid.get(xid)
+    def forget(self, changes: Iterable[tuple[Sender, Content]]) -> None:
+        by_sender = self._by_sender
+        for sender, found in changes:
+            entry = by_sender.get(sender)
             if entry is None:
                 continue
             counts = entry[1]
@@ -164,18 +178,18 @@ class EarlyChanges:
             if counts[found] <= 0:
                 del counts[found]
             if not counts:
-                del by_xid[xid]
+                del by_sender[sender]
 
 
 def early_batch(
-    decoder: RowDecoder, payloads: Sequence[str | bytes], done: str, limit: int
+    decoder: RowDecoder, payloads: Sequence[tuple[int, str | bytes]], done: str, limit: int
 ) -> EarlyBatch:
-    """The changes of `payloads` not yet read from the queue (their transactions not
-    visible in `done`, the finished snapshot), up to `limit`. A payload that cannot be
-    read is skipped: the queue read has its rows."""
-    batch = EarlyBatch([], [], [], read_at=time.monotonic())
+    """The changes of `payloads` ((sender's pid, payload)) not yet read from the queue
+    (their transactions not visible in `done`, the finished snapshot), up to `limit`. A
+    payload that cannot be read is skipped: the queue read has its rows."""
+    batch = EarlyBatch([], [], [], [], read_at=time.monotonic())
     wall = time.time()
-    for payload in payloads:
+    for pid, payload in payloads:
         try:
             found = payload_events(decoder, payload, len(batch.events))
         except (InvalidEvent, ValueError, TypeError, KeyError):
@@ -185,6 +199,7 @@ def early_batch(
         xid, committed, events = found
         batch.events += events
         batch.xids += [xid] * len(events)
+        batch.pids += [pid] * len(events)
         batch.committed += [committed] * len(events)
         if committed is not None:
             age = max(0.0, wall - committed)

@@ -35,7 +35,7 @@ import structlog
 from psycopg import sql
 from psycopg.rows import tuple_row
 
-from cdc_invalidator.capture.early import Content, EarlyBatch, EarlyChanges, early_batch
+from cdc_invalidator.capture.early import Content, EarlyBatch, EarlyChanges, Sender, early_batch
 from cdc_invalidator.capture.errors import Fatal, NotInstalled, Standby, missing_privilege
 from cdc_invalidator.capture.holds import Hold, Holds
 from cdc_invalidator.capture.rows import RowDecoder, pack_element, queue_id
@@ -422,7 +422,7 @@ class TriggerQueue:
         # NOTIFY payloads received (one-row statements' rows), not yet deleted early;
         # the changes deleted early that the queue read acknowledges; whether that read
         # is owed (an early batch was just handed out).
-        self._payloads: list[str | bytes] = []
+        self._payloads: list[tuple[int, str | bytes]] = []  # (sender's pid, payload)
         self._payload_bytes = 0  # theirs (PAYLOAD_BYTES_KEPT)
         self._early = EarlyChanges()
         self._read_owed = False
@@ -461,7 +461,7 @@ class TriggerQueue:
         with self._queue_batch(limit) as batch:
             yield batch
 
-    def _early_batch(self, payloads: list[str | bytes], limit: int) -> EarlyBatch:
+    def _early_batch(self, payloads: list[tuple[int, str | bytes]], limit: int) -> EarlyBatch:
         return early_batch(self._decoder, payloads, self._progress.done.text, limit)
 
     @contextmanager
@@ -516,14 +516,15 @@ class TriggerQueue:
 
     def _without_early(
         self, events: list[ChangeEvent], rows: list[tuple[Any, ...]]
-    ) -> tuple[list[ChangeEvent], list[tuple[int, Content]]]:
+    ) -> tuple[list[ChangeEvent], list[tuple[Sender, Content]]]:
         """`events` less those deleted early (acknowledged by this read, not deleted
         again), and which those were."""
         if not self._early:
             return events, []
-        # Columns 1 and 3: xid, id. Only single changes were deleted early: a pack's
-        # elements (positions that are no queue id) are never found.
-        return self._early.split(events, {row[3]: int(row[1]) for row in rows})
+        # Columns 1 to 3: xid, pid (the writer's backend, NULL but for a row a payload
+        # was sent for), id. Only single changes were deleted early: a pack's elements
+        # (positions that are no queue id) are never found.
+        return self._early.split(events, {row[3]: (int(row[1]), row[2]) for row in rows})
 
     def _acknowledge(self, batch: QueueBatch, chunk: Chunk, window: Snapshot, limit: int) -> None:
         progress = self._progress
@@ -599,17 +600,18 @@ class TriggerQueue:
         with self._conn.lock:  # the read-ahead thread may use the connection
             pgconn.consume_input()
             while (notify := pgconn.notifies()) is not None:
-                self._note(notify.extra)  # JSON: orjson reads the bytes
+                self._note(notify.be_pid, notify.extra)  # JSON: orjson reads the bytes
 
     def _notified(self, notify: psycopg.Notify) -> None:
         """A notification psycopg read with a query's results."""
-        self._note(notify.payload)
+        self._note(notify.pid, notify.payload)
 
-    def _note(self, payload: str | bytes) -> None:
-        """A wake-up, and its payload (a one-row statement's row) if it has one."""
+    def _note(self, pid: int, payload: str | bytes) -> None:
+        """A wake-up, and its payload (a one-row statement's row) if it has one, with
+        the backend that sent it."""
         self._woken = True
         if payload and self._payload_bytes < PAYLOAD_BYTES_KEPT:
-            self._payloads.append(payload)
+            self._payloads.append((pid, payload))
             self._payload_bytes += len(payload)
 
     def _listen(self, on: bool) -> None:
