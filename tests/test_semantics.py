@@ -746,6 +746,12 @@ def test_bad_events_are_dead_lettered_and_good_ones_still_processed(env: Env) ->
         enqueue(env, "users", "D", old_row='{"id": "9", "email": {"a": 1}}'): ["'email'", "dict"],
         enqueue(env, "users", "D", old_row='["9", "n@x"]'): ["old_row", "list"],
         enqueue(env, "users", "I"): ["new row"],
+        # JSON can spell a lone surrogate, which no UTF-8 carries (to Redis, or back to
+        # PostgreSQL): it crashed the listener at every start, in the UNLINK's encoding.
+        enqueue(env, "users", "I", new_row='{"id": "\\ud800", "email": "s@x"}'): [
+            "new_row",
+            "surrogates not allowed",
+        ],
     }
     env.sql("UPDATE users SET name = 'x' WHERE id = 1")
     with listening(config) as listener:

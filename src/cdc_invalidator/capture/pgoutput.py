@@ -584,7 +584,8 @@ class Decoder:
             body = json.loads(content)
             table = TableName(str(body["schema"]), str(body["table"]))
             reason = str(body["reason"])
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
+            # (any role may emit a message of our prefix: a dead letter, never a crash)
             raise InvalidEvent(f"message {content[:200]!r} ({MESSAGE_PREFIX}): {exc}") from None
         self.position += 1
         return ChangeEvent(

@@ -470,7 +470,7 @@ def column_rows(columns: _Columns, count: int) -> list[Row]:
 
 
 def _history_items(text: str) -> list[object]:
-    items = _parse(text, "events")
+    items = _parse(text, "events", surrogates=True)
     if not isinstance(items, list):
         raise InvalidEvent(f"events is {_kind(items)}, expected a JSON array")
     return items
@@ -500,21 +500,40 @@ def _parse_all(texts: list[str | None]) -> list[object] | None:
     the cost. A json column holds exactly one JSON value, so joining them with commas
     makes one array of as many elements.
     """
+    joined = "[" + ",".join(t if t is not None else "null" for t in texts) + "]"
+    if _may_spell_surrogate(joined):
+        return None  # each row on its own: one spelling a lone surrogate is refused
     try:
-        parsed = json.loads("[" + ",".join(t if t is not None else "null" for t in texts) + "]")
+        parsed = json.loads(joined)
     except (ValueError, RecursionError):
         return None  # each row is parsed on its own, to name the culprit
     return parsed if isinstance(parsed, list) and len(parsed) == len(texts) else None
 
 
-def _parse(text: str | None, name: str) -> object:
+def _may_spell_surrogate(text: str) -> bool:
+    """Whether JSON text may spell a UTF-16 surrogate (a backslash, u, D800 to DFFF). The capture
+    functions' JSON never does (PostgreSQL's text holds none, and its json escapes only
+    control characters), but a row written by hand may; a lone one decodes to a str
+    that no UTF-8 can carry, to Redis or back to PostgreSQL."""
+    return "\\ud" in text or "\\uD" in text
+
+
+def _parse(text: str | None, name: str, *, surrogates: bool = False) -> object:
+    """A queue row's JSON value; InvalidEvent naming `name` if it is malformed, or spells
+    a lone surrogate (unless `surrogates`: logical mode's history, whose text may hold
+    the bytes a SQL_ASCII database sent, decoded leniently)."""
     if text is None:
         return None
     try:
-        return json.loads(text)
+        parsed = json.loads(text)
+        if not surrogates and _may_spell_surrogate(text):
+            # A lone surrogate cannot be encoded (a pair decoded as one character can).
+            json.dumps(parsed, ensure_ascii=False).encode()
     except (ValueError, RecursionError) as exc:
-        # e.g. a number too long for Python's int conversion limit
+        # e.g. a number too long for Python's int conversion limit; a lone surrogate
+        # (UnicodeEncodeError, whose text names no value)
         raise InvalidEvent(f"{name} cannot be parsed: {exc}") from None
+    return parsed
 
 
 def _row(value: object, name: str) -> Row | None:
