@@ -139,6 +139,10 @@ def configure(
         (f"rediss://cdc:{quote(PG_ENCODED, safe='')}@h/0", "S3cr3t%2Fpg%407b2e", PG_ENCODED),
         # No colon: redis-py reads a user name, but it was meant as a password.
         (f"redis://{REDIS_PASSWORD}@h:6379/0", REDIS_PASSWORD, REDIS_PASSWORD),
+        # An "@" not percent-encoded: libpq and redis-py split at the first one, and
+        # echo the rest as a host name.
+        (f"postgresql://u:pw@{MARK}@h:5432/db", f"pw@{MARK}", f"pw@{MARK}"),
+        (f"redis://u:pw@{MARK}@h:6379/0", f"pw@{MARK}", f"pw@{MARK}"),
     ],
 )
 def test_secrets_of_finds_passwords_as_written_and_as_meant(
@@ -383,6 +387,11 @@ BAD = [
         "redis_sentinels and redis_sentinel_master go together",
     ),
     Bad("a bad sentinel address", {"redis_sentinels": ["nowhere"]}, "is not host:port"),
+    Bad(
+        "a sentinel address with user info",
+        {"redis_sentinels": [f"u:{MARK}-sentinel@h:26379"]},
+        "redis_sentinel_password",
+    ),
     Bad(
         "tables from a variable that is not JSON",
         {"tables": "{not json"},

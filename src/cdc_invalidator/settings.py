@@ -90,6 +90,12 @@ _ECHOED_MAX_LENGTH = 200
 
 def _host_port(value: str) -> str:
     """A sentinel's address: "host:port" (an IPv6 host in brackets: "[::1]:26379")."""
+    if "@" in value:
+        # (not echoed: what comes before the "@" is a user and password)
+        raise ValueError(
+            "an address holds user info (…@host:port): the sentinels' password goes in "
+            "redis_sentinel_password"
+        )
     host, sep, port = value.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
@@ -472,9 +478,15 @@ def _raw_secrets(data: dict[str, Any]) -> list[str]:
         name = variable.lower().removeprefix(ENV_PREFIX.lower())
         if variable.upper().startswith(ENV_PREFIX) and name in values:
             values[name].append(value)
+    # A sentinel written with user info ("user:password@host:port"), refused, is read as
+    # a URL's to find it.
+    sentinels = data.get("redis_sentinels") or os.environ.get(f"{ENV_PREFIX}REDIS_SENTINELS")
+    if not isinstance(sentinels, list):
+        sentinels = re.split(r"[\s,\[\]\"]+", str(sentinels or ""))
     return [
         *(s for name in _URL_SETTINGS for s in secrets_of(*values[name])),
         *(s for name in _PASSWORD_SETTINGS for s in values[name]),
+        *secrets_of(*(f"redis://{entry}" for entry in sentinels if "@" in str(entry))),
     ]
 
 
