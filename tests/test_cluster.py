@@ -30,7 +30,7 @@ from cdc_invalidator.sink.slots import group_by_slot, pack_unlinks
 from tests.support.env import Env, Servers, capture_of, make_env
 from tests.support.evidence import unavailable
 from tests.support.faults import PENDING
-from tests.support.listener import listening
+from tests.support.listener import Spawn, listening
 from tests.support.servers import RedisClusterServer, RedisServer, ServerError
 from tests.support.sync import SYNC, install
 from tests.support.sync import settle as settle_on
@@ -602,6 +602,43 @@ def test_a_node_restarted_from_its_dump_is_replayed(
             what="the new identity seen",
         )
         wait_until(lambda: _cmd(node, "EXISTS", "user:1") == 0, what="user:1 deleted again")
+
+
+def test_a_replays_sweep_waits_for_a_migration_while_changes_go_on(
+    own_cenv: Env, own_cluster: RedisClusterServer, own_rc: RedisCluster, spawn: Spawn
+) -> None:
+    """A replay whose window holds a TRUNCATE sweeps, and a Cluster refuses to sweep while
+    a slot migrates (keys in flight could be missed). The sweep waits for the migration,
+    while later changes are invalidated meanwhile: the whole loop waited before, and a
+    resharding (or one left half done) can last hours. The new identity is saved once
+    the sweep is done."""
+    users_table(own_cenv, 2)
+    own_cenv.sql("CREATE TABLE IF NOT EXISTS sync (id int PRIMARY KEY)")
+    config = own_cenv.config({**USERS, **SYNC}, replay_history="1h", redis_check_interval_ms=100)
+    assert main(["install", "--config", str(config)]) == 0
+    listener = spawn(config)
+    own_cenv.sql("TRUNCATE users")  # in the replay's window: a sweep of user:*
+    own_rc.set("sync:0", "cached")
+    own_cenv.sql("INSERT INTO sync VALUES (0)")
+    wait_until(lambda: own_rc.exists("sync:0") == 0, what="the TRUNCATE and a change after it")
+    identity = "SELECT identity FROM cdc_invalidator.redis_identity_v1"
+    before = own_cenv.scalar(identity)
+    src, dst, other = own_cluster.nodes
+    migration = Migration(own_cluster, _first_slot(src), src, dst)
+    migration.begin()
+    other.restart()  # a new run_id: the listener replays
+    own_cluster.wait_ok()
+    swept = cache_users(own_rc, range(1, 50))
+    wait_until(lambda: listener.logged("replay_sweep_deferred"), what="the sweep deferred")
+    own_rc.set("sync:1", "cached")
+    own_cenv.sql("INSERT INTO sync VALUES (1)")
+    wait_until(lambda: own_rc.exists("sync:1") == 0, what="a change during the migration")
+    assert own_rc.exists(*swept) == len(swept), "not swept while the slot migrates"
+    assert own_cenv.scalar(identity) == before, "the new identity is not saved yet"
+    migration.finish()
+    wait_until(lambda: own_rc.exists(*swept) == 0, what="the sweep once the slot moved")
+    wait_until(lambda: own_cenv.scalar(identity) != before, what="the new identity saved")
+    assert listener.logged("replay_sweep_done")
 
 
 def test_a_cluster_refuses_other_databases_per_table(cluster: RedisClusterServer) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import psycopg
@@ -22,7 +22,7 @@ import structlog
 
 from cdc_invalidator.capture.rows import Decoded, MapPack
 from cdc_invalidator.events import Pack
-from cdc_invalidator.mapping import Mapper, Routed, merge
+from cdc_invalidator.mapping import Invalidation, Mapper, Routed, merge
 from cdc_invalidator.sink import Sink
 
 log = structlog.get_logger("cdc_invalidator.replay")
@@ -57,20 +57,27 @@ class ReplayResult:
     # left the configuration): each logged (the first SKIPS_LOGGED), none replayed.
     skipped: int
     seconds: float
+    # Sweeps (TRUNCATE, changes that could not be rendered) left to the caller
+    # (replay(sweep=False)): every pattern of the window, for one pass.
+    owed: Routed = field(default_factory=dict)
 
 
-def replay(
+def replay(  # noqa: PLR0913 - `sweep` is keyword-only
     conn: psycopg.Connection[Any],
     history: History,
     mapper: Mapper,
     sink: Sink,
     since_s: float,
+    *,
+    sweep: bool = True,
 ) -> ReplayResult:
     """Delete the keys of every event invalidated in the last `since_s` seconds. A row
     that is no event, or an event that maps to no keys, is skipped and logged: the
-    others are replayed all the same."""
+    others are replayed all the same. The window's sweeps are done last, all in one
+    pass, or with `sweep=False` left to the caller (ReplayResult.owed)."""
     started = time.monotonic()
     events = keys = existed = 0
+    owed: Routed = {}
     skips = _Skips(history.history_table)
     # Packs (a bulk statement's, a large transaction's) mapped column-wise, as the
     # listener maps them live: no event per change (a 100k-change logical replay decoded
@@ -90,9 +97,16 @@ def replay(
             skips.add(event.position, str(exc))
         events += len(chunk.events) + chunk.mapped_changes
         keys += sum(len(w) for w in works.values())
+        for db, work in works.items():
+            if work.patterns:
+                owed.setdefault(db, Invalidation()).patterns.update(work.patterns)
+                work.patterns = set()
         existed += sink.delete_routed(works)
     skips.close()
-    return ReplayResult(events, keys, existed, skips.count, time.monotonic() - started)
+    if sweep and owed:
+        existed += sink.delete_routed(owed)
+        owed = {}
+    return ReplayResult(events, keys, existed, skips.count, time.monotonic() - started, owed)
 
 
 class _Skips:

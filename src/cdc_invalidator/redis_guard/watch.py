@@ -21,14 +21,14 @@ from typing import Any
 import psycopg
 import structlog
 
-from cdc_invalidator.mapping import Mapper
+from cdc_invalidator.mapping import Mapper, Routed, merge
 from cdc_invalidator.redis_guard.durability import Durability, Reach
 from cdc_invalidator.redis_guard.identity import IdentityStore
 from cdc_invalidator.redis_guard.window import MARGIN_S, persistence_window
 from cdc_invalidator.replay import ReplayResult, replay
 from cdc_invalidator.second_deletes import Acknowledged, redo_owed
 from cdc_invalidator.sink import Sink
-from cdc_invalidator.sink.protocol import identity_of
+from cdc_invalidator.sink.protocol import REDIS_UNAVAILABLE, identity_of
 
 log = structlog.get_logger("cdc_invalidator.redis_guard")
 
@@ -60,6 +60,11 @@ class RedisWatch:
         self._known_at = 0.0  # monotonic time the known identity was last confirmed
         self._next_check = 0.0
         self._durability = Durability()
+        # A replay's sweeps not done yet (a Cluster's slots migrating), and the identity
+        # to save once they are (_sweep_owed).
+        self._owed: Routed = {}
+        self._owed_told = False
+        self._unsaved: str | None = None
         # second_delete_ms: the second deletes a killed predecessor owed are redone once.
         self._second_delete_s = second_delete_s
         self._predecessor_owed = second_delete_s > 0
@@ -80,6 +85,8 @@ class RedisWatch:
         if identity == self._known:
             self._known_at = now
             self._durability.observe(states, now, wall)
+            if self._unsaved is not None and self._sweep_owed():
+                self._save_owed()
             return None
         reaches = self._durability.reaches(states, now, wall) if self._known is not None else []
         result = None
@@ -104,7 +111,13 @@ class RedisWatch:
                 gone_s = now - self._known_at if self._known is not None else saved[1]
                 settle()
                 result = self._replay(conn, saved[0], identity, gone_s, reaches)
-                store.save(identity)
+                if result is not None:
+                    merge(self._owed, result.owed)
+                if self._sweep_owed():
+                    store.save(identity)
+                    self._unsaved = None
+                else:
+                    self._unsaved = identity
             if self._predecessor_owed:
                 redo_owed(conn, self._history, self._mapper, self._sink, self._second_delete_s)
                 self._predecessor_owed = False
@@ -139,10 +152,11 @@ class RedisWatch:
                 current=current,
                 replay_since_s=round(since_s, 1),
                 window=why,
-                detail="Redis restarted or failed over: deleting again every key invalidated "
-                "since before the old server was last seen",
+                detail="Redis restarted or failed over (or a Cluster's primaries changed): "
+                "deleting again every key invalidated since before the old server was last "
+                "seen",
             )
-        result = replay(conn, self._history, self._mapper, self._sink, since_s)
+        result = replay(conn, self._history, self._mapper, self._sink, since_s, sweep=False)
         log.info(
             "replay_done",
             events=result.events,
@@ -152,3 +166,40 @@ class RedisWatch:
             duration_s=round(result.seconds, 3),
         )
         return result
+
+    def _sweep_owed(self) -> bool:
+        """The replay's sweeps, all in one pass; True once none is owed. One that fails
+        (a Redis Cluster refuses to sweep while slots migrate: keys in flight could be
+        missed) waits for the next check, while the listener's batches go on: a migration
+        can last hours, and every invalidation would wait for it. The new identity is
+        saved only once they are done, so a listener stopped before owes the whole
+        replay again."""
+        if not self._owed:
+            return True
+        try:
+            existed = self._sink.delete_routed(self._owed)
+        except REDIS_UNAVAILABLE as exc:
+            if not self._owed_told:
+                self._owed_told = True
+                log.warning(
+                    "replay_sweep_deferred",
+                    patterns=sum(len(work.patterns) for work in self._owed.values()),
+                    error=f"{type(exc).__name__}: {exc}",
+                    detail="the replay's sweeps are tried again at each check; changes are "
+                    "invalidated meanwhile",
+                )
+            return False
+        log.info("replay_sweep_done", existed=existed, deferred=self._owed_told)
+        self._owed, self._owed_told = {}, False
+        return True
+
+    def _save_owed(self) -> None:
+        """Save the identity a replay's deferred sweeps held back (next check if
+        PostgreSQL refuses a session now)."""
+        try:
+            with self._connect() as conn:
+                IdentityStore(conn).save(self._unsaved or "")
+        except psycopg.OperationalError as exc:
+            log.warning("redis_check_deferred", error=f"{type(exc).__name__}: {exc}")
+            return
+        self._unsaved = None
