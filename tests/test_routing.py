@@ -9,7 +9,7 @@ import redis
 
 from cdc_invalidator.cli import main
 from tests.support.env import Env
-from tests.support.listener import listening
+from tests.support.listener import check, listening
 from tests.support.waits import wait_until
 
 pytestmark = [pytest.mark.servers, pytest.mark.usefixtures("capture")]
@@ -83,3 +83,30 @@ def test_bad_table_routing_is_a_config_error(
         f.write(line + "\n")
     assert main(["check", "--config", str(config)]) == 2
     assert error in capsys.readouterr().err
+
+
+def test_check_errors_for_a_template_the_redis_user_may_not_delete(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An ACL whose key patterns leave a table's keys out (~user:*): the listener would
+    wait at that table's first change, and every change after it. `check` said ok."""
+    config = configure(env)
+    r = env.redis()
+    r.execute_command(
+        "ACL", "SETUSER", "narrow", "on", ">narrow-pw", "resetkeys", "~user:*",
+        "resetchannels", "-@all", "+unlink", "+scan", "+info", "+ping", "+client|setname",
+        "+config|get", "+select",
+    )  # fmt: skip
+    try:
+        narrow = env.redis_url.replace("redis://", "redis://narrow:narrow-pw@", 1)
+        text = config.read_text().replace(repr(env.redis_url)[1:-1], narrow)
+        assert narrow in text
+        config.write_text(text)
+        code, _out, err = check(config, capsys)
+        assert code == 1
+        [line] = [line for line in err.splitlines() if "may not delete" in line]
+        assert "public.orders" in line
+        assert "'order:{id}'" in line
+        assert "users" not in line
+    finally:
+        r.execute_command("ACL", "DELUSER", "narrow")

@@ -21,14 +21,14 @@ from cdc_invalidator.capture.trigger_sql import (
 )
 from cdc_invalidator.durations import format_duration
 from cdc_invalidator.events import TableName
-from cdc_invalidator.mapping import KeyTemplate, Mapper
+from cdc_invalidator.mapping import Invalidation, KeyTemplate, Mapper
 from cdc_invalidator.mapping.columns import ColumnFilter, Judge
 from cdc_invalidator.pg import versions
 from cdc_invalidator.pg.queries import Q
 from cdc_invalidator.redact import redact_url
 from cdc_invalidator.redis_guard.window import MARGIN_S, persistence_window
 from cdc_invalidator.settings import Settings
-from cdc_invalidator.sink import REDIS_ERRORS, Sink, url_db
+from cdc_invalidator.sink import REDIS_ERRORS, REDIS_REFUSED, Sink, url_db
 from cdc_invalidator.sink.slots import NATIVE_SLOTS
 
 
@@ -861,8 +861,35 @@ def check_redis(sink: Sink, url: str, settings: Settings) -> Report:
         return report
     report.ok.append(f"redis at {redact_url(url)}: {what}")
     check_slots(report, native=NATIVE_SLOTS)
+    _check_may_delete(sink, settings, report)
     _check_replay(sink, settings, report)
     return report
+
+
+# A key no application holds, in each template's shape: what `check` deletes to learn
+# whether the Redis user may (ACL key patterns, ~user:*): a NUL no PostgreSQL text holds.
+_PROBE_VALUE = "\0cdc-invalidator-check"
+
+
+def _check_may_delete(sink: Sink, settings: Settings, report: Report) -> None:
+    """That the Redis user may UNLINK keys of every template: one it may not (an ACL
+    whose key patterns leave a table out) holds every later change until it may."""
+    for name, table in settings.tables.items():
+        for source in table.keys:
+            template = KeyTemplate.parse(table.key_prefix + source)
+            probe = _PROBE_VALUE.join(template.literals)
+            try:
+                sink.delete_routed({table.redis_db: Invalidation(keys={probe})})
+            except REDIS_REFUSED as exc:  # NOPERM
+                report.errors.append(
+                    f"redis: this user may not delete keys of table {name}'s template "
+                    f"{source!r} ({exc}): the listener would wait at its first change, and "
+                    "every change after it with it. Give the user those keys in its ACL "
+                    "(docs/redis.md)"
+                )
+                break
+            except _REDIS_FAILED:
+                return  # (said by the checks above, or by the listener)
 
 
 def _check_replay(sink: Sink, settings: Settings, report: Report) -> None:
