@@ -120,9 +120,14 @@ def make_env(
     client.close()
     yield Env(servers.pg_dsn(dbname), servers.redis_url, tmp_path, servers, capture)
     if created:
-        _drop_slots(admin_dsn, dbname)
-        with psycopg.connect(admin_dsn, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)'.encode())
+        drop_database(admin_dsn, dbname)
+
+
+def drop_database(admin_dsn: str, dbname: str) -> None:
+    """Drop a test's database, and its replication slots first."""
+    _drop_slots(admin_dsn, dbname)
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)'.encode())
 
 
 def capture_of(request: pytest.FixtureRequest) -> str:

@@ -125,6 +125,13 @@ class PgConnector:
             **extra,
         )
         settings = list(kind.settings)
+        if kind.replication and conn.info.parameter_status("server_encoding") == "SQL_ASCII":
+            # A SQL_ASCII database holds any bytes, and the walsender converts what it
+            # sends to the client encoding: to UTF8, it fails at the first value that is
+            # not UTF-8, every time, and the slot stays there. SQL_ASCII turns conversion
+            # off; the stream is read as bytes (capture/pgoutput.py), where such a value is
+            # one change's dead letter.
+            settings.append(("client_encoding", "SQL_ASCII"))
         if kind.keepalives and not kind.options:
             settings += keepalive.SET_SETTINGS.items()
         try:
