@@ -15,9 +15,8 @@ Redirections: an UNLINK answered MOVED (the slot has a new owner), ASK (the slot
 migrated and the keys are already gone from this node) or TRYAGAIN (some of the keys
 moved, some not) is sent again one key at a time, following MOVED (the slot table
 updated) and ASK (with ASKING, to whichever node it names, known to the slot table or
-not). A node that cannot be reached
-raises: the runner backs off and retries the whole batch, and the slot table is read
-afresh first.
+not). A node that cannot be reached raises: the runner backs off and retries the whole
+batch, and the slot table is read afresh first.
 
 What of redis-py this drives beyond its documented API (NodesManager's slots_cache,
 get_node_from_slot, move_slot and initialize; a node's ConnectionPool and its
