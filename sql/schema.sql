@@ -151,7 +151,9 @@ SELECT cdc_invalidator.add_column_v1('cdc_invalidator.queue_v1', 'rows', 'intege
 -- The writer's backend (pg_backend_pid()), for a row whose change also went out in a
 -- NOTIFY payload (queue_early_v1): the listener skips deleting such a row's keys again
 -- only if the payload it deleted them from came from that backend (capture/early.py).
--- NULL for every other row.
+-- NULL for every other row, and where the session sent no NOTIFY (cdc_invalidator.notify
+-- = 'off', which two-phase commit needs): a prepared transaction leaves its backend,
+-- whose pid may then send anything, or be another's.
 SELECT cdc_invalidator.add_column_v1('cdc_invalidator.queue_v1', 'pid', 'integer');
 -- A pack's JSON (a thousand rows' key columns, tens of kB) is compressed as it is stored,
 -- by the writer's own session inside its statement: lz4 where the server was built with
@@ -300,9 +302,10 @@ LANGUAGE sql IMMUTABLE AS 'SELECT 1';
 -- version 1's objects hold in place, so that a listener of another release refuses to
 -- run instead of misreading rows (revision 2: packs, in queue_v1.rows; before it there
 -- was no such function: revision 1; revision 3: progress_v1, which the listener writes
--- and replay reads). A constant, so PUBLIC may call it.
+-- and replay reads; revision 4: queue_v1.pid, which the listener reads). A constant, so
+-- PUBLIC may call it.
 CREATE OR REPLACE FUNCTION cdc_invalidator.schema_revision() RETURNS integer
-LANGUAGE sql IMMUTABLE AS 'SELECT 3';
+LANGUAGE sql IMMUTABLE AS 'SELECT 4';
 
 -- queue_statement_v1(op, names, labels, columns): the statement a capture function runs
 -- for a statement of kind `op` (TG_OP) on a watched table: one INSERT ... SELECT from the
@@ -536,8 +539,9 @@ BEGIN
         RAISE EXCEPTION 'cdc_invalidator.queue_early_v1: not a single-row queue INSERT: %', statement;
     END IF;
     RETURN format(
-        'INSERT INTO cdc_invalidator.queue_v1 (%1$s, pid) SELECT %1$s, pg_backend_pid() '
-        'FROM (%2$s) s (%1$s), '
+        'INSERT INTO cdc_invalidator.queue_v1 (%1$s, pid) SELECT %1$s, '
+        'CASE WHEN current_setting(''cdc_invalidator.notify'', true) = ''off'' THEN NULL '
+        'ELSE pg_backend_pid() END FROM (%2$s) s (%1$s), '
         'LATERAL (SELECT %3$L || pg_current_xact_id()::text '
         '|| '',"a":'' || extract(epoch FROM now())::text '
         '|| '',"r":['' || json_build_array(s.op, %4$s, %5$s)::text || '']}'' AS p) e '

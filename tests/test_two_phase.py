@@ -8,6 +8,7 @@ the wake-up: its transactions can be prepared, and the listener's poll finds the
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import psycopg
@@ -68,6 +69,39 @@ def test_a_session_with_notify_off_can_prepare_and_its_changes_are_invalidated(
         wait_until(
             lambda: r.exists(*[k for i in range(1, ROWS + 1) for k in keys_of(i)]) == 0,
             what="the prepared transaction's keys deleted, found by the poll",
+        )
+
+
+def test_a_payload_sent_after_prepare_never_stands_for_the_prepared_row(
+    prepared_env: Env,
+) -> None:
+    """A prepared transaction leaves its backend, which may then send any NOTIFY (a
+    pooled session), or exit and have its pid taken by another's. A payload naming the
+    prepared transaction and its row, sent by that very backend, deletes the keys before
+    COMMIT PREPARED; the row must still be deleted once committed: a session with notify
+    off queues no pid for a payload to match."""
+    env = prepared_env
+    config = setup_users(env, rows=ROWS, notify_payload=True, second_delete_ms=0)
+    r = env.redis()
+    with listening(config), env.connect() as writer:
+        cache(r, [1])
+        writer.execute("SELECT set_config('cdc_invalidator.notify', 'off', false)")
+        writer.execute("BEGIN")
+        writer.execute("UPDATE users SET email = email WHERE id = 1")
+        found = writer.execute("SELECT pg_current_xact_id()::text").fetchone()
+        assert found is not None
+        writer.execute("PREPARE TRANSACTION 'forged'")
+        row = {"id": "1", "email": "u1@x"}
+        forged = {"s": "public", "t": "users", "x": int(found[0]), "a": None}
+        writer.execute(
+            "SELECT pg_notify('cdc_invalidator_v1', %s)",
+            [json.dumps({**forged, "r": [["U", row, row]]})],
+        )
+        wait_until(lambda: not any(r.exists(k) for k in keys_of(1)), what="the early delete")
+        cache(r, [1])  # a reader refills the cache from the row as it was
+        env.sql("COMMIT PREPARED 'forged'")
+        wait_until(
+            lambda: not any(r.exists(k) for k in keys_of(1)), what="the committed row deleted"
         )
 
 

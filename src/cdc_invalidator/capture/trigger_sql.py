@@ -18,7 +18,7 @@ from cdc_invalidator.pg.queries import Q
 SCHEMA_VERSION = 1
 # Within the version, what this release's install leaves in version 1's objects (see
 # schema_revision() in sql/schema.sql): a listener runs only on its own revision.
-SCHEMA_REVISION = 3
+SCHEMA_REVISION = 4
 CHANNEL = "cdc_invalidator_v1"
 
 SCRIPT_HEADER = (
