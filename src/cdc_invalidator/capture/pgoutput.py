@@ -584,6 +584,10 @@ class Decoder:
             body = json.loads(content)
             table = TableName(str(body["schema"]), str(body["table"]))
             reason = str(body["reason"])
+            # What PostgreSQL text cannot hold (a lone surrogate, NUL) would fail this
+            # event's dead letter, and the listener at every start.
+            for text in (*table, reason):
+                _storable(text)
         except (ValueError, KeyError, TypeError, RecursionError) as exc:
             # (any role may emit a message of our prefix: a dead letter, never a crash)
             raise InvalidEvent(f"message {content[:200]!r} ({MESSAGE_PREFIX}): {exc}") from None
@@ -930,3 +934,11 @@ def _texts(
         else:
             row[column] = None  # an old value outside the replica identity: unknown
     return row
+
+
+def _storable(text: str) -> None:
+    """Raise ValueError for text PostgreSQL cannot store: a NUL, or a lone surrogate
+    (UnicodeEncodeError, a ValueError)."""
+    if "\0" in text:
+        raise ValueError("a NUL, which PostgreSQL text cannot hold")
+    text.encode()
