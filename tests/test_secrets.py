@@ -143,6 +143,7 @@ def configure(
         # echo the rest as a host name.
         (f"postgresql://u:pw@{MARK}@h:5432/db", f"pw@{MARK}", f"pw@{MARK}"),
         (f"redis://u:pw@{MARK}@h:6379/0", f"pw@{MARK}", f"pw@{MARK}"),
+        (f"redis://u:p?w#{MARK}@h:6379/0", f"p?w#{MARK}", f"p?w#{MARK}"),
     ],
 )
 def test_secrets_of_finds_passwords_as_written_and_as_meant(

@@ -12,12 +12,11 @@ from psycopg.conninfo import conninfo_to_dict
 MASK = "***"
 # Shorter "secrets" are not masked: a one-letter password would mask that letter everywhere.
 _MIN_SECRET_LENGTH = 3
-# The password runs to the last "@" before the path or query: one written with an "@" not
-# percent-encoded (libpq and redis-py then split at the first, and their messages echo
-# the rest as a host name) is masked whole.
-_URL_PASSWORD = re.compile(
-    r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^/?#\s]*)@"
-)
+# The password runs to the last "@" before the path: one written with an "@", "?" or "#"
+# not percent-encoded (libpq and redis-py then split at the first "@", and their
+# messages echo the rest as a host name) is masked whole. (An "@" in a query string
+# after a host without a path masks more than the password: never less.)
+_URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^/\s]*)@")
 # A Redis URL's user info without a colon (redis://secret@host): redis-py takes it for a
 # user name, but it is written where older clients took a password: masked whole.
 _REDIS_USERINFO = re.compile(r"(?P<scheme>rediss?://)(?P<user>[^:/@\s]+)@", re.IGNORECASE)
