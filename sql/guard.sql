@@ -9,13 +9,13 @@
 -- superuser's install, the next write would run that role's code as the superuser. So
 -- this stops the transaction unless every object in schema cdc_invalidator (and the
 -- publication in logical mode) belongs to the role running the script, and our tables
--- carry no trigger, rule or policy but logical mode's one (we create no other). The one
--- other owner
--- allowed: a table's capture function, capture_<oid>_v1, may belong to the owner of the
--- table with that oid (it then runs with the rights of that table's owner, who may
--- attach any trigger to that table anyway), or, once that table was dropped, to a role
--- the installer is a member of (watch() gave it to the table's owner, which it requires
--- the installer to be a member of; install drops it, and never runs it).
+-- carry no trigger, rule or policy but logical mode's one trigger (we create no other).
+-- The one other owner allowed: a table's capture function, capture_<oid>_v1, may
+-- belong to the owner of the table with that oid (it then runs with the rights of that
+-- table's owner, who may attach any trigger to that table anyway), or, once that table
+-- was dropped, to a role the installer is a member of (watch() gave it to the table's
+-- owner, which it requires the installer to be a member of; install drops it, and never
+-- runs it).
 --
 -- It reads only pg_catalog, named as such, and the search_path is pinned first: nothing
 -- it runs can be code that another role put in a schema of its own. Everything after it

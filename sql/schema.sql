@@ -522,11 +522,12 @@ $judged_packed$;
 -- xid, the writer's now() and [[op, old_row, new_row]] || '}' (see watch()), or the
 -- empty wake-up when that is 8000 bytes or more (NOTIFY's limit). The listener deletes
 -- its keys at once, before it reads the queue (which still acknowledges the row, and
--- knows it by its transaction, its writer's backend, queued as pid, and content). Sent from the INSERT's own row filter, which
--- always passes: the row is built once, with no second scan, aggregate or RETURNING
--- (which would need SELECT on the queue, every table's rows, for the table owners the
--- capture functions run as). A row the filter of a judged UPDATE drops is not queued
--- and sends nothing. Packs (several rows) never carry a payload.
+-- knows it by its transaction, its writer's backend, queued as pid, and its content).
+-- Sent from the INSERT's own row filter, which always passes: the row is built once,
+-- with no second scan, aggregate or RETURNING (which would need SELECT on the queue,
+-- every table's rows, for the table owners the capture functions run as). A row the
+-- filter of a judged UPDATE drops is not queued and sends nothing. Packs (several rows)
+-- never carry a payload.
 CREATE OR REPLACE FUNCTION cdc_invalidator.queue_early_v1(statement text, head text)
 RETURNS text
 LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp
