@@ -41,7 +41,16 @@ from cdc_invalidator.pg.connect import PgConnector
 from cdc_invalidator.runner import Batch, Runner, RunnerConfig, Source
 from cdc_invalidator.shutdown import Stopper
 from tests.support.env import Env
-from tests.support.faults import cache, insert_users, keys_of, queue_count, setup_users, write
+from tests.support.faults import (
+    cache,
+    forged_payload,
+    insert_users,
+    keys_of,
+    queue_count,
+    setup_users,
+    update_without_notify,
+    write,
+)
 from tests.support.listener import ListenerThread
 from tests.support.runner_fakes import RecordingSink
 from tests.support.sync import keys
@@ -285,15 +294,8 @@ def test_a_payload_another_backend_sent_never_stands_for_the_writers_row(env: En
     r = env.redis()
     with listener_with_tap(env, config) as (_listener, tap), env.connect() as writer:
         cache(r, [4])
-        writer.execute("SET cdc_invalidator.notify = 'off'")
-        writer.execute("BEGIN")
-        writer.execute("UPDATE users SET email = email WHERE id = 4")
-        found = writer.execute("SELECT pg_current_xact_id()::text").fetchone()
-        assert found is not None
-        xid = int(found[0])
-        row = {"id": "4", "email": "u4@x"}
-        forged = {"s": "public", "t": "users", "x": xid, "a": None, "r": [["U", row, row]]}
-        env.sql("SELECT pg_notify(%s, %s)", [CHANNEL, json.dumps(forged)])
+        xid = update_without_notify(writer, 4)
+        env.sql("SELECT pg_notify(%s, %s)", [CHANNEL, forged_payload(xid, 4)])
         wait_until(tap.early_ids, what="the forged payload's early delete")
         assert not any(r.exists(k) for k in keys_of(4))
         cache(r, [4])  # a reader refills the cache from the row as it was

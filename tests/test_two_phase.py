@@ -8,7 +8,6 @@ the wake-up: its transactions can be prepared, and the listener's poll finds the
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 
 import psycopg
@@ -16,7 +15,13 @@ import pytest
 
 from cdc_invalidator.cli import main
 from tests.support.env import Env, pg_of
-from tests.support.faults import cache, keys_of, setup_users
+from tests.support.faults import (
+    cache,
+    forged_payload,
+    keys_of,
+    setup_users,
+    update_without_notify,
+)
 from tests.support.listener import listening
 from tests.support.waits import wait_until
 
@@ -85,18 +90,10 @@ def test_a_payload_sent_after_prepare_never_stands_for_the_prepared_row(
     r = env.redis()
     with listening(config), env.connect() as writer:
         cache(r, [1])
-        writer.execute("SELECT set_config('cdc_invalidator.notify', 'off', false)")
-        writer.execute("BEGIN")
-        writer.execute("UPDATE users SET email = email WHERE id = 1")
-        found = writer.execute("SELECT pg_current_xact_id()::text").fetchone()
-        assert found is not None
+        xid = update_without_notify(writer, 1)
         writer.execute("PREPARE TRANSACTION 'forged'")
-        row = {"id": "1", "email": "u1@x"}
-        forged = {"s": "public", "t": "users", "x": int(found[0]), "a": None}
-        writer.execute(
-            "SELECT pg_notify('cdc_invalidator_v1', %s)",
-            [json.dumps({**forged, "r": [["U", row, row]]})],
-        )
+        # From the same backend, now free: delivered at once.
+        writer.execute("SELECT pg_notify('cdc_invalidator_v1', %s)", [forged_payload(xid, 1)])
         wait_until(lambda: not any(r.exists(k) for k in keys_of(1)), what="the early delete")
         cache(r, [1])  # a reader refills the cache from the row as it was
         env.sql("COMMIT PREPARED 'forged'")

@@ -6,11 +6,13 @@ says how each mode tells), and whether it is held on a paused Redis.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import redis
 
 from cdc_invalidator.cli import main
@@ -162,3 +164,22 @@ def blocked_on_redis(r: redis.Redis) -> bool:
         client.get("name") == APP_NAME and "b" in client.get("flags", "")
         for client in r.client_list()
     )
+
+
+def update_without_notify(writer: psycopg.Connection[Any], user_id: int) -> int:
+    """In `writer` (autocommit), a transaction left open after a one-row UPDATE of user
+    `user_id`, made with cdc_invalidator.notify off (no payload of its own, as two-phase
+    commit needs): its xid."""
+    writer.execute("SELECT set_config('cdc_invalidator.notify', 'off', false)")
+    writer.execute("BEGIN")
+    writer.execute("UPDATE users SET email = email WHERE id = %s", [user_id])
+    found = writer.execute("SELECT pg_current_xact_id()::text").fetchone()
+    assert found is not None
+    return int(found[0])
+
+
+def forged_payload(xid: int, user_id: int) -> str:
+    """The NOTIFY payload a capture function would send for that UPDATE (users(id,
+    email) as setup_users makes it), as another session can forge it."""
+    row = {"id": str(user_id), "email": f"u{user_id}@x"}
+    return json.dumps({"s": "public", "t": "users", "x": xid, "a": None, "r": [["U", row, row]]})

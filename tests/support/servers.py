@@ -257,24 +257,27 @@ class RedisClusterServer(demo_servers.Server):
     def start(self, timeout_s: float = 30.0) -> None:
         for node in self.nodes:
             node.start()
+        self._cluster_command(
+            timeout_s,
+            "create",
+            *(f"127.0.0.1:{node.port}" for node in self.nodes),
+            "--cluster-replicas",
+            "0",
+            "--cluster-yes",
+        )
+        self.wait_ok(timeout_s)
+
+    def _cluster_command(self, timeout_s: float, command: str, *args: str) -> None:
+        """`redis-cli --cluster COMMAND ARGS...`; ServerError if it fails."""
         result = subprocess.run(
-            [
-                self.cli,
-                "--cluster",
-                "create",
-                *(f"127.0.0.1:{node.port}" for node in self.nodes),
-                "--cluster-replicas",
-                "0",
-                "--cluster-yes",
-            ],
+            [self.cli, "--cluster", command, *args],
             capture_output=True,
             text=True,
             timeout=timeout_s,
             check=False,
         )
         if result.returncode != 0:
-            raise ServerError(f"redis-cli --cluster create failed: {result.stdout[-2000:]}")
-        self.wait_ok(timeout_s)
+            raise ServerError(f"redis-cli --cluster {command} failed: {result.stdout[-2000:]}")
 
     def wait_ok(self, timeout_s: float = 30.0) -> None:
         """Until every node says cluster_state:ok and knows every other node."""
@@ -303,21 +306,9 @@ class RedisClusterServer(demo_servers.Server):
         node = RedisServer.create([*self.args, "--cluster-port", str(free_port())])
         node.start()
         self.nodes.append(node)
-        result = subprocess.run(
-            [
-                self.cli,
-                "--cluster",
-                "add-node",
-                f"127.0.0.1:{node.port}",
-                f"127.0.0.1:{self.nodes[0].port}",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            check=False,
+        self._cluster_command(
+            timeout_s, "add-node", f"127.0.0.1:{node.port}", f"127.0.0.1:{self.nodes[0].port}"
         )
-        if result.returncode != 0:
-            raise ServerError(f"redis-cli --cluster add-node failed: {result.stdout[-2000:]}")
         self.wait_ok(timeout_s)
         return node
 
