@@ -13,6 +13,7 @@ modes).
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -208,3 +209,62 @@ def test_a_server_without_the_last_transactions_is_read_from_its_saved_position(
             what="the changes committed on the copy counted",
         )
         assert listener.runner.postgres.failures >= 2  # both stops were seen
+
+
+def accepting(env: Env) -> bool:
+    try:
+        env.scalar("SELECT 1")
+    except psycopg.OperationalError:
+        return False
+    return True
+
+
+def test_transaction_ids_a_crash_hands_out_again_are_not_skipped(own_env: Env) -> None:
+    """Trigger mode: a crash of any backend restarts every session, and PostgreSQL
+    recovers without its postmaster restarting (pg_postmaster_start_time() unchanged).
+    The WAL not yet flushed is lost, and with it the ids of the transactions that ended
+    in it (here rollbacks and asynchronous commits, with the WAL writer stopped): the
+    listener had read past them, and recovery hands them out again. Read on from the
+    position in memory, the transactions that got them were skipped, their keys cached
+    for good (the position saved past them too). It resumes from the position saved."""
+    env = own_env
+    config = setup_users(env, rows=10, second_delete_ms=0)
+    r = env.redis()
+
+    def walwriter() -> int:
+        pid = env.scalar("SELECT pid FROM pg_stat_activity WHERE backend_type = 'walwriter'")
+        assert isinstance(pid, int)
+        return pid
+
+    with listening(config) as listener:
+        wait_until(lambda: listener.runner.postgres.available, what="the listener connected")
+        writer = walwriter()
+        env.sql("CHECKPOINT")  # what came before is on disk (the tests' commits are async)
+        os.kill(writer, signal.SIGSTOP)  # what ends from now on stays in WAL buffers
+        try:
+            with env.connect() as conn:
+                for _ in range(20):  # ids handed out, never flushed
+                    conn.execute("BEGIN")
+                    conn.execute("SELECT pg_current_xact_id()")
+                    conn.execute("ROLLBACK")
+                conn.execute("SET synchronous_commit = off")
+                cache(r, [1])
+                conn.execute("UPDATE users SET email = 'async@x' WHERE id = 1")
+            # The listener reads past them (its snapshot's xmax beyond every one).
+            wait_until(lambda: r.exists(*keys_of(1)) == 0, what="the listener past them")
+            failures = listener.runner.postgres.failures
+        finally:
+            os.kill(writer, signal.SIGKILL)  # a crash: every session ends, WAL buffers lost
+            os.kill(writer, signal.SIGCONT)
+        wait_until(lambda: listener.runner.postgres.failures > failures, what="the crash seen")
+        wait_until(lambda: accepting(env), what="PostgreSQL recovered")
+        wait_until(lambda: listener.runner.postgres.available, what="the listener back")
+        ids = range(2, 11)
+        cache(r, ids)
+        with env.connect() as conn:
+            for i in ids:  # (each a transaction of its own: ids the crash lost)
+                conn.execute("UPDATE users SET email = %s WHERE id = %s", [f"new{i}@x", i])
+        wait_until(
+            lambda: r.exists(*[k for i in ids for k in keys_of(i)]) == 0,
+            what="the changes committed after the crash invalidated",
+        )

@@ -356,7 +356,7 @@ class TriggerCapture:
         self._mapper = mapper
         self._prune_every_s = prune_every_s
         self._progress: Progress | None = None
-        self._server_started: str | None = None  # pg_postmaster_start_time(), epoch s
+        self._server_started: str | None = None  # the run: progress_ahead.sql
         self._retention = Retention(history_s)
 
     def connect(self) -> TriggerQueue:
@@ -374,15 +374,17 @@ class TriggerCapture:
         # saved, and the next connection goes on from it. Another server (a standby
         # promoted after a failover, which may lack the last transactions and hand
         # their ids out again: a position reached on the old one would skip new
-        # transactions) or the same one restarted: from the position saved, which came
-        # with the data (replicated or recovered with it). Read again: harmless.
+        # transactions), the same one restarted, or recovered from a crash (which loses
+        # the ids handed out since the last WAL flushed, and hands them out again): from
+        # the position saved, which came with the data (replicated or recovered with it;
+        # a save not flushed is lost with them). Read again: harmless.
         if self._progress is not None and started != self._server_started:
             log.warning(
                 "postgres_server_changed",
                 previous_start=self._server_started,
                 start=started,
-                detail="another PostgreSQL server, or restarted: resuming from the "
-                "position saved there",
+                detail="another PostgreSQL server, restarted, or recovered from a crash: "
+                "resuming from the position saved there",
             )
             self._progress = None
             # The positions kept for pruning were the other server's too.
@@ -717,7 +719,8 @@ def _dead_rows(dead: dict[int, str]) -> dict[int, str]:
 
 
 def _prepare(conn: psycopg.Connection[Any]) -> tuple[Progress, str]:
-    """The progress saved, and when the server started."""
+    """The progress saved, and this run of the server (progress_ahead.sql: when it
+    started, and when it last recovered from a crash)."""
     # The session's settings (no fsync wait, no bitmap scans) are the LISTENER kind's.
     require_installed(conn)
     locked = conn.execute(Q.TAKE_LOCK.sql).fetchone()
