@@ -15,7 +15,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from tests.support.env import Env
-from tests.support.listener import ListenerThread, check, cli, listening, run_cli
+from tests.support.listener import ListenerThread, Spawn, check, cli, listening, run_cli
 from tests.support.psql import psql
 from tests.support.roles import login_role
 from tests.support.waits import wait_until
@@ -937,3 +937,77 @@ def test_an_install_over_revision_2_starts_the_replay_history_at_the_saved_posit
     ) == [True]
     assert cli("install", "--config", config) == 0  # again: nothing added
     assert env.scalar("SELECT count(*) FROM cdc_invalidator.progress_v1") == 1
+
+
+def dead_letter_errors(env: Env) -> list[str]:
+    with env.connect() as conn:
+        return [e for (e,) in conn.execute("SELECT error FROM cdc_invalidator.dead_letter_v1")]
+
+
+def test_changes_queued_before_install_added_a_template_column_sweep_the_table(
+    env: Env,
+) -> None:
+    """A change queued by the capture function of the mapping before (which copied the
+    columns of its templates) and read after `install` gave the table a template of
+    another column: its row lacks that column, so its keys cannot all be known. It was a
+    dead letter, its keys cached (requeued, it failed again): now the table's templates
+    are swept, a one-row change and a statement's pack alike."""
+    tables(env)
+    env.sql("INSERT INTO users SELECT g, 'u' || g || '@x', 'N' || g FROM generate_series(3, 6) g")
+    assert cli("install", "--config", env.config(USERS)) == 0
+    env.sql("UPDATE users SET email = 'a2@x' WHERE id = 1")  # one row
+    env.sql("UPDATE users SET email = email || '.new' WHERE id BETWEEN 3 AND 6")  # a pack
+    assert env.scalar("SELECT count(*) FROM cdc_invalidator.queue_v1 WHERE rows > 1") == 1
+    wider = env.config({"public.users": [*USERS["public.users"], "user:name:{name}"]})
+    assert cli("install", "--config", wider) == 0
+    r = env.redis()
+    cached = ["user:1", "user:email:a@x", "user:email:a2@x", "user:name:A"]
+    cached += [
+        k for i in range(3, 7) for k in (f"user:{i}", f"user:email:u{i}@x", f"user:name:N{i}")
+    ]
+    r.mset(dict.fromkeys([*cached, "order:1"], "cached"))
+    with listening(wider):
+        wait_until(
+            lambda: (
+                r.exists(*cached) == 0
+                and env.scalar("SELECT count(*) FROM cdc_invalidator.queue_v1") == 0
+            ),
+            what="the keys of the changes queued before the install, swept",
+        )
+    assert dead_letter_errors(env) == []
+    assert r.get("order:1") == "cached"  # another table's keys: not swept
+
+
+def test_a_listener_behind_its_configuration_file_exits_to_restart_with_it(
+    env: Env, capture: str, spawn: Spawn
+) -> None:
+    """docs/DBA.md's order for a new mapping: edit the file, `install`, restart the
+    listener. Until the restart, the running listener met changes only the new mapping
+    knows (a table added: "not in the configuration") and dead-lettered them, their keys
+    cached. It now reads its file again at such a change: the file holding another
+    mapping, it exits (1, for its service manager to restart it) with nothing of the
+    batch acknowledged, and started again, deletes their keys."""
+    tables(env)
+    config = env.config(USERS)
+    assert cli("install", "--config", config) == 0
+    listener = spawn(config)
+    r = env.redis()
+    r.set("user:email:b2@x", "cached")
+    env.sql("UPDATE users SET email = 'b2@x' WHERE id = 2")  # it runs and consumes
+    wait_until(lambda: r.exists("user:email:b2@x") == 0, what="the listener consuming")
+    assert env.config({**USERS, **ORDERS}) == config  # the same file, edited
+    assert cli("install", "--config", config) == 0
+    r.mset(dict.fromkeys(["order:1", "user:1:orders", "user:2:orders"], "cached"))
+    env.sql("UPDATE orders SET user_id = 2 WHERE id = 1")
+    assert listener.wait() == 1
+    (line,) = listener.logged("configuration_changed")
+    assert "public.orders is not in the configuration" in line["change"], line
+    assert r.exists("order:1", "user:1:orders", "user:2:orders") == 3  # nothing done
+    again = spawn(config)
+    wait_until(
+        lambda: r.exists("order:1", "user:1:orders", "user:2:orders") == 0,
+        what="the added table's keys, deleted by the listener started again",
+    )
+    assert again.process is not None
+    assert again.process.poll() is None
+    assert dead_letter_errors(env) == []

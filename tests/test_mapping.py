@@ -219,17 +219,28 @@ def test_missing_row_is_invalid() -> None:
         _keys(_event(Op.DELETE, None, None))
 
 
-def test_missing_column_names_column_and_template() -> None:
-    with pytest.raises(
-        InvalidEvent, match=r"lacks column 'email' used by template 'user:email:\{email\}'"
-    ):
-        _keys(_event(Op.INSERT, None, {"id": "1"}))
+def test_a_row_lacking_a_template_column_sweeps_the_table_naming_column_and_template() -> None:
+    """Its keys cannot all be known (a change captured for the templates before an
+    install added one): every template of the table is swept, not only the lacking one,
+    and nothing is a dead letter."""
+    work = _keys(_event(Op.UPDATE, {"id": "1", "email": "a@x"}, {"id": "2"}))
+    assert work.keys == set()
+    assert work.patterns == {"user:*", "user:email:*"}
+    assert work.stood_in == {
+        (USERS, Kind.UNRENDERABLE): StoodIn(
+            "new row of public.users lacks column 'email' used by template 'user:email:{email}'",
+            1,
+        )
+    }
 
 
 def test_a_failing_event_adds_nothing() -> None:
     work = Invalidation()
-    with pytest.raises(InvalidEvent):
-        _mapper().add(_event(Op.UPDATE, {"id": "1", "email": "a@x"}, {"id": "2"}), work)
+    with pytest.raises(InvalidEvent, match=r"column 'id' holds int 2, expected text"):
+        _mapper().add(
+            _event(Op.UPDATE, {"id": "1", "email": "a@x"}, {"id": 2, "email": "b@x"}),  # type: ignore[dict-item]
+            work,
+        )
     assert not work
 
 
@@ -297,9 +308,11 @@ def test_add_all_matches_add_event_by_event(reverse: bool) -> None:
     got = Invalidation()
     failures = [(event, str(exc)) for event, exc in mapper.add_all(events, got)]
     assert failures == expected_failures
-    assert len(failures) == 4
+    assert len(failures) == 3
     assert got.patterns == expected.patterns
     assert got.keys == expected.keys
+    assert got.stood_in == expected.stood_in
+    assert (USERS, Kind.UNRENDERABLE) in got.stood_in  # {"id": "4"} lacks email
 
 
 def test_map_all_routes_each_table_to_its_database() -> None:
@@ -312,7 +325,7 @@ def test_map_all_routes_each_table_to_its_database() -> None:
         ChangeEvent(users, Op.INSERT, None, {"id": "1"}, 1),
         ChangeEvent(orders, Op.DELETE, {"id": "2"}, None, 2),
         ChangeEvent(orders, Op.TRUNCATE, None, None, 3),
-        ChangeEvent(orders, Op.INSERT, None, {"note": "no id"}, 4),
+        ChangeEvent(orders, Op.INSERT, None, {"id": 7}, 4),  # type: ignore[dict-item]
     ]
     routed, failed = mapper.map_all(events)
     assert routed == {

@@ -34,7 +34,15 @@ from cdc_invalidator.pg.connect import METRICS, PgConnector
 from cdc_invalidator.probes import ProbeServer
 from cdc_invalidator.redact import Scrubber, redact_url
 from cdc_invalidator.replay import replay
-from cdc_invalidator.settings import CONFIG_ENV, ConfigError, Settings, load_settings
+from cdc_invalidator.runner import ConfigurationChanged
+from cdc_invalidator.settings import (
+    CONFIG_ENV,
+    ConfigError,
+    ConfigFile,
+    Settings,
+    config_path,
+    load_settings,
+)
 from cdc_invalidator.shutdown import Stopper
 from cdc_invalidator.sink import REDIS_ERRORS, REDIS_UNAVAILABLE, RedisOptions, open_sink
 from cdc_invalidator.sink.lookup import KeyState, key_state
@@ -486,7 +494,8 @@ def cmd_run(args: argparse.Namespace, settings: Settings, console: Console) -> i
     stopper = Stopper()
     stopper.install_signal_handlers()
     metrics = Metrics()
-    runner, sink = build_listener(settings, stopper, metrics)
+    config_file = ConfigFile(config_path(args.config), settings)
+    runner, sink = build_listener(settings, stopper, metrics, config_file)
     probes: ProbeServer | None = None
     backlog: BacklogCollector | None = None
     if settings.metrics_port:
@@ -515,6 +524,17 @@ def cmd_run(args: argparse.Namespace, settings: Settings, console: Console) -> i
         runner.run()
     except NotInstalled as exc:
         log.error("not_installed", error=str(exc))
+        return EXIT_FAILED
+    except ConfigurationChanged as exc:
+        # Exit 1: a service manager restarts the listener (deploy/, docker-compose.yml),
+        # which then reads the file; the batch is read again through it.
+        log.warning(
+            "configuration_changed",
+            change=str(exc),
+            action="the configuration file holds another mapping than this listener was "
+            "started with (`install` of it may have run): exiting, nothing of the batch "
+            "acknowledged, to be started again with the file",
+        )
         return EXIT_FAILED
     except Fatal as exc:
         log.error("cannot_consume", error=str(exc))

@@ -7,7 +7,7 @@ from cdc_invalidator.modes.choose import mode_for
 from cdc_invalidator.pg.connect import SIDE, PgConnector
 from cdc_invalidator.redis_guard.watch import RedisWatch
 from cdc_invalidator.runner import Runner, RunnerConfig
-from cdc_invalidator.settings import Settings
+from cdc_invalidator.settings import ConfigFile, Settings
 from cdc_invalidator.shutdown import Stopper
 from cdc_invalidator.sink import AutoSink, RedisOptions, open_sink
 from cdc_invalidator.sink.pubsub import TailChannel
@@ -27,10 +27,14 @@ def runner_config(settings: Settings) -> RunnerConfig:
 
 
 def build_listener(
-    settings: Settings, stopper: Stopper, metrics: Metrics | None = None
+    settings: Settings,
+    stopper: Stopper,
+    metrics: Metrics | None = None,
+    config_file: ConfigFile | None = None,
 ) -> tuple[Runner, AutoSink]:
     """The runner and the Redis sink it writes to (the caller closes the sink); whether
-    Redis is one server or a cluster is found out at first use."""
+    Redis is one server or a cluster is found out at first use. `config_file`: where
+    `settings` came from, asked again when a change needs a mapping they lack."""
     sink = open_sink(
         RedisOptions.from_settings(settings),
         unlink_chunk=settings.unlink_chunk,
@@ -67,5 +71,6 @@ def build_listener(
             unlink_chunk=settings.unlink_chunk,
             scan_count=settings.scan_count,
         ),
+        mapping_changed=config_file.mapping_changed if config_file is not None else None,
     )
     return runner, sink

@@ -25,7 +25,7 @@ from cdc_invalidator.capture.errors import Fatal, Standby
 from cdc_invalidator.capture.holds import Hold
 from cdc_invalidator.events import ChangeEvent, InvalidEvent, Origin, StandInKind, TableName
 from cdc_invalidator.mapping import Invalidation, Mapper, Routed
-from cdc_invalidator.mapping.mapper import StoodIn, merge
+from cdc_invalidator.mapping.mapper import NotConfigured, StoodIn, merge
 from cdc_invalidator.metrics import Metrics
 from cdc_invalidator.redis_guard.watch import RedisWatch
 from cdc_invalidator.second_deletes import SecondDeletes
@@ -216,6 +216,27 @@ def split_sweeps(works: Routed) -> tuple[Routed, Routed]:
     return keys, sweeps
 
 
+class ConfigurationChanged(Exception):
+    """The configuration file no longer holds the mapping the listener was started with,
+    and a batch met what only the new one may know: the listener stops, with the batch
+    not acknowledged, so that it starts again with the file (a service manager's
+    restart) and reads that batch through it."""
+
+
+def stale_mapping(failed: list[tuple[ChangeEvent, InvalidEvent]], works: Routed) -> str | None:
+    """What in a mapped batch a newer mapping may know: a change of a table the mapping
+    does not name, or one that lacks a key column (swept: events.StandInKind.UNRENDERABLE);
+    None when there is no such change."""
+    for _event, exc in failed:
+        if isinstance(exc, NotConfigured):
+            return str(exc)
+    for work in works.values():
+        for (_table, kind), seen in work.stood_in.items():
+            if kind is StandInKind.UNRENDERABLE:
+                return seen.detail
+    return None
+
+
 def linger_for(taken: int, linger_s: float) -> float:
     """How long the batch after one of `taken` changes (2 or more) may gather: linger_s
     once batches hold BUSY_BATCH changes, less before. A busy database thus pays the
@@ -285,8 +306,15 @@ class Runner:
         metrics: Metrics | None = None,
         tap: Tap | None = None,
         sweep_sink: SweepSink | None = None,
+        mapping_changed: Callable[[], bool] | None = None,
     ) -> None:
         self._connect = connect
+        # Whether the configuration file now holds another mapping (settings.ConfigFile),
+        # asked only when a batch meets a table or a column the mapping lacks: `install`
+        # of a new mapping compiles capture functions that queue them before this
+        # listener is restarted with it. None: not asked (the changes are dead letters,
+        # or sweeps).
+        self._mapping_changed = mapping_changed
         self._mapper = mapper
         self._sink = sink
         self._config = config
@@ -493,6 +521,7 @@ class Runner:
                 self._delete_early(batch, early)
                 return batch.size
             works, failed = self._map(batch)
+            self._refuse_stale_mapping(failed, works)
             for event, exc in failed:
                 batch.dead_letter(event.position, str(exc))
             keys, sweeps = split_sweeps(works)
@@ -521,6 +550,19 @@ class Runner:
             existed=deleted,
         )
         return batch.size
+
+    def _refuse_stale_mapping(
+        self, failed: list[tuple[ChangeEvent, InvalidEvent]], works: Routed
+    ) -> None:
+        """Raise ConfigurationChanged, before anything of the batch is done, when it
+        holds a change the mapping cannot render and the configuration file has another
+        mapping now: that change would be a dead letter, or a sweep of the templates the
+        file no longer has, while the new ones' keys stayed cached."""
+        if self._mapping_changed is None:
+            return
+        culprit = stale_mapping(failed, works)
+        if culprit is not None and self._mapping_changed():
+            raise ConfigurationChanged(culprit)
 
     def _confirm_owed(self) -> None:
         """Wait for Redis to confirm the deletes of Pipelined batches before (counted as

@@ -12,6 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import structlog
 from psycopg import ProgrammingError
 from psycopg.conninfo import conninfo_to_dict
 from pydantic import (
@@ -38,6 +39,8 @@ from cdc_invalidator.events import TableName
 from cdc_invalidator.mapping import KeyTemplate, Mapper, TemplateError
 from cdc_invalidator.mapping.columns import ColumnFilter, Judge
 from cdc_invalidator.redact import Scrubber, secrets_of
+
+log = structlog.get_logger(__name__)
 
 ENV_PREFIX = "CDC_INVALIDATOR_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
@@ -439,13 +442,18 @@ def _refuse_broad_sweep(name: str, table: TableName, key_prefix: str, source: st
     )
 
 
-def load_settings(path: str | Path | None = None) -> Settings:
-    """Read and validate the configuration, or raise ConfigError naming the culprit."""
+def config_path(path: str | Path | None = None) -> Path:
+    """The configuration file: `path`, or the one CONFIG_ENV names."""
     if path is None:
         path = os.environ.get(CONFIG_ENV)
     if not path:
         raise ConfigError(f"no configuration file: pass --config PATH or set {CONFIG_ENV}")
-    path = Path(path)
+    return Path(path)
+
+
+def load_settings(path: str | Path | None = None) -> Settings:
+    """Read and validate the configuration, or raise ConfigError naming the culprit."""
+    path = config_path(path)
     try:
         data: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -516,3 +524,41 @@ def _is_scalar(value: object) -> bool:
     return isinstance(value, str | int | float | bool) and not (
         isinstance(value, str) and len(value) > _ECHOED_MAX_LENGTH
     )
+
+
+class ConfigFile:
+    """The file a running listener's settings came from, read again on demand.
+
+    `install` of a new mapping compiles capture functions (or publishes tables) whose
+    changes a listener still running the old one cannot render: a table it does not
+    name, a template column its events lack. The runner asks mapping_changed() when it
+    meets such a change: if the file now holds other tables, the listener is behind the
+    file and stops to start again with it, rather than losing those changes' keys.
+    """
+
+    def __init__(self, path: Path, settings: Settings) -> None:
+        self._path = path
+        self._tables = settings.tables
+        self._stamp = self._stat()
+
+    def _stat(self) -> tuple[int, int, int, int] | None:
+        try:
+            st = self._path.stat()  # (through a symlink: a mounted ConfigMap swaps its target)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+    def mapping_changed(self) -> bool:
+        """Whether the file's tables differ from those loaded; the file is read only when
+        it changed since it was last read. A file that cannot be read or is invalid now
+        (caught mid-write) counts as unchanged until it is valid, and is logged."""
+        stamp = self._stat()
+        if stamp == self._stamp:
+            return False
+        try:
+            fresh = load_settings(self._path)
+        except ConfigError as exc:
+            log.warning("configuration_unreadable", error=str(exc))
+            return False
+        self._stamp = stamp
+        return fresh.tables != self._tables

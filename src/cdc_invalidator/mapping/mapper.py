@@ -19,6 +19,15 @@ from cdc_invalidator.events import (
 from cdc_invalidator.mapping.templates import KeyTemplate, Render, RenderError
 
 
+class NotConfigured(InvalidEvent):
+    """An event of a table the configuration does not name."""
+
+
+class MissingColumn(InvalidEvent):
+    """A row that lacks a column one of its table's templates uses (Mapper.add sweeps the
+    table instead)."""
+
+
 class StoodIn(NamedTuple):
     """A table's stand-ins of one kind in a batch: the last one's detail, how many."""
 
@@ -138,7 +147,7 @@ class Mapper:
 
         False, and nothing added, when that cannot be done exactly: an unknown table, a
         missing row side, a missing column or a value not text. Their events then go
-        through map_all(), which dead-letters exactly the changes it cannot map."""
+        through map_all(), which sweeps or dead-letters exactly the changes it cannot map."""
         table, op, old, new, count = pack
         templates = self._render_columns.get(table)
         if templates is None or op is Op.TRUNCATE:
@@ -236,11 +245,12 @@ class Mapper:
         INSERT deletes the new row's keys (a cached "not found" is stale now), DELETE the
         old row's, UPDATE both (a changed email or primary key must drop the old key
         too). A NULL field skips that one key. TRUNCATE has no rows: every template
-        becomes a pattern.
+        becomes a pattern; so does every template of a row that lacks a column one of
+        them uses (MissingColumn: its keys cannot all be known).
         """
         renders = self._renders.get(event.table)
         if renders is None:
-            raise InvalidEvent(f"table {event.table} is not in the configuration")
+            raise NotConfigured(f"table {event.table} is not in the configuration")
         if event.op is Op.TRUNCATE:
             into.patterns.update(t.glob() for t in self._templates[event.table])
             stands_for = stand_in(event)
@@ -249,11 +259,21 @@ class Mapper:
             return
         keys: list[str] = []
         op = event.op
-        if op is Op.UPDATE or op is Op.DELETE:
-            _render(renders, event.old, "old", event, keys)
-        # (An UPDATE that left the key columns alone carries one row for both.)
-        if op is Op.INSERT or (op is Op.UPDATE and event.new is not event.old):
-            _render(renders, event.new, "new", event, keys)
+        try:
+            if op is Op.UPDATE or op is Op.DELETE:
+                _render(renders, event.old, "old", event, keys)
+            # (An UPDATE that left the key columns alone carries one row for both.)
+            if op is Op.INSERT or (op is Op.UPDATE and event.new is not event.old):
+                _render(renders, event.new, "new", event, keys)
+        except MissingColumn as exc:
+            # A change captured before `install` gave the table a template of another
+            # column (the capture function then copied the columns of the templates it
+            # had), or a row written by hand: its keys cannot all be known, so it stands
+            # for a sweep of every template of the table, as logical mode does for a
+            # change that lacks a key column. A dead letter would leave them cached.
+            into.patterns.update(t.glob() for t in self._templates[event.table])
+            into.add_stand_in(event.table, StandInKind.UNRENDERABLE, str(exc))
+            return
         into.keys.update(keys)
 
 
@@ -277,4 +297,5 @@ def _render(
             if key is not None:
                 out.append(key)
     except RenderError as exc:
-        raise InvalidEvent(exc.within(f"{which} row of {event.table}")) from None
+        error = MissingColumn if exc.missing else InvalidEvent
+        raise error(exc.within(f"{which} row of {event.table}")) from None

@@ -53,6 +53,11 @@ class RenderError(InvalidEvent):
         self.value = value
         super().__init__(self.within("the row"))
 
+    @property
+    def missing(self) -> bool:
+        """The row lacks the column (rather than holding a value that is not text)."""
+        return self.value is _MISSING
+
     def within(self, row: str) -> str:
         """The message, with `row` saying whose row it was ("old row of public.users")."""
         if self.value is _MISSING:
