@@ -1192,7 +1192,17 @@ BEGIN
             CASE WHEN bytes THEN format(' SET bytea_output = %L', 'hex') ELSE '' END)
         ELSE '' END, body);
     EXECUTE format('REVOKE ALL ON FUNCTION %s() FROM PUBLIC', fn);
-    EXECUTE format('ALTER FUNCTION %s() OWNER TO %s', fn, owner);
+    -- A function's new owner must have CREATE on its schema (a superuser installing
+    -- aside): an installer that is a member of the table's owner gives it that for the
+    -- ALTER alone, in this transaction, which no other session sees. Not to a role that
+    -- has it already: revoked from the schema's owner, it would lose what it owns by right.
+    IF has_schema_privilege(owner, 'cdc_invalidator', 'CREATE') THEN
+        EXECUTE format('ALTER FUNCTION %s() OWNER TO %s', fn, owner);
+    ELSE
+        EXECUTE format('GRANT CREATE ON SCHEMA cdc_invalidator TO %s', owner);
+        EXECUTE format('ALTER FUNCTION %s() OWNER TO %s', fn, owner);
+        EXECUTE format('REVOKE CREATE ON SCHEMA cdc_invalidator FROM %s', owner);
+    END IF;
     EXECUTE format('GRANT USAGE ON SCHEMA cdc_invalidator TO %s', owner);
     EXECUTE format('GRANT INSERT (schema_name, table_name, op, old_row, new_row, rows, pid) '
                    'ON TABLE cdc_invalidator.queue_v1 TO %s', owner);

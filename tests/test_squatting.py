@@ -387,6 +387,40 @@ def test_table_owner_installs_without_superuser_and_only_it_may_again(
 
 
 @pytest.mark.parametrize("capture", ["trigger"])  # logical mode has no capture functions
+def test_a_member_of_the_tables_owner_installs_without_superuser(
+    env: Env, alice: str, bob: str
+) -> None:
+    """docs/DBA.md: install runs as the tables' owner, a member of it, or a superuser.
+    As a member (alice, of bob who owns the table), giving the capture function to bob
+    failed with "permission denied for schema cdc_invalidator": a function's new owner
+    needs CREATE on its schema. Bob gets it for that ALTER only, never after."""
+    tables(env, owner=bob)
+    env.sql(
+        sql.SQL("GRANT {} TO {}").format(sql.Identifier(bob), sql.Identifier(alice)).as_string(None)
+    )
+    first = install(env, alice)
+    assert first.returncode == 0, first.stderr
+    oid = env.scalar("SELECT 'users'::regclass::oid")
+    assert (
+        env.scalar(
+            f"SELECT pg_get_userbyid(proowner) FROM pg_proc WHERE proname = 'capture_{oid}_v1'"
+        )
+        == bob
+    )
+    with env.connect() as conn:
+        assert conn.execute(
+            "SELECT has_schema_privilege(%s, 'cdc_invalidator', 'CREATE'),"
+            " has_schema_privilege(%s, 'cdc_invalidator', 'USAGE'),"
+            " has_schema_privilege(%s, 'cdc_invalidator', 'CREATE')",
+            [bob, bob, alice],
+        ).fetchone() == (False, True, True)
+    assert install(env, alice).returncode == 0  # again: nothing refused, nothing granted
+    with as_role(env, bob) as conn:
+        conn.execute("UPDATE users SET email = 'z@x' WHERE id = 1")
+    assert env.scalar("SELECT count(*) FROM cdc_invalidator.queue_v1") == 1
+
+
+@pytest.mark.parametrize("capture", ["trigger"])  # logical mode has no capture functions
 def test_a_capture_function_may_belong_to_its_tables_owner(env: Env, alice: str, bob: str) -> None:
     """Trigger mode may give each table's capture function to the table's owner:
     install accepts that owner, and no other."""
