@@ -1472,3 +1472,23 @@ def test_a_sql_ascii_databases_bytes_that_are_not_utf8_are_a_dead_letter(
     finally:
         next(envs, None)
         drop_database(admin, name)
+
+
+def test_a_lost_bookkeeping_session_lets_the_slot_go_before_the_back_off(env: Env) -> None:
+    """The stream and the bookkeeping session are two connections. When only the second
+    was lost, the stream went on holding the slot through the reconnect's back-off (up
+    to retry_max_ms), and neither a standby nor a fast shutdown could proceed meanwhile.
+    The source is closed first, then the back-off waits."""
+    make_tables(env)
+    config = logical_config(env, USERS, retry_initial_ms=60_000, retry_max_ms=60_000)
+    install(config)
+    r = env.redis()
+    with running(env, config) as listener:
+        env.sql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE backend_type = 'client backend' AND application_name = 'cdc-invalidator'"
+        )
+        r.set("user:1", "cached")
+        env.sql("UPDATE users SET email = 'c@x' WHERE id = 1")  # its bookkeeping fails
+        wait_until(lambda: listener.runner.postgres.failures > 0, what="the session lost")
+        wait_until(lambda: not active(env), what="the slot let go during the back-off")

@@ -396,21 +396,27 @@ class Runner:
                 log.info("active")
                 standby = False
             self._set_active(True)
+            lost: psycopg.OperationalError | None = None
             try:
                 self._consume(source)
             except psycopg.OperationalError as exc:
+                lost = exc
+            finally:
+                # Before any back-off: a source whose other session still works (logical
+                # mode's stream beside a lost bookkeeping session) must not hold the slot,
+                # or the queue's lock, from a standby while this one waits.
+                self._set_active(False)
+                source.close()
+            if lost is not None:
                 # The connection is dead (server restart, terminated backend): a batch in
                 # hand was not acknowledged and comes again; reconnect and go on. The
                 # back-off starts over only after a connection that lasted: one that
                 # fails again at once (an error every turn meets, not the network) is
                 # retried later and later, not ten times a second.
-                self.postgres.down(exc)
+                self.postgres.down(lost)
                 if time.monotonic() - connected_at >= HEALTHY_CONNECTION_S:
                     backoff.reset()
                 self._stopper.sleep(backoff.next_delay())
-            finally:
-                self._set_active(False)
-                source.close()
         with contextlib.suppress(*REDIS_UNAVAILABLE):
             # (nothing acknowledged waits for them: read so that they count as deletes)
             self._confirm_owed()

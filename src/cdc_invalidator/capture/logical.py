@@ -254,10 +254,16 @@ class LogicalCapture:
             except BaseException:
                 repl.close()
                 raise
+            try:
+                return LogicalStream(stream, side, self._config, acked=acked, resync=resync)
+            except BaseException:
+                # (It reads from `side` as it starts: a session lost there must not leave
+                # the stream, and the slot, held through the reconnect's back-off.)
+                stream.close()
+                raise
         except BaseException:
             side.close()
             raise
-        return LogicalStream(stream, side, self._config, acked=acked, resync=resync)
 
     def _prepare(self, side: psycopg.Connection[Any]) -> tuple[int, str | None]:
         """Check the install and the slot; return where to resume and a sweep owed."""
