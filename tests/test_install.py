@@ -1011,3 +1011,25 @@ def test_a_listener_behind_its_configuration_file_exits_to_restart_with_it(
     assert again.process is not None
     assert again.process.poll() is None
     assert dead_letter_errors(env) == []
+
+
+def test_uninstall_under_a_running_listener_ends_it_with_not_installed(
+    env: Env, spawn: Spawn
+) -> None:
+    """Trigger mode (logical mode's uninstall refuses while a listener streams):
+    `uninstall` while a listener runs. Its next query met a missing relation, and it
+    exited with the driver's error on stderr and no log line. It logs `not_installed`,
+    saying what to do, as it does when it starts on a database without our objects."""
+    tables(env)
+    config = env.config(USERS)
+    assert cli("install", "--config", config) == 0
+    listener = spawn(config)
+    r = env.redis()
+    r.set("user:email:b2@x", "cached")
+    env.sql("UPDATE users SET email = 'b2@x' WHERE id = 2")
+    wait_until(lambda: r.exists("user:email:b2@x") == 0, what="the listener consuming")
+    assert cli("uninstall", "--config", config) == 0
+    assert listener.wait() == 1
+    (line,) = listener.logged("not_installed")
+    assert "run `cdc-invalidator install`" in line["error"], line
+    assert "Traceback" not in listener.log_path.read_text()

@@ -56,6 +56,14 @@ EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 # What a command may end with: one line on stderr (never a traceback), exit 2 for the
 # configuration, 1 for the rest.
+# What a query of the listener meets when our objects were dropped after it connected
+# (a table, a function, logical mode's publication).
+GONE_WHILE_RUNNING = (
+    psycopg.errors.UndefinedTable,
+    psycopg.errors.UndefinedFunction,
+    psycopg.errors.UndefinedObject,
+)
+
 _ENDS_A_COMMAND: tuple[type[Exception], ...] = (
     ConfigError,
     UsageError,
@@ -522,29 +530,8 @@ def cmd_run(args: argparse.Namespace, settings: Settings, console: Console) -> i
     runtime.tune_gc()
     try:
         runner.run()
-    except NotInstalled as exc:
-        log.error("not_installed", error=str(exc))
-        return EXIT_FAILED
-    except ConfigurationChanged as exc:
-        # Exit 1: a service manager restarts the listener (deploy/, docker-compose.yml),
-        # which then reads the file; the batch is read again through it.
-        log.warning(
-            "configuration_changed",
-            change=str(exc),
-            action="the configuration file holds another mapping than this listener was "
-            "started with (`install` of it may have run): exiting, nothing of the batch "
-            "acknowledged, to be started again with the file",
-        )
-        return EXIT_FAILED
-    except Fatal as exc:
-        log.error("cannot_consume", error=str(exc))
-        return EXIT_FAILED
-    except psycopg.errors.InsufficientPrivilege as exc:
-        # Refused after the start (a grant revoked meanwhile): a person must act too.
-        user = conninfo_to_dict(settings.database_url).get("user") or os.environ.get(
-            "PGUSER", getpass.getuser()
-        )
-        log.error("cannot_consume", error=str(missing_privilege(str(user), mode.name, exc)))
+    except LISTENER_ENDS as exc:
+        _log_end(exc, settings, mode.name)
         return EXIT_FAILED
     finally:
         if probes is not None:
@@ -554,6 +541,48 @@ def cmd_run(args: argparse.Namespace, settings: Settings, console: Console) -> i
         sink.close()
         stopper.close()
     return EXIT_OK
+
+
+# What ends a running listener with exit 1, each logged by _log_end().
+LISTENER_ENDS = (
+    NotInstalled,
+    *GONE_WHILE_RUNNING,
+    ConfigurationChanged,
+    Fatal,
+    psycopg.errors.InsufficientPrivilege,
+)
+
+
+def _log_end(exc: Exception, settings: Settings, mode: str) -> None:
+    """The listener's last log line for an error that ends it (LISTENER_ENDS)."""
+    log = structlog.get_logger("cdc_invalidator.cli")
+    if isinstance(exc, NotInstalled):
+        log.error("not_installed", error=str(exc))
+    elif isinstance(exc, GONE_WHILE_RUNNING):
+        # Checked at every connect: gone since, `uninstall` ran under this listener.
+        log.error(
+            "not_installed",
+            error=f"{_pg_message(exc)}: cdc_invalidator's objects went while the listener "
+            "ran (`uninstall`?): run `cdc-invalidator install`, then start the listener",
+        )
+    elif isinstance(exc, ConfigurationChanged):
+        # Exit 1: a service manager restarts the listener (deploy/, docker-compose.yml),
+        # which then reads the file; the batch is read again through it.
+        log.warning(
+            "configuration_changed",
+            change=str(exc),
+            action="the configuration file holds another mapping than this listener was "
+            "started with (`install` of it may have run): exiting, nothing of the batch "
+            "acknowledged, to be started again with the file",
+        )
+    elif isinstance(exc, psycopg.errors.InsufficientPrivilege):
+        # Refused after the start (a grant revoked meanwhile): a person must act too.
+        user = conninfo_to_dict(settings.database_url).get("user") or os.environ.get(
+            "PGUSER", getpass.getuser()
+        )
+        log.error("cannot_consume", error=str(missing_privilege(str(user), mode, exc)))
+    else:
+        log.error("cannot_consume", error=str(exc))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:  # throwaway servers: no secrets, no settings
