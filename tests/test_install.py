@@ -15,7 +15,15 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from tests.support.env import Env
-from tests.support.listener import ListenerThread, Spawn, check, cli, listening, run_cli
+from tests.support.listener import (
+    ListenerProcess,
+    ListenerThread,
+    Spawn,
+    check,
+    cli,
+    listening,
+    run_cli,
+)
 from tests.support.psql import psql
 from tests.support.roles import login_role
 from tests.support.waits import wait_until
@@ -978,6 +986,19 @@ def test_changes_queued_before_install_added_a_template_column_sweep_the_table(
     assert r.get("order:1") == "cached"  # another table's keys: not swept
 
 
+def consuming(env: Env, spawn: Spawn) -> tuple[Path, ListenerProcess]:
+    """users and orders, USERS installed, and a listener process seen consuming."""
+    tables(env)
+    config = env.config(USERS)
+    assert cli("install", "--config", config) == 0
+    listener = spawn(config)
+    r = env.redis()
+    r.set("user:email:b2@x", "cached")
+    env.sql("UPDATE users SET email = 'b2@x' WHERE id = 2")
+    wait_until(lambda: r.exists("user:email:b2@x") == 0, what="the listener consuming")
+    return config, listener
+
+
 def test_a_listener_behind_its_configuration_file_exits_to_restart_with_it(
     env: Env, capture: str, spawn: Spawn
 ) -> None:
@@ -987,14 +1008,8 @@ def test_a_listener_behind_its_configuration_file_exits_to_restart_with_it(
     cached. It now reads its file again at such a change: the file holding another
     mapping, it exits (1, for its service manager to restart it) with nothing of the
     batch acknowledged, and started again, deletes their keys."""
-    tables(env)
-    config = env.config(USERS)
-    assert cli("install", "--config", config) == 0
-    listener = spawn(config)
+    config, listener = consuming(env, spawn)
     r = env.redis()
-    r.set("user:email:b2@x", "cached")
-    env.sql("UPDATE users SET email = 'b2@x' WHERE id = 2")  # it runs and consumes
-    wait_until(lambda: r.exists("user:email:b2@x") == 0, what="the listener consuming")
     assert env.config({**USERS, **ORDERS}) == config  # the same file, edited
     assert cli("install", "--config", config) == 0
     r.mset(dict.fromkeys(["order:1", "user:1:orders", "user:2:orders"], "cached"))
@@ -1020,14 +1035,7 @@ def test_uninstall_under_a_running_listener_ends_it_with_not_installed(
     `uninstall` while a listener runs. Its next query met a missing relation, and it
     exited with the driver's error on stderr and no log line. It logs `not_installed`,
     saying what to do, as it does when it starts on a database without our objects."""
-    tables(env)
-    config = env.config(USERS)
-    assert cli("install", "--config", config) == 0
-    listener = spawn(config)
-    r = env.redis()
-    r.set("user:email:b2@x", "cached")
-    env.sql("UPDATE users SET email = 'b2@x' WHERE id = 2")
-    wait_until(lambda: r.exists("user:email:b2@x") == 0, what="the listener consuming")
+    config, listener = consuming(env, spawn)
     assert cli("uninstall", "--config", config) == 0
     assert listener.wait() == 1
     (line,) = listener.logged("not_installed")
