@@ -54,8 +54,6 @@ from cdc_invalidator.tools.tail_message import channel_name
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
-# What a command may end with: one line on stderr (never a traceback), exit 2 for the
-# configuration, 1 for the rest.
 # What a query of the listener meets when our objects were dropped after it connected
 # (a table, a function, logical mode's publication).
 GONE_WHILE_RUNNING = (
@@ -64,6 +62,8 @@ GONE_WHILE_RUNNING = (
     psycopg.errors.UndefinedObject,
 )
 
+# What a command may end with: one line on stderr (never a traceback), exit 2 for the
+# configuration, 1 for the rest.
 _ENDS_A_COMMAND: tuple[type[Exception], ...] = (
     ConfigError,
     UsageError,
