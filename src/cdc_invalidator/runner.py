@@ -638,7 +638,8 @@ class Runner:
                 "unrenderable_changes_swept",
                 table=str(table),
                 reason=seen.detail,
-                action="swept every key template of the table; edit the configuration "
+                action="swept the key templates of the table its changes could not render "
+                "(logical mode: every one); if its columns changed, edit the configuration "
                 "to the new schema and run `cdc-invalidator install`",
             )
 

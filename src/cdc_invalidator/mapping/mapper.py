@@ -245,8 +245,7 @@ class Mapper:
         INSERT deletes the new row's keys (a cached "not found" is stale now), DELETE the
         old row's, UPDATE both (a changed email or primary key must drop the old key
         too). A NULL field skips that one key. TRUNCATE has no rows: every template
-        becomes a pattern; so does every template of a row that lacks a column one of
-        them uses (MissingColumn: its keys cannot all be known).
+        becomes a pattern; so does each template a row lacks a column of (_add_lacking).
         """
         renders = self._renders.get(event.table)
         if renders is None:
@@ -266,15 +265,40 @@ class Mapper:
             if op is Op.INSERT or (op is Op.UPDATE and event.new is not event.old):
                 _render(renders, event.new, "new", event, keys)
         except MissingColumn as exc:
-            # A change captured before `install` gave the table a template of another
-            # column (the capture function then copied the columns of the templates it
-            # had), or a row written by hand: its keys cannot all be known, so it stands
-            # for a sweep of every template of the table, as logical mode does for a
-            # change that lacks a key column. A dead letter would leave them cached.
-            into.patterns.update(t.glob() for t in self._templates[event.table])
-            into.add_stand_in(event.table, StandInKind.UNRENDERABLE, str(exc))
+            self._add_lacking(event, into, str(exc))
             return
         into.keys.update(keys)
+
+    def _add_lacking(self, event: ChangeEvent, into: Invalidation, reason: str) -> None:
+        """add() for a change whose rows lack a column some templates use: captured before
+        `install` gave the table a template of another column (its capture function
+        copied the columns of the templates it had then), or written by hand. The keys
+        of the templates its rows render are deleted; each template they cannot render
+        is swept (SCAN + UNLINK of its glob), since its keys cannot be known. A dead
+        letter would leave them cached; sweeping the templates it renders too would
+        empty the table's cache for nothing."""
+        sides = [event.old] if event.op is Op.DELETE else [event.new]
+        if event.op is Op.UPDATE and event.new is not event.old:
+            sides.append(event.old)
+        rows: list[Row] = []
+        for row in sides:
+            if row is None:
+                raise InvalidEvent(f"{event.op.name} on {event.table} carries no row to render")
+            rows.append(row)
+        keys: list[str] = []
+        patterns: list[str] = []
+        for template in self._templates[event.table]:
+            try:
+                rendered = [template.render(row) for row in rows]
+            except RenderError as exc:
+                if not exc.missing:
+                    raise InvalidEvent(exc.within(f"a row of {event.table}")) from None
+                patterns.append(template.glob())
+                continue
+            keys += [key for key in rendered if key is not None]
+        into.keys.update(keys)
+        into.patterns.update(patterns)
+        into.add_stand_in(event.table, StandInKind.UNRENDERABLE, reason)
 
 
 def _gathered(event: ChangeEvent) -> bool:
