@@ -1003,26 +1003,25 @@ def test_a_listener_behind_its_configuration_file_exits_to_restart_with_it(
     env: Env, capture: str, spawn: Spawn
 ) -> None:
     """docs/DBA.md's order for a new mapping: edit the file, `install`, restart the
-    listener. Until the restart, the running listener met changes only the new mapping
-    knows (a table added: "not in the configuration") and dead-lettered them, their keys
-    cached. It now reads its file again at such a change: the file holding another
-    mapping, it exits (1, for its service manager to restart it) with nothing of the
-    batch acknowledged, and started again, deletes their keys."""
+    listener. Until the restart, the running listener dead-lettered the changes of a
+    table added ("not in the configuration"), and never deleted the keys of a template
+    added on a column its capture already copied. It now looks at its file every turn:
+    holding other tables, it exits (1, for its service manager to start it again) with
+    nothing of a batch acknowledged, and started again, deletes every such key."""
     config, listener = consuming(env, spawn)
     r = env.redis()
-    assert env.config({**USERS, **ORDERS}) == config  # the same file, edited
-    assert cli("install", "--config", config) == 0
-    r.mset(dict.fromkeys(["order:1", "user:1:orders", "user:2:orders"], "cached"))
-    env.sql("UPDATE orders SET user_id = 2 WHERE id = 1")
+    wider = {"public.users": [*USERS["public.users"], "user:name:{name}"], **ORDERS}
+    assert env.config(wider) == config  # the same file, edited
     assert listener.wait() == 1
     (line,) = listener.logged("configuration_changed")
-    assert "public.orders is not in the configuration" in line["change"], line
-    assert r.exists("order:1", "user:1:orders", "user:2:orders") == 3  # nothing done
+    assert "configuration file's tables changed" in line["change"], line
+    assert cli("install", "--config", config) == 0
+    cached = ["order:1", "user:1:orders", "user:2:orders", "user:name:A", "user:name:A2"]
+    r.mset(dict.fromkeys(cached, "cached"))
+    env.sql("UPDATE orders SET user_id = 2 WHERE id = 1")
+    env.sql("UPDATE users SET name = 'A2' WHERE id = 1")
     again = spawn(config)
-    wait_until(
-        lambda: r.exists("order:1", "user:1:orders", "user:2:orders") == 0,
-        what="the added table's keys, deleted by the listener started again",
-    )
+    wait_until(lambda: r.exists(*cached) == 0, what="the new mapping's keys deleted")
     assert again.process is not None
     assert again.process.poll() is None
     assert dead_letter_errors(env) == []

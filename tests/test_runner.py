@@ -39,7 +39,14 @@ from cdc_invalidator.mapping import KeyTemplate, Mapper, Routed
 from cdc_invalidator.mapping.mapper import StoodIn
 from cdc_invalidator.redis_guard.watch import RedisWatch
 from cdc_invalidator.replay import ReplayResult
-from cdc_invalidator.runner import BUSY_BATCH, HEALTHY_CONNECTION_S, Runner, RunnerConfig, Source
+from cdc_invalidator.runner import (
+    BUSY_BATCH,
+    HEALTHY_CONNECTION_S,
+    ConfigurationChanged,
+    Runner,
+    RunnerConfig,
+    Source,
+)
 from cdc_invalidator.shutdown import Stopper
 from tests.support.runner_fakes import RecordingSink
 
@@ -934,3 +941,37 @@ def test_stand_ins_are_counted_and_unrenderable_ones_logged_once_a_minute_per_ta
     ]
     reasons = [kw.get("reason") for _, _, kw in logged]
     assert reasons == ["email is gone", None, "id is gone", "gone at last", None]
+
+
+def test_a_change_the_mapping_lacks_ends_the_runner_unacknowledged_once_the_file_changed(
+    world: World,
+) -> None:
+    """A batch holding a change of a table the mapping does not name, read after the
+    configuration file changed (between the turn's look at it and the batch): the runner
+    stops with ConfigurationChanged before deleting or acknowledging anything, to be
+    started again with the file. With the file unchanged, the change is a dead letter."""
+    answers = deque([False, True])  # the turn's look at the file, then the batch's
+    source = FakeSource(world, [Arrives([1])])
+    sink = FakeSink(world)
+    runner = Runner(
+        connect=Connector(world, source, []),
+        mapper=Mapper({TableName("public", "orders"): [KeyTemplate.parse("order:{id}")]}),
+        sink=sink,
+        config=RunnerConfig(),
+        stopper=world.stopper,
+        mapping_changed=answers.popleft,
+    )
+    with pytest.raises(ConfigurationChanged, match=r"public\.users is not in the configuration"):
+        runner.run()
+    assert [e[0] for e in world.log if e[0] in ("batch", "delete", "ack")] == ["batch"]
+
+    unchanged = FakeSource(world, [Arrives([2])])
+    Runner(
+        connect=Connector(world, unchanged, []),
+        mapper=Mapper({TableName("public", "orders"): [KeyTemplate.parse("order:{id}")]}),
+        sink=FakeSink(world),
+        config=RunnerConfig(),
+        stopper=world.stopper,
+        mapping_changed=lambda: False,
+    ).run()
+    assert ("ack", [2]) in world.log

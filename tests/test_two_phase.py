@@ -88,7 +88,9 @@ def test_a_payload_sent_after_prepare_never_stands_for_the_prepared_row(
     env = prepared_env
     config = setup_users(env, rows=ROWS, notify_payload=True, second_delete_ms=0)
     r = env.redis()
-    with listening(config), env.connect() as writer:
+    with listening(config) as listener, env.connect() as writer:
+        # (LISTENing before the forged payload is sent: one sent before is not delivered)
+        wait_until(lambda: listener.runner.active, what="the listener consuming")
         cache(r, [1])
         xid = update_without_notify(writer, 1)
         writer.execute("PREPARE TRANSACTION 'forged'")

@@ -456,6 +456,7 @@ class Runner:
         while not self._stopper.stopped:
             started = self.turned_at = time.monotonic()
             deleting = False
+            self._refuse_changed_file()
             try:
                 if self._watch is not None:
                     if replayed := self._watch.check(force=redis_back, settle=source.settle):
@@ -556,6 +557,18 @@ class Runner:
             existed=deleted,
         )
         return batch.size
+
+    def _refuse_changed_file(self) -> None:
+        """Raise ConfigurationChanged, between batches, once the configuration file holds
+        other tables (a stat() a turn; read only when that changed). `install` of them
+        makes the capture queue what only they render: a table added, a template's
+        column, and a template added on a column already copied, whose keys no change
+        of this mapping would ever fail to map and so reveal (the documented order edits
+        the file first)."""
+        if self._mapping_changed is not None and self._mapping_changed():
+            raise ConfigurationChanged(
+                "the configuration file's tables changed since the listener started"
+            )
 
     def _refuse_stale_mapping(
         self, failed: list[tuple[ChangeEvent, InvalidEvent]], works: Routed

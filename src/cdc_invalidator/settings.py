@@ -531,9 +531,9 @@ class ConfigFile:
 
     `install` of a new mapping compiles capture functions (or publishes tables) whose
     changes a listener still running the old one cannot render: a table it does not
-    name, a template column its events lack. The runner asks mapping_changed() when it
-    meets such a change: if the file now holds other tables, the listener is behind the
-    file and stops to start again with it, rather than losing those changes' keys.
+    name, a template's column. The runner asks mapping_changed() at every turn, and when
+    it meets such a change: if the file now holds other tables, the listener is behind
+    the file and stops to start again with it, rather than losing those changes' keys.
     """
 
     def __init__(self, path: Path, settings: Settings) -> None:
@@ -551,14 +551,15 @@ class ConfigFile:
     def mapping_changed(self) -> bool:
         """Whether the file's tables differ from those loaded; the file is read only when
         it changed since it was last read. A file that cannot be read or is invalid now
-        (caught mid-write) counts as unchanged until it is valid, and is logged."""
+        (caught mid-write) counts as unchanged, logged once, until it is written again:
+        a listener restarted for it would stop at its configuration."""
         stamp = self._stat()
         if stamp == self._stamp:
             return False
+        self._stamp = stamp
         try:
             fresh = load_settings(self._path)
         except ConfigError as exc:
             log.warning("configuration_unreadable", error=str(exc))
             return False
-        self._stamp = stamp
         return fresh.tables != self._tables
