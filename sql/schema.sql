@@ -726,9 +726,10 @@ $unpinned$;
 
 -- queue_sweep_once_v1(schema, table, reason[, writer]): queue one sweep of the table's
 -- templates (by the name its events carry) for the current transaction, however many of
--- its statements or rows ask, carrying `reason` ({"unrenderable": reason}), which the
--- listener logs and counts. For the triggers and event triggers that see a change they
--- cannot render: sweep_untriggered_v1 below, and the rebuild guard (rebuild_guard.sql).
+-- its statements or rows ask (under SERIALIZABLE one per call: see below), carrying
+-- `reason` ({"unrenderable": reason}), which the listener logs and counts. For the
+-- triggers and event triggers that see a change they cannot render:
+-- sweep_untriggered_v1 below, and the rebuild guard (rebuild_guard.sql).
 -- With `writer`, the table a trigger fired on: nothing is queued unless that table or a
 -- table it is a partition of (at any level) is watched under that name or bears it (a
 -- stand-in's): a trigger someone else attached to a table of theirs, with any name in
@@ -740,7 +741,13 @@ RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $once$
 BEGIN
-    IF EXISTS (
+    -- Under SERIALIZABLE that read of the queue takes predicate locks on its newest
+    -- index page, where every concurrent writer's rows go: sessions writing new
+    -- partitions at once failed each other ("could not serialize access"). There, every
+    -- call queues its sweep row; the listener sweeps a batch's patterns once whatever
+    -- their number. (A transaction-local marker instead of the read could be set by the
+    -- writer itself, and skip its sweep.)
+    IF current_setting('transaction_isolation') <> 'serializable' AND EXISTS (
         SELECT FROM cdc_invalidator.queue_v1 q
         WHERE q.xid = pg_current_xact_id() AND q.op = 'T'
           AND q.schema_name = schema_n AND q.table_name = table_n) THEN
