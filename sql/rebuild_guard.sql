@@ -453,8 +453,9 @@ REVOKE ALL ON FUNCTION cdc_invalidator.held_v1() FROM PUBLIC;
 -- (install runs it every time), in one statement per root, so that pg_inherits and
 -- members_v1 are read in one snapshot: a partition another session adds or takes away
 -- meanwhile is in both or in neither. With `sweep`, a root that lost a partition that may
--- hold rows (detached; an empty one detached sweeps nothing), or gained one that this
--- transaction holds and that holds rows (attached), is swept (holds_rows_v1).
+-- hold rows (detached; an empty one detached sweeps nothing but in logical mode, see
+-- below), or gained one that this transaction holds and that holds rows (attached), is
+-- swept (holds_rows_v1).
 CREATE OR REPLACE FUNCTION cdc_invalidator.sync_members_v1(roots oid[], sweep boolean)
 RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
@@ -469,8 +470,8 @@ BEGIN
         DELETE FROM cdc_invalidator.members_v1 m
         WHERE m.root NOT IN (SELECT x.root FROM cdc_invalidator.roots_v1() x);
     END IF;
-    FOR r IN SELECT DISTINCT x.root FROM cdc_invalidator.roots_v1() x
-             WHERE roots IS NULL OR x.root = ANY (roots) LOOP
+    FOR r IN SELECT x.root, bool_or(x.mode = 'l') AS logical FROM cdc_invalidator.roots_v1() x
+             WHERE roots IS NULL OR x.root = ANY (roots) GROUP BY x.root LOOP
         WITH now AS (
             SELECT unnest(cdc_invalidator.partitions_v1(r.root)) AS part),
         gone AS (
@@ -488,10 +489,14 @@ BEGIN
         CONTINUE WHEN NOT sweep OR cardinality(lost) + cardinality(gained) = 0;
         held := coalesce(held, cdc_invalidator.held_v1());
         -- (a partitioned one lost is asked through its partitions now, recorded or not)
+        -- In logical mode one this command detached is swept even when empty now: its
+        -- changes made before, decoded after it left, can no longer be told to be the
+        -- table's (the listener finds no table of theirs: dead letters, keys cached).
         IF EXISTS (SELECT FROM (SELECT unnest(lost) AS o
                                 UNION SELECT unnest(cdc_invalidator.partitions_v1(c.oid))
                                 FROM unnest(lost) x JOIN pg_class c ON c.oid = x AND c.relkind = 'p') l
-                   WHERE cdc_invalidator.holds_rows_v1(l.o, true, held)) THEN
+                   WHERE cdc_invalidator.holds_rows_v1(l.o, true, held)
+                      OR (r.logical AND l.o = ANY (held))) THEN
             PERFORM cdc_invalidator.sweep_root_v1(r.root, format(
                 '%s partition(s) of table %s detached (%s%s)', cardinality(lost), r.root::regclass,
                 -- (ten names at most: a reason is logged and stored with the sweep)

@@ -343,7 +343,8 @@ def test_a_partition_dropped_detached_or_attached_with_rows_is_swept(
             )
         )
         env.sql(as_role(owner, "BEGIN; DROP TABLE users_low; ROLLBACK"))
-        env.sql(as_role(owner, "ALTER TABLE users DETACH PARTITION users_next"))  # empty
+        if not env.logical:  # (logical mode sweeps it: test_migrations_logical)
+            env.sql(as_role(owner, "ALTER TABLE users DETACH PARTITION users_next"))  # empty
         env.sql(
             as_role(
                 owner,
