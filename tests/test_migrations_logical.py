@@ -141,8 +141,8 @@ def test_key_column_names_swapped_while_the_listener_was_down(env: Env) -> None:
     """A change made before two columns swapped names, decoded after: its message names
     the columns as they were, and the key column's name now belongs to the other one.
     Which is which cannot be told from names: the change is swept, never rendered from
-    the wrong column. Changes made after the swap get exact keys (the key follows its
-    column: `email`'s values are in `name` now)."""
+    the wrong column. Changes made after the swap get exact keys from the column named
+    `email` now, as the application's queries (and trigger mode) have it."""
     make_tables(env)
     # (no second deletes: a sweep repeated 300 ms later would take the later keys)
     config = logical_config(env, USERS, second_delete_ms=0)
@@ -160,8 +160,35 @@ def test_key_column_names_swapped_while_the_listener_was_down(env: Env) -> None:
         # (acknowledged past a later change: the sweep is done, it acknowledges first)
         wait_until(lambda: confirmed_past(env, row[0]), what="the sweep done")
         r.set("user:2", "B")
-        writes_and_deletes(env, r, "users", "name")
+        writes_and_deletes(env, r, "users", "email")
         assert r.get("user:2") == "B", "changes after the swap are not swept"
+    assert dead_letters(env) == []
+
+
+def test_a_key_column_replaced_by_expand_and_contract_is_followed_by_name(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Expand/contract: the key column renamed out of the way, a new column of its name
+    added and filled, in one transaction. The listener followed the old column by its
+    number, so changes to the new `email` kept their keys cached (a review), and `check`
+    advised renaming the configuration, which was right already. Keys follow the
+    configured name where a column has it, as the application's queries do."""
+    make_tables(env)
+    config = logical_config(env, USERS)
+    install(config)
+    r = env.redis()
+    with running(env, config):
+        env.sql(
+            "BEGIN; ALTER TABLE users RENAME COLUMN email TO email_legacy;"
+            " ALTER TABLE users ADD COLUMN email text;"
+            " UPDATE users SET email = email_legacy; COMMIT"
+        )
+        writes_and_deletes(env, r, "users", "email")
+    code, _, err = check(config, capsys)
+    assert code == 1
+    assert "keys are rendered from the column named 'email'" in err, err
+    assert "run `cdc-invalidator install` to record it" in err
+    assert "edit the configuration to the new names" not in err
     assert dead_letters(env) == []
 
 

@@ -710,8 +710,16 @@ def drifted(conn: psycopg.Connection[Any], report: Report, where: str, table: Ta
             f"{where}: table {table} was renamed to {now}: its changes still invalidate "
             f"these templates (followed by relation), but {todo}"
         )
-    for configured, current in columns:
-        if current is None:
+    for configured, current, taken in columns:
+        if taken is not None:
+            drifted = True
+            report.errors.append(
+                f"{where}: column {configured!r} of {now} is another column than install "
+                f"recorded (that one is {current or 'dropped'!r} now): keys are rendered "
+                f"from the column named {configured!r}, as the application's queries do; "
+                "run `cdc-invalidator install` to record it"
+            )
+        elif current is None:
             drifted = True
             report.errors.append(
                 f"{where}: column {configured!r} of {now} was dropped: the templates using it "

@@ -1013,10 +1013,14 @@ class LogicalStream:
     def _resolve(self, relid: int, _name: TableName, columns: tuple[str, ...]) -> Resolved | None:
         """A Relation message: which configured table, and each key column's name in it.
 
-        A column is looked for under the name its number has now (it may have been
-        renamed), then under its configured name (a change made before a rename, decoded
-        after it, still carries the old name). A partition's columns have its parent's
-        names, so a partition resolves through its configured ancestor.
+        A column is looked for under its configured name, then under the name its
+        number has now (renamed since install, the configuration not yet following). The
+        configured name first: the application's queries, and trigger mode's capture,
+        name columns, so a column that took a key column's name (expand/contract's new
+        column renamed into place, or two names swapped) is the key's now. A change made
+        before a rename, decoded after it, still carries the old name. A partition's
+        columns have its parent's names, so a partition resolves through its configured
+        ancestor.
 
         Both names in the message, and different, and the message's column names not
         the relation's now: names were swapped after the change was made (email and
@@ -1044,7 +1048,7 @@ class LogicalStream:
         for column, attnum in zip(wanted, attnums, strict=True):
             renamed = now.get(attnum)
             twice |= renamed is not None and renamed != column and {renamed, column} <= present
-            for candidate in (renamed, column):
+            for candidate in (column, renamed):
                 if candidate is not None and candidate in present:
                     names[column] = candidate
                     break
