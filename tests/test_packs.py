@@ -23,7 +23,7 @@ from cdc_invalidator.capture.pgoutput import (
     by_name,
 )
 from cdc_invalidator.capture.rows import RowDecoder, encode_history, with_transaction
-from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, Pack, TableName
+from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, Pack, StandInKind, TableName
 from cdc_invalidator.mapping.columns import ColumnFilter, Judge
 from cdc_invalidator.mapping.mapper import Invalidation, Mapper
 from cdc_invalidator.mapping.templates import KeyTemplate
@@ -296,8 +296,9 @@ def test_a_pack_maps_to_the_keys_of_its_events() -> None:
 
 def test_packs_the_mapper_cannot_map_exactly_come_back_as_their_events() -> None:
     """A template needing a column the packs did not gather: map_packs() adds nothing of
-    those packs and hands back their events, which map_all() dead-letters one by one,
-    each with its own position (the pack of another table maps column-wise)."""
+    those packs and hands back their events, which map_all() maps one by one: that
+    template is swept, each event standing for an unrenderable change (the pack of
+    another table maps column-wise)."""
     packs = gathered(HAND_CHANGES[0], HAND_CHANGES[1], HAND_CHANGES[6])
     wants_body = Mapper({HAND: [KeyTemplate.parse("hand:{id}:{body}")]})
     into: dict[int | None, Invalidation] = {}
@@ -305,9 +306,12 @@ def test_packs_the_mapper_cannot_map_exactly_come_back_as_their_events() -> None
     assert mapped == []
     assert into == {}
     assert back == [e for p in packs for e in p.events()]
-    _, failed = wants_body.map_all(back)
-    assert [e.position for e, _ in failed] == [e.position for e in back]
-    assert all("body" in str(exc) for _, exc in failed)
+    routed, failed = wants_body.map_all(back)
+    assert failed == []
+    assert routed[None].patterns == {"hand:*:*"}
+    ((table, kind), seen) = next(iter(routed[None].stood_in.items()))
+    assert (table, kind, seen.times) == (HAND, StandInKind.UNRENDERABLE, len(back))
+    assert "'body'" in seen.detail
     mapped, back = map_packs(MAPPER, packs, into)
     assert (mapped, back) == (packs, [])
     assert "hand:7" in into[None].keys
