@@ -480,3 +480,16 @@ def test_a_truncate_standing_in_is_swept_and_noted_per_table_and_kind() -> None:
         (USERS, Kind.UNRENDERABLE): StoodIn("why", 1),
         (USERS, Kind.RESYNC): StoodIn("lost", 1),
     }
+
+
+def test_a_row_lacking_a_column_with_another_value_not_text_sweeps_both_templates() -> None:
+    """Written by hand: one template lacks its column, another's value is not text. Both
+    are swept; the lacking one's sweep was lost to a dead letter when the other came
+    second."""
+    mapper = Mapper(
+        {USERS: [KeyTemplate.parse("user:email:{email}"), KeyTemplate.parse("user:{id}")]}
+    )
+    work = Invalidation()
+    mapper.add(_event(Op.INSERT, None, {"id": 5}), work)  # type: ignore[dict-item]
+    assert work.patterns == {"user:email:*", "user:*"}
+    assert work.keys == set()

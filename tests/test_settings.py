@@ -8,7 +8,7 @@ import pytest
 
 from cdc_invalidator.cli import main
 from cdc_invalidator.events import TableName
-from cdc_invalidator.settings import ConfigError, load_settings
+from cdc_invalidator.settings import ConfigError, ConfigFile, load_settings
 
 GOOD = """
 database_url = "postgresql://app@db/app"
@@ -274,3 +274,22 @@ def test_sql_in_logical_mode_says_why_and_adds_no_trigger(
     assert "SELECT cdc_invalidator.require_replica_identity('public.orders');" in out
     assert "cdc_invalidator.publish('cdc_invalidator'" in out
     assert "pg_create_logical_replication_slot('cdc_invalidator', 'pgoutput')" in out
+
+
+def test_config_file_sees_an_edit_made_after_the_settings_were_loaded(tmp_path: Path) -> None:
+    """The listener's settings are loaded before its ConfigFile is made: an edit in
+    between was taken for what they held (the stamp taken at construction), and never
+    noticed. The first look reads the file."""
+    users = '[tables."public.users"]\nkeys = ["user:{id}"]\n'
+    path = _write(tmp_path, users)
+    settings = load_settings(path)
+    path.write_text(path.read_text() + '[tables."public.orders"]\nkeys = ["order:{id}"]\n')
+    assert ConfigFile(path, settings).mapping_changed()
+    same = ConfigFile(path, load_settings(path))
+    assert not same.mapping_changed()
+    path.write_text(path.read_text() + "\n")  # written again, the same tables
+    assert not same.mapping_changed()
+    path.write_text("not toml [")  # caught mid-write: not a change
+    assert not same.mapping_changed()
+    path.write_text(users)
+    assert same.mapping_changed()

@@ -539,7 +539,9 @@ class ConfigFile:
     def __init__(self, path: Path, settings: Settings) -> None:
         self._path = path
         self._tables = settings.tables
-        self._stamp = self._stat()
+        # Not stat()ed here: `settings` were loaded earlier, and an edit in between would
+        # be taken for what they hold. The first call reads the file.
+        self._stamp: tuple[int, ...] | None = ()
 
     def _stat(self) -> tuple[int, int, int, int] | None:
         try:

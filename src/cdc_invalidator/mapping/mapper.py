@@ -274,7 +274,8 @@ class Mapper:
         `install` gave the table a template of another column (its capture function
         copied the columns of the templates it had then), or written by hand. The keys
         of the templates its rows render are deleted; each template they cannot render
-        is swept (SCAN + UNLINK of its glob), since its keys cannot be known. A dead
+        (a column lacking, or a value written by hand that is not text) is swept (SCAN +
+        UNLINK of its glob), since its keys cannot be known. A dead
         letter would leave them cached; sweeping the templates it renders too would
         empty the table's cache for nothing."""
         sides = [event.old] if event.op is Op.DELETE else [event.new]
@@ -290,9 +291,7 @@ class Mapper:
         for template in self._templates[event.table]:
             try:
                 rendered = [template.render(row) for row in rows]
-            except RenderError as exc:
-                if not exc.missing:
-                    raise InvalidEvent(exc.within(f"a row of {event.table}")) from None
+            except RenderError:  # (lacking, or, written by hand, a value not text)
                 patterns.append(template.glob())
                 continue
             keys += [key for key in rendered if key is not None]
