@@ -217,10 +217,10 @@ def split_sweeps(works: Routed) -> tuple[Routed, Routed]:
 
 
 class ConfigurationChanged(Exception):
-    """The configuration file no longer holds the mapping the listener was started with,
-    and a batch met what only the new one may know: the listener stops, with the batch
-    not acknowledged, so that it starts again with the file (a service manager's
-    restart) and reads that batch through it."""
+    """The configuration file no longer holds the tables the listener was started with
+    (seen between batches, or at a change only the new ones may render): the listener
+    stops, nothing of a batch acknowledged, so that it starts again with the file (a
+    service manager's restart) and reads what is left through it."""
 
 
 def stale_mapping(failed: list[tuple[ChangeEvent, InvalidEvent]], works: Routed) -> str | None:
@@ -309,11 +309,10 @@ class Runner:
         mapping_changed: Callable[[], bool] | None = None,
     ) -> None:
         self._connect = connect
-        # Whether the configuration file now holds another mapping (settings.ConfigFile),
-        # asked only when a batch meets a table or a column the mapping lacks: `install`
-        # of a new mapping compiles capture functions that queue them before this
-        # listener is restarted with it. None: not asked (the changes are dead letters,
-        # or sweeps).
+        # Whether the configuration file now holds other tables (settings.ConfigFile),
+        # asked at every turn and when a batch meets a table or a column the mapping
+        # lacks: `install` of a new mapping compiles capture functions that queue what
+        # only it renders before this listener is restarted with it. None: never asked.
         self._mapping_changed = mapping_changed
         self._mapper = mapper
         self._sink = sink

@@ -25,7 +25,7 @@ class NotConfigured(InvalidEvent):
 
 class MissingColumn(InvalidEvent):
     """A row that lacks a column one of its table's templates uses (Mapper.add sweeps the
-    table instead)."""
+    templates it cannot render instead: _add_lacking)."""
 
 
 class StoodIn(NamedTuple):
@@ -275,9 +275,9 @@ class Mapper:
         copied the columns of the templates it had then), or written by hand. The keys
         of the templates its rows render are deleted; each template they cannot render
         (a column lacking, or a value written by hand that is not text) is swept (SCAN +
-        UNLINK of its glob), since its keys cannot be known. A dead
-        letter would leave them cached; sweeping the templates it renders too would
-        empty the table's cache for nothing."""
+        UNLINK of its glob), since its keys cannot be known. A dead letter would leave
+        them cached; sweeping the templates it renders too would empty the table's cache
+        for nothing."""
         sides = [event.old] if event.op is Op.DELETE else [event.new]
         if event.op is Op.UPDATE and event.new is not event.old:
             sides.append(event.old)
