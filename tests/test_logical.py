@@ -32,7 +32,7 @@ from cdc_invalidator.capture.pgoutput import NATIVE_WALKS
 from cdc_invalidator.capture.walstream import parse_lsn
 from cdc_invalidator.checks import Report, check_walks
 from cdc_invalidator.pg.queries import Q
-from tests.support.env import Env, Servers, drop_database, make_env
+from tests.support.env import Env
 from tests.support.faults import blocked_on_redis
 from tests.support.listener import ListenerProcess, Spawn, check, cli, run_cli
 from tests.support.logical import (
@@ -1440,38 +1440,6 @@ def test_only_the_listener_streaming_the_slot_writes_its_position(env: Env) -> N
                 assert conn.execute(state).fetchone() == (before[0] + 5, "lost")
             conn.execute(Q.CLEAR_RESYNC.sql, {"slot": SLOT, "reason": "lost", "walsender": ours})
             assert conn.execute(state).fetchone() == (before[0] + 5, None)
-
-
-def test_a_sql_ascii_databases_bytes_that_are_not_utf8_are_a_dead_letter(
-    servers: Servers, tmp_path: Path
-) -> None:
-    """A SQL_ASCII database stores any bytes, and the walsender converts what it sends to
-    the session's client encoding: forced to UTF8, it failed at the first value that is
-    not UTF-8, at every reconnect, and every change after it waited. Such a change is a
-    dead letter, and those after it go on."""
-    admin = servers.pg_dsn("postgres")
-    name = "t_ascii_" + uuid.uuid4().hex[:8]
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(
-            f"CREATE DATABASE {name} ENCODING 'SQL_ASCII' TEMPLATE template0"
-            " LC_COLLATE 'C' LC_CTYPE 'C'".encode()
-        )
-    envs = make_env(servers, tmp_path, dbname=name, capture="logical")
-    env = next(envs)
-    try:
-        env.sql("CREATE TABLE users (id int PRIMARY KEY, email text, name text)")
-        config = logical_config(env, USERS)
-        install(config)
-        r = env.redis()
-        r.mset({"user:2": "cached", "user:email:b@x": "cached"})
-        with running(env, config):
-            env.sql("INSERT INTO users VALUES (1, E'caf\\xe9', 'a')")
-            env.sql("INSERT INTO users VALUES (2, 'b@x', 'b')")
-            wait_until(lambda: gone(r, "user:2"), what="the change after the bytes")
-        assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 1
-    finally:
-        next(envs, None)
-        drop_database(admin, name)
 
 
 def test_a_lost_bookkeeping_session_lets_the_slot_go_before_the_back_off(env: Env) -> None:

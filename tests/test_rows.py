@@ -13,6 +13,7 @@ from cdc_invalidator.capture.rows import (
     by_events,
     encode_history,
     pack_element,
+    pack_position,
     queue_id,
 )
 from cdc_invalidator.events import ChangeEvent, Op, TableName
@@ -201,3 +202,27 @@ def test_rows_are_sliced_by_their_events_for_decoding() -> None:
     rows = [(1, None), (2, 1000), (3, None), (4, None), (5, 998), (6, 0)]
     slices = [[r[0] for r in part] for part in by_events(rows, 1, 1000)]
     assert slices == [[1, 2], [3, 4, 5], [6]]
+
+
+def test_a_sql_ascii_databases_byte_is_the_dead_letter_of_its_row_or_pack_element() -> None:
+    """Raw text (pg/raw_text.py) carries a byte that is not UTF-8 as a lone surrogate:
+    its row, or its pack's element, is refused naming the column and the byte; the
+    other rows, and the pack's other elements, are events. Valid UTF-8 is kept."""
+    pack = '{"id": ["4", "5", "6"], "email": ["d@x", "caf\udce9", "é@x"]}'
+    decoded = RowDecoder(raw=True).queue_rows(
+        [
+            (7, "public", "users", "I", None, '{"id": "1", "email": "caf\udce9"}', None),
+            (8, "public", "users", "I", None, '{"id": "2", "email": "é@x"}', None),
+            (9, "public", "users", "I", None, pack, 3),
+        ],
+        count_at=6,
+    )
+    assert decoded.dead == [
+        (7, "new_row column 'email' is not UTF-8 text: it holds the byte 0xe9"),
+        (pack_position(9, 1), "new_row column 'email' is not UTF-8 text: it holds the byte 0xe9"),
+    ]
+    assert [(e.position, e.new) for e in decoded.events] == [
+        (8, {"id": "2", "email": "é@x"}),
+        (pack_position(9, 0), {"id": "4", "email": "d@x"}),
+        (pack_position(9, 2), {"id": "6", "email": "é@x"}),
+    ]

@@ -458,8 +458,13 @@ def test_wakeup_policy_never_unlistens_when_batches_are_too_small_to_tell() -> N
 class NoConnection:
     """Any use fails the test: a wait() that should return at once must not touch it."""
 
-    def add_notify_handler(self, callback: object) -> None:
-        """Registered once, by the queue's constructor."""
+    class _PGconn:
+        notify_handler: object = None  # set once, by the queue's constructor
+
+        def parameter_status(self, name: bytes) -> bytes | None:  # read once, likewise
+            return b"UTF8" if name == b"client_encoding" else None
+
+    pgconn = _PGconn()
 
     def __getattr__(self, name: str) -> object:
         raise AssertionError(f"the connection was used ({name})")
@@ -474,6 +479,8 @@ def idle_queue() -> TriggerQueue:
 
 def test_trigger_wait_returns_at_once_for_the_look_after_listen_again() -> None:
     queue = idle_queue()
+    queue.wait(3600.0)  # a new session's first look at the queue is at once (_prepare)
+    queue._woken = False  # that look
     with pytest.raises(AssertionError, match="connection was used"):
         queue.wait(0.0)  # an ordinary wait reads the connection: the fake can tell
     policy = queue._wakeup

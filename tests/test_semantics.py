@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import uuid
 from pathlib import Path
 from typing import Any, cast
 
@@ -25,7 +26,8 @@ import psycopg
 import pytest
 
 from cdc_invalidator.cli import main
-from tests.support.env import Env
+from cdc_invalidator.pg import raw_text
+from tests.support.env import Env, Servers, drop_database, make_env
 from tests.support.listener import listening, run_cli
 from tests.support.sync import (
     SLOT,
@@ -777,6 +779,78 @@ def test_bad_events_are_dead_lettered_and_good_ones_still_processed(env: Env) ->
     # The dead letter keeps the event as it was queued.
     ghost = next(row for row in dead_letters(env) if row[2] == "ghost")
     assert ghost[1:6] == ("public", "ghost", "I", None, '{"id": "1"}')
+
+
+@pytest.mark.parametrize(
+    ("capture", "payload"),
+    [("trigger", False), ("trigger", True), ("logical", False)],
+    ids=["trigger", "trigger-payload", "logical"],
+)
+def test_a_sql_ascii_databases_bytes_that_are_not_utf8_are_a_dead_letter(
+    servers: Servers, capture: str, tmp_path: Path, payload: bool
+) -> None:
+    """A SQL_ASCII database stores any bytes, and PostgreSQL checks what it sends a UTF8
+    session: it failed at the first value that is not UTF-8, at every read, and every
+    change after it waited (logical mode: the walsender, at every reconnect; trigger
+    mode: the queue's read, and the NOTIFY carrying the row). Such a change is a dead
+    letter, and those after it go on; a key in UTF-8 is deleted as it is."""
+    admin = servers.pg_dsn("postgres")
+    name = "t_ascii_" + uuid.uuid4().hex[:8]
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(
+            f"CREATE DATABASE {name} ENCODING 'SQL_ASCII' TEMPLATE template0"
+            " LC_COLLATE 'C' LC_CTYPE 'C'".encode()
+        )
+    envs = make_env(servers, tmp_path, dbname=name, capture=capture)
+    env = next(envs)
+    try:
+        users_table(env)
+        config = install(env, USERS, replay_history="1h", notify_payload=payload)
+        r = env.redis()
+        r.mset({"user:2": "cached", "user:email:b@x": "cached", "user:email:café": "cached"})
+        r.mset({"user:4": "cached", "user:email:d@x": "cached", "user:6": "cached"})
+        with listening(config) as listener:
+            env.sql("INSERT INTO users VALUES (1, E'caf\\xe9', 'a')")  # Latin-1
+            env.sql("INSERT INTO users VALUES (2, 'b@x', 'b')")
+            env.sql("INSERT INTO users VALUES (3, E'caf\\xc3\\xa9', 'c')")  # UTF-8
+            # A statement of several rows (trigger mode: one queue row, a pack): the
+            # others' keys are deleted all the same.
+            env.sql("INSERT INTO users VALUES (4, 'd@x', 'd'), (5, E'\\xff', 'e'), (6, 'f', 'f')")
+            wait_until(
+                lambda: (
+                    r.exists(
+                        "user:2",
+                        "user:email:b@x",
+                        "user:email:café",
+                        "user:4",
+                        "user:email:d@x",
+                        "user:6",
+                    )
+                    == 0
+                ),
+                what="the changes beside the bytes",
+            )
+            with env.connect() as conn:
+                raw_text.adapt(conn)  # the test's session is SQL_ASCII too
+                count = "SELECT count(*) FROM cdc_invalidator.dead_letter_v1"
+                wait_until(lambda: conn.execute(count).fetchone() == (2,), what="the letters")
+                letters = conn.execute(
+                    "SELECT table_name, op, error FROM cdc_invalidator.dead_letter_v1 ORDER BY id"
+                ).fetchall()
+            assert listener.alive()
+        for letter in letters:
+            assert letter[:2] == ("users", "I")
+            assert "'email'" in letter[2], letter[2]
+            assert "not UTF-8 text" in letter[2], letter[2]
+        if capture == "trigger":  # the pack's one element, not the pack
+            assert "1 element(s) failed" in letters[1][2], letters[1][2]
+        # A replay reads the history as the listener reads the queue: such rows skipped.
+        r.set("user:2", "back")
+        assert main(["replay", "--config", str(config), "--since", "10m"]) == 0
+        assert not r.exists("user:2")
+    finally:
+        next(envs, None)
+        drop_database(admin, name)
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")

@@ -30,7 +30,7 @@ from cdc_invalidator.listener import build_listener
 from cdc_invalidator.mapping import Mapper
 from cdc_invalidator.metrics import BacklogCollector, Metrics
 from cdc_invalidator.modes.choose import mode_for
-from cdc_invalidator.pg.connect import METRICS, PgConnector
+from cdc_invalidator.pg.connect import METRICS, REPLAY, PgConnector
 from cdc_invalidator.probes import ProbeServer
 from cdc_invalidator.redact import Scrubber, redact_url
 from cdc_invalidator.replay import replay
@@ -343,7 +343,7 @@ def cmd_replay(args: argparse.Namespace, settings: Settings, console: Console) -
         scan_count=settings.scan_count,
     )
     try:
-        with connect(settings) as conn:
+        with connect(settings, kind=REPLAY) as conn:
             result = replay(conn, mode_for(settings), settings.mapper(), sink, since_s)
     except psycopg.errors.UndefinedTable:
         console.error(

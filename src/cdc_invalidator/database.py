@@ -6,7 +6,7 @@ from typing import Any
 
 import psycopg
 
-from cdc_invalidator.pg.connect import CLI, PgConnector
+from cdc_invalidator.pg.connect import CLI, Kind, PgConnector
 from cdc_invalidator.redact import redact_url
 from cdc_invalidator.settings import Settings
 
@@ -15,9 +15,11 @@ class DatabaseError(Exception):
     """Cannot reach or use the database; the message is safe to print."""
 
 
-def connect(settings: Settings, *, autocommit: bool = True) -> psycopg.Connection[Any]:
+def connect(
+    settings: Settings, *, autocommit: bool = True, kind: Kind = CLI
+) -> psycopg.Connection[Any]:
     try:
-        return PgConnector.from_settings(settings).connect(CLI, autocommit=autocommit)
+        return PgConnector.from_settings(settings).connect(kind, autocommit=autocommit)
     except psycopg.Error as exc:
         where = redact_url(settings.database_url) or "(libpq defaults)"
         raise DatabaseError(f"cannot connect to PostgreSQL at {where}: {exc}") from None

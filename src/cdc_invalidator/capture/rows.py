@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
@@ -43,12 +44,16 @@ _TRANSACTION_LENGTH = 3
 # A pack's element index takes the low bits of its position: a pack may hold this many.
 PACK_BITS = 20
 MAX_PACK = 1 << PACK_BITS
+# A byte that is not UTF-8, as raw text carries it (pg/raw_text.py: U+DC80 to U+DCFF).
+_RAW_BYTE = re.compile("[\udc80-\udcff]")
 
 # A history event's transaction: (xid, commit LSN, commit time in microseconds since
 # 2000-01-01 by the server's clock), as pgoutput's Begin message gives them.
 Transaction = tuple[int, int, int]
 # A pack's old_row or new_row: its labels, and an array of values for each.
 _Columns = tuple[list[str], list[list[Any]]]
+# A pack's table, operation and key columns (old, new): _pack_parts().
+_PackParts = tuple[TableName, Op, _Columns | None, _Columns | None]
 
 
 # Maps a pack's changes column-wise (Mapper.map_pack, its `into` bound); False when it
@@ -165,10 +170,14 @@ def _dumps(items: list[list[object]]) -> str:
 
 class RowDecoder:
     """Decodes the rows of one reader. Table names are interned: a backlog is a million
-    rows of a few tables."""
+    rows of a few tables. `raw`: the reader's session reads raw text (pg/raw_text.py), in
+    which a SQL_ASCII database's byte that is not UTF-8 shows (as a lone surrogate): its
+    row, or its pack's element, is refused. (Other sessions' text holds none: PostgreSQL
+    sends them UTF-8 only, and they are not searched for it.)"""
 
-    def __init__(self) -> None:
+    def __init__(self, *, raw: bool = False) -> None:
         self._tables: dict[tuple[str, str], TableName] = {}
+        self._raw = raw
 
     def queue_rows(
         self,
@@ -216,6 +225,13 @@ class RowDecoder:
             out.dead.append((queue_id, f"pack of {count!r} rows: {exc}"))
             return
         size = cast(int, count)  # checked by _pack_parts
+        base = -(queue_id << PACK_BITS) - 1  # pack_position(queue_id, i) == base - i
+        if self._raw and (_holds_raw_byte(row[at + 4]) or _holds_raw_byte(row[at + 5])):
+            # Some element holds a SQL_ASCII database's byte that is not UTF-8: that
+            # element is a dead letter, the others are events (never the whole pack's
+            # keys left cached for one row's).
+            _raw_elements((name, kind, old, new), size, base, out)
+            return
         if map_pack is not None:
             old_columns = None if old is None else dict(zip(*old, strict=True))
             new_columns = old_columns if new is old else None
@@ -226,7 +242,6 @@ class RowDecoder:
                 out.mapped_changes += size
                 return
         make = tuple.__new__  # as in _single_rows: no Python-level __new__ per event
-        base = -(queue_id << PACK_BITS) - 1  # pack_position(queue_id, i) == base - i
         # The drain's hot path: one comprehension per pack, each element's row built
         # from the column arrays (_rows), no Python call per element.
         if old is not None and (new is None or new is old):
@@ -254,9 +269,7 @@ class RowDecoder:
                 for i, (o, n) in enumerate(pairs)
             ]
 
-    def _pack_parts(
-        self, row: Sequence[Any], at: int, count: object
-    ) -> tuple[TableName, Op, _Columns | None, _Columns | None]:
+    def _pack_parts(self, row: Sequence[Any], at: int, count: object) -> _PackParts:
         """A pack's table, operation and key columns (old, new: the same object when their
         text is the same); InvalidEvent saying what is wrong with them."""
         if not isinstance(count, int) or not 0 < count <= MAX_PACK:
@@ -282,7 +295,9 @@ class RowDecoder:
         # An UPDATE that left the key columns alone carries the same text twice: parsed
         # once, and one row for both, so that the mapper renders it once.
         sames = [o == n for o, n in zip(olds, news, strict=True)]
-        parsed = _parse_all(olds + [n for n, same in zip(news, sames, strict=True) if not same])
+        parsed = _parse_all(
+            olds + [n for n, same in zip(news, sames, strict=True) if not same], raw=self._raw
+        )
         if parsed is None:
             for row, same in zip(rows, sames, strict=True):
                 self._queue_row(row, at, same, out)
@@ -320,8 +335,8 @@ class RowDecoder:
         why not."""
         position = row[at]
         try:
-            old = _parse(row[at + 4], "old_row")
-            new = _parse(row[at + 5], "new_row")
+            old = _parse(row[at + 4], "old_row", raw=self._raw)
+            new = _parse(row[at + 5], "new_row", raw=self._raw)
             values = (row[at + 1], row[at + 2], row[at + 3], old, new)
             out.events.append(self.event(position, values, same=same))
         except InvalidEvent as exc:
@@ -433,8 +448,40 @@ class RowDecoder:
 
 def _pack_columns(text: str | None, name: str, count: int) -> _Columns:
     """A pack's old_row or new_row: an object of `count`-long arrays, one per key column,
-    as (labels, arrays); InvalidEvent saying what is wrong with it."""
+    as (labels, arrays); InvalidEvent saying what is wrong with it. (Bytes that are not
+    UTF-8 are its elements' to answer for: _raw_elements().)"""
     return _columns_of(_parse(text, name), name, count)
+
+
+def _holds_raw_byte(text: str | None) -> bool:
+    """Whether raw text holds a byte that is not UTF-8 (pg/raw_text.py)."""
+    return text is not None and not text.isascii() and _RAW_BYTE.search(text) is not None
+
+
+def _raw_elements(parts: _PackParts, size: int, base: int, out: Decoded) -> None:
+    """A pack some of whose elements hold a byte that is not UTF-8: those are dead
+    letters (naming the column), the others events."""
+    name, kind, old, new = parts
+    olds = column_rows(old, size) if old is not None else [None] * size
+    news = olds if new is old else (column_rows(new, size) if new is not None else [None] * size)
+    for i, (o, n) in enumerate(zip(olds, news, strict=True)):
+        culprit = _raw_column(o, "old_row") or _raw_column(n, "new_row")
+        if culprit is None:
+            out.events.append(ChangeEvent(name, kind, o, n, base - i))
+        else:
+            out.dead.append((base - i, culprit))
+
+
+def _raw_column(row: Row | None, name: str) -> str | None:
+    """Why `row` is refused, if a value of it holds a byte that is not UTF-8."""
+    for column, value in (row or {}).items():
+        if isinstance(value, str) and (byte := _RAW_BYTE.search(value)):
+            return _not_utf8_column(name, column, ord(byte.group()) - 0xDC00)
+    return None
+
+
+def _not_utf8_column(name: str, column: str, byte: int) -> str:
+    return f"{name} column {column!r} is not UTF-8 text: it holds the byte 0x{byte:02x}"
 
 
 def _columns_of(value: object, name: str, count: int) -> _Columns:
@@ -493,15 +540,16 @@ def _transaction(value: object) -> Transaction | None:
     return None
 
 
-def _parse_all(texts: list[str | None]) -> list[object] | None:
-    """Every text with one json.loads, or None if one is malformed.
+def _parse_all(texts: list[str | None], *, raw: bool = False) -> list[object] | None:
+    """Every text with one json.loads, or None if one is malformed (or, `raw`, holds a
+    byte that is not UTF-8).
 
     One call for a whole batch: for objects this small the per-call overhead is most of
     the cost. A json column holds exactly one JSON value, so joining them with commas
     makes one array of as many elements.
     """
     joined = "[" + ",".join(t if t is not None else "null" for t in texts) + "]"
-    if _may_spell_surrogate(joined):
+    if _may_spell_surrogate(joined) or (raw and _holds_raw_byte(joined)):
         return None  # each row on its own: one spelling a lone surrogate is refused
     try:
         parsed = json.loads(joined)
@@ -518,12 +566,15 @@ def _may_spell_surrogate(text: str) -> bool:
     return "\\ud" in text or "\\uD" in text
 
 
-def _parse(text: str | None, name: str, *, surrogates: bool = False) -> object:
+def _parse(text: str | None, name: str, *, surrogates: bool = False, raw: bool = False) -> object:
     """A queue row's JSON value; InvalidEvent naming `name` if it is malformed, or spells
     a lone surrogate (unless `surrogates`: logical mode's history, whose text may hold
-    the bytes a SQL_ASCII database sent, decoded leniently)."""
+    the bytes a SQL_ASCII database sent, decoded leniently), or is `raw` text holding a
+    byte that is not UTF-8 (RowDecoder's `raw`)."""
     if text is None:
         return None
+    if raw and not text.isascii() and (byte := _RAW_BYTE.search(text)):
+        raise InvalidEvent(_not_utf8(text, name, ord(byte.group()) - 0xDC00))
     try:
         parsed = json.loads(text)
         if not surrogates and _may_spell_surrogate(text):
@@ -534,6 +585,20 @@ def _parse(text: str | None, name: str, *, surrogates: bool = False) -> object:
         # (UnicodeEncodeError, whose text names no value)
         raise InvalidEvent(f"{name} cannot be parsed: {exc}") from None
     return parsed
+
+
+def _not_utf8(text: str, name: str, byte: int) -> str:
+    """Why raw text holding a byte that is not UTF-8 (a SQL_ASCII database's, as
+    pg/raw_text.py reads it) is refused: the column and the byte, as far as they show."""
+    try:
+        parsed = json.loads(text)
+    except (ValueError, RecursionError):
+        parsed = None
+    if isinstance(parsed, dict):
+        for column, value in parsed.items():
+            if _RAW_BYTE.search(f"{column}{value}"):
+                return _not_utf8_column(name, column, byte)
+    return f"{name} is not UTF-8 text: it holds the byte 0x{byte:02x}"
 
 
 def _row(value: object, name: str) -> Row | None:

@@ -32,7 +32,7 @@ from typing import Any, cast
 
 import psycopg
 import structlog
-from psycopg import sql
+from psycopg import pq, sql
 from psycopg.rows import tuple_row
 
 from cdc_invalidator.capture.early import Content, EarlyBatch, EarlyChanges, Sender, early_batch
@@ -42,6 +42,7 @@ from cdc_invalidator.capture.rows import RowDecoder, pack_element, queue_id
 from cdc_invalidator.capture.trigger_sql import CHANNEL, require_installed
 from cdc_invalidator.events import ChangeEvent, Origin
 from cdc_invalidator.mapping.mapper import Mapper, Routed
+from cdc_invalidator.pg import raw_text
 from cdc_invalidator.pg.connect import LISTENER, PgConnector
 from cdc_invalidator.pg.queries import Q
 
@@ -414,7 +415,7 @@ class TriggerQueue:
         self._pruned_for: Snapshot | None = None
         self._pruned_at = time.monotonic()
         self._prune_more = False
-        self._decoder = RowDecoder()
+        self._decoder = RowDecoder(raw=raw_text.reads_raw(conn))
         self._wakeup = WakeupPolicy()
         self._read_ahead = ReadAhead(self._fetch)
         # When the window's snapshot was taken (time.monotonic(), an upper bound): its
@@ -432,12 +433,13 @@ class TriggerQueue:
         # with a query's results go to _notified() (psycopg hands them over as it reads
         # the results); those that arrive while idle are read off the socket by wait(),
         # or by maintain() while no queue read comes (a Redis outage).
-        self._woken = False
+        self._woken = True  # notifications before this were dropped (_prepare)
         # LISTEN (True) or UNLISTEN (False) as the next batch() begins: the wake-up
         # policy's switch after the last batch.
         self._listen_next: bool | None = None
         self._read_at = time.monotonic()  # the last queue read began
-        conn.add_notify_handler(self._notified)
+        # Straight from libpq, as bytes (see _prepare).
+        conn.pgconn.notify_handler = self._notified
 
     @contextmanager
     def batch(self, limit: int) -> Iterator[QueueBatch | EarlyBatch]:
@@ -604,9 +606,9 @@ class TriggerQueue:
             while (notify := pgconn.notifies()) is not None:
                 self._note(notify.be_pid, notify.extra)  # JSON: orjson reads the bytes
 
-    def _notified(self, notify: psycopg.Notify) -> None:
+    def _notified(self, notify: pq.PGnotify) -> None:
         """A notification psycopg read with a query's results."""
-        self._note(notify.pid, notify.payload)
+        self._note(notify.be_pid, notify.extra)
 
     def _note(self, pid: int, payload: str | bytes) -> None:
         """A wake-up, and its payload (a one-row statement's row) if it has one, with
@@ -726,6 +728,10 @@ def _prepare(conn: psycopg.Connection[Any]) -> tuple[Progress, str]:
     locked = conn.execute(Q.TAKE_LOCK.sql).fetchone()
     if not locked or not locked[0]:
         raise Standby("another listener is consuming the queue of this database")
+    # Until TriggerQueue hands them to itself, notifications are dropped (its first turn
+    # reads the queue): psycopg's own handler decodes them, which a SQL_ASCII database's
+    # payload failed, and the query it came with (pg/raw_text.py).
+    conn.pgconn.notify_handler = None
     conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
     row = conn.execute(Q.LOAD_PROGRESS.sql).fetchone()
     if row is None:

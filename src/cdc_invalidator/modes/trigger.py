@@ -16,6 +16,7 @@ from cdc_invalidator.capture.trigger_queue import TriggerCapture
 from cdc_invalidator.checks import Report
 from cdc_invalidator.metrics import Figures
 from cdc_invalidator.modes.base import HISTORY_CHUNK, history_rows, seconds_ago
+from cdc_invalidator.pg import raw_text
 from cdc_invalidator.pg.connect import PgConnector
 from cdc_invalidator.pg.queries import Q
 from cdc_invalidator.runner import Source
@@ -142,7 +143,7 @@ def _queue_history(
 ) -> Iterator[Decoded]:
     """The queue rows of history query `query`, decoded as the listener decodes them
     (`map_pack`: RowDecoder.queue_rows')."""
-    decoder = RowDecoder()
+    decoder = RowDecoder(raw=raw_text.reads_raw(conn))
     # About HISTORY_CHUNK events a fetch, however many packs (a thousand events a row)
     # and single changes the window mixes; decoded a slice at a time.
     for rows in history_rows(conn, query, since_s, HISTORY_CHUNK, count_at=6):

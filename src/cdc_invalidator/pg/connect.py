@@ -19,6 +19,7 @@ import psycopg
 from psycopg import sql
 
 from cdc_invalidator.capture import keepalive
+from cdc_invalidator.pg import raw_text
 from cdc_invalidator.pg.queries import Q
 from cdc_invalidator.settings import Settings
 
@@ -62,6 +63,9 @@ class Kind:
     # A session that writes: on a standby (in recovery) it is InRecovery, which the
     # listener waits out as it does a server down.
     writes: bool = False
+    # A session that reads captured rows, which a SQL_ASCII database may hold in any
+    # bytes: it reads them as they are (pg/raw_text.py) instead of failing at them.
+    raw_text: bool = False
 
     def __post_init__(self) -> None:
         if self.options and not self.keepalives:
@@ -75,7 +79,10 @@ class Kind:
 # (measured: 5x slower on a 100k-row window). (Turning sequential scans off as well was
 # measured to make latency 50x worse at p99.)
 LISTENER = Kind(
-    keepalives=True, settings=(NO_FSYNC_WAIT, ("enable_bitmapscan", "off")), writes=True
+    keepalives=True,
+    settings=(NO_FSYNC_WAIT, ("enable_bitmapscan", "off")),
+    writes=True,
+    raw_text=True,
 )
 # Logical mode's ordinary session beside the stream: slot state, dead letters, history.
 BOOKKEEPING = Kind(keepalives=True, settings=(NO_FSYNC_WAIT,), writes=True)
@@ -83,11 +90,13 @@ BOOKKEEPING = Kind(keepalives=True, settings=(NO_FSYNC_WAIT,), writes=True)
 REPLICATION = Kind(keepalives=True, options=RENDER_OPTIONS, replication=True)
 # Short-lived sessions beside the listener (replay's identity watch): they hold nothing,
 # and are named apart from the listener's own session in pg_stat_activity.
-SIDE = Kind(suffix="-side")
+SIDE = Kind(suffix="-side", raw_text=True)
 # The metrics collector's session, read at scrape time.
 METRICS = Kind(suffix="-metrics", settings=(("statement_timeout", METRICS_STATEMENT_TIMEOUT),))
-# A one-shot command (install, check, status, replay, ...).
+# A one-shot command (install, check, status, ...).
 CLI = Kind(suffix="-cli")
+# The one that reads captured rows: replay.
+REPLAY = Kind(suffix="-cli", raw_text=True)
 
 
 class PgConnector:
@@ -125,13 +134,17 @@ class PgConnector:
             **extra,
         )
         settings = list(kind.settings)
-        if kind.replication and conn.info.parameter_status("server_encoding") == "SQL_ASCII":
-            # A SQL_ASCII database holds any bytes, and the walsender converts what it
-            # sends to the client encoding: to UTF8, it fails at the first value that is
-            # not UTF-8, every time, and the slot stays there. SQL_ASCII turns conversion
-            # off; the stream is read as bytes (capture/pgoutput.py), where such a value is
-            # one change's dead letter.
-            settings.append(("client_encoding", "SQL_ASCII"))
+        if (kind.replication or kind.raw_text) and (
+            conn.info.parameter_status("server_encoding") == raw_text.ENCODING
+        ):
+            # A SQL_ASCII database holds any bytes, and the server checks what it sends a
+            # UTF8 session: it fails at the first value that is not UTF-8, every time
+            # (the walsender, and the slot stays there; a read of the queue). SQL_ASCII
+            # turns the check off. The stream is read as bytes (capture/pgoutput.py), the
+            # rows as raw text (pg/raw_text.py): such a value is one change's dead letter.
+            settings.append(("client_encoding", raw_text.ENCODING))
+            if kind.raw_text:
+                raw_text.adapt(conn)
         if kind.keepalives and not kind.options:
             settings += keepalive.SET_SETTINGS.items()
         try:
