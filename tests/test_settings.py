@@ -293,3 +293,14 @@ def test_config_file_sees_an_edit_made_after_the_settings_were_loaded(tmp_path: 
     assert not same.mapping_changed()
     path.write_text(users)
     assert same.mapping_changed()
+
+
+def test_config_file_sees_no_change_in_a_list_reordered(tmp_path: Path) -> None:
+    """Templates and filter columns in another order mean the same: no restart."""
+    table = '[tables."public.users"]\nkeys = [{}]\nignore_columns = [{}]\n'
+    path = _write(tmp_path, table.format('"user:{id}", "e:{email}"', '"a", "b"'))
+    same = ConfigFile(path, load_settings(path))
+    path.write_text(table.format('"e:{email}", "user:{id}"', '"b", "a"'))
+    assert not same.mapping_changed()
+    path.write_text(table.format('"e:{email}", "user:{id}", "n:{name}"', '"b", "a"'))
+    assert same.mapping_changed()

@@ -538,7 +538,7 @@ class ConfigFile:
 
     def __init__(self, path: Path, settings: Settings) -> None:
         self._path = path
-        self._tables = settings.tables
+        self._mapping = _meaning(settings.tables)
         # Not stat()ed here: `settings` were loaded earlier, and an edit in between would
         # be taken for what they hold. The first call reads the file.
         self._stamp: tuple[int, ...] | None = ()
@@ -564,4 +564,16 @@ class ConfigFile:
         except ConfigError as exc:
             log.warning("configuration_unreadable", error=str(exc))
             return False
-        return fresh.tables != self._tables
+        return _meaning(fresh.tables) != self._mapping
+
+
+def _meaning(tables: dict[str, TableSettings]) -> dict[str, dict[str, object]]:
+    """What the tables' settings mean: their lists (templates, filters' columns) in any
+    order. A listener restarted for a reordered list would change nothing."""
+    return {
+        name: {
+            field: frozenset(value) if isinstance(value, list) else value
+            for field, value in table.model_dump().items()
+        }
+        for name, table in tables.items()
+    }
