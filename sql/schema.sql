@@ -1257,15 +1257,26 @@ BEGIN
                            'FOR EACH ROW EXECUTE FUNCTION cdc_invalidator.sweep_untriggered_v1(%L, %L)',
                            tbl, schema_n, table_n);
         END IF;
-        -- ALWAYS on the table, which new partitions' copies inherit; off on the
-        -- partitions that have statement triggers of their own (all of them, now).
+        -- ALWAYS on the table and on its partitioned partitions: a partitioned table's
+        -- row trigger never fires, it is what PostgreSQL copies, with its state, onto a
+        -- partition made later (disabled there, a partition added under a partitioned
+        -- one captured nothing). Off on the other partitions, which have statement
+        -- triggers of their own (all of them, now). In that order: enabling a
+        -- partitioned table's trigger enables its partitions' copies too.
         IF (SELECT tgenabled FROM pg_trigger WHERE tgrelid = tbl AND tgname = 'cdc_invalidator_part_v1') <> 'A' THEN
             EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER cdc_invalidator_part_v1', tbl);
         END IF;
         FOR rel IN
-            SELECT tg.tgrelid::regclass FROM pg_trigger tg
+            SELECT tg.tgrelid::regclass FROM pg_trigger tg JOIN pg_class c ON c.oid = tg.tgrelid
+            WHERE tg.tgname = 'cdc_invalidator_part_v1' AND tg.tgparentid <> 0 AND tg.tgenabled <> 'A'
+              AND c.relkind = 'p' AND tg.tgrelid IN (SELECT p.relid FROM pg_partition_tree(tbl) p)
+        LOOP
+            EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER cdc_invalidator_part_v1', rel);
+        END LOOP;
+        FOR rel IN
+            SELECT tg.tgrelid::regclass FROM pg_trigger tg JOIN pg_class c ON c.oid = tg.tgrelid
             WHERE tg.tgname = 'cdc_invalidator_part_v1' AND tg.tgparentid <> 0 AND tg.tgenabled <> 'D'
-              AND tg.tgrelid IN (SELECT p.relid FROM pg_partition_tree(tbl) p)
+              AND c.relkind <> 'p' AND tg.tgrelid IN (SELECT p.relid FROM pg_partition_tree(tbl) p)
         LOOP
             EXECUTE format('ALTER TABLE %s DISABLE TRIGGER cdc_invalidator_part_v1', rel);
         END LOOP;
