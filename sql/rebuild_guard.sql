@@ -169,6 +169,12 @@ BEGIN
             WHERE p.relid NOT IN (SELECT tg.tgrelid FROM pg_trigger tg JOIN pg_proc f ON f.oid = tg.tgfoid
                                   WHERE tg.tgtype & 32 <> 0  -- TRUNCATE
                                     AND f.pronamespace = 'cdc_invalidator'::regnamespace)
+              -- Only what this transaction holds a lock on (what its command made or
+              -- attached, and their partitions): an ATTACH or DETACH names the root, and
+              -- the tree under it holds other sessions' partitions, which one may drop
+              -- meanwhile (its name then printed as a bare OID, a syntax error). (A hashed
+              -- subplan: pg_locks is read once, and only when a partition lacks one.)
+              AND p.relid IN (SELECT unnest(cdc_invalidator.held_v1()))
             ORDER BY p.relid, up.depth
         LOOP
             -- (checked again: the list was read once, before the triggers below)

@@ -394,6 +394,36 @@ def test_check_names_partitions_made_while_the_guard_was_off_until_install(
         wait_swept(r)
 
 
+def test_a_ddl_command_leaves_partitions_it_does_not_hold_alone(env: Env) -> None:
+    """The guard gives a partition made since install a TRUNCATE trigger, looking under
+    the table the command named: for an ATTACH or DETACH, the root, and so every other
+    session's partition lacking one (made while the guard was off, or under a partition
+    being detached). It waited on their writers' locks, and printed a partition another
+    session dropped meanwhile as a bare OID. Only what the transaction holds is its."""
+    env.sql(PARTITIONED)
+    install(env, USERS, second_delete_ms=0)
+    env.sql(
+        "ALTER EVENT TRIGGER cdc_invalidator_rebuilt DISABLE;"
+        "CREATE TABLE users_new PARTITION OF users FOR VALUES FROM (600) TO (700);"
+        "ALTER EVENT TRIGGER cdc_invalidator_rebuilt ENABLE ALWAYS"
+    )
+    notices: list[str] = []
+    with env.connect() as writer, env.connect(options="-c lock_timeout=1s") as ddl:
+        writer.execute("BEGIN")
+        # What a writer of that partition alone holds (its row trigger would lock the
+        # table too, and so hold the DETACH back whatever the guard does).
+        writer.execute("LOCK TABLE users_new IN ROW EXCLUSIVE MODE")
+        ddl.add_notice_handler(lambda diag: notices.append(diag.message_primary or ""))
+        ddl.execute("ALTER TABLE users DETACH PARTITION users_old")
+        writer.execute("COMMIT")
+    assert notices == []
+    trunc = "SELECT count(*) FROM pg_trigger WHERE tgname = 'cdc_invalidator_part_trunc_v1'"
+    assert env.scalar(trunc + " AND tgrelid = 'users_new'::regclass") == 0  # install's
+    # What a command makes is its own: a partition created now gets its trigger.
+    env.sql("CREATE TABLE users_top PARTITION OF users FOR VALUES FROM (700) TO (800)")
+    assert env.scalar(trunc + " AND tgrelid = 'users_top'::regclass") == 1
+
+
 def test_a_detach_that_stopped_half_way_is_reported_and_swept_at_finalize(env: Env) -> None:
     """DETACH ... CONCURRENTLY commits its first transaction, then waits for older
     snapshots; cancelled there, the partition is left detach-pending: its rows are no
