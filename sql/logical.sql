@@ -93,8 +93,8 @@ DECLARE
 BEGIN
     -- (A foreign table has no identity: its writes are not decoded here at all, which
     -- the guard refuses, and check reports.)
-    FOR rel IN SELECT r.relid FROM (SELECT tbl AS relid UNION SELECT p.relid
-                                    FROM pg_partition_tree(tbl) p) r
+    FOR rel IN SELECT r.relid FROM (SELECT tbl AS relid
+                                    UNION SELECT unnest(cdc_invalidator.partitions_v1(tbl))) r
                JOIN pg_class c ON c.oid = r.relid WHERE c.relkind <> 'f' LOOP
         SELECT c.relreplident INTO ident FROM pg_class c WHERE c.oid = rel;
         CONTINUE WHEN ident = 'f';
@@ -123,7 +123,7 @@ RETURNS regclass
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
 AS $without$
     SELECT r.relid::regclass
-    FROM (SELECT tbl AS relid UNION SELECT p.relid FROM pg_partition_tree(tbl) p) r
+    FROM (SELECT tbl AS relid UNION SELECT unnest(cdc_invalidator.partitions_v1(tbl))) r
     JOIN pg_class c ON c.oid = r.relid
     WHERE c.relkind = 'r'
       AND (c.relreplident = 'n'
@@ -194,7 +194,7 @@ BEGIN
     FOR r IN
         SELECT c.oid::regclass AS rel, a.attname FROM pg_class c
         JOIN pg_attribute a ON a.attrelid = c.oid
-        WHERE c.oid IN (SELECT tbl UNION SELECT p.relid FROM pg_partition_tree(tbl) p)
+        WHERE c.oid IN (SELECT tbl UNION SELECT unnest(cdc_invalidator.partitions_v1(tbl)))
           AND c.relreplident = 'f' AND a.attnum > 0 AND NOT a.attisdropped
           AND a.attgenerated = 'v'
         ORDER BY c.oid, a.attnum LIMIT 1

@@ -345,22 +345,6 @@ BEGIN
 END
 $members_root$;
 
--- partitions_v1(root): every partition under the partitioned table `root`, at any depth
--- (all of its descendants are partitions: PostgreSQL allows no inheritance children in a
--- partition tree). Read from pg_inherits, which locks nothing; a partition whose detach
--- is pending still counts, until FINALIZE.
-CREATE OR REPLACE FUNCTION cdc_invalidator.partitions_v1(root oid)
-RETURNS oid[]
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
-AS $partitions$
-    WITH RECURSIVE tree(rel) AS (
-        SELECT i.inhrelid FROM pg_inherits i WHERE i.inhparent = root
-        UNION ALL
-        SELECT i.inhrelid FROM pg_inherits i JOIN tree ON i.inhparent = tree.rel)
-    SELECT coalesce(array_agg(tree.rel ORDER BY tree.rel), '{}') FROM tree
-$partitions$;
-REVOKE ALL ON FUNCTION cdc_invalidator.partitions_v1(oid) FROM PUBLIC;
-
 -- bearers_v1(relid, schema, table): the partitioned tables among the watched table
 -- `relid` and the one that bears its name now (a stand-in), each found by its index.
 CREATE OR REPLACE FUNCTION cdc_invalidator.bearers_v1(relid oid, schema_n text, table_n text)

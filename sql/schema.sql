@@ -85,6 +85,24 @@ $unmark$;
 REVOKE ALL ON FUNCTION cdc_invalidator.unmark_install_v1(text, boolean) FROM PUBLIC;
 SELECT cdc_invalidator.mark_install_v1();  -- install's own mark
 
+-- partitions_v1(root): every partition under the partitioned table `root`, at any depth
+-- (all of its descendants are partitions: PostgreSQL allows no inheritance children in a
+-- partition tree). Read from pg_inherits, which locks nothing; a partition whose detach
+-- is pending still counts, until FINALIZE. (pg_partition_tree() takes a lock on every
+-- partition, which the DDL guards' callers hold to the end of their transaction: DDL on
+-- one partition waited on, and deadlocked with, DDL on another.)
+CREATE OR REPLACE FUNCTION cdc_invalidator.partitions_v1(root oid)
+RETURNS oid[]
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $partitions$
+    WITH RECURSIVE tree(rel) AS (
+        SELECT i.inhrelid FROM pg_inherits i WHERE i.inhparent = root
+        UNION ALL
+        SELECT i.inhrelid FROM pg_inherits i JOIN tree ON i.inhparent = tree.rel)
+    SELECT coalesce(array_agg(tree.rel ORDER BY tree.rel), '{}') FROM tree
+$partitions$;
+REVOKE ALL ON FUNCTION cdc_invalidator.partitions_v1(oid) FROM PUBLIC;
+
 -- add_column_v1(table, column, type): install's ADD COLUMN of a column a later release
 -- added, run only where the table lacks it, looked up in the catalog first: ADD COLUMN
 -- IF NOT EXISTS takes ACCESS EXCLUSIVE on the table before it looks, and install is one

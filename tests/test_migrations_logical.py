@@ -469,6 +469,29 @@ def test_new_partition_writes_and_invalidates(env: Env, how: str) -> None:
         env.sql("DELETE FROM events WHERE id = 101")
 
 
+@pytest.mark.parametrize("keep", [False, True], ids=["full", "keep"])
+def test_ddl_on_one_partition_does_not_wait_on_another(env: Env, keep: bool) -> None:
+    """The DDL guard reads a published table's partitions (their replica identities; a
+    kept table's at COMMIT): through pg_partition_tree(), which locks every one to the
+    end of the transaction. DDL on one partition waited on a lock another session held
+    on another (VACUUM FULL, CLUSTER, a TRUNCATE of it), and held its own meanwhile; two
+    such transactions on two partitions deadlocked. It reads pg_inherits now."""
+    env.sql(
+        "CREATE TABLE events (id int PRIMARY KEY, email text) PARTITION BY RANGE (id);"
+        "CREATE TABLE events_1 PARTITION OF events FOR VALUES FROM (0) TO (100);"
+        "CREATE TABLE events_2 PARTITION OF events FOR VALUES FROM (100) TO (200)"
+    )
+    kept = ["public.events"] if keep else []
+    install(logical_config(env, {"public.events": ["ev:{id}", "ev:email:{email}"]}, keep=kept))
+    with env.connect() as holder, env.connect(options="-c lock_timeout=2s") as ddl:
+        holder.execute("BEGIN")
+        holder.execute("LOCK TABLE events_2 IN ACCESS EXCLUSIVE MODE")
+        ddl.execute("BEGIN")
+        ddl.execute("ALTER TABLE events_1 ALTER COLUMN email SET DEFAULT 'x'")
+        ddl.execute("COMMIT")
+        holder.execute("COMMIT")
+
+
 def test_dead_letters_hold_key_columns_only(env: Env, spawn: Spawn) -> None:
     make_tables(env)
     env.sql("CREATE TABLE secrets (id int PRIMARY KEY, password_hash text)")
