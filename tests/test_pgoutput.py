@@ -201,6 +201,19 @@ def test_a_key_column_the_table_lacks_makes_each_change_a_sweep_told_once() -> N
     assert relation.wanted == (("id", 0),)
 
 
+def test_a_relation_lacking_the_same_key_columns_again_is_not_told_again() -> None:
+    """pgoutput sends a Relation message per streamed block of a transaction: a large
+    one's dozens each warned (key_columns_missing), with the same columns."""
+    told: list[tuple[str, ...]] = []
+    decoder = Decoder(
+        by_name(columns({USERS: ["id", "nickname"]})),
+        on_unrenderable=lambda r: told.append(r.missing),
+    )
+    events_of(feed(decoder, "insert"))
+    events_of(feed(decoder, "insert"))  # its Relation message again
+    assert told == [("nickname",)]
+
+
 def test_a_renamed_table_and_column_map_to_the_configured_names() -> None:
     """The resolver knows the relation by OID and the column by number: the message's
     names (members, mail) become the configured ones (users, email)."""

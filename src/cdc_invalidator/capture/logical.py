@@ -1093,8 +1093,10 @@ class LogicalStream:
             "key_columns_missing",
             table=str(relation.table),
             columns=list(relation.missing),
-            action="each change of the table sweeps its key templates (SCAN + UNLINK): "
-            "edit the templates to the table's columns, then run `cdc-invalidator install`",
+            action="each change of the table made while they were missing sweeps its key "
+            "templates (SCAN + UNLINK): edit the templates to the table's columns, then run "
+            "`cdc-invalidator install` (nothing to do if the columns have their names again, "
+            "as after a rename undone in the same transaction)",
         )
 
     def _old_values_not_sent(self, relation: Relation, columns: list[str]) -> None:

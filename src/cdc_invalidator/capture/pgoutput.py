@@ -217,9 +217,10 @@ class Decoder:
     (see Resolve); a relation it does not know keeps its own name and has no column
     decoded: its events become dead letters naming the table and the operation only.
     `on_missing_old(relation, columns)` is told once when old values of key columns are
-    not sent; `on_unrenderable(relation)` once per Relation message that lacks key
-    columns; each change of such a table becomes a TRUNCATE event carrying the reason
-    (StandInKind.UNRENDERABLE), which the runner sweeps, logs and counts.
+    not sent; `on_unrenderable(relation)` once when a Relation message lacks key columns
+    (again for other columns, or after one that lacked none); each change of such a table
+    becomes a TRUNCATE event carrying the reason (StandInKind.UNRENDERABLE), which the
+    runner sweeps, logs and counts.
     `base_types(types)`: the catalog's base type of each type a key column's Relation
     names that is not built in (a domain's; without it, such a type is its own), for the
     types whose text cast differs from what pgoutput sends (capture/text_casts.py).
@@ -371,8 +372,12 @@ class Decoder:
             resolved is not None and resolved.unsure,
             casts,
         )
+        before = self._relations.get(relid)
         self._relations[relid] = relation
-        if missing and self._on_unrenderable is not None:
+        # Told once while it lacks the same columns: pgoutput sends a Relation message per
+        # streamed block of a transaction (dozens for a large one), each lacking them.
+        told = before is not None and (before.missing, before.unsure) == (missing, relation.unsure)
+        if missing and not told and self._on_unrenderable is not None:
             self._on_unrenderable(relation)
 
     def _untyped(self, wanted: tuple[tuple[str, int], ...], types: list[int]) -> tuple[str, ...]:
