@@ -228,7 +228,9 @@ def test_a_row_lacking_a_template_column_sweeps_that_template_naming_column_and_
     assert work.patterns == {"user:email:*"}
     assert work.stood_in == {
         (USERS, Kind.UNRENDERABLE): StoodIn(
-            "new row of public.users lacks column 'email' used by template 'user:email:{email}'",
+            "new row of public.users lacks column 'email' used by template 'user:email:{email}'"
+            " (captured before install added the template, or, in a SQL_ASCII database, a "
+            "value that is not UTF-8)",
             1,
         )
     }

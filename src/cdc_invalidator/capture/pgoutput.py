@@ -28,6 +28,7 @@ protocol 1's.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 from collections.abc import Callable, Mapping, Sequence
@@ -915,12 +916,13 @@ def _texts(
     row: dict[str, str | None] = {}
     for column, value in values.items():
         if value.__class__ is bytes:
-            try:
+            # A SQL_ASCII database's bytes that are not UTF-8 (its stream is read as they
+            # are: pg/connect.py): which key the application made of them depends on its
+            # own client encoding, so none can be known. The row lacks the column, and
+            # the mapper sweeps the templates that use it and deletes the others' keys
+            # (Mapper._add_lacking), as trigger mode does (capture/rows.py).
+            with contextlib.suppress(UnicodeDecodeError):
                 row[column] = value.decode()
-            except UnicodeDecodeError as exc:
-                raise InvalidEvent(
-                    f"column {column!r} of {relation.table} is not UTF-8 text: {exc}"
-                ) from None
             continue
         if value is None:
             row[column] = None
@@ -928,7 +930,9 @@ def _texts(
         alt = other.get(column, NOT_SENT) if other is not None else NOT_SENT
         if alt is not UNCHANGED and alt is not NOT_SENT:
             # The other tuple's value for it (bytes or NULL), decoded the same way.
-            row[column] = _texts(relation, {column: alt}, None)[column]
+            decoded = _texts(relation, {column: alt}, None)
+            if column in decoded:  # (not, if it is not UTF-8)
+                row[column] = decoded[column]
         elif value is UNCHANGED:
             # Rendering the marker would delete a key nobody uses and leave the
             # real one stale: park the event instead.

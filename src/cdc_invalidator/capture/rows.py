@@ -171,9 +171,9 @@ def _dumps(items: list[list[object]]) -> str:
 class RowDecoder:
     """Decodes the rows of one reader. Table names are interned: a backlog is a million
     rows of a few tables. `raw`: the reader's session reads raw text (pg/raw_text.py), in
-    which a SQL_ASCII database's byte that is not UTF-8 shows (as a lone surrogate): its
-    row, or its pack's element, is refused. (Other sessions' text holds none: PostgreSQL
-    sends them UTF-8 only, and they are not searched for it.)"""
+    which a SQL_ASCII database's byte that is not UTF-8 shows (as a lone surrogate): a
+    value holding one is left out of its row (_without_raw). (Other sessions' text holds
+    none: PostgreSQL sends them UTF-8 only, and they are not searched for it.)"""
 
     def __init__(self, *, raw: bool = False) -> None:
         self._tables: dict[tuple[str, str], TableName] = {}
@@ -227,9 +227,8 @@ class RowDecoder:
         size = cast(int, count)  # checked by _pack_parts
         base = -(queue_id << PACK_BITS) - 1  # pack_position(queue_id, i) == base - i
         if self._raw and (_holds_raw_byte(row[at + 4]) or _holds_raw_byte(row[at + 5])):
-            # Some element holds a SQL_ASCII database's byte that is not UTF-8: that
-            # element is a dead letter, the others are events (never the whole pack's
-            # keys left cached for one row's).
+            # Some element holds a SQL_ASCII database's byte that is not UTF-8: each
+            # element an event of its own, without such values (_without_raw).
             _raw_elements((name, kind, old, new), size, base, out)
             return
         if map_pack is not None:
@@ -459,29 +458,33 @@ def _holds_raw_byte(text: str | None) -> bool:
 
 
 def _raw_elements(parts: _PackParts, size: int, base: int, out: Decoded) -> None:
-    """A pack some of whose elements hold a byte that is not UTF-8: those are dead
-    letters (naming the column), the others events."""
+    """A pack some of whose elements hold a byte that is not UTF-8: each element an event,
+    its rows without such values (_without_raw)."""
     name, kind, old, new = parts
-    olds = column_rows(old, size) if old is not None else [None] * size
-    news = olds if new is old else (column_rows(new, size) if new is not None else [None] * size)
-    for i, (o, n) in enumerate(zip(olds, news, strict=True)):
-        culprit = _raw_column(o, "old_row") or _raw_column(n, "new_row")
-        if culprit is None:
-            out.events.append(ChangeEvent(name, kind, o, n, base - i))
-        else:
-            out.dead.append((base - i, culprit))
+    olds = [_without_raw(o) for o in column_rows(old, size)] if old is not None else [None] * size
+    if new is old:
+        news = olds
+    else:
+        news = (
+            [_without_raw(n) for n in column_rows(new, size)] if new is not None else [None] * size
+        )
+    out.events += [
+        ChangeEvent(name, kind, o, n, base - i)
+        for i, (o, n) in enumerate(zip(olds, news, strict=True))
+    ]
 
 
-def _raw_column(row: Row | None, name: str) -> str | None:
-    """Why `row` is refused, if a value of it holds a byte that is not UTF-8."""
-    for column, value in (row or {}).items():
-        if isinstance(value, str) and (byte := _RAW_BYTE.search(value)):
-            return _not_utf8_column(name, column, ord(byte.group()) - 0xDC00)
-    return None
-
-
-def _not_utf8_column(name: str, column: str, byte: int) -> str:
-    return f"{name} column {column!r} is not UTF-8 text: it holds the byte 0x{byte:02x}"
+def _without_raw(row: Row) -> Row:
+    """`row` less the values that hold a SQL_ASCII database's byte that is not UTF-8.
+    Which key the application made of such a value depends on its own client encoding:
+    none can be known, so the row lacks the column, and the mapper sweeps the templates
+    that use it and deletes the others' keys (Mapper._add_lacking). A dead letter would
+    leave them all cached."""
+    return {
+        column: value
+        for column, value in row.items()
+        if not (value.__class__ is str and not value.isascii() and _RAW_BYTE.search(value))
+    }
 
 
 def _columns_of(value: object, name: str, count: int) -> _Columns:
@@ -569,12 +572,11 @@ def _may_spell_surrogate(text: str) -> bool:
 def _parse(text: str | None, name: str, *, surrogates: bool = False, raw: bool = False) -> object:
     """A queue row's JSON value; InvalidEvent naming `name` if it is malformed, or spells
     a lone surrogate (unless `surrogates`: logical mode's history, whose text may hold
-    the bytes a SQL_ASCII database sent, decoded leniently), or is `raw` text holding a
-    byte that is not UTF-8 (RowDecoder's `raw`)."""
+    the bytes a SQL_ASCII database sent, decoded leniently). `raw` text (RowDecoder's
+    `raw`): an object's values holding a byte that is not UTF-8 are left out
+    (_without_raw)."""
     if text is None:
         return None
-    if raw and not text.isascii() and (byte := _RAW_BYTE.search(text)):
-        raise InvalidEvent(_not_utf8(text, name, ord(byte.group()) - 0xDC00))
     try:
         parsed = json.loads(text)
         if not surrogates and _may_spell_surrogate(text):
@@ -584,21 +586,9 @@ def _parse(text: str | None, name: str, *, surrogates: bool = False, raw: bool =
         # e.g. a number too long for Python's int conversion limit; a lone surrogate
         # (UnicodeEncodeError, whose text names no value)
         raise InvalidEvent(f"{name} cannot be parsed: {exc}") from None
+    if raw and parsed.__class__ is dict and not text.isascii() and _RAW_BYTE.search(text):
+        return _without_raw(cast("Row", parsed))
     return parsed
-
-
-def _not_utf8(text: str, name: str, byte: int) -> str:
-    """Why raw text holding a byte that is not UTF-8 (a SQL_ASCII database's, as
-    pg/raw_text.py reads it) is refused: the column and the byte, as far as they show."""
-    try:
-        parsed = json.loads(text)
-    except (ValueError, RecursionError):
-        parsed = None
-    if isinstance(parsed, dict):
-        for column, value in parsed.items():
-            if _RAW_BYTE.search(f"{column}{value}"):
-                return _not_utf8_column(name, column, byte)
-    return f"{name} is not UTF-8 text: it holds the byte 0x{byte:02x}"
 
 
 def _row(value: object, name: str) -> Row | None:

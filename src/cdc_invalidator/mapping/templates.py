@@ -61,7 +61,13 @@ class RenderError(InvalidEvent):
     def within(self, row: str) -> str:
         """The message, with `row` saying whose row it was ("old row of public.users")."""
         if self.value is _MISSING:
-            return f"{row} lacks column {self.column!r} used by template {self.template!r}"
+            # (A capture queues the columns its templates had; the decoder leaves out a
+            # SQL_ASCII database's value that is not UTF-8: capture/rows.py.)
+            return (
+                f"{row} lacks column {self.column!r} used by template {self.template!r} "
+                "(captured before install added the template, or, in a SQL_ASCII database, "
+                "a value that is not UTF-8)"
+            )
         kind = type(self.value).__name__
         return (
             f"{row}: template {self.template!r}: column {self.column!r} holds "
