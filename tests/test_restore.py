@@ -13,6 +13,7 @@ modes).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -254,8 +255,11 @@ def test_transaction_ids_a_crash_hands_out_again_are_not_skipped(own_env: Env) -
             wait_until(lambda: r.exists(*keys_of(1)) == 0, what="the listener past them")
             failures = listener.runner.postgres.failures
         finally:
-            os.kill(writer, signal.SIGKILL)  # a crash: every session ends, WAL buffers lost
-            os.kill(writer, signal.SIGCONT)
+            # A crash: every session ends, WAL buffers lost. (SIGKILL ends a stopped
+            # process too; the postmaster may have reaped it before the SIGCONT.)
+            os.kill(writer, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(writer, signal.SIGCONT)
         wait_until(lambda: listener.runner.postgres.failures > failures, what="the crash seen")
         wait_until(lambda: accepting(env), what="PostgreSQL recovered")
         wait_until(lambda: listener.runner.postgres.available, what="the listener back")
