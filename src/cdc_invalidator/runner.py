@@ -651,8 +651,10 @@ class Runner:
                 table=str(table),
                 reason=seen.detail,
                 action="swept the key templates of the table its changes could not render "
-                "(logical mode: every one); if its columns changed, edit the configuration "
-                "to the new schema and run `cdc-invalidator install`",
+                "(all of them for a table that lost key columns in logical mode); if its "
+                "columns changed, edit the configuration to the new schema and run "
+                "`cdc-invalidator install`; a value that is not UTF-8 (a SQL_ASCII "
+                "database) needs nothing",
             )
 
     def _deleted_again(self, existed: int) -> None:
