@@ -483,7 +483,7 @@ def _without_raw(row: Row) -> Row:
     return {
         column: value
         for column, value in row.items()
-        if not (value.__class__ is str and not value.isascii() and _RAW_BYTE.search(value))
+        if not (value.__class__ is str and _holds_raw_byte(value))
     }
 
 
@@ -586,7 +586,7 @@ def _parse(text: str | None, name: str, *, surrogates: bool = False, raw: bool =
         # e.g. a number too long for Python's int conversion limit; a lone surrogate
         # (UnicodeEncodeError, whose text names no value)
         raise InvalidEvent(f"{name} cannot be parsed: {exc}") from None
-    if raw and parsed.__class__ is dict and not text.isascii() and _RAW_BYTE.search(text):
+    if raw and parsed.__class__ is dict and _holds_raw_byte(text):
         return _without_raw(cast("Row", parsed))
     return parsed
 
