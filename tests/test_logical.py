@@ -31,9 +31,11 @@ from cdc_invalidator.capture.logical import CHASE_BYTES
 from cdc_invalidator.capture.pgoutput import NATIVE_WALKS
 from cdc_invalidator.capture.walstream import parse_lsn
 from cdc_invalidator.checks import Report, check_walks
+from cdc_invalidator.modes.choose import mode_for
 from cdc_invalidator.pg.queries import Q
+from cdc_invalidator.settings import load_settings
 from tests.support.env import Env
-from tests.support.faults import blocked_on_redis
+from tests.support.faults import blocked_on_redis, write
 from tests.support.listener import ListenerProcess, Spawn, check, cli, run_cli
 from tests.support.logical import (
     ORDERS,
@@ -1408,6 +1410,36 @@ def test_walsender_terminated_mid_batch_reconnects_and_loses_nothing(
     # The slot never heard of the batch held when its walsender died: it came again.
     (stopped,) = listener.logged("listener_stopped")
     assert stopped["events"] > n + 1
+
+
+def test_a_stop_while_the_walsender_still_sends_leaves_the_slot_confirmed(env: Env) -> None:
+    """Stopped with a backlog behind what it finished (its walsender blocked on a full
+    socket, sending the rest), the listener's last status update reaches the slot: it
+    is not lost to the connection closed right after it, whose unread data makes the
+    kernel reset it, and the walsender then exits without reading what it was sent."""
+    make_tables(env)
+    config = logical_config(env, USERS)
+    install(config)
+    # 25 MB of rows: more than the socket buffers between it and the listener hold.
+    fill = "INSERT INTO users SELECT g, 'u' || g || '@x', repeat('x', 500)"
+    fill += " FROM generate_series(%s::int, %s::int) g"
+    writes = [
+        write(env, fill, [first, first + 4_999], ids=range(first, first + 5_000))
+        for first in range(3, 50_003, 5_000)
+    ]
+    stream = mode_for(load_settings(config)).source()()
+    try:
+        done = 0
+        while done <= 10_000 + 500:  # past the second commit by a batch: both acknowledged
+            with stream.batch(500) as batch:
+                done += batch.size
+            if not batch.size:
+                stream.wait(1.0)
+    finally:
+        stream.close()
+    wait_until(lambda: not active(env), what="the slot released")
+    assert confirmed(env) >= parse_lsn(writes[1].committed), "the last status update was lost"
+    assert confirmed(env) < parse_lsn(writes[-1].last_change), "the rest was not finished"
 
 
 def test_only_the_listener_streaming_the_slot_writes_its_position(env: Env) -> None:

@@ -89,6 +89,9 @@ SWEPT_HISTORY_AGAIN_S = 1.0
 # holds back more than this, and an idle listener does not write to chase its own
 # writes. (WAL is kept in 16 MB segments anyway.)
 CHASE_BYTES = 1 << 20
+# On a clean stop, how long the stream stays open at most for the walsender to read the
+# last status update (LogicalStream._await_slot): 9 ms measured, behind a 25 MB backlog.
+CLOSE_CONFIRM_S = 2.0
 # How long a batch that ends inside a transaction waits for the rest of it, which the
 # server is sending (a few ms for a transaction split by the socket's reads).
 TXN_REST_WAIT_S = 0.02
@@ -575,6 +578,7 @@ class LogicalStream:
                 self._resync_if_swept()
                 if self._confirmed > self._persisted:
                     self._status_if_due(force=True)
+                    self._await_slot()
             finally:
                 self._history.close()
         self._stream.close()
@@ -588,6 +592,28 @@ class LogicalStream:
             self._delivery.chunks.close()
             self._delivery.txn.close()
             self._delivery = None
+
+    def _await_slot(self) -> None:
+        """Return once the slot is confirmed where the status update just sent says, or
+        after CLOSE_CONFIRM_S. Closed at once, the stream's connection, with data we
+        have not read, is reset; a walsender blocked on it, sending the rest of a
+        backlog, then exits without reading that update (every time, measured): the
+        next listener would be sent again, and delete again, all that the update
+        confirmed, and the slot hold its WAL until then."""
+        params = {"slot": self._config.slot, "lsn": format_lsn(self._persisted)}
+        deadline = time.monotonic() + CLOSE_CONFIRM_S
+        pause = 0.001
+        while not (row := self._side.execute(Q.SLOT_TOOK.sql, params).fetchone()) or not row[0]:
+            if time.monotonic() >= deadline:
+                log.info(
+                    "slot_confirmation_unseen",
+                    lsn=params["lsn"],
+                    detail="the walsender had not read the last status update: the next "
+                    "listener is sent again what it confirmed, and deletes those keys again",
+                )
+                return
+            time.sleep(pause)
+            pause = min(2 * pause, 0.05)
 
     # --- reading ------------------------------------------------------------------------
 

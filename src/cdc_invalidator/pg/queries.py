@@ -84,6 +84,7 @@ class Q(enum.Enum):
     RELATION_NAMES = "relation_names.sql"
     BASE_TYPES = "base_types.sql"
     SAVE_ACK = "save_ack.sql"
+    SLOT_TOOK = "slot_took.sql"  # a clean stop waits for the last status update
     RECORD_HISTORY = "record_history.sql"
     PRUNE_HISTORY = "prune_history.sql"
     HEARTBEAT = "heartbeat.sql"
