@@ -286,7 +286,10 @@ class FakeWatch(RedisWatch):
         self._replays = replays
 
     def check(
-        self, force: bool = False, settle: Callable[[], None] = lambda: None
+        self,
+        force: bool = False,
+        settle: Callable[[], None] = lambda: None,
+        sweep_later: Callable[[Routed], None] | None = None,
     ) -> ReplayResult | None:
         self._world.log.append(("check", force))
         if self._failures:

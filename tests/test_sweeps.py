@@ -817,3 +817,37 @@ def test_sweeps_waiting_behind_one_are_swept_together(own_env: Env) -> None:
         assert sweeper.completed == 2, "the two that waited were swept in one pass"
         assert r.exists("order:1") == 0
         settle(own_env, r)
+
+
+@pytest.mark.usefixtures("capture")
+def test_the_second_sweep_a_killed_listener_owed_holds_no_change_back(
+    own_env: Env, spawn: Spawn
+) -> None:
+    """A listener killed after a TRUNCATE's sweep, before its second sweep fell due: the
+    next listener sweeps again (second_deletes.redo_owed) on the sweeper's thread. A
+    change committed before it started has its keys deleted while that sweep runs, not
+    a full SCAN later."""
+    config = setup_tables(own_env, second_delete_ms=5000, replay_history="1h")
+    r = own_env.redis()
+    orders = fill(r)
+    first = spawn(config)
+    wait_until(lambda: first.logged("redis_identity_recorded"), what="the listener started")
+    before = own_env.scalar("SELECT pg_current_wal_insert_lsn()::text")
+    own_env.sql("TRUNCATE orders")  # (alone: no key of users:1 for the next one to redo)
+    wait_until(lambda: first.logged("sweep_completed"), timeout_s=60, what="the sweep done")
+    wait_until(lambda: acknowledged_past_truncate(own_env, before), what="the TRUNCATE acked")
+    first.kill()
+    assert not [done for done in first.logged("sweep_completed") if done["second"]]
+    r.mset(dict.fromkeys(orders, "stale"))  # what its second sweep was owed for
+    own_env.sql("UPDATE users SET name = 'c' WHERE id = 1")
+    r.set("user:1", "cached")
+
+    second = spawn(config)
+    wait_until(lambda: r.exists("user:1") == 0, what="the UPDATE's key deleted")
+    assert r.exists(*orders) > 0, "the change was held behind the sweep"
+    wait_until(lambda: second.logged("sweep_completed"), timeout_s=60, what="the redo's sweep")
+    assert r.exists(*orders) == 0
+    assert r.dbsize() == UNRELATED
+    [redone] = second.logged("second_deletes_redone")
+    assert redone["sweeps_handed_over"] == len(ORDERS["public.orders"]), redone
+    stop_listener(second)

@@ -458,7 +458,9 @@ class Runner:
             self._refuse_changed_file()
             try:
                 if self._watch is not None:
-                    if replayed := self._watch.check(force=redis_back, settle=source.settle):
+                    if replayed := self._watch.check(
+                        force=redis_back, settle=source.settle, sweep_later=self._sweeper.again
+                    ):
                         self.metrics.replays.inc()
                         self.metrics.replayed_keys.inc(replayed.existed)
                     if not writes_refused:

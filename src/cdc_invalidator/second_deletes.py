@@ -142,29 +142,39 @@ class Acknowledged(History, Protocol):
         ...
 
 
-def redo_owed(
+def redo_owed(  # noqa: PLR0913 - `sweep_later` is keyword-only
     conn: psycopg.Connection[Any],
     history: Acknowledged,
     mapper: Mapper,
     sink: Sink,
     delay_s: float,
+    *,
+    sweep_later: Callable[[Routed], None] | None = None,
 ) -> None:
     """The listener before this one may have died owing second deletes (they live in
     memory): delete again what it acknowledged in its last 2 * delay_s (a second delete
     waits up to delay_s past its time while a backlog drains: runner.py). Logical mode knows
     when each batch was acknowledged; trigger mode, when it saved the position past each
     change (progress_v1), and how far it had got (listener_state_v1): the rows it had
-    not processed are this listener's to delete, with their own second deletes."""
+    not processed are this listener's to delete, with their own second deletes.
+
+    Sweeps (a TRUNCATE's) are handed to `sweep_later` (the sweeper's thread) if given: a
+    second sweep holds nothing, and done here, it held every change behind it for a full
+    SCAN of Redis before the listener's first batch."""
     ago = history.last_acknowledged_s(conn)
     if ago is None:
         return  # nothing acknowledged yet
     since_s = max(0.0, ago) + 2 * delay_s + MARGIN_S
-    result = replay(conn, _AcknowledgedOnly(history), mapper, sink, since_s)
+    later = sweep_later is not None
+    result = replay(conn, _AcknowledgedOnly(history), mapper, sink, since_s, sweep=not later)
+    if sweep_later is not None and result.owed:
+        sweep_later(result.owed)
     log.info(
         "second_deletes_redone",
         since_s=round(since_s, 1),
         events=result.events,
         existed=result.existed,
+        sweeps_handed_over=sum(len(work.patterns) for work in result.owed.values()),
         detail="the previous listener may have stopped owing these",
     )
 

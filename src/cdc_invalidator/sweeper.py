@@ -97,6 +97,18 @@ class Sweeper:
             self._jobs.append(SweepJob(works, [hold], since, visible_at))
             self._metrics.sweeps_pending.set(self._held())
             self._lock.notify()
+        self._start()
+
+    def again(self, works: Routed) -> None:
+        """A sweep holding nothing, due now: the second deletes a predecessor owed
+        (second_deletes.redo_owed). It waits behind first sweeps, as second sweeps do."""
+        with self._lock:
+            job = SweepJob(works, [], None, None, time.monotonic())
+            bisect.insort(self._seconds, job, key=lambda j: j.due)
+            self._lock.notify()
+        self._start()
+
+    def _start(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="cdc-sweeper", daemon=True)
             self._thread.start()

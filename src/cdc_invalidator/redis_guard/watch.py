@@ -70,11 +70,16 @@ class RedisWatch:
         self._predecessor_owed = second_delete_s > 0
 
     def check(
-        self, force: bool = False, settle: Callable[[], None] = lambda: None
+        self,
+        force: bool = False,
+        settle: Callable[[], None] = lambda: None,
+        sweep_later: Callable[[Routed], None] | None = None,
     ) -> ReplayResult | None:
         """The replay done, if one was. `settle` is called before a replay reads the
         history: it waits until the history of every batch acknowledged so far is
-        written. Raises what Redis or PostgreSQL raise: the runner retries."""
+        written. `sweep_later` takes the sweeps of the second deletes a predecessor owed
+        (redo_owed), to be done off the loop. Raises what Redis or PostgreSQL raise: the
+        runner retries."""
         now = time.monotonic()
         if not force and now < self._next_check:
             return None
@@ -119,7 +124,14 @@ class RedisWatch:
                 else:
                     self._unsaved = identity
             if self._predecessor_owed:
-                redo_owed(conn, self._history, self._mapper, self._sink, self._second_delete_s)
+                redo_owed(
+                    conn,
+                    self._history,
+                    self._mapper,
+                    self._sink,
+                    self._second_delete_s,
+                    sweep_later=sweep_later,
+                )
                 self._predecessor_owed = False
         self._known, self._known_at = identity, now
         self._durability.observe(states, now, wall)
