@@ -798,17 +798,35 @@ REVOKE ALL ON FUNCTION cdc_invalidator.queue_sweep_once_v1(text, text, text, reg
 -- be rendered here cheaply, so it queues one sweep of the table's templates per
 -- transaction (TG_ARGV: the schema and table name the events carry). The rebuild guard's
 -- stand-in triggers (rebuild_guard.sql) call it too, for a table that took a watched
--- table's name. It reads and writes only our queue: the installing role may own it.
+-- table's name. The rebuild guard's cdc_invalidator_part_trunc_v1, a partition's
+-- TRUNCATE trigger, does as well: it sweeps the watched table the partition is in now,
+-- the nearest one above it, whatever table its arguments name (it may have been detached
+-- and attached to another since). It reads and writes only our catalog and queue: the
+-- installing role may own it.
 CREATE OR REPLACE FUNCTION cdc_invalidator.sweep_untriggered_v1()
 RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $untriggered$
+DECLARE
+    schema_n text := TG_ARGV[0];
+    table_n  text := TG_ARGV[1];
 BEGIN
-    PERFORM cdc_invalidator.queue_sweep_once_v1(TG_ARGV[0], TG_ARGV[1], CASE
+    IF TG_NAME = 'cdc_invalidator_part_trunc_v1' THEN
+        -- (pg_partition_ancestors lists the partition first, then up to the root)
+        SELECT w.schema_name, w.table_name INTO schema_n, table_n
+        FROM pg_partition_ancestors(TG_RELID) WITH ORDINALITY a (relid, n)
+        JOIN cdc_invalidator.watched_v1 w ON w.relid::oid = a.relid
+        ORDER BY a.n LIMIT 1;
+        IF NOT FOUND THEN
+            schema_n := TG_ARGV[0];
+            table_n := TG_ARGV[1];
+        END IF;
+    END IF;
+    PERFORM cdc_invalidator.queue_sweep_once_v1(schema_n, table_n, CASE
         WHEN TG_NAME LIKE 'cdc\_invalidator\_stand\_in%' THEN format(
             '%s has no capture triggers: it, or the table it is a partition of, took the '
             'name of watched table %I.%I after install', TG_RELID::regclass, TG_ARGV[0], TG_ARGV[1])
-        ELSE format('partition %s has no capture triggers (created after install)',
+        ELSE format('partition %s has no capture triggers (created or attached after install)',
                     TG_RELID::regclass) END, TG_RELID);
     RETURN NULL;
 END

@@ -366,6 +366,50 @@ def test_a_partition_dropped_detached_or_attached_with_rows_is_swept(
     )
 
 
+def test_a_partition_moved_to_another_watched_table_sweeps_that_one_when_truncated(
+    env: Env, owner: str
+) -> None:
+    """A partition detached from one watched table and attached to another holds rows of
+    the second: a TRUNCATE naming it, before `install` gives it the second's triggers,
+    sweeps the second's keys. Made before install, it kept the first's capture triggers
+    (its TRUNCATE queued the first's sweep only); made after, the TRUNCATE trigger the
+    guard gave it (which named the first, no longer its table: nothing was queued)."""
+    columns = "(id int, email text, name text) PARTITION BY RANGE (id)"
+    env.sql(
+        as_role(
+            owner,
+            f"CREATE TABLE users {columns}; CREATE TABLE accounts {columns};"
+            "CREATE TABLE users_early PARTITION OF users FOR VALUES FROM (0) TO (100);"
+            "CREATE TABLE accounts_1 PARTITION OF accounts FOR VALUES FROM (1000) TO (2000)",
+        )
+    )
+    config = install(env, {**USERS, "public.accounts": ["account:{id}"]}, second_delete_ms=0)
+    r = env.redis()
+    with listening(config):
+        env.sql(
+            as_role(
+                owner, "CREATE TABLE users_late PARTITION OF users FOR VALUES FROM (100) TO (200)"
+            )
+        )
+        env.sql("INSERT INTO users (id, email) VALUES (1, 'u1@x'), (150, 'u150@x')")
+        for part, bounds in (("users_early", "(0) TO (100)"), ("users_late", "(100) TO (200)")):
+            env.sql(
+                as_role(
+                    owner,
+                    f"ALTER TABLE users DETACH PARTITION {part};"
+                    f"ALTER TABLE accounts ATTACH PARTITION {part} FOR VALUES FROM {bounds}",
+                )
+            )
+        settle(env, r)
+        cached = ["account:1", "account:150", "account:1500"]
+        for part in ("users_early", "users_late"):
+            r.mset(dict.fromkeys(cached, "cached"))
+            env.sql(as_role(owner, f"TRUNCATE {part}"))
+            wait_until(lambda: r.exists(*cached) == 0, what=f"accounts swept at TRUNCATE {part}")
+            settle(env, r)
+    assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 0
+
+
 def test_check_names_partitions_made_while_the_guard_was_off_until_install(
     env: Env, capture: str
 ) -> None:
