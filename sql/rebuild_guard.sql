@@ -166,22 +166,26 @@ BEGIN
                                 SELECT unnest(cdc_invalidator.partitions_v1(t.rel))) AS p(relid)
             JOIN pg_class pc ON pc.oid = p.relid AND pc.relkind IN ('r', 'p')
             -- It lacks a TRUNCATE trigger of ours that sweeps whatever watched table it is
-            -- in (cdc_invalidator_part_trunc_v1, a stand-in's: sweep_untriggered_v1) and
-            -- the capture trigger of this watched table (detached from another one, it
-            -- kept that one's, which queues that one's sweep).
-            -- (NOT IN: one hashed pass over pg_trigger each. The planner, blind to how many
+            -- in (cdc_invalidator_part_trunc_v1, a stand-in's: sweep_untriggered_v1), and
+            -- the capture trigger of a watched table it is a partition of (members_v1,
+            -- brought up to date by parts_moved_v1, which fires first): one detached from
+            -- another watched table kept that one's, which queues that one's sweep.
+            -- (NOT IN: one hashed pass over pg_trigger. The planner, blind to how many
             -- partitions there are, nested a NOT EXISTS over all of them: 48 ms per DDL
-            -- on a partition of a 1,000-partition table. Triggers found by function oid:
-            -- a join with pg_proc by namespace was a nested loop over all of pg_trigger
-            -- per function of ours, 22 ms there; these two, 3 ms.)
+            -- on a partition of a 1,000-partition table. Our triggers found by function
+            -- oid: a join with pg_proc by namespace was a nested loop over all of
+            -- pg_trigger per function of ours.)
             WHERE p.relid NOT IN (SELECT tg.tgrelid FROM pg_trigger tg
                                   WHERE tg.tgtype & 32 <> 0  -- TRUNCATE
-                                    AND tg.tgfoid = 'cdc_invalidator.sweep_untriggered_v1()'::regprocedure)
-              AND (p.relid, w.relid::oid) NOT IN (
-                      SELECT tg.tgrelid, x.relid::oid FROM cdc_invalidator.watched_v1 x
-                      JOIN pg_trigger tg ON tg.tgfoid = to_regprocedure(
-                          format('cdc_invalidator.%I()', 'capture_' || x.relid::oid || '_v1'))
-                      WHERE tg.tgtype & 32 <> 0)
+                                    AND tg.tgfoid = 'cdc_invalidator.sweep_untriggered_v1()'::regprocedure
+                                  UNION ALL
+                                  SELECT tg.tgrelid FROM cdc_invalidator.watched_v1 x
+                                  JOIN pg_trigger tg ON tg.tgfoid = to_regprocedure(
+                                      format('cdc_invalidator.%I()', 'capture_' || x.relid::oid || '_v1'))
+                                  WHERE tg.tgtype & 32 <> 0
+                                    AND (tg.tgrelid = x.relid
+                                         OR (tg.tgrelid, x.relid) IN (SELECT m.part, m.root
+                                                                      FROM cdc_invalidator.members_v1 m)))
               -- Only what this transaction holds a lock on (what its command made or
               -- attached, and their partitions): an ATTACH or DETACH names the root, and
               -- the tree under it holds other sessions' partitions, which one may drop
