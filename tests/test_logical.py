@@ -1412,13 +1412,18 @@ def test_walsender_terminated_mid_batch_reconnects_and_loses_nothing(
     assert stopped["events"] > n + 1
 
 
-def test_a_stop_while_the_walsender_still_sends_leaves_the_slot_confirmed(env: Env) -> None:
+@pytest.mark.parametrize("told", ["at_close", "just_before"])
+def test_a_stop_while_the_walsender_still_sends_leaves_the_slot_confirmed(
+    env: Env, told: str
+) -> None:
     """Stopped with a backlog behind what it finished (its walsender blocked on a full
     socket, sending the rest), the listener's last status update reaches the slot: it
     is not lost to the connection closed right after it, whose unread data makes the
-    kernel reset it, and the walsender then exits without reading what it was sent."""
+    kernel reset it, and the walsender then exits without reading what it was sent.
+    That update is the one its stop sends, or one sent just before (nothing finished
+    since: the stop sends none)."""
     make_tables(env)
-    config = logical_config(env, USERS)
+    config = logical_config(env, USERS, status_interval_ms=10)
     install(config)
     # 25 MB of rows: more than the socket buffers between it and the listener hold.
     fill = "INSERT INTO users SELECT g, 'u' || g || '@x', repeat('x', 500)"
@@ -1435,9 +1440,14 @@ def test_a_stop_while_the_walsender_still_sends_leaves_the_slot_confirmed(env: E
                 done += batch.size
             if not batch.size:
                 stream.wait(1.0)
+        if told == "just_before":
+            stream.maintain()  # (due: the reads took longer than status_interval_ms)
     finally:
         stream.close()
     wait_until(lambda: not active(env), what="the slot released")
+    # (saved first, then the slot told)
+    saved = env.scalar("SELECT acked_lsn::text FROM cdc_invalidator.slot_state_v1")
+    assert parse_lsn(str(saved)) >= parse_lsn(writes[1].committed), "it said so"
     assert confirmed(env) >= parse_lsn(writes[1].committed), "the last status update was lost"
     assert confirmed(env) < parse_lsn(writes[-1].last_change), "the rest was not finished"
 

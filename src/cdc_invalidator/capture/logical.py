@@ -447,6 +447,7 @@ class LogicalStream:
         self._received = acked  # the furthest position the server reported
         self._confirmed = acked  # Redis confirmed every transaction before it
         self._persisted = acked  # saved in slot_state_v1: the slot is never told more
+        self._told = 0  # the slot was last told this (0: nothing yet, by this stream)
         self._event_commit = acked  # the end of the last acknowledged transaction with events
         self._txn_events = 0  # events (and dead letters) of the open transaction so far
         self._unsaved_events = 0  # counted in slot_state_v1
@@ -578,7 +579,7 @@ class LogicalStream:
                 self._resync_if_swept()
                 if self._confirmed > self._persisted:
                     self._status_if_due(force=True)
-                    self._await_slot()
+                self._await_slot()  # (that update, or the last one: it may be unread too)
             finally:
                 self._history.close()
         self._stream.close()
@@ -594,13 +595,15 @@ class LogicalStream:
             self._delivery = None
 
     def _await_slot(self) -> None:
-        """Return once the slot is confirmed where the status update just sent says, or
+        """Return once the slot is confirmed where the last status update sent says, or
         after CLOSE_CONFIRM_S. Closed at once, the stream's connection, with data we
         have not read, is reset; a walsender blocked on it, sending the rest of a
         backlog, then exits without reading that update (every time, measured): the
         next listener would be sent again, and delete again, all that the update
         confirmed, and the slot hold its WAL until then."""
-        params = {"slot": self._config.slot, "lsn": format_lsn(self._persisted)}
+        if not self._told:
+            return
+        params = {"slot": self._config.slot, "lsn": format_lsn(self._told)}
         deadline = time.monotonic() + CLOSE_CONFIRM_S
         pause = 0.001
         while not (row := self._side.execute(Q.SLOT_TOOK.sql, params).fetchone()) or not row[0]:
@@ -1165,6 +1168,7 @@ class LogicalStream:
             self._persisted = target
             self._unsaved_events = 0
         self._stream.send_status(self._received, self._persisted)
+        self._told = self._persisted
         if self._reply_due and self._persisted < self._received:
             # The server is waiting for an answer, and on shutdown it waits until the
             # client has everything it sent: say that we received it all without moving
