@@ -283,6 +283,30 @@ def test_a_next_listener_redoes_what_its_predecessor_acknowledged_not_the_backlo
     stop_listener(second)
 
 
+def test_a_stale_set_after_a_handover_is_deleted_when_the_second_delete_falls_due(
+    env: Env, spawn: Spawn
+) -> None:
+    """A listener stopped, and the next one started, within second_delete_ms of a change:
+    the first did its second deletes as it stopped, the next redid them as it started,
+    both before their time. A reader that read the old row before the change SETs it
+    after both: it is deleted again once the second delete falls due, as without the
+    handover (it stayed cached for good)."""
+    config = setup_users(env, rows=len(ROWS), second_delete_ms=6000, replay_history="1h")
+    r = env.redis()
+    first = spawn(config)
+    wait_until(lambda: first.logged("redis_identity_recorded"), what="the listener started")
+    r.set("user:7", "cached")
+    done = write(env, "UPDATE users SET email = 'n7@x' WHERE id = 7", ids=range(7, 8))
+    wait_until(lambda: acknowledged(env, done), what="the change acknowledged")
+    stop_listener(first)
+    second = spawn(config)
+    wait_until(lambda: second.logged("second_deletes_redone"), what="the redo")
+    r.set("user:7", "stale")  # a slow reader's SET, in time: 6 s after the change at most
+    wait_until(lambda: r.exists("user:7") == 0, what="the stale SET deleted again")
+    assert len(second.logged("second_deletes_redone")) == 2
+    stop_listener(second)
+
+
 # --- rows the listener would dead-letter: skipped and logged, never a crash -------------
 
 # Past Python's int conversion limit (4300 digits): json.loads, and with it the driver's

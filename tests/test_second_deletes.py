@@ -10,6 +10,8 @@ from __future__ import annotations
 import time
 
 import pytest
+import redis
+import structlog
 
 from cdc_invalidator.capture.rows import Decoded
 from cdc_invalidator.mapping import KEYS_SEP, Invalidation, Mapper, Routed
@@ -70,6 +72,39 @@ def test_a_key_holding_the_separator_is_kept_whole() -> None:
 
     (works,) = sink.calls
     assert works[None].keys == {odd, "user:2", "user:3"}
+
+
+class Hanging(Recorder):
+    """Redis that times out: every call costs its timeout, then raises."""
+
+    def delete_routed(self, works: Routed, later: bool = False) -> int:
+        self.calls.append(works)
+        raise redis.TimeoutError("Timeout reading from socket")
+
+
+def test_on_shutdown_second_deletes_are_given_up_at_the_first_redis_failure() -> None:
+    """Tried on one by one, each owed group waited out Redis's timeout (two tries of
+    5 s): a stop asked of a listener whose Redis hangs took minutes, past systemd's
+    90 s, and said nothing of what it gave up."""
+    sink = Hanging()
+    later, counted = owed_by(sink)
+    visible = time.monotonic()
+    for b in range(3):  # three dues, 20 ms apart: three calls, were each tried
+        later.add({None: Invalidation({f"user:{b}:a", f"user:{b}:b"})}, visible + 0.02 * b)
+    with structlog.testing.capture_logs() as logs:
+        later.finish()
+    assert len(sink.calls) == 1
+    assert later.next_due is None
+    assert counted == []
+    (given_up,) = [line for line in logs if line["event"] == "second_deletes_given_up"]
+    assert given_up["keys"] == 6, given_up
+    assert "TimeoutError" in given_up["error"]
+
+    # Redis already seen failing on the way out: none is tried.
+    later.add({None: Invalidation({"user:9"})}, time.monotonic())
+    later.finish(redis.ConnectionError("refused"))
+    assert len(sink.calls) == 1
+    assert later.next_due is None
 
 
 def test_patterns_are_owed_nothing_the_sweeper_sweeps_them_again() -> None:

@@ -10,7 +10,6 @@ its sweep is done.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -416,10 +415,19 @@ class Runner:
                 if time.monotonic() - connected_at >= HEALTHY_CONNECTION_S:
                     backoff.reset()
                 self._stopper.sleep(backoff.next_delay())
-        with contextlib.suppress(*REDIS_UNAVAILABLE):
-            # (nothing acknowledged waits for them: read so that they count as deletes)
+        self._finish()
+
+    def _finish(self) -> None:
+        """On the way out: the Pipelined deletes' replies read (nothing acknowledged
+        waits for them: read so that they count as deletes), then the second deletes
+        owed, both given up at once if Redis fails."""
+        log.info("stopping", second_deletes_owed=self._later.next_due is not None)
+        failed: BaseException | None = None
+        try:
             self._confirm_owed()
-        self._later.run(until=float("inf"))
+        except REDIS_UNAVAILABLE as exc:
+            failed = exc
+        self._later.finish(failed)
         if self._tap is not None:
             self._tap.close()
         log.info("listener_stopped", **self._counters())

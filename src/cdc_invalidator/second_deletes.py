@@ -8,11 +8,9 @@ redone once from the history when a listener starts (redo_owed)."""
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -54,6 +52,9 @@ class _Owed:
     def add(self, work: Invalidation) -> None:
         if work.keys:
             self.parts.append(pack_keys(work.keys))
+
+    def count(self) -> int:
+        return sum(len(unpack_keys(part)) for part in self.parts)
 
     def groups(self) -> Iterator[Invalidation]:
         """What is owed, at most SECOND_DELETE_GROUP keys at a time (a batch's keys may
@@ -116,15 +117,34 @@ class SecondDeletes:
     def run(self, until: float) -> None:
         """The second deletes due by `until`. Off the acknowledgement path: the batches
         were acknowledged after their first delete. A Redis error leaves the rest for
-        the next try; on shutdown (until=inf) they are done at once, or given up."""
+        the next try."""
         later = self._later
-        stopping = until == float("inf")
         while later and later[0][0] <= until:
-            with contextlib.suppress(*REDIS_UNAVAILABLE) if stopping else nullcontext():
-                for db, owed in later[0][1].items():
-                    for group in owed.groups():
-                        self._counted(self._sink.delete_routed({db: group}))
+            for db, owed in later[0][1].items():
+                for group in owed.groups():
+                    self._counted(self._sink.delete_routed({db: group}))
             later.popleft()
+
+    def finish(self, redis_failed: BaseException | None = None) -> None:
+        """On shutdown: every second delete owed, done now, unless Redis fails (or
+        `redis_failed` says it just did): then those left are given up at once, told
+        in the log. Tried on, each would wait out Redis's timeout in turn, minutes past
+        the stop request when Redis hangs. The next listener deletes them again from
+        the replay history (redo_owed)."""
+        if redis_failed is None:
+            try:
+                self.run(until=float("inf"))
+            except REDIS_UNAVAILABLE as exc:
+                redis_failed = exc
+        if self._later:
+            log.warning(
+                "second_deletes_given_up",
+                keys=sum(o.count() for _, owed in self._later for o in owed.values()),
+                error=f"{type(redis_failed).__name__}: {redis_failed}",
+                detail="stopping with Redis failing: the next listener deletes them again "
+                "from the replay history",
+            )
+            self._later.clear()
 
 
 class Acknowledged(History, Protocol):
@@ -150,7 +170,7 @@ def redo_owed(  # noqa: PLR0913 - `sweep_later` is keyword-only
     delay_s: float,
     *,
     sweep_later: Callable[[Routed], None] | None = None,
-) -> None:
+) -> float | None:
     """The listener before this one may have died owing second deletes (they live in
     memory): delete again what it acknowledged in its last 2 * delay_s (a second delete
     waits up to delay_s past its time while a backlog drains: runner.py). Logical mode knows
@@ -160,10 +180,14 @@ def redo_owed(  # noqa: PLR0913 - `sweep_later` is keyword-only
 
     Sweeps (a TRUNCATE's) are handed to `sweep_later` (the sweeper's thread) if given: a
     second sweep holds nothing, and done here, it held every change behind it for a full
-    SCAN of Redis before the listener's first batch."""
+    SCAN of Redis before the listener's first batch.
+
+    Returns how long ago the last acknowledgement was (None: never). Less than delay_s
+    ago, some of those second deletes fall due after now, and a stale SET may land in
+    between: the caller redoes them once more then."""
     ago = history.last_acknowledged_s(conn)
     if ago is None:
-        return  # nothing acknowledged yet
+        return None  # nothing acknowledged yet
     since_s = max(0.0, ago) + 2 * delay_s + MARGIN_S
     later = sweep_later is not None
     result = replay(conn, _AcknowledgedOnly(history), mapper, sink, since_s, sweep=not later)
@@ -177,6 +201,7 @@ def redo_owed(  # noqa: PLR0913 - `sweep_later` is keyword-only
         sweeps_handed_over=sum(len(work.patterns) for work in result.owed.values()),
         detail="the previous listener may have stopped owing these",
     )
+    return ago
 
 
 @dataclass(frozen=True, slots=True)

@@ -68,6 +68,9 @@ class RedisWatch:
         # second_delete_ms: the second deletes a killed predecessor owed are redone once.
         self._second_delete_s = second_delete_s
         self._predecessor_owed = second_delete_s > 0
+        # When to redo them once more (time.monotonic()): a predecessor that acknowledged
+        # less than second_delete_s before the redo owed second deletes due after it.
+        self._redo_again_at: float | None = None
 
     def check(
         self,
@@ -81,6 +84,8 @@ class RedisWatch:
         (redo_owed), to be done off the loop. Raises what Redis or PostgreSQL raise: the
         runner retries."""
         now = time.monotonic()
+        if self._redo_again_at is not None and now >= self._redo_again_at:
+            self._redo_again(sweep_later)
         if not force and now < self._next_check:
             return None
         states = self._sink.states()
@@ -124,18 +129,41 @@ class RedisWatch:
                 else:
                     self._unsaved = identity
             if self._predecessor_owed:
-                redo_owed(
-                    conn,
-                    self._history,
-                    self._mapper,
-                    self._sink,
-                    self._second_delete_s,
-                    sweep_later=sweep_later,
-                )
-                self._predecessor_owed = False
+                self._redo(conn, sweep_later)
         self._known, self._known_at = identity, now
         self._durability.observe(states, now, wall)
         return result
+
+    def _redo(
+        self, conn: psycopg.Connection[Any], sweep_later: Callable[[Routed], None] | None
+    ) -> None:
+        """The second deletes a predecessor may have owed, redone (redo_owed); once more
+        later if some fell due after now (a handover, or a restart, within
+        second_delete_ms of its last batch)."""
+        delay = self._second_delete_s
+        ago = redo_owed(
+            conn, self._history, self._mapper, self._sink, delay, sweep_later=sweep_later
+        )
+        self._predecessor_owed = False
+        if ago is not None and ago < delay:
+            self._redo_again_at = time.monotonic() + delay - ago
+
+    def _redo_again(self, sweep_later: Callable[[Routed], None] | None) -> None:
+        """The predecessor's second deletes, redone once more now that all of them are
+        due: a stale SET that landed after the first redo, before its time, is deleted
+        as the predecessor would have. (Its window reaches back past the predecessor's
+        last batches; it takes this listener's acknowledged ones too, deleted twice.)
+        Raises what Redis or PostgreSQL raise: done at the next check."""
+        with self._connect() as conn:
+            redo_owed(
+                conn,
+                self._history,
+                self._mapper,
+                self._sink,
+                self._second_delete_s,
+                sweep_later=sweep_later,
+            )
+        self._redo_again_at = None
 
     def _replay(
         self,
