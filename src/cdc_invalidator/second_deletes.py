@@ -142,7 +142,7 @@ class SecondDeletes:
                 keys=sum(o.count() for _, owed in self._later for o in owed.values()),
                 error=f"{type(redis_failed).__name__}: {redis_failed}",
                 detail="stopping with Redis failing: the next listener deletes them again "
-                "from the replay history",
+                "from the replay history (unless replay_history = 0)",
             )
             self._later.clear()
 
