@@ -53,8 +53,8 @@ from tests.support.faults import (
     keys_of,
     lsn_before,
     queue_count,
+    resumes_at,
     setup_users,
-    slot_confirmed,
     write,
 )
 from tests.support.listener import (
@@ -135,7 +135,7 @@ def progressed(env: Env, r: redis.Redis, writes: Sequence[Written]) -> bool:
 def none_acknowledged(env: Env, n: int, written: Written) -> bool:
     """None of the n events of the transaction `written` is acknowledged."""
     if env.logical:
-        return lsn_before(slot_confirmed(env), written.committed)
+        return lsn_before(resumes_at(env), written.committed)
     return queue_count(env) == n
 
 
@@ -145,16 +145,16 @@ def assert_nothing_lost(env: Env, r: redis.Redis, writes: Sequence[Written]) -> 
     The acknowledgement is read first: a key still cached afterwards was not deleted by
     then, so (acknowledging only after Redis) its event cannot have been acknowledged by
     then. Trigger mode: no event left the queue with a key still cached. Logical mode:
-    the slot is not confirmed past the commit of a transaction (of `writes`, which wrote
-    every cached row) one of whose rows' keys is still cached.
+    neither the slot nor the position saved is past the commit of a transaction (of
+    `writes`, which wrote every cached row) one of whose rows' keys is still cached.
     """
     if env.logical:
-        confirmed = slot_confirmed(env)
+        confirmed = resumes_at(env)
         cached = cached_ids(r)
         cached_in = [w for w in writes if not cached.isdisjoint(w.ids)]
         early = [w for w in cached_in if not lsn_before(confirmed, w.committed)]
         assert not early, (
-            f"slot confirmed at {confirmed}, past the commit of {len(early)} transactions "
+            f"acknowledged up to {confirmed}, past the commit of {len(early)} transactions "
             f"whose rows' keys are still cached (rows {early[0].ids.start}.. before "
             f"{early[0].committed})"
         )
@@ -174,9 +174,9 @@ def slot_released(env: Env) -> bool:
 
 
 def unacknowledged_rows(env: Env, writes: Sequence[Written]) -> int:
-    """Logical mode: the rows of the transactions the slot is not confirmed past (what
-    it streams again)."""
-    confirmed = slot_confirmed(env)
+    """Logical mode: the rows of the transactions not acknowledged (what the next
+    listener is streamed again)."""
+    confirmed = resumes_at(env)
     rows = 0
     for w in writes:
         if lsn_before(w.last_change, confirmed):
@@ -613,6 +613,30 @@ def test_postgres_restart_reconnects_and_relistens(own_env: Env, spawn: Spawn) -
     assert count(listener, "postgres_unavailable") == 1
     assert count(listener, "postgres_available") == 1
     stop_listener(listener)
+
+
+@pytest.mark.parametrize("capture", ["logical"], ids=["logical"])  # trigger: a table row
+def test_what_was_acknowledged_before_a_postgres_restart_is_not_done_again(
+    own_env: Env, spawn: Spawn
+) -> None:
+    """Logical mode: before PostgreSQL 17, a restart puts the slot's confirmed position
+    back to what its last checkpoint saved, which can be far behind what the listener
+    confirmed. The next stream starts from the position the listener saved instead: the
+    transactions it finished are not streamed, and deleted, again."""
+    config = setup_users(own_env)
+    r = own_env.redis()
+    listener = spawn(config)
+    own_env.sql("CHECKPOINT")  # (the slot as saved: before the writes)
+    writes = [insert_users(own_env, first, 1_000) for first in range(1, 10_001, 1_000)]
+    wait_until(lambda: acknowledged(own_env, writes[-1]), what="every write acknowledged")
+    stop_listener(listener)
+    pg_of(own_env).restart()  # (fast: a clean shutdown, which saves the slot from 17 on)
+    cache(r, range(1, 3))  # (the app's cache, refilled since)
+    again = spawn(config)
+    written = write(own_env, "UPDATE users SET email = 'z@y' WHERE id = 1", ids=range(1, 2))
+    wait_until(lambda: acknowledged(own_env, written), what="a change after the restart")
+    assert stop_listener(again)["events"] == 1, "the writes before were streamed again"
+    assert r.exists(*keys_of(2)) == 2, "a row not written since is not deleted again"
 
 
 def test_postgres_down_when_listener_starts(own_env: Env, spawn: Spawn) -> None:

@@ -142,6 +142,15 @@ def slot_confirmed(env: Env) -> str:
     return str(lsn)
 
 
+def resumes_at(env: Env) -> str:
+    """Logical mode: where the next listener resumes, what it acknowledged: the position
+    it saved (slot_state_v1), which it starts the stream from, or the slot's if that is
+    ahead (the server forwards a start point behind it)."""
+    saved = env.scalar("SELECT acked_lsn::text FROM cdc_invalidator.slot_state_v1")
+    confirmed = slot_confirmed(env)
+    return confirmed if saved is None or lsn_before(str(saved), confirmed) else str(saved)
+
+
 def lsn_before(a: str, b: str) -> bool:
     high_a, low_a = a.split("/")
     high_b, low_b = b.split("/")

@@ -250,7 +250,11 @@ class LogicalCapture:
                     # PostgreSQL 14 on (logical mode needs 15: pg/versions.py); our
                     # event triggers' sweeps come as logical decoding messages.
                     options.update(proto_version="2", streaming="on", messages="true")
-                stream = WalStream.start(repl, self._config.slot, options)
+                # From the position saved, not the slot's: that one may be older (before
+                # PostgreSQL 17 a restart puts it back to its last checkpoint, and a
+                # status update can go unread), and what lies between was done. (A slot
+                # ahead of it was found so above, and resumes where it is.)
+                stream = WalStream.start(repl, self._config.slot, options, start_lsn=acked)
             except SlotInUse as exc:
                 repl.close()
                 raise Standby(str(exc)) from None
@@ -599,8 +603,7 @@ class LogicalStream:
         after CLOSE_CONFIRM_S. Closed at once, the stream's connection, with data we
         have not read, is reset; a walsender blocked on it, sending the rest of a
         backlog, then exits without reading that update (every time, measured): the
-        next listener would be sent again, and delete again, all that the update
-        confirmed, and the slot hold its WAL until then."""
+        slot would hold the WAL that update let go until the next listener confirms."""
         if not self._told:
             return
         params = {"slot": self._config.slot, "lsn": format_lsn(self._told)}
@@ -611,8 +614,9 @@ class LogicalStream:
                 log.info(
                     "slot_confirmation_unseen",
                     lsn=params["lsn"],
-                    detail="the walsender had not read the last status update: the next "
-                    "listener is sent again what it confirmed, and deletes those keys again",
+                    detail="the walsender had not read the last status update: the slot "
+                    "holds that WAL until the next listener confirms (it resumes from the "
+                    "position saved, which is past it)",
                 )
                 return
             time.sleep(pause)
