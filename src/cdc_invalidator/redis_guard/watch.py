@@ -153,8 +153,15 @@ class RedisWatch:
         due: a stale SET that landed after the first redo, before its time, is deleted
         as the predecessor would have. (Its window reaches back past the predecessor's
         last batches; it takes this listener's acknowledged ones too, deleted twice.)
-        Raises what Redis or PostgreSQL raise: done at the next check."""
-        with self._connect() as conn:
+        Raises what Redis raises: done at the next check."""
+        try:
+            conn = self._connect()
+        except psycopg.OperationalError as exc:
+            # (a session of its own refused: the listener's sessions go on, as for a check)
+            log.warning("redis_check_deferred", error=f"{type(exc).__name__}: {exc}")
+            self._redo_again_at = time.monotonic() + self._check_every_s
+            return
+        with conn:
             redo_owed(
                 conn,
                 self._history,
