@@ -63,7 +63,7 @@ NO_SLOT = {
         (
             {"confirmed_flush_lsn": "0/2001"},
             SlotClass.AHEAD,
-            "is at 0/2001, past 0/2000, the last position this listener confirmed",
+            "is at 0/2001, past 0/2000, the last position this listener saved",
         ),
         # Lost outranks ahead: the slot is re-created either way.
         ({"confirmed_flush_lsn": "1/0", "wal_status": "lost"}, SlotClass.LOST, "lost"),

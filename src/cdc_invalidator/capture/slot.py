@@ -7,7 +7,10 @@ the slot or not) act on.
 
 The listener saves the position in slot_state_v1 before it tells the slot, so a slot
 found past that position was moved by someone else: changes may have been missed, as
-they may when a slot that was used is gone, or lost the WAL it needed.
+they may when a slot that was used is gone, or lost the WAL it needed. Or a crash lost
+the save (the bookkeeping session commits asynchronously) after the slot, which
+PostgreSQL writes to disk at once when its restart position moves, was told: nothing
+was missed then, but it cannot be told apart, and the sweep is the safe side.
 """
 
 from __future__ import annotations
@@ -124,7 +127,8 @@ class SlotState:
             return Verdict(
                 SlotClass.AHEAD,
                 f"{where} is at {self.confirmed_flush_lsn}, past {format_lsn(acked)}, the last "
-                "position this listener confirmed: it was re-created, or another client "
-                "consumed it",
+                "position this listener saved: it was re-created, or another client "
+                "consumed it, or PostgreSQL crashed just after the slot was told (the "
+                "listener's saves commit asynchronously: the last may be lost)",
             )
         return Verdict(SlotClass.OK, f"{where}: wal_status {self.wal_status}")
