@@ -467,7 +467,9 @@ def acknowledged_past_truncate(env: Env, before: str) -> bool:
 
 @pytest.mark.usefixtures("capture")
 def test_a_change_during_a_truncate_sweep_is_invalidated_at_once(own_env: Env) -> None:
-    config = setup_tables(own_env)
+    # SCAN pages of 20 keys: the sweep lasts some seconds, well past the checks below
+    # (at 100, a loaded clean-clone run once saw it done before them).
+    config = setup_tables(own_env, scan_count=20)
     r = own_env.redis()
     orders = fill(r)
     with listening(config) as listener:

@@ -125,26 +125,29 @@ class SecondDeletes:
                     self._counted(self._sink.delete_routed({db: group}))
             later.popleft()
 
-    def finish(self, redis_failed: BaseException | None = None) -> None:
+    def finish(self, redis_failed: BaseException | None = None) -> int:
         """On shutdown: every second delete owed, done now, unless Redis fails (or
         `redis_failed` says it just did): then those left are given up at once, told
         in the log. Tried on, each would wait out Redis's timeout in turn, minutes past
         the stop request when Redis hangs. The next listener deletes them again from
-        the replay history (redo_owed)."""
+        the replay history (redo_owed). Returns how many keys were given up."""
         if redis_failed is None:
             try:
                 self.run(until=float("inf"))
             except REDIS_UNAVAILABLE as exc:
                 redis_failed = exc
+        given_up = 0
         if self._later:
+            given_up = sum(o.count() for _, owed in self._later for o in owed.values())
             log.warning(
                 "second_deletes_given_up",
-                keys=sum(o.count() for _, owed in self._later for o in owed.values()),
+                keys=given_up,
                 error=f"{type(redis_failed).__name__}: {redis_failed}",
                 detail="stopping with Redis failing: the next listener deletes them again "
                 "from the replay history (unless replay_history = 0)",
             )
             self._later.clear()
+        return given_up
 
 
 class Acknowledged(History, Protocol):
