@@ -139,8 +139,7 @@ BEGIN
             -- Partitions created or attached since install under a watched partitioned
             -- table (or a stand-in's): a row trigger of ours reaches their rows, but a
             -- TRUNCATE that names one fires only its own statement triggers, and it has
-            -- none of ours, or (detached from another watched table) that table's
-            -- capture trigger, which queues that table's sweep. (ATTACH PARTITION names
+            -- none of ours, or another watched table's (below). (ATTACH PARTITION names
             -- the parent, CREATE TABLE ... PARTITION OF the partition: the whole tree is
             -- looked at.)
             SELECT DISTINCT ON (p.relid) p.relid::regclass AS rel, w.schema_name, w.table_name

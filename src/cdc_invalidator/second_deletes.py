@@ -192,8 +192,9 @@ def redo_owed(  # noqa: PLR0913 - `sweep_later` is keyword-only
     if ago is None:
         return None  # nothing acknowledged yet
     since_s = max(0.0, ago) + 2 * delay_s + MARGIN_S
-    later = sweep_later is not None
-    result = replay(conn, _AcknowledgedOnly(history), mapper, sink, since_s, sweep=not later)
+    result = replay(
+        conn, _AcknowledgedOnly(history), mapper, sink, since_s, sweep=sweep_later is None
+    )
     if sweep_later is not None and result.owed:
         sweep_later(result.owed)
     log.info(

@@ -135,25 +135,30 @@ class RedisWatch:
         return result
 
     def _redo(
-        self, conn: psycopg.Connection[Any], sweep_later: Callable[[Routed], None] | None
+        self,
+        conn: psycopg.Connection[Any],
+        sweep_later: Callable[[Routed], None] | None,
+        *,
+        again: bool = False,
     ) -> None:
         """The second deletes a predecessor may have owed, redone (redo_owed); once more
         later if some fell due after now (a handover, or a restart, within
-        second_delete_ms of its last batch)."""
+        second_delete_ms of its last batch): then, `again`, a stale SET that landed
+        after the first redo, before its time, is deleted as the predecessor would have.
+        (That window reaches back past the predecessor's last batches; it takes this
+        listener's acknowledged ones too, deleted twice.)"""
         delay = self._second_delete_s
         ago = redo_owed(
             conn, self._history, self._mapper, self._sink, delay, sweep_later=sweep_later
         )
         self._predecessor_owed = False
-        if ago is not None and ago < delay:
+        self._redo_again_at = None
+        if not again and ago is not None and ago < delay:
             self._redo_again_at = time.monotonic() + delay - ago
 
     def _redo_again(self, sweep_later: Callable[[Routed], None] | None) -> None:
-        """The predecessor's second deletes, redone once more now that all of them are
-        due: a stale SET that landed after the first redo, before its time, is deleted
-        as the predecessor would have. (Its window reaches back past the predecessor's
-        last batches; it takes this listener's acknowledged ones too, deleted twice.)
-        Raises what Redis raises: done at the next check."""
+        """_redo(again=True), in a session of its own. Raises what Redis raises: done
+        at the next check."""
         try:
             conn = self._connect()
         except psycopg.OperationalError as exc:
@@ -162,15 +167,7 @@ class RedisWatch:
             self._redo_again_at = time.monotonic() + self._check_every_s
             return
         with conn:
-            redo_owed(
-                conn,
-                self._history,
-                self._mapper,
-                self._sink,
-                self._second_delete_s,
-                sweep_later=sweep_later,
-            )
-        self._redo_again_at = None
+            self._redo(conn, sweep_later, again=True)
 
     def _replay(
         self,
