@@ -1364,7 +1364,10 @@ BEGIN
     FOR t IN
         SELECT tg.tgname, tg.tgrelid::regclass AS rel
         FROM pg_trigger tg JOIN pg_proc p ON p.oid = tg.tgfoid
-        WHERE (tg.tgrelid = tbl OR tg.tgrelid IN (SELECT pt.relid FROM pg_partition_tree(tbl) pt))
+        WHERE (tg.tgrelid = tbl OR tg.tgrelid IN (SELECT pt.relid FROM pg_partition_tree(tbl) pt)
+               -- A partition moved to another table since keeps triggers calling this
+               -- table's function: they go with it (the function could not, else).
+               OR tg.tgfoid = fn)
           AND tg.tgname LIKE 'cdc\_invalidator\_%\_v1'
           AND p.pronamespace = 'cdc_invalidator'::regnamespace
           -- A partition's copy of the table's row trigger goes with the table's.

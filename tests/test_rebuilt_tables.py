@@ -410,6 +410,56 @@ def test_a_partition_moved_to_another_watched_table_sweeps_that_one_when_truncat
     assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 0
 
 
+@pytest.mark.parametrize("then", ["uninstall", "install_without_the_first"])
+def test_a_partition_moved_to_another_watched_table_leaves_with_its_triggers(
+    env: Env, owner: str, then: str
+) -> None:
+    """A partition moved from one watched table to another before `install` keeps the
+    first's capture triggers, outside the first's tree: unwatching the first (uninstall,
+    or an install whose mapping dropped it) drops them with the first's function, rather
+    than refusing because they still use it."""
+    columns = "(id int, email text, name text) PARTITION BY RANGE (id)"
+    env.sql(
+        as_role(
+            owner,
+            f"CREATE TABLE users {columns}; CREATE TABLE accounts {columns};"
+            "CREATE TABLE users_early PARTITION OF users FOR VALUES FROM (0) TO (100)",
+        )
+    )
+    accounts = {"public.accounts": ["account:{id}"]}
+    config = install(env, {**USERS, **accounts}, second_delete_ms=0)
+    env.sql(
+        as_role(
+            owner,
+            "CREATE TABLE users_late PARTITION OF users FOR VALUES FROM (100) TO (200);"
+            "ALTER TABLE users DETACH PARTITION users_early;"
+            "ALTER TABLE accounts ATTACH PARTITION users_early FOR VALUES FROM (0) TO (100);"
+            "ALTER TABLE users DETACH PARTITION users_late;"
+            "ALTER TABLE accounts ATTACH PARTITION users_late FOR VALUES FROM (100) TO (200)",
+        )
+    )
+    ours = (
+        "SELECT count(*) FROM pg_trigger tg JOIN pg_proc p ON p.oid = tg.tgfoid "
+        "WHERE p.pronamespace = to_regnamespace('cdc_invalidator') "
+        "AND p.proname = 'capture_' || 'public.users'::regclass::oid || '_v1'"
+    )
+    assert env.scalar(ours) > 0, "the moved partitions kept the first table's triggers"
+    if then == "uninstall":
+        result = run_cli("uninstall", "--config", str(config))
+        assert result.returncode == 0, result.stderr
+        assert env.scalar("SELECT to_regnamespace('cdc_invalidator')") is None
+        assert env.scalar("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'cdc%'") == 0
+    else:
+        install(env, accounts, second_delete_ms=0)
+        assert env.scalar(ours) == 0
+        r = env.redis()
+        with listening(config):
+            r.set("account:150", "cached")
+            env.sql(as_role(owner, "INSERT INTO accounts (id) VALUES (150)"))
+            wait_until(lambda: r.exists("account:150") == 0, what="account:150 deleted")
+    env.sql(as_role(owner, "INSERT INTO accounts (id) VALUES (1), (151); TRUNCATE accounts"))
+
+
 def test_check_names_partitions_made_while_the_guard_was_off_until_install(
     env: Env, capture: str
 ) -> None:
