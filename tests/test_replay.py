@@ -37,8 +37,10 @@ from tests.support.faults import (
     acknowledged,
     blocked_on_redis,
     cache,
+    crash_onto_the_snapshot,
     keys_of,
     setup_users,
+    with_rdb_snapshots,
     write,
 )
 from tests.support.listener import ListenerProcess, Spawn, listening, run_cli, stop_listener
@@ -84,19 +86,6 @@ def snapshot_then_edit(env: Env, listener: ListenerProcess) -> redis.Redis:
     edit_every_row(env)
     wait_until(lambda: cached(r) == 0, what="the edit's keys deleted")
     return r
-
-
-def crash_onto_the_snapshot(env: Env) -> None:
-    server = redis_of(env)
-    server.kill()  # SIGKILL: the deletes since the SAVE are lost with it
-    server.start()  # loads dump.rdb: the stale keys are back
-
-
-def with_rdb_snapshots(env: Env) -> None:
-    """Restart the test's Redis with RDB snapshots on, as the seed's was."""
-    server = redis_of(env)
-    server.args = [*server.args, "--save", "3600 1"]
-    server.restart()
 
 
 def test_redis_restored_from_an_old_snapshot_gets_its_stale_keys_deleted_again(

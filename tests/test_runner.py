@@ -48,6 +48,7 @@ from cdc_invalidator.runner import (
     Source,
 )
 from cdc_invalidator.shutdown import Stopper
+from cdc_invalidator.sweeper import SweepLater
 from tests.support.runner_fakes import RecordingSink
 
 USERS = TableName("public", "users")
@@ -289,7 +290,7 @@ class FakeWatch(RedisWatch):
         self,
         force: bool = False,
         settle: Callable[[], None] = lambda: None,
-        sweep_later: Callable[[Routed], None] | None = None,
+        sweep_later: SweepLater | None = None,
     ) -> ReplayResult | None:
         self._world.log.append(("check", force))
         if self._failures:

@@ -22,6 +22,7 @@ from cdc_invalidator.sink import ClusterSink, RedisSink
 from cdc_invalidator.sink.glob import GlobSet
 from tests.support.env import Env, Servers, make_env
 from tests.support.evidence import unavailable
+from tests.support.faults import crash_onto_the_snapshot, with_rdb_snapshots
 from tests.support.listener import ListenerProcess, Spawn, listening, stop_listener
 from tests.support.servers import RedisClusterServer, RedisServer, ServerError
 from tests.support.sync import SLOT, install, settle
@@ -500,6 +501,41 @@ def test_a_change_during_a_truncate_sweep_is_invalidated_at_once(own_env: Env) -
         settle(own_env, r)
         assert acknowledged_past_truncate(own_env, before)
         assert sweeper.pending == 0
+
+
+@pytest.mark.usefixtures("capture")
+def test_a_change_during_a_replays_sweep_is_invalidated_at_once(own_env: Env, spawn: Spawn) -> None:
+    """Redis restarts on a snapshot taken before a TRUNCATE: the replay sweeps the
+    table's keys again, on the sweeper's thread. A change committed meanwhile has its
+    keys deleted at once (the loop waited for the whole SCAN before); the new identity
+    is saved once the sweep is done."""
+    with_rdb_snapshots(own_env)
+    config = setup_tables(own_env, scan_count=20, replay_history="1h")
+    r = own_env.redis()
+    orders = fill(r)
+    listener = spawn(config)
+    wait_until(lambda: listener.logged("redis_identity_recorded"), what="the listener started")
+    r.save()  # the orders' keys cached, and 400,000 others
+    own_env.sql("TRUNCATE orders")
+    wait_until(lambda: listener.logged("sweep_completed"), timeout_s=60, what="the TRUNCATE swept")
+    identity = "SELECT identity FROM cdc_invalidator.redis_identity_v1"
+    before = own_env.scalar(identity)
+    crash_onto_the_snapshot(own_env)  # the orders' keys are back
+    r = own_env.redis()
+    wait_until(lambda: listener.logged("replay_done"), what="the replay")
+    r.set("user:1", "cached")
+    own_env.sql("UPDATE users SET name = 'b' WHERE id = 1")
+    wait_until(lambda: r.exists("user:1") == 0, what="the UPDATE's key deleted")
+    assert not listener.logged("replay_sweep_done"), "the sweep was meant to be running still"
+    assert own_env.scalar(identity) == before, "saved only once the sweep is done"
+
+    wait_until(lambda: listener.logged("replay_sweep_done"), timeout_s=60, what="the sweep")
+    # Every order key the restore brought back was found by the sweep.
+    assert listener.logged("replay_sweep_done")[0]["existed"] == len(orders)
+    assert r.exists(*orders) == 0
+    assert r.exists("unrelated:0", f"unrelated:{UNRELATED - 1}") == 2
+    wait_until(lambda: own_env.scalar(identity) != before, what="the new identity saved")
+    stop_listener(listener)
 
 
 @pytest.mark.usefixtures("capture")

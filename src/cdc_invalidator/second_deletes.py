@@ -29,6 +29,7 @@ from cdc_invalidator.mapping import (
 from cdc_invalidator.redis_guard.window import MARGIN_S
 from cdc_invalidator.replay import History, replay
 from cdc_invalidator.sink import REDIS_UNAVAILABLE, Sink
+from cdc_invalidator.sweeper import SweepLater
 
 log = structlog.get_logger("cdc_invalidator.second_deletes")
 
@@ -172,7 +173,7 @@ def redo_owed(  # noqa: PLR0913 - `sweep_later` is keyword-only
     sink: Sink,
     delay_s: float,
     *,
-    sweep_later: Callable[[Routed], None] | None = None,
+    sweep_later: SweepLater | None = None,
 ) -> float | None:
     """The listener before this one may have died owing second deletes (they live in
     memory): delete again what it acknowledged in its last 2 * delay_s (a second delete

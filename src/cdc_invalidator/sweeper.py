@@ -15,7 +15,9 @@ acknowledged, comes again.
 With second_delete_ms, a sweep that started before its batch's changes were visible
 for that long is done once more at that time, as the second delete of its keys (not
 holding anything). Such second sweeps wait on their own: a first sweep handed over
-meanwhile goes first, never held back until a second sweep falls due.
+meanwhile goes first, never held back until a second sweep falls due. So do the sweeps
+handed over by again(), holding nothing either (a replay's, the second deletes a
+predecessor owed): their Ticket says when they are done.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 
@@ -39,6 +41,19 @@ log = structlog.get_logger("cdc_invalidator.sweeper")
 
 # sweep(works, stopped) -> how many keys existed; `stopped` is asked between SCAN pages.
 SweepFn = Callable[[Routed, Callable[[], bool]], int]
+# A sweep holding nothing handed over (Sweeper.again): what the caller learns of it.
+SweepLater = Callable[[Routed], "Ticket"]
+
+
+@dataclass(slots=True)
+class Ticket:
+    """What the caller of Sweeper.again() learns of its sweep, from the sweeper's thread:
+    `done` is set once it is, with `existed`, the keys of the pass it was swept in."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    existed: int = 0
+    # The last failed try's error, while it is tried again (or one ahead of it is).
+    error: str | None = None
 
 
 @dataclass(slots=True)
@@ -48,16 +63,19 @@ class SweepJob:
     since: float | None  # when its oldest change was recorded (time.monotonic())
     visible_at: float | None  # when its changes were visible (runner.Batch)
     due: float = 0.0  # not before (time.monotonic()): a second sweep's time
+    tickets: list[Ticket] = field(default_factory=list)  # again()'s, told when done
 
     @property
     def patterns(self) -> int:
         return sum(len(work.patterns) for work in self.works.values())
 
     def absorb(self, later: SweepJob) -> None:
-        """Sweep `later`'s patterns in this pass too, and release its holds with ours.
+        """Sweep `later`'s patterns in this pass too, and release its holds (and tell its
+        tickets) with ours.
         Its second sweep is due with ours, at the later of the two times (as safe)."""
         merge(self.works, later.works)
         self.holds += later.holds
+        self.tickets += later.tickets
         if self.since is None or (later.since is not None and later.since < self.since):
             self.since = later.since
         if self.visible_at is not None:
@@ -99,14 +117,17 @@ class Sweeper:
             self._lock.notify()
         self._start()
 
-    def again(self, works: Routed) -> None:
-        """A sweep holding nothing, due now: the second deletes a predecessor owed
-        (second_deletes.redo_owed). It waits behind first sweeps, as second sweeps do."""
+    def again(self, works: Routed) -> Ticket:
+        """A sweep holding nothing, due now: a replay's (redis_guard/watch.py), the second
+        deletes a predecessor owed (second_deletes.redo_owed). It waits behind first
+        sweeps, as second sweeps do, and is tried again until done, or the stop."""
+        ticket = Ticket()
         with self._lock:
-            job = SweepJob(works, [], None, None, time.monotonic())
+            job = SweepJob(works, [], None, None, time.monotonic(), [ticket])
             bisect.insort(self._seconds, job, key=lambda j: j.due)
             self._lock.notify()
         self._start()
+        return ticket
 
     def _start(self) -> None:
         if self._thread is None:
@@ -157,7 +178,7 @@ class Sweeper:
                 if seconds and seconds[0].due <= now:
                     job = seconds[0]
                     while len(seconds) > 1 and seconds[1].due <= now:
-                        merge(job.works, seconds.pop(1).works)
+                        job.absorb(seconds.pop(1))
                     return job
                 # Woken by add() or stop(), or when the next second sweep falls due.
                 self._lock.wait(seconds[0].due - now if seconds else None)
@@ -177,8 +198,10 @@ class Sweeper:
                 # Redis down (or anything else): the batch stays unacknowledged and the
                 # sweep is tried again; the loop's own deletes go on meanwhile.
                 self.failures += 1
+                error = f"{type(exc).__name__}: {exc}"
+                self._tell_waiting(error, job)
                 if not failing:
-                    log.warning("sweep_failed", error=f"{type(exc).__name__}: {exc}")
+                    log.warning("sweep_failed", error=error)
                     failing = True
                 self._metrics.errors.labels("redis").inc()
                 self._stopping.wait(backoff.next_delay())
@@ -186,6 +209,14 @@ class Sweeper:
             failing = False
             backoff.reset()
             self._done(job, existed, started)
+
+    def _tell_waiting(self, error: str, job: SweepJob) -> None:
+        """A failed try's error, to the tickets of `job` and of every sweep waiting
+        behind it: theirs are not tried while it fails."""
+        with self._lock:
+            for waiting in (job, *self._jobs, *self._seconds):
+                for ticket in waiting.tickets:
+                    ticket.error = error
 
     def _done(self, job: SweepJob, existed: int, started: float) -> None:
         m = self._metrics
@@ -211,6 +242,9 @@ class Sweeper:
                 m.sweeps_pending.set(self._held())
             else:  # by identity: another second sweep may hold equal patterns
                 self._seconds = [second for second in self._seconds if second is not job]
+            for ticket in job.tickets:
+                ticket.existed = existed
+                ticket.done.set()
         log.info(
             "sweep_completed",
             patterns=job.patterns,

@@ -17,7 +17,7 @@ import redis
 
 from cdc_invalidator.cli import main
 from tests.support.config import write_config
-from tests.support.env import Env
+from tests.support.env import Env, redis_of
 
 TEMPLATES = ["user:{id}", "user:email:{email}"]
 APP_NAME = "cdc-invalidator"  # the listener's application_name (the default setting)
@@ -192,3 +192,17 @@ def forged_payload(xid: int, user_id: int) -> str:
     email) as setup_users makes it), as another session can forge it."""
     row = {"id": str(user_id), "email": f"u{user_id}@x"}
     return json.dumps({"s": "public", "t": "users", "x": xid, "a": None, "r": [["U", row, row]]})
+
+
+def with_rdb_snapshots(env: Env) -> None:
+    """Restart the test's Redis with RDB snapshots on, as a production one's may be."""
+    server = redis_of(env)
+    server.args = [*server.args, "--save", "3600 1"]
+    server.restart()
+
+
+def crash_onto_the_snapshot(env: Env) -> None:
+    """Redis killed, and started on its last snapshot: deletes since are undone."""
+    server = redis_of(env)
+    server.kill()  # SIGKILL: the deletes since the SAVE are lost with it
+    server.start()  # loads dump.rdb: the stale keys are back

@@ -9,7 +9,8 @@ answer changes, every key invalidated since shortly before the old server was la
 (less what its persistence can lose) is deleted again, before anything else; or since
 longer ago, when what the servers said at the checks before shows they held less than
 that (durability.py: a snapshot that failed, a restart before the next snapshot, a
-replica promoted that lagged).
+replica promoted that lagged). The window's sweeps (its TRUNCATEs') go to the sweeper's
+thread: a full SCAN of Redis, which held every change behind it when done here.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from cdc_invalidator.replay import ReplayResult, replay
 from cdc_invalidator.second_deletes import Acknowledged, redo_owed
 from cdc_invalidator.sink import Sink
 from cdc_invalidator.sink.protocol import REDIS_UNAVAILABLE, identity_of
+from cdc_invalidator.sweeper import SweepLater, Ticket
 
 log = structlog.get_logger("cdc_invalidator.redis_guard")
 
@@ -60,9 +62,11 @@ class RedisWatch:
         self._known_at = 0.0  # monotonic time the known identity was last confirmed
         self._next_check = 0.0
         self._durability = Durability()
-        # A replay's sweeps not done yet (a Cluster's slots migrating), and the identity
-        # to save once they are (_sweep_owed).
+        # A replay's sweeps not done yet: not handed to the sweeper yet (or, without one,
+        # not done here: a Cluster's slots migrating), handed over (their tickets); the
+        # identity to save once they are done (_sweep_owed).
         self._owed: Routed = {}
+        self._handed: list[Ticket] = []
         self._owed_told = False
         self._unsaved: str | None = None
         # second_delete_ms: the second deletes a killed predecessor owed are redone once.
@@ -76,13 +80,13 @@ class RedisWatch:
         self,
         force: bool = False,
         settle: Callable[[], None] = lambda: None,
-        sweep_later: Callable[[Routed], None] | None = None,
+        sweep_later: SweepLater | None = None,
     ) -> ReplayResult | None:
         """The replay done, if one was. `settle` is called before a replay reads the
         history: it waits until the history of every batch acknowledged so far is
-        written. `sweep_later` takes the sweeps of the second deletes a predecessor owed
-        (redo_owed), to be done off the loop. Raises what Redis or PostgreSQL raise: the
-        runner retries."""
+        written. `sweep_later` takes the sweeps of a replay and of the second deletes a
+        predecessor owed (redo_owed), to be done off the loop; without it, they are done
+        here. Raises what Redis or PostgreSQL raise: the runner retries."""
         now = time.monotonic()
         if self._redo_again_at is not None and now >= self._redo_again_at:
             self._redo_again(sweep_later)
@@ -95,7 +99,7 @@ class RedisWatch:
         if identity == self._known:
             self._known_at = now
             self._durability.observe(states, now, wall)
-            if self._unsaved is not None and self._sweep_owed():
+            if self._unsaved is not None and self._sweep_owed(sweep_later):
                 self._save_owed()
             return None
         reaches = self._durability.reaches(states, now, wall) if self._known is not None else []
@@ -123,7 +127,7 @@ class RedisWatch:
                 result = self._replay(conn, saved[0], identity, gone_s, reaches)
                 if result is not None:
                     merge(self._owed, result.owed)
-                if self._sweep_owed():
+                if self._sweep_owed(sweep_later):
                     store.save(identity)
                     self._unsaved = None
                 else:
@@ -137,7 +141,7 @@ class RedisWatch:
     def _redo(
         self,
         conn: psycopg.Connection[Any],
-        sweep_later: Callable[[Routed], None] | None,
+        sweep_later: SweepLater | None,
         *,
         again: bool = False,
     ) -> None:
@@ -156,7 +160,7 @@ class RedisWatch:
         if not again and ago is not None and ago < delay:
             self._redo_again_at = time.monotonic() + delay - ago
 
-    def _redo_again(self, sweep_later: Callable[[Routed], None] | None) -> None:
+    def _redo_again(self, sweep_later: SweepLater | None) -> None:
         """_redo(again=True), in a session of its own. Raises what Redis raises: done
         at the next check."""
         try:
@@ -211,30 +215,39 @@ class RedisWatch:
         )
         return result
 
-    def _sweep_owed(self) -> bool:
-        """The replay's sweeps, all in one pass; True once none is owed. One that fails
-        (a Redis Cluster refuses to sweep while slots migrate: keys in flight could be
-        missed) waits for the next check, while the listener's batches go on: a migration
-        can last hours, and every invalidation would wait for it. The new identity is
-        saved only once they are done, so a listener stopped before owes the whole
-        replay again."""
-        if not self._owed:
-            return True
-        try:
-            existed = self._sink.delete_routed(self._owed)
-        except REDIS_UNAVAILABLE as exc:
-            if not self._owed_told:
-                self._owed_told = True
-                log.warning(
-                    "replay_sweep_deferred",
-                    patterns=sum(len(work.patterns) for work in self._owed.values()),
-                    error=f"{type(exc).__name__}: {exc}",
-                    detail="the replay's sweeps are tried again at each check; changes are "
-                    "invalidated meanwhile",
-                )
+    def _sweep_owed(self, sweep_later: SweepLater | None) -> bool:
+        """The replay's sweeps, all in one pass, handed to `sweep_later` (else done here);
+        True once none is owed. One that fails (a Redis Cluster refuses to sweep while
+        slots migrate: keys in flight could be missed) is tried again, while the
+        listener's batches go on: a migration can last hours, and every invalidation
+        would wait for it. The new identity is saved only once they are done, so a
+        listener stopped before owes the whole replay again."""
+        error, existed, swept = None, 0, bool(self._handed)
+        if self._owed and sweep_later is not None:
+            self._handed.append(sweep_later(self._owed))
+            self._owed, swept = {}, True
+        elif self._owed:
+            try:
+                existed = self._sink.delete_routed(self._owed)
+                self._owed, swept = {}, True
+            except REDIS_UNAVAILABLE as exc:
+                error = f"{type(exc).__name__}: {exc}"
+        waiting = [ticket for ticket in self._handed if not ticket.done.is_set()]
+        error = error or next((t.error for t in waiting if t.error), None)
+        if error is not None and not self._owed_told:
+            self._owed_told = True
+            log.warning(
+                "replay_sweep_deferred",
+                error=error,
+                detail="the replay's sweeps are tried again until done; changes are "
+                "invalidated meanwhile",
+            )
+        if self._owed or waiting:
             return False
-        log.info("replay_sweep_done", existed=existed, deferred=self._owed_told)
-        self._owed, self._owed_told = {}, False
+        if swept:
+            existed += sum(ticket.existed for ticket in self._handed)
+            log.info("replay_sweep_done", existed=existed, deferred=self._owed_told)
+        self._handed, self._owed_told = [], False
         return True
 
     def _save_owed(self) -> None:
