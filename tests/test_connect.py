@@ -50,6 +50,7 @@ UNLIKE_OURS = {
     "TimeZone": "America/New_York",
     "DateStyle": "SQL, DMY",
     "IntervalStyle": "iso_8601",
+    "quote_all_identifiers": "on",
 }
 
 
@@ -73,7 +74,8 @@ def shown(conn: psycopg.Connection[Any], names: list[str]) -> dict[str, str]:
         (BOOKKEEPING, {"application_name": "app", **DEFAULTS, **KEEPALIVES, **USER_TIMEOUT}
          | {"synchronous_commit": "off"}),
         (REPLICATION, {"application_name": "app", **KEEPALIVES, **RENDER,
-                       "tcp_user_timeout": "7"}),
+                       "tcp_user_timeout": "7", "search_path": '"pg_catalog"',
+                       "quote_all_identifiers": "off"}),
         (SIDE, {"application_name": "app-side", **DEFAULTS}),
         (METRICS, {"application_name": "app-metrics", **DEFAULTS} | {"statement_timeout": "5s"}),
         (CLI, {"application_name": "app-cli", **DEFAULTS}),
@@ -110,6 +112,19 @@ def test_every_session_reads_utf8_whatever_the_client_encoding_asked(
     pg = PgConnector(env.dsn, application_name="app", connect_timeout_s=1)
     with pg.connect(CLI) as conn:
         assert conn.execute("SELECT '日本@x'::text").fetchone() == ("日本@x",)
+
+
+@pytest.mark.servers
+def test_the_walsender_prints_as_pinned_whatever_the_listeners_environment_says(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PGTZ and PGDATESTYLE are startup parameters libpq sends after the options: a
+    logical-mode timestamp key rendered in them is one no application caches under."""
+    monkeypatch.setenv("PGTZ", "Asia/Tokyo")
+    monkeypatch.setenv("PGDATESTYLE", "SQL, DMY")
+    pg = PgConnector(env.dsn, application_name="app", connect_timeout_s=1)
+    with pg.connect(REPLICATION) as conn:
+        assert shown(conn, list(RENDER)) == RENDER
 
 
 @pytest.mark.servers

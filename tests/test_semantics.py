@@ -476,6 +476,23 @@ def test_rendering_does_not_depend_on_the_writers_session(env: Env) -> None:
         wait_until(lambda: r.dbsize() == 0, timeout_s=3, what="the row's keys deleted")
 
 
+def test_a_regclass_key_renders_schema_qualified_in_either_mode(env: Env) -> None:
+    """A reg* value prints by the session's search_path: pinned to pg_catalog by the
+    capture functions and the walsender's session alike, it names the schema in both
+    modes (the walsender printed it unqualified, as its role's search_path showed it)."""
+    env.sql(
+        "CREATE TABLE rels (id int PRIMARY KEY, rel regclass);INSERT INTO rels VALUES (1, 'rels')"
+    )
+    config = install(env, {"public.rels": ["rel:{rel}"]})
+    r = env.redis()
+    r.mset({"rel:public.rels": "cached", "rel:rels": "another's"})
+    with listening(config):
+        env.sql("UPDATE rels SET id = 1")
+        wait_until(lambda: r.exists("rel:public.rels") == 0, what="the qualified key deleted")
+        settle(env, r)
+    assert r.exists("rel:rels") == 1
+
+
 def test_values_render_as_their_text_cast_in_either_mode(env: Env) -> None:
     """A key renders a value as `::text` gives it, in both modes. For boolean,
     character(n) and inet (and a domain over one) that is not what the type's output

@@ -33,8 +33,18 @@ RENDER_SETTINGS = (
     ("bytea_output", "hex"),
 )
 # The walsender prints values with its session's settings: pinned the same way, so that
-# keys render the same in both modes.
+# keys render the same in both modes, with search_path as the capture functions pin it (a
+# regclass key prints schema-qualified in both). As startup options, and SET once
+# connected: PGTZ and PGDATESTYLE in the listener's environment are startup parameters
+# that libpq sends after the options, and would win (a timestamp key in the listener's
+# time zone, which no application caches under).
 RENDER_OPTIONS = " ".join(f"-c {name}={value}" for name, value in RENDER_SETTINGS)
+WALSENDER_SETTINGS = (
+    *RENDER_SETTINGS,
+    # (One schema: SET takes a literal list as one quoted name; SHOW says "pg_catalog".)
+    ("search_path", "pg_catalog"),
+    ("quote_all_identifiers", "off"),  # (a role's or database's setting would quote it)
+)
 # Losing our own bookkeeping writes in a server crash only re-delivers events (their
 # keys are deleted twice), so the listener does not wait for WAL fsync and takes no fsync
 # bandwidth from the writers.
@@ -87,7 +97,9 @@ LISTENER = Kind(
 # Logical mode's ordinary session beside the stream: slot state, dead letters, history.
 BOOKKEEPING = Kind(keepalives=True, settings=(NO_FSYNC_WAIT,), writes=True)
 # Logical mode's stream (START_REPLICATION).
-REPLICATION = Kind(keepalives=True, options=RENDER_OPTIONS, replication=True)
+REPLICATION = Kind(
+    keepalives=True, options=RENDER_OPTIONS, settings=WALSENDER_SETTINGS, replication=True
+)
 # Short-lived sessions beside the listener (replay's identity watch): they hold nothing,
 # and are named apart from the listener's own session in pg_stat_activity.
 SIDE = Kind(suffix="-side", raw_text=True)
