@@ -14,6 +14,7 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
+from cdc_invalidator.capture import trigger_sql
 from tests.support.env import Env
 from tests.support.listener import (
     ListenerProcess,
@@ -437,6 +438,35 @@ def test_install_leaves_no_capture_function_of_a_dropped_table(env: Env) -> None
     functions = [row[0] for row in catalog(env)["functions"] if row[0].startswith("capture_")]
     users_oid = env.scalar("SELECT 'users'::regclass::oid")
     assert functions == [f"capture_{users_oid}_v1"]
+
+
+@pytest.mark.parametrize("command", ["install", "uninstall"])
+def test_a_script_waiting_on_a_long_transactions_lock_gives_up_changing_nothing(
+    env: Env, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    """A transaction that wrote to a watched table holds a lock the script's CREATE or
+    DROP TRIGGER waits for. The script gives up each wait after a moment (so do the
+    writes queued behind it), tries again, and after TRY_FOR_S says so, changing nothing;
+    the long transaction goes on. It waited without limit (no lock_timeout)."""
+    tables(env)
+    config = env.config({**USERS, **ORDERS})
+    if command == "uninstall":
+        assert cli("install", "--config", config) == 0
+    before = catalog(env)
+    monkeypatch.setattr(trigger_sql, "TRY_FOR_S", 1.0)
+    with env.connect() as long_tx:
+        long_tx.execute("BEGIN")
+        long_tx.execute("UPDATE orders SET user_id = 2 WHERE id = 1")
+        capsys.readouterr()
+        assert cli(command, "--config", config) == 1
+        err = capsys.readouterr().err
+        assert f"{command} failed, nothing was changed: gave up after" in err, err
+        assert "lock timeout" in err, err
+        assert "Traceback" not in err
+        assert catalog(env) == before
+        long_tx.execute("COMMIT")  # it was not aborted
+    assert env.scalar("SELECT user_id FROM orders WHERE id = 1") == 2
+    assert cli(command, "--config", config) == 0, "once the transaction ended"
 
 
 # --- uninstall -----------------------------------------------------------------------------

@@ -247,6 +247,9 @@ def cmd_install(args: argparse.Namespace, settings: Settings, console: Console) 
         except UnsupportedServer as exc:
             console.error(f"install refused, nothing was changed: {exc}")
             return EXIT_FAILED
+        except trigger_sql.LocksBusy as exc:
+            console.error(f"install failed, nothing was changed: {exc}")
+            return EXIT_FAILED
         except psycopg.Error as exc:
             console.error(f"install failed, nothing was changed: {_pg_message(exc)}")
             # What to do about it, where the script says (a squatted schema, a table
@@ -269,6 +272,9 @@ def cmd_uninstall(args: argparse.Namespace, settings: Settings, console: Console
                 logical_sql.drop_slot(conn, settings.slot_name)
         except logical_sql.SlotBusy as exc:
             console.error(f"uninstall refused, nothing was changed: {exc}")
+            return EXIT_FAILED
+        except trigger_sql.LocksBusy as exc:
+            console.error(f"uninstall failed, nothing was changed: {exc}")
             return EXIT_FAILED
         except psycopg.Error as exc:
             console.error(f"uninstall failed, nothing was changed: {_pg_message(exc)}")
