@@ -9,3 +9,7 @@ SET acked_lsn = %(lsn)s::pg_lsn,
 WHERE slot_name = %(slot)s
   AND (SELECT s.active_pid FROM pg_replication_slots s WHERE s.slot_name = %(slot)s)
       = %(walsender)s
+  -- Nor by a listener whose mapping a later install replaced: it rendered what was
+  -- published since with its older templates (no row: the caller asks which it was).
+  AND NOT cdc_invalidator.mapping_superseded_v1(%(mapping)s)
+RETURNING true

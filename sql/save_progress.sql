@@ -4,6 +4,8 @@
 -- (progress_v1), when it moved: a save within a window (the position only) adds no row.
 -- (The CTE reads the state as it was before the UPDATE: every part of one statement
 -- sees the same snapshot.)
+-- Nothing is saved by a listener whose mapping a later install replaced (it returns 0):
+-- it rendered what that install's capture queued with its older templates.
 WITH before AS (
     SELECT snapshot::text AS snapshot FROM cdc_invalidator.listener_state_v1
 ), saved AS (
@@ -14,8 +16,11 @@ WITH before AS (
         after_id = %(after_id)s,
         last_processed_at = now(),
         events_processed = events_processed + %(events)s
+    WHERE NOT cdc_invalidator.mapping_superseded_v1(%(mapping)s)
     RETURNING snapshot
+), recorded AS (
+    INSERT INTO cdc_invalidator.progress_v1 (snapshot)
+    SELECT saved.snapshot FROM saved
+    WHERE saved.snapshot::text IS DISTINCT FROM (SELECT snapshot FROM before)
 )
-INSERT INTO cdc_invalidator.progress_v1 (snapshot)
-SELECT saved.snapshot FROM saved
-WHERE saved.snapshot::text IS DISTINCT FROM (SELECT snapshot FROM before)
+SELECT count(*) FROM saved

@@ -320,10 +320,37 @@ LANGUAGE sql IMMUTABLE AS 'SELECT 1';
 -- version 1's objects hold in place, so that a listener of another release refuses to
 -- run instead of misreading rows (revision 2: packs, in queue_v1.rows; before it there
 -- was no such function: revision 1; revision 3: progress_v1, which the listener writes
--- and replay reads; revision 4: queue_v1.pid, which the listener reads). A constant, so
--- PUBLIC may call it.
+-- and replay reads; revision 4: queue_v1.pid, which the listener reads; revision 5:
+-- mapping_v1, which the listener asks). A constant, so PUBLIC may call it.
 CREATE OR REPLACE FUNCTION cdc_invalidator.schema_revision() RETURNS integer
-LANGUAGE sql IMMUTABLE AS 'SELECT 4';
+LANGUAGE sql IMMUTABLE AS 'SELECT 5';
+
+-- The mappings installed, in order (revision 5): an install whose configuration's
+-- tables mean something else than the last one's adds a row (record_mapping.sql). A
+-- listener whose mapping was installed, then replaced by a later install, is behind
+-- the database: it would render what the new capture queues with the old templates (a
+-- template added on a column already copied fails nothing, and its keys stay cached),
+-- as a standby still on the old file does when it takes over. It stops before it
+-- acknowledges anything: mapping_superseded_v1(), asked at its start and in each save of
+-- its position. A mapping never installed is ahead of install (the documented order
+-- edits the file first, and install may come hours later): that listener runs.
+CREATE TABLE IF NOT EXISTS cdc_invalidator.mapping_v1 (
+    id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    fingerprint  text NOT NULL,
+    installed_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- As its owner: a listener role needs no grant on the table. It says only whether a
+-- fingerprint was installed and then replaced, so PUBLIC may ask.
+CREATE OR REPLACE FUNCTION cdc_invalidator.mapping_superseded_v1(fingerprint text)
+RETURNS boolean
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $superseded$
+    SELECT EXISTS (SELECT FROM cdc_invalidator.mapping_v1 m WHERE m.fingerprint = $1)
+       AND $1 IS DISTINCT FROM (
+           SELECT m.fingerprint FROM cdc_invalidator.mapping_v1 m ORDER BY m.id DESC LIMIT 1)
+$superseded$;
+GRANT EXECUTE ON FUNCTION cdc_invalidator.mapping_superseded_v1(text) TO PUBLIC;
 
 -- queue_statement_v1(op, names, labels, columns): the statement a capture function runs
 -- for a statement of kind `op` (TG_OP) on a watched table: one INSERT ... SELECT from the

@@ -891,7 +891,7 @@ def test_sql_of_an_older_release_is_refused_until_install_upgrades_it(
     install_older_release(env, config)
     code, _, err = check(config, capsys)
     assert code == 1
-    assert "v1 revision 1, from an older release; this release needs revision 4" in err, err
+    assert "v1 revision 1, from an older release; this release needs revision 5" in err, err
     result = run_cli("run", "--config", str(config), env={"CDC_INVALIDATOR_LOG_FORMAT": "json"})
     assert result.returncode == 1
     out = result.stdout + result.stderr
@@ -901,7 +901,7 @@ def test_sql_of_an_older_release_is_refused_until_install_upgrades_it(
     assert cli("install", "--config", config) == 0
     code, out, err = check(config, capsys)
     assert code == 0, err
-    assert "cdc_invalidator v1 (revision 4) installed" in out
+    assert "cdc_invalidator v1 (revision 5) installed" in out
 
 
 def test_an_upgrade_from_the_older_release_delivers_its_backlog_and_packs_after(
@@ -1055,6 +1055,53 @@ def test_a_listener_behind_its_configuration_file_exits_to_restart_with_it(
     assert again.process is not None
     assert again.process.poll() is None
     assert dead_letter_errors(env) == []
+
+
+def test_a_listener_whose_mapping_a_later_install_replaced_stops_before_acknowledging(
+    env: Env, capture: str, spawn: Spawn
+) -> None:
+    """Listeners whose files are updated one host at a time (a ConfigMap reaching pods at
+    different times): `install` of the new file while one still runs the old. It
+    rendered what the new capture queued with its old templates and acknowledged it: a
+    template added on a column already copied left its keys cached for good. It now
+    stops at its next save (exit 1, `configuration_superseded`), nothing acknowledged
+    since the install, and a listener with the new file deletes those keys; started
+    again on the old file, it stops at once."""
+    config, listener = consuming(env, spawn)
+    r = env.redis()
+    wider = {"public.users": [*USERS["public.users"], "user:name:{name}"]}
+    newer = env.config(wider, name="newer.toml")  # another host's copy, updated first
+    assert cli("install", "--config", newer) == 0
+    r.set("user:name:A2", "cached")
+    env.sql("UPDATE users SET name = 'A2' WHERE id = 1")
+    assert listener.wait() == 1
+    (line,) = listener.logged("configuration_superseded")
+    assert "a later `install` replaced this listener's mapping" in line["error"], line
+    spawn(newer)
+    wait_until(lambda: r.exists("user:name:A2") == 0, what="the new template's key deleted")
+    stale = spawn(config)
+    assert stale.wait() == 1
+    assert stale.logged("configuration_superseded")
+    assert dead_letter_errors(env) == []
+
+
+def test_a_listener_ahead_of_install_runs_until_install_catches_up(
+    env: Env, capture: str, spawn: Spawn
+) -> None:
+    """The documented order edits the file first, and install may come much later (a
+    DBA reviews the SQL): a listener on a mapping never installed is ahead, not behind,
+    and consumes meanwhile."""
+    tables(env)
+    assert cli("install", "--config", env.config(USERS)) == 0
+    ahead = env.config({"public.users": ["user:{id}"]}, name="ahead.toml")
+    listener = spawn(ahead)
+    r = env.redis()
+    r.set("user:1", "cached")
+    env.sql("UPDATE users SET email = 'a2@x' WHERE id = 1")
+    wait_until(lambda: r.exists("user:1") == 0, what="the change consumed")
+    assert not listener.logged("configuration_superseded")
+    assert listener.process is not None
+    assert listener.process.poll() is None
 
 
 def test_uninstall_under_a_running_listener_ends_it_with_not_installed(

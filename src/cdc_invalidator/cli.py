@@ -21,7 +21,12 @@ from psycopg.conninfo import conninfo_to_dict
 
 from cdc_invalidator import __version__, logs, runtime
 from cdc_invalidator.capture import logical_sql, trigger_sql
-from cdc_invalidator.capture.errors import Fatal, NotInstalled, missing_privilege
+from cdc_invalidator.capture.errors import (
+    Fatal,
+    MappingSuperseded,
+    NotInstalled,
+    missing_privilege,
+)
 from cdc_invalidator.checks import check_database, check_redis, check_templates
 from cdc_invalidator.database import DatabaseError, connect
 from cdc_invalidator.durations import format_duration, parse_duration
@@ -570,6 +575,16 @@ def _log_end(exc: Exception, settings: Settings, mode: str) -> None:
             "not_installed",
             error=f"{_pg_message(exc)}: cdc_invalidator's objects went while the listener "
             "ran (`uninstall`?): run `cdc-invalidator install`, then start the listener",
+        )
+    elif isinstance(exc, MappingSuperseded):
+        # Exit 1 too: restarted, it stops again until its file holds the mapping
+        # installed, while a listener that has it (a standby given the file) consumes.
+        log.error(
+            "configuration_superseded",
+            error=str(exc),
+            action="exiting, nothing acknowledged since the install: give this listener "
+            "the configuration file `install` last ran with (every listener of a database "
+            "must run the same one)",
         )
     elif isinstance(exc, ConfigurationChanged):
         # Exit 1: a service manager restarts the listener (deploy/, docker-compose.yml),

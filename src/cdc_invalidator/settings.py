@@ -5,6 +5,7 @@ Built once by the CLI and passed down; nothing reads settings at import time.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -411,6 +412,11 @@ class Settings(BaseSettings):
         filters = {t: s.column_filter() for t, s in self.table_settings().items()}
         return {t: f for t, f in filters.items() if f is not None}
 
+    def mapping_fingerprint(self) -> str:
+        """The tables' settings as a short hash, order aside: `install` records it, and a
+        listener whose mapping a later install replaced stops (sql/schema.sql)."""
+        return _fingerprint(self.tables)
+
     def mapper(self) -> Mapper:
         return Mapper(
             {
@@ -565,6 +571,19 @@ class ConfigFile:
             log.warning("configuration_unreadable", error=str(exc))
             return False
         return _meaning(fresh.tables) != self._mapping
+
+
+def _fingerprint(tables: dict[str, TableSettings]) -> str:
+    """What the tables' settings mean (_meaning), as a short hash."""
+    canonical = {
+        name: {
+            field: sorted(value) if isinstance(value, frozenset) else value
+            for field, value in meaning.items()
+        }
+        for name, meaning in _meaning(tables).items()
+    }
+    text = json.dumps(canonical, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def _meaning(tables: dict[str, TableSettings]) -> dict[str, dict[str, object]]:

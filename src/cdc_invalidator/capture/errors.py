@@ -16,6 +16,18 @@ class NotInstalled(Fatal):
     """Our SQL is missing or from another version: the DBA must run `install`."""
 
 
+class MappingSuperseded(Fatal):
+    """A later `install` replaced the mapping this listener runs (sql/schema.sql,
+    mapping_v1): it would render newer capture with older templates."""
+
+
+SUPERSEDED = (
+    "a later `install` replaced this listener's mapping: the database captures for "
+    "another configuration than this listener's file holds (a listener, or a standby, "
+    "not yet given the new file?)"
+)
+
+
 class Standby(Exception):
     """Another listener holds the source (queue lock, replication slot); wait a turn."""
 

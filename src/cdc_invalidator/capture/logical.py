@@ -64,7 +64,7 @@ from cdc_invalidator.capture.pgoutput import (
 from cdc_invalidator.capture.rows import Transaction, encode_history, with_transaction
 from cdc_invalidator.capture.slot import SlotClass, SlotState
 from cdc_invalidator.capture.streamed import Chunk, Dead, Prefetch, StreamedTxn, pack
-from cdc_invalidator.capture.trigger_sql import require_installed
+from cdc_invalidator.capture.trigger_sql import require_current_mapping, require_installed
 from cdc_invalidator.capture.walstream import (
     Keepalive,
     SlotInUse,
@@ -222,6 +222,9 @@ class LogicalConfig:
     # (units), protocol 1: a transaction is sent only once committed.
     mapper: Mapper | None = None
     spill_bytes: int = SPILL_BYTES
+    # The mapping's fingerprint (Settings.mapping_fingerprint): a later install's stops
+    # this listener, at connect and at each save. None: never asked.
+    mapping: str | None = None
 
 
 class LogicalCapture:
@@ -276,6 +279,8 @@ class LogicalCapture:
         """Check the install and the slot; return where to resume and a sweep owed."""
         cfg = self._config
         require_installed(side)
+        if cfg.mapping is not None:
+            require_current_mapping(side, cfg.mapping)
         published = side.execute(
             Q.LOGICAL_INSTALLED.sql, {"publication": cfg.publication}
         ).fetchone()
@@ -1160,15 +1165,19 @@ class LogicalStream:
             # now), then all of it is written.
             self._write_swept_history()
             self._history.flush()
-            self._side.execute(
+            saved = self._side.execute(
                 Q.SAVE_ACK.sql,
                 {
                     "slot": self._config.slot,
                     "lsn": format_lsn(target),
                     "events": self._unsaved_events,
                     "walsender": self._stream.walsender,
+                    "mapping": self._config.mapping,
                 },
-            )
+            ).fetchone()
+            if saved is None and self._config.mapping is not None:
+                # (or the slot is no longer our walsender's: the stream ends anyway)
+                require_current_mapping(self._side, self._config.mapping)
             self._persisted = target
             self._unsaved_events = 0
         self._stream.send_status(self._received, self._persisted)

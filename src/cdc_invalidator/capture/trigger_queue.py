@@ -36,10 +36,21 @@ from psycopg import pq, sql
 from psycopg.rows import tuple_row
 
 from cdc_invalidator.capture.early import Content, EarlyBatch, EarlyChanges, Sender, early_batch
-from cdc_invalidator.capture.errors import Fatal, NotInstalled, Standby, missing_privilege
+from cdc_invalidator.capture.errors import (
+    SUPERSEDED,
+    Fatal,
+    MappingSuperseded,
+    NotInstalled,
+    Standby,
+    missing_privilege,
+)
 from cdc_invalidator.capture.holds import Hold, Holds
 from cdc_invalidator.capture.rows import RowDecoder, pack_element, queue_id
-from cdc_invalidator.capture.trigger_sql import CHANNEL, require_installed
+from cdc_invalidator.capture.trigger_sql import (
+    CHANNEL,
+    require_current_mapping,
+    require_installed,
+)
 from cdc_invalidator.events import ChangeEvent, Origin
 from cdc_invalidator.mapping.mapper import Mapper, Routed
 from cdc_invalidator.pg import raw_text
@@ -351,8 +362,12 @@ class TriggerCapture:
         prune_every_s: float = 1.0,
         history_s: float = 0.0,
         mapper: Mapper | None = None,
+        mapping: str | None = None,
     ) -> None:
         self._pg = pg
+        # The mapping's fingerprint (Settings.mapping_fingerprint): a later install's
+        # stops this listener, at connect and at each save. None: never asked.
+        self._mapping = mapping
         # Maps packs column-wise (Mapper.map_pack); None: every pack as events.
         self._mapper = mapper
         self._prune_every_s = prune_every_s
@@ -363,7 +378,7 @@ class TriggerCapture:
     def connect(self) -> TriggerQueue:
         conn = self._pg.connect(LISTENER)
         try:
-            saved, started = _prepare(conn)
+            saved, started = _prepare(conn, self._mapping)
         except psycopg.errors.InsufficientPrivilege as exc:
             user = conn.info.user
             conn.close()
@@ -394,21 +409,29 @@ class TriggerCapture:
             self._progress = saved
         self._server_started = started
         return TriggerQueue(
-            conn, self._progress, self._prune_every_s, self._retention, self._mapper
+            conn,
+            self._progress,
+            self._prune_every_s,
+            self._retention,
+            self._mapper,
+            mapping=self._mapping,
         )
 
 
 class TriggerQueue:
-    def __init__(
+    def __init__(  # noqa: PLR0913 - `mapping` is keyword-only
         self,
         conn: psycopg.Connection[Any],
         progress: Progress,
         prune_every_s: float,
         retention: Retention,
         mapper: Mapper | None = None,
+        *,
+        mapping: str | None = None,
     ) -> None:
         self._conn = conn
         self._mapper = mapper
+        self._mapping = mapping
         self._progress = progress
         self._prune_every_s = prune_every_s
         self._retention = retention
@@ -654,7 +677,7 @@ class TriggerQueue:
         self._read_ahead.close()
         if not self._conn.closed and not self._conn.broken:
             # Progress since the last save is re-delivered if this fails: harmless.
-            with contextlib.suppress(psycopg.Error):
+            with contextlib.suppress(psycopg.Error, MappingSuperseded):
                 self._save()
         self._conn.close()
 
@@ -664,7 +687,7 @@ class TriggerQueue:
             return
         state = progress.acknowledged()
         done, window, (after_xid, after_id) = state
-        self._conn.execute(
+        saved = self._conn.execute(
             Q.SAVE_PROGRESS.sql,
             {
                 "snapshot": done.text,
@@ -672,8 +695,11 @@ class TriggerQueue:
                 "after_xid": after_xid if window else None,
                 "after_id": after_id if window else None,
                 "events": progress.unsaved_events,
+                "mapping": self._mapping,
             },
-        )
+        ).fetchone()
+        if not saved or not saved[0]:
+            raise MappingSuperseded(SUPERSEDED)
         progress.saved, progress.unsaved_events = state, 0
         progress.saved_at = time.monotonic()
 
@@ -720,11 +746,13 @@ def _dead_rows(dead: dict[int, str]) -> dict[int, str]:
     return out
 
 
-def _prepare(conn: psycopg.Connection[Any]) -> tuple[Progress, str]:
+def _prepare(conn: psycopg.Connection[Any], mapping: str | None) -> tuple[Progress, str]:
     """The progress saved, and this run of the server (progress_ahead.sql: when it
     started, and when it last recovered from a crash)."""
     # The session's settings (no fsync wait, no bitmap scans) are the LISTENER kind's.
     require_installed(conn)
+    if mapping is not None:
+        require_current_mapping(conn, mapping)
     locked = conn.execute(Q.TAKE_LOCK.sql).fetchone()
     if not locked or not locked[0]:
         raise Standby("another listener is consuming the queue of this database")

@@ -10,7 +10,7 @@ import psycopg
 from psycopg import sql
 
 from cdc_invalidator.backoff import Backoff
-from cdc_invalidator.capture.errors import NotInstalled
+from cdc_invalidator.capture.errors import SUPERSEDED, MappingSuperseded, NotInstalled
 from cdc_invalidator.events import TableName
 from cdc_invalidator.mapping import Mapper
 from cdc_invalidator.mapping.columns import ColumnFilter
@@ -20,7 +20,7 @@ from cdc_invalidator.pg.queries import Q
 SCHEMA_VERSION = 1
 # Within the version, what this release's install leaves in version 1's objects (see
 # schema_revision() in sql/schema.sql): a listener runs only on its own revision.
-SCHEMA_REVISION = 4
+SCHEMA_REVISION = 5
 CHANNEL = "cdc_invalidator_v1"
 # A lock the script waits for longer than this (or half of deadlock_timeout) ends the
 # try (sql/lock_wait.sql says why); apply() tries again, with back-off, for TRY_FOR_S.
@@ -187,6 +187,20 @@ def uninstall_script(publication: str | None = None) -> sql.Composed:
     if publication is not None:
         parts += [_leave_logical(publication), sql.SQL("\n")]
     return sql.Composed([*parts, Q.LEAVE_TRIGGER.sql, sql.SQL("\n"), Q.UNINSTALL.sql])
+
+
+def record_mapping(fingerprint: str) -> sql.Composed:
+    """The end of either install script: the configuration's mapping, as installed."""
+    return sql.Composed(
+        [sql.SQL("\n"), Q.RECORD_MAPPING.sql.format(fingerprint=sql.Literal(fingerprint))]
+    )
+
+
+def require_current_mapping(conn: psycopg.Connection[Any], fingerprint: str) -> None:
+    """MappingSuperseded if a later install replaced this listener's mapping."""
+    row = conn.execute(Q.MAPPING_SUPERSEDED.sql, {"mapping": fingerprint}).fetchone()
+    if row and row[0]:
+        raise MappingSuperseded(SUPERSEDED)
 
 
 def render(script: sql.Composable) -> str:

@@ -54,9 +54,10 @@ class LogicalMode:
         s = self._settings
         mapper = s.mapper()
         keep = {t: self._keeps(t) for t in mapper.tables}
-        return logical_sql.install_script(
+        script = logical_sql.install_script(
             mapper, keep, s.publication_name, s.slot_name, s.column_filters()
         )
+        return script + trigger_sql.record_mapping(s.mapping_fingerprint())
 
     def finish_install(self, conn: psycopg.Connection[Any]) -> str:
         """The slot, created once the script has committed (PostgreSQL refuses to create
@@ -91,6 +92,7 @@ class LogicalMode:
                 history_s=s.history_s,
                 prune_every_s=s.prune_every_ms / 1000,
                 mapper=mapper,
+                mapping=s.mapping_fingerprint(),
             ),
         ).connect
 

@@ -46,13 +46,14 @@ class TriggerMode:
     def install_script(self) -> sql.Composed:
         # With the publication: logical mode's objects go (a switch from logical mode).
         s = self._settings
-        return trigger_sql.install_script(
+        script = trigger_sql.install_script(
             s.mapper(),
             s.publication_name,
             s.column_filters(),
             notify_payload=s.notify_payload,
             bulk_sweep_rows=s.bulk_sweep_rows,
         )
+        return script + trigger_sql.record_mapping(s.mapping_fingerprint())
 
     def finish_install(self, conn: psycopg.Connection[Any]) -> str:
         """A slot left from logical mode is dropped: an abandoned slot keeps WAL forever."""
@@ -74,6 +75,7 @@ class TriggerMode:
             prune_every_s=s.prune_every_ms / 1000,
             history_s=s.history_s,
             mapper=s.mapper(),
+            mapping=s.mapping_fingerprint(),
         ).connect
 
     def status(self, conn: psycopg.Connection[Any]) -> Status:

@@ -46,6 +46,7 @@ class Q(enum.Enum):
     LOGICAL_DRIFT_SWEEP = "logical_drift_sweep.sql"  # before it: a drift found is swept
     UNINSTALL = "uninstall.sql"
     LOCK_WAIT = "lock_wait.sql"  # before either script, in its transaction
+    RECORD_MAPPING = "record_mapping.sql"  # {fingerprint}: the end of either install script
     RESET_AFTER_RESTORE = "reset_after_restore.sql"  # run by a DBA by hand (docs/DBA.md)
 
     # --- is it installed -----------------------------------------------------------------
@@ -53,6 +54,7 @@ class Q(enum.Enum):
     SCHEMA_VERSION = "schema_version.sql"
     SCHEMA_REVISION = "schema_revision.sql"  # only where check_installed.sql saw it
     LOGICAL_INSTALLED = "logical_installed.sql"
+    MAPPING_SUPERSEDED = "mapping_superseded.sql"
 
     # --- trigger mode: the listener --------------------------------------------------------
     TAKE_LOCK = "take_lock.sql"
