@@ -11,5 +11,5 @@ WHERE slot_name = %(slot)s
       = %(walsender)s
   -- Nor by a listener whose mapping a later install replaced: it rendered what was
   -- published since with its older templates (no row: the caller asks which it was).
-  AND NOT cdc_invalidator.mapping_superseded_v1(%(mapping)s)
+  AND cdc_invalidator.mapping_state_v1(%(mapping)s) <> 'superseded'
 RETURNING true

@@ -16,7 +16,7 @@ WITH before AS (
         after_id = %(after_id)s,
         last_processed_at = now(),
         events_processed = events_processed + %(events)s
-    WHERE NOT cdc_invalidator.mapping_superseded_v1(%(mapping)s)
+    WHERE cdc_invalidator.mapping_state_v1(%(mapping)s) <> 'superseded'
     RETURNING snapshot
 ), recorded AS (
     INSERT INTO cdc_invalidator.progress_v1 (snapshot)

@@ -331,7 +331,7 @@ LANGUAGE sql IMMUTABLE AS 'SELECT 5';
 -- the database: it would render what the new capture queues with the old templates (a
 -- template added on a column already copied fails nothing, and its keys stay cached),
 -- as a standby still on the old file does when it takes over. It stops before it
--- acknowledges anything: mapping_superseded_v1(), asked at its start and in each save of
+-- acknowledges anything: mapping_state_v1(), asked at its start and in each save of
 -- its position. A mapping never installed is ahead of install (the documented order
 -- edits the file first, and install may come hours later): that listener runs.
 CREATE TABLE IF NOT EXISTS cdc_invalidator.mapping_v1 (
@@ -340,17 +340,23 @@ CREATE TABLE IF NOT EXISTS cdc_invalidator.mapping_v1 (
     installed_at timestamptz NOT NULL DEFAULT now()
 );
 
--- As its owner: a listener role needs no grant on the table. It says only whether a
--- fingerprint was installed and then replaced, so PUBLIC may ask.
-CREATE OR REPLACE FUNCTION cdc_invalidator.mapping_superseded_v1(fingerprint text)
-RETURNS boolean
+-- A mapping's state: 'current' (installed last), 'superseded' (installed, then replaced)
+-- or 'not installed'. As its owner: a listener role (or `check`'s) needs no grant on
+-- the table. It says no more than that, so PUBLIC may ask.
+CREATE OR REPLACE FUNCTION cdc_invalidator.mapping_state_v1(fingerprint text)
+RETURNS text
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $superseded$
-    SELECT EXISTS (SELECT FROM cdc_invalidator.mapping_v1 m WHERE m.fingerprint = $1)
-       AND $1 IS DISTINCT FROM (
-           SELECT m.fingerprint FROM cdc_invalidator.mapping_v1 m ORDER BY m.id DESC LIMIT 1)
-$superseded$;
-GRANT EXECUTE ON FUNCTION cdc_invalidator.mapping_superseded_v1(text) TO PUBLIC;
+AS $state$
+    SELECT CASE
+        WHEN $1 IS NOT DISTINCT FROM (
+            SELECT m.fingerprint FROM cdc_invalidator.mapping_v1 m ORDER BY m.id DESC LIMIT 1)
+            THEN 'current'
+        WHEN EXISTS (SELECT FROM cdc_invalidator.mapping_v1 m WHERE m.fingerprint = $1)
+            THEN 'superseded'
+        ELSE 'not installed'
+    END
+$state$;
+GRANT EXECUTE ON FUNCTION cdc_invalidator.mapping_state_v1(text) TO PUBLIC;
 
 -- queue_statement_v1(op, names, labels, columns): the statement a capture function runs
 -- for a statement of kind `op` (TG_OP) on a watched table: one INSERT ... SELECT from the

@@ -1083,6 +1083,12 @@ def test_a_listener_whose_mapping_a_later_install_replaced_stops_before_acknowle
     assert stale.wait() == 1
     assert stale.logged("configuration_superseded")
     assert dead_letter_errors(env) == []
+    said = run_cli("check", "--config", str(config))
+    assert said.returncode == 1
+    assert "a later `install` replaced this file's mapping" in said.stdout + said.stderr
+    assert (
+        "its mapping is the one installed last" in run_cli("check", "--config", str(newer)).stdout
+    )
 
 
 def test_a_listener_ahead_of_install_runs_until_install_catches_up(
@@ -1102,6 +1108,7 @@ def test_a_listener_ahead_of_install_runs_until_install_catches_up(
     assert not listener.logged("configuration_superseded")
     assert listener.process is not None
     assert listener.process.poll() is None
+    assert "its mapping is not installed yet" in run_cli("check", "--config", str(ahead)).stdout
 
 
 def test_uninstall_under_a_running_listener_ends_it_with_not_installed(

@@ -18,6 +18,7 @@ from cdc_invalidator.capture.trigger_sql import (
     SCHEMA_VERSION,
     installed_mismatch,
     installed_version,
+    mapping_state,
 )
 from cdc_invalidator.durations import format_duration
 from cdc_invalidator.events import TableName
@@ -147,6 +148,7 @@ def check_database(
             f"database {conn.info.dbname!r}: cdc_invalidator v{SCHEMA_VERSION} "
             f"(revision {SCHEMA_REVISION}) installed"
         )
+        _check_mapping(conn, settings, report, config_name)
 
     filters = settings.column_filters()
     for table, templates in sorted(mapper.tables.items()):
@@ -164,6 +166,27 @@ def check_database(
     if installed:
         mode.check_server(conn, report, config_name)
     return report
+
+
+def _check_mapping(
+    conn: psycopg.Connection[Any], settings: Settings, report: Report, config_name: str
+) -> None:
+    """Whether `install` last ran with this file's mapping (sql/schema.sql, mapping_v1)."""
+    state = mapping_state(conn, settings.mapping_fingerprint())
+    if state == "current":
+        report.ok.append(f"{config_name}: its mapping is the one installed last")
+    elif state == "superseded":
+        report.errors.append(
+            f"{config_name}: a later `install` replaced this file's mapping: a listener "
+            "running it stops (`configuration_superseded`); give it the file `install` last "
+            "ran with, or run `install` with this one"
+        )
+    else:
+        report.warnings.append(
+            f"{config_name}: its mapping is not installed yet (the file was edited since "
+            "`install`?): run `cdc-invalidator install` with it; until then, changes are "
+            "captured for the mapping installed"
+        )
 
 
 def _warn_ignored_template_columns(

@@ -196,10 +196,16 @@ def record_mapping(fingerprint: str) -> sql.Composed:
     )
 
 
+def mapping_state(conn: psycopg.Connection[Any], fingerprint: str) -> str:
+    """'current' (installed last), 'superseded' (installed, then replaced by a later
+    install) or 'not installed' (sql/schema.sql, mapping_state_v1())."""
+    row = conn.execute(Q.MAPPING_STATE.sql, {"mapping": fingerprint}).fetchone()
+    return str(row[0]) if row else "not installed"
+
+
 def require_current_mapping(conn: psycopg.Connection[Any], fingerprint: str) -> None:
     """MappingSuperseded if a later install replaced this listener's mapping."""
-    row = conn.execute(Q.MAPPING_SUPERSEDED.sql, {"mapping": fingerprint}).fetchone()
-    if row and row[0]:
+    if mapping_state(conn, fingerprint) == "superseded":
         raise MappingSuperseded(SUPERSEDED)
 
 

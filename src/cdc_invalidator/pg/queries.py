@@ -54,7 +54,7 @@ class Q(enum.Enum):
     SCHEMA_VERSION = "schema_version.sql"
     SCHEMA_REVISION = "schema_revision.sql"  # only where check_installed.sql saw it
     LOGICAL_INSTALLED = "logical_installed.sql"
-    MAPPING_SUPERSEDED = "mapping_superseded.sql"
+    MAPPING_STATE = "mapping_state.sql"
 
     # --- trigger mode: the listener --------------------------------------------------------
     TAKE_LOCK = "take_lock.sql"
