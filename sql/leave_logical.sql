@@ -1,6 +1,6 @@
 -- Logical capture's objects, if this database had them: the publication goes, and tables
 -- whose REPLICA IDENTITY install set to FULL get their old identity back. (The slot is
--- dropped after this transaction: that cannot run inside one that has written.)
+-- dropped apart, after it or from another session: it cannot be in one that has written.)
 DO $leave$
 BEGIN
     -- The DDL guard only serves logical capture (and only a superuser made it, and may

@@ -513,6 +513,90 @@ def test_uninstall_refuses_while_a_listener_streams(
     assert not schema_exists(env)
 
 
+@contextmanager
+def installer_role(env: Env) -> Iterator[tuple[str, Path]]:
+    """A DBA's role, no superuser, with REPLICATION: it owns users and may create in
+    the database; and its configuration, installed."""
+    with login_role(env, "dba_", "REPLICATION") as role:
+        ident = sql.Identifier(role)
+        database = sql.Identifier(env.scalar("SELECT current_database()"))
+        with env.connect() as conn:
+            conn.execute(sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(database, ident))
+            conn.execute(sql.SQL("ALTER TABLE users OWNER TO {}").format(ident))
+        config = logical_config(
+            env, USERS, name="dba.toml", database_url=make_conninfo(env.dsn, user=role)
+        )
+        install(config)
+        try:
+            yield role, config
+        finally:
+            with env.connect() as conn:
+                conn.execute(sql.SQL("ALTER TABLE users OWNER TO CURRENT_USER"))
+
+
+def test_uninstall_whose_slot_drop_fails_changes_nothing(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The installing role lost REPLICATION: the slot cannot be dropped. Uninstall said
+    'nothing was changed' with the schema and the publication gone, the slot left
+    holding WAL (and a second uninstall, finding no schema, said it was done)."""
+    make_tables(env)
+    with installer_role(env) as (role, config):
+        ident = sql.Identifier(role)
+        env.sql(sql.SQL("ALTER ROLE {} NOREPLICATION").format(ident).as_string(None))
+        capsys.readouterr()
+        assert cli("uninstall", "--config", config) == 1
+        err = capsys.readouterr().err
+        assert "uninstall failed, nothing was changed" in err
+        assert "SELECT pg_drop_replication_slot('cdc_invalidator')" in err
+        assert publication_exists(env)
+        assert schema_exists(env)
+        assert identity(env, "users") == "f"
+        assert slot(env) is not None
+        env.sql(sql.SQL("ALTER ROLE {} REPLICATION").format(ident).as_string(None))
+        assert cli("uninstall", "--config", config) == 0
+        assert "slot 'cdc_invalidator' dropped" in capsys.readouterr().out
+        assert slot(env) is None
+        assert not publication_exists(env)
+        assert not schema_exists(env)
+        assert identity(env, "users") == "d"
+
+
+def test_uninstall_whose_script_fails_keeps_the_slot(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A role with REPLICATION that does not own our objects: the script fails, and the
+    slot, which it could drop, is kept (its drop is rolled back with the script)."""
+    make_tables(env)
+    install(logical_config(env, USERS))
+    with login_role(env, "other_", "REPLICATION") as role:
+        config = logical_config(
+            env, USERS, name="other.toml", database_url=make_conninfo(env.dsn, user=role)
+        )
+        capsys.readouterr()
+        assert cli("uninstall", "--config", config) == 1
+        assert "uninstall failed, nothing was changed" in capsys.readouterr().err
+    assert slot(env) is not None
+    assert publication_exists(env)
+    assert schema_exists(env)
+
+
+def test_uninstall_names_a_slot_it_leaves(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    """Our schema is gone (an earlier uninstall, or by hand) and a pgoutput slot of the
+    configured name is left: nothing says it is ours, so it is not dropped, but it is
+    named, with the statement that drops it, never left silently."""
+    make_tables(env)
+    config = logical_config(env, USERS)
+    install(config)
+    env.sql("DROP SCHEMA cdc_invalidator CASCADE")
+    capsys.readouterr()
+    assert cli("uninstall", "--config", config) == 0
+    err = capsys.readouterr().err
+    assert "replication slot 'cdc_invalidator' (pgoutput, this database) is left" in err
+    assert "SELECT pg_drop_replication_slot('cdc_invalidator')" in err
+    assert slot(env) is not None, "not dropped: nothing says it is ours"
+
+
 def test_switching_to_trigger_mode_drops_publication_and_slot(
     env: Env, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -268,13 +268,25 @@ def cmd_install(args: argparse.Namespace, settings: Settings, console: Console) 
 
 
 def cmd_uninstall(args: argparse.Namespace, settings: Settings, console: Console) -> int:
+    slot = settings.slot_name
+    dropped = False
     with connect(settings) as conn:
         try:
             # While a listener streams the slot, nothing is removed.
-            dropped = logical_sql.our_slot(conn, settings.slot_name)
-            trigger_sql.apply(conn, mode_for(settings).uninstall_script())
-            if dropped:  # after: it cannot be dropped in a transaction that has written
-                logical_sql.drop_slot(conn, settings.slot_name)
+            ours = logical_sql.our_slot(conn, slot)
+            if not ours:
+                trigger_sql.apply(conn, mode_for(settings).uninstall_script())
+            else:
+                # The slot cannot be dropped in a transaction that has written: the
+                # script runs first and commits last, and a second session drops the
+                # slot in between. A drop that fails (a listener took the slot, a role
+                # without REPLICATION) rolls the script back: nothing was changed. A
+                # listener that looks for its slot meanwhile waits for the script's locks
+                # on our schema, and then finds it gone: it cannot re-create the slot.
+                with connect(settings) as side, conn.transaction():
+                    conn.execute(mode_for(settings).uninstall_script())
+                    logical_sql.drop_slot(side, slot)
+                    dropped = True
         except logical_sql.SlotBusy as exc:
             console.error(f"uninstall refused, nothing was changed: {exc}")
             return EXIT_FAILED
@@ -282,13 +294,44 @@ def cmd_uninstall(args: argparse.Namespace, settings: Settings, console: Console
             console.error(f"uninstall failed, nothing was changed: {exc}")
             return EXIT_FAILED
         except psycopg.Error as exc:
-            console.error(f"uninstall failed, nothing was changed: {_pg_message(exc)}")
+            console.error(_uninstall_failed(exc, slot, dropped=dropped))
             return EXIT_FAILED
+        left = logical_sql.slot_left(conn, slot)
     gone = "triggers, functions, publication and the cdc_invalidator schema are gone"
     if dropped:
-        gone += f"; replication slot {settings.slot_name!r} dropped"
+        gone += f"; replication slot {slot!r} dropped"
     console.out(f"uninstalled: {gone}")
+    if left:
+        # Not ours to drop, as far as anything left says: a listener still running
+        # re-created it, or an earlier uninstall left it. It keeps WAL forever.
+        console.warn(
+            f"warning: replication slot {slot!r} (pgoutput, this database) is left, and "
+            "nothing consumes it: it keeps WAL until it is dropped. If it was "
+            "cdc-invalidator's, stop its listener and drop it (as a superuser or a role "
+            f"with REPLICATION): {logical_sql.drop_by_hand(slot)}"
+        )
     return EXIT_OK
+
+
+def _uninstall_failed(exc: psycopg.Error, slot: str, *, dropped: bool) -> str:
+    if not dropped:
+        why = _pg_message(exc)
+        if isinstance(exc, psycopg.errors.ObjectInUse):
+            why += ": stop the listener first"
+        elif isinstance(exc, psycopg.errors.InsufficientPrivilege) and "replication" in why.lower():
+            why += (
+                " (run uninstall as a role with REPLICATION, or have one drop the slot "
+                f"first: {logical_sql.drop_by_hand(slot)}; then run uninstall again)"
+            )
+        return f"uninstall failed, nothing was changed: {why}"
+    # Only the commit was left: the slot is gone, our objects are not. A listener that
+    # runs re-creates the slot and sweeps every watched table (the safe side).
+    return (
+        f"uninstall failed after replication slot {slot!r} was dropped; nothing else was "
+        f"changed (the schema, publication and triggers are still there): {_pg_message(exc)}. "
+        "A listener started now re-creates the slot and sweeps every watched table; run "
+        "uninstall again to remove the rest"
+    )
 
 
 def cmd_check(args: argparse.Namespace, settings: Settings, console: Console) -> int:

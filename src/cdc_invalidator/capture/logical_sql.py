@@ -176,3 +176,15 @@ def our_slot(conn: psycopg.Connection[Any], slot: str) -> bool:
 
 def drop_slot(conn: psycopg.Connection[Any], slot: str) -> None:
     conn.execute(Q.DROP_SLOT.sql, {"slot": slot})
+
+
+def slot_left(conn: psycopg.Connection[Any], slot: str) -> bool:
+    """Whether a pgoutput slot of that name exists on this database, whoever's (read
+    without our schema: after uninstall, or when it is gone)."""
+    return conn.execute(Q.SLOT_LEFT.sql, {"slot": slot}).fetchone() is not None
+
+
+def drop_by_hand(slot: str) -> str:
+    """The statement that drops the slot, for a message (a superuser or a role with
+    REPLICATION runs it)."""
+    return sql.SQL("SELECT pg_drop_replication_slot({})").format(sql.Literal(slot)).as_string(None)

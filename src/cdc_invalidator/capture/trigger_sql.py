@@ -182,7 +182,7 @@ def require_installed(conn: psycopg.Connection[Any]) -> None:
 
 
 def uninstall_script(publication: str | None = None) -> sql.Composed:
-    """Remove every object of both modes (the slot is dropped after, on its own)."""
+    """Remove every object of both modes (the slot is dropped apart: cli.cmd_uninstall)."""
     parts: list[sql.Composable] = [guard(publication, "uninstall"), sql.SQL("\n")]
     if publication is not None:
         parts += [_leave_logical(publication), sql.SQL("\n")]

@@ -62,7 +62,7 @@ class CaptureMode(ModeChecks, Protocol):
         ...
 
     def uninstall_script(self) -> sql.Composed:
-        """What `uninstall` runs: every object of both modes (the slot is dropped after)."""
+        """What `uninstall` runs: every object of both modes (the slot is dropped apart)."""
         ...
 
     # -- the listener ---------------------------------------------------------------------

@@ -71,6 +71,7 @@ class Q(enum.Enum):
     RECORD_SLOT = "record_slot.sql"
     DROP_SLOT = "drop_slot.sql"
     OUR_SLOT = "our_slot.sql"
+    SLOT_LEFT = "slot_left.sql"  # uninstall: a pgoutput slot of that name, whoever's
     SET_RESYNC = "set_resync.sql"
     CLEAR_RESYNC = "clear_resync.sql"
     CAN_REPLICATE = "can_replicate.sql"
