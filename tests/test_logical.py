@@ -581,6 +581,31 @@ def test_uninstall_whose_script_fails_keeps_the_slot(
     assert schema_exists(env)
 
 
+def test_uninstall_drops_a_slot_of_an_earlier_slot_name(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """slot_name changed, and uninstall runs before install did: the old slot, recorded
+    as ours, goes too (once our schema is gone nothing would say it was ours); one that
+    someone moved is named, with the statement that drops it, and kept."""
+    make_tables(env)
+    old = "old_" + uuid.uuid4().hex[:8]
+    moved = "moved_" + uuid.uuid4().hex[:8]
+    install(logical_config(env, USERS, slot_name=moved, name="moved.toml"))
+    env.sql("SET synchronous_commit = on; UPDATE users SET name = 'moved' WHERE id = 1")
+    env.sql(f"SELECT pg_replication_slot_advance('{moved}', pg_current_wal_flush_lsn())")
+    install(logical_config(env, USERS, slot_name=old, name="old.toml"))  # keeps `moved`
+    config = logical_config(env, USERS, name="renamed.toml")
+    capsys.readouterr()
+    assert cli("uninstall", "--config", config) == 0
+    out, err = capsys.readouterr()
+    assert f"dropped replication slot {old!r}, left from an earlier slot_name" in out
+    assert slot(env, old) is None
+    assert f"left replication slot {moved!r}" in err
+    assert f"SELECT pg_drop_replication_slot('{moved}')" in err
+    assert slot(env, moved) is not None
+    assert not schema_exists(env)
+
+
 def test_uninstall_names_a_slot_it_leaves(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
     """Our schema is gone (an earlier uninstall, or by hand) and a pgoutput slot of the
     configured name is left: nothing says it is ours, so it is not dropped, but it is
@@ -650,6 +675,88 @@ def test_custom_slot_and_publication_names(
 
 
 # --- check --------------------------------------------------------------------------------
+
+
+def test_a_slot_left_by_an_earlier_slot_name_is_reported_and_dropped_by_install(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """slot_name changed: the old slot, consumed by nothing, kept WAL forever, and
+    nothing said so. `check` names it (an error) with the statement that drops it;
+    `install` drops it, since it is recorded as ours and nobody moved it."""
+    make_tables(env)
+    old = "old_" + uuid.uuid4().hex[:8]
+    install(logical_config(env, USERS, slot_name=old))
+    assert slot(env, old) is not None
+    config = logical_config(env, USERS, name="renamed.toml")  # the default slot_name
+    code, _, err = check(config, capsys)
+    assert code == 1
+    assert f"replication slot {old!r} (not streamed" in err
+    assert "not the configured slot_name 'cdc_invalidator'" in err
+    assert f"SELECT pg_drop_replication_slot('{old}')" in err
+    install(config)
+    assert f"dropped replication slot {old!r}, left from an earlier slot_name" in (
+        capsys.readouterr().out
+    )
+    assert slot(env, old) is None
+    assert slot(env) is not None
+    code, _, err = check(config, capsys)
+    assert old not in err
+
+
+def confirmed_of(env: Env, name: str) -> int:
+    found = slot(env, name)
+    assert found is not None
+    return parse_lsn(found["confirmed_flush_lsn"])
+
+
+def test_switching_to_trigger_mode_drops_a_slot_of_an_earlier_slot_name(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_tables(env)
+    old = "old_" + uuid.uuid4().hex[:8]
+    install(logical_config(env, USERS, slot_name=old))
+    trigger = env.config(USERS, name="trigger.toml")  # the default slot_name
+    _, _, err = check(trigger, capsys)
+    assert f"SELECT pg_drop_replication_slot('{old}')" in err
+    install(trigger)
+    assert f"dropped replication slot {old!r}, left from an earlier slot_name" in (
+        capsys.readouterr().out
+    )
+    assert slot(env, old) is None
+    assert slot(env) is None
+
+
+def test_a_left_slot_someone_moved_is_reported_not_dropped(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A slot recorded as ours but moved past the last position our listener saved may be
+    someone else's now (re-created or consumed by another client): install leaves it and
+    says so; `check` keeps naming it. A pgoutput slot never recorded as ours is neither
+    reported nor dropped."""
+    make_tables(env)
+    old = "old_" + uuid.uuid4().hex[:8]
+    theirs = "theirs_" + uuid.uuid4().hex[:8]
+    install(logical_config(env, USERS, slot_name=old))
+    # Another client consumes it (the write is flushed: advance stops at the flushed WAL).
+    env.sql("SET synchronous_commit = on; UPDATE users SET name = 'moved' WHERE id = 1")
+    env.sql(f"SELECT pg_replication_slot_advance('{old}', pg_current_wal_flush_lsn())")
+    assert confirmed_of(env, old) > env.scalar(
+        "SELECT acked_lsn - '0/0' FROM cdc_invalidator.slot_state_v1 WHERE slot_name = %s", [old]
+    )
+    env.sql(f"SELECT pg_create_logical_replication_slot('{theirs}', 'pgoutput')")
+    config = logical_config(env, USERS, name="renamed.toml")
+    capsys.readouterr()
+    install(config)
+    out = capsys.readouterr().out
+    assert f"left replication slot {old!r}" in out
+    assert "it may be in use by someone else, so it is not dropped" in out
+    assert theirs not in out
+    assert slot(env, old) is not None
+    assert slot(env, theirs) is not None
+    code, _, err = check(config, capsys)
+    assert code == 1
+    assert f"SELECT pg_drop_replication_slot('{old}')" in err
+    assert theirs not in err
 
 
 def test_check_passes_with_ok_lines(env: Env, capsys: pytest.CaptureFixture[str]) -> None:

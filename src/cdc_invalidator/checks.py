@@ -10,6 +10,7 @@ from typing import Any, Protocol
 
 import psycopg
 
+from cdc_invalidator.capture import logical_sql
 from cdc_invalidator.capture.errors import Fatal, returned
 from cdc_invalidator.capture.pgoutput import NATIVE_WALKS
 from cdc_invalidator.capture.slot import SlotClass, SlotState
@@ -868,6 +869,33 @@ def check_logical_server(conn: psycopg.Connection[Any], settings: Settings, repo
             )
     if state.resync_reason:
         report.warnings.append(f"a sweep of every watched table is owed: {state.resync_reason}")
+    check_leftover_slots(conn, settings.slot_name, report)
+
+
+def check_leftover_slots(conn: psycopg.Connection[Any], slot: str, report: Report) -> None:
+    """Slots recorded as ours that are not the configured one (slot_name changed): nothing
+    of ours consumes them, and each keeps WAL until the disk is full."""
+    for left in logical_sql.leftover_slots(conn, slot):
+        drop = logical_sql.drop_by_hand(left.slot_name)
+        if left.active_pid is not None:
+            report.warnings.append(
+                f"{left.describe()} is recorded as ours (slot_state_v1) but is not the configured "
+                f"slot_name {slot!r}: a listener with an older configuration still streams "
+                f"it? Stop it, then drop the slot: {drop}"
+            )
+        elif left.wal_status == "lost":
+            report.warnings.append(
+                f"{left.describe()} is recorded as ours (slot_state_v1) but is not the configured "
+                f"slot_name {slot!r}: it keeps no WAL, but nothing uses it: {drop}"
+            )
+        else:
+            report.errors.append(
+                f"{left.describe()} is recorded as ours (slot_state_v1) but is not the configured "
+                f"slot_name {slot!r} (left when slot_name changed?): nothing consumes it, "
+                "and it keeps WAL until the disk is full. `cdc-invalidator install` drops it "
+                "if nobody else moved it; or drop it (as a superuser or a role with "
+                f"REPLICATION): {drop}"
+            )
 
 
 # What `check` reports as Redis failing (Fatal: redis_url selects a database on a cluster).

@@ -274,6 +274,11 @@ def cmd_uninstall(args: argparse.Namespace, settings: Settings, console: Console
         try:
             # While a listener streams the slot, nothing is removed.
             ours = logical_sql.our_slot(conn, slot)
+            # Slots of an earlier slot_name, read while slot_state_v1 says they are ours:
+            # dropped after the script commits, where surely ours (as install does).
+            leftovers = (
+                logical_sql.leftover_slots(conn, slot) if logical_sql.has_slot_state(conn) else []
+            )
             if not ours:
                 trigger_sql.apply(conn, mode_for(settings).uninstall_script())
             else:
@@ -297,10 +302,15 @@ def cmd_uninstall(args: argparse.Namespace, settings: Settings, console: Console
             console.error(_uninstall_failed(exc, slot, dropped=dropped))
             return EXIT_FAILED
         left = logical_sql.slot_left(conn, slot)
+        earlier = logical_sql.drop_leftovers(conn, slot, leftovers)
     gone = "triggers, functions, publication and the cdc_invalidator schema are gone"
     if dropped:
         gone += f"; replication slot {slot!r} dropped"
+    gone += "".join(f"; {line}" for done, line in earlier if done)
     console.out(f"uninstalled: {gone}")
+    for done, line in earlier:
+        if not done:
+            console.warn(f"warning: {line} (nothing records it as ours any more)")
     if left:
         # Not ours to drop, as far as anything left says: a listener still running
         # re-created it, or an earlier uninstall left it. It keeps WAL forever.

@@ -14,10 +14,12 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import class_row
 
 from cdc_invalidator.capture.errors import returned
 from cdc_invalidator.capture.slot import SlotClass, SlotState
 from cdc_invalidator.capture.trigger_sql import SCRIPT_HEADER, guard, version_check
+from cdc_invalidator.capture.walstream import parse_lsn
 from cdc_invalidator.events import TableName
 from cdc_invalidator.mapping import Mapper
 from cdc_invalidator.mapping.columns import ColumnFilter
@@ -176,6 +178,90 @@ def our_slot(conn: psycopg.Connection[Any], slot: str) -> bool:
 
 def drop_slot(conn: psycopg.Connection[Any], slot: str) -> None:
     conn.execute(Q.DROP_SLOT.sql, {"slot": slot})
+
+
+@dataclass(frozen=True, slots=True)
+class Leftover:
+    """A slot recorded as ours (slot_state_v1) on this database, pgoutput, that is not
+    the configured one: left when slot_name changed (leftover_slots.sql)."""
+
+    slot_name: str
+    active_pid: int | None
+    wal_status: str | None
+    two_phase: bool
+    held_bytes: int | None  # WAL it keeps
+    confirmed_flush_lsn: str | None
+    acked_lsn: str | None  # the last position a listener of ours saved for it
+
+    @property
+    def droppable(self) -> bool:
+        """Install may drop it: nobody streams it, and nobody moved it past the last
+        position our listener saved (the listener saves before it tells the slot, so a
+        slot re-created or consumed by someone else since is past it). Anything else
+        could be someone else's now: it is reported, never dropped."""
+        if self.active_pid is not None or self.two_phase or self.acked_lsn is None:
+            return False
+        if self.confirmed_flush_lsn is None:
+            return False
+        return parse_lsn(self.confirmed_flush_lsn) <= parse_lsn(self.acked_lsn)
+
+    def describe(self) -> str:
+        held = f"keeps {self.held_bytes} bytes of WAL" if self.held_bytes is not None else ""
+        if self.wal_status == "lost":
+            held = "was invalidated (wal_status lost)"
+        by = f"streamed by pid {self.active_pid}" if self.active_pid else "not streamed"
+        return f"replication slot {self.slot_name!r} ({by}; {held or 'no WAL position'})"
+
+
+def leftover_slots(conn: psycopg.Connection[Any], slot: str) -> list[Leftover]:
+    with conn.cursor(row_factory=class_row(Leftover)) as cur:
+        return cur.execute(Q.LEFTOVER_SLOTS.sql, {"slot": slot}).fetchall()
+
+
+def has_slot_state(conn: psycopg.Connection[Any]) -> bool:
+    row = conn.execute(Q.HAS_SLOT_STATE.sql).fetchone()
+    return bool(row and row[0])
+
+
+def drop_leftovers(
+    conn: psycopg.Connection[Any], slot: str, leftovers: list[Leftover] | None = None
+) -> list[tuple[bool, str]]:
+    """Drop the slots left from an earlier slot_name that are surely ours (droppable):
+    `leftovers` as read before (uninstall reads them while our schema is there), else
+    read now. Per slot: whether it was dropped, and what was done or why not."""
+    said: list[tuple[bool, str]] = []
+    for left in leftover_slots(conn, slot) if leftovers is None else leftovers:
+        drop = drop_by_hand(left.slot_name)
+        if not left.droppable:
+            why = (
+                f"left {left.describe()}, recorded as ours but not the configured slot "
+                f"{slot!r}: it may be in use by someone else, so it is not dropped; if it "
+                f"is not, drop it: {drop}"
+            )
+            said.append((False, why))
+            continue
+        try:
+            done = conn.execute(
+                Q.DROP_LEFTOVER_SLOT.sql, {"slot": left.slot_name, "acked": left.acked_lsn}
+            ).fetchone()
+        except psycopg.Error as exc:
+            why = (
+                f"could not drop {left.describe()}, left from an earlier slot_name: "
+                f"{exc.diag.message_primary or exc}; drop it: {drop}"
+            )
+            said.append((False, why))
+            continue
+        if done is None:  # taken, moved or dropped since it was read
+            why = (
+                f"left replication slot {left.slot_name!r} of an earlier slot_name: it "
+                f"changed meanwhile (taken, moved or dropped); if it is still there: {drop}"
+            )
+            said.append((False, why))
+            continue
+        said.append(
+            (True, f"dropped replication slot {left.slot_name!r}, left from an earlier slot_name")
+        )
+    return said
 
 
 def slot_left(conn: psycopg.Connection[Any], slot: str) -> bool:

@@ -69,6 +69,9 @@ class LogicalMode:
         made = f"created slot {slot!r} at {new.lsn}" if new else f"slot {slot!r} exists"
         if new and new.owed:
             made += f" (the listener sweeps every watched table first: {new.owed})"
+        # Slots of an earlier slot_name keep WAL forever, consumed by nothing: ours go.
+        for _, line in logical_sql.drop_leftovers(conn, slot):
+            made += f"; {line}"
         return (
             f"installed cdc_invalidator v{trigger_sql.SCHEMA_VERSION} (logical); {made}; "
             f"publication {s.publication_name!r} holds {tables}"

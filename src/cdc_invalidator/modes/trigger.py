@@ -63,6 +63,9 @@ class TriggerMode:
         if logical_sql.our_slot(conn, slot):
             logical_sql.drop_slot(conn, slot)
             done += f"; dropped replication slot {slot!r} left from logical capture"
+        if logical_sql.has_slot_state(conn):  # and those of an earlier slot_name
+            for _, line in logical_sql.drop_leftovers(conn, slot):
+                done += f"; {line}"
         return done
 
     def uninstall_script(self) -> sql.Composed:
@@ -120,6 +123,8 @@ class TriggerMode:
         checks.check_unconfigured(conn, report, self._settings.mapper(), config_name)
         checks.check_two_phase(conn, report)
         checks.check_all_tables(conn, report)
+        if logical_sql.has_slot_state(conn):  # slots left from logical capture
+            checks.check_leftover_slots(conn, self._settings.slot_name, report)
         checks.check_rebuild_guard(conn, report, self._settings.mapper().tables)
 
     def history(

@@ -71,6 +71,9 @@ class Q(enum.Enum):
     RECORD_SLOT = "record_slot.sql"
     DROP_SLOT = "drop_slot.sql"
     OUR_SLOT = "our_slot.sql"
+    LEFTOVER_SLOTS = "leftover_slots.sql"  # ours, left when slot_name changed
+    DROP_LEFTOVER_SLOT = "drop_leftover_slot.sql"
+    HAS_SLOT_STATE = "has_slot_state.sql"
     SLOT_LEFT = "slot_left.sql"  # uninstall: a pgoutput slot of that name, whoever's
     SET_RESYNC = "set_resync.sql"
     CLEAR_RESYNC = "clear_resync.sql"
