@@ -288,10 +288,16 @@ def cmd_uninstall(args: argparse.Namespace, settings: Settings, console: Console
                 # without REPLICATION) rolls the script back: nothing was changed. A
                 # listener that looks for its slot meanwhile waits for the script's locks
                 # on our schema, and then finds it gone: it cannot re-create the slot.
-                with connect(settings) as side, conn.transaction():
-                    conn.execute(mode_for(settings).uninstall_script())
-                    logical_sql.drop_slot(side, slot)
-                    dropped = True
+                with connect(settings) as side:
+
+                    def drop() -> None:
+                        nonlocal dropped
+                        logical_sql.drop_slot(side, slot)
+                        dropped = True
+
+                    trigger_sql.apply(
+                        conn, mode_for(settings).uninstall_script(), before_commit=drop
+                    )
         except logical_sql.SlotBusy as exc:
             console.error(f"uninstall refused, nothing was changed: {exc}")
             return EXIT_FAILED

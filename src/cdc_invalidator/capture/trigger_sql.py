@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import psycopg
@@ -222,10 +222,12 @@ def apply(
     script: sql.SQL | sql.Composed,
     *,
     try_for_s: float | None = None,
+    before_commit: Callable[[], None] | None = None,
 ) -> None:
     """Run a script in one transaction: all of it or nothing. A try that waits too long
     for a lock (or is a deadlock's victim) is rolled back and made again, with back-off,
-    for up to `try_for_s` (TRY_FOR_S); then LocksBusy."""
+    for up to `try_for_s` (TRY_FOR_S); then LocksBusy. `before_commit` runs last in the
+    try, before its commit: what it raises rolls the script back."""
     try_for_s = TRY_FOR_S if try_for_s is None else try_for_s
     backoff = Backoff(0.05, 2.0)
     deadline = time.monotonic() + try_for_s
@@ -235,6 +237,8 @@ def apply(
         try:
             with conn.transaction():
                 conn.execute(script)
+                if before_commit is not None:
+                    before_commit()
         except (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected) as exc:
             delay = backoff.next_delay()
             if time.monotonic() + delay > deadline:
