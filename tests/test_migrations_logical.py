@@ -353,6 +353,37 @@ def test_a_publication_changed_without_the_guard_is_reported_then_swept_by_insta
     assert check(config, capsys)[0] == 0
 
 
+def test_a_publication_dropped_without_the_guard_and_made_again_by_install_resumes(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`DROP PUBLICATION` where no guard refuses it (install by a non-superuser), then
+    `install`, the documented way back: decoding reads the catalog as it was at each
+    change, and the slot held changes made while the publication did not exist. Before
+    PostgreSQL 18 the stream failed there at every start, the listener retried forever,
+    and every key stayed cached: the slot is now dropped and made again, and every table
+    swept. PostgreSQL 18 decodes on, without those changes: install now sweeps."""
+    make_tables(env)
+    config = logical_config(env, USERS)
+    install(config)
+    r = env.redis()
+    with running(env, config):
+        env.sql(
+            "ALTER EVENT TRIGGER cdc_invalidator_guard DISABLE;"
+            "ALTER EVENT TRIGGER cdc_invalidator_guard_drops DISABLE;"
+            "DROP PUBLICATION cdc_invalidator;"
+            "ALTER EVENT TRIGGER cdc_invalidator_guard ENABLE ALWAYS;"
+            "ALTER EVENT TRIGGER cdc_invalidator_guard_drops ENABLE ALWAYS"
+        )
+        r.mset({"user:1": "stale", "user:2": "cached"})
+        env.sql("UPDATE users SET email = 'gap@x' WHERE id = 1")  # while it did not exist
+        install(config)
+        wait_until(lambda: gone(r, "user:1", "user:2"), what="the sweep")
+        r.set("user:2", "cached")
+        env.sql("UPDATE users SET email = 'after@x' WHERE id = 2")
+        wait_until(lambda: gone(r, "user:2"), what="a change after it")
+    assert check(config, capsys)[0] == 0
+
+
 def update_and_delete_order_1(env: Env, r: redis.Redis) -> None:
     """An UPDATE and a DELETE of order 1: each succeeds and deletes order:1."""
     r.mset({"order:1": "O"})

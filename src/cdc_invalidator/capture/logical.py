@@ -62,7 +62,7 @@ from cdc_invalidator.capture.pgoutput import (
     unwrap_streamed,
 )
 from cdc_invalidator.capture.rows import Transaction, encode_history, with_transaction
-from cdc_invalidator.capture.slot import SlotClass, SlotState
+from cdc_invalidator.capture.slot import SlotClass, SlotState, Verdict
 from cdc_invalidator.capture.streamed import Chunk, Dead, Prefetch, StreamedTxn, pack
 from cdc_invalidator.capture.trigger_sql import require_current_mapping, require_installed
 from cdc_invalidator.capture.walstream import (
@@ -233,6 +233,7 @@ class LogicalCapture:
     def __init__(self, pg: PgConnector, config: LogicalConfig) -> None:
         self._pg = pg
         self._config = config
+        self._last: WalStream | None = None  # the stream started last, and how it ended
 
     def connect(self) -> LogicalStream:
         side = self._pg.connect(BOOKKEEPING)
@@ -257,7 +258,9 @@ class LogicalCapture:
                 # PostgreSQL 17 a restart puts it back to its last checkpoint, and a
                 # status update can go unread), and what lies between was done. (A slot
                 # ahead of it was found so above, and resumes where it is.)
-                stream = WalStream.start(repl, self._config.slot, options, start_lsn=acked)
+                stream = self._last = WalStream.start(
+                    repl, self._config.slot, options, start_lsn=acked
+                )
             except SlotInUse as exc:
                 repl.close()
                 raise Standby(str(exc)) from None
@@ -295,7 +298,7 @@ class LogicalCapture:
                 f"slot {cfg.slot!r} is not registered in database {side.info.dbname!r}: "
                 "run `cdc-invalidator install` with this configuration"
             )
-        verdict = state.classify()
+        verdict = self._undecodable() or state.classify()
         kind = verdict.kind
         if kind is SlotClass.FOREIGN:
             raise Fatal(f"{verdict.reason}: set slot_name to a slot of our own")
@@ -328,6 +331,24 @@ class LogicalCapture:
             side.execute(Q.RECORD_SLOT.sql, {"slot": cfg.slot, "lsn": confirmed})
             return parse_lsn(confirmed), owed
         return state.acked, owed
+
+    def _undecodable(self) -> Verdict | None:
+        """The last stream ended because the publication did not exist at the changes the
+        slot holds: it was dropped and made again (by `install` where no DDL guard
+        refused the DROP), and decoding reads the catalog as it was at each change. It
+        fails there at every start, forever: the slot is dropped and made again, and
+        every watched table swept (changes between the two were never published)."""
+        ended = self._last.ended_with if self._last is not None else None
+        name = self._config.publication
+        # (undefined_object, naming it: the message itself may be in another language)
+        if ended is None or ended[0] != "42704" or name not in ended[1]:
+            return None
+        self._last = None
+        return Verdict(
+            SlotClass.LOST,
+            f"slot {self._config.slot!r} holds changes made while publication {name!r} did "
+            f"not exist (it was dropped and made again), which cannot be decoded: {ended[1]}",
+        )
 
 
 @dataclass(slots=True)

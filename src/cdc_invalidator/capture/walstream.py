@@ -48,6 +48,8 @@ class WalStream:
     def __init__(self, conn: psycopg.Connection[Any]) -> None:
         self._conn = conn
         self._pgconn = conn.pgconn
+        # The server's error that ended the stream (SQLSTATE, message), if it sent one.
+        self.ended_with: tuple[str | None, str] | None = None
 
     @property
     def walsender(self) -> int:
@@ -147,9 +149,11 @@ class WalStream:
             )
         # -1: the server ended the copy; its reason is in the result that follows.
         result = self._pgconn.get_result()
-        raise psycopg.OperationalError(
-            f"replication stream ended by the server: {_error_text(result, self._pgconn)}"
-        )
+        text = _error_text(result, self._pgconn)
+        if result is not None:
+            sqlstate = result.error_field(pq.DiagnosticField.SQLSTATE)
+            self.ended_with = (sqlstate.decode() if sqlstate else None, text)
+        raise psycopg.OperationalError(f"replication stream ended by the server: {text}")
 
 
 def _error_text(result: pq.abc.PGresult | None, pgconn: pq.abc.PGconn) -> str:
