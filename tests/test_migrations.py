@@ -146,6 +146,8 @@ def test_renamed_table_keeps_invalidating_and_check_says_so(env: Env) -> None:
     result = check(config)
     assert result.returncode == 1
     assert "table public.users was renamed to public.members" in result.stderr
+    # No table took the old name: no warning says one did.
+    assert "a name another table took since" not in result.stdout + result.stderr
 
 
 def test_dropped_key_column_sweeps_the_table_and_is_logged(env: Env, spawn: Spawn) -> None:

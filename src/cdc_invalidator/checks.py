@@ -253,12 +253,15 @@ def check_unconfigured(
         "schemas": [t.schema for t in tables],
         "names": [t.name for t in tables],
     }
-    for live_name, events_name, name_configured in conn.execute(Q.CHECK_UNCONFIGURED.sql, params):
+    rows = conn.execute(Q.CHECK_UNCONFIGURED.sql, params)
+    for live_name, events_name, name_configured, name_taken in rows:
         if live_name is None:
             report.warnings.append(
                 f"table {events_name} was dropped since install; its record stays until "
                 "you run `cdc-invalidator install`"
             )
+        elif name_configured and not name_taken:
+            continue  # renamed, the file not yet: reported as missing, with its new name
         elif name_configured:
             report.warnings.append(
                 f"table {live_name} was renamed from {events_name}, a name another table "
