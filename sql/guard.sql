@@ -165,6 +165,19 @@ BEGIN
         RETURN;
     END IF;
 
+    -- A superuser's objects are no squatter's (a superuser may do anything anyway): the
+    -- role running this is simply not the one that installed them.
+    IF NOT culprit.attached
+       AND (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.oid = culprit.owner) THEN
+        RAISE EXCEPTION USING ERRCODE = 'insufficient_privilege',
+            MESSAGE = pg_catalog.format(
+                'cdc_invalidator: refusing to %s as role "%s": it was installed by role "%s" '
+                '(%s belongs to it): run %s as "%s"', {action},
+                pg_catalog.pg_get_userbyid(installer), pg_catalog.pg_get_userbyid(culprit.owner),
+                culprit.brief, {action}, pg_catalog.pg_get_userbyid(culprit.owner)),
+            HINT = 'What install made runs with its installer''s rights: only that role may '
+                   'install over it or uninstall it.';
+    END IF;
     msg := pg_catalog.format(
         'cdc_invalidator: refusing to %s: %s (%s after checking what it does)',
         {action}, culprit.what, CASE WHEN culprit.attached THEN 'drop it' ELSE 'drop or reassign it' END);

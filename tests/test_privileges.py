@@ -531,3 +531,23 @@ def test_rds_replication_membership_counts_as_replication(env: Env, listener_rol
         if exists is None:
             with env.connect() as conn:
                 conn.execute("DROP ROLE rds_replication")
+
+
+def test_uninstall_by_another_role_than_the_superuser_that_installed_says_whose_it_is(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not a squatter's schema: the role running it is not the installer. It said the
+    superuser's objects were "not owned by the installing role", and to drop or reassign
+    them, as for a schema another role planted."""
+    tables(env)
+    install(env)
+    with login_role(env, "owner_") as role:
+        # (the listener's role, say: it may use the schema)
+        env.sql(f"SELECT cdc_invalidator.grant_listener('{role}', '{env.capture}')")
+        path = config(env, USERS, name="role.toml", role=role)
+        capsys.readouterr()
+        assert main(["uninstall", "--config", str(path)]) == 1
+        err = capsys.readouterr().err
+    assert f'refusing to uninstall as role "{role}": it was installed by role' in err, err
+    assert "drop or reassign" not in err
+    assert env.scalar("SELECT to_regnamespace('cdc_invalidator') IS NOT NULL")
