@@ -292,8 +292,9 @@ CREATE TABLE IF NOT EXISTS cdc_invalidator.redis_identity_v1 (
 
 -- Which tables carry our triggers: the columns their capture function copies (as the
 -- configuration names them), where those columns were then (attnum: a rename keeps it, so
--- a renamed column is still found), and the name the events carry (the configured one,
--- which a later ALTER TABLE ... RENAME does not change).
+-- a renamed column is still found), and the name the events carry (the table's when
+-- watched, which a later ALTER TABLE ... RENAME does not change; the names they carried
+-- before are in renamed_from).
 CREATE TABLE IF NOT EXISTS cdc_invalidator.watched_v1 (
     relid      regclass PRIMARY KEY,
     columns    text[] NOT NULL,
@@ -307,10 +308,16 @@ CREATE TABLE IF NOT EXISTS cdc_invalidator.watched_v1 (
 --     key to pair old and new rows by (then every UPDATE is queued);
 --   judged_natts: ignore_columns: pg_class.relnatts when watched. A column added since
 --     is judged by nobody: while it differs, every UPDATE is queued.
+--   renamed_from: the names the table's events carried before (a JSON array of
+--     [schema, table] pairs, oldest first), each recorded by the watch() that found the
+--     table renamed since (ALTER TABLE ... RENAME TO / SET SCHEMA, ALTER SCHEMA ...
+--     RENAME TO) and compiled its new name in. Rows queued under an old name (before that
+--     install, or requeued dead letters) are still this table's: the listener maps them
+--     by the table's name now (resolve_renamed.sql). NULL: never renamed.
 SELECT cdc_invalidator.add_column_v1('cdc_invalidator.watched_v1', c.name, c.type)
 FROM (VALUES ('attnums', 'int2[]'), ('schema_name', 'text'), ('table_name', 'text'),
              ('judge', 'text'), ('filter_columns', 'text[]'), ('judged', 'boolean'),
-             ('judged_natts', 'int2')) AS c (name, type);
+             ('judged_natts', 'int2'), ('renamed_from', 'jsonb')) AS c (name, type);
 
 -- `cdc-invalidator check` compares this with the version the listener expects.
 CREATE OR REPLACE FUNCTION cdc_invalidator.schema_version() RETURNS integer
@@ -1379,7 +1386,23 @@ BEGIN
     ON CONFLICT (relid) DO UPDATE SET columns = EXCLUDED.columns, attnums = EXCLUDED.attnums,
         schema_name = EXCLUDED.schema_name, table_name = EXCLUDED.table_name,
         judge = EXCLUDED.judge, filter_columns = EXCLUDED.filter_columns,
-        judged = EXCLUDED.judged, judged_natts = EXCLUDED.judged_natts, watched_at = now();
+        judged = EXCLUDED.judged, judged_natts = EXCLUDED.judged_natts, watched_at = now(),
+        -- Renamed since the last watch(): the name its events carried until now is kept
+        -- (rows queued under it, and dead letters requeued later, are still this
+        -- table's). Here, in install's transaction: a listener that reads such a row
+        -- finds the name either as watched_v1's name or in this list, never in neither.
+        renamed_from = CASE
+            WHEN watched_v1.table_name IS NULL
+                 OR (watched_v1.schema_name, watched_v1.table_name)
+                    = (EXCLUDED.schema_name, EXCLUDED.table_name)
+                 OR coalesce(watched_v1.renamed_from, '[]')
+                    @> jsonb_build_array(jsonb_build_array(watched_v1.schema_name,
+                                                           watched_v1.table_name))
+            THEN watched_v1.renamed_from
+            ELSE coalesce(watched_v1.renamed_from, '[]')
+                 || jsonb_build_array(jsonb_build_array(watched_v1.schema_name,
+                                                        watched_v1.table_name))
+        END;
 END
 $watch$;
 

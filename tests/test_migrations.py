@@ -146,6 +146,7 @@ def test_renamed_table_keeps_invalidating_and_check_says_so(env: Env) -> None:
     result = check(config)
     assert result.returncode == 1
     assert "table public.users was renamed to public.members" in result.stderr
+    assert "and run `cdc-invalidator install`, in either order" in result.stderr
     # No table took the old name: no warning says one did.
     assert "a name another table took since" not in result.stdout + result.stderr
 
@@ -576,3 +577,70 @@ def test_serializable_writers_of_new_partitions_do_not_fail_each_other(env: Env)
     assert (
         env.scalar("SELECT count(DISTINCT xid) FROM cdc_invalidator.queue_v1 WHERE op = 'T'") == 40
     )
+
+
+def requeue_dead_letters(env: Env) -> None:
+    """operations.md's requeue, as written there (without its WHERE)."""
+    env.sql(
+        "WITH moved AS ("
+        " DELETE FROM cdc_invalidator.dead_letter_v1"
+        " RETURNING id, schema_name, table_name, op, old_row, new_row, rows)"
+        " INSERT INTO cdc_invalidator.queue_v1"
+        " (schema_name, table_name, op, old_row, new_row, rows)"
+        " SELECT schema_name, table_name, op, old_row, new_row, rows FROM moved ORDER BY id"
+    )
+
+
+@pytest.mark.parametrize("rename", ["table", "schema"])
+def test_a_renamed_table_configured_so_loses_no_change_in_any_order(env: Env, rename: str) -> None:
+    """check's advice after a rename (configure the new name, run install), followed in
+    every order: rows queued under the old name before the listener restarts on the
+    edited file, before install, read after it, and requeued dead letters of it, are
+    all mapped by the table's name now; none is a dead letter. A listener still on the
+    old mapping maps rows queued under the new name after install by the old one."""
+    env.sql("CREATE SCHEMA shop")
+    env.sql("CREATE TABLE shop.users (id int PRIMARY KEY, email text, name text)")
+    env.sql("INSERT INTO shop.users SELECT i, 'u' || i || '@x' FROM generate_series(1, 12) i")
+    config = install(env, {"shop.users": ["user:{id}", "user:email:{email}"]})
+    if rename == "table":
+        env.sql("ALTER TABLE shop.users RENAME TO members")
+        new_name = "shop.members"
+    else:
+        env.sql("ALTER SCHEMA shop RENAME TO store")
+        new_name = "store.users"
+    table = new_name
+    renamed = env.config(
+        {new_name: ["user:{id}", "user:email:{email}"], "public.sync": ["sync:{id}"]},
+        name="renamed.toml",
+    )
+    r = env.redis()
+    seed(r, *range(1, 13))
+    # 1. Writes queued under the old name (one row, and a pack); the file edited, the
+    # listener started on it before install.
+    env.sql(f"UPDATE {table} SET name = 'a' WHERE id = 1")
+    env.sql(f"UPDATE {table} SET name = 'a' WHERE id IN (2, 3)")
+    with listening(renamed):
+        wait_until(lambda: r.exists("user:1", "user:2", "user:3") == 0, what="1 to 3")
+        # Written while it runs, still under the old name.
+        env.sql(f"DELETE FROM {table} WHERE id = 4")
+        settle(env, r)
+    # 2. Queued under the old name, install of the edited file, then under the new one;
+    # read by a listener started after both.
+    env.sql(f"UPDATE {table} SET name = 'b' WHERE id IN (5, 6)")
+    assert main(["install", "--config", str(renamed)]) == 0
+    env.sql(f"UPDATE {table} SET name = 'b' WHERE id = 7")
+    # A dead letter of the old name (as a listener of an earlier release parked it).
+    env.sql(
+        "INSERT INTO cdc_invalidator.dead_letter_v1 (id, schema_name, table_name, op,"
+        " new_row, error) VALUES (-1, 'shop', 'users', 'I',"
+        ' \'{"id": "8", "email": "u8@x"}\', \'table shop.users is not in the configuration\')'
+    )
+    requeue_dead_letters(env)
+    with listening(renamed):
+        settle(env, r)
+    # 3. A listener still on the old mapping reads rows queued under the new name.
+    env.sql(f"UPDATE {table} SET name = 'c' WHERE id IN (9, 10)")
+    with listening(config):
+        settle(env, r)
+    assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 0
+    assert keys(r) == {"user:11", "user:email:u11@x", "user:12", "user:email:u12@x"}

@@ -428,7 +428,9 @@ def report_drift(report: Report, where: str, table: TableName, watch: Watch) -> 
         report.errors.append(
             f"{where}: table {table} was renamed to {watch.live_name}; its changes are still "
             "captured and invalidated under the configured name. Rename the table in the "
-            f"configuration to {watch.live_name!r}, then run `cdc-invalidator install`"
+            f"configuration to {watch.live_name!r} and run `cdc-invalidator install`, in "
+            "either order: changes queued under the old name, before or after, and dead "
+            "letters of it requeued, are invalidated under the new one"
         )
     for column, live in zip(watch.columns, watch.live_columns, strict=True):
         if live == column:

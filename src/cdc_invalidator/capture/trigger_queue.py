@@ -23,11 +23,12 @@ import json
 import select
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
+from operator import itemgetter
 from typing import Any, cast
 
 import psycopg
@@ -51,7 +52,7 @@ from cdc_invalidator.capture.trigger_sql import (
     require_current_mapping,
     require_installed,
 )
-from cdc_invalidator.events import ChangeEvent, Origin
+from cdc_invalidator.events import ChangeEvent, Origin, TableName
 from cdc_invalidator.mapping.mapper import Mapper, Routed
 from cdc_invalidator.pg import raw_text
 from cdc_invalidator.pg.connect import LISTENER, PgConnector
@@ -352,6 +353,84 @@ class ReadAhead:
             self._pool = None
 
 
+# fetch_batch.sql's row columns 4 and 5: schema_name, table_name.
+_NAME_OF = itemgetter(4, 5)
+
+
+class Renames:
+    """Queue rows carrying a name the mapping lacks, mapped by the name their table has
+    now, where the mapping has that.
+
+    A capture function queues under the name its last install compiled in, which a
+    rename (ALTER TABLE ... RENAME TO / SET SCHEMA, ALTER SCHEMA ... RENAME TO) leaves
+    alone; `check` then says to configure the new name and run install. Until that
+    install, rows carry the old name; after it, the rows queued before it (and dead
+    letters requeued) still do; and a listener started on the file edited before or
+    after it must map both. resolve_renamed.sql finds the watched table whose events
+    carried a name (as install recorded it, or before: watched_v1.renamed_from, which
+    install extends in the same transaction that compiles the new name, so that a row
+    read at any time is found), and such rows are mapped under the first of its names
+    now, as recorded, and as before (newest first) that the mapping has. Logical mode
+    needs none of this: it resolves relations by OID.
+
+    Only names the mapping lacks are looked up (a set of a chunk's names, in C), once
+    each while they resolve (a table's identity does not change); a name that does not
+    resolve is looked up again in each chunk that holds it (it goes to the dead letters,
+    or makes a listener whose file changed restart: neither is the steady state)."""
+
+    def __init__(self, conn: psycopg.Connection[Any], tables: Mapping[TableName, object]) -> None:
+        self._conn = conn
+        self._tables = tables
+        self._found: dict[tuple[str, str], tuple[str, str]] = {}
+
+    def apply(self, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        """`rows` with each name the mapping lacks replaced by the one it maps the table
+        under (the same list when there is none)."""
+        if not rows:
+            return rows
+        unknown = set(map(_NAME_OF, rows)).difference(self._tables.keys())
+        if not unknown:
+            return rows
+        moved: dict[tuple[str, str], tuple[str, str]] = {}
+        for name in unknown:
+            to = self._found.get(name)
+            if to is None:
+                to = self._resolve(name)
+            if to is not None:
+                moved[name] = to
+        if not moved:
+            return rows
+        return [
+            row if (to := moved.get((row[4], row[5]))) is None else (*row[:4], *to, *row[6:])
+            for row in rows
+        ]
+
+    def _resolve(self, name: tuple[str, str]) -> tuple[str, str] | None:
+        schema, table = name
+        if not isinstance(schema, str) or not isinstance(table, str):
+            return None  # a malformed row written by hand: the decoder's to refuse
+        answer = self._conn.execute(
+            Q.RESOLVE_RENAMED.sql, {"schema": schema, "name": table}
+        ).fetchall()
+        for now_schema, now_table, schema_as, table_as, before in answer:
+            candidates = [(now_schema, now_table), (schema_as, table_as)]
+            for pair in reversed(json.loads(before)):
+                match pair:
+                    case [str() as schema_before, str() as table_before]:
+                        candidates.append((schema_before, table_before))
+            for candidate in candidates:
+                if TableName(*candidate) in self._tables:
+                    to = (str(candidate[0]), str(candidate[1]))
+                    log.info(
+                        "renamed_table_followed",
+                        carried=str(TableName(schema, table)),
+                        mapped_as=str(TableName(*to)),
+                    )
+                    self._found[name] = to
+                    return to
+        return None
+
+
 class TriggerCapture:
     """Connects the trigger queue, and reconnects it where the last connection left off."""
 
@@ -439,6 +518,8 @@ class TriggerQueue:
         self._pruned_at = time.monotonic()
         self._prune_more = False
         self._decoder = RowDecoder(raw=raw_text.reads_raw(conn))
+        # Rows under a table's name from before a rename (Renames); None without a mapper.
+        self._renames = None if mapper is None else Renames(conn, mapper.tables)
         self._wakeup = WakeupPolicy()
         self._read_ahead = ReadAhead(self._fetch)
         # When the window's snapshot was taken (time.monotonic(), an upper bound): its
@@ -508,7 +589,7 @@ class TriggerQueue:
             # deleted (the server works on it meanwhile). Taken by the next batch() if
             # this one is acknowledged, thrown away if it is not.
             self._read_ahead.start(fetch_key(progress.done, window, chunk.last, limit))
-        rows = chunk.rows
+        rows = chunk.rows if self._renames is None else self._renames.apply(chunk.rows)
         # Columns 3 to 8: id, schema_name, table_name, op, old_row, new_row; 9: rows.
         # A pack's keys rendered column-wise where the mapper can (a bulk statement's
         # drain: profiled, building a dict and an event per row was most of decoding).

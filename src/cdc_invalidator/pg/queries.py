@@ -62,6 +62,7 @@ class Q(enum.Enum):
     PROGRESS_AHEAD = "progress_ahead.sql"
     FETCH_BATCH = "fetch_batch.sql"
     DEAD_LETTER = "dead_letter.sql"
+    RESOLVE_RENAMED = "resolve_renamed.sql"  # a row under a name the mapping lacks
     SAVE_PROGRESS = "save_progress.sql"
     PRUNE = "prune.sql"
 
