@@ -353,10 +353,6 @@ class ReadAhead:
             self._pool = None
 
 
-# fetch_batch.sql's row columns 4 and 5: schema_name, table_name.
-_NAME_OF = itemgetter(4, 5)
-
-
 class Renames:
     """Queue rows carrying a name the mapping lacks, mapped by the name their table has
     now, where the mapping has that.
@@ -376,11 +372,19 @@ class Renames:
     Only names the mapping lacks are looked up (a set of a chunk's names, in C), once
     each while they resolve (a table's identity does not change); a name that does not
     resolve is looked up again in each chunk that holds it (it goes to the dead letters,
-    or makes a listener whose file changed restart: neither is the steady state)."""
+    or makes a listener whose file changed restart: neither is the steady state).
+    replay reads the queue's history through it too.
 
-    def __init__(self, conn: psycopg.Connection[Any], tables: Mapping[TableName, object]) -> None:
+    `at`: the rows' id column, as RowDecoder.queue_rows takes it (schema_name and
+    table_name follow it)."""
+
+    def __init__(
+        self, conn: psycopg.Connection[Any], tables: Mapping[TableName, object], at: int
+    ) -> None:
         self._conn = conn
         self._tables = tables
+        self._at = at
+        self._name_of = itemgetter(at + 1, at + 2)
         self._found: dict[tuple[str, str], tuple[str, str]] = {}
 
     def apply(self, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
@@ -388,7 +392,8 @@ class Renames:
         under (the same list when there is none)."""
         if not rows:
             return rows
-        unknown = set(map(_NAME_OF, rows)).difference(self._tables.keys())
+        name_of = self._name_of
+        unknown = set(map(name_of, rows)).difference(self._tables.keys())
         if not unknown:
             return rows
         moved: dict[tuple[str, str], tuple[str, str]] = {}
@@ -400,8 +405,11 @@ class Renames:
                 moved[name] = to
         if not moved:
             return rows
+        at = self._at
         return [
-            row if (to := moved.get((row[4], row[5]))) is None else (*row[:4], *to, *row[6:])
+            row
+            if (to := moved.get(name_of(row))) is None
+            else (*row[: at + 1], *to, *row[at + 3 :])
             for row in rows
         ]
 
@@ -519,7 +527,7 @@ class TriggerQueue:
         self._prune_more = False
         self._decoder = RowDecoder(raw=raw_text.reads_raw(conn))
         # Rows under a table's name from before a rename (Renames); None without a mapper.
-        self._renames = None if mapper is None else Renames(conn, mapper.tables)
+        self._renames = None if mapper is None else Renames(conn, mapper.tables, at=3)
         self._wakeup = WakeupPolicy()
         self._read_ahead = ReadAhead(self._fetch)
         # When the window's snapshot was taken (time.monotonic(), an upper bound): its

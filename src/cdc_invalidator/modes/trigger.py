@@ -3,7 +3,7 @@ listener (capture/trigger_queue.py, capture/trigger_sql.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import psycopg
@@ -12,8 +12,9 @@ from psycopg import sql
 from cdc_invalidator import checks
 from cdc_invalidator.capture import logical_sql, trigger_sql
 from cdc_invalidator.capture.rows import Decoded, MapPack, RowDecoder, by_events
-from cdc_invalidator.capture.trigger_queue import TriggerCapture
+from cdc_invalidator.capture.trigger_queue import Renames, TriggerCapture
 from cdc_invalidator.checks import Report
+from cdc_invalidator.events import TableName
 from cdc_invalidator.metrics import Figures
 from cdc_invalidator.modes.base import HISTORY_CHUNK, history_rows, seconds_ago
 from cdc_invalidator.pg import raw_text
@@ -133,26 +134,36 @@ class TriggerMode:
         """The queue rows whose keys were deleted in the window, or not yet (processed
         rows are kept for replay_history; sql/history_trigger.sql says how they are
         found), decoded as the listener decodes them."""
-        return _queue_history(conn, Q.HISTORY_TRIGGER, since_s, map_pack)
+        return _queue_history(conn, Q.HISTORY_TRIGGER, since_s, map_pack, self._tables())
 
     def acknowledged(
         self, conn: psycopg.Connection[Any], since_s: float, map_pack: MapPack | None = None
     ) -> Iterator[Decoded]:
         """history() less the rows not processed yet (sql/redo_trigger.sql)."""
-        return _queue_history(conn, Q.REDO_TRIGGER, since_s, map_pack)
+        return _queue_history(conn, Q.REDO_TRIGGER, since_s, map_pack, self._tables())
 
     def last_acknowledged_s(self, conn: psycopg.Connection[Any]) -> float | None:
         return seconds_ago(conn, Q.LAST_ACKNOWLEDGED_TRIGGER)
 
+    def _tables(self) -> Mapping[TableName, object]:
+        """The configured tables, as the mapper names them."""
+        return {TableName.parse(name): None for name in self._settings.tables}
+
 
 def _queue_history(
-    conn: psycopg.Connection[Any], query: Q, since_s: float, map_pack: MapPack | None
+    conn: psycopg.Connection[Any],
+    query: Q,
+    since_s: float,
+    map_pack: MapPack | None,
+    tables: Mapping[TableName, object],
 ) -> Iterator[Decoded]:
     """The queue rows of history query `query`, decoded as the listener decodes them
-    (`map_pack`: RowDecoder.queue_rows')."""
+    (`map_pack`: RowDecoder.queue_rows'), a row under a table's name from before a
+    rename mapped as the listener maps it (Renames: `tables` are the mapping's)."""
     decoder = RowDecoder(raw=raw_text.reads_raw(conn))
+    renames = Renames(conn, tables, at=0)
     # About HISTORY_CHUNK events a fetch, however many packs (a thousand events a row)
     # and single changes the window mixes; decoded a slice at a time.
     for rows in history_rows(conn, query, since_s, HISTORY_CHUNK, count_at=6):
         for part in by_events(rows, 6, HISTORY_CHUNK):
-            yield decoder.queue_rows(part, count_at=6, map_pack=map_pack)
+            yield decoder.queue_rows(renames.apply(list(part)), count_at=6, map_pack=map_pack)
