@@ -11,9 +11,10 @@
 -- change in the NOTIFY payload (notify_payload: its text holds queue_early_v1's call;
 -- NULL when the function is missing, which the trigger problems already say), and the
 -- bulk_sweep_rows it was compiled with (the N of its `IF statement_rows >= N THEN` and
--- queue_bulk_sweep_v1's INSERT; NULL when off or missing).
+-- queue_bulk_sweep_v1's INSERT; NULL when off or missing); and the name its events carry.
 WITH w AS (
-    SELECT w.relid, w.columns, w.attnums, w.judge, w.filter_columns, w.judged, w.judged_natts
+    SELECT w.relid, w.columns, w.attnums, w.judge, w.filter_columns, w.judged, w.judged_natts,
+           w.schema_name, w.table_name
     FROM cdc_invalidator.watched_v1 w
     WHERE w.relid::oid = to_regclass(%(table)s)::oid
        OR (to_regclass(%(table)s) IS NULL
@@ -127,5 +128,7 @@ SELECT
      FROM pg_proc p
      WHERE p.oid = to_regprocedure(
          'cdc_invalidator.' || quote_ident('capture_' || w.relid::oid || '_v1') || '()'))
-        AS bulk_sweep_rows
+        AS bulk_sweep_rows,
+    -- The name its events carry (install's), NULL where an older release recorded none.
+    quote_ident(w.schema_name) || '.' || quote_ident(w.table_name) AS events_name
 FROM w

@@ -624,6 +624,13 @@ def test_a_renamed_table_configured_so_loses_no_change_in_any_order(env: Env, re
         # Written while it runs, still under the old name.
         env.sql(f"DELETE FROM {table} WHERE id = 4")
         settle(env, r)
+    # check: the file names the table now, install is owed.
+    result = check(renamed)
+    assert result.returncode == 1
+    assert (
+        f"table {new_name} was renamed from shop.users since install, and its changes are "
+        "still queued under that name"
+    ) in result.stderr
     # 2. Queued under the old name, install of the edited file, then under the new one;
     # read by a listener started after both.
     env.sql(f"UPDATE {table} SET name = 'b' WHERE id IN (5, 6)")
@@ -638,6 +645,7 @@ def test_a_renamed_table_configured_so_loses_no_change_in_any_order(env: Env, re
     requeue_dead_letters(env)
     with listening(renamed):
         settle(env, r)
+    assert check(renamed).returncode == 0, check(renamed).stderr
     # 3. A listener still on the old mapping reads rows queued under the new name.
     env.sql(f"UPDATE {table} SET name = 'c' WHERE id IN (9, 10)")
     with listening(config):

@@ -372,6 +372,8 @@ class Watch:
     notify_payload: bool | None = None
     # The statement size from which it queues a sweep instead of packs (None: off).
     bulk_sweep_rows: int | None = None
+    # The name its events carry: the table's at install (None: not recorded).
+    events_name: str | None = None
 
 
 def watch_of(conn: psycopg.Connection[Any], table: TableName) -> Watch | None:
@@ -396,6 +398,7 @@ def watch_of(conn: psycopg.Connection[Any], table: TableName) -> Watch | None:
         problems,
         notify_payload,
         bulk_sweep_rows,
+        events_name,
     ) = row
     # Installed by an older release, which did not record attnums: no drift to tell.
     return Watch(
@@ -412,6 +415,7 @@ def watch_of(conn: psycopg.Connection[Any], table: TableName) -> Watch | None:
         bool(columns_added),
         notify_payload,
         bulk_sweep_rows,
+        events_name,
     )
 
 
@@ -431,6 +435,14 @@ def report_drift(report: Report, where: str, table: TableName, watch: Watch) -> 
             f"configuration to {watch.live_name!r} and run `cdc-invalidator install`, in "
             "either order: changes queued under the old name, before or after, and dead "
             "letters of it requeued, are invalidated under the new one"
+        )
+    elif watch.events_name is not None and watch.events_name != table.qualified:
+        # Configured by its new name, not installed since: nothing is lost (the listener
+        # maps the old name's rows by the table's name now), but install is owed.
+        report.errors.append(
+            f"{where}: table {table} was renamed from {watch.events_name} since install, "
+            "and its changes are still queued under that name (the listener invalidates "
+            f"them under {table}): run `cdc-invalidator install`"
         )
     for column, live in zip(watch.columns, watch.live_columns, strict=True):
         if live == column:
