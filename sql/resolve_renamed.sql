@@ -9,8 +9,10 @@
 SELECT n.nspname::text, c.relname::text, w.schema_name, w.table_name,
        coalesce(nullif(to_jsonb(w) -> 'renamed_from', 'null'), '[]')::text
 FROM cdc_invalidator.watched_v1 w
-JOIN pg_class c ON c.oid = w.relid
-JOIN pg_namespace n ON n.oid = c.relnamespace
+-- (a table dropped since has no name now: its sweep, queued by the drop under the
+-- recorded name, is still mapped by a name it had)
+LEFT JOIN pg_class c ON c.oid = w.relid
+LEFT JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE (w.schema_name, w.table_name) = (%(schema)s, %(name)s)
    OR (to_jsonb(w) -> 'renamed_from')
       @> jsonb_build_array(jsonb_build_array(%(schema)s::text, %(name)s::text))

@@ -652,3 +652,22 @@ def test_a_renamed_table_configured_so_loses_no_change_in_any_order(env: Env, re
         settle(env, r)
     assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 0
     assert keys(r) == {"user:11", "user:email:u11@x", "user:12", "user:email:u12@x"}
+
+
+def test_a_renamed_table_dropped_before_its_rows_are_read_loses_no_change(env: Env) -> None:
+    """Renamed, installed so, written, then dropped before a listener still on the old
+    file read its rows: those queued under the new name, and the drop's sweep (queued
+    under it too), are mapped by the old name, though the table has none now."""
+    users_table(env, [(1, "u1@x"), (2, "u2@x")])
+    config = install(env, USERS)
+    env.sql("ALTER TABLE users RENAME TO members")
+    install(env, {"public.members": USERS["public.users"]}, name="renamed.toml")
+    r = env.redis()
+    seed(r, 1, 2)
+    r.set("user:email:new@x", "-")
+    env.sql("UPDATE members SET email = 'new@x' WHERE id = 1")
+    env.sql("DROP TABLE members")
+    with listening(config):
+        settle(env, r)
+    assert keys(r) == set()
+    assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 0

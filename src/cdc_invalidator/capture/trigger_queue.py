@@ -592,12 +592,13 @@ class TriggerQueue:
         window = progress.window
         if window is None:  # a new window: its snapshot was taken by this read
             window, self._window_at = Snapshot.parse(chunk.window), time.monotonic()
+        # (before the read ahead starts: a name looked up would wait for it)
+        rows = chunk.rows if self._renames is None else self._renames.apply(chunk.rows)
         if chunk.last is not None and chunk.events >= limit:
             # More of this window waits: read its next chunk while this one's keys are
             # deleted (the server works on it meanwhile). Taken by the next batch() if
             # this one is acknowledged, thrown away if it is not.
             self._read_ahead.start(fetch_key(progress.done, window, chunk.last, limit))
-        rows = chunk.rows if self._renames is None else self._renames.apply(chunk.rows)
         # Columns 3 to 8: id, schema_name, table_name, op, old_row, new_row; 9: rows.
         # A pack's keys rendered column-wise where the mapper can (a bulk statement's
         # drain: profiled, building a dict and an event per row was most of decoding).
