@@ -13,6 +13,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import psycopg
@@ -23,7 +24,7 @@ from psycopg.conninfo import make_conninfo
 from cdc_invalidator.cli import main
 from tests.support.config import write_config
 from tests.support.env import Env
-from tests.support.listener import Spawn, listening, run_cli
+from tests.support.listener import Spawn, listening, run_cli, stop_listener
 from tests.support.sync import install, keys, settle, users_table
 from tests.support.waits import wait_until
 
@@ -671,3 +672,57 @@ def test_a_renamed_table_dropped_before_its_rows_are_read_loses_no_change(env: E
         settle(env, r)
     assert keys(r) == set()
     assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 0
+
+
+@pytest.mark.parametrize("first", ["edit", "install"])
+def test_a_rename_followed_while_writes_go_on_loses_no_change(
+    env: Env, spawn: Spawn, first: str
+) -> None:
+    """The review's run: writes to the renamed table all along, a listener on the
+    configuration file, the file edited to the new name and install run back to back
+    (the file first: the listener exits when it sees it changed; install first, the
+    listener down meanwhile), then the listener started again on the file. Every
+    write's keys are deleted, none is a dead letter."""
+    rows = 600
+    env.sql("CREATE TABLE users (id int PRIMARY KEY, email text, name text)")
+    env.sql(f"INSERT INTO users SELECT i, 'u' || i || '@x' FROM generate_series(1, {rows}) i")
+    config = install(env, USERS)
+    env.sql("ALTER TABLE users RENAME TO members")
+    r = env.redis()
+    seed(r, *range(1, rows + 1))
+    written = threading.Event()
+
+    def writer() -> None:
+        with psycopg.connect(env.dsn, autocommit=True) as conn:
+            for i in range(1, rows + 1):
+                conn.execute("UPDATE members SET name = 'w' WHERE id = %s", [i])
+                if i % 50 == 0:
+                    time.sleep(0.05)
+        written.set()
+
+    thread = threading.Thread(target=writer)
+    listener = spawn(config)
+    thread.start()
+    try:
+        wait_until(lambda: r.exists("user:100") == 0, what="writes before the rename's steps")
+        renamed = {"public.members": USERS["public.users"], "public.sync": ["sync:{id}"]}
+        if first == "edit":
+            env.config(renamed)
+            assert main(["install", "--config", str(config)]) == 0
+            assert listener.wait() == 1
+            assert listener.logged("configuration_changed")
+        else:
+            # Down meanwhile (a deploy): a backlog under the old name, read after both.
+            stop_listener(listener)
+            time.sleep(0.2)
+            other = env.config(renamed, name="other.toml")
+            assert main(["install", "--config", str(other)]) == 0
+            env.config(renamed)
+        assert not written.is_set(), "the writes went on through the steps"
+        spawn(config)
+        wait_until(written.is_set, what="every write", timeout_s=60)
+        settle(env, r)
+    finally:
+        thread.join(60)
+    assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 0
+    assert r.exists(*[f"user:{i}" for i in range(1, rows + 1)]) == 0
