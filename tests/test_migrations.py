@@ -592,8 +592,11 @@ def requeue_dead_letters(env: Env) -> None:
     )
 
 
+@pytest.mark.parametrize("payload", [False, True], ids=["", "notify_payload"])
 @pytest.mark.parametrize("rename", ["table", "schema"])
-def test_a_renamed_table_configured_so_loses_no_change_in_any_order(env: Env, rename: str) -> None:
+def test_a_renamed_table_configured_so_loses_no_change_in_any_order(
+    env: Env, rename: str, payload: bool
+) -> None:
     """check's advice after a rename (configure the new name, run install), followed in
     every order: rows queued under the old name before the listener restarts on the
     edited file, before install, read after it, and requeued dead letters of it, are
@@ -602,7 +605,9 @@ def test_a_renamed_table_configured_so_loses_no_change_in_any_order(env: Env, re
     env.sql("CREATE SCHEMA shop")
     env.sql("CREATE TABLE shop.users (id int PRIMARY KEY, email text, name text)")
     env.sql("INSERT INTO shop.users SELECT i, 'u' || i || '@x' FROM generate_series(1, 12) i")
-    config = install(env, {"shop.users": ["user:{id}", "user:email:{email}"]})
+    config = install(
+        env, {"shop.users": ["user:{id}", "user:email:{email}"]}, notify_payload=payload
+    )
     if rename == "table":
         env.sql("ALTER TABLE shop.users RENAME TO members")
         new_name = "shop.members"
@@ -613,6 +618,7 @@ def test_a_renamed_table_configured_so_loses_no_change_in_any_order(env: Env, re
     renamed = env.config(
         {new_name: ["user:{id}", "user:email:{email}"], "public.sync": ["sync:{id}"]},
         name="renamed.toml",
+        notify_payload=payload,
     )
     r = env.redis()
     seed(r, *range(1, 13))
