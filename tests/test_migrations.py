@@ -595,13 +595,14 @@ def requeue_dead_letters(env: Env) -> None:
 @pytest.mark.parametrize("payload", [False, True], ids=["", "notify_payload"])
 @pytest.mark.parametrize("rename", ["table", "schema"])
 def test_a_renamed_table_configured_so_loses_no_change_in_any_order(
-    env: Env, rename: str, payload: bool
+    env: Env, spawn: Spawn, rename: str, payload: bool
 ) -> None:
     """check's advice after a rename (configure the new name, run install), followed in
     every order: rows queued under the old name before the listener restarts on the
     edited file, before install, read after it, and requeued dead letters of it, are
     all mapped by the table's name now; none is a dead letter. A listener still on the
-    old mapping maps rows queued under the new name after install by the old one."""
+    old mapping after install stops (configuration_superseded), and one on the edited
+    file reads the rows queued under the new name."""
     env.sql("CREATE SCHEMA shop")
     env.sql("CREATE TABLE shop.users (id int PRIMARY KEY, email text, name text)")
     env.sql("INSERT INTO shop.users SELECT i, 'u' || i || '@x' FROM generate_series(1, 12) i")
@@ -653,28 +654,37 @@ def test_a_renamed_table_configured_so_loses_no_change_in_any_order(
     with listening(renamed):
         settle(env, r)
     assert check(renamed).returncode == 0, check(renamed).stderr
-    # 3. A listener still on the old mapping reads rows queued under the new name.
+    # 3. A listener still on the old mapping stops before it acknowledges anything (a
+    # later install replaced its mapping); one on the edited file reads what is left.
     env.sql(f"UPDATE {table} SET name = 'c' WHERE id IN (9, 10)")
-    with listening(config):
+    stale = spawn(config)
+    assert stale.wait() == 1
+    assert stale.logged("configuration_superseded")
+    with listening(renamed):
         settle(env, r)
     assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 0
     assert keys(r) == {"user:11", "user:email:u11@x", "user:12", "user:email:u12@x"}
 
 
-def test_a_renamed_table_dropped_before_its_rows_are_read_loses_no_change(env: Env) -> None:
-    """Renamed, installed so, written, then dropped before a listener still on the old
-    file read its rows: those queued under the new name, and the drop's sweep (queued
-    under it too), are mapped by the old name, though the table has none now."""
+def test_a_renamed_table_dropped_before_its_rows_are_read_loses_no_change(
+    env: Env, spawn: Spawn
+) -> None:
+    """Renamed, installed so, written, then dropped before its rows were read: a
+    listener still on the old file stops (a later install replaced its mapping), and
+    one on the installed file deletes their keys and sweeps, though the table is gone."""
     users_table(env, [(1, "u1@x"), (2, "u2@x")])
     config = install(env, USERS)
     env.sql("ALTER TABLE users RENAME TO members")
-    install(env, {"public.members": USERS["public.users"]}, name="renamed.toml")
+    renamed = install(env, {"public.members": USERS["public.users"]}, name="renamed.toml")
     r = env.redis()
     seed(r, 1, 2)
     r.set("user:email:new@x", "-")
     env.sql("UPDATE members SET email = 'new@x' WHERE id = 1")
     env.sql("DROP TABLE members")
-    with listening(config):
+    stale = spawn(config)
+    assert stale.wait() == 1
+    assert stale.logged("configuration_superseded")
+    with listening(renamed):
         settle(env, r)
     assert keys(r) == set()
     assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 0
