@@ -114,16 +114,18 @@ def text_array(items: list[str]) -> sql.Composed:
 
 
 def guard(publication: str | None, action: str = "install") -> sql.Composed:
-    """The start of every install and uninstall script: bound its lock waits
-    (sql/lock_wait.sql), pin the search_path and refuse to go on if anything the script
-    would reuse or run belongs to another role (sql/guard.sql). With `publication`, the
+    """The start of every install and uninstall script: pin the search_path and refuse
+    to go on if anything the script would reuse or run belongs to another role
+    (sql/guard.sql), then bound its lock waits (sql/lock_wait.sql). With `publication`, the
     publication of that name is checked too (logical mode reuses it; trigger mode only
     drops it)."""
+    # (The lock wait after the guard, which pins the search_path first: nothing runs
+    # before that. The guard reads only the catalog, and takes no lock a write waits on.)
     return sql.Composed(
         [
-            Q.LOCK_WAIT.sql.format(ms=sql.Literal(LOCK_WAIT_MS)),
-            sql.SQL("\n"),
             Q.GUARD.sql.format(publication=sql.Literal(publication), action=sql.Literal(action)),
+            sql.SQL("\n"),
+            Q.LOCK_WAIT.sql.format(ms=sql.Literal(LOCK_WAIT_MS)),
         ]
     )
 

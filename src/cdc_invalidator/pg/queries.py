@@ -45,7 +45,7 @@ class Q(enum.Enum):
     LOGICAL_INSTALL = "logical_install.sql"  # the publication
     LOGICAL_DRIFT_SWEEP = "logical_drift_sweep.sql"  # before it: a drift found is swept
     UNINSTALL = "uninstall.sql"
-    LOCK_WAIT = "lock_wait.sql"  # before either script, in its transaction
+    LOCK_WAIT = "lock_wait.sql"  # after the guard, in either script
     RECORD_MAPPING = "record_mapping.sql"  # {fingerprint}: the end of either install script
     RESET_AFTER_RESTORE = "reset_after_restore.sql"  # run by a DBA by hand (docs/DBA.md)
 
