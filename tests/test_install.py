@@ -591,6 +591,21 @@ def test_check_warns_when_one_tables_sweep_reaches_anothers_keys(
     assert "'user:settings:1'" in line
 
 
+def test_check_warns_of_a_field_written_in_doubled_braces(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`{{id}}` is the literal text `{id}` in every key: a Redis Cluster hash tag around
+    the value is `{{{id}}}`. Easy to get wrong, and every key was the same fixed one."""
+    tables(env)
+    config = env.config({"public.users": ["user:{{id}}", "user:{{{id}}}:email"]})
+    assert cli("install", "--config", config) == 0
+    code, out, err = check(config, capsys)
+    assert code == 0, err
+    [line] = [line for line in out.splitlines() if "doubled braces" in line]
+    assert "template 'user:{{id}}' of table 'public.users' has the literal text '{id}'" in line
+    assert "write 'user:{{{id}}}'" in line
+
+
 def test_check_warns_about_whichever_table_sweeps_the_other(
     env: Env, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -61,6 +62,9 @@ def check_templates(settings: Settings, config_name: str) -> Report:
     for table in mapper.tables:
         db = settings.tables[names[table]].redis_db
         dbs[table] = url_db if db is None else db
+    for table, templates in sorted(mapper.tables.items()):
+        for template in templates:
+            _warn_literal_field(report, config_name, names[table], template)
     for a, b in permutations(sorted(mapper.tables), 2):
         if dbs[a] is not None and dbs[b] is not None and dbs[a] != dbs[b]:
             continue
@@ -76,6 +80,25 @@ def check_templates(settings: Settings, config_name: str) -> Report:
                         "their own if that is not meant"
                     )
     return report
+
+
+# Literal text that reads as a field: "{{id}}" (doubled braces are literal) where a
+# Redis Cluster hash tag around the value, "{{{id}}}", was meant.
+_LITERAL_FIELD = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*(?:\|[^{}]*)?\}")
+
+
+def _warn_literal_field(
+    report: Report, config_name: str, table: str, template: KeyTemplate
+) -> None:
+    for literal in template.literals:
+        if (found := _LITERAL_FIELD.search(literal)) is not None:
+            text = found.group(0)
+            tagged = template.source.replace("{" + text + "}", "{{" + text + "}}")
+            report.warnings.append(
+                f"{config_name}: template {template.source!r} of table {table!r} has the "
+                f"literal text {text!r} in every key (doubled braces are literal): for a "
+                f"Redis Cluster hash tag around the value, write {tagged!r}"
+            )
 
 
 def _url_db(url: str) -> int | None:
