@@ -1,9 +1,11 @@
 -- What became of a configured table since install recorded it (published_v1): the name
--- its relation has now (NULL: dropped), whether the configured name still names it, and
+-- its relation has now (NULL: dropped), whether the configured name still names it (or
+-- names another table now: renamed away and another made in its place), and
 -- each key column as configured, as it is named now (NULL: dropped), and whether another
 -- column took its configured name since (which logical mode then follows).
 SELECT CASE WHEN c.oid IS NOT NULL THEN p.relid::regclass::text END AS now_name,
        to_regclass(%(qualified)s) IS NOT DISTINCT FROM p.relid AS same,
+       to_regclass(%(qualified)s) IS NOT NULL AS name_taken,
        ARRAY(SELECT ARRAY[k.name, (SELECT a.attname::text FROM pg_attribute a
                                    WHERE a.attrelid = p.relid AND a.attnum = k.attnum
                                      AND NOT a.attisdropped),

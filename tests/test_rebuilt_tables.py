@@ -613,6 +613,11 @@ def test_logical_a_rebuilt_table_is_swept_then_published(env: Env, owner: str, s
             env.sql(as_role(owner, "DROP TABLE users"))
             wait_swept(r)
     assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 0
+    if swap:
+        # The configuration is right: install, not an edit of it, follows the newcomer.
+        said = check(config)
+        assert "is another table than install recorded" in said.stderr, said.stderr
+        assert "edit the configuration" not in said.stderr
 
 
 def test_logical_a_table_rebuilt_partitioned_is_published_with_its_partitions(

@@ -765,9 +765,18 @@ def drifted(conn: psycopg.Connection[Any], report: Report, where: str, table: Ta
     ).fetchone()
     if row is None or row[0] is None:
         return False  # not recorded, or dropped: the usual checks say what is wrong
-    now, same, columns = row
+    now, same, name_taken, columns = row
     todo = "edit the configuration to the new names, then run `cdc-invalidator install`"
     drifted = False
+    if not same and name_taken:
+        # Renamed away, and a table made under the configured name since (a rebuild by
+        # swap): the configuration is right, and names the newcomer.
+        report.errors.append(
+            f"{where}: table {table} is another table than install recorded (that one was "
+            f"renamed to {now}): run `cdc-invalidator install` to watch the table that has "
+            "the configured name now"
+        )
+        return True
     if not same:
         drifted = True
         report.errors.append(
