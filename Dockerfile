@@ -1,5 +1,6 @@
 # The listener image. Build: docker build -t cdc-invalidator .
-# Run:   docker run --rm -v $PWD/config.toml:/etc/cdc-invalidator/config.toml:ro cdc-invalidator
+# Run:   docker run --rm -v $PWD/conf:/etc/cdc-invalidator:ro cdc-invalidator  (conf/config.toml;
+#        a directory, not the file: an edited file is a new file, which a file mount never shows)
 # Any subcommand works too: docker run ... cdc-invalidator check
 # The wheel is built in a stage of its own, with a C compiler for capture/_walk.c
 # (logical mode's tuple walks in C) and sink/_slots.c (a Redis Cluster's hash slots);
