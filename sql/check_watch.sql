@@ -96,6 +96,23 @@ SELECT
                    AND has_column_privilege(p.proowner, 'cdc_invalidator.queue_v1', 'op',
                                             'INSERT'))
         UNION ALL
+        -- A capture function pinned for a date or float column, without bytea_output
+        -- (none of its columns could hold a bytea at install), and a key column retyped
+        -- since to one that may: its keys render in the writer's bytea_output.
+        SELECT format('column %%s was retyped to %%s since install, and capture function '
+                      '%%s does not pin bytea_output: its keys render in the writing '
+                      'session''s bytea_output: run `cdc-invalidator install`',
+                      quote_ident(a.attname), format_type(a.atttypid, a.atttypmod),
+                      p.oid::regprocedure)
+        FROM pg_proc p
+        JOIN pg_attribute a ON a.attrelid = w.relid AND a.attnum = ANY (w.attnums)
+                           AND NOT a.attisdropped
+        WHERE p.oid = to_regprocedure(
+                  'cdc_invalidator.' || quote_ident('capture_' || w.relid::oid || '_v1') || '()')
+          AND EXISTS (SELECT FROM unnest(p.proconfig) g WHERE g LIKE 'TimeZone=%%')
+          AND NOT EXISTS (SELECT FROM unnest(p.proconfig) g WHERE g LIKE 'bytea_output=%%')
+          AND cdc_invalidator.prints_bytea_v1(a.atttypid)
+        UNION ALL
         -- PostgreSQL copies the row trigger of a partitioned table onto each partition
         -- created or attached later, and checks EXECUTE on its function as the role doing
         -- it (the table's owner): an owner changed since install makes that fail.

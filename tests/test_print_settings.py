@@ -15,7 +15,7 @@ import pytest
 
 from cdc_invalidator.cli import main
 from tests.support.env import Env
-from tests.support.listener import Spawn, listening
+from tests.support.listener import Spawn, listening, run_cli
 from tests.support.sync import SYNC, install, keys, settle
 from tests.support.waits import wait_until
 
@@ -156,6 +156,25 @@ def test_a_column_filter_comparing_a_float_or_timestamp_is_pinned(env: Env) -> N
     assert main(["install", "--config", str(config)]) == 0
     assert settings_of(env, "plain") == [SEARCH_PATH]
     assert settings_of(env, "scored") == PINNED
+
+
+def test_check_names_a_key_column_retyped_to_bytea_in_a_function_pinned_without_it(
+    env: Env,
+) -> None:
+    """A table keyed by a timestamp and a text column: its function pins the date
+    settings, not bytea_output (no column could hold a bytea). The text column retyped
+    to bytea renders in the writer's bytea_output until install; check said all was
+    well. It names the column and says to run install."""
+    env.sql("CREATE TABLE m (id int PRIMARY KEY, at timestamptz, tok text)")
+    config = install(env, {"public.m": ["m:{at}", "m:tok:{tok}"]})
+    assert "bytea_output=hex" not in settings_of(env, "m")
+    env.sql("ALTER TABLE m ALTER COLUMN tok TYPE bytea USING convert_to(tok, 'UTF8')")
+    said = run_cli("check", "--config", str(config))
+    assert said.returncode == 1
+    assert "column tok was retyped to bytea since install" in said.stderr, said.stderr
+    assert main(["install", "--config", str(config)]) == 0
+    assert "bytea_output=hex" in settings_of(env, "m")
+    assert run_cli("check", "--config", str(config)).returncode == 0
 
 
 def test_a_key_retyped_to_timestamptz_after_install_sweeps_until_install(
