@@ -304,3 +304,20 @@ def test_config_file_sees_no_change_in_a_list_reordered(tmp_path: Path) -> None:
     assert not same.mapping_changed()
     path.write_text(table.format('"e:{email}", "user:{id}", "n:{name}"', '"b", "a"'))
     assert same.mapping_changed()
+
+
+def test_the_mapping_fingerprint_is_what_the_tables_mean(tmp_path: Path) -> None:
+    """install records it and a listener on another one stops: a table written without
+    its schema, a list in another order, or a setting outside the tables changes
+    nothing; a template added does."""
+    base = 'database_url = "postgresql://h/db"\nredis_url = "redis://h"\n'
+    quoted = '[tables."public.users"]\nkeys = ["user:{id}", "user:email:{email}"]\n'
+    bare = '[tables.users]\nkeys = ["user:email:{email}", "user:{id}"]\n'
+    more = '[tables.users]\nkeys = ["user:{id}", "user:email:{email}", "user:n:{name}"]\n'
+
+    def fingerprint(text: str) -> str:
+        return load_settings(_write(tmp_path, text)).mapping_fingerprint()
+
+    first = fingerprint(base + quoted)
+    assert fingerprint(base + "batch_size = 7\n" + bare) == first
+    assert fingerprint(base + more) != first

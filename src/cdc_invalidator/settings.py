@@ -574,9 +574,10 @@ class ConfigFile:
 
 
 def _fingerprint(tables: dict[str, TableSettings]) -> str:
-    """What the tables' settings mean (_meaning), as a short hash."""
+    """What the tables' settings mean (_meaning), as a short hash: tables by the table
+    their name names (`[tables.users]` is `[tables."public.users"]`)."""
     canonical = {
-        name: {
+        TableName.parse(name).qualified: {
             field: sorted(value) if isinstance(value, frozenset) else value
             for field, value in meaning.items()
         }
