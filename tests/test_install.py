@@ -469,6 +469,19 @@ def test_a_script_waiting_on_a_long_transactions_lock_gives_up_changing_nothing(
     assert cli(command, "--config", config) == 0, "once the transaction ended"
 
 
+@pytest.mark.parametrize(("own", "kept"), [(None, "200ms"), ("2s", "2s"), ("0", "200ms")])
+def test_the_scripts_lock_wait_is_bounded_unless_the_session_chose_its_own(
+    env: Env, own: str | None, kept: str
+) -> None:
+    """Under half of deadlock_timeout by default; a lock_timeout the operator set
+    (PGOPTIONS) is kept, for writers that hold a table longer, one after another."""
+    with env.connect() as conn, conn.transaction():
+        if own is not None:
+            conn.execute(sql.SQL("SET lock_timeout = {}").format(sql.Literal(own)))
+        conn.execute(trigger_sql.guard(None))
+        assert conn.execute("SHOW lock_timeout").fetchone() == (kept,)
+
+
 # --- uninstall -----------------------------------------------------------------------------
 
 

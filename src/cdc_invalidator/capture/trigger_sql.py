@@ -248,7 +248,10 @@ def apply(
                     f"gave up after {tries} tries in {try_for_s:.0f} s, each ended waiting "
                     f"for a lock that others held ({exc.diag.message_primary}); run it "
                     "again when the tables are quieter, or once the long transaction that "
-                    "holds it ends"
+                    "holds it ends; under writers that hold a table longer, one after "
+                    "another, let each try wait longer: PGOPTIONS='-c lock_timeout=2s' "
+                    "(above deadlock_timeout, a writer in a deadlock with it may be the one "
+                    "aborted)"
                 ) from None
             time.sleep(delay)
         else:
