@@ -1,3 +1,3 @@
--- A mapping's state: 'current', 'superseded' by a later install (sql/schema.sql says
--- why a listener on it stops) or 'not installed'.
-SELECT cdc_invalidator.mapping_state_v1(%(mapping)s)
+-- A mapping's state: 'current', 'superseded' by a later install, 'behind' it, or 'not
+-- installed' (sql/schema.sql says which a listener stops at).
+SELECT cdc_invalidator.mapping_state_v1(%(mapping)s, %(written_at)s)

@@ -11,5 +11,6 @@ WHERE slot_name = %(slot)s
       = %(walsender)s
   -- Nor by a listener whose mapping a later install replaced: it rendered what was
   -- published since with its older templates (no row: the caller asks which it was).
-  AND cdc_invalidator.mapping_state_v1(%(mapping)s) <> 'superseded'
+  AND cdc_invalidator.mapping_state_v1(%(mapping)s, %(written_at)s)
+      NOT IN ('superseded', 'behind')
 RETURNING true

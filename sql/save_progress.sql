@@ -16,7 +16,8 @@ WITH before AS (
         after_id = %(after_id)s,
         last_processed_at = now(),
         events_processed = events_processed + %(events)s
-    WHERE cdc_invalidator.mapping_state_v1(%(mapping)s) <> 'superseded'
+    WHERE cdc_invalidator.mapping_state_v1(%(mapping)s, %(written_at)s)
+          NOT IN ('superseded', 'behind')
     RETURNING snapshot
 ), recorded AS (
     INSERT INTO cdc_invalidator.progress_v1 (snapshot)

@@ -340,30 +340,38 @@ LANGUAGE sql IMMUTABLE AS 'SELECT 5';
 -- as a standby still on the old file does when it takes over. It stops before it
 -- acknowledges anything: mapping_state_v1(), asked at its start and in each save of
 -- its position. A mapping never installed is ahead of install (the documented order
--- edits the file first, and install may come hours later): that listener runs.
+-- edits the file first, and install may come hours later), unless its file is older
+-- than the last install: that listener runs.
 CREATE TABLE IF NOT EXISTS cdc_invalidator.mapping_v1 (
     id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     fingerprint  text NOT NULL,
     installed_at timestamptz NOT NULL DEFAULT now()
 );
 
--- A mapping's state: 'current' (installed last), 'superseded' (installed, then replaced)
--- or 'not installed'. As its owner: a listener role (or `check`'s) needs no grant on
+-- A mapping's state: 'current' (installed last), 'superseded' (installed, then replaced),
+-- 'behind' (never installed, and its file was written before the last install: a file
+-- older than what was installed, as after uninstall, which takes the record with it, and
+-- an install of another file) or 'not installed' (its file edited since the last
+-- install: ahead of it). As its owner: a listener role (or `check`'s) needs no grant on
 -- the table. It says no more than that, so PUBLIC may ask.
-CREATE OR REPLACE FUNCTION cdc_invalidator.mapping_state_v1(fingerprint text)
+DROP FUNCTION IF EXISTS cdc_invalidator.mapping_state_v1(text);
+CREATE OR REPLACE FUNCTION cdc_invalidator.mapping_state_v1(
+    fingerprint text, written_at double precision DEFAULT NULL)
 RETURNS text
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $state$
+    WITH last AS (
+        SELECT m.fingerprint, m.installed_at
+        FROM cdc_invalidator.mapping_v1 m ORDER BY m.id DESC LIMIT 1)
     SELECT CASE
-        WHEN $1 IS NOT DISTINCT FROM (
-            SELECT m.fingerprint FROM cdc_invalidator.mapping_v1 m ORDER BY m.id DESC LIMIT 1)
-            THEN 'current'
+        WHEN $1 IS NOT DISTINCT FROM (SELECT l.fingerprint FROM last l) THEN 'current'
         WHEN EXISTS (SELECT FROM cdc_invalidator.mapping_v1 m WHERE m.fingerprint = $1)
             THEN 'superseded'
+        WHEN (SELECT l.installed_at FROM last l) > to_timestamp($2) THEN 'behind'
         ELSE 'not installed'
     END
 $state$;
-GRANT EXECUTE ON FUNCTION cdc_invalidator.mapping_state_v1(text) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION cdc_invalidator.mapping_state_v1(text, double precision) TO PUBLIC;
 
 -- queue_statement_v1(op, names, labels, columns): the statement a capture function runs
 -- for a statement of kind `op` (TG_OP) on a watched table: one INSERT ... SELECT from the

@@ -24,6 +24,7 @@ from tests.support.listener import (
     cli,
     listening,
     run_cli,
+    stop_listener,
 )
 from tests.support.psql import psql
 from tests.support.roles import login_role
@@ -1117,6 +1118,27 @@ def test_a_listener_whose_mapping_a_later_install_replaced_stops_before_acknowle
     assert (
         "its mapping is the one installed last" in run_cli("check", "--config", str(newer)).stdout
     )
+
+
+def test_a_listener_on_a_file_older_than_the_last_install_stops(
+    env: Env, capture: str, spawn: Spawn
+) -> None:
+    """uninstall takes the record of installed mappings with it; an install of another
+    file follows. A listener on the first file found its mapping "not installed", as one
+    ahead of install is, ran, and acknowledged with its old templates (a review: keys of
+    the new template left cached for good). Its file is older than that install: it
+    stops."""
+    config, listener = consuming(env, spawn)
+    stop_listener(listener)
+    assert cli("uninstall", "--config", config) == 0
+    wider = {"public.users": [*USERS["public.users"], "user:name:{name}"]}
+    assert cli("install", "--config", env.config(wider, name="newer.toml")) == 0
+    stale = spawn(config)
+    assert stale.wait() == 1
+    assert stale.logged("configuration_superseded")
+    said = run_cli("check", "--config", str(config))
+    assert said.returncode == 1
+    assert "or ran with another one after this file was written" in said.stderr, said.stderr
 
 
 def test_a_listener_ahead_of_install_runs_until_install_catches_up(

@@ -1661,7 +1661,7 @@ def test_only_the_listener_streaming_the_slot_writes_its_position(env: Env) -> N
         with env.connect() as conn:
             before = conn.execute(state).fetchone()
             assert before is not None
-            save = {"slot": SLOT, "lsn": acked, "events": 5, "mapping": None}
+            save = {"slot": SLOT, "lsn": acked, "events": 5, "mapping": None, "written_at": None}
             conn.execute(Q.SAVE_ACK.sql, {**save, "walsender": ours + 1})
             assert conn.execute(state).fetchone() == before, "not the slot's walsender"
             conn.execute(Q.SAVE_ACK.sql, {**save, "walsender": ours})

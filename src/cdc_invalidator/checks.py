@@ -18,6 +18,7 @@ from cdc_invalidator.capture.slot import SlotClass, SlotState
 from cdc_invalidator.capture.trigger_sql import (
     SCHEMA_REVISION,
     SCHEMA_VERSION,
+    MappingStamp,
     installed_mismatch,
     installed_version,
     mapping_state,
@@ -196,14 +197,15 @@ def _check_mapping(
     conn: psycopg.Connection[Any], settings: Settings, report: Report, config_name: str
 ) -> None:
     """Whether `install` last ran with this file's mapping (sql/schema.sql, mapping_v1)."""
-    state = mapping_state(conn, settings.mapping_fingerprint())
+    state = mapping_state(conn, MappingStamp(settings.mapping_fingerprint(), settings.written_at))
     if state == "current":
         report.ok.append(f"{config_name}: its mapping is the one installed last")
-    elif state == "superseded":
+    elif state in ("superseded", "behind"):
         report.errors.append(
-            f"{config_name}: a later `install` replaced this file's mapping: a listener "
-            "running it stops (`configuration_superseded`); give it the file `install` last "
-            "ran with, or run `install` with this one"
+            f"{config_name}: a later `install` replaced this file's mapping, or ran with "
+            "another one after this file was written: a listener running it stops "
+            "(`configuration_superseded`); give it the file `install` last ran with, or run "
+            "`install` with this one"
         )
     else:
         report.warnings.append(

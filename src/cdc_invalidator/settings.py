@@ -22,6 +22,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -412,6 +413,15 @@ class Settings(BaseSettings):
         filters = {t: s.column_filter() for t, s in self.table_settings().items()}
         return {t: f for t, f in filters.items() if f is not None}
 
+    # When the file was last written (its mtime, seconds since the epoch), as loaded:
+    # a mapping never installed is behind an install made after it (sql/schema.sql,
+    # mapping_state_v1). None: not read from a file.
+    _written_at: float | None = PrivateAttr(default=None)
+
+    @property
+    def written_at(self) -> float | None:
+        return self._written_at
+
     def mapping_fingerprint(self) -> str:
         """The tables' settings as a short hash, order aside: `install` records it, and a
         listener whose mapping a later install replaced stops (sql/schema.sql)."""
@@ -461,6 +471,7 @@ def load_settings(path: str | Path | None = None) -> Settings:
     """Read and validate the configuration, or raise ConfigError naming the culprit."""
     path = config_path(path)
     try:
+        written_at = path.stat().st_mtime  # (before the read: an edit between is newer)
         data: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
@@ -472,13 +483,15 @@ def load_settings(path: str | Path | None = None) -> Settings:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
     scrub = Scrubber(_raw_secrets(data))
     try:
-        return Settings(**data)
+        settings = Settings(**data)
     except ValidationError as exc:
         raise ConfigError(scrub(_describe(path, exc))) from None
     except SettingsError as exc:  # a variable's JSON (tables) does not parse
         field = re.search(r'field "(\w+)"', str(exc))
         what = f"{ENV_PREFIX}{field[1].upper()}" if field else "a variable"
         raise ConfigError(scrub(f"invalid configuration: {what}: {exc.__cause__ or exc}")) from None
+    settings._written_at = written_at  # (set where the file is read)
+    return settings
 
 
 def _raw_secrets(data: dict[str, Any]) -> list[str]:

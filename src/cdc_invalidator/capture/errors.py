@@ -22,9 +22,9 @@ class MappingSuperseded(Fatal):
 
 
 SUPERSEDED = (
-    "a later `install` replaced this listener's mapping: the database captures for "
-    "another configuration than this listener's file holds (a listener, or a standby, "
-    "not yet given the new file?)"
+    "a later `install` replaced this listener's mapping, or ran with another one after its "
+    "file was written: the database captures for another configuration than this "
+    "listener's file holds (a listener, or a standby, not yet given the new file?)"
 )
 
 

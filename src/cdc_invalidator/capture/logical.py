@@ -64,7 +64,12 @@ from cdc_invalidator.capture.pgoutput import (
 from cdc_invalidator.capture.rows import Transaction, encode_history, with_transaction
 from cdc_invalidator.capture.slot import SlotClass, SlotState, Verdict
 from cdc_invalidator.capture.streamed import Chunk, Dead, Prefetch, StreamedTxn, pack
-from cdc_invalidator.capture.trigger_sql import require_current_mapping, require_installed
+from cdc_invalidator.capture.trigger_sql import (
+    NO_STAMP,
+    MappingStamp,
+    require_current_mapping,
+    require_installed,
+)
 from cdc_invalidator.capture.walstream import (
     Keepalive,
     SlotInUse,
@@ -224,7 +229,7 @@ class LogicalConfig:
     spill_bytes: int = SPILL_BYTES
     # The mapping's fingerprint (Settings.mapping_fingerprint): a later install's stops
     # this listener, at connect and at each save. None: never asked.
-    mapping: str | None = None
+    mapping: MappingStamp | None = None
 
 
 class LogicalCapture:
@@ -1193,7 +1198,7 @@ class LogicalStream:
                     "lsn": format_lsn(target),
                     "events": self._unsaved_events,
                     "walsender": self._stream.walsender,
-                    "mapping": self._config.mapping,
+                    **(self._config.mapping.params() if self._config.mapping else NO_STAMP),
                 },
             ).fetchone()
             if saved is None and self._config.mapping is not None:

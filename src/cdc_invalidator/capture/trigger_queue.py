@@ -49,6 +49,8 @@ from cdc_invalidator.capture.holds import Hold, Holds
 from cdc_invalidator.capture.rows import RowDecoder, pack_element, queue_id
 from cdc_invalidator.capture.trigger_sql import (
     CHANNEL,
+    NO_STAMP,
+    MappingStamp,
     require_current_mapping,
     require_installed,
 )
@@ -449,7 +451,7 @@ class TriggerCapture:
         prune_every_s: float = 1.0,
         history_s: float = 0.0,
         mapper: Mapper | None = None,
-        mapping: str | None = None,
+        mapping: MappingStamp | None = None,
     ) -> None:
         self._pg = pg
         # The mapping's fingerprint (Settings.mapping_fingerprint): a later install's
@@ -514,7 +516,7 @@ class TriggerQueue:
         retention: Retention,
         mapper: Mapper | None = None,
         *,
-        mapping: str | None = None,
+        mapping: MappingStamp | None = None,
     ) -> None:
         self._conn = conn
         self._mapper = mapper
@@ -785,7 +787,7 @@ class TriggerQueue:
                 "after_xid": after_xid if window else None,
                 "after_id": after_id if window else None,
                 "events": progress.unsaved_events,
-                "mapping": self._mapping,
+                **(self._mapping.params() if self._mapping else NO_STAMP),
             },
         ).fetchone()
         if not saved or not saved[0]:
@@ -836,7 +838,7 @@ def _dead_rows(dead: dict[int, str]) -> dict[int, str]:
     return out
 
 
-def _prepare(conn: psycopg.Connection[Any], mapping: str | None) -> tuple[Progress, str]:
+def _prepare(conn: psycopg.Connection[Any], mapping: MappingStamp | None) -> tuple[Progress, str]:
     """The progress saved, and this run of the server (progress_ahead.sql: when it
     started, and when it last recovered from a crash)."""
     # The session's settings (no fsync wait, no bitmap scans) are the LISTENER kind's.

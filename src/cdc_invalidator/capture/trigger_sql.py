@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -198,17 +199,40 @@ def record_mapping(fingerprint: str) -> sql.Composed:
     )
 
 
-def mapping_state(conn: psycopg.Connection[Any], fingerprint: str) -> str:
+@dataclass(frozen=True, slots=True)
+class MappingStamp:
+    """A configuration's mapping (Settings.mapping_fingerprint) and when its file was
+    written (Settings.written_at; None: not from a file)."""
+
+    fingerprint: str
+    written_at: float | None
+
+    def params(self) -> dict[str, object]:
+        """The mapping's parameters of the queries that ask mapping_state_v1()."""
+        return {"mapping": self.fingerprint, "written_at": self.written_at}
+
+
+# The parameters of a save's check when nothing is asked (tests, units).
+NO_STAMP: dict[str, object] = {"mapping": None, "written_at": None}
+
+
+def mapping_state(conn: psycopg.Connection[Any], stamp: MappingStamp) -> str:
     """'current' (installed last), 'superseded' (installed, then replaced by a later
-    install) or 'not installed' (sql/schema.sql, mapping_state_v1())."""
-    row = conn.execute(Q.MAPPING_STATE.sql, {"mapping": fingerprint}).fetchone()
+    install), 'behind' (never installed, its file older than the last install) or 'not
+    installed' (sql/schema.sql, mapping_state_v1())."""
+    row = conn.execute(Q.MAPPING_STATE.sql, stamp.params()).fetchone()
     return str(row[0]) if row else "not installed"
 
 
-def require_current_mapping(conn: psycopg.Connection[Any], fingerprint: str) -> None:
-    """MappingSuperseded if a later install replaced this listener's mapping."""
-    if mapping_state(conn, fingerprint) == "superseded":
+def require_current_mapping(conn: psycopg.Connection[Any], stamp: MappingStamp) -> None:
+    """MappingSuperseded if a later install replaced this listener's mapping, or ran with
+    another one after its file was written."""
+    if mapping_state(conn, stamp) in STOPPED_STATES:
         raise MappingSuperseded(SUPERSEDED)
+
+
+# The states of a mapping whose listener stops (sql/schema.sql, mapping_state_v1()).
+STOPPED_STATES = ("superseded", "behind")
 
 
 def render(script: sql.Composable) -> str:

@@ -95,7 +95,7 @@ class LogicalMode:
                 history_s=s.history_s,
                 prune_every_s=s.prune_every_ms / 1000,
                 mapper=mapper,
-                mapping=s.mapping_fingerprint(),
+                mapping=trigger_sql.MappingStamp(s.mapping_fingerprint(), s.written_at),
             ),
         ).connect
 

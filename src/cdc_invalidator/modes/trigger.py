@@ -79,7 +79,7 @@ class TriggerMode:
             prune_every_s=s.prune_every_ms / 1000,
             history_s=s.history_s,
             mapper=s.mapper(),
-            mapping=s.mapping_fingerprint(),
+            mapping=trigger_sql.MappingStamp(s.mapping_fingerprint(), s.written_at),
         ).connect
 
     def status(self, conn: psycopg.Connection[Any]) -> Status:
