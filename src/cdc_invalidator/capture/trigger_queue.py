@@ -38,7 +38,6 @@ from psycopg.rows import tuple_row
 
 from cdc_invalidator.capture.early import Content, EarlyBatch, EarlyChanges, Sender, early_batch
 from cdc_invalidator.capture.errors import (
-    SUPERSEDED,
     Fatal,
     MappingSuperseded,
     NotInstalled,
@@ -791,7 +790,11 @@ class TriggerQueue:
             },
         ).fetchone()
         if not saved or not saved[0]:
-            raise MappingSuperseded(SUPERSEDED)
+            if self._mapping is not None:
+                require_current_mapping(self._conn, self._mapping)  # which it was, then
+            raise NotInstalled(
+                "cdc_invalidator.listener_state_v1 is empty: run `cdc-invalidator install`"
+            )
         progress.saved, progress.unsaved_events = state, 0
         progress.saved_at = time.monotonic()
 
