@@ -212,7 +212,9 @@ def test_replay_window_zero_turns_replay_off(own_env: Env, spawn: Spawn) -> None
     stop_listener(listener)
 
 
-def test_replay_since_deletes_again_what_was_invalidated(env: Env, spawn: Spawn) -> None:
+def invalidated_then_stopped(env: Env, spawn: Spawn) -> tuple[Path, redis.Redis]:
+    """Every row cached, edited (a listener deleted the keys, replay history kept), and
+    that listener stopped: what `replay --since` then reads."""
     config = setup_users(env, rows=len(ROWS), replay_history="1h")
     listener = spawn(config)
     r = env.redis()
@@ -221,6 +223,11 @@ def test_replay_since_deletes_again_what_was_invalidated(env: Env, spawn: Spawn)
     edit_every_row(env)
     wait_until(lambda: cached(r) == 0, what="the edit's keys deleted")
     stop_listener(listener)
+    return config, r
+
+
+def test_replay_since_deletes_again_what_was_invalidated(env: Env, spawn: Spawn) -> None:
+    config, r = invalidated_then_stopped(env, spawn)
 
     # An operator restored a backup taken before the edit.
     cache(r, ROWS)
@@ -753,14 +760,7 @@ def test_replay_since_takes_rows_of_a_table_renamed_and_configured_so(
     """Rows invalidated under the table's old name, replayed after the table was renamed
     and the configuration (and install) followed: replayed under the new name, none
     skipped."""
-    config = setup_users(env, rows=len(ROWS), replay_history="1h")
-    listener = spawn(config)
-    r = env.redis()
-    wait_until(lambda: listener.logged("redis_identity_recorded"), what="the listener started")
-    cache(r, ROWS)
-    edit_every_row(env)
-    wait_until(lambda: cached(r) == 0, what="the edit's keys deleted")
-    stop_listener(listener)
+    config, r = invalidated_then_stopped(env, spawn)
     env.sql("ALTER TABLE users RENAME TO members")
     renamed = config.with_name("renamed.toml")
     renamed.write_text(config.read_text().replace('"public.users"', '"public.members"'))
