@@ -98,12 +98,16 @@ SELECT
         UNION ALL
         -- A capture function pinned for a date or float column, without bytea_output
         -- (none of its columns could hold a bytea at install), and a key column retyped
-        -- since to one that may: its keys render in the writer's bytea_output.
+        -- since to one that may: each statement sweeps the table (its probe no longer
+        -- plans); compiled by a release without that probe, its keys render in the
+        -- writer's bytea_output.
         SELECT format('column %%s was retyped to %%s since install, and capture function '
-                      '%%s does not pin bytea_output: its keys render in the writing '
-                      'session''s bytea_output: run `cdc-invalidator install`',
+                      '%%s does not pin bytea_output: %%s: run `cdc-invalidator install`',
                       quote_ident(a.attname), format_type(a.atttypid, a.atttypmod),
-                      p.oid::regprocedure)
+                      p.oid::regprocedure,
+                      CASE WHEN p.prosrc LIKE '%%prints_plain_probe_v1%%'
+                           THEN 'each statement that writes the table sweeps its templates'
+                           ELSE 'its keys render in the writing session''s bytea_output' END)
         FROM pg_proc p
         JOIN pg_attribute a ON a.attrelid = w.relid AND a.attnum = ANY (w.attnums)
                            AND NOT a.attisdropped

@@ -756,20 +756,45 @@ BEGIN
 END
 $probes$;
 
--- queue_drifted_unpinned_v1(table, labels, attnums, op, names): queue_drifted_v1 for a
--- capture function compiled without the pinned settings, whose probe failed: a column
--- was renamed or dropped, or retyped to a type whose text depends on the writer's
--- session. A key column of such a type would render as the writer's session prints it,
--- which can differ from the key the app built: rather than leave a stale key, the
--- statement queues a sweep of the table's templates (a cold cache, not a stale one) and
--- says to run install, which compiles the function with the settings pinned. Otherwise
--- (a rename; a retyped column that is not a key, judged by the filter, which the
--- drifted statement does not apply) queue_drifted_v1 decides.
-CREATE OR REPLACE FUNCTION cdc_invalidator.queue_drifted_unpinned_v1(
-    tbl regclass, labels text[], attnums int2[], op text, names text)
+-- prints_plain_probe_v1(value): the same for a capture function that pins the print
+-- settings but not bytea_output (no column it renders could hold a bytea at install):
+-- one overload per built-in type prints_bytea_v1() is false for (anyenum for the enums).
+-- Its probe names each key column in a call to it: once one is retyped to a bytea (or a
+-- type that may hold one), the probe no longer plans, and queue_drifted_no_bytea_v1
+-- takes over. A type reaches an overload by an implicit cast only when none matches
+-- exactly; no built-in cast from a bytea, an array, a composite or a range is implicit.
+DO $probes$
+DECLARE
+    t regtype;
+BEGIN
+    FOR t IN
+        SELECT p.oid::regtype FROM pg_type p
+        WHERE p.typtype = 'b' AND p.typnamespace = 'pg_catalog'::regnamespace
+          AND NOT cdc_invalidator.prints_bytea_v1(p.oid)
+        UNION ALL SELECT 'anyenum'::regtype
+    LOOP
+        EXECUTE format('CREATE OR REPLACE FUNCTION cdc_invalidator.prints_plain_probe_v1(%s) '
+                       'RETURNS boolean LANGUAGE sql IMMUTABLE AS ''SELECT true''', t);
+    END LOOP;
+END
+$probes$;
+
+-- queue_drifted_retyped_v1(table, labels, attnums, op, names, bytes): queue_drifted_v1
+-- for a capture function whose probe failed (a column was renamed, dropped or retyped)
+-- and that does not pin every print setting. A key column now of a type whose text
+-- depends on a setting the function leaves to the writer's session would render as that
+-- session prints it, which can differ from the key the app built: rather than leave a
+-- stale key, the statement queues a sweep of the table's templates (a cold cache, not a
+-- stale one) and says to run install, which compiles the function with the settings
+-- pinned. With `bytes`, the function pins all but bytea_output, and the types counted are
+-- those that may print a bytea; else it pins none, and they are those that do not print
+-- alike. Otherwise (a rename; a retyped column that is not a key, judged by the filter,
+-- which the drifted statement does not apply) queue_drifted_v1 decides.
+CREATE OR REPLACE FUNCTION cdc_invalidator.queue_drifted_retyped_v1(
+    tbl regclass, labels text[], attnums int2[], op text, names text, bytes boolean)
 RETURNS text
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
-AS $unpinned$
+AS $retyped$
 DECLARE
     retyped text;
 BEGIN
@@ -780,15 +805,36 @@ BEGIN
     INTO retyped
     FROM unnest(labels, attnums) WITH ORDINALITY AS k (l, n, i)
     JOIN pg_attribute a ON a.attrelid = tbl AND a.attnum = k.n AND NOT a.attisdropped
-    WHERE NOT cdc_invalidator.prints_alike_v1(a.atttypid);
+    WHERE CASE WHEN bytes THEN cdc_invalidator.prints_bytea_v1(a.atttypid)
+               ELSE NOT cdc_invalidator.prints_alike_v1(a.atttypid) END;
     IF retyped IS NOT NULL THEN
         RETURN cdc_invalidator.queue_sweep_v1(names, format(
-            'in %s, %s, whose text depends on the writing session''s settings: '
-            'run install to render it alike in every session', tbl, retyped));
+            'in %s, %s, whose text depends on the writing session''s %s: '
+            'run install to render it alike in every session', tbl, retyped,
+            CASE WHEN bytes THEN 'bytea_output' ELSE 'settings' END));
     END IF;
     RETURN cdc_invalidator.queue_drifted_v1(tbl, labels, attnums, op, names);
 END
+$retyped$;
+
+-- queue_drifted_unpinned_v1(table, labels, attnums, op, names): what a capture function
+-- compiled without the pinned settings calls when its probe fails (the name those of
+-- earlier releases call); queue_drifted_no_bytea_v1, one pinned without bytea_output.
+CREATE OR REPLACE FUNCTION cdc_invalidator.queue_drifted_unpinned_v1(
+    tbl regclass, labels text[], attnums int2[], op text, names text)
+RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $unpinned$
+    SELECT cdc_invalidator.queue_drifted_retyped_v1(tbl, labels, attnums, op, names, false)
 $unpinned$;
+
+CREATE OR REPLACE FUNCTION cdc_invalidator.queue_drifted_no_bytea_v1(
+    tbl regclass, labels text[], attnums int2[], op text, names text)
+RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $no_bytea$
+    SELECT cdc_invalidator.queue_drifted_retyped_v1(tbl, labels, attnums, op, names, true)
+$no_bytea$;
 
 -- queue_sweep_once_v1(schema, table, reason[, writer]): queue one sweep of the table's
 -- templates (by the name its events carry) for the current transaction, however many of
@@ -1168,10 +1214,15 @@ BEGIN
     -- renamed or dropped, the table is not judged (queue_drifted_v1: every UPDATE).
     -- Without pinned settings, the probe passes each rendered column to
     -- prints_alike_probe_v1(), which has no overload for a type that needs them: once one
-    -- is retyped to such a type, the probe fails too (queue_drifted_unpinned_v1).
+    -- is retyped to such a type, the probe fails too (queue_drifted_unpinned_v1). Pinned
+    -- without bytea_output, it passes each key column to prints_plain_probe_v1(), which
+    -- has none for a type that may hold a bytea (queue_drifted_no_bytea_v1). Planned once
+    -- per session, never run: the writes pay nothing for it.
     probe := 'false AND (' || coalesce((
         SELECT string_agg(format(CASE WHEN NOT pinned AND c = ANY (rendered)
                                       THEN 'cdc_invalidator.prints_alike_probe_v1(r.%I)'
+                                      WHEN pinned AND NOT bytes AND c = ANY (key_columns)
+                                      THEN 'cdc_invalidator.prints_plain_probe_v1(r.%I)'
                                       ELSE 'r.%I IS NULL' END, c), ' AND ' ORDER BY c)
         FROM (SELECT DISTINCT c FROM unnest(rendered
                   || CASE WHEN judged THEN pk ELSE '{}' END) c) d),
@@ -1261,7 +1312,8 @@ BEGIN
         probe, tbl::oid, key_columns, attnums, names,
         single_q[3],
         cdc_invalidator.queue_statement_v1('TRUNCATE', names, key_columns, key_columns),
-        CASE WHEN pinned THEN 'queue_drifted_v1' ELSE 'queue_drifted_unpinned_v1' END,
+        CASE WHEN NOT pinned THEN 'queue_drifted_unpinned_v1'
+             WHEN NOT bytes THEN 'queue_drifted_no_bytea_v1' ELSE 'queue_drifted_v1' END,
         many_q[1],
         many_q[2],
         many_q[3],

@@ -177,6 +177,50 @@ def test_check_names_a_key_column_retyped_to_bytea_in_a_function_pinned_without_
     assert run_cli("check", "--config", str(config)).returncode == 0
 
 
+def test_a_key_retyped_to_bytea_in_a_function_pinned_without_it_sweeps_until_install(
+    env: Env, spawn: Spawn
+) -> None:
+    """The table of the test above, written by a session with bytea_output = escape once
+    its text key column is a bytea: the key would render as `m:tok:cd`, and the app's
+    `m:tok:\\x6364` stayed cached. The function's probe no longer plans: each statement
+    sweeps the table's templates until install pins bytea_output."""
+    env.sql(
+        "CREATE TABLE m (id int PRIMARY KEY, at timestamptz, tok text);"
+        "INSERT INTO m VALUES (1, '2024-05-01 12:00+00', 'ab'), (2, '2024-05-02 12:00+00', 'cd');"
+        "CREATE TABLE other (id int PRIMARY KEY)"
+    )
+    tables = {"public.m": ["m:{at}", "m:tok:{tok}"], "public.other": ["other:{id}"]}
+    # No second deletes: they would sweep again after install, and take m:spared.
+    config = install(env, tables, second_delete_ms=0)
+    assert settings_of(env, "m") == PINNED
+    r = env.redis()
+    listener = spawn(config)
+    with env.connect() as writer:
+        writer.execute("UPDATE m SET id = id WHERE id = 1")  # the probe planned before
+        settle(env, r)
+        env.sql("ALTER TABLE m ALTER COLUMN tok TYPE bytea USING convert_to(tok, 'UTF8')")
+        r.mset({"m:2024-05-02 12:00:00+00": "-", "m:tok:\\x6364": "-", "other:1": "-"})
+        writer.execute("SET bytea_output = 'escape'")
+        writer.execute("UPDATE m SET id = id WHERE id = 2")  # succeeds
+    wait_until(lambda: keys(r) == {"other:1"}, what="m's templates swept")
+    wait_until(lambda: listener.logged("unrenderable_changes_swept"), what="the sweep logged")
+    reason = listener.logged("unrenderable_changes_swept")[0]["reason"]
+    assert "key column tok is now of type bytea" in reason, reason
+    assert "bytea_output" in reason, reason
+    assert "run install" in reason, reason
+    said = run_cli("check", "--config", str(config))
+    assert "each statement that writes the table sweeps its templates" in said.stderr, said.stderr
+
+    assert main(["install", "--config", str(config)]) == 0
+    assert settings_of(env, "m") == [*PINNED, "bytea_output=hex"]
+    r.mset({"m:2024-05-02 12:00:00+00": "-", "m:tok:\\x6364": "-", "m:spared": "-"})
+    with env.connect() as writer:
+        writer.execute("SET bytea_output = 'escape'")
+        writer.execute("UPDATE m SET id = id WHERE id = 2")
+    settle(env, r)
+    assert keys(r) == {"other:1", "m:spared"}
+
+
 def test_a_key_retyped_to_timestamptz_after_install_sweeps_until_install(
     env: Env, spawn: Spawn
 ) -> None:
