@@ -23,6 +23,7 @@ import redis
 
 from cdc_invalidator.capture.rows import Decoded, MapPack
 from cdc_invalidator.cli import main
+from cdc_invalidator.mapping import Routed
 from cdc_invalidator.modes import logical as logical_mode
 from cdc_invalidator.modes import trigger as trigger_mode
 from cdc_invalidator.modes.choose import mode_for
@@ -32,6 +33,7 @@ from cdc_invalidator.redis_guard.watch import RedisWatch
 from cdc_invalidator.redis_guard.window import UNKNOWN_PERSISTENCE_S, persistence_window
 from cdc_invalidator.settings import load_settings
 from cdc_invalidator.sink import RedisSink
+from cdc_invalidator.sweeper import Ticket
 from tests.support.env import Env, redis_of
 from tests.support.faults import (
     acknowledged,
@@ -469,6 +471,11 @@ def test_saved_positions_past_replay_history_are_pruned_but_the_newest_of_them(
     assert left == ([10, 5, 1],)  # 20 went; 10, the newest past the cutoff, stays
 
 
+def no_sweep(works: Routed) -> Ticket:
+    """RedisWatch's sweep_later where the history holds no TRUNCATE."""
+    pytest.fail(f"nothing to sweep: {works}")
+
+
 def test_a_replay_reads_the_history_only_once_settled(env: Env) -> None:
     """Logical mode writes the history behind the loop: a replay must first settle it
     (the runner passes the source's settle), or the keys of a batch whose history was
@@ -505,7 +512,10 @@ def test_a_replay_reads_the_history_only_once_settled(env: Env) -> None:
         window_s=60,
         check_every_s=1,
     )
-    assert watch.check(force=True, settle=lambda: order.append("settle")) is not None
+    assert (
+        watch.check(sweep_later=no_sweep, force=True, settle=lambda: order.append("settle"))
+        is not None
+    )
     assert order == ["settle", "read"]
 
 
@@ -531,8 +541,8 @@ def test_a_replay_refused_a_session_waits_for_the_next_check(env: Env) -> None:
         window_s=60,
         check_every_s=0.1,
     )
-    assert watch.check(force=True) is None
-    assert watch.check(force=True) is not None, "replayed at the next check"
+    assert watch.check(sweep_later=no_sweep, force=True) is None
+    assert watch.check(sweep_later=no_sweep, force=True) is not None, "replayed at the next check"
 
 
 # history_v1 refusing every INSERT as a full disk does (the connection stays usable).

@@ -288,9 +288,10 @@ class FakeWatch(RedisWatch):
 
     def check(
         self,
+        *,
+        sweep_later: SweepLater,
         force: bool = False,
         settle: Callable[[], None] = lambda: None,
-        sweep_later: SweepLater | None = None,
     ) -> ReplayResult | None:
         self._world.log.append(("check", force))
         if self._failures:

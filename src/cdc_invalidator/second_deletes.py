@@ -173,7 +173,7 @@ def redo_owed(  # noqa: PLR0913 - `sweep_later` is keyword-only
     sink: Sink,
     delay_s: float,
     *,
-    sweep_later: SweepLater | None = None,
+    sweep_later: SweepLater,
 ) -> float | None:
     """The listener before this one may have died owing second deletes (they live in
     memory): delete again what it acknowledged in its last 2 * delay_s (a second delete
@@ -182,8 +182,8 @@ def redo_owed(  # noqa: PLR0913 - `sweep_later` is keyword-only
     change (progress_v1), and how far it had got (listener_state_v1): the rows it had
     not processed are this listener's to delete, with their own second deletes.
 
-    Sweeps (a TRUNCATE's) are handed to `sweep_later` (the sweeper's thread) if given: a
-    second sweep holds nothing, and done here, it held every change behind it for a full
+    Sweeps (a TRUNCATE's) are handed to `sweep_later` (the sweeper's thread): a second
+    sweep holds nothing, and done here, it would hold every change behind it for a full
     SCAN of Redis before the listener's first batch.
 
     Returns how long ago the last acknowledgement was (None: never). Less than delay_s
@@ -193,10 +193,8 @@ def redo_owed(  # noqa: PLR0913 - `sweep_later` is keyword-only
     if ago is None:
         return None  # nothing acknowledged yet
     since_s = max(0.0, ago) + 2 * delay_s + MARGIN_S
-    result = replay(
-        conn, _AcknowledgedOnly(history), mapper, sink, since_s, sweep=sweep_later is None
-    )
-    if sweep_later is not None and result.owed:
+    result = replay(conn, _AcknowledgedOnly(history), mapper, sink, since_s, sweep=False)
+    if result.owed:
         sweep_later(result.owed)
     log.info(
         "second_deletes_redone",

@@ -29,7 +29,7 @@ from cdc_invalidator.redis_guard.window import MARGIN_S, persistence_window
 from cdc_invalidator.replay import ReplayResult, replay
 from cdc_invalidator.second_deletes import Acknowledged, redo_owed
 from cdc_invalidator.sink import Sink
-from cdc_invalidator.sink.protocol import REDIS_UNAVAILABLE, identity_of
+from cdc_invalidator.sink.protocol import identity_of
 from cdc_invalidator.sweeper import SweepLater, Ticket
 
 log = structlog.get_logger("cdc_invalidator.redis_guard")
@@ -62,9 +62,8 @@ class RedisWatch:
         self._known_at = 0.0  # monotonic time the known identity was last confirmed
         self._next_check = 0.0
         self._durability = Durability()
-        # A replay's sweeps not done yet: not handed to the sweeper yet (or, without one,
-        # not done here: a Cluster's slots migrating), handed over (their tickets); the
-        # identity to save once they are done (_sweep_owed).
+        # A replay's sweeps not done yet: not handed to the sweeper yet, handed over
+        # (their tickets); the identity to save once they are done (_sweep_owed).
         self._owed: Routed = {}
         self._handed: list[Ticket] = []
         self._owed_told = False
@@ -78,15 +77,17 @@ class RedisWatch:
 
     def check(
         self,
+        *,
+        sweep_later: SweepLater,
         force: bool = False,
         settle: Callable[[], None] = lambda: None,
-        sweep_later: SweepLater | None = None,
     ) -> ReplayResult | None:
         """The replay done, if one was. `settle` is called before a replay reads the
         history: it waits until the history of every batch acknowledged so far is
         written. `sweep_later` takes the sweeps of a replay and of the second deletes a
-        predecessor owed (redo_owed), to be done off the loop; without it, they are done
-        here. Raises what Redis or PostgreSQL raise: the runner retries."""
+        predecessor owed (redo_owed), to be done off the loop (the sweeper's thread): a
+        full SCAN here would hold every change behind it. Raises what Redis or
+        PostgreSQL raise: the runner retries."""
         now = time.monotonic()
         if self._redo_again_at is not None and now >= self._redo_again_at:
             self._redo_again(sweep_later)
@@ -141,7 +142,7 @@ class RedisWatch:
     def _redo(
         self,
         conn: psycopg.Connection[Any],
-        sweep_later: SweepLater | None,
+        sweep_later: SweepLater,
         *,
         again: bool = False,
     ) -> None:
@@ -160,7 +161,7 @@ class RedisWatch:
         if not again and ago is not None and ago < delay:
             self._redo_again_at = time.monotonic() + delay - ago
 
-    def _redo_again(self, sweep_later: SweepLater | None) -> None:
+    def _redo_again(self, sweep_later: SweepLater) -> None:
         """_redo(again=True), in a session of its own. Raises what Redis raises: done
         at the next check."""
         try:
@@ -215,25 +216,19 @@ class RedisWatch:
         )
         return result
 
-    def _sweep_owed(self, sweep_later: SweepLater | None) -> bool:
-        """The replay's sweeps, all in one pass, handed to `sweep_later` (else done here);
-        True once none is owed. One that fails (a Redis Cluster refuses to sweep while
-        slots migrate: keys in flight could be missed) is tried again, while the
+    def _sweep_owed(self, sweep_later: SweepLater) -> bool:
+        """The replay's sweeps, all in one pass, handed to `sweep_later`; True once none
+        is owed. One that fails (a Redis Cluster refuses to sweep while slots migrate:
+        keys in flight could be missed) is tried again by the sweeper, while the
         listener's batches go on: a migration can last hours, and every invalidation
         would wait for it. The new identity is saved only once they are done, so a
         listener stopped before owes the whole replay again."""
-        error, existed, swept = None, 0, bool(self._handed)
-        if self._owed and sweep_later is not None:
+        swept = bool(self._handed)
+        if self._owed:
             self._handed.append(sweep_later(self._owed))
             self._owed, swept = {}, True
-        elif self._owed:
-            try:
-                existed = self._sink.delete_routed(self._owed)
-                self._owed, swept = {}, True
-            except REDIS_UNAVAILABLE as exc:
-                error = f"{type(exc).__name__}: {exc}"
         waiting = [ticket for ticket in self._handed if not ticket.done.is_set()]
-        error = error or next((t.error for t in waiting if t.error), None)
+        error = next((t.error for t in waiting if t.error), None)
         if error is not None and not self._owed_told:
             self._owed_told = True
             log.warning(
@@ -242,10 +237,10 @@ class RedisWatch:
                 detail="the replay's sweeps are tried again until done; changes are "
                 "invalidated meanwhile",
             )
-        if self._owed or waiting:
+        if waiting:
             return False
         if swept:
-            existed += sum(ticket.existed for ticket in self._handed)
+            existed = sum(ticket.existed for ticket in self._handed)
             log.info("replay_sweep_done", existed=existed, deferred=self._owed_told)
         self._handed, self._owed_told = [], False
         return True
