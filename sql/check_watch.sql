@@ -82,6 +82,21 @@ SELECT
         WHERE (s.is_root OR s.present > 0)
           AND (s.tgfoid IS NULL OR s.tgenabled <> 'A' OR s.function <> s.ours)
         UNION ALL
+        -- Its capture function dropped, the table left: DROP OWNED BY ... CASCADE of the
+        -- function's owner (the table's owner at install) takes it and the triggers.
+        SELECT format('capture function %%s was dropped since install (by DROP OWNED BY its '
+                      'owner CASCADE?), and the capture triggers with it: %%s',
+                      'cdc_invalidator.' || quote_ident('capture_' || w.relid::oid || '_v1') || '()',
+                      CASE WHEN EXISTS (SELECT FROM pg_trigger tg
+                                        WHERE tg.tgrelid = w.relid
+                                          AND tg.tgname = 'cdc_invalidator_stand_in_v1')
+                           THEN 'the rebuild guard''s stand-in sweeps all of the table''s key '
+                                'templates for every transaction that writes it'
+                           ELSE 'its writes are not captured' END)
+        WHERE to_regprocedure('cdc_invalidator.' || quote_ident('capture_' || w.relid::oid || '_v1')
+                              || '()') IS NULL
+          AND EXISTS (SELECT FROM pg_class c WHERE c.oid = w.relid)
+        UNION ALL
         -- Its capture function runs as its owner, granted what it needs by install: an
         -- owner changed since (REASSIGN OWNED moves the function, not the grants) makes
         -- every write to the table fail.

@@ -21,6 +21,9 @@
 --     a stand-in) gets a TRUNCATE statement trigger of ours: the table's row trigger
 --     reaches the partition's rows, but a TRUNCATE naming the partition fires only the
 --     partition's own statement triggers.
+--   * Trigger mode: a DROP OWNED BY ... CASCADE that takes a watched table's capture
+--     function (and so its capture triggers) and leaves the table gives the table and
+--     its partitions the stand-in statement trigger (function_dropped_v1, below).
 --   * A partition dropped or detached takes its rows out of the watched table, one
 --     attached with rows brings them in, with no row change seen: the command asks for
 --     one sweep (members_v1, parts_moved_v1 and parts_dropped_v1, below).
@@ -319,8 +322,70 @@ BEGIN
         RAISE WARNING 'cdc_invalidator: the rebuild guard failed (%): the cached keys of a '
             'dropped watched table may stay cached: delete them by hand', SQLERRM;
     END;
+    IF TG_TAG = 'DROP OWNED' THEN
+        BEGIN
+            PERFORM cdc_invalidator.function_dropped_v1();
+        EXCEPTION WHEN OTHERS THEN
+            RAISE WARNING 'cdc_invalidator: the rebuild guard failed (%): a watched table whose '
+                'capture function was dropped is not captured: run `cdc-invalidator install`',
+                SQLERRM;
+        END;
+    END IF;
 END
 $dropped$;
+
+-- function_dropped_v1(): in dropped_v1's event, a DROP OWNED BY ... CASCADE that took a
+-- watched table's capture function and left the table: the function belongs to the
+-- table's owner at install, and after an ALTER TABLE ... OWNER TO still to the old one,
+-- whose DROP OWNED drops it, and with it every capture trigger of the table and its
+-- partitions. Their writes would go by uncaptured: each of those tables gets the stand-in
+-- statement trigger (sweep_untriggered_v1), which queues one sweep of the templates per
+-- transaction that writes it, a cold cache and never a stale one, until `install`
+-- compiles the function again (as the new owner's) and drops it. (Partitions made later
+-- get the table's row trigger, which sweeps, as they do without this.)
+CREATE OR REPLACE FUNCTION cdc_invalidator.function_dropped_v1()
+RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $function_dropped$
+DECLARE
+    r      record;
+    was    text := coalesce(current_setting('cdc_invalidator.installing', true), '');
+    marked boolean;
+BEGIN
+    IF cdc_invalidator.installing_v1() THEN
+        RETURN;
+    END IF;
+    -- (our CREATE TRIGGER and ALTER TABLE below fire our event triggers again)
+    marked := cdc_invalidator.mark_install_v1();
+    FOR r IN
+        SELECT rel.relid::regclass AS rel, w.schema_name, w.table_name
+        FROM pg_event_trigger_dropped_objects() d
+        JOIN cdc_invalidator.watched_v1 w
+          ON d.object_identity = format('cdc_invalidator.%I()', 'capture_' || w.relid::oid || '_v1')
+        CROSS JOIN LATERAL (SELECT w.relid::oid AS relid
+                            UNION SELECT unnest(cdc_invalidator.partitions_v1(w.relid::oid))) rel
+        JOIN pg_class c ON c.oid = rel.relid AND c.relkind IN ('r', 'p')
+        WHERE d.classid = 'pg_catalog.pg_proc'::regclass
+          AND NOT EXISTS (SELECT FROM pg_trigger tg WHERE tg.tgrelid = rel.relid
+                            AND tg.tgname IN ('cdc_invalidator_ins_v1',
+                                              'cdc_invalidator_stand_in_v1'))
+    LOOP
+        EXECUTE format('CREATE TRIGGER cdc_invalidator_stand_in_v1 AFTER INSERT OR UPDATE '
+                       'OR DELETE OR TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION '
+                       'cdc_invalidator.sweep_untriggered_v1(%L, %L, %L)',
+                       r.rel, r.schema_name, r.table_name,
+                       'its capture triggers were dropped with their function after install '
+                       '(DROP OWNED BY its old owner CASCADE?)');
+        EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER cdc_invalidator_stand_in_v1', r.rel);
+        RAISE WARNING 'cdc_invalidator: the capture triggers of % went with their function: '
+            'until `cdc-invalidator install` runs again, every transaction that writes it '
+            'sweeps all of the cached keys of %.%', r.rel,
+            quote_ident(r.schema_name), quote_ident(r.table_name);
+    END LOOP;
+    PERFORM cdc_invalidator.unmark_install_v1(was, marked);
+END
+$function_dropped$;
+REVOKE ALL ON FUNCTION cdc_invalidator.function_dropped_v1() FROM PUBLIC;
 
 -- The partitions of watched partitioned tables: a partition's rows leave the table when it
 -- is dropped (DROP TABLE, or any DROP ... CASCADE that takes it: a schema, an owner, a

@@ -892,7 +892,7 @@ REVOKE ALL ON FUNCTION cdc_invalidator.queue_sweep_once_v1(text, text, text, reg
 -- be rendered here cheaply, so it queues one sweep of the table's templates per
 -- transaction (TG_ARGV: the schema and table name the events carry). The rebuild guard's
 -- stand-in triggers (rebuild_guard.sql) call it too, for a table that took a watched
--- table's name. The rebuild guard's cdc_invalidator_part_trunc_v1, a partition's
+-- table's name, or whose capture function was dropped (a third argument: the reason). The rebuild guard's cdc_invalidator_part_trunc_v1, a partition's
 -- TRUNCATE trigger, does as well: it sweeps the watched table the partition is in now,
 -- the nearest one above it, whatever table its arguments name (it may have been detached
 -- and attached to another since). It reads and writes only our catalog and queue: the
@@ -917,6 +917,8 @@ BEGIN
         END IF;
     END IF;
     PERFORM cdc_invalidator.queue_sweep_once_v1(schema_n, table_n, CASE
+        WHEN TG_NARGS > 2 THEN format('%s has no capture triggers: %s', TG_RELID::regclass,
+                                      TG_ARGV[2])
         WHEN TG_NAME LIKE 'cdc\_invalidator\_stand\_in%' THEN format(
             '%s has no capture triggers: it, or the table it is a partition of, took the '
             'name of watched table %I.%I after install', TG_RELID::regclass, TG_ARGV[0], TG_ARGV[1])
