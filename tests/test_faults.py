@@ -586,6 +586,41 @@ def test_redis_refusing_writes_with_an_error_reply_is_an_outage(own_env: Env, sp
     stop_listener(listener)
 
 
+def test_a_writable_replica_named_by_redis_url_is_waited_out_not_written(
+    own_env: Env, spawn: Spawn
+) -> None:
+    """A replica with replica-read-only no takes our UNLINKs and keeps them to itself,
+    while its master serves the stale keys: the listener acknowledged every change (the
+    review: 20 of 20 keys left on the master, in both modes). The role it reads at each
+    identity check now makes it wait, as for an outage, until a master answers."""
+    n = 10
+    master = own_env.redis()
+    master_port = redis_of(own_env).port
+    replica_args = ["--replicaof", "127.0.0.1", str(master_port), "--replica-read-only", "no"]
+    with RedisServer.create(replica_args) as replica_server:
+        config = setup_users(own_env, rows=n)
+        config.write_text(config.read_text().replace(own_env.redis_url, replica_server.url))
+        cache(master, range(1, n + 1))
+        listener = spawn(config)
+        process = listener.process
+        assert process is not None
+        written = write(own_env, "UPDATE users SET email = 'new-' || email", ids=range(1, n + 1))
+        wait_until(
+            lambda: listener.logged("redis_unavailable") or process.poll() is not None,
+            what="redis_unavailable or the listener's exit",
+        )
+        assert process.poll() is None, "the listener died on a replica"
+        assert "answered as a replica" in listener.logged("redis_unavailable")[0]["error"]
+        assert none_acknowledged(own_env, n, written)
+        assert all(master.exists(*keys_of(i)) for i in range(1, n + 1))
+
+        # Promoted: a master now, which the listener deletes from.
+        replica = replica_server.client(decode_responses=True)
+        replica.replicaof("NO", "ONE")
+        wait_until(lambda: drained(own_env, replica, written), what="deleted on the new master")
+        stop_listener(listener)
+
+
 # --- PostgreSQL restarted -----------------------------------------------------------------
 
 

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import psycopg
+import redis
 import structlog
 
 from cdc_invalidator.mapping import Mapper, Routed, merge
@@ -29,10 +30,26 @@ from cdc_invalidator.redis_guard.window import MARGIN_S, persistence_window
 from cdc_invalidator.replay import ReplayResult, replay
 from cdc_invalidator.second_deletes import Acknowledged, redo_owed
 from cdc_invalidator.sink import Sink
-from cdc_invalidator.sink.protocol import identity_of
+from cdc_invalidator.sink.protocol import ServerState, identity_of
 from cdc_invalidator.sweeper import SweepLater, Ticket
 
 log = structlog.get_logger("cdc_invalidator.redis_guard")
+
+
+class ReplicaNotMaster(redis.exceptions.ReadOnlyError):
+    """The server the listener deletes from answered as a replica: a read-only one
+    refuses every UNLINK (READONLY), a writable one (replica-read-only no) takes them and
+    keeps them to itself, while its master goes on serving the stale keys. Either way
+    nothing may be acknowledged: the runner waits, as for an outage, until a master
+    answers (a promotion, or redis_url pointed at the master)."""
+
+    def __init__(self, replicas: int, servers: int) -> None:
+        which = "the server" if servers == 1 else f"{replicas} of the {servers} servers"
+        super().__init__(
+            f"{which} redis_url names answered as a replica (INFO replication: role "
+            "slave), not a master: our deletes would not reach its master; waiting for a "
+            "master (point redis_url at the master, or use redis_sentinels)"
+        )
 
 
 class RedisWatch:
@@ -93,7 +110,7 @@ class RedisWatch:
             self._redo_again(sweep_later)
         if not force and now < self._next_check:
             return None
-        states = self._sink.states()
+        states = self._masters()
         identity = identity_of(states)
         wall = time.time()
         self._next_check = time.monotonic() + self._check_every_s
@@ -138,6 +155,15 @@ class RedisWatch:
         self._known, self._known_at = identity, now
         self._durability.observe(states, now, wall)
         return result
+
+    def _masters(self) -> list[ServerState]:
+        """Each server's state; raises ReplicaNotMaster when one answers as a replica,
+        before its identity is taken as known: once a master answers, what went to the
+        replica meanwhile is replayed, from when a master last answered."""
+        states = self._sink.states()
+        if replicas := sum(not state.master for state in states):
+            raise ReplicaNotMaster(replicas, len(states))
+        return states
 
     def _redo(
         self,
