@@ -41,8 +41,11 @@ KEEPALIVES = {
 USER_TIMEOUT = {"tcp_user_timeout": "3000"}
 DEFAULTS = {"synchronous_commit": "on", "enable_bitmapscan": "on", "statement_timeout": "0"}
 RENDER = {"TimeZone": "UTC", "DateStyle": "ISO, MDY", "IntervalStyle": "postgres"}
+# Every session's: no function another role made in public is chosen over PostgreSQL's.
+PINNED = {"search_path": '"pg_catalog"'}
 UNLIKE_OURS = {
     **DEFAULTS,
+    "search_path": "public",
     "tcp_keepalives_idle": "7",
     "tcp_keepalives_interval": "7",
     "tcp_keepalives_count": "7",
@@ -69,16 +72,16 @@ def shown(conn: psycopg.Connection[Any], names: list[str]) -> dict[str, str]:
 @pytest.mark.parametrize(
     ("kind", "expected"),
     [
-        (LISTENER, {"application_name": "app", **DEFAULTS, **KEEPALIVES, **USER_TIMEOUT}
-         | {"synchronous_commit": "off", "enable_bitmapscan": "off"}),
-        (BOOKKEEPING, {"application_name": "app", **DEFAULTS, **KEEPALIVES, **USER_TIMEOUT}
-         | {"synchronous_commit": "off"}),
-        (REPLICATION, {"application_name": "app", **KEEPALIVES, **RENDER,
-                       "tcp_user_timeout": "7", "search_path": '"pg_catalog"',
-                       "quote_all_identifiers": "off"}),
-        (SIDE, {"application_name": "app-side", **DEFAULTS}),
-        (METRICS, {"application_name": "app-metrics", **DEFAULTS} | {"statement_timeout": "5s"}),
-        (CLI, {"application_name": "app-cli", **DEFAULTS}),
+        (LISTENER, {"application_name": "app", **DEFAULTS, **KEEPALIVES, **USER_TIMEOUT,
+                    **PINNED} | {"synchronous_commit": "off", "enable_bitmapscan": "off"}),
+        (BOOKKEEPING, {"application_name": "app", **DEFAULTS, **KEEPALIVES, **USER_TIMEOUT,
+                       **PINNED} | {"synchronous_commit": "off"}),
+        (REPLICATION, {"application_name": "app", **KEEPALIVES, **RENDER, **PINNED,
+                       "tcp_user_timeout": "7", "quote_all_identifiers": "off"}),
+        (SIDE, {"application_name": "app-side", **DEFAULTS, **PINNED}),
+        (METRICS, {"application_name": "app-metrics", **DEFAULTS, **PINNED}
+         | {"statement_timeout": "5s"}),
+        (CLI, {"application_name": "app-cli", **DEFAULTS, **PINNED}),
     ],
 )  # fmt: skip
 def test_each_kind_of_session_has_its_settings(

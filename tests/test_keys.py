@@ -156,7 +156,7 @@ def test_where_cannot_write_nor_add_a_statement(
     code, _, err = keys(capsys, users, "users", "--where", "true; DROP TABLE users")
     assert code == 2
     assert "--where 'true; DROP TABLE users': PostgreSQL: " in err
-    code, _, err = keys(capsys, users, "users", "--where", "nextval('s') > 0")
+    code, _, err = keys(capsys, users, "users", "--where", "nextval('public.s') > 0")
     assert code == 2
     assert "read-only transaction" in err
     assert "Traceback" not in err

@@ -273,6 +273,54 @@ REVISION_2 = """
 """
 
 
+# Functions a role that may create in public (the database's owner on PostgreSQL 15,
+# every role on a database made before it) puts beside PostgreSQL's own, with argument
+# types our queries' calls match exactly, where PostgreSQL's match through a cast or a
+# polymorphic type: under a default search_path they are chosen, and run as the session's
+# role (the review's deleted queue rows, and moved the slot's saved position).
+SHADOWS = """
+CREATE TABLE public.shadowed (fn text);
+GRANT INSERT ON public.shadowed TO PUBLIC;
+CREATE FUNCTION public.json_build_array(a bigint, b double precision) RETURNS json
+LANGUAGE plpgsql AS $$BEGIN
+    INSERT INTO public.shadowed VALUES ('json_build_array');
+    RETURN pg_catalog.json_build_array(a, b);
+END$$;
+CREATE FUNCTION public.array_position(a text[], e text) RETURNS int
+LANGUAGE plpgsql AS $$BEGIN
+    INSERT INTO public.shadowed VALUES ('array_position');
+    RETURN pg_catalog.array_position(a, e);
+END$$;
+CREATE FUNCTION public.quote_ident(n name) RETURNS text
+LANGUAGE plpgsql AS $$BEGIN
+    INSERT INTO public.shadowed VALUES ('quote_ident');
+    RETURN pg_catalog.quote_ident(n::text);
+END$$;
+"""
+
+
+def test_functions_another_role_put_in_public_never_run_in_our_sessions(
+    env: Env, spawn: Spawn
+) -> None:
+    """Every session of ours pins search_path to pg_catalog: the listener's, its
+    bookkeeping's and check's call PostgreSQL's functions, whatever public holds."""
+    tables(env)
+    dba = install(env)
+    env.sql(SHADOWS)
+    r = env.redis()
+    r.mset({"user:1": "-", "user:email:a@x": "-", "user:email:z@x": "-"})
+    listener = spawn(dba)
+    env.sql("UPDATE users SET email = 'z@x' WHERE id = 1")
+    wait_until(
+        lambda: r.exists("user:1", "user:email:a@x", "user:email:z@x") == 0,
+        what="the UPDATE invalidated",
+    )
+    assert run_cli("check", "--config", str(dba)).returncode in (0, 1)
+    assert run_cli("status", "--config", str(dba)).returncode == 0
+    stop(listener)
+    assert env.scalar("SELECT array_agg(DISTINCT fn) FROM public.shadowed") is None
+
+
 @pytest.mark.parametrize("capture", ["trigger"])  # progress_v1 is trigger mode's
 def test_an_upgrade_from_revision_2_keeps_the_listeners_grants_and_its_backlog(
     env: Env, spawn: Spawn, listener_role: str, writer_role: str

@@ -41,10 +41,16 @@ RENDER_SETTINGS = (
 RENDER_OPTIONS = " ".join(f"-c {name}={value}" for name, value in RENDER_SETTINGS)
 WALSENDER_SETTINGS = (
     *RENDER_SETTINGS,
-    # (One schema: SET takes a literal list as one quoted name; SHOW says "pg_catalog".)
-    ("search_path", "pg_catalog"),
     ("quote_all_identifiers", "off"),  # (a role's or database's setting would quote it)
 )
+# Every session's search_path: our queries name our objects with their schema and call
+# PostgreSQL's own functions, often through a cast or a polymorphic argument. Under a
+# default search_path ("$user", public) a function another role made in public with the
+# exact argument types would be chosen instead, and run as the listener (or as the
+# superuser running check): it could delete queue rows or move the slot's saved position
+# before they are invalidated. (One schema: SET takes a literal list as one quoted name;
+# pg_temp, searched first for tables, is this session's own, and never for functions.)
+SEARCH_PATH = ("search_path", "pg_catalog")
 # Losing our own bookkeeping writes in a server crash only re-delivers events (their
 # keys are deleted twice), so the listener does not wait for WAL fsync and takes no fsync
 # bandwidth from the writers.
@@ -145,7 +151,7 @@ class PgConnector:
             client_encoding="UTF8",
             **extra,
         )
-        settings = list(kind.settings)
+        settings = [SEARCH_PATH, *kind.settings]
         if (kind.replication or kind.raw_text) and (
             conn.info.parameter_status("server_encoding") == raw_text.ENCODING
         ):
@@ -162,7 +168,7 @@ class PgConnector:
         try:
             if kind.writes:
                 _refuse_standby(conn)
-            if settings:
+            if settings:  # (always: search_path)
                 # In one round trip: a standby connects again every poll_interval_ms.
                 conn.execute(
                     sql.SQL("; ").join(
