@@ -181,7 +181,7 @@ def test_a_payload_read_with_a_query_result_still_makes_an_early_batch(env: Env)
     (as a wake-up, and with its row for an early batch), not wait in psycopg's backlog."""
     setup_users(env, notify_payload=True, rows=3)
     pg = PgConnector(env.dsn, application_name="test-fast-path", connect_timeout_s=5)
-    queue = TriggerCapture(pg).connect()
+    queue = TriggerCapture(pg, payloads=True).connect()
     try:
         write(env, "UPDATE users SET email = email WHERE id = 2", ids=range(2, 3))
         # Committed (and its NOTIFY signalled) before this query was sent: the server
@@ -301,6 +301,23 @@ def test_a_payload_another_backend_sent_never_stands_for_the_writers_row(env: En
         cache(r, [4])  # a reader refills the cache from the row as it was
         writer.execute("COMMIT")
         wait_until(lambda: settled(env, r, [4]), what="the writer's row deleted, once visible")
+
+
+def test_without_the_payload_a_notify_with_one_deletes_nothing(env: Env) -> None:
+    """notify_payload off (the default): any role that can connect may still NOTIFY on
+    the channel with a payload, which the listener deleted early all the same (the
+    review deleted a table's keys on demand). It reads no payload then: the queue is all
+    it deletes from."""
+    config = setup_users(env, rows=4, second_delete_ms=0)
+    r = env.redis()
+    with listener_with_tap(env, config) as (_listener, tap):
+        cache(r, [3, 4])
+        xid = env.scalar("SELECT txid_current()")  # committed
+        env.sql("SELECT pg_notify(%s, %s)", [CHANNEL, forged_payload(xid, 4)])
+        write(env, "UPDATE users SET email = email WHERE id = 3", ids=range(3, 4))
+        wait_until(lambda: settled(env, r, [3]), what="the real change's keys deleted")
+        assert tap.early_ids() == []
+        assert all(r.exists(k) for k in keys_of(4))
 
 
 def test_a_rolled_back_transaction_deletes_nothing(env: Env) -> None:

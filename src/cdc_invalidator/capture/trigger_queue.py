@@ -443,7 +443,7 @@ class Renames:
 class TriggerCapture:
     """Connects the trigger queue, and reconnects it where the last connection left off."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - every option is keyword-only
         self,
         pg: PgConnector,
         *,
@@ -451,8 +451,13 @@ class TriggerCapture:
         history_s: float = 0.0,
         mapper: Mapper | None = None,
         mapping: MappingStamp | None = None,
+        payloads: bool = False,
     ) -> None:
         self._pg = pg
+        # notify_payload: NOTIFY payloads are deleted early. Off, they are not read: any
+        # role that can connect may NOTIFY on our channel, and its payloads would delete
+        # any configured table's keys on demand.
+        self._payloads = payloads
         # The mapping's fingerprint (Settings.mapping_fingerprint): a later install's
         # stops this listener, at connect and at each save. None: never asked.
         self._mapping = mapping
@@ -503,6 +508,7 @@ class TriggerCapture:
             self._retention,
             self._mapper,
             mapping=self._mapping,
+            payloads=self._payloads,
         )
 
 
@@ -516,9 +522,11 @@ class TriggerQueue:
         mapper: Mapper | None = None,
         *,
         mapping: MappingStamp | None = None,
+        payloads: bool = False,
     ) -> None:
         self._conn = conn
         self._mapper = mapper
+        self._read_payloads = payloads  # (TriggerCapture's `payloads`)
         self._mapping = mapping
         self._progress = progress
         self._prune_every_s = prune_every_s
@@ -728,7 +736,7 @@ class TriggerQueue:
         """A wake-up, and its payload (a one-row statement's row) if it has one, with
         the backend that sent it."""
         self._woken = True
-        if payload and self._payload_bytes < PAYLOAD_BYTES_KEPT:
+        if payload and self._read_payloads and self._payload_bytes < PAYLOAD_BYTES_KEPT:
             self._payloads.append((pid, payload))
             self._payload_bytes += len(payload)
 

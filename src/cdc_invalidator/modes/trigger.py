@@ -80,6 +80,7 @@ class TriggerMode:
             history_s=s.history_s,
             mapper=s.mapper(),
             mapping=trigger_sql.MappingStamp(s.mapping_fingerprint(), s.written_at),
+            payloads=s.notify_payload,
         ).connect
 
     def status(self, conn: psycopg.Connection[Any]) -> Status:
