@@ -9,11 +9,14 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 
 from tests.support.env import Env, redis_of
 from tests.support.faults import blocked_on_redis, cache, keys_of, setup_users
 from tests.support.listener import Spawn, run_cli, stop_listener
+from tests.support.roles import login_role
 from tests.support.servers import free_port
 from tests.support.waits import wait_until
 
@@ -189,6 +192,41 @@ def test_a_standby_is_ready_and_says_so(env: Env, spawn: Spawn) -> None:
     assert probe(active_port, "/readyz")[1]["role"] == "active"
     stop_listener(standby)
     stop_listener(active)
+
+
+@pytest.mark.parametrize("capture", ["trigger"])  # logical mode's slot needs REPLICATION
+def test_a_session_of_another_role_holding_the_queues_lock_is_named_and_not_ready(
+    env: Env, spawn: Spawn
+) -> None:
+    """Any role that can connect may take the advisory lock the listeners take to
+    consume the queue: every listener then waits on standby, and nothing is invalidated,
+    for as long as that session lasts. The review saw /readyz say 200 standby meanwhile.
+    The listener names the holder and is not ready until it ends."""
+    port = free_port()
+    config = setup_users(env, rows=2, metrics_port=port)
+    r = env.redis()
+    with login_role(env, "squatter_") as role:
+        squatter = psycopg.connect(make_conninfo(env.dsn, user=role), autocommit=True)
+        try:
+            squatter.execute("SELECT pg_advisory_lock(hashtext('cdc_invalidator.queue_v1'))")
+            pid = squatter.info.backend_pid
+            listener = spawn(config)
+            wait_until(
+                lambda: listener.logged("standby_behind_a_foreign_session"),
+                what="the holder named",
+            )
+            holder = listener.logged("standby_behind_a_foreign_session")[0]["holder"]
+            assert f"backend {pid} (role {role}," in holder, holder
+            assert f"pg_terminate_backend({pid})" in holder, holder
+            wait_until(lambda: probe(port, "/readyz")[0] == 503, what="not ready")
+            assert probe(port, "/readyz")[1]["held_by"] == holder
+        finally:
+            squatter.close()
+        cache(r, [1])
+        env.sql("UPDATE users SET email = 'new@x' WHERE id = 1")
+        wait_until(lambda: r.exists(*keys_of(1)) == 0, what="consumed once the session ended")
+        wait_until(lambda: probe(port, "/readyz")[0] == 200, what="ready")
+        stop_listener(listener)
 
 
 def test_unknown_path_is_404_and_a_taken_port_is_a_clear_error(env: Env, spawn: Spawn) -> None:

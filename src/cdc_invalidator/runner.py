@@ -343,6 +343,8 @@ class Runner:
         # this listener consumes, and how far behind the last transaction it finished was.
         self.turned_at = time.monotonic()
         self.active = False
+        # A session of another role holding the source (Standby.foreign): not ready.
+        self.held_by: str | None = None
         self.behind_s = 0.0
         # When the oldest transaction of the batch in hand was recorded (time.monotonic()),
         # until it is acknowledged or given up: a batch held up (Redis holding its deletes)
@@ -382,6 +384,7 @@ class Runner:
                     log.info("standby", reason=str(exc))
                     standby = True
                     self._set_active(False)
+                self._held_by_foreign(exc.foreign)
                 self._stopper.sleep(cfg.poll_interval_s)
                 continue
             except psycopg.OperationalError as exc:
@@ -389,6 +392,7 @@ class Runner:
                 self._stopper.sleep(backoff.next_delay())
                 continue
             self.postgres.up()
+            self._held_by_foreign(None)
             connected_at = time.monotonic()
             if standby:
                 log.info("active")
@@ -688,6 +692,19 @@ class Runner:
             # The newest transaction done: how far behind the listener is now.
             self.behind_s = min(batch.ages_s) + since_read
 
+    def _held_by_foreign(self, foreign: str | None) -> None:
+        """What holds the source when it is no listener of ours (Standby.foreign): said
+        once for each holder, and /readyz is not ready while it lasts. A standby waits
+        for a listener to end; this may never end by itself."""
+        if foreign is not None and foreign != self.held_by:
+            log.warning(
+                "standby_behind_a_foreign_session",
+                holder=foreign,
+                detail="the queue's lock is held by a session of another role: every "
+                "listener waits on standby, and no change is invalidated, until it ends",
+            )
+        self.held_by = foreign
+
     def _set_active(self, active: bool) -> None:
         self.active = active
         self.metrics.active.set(1 if active else 0)
@@ -708,11 +725,13 @@ class Runner:
             behind_s = max(behind_s, time.monotonic() - since)  # a sweep not done
         if self.active:
             ready = ready and redis_ok and behind_s <= max_lag_s
+        ready = ready and self.held_by is None
         return Health(
             alive,
             ready,
             {
                 "role": "active" if self.active else "standby",
+                **({"held_by": self.held_by} if self.held_by is not None else {}),
                 "loop_age_s": round(loop_age, 3),
                 "postgres": postgres,
                 "redis": redis_ok,

@@ -29,7 +29,13 @@ SUPERSEDED = (
 
 
 class Standby(Exception):
-    """Another listener holds the source (queue lock, replication slot); wait a turn."""
+    """Another listener holds the source (queue lock, replication slot); wait a turn.
+    `foreign`: said when what holds it is not a listener of ours (a session of another
+    role holding the queue's lock), which keeps every listener waiting until it ends."""
+
+    def __init__(self, reason: str, foreign: str | None = None) -> None:
+        super().__init__(reason)
+        self.foreign = foreign
 
 
 def returned(value: _T | None, what: str) -> _T:

@@ -849,6 +849,22 @@ def _dead_rows(dead: dict[int, str]) -> dict[int, str]:
     return out
 
 
+def _standby(conn: psycopg.Connection[Any]) -> Standby:
+    """Another session holds the queue's lock: a listener of ours, or a session of another
+    role (Standby.foreign), which any role that can connect may be."""
+    holder = conn.execute(Q.LOCK_HOLDER.sql).fetchone()
+    if holder is None or holder[3]:
+        return Standby("another listener is consuming the queue of this database")
+    pid, role, application_name, _ours = holder
+    return Standby(
+        "another session holds the queue's lock",
+        foreign=f"backend {pid} (role {role}, application_name {application_name!r}), not "
+        f"of this listener's role {conn.info.user}: if it is no listener of yours, no "
+        "listener consumes the queue until it ends (SELECT pg_terminate_backend("
+        f"{pid}))",
+    )
+
+
 def _prepare(conn: psycopg.Connection[Any], mapping: MappingStamp | None) -> tuple[Progress, str]:
     """The progress saved, and this run of the server (progress_ahead.sql: when it
     started, and when it last recovered from a crash)."""
@@ -858,7 +874,7 @@ def _prepare(conn: psycopg.Connection[Any], mapping: MappingStamp | None) -> tup
         require_current_mapping(conn, mapping)
     locked = conn.execute(Q.TAKE_LOCK.sql).fetchone()
     if not locked or not locked[0]:
-        raise Standby("another listener is consuming the queue of this database")
+        raise _standby(conn)
     # Until TriggerQueue hands them to itself, notifications are dropped (its first turn
     # reads the queue): psycopg's own handler decodes them, which a SQL_ASCII database's
     # payload failed, and the query it came with (pg/raw_text.py).

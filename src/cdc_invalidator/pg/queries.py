@@ -58,6 +58,7 @@ class Q(enum.Enum):
 
     # --- trigger mode: the listener --------------------------------------------------------
     TAKE_LOCK = "take_lock.sql"
+    LOCK_HOLDER = "lock_holder.sql"
     LOAD_PROGRESS = "load_progress.sql"
     PROGRESS_AHEAD = "progress_ahead.sql"
     FETCH_BATCH = "fetch_batch.sql"
