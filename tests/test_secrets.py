@@ -144,6 +144,9 @@ def configure(
         (f"postgresql://u:pw@{MARK}@h:5432/db", f"pw@{MARK}", f"pw@{MARK}"),
         (f"redis://u:pw@{MARK}@h:6379/0", f"pw@{MARK}", f"pw@{MARK}"),
         (f"redis://u:p?w#{MARK}@h:6379/0", f"p?w#{MARK}", f"p?w#{MARK}"),
+        # A space not percent-encoded: libpq refuses the URL and names the words.
+        (f"postgresql://u:my {MARK} pw@h/db", f"my {MARK} pw", f"my {MARK} pw"),
+        (f"redis://:my {MARK} pw@127.0.0.1:6379/0", f"my {MARK} pw", f"my {MARK} pw"),
     ],
 )
 def test_secrets_of_finds_passwords_as_written_and_as_meant(
@@ -376,6 +379,11 @@ BAD = [
         "database_url with a bad percent-encoding",
         {"database_url": f"postgresql://app:{MARK}%zz-9f1c@127.0.0.1:1/app"},
         "database_url: libpq cannot read it (invalid percent-encoded token",
+    ),
+    Bad(
+        "database_url with a space in its password",
+        {"database_url": f"postgresql://app:my {MARK} pw@127.0.0.1:1/app"},
+        "database_url: libpq cannot read it (unexpected spaces",
     ),
     Bad(
         "keyword password with an unquoted space",

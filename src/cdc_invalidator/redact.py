@@ -15,8 +15,9 @@ _MIN_SECRET_LENGTH = 3
 # The password runs to the last "@" before the path: one written with an "@", "?" or "#"
 # not percent-encoded (libpq and redis-py then split at the first "@", and their
 # messages echo the rest as a host name) is masked whole. (An "@" in a query string
-# after a host without a path masks more than the password: never less.)
-_URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^/\s]*)@")
+# after a host without a path masks more than the password: never less.) A space too:
+# libpq refuses such a URL, and its message ("unexpected spaces found in ...") echoes it.
+_URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^/\n]*)@")
 # A Redis URL's user info without a colon (redis://secret@host): redis-py takes it for a
 # user name, but it is written where older clients took a password: masked whole.
 _REDIS_USERINFO = re.compile(r"(?P<scheme>rediss?://)(?P<user>[^:/@\s]+)@", re.IGNORECASE)
