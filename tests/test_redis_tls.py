@@ -238,6 +238,29 @@ def test_minimal_acl_user_over_tls(users: Env, tls_redis: RedisServer, certs: Ce
 
 
 @pytest.mark.servers
+def test_check_says_a_user_without_scan_cannot_sweep(
+    users: Env, tls_redis: RedisServer, certs: Certs
+) -> None:
+    """The review's user without +scan: check said all was well, and the first TRUNCATE's
+    sweep held every later change until the ACL was fixed."""
+    r = admin(tls_redis)
+    acl = [c for c in MINIMAL_ACL[5:] if c != "+scan"]
+    r.acl_setuser(
+        "noscan", enabled=True, passwords=[f"+{PASSWORD}"], keys=["*"],
+        commands=["-@all", *acl], reset=True,
+    )  # fmt: skip
+    try:
+        url = f"rediss://noscan:{PASSWORD}@127.0.0.1:{tls_redis.port}/0"
+        config = tls_config(users, url, redis_tls_ca_file=str(certs.ca))
+        out = run_cli("check", "--config", str(config))
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert "no permissions to run the 'scan' command" in out.stderr, out.stderr
+        assert PASSWORD not in out.stdout + out.stderr
+    finally:
+        r.acl_deluser("noscan")
+
+
+@pytest.mark.servers
 def test_without_client_setname_the_name_must_be_off(tls_redis: RedisServer, certs: Certs) -> None:
     r = admin(tls_redis)
     r.acl_setuser(

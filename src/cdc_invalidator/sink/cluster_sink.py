@@ -40,7 +40,7 @@ from redis.exceptions import AskError, MovedError, TryAgainError
 from cdc_invalidator.capture.errors import Fatal
 from cdc_invalidator.mapping import Invalidation, Routed
 from cdc_invalidator.sink.glob import GlobSet
-from cdc_invalidator.sink.protocol import Persistence, ServerState, identity_of
+from cdc_invalidator.sink.protocol import NO_KEY, Persistence, ServerState, identity_of
 from cdc_invalidator.sink.redis_sink import server_identity, server_persistence, server_state
 from cdc_invalidator.sink.scan_pass import ServerSweep
 from cdc_invalidator.sink.slots import Key, group_by_slot, pack_unlinks
@@ -337,7 +337,9 @@ class ClusterSink:
     def ping(self) -> str:
         nodes = primaries(self._client)
         for node in nodes:
-            self._client.get_redis_connection(node).ping()
+            connection = self._client.get_redis_connection(node)
+            connection.ping()
+            connection.scan(0, match=NO_KEY, count=1)  # (Sink.ping)
         return f"reachable, a Redis Cluster of {len(nodes)} primaries, each reachable"
 
     def close(self) -> None:

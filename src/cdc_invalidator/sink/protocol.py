@@ -46,6 +46,11 @@ REDIS_REFUSED: tuple[type[Exception], ...] = (
 REDIS_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, RedisClusterException)
 
 
+# A pattern no key matches (no application key holds a NUL and this text): what a probe
+# SCAN asks for.
+NO_KEY = "\0cdc-invalidator-probe"
+
+
 class SweepStopped(Exception):
     """A sweep given up before it completed (the listener is stopping): nothing it
     stood for was acknowledged, and it comes again."""
@@ -137,7 +142,9 @@ class Sink(Protocol):
         ...
 
     def ping(self) -> str:
-        """Ping every server deletes go to; say what answered, for `check`."""
+        """Ping every server deletes go to, and SCAN one page there (a TRUNCATE's sweep
+        needs SCAN: an ACL without it held every change behind the first sweep, while
+        `check` said all was well); say what answered, for `check`."""
         ...
 
     def close(self) -> None: ...

@@ -13,7 +13,7 @@ from redis.sentinel import SentinelConnectionPool
 from cdc_invalidator.mapping import Invalidation, Routed
 from cdc_invalidator.sink.connect import MasterWatch, other_db
 from cdc_invalidator.sink.glob import GlobSet
-from cdc_invalidator.sink.protocol import Persistence, ServerState, identity_of
+from cdc_invalidator.sink.protocol import NO_KEY, Persistence, ServerState, identity_of
 from cdc_invalidator.sink.scan_pass import ServerSweep
 from cdc_invalidator.sink.slots import Key, pack_unlinks
 
@@ -213,6 +213,7 @@ class RedisSink:
 
     def ping(self) -> str:
         self._client.ping()
+        self._client.scan(0, match=NO_KEY, count=1)  # (Sink.ping: SCAN as the sweeps need)
         return "reachable"
 
     def close(self) -> None:
