@@ -4,15 +4,17 @@
 -- and every way its triggers, or its partitions' triggers, differ from what watch()
 -- made: missing, disabled, not firing ALWAYS, or calling another function (and its
 -- capture function's owner no longer granted the queue, or a partitioned table's owner
--- not granted its row trigger's function); the tables
--- it became a partition of that are not watched (a statement naming one of them fires
--- their statement triggers, not the table's: its changes of the table are not seen); its
+-- not granted its row trigger's function); its inheritance children without our
+-- triggers (made after install); the tables
+-- it became a partition or an inheritance child of that are not watched (a statement
+-- naming one of them fires their statement triggers, not the table's: its changes of
+-- the table are not seen); its
 -- column filter as watch() compiled it; and whether its capture function sends a one-row
 -- change in the NOTIFY payload (notify_payload: its text holds queue_early_v1's call;
 -- NULL when the function is missing, which the trigger problems already say), and the
 -- bulk_sweep_rows it was compiled with (the N of its `IF statement_rows >= N THEN` and
 -- queue_bulk_sweep_v1's INSERT; NULL when off or missing); and the name its events carry.
-WITH w AS (
+WITH RECURSIVE w AS (
     SELECT w.relid, w.columns, w.attnums, w.judge, w.filter_columns, w.judged, w.judged_natts,
            w.schema_name, w.table_name
     FROM cdc_invalidator.watched_v1 w
@@ -20,12 +22,28 @@ WITH w AS (
        OR (to_regclass(%(table)s) IS NULL
            AND w.schema_name = %(schema)s AND w.table_name = %(name)s)
     LIMIT 1
+), heirs (rel) AS (
+    -- A plain table's inheritance children, at any depth, but not those watched on their
+    -- own, nor theirs (as heirs_v1(), schema.sql, which the listener's role may not run).
+    SELECT i.inhrelid FROM w JOIN pg_class c ON c.oid = w.relid
+    JOIN pg_inherits i ON i.inhparent = w.relid
+    WHERE c.relkind = 'r'
+      AND NOT EXISTS (SELECT FROM cdc_invalidator.watched_v1 x WHERE x.relid::oid = i.inhrelid)
+    UNION
+    SELECT i.inhrelid FROM heirs h JOIN pg_inherits i ON i.inhparent = h.rel
+    WHERE NOT EXISTS (SELECT FROM cdc_invalidator.watched_v1 x WHERE x.relid::oid = i.inhrelid)
 ), rels AS (
-    SELECT w.relid AS root, r.rel, r.rel = w.relid AS is_root, c.relkind,
+    SELECT w.relid AS root, r.rel, r.rel = w.relid AS is_root, c.relkind, c.relispartition,
            quote_ident(n.nspname) || '.' || quote_ident(c.relname) AS label
     FROM w, LATERAL (SELECT w.relid AS rel
-                     UNION SELECT pt.relid FROM pg_partition_tree(w.relid) pt) r
+                     UNION SELECT pt.relid FROM pg_partition_tree(w.relid) pt
+                     UNION SELECT h.rel FROM heirs h) r
     JOIN pg_class c ON c.oid = r.rel JOIN pg_namespace n ON n.oid = c.relnamespace
+), ancestors (rel) AS (
+    -- The tables it is a partition or an inheritance child of, at any depth.
+    SELECT i.inhparent FROM w JOIN pg_inherits i ON i.inhrelid = w.relid
+    UNION
+    SELECT i.inhparent FROM ancestors a JOIN pg_inherits i ON i.inhrelid = a.rel
 ), expected (name) AS (
     VALUES ('cdc_invalidator_ins_v1'), ('cdc_invalidator_upd_v1'),
            ('cdc_invalidator_del_v1'), ('cdc_invalidator_trunc_v1')
@@ -58,18 +76,23 @@ SELECT
         AS columns_added,
     ARRAY(
         SELECT s.label FROM statement_triggers s
-        WHERE NOT s.is_root AND s.present = 0 AND s.relkind <> 'f'
+        WHERE NOT s.is_root AND s.present = 0 AND s.relkind <> 'f' AND s.relispartition
         GROUP BY s.label ORDER BY 1) AS untriggered_partitions,
+    -- Inheritance children without triggers (made, or made to inherit, after install):
+    -- a statement naming one is not captured.
+    ARRAY(
+        SELECT s.label FROM statement_triggers s
+        WHERE NOT s.is_root AND s.present = 0 AND s.relkind <> 'f' AND NOT s.relispartition
+        GROUP BY s.label ORDER BY 1) AS untriggered_children,
     -- Foreign tables can have no transition tables: an INSERT that the parent's capture
     -- trigger sees routed into one fails.
     ARRAY(
         SELECT r.label FROM rels r WHERE r.relkind = 'f' ORDER BY 1) AS foreign_partitions,
     ARRAY(
         SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname)
-        FROM pg_partition_ancestors(w.relid) a
-        JOIN pg_class c ON c.oid = a.relid JOIN pg_namespace n ON n.oid = c.relnamespace
-        WHERE a.relid <> w.relid::oid
-          AND NOT EXISTS (SELECT FROM cdc_invalidator.watched_v1 x WHERE x.relid::oid = a.relid)
+        FROM ancestors a
+        JOIN pg_class c ON c.oid = a.rel JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE NOT EXISTS (SELECT FROM cdc_invalidator.watched_v1 x WHERE x.relid::oid = a.rel)
         ORDER BY 1) AS unwatched_parents,
     ARRAY(
         SELECT format('%%s: trigger %%s %%s', s.label, s.name, CASE

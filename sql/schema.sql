@@ -103,6 +103,27 @@ AS $partitions$
 $partitions$;
 REVOKE ALL ON FUNCTION cdc_invalidator.partitions_v1(oid) FROM PUBLIC;
 
+-- heirs_v1(root, skip): the inheritance children of the plain table `root` (CREATE TABLE
+-- ... INHERITS, ALTER TABLE ... INHERIT), at any depth, but not those in `skip` (tables
+-- configured on their own) nor theirs. A statement naming `root` reads and writes their
+-- rows too; one naming a child fires only the child's statement triggers, and logical
+-- decoding reports the child's changes as the child's relation: they are captured under
+-- `root`'s name, as partitions are. (A partitioned table has no inheritance children, a
+-- plain table no partitions.) From pg_inherits, which locks nothing.
+CREATE OR REPLACE FUNCTION cdc_invalidator.heirs_v1(root oid, skip oid[] DEFAULT '{}')
+RETURNS oid[]
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $heirs$
+    WITH RECURSIVE tree(rel) AS (
+        SELECT i.inhrelid FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhparent
+        WHERE i.inhparent = root AND c.relkind = 'r' AND i.inhrelid <> ALL (skip)
+        UNION
+        SELECT i.inhrelid FROM pg_inherits i JOIN tree ON i.inhparent = tree.rel
+        WHERE i.inhrelid <> ALL (skip))
+    SELECT coalesce(array_agg(tree.rel ORDER BY tree.rel), '{}') FROM tree
+$heirs$;
+REVOKE ALL ON FUNCTION cdc_invalidator.heirs_v1(oid, oid[]) FROM PUBLIC;
+
 -- add_column_v1(table, column, type): install's ADD COLUMN of a column a later release
 -- added, run only where the table lacks it, looked up in the catalog first: ADD COLUMN
 -- IF NOT EXISTS takes ACCESS EXCLUSIVE on the table before it looks, and install is one
@@ -1352,12 +1373,16 @@ BEGIN
     EXECUTE format('GRANT INSERT (schema_name, table_name, op, old_row, new_row, rows, pid) '
                    'ON TABLE cdc_invalidator.queue_v1 TO %s', owner);
 
-    -- The table, and for a partitioned table every partition too: statement triggers
-    -- fire only on the table a statement names. Only missing triggers are created, and
-    -- only triggers not firing ALWAYS are altered, so re-running watch() takes no table
-    -- lock beyond what replacing the function needs.
+    -- The table, and for a partitioned table every partition too, for a plain table its
+    -- inheritance children (heirs_v1(): those not watched on their own): statement
+    -- triggers fire only on the table a statement names. Only missing triggers are
+    -- created, and only triggers not firing ALWAYS are altered, so re-running watch()
+    -- takes no table lock beyond what replacing the function needs.
     -- (pg_partition_tree lists nothing for a table that is not partitioned.)
-    FOR rel IN SELECT tbl UNION SELECT p.relid FROM pg_partition_tree(tbl) p LOOP
+    FOR rel IN SELECT tbl UNION SELECT p.relid FROM pg_partition_tree(tbl) p
+               UNION SELECT unnest(cdc_invalidator.heirs_v1(tbl, ARRAY(
+                   SELECT w.relid::oid FROM cdc_invalidator.watched_v1 w WHERE w.relid <> tbl)))
+    LOOP
         FOR trg IN
             SELECT * FROM (VALUES
                 ('cdc_invalidator_ins_v1', 'INSERT', 'REFERENCING NEW TABLE AS new_rows'),

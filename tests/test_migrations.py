@@ -212,8 +212,9 @@ def test_a_watched_table_attached_to_an_unwatched_parent_is_reported_by_check(en
     assert keys(r) == {"user:1", "user:email:u1@x"}  # what check warns of
     result = check(config)
     assert result.returncode == 1
-    assert "table public.users is now a partition of public.everyone, which is not watched" in (
-        result.stderr
+    assert (
+        "table public.users is now a partition or an inheritance child of public.everyone, "
+        "which is not watched" in result.stderr
     )
     assert "Configure public.everyone instead" in result.stderr
 

@@ -385,10 +385,13 @@ class Watch:
     live_columns: list[str]  # what those columns are called now ('' once dropped)
     untriggered_partitions: list[str]
     trigger_problems: list[str]
-    # Tables it is now a partition of that are not watched: their writes of it go unseen.
+    # Tables it is now a partition or an inheritance child of that are not watched: their
+    # writes of it go unseen.
     unwatched_parents: list[str] = field(default_factory=list)
     # Its partitions that are foreign tables (attached after install, which refuses them).
     foreign_partitions: list[str] = field(default_factory=list)
+    # Its inheritance children without our triggers (made after install).
+    untriggered_children: list[str] = field(default_factory=list)
     judge: str | None = None  # the column filter compiled in: 'ignore', 'columns', None
     filter_columns: list[str] | None = None
     judged: bool = False  # False: no primary key to pair rows by, every UPDATE queued
@@ -418,6 +421,7 @@ def watch_of(conn: psycopg.Connection[Any], table: TableName) -> Watch | None:
         judged,
         columns_added,
         untriggered,
+        untriggered_children,
         foreign_partitions,
         unwatched_parents,
         problems,
@@ -434,6 +438,7 @@ def watch_of(conn: psycopg.Connection[Any], table: TableName) -> Watch | None:
         problems,
         unwatched_parents,
         foreign_partitions,
+        untriggered_children,
         judge,
         filter_columns,
         bool(judged),
@@ -523,6 +528,14 @@ def check_triggers(  # noqa: PLR0913 - the table's facts
             "attached after install and have no capture triggers: their writes sweep all of "
             "the table's key templates until you run `cdc-invalidator install`"
         )
+    if watch.untriggered_children:
+        fine = False
+        report.errors.append(
+            f"{where}: inheritance children {', '.join(watch.untriggered_children)} of "
+            f"{table} were created, or made to inherit from it, after install and have no "
+            f"capture triggers: a statement that names one of them is not captured (one "
+            f"that names {table} is) until you run `cdc-invalidator install`"
+        )
     if watch.foreign_partitions:
         fine = False
         report.errors.append(
@@ -536,12 +549,13 @@ def check_triggers(  # noqa: PLR0913 - the table's facts
         fine = False
         parent = watch.unwatched_parents[0]
         report.errors.append(
-            f"{where}: table {table} is now a partition of {', '.join(watch.unwatched_parents)}, "
+            f"{where}: table {table} is now a partition or an inheritance child of "
+            f"{', '.join(watch.unwatched_parents)}, "
             f"which is not watched: a statement that names {parent} changes the table's rows "
             "without firing its triggers (statement triggers fire on the table a statement "
             f"names), and those changes are not invalidated. Configure {parent} instead (its "
-            "partitions are watched with it), then run `cdc-invalidator install`; logical "
-            "mode sees writes through either"
+            "partitions and inheritance children are watched with it), then run "
+            "`cdc-invalidator install`; logical mode sees writes through either"
         )
     if sorted(watch.columns) != wanted:
         fine = False
