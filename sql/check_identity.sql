@@ -1,5 +1,6 @@
--- The replica identity of a table and of each of its partitions (only tables that hold
--- rows log them): the columns whose old values UPDATE and DELETE send.
+-- The replica identity of a table and of each of its partitions or inheritance children
+-- (only tables that hold rows log them): the columns whose old values UPDATE and DELETE
+-- send.
 SELECT r.relid::regclass::text AS rel,
        c.relreplident,
        coalesce((SELECT array_agg(a.attname::text)
@@ -8,8 +9,11 @@ SELECT r.relid::regclass::text AS rel,
                  WHERE i.indrelid = r.relid
                    AND ((c.relreplident = 'd' AND i.indisprimary)
                         OR (c.relreplident = 'i' AND i.indisreplident))), '{}') AS covered
-FROM (SELECT %(table)s::regclass AS relid
-      UNION SELECT p.relid FROM pg_partition_tree(%(table)s::regclass) p) r
+FROM (WITH RECURSIVE tree (relid) AS (
+          SELECT %(table)s::regclass::oid
+          UNION
+          SELECT i.inhrelid FROM tree t JOIN pg_inherits i ON i.inhparent = t.relid)
+      SELECT tree.relid FROM tree) r
 JOIN pg_class c ON c.oid = r.relid
 WHERE c.relkind = 'r'
 ORDER BY 1

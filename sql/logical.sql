@@ -166,7 +166,9 @@ BEGIN
         SELECT ri.* FROM cdc_invalidator.replica_identity_v1 ri
         WHERE NOT ri.relid = ANY (
             SELECT k FROM unnest(keep) k
-            UNION SELECT p.relid FROM unnest(keep) k, pg_partition_tree(k) p)
+            UNION SELECT p.relid FROM unnest(keep) k, pg_partition_tree(k) p
+            -- (and their inheritance children, which ensure_replica_identity() sets too)
+            UNION SELECT unnest(cdc_invalidator.partitions_v1(k)) FROM unnest(keep) k)
     LOOP
         IF (SELECT relreplident FROM pg_class WHERE oid = r.relid) = 'f' THEN
             EXECUTE format('ALTER TABLE %s REPLICA IDENTITY %s', r.relid,
@@ -214,7 +216,13 @@ $publishable$;
 -- `tables` (with a partitioned table, all its partitions, present and future). Each
 -- partition's changes are published under its own name, which the listener maps to
 -- the table the configuration names: publish_via_partition_root would be simpler, but
--- PostgreSQL then does not publish a TRUNCATE of one partition at all. From PostgreSQL
+-- PostgreSQL then does not publish a TRUNCATE of one partition at all. A plain table's
+-- inheritance children (heirs_v1(), but not those configured on their own) are listed
+-- too, each whole and under its own name, which the listener maps the same way: a plain
+-- table is listed ONLY (publish_list()), for PostgreSQL would give each child the
+-- table's column list, which a child with REPLICA IDENTITY FULL cannot have (its UPDATEs
+-- and DELETEs would fail); and a child made later is not published until install (nor
+-- would PostgreSQL publish it: only a partitioned table's publication follows). From PostgreSQL
 -- 18 on it also carries stored generated columns (publish_generated_columns = stored):
 -- a table with REPLICA IDENTITY FULL and one of them could not be updated otherwise.
 CREATE OR REPLACE FUNCTION cdc_invalidator.publish(pubname name, tables regclass[])
@@ -223,8 +231,16 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $publish$
 DECLARE
     list text := (SELECT string_agg(cdc_invalidator.publish_list(t), ', ') FROM unnest(tables) t);
+    heirs text := (
+        -- (temporary, unlogged and foreign children cannot be published: left out, and
+        -- publication_drift_v1() names them)
+        SELECT string_agg('ONLY ' || c.oid::regclass::text, ', ' ORDER BY c.oid)
+        FROM pg_class c
+        WHERE c.oid IN (SELECT unnest(cdc_invalidator.heirs_v1(t, tables::oid[])) FROM unnest(tables) t)
+          AND c.relkind = 'r' AND c.relpersistence = 'p');
 BEGIN
     PERFORM cdc_invalidator.require_publishable(t) FROM unnest(tables) t;
+    list := concat_ws(', ', list, heirs);
     IF NOT EXISTS (SELECT FROM pg_publication WHERE pg_publication.pubname = publish.pubname) THEN
         EXECUTE format('CREATE PUBLICATION %I FOR TABLE %s', pubname, list);
     ELSE
@@ -311,7 +327,8 @@ $filter$;
 -- list there without publish_via_partition_root). Otherwise: the key columns and the
 -- identity's columns. Only while the DDL guard is installed: a list on a table whose
 -- identity a DBA later sets FULL would make its writes fail, and the guard is what drops
--- the list then.
+-- the list then. A plain table is named ONLY: its inheritance children are published
+-- on their own (publish()).
 CREATE OR REPLACE FUNCTION cdc_invalidator.publish_list(tbl regclass)
 RETURNS text
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
@@ -321,8 +338,8 @@ AS $list$
              OR NOT EXISTS (SELECT FROM pg_event_trigger
                             WHERE evtname = 'cdc_invalidator_guard' AND evtenabled <> 'D')
              OR NOT EXISTS (SELECT FROM cdc_invalidator.published_v1 p WHERE p.relid = tbl)
-        THEN tbl::text
-        ELSE format('%s (%s)', tbl, (
+        THEN CASE WHEN c.relkind = 'r' THEN 'ONLY ' ELSE '' END || tbl::text
+        ELSE format('ONLY %s (%s)', tbl, (
             SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum)
             FROM pg_attribute a
             WHERE a.attrelid = tbl AND a.attnum > 0 AND NOT a.attisdropped
@@ -546,11 +563,16 @@ BEGIN
         RETURN;
     END IF;
     FOR r IN
-        -- The configured tables the command touched: itself, or a partition of it.
+        -- The configured tables the command touched: itself, or a partition of it, or an
+        -- inheritance child of it that install published (its identity must stay).
         SELECT DISTINCT p.* FROM pg_event_trigger_ddl_commands() d
         JOIN cdc_invalidator.published_v1 p
           ON p.relid::oid = d.objid
           OR p.relid IN (SELECT a.relid FROM pg_partition_ancestors(d.objid) a)
+          OR (d.objid = ANY (cdc_invalidator.heirs_v1(p.relid))
+              AND EXISTS (SELECT FROM pg_publication_rel pr
+                          JOIN pg_publication pub ON pub.oid = pr.prpubid
+                          WHERE pr.prrelid = d.objid AND pub.pubname = p.publication))
         JOIN pg_class c ON c.oid = p.relid
         WHERE d.classid = 'pg_catalog.pg_class'::regclass
     LOOP
@@ -595,7 +617,7 @@ BEGIN
             -- between the two.)
             was := current_setting('cdc_invalidator.installing', true);
             marked := cdc_invalidator.mark_install_v1();
-            EXECUTE format('ALTER PUBLICATION %I DROP TABLE %s', r.publication, r.relid);
+            EXECUTE format('ALTER PUBLICATION %I DROP TABLE ONLY %s', r.publication, r.relid);
             EXECUTE format('ALTER PUBLICATION %I ADD TABLE %s', r.publication,
                            cdc_invalidator.publish_list(r.relid));
             PERFORM cdc_invalidator.unmark_install_v1(was, marked);

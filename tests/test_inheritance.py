@@ -15,13 +15,11 @@ import pytest
 from cdc_invalidator.cli import main
 from tests.support.env import Env
 from tests.support.listener import listening, run_cli
-from tests.support.sync import install, keys, settle
+from tests.support.logical import logical_config
+from tests.support.sync import SYNC, install, keys, settle
 from tests.support.waits import wait_until
 
-pytestmark = [
-    pytest.mark.usefixtures("capture"),
-    pytest.mark.parametrize("capture", ["trigger"]),  # (logical mode: not yet)
-]
+pytestmark = pytest.mark.usefixtures("capture")
 
 ITEMS = {"public.items": ["item:{id}", "item:sku:{sku}"]}
 # items_a: a primary key of its own (primary keys are not inherited). items_b: none, more
@@ -140,6 +138,7 @@ def test_uninstall_leaves_nothing_on_the_children(env: Env) -> None:
     env.sql("UPDATE items_b SET note = 'after' WHERE id = 2")
 
 
+@pytest.mark.parametrize("capture", ["trigger"])
 def test_a_configured_child_of_an_unconfigured_parent_is_reported(env: Env) -> None:
     """A statement naming the parent fires only the parent's statement triggers, so
     `check` says to configure the parent. (Logical mode decodes the child's changes as
@@ -150,3 +149,25 @@ def test_a_configured_child_of_an_unconfigured_parent_is_reported(env: Env) -> N
     assert done.returncode != 0
     out = done.stdout + done.stderr
     assert "inheritance child of public.items, which is not watched" in out, out
+
+
+@pytest.mark.parametrize("capture", ["logical"])
+def test_keep_refuses_a_child_without_an_identity(env: Env) -> None:
+    env.sql(INHERITED + "; CREATE TABLE sync (id int PRIMARY KEY)")
+    config = logical_config(env, {**ITEMS, **SYNC}, keep=["public.items"])
+    done = run_cli("install", "--config", str(config))
+    assert done.returncode != 0
+    assert "items_b" in done.stderr + done.stdout
+    env.sql("UPDATE items_b SET note = 'still' WHERE id = 2")
+    # Given a primary key, it is published as it is, and captured.
+    env.sql("ALTER TABLE items_b ADD PRIMARY KEY (id)")
+    assert main(["install", "--config", str(config)]) == 0
+    assert env.scalar(IDENTITY_B) == "d"
+    r = env.redis()
+    with listening(config):
+        r.mset({"item:2": "x", "other:1": "keep"})
+        env.sql("UPDATE items SET id = 22 WHERE id = 2")
+        wait_until(lambda: r.exists("item:2") == 0, what="kept child")
+        settle(env, r)
+    assert keys(r) == {"other:1"}
+    assert dead_letter_count(env) == 0

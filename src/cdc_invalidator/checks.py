@@ -719,6 +719,25 @@ def check_logical_table(  # noqa: PLR0913 - the table's facts are keyword-only
         )
         return
     fine = True
+    heirs = [
+        name
+        for (name,) in conn.execute(
+            Q.CHECK_UNPUBLISHED_HEIRS.sql,
+            {
+                "table": table.qualified,
+                "tables": [TableName.parse(t).qualified for t in settings.tables],
+                "publication": settings.publication_name,
+            },
+        )
+    ]
+    if heirs:
+        fine = False
+        report.errors.append(
+            f"{where}: inheritance children {', '.join(heirs)} of {table} are not in "
+            f"publication {settings.publication_name!r} (created, or made to inherit from "
+            f"it, after install): their changes, whether a statement names them or {table}, "
+            "are not invalidated until you run `cdc-invalidator install`"
+        )
     for rel, identity, covered in conn.execute(Q.CHECK_IDENTITY.sql, {"table": table.qualified}):
         if identity == "f":
             continue

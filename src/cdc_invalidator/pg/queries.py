@@ -125,6 +125,7 @@ class Q(enum.Enum):
     CHECK_WATCH = "check_watch.sql"
     CHECK_PUBLISHED = "check_published.sql"
     CHECK_IDENTITY = "check_identity.sql"
+    CHECK_UNPUBLISHED_HEIRS = "check_unpublished_heirs.sql"  # inheritance children
     CHECK_GENERATED = "check_generated.sql"  # logical mode before PostgreSQL 18
     CHECK_DRIFT = "check_drift.sql"
     CHECK_LOGICAL_SERVER = "check_logical_server.sql"
