@@ -548,12 +548,13 @@ def test_check_reports_renames_and_drops(env: Env, capsys: pytest.CaptureFixture
     env.sql("ALTER TABLE users RENAME TO members; ALTER TABLE members RENAME COLUMN email TO mail")
     code, _, err = check(config, capsys)
     assert code == 1
-    assert "table public.users was renamed to members" in err
-    assert "column 'email' of members was renamed to 'mail'" in err
+    # (named with its schema: every session of ours has search_path = pg_catalog)
+    assert "table public.users was renamed to public.members" in err
+    assert "column 'email' of public.members was renamed to 'mail'" in err
     assert "edit the configuration" in err
     env.sql("ALTER TABLE members DROP COLUMN mail")
     code, _, err = check(config, capsys)
-    assert "column 'email' of members was dropped" in err
+    assert "column 'email' of public.members was dropped" in err
     assert "swept" in err
 
 
