@@ -9,7 +9,7 @@ import redis
 
 from cdc_invalidator.cli import main
 from tests.support.env import Env
-from tests.support.listener import check, listening
+from tests.support.listener import Spawn, check, listening, stop_listener
 from tests.support.waits import wait_until
 
 pytestmark = [pytest.mark.servers, pytest.mark.usefixtures("capture")]
@@ -86,10 +86,11 @@ def test_bad_table_routing_is_a_config_error(
 
 
 def test_check_errors_for_a_template_the_redis_user_may_not_delete(
-    env: Env, capsys: pytest.CaptureFixture[str]
+    env: Env, capsys: pytest.CaptureFixture[str], spawn: Spawn
 ) -> None:
-    """An ACL whose key patterns leave a table's keys out (~user:*): the listener would
-    wait at that table's first change, and every change after it. `check` said ok."""
+    """An ACL whose key patterns leave a table's keys out (~user:*): the listener waits
+    at that table's first change, and every change after it. `check` said ok; the
+    listener's warning named no key nor template, and now sends the reader to check."""
     config = configure(env)
     r = env.redis()
     r.execute_command(
@@ -108,5 +109,12 @@ def test_check_errors_for_a_template_the_redis_user_may_not_delete(
         assert "public.orders" in line
         assert "'order:{id}'" in line
         assert "users" not in line
+        listener = spawn(config)
+        env.sql("UPDATE orders SET note = 'n' WHERE id = 1")
+        wait_until(lambda: listener.logged("redis_unavailable"), what="the NOPERM")
+        [refused] = listener.logged("redis_unavailable")
+        assert "NoPermissionError" in refused["error"]
+        assert "`cdc-invalidator check` names the template" in refused["detail"]
+        stop_listener(listener)
     finally:
         r.execute_command("ACL", "DELUSER", "narrow")

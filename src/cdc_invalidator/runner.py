@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Protocol, assert_never, cast
 
 import psycopg
+import redis
 import structlog
 
 from cdc_invalidator.backoff import Backoff
@@ -280,9 +281,25 @@ class Availability:
         self._errors.inc()
         if self.available is not False:
             self._down_since = time.monotonic()
-            log.warning(f"{self.name}_unavailable", error=f"{type(exc).__name__}: {exc}")
+            log.warning(
+                f"{self.name}_unavailable",
+                error=f"{type(exc).__name__}: {exc}",
+                **_advice(exc),
+            )
             self._up.set(0)
         self.available = False
+
+
+def _advice(exc: BaseException) -> dict[str, str]:
+    """What to do about an outage that is a refusal: Redis's NOPERM names the command or
+    says "one of the keys", not which key or template (`check` does)."""
+    if isinstance(exc, redis.exceptions.NoPermissionError):
+        return {
+            "detail": "the Redis user's ACL refuses a command or a key the listener needs: "
+            "`cdc-invalidator check` names the template; every change waits until the ACL "
+            "allows it (docs/redis.md)"
+        }
+    return {}
 
 
 @dataclass(frozen=True, slots=True)
