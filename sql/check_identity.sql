@@ -15,5 +15,5 @@ FROM (WITH RECURSIVE tree (relid) AS (
           SELECT i.inhrelid FROM tree t JOIN pg_inherits i ON i.inhparent = t.relid)
       SELECT tree.relid FROM tree) r
 JOIN pg_class c ON c.oid = r.relid
-WHERE c.relkind = 'r'
+WHERE c.relkind = 'r' AND c.relpersistence <> 't'  -- (a temporary child is not published)
 ORDER BY 1

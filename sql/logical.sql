@@ -92,10 +92,12 @@ DECLARE
     idx      name;
 BEGIN
     -- (A foreign table has no identity: its writes are not decoded here at all, which
-    -- the guard refuses, and check reports.)
+    -- the guard refuses, and check reports. Nor has a temporary inheritance child, which
+    -- is never published: another session's cannot even be altered.)
     FOR rel IN SELECT r.relid FROM (SELECT tbl AS relid
                                     UNION SELECT unnest(cdc_invalidator.partitions_v1(tbl))) r
-               JOIN pg_class c ON c.oid = r.relid WHERE c.relkind <> 'f' LOOP
+               JOIN pg_class c ON c.oid = r.relid
+               WHERE c.relkind <> 'f' AND c.relpersistence <> 't' LOOP
         SELECT c.relreplident INTO ident FROM pg_class c WHERE c.oid = rel;
         CONTINUE WHEN ident = 'f';
         SELECT array_agg(a.attname::text), min(ic.relname) INTO covered, idx
@@ -125,7 +127,7 @@ AS $without$
     SELECT r.relid::regclass
     FROM (SELECT tbl AS relid UNION SELECT unnest(cdc_invalidator.partitions_v1(tbl))) r
     JOIN pg_class c ON c.oid = r.relid
-    WHERE c.relkind = 'r'
+    WHERE c.relkind = 'r' AND c.relpersistence <> 't'
       AND (c.relreplident = 'n'
            OR (c.relreplident = 'd' AND NOT EXISTS (
                SELECT FROM pg_index i WHERE i.indrelid = r.relid AND i.indisprimary)))
@@ -396,7 +398,9 @@ AS $drift$
                pr.prattrs::int2[] AS prattrs, cl.relkind, cl.relpersistence, cl.relnamespace
         FROM ours o
         JOIN tree t ON t.root = o.root
-        JOIN pg_class cl ON cl.oid = t.rel
+        -- (not a session's temporary inheritance child: no other session reaches its
+        -- rows, nor may publish it)
+        JOIN pg_class cl ON cl.oid = t.rel AND cl.relpersistence <> 't'
         LEFT JOIN pg_publication_rel pr ON pr.prpubid = o.oid AND pr.prrelid = t.rel
     )
     SELECT d.problem FROM (

@@ -120,8 +120,27 @@ AS $heirs$
         UNION
         SELECT i.inhrelid FROM pg_inherits i JOIN tree ON i.inhparent = tree.rel
         WHERE i.inhrelid <> ALL (skip))
-    SELECT coalesce(array_agg(tree.rel ORDER BY tree.rel), '{}') FROM tree
+    -- Not a temporary child (another session's cannot be altered, nor its rows reached
+    -- by any other session), nor a foreign one (it can have no trigger with transition
+    -- tables, and its rows are written on its server; check names it).
+    SELECT coalesce(array_agg(tree.rel ORDER BY tree.rel), '{}')
+    FROM tree JOIN pg_class c ON c.oid = tree.rel
+    WHERE c.relkind = 'r' AND c.relpersistence <> 't'
 $heirs$;
+
+-- ancestors_v1(rel): the tables `rel` is a partition or an inheritance child of, at any
+-- depth (pg_partition_ancestors() knows no inheritance). From pg_inherits.
+CREATE OR REPLACE FUNCTION cdc_invalidator.ancestors_v1(rel oid)
+RETURNS oid[]
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $ancestors$
+    WITH RECURSIVE up(rel) AS (
+        SELECT i.inhparent FROM pg_inherits i WHERE i.inhrelid = ancestors_v1.rel
+        UNION
+        SELECT i.inhparent FROM pg_inherits i JOIN up ON i.inhrelid = up.rel)
+    SELECT coalesce(array_agg(up.rel), '{}') FROM up
+$ancestors$;
+REVOKE ALL ON FUNCTION cdc_invalidator.ancestors_v1(oid) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cdc_invalidator.heirs_v1(oid, oid[]) FROM PUBLIC;
 
 -- add_column_v1(table, column, type): install's ADD COLUMN of a column a later release
@@ -887,9 +906,9 @@ BEGIN
         RETURN;
     END IF;
     IF writer IS NOT NULL AND NOT EXISTS (
-        -- (pg_partition_ancestors lists the table itself first; nothing for one that is
-        -- neither a partition nor partitioned)
-        SELECT FROM (SELECT writer::oid AS relid UNION SELECT a.relid FROM pg_partition_ancestors(writer) a) up
+        -- (the table and the tables it is a partition or an inheritance child of)
+        SELECT FROM (SELECT writer::oid AS relid
+                     UNION SELECT unnest(cdc_invalidator.ancestors_v1(writer))) up
         JOIN pg_class c ON c.oid = up.relid JOIN pg_namespace n ON n.oid = c.relnamespace
         WHERE (n.nspname::text, c.relname::text) = (schema_n, table_n)
            OR EXISTS (SELECT FROM cdc_invalidator.watched_v1 w

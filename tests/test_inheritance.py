@@ -138,6 +138,20 @@ def test_uninstall_leaves_nothing_on_the_children(env: Env) -> None:
     env.sql("UPDATE items_b SET note = 'after' WHERE id = 2")
 
 
+def test_another_sessions_temporary_child_leaves_install_alone(env: Env) -> None:
+    """A session's temporary table made to inherit from a watched one (its rows reach no
+    other session): install tried to give it triggers, or a replica identity, and failed
+    with "cannot alter temporary tables of other sessions". It is left out."""
+    env.sql(INHERITED)
+    with env.connect() as other:
+        other.execute("CREATE TEMP TABLE scratch () INHERITS (items)")
+        other.execute("INSERT INTO scratch VALUES (9, 't9')")
+        config = install(env, ITEMS)
+        assert check(config).returncode == 0, check(config).stdout
+        assert int(env.scalar(OURS_ON, ["items_b"])) == (0 if env.logical else 4)
+        other.execute("UPDATE scratch SET sku = 't9x'")  # its writes still succeed
+
+
 @pytest.mark.parametrize("capture", ["trigger"])
 def test_a_configured_child_of_an_unconfigured_parent_is_reported(env: Env) -> None:
     """A statement naming the parent fires only the parent's statement triggers, so
