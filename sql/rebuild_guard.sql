@@ -27,6 +27,18 @@
 --   * A partition dropped or detached takes its rows out of the watched table, one
 --     attached with rows brings them in, with no row change seen: the command asks for
 --     one sweep (members_v1, parts_moved_v1 and parts_dropped_v1, below).
+--   * A table made an inheritance child (at any depth) of a watched plain table (CREATE
+--     TABLE ... INHERITS, ALTER TABLE ... INHERIT; and the children under it), which
+--     install would have treated as it treats a partition (heirs_v1(), schema.sql):
+--       trigger mode: it gets the table's four capture triggers (ENABLE ALWAYS, calling
+--       the table's capture function), unless it carries those of a watched table it
+--       inherits from (heir_of_v1(), below): a statement naming it fires only its own
+--       statement triggers;
+--       logical mode: it is published as install publishes a child (ONLY and whole, its
+--       replica identity made to cover the key columns): PostgreSQL publishes no
+--       inheritance child added later.
+--     (Rows that join or leave the table by INHERIT, NO INHERIT or a child's DROP are not
+--     swept: DBA.md, "Inheritance children".)
 -- A sweep is a queue row in trigger mode (queue_sweep_once_v1), a transactional logical
 -- decoding message in logical mode (emit_sweep_v1): both commit or roll back with the
 -- DDL. The watched names are those the events carry (watched_v1's and published_v1's
@@ -77,6 +89,7 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $rebuilt$
 DECLARE
     r      record;
+    trg    record;
     was    text := coalesce(current_setting('cdc_invalidator.installing', true), '');
     marked boolean;
 BEGIN
@@ -211,6 +224,60 @@ BEGIN
                     '`cdc-invalidator install`', r.rel, SQLERRM;
             END;
         END LOOP;
+        FOR r IN
+            -- Trigger mode: tables the command made inheritance children (CREATE TABLE ...
+            -- INHERITS, ALTER TABLE ... INHERIT names the child), at any depth, of a watched
+            -- plain table, and the children under them, that lack the capture triggers of
+            -- every watched table they inherit from (heir_of_v1(), as heirs_v1() counts
+            -- them): a statement naming one fires only its own statement triggers. They get
+            -- the nearest one's, as watch() gives them (a child that left another watched
+            -- table kept that one's, which capture nothing of this one: replaced).
+            SELECT DISTINCT ON (h.rel) h.rel::regclass AS rel, w.relid AS root,
+                   format('cdc_invalidator.%I', 'capture_' || w.relid::oid || '_v1') AS fn
+            FROM cdc_invalidator.touched_v1() t
+            JOIN pg_class c ON c.oid = t.rel AND c.relkind = 'r' AND NOT c.relispartition
+            -- (not a watched table's own DDL: it makes no child of it, and its children,
+            -- maybe thousands, would each be looked up)
+              AND NOT EXISTS (SELECT FROM cdc_invalidator.watched_v1 x WHERE x.relid::oid = t.rel)
+            CROSS JOIN LATERAL (SELECT t.rel AS rel
+                                UNION SELECT unnest(cdc_invalidator.partitions_v1(t.rel))) h
+            JOIN pg_class hc ON hc.oid = h.rel AND hc.relkind = 'r'
+            CROSS JOIN LATERAL cdc_invalidator.heir_of_v1(h.rel, ARRAY(
+                SELECT x.relid::oid FROM cdc_invalidator.watched_v1 x)) up
+            JOIN cdc_invalidator.watched_v1 w ON w.relid::oid = up.root
+            WHERE to_regprocedure(format('cdc_invalidator.%I()', 'capture_' || w.relid::oid || '_v1'))
+                  IS NOT NULL
+              AND NOT EXISTS (SELECT FROM pg_trigger tg
+                              WHERE tg.tgrelid = h.rel AND tg.tgname = 'cdc_invalidator_ins_v1'
+                                AND tg.tgfoid IN (
+                                    SELECT to_regprocedure(format('cdc_invalidator.%I()',
+                                                                  'capture_' || u.root || '_v1'))
+                                    FROM cdc_invalidator.heir_of_v1(h.rel, ARRAY(
+                                        SELECT x.relid::oid FROM cdc_invalidator.watched_v1 x)) u))
+            ORDER BY h.rel, up.depth, up.root
+        LOOP
+            BEGIN
+                FOR trg IN
+                    SELECT * FROM (VALUES
+                        ('cdc_invalidator_ins_v1', 'INSERT', 'REFERENCING NEW TABLE AS new_rows'),
+                        ('cdc_invalidator_upd_v1', 'UPDATE',
+                         'REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows'),
+                        ('cdc_invalidator_del_v1', 'DELETE', 'REFERENCING OLD TABLE AS old_rows'),
+                        ('cdc_invalidator_trunc_v1', 'TRUNCATE', '')
+                    ) AS x (name, event, referencing)
+                LOOP
+                    EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', trg.name, r.rel);
+                    EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s %s FOR EACH STATEMENT '
+                                   'EXECUTE FUNCTION %s()', trg.name, trg.event, r.rel,
+                                   trg.referencing, r.fn);
+                    EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER %I', r.rel, trg.name);
+                END LOOP;
+            EXCEPTION WHEN OTHERS THEN
+                RAISE WARNING 'cdc_invalidator: statements naming %, an inheritance child of '
+                    'watched table %, are not captured (%): run `cdc-invalidator install`',
+                    r.rel, r.root::regclass, SQLERRM;
+            END;
+        END LOOP;
         PERFORM cdc_invalidator.unmark_install_v1(was, marked);
         -- A partitioned table carrying our row trigger that changed owners: the new one
         -- may add partitions.
@@ -270,6 +337,51 @@ BEGIN
                 EXCEPTION WHEN OTHERS THEN
                     RAISE WARNING 'cdc_invalidator: table % took the name of a published table, and its '
                         'changes are not captured (%): run `cdc-invalidator install`', r.rel, SQLERRM;
+                END;
+            END LOOP;
+            FOR r IN
+                -- Logical mode: tables the command made inheritance children (at any depth) of
+                -- a published plain table, and the children under them, that are not in its
+                -- publication: PostgreSQL publishes no child added later. Each is published
+                -- as install publishes one (publish()): ONLY and whole, its replica identity
+                -- made to cover the table's key columns (refused with `keep` if it has none).
+                -- (Temporary and unlogged ones cannot be published: `check` names them.)
+                SELECT DISTINCT ON (h.rel) h.rel::regclass AS rel, p.relid AS root,
+                       p.columns, p.keep, p.publication, p.judge
+                FROM cdc_invalidator.touched_v1() t
+                JOIN pg_class c ON c.oid = t.rel AND c.relkind = 'r' AND NOT c.relispartition
+                  -- (not a configured table's own DDL, as above)
+                  AND NOT EXISTS (SELECT FROM cdc_invalidator.published_v1 x
+                                  WHERE x.relid::oid = t.rel)
+                CROSS JOIN LATERAL (SELECT t.rel AS rel
+                                    UNION SELECT unnest(cdc_invalidator.partitions_v1(t.rel))) h
+                JOIN pg_class hc ON hc.oid = h.rel AND hc.relkind = 'r' AND hc.relpersistence = 'p'
+                CROSS JOIN LATERAL cdc_invalidator.heir_of_v1(h.rel, ARRAY(
+                    SELECT x.relid::oid FROM cdc_invalidator.published_v1 x)) up
+                JOIN cdc_invalidator.published_v1 p ON p.relid::oid = up.root
+                JOIN pg_publication pub ON pub.pubname = p.publication
+                WHERE NOT EXISTS (SELECT FROM pg_publication_rel pr
+                                  WHERE pr.prpubid = pub.oid AND pr.prrelid = h.rel)
+                ORDER BY h.rel, up.depth, up.root
+            LOOP
+                BEGIN
+                    marked := cdc_invalidator.mark_install_v1();
+                    IF r.keep THEN
+                        PERFORM cdc_invalidator.require_replica_identity(r.rel);
+                    ELSE
+                        -- (ensure_replica_identity() reaches the children under it too)
+                        PERFORM cdc_invalidator.ensure_replica_identity(r.rel, CASE
+                            WHEN r.judge IS NULL THEN r.columns
+                            ELSE ARRAY(SELECT a.attname::text FROM pg_attribute a
+                                       WHERE a.attrelid = r.root AND a.attnum > 0
+                                         AND NOT a.attisdropped) END);
+                    END IF;
+                    EXECUTE format('ALTER PUBLICATION %I ADD TABLE ONLY %s', r.publication, r.rel);
+                    PERFORM cdc_invalidator.unmark_install_v1(was, marked);
+                EXCEPTION WHEN OTHERS THEN
+                    RAISE WARNING 'cdc_invalidator: %, an inheritance child of published table %, '
+                        'is not published, and its changes are not captured (%): run '
+                        '`cdc-invalidator install`', r.rel, r.root::regclass, SQLERRM;
                 END;
             END LOOP;
         END IF;
@@ -582,6 +694,27 @@ BEGIN
 END
 $sync$;
 REVOKE ALL ON FUNCTION cdc_invalidator.sync_members_v1(oid[], boolean) FROM PUBLIC;
+
+-- heir_of_v1(rel, roots): the tables of `roots` (configured plain tables) whose
+-- inheritance child `rel` is, at any depth, as heirs_v1() counts them: not through a
+-- table of `roots` (one configured on its own keeps its children), and none for a table
+-- of `roots` itself; with the depth, nearest first.
+CREATE OR REPLACE FUNCTION cdc_invalidator.heir_of_v1(rel oid, roots oid[])
+RETURNS TABLE (root oid, depth int)
+LANGUAGE sql STABLE ROWS 1 SET search_path = pg_catalog, pg_temp
+AS $heir_of$
+    WITH RECURSIVE up (relid, depth) AS (
+        SELECT i.inhparent, 1 FROM pg_inherits i
+        WHERE i.inhrelid = rel AND rel <> ALL (roots)
+        UNION ALL
+        SELECT i.inhparent, u.depth + 1 FROM up u JOIN pg_inherits i ON i.inhrelid = u.relid
+        WHERE u.relid <> ALL (roots) AND u.depth < 100)
+    SELECT u.relid, min(u.depth)::int FROM up u
+    JOIN pg_class c ON c.oid = u.relid AND c.relkind = 'r'
+    WHERE u.relid = ANY (roots)
+    GROUP BY u.relid ORDER BY 2, 1
+$heir_of$;
+REVOKE ALL ON FUNCTION cdc_invalidator.heir_of_v1(oid, oid[]) FROM PUBLIC;
 
 -- parts_moved_v1 (ddl_command_end of CREATE TABLE, CREATE FOREIGN TABLE, ALTER TABLE,
 -- and of CREATE SCHEMA, ALTER SCHEMA, ALTER INDEX, which can make or rename a table):
