@@ -36,9 +36,13 @@
 --       statement triggers;
 --       logical mode: it is published as install publishes a child (ONLY and whole, its
 --       replica identity made to cover the key columns): PostgreSQL publishes no
---       inheritance child added later.
---     (Rows that join or leave the table by INHERIT, NO INHERIT or a child's DROP are not
---     swept: DBA.md, "Inheritance children".)
+--       inheritance child added later. A table in our publication that is no longer
+--       configured nor an inheritance child of a published table (NO INHERIT) is taken
+--       out of it: its changes would be decoded with nothing to map them to.
+--     Its rows joining (INHERIT of a table with rows) or leaving (NO INHERIT, DROP) the
+--     table are swept as a partition's are: members_v1 records the children too. A
+--     child that left keeps its capture triggers (trigger mode) until install, as a
+--     detached partition does.
 -- A sweep is a queue row in trigger mode (queue_sweep_once_v1), a transactional logical
 -- decoding message in logical mode (emit_sweep_v1): both commit or roll back with the
 -- DDL. The watched names are those the events carry (watched_v1's and published_v1's
@@ -384,6 +388,40 @@ BEGIN
                         '`cdc-invalidator install`', r.rel, r.root::regclass, SQLERRM;
                 END;
             END LOOP;
+            FOR r IN
+                -- Logical mode: tables in one of our publications that are neither
+                -- configured nor, any longer, an inheritance child of a published table
+                -- (ALTER TABLE ... NO INHERIT, at any depth): taken out of it, as a
+                -- detached partition leaves with it. Their writes would be decoded with no
+                -- configured table to map them to: dead letters. (Their rows leaving the
+                -- table swept it: parts_moved_v1.) The identity install gave one stays
+                -- until the next install puts it back.
+                SELECT DISTINCT h.rel::regclass AS rel, pub.pubname
+                FROM cdc_invalidator.touched_v1() t
+                JOIN pg_class c ON c.oid = t.rel AND c.relkind = 'r' AND NOT c.relispartition
+                  -- (not a configured table's own DDL, as above)
+                  AND NOT EXISTS (SELECT FROM cdc_invalidator.published_v1 x
+                                  WHERE x.relid::oid = t.rel)
+                CROSS JOIN LATERAL (SELECT t.rel AS rel
+                                    UNION SELECT unnest(cdc_invalidator.partitions_v1(t.rel))) h
+                JOIN pg_publication_rel pr ON pr.prrelid = h.rel
+                JOIN pg_publication pub ON pub.oid = pr.prpubid
+                WHERE pub.pubname IN (SELECT x.publication FROM cdc_invalidator.published_v1 x)
+                  AND NOT EXISTS (SELECT FROM cdc_invalidator.published_v1 x WHERE x.relid::oid = h.rel)
+                  AND NOT EXISTS (SELECT FROM cdc_invalidator.heir_of_v1(h.rel, ARRAY(
+                                      SELECT x.relid::oid FROM cdc_invalidator.published_v1 x
+                                      WHERE x.publication = pub.pubname)))
+            LOOP
+                BEGIN
+                    marked := cdc_invalidator.mark_install_v1();
+                    EXECUTE format('ALTER PUBLICATION %I DROP TABLE ONLY %s', r.pubname, r.rel);
+                    PERFORM cdc_invalidator.unmark_install_v1(was, marked);
+                EXCEPTION WHEN OTHERS THEN
+                    RAISE WARNING 'cdc_invalidator: %, no longer an inheritance child of a '
+                        'published table, stays in publication % (%): its changes will be '
+                        'dead letters until `cdc-invalidator install`', r.rel, r.pubname, SQLERRM;
+                END;
+            END LOOP;
         END IF;
     EXCEPTION WHEN OTHERS THEN
         RAISE WARNING 'cdc_invalidator: the rebuild guard failed (%): a table that took a '
@@ -510,8 +548,10 @@ REVOKE ALL ON FUNCTION cdc_invalidator.function_dropped_v1() FROM PUBLIC;
 -- adds one holding rows, asks for one sweep of the table's templates, in its own
 -- transaction (DETACH ... CONCURRENTLY: its last one).
 
--- members_v1: each partition, at any depth, of each watched partitioned table (or a
--- table that took a watched name: a stand-in); `root` is that table. (regclass, as
+-- members_v1: each partition, at any depth, of each watched partitioned table, and each
+-- inheritance child, at any depth, of each watched plain table (or of a table that took
+-- a watched name: a stand-in); `root` is that table. (A child configured on its own is
+-- recorded too: its rows are the root's as well.) (regclass, as
 -- watched_v1's relid: pg_dump writes names, so a restore keeps the record true.)
 CREATE TABLE IF NOT EXISTS cdc_invalidator.members_v1 (
     part regclass NOT NULL,
@@ -538,20 +578,22 @@ BEGIN
 END
 $members_root$;
 
--- bearers_v1(relid, schema, table): the partitioned tables among the watched table
--- `relid` and the one that bears its name now (a stand-in), each found by its index.
+-- bearers_v1(relid, schema, table): the partitioned and plain tables among the watched
+-- table `relid` and the one that bears its name now (a stand-in), each found by its
+-- index. (A plain table's members are its inheritance children.)
 CREATE OR REPLACE FUNCTION cdc_invalidator.bearers_v1(relid oid, schema_n text, table_n text)
 RETURNS TABLE (oid oid)
 LANGUAGE sql STABLE ROWS 1 SET search_path = pg_catalog, pg_temp
 AS $bearers$
-    SELECT c.oid FROM pg_class c WHERE c.oid = relid AND c.relkind = 'p'
+    SELECT c.oid FROM pg_class c WHERE c.oid = relid AND c.relkind IN ('p', 'r')
     UNION
     SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-    WHERE c.relname = table_n::name AND n.nspname = schema_n::name AND c.relkind = 'p'
+    WHERE c.relname = table_n::name AND n.nspname = schema_n::name AND c.relkind IN ('p', 'r')
 $bearers$;
 REVOKE ALL ON FUNCTION cdc_invalidator.bearers_v1(oid, text, text) FROM PUBLIC;
 
--- roots_v1(): the partitioned tables whose partitions members_v1 records, with the name
+-- roots_v1(): the partitioned and plain tables whose partitions or inheritance children
+-- members_v1 records, with the name
 -- their events carry and the mode ('t': watched_v1, a queue row; 'l': published_v1, a
 -- logical decoding message): each watched one, and each that bears a watched name.
 CREATE OR REPLACE FUNCTION cdc_invalidator.roots_v1()
@@ -681,19 +723,39 @@ BEGIN
                    WHERE cdc_invalidator.holds_rows_v1(l.o, true, held)
                       OR (r.logical AND l.o = ANY (held))) THEN
             PERFORM cdc_invalidator.sweep_root_v1(r.root, format(
-                '%s partition(s) of table %s detached (%s%s)', cardinality(lost), r.root::regclass,
+                CASE WHEN (SELECT c.relkind FROM pg_class c WHERE c.oid = r.root) = 'r'
+                     THEN '%s inheritance child(ren) left table %s (%s%s)'
+                     ELSE '%s partition(s) of table %s detached (%s%s)' END,
+                cardinality(lost), r.root::regclass,
                 -- (ten names at most: a reason is logged and stored with the sweep)
                 (SELECT string_agg(o::regclass::text, ', ') FROM (SELECT unnest(lost[1:10]) o) x),
                 CASE WHEN cardinality(lost) > 10 THEN ', ...' ELSE '' END));
         ELSIF EXISTS (SELECT FROM unnest(gained) g
                       WHERE cdc_invalidator.holds_rows_v1(g, false, held)) THEN
             PERFORM cdc_invalidator.sweep_root_v1(r.root, format(
-                'a partition holding rows joined table %s', r.root::regclass));
+                '%s holding rows joined table %s',
+                CASE WHEN (SELECT c.relkind FROM pg_class c WHERE c.oid = r.root) = 'r'
+                     THEN 'an inheritance child' ELSE 'a partition' END, r.root::regclass));
         END IF;
     END LOOP;
 END
 $sync$;
 REVOKE ALL ON FUNCTION cdc_invalidator.sync_members_v1(oid[], boolean) FROM PUBLIC;
+
+-- inherited_v1(rel): the tables `rel` inherits from, at any depth (pg_inherits: for an
+-- inheritance child, its parents and theirs).
+CREATE OR REPLACE FUNCTION cdc_invalidator.inherited_v1(rel oid)
+RETURNS TABLE (relid oid, depth int)
+LANGUAGE sql STABLE ROWS 4 SET search_path = pg_catalog, pg_temp
+AS $inherited$
+    WITH RECURSIVE up (relid, depth) AS (
+        SELECT i.inhparent, 1 FROM pg_inherits i WHERE i.inhrelid = rel
+        UNION ALL
+        SELECT i.inhparent, u.depth + 1 FROM up u JOIN pg_inherits i ON i.inhrelid = u.relid
+        WHERE u.depth < 100)
+    SELECT u.relid, min(u.depth)::int FROM up u GROUP BY u.relid
+$inherited$;
+REVOKE ALL ON FUNCTION cdc_invalidator.inherited_v1(oid) FROM PUBLIC;
 
 -- heir_of_v1(rel, roots): the tables of `roots` (configured plain tables) whose
 -- inheritance child `rel` is, at any depth, as heirs_v1() counts them: not through a
@@ -723,9 +785,13 @@ REVOKE ALL ON FUNCTION cdc_invalidator.heir_of_v1(oid, oid[]) FROM PUBLIC;
 --   * a partition not recorded yet (CREATE TABLE ... PARTITION OF names the partition):
 --     its own rows are added, reading no others (so that two sessions creating partitions
 --     neither wait on each other nor, SERIALIZABLE, fail each other), and it is swept for
---     if it may hold rows (a foreign table).
+--     if it may hold rows (a foreign table);
+--   * an inheritance child the command touched, or one recorded (CREATE TABLE ...
+--     INHERITS, ALTER TABLE ... INHERIT and NO INHERIT name the child): the watched plain
+--     tables it inherits from now, and those it was recorded under, are compared with the
+--     record (sync_members_v1): a child holding rows that joined, or one that left, sweeps.
 -- A command on a recorded leaf partition, or on a table outside every watched tree,
--- costs a look-up of it only.
+-- costs a look-up of it only (an inheritance child: the compare of its trees).
 CREATE OR REPLACE FUNCTION cdc_invalidator.parts_moved_v1()
 RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -740,8 +806,13 @@ BEGIN
     -- Never a failed migration: whatever goes wrong here is a WARNING.
     BEGIN
         IF NOT EXISTS (SELECT FROM cdc_invalidator.touched_v1() t JOIN pg_class c ON c.oid = t.rel
-                       WHERE c.relkind = 'p' OR c.relispartition) THEN
-            RETURN;  -- (most DDL: no partition tree touched)
+                       WHERE c.relkind = 'p' OR c.relispartition
+                          -- an inheritance child, now or (recorded) before the command
+                          OR (c.relkind IN ('r', 'f')
+                              AND (EXISTS (SELECT FROM pg_inherits i WHERE i.inhrelid = c.oid)
+                                   OR EXISTS (SELECT FROM cdc_invalidator.members_v1 m
+                                              WHERE m.part = c.oid)))) THEN
+            RETURN;  -- (most DDL: no partition tree, nor inheritance child, touched)
         END IF;
         FOR r IN
             SELECT DISTINCT c.oid AS part, x.root
@@ -761,10 +832,22 @@ BEGIN
             END IF;
         END LOOP;
         SELECT array_agg(DISTINCT x.root) INTO roots
-        FROM cdc_invalidator.touched_v1() t
-        JOIN pg_class c ON c.oid = t.rel AND c.relkind = 'p'
-        CROSS JOIN LATERAL (SELECT t.rel AS relid
-                            UNION SELECT a.relid FROM pg_partition_ancestors(t.rel) a) up
+        FROM (SELECT up.relid
+              FROM cdc_invalidator.touched_v1() t
+              JOIN pg_class c ON c.oid = t.rel AND c.relkind = 'p'
+              CROSS JOIN LATERAL (SELECT t.rel AS relid
+                                  UNION SELECT a.relid FROM pg_partition_ancestors(t.rel) a) up
+              UNION
+              -- An inheritance child (INHERIT and NO INHERIT name the child): the plain
+              -- tables it inherits from now, and those it was recorded under before.
+              SELECT a.relid
+              FROM cdc_invalidator.touched_v1() t
+              JOIN pg_class c ON c.oid = t.rel AND c.relkind IN ('r', 'f')
+              CROSS JOIN LATERAL cdc_invalidator.inherited_v1(t.rel) a
+              UNION
+              SELECT m.root::oid
+              FROM cdc_invalidator.touched_v1() t
+              JOIN cdc_invalidator.members_v1 m ON m.part = t.rel) up
         JOIN cdc_invalidator.roots_v1() x ON x.root = up.relid;
         IF roots IS NOT NULL THEN
             PERFORM cdc_invalidator.sync_members_v1(roots, true);

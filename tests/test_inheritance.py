@@ -194,7 +194,8 @@ def test_keep_refuses_a_child_without_an_identity(env: Env) -> None:
 
 
 # The rebuild guard: a child made, or made to inherit, after install is captured from its
-# DDL on.
+# DDL on; rows that join or leave the table by INHERIT / NO INHERIT (or a child's DROP)
+# are swept.
 
 
 def test_a_child_created_after_install_is_captured_at_once(env: Env) -> None:
@@ -227,6 +228,26 @@ def test_a_child_created_after_install_is_captured_at_once(env: Env) -> None:
     assert dead_letter_count(env) == 0
 
 
+def test_inherit_of_a_table_with_rows_sweeps_and_captures_it(env: Env) -> None:
+    env.sql(INHERITED + "; CREATE TABLE items_d (id int PRIMARY KEY, sku text, more int)")
+    env.sql("INSERT INTO items_d VALUES (9, 'd9', 1)")
+    config = install(env, ITEMS)
+    r = env.redis()
+    with listening(config):
+        settle(env, r)
+        # Its rows' keys, cached before they were the table's: swept by the INHERIT.
+        r.mset({"item:9": "x", "item:sku:d9": "x", "other:1": "keep"})
+        env.sql("ALTER TABLE items_d INHERIT items")
+        wait_until(lambda: r.exists("item:9", "item:sku:d9") == 0, what="swept")
+        r.mset({"item:9": "x", "item:sku:d9": "x"})
+        env.sql("UPDATE items_d SET sku = 'd9x' WHERE id = 9")
+        wait_until(lambda: r.exists("item:9", "item:sku:d9") == 0, what="captured")
+        settle(env, r)
+    assert keys(r) == {"other:1"}
+    assert dead_letter_count(env) == 0
+    assert check(config).returncode == 0, check(config).stdout
+
+
 @pytest.mark.parametrize("capture", ["trigger"])
 def test_inherit_of_an_empty_table_does_not_sweep(env: Env) -> None:
     env.sql(INHERITED + "; CREATE TABLE items_e (id int PRIMARY KEY, sku text)")
@@ -234,6 +255,46 @@ def test_inherit_of_an_empty_table_does_not_sweep(env: Env) -> None:
     env.sql("ALTER TABLE items_e INHERIT items")
     assert int(env.scalar(OURS_ON, ["items_e"])) == 4
     assert int(env.scalar("SELECT count(*) FROM cdc_invalidator.queue_v1")) == 0
+
+
+def test_no_inherit_sweeps(env: Env) -> None:
+    env.sql(INHERITED)
+    config = install(env, ITEMS)
+    r = env.redis()
+    with listening(config):
+        settle(env, r)
+        # items_a's row leaves items: its keys are swept.
+        r.mset({"item:1": "x", "item:sku:a1": "x", "other:1": "keep"})
+        env.sql("ALTER TABLE items_a NO INHERIT items")
+        wait_until(lambda: r.exists("item:1", "item:sku:a1") == 0, what="swept")
+        # No longer the table's: in logical mode out of the publication (no dead letters);
+        # in trigger mode it keeps its triggers until install, as a detached partition.
+        env.sql("UPDATE items_a SET sku = 'a1x' WHERE id = 1")
+        settle(env, r)
+    assert keys(r) == {"other:1"}
+    assert dead_letter_count(env) == 0
+    if env.logical:
+        assert "items_a" not in env.scalar(
+            "SELECT array_agg(tablename::text) FROM pg_publication_tables"
+        )
+    else:
+        assert int(env.scalar(OURS_ON, ["items_a"])) == 4
+    assert main(["install", "--config", str(config)]) == 0
+    assert int(env.scalar(OURS_ON, ["items_a"])) == 0
+    assert check(config).returncode == 0, check(config).stdout
+
+
+def test_dropping_a_child_with_rows_sweeps(env: Env) -> None:
+    env.sql(INHERITED)
+    config = install(env, ITEMS)
+    r = env.redis()
+    with listening(config):
+        settle(env, r)
+        r.mset({"item:2": "x", "item:sku:b2": "x", "other:1": "keep"})
+        env.sql("DROP TABLE items_b")
+        wait_until(lambda: r.exists("item:2", "item:sku:b2") == 0, what="swept")
+        settle(env, r)
+    assert keys(r) == {"other:1"}
 
 
 @pytest.mark.parametrize("capture", ["logical"])
