@@ -270,7 +270,11 @@ BEGIN
                         ('cdc_invalidator_trunc_v1', 'TRUNCATE', '')
                     ) AS x (name, event, referencing)
                 LOOP
-                    EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', trg.name, r.rel);
+                    -- (another watched table's: it left that one)
+                    IF EXISTS (SELECT FROM pg_trigger tg
+                               WHERE tg.tgrelid = r.rel AND tg.tgname = trg.name) THEN
+                        EXECUTE format('DROP TRIGGER %I ON %s', trg.name, r.rel);
+                    END IF;
                     EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s %s FOR EACH STATEMENT '
                                    'EXECUTE FUNCTION %s()', trg.name, trg.event, r.rel,
                                    trg.referencing, r.fn);

@@ -317,3 +317,31 @@ def test_keep_a_new_child_without_an_identity_warns_and_is_reported(env: Env) ->
     done = check(config)
     assert done.returncode != 0
     assert "items_f" in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("capture", ["trigger"])
+def test_a_child_that_moves_to_another_watched_table_gets_its_triggers(env: Env) -> None:
+    """NO INHERIT leaves a child the first table's triggers (until install); INHERIT of
+    another watched table replaces them with that one's, and sweeps both; a new child's
+    triggers are made without a NOTICE to the DBA."""
+    env.sql(INHERITED + "; CREATE TABLE goods (id int PRIMARY KEY, sku text)")
+    install(env, {**ITEMS, "public.goods": ["good:{id}"]})
+    calls = (
+        "SELECT array_agg(DISTINCT p.proname::text) FROM pg_trigger tg"
+        " JOIN pg_proc p ON p.oid = tg.tgfoid WHERE tg.tgrelid = 'items_a'::regclass"
+    )
+    oid = "SELECT %s::regclass::oid"
+    goods, items = (f"capture_{env.scalar(oid, [t])}_v1" for t in ("goods", "items"))
+    notices: list[str] = []
+    with env.connect() as ddl:
+        ddl.add_notice_handler(lambda diag: notices.append(diag.message_primary or ""))
+        ddl.execute("ALTER TABLE items_a NO INHERIT items")
+        assert env.scalar(calls) == [items]
+        ddl.execute("ALTER TABLE items_a INHERIT goods")
+        ddl.execute("CREATE TABLE goods_z () INHERITS (goods)")
+    assert env.scalar(calls) == [goods]
+    assert notices == []
+    assert env.scalar("SELECT array_agg(table_name ORDER BY id) FROM cdc_invalidator.queue_v1") == [
+        "items",
+        "goods",
+    ]
