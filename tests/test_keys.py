@@ -171,6 +171,22 @@ def test_where_cannot_write_nor_add_a_statement(
     assert "ran longer than 1s (statement_timeout)" in err
 
 
+def test_where_reads_the_condition_with_the_roles_search_path(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The condition is the operator's SQL: an operator an extension put in public
+    (citext's case-blind `=`) is the one psql would use. Under our sessions' pinned
+    search_path it was read as text's `=`, and matched nothing, silently."""
+    env.sql(
+        "CREATE EXTENSION IF NOT EXISTS citext;"
+        "CREATE TABLE users (id int PRIMARY KEY, email citext);"
+        "INSERT INTO users VALUES (1, 'Ann@X.org')"
+    )
+    config = env.config({"public.users": ["user:{id}"]})
+    code, out, err = keys(capsys, config, "users", "--where", "email = 'ann@x.org'")
+    assert (code, out) == (0, "user:1\n"), err
+
+
 @pytest.mark.usefixtures("capture")
 def test_where_refused_says_which_privilege_without_the_password(
     env: Env, users: Path, reader: str, capsys: pytest.CaptureFixture[str]

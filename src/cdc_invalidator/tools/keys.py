@@ -150,6 +150,12 @@ def read_rows(
             sql.SQL("SET LOCAL statement_timeout = {}").format(sql.Literal(STATEMENT_TIMEOUT))
         )
         conn.execute(PIN_RENDER_SETTINGS, [v for setting in RENDER_SETTINGS for v in setting])
+        # The condition is the operator's SQL, read as psql would read it: with the
+        # session's own search_path (the role's or database's), not pg_catalog alone,
+        # which our sessions pin (an operator of an extension in public, citext's `=`,
+        # was read as text's, and matched nothing). The rest of the query names no
+        # function (the columns' casts to text are not looked up by search_path).
+        conn.execute("SET LOCAL search_path TO DEFAULT")
         fetched = conn.execute(query, {"limit": limit + 1}).fetchall()
     rows = [dict(zip(columns, row, strict=True)) for row in fetched[:limit]]
     return LiveRows(rows, len(fetched) > limit)
