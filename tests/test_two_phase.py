@@ -22,7 +22,7 @@ from tests.support.faults import (
     setup_users,
     update_without_notify,
 )
-from tests.support.listener import listening
+from tests.support.listener import Spawn, listening, stop_listener
 from tests.support.waits import wait_until
 
 pytestmark = pytest.mark.servers
@@ -129,3 +129,28 @@ def test_check_warns_where_transactions_can_be_prepared(
     capsys.readouterr()
     assert main(["check", "--config", str(config)]) == 0
     assert "compiled by an earlier release" not in capsys.readouterr().out
+
+
+def test_a_prepared_transaction_holding_the_queues_lock_is_named(
+    prepared_env: Env, spawn: Spawn
+) -> None:
+    """Any role may take the listeners' lock in a transaction it prepares: it outlives
+    the session and a restart, and every listener waited on standby, taking it for
+    another listener (the second review). It is named, with the command that ends it."""
+    env = prepared_env
+    config = setup_users(env, rows=1)
+    with env.connect() as conn:
+        conn.execute("BEGIN")
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('cdc_invalidator.queue_v1'))")
+        conn.execute("PREPARE TRANSACTION 'hold'")
+    listener = spawn(config)
+    wait_until(lambda: listener.logged("standby_behind_a_foreign_session"), what="the holder named")
+    holder = listener.logged("standby_behind_a_foreign_session")[0]["holder"]
+    assert "prepared transaction 'hold'" in holder, holder
+    assert "ROLLBACK PREPARED 'hold'" in holder, holder
+    r = env.redis()
+    cache(r, [1])
+    env.sql("ROLLBACK PREPARED 'hold'")
+    env.sql("UPDATE users SET email = 'new@x' WHERE id = 1")
+    wait_until(lambda: r.exists(*keys_of(1)) == 0, what="consumed once it was rolled back")
+    stop_listener(listener)

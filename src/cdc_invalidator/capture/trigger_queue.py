@@ -855,7 +855,14 @@ def _standby(conn: psycopg.Connection[Any]) -> Standby:
     holder = conn.execute(Q.LOCK_HOLDER.sql).fetchone()
     if holder is None or holder[3]:
         return Standby("another listener is consuming the queue of this database")
-    pid, role, application_name, _ours = holder
+    pid, role, application_name, _ours, gid = holder
+    if gid is not None:  # (no listener of ours prepares a transaction)
+        return Standby(
+            "a prepared transaction holds the queue's lock",
+            foreign=f"prepared transaction {gid!r} (role {role}): no listener consumes the "
+            "queue until it is committed or rolled back (ROLLBACK PREPARED "
+            f"{sql.Literal(gid).as_string(conn)}), whatever restarts",
+        )
     return Standby(
         "another session holds the queue's lock",
         foreign=f"backend {pid} (role {role}, application_name {application_name!r}), not "
