@@ -158,6 +158,31 @@ def test_another_sessions_temporary_child_leaves_install_alone(env: Env) -> None
         other.execute("UPDATE scratch SET sku = 't9x'")  # its writes still succeed
 
 
+@pytest.mark.parametrize("partitioned", [False, True], ids=["inherited", "partitioned"])
+def test_a_table_configured_inside_another_configured_one_is_reported(
+    env: Env, partitioned: bool
+) -> None:
+    """A row of items_a is a row of items, but each change is captured under one name
+    (the table a statement names in trigger mode, items_a in logical mode): the other
+    table's keys stayed cached (the second review: `t:5` or `c2:5` left), and check
+    said nothing. The same for a partition configured beside its table."""
+    if partitioned:
+        env.sql(
+            "CREATE TABLE items (id int PRIMARY KEY, sku text) PARTITION BY RANGE (id);"
+            "CREATE TABLE items_a PARTITION OF items FOR VALUES FROM (0) TO (100)"
+        )
+    else:
+        env.sql(INHERITED)
+    config = install(env, {**ITEMS, "public.items_a": ["a:{id}"]})
+    done = check(config)
+    assert done.returncode != 0
+    out = done.stdout + done.stderr
+    assert (
+        "table public.items_a is a partition or an inheritance child of public.items, "
+        "and both are configured"
+    ) in out, out
+
+
 @pytest.mark.parametrize("capture", ["trigger"])
 def test_a_configured_child_of_an_unconfigured_parent_is_reported(env: Env) -> None:
     """A statement naming the parent fires only the parent's statement triggers, so

@@ -175,6 +175,7 @@ def check_database(
         )
         _check_mapping(conn, settings, report, config_name)
 
+    _check_nested(conn, settings, report, config_name)
     filters = settings.column_filters()
     for table, templates in sorted(mapper.tables.items()):
         where = f"{config_name}: [tables.{names[table]!r}]"
@@ -191,6 +192,23 @@ def check_database(
     if installed:
         mode.check_server(conn, report, config_name)
     return report
+
+
+def _check_nested(
+    conn: psycopg.Connection[Any], settings: Settings, report: Report, config_name: str
+) -> None:
+    """A configured table inside another configured one (check_nested.sql): each
+    change of its rows deletes the keys of one of the two."""
+    qualified = [TableName.parse(name).qualified for name in settings.tables]
+    for child, parent in conn.execute(Q.CHECK_NESTED.sql, {"tables": qualified}):
+        report.errors.append(
+            f"{config_name}: table {child} is a partition or an inheritance child of "
+            f"{parent}, and both are configured: a row of {child} is a row of {parent}, "
+            "but each change is captured under one of the two names (trigger mode: the "
+            f"table the statement names; logical mode: {child}), and the other's keys "
+            f"stay cached. Configure one of them ({parent}'s templates may use any column "
+            f"{child} shares with it), then run `cdc-invalidator install`"
+        )
 
 
 def _check_mapping(

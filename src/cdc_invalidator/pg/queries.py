@@ -128,6 +128,7 @@ class Q(enum.Enum):
     CHECK_UNPUBLISHED_HEIRS = "check_unpublished_heirs.sql"  # inheritance children
     CHECK_GENERATED = "check_generated.sql"  # logical mode before PostgreSQL 18
     CHECK_DRIFT = "check_drift.sql"
+    CHECK_NESTED = "check_nested.sql"  # a configured table inside another
     CHECK_LOGICAL_SERVER = "check_logical_server.sql"
     CHECK_DDL_GUARD = "check_ddl_guard.sql"
     CHECK_PUBLICATION_DRIFT = "check_publication_drift.sql"
