@@ -194,5 +194,19 @@ SELECT
          'cdc_invalidator.' || quote_ident('capture_' || w.relid::oid || '_v1') || '()'))
         AS bulk_sweep_rows,
     -- The name its events carry (install's), NULL where an older release recorded none.
-    quote_ident(w.schema_name) || '.' || quote_ident(w.table_name) AS events_name
+    quote_ident(w.schema_name) || '.' || quote_ident(w.table_name) AS events_name,
+    -- Its inheritance children that inherit from another table too, not watched (multiple
+    -- inheritance): a statement naming that one changes their rows without firing their
+    -- triggers.
+    ARRAY(
+        SELECT DISTINCT format('%%s (a child of %%s too)', quote_ident(hn.nspname) || '.'
+                               || quote_ident(hc.relname), quote_ident(pn.nspname) || '.'
+                               || quote_ident(pc.relname))
+        FROM heirs h
+        JOIN pg_inherits i ON i.inhrelid = h.rel
+        JOIN pg_class hc ON hc.oid = h.rel JOIN pg_namespace hn ON hn.oid = hc.relnamespace
+        JOIN pg_class pc ON pc.oid = i.inhparent JOIN pg_namespace pn ON pn.oid = pc.relnamespace
+        WHERE i.inhparent <> w.relid AND i.inhparent NOT IN (SELECT x.rel FROM heirs x)
+          AND NOT EXISTS (SELECT FROM cdc_invalidator.watched_v1 x WHERE x.relid::oid = i.inhparent)
+        ORDER BY 1) AS shared_children
 FROM w

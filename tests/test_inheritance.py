@@ -184,6 +184,19 @@ def test_a_table_configured_inside_another_configured_one_is_reported(
 
 
 @pytest.mark.parametrize("capture", ["trigger"])
+def test_a_child_that_also_inherits_from_an_unwatched_table_is_reported(env: Env) -> None:
+    """Multiple inheritance: a statement naming the other parent changes the child's rows
+    without firing its triggers (the second review: `t:6` left, check silent)."""
+    env.sql(INHERITED + "; CREATE TABLE other (id int, sku text);"
+            "CREATE TABLE both_ () INHERITS (items, other)")  # fmt: skip
+    config = install(env, ITEMS)
+    done = check(config)
+    assert done.returncode != 0
+    out = done.stdout + done.stderr
+    assert "public.both_ (a child of public.other too)" in out, out
+
+
+@pytest.mark.parametrize("capture", ["trigger"])
 def test_a_configured_child_of_an_unconfigured_parent_is_reported(env: Env) -> None:
     """A statement naming the parent fires only the parent's statement triggers, so
     `check` says to configure the parent. (Logical mode decodes the child's changes as

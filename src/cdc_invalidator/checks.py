@@ -420,6 +420,8 @@ class Watch:
     bulk_sweep_rows: int | None = None
     # The name its events carry: the table's at install (None: not recorded).
     events_name: str | None = None
+    # Its inheritance children that another, unwatched, table is a parent of too.
+    shared_children: list[str] = field(default_factory=list)
 
 
 def watch_of(conn: psycopg.Connection[Any], table: TableName) -> Watch | None:
@@ -446,6 +448,7 @@ def watch_of(conn: psycopg.Connection[Any], table: TableName) -> Watch | None:
         notify_payload,
         bulk_sweep_rows,
         events_name,
+        shared_children,
     ) = row
     # Installed by an older release, which did not record attnums: no drift to tell.
     return Watch(
@@ -464,6 +467,7 @@ def watch_of(conn: psycopg.Connection[Any], table: TableName) -> Watch | None:
         notify_payload,
         bulk_sweep_rows,
         events_name,
+        shared_children,
     )
 
 
@@ -553,6 +557,16 @@ def check_triggers(  # noqa: PLR0913 - the table's facts
             f"{table} were created, or made to inherit from it, after install and have no "
             f"capture triggers: a statement that names one of them is not captured (one "
             f"that names {table} is) until you run `cdc-invalidator install`"
+        )
+    if watch.shared_children:
+        fine = False
+        report.errors.append(
+            f"{where}: inheritance children {', '.join(watch.shared_children)} of {table} "
+            "inherit from a table that is not watched: a statement that names that table "
+            "changes their rows without firing their triggers (statement triggers fire on "
+            f"the table a statement names), and those changes are not invalidated. Write "
+            f"them through {table} or the children themselves; logical mode sees writes "
+            "through either"
         )
     if watch.foreign_partitions:
         fine = False
