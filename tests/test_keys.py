@@ -187,6 +187,29 @@ def test_where_reads_the_condition_with_the_roles_search_path(
     assert (code, out) == (0, "user:1\n"), err
 
 
+def test_where_refuses_a_column_whose_type_another_function_casts_to_text(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A table's owner may make a type and cast it to text by a function of its own:
+    --where read the column as text, and ran that function as the operator's role (the
+    second review ran a shell command as the server's user through a superuser's
+    --where). It is refused, naming the column and the function."""
+    env.sql(
+        "CREATE TYPE mood AS ENUM ('ok', 'sad');"
+        "CREATE TABLE ran (who text);"
+        "CREATE FUNCTION public.mood_text(m mood) RETURNS text LANGUAGE plpgsql AS"
+        " $$BEGIN INSERT INTO ran VALUES (current_user); RETURN m::text || '!'; END$$;"
+        "CREATE CAST (mood AS text) WITH FUNCTION public.mood_text(mood);"
+        "CREATE TABLE acct (id int PRIMARY KEY, m mood);"
+        "INSERT INTO acct VALUES (1, 'ok')"
+    )
+    config = env.config({"public.acct": ["acct:{id}:{m}"]})
+    code, out, err = keys(capsys, config, "acct", "--where", "id = 1")
+    assert (code, out) == (2, "")
+    assert "column 'm' of public.acct is of type public.mood, which public.mood_text(" in err, err
+    assert env.scalar("SELECT count(*) FROM ran") == 0
+
+
 @pytest.mark.usefixtures("capture")
 def test_where_refused_says_which_privilege_without_the_password(
     env: Env, users: Path, reader: str, capsys: pytest.CaptureFixture[str]

@@ -110,6 +110,7 @@ class Q(enum.Enum):
 
     # --- the operator's tools (tools/) ----------------------------------------------------
     KEYS_WHERE = "keys_where.sql"  # {columns}, {table}, {where} to format
+    KEYS_CASTS = "keys_casts.sql"
     EXPLAIN_TRIGGER = "explain_trigger.sql"
     EXPLAIN_REACH_TRIGGER = "explain_reach_trigger.sql"
     EXPLAIN_LOGICAL = "explain_logical.sql"

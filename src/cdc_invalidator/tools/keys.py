@@ -143,6 +143,16 @@ def read_rows(
         # The operator's condition, by design (see above): not a literal string.
         where=sql.SQL(where),
     )
+    cast = conn.execute(
+        Q.KEYS_CASTS.sql, {"table": table.qualified, "columns": list(columns)}
+    ).fetchone()
+    if cast is not None:
+        column, type_name, function = cast
+        raise UsageError(
+            f"column {column!r} of {table} is of type {type_name}, which {function} casts to "
+            "text: --where reads it as text, which would run that function as this role. "
+            "Run it as the table's owner (database_url), or give COLUMN=VALUE: offline"
+        )
     tx = conn.transaction(force_rollback=True)
     with tx:
         conn.execute("SET TRANSACTION READ ONLY")
