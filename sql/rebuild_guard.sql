@@ -746,21 +746,6 @@ END
 $sync$;
 REVOKE ALL ON FUNCTION cdc_invalidator.sync_members_v1(oid[], boolean) FROM PUBLIC;
 
--- inherited_v1(rel): the tables `rel` inherits from, at any depth (pg_inherits: for an
--- inheritance child, its parents and theirs).
-CREATE OR REPLACE FUNCTION cdc_invalidator.inherited_v1(rel oid)
-RETURNS TABLE (relid oid, depth int)
-LANGUAGE sql STABLE ROWS 4 SET search_path = pg_catalog, pg_temp
-AS $inherited$
-    WITH RECURSIVE up (relid, depth) AS (
-        SELECT i.inhparent, 1 FROM pg_inherits i WHERE i.inhrelid = rel
-        UNION ALL
-        SELECT i.inhparent, u.depth + 1 FROM up u JOIN pg_inherits i ON i.inhrelid = u.relid
-        WHERE u.depth < 100)
-    SELECT u.relid, min(u.depth)::int FROM up u GROUP BY u.relid
-$inherited$;
-REVOKE ALL ON FUNCTION cdc_invalidator.inherited_v1(oid) FROM PUBLIC;
-
 -- heir_of_v1(rel, roots): the tables of `roots` (configured plain tables) whose
 -- inheritance child `rel` is, at any depth, as heirs_v1() counts them: not through a
 -- table of `roots` (one configured on its own keeps its children), and none for a table
@@ -847,7 +832,7 @@ BEGIN
               SELECT a.relid
               FROM cdc_invalidator.touched_v1() t
               JOIN pg_class c ON c.oid = t.rel AND c.relkind IN ('r', 'f')
-              CROSS JOIN LATERAL cdc_invalidator.inherited_v1(t.rel) a
+              CROSS JOIN LATERAL unnest(cdc_invalidator.ancestors_v1(t.rel)) AS a (relid)
               UNION
               SELECT m.root::oid
               FROM cdc_invalidator.touched_v1() t
