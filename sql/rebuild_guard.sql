@@ -93,7 +93,6 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $rebuilt$
 DECLARE
     r      record;
-    trg    record;
     was    text := coalesce(current_setting('cdc_invalidator.installing', true), '');
     marked boolean;
 BEGIN
@@ -261,25 +260,8 @@ BEGIN
             ORDER BY h.rel, up.depth, up.root
         LOOP
             BEGIN
-                FOR trg IN
-                    SELECT * FROM (VALUES
-                        ('cdc_invalidator_ins_v1', 'INSERT', 'REFERENCING NEW TABLE AS new_rows'),
-                        ('cdc_invalidator_upd_v1', 'UPDATE',
-                         'REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows'),
-                        ('cdc_invalidator_del_v1', 'DELETE', 'REFERENCING OLD TABLE AS old_rows'),
-                        ('cdc_invalidator_trunc_v1', 'TRUNCATE', '')
-                    ) AS x (name, event, referencing)
-                LOOP
-                    -- (another watched table's: it left that one)
-                    IF EXISTS (SELECT FROM pg_trigger tg
-                               WHERE tg.tgrelid = r.rel AND tg.tgname = trg.name) THEN
-                        EXECUTE format('DROP TRIGGER %I ON %s', trg.name, r.rel);
-                    END IF;
-                    EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s %s FOR EACH STATEMENT '
-                                   'EXECUTE FUNCTION %s()', trg.name, trg.event, r.rel,
-                                   trg.referencing, r.fn);
-                    EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER %I', r.rel, trg.name);
-                END LOOP;
+                -- (another watched table's, which it kept when it left that one: replaced)
+                PERFORM cdc_invalidator.statement_triggers_v1(r.rel, r.fn);
             EXCEPTION WHEN OTHERS THEN
                 RAISE WARNING 'cdc_invalidator: statements naming %, an inheritance child of '
                     'watched table %, are not captured (%): run `cdc-invalidator install`',

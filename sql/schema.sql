@@ -1000,6 +1000,45 @@ END
 $regrant$;
 REVOKE ALL ON FUNCTION cdc_invalidator.regrant_sweeps_v1(regrole) FROM PUBLIC;
 
+-- statement_triggers_v1(rel, fn): the four statement triggers that run capture function
+-- `fn` (its name, schema-qualified) on `rel`, firing ALWAYS: for a watched table, and
+-- for each of its partitions and inheritance children (watch(), and the rebuild guard
+-- for a child made later). A trigger of our name that calls another function is not
+-- ours (or another watched table's, which a child that moved kept): replaced. Only
+-- missing triggers are created, and only triggers not firing ALWAYS are altered, so
+-- running it again takes no table lock beyond what replacing the function needs.
+CREATE OR REPLACE FUNCTION cdc_invalidator.statement_triggers_v1(rel regclass, fn text)
+RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $statement_triggers$
+DECLARE
+    trg record;
+BEGIN
+    FOR trg IN
+        SELECT * FROM (VALUES
+            ('cdc_invalidator_ins_v1', 'INSERT', 'REFERENCING NEW TABLE AS new_rows'),
+            ('cdc_invalidator_upd_v1', 'UPDATE',
+             'REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows'),
+            ('cdc_invalidator_del_v1', 'DELETE', 'REFERENCING OLD TABLE AS old_rows'),
+            ('cdc_invalidator_trunc_v1', 'TRUNCATE', '')
+        ) AS t (name, event, referencing)
+    LOOP
+        IF EXISTS (SELECT FROM pg_trigger WHERE tgrelid = rel AND tgname = trg.name
+                   AND tgfoid <> (fn || '()')::regprocedure) THEN
+            EXECUTE format('DROP TRIGGER %I ON %s', trg.name, rel);
+        END IF;
+        IF NOT EXISTS (SELECT FROM pg_trigger WHERE tgrelid = rel AND tgname = trg.name) THEN
+            EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s %s FOR EACH STATEMENT EXECUTE FUNCTION %s()',
+                           trg.name, trg.event, rel, trg.referencing, fn);
+        END IF;
+        IF (SELECT tgenabled FROM pg_trigger WHERE tgrelid = rel AND tgname = trg.name) <> 'A' THEN
+            EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER %I', rel, trg.name);
+        END IF;
+    END LOOP;
+END
+$statement_triggers$;
+REVOKE ALL ON FUNCTION cdc_invalidator.statement_triggers_v1(regclass, text) FROM PUBLIC;
+
 -- watch(table, columns[, judge, filter_columns[, notify_payload]]): capture every
 -- committed change of `table`, copying `columns`. With a column filter (judge 'ignore':
 -- every column counts but `filter_columns`; 'columns': only they count; `columns` count
@@ -1394,36 +1433,14 @@ BEGIN
 
     -- The table, and for a partitioned table every partition too, for a plain table its
     -- inheritance children (heirs_v1(): those not watched on their own): statement
-    -- triggers fire only on the table a statement names. Only missing triggers are
-    -- created, and only triggers not firing ALWAYS are altered, so re-running watch()
-    -- takes no table lock beyond what replacing the function needs.
-    -- (pg_partition_tree lists nothing for a table that is not partitioned.)
+    -- triggers fire only on the table a statement names (statement_triggers_v1: what is
+    -- there already is left alone). (pg_partition_tree lists nothing for a table that is
+    -- not partitioned.)
     FOR rel IN SELECT tbl UNION SELECT p.relid FROM pg_partition_tree(tbl) p
                UNION SELECT unnest(cdc_invalidator.heirs_v1(tbl, ARRAY(
                    SELECT w.relid::oid FROM cdc_invalidator.watched_v1 w WHERE w.relid <> tbl)))
     LOOP
-        FOR trg IN
-            SELECT * FROM (VALUES
-                ('cdc_invalidator_ins_v1', 'INSERT', 'REFERENCING NEW TABLE AS new_rows'),
-                ('cdc_invalidator_upd_v1', 'UPDATE',
-                 'REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows'),
-                ('cdc_invalidator_del_v1', 'DELETE', 'REFERENCING OLD TABLE AS old_rows'),
-                ('cdc_invalidator_trunc_v1', 'TRUNCATE', '')
-            ) AS t (name, event, referencing)
-        LOOP
-            -- A trigger of our name that calls another function is not ours: replace it.
-            IF EXISTS (SELECT FROM pg_trigger WHERE tgrelid = rel AND tgname = trg.name
-                       AND tgfoid <> (fn || '()')::regprocedure) THEN
-                EXECUTE format('DROP TRIGGER %I ON %s', trg.name, rel);
-            END IF;
-            IF NOT EXISTS (SELECT FROM pg_trigger WHERE tgrelid = rel AND tgname = trg.name) THEN
-                EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s %s FOR EACH STATEMENT EXECUTE FUNCTION %s()',
-                               trg.name, trg.event, rel, trg.referencing, fn);
-            END IF;
-            IF (SELECT tgenabled FROM pg_trigger WHERE tgrelid = rel AND tgname = trg.name) <> 'A' THEN
-                EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER %I', rel, trg.name);
-            END IF;
-        END LOOP;
+        PERFORM cdc_invalidator.statement_triggers_v1(rel, fn);
     END LOOP;
     IF kind = 'p' THEN
         -- Made under another name (the table was renamed, and configured so, since): its
