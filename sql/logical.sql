@@ -294,6 +294,30 @@ AS $record$
         publication = excluded.publication;
 $record$;
 
+-- cover_identity_v1(rel, configured, key_columns, keep, judge): the replica identity the
+-- rebuild guard gives a table it publishes for a configured one (a table that took its
+-- name, or an inheritance child made later), as install gives the configured table's:
+-- left as it is but required with replica_identity = "keep"; else made to cover the key
+-- columns, or every column of `configured` where a column filter judges UPDATEs from the
+-- whole old row (record_filter()).
+CREATE OR REPLACE FUNCTION cdc_invalidator.cover_identity_v1(
+    rel regclass, configured regclass, key_columns text[], keep boolean, judge text)
+RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $cover$
+BEGIN
+    IF keep THEN
+        PERFORM cdc_invalidator.require_replica_identity(rel);
+    ELSE
+        PERFORM cdc_invalidator.ensure_replica_identity(rel, CASE
+            WHEN judge IS NULL THEN key_columns
+            ELSE ARRAY(SELECT a.attname::text FROM pg_attribute a
+                       WHERE a.attrelid = configured AND a.attnum > 0 AND NOT a.attisdropped)
+            END);
+    END IF;
+END
+$cover$;
+
 -- record_filter(table, judge, columns, keep): a configured table's column filter. Its
 -- listed columns must be the table's (as the catalog names them); its UPDATEs are judged
 -- by comparing old and new values, so the whole old row must be sent: REPLICA IDENTITY
@@ -740,3 +764,4 @@ REVOKE ALL ON FUNCTION cdc_invalidator.refuse_drift_v1(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION cdc_invalidator.record_published(regclass, text, text, text[], boolean, name)
     FROM PUBLIC;
 REVOKE ALL ON FUNCTION cdc_invalidator.record_filter(regclass, text, text[], boolean) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cdc_invalidator.cover_identity_v1(regclass, regclass, text[], boolean, text) FROM PUBLIC;

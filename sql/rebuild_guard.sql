@@ -308,16 +308,8 @@ BEGIN
                     PERFORM cdc_invalidator.record_published(r.rel, r.schema_name, r.table_name,
                                                              r.columns, r.keep, r.publication);
                     UPDATE cdc_invalidator.published_v1 SET judge = r.judge WHERE relid = r.rel;
-                    IF r.keep THEN
-                        PERFORM cdc_invalidator.require_replica_identity(r.rel);
-                    ELSE
-                        -- A column filter judges UPDATEs from the whole old row.
-                        PERFORM cdc_invalidator.ensure_replica_identity(r.rel, CASE
-                            WHEN r.judge IS NULL THEN r.columns
-                            ELSE ARRAY(SELECT a.attname::text FROM pg_attribute a
-                                       WHERE a.attrelid = r.rel AND a.attnum > 0
-                                         AND NOT a.attisdropped) END);
-                    END IF;
+                    PERFORM cdc_invalidator.cover_identity_v1(r.rel, r.rel, r.columns, r.keep,
+                                                              r.judge);
                     PERFORM cdc_invalidator.require_publishable(r.rel);
                     EXECUTE format('ALTER PUBLICATION %I ADD TABLE %s', r.publication,
                                    cdc_invalidator.publish_list(r.rel));
@@ -356,16 +348,9 @@ BEGIN
             LOOP
                 BEGIN
                     marked := cdc_invalidator.mark_install_v1();
-                    IF r.keep THEN
-                        PERFORM cdc_invalidator.require_replica_identity(r.rel);
-                    ELSE
-                        -- (ensure_replica_identity() reaches the children under it too)
-                        PERFORM cdc_invalidator.ensure_replica_identity(r.rel, CASE
-                            WHEN r.judge IS NULL THEN r.columns
-                            ELSE ARRAY(SELECT a.attname::text FROM pg_attribute a
-                                       WHERE a.attrelid = r.root AND a.attnum > 0
-                                         AND NOT a.attisdropped) END);
-                    END IF;
+                    -- (the children under it too: ensure_replica_identity() reaches them)
+                    PERFORM cdc_invalidator.cover_identity_v1(r.rel, r.root, r.columns, r.keep,
+                                                              r.judge);
                     EXECUTE format('ALTER PUBLICATION %I ADD TABLE ONLY %s', r.publication, r.rel);
                     PERFORM cdc_invalidator.unmark_install_v1(was, marked);
                 EXCEPTION WHEN OTHERS THEN
