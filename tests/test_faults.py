@@ -38,6 +38,7 @@ import pytest
 import redis
 
 from cdc_invalidator.capture.trigger_queue import SAVE_EVERY_S
+from cdc_invalidator.settings import Settings
 from tests.support.config import RETRY_INITIAL_MS, RETRY_MAX_MS
 from tests.support.env import Env, pg_of, redis_of
 from tests.support.faults import (
@@ -689,6 +690,39 @@ def test_postgres_down_when_listener_starts(own_env: Env, spawn: Spawn) -> None:
     wait_until(lambda: drained(own_env, r, written), what="keys deleted once PostgreSQL is up")
     assert count(listener, "postgres_unavailable") == 1
     assert count(listener, "postgres_available") == 1
+    stop_listener(listener)
+
+
+@pytest.mark.parametrize("outage", ["redis", "postgres"])
+def test_a_server_back_is_used_within_a_second_whatever_the_back_off_reached(
+    own_env: Env, spawn: Spawn, outage: str
+) -> None:
+    """Every second a back-off sleeps past a server's return is a second of stale reads
+    (a Redis restored from an old snapshot serves it; a PostgreSQL back takes writes).
+    By default no sleep is longer than retry_max_ms, 1 s: a first delay of 20 s here is
+    cut to it (with a max of 10 s, the default before, the first try came 9-11 s on)."""
+    n = 20
+    config = setup_users(
+        own_env,
+        retry_initial_ms=20_000,
+        retry_max_ms=Settings.model_fields["retry_max_ms"].default,
+    )
+    r = own_env.redis()
+    written = insert_users(own_env, 1, n)
+    cache(r, range(1, n + 1))
+    r.save()  # a stopped Redis comes back with the stale keys
+    server: PostgresServer | RedisServer = (
+        redis_of(own_env) if outage == "redis" else pg_of(own_env)
+    )
+    server.stop()
+    listener = spawn(config)
+    wait_until(lambda: listener.logged(f"{outage}_unavailable"), what=f"{outage}_unavailable")
+    server.start()
+    wait_until(
+        lambda: drained(own_env, r, written),
+        timeout_s=5,
+        what="every key deleted within a few seconds of the server's return",
+    )
     stop_listener(listener)
 
 

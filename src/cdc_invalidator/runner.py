@@ -251,7 +251,7 @@ class RunnerConfig:
     batch_size: int = 5000
     poll_interval_s: float = 1.0
     retry_initial_s: float = 0.1
-    retry_max_s: float = 10.0
+    retry_max_s: float = 1.0
     linger_s: float = 0.02
     second_delete_s: float = 0.0  # 0: off
 

@@ -268,8 +268,12 @@ class Settings(BaseSettings):
     # How often processed rows are deleted from the queue table (in chunks, when idle).
     prune_every_ms: Annotated[int, Field(ge=0)] = 1000
     # Reconnect and retry back-off: exponential from the first to the max, ±10 % jitter.
+    # The max is short: each second a back-off sleeps past a server's return is a second
+    # of stale reads (a Redis restored from an old snapshot serves its stale keys until
+    # the replay; a PostgreSQL back takes writes whose keys wait in the queue or slot),
+    # and a try a second costs a server that is down nothing.
     retry_initial_ms: Annotated[int, Field(ge=1)] = 100
-    retry_max_ms: Annotated[int, Field(ge=1)] = 10_000
+    retry_max_ms: Annotated[int, Field(ge=1)] = 1000
     # Keys per UNLINK command; a batch's commands go to Redis in one pipeline.
     unlink_chunk: Annotated[int, Field(ge=1, le=100_000)] = 500
     # SCAN's COUNT for sweeps: how long one SCAN holds Redis (measured on 2 vCPUs, Redis

@@ -90,7 +90,7 @@ class Sweeper:
         metrics: Metrics,
         second_delete_s: float = 0.0,
         retry_initial_s: float = 0.1,
-        retry_max_s: float = 10.0,
+        retry_max_s: float = 1.0,
         close: Callable[[], None] | None = None,
     ) -> None:
         self._sweep = sweep
