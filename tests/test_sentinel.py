@@ -323,3 +323,33 @@ def test_a_sentinel_that_drops_connections_is_passed_over_at_once(
             stop.set()
             dropper.join()
     assert dropped == 1
+
+
+def test_no_sentinel_answering_names_each_by_its_address() -> None:
+    """When no sentinel names a master, the error lists each sentinel by its address with
+    what it said, not by its client's repr (some thirty pool options and object addresses
+    each: the listener logged that, and check printed it, the sentinel's reply lost in
+    it)."""
+    with socket.socket() as one, socket.socket() as two:
+        for unused in (one, two):
+            unused.bind(("127.0.0.1", 0))  # bound, not listening: connections refused
+        ports = [one.getsockname()[1], two.getsockname()[1]]
+        options = RedisOptions(
+            "redis://ignored-with-sentinels/0",
+            sentinels=tuple(("127.0.0.1", port) for port in ports),
+            sentinel_master=MASTER,
+            sentinel_password="its-secret",  # noqa: S106 - a test's, never printed
+        )
+        client = redis_client(options)
+        try:
+            with pytest.raises(redis.sentinel.MasterNotFoundError) as raised:
+                client.ping()
+        finally:
+            client.close()
+    message = str(raised.value)
+    for port in ports:
+        assert f"sentinel 127.0.0.1:{port} - " in message, message
+    assert "Connection refused" in message, "each sentinel's own error is kept"
+    assert "object at" not in message, message
+    assert "ConnectionPool" not in message, message
+    assert "its-secret" not in message

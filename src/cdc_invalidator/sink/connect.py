@@ -139,10 +139,25 @@ def redis_client(options: RedisOptions) -> redis.Redis:
     if options.sentinel_password:
         sentinel_kwargs["password"] = options.sentinel_password
     sentinel = Sentinel(list(options.sentinels), sentinel_kwargs=sentinel_kwargs)
+    sentinel.sentinels = [
+        SentinelClient(host, port, **sentinel.sentinel_kwargs) for host, port in options.sentinels
+    ]
     client: redis.Redis = sentinel.master_for(
         options.sentinel_master, ssl=options.tls, **common, **master_kwargs
     )
     return client
+
+
+class SentinelClient(redis.Redis):
+    """A sentinel's client, named by its address. When no sentinel names a master,
+    redis-py's MasterNotFoundError lists each sentinel that failed by its client's repr:
+    some thirty connection options (pool handlers, object addresses) for each, around
+    the one thing an operator needs, which sentinel it was and what it said."""
+
+    def __repr__(self) -> str:
+        kwargs = self.connection_pool.connection_kwargs
+        host = str(kwargs.get("host"))
+        return f"sentinel {f'[{host}]' if ':' in host else host}:{kwargs.get('port')}"
 
 
 def other_db(client: redis.Redis, db: int) -> redis.Redis:
