@@ -159,13 +159,14 @@ def test_another_sessions_temporary_child_leaves_install_alone(env: Env) -> None
 
 
 @pytest.mark.parametrize("partitioned", [False, True], ids=["inherited", "partitioned"])
-def test_a_table_configured_inside_another_configured_one_is_reported(
+def test_a_table_configured_inside_another_configured_one_is_refused(
     env: Env, partitioned: bool
 ) -> None:
     """A row of items_a is a row of items, but each change is captured under one name
     (the table a statement names in trigger mode, items_a in logical mode): the other
-    table's keys stayed cached (the second review: `t:5` or `c2:5` left), and check
-    said nothing. The same for a partition configured beside its table."""
+    table's keys stayed cached (the second review: `t:5` or `c2:5` left). check reported
+    it; install went through. Now install refuses such a file, changing nothing, and
+    check names it. The same for a partition configured beside its table."""
     if partitioned:
         env.sql(
             "CREATE TABLE items (id int PRIMARY KEY, sku text) PARTITION BY RANGE (id);"
@@ -173,14 +174,23 @@ def test_a_table_configured_inside_another_configured_one_is_reported(
         )
     else:
         env.sql(INHERITED)
-    config = install(env, {**ITEMS, "public.items_a": ["a:{id}"]})
-    done = check(config)
-    assert done.returncode != 0
-    out = done.stdout + done.stderr
-    assert (
+    install(env, ITEMS)
+    ours = int(env.scalar(OURS_ON, ["items_a"]))
+    both = env.config({**ITEMS, "public.items_a": ["a:{id}"], **SYNC}, name="both.toml")
+    refused = run_cli("install", "--config", str(both))
+    assert refused.returncode != 0
+    said = refused.stdout + refused.stderr
+    named = (
         "table public.items_a is a partition or an inheritance child of public.items, "
         "and both are configured"
-    ) in out, out
+    )
+    assert named in said, said
+    assert "nothing was changed" in said, said
+    assert "hint: configure one of them" in said, said
+    assert int(env.scalar(OURS_ON, ["items_a"])) == ours, "install changed nothing"
+    done = check(both)
+    assert done.returncode != 0
+    assert named in done.stdout + done.stderr, done.stdout + done.stderr
 
 
 @pytest.mark.parametrize("capture", ["trigger"])

@@ -22,6 +22,7 @@ from cdc_invalidator.capture.trigger_sql import (
     installed_mismatch,
     installed_version,
     mapping_state,
+    nested_tables,
 )
 from cdc_invalidator.durations import format_duration
 from cdc_invalidator.events import TableName
@@ -199,8 +200,8 @@ def _check_nested(
 ) -> None:
     """A configured table inside another configured one (check_nested.sql): each
     change of its rows deletes the keys of one of the two."""
-    qualified = [TableName.parse(name).qualified for name in settings.tables]
-    for child, parent in conn.execute(Q.CHECK_NESTED.sql, {"tables": qualified}):
+    tables = [TableName.parse(name) for name in settings.tables]
+    for child, parent in conn.execute(nested_tables(tables)):
         report.errors.append(
             f"{config_name}: table {child} is a partition or an inheritance child of "
             f"{parent}, and both are configured: a row of {child} is a row of {parent}, "

@@ -18,7 +18,12 @@ from psycopg.rows import class_row
 
 from cdc_invalidator.capture.errors import returned
 from cdc_invalidator.capture.slot import SlotClass, SlotState
-from cdc_invalidator.capture.trigger_sql import SCRIPT_HEADER, guard, version_check
+from cdc_invalidator.capture.trigger_sql import (
+    SCRIPT_HEADER,
+    guard,
+    refuse_nested,
+    version_check,
+)
 from cdc_invalidator.capture.walstream import parse_lsn
 from cdc_invalidator.events import TableName
 from cdc_invalidator.mapping import Mapper
@@ -106,6 +111,8 @@ def install_script(
             guard(publication),
             sql.SQL("\n"),
             version_check("logical"),
+            sql.SQL("\n"),
+            refuse_nested(mapper.tables),
             sql.SQL("\n"),
             Q.INSTALLING.sql,
             sql.SQL("\n"),

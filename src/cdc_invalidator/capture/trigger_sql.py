@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,6 +88,8 @@ def install_script(
         sql.SQL("\n"),
         version_check("trigger"),
         sql.SQL("\n"),
+        refuse_nested(mapper.tables),
+        sql.SQL("\n"),
         Q.INSTALLING.sql,
         sql.SQL("\n"),
         Q.SCHEMA.sql,
@@ -129,6 +131,18 @@ def guard(publication: str | None, action: str = "install") -> sql.Composed:
             Q.LOCK_WAIT.sql.format(ms=sql.Literal(LOCK_WAIT_MS)),
         ]
     )
+
+
+def nested_tables(tables: Iterable[TableName]) -> sql.Composed:
+    """The query of the configured tables inside another configured one, with it
+    (sql/check_nested.sql): `check` runs it, install scripts refuse what it finds."""
+    return Q.CHECK_NESTED.sql.format(tables=text_array(sorted(t.qualified for t in tables)))
+
+
+def refuse_nested(tables: Iterable[TableName]) -> sql.Composed:
+    """After the version check in an install script: a configured table inside another
+    configured one refused, nothing created (sql/refuse_nested.sql)."""
+    return Q.REFUSE_NESTED.sql.format(nested=nested_tables(tables))
 
 
 def version_check(capture: str) -> sql.Composed:

@@ -28,6 +28,7 @@ class Q(enum.Enum):
     # --- install and uninstall scripts: parts, some with {placeholders} to format -------
     GUARD = "guard.sql"  # the start of every script: search_path pinned, squatting refused
     VERSION_CHECK = "version_check.sql"  # after it in install scripts: too old a server refused
+    REFUSE_NESTED = "refuse_nested.sql"  # then: a configured table inside another refused
     SCHEMA = "schema.sql"  # both modes' shared objects and the trigger queue
     GRANTS = "grants.sql"  # grant_listener()
     LOGICAL = "logical.sql"  # logical mode's objects and the DDL guard
