@@ -10,3 +10,13 @@ SELECT cdc_invalidator.restore_replica_identity(ARRAY[{tables}]::regclass[]);
 SELECT cdc_invalidator.publish({publication}, ARRAY[{tables}]::regclass[]);
 INSERT INTO cdc_invalidator.slot_state_v1 (slot_name) VALUES ({slot})
 ON CONFLICT (slot_name) DO NOTHING;
+-- A switch from trigger capture (leave_trigger.sql took the triggers off): what the queue
+-- still held, and what is written from this commit until the slot is made, is captured
+-- by neither mode. The listener sweeps every table first (record_slot.sql keeps the
+-- reason when the slot is made).
+UPDATE cdc_invalidator.slot_state_v1
+SET resync_reason = coalesce(resync_reason, 'capture switched from trigger mode: what the '
+    'queue still held, and what was written until the replication slot was made, was '
+    'captured by neither')
+WHERE slot_name = {slot}
+  AND current_setting('cdc_invalidator.left_trigger', true) = 'on';

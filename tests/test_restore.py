@@ -135,7 +135,7 @@ JOIN pg_class c ON c.oid = w.relid JOIN pg_namespace n ON n.oid = c.relnamespace
 """
 SWEEP_LOGICAL = """
 UPDATE cdc_invalidator.slot_state_v1
-SET resync_reason = 'database restored from a backup' WHERE slot_name = 'cdc_invalidator';
+SET resync_reason = 'database restored from a backup';
 """
 
 

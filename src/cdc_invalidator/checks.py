@@ -961,8 +961,9 @@ def check_logical_server(conn: psycopg.Connection[Any], settings: Settings, repo
     sweeps = "the listener re-creates it and sweeps every watched table"
     if kind is SlotClass.MISSING_FIRST_USE:
         report.warnings.append(
-            f"{reason}: the listener creates it on its first start (changes before that are "
-            "not captured)"
+            f"{reason}: the listener creates it on its first start (its role needs "
+            "REPLICATION), and then sweeps every watched table once: what is written until "
+            "then is in no slot"
         )
     elif kind is SlotClass.GONE:
         report.errors.append(f"{reason}: changes since may have been missed; {sweeps}")

@@ -18,6 +18,11 @@ class SlotStepFailed(Exception):
     """The script was installed, but the slot step after it failed; says why."""
 
 
+class SlotLeftToListener(SlotStepFailed):
+    """Installed, but the installing role may not create replication slots: the
+    listener makes the slot on its first start, and sweeps then (capture/logical.py)."""
+
+
 class UnsupportedServer(Exception):
     """The server is older than the capture mode needs: nothing was done; says why."""
 
@@ -35,4 +40,11 @@ def install(conn: psycopg.Connection[Any], mode: CaptureMode) -> str:
     except (logical_sql.SlotBusy, Fatal) as exc:
         raise SlotStepFailed(str(exc)) from None
     except psycopg.Error as exc:
+        if exc.sqlstate == "42501":  # insufficient_privilege: a role without REPLICATION
+            raise SlotLeftToListener(
+                f"the replication slot was not made ({exc.diag.message_primary or exc}): the "
+                "listener makes it on its first start (its role needs REPLICATION) and then "
+                "sweeps every watched table once, since what is written until then is in no "
+                "slot. Start it soon, or run install again as a role with REPLICATION"
+            ) from None
         raise SlotStepFailed(f"the replication slot step failed: {exc}") from None

@@ -312,17 +312,25 @@ class LogicalCapture:
         if kind is SlotClass.LOST:
             side.execute(Q.DROP_SLOT.sql, {"slot": cfg.slot})
         owed = state.resync_reason
-        if kind.missed_changes:
+        missed = verdict.reason if kind.missed_changes else None
+        if kind is SlotClass.MISSING_FIRST_USE:
+            # `install` makes the slot as it commits; it is missing when install could
+            # not (its role had no REPLICATION) or the script was applied by hand. The
+            # publication has held the tables since, and what was written meanwhile is
+            # in no slot.
+            missed = (
+                f"{verdict.reason}: it is made now, by the listener, and what was written "
+                "to the watched tables between install and now was not captured"
+            )
+        if missed is not None:
             log.error(
                 "changes_may_have_been_missed",
-                reason=verdict.reason,
+                reason=missed,
                 action="sweeping every key template of every watched table before resuming",
             )
             # Owed until done: a crash during the sweep sweeps again.
-            side.execute(
-                Q.SET_RESYNC.sql, {"slot": cfg.slot, "reason": verdict.reason, "lsn": None}
-            )
-            owed = verdict.reason
+            side.execute(Q.SET_RESYNC.sql, {"slot": cfg.slot, "reason": missed, "lsn": None})
+            owed = missed
         if kind.create:
             created = side.execute(Q.CREATE_SLOT.sql, {"slot": cfg.slot})
             start = returned(created.fetchone(), f"position for new slot {cfg.slot!r}")

@@ -166,6 +166,14 @@ def create_slot(conn: psycopg.Connection[Any], slot: str) -> NewSlot | None:
     return NewSlot(str(row[0]), recorded[0] if recorded else None)
 
 
+# Why every watched table is swept after `install` dropped a slot of ours (a switch to
+# trigger capture, a slot of an earlier slot_name): a slot holds what no listener has
+# confirmed, and nothing else has those changes.
+DROPPED_SLOT = (
+    "install dropped a replication slot of ours, with whatever changes it had not handed out"
+)
+
+
 class SlotBusy(Exception):
     """The slot cannot be used or dropped now: a listener streams it, or it is not ours."""
 

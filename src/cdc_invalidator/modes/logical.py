@@ -69,9 +69,16 @@ class LogicalMode:
         made = f"created slot {slot!r} at {new.lsn}" if new else f"slot {slot!r} exists"
         if new and new.owed:
             made += f" (the listener sweeps every watched table first: {new.owed})"
-        # Slots of an earlier slot_name keep WAL forever, consumed by nothing: ours go.
-        for _, line in logical_sql.drop_leftovers(conn, slot):
+        # Slots of an earlier slot_name keep WAL forever, consumed by nothing: ours go,
+        # and what they had not handed out is swept, through the configured slot (there
+        # now, unless the listener is to make it: then it sweeps as it does).
+        dropped = False
+        for gone, line in logical_sql.drop_leftovers(conn, slot):
+            dropped = dropped or gone
             made += f"; {line}"
+        if dropped:
+            conn.execute(Q.SWEEP_ALL_LOGICAL.sql, {"reason": logical_sql.DROPPED_SLOT})
+            made += f"; every watched table is swept once: {logical_sql.DROPPED_SLOT}"
         return (
             f"installed cdc_invalidator v{trigger_sql.SCHEMA_VERSION} (logical); {made}; "
             f"publication {s.publication_name!r} holds {tables}"

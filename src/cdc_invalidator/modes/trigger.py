@@ -61,12 +61,20 @@ class TriggerMode:
         tables = ", ".join(sorted(str(t) for t in self._settings.mapper().tables))
         done = f"installed cdc_invalidator v{trigger_sql.SCHEMA_VERSION}; watching {tables}"
         slot = self._settings.slot_name
+        dropped = False
         if logical_sql.our_slot(conn, slot):
             logical_sql.drop_slot(conn, slot)
+            dropped = True
             done += f"; dropped replication slot {slot!r} left from logical capture"
         if logical_sql.has_slot_state(conn):  # and those of an earlier slot_name
-            for _, line in logical_sql.drop_leftovers(conn, slot):
+            for gone, line in logical_sql.drop_leftovers(conn, slot):
+                dropped = dropped or gone
                 done += f"; {line}"
+        if dropped:
+            # What the slot had not handed out (a switch from logical capture while
+            # writes went on) is captured nowhere: swept. The triggers are in place.
+            conn.execute(Q.SWEEP_ALL_TRIGGER.sql, {"reason": logical_sql.DROPPED_SLOT})
+            done += f"; every watched table is swept once: {logical_sql.DROPPED_SLOT}"
         return done
 
     def uninstall_script(self) -> sql.Composed:
