@@ -129,6 +129,33 @@ def test_metrics_count_the_work_and_the_lag(env: Env, spawn: Spawn) -> None:
     stop_listener(listener)
 
 
+def test_a_listener_stuck_on_a_lock_is_not_ready(env: Env, spawn: Spawn) -> None:
+    """A lock on a table of ours (a DBA's LOCK TABLE, a VACUUM FULL) holds the listener's
+    next statement, and the loop stops turning: nothing is invalidated. /readyz said 200
+    with behind_s near 0 until the 60 s stall rule (a review held it 45 s, keys stale
+    throughout). A loop that has not turned for longer than ready_max_lag_s is behind by
+    that much."""
+    port = free_port()
+    config = setup_users(env, rows=10, metrics_port=port, ready_max_lag_s=0.5)
+    listener = spawn(config)
+    wait_until(lambda: probe(port, "/readyz")[0] == 200, what="the listener ready")
+    r = env.redis()
+    cache(r, range(1, 3))
+    ours = "cdc_invalidator.slot_state_v1" if env.logical else "cdc_invalidator.listener_state_v1"
+    with env.connect() as locker:
+        locker.execute(f"BEGIN; LOCK TABLE {ours} IN ACCESS EXCLUSIVE MODE")
+        env.sql("UPDATE users SET email = 'l1@x' WHERE id = 1")
+        env.sql("UPDATE users SET email = 'l2@x' WHERE id = 2")
+        wait_until(lambda: probe(port, "/readyz")[0] == 503, what="not ready while stuck")
+        _, health = probe(port, "/readyz")
+        assert health["behind_s"] > 0.5, health
+        assert health["loop_age_s"] > 0.5, health
+        locker.execute("ROLLBACK")
+    wait_until(lambda: r.exists(*keys_of(1), *keys_of(2)) == 0, what="deletes once unlocked")
+    wait_until(lambda: probe(port, "/readyz")[0] == 200, what="ready again")
+    stop_listener(listener)
+
+
 def test_a_transaction_larger_than_a_batch_held_up_is_behind(env: Env, spawn: Spawn) -> None:
     """Its first batch holds no commit yet (logical mode reads it later in the stream):
     held up by Redis, the listener is behind from the transaction's commit time all

@@ -729,13 +729,17 @@ class Runner:
     def health(self, stall_s: float, max_lag_s: float) -> Health:
         """/healthz: the loop turned within stall_s. /readyz: besides, PostgreSQL answers,
         and an active listener has Redis and is at most max_lag_s behind: behind the
-        newest transaction it finished, or the oldest of the batch in hand, whichever is
+        newest transaction it finished, the oldest of the batch in hand, or its loop's
+        last turn (a statement stuck on a lock holds everything after it), whichever is
         further. (A standby is ready: it is what takes over.)"""
         loop_age = time.monotonic() - self.turned_at
         alive = loop_age <= stall_s
         postgres, redis_ok = bool(self.postgres.available), bool(self.redis.available)
         ready = alive and postgres
-        behind_s = self.behind_s
+        # (An active loop turns at least every poll interval while all is well: what it
+        # is late past that, it is behind.)
+        stuck_s = loop_age - self._config.poll_interval_s if self.active else 0.0
+        behind_s = max(self.behind_s, stuck_s)
         if (since := self.in_hand_since) is not None:
             behind_s = max(behind_s, time.monotonic() - since)
         if (since := self._sweeper.oldest_since) is not None:
