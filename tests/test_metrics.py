@@ -256,6 +256,37 @@ def test_a_session_of_another_role_holding_the_queues_lock_is_named_and_not_read
         stop_listener(listener)
 
 
+@pytest.mark.parametrize("capture", ["trigger"])
+def test_a_session_of_the_listeners_own_role_holding_the_lock_is_named_too(
+    env: Env, spawn: Spawn
+) -> None:
+    """A psql session of the listener's own role ran the pg_advisory_lock the docs print:
+    every listener logged "another listener is consuming the queue", which was false,
+    and /readyz said 200 (SRE review). A holder is a listener like this one only with
+    its role and application_name."""
+    port = free_port()
+    config = setup_users(env, rows=2, metrics_port=port)
+    r = env.redis()
+    squatter = psycopg.connect(make_conninfo(env.dsn, application_name="psql"), autocommit=True)
+    try:
+        squatter.execute("SELECT pg_advisory_lock(hashtext('cdc_invalidator.queue_v1'))")
+        pid = squatter.info.backend_pid
+        listener = spawn(config)
+        wait_until(
+            lambda: listener.logged("standby_behind_a_foreign_session"), what="the holder named"
+        )
+        holder = listener.logged("standby_behind_a_foreign_session")[0]["holder"]
+        assert f"backend {pid} (role {squatter.info.user}, application_name 'psql')" in holder
+        wait_until(lambda: probe(port, "/readyz")[0] == 503, what="not ready")
+    finally:
+        squatter.close()
+    cache(r, [1])
+    env.sql("UPDATE users SET email = 'new@x' WHERE id = 1")
+    wait_until(lambda: r.exists(*keys_of(1)) == 0, what="consumed once the session ended")
+    wait_until(lambda: probe(port, "/readyz")[0] == 200, what="ready")
+    stop_listener(listener)
+
+
 def test_unknown_path_is_404_and_a_taken_port_is_a_clear_error(env: Env, spawn: Spawn) -> None:
     port = free_port()
     config = setup_users(env, metrics_port=port)

@@ -850,8 +850,9 @@ def _dead_rows(dead: dict[int, str]) -> dict[int, str]:
 
 
 def _standby(conn: psycopg.Connection[Any]) -> Standby:
-    """Another session holds the queue's lock: a listener of ours, or a session of another
-    role (Standby.foreign), which any role that can connect may be."""
+    """Another session holds the queue's lock: a listener of ours (this one's role and
+    application_name), or another session (Standby.foreign), of any role that can
+    connect, the listener's own included (a psql session)."""
     holder = conn.execute(Q.LOCK_HOLDER.sql).fetchone()
     if holder is None or holder[3]:
         return Standby("another listener is consuming the queue of this database")
@@ -866,8 +867,9 @@ def _standby(conn: psycopg.Connection[Any]) -> Standby:
     return Standby(
         "another session holds the queue's lock",
         foreign=f"backend {pid} (role {role}, application_name {application_name!r}), not "
-        f"of this listener's role {conn.info.user}: if it is no listener of yours, no "
-        "listener consumes the queue until it ends (SELECT pg_terminate_backend("
+        f"a listener like this one (role {conn.info.user}, application_name "
+        f"{conn.info.parameter_status('application_name')!r}): if it is no listener of "
+        "yours, no listener consumes the queue until it ends (SELECT pg_terminate_backend("
         f"{pid}))",
     )
 
