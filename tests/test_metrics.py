@@ -13,6 +13,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
+from cdc_invalidator.capture.walstream import WalStream
 from tests.support.env import Env, redis_of
 from tests.support.faults import blocked_on_redis, cache, keys_of, setup_users
 from tests.support.listener import Spawn, run_cli, stop_listener
@@ -283,6 +284,44 @@ def test_a_session_of_the_listeners_own_role_holding_the_lock_is_named_too(
     cache(r, [1])
     env.sql("UPDATE users SET email = 'new@x' WHERE id = 1")
     wait_until(lambda: r.exists(*keys_of(1)) == 0, what="consumed once the session ended")
+    wait_until(lambda: probe(port, "/readyz")[0] == 200, what="ready")
+    stop_listener(listener)
+
+
+@pytest.mark.parametrize("capture", ["logical"])
+def test_another_client_streaming_the_slot_is_named_and_not_ready(env: Env, spawn: Spawn) -> None:
+    """pg_recvlogical (or anything else) streaming our slot: the listener waited as a
+    standby behind "another listener", /readyz 200, slot_active 1, check "ok: streamed",
+    and the keys stayed cached for as long as it streamed (SRE review). It is named, and
+    /readyz answers 503; once it stops, the listener streams (and sweeps what it took)."""
+    port = free_port()
+    config = setup_users(env, rows=2, metrics_port=port)
+    r = env.redis()
+    foreign = psycopg.connect(
+        make_conninfo(env.dsn, replication="database", application_name="pg_recvlogical"),
+        autocommit=True,
+    )
+    try:
+        WalStream.start(
+            foreign,
+            "cdc_invalidator",
+            {"proto_version": "1", "publication_names": "cdc_invalidator"},
+        )
+        pid = foreign.info.backend_pid
+        listener = spawn(config)
+        wait_until(
+            lambda: listener.logged("standby_behind_a_foreign_session"), what="the holder named"
+        )
+        holder = listener.logged("standby_behind_a_foreign_session")[0]["holder"]
+        assert f"backend {pid} (role {foreign.info.user}, application_name 'pg_recvlogical')" in (
+            holder
+        ), holder
+        wait_until(lambda: probe(port, "/readyz")[0] == 503, what="not ready")
+    finally:
+        foreign.close()
+    cache(r, [1])
+    env.sql("UPDATE users SET email = 'new@x' WHERE id = 1")
+    wait_until(lambda: r.exists(*keys_of(1)) == 0, what="streamed once the client stopped")
     wait_until(lambda: probe(port, "/readyz")[0] == 200, what="ready")
     stop_listener(listener)
 

@@ -308,7 +308,7 @@ class LogicalCapture:
         if kind is SlotClass.FOREIGN:
             raise Fatal(f"{verdict.reason}: set slot_name to a slot of our own")
         if kind is SlotClass.IN_USE:
-            raise Standby(verdict.reason)
+            raise _in_use(side, cfg.slot, verdict.reason)
         if kind is SlotClass.LOST:
             side.execute(Q.DROP_SLOT.sql, {"slot": cfg.slot})
         owed = state.resync_reason
@@ -362,6 +362,24 @@ class LogicalCapture:
             f"slot {self._config.slot!r} holds changes made while publication {name!r} did "
             f"not exist (it was dropped and made again), which cannot be decoded: {ended[1]}",
         )
+
+
+def _in_use(side: psycopg.Connection[Any], slot: str, reason: str) -> Standby:
+    """The slot is streamed: by a listener like this one (its role and application_name),
+    or by something else (Standby.foreign), which keeps every listener waiting."""
+    holder = side.execute(Q.SLOT_HOLDER.sql, {"slot": slot}).fetchone()
+    mine = (side.info.user, side.info.parameter_status("application_name"))
+    if holder is None or (holder[1], holder[2]) == mine:
+        return Standby(reason)
+    pid, role, application_name = holder
+    return Standby(
+        "another client streams the replication slot",
+        foreign=f"backend {pid} (role {role}, application_name {application_name!r}) streams "
+        f"slot {slot!r}, not a listener like this one (role {mine[0]}, application_name "
+        f"{mine[1]!r}): if it is no listener of yours, nothing is invalidated until it "
+        f"stops (SELECT pg_terminate_backend({pid})); what it consumed meanwhile is swept "
+        "then",
+    )
 
 
 @dataclass(slots=True)

@@ -80,6 +80,7 @@ class Q(enum.Enum):
     SWEEP_ALL_TRIGGER = "sweep_all_trigger.sql"  # the same, trigger mode
     HAS_SLOT_STATE = "has_slot_state.sql"
     SLOT_LEFT = "slot_left.sql"  # uninstall: a pgoutput slot of that name, whoever's
+    SLOT_HOLDER = "slot_holder.sql"  # who streams a slot found in use
     SET_RESYNC = "set_resync.sql"
     CLEAR_RESYNC = "clear_resync.sql"
     CAN_REPLICATE = "can_replicate.sql"
