@@ -843,10 +843,11 @@ def test_a_connection_that_fails_again_at_once_is_retried_later_and_later(
 
 def test_a_standby_polls_for_its_turn(world: World) -> None:
     source = FakeSource(world, [Arrives([1])])
+    sink = FakeSink(world)
     r = make_runner(
         world,
         source,
-        FakeSink(world),
+        sink,
         connect_failures=[Standby("lock held"), Standby("lock held")],
         poll_interval_s=2.5,
     )
@@ -854,6 +855,7 @@ def test_a_standby_polls_for_its_turn(world: World) -> None:
     assert world.stopper.sleeps == [2.5, 2.5]  # no back-off
     assert world.entries("ack")[0] == ("ack", [1])
     assert r.postgres.available  # a standby's server answers
+    assert sink.pings == 2, "and Redis, asked each poll"
 
 
 def test_a_fatal_error_ends_the_run(world: World) -> None:

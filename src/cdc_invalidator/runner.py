@@ -402,6 +402,7 @@ class Runner:
                     standby = True
                     self._set_active(False)
                 self._held_by_foreign(exc.foreign)
+                self._ping_redis()
                 self._stopper.sleep(cfg.poll_interval_s)
                 continue
             except psycopg.OperationalError as exc:
@@ -708,6 +709,17 @@ class Runner:
             m.observe_lags([age + since_read for age in batch.ages_s])
             # The newest transaction done: how far behind the listener is now.
             self.behind_s = min(batch.ages_s) + since_read
+
+    def _ping_redis(self) -> None:
+        """A standby deletes nothing, but says whether Redis answers: its `up` gauge and
+        /readyz's `redis` said 0 for as long as it waited, Redis being fine (a dashboard's
+        "stores up" showed Redis down while any standby ran)."""
+        try:
+            self._sink.ping()
+        except REDIS_UNAVAILABLE as exc:
+            self.redis.down(exc)
+        else:
+            self.redis.up()
 
     def _held_by_foreign(self, foreign: str | None) -> None:
         """What holds the source when it is no listener of ours (Standby.foreign): said
