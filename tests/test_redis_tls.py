@@ -261,6 +261,28 @@ def test_check_says_a_user_without_scan_cannot_sweep(
 
 
 @pytest.mark.servers
+def test_check_names_select_for_a_table_in_another_database(
+    users: Env, tls_redis: RedisServer, certs: Certs
+) -> None:
+    """The minimal ACL has no +select, which a table's redis_db needs: check told the user
+    to give "those keys" in its ACL (a review following the docs), when what is missing
+    is the command."""
+    # (the server's user cdc has docs/redis.md's minimal ACL)
+    url = f"rediss://cdc:{PASSWORD}@127.0.0.1:{tls_redis.port}/0"
+    config = users.tmp_path / "db2.toml"
+    config.write_text(
+        f'database_url = "{users.dsn}"\nredis_url = "{url}"\n'
+        f'redis_tls_ca_file = "{certs.ca}"\n'
+        '[tables."public.users"]\nkeys = ["user:{id}"]\nredis_db = 2\n'
+    )
+    assert main(["install", "--config", str(config)]) == 0
+    out = run_cli("check", "--config", str(config))
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "Give the user +select in its ACL (a database other than 0)" in out.stderr, out.stderr
+    assert PASSWORD not in out.stdout + out.stderr
+
+
+@pytest.mark.servers
 def test_without_client_setname_the_name_must_be_off(tls_redis: RedisServer, certs: Certs) -> None:
     r = admin(tls_redis)
     r.acl_setuser(

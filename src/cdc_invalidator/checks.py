@@ -1058,11 +1058,16 @@ def _check_may_delete(sink: Sink, settings: Settings, report: Report) -> None:
             try:
                 sink.delete_routed({table.redis_db: Invalidation(keys={probe})})
             except REDIS_REFUSED as exc:  # NOPERM
+                # (Redis names the command it refused: SELECT for a db other than 0)
+                fix = (
+                    "+select in its ACL (a database other than 0)"
+                    if "'select'" in str(exc)
+                    else "those keys in its ACL"
+                )
                 report.errors.append(
                     f"redis: this user may not delete keys of table {name}'s template "
                     f"{source!r} ({exc}): the listener would wait at its first change, and "
-                    "every change after it with it. Give the user those keys in its ACL "
-                    "(docs/redis.md)"
+                    f"every change after it with it. Give the user {fix} (docs/redis.md)"
                 )
                 break
             except _REDIS_FAILED:
