@@ -1634,6 +1634,26 @@ def test_listener_without_replication_attribute_cannot_create_the_slot_either(
     assert "it is made now, by the listener" in owed
 
 
+def test_a_standby_that_could_not_stream_says_so_at_once(
+    env: Env, spawn: Spawn, plain_role: str
+) -> None:
+    """A second listener as a role without REPLICATION found the slot streamed and waited
+    as a standby, ready on /readyz; at the takeover it exited 1 (a review following the
+    docs). It says so as it starts now, while the first one still streams."""
+    make_tables(env)
+    config = logical_config(env, USERS)
+    install(config)
+    grant_schema(env, plain_role)
+    with running(env, config):
+        as_role = make_conninfo(env.dsn, user=plain_role)
+        standby = spawn(logical_config(env, USERS, name="role.toml", database_url=as_role))
+        assert standby.wait() == 1
+        fatal = standby.logged("cannot_consume")
+        assert len(fatal) == 1
+        assert "cannot use replication" in fatal[0]["error"]
+        assert standby.logged("standby") == []
+
+
 def test_a_role_missing_schema_privileges_is_not_told_to_get_replication(
     env: Env, spawn: Spawn, plain_role: str
 ) -> None:

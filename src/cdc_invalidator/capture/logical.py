@@ -239,12 +239,16 @@ class LogicalCapture:
         self._pg = pg
         self._config = config
         self._last: WalStream | None = None  # the stream started last, and how it ended
+        self._may_stream = False  # a replication connection of this role was accepted
 
     def connect(self) -> LogicalStream:
         side = self._pg.connect(BOOKKEEPING)
         try:
             try:
                 acked, resync = self._prepare(side)
+            except Standby:
+                self._try_streaming(side)
+                raise
             except psycopg.errors.InsufficientPrivilege as exc:
                 _explain_refusal(side, exc)  # creating the slot needs REPLICATION
                 raise missing_privilege(side.info.user, "logical", exc) from None
@@ -344,6 +348,21 @@ class LogicalCapture:
             side.execute(Q.RECORD_SLOT.sql, {"slot": cfg.slot, "lsn": confirmed})
             return parse_lsn(confirmed), owed
         return state.acked, owed
+
+    def _try_streaming(self, side: psycopg.Connection[Any]) -> None:
+        """A standby that could not stream when its turn comes says so now (Fatal), not
+        at the takeover: it was ready on /readyz all along, and the takeover it stood
+        for failed (a review: a role without REPLICATION). Tried once per process:
+        managed services grant replication by role membership, which only a replication
+        connection tells."""
+        if self._may_stream:
+            return
+        try:
+            self._pg.connect(REPLICATION).close()
+        except psycopg.OperationalError as exc:
+            _explain_refusal(side, exc)
+            return  # (another failure: its turn comes again)
+        self._may_stream = True
 
     def _undecodable(self) -> Verdict | None:
         """The last stream ended because the publication did not exist at the changes the
