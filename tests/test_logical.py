@@ -1433,6 +1433,7 @@ STATUS_KEYS = {
     "slot",
     "slot_exists",
     "slot_lag_bytes",
+    "slot_held_wal_bytes",
     "wal_status",
     "slot_active_pid",
     "safe_wal_size_bytes",
@@ -1527,8 +1528,12 @@ def test_status_shows_a_sweep_owed_and_a_missing_slot(env: Env) -> None:
     missing = status(config)
     assert missing["slot_exists"] is False
     assert missing["slot_lag_bytes"] is None
+    assert missing["slot_held_wal_bytes"] is None
     assert missing["wal_status"] is None
     assert status_text(config)["slot"].startswith("missing")
+    # Said by the text too: the owed sweep stands; without one, the listener's next
+    # start sweeps (the SRE review's lost slot read "sweep owed: no" and "unlimited").
+    assert status_text(config)["WAL before slot lost"] == "-"
     with running(env, config):
         wait_until(lambda: status(config)["sweep_owed"] is None, what="the sweep done")
     assert status(config)["slot_exists"] is True

@@ -172,6 +172,7 @@ DATABASE_METRICS = {
     "cdc_invalidator_notify_queue_usage",
     "cdc_invalidator_dead_letters_stored",
     "cdc_invalidator_slot_lag_bytes",
+    "cdc_invalidator_slot_held_wal_bytes",
     "cdc_invalidator_slot_active",
     "cdc_invalidator_slot_safe_wal_bytes",
 }

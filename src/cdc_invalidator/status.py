@@ -54,6 +54,7 @@ class LogicalStatus:
     slot: str
     slot_exists: bool
     slot_lag_bytes: int | None  # WAL written since the position the listener confirmed
+    slot_held_wal_bytes: int | None  # WAL kept for the slot, from its restart_lsn
     wal_status: str | None  # reserved, extended, unreserved or lost
     slot_active_pid: int | None
     safe_wal_size_bytes: int | None  # before the slot is lost (max_slot_wal_keep_size)
@@ -77,17 +78,26 @@ class LogicalStatus:
             by = f"streamed by pid {self.slot_active_pid}" if self.slot_active_pid else "idle"
             slot = f"{self.wal_status}, {by}"
         lag = "-" if self.slot_lag_bytes is None else f"{self.slot_lag_bytes} bytes"
-        safe = (
-            "unlimited (max_slot_wal_keep_size = -1)"
-            if self.safe_wal_size_bytes is None
-            else f"{self.safe_wal_size_bytes} bytes"
+        held = "-" if self.slot_held_wal_bytes is None else f"{self.slot_held_wal_bytes} bytes"
+        lost = self.wal_status == "lost"
+        if lost or not self.slot_exists:
+            safe = "-"
+        elif self.safe_wal_size_bytes is None:
+            safe = "unlimited (max_slot_wal_keep_size = -1)"
+        else:
+            safe = f"{self.safe_wal_size_bytes} bytes"
+        owed = self.sweep_owed or (
+            "at the listener's next start (the slot is lost or missing: it re-creates it)"
+            if lost or not self.slot_exists
+            else "no"
         )
         return [
             f"capture:              logical, slot {self.slot!r}",
             f"slot:                 {slot}",
             f"slot lag:             {lag}",
+            f"WAL kept for it:      {held}",
             f"WAL before slot lost: {safe}",
-            f"sweep owed:           {self.sweep_owed or 'no'}",
+            f"sweep owed:           {owed}",
             f"dead letters:         {self.dead_letters}",
             f"last processed at:    {_when(self.last_processed_at)}",
             f"events processed:     {self.events_processed}",
@@ -111,7 +121,7 @@ def read_logical_status(conn: psycopg.Connection[Any], slot: str) -> LogicalStat
             f"slot {slot!r} is not registered: run `cdc-invalidator install` with "
             'capture = "logical"'
         )
-    exists, lag, wal_status, pid, safe, owed, dead, last, processed = row
+    exists, lag, held, wal_status, pid, safe, owed, dead, last, processed = row
     return LogicalStatus(
-        slot, bool(exists), lag, wal_status, pid, safe, owed, int(dead), last, int(processed)
+        slot, bool(exists), lag, held, wal_status, pid, safe, owed, int(dead), last, int(processed)
     )

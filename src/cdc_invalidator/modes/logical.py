@@ -118,6 +118,12 @@ class LogicalMode:
                 float(s.slot_lag_bytes or 0),
             ),
             (
+                "slot_held_wal_bytes",
+                "WAL the server keeps for the slot, from its restart_lsn, in bytes (more "
+                "than the lag while a long transaction holds decoding back)",
+                float(s.slot_held_wal_bytes or 0),
+            ),
+            (
                 "slot_active",
                 "1 while a listener streams the slot",
                 float(s.slot_active_pid is not None),
