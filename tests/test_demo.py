@@ -96,3 +96,12 @@ def test_a_server_whose_port_another_one_took_moves_to_a_free_port() -> None:
             assert pg.running()
             assert first_pg.running()
             assert first_redis.client().ping()
+
+
+def test_demo_takes_no_configuration_and_says_so() -> None:
+    """demo makes its own servers and configuration: its --config was listed in its help
+    and silently ignored (a review following the docs)."""
+    out = run_cli("demo", "--config", "/nonexistent.toml")
+    assert out.returncode == 2
+    assert "unrecognized arguments: --config" in out.stderr
+    assert "--config" not in run_cli("demo", "--help").stdout

@@ -153,8 +153,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, func: Callable[..., int], help_: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, parents=[common], help=help_, description=help_)
+    def add(
+        name: str, func: Callable[..., int], help_: str, *, configured: bool = True
+    ) -> argparse.ArgumentParser:
+        # (demo makes its own servers and configuration: it takes no --config)
+        p = sub.add_parser(
+            name, parents=[common] if configured else [], help=help_, description=help_
+        )
         p.set_defaults(func=func)
         return p
 
@@ -215,7 +220,12 @@ def _parser() -> argparse.ArgumentParser:
         "that invalidated it, and whether Redis holds it now",
     )
     explain_cmd.add_argument("key", metavar="KEY", help="a Redis key")
-    demo = add("demo", cmd_demo, "start throwaway PostgreSQL and Redis and show an invalidation")
+    demo = add(
+        "demo",
+        cmd_demo,
+        "start throwaway PostgreSQL and Redis and show an invalidation",
+        configured=False,
+    )
     demo.add_argument("--keep", action="store_true", help="leave the servers' directories")
     demo.add_argument(
         "--capture",
