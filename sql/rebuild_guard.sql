@@ -48,7 +48,10 @@
 -- DDL. The watched names are those the events carry (watched_v1's and published_v1's
 -- schema_name and table_name): a dropped table's row stays until install runs again.
 -- Their work is a catalog look-up of the tables the command touched, and of the watched
--- tables' partitions: no cost to writes.
+-- tables' partitions: no cost to writes. JIT is off in them (SET jit = off): their
+-- queries over pg_inherits are planned for as many rows as a table with thousands of
+-- partitions has, which passed jit_above_cost, and every DDL statement paid a compile
+-- (100 ms instead of 3.5 ms for a CREATE TABLE beside a 4,000-partition table).
 -- They fire for every role's DDL and run as their owner (the superuser who installed
 -- them), so that a role with no privilege on our schema keeps its DDL working; install
 -- marks its own transaction (installing_v1(), schema.sql), and they stand aside. What
@@ -89,7 +92,7 @@ REVOKE ALL ON FUNCTION cdc_invalidator.touched_v1() FROM PUBLIC;
 
 CREATE OR REPLACE FUNCTION cdc_invalidator.rebuilt_v1()
 RETURNS event_trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $rebuilt$
 DECLARE
     r      record;
@@ -403,7 +406,7 @@ $rebuilt$;
 
 CREATE OR REPLACE FUNCTION cdc_invalidator.dropped_v1()
 RETURNS event_trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $dropped$
 DECLARE
     r record;
@@ -750,7 +753,7 @@ REVOKE ALL ON FUNCTION cdc_invalidator.heir_of_v1(oid, oid[]) FROM PUBLIC;
 -- costs a look-up of it only (an inheritance child: the compare of its trees).
 CREATE OR REPLACE FUNCTION cdc_invalidator.parts_moved_v1()
 RETURNS event_trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $moved$
 DECLARE
     roots oid[];
@@ -822,7 +825,7 @@ REVOKE ALL ON FUNCTION cdc_invalidator.parts_moved_v1() FROM PUBLIC;
 -- table). Its cost is a look-up of the dropped tables in members_v1.
 CREATE OR REPLACE FUNCTION cdc_invalidator.parts_dropped_v1()
 RETURNS event_trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $parts_dropped$
 DECLARE
     r record;
