@@ -979,12 +979,13 @@ def check_logical_server(conn: psycopg.Connection[Any], settings: Settings, repo
         # it next starts, sweeps, and the sweep owed is reported below until it is done.
         by = f"streamed by pid {state.active_pid}" if state.active_pid else "not streamed right now"
         report.ok.append(f"{state.where}: wal_status {state.wal_status}, {by}")
-        if keep_size == "-1":
-            report.warnings.append(
-                "max_slot_wal_keep_size is -1: a listener that stays down keeps WAL on the "
-                "server without limit; consider a limit (the slot is then lost instead, "
-                "and the listener sweeps when it comes back)"
-            )
+    if keep_size == "-1" and kind is not SlotClass.FOREIGN:
+        # (the slot there or to come: a slot the listener makes is bounded the same way)
+        report.warnings.append(
+            "max_slot_wal_keep_size is -1: a listener that stays down keeps WAL on the "
+            "server without limit; consider a limit (the slot is then lost instead, "
+            "and the listener sweeps when it comes back)"
+        )
     if state.resync_reason:
         report.warnings.append(f"a sweep of every watched table is owed: {state.resync_reason}")
     check_leftover_slots(conn, settings.slot_name, report)

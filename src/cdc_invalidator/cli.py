@@ -30,7 +30,13 @@ from cdc_invalidator.capture.errors import (
 from cdc_invalidator.checks import check_database, check_redis, check_templates
 from cdc_invalidator.database import DatabaseError, connect
 from cdc_invalidator.durations import format_duration, parse_duration
-from cdc_invalidator.install import SlotLeftToListener, SlotStepFailed, UnsupportedServer, install
+from cdc_invalidator.install import (
+    SlotLeftToListener,
+    SlotStepFailed,
+    UnsupportedServer,
+    install,
+    unguarded,
+)
 from cdc_invalidator.listener import build_listener
 from cdc_invalidator.mapping import Mapper
 from cdc_invalidator.metrics import BacklogCollector, Metrics
@@ -254,12 +260,12 @@ def cmd_install(args: argparse.Namespace, settings: Settings, console: Console) 
                 else None
             )
         )
+        done: str | None = None
         try:
             done = install(conn, mode_for(settings))
         except SlotLeftToListener as exc:
             # (a least-privilege installer's way, documented: nothing is lost by it)
             console.warn(f"warning: installed, but {exc}")
-            return EXIT_OK
         except SlotStepFailed as exc:
             console.error(f"installed, but {exc}")
             return EXIT_FAILED
@@ -277,7 +283,10 @@ def cmd_install(args: argparse.Namespace, settings: Settings, console: Console) 
             if hint:
                 console.warn(f"hint: {hint}")
             return EXIT_FAILED
-    console.out(done)
+        if (missing := unguarded(conn)) is not None:
+            console.warn(f"warning: {missing}")
+    if done is not None:
+        console.out(done)
     return EXIT_OK
 
 

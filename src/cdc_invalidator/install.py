@@ -12,6 +12,7 @@ from cdc_invalidator.capture import logical_sql, trigger_sql
 from cdc_invalidator.capture.errors import Fatal
 from cdc_invalidator.modes.base import CaptureMode
 from cdc_invalidator.pg import versions
+from cdc_invalidator.pg.queries import Q
 
 
 class SlotStepFailed(Exception):
@@ -48,3 +49,18 @@ def install(conn: psycopg.Connection[Any], mode: CaptureMode) -> str:
                 "slot. Start it soon, or run install again as a role with REPLICATION"
             ) from None
         raise SlotStepFailed(f"the replication slot step failed: {exc}") from None
+
+
+def unguarded(conn: psycopg.Connection[Any]) -> str | None:
+    """What an install without our event triggers leaves to the DBA (only a superuser may
+    make them): said at once, not only by `check` later."""
+    row = conn.execute(Q.CHECK_REBUILD_GUARD.sql).fetchone()
+    if row is not None and row[0]:
+        return None
+    return (
+        "the DDL guards (our event triggers) are not installed: only a superuser may make "
+        "them. Without them, a watched table dropped or rebuilt, a partition detached or "
+        "dropped, leaves keys cached until the next install, and in logical mode a "
+        "migration that drops a watched table's primary key makes its UPDATEs and DELETEs "
+        'fail (docs/DBA.md, "Schema migrations"). Run install as a superuser to add them'
+    )
