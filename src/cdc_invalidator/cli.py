@@ -329,6 +329,8 @@ def cmd_uninstall(args: argparse.Namespace, settings: Settings, console: Console
             return EXIT_FAILED
         except psycopg.Error as exc:
             console.error(_uninstall_failed(exc, slot, dropped=dropped))
+            if hint := exc.diag.message_hint:  # (as install says it)
+                console.warn(f"hint: {hint}")
             return EXIT_FAILED
         left = logical_sql.slot_left(conn, slot)
         earlier = logical_sql.drop_leftovers(conn, slot, leftovers)
