@@ -599,3 +599,26 @@ def test_uninstall_by_another_role_than_the_superuser_that_installed_says_whose_
     assert f'refusing to uninstall as role "{role}": it was installed by role' in err, err
     assert "drop or reassign" not in err
     assert env.scalar("SELECT to_regnamespace('cdc_invalidator') IS NOT NULL")
+
+
+@pytest.mark.parametrize("capture", ["trigger"])  # the same lookup in both modes
+def test_check_names_the_application_schema_a_role_may_not_use(
+    env: Env, listener_role: str
+) -> None:
+    """A configured table in a schema the listener's role has no USAGE on: check sent the
+    DBA to grant_listener(), which grants only our schema and did not help (a review
+    following the docs). It names the schema and the GRANT."""
+    env.sql("CREATE SCHEMA shop; CREATE TABLE shop.orders (id int PRIMARY KEY)")
+    dba = config(env, {"shop.orders": ["order:{id}"]}, name="dba.toml")
+    assert main(["install", "--config", str(dba)]) == 0
+    env.sql(
+        sql.SQL("SELECT cdc_invalidator.grant_listener({}, 'trigger')")
+        .format(sql.Literal(listener_role))
+        .as_string(None)
+    )
+    mine = config(env, {"shop.orders": ["order:{id}"]}, name="mine.toml", role=listener_role)
+    out = run_cli("check", "--config", str(mine))
+    said = out.stdout + out.stderr
+    assert out.returncode != 0, said
+    assert "permission denied for schema shop" in said, said
+    assert "GRANT USAGE ON SCHEMA shop TO the listener's role" in said, said

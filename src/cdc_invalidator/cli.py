@@ -11,6 +11,7 @@ import argparse
 import getpass
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -136,8 +137,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _explain(exc: Exception) -> str:
     """One line for an error that ends a command (Console scrubs it)."""
     if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+        message = _pg_message(exc)
+        schema = re.search(r'permission denied for schema "?([^"\s:]+)"?', message)
+        if schema and schema.group(1) != "cdc_invalidator":
+            # (an application's schema: grant_listener() grants only ours)
+            return (
+                f"{message}: `check` looks the configured tables up by name, which needs "
+                f"USAGE on their schema: GRANT USAGE ON SCHEMA {schema.group(1)} TO the "
+                "listener's role (docs/DBA.md)"
+            )
         return (
-            f"{_pg_message(exc)}: `status`, `check` and `replay` need what "
+            f"{message}: `status`, `check` and `replay` need what "
             "cdc_invalidator.grant_listener() grants the listener's role (docs/DBA.md)"
         )
     if isinstance(exc, psycopg.Error):  # the server went away or refused, mid-command
