@@ -53,6 +53,16 @@ def test_a_bad_value_from_the_environment_names_the_variable(
         load_settings(_write(tmp_path, GOOD))
 
 
+def test_a_bad_value_from_a_lower_case_variable_names_it_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Variables are read in any case: a lower-case one was not named, and the user
+    looked for the bad value in the file (a review following the docs)."""
+    monkeypatch.setenv("cdc_invalidator_capture", "bogus")
+    with pytest.raises(ConfigError, match=r"capture: .* \(from cdc_invalidator_capture\)"):
+        load_settings(_write(tmp_path, GOOD))
+
+
 def test_config_path_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CDC_INVALIDATOR_CONFIG", str(_write(tmp_path, GOOD)))
     assert load_settings(None).redis_url == "redis://cache:6379/0"

@@ -535,10 +535,12 @@ def _describe(path: Path, exc: ValidationError) -> str:
             secret = err["loc"][:1] in {(name,) for name in (*_URL_SETTINGS, *_PASSWORD_SETTINGS)}
             if not secret and "input" in err and _is_scalar(err["input"]):
                 what += f" (got {err['input']!r})"
-            # The environment wins over the file: say where a bad value came from.
-            variable = f"{ENV_PREFIX}{str(err['loc'][0]).upper()}" if err["loc"] else ""
-            if variable in os.environ:
-                what += f" (from {variable})"
+            # The environment wins over the file: say where a bad value came from (its
+            # names are read in any case: cdc_invalidator_capture counts too).
+            wanted = f"{ENV_PREFIX}{err['loc'][0]!s}".upper() if err["loc"] else ""
+            named = [variable for variable in os.environ if variable.upper() == wanted]
+            if wanted and named:
+                what += f" (from {named[0]})"
         lines.append(f"  - {what}")
     return "\n".join(lines)
 
