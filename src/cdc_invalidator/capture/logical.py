@@ -336,6 +336,7 @@ class LogicalCapture:
             side.execute(Q.SET_RESYNC.sql, {"slot": cfg.slot, "reason": missed, "lsn": None})
             owed = missed
         if kind.create:
+            _say_what_the_slot_waits_for(side, cfg.slot)
             created = side.execute(Q.CREATE_SLOT.sql, {"slot": cfg.slot})
             start = returned(created.fetchone(), f"position for new slot {cfg.slot!r}")
             side.execute(Q.RECORD_SLOT.sql, {"slot": cfg.slot, "lsn": start[0]})
@@ -381,6 +382,24 @@ class LogicalCapture:
             f"slot {self._config.slot!r} holds changes made while publication {name!r} did "
             f"not exist (it was dropped and made again), which cannot be decoded: {ended[1]}",
         )
+
+
+def _say_what_the_slot_waits_for(side: psycopg.Connection[Any], slot: str) -> None:
+    """Making a slot waits for every transaction running now to end, silently: a long
+    one held a review's listener there for 51 s, PostgreSQL reported down on /readyz and
+    nothing logged. Said first, naming the oldest."""
+    oldest = side.execute(Q.SLOT_BLOCKERS.sql).fetchone()
+    if oldest is None:
+        return
+    pid, database, role, running_s = oldest
+    log.warning(
+        "slot_creation_waits",
+        slot=slot,
+        detail=f"making the slot waits until every transaction running now has ended; the "
+        f"oldest is backend {pid} (database {database}, role {role}), running for "
+        f"{running_s:.0f} s: nothing is invalidated until then (SELECT "
+        f"pg_terminate_backend({pid}) ends it, if it may be)",
+    )
 
 
 def _in_use(side: psycopg.Connection[Any], slot: str, reason: str) -> Standby:
