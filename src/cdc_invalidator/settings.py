@@ -41,6 +41,7 @@ from cdc_invalidator.events import TableName
 from cdc_invalidator.mapping import KeyTemplate, Mapper, TemplateError
 from cdc_invalidator.mapping.columns import ColumnFilter, Judge
 from cdc_invalidator.redact import Scrubber, secrets_of
+from cdc_invalidator.redis_guard.window import MARGIN_S
 
 log = structlog.get_logger(__name__)
 
@@ -406,8 +407,10 @@ class Settings(BaseSettings):
 
     @property
     def history_s(self) -> float:
-        """How long invalidations are kept for replay."""
-        return max(self.replay_history, self.replay_window or 0.0)
+        """How long invalidations are kept for replay: replay_history, or longer, what a
+        replay_window reaches back (with the margin every window gets)."""
+        window = self.replay_window + MARGIN_S if self.replay_window else 0.0
+        return max(self.replay_history, window)
 
     def table_settings(self) -> dict[TableName, TableSettings]:
         return {TableName.parse(name): table for name, table in self.tables.items()}
