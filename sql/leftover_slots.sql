@@ -18,5 +18,5 @@ JOIN cdc_invalidator.slot_state_v1 st ON st.slot_name = s.slot_name
 WHERE s.database = current_database()
   AND s.slot_type = 'logical'
   AND s.plugin = 'pgoutput'
-  AND s.slot_name <> %(slot)s
+  AND s.slot_name IS DISTINCT FROM %(slot)s  -- (NULL: trigger mode, which uses none)
 ORDER BY s.slot_name

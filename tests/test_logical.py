@@ -34,6 +34,7 @@ from cdc_invalidator.checks import Report, check_walks
 from cdc_invalidator.modes.choose import mode_for
 from cdc_invalidator.pg.queries import Q
 from cdc_invalidator.settings import load_settings
+from tests.support.config import write_config
 from tests.support.env import Env
 from tests.support.faults import blocked_on_redis, write
 from tests.support.listener import ListenerProcess, Spawn, check, cli, run_cli
@@ -808,6 +809,114 @@ def test_a_switch_of_mode_sweeps_what_the_old_mode_held(env: Env, spawn: Spawn, 
     stop(listener)
 
 
+def test_back_to_trigger_mode_before_any_slot_was_made_sweeps(env: Env, spawn: Spawn) -> None:
+    """Trigger mode, then logical mode's SQL applied by hand (no slot), then trigger mode
+    again: what was written while logical mode had no slot was in no slot and in no
+    queue, and the sweep logical mode owed was recorded where trigger mode never looks
+    (second review)."""
+    make_tables(env)
+    # (no second deletes: the sweep is not done again over the key set after it)
+    trigger = env.config(USERS, name="trigger.toml", second_delete_ms=0)
+    install(trigger)
+    script = run_cli("sql", "--config", str(logical_config(env, USERS)))
+    assert script.returncode == 0, script.stderr
+    applied = psql(env, script.stdout)
+    assert applied.returncode == 0, applied.stderr
+    assert slot(env) is None
+    r = env.redis()
+    r.set("user:2", "cached")
+    env.sql("UPDATE users SET name = 'in no slot' WHERE id = 2")
+    install(trigger)
+    listener = spawn(trigger)
+    wait_until(lambda: gone(r, "user:2"), what="swept by the trigger listener")
+    stop(listener)
+    r.set("user:1", "cached")  # and a plain re-install sweeps nothing
+    install(trigger)
+    listener = spawn(trigger)
+    env.sql("UPDATE users SET name = 'z' WHERE id = 2")
+    wait_until(lambda: listener.logged("listener_started"), what="started")
+    assert r.get("user:1") == "cached"
+    stop(listener)
+
+
+def test_a_slot_dropped_by_hand_as_advised_is_swept_by_the_next_install(
+    env: Env, spawn: Spawn
+) -> None:
+    """slot_name changed while a listener held the old slot: install left it and said to
+    drop it by hand (so did check); dropped so, the changes it held were lost without a
+    sweep (second review). The next install finds it gone and sweeps."""
+    make_tables(env)
+    old = "old_" + uuid.uuid4().hex[:8]
+    install(logical_config(env, USERS, slot_name=old))
+    r = env.redis()
+    r.set("user:2", "cached")
+    env.sql("UPDATE users SET name = 'unread' WHERE id = 2")  # held by the old slot only
+    env.sql(f"SELECT pg_drop_replication_slot('{old}')")  # as advised
+    config = logical_config(env, USERS, name="renamed.toml")
+    install(config)
+    listener = spawn(config)
+    wait_until(lambda: gone(r, "user:2"), what="swept through the new slot")
+    stop(listener)
+
+
+@contextmanager
+def owner_without_replication(env: Env) -> Iterator[str]:
+    """DBA.md's least-privilege installing role: it owns users and may create in the
+    database, and has no REPLICATION. Its conninfo."""
+    with login_role(env, "dba_") as role:
+        ident = sql.Identifier(role)
+        database = sql.Identifier(env.scalar("SELECT current_database()"))
+        with env.connect() as conn:
+            conn.execute(sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(database, ident))
+            conn.execute(sql.SQL("ALTER TABLE users OWNER TO {}").format(ident))
+        try:
+            yield make_conninfo(env.dsn, user=role)
+        finally:
+            with env.connect() as conn:
+                conn.execute(sql.SQL("ALTER TABLE users OWNER TO CURRENT_USER"))
+
+
+def test_to_trigger_mode_by_a_role_that_cannot_drop_the_slot_still_sweeps(
+    env: Env, spawn: Spawn, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Logical to trigger mode by an installing role without REPLICATION: the slot could
+    not be dropped, install said the listener would make it (false), nothing swept what
+    it held, and check said nothing of the slot keeping WAL (second review). Now the
+    sweep is queued before the drop, install says the slot is left and exits 1, and
+    check names it."""
+    make_tables(env)
+    with owner_without_replication(env) as as_dba:
+        try:
+            assert cli("install", "--config", logical_config(env, USERS, database_url=as_dba)) == 0
+            config = logical_config(env, USERS)  # the listener: a superuser here
+            listener = spawn(config)  # makes the slot (and sweeps, having made it)
+            wait_until(lambda: listener.logged("missed_changes_swept"), what="slot made")
+            stop(listener)
+            r = env.redis()
+            r.set("user:2", "cached")
+            env.sql("UPDATE users SET name = 'unread' WHERE id = 2")  # in the slot only
+            trigger = write_config(
+                env.tmp_path / "trigger.toml",
+                database_url=as_dba,
+                redis_url=env.redis_url,
+                tables=USERS,
+            )
+            capsys.readouterr()
+            assert cli("install", "--config", trigger) == 1
+            err = capsys.readouterr().err
+            assert "left from logical capture could not be dropped" in err, err
+            assert "what it held is swept" in err, err
+            assert slot(env) is not None
+            out = run_cli("check", "--config", str(env.config(USERS, name="t2.toml")))
+            assert "trigger capture uses none" in out.stdout + out.stderr
+            listener = spawn(env.config(USERS, name="t3.toml"))
+            wait_until(lambda: gone(r, "user:2"), what="swept by the trigger listener")
+            stop(listener)
+        finally:
+            env.sql("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
+                    " WHERE slot_name = 'cdc_invalidator'")  # fmt: skip
+
+
 def test_a_slot_the_listener_makes_sweeps_what_was_written_since_install(
     env: Env, spawn: Spawn, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -817,39 +926,28 @@ def test_a_slot_the_listener_makes_sweeps_what_was_written_since_install(
     documentation), and install exited 1 although that is a documented way. Install
     says what happens and exits 0; the listener that makes the slot sweeps first."""
     make_tables(env)
-    with login_role(env, "dba_") as role:
-        ident = sql.Identifier(role)
-        database = sql.Identifier(env.scalar("SELECT current_database()"))
-        with env.connect() as conn:
-            conn.execute(sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(database, ident))
-            conn.execute(sql.SQL("ALTER TABLE users OWNER TO {}").format(ident))
-        try:
-            by_dba = logical_config(
-                env, USERS, name="dba.toml", database_url=make_conninfo(env.dsn, user=role)
-            )
-            capsys.readouterr()
-            assert cli("install", "--config", by_dba) == 0
-            err = capsys.readouterr().err
-            assert "installed, but the replication slot was not made" in err
-            assert "sweeps every watched table once" in err
-            assert "the DDL guards (our event triggers) are not installed" in err
-            assert slot(env) is None
-            # check says what comes, and warns of an unbounded slot before there is one
-            # (it said nothing of max_slot_wal_keep_size until the slot existed).
-            out = run_cli("check", "--config", str(by_dba))
-            assert "the listener creates it on its first start" in out.stderr + out.stdout
-            assert "max_slot_wal_keep_size is -1" in out.stderr + out.stdout
-            r = env.redis()
-            r.set("user:2", "cached")
-            env.sql("UPDATE users SET name = 'before the slot' WHERE id = 2")
-            config = logical_config(env, USERS)  # the listener: a superuser here
-            listener = spawn(config)
-            wait_until(lambda: gone(r, "user:2"), what="the change before the slot, swept")
-            assert listener.logged("changes_may_have_been_missed")
-            stop(listener)
-        finally:
-            with env.connect() as conn:
-                conn.execute(sql.SQL("ALTER TABLE users OWNER TO CURRENT_USER"))
+    with owner_without_replication(env) as as_dba:
+        by_dba = logical_config(env, USERS, name="dba.toml", database_url=as_dba)
+        capsys.readouterr()
+        assert cli("install", "--config", by_dba) == 0
+        err = capsys.readouterr().err
+        assert "installed, but the replication slot was not made" in err
+        assert "sweeps every watched table once" in err
+        assert "the DDL guards (our event triggers) are not installed" in err
+        assert slot(env) is None
+        # check says what comes, and warns of an unbounded slot before there is one
+        # (it said nothing of max_slot_wal_keep_size until the slot existed).
+        out = run_cli("check", "--config", str(by_dba))
+        assert "the listener creates it on its first start" in out.stderr + out.stdout
+        assert "max_slot_wal_keep_size is -1" in out.stderr + out.stdout
+        r = env.redis()
+        r.set("user:2", "cached")
+        env.sql("UPDATE users SET name = 'before the slot' WHERE id = 2")
+        config = logical_config(env, USERS)  # the listener: a superuser here
+        listener = spawn(config)
+        wait_until(lambda: gone(r, "user:2"), what="the change before the slot, swept")
+        assert listener.logged("changes_may_have_been_missed")
+        stop(listener)
 
 
 def test_the_ddl_guard_costs_everyday_ddl_no_seconds_beside_many_partitions(env: Env) -> None:

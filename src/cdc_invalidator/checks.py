@@ -991,29 +991,32 @@ def check_logical_server(conn: psycopg.Connection[Any], settings: Settings, repo
     check_leftover_slots(conn, settings.slot_name, report)
 
 
-def check_leftover_slots(conn: psycopg.Connection[Any], slot: str, report: Report) -> None:
-    """Slots recorded as ours that are not the configured one (slot_name changed): nothing
-    of ours consumes them, and each keeps WAL until the disk is full."""
+def check_leftover_slots(conn: psycopg.Connection[Any], slot: str | None, report: Report) -> None:
+    """Slots recorded as ours that are not the configured one (slot_name changed; in trigger
+    mode, `slot` None, any): nothing of ours consumes them, and each keeps WAL until the
+    disk is full. Dropped by hand, what they held is swept by the next `install`."""
+    which = f"not the configured slot_name {slot!r}" if slot else "trigger capture uses none"
+    swept = "; then run `cdc-invalidator install`, which sweeps what it held"
     for left in logical_sql.leftover_slots(conn, slot):
         drop = logical_sql.drop_by_hand(left.slot_name)
         if left.active_pid is not None:
             report.warnings.append(
-                f"{left.describe()} is recorded as ours (slot_state_v1) but is not the configured "
-                f"slot_name {slot!r}: a listener with an older configuration still streams "
-                f"it? Stop it, then drop the slot: {drop}"
+                f"{left.describe()} is recorded as ours (slot_state_v1), {which}: a listener "
+                f"with an older configuration still streams it? Stop it, then drop the slot: "
+                f"{drop}{swept}"
             )
         elif left.wal_status == "lost":
             report.warnings.append(
-                f"{left.describe()} is recorded as ours (slot_state_v1) but is not the configured "
-                f"slot_name {slot!r}: it keeps no WAL, but nothing uses it: {drop}"
+                f"{left.describe()} is recorded as ours (slot_state_v1), {which}: it keeps no "
+                f"WAL, but nothing uses it: {drop}{swept}"
             )
         else:
             report.errors.append(
-                f"{left.describe()} is recorded as ours (slot_state_v1) but is not the configured "
-                f"slot_name {slot!r} (left when slot_name changed?): nothing consumes it, "
-                "and it keeps WAL until the disk is full. `cdc-invalidator install` drops it "
+                f"{left.describe()} is recorded as ours (slot_state_v1), {which} (left when "
+                "slot_name or capture changed?): nothing consumes it, and it keeps WAL until "
+                "the disk is full. `cdc-invalidator install` drops it, sweeping what it held, "
                 "if nobody else moved it; or drop it (as a superuser or a role with "
-                f"REPLICATION): {drop}"
+                f"REPLICATION): {drop}{swept}"
             )
 
 

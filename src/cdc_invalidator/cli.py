@@ -31,13 +31,7 @@ from cdc_invalidator.capture.errors import (
 from cdc_invalidator.checks import check_database, check_redis, check_templates
 from cdc_invalidator.database import DatabaseError, connect
 from cdc_invalidator.durations import format_duration, parse_duration
-from cdc_invalidator.install import (
-    SlotLeftToListener,
-    SlotStepFailed,
-    UnsupportedServer,
-    install,
-    unguarded,
-)
+from cdc_invalidator.install import SlotStepFailed, UnsupportedServer, install, unguarded
 from cdc_invalidator.listener import build_listener
 from cdc_invalidator.mapping import Mapper
 from cdc_invalidator.metrics import BacklogCollector, Metrics
@@ -273,7 +267,7 @@ def cmd_install(args: argparse.Namespace, settings: Settings, console: Console) 
         done: str | None = None
         try:
             done = install(conn, mode_for(settings))
-        except SlotLeftToListener as exc:
+        except logical_sql.SlotLeftToListener as exc:
             # (a least-privilege installer's way, documented: nothing is lost by it)
             console.warn(f"warning: installed, but {exc}")
         except SlotStepFailed as exc:

@@ -166,12 +166,31 @@ def create_slot(conn: psycopg.Connection[Any], slot: str) -> NewSlot | None:
     return NewSlot(str(row[0]), recorded[0] if recorded else None)
 
 
-# Why every watched table is swept after `install` dropped a slot of ours (a switch to
-# trigger capture, a slot of an earlier slot_name): a slot holds what no listener has
-# confirmed, and nothing else has those changes.
+# Why every watched table is swept when `install` drops a slot of ours (a switch to
+# trigger capture, a slot of an earlier slot_name), or finds one gone or never made: a
+# slot holds what no listener has confirmed, and nothing else has those changes. The
+# sweep is queued (or emitted) before the drop: a drop that then fails leaves a sweep
+# done for nothing, never a slot dropped without its sweep.
 DROPPED_SLOT = (
-    "install dropped a replication slot of ours, with whatever changes it had not handed out"
+    "install dropped (or found gone) a replication slot of ours, with whatever changes it "
+    "had not handed out"
 )
+
+
+def unswept(conn: psycopg.Connection[Any], keep: str | None) -> list[str]:
+    """Slots recorded as ours that are gone or owe a sweep, but `keep`
+    (slots_unswept.sql): install sweeps for them, then forget_swept()."""
+    return [row[0] for row in conn.execute(Q.SLOTS_UNSWEPT.sql, {"keep": keep})]
+
+
+def forget_swept(conn: psycopg.Connection[Any], names: list[str]) -> None:
+    """The sweep for `names` is queued: the gone ones' records go, the others owe nothing."""
+    conn.execute(Q.FORGET_SLOTS.sql, {"names": names})
+
+
+class SlotLeftToListener(Exception):
+    """Installed, but the installing role may not create replication slots: the
+    listener makes the slot on its first start, and sweeps then (capture/logical.py)."""
 
 
 class SlotBusy(Exception):
@@ -228,7 +247,7 @@ class Leftover:
         return f"replication slot {self.slot_name!r} ({by}; {held or 'no WAL position'})"
 
 
-def leftover_slots(conn: psycopg.Connection[Any], slot: str) -> list[Leftover]:
+def leftover_slots(conn: psycopg.Connection[Any], slot: str | None) -> list[Leftover]:
     with conn.cursor(row_factory=class_row(Leftover)) as cur:
         return cur.execute(Q.LEFTOVER_SLOTS.sql, {"slot": slot}).fetchall()
 

@@ -65,20 +65,33 @@ class LogicalMode:
         s = self._settings
         slot = s.slot_name
         tables = ", ".join(sorted(str(t) for t in s.mapper().tables))
-        new = logical_sql.create_slot(conn, slot)
+        try:
+            new = logical_sql.create_slot(conn, slot)
+        except psycopg.errors.InsufficientPrivilege as exc:  # a role without REPLICATION
+            raise logical_sql.SlotLeftToListener(
+                f"the replication slot was not made ({exc.diag.message_primary}): the "
+                "listener makes it on its first start (its role needs REPLICATION) and then "
+                "sweeps every watched table once, since what is written until then is in no "
+                "slot. Start it soon, or run install again as a role with REPLICATION"
+            ) from None
         made = f"created slot {slot!r} at {new.lsn}" if new else f"slot {slot!r} exists"
         if new and new.owed:
             made += f" (the listener sweeps every watched table first: {new.owed})"
-        # Slots of an earlier slot_name keep WAL forever, consumed by nothing: ours go,
-        # and what they had not handed out is swept, through the configured slot (there
-        # now, unless the listener is to make it: then it sweeps as it does).
-        dropped = False
-        for gone, line in logical_sql.drop_leftovers(conn, slot):
-            dropped = dropped or gone
-            made += f"; {line}"
-        if dropped:
+        # Slots of an earlier slot_name keep WAL forever, consumed by nothing: ours go.
+        # What they had not handed out (or held before someone dropped them by hand) is
+        # swept first, through the configured slot, there now.
+        leftovers = logical_sql.leftover_slots(conn, slot)
+        unswept = logical_sql.unswept(conn, slot)
+        if unswept or any(left.droppable for left in leftovers):
             conn.execute(Q.SWEEP_ALL_LOGICAL.sql, {"reason": logical_sql.DROPPED_SLOT})
+            logical_sql.forget_swept(conn, unswept)
             made += f"; every watched table is swept once: {logical_sql.DROPPED_SLOT}"
+        said = logical_sql.drop_leftovers(conn, slot, leftovers)
+        made += "".join(f"; {line}" for _, line in said)
+        # (swept for above: their records go, or the next install would sweep again)
+        logical_sql.forget_swept(
+            conn, [left.slot_name for left, (gone, _) in zip(leftovers, said, strict=True) if gone]
+        )
         return (
             f"installed cdc_invalidator v{trigger_sql.SCHEMA_VERSION} (logical); {made}; "
             f"publication {s.publication_name!r} holds {tables}"

@@ -11,6 +11,7 @@ from psycopg import sql
 
 from cdc_invalidator import checks
 from cdc_invalidator.capture import logical_sql, trigger_sql
+from cdc_invalidator.capture.errors import Fatal
 from cdc_invalidator.capture.rows import Decoded, MapPack, RowDecoder, by_events
 from cdc_invalidator.capture.trigger_queue import Renames, TriggerCapture
 from cdc_invalidator.checks import Report
@@ -61,20 +62,34 @@ class TriggerMode:
         tables = ", ".join(sorted(str(t) for t in self._settings.mapper().tables))
         done = f"installed cdc_invalidator v{trigger_sql.SCHEMA_VERSION}; watching {tables}"
         slot = self._settings.slot_name
-        dropped = False
-        if logical_sql.our_slot(conn, slot):
-            logical_sql.drop_slot(conn, slot)
-            dropped = True
-            done += f"; dropped replication slot {slot!r} left from logical capture"
-        if logical_sql.has_slot_state(conn):  # and those of an earlier slot_name
-            for gone, line in logical_sql.drop_leftovers(conn, slot):
-                dropped = dropped or gone
-                done += f"; {line}"
-        if dropped:
-            # What the slot had not handed out (a switch from logical capture while
-            # writes went on) is captured nowhere: swept. The triggers are in place.
+        registered = logical_sql.has_slot_state(conn)  # (logical capture was installed)
+        ours = logical_sql.our_slot(conn, slot)
+        leftovers = logical_sql.leftover_slots(conn, slot) if registered else []
+        unswept = logical_sql.unswept(conn, None) if registered else []
+        if ours or unswept or any(left.droppable for left in leftovers):
+            # What a slot of logical capture had not handed out, or what was written
+            # while it was missing, is captured nowhere: swept, before any drop. The
+            # triggers are in place.
             conn.execute(Q.SWEEP_ALL_TRIGGER.sql, {"reason": logical_sql.DROPPED_SLOT})
+            logical_sql.forget_swept(conn, unswept)
             done += f"; every watched table is swept once: {logical_sql.DROPPED_SLOT}"
+        if ours:
+            try:
+                logical_sql.drop_slot(conn, slot)
+            except psycopg.errors.InsufficientPrivilege as exc:
+                raise Fatal(
+                    f"replication slot {slot!r} left from logical capture could not be dropped "
+                    f"({exc.diag.message_primary}): what it held is swept, but it keeps WAL "
+                    "until a role with REPLICATION drops it: "
+                    f"{logical_sql.drop_by_hand(slot)}"
+                ) from None
+            done += f"; dropped replication slot {slot!r} left from logical capture"
+        said = logical_sql.drop_leftovers(conn, slot, leftovers)
+        done += "".join(f"; {line}" for _, line in said)
+        # (swept for above: their records go, or the next install would sweep again)
+        dropped = [left.slot_name for left, (gone, _) in zip(leftovers, said, strict=True) if gone]
+        if registered:
+            logical_sql.forget_swept(conn, [slot, *dropped] if ours else dropped)
         return done
 
     def uninstall_script(self) -> sql.Composed:
@@ -134,7 +149,7 @@ class TriggerMode:
         checks.check_two_phase(conn, report)
         checks.check_all_tables(conn, report)
         if logical_sql.has_slot_state(conn):  # slots left from logical capture
-            checks.check_leftover_slots(conn, self._settings.slot_name, report)
+            checks.check_leftover_slots(conn, None, report)
         checks.check_rebuild_guard(conn, report, self._settings.mapper().tables)
 
     def history(

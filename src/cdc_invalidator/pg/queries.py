@@ -77,6 +77,8 @@ class Q(enum.Enum):
     OUR_SLOT = "our_slot.sql"
     LEFTOVER_SLOTS = "leftover_slots.sql"  # ours, left when slot_name changed
     DROP_LEFTOVER_SLOT = "drop_leftover_slot.sql"
+    SLOTS_UNSWEPT = "slots_unswept.sql"  # ours, gone or owing a sweep
+    FORGET_SLOTS = "forget_slots.sql"  # after install swept for them
     SWEEP_ALL_LOGICAL = "sweep_all_logical.sql"  # after install dropped a slot of ours
     SWEEP_ALL_TRIGGER = "sweep_all_trigger.sql"  # the same, trigger mode
     HAS_SLOT_STATE = "has_slot_state.sql"
