@@ -41,9 +41,13 @@ from cdc_invalidator.events import TableName
 from cdc_invalidator.mapping import KeyTemplate, Mapper, TemplateError
 from cdc_invalidator.mapping.columns import ColumnFilter, Judge
 from cdc_invalidator.redact import Scrubber, secrets_of
-from cdc_invalidator.redis_guard.window import MARGIN_S
 
 log = structlog.get_logger(__name__)
+
+# Added to every replay window (redis_guard/window.py), and so to the history kept for
+# one: the clock of the commit and of the check, a snapshot being written while the
+# server went down, and the replication lag of a promoted replica.
+REPLAY_MARGIN_S = 5.0
 
 ENV_PREFIX = "CDC_INVALIDATOR_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
@@ -409,7 +413,7 @@ class Settings(BaseSettings):
     def history_s(self) -> float:
         """How long invalidations are kept for replay: replay_history, or longer, what a
         replay_window reaches back (with the margin every window gets)."""
-        window = self.replay_window + MARGIN_S if self.replay_window else 0.0
+        window = self.replay_window + REPLAY_MARGIN_S if self.replay_window else 0.0
         return max(self.replay_history, window)
 
     def table_settings(self) -> dict[TableName, TableSettings]:

@@ -6,13 +6,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from cdc_invalidator.durations import format_duration
+from cdc_invalidator.settings import REPLAY_MARGIN_S
 from cdc_invalidator.sink import Persistence
 
 # What CONFIG GET cannot tell: the window when it is refused (managed services, ACLs).
 UNKNOWN_PERSISTENCE_S = 3600.0
-# Added to every window: the clock of the commit and of the check, a snapshot being
-# written while the server went down, and the replication lag of a promoted replica.
-MARGIN_S = 5.0
+# Added to every window (settings.py holds it: replay_history keeps it too).
+MARGIN_S = REPLAY_MARGIN_S
 
 
 def persistence_window(servers: Sequence[Persistence]) -> tuple[float, str]:
