@@ -58,7 +58,9 @@ class TriggerMode:
         return script + trigger_sql.record_mapping(s.mapping_fingerprint())
 
     def finish_install(self, conn: psycopg.Connection[Any]) -> str:
-        """A slot left from logical mode is dropped: an abandoned slot keeps WAL forever."""
+        """Slots left from logical mode are dropped (an abandoned slot keeps WAL forever),
+        after a sweep of every watched table for what they, or a slot of ours gone or
+        never made, did not hand out."""
         tables = ", ".join(sorted(str(t) for t in self._settings.mapper().tables))
         done = f"installed cdc_invalidator v{trigger_sql.SCHEMA_VERSION}; watching {tables}"
         slot = self._settings.slot_name
