@@ -2,10 +2,11 @@
 -- anywhere on the server, and has run for more than 1 s (on a busy server short ones
 -- always run, and end before they matter). Making the slot waits for every such
 -- transaction to end (PostgreSQL builds the slot's first snapshot from them), for as
--- long as they last, and says nothing meanwhile. (A role without pg_read_all_stats sees
--- other roles' sessions without their transaction ids: then nothing is found.)
+-- long as they last, and says nothing meanwhile. Its start is given, not its age: the
+-- listener names each one once. (A role without pg_read_all_stats sees other roles'
+-- sessions without their transaction ids: then nothing is found.)
 SELECT a.pid, a.datname::text, a.usename::text,
-       extract(epoch FROM now() - a.xact_start)::float8 AS running_s
+       to_char(a.xact_start AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') || ' UTC' AS since
 FROM pg_stat_activity a
 WHERE a.backend_xid IS NOT NULL AND a.pid <> pg_backend_pid()
   AND a.xact_start < now() - interval '1 second'

@@ -734,36 +734,6 @@ def test_switching_to_trigger_mode_drops_a_slot_of_an_earlier_slot_name(
     assert slot(env) is None
 
 
-def test_a_slot_made_behind_a_long_transaction_says_what_it_waits_for(
-    env: Env, spawn: Spawn
-) -> None:
-    """Making a slot waits for every transaction running then to end: behind a long one
-    the listener sat silent (a review: 51 s, /readyz saying PostgreSQL was down). It
-    names the oldest first, and goes on once it ends."""
-    make_tables(env)
-    config = logical_config(env, USERS)
-    install(config)
-    env.sql("SELECT pg_drop_replication_slot('cdc_invalidator')")  # lost: made again
-    with env.connect() as blocker:
-        blocker.execute("BEGIN; SELECT pg_current_xact_id()")
-        pid = blocker.info.backend_pid
-        wait_until(
-            lambda: env.scalar(
-                "SELECT now() - xact_start > interval '1 second' FROM pg_stat_activity"
-                " WHERE pid = %s",
-                [pid],
-            ),
-            what="the transaction a second old",
-        )
-        listener = spawn(config)
-        wait_until(lambda: listener.logged("slot_creation_waits"), what="the wait said")
-        assert f"backend {pid} " in listener.logged("slot_creation_waits")[0]["detail"]
-        assert listener.logged("slot_created") == [], "it waits"
-        blocker.execute("COMMIT")
-    wait_until(lambda: listener.logged("slot_created"), what="the slot made once it ended")
-    stop(listener)
-
-
 @pytest.mark.parametrize("dropped_by", ["install", "hand"])
 def test_a_slot_name_change_sweeps_what_the_old_slot_held(
     env: Env, spawn: Spawn, capsys: pytest.CaptureFixture[str], dropped_by: str

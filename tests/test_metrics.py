@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import time
@@ -267,6 +268,56 @@ def test_a_session_holding_the_queues_lock_is_named_and_not_ready(
         wait_until(lambda: r.exists(*keys_of(1)) == 0, what="consumed once the session ended")
         wait_until(lambda: probe(port, "/readyz")[0] == 200, what="ready")
         stop_listener(listener)
+
+
+@pytest.mark.parametrize("capture", ["logical"])
+def test_a_slot_made_behind_a_long_transaction_is_waited_for_in_the_loop(
+    env: Env, spawn: Spawn
+) -> None:
+    """Making a slot waits for every transaction running then to end: behind a long one
+    the listener sat silent in that statement (a review: 51 s), its loop still, so that
+    a liveness probe failed after 60 s (a restart only restarts the wait), and /readyz
+    said PostgreSQL was down. It waits in its loop instead: alive, not ready, PostgreSQL
+    up, the transaction named; it makes the slot once that ends, and sweeps."""
+    port = free_port()
+    config = setup_users(env, rows=2, metrics_port=port)
+    env.sql("SELECT pg_drop_replication_slot('cdc_invalidator')")  # lost: made again
+    r = env.redis()
+    cache(r, [1])
+    with env.connect() as blocker:
+        blocker.execute("BEGIN; SELECT pg_current_xact_id()")
+        pid = blocker.info.backend_pid
+        wait_until(
+            lambda: env.scalar(
+                "SELECT now() - xact_start > interval '1 second' FROM pg_stat_activity"
+                " WHERE pid = %s",
+                [pid],
+            ),
+            what="the transaction a second old",
+        )
+        listener = spawn(config)
+        wait_until(lambda: listener.logged("slot_creation_waits"), what="the wait said")
+        holder = listener.logged("slot_creation_waits")[0]["holder"]
+        assert f"backend {pid} " in holder, holder
+        assert f"pg_terminate_backend({pid})" in holder, holder
+        wait_until(lambda: probe(port, "/readyz")[0] == 503, what="not ready")
+        code, body = probe(port, "/readyz")
+        assert (code, body["postgres"], body["held_by"]) == (503, True, holder), body
+        ages: list[float] = []
+
+        def turned() -> bool:
+            code, body = probe(port, "/healthz")
+            assert code == 200, body
+            ages.append(body["loop_age_s"])
+            return any(later < earlier for earlier, later in itertools.pairwise(ages))
+
+        wait_until(turned, what="the loop turning while it waits")
+        assert listener.logged("slot_created") == [], "it waits"
+        assert len(listener.logged("slot_creation_waits")) == 1, "said once"
+    wait_until(lambda: listener.logged("slot_created"), what="the slot made once it ended")
+    wait_until(lambda: r.exists(*keys_of(1)) == 0, what="the sweep owed")
+    wait_until(lambda: probe(port, "/readyz")[0] == 200, what="ready")
+    stop_listener(listener)
 
 
 @pytest.mark.parametrize("capture", ["logical"])

@@ -360,7 +360,7 @@ class Runner:
         # this listener consumes, and how far behind the last transaction it finished was.
         self.turned_at = time.monotonic()
         self.active = False
-        # A session of another role holding the source (Standby.foreign): not ready.
+        # What holds the source that is no listener of ours (Standby.foreign): not ready.
         self.held_by: str | None = None
         self.behind_s = 0.0
         # When the oldest transaction of the batch in hand was recorded (time.monotonic()),
@@ -401,7 +401,7 @@ class Runner:
                     log.info("standby", reason=str(exc))
                     standby = True
                     self._set_active(False)
-                self._held_by_foreign(exc.foreign)
+                self._held_by_foreign(exc)
                 self._ping_redis()
                 self._stopper.sleep(cfg.poll_interval_s)
                 continue
@@ -721,17 +721,13 @@ class Runner:
         else:
             self.redis.up()
 
-    def _held_by_foreign(self, foreign: str | None) -> None:
+    def _held_by_foreign(self, standby: Standby | None) -> None:
         """What holds the source when it is no listener of ours (Standby.foreign): said
         once for each holder, and /readyz is not ready while it lasts. A standby waits
         for a listener to end; this may never end by itself."""
-        if foreign is not None and foreign != self.held_by:
-            log.warning(
-                "standby_behind_a_foreign_session",
-                holder=foreign,
-                detail="the queue's lock is held by a session of another role: every "
-                "listener waits on standby, and no change is invalidated, until it ends",
-            )
+        foreign = standby.foreign if standby is not None else None
+        if standby is not None and foreign is not None and foreign != self.held_by:
+            log.warning(standby.event, holder=foreign, detail=str(standby))
         self.held_by = foreign
 
     def _set_active(self, active: bool) -> None:

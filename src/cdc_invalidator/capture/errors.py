@@ -30,12 +30,19 @@ SUPERSEDED = (
 
 class Standby(Exception):
     """Another listener holds the source (queue lock, replication slot); wait a turn.
-    `foreign`: said when what holds it is not a listener of ours (a session of another
-    role holding the queue's lock), which keeps every listener waiting until it ends."""
+    `foreign`: said when what holds it is not a listener of ours (a psql session holding
+    the queue's lock, a transaction a new slot waits for), which keeps every listener
+    waiting until it ends; logged once per holder as `event`."""
 
-    def __init__(self, reason: str, foreign: str | None = None) -> None:
+    def __init__(
+        self,
+        reason: str,
+        foreign: str | None = None,
+        event: str = "standby_behind_a_foreign_session",
+    ) -> None:
         super().__init__(reason)
         self.foreign = foreign
+        self.event = event
 
 
 def returned(value: _T | None, what: str) -> _T:

@@ -313,6 +313,8 @@ class LogicalCapture:
             raise Fatal(f"{verdict.reason}: set slot_name to a slot of our own")
         if kind is SlotClass.IN_USE:
             raise _in_use(side, cfg.slot, verdict.reason)
+        if kind.create and (long_one := _slot_waits_for(side, cfg.slot)) is not None:
+            raise long_one
         if kind is SlotClass.LOST:
             side.execute(Q.DROP_SLOT.sql, {"slot": cfg.slot})
         owed = state.resync_reason
@@ -336,7 +338,6 @@ class LogicalCapture:
             side.execute(Q.SET_RESYNC.sql, {"slot": cfg.slot, "reason": missed, "lsn": None})
             owed = missed
         if kind.create:
-            _say_what_the_slot_waits_for(side, cfg.slot)
             created = side.execute(Q.CREATE_SLOT.sql, {"slot": cfg.slot})
             start = returned(created.fetchone(), f"position for new slot {cfg.slot!r}")
             side.execute(Q.RECORD_SLOT.sql, {"slot": cfg.slot, "lsn": start[0]})
@@ -384,21 +385,23 @@ class LogicalCapture:
         )
 
 
-def _say_what_the_slot_waits_for(side: psycopg.Connection[Any], slot: str) -> None:
-    """Making a slot waits for every transaction running now to end, silently: a long
-    one held a review's listener there for 51 s, PostgreSQL reported down on /readyz and
-    nothing logged. Said first, naming the oldest."""
+def _slot_waits_for(side: psycopg.Connection[Any], slot: str) -> Standby | None:
+    """Making a slot waits, in one silent statement, for every transaction running then
+    to end. Behind a long one a review's listener sat 51 s with its loop still (a liveness
+    probe restarts it, which restarts the wait) and /readyz saying PostgreSQL was down.
+    While one has run for over a second, the listener waits in its loop instead, naming
+    the oldest and not ready, and makes the slot once none has (a shorter one is waited
+    for in the statement, as any is)."""
     oldest = side.execute(Q.SLOT_BLOCKERS.sql).fetchone()
     if oldest is None:
-        return
-    pid, database, role, running_s = oldest
-    log.warning(
-        "slot_creation_waits",
-        slot=slot,
-        detail=f"making the slot waits until every transaction running now has ended; the "
-        f"oldest is backend {pid} (database {database}, role {role}), running for "
-        f"{running_s:.0f} s: nothing is invalidated until then (SELECT "
-        f"pg_terminate_backend({pid}) ends it, if it may be)",
+        return None
+    pid, database, role, since = oldest
+    return Standby(
+        f"making slot {slot!r} waits until every transaction running on the server has ended",
+        foreign=f"backend {pid} (database {database}, role {role}), in a transaction since "
+        f"{since}: nothing is invalidated until it ends (SELECT pg_terminate_backend({pid}) "
+        "ends it, if it may be); what was written meanwhile is swept then",
+        event="slot_creation_waits",
     )
 
 
