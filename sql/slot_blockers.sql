@@ -1,14 +1,18 @@
 -- Before a logical slot is made: the oldest transaction that holds a transaction id,
--- anywhere on the server, and has run for more than 1 s (on a busy server short ones
--- always run, and end before they matter). Making the slot waits for every such
--- transaction to end (PostgreSQL builds the slot's first snapshot from them), for as
--- long as they last, and says nothing meanwhile. Its start is given, not its age: the
--- listener names each one once. (A role without pg_read_all_stats sees other roles'
--- sessions without their transaction ids: then nothing is found.)
+-- anywhere on the server, has run for more than 1 s (on a busy server short ones always
+-- run, and end before they matter) and, once the listener has begun to wait, began
+-- before then (%(before)s: new ones the slot's statement would not wait for). Making the
+-- slot waits for every such transaction to end (PostgreSQL builds the slot's first
+-- snapshot from them), for as long as they last, and says nothing meanwhile. Its start
+-- is given, not its age: the listener names each one once; and the server's clock, for
+-- %(before)s. (A role without pg_read_all_stats sees other roles' sessions without
+-- their transaction ids: then nothing is found.)
 SELECT a.pid, a.datname::text, a.usename::text,
-       to_char(a.xact_start AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') || ' UTC' AS since
+       to_char(a.xact_start AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') || ' UTC' AS since,
+       statement_timestamp() AS now
 FROM pg_stat_activity a
 WHERE a.backend_xid IS NOT NULL AND a.pid <> pg_backend_pid()
   AND a.xact_start < now() - interval '1 second'
+  AND a.xact_start < coalesce(%(before)s::timestamptz, 'infinity')
 ORDER BY a.xact_start
 LIMIT 1

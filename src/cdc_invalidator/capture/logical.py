@@ -31,6 +31,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from operator import attrgetter
 from typing import Any, cast
 
@@ -240,6 +241,9 @@ class LogicalCapture:
         self._config = config
         self._last: WalStream | None = None  # the stream started last, and how it ended
         self._may_stream = False  # a replication connection of this role was accepted
+        # When a new slot was first found waiting for a long transaction (the server's
+        # clock): only those begun before then are waited for in the loop (_slot_waits_for).
+        self._slot_wait_from: datetime | None = None
 
     def connect(self) -> LogicalStream:
         side = self._pg.connect(BOOKKEEPING)
@@ -313,8 +317,8 @@ class LogicalCapture:
             raise Fatal(f"{verdict.reason}: set slot_name to a slot of our own")
         if kind is SlotClass.IN_USE:
             raise _in_use(side, cfg.slot, verdict.reason)
-        if kind.create and (long_one := _slot_waits_for(side, cfg.slot)) is not None:
-            raise long_one
+        if kind.create:
+            self._wait_for_long_transactions(side)
         if kind is SlotClass.LOST:
             side.execute(Q.DROP_SLOT.sql, {"slot": cfg.slot})
         owed = state.resync_reason
@@ -351,6 +355,31 @@ class LogicalCapture:
             return parse_lsn(confirmed), owed
         return state.acked, owed
 
+    def _wait_for_long_transactions(self, side: psycopg.Connection[Any]) -> None:
+        """Making a slot waits, in one silent statement, for every transaction running
+        then to end. Behind a long one a review's listener sat 51 s with its loop still (a
+        liveness probe restarts it, which restarts the wait) and /readyz saying PostgreSQL
+        was down. While one has run for over a second, the listener waits in its loop
+        instead (Standby: not ready, the oldest named), then makes the slot. Only those
+        begun before it first looked are waited for so: on a server where long ones
+        overlap without end, the statement's own wait is the shorter (it waits for those
+        running when it starts, not for later ones)."""
+        found = side.execute(Q.SLOT_BLOCKERS.sql, {"before": self._slot_wait_from}).fetchone()
+        if found is None:
+            self._slot_wait_from = None
+            return
+        pid, database, role, since, now = found
+        self._slot_wait_from = self._slot_wait_from or now
+        slot = self._config.slot
+        raise Standby(
+            f"making slot {slot!r} waits until every transaction running on the server has ended",
+            foreign=f"backend {pid} (database {database}, role {role}), in a transaction "
+            f"since {since}: nothing is invalidated until it ends (SELECT "
+            f"pg_terminate_backend({pid}) ends it, if it may be); what was written meanwhile "
+            "is swept then",
+            event="slot_creation_waits",
+        )
+
     def _try_streaming(self, side: psycopg.Connection[Any]) -> None:
         """A standby that could not stream when its turn comes says so now (Fatal), not
         at the takeover: it was ready on /readyz all along, and the takeover it stood
@@ -383,26 +412,6 @@ class LogicalCapture:
             f"slot {self._config.slot!r} holds changes made while publication {name!r} did "
             f"not exist (it was dropped and made again), which cannot be decoded: {ended[1]}",
         )
-
-
-def _slot_waits_for(side: psycopg.Connection[Any], slot: str) -> Standby | None:
-    """Making a slot waits, in one silent statement, for every transaction running then
-    to end. Behind a long one a review's listener sat 51 s with its loop still (a liveness
-    probe restarts it, which restarts the wait) and /readyz saying PostgreSQL was down.
-    While one has run for over a second, the listener waits in its loop instead, naming
-    the oldest and not ready, and makes the slot once none has (a shorter one is waited
-    for in the statement, as any is)."""
-    oldest = side.execute(Q.SLOT_BLOCKERS.sql).fetchone()
-    if oldest is None:
-        return None
-    pid, database, role, since = oldest
-    return Standby(
-        f"making slot {slot!r} waits until every transaction running on the server has ended",
-        foreign=f"backend {pid} (database {database}, role {role}), in a transaction since "
-        f"{since}: nothing is invalidated until it ends (SELECT pg_terminate_backend({pid}) "
-        "ends it, if it may be); what was written meanwhile is swept then",
-        event="slot_creation_waits",
-    )
 
 
 def _in_use(side: psycopg.Connection[Any], slot: str, reason: str) -> Standby:
