@@ -407,6 +407,8 @@ def test_a_streamed_transaction_keeps_column_filters_truncate_and_dead_letters(
     assert table == "other"
     assert "not in the configuration" in error
     assert f"transaction {xid}" in error
+    (said,) = listener.logged("event_dead_lettered")
+    assert "its keys were not deleted" in said["detail"], said  # and where to look
     stop(listener)
 
 

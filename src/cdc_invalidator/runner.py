@@ -575,7 +575,14 @@ class Runner:
             self._tap.after(batch)
         # Committed: Redis had confirmed every delete before the acknowledgement.
         for position, error in batch.dead.items():
-            log.warning("event_dead_lettered", position=position, error=error)
+            log.warning(
+                "event_dead_lettered",
+                position=position,
+                error=error,
+                detail="its keys were not deleted: the event is kept in "
+                "cdc_invalidator.dead_letter_v1 with this error; fix the cause and requeue "
+                "it (docs/operations.md, Dead letters)",
+            )
         for work in works.values():
             for (table, kind), seen in work.stood_in.items():
                 self._swept_for(table, kind, seen)
