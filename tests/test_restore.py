@@ -272,3 +272,32 @@ def test_transaction_ids_a_crash_hands_out_again_are_not_skipped(own_env: Env) -
             lambda: r.exists(*[k for i in ids for k in keys_of(i)]) == 0,
             what="the changes committed after the crash invalidated",
         )
+
+
+@pytest.mark.usefixtures("capture")
+@pytest.mark.parametrize("capture", ["logical"])
+def test_a_slot_made_again_behind_where_the_old_one_was_confirmed_sweeps(
+    env: Env, spawn: Spawn
+) -> None:
+    """A dump restored into another cluster carries slot_state_v1, not the slot, and the
+    new cluster's WAL positions run lower. `install` first (as `check` advises) made the
+    slot there and owed no sweep: only a slot made again at a position past the old one
+    owed one. The changes the old slot held stayed cached (a review, 15 to 18 by
+    pg_dump). Stood in for here by a confirmed position past this server's."""
+    config = setup_users(env, rows=3)
+    r = env.redis()
+    env.sql(
+        "SELECT pg_drop_replication_slot('cdc_invalidator');"
+        "UPDATE cdc_invalidator.slot_state_v1"
+        " SET acked_lsn = pg_current_wal_lsn() + 1000000000, resync_reason = NULL"
+    )
+    cache(r, [1, 2])
+    assert main(["install", "--config", str(config)]) == 0
+    owed = env.scalar("SELECT resync_reason FROM cdc_invalidator.slot_state_v1")
+    assert owed is not None
+    assert "another server" in owed, owed
+    listener = spawn(config)
+    wait_until(lambda: listener.logged("missed_changes_swept"), what="the sweep")
+    assert r.exists(*keys_of(1), *keys_of(2)) == 0
+    listener.signal(signal.SIGTERM)
+    assert listener.wait() == 0
