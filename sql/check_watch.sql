@@ -111,16 +111,27 @@ SELECT
           AND (s.tgfoid IS NULL OR s.tgenabled <> 'A' OR s.function <> s.ours)
         UNION ALL
         -- Its capture function dropped, the table left: DROP OWNED BY ... CASCADE of the
-        -- function's owner (the table's owner at install) takes it and the triggers.
-        SELECT format('capture function %%s was dropped since install (by DROP OWNED BY its '
-                      'owner CASCADE?), and the capture triggers with it: %%s',
-                      'cdc_invalidator.' || quote_ident('capture_' || w.relid::oid || '_v1') || '()',
-                      CASE WHEN EXISTS (SELECT FROM pg_trigger tg
-                                        WHERE tg.tgrelid = w.relid
-                                          AND tg.tgname = 'cdc_invalidator_stand_in_v1')
-                           THEN 'the rebuild guard''s stand-in sweeps all of the table''s key '
-                                'templates for every transaction that writes it'
-                           ELSE 'its writes are not captured' END)
+        -- function's owner (the table's owner at install) takes it and the triggers. Or
+        -- a dump restored: the table's OID is new, the function's name is not.
+        SELECT CASE
+            WHEN EXISTS (SELECT FROM pg_trigger tg JOIN pg_proc pr ON pr.oid = tg.tgfoid
+                         WHERE tg.tgrelid = w.relid
+                           AND pr.pronamespace = 'cdc_invalidator'::regnamespace
+                           AND pr.proname ~ '^capture_[0-9]+_v1$')
+            THEN format('capture function %%s is missing: its triggers call one named after '
+                        'the OID the table had before a dump and restore, and its writes are '
+                        'captured; run `cdc-invalidator install` to name it anew', ours)
+            ELSE format('capture function %%s was dropped since install (by DROP OWNED BY its '
+                        'owner CASCADE?), and the capture triggers with it: %%s', ours,
+                        CASE WHEN EXISTS (SELECT FROM pg_trigger tg
+                                          WHERE tg.tgrelid = w.relid
+                                            AND tg.tgname = 'cdc_invalidator_stand_in_v1')
+                             THEN 'the rebuild guard''s stand-in sweeps all of the table''s '
+                                  'key templates for every transaction that writes it'
+                             ELSE 'its writes are not captured' END)
+        END
+        FROM (SELECT 'cdc_invalidator.' || quote_ident('capture_' || w.relid::oid || '_v1')
+                     || '()' AS ours) named
         WHERE to_regprocedure('cdc_invalidator.' || quote_ident('capture_' || w.relid::oid || '_v1')
                               || '()') IS NULL
           AND EXISTS (SELECT FROM pg_class c WHERE c.oid = w.relid)

@@ -385,7 +385,8 @@ $list$;
 -- way that leaves changes unpublished (and so their keys cached), or fails writes:
 --   * publish options without one of insert, update, delete, truncate;
 --     publish_via_partition_root (no TRUNCATE of a partition is published then); from
---     PostgreSQL 18, generated columns not published (a FULL identity's UPDATE fails);
+--     PostgreSQL 18, the stored generated columns of a table not published (a FULL
+--     identity's UPDATE fails);
 --   * a configured table taken out of it (neither listed, nor in a schema it lists);
 --   * a row filter, or a column list without the key columns, on a configured table or
 --     on one of its partitions (published under its own name, with its own filter); a
@@ -440,9 +441,14 @@ AS $drift$
                 THEN format('publication %I publishes through partition roots '
                             '(publish_via_partition_root), and so no TRUNCATE of a partition',
                             r.pubname)
+            -- (Only where one is: a publication made before 18 and carried to it by
+            -- pg_upgrade or a dump publishes none, and refused every DDL of every table.)
             WHEN r.gencols IS NOT NULL AND r.gencols <> 's'
-                THEN format('publication %I does not publish stored generated columns',
-                            r.pubname)
+                 AND EXISTS (SELECT FROM pg_attribute a
+                             WHERE a.attrelid = r.rel AND a.attgenerated = 's'
+                               AND NOT a.attisdropped)
+                THEN format('publication %I does not publish the stored generated columns '
+                            'of table %s', r.pubname, r.rel::regclass)
             WHEN r.is_root AND r.prid IS NULL
                  AND NOT EXISTS (SELECT FROM pg_publication_namespace pn
                                  WHERE pn.pnpubid = r.oid AND pn.pnnspid = r.relnamespace)

@@ -146,3 +146,39 @@ def test_the_ddl_guard_refuses_a_virtual_column_on_a_table_with_full_identity(
         with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="virtual"):
             env.sql(f"ALTER TABLE users ADD COLUMN {VIRTUAL_LE}")
     env.sql("UPDATE users SET name = 'x'; DELETE FROM users WHERE id = 2")
+
+
+@pytest.mark.parametrize("capture", ["logical"])
+def test_a_publication_from_before_18_refuses_ddl_only_where_generated_columns_are(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A publication made on 15 and carried to 18 (pg_upgrade, a dump) publishes no
+    generated column. The DDL guard refused every ALTER TABLE of a watched table for
+    that, tables without a generated column too, until `install` ran again (a review,
+    15 to 18 by pg_upgrade). It refuses only where a stored generated column is left
+    unpublished."""
+    users(env, "name2 text")
+    env.sql(
+        "CREATE TABLE orders"
+        " (id int PRIMARY KEY, total int, t2 int GENERATED ALWAYS AS (total * 2) STORED)"
+    )
+    tables = {"public.users": ["user:{id}"], "public.orders": ["order:{id}"]}
+    code, err = install(config(env, tables), capsys)
+    assert code == 0, err
+    if int(env.scalar("SHOW server_version_num")) < 180000:
+        with pytest.raises(psycopg.errors.SyntaxError):  # no such option before 18
+            env.sql("ALTER PUBLICATION cdc_invalidator SET (publish_generated_columns = none)")
+        return
+    # As made on 15 (the guard would refuse the change itself: orders has one).
+    env.sql(
+        "ALTER EVENT TRIGGER cdc_invalidator_guard DISABLE;"
+        "ALTER EVENT TRIGGER cdc_invalidator_guard_drops DISABLE;"
+        "ALTER PUBLICATION cdc_invalidator SET (publish_generated_columns = none);"
+        "ALTER EVENT TRIGGER cdc_invalidator_guard ENABLE ALWAYS;"
+        "ALTER EVENT TRIGGER cdc_invalidator_guard_drops ENABLE ALWAYS"
+    )
+    env.sql("ALTER TABLE users ADD COLUMN age int")  # no generated column: let through
+    with pytest.raises(
+        psycopg.errors.ObjectInUse, match=r"generated columns of table public\.orders"
+    ):
+        env.sql("ALTER TABLE orders ADD COLUMN note text")

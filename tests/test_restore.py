@@ -28,7 +28,7 @@ from cdc_invalidator.pg.queries import Q
 from tests.support.config import write_config
 from tests.support.env import Env, Servers, pg_of
 from tests.support.faults import cache, keys_of, setup_users
-from tests.support.listener import ListenerThread, Spawn, listening
+from tests.support.listener import ListenerThread, Spawn, check, listening
 from tests.support.servers import find_pg_bindir
 from tests.support.sync import queue_len
 from tests.support.waits import wait_until
@@ -49,7 +49,7 @@ DROP TABLE burn;
 
 
 def test_restored_into_another_cluster_refuses_to_skip_then_resets(
-    env: Env, own_servers: Servers, spawn: Spawn
+    env: Env, own_servers: Servers, spawn: Spawn, capsys: pytest.CaptureFixture[str]
 ) -> None:
     env.sql(BURN_XIDS)
     env.sql(
@@ -99,6 +99,12 @@ def test_restored_into_another_cluster_refuses_to_skip_then_resets(
         redis_url=own_servers.redis_url,
         tables=USERS,
     )
+    # The capture functions are named after the old cluster's table OIDs, and still
+    # capture: check said they were dropped and the writes not captured (a review).
+    _, out, err = check(config, capsys)
+    said = out + err
+    assert "named after the OID the table had before a dump and restore" in said, said
+    assert "its writes are not captured" not in said, said
     first = spawn(config)
     assert first.wait() == 1
     fatal = first.logged("cannot_consume")
