@@ -27,6 +27,7 @@ programs=(
     "pg_dump      postgresql-client"   # tests/test_restore.py
     "runuser      util-linux"     # runs PostgreSQL as the postgres user when we are root
     "ip           iproute2"       # the vanished-host test's network namespace
+    "pgbouncer    pgbouncer"      # a pooler in front of the database (tests/test_poolers.py)
     "gcc          gcc"            # builds capture/_walk.c at pip install (logical mode's tuple walks)
 )
 if [ "${1:-}" = "--peers" ]; then
@@ -38,6 +39,7 @@ fi
 where() {
     case "$1" in
         initdb | pg_ctl | postgres | pgbench | pg_dump) pg_bin "$1" ;;
+        pgbouncer) command -v pgbouncer || { [ -x /usr/sbin/pgbouncer ] && echo /usr/sbin/pgbouncer; } || true ;;
         java) if [ -x "${JAVA_HOME:-/nonexistent}/bin/java" ]; then echo "$JAVA_HOME/bin/java"; else command -v java || true; fi ;;
         *) command -v "$1" || true ;;
     esac

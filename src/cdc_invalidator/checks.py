@@ -29,6 +29,7 @@ from cdc_invalidator.events import TableName
 from cdc_invalidator.mapping import Invalidation, KeyTemplate, Mapper
 from cdc_invalidator.mapping.columns import ColumnFilter, Judge
 from cdc_invalidator.pg import versions
+from cdc_invalidator.pg.connect import REPLICATION, PgConnector, PoolerInTheWay
 from cdc_invalidator.pg.queries import Q
 from cdc_invalidator.redact import redact_url
 from cdc_invalidator.redis_guard.window import MARGIN_S, persistence_window
@@ -902,6 +903,31 @@ def check_slots(report: Report, *, native: bool) -> None:
         )
 
 
+def _check_streaming(user: str, can_replicate: bool, pg: PgConnector, report: Report) -> None:
+    """The role may stream, and a replication connection opens: ordinary sessions got
+    in, so check said ok, while the stream's connection could not (a pooler in front
+    refuses it, PgBouncer; pg_hba.conf has no `replication` line for the role), and the
+    listener retried it (a review)."""
+    if not can_replicate:
+        report.errors.append(
+            f"role {user!r} lacks the REPLICATION attribute the listener needs to stream "
+            f"(ALTER ROLE {user} REPLICATION; on Amazon RDS: GRANT rds_replication TO {user}), "
+            "or use a role that has it"
+        )
+        return
+    try:
+        pg.connect(REPLICATION).close()
+    except PoolerInTheWay as exc:
+        report.errors.append(str(exc))
+    except psycopg.OperationalError as exc:
+        report.errors.append(
+            f"a replication connection, which the listener streams through, was refused: "
+            f"{str(exc).strip()} (pg_hba.conf needs a `replication` line for the role)"
+        )
+    else:
+        report.ok.append("a replication connection opens, as the listener's stream does")
+
+
 def _publication_drift(conn: psycopg.Connection[Any]) -> str | None:
     """publication_drift_v1(), or None where an earlier release installed (without it:
     `check` then says to run install anyway)."""
@@ -914,6 +940,8 @@ def _publication_drift(conn: psycopg.Connection[Any]) -> str | None:
 
 
 def check_logical_server(conn: psycopg.Connection[Any], settings: Settings, report: Report) -> None:
+    """The server's side of logical capture: wal_level, the role, the walks, the guard;
+    a replication connection opened as the listener's stream opens one."""
     row = returned(
         conn.execute(
             Q.CHECK_LOGICAL_SERVER.sql, {"publication": settings.publication_name}
@@ -926,12 +954,7 @@ def check_logical_server(conn: psycopg.Connection[Any], settings: Settings, repo
             f"wal_level is {wal_level!r}: logical capture needs wal_level = logical "
             "(a server restart)"
         )
-    if not can_replicate:
-        report.errors.append(
-            f"role {user!r} lacks the REPLICATION attribute the listener needs to stream "
-            f"(ALTER ROLE {user} REPLICATION; on Amazon RDS: GRANT rds_replication TO {user}), "
-            "or use a role that has it"
-        )
+    _check_streaming(user, can_replicate, PgConnector.from_settings(settings), report)
     check_walks(report, native=NATIVE_WALKS)
     guard = conn.execute(Q.CHECK_DDL_GUARD.sql).fetchone()
     if publication_exists and not (guard and guard[0]):

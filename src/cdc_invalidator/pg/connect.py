@@ -5,11 +5,13 @@ says which session it is, in pg_stat_activity) and `connect_timeout`; a `Kind` a
 that session needs: TCP keepalives both ways (capture/keepalive.py) for the sessions
 that hold the lock or the slot, settings SET once connected (a startup `options`
 parameter is refused by poolers such as PgBouncer), startup options for the replication
-session (no pooler stands between it and the walsender).
+session (no pooler stands between it and the walsender). A pooler that would move a
+session between server connections is refused before anything is set.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -19,6 +21,7 @@ import psycopg
 from psycopg import sql
 
 from cdc_invalidator.capture import keepalive
+from cdc_invalidator.capture.errors import Fatal
 from cdc_invalidator.pg import raw_text
 from cdc_invalidator.pg.queries import Q
 from cdc_invalidator.settings import Settings
@@ -58,6 +61,26 @@ NO_FSYNC_WAIT = ("synchronous_commit", "off")
 # How long a scrape's reading of the database may take: a hung database fails the
 # reading (status_up 0) instead of holding the scrape and the collector's lock.
 METRICS_STATEMENT_TIMEOUT = "5s"
+
+
+# How many times a session that a pooler stands in front of is watched for moving to
+# another server connection (_refuse_transaction_pooling), and how long its statement may
+# wait for a server connection while another session holds one.
+POOLER_ROUNDS = 3
+POOLER_WAIT_S = 2.0
+
+
+class PoolerInTheWay(Fatal, psycopg.OperationalError):
+    """database_url reaches PostgreSQL through a pooler that moves a session between
+    server connections (PgBouncer's transaction or statement pool), or that refuses
+    replication connections. Retrying cannot help: the URL must change. (A Fatal for the
+    listener and the commands; an OperationalError for what reads metrics.)"""
+
+
+POOLER_HELP = (
+    "point database_url at PostgreSQL itself (or at a pool in session mode, in trigger "
+    "capture): docs/operations.md, Connection poolers"
+)
 
 
 class InRecovery(psycopg.OperationalError):
@@ -139,7 +162,8 @@ class PgConnector:
         if kind.keepalives:
             conninfo = keepalive.conninfo(conninfo, kind.options)
         extra: dict[str, Any] = {"replication": "database"} if kind.replication else {}
-        conn = psycopg.connect(
+        open_session = partial(
+            psycopg.connect,
             conninfo,
             autocommit=autocommit,
             application_name=self._application_name + kind.suffix,
@@ -151,6 +175,16 @@ class PgConnector:
             client_encoding="UTF8",
             **extra,
         )
+        try:
+            conn = open_session()
+        except psycopg.OperationalError as exc:
+            # PgBouncer's answer to a replication connection: no retry changes it.
+            if kind.replication and "unsupported startup parameter: replication" in str(exc):
+                raise PoolerInTheWay(
+                    "database_url reaches a connection pooler, which refuses the replication "
+                    f"connection logical capture streams from ({exc}): {POOLER_HELP}"
+                ) from None
+            raise
         settings = [SEARCH_PATH, *kind.settings]
         if (kind.replication or kind.raw_text) and (
             conn.info.parameter_status("server_encoding") == raw_text.ENCODING
@@ -166,6 +200,8 @@ class PgConnector:
         if kind.keepalives and not kind.options:
             settings += keepalive.SET_SETTINGS.items()
         try:
+            if not kind.replication:  # (a pooler passing one on would keep it whole)
+                _refuse_transaction_pooling(conn, partial(open_session, autocommit=True))
             if kind.writes:
                 _refuse_standby(conn)
             if settings:  # (always: search_path)
@@ -186,6 +222,73 @@ class PgConnector:
     def factory(self, kind: Kind) -> Callable[[], psycopg.Connection[Any]]:
         """A function that opens a session of this kind (for who reconnects at will)."""
         return partial(self.connect, kind)
+
+
+def _server_pid(conn: psycopg.Connection[Any]) -> int:
+    row = conn.execute("SELECT pg_catalog.pg_backend_pid()").fetchone()
+    if not conn.autocommit:
+        conn.commit()  # (a transaction left open would keep its server connection)
+    return int(row[0]) if row else 0
+
+
+def _refuse_transaction_pooling(
+    conn: psycopg.Connection[Any], open_other: Callable[[], psycopg.Connection[Any]]
+) -> None:
+    """Refuse a session that a pooler may move between server connections: before our
+    SETs, which would stay on a server connection the pooler then hands to applications
+    (search_path = pg_catalog broke their unqualified SQL, synchronous_commit = off their
+    durability, statement_timeout their long queries: a review, through PgBouncer's
+    transaction pool, after one `status`). The listener's session is also where the
+    queue's lock and LISTEN live: there a stopped listener's lock stayed held, two
+    listeners took it at once on one server connection, notifications were lost, and
+    psycopg's prepared statements failed.
+
+    PostgreSQL gives a session its own pid in the startup's cancel key; a pooler gives
+    one of its own. Only then is the session watched: while another session holds a
+    transaction open, this one's next statement must run on the same server connection,
+    at once. A pooler in session mode keeps it there; one in transaction or statement
+    mode hands the other session this one's server connection (the last released) or
+    this one another, or makes it wait for one."""
+    first = _server_pid(conn)
+    if first == conn.info.backend_pid:
+        return  # nothing between
+    for _ in range(POOLER_ROUNDS):
+        how = _moved(conn, first, open_other)
+        if how is not None:
+            raise PoolerInTheWay(
+                "database_url reaches PostgreSQL through a connection pooler that moves a "
+                f"session between server connections ({how}: a transaction or statement "
+                "pool). cdc-invalidator's sessions need one server connection each: the "
+                "listener's holds the queue's lock and LISTENs, and the settings every "
+                f"session sets would reach the applications sharing the pool. {POOLER_HELP}"
+            )
+
+
+def _moved(
+    conn: psycopg.Connection[Any], first: int, open_other: Callable[[], psycopg.Connection[Any]]
+) -> str | None:
+    """How `conn` (on backend `first`) left its server connection while another session
+    held a transaction open; None if it stayed."""
+    seen: list[int] = []
+    mine = threading.Thread(target=lambda: seen.append(_server_pid(conn)), daemon=True)
+    other = open_other()
+    try:
+        other.execute("BEGIN")
+        taken = _server_pid(other)
+        mine.start()
+        mine.join(POOLER_WAIT_S)
+        waited = mine.is_alive()
+        other.execute("ROLLBACK")
+        mine.join()
+    finally:
+        other.close()
+    if taken == first:
+        return f"another session was given its server connection (backend {first})"
+    if waited:
+        return "it had to wait for a server connection"
+    if seen and seen[0] != first:
+        return f"it moved from backend {first} to backend {seen[0]}"
+    return None
 
 
 def _refuse_standby(conn: psycopg.Connection[Any]) -> None:

@@ -1,0 +1,84 @@
+"""A connection pooler between cdc-invalidator and PostgreSQL (docs/operations.md,
+"Connection poolers"), with a real PgBouncer.
+
+A review put the listener and the commands behind PgBouncer's transaction pool, as
+platform teams put their applications: one `status` left search_path = pg_catalog on a
+server connection the applications then got (their unqualified SQL failed); a stopped
+listener's lock stayed held there; two listeners consumed at once; notifications never
+came. Logical mode retried forever a replication connection PgBouncer refuses. They are
+refused at connect, naming the pooler; a pool in session mode works in trigger mode.
+"""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from cdc_invalidator.cli import main
+from tests.support.env import Env
+from tests.support.faults import cache, keys_of, setup_users
+from tests.support.listener import Spawn
+from tests.support.pooler import pgbouncer
+from tests.support.waits import wait_until
+
+pytestmark = pytest.mark.servers
+
+REFUSED = "connection pooler that moves a session between server connections"
+
+
+def test_a_transaction_pool_is_refused_before_a_setting_reaches_it(
+    env: Env, spawn: Spawn, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = setup_users(env, rows=1)
+    with pgbouncer(env.dsn, "transaction") as through:
+        pooled = config.with_name("pooled.toml")
+        pooled.write_text(config.read_text().replace(env.dsn, through))
+        capsys.readouterr()
+        assert main(["status", "--config", str(pooled)]) == 1
+        said = capsys.readouterr().err
+        assert REFUSED in said, said
+        assert "Connection poolers" in said, said
+        # What the applications sharing the pool get: nothing of ours.
+        with psycopg.connect(through, autocommit=True) as app:
+            for _ in range(5):  # (each statement may take another server connection)
+                assert app.execute("SHOW search_path").fetchone() == ('"$user", public',)
+        listener = spawn(pooled)
+        assert listener.wait() == 1
+        (fatal,) = listener.logged("cannot_consume")
+        assert REFUSED in fatal["error"], fatal
+
+
+def test_a_session_pool_carries_the_listener_in_trigger_mode(env: Env, spawn: Spawn) -> None:
+    config = setup_users(env, rows=2)
+    r = env.redis()
+    with pgbouncer(env.dsn, "session") as through:
+        pooled = config.with_name("pooled.toml")
+        pooled.write_text(config.read_text().replace(env.dsn, through))
+        listener = spawn(pooled)
+        cache(r, [1, 2])
+        env.sql("UPDATE users SET email = 'new@x' WHERE id = 1")
+        wait_until(lambda: r.exists(*keys_of(1)) == 0, what="the change through the pool")
+        assert r.exists(*keys_of(2)) == len(keys_of(2))
+        assert listener.logged("cannot_consume") == []
+        listener.kill()
+
+
+@pytest.mark.usefixtures("capture")
+@pytest.mark.parametrize("capture", ["logical"])
+def test_logical_capture_through_a_pooler_is_refused_not_retried(
+    env: Env, spawn: Spawn, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The listener retried PgBouncer's refusal of its replication connection once a
+    second, as `postgres_unavailable`, and `check` said ok: it opened none."""
+    config = setup_users(env, rows=1)
+    with pgbouncer(env.dsn, "session") as through:
+        pooled = config.with_name("pooled.toml")
+        pooled.write_text(config.read_text().replace(env.dsn, through))
+        capsys.readouterr()
+        assert main(["check", "--config", str(pooled)]) == 1
+        out, err = capsys.readouterr()
+        assert "refuses the replication connection" in out + err, out + err
+        listener = spawn(pooled)
+        assert listener.wait() == 1
+        (fatal,) = listener.logged("cannot_consume")
+        assert "refuses the replication connection" in fatal["error"], fatal
