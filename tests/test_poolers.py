@@ -11,6 +11,8 @@ refused at connect, naming the pooler; a pool in session mode works in trigger m
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import psycopg
 import pytest
 
@@ -26,13 +28,19 @@ pytestmark = pytest.mark.servers
 REFUSED = "connection pooler that moves a session between server connections"
 
 
+def through_pool(env: Env, config: Path, through: str) -> Path:
+    """The configuration, its database_url through the pooler."""
+    pooled = config.with_name("pooled.toml")
+    pooled.write_text(config.read_text().replace(env.dsn, through))
+    return pooled
+
+
 def test_a_transaction_pool_is_refused_before_a_setting_reaches_it(
     env: Env, spawn: Spawn, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = setup_users(env, rows=1)
     with pgbouncer(env.dsn, "transaction") as through:
-        pooled = config.with_name("pooled.toml")
-        pooled.write_text(config.read_text().replace(env.dsn, through))
+        pooled = through_pool(env, config, through)
         capsys.readouterr()
         assert main(["status", "--config", str(pooled)]) == 1
         said = capsys.readouterr().err
@@ -52,8 +60,7 @@ def test_a_session_pool_carries_the_listener_in_trigger_mode(env: Env, spawn: Sp
     config = setup_users(env, rows=2)
     r = env.redis()
     with pgbouncer(env.dsn, "session") as through:
-        pooled = config.with_name("pooled.toml")
-        pooled.write_text(config.read_text().replace(env.dsn, through))
+        pooled = through_pool(env, config, through)
         listener = spawn(pooled)
         cache(r, [1, 2])
         env.sql("UPDATE users SET email = 'new@x' WHERE id = 1")
@@ -72,8 +79,7 @@ def test_logical_capture_through_a_pooler_is_refused_not_retried(
     second, as `postgres_unavailable`, and `check` said ok: it opened none."""
     config = setup_users(env, rows=1)
     with pgbouncer(env.dsn, "session") as through:
-        pooled = config.with_name("pooled.toml")
-        pooled.write_text(config.read_text().replace(env.dsn, through))
+        pooled = through_pool(env, config, through)
         capsys.readouterr()
         assert main(["check", "--config", str(pooled)]) == 1
         out, err = capsys.readouterr()
