@@ -29,9 +29,9 @@ def find_pgbouncer() -> str:
 
 
 @contextmanager
-def pgbouncer(dsn: str, pool_mode: str) -> Iterator[str]:
-    """A PgBouncer with `pool_mode` in front of the database `dsn` names (trust, its
-    user): the DSN through it."""
+def pgbouncer(dsn: str, pool_mode: str, pool_size: int = 5) -> Iterator[str]:
+    """A PgBouncer with `pool_mode` and `pool_size` server connections in front of the
+    database `dsn` names (trust, its user): the DSN through it."""
     target = conninfo_to_dict(dsn)
     port = free_port()
     directory = Path(tempfile.mkdtemp(prefix="cdc-invalidator-pgbouncer-"))
@@ -43,7 +43,7 @@ def pgbouncer(dsn: str, pool_mode: str) -> Iterator[str]:
         "[pgbouncer]\n"
         f"listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
         f"auth_type = trust\nauth_file = {directory / 'users.txt'}\n"
-        f"pool_mode = {pool_mode}\ndefault_pool_size = 5\n"
+        f"pool_mode = {pool_mode}\ndefault_pool_size = {pool_size}\n"
         f"logfile = {directory / 'pgbouncer.log'}\n"
         "ignore_startup_parameters = extra_float_digits\n"
     )

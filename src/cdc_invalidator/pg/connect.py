@@ -11,7 +11,9 @@ session between server connections is refused before anything is set.
 
 from __future__ import annotations
 
+import select
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -254,6 +256,8 @@ def _refuse_transaction_pooling(
         return  # nothing between
     for _ in range(POOLER_ROUNDS):
         how = _moved(conn, first, open_other)
+        if how is _FULL:
+            return  # (nothing to tell it by, and the pool has no time to spare)
         if how is not None:
             raise PoolerInTheWay(
                 "database_url reaches PostgreSQL through a connection pooler that moves a "
@@ -264,31 +268,59 @@ def _refuse_transaction_pooling(
             )
 
 
+# What _moved() says when the other session got no server connection in time.
+_FULL = "the pool had no server connection to spare"
+
+
 def _moved(
     conn: psycopg.Connection[Any], first: int, open_other: Callable[[], psycopg.Connection[Any]]
 ) -> str | None:
     """How `conn` (on backend `first`) left its server connection while another session
-    held a transaction open; None if it stayed."""
-    seen: list[int] = []
-    mine = threading.Thread(target=lambda: seen.append(_server_pid(conn)), daemon=True)
+    held a transaction open; None if it stayed; _FULL if the other session got no server
+    connection within POOLER_WAIT_S (a full pool: nothing told, and not waited for as
+    long as the pooler would let it, at every connect)."""
     other = open_other()
     try:
-        other.execute("BEGIN")
-        taken = _server_pid(other)
+        taken = _begin_within(other, POOLER_WAIT_S)
+        if taken is None:
+            return _FULL
+        if taken == first:
+            return f"another session was given its server connection (backend {first})"
+        seen: list[int] = []
+        mine = threading.Thread(target=lambda: seen.append(_server_pid(conn)), daemon=True)
         mine.start()
         mine.join(POOLER_WAIT_S)
         waited = mine.is_alive()
-        other.execute("ROLLBACK")
+        other.pgconn.exec_(b"ROLLBACK")
         mine.join()
     finally:
         other.close()
-    if taken == first:
-        return f"another session was given its server connection (backend {first})"
     if waited:
         return "it had to wait for a server connection"
     if seen and seen[0] != first:
         return f"it moved from backend {first} to backend {seen[0]}"
     return None
+
+
+def _begin_within(other: psycopg.Connection[Any], timeout_s: float) -> int | None:
+    """BEGIN on `other` and its server pid, or None if no answer came within timeout_s
+    (libpq's asynchronous calls: a blocking one would wait on a full pool)."""
+    pgconn = other.pgconn
+    pgconn.send_query(b"BEGIN; SELECT pg_catalog.pg_backend_pid()")
+    deadline = time.monotonic() + timeout_s
+    pid: int | None = None
+    while True:
+        while pgconn.is_busy():
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([pgconn.socket], [], [], left)[0]:
+                return None
+            pgconn.consume_input()
+        result = pgconn.get_result()
+        if result is None:
+            return pid
+        if result.ntuples == 1:
+            value = result.get_value(0, 0)
+            pid = int(value) if value is not None else None
 
 
 def _refuse_standby(conn: psycopg.Connection[Any]) -> None:
