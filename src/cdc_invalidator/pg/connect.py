@@ -227,7 +227,7 @@ class PgConnector:
 
 
 def _server_pid(conn: psycopg.Connection[Any]) -> int:
-    row = conn.execute("SELECT pg_catalog.pg_backend_pid()").fetchone()
+    row = conn.execute(Q.SERVER_PID.sql).fetchone()
     if not conn.autocommit:
         conn.commit()  # (a transaction left open would keep its server connection)
     return int(row[0]) if row else 0
@@ -306,7 +306,7 @@ def _begin_within(other: psycopg.Connection[Any], timeout_s: float) -> int | Non
     """BEGIN on `other` and its server pid, or None if no answer came within timeout_s
     (libpq's asynchronous calls: a blocking one would wait on a full pool)."""
     pgconn = other.pgconn
-    pgconn.send_query(b"BEGIN; SELECT pg_catalog.pg_backend_pid()")
+    pgconn.send_query(("BEGIN; " + Q.SERVER_PID.text).encode())
     deadline = time.monotonic() + timeout_s
     pid: int | None = None
     while True:

@@ -91,6 +91,7 @@ class Q(enum.Enum):
     # --- logical mode: the listener ------------------------------------------------------
     SERVER_CLOCK = "server_clock.sql"
     IN_RECOVERY = "in_recovery.sql"  # a listener's session on a standby waits
+    SERVER_PID = "server_pid.sql"  # a connection pooler between us and the server
     PUBLISHED_RECORDED = "published_recorded.sql"
     LOGICAL_RESOLVE = "logical_resolve.sql"
     LOGICAL_RESOLVE_BY_NAME = "logical_resolve_by_name.sql"
