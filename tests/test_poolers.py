@@ -11,6 +11,9 @@ refused at connect, naming the pooler; a pool in session mode works in trigger m
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import psycopg
@@ -35,14 +38,41 @@ def through_pool(env: Env, config: Path, through: str) -> Path:
     return pooled
 
 
+@contextmanager
+def busy(dsn: str) -> Iterator[None]:
+    """An application holding the pool's one server connection in transactions of
+    2.5 s (longer than the probe waits for one), one after another, until the block
+    ends."""
+    done = threading.Event()
+
+    def work() -> None:
+        with psycopg.connect(dsn, autocommit=True) as app:
+            while not done.is_set():
+                with app.transaction():
+                    app.execute("SELECT pg_sleep(2.5)")
+
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    try:
+        yield
+    finally:
+        done.set()
+        worker.join(10)
+
+
+@pytest.mark.parametrize("pool", ["idle", "busy"])
 def test_a_transaction_pool_is_refused_before_a_setting_reaches_it(
-    env: Env, spawn: Spawn, capsys: pytest.CaptureFixture[str]
+    env: Env, spawn: Spawn, capsys: pytest.CaptureFixture[str], pool: str
 ) -> None:
+    """A busy pool too: the session watching ours then waited for a server connection,
+    and the second review saw a pool of one let through as if no server were to spare
+    in a session pool (search_path = pg_catalog then reached the application)."""
     config = setup_users(env, rows=1)
-    with pgbouncer(env.dsn, "transaction") as through:
+    with pgbouncer(env.dsn, "transaction", 5 if pool == "idle" else 1) as through:
         pooled = through_pool(env, config, through)
         capsys.readouterr()
-        assert main(["status", "--config", str(pooled)]) == 1
+        with busy(through) if pool == "busy" else nullcontext():
+            assert main(["status", "--config", str(pooled)]) == 1
         said = capsys.readouterr().err
         assert REFUSED in said, said
         assert "Connection poolers" in said, said
@@ -50,6 +80,8 @@ def test_a_transaction_pool_is_refused_before_a_setting_reaches_it(
         with psycopg.connect(through, autocommit=True) as app:
             for _ in range(5):  # (each statement may take another server connection)
                 assert app.execute("SHOW search_path").fetchone() == ('"$user", public',)
+        if pool == "busy":
+            return
         listener = spawn(pooled)
         assert listener.wait() == 1
         (fatal,) = listener.logged("cannot_consume")

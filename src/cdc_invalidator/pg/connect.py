@@ -12,7 +12,6 @@ session between server connections is refused before anything is set.
 from __future__ import annotations
 
 import select
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -247,17 +246,19 @@ def _refuse_transaction_pooling(
 
     PostgreSQL gives a session its own pid in the startup's cancel key; a pooler gives
     one of its own. Only then is the session watched: while another session holds a
-    transaction open, this one's next statement must run on the same server connection,
-    at once. A pooler in session mode keeps it there; one in transaction or statement
-    mode hands the other session this one's server connection (the last released) or
-    this one another, or makes it wait for one."""
+    transaction open (or waits for a server connection to open one), this one's next
+    statement must run on the same server connection, at once. A pooler in session mode
+    keeps it there; one in transaction or statement mode hands the other session this
+    one's server connection (the last released), or this one another, or makes it wait
+    for one (a busy pool: a review saw one let through when only the other session's
+    wait was looked at)."""
     first = _server_pid(conn)
     if first == conn.info.backend_pid:
         return  # nothing between
     for _ in range(POOLER_ROUNDS):
         how = _moved(conn, first, open_other)
-        if how is _FULL:
-            return  # (nothing to tell it by, and the pool has no time to spare)
+        if how is _KEPT:
+            return
         if how is not None:
             raise PoolerInTheWay(
                 "database_url reaches PostgreSQL through a connection pooler that moves a "
@@ -268,45 +269,42 @@ def _refuse_transaction_pooling(
             )
 
 
-# What _moved() says when the other session got no server connection in time.
-_FULL = "the pool had no server connection to spare"
+# What _moved() says when the session answered at once on its server connection while
+# the other could get none: only a session that holds its own does (a session pool).
+_KEPT = "kept its server connection while the pool had none to spare"
 
 
 def _moved(
     conn: psycopg.Connection[Any], first: int, open_other: Callable[[], psycopg.Connection[Any]]
 ) -> str | None:
     """How `conn` (on backend `first`) left its server connection while another session
-    held a transaction open; None if it stayed; _FULL if the other session got no server
-    connection within POOLER_WAIT_S (a full pool: nothing told, and not waited for as
-    long as the pooler would let it, at every connect)."""
+    held a transaction open or waited for a server connection; _KEPT if it stayed while
+    the other waited (conclusive), None if it stayed while the other held one (it may
+    have been given that one back: watched again). Both through libpq's asynchronous
+    calls, each given POOLER_WAIT_S: a blocking one would wait on a full pool as long as
+    the pooler lets it (PgBouncer's query_wait_timeout, 120 s)."""
+    begin = ("BEGIN; " + Q.SERVER_PID.text).encode()
     other = open_other()
     try:
-        taken = _begin_within(other, POOLER_WAIT_S)
-        if taken is None:
-            return _FULL
+        taken = _pid_within(other.pgconn, begin, POOLER_WAIT_S)
         if taken == first:
             return f"another session was given its server connection (backend {first})"
-        seen: list[int] = []
-        mine = threading.Thread(target=lambda: seen.append(_server_pid(conn)), daemon=True)
-        mine.start()
-        mine.join(POOLER_WAIT_S)
-        waited = mine.is_alive()
-        other.pgconn.exec_(b"ROLLBACK")
-        mine.join()
+        now = _pid_within(conn.pgconn, Q.SERVER_PID.text.encode(), POOLER_WAIT_S)
+        if taken is not None:
+            other.pgconn.exec_(b"ROLLBACK")
     finally:
         other.close()
-    if waited:
+    if now is None:
         return "it had to wait for a server connection"
-    if seen and seen[0] != first:
-        return f"it moved from backend {first} to backend {seen[0]}"
-    return None
+    if now != first:
+        return f"it moved from backend {first} to backend {now}"
+    return _KEPT if taken is None else None
 
 
-def _begin_within(other: psycopg.Connection[Any], timeout_s: float) -> int | None:
-    """BEGIN on `other` and its server pid, or None if no answer came within timeout_s
-    (libpq's asynchronous calls: a blocking one would wait on a full pool)."""
-    pgconn = other.pgconn
-    pgconn.send_query(("BEGIN; " + Q.SERVER_PID.text).encode())
+def _pid_within(pgconn: psycopg.pq.abc.PGconn, query: bytes, timeout_s: float) -> int | None:
+    """Send `query` (its last result one pid) and read its results; None if they did not
+    all come within timeout_s (left unread: the connection is then closed)."""
+    pgconn.send_query(query)
     deadline = time.monotonic() + timeout_s
     pid: int | None = None
     while True:
