@@ -920,9 +920,20 @@ def _check_streaming(user: str, can_replicate: bool, pg: PgConnector, report: Re
     except PoolerInTheWay as exc:
         report.errors.append(str(exc))
     except psycopg.OperationalError as exc:
+        said = " ".join(str(exc).split())
+        if "max_wal_senders" in said:
+            # (every walsender taken, the listener's own stream among them: nothing wrong
+            # with the role; a second listener or a replica would find none either)
+            report.warnings.append(
+                f"no replication connection could be opened to try one ({said}): every "
+                "walsender is in use; a standby listener taking over, or a replica, needs "
+                "one free: raise max_wal_senders"
+            )
+            return
+        hba = " (pg_hba.conf needs a `replication` line for the role)" if "pg_hba" in said else ""
         report.errors.append(
             f"a replication connection, which the listener streams through, was refused: "
-            f"{str(exc).strip()} (pg_hba.conf needs a `replication` line for the role)"
+            f"{said}{hba}"
         )
     else:
         report.ok.append("a replication connection opens, as the listener's stream does")
