@@ -8,6 +8,18 @@ DELETE FROM cdc_invalidator.published_v1;
 -- Identities set FULL for tables no longer configured go back to what they were.
 SELECT cdc_invalidator.restore_replica_identity(ARRAY[{tables}]::regclass[]);
 SELECT cdc_invalidator.publish({publication}, ARRAY[{tables}]::regclass[]);
+-- Registered by an earlier install that could not make the slot (its role had no
+-- REPLICATION, or the script was applied by hand), and never made since: the publication
+-- has held the tables from then on, and what was written meanwhile is in no slot. The
+-- slot this install makes owes a sweep, as one the listener makes would (a review: a
+-- second install made it and swept nothing). (Before the row is inserted: a first
+-- install's own row is no such one.)
+UPDATE cdc_invalidator.slot_state_v1 st
+SET resync_reason = coalesce(st.resync_reason, format('replication slot %s was registered '
+    'by an earlier install and never made: what was written to the watched tables since '
+    'was in no slot', st.slot_name))
+WHERE st.slot_name = {slot} AND st.acked_lsn IS NULL
+  AND NOT EXISTS (SELECT FROM pg_replication_slots s WHERE s.slot_name = st.slot_name);
 INSERT INTO cdc_invalidator.slot_state_v1 (slot_name) VALUES ({slot})
 ON CONFLICT (slot_name) DO NOTHING;
 -- A switch from trigger capture (leave_trigger.sql took the triggers off): what the queue
