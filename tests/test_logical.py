@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 import pytest
@@ -27,11 +27,13 @@ import redis
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from cdc_invalidator.capture.errors import Standby
 from cdc_invalidator.capture.logical import CHASE_BYTES
 from cdc_invalidator.capture.pgoutput import NATIVE_WALKS
 from cdc_invalidator.capture.walstream import parse_lsn
 from cdc_invalidator.checks import Report, check_walks
 from cdc_invalidator.modes.choose import mode_for
+from cdc_invalidator.modes.logical import LogicalMode
 from cdc_invalidator.pg.queries import Q
 from cdc_invalidator.settings import load_settings
 from tests.support.config import write_config
@@ -915,6 +917,19 @@ def test_a_slot_made_after_install_sweeps_what_was_written_since(
         said = "missed_changes_swept" if made_by == "install" else "changes_may_have_been_missed"
         wait_until(lambda: listener.logged(said), what=said)
         stop(listener)
+
+
+def test_a_slot_another_listener_made_first_is_a_turn_to_wait_not_an_exit(env: Env) -> None:
+    """Two listeners waiting to make the same slot (a standby, after a long transaction
+    ended): the one whose CREATE came second failed with "already exists" and exited 1
+    (second review, 2 of 4 rounds at a 10 ms poll). Made between its look at the slot
+    and its CREATE here, by hand: a Standby, its turn comes again."""
+    make_tables(env)
+    config = logical_config(env, USERS)
+    install(config)  # (the slot exists: as if the other listener had just made it)
+    capture = cast(LogicalMode, mode_for(load_settings(config))).capture()
+    with env.connect() as side, pytest.raises(Standby, match="just made by another"):
+        capture._make_slot(side)
 
 
 def test_the_ddl_guard_costs_everyday_ddl_no_seconds_beside_many_partitions(env: Env) -> None:

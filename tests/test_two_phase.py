@@ -154,3 +154,36 @@ def test_a_prepared_transaction_holding_the_queues_lock_is_named(
     env.sql("UPDATE users SET email = 'new@x' WHERE id = 1")
     wait_until(lambda: r.exists(*keys_of(1)) == 0, what="consumed once it was rolled back")
     stop_listener(listener)
+
+
+@pytest.mark.usefixtures("capture")
+@pytest.mark.parametrize("capture", ["logical"])
+def test_a_prepared_transaction_a_new_slot_waits_for_is_named(
+    prepared_env: Env, spawn: Spawn
+) -> None:
+    """Making a slot waits for prepared transactions too, which have no session: the
+    listener sat in the silent CREATE, its loop still (a liveness probe failed at 60 s),
+    naming nothing (second review). It waits in its loop and names the transaction."""
+    env = prepared_env
+    config = setup_users(env, rows=2)
+    env.sql("SELECT pg_drop_replication_slot('cdc_invalidator')")
+    r = env.redis()
+    cache(r, [1])
+    prepare(env, "held", notify=None)  # (logical mode sends no NOTIFY)
+    wait_until(
+        lambda: env.scalar(
+            "SELECT now() - prepared > interval '1 second' FROM pg_prepared_xacts"
+            " WHERE gid = 'held'"
+        ),
+        what="prepared a second ago",
+    )
+    listener = spawn(config)
+    wait_until(lambda: listener.logged("slot_creation_waits"), what="the wait said")
+    holder = listener.logged("slot_creation_waits")[0]["holder"]
+    assert "prepared transaction 'held'" in holder, holder
+    assert "ROLLBACK PREPARED 'held'" in holder, holder
+    assert listener.logged("slot_created") == []
+    env.sql("COMMIT PREPARED 'held'")
+    wait_until(lambda: listener.logged("slot_created"), what="the slot made once it ended")
+    wait_until(lambda: r.exists(*keys_of(1)) == 0, what="swept")
+    stop_listener(listener)

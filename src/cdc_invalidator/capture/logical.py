@@ -37,6 +37,7 @@ from typing import Any, cast
 
 import psycopg
 import structlog
+from psycopg import sql
 
 from cdc_invalidator.capture.errors import (
     Fatal,
@@ -242,7 +243,9 @@ class LogicalCapture:
         self._last: WalStream | None = None  # the stream started last, and how it ended
         self._may_stream = False  # a replication connection of this role was accepted
         # When a new slot was first found waiting for a long transaction (the server's
-        # clock): only those begun before then are waited for in the loop (_slot_waits_for).
+        # clock): only those begun before then are waited for in the loop
+        # (_wait_for_long_transactions). Forgotten once a turn gets past it, the slot
+        # made or found made (a later wait starts anew: second review).
         self._slot_wait_from: datetime | None = None
 
     def connect(self) -> LogicalStream:
@@ -256,6 +259,7 @@ class LogicalCapture:
             except psycopg.errors.InsufficientPrivilege as exc:
                 _explain_refusal(side, exc)  # creating the slot needs REPLICATION
                 raise missing_privilege(side.info.user, "logical", exc) from None
+            self._slot_wait_from = None
             try:
                 repl = self._pg.connect(REPLICATION)
             except psycopg.OperationalError as exc:
@@ -342,11 +346,7 @@ class LogicalCapture:
             side.execute(Q.SET_RESYNC.sql, {"slot": cfg.slot, "reason": missed, "lsn": None})
             owed = missed
         if kind.create:
-            created = side.execute(Q.CREATE_SLOT.sql, {"slot": cfg.slot})
-            start = returned(created.fetchone(), f"position for new slot {cfg.slot!r}")
-            side.execute(Q.RECORD_SLOT.sql, {"slot": cfg.slot, "lsn": start[0]})
-            log.info("slot_created", slot=cfg.slot, lsn=start[0])
-            return parse_lsn(start[0]), owed
+            return self._make_slot(side), owed
         if state.acked is None or kind is SlotClass.AHEAD:
             # A slot created outside `install` (e.g. by the DBA), on its first start; or
             # one moved past our position: resume where it is (after the sweep).
@@ -354,6 +354,20 @@ class LogicalCapture:
             side.execute(Q.RECORD_SLOT.sql, {"slot": cfg.slot, "lsn": confirmed})
             return parse_lsn(confirmed), owed
         return state.acked, owed
+
+    def _make_slot(self, side: psycopg.Connection[Any]) -> int:
+        """The slot made, recorded; where it starts."""
+        slot = self._config.slot
+        try:
+            created = side.execute(Q.CREATE_SLOT.sql, {"slot": slot})
+        except psycopg.errors.DuplicateObject:
+            # Another listener (or install) made it meanwhile: a standby waiting for the
+            # same slot exited 1 here (second review). Its turn comes again.
+            raise Standby(f"replication slot {slot!r} was just made by another") from None
+        start = returned(created.fetchone(), f"position for new slot {slot!r}")
+        side.execute(Q.RECORD_SLOT.sql, {"slot": slot, "lsn": start[0]})
+        log.info("slot_created", slot=slot, lsn=start[0])
+        return parse_lsn(start[0])
 
     def _wait_for_long_transactions(self, side: psycopg.Connection[Any]) -> None:
         """Making a slot waits, in one silent statement, for every transaction running
@@ -368,15 +382,24 @@ class LogicalCapture:
         if found is None:
             self._slot_wait_from = None
             return
-        pid, database, role, since, now = found
+        pid, gid, database, role, since, now = found
         self._slot_wait_from = self._slot_wait_from or now
+        if gid is not None:
+            held = (
+                f"prepared transaction {gid!r} (database {database}, role {role}), prepared "
+                f"at {since}: nothing is invalidated until it is committed or rolled back "
+                f"(COMMIT PREPARED or ROLLBACK PREPARED {sql.Literal(gid).as_string(side)})"
+            )
+        else:
+            held = (
+                f"backend {pid} (database {database}, role {role}), in a transaction since "
+                f"{since}: nothing is invalidated until it ends (SELECT "
+                f"pg_terminate_backend({pid}) ends it, if it may be)"
+            )
         slot = self._config.slot
         raise Standby(
             f"making slot {slot!r} waits until every transaction running on the server has ended",
-            foreign=f"backend {pid} (database {database}, role {role}), in a transaction "
-            f"since {since}: nothing is invalidated until it ends (SELECT "
-            f"pg_terminate_backend({pid}) ends it, if it may be); what was written meanwhile "
-            "is swept then",
+            foreign=f"{held}; what was written meanwhile is swept then",
             event="slot_creation_waits",
         )
 
@@ -419,7 +442,9 @@ def _in_use(side: psycopg.Connection[Any], slot: str, reason: str) -> Standby:
     or by something else (Standby.foreign), which keeps every listener waiting."""
     holder = side.execute(Q.SLOT_HOLDER.sql, {"slot": slot}).fetchone()
     mine = (side.info.user, side.info.parameter_status("application_name"))
-    if holder is None or (holder[1], holder[2]) == mine:
+    # (ours: this one's role and application_name, or one of our other sessions', named
+    # with a suffix: `install` making the slot, as `cdc-invalidator-cli`)
+    if holder is None or (holder[1] == mine[0] and str(holder[2]).startswith(str(mine[1]))):
         return Standby(reason)
     pid, role, application_name = holder
     return Standby(

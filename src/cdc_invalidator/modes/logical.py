@@ -101,6 +101,9 @@ class LogicalMode:
         return trigger_sql.uninstall_script(self._settings.publication_name)
 
     def source(self) -> Callable[[], Source]:
+        return self.capture().connect
+
+    def capture(self) -> LogicalCapture:
         s = self._settings
         mapper = s.mapper()
         return LogicalCapture(
@@ -117,7 +120,7 @@ class LogicalMode:
                 mapper=mapper,
                 mapping=trigger_sql.MappingStamp(s.mapping_fingerprint(), s.written_at),
             ),
-        ).connect
+        )
 
     def status(self, conn: psycopg.Connection[Any]) -> LogicalStatus:
         return read_logical_status(conn, self._settings.slot_name)
