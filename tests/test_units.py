@@ -16,6 +16,7 @@ import psycopg
 import pytest
 from prometheus_client import generate_latest
 
+from cdc_invalidator import cli
 from cdc_invalidator.backoff import Backoff
 from cdc_invalidator.capture.errors import Fatal, returned
 from cdc_invalidator.capture.logical import Complete
@@ -354,3 +355,12 @@ def test_complete_knows_which_streamed_transactions_had_ended_across_wraparound(
     assert not near_wrap.has(5)  # xmax: not yet started
     assert not near_wrap.has(7)
     assert near_wrap.at == 1.0
+
+
+def test_rows_compressed_with_lz4_on_a_server_without_it_are_explained() -> None:
+    """After pg_upgrade to a build without lz4, every start of the listener exited with
+    PostgreSQL's bare message (a review): it says where the rows came from, and where
+    the guide says what to do."""
+    said = cli._explain(psycopg.errors.FeatureNotSupported("compression method lz4 not supported"))
+    assert "carried to a server built without it" in said, said
+    assert "docs/DBA.md" in said, said

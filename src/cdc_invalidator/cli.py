@@ -145,7 +145,15 @@ def _explain(exc: Exception) -> str:
             "cdc_invalidator.grant_listener() grants the listener's role (docs/DBA.md)"
         )
     if isinstance(exc, psycopg.Error):  # the server went away or refused, mid-command
-        return f"PostgreSQL: {_pg_message(exc)}"
+        message = _pg_message(exc)
+        if "compression method lz4 not supported" in message:
+            # (a review: after pg_upgrade to a build without lz4, every start exited so)
+            return (
+                f"PostgreSQL: {message}: rows install had compressed with lz4, on a server "
+                "built with it, were carried to a server built without it, which cannot "
+                'read them (docs/DBA.md, "Upgrading, reinstalling, switching modes")'
+            )
+        return f"PostgreSQL: {message}"
     if isinstance(exc, ConfigError | DatabaseError | Fatal | UsageError):
         return str(exc)
     return f"Redis: {type(exc).__name__}: {exc}"
