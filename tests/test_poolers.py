@@ -20,6 +20,8 @@ import psycopg
 import pytest
 
 from cdc_invalidator.cli import main
+from cdc_invalidator.pg import connect
+from cdc_invalidator.pg.connect import CLI, PgConnector
 from tests.support.env import Env
 from tests.support.faults import cache, keys_of, setup_users
 from tests.support.listener import Spawn
@@ -120,3 +122,16 @@ def test_logical_capture_through_a_pooler_is_refused_not_retried(
         assert listener.wait() == 1
         (fatal,) = listener.logged("cannot_consume")
         assert "refuses the replication connection" in fatal["error"], fatal
+
+
+def test_a_session_pool_is_watched_once_per_connector(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A standby connects again every poll_interval_ms: through a session pool each
+    connect watched the session again, opening three more sessions a second."""
+    with pgbouncer(env.dsn, "session") as through:
+        pg = PgConnector(through, application_name="cdc-invalidator", connect_timeout_s=5)
+        pg.connect(CLI).close()
+        monkeypatch.setattr(connect, "_moved", lambda *_: pytest.fail("watched again"))
+        with pg.connect(CLI) as conn:
+            assert conn.execute("SHOW search_path").fetchone() == ("pg_catalog",)

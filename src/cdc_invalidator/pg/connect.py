@@ -149,6 +149,9 @@ class PgConnector:
         self._application_name = application_name
         # libpq takes whole seconds; 0 would mean "wait forever".
         self._connect_timeout = max(1, round(connect_timeout_s))
+        # A pooler in session mode was found in front and let through: not watched again
+        # (a standby connects every poll_interval_ms, and each watch opens sessions).
+        self._session_pool = False
 
     @classmethod
     def from_settings(cls, settings: Settings) -> PgConnector:
@@ -201,8 +204,11 @@ class PgConnector:
         if kind.keepalives and not kind.options:
             settings += keepalive.SET_SETTINGS.items()
         try:
-            if not kind.replication:  # (a pooler passing one on would keep it whole)
-                _refuse_transaction_pooling(conn, partial(open_session, autocommit=True))
+            # (a pooler passing a replication connection on would keep it whole)
+            if not kind.replication and not self._session_pool:
+                self._session_pool = _refuse_transaction_pooling(
+                    conn, partial(open_session, autocommit=True)
+                )
             if kind.writes:
                 _refuse_standby(conn)
             if settings:  # (always: search_path)
@@ -234,7 +240,7 @@ def _server_pid(conn: psycopg.Connection[Any]) -> int:
 
 def _refuse_transaction_pooling(
     conn: psycopg.Connection[Any], open_other: Callable[[], psycopg.Connection[Any]]
-) -> None:
+) -> bool:
     """Refuse a session that a pooler may move between server connections: before our
     SETs, which would stay on a server connection the pooler then hands to applications
     (search_path = pg_catalog broke their unqualified SQL, synchronous_commit = off their
@@ -251,14 +257,14 @@ def _refuse_transaction_pooling(
     keeps it there; one in transaction or statement mode hands the other session this
     one's server connection (the last released), or this one another, or makes it wait
     for one (a busy pool: a review saw one let through when only the other session's
-    wait was looked at)."""
+    wait was looked at). True: a pooler in session mode, let through."""
     first = _server_pid(conn)
     if first == conn.info.backend_pid:
-        return  # nothing between
+        return False  # nothing between
     for _ in range(POOLER_ROUNDS):
         how = _moved(conn, first, open_other)
         if how is _KEPT:
-            return
+            return True
         if how is not None:
             raise PoolerInTheWay(
                 "database_url reaches PostgreSQL through a connection pooler that moves a "
@@ -267,6 +273,7 @@ def _refuse_transaction_pooling(
                 "listener's holds the queue's lock and LISTENs, and the settings every "
                 f"session sets would reach the applications sharing the pool. {POOLER_HELP}"
             )
+    return True
 
 
 # What _moved() says when the session answered at once on its server connection while
