@@ -156,30 +156,51 @@ def test_a_prepared_transaction_holding_the_queues_lock_is_named(
     stop_listener(listener)
 
 
+def a_second_old(env: Env, query: str) -> None:
+    wait_until(
+        lambda: env.scalar(f"SELECT {query} < now() - interval '1 second'"),
+        what="a second old",
+    )
+
+
 @pytest.mark.usefixtures("capture")
 @pytest.mark.parametrize("capture", ["logical"])
+@pytest.mark.parametrize("prepared", ["before", "while it waits"])
 def test_a_prepared_transaction_a_new_slot_waits_for_is_named(
-    prepared_env: Env, spawn: Spawn
+    prepared_env: Env, spawn: Spawn, prepared: str
 ) -> None:
     """Making a slot waits for prepared transactions too, which have no session: the
     listener sat in the silent CREATE, its loop still (a liveness probe failed at 60 s),
-    naming nothing (second review). It waits in its loop and names the transaction."""
+    naming nothing (second review). It waits in its loop and names the transaction. One
+    begun before the wait and prepared during it too (third review: prepared after the
+    time the wait began, it was let through to the CREATE)."""
     env = prepared_env
     config = setup_users(env, rows=2)
     env.sql("SELECT pg_drop_replication_slot('cdc_invalidator')")
     r = env.redis()
     cache(r, [1])
-    prepare(env, "held", notify=None)  # (logical mode sends no NOTIFY)
+    listener = None
+    if prepared == "before":
+        prepare(env, "held", notify=None)  # (logical mode sends no NOTIFY)
+    else:
+        with env.connect() as conn:
+            conn.execute("BEGIN")
+            conn.execute("UPDATE users SET email = email || '.' WHERE id = 1")
+            a_second_old(
+                env,
+                f"(SELECT xact_start FROM pg_stat_activity WHERE pid = {conn.info.backend_pid})",
+            )
+            waiting = listener = spawn(config)
+            wait_until(lambda: waiting.logged("slot_creation_waits"), what="the session named")
+            conn.execute("PREPARE TRANSACTION 'held'")
+    a_second_old(env, "(SELECT prepared FROM pg_prepared_xacts WHERE gid = 'held')")
+    listener = listener or spawn(config)
+    named = listener
     wait_until(
-        lambda: env.scalar(
-            "SELECT now() - prepared > interval '1 second' FROM pg_prepared_xacts"
-            " WHERE gid = 'held'"
-        ),
-        what="prepared a second ago",
+        lambda: any("'held'" in w["holder"] for w in named.logged("slot_creation_waits")),
+        what="the prepared transaction named",
     )
-    listener = spawn(config)
-    wait_until(lambda: listener.logged("slot_creation_waits"), what="the wait said")
-    holder = listener.logged("slot_creation_waits")[0]["holder"]
+    holder = listener.logged("slot_creation_waits")[-1]["holder"]
     assert "prepared transaction 'held'" in holder, holder
     assert "ROLLBACK PREPARED 'held'" in holder, holder
     assert listener.logged("slot_created") == []

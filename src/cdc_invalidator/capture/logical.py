@@ -31,7 +31,6 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
 from operator import attrgetter
 from typing import Any, cast
 
@@ -82,7 +81,7 @@ from cdc_invalidator.capture.walstream import (
 from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, Origin, StandInKind, TableName
 from cdc_invalidator.mapping.columns import ColumnFilter
 from cdc_invalidator.mapping.mapper import Mapper, Routed, merge
-from cdc_invalidator.pg.connect import BOOKKEEPING, REPLICATION, PgConnector
+from cdc_invalidator.pg.connect import BOOKKEEPING, CLI, REPLICATION, PgConnector
 from cdc_invalidator.pg.queries import Q
 
 log = structlog.get_logger("cdc_invalidator.capture.logical")
@@ -242,11 +241,11 @@ class LogicalCapture:
         self._config = config
         self._last: WalStream | None = None  # the stream started last, and how it ended
         self._may_stream = False  # a replication connection of this role was accepted
-        # When a new slot was first found waiting for a long transaction (the server's
-        # clock): only those begun before then are waited for in the loop
+        # The next transaction id when a new slot was first found waiting for a long
+        # transaction: only those with an id before it are waited for in the loop
         # (_wait_for_long_transactions). Forgotten once a turn gets past it, the slot
         # made or found made (a later wait starts anew: second review).
-        self._slot_wait_from: datetime | None = None
+        self._slot_wait_from: int | None = None
 
     def connect(self) -> LogicalStream:
         side = self._pg.connect(BOOKKEEPING)
@@ -375,15 +374,16 @@ class LogicalCapture:
         liveness probe restarts it, which restarts the wait) and /readyz saying PostgreSQL
         was down. While one has run for over a second, the listener waits in its loop
         instead (Standby: not ready, the oldest named), then makes the slot. Only those
-        begun before it first looked are waited for so: on a server where long ones
-        overlap without end, the statement's own wait is the shorter (it waits for those
-        running when it starts, not for later ones)."""
+        given an id before it first looked are waited for so (by id, not start: a
+        transaction prepared later is one of them, third review): on a server where long
+        ones overlap without end, the statement's own wait is the shorter (it waits for
+        those running when it starts, not for later ones)."""
         found = side.execute(Q.SLOT_BLOCKERS.sql, {"before": self._slot_wait_from}).fetchone()
         if found is None:
             self._slot_wait_from = None
             return
-        pid, gid, database, role, since, now = found
-        self._slot_wait_from = self._slot_wait_from or now
+        pid, gid, database, role, since, before = found
+        self._slot_wait_from = before
         if gid is not None:
             held = (
                 f"prepared transaction {gid!r} (database {database}, role {role}), prepared "
@@ -442,9 +442,10 @@ def _in_use(side: psycopg.Connection[Any], slot: str, reason: str) -> Standby:
     or by something else (Standby.foreign), which keeps every listener waiting."""
     holder = side.execute(Q.SLOT_HOLDER.sql, {"slot": slot}).fetchone()
     mine = (side.info.user, side.info.parameter_status("application_name"))
-    # (ours: this one's role and application_name, or one of our other sessions', named
-    # with a suffix: `install` making the slot, as `cdc-invalidator-cli`)
-    if holder is None or (holder[1] == mine[0] and str(holder[2]).startswith(str(mine[1]))):
+    # (ours: this one's role and application_name, or `install` making the slot, with
+    # the commands' suffix: exactly, or a `cdc-invalidator-orders` would pass for ours)
+    ours = {mine, (mine[0], f"{mine[1]}{CLI.suffix}")}
+    if holder is None or (holder[1], holder[2]) in ours:
         return Standby(reason)
     pid, role, application_name = holder
     return Standby(
