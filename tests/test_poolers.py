@@ -30,13 +30,16 @@ from tests.support.waits import wait_until
 
 pytestmark = pytest.mark.servers
 
-REFUSED = "connection pooler that moves a session between server connections"
+REFUSED = "reaches PostgreSQL through a connection pooler or a proxy"
+MOVED = "moves a session between server connections"
 
 
-def through_pool(env: Env, config: Path, through: str) -> Path:
-    """The configuration, its database_url through the pooler."""
+def through_pool(env: Env, config: Path, through: str, *, session_pool: bool = True) -> Path:
+    """The configuration, its database_url through the pooler, said to be a session
+    pool (session_pool) or not."""
     pooled = config.with_name("pooled.toml")
-    pooled.write_text(config.read_text().replace(env.dsn, through))
+    said = f"session_pool = {str(session_pool).lower()}\n"
+    pooled.write_text(said + config.read_text().replace(env.dsn, through))
     return pooled
 
 
@@ -62,38 +65,55 @@ def busy(dsn: str) -> Iterator[None]:
         worker.join(10)
 
 
-@pytest.mark.parametrize("pool", ["idle", "busy"])
+@pytest.mark.parametrize(
+    "pool", ["transaction, not said", "transaction", "transaction, busy", "statement"]
+)
 def test_a_transaction_pool_is_refused_before_a_setting_reaches_it(
     env: Env, spawn: Spawn, capsys: pytest.CaptureFixture[str], pool: str
 ) -> None:
-    """A busy pool too: the session watching ours then waited for a server connection,
-    and the second review saw a pool of one let through as if no server were to spare
-    in a session pool (search_path = pg_catalog then reached the application)."""
+    """Any pooler is refused unless session_pool says it keeps sessions whole; said so
+    wrongly, it is checked. A busy pool too: the session watching ours then waited for a
+    server connection, and the second review saw a pool of one let through as if no
+    server were to spare in a session pool (search_path = pg_catalog then reached the
+    application). A statement pool closed the watching session, and the listener took
+    that for PostgreSQL down and retried (third review)."""
     config = setup_users(env, rows=1)
-    with pgbouncer(env.dsn, "transaction", 5 if pool == "idle" else 1) as through:
-        pooled = through_pool(env, config, through)
+    mode, *how = pool.split(", ")
+    with pgbouncer(env.dsn, mode, 1 if "busy" in how else 5) as through:
+        pooled = through_pool(env, config, through, session_pool="not said" not in how)
         capsys.readouterr()
-        with busy(through) if pool == "busy" else nullcontext():
+        with busy(through) if "busy" in how else nullcontext():
             assert main(["status", "--config", str(pooled)]) == 1
         said = capsys.readouterr().err
-        assert REFUSED in said, said
+        assert (REFUSED if "not said" in how else MOVED) in said, said
         assert "Connection poolers" in said, said
         # What the applications sharing the pool get: nothing of ours.
         with psycopg.connect(through, autocommit=True) as app:
             for _ in range(5):  # (each statement may take another server connection)
                 assert app.execute("SHOW search_path").fetchone() == ('"$user", public',)
-        if pool == "busy":
+        if "busy" in how:
             return
         listener = spawn(pooled)
         assert listener.wait() == 1
         (fatal,) = listener.logged("cannot_consume")
-        assert REFUSED in fatal["error"], fatal
+        assert (REFUSED if "not said" in how else MOVED) in fatal["error"], fatal
 
 
-def test_a_session_pool_carries_the_listener_in_trigger_mode(env: Env, spawn: Spawn) -> None:
+def test_a_session_pool_carries_the_listener_in_trigger_mode(
+    env: Env, spawn: Spawn, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Said to be one (session_pool), and checked: let through. Not said: refused."""
     config = setup_users(env, rows=2)
     r = env.redis()
     with pgbouncer(env.dsn, "session") as through:
+        capsys.readouterr()
+        assert (
+            main(
+                ["status", "--config", str(through_pool(env, config, through, session_pool=False))]
+            )
+            == 1
+        )
+        assert REFUSED in capsys.readouterr().err
         pooled = through_pool(env, config, through)
         listener = spawn(pooled)
         cache(r, [1, 2])
@@ -130,7 +150,9 @@ def test_a_session_pool_is_watched_once_per_connector(
     """A standby connects again every poll_interval_ms: through a session pool each
     connect watched the session again, opening three more sessions a second."""
     with pgbouncer(env.dsn, "session") as through:
-        pg = PgConnector(through, application_name="cdc-invalidator", connect_timeout_s=5)
+        pg = PgConnector(
+            through, application_name="cdc-invalidator", connect_timeout_s=5, session_pool=True
+        )
         pg.connect(CLI).close()
         monkeypatch.setattr(connect, "_moved", lambda *_: pytest.fail("watched again"))
         with pg.connect(CLI) as conn:

@@ -199,6 +199,10 @@ class Settings(BaseSettings):
 
     # libpq fills what the URL leaves out from PG* variables (PGHOST, PGPASSWORD, ...).
     database_url: str = ""
+    # database_url reaches PostgreSQL through a connection pooler in session mode (or a
+    # proxy that keeps each session on one server connection): let through, after a
+    # check that it does. Any other pooler is refused (pg/connect.py).
+    session_pool: bool = False
     redis_url: str = "redis://localhost:6379/0"
     # TLS (a rediss:// URL): the CA that signed the server's certificate (default: the
     # system's), and a client certificate and key for servers with tls-auth-clients.

@@ -75,7 +75,7 @@ def _answers(dsn: str, process: subprocess.Popen[bytes]) -> bool:
     if process.poll() is not None:
         raise ServerError(f"pgbouncer exited ({process.returncode})")
     try:
-        with psycopg.connect(dsn, connect_timeout=2) as conn:
+        with psycopg.connect(dsn, connect_timeout=2, autocommit=True) as conn:
             conn.execute("SELECT 1")
     except psycopg.OperationalError:
         return False

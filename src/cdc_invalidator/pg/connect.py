@@ -65,7 +65,7 @@ METRICS_STATEMENT_TIMEOUT = "5s"
 
 
 # How many times a session that a pooler stands in front of is watched for moving to
-# another server connection (_refuse_transaction_pooling), and how long its statement may
+# another server connection (_refuse_pooling), and how long its statement may
 # wait for a server connection while another session holds one.
 POOLER_ROUNDS = 3
 POOLER_WAIT_S = 2.0
@@ -78,10 +78,7 @@ class PoolerInTheWay(Fatal, psycopg.OperationalError):
     listener and the commands; an OperationalError for what reads metrics.)"""
 
 
-POOLER_HELP = (
-    "point database_url at PostgreSQL itself (or at a pool in session mode, in trigger "
-    "capture): docs/operations.md, Connection poolers"
-)
+POOLER_HELP = "point database_url at PostgreSQL itself: docs/operations.md, Connection poolers"
 
 
 class InRecovery(psycopg.OperationalError):
@@ -144,14 +141,24 @@ REPLAY = Kind(suffix="-cli", raw_text=True)
 class PgConnector:
     """Opens sessions of each kind for one database."""
 
-    def __init__(self, database_url: str, *, application_name: str, connect_timeout_s: float):
+    def __init__(
+        self,
+        database_url: str,
+        *,
+        application_name: str,
+        connect_timeout_s: float,
+        session_pool: bool = False,
+    ):
         self.database_url = database_url
         self._application_name = application_name
         # libpq takes whole seconds; 0 would mean "wait forever".
         self._connect_timeout = max(1, round(connect_timeout_s))
-        # A pooler in session mode was found in front and let through: not watched again
-        # (a standby connects every poll_interval_ms, and each watch opens sessions).
-        self._session_pool = False
+        # Settings.session_pool: a pooler in front is let through if it keeps a session
+        # on one server connection; without it, any pooler is refused.
+        self._session_pool = session_pool
+        # That pooler was watched and let through: not watched again (a standby connects
+        # every poll_interval_ms, and each watch opens sessions).
+        self._pool_seen = False
 
     @classmethod
     def from_settings(cls, settings: Settings) -> PgConnector:
@@ -159,6 +166,7 @@ class PgConnector:
             settings.database_url,
             application_name=settings.application_name,
             connect_timeout_s=settings.connect_timeout_s,
+            session_pool=settings.session_pool,
         )
 
     def connect(self, kind: Kind, *, autocommit: bool = True) -> psycopg.Connection[Any]:
@@ -205,9 +213,9 @@ class PgConnector:
             settings += keepalive.SET_SETTINGS.items()
         try:
             # (a pooler passing a replication connection on would keep it whole)
-            if not kind.replication and not self._session_pool:
-                self._session_pool = _refuse_transaction_pooling(
-                    conn, partial(open_session, autocommit=True)
+            if not kind.replication and not self._pool_seen:
+                self._pool_seen = _refuse_pooling(
+                    conn, partial(open_session, autocommit=True), self._session_pool
                 )
             if kind.writes:
                 _refuse_standby(conn)
@@ -238,8 +246,10 @@ def _server_pid(conn: psycopg.Connection[Any]) -> int:
     return int(row[0]) if row else 0
 
 
-def _refuse_transaction_pooling(
-    conn: psycopg.Connection[Any], open_other: Callable[[], psycopg.Connection[Any]]
+def _refuse_pooling(
+    conn: psycopg.Connection[Any],
+    open_other: Callable[[], psycopg.Connection[Any]],
+    session_pool: bool,
 ) -> bool:
     """Refuse a session that a pooler may move between server connections: before our
     SETs, which would stay on a server connection the pooler then hands to applications
@@ -251,25 +261,37 @@ def _refuse_transaction_pooling(
     psycopg's prepared statements failed.
 
     PostgreSQL gives a session its own pid in the startup's cancel key; a pooler gives
-    one of its own. Only then is the session watched: while another session holds a
-    transaction open (or waits for a server connection to open one), this one's next
-    statement must run on the same server connection, at once. A pooler in session mode
-    keeps it there; one in transaction or statement mode hands the other session this
-    one's server connection (the last released), or this one another, or makes it wait
-    for one (a busy pool: a review saw one let through when only the other session's
-    wait was looked at). True: a pooler in session mode, let through."""
+    one of its own. Such a session is refused unless the configuration says the pooler
+    keeps a session on one server connection (session_pool): nothing a client sees tells
+    that for sure (a busy transaction pool passed a check now and then: third review).
+    Then it is checked: while another session holds a transaction open (or waits for a
+    server connection to open one), this one's next statement must run on the same
+    server connection, at once. A transaction or statement pool hands the other session
+    this one's server connection (the last released), or this one another, or makes it
+    wait for one, or refuses the other's transaction block. True: a pooler, let
+    through."""
     first = _server_pid(conn)
     if first == conn.info.backend_pid:
         return False  # nothing between
+    if not session_pool:
+        raise PoolerInTheWay(
+            "database_url reaches PostgreSQL through a connection pooler or a proxy (the "
+            f"session runs in server process {first}; its startup named "
+            f"{conn.info.backend_pid}). cdc-invalidator's sessions need one server "
+            "connection each, for good: the listener's holds the queue's lock and LISTENs, "
+            "and the settings every session sets would reach the applications a "
+            "transaction pool shares it with. If it is a pool in session mode, set "
+            f"session_pool = true; else {POOLER_HELP}"
+        )
     for _ in range(POOLER_ROUNDS):
         how = _moved(conn, first, open_other)
         if how is _KEPT:
             return True
         if how is not None:
             raise PoolerInTheWay(
-                "database_url reaches PostgreSQL through a connection pooler that moves a "
-                f"session between server connections ({how}: a transaction or statement "
-                "pool). cdc-invalidator's sessions need one server connection each: the "
+                "session_pool is set, but the pooler database_url reaches moves a session "
+                f"between server connections ({how}: a transaction or statement pool). "
+                "cdc-invalidator's sessions need one server connection each: the "
                 "listener's holds the queue's lock and LISTENs, and the settings every "
                 f"session sets would reach the applications sharing the pool. {POOLER_HELP}"
             )
@@ -293,7 +315,11 @@ def _moved(
     begin = ("BEGIN; " + Q.SERVER_PID.text).encode()
     other = open_other()
     try:
-        taken = _pid_within(other.pgconn, begin, POOLER_WAIT_S)
+        try:
+            taken = _pid_within(other.pgconn, begin, POOLER_WAIT_S)
+        except psycopg.OperationalError as exc:
+            # (PgBouncer's statement pool closes a session that opens a transaction)
+            return f"it refused a transaction block: {' '.join(str(exc).split())}"
         if taken == first:
             return f"another session was given its server connection (backend {first})"
         now = _pid_within(conn.pgconn, Q.SERVER_PID.text.encode(), POOLER_WAIT_S)
