@@ -79,7 +79,8 @@ def test_a_transaction_pool_is_refused_before_a_setting_reaches_it(
     that for PostgreSQL down and retried (third review)."""
     config = setup_users(env, rows=1)
     mode, *how = pool.split(", ")
-    with pgbouncer(env.dsn, mode, 1 if "busy" in how else 5) as through:
+    with pgbouncer(env.dsn, mode, 1 if "busy" in how else 5) as bouncer:
+        through = bouncer.dsn
         pooled = through_pool(env, config, through, session_pool="not said" not in how)
         capsys.readouterr()
         with busy(through) if "busy" in how else nullcontext():
@@ -105,7 +106,8 @@ def test_a_session_pool_carries_the_listener_in_trigger_mode(
     """Said to be one (session_pool), and checked: let through. Not said: refused."""
     config = setup_users(env, rows=2)
     r = env.redis()
-    with pgbouncer(env.dsn, "session") as through:
+    with pgbouncer(env.dsn, "session") as bouncer:
+        through = bouncer.dsn
         capsys.readouterr()
         assert (
             main(
@@ -132,7 +134,8 @@ def test_logical_capture_through_a_pooler_is_refused_not_retried(
     """The listener retried PgBouncer's refusal of its replication connection once a
     second, as `postgres_unavailable`, and `check` said ok: it opened none."""
     config = setup_users(env, rows=1)
-    with pgbouncer(env.dsn, "session") as through:
+    with pgbouncer(env.dsn, "session") as bouncer:
+        through = bouncer.dsn
         pooled = through_pool(env, config, through)
         capsys.readouterr()
         assert main(["check", "--config", str(pooled)]) == 1
@@ -149,7 +152,8 @@ def test_a_session_pool_is_watched_once_per_connector(
 ) -> None:
     """A standby connects again every poll_interval_ms: through a session pool each
     connect watched the session again, opening three more sessions a second."""
-    with pgbouncer(env.dsn, "session") as through:
+    with pgbouncer(env.dsn, "session") as bouncer:
+        through = bouncer.dsn
         pg = PgConnector(
             through, application_name="cdc-invalidator", connect_timeout_s=5, session_pool=True
         )
@@ -157,3 +161,20 @@ def test_a_session_pool_is_watched_once_per_connector(
         monkeypatch.setattr(connect, "_moved", lambda *_: pytest.fail("watched again"))
         with pg.connect(CLI) as conn:
             assert conn.execute("SHOW search_path").fetchone() == ("pg_catalog",)
+
+
+def test_a_session_pool_switched_to_transactions_is_found_at_a_later_connect(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checked once and then trusted for good, a session pool switched to transaction
+    mode by a RELOAD went on carrying the listener's reconnects, its settings reaching
+    the applications (third review). It is checked again after POOLER_RECHECK_S."""
+    with pgbouncer(env.dsn, "session") as bouncer:
+        pg = PgConnector(
+            bouncer.dsn, application_name="cdc-invalidator", connect_timeout_s=5, session_pool=True
+        )
+        pg.connect(CLI).close()
+        bouncer.switch("transaction")
+        monkeypatch.setattr(connect, "POOLER_RECHECK_S", 0.0)
+        with pytest.raises(connect.PoolerInTheWay, match=MOVED):
+            pg.connect(CLI)

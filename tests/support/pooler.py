@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
@@ -28,10 +31,31 @@ def find_pgbouncer() -> str:
     return found
 
 
+@dataclass(frozen=True)
+class Bouncer:
+    dsn: str  # the database, through it
+    ini: Path
+    process: subprocess.Popen[bytes]
+
+    def switch(self, pool_mode: str) -> None:
+        """Another pool_mode, as an operator's RELOAD sets it: sessions open stay."""
+        text = re.sub(r"(?m)^pool_mode = .*$", f"pool_mode = {pool_mode}", self.ini.read_text())
+        self.ini.write_text(text)
+        self.process.send_signal(signal.SIGHUP)
+        log = self.ini.with_name("pgbouncer.log")
+        wait_until(
+            lambda: (
+                "RELOAD command issued" in log.read_text(errors="replace")
+                or "got SIGHUP" in log.read_text(errors="replace")
+            ),
+            what="pgbouncer reloaded",
+        )
+
+
 @contextmanager
-def pgbouncer(dsn: str, pool_mode: str, pool_size: int = 5) -> Iterator[str]:
+def pgbouncer(dsn: str, pool_mode: str, pool_size: int = 5) -> Iterator[Bouncer]:
     """A PgBouncer with `pool_mode` and `pool_size` server connections in front of the
-    database `dsn` names (trust, its user): the DSN through it."""
+    database `dsn` names (trust, its user)."""
     target = conninfo_to_dict(dsn)
     port = free_port()
     directory = Path(tempfile.mkdtemp(prefix="cdc-invalidator-pgbouncer-"))
@@ -60,7 +84,7 @@ def pgbouncer(dsn: str, pool_mode: str, pool_size: int = 5) -> Iterator[str]:
     through = make_conninfo(dsn, host="127.0.0.1", port=str(port))
     try:
         wait_until(lambda: _answers(through, process), what=f"pgbouncer on port {port}")
-        yield through
+        yield Bouncer(through, ini, process)
     finally:
         process.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):

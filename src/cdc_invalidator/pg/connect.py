@@ -69,6 +69,10 @@ METRICS_STATEMENT_TIMEOUT = "5s"
 # wait for a server connection while another session holds one.
 POOLER_ROUNDS = 3
 POOLER_WAIT_S = 2.0
+# How long a session pool that passed stays trusted by a connector: a standby connects
+# every poll_interval_ms (each check opens sessions), and a pool switched to transaction
+# mode (a RELOAD) is found at the first connect after this (third review).
+POOLER_RECHECK_S = 60.0
 
 
 class PoolerInTheWay(Fatal, psycopg.OperationalError):
@@ -156,9 +160,9 @@ class PgConnector:
         # Settings.session_pool: a pooler in front is let through if it keeps a session
         # on one server connection; without it, any pooler is refused.
         self._session_pool = session_pool
-        # That pooler was watched and let through: not watched again (a standby connects
-        # every poll_interval_ms, and each watch opens sessions).
-        self._pool_seen = False
+        # When that pooler was last checked and let through (time.monotonic()): not
+        # checked again for POOLER_RECHECK_S.
+        self._pool_seen_at: float | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> PgConnector:
@@ -213,10 +217,14 @@ class PgConnector:
             settings += keepalive.SET_SETTINGS.items()
         try:
             # (a pooler passing a replication connection on would keep it whole)
-            if not kind.replication and not self._pool_seen:
-                self._pool_seen = _refuse_pooling(
+            seen = self._pool_seen_at
+            if not kind.replication and (
+                seen is None or time.monotonic() - seen > POOLER_RECHECK_S
+            ):
+                pooled = _refuse_pooling(
                     conn, partial(open_session, autocommit=True), self._session_pool
                 )
+                self._pool_seen_at = time.monotonic() if pooled else None
             if kind.writes:
                 _refuse_standby(conn)
             if settings:  # (always: search_path)
