@@ -255,7 +255,12 @@ def test_listener_as_least_privilege_role_invalidates_and_keeps_its_books(
     env.sql("UPDATE cdc_invalidator.redis_identity_v1 SET identity = 'another server'")
     listener = spawn(own)
     wait_until(lambda: listener.logged("replay_done"), what="the replay after Redis changed")
-    assert env.scalar("SELECT identity FROM cdc_invalidator.redis_identity_v1") == identity
+    # (saved once the replay's sweeps are done, after replay_done: a clean-clone run met
+    # it not yet saved)
+    wait_until(
+        lambda: env.scalar("SELECT identity FROM cdc_invalidator.redis_identity_v1") == identity,
+        what="the new identity saved by the role",
+    )
     # Trigger mode: as it started, it redid its predecessor's owed second deletes with
     # the role's grants (sql/redo_trigger.sql reads listener_state_v1). (Logical mode's
     # history was pruned above: nothing acknowledged to redo.) It is logged just after
