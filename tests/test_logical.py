@@ -1768,12 +1768,8 @@ def test_listener_without_replication_attribute_cannot_create_the_slot_either(
     env.sql("SELECT pg_drop_replication_slot('cdc_invalidator')")
     env.sql("UPDATE cdc_invalidator.slot_state_v1 SET acked_lsn = NULL")
     grant_schema(env, plain_role)
-    as_role = make_conninfo(env.dsn, user=plain_role)
-    listener = spawn(logical_config(env, USERS, name="role.toml", database_url=as_role))
-    assert listener.wait() == 1
-    fatal = listener.logged("cannot_consume")
-    assert len(fatal) == 1
-    assert "REPLICATION" in fatal[0]["error"]
+    listener, fatal = refused_as(env, spawn, plain_role)
+    assert "REPLICATION" in fatal["error"]
     assert not any(line["event"] == "<non-json>" for line in listener.lines()), "no traceback"
     assert slot(env) is None
     acked, owed = slot_state(env)
@@ -1782,6 +1778,16 @@ def test_listener_without_replication_attribute_cannot_create_the_slot_either(
     # (a crash between the slot and the sweep must not lose it).
     assert owed is not None
     assert "it is made now, by the listener" in owed
+
+
+def refused_as(env: Env, spawn: Spawn, role: str) -> tuple[ListenerProcess, dict[str, Any]]:
+    """A listener as `role` (logical mode) that exits 1 with one cannot_consume line:
+    it, and that line."""
+    as_role = make_conninfo(env.dsn, user=role)
+    listener = spawn(logical_config(env, USERS, name="role.toml", database_url=as_role))
+    assert listener.wait() == 1
+    (fatal,) = listener.logged("cannot_consume")
+    return listener, fatal
 
 
 def test_a_standby_that_could_not_stream_says_so_at_once(
@@ -1795,12 +1801,8 @@ def test_a_standby_that_could_not_stream_says_so_at_once(
     install(config)
     grant_schema(env, plain_role)
     with running(env, config):
-        as_role = make_conninfo(env.dsn, user=plain_role)
-        standby = spawn(logical_config(env, USERS, name="role.toml", database_url=as_role))
-        assert standby.wait() == 1
-        fatal = standby.logged("cannot_consume")
-        assert len(fatal) == 1
-        assert "cannot use replication" in fatal[0]["error"]
+        standby, fatal = refused_as(env, spawn, plain_role)
+        assert "cannot use replication" in fatal["error"]
         assert standby.logged("standby") == []
 
 
@@ -1813,13 +1815,9 @@ def test_a_role_missing_schema_privileges_is_not_told_to_get_replication(
     install(logical_config(env, USERS))
     with env.connect() as conn:
         conn.execute(sql.SQL("ALTER ROLE {} REPLICATION").format(sql.Identifier(plain_role)))
-    as_role = make_conninfo(env.dsn, user=plain_role)
-    listener = spawn(logical_config(env, USERS, name="role.toml", database_url=as_role))
-    assert listener.wait() == 1
-    fatal = listener.logged("cannot_consume")
-    assert len(fatal) == 1
-    assert "permission denied for schema cdc_invalidator" in fatal[0]["error"]
-    assert "grant it REPLICATION" not in fatal[0]["error"], "the role has REPLICATION"
+    _, fatal = refused_as(env, spawn, plain_role)
+    assert "permission denied for schema cdc_invalidator" in fatal["error"]
+    assert "grant it REPLICATION" not in fatal["error"], "the role has REPLICATION"
 
 
 # --- the walsender terminated mid-stream ---------------------------------------------------

@@ -18,7 +18,7 @@ from psycopg.conninfo import make_conninfo
 from cdc_invalidator.capture.walstream import WalStream
 from tests.support.env import Env, redis_of
 from tests.support.faults import blocked_on_redis, cache, keys_of, setup_users
-from tests.support.listener import Spawn, run_cli, stop_listener
+from tests.support.listener import ListenerProcess, Spawn, run_cli, stop_listener
 from tests.support.roles import login_role
 from tests.support.servers import free_port
 from tests.support.waits import wait_until
@@ -227,6 +227,16 @@ def test_a_standby_is_ready_and_says_so(env: Env, spawn: Spawn) -> None:
     stop_listener(active)
 
 
+def consumed_and_ready(env: Env, port: int, listener: ListenerProcess, *, what: str) -> None:
+    """Once what held the source is gone: a change's keys deleted, /readyz 200; stopped."""
+    r = env.redis()
+    cache(r, [1])
+    env.sql("UPDATE users SET email = 'new@x' WHERE id = 1")
+    wait_until(lambda: r.exists(*keys_of(1)) == 0, what=what)
+    wait_until(lambda: probe(port, "/readyz")[0] == 200, what="ready")
+    stop_listener(listener)
+
+
 @pytest.mark.parametrize("capture", ["trigger"])  # logical mode's slot needs REPLICATION
 @pytest.mark.parametrize("whose", ["another role's", "the listener's role's"])
 def test_a_session_holding_the_queues_lock_is_named_and_not_ready(
@@ -241,7 +251,6 @@ def test_a_session_holding_the_queues_lock_is_named_and_not_ready(
     listener names any other and is not ready until it ends."""
     port = free_port()
     config = setup_users(env, rows=2, metrics_port=port)
-    r = env.redis()
     other = login_role(env, "squatter_") if whose == "another role's" else nullcontext(None)
     with other as role:
         squatter = psycopg.connect(
@@ -263,11 +272,7 @@ def test_a_session_holding_the_queues_lock_is_named_and_not_ready(
             assert probe(port, "/readyz")[1]["held_by"] == holder
         finally:
             squatter.close()
-        cache(r, [1])
-        env.sql("UPDATE users SET email = 'new@x' WHERE id = 1")
-        wait_until(lambda: r.exists(*keys_of(1)) == 0, what="consumed once the session ended")
-        wait_until(lambda: probe(port, "/readyz")[0] == 200, what="ready")
-        stop_listener(listener)
+        consumed_and_ready(env, port, listener, what="consumed once the session ended")
 
 
 @pytest.mark.parametrize("capture", ["logical"])
@@ -349,7 +354,6 @@ def test_another_client_streaming_the_slot_is_named_and_not_ready(env: Env, spaw
     /readyz answers 503; once it stops, the listener streams (and sweeps what it took)."""
     port = free_port()
     config = setup_users(env, rows=2, metrics_port=port)
-    r = env.redis()
     foreign = psycopg.connect(
         make_conninfo(env.dsn, replication="database", application_name="pg_recvlogical"),
         autocommit=True,
@@ -372,11 +376,7 @@ def test_another_client_streaming_the_slot_is_named_and_not_ready(env: Env, spaw
         wait_until(lambda: probe(port, "/readyz")[0] == 503, what="not ready")
     finally:
         foreign.close()
-    cache(r, [1])
-    env.sql("UPDATE users SET email = 'new@x' WHERE id = 1")
-    wait_until(lambda: r.exists(*keys_of(1)) == 0, what="streamed once the client stopped")
-    wait_until(lambda: probe(port, "/readyz")[0] == 200, what="ready")
-    stop_listener(listener)
+    consumed_and_ready(env, port, listener, what="streamed once the client stopped")
 
 
 def test_unknown_path_is_404_and_a_taken_port_is_a_clear_error(env: Env, spawn: Spawn) -> None:
