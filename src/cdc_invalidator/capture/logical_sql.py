@@ -188,6 +188,36 @@ def forget_swept(conn: psycopg.Connection[Any], names: list[str]) -> None:
     conn.execute(Q.FORGET_SLOTS.sql, {"names": names})
 
 
+def sweep_before_drops(
+    conn: psycopg.Connection[Any],
+    sweep: Q,
+    leftovers: list[Leftover],
+    unswept_slots: list[str],
+    *,
+    dropping: bool = False,
+) -> str:
+    """Before any slot of ours is dropped (`dropping`, or a droppable leftover), or for
+    one gone or owing a sweep (`unswept_slots`): one sweep of every watched table, the
+    mode's way (`sweep`: queued, or emitted through the slot), and those records
+    forgotten. What install says of it, or ''."""
+    if not (dropping or unswept_slots or any(left.droppable for left in leftovers)):
+        return ""
+    conn.execute(sweep.sql, {"reason": DROPPED_SLOT})
+    forget_swept(conn, unswept_slots)
+    return f"; every watched table is swept once: {DROPPED_SLOT}"
+
+
+def drop_swept_leftovers(
+    conn: psycopg.Connection[Any], slot: str, leftovers: list[Leftover]
+) -> tuple[str, list[str]]:
+    """drop_leftovers(), after sweep_before_drops(): what install says of them, and the
+    names of those dropped, whose records are then forgotten (or the next install would
+    sweep again)."""
+    said = drop_leftovers(conn, slot, leftovers)
+    dropped = [left.slot_name for left, (gone, _) in zip(leftovers, said, strict=True) if gone]
+    return "".join(f"; {line}" for _, line in said), dropped
+
+
 class SlotLeftToListener(Exception):
     """Installed, but the installing role may not create replication slots: the
     listener makes the slot on its first start, and sweeps then (capture/logical.py)."""

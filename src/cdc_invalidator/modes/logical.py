@@ -81,17 +81,12 @@ class LogicalMode:
         # What they had not handed out (or held before someone dropped them by hand) is
         # swept first, through the configured slot, there now.
         leftovers = logical_sql.leftover_slots(conn, slot)
-        unswept = logical_sql.unswept(conn, slot)
-        if unswept or any(left.droppable for left in leftovers):
-            conn.execute(Q.SWEEP_ALL_LOGICAL.sql, {"reason": logical_sql.DROPPED_SLOT})
-            logical_sql.forget_swept(conn, unswept)
-            made += f"; every watched table is swept once: {logical_sql.DROPPED_SLOT}"
-        said = logical_sql.drop_leftovers(conn, slot, leftovers)
-        made += "".join(f"; {line}" for _, line in said)
-        # (swept for above: their records go, or the next install would sweep again)
-        logical_sql.forget_swept(
-            conn, [left.slot_name for left, (gone, _) in zip(leftovers, said, strict=True) if gone]
+        made += logical_sql.sweep_before_drops(
+            conn, Q.SWEEP_ALL_LOGICAL, leftovers, logical_sql.unswept(conn, slot)
         )
+        said, dropped = logical_sql.drop_swept_leftovers(conn, slot, leftovers)
+        logical_sql.forget_swept(conn, dropped)
+        made += said
         return (
             f"installed cdc_invalidator v{trigger_sql.SCHEMA_VERSION} (logical); {made}; "
             f"publication {s.publication_name!r} holds {tables}"

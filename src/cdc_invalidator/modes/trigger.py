@@ -67,14 +67,16 @@ class TriggerMode:
         registered = logical_sql.has_slot_state(conn)  # (logical capture was installed)
         ours = logical_sql.our_slot(conn, slot)
         leftovers = logical_sql.leftover_slots(conn, slot) if registered else []
-        unswept = logical_sql.unswept(conn, None) if registered else []
-        if ours or unswept or any(left.droppable for left in leftovers):
-            # What a slot of logical capture had not handed out, or what was written
-            # while it was missing, is captured nowhere: swept, before any drop. The
-            # triggers are in place.
-            conn.execute(Q.SWEEP_ALL_TRIGGER.sql, {"reason": logical_sql.DROPPED_SLOT})
-            logical_sql.forget_swept(conn, unswept)
-            done += f"; every watched table is swept once: {logical_sql.DROPPED_SLOT}"
+        # What a slot of logical capture had not handed out, or what was written while
+        # it was missing, is captured nowhere: swept, before any drop. The triggers are
+        # in place.
+        done += logical_sql.sweep_before_drops(
+            conn,
+            Q.SWEEP_ALL_TRIGGER,
+            leftovers,
+            logical_sql.unswept(conn, None) if registered else [],
+            dropping=ours,
+        )
         if ours:
             try:
                 logical_sql.drop_slot(conn, slot)
@@ -86,13 +88,10 @@ class TriggerMode:
                     f"{logical_sql.drop_by_hand(slot)}"
                 ) from None
             done += f"; dropped replication slot {slot!r} left from logical capture"
-        said = logical_sql.drop_leftovers(conn, slot, leftovers)
-        done += "".join(f"; {line}" for _, line in said)
-        # (swept for above: their records go, or the next install would sweep again)
-        dropped = [left.slot_name for left, (gone, _) in zip(leftovers, said, strict=True) if gone]
+        said, dropped = logical_sql.drop_swept_leftovers(conn, slot, leftovers)
         if registered:
             logical_sql.forget_swept(conn, [slot, *dropped] if ours else dropped)
-        return done
+        return done + said
 
     def uninstall_script(self) -> sql.Composed:
         return trigger_sql.uninstall_script(self._settings.publication_name)
