@@ -22,11 +22,13 @@ import pytest
 import redis
 
 from cdc_invalidator.capture.rows import Decoded, MapPack
+from cdc_invalidator.capture.trigger_queue import TriggerCapture
 from cdc_invalidator.cli import main
 from cdc_invalidator.mapping import Routed
 from cdc_invalidator.modes import logical as logical_mode
 from cdc_invalidator.modes import trigger as trigger_mode
 from cdc_invalidator.modes.choose import mode_for
+from cdc_invalidator.pg.connect import PgConnector
 from cdc_invalidator.pg.queries import Q
 from cdc_invalidator.redis_guard.identity import IdentityStore
 from cdc_invalidator.redis_guard.watch import RedisWatch
@@ -463,12 +465,83 @@ def test_saved_positions_past_replay_history_are_pruned_but_the_newest_of_them(
         " SELECT now() - g * interval '1 min', '1:1:' FROM unnest('{1, 5, 10, 20}'::int[]) g"
     )
     with env.connect() as conn:
-        conn.execute(Q.PRUNE.sql, {"snapshot": "1:1:", "limit": 10, "keep_s": 7 * 60})
+        conn.execute(
+            Q.PRUNE.sql,
+            {"snapshot": "1:1:", "after_xid": "0", "after_id": 0, "limit": 10, "keep_s": 7 * 60},
+        )
         left = conn.execute(
             "SELECT array_agg(extract(epoch FROM now() - at)::int / 60 ORDER BY at)"
             " FROM cdc_invalidator.progress_v1"
         ).fetchone()
     assert left == ([10, 5, 1],)  # 20 went; 10, the newest past the cutoff, stays
+
+
+@pytest.mark.parametrize("capture", ["trigger"])  # the queue is trigger mode's
+def test_pruning_goes_on_past_its_last_chunk_not_through_rows_an_old_snapshot_keeps(
+    env: Env,
+) -> None:
+    """prune.sql: while a transaction older than the pruned rows stays open (a pg_dump,
+    a report), vacuum keeps them. Each chunk must be looked for past the last row the
+    chunk before deleted, not from the table's start through all of them again: the
+    listener prunes in its loop, every second."""
+    setup_users(env)
+    pg = PgConnector(env.dsn, application_name="test-prune", connect_timeout_s=5)
+    queue = TriggerCapture(pg, prune_every_s=0).connect()  # replay_history 0
+    retention = queue._retention
+    old = env.connect()
+    try:
+        old.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        old.execute("SELECT 1")  # its snapshot: vacuum keeps whatever is deleted after
+        # Single-row statements: a queue row each.
+        env.sql(
+            "DO $$ BEGIN FOR i IN 1..20000 LOOP INSERT INTO users VALUES (i, 'x'); END LOOP; END $$"
+        )
+        with env.connect() as conn:
+            last = conn.execute(
+                "SELECT xid::text::int8, id FROM cdc_invalidator.queue_v1"
+                " ORDER BY xid DESC, id DESC LIMIT 1"
+            ).fetchone()
+
+        def drained() -> bool:
+            with queue.batch(5000):
+                pass
+            queue.maintain()  # saves, then prunes chunk after chunk
+            return bool(env.scalar("SELECT count(*) FROM cdc_invalidator.queue_v1") == 0)
+
+        wait_until(drained, what="the queue processed and pruned")
+        assert retention.pruned_to == last  # where the next chunk is looked for
+        pages = env.scalar("SELECT pg_relation_size('cdc_invalidator.queue_v1') / 8192")
+        assert pages > 100  # the deleted rows, kept for the old snapshot
+
+        env.sql("INSERT INTO users VALUES (0, 'x')")
+        wait_until(drained, what="one more change processed and pruned")
+        # What a chunk costs now, past that position and from the start (what every chunk
+        # read before): the blocks of the queue and its index one prune statement reads.
+        done = queue._progress.saved_done.text
+        read = (
+            "SELECT pg_stat_get_xact_blocks_fetched('cdc_invalidator.queue_v1'::regclass)"
+            " + pg_stat_get_xact_blocks_fetched('cdc_invalidator.queue_v1_xid_id'::regclass)"
+        )
+
+        def blocks(after: tuple[int, int]) -> int:
+            with env.connect() as conn, conn.transaction(force_rollback=True):
+                conn.execute(
+                    Q.PRUNE.sql,
+                    {
+                        "snapshot": done,
+                        "after_xid": str(after[0]),
+                        "after_id": after[1],
+                        "limit": 5000,
+                        "keep_s": 0,
+                    },
+                )
+                return int(conn.execute(read).fetchone()[0])  # type: ignore[index]
+
+        assert blocks(retention.pruned_to) < 20
+        assert blocks((0, 0)) > pages / 2
+    finally:
+        old.close()
+        queue.close()
 
 
 def no_sweep(works: Routed) -> Ticket:

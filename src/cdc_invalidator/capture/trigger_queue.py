@@ -237,11 +237,15 @@ class Retention:
     """Which finished snapshot processed rows may be pruned below, when they are kept for
     replay: the newest one finished at least `keep_s` ago. (The queue's index is on
     (xid, id), so rows are pruned by snapshot; a time on each row would need a scan.)
-    Remembered in memory: after a restart pruning resumes `keep_s` later."""
+    Remembered in memory: after a restart pruning resumes `keep_s` later.
+
+    Also where pruning got to: the last (xid, id) deleted, from which the next chunk is
+    looked for (prune.sql). Of one server: another's ids are not comparable."""
 
     def __init__(self, keep_s: float) -> None:
         self.keep_s = keep_s
         self._seen: deque[tuple[float, Snapshot]] = deque()
+        self.pruned_to: tuple[int, int] = (0, 0)
 
     def prunable(self, done: Snapshot) -> Snapshot | None:
         if not self.keep_s:
@@ -819,10 +823,21 @@ class TriggerQueue:
         done = self._retention.prunable(self._progress.saved_done)
         if done is None or self._pruned_for is done:
             return False
-        deleted = self._conn.execute(
+        retention = self._retention
+        after_xid, after_id = retention.pruned_to
+        last = self._conn.execute(
             Q.PRUNE.sql,
-            {"snapshot": done.text, "limit": PRUNE_CHUNK, "keep_s": self._retention.keep_s},
-        ).rowcount
+            {
+                "snapshot": done.text,
+                "after_xid": str(after_xid),
+                "after_id": after_id,
+                "limit": PRUNE_CHUNK,
+                "keep_s": retention.keep_s,
+            },
+        ).fetchone()
+        deleted = 0
+        if last is not None:
+            retention.pruned_to, deleted = (int(last[0]), int(last[1])), int(last[2])
         self._pruned_at = time.monotonic()
         self._prune_more = deleted >= PRUNE_CHUNK
         if not self._prune_more:
