@@ -10,9 +10,25 @@ SELECT
     -- NOTIFY's queue is shared by the whole server; once full, commits that NOTIFY fail.
     pg_notification_queue_usage() AS notify_queue_usage
 FROM cdc_invalidator.listener_state_v1 s
-LEFT JOIN cdc_invalidator.queue_v1 q
-    ON q.xid >= pg_snapshot_xmin(s.snapshot)
-   AND NOT pg_visible_in_snapshot(q.xid, s.snapshot)
-   AND NOT coalesce(pg_visible_in_snapshot(q.xid, s.window_end)
+-- Not visible in the finished snapshot: a transaction still running when it was taken
+-- (its xip) or begun after it (from its xmax). Each looked up by the queue's index, not
+-- every row from its xmin: while one transaction stays open (idle in transaction after a
+-- write), that xmin stays where it began, and every scrape of the metrics read every row
+-- queued since (measured: 25 ms past 180k single-row changes, against 0.3 ms now; an
+-- hour at 4,000 changes/s is 14M, and the collector's statement_timeout is 5 s).
+LEFT JOIN LATERAL (
+    SELECT r.xid, r.id, r.rows, r.enqueued_at
+    FROM cdc_invalidator.queue_v1 r
+    WHERE r.xid = ANY (ARRAY(SELECT pg_snapshot_xip(s.snapshot)))
+    UNION ALL
+    SELECT r.xid, r.id, r.rows, r.enqueued_at
+    FROM cdc_invalidator.queue_v1 r
+    -- (A row above the current snapshot's xmax is not visible to this statement anyway.
+    -- Bounded at both ends, the range is estimated small: with one end, a third of the
+    -- table, and the planner read all of it.)
+    WHERE r.xid >= pg_snapshot_xmax(s.snapshot)
+      AND r.xid < pg_snapshot_xmax(pg_current_snapshot())
+) q
+    ON NOT coalesce(pg_visible_in_snapshot(q.xid, s.window_end)
                     AND (q.xid, q.id) <= (s.after_xid, s.after_id), false)
 GROUP BY s.last_processed_at, s.events_processed

@@ -43,6 +43,7 @@ from tests.support.faults import (
     cache,
     crash_onto_the_snapshot,
     keys_of,
+    queue_blocks_read,
     setup_users,
     with_rdb_snapshots,
     write,
@@ -516,26 +517,21 @@ def test_pruning_goes_on_past_its_last_chunk_not_through_rows_an_old_snapshot_ke
         env.sql("INSERT INTO users VALUES (0, 'x')")
         wait_until(drained, what="one more change processed and pruned")
         # What a chunk costs now, past that position and from the start (what every chunk
-        # read before): the blocks of the queue and its index one prune statement reads.
+        # read before).
         done = queue._progress.saved_done.text
-        read = (
-            "SELECT pg_stat_get_xact_blocks_fetched('cdc_invalidator.queue_v1'::regclass)"
-            " + pg_stat_get_xact_blocks_fetched('cdc_invalidator.queue_v1_xid_id'::regclass)"
-        )
 
         def blocks(after: tuple[int, int]) -> int:
-            with env.connect() as conn, conn.transaction(force_rollback=True):
-                conn.execute(
-                    Q.PRUNE.sql,
-                    {
-                        "snapshot": done,
-                        "after_xid": str(after[0]),
-                        "after_id": after[1],
-                        "limit": 5000,
-                        "keep_s": 0,
-                    },
-                )
-                return int(conn.execute(read).fetchone()[0])  # type: ignore[index]
+            return queue_blocks_read(
+                env,
+                Q.PRUNE.text,
+                {
+                    "snapshot": done,
+                    "after_xid": str(after[0]),
+                    "after_id": after[1],
+                    "limit": 5000,
+                    "keep_s": 0,
+                },
+            )
 
         assert blocks(retention.pruned_to) < 20
         assert blocks((0, 0)) > pages / 2

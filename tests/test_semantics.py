@@ -25,9 +25,19 @@ from typing import Any, cast
 import psycopg
 import pytest
 
+from cdc_invalidator.capture.trigger_queue import TriggerCapture
 from cdc_invalidator.cli import main
 from cdc_invalidator.pg import raw_text
+from cdc_invalidator.pg.connect import PgConnector
+from cdc_invalidator.pg.queries import Q
+from cdc_invalidator.status import Status, read_status
 from tests.support.env import Env, Servers, drop_database, make_env
+from tests.support.faults import (
+    insert_users_one_by_one,
+    queue_blocks_read,
+    queue_count,
+    setup_users,
+)
 from tests.support.listener import listening, run_cli
 from tests.support.sync import (
     SLOT,
@@ -997,3 +1007,46 @@ def test_status_reports_backlog_age_dead_letters_and_progress(env: Env) -> None:
     else:
         assert after["backlog"] == 0
         assert after["oldest_pending_age_s"] is None
+
+
+@trigger_only
+def test_the_backlog_counts_what_the_saved_snapshot_did_not_see_and_reads_only_that(
+    env: Env,
+) -> None:
+    """status.sql (`status`, and every metrics scrape): a transaction running when the
+    listener saved its snapshot is backlog once committed, and so is every one begun
+    after. The rows the snapshot saw are not read: while a transaction stays open, the
+    snapshot's xmin stays where it began, and everything queued since lies above it."""
+    setup_users(env)
+    pg = PgConnector(env.dsn, application_name="test-backlog", connect_timeout_s=5)
+    queue = TriggerCapture(pg).connect()
+    open_ = env.connect()
+    try:
+        open_.execute("BEGIN")
+        open_.execute("INSERT INTO users VALUES (0, 'open@x')")  # running for what follows
+        insert_users_one_by_one(env, 1, 20_000)  # 20,000 queue rows above its id
+
+        def saved() -> bool:
+            with queue.batch(5000):
+                pass
+            queue.maintain()
+            return queue_count(env) == 0 and queue._progress.window is None
+
+        wait_until(saved, what="the 20,000 changes processed and the snapshot saved")
+        assert read_status_of(env).backlog == 0
+        # Each row above the open transaction's id read again cost its index entry and
+        # its tuple: hundreds of blocks here, an hour of writes' worth in production.
+        assert queue_blocks_read(env, Q.STATUS.text) < 20
+
+        open_.commit()  # in the saved snapshot's running transactions
+        assert read_status_of(env).backlog == 1
+        env.sql("INSERT INTO users VALUES (-1, 'later@x')")  # begun after it
+        assert read_status_of(env).backlog == 2 == queue_count(env)
+    finally:
+        open_.close()
+        queue.close()
+
+
+def read_status_of(env: Env) -> Status:
+    with env.connect() as conn:
+        return read_status(conn)

@@ -132,6 +132,20 @@ def queue_count(env: Env) -> int:
         return len(conn.execute(PENDING.encode()).fetchall())
 
 
+def queue_blocks_read(env: Env, statement: str, params: dict[str, Any] | None = None) -> int:
+    """Trigger mode: the blocks of the queue and its index that `statement` reads, run
+    in a transaction of its own that is rolled back (what it costs, not how long)."""
+    read = (
+        "SELECT pg_stat_get_xact_blocks_fetched('cdc_invalidator.queue_v1'::regclass)"
+        " + pg_stat_get_xact_blocks_fetched('cdc_invalidator.queue_v1_xid_id'::regclass)"
+    )
+    with env.connect() as conn, conn.transaction(force_rollback=True):
+        conn.execute(statement.encode(), params)
+        blocks = conn.execute(read).fetchone()
+    assert blocks is not None
+    return int(blocks[0])
+
+
 def slot_confirmed(env: Env) -> str:
     """Logical mode: the slot's confirmed position (what the listener finished)."""
     lsn = env.scalar(
