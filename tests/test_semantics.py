@@ -25,7 +25,7 @@ from typing import Any, cast
 import psycopg
 import pytest
 
-from cdc_invalidator.capture.trigger_queue import TriggerCapture
+from cdc_invalidator.capture.trigger_queue import TriggerCapture, fetch_key, fetch_params
 from cdc_invalidator.cli import main
 from cdc_invalidator.pg import raw_text
 from cdc_invalidator.pg.connect import PgConnector
@@ -1015,16 +1015,20 @@ def test_the_backlog_counts_what_the_saved_snapshot_did_not_see_and_reads_only_t
 ) -> None:
     """status.sql (`status`, and every metrics scrape): a transaction running when the
     listener saved its snapshot is backlog once committed, and so is every one begun
-    after. The rows the snapshot saw are not read: while a transaction stays open, the
-    snapshot's xmin stays where it began, and everything queued since lies above it."""
+    after. Nothing else is read: not the rows the snapshot saw (while a transaction
+    stays open, the snapshot's xmin stays where it began, and everything queued since
+    lies above it), nor those of a transaction still running (a batch job's)."""
     setup_users(env)
     pg = PgConnector(env.dsn, application_name="test-backlog", connect_timeout_s=5)
     queue = TriggerCapture(pg).connect()
-    open_ = env.connect()
+    job = env.connect()
     try:
-        open_.execute("BEGIN")
-        open_.execute("INSERT INTO users VALUES (0, 'open@x')")  # running for what follows
-        insert_users_one_by_one(env, 1, 20_000)  # 20,000 queue rows above its id
+        job.execute("BEGIN")
+        job.execute(
+            "DO $$ BEGIN FOR i IN 1..20000 LOOP INSERT INTO users VALUES (i, 'job@x');"
+            " END LOOP; END $$"
+        )
+        insert_users_one_by_one(env, 20_001, 20_000)  # above the job's id, committed
 
         def saved() -> bool:
             with queue.batch(5000):
@@ -1034,16 +1038,58 @@ def test_the_backlog_counts_what_the_saved_snapshot_did_not_see_and_reads_only_t
 
         wait_until(saved, what="the 20,000 changes processed and the snapshot saved")
         assert read_status_of(env).backlog == 0
-        # Each row above the open transaction's id read again cost its index entry and
-        # its tuple: hundreds of blocks here, an hour of writes' worth in production.
-        assert queue_blocks_read(env, Q.STATUS.text) < 20
+        assert queue_blocks_read(env, Q.STATUS.text, listener=False) < 20
 
-        open_.commit()  # in the saved snapshot's running transactions
-        assert read_status_of(env).backlog == 1
-        env.sql("INSERT INTO users VALUES (-1, 'later@x')")  # begun after it
-        assert read_status_of(env).backlog == 2 == queue_count(env)
+        job.commit()  # in the saved snapshot's running transactions
+        assert read_status_of(env).backlog == 20_000
+        env.sql("INSERT INTO users VALUES (0, 'later@x')")  # begun after it
+        assert read_status_of(env).backlog == 20_001 == queue_count(env)
     finally:
-        open_.close()
+        job.close()
+        queue.close()
+
+
+@trigger_only
+def test_a_running_transactions_rows_are_not_read_at_each_batch_only_once_it_ends(
+    env: Env,
+) -> None:
+    """fetch_batch.sql: a transaction still running when the listener took its snapshot
+    is looked for again at every read, until it ends. Its rows must not be read while it
+    runs: a batch job's one long transaction of single-row statements queues a row each,
+    and every read went through all of them, slowing every other change's delete."""
+    setup_users(env)
+    pg = PgConnector(env.dsn, application_name="test-running", connect_timeout_s=5)
+    queue = TriggerCapture(pg).connect()
+    job = env.connect()
+    try:
+        job.execute("BEGIN")
+        job.execute(
+            "DO $$ BEGIN FOR i IN 1..20000 LOOP INSERT INTO users VALUES (i, 'job@x');"
+            " END LOOP; END $$"
+        )
+        job_xid = job.execute("SELECT pg_current_xact_id()::text").fetchone()[0]  # type: ignore[index]
+        read: list[int] = []
+
+        def processed() -> bool:
+            with queue.batch(5000) as batch:
+                read.append(batch.size)
+            queue.maintain()
+            return queue_count(env) == 0 and queue._progress.window is None
+
+        env.sql("INSERT INTO users VALUES (-1, 'other@x')")
+        wait_until(processed, what="the other change processed, the job running")
+        env.sql("INSERT INTO users VALUES (-2, 'other@x')")
+        progress = queue._progress
+        assert progress.done.xip == f"{{{job_xid}}}"  # running at the snapshot taken last
+        read_next = fetch_params(fetch_key(progress.done, None, progress.after, 5000))
+        assert queue_blocks_read(env, Q.FETCH_BATCH.text, read_next) < 20
+
+        job.commit()  # now read, all of it, once
+        read.clear()
+        wait_until(processed, what="the job's changes and the other one processed")
+        assert sum(read) == 20_001
+    finally:
+        job.close()
         queue.close()
 
 

@@ -16,6 +16,7 @@ import psycopg
 import redis
 
 from cdc_invalidator.cli import main
+from cdc_invalidator.pg.connect import LISTENER
 from tests.support.config import write_config
 from tests.support.env import Env, redis_of
 
@@ -132,14 +133,23 @@ def queue_count(env: Env) -> int:
         return len(conn.execute(PENDING.encode()).fetchall())
 
 
-def queue_blocks_read(env: Env, statement: str, params: dict[str, Any] | None = None) -> int:
-    """Trigger mode: the blocks of the queue and its index that `statement` reads, run
-    in a transaction of its own that is rolled back (what it costs, not how long)."""
+def queue_blocks_read(
+    env: Env, statement: str, params: dict[str, Any] | None = None, *, listener: bool = True
+) -> int:
+    """Trigger mode: the blocks of the queue and its index that `statement` reads, in a
+    session of its own (PostgreSQL 15 counts a session's reads until it reports them)
+    with the listener's settings (or none), in a transaction rolled back: what it costs,
+    not how long it takes. Sequential scans off: on a queue of production size the
+    planner takes the index for these reads, on a test's few hundred pages it may not,
+    and the test is of what the statement asks the index for."""
     read = (
         "SELECT pg_stat_get_xact_blocks_fetched('cdc_invalidator.queue_v1'::regclass)"
         " + pg_stat_get_xact_blocks_fetched('cdc_invalidator.queue_v1_xid_id'::regclass)"
     )
+    settings = [*(LISTENER.settings if listener else ()), ("enable_seqscan", "off")]
     with env.connect() as conn, conn.transaction(force_rollback=True):
+        for name, value in settings:
+            conn.execute("SELECT set_config(%s, %s, true)", [name, str(value)])
         conn.execute(statement.encode(), params)
         blocks = conn.execute(read).fetchone()
     assert blocks is not None

@@ -315,6 +315,20 @@ def fetch_key(
     return (cur, done.xip, after_xid, after_id, from_xid, from_id, limit)
 
 
+def fetch_params(key: FetchKey) -> dict[str, Any]:
+    """fetch_batch.sql's parameters for the read `key`."""
+    cur, prev_xip, after_xid, after_id, from_xid, from_id, limit = key
+    return {
+        "cur": cur,
+        "prev_xip": prev_xip,
+        "after_xid": after_xid,
+        "after_id": after_id,
+        "from_xid": from_xid,
+        "from_id": from_id,
+        "limit": limit,
+    }
+
+
 class ReadAhead:
     """One read done ahead on a helper thread, on the queue's own connection (psycopg
     serializes the connection's users: anything else the queue runs meanwhile waits for
@@ -757,21 +771,9 @@ class TriggerQueue:
             self._payload_bytes = 0
 
     def _fetch(self, key: FetchKey) -> list[tuple[Any, ...]]:
-        cur, prev_xip, after_xid, after_id, from_xid, from_id, limit = key
         return (
             self._conn.cursor(row_factory=tuple_row)
-            .execute(
-                Q.FETCH_BATCH.compact,
-                {
-                    "cur": cur,
-                    "prev_xip": prev_xip,
-                    "after_xid": after_xid,
-                    "after_id": after_id,
-                    "from_xid": from_xid,
-                    "from_id": from_id,
-                    "limit": limit,
-                },
-            )
+            .execute(Q.FETCH_BATCH.compact, fetch_params(key))
             .fetchall()
         )
 
