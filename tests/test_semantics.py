@@ -19,13 +19,20 @@ import hashlib
 import json
 import re
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
 
 import psycopg
 import pytest
 
-from cdc_invalidator.capture.trigger_queue import TriggerCapture, fetch_key, fetch_params
+from cdc_invalidator.capture.trigger_queue import (
+    TriggerCapture,
+    TriggerQueue,
+    fetch_key,
+    fetch_params,
+)
 from cdc_invalidator.cli import main
 from cdc_invalidator.pg import raw_text
 from cdc_invalidator.pg.connect import PgConnector
@@ -1009,6 +1016,36 @@ def test_status_reports_backlog_age_dead_letters_and_progress(env: Env) -> None:
         assert after["oldest_pending_age_s"] is None
 
 
+@contextmanager
+def queue_beside_a_job(env: Env) -> Iterator[tuple[TriggerQueue, psycopg.Connection[Any]]]:
+    """Trigger mode's queue, read by the test itself, and a batch job's transaction left
+    open after 20,000 single-row INSERTs (a queue row each) into users (ids 1-20,000)."""
+    setup_users(env)
+    pg = PgConnector(env.dsn, application_name="test-queue", connect_timeout_s=5)
+    queue = TriggerCapture(pg).connect()
+    job = env.connect()
+    try:
+        job.execute("BEGIN")
+        job.execute(
+            "DO $$ BEGIN FOR i IN 1..20000 LOOP INSERT INTO users VALUES (i, 'job@x');"
+            " END LOOP; END $$"
+        )
+        yield queue, job
+    finally:
+        job.close()
+        queue.close()
+
+
+def read_and_saved(env: Env, queue: TriggerQueue, sizes: list[int] | None = None) -> bool:
+    """One batch read and acknowledged (its size noted in `sizes`), progress saved: True
+    once nothing committed is left to read and the window is finished."""
+    with queue.batch(5000) as batch:
+        if sizes is not None:
+            sizes.append(batch.size)
+    queue.maintain()
+    return queue_count(env) == 0 and queue._progress.window is None
+
+
 @trigger_only
 def test_the_backlog_counts_what_the_saved_snapshot_did_not_see_and_reads_only_that(
     env: Env,
@@ -1018,25 +1055,9 @@ def test_the_backlog_counts_what_the_saved_snapshot_did_not_see_and_reads_only_t
     after. Nothing else is read: not the rows the snapshot saw (while a transaction
     stays open, the snapshot's xmin stays where it began, and everything queued since
     lies above it), nor those of a transaction still running (a batch job's)."""
-    setup_users(env)
-    pg = PgConnector(env.dsn, application_name="test-backlog", connect_timeout_s=5)
-    queue = TriggerCapture(pg).connect()
-    job = env.connect()
-    try:
-        job.execute("BEGIN")
-        job.execute(
-            "DO $$ BEGIN FOR i IN 1..20000 LOOP INSERT INTO users VALUES (i, 'job@x');"
-            " END LOOP; END $$"
-        )
+    with queue_beside_a_job(env) as (queue, job):
         insert_users_one_by_one(env, 20_001, 20_000)  # above the job's id, committed
-
-        def saved() -> bool:
-            with queue.batch(5000):
-                pass
-            queue.maintain()
-            return queue_count(env) == 0 and queue._progress.window is None
-
-        wait_until(saved, what="the 20,000 changes processed and the snapshot saved")
+        wait_until(lambda: read_and_saved(env, queue), what="the 20,000 changes read")
         assert read_status_of(env).backlog == 0
         assert queue_blocks_read(env, Q.STATUS.text, listener=False) < 20
 
@@ -1044,9 +1065,6 @@ def test_the_backlog_counts_what_the_saved_snapshot_did_not_see_and_reads_only_t
         assert read_status_of(env).backlog == 20_000
         env.sql("INSERT INTO users VALUES (0, 'later@x')")  # begun after it
         assert read_status_of(env).backlog == 20_001 == queue_count(env)
-    finally:
-        job.close()
-        queue.close()
 
 
 @trigger_only
@@ -1057,27 +1075,10 @@ def test_a_running_transactions_rows_are_not_read_at_each_batch_only_once_it_end
     is looked for again at every read, until it ends. Its rows must not be read while it
     runs: a batch job's one long transaction of single-row statements queues a row each,
     and every read went through all of them, slowing every other change's delete."""
-    setup_users(env)
-    pg = PgConnector(env.dsn, application_name="test-running", connect_timeout_s=5)
-    queue = TriggerCapture(pg).connect()
-    job = env.connect()
-    try:
-        job.execute("BEGIN")
-        job.execute(
-            "DO $$ BEGIN FOR i IN 1..20000 LOOP INSERT INTO users VALUES (i, 'job@x');"
-            " END LOOP; END $$"
-        )
+    with queue_beside_a_job(env) as (queue, job):
         job_xid = job.execute("SELECT pg_current_xact_id()::text").fetchone()[0]  # type: ignore[index]
-        read: list[int] = []
-
-        def processed() -> bool:
-            with queue.batch(5000) as batch:
-                read.append(batch.size)
-            queue.maintain()
-            return queue_count(env) == 0 and queue._progress.window is None
-
         env.sql("INSERT INTO users VALUES (-1, 'other@x')")
-        wait_until(processed, what="the other change processed, the job running")
+        wait_until(lambda: read_and_saved(env, queue), what="the other change read")
         env.sql("INSERT INTO users VALUES (-2, 'other@x')")
         progress = queue._progress
         assert progress.done.xip == f"{{{job_xid}}}"  # running at the snapshot taken last
@@ -1085,12 +1086,9 @@ def test_a_running_transactions_rows_are_not_read_at_each_batch_only_once_it_end
         assert queue_blocks_read(env, Q.FETCH_BATCH.text, read_next) < 20
 
         job.commit()  # now read, all of it, once
-        read.clear()
-        wait_until(processed, what="the job's changes and the other one processed")
-        assert sum(read) == 20_001
-    finally:
-        job.close()
-        queue.close()
+        sizes: list[int] = []
+        wait_until(lambda: read_and_saved(env, queue, sizes), what="the job's changes read")
+        assert sum(sizes) == 20_001
 
 
 def read_status_of(env: Env) -> Status:
