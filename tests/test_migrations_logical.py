@@ -13,11 +13,13 @@ import psycopg
 import pytest
 import redis
 
+from cdc_invalidator.capture.errors import NotInstalled
 from tests.support.env import Env
-from tests.support.listener import Spawn, check, cli
+from tests.support.listener import ListenerThread, Spawn, check, cli
 from tests.support.logical import (
     ORDERS,
     USERS,
+    active,
     gone,
     install,
     logical_config,
@@ -366,7 +368,9 @@ def test_a_publication_dropped_without_the_guard_and_made_again_by_install_resum
     config = logical_config(env, USERS)
     install(config)
     r = env.redis()
-    with running(env, config):
+    listener = ListenerThread.from_file(config).start()
+    try:
+        wait_until(lambda: active(env), what="the listener streaming its slot")
         env.sql(
             "ALTER EVENT TRIGGER cdc_invalidator_guard DISABLE;"
             "ALTER EVENT TRIGGER cdc_invalidator_guard_drops DISABLE;"
@@ -377,10 +381,21 @@ def test_a_publication_dropped_without_the_guard_and_made_again_by_install_resum
         r.mset({"user:1": "stale", "user:2": "cached"})
         env.sql("UPDATE users SET email = 'gap@x' WHERE id = 1")  # while it did not exist
         install(config)
-        wait_until(lambda: gone(r, "user:1", "user:2"), what="the sweep")
+        # The stream fails at that change, and the listener connects again. Had it done
+        # so before install made the publication again, it found none and exited (`run`
+        # exits 1 when our SQL is missing); its supervisor starts it again.
+        wait_until(lambda: gone(r, "user:1", "user:2") or not listener.alive(), what="the sweep")
+        if not listener.alive():
+            assert isinstance(listener.error, NotInstalled), listener.error
+            listener.error = None
+            listener.stop()
+            listener = ListenerThread.from_file(config).start()
+            wait_until(lambda: gone(r, "user:1", "user:2"), what="the sweep")
         r.set("user:2", "cached")
         env.sql("UPDATE users SET email = 'after@x' WHERE id = 2")
         wait_until(lambda: gone(r, "user:2"), what="a change after it")
+    finally:
+        listener.stop()
     assert check(config, capsys)[0] == 0
 
 
