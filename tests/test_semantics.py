@@ -1037,13 +1037,15 @@ def queue_beside_a_job(env: Env) -> Iterator[tuple[TriggerQueue, psycopg.Connect
 
 
 def read_and_saved(env: Env, queue: TriggerQueue, sizes: list[int] | None = None) -> bool:
-    """One batch read and acknowledged (its size noted in `sizes`), progress saved: True
-    once nothing committed is left to read and the window is finished."""
+    """One batch read and acknowledged (its size noted in `sizes`), progress saved if
+    due: True once nothing committed is left to read, the window is finished, and that
+    is saved (what status.sql reads)."""
     with queue.batch(5000) as batch:
         if sizes is not None:
             sizes.append(batch.size)
     queue.maintain()
-    return queue_count(env) == 0 and queue._progress.window is None
+    progress = queue._progress
+    return queue_count(env) == 0 and progress.window is None and not progress.unsaved
 
 
 @trigger_only
