@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from psycopg.conninfo import make_conninfo
 from cdc_invalidator.cli import main
 from tests.support.config import write_config
 from tests.support.env import Env
-from tests.support.listener import ListenerProcess, Spawn, run_cli
+from tests.support.listener import ListenerProcess, Spawn, run_cli, stop_listener
 from tests.support.roles import login_role
 from tests.support.waits import wait_until
 
@@ -630,3 +631,38 @@ def test_check_names_the_application_schema_a_role_may_not_use(
     assert out.returncode != 0, said
     assert "permission denied for schema shop" in said, said
     assert "GRANT USAGE ON SCHEMA shop TO the listener's role" in said, said
+
+
+def test_the_listener_keeps_its_sessions_whatever_timeouts_its_role_carries(
+    env: Env, spawn: Spawn, listener_role: str
+) -> None:
+    """A DBA's settings for forgotten sessions and accidental writes, on the listener's
+    role: the listener idles between changes, holds a transaction while a replay's keys
+    are deleted, and writes its books. Each of these had it reconnect in a loop, or exit
+    at its first write while `check` saw nothing wrong (a review)."""
+    tables(env)
+    install(env)
+    grant(env, listener_role)
+    settings = {
+        "idle_session_timeout": "200ms",
+        "idle_in_transaction_session_timeout": "100ms",
+        "default_transaction_read_only": "on",
+    }
+    if env.scalar("SELECT current_setting('server_version_num')::int") >= 170000:
+        settings["transaction_timeout"] = "200ms"
+    for name, value in settings.items():
+        env.sql(
+            sql.SQL("ALTER ROLE {} SET {} = {}")
+            .format(sql.Identifier(listener_role), sql.Identifier(name), sql.Literal(value))
+            .as_string(None)
+        )
+    r = env.redis()
+    listener = spawn(config(env, USERS, name="listener.toml", role=listener_role))
+    for i in (1, 2, 3):
+        r.set(f"user:{i}", "-")
+        env.sql("UPDATE users SET name = 'x' WHERE id = %s", [i])
+        wait_until(lambda i=i: r.exists(f"user:{i}") == 0, what=f"user:{i} deleted")  # type: ignore[misc]
+        # Idle past every timeout above (this builds the case; it waits on nothing).
+        time.sleep(0.5)
+    stop_listener(listener)
+    assert listener.logged("postgres_unavailable") == []

@@ -23,7 +23,7 @@ from psycopg import sql
 
 from cdc_invalidator.capture import keepalive
 from cdc_invalidator.capture.errors import Fatal
-from cdc_invalidator.pg import raw_text
+from cdc_invalidator.pg import raw_text, versions
 from cdc_invalidator.pg.queries import Q
 from cdc_invalidator.settings import Settings
 
@@ -59,6 +59,22 @@ SEARCH_PATH = ("search_path", "pg_catalog")
 # keys are deleted twice), so the listener does not wait for WAL fsync and takes no fsync
 # bandwidth from the writers.
 NO_FSYNC_WAIT = ("synchronous_commit", "off")
+# A lasting session's settings (Kind.lasting), as (setting, value, the major version
+# that has it). A DBA's timeouts for forgotten sessions, set on the listener's role or
+# the database, ended the listener's: idle_session_timeout below ~2 s made it reconnect
+# in a loop (its deletes waiting), and transaction_timeout (or
+# idle_in_transaction_session_timeout) killed the side session that reads a replay's
+# history while the keys are deleted, so the listener exited at every start, and the
+# walsender within a large streamed transaction, so the slot never passed it (a
+# review, both modes). And default_transaction_read_only, which PostgreSQL says is no
+# security measure: the listener's role set so had the listener exit at its first
+# write (its books, Redis' identity), in a loop, while `check` saw nothing wrong.
+LASTING_SETTINGS = (
+    ("idle_in_transaction_session_timeout", 0, versions.OLDEST),
+    ("idle_session_timeout", 0, versions.IDLE_SESSION_TIMEOUT),
+    ("transaction_timeout", 0, versions.TRANSACTION_TIMEOUT),
+    ("default_transaction_read_only", "off", versions.OLDEST),
+)
 # How long a scrape's reading of the database may take: a hung database fails the
 # reading (status_up 0) instead of holding the scrape and the collector's lock.
 METRICS_STATEMENT_TIMEOUT = "5s"
@@ -97,6 +113,11 @@ class Kind:
 
     suffix: str = ""  # added to application_name
     keepalives: bool = False  # a session whose end frees a lock or a slot
+    # A session that lasts as long as the listener, idle between changes, with
+    # transactions as long as its work (a replay's history read, a streamed transaction
+    # decoded): a role's or database's timeouts for forgotten sessions are turned off
+    # in it (LASTING_SETTINGS).
+    lasting: bool = False
     settings: tuple[tuple[str, str | int], ...] = ()  # SET once connected
     # Startup options; the server's keepalives then go there too (with keepalives only).
     options: str = ""
@@ -124,16 +145,22 @@ LISTENER = Kind(
     settings=(NO_FSYNC_WAIT, ("enable_bitmapscan", "off")),
     writes=True,
     raw_text=True,
+    lasting=True,
 )
 # Logical mode's ordinary session beside the stream: slot state, dead letters, history.
-BOOKKEEPING = Kind(keepalives=True, settings=(NO_FSYNC_WAIT,), writes=True)
+BOOKKEEPING = Kind(keepalives=True, settings=(NO_FSYNC_WAIT,), writes=True, lasting=True)
 # Logical mode's stream (START_REPLICATION).
 REPLICATION = Kind(
-    keepalives=True, options=RENDER_OPTIONS, settings=WALSENDER_SETTINGS, replication=True
+    keepalives=True,
+    options=RENDER_OPTIONS,
+    settings=WALSENDER_SETTINGS,
+    replication=True,
+    lasting=True,
 )
-# Short-lived sessions beside the listener (replay's identity watch): they hold nothing,
-# and are named apart from the listener's own session in pg_stat_activity.
-SIDE = Kind(suffix="-side", raw_text=True)
+# Short-lived sessions beside the listener (replay's identity watch, the history a
+# replay or a start reads while its keys are deleted): they hold nothing, and are named
+# apart from the listener's own session in pg_stat_activity.
+SIDE = Kind(suffix="-side", raw_text=True, lasting=True)
 # The metrics collector's session, read at scrape time.
 METRICS = Kind(suffix="-metrics", settings=(("statement_timeout", METRICS_STATEMENT_TIMEOUT),))
 # A one-shot command (install, check, status, ...).
@@ -201,20 +228,7 @@ class PgConnector:
                     f"connection logical capture streams from ({exc}): {POOLER_HELP}"
                 ) from None
             raise
-        settings = [SEARCH_PATH, *kind.settings]
-        if (kind.replication or kind.raw_text) and (
-            conn.info.parameter_status("server_encoding") == raw_text.ENCODING
-        ):
-            # A SQL_ASCII database holds any bytes, and the server checks what it sends a
-            # UTF8 session: it fails at the first value that is not UTF-8, every time
-            # (the walsender, and the slot stays there; a read of the queue). SQL_ASCII
-            # turns the check off. The stream is read as bytes (capture/pgoutput.py), the
-            # rows as raw text (pg/raw_text.py): such a value is one change's dead letter.
-            settings.append(("client_encoding", raw_text.ENCODING))
-            if kind.raw_text:
-                raw_text.adapt(conn)
-        if kind.keepalives and not kind.options:
-            settings += keepalive.SET_SETTINGS.items()
+        settings = _settings(conn, kind)
         try:
             # (a pooler passing a replication connection on would keep it whole)
             seen = self._pool_seen_at
@@ -245,6 +259,29 @@ class PgConnector:
     def factory(self, kind: Kind) -> Callable[[], psycopg.Connection[Any]]:
         """A function that opens a session of this kind (for who reconnects at will)."""
         return partial(self.connect, kind)
+
+
+def _settings(conn: psycopg.Connection[Any], kind: Kind) -> list[tuple[str, str | int]]:
+    """What a session of this kind SETs once connected (and, in a SQL_ASCII database,
+    how it reads text)."""
+    settings: list[tuple[str, str | int]] = [SEARCH_PATH, *kind.settings]
+    if kind.lasting:
+        major = conn.info.server_version // 10000
+        settings += [(name, value) for name, value, since in LASTING_SETTINGS if major >= since]
+    if (kind.replication or kind.raw_text) and (
+        conn.info.parameter_status("server_encoding") == raw_text.ENCODING
+    ):
+        # A SQL_ASCII database holds any bytes, and the server checks what it sends a
+        # UTF8 session: it fails at the first value that is not UTF-8, every time
+        # (the walsender, and the slot stays there; a read of the queue). SQL_ASCII
+        # turns the check off. The stream is read as bytes (capture/pgoutput.py), the
+        # rows as raw text (pg/raw_text.py): such a value is one change's dead letter.
+        settings.append(("client_encoding", raw_text.ENCODING))
+        if kind.raw_text:
+            raw_text.adapt(conn)
+    if kind.keepalives and not kind.options:
+        settings += keepalive.SET_SETTINGS.items()
+    return settings
 
 
 def _server_pid(conn: psycopg.Connection[Any]) -> int:

@@ -14,6 +14,10 @@ OLDEST_LOGICAL = 15
 DETACH_CONCURRENTLY = 14
 # Publications carry generated columns (publish_generated_columns): PostgreSQL 18.
 PUBLISHED_GENERATED = 18
+# The settings that end a session idle or a transaction by time, and since when
+# PostgreSQL has them (idle_in_transaction_session_timeout: every accepted version).
+IDLE_SESSION_TIMEOUT = 14
+TRANSACTION_TIMEOUT = 17
 
 _TWO_PART = 10  # from PostgreSQL 10 on, a version is major.minor
 
