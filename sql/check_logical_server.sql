@@ -6,4 +6,5 @@ SELECT current_setting('wal_level') AS wal_level,
                       AND pg_has_role(current_user, r.oid, 'MEMBER')) AS can_replicate,
        current_user,
        EXISTS (SELECT FROM pg_publication WHERE pubname = %(publication)s) AS publication_exists,
-       current_setting('max_slot_wal_keep_size') AS max_slot_wal_keep_size
+       current_setting('max_slot_wal_keep_size') AS max_slot_wal_keep_size,
+       current_setting('synchronous_standby_names') AS synchronous_standby_names

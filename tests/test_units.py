@@ -28,6 +28,7 @@ from cdc_invalidator.capture.trigger_queue import (
     Snapshot,
     fetch_key,
 )
+from cdc_invalidator.checks import names_standby
 from cdc_invalidator.durations import format_duration, parse_duration
 from cdc_invalidator.mapping import Mapper
 from cdc_invalidator.metrics import Metrics
@@ -364,3 +365,23 @@ def test_rows_compressed_with_lz4_on_a_server_without_it_are_explained() -> None
     said = cli._explain(psycopg.errors.FeatureNotSupported("compression method lz4 not supported"))
     assert "carried to a server built without it" in said, said
     assert "docs/DBA.md" in said, said
+
+
+@pytest.mark.parametrize(
+    ("names", "named"),
+    [
+        ("", False),
+        ("*", True),
+        ("standby1, *", True),
+        ("FIRST 1 (standby1, standby2)", False),
+        ("ANY 2 (s1, CDC-INVALIDATOR, s2)", True),  # case ignored
+        ('2 ("cdc-invalidator")', True),
+        ('"CDC-Invalidator"', True),  # quoted too
+        ("first 1 (*)", True),
+        ("cdc-invalidator-cli", False),
+    ],
+)
+def test_synchronous_standby_names_naming_the_listeners_stream(names: str, named: bool) -> None:
+    """check: a logical listener that PostgreSQL may make a synchronous standby holds
+    every commit of the server (review: 10 minutes for a write to another database)."""
+    assert names_standby(names, "cdc-invalidator") is named

@@ -903,6 +903,29 @@ def check_slots(report: Report, *, native: bool) -> None:
         )
 
 
+# synchronous_standby_names: FIRST n (a, b), ANY n (a, b), n (a, b), or a list; a name
+# is an identifier, quoted or not, or "*" for any.
+_SYNC_METHOD = re.compile(r"^\s*(?:(?:FIRST|ANY)\s+)?\d+\s*\((.*)\)\s*$", re.IGNORECASE | re.DOTALL)
+
+
+def names_standby(synchronous_standby_names: str, application_name: str) -> bool:
+    """Whether a walsender of this application_name may be chosen as a synchronous
+    standby: the setting lists "*" or the name (PostgreSQL compares them ignoring
+    case, quoted or not)."""
+    listed = synchronous_standby_names.strip()
+    if match := _SYNC_METHOD.match(listed):
+        listed = match.group(1)
+    for raw in listed.split(","):
+        name = raw.strip()
+        if name == "*":
+            return True
+        if name[:1] == '"' == name[-1:] and name != '"':
+            name = name[1:-1].replace('""', '"')
+        if name.lower() == application_name.lower():
+            return True
+    return False
+
+
 def _check_streaming(user: str, can_replicate: bool, pg: PgConnector, report: Report) -> None:
     """The role may stream, and a replication connection opens: ordinary sessions got
     in, so check said ok, while the stream's connection could not (a pooler in front
@@ -959,11 +982,19 @@ def check_logical_server(conn: psycopg.Connection[Any], settings: Settings, repo
         ).fetchone(),
         "row of logical replication settings",
     )
-    wal_level, can_replicate, user, publication_exists, keep_size = row
+    wal_level, can_replicate, user, publication_exists, keep_size, sync_names = row
     if wal_level != "logical":
         report.errors.append(
             f"wal_level is {wal_level!r}: logical capture needs wal_level = logical "
             "(a server restart)"
+        )
+    if names_standby(sync_names, settings.application_name):
+        report.errors.append(
+            f"synchronous_standby_names ({sync_names!r}) names the listener's stream "
+            f"(application_name {settings.application_name!r}): PostgreSQL may then make "
+            "it a synchronous standby, and every commit of the server would wait for the "
+            "listener to delete its keys, or hang while nothing moves the slot. Name the "
+            'standbys themselves there instead of "*" (docs/logical.md, "What it needs")'
         )
     _check_streaming(user, can_replicate, PgConnector.from_settings(settings), report)
     check_walks(report, native=NATIVE_WALKS)
