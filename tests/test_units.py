@@ -367,6 +367,20 @@ def test_rows_compressed_with_lz4_on_a_server_without_it_are_explained() -> None
     assert "docs/DBA.md" in said, said
 
 
+def test_a_privilege_refused_in_another_language_gets_advice_that_fits_either_schema() -> None:
+    """The schema is found in PostgreSQL's English message only: under another
+    lc_messages, an application's schema was sent to grant_listener(), which grants only
+    ours (a review, German)."""
+    german = "keine Berechtigung für Schema shop"
+    said = cli._explain(psycopg.errors.InsufficientPrivilege(german))
+    assert "grant_listener()" in said, said
+    assert "USAGE on the configured tables' schemas" in said, said
+    ours = cli._explain(
+        psycopg.errors.InsufficientPrivilege("permission denied for schema cdc_invalidator")
+    )
+    assert "USAGE on the configured" not in ours, ours
+
+
 @pytest.mark.parametrize(
     ("names", "named"),
     [

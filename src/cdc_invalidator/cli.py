@@ -131,19 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _explain(exc: Exception) -> str:
     """One line for an error that ends a command (Console scrubs it)."""
     if isinstance(exc, psycopg.errors.InsufficientPrivilege):
-        message = _pg_message(exc)
-        schema = re.search(r'permission denied for schema "?([^"\s:]+)"?', message)
-        if schema and schema.group(1) != "cdc_invalidator":
-            # (an application's schema: grant_listener() grants only ours)
-            return (
-                f"{message}: `check` looks the configured tables up by name, which needs "
-                f"USAGE on their schema: GRANT USAGE ON SCHEMA {schema.group(1)} TO the "
-                "listener's role (docs/DBA.md)"
-            )
-        return (
-            f"{message}: `status`, `check` and `replay` need what "
-            "cdc_invalidator.grant_listener() grants the listener's role (docs/DBA.md)"
-        )
+        return _explain_privilege(exc)
     if isinstance(exc, psycopg.Error):  # the server went away or refused, mid-command
         message = _pg_message(exc)
         if "compression method lz4 not supported" in message:
@@ -157,6 +145,32 @@ def _explain(exc: Exception) -> str:
     if isinstance(exc, ConfigError | DatabaseError | Fatal | UsageError):
         return str(exc)
     return f"Redis: {type(exc).__name__}: {exc}"
+
+
+def _explain_privilege(exc: psycopg.errors.InsufficientPrivilege) -> str:
+    """A privilege a command's role lacks, and where to get it."""
+    message = _pg_message(exc)
+    schema = re.search(r'permission denied for schema "?([^"\s:]+)"?', message)
+    if schema and schema.group(1) != "cdc_invalidator":
+        # (an application's schema: grant_listener() grants only ours)
+        return (
+            f"{message}: `check` looks the configured tables up by name, which needs "
+            f"USAGE on their schema: GRANT USAGE ON SCHEMA {schema.group(1)} TO the "
+            "listener's role (docs/DBA.md)"
+        )
+    if schema:  # ours
+        return (
+            f"{message}: `status`, `check` and `replay` need what "
+            "cdc_invalidator.grant_listener() grants the listener's role (docs/DBA.md)"
+        )
+    # Another object, or the server's messages in another language (lc_messages:
+    # a review's German server had the advice above given for an application's
+    # schema, which grant_listener() does not grant): both.
+    return (
+        f"{message}: `status`, `check` and `replay` need what "
+        "cdc_invalidator.grant_listener() grants the listener's role, and USAGE on the "
+        "configured tables' schemas (docs/DBA.md)"
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
