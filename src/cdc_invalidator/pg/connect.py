@@ -113,10 +113,10 @@ class Kind:
 
     suffix: str = ""  # added to application_name
     keepalives: bool = False  # a session whose end frees a lock or a slot
-    # A session that lasts as long as the listener, idle between changes, with
-    # transactions as long as its work (a replay's history read, a streamed transaction
-    # decoded): a role's or database's timeouts for forgotten sessions are turned off
-    # in it (LASTING_SETTINGS).
+    # A session of the running listener, not of a command: it idles between changes,
+    # or holds a transaction as long as its work takes (a replay's history read while
+    # its keys are deleted, a large transaction decoded). A role's or database's
+    # timeouts for forgotten sessions are turned off in it (LASTING_SETTINGS).
     lasting: bool = False
     settings: tuple[tuple[str, str | int], ...] = ()  # SET once connected
     # Startup options; the server's keepalives then go there too (with keepalives only).
