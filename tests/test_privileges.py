@@ -10,8 +10,10 @@ DEFINER) write the queue for them.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import time
+import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from tests.support.config import write_config
 from tests.support.env import Env
 from tests.support.listener import ListenerProcess, Spawn, run_cli, stop_listener
 from tests.support.roles import login_role
+from tests.support.servers import free_port
 from tests.support.waits import wait_until
 
 pytestmark = pytest.mark.usefixtures("capture")
@@ -657,12 +660,26 @@ def test_the_listener_keeps_its_sessions_whatever_timeouts_its_role_carries(
             .as_string(None)
         )
     r = env.redis()
-    listener = spawn(config(env, USERS, name="listener.toml", role=listener_role))
+    port = free_port()
+    own = config(env, USERS, name="listener.toml", role=listener_role, metrics_port=port)
+    listener = spawn(own)
     for i in (1, 2, 3):
         r.set(f"user:{i}", "-")
         env.sql("UPDATE users SET name = 'x' WHERE id = %s", [i])
         wait_until(lambda i=i: r.exists(f"user:{i}") == 0, what=f"user:{i} deleted")  # type: ignore[misc]
-        # Idle past every timeout above (this builds the case; it waits on nothing).
-        time.sleep(0.5)
+        # The metrics' session read (its figures are kept a second), then idle past
+        # every timeout above (this builds the case; it waits on nothing).
+        assert status_up(port) == 1
+        time.sleep(1.2)
     stop_listener(listener)
     assert listener.logged("postgres_unavailable") == []
+    assert listener.logged("metrics_status_failed") == []
+
+
+def status_up(port: int) -> float:
+    """cdc_invalidator_status_up as the listener's metrics say it now."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    found = re.search(r"^cdc_invalidator_status_up (\S+)$", text, re.MULTILINE)
+    assert found, text
+    return float(found.group(1))

@@ -113,10 +113,11 @@ class Kind:
 
     suffix: str = ""  # added to application_name
     keepalives: bool = False  # a session whose end frees a lock or a slot
-    # A session of the running listener, not of a command: it idles between changes,
-    # or holds a transaction as long as its work takes (a replay's history read while
-    # its keys are deleted, a large transaction decoded). A role's or database's
-    # timeouts for forgotten sessions are turned off in it (LASTING_SETTINGS).
+    # A session of the running listener (or of `replay`, which reads history as it
+    # does): it idles between changes or scrapes, or holds a transaction as long as its
+    # work takes (a replay's history read while its keys are deleted, a large
+    # transaction decoded). A role's or database's timeouts for forgotten sessions are
+    # turned off in it (LASTING_SETTINGS).
     lasting: bool = False
     settings: tuple[tuple[str, str | int], ...] = ()  # SET once connected
     # Startup options; the server's keepalives then go there too (with keepalives only).
@@ -161,12 +162,17 @@ REPLICATION = Kind(
 # replay or a start reads while its keys are deleted): they hold nothing, and are named
 # apart from the listener's own session in pg_stat_activity.
 SIDE = Kind(suffix="-side", raw_text=True, lasting=True)
-# The metrics collector's session, read at scrape time.
-METRICS = Kind(suffix="-metrics", settings=(("statement_timeout", METRICS_STATEMENT_TIMEOUT),))
+# The metrics collector's session, read at scrape time (idle between scrapes: a role's
+# idle_session_timeout had status_up read 0 every other scrape).
+METRICS = Kind(
+    suffix="-metrics",
+    settings=(("statement_timeout", METRICS_STATEMENT_TIMEOUT),),
+    lasting=True,
+)
 # A one-shot command (install, check, status, ...).
 CLI = Kind(suffix="-cli")
 # The one that reads captured rows: replay.
-REPLAY = Kind(suffix="-cli", raw_text=True)
+REPLAY = Kind(suffix="-cli", raw_text=True, lasting=True)  # (as the listener's replay)
 
 
 class PgConnector:
