@@ -43,6 +43,7 @@ from tests.support.faults import (
     insert_users_one_by_one,
     queue_blocks_read,
     queue_count,
+    read_and_saved,
     setup_users,
 )
 from tests.support.listener import listening, run_cli
@@ -1034,18 +1035,6 @@ def queue_beside_a_job(env: Env) -> Iterator[tuple[TriggerQueue, psycopg.Connect
     finally:
         job.close()
         queue.close()
-
-
-def read_and_saved(env: Env, queue: TriggerQueue, sizes: list[int] | None = None) -> bool:
-    """One batch read and acknowledged (its size noted in `sizes`), progress saved if
-    due: True once nothing committed is left to read, the window is finished, and that
-    is saved (what status.sql reads)."""
-    with queue.batch(5000) as batch:
-        if sizes is not None:
-            sizes.append(batch.size)
-    queue.maintain()
-    progress = queue._progress
-    return queue_count(env) == 0 and progress.window is None and not progress.unsaved
 
 
 @trigger_only

@@ -15,6 +15,7 @@ from typing import Any
 import psycopg
 import redis
 
+from cdc_invalidator.capture.trigger_queue import TriggerQueue
 from cdc_invalidator.cli import main
 from cdc_invalidator.pg.connect import LISTENER
 from tests.support.config import write_config
@@ -131,6 +132,18 @@ def queue_count(env: Env) -> int:
     """Trigger mode: events not acknowledged yet."""
     with env.connect() as conn:
         return len(conn.execute(PENDING.encode()).fetchall())
+
+
+def read_and_saved(env: Env, queue: TriggerQueue, sizes: list[int] | None = None) -> bool:
+    """Trigger mode, a queue the test reads itself: one batch read and acknowledged (its
+    size noted in `sizes`), then saved and pruned if due. True once nothing committed is
+    left to read, the window is finished, and that is saved (what status.sql reads)."""
+    with queue.batch(5000) as batch:
+        if sizes is not None:
+            sizes.append(batch.size)
+    queue.maintain()
+    progress = queue._progress
+    return queue_count(env) == 0 and progress.window is None and not progress.unsaved
 
 
 def queue_blocks_read(

@@ -159,8 +159,8 @@ REPLICATION = Kind(
     lasting=True,
 )
 # Short-lived sessions beside the listener (replay's identity watch, the history a
-# replay or a start reads while its keys are deleted): they hold nothing, and are named
-# apart from the listener's own session in pg_stat_activity.
+# replay or a start reads while its keys are deleted): they hold no lock or slot, and
+# are named apart from the listener's own session in pg_stat_activity.
 SIDE = Kind(suffix="-side", raw_text=True, lasting=True)
 # The metrics collector's session, read at scrape time (idle between scrapes: a role's
 # idle_session_timeout had status_up read 0 every other scrape).
