@@ -193,6 +193,14 @@ class Bench:
             lines.append(f"keys = {json.dumps(SWEPT_TEMPLATES if table == SWEPT else TEMPLATES)}")
         target.config.write_text("\n".join(lines) + "\n")
 
+    def write_config_like(self, target: Target, like: Target, redis_url: str) -> None:
+        """`like`'s configuration file, with another Redis: the same mapping."""
+        text = like.config.read_text()
+        line = f"redis_url = {json.dumps(self.rs.url)}"
+        if line not in text:
+            raise RuntimeError(f"{like.config} does not have {line!r}")
+        target.config.write_text(text.replace(line, f"redis_url = {json.dumps(redis_url)}", 1))
+
     def cli(self, target: Target, *args: str) -> str:
         result = subprocess.run(
             [sys.executable, "-m", "cdc_invalidator", *args, "--config", str(target.config)],
