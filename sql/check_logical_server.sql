@@ -7,7 +7,4 @@ SELECT current_setting('wal_level') AS wal_level,
        current_user,
        EXISTS (SELECT FROM pg_publication WHERE pubname = %(publication)s) AS publication_exists,
        current_setting('max_slot_wal_keep_size') AS max_slot_wal_keep_size,
-       current_setting('synchronous_standby_names') AS synchronous_standby_names,
-       -- A standby copies a failover slot only through a physical slot of its own here
-       -- (its primary_slot_name).
-       (SELECT count(*) FROM pg_replication_slots WHERE slot_type = 'physical') AS physical_slots
+       current_setting('synchronous_standby_names') AS synchronous_standby_names

@@ -13,10 +13,7 @@ SELECT n.name AS slot_name,
        st.acked_lsn::text AS acked_lsn,
        st.resync_reason,
        st.slot_name IS NOT NULL AS registered,
-       coalesce(s.two_phase, false) AS two_phase,
-       -- A failover slot (slot_failover): PostgreSQL 17+, NULL before (read so, the
-       -- same statement serves every version).
-       (to_jsonb(s) ->> 'failover')::boolean AS failover
+       coalesce(s.two_phase, false) AS two_phase
 FROM (SELECT %(slot)s::name AS name) n
 LEFT JOIN pg_replication_slots s ON s.slot_name = n.name
 LEFT JOIN cdc_invalidator.slot_state_v1 st ON st.slot_name = n.name

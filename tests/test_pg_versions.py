@@ -49,20 +49,6 @@ def test_logical_capture_needs_15_and_says_trigger_mode_would_do() -> None:
     assert 'capture = "trigger"' in why
 
 
-def test_a_failover_slot_needs_17_and_the_server_too_old_for_logical_capture_says_that_first() -> (
-    None
-):
-    assert refusal(160004, "logical") is None
-    why = refusal(160004, "logical", failover_slot=True)
-    assert why is not None
-    assert "PostgreSQL 16.4: slot_failover needs PostgreSQL 17 or later" in why
-    assert "set slot_failover = false" in why
-    assert refusal(170000, "logical", failover_slot=True) is None
-    older = refusal(140012, "logical", failover_slot=True)
-    assert older is not None
-    assert "logical capture needs PostgreSQL 15" in older
-
-
 @pytest.mark.parametrize("num", [150000, 150018, 160004, 170002, 180006, 190000])
 @pytest.mark.parametrize("capture", ["trigger", "logical"])
 def test_15_and_later_are_accepted_in_either_mode(num: int, capture: str) -> None:

@@ -81,20 +81,3 @@ def test_what_each_class_calls_for() -> None:
     created = {k for k in SlotClass if k.create}
     assert swept == {SlotClass.GONE, SlotClass.LOST, SlotClass.AHEAD}
     assert created == {SlotClass.MISSING_FIRST_USE, SlotClass.GONE, SlotClass.LOST}
-
-
-@pytest.mark.parametrize(
-    ("flag", "setting", "realign"),
-    [
-        (None, True, False),  # before PostgreSQL 17: no flag (and install refused it)
-        (None, False, False),
-        (False, True, True),  # made before slot_failover was set
-        (True, False, True),  # and unset since
-        (True, True, False),
-        (False, False, False),
-    ],
-)
-def test_the_slots_failover_flag_is_set_only_when_it_differs_from_slot_failover(
-    flag: bool | None, setting: bool, realign: bool
-) -> None:
-    assert replace(HEALTHY, failover=flag).realign(setting) is realign

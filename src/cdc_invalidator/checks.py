@@ -129,12 +129,7 @@ class ModeChecks(Protocol):
 
     @property
     def name(self) -> str:
-        """Which mode: "trigger" or "logical"."""
-        ...
-
-    def refusal(self, server_version_num: int) -> str | None:
-        """Why a server of this version cannot serve this mode as configured
-        (pg/versions.py), or None: `install` and `check` ask before anything else."""
+        """Which mode: what the server's version is judged for."""
         ...
 
     def check_table(self, conn: psycopg.Connection[Any], report: Report, facts: TableFacts) -> None:
@@ -153,7 +148,7 @@ def check_database(
 ) -> Report:
     report = Report()
     server = conn.info.server_version
-    too_old = mode.refusal(server)
+    too_old = versions.refusal(server, mode.name)
     if too_old:  # nothing else can be read: our SQL uses what the server lacks
         report.errors.append(f"database {conn.info.dbname!r}: {too_old}")
         return report
@@ -978,28 +973,6 @@ def _publication_drift(conn: psycopg.Connection[Any]) -> str | None:
     return row[0] if row else None
 
 
-def _check_standbys(
-    settings: Settings, sync_names: str, physical_slots: int, report: Report
-) -> None:
-    """The listener's stream beside the server's physical standbys: not one of the
-    synchronous ones, and a failover slot that one of them can copy."""
-    if names_standby(sync_names, settings.application_name):
-        report.errors.append(
-            f"synchronous_standby_names ({sync_names!r}) names the listener's stream "
-            f"(application_name {settings.application_name!r}): PostgreSQL may then make "
-            "it a synchronous standby, and every commit of the server would wait for the "
-            "listener to delete its keys, or hang while nothing moves the slot. Name the "
-            'standbys themselves there instead of "*" (docs/logical.md, "What it needs")'
-        )
-    if settings.slot_failover and not physical_slots:
-        report.warnings.append(
-            "slot_failover is true, but no physical replication slot exists on this server: "
-            "a standby copies the listener's slot only through one (its primary_slot_name, "
-            "with sync_replication_slots and hot_standby_feedback on), and until then a "
-            'failover still costs a sweep (docs/logical.md, "Failover slots")'
-        )
-
-
 def check_logical_server(conn: psycopg.Connection[Any], settings: Settings, report: Report) -> None:
     """The server's side of logical capture: wal_level, the role, the walks, the guard;
     a replication connection opened as the listener's stream opens one."""
@@ -1009,13 +982,20 @@ def check_logical_server(conn: psycopg.Connection[Any], settings: Settings, repo
         ).fetchone(),
         "row of logical replication settings",
     )
-    wal_level, can_replicate, user, publication_exists, keep_size, sync_names, physical = row
+    wal_level, can_replicate, user, publication_exists, keep_size, sync_names = row
     if wal_level != "logical":
         report.errors.append(
             f"wal_level is {wal_level!r}: logical capture needs wal_level = logical "
             "(a server restart)"
         )
-    _check_standbys(settings, sync_names, physical, report)
+    if names_standby(sync_names, settings.application_name):
+        report.errors.append(
+            f"synchronous_standby_names ({sync_names!r}) names the listener's stream "
+            f"(application_name {settings.application_name!r}): PostgreSQL may then make "
+            "it a synchronous standby, and every commit of the server would wait for the "
+            "listener to delete its keys, or hang while nothing moves the slot. Name the "
+            'standbys themselves there instead of "*" (docs/logical.md, "What it needs")'
+        )
     _check_streaming(user, can_replicate, PgConnector.from_settings(settings), report)
     check_walks(report, native=NATIVE_WALKS)
     guard = conn.execute(Q.CHECK_DDL_GUARD.sql).fetchone()
@@ -1063,14 +1043,7 @@ def check_logical_server(conn: psycopg.Connection[Any], settings: Settings, repo
         # IN_USE, OK, and AHEAD: the listener finds a slot moved past its position when
         # it next starts, sweeps, and the sweep owed is reported below until it is done.
         by = f"streamed by pid {state.active_pid}" if state.active_pid else "not streamed right now"
-        failover = ", a failover slot" if state.failover else ""
-        report.ok.append(f"{state.where}: wal_status {state.wal_status}, {by}{failover}")
-        if state.realign(settings.slot_failover):
-            report.warnings.append(
-                f"{state.where} is {'not ' if settings.slot_failover else ''}a failover slot, "
-                f"and slot_failover is {str(settings.slot_failover).lower()}: the listener "
-                "sets it so as it next starts"
-            )
+        report.ok.append(f"{state.where}: wal_status {state.wal_status}, {by}")
     if keep_size == "-1" and kind is not SlotClass.FOREIGN:
         # (the slot there or to come: a slot the listener makes is bounded the same way)
         report.warnings.append(

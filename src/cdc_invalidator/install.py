@@ -11,6 +11,7 @@ import psycopg
 from cdc_invalidator.capture import logical_sql, trigger_sql
 from cdc_invalidator.capture.errors import Fatal
 from cdc_invalidator.modes.base import CaptureMode
+from cdc_invalidator.pg import versions
 from cdc_invalidator.pg.queries import Q
 
 
@@ -27,7 +28,7 @@ def install(conn: psycopg.Connection[Any], mode: CaptureMode) -> str:
     old, nothing was tried. psycopg.Error: the script failed and nothing was changed.
     SlotStepFailed: installed, but the slot step failed. logical_sql.SlotLeftToListener:
     installed, and the listener is to make the slot."""
-    too_old = mode.refusal(conn.info.server_version)
+    too_old = versions.refusal(conn.info.server_version, mode.name)
     if too_old:
         raise UnsupportedServer(too_old)
     trigger_sql.apply(conn, mode.install_script())

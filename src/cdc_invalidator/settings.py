@@ -246,11 +246,6 @@ class Settings(BaseSettings):
     # Logical mode: write a tiny WAL message this often (0: never), so that the slot
     # advances even when only other databases of the server are written to.
     heartbeat_interval_ms: Annotated[int, Field(ge=0)] = 0
-    # Logical mode, PostgreSQL 17+: a failover slot, which a standby with
-    # sync_replication_slots keeps in step with this one, so that after a failover to it
-    # the listener goes on from where it was instead of sweeping every watched table.
-    # Made so by install, or set (and unset) on the slot by the listener as it starts.
-    slot_failover: bool = False
 
     # Replay after Redis restarts or fails over (its run_id or replication id changes):
     # every key invalidated within this window is deleted again, since a snapshot or a

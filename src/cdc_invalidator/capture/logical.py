@@ -28,7 +28,6 @@ import bisect
 import contextlib
 import json
 import time
-from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -64,7 +63,7 @@ from cdc_invalidator.capture.pgoutput import (
     unwrap_streamed,
 )
 from cdc_invalidator.capture.rows import Transaction, encode_history, with_transaction
-from cdc_invalidator.capture.slot import SlotClass, SlotState, Verdict, creation
+from cdc_invalidator.capture.slot import SlotClass, SlotState, Verdict
 from cdc_invalidator.capture.streamed import Chunk, Dead, Prefetch, StreamedTxn, pack
 from cdc_invalidator.capture.trigger_sql import (
     NO_STAMP,
@@ -78,12 +77,10 @@ from cdc_invalidator.capture.walstream import (
     WalStream,
     format_lsn,
     parse_lsn,
-    set_failover,
 )
 from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, Origin, StandInKind, TableName
 from cdc_invalidator.mapping.columns import ColumnFilter
 from cdc_invalidator.mapping.mapper import Mapper, Routed, merge
-from cdc_invalidator.pg import versions
 from cdc_invalidator.pg.connect import BOOKKEEPING, CLI, REPLICATION, PgConnector
 from cdc_invalidator.pg.queries import Q
 
@@ -98,14 +95,6 @@ SWEPT_HISTORY_AGAIN_S = 1.0
 # holds back more than this, and an idle listener does not write to chase its own
 # writes. (WAL is kept in 16 MB segments anyway.)
 CHASE_BYTES = 1 << 20
-# The slot is told a position only once its save (slot_state_v1, committed
-# asynchronously) is this old, except on a clean stop: by then the commit is on disk
-# (the WAL writer flushes an asynchronous commit within three wal_writer_delay, 200 ms
-# by default) and on a streaming standby. Told at once, a crash could lose the save but
-# not the slot, which is written to disk as its restart position moves, and a failover
-# slot could be synchronized to a standby that has not received the save yet: either
-# way the slot is found ahead of the listener, which sweeps every watched table.
-DURABLE_AFTER_S = 1.0
 # On a clean stop, how long the stream stays open at most for the walsender to read the
 # last status update (LogicalStream._await_slot): 9 ms measured, behind a 25 MB backlog.
 CLOSE_CONFIRM_S = 2.0
@@ -232,7 +221,6 @@ class LogicalConfig:
     filters: Mapping[TableName, ColumnFilter] = field(default_factory=dict)
     status_interval_s: float = 1.0
     heartbeat_s: float = 0.0  # 0: off
-    failover: bool = False  # slot_failover: the slot is made, or set, a failover slot
     history_s: float = 0.0  # how long what was invalidated is kept for replay (0: not kept)
     prune_every_s: float = 1.0
     # The templates: with it, large transactions are streamed before their commit
@@ -263,7 +251,7 @@ class LogicalCapture:
         side = self._pg.connect(BOOKKEEPING)
         try:
             try:
-                acked, resync, realign = self._prepare(side)
+                acked, resync = self._prepare(side)
             except Standby:
                 self._try_streaming(side)
                 raise
@@ -277,11 +265,6 @@ class LogicalCapture:
                 _explain_refusal(side, exc)
                 raise
             try:
-                if realign:
-                    set_failover(repl, self._config.slot, self._config.failover)
-                    log.info(
-                        "slot_failover_set", slot=self._config.slot, failover=self._config.failover
-                    )
                 options = {"proto_version": "1", "publication_names": self._config.publication}
                 if self._config.mapper is not None:
                     # PostgreSQL 14 on (logical mode needs 15: pg/versions.py); our
@@ -311,13 +294,9 @@ class LogicalCapture:
             side.close()
             raise
 
-    def _prepare(self, side: psycopg.Connection[Any]) -> tuple[int, str | None, bool]:
-        """Check the install and the slot; return where to resume, a sweep owed, and
-        whether the slot's failover flag is to be set to slot_failover's."""
+    def _prepare(self, side: psycopg.Connection[Any]) -> tuple[int, str | None]:
+        """Check the install and the slot; return where to resume and a sweep owed."""
         cfg = self._config
-        too_old = versions.refusal(side.info.server_version, "logical", failover_slot=cfg.failover)
-        if too_old:
-            raise Fatal(too_old)
         require_installed(side)
         if cfg.mapping is not None:
             require_current_mapping(side, cfg.mapping)
@@ -366,21 +345,20 @@ class LogicalCapture:
             side.execute(Q.SET_RESYNC.sql, {"slot": cfg.slot, "reason": missed, "lsn": None})
             owed = missed
         if kind.create:
-            return self._make_slot(side), owed, False
-        realign = state.realign(cfg.failover)
+            return self._make_slot(side), owed
         if state.acked is None or kind is SlotClass.AHEAD:
             # A slot created outside `install` (e.g. by the DBA), on its first start; or
             # one moved past our position: resume where it is (after the sweep).
             confirmed = returned(state.confirmed_flush_lsn, f"confirmed position of {state.where}")
             side.execute(Q.RECORD_SLOT.sql, {"slot": cfg.slot, "lsn": confirmed})
-            return parse_lsn(confirmed), owed, realign
-        return state.acked, owed, realign
+            return parse_lsn(confirmed), owed
+        return state.acked, owed
 
     def _make_slot(self, side: psycopg.Connection[Any]) -> int:
         """The slot made, recorded; where it starts."""
         slot = self._config.slot
         try:
-            created = side.execute(creation(self._config.failover).sql, {"slot": slot})
+            created = side.execute(Q.CREATE_SLOT.sql, {"slot": slot})
         except psycopg.errors.DuplicateObject:
             # Another listener (or install) made it meanwhile: a standby waiting for the
             # same slot exited 1 here (second review). Its turn comes again.
@@ -606,9 +584,6 @@ class LogicalStream:
         self._received = acked  # the furthest position the server reported
         self._confirmed = acked  # Redis confirmed every transaction before it
         self._persisted = acked  # saved in slot_state_v1: the slot is never told more
-        # Saves less than DURABLE_AFTER_S old, oldest first: (position, monotonic time).
-        self._recent_saves: deque[tuple[int, float]] = deque()
-        self._durable = acked  # saved DURABLE_AFTER_S ago or more: what the slot is told
         self._told = 0  # the slot was last told this (0: nothing yet, by this stream)
         self._event_commit = acked  # the end of the last acknowledged transaction with events
         self._txn_events = 0  # events (and dead letters) of the open transaction so far
@@ -739,8 +714,7 @@ class LogicalStream:
                 # queue the history of sweeps done meanwhile.
                 self._history.flush()
                 self._resync_if_swept()
-                # (Saved but not told yet: a save is told once it is DURABLE_AFTER_S old.)
-                if self._confirmed > self._persisted or self._durable < self._persisted:
+                if self._confirmed > self._persisted:
                     self._status_if_due(force=True)
                 self._await_slot()  # (that update, or the last one: it may be unread too)
             finally:
@@ -1308,8 +1282,6 @@ class LogicalStream:
             force or self._reply_due or now >= self._status_at + self._config.status_interval_s
         ):
             return
-        while self._recent_saves and now >= self._recent_saves[0][1] + DURABLE_AFTER_S:
-            self._durable = self._recent_saves.popleft()[0]
         target = self._confirmed
         if (held := self._holds.limit()) is not None:
             target = min(target, held)  # never past a batch whose sweep is not done
@@ -1335,17 +1307,10 @@ class LogicalStream:
                 # (or the slot is no longer our walsender's: the stream ends anyway)
                 require_current_mapping(self._side, self._config.mapping)
             self._persisted = target
-            self._recent_saves.append((target, now))
             self._unsaved_events = 0
-        if force:
-            # A clean stop: the next listener resumes from the save, and a slot left
-            # behind it would keep that WAL until then (only a crash of PostgreSQL in the
-            # next few hundred ms could lose the save, and cost a sweep).
-            self._durable = self._persisted
-            self._recent_saves.clear()
-        self._stream.send_status(self._received, self._durable)
-        self._told = self._durable
-        if self._reply_due and self._durable < self._received:
+        self._stream.send_status(self._received, self._persisted)
+        self._told = self._persisted
+        if self._reply_due and self._persisted < self._received:
             # The server is waiting for an answer, and on shutdown it waits until the
             # client has everything it sent: say that we received it all without moving
             # the slot past what is saved (flush 0 is "unknown": the walsender then goes by

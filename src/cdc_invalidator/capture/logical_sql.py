@@ -17,7 +17,7 @@ from psycopg import sql
 from psycopg.rows import class_row
 
 from cdc_invalidator.capture.errors import returned
-from cdc_invalidator.capture.slot import SlotClass, SlotState, creation
+from cdc_invalidator.capture.slot import SlotClass, SlotState
 from cdc_invalidator.capture.trigger_sql import (
     SCRIPT_HEADER,
     guard,
@@ -146,13 +146,10 @@ class NewSlot:
     owed: str | None  # why the listener must sweep first: an earlier slot was lost
 
 
-def create_slot(
-    conn: psycopg.Connection[Any], slot: str, *, failover: bool = False
-) -> NewSlot | None:
-    """Create the slot unless it exists (a failover slot or not), recording where it
-    starts. SlotBusy if a slot of that name exists and is not one we can use; Fatal if
-    PostgreSQL did not say where the new slot starts. (An existing slot's failover flag
-    is the listener's to set: that takes a replication connection.)"""
+def create_slot(conn: psycopg.Connection[Any], slot: str) -> NewSlot | None:
+    """Create the slot unless it exists, recording where it starts. SlotBusy if a slot
+    of that name exists and is not one we can use; Fatal if PostgreSQL did not say where
+    the new slot starts."""
     verdict = SlotState.read(conn, slot).classify()
     if verdict.kind is SlotClass.FOREIGN:
         raise SlotBusy(f"{verdict.reason}: set slot_name to a name of our own")
@@ -161,7 +158,7 @@ def create_slot(
         # drops and re-creates it; IN_USE, AHEAD: as the listener's rules say).
         return None
     row = returned(
-        conn.execute(creation(failover).sql, {"slot": slot}).fetchone(),
+        conn.execute(Q.CREATE_SLOT.sql, {"slot": slot}).fetchone(),
         f"position for new slot {slot!r}",
     )
     state = conn.execute(Q.RECORD_SLOT.sql, {"slot": slot, "lsn": row[0]})

@@ -7,13 +7,10 @@ the slot or not) act on.
 
 The listener saves the position in slot_state_v1 before it tells the slot, so a slot
 found past that position was moved by someone else: changes may have been missed, as
-they may when a slot that was used is gone, or lost the WAL it needed. The saves commit
-asynchronously, so the slot is told a position only once its save is a second old
-(capture/logical.py, DURABLE_AFTER_S), and then it is on disk and on a streaming
-standby: a crash of PostgreSQL, or a failover to a standby that synchronizes the slot
-(slot_failover), finds the slot at or behind the save. (A clean stop tells the last
-save at once: a crash in the few hundred ms after it finds the slot ahead. Nothing was
-missed then, but it cannot be told apart, and the sweep is the safe side.)
+they may when a slot that was used is gone, or lost the WAL it needed. Or a crash lost
+the save (the bookkeeping session commits asynchronously) after the slot, which
+PostgreSQL writes to disk at once when its restart position moves, was told: nothing
+was missed then, but it cannot be told apart, and the sweep is the safe side.
 """
 
 from __future__ import annotations
@@ -28,11 +25,6 @@ from psycopg.rows import class_row
 from cdc_invalidator.capture.errors import returned
 from cdc_invalidator.capture.walstream import format_lsn, parse_lsn
 from cdc_invalidator.pg.queries import Q
-
-
-def creation(failover: bool) -> Q:
-    """The statement that makes the slot: a failover slot or not (slot_failover)."""
-    return Q.CREATE_FAILOVER_SLOT if failover else Q.CREATE_SLOT
 
 
 class SlotClass(enum.Enum):
@@ -79,19 +71,12 @@ class SlotState:
     # Made with two_phase: pgoutput then sends a prepared transaction's changes at
     # PREPARE, before it commits, and only a COMMIT PREPARED message when it does.
     two_phase: bool = False
-    # A failover slot (PostgreSQL 17+; None before, or no slot).
-    failover: bool | None = None
 
     @classmethod
     def read(cls, conn: psycopg.Connection[Any], slot: str) -> SlotState:
         with conn.cursor(row_factory=class_row(cls)) as cur:
             state = cur.execute(Q.SLOT_INFO.sql, {"slot": slot}).fetchone()
         return returned(state, f"row for replication slot {slot!r}")
-
-    def realign(self, failover: bool) -> bool:
-        """The slot's failover flag is not what slot_failover says (the setting changed
-        since it was made): the listener sets it as it starts."""
-        return self.failover is not None and self.failover != failover
 
     @property
     def where(self) -> str:
@@ -143,7 +128,7 @@ class SlotState:
                 SlotClass.AHEAD,
                 f"{where} is at {self.confirmed_flush_lsn}, past {format_lsn(acked)}, the last "
                 "position this listener saved: it was re-created, or another client "
-                "consumed it (or PostgreSQL crashed just after a listener stopped, which "
-                "lost its last save)",
+                "consumed it, or PostgreSQL crashed just after the slot was told (the "
+                "listener's saves commit asynchronously: the last may be lost)",
             )
         return Verdict(SlotClass.OK, f"{where}: wal_status {self.wal_status}")

@@ -156,25 +156,6 @@ class WalStream:
         raise psycopg.OperationalError(f"replication stream ended by the server: {text}")
 
 
-def set_failover(conn: psycopg.Connection[Any], slot: str, failover: bool) -> None:
-    """Make the slot a failover slot, or no longer one (ALTER_REPLICATION_SLOT, PostgreSQL
-    17+): a replication command, sent in the simple protocol as START_REPLICATION is,
-    while the slot is not streamed."""
-    command = sql.SQL("ALTER_REPLICATION_SLOT {} (FAILOVER {})").format(
-        sql.Identifier(slot), sql.SQL("true" if failover else "false")
-    )
-    pgconn = conn.pgconn
-    pgconn.send_query(command.as_bytes(conn))
-    result = pgconn.get_result()
-    message = _error_text(result, pgconn)
-    while pgconn.get_result() is not None:
-        pass
-    if result is None or result.status != pq.ExecStatus.COMMAND_OK:
-        if result is not None and result.error_field(pq.DiagnosticField.SQLSTATE) == b"55006":
-            raise SlotInUse(message)  # another listener started streaming it meanwhile
-        raise psycopg.OperationalError(f"ALTER_REPLICATION_SLOT failed: {message}")
-
-
 def _error_text(result: pq.abc.PGresult | None, pgconn: pq.abc.PGconn) -> str:
     if result is not None and result.error_message:
         return result.error_message.decode(errors="replace").strip()

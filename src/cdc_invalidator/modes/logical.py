@@ -22,7 +22,6 @@ from cdc_invalidator.modes.base import (
     history_rows,
     seconds_ago,
 )
-from cdc_invalidator.pg import versions
 from cdc_invalidator.pg.connect import PgConnector
 from cdc_invalidator.pg.queries import Q
 from cdc_invalidator.runner import Source
@@ -37,10 +36,6 @@ class LogicalMode:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-
-    def refusal(self, server_version_num: int) -> str | None:
-        failover = self._settings.slot_failover
-        return versions.refusal(server_version_num, self.name, failover_slot=failover)
 
     @property
     def installs(self) -> str:
@@ -71,7 +66,7 @@ class LogicalMode:
         slot = s.slot_name
         tables = ", ".join(sorted(str(t) for t in s.mapper().tables))
         try:
-            new = logical_sql.create_slot(conn, slot, failover=s.slot_failover)
+            new = logical_sql.create_slot(conn, slot)
         except psycopg.errors.InsufficientPrivilege as exc:  # a role without REPLICATION
             raise logical_sql.SlotLeftToListener(
                 f"the replication slot was not made ({exc.diag.message_primary}): the "
@@ -115,7 +110,6 @@ class LogicalMode:
                 filters=s.column_filters(),
                 status_interval_s=s.status_interval_ms / 1000,
                 heartbeat_s=s.heartbeat_interval_ms / 1000,
-                failover=s.slot_failover,
                 history_s=s.history_s,
                 prune_every_s=s.prune_every_ms / 1000,
                 mapper=mapper,

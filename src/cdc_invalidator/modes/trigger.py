@@ -18,7 +18,7 @@ from cdc_invalidator.checks import Report
 from cdc_invalidator.events import TableName
 from cdc_invalidator.metrics import Figures
 from cdc_invalidator.modes.base import HISTORY_CHUNK, history_rows, seconds_ago
-from cdc_invalidator.pg import raw_text, versions
+from cdc_invalidator.pg import raw_text
 from cdc_invalidator.pg.connect import PgConnector
 from cdc_invalidator.pg.queries import Q
 from cdc_invalidator.runner import Source
@@ -32,9 +32,6 @@ class TriggerMode:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-
-    def refusal(self, server_version_num: int) -> str | None:
-        return versions.refusal(server_version_num, self.name)
 
     @property
     def installs(self) -> str:

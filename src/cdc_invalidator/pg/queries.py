@@ -71,7 +71,6 @@ class Q(enum.Enum):
     # --- logical mode: the slot ----------------------------------------------------------
     SLOT_INFO = "slot_info.sql"  # read into capture.slot.SlotState
     CREATE_SLOT = "create_slot.sql"
-    CREATE_FAILOVER_SLOT = "create_failover_slot.sql"
     SLOT_BLOCKERS = "slot_blockers.sql"  # what making a slot will wait for
     RECORD_SLOT = "record_slot.sql"
     DROP_SLOT = "drop_slot.sql"

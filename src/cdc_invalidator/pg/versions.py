@@ -18,9 +18,6 @@ PUBLISHED_GENERATED = 18
 # PostgreSQL has them (idle_in_transaction_session_timeout: every accepted version).
 IDLE_SESSION_TIMEOUT = 14
 TRANSACTION_TIMEOUT = 17
-# Failover slots (pg_create_logical_replication_slot's failover argument, the slot's
-# failover flag, ALTER_REPLICATION_SLOT, a standby's sync_replication_slots): 17.
-FAILOVER_SLOTS = 17
 
 _TWO_PART = 10  # from PostgreSQL 10 on, a version is major.minor
 
@@ -38,16 +35,9 @@ def oldest_for(capture: str) -> int:
     return OLDEST_LOGICAL if capture == "logical" else OLDEST
 
 
-def refusal(server_version_num: int, capture: str, *, failover_slot: bool = False) -> str | None:
-    """Why a server of this version cannot serve this capture mode (with a failover slot,
-    logical mode's slot_failover), or None if it can."""
+def refusal(server_version_num: int, capture: str) -> str | None:
+    """Why a server of this version cannot serve this capture mode, or None if it can."""
     if server_version_num // 10000 >= oldest_for(capture):
-        if failover_slot and server_version_num // 10000 < FAILOVER_SLOTS:
-            return (
-                f"the server is PostgreSQL {format_version(server_version_num)}: slot_failover "
-                f"needs PostgreSQL {FAILOVER_SLOTS} or later (failover slots); set "
-                "slot_failover = false, or upgrade the server"
-            )
         return None
     found = f"PostgreSQL {format_version(server_version_num)}"
     if server_version_num // 10000 < OLDEST:
