@@ -1,0 +1,76 @@
+"""A PostgreSQL failover under a logical-mode listener whose database_url lists both
+servers (target_session_attrs=read-write): the slot does not exist on the promoted
+standby, so the listener makes it again and sweeps every watched table. That sweep is
+also what deletes a value a reader cached from a transaction the failover lost (committed
+on the old primary, never received by the standby): no change event will ever come for
+it. A failover slot kept on the standby (PostgreSQL 17+) would let the listener resume
+without the sweep, and leave that value cached for good (a review reproduced it), unless
+no reader could see a commit the standby lacked, which the listener cannot tell."""
+
+from __future__ import annotations
+
+import signal
+
+import psycopg
+import pytest
+
+from tests.support.env import Env, pg_of
+from tests.support.faults import cache, keys_of, setup_users
+from tests.support.listener import Spawn
+from tests.support.servers import PostgresServer
+from tests.support.waits import wait_until
+
+pytestmark = [pytest.mark.usefixtures("capture"), pytest.mark.parametrize("capture", ["logical"])]
+
+
+def _receiving(standby: PostgresServer, dbname: str) -> bool:
+    with psycopg.connect(standby.dsn(dbname), autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM pg_stat_wal_receiver").fetchone()
+    return bool(row and row[0])
+
+
+def test_a_failover_sweeps_what_a_reader_cached_from_a_transaction_it_lost(
+    own_env: Env, spawn: Spawn
+) -> None:
+    env = own_env
+    primary = pg_of(env)
+    dbname = env.dsn.rsplit("/", 1)[1]
+    standby = PostgresServer.standby_of(primary)
+    try:
+        both = (
+            f"postgresql://postgres@127.0.0.1:{primary.port},127.0.0.1:{standby.port}/{dbname}"
+            "?target_session_attrs=read-write"
+        )
+        config = setup_users(env, rows=3, database_url=both)
+        r = env.redis()
+        listener = spawn(config)
+        cache(r, [1])
+        env.sql("UPDATE users SET email = 'one@x' WHERE id = 1")
+        wait_until(lambda: r.exists(*keys_of(1)) == 0, what="a change's keys deleted")
+
+        # The standby loses its primary: what is committed from now on is not replicated.
+        with psycopg.connect(standby.dsn(dbname), autocommit=True) as conn:
+            conn.execute("ALTER SYSTEM SET primary_conninfo = 'host=127.0.0.1 port=1'")
+            conn.execute("SELECT pg_reload_conf()")
+        wait_until(lambda: not _receiving(standby, dbname), what="the standby cut off")
+        # Committed on the primary, its keys deleted, then a reader caches the new row.
+        cache(r, [2])
+        env.sql("UPDATE users SET email = 'lost@x' WHERE id = 2")
+        wait_until(lambda: r.exists(*keys_of(2)) == 0, what="the lost change's keys deleted")
+        r.mset({"user:2": "lost", "user:email:lost@x": "2"})
+
+        primary.stop("immediate")
+        standby.promote()
+        wait_until(lambda: listener.logged("missed_changes_swept"), timeout_s=30, what="the sweep")
+        (missed,) = listener.logged("changes_may_have_been_missed")
+        assert "is gone" in missed["reason"], missed
+        assert r.exists("user:2", "user:email:lost@x") == 0, "the lost transaction's cache"
+        with psycopg.connect(standby.dsn(dbname), autocommit=True) as conn:
+            assert conn.execute("SELECT email FROM users WHERE id = 2").fetchone() == ("u2@x",)
+            cache(r, [3])
+            conn.execute("UPDATE users SET email = 'three@x' WHERE id = 3")
+        wait_until(lambda: r.exists(*keys_of(3)) == 0, what="a change on the new primary")
+        listener.signal(signal.SIGTERM)
+        assert listener.wait() == 0
+    finally:
+        standby.destroy()
