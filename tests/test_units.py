@@ -28,10 +28,10 @@ from cdc_invalidator.capture.trigger_queue import (
     Snapshot,
     fetch_key,
 )
-from cdc_invalidator.checks import names_standby
 from cdc_invalidator.durations import format_duration, parse_duration
 from cdc_invalidator.mapping import Mapper
 from cdc_invalidator.metrics import Metrics
+from cdc_invalidator.pg.standbys import names_standby
 from cdc_invalidator.redact import Scrubber, redact_url, secrets_of
 from cdc_invalidator.redis_guard.window import UNKNOWN_PERSISTENCE_S, persistence_window
 from cdc_invalidator.runner import Runner, RunnerConfig, Source

@@ -31,6 +31,7 @@ from cdc_invalidator.mapping.columns import ColumnFilter, Judge
 from cdc_invalidator.pg import versions
 from cdc_invalidator.pg.connect import REPLICATION, PgConnector, PoolerInTheWay
 from cdc_invalidator.pg.queries import Q
+from cdc_invalidator.pg.standbys import names_standby
 from cdc_invalidator.redact import redact_url
 from cdc_invalidator.redis_guard.window import MARGIN_S, persistence_window
 from cdc_invalidator.settings import Settings
@@ -901,29 +902,6 @@ def check_slots(report: Report, *, native: bool) -> None:
             "take about a third more of the listener's time; reinstall the package where "
             "gcc is"
         )
-
-
-# synchronous_standby_names: FIRST n (a, b), ANY n (a, b), n (a, b), or a list; a name
-# is an identifier, quoted or not, or "*" for any.
-_SYNC_METHOD = re.compile(r"^\s*(?:(?:FIRST|ANY)\s+)?\d+\s*\((.*)\)\s*$", re.IGNORECASE | re.DOTALL)
-
-
-def names_standby(synchronous_standby_names: str, application_name: str) -> bool:
-    """Whether a walsender of this application_name may be chosen as a synchronous
-    standby: the setting lists "*" or the name (PostgreSQL compares them ignoring
-    case, quoted or not)."""
-    listed = synchronous_standby_names.strip()
-    if match := _SYNC_METHOD.match(listed):
-        listed = match.group(1)
-    for raw in listed.split(","):
-        name = raw.strip()
-        if name == "*":
-            return True
-        if name[:1] == '"' == name[-1:] and name != '"':
-            name = name[1:-1].replace('""', '"')
-        if name.lower() == application_name.lower():
-            return True
-    return False
 
 
 def _check_streaming(user: str, can_replicate: bool, pg: PgConnector, report: Report) -> None:

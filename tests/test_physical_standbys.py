@@ -1,11 +1,16 @@
-"""A PostgreSQL failover under a logical-mode listener whose database_url lists both
-servers (target_session_attrs=read-write): the slot does not exist on the promoted
-standby, so the listener makes it again and sweeps every watched table. That sweep is
-also what deletes a value a reader cached from a transaction the failover lost (committed
-on the old primary, never received by the standby): no change event will ever come for
-it. A failover slot kept on the standby (PostgreSQL 17+) would let the listener resume
-without the sweep, and leave that value cached for good (a review reproduced it), unless
-no reader could see a commit the standby lacked, which the listener cannot tell."""
+"""PostgreSQL's physical standbys beside a logical-mode listener.
+
+A failover, with the listener's database_url listing both servers
+(target_session_attrs=read-write): the slot does not exist on the promoted standby, so
+the listener makes it again and sweeps every watched table. That sweep is also what
+deletes a value a reader cached from a transaction the failover lost (committed on the
+old primary, never received by the standby): no change event will ever come for it. A
+failover slot kept on the standby (PostgreSQL 17+) would let the listener resume without
+the sweep, and leave that value cached for good (a review reproduced it), unless no
+reader could see a commit the standby lacked, which the listener cannot tell.
+
+And synchronous_standby_names that would let PostgreSQL make the listener's stream a
+synchronous standby: said at every start of the stream."""
 
 from __future__ import annotations
 
@@ -74,3 +79,34 @@ def test_a_failover_sweeps_what_a_reader_cached_from_a_transaction_it_lost(
         assert listener.wait() == 0
     finally:
         standby.destroy()
+
+
+def test_a_listener_that_may_be_made_a_synchronous_standby_says_so_and_streams_on(
+    own_env: Env, spawn: Spawn
+) -> None:
+    """synchronous_standby_names = '*' lets PostgreSQL make the listener's stream a
+    synchronous standby, and every commit of the server would wait for it. `check`
+    reports it; the listener logs it as it starts streaming, and invalidates as usual
+    (its own writes commit asynchronously: they do not wait for it)."""
+    env = own_env
+    config = setup_users(env, rows=1)
+    r = env.redis()
+    env.sql("ALTER SYSTEM SET synchronous_standby_names = '*'")
+    env.sql("SELECT pg_reload_conf()")
+    try:
+        listener = spawn(config)
+        wait_until(lambda: listener.logged("synchronous_standby_candidate"), what="the error")
+        (said,) = listener.logged("synchronous_standby_candidate")
+        assert said["level"] == "error"
+        assert said["synchronous_standby_names"] == "*"
+        assert said["application_name"] == "cdc-invalidator"
+        cache(r, [1])
+        with psycopg.connect(env.dsn, autocommit=True) as conn:
+            conn.execute("SET synchronous_commit = local")  # (this test's write waits not)
+            conn.execute("UPDATE users SET email = 'one@x' WHERE id = 1")
+        wait_until(lambda: r.exists(*keys_of(1)) == 0, what="a change's keys deleted")
+        listener.signal(signal.SIGTERM)
+        assert listener.wait() == 0
+    finally:
+        env.sql("ALTER SYSTEM RESET synchronous_standby_names")
+        env.sql("SELECT pg_reload_conf()")
