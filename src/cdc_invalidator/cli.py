@@ -319,6 +319,7 @@ def cmd_install(args: argparse.Namespace, settings: Settings, console: Console) 
 def cmd_uninstall(args: argparse.Namespace, settings: Settings, console: Console) -> int:
     slot = settings.slot_name
     dropped = False
+    drop_refused = False
     with connect(settings) as conn:
         try:
             # While a listener streams the slot, nothing is removed.
@@ -340,8 +341,12 @@ def cmd_uninstall(args: argparse.Namespace, settings: Settings, console: Console
                 with connect(settings) as side:
 
                     def drop() -> None:
-                        nonlocal dropped
-                        logical_sql.drop_slot(side, slot)
+                        nonlocal dropped, drop_refused
+                        try:
+                            logical_sql.drop_slot(side, slot)
+                        except psycopg.errors.InsufficientPrivilege:
+                            drop_refused = True  # (known so in any lc_messages)
+                            raise
                         dropped = True
 
                     trigger_sql.apply(
@@ -354,7 +359,7 @@ def cmd_uninstall(args: argparse.Namespace, settings: Settings, console: Console
             console.error(f"uninstall failed, nothing was changed: {exc}")
             return EXIT_FAILED
         except psycopg.Error as exc:
-            console.error(_uninstall_failed(exc, slot, dropped=dropped))
+            console.error(_uninstall_failed(exc, slot, dropped=dropped, refused=drop_refused))
             if hint := exc.diag.message_hint:  # (as install says it)
                 console.warn(f"hint: {hint}")
             return EXIT_FAILED
@@ -380,12 +385,14 @@ def cmd_uninstall(args: argparse.Namespace, settings: Settings, console: Console
     return EXIT_OK
 
 
-def _uninstall_failed(exc: psycopg.Error, slot: str, *, dropped: bool) -> str:
+def _uninstall_failed(exc: psycopg.Error, slot: str, *, dropped: bool, refused: bool) -> str:
+    """What failed; `refused`: the slot's drop was refused a privilege (its role lacks
+    REPLICATION)."""
     if not dropped:
         why = _pg_message(exc)
         if isinstance(exc, psycopg.errors.ObjectInUse):
             why += ": stop the listener first"
-        elif isinstance(exc, psycopg.errors.InsufficientPrivilege) and "replication" in why.lower():
+        elif refused:
             why += (
                 " (run uninstall as a role with REPLICATION, or have one drop the slot "
                 f"first: {logical_sql.drop_by_hand(slot)}; then run uninstall again)"
