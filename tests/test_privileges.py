@@ -642,7 +642,8 @@ def test_the_listener_keeps_its_sessions_whatever_timeouts_its_role_carries(
     """A DBA's settings for forgotten sessions and accidental writes, on the listener's
     role: the listener idles between changes, holds a transaction while a replay's keys
     are deleted, and writes its books. Each of these had it reconnect in a loop, or exit
-    at its first write while `check` saw nothing wrong (a review)."""
+    at its first write while `check` saw nothing wrong (a review). So did `replay`, run
+    as that role while Redis was slow."""
     tables(env)
     install(env)
     grant(env, listener_role)
@@ -661,7 +662,14 @@ def test_the_listener_keeps_its_sessions_whatever_timeouts_its_role_carries(
         )
     r = env.redis()
     port = free_port()
-    own = config(env, USERS, name="listener.toml", role=listener_role, metrics_port=port)
+    own = config(
+        env,
+        USERS,
+        name="listener.toml",
+        role=listener_role,
+        metrics_port=port,
+        replay_history="10m",
+    )
     listener = spawn(own)
     for i in (1, 2, 3):
         r.set(f"user:{i}", "-")
@@ -674,6 +682,13 @@ def test_the_listener_keeps_its_sessions_whatever_timeouts_its_role_carries(
     stop_listener(listener)
     assert listener.logged("postgres_unavailable") == []
     assert listener.logged("metrics_status_failed") == []
+    # `replay` holds a transaction while it deletes: with Redis slow to take them (its
+    # writes paused), it idles in it past the role's timeout.
+    r.set("user:1", "back")
+    r.execute_command("CLIENT", "PAUSE", "2000", "WRITE")
+    done = run_cli("replay", "--since", "5m", "--config", str(own))
+    assert done.returncode == 0, done.stderr
+    assert r.exists("user:1") == 0, (done.stdout, done.stderr)
 
 
 def status_up(port: int) -> float:
