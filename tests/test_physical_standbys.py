@@ -20,7 +20,7 @@ import psycopg
 import pytest
 
 from tests.support.env import Env, pg_of
-from tests.support.faults import cache, keys_of, setup_users
+from tests.support.faults import cache, changed_and_deleted, keys_of, setup_users
 from tests.support.listener import Spawn
 from tests.support.servers import PostgresServer
 from tests.support.waits import wait_until
@@ -49,9 +49,7 @@ def test_a_failover_sweeps_what_a_reader_cached_from_a_transaction_it_lost(
         config = setup_users(env, rows=3, database_url=both)
         r = env.redis()
         listener = spawn(config)
-        cache(r, [1])
-        env.sql("UPDATE users SET email = 'one@x' WHERE id = 1")
-        wait_until(lambda: r.exists(*keys_of(1)) == 0, what="a change's keys deleted")
+        changed_and_deleted(r, env.dsn, 1, "a change's keys deleted")
 
         # The standby loses its primary: what is committed from now on is not replicated.
         with psycopg.connect(standby.dsn(dbname), autocommit=True) as conn:
@@ -72,9 +70,7 @@ def test_a_failover_sweeps_what_a_reader_cached_from_a_transaction_it_lost(
         assert r.exists("user:2", "user:email:lost@x") == 0, "the lost transaction's cache"
         with psycopg.connect(standby.dsn(dbname), autocommit=True) as conn:
             assert conn.execute("SELECT email FROM users WHERE id = 2").fetchone() == ("u2@x",)
-            cache(r, [3])
-            conn.execute("UPDATE users SET email = 'three@x' WHERE id = 3")
-        wait_until(lambda: r.exists(*keys_of(3)) == 0, what="a change on the new primary")
+        changed_and_deleted(r, standby.dsn(dbname), 3, "a change on the new primary")
         listener.signal(signal.SIGTERM)
         assert listener.wait() == 0
     finally:
@@ -100,11 +96,9 @@ def test_a_listener_that_may_be_made_a_synchronous_standby_says_so_and_streams_o
         assert said["level"] == "error"
         assert said["synchronous_standby_names"] == "*"
         assert said["application_name"] == "cdc-invalidator"
-        cache(r, [1])
-        with psycopg.connect(env.dsn, autocommit=True) as conn:
-            conn.execute("SET synchronous_commit = local")  # (this test's write waits not)
-            conn.execute("UPDATE users SET email = 'one@x' WHERE id = 1")
-        wait_until(lambda: r.exists(*keys_of(1)) == 0, what="a change's keys deleted")
+        # (this test's own write does not wait for the listener)
+        first = ["SET synchronous_commit = local"]
+        changed_and_deleted(r, env.dsn, 1, "a change's keys deleted", first=first)
         listener.signal(signal.SIGTERM)
         assert listener.wait() == 0
     finally:

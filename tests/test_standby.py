@@ -20,7 +20,7 @@ from cdc_invalidator.capture import keepalive
 from tests.support.config import write_config
 from tests.support.env import FAST_PG, Env, Servers, capture_of, make_env, pg_of, redis_of
 from tests.support.evidence import unavailable
-from tests.support.faults import SLOT, TEMPLATES, cache, keys_of, setup_users
+from tests.support.faults import SLOT, TEMPLATES, cache, changed_and_deleted, keys_of, setup_users
 from tests.support.listener import ListenerProcess
 from tests.support.netns import NoNamespaces, VanishingHost
 from tests.support.servers import PostgresServer, RedisServer
@@ -104,10 +104,7 @@ def test_a_listener_pointed_at_a_standby_waits_for_its_promotion(
             standby.promote()
             wait_until(lambda: listener.logged("postgres_available"), what="the promotion seen")
             r = own_env.redis()
-            cache(r, [1])
-            with psycopg.connect(standby.dsn(dbname), autocommit=True) as conn:
-                conn.execute("UPDATE users SET email = 'p@x' WHERE id = 1")
-            wait_until(lambda: r.exists(*keys_of(1)) == 0, what="a change on the promoted server")
+            changed_and_deleted(r, standby.dsn(dbname), 1, "a change on the promoted server")
             listener.signal(signal.SIGTERM)
             assert listener.wait() == 0
         finally:

@@ -396,6 +396,7 @@ def test_a_privilege_refused_in_another_language_gets_advice_that_fits_either_sc
     ],
 )
 def test_synchronous_standby_names_naming_the_listeners_stream(names: str, named: bool) -> None:
-    """check: a logical listener that PostgreSQL may make a synchronous standby holds
-    every commit of the server (review: 10 minutes for a write to another database)."""
+    """check and the listener (pg/standbys.py): a logical listener that PostgreSQL may
+    make a synchronous standby holds every commit of the server (review: 10 minutes for
+    a write to another database)."""
     assert names_standby(names, "cdc-invalidator") is named

@@ -20,6 +20,7 @@ from cdc_invalidator.cli import main
 from cdc_invalidator.pg.connect import LISTENER
 from tests.support.config import write_config
 from tests.support.env import Env, redis_of
+from tests.support.waits import wait_until
 
 TEMPLATES = ["user:{id}", "user:email:{email}"]
 APP_NAME = "cdc-invalidator"  # the listener's application_name (the default setting)
@@ -107,6 +108,19 @@ def cache(r: redis.Redis, ids: Sequence[int] | range, value: str = "stale") -> N
     for start in range(0, len(ids), 5000):
         pipe.mset({key: value for i in ids[start : start + 5000] for key in keys_of(i)})
     pipe.execute()
+
+
+def changed_and_deleted(
+    r: redis.Redis, dsn: str, i: int, what: str, *, first: Sequence[str] = ()
+) -> None:
+    """User `i` cached, its email changed on the server at `dsn` (in a session that runs
+    `first` before), and its keys seen deleted."""
+    cache(r, [i])
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for statement in first:
+            conn.execute(statement.encode())
+        conn.execute("UPDATE users SET email = %s WHERE id = %s", [f"changed{i}@x", i])
+    wait_until(lambda: r.exists(*keys_of(i)) == 0, what=what)
 
 
 # Trigger mode: the events the listener has not acknowledged (its saved progress, as
