@@ -18,6 +18,7 @@ import redis
 from redis.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import AskError, MovedError, TryAgainError
+from structlog.testing import capture_logs
 
 from cdc_invalidator.capture.errors import Fatal
 from cdc_invalidator.cli import main
@@ -25,11 +26,12 @@ from cdc_invalidator.mapping import Invalidation
 from cdc_invalidator.sink import ClusterSink, RedisSink, connect_sink, open_sink
 from cdc_invalidator.sink.cluster_sink import ClusterChanging
 from cdc_invalidator.sink.connect import RedisOptions
+from cdc_invalidator.sink.oversize import LEAST_LIMIT
 from cdc_invalidator.sink.redis_sink import server_identity
 from cdc_invalidator.sink.slots import group_by_slot, pack_unlinks
 from tests.support.env import Env, Servers, capture_of, make_env
 from tests.support.evidence import unavailable
-from tests.support.faults import PENDING
+from tests.support.faults import PENDING, bulk_limit_at
 from tests.support.listener import Spawn, listening
 from tests.support.servers import RedisClusterServer, RedisServer, ServerError
 from tests.support.sync import SYNC, install
@@ -427,6 +429,30 @@ def test_a_slots_keys_past_unlink_chunk_go_in_several_unlinks(cluster: RedisClus
     other_slots = {slot for key in others if (slot := key_slot(key.encode())) in served}
     assert unlinks() - before == 3 + len(other_slots)
     assert client.exists(*tagged, *others) == 0
+    sink.close()
+
+
+def test_a_key_too_long_for_its_node_is_left_out_the_rest_deleted(
+    cluster: RedisClusterServer,
+) -> None:
+    """sink/oversize.py on a cluster: a node answers an UNLINK naming a key longer than
+    its proto-max-bulk-len with a protocol error, every time. Left out (and logged), the
+    other keys of its node and of the others are deleted; the limit is each node's."""
+    nodes = [node.client() for node in cluster.nodes]
+    sink = connect_sink(cluster.url)
+    assert isinstance(sink, ClusterSink)
+    with bulk_limit_at(LEAST_LIMIT, *nodes):
+        client = sink.client
+        keys = [f"short:{i}" for i in range(300)]
+        long_key = "{short:7}" + "z" * LEAST_LIMIT  # in one slot with a short key
+        client.mset_nonatomic(dict.fromkeys(keys, "v"))
+        with capture_logs() as logs:
+            assert sink.unlink([*keys[:150], long_key, *keys[150:]]) == len(keys)
+        assert client.exists(*keys) == 0
+        [line] = [e for e in logs if e["event"] == "key_too_long_for_redis"]
+        assert line["key_bytes"] == len(long_key)
+    for node in nodes:
+        node.close()
     sink.close()
 
 

@@ -7,7 +7,8 @@ says how each mode tells), and whether it is held on a paused Redis.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,19 @@ def cache(r: redis.Redis, ids: Sequence[int] | range, value: str = "stale") -> N
     for start in range(0, len(ids), 5000):
         pipe.mset({key: value for i in ids[start : start + 5000] for key in keys_of(i)})
     pipe.execute()
+
+
+@contextmanager
+def bulk_limit_at(limit: int, *servers: redis.Redis) -> Iterator[None]:
+    """proto-max-bulk-len set to `limit` on each server, for a while (then as it was)."""
+    before = [str(r.config_get("proto-max-bulk-len")["proto-max-bulk-len"]) for r in servers]
+    for r in servers:
+        r.config_set("proto-max-bulk-len", limit)
+    try:
+        yield
+    finally:
+        for r, value in zip(servers, before, strict=True):
+            r.config_set("proto-max-bulk-len", value)
 
 
 def changed_and_deleted(

@@ -40,6 +40,7 @@ from redis.exceptions import AskError, MovedError, TryAgainError
 from cdc_invalidator.capture.errors import Fatal
 from cdc_invalidator.mapping import Invalidation, Routed
 from cdc_invalidator.sink.glob import GlobSet
+from cdc_invalidator.sink.oversize import bulk_limit, storable, too_long
 from cdc_invalidator.sink.protocol import NO_KEY, Persistence, ServerState, identity_of
 from cdc_invalidator.sink.redis_sink import server_identity, server_persistence, server_state
 from cdc_invalidator.sink.scan_pass import ServerSweep
@@ -188,11 +189,17 @@ class ClusterSink:
         failure: redis.ResponseError | None = None
         sent: list[tuple[ConnectionPool, Connection, list[list[Key]]]] = []
         try:
-            for node, commands in work:
-                pool = self._client.get_redis_connection(node).connection_pool
+            for node, given in work:
+                client = self._client.get_redis_connection(node)
+                commands, packed = given, pack_unlinks(given)
+                if too_long(packed):
+                    limit = bulk_limit(client)
+                    commands = [kept for keys in given if (kept := storable(keys, limit))]
+                    packed = pack_unlinks(commands)
+                pool = client.connection_pool
                 connection = pool.get_connection()
                 sent.append((pool, connection, commands))
-                connection.send_packed_command([pack_unlinks(commands)])
+                connection.send_packed_command([packed])
             for _, connection, commands in sent:
                 for command in commands:
                     try:

@@ -13,6 +13,7 @@ from redis.sentinel import SentinelConnectionPool
 from cdc_invalidator.mapping import Invalidation, Routed
 from cdc_invalidator.sink.connect import MasterWatch, other_db
 from cdc_invalidator.sink.glob import GlobSet
+from cdc_invalidator.sink.oversize import bulk_limit, storable, too_long
 from cdc_invalidator.sink.protocol import NO_KEY, Persistence, ServerState, identity_of
 from cdc_invalidator.sink.scan_pass import ServerSweep
 from cdc_invalidator.sink.slots import Key, pack_unlinks
@@ -105,6 +106,9 @@ class RedisSink:
         # Packed by sink/slots.py (C where built): 0.3 ms for a batch of 10,000 keys,
         # where hiredis.pack_command took 1.5 ms.
         commands = [pack_unlinks([chunk]) for chunk in _chunks(keys, self._unlink_chunk)]
+        if any(too_long(command) for command in commands):
+            keys = storable(keys, bulk_limit(self._client))
+            commands = [pack_unlinks([chunk]) for chunk in _chunks(keys, self._unlink_chunk)]
         try:
             return self._send(commands, later)
         except (redis.ConnectionError, redis.TimeoutError):

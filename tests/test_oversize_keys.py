@@ -1,0 +1,126 @@
+"""A key longer than Redis's proto-max-bulk-len (sink/oversize.py): Redis answers an
+UNLINK naming one with a protocol error and closes the connection, every time, so such
+a key is left out of the UNLINKs (it cannot be cached: SET is refused it too) and
+logged, and the rest of its batch is deleted. Against a real Redis with the least limit
+it takes (1 MiB); the cluster's side is in test_cluster."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import redis
+from structlog.testing import capture_logs
+
+from cdc_invalidator.mapping import Invalidation
+from cdc_invalidator.sink import RedisSink
+from cdc_invalidator.sink.oversize import DEFAULT_LIMIT, LEAST_LIMIT, bulk_limit
+from tests.support.env import Env
+from tests.support.faults import bulk_limit_at, cache, keys_of, setup_users
+from tests.support.listener import Spawn, stop_listener
+from tests.support.servers import RedisServer
+from tests.support.waits import wait_until
+
+pytestmark = pytest.mark.servers
+
+PASSWORD = "pw-noconfig"  # noqa: S105 - a throwaway ACL user's, on a test server
+LONG = "x" * (LEAST_LIMIT + 10)  # past the limit as a key, with any prefix
+
+
+@pytest.fixture
+def least_limit(own_redis: RedisServer) -> Iterator[redis.Redis]:
+    """own_redis, emptied, with proto-max-bulk-len at its least (as it was after)."""
+    client = own_redis.client()
+    client.flushall()
+    with bulk_limit_at(LEAST_LIMIT, client):
+        yield client
+    client.flushall()
+    client.close()
+
+
+def test_an_unlink_leaves_out_a_key_redis_refuses_and_deletes_the_rest(
+    least_limit: redis.Redis,
+) -> None:
+    r = least_limit
+    short = [f"k:{i}" for i in range(1200)]
+    r.mset(dict.fromkeys(short, "v"))
+    with pytest.raises(redis.RedisError, match="invalid bulk length"):
+        r.set(f"doc:{LONG}", "v")  # what makes such a key impossible to cache
+    sink = RedisSink(r, unlink_chunk=500)
+    with capture_logs() as logs:
+        existed = sink.delete_routed(
+            {None: Invalidation({*short[:600], f"doc:{LONG}", *short[600:]})}
+        )
+    assert existed == len(short)
+    assert r.dbsize() == 0
+    [line] = [e for e in logs if e["event"] == "key_too_long_for_redis"]
+    assert line["key_bytes"] == len(LONG) + 4
+    assert line["proto_max_bulk_len"] == LEAST_LIMIT
+    assert line["key_starts"] == f"doc:{LONG}"[:64]
+    # The connection it kept is in step: the next batch goes through it as usual.
+    r.set("after", "v")
+    assert sink.delete_routed({None: Invalidation({"after"})}) == 1
+    sink.close()
+
+
+def test_keys_under_the_limit_in_a_command_past_it_are_all_deleted(
+    least_limit: redis.Redis,
+) -> None:
+    """500 keys of 3 kB: one UNLINK of 1.5 MB, past the least limit, though no key is.
+    Redis takes it (the limit is per argument); nothing is left out, nothing logged."""
+    r = least_limit
+    keys = [f"{i}:{'y' * 3000}" for i in range(500)]
+    r.mset(dict.fromkeys(keys, "v"))
+    sink = RedisSink(r, unlink_chunk=500)
+    with capture_logs() as logs:
+        assert sink.delete_routed({None: Invalidation(set(keys))}) == len(keys)
+    assert r.dbsize() == 0
+    assert not [e for e in logs if e["event"] == "key_too_long_for_redis"]
+    sink.close()
+
+
+def test_the_limit_is_the_servers_or_the_default_where_config_is_refused(
+    least_limit: redis.Redis, own_redis: RedisServer
+) -> None:
+    assert bulk_limit(least_limit) == LEAST_LIMIT
+    least_limit.acl_setuser(
+        "noconfig",
+        enabled=True,
+        passwords=[f"+{PASSWORD}"],
+        keys=["*"],
+        commands=["+@all", "-config"],
+    )
+    try:
+        limited = redis.Redis(port=own_redis.port, username="noconfig", password=PASSWORD)
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            limited.config_get("proto-max-bulk-len")
+        assert bulk_limit(limited) == DEFAULT_LIMIT
+        limited.close()
+    finally:
+        least_limit.acl_deluser("noconfig")
+
+
+@pytest.mark.usefixtures("capture")
+def test_a_change_whose_key_is_too_long_does_not_hold_its_batch_back(
+    env: Env, spawn: Spawn
+) -> None:
+    """A row's new email, 1 MiB long, makes a key Redis refuses: the listener used to
+    retry it as redis_unavailable for good, every other key of the batch left cached."""
+    config = setup_users(env, rows=3)
+    r = env.redis()
+    with bulk_limit_at(LEAST_LIMIT, r):
+        listener = spawn(config)
+        cache(r, [1, 2, 3])
+        with env.connect() as conn, conn.transaction():  # one batch
+            conn.execute("UPDATE users SET email = %s WHERE id = 1", [LONG])
+            conn.execute("UPDATE users SET email = 'two@new' WHERE id = 2")
+        wait_until(lambda: r.exists(*keys_of(1), *keys_of(2)) == 0, what="both rows' keys deleted")
+        assert r.exists(*keys_of(3)) == 2
+        # And after it, as usual.
+        with env.connect() as conn:
+            conn.execute("UPDATE users SET email = 'three@new' WHERE id = 3")
+        wait_until(lambda: r.exists(*keys_of(3)) == 0, what="a later change's keys deleted")
+        [line, *_] = listener.logged("key_too_long_for_redis")
+        assert line["key_bytes"] == len("user:email:") + len(LONG)
+        assert not listener.logged("redis_unavailable")
+        stop_listener(listener)
