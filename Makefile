@@ -46,6 +46,7 @@ PG18_TESTS ?= tests/test_semantics.py tests/test_logical.py \
 	tests/test_privileges.py tests/test_install.py tests/test_pg_versions.py \
 	tests/test_generated_columns.py tests/test_pgoutput_live.py \
 	tests/test_migrations.py tests/test_migrations_logical.py tests/test_rebuilt_tables.py \
+	tests/test_lineage.py \
 	tests/test_bulk_logical.py tests/test_bulk_trigger.py tests/test_physical_standbys.py
 
 # TEST_WORKERS: pytest-xdist processes, each with its own PostgreSQL and Redis, a test

@@ -269,6 +269,37 @@ CREATE TABLE IF NOT EXISTS cdc_invalidator.listener_state_v1 (
 );
 INSERT INTO cdc_invalidator.listener_state_v1 (singleton) VALUES (true)
 ON CONFLICT (singleton) DO NOTHING;
+-- The server the listener last ran on (revision 6: server_lineage.sql), and the sweep of
+-- every watched table it owes since it found another (a promoted standby, a restore),
+-- until that sweep is done.
+SELECT cdc_invalidator.add_column_v1('cdc_invalidator.listener_state_v1', 'server_lineage', 'text');
+SELECT cdc_invalidator.add_column_v1('cdc_invalidator.listener_state_v1', 'resync_reason', 'text');
+-- server_lineage_v1(): this server's system identifier and the timeline it writes WAL
+-- on. A standby promoted (a failover, a switchover) writes on a new timeline, and so
+-- does a cluster brought back to a point in time; another cluster (a dump restored into
+-- it, pg_upgrade, a copy by logical replication) has another system identifier. The
+-- timeline is that of the WAL file being written (the first 8 hex digits of its name):
+-- pg_control_checkpoint() names the new one only after the first checkpoint after a
+-- promotion, which is spread out.
+-- NULL where the server withholds them (a managed service without WAL files of its
+-- own): nothing to compare, which the listener says at each start.
+CREATE OR REPLACE FUNCTION cdc_invalidator.server_lineage_v1() RETURNS text
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $lineage$
+BEGIN
+    RETURN (SELECT system_identifier FROM pg_control_system())::text || ' timeline '
+           || ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int;
+EXCEPTION WHEN feature_not_supported OR insufficient_privilege OR undefined_function THEN
+    RETURN NULL;
+END
+$lineage$;
+-- Recorded by install where no listener has yet (a first install, an upgrade): so that a
+-- standby promoted before the listener's first start has this in its copy, and the
+-- listener sees the change. Never over a listener's: install may run on a promoted
+-- standby before the listener, which must still see that.
+UPDATE cdc_invalidator.listener_state_v1
+SET server_lineage = cdc_invalidator.server_lineage_v1()
+WHERE server_lineage IS NULL;
 
 -- When the listener's progress got where: each save of listener_state_v1 also records
 -- its snapshot here, with the time of the save (save_progress.sql). Every transaction
@@ -368,9 +399,10 @@ LANGUAGE sql IMMUTABLE AS 'SELECT 1';
 -- run instead of misreading rows (revision 2: packs, in queue_v1.rows; before it there
 -- was no such function: revision 1; revision 3: progress_v1, which the listener writes
 -- and replay reads; revision 4: queue_v1.pid, which the listener reads; revision 5:
--- mapping_v1, which the listener asks). A constant, so PUBLIC may call it.
+-- mapping_v1, which the listener asks; revision 6: listener_state_v1.server_lineage and
+-- resync_reason, which it reads and writes). A constant, so PUBLIC may call it.
 CREATE OR REPLACE FUNCTION cdc_invalidator.schema_revision() RETURNS integer
-LANGUAGE sql IMMUTABLE AS 'SELECT 5';
+LANGUAGE sql IMMUTABLE AS 'SELECT 6';
 
 -- The mappings installed, in order (revision 5): an install whose configuration's
 -- tables mean something else than the last one's adds a row (record_mapping.sql). A

@@ -237,6 +237,11 @@ class Settings(BaseSettings):
     # more than PostgreSQL's own transition table, and every cached key of the table goes
     # (a cold cache instead of a slow write). Compiled in by `install`, like the payload.
     bulk_sweep_rows: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
+    # Trigger mode: on a server that is not the one the listener last ran on (a standby
+    # promoted, a restore), sweep every watched table once: it may lack transactions
+    # whose rows readers cached (capture/lineage.py). False only where no reader could
+    # see a commit the new server lacks (synchronous replication, never turned down).
+    sweep_after_failover: bool = True
     # Logical mode: the replication slot and the publication `install` creates.
     slot_name: Annotated[str, Field(pattern=_SLOT_NAME)] = "cdc_invalidator"
     publication_name: Annotated[str, Field(pattern=_SLOT_NAME)] = "cdc_invalidator"

@@ -105,6 +105,7 @@ class TriggerMode:
             mapper=s.mapper(),
             mapping=trigger_sql.MappingStamp(s.mapping_fingerprint(), s.written_at),
             payloads=s.notify_payload,
+            sweep_after_failover=s.sweep_after_failover,
         ).connect
 
     def status(self, conn: psycopg.Connection[Any]) -> Status:
