@@ -85,8 +85,15 @@ BEGIN
     -- that it stays true if a DBA revokes that).
     EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.schema_version() TO %s', listener);
     EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.schema_revision() TO %s', listener);
-    -- Trigger mode: the server's lineage, compared at each start (capture/lineage.py).
-    EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.server_lineage_v1() TO %s', listener);
+    IF capture = 'trigger' THEN
+        -- The server's lineage noted at each connect, a sweep queued on another one
+        -- (note_server_v1(), SECURITY DEFINER: the only write to the queue it may make).
+        EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.note_server_v1(boolean) TO %s',
+                       listener);
+    ELSE
+        EXECUTE format('REVOKE EXECUTE ON FUNCTION cdc_invalidator.note_server_v1(boolean) FROM %s',
+                       listener);
+    END IF;
 
     IF NOT has_database_privilege(listener, current_database(), 'CONNECT') THEN
         RAISE NOTICE 'cdc_invalidator: role % may not connect to database %: GRANT CONNECT ON DATABASE % TO %',
@@ -106,7 +113,7 @@ $grant$;
 REVOKE ALL ON FUNCTION cdc_invalidator.grant_listener(regrole, text) FROM PUBLIC;
 
 -- An install that adds a table the trigger listener writes (progress_v1, revision 3), or
--- a function it calls (server_lineage_v1(), revision 6), gives it to the roles already
+-- a function it calls (note_server_v1(), revision 6), gives it to the roles already
 -- granted trigger mode (UPDATE on listener_state_v1:
 -- grant_listener's trigger set), as grant_listener would, so that the upgrade order of
 -- docs/DBA.md (stop, install, start) needs no call in between. Nothing else changes.
@@ -122,8 +129,7 @@ BEGIN
     LOOP
         EXECUTE format('GRANT SELECT, INSERT, DELETE ON TABLE cdc_invalidator.progress_v1 TO %s',
                        listener);
-        -- (revision 6: for a database where functions' EXECUTE is not PUBLIC's)
-        EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.server_lineage_v1() TO %s',
+        EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.note_server_v1(boolean) TO %s',
                        listener);
     END LOOP;
 END

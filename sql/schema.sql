@@ -269,20 +269,17 @@ CREATE TABLE IF NOT EXISTS cdc_invalidator.listener_state_v1 (
 );
 INSERT INTO cdc_invalidator.listener_state_v1 (singleton) VALUES (true)
 ON CONFLICT (singleton) DO NOTHING;
--- The server the listener last ran on (revision 6: server_lineage.sql), and the sweep of
--- every watched table it owes since it found another (a promoted standby, a restore),
--- until that sweep is done.
+-- The server the listener last ran on, or install before its first start (revision 6:
+-- server_lineage_v1() and note_server_v1() below).
 SELECT cdc_invalidator.add_column_v1('cdc_invalidator.listener_state_v1', 'server_lineage', 'text');
-SELECT cdc_invalidator.add_column_v1('cdc_invalidator.listener_state_v1', 'resync_reason', 'text');
 -- server_lineage_v1(): this server's system identifier and the timeline it writes WAL
 -- on. A standby promoted (a failover, a switchover) writes on a new timeline, and so
 -- does a cluster brought back to a point in time; another cluster (a dump restored into
 -- it, pg_upgrade, a copy by logical replication) has another system identifier. The
 -- timeline is that of the WAL file being written (the first 8 hex digits of its name):
 -- pg_control_checkpoint() names the new one only after the first checkpoint after a
--- promotion, which is spread out.
--- NULL where the server withholds them (a managed service without WAL files of its
--- own): nothing to compare, which the listener says at each start.
+-- promotion, which is spread out. NULL where the server withholds them (a managed
+-- service without WAL files of its own): nothing to compare, which the listener says.
 CREATE OR REPLACE FUNCTION cdc_invalidator.server_lineage_v1() RETURNS text
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
 AS $lineage$
@@ -399,8 +396,8 @@ LANGUAGE sql IMMUTABLE AS 'SELECT 1';
 -- run instead of misreading rows (revision 2: packs, in queue_v1.rows; before it there
 -- was no such function: revision 1; revision 3: progress_v1, which the listener writes
 -- and replay reads; revision 4: queue_v1.pid, which the listener reads; revision 5:
--- mapping_v1, which the listener asks; revision 6: listener_state_v1.server_lineage and
--- resync_reason, which it reads and writes). A constant, so PUBLIC may call it.
+-- mapping_v1, which the listener asks; revision 6: note_server_v1(), which it calls).
+-- A constant, so PUBLIC may call it.
 CREATE OR REPLACE FUNCTION cdc_invalidator.schema_revision() RETURNS integer
 LANGUAGE sql IMMUTABLE AS 'SELECT 6';
 
@@ -956,6 +953,40 @@ BEGIN
 END
 $once$;
 REVOKE ALL ON FUNCTION cdc_invalidator.queue_sweep_once_v1(text, text, text, regclass) FROM PUBLIC;
+
+-- note_server_v1(sweep): called by the trigger listener at each connect. Another server
+-- than the one it last ran on (server_lineage_v1(); install recorded the first) may lack
+-- transactions that readers of the old one saw and cached: after a failover with
+-- asynchronous replication, a point-in-time recovery, a dump restored elsewhere. No
+-- change will ever come for them, so with `sweep` (sweep_after_failover) one sweep of
+-- every watched table is queued ({"resync": ...}: the listener sweeps it as a TRUNCATE,
+-- before it acknowledges the rows after, and replay finds it in the history) in the same
+-- transaction as the new lineage is recorded: nothing in between to lose. Returns the
+-- lineage recorded before, this one (NULL: unknown, nothing done), and whether a sweep
+-- was queued. SECURITY DEFINER: the listener's role may not write the queue (granted it
+-- by grant_listener); the function writes nothing its caller chooses.
+CREATE OR REPLACE FUNCTION cdc_invalidator.note_server_v1(
+    sweep boolean, OUT previous text, OUT current text, OUT swept boolean)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $note$
+BEGIN
+    current := cdc_invalidator.server_lineage_v1();
+    swept := false;
+    SELECT s.server_lineage INTO previous FROM cdc_invalidator.listener_state_v1 s FOR UPDATE;
+    IF current IS NULL OR current IS NOT DISTINCT FROM previous THEN
+        RETURN;
+    END IF;
+    IF previous IS NOT NULL AND sweep THEN
+        INSERT INTO cdc_invalidator.queue_v1 (schema_name, table_name, op, new_row)
+        SELECT w.schema_name, w.table_name, 'T',
+               json_build_object('resync', format('another server: %s, after %s', current, previous))
+        FROM cdc_invalidator.watched_v1 w;
+        swept := true;
+    END IF;
+    UPDATE cdc_invalidator.listener_state_v1 SET server_lineage = current;
+END
+$note$;
+REVOKE ALL ON FUNCTION cdc_invalidator.note_server_v1(boolean) FROM PUBLIC;
 
 -- The row trigger a watched partitioned table carries for partitions created or attached
 -- after watch(): statement triggers fire only on the table a statement names, so a write

@@ -1,10 +1,10 @@
-"""Trigger mode: the sweep owed on a server that is not the one the listener last ran on
-(capture/lineage.py), against real servers. A real failover is in
-test_physical_standbys; here the recorded lineage is set by hand, as a promoted standby
-or a restore would leave it, to show what the listener does with it: sweeps every
-watched table once, records the new lineage and forgets the sweep only once it is done
-(a listener stopped before then sweeps again), and with sweep_after_failover = false
-only says so."""
+"""Trigger mode: a sweep queued on a server that is not the one the listener last ran on
+(capture/lineage.py, note_server_v1() in sql/schema.sql), against real servers. A real
+failover is in test_physical_standbys; here the recorded lineage is set by hand, as a
+promoted standby or a restore would leave it, to show what the listener does with it:
+queues one sweep of every watched table with the new lineage, in one transaction (the
+queue holds the sweep until it is done, and replay finds it), and with
+sweep_after_failover = false only says so."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from psycopg.conninfo import make_conninfo
 
+from cdc_invalidator.cli import main
 from tests.support.config import write_config
 from tests.support.env import Env
 from tests.support.faults import TEMPLATES, cache, changed_and_deleted, keys_of, setup_users
@@ -22,9 +23,14 @@ from tests.support.waits import wait_until
 
 pytestmark = pytest.mark.servers
 
-STATE = "SELECT server_lineage, resync_reason FROM cdc_invalidator.listener_state_v1"
+RECORDED = "SELECT server_lineage FROM cdc_invalidator.listener_state_v1"
 LINEAGE = "SELECT cdc_invalidator.server_lineage_v1()"
 OTHER = "7000000000000000000 timeline 1"  # another cluster's
+SWEEPS = "SELECT count(*) FROM cdc_invalidator.queue_v1 WHERE new_row::jsonb ? 'resync'"
+
+
+def another_lineage(env: Env) -> None:
+    env.sql(f"UPDATE cdc_invalidator.listener_state_v1 SET server_lineage = '{OTHER}'")
 
 
 def test_install_records_the_lineage_and_a_listener_on_it_sweeps_nothing(
@@ -33,65 +39,51 @@ def test_install_records_the_lineage_and_a_listener_on_it_sweeps_nothing(
     config = setup_users(env, rows=3)
     here = env.scalar(LINEAGE)
     assert " timeline " in here
-    assert env.scalar(STATE.replace(", resync_reason", "")) == here
+    assert env.scalar(RECORDED) == here
     r = env.redis()
     cache(r, [1, 2, 3])
     listener = spawn(config)
     changed_and_deleted(r, env.dsn, 1, "a change's keys deleted")
     assert r.exists(*keys_of(2), *keys_of(3)) == 4, "nothing swept"
     assert not listener.logged("changes_may_have_been_missed")
+    assert env.scalar(SWEEPS) == 0
     stop_listener(listener)
 
 
 def test_a_listener_on_another_lineage_sweeps_every_table_once(env: Env, spawn: Spawn) -> None:
-    config = setup_users(env, rows=3)
-    env.sql(f"UPDATE cdc_invalidator.listener_state_v1 SET server_lineage = '{OTHER}'")
+    """Once, and in the history: a replay since before it sweeps again."""
+    config = setup_users(env, rows=3, replay_history="1h")
+    another_lineage(env)
     r = env.redis()
     cache(r, [1, 2, 3])
     listener = spawn(config)
-    wait_until(lambda: listener.logged("missed_changes_swept"), what="the sweep done")
-    assert r.exists(*keys_of(1), *keys_of(2), *keys_of(3)) == 0
+    wait_until(lambda: r.exists(*keys_of(1), *keys_of(2), *keys_of(3)) == 0, what="every key swept")
     (missed,) = listener.logged("changes_may_have_been_missed")
     assert missed["level"] == "error"
-    assert OTHER in missed["reason"]
     here = env.scalar(LINEAGE)
+    assert OTHER in missed["reason"]
     assert here in missed["reason"]
-    with env.connect() as conn:
-        assert conn.execute(STATE).fetchone() == (here, None)
+    assert env.scalar(RECORDED) == here
+    assert env.scalar(SWEEPS) == 1, "one sweep queued (kept as history: replay_history)"
     changed_and_deleted(r, env.dsn, 2, "a change's keys deleted after the sweep")
     stop_listener(listener)
-    # Started again on the same server: nothing more.
-    cache(r, [3])
+    # Started again on the same server: no other sweep queued. (A sweep of the last
+    # seconds before a stop may be done again as the predecessor's second deletes.)
     again = spawn(config)
     changed_and_deleted(r, env.dsn, 1, "a change's keys deleted")
-    assert r.exists(*keys_of(3)) == 2
     assert not again.logged("changes_may_have_been_missed")
+    assert env.scalar(SWEEPS) == 1
     stop_listener(again)
-
-
-def test_a_sweep_owed_and_not_done_is_done_at_the_next_start(env: Env, spawn: Spawn) -> None:
-    """Recorded with the lineage, cleared once swept: a listener stopped (or killed)
-    after it saw the new server and before the sweep was done sweeps at its next start."""
-    config = setup_users(env, rows=2)
-    env.sql(
-        "UPDATE cdc_invalidator.listener_state_v1 SET resync_reason = 'a failover, seen before'"
-    )
-    r = env.redis()
-    cache(r, [1, 2])
-    listener = spawn(config)
-    wait_until(lambda: listener.logged("missed_changes_swept"), what="the sweep owed done")
-    assert r.exists(*keys_of(1), *keys_of(2)) == 0
-    (swept,) = listener.logged("missed_changes_swept")
-    assert swept["reason"] == "a failover, seen before"
-    assert env.scalar(STATE.replace("server_lineage, ", "")) is None
-    stop_listener(listener)
+    cache(r, [3])
+    assert main(["replay", "--since", "10m", "--config", str(config)]) == 0
+    assert r.exists(*keys_of(3)) == 0, "the sweep replayed"
 
 
 def test_sweep_after_failover_false_records_the_new_lineage_and_sweeps_nothing(
     env: Env, spawn: Spawn
 ) -> None:
     config = setup_users(env, rows=2, sweep_after_failover=False)
-    env.sql(f"UPDATE cdc_invalidator.listener_state_v1 SET server_lineage = '{OTHER}'")
+    another_lineage(env)
     r = env.redis()
     cache(r, [1, 2])
     listener = spawn(config)
@@ -100,8 +92,8 @@ def test_sweep_after_failover_false_records_the_new_lineage_and_sweeps_nothing(
     (said,) = listener.logged("postgres_lineage_changed")
     assert (said["previous"], said["now"]) == (OTHER, env.scalar(LINEAGE))
     assert not listener.logged("changes_may_have_been_missed")
-    with env.connect() as conn:
-        assert conn.execute(STATE).fetchone() == (env.scalar(LINEAGE), None)
+    assert env.scalar(RECORDED) == env.scalar(LINEAGE)
+    assert env.scalar(SWEEPS) == 0
     stop_listener(listener)
 
 
@@ -117,24 +109,25 @@ def listener_as(env: Env, role: str, **settings: object) -> Path:
     )
 
 
-def test_a_listener_granted_least_privilege_sees_another_lineage_and_sweeps(
-    env: Env, spawn: Spawn
-) -> None:
-    """grant_listener gives what the lineage needs, also where EXECUTE on functions was
-    revoked from PUBLIC."""
+def test_a_listener_granted_least_privilege_queues_the_sweep(env: Env, spawn: Spawn) -> None:
+    """grant_listener gives EXECUTE on note_server_v1(), which queues the sweep as its
+    owner (the listener's role may not write the queue), and that is all it may write
+    there; EXECUTE revoked from PUBLIC changes nothing."""
     setup_users(env, rows=2)
-    env.sql(
-        f"UPDATE cdc_invalidator.listener_state_v1 SET server_lineage = '{OTHER}';"
-        "REVOKE EXECUTE ON FUNCTION cdc_invalidator.server_lineage_v1() FROM PUBLIC"
-    )
+    another_lineage(env)
+    env.sql("REVOKE EXECUTE ON FUNCTION cdc_invalidator.server_lineage_v1() FROM PUBLIC")
     r = env.redis()
     cache(r, [1, 2])
     try:
         with login_role(env, "lineage_") as role:
+            assert not env.scalar(
+                "SELECT has_table_privilege(%s, 'cdc_invalidator.queue_v1', 'INSERT')", [role]
+            )
+            note = "cdc_invalidator.note_server_v1(boolean)"
+            assert not env.scalar(f"SELECT has_function_privilege('public', '{note}', 'EXECUTE')")
             listener = spawn(listener_as(env, role))
-            wait_until(lambda: listener.logged("missed_changes_swept"), what="the sweep done")
-            assert r.exists(*keys_of(1), *keys_of(2)) == 0
-            assert env.scalar(STATE.replace(", resync_reason", "")) == env.scalar(LINEAGE)
+            wait_until(lambda: r.exists(*keys_of(1), *keys_of(2)) == 0, what="every key swept")
+            assert env.scalar(RECORDED) == env.scalar(LINEAGE)
             stop_listener(listener)
     finally:
         env.sql("GRANT EXECUTE ON FUNCTION cdc_invalidator.server_lineage_v1() TO PUBLIC")
@@ -146,16 +139,26 @@ def test_a_server_that_withholds_its_lineage_is_said_and_nothing_is_swept(
     """pg_control_system() withheld (as a managed service may): the lineage is NULL, the
     listener says a failover cannot be told, and invalidates as usual."""
     setup_users(env, rows=2)
-    env.sql("REVOKE EXECUTE ON FUNCTION pg_control_system() FROM PUBLIC")
+    another_lineage(env)
     r = env.redis()
     cache(r, [2])
-    try:
-        with login_role(env, "lineage_") as role:
+    note = "cdc_invalidator.note_server_v1(boolean)"
+    with login_role(env, "lineage_") as role:
+        # note_server_v1() runs as its owner: here a role without the privilege.
+        env.sql(
+            f"REVOKE EXECUTE ON FUNCTION pg_control_system() FROM PUBLIC;"
+            f"ALTER FUNCTION {note} OWNER TO {role}"
+        )
+        try:
             listener = spawn(listener_as(env, role))
             changed_and_deleted(r, env.dsn, 1, "a change's keys deleted")
             (said,) = listener.logged("postgres_lineage_unknown")
             assert said["level"] == "warning"
             assert r.exists(*keys_of(2)) == 2, "nothing swept"
+            assert env.scalar(RECORDED) == OTHER
             stop_listener(listener)
-    finally:
-        env.sql("GRANT EXECUTE ON FUNCTION pg_control_system() TO PUBLIC")
+        finally:
+            env.sql(
+                "GRANT EXECUTE ON FUNCTION pg_control_system() TO PUBLIC;"
+                f"ALTER FUNCTION {note} OWNER TO CURRENT_USER"
+            )

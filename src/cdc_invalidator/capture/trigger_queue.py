@@ -45,7 +45,7 @@ from cdc_invalidator.capture.errors import (
     missing_privilege,
 )
 from cdc_invalidator.capture.holds import Hold, Holds
-from cdc_invalidator.capture.lineage import clear_swept, owed_sweep
+from cdc_invalidator.capture.lineage import note_server
 from cdc_invalidator.capture.rows import RowDecoder, pack_element, queue_id
 from cdc_invalidator.capture.trigger_sql import (
     CHANNEL,
@@ -54,7 +54,7 @@ from cdc_invalidator.capture.trigger_sql import (
     require_current_mapping,
     require_installed,
 )
-from cdc_invalidator.events import ChangeEvent, Op, Origin, StandInKind, TableName
+from cdc_invalidator.events import ChangeEvent, Origin, TableName
 from cdc_invalidator.mapping.mapper import Mapper, Routed
 from cdc_invalidator.pg import raw_text
 from cdc_invalidator.pg.connect import LISTENER, PgConnector
@@ -474,8 +474,8 @@ class TriggerCapture:
         sweep_after_failover: bool = True,
     ) -> None:
         self._pg = pg
-        # A sweep of every watched table when the server is another lineage (a promoted
-        # standby, a restore: capture/lineage.py); False: logged only.
+        # A sweep of every watched table queued on another server than the last (a
+        # promoted standby, a restore: capture/lineage.py); False: logged only.
         self._sweep_after_failover = sweep_after_failover
         # notify_payload: NOTIFY payloads are deleted early. Off, they are not read: any
         # role that can connect may NOTIFY on our channel, and its payloads would delete
@@ -495,10 +495,8 @@ class TriggerCapture:
         conn = self._pg.connect(LISTENER)
         try:
             saved, started = _prepare(conn, self._mapping)
-            # (without a mapper, no table to sweep: nothing recorded, a later one sweeps)
-            resync = (
-                None if self._mapper is None else owed_sweep(conn, sweep=self._sweep_after_failover)
-            )
+            # (before the first read: a sweep it queues is in the next window)
+            note_server(conn, sweep=self._sweep_after_failover)
         except psycopg.errors.InsufficientPrivilege as exc:
             user = conn.info.user
             conn.close()
@@ -536,7 +534,6 @@ class TriggerCapture:
             self._mapper,
             mapping=self._mapping,
             payloads=self._payloads,
-            resync=resync,
         )
 
 
@@ -551,7 +548,6 @@ class TriggerQueue:
         *,
         mapping: MappingStamp | None = None,
         payloads: bool = False,
-        resync: str | None = None,
     ) -> None:
         self._conn = conn
         self._mapper = mapper
@@ -588,10 +584,6 @@ class TriggerQueue:
         # policy's switch after the last batch.
         self._listen_next: bool | None = None
         self._read_at = time.monotonic()  # the last queue read began
-        # The sweep of every watched table owed (its reason: capture/lineage.py), handed
-        # out first; then, while it runs behind the loop, its hold, reason and tables.
-        self._resync = resync
-        self._resync_held: tuple[Hold, str, int] | None = None
         # Straight from libpq, as bytes (see _prepare).
         conn.pgconn.notify_handler = self._notified
 
@@ -605,18 +597,6 @@ class TriggerQueue:
         if (listen := self._listen_next) is not None:
             self._listen_next = None
             self._listen(listen)
-        if (reason := self._resync) is not None and self._mapper is not None:
-            resync = self._resync_batch(reason, self._mapper)
-            yield resync
-            # Acknowledged: swept, or sweeping behind the loop (held). Not a hold on the
-            # position: the reason stays recorded until the sweep is done, and a listener
-            # stopped before then sweeps again.
-            self._resync = None
-            if resync.held is None:
-                clear_swept(self._conn, reason, len(resync.events))
-            else:
-                self._resync_held = (resync.held, reason, len(resync.events))
-            return
         self._woken = False  # this batch, or the queue read owed after it, sees them
         if self._payloads:
             payloads, self._payloads, self._payload_bytes = self._payloads, [], 0
@@ -630,22 +610,6 @@ class TriggerQueue:
                 return
         with self._queue_batch(limit) as batch:
             yield batch
-
-    @staticmethod
-    def _resync_batch(reason: str, mapper: Mapper) -> QueueBatch:
-        """Every watched table as truncated: the mapper sweeps each template as a glob.
-        Each event says why (StandInKind.RESYNC), for `tail`: no TRUNCATE ran."""
-        why = {StandInKind.RESYNC.value: reason}
-        events = [
-            ChangeEvent(table, Op.TRUNCATE, None, why, -(i + 1))
-            for i, table in enumerate(sorted(mapper.tables))
-        ]
-        return QueueBatch(size=len(events), events=events, read_at=time.monotonic())
-
-    def _resync_if_swept(self) -> None:
-        if (held := self._resync_held) is not None and held[0].released:
-            self._resync_held = None
-            clear_swept(self._conn, held[1], held[2])
 
     def _early_batch(self, payloads: list[tuple[int, str | bytes]], limit: int) -> EarlyBatch:
         return early_batch(self._decoder, payloads, self._progress.done.text, limit)
@@ -743,7 +707,6 @@ class TriggerQueue:
         runner's loop, busy or idle, and during Redis outages."""
         progress = self._progress
         now = time.monotonic()
-        self._resync_if_swept()
         if progress.unsaved and now - progress.saved_at >= SAVE_EVERY_S:
             self._save()
         self._prune()
@@ -825,10 +788,8 @@ class TriggerQueue:
         """Save progress if the connection still works, then close it."""
         self._read_ahead.close()
         if not self._conn.closed and not self._conn.broken:
-            # Progress since the last save is re-delivered if this fails: harmless; a
-            # sweep owed and not cleared is done again.
+            # Progress since the last save is re-delivered if this fails: harmless.
             with contextlib.suppress(psycopg.Error, MappingSuperseded):
-                self._resync_if_swept()
                 self._save()
         self._conn.close()
 

@@ -62,9 +62,7 @@ class Q(enum.Enum):
     LOCK_HOLDER = "lock_holder.sql"
     LOAD_PROGRESS = "load_progress.sql"
     PROGRESS_AHEAD = "progress_ahead.sql"
-    SERVER_LINEAGE = "server_lineage.sql"  # a promoted standby, a restore: a sweep
-    RECORD_LINEAGE = "record_lineage.sql"
-    CLEAR_RESYNC_TRIGGER = "clear_resync_trigger.sql"
+    NOTE_SERVER = "note_server.sql"  # a promoted standby, a restore: a sweep queued
     FETCH_BATCH = "fetch_batch.sql"
     DEAD_LETTER = "dead_letter.sql"
     RESOLVE_RENAMED = "resolve_renamed.sql"  # a row under a name the mapping lacks
