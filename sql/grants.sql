@@ -85,13 +85,15 @@ BEGIN
     -- that it stays true if a DBA revokes that).
     EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.schema_version() TO %s', listener);
     EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.schema_revision() TO %s', listener);
+    -- The server's lineage, which each listener compares with what it saw last.
+    EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.server_lineage_v1() TO %s', listener);
     IF capture = 'trigger' THEN
         -- The server's lineage noted at each connect, a sweep queued on another one
         -- (note_server_v1(), SECURITY DEFINER: the only write to the queue it may make).
-        EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.note_server_v1(boolean) TO %s',
+        EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.note_server_v1(boolean, text) TO %s',
                        listener);
     ELSE
-        EXECUTE format('REVOKE EXECUTE ON FUNCTION cdc_invalidator.note_server_v1(boolean) FROM %s',
+        EXECUTE format('REVOKE EXECUTE ON FUNCTION cdc_invalidator.note_server_v1(boolean, text) FROM %s',
                        listener);
     END IF;
 
@@ -129,7 +131,7 @@ BEGIN
     LOOP
         EXECUTE format('GRANT SELECT, INSERT, DELETE ON TABLE cdc_invalidator.progress_v1 TO %s',
                        listener);
-        EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.note_server_v1(boolean) TO %s',
+        EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.note_server_v1(boolean, text) TO %s',
                        listener);
     END LOOP;
 END

@@ -954,25 +954,31 @@ END
 $once$;
 REVOKE ALL ON FUNCTION cdc_invalidator.queue_sweep_once_v1(text, text, text, regclass) FROM PUBLIC;
 
--- note_server_v1(sweep): called by the trigger listener at each connect. Another server
--- than the one it last ran on (server_lineage_v1(); install recorded the first) may lack
--- transactions that readers of the old one saw and cached: after a failover with
--- asynchronous replication, a point-in-time recovery, a dump restored elsewhere. No
--- change will ever come for them, so with `sweep` (sweep_after_failover) one sweep of
+-- note_server_v1(sweep, seen): called by the trigger listener at each connect. Another
+-- server than the one it last ran on (server_lineage_v1(); install recorded the first)
+-- may lack transactions that readers of the old one saw and cached: after a failover
+-- with asynchronous replication, a point-in-time recovery, a dump restored elsewhere.
+-- The lineage recorded here came with the data, so a primary gone back to after a
+-- standby was promoted and used still holds its own: `seen`, the lineage the calling
+-- listener's previous session saw (NULL: none), tells that one. No change will ever
+-- come for what is lost, so with `sweep` (sweep_after_failover) one sweep of
 -- every watched table is queued ({"resync": ...}: the listener sweeps it as a TRUNCATE,
 -- before it acknowledges the rows after, and replay finds it in the history) in the same
 -- transaction as the new lineage is recorded: nothing in between to lose. Returns the
--- lineage recorded before, this one (NULL: unknown, nothing done), and whether a sweep
--- was queued. SECURITY DEFINER: the listener's role may not write the queue (granted it
+-- lineage compared with (`seen` where it differs, else the one recorded), this one
+-- (NULL: unknown, nothing done), and whether a sweep was queued. SECURITY DEFINER: the listener's role may not write the queue (granted it
 -- by grant_listener); the function writes nothing its caller chooses.
 CREATE OR REPLACE FUNCTION cdc_invalidator.note_server_v1(
-    sweep boolean, OUT previous text, OUT current text, OUT swept boolean)
+    sweep boolean, seen text, OUT previous text, OUT current text, OUT swept boolean)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $note$
 BEGIN
     current := cdc_invalidator.server_lineage_v1();
     swept := false;
     SELECT s.server_lineage INTO previous FROM cdc_invalidator.listener_state_v1 s FOR UPDATE;
+    IF seen IS DISTINCT FROM current AND seen IS NOT NULL THEN
+        previous := seen;
+    END IF;
     IF current IS NULL OR current IS NOT DISTINCT FROM previous THEN
         RETURN;
     END IF;
@@ -986,7 +992,7 @@ BEGIN
     UPDATE cdc_invalidator.listener_state_v1 SET server_lineage = current;
 END
 $note$;
-REVOKE ALL ON FUNCTION cdc_invalidator.note_server_v1(boolean) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cdc_invalidator.note_server_v1(boolean, text) FROM PUBLIC;
 
 -- The row trigger a watched partitioned table carries for partitions created or attached
 -- after watch(): statement triggers fire only on the table a statement names, so a write

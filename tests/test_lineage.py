@@ -123,7 +123,7 @@ def test_a_listener_granted_least_privilege_queues_the_sweep(env: Env, spawn: Sp
             assert not env.scalar(
                 "SELECT has_table_privilege(%s, 'cdc_invalidator.queue_v1', 'INSERT')", [role]
             )
-            note = "cdc_invalidator.note_server_v1(boolean)"
+            note = "cdc_invalidator.note_server_v1(boolean, text)"
             assert not env.scalar(f"SELECT has_function_privilege('public', '{note}', 'EXECUTE')")
             listener = spawn(listener_as(env, role))
             wait_until(lambda: r.exists(*keys_of(1), *keys_of(2)) == 0, what="every key swept")
@@ -142,7 +142,7 @@ def test_a_server_that_withholds_its_lineage_is_said_and_nothing_is_swept(
     another_lineage(env)
     r = env.redis()
     cache(r, [2])
-    note = "cdc_invalidator.note_server_v1(boolean)"
+    note = "cdc_invalidator.note_server_v1(boolean, text)"
     with login_role(env, "lineage_") as role:
         # note_server_v1() runs as its owner: here a role without the privilege.
         env.sql(

@@ -9,7 +9,9 @@ it again and sweeps (a failover slot kept on the standby, PostgreSQL 17+, would 
 resume without the sweep, and leave that value cached for good: a review reproduced
 it). In trigger mode the queue and the position came along with the data: the listener
 tells the promoted standby by its new timeline (capture/lineage.py), and queues a sweep
-unless sweep_after_failover = false.
+unless sweep_after_failover = false. Going back to the old primary afterwards sweeps
+again in both modes: it lacks what was written on the promoted one, and the listener's
+previous session saw that one's timeline.
 
 And synchronous_standby_names that would let PostgreSQL make the listener's stream a
 synchronous standby: said at every start of the stream."""
@@ -57,7 +59,8 @@ def test_a_failover_sweeps_what_a_reader_cached_from_a_transaction_it_lost(
             f"postgresql://postgres@127.0.0.1:{primary.port},127.0.0.1:{standby.port}/{dbname}"
             "?target_session_attrs=read-write"
         )
-        config = setup_users(env, rows=3, database_url=both)
+        # (no second deletes: the only deletes of a key cached after a change are a sweep's)
+        config = setup_users(env, rows=3, database_url=both, second_delete_ms=0)
         r = env.redis()
         listener = spawn(config)
         changed_and_deleted(r, env.dsn, 1, "a change's keys deleted")
@@ -88,6 +91,23 @@ def test_a_failover_sweeps_what_a_reader_cached_from_a_transaction_it_lost(
         with psycopg.connect(standby.dsn(dbname), autocommit=True) as conn:
             assert conn.execute("SELECT email FROM users WHERE id = 2").fetchone() == ("u2@x",)
         changed_and_deleted(r, standby.dsn(dbname), 3, "a change on the new primary")
+
+        # Going back to the old primary (a failover undone): it lacks what was written
+        # on the standby, and never saw its timeline. The listener's previous session
+        # did: it sweeps again, and a reader's copy of the standby's row goes.
+        r.mset({"user:3": "from-the-standby", "user:email:changed3@x": "3"})
+        standby.stop()
+        primary.start()
+        wait_until(
+            lambda: r.exists("user:3", "user:email:changed3@x") == 0,
+            timeout_s=30,
+            what="the sweep on going back",
+        )
+        back = listener.logged("changes_may_have_been_missed")[-1]
+        assert "timeline 2; now" in back["reason"], back
+        changed_and_deleted(
+            r, env.dsn, 3, "a change on the old primary"
+        )  # (3: never changed there)
         listener.signal(signal.SIGTERM)
         assert listener.wait() == 0
     finally:

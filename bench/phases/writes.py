@@ -23,6 +23,7 @@ import subprocess
 from dataclasses import dataclass
 
 import psycopg
+from psycopg import sql
 
 from cdc_invalidator.settings import Settings
 from harness import SLOT, W_PLAIN, W_WATCHED, WRITE_ROWS, Bench, Listener, Sizes, Target
@@ -179,12 +180,22 @@ def measure_writes(
 
 def catch_up(bench: Bench, target: Target, listener: Listener) -> None:
     """Until the listener took what was captured while none ran (outside any timing):
-    logical mode, the slot confirmed up to the current WAL position; trigger mode, the
-    listener idle."""
+    logical mode, the slot confirmed past a change of ours committed last; trigger mode,
+    the listener idle.
+
+    Logical mode: past that change's commit, not the current WAL position. Progress that
+    is only a keepalive's (WAL of other tables, the listener's own history) is confirmed
+    in 1 MB steps (CHASE_BYTES), so the slot may stay up to that far behind the current
+    position for good: the full run waited there for 300 s, then failed."""
     if not target.logical:
         wait_idle(listener.pid)
         return
-    end = target.admin.execute("SELECT pg_current_wal_lsn()").fetchone()
+    with target.admin.transaction():
+        target.admin.execute(
+            sql.SQL("UPDATE {} SET n = n + 1 WHERE id = 1").format(sql.Identifier(W_WATCHED))
+        )
+        # (before the commit record: the listener confirms past it once it has the change)
+        end = target.admin.execute("SELECT pg_current_wal_insert_lsn()").fetchone()
 
     def caught_up() -> bool:
         listener.check()

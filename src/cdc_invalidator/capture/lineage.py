@@ -11,6 +11,12 @@ promotion, a point-in-time recovery, or in another cluster) with the one recorde
 queue a sweep of every watched table with the new lineage, in one transaction: the queue
 then holds it until it is done, as any TRUNCATE, and replay finds it in the history.
 
+The lineage recorded came with the data: a primary gone back to after a standby was
+promoted and used (a failover undone) holds its own, and lacks what was written on the
+other. The listener compares with the lineage its previous session saw too, which tells
+that one while it runs (not after a restart); logical mode, whose slot on the old
+primary still exists, does the same (lineage_of()).
+
 A crash with asynchronous commits loses readable transactions too, on the same timeline:
 this cannot tell it from a clean restart, and docs/DBA.md says to sweep by hand there.
 """
@@ -27,12 +33,14 @@ from cdc_invalidator.pg.queries import Q
 log = structlog.get_logger("cdc_invalidator.capture")
 
 
-def note_server(conn: psycopg.Connection[Any], *, sweep: bool) -> None:
+def note_server(conn: psycopg.Connection[Any], *, sweep: bool, seen: str | None) -> str | None:
     """Record this server's lineage, queueing a sweep of every watched table if it is
-    another than the last (`sweep`: sweep_after_failover), and say what was found."""
+    another than the last, or than `seen` (the one this listener's previous session
+    saw); `sweep`: sweep_after_failover. Say what was found; return the lineage (None:
+    unknown)."""
     previous, current, swept = cast(
         "tuple[str | None, str | None, bool]",
-        conn.execute(Q.NOTE_SERVER.sql, {"sweep": sweep}).fetchone(),
+        conn.execute(Q.NOTE_SERVER.sql, {"sweep": sweep, "seen": seen}).fetchone(),
     )
     if current is None:
         log.warning(
@@ -40,10 +48,11 @@ def note_server(conn: psycopg.Connection[Any], *, sweep: bool) -> None:
             detail="the server withholds its system identifier or WAL timeline "
             "(server_lineage_v1() is NULL): a failover or a restore cannot be told, and "
             "is not swept for; sweep by hand after one (docs/DBA.md, After restoring the "
-            "database)",
+            "database), or let the role that installed cdc_invalidator call "
+            "pg_control_system() and pg_walfile_name() (GRANT EXECUTE ON FUNCTION ...)",
         )
     elif previous is None or previous == current:
-        return
+        pass
     elif swept:
         log.error(
             "changes_may_have_been_missed",
@@ -60,3 +69,15 @@ def note_server(conn: psycopg.Connection[Any], *, sweep: bool) -> None:
             detail="sweep_after_failover = false: nothing is swept (right only where no "
             "reader could see a commit the new server lacks: synchronous replication)",
         )
+    return current
+
+
+def lineage_of(conn: psycopg.Connection[Any]) -> str | None:
+    """The server's lineage (logical mode: compared with its previous session's), None
+    where it withholds it, or the listener's role may not ask (EXECUTE revoked from
+    PUBLIC and not granted: a grant_listener of an older release)."""
+    try:
+        row = conn.execute(Q.SERVER_LINEAGE.sql).fetchone()
+    except psycopg.errors.InsufficientPrivilege:
+        return None
+    return None if row is None else cast("str | None", row[0])

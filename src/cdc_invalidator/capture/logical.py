@@ -47,6 +47,7 @@ from cdc_invalidator.capture.errors import (
 )
 from cdc_invalidator.capture.history_writer import HistoryWriter
 from cdc_invalidator.capture.holds import Hold, Holds
+from cdc_invalidator.capture.lineage import lineage_of
 from cdc_invalidator.capture.packs import Collector, ColumnPack, map_packs
 from cdc_invalidator.capture.pgoutput import (
     Begin,
@@ -247,6 +248,7 @@ class LogicalCapture:
         # (_wait_for_long_transactions). Forgotten once a turn gets past it, the slot
         # made or found made (a later wait starts anew: second review).
         self._slot_wait_from: int | None = None
+        self._lineage: str | None = None  # the server's, as the last session saw it
 
     def connect(self) -> LogicalStream:
         side = self._pg.connect(BOOKKEEPING)
@@ -328,6 +330,16 @@ class LogicalCapture:
             side.execute(Q.DROP_SLOT.sql, {"slot": cfg.slot})
         owed = state.resync_reason
         missed = verdict.reason if kind.missed_changes else None
+        # A primary gone back to after a standby was promoted and used still has our
+        # slot, and lacks what was written on the other (capture/lineage.py): told by
+        # the lineage this listener's previous session saw (while it runs).
+        seen, lineage = self._lineage, lineage_of(side)
+        if missed is None and None not in (seen, lineage) and lineage != seen:
+            missed = (
+                f"the listener's previous session ran on another server ({seen}; now "
+                f"{lineage}): a primary gone back to after a standby was promoted lacks "
+                "the transactions written on that one"
+            )
         if kind is SlotClass.MISSING_FIRST_USE:
             # `install` makes the slot as it commits; it is missing when install could
             # not (its role had no REPLICATION) or the script was applied by hand. The
@@ -346,6 +358,7 @@ class LogicalCapture:
             # Owed until done: a crash during the sweep sweeps again.
             side.execute(Q.SET_RESYNC.sql, {"slot": cfg.slot, "reason": missed, "lsn": None})
             owed = missed
+        self._lineage = lineage or seen
         if kind.create:
             return self._make_slot(side), owed
         if state.acked is None or kind is SlotClass.AHEAD:

@@ -477,6 +477,7 @@ class TriggerCapture:
         # A sweep of every watched table queued on another server than the last (a
         # promoted standby, a restore: capture/lineage.py); False: logged only.
         self._sweep_after_failover = sweep_after_failover
+        self._lineage: str | None = None  # the server's, as the last connection saw it
         # notify_payload: NOTIFY payloads are deleted early. Off, they are not read: any
         # role that can connect may NOTIFY on our channel, and its payloads would delete
         # any configured table's keys on demand.
@@ -496,7 +497,8 @@ class TriggerCapture:
         try:
             saved, started = _prepare(conn, self._mapping)
             # (before the first read: a sweep it queues is in the next window)
-            note_server(conn, sweep=self._sweep_after_failover)
+            seen = self._lineage
+            self._lineage = note_server(conn, sweep=self._sweep_after_failover, seen=seen) or seen
         except psycopg.errors.InsufficientPrivilege as exc:
             user = conn.info.user
             conn.close()

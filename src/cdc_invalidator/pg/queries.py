@@ -63,6 +63,7 @@ class Q(enum.Enum):
     LOAD_PROGRESS = "load_progress.sql"
     PROGRESS_AHEAD = "progress_ahead.sql"
     NOTE_SERVER = "note_server.sql"  # a promoted standby, a restore: a sweep queued
+    SERVER_LINEAGE = "server_lineage.sql"  # logical mode: compared with the last session's
     FETCH_BATCH = "fetch_batch.sql"
     DEAD_LETTER = "dead_letter.sql"
     RESOLVE_RENAMED = "resolve_renamed.sql"  # a row under a name the mapping lacks
