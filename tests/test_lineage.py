@@ -162,3 +162,24 @@ def test_a_server_that_withholds_its_lineage_is_said_and_nothing_is_swept(
                 "GRANT EXECUTE ON FUNCTION pg_control_system() TO PUBLIC;"
                 f"ALTER FUNCTION {note} OWNER TO CURRENT_USER"
             )
+
+
+def test_check_says_the_next_start_sweeps_and_how_to_keep_the_cache(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before the listener's first start on another server (a pg_upgrade, a switchover
+    done): `check` warns that it will sweep, with the statement that keeps the cache warm
+    where nothing was lost; run, that statement leaves nothing to sweep."""
+    config = setup_users(env)
+    capsys.readouterr()
+    assert main(["check", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert f"server lineage: {env.scalar(LINEAGE)}, the one the listener last ran on" in out
+    another_lineage(env)
+    assert main(["check", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert f"is not the one the listener last ran on ({OTHER})" in out
+    assert "its next start sweeps every watched table once" in out
+    statement = out.split("as the installing role: ", 1)[1].split("\n", 1)[0]
+    env.sql(statement)
+    assert env.scalar(RECORDED) == env.scalar(LINEAGE)

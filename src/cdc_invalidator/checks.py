@@ -397,6 +397,39 @@ def check_two_phase(conn: psycopg.Connection[Any], report: Report) -> None:
         )
 
 
+def check_lineage(conn: psycopg.Connection[Any], report: Report, *, sweep: bool) -> None:
+    """Trigger mode: whether the listener's next start finds another server than the one
+    it last ran on, and sweeps every watched table (capture/lineage.py): said before it
+    happens, when a DBA can still keep the cache warm where nothing was lost."""
+    row = conn.execute(Q.CHECK_LINEAGE.sql).fetchone()
+    if row is None:
+        return
+    current, recorded = row
+    if current is None:
+        report.warnings.append(
+            "the server withholds its system identifier or WAL timeline "
+            "(cdc_invalidator.server_lineage_v1() is NULL): a failover or a restore cannot "
+            'be told, and is not swept for (docs/DBA.md, "After restoring the database")'
+        )
+    elif recorded is None or current == recorded:
+        report.ok.append(f"server lineage: {current}, the one the listener last ran on")
+    elif sweep:
+        report.warnings.append(
+            f"this server ({current}) is not the one the listener last ran on ({recorded}): "  # noqa: S608 - advice printed for a DBA, never run
+            "a promoted standby, a restore or pg_upgrade; its next start sweeps every "
+            "watched table once (transactions of the old one may be lost, and cached). "
+            "Where nothing was lost (pg_upgrade, a planned switchover), record it first to "
+            "keep the cache warm, as the installing role: UPDATE "
+            "cdc_invalidator.listener_state_v1 SET server_lineage = "
+            "cdc_invalidator.server_lineage_v1()"
+        )
+    else:
+        report.ok.append(
+            f"server lineage: {current}, not the one the listener last ran on ({recorded}); "
+            "sweep_after_failover = false: nothing will be swept"
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class Watch:
     """What install recorded for a table, against the live catalog (check_watch.sql)."""

@@ -64,6 +64,7 @@ class Q(enum.Enum):
     PROGRESS_AHEAD = "progress_ahead.sql"
     NOTE_SERVER = "note_server.sql"  # a promoted standby, a restore: a sweep queued
     SERVER_LINEAGE = "server_lineage.sql"  # logical mode: compared with the last session's
+    CHECK_LINEAGE = "check_lineage.sql"  # `check`: what the next start will find
     FETCH_BATCH = "fetch_batch.sql"
     DEAD_LETTER = "dead_letter.sql"
     RESOLVE_RENAMED = "resolve_renamed.sql"  # a row under a name the mapping lacks
