@@ -961,13 +961,15 @@ REVOKE ALL ON FUNCTION cdc_invalidator.queue_sweep_once_v1(text, text, text, reg
 -- The lineage recorded here came with the data, so a primary gone back to after a
 -- standby was promoted and used still holds its own: `seen`, the lineage the calling
 -- listener's previous session saw (NULL: none), tells that one. No change will ever
--- come for what is lost, so with `sweep` (sweep_after_failover) one sweep of
--- every watched table is queued ({"resync": ...}: the listener sweeps it as a TRUNCATE,
--- before it acknowledges the rows after, and replay finds it in the history) in the same
--- transaction as the new lineage is recorded: nothing in between to lose. Returns the
--- lineage compared with (`seen` where it differs, else the one recorded), this one
--- (NULL: unknown, nothing done), and whether a sweep was queued. SECURITY DEFINER: the listener's role may not write the queue (granted it
--- by grant_listener); the function writes nothing its caller chooses.
+-- come for what is lost, so with `sweep` (sweep_after_failover) one sweep of every
+-- watched table is queued ({"resync": ...}, under the name its events carry): the
+-- listener sweeps it as a TRUNCATE's, saves no position past it until that is done, and
+-- replay finds it in the history. Queued in the same transaction as the new lineage is
+-- recorded: nothing in between to lose. Returns the lineage compared with (`seen` where
+-- it differs, else the one recorded), this one (NULL: unknown, nothing done), and
+-- whether a sweep was queued. SECURITY DEFINER: the listener's role may not write the
+-- queue (it is granted this function by grant_listener), and nothing written here is
+-- the caller's choice but whether, and which lineage is compared.
 CREATE OR REPLACE FUNCTION cdc_invalidator.note_server_v1(
     sweep boolean, seen text, OUT previous text, OUT current text, OUT swept boolean)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -983,10 +985,12 @@ BEGIN
         RETURN;
     END IF;
     IF previous IS NOT NULL AND sweep THEN
+        -- (the name install recorded, else the table's own: a row of an older release)
         INSERT INTO cdc_invalidator.queue_v1 (schema_name, table_name, op, new_row)
-        SELECT w.schema_name, w.table_name, 'T',
+        SELECT coalesce(w.schema_name, n.nspname), coalesce(w.table_name, c.relname), 'T',
                json_build_object('resync', format('another server: %s, after %s', current, previous))
-        FROM cdc_invalidator.watched_v1 w;
+        FROM cdc_invalidator.watched_v1 w
+        JOIN pg_class c ON c.oid = w.relid JOIN pg_namespace n ON n.oid = c.relnamespace;
         swept := true;
     END IF;
     UPDATE cdc_invalidator.listener_state_v1 SET server_lineage = current;

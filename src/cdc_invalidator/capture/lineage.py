@@ -1,4 +1,5 @@
-"""Trigger mode: a sweep when the server is not the one the listener last ran on.
+"""A sweep when the server is not the one the listener last ran on (trigger mode's
+note_server(); logical mode's slot tells most of it, lineage_of() the rest).
 
 A standby promoted after a failover lacks the transactions the old primary had not sent
 it yet (asynchronous replication, the default), and a database brought back to a point
