@@ -286,7 +286,8 @@ AS $lineage$
 BEGIN
     RETURN (SELECT system_identifier FROM pg_control_system())::text || ' timeline '
            || ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int;
-EXCEPTION WHEN feature_not_supported OR insufficient_privilege OR undefined_function THEN
+EXCEPTION WHEN OTHERS THEN
+    -- (whatever a managed service answers instead: the listener starts all the same)
     RETURN NULL;
 END
 $lineage$;
@@ -960,31 +961,57 @@ REVOKE ALL ON FUNCTION cdc_invalidator.queue_sweep_once_v1(text, text, text, reg
 -- with asynchronous replication, a point-in-time recovery, a dump restored elsewhere.
 -- The lineage recorded here came with the data, so a primary gone back to after a
 -- standby was promoted and used still holds its own: `seen`, the lineage the calling
--- listener's previous session saw (NULL: none), tells that one. No change will ever
--- come for what is lost, so with `sweep` (sweep_after_failover) one sweep of every
--- watched table is queued ({"resync": ...}, under the name its events carry): the
--- listener sweeps it as a TRUNCATE's, saves no position past it until that is done, and
--- replay finds it in the history. Queued in the same transaction as the new lineage is
--- recorded: nothing in between to lose. Returns the lineage compared with (`seen` where
--- it differs, else the one recorded), this one (NULL: unknown, nothing done), and
--- whether a sweep was queued. SECURITY DEFINER: the listener's role may not write the
--- queue (it is granted this function by grant_listener), and nothing written here is
--- the caller's choice but whether, and which lineage is compared.
+-- listener's previous session saw (NULL: none), tells that one (an older timeline
+-- than it saw; a newer one was noted by the listener that took it while the caller
+-- waited). No change will ever come for what is lost, so one sweep of every watched
+-- table is queued, {"resync": ...} under the name its events carry, unless `sweep`
+-- (sweep_after_failover) is false and the server is a newer timeline of the same system
+-- (a promotion, a point-in-time recovery: what synchronous replication may make
+-- needless). The listener sweeps it as a TRUNCATE's, saves no position past it until
+-- that is done, and replay finds it in the history. Queued in the same transaction as
+-- the new lineage is recorded: nothing in between to lose. Returns the lineage compared
+-- with (`seen` where it tells, else the one recorded), this one (NULL: unknown, nothing
+-- done), and whether a sweep was queued. SECURITY DEFINER: the listener's role may not write the
+-- queue (it is granted this function by grant_listener); the caller chooses no more than
+-- `sweep` and which lineage is compared (one shaped as a lineage, or none).
 CREATE OR REPLACE FUNCTION cdc_invalidator.note_server_v1(
     sweep boolean, seen text, OUT previous text, OUT current text, OUT swept boolean)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $note$
+DECLARE
+    recorded text;
+    -- A sweep that no replication makes needless: sweep_after_failover = false skips
+    -- only a newer timeline of the same system (a promotion, or a point-in-time recovery).
+    always boolean;
 BEGIN
     current := cdc_invalidator.server_lineage_v1();
     swept := false;
-    SELECT s.server_lineage INTO previous FROM cdc_invalidator.listener_state_v1 s FOR UPDATE;
-    IF seen IS DISTINCT FROM current AND seen IS NOT NULL THEN
-        previous := seen;
-    END IF;
-    IF current IS NULL OR current IS NOT DISTINCT FROM previous THEN
+    SELECT s.server_lineage INTO recorded FROM cdc_invalidator.listener_state_v1 s FOR UPDATE;
+    previous := recorded;
+    IF current IS NULL THEN
         RETURN;
     END IF;
-    IF previous IS NOT NULL AND sweep THEN
+    IF seen !~ '^[0-9]+ timeline [0-9]+$' THEN
+        seen := NULL;  -- (a lineage or nothing: no other text of the caller's is kept)
+    END IF;
+    IF seen IS NOT NULL AND seen <> current
+       AND (split_part(seen, ' ', 1) <> split_part(current, ' ', 1)
+            OR split_part(seen, ' ', 3)::bigint > split_part(current, ' ', 3)::bigint) THEN
+        -- Since the caller's previous session: back to an older timeline (the old
+        -- primary, a failover undone), or to another system. What was written there is
+        -- not here, whatever the replication was.
+        previous := seen;
+        always := true;
+    ELSIF recorded IS NULL OR recorded = current THEN
+        -- (a caller that saw an older timeline was waiting while another listener took
+        -- this one: that one noted it)
+        UPDATE cdc_invalidator.listener_state_v1 SET server_lineage = current
+        WHERE server_lineage IS NULL;
+        RETURN;
+    ELSE
+        always := split_part(recorded, ' ', 1) <> split_part(current, ' ', 1);
+    END IF;
+    IF sweep OR always THEN
         -- (the name install recorded, else the table's own: a row of an older release)
         INSERT INTO cdc_invalidator.queue_v1 (schema_name, table_name, op, new_row)
         SELECT coalesce(w.schema_name, n.nspname), coalesce(w.table_name, c.relname), 'T',

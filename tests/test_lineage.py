@@ -79,22 +79,65 @@ def test_a_listener_on_another_lineage_sweeps_every_table_once(env: Env, spawn: 
     assert r.exists(*keys_of(3)) == 0, "the sweep replayed"
 
 
-def test_sweep_after_failover_false_records_the_new_lineage_and_sweeps_nothing(
+def test_sweep_after_failover_false_records_a_promotion_and_sweeps_nothing(
     env: Env, spawn: Spawn
 ) -> None:
+    """A newer timeline of the same system (a promoted standby, as synchronous
+    replication may make safe): said, recorded, not swept."""
     config = setup_users(env, rows=2, sweep_after_failover=False)
-    another_lineage(env)
+    here = env.scalar(LINEAGE)
+    older = here.split()[0] + " timeline 0"
+    env.sql(f"UPDATE cdc_invalidator.listener_state_v1 SET server_lineage = '{older}'")
     r = env.redis()
     cache(r, [1, 2])
     listener = spawn(config)
     changed_and_deleted(r, env.dsn, 1, "a change's keys deleted")
     assert r.exists(*keys_of(2)) == 2, "nothing swept"
     (said,) = listener.logged("postgres_lineage_changed")
-    assert (said["previous"], said["now"]) == (OTHER, env.scalar(LINEAGE))
+    assert (said["previous"], said["now"]) == (older, here)
     assert not listener.logged("changes_may_have_been_missed")
-    assert env.scalar(RECORDED) == env.scalar(LINEAGE)
+    assert env.scalar(RECORDED) == here
     assert env.scalar(SWEEPS) == 0
     stop_listener(listener)
+
+
+NOTE = "SELECT swept FROM cdc_invalidator.note_server_v1(%s, %s)"
+
+
+@pytest.mark.parametrize(
+    ("recorded", "seen", "sweep", "swept"),
+    [
+        # Another system (a dump restored elsewhere, pg_upgrade): whatever the setting.
+        (OTHER, None, False, True),
+        # A newer timeline of this system (a promotion, a point-in-time recovery).
+        ("older", None, True, True),
+        ("older", None, False, False),
+        # The caller's previous session saw a newer timeline: back on the old primary
+        # (its own lineage recorded), whatever the setting.
+        ("here", "newer", False, True),
+        # It saw an older one, and waited while another listener noted this one.
+        ("here", "older", True, False),
+        # Not a lineage: ignored.
+        ("here", "x'; DROP TABLE users; --", True, False),
+        ("here", None, True, False),
+    ],
+)
+def test_what_note_server_sweeps_for(
+    env: Env, recorded: str, seen: str | None, sweep: bool, swept: bool
+) -> None:
+    setup_users(env)
+    here = env.scalar(LINEAGE)
+    system, _, timeline = here.split()
+    shapes = {
+        "here": here,
+        "older": f"{system} timeline {int(timeline) - 1}",
+        "newer": f"{system} timeline {int(timeline) + 1}",
+    }
+    recorded = shapes.get(recorded, recorded)
+    env.sql(f"UPDATE cdc_invalidator.listener_state_v1 SET server_lineage = '{recorded}'")
+    assert env.scalar(NOTE, [sweep, shapes.get(seen or "", seen)]) is swept
+    assert env.scalar(SWEEPS) == (1 if swept else 0)
+    assert env.scalar(RECORDED) == here
 
 
 def listener_as(env: Env, role: str, **settings: object) -> Path:

@@ -19,6 +19,7 @@ from prometheus_client import generate_latest
 from cdc_invalidator import cli
 from cdc_invalidator.backoff import Backoff
 from cdc_invalidator.capture.errors import Fatal, returned
+from cdc_invalidator.capture.lineage import gone_back
 from cdc_invalidator.capture.logical import Complete
 from cdc_invalidator.capture.trigger_queue import (
     Chunk,
@@ -400,3 +401,15 @@ def test_synchronous_standby_names_naming_the_listeners_stream(names: str, named
     make a synchronous standby holds every commit of the server (review: 10 minutes for
     a write to another database)."""
     assert names_standby(names, "cdc-invalidator") is named
+
+
+def test_gone_back_is_another_system_or_an_older_timeline() -> None:
+    """capture/lineage.py: what the listener's previous session saw against the server
+    now (logical mode's rule; trigger mode's note_server_v1() has the same)."""
+    here = "7001 timeline 2"
+    assert gone_back("7001 timeline 3", here)  # the old primary, a failover undone
+    assert gone_back("7002 timeline 1", here)  # another system
+    assert not gone_back("7001 timeline 1", here)  # a promotion another listener took
+    assert not gone_back(here, here)
+    assert not gone_back(None, here)
+    assert not gone_back(here, None)

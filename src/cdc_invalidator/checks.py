@@ -413,7 +413,7 @@ def check_lineage(conn: psycopg.Connection[Any], report: Report, *, sweep: bool)
         )
     elif recorded is None or current == recorded:
         report.ok.append(f"server lineage: {current}, the one the listener last ran on")
-    elif sweep:
+    elif sweep or current.split()[0] != recorded.split()[0]:  # (another system: always)
         report.warnings.append(
             f"this server ({current}) is not the one the listener last ran on ({recorded}): "  # noqa: S608 - advice printed for a DBA, never run
             "a promoted standby, a restore or pg_upgrade; its next start sweeps every "

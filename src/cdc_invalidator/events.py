@@ -33,7 +33,8 @@ class StandInKind(StrEnum):
     # bulk_sweep_rows), swept instead of its rows' keys deleted.
     BULK = "bulk"
     # {"resync": reason}: every watched table, after changes may have been missed
-    # (logical mode: the slot was lost, missing or ahead of us); the capture logs it.
+    # (logical mode: the slot was lost, missing or ahead of us; trigger mode: another
+    # server, queued by note_server_v1()); the capture logs it.
     RESYNC = "resync"
 
 

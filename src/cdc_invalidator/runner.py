@@ -676,7 +676,9 @@ class Runner:
             log.info("bulk_statements_swept", table=str(table), statements=seen.times)
             return
         if kind is StandInKind.RESYNC:
-            return  # counted and logged by the capture (missed_changes_swept)
+            # Logged by the capture: as it owes it (changes_may_have_been_missed), and in
+            # logical mode once done (missed_changes_swept); trigger mode queued it.
+            return
         if kind is not StandInKind.UNRENDERABLE:
             assert_never(kind)
         self.metrics.unrenderable_sweeps.labels(str(table)).inc()

@@ -73,6 +73,19 @@ def note_server(conn: psycopg.Connection[Any], *, sweep: bool, seen: str | None)
     return current
 
 
+def gone_back(seen: str | None, current: str | None) -> bool:
+    """Whether a server of lineage `current` lacks what was written where the listener's
+    previous session ran (`seen`): another system, or an older timeline of this one (the
+    old primary, a failover undone). A newer one is a promotion the previous session did
+    not see: another listener took it meanwhile, and the slot (logical mode) or the
+    lineage recorded (trigger mode: note_server_v1(), the same rule) tells that. None:
+    unknown, no."""
+    if seen is None or current is None or seen == current:
+        return False
+    (seen_system, _, seen_timeline), (system, _, timeline) = seen.split(), current.split()
+    return seen_system != system or int(seen_timeline) > int(timeline)
+
+
 def lineage_of(conn: psycopg.Connection[Any]) -> str | None:
     """The server's lineage (logical mode: compared with its previous session's), None
     where it withholds it, or the listener's role may not ask (EXECUTE revoked from

@@ -47,7 +47,7 @@ from cdc_invalidator.capture.errors import (
 )
 from cdc_invalidator.capture.history_writer import HistoryWriter
 from cdc_invalidator.capture.holds import Hold, Holds
-from cdc_invalidator.capture.lineage import lineage_of
+from cdc_invalidator.capture.lineage import gone_back, lineage_of
 from cdc_invalidator.capture.packs import Collector, ColumnPack, map_packs
 from cdc_invalidator.capture.pgoutput import (
     Begin,
@@ -334,7 +334,7 @@ class LogicalCapture:
         # slot, and lacks what was written on the other (capture/lineage.py): told by
         # the lineage this listener's previous session saw (while it runs).
         seen, lineage = self._lineage, lineage_of(side)
-        if missed is None and None not in (seen, lineage) and lineage != seen:
+        if missed is None and gone_back(seen, lineage):
             missed = (
                 f"the listener's previous session ran on another server ({seen}; now "
                 f"{lineage}): a primary gone back to after a standby was promoted lacks "
