@@ -3,8 +3,9 @@
 failover is in test_physical_standbys; here the recorded lineage is set by hand, as a
 promoted standby or a restore would leave it, to show what the listener does with it:
 queues one sweep of every watched table with the new lineage, in one transaction (the
-queue holds the sweep until it is done, and replay finds it), and with
-sweep_after_failover = false only says so."""
+queue holds the sweep until it is done, and replay finds it); with
+sweep_after_failover = false, not for a newer timeline of the same system; and `check`
+says so before it happens."""
 
 from __future__ import annotations
 
