@@ -13,6 +13,7 @@ import psycopg
 
 from cdc_invalidator.capture import logical_sql
 from cdc_invalidator.capture.errors import Fatal, returned
+from cdc_invalidator.capture.lineage import another_system
 from cdc_invalidator.capture.pgoutput import NATIVE_WALKS
 from cdc_invalidator.capture.slot import SlotClass, SlotState
 from cdc_invalidator.capture.trigger_sql import (
@@ -413,7 +414,7 @@ def check_lineage(conn: psycopg.Connection[Any], report: Report, *, sweep: bool)
         )
     elif recorded is None or current == recorded:
         report.ok.append(f"server lineage: {current}, the one the listener last ran on")
-    elif sweep or current.split()[0] != recorded.split()[0]:  # (another system: always)
+    elif sweep or another_system(current, recorded):  # (swept whatever the setting)
         report.warnings.append(
             f"this server ({current}) is not the one the listener last ran on ({recorded}): "  # noqa: S608 - advice printed for a DBA, never run
             "a promoted standby, a restore or pg_upgrade; its next start sweeps every "

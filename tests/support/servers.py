@@ -61,11 +61,9 @@ class PostgresServer(demo_servers.PostgresServer):
         self.start()
 
     @classmethod
-    def standby_of(
-        cls, primary: demo_servers.PostgresServer, settings: dict[str, str] | None = None
-    ) -> PostgresServer:
-        """A streaming standby of `primary` (pg_basebackup -R), started with `settings`
-        besides the primary's: in recovery, read-only, until promote()."""
+    def standby_of(cls, primary: demo_servers.PostgresServer) -> PostgresServer:
+        """A streaming standby of `primary` (pg_basebackup -R), started: in recovery,
+        read-only, until promote()."""
         directory = Path(tempfile.mkdtemp(prefix="cdc-invalidator-pg-standby-"))
         if primary.user:
             shutil.chown(directory, primary.user, primary.user)
@@ -81,7 +79,6 @@ class PostgresServer(demo_servers.PostgresServer):
             # (the primary's own settings came with the copy: the last line wins)
             with (standby.datadir / "postgresql.auto.conf").open("a") as f:
                 f.write(f"port = {standby.port}\nunix_socket_directories = '{directory}'\n")
-                f.writelines(f"{k} = {v}\n" for k, v in (settings or {}).items())
             standby.start()
         except BaseException:
             standby.destroy()

@@ -52,9 +52,10 @@ def note_server(conn: psycopg.Connection[Any], *, sweep: bool, seen: str | None)
             "database), or let the role that installed cdc_invalidator call "
             "pg_control_system() and pg_walfile_name() (GRANT EXECUTE ON FUNCTION ...)",
         )
-    elif previous is None or previous == current:
-        pass
-    elif swept:
+        return None
+    if previous is None or previous == current:
+        return current
+    if swept:
         log.error(
             "changes_may_have_been_missed",
             reason=f"the server is not the one the listener last ran on ({previous}; now "
@@ -82,8 +83,18 @@ def gone_back(seen: str | None, current: str | None) -> bool:
     unknown, no."""
     if seen is None or current is None or seen == current:
         return False
-    (seen_system, _, seen_timeline), (system, _, timeline) = seen.split(), current.split()
-    return seen_system != system or int(seen_timeline) > int(timeline)
+    return another_system(seen, current) or _timeline(seen) > _timeline(current)
+
+
+def another_system(lineage: str, other: str) -> bool:
+    """Whether two lineages are of two systems (a cluster and a dump restored elsewhere,
+    or pg_upgrade's), not two timelines of one: what no replication keeps."""
+    return lineage.split(maxsplit=1)[0] != other.split(maxsplit=1)[0]
+
+
+def _timeline(lineage: str) -> int:
+    """A lineage's timeline (server_lineage_v1(): 'SYSTEM timeline N')."""
+    return int(lineage.split()[2])
 
 
 def lineage_of(conn: psycopg.Connection[Any]) -> str | None:
