@@ -18,7 +18,6 @@ import redis
 from redis.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import AskError, MovedError, TryAgainError
-from structlog.testing import capture_logs
 
 from cdc_invalidator.capture.errors import Fatal
 from cdc_invalidator.cli import main
@@ -33,6 +32,7 @@ from tests.support.env import Env, Servers, capture_of, make_env
 from tests.support.evidence import unavailable
 from tests.support.faults import PENDING, bulk_limit_at
 from tests.support.listener import Spawn, listening
+from tests.support.logs import captured_logs
 from tests.support.servers import RedisClusterServer, RedisServer, ServerError
 from tests.support.sync import SYNC, install
 from tests.support.sync import settle as settle_on
@@ -446,7 +446,7 @@ def test_a_key_too_long_for_its_node_is_left_out_the_rest_deleted(
         keys = [f"short:{i}" for i in range(300)]
         long_key = "{short:7}" + "z" * LEAST_LIMIT  # in one slot with a short key
         client.mset_nonatomic(dict.fromkeys(keys, "v"))
-        with capture_logs() as logs:
+        with captured_logs() as logs:
             assert sink.unlink([*keys[:150], long_key, *keys[150:]]) == len(keys)
         assert client.exists(*keys) == 0
         [line] = [e for e in logs if e["event"] == "key_too_long_for_redis"]

@@ -10,7 +10,6 @@ from collections.abc import Iterator
 
 import pytest
 import redis
-from structlog.testing import capture_logs
 
 from cdc_invalidator.mapping import Invalidation
 from cdc_invalidator.sink import RedisSink
@@ -18,6 +17,7 @@ from cdc_invalidator.sink.oversize import DEFAULT_LIMIT, LEAST_LIMIT, bulk_limit
 from tests.support.env import Env
 from tests.support.faults import bulk_limit_at, cache, keys_of, setup_users
 from tests.support.listener import Spawn, stop_listener
+from tests.support.logs import captured_logs
 from tests.support.servers import RedisServer
 from tests.support.waits import wait_until
 
@@ -47,7 +47,7 @@ def test_an_unlink_leaves_out_a_key_redis_refuses_and_deletes_the_rest(
     with pytest.raises(redis.RedisError, match="invalid bulk length"):
         r.set(f"doc:{LONG}", "v")  # what makes such a key impossible to cache
     sink = RedisSink(r, unlink_chunk=500)
-    with capture_logs() as logs:
+    with captured_logs() as logs:
         existed = sink.delete_routed(
             {None: Invalidation({*short[:600], f"doc:{LONG}", *short[600:]})}
         )
@@ -72,7 +72,7 @@ def test_keys_under_the_limit_in_a_command_past_it_are_all_deleted(
     keys = [f"{i}:{'y' * 3000}" for i in range(500)]
     r.mset(dict.fromkeys(keys, "v"))
     sink = RedisSink(r, unlink_chunk=500)
-    with capture_logs() as logs:
+    with captured_logs() as logs:
         assert sink.delete_routed({None: Invalidation(set(keys))}) == len(keys)
     assert r.dbsize() == 0
     assert not [e for e in logs if e["event"] == "key_too_long_for_redis"]
