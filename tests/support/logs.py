@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 from typing import Any
 
+import structlog
 from structlog._config import BoundLoggerLazyProxy
 from structlog.testing import capture_logs
 
@@ -21,12 +23,16 @@ def captured_logs() -> Iterator[list[MutableMapping[str, Any]]]:
     capture_logs saw nothing of that module (its line went to stderr, or to the old
     capture) and the test failed by the order tests ran in. The cached loggers are
     dropped on the way in, so they take the capture, and on the way out, so none keeps
-    it."""
+    it. Every level is captured: the CLI's configuration filters below a warning, and an
+    earlier in-process command would otherwise hide an info line from the capture."""
+    wrapper = structlog.get_config()["wrapper_class"]
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
     forget_cached_loggers()
     try:
         with capture_logs() as logs:
             yield logs
     finally:
+        structlog.configure(wrapper_class=wrapper)
         forget_cached_loggers()
 
 
