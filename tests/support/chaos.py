@@ -960,6 +960,17 @@ class Chaos:
 
     # --- the end: quiet, caught up, compared ----------------------------------------------
 
+    def stop_all(self) -> None:
+        """Whatever happened: the app's threads stopped and joined, the listeners killed.
+        (A reader still inside a slow read, left running after a failed run, would set a
+        key in the shared Redis after the next test's flush.)"""
+        self._stop_writers.set()
+        self._stop_readers.set()
+        for thread in self._threads:
+            thread.join(30)
+        for listener in self._listeners:
+            listener.kill()
+
     def quiesce(self) -> None:
         self._stop_writers.set()
         for thread in self._threads:
@@ -1051,10 +1062,7 @@ class Chaos:
             time.sleep(half if self.p.rounds else self.p.round_s)
             self.quiesce()
         finally:
-            self._stop_writers.set()
-            self._stop_readers.set()
-            for listener in self._listeners:
-                listener.kill()
+            self.stop_all()
         stats = self.totals()
         rep = self.report
         rep.reads, rep.hits, rep.sets = stats.reads, stats.hits, stats.sets

@@ -101,7 +101,13 @@ class ListenerProcess:
             stderr=subprocess.STDOUT,
             env={**self.env, "CDC_INVALIDATOR_LOG_FORMAT": "json"},
         )
-        wait_until(lambda: self.logged("listener_started"), what="listener_started log line")
+        try:
+            wait_until(lambda: self.logged("listener_started"), what="listener_started log line")
+        except BaseException:
+            # Not left running into the worker's next tests (most callers start it
+            # before the try that would stop it).
+            self.kill()
+            raise
         return self
 
     def lines(self) -> list[dict[str, Any]]:

@@ -374,10 +374,7 @@ class Staleness(Chaos):
             self.writing_s = time.monotonic() - began  # the writer stops now
             self.quiesce()
         finally:
-            self._stop_writers.set()
-            self._stop_readers.set()
-            for listener in self._listeners:
-                listener.kill()
+            self.stop_all()
         stats = self.totals()
         out = StalenessResult(
             self.p.capture, self.sp.config, self.sp.slow_ms, self.second_delete_ms, self.sp.hot_rows
