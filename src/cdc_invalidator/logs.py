@@ -27,7 +27,12 @@ def configure(
     scrubber: Scrubber | None = None,
     to: Literal["stdout", "stderr"] = "stdout",
 ) -> None:
-    """JSON lines when stdout is not a terminal (containers, systemd), console otherwise."""
+    """JSON lines when stdout is not a terminal (containers, systemd), console otherwise.
+
+    Once per process: each module's logger is cached on its first use with the
+    configuration of that moment (its level, its stream's name and the secrets it
+    hides), for the cost of a log call on the path from a commit to its delete; a later
+    call does not reach the loggers already used."""
     stream: TextIO = getattr(sys, to)
     if fmt == "auto":
         fmt = "console" if stream.isatty() else "json"
