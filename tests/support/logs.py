@@ -10,7 +10,7 @@ from typing import Any
 
 import structlog
 from structlog._config import BoundLoggerLazyProxy
-from structlog.testing import capture_logs
+from structlog.testing import capture_logs  # noqa: TID251 - the one place that wraps it
 
 
 @contextmanager
