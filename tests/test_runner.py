@@ -121,6 +121,14 @@ class FakeBatch:
 
 
 @dataclass(slots=True)
+class FakeEarlyBatch(FakeBatch):
+    """An Early batch (runner.early_of): deleted ahead of the batch that acknowledges it."""
+
+    def leave(self) -> None:
+        raise AssertionError("these batches' inserts are never left to the queue read")
+
+
+@dataclass(slots=True)
 class Arrives:
     """A batch of these user ids, there to be read from clock time `at` on."""
 
@@ -132,6 +140,7 @@ class Arrives:
     oldest_s: float | None = None
     visible_at: float | None = None  # when its changes were visible (clock time)
     confirm_later: bool = False  # a streamed transaction's share before its last
+    early: bool = False  # NOTIFY payloads' changes: an Early batch, which acknowledges nothing
 
 
 @dataclass
@@ -192,7 +201,7 @@ class FakeSource:
                 oldest_s = item.oldest_s
                 if oldest_s is None:
                     oldest_s = max(item.ages_s, default=None)
-                self._pending = FakeBatch(
+                self._pending = (FakeEarlyBatch if item.early else FakeBatch)(
                     item.ids,
                     item.ages_s,
                     clock.now,
@@ -206,7 +215,7 @@ class FakeSource:
         log.append(("batch", batch.ids))
         yield batch
         self._pending = None
-        log.append(("ack", batch.ids))
+        log.append(("early done" if isinstance(batch, FakeEarlyBatch) else "ack", batch.ids))
 
     def maintain(self) -> None:
         self._world.log.append(("maintain",))
@@ -292,6 +301,7 @@ class FakeWatch(RedisWatch):
         sweep_later: SweepLater,
         force: bool = False,
         settle: Callable[[], None] = lambda: None,
+        before_rendering: Callable[[], None] = lambda: None,
     ) -> ReplayResult | None:
         self._world.log.append(("check", force))
         if self._failures:
@@ -299,17 +309,19 @@ class FakeWatch(RedisWatch):
         if not self._replays:
             return None
         settle()
+        before_rendering()
         self._world.log.append(("replay",))
         return ReplayResult(events=0, keys=0, existed=0, skipped=0, seconds=0.0)
 
 
-def make_runner(
+def make_runner(  # noqa: PLR0913 - the parts past `sink` are keyword-only
     world: World,
     source: FakeSource,
     sink: FakeSink,
     *,
     connect_failures: list[BaseException] | None = None,
     watch: RedisWatch | None = None,
+    mapping_changed: Callable[[], bool] | None = None,
     **config: Any,
 ) -> Runner:
     defaults: dict[str, Any] = {
@@ -327,6 +339,7 @@ def make_runner(
         config=cfg,
         stopper=world.stopper,
         watch=watch,
+        mapping_changed=mapping_changed,
     )
 
 
@@ -961,10 +974,10 @@ def test_a_change_the_mapping_lacks_ends_the_runner_unacknowledged_once_the_file
     world: World,
 ) -> None:
     """A batch holding a change of a table the mapping does not name, read after the
-    configuration file changed (between the turn's look at it and the batch): the runner
-    stops with ConfigurationChanged before deleting or acknowledging anything, to be
-    started again with the file. With the file unchanged, the change is a dead letter."""
-    answers = deque([False, True])  # the turn's look at the file, then the batch's
+    configuration file changed: the runner stops with ConfigurationChanged before
+    deleting or acknowledging anything, to be started again with the file. With the file
+    unchanged, the change is a dead letter."""
+    answers = deque([True])  # the batch's look at the file (no other comes first)
     source = FakeSource(world, [Arrives([1])])
     sink = FakeSink(world)
     runner = Runner(
@@ -989,3 +1002,81 @@ def test_a_change_the_mapping_lacks_ends_the_runner_unacknowledged_once_the_file
         mapping_changed=lambda: False,
     ).run()
     assert ("ack", [2]) in world.log
+
+
+# --- the configuration file -----------------------------------------------------------------
+
+
+def looks(world: World, changed: bool = False) -> Callable[[], bool]:
+    """mapping_changed(): logs each look at the configuration file, answers `changed`."""
+
+    def look() -> bool:
+        world.log.append(("file",))
+        return changed
+
+    return look
+
+
+def test_the_file_is_looked_at_after_a_batchs_deletes_and_before_it_acknowledges(
+    world: World,
+) -> None:
+    """Not before the batch is read: a commit's wake-up does not wait for a stat()."""
+    source = FakeSource(world, [Arrives([1])])
+    make_runner(world, source, FakeSink(world), mapping_changed=looks(world)).run()
+    handled = [e[:2] for e in world.log if e[0] in ("batch", "delete", "file", "ack")]
+    assert handled == [("batch", [1]), ("delete", keys(1)), ("file",), ("ack", [1])]
+
+
+def test_a_changed_file_stops_the_runner_with_the_batch_deleted_but_unacknowledged(
+    world: World,
+) -> None:
+    """Its deletes, of a mapping the file no longer holds, are extra ones; the batch comes
+    again to the listener started with the file."""
+    source = FakeSource(world, [Arrives([1])])
+    runner = make_runner(world, source, FakeSink(world), mapping_changed=looks(world, True))
+    with pytest.raises(ConfigurationChanged, match="configuration file's tables changed"):
+        runner.run()
+    handled = [e[:2] for e in world.log if e[0] in ("batch", "delete", "file", "ack")]
+    assert handled == [("batch", [1]), ("delete", keys(1)), ("file",)]
+
+
+def test_an_idle_listener_stops_for_a_changed_file(world: World) -> None:
+    source = FakeSource(world, [Arrives([1], at=T0 + 5.0)], stop_when_done=False)
+    runner = make_runner(world, source, FakeSink(world), mapping_changed=looks(world, True))
+    with pytest.raises(ConfigurationChanged):
+        runner.run()
+    assert [e[:2] for e in world.log if e[0] in ("batch", "file", "ack")] == [
+        ("batch", []),
+        ("file",),
+    ]
+
+
+def test_an_early_batch_leaves_the_look_at_the_file_to_the_batch_that_acknowledges(
+    world: World,
+) -> None:
+    """Its deletes go out without one (it acknowledges nothing); the queue read after it
+    looks before acknowledging."""
+    source = FakeSource(world, [Arrives([1], early=True), Arrives([1])])
+    make_runner(world, source, FakeSink(world), mapping_changed=looks(world)).run()
+    handled = [e[:2] for e in world.log if e[0] in ("batch", "delete", "file", "ack", "early done")]
+    assert handled[:7] == [
+        ("batch", [1]),
+        ("delete", keys(1)),
+        ("early done", [1]),
+        ("batch", [1]),
+        ("delete", keys(1)),
+        ("file",),
+        ("ack", [1]),
+    ]
+
+
+def test_a_replay_looks_at_the_file_before_it_renders(world: World) -> None:
+    source = FakeSource(world, [Arrives([1])])
+    watch = FakeWatch(world, replays=True)
+    make_runner(world, source, FakeSink(world), watch=watch, mapping_changed=looks(world)).run()
+    kinds = world.kinds()
+    assert kinds[kinds.index("check") + 1 : kinds.index("check") + 4] == [
+        "settle",
+        "file",
+        "replay",
+    ]

@@ -572,8 +572,9 @@ class ConfigFile:
 
     `install` of a new mapping compiles capture functions (or publishes tables) whose
     changes a listener still running the old one cannot render: a table it does not
-    name, a template's column. The runner asks mapping_changed() at every turn, and when
-    it meets such a change: if the file now holds other tables, the listener is behind
+    name, a template's column. The runner asks mapping_changed() before each batch
+    acknowledges and before a replay renders, and when it meets such a change: if the
+    file now holds other tables, the listener is behind
     the file and stops to start again with it, rather than losing those changes' keys.
     """
 

@@ -98,15 +98,19 @@ class RedisWatch:
         sweep_later: SweepLater,
         force: bool = False,
         settle: Callable[[], None] = lambda: None,
+        before_rendering: Callable[[], None] = lambda: None,
     ) -> ReplayResult | None:
         """The replay done, if one was. `settle` is called before a replay reads the
         history: it waits until the history of every batch acknowledged so far is
-        written. `sweep_later` takes the sweeps of a replay and of the second deletes a
-        predecessor owed (redo_owed), to be done off the loop (the sweeper's thread): a
-        full SCAN here would hold every change behind it. Raises what Redis or
-        PostgreSQL raise: the runner retries."""
+        written. `before_rendering` is called before the mapping renders the keys of a
+        replay or of a redo (the runner's look at the configuration file, which raises
+        to stop the listener when the file holds other tables). `sweep_later` takes the
+        sweeps of a replay and of the second deletes a predecessor owed (redo_owed), to
+        be done off the loop (the sweeper's thread): a full SCAN here would hold every
+        change behind it. Raises what Redis or PostgreSQL raise: the runner retries."""
         now = time.monotonic()
         if self._redo_again_at is not None and now >= self._redo_again_at:
+            before_rendering()
             self._redo_again(sweep_later)
         if not force and now < self._next_check:
             return None
@@ -142,6 +146,7 @@ class RedisWatch:
                 # Redis changed) when the old identity was saved.
                 gone_s = now - self._known_at if self._known is not None else saved[1]
                 settle()
+                before_rendering()
                 result = self._replay(conn, saved[0], identity, gone_s, reaches)
                 if result is not None:
                     merge(self._owed, result.owed)
@@ -151,6 +156,7 @@ class RedisWatch:
                 else:
                     self._unsaved = identity
             if self._predecessor_owed:
+                before_rendering()
                 self._redo(conn, sweep_later)
         self._known, self._known_at = identity, now
         self._durability.observe(states, now, wall)
