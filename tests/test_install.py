@@ -15,7 +15,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from cdc_invalidator.capture import trigger_sql
-from tests.support.env import Env
+from tests.support.env import FAST_PG, Env
 from tests.support.listener import (
     ListenerProcess,
     ListenerThread,
@@ -577,6 +577,54 @@ def test_check_passes_when_all_is_well(env: Env, capsys: pytest.CaptureFixture[s
     assert err == ""
     assert "users" in out
     assert "orders" in out
+
+
+def async_commit_warning(out: str) -> str | None:
+    """check's warning naming where synchronous_commit is off, if it printed one."""
+    found = [line for line in out.splitlines() if "synchronous_commit = off" in line]
+    assert len(found) <= 1, found
+    return found[0] if found else None
+
+
+def test_check_names_each_setting_that_makes_writers_commit_asynchronously(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A crash loses such commits after readers may have cached them, and nothing sweeps
+    for them: check says where they are turned on for this database's writers. The test
+    server's own configuration turns them on (FAST_PG, on its command line)."""
+    assert FAST_PG["synchronous_commit"] == "off"
+    tables(env)
+    config = env.config(USERS)
+    assert cli("install", "--config", config) == 0
+    code, out, _ = check(config, capsys)
+    assert code == 0, "a warning, not a failure"
+    line = async_commit_warning(out)
+    assert line is not None, out
+    assert "(the server's configuration (postgresql.conf, ALTER SYSTEM))" in line, line
+    assert "after a crash, sweep every watched table" in line
+    assert "docs/DBA.md" in line
+
+    db = env.scalar("SELECT current_database()")
+    # This database's sessions commit synchronously: the server's setting no longer
+    # reaches its writers (nor can this session see it).
+    env.sql(f'ALTER DATABASE "{db}" SET synchronous_commit = on')
+    code, out, _ = check(config, capsys)
+    assert async_commit_warning(out) is None, out
+    with login_role(env, "async_writer_") as role, login_role(env, "other_db_") as other:
+        env.sql(f"ALTER ROLE \"{role}\" SET synchronous_commit TO 'FALSE'")
+        # Not off: flushed locally before the commit returns.
+        env.sql(f'ALTER ROLE "{role}" IN DATABASE "{db}" SET synchronous_commit = local')
+        # Another database's writers.
+        env.sql(f'ALTER ROLE "{other}" IN DATABASE postgres SET synchronous_commit = off')
+        try:
+            code, out, _ = check(config, capsys)
+            assert f"(ALTER ROLE {role})" in (async_commit_warning(out) or ""), out
+            env.sql(f'ALTER DATABASE "{db}" SET synchronous_commit = off')
+            code, out, _ = check(config, capsys)
+            line = async_commit_warning(out)
+            assert f"(ALTER DATABASE {db}; ALTER ROLE {role})" in (line or ""), out
+        finally:
+            env.sql(f'ALTER ROLE "{other}" IN DATABASE postgres RESET synchronous_commit')
 
 
 def test_check_warns_when_one_tables_sweep_reaches_anothers_keys(

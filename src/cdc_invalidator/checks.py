@@ -193,6 +193,7 @@ def check_database(
             mode.check_table(conn, report, TableFacts(where, table, mapper.columns(table), present))
         else:
             present()
+    check_async_commits(conn, report)
     if installed:
         mode.check_server(conn, report, config_name)
     return report
@@ -395,6 +396,20 @@ def check_two_phase(conn: psycopg.Connection[Any], report: Report) -> None:
         report.warnings.append(
             f"{row[1]} capture function(s) were compiled by an earlier release and ignore "
             "cdc_invalidator.notify: run `cdc-invalidator install`"
+        )
+
+
+def check_async_commits(conn: psycopg.Connection[Any], report: Report) -> None:
+    """Both modes: where writers commit asynchronously, a crash loses commits that readers
+    may have cached, which no capture sees and nothing sweeps by itself."""
+    places = [place for (place,) in conn.execute(Q.CHECK_ASYNC_COMMITS.sql).fetchall()]
+    if places:
+        report.warnings.append(
+            f"synchronous_commit = off ({'; '.join(places)}): such a commit is visible "
+            "before it is durable, and a crash of PostgreSQL loses it after readers may "
+            "have cached its row; no capture sees it and no sweep follows by itself: "
+            'after a crash, sweep every watched table (docs/DBA.md, "After restoring the '
+            'database"), or leave synchronous_commit on for the writers of watched tables'
         )
 
 
