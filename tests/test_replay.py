@@ -33,8 +33,10 @@ from cdc_invalidator.pg.queries import Q
 from cdc_invalidator.redis_guard.identity import IdentityStore
 from cdc_invalidator.redis_guard.watch import RedisWatch
 from cdc_invalidator.redis_guard.window import UNKNOWN_PERSISTENCE_S, persistence_window
+from cdc_invalidator.runner import ConfigurationChanged
 from cdc_invalidator.settings import load_settings
 from cdc_invalidator.sink import RedisSink
+from cdc_invalidator.sink.protocol import identity_of
 from cdc_invalidator.sweeper import Ticket
 from tests.support.env import Env, redis_of
 from tests.support.faults import (
@@ -585,10 +587,55 @@ def test_a_replay_reads_the_history_only_once_settled(env: Env) -> None:
         check_every_s=1,
     )
     assert (
-        watch.check(sweep_later=no_sweep, force=True, settle=lambda: order.append("settle"))
+        watch.check(
+            sweep_later=no_sweep,
+            force=True,
+            settle=lambda: order.append("settle"),
+            before_rendering=lambda: order.append("file"),
+        )
         is not None
     )
-    assert order == ["settle", "read"]
+    # The runner's look at its configuration file comes before the mapping renders.
+    assert order == ["settle", "file", "read"]
+
+
+def changed_file() -> None:
+    """RedisWatch's before_rendering where the configuration file holds other tables."""
+    raise ConfigurationChanged("the configuration file's tables changed")
+
+
+def test_a_replay_or_a_redo_renders_nothing_once_the_file_changed(env: Env) -> None:
+    """The watch raises what the runner's look at the file raised, before it renders: the
+    replay (or the redo of a predecessor's second deletes) is done by the listener
+    started with the file, since neither was saved."""
+    settings = load_settings(setup_users(env, rows=1, second_delete_ms=0))
+
+    def watch(second_delete_s: float) -> RedisWatch:
+        return RedisWatch(
+            sink=RedisSink(env.redis()),
+            mapper=settings.mapper(),
+            history=mode_for(settings),
+            connect=env.connect,
+            window_s=60,
+            check_every_s=1,
+            second_delete_s=second_delete_s,
+        )
+
+    with env.connect() as conn:
+        IdentityStore(conn).save("a server that is gone")
+    with pytest.raises(ConfigurationChanged):
+        watch(0.0).check(sweep_later=no_sweep, force=True, before_rendering=changed_file)
+    with env.connect() as conn:
+        saved = IdentityStore(conn).load()
+    assert saved is not None
+    assert saved[0] == "a server that is gone", "nothing replayed"
+
+    # The server known: no replay, only the redo owed by a predecessor.
+    with env.connect() as conn:
+        IdentityStore(conn).save(identity_of(RedisSink(env.redis()).states()))
+    assert watch(0.0).check(sweep_later=no_sweep, force=True, before_rendering=changed_file) is None
+    with pytest.raises(ConfigurationChanged):
+        watch(0.3).check(sweep_later=no_sweep, force=True, before_rendering=changed_file)
 
 
 def test_a_replay_refused_a_session_waits_for_the_next_check(env: Env) -> None:

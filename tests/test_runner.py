@@ -1070,6 +1070,33 @@ def test_an_early_batch_leaves_the_look_at_the_file_to_the_batch_that_acknowledg
     ]
 
 
+def test_an_early_batch_of_a_changed_file_is_deleted_and_its_queue_read_never_acknowledged(
+    world: World,
+) -> None:
+    """The early batch's deletes go out (of the old mapping: extra ones); the queue read
+    after it, whose skip of them would be their acknowledgement, stops the runner first."""
+    source = FakeSource(world, [Arrives([1], early=True), Arrives([1])])
+    runner = make_runner(world, source, FakeSink(world), mapping_changed=looks(world, True))
+    with pytest.raises(ConfigurationChanged):
+        runner.run()
+    handled = [e[:2] for e in world.log if e[0] in ("batch", "delete", "file", "ack", "early done")]
+    assert handled == [
+        ("batch", [1]),
+        ("delete", keys(1)),
+        ("early done", [1]),
+        ("batch", [1]),
+        ("delete", keys(1)),
+        ("file",),
+    ]
+
+
+def test_a_share_confirmed_later_looks_at_the_file_before_it_acknowledges(world: World) -> None:
+    source = FakeSource(world, [Arrives([1], confirm_later=True), Arrives([2])])
+    make_runner(world, source, FakeSink(world), mapping_changed=looks(world)).run()
+    handled = [e[:2] for e in world.log if e[0] in ("batch", "delete later", "file", "ack")]
+    assert handled[:4] == [("batch", [1]), ("delete later", keys(1)), ("file",), ("ack", [1])]
+
+
 def test_a_replay_looks_at_the_file_before_it_renders(world: World) -> None:
     source = FakeSource(world, [Arrives([1])])
     watch = FakeWatch(world, replays=True)
