@@ -11,7 +11,7 @@
 --   * ALTER DATABASE ... SET, ALTER ROLE ... SET, and both (pg_db_role_setting, readable
 --     by any role), for this database or all.
 -- A session's own SET is visible to no other session.
-SELECT 'the server''s configuration (postgresql.conf, ALTER SYSTEM)'
+SELECT 'the server''s configuration (' || source || ')'  -- (configuration file, command line)
 FROM pg_settings
 WHERE name = 'synchronous_commit' AND setting = 'off'
   AND source NOT IN ('database', 'user', 'database user', 'client', 'session')
