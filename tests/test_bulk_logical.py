@@ -31,6 +31,7 @@ from cdc_invalidator.events import ChangeEvent, Op, TableName
 from cdc_invalidator.events import StandInKind as Kind
 from cdc_invalidator.mapping.mapper import Invalidation, StoodIn
 from tests.support.env import Env, Servers
+from tests.support.faults import END_OF_WAL
 from tests.support.listener import ListenerProcess
 from tests.support.logical import (
     active,
@@ -329,7 +330,7 @@ def test_single_row_commits_during_a_streamed_one_are_deleted_and_acknowledged_i
         before = writer.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
         assert before is not None
         writer.commit()
-    end = parse_lsn(env.scalar("SELECT pg_current_wal_insert_lsn()::text"))  # past its commit
+    end = parse_lsn(env.scalar(END_OF_WAL))  # its commit's end (or past it)
     # Until every key of the statement is gone, the slot is never confirmed at its end.
     while r.exists(*keys):
         position = confirmed(env)
