@@ -2,7 +2,9 @@
 -- (synchronous_commit = off; every other value flushes locally first): such a commit is
 -- visible to readers before it is durable, and a crash of PostgreSQL loses it after a
 -- reader may have cached its row. Neither capture mode sees it (its queue row goes with
--- it; logical decoding reads flushed WAL only), and no sweep follows a crash by itself.
+-- it; logical decoding reads flushed WAL only): `check` warns, and the listener sweeps
+-- after a crash where this names a place (sweep_after_crash = "auto"), reading it with
+-- its session's own setting put back to the one it started with (capture/lineage.py).
 --
 -- Answers one row per place that turns it off, as the SQL that did:
 --   * the server's configuration, read through this session (pg_settings), unless this

@@ -85,15 +85,16 @@ BEGIN
     -- that it stays true if a DBA revokes that).
     EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.schema_version() TO %s', listener);
     EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.schema_revision() TO %s', listener);
-    -- The server's lineage, which each listener compares with what it saw last.
+    -- The server's lineage and run, which each listener compares with what it saw last.
     EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.server_lineage_v1() TO %s', listener);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.server_recovered_v1() TO %s', listener);
     IF capture = 'trigger' THEN
-        -- The server's lineage noted at each connect, a sweep queued on another one
-        -- (note_server_v1(), SECURITY DEFINER: the only write to the queue it may make).
-        EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.note_server_v1(boolean, text) TO %s',
+        -- The server's lineage and run noted at each connect, a sweep queued on another
+        -- one (note_server_v2(), SECURITY DEFINER: the only write to the queue it may make).
+        EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.note_server_v2(boolean, text, boolean) TO %s',
                        listener);
     ELSE
-        EXECUTE format('REVOKE EXECUTE ON FUNCTION cdc_invalidator.note_server_v1(boolean, text) FROM %s',
+        EXECUTE format('REVOKE EXECUTE ON FUNCTION cdc_invalidator.note_server_v2(boolean, text, boolean) FROM %s',
                        listener);
     END IF;
 
@@ -115,7 +116,8 @@ $grant$;
 REVOKE ALL ON FUNCTION cdc_invalidator.grant_listener(regrole, text) FROM PUBLIC;
 
 -- An install that adds a table the trigger listener writes (progress_v1, revision 3), or
--- a function it calls (note_server_v1(), revision 6), gives it to the roles already
+-- a function it calls (note_server_v1(), revision 6; note_server_v2() and
+-- server_recovered_v1(), revision 7), gives it to the roles already
 -- granted trigger mode (UPDATE on listener_state_v1:
 -- grant_listener's trigger set), as grant_listener would, so that the upgrade order of
 -- docs/DBA.md (stop, install, start) needs no call in between. Nothing else changes.
@@ -131,7 +133,7 @@ BEGIN
     LOOP
         EXECUTE format('GRANT SELECT, INSERT, DELETE ON TABLE cdc_invalidator.progress_v1 TO %s',
                        listener);
-        EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.note_server_v1(boolean, text) TO %s',
+        EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.note_server_v2(boolean, text, boolean) TO %s',
                        listener);
     END LOOP;
 END

@@ -270,7 +270,7 @@ CREATE TABLE IF NOT EXISTS cdc_invalidator.listener_state_v1 (
 INSERT INTO cdc_invalidator.listener_state_v1 (singleton) VALUES (true)
 ON CONFLICT (singleton) DO NOTHING;
 -- The server the listener last ran on, or install before its first start (revision 6:
--- server_lineage_v1() and note_server_v1() below).
+-- server_lineage_v1() and note_server_v1(), now note_server_v2(), below).
 SELECT cdc_invalidator.add_column_v1('cdc_invalidator.listener_state_v1', 'server_lineage', 'text');
 -- server_lineage_v1(): this server's system identifier and the timeline it writes WAL
 -- on. A standby promoted (a failover, a switchover) writes on a new timeline, and so
@@ -298,6 +298,30 @@ $lineage$;
 UPDATE cdc_invalidator.listener_state_v1
 SET server_lineage = cdc_invalidator.server_lineage_v1()
 WHERE server_lineage IS NULL;
+-- The run of the server the listener last noted (revision 7: server_recovered_v1()
+-- below, compared by note_server_v2()), recorded by install as the lineage is.
+SELECT cdc_invalidator.add_column_v1('cdc_invalidator.listener_state_v1', 'server_recovered', 'text');
+-- server_recovered_v1(): when this server last came up from a crash, as an epoch's
+-- text. A crash of PostgreSQL, or of any of its backends (the postmaster then ends every
+-- session and recovers without restarting), loses the WAL not yet flushed: commits made
+-- with synchronous_commit = off that readers already saw. Recovery from it discards
+-- the cumulative statistics and resets the shared ones, every kind at one instant; a
+-- clean restart keeps them. pg_stat_reset_shared() resets one kind at a time (its
+-- reset of all of them too, PostgreSQL 17+, each kind at its own microsecond): the
+-- bgwriter's and the archiver's reset at the same instant is a recovery, or the
+-- server's first start. Also any start that was not from a clean shutdown: a base
+-- backup restored in place. NULL otherwise (a kind reset by hand since: unknown until
+-- the next crash) and where the server withholds them.
+CREATE OR REPLACE FUNCTION cdc_invalidator.server_recovered_v1() RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $recovered$
+    SELECT extract(epoch FROM b.stats_reset)::text
+    FROM pg_stat_bgwriter b, pg_stat_archiver a
+    WHERE b.stats_reset = a.stats_reset
+$recovered$;
+UPDATE cdc_invalidator.listener_state_v1
+SET server_recovered = cdc_invalidator.server_recovered_v1()
+WHERE server_recovered IS NULL;
 
 -- When the listener's progress got where: each save of listener_state_v1 also records
 -- its snapshot here, with the time of the save (save_progress.sql). Every transaction
@@ -397,10 +421,12 @@ LANGUAGE sql IMMUTABLE AS 'SELECT 1';
 -- run instead of misreading rows (revision 2: packs, in queue_v1.rows; before it there
 -- was no such function: revision 1; revision 3: progress_v1, which the listener writes
 -- and replay reads; revision 4: queue_v1.pid, which the listener reads; revision 5:
--- mapping_v1, which the listener asks; revision 6: note_server_v1(), which it calls).
+-- mapping_v1, which the listener asks; revision 6: note_server_v1(), which it calls;
+-- revision 7: note_server_v2(), which replaces it, and listener_state_v1.server_recovered
+-- and slot_state_v1.server_recovered, which the listener compares with the server's).
 -- A constant, so PUBLIC may call it.
 CREATE OR REPLACE FUNCTION cdc_invalidator.schema_revision() RETURNS integer
-LANGUAGE sql IMMUTABLE AS 'SELECT 6';
+LANGUAGE sql IMMUTABLE AS 'SELECT 7';
 
 -- The mappings installed, in order (revision 5): an install whose configuration's
 -- tables mean something else than the last one's adds a row (record_mapping.sql). A
@@ -955,75 +981,93 @@ END
 $once$;
 REVOKE ALL ON FUNCTION cdc_invalidator.queue_sweep_once_v1(text, text, text, regclass) FROM PUBLIC;
 
--- note_server_v1(sweep, seen): called by the trigger listener at each connect. Another
--- server than the one it last ran on (server_lineage_v1(); install recorded the first)
--- may lack transactions that readers of the old one saw and cached: after a failover
--- with asynchronous replication, a point-in-time recovery, a dump restored elsewhere.
--- The lineage recorded here came with the data, so a primary gone back to after a
--- standby was promoted and used still holds its own: `seen`, the lineage the calling
--- listener's previous session saw (NULL: none), tells that one (an older timeline
--- than it saw; a newer one was noted by the listener that took it while the caller
--- waited). No change will ever come for what is lost, so one sweep of every watched
--- table is queued, {"resync": ...} under the name its events carry, unless `sweep`
--- (sweep_after_failover) is false and the server is a newer timeline of the same system
--- (a promotion, a point-in-time recovery: what synchronous replication may make
--- needless). The listener sweeps it as a TRUNCATE's, saves no position past it until
--- that is done, and replay finds it in the history. Queued in the same transaction as
--- the new lineage is recorded: nothing in between to lose. Returns the lineage compared
--- with (`seen` where it tells, else the one recorded), this one (NULL: unknown, nothing
--- done), and whether a sweep was queued. SECURITY DEFINER: the listener's role may not write the
--- queue (it is granted this function by grant_listener); the caller chooses no more than
--- `sweep` and which lineage is compared (one shaped as a lineage, or none).
-CREATE OR REPLACE FUNCTION cdc_invalidator.note_server_v1(
-    sweep boolean, seen text, OUT previous text, OUT current text, OUT swept boolean)
+-- note_server_v2(sweep, seen, sweep_recovered): called by the trigger listener at each
+-- connect. Another server than the one it last ran on (server_lineage_v1(); install
+-- recorded the first) may lack transactions that readers of the old one saw and cached:
+-- after a failover with asynchronous replication, a point-in-time recovery, a dump
+-- restored elsewhere. The lineage recorded here came with the data, so a primary gone
+-- back to after a standby was promoted and used still holds its own: `seen`, the
+-- lineage the calling listener's previous session saw (NULL: none), tells that one (an
+-- older timeline than it saw; a newer one was noted by the listener that took it while
+-- the caller waited). No change will ever come for what is lost, so one sweep of every
+-- watched table is queued, {"resync": ...} under the name its events carry, unless
+-- `sweep` (sweep_after_failover) is false and the server is a newer timeline of the same
+-- system (a promotion, a point-in-time recovery: what synchronous replication may make
+-- needless). On the same lineage, a server that came up from a crash since the run
+-- recorded (server_recovered_v1(); NULL on either side: unknown, nothing compared) lost
+-- the asynchronous commits not yet flushed: swept the same way if `sweep_recovered`
+-- (the listener's sweep_after_crash, given where this database's writers commit
+-- asynchronously). The listener sweeps it as a TRUNCATE's, saves no position past it
+-- until that is done, and replay finds it in the history. Queued in the same
+-- transaction as the new lineage and run are recorded: nothing in between to lose.
+-- Returns the lineage compared with (`seen` where it tells, else the one recorded), this
+-- one (NULL: unknown), whether a sweep was queued, the run compared with (this one where
+-- another lineage was recorded: not compared) and this one.
+-- SECURITY DEFINER: the listener's role may not write the queue (it is granted this
+-- function by grant_listener); the caller chooses no more than the two sweeps and which
+-- lineage is compared (one shaped as a lineage, or none).
+DROP FUNCTION IF EXISTS cdc_invalidator.note_server_v1(boolean, text);
+CREATE OR REPLACE FUNCTION cdc_invalidator.note_server_v2(
+    sweep boolean, seen text, sweep_recovered boolean,
+    OUT previous text, OUT current text, OUT swept boolean,
+    OUT recovered_before text, OUT recovered text)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $note$
 DECLARE
     recorded text;
-    -- A sweep that no replication makes needless: sweep_after_failover = false skips
-    -- only a newer timeline of the same system (a promotion, or a point-in-time recovery).
-    always boolean;
+    why text;  -- the sweep's reason, if one is queued
 BEGIN
     current := cdc_invalidator.server_lineage_v1();
+    recovered := cdc_invalidator.server_recovered_v1();
     swept := false;
-    SELECT s.server_lineage INTO recorded FROM cdc_invalidator.listener_state_v1 s FOR UPDATE;
+    SELECT s.server_lineage, s.server_recovered INTO recorded, recovered_before
+    FROM cdc_invalidator.listener_state_v1 s FOR UPDATE;
     previous := recorded;
-    IF current IS NULL THEN
-        RETURN;
-    END IF;
     IF seen !~ '^[0-9]+ timeline [0-9]+$' THEN
         seen := NULL;  -- (a lineage or nothing: no other text of the caller's is kept)
     END IF;
-    IF seen IS NOT NULL AND seen <> current
-       AND (split_part(seen, ' ', 1) <> split_part(current, ' ', 1)
-            OR split_part(seen, ' ', 3)::bigint > split_part(current, ' ', 3)::bigint) THEN
+    IF current IS NULL THEN
+        NULL;  -- (the lineage withheld: only the run is compared)
+    ELSIF seen IS NOT NULL AND seen <> current
+          AND (split_part(seen, ' ', 1) <> split_part(current, ' ', 1)
+               OR split_part(seen, ' ', 3)::bigint > split_part(current, ' ', 3)::bigint) THEN
         -- Since the caller's previous session: back to an older timeline (the old
         -- primary, a failover undone), or to another system. What was written there is
         -- not here, whatever the replication was.
         previous := seen;
-        always := true;
-    ELSIF recorded IS NULL OR recorded = current THEN
+        why := format('another server: %s, after %s', current, previous);
+    ELSIF recorded IS NOT NULL AND recorded <> current THEN
         -- (a caller that saw an older timeline was waiting while another listener took
-        -- this one: that one noted it)
-        UPDATE cdc_invalidator.listener_state_v1 SET server_lineage = current
-        WHERE server_lineage IS NULL;
-        RETURN;
-    ELSE
-        always := split_part(recorded, ' ', 1) <> split_part(current, ' ', 1);
+        -- this one: that one noted it, and recorded = current)
+        IF sweep OR split_part(recorded, ' ', 1) <> split_part(current, ' ', 1) THEN
+            -- (a sweep that no replication makes needless: sweep_after_failover = false
+            -- skips only a newer timeline of the same system)
+            why := format('another server: %s, after %s', current, previous);
+        END IF;
+        -- Another server's run is not compared with this one's: a promoted standby's
+        -- statistics are its own, and the lineage rule above decided.
+        recovered_before := recovered;
     END IF;
-    IF sweep OR always THEN
+    IF why IS NULL AND sweep_recovered AND recovered <> recovered_before THEN
+        why := format('PostgreSQL came up from a crash (statistics reset at %s, after %s), '
+                      'which loses commits made with synchronous_commit = off',
+                      to_timestamp(recovered::float8), to_timestamp(recovered_before::float8));
+    END IF;
+    IF why IS NOT NULL THEN
         -- (the name install recorded, else the table's own: a row of an older release)
         INSERT INTO cdc_invalidator.queue_v1 (schema_name, table_name, op, new_row)
         SELECT coalesce(w.schema_name, n.nspname), coalesce(w.table_name, c.relname), 'T',
-               json_build_object('resync', format('another server: %s, after %s', current, previous))
+               json_build_object('resync', why)
         FROM cdc_invalidator.watched_v1 w
         JOIN pg_class c ON c.oid = w.relid JOIN pg_namespace n ON n.oid = c.relnamespace;
         swept := true;
     END IF;
-    UPDATE cdc_invalidator.listener_state_v1 SET server_lineage = current;
+    UPDATE cdc_invalidator.listener_state_v1
+    SET server_lineage = coalesce(current, server_lineage),
+        server_recovered = coalesce(recovered, server_recovered);
 END
 $note$;
-REVOKE ALL ON FUNCTION cdc_invalidator.note_server_v1(boolean, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cdc_invalidator.note_server_v2(boolean, text, boolean) FROM PUBLIC;
 
 -- The row trigger a watched partitioned table carries for partitions created or attached
 -- after watch(): statement triggers fire only on the table a statement names, so a write

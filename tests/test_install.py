@@ -589,9 +589,11 @@ def async_commit_warning(out: str) -> str | None:
 def test_check_names_each_setting_that_makes_writers_commit_asynchronously(
     env: Env, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A crash loses such commits after readers may have cached them, and nothing sweeps
-    for them: check says where they are turned on for this database's writers. The test
-    server's own configuration turns them on (FAST_PG, in its postgresql.auto.conf)."""
+    """A crash loses such commits after readers may have cached them, which no capture
+    sees: check says where they are turned on for this database's writers, and that the
+    listener sweeps every watched table after a crash (sweep_after_crash), or, told
+    never to, that a DBA must. The test server's own configuration turns them on
+    (FAST_PG, in its postgresql.auto.conf)."""
     assert FAST_PG["synchronous_commit"] == "off"
     tables(env)
     config = env.config(USERS)
@@ -601,7 +603,11 @@ def test_check_names_each_setting_that_makes_writers_commit_asynchronously(
     line = async_commit_warning(out)
     assert line is not None, out
     assert "(the server's configuration (configuration file))" in line, line
-    assert "after a crash, sweep every watched table" in line
+    assert "the listener sweeps every watched table after PostgreSQL comes up from a crash" in line
+    never = env.config(USERS, name="never.toml", sweep_after_crash="never")
+    code, out, _ = check(never, capsys)
+    line = async_commit_warning(out) or ""
+    assert "sweep_after_crash = never: nothing is swept after a crash" in line, out
     assert "docs/DBA.md" in line
 
     db = env.scalar("SELECT current_database()")
@@ -968,7 +974,7 @@ def test_sql_of_an_older_release_is_refused_until_install_upgrades_it(
     install_older_release(env, config)
     code, _, err = check(config, capsys)
     assert code == 1
-    assert "v1 revision 1, from an older release; this release needs revision 6" in err, err
+    assert "v1 revision 1, from an older release; this release needs revision 7" in err, err
     result = run_cli("run", "--config", str(config), env={"CDC_INVALIDATOR_LOG_FORMAT": "json"})
     assert result.returncode == 1
     out = result.stdout + result.stderr
@@ -978,7 +984,7 @@ def test_sql_of_an_older_release_is_refused_until_install_upgrades_it(
     assert cli("install", "--config", config) == 0
     code, out, err = check(config, capsys)
     assert code == 0, err
-    assert "cdc_invalidator v1 (revision 6) installed" in out
+    assert "cdc_invalidator v1 (revision 7) installed" in out
 
 
 def test_an_upgrade_from_the_older_release_delivers_its_backlog_and_packs_after(

@@ -1,5 +1,5 @@
 """Trigger mode: a sweep queued on a server that is not the one the listener last ran on
-(capture/lineage.py, note_server_v1() in sql/schema.sql), against real servers. A real
+(capture/lineage.py, note_server_v2() in sql/schema.sql), against real servers. A real
 failover is in test_physical_standbys; here the recorded lineage is set by hand, as a
 promoted standby or a restore would leave it, to show what the listener does with it:
 queues one sweep of every watched table with the new lineage, in one transaction (the
@@ -102,7 +102,7 @@ def test_sweep_after_failover_false_records_a_promotion_and_sweeps_nothing(
     stop_listener(listener)
 
 
-NOTE = "SELECT swept FROM cdc_invalidator.note_server_v1(%s, %s)"
+NOTE = "SELECT swept FROM cdc_invalidator.note_server_v2(%s, %s, false)"
 
 
 @pytest.mark.parametrize(
@@ -141,6 +141,51 @@ def test_what_note_server_sweeps_for(
     assert env.scalar(RECORDED) == here
 
 
+RUN = "SELECT server_recovered FROM cdc_invalidator.listener_state_v1"
+NOTE_RUN = "SELECT swept FROM cdc_invalidator.note_server_v2(%s, NULL, %s)"
+RESYNC = "SELECT new_row->>'resync' FROM cdc_invalidator.queue_v1 WHERE new_row::jsonb ? 'resync'"
+
+
+@pytest.mark.parametrize(
+    ("server", "run", "sweep_recovered", "swept"),
+    [
+        # Came up from a crash since, where writers commit asynchronously.
+        (("here", True), "other", True, True),
+        # Elsewhere (or sweep_after_crash = never): recorded, not swept.
+        (("here", True), "other", False, False),
+        (("here", True), "here", True, False),
+        # None recorded (a release before it): nothing compared.
+        (("here", True), None, True, False),
+        # A promoted standby's run is its own: the lineage decides, and
+        # sweep_after_failover = false is not overridden by it.
+        (("older", False), "other", True, False),
+        (("older", True), "other", True, True),
+    ],
+)
+def test_what_note_server_sweeps_for_after_a_crash(
+    env: Env, server: tuple[str, bool], run: str | None, sweep_recovered: bool, swept: bool
+) -> None:
+    """note_server_v2(): the run recorded (server_recovered_v1()) against the server's,
+    on the same lineage; one sweep at most, and the run recorded either way."""
+    lineage, sweep = server
+    setup_users(env)
+    here, now = env.scalar(LINEAGE), env.scalar("SELECT cdc_invalidator.server_recovered_v1()")
+    assert now is not None
+    system, _, timeline = here.split()
+    recorded = {"here": here, "older": f"{system} timeline {int(timeline) - 1}"}[lineage]
+    env.sql(
+        "UPDATE cdc_invalidator.listener_state_v1 SET server_lineage = %s, server_recovered = %s",
+        [recorded, {"here": now, "other": "1000", None: None}[run]],
+    )
+    assert env.scalar(NOTE_RUN, [sweep, sweep_recovered]) is swept
+    assert env.scalar(SWEEPS) == (1 if swept else 0)
+    assert env.scalar(RUN) == now
+    assert env.scalar(RECORDED) == here
+    if swept and lineage == "here":
+        reason = env.scalar(RESYNC)
+        assert "came up from a crash" in reason, reason
+
+
 def listener_as(env: Env, role: str, **settings: object) -> Path:
     """A configuration of the users table for the listener `role`, granted trigger mode."""
     env.sql("SELECT cdc_invalidator.grant_listener(%s, 'trigger')", [role])
@@ -154,7 +199,7 @@ def listener_as(env: Env, role: str, **settings: object) -> Path:
 
 
 def test_a_listener_granted_least_privilege_queues_the_sweep(env: Env, spawn: Spawn) -> None:
-    """grant_listener gives EXECUTE on note_server_v1(), which queues the sweep as its
+    """grant_listener gives EXECUTE on note_server_v2(), which queues the sweep as its
     owner (the listener's role may not write the queue), and that is all it may write
     there; EXECUTE revoked from PUBLIC changes nothing."""
     setup_users(env, rows=2)
@@ -167,7 +212,7 @@ def test_a_listener_granted_least_privilege_queues_the_sweep(env: Env, spawn: Sp
             assert not env.scalar(
                 "SELECT has_table_privilege(%s, 'cdc_invalidator.queue_v1', 'INSERT')", [role]
             )
-            note = "cdc_invalidator.note_server_v1(boolean, text)"
+            note = "cdc_invalidator.note_server_v2(boolean, text, boolean)"
             assert not env.scalar(f"SELECT has_function_privilege('public', '{note}', 'EXECUTE')")
             listener = spawn(listener_as(env, role))
             wait_until(lambda: r.exists(*keys_of(1), *keys_of(2)) == 0, what="every key swept")
@@ -186,9 +231,9 @@ def test_a_server_that_withholds_its_lineage_is_said_and_nothing_is_swept(
     another_lineage(env)
     r = env.redis()
     cache(r, [2])
-    note = "cdc_invalidator.note_server_v1(boolean, text)"
+    note = "cdc_invalidator.note_server_v2(boolean, text, boolean)"
     with login_role(env, "lineage_") as role:
-        # note_server_v1() runs as its owner: here a role without the privilege.
+        # note_server_v2() runs as its owner: here a role without the privilege.
         env.sql(
             f"REVOKE EXECUTE ON FUNCTION pg_control_system() FROM PUBLIC;"
             f"ALTER FUNCTION {note} OWNER TO {role}"

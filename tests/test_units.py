@@ -19,7 +19,7 @@ from prometheus_client import generate_latest
 from cdc_invalidator import cli
 from cdc_invalidator.backoff import Backoff
 from cdc_invalidator.capture.errors import Fatal, returned
-from cdc_invalidator.capture.lineage import gone_back
+from cdc_invalidator.capture.lineage import AfterCrash, CrashSetting, gone_back, recovered_since
 from cdc_invalidator.capture.logical import Complete
 from cdc_invalidator.capture.trigger_queue import (
     Chunk,
@@ -403,9 +403,40 @@ def test_synchronous_standby_names_naming_the_listeners_stream(names: str, named
     assert names_standby(names, "cdc-invalidator") is named
 
 
+@pytest.mark.parametrize(
+    ("setting", "places", "sweeps"),
+    [
+        ("auto", ("ALTER DATABASE app",), True),
+        ("auto", (), False),
+        ("always", (), True),
+        ("never", ("the server's configuration (configuration file)",), False),
+    ],
+)
+def test_after_crash_sweeps_where_writers_commit_asynchronously(
+    setting: CrashSetting, places: tuple[str, ...], sweeps: bool
+) -> None:
+    """capture/lineage.py: sweep_after_crash, with where asynchronous commits were found,
+    and what the log says of it."""
+    crash = AfterCrash(setting, places)
+    assert crash.sweeps is sweeps
+    said = crash.said()
+    if places:
+        assert f"({places[0]})" in said
+    else:
+        assert "no setting of the server, the database or a role" in said
+    assert ("sweep_after_crash" in said) is (setting != "auto")
+
+
+def test_recovered_since_compares_known_runs_only() -> None:
+    assert recovered_since("1000", "2000")
+    assert not recovered_since("1000", "1000")
+    assert not recovered_since(None, "1000")  # none recorded (an older release)
+    assert not recovered_since("1000", None)  # a kind reset by hand since: unknown
+
+
 def test_gone_back_is_another_system_or_an_older_timeline() -> None:
     """capture/lineage.py: what the listener's previous session saw against the server
-    now (logical mode's rule; trigger mode's note_server_v1() has the same)."""
+    now (logical mode's rule; trigger mode's note_server_v2() has the same)."""
     here = "7001 timeline 2"
     assert gone_back("7001 timeline 3", here)  # the old primary, a failover undone
     assert gone_back("7002 timeline 1", here)  # another system

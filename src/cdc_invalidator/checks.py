@@ -13,7 +13,7 @@ import psycopg
 
 from cdc_invalidator.capture import logical_sql
 from cdc_invalidator.capture.errors import Fatal, returned
-from cdc_invalidator.capture.lineage import another_system
+from cdc_invalidator.capture.lineage import CrashSetting, another_system
 from cdc_invalidator.capture.pgoutput import NATIVE_WALKS
 from cdc_invalidator.capture.slot import SlotClass, SlotState
 from cdc_invalidator.capture.trigger_sql import (
@@ -193,7 +193,7 @@ def check_database(
             mode.check_table(conn, report, TableFacts(where, table, mapper.columns(table), present))
         else:
             present()
-    check_async_commits(conn, report)
+    check_async_commits(conn, report, settings.sweep_after_crash)
     if installed:
         mode.check_server(conn, report, config_name)
     return report
@@ -399,17 +399,31 @@ def check_two_phase(conn: psycopg.Connection[Any], report: Report) -> None:
         )
 
 
-def check_async_commits(conn: psycopg.Connection[Any], report: Report) -> None:
+def check_async_commits(
+    conn: psycopg.Connection[Any], report: Report, setting: CrashSetting
+) -> None:
     """Both modes: where writers commit asynchronously, a crash loses commits that readers
-    may have cached, which no capture sees and nothing sweeps by itself."""
+    may have cached, which no capture sees: the listener sweeps every watched table after
+    one (sweep_after_crash), which costs a cold cache, unless told never to."""
     places = [place for (place,) in conn.execute(Q.CHECK_ASYNC_COMMITS.sql).fetchall()]
-    if places:
+    if not places:
+        return
+    said = (
+        f"synchronous_commit = off ({'; '.join(places)}): such a commit is visible before "
+        "it is durable, and a crash of PostgreSQL loses it after readers may have cached "
+        "its row, which no capture sees"
+    )
+    if setting == "never":
         report.warnings.append(
-            f"synchronous_commit = off ({'; '.join(places)}): such a commit is visible "
-            "before it is durable, and a crash of PostgreSQL loses it after readers may "
-            "have cached its row; no capture sees it and no sweep follows by itself: "
-            'after a crash, sweep every watched table (docs/DBA.md, "After restoring the '
+            f"{said}; sweep_after_crash = never: nothing is swept after a crash: sweep "
+            'every watched table by hand after one (docs/DBA.md, "After restoring the '
             'database"), or leave synchronous_commit on for the writers of watched tables'
+        )
+    else:
+        report.warnings.append(
+            f"{said}: the listener sweeps every watched table after PostgreSQL comes up "
+            "from a crash (sweep_after_crash), a cold cache; leave synchronous_commit on "
+            "for the writers of watched tables to keep it warm"
         )
 
 

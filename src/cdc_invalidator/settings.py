@@ -242,6 +242,14 @@ class Settings(BaseSettings):
     # whose rows readers cached (capture/lineage.py). False only where no reader could
     # see a commit the new server lacks (synchronous replication, never turned down).
     sweep_after_failover: bool = True
+    # Both modes: on a server that came up from a crash since the listener last noted it
+    # (a crash of PostgreSQL or of any backend), sweep every watched table once: a commit
+    # made with synchronous_commit = off is visible before it is durable, and a crash
+    # loses it after readers may have cached its row (capture/lineage.py). "auto": where
+    # the server's, the database's or a role's settings have this database's writers
+    # commit so (what `check` warns of); "always": also for sessions that SET it
+    # themselves, which no other session can see; "never".
+    sweep_after_crash: Literal["auto", "always", "never"] = "auto"
     # Logical mode: the replication slot and the publication `install` creates.
     slot_name: Annotated[str, Field(pattern=_SLOT_NAME)] = "cdc_invalidator"
     publication_name: Annotated[str, Field(pattern=_SLOT_NAME)] = "cdc_invalidator"

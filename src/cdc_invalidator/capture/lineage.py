@@ -1,12 +1,13 @@
-"""A sweep when the server is not the one the listener last ran on (trigger mode's
-note_server(); logical mode's slot tells most of it, lineage_of() the rest).
+"""A sweep when the server is not the one the listener last ran on, or came up from a
+crash that lost what readers saw (trigger mode's note_server(); logical mode's slot
+tells most of it, server_of() the rest).
 
 A standby promoted after a failover lacks the transactions the old primary had not sent
 it yet (asynchronous replication, the default), and a database brought back to a point
 in time lacks those after it. Readers may have cached their rows: no change will ever
 come for them, and they stayed cached for good. The queue and the saved position came
 along with the data, consistent with it, so nothing *left* is missed; what is *gone* can
-only be swept. At each connect the listener has note_server_v1() (sql/schema.sql)
+only be swept. At each connect the listener has note_server_v2() (sql/schema.sql)
 compare the server's lineage (its system identifier and WAL timeline, both new after a
 promotion, a point-in-time recovery, or in another cluster) with the one recorded, and
 queue a sweep of every watched table with the new lineage, in one transaction: the queue
@@ -16,15 +17,23 @@ The lineage recorded came with the data: a primary gone back to after a standby 
 promoted and used (a failover undone) holds its own, and lacks what was written on the
 other. The listener compares with the lineage its previous session saw too, which tells
 that one while it runs (not after a restart); logical mode, whose slot on the old
-primary still exists, does the same (lineage_of()).
+primary still exists, does the same (server_of()).
 
 A crash with asynchronous commits loses readable transactions too, on the same timeline:
-this cannot tell it from a clean restart, and docs/DBA.md says to sweep by hand there.
+a commit made with synchronous_commit = off is visible before its WAL is flushed, and
+neither capture mode ever sees one a crash took (its queue row goes with it; logical
+decoding reads flushed WAL only). The server's run (server_recovered_v1(): when it last
+came up from a crash, which resets its shared statistics) is recorded beside the lineage
+and compared at each connect; another one, where this database's writers commit
+asynchronously (sweep_after_crash: as `check` sees it, or always), is swept for as a
+failover is, in both modes. A clean restart keeps the run, and loses nothing.
 """
 
 from __future__ import annotations
 
-from typing import Any, cast
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal, cast
 
 import psycopg
 import structlog
@@ -34,15 +43,108 @@ from cdc_invalidator.pg.queries import Q
 log = structlog.get_logger("cdc_invalidator.capture")
 
 
-def note_server(conn: psycopg.Connection[Any], *, sweep: bool, seen: str | None) -> str | None:
-    """Record this server's lineage, queueing a sweep of every watched table if it is
-    another than the last, or than `seen` (the one this listener's previous session
-    saw); `sweep`: sweep_after_failover. Say what was found; return the lineage (None:
-    unknown)."""
-    previous, current, swept = cast(
-        "tuple[str | None, str | None, bool]",
-        conn.execute(Q.NOTE_SERVER.sql, {"sweep": sweep, "seen": seen}).fetchone(),
+CrashSetting = Literal["auto", "always", "never"]
+
+
+@dataclass(frozen=True, slots=True)
+class AfterCrash:
+    """Whether a server that came up from a crash is swept for (sweep_after_crash), and
+    why: "auto" where this database's writers commit asynchronously (`places`, as the
+    SQL that set it), "always" (sessions that turn it off themselves, which no other
+    session sees), "never"."""
+
+    setting: CrashSetting
+    places: tuple[str, ...] = ()
+
+    @property
+    def sweeps(self) -> bool:
+        return self.setting == "always" or (self.setting == "auto" and bool(self.places))
+
+    def said(self) -> str:
+        """Why a crash is swept for, or not."""
+        if self.places:
+            where = f"this database's writers commit asynchronously ({'; '.join(self.places)})"
+        else:
+            where = (
+                "no setting of the server, the database or a role has this database's "
+                "writers commit asynchronously"
+            )
+        if self.setting == "auto":
+            return where
+        return f"sweep_after_crash = {self.setting}; {where}"
+
+
+def after_crash(conn: psycopg.Connection[Any], setting: CrashSetting) -> AfterCrash:
+    """sweep_after_crash, with where this database's writers commit asynchronously as
+    `check` sees it (sql/check_async_commits.sql), read with this session's own setting
+    put back to the one it started with (the listener's sessions turn it off for their
+    own bookkeeping, which would hide the server's)."""
+    if setting == "never":
+        return AfterCrash(setting)
+    with conn.transaction():
+        conn.execute("SET LOCAL synchronous_commit TO DEFAULT")
+        places = tuple(place for (place,) in conn.execute(Q.CHECK_ASYNC_COMMITS.sql).fetchall())
+    return AfterCrash(setting, places)
+
+
+def came_up(recovered: str | None) -> str:
+    """A run (server_recovered_v1(), an epoch's text) as the time it names."""
+    if recovered is None:
+        return "unknown"
+    return datetime.fromtimestamp(float(recovered), UTC).isoformat(timespec="seconds")
+
+
+def recovered_since(before: str | None, now: str | None) -> bool:
+    """Whether the server came up from a crash since the run `before` was recorded (None
+    on either side: unknown, no)."""
+    return before is not None and now is not None and before != now
+
+
+def crash_missed(before: str | None, now: str | None, crash: AfterCrash) -> str:
+    """Why a crash found since the run `before` was recorded is swept for."""
+    return (
+        f"PostgreSQL came up from a crash since the listener last noted it (statistics "
+        f"reset at {came_up(now)}, after {came_up(before)}), and {crash.said()}: a crash "
+        "loses such commits after readers may have cached their rows"
     )
+
+
+def say_not_swept(before: str | None, now: str | None, crash: AfterCrash) -> None:
+    """Log a crash found since the run recorded, not swept for, and why."""
+    log.warning(
+        "postgres_recovered",
+        reason=f"PostgreSQL came up from a crash since the listener last noted it "
+        f"(statistics reset at {came_up(now)}, after {came_up(before)}), and {crash.said()}",
+        detail="nothing swept: with synchronous commits a crash loses nothing a reader saw "
+        "(sweep_after_crash = always sweeps where sessions turn them off themselves)",
+    )
+
+
+def note_server(
+    conn: psycopg.Connection[Any], *, sweep: bool, seen: str | None, crash: AfterCrash
+) -> str | None:
+    """Record this server's lineage and run, queueing a sweep of every watched table if
+    it is another than the last, or than `seen` (the one this listener's previous session
+    saw), or came up from a crash since where `crash` sweeps for one; `sweep`:
+    sweep_after_failover. Say what was found; return the lineage (None: unknown)."""
+    previous, current, swept, recovered_before, recovered = cast(
+        "tuple[str | None, str | None, bool, str | None, str | None]",
+        conn.execute(
+            Q.NOTE_SERVER.sql,
+            {"sweep": sweep, "seen": seen, "sweep_recovered": crash.sweeps},
+        ).fetchone(),
+    )
+    if recovered_since(recovered_before, recovered) and (
+        previous is None or current is None or previous == current
+    ):
+        if swept:
+            log.error(
+                "changes_may_have_been_missed",
+                reason=crash_missed(recovered_before, recovered, crash),
+                action="sweeping every key template of every watched table (queued)",
+            )
+        else:
+            say_not_swept(recovered_before, recovered, crash)
     if current is None:
         log.warning(
             "postgres_lineage_unknown",
@@ -79,7 +181,7 @@ def gone_back(seen: str | None, current: str | None) -> bool:
     previous session ran (`seen`): another system, or an older timeline of this one (the
     old primary, a failover undone). A newer one is a promotion the previous session did
     not see: another listener took it meanwhile, and the slot (logical mode) or the
-    lineage recorded (trigger mode: note_server_v1(), the same rule) tells that. None:
+    lineage recorded (trigger mode: note_server_v2(), the same rule) tells that. None:
     unknown, no."""
     if seen is None or current is None or seen == current:
         return False
@@ -97,12 +199,15 @@ def _timeline(lineage: str) -> int:
     return int(lineage.split()[2])
 
 
-def lineage_of(conn: psycopg.Connection[Any]) -> str | None:
-    """The server's lineage (logical mode: compared with its previous session's), None
-    where it withholds it, or the listener's role may not ask (EXECUTE revoked from
-    PUBLIC and not granted: a grant_listener of an older release)."""
+def server_of(conn: psycopg.Connection[Any]) -> tuple[str | None, str | None]:
+    """The server's lineage (logical mode: compared with its previous session's) and its
+    run (compared with the one recorded for the slot), None where it withholds them, or
+    the listener's role may not ask (EXECUTE revoked from PUBLIC and not granted: a
+    grant_listener of an older release)."""
     try:
         row = conn.execute(Q.SERVER_LINEAGE.sql).fetchone()
     except psycopg.errors.InsufficientPrivilege:
-        return None
-    return None if row is None else cast("str | None", row[0])
+        return None, None
+    if row is None:
+        return None, None
+    return cast("tuple[str | None, str | None]", tuple(row))

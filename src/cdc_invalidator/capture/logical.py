@@ -47,7 +47,15 @@ from cdc_invalidator.capture.errors import (
 )
 from cdc_invalidator.capture.history_writer import HistoryWriter
 from cdc_invalidator.capture.holds import Hold, Holds
-from cdc_invalidator.capture.lineage import gone_back, lineage_of
+from cdc_invalidator.capture.lineage import (
+    CrashSetting,
+    after_crash,
+    crash_missed,
+    gone_back,
+    recovered_since,
+    say_not_swept,
+    server_of,
+)
 from cdc_invalidator.capture.packs import Collector, ColumnPack, map_packs
 from cdc_invalidator.capture.pgoutput import (
     Begin,
@@ -233,6 +241,9 @@ class LogicalConfig:
     # The mapping's fingerprint (Settings.mapping_fingerprint): a later install's stops
     # this listener, at connect and at each save. None: never asked.
     mapping: MappingStamp | None = None
+    # A sweep of every watched table when the server came up from a crash since the run
+    # recorded for the slot (capture/lineage.py).
+    sweep_after_crash: CrashSetting = "auto"
 
 
 class LogicalCapture:
@@ -298,6 +309,33 @@ class LogicalCapture:
             side.close()
             raise
 
+    def _lost_here(
+        self,
+        side: psycopg.Connection[Any],
+        state: SlotState,
+        seen: str | None,
+        lineage: str | None,
+        recovered: str | None,
+    ) -> str | None:
+        """Why this server, whose slot is the one the listener confirmed, may lack
+        commits that readers cached (capture/lineage.py), or None: a primary gone back
+        to after a standby was promoted and used (told by the lineage this listener's
+        previous session saw, `seen`, while it runs), or one that came up from a crash
+        since the run recorded (`recovered`, now), where sweep_after_crash says so."""
+        if gone_back(seen, lineage):
+            return (
+                f"the listener's previous session ran on another server ({seen}; now "
+                f"{lineage}): a primary gone back to after a standby was promoted lacks "
+                "the transactions written on that one"
+            )
+        if not recovered_since(state.server_recovered, recovered):
+            return None
+        crash = after_crash(side, self._config.sweep_after_crash)
+        if crash.sweeps:
+            return crash_missed(state.server_recovered, recovered, crash)
+        say_not_swept(state.server_recovered, recovered, crash)
+        return None
+
     def _prepare(self, side: psycopg.Connection[Any]) -> tuple[int, str | None]:
         """Check the install and the slot; return where to resume and a sweep owed."""
         cfg = self._config
@@ -330,16 +368,8 @@ class LogicalCapture:
             side.execute(Q.DROP_SLOT.sql, {"slot": cfg.slot})
         owed = state.resync_reason
         missed = verdict.reason if kind.missed_changes else None
-        # A primary gone back to after a standby was promoted and used still has our
-        # slot, and lacks what was written on the other (capture/lineage.py): told by
-        # the lineage this listener's previous session saw (while it runs).
-        seen, lineage = self._lineage, lineage_of(side)
-        if missed is None and gone_back(seen, lineage):
-            missed = (
-                f"the listener's previous session ran on another server ({seen}; now "
-                f"{lineage}): a primary gone back to after a standby was promoted lacks "
-                "the transactions written on that one"
-            )
+        seen, (lineage, recovered) = self._lineage, server_of(side)
+        missed = missed or self._lost_here(side, state, seen, lineage, recovered)
         if kind is SlotClass.MISSING_FIRST_USE:
             # `install` makes the slot as it commits; it is missing when install could
             # not (its role had no REPLICATION) or the script was applied by hand. The
@@ -358,6 +388,8 @@ class LogicalCapture:
             # Owed until done: a crash during the sweep sweeps again.
             side.execute(Q.SET_RESYNC.sql, {"slot": cfg.slot, "reason": missed, "lsn": None})
             owed = missed
+        if recovered is not None:  # (after the sweep it owes is recorded)
+            side.execute(Q.RECORD_RECOVERED.sql, {"slot": cfg.slot, "recovered": recovered})
         self._lineage = lineage or seen
         if kind.create:
             return self._make_slot(side), owed

@@ -45,7 +45,7 @@ from cdc_invalidator.capture.errors import (
     missing_privilege,
 )
 from cdc_invalidator.capture.holds import Hold, Holds
-from cdc_invalidator.capture.lineage import note_server
+from cdc_invalidator.capture.lineage import CrashSetting, after_crash, note_server
 from cdc_invalidator.capture.rows import RowDecoder, pack_element, queue_id
 from cdc_invalidator.capture.trigger_sql import (
     CHANNEL,
@@ -472,11 +472,14 @@ class TriggerCapture:
         mapping: MappingStamp | None = None,
         payloads: bool = False,
         sweep_after_failover: bool = True,
+        sweep_after_crash: CrashSetting = "auto",
     ) -> None:
         self._pg = pg
         # A sweep of every watched table queued on another server than the last (a
         # promoted standby, a restore: capture/lineage.py); False: logged only.
         self._sweep_after_failover = sweep_after_failover
+        # And on one that came up from a crash since (capture/lineage.py).
+        self._sweep_after_crash = sweep_after_crash
         self._lineage: str | None = None  # the server's, as the last connection saw it
         # notify_payload: NOTIFY payloads are deleted early. Off, they are not read: any
         # role that can connect may NOTIFY on our channel, and its payloads would delete
@@ -498,7 +501,9 @@ class TriggerCapture:
             saved, started = _prepare(conn, self._mapping)
             # (before the first read: a sweep it queues is in the next window)
             seen = self._lineage
-            self._lineage = note_server(conn, sweep=self._sweep_after_failover, seen=seen) or seen
+            crash = after_crash(conn, self._sweep_after_crash)
+            noted = note_server(conn, sweep=self._sweep_after_failover, seen=seen, crash=crash)
+            self._lineage = noted or seen
         except psycopg.errors.InsufficientPrivilege as exc:
             user = conn.info.user
             conn.close()

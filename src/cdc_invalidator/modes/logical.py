@@ -114,6 +114,7 @@ class LogicalMode:
                 prune_every_s=s.prune_every_ms / 1000,
                 mapper=mapper,
                 mapping=trigger_sql.MappingStamp(s.mapping_fingerprint(), s.written_at),
+                sweep_after_crash=s.sweep_after_crash,
             ),
         )
 

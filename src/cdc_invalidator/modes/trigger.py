@@ -106,6 +106,7 @@ class TriggerMode:
             mapping=trigger_sql.MappingStamp(s.mapping_fingerprint(), s.written_at),
             payloads=s.notify_payload,
             sweep_after_failover=s.sweep_after_failover,
+            sweep_after_crash=s.sweep_after_crash,
         ).connect
 
     def status(self, conn: psycopg.Connection[Any]) -> Status:

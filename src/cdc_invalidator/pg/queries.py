@@ -62,7 +62,7 @@ class Q(enum.Enum):
     LOCK_HOLDER = "lock_holder.sql"
     LOAD_PROGRESS = "load_progress.sql"
     PROGRESS_AHEAD = "progress_ahead.sql"
-    NOTE_SERVER = "note_server.sql"  # a promoted standby, a restore: a sweep queued
+    NOTE_SERVER = "note_server.sql"  # a promoted standby, a restore, a crash: a sweep queued
     SERVER_LINEAGE = "server_lineage.sql"  # logical mode: compared with the last session's
     CHECK_LINEAGE = "check_lineage.sql"  # `check`: what the next start will find
     FETCH_BATCH = "fetch_batch.sql"
@@ -77,6 +77,7 @@ class Q(enum.Enum):
     CREATE_SLOT = "create_slot.sql"
     SLOT_BLOCKERS = "slot_blockers.sql"  # what making a slot will wait for
     RECORD_SLOT = "record_slot.sql"
+    RECORD_RECOVERED = "record_recovered.sql"  # logical mode: the server's run, per slot
     DROP_SLOT = "drop_slot.sql"
     OUR_SLOT = "our_slot.sql"
     LEFTOVER_SLOTS = "leftover_slots.sql"  # ours, left when slot_name changed
@@ -134,7 +135,7 @@ class Q(enum.Enum):
     CHECK_TABLE = "check_table.sql"
     CHECK_UNCONFIGURED = "check_unconfigured.sql"
     CHECK_TWO_PHASE = "check_two_phase.sql"  # trigger mode: PREPARE refused after NOTIFY
-    CHECK_ASYNC_COMMITS = "check_async_commits.sql"  # commits a crash loses after readers saw
+    CHECK_ASYNC_COMMITS = "check_async_commits.sql"  # check, listener: commits a crash loses
     CHECK_ALL_TABLES = "check_all_tables.sql"  # trigger mode: FOR ALL TABLES publications
     CHECK_WATCH = "check_watch.sql"
     CHECK_PUBLISHED = "check_published.sql"
