@@ -26,7 +26,7 @@ import redis
 from cdc_invalidator.cli import main
 from cdc_invalidator.pg.queries import Q
 from tests.support.config import write_config
-from tests.support.env import Env, Servers, pg_of
+from tests.support.env import Env, Servers, accepting, pg_of
 from tests.support.faults import cache, keys_of, setup_users
 from tests.support.listener import ListenerThread, Spawn, check, listening
 from tests.support.servers import find_pg_bindir
@@ -216,14 +216,6 @@ def test_a_server_without_the_last_transactions_is_read_from_its_saved_position(
             what="the changes committed on the copy counted",
         )
         assert listener.runner.postgres.failures >= 2  # both stops were seen
-
-
-def accepting(env: Env) -> bool:
-    try:
-        env.scalar("SELECT 1")
-    except psycopg.OperationalError:
-        return False
-    return True
 
 
 def test_transaction_ids_a_crash_hands_out_again_are_not_skipped(own_env: Env) -> None:

@@ -73,6 +73,15 @@ class Env:
         )
 
 
+def accepting(env: Env) -> bool:
+    """Whether the test's PostgreSQL takes connections (again, after a crash)."""
+    try:
+        env.scalar("SELECT 1")
+    except psycopg.OperationalError:
+        return False
+    return True
+
+
 def pg_of(env: Env) -> PostgresServer:
     """The test's own PostgreSQL (own_env), to stop, restart or kill."""
     assert env.servers.pg is not None
