@@ -7,16 +7,34 @@
 -- its session's own setting put back to the one it started with (capture/lineage.py).
 --
 -- Answers one row per place that turns it off, as the SQL that did:
---   * the server's configuration, read through this session (pg_settings), unless this
---     session's value came from elsewhere (a database's or role's setting, below, or
---     the client), which hides it;
+--   * the server's configuration, read through this session (pg_settings), where it
+--     reaches this database's sessions (below);
 --   * ALTER DATABASE ... SET, ALTER ROLE ... SET, and both (pg_db_role_setting, readable
 --     by any role), for this database or all.
 -- A session's own SET is visible to no other session.
-SELECT 'the server''s configuration (' || source || ')'  -- (configuration file, command line)
-FROM pg_settings
-WHERE name = 'synchronous_commit' AND setting = 'off'
-  AND source NOT IN ('database', 'user', 'database user', 'client', 'session')
+--
+-- A session starts with the first of: its role's setting in this database, its role's,
+-- this database's, every role's (ALTER ROLE ALL), the server's configuration. Where
+-- this database or every role has one, the server's reaches none of this database's
+-- sessions. Elsewhere a setting of this session's own role (or its client's startup
+-- options) hides the server's value from it, which other roles' sessions still take:
+-- unknown, and named as if off (a needless sweep after a crash costs a cold cache; a
+-- missing one, values cached for good).
+SELECT CASE WHEN p.source IN ('user', 'database user', 'client')
+            THEN 'the server''s configuration, which this session''s own ' || p.source
+                 || ' setting hides: taken as off'
+            ELSE 'the server''s configuration (' || p.source || ')'  -- (configuration file, ...)
+       END
+FROM pg_settings p
+WHERE p.name = 'synchronous_commit'
+  AND (p.setting = 'off' AND p.source NOT IN ('database', 'user', 'database user', 'global',
+                                               'client', 'session')
+       OR p.source IN ('user', 'database user', 'client'))
+  AND NOT EXISTS (
+      SELECT FROM pg_db_role_setting s CROSS JOIN LATERAL unnest(s.setconfig) AS c(setting)
+      WHERE s.setrole = 0
+        AND s.setdatabase IN (0, (SELECT oid FROM pg_database WHERE datname = current_database()))
+        AND lower(c.setting) LIKE 'synchronous_commit=%')
 UNION ALL
 SELECT CASE
            WHEN s.setrole = 0 AND s.setdatabase = 0 THEN 'ALTER ROLE ALL'

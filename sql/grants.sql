@@ -87,7 +87,7 @@ BEGIN
     EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.schema_revision() TO %s', listener);
     -- The server's lineage and run, which each listener compares with what it saw last.
     EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.server_lineage_v1() TO %s', listener);
-    EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.server_recovered_v1() TO %s', listener);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.server_run_v1() TO %s', listener);
     IF capture = 'trigger' THEN
         -- The server's lineage and run noted at each connect, a sweep queued on another
         -- one (note_server_v2(), SECURITY DEFINER: the only write to the queue it may make).
@@ -116,11 +116,12 @@ $grant$;
 REVOKE ALL ON FUNCTION cdc_invalidator.grant_listener(regrole, text) FROM PUBLIC;
 
 -- An install that adds a table the trigger listener writes (progress_v1, revision 3), or
--- a function it calls (note_server_v1(), revision 6; note_server_v2() and
--- server_recovered_v1(), revision 7), gives it to the roles already
--- granted trigger mode (UPDATE on listener_state_v1:
+-- a function it calls (note_server_v1(), revision 6; note_server_v2(), revision 7), gives
+-- it to the roles already granted trigger mode (UPDATE on listener_state_v1:
 -- grant_listener's trigger set), as grant_listener would, so that the upgrade order of
--- docs/DBA.md (stop, install, start) needs no call in between. Nothing else changes.
+-- docs/DBA.md (stop, install, start) needs no call in between; and server_run_v1()
+-- (revision 7), which the logical listener calls, to the roles granted logical mode
+-- (UPDATE on slot_state_v1), where PUBLIC's EXECUTE was revoked. Nothing else changes.
 DO $carry_grants$
 DECLARE
     listener regrole;
@@ -135,6 +136,14 @@ BEGIN
                        listener);
         EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.note_server_v2(boolean, text, boolean) TO %s',
                        listener);
+    END LOOP;
+    FOR listener IN
+        SELECT a.grantee::regrole
+        FROM pg_class c, aclexplode(c.relacl) a
+        WHERE c.oid = to_regclass('cdc_invalidator.slot_state_v1')
+          AND a.privilege_type = 'UPDATE' AND a.grantee <> 0 AND a.grantee <> c.relowner
+    LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.server_run_v1() TO %s', listener);
     END LOOP;
 END
 $carry_grants$;

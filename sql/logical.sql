@@ -26,9 +26,9 @@ CREATE TABLE IF NOT EXISTS cdc_invalidator.slot_state_v1 (
     events_processed  bigint NOT NULL DEFAULT 0
 );
 
--- The run of the server the listener last noted (revision 7: server_recovered_v1() in
+-- The run of the server the listener last noted (revision 7: server_run_v1() in
 -- schema.sql): another one, where writers commit asynchronously, owes a sweep.
-SELECT cdc_invalidator.add_column_v1('cdc_invalidator.slot_state_v1', 'server_recovered', 'text');
+SELECT cdc_invalidator.add_column_v1('cdc_invalidator.slot_state_v1', 'server_run', 'text');
 
 CREATE SEQUENCE IF NOT EXISTS cdc_invalidator.logical_dead_letter_v1;
 

@@ -25,8 +25,8 @@ ON CONFLICT (slot_name) DO NOTHING;
 -- The server's run, as trigger mode's install records it in listener_state_v1: a crash
 -- before the listener's first start is seen by it too. Never over a listener's.
 UPDATE cdc_invalidator.slot_state_v1
-SET server_recovered = cdc_invalidator.server_recovered_v1()
-WHERE slot_name = {slot} AND server_recovered IS NULL;
+SET server_run = cdc_invalidator.server_run_v1()
+WHERE slot_name = {slot} AND server_run IS NULL;
 -- A switch from trigger capture (leave_trigger.sql took the triggers off): what the queue
 -- still held, and what is written from this commit until the slot is made, is captured
 -- by neither mode. The listener sweeps every table first (record_slot.sql keeps the

@@ -1,6 +1,6 @@
 -- Trigger mode, at each connect: this server's lineage and run noted, and a sweep of every
 -- watched table queued if it is another server than the one the listener last ran on, or
 -- than the one its previous session saw, or came up from a crash since (where
--- %(sweep_recovered)s): note_server_v2() in schema.sql says why.
-SELECT previous, current, swept, recovered_before, recovered
-FROM cdc_invalidator.note_server_v2(%(sweep)s, %(seen)s, %(sweep_recovered)s)
+-- %(sweep_crashed)s): note_server_v2() in schema.sql says why.
+SELECT previous, current, swept, run_before, run
+FROM cdc_invalidator.note_server_v2(%(sweep)s, %(seen)s, %(sweep_crashed)s)

@@ -298,30 +298,48 @@ $lineage$;
 UPDATE cdc_invalidator.listener_state_v1
 SET server_lineage = cdc_invalidator.server_lineage_v1()
 WHERE server_lineage IS NULL;
--- The run of the server the listener last noted (revision 7: server_recovered_v1()
--- below, compared by note_server_v2()), recorded by install as the lineage is.
-SELECT cdc_invalidator.add_column_v1('cdc_invalidator.listener_state_v1', 'server_recovered', 'text');
--- server_recovered_v1(): when this server last came up from a crash, as an epoch's
--- text. A crash of PostgreSQL, or of any of its backends (the postmaster then ends every
--- session and recovers without restarting), loses the WAL not yet flushed: commits made
--- with synchronous_commit = off that readers already saw. Recovery from it discards
--- the cumulative statistics and resets the shared ones, every kind at one instant; a
--- clean restart keeps them. pg_stat_reset_shared() resets one kind at a time (its
--- reset of all of them too, PostgreSQL 17+, each kind at its own microsecond): the
--- bgwriter's and the archiver's reset at the same instant is a recovery, or the
--- server's first start. Also any start that was not from a clean shutdown: a base
--- backup restored in place. NULL otherwise (a kind reset by hand since: unknown until
--- the next crash) and where the server withholds them.
-CREATE OR REPLACE FUNCTION cdc_invalidator.server_recovered_v1() RETURNS text
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
-AS $recovered$
-    SELECT extract(epoch FROM b.stats_reset)::text
-    FROM pg_stat_bgwriter b, pg_stat_archiver a
-    WHERE b.stats_reset = a.stats_reset
-$recovered$;
+-- The run of the server the listener last noted (revision 7: server_run_v1() below,
+-- compared by note_server_v2()), recorded by install as the lineage is.
+SELECT cdc_invalidator.add_column_v1('cdc_invalidator.listener_state_v1', 'server_run', 'text');
+-- This server's run, kept while it does not crash (revision 7): an unlogged table, which
+-- crash recovery empties (of PostgreSQL, or of any one backend: the postmaster then
+-- ends every session and recovers without restarting), as it empties every unlogged
+-- table, and a clean shutdown keeps. Such a crash loses the WAL not yet flushed: the
+-- commits made with synchronous_commit = off that readers may already have seen and
+-- cached. (A base backup leaves unlogged tables out, and a standby does not replicate
+-- them: a backup restored, or a standby promoted, starts empty too; the lineage tells
+-- the latter.) Statistics are no such mark: pg_stat_reset_shared() resets them too.
+CREATE UNLOGGED TABLE IF NOT EXISTS cdc_invalidator.server_run_v1 (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    run       text NOT NULL  -- when it was first asked for: an epoch's text
+);
+-- server_run_v1(): this run's mark, made where there is none (an epoch's text, when it was
+-- first asked for since the server's first start or its last crash), as its owner (an
+-- insert into our table of nothing but the time: PUBLIC may call it). NULL on a standby,
+-- which may not read unlogged tables.
+CREATE OR REPLACE FUNCTION cdc_invalidator.server_run_v1() RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $run$
+DECLARE
+    mark text;
+BEGIN
+    IF pg_is_in_recovery() THEN
+        RETURN NULL;
+    END IF;
+    SELECT r.run INTO mark FROM cdc_invalidator.server_run_v1 r;
+    IF mark IS NULL THEN
+        -- (two sessions at once: the second waits for the first, and reads its mark)
+        INSERT INTO cdc_invalidator.server_run_v1 (run)
+        VALUES (extract(epoch FROM clock_timestamp())::text)
+        ON CONFLICT (singleton) DO NOTHING;
+        SELECT r.run INTO mark FROM cdc_invalidator.server_run_v1 r;
+    END IF;
+    RETURN mark;
+END
+$run$;
 UPDATE cdc_invalidator.listener_state_v1
-SET server_recovered = cdc_invalidator.server_recovered_v1()
-WHERE server_recovered IS NULL;
+SET server_run = cdc_invalidator.server_run_v1()
+WHERE server_run IS NULL;
 
 -- When the listener's progress got where: each save of listener_state_v1 also records
 -- its snapshot here, with the time of the save (save_progress.sql). Every transaction
@@ -422,8 +440,8 @@ LANGUAGE sql IMMUTABLE AS 'SELECT 1';
 -- was no such function: revision 1; revision 3: progress_v1, which the listener writes
 -- and replay reads; revision 4: queue_v1.pid, which the listener reads; revision 5:
 -- mapping_v1, which the listener asks; revision 6: note_server_v1(), which it calls;
--- revision 7: note_server_v2(), which replaces it, and listener_state_v1.server_recovered
--- and slot_state_v1.server_recovered, which the listener compares with the server's).
+-- revision 7: note_server_v2(), which replaces it, and listener_state_v1.server_run
+-- and slot_state_v1.server_run, which the listener compares with the server's).
 -- A constant, so PUBLIC may call it.
 CREATE OR REPLACE FUNCTION cdc_invalidator.schema_revision() RETURNS integer
 LANGUAGE sql IMMUTABLE AS 'SELECT 7';
@@ -981,7 +999,7 @@ END
 $once$;
 REVOKE ALL ON FUNCTION cdc_invalidator.queue_sweep_once_v1(text, text, text, regclass) FROM PUBLIC;
 
--- note_server_v2(sweep, seen, sweep_recovered): called by the trigger listener at each
+-- note_server_v2(sweep, seen, sweep_crashed): called by the trigger listener at each
 -- connect. Another server than the one it last ran on (server_lineage_v1(); install
 -- recorded the first) may lack transactions that readers of the old one saw and cached:
 -- after a failover with asynchronous replication, a point-in-time recovery, a dump
@@ -994,8 +1012,8 @@ REVOKE ALL ON FUNCTION cdc_invalidator.queue_sweep_once_v1(text, text, text, reg
 -- `sweep` (sweep_after_failover) is false and the server is a newer timeline of the same
 -- system (a promotion, a point-in-time recovery: what synchronous replication may make
 -- needless). On the same lineage, a server that came up from a crash since the run
--- recorded (server_recovered_v1(); NULL on either side: unknown, nothing compared) lost
--- the asynchronous commits not yet flushed: swept the same way if `sweep_recovered`
+-- recorded (server_run_v1(): another mark; none recorded, a first start: nothing
+-- compared) lost the asynchronous commits not yet flushed: swept the same way if `sweep_crashed`
 -- (the listener's sweep_after_crash, given where this database's writers commit
 -- asynchronously). The listener sweeps it as a TRUNCATE's, saves no position past it
 -- until that is done, and replay finds it in the history. Queued in the same
@@ -1008,9 +1026,9 @@ REVOKE ALL ON FUNCTION cdc_invalidator.queue_sweep_once_v1(text, text, text, reg
 -- lineage is compared (one shaped as a lineage, or none).
 DROP FUNCTION IF EXISTS cdc_invalidator.note_server_v1(boolean, text);
 CREATE OR REPLACE FUNCTION cdc_invalidator.note_server_v2(
-    sweep boolean, seen text, sweep_recovered boolean,
+    sweep boolean, seen text, sweep_crashed boolean,
     OUT previous text, OUT current text, OUT swept boolean,
-    OUT recovered_before text, OUT recovered text)
+    OUT run_before text, OUT run text)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $note$
 DECLARE
@@ -1018,9 +1036,9 @@ DECLARE
     why text;  -- the sweep's reason, if one is queued
 BEGIN
     current := cdc_invalidator.server_lineage_v1();
-    recovered := cdc_invalidator.server_recovered_v1();
+    run := cdc_invalidator.server_run_v1();
     swept := false;
-    SELECT s.server_lineage, s.server_recovered INTO recorded, recovered_before
+    SELECT s.server_lineage, s.server_run INTO recorded, run_before
     FROM cdc_invalidator.listener_state_v1 s FOR UPDATE;
     previous := recorded;
     IF seen !~ '^[0-9]+ timeline [0-9]+$' THEN
@@ -1045,13 +1063,14 @@ BEGIN
             why := format('another server: %s, after %s', current, previous);
         END IF;
         -- Another server's run is not compared with this one's: a promoted standby's
-        -- statistics are its own, and the lineage rule above decided.
-        recovered_before := recovered;
+        -- starts empty (unlogged tables are not replicated), and the lineage rule above
+        -- decided.
+        run_before := run;
     END IF;
-    IF why IS NULL AND sweep_recovered AND recovered <> recovered_before THEN
-        why := format('PostgreSQL came up from a crash (statistics reset at %s, after %s), '
+    IF why IS NULL AND sweep_crashed AND run <> run_before THEN
+        why := format('PostgreSQL crashed since its run noted at %s (this one noted at %s), '
                       'which loses commits made with synchronous_commit = off',
-                      to_timestamp(recovered::float8), to_timestamp(recovered_before::float8));
+                      to_timestamp(run_before::float8), to_timestamp(run::float8));
     END IF;
     IF why IS NOT NULL THEN
         -- (the name install recorded, else the table's own: a row of an older release)
@@ -1064,7 +1083,7 @@ BEGIN
     END IF;
     UPDATE cdc_invalidator.listener_state_v1
     SET server_lineage = coalesce(current, server_lineage),
-        server_recovered = coalesce(recovered, server_recovered);
+        server_run = coalesce(run, server_run);
 END
 $note$;
 REVOKE ALL ON FUNCTION cdc_invalidator.note_server_v2(boolean, text, boolean) FROM PUBLIC;

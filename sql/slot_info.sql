@@ -12,7 +12,7 @@ SELECT n.name AS slot_name,
        s.confirmed_flush_lsn::text AS confirmed_flush_lsn,
        st.acked_lsn::text AS acked_lsn,
        st.resync_reason,
-       st.server_recovered,
+       st.server_run,
        st.slot_name IS NOT NULL AS registered,
        coalesce(s.two_phase, false) AS two_phase
 FROM (SELECT %(slot)s::name AS name) n

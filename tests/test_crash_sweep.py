@@ -1,11 +1,12 @@
 """Both modes: a sweep after PostgreSQL came up from a crash, where this database's writers
-commit asynchronously (capture/lineage.py, server_recovered_v1() and note_server_v2() in
+commit asynchronously (capture/lineage.py, server_run_v1() and note_server_v2() in
 sql/schema.sql), against real servers.
 
 A commit made with synchronous_commit = off is visible before its WAL is flushed; a
 crash in between loses it after a reader may have cached its row, and neither capture
 mode ever sees it (its queue row goes with it; logical decoding reads flushed WAL only).
-The server's run (when it last came up from a crash) is recorded beside the lineage;
+The server's run (a mark in an unlogged table, which crash recovery empties) is
+recorded beside the lineage;
 the listener compares it at each connect, and sweeps every watched table once for
 another one: where the server's, the database's or a role's settings turn asynchronous
 commits on (sweep_after_crash = "auto", the default), always, or never. A clean restart
@@ -19,9 +20,12 @@ import os
 import signal
 
 import pytest
+from psycopg.conninfo import make_conninfo
 
+from tests.support.config import write_config
 from tests.support.env import Env, accepting, pg_of
 from tests.support.faults import (
+    TEMPLATES,
     acknowledged,
     cache,
     changed_and_deleted,
@@ -31,33 +35,34 @@ from tests.support.faults import (
     write,
 )
 from tests.support.listener import Spawn, stop_listener
+from tests.support.roles import login_role
 from tests.support.waits import wait_until
 
 pytestmark = [pytest.mark.servers, pytest.mark.usefixtures("capture")]
 
-RECOVERED = "SELECT cdc_invalidator.server_recovered_v1()"
+RUN = "SELECT cdc_invalidator.server_run_v1()"
 LONG_AGO = "1000"  # a run recorded before some crash: 1970-01-01T00:16:40
 
 
 def recorded(env: Env) -> str | None:
     """The run the listener (or install) last noted: per slot in logical mode."""
     table = "slot_state_v1" if env.logical else "listener_state_v1"
-    value = env.scalar(f"SELECT server_recovered FROM cdc_invalidator.{table}")
+    value = env.scalar(f"SELECT server_run FROM cdc_invalidator.{table}")
     assert value is None or isinstance(value, str)
     return value
 
 
 def record(env: Env, run: str) -> None:
     table = "slot_state_v1" if env.logical else "listener_state_v1"
-    env.sql(f"UPDATE cdc_invalidator.{table} SET server_recovered = '{run}'")
+    env.sql(f"UPDATE cdc_invalidator.{table} SET server_run = '{run}'")
 
 
 def test_install_records_the_run_and_a_listener_on_it_sweeps_nothing(
     env: Env, spawn: Spawn
 ) -> None:
     config = setup_users(env, rows=3)
-    run = env.scalar(RECOVERED)
-    assert run is not None, "the bgwriter's and archiver's statistics reset at one instant"
+    run = env.scalar(RUN)
+    assert run is not None
     assert recorded(env) == run
     r = env.redis()
     cache(r, [2, 3])
@@ -96,8 +101,8 @@ def test_a_run_recorded_before_a_crash(
         (missed,) = listener.logged("changes_may_have_been_missed")
         assert missed["level"] == "error"
         reason = missed["reason"]
-        assert "came up from a crash since the listener last noted it" in reason, reason
-        assert "after 1970-01-01T00:16:40+00:00" in reason, reason
+        assert "PostgreSQL crashed since the listener last noted it" in reason, reason
+        assert "the run it noted at 1970-01-01T00:16:40+00:00 is gone" in reason, reason
         if setting == "auto":
             assert "(the server's configuration (configuration file))" in reason, reason
         else:
@@ -109,8 +114,8 @@ def test_a_run_recorded_before_a_crash(
         assert not listener.logged("changes_may_have_been_missed")
         (said,) = listener.logged("postgres_recovered")
         assert said["level"] == "warning"
-        assert "came up from a crash" in said["reason"]
-    assert recorded(env) == env.scalar(RECOVERED)
+        assert "PostgreSQL crashed since" in said["reason"]
+    assert recorded(env) == env.scalar(RUN)
     stop_listener(listener)
     # Started again on the same run: nothing more. (A sweep in the last seconds before
     # a stop may be done again, as the predecessor's second deletes.)
@@ -124,6 +129,34 @@ def test_a_run_recorded_before_a_crash(
     stop_listener(again)
 
 
+def test_a_listener_whose_role_has_its_own_setting_takes_the_servers_as_off(
+    env: Env, spawn: Spawn
+) -> None:
+    """A setting of the listener's own role (synchronous_commit = local) hides the
+    server's (off: FAST_PG) from its sessions, not from other roles' writers (a review):
+    unknown, taken as off, and swept for."""
+    setup_users(env, rows=3)
+    record(env, LONG_AGO)
+    r = env.redis()
+    cache(r, [2, 3])
+    with login_role(env, "own_setting_", "REPLICATION" if env.logical else "") as role:
+        env.sql(f'ALTER ROLE "{role}" SET synchronous_commit = local')
+        env.sql("SELECT cdc_invalidator.grant_listener(%s, %s)", [role, env.capture])
+        mode: dict[str, object] = {"capture": env.capture} if env.logical else {}
+        config = write_config(
+            env.tmp_path / "as-role.toml",
+            database_url=make_conninfo(env.dsn, user=role),
+            redis_url=env.redis_url,
+            tables={"public.users": TEMPLATES},
+            **mode,
+        )
+        listener = spawn(config)
+        wait_until(lambda: r.exists(*keys_of(2), *keys_of(3)) == 0, what="every key swept")
+        (missed,) = listener.logged("changes_may_have_been_missed")
+        assert "which this session's own user setting hides: taken as off" in missed["reason"]
+        stop_listener(listener)
+
+
 def test_a_crash_sweeps_what_a_reader_cached_and_a_clean_restart_does_not(
     own_env: Env, spawn: Spawn
 ) -> None:
@@ -134,10 +167,13 @@ def test_a_crash_sweeps_what_a_reader_cached_and_a_clean_restart_does_not(
     env = own_env
     # (no second deletes: the only deletes of a key cached after a change are a sweep's)
     config = setup_users(env, rows=3, second_delete_ms=0)
-    before = env.scalar(RECOVERED)
+    before = env.scalar(RUN)
     r = env.redis()
     listener = spawn(config)
     changed_and_deleted(r, env.dsn, 3, "a change's keys deleted")
+    # Statistics reset by hand (one kind, every kind) are no crash.
+    env.sql("SELECT pg_stat_reset_shared('bgwriter'); SELECT pg_stat_reset_shared('archiver')")
+    assert env.scalar(RUN) == before
     walwriter = env.scalar("SELECT pid FROM pg_stat_activity WHERE backend_type = 'walwriter'")
     assert isinstance(walwriter, int)
     env.sql("CHECKPOINT")  # what came before is on disk
@@ -157,7 +193,7 @@ def test_a_crash_sweeps_what_a_reader_cached_and_a_clean_restart_does_not(
             os.kill(walwriter, signal.SIGCONT)
     wait_until(lambda: accepting(env), what="PostgreSQL recovered")
     assert env.scalar("SELECT email FROM users WHERE id = 2") == email(2), "the commit lost"
-    assert env.scalar(RECOVERED) not in (None, before), "a crash resets the statistics"
+    assert env.scalar(RUN) not in (None, before), "a crash empties unlogged tables"
     wait_until(
         lambda: r.exists("user:2", "user:email:lost@x") == 0,
         timeout_s=30,
@@ -166,20 +202,20 @@ def test_a_crash_sweeps_what_a_reader_cached_and_a_clean_restart_does_not(
     # (One sweep. In logical mode the crash may also lose the listener's last save, which
     # commits asynchronously, after it told the slot: the slot ahead of it owes the same.)
     (missed,) = listener.logged("changes_may_have_been_missed")
-    assert "came up from a crash" in missed["reason"] or (
+    assert "PostgreSQL crashed since" in missed["reason"] or (
         env.logical and "the last position this listener saved" in missed["reason"]
     ), missed
     changed_and_deleted(r, env.dsn, 1, "a change after the crash")
-    assert recorded(env) == env.scalar(RECOVERED)
+    assert recorded(env) == env.scalar(RUN)
     # Acknowledged past the sweep: a restart resumes from the position saved, and would
     # do the sweep again otherwise (harmlessly).
     written = write(env, "UPDATE users SET email = 'w1@x' WHERE id = 1", ids=range(1, 2))
     wait_until(lambda: acknowledged(env, written), what="the sweep acknowledged")
 
     pg = pg_of(env)
-    run = env.scalar(RECOVERED)
+    run = env.scalar(RUN)
     pg.restart()  # (fast: a clean shutdown)
-    assert env.scalar(RECOVERED) == run, "a clean restart keeps the statistics"
+    assert env.scalar(RUN) == run, "a clean restart keeps the run"
     cache(r, [2])
     r.set("user:3", "cached")
     env.sql("UPDATE users SET email = 'after@x' WHERE id = 3")

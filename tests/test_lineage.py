@@ -141,13 +141,13 @@ def test_what_note_server_sweeps_for(
     assert env.scalar(RECORDED) == here
 
 
-RUN = "SELECT server_recovered FROM cdc_invalidator.listener_state_v1"
+RUN = "SELECT server_run FROM cdc_invalidator.listener_state_v1"
 NOTE_RUN = "SELECT swept FROM cdc_invalidator.note_server_v2(%s, NULL, %s)"
 RESYNC = "SELECT new_row->>'resync' FROM cdc_invalidator.queue_v1 WHERE new_row::jsonb ? 'resync'"
 
 
 @pytest.mark.parametrize(
-    ("server", "run", "sweep_recovered", "swept"),
+    ("server", "run", "sweep_crashed", "swept"),
     [
         # Came up from a crash since, where writers commit asynchronously.
         (("here", True), "other", True, True),
@@ -163,27 +163,27 @@ RESYNC = "SELECT new_row->>'resync' FROM cdc_invalidator.queue_v1 WHERE new_row:
     ],
 )
 def test_what_note_server_sweeps_for_after_a_crash(
-    env: Env, server: tuple[str, bool], run: str | None, sweep_recovered: bool, swept: bool
+    env: Env, server: tuple[str, bool], run: str | None, sweep_crashed: bool, swept: bool
 ) -> None:
-    """note_server_v2(): the run recorded (server_recovered_v1()) against the server's,
+    """note_server_v2(): the run recorded (server_run_v1()) against the server's,
     on the same lineage; one sweep at most, and the run recorded either way."""
     lineage, sweep = server
     setup_users(env)
-    here, now = env.scalar(LINEAGE), env.scalar("SELECT cdc_invalidator.server_recovered_v1()")
+    here, now = env.scalar(LINEAGE), env.scalar("SELECT cdc_invalidator.server_run_v1()")
     assert now is not None
     system, _, timeline = here.split()
     recorded = {"here": here, "older": f"{system} timeline {int(timeline) - 1}"}[lineage]
     env.sql(
-        "UPDATE cdc_invalidator.listener_state_v1 SET server_lineage = %s, server_recovered = %s",
+        "UPDATE cdc_invalidator.listener_state_v1 SET server_lineage = %s, server_run = %s",
         [recorded, {"here": now, "other": "1000", None: None}[run]],
     )
-    assert env.scalar(NOTE_RUN, [sweep, sweep_recovered]) is swept
+    assert env.scalar(NOTE_RUN, [sweep, sweep_crashed]) is swept
     assert env.scalar(SWEEPS) == (1 if swept else 0)
     assert env.scalar(RUN) == now
     assert env.scalar(RECORDED) == here
     if swept and lineage == "here":
         reason = env.scalar(RESYNC)
-        assert "came up from a crash" in reason, reason
+        assert "PostgreSQL crashed since" in reason, reason
 
 
 def listener_as(env: Env, role: str, **settings: object) -> Path:

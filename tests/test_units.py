@@ -19,7 +19,7 @@ from prometheus_client import generate_latest
 from cdc_invalidator import cli
 from cdc_invalidator.backoff import Backoff
 from cdc_invalidator.capture.errors import Fatal, returned
-from cdc_invalidator.capture.lineage import AfterCrash, CrashSetting, gone_back, recovered_since
+from cdc_invalidator.capture.lineage import AfterCrash, CrashSetting, crashed_since, gone_back
 from cdc_invalidator.capture.logical import Complete
 from cdc_invalidator.capture.trigger_queue import (
     Chunk,
@@ -427,11 +427,11 @@ def test_after_crash_sweeps_where_writers_commit_asynchronously(
     assert ("sweep_after_crash" in said) is (setting != "auto")
 
 
-def test_recovered_since_compares_known_runs_only() -> None:
-    assert recovered_since("1000", "2000")
-    assert not recovered_since("1000", "1000")
-    assert not recovered_since(None, "1000")  # none recorded (an older release)
-    assert not recovered_since("1000", None)  # a kind reset by hand since: unknown
+def test_crashed_since_compares_known_runs_only() -> None:
+    assert crashed_since("1000", "2000")
+    assert not crashed_since("1000", "1000")
+    assert not crashed_since(None, "1000")  # none recorded (an older release)
+    assert not crashed_since("1000", None)  # a kind reset by hand since: unknown
 
 
 def test_gone_back_is_another_system_or_an_older_timeline() -> None:

@@ -22,11 +22,11 @@ primary still exists, does the same (server_of()).
 A crash with asynchronous commits loses readable transactions too, on the same timeline:
 a commit made with synchronous_commit = off is visible before its WAL is flushed, and
 neither capture mode ever sees one a crash took (its queue row goes with it; logical
-decoding reads flushed WAL only). The server's run (server_recovered_v1(): when it last
-came up from a crash, which resets its shared statistics) is recorded beside the lineage
-and compared at each connect; another one, where this database's writers commit
-asynchronously (sweep_after_crash: as `check` sees it, or always), is swept for as a
-failover is, in both modes. A clean restart keeps the run, and loses nothing.
+decoding reads flushed WAL only). The server's run (server_run_v1(): a mark in an
+unlogged table, which crash recovery empties and a clean restart keeps) is recorded
+beside the lineage and compared at each connect; another one, where this database's
+writers commit asynchronously (sweep_after_crash: as `check` sees it, or always), is
+swept for as a failover is, in both modes. A clean restart loses nothing.
 """
 
 from __future__ import annotations
@@ -87,25 +87,31 @@ def after_crash(conn: psycopg.Connection[Any], setting: CrashSetting) -> AfterCr
     return AfterCrash(setting, places)
 
 
-def came_up(recovered: str | None) -> str:
-    """A run (server_recovered_v1(), an epoch's text) as the time it names."""
-    if recovered is None:
+def noted_at(run: str | None) -> str:
+    """A run (server_run_v1(), an epoch's text) as the time it names."""
+    if run is None:
         return "unknown"
-    return datetime.fromtimestamp(float(recovered), UTC).isoformat(timespec="seconds")
+    return datetime.fromtimestamp(float(run), UTC).isoformat(timespec="seconds")
 
 
-def recovered_since(before: str | None, now: str | None) -> bool:
-    """Whether the server came up from a crash since the run `before` was recorded (None
-    on either side: unknown, no)."""
+def crashed_since(before: str | None, now: str | None) -> bool:
+    """Whether the server came up from a crash since the run `before` was recorded: its
+    mark is another (None before: none recorded, a first start; None now: a standby)."""
     return before is not None and now is not None and before != now
+
+
+def _crashed(before: str | None, now: str | None) -> str:
+    return (
+        f"PostgreSQL crashed since the listener last noted it (the run it noted at "
+        f"{noted_at(before)} is gone; this one was noted at {noted_at(now)})"
+    )
 
 
 def crash_missed(before: str | None, now: str | None, crash: AfterCrash) -> str:
     """Why a crash found since the run `before` was recorded is swept for."""
     return (
-        f"PostgreSQL came up from a crash since the listener last noted it (statistics "
-        f"reset at {came_up(now)}, after {came_up(before)}), and {crash.said()}: a crash "
-        "loses such commits after readers may have cached their rows"
+        f"{_crashed(before, now)}, and {crash.said()}: a crash loses such commits after "
+        "readers may have cached their rows"
     )
 
 
@@ -113,8 +119,7 @@ def say_not_swept(before: str | None, now: str | None, crash: AfterCrash) -> Non
     """Log a crash found since the run recorded, not swept for, and why."""
     log.warning(
         "postgres_recovered",
-        reason=f"PostgreSQL came up from a crash since the listener last noted it "
-        f"(statistics reset at {came_up(now)}, after {came_up(before)}), and {crash.said()}",
+        reason=f"{_crashed(before, now)}, and {crash.said()}",
         detail="nothing swept: with synchronous commits a crash loses nothing a reader saw "
         "(sweep_after_crash = always sweeps where sessions turn them off themselves)",
     )
@@ -127,24 +132,24 @@ def note_server(
     it is another than the last, or than `seen` (the one this listener's previous session
     saw), or came up from a crash since where `crash` sweeps for one; `sweep`:
     sweep_after_failover. Say what was found; return the lineage (None: unknown)."""
-    previous, current, swept, recovered_before, recovered = cast(
+    previous, current, swept, run_before, run = cast(
         "tuple[str | None, str | None, bool, str | None, str | None]",
         conn.execute(
             Q.NOTE_SERVER.sql,
-            {"sweep": sweep, "seen": seen, "sweep_recovered": crash.sweeps},
+            {"sweep": sweep, "seen": seen, "sweep_crashed": crash.sweeps},
         ).fetchone(),
     )
-    if recovered_since(recovered_before, recovered) and (
+    if crashed_since(run_before, run) and (
         previous is None or current is None or previous == current
     ):
         if swept:
             log.error(
                 "changes_may_have_been_missed",
-                reason=crash_missed(recovered_before, recovered, crash),
+                reason=crash_missed(run_before, run, crash),
                 action="sweeping every key template of every watched table (queued)",
             )
         else:
-            say_not_swept(recovered_before, recovered, crash)
+            say_not_swept(run_before, run, crash)
     if current is None:
         log.warning(
             "postgres_lineage_unknown",

@@ -51,8 +51,8 @@ from cdc_invalidator.capture.lineage import (
     CrashSetting,
     after_crash,
     crash_missed,
+    crashed_since,
     gone_back,
-    recovered_since,
     say_not_swept,
     server_of,
 )
@@ -315,25 +315,25 @@ class LogicalCapture:
         state: SlotState,
         seen: str | None,
         lineage: str | None,
-        recovered: str | None,
+        run: str | None,
     ) -> str | None:
         """Why this server, whose slot is the one the listener confirmed, may lack
         commits that readers cached (capture/lineage.py), or None: a primary gone back
         to after a standby was promoted and used (told by the lineage this listener's
         previous session saw, `seen`, while it runs), or one that came up from a crash
-        since the run recorded (`recovered`, now), where sweep_after_crash says so."""
+        since the run recorded (`run`, now), where sweep_after_crash says so."""
         if gone_back(seen, lineage):
             return (
                 f"the listener's previous session ran on another server ({seen}; now "
                 f"{lineage}): a primary gone back to after a standby was promoted lacks "
                 "the transactions written on that one"
             )
-        if not recovered_since(state.server_recovered, recovered):
+        if not crashed_since(state.server_run, run):
             return None
         crash = after_crash(side, self._config.sweep_after_crash)
         if crash.sweeps:
-            return crash_missed(state.server_recovered, recovered, crash)
-        say_not_swept(state.server_recovered, recovered, crash)
+            return crash_missed(state.server_run, run, crash)
+        say_not_swept(state.server_run, run, crash)
         return None
 
     def _prepare(self, side: psycopg.Connection[Any]) -> tuple[int, str | None]:
@@ -368,8 +368,8 @@ class LogicalCapture:
             side.execute(Q.DROP_SLOT.sql, {"slot": cfg.slot})
         owed = state.resync_reason
         missed = verdict.reason if kind.missed_changes else None
-        seen, (lineage, recovered) = self._lineage, server_of(side)
-        missed = missed or self._lost_here(side, state, seen, lineage, recovered)
+        seen, (lineage, run) = self._lineage, server_of(side)
+        missed = missed or self._lost_here(side, state, seen, lineage, run)
         if kind is SlotClass.MISSING_FIRST_USE:
             # `install` makes the slot as it commits; it is missing when install could
             # not (its role had no REPLICATION) or the script was applied by hand. The
@@ -388,8 +388,8 @@ class LogicalCapture:
             # Owed until done: a crash during the sweep sweeps again.
             side.execute(Q.SET_RESYNC.sql, {"slot": cfg.slot, "reason": missed, "lsn": None})
             owed = missed
-        if recovered is not None:  # (after the sweep it owes is recorded)
-            side.execute(Q.RECORD_RECOVERED.sql, {"slot": cfg.slot, "recovered": recovered})
+        if run is not None:  # (after the sweep it owes is recorded)
+            side.execute(Q.RECORD_RUN.sql, {"slot": cfg.slot, "run": run})
         self._lineage = lineage or seen
         if kind.create:
             return self._make_slot(side), owed

@@ -71,7 +71,7 @@ class SlotState:
     # Made with two_phase: pgoutput then sends a prepared transaction's changes at
     # PREPARE, before it commits, and only a COMMIT PREPARED message when it does.
     two_phase: bool = False
-    server_recovered: str | None = None  # the server's run the listener last noted (lineage.py)
+    server_run: str | None = None  # the server's run the listener last noted (lineage.py)
 
     @classmethod
     def read(cls, conn: psycopg.Connection[Any], slot: str) -> SlotState:

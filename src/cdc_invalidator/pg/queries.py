@@ -77,7 +77,7 @@ class Q(enum.Enum):
     CREATE_SLOT = "create_slot.sql"
     SLOT_BLOCKERS = "slot_blockers.sql"  # what making a slot will wait for
     RECORD_SLOT = "record_slot.sql"
-    RECORD_RECOVERED = "record_recovered.sql"  # logical mode: the server's run, per slot
+    RECORD_RUN = "record_run.sql"  # logical mode: the server's run, per slot
     DROP_SLOT = "drop_slot.sql"
     OUR_SLOT = "our_slot.sql"
     LEFTOVER_SLOTS = "leftover_slots.sql"  # ours, left when slot_name changed

@@ -1,4 +1,0 @@
--- Logical mode, at each connect: the server's run (server_recovered_v1() in schema.sql)
--- recorded for the slot, once a sweep it owes is recorded (set_resync.sql).
-UPDATE cdc_invalidator.slot_state_v1 SET server_recovered = %(recovered)s
-WHERE slot_name = %(slot)s AND server_recovered IS DISTINCT FROM %(recovered)s
