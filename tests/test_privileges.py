@@ -274,12 +274,24 @@ def test_listener_as_least_privilege_role_invalidates_and_keeps_its_books(
     stop(listener)
 
 
-# What revision 2 (before progress_v1) left installed, as the current install less it.
-REVISION_2 = """
+# What revision 2 (before progress_v1) and revision 6 (before note_server_v2() and the
+# server's run) left installed, as the current install less what came after them.
+REVISION_6 = """
+    DROP FUNCTION cdc_invalidator.note_server_v2(boolean, text, boolean);
+    DROP FUNCTION cdc_invalidator.server_run_v1();
+    DROP TABLE cdc_invalidator.server_run_v1;
+    ALTER TABLE cdc_invalidator.listener_state_v1 DROP COLUMN server_run;
+    CREATE OR REPLACE FUNCTION cdc_invalidator.schema_revision() RETURNS integer
+    LANGUAGE sql IMMUTABLE AS 'SELECT 6';
+"""
+REVISION_2 = (
+    REVISION_6
+    + """
     DROP TABLE cdc_invalidator.progress_v1;
     CREATE OR REPLACE FUNCTION cdc_invalidator.schema_revision() RETURNS integer
     LANGUAGE sql IMMUTABLE AS 'SELECT 2';
 """
+)
 
 
 # Functions a role that may create in public (the database's owner on PostgreSQL 15,
@@ -331,17 +343,18 @@ def test_functions_another_role_put_in_public_never_run_in_our_sessions(
 
 
 @pytest.mark.parametrize("capture", ["trigger"])  # progress_v1 is trigger mode's
-def test_an_upgrade_from_revision_2_keeps_the_listeners_grants_and_its_backlog(
-    env: Env, spawn: Spawn, listener_role: str, writer_role: str
+@pytest.mark.parametrize("older", [REVISION_2, REVISION_6], ids=["revision 2", "revision 6"])
+def test_an_upgrade_keeps_the_listeners_grants_and_its_backlog(
+    env: Env, spawn: Spawn, listener_role: str, writer_role: str, older: str
 ) -> None:
     """docs/DBA.md's upgrade order, with a backlog queued and the listener's role granted
-    by the older release: `install` adds progress_v1 and gives it to that role, whose
-    listener then drains the backlog and saves its progress there (no grant_listener
-    call in between)."""
+    by the older release: `install` adds progress_v1 (revision 3) and note_server_v2()
+    (revision 7) and gives them to that role, whose listener then drains the backlog and
+    saves its progress there (no grant_listener call in between)."""
     tables(env, writer_role)
     dba = install(env)
     grant(env, listener_role)
-    env.sql(REVISION_2)
+    env.sql(older)
     r = env.redis()
     r.mset({"user:1": "-", "user:email:a@x": "1"})
     with psycopg.connect(as_role(env, writer_role), autocommit=True) as writer:
