@@ -22,7 +22,7 @@
 -- missing one, values cached for good).
 SELECT CASE WHEN p.source IN ('user', 'database user', 'client')
             THEN 'the server''s configuration, which this session''s own ' || p.source
-                 || ' setting hides: taken as off'
+                 || ' setting hides (unknown, so counted as off)'
             ELSE 'the server''s configuration (' || p.source || ')'  -- (configuration file, ...)
        END
 FROM pg_settings p

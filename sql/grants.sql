@@ -120,8 +120,8 @@ REVOKE ALL ON FUNCTION cdc_invalidator.grant_listener(regrole, text) FROM PUBLIC
 -- it to the roles already granted trigger mode (UPDATE on listener_state_v1:
 -- grant_listener's trigger set), as grant_listener would, so that the upgrade order of
 -- docs/DBA.md (stop, install, start) needs no call in between; and server_run_v1()
--- (revision 7), which the logical listener calls, to the roles granted logical mode
--- (UPDATE on slot_state_v1), where PUBLIC's EXECUTE was revoked. Nothing else changes.
+-- (revision 7, not executable by PUBLIC), which the logical listener calls, to the roles
+-- granted logical mode (UPDATE on slot_state_v1). Nothing else changes.
 DO $carry_grants$
 DECLARE
     listener regrole;

@@ -314,11 +314,14 @@ CREATE UNLOGGED TABLE IF NOT EXISTS cdc_invalidator.server_run_v1 (
     run       text NOT NULL  -- when it was first asked for: an epoch's text
 );
 -- server_run_v1(): this run's mark, made where there is none (an epoch's text, when it was
--- first asked for since the server's first start or its last crash), as its owner (an
--- insert into our table of nothing but the time: PUBLIC may call it). NULL on a standby,
--- which may not read unlogged tables.
+-- first asked for since the server's first start or its last crash), as its owner. NULL
+-- on a standby, which may not read unlogged tables. Not executable by PUBLIC (granted
+-- to listener roles by grant_listener): a caller that held its transaction open after
+-- making the mark would hold every other caller's insert, the listener's connect with
+-- it; lock_timeout bounds that wait (the listener retries).
 CREATE OR REPLACE FUNCTION cdc_invalidator.server_run_v1() RETURNS text
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET lock_timeout = '10s'
 AS $run$
 DECLARE
     mark text;
@@ -337,6 +340,7 @@ BEGIN
     RETURN mark;
 END
 $run$;
+REVOKE ALL ON FUNCTION cdc_invalidator.server_run_v1() FROM PUBLIC;
 UPDATE cdc_invalidator.listener_state_v1
 SET server_run = cdc_invalidator.server_run_v1()
 WHERE server_run IS NULL;
@@ -1013,9 +1017,9 @@ REVOKE ALL ON FUNCTION cdc_invalidator.queue_sweep_once_v1(text, text, text, reg
 -- system (a promotion, a point-in-time recovery: what synchronous replication may make
 -- needless). On the same lineage, a server that came up from a crash since the run
 -- recorded (server_run_v1(): another mark; none recorded, a first start: nothing
--- compared) lost the asynchronous commits not yet flushed: swept the same way if `sweep_crashed`
--- (the listener's sweep_after_crash, given where this database's writers commit
--- asynchronously). The listener sweeps it as a TRUNCATE's, saves no position past it
+-- compared) lost the asynchronous commits not yet flushed: swept the same way if
+-- `sweep_crashed` (the listener's sweep_after_crash, given where this database's
+-- writers commit asynchronously). The listener sweeps it as a TRUNCATE's, saves no position past it
 -- until that is done, and replay finds it in the history. Queued in the same
 -- transaction as the new lineage and run are recorded: nothing in between to lose.
 -- Returns the lineage compared with (`seen` where it tells, else the one recorded), this

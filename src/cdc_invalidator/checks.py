@@ -422,8 +422,9 @@ def check_async_commits(
     else:
         report.warnings.append(
             f"{said}: the listener sweeps every watched table after PostgreSQL comes up "
-            "from a crash (sweep_after_crash), a cold cache; leave synchronous_commit on "
-            "for the writers of watched tables to keep it warm"
+            "from a crash (sweep_after_crash), a cold cache; to keep it warm, leave "
+            "synchronous_commit on for the writers of watched tables"
+            + ("" if setting == "auto" else ' and set sweep_after_crash = "auto"')
         )
 
 

@@ -245,11 +245,11 @@ class Settings(BaseSettings):
     # Both modes: on a server that came up from a crash since the listener last noted it
     # (a crash of PostgreSQL or of any backend), sweep every watched table once: a commit
     # made with synchronous_commit = off is visible before it is durable, and a crash
-    # loses it after readers may have cached its row (capture/lineage.py). "auto": where
-    # the server's, the database's or a role's settings have this database's writers
-    # commit so (what `check` warns of); "always": also for sessions that SET it
-    # themselves, which no other session can see; "never".
-    sweep_after_crash: Literal["auto", "always", "never"] = "auto"
+    # loses it after readers may have cached its row (capture/lineage.py). "always":
+    # after every crash (no session sees another's own SET); "auto": only where the
+    # server's, the database's or a role's settings have this database's writers commit
+    # so, as seen at the reconnect (what `check` warns of); "never".
+    sweep_after_crash: Literal["auto", "always", "never"] = "always"
     # Logical mode: the replication slot and the publication `install` creates.
     slot_name: Annotated[str, Field(pattern=_SLOT_NAME)] = "cdc_invalidator"
     publication_name: Annotated[str, Field(pattern=_SLOT_NAME)] = "cdc_invalidator"

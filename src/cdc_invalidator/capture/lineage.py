@@ -24,9 +24,10 @@ a commit made with synchronous_commit = off is visible before its WAL is flushed
 neither capture mode ever sees one a crash took (its queue row goes with it; logical
 decoding reads flushed WAL only). The server's run (server_run_v1(): a mark in an
 unlogged table, which crash recovery empties and a clean restart keeps) is recorded
-beside the lineage and compared at each connect; another one, where this database's
-writers commit asynchronously (sweep_after_crash: as `check` sees it, or always), is
-swept for as a failover is, in both modes. A clean restart loses nothing.
+beside the lineage and compared at each connect; another one is swept for as a
+failover is, in both modes (sweep_after_crash: always by default, since no session sees
+another's own SET; or only where settings have this database's writers commit
+asynchronously, as `check` sees them). A clean restart loses nothing.
 """
 
 from __future__ import annotations
@@ -49,9 +50,9 @@ CrashSetting = Literal["auto", "always", "never"]
 @dataclass(frozen=True, slots=True)
 class AfterCrash:
     """Whether a server that came up from a crash is swept for (sweep_after_crash), and
-    why: "auto" where this database's writers commit asynchronously (`places`, as the
-    SQL that set it), "always" (sessions that turn it off themselves, which no other
-    session sees), "never"."""
+    why: "always" (sessions may turn asynchronous commits on themselves, which no other
+    session sees), "auto" where this database's writers commit asynchronously
+    (`places`, as the SQL that set it), "never"."""
 
     setting: CrashSetting
     places: tuple[str, ...] = ()

@@ -243,7 +243,7 @@ class LogicalConfig:
     mapping: MappingStamp | None = None
     # A sweep of every watched table when the server came up from a crash since the run
     # recorded for the slot (capture/lineage.py).
-    sweep_after_crash: CrashSetting = "auto"
+    sweep_after_crash: CrashSetting = "always"
 
 
 class LogicalCapture:

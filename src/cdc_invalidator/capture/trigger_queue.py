@@ -472,7 +472,7 @@ class TriggerCapture:
         mapping: MappingStamp | None = None,
         payloads: bool = False,
         sweep_after_failover: bool = True,
-        sweep_after_crash: CrashSetting = "auto",
+        sweep_after_crash: CrashSetting = "always",
     ) -> None:
         self._pg = pg
         # A sweep of every watched table queued on another server than the last (a
