@@ -524,9 +524,10 @@ def test_redis_refusing_writes_is_unavailable_until_a_batch_goes_through(world: 
     )
     r = make_runner(world, source, sink, watch=FakeWatch(world))
     r.run()
-    # What each attempt saw: Redis had answered INFO before each.
+    # What each attempt saw: Redis had answered INFO before each (forced: after an
+    # outage), then the periodic look after the batch that went through.
     assert seen == [True, False, False]
-    assert [e[1] for e in world.entries("check")] == [True, True, True]
+    assert [e[1] for e in world.entries("check")] == [True, True, True, False]
     assert r.redis.available
     # One outage, one way back, however many tries.
     assert sample(r, "reconnects_total", "redis") == 1
@@ -542,9 +543,20 @@ def test_redis_that_answers_again_is_available_before_the_next_batch(world: Worl
     r = make_runner(world, source, sink, watch=FakeWatch(world, failures=[gone, gone]))
     r.run()
     assert seen == [True]
-    assert [e[1] for e in world.entries("check")] == [True, True, True]
+    assert [e[1] for e in world.entries("check")] == [True, True, True, False]
     assert sample(r, "reconnects_total", "redis") == 1
     assert sample(r, "errors_total", "redis") == 2
+
+
+def test_the_periodic_look_at_redis_comes_after_a_batchs_deletes(world: World) -> None:
+    """Asked before the first batch (forced), then after each batch's deletes, never
+    between a change's read and its delete: the INFO round trip is off that path."""
+    source = FakeSource(world, [Arrives([1]), Arrives([2])])
+    make_runner(world, source, FakeSink(world), watch=FakeWatch(world)).run()
+    seen = [e[0] for e in world.log if e[0] in ("check", "batch", "delete", "wait")]
+    # (the wait is where a change wakes the listener: no look between it and the delete)
+    assert seen[:8] == ["check", "batch", "delete", "check", "wait", "batch", "delete", "check"]
+    assert [e[1] for e in world.entries("check")][:3] == [True, False, False]
 
 
 def test_a_replay_settles_the_sources_history_first(world: World) -> None:

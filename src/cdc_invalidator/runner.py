@@ -488,17 +488,8 @@ class Runner:
             started = self.turned_at = time.monotonic()
             deleting = False
             try:
-                if self._watch is not None:
-                    if replayed := self._watch.check(
-                        force=redis_back,
-                        settle=source.settle,
-                        sweep_later=self._sweeper.again,
-                        before_rendering=self._refuse_changed_file,
-                    ):
-                        self.metrics.replays.inc()
-                        self.metrics.replayed_keys.inc(replayed.existed)
-                    if not writes_refused:
-                        self.redis.up()  # it answered (or did, less than a check ago)
+                if redis_back:  # (before anything is deleted: who is it now?)
+                    self._look_at_redis(source, force=True, refused=writes_refused)
                 redis_back = False
                 deleting = True
                 # While a backlog drains, second deletes wait up to second_delete_s past
@@ -512,6 +503,12 @@ class Runner:
                     self._confirm_owed()  # (second deletes' replies must be theirs alone)
                 self._later.run(until=until)
                 taken = self._process_batch(source)
+                # The periodic look at Redis's identity (redis_check_interval_ms) comes
+                # after a batch's deletes, not before them: a round trip (an INFO) that
+                # the change that woke the listener would wait for (4 of the 15 slowest
+                # of 921 changes waited for it, 0.5-1.0 ms each: docs/benchmarks.md).
+                deleting = False
+                self._look_at_redis(source, force=False, refused=writes_refused and not taken)
             except REDIS_UNAVAILABLE as exc:
                 self.redis.down(exc)
                 redis_back = True
@@ -539,6 +536,23 @@ class Runner:
             if time.monotonic() >= next_progress:
                 next_progress = time.monotonic() + PROGRESS_EVERY_S
                 log.info("progress", **self._counters())
+
+    def _look_at_redis(self, source: Source, *, force: bool, refused: bool) -> None:
+        """Ask Redis who it is, when a check is due or `force`d (RedisWatch.check), and
+        replay if it is another; Redis is available once it answers, unless it `refused`
+        the last deletes (READONLY, ...), which only a batch that goes through undoes."""
+        if self._watch is None:
+            return
+        if replayed := self._watch.check(
+            force=force,
+            settle=source.settle,
+            sweep_later=self._sweeper.again,
+            before_rendering=self._refuse_changed_file,
+        ):
+            self.metrics.replays.inc()
+            self.metrics.replayed_keys.inc(replayed.existed)
+        if not refused:
+            self.redis.up()  # it answered (or did, less than a check ago)
 
     def _process_batch(self, source: Source) -> int:
         try:
