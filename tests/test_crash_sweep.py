@@ -57,13 +57,19 @@ def record(env: Env, run: str) -> None:
     env.sql(f"UPDATE cdc_invalidator.{table} SET server_run = '{run}'")
 
 
-def test_install_records_the_run_and_a_listener_on_it_sweeps_nothing(
+def test_install_records_the_lineage_and_the_run_and_a_listener_on_them_sweeps_nothing(
     env: Env, spawn: Spawn
 ) -> None:
+    """(The lineage is recorded in trigger mode: logical mode's slot tells a new server.)"""
     config = setup_users(env, rows=3)
     run = env.scalar(RUN)
     assert run is not None
     assert recorded(env) == run
+    if not env.logical:
+        here = env.scalar("SELECT cdc_invalidator.server_lineage_v1()")
+        assert " timeline " in here
+        lineage = "SELECT server_lineage FROM cdc_invalidator.listener_state_v1"
+        assert env.scalar(lineage) == here
     r = env.redis()
     cache(r, [2, 3])
     listener = spawn(config)
@@ -71,6 +77,9 @@ def test_install_records_the_run_and_a_listener_on_it_sweeps_nothing(
     assert r.exists(*keys_of(2), *keys_of(3)) == 4, "nothing swept"
     assert not listener.logged("changes_may_have_been_missed")
     assert not listener.logged("postgres_recovered")
+    if not env.logical:
+        resyncs = "SELECT count(*) FROM cdc_invalidator.queue_v1 WHERE new_row::jsonb ? 'resync'"
+        assert env.scalar(resyncs) == 0
     stop_listener(listener)
 
 

@@ -34,23 +34,6 @@ def another_lineage(env: Env) -> None:
     env.sql(f"UPDATE cdc_invalidator.listener_state_v1 SET server_lineage = '{OTHER}'")
 
 
-def test_install_records_the_lineage_and_a_listener_on_it_sweeps_nothing(
-    env: Env, spawn: Spawn
-) -> None:
-    config = setup_users(env, rows=3)
-    here = env.scalar(LINEAGE)
-    assert " timeline " in here
-    assert env.scalar(RECORDED) == here
-    r = env.redis()
-    cache(r, [1, 2, 3])
-    listener = spawn(config)
-    changed_and_deleted(r, env.dsn, 1, "a change's keys deleted")
-    assert r.exists(*keys_of(2), *keys_of(3)) == 4, "nothing swept"
-    assert not listener.logged("changes_may_have_been_missed")
-    assert env.scalar(SWEEPS) == 0
-    stop_listener(listener)
-
-
 def test_a_listener_on_another_lineage_sweeps_every_table_once(env: Env, spawn: Spawn) -> None:
     """Once, and in the history: a replay since before it sweeps again."""
     config = setup_users(env, rows=3, replay_history="1h")

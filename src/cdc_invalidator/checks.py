@@ -13,7 +13,7 @@ import psycopg
 
 from cdc_invalidator.capture import logical_sql
 from cdc_invalidator.capture.errors import Fatal, returned
-from cdc_invalidator.capture.lineage import CrashSetting, another_system
+from cdc_invalidator.capture.lineage import CrashSetting, another_system, async_commit_places
 from cdc_invalidator.capture.pgoutput import NATIVE_WALKS
 from cdc_invalidator.capture.slot import SlotClass, SlotState
 from cdc_invalidator.capture.trigger_sql import (
@@ -405,7 +405,7 @@ def check_async_commits(
     """Both modes: where writers commit asynchronously, a crash loses commits that readers
     may have cached, which no capture sees: the listener sweeps every watched table after
     one (sweep_after_crash), which costs a cold cache, unless told never to."""
-    places = [place for (place,) in conn.execute(Q.CHECK_ASYNC_COMMITS.sql).fetchall()]
+    places = async_commit_places(conn)
     if not places:
         return
     said = (

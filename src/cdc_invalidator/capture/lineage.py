@@ -75,17 +75,21 @@ class AfterCrash:
         return f"sweep_after_crash = {self.setting}; {where}"
 
 
-def after_crash(conn: psycopg.Connection[Any], setting: CrashSetting) -> AfterCrash:
-    """sweep_after_crash, with where this database's writers commit asynchronously as
-    `check` sees it (sql/check_async_commits.sql), read with this session's own setting
-    put back to the one it started with (the listener's sessions turn it off for their
-    own bookkeeping, which would hide the server's)."""
-    if setting == "never":
-        return AfterCrash(setting)
+def async_commit_places(conn: psycopg.Connection[Any]) -> tuple[str, ...]:
+    """Where this database's writers commit asynchronously, as the SQL that set it
+    (sql/check_async_commits.sql): for `check` and the listener alike, read with this
+    session's own setting put back to the one it started with (the listener's sessions
+    turn it off for their own bookkeeping, which would hide the server's)."""
     with conn.transaction():
         conn.execute("SET LOCAL synchronous_commit TO DEFAULT")
-        places = tuple(place for (place,) in conn.execute(Q.CHECK_ASYNC_COMMITS.sql).fetchall())
-    return AfterCrash(setting, places)
+        return tuple(place for (place,) in conn.execute(Q.CHECK_ASYNC_COMMITS.sql).fetchall())
+
+
+def after_crash(conn: psycopg.Connection[Any], setting: CrashSetting) -> AfterCrash:
+    """sweep_after_crash, with where this database's writers commit asynchronously."""
+    if setting == "never":
+        return AfterCrash(setting)
+    return AfterCrash(setting, async_commit_places(conn))
 
 
 def noted_at(run: str | None) -> str:
