@@ -90,11 +90,11 @@ BEGIN
     EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.server_run_v1() TO %s', listener);
     IF capture = 'trigger' THEN
         -- The server's lineage and run noted at each connect, a sweep queued on another
-        -- one (note_server_v2(), SECURITY DEFINER: the only write to the queue it may make).
-        EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.note_server_v2(boolean, text, boolean) TO %s',
+        -- one (note_server_v3(), SECURITY DEFINER: the only write to the queue it may make).
+        EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.note_server_v3(boolean, text, boolean) TO %s',
                        listener);
     ELSE
-        EXECUTE format('REVOKE EXECUTE ON FUNCTION cdc_invalidator.note_server_v2(boolean, text, boolean) FROM %s',
+        EXECUTE format('REVOKE EXECUTE ON FUNCTION cdc_invalidator.note_server_v3(boolean, text, boolean) FROM %s',
                        listener);
     END IF;
 
@@ -116,8 +116,9 @@ $grant$;
 REVOKE ALL ON FUNCTION cdc_invalidator.grant_listener(regrole, text) FROM PUBLIC;
 
 -- An install that adds a table the trigger listener writes (progress_v1, revision 3), or
--- a function it calls (note_server_v1(), revision 6; note_server_v2(), revision 7), gives
--- it to the roles already granted trigger mode (UPDATE on listener_state_v1:
+-- a function it calls (note_server_v1(), revision 6; note_server_v2(), revision 7;
+-- note_server_v3(), revision 8), gives it to the roles already granted trigger mode
+-- (UPDATE on listener_state_v1:
 -- grant_listener's trigger set), as grant_listener would, so that the upgrade order of
 -- docs/DBA.md (stop, install, start) needs no call in between; and server_run_v1()
 -- (revision 7, not executable by PUBLIC), which the logical listener calls, to the roles
@@ -134,7 +135,7 @@ BEGIN
     LOOP
         EXECUTE format('GRANT SELECT, INSERT, DELETE ON TABLE cdc_invalidator.progress_v1 TO %s',
                        listener);
-        EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.note_server_v2(boolean, text, boolean) TO %s',
+        EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.note_server_v3(boolean, text, boolean) TO %s',
                        listener);
     END LOOP;
     FOR listener IN

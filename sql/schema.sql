@@ -270,7 +270,7 @@ CREATE TABLE IF NOT EXISTS cdc_invalidator.listener_state_v1 (
 INSERT INTO cdc_invalidator.listener_state_v1 (singleton) VALUES (true)
 ON CONFLICT (singleton) DO NOTHING;
 -- The server the listener last ran on, or install before its first start (revision 6:
--- server_lineage_v1() and note_server_v1(), now note_server_v2(), below).
+-- server_lineage_v1() and note_server_v1(), now note_server_v3(), below).
 SELECT cdc_invalidator.add_column_v1('cdc_invalidator.listener_state_v1', 'server_lineage', 'text');
 -- server_lineage_v1(): this server's system identifier and the timeline it writes WAL
 -- on. A standby promoted (a failover, a switchover) writes on a new timeline, and so
@@ -299,7 +299,7 @@ UPDATE cdc_invalidator.listener_state_v1
 SET server_lineage = cdc_invalidator.server_lineage_v1()
 WHERE server_lineage IS NULL;
 -- The run of the server the listener last noted (revision 7: server_run_v1() below,
--- compared by note_server_v2()), recorded by install as the lineage is.
+-- compared by note_server_v3()), recorded by install as the lineage is.
 SELECT cdc_invalidator.add_column_v1('cdc_invalidator.listener_state_v1', 'server_run', 'text');
 -- This server's run, kept while it does not crash (revision 7): an unlogged table, which
 -- crash recovery empties (of PostgreSQL, or of any one backend: the postmaster then
@@ -344,6 +344,18 @@ REVOKE ALL ON FUNCTION cdc_invalidator.server_run_v1() FROM PUBLIC;
 UPDATE cdc_invalidator.listener_state_v1
 SET server_run = cdc_invalidator.server_run_v1()
 WHERE server_run IS NULL;
+-- The table this row was recorded in (revision 8): listener_state_v1's oid, when install
+-- or the listener last wrote it. A dump restored (into another database of this cluster,
+-- over this one, or into another cluster) makes the table anew, with another oid, and
+-- copies the row into it: the database went back to the dump's time, and the keys of
+-- what it lost stay cached (note_server_v3() compares). A copy of the data directory
+-- (a standby, a base backup, pg_upgrade) keeps the oid. Recorded by install where none
+-- is (a first install, an upgrade), never over one: install run on a restored database
+-- before the listener must leave that for the listener to see.
+SELECT cdc_invalidator.add_column_v1('cdc_invalidator.listener_state_v1', 'recorded_in', 'oid');
+UPDATE cdc_invalidator.listener_state_v1
+SET recorded_in = 'cdc_invalidator.listener_state_v1'::regclass
+WHERE recorded_in IS NULL;
 
 -- When the listener's progress got where: each save of listener_state_v1 also records
 -- its snapshot here, with the time of the save (save_progress.sql). Every transaction
@@ -445,10 +457,11 @@ LANGUAGE sql IMMUTABLE AS 'SELECT 1';
 -- and replay reads; revision 4: queue_v1.pid, which the listener reads; revision 5:
 -- mapping_v1, which the listener asks; revision 6: note_server_v1(), which it calls;
 -- revision 7: note_server_v2(), which replaces it, and listener_state_v1.server_run
--- and slot_state_v1.server_run, which the listener compares with the server's).
+-- and slot_state_v1.server_run, which the listener compares with the server's;
+-- revision 8: note_server_v3(), which replaces that, and listener_state_v1.recorded_in).
 -- A constant, so PUBLIC may call it.
 CREATE OR REPLACE FUNCTION cdc_invalidator.schema_revision() RETURNS integer
-LANGUAGE sql IMMUTABLE AS 'SELECT 7';
+LANGUAGE sql IMMUTABLE AS 'SELECT 8';
 
 -- The mappings installed, in order (revision 5): an install whose configuration's
 -- tables mean something else than the last one's adds a row (record_mapping.sql). A
@@ -1003,7 +1016,7 @@ END
 $once$;
 REVOKE ALL ON FUNCTION cdc_invalidator.queue_sweep_once_v1(text, text, text, regclass) FROM PUBLIC;
 
--- note_server_v2(sweep, seen, sweep_crashed): called by the trigger listener at each
+-- note_server_v3(sweep, seen, sweep_crashed): called by the trigger listener at each
 -- connect. Another server than the one it last ran on (server_lineage_v1(); install
 -- recorded the first) may lack transactions that readers of the old one saw and cached:
 -- after a failover with asynchronous replication, a point-in-time recovery, a dump
@@ -1015,24 +1028,29 @@ REVOKE ALL ON FUNCTION cdc_invalidator.queue_sweep_once_v1(text, text, text, reg
 -- watched table is queued, {"resync": ...} under the name its events carry, unless
 -- `sweep` (sweep_after_failover) is false and the server is a newer timeline of the same
 -- system (a promotion, a point-in-time recovery: what synchronous replication may make
--- needless). On the same lineage, a server that came up from a crash since the run
+-- needless). A database restored from a dump on the same lineage (into another database
+-- of this cluster, or over this one: listener_state_v1.recorded_in is not this table)
+-- went back to the dump's time: swept whatever the settings, as no replication keeps
+-- what it lacks. On the same lineage, a server that came up from a crash since the run
 -- recorded (server_run_v1(): another mark; none recorded, a first start: nothing
 -- compared) lost the asynchronous commits not yet flushed: swept the same way if
 -- `sweep_crashed` (the listener's sweep_after_crash, given where this database's
 -- writers commit asynchronously). The listener sweeps it as a TRUNCATE's, saves no position past it
 -- until that is done, and replay finds it in the history. Queued in the same
--- transaction as the new lineage and run are recorded: nothing in between to lose.
+-- transaction as the new lineage, run and table are recorded: nothing in between to lose.
 -- Returns the lineage compared with (`seen` where it tells, else the one recorded), this
 -- one (NULL: unknown), whether a sweep was queued, the run compared with (this one where
--- another lineage was recorded: not compared) and this one.
+-- another lineage was recorded: not compared) and this one, and whether the row was
+-- recorded in another listener_state_v1 (a restore).
 -- SECURITY DEFINER: the listener's role may not write the queue (it is granted this
 -- function by grant_listener); the caller chooses no more than the two sweeps and which
 -- lineage is compared (one shaped as a lineage, or none).
 DROP FUNCTION IF EXISTS cdc_invalidator.note_server_v1(boolean, text);
-CREATE OR REPLACE FUNCTION cdc_invalidator.note_server_v2(
+DROP FUNCTION IF EXISTS cdc_invalidator.note_server_v2(boolean, text, boolean);
+CREATE OR REPLACE FUNCTION cdc_invalidator.note_server_v3(
     sweep boolean, seen text, sweep_crashed boolean,
     OUT previous text, OUT current text, OUT swept boolean,
-    OUT run_before text, OUT run text)
+    OUT run_before text, OUT run text, OUT restored boolean)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $note$
 DECLARE
@@ -1042,8 +1060,11 @@ BEGIN
     current := cdc_invalidator.server_lineage_v1();
     run := cdc_invalidator.server_run_v1();
     swept := false;
-    SELECT s.server_lineage, s.server_run INTO recorded, run_before
+    SELECT s.server_lineage, s.server_run,
+           s.recorded_in <> 'cdc_invalidator.listener_state_v1'::regclass
+    INTO recorded, run_before, restored
     FROM cdc_invalidator.listener_state_v1 s FOR UPDATE;
+    restored := coalesce(restored, false);  -- (none recorded: an older release's row)
     previous := recorded;
     IF seen !~ '^[0-9]+ timeline [0-9]+$' THEN
         seen := NULL;  -- (a lineage or nothing: no other text of the caller's is kept)
@@ -1071,6 +1092,13 @@ BEGIN
         -- decided.
         run_before := run;
     END IF;
+    IF restored THEN
+        -- (whatever the rules above found: the restore says why, and it is swept for
+        -- whatever the settings)
+        why := 'the database was restored from a dump (cdc_invalidator.listener_state_v1 '
+               'was made again since its row was recorded): it went back to the dump''s '
+               'time';
+    END IF;
     IF why IS NULL AND sweep_crashed AND run <> run_before THEN
         why := format('PostgreSQL crashed since its run noted at %s (this one noted at %s), '
                       'which loses commits made with synchronous_commit = off',
@@ -1087,10 +1115,11 @@ BEGIN
     END IF;
     UPDATE cdc_invalidator.listener_state_v1
     SET server_lineage = coalesce(current, server_lineage),
-        server_run = coalesce(run, server_run);
+        server_run = coalesce(run, server_run),
+        recorded_in = 'cdc_invalidator.listener_state_v1'::regclass;
 END
 $note$;
-REVOKE ALL ON FUNCTION cdc_invalidator.note_server_v2(boolean, text, boolean) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cdc_invalidator.note_server_v3(boolean, text, boolean) FROM PUBLIC;
 
 -- The row trigger a watched partitioned table carries for partitions created or attached
 -- after watch(): statement triggers fire only on the table a statement names, so a write

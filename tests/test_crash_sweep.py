@@ -1,5 +1,5 @@
 """Both modes: a sweep after PostgreSQL came up from a crash, where this database's writers
-commit asynchronously (capture/lineage.py, server_run_v1() and note_server_v2() in
+commit asynchronously (capture/lineage.py, server_run_v1() and note_server_v3() in
 sql/schema.sql), against real servers.
 
 A commit made with synchronous_commit = off is visible before its WAL is flushed; a

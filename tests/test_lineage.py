@@ -1,5 +1,5 @@
 """Trigger mode: a sweep queued on a server that is not the one the listener last ran on
-(capture/lineage.py, note_server_v2() in sql/schema.sql), against real servers. A real
+(capture/lineage.py, note_server_v3() in sql/schema.sql), against real servers. A real
 failover is in test_physical_standbys; here the recorded lineage is set by hand, as a
 promoted standby or a restore would leave it, to show what the listener does with it:
 queues one sweep of every watched table with the new lineage, in one transaction (the
@@ -85,7 +85,7 @@ def test_sweep_after_failover_false_records_a_promotion_and_sweeps_nothing(
     stop_listener(listener)
 
 
-NOTE = "SELECT swept FROM cdc_invalidator.note_server_v2(%s, %s, false)"
+NOTE = "SELECT swept FROM cdc_invalidator.note_server_v3(%s, %s, false)"
 
 
 @pytest.mark.parametrize(
@@ -125,7 +125,7 @@ def test_what_note_server_sweeps_for(
 
 
 RUN = "SELECT server_run FROM cdc_invalidator.listener_state_v1"
-NOTE_RUN = "SELECT swept FROM cdc_invalidator.note_server_v2(%s, NULL, %s)"
+NOTE_RUN = "SELECT swept FROM cdc_invalidator.note_server_v3(%s, NULL, %s)"
 RESYNC = "SELECT new_row->>'resync' FROM cdc_invalidator.queue_v1 WHERE new_row::jsonb ? 'resync'"
 
 
@@ -148,7 +148,7 @@ RESYNC = "SELECT new_row->>'resync' FROM cdc_invalidator.queue_v1 WHERE new_row:
 def test_what_note_server_sweeps_for_after_a_crash(
     env: Env, server: tuple[str, bool], run: str | None, sweep_crashed: bool, swept: bool
 ) -> None:
-    """note_server_v2(): the run recorded (server_run_v1()) against the server's,
+    """note_server_v3(): the run recorded (server_run_v1()) against the server's,
     on the same lineage; one sweep at most, and the run recorded either way."""
     lineage, sweep = server
     setup_users(env)
@@ -169,6 +169,40 @@ def test_what_note_server_sweeps_for_after_a_crash(
         assert "PostgreSQL crashed since" in reason, reason
 
 
+IN_TABLE = (
+    "SELECT recorded_in = 'cdc_invalidator.listener_state_v1'::regclass"
+    " FROM cdc_invalidator.listener_state_v1"
+)
+NOTE_RESTORED = "SELECT swept, restored FROM cdc_invalidator.note_server_v3(false, NULL, false)"
+
+
+@pytest.mark.parametrize("lineage", ["here", "older", None])
+def test_a_row_recorded_in_another_table_is_a_restore_swept_for_whatever_the_settings(
+    env: Env, lineage: str | None
+) -> None:
+    """note_server_v3(): listener_state_v1's row recorded in another table than itself
+    (a dump restored: the table made again, the row copied) is swept for, with
+    sweep_after_failover and sweep_after_crash off, on the same lineage, a newer timeline
+    or none recorded; once, and the table recorded."""
+    setup_users(env)
+    assert env.scalar(IN_TABLE) is True, "install recorded it"
+    here = env.scalar(LINEAGE)
+    system, _, timeline = here.split()
+    recorded = {"here": here, "older": f"{system} timeline {int(timeline) - 1}", None: None}
+    env.sql(
+        "UPDATE cdc_invalidator.listener_state_v1 SET recorded_in = 1, server_lineage = %s",
+        [recorded[lineage]],
+    )
+    with env.connect() as conn:
+        assert conn.execute(NOTE_RESTORED).fetchone() == (True, True)
+    assert env.scalar(SWEEPS) == 1
+    assert "restored from a dump" in env.scalar(RESYNC)
+    assert env.scalar(IN_TABLE) is True
+    with env.connect() as conn:
+        assert conn.execute(NOTE_RESTORED).fetchone() == (False, False)
+    assert env.scalar(SWEEPS) == 1
+
+
 def listener_as(env: Env, role: str, **settings: object) -> Path:
     """A configuration of the users table for the listener `role`, granted trigger mode."""
     env.sql("SELECT cdc_invalidator.grant_listener(%s, 'trigger')", [role])
@@ -182,7 +216,7 @@ def listener_as(env: Env, role: str, **settings: object) -> Path:
 
 
 def test_a_listener_granted_least_privilege_queues_the_sweep(env: Env, spawn: Spawn) -> None:
-    """grant_listener gives EXECUTE on note_server_v2(), which queues the sweep as its
+    """grant_listener gives EXECUTE on note_server_v3(), which queues the sweep as its
     owner (the listener's role may not write the queue), and that is all it may write
     there; EXECUTE revoked from PUBLIC changes nothing."""
     setup_users(env, rows=2)
@@ -195,7 +229,7 @@ def test_a_listener_granted_least_privilege_queues_the_sweep(env: Env, spawn: Sp
             assert not env.scalar(
                 "SELECT has_table_privilege(%s, 'cdc_invalidator.queue_v1', 'INSERT')", [role]
             )
-            note = "cdc_invalidator.note_server_v2(boolean, text, boolean)"
+            note = "cdc_invalidator.note_server_v3(boolean, text, boolean)"
             assert not env.scalar(f"SELECT has_function_privilege('public', '{note}', 'EXECUTE')")
             listener = spawn(listener_as(env, role))
             wait_until(lambda: r.exists(*keys_of(1), *keys_of(2)) == 0, what="every key swept")
@@ -214,9 +248,9 @@ def test_a_server_that_withholds_its_lineage_is_said_and_nothing_is_swept(
     another_lineage(env)
     r = env.redis()
     cache(r, [2])
-    note = "cdc_invalidator.note_server_v2(boolean, text, boolean)"
+    note = "cdc_invalidator.note_server_v3(boolean, text, boolean)"
     with login_role(env, "lineage_") as role:
-        # note_server_v2() runs as its owner: here a role without the privilege.
+        # note_server_v3() runs as its owner: here a role without the privilege.
         env.sql(
             f"REVOKE EXECUTE ON FUNCTION pg_control_system() FROM PUBLIC;"
             f"ALTER FUNCTION {note} OWNER TO {role}"

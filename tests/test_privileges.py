@@ -274,24 +274,34 @@ def test_listener_as_least_privilege_role_invalidates_and_keeps_its_books(
     stop(listener)
 
 
-# What revision 2 (before progress_v1) and revision 6 (before note_server_v2() and the
-# server's run) left installed, as the current install less what came after them.
-REVISION_6 = """
-    DROP FUNCTION cdc_invalidator.note_server_v2(boolean, text, boolean);
+def revision(number: int, removed: str) -> str:
+    """What revision `number` left installed, as the current install less `removed`
+    (what came after it)."""
+    return (
+        removed
+        + "CREATE OR REPLACE FUNCTION cdc_invalidator.schema_revision() RETURNS integer"
+        + f" LANGUAGE sql IMMUTABLE AS 'SELECT {number}';"
+    )
+
+
+# Revision 7 (before note_server_v3() and recorded_in), revision 6 (before
+# note_server_v2() and the server's run) and revision 2 (before progress_v1).
+REVISION_7 = revision(
+    7,
+    """
+    DROP FUNCTION cdc_invalidator.note_server_v3(boolean, text, boolean);
+    ALTER TABLE cdc_invalidator.listener_state_v1 DROP COLUMN recorded_in;
+    """,
+)
+REVISION_6 = REVISION_7 + revision(
+    6,
+    """
     DROP FUNCTION cdc_invalidator.server_run_v1();
     DROP TABLE cdc_invalidator.server_run_v1;
     ALTER TABLE cdc_invalidator.listener_state_v1 DROP COLUMN server_run;
-    CREATE OR REPLACE FUNCTION cdc_invalidator.schema_revision() RETURNS integer
-    LANGUAGE sql IMMUTABLE AS 'SELECT 6';
-"""
-REVISION_2 = (
-    REVISION_6
-    + """
-    DROP TABLE cdc_invalidator.progress_v1;
-    CREATE OR REPLACE FUNCTION cdc_invalidator.schema_revision() RETURNS integer
-    LANGUAGE sql IMMUTABLE AS 'SELECT 2';
-"""
+    """,
 )
+REVISION_2 = REVISION_6 + revision(2, "DROP TABLE cdc_invalidator.progress_v1;")
 
 
 # Functions a role that may create in public (the database's owner on PostgreSQL 15,
@@ -343,14 +353,18 @@ def test_functions_another_role_put_in_public_never_run_in_our_sessions(
 
 
 @pytest.mark.parametrize("capture", ["trigger"])  # progress_v1 is trigger mode's
-@pytest.mark.parametrize("older", [REVISION_2, REVISION_6], ids=["revision 2", "revision 6"])
+@pytest.mark.parametrize(
+    "older", [REVISION_2, REVISION_6, REVISION_7], ids=["revision 2", "revision 6", "revision 7"]
+)
 def test_an_upgrade_keeps_the_listeners_grants_and_its_backlog(
     env: Env, spawn: Spawn, listener_role: str, writer_role: str, older: str
 ) -> None:
     """docs/DBA.md's upgrade order, with a backlog queued and the listener's role granted
-    by the older release: `install` adds progress_v1 (revision 3) and note_server_v2()
-    (revision 7) and gives them to that role, whose listener then drains the backlog and
-    saves its progress there (no grant_listener call in between)."""
+    by the older release: `install` adds progress_v1 (revision 3) and note_server_v3()
+    (revision 8) and gives them to that role, whose listener then drains the backlog and
+    saves its progress there (no grant_listener call in between). The upgrade sweeps
+    nothing: install records the table the listener's row is in (recorded_in), as it
+    was."""
     tables(env, writer_role)
     dba = install(env)
     grant(env, listener_role)
@@ -367,6 +381,8 @@ def test_an_upgrade_keeps_the_listeners_grants_and_its_backlog(
         lambda: env.scalar("SELECT count(*) FROM cdc_invalidator.progress_v1") > 0,
         what="the role's progress saved for replay",
     )
+    assert not listener.logged("changes_may_have_been_missed")
+    assert env.scalar("SELECT count(*) FROM cdc_invalidator.queue_v1 WHERE op = 'T'") == 0
     stop(listener)
 
 

@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import subprocess
+from collections.abc import Iterator
 
 import psycopg
 import pytest
@@ -48,6 +49,43 @@ DROP TABLE burn;
 """
 
 
+def pg_dump(dsn: str) -> str:
+    """The database at `dsn` as pg_dump writes it (plain SQL, no owners)."""
+    return subprocess.run(
+        [str(find_pg_bindir() / "pg_dump"), "--no-owner", "-d", dsn],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+
+
+def psql(dsn: str, script: str) -> None:
+    """`script` run by psql in one transaction, stopping at the first error."""
+    subprocess.run(
+        [str(find_pg_bindir() / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-1", "-d", dsn],
+        input=script,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+
+
+@contextlib.contextmanager
+def another_database(env: Env) -> Iterator[str]:
+    """A new database of the test's cluster, dropped after: its DSN."""
+    name = f"restored_{os.getpid()}_{id(env)}"
+    admin = env.servers.pg_dsn("postgres")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}".encode())
+    try:
+        yield env.servers.pg_dsn(name)
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE {name} WITH (FORCE)".encode())
+
+
 def test_restored_into_another_cluster_refuses_to_skip_then_resets(
     env: Env, own_servers: Servers, spawn: Spawn, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -69,23 +107,9 @@ def test_restored_into_another_cluster_refuses_to_skip_then_resets(
     # A change committed after the listener stopped, and still queued at the dump.
     env.sql("UPDATE users SET email = 'y@x' WHERE id = 2")
 
-    bindir = find_pg_bindir()
-    dump = subprocess.run(
-        [str(bindir / "pg_dump"), "--no-owner", "-d", env.dsn],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout
+    dump = pg_dump(env.dsn)
     restored_dsn = own_servers.pg_dsn("app")
-    subprocess.run(
-        [str(bindir / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-1", "-d", restored_dsn],
-        input=dump,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
+    psql(restored_dsn, dump)
     restored = psycopg.connect(restored_dsn, autocommit=True)
     # Writers on the restored database, before the listener is back.
     restored.execute("UPDATE users SET email = 'x@x' WHERE id = 3")
@@ -130,6 +154,68 @@ def test_restored_into_another_cluster_refuses_to_skip_then_resets(
     assert second.wait() == 0
     restored.close()
     client.close()
+
+
+def test_a_dump_restored_in_the_same_cluster_is_swept_once(
+    env: Env, spawn: Spawn, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Trigger mode, a dump restored into another database of the same cluster (the same
+    system identifier and timeline as the source: the lineage cannot tell it). The
+    database went back to the dump's time; a value read from the source after the dump
+    stays cached unless swept. The listener's row came with the dump, recorded in the
+    source's listener_state_v1: `check` says the next start sweeps, which it does, once."""
+    env.sql(
+        "CREATE TABLE users (id int PRIMARY KEY, email text);"
+        "INSERT INTO users VALUES (1, 'a@x'), (2, 'b@x'), (3, 'c@x')"
+    )
+    source = env.config(USERS)
+    assert main(["install", "--config", str(source)]) == 0
+    r = env.redis()
+    with listening(source):
+        r.set("user:1", "-")
+        env.sql("UPDATE users SET email = 'z@x' WHERE id = 1")
+        wait_until(lambda: r.exists("user:1") == 0, what="an invalidation on the source")
+        dump = pg_dump(env.dsn)
+        # After the dump: changed, invalidated, read again and cached by a reader.
+        r.set("user:2", "-")
+        env.sql("UPDATE users SET email = 'y@x' WHERE id = 2")
+        wait_until(lambda: r.exists("user:2") == 0, what="the change after the dump")
+    r.mset({"user:2": "y@x", "user:email:y@x": "2", "user:3": "c@x", "other:1": "-"})
+
+    with another_database(env) as restored_dsn:
+        psql(restored_dsn, dump)
+        config = write_config(
+            env.tmp_path / "restored.toml",
+            database_url=restored_dsn,
+            redis_url=env.redis_url,
+            tables=USERS,
+            replay_history="1h",  # (the sweep kept, to count)
+        )
+        _, out, err = check(config, capsys)
+        assert "this database was restored from a dump" in out + err, out + err
+        first = spawn(config)
+        wait_until(
+            lambda: r.exists("user:2", "user:email:y@x", "user:3") == 0,
+            what="every watched key swept: user 2 is b@x again here",
+        )
+        (missed,) = first.logged("changes_may_have_been_missed")
+        assert "restored from a dump" in missed["reason"]
+        assert r.get("other:1") == "-"
+        first.signal(signal.SIGTERM)
+        assert first.wait() == 0
+
+        # Started again: nothing more to sweep. (The first's sweep may be deleted again
+        # as its second deletes: no key tells.)
+        second = spawn(config)
+        r.set("user:3", "-")
+        with psycopg.connect(restored_dsn, autocommit=True) as conn:
+            conn.execute("UPDATE users SET email = 'w@x' WHERE id = 3")
+            wait_until(lambda: r.exists("user:3") == 0, what="a change on the restored database")
+            swept = "SELECT count(*) FROM cdc_invalidator.queue_v1 WHERE new_row::jsonb ? 'resync'"
+            assert conn.execute(swept).fetchone() == (1,)
+        assert not second.logged("changes_may_have_been_missed")
+        second.signal(signal.SIGTERM)
+        assert second.wait() == 0
 
 
 # As docs/DBA.md gives them: after any restore, sweep the watched tables' keys once.

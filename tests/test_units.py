@@ -436,7 +436,7 @@ def test_crashed_since_compares_known_runs_only() -> None:
 
 def test_gone_back_is_another_system_or_an_older_timeline() -> None:
     """capture/lineage.py: what the listener's previous session saw against the server
-    now (logical mode's rule; trigger mode's note_server_v2() has the same)."""
+    now (logical mode's rule; trigger mode's note_server_v3() has the same)."""
     here = "7001 timeline 2"
     assert gone_back("7001 timeline 3", here)  # the old primary, a failover undone
     assert gone_back("7002 timeline 1", here)  # another system

@@ -430,12 +430,23 @@ def check_async_commits(
 
 def check_lineage(conn: psycopg.Connection[Any], report: Report, *, sweep: bool) -> None:
     """Trigger mode: whether the listener's next start finds another server than the one
-    it last ran on, and sweeps every watched table (capture/lineage.py): said before it
-    happens, when a DBA can still keep the cache warm where nothing was lost."""
+    it last ran on, or a database restored from a dump, and sweeps every watched table
+    (capture/lineage.py): said before it happens, when a DBA can still keep the cache warm
+    where nothing was lost."""
     row = conn.execute(Q.CHECK_LINEAGE.sql).fetchone()
     if row is None:
         return
-    current, recorded = row
+    current, recorded, restored = row
+    if restored:
+        report.warnings.append(
+            "this database was restored from a dump since the listener last noted it "
+            "(cdc_invalidator.listener_state_v1 was made again): its next start sweeps every "
+            "watched table once (what was committed after the dump is gone, and may be "
+            "cached). Where Redis was flushed or restored with it, record it first to keep "
+            "the cache warm, as the installing role: UPDATE "
+            "cdc_invalidator.listener_state_v1 SET recorded_in = "
+            "'cdc_invalidator.listener_state_v1'::regclass"
+        )
     if current is None:
         report.warnings.append(
             "the server withholds its system identifier or WAL timeline "

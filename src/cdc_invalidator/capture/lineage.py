@@ -7,7 +7,7 @@ it yet (asynchronous replication, the default), and a database brought back to a
 in time lacks those after it. Readers may have cached their rows: no change will ever
 come for them, and they stayed cached for good. The queue and the saved position came
 along with the data, consistent with it, so nothing *left* is missed; what is *gone* can
-only be swept. At each connect the listener has note_server_v2() (sql/schema.sql)
+only be swept. At each connect the listener has note_server_v3() (sql/schema.sql)
 compare the server's lineage (its system identifier and WAL timeline, both new after a
 promotion, a point-in-time recovery, or in another cluster) with the one recorded, and
 queue a sweep of every watched table with the new lineage, in one transaction: the queue
@@ -18,6 +18,13 @@ promoted and used (a failover undone) holds its own, and lacks what was written 
 other. The listener compares with the lineage its previous session saw too, which tells
 that one while it runs (not after a restart); logical mode, whose slot on the old
 primary still exists, does the same (server_of()).
+
+A dump restored on the same lineage (into another database of the cluster, or over the
+same one) takes the database back to the dump's time: what was committed since is lost,
+as a failover loses it. Trigger mode tells it by listener_state_v1 itself, made again by the
+restore with another oid, where the row the dump carried recorded the old one
+(recorded_in), and sweeps for it whatever the settings. (Logical mode tells most
+restores by its slot, which no dump carries: docs/DBA.md.)
 
 A crash with asynchronous commits loses readable transactions too, on the same timeline:
 a commit made with synchronous_commit = off is visible before its WAL is flushed, and
@@ -135,16 +142,26 @@ def note_server(
 ) -> str | None:
     """Record this server's lineage and run, queueing a sweep of every watched table if
     it is another than the last, or than `seen` (the one this listener's previous session
-    saw), or came up from a crash since where `crash` sweeps for one; `sweep`:
-    sweep_after_failover. Say what was found; return the lineage (None: unknown)."""
-    previous, current, swept, run_before, run = cast(
-        "tuple[str | None, str | None, bool, str | None, str | None]",
+    saw), or the database was restored from a dump, or came up from a crash since where
+    `crash` sweeps for one; `sweep`: sweep_after_failover. Say what was found; return the
+    lineage (None: unknown)."""
+    previous, current, swept, run_before, run, restored = cast(
+        "tuple[str | None, str | None, bool, str | None, str | None, bool]",
         conn.execute(
             Q.NOTE_SERVER.sql,
             {"sweep": sweep, "seen": seen, "sweep_crashed": crash.sweeps},
         ).fetchone(),
     )
-    if crashed_since(run_before, run) and (
+    if restored:
+        # (swept whatever else was found: note_server_v3() queued it with this reason)
+        log.error(
+            "changes_may_have_been_missed",
+            reason="the database was restored from a dump (cdc_invalidator's tables were "
+            "made again since the listener last noted them): it went back to the dump's "
+            "time, and rows readers cached since may be gone or older",
+            action="sweeping every key template of every watched table (queued)",
+        )
+    elif crashed_since(run_before, run) and (
         previous is None or current is None or previous == current
     ):
         if swept:
@@ -165,7 +182,7 @@ def note_server(
             "pg_control_system() and pg_walfile_name() (GRANT EXECUTE ON FUNCTION ...)",
         )
         return None
-    if previous is None or previous == current:
+    if previous is None or previous == current or restored:
         return current
     if swept:
         log.error(
@@ -191,7 +208,7 @@ def gone_back(seen: str | None, current: str | None) -> bool:
     previous session ran (`seen`): another system, or an older timeline of this one (the
     old primary, a failover undone). A newer one is a promotion the previous session did
     not see: another listener took it meanwhile, and the slot (logical mode) or the
-    lineage recorded (trigger mode: note_server_v2(), the same rule) tells that. None:
+    lineage recorded (trigger mode: note_server_v3(), the same rule) tells that. None:
     unknown, no."""
     if seen is None or current is None or seen == current:
         return False
