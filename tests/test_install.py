@@ -974,7 +974,8 @@ def test_sql_of_an_older_release_is_refused_until_install_upgrades_it(
     install_older_release(env, config)
     code, _, err = check(config, capsys)
     assert code == 1
-    assert "v1 revision 1, from an older release; this release needs revision 7" in err, err
+    needs = f"this release needs revision {trigger_sql.SCHEMA_REVISION}"
+    assert f"v1 revision 1, from an older release; {needs}" in err, err
     result = run_cli("run", "--config", str(config), env={"CDC_INVALIDATOR_LOG_FORMAT": "json"})
     assert result.returncode == 1
     out = result.stdout + result.stderr
@@ -984,7 +985,7 @@ def test_sql_of_an_older_release_is_refused_until_install_upgrades_it(
     assert cli("install", "--config", config) == 0
     code, out, err = check(config, capsys)
     assert code == 0, err
-    assert "cdc_invalidator v1 (revision 7) installed" in out
+    assert f"cdc_invalidator v1 (revision {trigger_sql.SCHEMA_REVISION}) installed" in out
 
 
 def test_an_upgrade_from_the_older_release_delivers_its_backlog_and_packs_after(
