@@ -29,6 +29,16 @@ CREATE TABLE IF NOT EXISTS cdc_invalidator.slot_state_v1 (
 -- The run of the server the listener last noted (revision 7: server_run_v1() in
 -- schema.sql): another one, where writers commit asynchronously, owes a sweep.
 SELECT cdc_invalidator.add_column_v1('cdc_invalidator.slot_state_v1', 'server_run', 'text');
+-- The table each row was recorded in (revision 8): slot_state_v1's oid, when install or
+-- the listener last wrote the row. A dump restored (into another database of this cluster,
+-- or over this one) makes the table anew and copies the rows into it: the database went
+-- back to the dump's time, and a row recorded in another table owes the slot in use a
+-- sweep (logical_install.sql; the listener at connect, slot_info.sql). A copy of the data
+-- directory keeps the oid. Recorded by install where none is (an upgrade), owing nothing.
+SELECT cdc_invalidator.add_column_v1('cdc_invalidator.slot_state_v1', 'recorded_in', 'oid');
+UPDATE cdc_invalidator.slot_state_v1
+SET recorded_in = 'cdc_invalidator.slot_state_v1'::regclass
+WHERE recorded_in IS NULL;
 
 CREATE SEQUENCE IF NOT EXISTS cdc_invalidator.logical_dead_letter_v1;
 

@@ -22,22 +22,21 @@ WHERE st.slot_name = {slot} AND st.acked_lsn IS NULL
   AND NOT EXISTS (SELECT FROM pg_replication_slots s WHERE s.slot_name = st.slot_name);
 INSERT INTO cdc_invalidator.slot_state_v1 (slot_name) VALUES ({slot})
 ON CONFLICT (slot_name) DO NOTHING;
--- A dump restored: listener_state_v1 was made again since its row was recorded
--- (recorded_in, schema.sql), and the database went back to the dump's time. Owed by the
--- slot this install is for (a restore into another database of the cluster needs a
--- slot_name of its own, and so this install), then recorded. (Trigger mode's listener
--- compares it at each connect, note_server_v3(); logical mode's role may not write it,
--- and a restore that keeps this database and its slot, pg_restore --clean, is swept
--- for by the stream: the publication made again, the position saved behind the slot.)
+-- A dump restored: a row of slot_state_v1 recorded in another table than this one
+-- (recorded_in, logical.sql), whose rows the restore copied: the database went back to
+-- the dump's time. Owed by the slot this install is for (a restore into another database
+-- of the cluster needs a slot_name of its own, and so this install), then every row
+-- recorded here. (The listener does the same at connect: slot_info.sql.)
 UPDATE cdc_invalidator.slot_state_v1
 SET resync_reason = coalesce(resync_reason, 'the database was restored from a dump '
-    '(cdc_invalidator.listener_state_v1 was made again since its row was recorded): it '
+    '(cdc_invalidator.slot_state_v1 was made again since its rows were recorded): it '
     'went back to the dump''s time')
 WHERE slot_name = {slot}
-  AND EXISTS (SELECT FROM cdc_invalidator.listener_state_v1 s
-              WHERE s.recorded_in <> 'cdc_invalidator.listener_state_v1'::regclass);
-UPDATE cdc_invalidator.listener_state_v1
-SET recorded_in = 'cdc_invalidator.listener_state_v1'::regclass;
+  AND EXISTS (SELECT FROM cdc_invalidator.slot_state_v1 o
+              WHERE o.recorded_in <> 'cdc_invalidator.slot_state_v1'::regclass);
+UPDATE cdc_invalidator.slot_state_v1
+SET recorded_in = 'cdc_invalidator.slot_state_v1'::regclass
+WHERE recorded_in IS DISTINCT FROM 'cdc_invalidator.slot_state_v1'::regclass;
 -- The server's run, as trigger mode's install records it in listener_state_v1: a crash
 -- before the listener's first start is seen by it too. Never over a listener's.
 UPDATE cdc_invalidator.slot_state_v1

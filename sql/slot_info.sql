@@ -13,6 +13,8 @@ SELECT n.name AS slot_name,
        st.acked_lsn::text AS acked_lsn,
        st.resync_reason,
        st.server_run,
+       EXISTS (SELECT FROM cdc_invalidator.slot_state_v1 o
+               WHERE o.recorded_in <> 'cdc_invalidator.slot_state_v1'::regclass) AS restored,
        st.slot_name IS NOT NULL AS registered,
        coalesce(s.two_phase, false) AS two_phase
 FROM (SELECT %(slot)s::name AS name) n

@@ -291,11 +291,15 @@ REVISION_7 = revision(
     """
     DROP FUNCTION cdc_invalidator.note_server_v3(boolean, text, boolean);
     ALTER TABLE cdc_invalidator.listener_state_v1 DROP COLUMN recorded_in;
+    ALTER TABLE IF EXISTS cdc_invalidator.slot_state_v1 DROP COLUMN IF EXISTS recorded_in;
+    CREATE FUNCTION cdc_invalidator.note_server_v2(boolean, text, boolean) RETURNS void
+    LANGUAGE sql AS '';
     """,
 )
 REVISION_6 = REVISION_7 + revision(
     6,
     """
+    DROP FUNCTION cdc_invalidator.note_server_v2(boolean, text, boolean);
     DROP FUNCTION cdc_invalidator.server_run_v1();
     DROP TABLE cdc_invalidator.server_run_v1;
     ALTER TABLE cdc_invalidator.listener_state_v1 DROP COLUMN server_run;
@@ -375,6 +379,7 @@ def test_an_upgrade_keeps_the_listeners_grants_and_its_backlog(
         writer.execute("UPDATE users SET email = 'z@x' WHERE id = 1")  # no listener runs
     assert main(["install", "--config", str(dba)]) == 0
     assert granted(env, listener_role) == TRIGGER_GRANTS
+    assert env.scalar("SELECT to_regproc('cdc_invalidator.note_server_v2') IS NULL")
     listener = spawn(config(env, USERS, name="listener.toml", role=listener_role))
     wait_until(lambda: r.exists("user:1", "user:email:a@x") == 0, what="the backlog's keys")
     wait_until(

@@ -29,7 +29,7 @@ from cdc_invalidator.cli import main
 from cdc_invalidator.pg.queries import Q
 from tests.support.config import write_config
 from tests.support.env import Env, Servers, accepting, drop_database, pg_of
-from tests.support.faults import cache, keys_of, setup_users
+from tests.support.faults import cache, changed_and_deleted, keys_of, setup_users
 from tests.support.listener import ListenerThread, Spawn, check, listening
 from tests.support.servers import find_pg_bindir
 from tests.support.sync import queue_len
@@ -167,9 +167,9 @@ def test_a_dump_restored_in_the_same_cluster_is_swept_once(
     identifier and timeline as the source: the lineage cannot tell it). The database
     went back to the dump's time; a value read from the source after the dump stays
     cached unless swept. listener_state_v1's row came with the dump, recorded in the
-    source's table. Trigger mode: `check` says the next start sweeps, which it does,
-    once. Logical mode: the restored database needs a slot of its own, so an install,
-    which owes the sweep; the listener does it, once."""
+    source's table. Trigger mode: install leaves it, `check` says the next start sweeps,
+    which it does, once. Logical mode: the restored database needs a slot of its own, so
+    an install, which owes the sweep; the listener does it, once."""
     env.sql(
         "CREATE TABLE users (id int PRIMARY KEY, email text);"
         "INSERT INTO users VALUES (1, 'a@x'), (2, 'b@x'), (3, 'c@x')"
@@ -199,8 +199,10 @@ def test_a_dump_restored_in_the_same_cluster_is_swept_once(
             replay_history="1h",  # (trigger mode: the sweep kept, to count)
             **mode,
         )
+        # (Logical mode: for a slot of its own. Trigger mode: `check` advises it for the
+        # capture functions, named after the source's table OIDs; it leaves the mark.)
+        assert main(["install", "--config", str(config)]) == 0
         if env.logical:
-            assert main(["install", "--config", str(config)]) == 0
             said = "missed_changes_swept"
         else:
             _, out, err = check(config, capsys)
@@ -230,6 +232,56 @@ def test_a_dump_restored_in_the_same_cluster_is_swept_once(
         assert not second.logged(said)
         second.signal(signal.SIGTERM)
         assert second.wait() == 0
+
+
+RECORDED_ELSEWHERE = "UPDATE cdc_invalidator.slot_state_v1 SET recorded_in = 1"
+OWED = "SELECT resync_reason FROM cdc_invalidator.slot_state_v1 WHERE slot_name = %s"
+
+
+@pytest.mark.usefixtures("capture")
+@pytest.mark.parametrize("capture", ["logical"])
+def test_a_slot_row_a_restore_copied_is_swept_for_by_the_listener_once(
+    env: Env, spawn: Spawn, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Logical mode, a restore that keeps the slot (pg_restore --clean over the same
+    database), stood in for by a row recorded in another table: the listener sweeps at
+    connect and records it, so neither its next start nor a later install (an upgrade, a
+    configuration change) owes another sweep (a review: install alone recorded it, and
+    swept again months later). An upgrade's install owes nothing either; one run on the
+    restored database before the listener owes the sweep, and says so."""
+    config = setup_users(env, rows=2)
+    slot = env.scalar("SELECT slot_name FROM cdc_invalidator.slot_state_v1")
+    env.sql(
+        "ALTER TABLE cdc_invalidator.slot_state_v1 DROP COLUMN recorded_in;"
+        "CREATE OR REPLACE FUNCTION cdc_invalidator.schema_revision() RETURNS integer"
+        " LANGUAGE sql IMMUTABLE AS 'SELECT 7'"
+    )
+    assert main(["install", "--config", str(config)]) == 0
+    assert env.scalar(OWED, [slot]) is None, "an upgrade from revision 7 owes nothing"
+    env.sql(RECORDED_ELSEWHERE)
+    r = env.redis()
+    cache(r, [1, 2])
+    first = spawn(config)
+    wait_until(lambda: r.exists(*keys_of(1), *keys_of(2)) == 0, what="every key swept")
+    wait_until(lambda: first.logged("missed_changes_swept"), what="the sweep said")
+    (missed,) = first.logged("changes_may_have_been_missed")
+    assert "restored from a dump" in missed["reason"]
+    first.signal(signal.SIGTERM)
+    assert first.wait() == 0
+    assert main(["install", "--config", str(config)]) == 0
+    assert env.scalar(OWED, [slot]) is None, "install owes nothing more"
+    second = spawn(config)
+    changed_and_deleted(r, env.dsn, 1, "a change's keys deleted")
+    assert not second.logged("changes_may_have_been_missed")
+    second.signal(signal.SIGTERM)
+    assert second.wait() == 0
+    # The same restore, with `install` run before the listener: it owes the sweep, and
+    # says so.
+    env.sql(RECORDED_ELSEWHERE)
+    capsys.readouterr()
+    assert main(["install", "--config", str(config)]) == 0
+    assert "restored from a dump" in capsys.readouterr().out
+    assert "restored from a dump" in env.scalar(OWED, [slot])
 
 
 # As docs/DBA.md gives them: after any restore, sweep the watched tables' keys once.

@@ -23,9 +23,8 @@ A dump restored on the same lineage (into another database of the cluster, or ov
 same one) takes the database back to the dump's time: what was committed since is lost,
 as a failover loses it. Trigger mode tells it by listener_state_v1 itself, made again by the
 restore with another oid, where the row the dump carried recorded the old one
-(recorded_in), and sweeps for it whatever the settings. (Logical mode: a restore into
-another database needs an install, for a slot of its own, which owes the sweep for it;
-docs/DBA.md says the rest.)
+(recorded_in), and sweeps for it whatever the settings. Logical mode does the same with
+slot_state_v1 (capture/logical.py, and its install).
 
 A crash with asynchronous commits loses readable transactions too, on the same timeline:
 a commit made with synchronous_commit = off is visible before its WAL is flushed, and

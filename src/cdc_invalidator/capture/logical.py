@@ -320,13 +320,20 @@ class LogicalCapture:
         """Why this server, whose slot is the one the listener confirmed, may lack
         commits that readers cached (capture/lineage.py), or None: a primary gone back
         to after a standby was promoted and used (told by the lineage this listener's
-        previous session saw, `seen`, while it runs), or one that came up from a crash
+        previous session saw, `seen`, while it runs), a database restored from a dump
+        in the same cluster (slot_state_v1 made again), or one that came up from a crash
         since the run recorded (`run`, now), where sweep_after_crash says so."""
         if gone_back(seen, lineage):
             return (
                 f"the listener's previous session ran on another server ({seen}; now "
                 f"{lineage}): a primary gone back to after a standby was promoted lacks "
                 "the transactions written on that one"
+            )
+        if state.restored:
+            return (
+                "the database was restored from a dump (cdc_invalidator.slot_state_v1 was made "
+                "again since its rows were recorded): it went back to the dump's time, and "
+                "rows readers cached since may be gone or older"
             )
         if not crashed_since(state.server_run, run):
             return None
@@ -388,8 +395,7 @@ class LogicalCapture:
             # Owed until done: a crash during the sweep sweeps again.
             side.execute(Q.SET_RESYNC.sql, {"slot": cfg.slot, "reason": missed, "lsn": None})
             owed = missed
-        if run is not None:  # (after the sweep it owes is recorded)
-            side.execute(Q.RECORD_RUN.sql, {"slot": cfg.slot, "run": run})
+        _record(side, state, run)  # (after the sweep it owes is recorded)
         self._lineage = lineage or seen
         if kind.create:
             return self._make_slot(side), owed
@@ -1420,3 +1426,13 @@ class LogicalStream:
                 }
             )
         self._side.cursor().executemany(Q.LOGICAL_DEAD_LETTER.sql, rows)
+
+
+def _record(side: psycopg.Connection[Any], state: SlotState, run: str | None) -> None:
+    """What the listener found at connect, recorded once a sweep it owes is: the server's
+    run for the slot, and every row of slot_state_v1 as recorded in this table (a
+    restore's rows, the sweep for which is owed now)."""
+    if state.restored:
+        side.execute(Q.RECORD_TABLE.sql)
+    if run is not None:
+        side.execute(Q.RECORD_RUN.sql, {"slot": state.slot_name, "run": run})

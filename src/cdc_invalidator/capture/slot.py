@@ -72,6 +72,9 @@ class SlotState:
     # PREPARE, before it commits, and only a COMMIT PREPARED message when it does.
     two_phase: bool = False
     server_run: str | None = None  # the server's run the listener last noted (lineage.py)
+    # A row of slot_state_v1 recorded in another table than this one: a dump restored
+    # (recorded_in, sql/logical.sql), which took the database back to the dump's time.
+    restored: bool = False
 
     @classmethod
     def read(cls, conn: psycopg.Connection[Any], slot: str) -> SlotState:

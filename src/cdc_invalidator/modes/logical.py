@@ -13,6 +13,7 @@ from cdc_invalidator import checks
 from cdc_invalidator.capture import logical_sql, trigger_sql
 from cdc_invalidator.capture.logical import LogicalCapture, LogicalConfig
 from cdc_invalidator.capture.rows import Decoded, MapPack, RowDecoder
+from cdc_invalidator.capture.slot import SlotState
 from cdc_invalidator.checks import Report
 from cdc_invalidator.events import TableName
 from cdc_invalidator.metrics import Figures
@@ -74,9 +75,12 @@ class LogicalMode:
                 "sweeps every watched table once, since what is written until then is in no "
                 "slot. Start it soon, or run install again as a role with REPLICATION"
             ) from None
-        made = f"created slot {slot!r} at {new.lsn}" if new else f"slot {slot!r} exists"
-        if new and new.owed:
-            made += f" (the listener sweeps every watched table first: {new.owed})"
+        if new:
+            made, owed = f"created slot {slot!r} at {new.lsn}", new.owed
+        else:  # (a sweep the script owed it: a restore)
+            made, owed = f"slot {slot!r} exists", SlotState.read(conn, slot).resync_reason
+        if owed:
+            made += f" (the listener sweeps every watched table first: {owed})"
         # Slots of an earlier slot_name keep WAL forever, consumed by nothing: ours go.
         # What they had not handed out (or held before someone dropped them by hand) is
         # swept first, through the configured slot, there now.

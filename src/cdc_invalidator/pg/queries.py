@@ -78,6 +78,7 @@ class Q(enum.Enum):
     SLOT_BLOCKERS = "slot_blockers.sql"  # what making a slot will wait for
     RECORD_SLOT = "record_slot.sql"
     RECORD_RUN = "record_run.sql"  # logical mode: the server's run, per slot
+    RECORD_TABLE = "record_table.sql"  # logical mode: the table slot_state_v1's rows are in
     DROP_SLOT = "drop_slot.sql"
     OUR_SLOT = "our_slot.sql"
     LEFTOVER_SLOTS = "leftover_slots.sql"  # ours, left when slot_name changed
