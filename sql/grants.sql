@@ -118,11 +118,11 @@ REVOKE ALL ON FUNCTION cdc_invalidator.grant_listener(regrole, text) FROM PUBLIC
 -- An install that adds a table the trigger listener writes (progress_v1, revision 3), or
 -- a function it calls (note_server_v1(), revision 6; note_server_v2(), revision 7;
 -- note_server_v3(), revision 8), gives it to the roles already granted trigger mode
--- (UPDATE on listener_state_v1:
--- grant_listener's trigger set), as grant_listener would, so that the upgrade order of
--- docs/DBA.md (stop, install, start) needs no call in between; and server_run_v1()
--- (revision 7, not executable by PUBLIC), which the logical listener calls, to the roles
--- granted logical mode (UPDATE on slot_state_v1). Nothing else changes.
+-- (UPDATE on listener_state_v1: grant_listener's trigger set), as grant_listener would,
+-- so that the upgrade order of docs/DBA.md (stop, install, start) needs no call in
+-- between; and server_run_v1() (revision 7, not executable by PUBLIC), which the logical
+-- listener calls, to the roles granted logical mode (UPDATE on slot_state_v1). Nothing
+-- else changes.
 DO $carry_grants$
 DECLARE
     listener regrole;

@@ -53,6 +53,13 @@ log = structlog.get_logger("cdc_invalidator.capture")
 
 CrashSetting = Literal["auto", "always", "never"]
 
+# Why a database restored from a dump in the same cluster is swept for, in either mode.
+RESTORED = (
+    "the database was restored from a dump (cdc_invalidator's tables were made again since "
+    "the listener last noted them): it went back to the dump's time, and rows readers "
+    "cached since may be gone or older"
+)
+
 
 @dataclass(frozen=True, slots=True)
 class AfterCrash:
@@ -156,9 +163,7 @@ def note_server(
         # (swept whatever else was found: note_server_v3() queued it with this reason)
         log.error(
             "changes_may_have_been_missed",
-            reason="the database was restored from a dump (cdc_invalidator's tables were "
-            "made again since the listener last noted them): it went back to the dump's "
-            "time, and rows readers cached since may be gone or older",
+            reason=RESTORED,
             action="sweeping every key template of every watched table (queued)",
         )
     elif crashed_since(run_before, run) and (

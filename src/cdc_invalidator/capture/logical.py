@@ -48,6 +48,7 @@ from cdc_invalidator.capture.errors import (
 from cdc_invalidator.capture.history_writer import HistoryWriter
 from cdc_invalidator.capture.holds import Hold, Holds
 from cdc_invalidator.capture.lineage import (
+    RESTORED,
     CrashSetting,
     after_crash,
     crash_missed,
@@ -330,11 +331,7 @@ class LogicalCapture:
                 "the transactions written on that one"
             )
         if state.restored:
-            return (
-                "the database was restored from a dump (cdc_invalidator.slot_state_v1 was made "
-                "again since its rows were recorded): it went back to the dump's time, and "
-                "rows readers cached since may be gone or older"
-            )
+            return RESTORED
         if not crashed_since(state.server_run, run):
             return None
         crash = after_crash(side, self._config.sweep_after_crash)
