@@ -458,7 +458,8 @@ LANGUAGE sql IMMUTABLE AS 'SELECT 1';
 -- mapping_v1, which the listener asks; revision 6: note_server_v1(), which it calls;
 -- revision 7: note_server_v2(), which replaces it, and listener_state_v1.server_run
 -- and slot_state_v1.server_run, which the listener compares with the server's;
--- revision 8: note_server_v3(), which replaces that, and listener_state_v1.recorded_in).
+-- revision 8: note_server_v3(), which replaces that, and listener_state_v1.recorded_in
+-- and slot_state_v1.recorded_in, which the listener compares with the table's oid).
 -- A constant, so PUBLIC may call it.
 CREATE OR REPLACE FUNCTION cdc_invalidator.schema_revision() RETURNS integer
 LANGUAGE sql IMMUTABLE AS 'SELECT 8';

@@ -29,7 +29,7 @@ from cdc_invalidator.cli import main
 from cdc_invalidator.pg.queries import Q
 from tests.support.config import write_config
 from tests.support.env import Env, Servers, accepting, drop_database, pg_of
-from tests.support.faults import cache, changed_and_deleted, keys_of, setup_users
+from tests.support.faults import TEMPLATES, cache, changed_and_deleted, keys_of, setup_users
 from tests.support.listener import ListenerThread, Spawn, check, listening
 from tests.support.servers import find_pg_bindir
 from tests.support.sync import queue_len
@@ -247,8 +247,9 @@ def test_a_slot_row_a_restore_copied_is_swept_for_by_the_listener_once(
     database), stood in for by a row recorded in another table: the listener sweeps at
     connect and records it, so neither its next start nor a later install (an upgrade, a
     configuration change) owes another sweep (a review: install alone recorded it, and
-    swept again months later). An upgrade's install owes nothing either; one run on the
-    restored database before the listener owes the sweep, and says so."""
+    swept again months later). An upgrade's install owes nothing either; `check` on the
+    restored database says the sweep is coming, and an install run before the listener
+    owes it, and says so."""
     config = setup_users(env, rows=2)
     slot = env.scalar("SELECT slot_name FROM cdc_invalidator.slot_state_v1")
     env.sql(
@@ -275,13 +276,53 @@ def test_a_slot_row_a_restore_copied_is_swept_for_by_the_listener_once(
     assert not second.logged("changes_may_have_been_missed")
     second.signal(signal.SIGTERM)
     assert second.wait() == 0
-    # The same restore, with `install` run before the listener: it owes the sweep, and
-    # says so.
+    # The same restore, with `check`, then `install`, run before the listener: each says
+    # it, and install owes the sweep.
     env.sql(RECORDED_ELSEWHERE)
-    capsys.readouterr()
+    _, out, err = check(config, capsys)
+    assert "this database was restored from a dump" in out + err, out + err
     assert main(["install", "--config", str(config)]) == 0
     assert "restored from a dump" in capsys.readouterr().out
     assert "restored from a dump" in env.scalar(OWED, [slot])
+
+
+STATE_IN_TABLE = (
+    "SELECT recorded_in = 'cdc_invalidator.listener_state_v1'::regclass"
+    " FROM cdc_invalidator.listener_state_v1"
+)
+
+
+@pytest.mark.usefixtures("capture")
+@pytest.mark.parametrize("capture", ["logical"])
+def test_a_restore_logical_mode_swept_for_is_not_swept_again_at_a_switch(
+    env: Env, spawn: Spawn
+) -> None:
+    """A restore swept for in logical mode: its listener records slot_state_v1's marks,
+    and listener_state_v1's stays as the dump left it (that role may not write it). A
+    switch to trigger mode then sweeps once, for the switch, and records that mark too:
+    the trigger listener sweeps nothing more (a review: it swept again, saying the
+    database was restored)."""
+    config = setup_users(env, rows=2)
+    env.sql(RECORDED_ELSEWHERE + "; UPDATE cdc_invalidator.listener_state_v1 SET recorded_in = 1")
+    r = env.redis()
+    logical = spawn(config)
+    wait_until(lambda: logical.logged("missed_changes_swept"), what="the restore swept for")
+    logical.signal(signal.SIGTERM)
+    assert logical.wait() == 0
+    assert env.scalar(STATE_IN_TABLE) is False, "left as the dump did"
+    trigger = write_config(
+        env.tmp_path / "trigger.toml",
+        database_url=env.dsn,
+        redis_url=env.redis_url,
+        tables={"public.users": TEMPLATES},
+    )
+    assert main(["install", "--config", str(trigger)]) == 0
+    assert env.scalar(STATE_IN_TABLE) is True
+    listener = spawn(trigger)
+    changed_and_deleted(r, env.dsn, 1, "a change's keys deleted")
+    assert not listener.logged("changes_may_have_been_missed")
+    listener.signal(signal.SIGTERM)
+    assert listener.wait() == 0
 
 
 # As docs/DBA.md gives them: after any restore, sweep the watched tables' keys once.

@@ -1104,9 +1104,24 @@ def check_logical_server(conn: psycopg.Connection[Any], settings: Settings, repo
             "server without limit; consider a limit (the slot is then lost instead, "
             "and the listener sweeps when it comes back)"
         )
+    _sweeps_owed(state, report)
+    check_leftover_slots(conn, settings.slot_name, report)
+
+
+def _sweeps_owed(state: SlotState, report: Report) -> None:
+    """Logical mode: the sweep the slot owes, and one its next start, or install, owes a
+    restore (slot_state_v1 made again since its rows were recorded)."""
     if state.resync_reason:
         report.warnings.append(f"a sweep of every watched table is owed: {state.resync_reason}")
-    check_leftover_slots(conn, settings.slot_name, report)
+    if state.restored:
+        report.warnings.append(
+            "this database was restored from a dump since the listener last noted it "
+            "(cdc_invalidator.slot_state_v1 was made again): its next start, or install, "
+            "sweeps every watched table once (what was committed after the dump is gone, and "
+            "may be cached). Where Redis was flushed or restored with it, record it first to "
+            "keep the cache warm, as the installing role: UPDATE cdc_invalidator.slot_state_v1 "
+            "SET recorded_in = 'cdc_invalidator.slot_state_v1'::regclass"
+        )
 
 
 def check_leftover_slots(conn: psycopg.Connection[Any], slot: str | None, report: Report) -> None:

@@ -70,13 +70,18 @@ class TriggerMode:
         # What a slot of logical capture had not handed out, or what was written while
         # it was missing, is captured nowhere: swept, before any drop. The triggers are
         # in place.
-        done += logical_sql.sweep_before_drops(
+        swept = logical_sql.sweep_before_drops(
             conn,
             Q.SWEEP_ALL_TRIGGER,
             leftovers,
             logical_sql.unswept(conn, None) if registered else [],
             dropping=ours,
         )
+        if swept:
+            # (after the sweep is queued: a restore's mark, which logical mode left as the
+            # dump did, needs no second sweep)
+            conn.execute(Q.RECORD_STATE_TABLE.sql)
+        done += swept
         if ours:
             try:
                 logical_sql.drop_slot(conn, slot)

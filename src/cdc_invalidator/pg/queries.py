@@ -79,6 +79,7 @@ class Q(enum.Enum):
     RECORD_SLOT = "record_slot.sql"
     RECORD_RUN = "record_run.sql"  # logical mode: the server's run, per slot
     RECORD_TABLE = "record_table.sql"  # logical mode: the table slot_state_v1's rows are in
+    RECORD_STATE_TABLE = "record_state_table.sql"  # a switch to trigger mode, swept for
     DROP_SLOT = "drop_slot.sql"
     OUR_SLOT = "our_slot.sql"
     LEFTOVER_SLOTS = "leftover_slots.sql"  # ours, left when slot_name changed
