@@ -50,10 +50,11 @@ DROP TABLE burn;
 """
 
 
-def pg_dump(dsn: str) -> str:
-    """The database at `dsn` as pg_dump writes it (plain SQL, no owners)."""
+def pg_program(program: str, *args: str, stdin: str | None = None) -> str:
+    """One of the test server's programs (pg_dump, psql, pg_restore) run: its stdout."""
     return subprocess.run(
-        [str(find_pg_bindir() / "pg_dump"), "--no-owner", "-d", dsn],
+        [str(find_pg_bindir() / program), *args],
+        input=stdin,
         capture_output=True,
         text=True,
         check=True,
@@ -61,16 +62,14 @@ def pg_dump(dsn: str) -> str:
     ).stdout
 
 
+def pg_dump(dsn: str) -> str:
+    """The database at `dsn` as pg_dump writes it (plain SQL, no owners)."""
+    return pg_program("pg_dump", "--no-owner", "-d", dsn)
+
+
 def psql(dsn: str, script: str) -> None:
     """`script` run by psql in one transaction, stopping at the first error."""
-    subprocess.run(
-        [str(find_pg_bindir() / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-1", "-d", dsn],
-        input=script,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
+    pg_program("psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-1", "-d", dsn, stdin=script)
 
 
 @contextlib.contextmanager
@@ -232,6 +231,36 @@ def test_a_dump_restored_in_the_same_cluster_is_swept_once(
         assert not second.logged(said)
         second.signal(signal.SIGTERM)
         assert second.wait() == 0
+
+
+def test_a_dump_restored_over_the_same_database_is_swept(env: Env, spawn: Spawn) -> None:
+    """Trigger mode, `pg_restore --clean` over the database the dump was taken from, the
+    listener stopped meanwhile: our tables are made again, and the listener's next start
+    sweeps every watched table."""
+    env.sql(
+        "CREATE TABLE users (id int PRIMARY KEY, email text);"
+        "INSERT INTO users VALUES (1, 'a@x'), (2, 'b@x')"
+    )
+    config = env.config(USERS)
+    assert main(["install", "--config", str(config)]) == 0
+    r = env.redis()
+    dump = env.tmp_path / "app.dump"
+    with listening(config):
+        pg_program("pg_dump", "-Fc", "-f", str(dump), "-d", env.dsn)
+        r.set("user:2", "-")
+        env.sql("UPDATE users SET email = 'y@x' WHERE id = 2")
+        wait_until(lambda: r.exists("user:2") == 0, what="the change after the dump")
+    r.mset({"user:2": "y@x", "user:email:y@x": "2", "user:1": "a@x"})
+    pg_program("pg_restore", "--clean", "-d", env.dsn, str(dump))
+    listener = spawn(config)
+    wait_until(
+        lambda: r.exists("user:2", "user:email:y@x", "user:1") == 0,
+        what="every watched key swept: user 2 is b@x again",
+    )
+    (missed,) = listener.logged("changes_may_have_been_missed")
+    assert "restored from a dump" in missed["reason"]
+    listener.signal(signal.SIGTERM)
+    assert listener.wait() == 0
 
 
 RECORDED_ELSEWHERE = "UPDATE cdc_invalidator.slot_state_v1 SET recorded_in = 1"
