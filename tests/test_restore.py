@@ -20,6 +20,7 @@ import signal
 import subprocess
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -48,6 +49,17 @@ DO $$ BEGIN
 END $$;
 DROP TABLE burn;
 """
+
+
+def installed_users(env: Env, replay_history: str = "2h") -> Path:
+    """users(id, email) holding 1 a@x, 2 b@x and 3 c@x, installed: the configuration."""
+    env.sql(
+        "CREATE TABLE users (id int PRIMARY KEY, email text);"
+        "INSERT INTO users VALUES (1, 'a@x'), (2, 'b@x'), (3, 'c@x')"
+    )
+    config = env.config(USERS, replay_history=replay_history)
+    assert main(["install", "--config", str(config)]) == 0
+    return config
 
 
 def pg_program(program: str, *args: str, stdin: str | None = None) -> str:
@@ -89,12 +101,7 @@ def test_restored_into_another_cluster_refuses_to_skip_then_resets(
     env: Env, own_servers: Servers, spawn: Spawn, capsys: pytest.CaptureFixture[str]
 ) -> None:
     env.sql(BURN_XIDS)
-    env.sql(
-        "CREATE TABLE users (id int PRIMARY KEY, email text);"
-        "INSERT INTO users VALUES (1, 'a@x'), (2, 'b@x'), (3, 'c@x')"
-    )
-    source = env.config(USERS, replay_history="1h")
-    assert main(["install", "--config", str(source)]) == 0
+    source = installed_users(env, replay_history="1h")
     r = env.redis()
     listener = ListenerThread.from_file(source).start()
     try:
@@ -169,12 +176,7 @@ def test_a_dump_restored_in_the_same_cluster_is_swept_once(
     source's table. Trigger mode: install leaves it, `check` says the next start sweeps,
     which it does, once. Logical mode: the restored database needs a slot of its own, so
     an install, which owes the sweep; the listener does it, once."""
-    env.sql(
-        "CREATE TABLE users (id int PRIMARY KEY, email text);"
-        "INSERT INTO users VALUES (1, 'a@x'), (2, 'b@x'), (3, 'c@x')"
-    )
-    source = env.config(USERS)
-    assert main(["install", "--config", str(source)]) == 0
+    source = installed_users(env)
     r = env.redis()
     with listening(source):
         r.set("user:1", "-")
@@ -237,12 +239,7 @@ def test_a_dump_restored_over_the_same_database_is_swept(env: Env, spawn: Spawn)
     """Trigger mode, `pg_restore --clean` over the database the dump was taken from, the
     listener stopped meanwhile: our tables are made again, and the listener's next start
     sweeps every watched table."""
-    env.sql(
-        "CREATE TABLE users (id int PRIMARY KEY, email text);"
-        "INSERT INTO users VALUES (1, 'a@x'), (2, 'b@x')"
-    )
-    config = env.config(USERS)
-    assert main(["install", "--config", str(config)]) == 0
+    config = installed_users(env)
     r = env.redis()
     dump = env.tmp_path / "app.dump"
     with listening(config):
