@@ -428,6 +428,18 @@ def check_async_commits(
         )
 
 
+def _restored(table: str, who: str) -> str:
+    """A restore from a dump found by `table`'s marks (recorded_in), swept for by `who`."""
+    return (
+        "this database was restored from a dump since the listener last noted it "  # noqa: S608 - advice printed for a DBA, never run
+        f"(cdc_invalidator.{table} was made again): {who} sweeps every watched table once "
+        "(what was committed after the dump is gone, and may be cached). Where Redis was "
+        "flushed or restored with it, record it first to keep the cache warm, as the "
+        f"installing role: UPDATE cdc_invalidator.{table} SET recorded_in = "
+        f"'cdc_invalidator.{table}'::regclass"
+    )
+
+
 def check_lineage(conn: psycopg.Connection[Any], report: Report, *, sweep: bool) -> None:
     """Trigger mode: whether the listener's next start finds another server than the one
     it last ran on, or a database restored from a dump, and sweeps every watched table
@@ -438,15 +450,7 @@ def check_lineage(conn: psycopg.Connection[Any], report: Report, *, sweep: bool)
         return
     current, recorded, restored = row
     if restored:
-        report.warnings.append(
-            "this database was restored from a dump since the listener last noted it "
-            "(cdc_invalidator.listener_state_v1 was made again): its next start sweeps every "
-            "watched table once (what was committed after the dump is gone, and may be "
-            "cached). Where Redis was flushed or restored with it, record it first to keep "
-            "the cache warm, as the installing role: UPDATE "
-            "cdc_invalidator.listener_state_v1 SET recorded_in = "
-            "'cdc_invalidator.listener_state_v1'::regclass"
-        )
+        report.warnings.append(_restored("listener_state_v1", "its next start"))
     if current is None:
         report.warnings.append(
             "the server withholds its system identifier or WAL timeline "
@@ -1114,14 +1118,7 @@ def _sweeps_owed(state: SlotState, report: Report) -> None:
     if state.resync_reason:
         report.warnings.append(f"a sweep of every watched table is owed: {state.resync_reason}")
     if state.restored:
-        report.warnings.append(
-            "this database was restored from a dump since the listener last noted it "
-            "(cdc_invalidator.slot_state_v1 was made again): its next start, or install, "
-            "sweeps every watched table once (what was committed after the dump is gone, and "
-            "may be cached). Where Redis was flushed or restored with it, record it first to "
-            "keep the cache warm, as the installing role: UPDATE cdc_invalidator.slot_state_v1 "
-            "SET recorded_in = 'cdc_invalidator.slot_state_v1'::regclass"
-        )
+        report.warnings.append(_restored("slot_state_v1", "its next start, or install,"))
 
 
 def check_leftover_slots(conn: psycopg.Connection[Any], slot: str | None, report: Report) -> None:
