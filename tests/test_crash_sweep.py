@@ -23,7 +23,7 @@ import pytest
 from psycopg.conninfo import make_conninfo
 
 from tests.support.config import write_config
-from tests.support.env import Env, accepting, pg_of
+from tests.support.env import Env, pg_of, recovered_from
 from tests.support.faults import (
     TEMPLATES,
     acknowledged,
@@ -208,7 +208,7 @@ def test_a_crash_sweeps_what_a_reader_cached_and_a_clean_restart_does_not(
         os.kill(walwriter, signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError):
             os.kill(walwriter, signal.SIGCONT)
-    wait_until(lambda: accepting(env), what="PostgreSQL recovered")
+    wait_until(lambda: recovered_from(env, walwriter), what="PostgreSQL recovered")
     assert env.scalar("SELECT email FROM users WHERE id = 2") == email(2), "the commit lost"
     assert env.scalar(RUN) not in (None, before), "a crash empties unlogged tables"
     wait_until(

@@ -29,7 +29,7 @@ import redis
 from cdc_invalidator.cli import main
 from cdc_invalidator.pg.queries import Q
 from tests.support.config import write_config
-from tests.support.env import Env, Servers, accepting, drop_database, pg_of
+from tests.support.env import Env, Servers, drop_database, pg_of, recovered_from
 from tests.support.faults import TEMPLATES, cache, changed_and_deleted, keys_of, setup_users
 from tests.support.listener import ListenerThread, Spawn, check, listening
 from tests.support.servers import find_pg_bindir
@@ -480,7 +480,7 @@ def test_transaction_ids_a_crash_hands_out_again_are_not_skipped(own_env: Env) -
             with contextlib.suppress(ProcessLookupError):
                 os.kill(writer, signal.SIGCONT)
         wait_until(lambda: listener.runner.postgres.failures > failures, what="the crash seen")
-        wait_until(lambda: accepting(env), what="PostgreSQL recovered")
+        wait_until(lambda: recovered_from(env, writer), what="PostgreSQL recovered")
         wait_until(lambda: listener.runner.postgres.available, what="the listener back")
         ids = range(2, 11)
         cache(r, ids)

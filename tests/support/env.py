@@ -73,13 +73,18 @@ class Env:
         )
 
 
-def accepting(env: Env) -> bool:
-    """Whether the test's PostgreSQL takes connections (again, after a crash)."""
+def recovered_from(env: Env, killed: int) -> bool:
+    """Whether the test's PostgreSQL takes connections again after its process `killed`
+    was killed (a crash): that process is gone from pg_stat_activity, which keeps a killed
+    process's entry until the postmaster has noticed, ended every session and recovered.
+    (Taking connections is not enough: one made before the postmaster noticed is ended by
+    it, and the next is refused while it recovers, as CI saw.)"""
     try:
-        env.scalar("SELECT 1")
+        return not env.scalar(
+            "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE pid = %s)", [killed]
+        )
     except psycopg.OperationalError:
         return False
-    return True
 
 
 def pg_of(env: Env) -> PostgresServer:
