@@ -66,7 +66,7 @@ class AfterCrash:
     """Whether a server that came up from a crash is swept for (sweep_after_crash), and
     why: "always" (sessions may turn asynchronous commits on themselves, which no other
     session sees), "auto" where this database's writers commit asynchronously
-    (`places`, as the SQL that set it), "never"."""
+    (`places`, as the SQL that set it: read for "auto" alone), "never"."""
 
     setting: CrashSetting
     places: tuple[str, ...] = ()
@@ -77,16 +77,19 @@ class AfterCrash:
 
     def said(self) -> str:
         """Why a crash is swept for, or not."""
-        if self.places:
-            where = f"this database's writers commit asynchronously ({'; '.join(self.places)})"
-        else:
-            where = (
-                "no setting of the server, the database or a role has this database's "
-                "writers commit asynchronously"
+        if self.setting == "always":
+            return (
+                "sweep_after_crash = always: any session may commit asynchronously by its "
+                "own SET, which no other session sees"
             )
-        if self.setting == "auto":
-            return where
-        return f"sweep_after_crash = {self.setting}; {where}"
+        if self.setting == "never":
+            return "sweep_after_crash = never"
+        if self.places:
+            return f"this database's writers commit asynchronously ({'; '.join(self.places)})"
+        return (
+            "no setting of the server, the database or a role has this database's writers "
+            "commit asynchronously"
+        )
 
 
 def async_commit_places(conn: psycopg.Connection[Any]) -> tuple[str, ...]:
@@ -100,8 +103,10 @@ def async_commit_places(conn: psycopg.Connection[Any]) -> tuple[str, ...]:
 
 
 def after_crash(conn: psycopg.Connection[Any], setting: CrashSetting) -> AfterCrash:
-    """sweep_after_crash, with where this database's writers commit asynchronously."""
-    if setting == "never":
+    """sweep_after_crash, with where this database's writers commit asynchronously where
+    it decides ("auto"): the trigger listener asks at every connect, and the others'
+    answer would be read for nothing."""
+    if setting != "auto":
         return AfterCrash(setting)
     return AfterCrash(setting, async_commit_places(conn))
 
