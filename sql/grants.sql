@@ -88,6 +88,9 @@ BEGIN
     -- The server's lineage and run, which each listener compares with what it saw last.
     EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.server_lineage_v1() TO %s', listener);
     EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.server_run_v1() TO %s', listener);
+    -- This database's oid, which the logical listener compares with its rows' (PUBLIC may
+    -- call it too, as above).
+    EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.database_oid_v1() TO %s', listener);
     IF capture = 'trigger' THEN
         -- The server's lineage and run noted at each connect, a sweep queued on another
         -- one (note_server_v3(), SECURITY DEFINER: the only write to the queue it may make).

@@ -39,6 +39,13 @@ SELECT cdc_invalidator.add_column_v1('cdc_invalidator.slot_state_v1', 'recorded_
 UPDATE cdc_invalidator.slot_state_v1
 SET recorded_in = 'cdc_invalidator.slot_state_v1'::regclass
 WHERE recorded_in IS NULL;
+-- And the database (revision 9: database_oid_v1() in schema.sql): a row recorded in
+-- another one came with a copy of it (CREATE DATABASE ... TEMPLATE) put in this one's
+-- place, which keeps the table's oid.
+SELECT cdc_invalidator.add_column_v1('cdc_invalidator.slot_state_v1', 'recorded_in_database', 'oid');
+UPDATE cdc_invalidator.slot_state_v1
+SET recorded_in_database = cdc_invalidator.database_oid_v1()
+WHERE recorded_in_database IS NULL;
 
 CREATE SEQUENCE IF NOT EXISTS cdc_invalidator.logical_dead_letter_v1;
 

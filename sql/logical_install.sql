@@ -22,21 +22,25 @@ WHERE st.slot_name = {slot} AND st.acked_lsn IS NULL
   AND NOT EXISTS (SELECT FROM pg_replication_slots s WHERE s.slot_name = st.slot_name);
 INSERT INTO cdc_invalidator.slot_state_v1 (slot_name) VALUES ({slot})
 ON CONFLICT (slot_name) DO NOTHING;
--- A dump restored: a row of slot_state_v1 recorded in another table than this one
--- (recorded_in, logical.sql), whose rows the restore copied: the database went back to
--- the dump's time. Owed by the slot this install is for (a restore into another database
--- of the cluster needs a slot_name of its own, and so this install), then every row
+-- A dump restored, or a copy of another database: a row of slot_state_v1 recorded in
+-- another table than this one, or in another database (recorded_in, recorded_in_database,
+-- logical.sql), which the restore or the copy brought: the database went back to that
+-- time. Owed by the slot this install is for (a restore into another database of the
+-- cluster, or a copy, needs a slot_name of its own, and so this install), then every row
 -- recorded here. (The listener does the same at connect: slot_info.sql.)
 UPDATE cdc_invalidator.slot_state_v1
-SET resync_reason = coalesce(resync_reason, 'the database was restored from a dump '
-    '(cdc_invalidator.slot_state_v1 was made again since its rows were recorded): it '
-    'went back to the dump''s time')
+SET resync_reason = coalesce(resync_reason, 'the database was restored from a dump or '
+    'copied from another (cdc_invalidator.slot_state_v1''s rows were recorded in another '
+    'table or database): it went back to the time of the dump or copy')
 WHERE slot_name = {slot}
   AND EXISTS (SELECT FROM cdc_invalidator.slot_state_v1 o
-              WHERE o.recorded_in <> 'cdc_invalidator.slot_state_v1'::regclass);
+              WHERE o.recorded_in <> 'cdc_invalidator.slot_state_v1'::regclass
+                 OR o.recorded_in_database <> cdc_invalidator.database_oid_v1());
 UPDATE cdc_invalidator.slot_state_v1
-SET recorded_in = 'cdc_invalidator.slot_state_v1'::regclass
-WHERE recorded_in IS DISTINCT FROM 'cdc_invalidator.slot_state_v1'::regclass;
+SET recorded_in = 'cdc_invalidator.slot_state_v1'::regclass,
+    recorded_in_database = cdc_invalidator.database_oid_v1()
+WHERE recorded_in IS DISTINCT FROM 'cdc_invalidator.slot_state_v1'::regclass
+   OR recorded_in_database IS DISTINCT FROM cdc_invalidator.database_oid_v1();
 -- The server's run, as trigger mode's install records it in listener_state_v1: a crash
 -- before the listener's first start is seen by it too. Never over a listener's.
 UPDATE cdc_invalidator.slot_state_v1

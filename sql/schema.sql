@@ -356,6 +356,21 @@ SELECT cdc_invalidator.add_column_v1('cdc_invalidator.listener_state_v1', 'recor
 UPDATE cdc_invalidator.listener_state_v1
 SET recorded_in = 'cdc_invalidator.listener_state_v1'::regclass
 WHERE recorded_in IS NULL;
+-- This database's oid. A copy made by CREATE DATABASE ... TEMPLATE (a snapshot taken
+-- before a risky change, later renamed into place, or copied over a database dropped)
+-- keeps every table's oid, and its rows too, but is another database, with another oid.
+-- A catalog lookup, so PUBLIC may call it (the logical listener does: slot_info.sql).
+CREATE OR REPLACE FUNCTION cdc_invalidator.database_oid_v1() RETURNS oid
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS 'SELECT oid FROM pg_database WHERE datname = current_database()';
+-- The database this row was recorded in (revision 9), beside the table: a row recorded
+-- in another database came with a copy of it, which took this one back to the copy's
+-- time, as a dump's restore does (note_server_v3() compares). Recorded by install where
+-- none is, as recorded_in is.
+SELECT cdc_invalidator.add_column_v1('cdc_invalidator.listener_state_v1', 'recorded_in_database', 'oid');
+UPDATE cdc_invalidator.listener_state_v1
+SET recorded_in_database = cdc_invalidator.database_oid_v1()
+WHERE recorded_in_database IS NULL;
 
 -- When the listener's progress got where: each save of listener_state_v1 also records
 -- its snapshot here, with the time of the save (save_progress.sql). Every transaction
@@ -459,10 +474,11 @@ LANGUAGE sql IMMUTABLE AS 'SELECT 1';
 -- revision 7: note_server_v2(), which replaces it, and listener_state_v1.server_run
 -- and slot_state_v1.server_run, which the listener compares with the server's;
 -- revision 8: note_server_v3(), which replaces that, and listener_state_v1.recorded_in
--- and slot_state_v1.recorded_in, which the listener compares with the table's oid).
+-- and slot_state_v1.recorded_in, which the listener compares with the table's oid;
+-- revision 9: their recorded_in_database, which it compares with database_oid_v1()).
 -- A constant, so PUBLIC may call it.
 CREATE OR REPLACE FUNCTION cdc_invalidator.schema_revision() RETURNS integer
-LANGUAGE sql IMMUTABLE AS 'SELECT 8';
+LANGUAGE sql IMMUTABLE AS 'SELECT 9';
 
 -- The mappings installed, in order (revision 5): an install whose configuration's
 -- tables mean something else than the last one's adds a row (record_mapping.sql). A
@@ -1030,8 +1046,9 @@ REVOKE ALL ON FUNCTION cdc_invalidator.queue_sweep_once_v1(text, text, text, reg
 -- `sweep` (sweep_after_failover) is false and the server is a newer timeline of the same
 -- system (a promotion, a point-in-time recovery: what synchronous replication may make
 -- needless). A database restored from a dump on the same lineage (into another database
--- of this cluster, or over this one: listener_state_v1.recorded_in is not this table)
--- went back to the dump's time: swept whatever the settings, as no replication keeps
+-- of this cluster, or over this one: listener_state_v1.recorded_in is not this table), or
+-- a copy of another database put in its place (recorded_in_database is not this one)
+-- went back to that time: swept whatever the settings, as no replication keeps
 -- what it lacks. On the same lineage, a server that came up from a crash since the run
 -- recorded (server_run_v1(): another mark; none recorded, a first start: nothing
 -- compared) lost the asynchronous commits not yet flushed: swept the same way if
@@ -1042,7 +1059,7 @@ REVOKE ALL ON FUNCTION cdc_invalidator.queue_sweep_once_v1(text, text, text, reg
 -- Returns the lineage compared with (`seen` where it tells, else the one recorded), this
 -- one (NULL: unknown), whether a sweep was queued, the run compared with (this one where
 -- another lineage was recorded: not compared) and this one, and whether the row was
--- recorded in another listener_state_v1 (a restore).
+-- recorded in another listener_state_v1 or database (a restore, a copy).
 -- SECURITY DEFINER: the listener's role may not write the queue (it is granted this
 -- function by grant_listener); the caller chooses no more than the two sweeps and which
 -- lineage is compared (one shaped as a lineage, or none).
@@ -1063,6 +1080,7 @@ BEGIN
     swept := false;
     SELECT s.server_lineage, s.server_run,
            s.recorded_in <> 'cdc_invalidator.listener_state_v1'::regclass
+           OR s.recorded_in_database <> cdc_invalidator.database_oid_v1()
     INTO recorded, run_before, restored
     FROM cdc_invalidator.listener_state_v1 s FOR UPDATE;
     restored := coalesce(restored, false);  -- (none recorded: an older release's row)
@@ -1096,9 +1114,9 @@ BEGIN
     IF restored THEN
         -- (whatever the rules above found: the restore says why, and it is swept for
         -- whatever the settings)
-        why := 'the database was restored from a dump (cdc_invalidator.listener_state_v1 '
-               'was made again since its row was recorded): it went back to the dump''s '
-               'time';
+        why := 'the database was restored from a dump or copied from another '
+               '(cdc_invalidator.listener_state_v1''s row was recorded in another table or '
+               'database): it went back to the time of the dump or copy';
     END IF;
     IF why IS NULL AND sweep_crashed AND run <> run_before THEN
         why := format('PostgreSQL crashed since its run noted at %s (this one noted at %s), '
@@ -1117,7 +1135,8 @@ BEGIN
     UPDATE cdc_invalidator.listener_state_v1
     SET server_lineage = coalesce(current, server_lineage),
         server_run = coalesce(run, server_run),
-        recorded_in = 'cdc_invalidator.listener_state_v1'::regclass;
+        recorded_in = 'cdc_invalidator.listener_state_v1'::regclass,
+        recorded_in_database = cdc_invalidator.database_oid_v1();
 END
 $note$;
 REVOKE ALL ON FUNCTION cdc_invalidator.note_server_v3(boolean, text, boolean) FROM PUBLIC;

@@ -14,7 +14,8 @@ SELECT n.name AS slot_name,
        st.resync_reason,
        st.server_run,
        EXISTS (SELECT FROM cdc_invalidator.slot_state_v1 o
-               WHERE o.recorded_in <> 'cdc_invalidator.slot_state_v1'::regclass) AS restored,
+               WHERE o.recorded_in <> 'cdc_invalidator.slot_state_v1'::regclass
+                  OR o.recorded_in_database <> cdc_invalidator.database_oid_v1()) AS restored,
        st.slot_name IS NOT NULL AS registered,
        coalesce(s.two_phase, false) AS two_phase
 FROM (SELECT %(slot)s::name AS name) n

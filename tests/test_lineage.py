@@ -171,26 +171,29 @@ def test_what_note_server_sweeps_for_after_a_crash(
 
 IN_TABLE = (
     "SELECT recorded_in = 'cdc_invalidator.listener_state_v1'::regclass"
+    " AND recorded_in_database = cdc_invalidator.database_oid_v1()"
     " FROM cdc_invalidator.listener_state_v1"
 )
 NOTE_RESTORED = "SELECT swept, restored FROM cdc_invalidator.note_server_v3(false, NULL, false)"
 
 
 @pytest.mark.parametrize("lineage", ["here", "older", None])
-def test_a_row_recorded_in_another_table_is_a_restore_swept_for_whatever_the_settings(
-    env: Env, lineage: str | None
+@pytest.mark.parametrize("mark", ["recorded_in", "recorded_in_database"])
+def test_a_row_recorded_in_another_table_or_database_is_swept_for_whatever_the_settings(
+    env: Env, lineage: str | None, mark: str
 ) -> None:
     """note_server_v3(): listener_state_v1's row recorded in another table than itself
-    (a dump restored: the table made again, the row copied) is swept for, with
-    sweep_after_failover and sweep_after_crash off, on the same lineage, a newer timeline
-    or none recorded; once, and the table recorded."""
+    (a dump restored: the table made again, the row copied), or in another database (a
+    copy made by CREATE DATABASE ... TEMPLATE, which keeps the table's oid) is swept
+    for, with sweep_after_failover and sweep_after_crash off, on the same lineage, a
+    newer timeline or none recorded; once, and the table and database recorded."""
     setup_users(env)
     assert env.scalar(IN_TABLE) is True, "install recorded it"
     here = env.scalar(LINEAGE)
     system, _, timeline = here.split()
     recorded = {"here": here, "older": f"{system} timeline {int(timeline) - 1}", None: None}
     env.sql(
-        "UPDATE cdc_invalidator.listener_state_v1 SET recorded_in = 1, server_lineage = %s",
+        f"UPDATE cdc_invalidator.listener_state_v1 SET {mark} = 1, server_lineage = %s",
         [recorded[lineage]],
     )
     with env.connect() as conn:

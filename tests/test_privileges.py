@@ -284,9 +284,18 @@ def revision(number: int, removed: str) -> str:
     )
 
 
-# Revision 7 (before note_server_v3() and recorded_in), revision 6 (before
-# note_server_v2() and the server's run) and revision 2 (before progress_v1).
-REVISION_7 = revision(
+# Revision 8 (before recorded_in_database), revision 7 (before note_server_v3() and
+# recorded_in), revision 6 (before note_server_v2() and the server's run) and revision 2
+# (before progress_v1).
+REVISION_8 = revision(
+    8,
+    """
+    ALTER TABLE cdc_invalidator.listener_state_v1 DROP COLUMN recorded_in_database;
+    ALTER TABLE IF EXISTS cdc_invalidator.slot_state_v1 DROP COLUMN IF EXISTS recorded_in_database;
+    DROP FUNCTION cdc_invalidator.database_oid_v1();
+    """,
+)
+REVISION_7 = REVISION_8 + revision(
     7,
     """
     DROP FUNCTION cdc_invalidator.note_server_v3(boolean, text, boolean);
@@ -358,7 +367,9 @@ def test_functions_another_role_put_in_public_never_run_in_our_sessions(
 
 @pytest.mark.parametrize("capture", ["trigger"])  # progress_v1 is trigger mode's
 @pytest.mark.parametrize(
-    "older", [REVISION_2, REVISION_6, REVISION_7], ids=["revision 2", "revision 6", "revision 7"]
+    "older",
+    [REVISION_2, REVISION_6, REVISION_7, REVISION_8],
+    ids=["revision 2", "revision 6", "revision 7", "revision 8"],
 )
 def test_an_upgrade_keeps_the_listeners_grants_and_its_backlog(
     env: Env, spawn: Spawn, listener_role: str, writer_role: str, older: str
@@ -367,8 +378,8 @@ def test_an_upgrade_keeps_the_listeners_grants_and_its_backlog(
     by the older release: `install` adds progress_v1 (revision 3) and note_server_v3()
     (revision 8) and gives them to that role, whose listener then drains the backlog and
     saves its progress there (no grant_listener call in between). The upgrade sweeps
-    nothing: install records the table the listener's row is in (recorded_in), as it
-    was."""
+    nothing: install records the table and database the listener's row is in
+    (recorded_in, recorded_in_database), as they were."""
     tables(env, writer_role)
     dba = install(env)
     grant(env, listener_role)

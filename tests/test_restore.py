@@ -25,6 +25,7 @@ from pathlib import Path
 import psycopg
 import pytest
 import redis
+from psycopg.conninfo import conninfo_to_dict
 
 from cdc_invalidator.cli import main
 from cdc_invalidator.pg.queries import Q
@@ -85,16 +86,32 @@ def psql(dsn: str, script: str) -> None:
 
 
 @contextlib.contextmanager
-def another_database(env: Env) -> Iterator[str]:
-    """A new database of the test's cluster, dropped after (its slots first): its DSN."""
+def another_database(env: Env, template: str = "template1") -> Iterator[str]:
+    """A new database of the test's cluster, a copy of `template`, dropped after (its
+    slots first): its DSN."""
     name = "t_" + uuid.uuid4().hex[:12]
     admin = env.servers.pg_dsn("postgres")
     with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"'.encode())
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"'.encode())
     try:
         yield env.servers.pg_dsn(name)
     finally:
         drop_database(admin, name)
+
+
+@contextlib.contextmanager
+def copy_of(env: Env, how: str) -> Iterator[str]:
+    """The test's database as it is now, in a new database of its cluster (dropped
+    after): a dump of it restored there ("pg_dump"), or a copy made by CREATE DATABASE
+    ... TEMPLATE ("template": no session may be open on it). Its DSN."""
+    if how == "template":
+        with another_database(env, template=str(conninfo_to_dict(env.dsn)["dbname"])) as dsn:
+            yield dsn
+        return
+    dump = pg_dump(env.dsn)
+    with another_database(env) as dsn:
+        psql(dsn, dump)
+        yield dsn
 
 
 def test_restored_into_another_cluster_refuses_to_skip_then_resets(
@@ -166,31 +183,32 @@ RESYNCS = "SELECT count(*) FROM cdc_invalidator.queue_v1 WHERE new_row::jsonb ? 
 
 
 @pytest.mark.usefixtures("capture")
-def test_a_dump_restored_in_the_same_cluster_is_swept_once(
-    env: Env, spawn: Spawn, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("how", ["pg_dump", "template"])
+def test_a_dump_restored_or_a_copy_in_the_same_cluster_is_swept_once(
+    env: Env, spawn: Spawn, capsys: pytest.CaptureFixture[str], how: str
 ) -> None:
-    """A dump restored into another database of the same cluster (the same system
-    identifier and timeline as the source: the lineage cannot tell it). The database
-    went back to the dump's time; a value read from the source after the dump stays
-    cached unless swept. listener_state_v1's row came with the dump, recorded in the
-    source's table. Trigger mode: install leaves it, `check` says the next start sweeps,
-    which it does, once. Logical mode: the restored database needs a slot of its own, so
-    an install, which owes the sweep; the listener does it, once."""
+    """A dump restored into another database of the same cluster, or a copy made by
+    CREATE DATABASE ... TEMPLATE (as a snapshot before a risky change, renamed into place
+    later): the same system identifier and timeline as the source, so the lineage cannot
+    tell it. The database went back to the dump's or copy's time; a value read from the
+    source after it stays cached unless swept. listener_state_v1's row came with it,
+    recorded in the source's table (a dump) or database (a copy, which keeps the table's
+    oid). Trigger mode: install leaves it, `check` says the next start sweeps, which it
+    does, once. Logical mode: the copy needs a slot of its own, so an install, which owes
+    the sweep; the listener does it, once."""
     source = installed_users(env)
     r = env.redis()
     with listening(source):
         r.set("user:1", "-")
         env.sql("UPDATE users SET email = 'z@x' WHERE id = 1")
         wait_until(lambda: r.exists("user:1") == 0, what="an invalidation on the source")
-        dump = pg_dump(env.dsn)
-        # After the dump: changed, invalidated, read again and cached by a reader.
-        r.set("user:2", "-")
-        env.sql("UPDATE users SET email = 'y@x' WHERE id = 2")
-        wait_until(lambda: r.exists("user:2") == 0, what="the change after the dump")
-    r.mset({"user:2": "y@x", "user:email:y@x": "2", "user:3": "c@x", "other:1": "-"})
-
-    with another_database(env) as restored_dsn:
-        psql(restored_dsn, dump)
+    with copy_of(env, how) as restored_dsn:
+        with listening(source):
+            # After the copy: changed, invalidated, read again and cached by a reader.
+            r.set("user:2", "-")
+            env.sql("UPDATE users SET email = 'y@x' WHERE id = 2")
+            wait_until(lambda: r.exists("user:2") == 0, what="the change after the copy")
+        r.mset({"user:2": "y@x", "user:email:y@x": "2", "user:3": "c@x", "other:1": "-"})
         mode = {"capture": "logical", "slot_name": "restored"} if env.logical else {}
         config = write_config(
             env.tmp_path / "restored.toml",
@@ -261,31 +279,37 @@ def test_a_dump_restored_over_the_same_database_is_swept(env: Env, spawn: Spawn)
 
 
 RECORDED_ELSEWHERE = "UPDATE cdc_invalidator.slot_state_v1 SET recorded_in = 1"
+COPIED_FROM_ELSEWHERE = "UPDATE cdc_invalidator.slot_state_v1 SET recorded_in_database = 1"
 OWED = "SELECT resync_reason FROM cdc_invalidator.slot_state_v1 WHERE slot_name = %s"
 
 
 @pytest.mark.usefixtures("capture")
 @pytest.mark.parametrize("capture", ["logical"])
+@pytest.mark.parametrize(
+    "elsewhere", [RECORDED_ELSEWHERE, COPIED_FROM_ELSEWHERE], ids=["restored", "copied"]
+)
 def test_a_slot_row_a_restore_copied_is_swept_for_by_the_listener_once(
-    env: Env, spawn: Spawn, capsys: pytest.CaptureFixture[str]
+    env: Env, spawn: Spawn, capsys: pytest.CaptureFixture[str], elsewhere: str
 ) -> None:
     """Logical mode, a restore that keeps the slot (pg_restore --clean over the same
-    database), stood in for by a row recorded in another table: the listener sweeps at
-    connect and records it, so neither its next start nor a later install (an upgrade, a
-    configuration change) owes another sweep (a review: install alone recorded it, and
-    swept again months later). An upgrade's install owes nothing either; `check` on the
-    restored database says the sweep is coming, and an install run before the listener
-    owes it, and says so."""
+    database), stood in for by a row recorded in another table, or a copy of another
+    database (its slot kept by a DBA who renamed the two), by a row recorded in another
+    database: the listener sweeps at connect and records it, so neither its next start
+    nor a later install (an upgrade, a configuration change) owes another sweep (a
+    review: install alone recorded it, and swept again months later). An upgrade's
+    install owes nothing either; `check` on the restored database says the sweep is
+    coming, and an install run before the listener owes it, and says so."""
     config = setup_users(env, rows=2)
     slot = env.scalar("SELECT slot_name FROM cdc_invalidator.slot_state_v1")
     env.sql(
-        "ALTER TABLE cdc_invalidator.slot_state_v1 DROP COLUMN recorded_in;"
+        "ALTER TABLE cdc_invalidator.slot_state_v1 DROP COLUMN recorded_in,"
+        " DROP COLUMN recorded_in_database;"
         "CREATE OR REPLACE FUNCTION cdc_invalidator.schema_revision() RETURNS integer"
         " LANGUAGE sql IMMUTABLE AS 'SELECT 7'"
     )
     assert main(["install", "--config", str(config)]) == 0
     assert env.scalar(OWED, [slot]) is None, "an upgrade from revision 7 owes nothing"
-    env.sql(RECORDED_ELSEWHERE)
+    env.sql(elsewhere)
     r = env.redis()
     cache(r, [1, 2])
     first = spawn(config)
@@ -304,7 +328,7 @@ def test_a_slot_row_a_restore_copied_is_swept_for_by_the_listener_once(
     assert second.wait() == 0
     # The same restore, with `check`, then `install`, run before the listener: each says
     # it, and install owes the sweep.
-    env.sql(RECORDED_ELSEWHERE)
+    env.sql(elsewhere)
     _, out, err = check(config, capsys)
     assert "this database was restored from a dump" in out + err, out + err
     assert main(["install", "--config", str(config)]) == 0

@@ -429,22 +429,24 @@ def check_async_commits(
 
 
 def _restored(table: str, who: str) -> str:
-    """A restore from a dump found by `table`'s marks (recorded_in), swept for by `who`."""
+    """A restore from a dump, or a copy of another database, found by `table`'s marks
+    (recorded_in, recorded_in_database), swept for by `who`."""
     return (
-        "this database was restored from a dump since the listener last noted it "  # noqa: S608 - advice printed for a DBA, never run
-        f"(cdc_invalidator.{table} was made again): {who} sweeps every watched table once "
-        "(what was committed after the dump is gone, and may be cached). Where Redis was "
-        "flushed or restored with it, record it first to keep the cache warm, as the "
-        f"installing role: UPDATE cdc_invalidator.{table} SET recorded_in = "
-        f"'cdc_invalidator.{table}'::regclass"
+        "this database was restored from a dump, or copied from another, since the "  # noqa: S608 - advice printed for a DBA, never run
+        f"listener last noted it (cdc_invalidator.{table} was made again, or is another "
+        f"database's): {who} sweeps every watched table once (what was committed after "
+        "the dump or copy is gone, and may be cached). Where Redis was flushed or restored "
+        "with it, record it first to keep the cache warm, as the installing role: UPDATE "
+        f"cdc_invalidator.{table} SET recorded_in = 'cdc_invalidator.{table}'::regclass, "
+        "recorded_in_database = cdc_invalidator.database_oid_v1()"
     )
 
 
 def check_lineage(conn: psycopg.Connection[Any], report: Report, *, sweep: bool) -> None:
     """Trigger mode: whether the listener's next start finds another server than the one
-    it last ran on, or a database restored from a dump, and sweeps every watched table
-    (capture/lineage.py): said before it happens, when a DBA can still keep the cache warm
-    where nothing was lost."""
+    it last ran on, or a database restored from a dump or copied from another, and sweeps
+    every watched table (capture/lineage.py): said before it happens, when a DBA can still
+    keep the cache warm where nothing was lost."""
     row = conn.execute(Q.CHECK_LINEAGE.sql).fetchone()
     if row is None:
         return

@@ -23,7 +23,10 @@ A dump restored on the same lineage (into another database of the cluster, or ov
 same one) takes the database back to the dump's time: what was committed since is lost,
 as a failover loses it. Trigger mode tells it by listener_state_v1 itself, made again by the
 restore with another oid, where the row the dump carried recorded the old one
-(recorded_in), and sweeps for it whatever the settings. Logical mode does the same with
+(recorded_in), and sweeps for it whatever the settings. A copy of another database
+(CREATE DATABASE ... TEMPLATE, renamed into place or made over a database dropped) keeps
+the table's oid but is another database: its row recorded the other's oid
+(recorded_in_database), and is swept for the same way. Logical mode does the same with
 slot_state_v1 (capture/logical.py, and its install).
 
 A crash with asynchronous commits loses readable transactions too, on the same timeline:
@@ -53,11 +56,13 @@ log = structlog.get_logger("cdc_invalidator.capture")
 
 CrashSetting = Literal["auto", "always", "never"]
 
-# Why a database restored from a dump in the same cluster is swept for, in either mode.
+# Why a database restored from a dump in the same cluster, or copied from another, is
+# swept for, in either mode.
 RESTORED = (
-    "the database was restored from a dump (cdc_invalidator's tables were made again since "
-    "the listener last noted them): it went back to the dump's time, and rows readers "
-    "cached since may be gone or older"
+    "the database was restored from a dump or copied from another (cdc_invalidator's "
+    "tables were made again, or are another database's, since the listener last noted "
+    "them): it went back to the time of the dump or copy, and rows readers cached since "
+    "may be gone or older"
 )
 
 
@@ -154,9 +159,9 @@ def note_server(
 ) -> str | None:
     """Record this server's lineage and run, queueing a sweep of every watched table if
     it is another than the last, or than `seen` (the one this listener's previous session
-    saw), or the database was restored from a dump, or came up from a crash since where
-    `crash` sweeps for one; `sweep`: sweep_after_failover. Say what was found; return the
-    lineage (None: unknown)."""
+    saw), or the database was restored from a dump or copied from another, or came up
+    from a crash since where `crash` sweeps for one; `sweep`: sweep_after_failover. Say
+    what was found; return the lineage (None: unknown)."""
     previous, current, swept, run_before, run, restored = cast(
         "tuple[str | None, str | None, bool, str | None, str | None, bool]",
         conn.execute(

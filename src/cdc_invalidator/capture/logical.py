@@ -322,8 +322,9 @@ class LogicalCapture:
         commits that readers cached (capture/lineage.py), or None: a primary gone back
         to after a standby was promoted and used (told by the lineage this listener's
         previous session saw, `seen`, while it runs), a database restored from a dump
-        in the same cluster (slot_state_v1 made again), or one that came up from a crash
-        since the run recorded (`run`, now), where sweep_after_crash says so."""
+        in the same cluster (slot_state_v1 made again) or copied from another (its rows
+        recorded in that one), or one that came up from a crash since the run recorded
+        (`run`, now), where sweep_after_crash says so."""
         if gone_back(seen, lineage):
             return (
                 f"the listener's previous session ran on another server ({seen}; now "
