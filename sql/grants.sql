@@ -124,8 +124,11 @@ REVOKE ALL ON FUNCTION cdc_invalidator.grant_listener(regrole, text) FROM PUBLIC
 -- (UPDATE on listener_state_v1: grant_listener's trigger set), as grant_listener would,
 -- so that the upgrade order of docs/DBA.md (stop, install, start) needs no call in
 -- between; and server_run_v1() (revision 7, not executable by PUBLIC), which the logical
--- listener calls, to the roles granted logical mode (UPDATE on slot_state_v1). Nothing
--- else changes.
+-- listener calls, to the roles granted logical mode (UPDATE on slot_state_v1). And
+-- database_oid_v1() (revision 9), which the logical listener and `check` call, to both:
+-- PUBLIC may call it, unless the installing role's default privileges revoke that (a
+-- review: a logical listener granted by revision 8 then failed on it). Nothing else
+-- changes.
 DO $carry_grants$
 DECLARE
     listener regrole;
@@ -140,6 +143,7 @@ BEGIN
                        listener);
         EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.note_server_v3(boolean, text, boolean) TO %s',
                        listener);
+        EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.database_oid_v1() TO %s', listener);
     END LOOP;
     FOR listener IN
         SELECT a.grantee::regrole
@@ -148,6 +152,7 @@ BEGIN
           AND a.privilege_type = 'UPDATE' AND a.grantee <> 0 AND a.grantee <> c.relowner
     LOOP
         EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.server_run_v1() TO %s', listener);
+        EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.database_oid_v1() TO %s', listener);
     END LOOP;
 END
 $carry_grants$;

@@ -402,6 +402,33 @@ def test_an_upgrade_keeps_the_listeners_grants_and_its_backlog(
     stop(listener)
 
 
+@pytest.mark.parametrize("capture", ["logical"])
+def test_an_upgrade_gives_a_logical_listener_a_function_public_may_not_call(
+    env: Env, spawn: Spawn, listener_role: str, writer_role: str
+) -> None:
+    """A logical listener's role granted by revision 8, where the installing role's
+    default privileges keep EXECUTE on new functions from PUBLIC: install gives it
+    database_oid_v1() (revision 9), which it calls at each connect, with no grant_listener
+    call in between (a review: it stopped on "permission denied for function
+    database_oid_v1")."""
+    tables(env, writer_role)
+    dba = install(env)
+    grant(env, listener_role)
+    env.sql(REVISION_8 + "ALTER DEFAULT PRIVILEGES REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC;")
+    assert main(["install", "--config", str(dba)]) == 0
+    assert not env.scalar(
+        "SELECT has_function_privilege('public', 'cdc_invalidator.database_oid_v1()', 'EXECUTE')"
+    )
+    r = env.redis()
+    listener = spawn(config(env, USERS, name="listener.toml", role=listener_role))
+    r.mset({"user:1": "-", "user:email:a@x": "1"})
+    with psycopg.connect(as_role(env, writer_role), autocommit=True) as writer:
+        writer.execute("UPDATE users SET email = 'z@x' WHERE id = 1")
+    wait_until(lambda: r.exists("user:1", "user:email:a@x") == 0, what="the change's keys")
+    assert not listener.logged("cannot_consume")
+    stop(listener)
+
+
 def with_filter(path: Path, line: str) -> Path:
     """The config at `path`, its users section given a column filter (TOML `line`)."""
     text = path.read_text()

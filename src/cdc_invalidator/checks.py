@@ -1116,7 +1116,8 @@ def check_logical_server(conn: psycopg.Connection[Any], settings: Settings, repo
 
 def _sweeps_owed(state: SlotState, report: Report) -> None:
     """Logical mode: the sweep the slot owes, and one its next start, or install, owes a
-    restore (slot_state_v1 made again since its rows were recorded)."""
+    restore or a copy (slot_state_v1 made again, or another database's, since its rows
+    were recorded)."""
     if state.resync_reason:
         report.warnings.append(f"a sweep of every watched table is owed: {state.resync_reason}")
     if state.restored:
