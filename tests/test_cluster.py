@@ -683,6 +683,25 @@ CLUSTER_ACL = (
 )
 
 
+def test_the_source_mark_is_read_and_written_where_its_slot_lives(
+    cluster: RedisClusterServer,
+) -> None:
+    """The source mark (redis_guard/source.py) on a cluster: one key, on the primary its
+    slot maps to, read back through any node."""
+    key = "cdc_invalidator:source:7001:app"
+    sink = connect_sink(cluster.nodes[0].url)
+    assert isinstance(sink, ClusterSink)
+    assert sink.read_mark(key) is None
+    sink.write_mark(key, "16384 timeline 2")
+    other = connect_sink(cluster.nodes[2].url)
+    assert other.read_mark(key) == "16384 timeline 2"
+    rc = RedisCluster.from_url(cluster.url, decode_responses=True)
+    assert rc.delete(key) == 1
+    rc.close()
+    other.close()
+    sink.close()
+
+
 def test_the_documented_acl_is_enough_for_a_cluster(cluster: RedisClusterServer) -> None:
     for node in cluster.nodes:
         _cmd(node, "ACL", "SETUSER", "cdc_cluster", *CLUSTER_ACL.split())

@@ -11,7 +11,8 @@ it). In trigger mode the queue and the position came along with the data: the li
 tells the promoted standby by its new timeline (capture/lineage.py), and queues a sweep
 unless sweep_after_failover = false. Going back to the old primary afterwards sweeps
 again in both modes: it lacks what was written on the promoted one, and the listener's
-previous session saw that one's timeline.
+previous session saw that one's timeline; a listener started afresh there tells it by
+the source mark it keeps in Redis (redis_guard/source.py).
 
 And synchronous_standby_names that would let PostgreSQL make the listener's stream a
 synchronous standby: said at every start of the stream."""
@@ -47,8 +48,9 @@ def _caught_up(primary: PostgresServer, standby: PostgresServer, dbname: str) ->
     return bool(done and done[0])
 
 
+@pytest.mark.parametrize("afresh", [False, True], ids=["running", "started-afresh"])
 def test_a_failover_sweeps_what_a_reader_cached_from_a_transaction_it_lost(
-    own_env: Env, spawn: Spawn
+    own_env: Env, spawn: Spawn, afresh: bool
 ) -> None:
     env = own_env
     primary = pg_of(env)
@@ -60,7 +62,7 @@ def test_a_failover_sweeps_what_a_reader_cached_from_a_transaction_it_lost(
             "?target_session_attrs=read-write"
         )
         # (no second deletes: the only deletes of a key cached after a change are a sweep's)
-        config = setup_users(env, rows=3, database_url=both, second_delete_ms=0)
+        config = setup_users(env, rows=3, database_url=both, second_delete_ms=0, source_mark=True)
         r = env.redis()
         listener = spawn(config)
         changed_and_deleted(r, env.dsn, 1, "a change's keys deleted")
@@ -94,17 +96,29 @@ def test_a_failover_sweeps_what_a_reader_cached_from_a_transaction_it_lost(
 
         # Going back to the old primary (a failover undone): it lacks what was written
         # on the standby, and never saw its timeline. The listener's previous session
-        # did: it sweeps again, and a reader's copy of the standby's row goes.
+        # did: it sweeps again, and a reader's copy of the standby's row goes. One
+        # started afresh there: the source mark in Redis says the timeline it saw.
         r.mset({"user:3": "from-the-standby", "user:email:changed3@x": "3"})
+        if afresh:
+            listener.signal(signal.SIGTERM)
+            assert listener.wait() == 0
         standby.stop()
         primary.start()
+        if afresh:
+            listener = spawn(config)
         wait_until(
             lambda: r.exists("user:3", "user:email:changed3@x") == 0,
             timeout_s=30,
             what="the sweep on going back",
         )
-        back = listener.logged("changes_may_have_been_missed")[-1]
-        assert "timeline 2; now" in back["reason"], back
+        # (a listener that ran on the standby tells it by both: the source mark too)
+        said = (
+            "older than the one this Redis was last invalidated from"
+            if afresh
+            else ("timeline 2; now")
+        )
+        reasons = [m["reason"] for m in listener.logged("changes_may_have_been_missed")]
+        assert any(said in reason for reason in reasons), reasons
         # (row 3's change was made on the standby: on the old primary it is a change again)
         changed_and_deleted(r, env.dsn, 3, "a change on the old primary")
         listener.signal(signal.SIGTERM)

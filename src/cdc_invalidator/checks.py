@@ -34,6 +34,7 @@ from cdc_invalidator.pg.connect import REPLICATION, PgConnector, PoolerInTheWay
 from cdc_invalidator.pg.queries import Q
 from cdc_invalidator.pg.standbys import names_standby
 from cdc_invalidator.redact import redact_url
+from cdc_invalidator.redis_guard.source import KEY_PREFIX as SOURCE_KEY_PREFIX
 from cdc_invalidator.redis_guard.window import MARGIN_S, persistence_window
 from cdc_invalidator.settings import Settings
 from cdc_invalidator.sink import REDIS_ERRORS, REDIS_REFUSED, Sink, url_db
@@ -1176,8 +1177,26 @@ def check_redis(sink: Sink, url: str, settings: Settings) -> Report:
     report.ok.append(f"redis at {redact_url(url)}: {what}")
     check_slots(report, native=NATIVE_SLOTS)
     _check_may_delete(sink, settings, report)
+    if settings.source_mark:
+        _check_source_mark(sink, report)
     _check_replay(sink, settings, report)
     return report
+
+
+def _check_source_mark(sink: Sink, report: Report) -> None:
+    """Whether the Redis user may read the listener's source mark (redis_guard/source.py):
+    refused, what only the mark tells is not swept for."""
+    try:
+        sink.read_mark(f"{SOURCE_KEY_PREFIX}check")
+    except REDIS_REFUSED as exc:
+        report.warnings.append(
+            f"redis: this user may not read the listener's source mark ({exc}): a primary "
+            "gone back to after a failover, or a database renamed back into place, is not "
+            f"swept for. Give it GET and SET on the keys '{SOURCE_KEY_PREFIX}*' "
+            "(docs/redis.md)"
+        )
+    except _REDIS_FAILED:
+        return  # (said by the checks above, or by the listener)
 
 
 # A key no application holds, in each template's shape: what `check` deletes to learn

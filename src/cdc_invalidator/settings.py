@@ -272,6 +272,11 @@ class Settings(BaseSettings):
     replay_history: Duration = 7200.0
     # How often the listener asks Redis who it is (INFO), besides on every reconnect.
     redis_check_interval_ms: Annotated[int, Field(ge=100)] = 1000
+    # Which database Redis was last invalidated from, kept in Redis and compared at each
+    # connect (redis_guard/source.py): what tells a primary gone back to after a
+    # failover, or a database renamed back into place. False: no such key is read or
+    # written (an ACL that refuses it: Redis 6 has no selector to allow this key alone).
+    source_mark: bool = True
     # The longest a cache-aside reader may take from its database read to its SET: every
     # key is deleted again this long after its change was visible (up to twice this while
     # a backlog drains in full batches; 0: off), undoing a reader that read the old row

@@ -33,5 +33,11 @@ class RecordingSink:
         self.pings += 1  # a standby's, each poll
         return "fake"
 
+    def read_mark(self, key: str) -> str | None:
+        raise AssertionError("not used by the runner")
+
+    def write_mark(self, key: str, value: str) -> None:
+        raise AssertionError("not used by the runner")
+
     def close(self) -> None:
         pass

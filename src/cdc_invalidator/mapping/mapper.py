@@ -120,6 +120,15 @@ class Mapper:
     def tables(self) -> Mapping[TableName, tuple[KeyTemplate, ...]]:
         return self._templates
 
+    def sweep_all(self) -> Routed:
+        """Every template of every table as a pattern, under its table's Redis database:
+        what a sweep of every watched table deletes (as their TRUNCATEs would)."""
+        routed: Routed = {}
+        for table, templates in self._templates.items():
+            work = routed.setdefault(self._dbs.get(table), Invalidation())
+            work.patterns.update(t.glob() for t in templates)
+        return routed
+
     def columns(self, table: TableName) -> list[str]:
         """The columns a table's templates use: what its trigger must copy."""
         return sorted({f for t in self._templates[table] for f in t.fields})

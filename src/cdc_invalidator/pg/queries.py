@@ -122,6 +122,7 @@ class Q(enum.Enum):
     LAST_ACKNOWLEDGED_LOGICAL = "last_acknowledged_logical.sql"
     LOAD_REDIS_IDENTITY = "load_redis_identity.sql"
     SAVE_REDIS_IDENTITY = "save_redis_identity.sql"
+    SOURCE_IDENTITY = "source_identity.sql"  # the source mark (redis_guard/source.py)
 
     # --- the operator's tools (tools/) ----------------------------------------------------
     KEYS_WHERE = "keys_where.sql"  # {columns}, {table}, {where} to format

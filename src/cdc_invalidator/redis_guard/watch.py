@@ -11,6 +11,9 @@ longer ago, when what the servers said at the checks before shows they held less
 that (durability.py: a snapshot that failed, a restart before the next snapshot, a
 replica promoted that lagged). The window's sweeps (its TRUNCATEs') go to the sweeper's
 thread: a full SCAN of Redis, which held every change behind it when done here.
+
+The same watch keeps, in Redis, which database it was last invalidated from (source.py):
+the other way round, what a database that did not move cannot tell.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import structlog
 from cdc_invalidator.mapping import Mapper, Routed, merge
 from cdc_invalidator.redis_guard.durability import Durability, Reach
 from cdc_invalidator.redis_guard.identity import IdentityStore
+from cdc_invalidator.redis_guard.source import SourceWatch
 from cdc_invalidator.redis_guard.window import MARGIN_S, persistence_window
 from cdc_invalidator.replay import ReplayResult, replay
 from cdc_invalidator.second_deletes import Acknowledged, redo_owed
@@ -67,6 +71,7 @@ class RedisWatch:
         window_s: float | None,
         check_every_s: float,
         second_delete_s: float = 0.0,
+        source_mark: bool = True,
     ) -> None:
         self._sink = sink
         self._mapper = mapper
@@ -79,6 +84,9 @@ class RedisWatch:
         self._known_at = 0.0  # monotonic time the known identity was last confirmed
         self._next_check = 0.0
         self._durability = Durability()
+        # Which database this Redis was last invalidated from, kept in it (source.py);
+        # None: source_mark = false.
+        self._source = SourceWatch(sink, mapper) if source_mark else None
         # A replay's sweeps not done yet: not handed to the sweeper yet, handed over
         # (their tickets); the identity to save once they are done (_sweep_owed).
         self._owed: Routed = {}
@@ -107,13 +115,30 @@ class RedisWatch:
         to stop the listener when the file holds other tables). `sweep_later` takes the
         sweeps of a replay and of the second deletes a predecessor owed (redo_owed), to
         be done off the loop (the sweeper's thread): a full SCAN here would hold every
-        change behind it. Raises what Redis or PostgreSQL raise: the runner retries."""
+        change behind it; and those of the source mark, compared after each connect
+        (`force`: source.py). Raises what Redis or PostgreSQL raise: the runner
+        retries."""
         now = time.monotonic()
         if self._redo_again_at is not None and now >= self._redo_again_at:
             before_rendering()
             self._redo_again(sweep_later)
+        if force and self._source is not None:
+            self._source.due()  # (a connect: maybe another server, or database)
         if not force and now < self._next_check:
             return None
+        result = self._check_identity(now, sweep_later, settle, before_rendering)
+        if self._source is not None:
+            self._source.look(self._connect, sweep_later)
+        return result
+
+    def _check_identity(
+        self,
+        now: float,
+        sweep_later: SweepLater,
+        settle: Callable[[], None],
+        before_rendering: Callable[[], None],
+    ) -> ReplayResult | None:
+        """check() once due: who Redis is, and the replay if it is somebody else."""
         states = self._masters()
         identity = identity_of(states)
         wall = time.time()

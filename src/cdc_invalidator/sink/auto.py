@@ -113,6 +113,12 @@ class AutoSink:
     def ping(self) -> str:
         return self.sink.ping()
 
+    def read_mark(self, key: str) -> str | None:
+        return self.sink.read_mark(key)
+
+    def write_mark(self, key: str, value: str) -> None:
+        self.sink.write_mark(key, value)
+
     def close(self) -> None:
         if self._sink is not None:
             self._sink.close()

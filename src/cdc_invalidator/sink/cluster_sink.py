@@ -41,7 +41,7 @@ from cdc_invalidator.capture.errors import Fatal
 from cdc_invalidator.mapping import Invalidation, Routed
 from cdc_invalidator.sink.glob import GlobSet
 from cdc_invalidator.sink.oversize import bulk_limit, storable, too_long
-from cdc_invalidator.sink.protocol import NO_KEY, Persistence, ServerState, identity_of
+from cdc_invalidator.sink.protocol import NO_KEY, Persistence, ServerState, as_text, identity_of
 from cdc_invalidator.sink.redis_sink import server_identity, server_persistence, server_state
 from cdc_invalidator.sink.scan_pass import ServerSweep
 from cdc_invalidator.sink.slots import Key, group_by_slot, pack_unlinks
@@ -348,6 +348,13 @@ class ClusterSink:
             connection.ping()
             connection.scan(0, match=NO_KEY, count=1)  # (Sink.ping)
         return f"reachable, a Redis Cluster of {len(nodes)} primaries, each reachable"
+
+    def read_mark(self, key: str) -> str | None:
+        value = self._client.get(key)  # (routed by the key's slot)
+        return as_text(value)
+
+    def write_mark(self, key: str, value: str) -> None:
+        self._client.set(key, value)
 
     def close(self) -> None:
         for node in self._asked.values():

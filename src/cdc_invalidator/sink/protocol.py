@@ -104,6 +104,13 @@ class ServerState:
         return f"{self.run_id}/{self.replid}"
 
 
+def as_text(value: bytes | str | None) -> str | None:
+    """A GET's reply as text (the clients are made without decode_responses)."""
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    return value
+
+
 def identity_of(states: Sequence[ServerState]) -> str:
     """The identities of a sink's servers (every primary of a cluster), sorted, joined."""
     return ",".join(sorted(state.identity for state in states))
@@ -145,6 +152,15 @@ class Sink(Protocol):
         """Ping every server deletes go to, and SCAN one page there (a TRUNCATE's sweep
         needs SCAN: an ACL without it held every change behind the first sweep, while
         `check` said all was well); say what answered, for `check`."""
+        ...
+
+    def read_mark(self, key: str) -> str | None:
+        """The text of one key of the listener's own (redis_guard/source.py), in the
+        database redis_url names; None where there is none."""
+        ...
+
+    def write_mark(self, key: str, value: str) -> None:
+        """Set that key to `value`, without expiry."""
         ...
 
     def close(self) -> None: ...

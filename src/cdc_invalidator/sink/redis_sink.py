@@ -14,7 +14,7 @@ from cdc_invalidator.mapping import Invalidation, Routed
 from cdc_invalidator.sink.connect import MasterWatch, other_db
 from cdc_invalidator.sink.glob import GlobSet
 from cdc_invalidator.sink.oversize import bulk_limit, storable, too_long
-from cdc_invalidator.sink.protocol import NO_KEY, Persistence, ServerState, identity_of
+from cdc_invalidator.sink.protocol import NO_KEY, Persistence, ServerState, as_text, identity_of
 from cdc_invalidator.sink.scan_pass import ServerSweep
 from cdc_invalidator.sink.slots import Key, pack_unlinks
 
@@ -219,6 +219,13 @@ class RedisSink:
         self._client.ping()
         self._client.scan(0, match=NO_KEY, count=1)  # (Sink.ping: SCAN as the sweeps need)
         return "reachable"
+
+    def read_mark(self, key: str) -> str | None:
+        value = self._client.get(key)
+        return as_text(value)
+
+    def write_mark(self, key: str, value: str) -> None:
+        self._client.set(key, value)
 
     def close(self) -> None:
         for sink in self._dbs.values():

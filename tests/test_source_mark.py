@@ -1,0 +1,92 @@
+"""The source mark's rule (redis_guard/source.py), as a pure function: what a mark found
+in Redis says of the database the listener connected to. The servers' side is in
+test_restore.py (a database renamed back) and test_physical_standbys.py (a failback)."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from cdc_invalidator.redis_guard.source import Source, lost_since
+from tests.support.config import write_config
+from tests.support.env import Env
+from tests.support.faults import TEMPLATES, changed_and_deleted, setup_users
+from tests.support.listener import Spawn, check
+from tests.support.waits import wait_until
+
+HERE = Source(system="7001", timeline=2, name="app", oid=16384)
+
+
+def test_the_mark_names_the_system_and_database_and_holds_oid_and_timeline() -> None:
+    assert HERE.key == "cdc_invalidator:source:7001:app"
+    assert HERE.mark == "16384 timeline 2"
+    assert HERE.owing == "16384 timeline 2 unswept"
+
+
+@pytest.mark.parametrize(
+    ("recorded", "said"),
+    [
+        ("16384 timeline 2", None),  # this database, this timeline
+        ("16384 timeline 1", None),  # a failover since: the lineage rules judge it
+        ("16384 timeline 3", "older than the one this Redis was last invalidated from"),
+        ("16385 timeline 2", "is not the one this Redis was last invalidated from"),
+        ("16385 timeline 1", "is not the one this Redis was last invalidated from"),
+        ("16384 timeline 2 unswept", "is not known to be done"),
+        ("16385 timeline 1 unswept", "is not known to be done"),
+        # Not a mark of ours: no mark (overwritten)
+        ("", None),
+        ("16384", None),
+        ("16384 timeline two", None),
+        ("16384 epoch 3", None),
+        ("16384 timeline 3 swept", None),
+    ],
+)
+def test_what_a_mark_says(recorded: str, said: str | None) -> None:
+    reason = lost_since(recorded, HERE)
+    if said is None:
+        assert reason is None
+    else:
+        assert reason is not None
+        assert said in reason
+
+
+@pytest.mark.usefixtures("capture")
+def test_a_redis_user_refused_the_mark_is_told_once_and_invalidation_goes_on(
+    env: Env, spawn: Spawn, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/redis.md's minimal ACL (no GET, no SET) with the source mark on: the listener
+    says so once (`source_mark_refused`) and invalidates as ever; `check` warns, naming
+    the keys to allow. Nothing of ours is written to Redis."""
+    setup_users(env, rows=2)
+    admin = env.redis()
+    admin.acl_setuser(
+        "cdc_nomark",
+        enabled=True,
+        passwords=["+pw"],
+        keys=["*"],
+        commands=["-@all", "+unlink", "+scan", "+info", "+ping", "+client|setname"],
+    )
+    try:
+        mode: dict[str, object] = {"capture": env.capture} if env.logical else {}
+        config = write_config(
+            env.tmp_path / "nomark.toml",
+            database_url=env.dsn,
+            redis_url=env.redis_url.replace("redis://", "redis://cdc_nomark:pw@"),
+            tables={"public.users": TEMPLATES},
+            source_mark=True,
+            **mode,
+        )
+        listener = spawn(config)
+        changed_and_deleted(admin, env.dsn, 1, "a change's keys deleted")
+        wait_until(lambda: listener.logged("source_mark_refused"), what="the refusal said")
+        changed_and_deleted(admin, env.dsn, 2, "and the next change's")
+        (refused,) = listener.logged("source_mark_refused")
+        assert "cdc_invalidator:source:*" in refused["detail"]
+        assert not list(admin.scan_iter("cdc_invalidator:*"))
+        _, out, err = check(config, capsys)
+        assert "may not read the listener's source mark" in out + err, out + err
+        listener.signal(signal.SIGTERM)
+        assert listener.wait() == 0
+    finally:
+        admin.acl_deluser("cdc_nomark")
