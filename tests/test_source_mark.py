@@ -8,18 +8,18 @@ import signal
 
 import pytest
 
-from cdc_invalidator.redis_guard.source import Source, lost_since
+from cdc_invalidator.redis_guard.source import KEY_PREFIX, Source, lost_since
 from tests.support.config import write_config
 from tests.support.env import Env
 from tests.support.faults import TEMPLATES, changed_and_deleted, setup_users
 from tests.support.listener import Spawn, check
 from tests.support.waits import wait_until
 
-HERE = Source(system="7001", timeline=2, name="app", oid=16384)
+HERE = Source(system="7001", timeline=2, name="app", oid=16384, scope="f00d")
 
 
-def test_the_mark_names_the_system_and_database_and_holds_oid_and_timeline() -> None:
-    assert HERE.key == "cdc_invalidator:source:7001:app"
+def test_the_mark_names_the_system_database_and_mapping_and_holds_oid_and_timeline() -> None:
+    assert HERE.key == "cdc_invalidator:source:7001:app:f00d"
     assert HERE.mark == "16384 timeline 2"
     assert HERE.owing == "16384 timeline 2 unswept"
 
@@ -85,8 +85,39 @@ def test_a_redis_user_refused_the_mark_is_told_once_and_invalidation_goes_on(
         assert "cdc_invalidator:source:*" in refused["detail"]
         assert not list(admin.scan_iter("cdc_invalidator:*"))
         _, out, err = check(config, capsys)
-        assert "may not read the listener's source mark" in out + err, out + err
+        assert "the listener's source mark is refused (NoPermissionError" in out + err, out + err
         listener.signal(signal.SIGTERM)
         assert listener.wait() == 0
     finally:
         admin.acl_deluser("cdc_nomark")
+
+
+@pytest.mark.usefixtures("capture")
+def test_a_mark_another_client_spoiled_stops_nothing_and_is_written_over(
+    env: Env, spawn: Spawn
+) -> None:
+    """Another client wrote a hash where the mark is: GET answers WRONGTYPE at the next
+    connect. The listener says so once (`source_mark_failed`), writes its mark over it,
+    and invalidates as ever (a review froze every invalidation that way, logged as
+    redis_unavailable: any error Redis answers but for a lost connection went into the
+    loop)."""
+    config = setup_users(env, rows=2, source_mark=True)
+    r = env.redis()
+    listener = spawn(config)
+    wait_until(lambda: list(r.scan_iter(f"{KEY_PREFIX}*")), what="the mark written")
+    (key,) = r.scan_iter(f"{KEY_PREFIX}*")
+    mark = r.get(key)
+    assert mark is not None
+    r.delete(key)
+    r.hset(key, "spoiled", "1")
+    env.sql(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        " WHERE application_name = 'cdc-invalidator' AND datname = current_database()"
+    )
+    wait_until(lambda: listener.logged("source_mark_failed"), what="the spoiled mark said")
+    assert "WRONGTYPE" in listener.logged("source_mark_failed")[0]["error"]
+    wait_until(lambda: r.type(key) == "string" and r.get(key) == mark, what="written over")
+    changed_and_deleted(r, env.dsn, 1, "a change's keys deleted")
+    assert not listener.logged("changes_may_have_been_missed")
+    listener.signal(signal.SIGTERM)
+    assert listener.wait() == 0

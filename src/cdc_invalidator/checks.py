@@ -10,6 +10,7 @@ from itertools import permutations
 from typing import Any, Protocol
 
 import psycopg
+import redis
 
 from cdc_invalidator.capture import logical_sql
 from cdc_invalidator.capture.errors import Fatal, returned
@@ -1184,16 +1185,20 @@ def check_redis(sink: Sink, url: str, settings: Settings) -> Report:
 
 
 def _check_source_mark(sink: Sink, report: Report) -> None:
-    """Whether the Redis user may read the listener's source mark (redis_guard/source.py):
-    refused, what only the mark tells is not swept for."""
+    """Whether Redis lets the listener read and write its source mark
+    (redis_guard/source.py), on a key of its shape taken away after: refused, what only
+    the mark tells is not swept for."""
+    probe = f"{SOURCE_KEY_PREFIX}check"
     try:
-        sink.read_mark(f"{SOURCE_KEY_PREFIX}check")
-    except REDIS_REFUSED as exc:
+        sink.read_mark(probe)
+        sink.write_mark(probe, "check")
+        sink.delete_routed({None: Invalidation(keys={probe})})
+    except redis.exceptions.ResponseError as exc:  # NOPERM; OOM under noeviction
         report.warnings.append(
-            f"redis: this user may not read the listener's source mark ({exc}): a primary "
-            "gone back to after a failover, or a database renamed back into place, is not "
-            f"swept for. Give it GET and SET on the keys '{SOURCE_KEY_PREFIX}*' "
-            "(docs/redis.md)"
+            f"redis: the listener's source mark is refused ({type(exc).__name__}: {exc}): "
+            "a primary gone back to after a failover, or a database renamed back into "
+            f"place, is not swept for. Give the user GET and SET on the keys "
+            f"'{SOURCE_KEY_PREFIX}*' (docs/redis.md), or set source_mark = false"
         )
     except _REDIS_FAILED:
         return  # (said by the checks above, or by the listener)

@@ -51,7 +51,7 @@ def build_listener(
         window_s=settings.replay_window,
         check_every_s=settings.redis_check_interval_ms / 1000,
         second_delete_s=settings.second_delete_ms / 1000,
-        source_mark=settings.source_mark,
+        source_scope=settings.mapping_fingerprint() if settings.source_mark else None,
     )
     runner = Runner(
         connect=mode.source(),

@@ -71,7 +71,7 @@ class RedisWatch:
         window_s: float | None,
         check_every_s: float,
         second_delete_s: float = 0.0,
-        source_mark: bool = True,
+        source_scope: str | None = None,
     ) -> None:
         self._sink = sink
         self._mapper = mapper
@@ -84,9 +84,9 @@ class RedisWatch:
         self._known_at = 0.0  # monotonic time the known identity was last confirmed
         self._next_check = 0.0
         self._durability = Durability()
-        # Which database this Redis was last invalidated from, kept in it (source.py);
-        # None: source_mark = false.
-        self._source = SourceWatch(sink, mapper) if source_mark else None
+        # Which database this Redis was last invalidated from, kept in it (source.py)
+        # under `source_scope`, the mapping's fingerprint; None: source_mark = false.
+        self._source = SourceWatch(sink, mapper, source_scope) if source_scope else None
         # A replay's sweeps not done yet: not handed to the sweeper yet, handed over
         # (their tickets); the identity to save once they are done (_sweep_owed).
         self._owed: Routed = {}
