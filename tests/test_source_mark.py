@@ -121,3 +121,33 @@ def test_a_mark_another_client_spoiled_stops_nothing_and_is_written_over(
     assert not listener.logged("changes_may_have_been_missed")
     listener.signal(signal.SIGTERM)
     assert listener.wait() == 0
+
+
+@pytest.mark.usefixtures("capture")
+def test_check_says_what_the_mark_owes_and_how_to_keep_the_cache_warm(
+    env: Env, spawn: Spawn, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`check` reads the mark as the listener's next start will: another database's oid
+    under this name owes a sweep, said before it happens, with the SET that records this
+    database instead (where Redis was flushed or restored with it); followed, nothing is
+    owed."""
+    config = setup_users(env, rows=1, source_mark=True)
+    r = env.redis()
+    listener = spawn(config)
+    wait_until(lambda: list(r.scan_iter(f"{KEY_PREFIX}*")), what="the mark written")
+    listener.signal(signal.SIGTERM)
+    assert listener.wait() == 0
+    (key,) = r.scan_iter(f"{KEY_PREFIX}*")
+    mark = str(r.get(key))
+    _, out, err = check(config, capsys)
+    assert "next start sweeps" not in out + err, out + err
+    r.set(key, "1 timeline 1")  # (another database's oid under this name)
+    _, out, err = check(config, capsys)
+    said = out + err
+    assert "next start sweeps every watched table once" in said, said
+    assert "is not the one this Redis was last invalidated from" in said, said
+    assert f"SET {key} '{mark}'" in said, said
+    r.set(key, mark)  # (the advice followed)
+    _, out, err = check(config, capsys)
+    assert "next start sweeps" not in out + err, out + err
+    assert not list(r.scan_iter(f"{KEY_PREFIX}check")), "check's probe taken away"

@@ -36,6 +36,7 @@ from cdc_invalidator.pg.queries import Q
 from cdc_invalidator.pg.standbys import names_standby
 from cdc_invalidator.redact import redact_url
 from cdc_invalidator.redis_guard.source import KEY_PREFIX as SOURCE_KEY_PREFIX
+from cdc_invalidator.redis_guard.source import Source, lost_since, read_source
 from cdc_invalidator.redis_guard.window import MARGIN_S, persistence_window
 from cdc_invalidator.settings import Settings
 from cdc_invalidator.sink import REDIS_ERRORS, REDIS_REFUSED, Sink, url_db
@@ -1159,8 +1160,20 @@ def check_leftover_slots(conn: psycopg.Connection[Any], slot: str | None, report
 _REDIS_FAILED: tuple[type[Exception], ...] = (*REDIS_ERRORS, Fatal)
 
 
-def check_redis(sink: Sink, url: str, settings: Settings) -> Report:
-    """Reachable; for a cluster, every primary (the listener talks to each)."""
+def source_of(conn: psycopg.Connection[Any], settings: Settings) -> Source | None:
+    """The database as the listener's source mark names it (redis_guard/source.py); None
+    with source_mark = false, or where it cannot be read (check_database says why)."""
+    if not settings.source_mark:
+        return None
+    try:
+        return read_source(conn, settings.mapping_fingerprint())
+    except psycopg.Error:
+        return None
+
+
+def check_redis(sink: Sink, url: str, settings: Settings, source: Source | None = None) -> Report:
+    """Reachable; for a cluster, every primary (the listener talks to each); and what
+    the source mark says of `source`, the database."""
     report = Report()
     try:
         what = sink.ping()
@@ -1179,20 +1192,24 @@ def check_redis(sink: Sink, url: str, settings: Settings) -> Report:
     check_slots(report, native=NATIVE_SLOTS)
     _check_may_delete(sink, settings, report)
     if settings.source_mark:
-        _check_source_mark(sink, report)
+        _check_source_mark(sink, report, source)
     _check_replay(sink, settings, report)
     return report
 
 
-def _check_source_mark(sink: Sink, report: Report) -> None:
+def _check_source_mark(sink: Sink, report: Report, source: Source | None) -> None:
     """Whether Redis lets the listener read and write its source mark
     (redis_guard/source.py), on a key of its shape taken away after: refused, what only
-    the mark tells is not swept for."""
+    the mark tells is not swept for. And whether the mark owes `source` a sweep at the
+    listener's next start: said before it happens, when a DBA can still keep the cache
+    warm where nothing was lost."""
     probe = f"{SOURCE_KEY_PREFIX}check"
     try:
         sink.read_mark(probe)
         sink.write_mark(probe, "check")
         sink.delete_routed({None: Invalidation(keys={probe})})
+        if source is not None:
+            _say_owed(sink.read_mark(source.key), source, report)
     except redis.exceptions.ResponseError as exc:  # NOPERM; OOM under noeviction
         report.warnings.append(
             f"redis: the listener's source mark is refused ({type(exc).__name__}: {exc}): "
@@ -1233,6 +1250,16 @@ def _check_may_delete(sink: Sink, settings: Settings, report: Report) -> None:
                 break
             except _REDIS_FAILED:
                 return  # (said by the checks above, or by the listener)
+
+
+def _say_owed(recorded: str | None, source: Source, report: Report) -> None:
+    """The sweep the source mark `recorded` owes `source` at the listener's next start."""
+    if recorded is not None and (reason := lost_since(recorded, source)):
+        report.warnings.append(
+            f"the listener's next start sweeps every watched table once: {reason}. Where "
+            "Redis was flushed or restored with the database, record this one first to keep "
+            f"the cache warm: SET {source.key} '{source.mark}'"
+        )
 
 
 def _check_replay(sink: Sink, settings: Settings, report: Report) -> None:

@@ -28,7 +28,7 @@ from cdc_invalidator.capture.errors import (
     NotInstalled,
     missing_privilege,
 )
-from cdc_invalidator.checks import check_database, check_redis, check_templates
+from cdc_invalidator.checks import check_database, check_redis, check_templates, source_of
 from cdc_invalidator.database import DatabaseError, connect
 from cdc_invalidator.durations import format_duration, parse_duration
 from cdc_invalidator.install import SlotStepFailed, UnsupportedServer, install, unguarded
@@ -413,6 +413,7 @@ def cmd_check(args: argparse.Namespace, settings: Settings, console: Console) ->
     templates = check_templates(settings, config_name)
     with connect(settings) as conn:
         report = check_database(conn, settings, mode_for(settings), config_name)
+        source = source_of(conn, settings)
     report.warnings[:0] = templates.warnings
     sink = open_sink(RedisOptions.from_settings(settings))
     try:
@@ -422,7 +423,7 @@ def cmd_check(args: argparse.Namespace, settings: Settings, console: Console) ->
                 f"{settings.redis_url} (master {settings.redis_sentinel_master!r} "
                 f"named by sentinels {', '.join(settings.redis_sentinels)})"
             )
-        redis_report = check_redis(sink, where, settings)
+        redis_report = check_redis(sink, where, settings, source)
     finally:
         sink.close()
     for line in report.ok + redis_report.ok:
