@@ -26,8 +26,9 @@ ON CONFLICT (slot_name) DO NOTHING;
 -- another table than this one, or in another database (recorded_in, recorded_in_database,
 -- logical.sql), which the restore or the copy brought: the database went back to that
 -- time. Owed by the slot this install is for (a restore into another database of the
--- cluster, or a copy, needs a slot_name of its own, and so this install), then every row
--- recorded here. (The listener does the same at connect: slot_info.sql.)
+-- cluster, or a copy, needs a slot_name of its own, and so this install). Every row,
+-- the one inserted above too, is then recorded here by record_table.sql, which install
+-- runs after this script, as the listener does at connect (slot_info.sql compares).
 UPDATE cdc_invalidator.slot_state_v1
 SET resync_reason = coalesce(resync_reason, 'the database was restored from a dump or '
     'copied from another (cdc_invalidator.slot_state_v1''s rows were recorded in another '
@@ -36,11 +37,6 @@ WHERE slot_name = {slot}
   AND EXISTS (SELECT FROM cdc_invalidator.slot_state_v1 o
               WHERE o.recorded_in <> 'cdc_invalidator.slot_state_v1'::regclass
                  OR o.recorded_in_database <> cdc_invalidator.database_oid_v1());
-UPDATE cdc_invalidator.slot_state_v1
-SET recorded_in = 'cdc_invalidator.slot_state_v1'::regclass,
-    recorded_in_database = cdc_invalidator.database_oid_v1()
-WHERE recorded_in IS DISTINCT FROM 'cdc_invalidator.slot_state_v1'::regclass
-   OR recorded_in_database IS DISTINCT FROM cdc_invalidator.database_oid_v1();
 -- The server's run, as trigger mode's install records it in listener_state_v1: a crash
 -- before the listener's first start is seen by it too. Never over a listener's.
 UPDATE cdc_invalidator.slot_state_v1

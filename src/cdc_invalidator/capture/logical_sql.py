@@ -127,7 +127,10 @@ def install_script(
             *identities,
             sql.SQL("\n-- The publication the listener streams: exactly the configured tables.\n"),
             publish,
-            sql.SQL("\n"),
+            # (after publish: a restore's sweep is owed there before the rows are
+            # recorded; and the row publish inserts for a new slot is recorded too)
+            Q.RECORD_TABLE.sql,
+            sql.SQL(";\n"),
             Q.REBUILD_GUARD.sql,
             sql.SQL("\n"),
             Q.INSTALL_DONE.sql,

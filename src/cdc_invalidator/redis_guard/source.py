@@ -65,7 +65,7 @@ class Source:
     # templates keep marks of their own (a cluster cloned from this one keeps its system
     # identifier; its listener, on a Redis shared with a key space of its own, would
     # otherwise sweep this one's at every connect, and this one its).
-    scope: str = ""
+    scope: str
 
     @property
     def key(self) -> str:
