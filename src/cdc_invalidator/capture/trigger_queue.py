@@ -69,6 +69,14 @@ SAVE_EVERY_S = 0.1
 PRUNE_CHUNK = 5000
 # Batches this large mean changes arrive faster than the listener wakes: stop NOTIFY.
 UNLISTEN_AT = 8
+# Busy, the listener holds busy.sql's lock and capture functions send no wake-up; a try
+# that failed (a writer testing it that instant) is tried again this long after.
+BUSY_RETRY_S = 1.0
+# Quiet again, the queue is read this long after, then twice as long each time up to the
+# second figure, until no transaction that found the listener busy (and sent no wake-up)
+# is open (writers_seen.sql): a long one is polled for, not waited on.
+WRITERS_POLL_S = 0.01
+WRITERS_POLL_MAX_S = 0.2
 # No queue read for this long (Redis is down: the loop waits for it, not for us): the
 # notifications that keep coming are read off the socket anyway. Left unread, they
 # would fill it and block our backend as it sends them, which holds the server's NOTIFY
@@ -265,9 +273,11 @@ class WakeupPolicy:
 
     Quiet (one change at a time), each commit's NOTIFY wakes the listener at once.
     Clearly busy, the wake-up per commit only costs (the backend a signal and a queue
-    read, us a message) while the runner lingers and takes what gathered: UNLISTEN.
-    Quiet again: LISTEN, then look once more for what committed before the LISTEN took
-    effect (its NOTIFY went to nobody).
+    read, us a message) while the runner lingers and takes what gathered: UNLISTEN, and
+    the queue holds busy.sql's lock, so that writers send none (their notifying commits
+    would be serialized). Quiet again: LISTEN, let the lock go, then look once more for
+    what committed before the LISTEN took effect (its NOTIFY went to nobody), and until
+    the writers that found the lock held have ended (TriggerQueue.wait()).
     """
 
     def __init__(self, unlisten_at: int = UNLISTEN_AT) -> None:
@@ -590,6 +600,12 @@ class TriggerQueue:
         # LISTEN (True) or UNLISTEN (False) as the next batch() begins: the wake-up
         # policy's switch after the last batch.
         self._listen_next: bool | None = None
+        # Busy (UNLISTENed): whether we hold busy.sql's lock, and when to try again if not.
+        self._busy = False
+        self._busy_retry_at = 0.0
+        # Quiet again: until writers_seen.sql says none is open of the transactions that
+        # found us busy, wait() returns after this long (doubling) instead of a wake-up.
+        self._writers_poll_s: float | None = None
         self._read_at = time.monotonic()  # the last queue read began
         # Straight from libpq, as bytes (see _prepare).
         conn.pgconn.notify_handler = self._notified
@@ -604,6 +620,8 @@ class TriggerQueue:
         if (listen := self._listen_next) is not None:
             self._listen_next = None
             self._listen(listen)
+        elif not self._wakeup.listening and not self._busy:
+            self._take_busy()
         self._woken = False  # this batch, or the queue read owed after it, sees them
         if self._payloads:
             payloads, self._payloads, self._payload_bytes = self._payloads, [], 0
@@ -733,6 +751,12 @@ class TriggerQueue:
         """
         if self._wakeup.look_again or self._prune_more or self._read_owed:
             return
+        if (poll_s := self._writers_poll_s) is not None:
+            if self._conn.execute(Q.WRITERS_SEEN.sql).fetchone() == (True,):
+                self._writers_poll_s = None
+                return  # the last ones ended: their rows are visible to the next read
+            timeout_s = min(timeout_s, poll_s)
+            self._writers_poll_s = min(poll_s * 2, WRITERS_POLL_MAX_S)
         progress = self._progress
         if progress.unsaved:
             timeout_s = min(timeout_s, progress.saved_at + SAVE_EVERY_S - time.monotonic())
@@ -773,16 +797,30 @@ class TriggerQueue:
             self._payload_bytes += len(payload)
 
     def _listen(self, on: bool) -> None:
-        """LISTEN (idle: woken per commit) or UNLISTEN (busy: the runner lingers)."""
+        """LISTEN (idle: woken per commit) or UNLISTEN (busy: the runner lingers, and
+        capture functions stop sending wake-ups while we hold busy.sql's lock)."""
         command = "LISTEN {}" if on else "UNLISTEN {}"
         self._conn.execute(sql.SQL(command).format(sql.Identifier(CHANNEL)))
-        if not on:
-            # Drop the wake-ups already received, and their rows: the queue reads have
-            # them.
-            self._take_notifies()
-            self._woken = False
-            self._payloads.clear()
-            self._payload_bytes = 0
+        if on:
+            if self._busy:
+                # LISTEN first: a writer that finds the lock free from now on is heard.
+                self._conn.execute(Q.QUIET.sql)
+                self._busy = False
+                self._writers_poll_s = WRITERS_POLL_S
+            return
+        # Drop the wake-ups already received, and their rows: the queue reads have them.
+        self._take_notifies()
+        self._woken = False
+        self._payloads.clear()
+        self._payload_bytes = 0
+        self._take_busy()
+
+    def _take_busy(self) -> None:
+        now = time.monotonic()
+        if now < self._busy_retry_at:
+            return
+        self._busy = self._conn.execute(Q.BUSY.sql).fetchone() == (True,)
+        self._busy_retry_at = now + BUSY_RETRY_S
 
     def _fetch(self, key: FetchKey) -> list[tuple[Any, ...]]:
         return (

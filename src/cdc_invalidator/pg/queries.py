@@ -66,6 +66,9 @@ class Q(enum.Enum):
     SERVER_LINEAGE = "server_lineage.sql"  # logical mode: compared with the last session's
     CHECK_LINEAGE = "check_lineage.sql"  # `check`: what the next start will find
     FETCH_BATCH = "fetch_batch.sql"
+    BUSY = "busy.sql"  # capture functions send no wake-up while it is held
+    QUIET = "quiet.sql"
+    WRITERS_SEEN = "writers_seen.sql"  # after quiet.sql: no writer that sent none is open
     DEAD_LETTER = "dead_letter.sql"
     RESOLVE_RENAMED = "resolve_renamed.sql"  # a row under a name the mapping lacks
     SAVE_PROGRESS = "save_progress.sql"

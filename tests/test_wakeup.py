@@ -1,0 +1,136 @@
+"""Trigger mode's wake-up while the listener is busy, on real PostgreSQL and Redis.
+
+PostgreSQL serializes the commits of transactions that sent a NOTIFY, so a capture
+function sends its wake-up only while the listener is quiet: busy, the listener holds
+sql/busy.sql's lock and reads the queue on its own. A writer that found it busy holds
+another lock until its transaction ends; the listener, quiet again, polls until
+sql/writers_seen.sql says none is open, so that writer's change is read without the
+wake-up it never sent (schema.sql's wake_up_v1()).
+
+Whether a writer sent a wake-up is told by order, not by waiting for nothing: a
+notification sent after its commit must be the first one a LISTENing session receives.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+
+from cdc_invalidator.pg.queries import Q
+from tests.support.env import Env
+from tests.support.faults import cache, keys_of, queue_count, setup_users
+from tests.support.listener import ListenerThread
+from tests.support.waits import wait_until
+
+CHANNEL = "cdc_invalidator_v1"
+MARKER = "after the writer"
+
+
+@contextmanager
+def listener_session(env: Env) -> Iterator[psycopg.Connection[Any]]:
+    """A session standing for the listener's: it runs the listener's SQL files."""
+    with env.connect() as conn:
+        yield conn
+
+
+def holds(conn: psycopg.Connection[Any], query: Q) -> bool:
+    row = conn.execute(query.sql).fetchone()
+    assert row is not None
+    return bool(row[0])
+
+
+def notifications_until_marker(env: Env, listening: psycopg.Connection[Any]) -> list[str]:
+    """What `listening` receives up to MARKER, sent after whatever the caller committed:
+    [MARKER] alone if that sent nothing."""
+    env.sql("SELECT pg_notify(%s, %s)", [CHANNEL, MARKER])
+    payloads: list[str] = []
+    for notify in listening.notifies(timeout=10):
+        payloads.append(notify.payload)
+        if notify.payload == MARKER:
+            return payloads
+    raise AssertionError(f"no marker within 10 s, only {payloads}")
+
+
+def test_a_writer_sends_no_wake_up_while_the_listener_is_busy(env: Env) -> None:
+    setup_users(env, rows=3)
+    with (
+        listener_session(env) as listener,
+        env.connect() as listening,
+    ):
+        listening.execute(f"LISTEN {CHANNEL}")
+        assert holds(listener, Q.BUSY)
+        env.sql("UPDATE users SET email = 'a@x' WHERE id = 1")
+        assert notifications_until_marker(env, listening) == [MARKER]
+        assert holds(listener, Q.QUIET)
+        env.sql("UPDATE users SET email = 'b@x' WHERE id = 2")
+        assert notifications_until_marker(env, listening) == ["", MARKER]  # the wake-up
+
+
+def test_writers_that_found_the_listener_busy_are_seen_out_before_it_stops_polling(
+    env: Env,
+) -> None:
+    setup_users(env, rows=3)
+    with (
+        listener_session(env) as listener,
+        psycopg.connect(env.dsn) as committing,
+        psycopg.connect(env.dsn) as rolling_back,
+    ):
+        assert holds(listener, Q.BUSY)
+        committing.execute("UPDATE users SET email = 'a@x' WHERE id = 1")
+        rolling_back.execute("UPDATE users SET email = 'b@x' WHERE id = 2")
+        assert holds(listener, Q.QUIET)
+        assert not holds(listener, Q.WRITERS_SEEN)
+        committing.commit()
+        assert not holds(listener, Q.WRITERS_SEEN)
+        rolling_back.rollback()
+        assert holds(listener, Q.WRITERS_SEEN)
+        # Quiet now: a writer finds the lock free and takes neither.
+        env.sql("UPDATE users SET email = 'c@x' WHERE id = 3")
+        assert holds(listener, Q.WRITERS_SEEN)
+
+
+def test_a_change_committed_after_the_listener_went_quiet_without_a_wake_up_is_deleted(
+    env: Env,
+) -> None:
+    """A steady writer keeps the listener busy (batches gathered over batch_linger_ms =
+    1000); another writer updates user 1 meanwhile (no wake-up) and stays open while the
+    steady one stops and the listener goes quiet. Its commit sends no wake-up, and the
+    listener's poll comes a minute later: only its polling for writers seen out reads it."""
+    config = setup_users(env, rows=30, poll_interval_ms=60_000, batch_linger_ms=1000)
+    r = env.redis()
+    busy = (
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 2"
+        " AND objid = 1 AND mode = 'ExclusiveLock'"
+    )
+    stop = threading.Event()
+
+    def steady() -> None:
+        with env.connect() as conn:
+            i = 0
+            while not stop.is_set():
+                conn.execute("UPDATE users SET email = email WHERE id = %s", [11 + i % 20])
+                i += 1
+
+    listener = ListenerThread.from_file(config).start()
+    writing = threading.Thread(target=steady, name="steady writer")
+    writing.start()
+    try:
+        wait_until(lambda: env.scalar(busy) == 1, what="the listener busy")
+        with psycopg.connect(env.dsn) as writer:
+            writer.execute("UPDATE users SET email = 'new@x' WHERE id = 1")
+            stop.set()
+            writing.join()
+            wait_until(lambda: env.scalar(busy) == 0, what="the listener quiet again")
+            # Every committed change read, saved and pruned: nothing left to wake it.
+            wait_until(lambda: queue_count(env) == 0, what="the steady writes processed")
+            cache(r, [1])  # a reader caches the old row before the commit
+            writer.commit()
+        wait_until(lambda: not any(r.exists(k) for k in keys_of(1)), what="user 1's keys gone")
+    finally:
+        stop.set()
+        writing.join()
+        listener.stop()
