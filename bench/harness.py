@@ -181,10 +181,14 @@ class Bench:
 
     def write_config(self, target: Target, redis_url: str | None = None) -> None:
         # Every setting at its default (replay_history too: processed queue rows, or
-        # logical mode's history, kept for two hours), but where the listener connects.
+        # logical mode's history, kept for two hours), but where the listener connects,
+        # and source_mark: its key in Redis would be counted among the keys each phase
+        # waits to see gone (the latency phase's warm-up waited for good). The mark is
+        # read and written as the listener connects, never on a path measured here.
         lines = [
             f"database_url = {json.dumps(target.dsn)}",
             f"redis_url = {json.dumps(redis_url or self.rs.url)}",
+            "source_mark = false",
         ]
         if target.logical:
             lines += ['capture = "logical"', f"slot_name = {json.dumps(SLOT)}"]
