@@ -23,7 +23,8 @@ against a floor of that mode (floors.py):
 3. write overhead: pgbench UPDATE throughput on a watched table with the listener
    running and with none, against an unwatched table, in interleaved rounds; medians,
    their ratio and the rounds' spread (phases/writes.py); trigger mode then repeats the
-   rounds with CPU-bound writers (pgbench's sessions with synchronous_commit off);
+   rounds with CPU-bound writers (pgbench's sessions with synchronous_commit off), and
+   both modes with 8 clients instead of 2 (durable; no target);
 4. replay: `cdc-invalidator replay --since 15m` of N changes kept in history, against
    the floor reading the same history rows' key columns and UNLINKing the keys 500 per
    command in a pipeline (phases/replay.py);
@@ -111,7 +112,7 @@ from phases.peers import check_installed, find_jvm, measure_peers, peer_table
 from phases.replay import measure_replay, replay_rows
 from phases.second_deletes import measure_second_deletes, second_delete_rows
 from phases.sweep import measure_sweeps, sweep_rows
-from phases.writes import Writes, measure_writes, writes_rows
+from phases.writes import MANY_WRITERS, Writes, measure_writes, writes_rows
 from procs import CpuMeter
 from report import Report, Row, describe_machine, describe_settings, prefixed, write_results
 
@@ -236,13 +237,14 @@ def run_mode(
         f"floor {replayed.floor_s:.3f} s",
         flush=True,
     )
-    floor, ours, payload, writes, cpu_bound = measured
+    floor, ours, payload, writes, cpu_bound, many = measured
     rows = latency_rows(mode, sizes.rate, floor, ours)
     if payload is not None:
         rows += latency_rows(mode, sizes.rate, *payload, variant=" with notify_payload")
     rows += [*drains, *writes_rows(mode, writes)]
     if cpu_bound is not None:
         rows += writes_rows(mode, cpu_bound, cpu_bound=True)
+    rows += writes_rows(mode, many, clients=MANY_WRITERS)
     if not target.logical:
         print(f"[{mode}] 5. write cost of a column filter (pgbench)", flush=True)
         with meter.phase(f"{mode} judged writes"):
@@ -290,10 +292,10 @@ def measure_bulk_and_sweeps(
 
 def measure_latency_and_writes(
     bench: Bench, sizes: Sizes, meter: CpuMeter, report: Report, target: Target
-) -> tuple[Latency, Latency, tuple[Latency, Latency] | None, Writes, Writes | None]:
+) -> tuple[Latency, Latency, tuple[Latency, Latency] | None, Writes, Writes | None, Writes]:
     """Phases 1 and 3: the latency (floor, ours; in trigger mode also floor and ours with
-    notify_payload = true, None in logical mode), the write overhead and, in trigger mode,
-    the write overhead with CPU-bound writers (None in logical mode)."""
+    notify_payload = true, None in logical mode), the write overhead, in trigger mode the
+    write overhead with CPU-bound writers (None in logical mode), and with MANY_WRITERS."""
     mode = target.mode
     print(f"[{mode}] 1. latency: floor and cdc-invalidator side by side", flush=True)
     floor_proc = start_floor_listener(bench, target)
@@ -330,7 +332,11 @@ def measure_latency_and_writes(
         with meter.phase(f"{mode} writes, CPU-bound"):
             cpu_bound = measure_writes(bench, sizes, target, cpu_bound=True)
         report.raw[f"{mode} writes cpu-bound"] = asdict(cpu_bound)
-    return floor, ours, payload, writes, cpu_bound
+    print(f"[{mode}] 3. write overhead, {MANY_WRITERS} writers (durable)", flush=True)
+    with meter.phase(f"{mode} writes, {MANY_WRITERS} writers"):
+        many = measure_writes(bench, sizes, target, clients=MANY_WRITERS)
+    report.raw[f"{mode} writes {MANY_WRITERS} writers"] = asdict(many)
+    return floor, ours, payload, writes, cpu_bound, many
 
 
 def run_peers(
