@@ -1,5 +1,6 @@
 -- Trigger mode: whether this server lets transactions be prepared (two-phase commit),
--- which PostgreSQL refuses for one that sent a NOTIFY: every capture function's wake-up;
+-- which PostgreSQL refuses for one that sent a NOTIFY: a capture function's wake-up
+-- (sent while the listener is quiet, so a PREPARE may pass under load, fail when idle);
 -- and the capture functions compiled before they read cdc_invalidator.notify (a release
 -- before it: they send the wake-up whatever the session says, until install again).
 SELECT current_setting('max_prepared_transactions')::int,

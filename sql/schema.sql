@@ -777,23 +777,26 @@ $early$;
 -- that queued a constant row and sent the wake-up, 0.77 without the wake-up. So the
 -- wake-up is sent only while the listener is quiet: while busy it reads the queue on its
 -- own and holds the lock (hashtext('cdc_invalidator.queue_v1'), 1) (sql/busy.sql), which
--- a writer tests by taking it shared and letting go in one CASE (in that order, the
--- second only if the first took it; in parentheses, or PL/pgSQL would end the IF's
+-- a writer tests by taking it shared and letting go in one CASE (CASE keeps the order:
+-- the second only if the first took it; in parentheses, or PL/pgSQL would end the IF's
 -- condition at the CASE's THEN). A writer that finds it held takes (.., 2) shared
--- until its transaction ends, then tests again. The listener, gone quiet (LISTEN, then
--- the first lock let go: sql/quiet.sql), polls until it can take the second
--- (sql/writers_seen.sql), then reads the queue once more: a writer that sent nothing has
--- ended before that read. The first key is the consumer lock's (sql/take_lock.sql),
--- whose one-key lock space is another than these two-key ones.
+-- until its transaction ends, then tests again. It never waits: where (.., 2) is held
+-- exclusive (by the listener's test below for an instant, or by someone else's
+-- session), it sends the wake-up, as where (.., 1) is free. The listener, gone quiet
+-- (LISTEN, then the first lock let go: sql/quiet.sql), polls until it can take the
+-- second (sql/writers_seen.sql), then reads the queue once more: a writer that sent
+-- nothing has ended before that read. The first key is the consumer lock's
+-- (sql/take_lock.sql), whose one-key lock space is another than these two-key ones.
 CREATE OR REPLACE FUNCTION cdc_invalidator.wake_up_v1() RETURNS text
 LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
 AS $wake_up$
     SELECT format(
         'IF (CASE WHEN pg_try_advisory_lock_shared(%1$s, 1) THEN pg_advisory_unlock_shared(%1$s, 1) END) THEN '
         'PERFORM pg_notify(''cdc_invalidator_v1'', ''''); '
-        'ELSE PERFORM pg_advisory_xact_lock_shared(%1$s, 2); '
-        'IF (CASE WHEN pg_try_advisory_lock_shared(%1$s, 1) THEN pg_advisory_unlock_shared(%1$s, 1) END) THEN '
-        'PERFORM pg_notify(''cdc_invalidator_v1'', ''''); END IF; END IF',
+        'ELSIF (CASE WHEN pg_try_advisory_xact_lock_shared(%1$s, 2) '
+        'THEN CASE WHEN pg_try_advisory_lock_shared(%1$s, 1) THEN pg_advisory_unlock_shared(%1$s, 1) END '
+        'ELSE true END) THEN '
+        'PERFORM pg_notify(''cdc_invalidator_v1'', ''''); END IF',
         hashtext('cdc_invalidator.queue_v1'))
 $wake_up$;
 

@@ -1,9 +1,10 @@
 """Two-phase commit on watched tables (trigger mode), on real PostgreSQL and Redis.
 
-PostgreSQL refuses to PREPARE a transaction that sent a NOTIFY, and every capture
-function wakes the listener with one. A session that sets `cdc_invalidator.notify = off`
-(ALTER ROLE ... SET, for the roles whose transactions are prepared) is captured without
-the wake-up: its transactions can be prepared, and the listener's poll finds their rows.
+PostgreSQL refuses to PREPARE a transaction that sent a NOTIFY, and a capture function
+wakes the listener with one while it is quiet (as here: no listener is busy). A session
+that sets `cdc_invalidator.notify = off` (ALTER ROLE ... SET, for the roles whose
+transactions are prepared) is captured without the wake-up: its transactions can be
+prepared, and the listener's poll finds their rows.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import psycopg
+import pytest
 
 from cdc_invalidator.pg.queries import Q
 from tests.support.env import Env
@@ -93,19 +94,52 @@ def test_writers_that_found_the_listener_busy_are_seen_out_before_it_stops_polli
         assert holds(listener, Q.WRITERS_SEEN)
 
 
-def test_a_change_committed_after_the_listener_went_quiet_without_a_wake_up_is_deleted(
+def test_a_writer_never_waits_for_the_locks_and_wakes_the_listener_where_it_would(
     env: Env,
+) -> None:
+    """The second lock held exclusive by someone else's session (or by the listener's
+    test, for an instant): a writer that found the listener busy sends the wake-up
+    instead of waiting (with lock_timeout set, a wait would be an error)."""
+    setup_users(env, rows=3)
+    with (
+        listener_session(env) as listener,
+        env.connect() as other,
+        env.connect() as listening,
+        env.connect() as writer,
+    ):
+        listening.execute(f"LISTEN {CHANNEL}")
+        assert holds(listener, Q.BUSY)
+        other.execute("SELECT pg_advisory_lock(hashtext('cdc_invalidator.queue_v1'), 2)")
+        writer.execute("SET lock_timeout = '1s'")
+        writer.execute("UPDATE users SET email = 'a@x' WHERE id = 1")
+        assert notifications_until_marker(env, listening) == ["", MARKER]
+
+
+BUSY = (
+    "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 2"
+    " AND objid = 1 AND mode = 'ExclusiveLock'"
+)
+CONSUMER = (  # take_lock.sql's: one bigint key, the hash in its low half
+    "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1"
+    " AND objid = hashtext('cdc_invalidator.queue_v1')::oid"
+)
+
+
+@pytest.mark.parametrize("leaving", ["quiet", "session ended"])
+def test_a_change_committed_after_the_listener_left_busy_without_a_wake_up_is_deleted(
+    env: Env, leaving: str
 ) -> None:
     """A steady writer keeps the listener busy (batches gathered over batch_linger_ms =
     1000); another writer updates user 1 meanwhile (no wake-up) and stays open while the
-    steady one stops and the listener goes quiet. Its commit sends no wake-up, and the
-    listener's poll comes a minute later: only its polling for writers seen out reads it."""
-    config = setup_users(env, rows=30, poll_interval_ms=60_000, batch_linger_ms=1000)
-    r = env.redis()
-    busy = (
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 2"
-        " AND objid = 1 AND mode = 'ExclusiveLock'"
+    steady one stops and the listener goes quiet, and maybe its session ends and it
+    connects again (the other listener of a pair would find the same). Its commit sends
+    no wake-up, and the listener's poll comes a minute later (no second deletes either,
+    whose timers would wake it): only its polling for the writers that found it busy
+    reads it."""
+    config = setup_users(
+        env, rows=30, poll_interval_ms=60_000, batch_linger_ms=1000, second_delete_ms=0
     )
+    r = env.redis()
     stop = threading.Event()
 
     def steady() -> None:
@@ -115,22 +149,42 @@ def test_a_change_committed_after_the_listener_went_quiet_without_a_wake_up_is_d
                 conn.execute("UPDATE users SET email = email WHERE id = %s", [11 + i % 20])
                 i += 1
 
+    def processed(user: int) -> None:
+        """A change with its wake-up, read, its row saved and pruned: the listener has
+        read since it started or connected, and is past every timer of its own."""
+        cache(r, [user])
+        env.sql("UPDATE users SET email = email || '.' WHERE id = %s", [user])
+        wait_until(
+            lambda: not any(r.exists(k) for k in keys_of(user)) and queue_count(env) == 0,
+            what=f"user {user}'s change processed",
+        )
+
     listener = ListenerThread.from_file(config).start()
     writing = threading.Thread(target=steady, name="steady writer")
-    writing.start()
     try:
-        wait_until(lambda: env.scalar(busy) == 1, what="the listener busy")
+        processed(3)  # (idle, it has looked for writers left since it connected)
+        writing.start()
+        wait_until(lambda: env.scalar(BUSY) is not None, what="the listener busy")
         with psycopg.connect(env.dsn) as writer:
             writer.execute("UPDATE users SET email = 'new@x' WHERE id = 1")
             stop.set()
             writing.join()
-            wait_until(lambda: env.scalar(busy) == 0, what="the listener quiet again")
-            # Every committed change read, saved and pruned: nothing left to wake it.
+            wait_until(lambda: env.scalar(BUSY) is None, what="the listener quiet")
+            # Every committed change read, saved and pruned (so nothing comes again).
             wait_until(lambda: queue_count(env) == 0, what="the steady writes processed")
+            if leaving == "session ended":
+                ended = env.scalar(CONSUMER)
+                env.sql("SELECT pg_terminate_backend(%s)", [ended])
+                wait_until(
+                    lambda: env.scalar(CONSUMER) not in (None, ended),
+                    what="the listener connected again",
+                )
+            processed(2)
             cache(r, [1])  # a reader caches the old row before the commit
             writer.commit()
         wait_until(lambda: not any(r.exists(k) for k in keys_of(1)), what="user 1's keys gone")
     finally:
         stop.set()
-        writing.join()
+        if writing.is_alive():
+            writing.join()
         listener.stop()

@@ -384,16 +384,18 @@ def stand_in_of(conn: psycopg.Connection[Any], table: TableName) -> bool:
 
 def check_two_phase(conn: psycopg.Connection[Any], report: Report) -> None:
     """Trigger mode: prepared transactions allowed, which PostgreSQL refuses to prepare
-    once they sent a NOTIFY (every capture function's wake-up); capture functions that
-    ignore cdc_invalidator.notify, which turns that wake-up off."""
+    once they sent a NOTIFY (a capture function's wake-up, sent while the listener is
+    quiet); capture functions that ignore cdc_invalidator.notify, which turns that
+    wake-up off."""
     row = conn.execute(Q.CHECK_TWO_PHASE.sql).fetchone()
     if not row:
         return
     if row[0] > 0:
         report.warnings.append(
             f"max_prepared_transactions is {row[0]}: a transaction that writes a watched "
-            "table cannot be prepared (PREPARE TRANSACTION, XA) unless its session sets "
-            "cdc_invalidator.notify = 'off' (docs/DBA.md, \"Trigger mode: two-phase commit\")"
+            "table fails at PREPARE TRANSACTION (XA) whenever the listener is quiet, unless "
+            "its session sets cdc_invalidator.notify = 'off' (docs/DBA.md, \"Trigger mode: "
+            'two-phase commit")'
         )
     if row[1]:
         report.warnings.append(

@@ -605,7 +605,9 @@ class TriggerQueue:
         self._busy_retry_at = 0.0
         # Quiet again: until writers_seen.sql says none is open of the transactions that
         # found us busy, wait() returns after this long (doubling) instead of a wake-up.
-        self._writers_poll_s: float | None = None
+        # So too after a connect: a session of ours that ended busy (a dropped connection,
+        # a restart, the other listener of a pair) left such writers, prepared ones too.
+        self._writers_poll_s: float | None = WRITERS_POLL_S
         self._read_at = time.monotonic()  # the last queue read began
         # Straight from libpq, as bytes (see _prepare).
         conn.pgconn.notify_handler = self._notified

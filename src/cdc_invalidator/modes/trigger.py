@@ -41,8 +41,8 @@ class TriggerMode:
     @property
     def delivery(self) -> str:
         return (
-            "NOTIFY wakes the listener at once (it would otherwise poll every "
-            f"{self._settings.poll_interval_ms} ms)."
+            "NOTIFY wakes the quiet listener at once (it would otherwise poll every "
+            f"{self._settings.poll_interval_ms} ms); busy, it reads on its own."
         )
 
     def install_script(self) -> sql.Composed:
