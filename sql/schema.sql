@@ -1402,6 +1402,21 @@ BEGIN
             USING HINT = 'Run install as the owner of the watched tables, a role that is a member of their owners, or a superuser: each table''s capture function must belong to its owner.',
                   ERRCODE = 'insufficient_privilege';
     END IF;
+    -- The capture function runs as the table's owner and calls these on every write:
+    -- PUBLIC may by default; where a hardened server took that away, every write to the
+    -- table would fail. Refused here instead.
+    missing := (
+        SELECT string_agg(f, ', ') FROM unnest(ARRAY[
+            'pg_catalog.pg_notify(text, text)',
+            'pg_catalog.pg_try_advisory_lock_shared(integer, integer)',
+            'pg_catalog.pg_advisory_unlock_shared(integer, integer)',
+            'pg_catalog.pg_try_advisory_xact_lock_shared(integer, integer)']) f
+        WHERE NOT has_function_privilege(owner, f, 'EXECUTE'));
+    IF missing IS NOT NULL THEN
+        RAISE EXCEPTION 'cdc_invalidator.watch: role %, the owner of table %, may not run %, which its capture function calls on every write', owner, tbl, missing
+            USING HINT = 'GRANT EXECUTE ON FUNCTION to that role (PostgreSQL grants it to PUBLIC by default).',
+                  ERRCODE = 'insufficient_privilege';
+    END IF;
     key_columns := ARRAY(SELECT DISTINCT c FROM unnest(coalesce(key_columns, '{}')) c ORDER BY c);
     missing := cdc_invalidator.missing_columns(tbl, key_columns);
     IF missing IS NOT NULL THEN

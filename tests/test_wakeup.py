@@ -21,10 +21,13 @@ from typing import Any
 import psycopg
 import pytest
 
+from cdc_invalidator.cli import main
 from cdc_invalidator.pg.queries import Q
+from tests.support.config import write_config
 from tests.support.env import Env
 from tests.support.faults import cache, keys_of, queue_count, setup_users
 from tests.support.listener import ListenerThread
+from tests.support.roles import login_role
 from tests.support.waits import wait_until
 
 CHANNEL = "cdc_invalidator_v1"
@@ -188,3 +191,33 @@ def test_a_change_committed_after_the_listener_left_busy_without_a_wake_up_is_de
         if writing.is_alive():
             writing.join()
         listener.stop()
+
+
+def test_install_refuses_a_table_whose_owner_may_not_run_the_wake_up(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The capture function runs as the table's owner and calls the advisory lock
+    functions on every write: where a hardened server took EXECUTE from PUBLIC, install
+    refuses, naming the function and the role, instead of leaving every write failing."""
+    with login_role(env, "owner_") as owner:
+        env.sql("CREATE TABLE users (id int PRIMARY KEY, email text)")
+        env.sql(f'ALTER TABLE users OWNER TO "{owner}"')
+        taken = "pg_catalog.pg_try_advisory_xact_lock_shared(integer, integer)"
+        env.sql(f"REVOKE EXECUTE ON FUNCTION {taken} FROM PUBLIC")
+        try:
+            config = write_config(
+                env.tmp_path / "config.toml",
+                database_url=env.dsn,
+                redis_url=env.redis_url,
+                tables={"public.users": ["user:{id}"]},
+            )
+            assert main(["install", "--config", str(config)]) != 0
+            err = capsys.readouterr().err
+            assert owner in err, err
+            assert taken in err, err
+            env.sql("INSERT INTO users VALUES (1, 'a@x')")  # nothing installed: writes go on
+            env.sql(f'GRANT EXECUTE ON FUNCTION {taken} TO "{owner}"')
+            assert main(["install", "--config", str(config)]) == 0
+            env.sql("UPDATE users SET email = 'b@x' WHERE id = 1")
+        finally:
+            env.sql(f"GRANT EXECUTE ON FUNCTION {taken} TO PUBLIC")
