@@ -741,7 +741,8 @@ $judged_packed$;
 -- with no second scan, aggregate or RETURNING (which would need SELECT on the queue,
 -- every table's rows, for the table owners the capture functions run as). A row the
 -- filter of a judged UPDATE drops is not queued and sends nothing. Packs (several rows)
--- never carry a payload.
+-- never carry a payload. Sent only while the listener is quiet (wake_needed_v1()): busy,
+-- it reads the queue on its own, and a notifying commit would wait for the one before.
 CREATE OR REPLACE FUNCTION cdc_invalidator.queue_early_v1(statement text, head text)
 RETURNS text
 LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp
@@ -761,43 +762,52 @@ BEGIN
         '|| '',"a":'' || extract(epoch FROM now())::text '
         '|| '',"r":['' || json_build_array(s.op, %4$s, %5$s)::text || '']}'' AS p) e '
         'WHERE CASE WHEN current_setting(''cdc_invalidator.notify'', true) = ''off'' THEN true '
+        'WHEN NOT %6$s THEN true '
         'ELSE pg_notify(''cdc_invalidator_v1'', '
         'CASE WHEN octet_length(e.p) < 8000 THEN e.p ELSE '''' END)::text = '''' END',
         parts[1], parts[2], head,
         CASE WHEN parts[1] LIKE '%old_row%' THEN 's.old_row' ELSE 'NULL' END,
-        CASE WHEN parts[1] LIKE '%new_row%' THEN 's.new_row' ELSE 'NULL' END);
+        CASE WHEN parts[1] LIKE '%new_row%' THEN 's.new_row' ELSE 'NULL' END,
+        cdc_invalidator.wake_needed_v1());
 END
 $early$;
 
--- wake_up_v1(): the statements a capture function runs to wake the listener once it has
--- queued something. PostgreSQL serializes the commits of transactions that sent a NOTIFY,
--- across the cluster, from just before the commit record until the commit is done, its
--- WAL flush included: they share no flush. Measured with pgbench (single-row UPDATEs,
--- durable commits, 8 clients on 2 vCPUs): 0.26 of the unwatched throughput with a trigger
--- that queued a constant row and sent the wake-up, 0.77 without the wake-up. So the
--- wake-up is sent only while the listener is quiet: while busy it reads the queue on its
--- own and holds the lock (hashtext('cdc_invalidator.queue_v1'), 1) (sql/busy.sql), which
--- a writer tests by taking it shared and letting go in one CASE (CASE keeps the order:
--- the second only if the first took it; in parentheses, or PL/pgSQL would end the IF's
--- condition at the CASE's THEN). A writer that finds it held takes (.., 2) shared
--- until its transaction ends, then tests again. It never waits: where (.., 2) is held
--- exclusive (by the listener's test below for an instant, or by someone else's
--- session), it sends the wake-up, as where (.., 1) is free. The listener, gone quiet
--- (LISTEN, then the first lock let go: sql/quiet.sql), polls until it can take the
--- second (sql/writers_seen.sql), then reads the queue once more: a writer that sent
--- nothing has ended before that read. The first key is the consumer lock's
--- (sql/take_lock.sql), whose one-key lock space is another than these two-key ones.
+-- wake_needed_v1(): a boolean expression, whether a capture function's statement should
+-- wake the listener, with the empty wake-up (wake_up_v1(): the statement that sends it)
+-- or a payload (queue_early_v1()). PostgreSQL serializes the commits of transactions
+-- that sent a NOTIFY, across the cluster, from just before the commit record until the
+-- commit is done, its WAL flush included: they share no flush. Measured with pgbench
+-- (single-row UPDATEs, durable commits, 8 clients on 2 vCPUs): 0.26 of the unwatched
+-- throughput with a trigger that queued a constant row and sent the wake-up, 0.77
+-- without it. So the wake-up is sent only while the listener is quiet: while busy it
+-- reads the queue on its own and holds the lock (hashtext('cdc_invalidator.queue_v1'), 1)
+-- (sql/busy.sql), which a writer tests by taking it shared and letting go in one CASE
+-- (CASE keeps the order: the second only if the first took it; in parentheses, or
+-- PL/pgSQL would end an IF's condition at the CASE's THEN). A writer that finds it held
+-- takes (.., 2) shared until its transaction ends, then tests again. It never waits:
+-- where (.., 2) is held exclusive (by the listener's test below for an instant, or by
+-- someone else's session), it sends the wake-up, as where (.., 1) is free. The
+-- listener, gone quiet (LISTEN, then the first lock let go: sql/quiet.sql), polls until
+-- it can take the second (sql/writers_seen.sql), then reads the queue once more: a
+-- writer that sent nothing has ended before that read. The first key is the consumer
+-- lock's (sql/take_lock.sql), whose one-key lock space is another than these two-key
+-- ones.
+CREATE OR REPLACE FUNCTION cdc_invalidator.wake_needed_v1() RETURNS text
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
+AS $wake_needed$
+    SELECT format(
+        '(CASE WHEN pg_try_advisory_lock_shared(%1$s, 1) THEN pg_advisory_unlock_shared(%1$s, 1) '
+        'WHEN pg_try_advisory_xact_lock_shared(%1$s, 2) THEN coalesce(CASE WHEN '
+        'pg_try_advisory_lock_shared(%1$s, 1) THEN pg_advisory_unlock_shared(%1$s, 1) END, false) '
+        'ELSE true END)',
+        hashtext('cdc_invalidator.queue_v1'))
+$wake_needed$;
+
 CREATE OR REPLACE FUNCTION cdc_invalidator.wake_up_v1() RETURNS text
 LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
 AS $wake_up$
-    SELECT format(
-        'IF (CASE WHEN pg_try_advisory_lock_shared(%1$s, 1) THEN pg_advisory_unlock_shared(%1$s, 1) END) THEN '
-        'PERFORM pg_notify(''cdc_invalidator_v1'', ''''); '
-        'ELSIF (CASE WHEN pg_try_advisory_xact_lock_shared(%1$s, 2) '
-        'THEN CASE WHEN pg_try_advisory_lock_shared(%1$s, 1) THEN pg_advisory_unlock_shared(%1$s, 1) END '
-        'ELSE true END) THEN '
-        'PERFORM pg_notify(''cdc_invalidator_v1'', ''''); END IF',
-        hashtext('cdc_invalidator.queue_v1'))
+    SELECT format('IF %s THEN PERFORM pg_notify(''cdc_invalidator_v1'', ''''); END IF',
+                  cdc_invalidator.wake_needed_v1())
 $wake_up$;
 
 -- queue_sweep_row_v1(names, marker): the statement that queues a sweep of a table's

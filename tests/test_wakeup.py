@@ -13,6 +13,7 @@ notification sent after its commit must be the first one a LISTENing session rec
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -221,3 +222,25 @@ def test_install_refuses_a_table_whose_owner_may_not_run_the_wake_up(
             env.sql("UPDATE users SET email = 'b@x' WHERE id = 1")
         finally:
             env.sql(f"GRANT EXECUTE ON FUNCTION {taken} TO PUBLIC")
+
+
+def test_a_payload_is_sent_only_while_the_listener_is_quiet(env: Env) -> None:
+    """notify_payload = true: a one-row statement's payload is a notification like the
+    wake-up, whose commit waits for the one before; none while the listener is busy."""
+    setup_users(env, rows=3, notify_payload=True)
+    with (
+        listener_session(env) as listener,
+        env.connect() as listening,
+        psycopg.connect(env.dsn) as writer,
+    ):
+        listening.execute(f"LISTEN {CHANNEL}")
+        assert holds(listener, Q.BUSY)
+        writer.execute("UPDATE users SET email = 'a@x' WHERE id = 1")
+        assert not holds(listener, Q.WRITERS_SEEN)  # found it busy: seen out after
+        writer.commit()
+        assert notifications_until_marker(env, listening) == [MARKER]
+        assert holds(listener, Q.QUIET)
+        env.sql("UPDATE users SET email = 'b@x' WHERE id = 2")
+        payload, marker = notifications_until_marker(env, listening)
+        assert json.loads(payload)["r"][0][2] == {"email": "b@x", "id": "2"}
+        assert marker == MARKER

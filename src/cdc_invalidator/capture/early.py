@@ -45,7 +45,8 @@ EARLY_KEEP_MAX = 10_000  # transactions
 # sorted (column, value) pairs. Queue rows have no id before they are read.
 Content = tuple[str, tuple[tuple[str, Any], ...] | None, tuple[tuple[str, Any], ...] | None]
 # Who wrote it: (xid, the backend's pid). A queue row's pid is None where no payload was
-# sent for it (or its capture function predates queue_v1.pid): never recognized.
+# sent for it (or its capture function predates queue_v1.pid): never recognized. (A row
+# whose payload the listener, busy, was not sent has its pid: no payload comes to match.)
 Sender = tuple[int, int | None]
 
 
