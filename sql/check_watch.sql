@@ -3,8 +3,9 @@
 -- its capture function copies and what those columns are called now ('' once dropped),
 -- and every way its triggers, or its partitions' triggers, differ from what watch()
 -- made: missing, disabled, not firing ALWAYS, or calling another function (and its
--- capture function's owner no longer granted the queue, or a partitioned table's owner
--- not granted its row trigger's function); its inheritance children without our
+-- capture function's owner no longer granted the queue or a function it calls, or a
+-- partitioned table's owner not granted its row trigger's function); its inheritance
+-- children without our
 -- triggers (made after install); the tables
 -- it became a partition or an inheritance child of that are not watched (a statement
 -- naming one of them fires their statement triggers, not the table's: its changes of
@@ -149,6 +150,24 @@ SELECT
           AND NOT (has_schema_privilege(p.proowner, 'cdc_invalidator', 'USAGE')
                    AND has_column_privilege(p.proowner, 'cdc_invalidator.queue_v1', 'op',
                                             'INSERT'))
+        UNION ALL
+        -- ... and runs, on every write, functions PUBLIC may run by default (the list
+        -- watch() in schema.sql refuses a table for): one taken away since install (a
+        -- hardening script, a new owner, a membership revoked) fails writes, those that
+        -- call the advisory lock only while the listener is busy, under load.
+        SELECT format('capture function %%s belongs to role %%s, which may not run %%s '
+                      '(EXECUTE taken away since install): writes to the table fail (some '
+                      'only while the listener is busy): GRANT EXECUTE ON FUNCTION %%s TO %%s',
+                      p.oid::regprocedure, quote_ident(pg_get_userbyid(p.proowner)), f.f, f.f,
+                      quote_ident(pg_get_userbyid(p.proowner)))
+        FROM pg_proc p,
+             unnest(ARRAY['pg_catalog.pg_notify(text, text)',
+                          'pg_catalog.pg_try_advisory_lock_shared(integer, integer)',
+                          'pg_catalog.pg_advisory_unlock_shared(integer, integer)',
+                          'pg_catalog.pg_try_advisory_xact_lock_shared(integer, integer)']) f (f)
+        WHERE p.oid = to_regprocedure(
+                  'cdc_invalidator.' || quote_ident('capture_' || w.relid::oid || '_v1') || '()')
+          AND NOT has_function_privilege(p.proowner, f.f, 'EXECUTE')
         UNION ALL
         -- A capture function pinned for a date or float column, without bytea_output
         -- (none of its columns could hold a bytea at install), and a key column retyped

@@ -1423,8 +1423,8 @@ BEGIN
             'pg_catalog.pg_try_advisory_xact_lock_shared(integer, integer)']) f
         WHERE NOT has_function_privilege(owner, f, 'EXECUTE'));
     IF missing IS NOT NULL THEN
-        RAISE EXCEPTION 'cdc_invalidator.watch: role %, the owner of table %, may not run %, which its capture function calls on every write', owner, tbl, missing
-            USING HINT = 'GRANT EXECUTE ON FUNCTION to that role (PostgreSQL grants it to PUBLIC by default).',
+        RAISE EXCEPTION 'cdc_invalidator.watch: role %, the owner of table %, may not run %, which its capture function calls (on every write, or while the listener is busy)', owner, tbl, missing
+            USING HINT = format('PostgreSQL lets PUBLIC run them by default: GRANT EXECUTE ON FUNCTION %s TO %s', missing, owner),
                   ERRCODE = 'insufficient_privilege';
     END IF;
     key_columns := ARRAY(SELECT DISTINCT c FROM unnest(coalesce(key_columns, '{}')) c ORDER BY c);

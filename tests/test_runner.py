@@ -510,6 +510,40 @@ def test_trigger_wait_returns_at_once_for_the_look_after_listen_again() -> None:
         queue.wait(0.0)
 
 
+class BusyLockConnection:
+    """Answers every query (busy.sql's try) with `taken`, counting them."""
+
+    pgconn = NoConnection._PGconn()
+
+    def __init__(self, taken: bool) -> None:
+        self.taken = taken
+        self.queries = 0
+
+    def execute(self, _query: object) -> BusyLockConnection:
+        self.queries += 1
+        return self
+
+    def fetchone(self) -> tuple[bool]:
+        return (self.taken,)
+
+
+@pytest.mark.parametrize("taken", [True, False])
+def test_trigger_busy_lock_is_tried_again_at_once_after_a_take_not_after_a_failure(
+    taken: bool,
+) -> None:
+    """A failed try (a writer testing the lock that instant) is not repeated within
+    BUSY_RETRY_S; a lock taken, let go (quiet) and wanted again (busy) is tried at once:
+    until it is held, every writer's commit sends the wake-up."""
+    conn = BusyLockConnection(taken)
+    progress = Progress(Snapshot.parse("10:10:"))
+    queue = TriggerQueue(cast("psycopg.Connection[Any]", conn), progress, 1.0, Retention(0.0))
+    queue._take_busy()
+    assert queue._busy is taken
+    queue._busy = False  # quiet again (quiet.sql), then busy again at once
+    queue._take_busy()
+    assert conn.queries == (2 if taken else 1)
+
+
 # --- Redis: refused writes, back-off ------------------------------------------------------
 
 

@@ -27,11 +27,15 @@ from cdc_invalidator.pg.queries import Q
 from tests.support.config import write_config
 from tests.support.env import Env
 from tests.support.faults import cache, keys_of, queue_count, setup_users
-from tests.support.listener import ListenerThread
+from tests.support.listener import ListenerThread, check
 from tests.support.roles import login_role
 from tests.support.waits import wait_until
 
 CHANNEL = "cdc_invalidator_v1"
+HELD_BY = (  # the second lock, which a writer that found the listener busy holds
+    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 2"
+    " AND objid = 2 AND mode = 'ShareLock' AND pid = %s"
+)
 MARKER = "after the writer"
 
 
@@ -93,9 +97,11 @@ def test_writers_that_found_the_listener_busy_are_seen_out_before_it_stops_polli
         assert not holds(listener, Q.WRITERS_SEEN)
         rolling_back.rollback()
         assert holds(listener, Q.WRITERS_SEEN)
-        # Quiet now: a writer finds the lock free and takes neither.
-        env.sql("UPDATE users SET email = 'c@x' WHERE id = 3")
+        # Quiet now: a writer finds the lock free and takes neither (its transaction open).
+        committing.execute("UPDATE users SET email = 'c@x' WHERE id = 3")
         assert holds(listener, Q.WRITERS_SEEN)
+        assert env.scalar(HELD_BY, [committing.info.backend_pid]) == 0
+        committing.commit()
 
 
 def test_a_writer_never_waits_for_the_locks_and_wakes_the_listener_where_it_would(
@@ -171,6 +177,8 @@ def test_a_change_committed_after_the_listener_left_busy_without_a_wake_up_is_de
         wait_until(lambda: env.scalar(BUSY) is not None, what="the listener busy")
         with psycopg.connect(env.dsn) as writer:
             writer.execute("UPDATE users SET email = 'new@x' WHERE id = 1")
+            # It found the listener busy (and sent nothing): else this proves nothing.
+            assert env.scalar(HELD_BY, [writer.info.backend_pid]) == 1
             stop.set()
             writing.join()
             wait_until(lambda: env.scalar(BUSY) is None, what="the listener quiet")
@@ -220,6 +228,12 @@ def test_install_refuses_a_table_whose_owner_may_not_run_the_wake_up(
             env.sql(f'GRANT EXECUTE ON FUNCTION {taken} TO "{owner}"')
             assert main(["install", "--config", str(config)]) == 0
             env.sql("UPDATE users SET email = 'b@x' WHERE id = 1")
+            capsys.readouterr()
+            # Taken away again after install: check names it, with the GRANT.
+            env.sql(f'REVOKE EXECUTE ON FUNCTION {taken} FROM "{owner}"')
+            code, out, err = check(config, capsys)
+            assert code != 0, out
+            assert f"GRANT EXECUTE ON FUNCTION {taken} TO {owner}" in err, err
         finally:
             env.sql(f"GRANT EXECUTE ON FUNCTION {taken} TO PUBLIC")
 
@@ -244,3 +258,26 @@ def test_a_payload_is_sent_only_while_the_listener_is_quiet(env: Env) -> None:
         payload, marker = notifications_until_marker(env, listening)
         assert json.loads(payload)["r"][0][2] == {"email": "b@x", "id": "2"}
         assert marker == MARKER
+
+
+def test_check_names_a_session_holding_the_wake_up_lock_that_is_no_listener(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Advisory locks need no privilege: any role that can connect may take the busy
+    lock, and writers then send no wake-up. check names that session; a listener holding
+    it (with the consumer lock) is not named."""
+    config = setup_users(env, rows=3)
+    _, out, err = check(config, capsys)
+    assert "wake-up's lock" not in out + err
+    with listener_session(env) as stranger:
+        assert holds(stranger, Q.BUSY)
+        pid = stranger.info.backend_pid
+        _, out, err = check(config, capsys)
+        assert f"session pid {pid} " in out + err, out + err
+        assert "holds the wake-up's lock 1" in out + err, out + err
+        holds(stranger, Q.QUIET)
+        # A listener's own (the consumer lock in the same session) is not named.
+        assert holds(stranger, Q.TAKE_LOCK)
+        assert holds(stranger, Q.BUSY)
+        _, out, err = check(config, capsys)
+        assert "wake-up's lock" not in out + err, out + err

@@ -393,14 +393,41 @@ def check_two_phase(conn: psycopg.Connection[Any], report: Report) -> None:
     if row[0] > 0:
         report.warnings.append(
             f"max_prepared_transactions is {row[0]}: a transaction that writes a watched "
-            "table fails at PREPARE TRANSACTION (XA) whenever the listener is quiet, unless "
-            "its session sets cdc_invalidator.notify = 'off' (docs/DBA.md, \"Trigger mode: "
-            'two-phase commit")'
+            "table fails at PREPARE TRANSACTION (XA) whenever the listener is quiet or "
+            "stopped, unless its session sets cdc_invalidator.notify = 'off' (docs/DBA.md, "
+            '"Trigger mode: two-phase commit")'
         )
     if row[1]:
         report.warnings.append(
             f"{row[1]} capture function(s) were compiled by an earlier release and ignore "
             "cdc_invalidator.notify: run `cdc-invalidator install`"
+        )
+
+
+def check_wake_locks(conn: psycopg.Connection[Any], report: Report) -> None:
+    """Trigger mode: the wake-up's locks held where no listener of ours holds them
+    (check_wake_locks.sql): by any role that can connect, or a prepared transaction."""
+    effect = {
+        1: "capture functions send no wake-up: changes are read within poll_interval_ms "
+        "instead of at once",
+        2: "capture functions that find the listener busy send the wake-up, whose commits "
+        "PostgreSQL serializes",
+    }
+    for pid, role, app, gid, lock, mode in conn.execute(Q.CHECK_WAKE_LOCKS.sql):
+        who = (
+            f"prepared transaction {gid!r} (role {role})"
+            if gid is not None
+            else f"session pid {pid} (role {role}, application_name {app!r})"
+        )
+        what = (
+            "keeps the listener looking for it five times a second until COMMIT or "
+            "ROLLBACK PREPARED"
+            if gid is not None
+            else effect[lock]
+        )
+        report.warnings.append(
+            f"{who} holds the wake-up's lock {lock} ({mode}), which no listener of ours "
+            f'does: {what} (docs/DBA.md, "Trigger mode: the wake-up and concurrent commits")'
         )
 
 

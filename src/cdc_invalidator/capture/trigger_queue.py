@@ -749,16 +749,12 @@ class TriggerQueue:
 
         That is: just after LISTEN again (the look for what committed before it took
         effect), while pruning has more chunks to delete, and at the latest when saving
-        progress falls due (at most SAVE_EVERY_S after going idle).
+        progress falls due (at most SAVE_EVERY_S after going idle). Until writers_seen.sql
+        says no transaction that found us busy is open (their commits wake nobody): after
+        WRITERS_POLL_S, doubling up to WRITERS_POLL_MAX_S.
         """
         if self._wakeup.look_again or self._prune_more or self._read_owed:
             return
-        if (poll_s := self._writers_poll_s) is not None:
-            if self._conn.execute(Q.WRITERS_SEEN.sql).fetchone() == (True,):
-                self._writers_poll_s = None
-                return  # the last ones ended: their rows are visible to the next read
-            timeout_s = min(timeout_s, poll_s)
-            self._writers_poll_s = min(poll_s * 2, WRITERS_POLL_MAX_S)
         progress = self._progress
         if progress.unsaved:
             timeout_s = min(timeout_s, progress.saved_at + SAVE_EVERY_S - time.monotonic())
@@ -766,6 +762,12 @@ class TriggerQueue:
                 return
         if self._woken:  # with the last query's results
             return
+        if (poll_s := self._writers_poll_s) is not None:  # only before waiting: a query
+            if self._conn.execute(Q.WRITERS_SEEN.sql).fetchone() == (True,):
+                self._writers_poll_s = None
+                return  # the last ones ended: their rows are visible to the next read
+            timeout_s = min(timeout_s, poll_s)
+            self._writers_poll_s = min(poll_s * 2, WRITERS_POLL_MAX_S)
         fds = [self._conn.fileno()] if wakeup_fd is None else [self._conn.fileno(), wakeup_fd]
         readable, _, _ = select.select(fds, [], [], timeout_s)
         if self._conn.fileno() in readable:
@@ -822,7 +824,8 @@ class TriggerQueue:
         if now < self._busy_retry_at:
             return
         self._busy = self._conn.execute(Q.BUSY.sql).fetchone() == (True,)
-        self._busy_retry_at = now + BUSY_RETRY_S
+        if not self._busy:  # (a writer testing it that instant): not again at once
+            self._busy_retry_at = now + BUSY_RETRY_S
 
     def _fetch(self, key: FetchKey) -> list[tuple[Any, ...]]:
         return (

@@ -141,6 +141,7 @@ class Q(enum.Enum):
     CHECK_TABLE = "check_table.sql"
     CHECK_UNCONFIGURED = "check_unconfigured.sql"
     CHECK_TWO_PHASE = "check_two_phase.sql"  # trigger mode: PREPARE refused after NOTIFY
+    CHECK_WAKE_LOCKS = "check_wake_locks.sql"  # trigger mode: the wake-up's locks, held elsewhere
     CHECK_ASYNC_COMMITS = "check_async_commits.sql"  # check, listener: commits a crash loses
     CHECK_ALL_TABLES = "check_all_tables.sql"  # trigger mode: FOR ALL TABLES publications
     CHECK_WATCH = "check_watch.sql"
