@@ -139,6 +139,17 @@ def test_other_sizes_are_compared_by_name_with_a_note(tmp_path: Path) -> None:
     assert printed[1] == f"  {P50}: 0.900 ms, 2.00x -> 1.350 ms, 3.00x (ratio 50 % worse)"
 
 
+def test_a_run_of_the_same_sizes_is_compared_without_a_note(tmp_path: Path) -> None:
+    """A run's sizes hold a tuple (Sizes.sweep_keys), the baseline read back a list."""
+    run = latest(row(P50, "0.900 ms", "0.450 ms", "2.00x"))
+    run["raw"]["sizes"] = {"drain_rows": 100_000, "sweep_keys": (1_000_000, 10_000_000)}
+    baseline = tmp_path / "baseline.json"
+    baseline.write_text(json.dumps(trim(run)))
+    section, _ = baseline_section(trim(run), baseline)
+    text = "\n".join(section)
+    assert "differ" not in text, text
+
+
 def test_a_run_on_another_postgresql_major_says_so_and_a_minor_release_does_not() -> None:
     baseline = trim(latest(row(P50, "0.900 ms", "0.450 ms", "2.00x")))
     on_18 = latest(row(P50, "0.900 ms", "0.450 ms", "2.00x"))
