@@ -15,6 +15,7 @@ import psycopg
 import pytest
 
 from cdc_invalidator.cli import main
+from cdc_invalidator.pg.queries import Q
 from tests.support.env import Env, pg_of
 from tests.support.faults import (
     cache,
@@ -23,7 +24,7 @@ from tests.support.faults import (
     setup_users,
     update_without_notify,
 )
-from tests.support.listener import Spawn, listening, stop_listener
+from tests.support.listener import Spawn, check, listening, stop_listener
 from tests.support.waits import wait_until
 
 pytestmark = pytest.mark.servers
@@ -209,3 +210,21 @@ def test_a_prepared_transaction_a_new_slot_waits_for_is_named(
     wait_until(lambda: listener.logged("slot_created"), what="the slot made once it ended")
     wait_until(lambda: r.exists(*keys_of(1)) == 0, what="swept")
     stop_listener(listener)
+
+
+def test_a_transaction_prepared_while_the_listener_is_busy_is_seen_out_and_named(
+    prepared_env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Busy, the listener is sent no wake-up, so PREPARE passes (not to be counted on:
+    quiet, it fails). The prepared transaction holds the second lock until COMMIT
+    PREPARED: the listener's writers_seen.sql is false until then, and check names it."""
+    config = setup_users(prepared_env, rows=ROWS)
+    with prepared_env.connect() as listener:
+        assert listener.execute(Q.BUSY.sql).fetchone() == (True,)
+        prepare(prepared_env, "busy_xa", notify=None)
+        assert listener.execute(Q.QUIET.sql).fetchone() == (True,)
+        assert listener.execute(Q.WRITERS_SEEN.sql).fetchone() == (False,)
+        _, out, err = check(config, capsys)
+        assert "prepared transaction 'busy_xa'" in out + err, out + err
+        prepared_env.sql("COMMIT PREPARED 'busy_xa'")
+        assert listener.execute(Q.WRITERS_SEEN.sql).fetchone() == (True,)
