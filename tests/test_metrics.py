@@ -330,6 +330,10 @@ def test_a_slot_made_behind_a_long_transaction_is_waited_for_in_the_loop(
             ),
             what="the later transaction a second old",
         )
+        # And a newer one still running: an id given after the later one's (CI: the
+        # later one was counted among the first, its id read off by every one running).
+        newer = env.connect()
+        newer.execute("BEGIN; SELECT pg_current_xact_id()")
     wait_until(
         lambda: env.scalar(
             "SELECT count(*) FROM pg_stat_activity"
@@ -338,8 +342,9 @@ def test_a_slot_made_behind_a_long_transaction_is_waited_for_in_the_loop(
         what="the slot's statement, behind the later transaction",
     )
     assert len(listener.logged("slot_creation_waits")) == 1, "said once, of the first"
-    later.execute("COMMIT")
-    later.close()
+    for running in (later, newer):
+        running.execute("COMMIT")
+        running.close()
     wait_until(lambda: listener.logged("slot_created"), what="the slot made once both ended")
     wait_until(lambda: r.exists(*keys_of(1)) == 0, what="the sweep owed")
     wait_until(lambda: probe(port, "/readyz")[0] == 200, what="ready")
