@@ -1,16 +1,20 @@
 """What Redis's servers said at each identity check, and how far back a replay reaches
-when they change (redis_guard/durability.py): pure, from ServerStates. Against real
-servers: tests/test_replay.py (a snapshot that failed, a restart before the next one)."""
+when they change (redis_guard/durability.py): pure, from ServerStates (but the last
+test, of a real Redis's). Against real servers: tests/test_replay.py (a snapshot that
+failed, a restart before the next one)."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 
 from cdc_invalidator.redis_guard.durability import Durability
 from cdc_invalidator.redis_guard.window import MARGIN_S, UNKNOWN_PERSISTENCE_S
-from cdc_invalidator.sink import ServerState
+from cdc_invalidator.sink import ServerState, redis_sink
+from tests.support.servers import RedisServer
 
 T0 = 1_800_000_000.0  # unix time of the checks below: T0 + their monotonic time
 
@@ -114,3 +118,18 @@ def test_a_restarted_master_that_had_a_replica_reaches_back_to_its_dump() -> Non
         RDB, run_id="b", replid="rb", replid2="ra", second_offset=101, saves=0, loaded_keys=7
     )
     assert reach(d, restarted, 7210) == pytest.approx(7210)
+
+
+def test_a_saves_time_is_put_on_the_listeners_clock(
+    own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """rdb_last_save_time is Redis's clock, and the reach is counted on the listener's:
+    a listener 30 s behind Redis (another host) took a dump saved 10 s ago for one
+    saved 20 s in its future, and replayed 25 s too little (a review, reproduced with
+    libfaketime: the keys stayed stale). The save's age is read on Redis's clock."""
+    client = own_redis.client()
+    client.save()
+    behind = SimpleNamespace(time=lambda: time.time() - 30)  # the listener's clock
+    monkeypatch.setattr(redis_sink, "time", behind)
+    saved_at = redis_sink.server_state(client).saved_at
+    assert abs(saved_at - behind.time()) < 2, (saved_at, behind.time())

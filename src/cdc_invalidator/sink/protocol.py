@@ -93,7 +93,8 @@ class ServerState:
     second_offset: int
     aof: bool  # aof_enabled
     aof_ok: bool  # aof_last_write_status: ok
-    saved_at: float  # rdb_last_save_time: its last successful RDB save, unix time
+    # rdb_last_save_time: its last successful RDB save, unix time on the listener's clock
+    saved_at: float
     unsaved: int  # rdb_changes_since_last_save
     saves: int | None  # rdb_saves since it started (None: Redis before 7.0 does not say)
     loaded_keys: int | None  # rdb_last_load_keys_loaded (None: before 7.0)
