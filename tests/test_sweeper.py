@@ -13,7 +13,7 @@ import pytest
 from cdc_invalidator.capture.holds import Hold
 from cdc_invalidator.mapping import Invalidation, Routed
 from cdc_invalidator.metrics import Metrics
-from cdc_invalidator.sweeper import Sweeper
+from cdc_invalidator.sweeper import Sweeper, SweepJob
 from tests.support.waits import wait_until
 
 WAIT_S = 10
@@ -78,3 +78,18 @@ def test_a_sweep_failing_ahead_tells_the_tickets_behind_it_then_they_are_done(
     assert ticket.done.wait(WAIT_S)
     assert hold.released
     assert ticket.existed == 3
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "merged"),
+    [(105.0, 103.0, 105.0), (103.0, 105.0, 105.0), (103.0, None, None), (None, 103.0, None)],
+)
+def test_a_sweep_absorbing_another_is_seen_visible_when_the_later_was(
+    first: float | None, second: float | None, merged: float | None
+) -> None:
+    """Two sweeps in one pass: its second sweep goes by the later time either was
+    visible (None, unknown: from the sweep itself). Taking the absorbed one's made the
+    second sweep early when that one was seen visible first (a review)."""
+    job = SweepJob(patterns("user:*"), [], None, first)
+    job.absorb(SweepJob(patterns("order:*"), [], None, second))
+    assert job.visible_at == merged

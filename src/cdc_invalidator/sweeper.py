@@ -79,7 +79,11 @@ class SweepJob:
         if self.since is None or (later.since is not None and later.since < self.since):
             self.since = later.since
         if self.visible_at is not None:
-            self.visible_at = None if later.visible_at is None else later.visible_at
+            # (the later: taking `later`'s, which may be the earlier when its
+            # transaction was seen visible first, made the second sweep early)
+            self.visible_at = (
+                None if later.visible_at is None else max(self.visible_at, later.visible_at)
+            )
 
 
 class Sweeper:
