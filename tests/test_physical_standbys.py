@@ -20,6 +20,7 @@ synchronous standby: said at every start of the stream."""
 from __future__ import annotations
 
 import signal
+import threading
 
 import psycopg
 import pytest
@@ -155,3 +156,49 @@ def test_a_listener_that_may_be_made_a_synchronous_standby_says_so_and_streams_o
     finally:
         env.sql("ALTER SYSTEM RESET synchronous_standby_names")
         env.sql("SELECT pg_reload_conf()")
+
+
+@pytest.mark.parametrize("capture", ["logical"])
+def test_a_commit_a_synchronous_standby_holds_back_is_deleted_once_visible(
+    own_env: Env, spawn: Spawn
+) -> None:
+    """The WAL sender streams a commit once it is flushed here; its backend becomes
+    visible only once the synchronous standby confirmed it. The listener deleted its
+    keys at once (twice, the second 300 ms later), readers cached the old row again
+    meanwhile, and nothing deleted it after (a review: a commit held 2 s; a lease's fill
+    stayed too). Now its batch waits until a snapshot sees the commit complete: nothing
+    is deleted while the standby holds it, and once it lets go the keys go."""
+    env = own_env
+    config = setup_users(env, rows=2, log_level="debug")
+    r = env.redis()
+    listener = spawn(config)
+    changed_and_deleted(r, env.dsn, 2, "a change's keys deleted, as the listener runs")
+    env.sql("ALTER SYSTEM SET synchronous_standby_names = 'standby_that_is_down'")
+    env.sql("SELECT pg_reload_conf()")
+    writer = psycopg.connect(env.dsn, autocommit=True)
+    writer.execute("SET synchronous_commit = on")  # (the test server's is off)
+    try:
+        wait_until(lambda: listener.logged("commits_seen_before_deletes"), what="told")
+        cache(r, [1])
+        pid = writer.info.backend_pid
+        held = threading.Thread(
+            target=writer.execute, args=("UPDATE users SET email = 'new@x' WHERE id = 1",)
+        )
+        held.start()
+        wait_until(
+            lambda: env.scalar(
+                "SELECT wait_event = 'SyncRep' FROM pg_stat_activity WHERE pid = %s", [pid]
+            ),
+            what="the commit waiting for the standby",
+        )
+        wait_until(lambda: listener.logged("commits_not_visible_yet"), what="the batch held")
+        # Streamed, not visible: a reader still reads the old row, and caches it.
+        assert env.scalar("SELECT email FROM users WHERE id = 1") == "u1@x"
+        assert r.exists(*keys_of(1)) == 2, "deleted before the commit was visible"
+    finally:
+        env.sql("ALTER SYSTEM RESET synchronous_standby_names")
+        env.sql("SELECT pg_reload_conf()")
+    held.join()
+    writer.close()
+    wait_until(lambda: r.exists(*keys_of(1)) == 0, what="deleted once visible")
+    wait_until(lambda: listener.logged("commits_deleted_as_streamed"), what="told again")

@@ -20,7 +20,6 @@ from cdc_invalidator import cli
 from cdc_invalidator.backoff import Backoff
 from cdc_invalidator.capture.errors import Fatal, returned
 from cdc_invalidator.capture.lineage import AfterCrash, CrashSetting, crashed_since, gone_back
-from cdc_invalidator.capture.logical import Complete
 from cdc_invalidator.capture.trigger_queue import (
     Chunk,
     FetchKey,
@@ -29,6 +28,7 @@ from cdc_invalidator.capture.trigger_queue import (
     Snapshot,
     fetch_key,
 )
+from cdc_invalidator.capture.visibility import Complete
 from cdc_invalidator.durations import format_duration, parse_duration
 from cdc_invalidator.mapping import Mapper
 from cdc_invalidator.metrics import Metrics

@@ -90,9 +90,11 @@ class Batch(Protocol):
         """When (time.monotonic()) every change of the batch was certainly visible to a
         reader's new snapshot; None if unknown. Trigger mode: when the snapshot the rows
         were read in was taken. Logical mode: when the stream started, for the backlog
-        that had committed before; a commit streamed since may not be visible yet (a
-        synchronous standby holds it back): None. A second delete is due second_delete_s
-        after this (or after the first delete when None), and not at all if that is past."""
+        that had committed before; for a commit streamed since, while a synchronous
+        standby may hold commits back, when a snapshot saw it complete (the batch is
+        handed out only then: capture/visibility.py); else None (visible a moment after
+        it is streamed). A second delete is due second_delete_s after this (or after the
+        first delete when None), and not at all if that is past."""
 
     @property
     def read_at(self) -> float:

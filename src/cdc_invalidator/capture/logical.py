@@ -27,6 +27,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import json
+import select
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -81,6 +82,7 @@ from cdc_invalidator.capture.trigger_sql import (
     require_current_mapping,
     require_installed,
 )
+from cdc_invalidator.capture.visibility import Complete, Visibility
 from cdc_invalidator.capture.walstream import (
     Keepalive,
     SlotInUse,
@@ -138,6 +140,9 @@ SEEN_COMPLETE_ASKS = 3
 # Commit, every key deleted in the 300 ms after was deleted twice: that DELETE's keys
 # went a median 4.1 s after COMMIT, 3.4 s now (six interleaved rounds).
 SEE_COMPLETE_EVERY_S = 0.1
+# synchronous_standby_names is read at least this often (a snapshot taken for any other
+# reason reads it too): a DBA who sets it has commits gated within this long.
+GATE_READ_EVERY_S = 1.0
 
 
 @dataclass(slots=True)
@@ -527,52 +532,15 @@ class _Delivery:
 PG_EPOCH = 946_684_800.0
 
 
-@dataclass(frozen=True, slots=True)
-class Complete:
-    """The transactions a snapshot saw complete (its xmin, xmax and in-progress xids, to
-    32 bits as the stream's xids are), and when (time.monotonic(), taken after the
-    answer came: later than the snapshot, so an upper bound of when they were visible)."""
-
-    at: float
-    xmin: int
-    xmax: int
-    xip: frozenset[int]
-
-    @classmethod
-    def parse(cls, text: str, at: float) -> Complete:
-        xmin, xmax, xip = text.split(":")
-        return cls(
-            at,
-            int(xmin) & XID_MASK,
-            int(xmax) & XID_MASK,
-            frozenset(int(x) & XID_MASK for x in xip.split(",") if x),
-        )
-
-    def has(self, xid: int) -> bool:
-        """Whether the transaction `xid` had ended (committed, for one streamed) when
-        the snapshot was taken. xids wrap around at 2^32: compared as PostgreSQL does."""
-        if _precedes(xid, self.xmin):
-            return True
-        return _precedes(xid, self.xmax) and xid not in self.xip
-
-
-XID_MASK = (1 << 32) - 1
-
-
-def _precedes(a: int, b: int) -> bool:
-    """a is older than b, in PostgreSQL's circular 32-bit xid order."""
-    return a != b and ((a - b) & XID_MASK) >= 1 << 31
-
-
-def _clock_and_complete(side: psycopg.Connection[Any]) -> tuple[float, Complete | None]:
+def _clock_and_complete(visibility: Visibility) -> tuple[float, Complete | None]:
     """The server's clock minus ours, to within half a round trip; and what the server
     saw complete."""
     before = time.time()
-    row = side.execute(Q.SERVER_CLOCK.sql).fetchone()
+    got = visibility.now()
     after = time.time()
-    if row is None:
+    if got is None:
         return 0.0, None
-    return float(row[0]) - (before + after) / 2, Complete.parse(row[1], time.monotonic())
+    return got[0] - (before + after) / 2, got[1]
 
 
 def _warn_if_synchronous(side: psycopg.Connection[Any], repl: psycopg.Connection[Any]) -> None:
@@ -667,7 +635,9 @@ class LogicalStream:
         # The server's clock minus ours: commit times are the server's. And what was
         # complete when the stream started: a backlog's transactions, visible to readers
         # before then (second deletes need no more than that).
-        self._clock_offset_s, self._complete = _clock_and_complete(side)
+        self._visibility = Visibility(side, stream.application_name)
+        self._clock_offset_s, self._complete = _clock_and_complete(self._visibility)
+        self._gate_read_at = time.monotonic()  # when synchronous_standby_names was read
 
     # --- the runner's Source protocol ---------------------------------------------------
 
@@ -683,8 +653,16 @@ class LogicalStream:
             else:
                 self._pending = self._read(limit)
         batch = self._pending
+        if not self._visible(batch):
+            # Its commits wait for a synchronous standby: nothing is deleted (nor
+            # acknowledged) before they are visible (capture/visibility.py).
+            yield self._waiting(batch)
+            return
         yield batch
-        # Acknowledged: Redis confirmed every delete of the batch.
+        self._acknowledged(batch)
+
+    def _acknowledged(self, batch: LogicalBatch) -> None:
+        """Redis confirmed every delete of the batch: what that makes owed."""
         self._pending = None
         if batch.dead:
             self._save_dead(batch)
@@ -717,12 +695,18 @@ class LogicalStream:
         timeout_s; at once if the last read stopped at its limit (more is buffered), and
         at the latest when a status update or a heartbeat falls due. (The stream pushes
         whatever commits: there is nothing to switch on or off.)"""
-        if self._more:
+        if self._more and self._visibility.recheck_at is None:
             return
         now = time.monotonic()
         timeout_s = min(timeout_s, self._status_at + self._config.status_interval_s - now)
         if self._config.heartbeat_s:
             timeout_s = min(timeout_s, self._heartbeat_at + self._config.heartbeat_s - now)
+        if (recheck_at := self._visibility.recheck_at) is not None:
+            # A batch waits for its commits to be visible: the stream is not read
+            # meanwhile (what it has buffered would wake this at once).
+            fds = [] if wakeup_fd is None else [wakeup_fd]
+            select.select(fds, [], [], max(0.0, min(timeout_s, recheck_at - now)))
+            return
         self._stream.wait(timeout_s, wakeup_fd)
 
     def settle(self) -> None:
@@ -755,6 +739,9 @@ class LogicalStream:
         self._prune_if_due()
         if self._open:
             self._see_complete_if_due()
+        if time.monotonic() >= self._gate_read_at + GATE_READ_EVERY_S:
+            self._visibility.now()  # (whether synchronous_standby_names is set now)
+            self._gate_read_at = time.monotonic()
 
     def _resync_if_swept(self) -> None:
         if (held := self._resync_held) is not None and held[0].released:
@@ -1008,8 +995,33 @@ class LogicalStream:
     def _complete_now(self) -> Complete | None:
         """What a snapshot taken now sees complete (one round trip on the side
         connection)."""
-        row = self._side.execute(Q.SERVER_CLOCK.sql).fetchone()
-        return None if row is None else Complete.parse(row[1], time.monotonic())
+        return self._visibility.complete()
+
+    def _visible(self, batch: LogicalBatch) -> bool:
+        """Whether the batch may be handed out: its commits are visible, or are so soon
+        after they are streamed that it need not be seen (no synchronous standby, or the
+        batch's commits seen complete already). Seen now, its second deletes are timed
+        from that snapshot."""
+        if not (batch.size and batch.transactions) or batch.visible_at is not None:
+            return True
+        if not self._visibility.gated:
+            return True
+        visible_at = self._visibility.seen([t[1] for t in batch.transactions])
+        if visible_at is None:
+            return False
+        batch.visible_at = visible_at
+        return True
+
+    def _waiting(self, batch: LogicalBatch) -> LogicalBatch:
+        """What the runner is handed while `batch` waits for its commits to be visible:
+        nothing to delete or acknowledge, behind by as much as `batch` is."""
+        waiting = self._new_batch()
+        waiting.ack_lsn = self._confirmed
+        waiting.read_at = batch.read_at
+        waiting.transactions = batch.transactions
+        waiting.clock_offset_s = batch.clock_offset_s
+        waiting.ages_s = batch.ages_s or [batch.oldest_s or 0.0]
+        return waiting
 
     def _see_complete_if_due(self) -> None:
         """Every SEE_COMPLETE_EVERY_S while streamed transactions are open: note when a

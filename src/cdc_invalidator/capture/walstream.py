@@ -57,6 +57,11 @@ class WalStream:
         the slot is ours."""
         return self._conn.info.backend_pid
 
+    @property
+    def application_name(self) -> str:
+        """The stream's application_name: what synchronous_standby_names would name it by."""
+        return self._conn.info.parameter_status("application_name") or ""
+
     @classmethod
     def start(
         cls,

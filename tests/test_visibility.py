@@ -1,0 +1,114 @@
+"""capture/visibility.py's gate, as a unit: whether commits may wait for a synchronous
+standby (the setting read with each snapshot), when a waiting batch is looked at again,
+and what is logged. The behaviour against a real server, a commit a standby holds back:
+tests/test_physical_standbys.py."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from cdc_invalidator.capture import visibility
+from cdc_invalidator.capture.visibility import RECHECK_FIRST_S, RECHECK_MAX_S, Visibility
+from tests.support.logs import captured_logs
+
+
+class Side:
+    """A bookkeeping connection whose snapshot query answers what it is given."""
+
+    def __init__(self) -> None:
+        self.snapshot = "100:100:"  # xmin:xmax:xip: everything before 100 complete
+        self.names = ""
+
+    def execute(self, _query: str) -> Side:
+        return self
+
+    def fetchone(self) -> tuple[float, str, str]:
+        return (1_800_000_000.0, self.snapshot, self.names)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    clock = Clock()
+    monkeypatch.setattr(visibility, "time", clock)
+    return clock
+
+
+def gate(side: Side) -> Visibility:
+    side_conn: Any = side
+    return Visibility(side_conn, "cdc-invalidator")
+
+
+@pytest.mark.parametrize(
+    ("names", "gated"),
+    [
+        ("", False),
+        ("  ", False),
+        ("standby1", True),
+        ("FIRST 1 (standby1, standby2)", True),
+        ("ANY 1 (*)", False),  # (the listener may be chosen: its commits wait for it)
+        ('"CDC-Invalidator"', False),
+    ],
+)
+def test_commits_are_gated_while_a_synchronous_standby_other_than_the_listener_is_named(
+    names: str, gated: bool, clock: Clock
+) -> None:
+    side = Side()
+    side.names = names
+    v = gate(side)
+    with captured_logs() as logs:
+        v.now()
+    assert v.gated is gated
+    said = [line["event"] for line in logs]
+    assert said == (["commits_seen_before_deletes"] if gated else [])
+    side.names = ""
+    with captured_logs() as logs:
+        v.now()
+    assert not v.gated
+    assert [line["event"] for line in logs] == (["commits_deleted_as_streamed"] if gated else [])
+
+
+def test_a_batch_not_visible_is_looked_at_again_sooner_then_later_and_told_after_a_while(
+    clock: Clock,
+) -> None:
+    side = Side()
+    side.snapshot = "100:105:101"  # 101 still running (held by the standby)
+    v = gate(side)
+    with captured_logs() as logs:
+        assert v.seen([101]) is None
+        assert v.recheck_at == pytest.approx(clock.now + RECHECK_FIRST_S)
+        pauses = []
+        for _ in range(12):
+            clock.now = v.recheck_at or clock.now
+            assert v.seen([101]) is None
+            pauses.append((v.recheck_at or 0) - clock.now)
+        assert pauses[0] == pytest.approx(2 * RECHECK_FIRST_S)
+        assert pauses[-1] == pytest.approx(RECHECK_MAX_S)
+        assert [line["event"] for line in logs] == ["commits_not_visible_yet"]
+        clock.now += visibility.WARN_AFTER_S
+        assert v.seen([100, 101]) is None
+        assert v.seen([101]) is None  # (told once)
+        side.snapshot = "102:105:"
+        assert v.seen([100, 101]) == clock.now
+    assert v.recheck_at is None
+    events = [line["event"] for line in logs]
+    assert events == ["commits_not_visible_yet", "commits_not_visible", "commits_visible"]
+    assert logs[-1]["xids"] == [100, 101]
+
+
+def test_transactions_before_the_snapshot_or_wrapped_around_are_seen(clock: Clock) -> None:
+    side = Side()
+    side.snapshot = "4294967290:5:4294967295"  # xids wrapped past 2^32
+    v = gate(side)
+    assert v.seen([4294967291, 1, 4]) == clock.now
+    assert v.seen([4294967295]) is None
+    assert v.seen([5]) is None  # (not begun when the snapshot was taken)
