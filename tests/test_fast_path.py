@@ -13,6 +13,7 @@ count the UNLINKs Redis ran.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -494,6 +495,28 @@ def test_early_changes_are_skipped_once_each_by_transaction_writer_and_content()
     assert early.split(rows, senders)[1] == skipped
     early.forget(skipped)
     assert not early
+
+
+def test_early_changes_a_later_snapshot_saw_still_open_are_forgotten() -> None:
+    """A payload is delivered once its transaction is visible: one remembered before a
+    snapshot that saw its transaction open was sent in its name (a prepared
+    transaction's backend), and is forgotten. Only a snapshot taken after is a judge."""
+    early = EarlyChanges()
+    found = content(change(Op.UPDATE, 1))
+    assert found is not None
+    early.add([((700, 42), found), ((702, 42), found), ((699, 43), found)])
+    after = time.monotonic() + 1
+    # 700 still open, 699 complete, 702 begun after the snapshot: not seen complete.
+    assert early.drop_uncommitted("699:702:700", taken_after=time.monotonic() - 60) == []
+    assert sorted(early.drop_uncommitted("699:702:700", taken_after=after)) == [
+        (700, 42),
+        (702, 42),
+    ]
+    rows = [change(Op.UPDATE, 1)._replace(position=p) for p in (1, 2, 3)]
+    senders: dict[int, Sender] = {1: (700, 42), 2: (702, 42), 3: (699, 43)}
+    kept, skipped = early.split(rows, senders)
+    assert [e.position for e in kept] == [1, 2]
+    assert skipped == [((699, 43), found)]
 
 
 def test_early_changes_are_bounded_in_number_and_time() -> None:

@@ -25,6 +25,7 @@ from tests.support.faults import (
     update_without_notify,
 )
 from tests.support.listener import Spawn, check, listening, stop_listener
+from tests.support.logs import captured_logs
 from tests.support.waits import wait_until
 
 pytestmark = pytest.mark.servers
@@ -79,27 +80,50 @@ def test_a_session_with_notify_off_can_prepare_and_its_changes_are_invalidated(
         )
 
 
+@pytest.mark.parametrize("made", ["notify-off", "busy"])
 def test_a_payload_sent_after_prepare_never_stands_for_the_prepared_row(
-    prepared_env: Env,
+    prepared_env: Env, made: str
 ) -> None:
     """A prepared transaction leaves its backend, which may then send any NOTIFY (a
     pooled session), or exit and have its pid taken by another's. A payload naming the
     prepared transaction and its row, sent by that very backend, deletes the keys before
-    COMMIT PREPARED; the row must still be deleted once committed: a session with notify
-    off queues no pid for a payload to match."""
+    COMMIT PREPARED; the row must still be deleted once committed. A session with notify
+    off queues no pid for a payload to match; one that wrote while the listener was busy
+    (sent nothing, so PREPARE passed) queued its pid (a review): the queue read after the
+    early delete sees the transaction still open, and forgets the early delete."""
     env = prepared_env
     config = setup_users(env, rows=ROWS, notify_payload=True, second_delete_ms=0)
     r = env.redis()
-    with listening(config) as listener, env.connect() as writer:
+    with (
+        captured_logs() as logs,
+        listening(config) as listener,
+        env.connect() as writer,
+        env.connect() as busy,
+    ):
         # (LISTENing before the forged payload is sent: one sent before is not delivered)
         wait_until(lambda: listener.runner.active, what="the listener consuming")
         cache(r, [1])
-        xid = update_without_notify(writer, 1)
-        writer.execute("PREPARE TRANSACTION 'forged'")
+        if made == "busy":
+            # The busy lock held as a busy listener holds it: no payload, the pid queued.
+            assert busy.execute(Q.BUSY.sql).fetchone() == (True,)
+            writer.execute("BEGIN")
+            writer.execute("UPDATE users SET email = email WHERE id = 1")
+            found = writer.execute("SELECT pg_current_xact_id()::text").fetchone()
+            assert found is not None
+            xid = int(found[0])
+            writer.execute("PREPARE TRANSACTION 'forged'")
+            assert busy.execute(Q.QUIET.sql).fetchone() == (True,)
+        else:
+            xid = update_without_notify(writer, 1)
+            writer.execute("PREPARE TRANSACTION 'forged'")
         # From the same backend, now free: delivered at once.
         writer.execute("SELECT pg_notify('cdc_invalidator_v1', %s)", [forged_payload(xid, 1)])
         wait_until(lambda: not any(r.exists(k) for k in keys_of(1)), what="the early delete")
         cache(r, [1])  # a reader refills the cache from the row as it was
+        wait_until(
+            lambda: any(line["event"] == "payload_before_commit" for line in logs),
+            what="the queue read seeing the transaction open",
+        )
         env.sql("COMMIT PREPARED 'forged'")
         wait_until(
             lambda: not any(r.exists(k) for k in keys_of(1)), what="the committed row deleted"

@@ -145,6 +145,23 @@ class EarlyChanges:
                 break
             del by_sender[oldest]
 
+    def drop_uncommitted(self, snapshot: str, taken_after: float) -> list[Sender]:
+        """Forget what was remembered before `snapshot` (xmin:xmax:xip) was taken, at
+        time.monotonic() `taken_after` or later, of transactions it did not see complete:
+        their payload came before their commit, so it was no NOTIFY of theirs (delivered
+        only once the commit is visible) but one sent in their name, by the backend a
+        prepared transaction left (PREPARE succeeds without a payload while the listener
+        is busy, and the row keeps its writer's pid), or by one that took its pid. The
+        queue read deletes their keys as it always did. Returns the senders dropped."""
+        dropped = [
+            sender
+            for sender, (at, _) in self._by_sender.items()
+            if at < taken_after and not visible_in(snapshot, sender[0])
+        ]
+        for sender in dropped:
+            del self._by_sender[sender]
+        return dropped
+
     def split(
         self, events: list[ChangeEvent], senders: dict[int, Sender]
     ) -> tuple[list[ChangeEvent], list[tuple[Sender, Content]]]:

@@ -653,6 +653,8 @@ class TriggerQueue:
         window = progress.window
         if window is None:  # a new window: its snapshot was taken by this read
             window, self._window_at = Snapshot.parse(chunk.window), time.monotonic()
+            if self._early:
+                self._drop_uncommitted_early(chunk.window)
         # (before the read ahead starts: a name looked up would wait for it)
         rows = chunk.rows if self._renames is None else self._renames.apply(chunk.rows)
         if chunk.last is not None and chunk.events >= limit:
@@ -691,6 +693,20 @@ class TriggerQueue:
         # the hold's sweep to the sweeper would keep it held for good (its sweep never
         # run, nothing saved or pruned past it).
         self._listen_next = self._wakeup.after_batch(chunk.events, limit)
+
+    def _drop_uncommitted_early(self, snapshot: str) -> None:
+        """Changes deleted early whose transaction this read's snapshot saw still open:
+        their payloads were sent in their name before they committed (early.py), so the
+        read deletes their keys again; said, with the backends that sent them."""
+        for xid, pid in self._early.drop_uncommitted(snapshot, self._read_at):
+            log.warning(
+                "payload_before_commit",
+                xid=xid,
+                pid=pid,
+                detail="a NOTIFY payload named a transaction that had not committed: not "
+                "sent by its capture function (a session that prepared it, or took its "
+                "backend's pid, sent it). Its keys are deleted again once it commits",
+            )
 
     def _without_early(
         self, events: list[ChangeEvent], rows: list[tuple[Any, ...]]
