@@ -112,3 +112,24 @@ def test_transactions_before_the_snapshot_or_wrapped_around_are_seen(clock: Cloc
     assert v.seen([4294967291, 1, 4]) == clock.now
     assert v.seen([4294967295]) is None
     assert v.seen([5]) is None  # (not begun when the snapshot was taken)
+
+
+def test_a_batch_waiting_when_the_standby_is_no_longer_named_is_not_looked_at_again(
+    clock: Clock,
+) -> None:
+    """synchronous_standby_names emptied while a batch waits (read by the periodic look,
+    not by the batch's): the batch goes out as it is, and nothing is due to be looked at
+    again (a recheck time left in the past made the loop's wait return at once)."""
+    side = Side()
+    side.names = "standby1"
+    side.snapshot = "100:105:101"
+    v = gate(side)
+    assert v.seen([101]) is None
+    assert recheck_of(v) is not None
+    side.names = ""
+    v.now()
+    assert (v.gated, recheck_of(v)) == (False, None)
+
+
+def recheck_of(v: Visibility) -> float | None:
+    return v.recheck_at  # (read anew: not narrowed by an assert before a call)

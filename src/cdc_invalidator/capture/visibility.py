@@ -103,6 +103,9 @@ class Visibility:
         gated = bool(names.strip()) and not names_standby(names, self._application_name)
         if gated != self.gated:
             self.gated = gated
+            if not gated:
+                self._recheck_at = None  # (a batch that waited goes out as it is)
+                self._pause = RECHECK_FIRST_S
             log.info(
                 "commits_seen_before_deletes" if gated else "commits_deleted_as_streamed",
                 synchronous_standby_names=names,
