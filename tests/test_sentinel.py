@@ -21,7 +21,8 @@ import redis
 from redis.sentinel import SentinelConnectionPool
 
 from cdc_invalidator.cli import main
-from cdc_invalidator.sink.connect import RedisOptions, redis_client
+from cdc_invalidator.sink import RedisSink, connect_sink
+from cdc_invalidator.sink.connect import MasterWatch, RedisOptions, redis_client
 from tests.support.config import write_config
 from tests.support.env import Env
 from tests.support.evidence import unavailable
@@ -353,3 +354,41 @@ def test_no_sentinel_answering_names_each_by_its_address() -> None:
     assert "object at" not in message, message
     assert "ConnectionPool" not in message, message
     assert "its-secret" not in message
+
+
+def test_every_pool_follows_the_master_the_identity_check_sees(
+    sentinel_setup: SentinelSetup,
+) -> None:
+    """The loop's sink, a `redis_db` table's and the sweeper's each kept a pool that
+    followed the master on its own clock: after a failover the identity check saw the
+    new master and replayed, and for up to a second the others' deletes (the replay's
+    own among them) went to the old master, whose resync then discarded them (a review:
+    80-89 stale keys a failover). One watch moves every pool, and the identity check
+    asks it first. (Its own clock set to an hour here: only that forced ask moves them.)"""
+    setup = sentinel_setup
+    options = RedisOptions(
+        "redis://ignored-with-sentinels/0",
+        sentinels=(("127.0.0.1", setup.sentinel.port),),
+        sentinel_master=MASTER,
+    )
+    follow = MasterWatch(every_s=3600)
+    loop = connect_sink(options, follow_master=follow)
+    sweeper = connect_sink(options, follow_master=follow)
+    assert isinstance(loop, RedisSink)
+    assert isinstance(sweeper, RedisSink)
+    other_db = loop.for_db(1)
+    for sink in (loop, other_db, sweeper):
+        sink.unlink(["warm"])  # a pooled connection each, to the first master
+    first_run_id = loop.states()[0].run_id
+    assert setup.sentinel_client.sentinel_failover(MASTER)
+    wait_until(lambda: setup.master_port() == setup.second.port, what="the new master named")
+    wait_until(lambda: _role(setup.second)["role"] == "master", what="the replica promoted")
+    assert loop.states()[0].run_id not in ("", first_run_id)  # (the replay would start)
+    with setup.second.client() as db0, setup.second.client(db=1) as db1:
+        db0.set("user:1", "stale")
+        db1.set("user:2", "stale")
+        assert other_db.unlink(["user:2"]) == 1
+        assert sweeper.unlink(["user:1"]) == 1
+        assert (db0.exists("user:1"), db1.exists("user:2")) == (0, 0)
+    for sink in (loop, sweeper):
+        sink.close()

@@ -20,6 +20,8 @@ from redis.cluster import RedisCluster
 from cdc_invalidator.capture.logical import SWEPT_HISTORY_AGAIN_S
 from cdc_invalidator.sink import ClusterSink, RedisSink
 from cdc_invalidator.sink.glob import GlobSet
+from cdc_invalidator.sink.scan_pass import ServerSweep
+from cdc_invalidator.sink.slots import pack_unlinks
 from tests.support.env import Env, Servers, make_env
 from tests.support.evidence import unavailable
 from tests.support.faults import crash_onto_the_snapshot, with_rdb_snapshots
@@ -328,7 +330,8 @@ def test_a_sweep_resumed_on_another_server_starts_over(
     rd.mset({f"session:{i}": "1" for i in range(6000)})
     sink = RedisSink(rd, scan_count=100)
     one_pass = _scans_of(lambda: sink.sweep(["nothing:*"]), rd)  # some 90 pages
-    servers = iter(["a/1", "b/2"])  # the server before the failure, and after it
+    # The server before the failure, and after it (asked again as the pass ends).
+    servers = itertools.chain(["a/1"], itertools.repeat("b/2"))
     monkeypatch.setattr(sink, "identity", lambda: next(servers))
     pages = 0
 
@@ -891,3 +894,37 @@ def test_the_second_sweep_a_killed_listener_owed_holds_no_change_back(
     [redone] = second.logged("second_deletes_redone")
     assert redone["sweeps_handed_over"] == len(ORDERS["public.orders"]), redone
     stop_listener(second)
+
+
+def test_a_pass_that_ends_on_another_server_than_it_began_on_goes_again(
+    rd: redis.Redis,
+) -> None:
+    """Through Sentinel, a pass's connection stays on the old master to its end after a
+    failover, and that server's resync discards its deletes (a review lost a TRUNCATE's
+    sweep so). A pass is done only if the server is still the one it began on: here the
+    identity it is told changes at the end of the first pass, when the keys are written
+    again (what the new master still holds), and a second pass deletes them."""
+    swept = [f"user:{i}" for i in range(300)]
+    rd.mset(dict.fromkeys(swept, "1"))
+    rd.set("session:1", "kept")
+    asked = itertools.count()
+
+    def identity() -> str:
+        n = next(asked)
+        if n == 0:
+            return "old master"
+        if n == 1:
+            rd.mset(dict.fromkeys(swept, "1"))
+        return "new master"
+
+    sweep = ServerSweep(
+        rd.connection_pool,
+        identity,
+        GlobSet(["user:*"]),
+        100,
+        lambda page: [pack_unlinks([list[str | bytes](page)])] if page else [],
+    )
+    assert sweep.run() == 600
+    assert rd.exists(*swept) == 0
+    assert rd.get("session:1") == b"kept"
+    assert next(asked) == 3, "asked as it began, and after each pass"

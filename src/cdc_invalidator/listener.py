@@ -9,7 +9,7 @@ from cdc_invalidator.redis_guard.watch import RedisWatch
 from cdc_invalidator.runner import Runner, RunnerConfig
 from cdc_invalidator.settings import ConfigFile, Settings
 from cdc_invalidator.shutdown import Stopper
-from cdc_invalidator.sink import AutoSink, RedisOptions, open_sink
+from cdc_invalidator.sink import AutoSink, MasterWatch, RedisOptions, open_sink
 from cdc_invalidator.sink.pubsub import TailChannel
 from cdc_invalidator.tools.tail_message import channel_name
 from cdc_invalidator.tools.tap import Tap
@@ -35,10 +35,14 @@ def build_listener(
     """The runner and the Redis sink it writes to (the caller closes the sink); whether
     Redis is one server or a cluster is found out at first use. `config_file`: where
     `settings` came from, asked again when a change needs a mapping they lack."""
+    # Through Sentinel, every pool of the loop's and the sweeper's sinks follows the
+    # master together (MasterWatch).
+    follow_master = MasterWatch()
     sink = open_sink(
         RedisOptions.from_settings(settings),
         unlink_chunk=settings.unlink_chunk,
         scan_count=settings.scan_count,
+        follow_master=follow_master,
     )
     mapper = settings.mapper()
     metrics = metrics or Metrics()
@@ -71,6 +75,7 @@ def build_listener(
             RedisOptions.from_settings(settings),
             unlink_chunk=settings.unlink_chunk,
             scan_count=settings.scan_count,
+            follow_master=follow_master,
         ),
         mapping_changed=config_file.mapping_changed if config_file is not None else None,
     )

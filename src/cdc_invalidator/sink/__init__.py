@@ -7,7 +7,7 @@ from redis-py.
 
 from cdc_invalidator.sink.auto import AutoSink, connect_sink, open_sink
 from cdc_invalidator.sink.cluster_sink import ClusterSink
-from cdc_invalidator.sink.connect import RedisOptions, url_db
+from cdc_invalidator.sink.connect import MasterWatch, RedisOptions, url_db
 from cdc_invalidator.sink.protocol import (
     REDIS_ERRORS,
     REDIS_REFUSED,
@@ -26,6 +26,7 @@ __all__ = [
     "REDIS_UNAVAILABLE",
     "AutoSink",
     "ClusterSink",
+    "MasterWatch",
     "Persistence",
     "RedisOptions",
     "RedisSink",

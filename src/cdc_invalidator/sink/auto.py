@@ -21,7 +21,7 @@ from redis.cluster import RedisCluster
 from cdc_invalidator.capture.errors import Fatal
 from cdc_invalidator.mapping import Invalidation, Routed
 from cdc_invalidator.sink.cluster_sink import ClusterSink, primaries
-from cdc_invalidator.sink.connect import RedisOptions, redis_client, url_db
+from cdc_invalidator.sink.connect import MasterWatch, RedisOptions, redis_client, url_db
 from cdc_invalidator.sink.protocol import Persistence, ServerState
 from cdc_invalidator.sink.redis_sink import RedisSink
 
@@ -29,23 +29,36 @@ log = structlog.get_logger("cdc_invalidator.sink")
 
 
 def open_sink(
-    options: RedisOptions | str, *, unlink_chunk: int = 500, scan_count: int = 1000
+    options: RedisOptions | str,
+    *,
+    unlink_chunk: int = 500,
+    scan_count: int = 1000,
+    follow_master: MasterWatch | None = None,
 ) -> AutoSink:
-    """The sink for `options` (or a bare URL); nothing is connected until first use."""
+    """The sink for `options` (or a bare URL); nothing is connected until first use.
+    `follow_master`: the process's, shared with its other sinks (through Sentinel)."""
     if isinstance(options, str):
         options = RedisOptions(options)
-    return AutoSink(options, unlink_chunk=unlink_chunk, scan_count=scan_count)
+    return AutoSink(
+        options, unlink_chunk=unlink_chunk, scan_count=scan_count, follow_master=follow_master
+    )
 
 
 def connect_sink(
-    options: RedisOptions | str, *, unlink_chunk: int = 500, scan_count: int = 1000
+    options: RedisOptions | str,
+    *,
+    unlink_chunk: int = 500,
+    scan_count: int = 1000,
+    follow_master: MasterWatch | None = None,
 ) -> RedisSink | ClusterSink:
     """Connect now and ask the server whether it is a cluster node."""
     if isinstance(options, str):
         options = RedisOptions(options)
     client = redis_client(options)
     if options.sentinels:
-        return RedisSink(client, unlink_chunk=unlink_chunk, scan_count=scan_count)
+        return RedisSink(
+            client, unlink_chunk=unlink_chunk, scan_count=scan_count, follow_master=follow_master
+        )
     db = url_db(options.url)
     only_db0 = f"redis_url selects database {db}, but a Redis Cluster has only database 0"
     try:
@@ -72,17 +85,28 @@ class AutoSink:
     connection is raised to the caller and tried again at the next use. A Sink, and
     the concrete sinks' delete(), unlink() and sweep() besides."""
 
-    def __init__(self, options: RedisOptions, *, unlink_chunk: int, scan_count: int) -> None:
+    def __init__(
+        self,
+        options: RedisOptions,
+        *,
+        unlink_chunk: int,
+        scan_count: int,
+        follow_master: MasterWatch | None = None,
+    ) -> None:
         self._options = options
         self._unlink_chunk = unlink_chunk
         self._scan_count = scan_count
+        self._follow_master = follow_master
         self._sink: RedisSink | ClusterSink | None = None
 
     @property
     def sink(self) -> RedisSink | ClusterSink:
         if self._sink is None:
             self._sink = connect_sink(
-                self._options, unlink_chunk=self._unlink_chunk, scan_count=self._scan_count
+                self._options,
+                unlink_chunk=self._unlink_chunk,
+                scan_count=self._scan_count,
+                follow_master=self._follow_master,
             )
         return self._sink
 

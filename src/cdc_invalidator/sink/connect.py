@@ -6,6 +6,7 @@ client name), so that the listener, `check` and the tests connect the same way.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -180,27 +181,43 @@ def other_db(client: redis.Redis, db: int) -> redis.Redis:
 
 
 class MasterWatch:
-    """Through Sentinel: ask the sentinels who the master is, at most every `every_s`.
+    """Through Sentinel: ask the sentinels who the master is, at most every `every_s`,
+    for every connection pool of the process (the loop's, each `redis_db`'s, the
+    sweeper's: one watch, shared).
 
     A pooled connection stays with the server it was opened to. After a failover that
     server is dropped only when Sentinel demotes it, which for a forced failover (the
     old master still up) takes Sentinel up to some 20 s, and until then it accepts our
     deletes, which its resync from the new master then discards. Called before each
-    delete, this moves the pool to the new master within `every_s` of the sentinels
-    naming it. What reached the old master in between is the replay's business: the
-    new master has another run_id. Without sentinels it does nothing.
+    delete, this moves the pools to the new master within `every_s` of the sentinels
+    naming it, and the identity check forces it (`force`) before it asks who Redis is:
+    once it sees the new master and replays, no pool is left on the old one. (Each
+    pool followed on its own clock, a review saw a `redis_db` table's deletes and the
+    replay's own go to the old master for up to a second after the replay: lost.) What
+    reached the old master before is the replay's business: the new master has another
+    run_id. Without sentinels it does nothing.
     """
 
-    def __init__(self, client: redis.Redis, every_s: float = MASTER_CHECK_S) -> None:
-        pool = client.connection_pool
-        self._pool = pool if isinstance(pool, SentinelConnectionPool) else None
+    def __init__(self, every_s: float = MASTER_CHECK_S) -> None:
+        self._pools: list[SentinelConnectionPool] = []
         self._every_s = every_s
         self._next = 0.0
+        self._lock = threading.Lock()  # (the loop and the sweeper's thread)
 
-    def __call__(self) -> None:
-        if self._pool is None or time.monotonic() < self._next:
+    def add(self, client: redis.Redis) -> None:
+        """Follow `client`'s pool too (nothing unless it goes through Sentinel)."""
+        pool = client.connection_pool
+        if isinstance(pool, SentinelConnectionPool):
+            with self._lock:
+                self._pools.append(pool)
+
+    def __call__(self, force: bool = False) -> None:
+        if not self._pools or (not force and time.monotonic() < self._next):
             return
-        # Raises MasterNotFoundError (a ConnectionError) when no sentinel names one.
-        self._pool.get_master_address()
-        # Set after: a failed ask is asked again on the retry.
-        self._next = time.monotonic() + self._every_s
+        with self._lock:
+            # Raises MasterNotFoundError (a ConnectionError) when no sentinel names one.
+            # Each pool that had another master drops its idle connections.
+            for pool in self._pools:
+                pool.get_master_address()
+            # Set after: a failed ask is asked again on the retry.
+            self._next = time.monotonic() + self._every_s

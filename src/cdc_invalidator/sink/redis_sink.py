@@ -27,9 +27,18 @@ OWED_SENDS = 2
 
 
 class RedisSink:
-    def __init__(self, client: redis.Redis, *, unlink_chunk: int = 500, scan_count: int = 1000):
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        unlink_chunk: int = 500,
+        scan_count: int = 1000,
+        follow_master: MasterWatch | None = None,
+    ):
         self._client = client
-        self._follow_master = MasterWatch(client)  # a no-op without Sentinel
+        # Shared by every sink of the process (listener.py); a no-op without Sentinel.
+        self._follow_master = follow_master or MasterWatch()
+        self._follow_master.add(client)
         self._unlink_chunk = unlink_chunk
         self._scan_count = scan_count
         self._dbs: dict[int, RedisSink] = {}  # other logical databases (redis_db)
@@ -54,6 +63,7 @@ class RedisSink:
                 other_db(self._client, db),
                 unlink_chunk=self._unlink_chunk,
                 scan_count=self._scan_count,
+                follow_master=self._follow_master,
             )
         return sink
 
@@ -212,8 +222,9 @@ class RedisSink:
 
     def states(self) -> list[ServerState]:
         # Through Sentinel: ask who the master is now, so that a quiet listener notices
-        # a failover (and replays) even while the old master is still up.
-        self._follow_master()
+        # a failover (and replays) even while the old master is still up; every pool
+        # moved before the answer is read (MasterWatch).
+        self._follow_master(force=True)
         return [server_state(self._client)]
 
     def ping(self) -> str:

@@ -12,7 +12,8 @@ A connection that fails is replaced and the pass resumes where it was (the SCAN'
 again, the page's UNLINKs again: they are idempotent), if the server is the same one: a
 cursor means nothing to another (a failover, a restart, an endpoint that now names a new
 primary), where the pass starts over. A second failure without a page done in between
-raises, and the sweeper tries the whole sweep again.
+raises, and the sweeper tries the whole sweep again. A pass that ends is done only if
+the server is still the one it began on: else it starts over on the one there now.
 """
 
 from __future__ import annotations
@@ -80,7 +81,15 @@ class ServerSweep:
                 conn.disconnect()  # replies may be left unread
                 raise
             else:
-                return sweep.deleted
+                now = self.identity()
+                if now == server:
+                    return sweep.deleted
+                # Another server now (through Sentinel: a failover during the pass, whose
+                # connection stayed on the old master to its end, and whose deletes
+                # its resync discards; a review lost a TRUNCATE's sweep so): again, on it.
+                conn.disconnect()
+                server, pages_at_failure = now, -1
+                sweep = ScanPass(deleted=sweep.deleted)
             finally:
                 self.pool.release(conn)
 
