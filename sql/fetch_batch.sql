@@ -58,12 +58,14 @@ chunk AS MATERIALIZED (
     ) q WHERE q.before < %(limit)s
 ),
 last AS (SELECT xid, id FROM chunk ORDER BY xid DESC, id DESC LIMIT 1)
--- The header: [snapshot, row count, last xid, last id, -, -, -, ages, -, events], where
+-- The header: [snapshot, row count, last xid, last id, now, -, -, ages, -, events], where
+-- now is the snapshot this statement runs in (not the window's, past a window's first
+-- chunk: what it sees complete judges the changes deleted early, capture/early.py), and
 -- ages is a
 -- JSON array of [xid, seconds] for each transaction in the chunk: how old it is by the
 -- server's clock, from its start (the queue records no commit time), for the lag metric.
 SELECT w.cur::text, (SELECT count(*) FROM chunk), (SELECT xid::text::int8 FROM last),
-       (SELECT id FROM last), NULL, NULL, NULL,
+       (SELECT id FROM last), pg_current_snapshot()::text, NULL, NULL,
        (SELECT json_agg(json_build_array(t.xid::text::int8,
                                          extract(epoch FROM now() - t.began)::float8))
         FROM (SELECT xid, min(enqueued_at) AS began FROM chunk GROUP BY xid) t)::text,

@@ -80,7 +80,7 @@ def test_a_session_with_notify_off_can_prepare_and_its_changes_are_invalidated(
         )
 
 
-@pytest.mark.parametrize("made", ["notify-off", "busy"])
+@pytest.mark.parametrize("made", ["notify-off", "busy", "busy-draining"])
 def test_a_payload_sent_after_prepare_never_stands_for_the_prepared_row(
     prepared_env: Env, made: str
 ) -> None:
@@ -90,9 +90,14 @@ def test_a_payload_sent_after_prepare_never_stands_for_the_prepared_row(
     COMMIT PREPARED; the row must still be deleted once committed. A session with notify
     off queues no pid for a payload to match; one that wrote while the listener was busy
     (sent nothing, so PREPARE passed) queued its pid (a review): the queue read after the
-    early delete sees the transaction still open, and forgets the early delete."""
+    early delete sees the transaction still open, and forgets the early delete. So too
+    when that read continues a window being drained in chunks, whose snapshot is older
+    than the payload (a second review): each read judges by the snapshot it ran in."""
     env = prepared_env
-    config = setup_users(env, rows=ROWS, notify_payload=True, second_delete_ms=0)
+    draining = made == "busy-draining"
+    config = setup_users(
+        env, rows=ROWS, notify_payload=True, second_delete_ms=0, batch_size=5 if draining else 500
+    )
     r = env.redis()
     with (
         captured_logs() as logs,
@@ -103,7 +108,7 @@ def test_a_payload_sent_after_prepare_never_stands_for_the_prepared_row(
         # (LISTENing before the forged payload is sent: one sent before is not delivered)
         wait_until(lambda: listener.runner.active, what="the listener consuming")
         cache(r, [1])
-        if made == "busy":
+        if made.startswith("busy"):
             # The busy lock held as a busy listener holds it: no payload, the pid queued.
             assert busy.execute(Q.BUSY.sql).fetchone() == (True,)
             writer.execute("BEGIN")
@@ -116,6 +121,15 @@ def test_a_payload_sent_after_prepare_never_stands_for_the_prepared_row(
         else:
             xid = update_without_notify(writer, 1)
             writer.execute("PREPARE TRANSACTION 'forged'")
+        if draining:
+            # A backlog (no wake-up: found by the poll), read 5 rows at a time: a window
+            # of 3,000 chunks, the payload delivered while they are read.
+            with env.connect() as bulk:
+                bulk.execute("SET cdc_invalidator.notify = 'off'")
+                bulk.execute(
+                    "INSERT INTO users SELECT i, 'b' || i FROM generate_series(1000, 15999) i"
+                )
+            wait_until(lambda: listener.runner.events_processed >= 100, what="the drain begun")
         # From the same backend, now free: delivered at once.
         writer.execute("SELECT pg_notify('cdc_invalidator_v1', %s)", [forged_payload(xid, 1)])
         wait_until(lambda: not any(r.exists(k) for k in keys_of(1)), what="the early delete")
@@ -124,6 +138,8 @@ def test_a_payload_sent_after_prepare_never_stands_for_the_prepared_row(
             lambda: any(line["event"] == "payload_before_commit" for line in logs),
             what="the queue read seeing the transaction open",
         )
+        if draining:
+            assert listener.runner.events_processed < 15_000, "still draining"
         env.sql("COMMIT PREPARED 'forged'")
         wait_until(
             lambda: not any(r.exists(k) for k in keys_of(1)), what="the committed row deleted"

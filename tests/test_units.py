@@ -298,9 +298,10 @@ def test_a_chunk_finds_its_header_wherever_it_comes_and_counts_its_rows() -> Non
     row_a = (None, 700, None, 5, "public", "users", "U", '{"id": "1"}', '{"id": "1"}', None)
     # A pack of 3 rows: the chunk's events count it as 3.
     row_b = (None, 701, None, 9, "public", "users", "D", '{"id": ["2", "3", "4"]}', None, 3)
-    header = ("10:12:", 2, 701, 9, None, None, None, "[[700, 0.5], [701, 0.25]]", None, 4)
+    header = ("10:12:", 2, 701, 9, "11:13:", None, None, "[[700, 0.5], [701, 0.25]]", None, 4)
     chunk = Chunk.read([row_a, header, row_b])
     assert chunk.window == "10:12:"
+    assert chunk.now == "11:13:"
     assert chunk.rows == [row_a, row_b]
     assert chunk.last == ("701", 9)
     assert chunk.xid_ages == {700: 0.5, 701: 0.25}
@@ -317,18 +318,18 @@ def test_a_read_ahead_is_taken_only_for_the_read_it_was_started_for() -> None:
     its failure is raised only to the read it stood for."""
     reads: list[FetchKey] = []
 
-    def fetch(key: FetchKey) -> list[tuple[object, ...]]:
+    def fetch(key: FetchKey) -> tuple[float, list[tuple[object, ...]]]:
         reads.append(key)
         if key[6] < 0:
             raise psycopg.OperationalError("gone")
-        return [(key,)]
+        return 1.0, [(key,)]
 
     ahead = ReadAhead(fetch)
     done = Snapshot.parse("10:12:")
     nxt = fetch_key(done, done, ("11", 5), 100)
     assert ahead.take(nxt) is None  # nothing started
     ahead.start(nxt)
-    assert ahead.take(nxt) == [(nxt,)]
+    assert ahead.take(nxt) == (1.0, [(nxt,)])
     assert ahead.take(nxt) is None  # taken once
     ahead.start(nxt)
     again = fetch_key(done, None, ("0", 0), 100)  # the chunk was not acknowledged

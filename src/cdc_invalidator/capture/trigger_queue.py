@@ -185,6 +185,7 @@ class Chunk:
 
     window: str  # the window's end snapshot
     rows: list[tuple[Any, ...]]
+    now: str  # the snapshot the read ran in (another than `window` past a window's first)
     last: tuple[str, int] | None  # the greatest (xid, id) among the rows
     xid_ages: dict[int, float]
     # The rows' events (a pack weighs its rows): the chunk is full, and more of its
@@ -197,12 +198,13 @@ class Chunk:
         # written, but UNION ALL promises no order.
         at = 0 if answer[0][0] is not None else next(i for i, r in enumerate(answer) if r[0])
         header = answer.pop(at)
-        snapshot, count, last_xid, last_id, _, _, _, ages, _, events = header
+        snapshot, count, last_xid, last_id, now, _, _, ages, _, events = header
         if count != len(answer):
             raise Fatal(f"fetch_batch.sql counted {count} rows and returned {len(answer)}")
         return cls(
             snapshot,
             answer,
+            now,
             None if last_xid is None else (str(last_xid), last_id),
             {xid: age for xid, age in json.loads(ages)} if ages else {},
             events,
@@ -340,6 +342,10 @@ def fetch_params(key: FetchKey) -> dict[str, Any]:
     }
 
 
+# A read's answer, and when it was asked for (time.monotonic(), before it was sent).
+Fetched = tuple[float, list[tuple[Any, ...]]]
+
+
 class ReadAhead:
     """One read done ahead on a helper thread, on the queue's own connection (psycopg
     serializes the connection's users: anything else the queue runs meanwhile waits for
@@ -351,17 +357,17 @@ class ReadAhead:
     started as a chunk goes to Redis runs while Redis deletes.
     """
 
-    def __init__(self, fetch: Callable[[FetchKey], list[tuple[Any, ...]]]) -> None:
+    def __init__(self, fetch: Callable[[FetchKey], Fetched]) -> None:
         self._fetch = fetch
         self._pool: ThreadPoolExecutor | None = None
-        self._pending: tuple[FetchKey, Future[list[tuple[Any, ...]]]] | None = None
+        self._pending: tuple[FetchKey, Future[Fetched]] | None = None
 
     def start(self, key: FetchKey) -> None:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="cdc-read-ahead")
         self._pending = (key, self._pool.submit(self._fetch, key))
 
-    def take(self, key: FetchKey | None) -> list[tuple[Any, ...]] | None:
+    def take(self, key: FetchKey | None) -> Fetched | None:
         """The answer read ahead for `key`, or None if none was (or another one, which is
         thrown away: its chunk was not acknowledged). Waits for a read in progress."""
         if self._pending is None:
@@ -648,13 +654,13 @@ class TriggerQueue:
         progress = self._progress
         before = progress.state()
         key = fetch_key(progress.done, progress.window, progress.after, limit)
-        answer = self._read_ahead.take(key)
-        chunk = Chunk.read(answer if answer is not None else self._fetch(key))
+        asked_at, answer = self._read_ahead.take(key) or self._fetch(key)
+        chunk = Chunk.read(answer)
+        if self._early:
+            self._drop_uncommitted_early(chunk.now, asked_at)
         window = progress.window
         if window is None:  # a new window: its snapshot was taken by this read
             window, self._window_at = Snapshot.parse(chunk.window), time.monotonic()
-            if self._early:
-                self._drop_uncommitted_early(chunk.window)
         # (before the read ahead starts: a name looked up would wait for it)
         rows = chunk.rows if self._renames is None else self._renames.apply(chunk.rows)
         if chunk.last is not None and chunk.events >= limit:
@@ -694,11 +700,13 @@ class TriggerQueue:
         # run, nothing saved or pruned past it).
         self._listen_next = self._wakeup.after_batch(chunk.events, limit)
 
-    def _drop_uncommitted_early(self, snapshot: str) -> None:
-        """Changes deleted early whose transaction this read's snapshot saw still open:
-        their payloads were sent in their name before they committed (early.py), so the
-        read deletes their keys again; said, with the backends that sent them."""
-        for xid, pid in self._early.drop_uncommitted(snapshot, self._read_at):
+    def _drop_uncommitted_early(self, snapshot: str, asked_at: float) -> None:
+        """Changes deleted early before a read was asked for (at `asked_at`) whose
+        transaction its snapshot (`snapshot`, taken as it ran, whatever window it read)
+        saw still open: their payloads were sent in their name before they committed
+        (early.py), so the queue deletes their keys again; said, with the backends that
+        sent them."""
+        for xid, pid in self._early.drop_uncommitted(snapshot, asked_at):
             log.warning(
                 "payload_before_commit",
                 xid=xid,
@@ -843,8 +851,9 @@ class TriggerQueue:
         if not self._busy:  # (a writer testing it that instant): not again at once
             self._busy_retry_at = now + BUSY_RETRY_S
 
-    def _fetch(self, key: FetchKey) -> list[tuple[Any, ...]]:
-        return (
+    def _fetch(self, key: FetchKey) -> Fetched:
+        asked_at = time.monotonic()
+        return asked_at, (
             self._conn.cursor(row_factory=tuple_row)
             .execute(Q.FETCH_BATCH.compact, fetch_params(key))
             .fetchall()
