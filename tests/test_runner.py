@@ -735,6 +735,17 @@ def test_lag_and_behind_come_from_the_batch_ages(world: World) -> None:
     )
 
 
+def test_changes_the_source_holds_back_count_as_behind(world: World) -> None:
+    """An empty batch with ages: changes the source read but holds back (logical mode:
+    commits a synchronous standby has not let become visible), or a commit whose
+    changes came before. Behind by the oldest, and more as it waits: /readyz said 0 s
+    behind, ready, for as long as a standby held everything back (a review)."""
+    source = FakeSource(world, [Arrives([], ages_s=[2.0])])
+    r = make_runner(world, source, FakeSink(world))
+    r.run()
+    assert r.behind_s == pytest.approx(2.0)
+
+
 def test_a_held_batch_is_behind_from_its_oldest_transaction_not_its_commits(
     world: World,
 ) -> None:

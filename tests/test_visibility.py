@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from cdc_invalidator.capture import visibility
+from cdc_invalidator.capture.logical import LogicalBatch, LogicalStream
 from cdc_invalidator.capture.visibility import RECHECK_FIRST_S, RECHECK_MAX_S, Visibility
 from tests.support.logs import captured_logs
 
@@ -49,27 +50,28 @@ def gate(side: Side) -> Visibility:
 
 
 @pytest.mark.parametrize(
-    ("names", "gated"),
+    ("names", "gated", "said"),
     [
-        ("", False),
-        ("  ", False),
-        ("standby1", True),
-        ("FIRST 1 (standby1, standby2)", True),
-        ("ANY 1 (*)", False),  # (the listener may be chosen: its commits wait for it)
-        ('"CDC-Invalidator"', False),
+        ("", False, []),
+        ("  ", False, []),
+        ("standby1", True, ["commits_seen_before_deletes"]),
+        ("FIRST 1 (standby1, standby2)", True, ["commits_seen_before_deletes"]),
+        # The listener may be chosen: its commits may wait for it (an error, said).
+        ("ANY 1 (*)", False, ["synchronous_standby_candidate"]),
+        ('"CDC-Invalidator"', False, ["synchronous_standby_candidate"]),
     ],
 )
 def test_commits_are_gated_while_a_synchronous_standby_other_than_the_listener_is_named(
-    names: str, gated: bool, clock: Clock
+    names: str, gated: bool, said: list[str], clock: Clock
 ) -> None:
     side = Side()
     side.names = names
     v = gate(side)
     with captured_logs() as logs:
         v.now()
+        v.now()  # (said once)
     assert v.gated is gated
-    said = [line["event"] for line in logs]
-    assert said == (["commits_seen_before_deletes"] if gated else [])
+    assert [line["event"] for line in logs] == said
     side.names = ""
     with captured_logs() as logs:
         v.now()
@@ -133,3 +135,25 @@ def test_a_batch_waiting_when_the_standby_is_no_longer_named_is_not_looked_at_ag
 
 def recheck_of(v: Visibility) -> float | None:
     return v.recheck_at  # (read anew: not narrowed by an assert before a call)
+
+
+def test_a_batch_goes_out_when_its_own_look_finds_the_standby_no_longer_named(
+    clock: Clock,
+) -> None:
+    """The look that should see the batch's commits complete finds the setting emptied
+    (or naming the listener) while they are still open: the batch goes out as it is,
+    and nothing is left due (a recheck time left set, in the past, made the loop spin:
+    a review)."""
+    side = Side()
+    side.names = "standby1"
+    side.snapshot = "100:105:101"
+    stream = LogicalStream.__new__(LogicalStream)  # (only the gate: a pure unit)
+    stream._visibility = gate(side)
+    stream._visibility.now()
+    batch = LogicalBatch(size=1, events=[], transactions=[(1, 101, 0, 0)])
+    assert stream._visible(batch) is False
+    assert recheck_of(stream._visibility) is not None
+    side.names = ""
+    assert stream._visible(batch) is True
+    assert batch.visible_at is None
+    assert recheck_of(stream._visibility) is None

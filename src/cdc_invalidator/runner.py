@@ -573,6 +573,12 @@ class Runner:
                 self._refuse_changed_file()  # (an idle listener stops for the file too)
                 if not batch.ages_s:
                     self.behind_s = 0.0  # caught up
+                else:
+                    # Changes the source holds back (logical mode: commits a synchronous
+                    # standby has not let become visible yet), or a commit whose changes
+                    # came before: behind by the oldest (a review: /readyz said 0 s
+                    # behind for as long as a standby held everything back).
+                    self.behind_s = max(batch.ages_s) + (time.monotonic() - batch.read_at)
                 return 0
             if (oldest_s := batch.oldest_s) is not None:
                 self.in_hand_since = batch.read_at - oldest_s

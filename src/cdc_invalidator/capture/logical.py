@@ -95,7 +95,6 @@ from cdc_invalidator.mapping.columns import ColumnFilter
 from cdc_invalidator.mapping.mapper import Mapper, Routed, merge
 from cdc_invalidator.pg.connect import BOOKKEEPING, CLI, REPLICATION, PgConnector
 from cdc_invalidator.pg.queries import Q
-from cdc_invalidator.pg.standbys import names_standby
 
 log = structlog.get_logger("cdc_invalidator.capture.logical")
 # A sweep done this long after its batch was handed back has the batch's history written
@@ -285,7 +284,6 @@ class LogicalCapture:
                 _explain_refusal(side, exc)
                 raise
             try:
-                _warn_if_synchronous(side, repl)
                 options = {"proto_version": "1", "publication_names": self._config.publication}
                 if self._config.mapper is not None:
                     # PostgreSQL 14 on (logical mode needs 15: pg/versions.py); our
@@ -541,26 +539,6 @@ def _clock_and_complete(visibility: Visibility) -> tuple[float, Complete | None]
     if got is None:
         return 0.0, None
     return got[0] - (before + after) / 2, got[1]
-
-
-def _warn_if_synchronous(side: psycopg.Connection[Any], repl: psycopg.Connection[Any]) -> None:
-    """Say so, at every start of the stream, when synchronous_standby_names lets
-    PostgreSQL make it a synchronous standby: every commit of the server would then wait
-    for the listener, which confirms WAL of no watched table only now and then (`check`
-    reports it as an error; the listener streams all the same: stopping would leave the
-    keys cached)."""
-    row = side.execute(Q.SYNCHRONOUS_STANDBY_NAMES.sql).fetchone()
-    names = str(row[0]) if row else ""
-    application_name = repl.info.parameter_status("application_name") or ""
-    if names_standby(names, application_name):
-        log.error(
-            "synchronous_standby_candidate",
-            synchronous_standby_names=names,
-            application_name=application_name,
-            detail="PostgreSQL may make the listener's stream a synchronous standby: every "
-            "commit of the server would then wait for the listener. Name the standbys "
-            'themselves in synchronous_standby_names instead of "*" or this name',
-        )
 
 
 def _explain_refusal(side: psycopg.Connection[Any], exc: psycopg.Error) -> None:
@@ -1002,14 +980,14 @@ class LogicalStream:
         after they are streamed that it need not be seen (no synchronous standby, or the
         batch's commits seen complete already). Seen now, its second deletes are timed
         from that snapshot."""
-        if not (batch.size and batch.transactions) or batch.visible_at is not None:
-            return True
-        if not self._visibility.gated:
-            return True
-        visible_at = self._visibility.seen([t[1] for t in batch.transactions])
-        if visible_at is None:
-            return False
-        batch.visible_at = visible_at
+        gate = self._visibility
+        if batch.size and batch.transactions and batch.visible_at is None and gate.gated:
+            visible_at = gate.seen([t[1] for t in batch.transactions])
+            # (that look may have found the setting emptied: the batch goes out as it is)
+            if visible_at is None and gate.gated:
+                return False
+            batch.visible_at = visible_at
+        gate.settled()  # nothing waits: wait() waits for the stream again (a review: spun)
         return True
 
     def _waiting(self, batch: LogicalBatch) -> LogicalBatch:

@@ -15,9 +15,12 @@ snapshot saw each of its transactions complete (`Visibility.seen`): its first de
 then comes after the change is visible, as in trigger mode, and its second delete is
 timed from that snapshot. The check is one round trip on the bookkeeping connection
 per batch, and none at all on a server without synchronous standbys. Not where the
-listener's own stream may be chosen a synchronous standby (`*`, or its name: an error
-the listener logs at start, and `check` reports): that commit waits for the listener to
-confirm it, which it would do only after the commit was visible.
+listener's own stream may be chosen a synchronous standby (`*`, or its name, which
+`check` reports and the listener logs as an error, at start and whenever the setting
+comes to name it): a commit may then wait for the listener to confirm it, which the
+listener does after deleting its keys, so waiting for it to be visible first would
+never end. There the keys may go before the commit is visible (a review saw a reader's
+refill stay once), which is why it is an error.
 """
 
 from __future__ import annotations
@@ -91,6 +94,7 @@ class Visibility:
         self._recheck_at: float | None = None  # a batch waits: look again then
         self._pause = RECHECK_FIRST_S
         self._since = 0.0  # when the batch began to wait
+        self._named = False  # the setting may make the listener's stream a standby (said)
         self._warned = False
 
     def now(self) -> tuple[float, Complete] | None:
@@ -100,12 +104,25 @@ class Visibility:
         if row is None:
             return None
         names = str(row[2] or "")
-        gated = bool(names.strip()) and not names_standby(names, self._application_name)
+        named = names_standby(names, self._application_name)
+        if named and not self._named:
+            log.error(
+                "synchronous_standby_candidate",
+                synchronous_standby_names=names,
+                application_name=self._application_name,
+                detail="PostgreSQL may make the listener's stream a synchronous standby: "
+                "every commit of the server would then wait for the listener, and the "
+                "listener cannot wait for a commit to be visible before deleting its keys "
+                "(it would wait for itself): a reader may cache the old row again between "
+                "the delete and the commit, until the second delete. Name the standbys "
+                'themselves in synchronous_standby_names instead of "*" or this name',
+            )
+        self._named = named
+        gated = bool(names.strip()) and not named
         if gated != self.gated:
             self.gated = gated
             if not gated:
-                self._recheck_at = None  # (a batch that waited goes out as it is)
-                self._pause = RECHECK_FIRST_S
+                self.settled()  # (a batch that waited goes out as it is)
             log.info(
                 "commits_seen_before_deletes" if gated else "commits_deleted_as_streamed",
                 synchronous_standby_names=names,
@@ -130,8 +147,7 @@ class Visibility:
         if complete is not None and all(complete.has(xid) for xid in xids):
             if self._warned:
                 log.warning("commits_visible", xids=list(xids), waited_s=now - self._since)
-            self._recheck_at = None
-            self._pause = RECHECK_FIRST_S
+            self.settled()
             self._warned = False
             return complete.at
         if self._recheck_at is None:
@@ -151,6 +167,11 @@ class Visibility:
         self._recheck_at = now + self._pause
         self._pause = min(2 * self._pause, RECHECK_MAX_S)
         return None
+
+    def settled(self) -> None:
+        """No batch waits (one went out): nothing to look at again."""
+        self._recheck_at = None
+        self._pause = RECHECK_FIRST_S
 
     @property
     def recheck_at(self) -> float | None:

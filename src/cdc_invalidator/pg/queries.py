@@ -76,7 +76,6 @@ class Q(enum.Enum):
 
     # --- logical mode: the slot ----------------------------------------------------------
     SLOT_INFO = "slot_info.sql"  # read into capture.slot.SlotState
-    SYNCHRONOUS_STANDBY_NAMES = "synchronous_standby_names.sql"
     CREATE_SLOT = "create_slot.sql"
     SLOT_BLOCKERS = "slot_blockers.sql"  # what making a slot will wait for
     RECORD_SLOT = "record_slot.sql"
