@@ -126,8 +126,11 @@ def test_a_payload_sent_after_prepare_never_stands_for_the_prepared_row(
             # of 3,000 chunks, the payload delivered while they are read.
             with env.connect() as bulk:
                 bulk.execute("SET cdc_invalidator.notify = 'off'")
+                # (one row a statement: one queue row each; a statement of several
+                # rows is queued in packs of 1,000, a chunk each, soon read)
                 bulk.execute(
-                    "INSERT INTO users SELECT i, 'b' || i FROM generate_series(1000, 15999) i"
+                    "DO $$BEGIN FOR i IN 1000..15999 LOOP"
+                    " INSERT INTO users VALUES (i, 'b' || i); END LOOP; END$$"
                 )
             wait_until(lambda: listener.runner.events_processed >= 100, what="the drain begun")
         # From the same backend, now free: delivered at once.
