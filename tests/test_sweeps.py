@@ -18,6 +18,7 @@ import redis
 from redis.cluster import RedisCluster
 
 from cdc_invalidator.capture.logical import SWEPT_HISTORY_AGAIN_S
+from cdc_invalidator.mapping import Invalidation, Routed
 from cdc_invalidator.sink import ClusterSink, RedisSink
 from cdc_invalidator.sink.glob import GlobSet
 from cdc_invalidator.sink.scan_pass import ServerSweep
@@ -636,7 +637,9 @@ def settle_cluster(env: Env, rc: RedisCluster) -> None:
 def test_a_change_during_the_sweep_after_missed_changes_is_invalidated_at_once(
     own_env: Env,
 ) -> None:
-    config = setup_tables(own_env)
+    # SCAN pages of 20 keys, as in the tests above (at the default, a run beside the
+    # Sentinel tests once saw the sweep done before the checks below).
+    config = setup_tables(own_env, scan_count=20)
     own_env.sql("UPDATE cdc_invalidator.slot_state_v1 SET resync_reason = 'owed: a test said so'")
     r = own_env.redis()
     orders = fill(r)
@@ -924,7 +927,44 @@ def test_a_pass_that_ends_on_another_server_than_it_began_on_goes_again(
         100,
         lambda page: [pack_unlinks([list[str | bytes](page)])] if page else [],
     )
-    assert sweep.run() == 600
+    assert sweep.run() == 300  # (what the new server held: the old one's pass not counted)
     assert rd.exists(*swept) == 0
     assert rd.get("session:1") == b"kept"
     assert next(asked) == 3, "asked as it began, and after each pass"
+
+
+def test_a_sweep_of_two_databases_goes_again_if_the_server_changed_by_its_end(
+    own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each pass checks its own server as it ends, but a TRUNCATE of tables routed to
+    two databases is one batch: the first database's pass may end before the sentinels
+    name the new master and the second's after, and the first's deletes stayed on the
+    old master (a review). The whole sweep goes again when the server is another by the
+    time its passes are done; here the keys of both are written again (what the new
+    master holds) as that is asked."""
+    db0, db1 = own_redis.client(db=1), own_redis.client(db=2)
+    for client in (db0, db1):
+        client.flushdb()
+    keys0, keys1 = [f"a:{i}" for i in range(200)], [f"b:{i}" for i in range(100)]
+    db0.mset(dict.fromkeys(keys0, "1"))
+    db1.mset(dict.fromkeys(keys1, "1"))
+    sink = RedisSink(own_redis.client(db=0), scan_count=100)
+    asked = itertools.count()
+
+    def identity() -> str:
+        n = next(asked)
+        if n == 1:  # the passes done on "the old master"
+            db0.mset(dict.fromkeys(keys0, "1"))
+            db1.mset(dict.fromkeys(keys1, "1"))
+            return "new master"
+        return "old master" if n == 0 else "new master"
+
+    monkeypatch.setattr(sink, "identity", identity)
+    # (two databases other than the sink's own: their passes ask their own sinks)
+    works: Routed = {1: Invalidation(patterns={"a:*"}), 2: Invalidation(patterns={"b:*"})}
+    assert sink.sweep_routed(works) == 300
+    assert (db0.exists(*keys0), db1.exists(*keys1)) == (0, 0)
+    assert next(asked) == 4, "asked before and after each round"
+    sink.close()
+    for client in (db0, db1):
+        client.close()

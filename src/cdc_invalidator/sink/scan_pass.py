@@ -89,7 +89,7 @@ class ServerSweep:
                 # its resync discards; a review lost a TRUNCATE's sweep so): again, on it.
                 conn.disconnect()
                 server, pages_at_failure = now, -1
-                sweep = ScanPass(deleted=sweep.deleted)
+                sweep = ScanPass()  # (what the old one found is not counted)
             finally:
                 self.pool.release(conn)
 
