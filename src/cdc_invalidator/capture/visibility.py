@@ -148,7 +148,6 @@ class Visibility:
             if self._warned:
                 log.warning("commits_visible", xids=list(xids), waited_s=now - self._since)
             self.settled()
-            self._warned = False
             return complete.at
         if self._recheck_at is None:
             self._since = now
@@ -169,9 +168,11 @@ class Visibility:
         return None
 
     def settled(self) -> None:
-        """No batch waits (one went out): nothing to look at again."""
+        """No batch waits (one went out): nothing to look at again, and the next wait
+        is told anew."""
         self._recheck_at = None
         self._pause = RECHECK_FIRST_S
+        self._warned = False
 
     @property
     def recheck_at(self) -> float | None:
