@@ -149,6 +149,7 @@ def test_a_batch_goes_out_when_its_own_look_finds_the_standby_no_longer_named(
     side.snapshot = "100:105:101"
     stream = LogicalStream.__new__(LogicalStream)  # (only the gate: a pure unit)
     stream._visibility = gate(side)
+    stream._gate_read_at = float("inf")  # (the setting read by the gate's own looks only)
     stream._visibility.now()
     batch = LogicalBatch(size=1, events=[], transactions=[(1, 101, 0, 0)])
     assert stream._visible(batch) is False
