@@ -158,3 +158,20 @@ def test_a_batch_goes_out_when_its_own_look_finds_the_standby_no_longer_named(
     assert stream._visible(batch) is True
     assert batch.visible_at is None
     assert recheck_of(stream._visibility) is None
+
+
+def test_a_batch_after_a_quiet_spell_reads_the_setting_first(clock: Clock) -> None:
+    """The setting read more than GATE_READ_EVERY_S before: a batch reads it again
+    before it goes out, so a standby named since holds the batch back (read once a
+    second on the loop's turns, a commit made half a second after the setting was
+    deleted before it was visible: a review's script, by hand)."""
+    side = Side()
+    side.snapshot = "100:105:101"  # 101 held by the standby
+    stream = LogicalStream.__new__(LogicalStream)  # (only the gate: a pure unit)
+    stream._visibility = gate(side)
+    stream._visibility.now()  # read: no standby named
+    stream._gate_read_at = 0.0  # (long ago)
+    side.names = "standby1"  # named since
+    batch = LogicalBatch(size=1, events=[], transactions=[(1, 101, 0, 0)])
+    assert stream._visible(batch) is False
+    assert stream._visibility.gated
