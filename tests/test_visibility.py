@@ -175,3 +175,37 @@ def test_a_batch_after_a_quiet_spell_reads_the_setting_first(clock: Clock) -> No
     batch = LogicalBatch(size=1, events=[], transactions=[(1, 101, 0, 0)])
     assert stream._visible(batch) is False
     assert stream._visibility.gated
+
+
+def test_a_long_wait_ended_by_the_setting_does_not_mute_the_next(clock: Clock) -> None:
+    """A batch that waited long enough to be told goes out because the standby is no
+    longer named: the next wait is told anew after its own WARN_AFTER_S, and a batch
+    that waits only a moment logs no commits_visible (the mark of the first wait, left
+    set, muted the one and made up the other)."""
+    side = Side()
+    side.names = "standby1"
+    side.snapshot = "100:105:101"
+    v = gate(side)
+    assert v.seen([101]) is None
+    clock.now += visibility.WARN_AFTER_S
+    with captured_logs() as logs:
+        assert v.seen([101]) is None
+    assert [line["event"] for line in logs] == ["commits_not_visible"]
+    side.names = ""
+    v.now()  # (the batch goes out as it is)
+    side.names = "standby1"
+    v.now()
+    side.snapshot = "100:106:101,105"
+    with captured_logs() as logs:
+        assert v.seen([105]) is None
+        clock.now += 0.01
+        side.snapshot = "106:106:"
+        assert v.seen([105]) == clock.now  # waited a moment: nothing to tell
+        assert v.seen([106]) is None
+        clock.now += visibility.WARN_AFTER_S
+        assert v.seen([106]) is None
+    assert [line["event"] for line in logs] == [
+        "commits_not_visible_yet",
+        "commits_not_visible_yet",
+        "commits_not_visible",
+    ]
