@@ -16,10 +16,9 @@ is logged as an error; the sweep is owed (saved) until it has completed.
 A batch whose sweep runs behind the loop (capture/holds.py) is read past at once, but the
 position told to the slot and saved stays before it until the sweep is done.
 
-Tables are followed by relation, not by name: the configured names are resolved at start
-through what install recorded (published_v1: the relid and the key columns' numbers), so
-a table or key column renamed later keeps its templates. A change of a table that lost a
-key column cannot be rendered: it becomes a sweep of that table's templates.
+Tables are followed by relation, not by name (capture/relations.py), so a table or key
+column renamed later keeps its templates. A change of a table that lost a key column
+cannot be rendered: it becomes a sweep of that table's templates.
 """
 
 from __future__ import annotations
@@ -64,8 +63,6 @@ from cdc_invalidator.capture.pgoutput import (
     Commit,
     Decoder,
     ProtocolError,
-    Relation,
-    Resolved,
     StreamAbort,
     StreamCommit,
     StreamStart,
@@ -73,6 +70,7 @@ from cdc_invalidator.capture.pgoutput import (
     Undecodable,
     unwrap_streamed,
 )
+from cdc_invalidator.capture.relations import Relations
 from cdc_invalidator.capture.rows import Transaction, encode_history, with_transaction
 from cdc_invalidator.capture.slot import SlotClass, SlotState, Verdict
 from cdc_invalidator.capture.streamed import Chunk, Dead, Prefetch, StreamedTxn, pack
@@ -574,9 +572,12 @@ class LogicalStream:
         self._side = side
         self._history = HistoryWriter(side)
         self._config = config
-        self._known = self._resolve_configured()
+        relations = Relations(side, config.columns, config.filters)
         self._decoder = Decoder(
-            self._resolve, self._old_values_not_sent, self._unrenderable, base_types=self._bases
+            relations.resolve,
+            relations.old_values_not_sent,
+            relations.unrenderable,
+            base_types=relations.bases,
         )
         self._resync = resync
         # The resync batch read past, its sweep still running: owed until released.
@@ -1220,132 +1221,6 @@ class LogicalStream:
             for i, table in enumerate(sorted(self._config.columns))
         ]
         return LogicalBatch(len(events), events, ack_lsn=self._read_upto, resync=True)
-
-    # --- which relation is which configured table --------------------------------------
-
-    def _resolve_configured(self) -> dict[int, tuple[TableName, tuple[str, ...], list[int | None]]]:
-        """Configured table -> its relid and key columns' numbers, once per connection."""
-        recorded = self._side.execute(Q.PUBLISHED_RECORDED.sql).fetchone()
-        query = Q.LOGICAL_RESOLVE.sql if recorded and recorded[0] else Q.LOGICAL_RESOLVE_BY_NAME.sql
-        known: dict[int, tuple[TableName, tuple[str, ...], list[int | None]]] = {}
-        for table, columns in self._config.columns.items():
-            row = self._side.execute(
-                query,
-                {
-                    "qualified": table.qualified,
-                    "schema": table.schema,
-                    "name": table.name,
-                    "columns": list(columns),
-                },
-            ).fetchone()
-            if row is None or row[0] is None:
-                continue  # `check` says why; its changes cannot reach us under another id
-            known[int(row[0])] = (table, tuple(columns), list(row[1]))
-        if recorded and recorded[0]:
-            # Published by an earlier install but no longer configured: its changes are
-            # dead letters ("not in the configuration"), holding its key columns as that
-            # install recorded them, never the whole row.
-            for relid, schema, name, columns, attnums in self._side.execute(Q.PUBLISHED_TABLES.sql):
-                known.setdefault(int(relid), (TableName(schema, name), tuple(columns), attnums))
-        return known
-
-    def _resolve(self, relid: int, _name: TableName, columns: tuple[str, ...]) -> Resolved | None:
-        """A Relation message: which configured table, and each key column's name in it.
-
-        A column is looked for under its configured name, then under the name its
-        number has now (renamed since install, the configuration not yet following). The
-        configured name first: the application's queries, and trigger mode's capture,
-        name columns, so a column that took a key column's name (expand/contract's new
-        column renamed into place, or two names swapped) is the key's now. A change made
-        before a rename, decoded after it, still carries the old name. A partition's
-        columns have its parent's names, so a partition resolves through its configured
-        ancestor.
-
-        Both names in the message, and different, and the message's column names not
-        the relation's now: names were swapped after the change was made (email and
-        name, say), and either could be the key column's. Resolved.unsure: swept.
-        """
-        found = self._known_or_ancestor(relid)
-        if found is None:
-            # A table published since this connection began (or a partition of one): the
-            # rebuild guard publishes one that took a configured table's name
-            # (sql/rebuild_guard.sql).
-            self._known = self._resolve_configured()
-            found = self._known_or_ancestor(relid)
-            if found is None:
-                return None
-        target, (table, wanted, attnums) = found
-        now = dict(
-            self._side.execute(
-                Q.RELATION_COLUMNS.sql,
-                {"relid": target, "attnums": [a for a in attnums if a is not None]},
-            ).fetchall()
-        )
-        present = set(columns)
-        names: dict[str, str] = {}
-        twice = False
-        for column, attnum in zip(wanted, attnums, strict=True):
-            renamed = now.get(attnum)
-            twice |= renamed is not None and renamed != column and {renamed, column} <= present
-            for candidate in (column, renamed):
-                if candidate is not None and candidate in present:
-                    names[column] = candidate
-                    break
-        unsure = twice and [
-            name
-            for (name,) in self._side.execute(Q.RELATION_NAMES.sql, {"relid": relid})
-            if name in present
-        ] != list(columns)
-        return Resolved(table, wanted, names, self._config.filters.get(table), unsure)
-
-    def _bases(self, types: set[int]) -> dict[int, int]:
-        """The base type of each type (a domain's; any other type's its own)."""
-        rows = self._side.execute(Q.BASE_TYPES.sql, {"types": sorted(types)}).fetchall()
-        return {int(oid): int(base) for oid, base in rows}
-
-    def _known_or_ancestor(
-        self, relid: int
-    ) -> tuple[int, tuple[TableName, tuple[str, ...], list[int | None]]] | None:
-        """The configured table a relation is, or the nearest one it is a partition of,
-        with that table's relid; None if neither."""
-        entry = self._known.get(relid)
-        if entry is not None:
-            return relid, entry
-        for (ancestor,) in self._side.execute(Q.PARTITION_ANCESTORS.sql, {"relid": relid}):
-            entry = self._known.get(int(ancestor))
-            if entry is not None:
-                return int(ancestor), entry
-        return None
-
-    def _unrenderable(self, relation: Relation) -> None:
-        if relation.unsure:
-            log.warning(
-                "key_columns_renamed_behind",
-                table=str(relation.table),
-                columns=list(relation.missing),
-                action="changes made before key columns swapped names, decoded after: "
-                "each sweeps the table's key templates (SCAN + UNLINK); later changes "
-                "get exact keys",
-            )
-            return
-        log.warning(
-            "key_columns_missing",
-            table=str(relation.table),
-            columns=list(relation.missing),
-            action="each change of the table made while they were missing sweeps its key "
-            "templates (SCAN + UNLINK): edit the templates to the table's columns, then run "
-            "`cdc-invalidator install` (nothing to do if the columns have their names again, "
-            "as after a rename undone in the same transaction)",
-        )
-
-    def _old_values_not_sent(self, relation: Relation, columns: list[str]) -> None:
-        log.warning(
-            "old_values_not_sent",
-            table=str(relation.table),
-            columns=columns,
-            detail="the replica identity does not cover these columns: keys built from their "
-            'old values cannot be deleted (set replica_identity to "full" and run install)',
-        )
 
     # --- acknowledging ------------------------------------------------------------------
 
