@@ -160,6 +160,22 @@ class SentinelClient(redis.Redis):
         host = str(kwargs.get("host"))
         return f"sentinel {f'[{host}]' if ':' in host else host}:{kwargs.get('port')}"
 
+    def sentinel_masters(self) -> Any:
+        """SENTINEL MASTERS (what redis-py asks for the master); a refused password says
+        which setting it is. Redis' own words did not: a wrong one is "invalid
+        username-password pair", as for redis_url's user, and none, to a sentinel
+        with requirepass, answers redis-py's HELLO with "HELLO must be called with the
+        client already authenticated, otherwise the HELLO AUTH <user> <pass> option
+        can be used ..."."""
+        try:
+            return super().sentinel_masters()
+        except redis.AuthenticationError as exc:
+            if self.connection_pool.connection_kwargs.get("password"):
+                hint = "the sentinel refused redis_sentinel_password"
+            else:
+                hint = "the sentinel asks for a password: set redis_sentinel_password"
+            raise type(exc)(f"{exc} ({hint})") from exc
+
 
 def other_db(client: redis.Redis, db: int) -> redis.Redis:
     """A client for logical database `db` of the same server, connecting as `client`
