@@ -43,7 +43,19 @@ CDC_PASSWORD = "cdc-s3cret"  # noqa: S105 - the listener's ACL user on the data 
 SENTINEL_PASSWORD = "sentinel-requirepass-s3cret"  # noqa: S105 - the sentinels' requirepass
 MONITOR_PASSWORD = "monitor-s3cret"  # noqa: S105 - the sentinels' ACL user on the data nodes
 REPL_PASSWORD = "repl-s3cret"  # noqa: S105 - the replica's ACL user on its master
-SECRETS = (ADMIN_PASSWORD, CDC_PASSWORD, SENTINEL_PASSWORD, MONITOR_PASSWORD, REPL_PASSWORD)
+# The `named` runs: sentinels whose default user is off, each client an ACL user of
+# sentinel.conf. The listener's needs SENTINEL MASTERS alone (docs/redis.md).
+PEER_PASSWORD = "peer-s3cret"  # noqa: S105 - the sentinels' user with one another
+WATCH_PASSWORD = "watch-s3cret"  # noqa: S105 - the listener's user on the sentinels
+SECRETS = (
+    ADMIN_PASSWORD,
+    CDC_PASSWORD,
+    SENTINEL_PASSWORD,
+    MONITOR_PASSWORD,
+    REPL_PASSWORD,
+    PEER_PASSWORD,
+    WATCH_PASSWORD,
+)
 
 DATA_NODE_ARGS = [
     "--repl-diskless-sync-delay", "0",
@@ -65,9 +77,10 @@ class LockedRedis(RedisServer):
     (and the start's PING) give it."""
 
     password = ""
+    username: str | None = None
 
     def client(self, **kwargs: Any) -> redis.Redis:
-        return super().client(**{"password": self.password, **kwargs})
+        return super().client(**{"password": self.password, "username": self.username, **kwargs})
 
 
 def data_node(tls: RedisTls | None, *args: str) -> LockedRedis:
@@ -77,20 +90,30 @@ def data_node(tls: RedisTls | None, *args: str) -> LockedRedis:
     return node
 
 
-def sentinel(tls: RedisTls | None, master_port: int) -> LockedRedis:
+def sentinel(tls: RedisTls | None, master_port: int, *, named: bool = False) -> LockedRedis:
     conf = (
         f"sentinel monitor {MASTER} 127.0.0.1 {master_port} 2\n"
         f"sentinel down-after-milliseconds {MASTER} 1000\n"
         f"sentinel failover-timeout {MASTER} 5000\n"
         f"sentinel auth-user {MASTER} sentinel\n"
         f"sentinel auth-pass {MASTER} {MONITOR_PASSWORD}\n"
-        f"requirepass {SENTINEL_PASSWORD}\n"
     )
+    if named:
+        conf += (
+            "user default off\n"
+            f"user admin on >{ADMIN_PASSWORD} ~* &* +@all\n"  # (the test's)
+            f"user peer on >{PEER_PASSWORD} allchannels +@all\n"
+            f"user cdc-watch on >{WATCH_PASSWORD} resetchannels -@all +sentinel|masters\n"
+            "sentinel sentinel-user peer\n"
+            f"sentinel sentinel-pass {PEER_PASSWORD}\n"
+        )
+    else:
+        conf += f"requirepass {SENTINEL_PASSWORD}\n"
     if tls:
         conf += "tls-replication yes\n"  # (a sentinel's connections to the others)
     directory = Path(tempfile.mkdtemp(prefix="cdc-invalidator-sentinel-"))
     node = LockedRedis(directory, free_port(), find_redis_server(), [], tls=tls, sentinel_conf=conf)
-    node.password = SENTINEL_PASSWORD
+    node.password, node.username = (ADMIN_PASSWORD, "admin") if named else (SENTINEL_PASSWORD, None)
     return node
 
 
@@ -100,6 +123,7 @@ class Locked:
     second: LockedRedis  # its replica, the master after the failover
     sentinels: list[LockedRedis]
     certs: Certs | None
+    named: bool = False  # the sentinels take ACL users by name, their default user off
 
     def master_port(self, at: LockedRedis) -> int:
         """The master `at` names, as SENTINEL MASTERS shows it (what redis-py asks)."""
@@ -129,7 +153,14 @@ class Locked:
             redis_sentinel_master=MASTER,
             tables={"public.users": ["user:{id}", "user:email:{email}"]},
             **{
-                "redis_sentinel_password": SENTINEL_PASSWORD,
+                **(
+                    {
+                        "redis_sentinel_username": "cdc-watch",
+                        "redis_sentinel_password": WATCH_PASSWORD,
+                    }
+                    if self.named
+                    else {"redis_sentinel_password": SENTINEL_PASSWORD}
+                ),
                 "replay_history": "15m",
                 **tls,
                 **settings,
@@ -157,6 +188,8 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
 
 @pytest.fixture(params=["plain", "tls"])
 def locked(request: pytest.FixtureRequest, certs: Certs) -> Iterator[Locked]:
+    """The servers; `named` (asked for by a test): plain, the sentinels' users by name."""
+    named = request.param == "named"
     tls_certs = certs if request.param == "tls" else None
     tls = tls_certs.redis_tls() if tls_certs else None
     try:
@@ -167,9 +200,9 @@ def locked(request: pytest.FixtureRequest, certs: Certs) -> Iterator[Locked]:
         second = data_node(tls, "--replicaof", "127.0.0.1", str(first.port))
         with second:
             wait_until(lambda: _replica_in_sync(second), what="the replica in sync")
-            sentinels = [sentinel(tls, first.port) for _ in range(2)]
+            sentinels = [sentinel(tls, first.port, named=named) for _ in range(2)]
             with sentinels[0], sentinels[1]:
-                setup = Locked(first, second, sentinels, tls_certs)
+                setup = Locked(first, second, sentinels, tls_certs, named)
 
                 def ready(at: LockedRedis) -> bool:
                     with at.client(decode_responses=True) as client:
@@ -189,6 +222,7 @@ def locked(request: pytest.FixtureRequest, certs: Certs) -> Iterator[Locked]:
                 yield setup
 
 
+@pytest.mark.parametrize("locked", ["plain", "tls", "named"], indirect=True)
 def test_through_sentinels_with_passwords_to_an_acl_user_across_a_failover(
     env: Env, locked: Locked, spawn: Spawn
 ) -> None:
@@ -279,7 +313,7 @@ def test_a_dead_master_is_replaced_by_the_sentinels_vote(
     assert listener.wait() == 0
 
 
-@pytest.mark.parametrize("locked", ["plain"], indirect=True)
+@pytest.mark.parametrize("locked", ["plain", "named"], indirect=True)
 @pytest.mark.parametrize("password", ["wrong-sentinel-pw-42", ""], ids=["wrong", "none"])
 def test_a_refused_sentinel_password_names_each_sentinel(
     env: Env, locked: Locked, spawn: Spawn, password: str
@@ -293,11 +327,12 @@ def test_a_refused_sentinel_password_names_each_sentinel(
     setup = locked
     env.sql("CREATE TABLE users (id int PRIMARY KEY, email text)")
     config = setup.config(env, redis_sentinel_password=password)
-    said = (
-        "(the sentinel refused redis_sentinel_password)"
-        if password
-        else "(the sentinel asks for a password: set redis_sentinel_password)"
-    )
+    if setup.named:
+        said = "(the sentinel refused redis_sentinel_username and redis_sentinel_password)"
+    elif password:
+        said = "(the sentinel refused redis_sentinel_password)"
+    else:
+        said = "(the sentinel asks for a password: set redis_sentinel_password)"
     out = run_cli("check", "--config", str(config))
     assert out.returncode == 1, out.stdout + out.stderr
     for s in setup.sentinels:

@@ -103,8 +103,8 @@ def _host_port(value: str) -> str:
     if "@" in value:
         # (not echoed: what comes before the "@" is a user and password)
         raise ValueError(
-            "an address holds user info (…@host:port): the sentinels' password goes in "
-            "redis_sentinel_password"
+            "an address holds user info (…@host:port): the sentinels' user and password "
+            "go in redis_sentinel_username and redis_sentinel_password"
         )
     host, sep, port = value.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
@@ -221,7 +221,10 @@ class Settings(BaseSettings):
     # CLIENT SETNAME on every Redis connection, for CLIENT LIST; "" sends none (an ACL
     # user then needs no +client|setname).
     redis_client_name: Annotated[str, Field(pattern=r"^[!-~]*$")] = "cdc-invalidator"
-    # The sentinels' own password (`requirepass` in sentinel.conf), when they ask for one.
+    # The sentinels' own user and password, when they ask for one: the password alone
+    # for their default user (`requirepass` in sentinel.conf), or an ACL user of
+    # sentinel.conf (`user ...` lines) by name.
+    redis_sentinel_username: str = ""
     redis_sentinel_password: str = ""
     # "trigger": a queue table filled by triggers, woken by NOTIFY. "logical": the WAL,
     # decoded by pgoutput through a replication slot; no triggers.

@@ -43,6 +43,7 @@ class RedisOptions:
     tls_verify: Literal["required", "none"] = "required"
     sentinels: tuple[tuple[str, int], ...] = ()
     sentinel_master: str = ""
+    sentinel_username: str | None = None
     sentinel_password: str | None = None
     client_name: str | None = CLIENT_NAME
 
@@ -60,6 +61,7 @@ class RedisOptions:
             tls_verify=settings.redis_tls_verify,
             sentinels=tuple(split_host_port(s) for s in settings.redis_sentinels),
             sentinel_master=settings.redis_sentinel_master,
+            sentinel_username=settings.redis_sentinel_username or None,
             sentinel_password=settings.redis_sentinel_password or None,
             client_name=settings.redis_client_name or None,
         )
@@ -125,7 +127,8 @@ def redis_client(options: RedisOptions) -> redis.Redis:
         key: url_kwargs[key] for key in ("username", "password", "db") if key in url_kwargs
     }
     # The sentinels are asked over the same transport as the master (TLS with the same
-    # CA and client certificate when the URL is rediss://), with their own password.
+    # CA and client certificate when the URL is rediss://), with their own user and
+    # password.
     sentinel_kwargs: dict[str, Any] = {
         "socket_timeout": options.timeout_s,
         "socket_connect_timeout": options.timeout_s,
@@ -137,6 +140,8 @@ def redis_client(options: RedisOptions) -> redis.Redis:
     }
     if options.tls:
         sentinel_kwargs["ssl"] = True
+    if options.sentinel_username:
+        sentinel_kwargs["username"] = options.sentinel_username
     if options.sentinel_password:
         sentinel_kwargs["password"] = options.sentinel_password
     sentinel = Sentinel(list(options.sentinels), sentinel_kwargs=sentinel_kwargs)
@@ -161,8 +166,8 @@ class SentinelClient(redis.Redis):
         return f"sentinel {f'[{host}]' if ':' in host else host}:{kwargs.get('port')}"
 
     def sentinel_masters(self) -> Any:
-        """SENTINEL MASTERS (what redis-py asks for the master); a refused password says
-        which setting it is. Redis' own words did not: a wrong one is "invalid
+        """SENTINEL MASTERS (what redis-py asks for the master); a refused user or
+        password says which setting it is. Redis' own words did not: a wrong one is "invalid
         username-password pair", as for redis_url's user, and none, to a sentinel
         with requirepass, answers redis-py's HELLO with "HELLO must be called with the
         client already authenticated, otherwise the HELLO AUTH <user> <pass> option
@@ -170,7 +175,10 @@ class SentinelClient(redis.Redis):
         try:
             return super().sentinel_masters()
         except redis.AuthenticationError as exc:
-            if self.connection_pool.connection_kwargs.get("password"):
+            kwargs = self.connection_pool.connection_kwargs
+            if kwargs.get("username"):
+                hint = "the sentinel refused redis_sentinel_username and redis_sentinel_password"
+            elif kwargs.get("password"):
                 hint = "the sentinel refused redis_sentinel_password"
             else:
                 hint = "the sentinel asks for a password: set redis_sentinel_password"
