@@ -350,3 +350,26 @@ def test_a_refused_sentinel_password_names_each_sentinel(
     printed = out.stdout + out.stderr + listener.log_path.read_text()
     for secret in (*SECRETS, password or SENTINEL_PASSWORD):
         assert secret not in printed, secret
+
+
+@pytest.mark.parametrize("locked", ["plain"], indirect=True)
+def test_a_dead_sentinel_is_passed_over_for_a_live_one(
+    env: Env, locked: Locked, spawn: Spawn
+) -> None:
+    """The sentinel the configuration lists first is down (its process killed, its port
+    refusing): `check` and a listener started then find the master through the next."""
+    setup = locked
+    env.sql(
+        "CREATE TABLE users (id int PRIMARY KEY, email text); INSERT INTO users VALUES (1, 'a')"
+    )
+    config = setup.config(env)
+    setup.sentinels[1].kill()  # (listed first: config() lists them in reverse)
+    out = run_cli("check", "--config", str(config))
+    assert out.returncode == 0, out.stdout + out.stderr
+    listener = spawn(config)
+    with setup.first.client(decode_responses=True) as first:
+        first.set("user:1", "A")
+        env.sql("UPDATE users SET email = 'b' WHERE id = 1")
+        wait_until(lambda: first.exists("user:1") == 0, what="deleted on the master")
+    listener.signal(signal.SIGTERM)
+    assert listener.wait() == 0
