@@ -31,7 +31,7 @@ import pytest
 from cdc_invalidator.capture.walstream import parse_lsn
 from tests.support.env import FAST_PG, Env, Servers, make_env
 from tests.support.evidence import unavailable
-from tests.support.listener import ListenerProcess
+from tests.support.listener import ListenerProcess, cli
 from tests.support.logical import active, install, logical_config, slot, stop
 from tests.support.servers import PostgresServer, RedisServer, ServerError
 from tests.support.waits import wait_until
@@ -320,3 +320,56 @@ def _commit_prepared_ignoring_cancel(conn: psycopg.Connection[Any]) -> None:
     """COMMIT PREPARED; a cancel of its wait for the standby leaves it committed here
     (PostgreSQL warns and returns)."""
     conn.execute(f"COMMIT PREPARED '{GID}'".encode())
+
+
+def test_writes_committed_while_install_waits_for_a_prepared_transaction_are_swept(
+    xa_env: Env, spawn: Spawn
+) -> None:
+    """Making the slot waits for every transaction running then, a prepared one too (for
+    as long as its coordinator takes), and what commits meanwhile is in no slot: neither
+    the prepared transaction nor a write committed while `install` waits, the publication
+    long made. The listener that makes the slot itself sweeps for that; a slot `install`
+    made so owes the same sweep (before, nothing deleted those keys, ever)."""
+    env = xa_env
+    env.sql(
+        "CREATE TABLE users (id int PRIMARY KEY, email text, name text);"
+        "INSERT INTO users SELECT g, 'u' || g || '@x', 'n' || g FROM generate_series(1, 10) g;"
+        "CREATE TABLE small (id int PRIMARY KEY, note text);"
+        "INSERT INTO small SELECT g, 'x' FROM generate_series(1, 100) g"
+    )
+    config = logical_config(env, {**USERS, **SMALL}, second_delete_ms=0)
+    r = env.redis()
+    with env.connect() as conn:  # (install locks small no more than a writer does)
+        conn.execute("BEGIN")
+        conn.execute("UPDATE small SET note = 'p' WHERE id BETWEEN 90 AND 92")
+        conn.execute(f"PREPARE TRANSACTION '{GID}'".encode())
+    prepared = [f"small:{i}" for i in range(90, 93)]
+    r.mset(dict.fromkeys(prepared, "cached"))
+    keys = cache(env, range(1, 3))
+    wait_until(
+        lambda: env.scalar(
+            "SELECT bool_and(prepared < now() - interval '1 second') FROM pg_prepared_xacts"
+        ),
+        what="the prepared transaction over a second old (a long one, as the listener counts)",
+    )
+    installed: list[int] = []
+    installing = threading.Thread(
+        target=lambda: installed.append(cli("install", "--config", config))
+    )
+    installing.start()
+    try:
+        wait_until(
+            lambda: env.scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'transactionid'"
+                " AND query LIKE '%pg_create_logical_replication_slot%'"
+            ),
+            what="install making the slot, waiting for the prepared transaction",
+        )
+        env.sql("UPDATE users SET email = 'w' || email WHERE id BETWEEN 1 AND 2")
+    finally:
+        env.sql(f"COMMIT PREPARED '{GID}'")
+        installing.join(30)
+    assert installed == [0]
+    listener = start(env, spawn, config)
+    wait_until(lambda: r.exists(*keys, *prepared) == 0, what="both transactions' keys deleted")
+    stop(listener)

@@ -160,13 +160,42 @@ def create_slot(conn: psycopg.Connection[Any], slot: str) -> NewSlot | None:
         # Ours, whatever its state: the listener acts on it when it starts (LOST: it
         # drops and re-creates it; IN_USE, AHEAD: as the listener's rules say).
         return None
+    waited = _waits_for(conn, slot)
     row = returned(
         conn.execute(Q.CREATE_SLOT.sql, {"slot": slot}).fetchone(),
         f"position for new slot {slot!r}",
     )
     state = conn.execute(Q.RECORD_SLOT.sql, {"slot": slot, "lsn": row[0]})
     recorded = state.fetchone()
-    return NewSlot(str(row[0]), recorded[0] if recorded else None)
+    owed = recorded[0] if recorded else None
+    if owed is None and waited is not None:
+        conn.execute(Q.SET_RESYNC.sql, {"slot": slot, "reason": waited, "lsn": None})
+        owed = waited
+    return NewSlot(str(row[0]), owed)
+
+
+def _waits_for(conn: psycopg.Connection[Any], slot: str) -> str | None:
+    """Why the listener must sweep before it streams a slot made now, or None: making it
+    waits for every transaction running on the server to end (PostgreSQL builds the
+    slot's first snapshot from them), a prepared one for as long as its coordinator
+    takes, and what commits meanwhile, after the script made the publication, is in no
+    slot. Told as the listener tells it when it makes the slot itself (slot_blockers.sql:
+    one holding a transaction id for over a second, or prepared that long ago), which
+    sweeps then; `install` waited in its statement and swept nothing (a review: a write
+    committed while install waited for a prepared transaction was never invalidated, nor
+    was the prepared transaction itself)."""
+    found = conn.execute(Q.SLOT_BLOCKERS.sql, {"before": None}).fetchone()
+    if found is None:
+        return None
+    pid, gid, database, role, since, _ = found
+    who = (
+        f"prepared transaction {gid!r}" if gid is not None else f"the transaction of backend {pid}"
+    )
+    return (
+        f"install made replication slot {slot!r} while {who} (database {database}, role "
+        f"{role}, since {since}) was running: the slot starts once it ended, and what "
+        "committed meanwhile is in no slot"
+    )
 
 
 # Why every watched table is swept when `install` drops a slot of ours (a switch to
