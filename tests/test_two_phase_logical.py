@@ -13,6 +13,9 @@ The listener confirms the slot past a transaction left prepared while others com
 before them and sends the transaction at COMMIT PREPARED, whatever was confirmed). So a
 listener stopped or killed in between still invalidates it.
 
+Making a slot waits for a prepared transaction to end, and what commits meanwhile is in
+no slot: a slot `install` made so owes the listener a sweep, as one the listener makes.
+
 Prepared transactions need max_prepared_transactions, which the shared test server does
 not set: the module has a server of its own.
 """
