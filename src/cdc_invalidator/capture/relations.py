@@ -20,6 +20,7 @@ from cdc_invalidator.events import TableName
 from cdc_invalidator.mapping.columns import ColumnFilter
 from cdc_invalidator.pg.queries import Q
 
+# (the stream's logger: its lines are one capture's, whichever module says them)
 log = structlog.get_logger("cdc_invalidator.capture.logical")
 
 # A relid's configured table, its key columns as configured and their numbers (None: a

@@ -11,7 +11,8 @@ from psycopg import sql
 
 from cdc_invalidator import checks
 from cdc_invalidator.capture import logical_sql, trigger_sql
-from cdc_invalidator.capture.logical import LogicalCapture, LogicalConfig
+from cdc_invalidator.capture.logical import LogicalConfig
+from cdc_invalidator.capture.logical_open import LogicalCapture
 from cdc_invalidator.capture.rows import Decoded, MapPack, RowDecoder
 from cdc_invalidator.capture.slot import SlotState
 from cdc_invalidator.checks import Report
