@@ -326,7 +326,7 @@ def _commit_prepared_ignoring_cancel(conn: psycopg.Connection[Any]) -> None:
 
 
 def test_writes_committed_while_install_waits_for_a_prepared_transaction_are_swept(
-    xa_env: Env, spawn: Spawn
+    xa_env: Env, spawn: Spawn, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Making the slot waits for every transaction running then, a prepared one too (for
     as long as its coordinator takes), and what commits meanwhile is in no slot: neither
@@ -368,6 +368,10 @@ def test_writes_committed_while_install_waits_for_a_prepared_transaction_are_swe
             ),
             what="install making the slot, waiting for the prepared transaction",
         )
+        # Said while it waits, naming the transaction (install sat silent behind it).
+        said = capsys.readouterr().err
+        assert "slot_creation_waits" in said, said
+        assert f"prepared transaction '{GID}'" in said, said
         env.sql("UPDATE users SET email = 'w' || email WHERE id BETWEEN 1 AND 2")
     finally:
         env.sql(f"COMMIT PREPARED '{GID}'")

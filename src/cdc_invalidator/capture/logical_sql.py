@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+import structlog
 from psycopg import sql
 from psycopg.rows import class_row
 
@@ -29,6 +30,8 @@ from cdc_invalidator.events import TableName
 from cdc_invalidator.mapping import Mapper
 from cdc_invalidator.mapping.columns import ColumnFilter
 from cdc_invalidator.pg.queries import Q
+
+log = structlog.get_logger("cdc_invalidator.capture.logical_sql")
 
 IDENTITY_HEADER = """
 -- Old values. UPDATE and DELETE carry the old values of the replica identity's columns
@@ -161,6 +164,16 @@ def create_slot(conn: psycopg.Connection[Any], slot: str) -> NewSlot | None:
         # drops and re-creates it; IN_USE, AHEAD: as the listener's rules say).
         return None
     waited = _waits_for(conn, slot)
+    if waited is not None:
+        # Said before the wait, which may be long (a prepared transaction's lasts until
+        # its coordinator acts): install sat silent behind one (a review).
+        log.warning(
+            "slot_creation_waits",
+            slot=slot,
+            detail=f"{waited}; install returns once it has ended (COMMIT or ROLLBACK "
+            "PREPARED ends a prepared one), and the listener sweeps every watched table "
+            "first",
+        )
     row = returned(
         conn.execute(Q.CREATE_SLOT.sql, {"slot": slot}).fetchone(),
         f"position for new slot {slot!r}",
