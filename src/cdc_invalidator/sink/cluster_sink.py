@@ -54,6 +54,10 @@ SLOTS = 16384
 REDIRECTIONS = 5
 
 
+# Each primary's (node id, address, config epoch, slot ranges), sorted: ClusterSink._layout.
+Layout = tuple[tuple[str, str, str, tuple[tuple[str, ...], ...]], ...]
+
+
 class ClusterChanging(TryAgainError):
     """Slots were migrating or moved while a sweep ran: its result cannot be trusted.
 
@@ -229,7 +233,11 @@ class ClusterSink:
         has no rows to render), the primaries in parallel, each on a thread with a
         connection of its own. A key moving between nodes while the SCANs run could be
         missed, so the slot layout is read before and after, and a sweep that saw slots
-        migrate or move raises ClusterChanging (retryable) instead of returning."""
+        migrate or move raises ClusterChanging (retryable) instead of returning. The
+        layout holds each primary's config epoch: a slot moved away and back during the
+        sweep (A to B while A's pass had not reached it and B's had passed it, then back
+        to A) leaves the same slots where they were, but bumps the epoch of a node that
+        imported it (a review: such a key survived a sweep that completed)."""
         if not patterns:
             return 0
         globs = GlobSet(patterns)
@@ -249,7 +257,10 @@ class ClusterSink:
                 raise result
         if self._layout() != before:
             self._stale = True
-            raise ClusterChanging("the cluster's slots moved during a sweep")
+            raise ClusterChanging(
+                "the cluster's slots moved during a sweep (or moved and came back: a "
+                "primary's config epoch changed)"
+            )
         self._judge_redirections(before, nodes, redirected)
         return sum(r for r in results if isinstance(r, int))
 
@@ -276,7 +287,7 @@ class ClusterSink:
 
     def _judge_redirections(
         self,
-        layout: tuple[tuple[str, str, tuple[tuple[str, ...], ...]], ...],
+        layout: Layout,
         nodes: list[ClusterNode],
         redirected: list[set[int]],
     ) -> None:
@@ -287,7 +298,7 @@ class ClusterSink:
         redirected to the owner, which the sweep scanned), so it is no stale cache: the
         sweep is complete, and says so. Any other redirection means keys moved during
         the sweep: ClusterChanging (retried), as before."""
-        owned = {name: _slot_set(slots) for _, name, slots in layout}
+        owned = {name: _slot_set(slots) for _, name, _, slots in layout}
         orphans: dict[str, list[int]] = {}
         for node, slots in zip(nodes, redirected, strict=True):
             for slot in sorted(slots):
@@ -304,9 +315,9 @@ class ClusterSink:
                 "without them",
             )
 
-    def _layout(self) -> tuple[tuple[str, str, tuple[tuple[str, ...], ...]], ...]:
-        """Every primary's own account of itself (id, address, slots), with the slot
-        table read afresh; raise ClusterChanging while a slot is migrating or some slot
+    def _layout(self) -> Layout:
+        """Every primary's own account of itself (id, address, config epoch, slots), with
+        the slot table read afresh; raise ClusterChanging while a slot is migrating or some slot
         has no primary we know of."""
         self._client.nodes_manager.initialize()
         layout = []
@@ -320,7 +331,10 @@ class ClusterSink:
                 raise ClusterChanging(f"slots migrating on {node.name}: {me['migrations']}")
             slots = tuple(tuple(r) for r in me["slots"])
             covered += sum(int(r[-1]) - int(r[0]) + 1 for r in slots)
-            layout.append((me["node_id"], node.name, slots))
+            # The config epoch: a node that finishes importing a slot (CLUSTER SETSLOT
+            # ... NODE on itself) takes a new one unless its own is the greatest, so of
+            # a slot moved A -> B -> A at least one of A and B has a new epoch after.
+            layout.append((me["node_id"], node.name, str(me["epoch"]), slots))
         if covered != SLOTS:
             raise ClusterChanging(f"the primaries serve {covered} of {SLOTS} slots")
         return tuple(sorted(layout))
