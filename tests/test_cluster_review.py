@@ -84,3 +84,46 @@ def test_a_slot_moved_away_and_back_during_a_sweep_fails_it(
     assert sink.sweep(["user:*"]) == 1
     assert sink.client.exists(stale) == 0
     sink.close()
+
+
+def _key_on(sink: ClusterSink, prefix: str, node: RedisServer) -> str:
+    """The first key `prefix`N whose slot `node` serves."""
+    table = sink.client.nodes_manager.slots_cache
+    return next(
+        key
+        for i in range(100_000)
+        if table[key_slot((key := f"{prefix}{i}").encode())][0].port == node.port
+    )
+
+
+def test_replies_left_unread_by_an_error_are_never_read_for_the_next_batch(
+    own_cluster: RedisClusterServer,
+) -> None:
+    """An UNLINK written to X, then an error other than a lost connection before its
+    reply is read (connecting to Y: NOPERM for CLIENT SETNAME, a ResponseError): X's
+    connection went back to its pool with the reply unread and not arrived yet (X's
+    writes paused), so the pool's check for data left on it passed, and the next batch
+    read that reply for its own: an UNLINK refused NOPERM was confirmed, its key left
+    (a review). Any error now disconnects what was written to."""
+    x, y, z = own_cluster.nodes
+    for node in own_cluster.nodes:
+        node_client = node.client()
+        node_client.execute_command("ACL", "SETUSER", "rev", "on", ">pw", "~*", "+@all")
+        node_client.close()
+    x_admin, y_admin = x.client(), y.client()
+    y_admin.execute_command("ACL", "SETUSER", "rev", "-client|setname")
+    x_admin.execute_command("ACL", "SETUSER", "rev", "resetkeys", "~user:*")
+    sink = connect_sink(z.url.replace("redis://", "redis://rev:pw@"))
+    assert isinstance(sink, ClusterSink)
+    first = [_key_on(sink, "user:", x), _key_on(sink, "other:", y)]
+    refused = _key_on(sink, "order:", x)
+    x_admin.set(refused, "cached")
+    x_admin.execute_command("CLIENT", "PAUSE", 2000, "WRITE")  # (X's replies held)
+    with pytest.raises(redis.exceptions.NoPermissionError, match=r"client\|setname"):
+        sink.unlink(first)  # (X written to first: its slot came first)
+    with pytest.raises(redis.exceptions.NoPermissionError, match="keys"):
+        sink.unlink([refused])  # (it returned 1: the first batch's reply)
+    assert x_admin.exists(refused) == 1
+    sink.close()
+    x_admin.close()
+    y_admin.close()

@@ -215,11 +215,17 @@ class ClusterSink:
                         again += command
                     except redis.ResponseError as exc:
                         failure = failure or exc  # read on: the connection stays in step
-        except (redis.ConnectionError, redis.TimeoutError):
+        except BaseException as exc:
             # Replies may be left unread on any of them: none goes back to a pool usable.
+            # Whatever the error: one raised while connecting to a node after another
+            # was written to (NOPERM for CLIENT SETNAME on a node whose ACL differs, a
+            # ResponseError) left that one's replies unread, not arrived yet, so the
+            # pool's "Connection has data" check let it out, and the next batch read
+            # them for its own (a review: an UNLINK refused NOPERM, its batch confirmed).
             for _, connection, _ in sent:
                 connection.disconnect()
-            self._stale = True
+            # (a lost node: read the slot table again before the next try)
+            self._stale |= isinstance(exc, (redis.ConnectionError, redis.TimeoutError))
             raise
         finally:
             for pool, connection, _ in sent:
