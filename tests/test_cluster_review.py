@@ -127,3 +127,32 @@ def test_replies_left_unread_by_an_error_are_never_read_for_the_next_batch(
     sink.close()
     x_admin.close()
     y_admin.close()
+
+
+def test_on_a_cluster_an_unlink_or_a_sweep_refused_names_its_key(
+    own_cluster: RedisClusterServer,
+) -> None:
+    """An ACL user allowed `~user:*` on every node, the mapping making `order:*` keys
+    too: the batch is not confirmed, and the error names the key (a review: NOPERM
+    "one of the keys used as arguments", naming none); a sweep's, the pattern too."""
+    for node in own_cluster.nodes:
+        node_client = node.client()
+        node_client.execute_command(
+            "ACL", "SETUSER", "narrow", "on", ">pw", "~user:*", "+@all", "-flushall"
+        )
+        node_client.close()
+    sink = connect_sink(own_cluster.url.replace("redis://", "redis://narrow:pw@"))
+    assert isinstance(sink, ClusterSink)
+    admin = redis.RedisCluster.from_url(own_cluster.url)
+    admin.mset_nonatomic({"user:1": "a", "order:1": "b", "user:1:orders": "c"})
+    with pytest.raises(redis.exceptions.NoPermissionError) as refused:
+        sink.unlink(["user:1", "order:1"])
+    assert "refused UNLINK of 'order:1';" in str(refused.value), refused.value
+    assert admin.exists("order:1") == 1
+    with pytest.raises(redis.exceptions.NoPermissionError) as refused:
+        sink.sweep(["order:*", "user:*:orders"])
+    assert "refused UNLINK of 'order:1' (swept for 'order:*');" in str(refused.value)
+    assert admin.exists("order:1") == 1
+    assert admin.exists("user:1:orders") == 0  # (the other patterns' keys: deleted)
+    sink.close()
+    admin.close()

@@ -43,6 +43,7 @@ from cdc_invalidator.sink.glob import GlobSet
 from cdc_invalidator.sink.oversize import bulk_limit, storable, too_long
 from cdc_invalidator.sink.protocol import NO_KEY, Persistence, ServerState, as_text, identity_of
 from cdc_invalidator.sink.redis_sink import server_identity, server_persistence, server_state
+from cdc_invalidator.sink.refused import named
 from cdc_invalidator.sink.scan_pass import ServerSweep
 from cdc_invalidator.sink.slots import Key, group_by_slot, pack_unlinks
 
@@ -214,7 +215,8 @@ class ClusterSink:
                     except (AskError, TryAgainError):
                         again += command
                     except redis.ResponseError as exc:
-                        failure = failure or exc  # read on: the connection stays in step
+                        # (read on: the connection stays in step; NOPERM: named)
+                        failure = failure or named(exc, command)
         except BaseException as exc:
             # Replies may be left unread on any of them: none goes back to a pool usable.
             # Whatever the error: one raised while connecting to a node after another

@@ -9,13 +9,22 @@ from collections.abc import Callable, Collection, Iterable, Iterator
 from itertools import islice
 
 import redis
+from redis.exceptions import NoPermissionError
 from redis.sentinel import SentinelConnectionPool
 
 from cdc_invalidator.mapping import Invalidation, Routed
 from cdc_invalidator.sink.connect import MasterWatch, other_db
 from cdc_invalidator.sink.glob import GlobSet
 from cdc_invalidator.sink.oversize import bulk_limit, storable, too_long
-from cdc_invalidator.sink.protocol import NO_KEY, Persistence, ServerState, as_text, identity_of
+from cdc_invalidator.sink.protocol import (
+    NO_KEY,
+    REDIS_ERRORS,
+    Persistence,
+    ServerState,
+    as_text,
+    identity_of,
+)
+from cdc_invalidator.sink.refused import refused
 from cdc_invalidator.sink.scan_pass import ServerSweep
 from cdc_invalidator.sink.slots import Key, pack_unlinks
 
@@ -128,11 +137,26 @@ class RedisSink:
             keys = storable(keys, bulk_limit(self._client))
             commands = [pack_unlinks([chunk]) for chunk in _chunks(keys, self._unlink_chunk)]
         try:
-            return self._send(commands, later)
-        except (redis.ConnectionError, redis.TimeoutError):
-            # One immediate retry, as the client is configured for: a pooled connection
-            # that died with a Redis restart. UNLINK is idempotent.
-            return self._send(commands, later)
+            try:
+                return self._send(commands, later)
+            except (redis.ConnectionError, redis.TimeoutError):
+                # One immediate retry, as the client is configured for: a pooled
+                # connection that died with a Redis restart. UNLINK is idempotent.
+                return self._send(commands, later)
+        except NoPermissionError as exc:
+            raise refused(exc, self._refused(keys)) from exc
+
+    def _refused(self, keys: Collection[Key]) -> list[Key]:
+        """Which of `keys` the ACL refuses, each UNLINKed alone (what it allows is
+        deleted meanwhile); none where that cannot be told (Redis failing again)."""
+        pipe = self._client.pipeline(transaction=False)
+        for key in keys:
+            pipe.unlink(key)
+        try:
+            replies = pipe.execute(raise_on_error=False)
+        except REDIS_ERRORS:
+            return []
+        return [key for key, reply in zip(keys, replies, strict=True) if _refusal(reply)]
 
     def confirm(self) -> int:
         """Read the replies of UNLINKs sent with `later` (sending them again first if
@@ -338,6 +362,10 @@ def server_persistence(client: redis.Redis) -> Persistence:
     except redis.ResponseError as exc:  # NOPERM, or CONFIG renamed away
         return Persistence({}, refused=str(exc), loaded_keys=loaded_keys)
     return Persistence(config, loaded_keys=loaded_keys)
+
+
+def _refusal(reply: object) -> bool:
+    return isinstance(reply, NoPermissionError)
 
 
 def _text(value: object) -> str:

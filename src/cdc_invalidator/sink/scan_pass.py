@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 from typing import cast
 
 import redis
-from redis.exceptions import AskError, MovedError, TryAgainError
+from redis.exceptions import AskError, MovedError, NoPermissionError, TryAgainError
 
 from cdc_invalidator.sink.glob import GlobSet
 from cdc_invalidator.sink.protocol import raise_if_stopped
+from cdc_invalidator.sink.refused import keys_of, narrowed, refused
 
 # A page's matching keys (bytes: the client never decodes replies) -> the UNLINK
 # commands that delete them, each packed alone (one reply each).
@@ -115,21 +116,27 @@ class ServerSweep:
             raw_cursor, found = conn.read_response()
             page = globs.scanned(cast("list[bytes]", found))
             unlinks = self.unlinks_of(page)
-            sweep.deleted += self._unlinked(conn, len(sweep.unlinks))
+            sweep.deleted += self._unlinked(conn, sweep.unlinks)
             sweep.cursor = int(raw_cursor) or None
             sweep.unlinks = unlinks
             sweep.pages += 1
             raise_if_stopped(stopped)
             send()
-        sweep.deleted += self._unlinked(conn, len(sweep.unlinks))
+        sweep.deleted += self._unlinked(conn, sweep.unlinks)
         sweep.unlinks = []
 
-    def _unlinked(self, conn: redis.Connection, replies: int) -> int:
-        """Read `replies` UNLINK replies; how many keys existed."""
+    def _unlinked(self, conn: redis.Connection, unlinks: list[bytes]) -> int:
+        """Read the replies of `unlinks`; how many keys existed. One the ACL refuses
+        raises once they are all read, naming its keys and the patterns they matched."""
         existed = 0
-        for _ in range(replies):
+        failure: NoPermissionError | None = None
+        denied: list[bytes] = []  # the keys of the UNLINKs refused
+        for unlink in unlinks:
             try:
                 existed += int(conn.read_response())
+            except NoPermissionError as exc:
+                failure = failure or exc
+                denied += keys_of(unlink)
             except (MovedError, AskError) as exc:
                 if self.redirected is None:
                     raise
@@ -138,4 +145,6 @@ class ServerSweep:
                 if self.redirected is None:
                     raise
                 self.redirected.add(-1)
+        if failure is not None:
+            raise refused(failure, narrowed(conn, denied) or denied, self.globs.patterns)
         return existed
