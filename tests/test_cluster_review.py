@@ -7,19 +7,26 @@ on an event or on the servers, never on a clock.
 
 from __future__ import annotations
 
+import signal
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 from redis.crc import key_slot
 
+from cdc_invalidator.cli import main
 from cdc_invalidator.sink import ClusterSink, connect_sink
 from cdc_invalidator.sink.cluster_sink import ClusterChanging
+from tests.support.config import write_config
+from tests.support.env import Env, Servers
 from tests.support.evidence import unavailable
+from tests.support.listener import ListenerProcess
 from tests.support.servers import RedisClusterServer, RedisServer, ServerError
-from tests.test_cluster import Migration, node_of
+from tests.support.waits import wait_until
+from tests.test_cluster import Migration, _env, node_of
 
 
 @pytest.fixture
@@ -30,6 +37,11 @@ def own_cluster() -> Iterator[RedisClusterServer]:
         unavailable(f"no Redis Cluster: {exc}")
     with c:
         yield c
+
+
+@pytest.fixture
+def own_cenv(servers: Servers, own_cluster: RedisClusterServer, tmp_path: Path) -> Iterator[Env]:
+    yield from _env(servers, own_cluster, tmp_path, "trigger")
 
 
 def _sink(c: RedisClusterServer, node: RedisServer) -> ClusterSink:
@@ -156,3 +168,90 @@ def test_on_a_cluster_an_unlink_or_a_sweep_refused_names_its_key(
     assert admin.exists("user:1:orders") == 0  # (the other patterns' keys: deleted)
     sink.close()
     admin.close()
+
+
+def _owner(c: RedisClusterServer, key: str) -> RedisServer:
+    client = c.nodes[0].client()
+    try:
+        slots = client.execute_command("CLUSTER", "SLOTS")
+    finally:
+        client.close()
+    slot = key_slot(key.encode())
+    port = next(int(p[1]) for start, end, p, *_ in slots if start <= slot <= end)
+    return next(node for node in c.nodes if node.port == port)
+
+
+CLUSTER_USER = ["resetchannels", "-@all", "+unlink", "+scan", "+info", "+ping"]
+CLUSTER_USER += ["+client|setname", "+cluster|slots", "+cluster|nodes", "+command", "+asking"]
+
+
+def test_a_listener_survives_a_node_refusing_a_new_connection_mid_batch(
+    own_cenv: Env, own_cluster: RedisClusterServer, tmp_path: Path
+) -> None:
+    """Through `run`: a batch's UNLINK written to X (its writes paused, so its reply is
+    late), then Y refusing a new connection (NOPERM for CLIENT SETNAME). X's connection
+    went back to its pool with the reply owed; once Y was fixed, the identity check's
+    INFO on it read that reply, and the listener died (AttributeError: 'int' object has
+    no attribute 'splitlines'; a review). Now: it lives, the change whose key X's ACL
+    refuses waits unacknowledged, and goes through once the ACL allows it."""
+    x, y, z = own_cluster.nodes
+    uid = next(
+        i
+        for i in range(1, 10_000)
+        if _owner(own_cluster, f"user:{i}") is x and _owner(own_cluster, f"user:email:u{i}@x") is y
+    )
+    oid = next(i for i in range(1, 10_000) if _owner(own_cluster, f"order:{i}") is x)
+    own_cenv.sql(
+        "CREATE TABLE users (id int PRIMARY KEY, email text, name text);"
+        "CREATE TABLE orders (id int PRIMARY KEY, total int);"
+        f"INSERT INTO users VALUES ({uid}, 'u{uid}@x', 'n'); INSERT INTO orders VALUES ({oid}, 1)"
+    )
+    config = write_config(
+        tmp_path / "cluster.toml",
+        database_url=own_cenv.dsn,
+        redis_url=z.url.replace("redis://", "redis://cdc:pw@"),
+        redis_timeout_s=5,  # (the default: past X's pause; FAST's 2 s times the read out)
+        source_mark=False,
+        tables={
+            "public.users": ["user:{id}", "user:email:{email}"],
+            "public.orders": ["order:{id}"],
+        },
+    )
+    assert main(["install", "--config", str(config)]) == 0
+    admins = {node.port: node.client() for node in own_cluster.nodes}
+    for node in own_cluster.nodes:
+        keys = "~user:*" if node is x else "~*"
+        admins[node.port].execute_command("ACL", "SETUSER", "cdc", "on", ">pw", keys, *CLUSTER_USER)
+    email, order = f"user:email:u{uid}@x", f"order:{oid}"
+    admins[x.port].set(order, "stale")
+    admins[y.port].set(email, "stale")
+    listener = ListenerProcess(config, tmp_path / "listener.log").start()
+    try:
+        wait_until(lambda: listener.logged("redis_identity_recorded"), what="Redis known")
+        admins[y.port].execute_command("ACL", "SETUSER", "cdc", "-client|setname")
+        admins[y.port].execute_command("CLIENT", "KILL", "USER", "cdc")
+        admins[x.port].execute_command("CLIENT", "PAUSE", 3000, "WRITE")  # (X's replies late)
+        own_cenv.sql(f"UPDATE users SET name = 'x' WHERE id = {uid}")
+        wait_until(lambda: listener.logged("redis_unavailable"), what="redis_unavailable")
+        own_cenv.sql(f"UPDATE orders SET total = 2 WHERE id = {oid}")
+        admins[y.port].execute_command("ACL", "SETUSER", "cdc", "+client|setname")
+        process = listener.process
+        assert process is not None
+        wait_until(
+            lambda: admins[y.port].exists(email) == 0 or process.poll() is not None,
+            timeout_s=30,
+            what="Y's key deleted once Y takes connections again",
+        )
+        assert process.poll() is None, [
+            line.get("raw") for line in listener.lines() if line["event"] == "<non-json>"
+        ][-1:]
+        assert admins[x.port].get(order) == b"stale"  # (refused: its batch waits)
+        assert own_cenv.scalar("SELECT count(*) FROM cdc_invalidator.queue_v1") >= 1
+        admins[x.port].execute_command("ACL", "SETUSER", "cdc", "~order:*")
+        wait_until(lambda: admins[x.port].exists(order) == 0, what="deleted once allowed")
+        listener.signal(signal.SIGTERM)
+        assert listener.wait() == 0
+    finally:
+        listener.kill()
+        for admin in admins.values():
+            admin.close()
