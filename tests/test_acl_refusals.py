@@ -1,4 +1,4 @@
-"""An ACL user that may not delete every key the mapping makes, from a review: each
+"""An ACL user that may not delete every key the mapping makes: each
 refusal names the keys refused (and a sweep's pattern), and nothing is acknowledged.
 
 Redis answers such an UNLINK "NOPERM this user has no permissions to access one of the

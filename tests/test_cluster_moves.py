@@ -1,4 +1,4 @@
-"""Redis Cluster, from a review: a slot moved away and back during a sweep; a
+"""Redis Cluster under change: a slot moved away and back during a sweep; a
 connection with unread UNLINK replies after an error between writing and reading.
 
 Each test starts a cluster of its own (it moves slots or changes ACLs). Every wait is
