@@ -24,7 +24,7 @@ from cdc_invalidator.sink.protocol import (
     as_text,
     identity_of,
 )
-from cdc_invalidator.sink.refused import refused
+from cdc_invalidator.sink.refused import keys_of, refused
 from cdc_invalidator.sink.scan_pass import ServerSweep
 from cdc_invalidator.sink.slots import Key, pack_unlinks
 
@@ -145,7 +145,13 @@ class RedisSink:
                 # connection that died with a Redis restart. UNLINK is idempotent.
                 return self._send(commands, later)
         except NoPermissionError as exc:
-            raise refused(exc, self._refused(keys)) from exc
+            raise self._named(exc, keys) from exc
+
+    def _named(self, exc: NoPermissionError, keys: Collection[Key]) -> NoPermissionError:
+        """`exc` naming the keys refused among `keys` and those of the UNLINKs still
+        owed (sent with `later`: the refusal read may be one of theirs)."""
+        owed = [key for sent in self._owed for command in sent for key in keys_of(command)]
+        return refused(exc, self._refused([*owed, *keys]))
 
     def _refused(self, keys: Collection[Key]) -> list[Key]:
         """Which of `keys` the ACL refuses, UNLINKed alone `unlink_chunk` at a time
@@ -175,7 +181,10 @@ class RedisSink:
         their connection failed); how many of their keys existed."""
         if not self._owed:
             return 0
-        return self._send([])
+        try:
+            return self._send([])
+        except NoPermissionError as exc:
+            raise self._named(exc, ()) from exc
 
     def _send(self, commands: list[bytes], later: bool = False) -> int:
         """Send packed UNLINKs on one connection (the loop's own, or a pooled one) and
