@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -380,3 +381,51 @@ def test_writes_committed_while_install_waits_for_a_prepared_transaction_are_swe
     listener = start(env, spawn, config)
     wait_until(lambda: r.exists(*keys, *prepared) == 0, what="both transactions' keys deleted")
     stop(listener)
+
+
+def test_review_r73_a_transaction_prepared_just_before_install_is_swept_for(
+    xa_env: Env, spawn: Spawn
+) -> None:
+    """As above, but install starts within a second of the PREPARE (SLOT_BLOCKERS'
+    one-second filter applies to prepared transactions too)."""
+    env = xa_env
+    env.sql(
+        "CREATE TABLE users (id int PRIMARY KEY, email text, name text);"
+        "INSERT INTO users SELECT g, 'u' || g || '@x', 'n' || g FROM generate_series(1, 10) g;"
+        "CREATE TABLE small (id int PRIMARY KEY, note text);"
+        "INSERT INTO small SELECT g, 'x' FROM generate_series(1, 100) g"
+    )
+    config = logical_config(env, {**USERS, **SMALL}, second_delete_ms=0)
+    r = env.redis()
+    keys = cache(env, range(1, 3))
+    prepared = [f"small:{i}" for i in range(90, 93)]
+    r.mset(dict.fromkeys(prepared, "cached"))
+    with env.connect() as conn:
+        conn.execute("BEGIN")
+        conn.execute("UPDATE small SET note = 'p' WHERE id BETWEEN 90 AND 92")
+        conn.execute(f"PREPARE TRANSACTION '{GID}'".encode())
+    installed: list[int] = []
+    installing = threading.Thread(
+        target=lambda: installed.append(cli("install", "--config", config))
+    )
+    installing.start()
+    try:
+        wait_until(
+            lambda: env.scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'transactionid'"
+                " AND query LIKE '%pg_create_logical_replication_slot%'"
+            ),
+            what="install making the slot, waiting for the prepared transaction",
+        )
+        env.sql("UPDATE users SET email = 'w' || email WHERE id BETWEEN 1 AND 2")
+        time.sleep(1.5)  # the coordinator takes its time: a long wait, begun young
+    finally:
+        env.sql(f"COMMIT PREPARED '{GID}'")
+        installing.join(30)
+    assert installed == [0]
+    reason = env.scalar("SELECT resync_reason FROM cdc_invalidator.slot_state_v1")
+    listener = start(env, spawn, config)
+    marker(env, 1)  # everything before it handled
+    left = r.exists(*keys, *prepared)
+    stop(listener)
+    assert reason is not None and left == 0, (reason, left)

@@ -8,6 +8,7 @@ that has written.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,9 @@ from cdc_invalidator.mapping.columns import ColumnFilter
 from cdc_invalidator.pg.queries import Q
 
 log = structlog.get_logger("cdc_invalidator.capture.logical_sql")
+
+# Making a slot that took longer waited for a transaction (slot_blockers.sql's "long").
+SLOT_WAIT_S = 1.0
 
 IDENTITY_HEADER = """
 -- Old values. UPDATE and DELETE carry the old values of the replica identity's columns
@@ -174,10 +178,20 @@ def create_slot(conn: psycopg.Connection[Any], slot: str) -> NewSlot | None:
             "PREPARED ends a prepared one), and the listener sweeps every watched table "
             "first",
         )
+    started = time.monotonic()
     row = returned(
         conn.execute(Q.CREATE_SLOT.sql, {"slot": slot}).fetchone(),
         f"position for new slot {slot!r}",
     )
+    took = time.monotonic() - started
+    if waited is None and took > SLOT_WAIT_S:
+        # A transaction the check could not see or did not count (prepared or begun
+        # less than a second before it, another role's without pg_read_all_stats): the
+        # wait itself says one ran (a review).
+        waited = (
+            f"install made replication slot {slot!r} in {took:.1f} s, waiting for "
+            "transactions running then: what committed meanwhile is in no slot"
+        )
     state = conn.execute(Q.RECORD_SLOT.sql, {"slot": slot, "lsn": row[0]})
     recorded = state.fetchone()
     owed = recorded[0] if recorded else None
