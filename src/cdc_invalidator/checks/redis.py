@@ -115,15 +115,17 @@ def _check_may_delete(sink: Sink, settings: Settings, report: Report) -> None:
             try:
                 sink.delete_routed({table.redis_db: Invalidation(keys={probe})})
             except REDIS_REFUSED as exc:  # NOPERM
-                # (Redis names the command it refused: SELECT for a db other than 0)
+                # Redis's own words (the sink's names the probe key, ours), which name
+                # the command it refused: SELECT for a db other than 0.
+                said = exc.__cause__ or exc
                 fix = (
                     "+select in its ACL (a database other than 0)"
-                    if "'select'" in str(exc)
+                    if "'select'" in str(said)
                     else "those keys in its ACL"
                 )
                 report.errors.append(
                     f"redis: this user may not delete keys of table {name}'s template "
-                    f"{source!r} ({exc}): the listener would wait at its first change, and "
+                    f"{source!r} ({said}): the listener would wait at its first change, and "
                     f"every change after it with it. Give the user {fix} (docs/redis.md)"
                 )
                 break

@@ -32,7 +32,8 @@ def refused(
 ) -> NoPermissionError:
     """`exc` (a NOPERM reply to an UNLINK) with the keys of that UNLINK it was for
     (those refused, where the sink could tell them apart) and, for a sweep, the
-    patterns that matched them."""
+    patterns that matched them: a new error caused by `exc`, or `exc` itself where no
+    key is known."""
     if not keys:
         return exc
     shown = ", ".join(repr(_text(key)) for key in keys[:SHOWN_KEYS])
@@ -41,11 +42,13 @@ def refused(
         {_text(p) for p in patterns for key in keys if GlobSet([p]).matches(_bytes(key))}
     )
     swept = f" (swept for {', '.join(map(repr, matched))})" if matched else ""
-    return NoPermissionError(
+    named = NoPermissionError(
         f"{exc}: the Redis user's ACL refused UNLINK of {shown}{more}{swept}; give the "
         "user these keys in its ACL (~pattern, docs/redis.md#acl-users): until then this "
         "change, and every one after it, waits"
     )
+    named.__cause__ = exc  # (Redis's own words, for `check`, which names the template)
+    return named
 
 
 def named(exc: ResponseError, keys: Sequence[Key]) -> ResponseError:
