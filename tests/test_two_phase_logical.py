@@ -383,9 +383,7 @@ def test_writes_committed_while_install_waits_for_a_prepared_transaction_are_swe
     stop(listener)
 
 
-def test_review_r73_a_transaction_prepared_just_before_install_is_swept_for(
-    xa_env: Env, spawn: Spawn
-) -> None:
+def test_a_transaction_prepared_just_before_install_is_swept_for(xa_env: Env, spawn: Spawn) -> None:
     """As above, but install starts within a second of the PREPARE (SLOT_BLOCKERS'
     one-second filter applies to prepared transactions too)."""
     env = xa_env
@@ -428,4 +426,5 @@ def test_review_r73_a_transaction_prepared_just_before_install_is_swept_for(
     marker(env, 1)  # everything before it handled
     left = r.exists(*keys, *prepared)
     stop(listener)
-    assert reason is not None and left == 0, (reason, left)
+    assert reason is not None
+    assert left == 0, (reason, left)
