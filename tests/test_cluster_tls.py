@@ -8,7 +8,6 @@ Every wait is on an event (wait_until), never on a clock.
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -65,16 +64,8 @@ class TlsCluster(RedisClusterServer):
         cluster.certs = certs
         return cluster
 
-    def _cluster_command(self, timeout_s: float, command: str, *args: str) -> None:
-        result = subprocess.run(
-            [self.cli, *self.certs.cli_args(), "--cluster", command, *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            check=False,
-        )
-        if result.returncode != 0:
-            raise ServerError(f"redis-cli --cluster {command} failed: {result.stdout[-2000:]}")
+    def _cli_args(self) -> list[str]:
+        return self.certs.cli_args()
 
 
 @pytest.fixture(scope="module")

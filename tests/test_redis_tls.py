@@ -9,13 +9,11 @@ from __future__ import annotations
 import re
 import signal
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import pytest
 import redis
-import trustme
 from redis.sentinel import SentinelConnectionPool
 
 from cdc_invalidator.cli import main
@@ -27,6 +25,7 @@ from tests.support.env import Env
 from tests.support.evidence import unavailable
 from tests.support.listener import ListenerProcess, ListenerThread, run_cli
 from tests.support.servers import RedisServer, RedisTls, ServerError
+from tests.support.tls import Certs, make_certs
 from tests.support.waits import wait_until
 
 PASSWORD = "tls-acl-s3cret"
@@ -39,28 +38,9 @@ USERS = ["public.users"]
 TEMPLATES = ["user:{id}", "user:email:{email}"]
 
 
-@dataclass(frozen=True)
-class Certs:
-    ca: Path
-    server_cert: Path
-    server_key: Path
-    client: Path  # the client's certificate and key in one PEM file
-    other_ca: Path  # a CA that signed nothing of ours
-
-
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
-    d = tmp_path_factory.mktemp("certs")
-    ca = trustme.CA()
-    server = ca.issue_cert("127.0.0.1", "localhost")
-    client = ca.issue_cert("cdc-invalidator.client.example")
-    certs = Certs(d / "ca.pem", d / "server.pem", d / "server.key", d / "client.pem", d / "o.pem")
-    ca.cert_pem.write_to_path(str(certs.ca))
-    server.private_key_pem.write_to_path(str(certs.server_key))
-    server.cert_chain_pems[0].write_to_path(str(certs.server_cert))
-    client.private_key_and_cert_chain_pem.write_to_path(str(certs.client))
-    trustme.CA().cert_pem.write_to_path(str(certs.other_ca))
-    return certs
+    return make_certs(tmp_path_factory.mktemp("certs"))
 
 
 def _tls_redis(certs: Certs, auth_clients: Literal["yes", "no"]) -> Iterator[RedisServer]:

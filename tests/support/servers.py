@@ -267,10 +267,14 @@ class RedisClusterServer(demo_servers.Server):
         )
         self.wait_ok(timeout_s)
 
+    def _cli_args(self) -> list[str]:
+        """What redis-cli needs to reach the nodes (a subclass's TLS files)."""
+        return []
+
     def _cluster_command(self, timeout_s: float, command: str, *args: str) -> None:
         """`redis-cli --cluster COMMAND ARGS...`; ServerError if it fails."""
         result = subprocess.run(
-            [self.cli, "--cluster", command, *args],
+            [self.cli, *self._cli_args(), "--cluster", command, *args],
             capture_output=True,
             text=True,
             timeout=timeout_s,

@@ -17,6 +17,7 @@ class Certs:
     server_cert: Path
     server_key: Path
     client: Path  # the client's certificate and key in one PEM file
+    other_ca: Path  # a CA that signed nothing of ours
 
     def redis_tls(self) -> RedisTls:
         """TLS only; clients must show a certificate signed by the CA (mutual TLS)."""
@@ -36,10 +37,11 @@ def make_certs(directory: Path) -> Certs:
     client = ca.issue_cert("cdc-invalidator.client.example")
     certs = Certs(
         directory / "ca.pem", directory / "server.pem", directory / "server.key",
-        directory / "client.pem",
+        directory / "client.pem", directory / "other-ca.pem",
     )  # fmt: skip
     ca.cert_pem.write_to_path(str(certs.ca))
     server.private_key_pem.write_to_path(str(certs.server_key))
     server.cert_chain_pems[0].write_to_path(str(certs.server_cert))
     client.private_key_and_cert_chain_pem.write_to_path(str(certs.client))
+    trustme.CA().cert_pem.write_to_path(str(certs.other_ca))
     return certs
