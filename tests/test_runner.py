@@ -37,6 +37,7 @@ from cdc_invalidator.events import ChangeEvent, Op, Origin, TableName
 from cdc_invalidator.events import StandInKind as Kind
 from cdc_invalidator.mapping import KeyTemplate, Mapper, Routed
 from cdc_invalidator.mapping.mapper import StoodIn
+from cdc_invalidator.metrics import Metrics
 from cdc_invalidator.redis_guard.watch import RedisWatch
 from cdc_invalidator.replay import ReplayResult
 from cdc_invalidator.runner import (
@@ -49,6 +50,7 @@ from cdc_invalidator.runner import (
 )
 from cdc_invalidator.shutdown import Stopper
 from cdc_invalidator.sweeper import SweepLater
+from tests.support.logs import captured_logs
 from tests.support.runner_fakes import RecordingSink
 
 USERS = TableName("public", "users")
@@ -1151,3 +1153,30 @@ def test_a_replay_looks_at_the_file_before_it_renders(world: World) -> None:
         "file",
         "replay",
     ]
+
+
+def test_an_outage_that_turns_into_another_error_tells_it(world: World) -> None:
+    """One line when Redis goes away, none per retry of the same error; another error
+    during the same outage is told too (its first alone told it: a review saw
+    `client|setname` refused, then an UNLINK the ACL refused, never shown), at most every
+    RETELL_AFTER_S; back, one line."""
+    redis_ = runner_module.Availability("redis", Metrics())
+    first = redis.exceptions.NoPermissionError("no permissions to run 'client|setname'")
+    then = redis.exceptions.NoPermissionError("the Redis user's ACL refused UNLINK of 'order:1'")
+    with captured_logs() as logs:
+        redis_.down(first)
+        world.clock.advance(60)
+        redis_.down(first)  # (the same: not told again)
+        redis_.down(then)
+        world.clock.advance(1)
+        redis_.down(first)  # (another, but a moment after the last told)
+        world.clock.advance(runner_module.RETELL_AFTER_S)
+        redis_.down(then)  # (what was told last)
+        redis_.up()
+    told = [(line["event"], line.get("error", "")) for line in logs]
+    assert told == [
+        ("redis_unavailable", f"NoPermissionError: {first}"),
+        ("redis_unavailable", f"NoPermissionError: {then}"),
+        ("redis_available", ""),
+    ]
+    assert logs[1]["down_s"] == 60

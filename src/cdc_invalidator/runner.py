@@ -259,13 +259,23 @@ class RunnerConfig:
     second_delete_s: float = 0.0  # 0: off
 
 
+# During an outage, another error than the one told is told too, at most this often.
+RETELL_AFTER_S = 10.0
+
+
 class Availability:
-    """Logs one line when a dependency goes away and one when it is back, not per retry."""
+    """Logs one line when a dependency goes away and one when it is back, not per retry;
+    and again, during the outage, when its error is another than the one told (at most
+    every RETELL_AFTER_S): an outage that began as one error and went on as another was
+    told by its first alone (a review: `client|setname` refused on one node, then an
+    UNLINK of a key the ACL refuses, which never showed)."""
 
     def __init__(self, name: str, metrics: Metrics) -> None:
         self.name = name
         self.available: bool | None = None
         self._down_since = 0.0
+        self._told = ""  # the error told last
+        self._told_at = 0.0
         self.failures = 0
         self._errors = metrics.errors.labels(name)
         self._reconnects = metrics.reconnects.labels(name)
@@ -282,14 +292,23 @@ class Availability:
     def down(self, exc: BaseException) -> None:
         self.failures += 1
         self._errors.inc()
+        error = f"{type(exc).__name__}: {exc}"
+        now = time.monotonic()
         if self.available is not False:
-            self._down_since = time.monotonic()
+            self._down_since = now
+            log.warning(f"{self.name}_unavailable", error=error, **_advice(exc))
+            self._up.set(0)
+        elif error != self._told and now - self._told_at >= RETELL_AFTER_S:
             log.warning(
                 f"{self.name}_unavailable",
-                error=f"{type(exc).__name__}: {exc}",
+                error=error,
+                down_s=round(now - self._down_since, 3),
                 **_advice(exc),
             )
-            self._up.set(0)
+        else:
+            self.available = False
+            return
+        self._told, self._told_at = error, now
         self.available = False
 
 
