@@ -28,12 +28,12 @@ from cdc_invalidator.sink.connect import RedisOptions
 from cdc_invalidator.sink.oversize import LEAST_LIMIT
 from cdc_invalidator.sink.redis_sink import server_identity
 from cdc_invalidator.sink.slots import group_by_slot, pack_unlinks
-from tests.support.env import Env, Servers, capture_of, make_env
-from tests.support.evidence import unavailable
+from tests.support.cluster import Migration, cluster_env, cmd, new_cluster, node_of
+from tests.support.env import Env, Servers, capture_of
 from tests.support.faults import PENDING, bulk_limit_at
 from tests.support.listener import Spawn, listening
 from tests.support.logs import captured_logs
-from tests.support.servers import RedisClusterServer, RedisServer, ServerError
+from tests.support.servers import RedisClusterServer, RedisServer
 from tests.support.sync import SYNC, install
 from tests.support.sync import settle as settle_on
 from tests.support.tail import StartedTails
@@ -42,46 +42,29 @@ from tests.support.waits import wait_until
 USERS = {"public.users": ["user:{id}", "user:email:{email}"]}
 
 
-def _cluster() -> RedisClusterServer:
-    try:
-        return RedisClusterServer.create()
-    except ServerError as exc:
-        unavailable(f"no Redis Cluster: {exc}")
-
-
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[RedisClusterServer]:
-    with _cluster() as c:
+    with new_cluster() as c:
         yield c
 
 
 @pytest.fixture
 def own_cluster() -> Iterator[RedisClusterServer]:
     """A cluster for one test alone: free to move slots, stop and restart nodes."""
-    with _cluster() as c:
+    with new_cluster() as c:
         yield c
-
-
-def _env(servers: Servers, c: RedisClusterServer, tmp_path: Path, capture: str) -> Iterator[Env]:
-    for node in c.nodes:
-        client = node.client()
-        client.flushall()
-        client.close()
-    # The second node: any node will do, the others are discovered from it.
-    on_cluster = Servers(servers.pg_dsn, c.nodes[1].url, servers.pg, c.nodes[1])
-    yield from make_env(on_cluster, tmp_path, capture=capture)
 
 
 @pytest.fixture
 def cenv(
     servers: Servers, cluster: RedisClusterServer, tmp_path: Path, request: pytest.FixtureRequest
 ) -> Iterator[Env]:
-    yield from _env(servers, cluster, tmp_path, capture_of(request))
+    yield from cluster_env(servers, cluster, tmp_path, capture_of(request))
 
 
 @pytest.fixture
 def own_cenv(servers: Servers, own_cluster: RedisClusterServer, tmp_path: Path) -> Iterator[Env]:
-    yield from _env(servers, own_cluster, tmp_path, "trigger")
+    yield from cluster_env(servers, own_cluster, tmp_path, "trigger")
 
 
 def _rc(env: Env) -> Iterator[RedisCluster]:
@@ -103,11 +86,6 @@ def own_rc(own_cenv: Env) -> Iterator[RedisCluster]:
 def settle(env: Env, rc: RedisCluster) -> None:
     """test_semantics.settle through the cluster client (it needs only SET and EXISTS)."""
     settle_on(env, cast(redis.Redis, rc))
-
-
-def node_of(c: RedisClusterServer, rc: RedisCluster, key: str) -> RedisServer:
-    port = rc.nodes_manager.get_node_from_slot(key_slot(key.encode())).port
-    return next(node for node in c.nodes if node.port == port)
 
 
 def keys_per_node(c: RedisClusterServer, pattern: str = "*") -> list[int]:
@@ -204,46 +182,6 @@ def test_check_reports_the_cluster(cenv: Env, capsys: pytest.CaptureFixture[str]
 # --- slots that move ------------------------------------------------------------------------
 
 
-class Migration:
-    """Move one slot from a node to another by hand, as `redis-cli --cluster reshard`
-    does: IMPORTING on the target, MIGRATING on the source, MIGRATE the keys, then
-    SETSLOT NODE everywhere."""
-
-    def __init__(self, c: RedisClusterServer, slot: int, src: RedisServer, dst: RedisServer):
-        self.c, self.slot, self.src, self.dst = c, slot, src, dst
-        self.src_id = _myid(src)
-        self.dst_id = _myid(dst)
-
-    def begin(self) -> None:
-        _cmd(self.dst, "CLUSTER", "SETSLOT", self.slot, "IMPORTING", self.src_id)
-        _cmd(self.src, "CLUSTER", "SETSLOT", self.slot, "MIGRATING", self.dst_id)
-
-    def move_keys(self) -> None:
-        keys = _cmd(self.src, "CLUSTER", "GETKEYSINSLOT", self.slot, 1000)
-        assert isinstance(keys, list)
-        if keys:
-            _cmd(self.src, "MIGRATE", "127.0.0.1", self.dst.port, "", 0, 5000, "KEYS", *keys)
-
-    def finish(self) -> None:
-        for node in (self.dst, self.src, *self.c.nodes):
-            _cmd(node, "CLUSTER", "SETSLOT", self.slot, "NODE", self.dst_id)
-        self.c.wait_ok()
-
-
-def _cmd(node: RedisServer, *args: object) -> object:
-    client = node.client()
-    try:
-        return client.execute_command(*args)
-    finally:
-        client.close()
-
-
-def _myid(node: RedisServer) -> str:
-    raw = _cmd(node, "CLUSTER", "MYID")
-    assert isinstance(raw, bytes)
-    return raw.decode()
-
-
 def _exists_asking(node: RedisServer, key: str) -> int:
     """EXISTS on a node importing the key's slot (it answers only after ASKING)."""
     client = node.client()
@@ -276,12 +214,10 @@ def test_slot_moved_while_listening_moved_is_followed(
         migration.begin()
         migration.move_keys()
         migration.finish()
-        assert _cmd(dst, "EXISTS", "user:1") == 1
+        assert cmd(dst, "EXISTS", "user:1") == 1
         # The listener's slot table still names src: its UNLINK is answered MOVED.
         own_cenv.sql("UPDATE users SET name = 'y' WHERE id = 1")
-        wait_until(
-            lambda: _cmd(dst, "EXISTS", "user:1") == 0, what="user:1 deleted on its new node"
-        )
+        wait_until(lambda: cmd(dst, "EXISTS", "user:1") == 0, what="user:1 deleted on its new node")
         settle(own_cenv, own_rc)
 
 
@@ -335,13 +271,13 @@ def test_ask_to_a_node_that_owns_no_slot_yet_is_followed(
     new = own_cluster.add_node()
     migration = Migration(own_cluster, key_slot(moved.encode()), src, new)
     migration.begin()
-    _cmd(src, "MIGRATE", "127.0.0.1", new.port, "", 0, 5000, "KEYS", moved)
+    cmd(src, "MIGRATE", "127.0.0.1", new.port, "", 0, 5000, "KEYS", moved)
     # One UNLINK of the slot: src holds only `stayed` (TRYAGAIN), then key by key: ASK
     # for the two it does not hold.
     assert sink.unlink([moved, never, stayed]) == 2
     assert _exists_asking(new, moved) == 0
     with pytest.raises(AskError):  # (src answers ASK for a key it does not hold)
-        _cmd(src, "EXISTS", stayed)
+        cmd(src, "EXISTS", stayed)
     assert sink.unlink([never]) == 0  # alone: ASK at once
     sink.close()
 
@@ -353,7 +289,7 @@ def test_a_node_down_holds_the_batch_until_it_is_back(
     config = install(own_cenv, USERS)
     cache_users(own_rc, [1])
     node = node_of(own_cluster, own_rc, "user:1")
-    _cmd(node, "SAVE")  # the restarted node loads user:1 again from its dump
+    cmd(node, "SAVE")  # the restarted node loads user:1 again from its dump
     with listening(config) as listener:
         settle(own_cenv, own_rc)
         node.stop()
@@ -366,12 +302,12 @@ def test_a_node_down_holds_the_batch_until_it_is_back(
         assert [user for _, user in pending] == [1]
         node.start()
         own_cluster.wait_ok()
-        info = _cmd(node, "INFO", "persistence")
+        info = cmd(node, "INFO", "persistence")
         assert isinstance(info, dict)
         assert info["rdb_last_load_keys_loaded"] >= 1  # user:1 came back with the dump
         wait_until(lambda: listener.runner.redis.available is True, 30, "redis_available")
         settle(own_cenv, own_rc)  # the held batch was done, and acknowledged
-        assert _cmd(node, "EXISTS", "user:1") == 0
+        assert cmd(node, "EXISTS", "user:1") == 0
 
 
 # --- the sink on its own ------------------------------------------------------------------
@@ -515,12 +451,12 @@ def test_a_sweep_is_complete_without_a_key_orphaned_by_a_migration_given_up(
     dst = _other(own_cluster, src)
     migration = Migration(own_cluster, key_slot(orphan.encode()), src, dst)
     migration.begin()
-    _cmd(src, "MIGRATE", "127.0.0.1", dst.port, "", 0, 5000, "KEYS", orphan)
+    cmd(src, "MIGRATE", "127.0.0.1", dst.port, "", 0, 5000, "KEYS", orphan)
     for node in (src, dst):
-        _cmd(node, "CLUSTER", "SETSLOT", migration.slot, "STABLE")
+        cmd(node, "CLUSTER", "SETSLOT", migration.slot, "STABLE")
     assert sink.sweep(["{t}*", "{u}*"]) == 2  # (logged: sweep_orphan_keys, the node, slot)
     assert sink.client.exists(beside, "{u}other", orphan) == 0  # (the orphan: unreachable)
-    assert _cmd(dst, "SCAN", 0, "MATCH", "{t}*", "COUNT", 1000) == (0, [orphan.encode()])
+    assert cmd(dst, "SCAN", 0, "MATCH", "{t}*", "COUNT", 1000) == (0, [orphan.encode()])
     sink.close()
 
 
@@ -611,14 +547,14 @@ def test_a_node_restarted_from_its_dump_is_replayed(
     assert main(["install", "--config", str(config)]) == 0
     cache_users(own_rc, [1])
     node = node_of(own_cluster, own_rc, "user:1")
-    _cmd(node, "SAVE")  # its dump holds user:1
+    cmd(node, "SAVE")  # its dump holds user:1
     with listening(config):
         own_cenv.sql("UPDATE users SET name = 'y' WHERE id = 1")
         wait_until(lambda: own_rc.exists("user:1") == 0, what="the first delete")
         before = own_cenv.scalar("SELECT identity FROM cdc_invalidator.redis_identity_v1")
         node.restart()
         own_cluster.wait_ok()
-        info = _cmd(node, "INFO", "persistence")
+        info = cmd(node, "INFO", "persistence")
         assert isinstance(info, dict)
         assert info["rdb_last_load_keys_loaded"] >= 1  # user:1 came back with the dump
         wait_until(
@@ -627,7 +563,7 @@ def test_a_node_restarted_from_its_dump_is_replayed(
             ),
             what="the new identity seen",
         )
-        wait_until(lambda: _cmd(node, "EXISTS", "user:1") == 0, what="user:1 deleted again")
+        wait_until(lambda: cmd(node, "EXISTS", "user:1") == 0, what="user:1 deleted again")
 
 
 def test_a_replays_sweep_waits_for_a_migration_while_changes_go_on(
@@ -704,7 +640,7 @@ def test_the_source_mark_is_read_and_written_where_its_slot_lives(
 
 def test_the_documented_acl_is_enough_for_a_cluster(cluster: RedisClusterServer) -> None:
     for node in cluster.nodes:
-        _cmd(node, "ACL", "SETUSER", "cdc_cluster", *CLUSTER_ACL.split())
+        cmd(node, "ACL", "SETUSER", "cdc_cluster", *CLUSTER_ACL.split())
     rc = RedisCluster.from_url(cluster.url, decode_responses=True)
     cache_users(rc, range(1, 50))
     rc.mset_nonatomic({"k1": "v", "k2": "v", "other": "keep"})

@@ -23,11 +23,11 @@ from cdc_invalidator.sink import ClusterSink, RedisSink
 from cdc_invalidator.sink.glob import GlobSet
 from cdc_invalidator.sink.scan_pass import ServerSweep
 from cdc_invalidator.sink.slots import pack_unlinks
-from tests.support.env import Env, Servers, make_env
-from tests.support.evidence import unavailable
+from tests.support.cluster import cluster_env, new_cluster
+from tests.support.env import Env, Servers
 from tests.support.faults import crash_onto_the_snapshot, with_rdb_snapshots
 from tests.support.listener import ListenerProcess, Spawn, listening, stop_listener
-from tests.support.servers import RedisClusterServer, RedisServer, ServerError
+from tests.support.servers import RedisClusterServer, RedisServer
 from tests.support.sync import SLOT, install, settle
 from tests.support.waits import wait_until
 
@@ -357,11 +357,7 @@ def _scans_of(sweep: Callable[[], object], client: redis.Redis) -> int:
 
 @pytest.fixture(scope="module")
 def own_cluster() -> Iterator[RedisClusterServer]:
-    try:
-        cluster = RedisClusterServer.create()
-    except ServerError as exc:
-        unavailable(f"no Redis Cluster: {exc}")
-    with cluster:
+    with new_cluster() as cluster:
         yield cluster
 
 
@@ -585,21 +581,16 @@ def test_a_sweep_cut_short_is_not_acknowledged_and_comes_again(
 
 
 @pytest.fixture
-def cluster_env(
+def own_cluster_env(
     servers: Servers, own_cluster: RedisClusterServer, tmp_path: Path, capture: str
 ) -> Iterator[Env]:
-    for node in own_cluster.nodes:
-        client = node.client()
-        client.flushall()
-        client.close()
-    on_cluster = Servers(servers.pg_dsn, own_cluster.url, servers.pg, own_cluster.nodes[0])
-    yield from make_env(on_cluster, tmp_path, capture=capture)
+    yield from cluster_env(servers, own_cluster, tmp_path, capture)
 
 
 def test_on_a_cluster_a_change_during_a_sweep_is_invalidated_at_once(
-    cluster_env: Env, own_cluster: RedisClusterServer
+    own_cluster_env: Env, own_cluster: RedisClusterServer
 ) -> None:
-    env = cluster_env
+    env = own_cluster_env
     # SCAN pages of 20 keys, as in the test above: at 100 a loaded clean-clone run once
     # saw the three primaries' sweep done before the checks below.
     config = setup_tables(env, scan_count=20)

@@ -35,7 +35,7 @@ import redis
 import structlog
 from redis.cluster import PRIMARY, ClusterNode, RedisCluster
 from redis.connection import Connection, ConnectionPool
-from redis.exceptions import AskError, MovedError, TryAgainError
+from redis.exceptions import AskError, MovedError, NoPermissionError, TryAgainError
 
 from cdc_invalidator.capture.errors import Fatal
 from cdc_invalidator.mapping import Invalidation, Routed
@@ -43,7 +43,7 @@ from cdc_invalidator.sink.glob import GlobSet
 from cdc_invalidator.sink.oversize import bulk_limit, storable, too_long
 from cdc_invalidator.sink.protocol import NO_KEY, Persistence, ServerState, as_text, identity_of
 from cdc_invalidator.sink.redis_sink import server_identity, server_persistence, server_state
-from cdc_invalidator.sink.refused import named
+from cdc_invalidator.sink.refused import named, refused
 from cdc_invalidator.sink.scan_pass import ServerSweep
 from cdc_invalidator.sink.slots import Key, group_by_slot, pack_unlinks
 
@@ -144,6 +144,10 @@ class ClusterSink:
                 node, asking = self._node_at(exc.host, exc.port), False
             except AskError as exc:
                 node, asking = self._node_at(exc.host, exc.port), True
+            except NoPermissionError as exc:
+                # (the node redirected to may refuse what the first one allowed: ACLs
+                # are per node)
+                raise refused(exc, [key]) from exc
         self._stale = True
         slot = self._client.keyslot(key)
         raise ClusterChanging(f"an UNLINK was redirected {REDIRECTIONS} times in slot {slot}")
