@@ -1586,6 +1586,7 @@ STATUS_KEYS = {
     "dead_letters",
     "last_processed_at",
     "events_processed",
+    "held_back_by",
 }
 
 

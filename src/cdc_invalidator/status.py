@@ -62,6 +62,7 @@ class LogicalStatus:
     dead_letters: int
     last_processed_at: datetime | None
     events_processed: int
+    held_back_by: str | None  # the oldest transaction (over a second) keeping WAL back
 
     def as_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -97,6 +98,7 @@ class LogicalStatus:
             f"slot lag:             {lag}",
             f"WAL kept for it:      {held}",
             f"WAL before slot lost: {safe}",
+            f"WAL held back by:     {self.held_back_by or 'no transaction open over a second'}",
             f"sweep owed:           {owed}",
             f"dead letters:         {self.dead_letters}",
             f"last processed at:    {_when(self.last_processed_at)}",
@@ -121,7 +123,18 @@ def read_logical_status(conn: psycopg.Connection[Any], slot: str) -> LogicalStat
             f"slot {slot!r} is not registered: run `cdc-invalidator install` with "
             'capture = "logical"'
         )
-    exists, lag, held, wal_status, pid, safe, owed, dead, last, processed = row
+    exists, lag, held, wal_status, pid, safe, owed, dead, last, processed, held_by = row
     return LogicalStatus(
-        slot, bool(exists), lag, held, wal_status, pid, safe, owed, int(dead), last, int(processed)
+        slot,
+        bool(exists),
+        lag,
+        held,
+        wal_status,
+        pid,
+        safe,
+        owed,
+        int(dead),
+        last,
+        int(processed),
+        held_by,
     )
