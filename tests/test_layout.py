@@ -162,3 +162,20 @@ def test_the_module_map_names_every_module() -> None:
         if f"`{relative}`" not in text and not in_folder_row:
             unnamed.append(relative)
     assert unnamed == []
+
+
+def test_no_test_module_imports_another() -> None:
+    """What two test modules share lives in tests/support/: a test module imported by
+    another runs its fixtures and parametrizations twice over, and a rename in one
+    breaks the other (test_cluster_moves imported test_cluster, test_packs
+    test_pgoutput, until both moved what they shared)."""
+    tests = Path(__file__).resolve().parent
+    found = {
+        f"{path.name} imports {node.module}"
+        for path in sorted(tests.glob("test_*.py"))
+        for node in ast.walk(ast.parse(path.read_text("utf-8")))
+        if isinstance(node, ast.ImportFrom)
+        and node.module is not None
+        and node.module.startswith("tests.test_")
+    }
+    assert not found, sorted(found)

@@ -28,7 +28,7 @@ from cdc_invalidator.mapping.columns import ColumnFilter, Judge
 from cdc_invalidator.mapping.mapper import Invalidation, Mapper
 from cdc_invalidator.mapping.templates import KeyTemplate
 from tests.support.evidence import unavailable
-from tests.test_pgoutput import (
+from tests.support.pgoutput_wire import (
     CHANGE_SCENARIOS,
     HAND,
     HAND_RELID,

@@ -9,8 +9,7 @@ from __future__ import annotations
 import json
 import re
 import struct
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -35,14 +34,20 @@ from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, TableName
 from cdc_invalidator.events import StandInKind as Kind
 from cdc_invalidator.mapping.columns import ColumnFilter, Judge
 from tests.support.evidence import unavailable
-
-_DATA = json.loads((Path(__file__).parent / "data" / "pgoutput.json").read_text())
-TOAST_SLUG: str = _DATA["_values"]["pages_full.slug"]
-SCENARIOS: dict[str, list[bytes]] = {
-    name: [bytes.fromhex(m) for m in messages]
-    for name, messages in _DATA.items()
-    if name != "_values"
-}
+from tests.support.pgoutput_wire import (
+    CHANGE_SCENARIOS,
+    HAND,
+    HAND_RELID,
+    SCENARIOS,
+    TOAST_SLUG,
+    ColumnsFor,
+    columns,
+    hand_change,
+    hand_relation,
+    streamed_layout,
+    text_field,
+    tuple_data,
+)
 
 USERS = TableName("public", "users")
 USERS_FULL = TableName("public", "users_full")
@@ -52,7 +57,6 @@ MEASUREMENTS = TableName("public", "measurements")
 ORDERS = TableName.parse('"My Schema"."Order""s"')
 
 Result = Begin | Commit | ChangeEvent | list[ChangeEvent] | Stream | None
-ColumnsFor = Callable[[TableName], Sequence[str] | None]
 MissingCalls = list[tuple[TableName, list[str]]]
 
 ANN = {"id": "1", "email": "ann@example.com", "name": "Ann"}
@@ -63,11 +67,6 @@ ANNA_ORG_10 = {"id": "10", "email": "ann@example.org", "name": "Anna"}
 
 def all_columns(_table: TableName) -> None:
     return None
-
-
-def columns(wanted: Mapping[TableName, Sequence[str]]) -> ColumnsFor:
-    """The given columns for the given tables, every column of any other table."""
-    return wanted.get
 
 
 # Every column except the TOASTed slug that toast_default cannot give.
@@ -105,11 +104,6 @@ def message(name: str, kind: str, nth: int = 0) -> bytes:
     """The nth message of a kind ('I', 'U', ...) in a scenario."""
     found = [m for m in SCENARIOS[name] if m[:1] == kind.encode()]
     return found[nth]
-
-
-def text_field(value: bytes) -> bytes:
-    """A TupleData column holding text: 't', Int32 length, the bytes."""
-    return b"t" + struct.pack("!I", len(value)) + value
 
 
 def replace_value(msg: bytes, old: bytes, new: bytes) -> bytes:
@@ -807,10 +801,6 @@ def test_our_logical_message_is_a_sweep_of_the_table_it_names() -> None:
 
 # --- the compiled tuple walk ----------------------------------------------------------------
 
-CHANGE_SCENARIOS = sorted(
-    name for name, msgs in SCENARIOS.items() if any(m[:1] in (b"I", b"U", b"D") for m in msgs)
-)
-
 
 def decode_all(decoder: Decoder, msgs: list[bytes]) -> list[object]:
     """Each message's result, or the error it raised (type and text)."""
@@ -845,34 +835,6 @@ def test_the_compiled_walk_decodes_every_recorded_change_as_the_general_walk(
         compiled = Decoder(resolve, native=native)
         assert decode_all(compiled, msgs) == expected
         assert compiled.position == general.position
-
-
-# A table whose key column is not its first: (name text, id int, body text), with
-# REPLICA IDENTITY FULL ('f'), every column flagged as part of it.
-HAND_RELID = 40001
-HAND = TableName("public", "hand")
-
-
-def hand_relation(identity: bytes = b"f") -> bytes:
-    cols = b"".join(
-        b"\x01" + name + b"\x00" + struct.pack("!Ii", oid, -1)
-        for name, oid in ((b"name", 25), (b"id", 23), (b"body", 25))
-    )
-    return (
-        b"R" + struct.pack("!I", HAND_RELID) + b"public\x00hand\x00" + identity + b"\x00\x03" + cols
-    )
-
-
-def tuple_data(*values: bytes | str | None) -> bytes:
-    """TupleData: bytes as text, None as NULL, "u" as an unchanged TOASTed value."""
-    out = struct.pack("!H", len(values))
-    for v in values:
-        out += b"n" if v is None else b"u" if v == "u" else text_field(v)  # type: ignore[arg-type]
-    return out
-
-
-def hand_change(kind: bytes, *tuples: tuple[bytes, bytes]) -> bytes:
-    return kind + struct.pack("!I", HAND_RELID) + b"".join(tag + data for tag, data in tuples)
 
 
 def hand_decoders(wanted: list[str]) -> list[Decoder]:
@@ -1121,11 +1083,6 @@ def test_a_c_walker_refuses_what_it_cannot_walk_by() -> None:
         Walker(3, ())(bytearray(b"\x00\x03"), 0)  # type: ignore[arg-type]
     assert Walker(0, ())(b"\x00\x00", 0) == ({}, 2)
     assert Walker(1, ((0, "a"),))(b"\x00\x01t\x00\x00\x00\x01x", -5) is None
-
-
-def streamed_layout(msg: bytes, xid: int) -> bytes:
-    """A protocol-1 change as a stream block carries it: its xid after the type byte."""
-    return msg[:1] + struct.pack("!I", xid) + msg[1:]
 
 
 @pytest.mark.parametrize("name", CHANGE_SCENARIOS)
