@@ -103,8 +103,18 @@ def test_a_promoted_replica_reaches_back_to_the_last_offset_it_holds() -> None:
     # It lagged from before the oldest offset kept: an hour at least.
     behind = replace(promoted, second_offset=50)
     assert reach(d, behind, 25) == pytest.approx(UNKNOWN_PERSISTENCE_S - MARGIN_S)
-    # A master never seen (the listener started after): the settings' window stands.
-    assert reach(d, replace(promoted, replid2="other"), 25) == 0
+    # A history no check saw (a replica restarted from its AOF forgets its master's
+    # replid): how far it lags is unknown, an hour.
+    unplaced = replace(promoted, replid2="other", second_offset=1)
+    assert reach(d, unplaced, 25) == pytest.approx(UNKNOWN_PERSISTENCE_S - MARGIN_S)
+    # A server seen before the change, promoted before the listener saw it: not this
+    # change's doing, the settings' window stands.
+    other = replace(RDB, run_id="o", replid="ro")
+    d = Durability()
+    d.observe([unplaced, other], 25, T0 + 25)
+    # (the other primary of a cluster restarted: it loaded no keys, no reach of its own)
+    restarted = replace(other, run_id="n", replid="rn", saves=0, loaded_keys=0)
+    assert d.reaches([unplaced, restarted], 26, T0 + 26) == []
 
 
 def test_a_restarted_master_that_had_a_replica_reaches_back_to_its_dump() -> None:

@@ -245,6 +245,61 @@ def test_a_replica_promoted_after_its_link_was_down_is_replayed_back_to_the_cut(
     assert listener.wait() == 0
 
 
+def test_a_replica_restarted_from_its_aof_then_promoted_is_replayed_an_hour(
+    env: Env, sentinel_setup: SentinelSetup, spawn: Spawn
+) -> None:
+    """The replica's link to the master is cut, the listener's UNLINKs reach the master
+    only, and the replica restarts (a pod rescheduled) before it could resync: it loads
+    its AOF, stale keys and all, and a replica restarted from an AOF forgets which
+    master's history it holds (a new random master_replid, offset 0). Promoted, its
+    master_replid2 is that random id, which no check saw: nothing says how far it lags,
+    and its settings (AOF, fsync always) promise it loses nothing. The replay must reach
+    back as far as for a history it cannot place (an hour), not the settings' seconds."""
+    setup = sentinel_setup
+    listener, first, second = user_1_watched(env, setup, spawn)
+    second.config_set("appendonly", "yes")
+    second.config_set("appendfsync", "always")
+    wait_until(
+        lambda: (
+            second.info("persistence")["aof_rewrite_in_progress"] == 0
+            and second.info("persistence")["aof_rewrite_scheduled"] == 0
+        ),
+        what="the replica's AOF written",
+    )
+    first.mset({"user:1": "stale", "user:email:a": "1"})
+    assert first.wait(1, 10_000) == 1
+    wait_until(lambda: listener.logged("redis_identity_recorded"), what="the listener started")
+    first.execute_command("ACL", "SETUSER", "default", "-psync", "-sync")
+    first.client_kill_filter(_type="replica")
+    wait_until(lambda: not _replica_in_sync(setup.second), what="the link down")
+    env.sql("UPDATE users SET email = 'b' WHERE id = 1")
+    wait_until(lambda: first.exists("user:1", "user:email:a") == 0, what="deleted on the master")
+    assert second.exists("user:1", "user:email:a") == 2, "the replica lags"
+    edited = time.monotonic()
+    # The replica restarts from its AOF, still unable to resync.
+    setup.second.kill()
+    setup.second.args = [*setup.second.args, "--appendonly", "yes", "--appendfsync", "always"]
+    setup.second.start()
+    second.close()
+    second = setup.second.client(decode_responses=True)
+    assert second.exists("user:1", "user:email:a") == 2, "the stale keys loaded from its AOF"
+
+    def replica_ok() -> bool:
+        replicas = setup.sentinel_client.sentinel_slaves(MASTER)
+        return any(int(r["port"]) == setup.second.port and not r["is_sdown"] for r in replicas)
+
+    wait_until(replica_ok, what="the sentinel seeing the restarted replica")
+    time.sleep(max(0.0, edited + 10 - time.monotonic()))
+    assert setup.sentinel_client.sentinel_failover(MASTER)
+    wait_until(lambda: setup.master_port() == setup.second.port, what="the new master named")
+    wait_until(lambda: listener.logged("replay_done"), what="the replay")
+    window = listener.logged("redis_changed")[0]["window"]
+    assert second.exists("user:1", "user:email:a") == 0, window
+    assert "a replica promoted from a history no check saw" in window
+    listener.signal(signal.SIGTERM)
+    assert listener.wait() == 0
+
+
 def test_an_unknown_master_name_is_reported(env: Env, sentinel_setup: SentinelSetup) -> None:
     config = write_config(
         env.tmp_path / "nope.toml",

@@ -18,7 +18,9 @@ since; a server that has not saved since it started holds the dump it loaded, as
 its predecessor's durable point (carried over). And the
 replication offset of each master, for an hour: a promoted replica says where its copy
 of the old master's history ends (`second_repl_offset`), and the last check at which the
-old master had not gone past that offset is where the writes it lacks may begin.
+old master had not gone past that offset is where the writes it lacks may begin. One
+whose old master's history (`master_replid2`) no check saw, a replica restarted from its
+AOF (which keeps no replid), is assumed to lack an hour's.
 
 Kept in memory: a listener that restarts while Redis changed replays from when the
 identity was saved (watch.py), as before.
@@ -98,7 +100,8 @@ class Durability:
                 )
             )
         for s in states:
-            if s.second_offset >= 0 and (reach := self._promoted(s, mono)) is not None:
+            fresh = s.identity not in self._durable
+            if s.second_offset >= 0 and (reach := self._promoted(s, mono, fresh)) is not None:
                 out.append(reach)
         return out
 
@@ -121,9 +124,10 @@ class Durability:
                 break
         self._offsets.append((mono, replid, offset))
 
-    def _promoted(self, s: ServerState, mono: float) -> Reach | None:
+    def _promoted(self, s: ServerState, mono: float, fresh: bool) -> Reach | None:
         """A replica promoted: the writes to the master it followed (replid2) from the
-        last check that saw it at an offset the replica holds (below second_offset)."""
+        last check that saw it at an offset the replica holds (below second_offset).
+        `fresh`: the server is one this change brought (not one seen before)."""
         mine = [(t, offset) for t, replid, offset in self._offsets if replid == s.replid2]
         if not mine:
             if s.replid2 in self._replids:  # seen longer ago than the offsets kept
@@ -133,7 +137,19 @@ class Durability:
                     f"more than {format_duration(KEEP_S)} ago: assumed "
                     f"{format_duration(UNKNOWN_PERSISTENCE_S)}",
                 )
-            return None  # not a master we saw: the settings' window stands
+            if not fresh:
+                return None  # promoted before we saw it: the change was another server's
+            # A history no check saw. A replica restarted from its AOF forgets which
+            # master's it holds (a new random replid, offset 0: Redis keeps them in an
+            # RDB only): promoted before it could resync, it reports that random id, and
+            # holds what its AOF had, of any age (a review: the listener replayed the
+            # settings' 5 s, and keys deleted 10 s before the failover stayed stale).
+            return Reach(
+                UNKNOWN_PERSISTENCE_S,
+                "a replica promoted from a history no check saw (master_replid2 "
+                f"{s.replid2}: a replica restarted from its AOF forgets its master's): "
+                f"how far it lags is unknown, assumed {format_duration(UNKNOWN_PERSISTENCE_S)}",
+            )
         held = [t for t, offset in mine if offset < s.second_offset]
         if held:
             return Reach(
