@@ -156,6 +156,46 @@ def test_a_dump_older_than_the_settings_say_is_replayed_back_to_it_twice(
     stop_listener(listener)
 
 
+@pytest.mark.parametrize("capture", ["trigger"])  # what Redis says, whichever the mode
+def test_a_dump_holds_the_data_of_its_fork_not_of_its_save_time(own_env: Env, spawn: Spawn) -> None:
+    """A BGSAVE writes what the data was when it forked, and takes as long as the data
+    is big (seconds to minutes); rdb_last_save_time is when it finished. Deletes made
+    while it was writing are not in the dump, though they are older than that save
+    time: a replay reaching back to rdb_last_save_time missed them. Here the BGSAVE
+    takes 15 s (rdb-key-save-delay), the edit's deletes come right after its fork, and
+    Redis crashes a few seconds after it finished, onto that dump."""
+    server = redis_of(own_env)
+    server.args = [*server.args, "--save", "5 1"]
+    server.restart()
+    config = setup_users(own_env, rows=len(ROWS), replay_history="1h", second_delete_ms=0)
+    listener = spawn(config)
+    r = own_env.redis()
+    wait_until(lambda: listener.logged("redis_identity_recorded"), what="the listener started")
+    r.config_set("save", "")  # only the BGSAVE below
+    cache(r, ROWS)
+    r.config_set("rdb-key-save-delay", 150_000)  # us per key: 100 keys, 15 s
+    r.bgsave()
+    wait_until(lambda: r.info("persistence")["rdb_bgsave_in_progress"] == 1, what="the fork")
+    edit_every_row(own_env)
+    wait_until(lambda: cached(r) == 0, what="the edit's keys deleted, during the BGSAVE")
+    wait_until(
+        lambda: r.info("persistence")["rdb_bgsave_in_progress"] == 0,
+        timeout_s=60,
+        what="the BGSAVE done",
+    )
+    assert r.info("persistence")["rdb_last_bgsave_time_sec"] >= 10
+    saved = time.monotonic()
+    # Two identity checks see the finished save (redis_check_interval_ms: 1 s).
+    time.sleep(max(0.0, saved + 2.5 - time.monotonic()))
+    crash_onto_the_snapshot(own_env)
+    wait_until(lambda: listener.logged("replay_done"), what="the replay")
+    window = listener.logged("redis_changed")[0]["window"]
+    assert cached(own_env.redis()) == 0, window
+    assert "the data on disk of the server(s) replaced" in window
+    assert listener.logged("replay_done")[0]["existed"] == 2 * len(ROWS)
+    stop_listener(listener)
+
+
 def test_redis_restored_while_the_listener_was_down_is_replayed_on_its_start(
     own_env: Env, spawn: Spawn
 ) -> None:

@@ -13,7 +13,8 @@ fsync every second. They say nothing of when it did not:
 
 So each check records, per server, its durable point: with AOF, the time of the check
 (while its writes succeed; else the last check at which they did); with RDB, its last
-successful save (`rdb_last_save_time`), or the time of the check when nothing changed
+successful save (`rdb_last_save_time`, less the BGSAVE's duration: it writes the data of
+its fork), or the time of the check when nothing changed
 since; a server that has not saved since it started holds the dump it loaded, as old as
 its predecessor's durable point (carried over). And the
 replication offset of each master, for an hour: a promoted replica says where its copy

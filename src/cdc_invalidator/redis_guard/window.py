@@ -38,7 +38,9 @@ def _window(server: Persistence) -> tuple[float, str]:
     periods = [float(n) for n in numbers[0::2] if n.isdigit()]
     if periods:
         # A snapshot is taken at the latest after the longest period (once anything
-        # changed at all): an older one cannot come back.
+        # changed at all): an older one cannot come back (but for the time a BGSAVE
+        # takes to write it, of the data of its fork: durability.py reaches back to that
+        # fork, from what INFO persistence said at the checks).
         return max(periods), f"RDB snapshots (save {config['save']!r})"
     # Without persistence configured Redis still loads a dump.rdb it finds as it
     # starts (a backup restored by hand, an old SAVE's), and a replica loads its

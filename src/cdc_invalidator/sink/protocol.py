@@ -93,7 +93,9 @@ class ServerState:
     second_offset: int
     aof: bool  # aof_enabled
     aof_ok: bool  # aof_last_write_status: ok
-    # rdb_last_save_time: its last successful RDB save, unix time on the listener's clock
+    # Its last successful RDB save: the time of the data it holds (rdb_last_save_time,
+    # less the BGSAVE's duration: it writes the data of its fork), unix time on the
+    # listener's clock
     saved_at: float
     unsaved: int  # rdb_changes_since_last_save
     saves: int | None  # rdb_saves since it started (None: Redis before 7.0 does not say)

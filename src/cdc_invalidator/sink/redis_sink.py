@@ -349,6 +349,14 @@ def server_state(client: redis.Redis) -> ServerState:
     saves = persistence.get("rdb_saves")
     loaded = persistence.get("rdb_last_load_keys_loaded")
     saved_at = float(persistence.get("rdb_last_save_time", 0))
+    if (took := int(persistence.get("rdb_last_bgsave_time_sec", -1))) >= 0:
+        # A BGSAVE writes the data as it was when it forked; rdb_last_save_time is when
+        # it finished, as long after as the data is big (a review: deletes made while
+        # a 15 s BGSAVE was writing were older than that time, and a restart onto the
+        # dump brought their keys back unreplayed). Its duration, in whole seconds: one
+        # more. (That of the last BGSAVE tried: a SAVE's data is of its own time, and
+        # reaching further back only deletes more.)
+        saved_at -= took + 1
     if (there := server.get("server_time_usec")) is not None:
         # Redis's clock: the save's age on it, put on ours, which the replay's reach is
         # counted on (a review: a listener whose clock was 30 s behind Redis's replayed
