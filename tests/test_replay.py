@@ -196,6 +196,40 @@ def test_a_dump_holds_the_data_of_its_fork_not_of_its_save_time(own_env: Env, sp
     stop_listener(listener)
 
 
+@pytest.mark.parametrize("capture", ["trigger"])  # what Redis says, whichever the mode
+def test_a_dump_loaded_before_the_listener_started_is_replayed_back_to_that_start(
+    own_env: Env, spawn: Spawn
+) -> None:
+    """Redis started from a dump before the listener did, and has not saved since
+    (snapshots failing, as on a full disk: here switched off): its disk holds that dump,
+    older than anything the listener deleted. It crashes onto it: the replay must reach
+    back to when the server started at least, not only the settings' 5 s."""
+    server = redis_of(own_env)
+    server.args = [*server.args, "--save", "5 1"]
+    server.restart()
+    config = setup_users(own_env, rows=len(ROWS), replay_history="1h", second_delete_ms=0)
+    r = own_env.redis()
+    cache(r, ROWS)
+    r.save()
+    crash_onto_the_snapshot(own_env)  # started from the dump that holds the keys
+    r = own_env.redis()
+    r.config_set("save", "")  # no snapshot since it started
+    assert r.info("persistence")["rdb_saves"] == 0
+    listener = spawn(config)
+    wait_until(lambda: listener.logged("redis_identity_recorded"), what="the listener started")
+    edit_every_row(own_env)
+    wait_until(lambda: cached(r) == 0, what="the edit's keys deleted")
+    edited = time.monotonic()
+    # Older than the settings' 5 s and the 5 s margin: a time to let pass.
+    time.sleep(max(0.0, edited + 12 - time.monotonic()))
+    crash_onto_the_snapshot(own_env)
+    wait_until(lambda: listener.logged("replay_done"), what="the replay")
+    window = listener.logged("redis_changed")[0]["window"]
+    assert cached(own_env.redis()) == 0, window
+    assert "the data on disk of the server(s) replaced" in window
+    stop_listener(listener)
+
+
 def test_redis_restored_while_the_listener_was_down_is_replayed_on_its_start(
     own_env: Env, spawn: Spawn
 ) -> None:

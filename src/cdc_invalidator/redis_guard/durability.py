@@ -112,7 +112,15 @@ class Durability:
         if s.saves == 0:
             # Not saved since it started: its disk holds the dump it loaded (its memory
             # too, until it changes: invalidations made before are not in it either).
-            return self._durable.get(s.identity, self._carried)
+            # Its predecessor's durable point if we saw it go; else, if it loaded keys,
+            # when it started at the latest (a review: a server started from a dump
+            # before the listener did, its snapshots then failing, was replayed the
+            # settings' 5 s after it crashed onto that dump, and the keys deleted since
+            # it started stayed).
+            carried = self._carried
+            if carried is None and s.loaded_keys != 0:
+                carried = s.started_at
+            return self._durable.get(s.identity, carried)
         if s.unsaved == 0:
             return wall  # what it holds is what it would load
         return None if s.saves is None else s.saved_at

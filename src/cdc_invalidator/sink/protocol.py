@@ -100,6 +100,9 @@ class ServerState:
     unsaved: int  # rdb_changes_since_last_save
     saves: int | None  # rdb_saves since it started (None: Redis before 7.0 does not say)
     loaded_keys: int | None  # rdb_last_load_keys_loaded (None: before 7.0)
+    # When it started (uptime_in_seconds), unix time on the listener's clock; None: not
+    # said. What it loaded then is older.
+    started_at: float | None = None
 
     @property
     def identity(self) -> str:

@@ -375,6 +375,11 @@ def server_state(client: redis.Redis) -> ServerState:
         unsaved=int(persistence.get("rdb_changes_since_last_save", 0)),
         saves=None if saves is None else int(saves),
         loaded_keys=None if loaded is None else int(loaded),
+        started_at=(
+            None
+            if (uptime := server.get("uptime_in_seconds")) is None
+            else time.time() - int(uptime) - 1
+        ),
     )
 
 
