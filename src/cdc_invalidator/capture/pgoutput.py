@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Final, NamedTuple, TypeVar, cast
 
 from cdc_invalidator.capture.errors import Fatal
-from cdc_invalidator.capture.text_casts import FIRST_NORMAL_OID, TEXT_CASTS
+from cdc_invalidator.capture.text_casts import FIRST_NORMAL_OID, OWN_CAST, TEXT_CASTS
 from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, Row, StandInKind, TableName
 from cdc_invalidator.mapping.columns import ColumnFilter, Judge
 
@@ -383,8 +383,10 @@ class Decoder:
 
     def _untyped(self, wanted: tuple[tuple[str, int], ...], types: list[int]) -> tuple[str, ...]:
         """The wanted columns of a type not built in that the catalog no longer has (a
-        domain dropped since the change: it may have been over a type cast otherwise).
-        Asks the catalog the base type of those not asked before."""
+        domain dropped since the change: it may have been over a type cast otherwise), or
+        whose cast to text is a function of the database's own (OWN_CAST: its `::text`
+        cannot be rendered here). Asks the catalog the base type of those not asked
+        before."""
         if self._base_types is None:
             return ()
         unknown = {t for _, i in wanted if (t := types[i]) >= FIRST_NORMAL_OID} - self._bases.keys()
@@ -392,7 +394,11 @@ class Decoder:
             found = self._base_types(unknown)
             self._bases.update(found)
             self._dropped |= unknown - found.keys()
-        return tuple(c for c, i in wanted if types[i] in self._dropped)
+        return tuple(
+            c
+            for c, i in wanted
+            if types[i] in self._dropped or self._bases.get(types[i]) == OWN_CAST
+        )
 
     def _casts(
         self, wanted: tuple[tuple[str, int], ...], types: list[int]
@@ -417,7 +423,9 @@ class Decoder:
                 "columns' now: which column is which is not certain"
                 if relation.unsure
                 else "are not in it (dropped since, or generated columns, which PostgreSQL "
-                "sends from version 18 on), or are of a type dropped since"
+                "sends from version 18 on), or are of a type dropped since, or of a type "
+                "cast to text by a function of its own (CREATE CAST ... WITH FUNCTION), "
+                "whose `::text` logical mode cannot render"
             )
         }
         return ChangeEvent(relation.table, Op.TRUNCATE, None, reason, self.position)

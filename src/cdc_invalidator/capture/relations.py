@@ -155,7 +155,9 @@ class Relations:
             action="each change of the table made while they were missing sweeps its key "
             "templates (SCAN + UNLINK): edit the templates to the table's columns, then run "
             "`cdc-invalidator install` (nothing to do if the columns have their names again, "
-            "as after a rename undone in the same transaction)",
+            "as after a rename undone in the same transaction; a key column of a type cast "
+            "to text by a function of the database's own is never rendered in logical mode: "
+            "drop that cast, or key the template on another column)",
         )
 
     @staticmethod

@@ -15,6 +15,12 @@ either mode:
 | inet | the mask left out when it is the whole address (`/32`, `/128`) | always with it |
 
 A domain over one of them prints as its base type.
+
+A type the catalog says is cast to text by a function of the database's own (CREATE
+CAST ... WITH FUNCTION) has a `::text` that only that function gives: the catalog look-up
+(sql/base_types.sql) gives such a type's base as OWN_CAST, and logical mode sweeps the
+changes of a table keyed by it rather than render the output function's text, which is
+not the key trigger mode and `::text` give.
 """
 
 from __future__ import annotations
@@ -28,6 +34,9 @@ INET: Final = 869
 # Types made by CREATE TYPE / CREATE DOMAIN / extensions start here (FirstNormalObjectId):
 # a domain's base type is looked up in the catalog, built-in types are known by number.
 FIRST_NORMAL_OID: Final = 16384
+# The base type sql/base_types.sql gives a type cast to text by a function of its own: no
+# type has oid 0, and no text cast is known by it.
+OWN_CAST: Final = 0
 
 
 def _bool(value: str) -> str:
