@@ -1380,6 +1380,7 @@ DECLARE
     rendered text[];
     pinned   boolean;
     bytes    boolean;
+    idents   boolean;
     body     text;
     pk       text[];
     counted  text[];
@@ -1559,6 +1560,25 @@ BEGIN
         SELECT FROM pg_attribute a
         WHERE a.attrelid = tbl AND a.attname = ANY (rendered) AND a.attnum > 0
           AND NOT a.attisdropped AND cdc_invalidator.prints_bytea_v1(a.atttypid));
+    -- (quote_all_identifiers off too, when one is a reg* value or an array of them, or a
+    -- domain over either: quote_all_identifiers on, a writer's session printed
+    -- regclass `public.users` as `"public"."users"`, which no app caches under and logical
+    -- mode's walsender, pinned off, never prints)
+    idents := pinned AND EXISTS (
+        WITH RECURSIVE chain (oid, typtype, typbasetype, typelem) AS (
+            SELECT t.oid, t.typtype, t.typbasetype, t.typelem
+            FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+            WHERE a.attrelid = tbl AND a.attname = ANY (rendered) AND a.attnum > 0
+              AND NOT a.attisdropped
+            UNION ALL
+            SELECT t.oid, t.typtype, t.typbasetype, t.typelem
+            FROM chain c JOIN pg_type t ON t.oid = c.typbasetype
+            WHERE c.typtype = 'd')
+        SELECT FROM chain c
+        WHERE ARRAY[c.oid, c.typelem] && ARRAY['regclass'::regtype, 'regproc'::regtype,
+              'regprocedure'::regtype, 'regoper'::regtype, 'regoperator'::regtype,
+              'regtype'::regtype, 'regconfig'::regtype, 'regdictionary'::regtype,
+              'regnamespace'::regtype, 'regrole'::regtype, 'regcollation'::regtype]::oid[]);
     -- false AND (r.a IS NULL AND r.b IS NULL): planned, so it fails on a missing column,
     -- and never run. The statement that plans it counts the transition table's rows up to
     -- two (NOT of the probe is constant true): a single row is queued as one change, as
@@ -1685,8 +1705,9 @@ BEGIN
         'SET search_path = pg_catalog, pg_temp %s AS %L',
         fn, CASE WHEN pinned THEN format(
             'SET "TimeZone" = %L SET "DateStyle" = %L SET "IntervalStyle" = %L '
-            'SET extra_float_digits = 1%s', 'UTC', 'ISO, MDY', 'postgres',
-            CASE WHEN bytes THEN format(' SET bytea_output = %L', 'hex') ELSE '' END)
+            'SET extra_float_digits = 1%s%s', 'UTC', 'ISO, MDY', 'postgres',
+            CASE WHEN bytes THEN format(' SET bytea_output = %L', 'hex') ELSE '' END,
+            CASE WHEN idents THEN ' SET quote_all_identifiers = off' ELSE '' END)
         ELSE '' END, body);
     EXECUTE format('REVOKE ALL ON FUNCTION %s() FROM PUBLIC', fn);
     -- A function's new owner must have CREATE on its schema (a superuser installing

@@ -511,6 +511,27 @@ def test_a_regclass_key_renders_schema_qualified_in_either_mode(env: Env) -> Non
     assert r.exists("rel:rels") == 1
 
 
+def test_a_regclass_key_renders_unquoted_whatever_the_writer_quotes(env: Env) -> None:
+    """A writing session with quote_all_identifiers on (its own SET, or its role's or
+    database's) printed a regclass key `"public"."rels"` in trigger mode: the app's
+    `rel:public.rels` stayed cached (logical mode's walsender pins it off). The capture
+    function of a table keyed by a reg* value pins it off too."""
+    env.sql(
+        "CREATE TABLE rels (id int PRIMARY KEY, rel regclass, rels regclass[]);"
+        "INSERT INTO rels VALUES (1, 'rels', '{rels}')"
+    )
+    config = install(env, {"public.rels": ["rel:{rel}", "rels:{id}:{rels}"]})
+    r = env.redis()
+    cached = ["rel:public.rels", "rels:1:{public.rels}"]
+    r.mset(dict.fromkeys(cached, "cached"))
+    with listening(config):
+        with env.connect() as writer:
+            writer.execute("SET quote_all_identifiers = on")
+            writer.execute("UPDATE rels SET id = 1")
+        settle(env, r)
+    assert r.exists(*cached) == 0
+
+
 def test_values_render_as_their_text_cast_in_either_mode(env: Env) -> None:
     """A key renders a value as `::text` gives it, in both modes. For boolean,
     character(n) and inet (and a domain over one) that is not what the type's output
