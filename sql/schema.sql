@@ -1370,6 +1370,7 @@ DECLARE
     fn       text := format('cdc_invalidator.%I', 'capture_' || tbl::oid || '_v1');
     missing  text;
     virtual  text;
+    unpinned text;
     kind     "char";
     owner    regrole;
     schema_n name;
@@ -1550,6 +1551,32 @@ BEGIN
     -- floats alike, which would hide a change). Unless all of them print alike in every
     -- session, the function pins the settings that change how values print.
     rendered := key_columns || CASE WHEN judged THEN counted ELSE '{}' END;
+    -- A rendered column whose type (or a domain's base type) is cast to text by a
+    -- function of the database's own runs that function inside the capture function,
+    -- whose search_path is pg_catalog, pg_temp: a SQL or PL function that sets no
+    -- search_path of its own and names an object without its schema (`mood_label($1)`
+    -- in public) fails there, and so did every write to the table ("function
+    -- mood_label(mood) does not exist"). Refused, naming the function to pin.
+    unpinned := (
+        SELECT string_agg(format('%I (of type %s, which %s casts to text)', a.attname,
+                                 format_type(a.atttypid, a.atttypmod), p.oid::regprocedure),
+                          ', ' ORDER BY a.attnum)
+        FROM pg_attribute a
+        JOIN pg_type t ON t.oid = a.atttypid
+        JOIN pg_cast c ON c.castsource IN (a.atttypid, t.typbasetype)
+                      AND c.casttarget = 'text'::regtype AND c.castfunc <> 0
+        JOIN pg_proc p ON p.oid = c.castfunc
+        JOIN pg_language l ON l.oid = p.prolang
+        WHERE a.attrelid = tbl AND a.attname = ANY (rendered) AND a.attnum > 0
+          AND NOT a.attisdropped
+          AND p.pronamespace <> 'pg_catalog'::regnamespace
+          AND l.lanname NOT IN ('c', 'internal')
+          AND NOT EXISTS (SELECT FROM unnest(p.proconfig) g WHERE g LIKE 'search_path=%'));
+    IF unpinned IS NOT NULL THEN
+        RAISE EXCEPTION 'cdc_invalidator.watch: table % has columns % that the capture function converts to text with search_path = pg_catalog, pg_temp, where a function that sets no search_path of its own may not find what it names, and every write to the table would fail', tbl, unpinned
+            USING HINT = 'Give the cast''s function its own search_path (ALTER FUNCTION ... SET search_path = ...), or key the templates on another column.',
+                  ERRCODE = 'feature_not_supported';
+    END IF;
     pinned := EXISTS (
         SELECT FROM pg_attribute a
         WHERE a.attrelid = tbl AND a.attname = ANY (rendered) AND a.attnum > 0

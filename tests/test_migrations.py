@@ -477,7 +477,8 @@ def test_a_table_owners_cast_runs_with_the_owners_rights_only(env: Env) -> None:
         SET ROLE {role};
         CREATE TYPE mood AS ENUM ('happy', 'sad');
         CREATE TABLE seen_as (who name);
-        CREATE FUNCTION mood_text(m mood) RETURNS text LANGUAGE plpgsql AS $$
+        CREATE FUNCTION mood_text(m mood) RETURNS text LANGUAGE plpgsql
+        SET search_path = pg_catalog AS $$
         BEGIN
             INSERT INTO public.seen_as VALUES (current_user);
             IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 
+from cdc_invalidator.cli import main
 from tests.support.env import Env
 from tests.support.listener import listening
 from tests.support.sync import install, keys, settle
@@ -25,7 +26,7 @@ def test_a_key_of_a_type_with_its_own_text_cast_is_never_left_cached(env: Env) -
     env.sql(
         "CREATE TYPE mood AS ENUM ('happy', 'sad');"
         "CREATE FUNCTION mood_text(mood) RETURNS text LANGUAGE sql IMMUTABLE"
-        " AS $$ SELECT 'M_' || pg_catalog.enum_out($1)::text $$;"
+        " SET search_path = pg_catalog AS $$ SELECT 'M_' || enum_out($1)::text $$;"
         "CREATE CAST (mood AS text) WITH FUNCTION mood_text(mood);"
         "CREATE DOMAIN dmood AS mood;"
         "CREATE TABLE k (id int PRIMARY KEY, en mood, dm dmood);"
@@ -43,3 +44,40 @@ def test_a_key_of_a_type_with_its_own_text_cast_is_never_left_cached(env: Env) -
     assert "en:M_happy" not in left
     assert "dm:M_sad:1" not in left
     assert "other:1" in left  # another table's keys stay
+
+
+@pytest.mark.parametrize("capture", ["trigger"])
+def test_install_refuses_a_text_cast_that_would_fail_under_the_pinned_search_path(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Reproduced before the fix: a cast to text whose SQL function calls `mood_label()`
+    of public without naming the schema. `install` succeeded, and then every write to the
+    table failed: "function mood_label(public.mood) does not exist" (the capture function
+    runs with search_path = pg_catalog, pg_temp). install refuses it now, naming the
+    function; with a search_path of its own the function works, and its key goes."""
+    env.sql(
+        "CREATE TYPE mood AS ENUM ('happy', 'sad');"
+        "CREATE FUNCTION mood_label(mood) RETURNS text LANGUAGE sql IMMUTABLE"
+        " AS $$ SELECT 'M_' || pg_catalog.enum_out($1)::text $$;"
+        "CREATE FUNCTION mood_text(mood) RETURNS text LANGUAGE sql IMMUTABLE"
+        " AS $$ SELECT mood_label($1) $$;"
+        "CREATE CAST (mood AS text) WITH FUNCTION mood_text(mood);"
+        "CREATE TABLE k (id int PRIMARY KEY, en mood);"
+        "CREATE TABLE sync (id int PRIMARY KEY);"
+        "INSERT INTO k VALUES (1, 'happy')"
+    )
+    config = env.config({"public.k": ["en:{en}"], "public.sync": ["sync:{id}"]})
+    capsys.readouterr()
+    assert main(["install", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert "table public.k has columns en (of type public.mood, which" in err, err
+    assert "public.mood_text(public.mood) casts to text)" in err, err
+    env.sql("UPDATE k SET id = 2")  # nothing installed: writes go on
+    env.sql("ALTER FUNCTION mood_text(mood) SET search_path = public, pg_catalog")
+    assert main(["install", "--config", str(config)]) == 0
+    r = env.redis()
+    r.set("en:M_happy", "-")
+    with listening(config):
+        env.sql("UPDATE k SET id = 3")
+        settle(env, r)
+    assert r.exists("en:M_happy") == 0
