@@ -190,6 +190,28 @@ SELECT
           AND NOT EXISTS (SELECT FROM unnest(p.proconfig) g WHERE g LIKE 'bytea_output=%%')
           AND cdc_invalidator.prints_bytea_v1(a.atttypid)
         UNION ALL
+        -- A key column whose type (or a domain's base type) is cast to text by a SQL or
+        -- PL function of the database's own that sets no search_path (watch() refuses one;
+        -- made since install): the capture function runs it with search_path =
+        -- pg_catalog, pg_temp, where it may not find what it names, and every write to
+        -- the table fails.
+        SELECT format('column %%s is of type %%s, which %%s casts to text: the capture '
+                      'function runs it with search_path = pg_catalog, pg_temp, and it sets '
+                      'none of its own: writes to the table fail if it names an object '
+                      'without its schema: ALTER FUNCTION %%s SET search_path = ...',
+                      quote_ident(a.attname), format_type(a.atttypid, a.atttypmod),
+                      p.oid::regprocedure, p.oid::regprocedure)
+        FROM pg_attribute a
+        JOIN pg_type t ON t.oid = a.atttypid
+        JOIN pg_cast c ON c.castsource IN (a.atttypid, t.typbasetype)
+                      AND c.casttarget = 'text'::regtype AND c.castfunc <> 0
+        JOIN pg_proc p ON p.oid = c.castfunc
+        JOIN pg_language l ON l.oid = p.prolang
+        WHERE a.attrelid = w.relid AND a.attnum = ANY (w.attnums) AND NOT a.attisdropped
+          AND p.pronamespace <> 'pg_catalog'::regnamespace
+          AND l.lanname NOT IN ('c', 'internal')
+          AND NOT EXISTS (SELECT FROM unnest(p.proconfig) g WHERE g LIKE 'search_path=%%')
+        UNION ALL
         -- PostgreSQL copies the row trigger of a partitioned table onto each partition
         -- created or attached later, and checks EXECUTE on its function as the role doing
         -- it (the table's owner): an owner changed since install makes that fail.

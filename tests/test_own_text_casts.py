@@ -8,11 +8,12 @@ swept instead: a cold cache, never a stale one. Both modes, real servers.
 
 from __future__ import annotations
 
+import psycopg
 import pytest
 
 from cdc_invalidator.cli import main
 from tests.support.env import Env
-from tests.support.listener import listening
+from tests.support.listener import listening, run_cli
 from tests.support.sync import install, keys, settle
 
 pytestmark = [pytest.mark.servers, pytest.mark.usefixtures("capture")]
@@ -81,3 +82,32 @@ def test_install_refuses_a_text_cast_that_would_fail_under_the_pinned_search_pat
         env.sql("UPDATE k SET id = 3")
         settle(env, r)
     assert r.exists("en:M_happy") == 0
+
+
+@pytest.mark.parametrize("capture", ["trigger"])
+def test_check_names_a_text_cast_made_since_install_that_fails_writes(env: Env) -> None:
+    """The cast of the test above, made after install: every write to the table fails
+    ("function mood_label(public.mood) does not exist"), and check said all was well.
+    It names the column and the function to pin."""
+    env.sql(
+        "CREATE TYPE mood AS ENUM ('happy', 'sad');"
+        "CREATE TABLE k (id int PRIMARY KEY, en mood);"
+        "INSERT INTO k VALUES (1, 'happy')"
+    )
+    config = install(env, {"public.k": ["en:{en}"]})
+    assert run_cli("check", "--config", str(config)).returncode == 0
+    env.sql(
+        "CREATE FUNCTION mood_label(mood) RETURNS text LANGUAGE sql IMMUTABLE"
+        " AS $$ SELECT 'M_' || pg_catalog.enum_out($1)::text $$;"
+        "CREATE FUNCTION mood_text(mood) RETURNS text LANGUAGE sql IMMUTABLE"
+        " AS $$ SELECT mood_label($1) $$;"
+        "CREATE CAST (mood AS text) WITH FUNCTION mood_text(mood);"
+    )
+    with pytest.raises(psycopg.errors.UndefinedFunction):
+        env.sql("UPDATE k SET id = 2")
+    said = run_cli("check", "--config", str(config))
+    assert said.returncode == 1, said.stderr
+    assert "column en is of type public.mood, which public.mood_text(public.mood)" in said.stderr
+    env.sql("ALTER FUNCTION mood_text(mood) SET search_path = public, pg_catalog")
+    env.sql("UPDATE k SET id = 2")
+    assert run_cli("check", "--config", str(config)).returncode == 0
