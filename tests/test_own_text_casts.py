@@ -111,3 +111,24 @@ def test_check_names_a_text_cast_made_since_install_that_fails_writes(env: Env) 
     env.sql("ALTER FUNCTION mood_text(mood) SET search_path = public, pg_catalog")
     env.sql("UPDATE k SET id = 2")
     assert run_cli("check", "--config", str(config)).returncode == 0
+
+
+@pytest.mark.parametrize("capture", ["logical"])
+def test_check_warns_that_a_text_cast_key_is_swept_in_logical_mode(env: Env) -> None:
+    """Logical mode sweeps each change of a table keyed by such a type (above): check
+    says so, as it does for generated key columns, rather than report the table fine."""
+    env.sql(
+        "CREATE TYPE mood AS ENUM ('happy', 'sad');"
+        "CREATE FUNCTION mood_text(mood) RETURNS text LANGUAGE sql IMMUTABLE"
+        " SET search_path = pg_catalog AS $$ SELECT 'M_' || enum_out($1)::text $$;"
+        "CREATE CAST (mood AS text) WITH FUNCTION mood_text(mood);"
+        "CREATE TABLE k (id int PRIMARY KEY, en mood)"
+    )
+    config = install(env, {"public.k": ["en:{en}"]})
+    said = run_cli("check", "--config", str(config))
+    out = said.stdout + said.stderr
+    said_so = (
+        "key column en of public.k is of type public.mood, which "
+        "public.mood_text(public.mood) casts to text"
+    )
+    assert said_so in out, out

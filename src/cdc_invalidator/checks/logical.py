@@ -61,6 +61,26 @@ def check_logical_filter(
     return False
 
 
+def _own_casts(
+    conn: psycopg.Connection[Any], report: Report, where: str, table: TableName, wanted: list[str]
+) -> bool:
+    """Warn of key columns whose type is cast to text by a function of the database's own
+    (capture/text_casts.py: their changes are swept); whether there were any."""
+    found = False
+    for column, type_name, function in conn.execute(
+        Q.KEYS_CASTS.sql, {"table": table.qualified, "columns": wanted}
+    ):
+        found = True
+        report.warnings.append(
+            f"{where}: key column {column} of {table} is of type {type_name}, which "
+            f"{function} casts to text: logical mode receives the type's output text, not "
+            "its `::text`, and cannot run that function: each change of the table sweeps "
+            "all of its templates (SCAN) instead of deleting its keys. Drop the cast, or key "
+            "by another column"
+        )
+    return found
+
+
 def check_logical_table(  # noqa: PLR0913 - the table's facts are keyword-only
     conn: psycopg.Connection[Any],
     settings: Settings,
@@ -142,6 +162,7 @@ def check_logical_table(  # noqa: PLR0913 - the table's facts are keyword-only
                 "of the table sweeps all of its templates (SCAN) instead of deleting its keys. "
                 "Key by the columns they are computed from, or use trigger mode for it"
             )
+    fine = not _own_casts(conn, report, where, table, wanted) and fine
     if published[1]:
         fine = False
         report.errors.append(
