@@ -1562,8 +1562,16 @@ BEGIN
                                  format_type(a.atttypid, a.atttypmod), p.oid::regprocedure),
                           ', ' ORDER BY a.attnum)
         FROM pg_attribute a
-        JOIN pg_type t ON t.oid = a.atttypid
-        JOIN pg_cast c ON c.castsource IN (a.atttypid, t.typbasetype)
+        -- (the base type of a domain, through domains over domains: its casts are the
+        -- domain's)
+        JOIN LATERAL (
+            WITH RECURSIVE chain (oid, typtype, typbasetype) AS (
+                SELECT t.oid, t.typtype, t.typbasetype FROM pg_type t WHERE t.oid = a.atttypid
+                UNION ALL
+                SELECT t.oid, t.typtype, t.typbasetype
+                FROM chain h JOIN pg_type t ON t.oid = h.typbasetype WHERE h.typtype = 'd')
+            SELECT h.oid FROM chain h WHERE h.typtype <> 'd') b ON true
+        JOIN pg_cast c ON c.castsource = b.oid
                       AND c.casttarget = 'text'::regtype AND c.castfunc <> 0
         JOIN pg_proc p ON p.oid = c.castfunc
         JOIN pg_language l ON l.oid = p.prolang

@@ -63,11 +63,17 @@ def test_install_refuses_a_text_cast_that_would_fail_under_the_pinned_search_pat
         "CREATE FUNCTION mood_text(mood) RETURNS text LANGUAGE sql IMMUTABLE"
         " AS $$ SELECT mood_label($1) $$;"
         "CREATE CAST (mood AS text) WITH FUNCTION mood_text(mood);"
-        "CREATE TABLE k (id int PRIMARY KEY, en mood);"
+        "CREATE DOMAIN dmood AS mood; CREATE DOMAIN ddmood AS dmood;"
+        "CREATE TABLE k (id int PRIMARY KEY, en mood, dd ddmood);"
         "CREATE TABLE sync (id int PRIMARY KEY);"
-        "INSERT INTO k VALUES (1, 'happy')"
+        "INSERT INTO k VALUES (1, 'happy', 'sad')"
     )
     config = env.config({"public.k": ["en:{en}"], "public.sync": ["sync:{id}"]})
+    capsys.readouterr()
+    # A domain over a domain over the type: its cast too (PostgreSQL casts the base type).
+    only_dd = env.config({"public.k": ["dd:{dd}"], "public.sync": ["sync:{id}"]}, name="dd.toml")
+    assert main(["install", "--config", str(only_dd)]) == 1
+    assert "has columns dd (of type public.ddmood, which" in capsys.readouterr().err
     capsys.readouterr()
     assert main(["install", "--config", str(config)]) == 1
     err = capsys.readouterr().err
