@@ -4,8 +4,15 @@
 -- operator's role, a superuser's perhaps. Casts are not looked up by search_path.
 SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), p.oid::regprocedure::text
 FROM pg_attribute a
-JOIN pg_type t ON t.oid = a.atttypid
-JOIN pg_cast c ON c.castsource IN (a.atttypid, t.typbasetype)
+-- (a domain's base type, through domains over domains: PostgreSQL casts a domain by it)
+JOIN LATERAL (
+    WITH RECURSIVE chain (oid, typtype, typbasetype) AS (
+        SELECT t.oid, t.typtype, t.typbasetype FROM pg_type t WHERE t.oid = a.atttypid
+        UNION ALL
+        SELECT t.oid, t.typtype, t.typbasetype
+        FROM chain h JOIN pg_type t ON t.oid = h.typbasetype WHERE h.typtype = 'd')
+    SELECT h.oid FROM chain h WHERE h.typtype <> 'd') b ON true
+JOIN pg_cast c ON c.castsource = b.oid
               AND c.casttarget = 'text'::regtype AND c.castfunc <> 0
 JOIN pg_proc p ON p.oid = c.castfunc
 WHERE a.attrelid = %(table)s::regclass AND a.attnum > 0 AND NOT a.attisdropped

@@ -210,6 +210,31 @@ def test_where_refuses_a_column_whose_type_another_function_casts_to_text(
     assert env.scalar("SELECT count(*) FROM ran") == 0
 
 
+def test_where_refuses_such_a_cast_through_a_domain_over_a_domain(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same cast reached through a domain over a domain over the type (PostgreSQL
+    casts a domain by its base type, through every level): the look-up saw only the
+    first domain's base, another domain with no cast, and --where ran the function as
+    the operator's role (a row in `ran`). Refused too."""
+    env.sql(
+        "CREATE TYPE mood AS ENUM ('ok', 'sad');"
+        "CREATE DOMAIN dmood AS mood; CREATE DOMAIN ddmood AS dmood;"
+        "CREATE TABLE ran (who text);"
+        "CREATE FUNCTION public.mood_text(m mood) RETURNS text LANGUAGE plpgsql AS"
+        " $$BEGIN INSERT INTO public.ran VALUES (current_user);"
+        " RETURN pg_catalog.enum_out(m)::text || '!'; END$$;"
+        "CREATE CAST (mood AS text) WITH FUNCTION public.mood_text(mood);"
+        "CREATE TABLE acct (id int PRIMARY KEY, m ddmood);"
+        "INSERT INTO acct VALUES (1, 'ok')"
+    )
+    config = env.config({"public.acct": ["acct:{id}:{m}"]})
+    code, out, err = keys(capsys, config, "acct", "--where", "id = 1")
+    assert (code, out) == (2, ""), (out, err)
+    assert "column 'm' of public.acct is of type public.ddmood, which public.mood_text(" in err
+    assert env.scalar("SELECT count(*) FROM ran") == 0
+
+
 @pytest.mark.usefixtures("capture")
 def test_where_refused_says_which_privilege_without_the_password(
     env: Env, users: Path, reader: str, capsys: pytest.CaptureFixture[str]
