@@ -864,6 +864,55 @@ END
 $parts_dropped$;
 REVOKE ALL ON FUNCTION cdc_invalidator.parts_dropped_v1() FROM PUBLIC;
 
+-- rewritten_v1 (table_rewrite): a command that rewrites a table's column values in
+-- place changes every row with no row change a trigger sees or decoding sends: ALTER
+-- COLUMN ... SET EXPRESSION of a stored generated column (PostgreSQL 17+; a rewrite for
+-- AT_REWRITE_DEFAULT_VAL, 2, as a column added with a volatile default or a stored
+-- generated column added, whose values the cached rows lack), ALTER COLUMN ... TYPE ...
+-- USING (AT_REWRITE_COLUMN_REWRITE, 4). A rewrite for either reason of a watched table
+-- (or of a partition or inheritance child of one) asks for one sweep of the table's
+-- templates, in the command's transaction, once per transaction and table. A retype
+-- whose text is the same (int to bigint) sweeps too: a cold cache, never a stale one.
+-- Rewrites for SET LOGGED/UNLOGGED (1) or SET ACCESS METHOD (8) keep the values.
+CREATE OR REPLACE FUNCTION cdc_invalidator.rewritten_v1()
+RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $rewritten$
+DECLARE
+    rel  oid;
+    root oid;
+    done text;
+BEGIN
+    IF cdc_invalidator.installing_v1() THEN
+        RETURN;
+    END IF;
+    -- Never a failed migration: whatever goes wrong here is a WARNING.
+    BEGIN
+        IF pg_event_trigger_table_rewrite_reason() & 6 = 0 THEN
+            RETURN;
+        END IF;
+        rel := pg_event_trigger_table_rewrite_oid();
+        FOR root IN
+            SELECT DISTINCT x.root FROM cdc_invalidator.roots_v1() x
+            WHERE x.root = rel OR x.root = ANY (cdc_invalidator.ancestors_v1(rel))
+        LOOP
+            -- (each partition of a partitioned table is rewritten on its own: one sweep)
+            done := coalesce(current_setting('cdc_invalidator.rewrite_swept', true), '');
+            CONTINUE WHEN done LIKE '%,' || root || ',%';
+            PERFORM cdc_invalidator.sweep_root_v1(root, format(
+                'table %s rewritten by %s: its column values changed with no row change '
+                'seen', root::regclass, TG_TAG));
+            PERFORM set_config('cdc_invalidator.rewrite_swept',
+                               coalesce(nullif(done, ''), ',') || root || ',', true);
+        END LOOP;
+    EXCEPTION WHEN OTHERS THEN
+        RAISE WARNING 'cdc_invalidator: the rebuild guard failed (%): the cached keys of a '
+            'rewritten table may stay cached: sweep the table''s keys', SQLERRM;
+    END;
+END
+$rewritten$;
+REVOKE ALL ON FUNCTION cdc_invalidator.rewritten_v1() FROM PUBLIC;
+
 -- Install's own record of the partitions (it ran watch() and the publication first).
 SELECT cdc_invalidator.sync_members_v1(NULL, false);
 
@@ -906,6 +955,13 @@ BEGIN
                 WHEN TAG IN ('CREATE TABLE', 'CREATE FOREIGN TABLE', 'ALTER TABLE',
                              'CREATE SCHEMA', 'ALTER SCHEMA', 'ALTER INDEX')
                 EXECUTE FUNCTION cdc_invalidator.parts_moved_v1();
+        END IF;
+        IF NOT EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'cdc_invalidator_rewritten') THEN
+            CREATE EVENT TRIGGER cdc_invalidator_rewritten ON table_rewrite
+                EXECUTE FUNCTION cdc_invalidator.rewritten_v1();
+        END IF;
+        IF (SELECT evtenabled FROM pg_event_trigger WHERE evtname = 'cdc_invalidator_rewritten') <> 'A' THEN
+            ALTER EVENT TRIGGER cdc_invalidator_rewritten ENABLE ALWAYS;
         END IF;
         -- (every command: a DROP ... CASCADE of many kinds of object can take a table)
         IF NOT EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'cdc_invalidator_parts_dropped') THEN

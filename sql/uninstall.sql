@@ -12,6 +12,7 @@ BEGIN
         DROP EVENT TRIGGER IF EXISTS cdc_invalidator_dropped;
         DROP EVENT TRIGGER IF EXISTS cdc_invalidator_parts_moved;
         DROP EVENT TRIGGER IF EXISTS cdc_invalidator_parts_dropped;
+        DROP EVENT TRIGGER IF EXISTS cdc_invalidator_rewritten;
     END IF;
 END
 $uninstall$;

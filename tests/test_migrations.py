@@ -183,8 +183,11 @@ def test_retyped_key_column_and_other_ddl_change_nothing(env: Env) -> None:
         "ALTER TABLE users ADD COLUMN age int;"
         "ALTER TABLE users DROP COLUMN full_name"
     )
-    seed(r, 1, 2)
     with listening(config):
+        # The int -> bigint retype rewrote the table: the rebuild guard queued a sweep
+        # (a retype USING an expression changes values no trigger sees). Drained first.
+        settle(env, r)
+        seed(r, 1, 2)
         env.sql("UPDATE users SET age = 3 WHERE id = 1")
         settle(env, r)
     assert keys(r) == {"user:2", "user:email:u2@x"}

@@ -36,6 +36,7 @@ REBUILD_GUARD = [
     "cdc_invalidator_parts_dropped",
     "cdc_invalidator_parts_moved",
     "cdc_invalidator_rebuilt",
+    "cdc_invalidator_rewritten",
 ]
 STAND_IN = ["cdc_invalidator_stand_in_v1"]
 CAPTURE = [f"cdc_invalidator_{op}_v1" for op in ("del", "ins", "trunc", "upd")]

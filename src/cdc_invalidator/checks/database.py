@@ -282,10 +282,12 @@ def check_rebuild_guard(
     else:
         report.warnings.append(
             "the rebuild guard (event triggers cdc_invalidator_rebuilt, cdc_invalidator_dropped, "
-            "cdc_invalidator_parts_moved and cdc_invalidator_parts_dropped) is not installed, or "
-            "does not fire ALWAYS: a watched table dropped, or replaced by another that takes "
-            "its name, leaves its keys cached and its new writes uncaptured until install runs "
-            "again, and a partition dropped or detached leaves its rows' keys cached "
+            "cdc_invalidator_parts_moved, cdc_invalidator_parts_dropped and "
+            "cdc_invalidator_rewritten) is not installed, or does not fire ALWAYS: a watched "
+            "table dropped, or replaced by another that takes its name, leaves its keys cached "
+            "and its new writes uncaptured until install runs again, a partition dropped or "
+            "detached leaves its rows' keys cached, and a column rewritten in place (ALTER "
+            "COLUMN ... SET EXPRESSION, TYPE ... USING) leaves every row's keys cached "
             '(docs/DBA.md, "Schema migrations"); run `cdc-invalidator install` as a superuser '
             "to add it"
         )
