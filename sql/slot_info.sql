@@ -17,7 +17,9 @@ SELECT n.name AS slot_name,
                WHERE o.recorded_in <> 'cdc_invalidator.slot_state_v1'::regclass
                   OR o.recorded_in_database <> cdc_invalidator.database_oid_v1()) AS restored,
        st.slot_name IS NOT NULL AS registered,
-       coalesce(s.two_phase, false) AS two_phase
+       coalesce(s.two_phase, false) AS two_phase,
+       -- (a column from PostgreSQL 17 on: read by name, NULL before)
+       to_jsonb(s) ->> 'invalidation_reason' AS invalidation_reason
 FROM (SELECT %(slot)s::name AS name) n
 LEFT JOIN pg_replication_slots s ON s.slot_name = n.name
 LEFT JOIN cdc_invalidator.slot_state_v1 st ON st.slot_name = n.name

@@ -1486,6 +1486,46 @@ def test_slot_lost_to_max_slot_wal_keep_size_is_recreated_and_swept(
     stop(listener)
 
 
+def test_slot_lost_to_idle_replication_slot_timeout_says_so_and_is_swept(
+    own_env: Env, spawn: Spawn, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """PostgreSQL 18 invalidates a slot unused for idle_replication_slot_timeout at a
+    checkpoint, with wal_status lost and invalidation_reason idle_timeout. The listener
+    swept, but said "WAL it needed was removed" (a review, 18.6), sending a DBA to
+    max_slot_wal_keep_size: the reason is named now, in check and in the log."""
+    env = own_env
+    if int(env.scalar("SHOW server_version_num")) < 180000:
+        with pytest.raises(psycopg.errors.UndefinedObject):
+            env.sql("SHOW idle_replication_slot_timeout")
+        return
+    env.sql("ALTER SYSTEM SET idle_replication_slot_timeout = '1s'")
+    env.sql("SELECT pg_reload_conf()")
+    wait_until(
+        lambda: env.scalar("SHOW idle_replication_slot_timeout") == "1s", what="the new setting"
+    )
+    make_tables(env)
+    config = logical_config(env, {**USERS, **ORDERS})
+    install(config)
+    stopped_listener(env, spawn, config)
+    env.sql("UPDATE users SET email = 'lost@x' WHERE id = 2")  # a change nobody captures
+
+    def lost() -> bool:
+        env.sql("CHECKPOINT")
+        found = slot(env)
+        return found is not None and found["wal_status"] == "lost"
+
+    wait_until(lost, timeout_s=30, what="the idle slot invalidated")
+    said = "it was unused for longer than idle_replication_slot_timeout"
+    code, _, err = check(config, capsys)
+    assert code == 1
+    assert said in err
+    r = env.redis()
+    cache_all(r)
+    listener = spawn(config)
+    assert_swept_then_resumes(env, listener, r, said)
+    stop(listener)
+
+
 def test_second_listener_waits_on_the_busy_slot_then_takes_over(env: Env, spawn: Spawn) -> None:
     make_tables(env)
     config = logical_config(env, USERS)

@@ -58,7 +58,13 @@ NO_SLOT = {
         ({"active_pid": 42}, SlotClass.IN_USE, "is in use by process 42"),
         # In use comes first: the listener stands by, whatever else is true of it.
         ({"active_pid": 42, "wal_status": "lost"}, SlotClass.IN_USE, "process 42"),
-        ({"wal_status": "lost"}, SlotClass.LOST, "WAL it needed was removed (wal_status lost)"),
+        ({"wal_status": "lost"}, SlotClass.LOST, "WAL it needed was removed (past max_slot"),
+        (
+            {"wal_status": "lost", "invalidation_reason": "idle_timeout"},
+            SlotClass.LOST,
+            "invalidated: it was unused for longer than idle_replication_slot_timeout",
+        ),
+        ({"wal_status": "lost", "invalidation_reason": "new"}, SlotClass.LOST, "reason new"),
         ({"restart_lsn": None}, SlotClass.LOST, "was invalidated"),
         (
             {"confirmed_flush_lsn": "0/2001"},

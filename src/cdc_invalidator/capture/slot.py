@@ -53,6 +53,16 @@ class Verdict:
     reason: str  # says which slot and what is the matter, for a log line or a message
 
 
+# What each pg_replication_slots.invalidation_reason means, for a DBA to act on (before
+# PostgreSQL 17 there is no reason to read: the WAL's removal is the one that was likely).
+INVALIDATED_BY = {
+    "wal_removed": "WAL it needed was removed (past max_slot_wal_keep_size)",
+    "idle_timeout": "it was unused for longer than idle_replication_slot_timeout",
+    "rows_removed": "catalog rows it needed were removed (a conflict on a standby)",
+    "wal_level_insufficient": "wal_level was set below logical",
+}
+
+
 @dataclass(frozen=True, slots=True)
 class SlotState:
     slot_name: str
@@ -76,6 +86,10 @@ class SlotState:
     # database: a dump restored, or a copy of another database (recorded_in and
     # recorded_in_database, sql/logical.sql), which took it back to that time.
     restored: bool = False
+    # Why PostgreSQL invalidated it (pg_replication_slots.invalidation_reason, 17+):
+    # wal_removed, rows_removed, wal_level_insufficient, idle_timeout (18+). None before
+    # 17, or for a slot not invalidated.
+    invalidation_reason: str | None = None
 
     @classmethod
     def read(cls, conn: psycopg.Connection[Any], slot: str) -> SlotState:
@@ -94,6 +108,12 @@ class SlotState:
     @property
     def confirmed(self) -> int | None:
         return parse_lsn(self.confirmed_flush_lsn) if self.confirmed_flush_lsn else None
+
+    @property
+    def invalidated_by(self) -> str:
+        """Why an invalidated slot was, as a DBA would act on it."""
+        reason = self.invalidation_reason or "wal_removed"
+        return INVALIDATED_BY.get(reason, f"invalidation_reason {reason}")
 
     def classify(self) -> Verdict:  # noqa: PLR0911 - one return per class, in rule order
         where, acked, confirmed = self.where, self.acked, self.confirmed
@@ -125,8 +145,7 @@ class SlotState:
         if self.wal_status == "lost" or self.restart_lsn is None:
             return Verdict(
                 SlotClass.LOST,
-                f"{where} was invalidated: WAL it needed was removed "
-                f"(wal_status {self.wal_status})",
+                f"{where} was invalidated: {self.invalidated_by} (wal_status {self.wal_status})",
             )
         if acked is not None and confirmed is not None and confirmed > acked:
             return Verdict(

@@ -296,8 +296,8 @@ def check_logical_server(conn: psycopg.Connection[Any], settings: Settings, repo
         report.errors.append(f"{reason}: set slot_name to another name")
     elif kind is SlotClass.LOST:
         report.errors.append(
-            f"{state.where} was invalidated (wal_status {state.wal_status}): changes were "
-            f"missed; {sweeps}"
+            f"{state.where} was invalidated (wal_status {state.wal_status}): "
+            f"{state.invalidated_by}; changes were missed; {sweeps}"
         )
     else:
         # IN_USE, OK, and AHEAD: the listener finds a slot moved past its position when
