@@ -84,3 +84,37 @@ def test_a_retype_using_an_expression_sweeps_a_partitioned_table_once(env: Env) 
         env.sql("ALTER TABLE users ALTER COLUMN email TYPE varchar(9) USING lower(email)")
         settle(env, r)
         assert left(env) == set()
+
+
+def test_set_expression_of_a_virtual_column_sweeps_or_is_refused(env: Env) -> None:
+    """PostgreSQL 18: a virtual column's new expression changes every row's value of it
+    with no rewrite (no table_rewrite event) and no row change. Trigger mode: user:1 and
+    user:2 stayed cached (a review, 18.6) while `le` read 'A@X' instead of 'a@x'; the
+    rebuild guard's ALTER TABLE event trigger now sweeps. Logical mode: PostgreSQL
+    refuses it on a published table."""
+    if int(env.scalar("SHOW server_version_num")) < 180000:
+        return
+    path = cached(
+        env,
+        "CREATE TABLE users (id int PRIMARY KEY, email text, name text,"
+        " le text GENERATED ALWAYS AS (lower(email)) VIRTUAL);"
+        "INSERT INTO users (id, email) VALUES (1, 'A@X'), (2, 'B@X')",
+        {"public.users": ["user:{id}"]},
+    )
+    r = env.redis()
+    with listening(path):
+        settle(env, r)
+        r.mset({"user:1": "1", "user:2": "2"})
+        # Another ALTER TABLE of the table sweeps nothing.
+        env.sql("ALTER TABLE users ALTER COLUMN name SET DEFAULT 'x'")
+        settle(env, r)
+        assert left(env) == {"user:1", "user:2"}
+        set_expression = "ALTER TABLE users ALTER COLUMN le SET EXPRESSION AS (upper(email))"
+        if env.logical:
+            with pytest.raises(psycopg.errors.FeatureNotSupported, match="publication"):
+                env.sql(set_expression)
+            return
+        env.sql(set_expression)
+        settle(env, r)
+        assert env.scalar("SELECT le FROM users WHERE id = 1") == "A@X"
+        assert left(env) == set()
