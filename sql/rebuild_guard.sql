@@ -98,9 +98,34 @@ DECLARE
     r      record;
     was    text := coalesce(current_setting('cdc_invalidator.installing', true), '');
     marked boolean;
+    bad    text;
 BEGIN
     IF cdc_invalidator.installing_v1() THEN
         RETURN;
+    END IF;
+    -- Trigger mode: a column the capture function reads by name (a key column, or one a
+    -- `columns` filter counts) that is now a virtual generated column (PostgreSQL 18; a
+    -- key column dropped and one of its name added, or renamed into its place) cannot be
+    -- read from the transition tables: every later write of the table would fail
+    -- ("unexpected virtual generated column reference", measured on 18.6). The one DDL
+    -- this guard refuses, as watch() refuses such a column and logical mode's guard a
+    -- virtual column on a table with REPLICA IDENTITY FULL.
+    SELECT format('column %I of table %s', a.attname, a.attrelid::regclass) INTO bad
+    FROM cdc_invalidator.touched_v1() t
+    JOIN pg_attribute a ON a.attrelid = t.rel AND a.attgenerated = 'v' AND NOT a.attisdropped
+    JOIN cdc_invalidator.watched_v1 w
+      ON (w.relid::oid = t.rel OR w.relid::oid = ANY (cdc_invalidator.ancestors_v1(t.rel)))
+     AND (a.attname::text = ANY (w.columns)
+          OR (w.judge = 'columns' AND a.attname::text = ANY (w.filter_columns)))
+    LIMIT 1;
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION 'cdc_invalidator: refused: % would be a virtual generated column, which '
+            'the capture triggers read by name and PostgreSQL does not compute in transition '
+            'tables: every write of the table would fail', bad
+            USING HINT = 'Use the columns it is computed from in the templates (or the column '
+                         'filter), or make it a STORED generated column; run '
+                         '`cdc-invalidator install`, then this change.',
+                  ERRCODE = 'feature_not_supported';
     END IF;
     -- Never a failed migration: whatever goes wrong here is a WARNING.
     BEGIN
