@@ -9,6 +9,7 @@ BEGIN
     IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
         DROP EVENT TRIGGER IF EXISTS cdc_invalidator_guard;
         DROP EVENT TRIGGER IF EXISTS cdc_invalidator_guard_drops;
+        DROP EVENT TRIGGER IF EXISTS cdc_invalidator_guard_index;
     END IF;
 END
 $leave$;

@@ -128,6 +128,10 @@ BEGIN
         WHERE i.indrelid = rel
           AND ((ident = 'd' AND i.indisprimary) OR (ident = 'i' AND i.indisreplident));
         CONTINUE WHEN coalesce(key_columns <@ covered, false);
+        -- (USING INDEX of an index dropped since is NOTHING: there is none to put back)
+        IF ident = 'i' AND idx IS NULL THEN
+            ident := 'n';
+        END IF;
         INSERT INTO cdc_invalidator.replica_identity_v1 (relid, previous, previous_index)
         VALUES (rel, ident, CASE WHEN ident = 'i' THEN idx END)
         ON CONFLICT (relid) DO NOTHING;
@@ -151,7 +155,10 @@ AS $without$
     WHERE c.relkind = 'r' AND c.relpersistence <> 't'
       AND (c.relreplident = 'n'
            OR (c.relreplident = 'd' AND NOT EXISTS (
-               SELECT FROM pg_index i WHERE i.indrelid = r.relid AND i.indisprimary)))
+               SELECT FROM pg_index i WHERE i.indrelid = r.relid AND i.indisprimary))
+           -- (USING INDEX of an index dropped since: PostgreSQL treats it as NOTHING)
+           OR (c.relreplident = 'i' AND NOT EXISTS (
+               SELECT FROM pg_index i WHERE i.indrelid = r.relid AND i.indisreplident)))
     LIMIT 1;
 $without$;
 
@@ -746,6 +753,57 @@ AS $at_commit$
                       WHERE d.relid = tbl::oid AND d.xid = pg_current_xact_id());
 $at_commit$;
 
+-- index_dropped_v1() (sql_drop of DROP INDEX): a table whose REPLICA IDENTITY USING
+-- INDEX named the index dropped has no identity left (PostgreSQL treats it as NOTHING),
+-- and, published, every UPDATE and DELETE of it fails ("does not have a replica identity
+-- and publishes updates"; measured on 18.6). DROP INDEX is no ALTER TABLE, which the
+-- guard above sees: here each published table (or partition or child of one) left so
+-- gets what the guard gives a table that lost its identity: REPLICA IDENTITY FULL, and
+-- its column list republished whole, in the command's transaction; a `keep` table is
+-- refused at COMMIT if still without one.
+CREATE OR REPLACE FUNCTION cdc_invalidator.index_dropped_v1()
+RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $index_dropped$
+DECLARE
+    r      record;
+    cols   text[];
+    was    text;
+    marked boolean;
+BEGIN
+    IF cdc_invalidator.installing_v1() THEN
+        RETURN;
+    END IF;
+    FOR r IN
+        SELECT p.* FROM cdc_invalidator.published_v1 p
+        JOIN pg_class c ON c.oid = p.relid
+        JOIN pg_publication pub ON pub.pubname = p.publication
+        WHERE cdc_invalidator.without_replica_identity_v1(p.relid) IS NOT NULL
+    LOOP
+        IF r.keep THEN
+            PERFORM cdc_invalidator.require_identity_at_commit_v1(r.relid);
+            CONTINUE;
+        END IF;
+        SELECT coalesce(array_agg(a.attname::text), '{}') INTO cols FROM pg_attribute a
+        WHERE a.attrelid = r.relid AND NOT a.attisdropped
+          AND (a.attnum = ANY (r.attnums) OR (r.judge IS NOT NULL AND a.attnum > 0));
+        PERFORM cdc_invalidator.ensure_replica_identity(r.relid, cols);
+        IF EXISTS (SELECT FROM pg_publication_rel pr JOIN pg_publication pub ON pub.oid = pr.prpubid
+                   WHERE pub.pubname = r.publication AND pr.prrelid = r.relid
+                     AND pr.prattrs IS NOT NULL) THEN
+            -- One transaction: the stream never sees the table out of the publication.
+            was := current_setting('cdc_invalidator.installing', true);
+            marked := cdc_invalidator.mark_install_v1();
+            EXECUTE format('ALTER PUBLICATION %I DROP TABLE ONLY %s', r.publication, r.relid);
+            EXECUTE format('ALTER PUBLICATION %I ADD TABLE %s', r.publication,
+                           cdc_invalidator.publish_list(r.relid));
+            PERFORM cdc_invalidator.unmark_install_v1(was, marked);
+        END IF;
+    END LOOP;
+END
+$index_dropped$;
+REVOKE ALL ON FUNCTION cdc_invalidator.index_dropped_v1() FROM PUBLIC;
+
 -- Event triggers are for superusers only: installed by another role, there is no guard
 -- (and no column lists, see publish_list()); `check` says so. ALWAYS: DDL run with
 -- session_replication_role = replica is guarded too.
@@ -772,6 +830,16 @@ BEGIN
             CREATE EVENT TRIGGER cdc_invalidator_guard_drops ON sql_drop
                 WHEN TAG IN ('ALTER PUBLICATION', 'DROP PUBLICATION')
                 EXECUTE FUNCTION cdc_invalidator.ddl_guard();
+        END IF;
+        IF NOT EXISTS (SELECT FROM pg_event_trigger
+                       WHERE evtname = 'cdc_invalidator_guard_index') THEN
+            CREATE EVENT TRIGGER cdc_invalidator_guard_index ON sql_drop
+                WHEN TAG IN ('DROP INDEX')
+                EXECUTE FUNCTION cdc_invalidator.index_dropped_v1();
+        END IF;
+        IF (SELECT evtenabled FROM pg_event_trigger
+            WHERE evtname = 'cdc_invalidator_guard_index') <> 'A' THEN
+            ALTER EVENT TRIGGER cdc_invalidator_guard_index ENABLE ALWAYS;
         END IF;
         IF (SELECT evtenabled FROM pg_event_trigger
             WHERE evtname = 'cdc_invalidator_guard_drops') <> 'A' THEN

@@ -704,3 +704,50 @@ def test_a_partition_emptied_then_detached_before_its_changes_are_decoded(
     r.mset({"ev:101": "-", "ev:email:a@x": "-"})
     with running(env, config):
         wait_until(lambda: gone(r, "ev:101", "ev:email:a@x"), what="the detached change's keys")
+
+
+@pytest.mark.parametrize("concurrently", [False, True], ids=["drop", "concurrently"])
+def test_drop_index_of_the_replica_identity_index_keeps_writes_working(
+    env: Env, concurrently: bool
+) -> None:
+    """A table with REPLICA IDENTITY USING INDEX (one covering the key columns, which
+    install leaves alone; and a partition's own), then a DBA's DROP INDEX of that index:
+    PostgreSQL treats the identity as NOTHING, and every UPDATE and DELETE of the table
+    failed ("does not have a replica identity and publishes updates", a review on
+    18.6): DROP INDEX is no ALTER TABLE. The guard's sql_drop trigger for DROP INDEX
+    (cdc_invalidator_guard_index) gives the table REPLICA IDENTITY FULL and publishes it
+    whole in the same transaction; uninstall puts NOTHING back, there being no index."""
+    env.sql(
+        "CREATE TABLE users (id int PRIMARY KEY, email text NOT NULL, name text);"
+        "CREATE UNIQUE INDEX users_id_email ON users (id, email);"
+        "ALTER TABLE users REPLICA IDENTITY USING INDEX users_id_email;"
+        "CREATE TABLE orders (id int, note text NOT NULL, PRIMARY KEY (id))"
+        " PARTITION BY RANGE (id);"
+        "CREATE TABLE orders_1 PARTITION OF orders FOR VALUES FROM (0) TO (10);"
+        "CREATE UNIQUE INDEX orders_1_id_note ON orders_1 (id, note);"
+        "ALTER TABLE orders_1 REPLICA IDENTITY USING INDEX orders_1_id_note;"
+        "INSERT INTO users VALUES (1, 'a@x', 'A'), (2, 'b@x', 'B');"
+        "INSERT INTO orders VALUES (1, 'one'), (2, 'two')"
+    )
+    config = logical_config(env, {**USERS, "public.orders": ["order:{id}", "order:note:{note}"]})
+    install(config)
+    assert publication_columns(env, "users") == ["id", "email"]
+    drop = "DROP INDEX CONCURRENTLY" if concurrently else "DROP INDEX"
+    env.sql(f"{drop} users_id_email")
+    env.sql(f"{drop} orders_1_id_note")
+    r = env.redis()
+    with running(env, config):
+        r.mset({"user:1": "A", "user:email:a@x": "1", "user:2": "B", "user:email:b@x": "2"})
+        r.mset({"order:1": "1", "order:note:one": "1", "order:2": "2", "order:note:two": "2"})
+        env.sql("UPDATE users SET email = 'c@x' WHERE id = 1; DELETE FROM users WHERE id = 2")
+        env.sql("UPDATE orders SET note = 'uno' WHERE id = 1; DELETE FROM orders WHERE id = 2")
+        wait_until(
+            lambda: (
+                gone(r, "user:1", "user:email:a@x", "user:2", "user:email:b@x")
+                and gone(r, "order:1", "order:note:one", "order:2", "order:note:two")
+            ),
+            what="the keys of the rows updated and deleted after the DROP INDEX",
+        )
+    assert publication_columns(env, "users") is None
+    assert cli("uninstall", "--config", config) == 0
+    assert env.scalar("SELECT relreplident FROM pg_class WHERE oid = 'users'::regclass") == "n"

@@ -311,7 +311,11 @@ def test_logical_install_takes_the_stand_in_away_and_keeps_the_guard(env: Env) -
     install(env, USERS, name="logical.toml", capture="logical")
     assert env.scalar(OURS) is None
     # The rebuild guard serves both modes; logical mode adds its DDL guard.
-    ddl_guard = ["cdc_invalidator_guard", "cdc_invalidator_guard_drops"]
+    ddl_guard = [
+        "cdc_invalidator_guard",
+        "cdc_invalidator_guard_drops",
+        "cdc_invalidator_guard_index",
+    ]
     assert env.scalar(GUARDS) == sorted([*REBUILD_GUARD, *ddl_guard])
     install(env, USERS)  # and back
     assert env.scalar(GUARDS) == REBUILD_GUARD

@@ -261,10 +261,11 @@ def check_logical_server(conn: psycopg.Connection[Any], settings: Settings, repo
     guard = conn.execute(Q.CHECK_DDL_GUARD.sql).fetchone()
     if publication_exists and not (guard and guard[0]):
         report.warnings.append(
-            "the DDL guard (event triggers cdc_invalidator_guard and "
-            "cdc_invalidator_guard_drops) is not installed, is "
-            "disabled, or was made by an earlier release: a new partition or a dropped "
-            "primary key can make writes to a published table fail, and a change to the "
+            "the DDL guard (event triggers cdc_invalidator_guard, cdc_invalidator_guard_drops "
+            "and cdc_invalidator_guard_index) is not installed, is "
+            "disabled, or was made by an earlier release: a new partition, a dropped "
+            "primary key or replica identity index can make writes to a published table "
+            "fail, and a change to the "
             'publication can stop changes from being captured (docs/DBA.md, "Schema '
             'migrations"); run `cdc-invalidator install` as a superuser to add it'
         )
