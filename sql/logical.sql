@@ -781,7 +781,15 @@ BEGIN
         WHERE cdc_invalidator.without_replica_identity_v1(p.relid) IS NOT NULL
     LOOP
         IF r.keep THEN
-            PERFORM cdc_invalidator.require_identity_at_commit_v1(r.relid);
+            -- (DROP INDEX CONCURRENTLY has made the index unusable in its earlier
+            -- transactions: refusing its last would leave it so, and the writes failing)
+            IF current_query() ~* '\mconcurrently\M' THEN
+                RAISE WARNING 'cdc_invalidator: table % (replica_identity = "keep") has no '
+                    'replica identity now: its UPDATEs and DELETEs fail until it has one '
+                    '(ALTER TABLE ... REPLICA IDENTITY)', r.relid;
+            ELSE
+                PERFORM cdc_invalidator.require_identity_at_commit_v1(r.relid);
+            END IF;
             CONTINUE;
         END IF;
         SELECT coalesce(array_agg(a.attname::text), '{}') INTO cols FROM pg_attribute a

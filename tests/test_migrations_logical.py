@@ -751,3 +751,25 @@ def test_drop_index_of_the_replica_identity_index_keeps_writes_working(
     assert publication_columns(env, "users") is None
     assert cli("uninstall", "--config", config) == 0
     assert env.scalar("SELECT relreplident FROM pg_class WHERE oid = 'users'::regclass") == "n"
+
+
+def test_drop_index_of_a_kept_tables_identity_index_is_refused(env: Env) -> None:
+    """replica_identity = "keep": the identity is the DBA's, and a DROP INDEX that leaves
+    the table without one is refused at COMMIT (the index stays, writes go on), as a
+    dropped primary key is. (DROP INDEX CONCURRENTLY cannot be undone by then: a
+    WARNING says the writes fail.)"""
+    env.sql(
+        "CREATE TABLE users (id int PRIMARY KEY, email text NOT NULL, name text);"
+        "CREATE UNIQUE INDEX users_id_email ON users (id, email);"
+        "ALTER TABLE users REPLICA IDENTITY USING INDEX users_id_email;"
+        "INSERT INTO users VALUES (1, 'a@x', 'A')"
+    )
+    install(logical_config(env, USERS, keep=["public.users"]))
+    with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="no replica identity"):
+        env.sql("DROP INDEX users_id_email")
+    env.sql("UPDATE users SET name = 'x' WHERE id = 1")
+    with env.connect() as conn:
+        warned: list[str] = []
+        conn.add_notice_handler(lambda d: warned.append(d.message_primary or ""))
+        conn.execute("DROP INDEX CONCURRENTLY users_id_email")
+    assert any("has no replica identity now" in w for w in warned), warned
