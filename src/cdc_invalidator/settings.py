@@ -79,6 +79,10 @@ _PASSWORD_SETTINGS = ("redis_sentinel_password",)
 
 # Seconds, written as "15m", "90s", "1h30m" (a bare number is seconds).
 Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
+# The longest wait a setting may ask for: select() and sleep() refuse one longer than
+# about 292 years, and the listener died of it (OverflowError) at its first wait.
+_DAY_S = 86_400
+_DAY_MS = _DAY_S * 1000
 
 
 def _auto_or_duration(value: object) -> float | None:
@@ -294,7 +298,7 @@ class Settings(BaseSettings):
     batch_linger_ms: Annotated[float, Field(ge=0, le=1000)] = 20.0
     # How often the listener looks at the queue with no NOTIFY (NOTIFY is lost while
     # disconnected, so it is a wake-up, never the only trigger).
-    poll_interval_ms: Annotated[int, Field(ge=10)] = 1000
+    poll_interval_ms: Annotated[int, Field(ge=10, le=_DAY_MS)] = 1000
     # How often processed rows are deleted from the queue table (in chunks, when idle).
     prune_every_ms: Annotated[int, Field(ge=0)] = 1000
     # Reconnect and retry back-off: exponential from the first to the max, ±10 % jitter.
@@ -302,17 +306,21 @@ class Settings(BaseSettings):
     # of stale reads (a Redis restored from an old snapshot serves its stale keys until
     # the replay; a PostgreSQL back takes writes whose keys wait in the queue or slot),
     # and a try a second costs a server that is down nothing.
-    retry_initial_ms: Annotated[int, Field(ge=1)] = 100
-    retry_max_ms: Annotated[int, Field(ge=1)] = 1000
+    retry_initial_ms: Annotated[int, Field(ge=1, le=_DAY_MS)] = 100
+    retry_max_ms: Annotated[int, Field(ge=1, le=_DAY_MS)] = 1000
     # Keys per UNLINK command; a batch's commands go to Redis in one pipeline.
     unlink_chunk: Annotated[int, Field(ge=1, le=100_000)] = 500
     # SCAN's COUNT for sweeps: how long one SCAN holds Redis (measured on 2 vCPUs, Redis
     # 7.0: ~0.75 ms at 1000, ~0.19 ms at 250) against a sweep's round trips (2M keys:
     # 3.3 s at 1000, 4.6 s at 250). No pause between pages: Redis serves other clients
     # between two SCANs, and its p99 follows one SCAN's length, not the sweep's share.
-    scan_count: Annotated[int, Field(ge=10)] = 1000
-    connect_timeout_s: Annotated[float, Field(gt=0)] = 5.0
-    redis_timeout_s: Annotated[float, Field(gt=0)] = 5.0
+    # (At most what Redis reads as a COUNT, a signed 64-bit integer: a larger one was
+    # taken, and every sweep failed, 'value is not an integer or out of range'.)
+    scan_count: Annotated[int, Field(ge=10, le=2**63 - 1)] = 1000
+    # At most a day: an infinite or huge timeout crashed every command (it becomes a
+    # whole number of seconds for libpq, a select() or socket timeout for Redis).
+    connect_timeout_s: Annotated[float, Field(gt=0, le=_DAY_S)] = 5.0
+    redis_timeout_s: Annotated[float, Field(gt=0, le=_DAY_S)] = 5.0
     # Serve /metrics (Prometheus), /healthz and /readyz on this port (0: off), on this
     # address: loopback by default, so that nothing outside the host reaches them unless
     # asked for ("0.0.0.0" or "::" for every interface; the container image sets
