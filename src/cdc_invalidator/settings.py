@@ -5,6 +5,7 @@ Built once by the CLI and passed down; nothing reads settings at import time.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -526,6 +527,9 @@ def load_settings(path: str | Path | None = None) -> Settings:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
     scrub = Scrubber(_raw_secrets(data))
+    misspelt = _misspelt_variables()
+    if misspelt:
+        raise ConfigError(f"{path}: invalid configuration\n" + "\n".join(misspelt))
     try:
         settings = Settings(**data)
     except ValidationError as exc:
@@ -536,6 +540,36 @@ def load_settings(path: str | Path | None = None) -> Settings:
         raise ConfigError(scrub(f"invalid configuration: {what}: {exc.__cause__ or exc}")) from None
     settings._written_at = written_at  # (set where the file is read)
     return settings
+
+
+# CDC_INVALIDATOR_* variables that are no setting, and names that may be near one by
+# chance: a Kubernetes Service named cdc-invalidator gives every pod of its namespace
+# CDC_INVALIDATOR_SERVICE_HOST, _PORT, _PORT_9100_TCP_ADDR, ...
+_NOT_SETTINGS = {CONFIG_ENV.removeprefix(ENV_PREFIX).lower(), "pg_bindir"}
+_NEAR = 0.85
+
+
+def _misspelt_variables() -> list[str]:
+    """A message line for each CDC_INVALIDATOR_* variable that names no setting but
+    nearly names one (CDC_INVALIDATOR_BATCHSIZE, ..._DATABASE_ULR): it was meant for
+    that setting, and ignored it would leave the setting at the file's value or the
+    default, unsaid. (One that names nothing near a setting is left alone: see
+    _NOT_SETTINGS.)"""
+    names = list(Settings.model_fields)
+    lines = []
+    for variable in sorted(os.environ):
+        if not variable.upper().startswith(ENV_PREFIX):
+            continue
+        name = variable[len(ENV_PREFIX) :].lower()
+        if name in names or name in _NOT_SETTINGS:
+            continue
+        near = difflib.get_close_matches(name, names, n=1, cutoff=_NEAR)
+        if near:
+            lines.append(
+                f"  - unknown setting from variable {variable}: did you mean "
+                f"{ENV_PREFIX}{near[0].upper()} (setting {near[0]!r})?"
+            )
+    return lines
 
 
 def _raw_secrets(data: dict[str, Any]) -> list[str]:

@@ -1,0 +1,55 @@
+"""A CDC_INVALIDATOR_* variable that nearly names a setting is a configuration error
+naming it (exit 2), not ignored: `CDC_INVALIDATOR_BATCHSIZE=5` or
+`CDC_INVALIDATOR_REDIS_ULR=...` left the setting at the file's value, and `check` said
+all was well (found by hand on PostgreSQL 15 and Redis 7.0). Variables that name
+nothing near a setting (a Kubernetes Service's CDC_INVALIDATOR_SERVICE_PORT, ...) are
+left alone."""
+
+from __future__ import annotations
+
+import pytest
+
+from cdc_invalidator.cli import main
+from tests.support.env import Env
+from tests.support.listener import run_cli
+from tests.support.servers import free_port
+
+pytestmark = pytest.mark.servers
+
+TABLES = {"public.users": ["user:{id}"]}
+# What Kubernetes gives every pod in the namespace of a Service named cdc-invalidator.
+SERVICE_VARIABLES = {
+    "CDC_INVALIDATOR_SERVICE_HOST": "10.0.0.7",
+    "CDC_INVALIDATOR_SERVICE_PORT": "9100",
+    "CDC_INVALIDATOR_PORT": "tcp://10.0.0.7:9100",
+    "CDC_INVALIDATOR_PORT_9100_TCP_PORT": "9100",
+}
+
+
+@pytest.mark.parametrize(
+    ("variable", "meant"),
+    [
+        ("CDC_INVALIDATOR_REDIS_ULR", "CDC_INVALIDATOR_REDIS_URL"),
+        ("CDC_INVALIDATOR_BATCHSIZE", "CDC_INVALIDATOR_BATCH_SIZE"),
+        ("cdc_invalidator_scan_cont", "CDC_INVALIDATOR_SCAN_COUNT"),
+    ],
+)
+def test_a_misspelt_variable_is_named(env: Env, variable: str, meant: str) -> None:
+    env.sql("CREATE TABLE users (id int PRIMARY KEY, email text)")
+    config = env.config(TABLES)
+    assert main(["install", "--config", str(config)]) == 0
+    value = f"redis://:pw-9c1e@127.0.0.1:{free_port()}/0" if "ULR" in variable else "50"
+    result = run_cli("check", "--config", str(config), env={**SERVICE_VARIABLES, variable: value})
+    text = result.stdout + result.stderr
+    assert result.returncode == 2, text
+    assert f"unknown setting from variable {variable}: did you mean {meant}" in text, text
+    assert "pw-9c1e" not in text, text
+    assert "Traceback" not in text, text
+
+
+def test_variables_that_name_no_setting_are_left_alone(env: Env) -> None:
+    env.sql("CREATE TABLE users (id int PRIMARY KEY, email text)")
+    config = env.config(TABLES)
+    assert main(["install", "--config", str(config)]) == 0
+    result = run_cli("check", "--config", str(config), env=SERVICE_VARIABLES)
+    assert result.returncode == 0, result.stdout + result.stderr
