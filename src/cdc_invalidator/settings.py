@@ -517,7 +517,9 @@ def load_settings(path: str | Path | None = None) -> Settings:
     path = config_path(path)
     try:
         written_at = path.stat().st_mtime  # (before the read: an edit between is newer)
-        data: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
+        # utf-8-sig: a byte-order mark (Notepad and some editors write one) is skipped;
+        # tomllib reads it as text, and said only "Invalid statement (at line 1, column 1)".
+        data: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
     except OSError as exc:

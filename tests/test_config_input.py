@@ -1,9 +1,12 @@
-"""A CDC_INVALIDATOR_* variable that nearly names a setting is a configuration error
+"""Configuration input a user gets wrong, against real servers.
+
+A CDC_INVALIDATOR_* variable that nearly names a setting is a configuration error
 naming it (exit 2), not ignored: `CDC_INVALIDATOR_BATCHSIZE=5` or
 `CDC_INVALIDATOR_REDIS_ULR=...` left the setting at the file's value, and `check` said
 all was well (found by hand on PostgreSQL 15 and Redis 7.0). Variables that name
 nothing near a setting (a Kubernetes Service's CDC_INVALIDATOR_SERVICE_PORT, ...) are
-left alone."""
+left alone. A file with a UTF-8 byte-order mark is read.
+"""
 
 from __future__ import annotations
 
@@ -52,4 +55,16 @@ def test_variables_that_name_no_setting_are_left_alone(env: Env) -> None:
     config = env.config(TABLES)
     assert main(["install", "--config", str(config)]) == 0
     result = run_cli("check", "--config", str(config), env=SERVICE_VARIABLES)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_configuration_file_with_a_byte_order_mark_is_read(env: Env) -> None:
+    """A file saved with a UTF-8 byte-order mark (Notepad does) was refused as "invalid
+    TOML: Invalid statement (at line 1, column 1)", pointing at a character no editor
+    shows (by hand: `check` exit 2)."""
+    env.sql("CREATE TABLE users (id int PRIMARY KEY, email text)")
+    config = env.config(TABLES)
+    assert main(["install", "--config", str(config)]) == 0
+    config.write_bytes(b"\xef\xbb\xbf" + config.read_bytes())
+    result = run_cli("check", "--config", str(config))
     assert result.returncode == 0, result.stdout + result.stderr
