@@ -5,7 +5,8 @@ naming it (exit 2), not ignored: `CDC_INVALIDATOR_BATCHSIZE=5` or
 `CDC_INVALIDATOR_REDIS_ULR=...` left the setting at the file's value, and `check` said
 all was well (found by hand on PostgreSQL 15 and Redis 7.0). Variables that name
 nothing near a setting (a Kubernetes Service's CDC_INVALIDATOR_SERVICE_PORT, ...) are
-left alone. A file with a UTF-8 byte-order mark is read.
+left alone. A file with a UTF-8 byte-order mark is read. A NUL in a table or column
+name is named.
 """
 
 from __future__ import annotations
@@ -68,3 +69,30 @@ def test_a_configuration_file_with_a_byte_order_mark_is_read(env: Env) -> None:
     config.write_bytes(b"\xef\xbb\xbf" + config.read_bytes())
     result = run_cli("check", "--config", str(config))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("table", "named"),
+    [
+        ('[tables."public.us\\u0000ers"]\nkeys = ["user:{id}"]', "table 'public.us\\x00ers'"),
+        ('[tables."public.users"]\nkeys = ["user:{i\\u0000d}"]', "column 'i\\x00d'"),
+        (
+            '[tables."public.users"]\nkeys = ["user:{id}"]\nignore_columns = ["a\\u0000b"]',
+            "column 'a\\x00b'",
+        ),
+    ],
+    ids=["table", "template", "ignore_columns"],
+)
+def test_a_nul_in_a_name_is_named(env: Env, table: str, named: str) -> None:
+    """TOML lets a name hold "\\u0000", which no PostgreSQL name can: `sql`, `check` and
+    `install` said only "PostgreSQL text fields cannot contain NUL (0x00) bytes" (exit 1),
+    naming neither the table nor the column (by hand on PostgreSQL 15)."""
+    env.sql("CREATE TABLE users (id int PRIMARY KEY, email text)")
+    config = env.tmp_path / "nul.toml"
+    config.write_text(f'database_url = "{env.dsn}"\nredis_url = "{env.redis_url}"\n{table}\n')
+    for command in ("sql", "install"):
+        result = run_cli(command, "--config", str(config))
+        text = result.stdout + result.stderr
+        assert result.returncode == 2, text
+        assert f"{named}: holds a NUL character" in text, text
+        assert "Traceback" not in text, text

@@ -193,8 +193,16 @@ class TableSettings(BaseModel):
     @classmethod
     def _templates_parse(cls, keys: list[str]) -> list[str]:
         for source in keys:
-            KeyTemplate.parse(source)  # raises TemplateError naming it
+            for column in KeyTemplate.parse(source).fields:  # raises TemplateError naming it
+                _refuse_nul(f"template {source!r}: column {column!r}", column)
         return keys
+
+    @field_validator("ignore_columns", "columns")
+    @classmethod
+    def _columns_named(cls, columns: list[str] | None) -> list[str] | None:
+        for column in columns or []:
+            _refuse_nul(f"column {column!r}", column)
+        return columns
 
 
 class Settings(BaseSettings):
@@ -340,6 +348,7 @@ class Settings(BaseSettings):
     def _table_names_parse(cls, tables: dict[str, TableSettings]) -> dict[str, TableSettings]:
         seen: dict[TableName, str] = {}
         for name, table in tables.items():
+            _refuse_nul(f"table {name!r}", name)
             parsed = TableName.parse(name)
             if parsed in seen:
                 raise ValueError(f"tables {seen[parsed]!r} and {name!r} name the same table")
@@ -484,6 +493,14 @@ class Settings(BaseSettings):
                 if table.redis_db is not None
             },
         )
+
+
+def _refuse_nul(what: str, name: str) -> None:
+    """A table or column name holding a NUL character (TOML's "\\u0000") names nothing
+    PostgreSQL can hold: refused here, named. It reached the server, and `sql`, `check`
+    and `install` said only "PostgreSQL text fields cannot contain NUL (0x00) bytes"."""
+    if "\x00" in name:
+        raise ValueError(f"{what}: holds a NUL character, which no PostgreSQL name can")
 
 
 def _refuse_broad_sweep(name: str, table: TableName, key_prefix: str, source: str) -> None:
