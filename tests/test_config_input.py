@@ -96,3 +96,18 @@ def test_a_nul_in_a_name_is_named(env: Env, table: str, named: str) -> None:
         assert result.returncode == 2, text
         assert f"{named}: holds a NUL character" in text, text
         assert "Traceback" not in text, text
+
+
+def test_a_nul_in_the_metrics_address_is_named(env: Env) -> None:
+    """`metrics_address = "127.0.0.1\\u0000"` passed `check`, and `run` ended in a
+    traceback (TypeError: host name must not contain null character), by hand."""
+    env.sql("CREATE TABLE users (id int PRIMARY KEY, email text)")
+    assert main(["install", "--config", str(env.config(TABLES))]) == 0
+    config = env.config(
+        TABLES, name="bad.toml", metrics_address="127.0.0.1\x00", metrics_port=free_port()
+    )
+    result = run_cli("run", "--config", str(config))
+    text = result.stdout + result.stderr
+    assert "Traceback" not in text, text
+    assert result.returncode == 2, text
+    assert "- metrics_address: '127.0.0.1\\x00' holds a NUL character" in text, text

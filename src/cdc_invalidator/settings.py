@@ -357,6 +357,14 @@ class Settings(BaseSettings):
                 _refuse_broad_sweep(name, parsed, table.key_prefix, source)
         return tables
 
+    @field_validator("metrics_address")
+    @classmethod
+    def _address_has_no_nul(cls, address: str) -> str:
+        # (socket.bind() raises TypeError, not OSError, for one: run ended in a traceback)
+        if "\x00" in address:
+            raise ValueError(f"{address!r} holds a NUL character: give a host name or address")
+        return address
+
     @field_validator("bulk_sweep_rows")
     @classmethod
     def _bulk_sweep_rows_bulk(cls, rows: int) -> int:
