@@ -111,3 +111,24 @@ def test_a_nul_in_the_metrics_address_is_named(env: Env) -> None:
     assert "Traceback" not in text, text
     assert result.returncode == 2, text
     assert "- metrics_address: '127.0.0.1\\x00' holds a NUL character" in text, text
+
+
+def test_a_table_name_postgresql_truncates_is_refused_naming_the_name_it_keeps(
+    env: Env,
+) -> None:
+    """A table created and configured with a name over 63 bytes: PostgreSQL keeps 63
+    (with a NOTICE), install's lookup too, and the table was watched; its changes were
+    queued under the catalog's name, which the configuration lacked, so every one went
+    to the dead letters and its keys stayed (by hand on PostgreSQL 15: `l:1` left after
+    an INSERT, "table public.xxx... is not in the configuration")."""
+    long_name = "x" * 70
+    env.sql(f"CREATE TABLE {long_name} (id int PRIMARY KEY)")
+    config = env.config({f"public.{long_name}": ["l:{id}"]})
+    result = run_cli("install", "--config", str(config))
+    text = result.stdout + result.stderr
+    assert result.returncode == 2, text
+    assert "is 70 bytes long, and PostgreSQL keeps only the first 63" in text, text
+    assert repr("x" * 63) in text, text
+    # Written as the catalog holds it, it is watched and its keys deleted.
+    config = env.config({f"public.{'x' * 63}": ["l:{id}"]})
+    assert main(["install", "--config", str(config)]) == 0

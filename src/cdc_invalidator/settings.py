@@ -350,6 +350,7 @@ class Settings(BaseSettings):
         for name, table in tables.items():
             _refuse_nul(f"table {name!r}", name)
             parsed = TableName.parse(name)
+            _refuse_truncated(name, parsed)
             if parsed in seen:
                 raise ValueError(f"tables {seen[parsed]!r} and {name!r} name the same table")
             seen[parsed] = name
@@ -509,6 +510,26 @@ def _refuse_nul(what: str, name: str) -> None:
     and `install` said only "PostgreSQL text fields cannot contain NUL (0x00) bytes"."""
     if "\x00" in name:
         raise ValueError(f"{what}: holds a NUL character, which no PostgreSQL name can")
+
+
+# PostgreSQL keeps the first 63 bytes of a longer name (NAMEDATALEN - 1), cut at a
+# character's boundary, with a NOTICE: CREATE TABLE and install's lookup of the
+# configured name both do, and the table was watched; but its changes are queued and
+# decoded under the name the catalog holds, which the configuration did not name, and
+# every one of them went to the dead letters, its keys left in Redis.
+_NAME_MAX_BYTES = 63
+
+
+def _refuse_truncated(name: str, table: TableName) -> None:
+    for part in table:
+        encoded = part.encode()
+        if len(encoded) > _NAME_MAX_BYTES:
+            kept = encoded[:_NAME_MAX_BYTES].decode(errors="ignore")
+            raise ValueError(
+                f"table {name!r}: {part!r} is {len(encoded)} bytes long, and PostgreSQL "
+                f"keeps only the first {_NAME_MAX_BYTES} of a name: write it as the catalog "
+                f"holds it, {kept!r}"
+            )
 
 
 def _refuse_broad_sweep(name: str, table: TableName, key_prefix: str, source: str) -> None:
