@@ -132,3 +132,17 @@ def test_a_table_name_postgresql_truncates_is_refused_naming_the_name_it_keeps(
     # Written as the catalog holds it, it is watched and its keys deleted.
     config = env.config({f"public.{'x' * 63}": ["l:{id}"]})
     assert main(["install", "--config", str(config)]) == 0
+
+
+def test_a_column_name_postgresql_truncates_is_refused_naming_the_name_it_keeps(
+    env: Env,
+) -> None:
+    """The column of a template, created with a 70-byte name (PostgreSQL kept 63):
+    install said only that the table "has no column" of the name configured."""
+    env.sql(f"CREATE TABLE users (id int PRIMARY KEY, {'c' * 70} text)")
+    config = env.config({"public.users": ["user:{id}", f"user:c:{{{'c' * 70}}}"]})
+    result = run_cli("install", "--config", str(config))
+    text = result.stdout + result.stderr
+    assert result.returncode == 2, text
+    assert "is 70 bytes long, and PostgreSQL keeps only the first 63" in text, text
+    assert repr("c" * 63) in text, text

@@ -194,14 +194,14 @@ class TableSettings(BaseModel):
     def _templates_parse(cls, keys: list[str]) -> list[str]:
         for source in keys:
             for column in KeyTemplate.parse(source).fields:  # raises TemplateError naming it
-                _refuse_nul(f"template {source!r}: column {column!r}", column)
+                _refuse_unnameable(f"template {source!r}: column {column!r}", column)
         return keys
 
     @field_validator("ignore_columns", "columns")
     @classmethod
     def _columns_named(cls, columns: list[str] | None) -> list[str] | None:
         for column in columns or []:
-            _refuse_nul(f"column {column!r}", column)
+            _refuse_unnameable(f"column {column!r}", column)
         return columns
 
 
@@ -348,7 +348,8 @@ class Settings(BaseSettings):
     def _table_names_parse(cls, tables: dict[str, TableSettings]) -> dict[str, TableSettings]:
         seen: dict[TableName, str] = {}
         for name, table in tables.items():
-            _refuse_nul(f"table {name!r}", name)
+            if "\x00" in name:
+                _refuse_unnameable(f"table {name!r}", name)
             parsed = TableName.parse(name)
             _refuse_truncated(name, parsed)
             if parsed in seen:
@@ -504,12 +505,20 @@ class Settings(BaseSettings):
         )
 
 
-def _refuse_nul(what: str, name: str) -> None:
+def _refuse_unnameable(what: str, name: str) -> None:
     """A table or column name holding a NUL character (TOML's "\\u0000") names nothing
     PostgreSQL can hold: refused here, named. It reached the server, and `sql`, `check`
-    and `install` said only "PostgreSQL text fields cannot contain NUL (0x00) bytes"."""
+    and `install` said only "PostgreSQL text fields cannot contain NUL (0x00) bytes".
+    A column name over 63 bytes likewise (see _NAME_MAX_BYTES), with the name it keeps."""
     if "\x00" in name:
         raise ValueError(f"{what}: holds a NUL character, which no PostgreSQL name can")
+    encoded = name.encode(errors="surrogatepass")
+    if len(encoded) > _NAME_MAX_BYTES:  # (a column: install said it has none such)
+        kept = encoded[:_NAME_MAX_BYTES].decode(errors="ignore")
+        raise ValueError(
+            f"{what}: is {len(encoded)} bytes long, and PostgreSQL keeps only the first "
+            f"{_NAME_MAX_BYTES} of a name: write it as the catalog holds it, {kept!r}"
+        )
 
 
 # PostgreSQL keeps the first 63 bytes of a longer name (NAMEDATALEN - 1), cut at a
