@@ -348,7 +348,7 @@ class Settings(BaseSettings):
     def _table_names_parse(cls, tables: dict[str, TableSettings]) -> dict[str, TableSettings]:
         seen: dict[TableName, str] = {}
         for name, table in tables.items():
-            if "\x00" in name:
+            if "\x00" in name:  # (before parsing: named whole)
                 _refuse_unnameable(f"table {name!r}", name)
             parsed = TableName.parse(name)
             _refuse_truncated(name, parsed)
@@ -509,11 +509,11 @@ def _refuse_unnameable(what: str, name: str) -> None:
     """A table or column name holding a NUL character (TOML's "\\u0000") names nothing
     PostgreSQL can hold: refused here, named. It reached the server, and `sql`, `check`
     and `install` said only "PostgreSQL text fields cannot contain NUL (0x00) bytes".
-    A column name over 63 bytes likewise (see _NAME_MAX_BYTES), with the name it keeps."""
+    A name over 63 bytes likewise (see _NAME_MAX_BYTES), with the name it keeps."""
     if "\x00" in name:
         raise ValueError(f"{what}: holds a NUL character, which no PostgreSQL name can")
     encoded = name.encode(errors="surrogatepass")
-    if len(encoded) > _NAME_MAX_BYTES:  # (a column: install said it has none such)
+    if len(encoded) > _NAME_MAX_BYTES:
         kept = encoded[:_NAME_MAX_BYTES].decode(errors="ignore")
         raise ValueError(
             f"{what}: is {len(encoded)} bytes long, and PostgreSQL keeps only the first "
@@ -531,14 +531,7 @@ _NAME_MAX_BYTES = 63
 
 def _refuse_truncated(name: str, table: TableName) -> None:
     for part in table:
-        encoded = part.encode()
-        if len(encoded) > _NAME_MAX_BYTES:
-            kept = encoded[:_NAME_MAX_BYTES].decode(errors="ignore")
-            raise ValueError(
-                f"table {name!r}: {part!r} is {len(encoded)} bytes long, and PostgreSQL "
-                f"keeps only the first {_NAME_MAX_BYTES} of a name: write it as the catalog "
-                f"holds it, {kept!r}"
-            )
+        _refuse_unnameable(f"table {name!r}: {part!r}", part)
 
 
 def _refuse_broad_sweep(name: str, table: TableName, key_prefix: str, source: str) -> None:
