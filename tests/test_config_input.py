@@ -4,9 +4,9 @@ A CDC_INVALIDATOR_* variable that nearly names a setting is a configuration erro
 naming it (exit 2), not ignored: `CDC_INVALIDATOR_BATCHSIZE=5` or
 `CDC_INVALIDATOR_REDIS_ULR=...` left the setting at the file's value, and `check` said
 all was well (found by hand on PostgreSQL 15 and Redis 7.0). Variables that name
-nothing near a setting (a Kubernetes Service's CDC_INVALIDATOR_SERVICE_PORT, ...) are
-left alone. A file with a UTF-8 byte-order mark is read. A NUL in a table or column
-name is named.
+nothing near a setting, and Kubernetes' service links (CDC_INVALIDATOR_SERVICE_PORT,
+..._REDIS_SENTINEL_PORT=tcp://..., near a setting or not), are left alone. A file with
+a UTF-8 byte-order mark is read. A NUL in a table or column name is named.
 """
 
 from __future__ import annotations
@@ -27,6 +27,10 @@ SERVICE_VARIABLES = {
     "CDC_INVALIDATOR_SERVICE_PORT": "9100",
     "CDC_INVALIDATOR_PORT": "tcp://10.0.0.7:9100",
     "CDC_INVALIDATOR_PORT_9100_TCP_PORT": "9100",
+    # and of one named cdc-invalidator-redis-sentinel, near redis_sentinel_password
+    "CDC_INVALIDATOR_REDIS_SENTINEL_SERVICE_HOST": "10.0.0.8",
+    "CDC_INVALIDATOR_REDIS_SENTINEL_PORT": "tcp://10.0.0.8:26379",
+    "CDC_INVALIDATOR_REDIS_SENTINEL_PORT_26379_TCP_ADDR": "10.0.0.8",
 }
 
 
@@ -36,6 +40,7 @@ SERVICE_VARIABLES = {
         ("CDC_INVALIDATOR_REDIS_ULR", "CDC_INVALIDATOR_REDIS_URL"),
         ("CDC_INVALIDATOR_BATCHSIZE", "CDC_INVALIDATOR_BATCH_SIZE"),
         ("cdc_invalidator_scan_cont", "CDC_INVALIDATOR_SCAN_COUNT"),
+        ("CDC_INVALIDATOR_METRIC_PORT", "CDC_INVALIDATOR_METRICS_PORT"),  # (not tcp://)
     ],
 )
 def test_a_misspelt_variable_is_named(env: Env, variable: str, meant: str) -> None:

@@ -596,6 +596,15 @@ def load_settings(path: str | Path | None = None) -> Settings:
 # chance: a Kubernetes Service named cdc-invalidator gives every pod of its namespace
 # CDC_INVALIDATOR_SERVICE_HOST, _PORT, _PORT_9100_TCP_ADDR, ...
 _NOT_SETTINGS = {CONFIG_ENV.removeprefix(ENV_PREFIX).lower(), "pg_bindir"}
+# Kubernetes' service links, which a Service of any name starting so gives (one named
+# cdc-invalidator-redis-sentinel: CDC_INVALIDATOR_REDIS_SENTINEL_PORT, which difflib
+# finds near redis_sentinel_password): <NAME>_SERVICE_HOST, <NAME>_SERVICE_PORT[_<port
+# name>], <NAME>_PORT_<n>_<TCP|UDP|SCTP>[_PROTO|_PORT|_ADDR], and <NAME>_PORT holding
+# "tcp://host:port". Never a reason to refuse to start.
+_SERVICE_LINK = re.compile(
+    r"(_service_host|_service_port(_\w+)?|_port_\d+_(tcp|udp|sctp)(_(proto|port|addr))?)$"
+)
+_SERVICE_LINK_PORT = re.compile(r"(tcp|udp|sctp)://", re.IGNORECASE)
 _NEAR = 0.85
 
 
@@ -612,6 +621,10 @@ def _misspelt_variables() -> list[str]:
             continue
         name = variable[len(ENV_PREFIX) :].lower()
         if name in names or name in _NOT_SETTINGS:
+            continue
+        if _SERVICE_LINK.search(name):
+            continue
+        if name.endswith("_port") and _SERVICE_LINK_PORT.match(os.environ[variable]):
             continue
         near = difflib.get_close_matches(name, names, n=1, cutoff=_NEAR)
         if near:
