@@ -984,12 +984,14 @@ def test_a_share_whose_delete_failed_comes_again_and_the_last_still_confirms_all
 # --- sweeps standing in for other changes -----------------------------------------------------
 
 
-def test_stand_ins_are_counted_and_unrenderable_ones_logged_once_a_minute_per_table(
+def test_stand_ins_are_counted_and_unrenderable_ones_logged_once_a_minute_or_for_news(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A batch's sweep of a table for bulk statements counts each statement and logs
     each batch; for unrenderable changes it counts the sweep (whatever their number) and
-    logs a table's reason once a minute: until install runs, every batch sweeps."""
+    logs a table's reason once a minute: until install runs, every batch sweeps. Another
+    reason than the last told is logged at once (a rewrite's sweep, which needs nothing,
+    hid the retype's that needs install for a minute)."""
     logged: list[tuple[str, str, dict[str, object]]] = []
 
     class Log:
@@ -1011,12 +1013,16 @@ def test_stand_ins_are_counted_and_unrenderable_ones_logged_once_a_minute_per_ta
 
     batch((USERS, Kind.UNRENDERABLE, "email is gone", 500), (orders, Kind.BULK, "1000", 2))
     world.clock.advance(59.0)
-    batch((USERS, Kind.UNRENDERABLE, "still gone", 1), (orders, Kind.UNRENDERABLE, "id is gone", 3))
+    batch(
+        (USERS, Kind.UNRENDERABLE, "email is gone", 1), (orders, Kind.UNRENDERABLE, "id is gone", 3)
+    )
     world.clock.advance(1.0)
-    batch((USERS, Kind.UNRENDERABLE, "gone at last", 1), (orders, Kind.BULK, "1000", 1))
+    batch((USERS, Kind.UNRENDERABLE, "email is gone", 1), (orders, Kind.BULK, "1000", 1))
+    world.clock.advance(1.0)
+    batch((USERS, Kind.UNRENDERABLE, "id retyped", 1), (orders, Kind.UNRENDERABLE, "id is gone", 1))
 
-    assert count("unrenderable", USERS) == 3
-    assert count("unrenderable", orders) == 1
+    assert count("unrenderable", USERS) == 4
+    assert count("unrenderable", orders) == 2
     assert count("bulk", orders) == 3
     assert [(level, event, kw["table"]) for level, event, kw in logged] == [
         ("warning", "unrenderable_changes_swept", "public.users"),
@@ -1024,9 +1030,10 @@ def test_stand_ins_are_counted_and_unrenderable_ones_logged_once_a_minute_per_ta
         ("warning", "unrenderable_changes_swept", "public.orders"),
         ("warning", "unrenderable_changes_swept", "public.users"),
         ("info", "bulk_statements_swept", "public.orders"),
+        ("warning", "unrenderable_changes_swept", "public.users"),
     ]
     reasons = [kw.get("reason") for _, _, kw in logged]
-    assert reasons == ["email is gone", None, "id is gone", "gone at last", None]
+    assert reasons == ["email is gone", None, "id is gone", "email is gone", None, "id retyped"]
 
 
 def test_a_change_the_mapping_lacks_ends_the_runner_unacknowledged_once_the_file_changed(

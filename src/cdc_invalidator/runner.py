@@ -394,8 +394,9 @@ class Runner:
         self._keys_deleted = 0  # by the loop; the sweeper counts its own
         self.keys_deleted_again = 0  # by second deletes: stale sets they undid
         self.dead_letters = 0
-        # When each table's unrenderable changes were last logged (time.monotonic()).
-        self._unrenderable_logged: dict[TableName, float] = {}
+        # When each table's unrenderable changes were last logged (time.monotonic()), and
+        # the reason then.
+        self._unrenderable_logged: dict[TableName, tuple[float, str]] = {}
 
     def run(self) -> None:
         """Until stop(): a batch in hand is finished (or rolled back) before returning."""
@@ -720,9 +721,10 @@ class Runner:
     def _swept_for(self, table: TableName, kind: StandInKind, seen: StoodIn) -> None:
         """Count and log a batch's sweep of `table` standing for `seen` (events.stand_in).
 
-        Unrenderable changes: a sweep counted per batch, logged once a minute per table
-        (until install runs again, every batch with such a change sweeps). Bulk
-        statements: each counted, logged per batch (each one is an event worth seeing).
+        Unrenderable changes: a sweep counted per batch, logged once a minute per table,
+        or at once for a reason not the last told (until install runs again, every batch
+        with such a change sweeps). Bulk statements: each counted, logged per batch (each
+        one is an event worth seeing).
         The sweep after missed changes: nothing here, the capture logs it when done."""
         if kind is StandInKind.BULK:
             self.metrics.bulk_sweeps.labels(str(table)).inc(seen.times)
@@ -736,10 +738,13 @@ class Runner:
             assert_never(kind)
         self.metrics.unrenderable_sweeps.labels(str(table)).inc()
         now = time.monotonic()
-        if now - self._unrenderable_logged.get(table, -UNRENDERABLE_LOG_EVERY_S) >= (
-            UNRENDERABLE_LOG_EVERY_S
-        ):
-            self._unrenderable_logged[table] = now
+        # Once a minute per table, and at once for another reason than the last told:
+        # that is news (a rewrite's sweep, which needs nothing, hid for a minute the
+        # retype's, which needs install). (The last reason only: the reasons are any
+        # role's to make up in logical mode, a message of our prefix.)
+        when, why = self._unrenderable_logged.get(table, (-UNRENDERABLE_LOG_EVERY_S, ""))
+        if now - when >= UNRENDERABLE_LOG_EVERY_S or why != seen.detail:
+            self._unrenderable_logged[table] = (now, seen.detail)
             log.warning(
                 "unrenderable_changes_swept",
                 table=str(table),
