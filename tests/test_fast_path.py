@@ -417,9 +417,11 @@ MIGRATIONS = [
         id="renamed-key-column",
     ),
     pytest.param(
+        # (a rewrite of the table: the rebuild guard sweeps it, a cold cache for a retype
+        # whose text is the same)
         "ALTER TABLE users ALTER COLUMN id TYPE bigint",
         "UPDATE users SET email = 'new@x' WHERE id = 1",
-        {*keys_of(1), NEW},
+        EVERY_USER,
         True,
         id="id-retyped-bigint",
     ),
