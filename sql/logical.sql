@@ -761,6 +761,15 @@ $at_commit$;
 -- gets what the guard gives a table that lost its identity: REPLICA IDENTITY FULL, and
 -- its column list republished whole, in the command's transaction; a `keep` table is
 -- refused at COMMIT if still without one.
+-- Only a table this command dropped an index of: one whose lock this transaction holds
+-- as DROP INDEX takes it (ACCESS EXCLUSIVE; SHARE UPDATE EXCLUSIVE when CONCURRENTLY:
+-- nothing weaker than that). The sql_drop event names the index, not its table, which
+-- is gone from the catalog by then. A `keep` table left without identity earlier (by a
+-- DROP INDEX CONCURRENTLY, below) made every later DROP INDEX anywhere in the database
+-- fail at COMMIT. The lock's mode also tells CONCURRENTLY, whose earlier transactions
+-- made the index unusable already (refusing its last would leave it so, the writes
+-- failing): the query's text did, and a comment naming the word (`DROP INDEX i --
+-- not concurrently`) took the refusal away.
 CREATE OR REPLACE FUNCTION cdc_invalidator.index_dropped_v1()
 RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
@@ -775,15 +784,28 @@ BEGIN
         RETURN;
     END IF;
     FOR r IN
-        SELECT p.* FROM cdc_invalidator.published_v1 p
-        JOIN pg_class c ON c.oid = p.relid
+        WITH held AS (
+            SELECT l.relation, bool_or(l.mode = 'AccessExclusiveLock') AS exclusive
+            FROM pg_locks l
+            WHERE l.pid = pg_backend_pid() AND l.locktype = 'relation' AND l.granted
+              AND l.database = (SELECT d.oid FROM pg_database d
+                                WHERE d.datname = current_database())
+              AND l.mode IN ('ShareUpdateExclusiveLock', 'ShareRowExclusiveLock',
+                             'ExclusiveLock', 'AccessExclusiveLock')
+            GROUP BY l.relation)
+        SELECT p.*, bool_or(h.exclusive) AS exclusive
+        FROM cdc_invalidator.published_v1 p
         JOIN pg_publication pub ON pub.pubname = p.publication
-        WHERE cdc_invalidator.without_replica_identity_v1(p.relid) IS NOT NULL
+        CROSS JOIN LATERAL (SELECT p.relid::oid AS rel
+                            UNION SELECT unnest(cdc_invalidator.partitions_v1(p.relid))) m
+        JOIN held h ON h.relation = m.rel
+        JOIN pg_class c ON c.oid = m.rel
+        WHERE c.relkind = 'r' AND c.relpersistence <> 't'
+          AND cdc_invalidator.without_replica_identity_v1(m.rel::regclass) IS NOT NULL
+        GROUP BY p.relid
     LOOP
         IF r.keep THEN
-            -- (DROP INDEX CONCURRENTLY has made the index unusable in its earlier
-            -- transactions: refusing its last would leave it so, and the writes failing)
-            IF current_query() ~* '\mconcurrently\M' THEN
+            IF NOT r.exclusive THEN
                 RAISE WARNING 'cdc_invalidator: table % (replica_identity = "keep") has no '
                     'replica identity now: its UPDATEs and DELETEs fail until it has one '
                     '(ALTER TABLE ... REPLICA IDENTITY)', r.relid;

@@ -773,3 +773,42 @@ def test_drop_index_of_a_kept_tables_identity_index_is_refused(env: Env) -> None
         conn.add_notice_handler(lambda d: warned.append(d.message_primary or ""))
         conn.execute("DROP INDEX CONCURRENTLY users_id_email")
     assert any("has no replica identity now" in w for w in warned), warned
+
+
+def test_a_kept_table_left_without_identity_fails_no_other_drop_index(env: Env) -> None:
+    """A DROP INDEX CONCURRENTLY of a `keep` table's identity index leaves it without one
+    (a WARNING). The DROP INDEX guard then looked at every published table without an
+    identity, not at the one whose index a command dropped: every later DROP INDEX in
+    the database, of an index of a table we do not watch, was refused at COMMIT
+    ("table users has no replica identity", by hand on PG 15 and 18). Only a table
+    the DROP INDEX locked is looked at now."""
+    env.sql(
+        "CREATE TABLE users (id int PRIMARY KEY, email text NOT NULL, name text);"
+        "CREATE UNIQUE INDEX users_id_email ON users (id, email);"
+        "ALTER TABLE users REPLICA IDENTITY USING INDEX users_id_email;"
+        "CREATE TABLE other (id int, note text);"
+        "CREATE INDEX other_note ON other (note); CREATE INDEX other_id ON other (id)"
+    )
+    install(logical_config(env, USERS, keep=["public.users"]))
+    env.sql("DROP INDEX CONCURRENTLY users_id_email")
+    env.sql("DROP INDEX other_note")
+    env.sql("DROP INDEX CONCURRENTLY other_id")
+    assert env.scalar("SELECT count(*) FROM pg_index WHERE indrelid = 'other'::regclass") == 0
+
+
+def test_a_comment_naming_concurrently_does_not_take_the_refusal_away(env: Env) -> None:
+    """The guard told DROP INDEX CONCURRENTLY (a WARNING for a `keep` table, its index
+    unusable by then) by the word in the query's text: a comment naming it made a plain
+    DROP INDEX of the identity index pass with only the WARNING, and every UPDATE of
+    the table failed after ("does not have a replica identity and publishes updates",
+    by hand on PG 15 and 18). The lock DROP INDEX took on the table tells it now."""
+    env.sql(
+        "CREATE TABLE users (id int PRIMARY KEY, email text NOT NULL, name text);"
+        "CREATE UNIQUE INDEX users_id_email ON users (id, email);"
+        "ALTER TABLE users REPLICA IDENTITY USING INDEX users_id_email;"
+        "INSERT INTO users VALUES (1, 'a@x', 'A')"
+    )
+    install(logical_config(env, USERS, keep=["public.users"]))
+    with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="no replica identity"):
+        env.sql("DROP INDEX users_id_email /* not concurrently: in a transaction */")
+    env.sql("UPDATE users SET name = 'x' WHERE id = 1")
