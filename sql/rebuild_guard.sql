@@ -919,14 +919,31 @@ REVOKE ALL ON FUNCTION cdc_invalidator.parts_dropped_v1() FROM PUBLIC;
 -- templates, in the command's transaction, once per transaction and table. A retype
 -- whose text is the same (int to bigint) sweeps too: a cold cache, never a stale one.
 -- Rewrites for SET LOGGED/UNLOGGED (1) or SET ACCESS METHOD (8) keep the values.
+-- Each partition of a partitioned table is rewritten on its own, and asks once: the
+-- tables swept for are recorded in rewrite_sweeps_v1, by transaction, which only the
+-- role that installed (the event trigger's) writes. A session setting did it, which
+-- any role can set (SET cdc_invalidator.rewrite_swept = ',<oid>,'): a table's owner,
+-- or a function its migration ran, skipped the sweep, and every cached key of the
+-- rewritten rows stayed. A row of a transaction that ended counts for nothing (the
+-- xid is this transaction's and its xmin is this transaction's or a subtransaction's,
+-- as install_marks_v1); install deletes them (one a transaction that rewrote a
+-- watched table: a few bytes a migration).
+CREATE TABLE IF NOT EXISTS cdc_invalidator.rewrite_sweeps_v1 (
+    xid  xid8 NOT NULL,
+    root oid NOT NULL,
+    PRIMARY KEY (xid, root)
+);
+REVOKE ALL ON TABLE cdc_invalidator.rewrite_sweeps_v1 FROM PUBLIC;
+DELETE FROM cdc_invalidator.rewrite_sweeps_v1 WHERE xid <> pg_current_xact_id();
+
 CREATE OR REPLACE FUNCTION cdc_invalidator.rewritten_v1()
 RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $rewritten$
 DECLARE
-    rel  oid;
-    root oid;
-    done text;
+    rel   oid;
+    tbl   oid;
+    fresh boolean;
 BEGIN
     IF cdc_invalidator.installing_v1() THEN
         RETURN;
@@ -937,18 +954,22 @@ BEGIN
             RETURN;
         END IF;
         rel := pg_event_trigger_table_rewrite_oid();
-        FOR root IN
+        FOR tbl IN
             SELECT DISTINCT x.root FROM cdc_invalidator.roots_v1() x
             WHERE x.root = rel OR x.root = ANY (cdc_invalidator.ancestors_v1(rel))
         LOOP
-            -- (each partition of a partitioned table is rewritten on its own: one sweep)
-            done := coalesce(current_setting('cdc_invalidator.rewrite_swept', true), '');
-            CONTINUE WHEN done LIKE '%,' || root || ',%';
-            PERFORM cdc_invalidator.sweep_root_v1(root, format(
+            -- (no read of the table first: only a row already there, this one's or one
+            -- another cluster's counter left, is looked at)
+            fresh := NULL;
+            INSERT INTO cdc_invalidator.rewrite_sweeps_v1 (xid, root)
+            VALUES (pg_current_xact_id(), tbl)
+            ON CONFLICT DO NOTHING RETURNING true INTO fresh;
+            CONTINUE WHEN fresh IS NULL AND EXISTS (
+                SELECT FROM cdc_invalidator.rewrite_sweeps_v1 s
+                WHERE s.xid = pg_current_xact_id() AND s.root = tbl AND age(s.xmin) <= 0);
+            PERFORM cdc_invalidator.sweep_root_v1(tbl, format(
                 'table %s rewritten by %s: its column values changed with no row change '
-                'seen', root::regclass, TG_TAG));
-            PERFORM set_config('cdc_invalidator.rewrite_swept',
-                               coalesce(nullif(done, ''), ',') || root || ',', true);
+                'seen', tbl::regclass, TG_TAG));
         END LOOP;
     EXCEPTION WHEN OTHERS THEN
         RAISE WARNING 'cdc_invalidator: the rebuild guard failed (%): the cached keys of a '

@@ -118,3 +118,30 @@ def test_set_expression_of_a_virtual_column_sweeps_or_is_refused(env: Env) -> No
         settle(env, r)
         assert env.scalar("SELECT le FROM users WHERE id = 1") == "A@X"
         assert left(env) == set()
+
+
+def test_a_session_setting_does_not_skip_the_sweep(env: Env) -> None:
+    """The guard recorded the tables a transaction's rewrites had swept for in a session
+    setting, cdc_invalidator.rewrite_swept, which any role can set: a session (a
+    table's owner, or a function its migration runs) that set it to the table's oid
+    first rewrote the table with no sweep, and all four keys stayed (PostgreSQL 15 and
+    18, both modes). The record is now a row only the guard writes."""
+    path = cached(
+        env,
+        "CREATE TABLE users (id int PRIMARY KEY, email text);"
+        "INSERT INTO users VALUES (1, 'A@X'), (2, 'B@X')",
+        {"public.users": ["user:{id}", "user:email:{email}"]},
+    )
+    oid = env.scalar("SELECT 'users'::regclass::oid")
+    r = env.redis()
+    with listening(path):
+        settle(env, r)
+        r.mset(CACHED)
+        with env.connect() as conn:
+            conn.execute(
+                "SELECT set_config('cdc_invalidator.rewrite_swept', %s, false)", [f",{oid},"]
+            )
+            conn.execute("ALTER TABLE users ALTER COLUMN email TYPE varchar(9) USING lower(email)")
+        assert env.scalar("SELECT email FROM users WHERE id = 1") == "a@x"
+        settle(env, r)
+        assert left(env) == set()
