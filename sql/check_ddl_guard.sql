@@ -8,4 +8,4 @@ WHERE evtenabled <> 'D'
                              'ALTER PUBLICATION', 'CREATE PUBLICATION', 'DROP PUBLICATION'])
        OR (evtname = 'cdc_invalidator_guard_drops'
            AND evttags @> ARRAY['ALTER PUBLICATION', 'DROP PUBLICATION'])
-       OR (evtname = 'cdc_invalidator_guard_index' AND evttags @> ARRAY['DROP INDEX']))
+       OR (evtname = 'cdc_invalidator_guard_index' AND evttags IS NULL))

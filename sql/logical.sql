@@ -753,7 +753,7 @@ AS $at_commit$
                       WHERE d.relid = tbl::oid AND d.xid = pg_current_xact_id());
 $at_commit$;
 
--- index_dropped_v1() (sql_drop of DROP INDEX): a table whose REPLICA IDENTITY USING
+-- index_dropped_v1() (sql_drop, of every command that drops an index): a table whose REPLICA IDENTITY USING
 -- INDEX named the index dropped has no identity left (PostgreSQL treats it as NOTHING),
 -- and, published, every UPDATE and DELETE of it fails ("does not have a replica identity
 -- and publishes updates"; measured on 18.6). DROP INDEX is no ALTER TABLE, which the
@@ -780,7 +780,11 @@ DECLARE
     was    text;
     marked boolean;
 BEGIN
-    IF cdc_invalidator.installing_v1() THEN
+    -- (any command: an index goes with what it depends on, DROP COLLATION ... CASCADE
+    -- of a collation one of its columns names, DROP OPERATOR CLASS, DROP EXTENSION ...
+    -- CASCADE, and the table stays. Most drop no index, and stop here.)
+    IF NOT EXISTS (SELECT FROM pg_event_trigger_dropped_objects() d
+                   WHERE d.object_type = 'index') OR cdc_invalidator.installing_v1() THEN
         RETURN;
     END IF;
     FOR r IN
@@ -861,10 +865,14 @@ BEGIN
                 WHEN TAG IN ('ALTER PUBLICATION', 'DROP PUBLICATION')
                 EXECUTE FUNCTION cdc_invalidator.ddl_guard();
         END IF;
+        -- (made again where an earlier release made it for DROP INDEX alone)
+        IF EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'cdc_invalidator_guard_index'
+                     AND evttags IS NOT NULL) THEN
+            DROP EVENT TRIGGER cdc_invalidator_guard_index;
+        END IF;
         IF NOT EXISTS (SELECT FROM pg_event_trigger
                        WHERE evtname = 'cdc_invalidator_guard_index') THEN
             CREATE EVENT TRIGGER cdc_invalidator_guard_index ON sql_drop
-                WHEN TAG IN ('DROP INDEX')
                 EXECUTE FUNCTION cdc_invalidator.index_dropped_v1();
         END IF;
         IF (SELECT evtenabled FROM pg_event_trigger

@@ -812,3 +812,22 @@ def test_a_comment_naming_concurrently_does_not_take_the_refusal_away(env: Env) 
     with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="no replica identity"):
         env.sql("DROP INDEX users_id_email /* not concurrently: in a transaction */")
     env.sql("UPDATE users SET name = 'x' WHERE id = 1")
+
+
+def test_an_identity_index_dropped_by_a_cascade_keeps_writes_working(env: Env) -> None:
+    """An index goes with an object it depends on: DROP COLLATION ... CASCADE of the
+    collation one of its columns names drops the REPLICA IDENTITY USING INDEX index and
+    leaves the table. The guard's sql_drop trigger fired for DROP INDEX only: every
+    UPDATE of the table failed after ("cannot update table "users" because it does not
+    have a replica identity and publishes updates", by hand on PG 15.18 and 18.6)."""
+    env.sql(
+        'CREATE COLLATION mine FROM "C";'
+        "CREATE TABLE users (id int PRIMARY KEY, email text NOT NULL, name text);"
+        "CREATE UNIQUE INDEX users_id_email ON users (id, email COLLATE mine);"
+        "ALTER TABLE users REPLICA IDENTITY USING INDEX users_id_email;"
+        "INSERT INTO users VALUES (1, 'a@x', 'A'), (2, 'b@x', 'B')"
+    )
+    install(logical_config(env, USERS))
+    env.sql("DROP COLLATION mine CASCADE")
+    assert env.scalar("SELECT count(*) FROM pg_index WHERE indrelid = 'users'::regclass") == 1
+    env.sql("UPDATE users SET name = 'x' WHERE id = 1; DELETE FROM users WHERE id = 2")
