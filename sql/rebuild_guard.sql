@@ -944,6 +944,7 @@ DECLARE
     rel   oid;
     tbl   oid;
     fresh boolean;
+    ours  boolean;
 BEGIN
     IF cdc_invalidator.installing_v1() THEN
         RETURN;
@@ -954,6 +955,32 @@ BEGIN
             RETURN;
         END IF;
         rel := pg_event_trigger_table_rewrite_oid();
+        -- Most rewrites are of a table nothing of ours watches: the table and its
+        -- ancestors are looked up in watched_v1 (and published_v1) by oid and by name
+        -- first. roots_v1() alone expands every watched table, a call of bearers_v1()
+        -- each: with 500 watched tables, an ALTER COLUMN ... TYPE of a 10-row unwatched
+        -- table took 15.2 ms instead of 3.0 ms (PG 15, by hand).
+        ours := EXISTS (
+            SELECT FROM (SELECT rel AS relid
+                         UNION SELECT unnest(cdc_invalidator.ancestors_v1(rel))) up
+            JOIN pg_class c ON c.oid = up.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+            JOIN cdc_invalidator.watched_v1 w
+              ON w.relid::oid = up.relid
+              OR (w.schema_name, w.table_name) = (n.nspname::text, c.relname::text));
+        -- (published_v1 exists only where logical mode was installed)
+        IF NOT ours AND to_regclass('cdc_invalidator.published_v1') IS NOT NULL THEN
+            ours := EXISTS (
+                SELECT FROM (SELECT rel AS relid
+                             UNION SELECT unnest(cdc_invalidator.ancestors_v1(rel))) up
+                JOIN pg_class c ON c.oid = up.relid
+                JOIN pg_namespace n ON n.oid = c.relnamespace
+                JOIN cdc_invalidator.published_v1 p
+                  ON p.relid::oid = up.relid
+                  OR (p.schema_name, p.table_name) = (n.nspname::text, c.relname::text));
+        END IF;
+        IF NOT ours THEN
+            RETURN;
+        END IF;
         FOR tbl IN
             SELECT DISTINCT x.root FROM cdc_invalidator.roots_v1() x
             WHERE x.root = rel OR x.root = ANY (cdc_invalidator.ancestors_v1(rel))
