@@ -797,15 +797,17 @@ BEGIN
               AND l.mode IN ('ShareUpdateExclusiveLock', 'ShareRowExclusiveLock',
                              'ExclusiveLock', 'AccessExclusiveLock')
             GROUP BY l.relation)
+        -- (from the tables locked up their ancestors, never from each published table
+        -- down its partitions: a call per published table in every DROP of an index)
         SELECT p.*, bool_or(h.exclusive) AS exclusive
-        FROM cdc_invalidator.published_v1 p
+        FROM held h
+        JOIN pg_class c ON c.oid = h.relation
+        CROSS JOIN LATERAL (SELECT h.relation AS rel
+                            UNION SELECT unnest(cdc_invalidator.ancestors_v1(h.relation))) up
+        JOIN cdc_invalidator.published_v1 p ON p.relid::oid = up.rel
         JOIN pg_publication pub ON pub.pubname = p.publication
-        CROSS JOIN LATERAL (SELECT p.relid::oid AS rel
-                            UNION SELECT unnest(cdc_invalidator.partitions_v1(p.relid))) m
-        JOIN held h ON h.relation = m.rel
-        JOIN pg_class c ON c.oid = m.rel
         WHERE c.relkind = 'r' AND c.relpersistence <> 't'
-          AND cdc_invalidator.without_replica_identity_v1(m.rel::regclass) IS NOT NULL
+          AND cdc_invalidator.without_replica_identity_v1(h.relation::regclass) IS NOT NULL
         GROUP BY p.relid
     LOOP
         IF r.keep THEN
