@@ -5,7 +5,7 @@
 -- transaction open for over a second (as slot_blockers.sql), named, a prepared one by its gid (it has no
 -- session: only COMMIT PREPARED or ROLLBACK PREPARED ends it): what a DBA must end to
 -- free that WAL. (A role without pg_read_all_stats sees no transaction id in other
--- roles' sessions: then those are not named.)
+-- roles' sessions: then those are not named, and status says it cannot see them.)
 SELECT s.slot_name IS NOT NULL AS slot_exists,
        (pg_current_wal_lsn() - s.confirmed_flush_lsn)::bigint AS lag_bytes,
        (pg_current_wal_lsn() - s.restart_lsn)::bigint AS held_bytes,
@@ -35,7 +35,10 @@ SELECT s.slot_name IS NOT NULL AS slot_exists,
         ) b
         WHERE b.began < now() - interval '1 second'
         ORDER BY b.began
-        LIMIT 1) AS held_back_by
+        LIMIT 1) AS held_back_by,
+       -- (whether this role sees the others' transactions: without it, status says so
+       -- rather than that none is open)
+       pg_has_role(current_user, 'pg_read_all_stats', 'USAGE') AS sees_all_sessions
 FROM cdc_invalidator.slot_state_v1 st
 LEFT JOIN pg_replication_slots s ON s.slot_name = st.slot_name
 WHERE st.slot_name = %(slot)s

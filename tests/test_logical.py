@@ -1627,6 +1627,7 @@ STATUS_KEYS = {
     "last_processed_at",
     "events_processed",
     "held_back_by",
+    "sees_all_sessions",
 }
 
 

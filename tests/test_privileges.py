@@ -770,3 +770,27 @@ def status_up(port: int) -> float:
     found = re.search(r"^cdc_invalidator_status_up (\S+)$", text, re.MULTILINE)
     assert found, text
     return float(found.group(1))
+
+
+@pytest.mark.parametrize("capture", ["logical"])  # held_back_by is logical mode's
+def test_status_as_a_role_without_pg_read_all_stats_says_it_cannot_see(
+    env: Env, listener_role: str
+) -> None:
+    """`status` as the least-privilege listener role (no pg_read_all_stats), while the
+    DBA's session held a transaction id for seconds (keeping the slot's WAL): it said
+    "WAL held back by: no transaction open over a second" (by hand on PG 15.18 and
+    18.6): PostgreSQL hides other roles' transaction ids from it. It says now that it
+    cannot see them."""
+    tables(env)
+    install(env)
+    grant(env, listener_role)
+    own = config(env, {**USERS, **GHOST}, name="own.toml", role=listener_role)
+    with env.connect() as conn, conn.transaction():
+        conn.execute("SELECT pg_current_xact_id()")
+        time.sleep(1.5)
+        result = run_cli("status", "--config", str(own))
+        as_dba = run_cli("status", "--config", str(env.tmp_path / "dba.toml"))
+    assert result.returncode == 0, result.stderr
+    assert "no transaction open over a second" not in result.stdout
+    assert "lacks pg_read_all_stats" in result.stdout
+    assert re.search(r"WAL held back by: +pid \d+", as_dba.stdout), as_dba.stdout

@@ -63,6 +63,9 @@ class LogicalStatus:
     last_processed_at: datetime | None
     events_processed: int
     held_back_by: str | None  # the oldest transaction (over a second) keeping WAL back
+    # Whether the role sees other roles' transactions (pg_read_all_stats): without it,
+    # no held_back_by says nothing of them.
+    sees_all_sessions: bool = True
 
     def as_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -71,6 +74,14 @@ class LogicalStatus:
             self.last_processed_at.isoformat() if self.last_processed_at else None
         )
         return data
+
+    def _none_held(self) -> str:
+        if self.sees_all_sessions:
+            return "no transaction open over a second"
+        return (
+            "none of this role's open over a second (it lacks pg_read_all_stats: other "
+            "roles' transactions are hidden from it; ask as a role that has it)"
+        )
 
     def lines(self) -> list[str]:
         if not self.slot_exists:
@@ -98,7 +109,7 @@ class LogicalStatus:
             f"slot lag:             {lag}",
             f"WAL kept for it:      {held}",
             f"WAL before slot lost: {safe}",
-            f"WAL held back by:     {self.held_back_by or 'no transaction open over a second'}",
+            f"WAL held back by:     {self.held_back_by or self._none_held()}",
             f"sweep owed:           {owed}",
             f"dead letters:         {self.dead_letters}",
             f"last processed at:    {_when(self.last_processed_at)}",
@@ -123,7 +134,7 @@ def read_logical_status(conn: psycopg.Connection[Any], slot: str) -> LogicalStat
             f"slot {slot!r} is not registered: run `cdc-invalidator install` with "
             'capture = "logical"'
         )
-    exists, lag, held, wal_status, pid, safe, owed, dead, last, processed, held_by = row
+    exists, lag, held, wal_status, pid, safe, owed, dead, last, processed, held_by, sees = row
     return LogicalStatus(
         slot,
         bool(exists),
@@ -137,4 +148,5 @@ def read_logical_status(conn: psycopg.Connection[Any], slot: str) -> LogicalStat
         last,
         int(processed),
         held_by,
+        bool(sees),
     )
