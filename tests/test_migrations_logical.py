@@ -753,11 +753,9 @@ def test_drop_index_of_the_replica_identity_index_keeps_writes_working(
     assert env.scalar("SELECT relreplident FROM pg_class WHERE oid = 'users'::regclass") == "n"
 
 
-def test_drop_index_of_a_kept_tables_identity_index_is_refused(env: Env) -> None:
-    """replica_identity = "keep": the identity is the DBA's, and a DROP INDEX that leaves
-    the table without one is refused at COMMIT (the index stays, writes go on), as a
-    dropped primary key is. (DROP INDEX CONCURRENTLY cannot be undone by then: a
-    WARNING says the writes fail.)"""
+def kept_identity_table(env: Env) -> None:
+    """users, its identity the DBA's (`keep`): REPLICA IDENTITY USING INDEX of (id, email);
+    installed."""
     env.sql(
         "CREATE TABLE users (id int PRIMARY KEY, email text NOT NULL, name text);"
         "CREATE UNIQUE INDEX users_id_email ON users (id, email);"
@@ -765,6 +763,14 @@ def test_drop_index_of_a_kept_tables_identity_index_is_refused(env: Env) -> None
         "INSERT INTO users VALUES (1, 'a@x', 'A')"
     )
     install(logical_config(env, USERS, keep=["public.users"]))
+
+
+def test_drop_index_of_a_kept_tables_identity_index_is_refused(env: Env) -> None:
+    """replica_identity = "keep": the identity is the DBA's, and a DROP INDEX that leaves
+    the table without one is refused at COMMIT (the index stays, writes go on), as a
+    dropped primary key is. (DROP INDEX CONCURRENTLY cannot be undone by then: a
+    WARNING says the writes fail.)"""
+    kept_identity_table(env)
     with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="no replica identity"):
         env.sql("DROP INDEX users_id_email")
     env.sql("UPDATE users SET name = 'x' WHERE id = 1")
@@ -782,14 +788,11 @@ def test_a_kept_table_left_without_identity_fails_no_other_drop_index(env: Env) 
     the database, of an index of a table we do not watch, was refused at COMMIT
     ("table users has no replica identity", by hand on PG 15 and 18). Only a table
     the DROP INDEX locked is looked at now."""
+    kept_identity_table(env)
     env.sql(
-        "CREATE TABLE users (id int PRIMARY KEY, email text NOT NULL, name text);"
-        "CREATE UNIQUE INDEX users_id_email ON users (id, email);"
-        "ALTER TABLE users REPLICA IDENTITY USING INDEX users_id_email;"
         "CREATE TABLE other (id int, note text);"
         "CREATE INDEX other_note ON other (note); CREATE INDEX other_id ON other (id)"
     )
-    install(logical_config(env, USERS, keep=["public.users"]))
     env.sql("DROP INDEX CONCURRENTLY users_id_email")
     env.sql("DROP INDEX other_note")
     env.sql("DROP INDEX CONCURRENTLY other_id")
@@ -802,13 +805,7 @@ def test_a_comment_naming_concurrently_does_not_take_the_refusal_away(env: Env) 
     DROP INDEX of the identity index pass with only the WARNING, and every UPDATE of
     the table failed after ("does not have a replica identity and publishes updates",
     by hand on PG 15 and 18). The lock DROP INDEX took on the table tells it now."""
-    env.sql(
-        "CREATE TABLE users (id int PRIMARY KEY, email text NOT NULL, name text);"
-        "CREATE UNIQUE INDEX users_id_email ON users (id, email);"
-        "ALTER TABLE users REPLICA IDENTITY USING INDEX users_id_email;"
-        "INSERT INTO users VALUES (1, 'a@x', 'A')"
-    )
-    install(logical_config(env, USERS, keep=["public.users"]))
+    kept_identity_table(env)
     with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="no replica identity"):
         env.sql("DROP INDEX users_id_email /* not concurrently: in a transaction */")
     env.sql("UPDATE users SET name = 'x' WHERE id = 1")
