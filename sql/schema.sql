@@ -791,7 +791,12 @@ $early$;
 -- it can take the second (sql/writers_seen.sql), then reads the queue once more: a
 -- writer that sent nothing has ended before that read. The first key is the consumer
 -- lock's (sql/take_lock.sql), whose one-key lock space is another than these two-key
--- ones.
+-- ones. Nor while PostgreSQL's notification queue is half full or more (a session that
+-- LISTENs and then idles in a transaction holds it for the whole server): once it is
+-- full, every commit that sent a NOTIFY fails, and the wake-up is only a wake-up (the
+-- listener's poll finds the rows): with max_notify_queue_pages = 64 and the queue
+-- filled, a watched one-row UPDATE failed at commit ("too many notifications in the
+-- NOTIFY queue"); it commits now (tests/test_notify_queue.py).
 CREATE OR REPLACE FUNCTION cdc_invalidator.wake_needed_v1() RETURNS text
 LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
 AS $wake_needed$
@@ -799,7 +804,7 @@ AS $wake_needed$
         '(CASE WHEN pg_try_advisory_lock_shared(%1$s, 1) THEN pg_advisory_unlock_shared(%1$s, 1) '
         'WHEN pg_try_advisory_xact_lock_shared(%1$s, 2) THEN coalesce(CASE WHEN '
         'pg_try_advisory_lock_shared(%1$s, 1) THEN pg_advisory_unlock_shared(%1$s, 1) END, false) '
-        'ELSE true END)',
+        'ELSE true END AND pg_notification_queue_usage() < 0.5)',
         hashtext('cdc_invalidator.queue_v1'))
 $wake_needed$;
 
@@ -1067,7 +1072,8 @@ BEGIN
     END IF;
     INSERT INTO cdc_invalidator.queue_v1 (schema_name, table_name, op, new_row)
     VALUES (schema_n, table_n, 'T', json_build_object('unrenderable', reason));
-    IF current_setting('cdc_invalidator.notify', true) IS DISTINCT FROM 'off' THEN
+    IF current_setting('cdc_invalidator.notify', true) IS DISTINCT FROM 'off'
+       AND pg_notification_queue_usage() < 0.5 THEN
         PERFORM pg_notify('cdc_invalidator_v1', '');
     END IF;
 END
