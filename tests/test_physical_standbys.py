@@ -202,3 +202,83 @@ def test_a_commit_a_synchronous_standby_holds_back_is_deleted_once_visible(
     writer.close()
     wait_until(lambda: r.exists(*keys_of(1)) == 0, what="deleted once visible")
     wait_until(lambda: listener.logged("commits_deleted_as_streamed"), what="told again")
+
+
+def _slot_synced(standby: PostgresServer, dbname: str, env: Env) -> bool:
+    """Whether the standby holds a persistent synced copy of the listener's slot (a
+    write on the primary first: the slot sync worker needs the slot to move)."""
+    env.sql("UPDATE users SET email = email WHERE id = 5")
+    with psycopg.connect(standby.dsn(dbname), autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'cdc_invalidator'"
+            " AND synced AND NOT temporary AND confirmed_flush_lsn IS NOT NULL"
+        ).fetchone()
+    return bool(row and row[0])
+
+
+@pytest.mark.parametrize("capture", ["logical"])
+def test_a_failover_slot_that_survived_a_promotion_is_swept_for(own_env: Env, spawn: Spawn) -> None:
+    """A DBA made the listener's slot a failover slot (PostgreSQL 17+: ALTER_REPLICATION_SLOT
+    ... (FAILOVER true), sync_replication_slots on the standby): after the promotion the
+    slot is there, and the listener resumed from it without a sweep where writers commit
+    synchronously and sweep_after_crash = "auto"; the value a reader cached from a
+    transaction the failover lost stayed cached (30 s, for good). A newer timeline than
+    the one the listener ran on is now swept for."""
+    env = own_env
+    if env.scalar("SELECT current_setting('server_version_num')::int") < 170000:
+        pytest.skip("failover slots need PostgreSQL 17+ (--pg 18)")
+    primary = pg_of(env)
+    dbname = env.dsn.rsplit("/", 1)[1]
+    env.sql("SELECT pg_create_physical_replication_slot('standby')")
+    env.sql("ALTER SYSTEM SET synchronous_commit = on")  # (the rig's servers turn it off)
+    env.sql("SELECT pg_reload_conf()")
+    standby = PostgresServer.standby_of(primary)
+    try:
+        with psycopg.connect(standby.dsn(dbname), autocommit=True) as conn:
+            conn.execute(
+                "ALTER SYSTEM SET primary_conninfo = "
+                f"'host=127.0.0.1 port={primary.port} user=postgres dbname={dbname}'"
+            )
+            conn.execute("ALTER SYSTEM SET primary_slot_name = 'standby'")
+            conn.execute("ALTER SYSTEM SET hot_standby_feedback = on")
+            conn.execute("ALTER SYSTEM SET sync_replication_slots = on")
+            conn.execute("SELECT pg_reload_conf()")
+        both = (
+            f"postgresql://postgres@127.0.0.1:{primary.port},127.0.0.1:{standby.port}/{dbname}"
+            "?target_session_attrs=read-write"
+        )
+        config = setup_users(
+            env, rows=5, database_url=both, second_delete_ms=0, sweep_after_crash="auto"
+        )
+        with psycopg.connect(f"{env.dsn}?replication=database", autocommit=True) as rc:
+            done = rc.pgconn.exec_(b"ALTER_REPLICATION_SLOT cdc_invalidator ( FAILOVER true )")
+            assert done.status == psycopg.pq.ExecStatus.COMMAND_OK, done.error_message
+        r = env.redis()
+        listener = spawn(config)
+        changed_and_deleted(r, env.dsn, 1, "a change's keys deleted")
+        wait_until(lambda: _slot_synced(standby, dbname, env), timeout_s=90, what="slot synced")
+        changed_and_deleted(r, env.dsn, 4, "a change's keys deleted")
+        wait_until(lambda: _caught_up(primary, standby, dbname), what="the standby caught up")
+        with psycopg.connect(standby.dsn(dbname), autocommit=True) as conn:
+            conn.execute("ALTER SYSTEM SET primary_conninfo = 'host=127.0.0.1 port=1'")
+            conn.execute("SELECT pg_reload_conf()")
+        wait_until(lambda: not _receiving(standby, dbname), what="the standby cut off")
+        cache(r, [2])
+        env.sql("UPDATE users SET email = 'lost@x' WHERE id = 2")
+        wait_until(lambda: r.exists(*keys_of(2)) == 0, what="the lost change's keys deleted")
+        r.mset({"user:2": "lost", "user:email:lost@x": "2"})
+
+        primary.stop("immediate")
+        standby.promote()
+        wait_until(
+            lambda: r.exists("user:2", "user:email:lost@x") == 0,
+            timeout_s=30,
+            what="the sweep of the lost transaction's cache",
+        )
+        (missed,) = listener.logged("changes_may_have_been_missed")
+        assert "the slot survived a promotion" in missed["reason"], missed
+        changed_and_deleted(r, standby.dsn(dbname), 3, "a change on the new primary")
+        listener.signal(signal.SIGTERM)
+        assert listener.wait() == 0
+    finally:
+        standby.destroy()

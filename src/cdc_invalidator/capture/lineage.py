@@ -230,6 +230,17 @@ def gone_back(seen: str | None, current: str | None) -> bool:
     return another_system(seen, current) or _timeline(seen) > _timeline(current)
 
 
+def promoted_since(seen: str | None, current: str | None) -> bool:
+    """Whether a server of lineage `current` is a newer timeline of the system the
+    listener's previous session saw (`seen`): a standby promoted while the listener ran.
+    In logical mode the slot is normally gone then (and swept for); one that survived
+    (a failover slot, synced to the standby) resumes where the standby had it, without
+    the transactions asynchronous replication lost. None: unknown, no."""
+    if seen is None or current is None or seen == current:
+        return False
+    return not another_system(seen, current) and _timeline(current) > _timeline(seen)
+
+
 def another_system(lineage: str, other: str) -> bool:
     """Whether two lineages are of two systems (a cluster and a dump restored elsewhere,
     or pg_upgrade's), not two timelines of one: what no replication keeps."""

@@ -27,6 +27,7 @@ from cdc_invalidator.capture.lineage import (
     crash_missed,
     crashed_since,
     gone_back,
+    promoted_since,
     say_not_swept,
     server_of,
 )
@@ -130,6 +131,13 @@ class LogicalCapture:
                 f"the listener's previous session ran on another server ({seen}; now "
                 f"{lineage}): a primary gone back to after a standby was promoted lacks "
                 "the transactions written on that one"
+            )
+        if promoted_since(seen, lineage):
+            return (
+                f"the slot survived a promotion (a failover slot; the listener's previous "
+                f"session ran on {seen}, now {lineage}): a standby promoted lacks the "
+                "transactions asynchronous replication had not sent it, which readers of "
+                "the old primary may have cached"
             )
         if state.restored:
             return RESTORED
