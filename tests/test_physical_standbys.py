@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import signal
 import threading
+from typing import Any
 
 import psycopg
 import pytest
 
 from tests.support.env import Env, pg_of
 from tests.support.faults import cache, changed_and_deleted, keys_of, setup_users
-from tests.support.listener import Spawn
+from tests.support.listener import ListenerProcess, Spawn
 from tests.support.servers import PostgresServer
 from tests.support.waits import wait_until
 
@@ -49,6 +50,35 @@ def _caught_up(primary: PostgresServer, standby: PostgresServer, dbname: str) ->
     return bool(done and done[0])
 
 
+def lose_a_change_in_a_failover(
+    env: Env, listener: ListenerProcess, primary: PostgresServer, standby: PostgresServer
+) -> dict[str, Any]:
+    """The standby loses its primary once it has what was committed so far; a change
+    committed on the primary after (not replicated) has its keys deleted, then a reader
+    caches the new row; the primary dies and the standby is promoted. Waits for the
+    sweep of that cache; returns the one changes_may_have_been_missed line."""
+    r, dbname = env.redis(), env.dsn.rsplit("/", 1)[1]
+    wait_until(lambda: _caught_up(primary, standby, dbname), what="the standby caught up")
+    with psycopg.connect(standby.dsn(dbname), autocommit=True) as conn:
+        conn.execute("ALTER SYSTEM SET primary_conninfo = 'host=127.0.0.1 port=1'")
+        conn.execute("SELECT pg_reload_conf()")
+    wait_until(lambda: not _receiving(standby, dbname), what="the standby cut off")
+    cache(r, [2])
+    env.sql("UPDATE users SET email = 'lost@x' WHERE id = 2")
+    wait_until(lambda: r.exists(*keys_of(2)) == 0, what="the lost change's keys deleted")
+    r.mset({"user:2": "lost", "user:email:lost@x": "2"})
+
+    primary.stop("immediate")
+    standby.promote()
+    wait_until(
+        lambda: r.exists("user:2", "user:email:lost@x") == 0,
+        timeout_s=30,
+        what="the sweep of the lost transaction's cache",
+    )
+    (missed,) = listener.logged("changes_may_have_been_missed")
+    return missed
+
+
 @pytest.mark.parametrize("afresh", [False, True], ids=["running", "started-afresh"])
 def test_a_failover_sweeps_what_a_reader_cached_from_a_transaction_it_lost(
     own_env: Env, spawn: Spawn, afresh: bool
@@ -68,27 +98,7 @@ def test_a_failover_sweeps_what_a_reader_cached_from_a_transaction_it_lost(
         listener = spawn(config)
         changed_and_deleted(r, env.dsn, 1, "a change's keys deleted")
 
-        # The standby loses its primary, once it has what was committed so far: what is
-        # committed from now on is not replicated.
-        wait_until(lambda: _caught_up(primary, standby, dbname), what="the standby caught up")
-        with psycopg.connect(standby.dsn(dbname), autocommit=True) as conn:
-            conn.execute("ALTER SYSTEM SET primary_conninfo = 'host=127.0.0.1 port=1'")
-            conn.execute("SELECT pg_reload_conf()")
-        wait_until(lambda: not _receiving(standby, dbname), what="the standby cut off")
-        # Committed on the primary, its keys deleted, then a reader caches the new row.
-        cache(r, [2])
-        env.sql("UPDATE users SET email = 'lost@x' WHERE id = 2")
-        wait_until(lambda: r.exists(*keys_of(2)) == 0, what="the lost change's keys deleted")
-        r.mset({"user:2": "lost", "user:email:lost@x": "2"})
-
-        primary.stop("immediate")
-        standby.promote()
-        wait_until(
-            lambda: r.exists("user:2", "user:email:lost@x") == 0,
-            timeout_s=30,
-            what="the sweep of the lost transaction's cache",
-        )
-        (missed,) = listener.logged("changes_may_have_been_missed")
+        missed = lose_a_change_in_a_failover(env, listener, primary, standby)
         said = "is gone" if env.logical else "not the one the listener last ran on"
         assert said in missed["reason"], missed
         with psycopg.connect(standby.dsn(dbname), autocommit=True) as conn:
@@ -261,24 +271,7 @@ def test_a_failover_slot_that_survived_a_promotion_is_swept_for(own_env: Env, sp
         changed_and_deleted(r, env.dsn, 1, "a change's keys deleted")
         wait_until(lambda: _slot_synced(standby, dbname, env), timeout_s=90, what="slot synced")
         changed_and_deleted(r, env.dsn, 4, "a change's keys deleted")
-        wait_until(lambda: _caught_up(primary, standby, dbname), what="the standby caught up")
-        with psycopg.connect(standby.dsn(dbname), autocommit=True) as conn:
-            conn.execute("ALTER SYSTEM SET primary_conninfo = 'host=127.0.0.1 port=1'")
-            conn.execute("SELECT pg_reload_conf()")
-        wait_until(lambda: not _receiving(standby, dbname), what="the standby cut off")
-        cache(r, [2])
-        env.sql("UPDATE users SET email = 'lost@x' WHERE id = 2")
-        wait_until(lambda: r.exists(*keys_of(2)) == 0, what="the lost change's keys deleted")
-        r.mset({"user:2": "lost", "user:email:lost@x": "2"})
-
-        primary.stop("immediate")
-        standby.promote()
-        wait_until(
-            lambda: r.exists("user:2", "user:email:lost@x") == 0,
-            timeout_s=30,
-            what="the sweep of the lost transaction's cache",
-        )
-        (missed,) = listener.logged("changes_may_have_been_missed")
+        missed = lose_a_change_in_a_failover(env, listener, primary, standby)
         assert "the slot survived a promotion" in missed["reason"], missed
         changed_and_deleted(r, standby.dsn(dbname), 3, "a change on the new primary")
         listener.signal(signal.SIGTERM)

@@ -209,6 +209,28 @@ def test_a_quiet_listener_notices_a_failover_and_replays(
     assert listener.wait() == 0
 
 
+def deleted_past_a_cut_link(
+    env: Env,
+    setup: SentinelSetup,
+    listener: ListenerProcess,
+    first: redis.Redis,
+    second: redis.Redis,
+) -> float:
+    """user:1's keys cached on both, the replica's link then cut (it may not resync:
+    PSYNC refused, its connection killed), and the row changed: the listener's UNLINKs
+    reach the master only. Returns when (time.monotonic()) they were seen done."""
+    first.mset({"user:1": "stale", "user:email:a": "1"})
+    assert first.wait(1, 10_000) == 1
+    wait_until(lambda: listener.logged("redis_identity_recorded"), what="the listener started")
+    first.execute_command("ACL", "SETUSER", "default", "-psync", "-sync")
+    first.client_kill_filter(_type="replica")
+    wait_until(lambda: not _replica_in_sync(setup.second), what="the link down")
+    env.sql("UPDATE users SET email = 'b' WHERE id = 1")
+    wait_until(lambda: first.exists("user:1", "user:email:a") == 0, what="deleted on the master")
+    assert second.exists("user:1", "user:email:a") == 2, "the replica lags"
+    return time.monotonic()
+
+
 def test_a_replica_promoted_after_its_link_was_down_is_replayed_back_to_the_cut(
     env: Env, sentinel_setup: SentinelSetup, spawn: Spawn
 ) -> None:
@@ -221,17 +243,7 @@ def test_a_replica_promoted_after_its_link_was_down_is_replayed_back_to_the_cut(
     listener, first, second = user_1_watched(env, setup, spawn)
     second.config_set("appendonly", "yes")
     second.config_set("appendfsync", "always")
-    first.mset({"user:1": "stale", "user:email:a": "1"})
-    assert first.wait(1, 10_000) == 1
-    wait_until(lambda: listener.logged("redis_identity_recorded"), what="the listener started")
-    # The link cut: the replica may not resync (PSYNC refused), its connection killed.
-    first.execute_command("ACL", "SETUSER", "default", "-psync", "-sync")
-    first.client_kill_filter(_type="replica")
-    wait_until(lambda: not _replica_in_sync(setup.second), what="the link down")
-    env.sql("UPDATE users SET email = 'b' WHERE id = 1")
-    wait_until(lambda: first.exists("user:1", "user:email:a") == 0, what="deleted on the master")
-    assert second.exists("user:1", "user:email:a") == 2, "the replica lags"
-    edited = time.monotonic()
+    edited = deleted_past_a_cut_link(env, setup, listener, first, second)
     # The deletes must be older than the 5 s margin a failover is given anyway: a time
     # to let pass, not an event to wait on.
     time.sleep(max(0.0, edited + 7 - time.monotonic()))
@@ -266,16 +278,7 @@ def test_a_replica_restarted_from_its_aof_then_promoted_is_replayed_an_hour(
         ),
         what="the replica's AOF written",
     )
-    first.mset({"user:1": "stale", "user:email:a": "1"})
-    assert first.wait(1, 10_000) == 1
-    wait_until(lambda: listener.logged("redis_identity_recorded"), what="the listener started")
-    first.execute_command("ACL", "SETUSER", "default", "-psync", "-sync")
-    first.client_kill_filter(_type="replica")
-    wait_until(lambda: not _replica_in_sync(setup.second), what="the link down")
-    env.sql("UPDATE users SET email = 'b' WHERE id = 1")
-    wait_until(lambda: first.exists("user:1", "user:email:a") == 0, what="deleted on the master")
-    assert second.exists("user:1", "user:email:a") == 2, "the replica lags"
-    edited = time.monotonic()
+    edited = deleted_past_a_cut_link(env, setup, listener, first, second)
     # The replica restarts from its AOF, still unable to resync.
     setup.second.kill()
     setup.second.args = [*setup.second.args, "--appendonly", "yes", "--appendfsync", "always"]
