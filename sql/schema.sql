@@ -495,6 +495,27 @@ CREATE TABLE IF NOT EXISTS cdc_invalidator.mapping_v1 (
     fingerprint  text NOT NULL,
     installed_at timestamptz NOT NULL DEFAULT now()
 );
+-- What each mapping's tables render (the configuration's tables by qualified name, each
+-- {"keys": its templates with their key_prefix, "redis_db": its database or null}),
+-- added in place without a new revision: a change of a table an install stopped
+-- watching, queued or streamed before that install committed, is rendered with the
+-- templates of the last mapping that named it (retired_table_v1()). NULL in rows
+-- recorded before it (record_mapping.sql fills in the last one).
+SELECT cdc_invalidator.add_column_v1('cdc_invalidator.mapping_v1', 'tables', 'jsonb');
+
+-- retired_table_v1(qualified): the last installed mapping's entry for that table (as in
+-- mapping_v1.tables), or NULL. The listener asks it for a table its configuration does
+-- not name. As its owner: a listener role needs no grant on the table. It tells the
+-- key templates of a table, which `check` and the configuration file tell too, and no
+-- value: PUBLIC may ask.
+CREATE OR REPLACE FUNCTION cdc_invalidator.retired_table_v1(qualified text)
+RETURNS jsonb
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $retired$
+    SELECT m.tables -> $1 FROM cdc_invalidator.mapping_v1 m
+    WHERE m.tables ? $1 ORDER BY m.id DESC LIMIT 1
+$retired$;
+GRANT EXECUTE ON FUNCTION cdc_invalidator.retired_table_v1(text) TO PUBLIC;
 
 -- A mapping's state: 'current' (installed last), 'superseded' (installed, then replaced),
 -- 'behind' (never installed, and its file was written before the last install: a file

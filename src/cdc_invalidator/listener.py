@@ -2,17 +2,53 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import psycopg
+import structlog
+
+from cdc_invalidator.events import TableName
+from cdc_invalidator.mapping.mapper import Retired
 from cdc_invalidator.metrics import Metrics
 from cdc_invalidator.modes.choose import mode_for
 from cdc_invalidator.pg.connect import SIDE, PgConnector
+from cdc_invalidator.pg.queries import Q
 from cdc_invalidator.redis_guard.watch import RedisWatch
 from cdc_invalidator.runner import Runner, RunnerConfig
-from cdc_invalidator.settings import ConfigFile, Settings
+from cdc_invalidator.settings import ConfigFile, Settings, retired_table
 from cdc_invalidator.shutdown import Stopper
 from cdc_invalidator.sink import AutoSink, MasterWatch, RedisOptions, open_sink
 from cdc_invalidator.sink.pubsub import TailChannel
 from cdc_invalidator.tools.tail_message import channel_name
 from cdc_invalidator.tools.tap import Tap
+
+log = structlog.get_logger()
+
+
+def retired_lookup(settings: Settings) -> Callable[[TableName], Retired | None]:
+    """How the listener's mappers render a change of a table its configuration lacks:
+    with the templates of the last installed mapping that named it (a change committed
+    before the `install` that stopped watching the table, read after it by a listener
+    started with the new file). One query on a session of its own, once per such table;
+    an OperationalError goes to the runner, which reads the batch again."""
+    connect = PgConnector.from_settings(settings).factory(SIDE)
+
+    def lookup(table: TableName) -> Retired | None:
+        with connect() as conn:
+            try:
+                row = conn.execute(Q.RETIRED_TABLE.sql, {"table": table.qualified}).fetchone()
+            except psycopg.errors.UndefinedFunction:
+                return None  # installed by an earlier release: nothing recorded
+        found = retired_table(row[0] if row else None)
+        if found is not None:
+            log.warning(
+                "rendering_a_table_no_longer_configured",
+                table=str(table),
+                keys=[t.source for t in found.templates],
+            )
+        return found
+
+    return lookup
 
 
 def runner_config(settings: Settings) -> RunnerConfig:
@@ -38,6 +74,7 @@ def build_listener(
     # Through Sentinel, every pool of the loop's and the sweeper's sinks follows the
     # master together (MasterWatch).
     follow_master = MasterWatch()
+    settings.render_retired_with(retired_lookup(settings))
     sink = open_sink(
         RedisOptions.from_settings(settings),
         unlink_chunk=settings.unlink_chunk,

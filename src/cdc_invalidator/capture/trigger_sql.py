@@ -206,10 +206,16 @@ def uninstall_script(publication: str | None = None) -> sql.Composed:
     return sql.Composed([*parts, Q.LEAVE_TRIGGER.sql, sql.SQL("\n"), Q.UNINSTALL.sql])
 
 
-def record_mapping(fingerprint: str) -> sql.Composed:
-    """The end of either install script: the configuration's mapping, as installed."""
+def record_mapping(fingerprint: str, tables: str) -> sql.Composed:
+    """The end of either install script: the configuration's mapping, as installed, and
+    what its tables render (`tables`: Settings.mapping_record(), JSON)."""
     return sql.Composed(
-        [sql.SQL("\n"), Q.RECORD_MAPPING.sql.format(fingerprint=sql.Literal(fingerprint))]
+        [
+            sql.SQL("\n"),
+            Q.RECORD_MAPPING.sql.format(
+                fingerprint=sql.Literal(fingerprint), tables=sql.Literal(tables)
+            ),
+        ]
     )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -95,13 +95,35 @@ def merge(into: Routed, other: Routed) -> None:
             target.add_stand_in(table, kind, seen.detail, seen.times)
 
 
+class Retired(NamedTuple):
+    """A table an earlier `install` watched and the configuration no longer names: the
+    templates (with their key prefix) and the Redis database of the last mapping that
+    named it, as that install recorded them."""
+
+    templates: tuple[KeyTemplate, ...]
+    db: int | None
+
+
+# Asked for a table the configuration does not name (the listener's: one query of
+# cdc_invalidator.retired_table_v1(), settings.py); None: no installed mapping named it.
+RetiredLookup = Callable[[TableName], Retired | None]
+
+
 class Mapper:
     def __init__(
         self,
         tables: Mapping[TableName, Iterable[KeyTemplate]],
         dbs: Mapping[TableName, int] | None = None,
+        retired: RetiredLookup | None = None,
     ) -> None:
         self._templates = {table: tuple(ts) for table, ts in tables.items()}
+        # The configured tables: what is watched, swept and checked. A change of another
+        # table is rendered with the templates of the last installed mapping that named
+        # it (`retired`), once per table: one queued or streamed before an `install`
+        # that removed the table committed (docs/DBA.md), which its keys must follow.
+        self._configured = dict(self._templates)
+        self._retired = retired
+        self._looked_up: set[TableName] = set()
         # Tables whose keys live in another Redis logical database (redis_db).
         self._dbs = dict(dbs or {})
         # Each table's compiled renderers, in template order: the hot loop of add_all().
@@ -118,13 +140,32 @@ class Mapper:
 
     @property
     def tables(self) -> Mapping[TableName, tuple[KeyTemplate, ...]]:
-        return self._templates
+        return self._configured
+
+    def _adopt(self, table: TableName) -> bool:
+        """Whether `table` can be rendered: configured, or retired and now adopted (its
+        last installed templates looked up once)."""
+        if table in self._renders:
+            return True
+        if self._retired is None or table in self._looked_up:
+            return False
+        found = self._retired(table)  # (an OperationalError: the batch comes again)
+        self._looked_up.add(table)
+        if found is None or not found.templates:
+            return False
+        ts = self._templates[table] = found.templates
+        if found.db is not None:
+            self._dbs[table] = found.db
+        self._renders[table] = tuple(t.render for t in ts)
+        self._render_alls[table] = tuple(t.render_all for t in ts)
+        self._render_columns[table] = tuple((t.render_columns, t.fields) for t in ts)
+        return True
 
     def sweep_all(self) -> Routed:
         """Every template of every table as a pattern, under its table's Redis database:
         what a sweep of every watched table deletes (as their TRUNCATEs would)."""
         routed: Routed = {}
-        for table, templates in self._templates.items():
+        for table, templates in self._configured.items():
             work = routed.setdefault(self._dbs.get(table), Invalidation())
             work.patterns.update(t.glob() for t in templates)
         return routed
@@ -257,6 +298,8 @@ class Mapper:
         becomes a pattern; so does each template a row lacks a column of (_add_lacking).
         """
         renders = self._renders.get(event.table)
+        if renders is None and self._adopt(event.table):
+            renders = self._renders[event.table]
         if renders is None:
             raise NotConfigured(f"table {event.table} is not in the configuration")
         if event.op is Op.TRUNCATE:

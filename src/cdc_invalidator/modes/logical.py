@@ -59,7 +59,7 @@ class LogicalMode:
         script = logical_sql.install_script(
             mapper, keep, s.publication_name, s.slot_name, s.column_filters()
         )
-        return script + trigger_sql.record_mapping(s.mapping_fingerprint())
+        return script + trigger_sql.record_mapping(s.mapping_fingerprint(), s.mapping_record())
 
     def finish_install(self, conn: psycopg.Connection[Any]) -> str:
         """The slot, created once the script has committed (PostgreSQL refuses to create

@@ -55,7 +55,7 @@ class TriggerMode:
             notify_payload=s.notify_payload,
             bulk_sweep_rows=s.bulk_sweep_rows,
         )
-        return script + trigger_sql.record_mapping(s.mapping_fingerprint())
+        return script + trigger_sql.record_mapping(s.mapping_fingerprint(), s.mapping_record())
 
     def finish_install(self, conn: psycopg.Connection[Any]) -> str:
         """Slots left from logical mode are dropped (an abandoned slot keeps WAL forever),

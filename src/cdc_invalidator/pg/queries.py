@@ -47,7 +47,7 @@ class Q(enum.Enum):
     LOGICAL_DRIFT_SWEEP = "logical_drift_sweep.sql"  # before it: a drift found is swept
     UNINSTALL = "uninstall.sql"
     LOCK_WAIT = "lock_wait.sql"  # after the guard, in either script
-    RECORD_MAPPING = "record_mapping.sql"  # {fingerprint}: the end of either install script
+    RECORD_MAPPING = "record_mapping.sql"  # {fingerprint}, {tables}: either install's end
     RESET_AFTER_RESTORE = "reset_after_restore.sql"  # run by a DBA by hand (docs/DBA.md)
 
     # --- is it installed -----------------------------------------------------------------
@@ -56,6 +56,7 @@ class Q(enum.Enum):
     SCHEMA_REVISION = "schema_revision.sql"  # only where check_installed.sql saw it
     LOGICAL_INSTALLED = "logical_installed.sql"
     MAPPING_STATE = "mapping_state.sql"
+    RETIRED_TABLE = "retired_table.sql"  # a table the listener's configuration lacks
 
     # --- trigger mode: the listener --------------------------------------------------------
     TAKE_LOCK = "take_lock.sql"
