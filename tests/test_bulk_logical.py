@@ -378,8 +378,10 @@ def test_a_streamed_transaction_keeps_column_filters_truncate_and_dead_letters(
     )
     installed = logical_config(env, {**BIG, **SMALL, "public.other": ["other:{id}"]})
     install(installed)
-    # The listener runs without `other` (published by the install): its changes are dead
+    # The listener runs without `other` (published by the install, whose templates are
+    # not recorded, as an earlier release's install left it): its changes are dead
     # letters. UPDATEs of big that change only `note` are judged and dropped.
+    env.sql("UPDATE cdc_invalidator.mapping_v1 SET tables = NULL")
     config = logical_config(
         env, {**BIG, **SMALL}, name="run.toml", log_level="debug", second_delete_ms=0
     )
