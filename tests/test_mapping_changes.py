@@ -143,3 +143,49 @@ def test_changes_committed_before_an_install_removed_their_table_are_invalidated
     assert restarted.process is not None
     assert restarted.process.poll() is None
     assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 0
+
+
+def committed_after_install(env: Env, changes: list[tuple[int, int]]) -> set[int]:
+    before, _ = committed_before_install(env, changes)
+    return {row for row, _xid in changes} - before
+
+
+@pytest.mark.parametrize("change", ["added", "template"])
+def test_changes_committed_after_an_install_added_a_table_or_template_are_invalidated(
+    stamped_env: Env, spawn: Spawn, change: str
+) -> None:
+    """The same order, the other way: orders added to the mapping (or given another
+    template), with writers writing. Every change committed after install's commit is
+    captured under the new mapping, and its new keys must go once the listener runs
+    the file."""
+    env = stamped_env
+    env.sql(
+        "CREATE TABLE users (id int PRIMARY KEY, name text);"
+        "CREATE TABLE orders (id int PRIMARY KEY, user_id int NOT NULL);"
+        "INSERT INTO users VALUES (1, 'A');"
+        f"INSERT INTO orders SELECT g, 0 FROM generate_series(1, {ROWS}) g"
+    )
+    first = USERS if change == "added" else {**USERS, "public.orders": ["o:{id}"]}
+    config = env.config(first)
+    assert cli("install", "--config", config) == 0
+    r = env.redis()
+    r.mset({f"order:{i}": "cached" for i in range(1, ROWS + 1)})
+    listener = spawn(config)
+    with Writers(env) as writers:
+        time.sleep(0.5)
+        assert env.config({**USERS, **ORDERS}) == config
+        assert listener.wait() == 1
+        restarted = spawn(config)
+        time.sleep(0.5)
+        assert cli("install", "--config", config) == 0
+        time.sleep(1.0)
+    assert writers.errors == []
+    after = committed_after_install(env, writers.done)
+    assert after
+    wait_until(
+        lambda: r.exists(*(f"order:{i}" for i in after)) == 0,
+        timeout_s=20,
+        what="the keys of orders' changes committed after the install, deleted",
+    )
+    assert restarted.process is not None
+    assert restarted.process.poll() is None
