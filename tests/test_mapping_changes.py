@@ -189,3 +189,46 @@ def test_changes_committed_after_an_install_added_a_table_or_template_are_invali
     )
     assert restarted.process is not None
     assert restarted.process.poll() is None
+
+
+@pytest.mark.parametrize("capture", ["trigger", "logical"])  # the mode switched from
+def test_a_listener_whose_file_switched_capture_mode_exits_to_restart_with_it(
+    env: Env, spawn: Spawn, capture: str
+) -> None:
+    """docs/DBA.md's switch of capture mode, with the listener left running (a service
+    manager's, whose file was edited): `capture` switched in the file, `install`. A
+    trigger listener looked only at the file's tables: it went on reading a queue no
+    trigger wrote any more, alive and ready, while the slot's changes waited for a
+    listener that never came: after a switch to logical mode, an UPDATE's key was still
+    cached 20 s later (PostgreSQL 15), until someone restarted it by hand. (A logical
+    listener left streaming made the switch back exit 1, its slot left.) It now exits
+    (1, `configuration_changed`) once the file's capture mode changed, as for its
+    tables, and started again runs the new mode."""
+    env.sql(
+        "CREATE TABLE users (id int PRIMARY KEY, name text);"
+        "INSERT INTO users VALUES (1, 'A'), (2, 'B');"
+    )
+    config = env.config(USERS)
+    assert cli("install", "--config", config) == 0
+    listener = spawn(config)
+    r = env.redis()
+    r.set("user:1", "cached")
+    env.sql("UPDATE users SET name = 'A2' WHERE id = 1")
+    wait_until(lambda: r.exists("user:1") == 0, what="the listener consuming")
+    other = "logical" if capture == "trigger" else "trigger"
+    text = config.read_text()
+    config.write_text(
+        text.replace('capture = "logical"\n', "")
+        if other == "trigger"
+        else f'capture = "logical"\n{text}'
+    )
+    assert listener.wait() == 1
+    (line,) = listener.logged("configuration_changed")
+    assert "capture mode" in line["change"], line
+    assert cli("install", "--config", config) == 0
+    again = spawn(config)
+    r.set("user:2", "cached")
+    env.sql("UPDATE users SET name = 'B2' WHERE id = 2")
+    wait_until(lambda: r.exists("user:2") == 0, what="the new mode's listener deleting")
+    assert again.process is not None
+    assert again.process.poll() is None

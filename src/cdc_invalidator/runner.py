@@ -659,7 +659,8 @@ class Runner:
         reveal (the documented order edits the file first)."""
         if self._mapping_changed is not None and self._mapping_changed():
             raise ConfigurationChanged(
-                "the configuration file's tables changed since the listener started"
+                "the configuration file's tables changed since the listener started (or its "
+                "capture mode)"
             )
 
     def _refuse_stale_mapping(

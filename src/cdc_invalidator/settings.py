@@ -737,11 +737,15 @@ class ConfigFile:
     acknowledges and before a replay renders, and when it meets such a change: if the
     file now holds other tables, the listener is behind
     the file and stops to start again with it, rather than losing those changes' keys.
+    Likewise when the file's capture mode changed: after `install` of the other mode, a
+    trigger listener would read a queue nothing writes any more (alive, ready, and
+    deleting nothing), and a logical one would keep the slot that install must drop.
     """
 
     def __init__(self, path: Path, settings: Settings) -> None:
         self._path = path
         self._mapping = _meaning(settings.tables)
+        self._capture = settings.capture
         # Not stat()ed here: `settings` were loaded earlier, and an edit in between would
         # be taken for what they hold. The first call reads the file.
         self._stamp: tuple[int, ...] | None = ()
@@ -754,10 +758,11 @@ class ConfigFile:
         return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
     def mapping_changed(self) -> bool:
-        """Whether the file's tables differ from those loaded; the file is read only when
-        it changed since it was last read. A file that cannot be read or is invalid now
-        (caught mid-write) counts as unchanged, logged once, until it is written again:
-        a listener restarted for it would stop at its configuration."""
+        """Whether the file's tables (or capture mode) differ from those loaded; the
+        file is read only when it changed since it was last read. A file that cannot be
+        read or is invalid now (caught mid-write) counts as unchanged, logged once, until
+        it is written again: a listener restarted for it would stop at its
+        configuration."""
         stamp = self._stat()
         if stamp == self._stamp:
             return False
@@ -767,7 +772,7 @@ class ConfigFile:
         except ConfigError as exc:
             log.warning("configuration_unreadable", error=str(exc))
             return False
-        return _meaning(fresh.tables) != self._mapping
+        return _meaning(fresh.tables) != self._mapping or fresh.capture != self._capture
 
 
 def _fingerprint(tables: dict[str, TableSettings]) -> str:
