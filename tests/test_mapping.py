@@ -10,7 +10,7 @@ import pytest
 from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, TableName
 from cdc_invalidator.events import StandInKind as Kind
 from cdc_invalidator.mapping import Invalidation, KeyTemplate, Mapper, TemplateError
-from cdc_invalidator.mapping.mapper import Routed, StoodIn, merge
+from cdc_invalidator.mapping.mapper import Retired, Routed, StoodIn, merge
 
 USERS = TableName("public", "users")
 
@@ -212,6 +212,36 @@ def test_truncate_becomes_patterns() -> None:
 def test_unknown_table_is_invalid() -> None:
     with pytest.raises(InvalidEvent, match="orders is not in the configuration"):
         _keys(_event(Op.INSERT, None, {"id": "1"}, table=TableName("public", "orders")))
+
+
+def test_a_table_the_configuration_lacks_is_rendered_with_its_last_installed_templates() -> None:
+    """A change of a table an install stopped watching, committed before it: rendered
+    with the templates (and Redis database) the last mapping naming it recorded, looked
+    up once; a table no mapping named stays a dead letter, also looked up once."""
+    orders, ghost = TableName("public", "orders"), TableName("public", "ghost")
+    asked: list[TableName] = []
+
+    def lookup(table: TableName) -> Retired | None:
+        asked.append(table)
+        return Retired((KeyTemplate.parse("order:{id}"),), 3) if table == orders else None
+
+    mapper = Mapper({USERS: [KeyTemplate.parse("user:{id}")]}, retired=lookup)
+    events = [
+        _event(Op.INSERT, None, {"id": "1"}),
+        _event(Op.UPDATE, {"id": "7"}, {"id": "7"}, table=orders),
+        _event(Op.INSERT, None, {"id": "9"}, table=ghost),
+    ]
+    routed, failed = mapper.map_all(events)
+    assert routed[None].keys == {"user:1"}
+    assert routed[3].keys == {"order:7"}
+    assert [(e.table, str(exc)) for e, exc in failed] == [
+        (ghost, "table public.ghost is not in the configuration")
+    ]
+    routed, failed = mapper.map_all(events)
+    assert routed[3].keys == {"order:7"}
+    assert asked == [orders, ghost]  # once each
+    assert list(mapper.tables) == [USERS]  # watched, swept: the configured ones only
+    assert mapper.sweep_all()[None].patterns == {"user:*"}
 
 
 def test_missing_row_is_invalid() -> None:

@@ -124,6 +124,7 @@ class Mapper:
         self._configured = dict(self._templates)
         self._retired = retired
         self._looked_up: set[TableName] = set()
+        self._adopted_routed = 0  # tables adopted with a Redis database of their own
         # Tables whose keys live in another Redis logical database (redis_db).
         self._dbs = dict(dbs or {})
         # Each table's compiled renderers, in template order: the hot loop of add_all().
@@ -156,6 +157,7 @@ class Mapper:
         ts = self._templates[table] = found.templates
         if found.db is not None:
             self._dbs[table] = found.db
+            self._adopted_routed += 1
         self._renders[table] = tuple(t.render for t in ts)
         self._render_alls[table] = tuple(t.render_all for t in ts)
         self._render_columns[table] = tuple((t.render_columns, t.fields) for t in ts)
@@ -178,6 +180,18 @@ class Mapper:
         self, events: list[ChangeEvent]
     ) -> tuple[Routed, list[tuple[ChangeEvent, InvalidEvent]]]:
         """add_all() into one Invalidation per Redis database the events' tables use."""
+        routed_before = self._adopted_routed
+        routed, failed = self._map_all(events)
+        if self._adopted_routed != routed_before:
+            # A table adopted on the way (add()) whose keys live in a Redis database of
+            # their own: its events were grouped before its database was known. Once
+            # per such table and process.
+            routed, failed = self._map_all(events)
+        return routed, failed
+
+    def _map_all(
+        self, events: list[ChangeEvent]
+    ) -> tuple[Routed, list[tuple[ChangeEvent, InvalidEvent]]]:
         if not self._dbs:
             work = Invalidation()
             return {None: work}, self.add_all(events, work)
