@@ -25,7 +25,7 @@ from cdc_invalidator.cli import main
 from tests.support.config import write_config
 from tests.support.env import Env
 from tests.support.listener import Spawn, listening, run_cli, stop_listener
-from tests.support.sync import install, keys, settle, users_table
+from tests.support.sync import SYNC, install, keys, settle, users_table
 from tests.support.waits import wait_until
 
 USERS = {"public.users": ["user:{id}", "user:email:{email}"]}
@@ -170,6 +170,31 @@ def test_dropped_key_column_sweeps_the_table_and_is_logged(env: Env, spawn: Spaw
     assert "email" in line["reason"]
     result = check(config)
     assert "key column 'email' of public.users was dropped" in result.stderr
+
+
+def test_a_template_added_before_install_logs_its_sweeps_once_a_minute_per_reason(
+    env: Env, spawn: Spawn
+) -> None:
+    """A template added to the configuration before `install` ran: every change lacks its
+    column, and every batch sweeps the template, logged once a minute per reason. An
+    INSERT's reason names the new row, an UPDATE's the old: alternating batches logged a
+    warning each (400 lines for 200 INSERTs and 200 UPDATEs in 16 s), since only the
+    last reason told was remembered."""
+    users_table(env)
+    install(env, {"public.users": ["user:{id}"]})
+    config = env.config({**USERS, **SYNC})  # the listener's file; install not run again
+    r = env.redis()
+    listener = spawn(config)
+    for i in range(1, 11):
+        env.sql("INSERT INTO users (id, email) VALUES (%s, 'e')", [i])
+        settle(env, r)
+        env.sql("UPDATE users SET email = 'f' WHERE id = %s", [i])
+        settle(env, r)
+    lines = listener.logged("unrenderable_changes_swept")
+    assert sorted(line["reason"].split(" lacks ")[0] for line in lines) == [
+        "new row of public.users",
+        "old row of public.users",
+    ]
 
 
 def test_retyped_key_column_and_other_ddl_change_nothing(env: Env) -> None:

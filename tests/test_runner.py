@@ -1036,6 +1036,35 @@ def test_stand_ins_are_counted_and_unrenderable_ones_logged_once_a_minute_or_for
     assert reasons == ["email is gone", None, "id is gone", "email is gone", None, "id retyped"]
 
 
+def test_unrenderable_reasons_are_logged_each_once_a_minute_and_boundedly(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two reasons alternating batch by batch are logged once each a minute (only the
+    last reason told was remembered: every batch logged); reasons made up without end
+    (logical mode: any role's message) log at most UNRENDERABLE_REASONS_TOLD lines a
+    minute per table, and the runner remembers no more than that many."""
+    logged: list[dict[str, object]] = []
+
+    class Log:
+        def __getattr__(self, level: str) -> Callable[..., None]:
+            return lambda event, **kw: logged.append(kw)
+
+    monkeypatch.setattr(runner_module, "log", Log())
+    r = make_runner(world, FakeSource(world, []), FakeSink(world))
+    for _ in range(50):
+        r._swept_for(USERS, Kind.UNRENDERABLE, StoodIn("new row", 1))
+        r._swept_for(USERS, Kind.UNRENDERABLE, StoodIn("old row", 1))
+        world.clock.advance(0.1)
+    assert [line["reason"] for line in logged] == ["new row", "old row"]
+    world.clock.advance(60.0)
+    r._swept_for(USERS, Kind.UNRENDERABLE, StoodIn("new row", 1))
+    assert logged[-1]["sweeps_not_logged"] == 98
+    for i in range(1000):
+        r._swept_for(USERS, Kind.UNRENDERABLE, StoodIn(f"made up {i}", 1))
+    assert len(logged) == 3 + runner_module.UNRENDERABLE_REASONS_TOLD - 1
+    assert len(r._unrenderable_told[USERS].reasons) == runner_module.UNRENDERABLE_REASONS_TOLD
+
+
 def test_a_change_the_mapping_lacks_ends_the_runner_unacknowledged_once_the_file_changed(
     world: World,
 ) -> None:

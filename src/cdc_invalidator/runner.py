@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, assert_never, cast
 
 import psycopg
@@ -40,11 +40,26 @@ PROGRESS_EVERY_S = 60.0
 # A PostgreSQL connection that lasted this long was healthy: its loss starts the
 # reconnects' back-off over.
 HEALTHY_CONNECTION_S = 10.0
-# A table whose changes cannot be rendered is swept at every batch: log that this often.
+# A table whose changes cannot be rendered is swept at every batch: log each reason this
+# often,
 UNRENDERABLE_LOG_EVERY_S = 60.0
+# and at most this many reasons of a table in that time (an INSERT's and an UPDATE's give
+# two; in logical mode any role may make reasons up): a table's lines stay bounded in
+# number, and what is remembered of them in size.
+UNRENDERABLE_REASONS_TOLD = 8
 # Batches of this many changes mean a busy database: the runner lingers its full
 # linger_s between them (fewer, fuller batches).
 BUSY_BATCH = 8
+
+
+@dataclass(slots=True)
+class _Told:
+    """What was logged of a table's unrenderable changes (Runner._swept_for)."""
+
+    # Each reason logged in the last UNRENDERABLE_LOG_EVERY_S: when (time.monotonic()).
+    reasons: dict[str, float] = field(default_factory=dict)
+    # The table's sweeps not logged since its last line.
+    unlogged: int = 0
 
 
 class Batch(Protocol):
@@ -394,9 +409,9 @@ class Runner:
         self._keys_deleted = 0  # by the loop; the sweeper counts its own
         self.keys_deleted_again = 0  # by second deletes: stale sets they undid
         self.dead_letters = 0
-        # When each table's unrenderable changes were last logged (time.monotonic()), and
-        # the reason then.
-        self._unrenderable_logged: dict[TableName, tuple[float, str]] = {}
+        # Each table's unrenderable changes: the reasons logged in the last minute, when
+        # (time.monotonic()), and the sweeps not logged since its last line.
+        self._unrenderable_told: dict[TableName, _Told] = {}
 
     def run(self) -> None:
         """Until stop(): a batch in hand is finished (or rolled back) before returning."""
@@ -722,10 +737,11 @@ class Runner:
     def _swept_for(self, table: TableName, kind: StandInKind, seen: StoodIn) -> None:
         """Count and log a batch's sweep of `table` standing for `seen` (events.stand_in).
 
-        Unrenderable changes: a sweep counted per batch, logged once a minute per table,
-        or at once for a reason not the last told (until install runs again, every batch
-        with such a change sweeps). Bulk statements: each counted, logged per batch (each
-        one is an event worth seeing).
+        Unrenderable changes: a sweep counted per batch, logged once a minute per table
+        and reason, a reason not told in the last minute at once, at most
+        UNRENDERABLE_REASONS_TOLD reasons a minute per table (until install runs again,
+        every batch with such a change sweeps). Bulk statements: each counted, logged per
+        batch (each one is an event worth seeing).
         The sweep after missed changes: nothing here, the capture logs it when done."""
         if kind is StandInKind.BULK:
             self.metrics.bulk_sweeps.labels(str(table)).inc(seen.times)
@@ -739,23 +755,32 @@ class Runner:
             assert_never(kind)
         self.metrics.unrenderable_sweeps.labels(str(table)).inc()
         now = time.monotonic()
-        # Once a minute per table, and at once for another reason than the last told:
-        # that is news (a rewrite's sweep, which needs nothing, hid for a minute the
-        # retype's, which needs install). (The last reason only: the reasons are any
-        # role's to make up in logical mode, a message of our prefix.)
-        when, why = self._unrenderable_logged.get(table, (-UNRENDERABLE_LOG_EVERY_S, ""))
-        if now - when >= UNRENDERABLE_LOG_EVERY_S or why != seen.detail:
-            self._unrenderable_logged[table] = (now, seen.detail)
-            log.warning(
-                "unrenderable_changes_swept",
-                table=str(table),
-                reason=seen.detail,
-                action="swept the key templates of the table its changes could not render "
-                "(all of them for a table that lost key columns in logical mode); if its "
-                "columns changed, edit the configuration to the new schema and run "
-                "`cdc-invalidator install`; a value that is not UTF-8 (a SQL_ASCII "
-                "database) needs nothing",
-            )
+        # Each reason once a minute per table: a reason not told in the last minute is
+        # news, told at once (a rewrite's sweep, which needs nothing, hid for a minute the
+        # retype's, which needs install). Not only the last reason remembered: a table's
+        # INSERTs and UPDATEs give two reasons (the new row's, the old row's), and batches
+        # alternating them logged a line each.
+        told = self._unrenderable_told.setdefault(table, _Told())
+        told.reasons = {
+            why: when for why, when in told.reasons.items() if now - when < UNRENDERABLE_LOG_EVERY_S
+        }
+        if seen.detail in told.reasons or len(told.reasons) >= UNRENDERABLE_REASONS_TOLD:
+            told.unlogged += 1
+            return
+        told.reasons[seen.detail] = now
+        unlogged, told.unlogged = told.unlogged, 0
+        log.warning(
+            "unrenderable_changes_swept",
+            table=str(table),
+            reason=seen.detail,
+            # Batches of this table swept since its last line and not logged.
+            sweeps_not_logged=unlogged,
+            action="swept the key templates of the table its changes could not render "
+            "(all of them for a table that lost key columns in logical mode); if its "
+            "columns changed, edit the configuration to the new schema and run "
+            "`cdc-invalidator install`; a value that is not UTF-8 (a SQL_ASCII "
+            "database) needs nothing",
+        )
 
     def _deleted_again(self, existed: int) -> None:
         self.keys_deleted_again += existed
