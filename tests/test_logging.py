@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 import signal
 
+import pytest
+
+from cdc_invalidator.runner import DEAD_LETTER_ERRORS_TOLD
 from tests.support.config import write_config
 from tests.support.env import Env
-from tests.support.listener import ListenerProcess, run_cli
+from tests.support.listener import ListenerProcess, Spawn, run_cli
+from tests.support.sync import SYNC, install, settle, users_table
 from tests.support.waits import wait_until
 
 SECRET = "hunter2-do-not-log"
@@ -53,3 +57,28 @@ def test_cli_errors_do_not_show_passwords(env: Env) -> None:
         )
         assert SECRET not in result.stdout + result.stderr
         assert "Traceback" not in result.stderr
+
+
+@pytest.mark.usefixtures("capture")
+def test_dead_letters_of_a_table_dropped_from_the_config_are_logged_boundedly(
+    env: Env, spawn: Spawn
+) -> None:
+    """A table removed from the configuration, install not run again: each of its
+    writes is a dead letter, kept with its error and counted, and was logged as a line of
+    its own (5,000 lines in 2.5 s at 2,000 writes/s). Each error is logged once a minute,
+    at most DEAD_LETTER_ERRORS_TOLD errors a minute (logical mode's name the transaction),
+    the lines held back counted in the next one."""
+    users_table(env)
+    env.sql("CREATE TABLE orders (id int PRIMARY KEY)")
+    install(env, {"public.users": ["user:{id}"], "public.orders": ["order:{id}"]})
+    smaller = env.config({"public.users": ["user:{id}"], **SYNC}, name="smaller.toml")
+    r = env.redis()
+    listener = spawn(smaller)
+    writes = 3 * DEAD_LETTER_ERRORS_TOLD
+    for i in range(writes):
+        env.sql("INSERT INTO orders VALUES (%s)", [i])
+        settle(env, r)  # a batch each
+    assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == writes
+    lines = listener.logged("event_dead_lettered")
+    assert 1 <= len(lines) <= DEAD_LETTER_ERRORS_TOLD
+    assert all("public.orders" in line["error"] for line in lines)

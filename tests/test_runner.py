@@ -1062,7 +1062,7 @@ def test_unrenderable_reasons_are_logged_each_once_a_minute_and_boundedly(
     for i in range(1000):
         r._swept_for(USERS, Kind.UNRENDERABLE, StoodIn(f"made up {i}", 1))
     assert len(logged) == 3 + runner_module.UNRENDERABLE_REASONS_TOLD - 1
-    assert len(r._unrenderable_told[USERS].reasons) == runner_module.UNRENDERABLE_REASONS_TOLD
+    assert len(r._unrenderable_told[USERS]) == runner_module.UNRENDERABLE_REASONS_TOLD
 
 
 def test_a_change_the_mapping_lacks_ends_the_runner_unacknowledged_once_the_file_changed(

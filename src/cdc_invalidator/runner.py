@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol, assert_never, cast
 
 import psycopg
@@ -47,19 +47,44 @@ UNRENDERABLE_LOG_EVERY_S = 60.0
 # two; in logical mode any role may make reasons up): a table's lines stay bounded in
 # number, and what is remembered of them in size.
 UNRENDERABLE_REASONS_TOLD = 8
+# Dead letters, each kept with its error in dead_letter_v1 and counted: a line for each
+# error once a minute, at most this many errors a minute (a table dropped from the
+# configuration, install not run, made a line per write: 5,000 in 2.5 s).
+DEAD_LETTER_LOG_EVERY_S = 60.0
+DEAD_LETTER_ERRORS_TOLD = 8
 # Batches of this many changes mean a busy database: the runner lingers its full
 # linger_s between them (fewer, fuller batches).
 BUSY_BATCH = 8
 
 
-@dataclass(slots=True)
 class _Told:
-    """What was logged of a table's unrenderable changes (Runner._swept_for)."""
+    """What was logged lately of one kind of line: each detail (a reason, an error) once
+    every `every_s`, at most `most` details in that time (the rest held back and
+    counted), so that the lines stay bounded in number whatever the write rate, and
+    what is remembered of them in size."""
 
-    # Each reason logged in the last UNRENDERABLE_LOG_EVERY_S: when (time.monotonic()).
-    reasons: dict[str, float] = field(default_factory=dict)
-    # The table's sweeps not logged since its last line.
-    unlogged: int = 0
+    __slots__ = ("_at", "_every_s", "_most", "held")
+
+    def __init__(self, every_s: float, most: int) -> None:
+        self._every_s = every_s
+        self._most = most
+        self._at: dict[str, float] = {}  # each detail told lately: when (time.monotonic())
+        self.held = 0  # lines held back since the last one told
+
+    def tell(self, detail: str) -> int | None:
+        """None: hold this line back; else log it, with the count this returns: the lines
+        held back before it."""
+        now = time.monotonic()
+        self._at = {d: at for d, at in self._at.items() if now - at < self._every_s}
+        if detail in self._at or len(self._at) >= self._most:
+            self.held += 1
+            return None
+        self._at[detail] = now
+        held, self.held = self.held, 0
+        return held
+
+    def __len__(self) -> int:
+        return len(self._at)
 
 
 class Batch(Protocol):
@@ -412,6 +437,8 @@ class Runner:
         # Each table's unrenderable changes: the reasons logged in the last minute, when
         # (time.monotonic()), and the sweeps not logged since its last line.
         self._unrenderable_told: dict[TableName, _Told] = {}
+        # The dead letters' errors logged lately (a line each once a minute).
+        self._dead_told = _Told(DEAD_LETTER_LOG_EVERY_S, DEAD_LETTER_ERRORS_TOLD)
 
     def run(self) -> None:
         """Until stop(): a batch in hand is finished (or rolled back) before returning."""
@@ -643,15 +670,7 @@ class Runner:
         if self._tap is not None:
             self._tap.after(batch)
         # Committed: Redis had confirmed every delete before the acknowledgement.
-        for position, error in batch.dead.items():
-            log.warning(
-                "event_dead_lettered",
-                position=position,
-                error=error,
-                detail="its keys were not deleted: the event is kept in "
-                "cdc_invalidator.dead_letter_v1 with this error; fix the cause and requeue "
-                "it (docs/operations.md, Dead letters)",
-            )
+        self._tell_dead_letters(batch.dead)
         for work in works.values():
             for (table, kind), seen in work.stood_in.items():
                 self._swept_for(table, kind, seen)
@@ -664,6 +683,24 @@ class Runner:
             existed=deleted,
         )
         return batch.size
+
+    def _tell_dead_letters(self, dead: dict[int, str]) -> None:
+        """Log a batch's dead letters: each error once a minute, at most
+        DEAD_LETTER_ERRORS_TOLD errors a minute (every one is kept, and counted)."""
+        for position, error in dead.items():
+            if (held := self._dead_told.tell(error)) is None:
+                continue
+            log.warning(
+                "event_dead_lettered",
+                position=position,
+                error=error,
+                # Dead letters since the last line that were not logged (each is in
+                # dead_letter_v1, counted in _dead_letters_total).
+                dead_letters_not_logged=held,
+                detail="its keys were not deleted: the event is kept in "
+                "cdc_invalidator.dead_letter_v1 with this error; fix the cause and requeue "
+                "it (docs/operations.md, Dead letters)",
+            )
 
     def _refuse_changed_file(self) -> None:
         """Raise ConfigurationChanged, before a batch acknowledges and before a replay
@@ -754,21 +791,19 @@ class Runner:
         if kind is not StandInKind.UNRENDERABLE:
             assert_never(kind)
         self.metrics.unrenderable_sweeps.labels(str(table)).inc()
-        now = time.monotonic()
         # Each reason once a minute per table: a reason not told in the last minute is
         # news, told at once (a rewrite's sweep, which needs nothing, hid for a minute the
         # retype's, which needs install). Not only the last reason remembered: a table's
         # INSERTs and UPDATEs give two reasons (the new row's, the old row's), and batches
         # alternating them logged a line each.
-        told = self._unrenderable_told.setdefault(table, _Told())
-        told.reasons = {
-            why: when for why, when in told.reasons.items() if now - when < UNRENDERABLE_LOG_EVERY_S
-        }
-        if seen.detail in told.reasons or len(told.reasons) >= UNRENDERABLE_REASONS_TOLD:
-            told.unlogged += 1
+        told = self._unrenderable_told.get(table)
+        if told is None:
+            told = self._unrenderable_told[table] = _Told(
+                UNRENDERABLE_LOG_EVERY_S, UNRENDERABLE_REASONS_TOLD
+            )
+        unlogged = told.tell(seen.detail)
+        if unlogged is None:
             return
-        told.reasons[seen.detail] = now
-        unlogged, told.unlogged = told.unlogged, 0
         log.warning(
             "unrenderable_changes_swept",
             table=str(table),
