@@ -46,6 +46,12 @@ SELECT cdc_invalidator.add_column_v1('cdc_invalidator.slot_state_v1', 'recorded_
 UPDATE cdc_invalidator.slot_state_v1
 SET recorded_in_database = cdc_invalidator.database_oid_v1()
 WHERE recorded_in_database IS NULL;
+-- The server's lineage (revision 10: server_lineage_v1() in schema.sql, 'SYSTEM timeline
+-- N') when the listener last connected, or install ran: it comes with the data, so a
+-- listener started afresh on a standby promoted with the slot synced to it (a failover
+-- slot, PostgreSQL 17+) finds the old primary's here, and sweeps for what the failover
+-- lost (capture/logical_open.py), as trigger mode does with listener_state_v1's.
+SELECT cdc_invalidator.add_column_v1('cdc_invalidator.slot_state_v1', 'server_lineage', 'text');
 
 CREATE SEQUENCE IF NOT EXISTS cdc_invalidator.logical_dead_letter_v1;
 

@@ -42,6 +42,10 @@ WHERE slot_name = {slot}
 UPDATE cdc_invalidator.slot_state_v1
 SET server_run = cdc_invalidator.server_run_v1()
 WHERE slot_name = {slot} AND server_run IS NULL;
+-- And its lineage, likewise (a failover before the listener's first start is seen by it).
+UPDATE cdc_invalidator.slot_state_v1
+SET server_lineage = cdc_invalidator.server_lineage_v1()
+WHERE slot_name = {slot} AND server_lineage IS NULL;
 -- A switch from trigger capture (leave_trigger.sql took the triggers off): what the queue
 -- still held, and what is written from this commit until the slot is made, is captured
 -- by neither mode. The listener sweeps every table first (record_slot.sql keeps the

@@ -475,10 +475,11 @@ LANGUAGE sql IMMUTABLE AS 'SELECT 1';
 -- and slot_state_v1.server_run, which the listener compares with the server's;
 -- revision 8: note_server_v3(), which replaces that, and listener_state_v1.recorded_in
 -- and slot_state_v1.recorded_in, which the listener compares with the table's oid;
--- revision 9: their recorded_in_database, which it compares with database_oid_v1()).
+-- revision 9: their recorded_in_database, which it compares with database_oid_v1();
+-- revision 10: slot_state_v1.server_lineage, which the logical listener reads and writes).
 -- A constant, so PUBLIC may call it.
 CREATE OR REPLACE FUNCTION cdc_invalidator.schema_revision() RETURNS integer
-LANGUAGE sql IMMUTABLE AS 'SELECT 9';
+LANGUAGE sql IMMUTABLE AS 'SELECT 10';
 
 -- The mappings installed, in order (revision 5): an install whose configuration's
 -- tables mean something else than the last one's adds a row (record_mapping.sql). A

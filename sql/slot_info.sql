@@ -13,6 +13,7 @@ SELECT n.name AS slot_name,
        st.acked_lsn::text AS acked_lsn,
        st.resync_reason,
        st.server_run,
+       st.server_lineage,
        EXISTS (SELECT FROM cdc_invalidator.slot_state_v1 o
                WHERE o.recorded_in <> 'cdc_invalidator.slot_state_v1'::regclass
                   OR o.recorded_in_database <> cdc_invalidator.database_oid_v1()) AS restored,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -226,20 +227,15 @@ def _slot_synced(standby: PostgresServer, dbname: str, env: Env) -> bool:
     return bool(row and row[0])
 
 
-@pytest.mark.parametrize("capture", ["logical"])
-def test_a_failover_slot_that_survived_a_promotion_is_swept_for(own_env: Env, spawn: Spawn) -> None:
-    """A DBA made the listener's slot a failover slot (PostgreSQL 17+: ALTER_REPLICATION_SLOT
-    ... (FAILOVER true), sync_replication_slots on the standby): after the promotion the
-    slot is there, and the listener resumed from it without a sweep where writers commit
-    synchronously and sweep_after_crash = "auto"; the value a reader cached from a
-    transaction the failover lost stayed cached (30 s, for good). A newer timeline than
-    the one the listener ran on is now swept for."""
-    env = own_env
+def _failover_slot_standby(env: Env) -> PostgresServer | None:
+    """A standby of the env's server, syncing logical failover slots
+    (sync_replication_slots), writers committing synchronously; None before PostgreSQL
+    17 (no failover slots: checked so)."""
     if env.scalar("SELECT current_setting('server_version_num')::int") < 170000:
         # (no failover slots before 17; `make test` runs this module on 18 too)
         with pytest.raises(psycopg.errors.UndefinedObject):
             env.sql("SHOW sync_replication_slots")
-        return
+        return None
     primary = pg_of(env)
     dbname = env.dsn.rsplit("/", 1)[1]
     env.sql("SELECT pg_create_physical_replication_slot('standby')")
@@ -256,24 +252,112 @@ def test_a_failover_slot_that_survived_a_promotion_is_swept_for(own_env: Env, sp
             conn.execute("ALTER SYSTEM SET hot_standby_feedback = on")
             conn.execute("ALTER SYSTEM SET sync_replication_slots = on")
             conn.execute("SELECT pg_reload_conf()")
-        both = (
-            f"postgresql://postgres@127.0.0.1:{primary.port},127.0.0.1:{standby.port}/{dbname}"
-            "?target_session_attrs=read-write"
-        )
-        config = setup_users(
-            env, rows=5, database_url=both, second_delete_ms=0, sweep_after_crash="auto"
-        )
-        with psycopg.connect(f"{env.dsn}?replication=database", autocommit=True) as rc:
-            done = rc.pgconn.exec_(b"ALTER_REPLICATION_SLOT cdc_invalidator ( FAILOVER true )")
-            assert done.status == psycopg.pq.ExecStatus.COMMAND_OK, done.error_message
+    except BaseException:
+        standby.destroy()
+        raise
+    return standby
+
+
+def _listener_on_a_failover_slot(
+    env: Env, spawn: Spawn, standby: PostgresServer
+) -> tuple[Path, ListenerProcess]:
+    """The listener's configuration (both servers, the read-write one chosen;
+    sweep_after_crash = "auto") and the listener, running, once its slot, made a
+    failover slot by hand, is synced to `standby`."""
+    primary = pg_of(env)
+    dbname = env.dsn.rsplit("/", 1)[1]
+    both = (
+        f"postgresql://postgres@127.0.0.1:{primary.port},127.0.0.1:{standby.port}/{dbname}"
+        "?target_session_attrs=read-write"
+    )
+    config = setup_users(
+        env, rows=5, database_url=both, second_delete_ms=0, sweep_after_crash="auto"
+    )
+    with psycopg.connect(f"{env.dsn}?replication=database", autocommit=True) as rc:
+        done = rc.pgconn.exec_(b"ALTER_REPLICATION_SLOT cdc_invalidator ( FAILOVER true )")
+        assert done.status == psycopg.pq.ExecStatus.COMMAND_OK, done.error_message
+    r = env.redis()
+    listener = spawn(config)
+    changed_and_deleted(r, env.dsn, 1, "a change's keys deleted")
+    wait_until(lambda: _slot_synced(standby, dbname, env), timeout_s=90, what="slot synced")
+    changed_and_deleted(r, env.dsn, 4, "a change's keys deleted")
+    return config, listener
+
+
+@pytest.mark.parametrize("capture", ["logical"])
+def test_a_failover_slot_that_survived_a_promotion_is_swept_for(own_env: Env, spawn: Spawn) -> None:
+    """A DBA made the listener's slot a failover slot (PostgreSQL 17+: ALTER_REPLICATION_SLOT
+    ... (FAILOVER true), sync_replication_slots on the standby): after the promotion the
+    slot is there, and the listener resumed from it without a sweep where writers commit
+    synchronously and sweep_after_crash = "auto"; the value a reader cached from a
+    transaction the failover lost stayed cached (30 s, for good). A newer timeline than
+    the one the listener ran on is now swept for."""
+    env = own_env
+    standby = _failover_slot_standby(env)
+    if standby is None:
+        return
+    primary = pg_of(env)
+    dbname = env.dsn.rsplit("/", 1)[1]
+    try:
+        _, listener = _listener_on_a_failover_slot(env, spawn, standby)
         r = env.redis()
-        listener = spawn(config)
-        changed_and_deleted(r, env.dsn, 1, "a change's keys deleted")
-        wait_until(lambda: _slot_synced(standby, dbname, env), timeout_s=90, what="slot synced")
-        changed_and_deleted(r, env.dsn, 4, "a change's keys deleted")
         missed = lose_a_change_in_a_failover(env, listener, primary, standby)
         assert "the slot survived a promotion" in missed["reason"], missed
         changed_and_deleted(r, standby.dsn(dbname), 3, "a change on the new primary")
+        listener.signal(signal.SIGTERM)
+        assert listener.wait() == 0
+    finally:
+        standby.destroy()
+
+
+@pytest.mark.parametrize("capture", ["logical"])
+def test_a_failover_slot_found_by_a_listener_started_afresh_is_swept_for(
+    own_env: Env, spawn: Spawn
+) -> None:
+    """The same failover slot, but no listener ran through the promotion: the one that
+    ran on the old primary went down with it, and a new one (a restarted pod) starts on
+    the promoted standby. It has no previous session to compare the timeline with; the
+    run mark (an unlogged table, empty after a promotion) told a crash, which
+    sweep_after_crash = "auto" does not sweep for where writers commit synchronously:
+    it resumed from the synced slot and the value a reader cached from the transaction
+    the failover lost stayed cached (30 s, for good). The lineage recorded for the slot
+    (slot_state_v1.server_lineage) came with the data: another one is swept for."""
+    env = own_env
+    standby = _failover_slot_standby(env)
+    if standby is None:
+        return
+    primary = pg_of(env)
+    dbname = env.dsn.rsplit("/", 1)[1]
+    try:
+        config, listener = _listener_on_a_failover_slot(env, spawn, standby)
+        r = env.redis()
+        wait_until(lambda: _caught_up(primary, standby, dbname), what="the standby caught up")
+        with psycopg.connect(standby.dsn(dbname), autocommit=True) as conn:
+            conn.execute("ALTER SYSTEM SET primary_conninfo = 'host=127.0.0.1 port=1'")
+            conn.execute("SELECT pg_reload_conf()")
+        wait_until(lambda: not _receiving(standby, dbname), what="the standby cut off")
+        cache(r, [2])
+        env.sql("UPDATE users SET email = 'lost@x' WHERE id = 2")
+        wait_until(lambda: r.exists(*keys_of(2)) == 0, what="the lost change's keys deleted")
+        r.mset({"user:2": "lost", "user:email:lost@x": "2"})
+        # The listener goes down with the old primary's host.
+        listener.signal(signal.SIGKILL)
+        listener.wait()
+        primary.stop("immediate")
+        standby.promote()
+
+        listener = spawn(config)
+        changed_and_deleted(r, standby.dsn(dbname), 3, "a change on the new primary")
+        with psycopg.connect(standby.dsn(dbname), autocommit=True) as conn:
+            assert conn.execute("SELECT email FROM users WHERE id = 2").fetchone() == ("u2@x",)
+        wait_until(
+            lambda: r.exists("user:2", "user:email:lost@x") == 0,
+            timeout_s=30,
+            what="the sweep of the lost transaction's cache",
+        )
+        reasons = [m["reason"] for m in listener.logged("changes_may_have_been_missed")]
+        said = "not the one the listener last ran on"
+        assert any(said in reason for reason in reasons), reasons
         listener.signal(signal.SIGTERM)
         assert listener.wait() == 0
     finally:

@@ -125,20 +125,12 @@ class LogicalCapture:
         previous session saw, `seen`, while it runs), a database restored from a dump
         in the same cluster (slot_state_v1 made again) or copied from another (its rows
         recorded in that one), or one that came up from a crash since the run recorded
-        (`run`, now), where sweep_after_crash says so."""
-        if gone_back(seen, lineage):
-            return (
-                f"the listener's previous session ran on another server ({seen}; now "
-                f"{lineage}): a primary gone back to after a standby was promoted lacks "
-                "the transactions written on that one"
-            )
-        if promoted_since(seen, lineage):
-            return (
-                f"the slot survived a promotion (a failover slot; the listener's previous "
-                f"session ran on {seen}, now {lineage}): a standby promoted lacks the "
-                "transactions asynchronous replication had not sent it, which readers of "
-                "the old primary may have cached"
-            )
+        (`run`, now), where sweep_after_crash says so; or a server of another lineage
+        than the one recorded for the slot at the last connect (a standby promoted with
+        the slot synced to it, found by a listener started afresh)."""
+        lost = _other_lineage(seen, state.server_lineage, lineage)
+        if lost is not None:
+            return lost
         if state.restored:
             return RESTORED
         if not crashed_since(state.server_run, run):
@@ -201,7 +193,7 @@ class LogicalCapture:
             # Owed until done: a crash during the sweep sweeps again.
             side.execute(Q.SET_RESYNC.sql, {"slot": cfg.slot, "reason": missed, "lsn": None})
             owed = missed
-        _record(side, state, run)  # (after the sweep it owes is recorded)
+        _record(side, state, run, lineage)  # (after the sweep it owes is recorded)
         self._lineage = lineage or seen
         if kind.create:
             return self._make_slot(side), owed
@@ -296,6 +288,37 @@ class LogicalCapture:
         )
 
 
+def _other_lineage(seen: str | None, recorded: str | None, lineage: str | None) -> str | None:
+    """Why a server of `lineage` may lack commits that readers cached, by the lineage
+    this listener's previous session saw (`seen`) or the one recorded for the slot at the
+    last connect (`recorded`), or None."""
+    if gone_back(seen, lineage):
+        return (
+            f"the listener's previous session ran on another server ({seen}; now "
+            f"{lineage}): a primary gone back to after a standby was promoted lacks "
+            "the transactions written on that one"
+        )
+    if promoted_since(seen, lineage):
+        return (
+            f"the slot survived a promotion (a failover slot; the listener's previous "
+            f"session ran on {seen}, now {lineage}): a standby promoted lacks the "
+            "transactions asynchronous replication had not sent it, which readers of "
+            "the old primary may have cached"
+        )
+    if recorded is not None and lineage is not None and recorded != lineage:
+        # (a listener started afresh has no previous session to compare with, but
+        # the lineage recorded at the last connect came with the data: a review's
+        # listener resumed from a failover slot and a lost commit stayed cached)
+        return (
+            f"the server is not the one the listener last ran on ({recorded}; now "
+            f"{lineage}): a standby promoted with the slot synced to it (a failover "
+            "slot), a point-in-time recovery or pg_upgrade, which may lack the "
+            "transactions asynchronous replication had not sent it, or that came "
+            "after the recovery's target, and readers may have cached their rows"
+        )
+    return None
+
+
 def _in_use(side: psycopg.Connection[Any], slot: str, reason: str) -> Standby:
     """The slot is streamed: by a listener like this one (its role and application_name),
     or by something else (Standby.foreign), which keeps every listener waiting."""
@@ -329,11 +352,13 @@ def _explain_refusal(side: psycopg.Connection[Any], exc: psycopg.Error) -> None:
         ) from None
 
 
-def _record(side: psycopg.Connection[Any], state: SlotState, run: str | None) -> None:
+def _record(
+    side: psycopg.Connection[Any], state: SlotState, run: str | None, lineage: str | None
+) -> None:
     """What the listener found at connect, recorded once a sweep it owes is: the server's
-    run for the slot, and every row of slot_state_v1 as recorded in this table (a
-    restore's rows, the sweep for which is owed now)."""
+    run and lineage for the slot, and every row of slot_state_v1 as recorded in this
+    table (a restore's rows, the sweep for which is owed now)."""
     if state.restored:
         side.execute(Q.RECORD_TABLE.sql)
-    if run is not None:
-        side.execute(Q.RECORD_RUN.sql, {"slot": state.slot_name, "run": run})
+    if run is not None or lineage is not None:
+        side.execute(Q.RECORD_RUN.sql, {"slot": state.slot_name, "run": run, "lineage": lineage})

@@ -82,6 +82,9 @@ class SlotState:
     # PREPARE, before it commits, and only a COMMIT PREPARED message when it does.
     two_phase: bool = False
     server_run: str | None = None  # the server's run the listener last noted (lineage.py)
+    # The server's lineage when the listener last connected, or install ran (lineage.py):
+    # it came with the data, so a standby promoted shows the old primary's.
+    server_lineage: str | None = None
     # A row of slot_state_v1 recorded in another table than this one, or in another
     # database: a dump restored, or a copy of another database (recorded_in and
     # recorded_in_database, sql/logical.sql), which took it back to that time.

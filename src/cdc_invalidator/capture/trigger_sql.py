@@ -21,7 +21,7 @@ from cdc_invalidator.pg.queries import Q
 SCHEMA_VERSION = 1
 # Within the version, what this release's install leaves in version 1's objects (see
 # schema_revision() in sql/schema.sql): a listener runs only on its own revision.
-SCHEMA_REVISION = 9
+SCHEMA_REVISION = 10
 CHANNEL = "cdc_invalidator_v1"
 # A lock the script waits for longer than this (or half of deadlock_timeout) ends the
 # try (sql/lock_wait.sql says why); apply() tries again, with back-off, for TRY_FOR_S.
