@@ -21,7 +21,7 @@ from tests.support.config import write_config
 from tests.support.env import FAST_PG, Env, Servers, capture_of, make_env, pg_of, redis_of
 from tests.support.evidence import unavailable
 from tests.support.faults import SLOT, TEMPLATES, cache, changed_and_deleted, keys_of, setup_users
-from tests.support.listener import ListenerProcess
+from tests.support.listener import ListenerProcess, run_cli
 from tests.support.netns import NoNamespaces, VanishingHost
 from tests.support.servers import PostgresServer, RedisServer
 from tests.support.waits import wait_until
@@ -109,6 +109,35 @@ def test_a_listener_pointed_at_a_standby_waits_for_its_promotion(
             assert listener.wait() == 0
         finally:
             listener.kill()
+    finally:
+        standby.destroy()
+
+
+def test_check_and_status_on_a_standby_say_it_is_one(own_env: Env) -> None:
+    """`check` pointed at a hot standby by mistake passed (exit 0) in trigger mode, its
+    one hint a warning that the server withholds its system identifier or timeline; in
+    logical mode it said the slot was gone and that the listener would make it again
+    (it cannot, on a standby); `status` in logical mode said only "recovery is in
+    progress". Both now say the server is a standby and to point database_url at the
+    primary, and exit 1."""
+    config = setup_users(own_env, rows=1)
+    standby = PostgresServer.standby_of(pg_of(own_env))
+    try:
+        dbname = own_env.dsn.rsplit("/", 1)[1]
+        config.write_text(config.read_text().replace(own_env.dsn, standby.dsn(dbname)))
+        done = run_cli("check", "--config", str(config))
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert "is a standby, in recovery" in done.stderr, done.stderr
+        assert "withholds" not in done.stdout + done.stderr
+        assert "is gone" not in done.stdout + done.stderr
+        assert "Traceback" not in done.stdout + done.stderr
+        status = run_cli("status", "--config", str(config))
+        if own_env.logical:
+            assert status.returncode == 1, status.stdout + status.stderr
+            assert "is a standby, in recovery" in status.stderr, status.stderr
+        else:  # (the queue came with the data: its backlog is there to read)
+            assert status.returncode == 0, status.stdout + status.stderr
+        assert "Traceback" not in status.stdout + status.stderr
     finally:
         standby.destroy()
 

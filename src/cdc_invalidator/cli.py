@@ -37,6 +37,7 @@ from cdc_invalidator.mapping import Mapper
 from cdc_invalidator.metrics import BacklogCollector, Metrics
 from cdc_invalidator.modes.choose import mode_for
 from cdc_invalidator.pg.connect import METRICS, REPLAY, PgConnector
+from cdc_invalidator.pg.queries import Q
 from cdc_invalidator.probes import ProbeServer
 from cdc_invalidator.redact import Scrubber, redact_url
 from cdc_invalidator.replay import replay
@@ -447,6 +448,17 @@ def cmd_status(args: argparse.Namespace, settings: Settings, console: Console) -
             return EXIT_FAILED
         except NotInstalledHere as exc:
             console.error(str(exc))
+            return EXIT_FAILED
+        except psycopg.errors.ObjectNotInPrerequisiteState:
+            # (logical mode reads the server's WAL position, which a standby has none of:
+            # "recovery is in progress" told nothing of what to do)
+            standby = conn.execute(Q.IN_RECOVERY.sql).fetchone()
+            if not (standby and standby[0]):
+                raise
+            console.error(
+                f"the server ({conn.info.host}:{conn.info.port}) is a standby, in recovery: "
+                "the slot's lag is the primary's to tell; point database_url at the primary"
+            )
             return EXIT_FAILED
     if args.json:
         console.out(json.dumps(status.as_json()))

@@ -76,6 +76,17 @@ def check_database(
         f"server: PostgreSQL {versions.format_version(server)} (server_version_num {server}); "
         f"{mode.name} capture needs {versions.oldest_for(mode.name)} or later"
     )
+    standby = conn.execute(Q.IN_RECOVERY.sql).fetchone()
+    if standby and standby[0]:
+        # (what else could be read here would mislead: a lineage withheld, a slot gone)
+        report.errors.append(
+            f"database {conn.info.dbname!r}: the server ({conn.info.host}:{conn.info.port}) "
+            "is a standby, in recovery: it takes no writes, and a listener pointed at it "
+            "invalidates nothing until it is promoted (postgres_unavailable); point "
+            "database_url at the primary (with several hosts, "
+            "target_session_attrs=read-write). Nothing else was checked against it"
+        )
+        return report
     mapper = settings.mapper()
     names = {TableName.parse(name): name for name in settings.tables}
     found = installed_version(conn)
