@@ -818,12 +818,22 @@ $early$;
 -- full, every commit that sent a NOTIFY fails, and the wake-up is only a wake-up (the
 -- listener's poll finds the rows): with max_notify_queue_pages = 64 and the queue
 -- filled, a watched one-row UPDATE failed at commit ("too many notifications in the
--- NOTIFY queue"); it commits now (tests/test_notify_queue.py).
+-- NOTIFY queue"); it commits now (tests/test_notify_queue.py). Nor from a commit that
+-- will wait for a synchronous standby (synchronous_standby_names set, synchronous_commit
+-- neither off nor local): the serialization lasts until the standby answers, and with it
+-- down every other notifying commit of the server waited behind it, those made with
+-- synchronous_commit = local too (a review: a local one-row UPDATE waited for as long as
+-- the standby was down). Such a writer takes (.., 2) shared instead, which the quiet
+-- listener polls for while synchronous standbys are configured (trigger_queue.py), and
+-- reads its row once it has ended.
 CREATE OR REPLACE FUNCTION cdc_invalidator.wake_needed_v1() RETURNS text
 LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
 AS $wake_needed$
     SELECT format(
-        '(CASE WHEN pg_try_advisory_lock_shared(%1$s, 1) THEN pg_advisory_unlock_shared(%1$s, 1) '
+        '(CASE WHEN current_setting(''synchronous_standby_names'') <> '''' AND '
+        'current_setting(''synchronous_commit'') NOT IN (''off'', ''local'') '
+        'THEN NOT pg_try_advisory_xact_lock_shared(%1$s, 2) '
+        'WHEN pg_try_advisory_lock_shared(%1$s, 1) THEN pg_advisory_unlock_shared(%1$s, 1) '
         'WHEN pg_try_advisory_xact_lock_shared(%1$s, 2) THEN coalesce(CASE WHEN '
         'pg_try_advisory_lock_shared(%1$s, 1) THEN pg_advisory_unlock_shared(%1$s, 1) END, false) '
         'ELSE true END AND pg_notification_queue_usage() < 0.5)',

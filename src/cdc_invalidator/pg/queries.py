@@ -70,6 +70,7 @@ class Q(enum.Enum):
     BUSY = "busy.sql"  # capture functions send no wake-up while it is held
     QUIET = "quiet.sql"
     WRITERS_SEEN = "writers_seen.sql"  # after quiet.sql: no writer that sent none is open
+    SYNC_STANDBYS = "sync_standbys.sql"  # writers that wait for one send no wake-up
     DEAD_LETTER = "dead_letter.sql"
     RESOLVE_RENAMED = "resolve_renamed.sql"  # a row under a name the mapping lacks
     SAVE_PROGRESS = "save_progress.sql"

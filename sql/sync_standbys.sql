@@ -1,0 +1,4 @@
+-- Trigger mode, a quiet listener: whether synchronous standbys are configured, so that
+-- commits made with synchronous_commit on (or remote_*) send no wake-up (schema.sql's
+-- wake_needed_v1()) and are polled for instead (writers_seen.sql).
+SELECT current_setting('synchronous_standby_names') <> ''
