@@ -823,9 +823,9 @@ $early$;
 -- neither off nor local): the serialization lasts until the standby answers, and with it
 -- down every other notifying commit of the server waited behind it, those made with
 -- synchronous_commit = local too (a review: a local one-row UPDATE waited for as long as
--- the standby was down). Such a writer takes (.., 2) shared instead, which the quiet
--- listener polls for while synchronous standbys are configured (trigger_queue.py), and
--- reads its row once it has ended.
+-- the standby was down). Such a writer takes (.., 2) shared instead, as one that found
+-- the listener busy does; while synchronous standbys are configured the quiet listener
+-- reads the queue every 10 ms (trigger_queue.py's SYNC_READ_S).
 CREATE OR REPLACE FUNCTION cdc_invalidator.wake_needed_v1() RETURNS text
 LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
 AS $wake_needed$

@@ -290,9 +290,9 @@ def test_a_commit_waiting_for_a_synchronous_standby_holds_no_other_writer(own_en
     commit waited (as it would without us), and one made with synchronous_commit =
     local, which would not have waited, waited behind its wake-up for as long as the
     standby stayed down (a review: 10 s, then until the first was cancelled). A commit
-    that will wait for a standby now sends no wake-up: the quiet listener looks for it
-    (writers_seen.sql's lock) and reads its row once it is done, without a poll (a
-    minute away here) or a second delete."""
+    that will wait for a standby now sends no wake-up: the quiet listener, while
+    synchronous standbys are configured, reads the queue every 10 ms, and finds its row
+    once it is done, without a poll (a minute away here) or a second delete."""
     env = own_env
     config = setup_users(env, rows=3, poll_interval_ms=60_000, second_delete_ms=0)
     r = env.redis()

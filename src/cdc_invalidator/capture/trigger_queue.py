@@ -79,11 +79,10 @@ WRITERS_POLL_S = 0.01
 WRITERS_POLL_MAX_S = 0.2
 # While synchronous standbys are configured (asked this often), a commit that waits for
 # one sends no wake-up (wake_needed_v1() in schema.sql: PostgreSQL would hold every
-# other notifying commit of the server behind it until the standby answered); it holds
-# writers_seen.sql's lock instead, which the quiet listener looks for this often, and
-# then polls for as above until the commit is done.
+# other notifying commit of the server behind it until the standby answered): the quiet
+# listener reads the queue this often instead.
 SYNC_CHECK_S = 1.0
-SYNC_WRITERS_POLL_S = 0.01
+SYNC_READ_S = 0.01
 # No queue read for this long (Redis is down: the loop waits for it, not for us): the
 # notifications that keep coming are read off the socket anyway. Left unread, they
 # would fill it and block our backend as it sends them, which holds the server's NOTIFY
@@ -803,25 +802,12 @@ class TriggerQueue:
             timeout_s = min(timeout_s, poll_s)
             self._writers_poll_s = min(poll_s * 2, WRITERS_POLL_MAX_S)
         fds = [self._conn.fileno()] if wakeup_fd is None else [self._conn.fileno(), wakeup_fd]
-        deadline = time.monotonic() + timeout_s
-        while True:
-            step = deadline - time.monotonic()
-            looking = self._writers_poll_s is None and self._wakeup.listening and self._synced()
-            if looking:
-                if self._conn.execute(Q.WRITERS_SEEN.sql).fetchone() != (True,):
-                    # A commit waiting for a synchronous standby (or one that found us
-                    # busy): polled for, as above, until it is done.
-                    self._writers_poll_s = WRITERS_POLL_S
-                    looking = False
-                    step = min(step, WRITERS_POLL_S)
-                else:
-                    step = min(step, SYNC_WRITERS_POLL_S)
-            readable, _, _ = select.select(fds, [], [], max(0.0, step))
-            if self._conn.fileno() in readable:
-                self._take_notifies()
-                return
-            if readable or not looking or time.monotonic() >= deadline:
-                return
+        if self._writers_poll_s is None and self._wakeup.listening and self._synced():
+            # Commits that wait for a synchronous standby send no wake-up: read for.
+            timeout_s = min(timeout_s, SYNC_READ_S)
+        readable, _, _ = select.select(fds, [], [], timeout_s)
+        if self._conn.fileno() in readable:
+            self._take_notifies()
 
     def _synced(self) -> bool:
         """Whether synchronous standbys are configured (asked every SYNC_CHECK_S)."""
