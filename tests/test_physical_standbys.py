@@ -29,7 +29,7 @@ import pytest
 
 from tests.support.env import Env, pg_of
 from tests.support.faults import cache, changed_and_deleted, keys_of, setup_users
-from tests.support.listener import ListenerProcess, Spawn
+from tests.support.listener import ListenerProcess, Spawn, run_cli
 from tests.support.servers import PostgresServer
 from tests.support.waits import wait_until
 
@@ -346,6 +346,9 @@ def test_a_failover_slot_found_by_a_listener_started_afresh_is_swept_for(
         primary.stop("immediate")
         standby.promote()
 
+        # `check` says so before the listener's next start does it
+        done = run_cli("check", "--config", str(config))
+        assert "is not the one the listener last ran on" in done.stdout, done.stdout
         listener = spawn(config)
         changed_and_deleted(r, standby.dsn(dbname), 3, "a change on the new primary")
         with psycopg.connect(standby.dsn(dbname), autocommit=True) as conn:

@@ -313,7 +313,28 @@ def check_logical_server(conn: psycopg.Connection[Any], settings: Settings, repo
             "and the listener sweeps when it comes back)"
         )
     _sweeps_owed(state, report)
+    _lineage_changed(conn, state, report)
     check_leftover_slots(conn, settings.slot_name, report)
+
+
+def _lineage_changed(conn: psycopg.Connection[Any], state: SlotState, report: Report) -> None:
+    """Logical mode: a slot that is there on a server of another lineage than the one
+    recorded for it (a failover slot on a promoted standby), which the listener's next
+    start sweeps for: said before it happens, when a DBA can still keep the cache warm
+    where nothing was lost."""
+    row = conn.execute(Q.CHECK_SLOT_LINEAGE.sql).fetchone()
+    current, recorded = (row[0] if row else None), state.server_lineage
+    if not state.slot_exists or current is None or recorded is None or current == recorded:
+        return
+    report.warnings.append(
+        f"this server ({current}) is not the one the listener last ran on ({recorded}), "  # noqa: S608 - advice printed for a DBA, never run
+        "and the slot is here (a failover slot on a promoted standby, a point-in-time "
+        "recovery or pg_upgrade): its next start sweeps every watched table once "
+        "(transactions of the old one may be lost, and cached). Where nothing was lost (a "
+        "planned switchover), record it first to keep the cache warm, as the installing "
+        "role: UPDATE cdc_invalidator.slot_state_v1 SET server_lineage = "
+        "cdc_invalidator.server_lineage_v1()"
+    )
 
 
 def _sweeps_owed(state: SlotState, report: Report) -> None:

@@ -71,6 +71,7 @@ class Q(enum.Enum):
     QUIET = "quiet.sql"
     WRITERS_SEEN = "writers_seen.sql"  # after quiet.sql: no writer that sent none is open
     SYNC_STANDBYS = "sync_standbys.sql"  # writers that wait for one send no wake-up
+    CHECK_SLOT_LINEAGE = "check_slot_lineage.sql"  # logical: compared with the slot's
     DEAD_LETTER = "dead_letter.sql"
     RESOLVE_RENAMED = "resolve_renamed.sql"  # a row under a name the mapping lacks
     SAVE_PROGRESS = "save_progress.sql"
