@@ -476,7 +476,8 @@ LANGUAGE sql IMMUTABLE AS 'SELECT 1';
 -- revision 8: note_server_v3(), which replaces that, and listener_state_v1.recorded_in
 -- and slot_state_v1.recorded_in, which the listener compares with the table's oid;
 -- revision 9: their recorded_in_database, which it compares with database_oid_v1();
--- revision 10: slot_state_v1.server_lineage, which the logical listener reads and writes).
+-- revision 10: slot_state_v1.server_lineage, which the logical listener reads and writes,
+-- and mapping_v1.tables with retired_table_v1(), which the listener asks).
 -- A constant, so PUBLIC may call it.
 CREATE OR REPLACE FUNCTION cdc_invalidator.schema_revision() RETURNS integer
 LANGUAGE sql IMMUTABLE AS 'SELECT 10';
@@ -498,7 +499,7 @@ CREATE TABLE IF NOT EXISTS cdc_invalidator.mapping_v1 (
 );
 -- What each mapping's tables render (the configuration's tables by qualified name, each
 -- {"keys": its templates with their key_prefix, "redis_db": its database or null}),
--- added in place without a new revision: a change of a table an install stopped
+-- (revision 10): a change of a table an install stopped
 -- watching, queued or streamed before that install committed, is rendered with the
 -- templates of the last mapping that named it (retired_table_v1()). NULL in rows
 -- recorded before it (record_mapping.sql fills in the last one).

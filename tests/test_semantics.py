@@ -935,11 +935,31 @@ def test_dead_letter_keeps_the_payload_exactly(env: Env) -> None:
     )
 
 
-def test_table_dropped_from_config_without_reinstall_is_dead_lettered(env: Env) -> None:
+def test_a_table_dropped_from_config_without_reinstall_is_still_invalidated(env: Env) -> None:
+    """Still watched (install not re-run): its changes are rendered with the templates
+    the install recorded, and deleted, not dead letters."""
     users_table(env, [(1, "a@x")])
     env.sql("CREATE TABLE orders (id int PRIMARY KEY)")
     install(env, {**USERS, "public.orders": ["order:{id}"]})
     # The team removes orders from the config but nobody re-runs install.
+    smaller = env.config({**USERS, **SYNC}, name="smaller.toml")
+    r = env.redis()
+    r.mset({"order:5": "-", "user:1": "A"})
+    with listening(smaller) as listener:
+        env.sql("INSERT INTO orders VALUES (5)")
+        env.sql("UPDATE users SET name = 'x' WHERE id = 1")
+        wait_until(lambda: r.exists("order:5", "user:1") == 0, what="both tables' keys")
+        assert listener.alive()
+    assert dead_letters(env) == []
+
+
+def test_a_table_no_installed_mapping_names_is_dead_lettered(env: Env) -> None:
+    users_table(env, [(1, "a@x")])
+    env.sql("CREATE TABLE orders (id int PRIMARY KEY)")
+    install(env, {**USERS, "public.orders": ["order:{id}"]})
+    # The team removes orders from the config but nobody re-runs install, and the install
+    # recorded no templates (an earlier release's): nothing to render its changes with.
+    env.sql("UPDATE cdc_invalidator.mapping_v1 SET tables = NULL")
     smaller = env.config({**USERS, **SYNC}, name="smaller.toml")
     r = env.redis()
     r.mset({"order:5": "-", "user:1": "A"})
@@ -988,7 +1008,9 @@ def test_status_reports_backlog_age_dead_letters_and_progress(env: Env) -> None:
     users_table(env, [(1, "a@x"), (2, "b@x"), (3, "c@x")])
     env.sql("CREATE TABLE ghost (id int PRIMARY KEY)")
     install(env, {**USERS, "public.ghost": ["ghost:{id}"]})
-    # The listener runs without `ghost`, whose changes are still captured: dead letters.
+    # The listener runs without `ghost`, whose changes are still captured, and the install
+    # recorded no templates (an earlier release's): dead letters.
+    env.sql("UPDATE cdc_invalidator.mapping_v1 SET tables = NULL")
     config = env.config({**USERS, **SYNC}, name="running.toml")
     before = status(config)
     assert before["capture"] == env.capture

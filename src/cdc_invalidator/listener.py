@@ -37,8 +37,6 @@ def retired_lookup(settings: Settings) -> Callable[[TableName], Retired | None]:
         with connect() as conn:
             try:
                 row = conn.execute(Q.RETIRED_TABLE.sql, {"table": table.qualified}).fetchone()
-            except psycopg.errors.UndefinedFunction:
-                return None  # installed by an earlier release: nothing recorded
             except psycopg.errors.InsufficientPrivilege as exc:
                 # (EXECUTE revoked from PUBLIC by hand): its changes are dead letters.
                 log.warning("retired_table_refused", table=str(table), error=str(exc))
