@@ -91,6 +91,10 @@ BEGIN
     -- This database's oid, which the logical listener compares with its rows' (PUBLIC may
     -- call it too, as above).
     EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.database_oid_v1() TO %s', listener);
+    -- The templates of a table the listener's file no longer names, which an earlier
+    -- install recorded: its changes committed before the install that stopped watching it
+    -- are rendered with them (not PUBLIC's to call).
+    EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.retired_table_v1(text) TO %s', listener);
     IF capture = 'trigger' THEN
         -- The server's lineage and run noted at each connect, a sweep queued on another
         -- one (note_server_v3(), SECURITY DEFINER: the only write to the queue it may make).
@@ -127,8 +131,8 @@ REVOKE ALL ON FUNCTION cdc_invalidator.grant_listener(regrole, text) FROM PUBLIC
 -- listener calls, to the roles granted logical mode (UPDATE on slot_state_v1). And
 -- database_oid_v1() (revision 9), which the logical listener and `check` call, to both:
 -- PUBLIC may call it, unless the installing role's default privileges revoke that (a
--- review: a logical listener granted by revision 8 then failed on it). Nothing else
--- changes.
+-- review: a logical listener granted by revision 8 then failed on it), and
+-- retired_table_v1() (revision 10), likewise. Nothing else changes.
 DO $carry_grants$
 DECLARE
     listener regrole;
@@ -144,6 +148,7 @@ BEGIN
         EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.note_server_v3(boolean, text, boolean) TO %s',
                        listener);
         EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.database_oid_v1() TO %s', listener);
+        EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.retired_table_v1(text) TO %s', listener);
     END LOOP;
     FOR listener IN
         SELECT a.grantee::regrole
@@ -153,6 +158,7 @@ BEGIN
     LOOP
         EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.server_run_v1() TO %s', listener);
         EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.database_oid_v1() TO %s', listener);
+        EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.retired_table_v1(text) TO %s', listener);
     END LOOP;
 END
 $carry_grants$;

@@ -508,8 +508,8 @@ SELECT cdc_invalidator.add_column_v1('cdc_invalidator.mapping_v1', 'tables', 'js
 -- retired_table_v1(qualified): the last installed mapping's entry for that table (as in
 -- mapping_v1.tables), or NULL. The listener asks it for a table its configuration does
 -- not name. As its owner: a listener role needs no grant on the table. It tells the
--- key templates of a table, which `check` and the configuration file tell too, and no
--- value: PUBLIC may ask.
+-- key templates of a table and no value; only the roles grant_listener() gave it to
+-- may ask (sql/grants.sql), not PUBLIC.
 CREATE OR REPLACE FUNCTION cdc_invalidator.retired_table_v1(qualified text)
 RETURNS jsonb
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -517,7 +517,7 @@ AS $retired$
     SELECT m.tables -> $1 FROM cdc_invalidator.mapping_v1 m
     WHERE m.tables ? $1 ORDER BY m.id DESC LIMIT 1
 $retired$;
-GRANT EXECUTE ON FUNCTION cdc_invalidator.retired_table_v1(text) TO PUBLIC;
+REVOKE EXECUTE ON FUNCTION cdc_invalidator.retired_table_v1(text) FROM PUBLIC;
 
 -- A mapping's state: 'current' (installed last), 'superseded' (installed, then replaced),
 -- 'behind' (never installed, and its file was written before the last install: a file

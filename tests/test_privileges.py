@@ -287,10 +287,19 @@ def revision(number: int, removed: str) -> str:
     )
 
 
-# Revision 8 (before recorded_in_database), revision 7 (before note_server_v3() and
-# recorded_in), revision 6 (before note_server_v2() and the server's run) and revision 2
-# (before progress_v1).
-REVISION_8 = revision(
+# Revision 9 (before retired_table_v1() and the slot's server_lineage), revision 8
+# (before recorded_in_database), revision 7 (before note_server_v3() and recorded_in),
+# revision 6 (before note_server_v2() and the server's run) and revision 2 (before
+# progress_v1).
+REVISION_9 = revision(
+    9,
+    """
+    DROP FUNCTION cdc_invalidator.retired_table_v1(text);
+    ALTER TABLE cdc_invalidator.mapping_v1 DROP COLUMN tables;
+    ALTER TABLE IF EXISTS cdc_invalidator.slot_state_v1 DROP COLUMN IF EXISTS server_lineage;
+    """,
+)
+REVISION_8 = REVISION_9 + revision(
     8,
     """
     ALTER TABLE cdc_invalidator.listener_state_v1 DROP COLUMN recorded_in_database;
@@ -429,6 +438,35 @@ def test_an_upgrade_gives_a_logical_listener_a_function_public_may_not_call(
         writer.execute("UPDATE users SET email = 'z@x' WHERE id = 1")
     wait_until(lambda: r.exists("user:1", "user:email:a@x") == 0, what="the change's keys")
     assert not listener.logged("cannot_consume")
+    stop(listener)
+
+
+def test_an_upgrade_gives_the_listener_the_templates_of_a_table_its_file_dropped(
+    env: Env, spawn: Spawn, listener_role: str, writer_role: str
+) -> None:
+    """A listener role granted by revision 9, before retired_table_v1() (which PUBLIC
+    may not call): install gives it, with no grant_listener call in between, and the
+    listener, started on a file without ghost, renders a change of ghost committed while
+    it was still watched with the templates that install recorded."""
+    tables(env, writer_role)
+    dba = install(env)
+    grant(env, listener_role)
+    env.sql(REVISION_9)
+    assert main(["install", "--config", str(dba)]) == 0
+    assert not env.scalar(
+        "SELECT has_function_privilege('public', 'cdc_invalidator.retired_table_v1(text)',"
+        " 'EXECUTE')"
+    )
+    r = env.redis()
+    r.mset({"user:1": "-", "ghost:7": "-"})
+    listener = spawn(config(env, USERS, name="listener.toml", role=listener_role))
+    with psycopg.connect(as_role(env, writer_role), autocommit=True) as writer:
+        writer.execute("INSERT INTO ghost VALUES (7)")
+        writer.execute("UPDATE users SET name = 'z' WHERE id = 1")
+    wait_until(lambda: r.exists("user:1", "ghost:7") == 0, what="both tables' keys")
+    assert listener.logged("rendering_a_table_no_longer_configured")
+    assert not listener.logged("retired_table_refused")
+    assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 0
     stop(listener)
 
 
