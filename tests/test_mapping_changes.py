@@ -128,7 +128,11 @@ def test_changes_committed_before_an_install_removed_their_table_are_invalidated
         assert listener.wait() == 1
         assert listener.logged("configuration_changed")
         restarted = spawn(config)  # the service manager's restart, with the file
-        time.sleep(0.5)  # changes of orders, still watched, reach the new listener
+        # Changes of orders, still watched, reach the new listener before install.
+        wait_until(
+            lambda: restarted.logged("rendering_a_table_no_longer_configured"),
+            what="the restarted listener rendering orders with its recorded templates",
+        )
         assert cli("install", "--config", config) == 0
         time.sleep(0.5)
     assert writers.errors == []
