@@ -543,7 +543,9 @@ def test_a_change_during_a_replays_sweep_is_invalidated_at_once(own_env: Env, sp
 def test_a_sweep_cut_short_is_not_acknowledged_and_comes_again(
     own_env: Env, spawn: Spawn, stop: str
 ) -> None:
-    config = setup_tables(own_env)
+    # SCAN pages of 20 keys: the sweep lasts a second or two, not 0.3 s, which a loaded
+    # machine's checks below outlasted (the stop landed after the sweep had finished).
+    config = setup_tables(own_env, scan_count=20)
     r = own_env.redis()
     fill(r)
     first: ListenerProcess = spawn(config)
