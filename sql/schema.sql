@@ -820,19 +820,22 @@ $early$;
 -- listener's poll finds the rows): with max_notify_queue_pages = 64 and the queue
 -- filled, a watched one-row UPDATE failed at commit ("too many notifications in the
 -- NOTIFY queue"); it commits now (tests/test_notify_queue.py). Nor from a commit that
--- will wait for a synchronous standby (synchronous_standby_names set, synchronous_commit
--- neither off nor local): the serialization lasts until the standby answers, and with it
--- down every other notifying commit of the server waited behind it, those made with
--- synchronous_commit = local too (a review: a local one-row UPDATE waited for as long as
--- the standby was down). Such a writer takes (.., 2) shared instead, as one that found
--- the listener busy does; while synchronous standbys are configured the quiet listener
--- reads the queue every 10 ms (trigger_queue.py's SYNC_READ_S).
+-- may wait for a synchronous standby (synchronous_standby_names set): the serialization
+-- lasts until the standby answers, and with it down every other notifying commit of the
+-- server waited behind it, those made with synchronous_commit = local too (a review: a
+-- local one-row UPDATE waited for as long as the standby was down). Whatever
+-- synchronous_commit says when the statement runs: the commit waits by the value it has
+-- at COMMIT, which a SET LOCAL after the statement, or the end of a function declared
+-- with SET synchronous_commit = off, changes (a review: a transaction that wrote with
+-- local and committed with on held a local writer's commit 5 s, until cancelled). Such
+-- a writer takes (.., 2) shared instead, as one that found the listener busy does;
+-- while synchronous standbys are configured the quiet listener reads the queue every
+-- 10 ms (trigger_queue.py's SYNC_READ_S).
 CREATE OR REPLACE FUNCTION cdc_invalidator.wake_needed_v1() RETURNS text
 LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
 AS $wake_needed$
     SELECT format(
-        '(CASE WHEN current_setting(''synchronous_standby_names'') <> '''' AND '
-        'current_setting(''synchronous_commit'') NOT IN (''off'', ''local'') '
+        '(CASE WHEN current_setting(''synchronous_standby_names'') <> '''' '
         'THEN NOT pg_try_advisory_xact_lock_shared(%1$s, 2) '
         'WHEN pg_try_advisory_lock_shared(%1$s, 1) THEN pg_advisory_unlock_shared(%1$s, 1) '
         'WHEN pg_try_advisory_xact_lock_shared(%1$s, 2) THEN coalesce(CASE WHEN '

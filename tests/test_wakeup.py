@@ -337,3 +337,61 @@ def test_a_commit_waiting_for_a_synchronous_standby_holds_no_other_writer(own_en
         waiting.close()
         other.close()
         listener.stop()
+
+
+def test_a_commit_made_synchronous_after_its_statement_holds_no_other_writer(
+    own_env: Env,
+) -> None:
+    """wake_needed_v1() reads synchronous_commit when the statement's capture function
+    runs, but the commit waits by the value it has at COMMIT: a transaction that wrote
+    with synchronous_commit = local (SET LOCAL, or a function declared with
+    SET synchronous_commit) and committed with it on sent the wake-up and then waited
+    for the standby, and, that standby down, a local writer's commit waited behind it
+    (a review: 5 s, until the first was cancelled). While synchronous standbys are
+    configured no capture function sends a wake-up: the quiet listener reads the queue
+    every 10 ms."""
+    env = own_env
+    config = setup_users(env, rows=3, poll_interval_ms=60_000, second_delete_ms=0)
+    r = env.redis()
+    env.sql("ALTER SYSTEM SET synchronous_standby_names = 'standby_that_is_down'")
+    env.sql("SELECT pg_reload_conf()")
+    listener = ListenerThread.from_file(config).start()
+    waiting = psycopg.connect(env.dsn, autocommit=True)
+    other = psycopg.connect(env.dsn, autocommit=True)
+    try:
+        cache(r, [1, 2])
+        held = threading.Thread(
+            target=waiting.execute,
+            args=(
+                "BEGIN; SET LOCAL synchronous_commit = local;"
+                " UPDATE users SET email = 'new1@x' WHERE id = 1;"
+                " SET LOCAL synchronous_commit = on; COMMIT",
+            ),
+        )
+        held.start()
+        pid = waiting.info.backend_pid
+        wait_until(
+            lambda: env.scalar(
+                "SELECT wait_event = 'SyncRep' FROM pg_stat_activity WHERE pid = %s", [pid]
+            ),
+            what="the commit waiting for the standby",
+        )
+        other.execute("SET synchronous_commit = local")
+        local = threading.Thread(
+            target=other.execute, args=("UPDATE users SET email = 'new2@x' WHERE id = 2",)
+        )
+        local.start()
+        local.join(5)
+        assert not local.is_alive(), "a local commit waited behind the held one's wake-up"
+        wait_until(lambda: r.exists(*keys_of(2)) == 0, what="the local commit's keys deleted")
+        env.sql("SELECT pg_cancel_backend(%s)", [pid])  # (committed here: visible now)
+        held.join(10)
+        local.join(10)
+        wait_until(lambda: r.exists(*keys_of(1)) == 0, what="the held commit's keys deleted")
+    finally:
+        env.sql("SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE wait_event = 'SyncRep'")
+        env.sql("ALTER SYSTEM RESET synchronous_standby_names")
+        env.sql("SELECT pg_reload_conf()")
+        waiting.close()
+        other.close()
+        listener.stop()

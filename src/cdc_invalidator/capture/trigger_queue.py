@@ -77,10 +77,11 @@ BUSY_RETRY_S = 1.0
 # is open (writers_seen.sql): a long one is polled for, not waited on.
 WRITERS_POLL_S = 0.01
 WRITERS_POLL_MAX_S = 0.2
-# While synchronous standbys are configured (asked this often), a commit that waits for
-# one sends no wake-up (wake_needed_v1() in schema.sql: PostgreSQL would hold every
-# other notifying commit of the server behind it until the standby answered): the quiet
-# listener reads the queue this often instead.
+# While synchronous standbys are configured (asked this often), no commit sends a
+# wake-up (wake_needed_v1() in schema.sql: PostgreSQL would hold every other notifying
+# commit of the server behind one that waits for the standby, and a commit's
+# synchronous_commit is known only at COMMIT): the quiet listener reads the queue this
+# often instead.
 SYNC_CHECK_S = 1.0
 SYNC_READ_S = 0.01
 # No queue read for this long (Redis is down: the loop waits for it, not for us): the
@@ -803,7 +804,7 @@ class TriggerQueue:
             self._writers_poll_s = min(poll_s * 2, WRITERS_POLL_MAX_S)
         fds = [self._conn.fileno()] if wakeup_fd is None else [self._conn.fileno(), wakeup_fd]
         if self._writers_poll_s is None and self._wakeup.listening and self._synced():
-            # Commits that wait for a synchronous standby send no wake-up: read for.
+            # With synchronous standbys, commits send no wake-up: read for them.
             timeout_s = min(timeout_s, SYNC_READ_S)
         readable, _, _ = select.select(fds, [], [], timeout_s)
         if self._conn.fileno() in readable:
