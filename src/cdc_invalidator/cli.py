@@ -32,7 +32,7 @@ from cdc_invalidator.checks import check_database, check_redis, check_templates,
 from cdc_invalidator.database import DatabaseError, connect
 from cdc_invalidator.durations import format_duration, parse_duration
 from cdc_invalidator.install import SlotStepFailed, UnsupportedServer, install, unguarded
-from cdc_invalidator.listener import build_listener
+from cdc_invalidator.listener import build_listener, retired_lookup
 from cdc_invalidator.mapping import Mapper
 from cdc_invalidator.metrics import BacklogCollector, Metrics
 from cdc_invalidator.modes.choose import mode_for
@@ -483,6 +483,9 @@ def cmd_replay(args: argparse.Namespace, settings: Settings, console: Console) -
         unlink_chunk=settings.unlink_chunk,
         scan_count=settings.scan_count,
     )
+    # A change of a table the file no longer names, deleted by the listener with the
+    # templates the last install that named it recorded, is replayed with them too.
+    settings.render_retired_with(retired_lookup(settings))
     try:
         with connect(settings, kind=REPLAY) as conn:
             result = replay(conn, mode_for(settings), settings.mapper(), sink, since_s)
