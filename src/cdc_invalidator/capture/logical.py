@@ -924,9 +924,19 @@ class LogicalStream:
         """Every watched table as truncated: the mapper sweeps each template as a glob.
         Each event says why (StandInKind.RESYNC), for `tail`: no TRUNCATE ran."""
         why = {StandInKind.RESYNC.value: self._resync or "changes may have been missed"}
+        tables = set(self._config.columns)
+        mapper = self._config.mapper
+        if mapper is not None:
+            # And each table still published that the file no longer names (edited,
+            # install not run yet): its changes are rendered with the templates of the
+            # last install that named it, and those the slot lost are swept with them.
+            for _relid, schema, name, *_ in self._side.execute(Q.PUBLISHED_TABLES.sql):
+                table = TableName(schema, name)
+                if table not in tables and mapper.renders(table):
+                    tables.add(table)
         events = [
             ChangeEvent(table, Op.TRUNCATE, None, why, -(i + 1))
-            for i, table in enumerate(sorted(self._config.columns))
+            for i, table in enumerate(sorted(tables))
         ]
         return LogicalBatch(len(events), events, ack_lsn=self._read_upto, resync=True)
 

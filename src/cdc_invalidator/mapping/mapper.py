@@ -163,6 +163,11 @@ class Mapper:
         self._render_columns[table] = tuple((t.render_columns, t.fields) for t in ts)
         return True
 
+    def renders(self, table: TableName) -> bool:
+        """Whether a change of `table` can be rendered: configured, or a table the
+        configuration lacks that an earlier install named (looked up once, _adopt)."""
+        return self._adopt(table)
+
     def sweep_all(self) -> Routed:
         """Every template of every table as a pattern, under its table's Redis database:
         what a sweep of every watched table deletes (as their TRUNCATEs would)."""
