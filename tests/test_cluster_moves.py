@@ -7,6 +7,7 @@ on an event or on the servers, never on a clock.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 from collections.abc import Iterator
@@ -281,3 +282,40 @@ def test_a_listener_survives_a_node_refusing_a_new_connection_mid_batch(
         listener.kill()
         for admin in admins.values():
             admin.close()
+
+
+def test_nodes_an_ask_named_are_let_go_once_their_migration_is_over(
+    own_cluster: RedisClusterServer,
+) -> None:
+    """An UNLINK answered ASK by a node the slot table does not list yet (a resharding
+    to a node just added) is sent to that node on a connection of the sink's own. Each
+    was kept, with its connection, for the life of the listener: four reshardings, each
+    to a node added for it, left four (a review), though each node was in the slot
+    table, or no longer owned anything, once its migration ended. Now the sink lets go
+    of those an unlink did not use."""
+    c = own_cluster
+    sink = _sink(c, c.nodes[1])
+    key = "order:1"
+    slot = key_slot(key.encode())
+    kept = []
+    try:
+        for _ in range(4):
+            sink.client.nodes_manager.initialize()  # (the last migration's owner)
+            owner_port = sink.client.nodes_manager.get_node_from_slot(slot).port
+            owner = next(n for n in c.nodes if n.port == owner_port)
+            sink.client.set(key, "cached")
+            new = c.add_node()
+            move = Migration(c, slot, owner, new)
+            move.begin()
+            move.move_keys()
+            assert sink.unlink([key]) == 1  # (ASK: the key is on the new node)
+            # (A primary that gave away its last slot became a replica of the taker.)
+            for node in (move.dst, move.src, *c.nodes):
+                with contextlib.suppress(redis.ResponseError):
+                    cmd(node, "CLUSTER", "SETSLOT", slot, "NODE", move.dst_id)
+            c.wait_ok()
+            sink.unlink(["order:2"])  # a batch after the migration
+            kept.append(len(sink._asked))
+        assert kept == [0, 0, 0, 0]
+    finally:
+        sink.close()

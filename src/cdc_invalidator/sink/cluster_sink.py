@@ -73,8 +73,12 @@ class ClusterSink:
         self._unlink_chunk = unlink_chunk
         self._scan_count = scan_count
         self._stale = False  # a node failed: read the slot table again before the next try
-        # Nodes an ASK named that redis-py's slot table does not know (_node_at).
+        # Nodes an ASK named that redis-py's slot table does not know (_node_at), and
+        # those of them used by the unlink() in progress: the others are closed and
+        # forgotten when it ends (each migration to a new node added one, kept forever
+        # with its connection, after the node was known or gone).
         self._asked: dict[tuple[str, int], ClusterNode] = {}
+        self._asked_now: set[tuple[str, int]] = set()
 
     @property
     def client(self) -> RedisCluster:
@@ -121,7 +125,18 @@ class ClusterSink:
         # the other; several keys may be split across both, which is what TRYAGAIN says).
         for key in again:
             deleted += self._unlink_one(key)
+        self._forget_asked()
         return deleted
+
+    def _forget_asked(self) -> None:
+        """Close the connections of the nodes an ASK named that this unlink() did not
+        use: the migration that named them is over (the node is in the slot table, or
+        gone). One still under way names its node again, and it is made again."""
+        for address in [a for a in self._asked if a not in self._asked_now]:
+            node = self._asked.pop(address)
+            if node.redis_connection is not None:
+                node.redis_connection.close()
+        self._asked_now.clear()
 
     def _unlink_one(self, key: Key) -> int:
         """UNLINK one key, following MOVED and ASK here rather than through
@@ -160,6 +175,7 @@ class ClusterSink:
             node = self._asked.get((host, port))
             if node is None:
                 node = self._asked[(host, port)] = ClusterNode(host, port, PRIMARY)
+            self._asked_now.add((host, port))
         return node
 
     def _by_node(self, keys: Collection[Key]) -> list[tuple[ClusterNode, list[list[Key]]]]:
