@@ -19,6 +19,7 @@ from cdc_invalidator.capture.pgoutput import Relation, Resolved
 from cdc_invalidator.events import TableName
 from cdc_invalidator.mapping.columns import ColumnFilter
 from cdc_invalidator.pg.queries import Q
+from cdc_invalidator.settings import retired_table
 
 # (the stream's logger: its lines are one capture's, whichever module says them)
 log = structlog.get_logger("cdc_invalidator.capture.logical")
@@ -92,7 +93,7 @@ class Relations:
             self._known = self._configured()
             found = self._known_or_ancestor(relid)
             if found is None:
-                return None
+                return self._retired(_name, columns)
         target, (table, wanted, attnums) = found
         now = dict(
             self._side.execute(
@@ -116,6 +117,25 @@ class Relations:
             if name in present
         ] != list(columns)
         return Resolved(table, wanted, names, self._filters.get(table), unsure)
+
+    def _retired(self, table: TableName, columns: tuple[str, ...]) -> Resolved | None:
+        """A relation neither configured nor recorded as published: a table an `install`
+        stopped watching, its changes streamed before that install committed. The
+        columns the templates of the last installed mapping that named it use
+        (retired_table_v1(), which the mapper renders them with), never the whole row;
+        None if no mapping recorded it (its changes are dead letters). Without this its
+        rows came with no column at all, "lacked" every key column, and each batch of
+        them swept the table's templates (all its cached keys) instead."""
+        try:
+            row = self._side.execute(Q.RETIRED_TABLE.sql, {"table": table.qualified}).fetchone()
+        except psycopg.errors.InsufficientPrivilege:
+            return None  # (the mapper's lookup says so)
+        retired = retired_table(row[0] if row else None)
+        if retired is None:
+            return None
+        wanted = tuple(dict.fromkeys(f for t in retired.templates for f in t.fields))
+        present = set(columns)
+        return Resolved(table, wanted, {c: c for c in wanted if c in present})
 
     def bases(self, types: set[int]) -> dict[int, int]:
         """The base type of each type (a domain's; any other type's its own)."""
