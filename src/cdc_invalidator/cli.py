@@ -31,7 +31,13 @@ from cdc_invalidator.capture.errors import (
 from cdc_invalidator.checks import check_database, check_redis, check_templates, source_of
 from cdc_invalidator.database import DatabaseError, connect
 from cdc_invalidator.durations import format_duration, parse_duration
-from cdc_invalidator.install import SlotStepFailed, UnsupportedServer, install, unguarded
+from cdc_invalidator.install import (
+    SlotStepFailed,
+    UnsupportedServer,
+    install,
+    removed_unrecorded,
+    unguarded,
+)
 from cdc_invalidator.listener import build_listener, retired_lookup
 from cdc_invalidator.mapping import Mapper
 from cdc_invalidator.metrics import BacklogCollector, Metrics
@@ -289,6 +295,7 @@ def cmd_install(args: argparse.Namespace, settings: Settings, console: Console) 
         )
         done: str | None = None
         try:
+            unrecorded = removed_unrecorded(conn, [t.qualified for t in settings.mapper().tables])
             done = install(conn, mode_for(settings))
         except logical_sql.SlotLeftToListener as exc:
             # (a least-privilege installer's way, documented: nothing is lost by it)
@@ -312,6 +319,14 @@ def cmd_install(args: argparse.Namespace, settings: Settings, console: Console) 
             return EXIT_FAILED
         if (missing := unguarded(conn)) is not None:
             console.warn(f"warning: {missing}")
+        for table in unrecorded:
+            console.warn(
+                f"warning: table {table} is no longer watched, and no earlier install "
+                "recorded its key templates (it was last installed by a release before "
+                "revision 10): its changes still queued or in the slot, read from now on, "
+                "are dead letters and their keys stay cached: run `install` with the "
+                "file that still names it first, then remove it (docs/DBA.md, Upgrading)"
+            )
     if done is not None:
         console.out(done)
     return EXIT_OK

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from cdc_invalidator.capture import logical_sql, trigger_sql
 from cdc_invalidator.capture.errors import Fatal
@@ -40,6 +41,42 @@ def install(conn: psycopg.Connection[Any], mode: CaptureMode) -> str:
         raise SlotStepFailed(str(exc)) from None
     except psycopg.Error as exc:
         raise SlotStepFailed(f"the replication slot step failed: {exc}") from None
+
+
+def removed_unrecorded(conn: psycopg.Connection[Any], configured: list[str]) -> list[str]:
+    """Before install: the tables an earlier install watched or published that this
+    configuration drops and whose templates no recorded mapping holds (the last mapping
+    that named them was installed by a release before revision 10). Their changes still
+    queued or in the slot, read after this install, are dead letters and their keys stay
+    cached (a run: 26 of 59 such changes, under writes): said, not found later."""
+    row = conn.execute(
+        "SELECT to_regclass('cdc_invalidator.watched_v1') IS NOT NULL,"
+        " to_regclass('cdc_invalidator.published_v1') IS NOT NULL,"
+        " EXISTS (SELECT FROM pg_attribute WHERE attrelid ="
+        " to_regclass('cdc_invalidator.mapping_v1') AND attname = 'tables'"
+        " AND NOT attisdropped)"
+    ).fetchone()
+    if row is None:
+        return []
+    watched, published, has_tables = row
+    recorded = sql.SQL(
+        "EXISTS (SELECT FROM cdc_invalidator.mapping_v1 m WHERE m.tables ? "
+        "(r.schema_name || '.' || r.table_name) OR m.tables ? "
+        "(quote_ident(r.schema_name) || '.' || quote_ident(r.table_name)))"
+        if has_tables
+        else "false"
+    )
+    found: set[str] = set()
+    for present, table in ((watched, "watched_v1"), (published, "published_v1")):
+        if not present:
+            continue
+        query = Q.REMOVED_UNRECORDED.sql.format(
+            records=sql.Identifier("cdc_invalidator", table), recorded=recorded
+        )
+        for name, known in conn.execute(query, {"tables": configured}):
+            if not known:
+                found.add(str(name))
+    return sorted(found)
 
 
 def unguarded(conn: psycopg.Connection[Any]) -> str | None:

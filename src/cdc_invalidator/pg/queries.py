@@ -56,6 +56,8 @@ class Q(enum.Enum):
     SCHEMA_REVISION = "schema_revision.sql"  # only where check_installed.sql saw it
     LOGICAL_INSTALLED = "logical_installed.sql"
     MAPPING_STATE = "mapping_state.sql"
+    # tables install stops watching, and whether their templates are recorded
+    REMOVED_UNRECORDED = "removed_unrecorded.sql"
     RETIRED_TABLE = "retired_table.sql"  # a table the listener's configuration lacks
 
     # --- trigger mode: the listener --------------------------------------------------------
