@@ -515,7 +515,14 @@ RETURNS jsonb
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $retired$
     SELECT m.tables -> $1 FROM cdc_invalidator.mapping_v1 m
-    WHERE m.tables ? $1 ORDER BY m.id DESC LIMIT 1
+    WHERE m.tables ? $1
+      -- Not from before a mapping that recorded no templates: one installed by a
+      -- release before revision 10 after this one (a downgrade), which may have named
+      -- the table with other templates (a review: the older ones deleted a:5, and the
+      -- downgraded install's b:5 stayed cached). Its changes are dead letters then.
+      AND NOT EXISTS (SELECT FROM cdc_invalidator.mapping_v1 n
+                      WHERE n.id > m.id AND n.tables IS NULL)
+    ORDER BY m.id DESC LIMIT 1
 $retired$;
 REVOKE EXECUTE ON FUNCTION cdc_invalidator.retired_table_v1(text) FROM PUBLIC;
 

@@ -374,3 +374,29 @@ def test_install_removing_a_table_whose_templates_no_install_recorded_says_so(
     assert cli("install", "--config", both) == 0
     assert cli("install", "--config", users) == 0
     assert "no longer watched" not in capsys.readouterr().err
+
+
+def test_templates_recorded_before_a_downgrade_are_not_used_after_it(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """This release installed (orders' templates recorded), then an earlier release's
+    `install` (a downgrade: its mapping row records no templates, and it may have given
+    orders other ones), then this release's install removing orders. The templates of
+    the mapping before the downgrade were used for orders' queued changes: on a real
+    run (the release at 79b49b3 installed `b:{id}` over this one's `a:{id}`) the
+    listener deleted a:5 and b:5 stayed cached, with no dead letter and install silent.
+    Now no template is told from before such a row (the change is a dead letter,
+    logged), and install warns of the table."""
+    env.sql(
+        "CREATE TABLE users (id int PRIMARY KEY, name text);"
+        "CREATE TABLE orders (id int PRIMARY KEY, user_id int NOT NULL);"
+    )
+    both = env.config({**USERS, **ORDERS}, name="both.toml")
+    assert cli("install", "--config", both) == 0
+    assert env.scalar("SELECT cdc_invalidator.retired_table_v1('public.orders')") is not None
+    # What an earlier release's install records: a mapping with no templates.
+    env.sql("INSERT INTO cdc_invalidator.mapping_v1 (fingerprint) VALUES ('revision 9')")
+    capsys.readouterr()
+    assert cli("install", "--config", env.config(USERS, name="users.toml")) == 0
+    assert "table public.orders is no longer watched" in capsys.readouterr().err
+    assert env.scalar("SELECT cdc_invalidator.retired_table_v1('public.orders')") is None

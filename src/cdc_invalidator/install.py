@@ -60,9 +60,12 @@ def removed_unrecorded(conn: psycopg.Connection[Any], configured: list[str]) -> 
         return []
     watched, published, has_tables = row
     recorded = sql.SQL(
-        "EXISTS (SELECT FROM cdc_invalidator.mapping_v1 m WHERE m.tables ? "
+        "EXISTS (SELECT FROM cdc_invalidator.mapping_v1 m WHERE (m.tables ? "
         "(r.schema_name || '.' || r.table_name) OR m.tables ? "
-        "(quote_ident(r.schema_name) || '.' || quote_ident(r.table_name)))"
+        "(quote_ident(r.schema_name) || '.' || quote_ident(r.table_name))) "
+        # (as retired_table_v1(): not from before a mapping that recorded none)
+        "AND NOT EXISTS (SELECT FROM cdc_invalidator.mapping_v1 n "
+        "WHERE n.id > m.id AND n.tables IS NULL))"
         if has_tables
         else "false"
     )
