@@ -307,6 +307,60 @@ CREATE TABLE IF NOT EXISTS cdc_invalidator.published_v1 (
 -- UPDATEs from the whole old row, which the DDL guard keeps sent.
 -- (Only where missing: the DDL guard reads this table in every role's ALTER TABLE.)
 SELECT cdc_invalidator.add_column_v1('cdc_invalidator.published_v1', 'judge', 'text');
+-- A published table dropped while the rebuild guard ran (the listener reads neither
+-- column: no new revision): the dropping
+-- transaction (dropped_by, set by dropped_v1()), and, once a later DDL saw that commit, a
+-- position the drop's commit and every change of the table precede (dropped_before). The
+-- row is what maps the dropped relation's changes to its configured table for a listener
+-- still behind the drop; once every logical slot of the database has confirmed past
+-- dropped_before, none is left to decode, and prune_dropped_v1() forgets the row.
+SELECT cdc_invalidator.add_column_v1('cdc_invalidator.published_v1', 'dropped_by', 'xid8');
+SELECT cdc_invalidator.add_column_v1('cdc_invalidator.published_v1', 'dropped_before', 'pg_lsn');
+
+-- prune_dropped_v1(): called by the rebuild guard at each DDL command (it runs as the
+-- superuser who installed it). Without it a table dropped and made again under its name
+-- left a row here (and in replica_identity_v1) per cycle, for good: every later DDL
+-- command and every listener read them all, and the listener kept each one's relation.
+-- Rows another transaction holds are skipped (SKIP LOCKED): unrelated DDL never waits.
+CREATE OR REPLACE FUNCTION cdc_invalidator.prune_dropped_v1()
+RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $prune$
+DECLARE
+    confirmed pg_lsn;
+BEGIN
+    -- A drop seen committed (a row whose dropped_by we can see was written by it, so it
+    -- committed, unless it is this transaction: pg_xact_status then says in progress;
+    -- NULL: too old to tell, committed since we see it): its commit record, and every
+    -- change of the table (the drop held its lock), precede the WAL written so far.
+    UPDATE cdc_invalidator.published_v1 p SET dropped_before = pg_current_wal_insert_lsn()
+    WHERE p.relid IN (SELECT x.relid FROM cdc_invalidator.published_v1 x
+                      WHERE x.dropped_by IS NOT NULL AND x.dropped_before IS NULL
+                        AND coalesce(pg_xact_status(x.dropped_by), 'committed') = 'committed'
+                      FOR UPDATE SKIP LOCKED);
+    -- How far every logical slot of this database has confirmed (any of them may be the
+    -- listener's, or a tool's reading our publication): none behind, nothing to decode.
+    -- A slot still being made (no confirmed position yet) starts after now: none pruned.
+    SELECT CASE WHEN count(*) = 0 THEN 'FFFFFFFF/FFFFFFFF'::pg_lsn
+                WHEN bool_and(s.confirmed_flush_lsn IS NOT NULL) THEN min(s.confirmed_flush_lsn)
+           END
+    INTO confirmed
+    FROM pg_replication_slots s
+    WHERE s.slot_type = 'logical' AND s.database = current_database();
+    DELETE FROM cdc_invalidator.published_v1 p
+    WHERE p.relid IN (SELECT x.relid FROM cdc_invalidator.published_v1 x
+                      WHERE x.dropped_before <= confirmed
+                        AND NOT EXISTS (SELECT FROM pg_class c WHERE c.oid = x.relid)
+                      FOR UPDATE SKIP LOCKED);
+    -- The identity a dropped table had: nothing for uninstall to put back (a drop this
+    -- transaction made and rolls back takes this deletion back with it).
+    DELETE FROM cdc_invalidator.replica_identity_v1 ri
+    WHERE ri.relid IN (SELECT x.relid FROM cdc_invalidator.replica_identity_v1 x
+                       WHERE NOT EXISTS (SELECT FROM pg_class c WHERE c.oid = x.relid)
+                       FOR UPDATE SKIP LOCKED);
+END
+$prune$;
+REVOKE ALL ON FUNCTION cdc_invalidator.prune_dropped_v1() FROM PUBLIC;
 
 -- record_published(...): one configured table, resolved now.
 CREATE OR REPLACE FUNCTION cdc_invalidator.record_published(

@@ -46,7 +46,9 @@
 -- A sweep is a queue row in trigger mode (queue_sweep_once_v1), a transactional logical
 -- decoding message in logical mode (emit_sweep_v1): both commit or roll back with the
 -- DDL. The watched names are those the events carry (watched_v1's and published_v1's
--- schema_name and table_name): a dropped table's row stays until install runs again.
+-- schema_name and table_name): a dropped table's row of watched_v1 stays until install
+-- runs again; of published_v1, until every logical slot of the database has confirmed
+-- past the drop (prune_dropped_v1(), logical.sql, at each later DDL command).
 -- Their work is a catalog look-up of the tables the command touched, and of the watched
 -- tables' partitions: no cost to writes. JIT is off in them (SET jit = off): their
 -- queries over pg_inherits are planned for as many rows as a table with thousands of
@@ -446,6 +448,15 @@ BEGIN
         RAISE WARNING 'cdc_invalidator: the rebuild guard failed (%): a table that took a '
             'watched table''s name may not be captured: run `cdc-invalidator check`', SQLERRM;
     END;
+    -- Logical mode: forget what was kept of dropped tables that no slot is behind.
+    IF to_regprocedure('cdc_invalidator.prune_dropped_v1()') IS NOT NULL THEN
+        BEGIN
+            PERFORM cdc_invalidator.prune_dropped_v1();
+        EXCEPTION WHEN OTHERS THEN
+            RAISE WARNING 'cdc_invalidator: the rebuild guard could not forget dropped tables '
+                '(%): their rows stay in published_v1 until `cdc-invalidator install`', SQLERRM;
+        END;
+    END IF;
 END
 $rebuilt$;
 
@@ -486,11 +497,27 @@ BEGIN
                 PERFORM cdc_invalidator.emit_sweep_v1(r.schema_name, r.table_name,
                     format('table %s was dropped', r.object_identity));
             END LOOP;
+            -- Its row stays for a listener behind the drop, until prune_dropped_v1()
+            -- (logical.sql) sees every slot past it.
+            UPDATE cdc_invalidator.published_v1 p SET dropped_by = pg_current_xact_id()
+            WHERE p.relid::oid IN (SELECT d.objid FROM pg_event_trigger_dropped_objects() d
+                                   WHERE d.classid = 'pg_catalog.pg_class'::regclass
+                                     AND d.objsubid = 0)
+              AND p.dropped_by IS NULL;
         END IF;
     EXCEPTION WHEN OTHERS THEN
         RAISE WARNING 'cdc_invalidator: the rebuild guard failed (%): the cached keys of a '
             'dropped watched table may stay cached: delete them by hand', SQLERRM;
     END;
+    -- Logical mode: forget what was kept of dropped tables that no slot is behind.
+    IF to_regprocedure('cdc_invalidator.prune_dropped_v1()') IS NOT NULL THEN
+        BEGIN
+            PERFORM cdc_invalidator.prune_dropped_v1();
+        EXCEPTION WHEN OTHERS THEN
+            RAISE WARNING 'cdc_invalidator: the rebuild guard could not forget dropped tables '
+                '(%): their rows stay in published_v1 until `cdc-invalidator install`', SQLERRM;
+        END;
+    END IF;
     IF TG_TAG = 'DROP OWNED' THEN
         BEGIN
             PERFORM cdc_invalidator.function_dropped_v1();

@@ -1,0 +1,122 @@
+"""Logical mode: a published table dropped and made again under its name, many times.
+
+The rebuild guard publishes each newcomer (a row in published_v1, and in
+replica_identity_v1 where it set FULL); a dropped table's row is kept while a listener
+may still decode changes made before the drop, and no longer: the guard forgets it once
+every logical slot of the database has confirmed past the drop (sql/rebuild_guard.sql,
+prune_dropped_v1()). Counts of rows, never timings.
+"""
+
+from __future__ import annotations
+
+import pytest
+import redis
+
+from cdc_invalidator.capture.relations import Known, Relations
+from tests.support.env import Env
+from tests.support.logical import install, logical_config, running
+from tests.support.waits import wait_until
+
+USERS = {"public.users": ["user:{id}", "user:email:{email}"]}  # email: FULL identity
+CYCLES = 12
+REBUILD = (
+    "DROP TABLE users; CREATE TABLE users (id int PRIMARY KEY, email text, name text);"
+    "INSERT INTO users VALUES (1, 'a@x', 'A')"
+)
+
+
+def rows(env: Env) -> tuple[int, int]:
+    return (
+        env.scalar("SELECT count(*) FROM cdc_invalidator.published_v1"),
+        env.scalar("SELECT count(*) FROM cdc_invalidator.replica_identity_v1"),
+    )
+
+
+def caught_up(env: Env, lsn: str) -> bool:
+    """Every logical slot of the database has confirmed past `lsn`."""
+    return bool(
+        env.scalar(
+            "SELECT bool_and(confirmed_flush_lsn >= %s::pg_lsn)"
+            " FROM pg_replication_slots WHERE database = current_database()",
+            [lsn],
+        )
+    )
+
+
+def now(env: Env) -> str:
+    lsn: str = env.scalar("SELECT pg_current_wal_lsn()::text")
+    return lsn
+
+
+def processed(env: Env, r: redis.Redis) -> None:
+    """The listener has deleted a change's key and the slot has confirmed past it."""
+    r.set("user:1", "cached")
+    env.sql("UPDATE users SET name = name || '.' WHERE id = 1")
+    written = now(env)
+    wait_until(lambda: r.exists("user:1") == 0, what="the update's key deleted")
+    wait_until(lambda: caught_up(env, written), what="the slot confirming past the update")
+
+
+def test_rows_of_dropped_tables_stay_bounded_with_the_listener_keeping_up(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The listener's map of relids (read again at each newcomer's Relation message).
+    sizes: list[int] = []
+    configured = Relations._configured
+
+    def counted(self: Relations) -> Known:
+        known = configured(self)
+        sizes.append(len(known))
+        return known
+
+    monkeypatch.setattr(Relations, "_configured", counted)
+    env.sql("CREATE TABLE users (id int PRIMARY KEY, email text, name text)")
+    env.sql("INSERT INTO users VALUES (1, 'a@x', 'A')")
+    config = logical_config(env, USERS)
+    install(config)
+    assert rows(env) == (1, 1)
+    r = env.redis()
+    with running(env, config):
+        for _ in range(CYCLES):
+            env.sql(REBUILD)
+            processed(env, r)
+        # Each newcomer's changes are still decoded with exact keys.
+        r.mset({"user:1": "cached", "user:email:a@x": "1"})
+        env.sql("UPDATE users SET name = 'z' WHERE id = 1")
+        wait_until(lambda: r.exists("user:1", "user:email:a@x") == 0, what="the exact keys")
+    published, identities = rows(env)
+    # Without pruning: CYCLES + 1 of each. With it: the live table's, and the last drops'
+    # a DDL has not pruned since the slot passed them.
+    assert published <= 3, published
+    assert identities <= 2, identities
+    assert sizes
+    assert sizes[-1] <= 3, sizes
+    assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 0
+
+
+def test_a_listener_behind_the_drops_still_maps_the_changes_made_before_them(env: Env) -> None:
+    env.sql("CREATE TABLE users (id int PRIMARY KEY, email text, name text)")
+    env.sql("INSERT INTO users VALUES (1, 'a@x', 'A')")
+    config = logical_config(env, USERS)
+    install(config)
+    r = env.redis()
+    # No listener: the slot stays before every change below, so no published_v1 row may
+    # be pruned.
+    for i in range(CYCLES):
+        env.sql(f"UPDATE users SET name = 'v{i}' WHERE id = 1")
+        env.sql(REBUILD)
+    assert rows(env) == (CYCLES + 1, 1)  # (an identity is nothing to put back once dropped)
+    r.mset({"user:1": "cached", "user:email:a@x": "1"})
+    with running(env, config):
+        written = now(env)
+        wait_until(lambda: caught_up(env, written), what="the listener catching up")
+        wait_until(lambda: r.exists("user:1", "user:email:a@x") == 0, what="the keys")
+        # Every dropped table's changes mapped to the configured table: no dead letter.
+        assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 0
+        # Past the drops now: the next DDL forgets them.
+        env.sql(REBUILD)
+        processed(env, r)
+        env.sql("CREATE TABLE unrelated (id int); DROP TABLE unrelated")
+    published, identities = rows(env)
+    assert published <= 3, published
+    assert identities <= 2, identities
