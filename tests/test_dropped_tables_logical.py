@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import redis
 
+from cdc_invalidator.capture.pgoutput import Decoder
 from cdc_invalidator.capture.relations import Known, Relations
 from tests.support.env import Env
 from tests.support.logical import install, logical_config, running
@@ -70,6 +71,15 @@ def test_rows_of_dropped_tables_stay_bounded_with_the_listener_keeping_up(
         return known
 
     monkeypatch.setattr(Relations, "_configured", counted)
+    # And the Decoder's Relation messages (packs.Collector reads the same dict).
+    decoders: list[Decoder] = []
+    made = Decoder.__init__
+
+    def kept(self: Decoder, *args: object, **kwargs: object) -> None:
+        made(self, *args, **kwargs)  # type: ignore[arg-type]
+        decoders.append(self)
+
+    monkeypatch.setattr(Decoder, "__init__", kept)
     env.sql("CREATE TABLE users (id int PRIMARY KEY, email text, name text)")
     env.sql("INSERT INTO users VALUES (1, 'a@x', 'A')")
     config = logical_config(env, USERS)
@@ -80,6 +90,7 @@ def test_rows_of_dropped_tables_stay_bounded_with_the_listener_keeping_up(
         for _ in range(CYCLES):
             env.sql(REBUILD)
             processed(env, r)
+        described = len(decoders[-1].relations)
         # Each newcomer's changes are still decoded with exact keys.
         r.mset({"user:1": "cached", "user:email:a@x": "1"})
         env.sql("UPDATE users SET name = 'z' WHERE id = 1")
@@ -91,6 +102,7 @@ def test_rows_of_dropped_tables_stay_bounded_with_the_listener_keeping_up(
     assert identities <= 2, identities
     assert sizes
     assert sizes[-1] <= 3, sizes
+    assert described <= 3, described
     assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 0
 
 

@@ -280,7 +280,7 @@ class LogicalStream:
         self._side = side
         self._history = HistoryWriter(side)
         self._config = config
-        relations = Relations(side, config.columns, config.filters)
+        relations = self._relations = Relations(side, config.columns, config.filters)
         self._decoder = Decoder(
             relations.resolve,
             relations.old_values_not_sent,
@@ -381,6 +381,8 @@ class LogicalStream:
         self._confirmed = max(self._confirmed, batch.ack_lsn)
         self._event_commit = max(self._event_commit, batch.event_commit)
         self._unsaved_events += batch.size
+        for relid in self._relations.forget_passed(self._read_upto):
+            self._decoder.forget(relid)
 
     def wait(self, timeout_s: float, wakeup_fd: int | None = None) -> None:
         """Return when the stream has data, on a byte on `wakeup_fd` (shutdown) or after

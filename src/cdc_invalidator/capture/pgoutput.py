@@ -258,6 +258,12 @@ class Decoder:
     def relations(self) -> Mapping[int, Relation]:
         return self._relations
 
+    def forget(self, relid: int) -> None:
+        """A relation no change of which is left in the stream (a table dropped, read
+        past its drop): pgoutput sends its Relation message again if it ever does."""
+        self._relations.pop(relid, None)
+        self._warned = {w for w in self._warned if w[0] != relid}
+
     def decode(  # noqa: PLR0911, PLR0912 - one return per message type
         self, msg: bytes
     ) -> Begin | Commit | ChangeEvent | list[ChangeEvent] | Stream | None:

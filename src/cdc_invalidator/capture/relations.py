@@ -41,6 +41,9 @@ class Relations:
         self._side = side
         self._columns = columns
         self._filters = filters
+        # Relids dropped since install, by a position past their drop: once the stream
+        # is read past it, no change of theirs is left to decode (forget_passed()).
+        self._dropped: dict[int, int] = {}
         self._known = self._configured()
 
     def _configured(self) -> Known:
@@ -65,8 +68,12 @@ class Relations:
             # Published by an earlier install but no longer configured: its changes are
             # dead letters ("not in the configuration"), holding its key columns as that
             # install recorded them, never the whole row.
-            for relid, schema, name, columns, attnums in self._side.execute(Q.PUBLISHED_TABLES.sql):
+            for relid, schema, name, columns, attnums, dropped_before in self._side.execute(
+                Q.PUBLISHED_TABLES.sql
+            ):
                 known.setdefault(int(relid), (TableName(schema, name), tuple(columns), attnums))
+                if dropped_before is not None:
+                    self._dropped[int(relid)] = int(dropped_before)
         return known
 
     def resolve(self, relid: int, _name: TableName, columns: tuple[str, ...]) -> Resolved | None:
@@ -136,6 +143,17 @@ class Relations:
         wanted = tuple(dict.fromkeys(f for t in retired.templates for f in t.fields))
         present = set(columns)
         return Resolved(table, wanted, {c: c for c in wanted if c in present})
+
+    def forget_passed(self, read_upto: int) -> list[int]:
+        """The dropped relids the stream has been read past (every change of theirs was
+        committed before the position recorded past their drop): forgotten here, for the
+        Decoder to forget too. A table dropped and made again under its name, over and
+        over, would otherwise leave a Relation per cycle in each cache."""
+        passed = [relid for relid, lsn in self._dropped.items() if lsn <= read_upto]
+        for relid in passed:
+            del self._dropped[relid]
+            self._known.pop(relid, None)
+        return passed
 
     def bases(self, types: set[int]) -> dict[int, int]:
         """The base type of each type (a domain's; any other type's its own)."""
