@@ -497,21 +497,22 @@ BEGIN
                 PERFORM cdc_invalidator.emit_sweep_v1(r.schema_name, r.table_name,
                     format('table %s was dropped', r.object_identity));
             END LOOP;
-            -- Its row stays for a listener behind the drop, until prune_dropped_v1()
-            -- (logical.sql) sees every slot past it.
-            UPDATE cdc_invalidator.published_v1 p SET dropped_by = pg_current_xact_id()
-            WHERE p.relid::oid IN (SELECT d.objid FROM pg_event_trigger_dropped_objects() d
-                                   WHERE d.classid = 'pg_catalog.pg_class'::regclass
-                                     AND d.objsubid = 0)
-              AND p.dropped_by IS NULL;
         END IF;
     EXCEPTION WHEN OTHERS THEN
         RAISE WARNING 'cdc_invalidator: the rebuild guard failed (%): the cached keys of a '
             'dropped watched table may stay cached: delete them by hand', SQLERRM;
     END;
-    -- Logical mode: forget what was kept of dropped tables that no slot is behind.
+    -- Logical mode: forget what was kept of dropped tables that no slot is behind. A
+    -- published table dropped now keeps its row for a listener behind the drop, marked
+    -- (prune_dropped_v1(), logical.sql; which an install of logical mode by an earlier
+    -- release did not make, nor the columns: a block of its own, the sweeps above stay).
     IF to_regprocedure('cdc_invalidator.prune_dropped_v1()') IS NOT NULL THEN
         BEGIN
+            UPDATE cdc_invalidator.published_v1 p SET dropped_by = pg_current_xact_id()
+            WHERE p.relid::oid IN (SELECT d.objid FROM pg_event_trigger_dropped_objects() d
+                                   WHERE d.classid = 'pg_catalog.pg_class'::regclass
+                                     AND d.objsubid = 0)
+              AND p.dropped_by IS NULL;
             PERFORM cdc_invalidator.prune_dropped_v1();
         EXCEPTION WHEN OTHERS THEN
             RAISE WARNING 'cdc_invalidator: the rebuild guard could not forget dropped tables '
