@@ -49,26 +49,12 @@ def removed_unrecorded(conn: psycopg.Connection[Any], configured: list[str]) -> 
     that named them was installed by a release before revision 10). Their changes still
     queued or in the slot, read after this install, are dead letters and their keys stay
     cached (a run: 26 of 59 such changes, under writes): said, not found later."""
-    row = conn.execute(
-        "SELECT to_regclass('cdc_invalidator.watched_v1') IS NOT NULL,"
-        " to_regclass('cdc_invalidator.published_v1') IS NOT NULL,"
-        " EXISTS (SELECT FROM pg_attribute WHERE attrelid ="
-        " to_regclass('cdc_invalidator.mapping_v1') AND attname = 'tables'"
-        " AND NOT attisdropped)"
-    ).fetchone()
+    row = conn.execute(Q.INSTALL_RECORDS.sql).fetchone()
     if row is None:
         return []
-    watched, published, has_tables = row
-    recorded = sql.SQL(
-        "EXISTS (SELECT FROM cdc_invalidator.mapping_v1 m WHERE (m.tables ? "
-        "(r.schema_name || '.' || r.table_name) OR m.tables ? "
-        "(quote_ident(r.schema_name) || '.' || quote_ident(r.table_name))) "
-        # (as retired_table_v1(): not from before a mapping that recorded none)
-        "AND NOT EXISTS (SELECT FROM cdc_invalidator.mapping_v1 n "
-        "WHERE n.id > m.id AND n.tables IS NULL))"
-        if has_tables
-        else "false"
-    )
+    watched, published, mappings = row
+    # (no mapping_v1, revision 5: no templates recorded for any table)
+    recorded = Q.REMOVED_RECORDED.sql if mappings else sql.SQL("false")
     found: set[str] = set()
     for present, table in ((watched, "watched_v1"), (published, "published_v1")):
         if not present:

@@ -8,14 +8,14 @@ import psycopg
 import structlog
 
 from cdc_invalidator.events import TableName
-from cdc_invalidator.mapping.mapper import Retired
+from cdc_invalidator.mapping.mapper import Retired, retired_table
 from cdc_invalidator.metrics import Metrics
 from cdc_invalidator.modes.choose import mode_for
 from cdc_invalidator.pg.connect import SIDE, PgConnector
 from cdc_invalidator.pg.queries import Q
 from cdc_invalidator.redis_guard.watch import RedisWatch
 from cdc_invalidator.runner import Runner, RunnerConfig
-from cdc_invalidator.settings import ConfigFile, Settings, retired_table
+from cdc_invalidator.settings import ConfigFile, Settings
 from cdc_invalidator.shutdown import Stopper
 from cdc_invalidator.sink import AutoSink, MasterWatch, RedisOptions, open_sink
 from cdc_invalidator.sink.pubsub import TailChannel

@@ -41,7 +41,7 @@ from cdc_invalidator.durations import parse_duration
 from cdc_invalidator.events import TableName
 from cdc_invalidator.mapping import KeyTemplate, Mapper, TemplateError
 from cdc_invalidator.mapping.columns import ColumnFilter, Judge
-from cdc_invalidator.mapping.mapper import Retired, RetiredLookup
+from cdc_invalidator.mapping.mapper import RetiredLookup
 from cdc_invalidator.redact import Scrubber, secrets_of
 
 log = structlog.get_logger(__name__)
@@ -495,7 +495,7 @@ class Settings(BaseSettings):
     def mapping_record(self) -> str:
         """What the tables render, as JSON: `install` records it with the fingerprint
         (mapping_v1.tables), for a listener that meets a change of a table a later
-        install no longer watches (retired_table())."""
+        install no longer watches (mapper.retired_table())."""
         return json.dumps(
             {
                 TableName.parse(name).qualified: {
@@ -528,21 +528,6 @@ class Settings(BaseSettings):
             },
             self._retired,
         )
-
-
-def retired_table(entry: object) -> Retired | None:
-    """A mapping_v1.tables entry (retired_table_v1()) as the mapper's Retired; None when
-    it is missing or not what install records."""
-    if not isinstance(entry, dict):
-        return None
-    keys, db = entry.get("keys"), entry.get("redis_db")
-    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
-        return None
-    try:
-        templates = tuple(KeyTemplate.parse(k) for k in keys)
-    except TemplateError:
-        return None
-    return Retired(templates, db if isinstance(db, int) else None)
 
 
 def _refuse_unnameable(what: str, name: str) -> None:

@@ -18,8 +18,8 @@ import structlog
 from cdc_invalidator.capture.pgoutput import Relation, Resolved
 from cdc_invalidator.events import TableName
 from cdc_invalidator.mapping.columns import ColumnFilter
+from cdc_invalidator.mapping.mapper import retired_table
 from cdc_invalidator.pg.queries import Q
-from cdc_invalidator.settings import retired_table
 
 # (the stream's logger: its lines are one capture's, whichever module says them)
 log = structlog.get_logger("cdc_invalidator.capture.logical")

@@ -16,7 +16,7 @@ from cdc_invalidator.events import (
     TableName,
     stand_in,
 )
-from cdc_invalidator.mapping.templates import KeyTemplate, Render, RenderError
+from cdc_invalidator.mapping.templates import KeyTemplate, Render, RenderError, TemplateError
 
 
 class NotConfigured(InvalidEvent):
@@ -102,6 +102,21 @@ class Retired(NamedTuple):
 
     templates: tuple[KeyTemplate, ...]
     db: int | None
+
+
+def retired_table(entry: object) -> Retired | None:
+    """A mapping_v1.tables entry (retired_table_v1()) as the mapper's Retired; None when
+    it is missing or not what install records."""
+    if not isinstance(entry, dict):
+        return None
+    keys, db = entry.get("keys"), entry.get("redis_db")
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        return None
+    try:
+        templates = tuple(KeyTemplate.parse(k) for k in keys)
+    except TemplateError:
+        return None
+    return Retired(templates, db if isinstance(db, int) and not isinstance(db, bool) else None)
 
 
 # Asked for a table the configuration does not name (the listener's: one query of

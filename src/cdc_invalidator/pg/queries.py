@@ -57,6 +57,8 @@ class Q(enum.Enum):
     LOGICAL_INSTALLED = "logical_installed.sql"
     MAPPING_STATE = "mapping_state.sql"
     # tables install stops watching, and whether their templates are recorded
+    INSTALL_RECORDS = "install_records.sql"  # which of our records are there, before install
+    REMOVED_RECORDED = "removed_recorded.sql"  # removed_unrecorded.sql's {recorded}
     REMOVED_UNRECORDED = "removed_unrecorded.sql"
     RETIRED_TABLE = "retired_table.sql"  # a table the listener's configuration lacks
 
