@@ -1,4 +1,4 @@
--- removed_unrecorded.sql's {recorded}, where mapping_v1 is there (revision 5): whether a
+-- removed_unrecorded.sql's recorded placeholder, where mapping_v1 is there (revision 5): whether a
 -- recorded mapping holds the templates of its table r (mapping_v1.tables, revision 10,
 -- read through to_jsonb: a schema of an earlier release has no such column), and, as
 -- retired_table_v1(), not from before a mapping that recorded none (a downgrade's).
