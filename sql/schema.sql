@@ -835,15 +835,18 @@ $early$;
 -- at COMMIT, which a SET LOCAL after the statement, or the end of a function declared
 -- with SET synchronous_commit = off, changes (a review: a transaction that wrote with
 -- local and committed with on held a local writer's commit 5 s, until cancelled). Such
--- a writer takes (.., 2) shared instead, as one that found the listener busy does;
--- while synchronous standbys are configured the quiet listener reads the queue every
--- 10 ms (trigger_queue.py's SYNC_READ_S).
+-- a writer takes (.., 2) shared instead, as one that found the listener busy does, and
+-- sends nothing even where it cannot (the listener's test holding it that instant: a
+-- NOTIFY then would hold the others again): while synchronous standbys are configured
+-- the quiet listener reads the queue every 10 ms (trigger_queue.py's SYNC_READ_S). (IS
+-- NULL of the lock's answer, never NULL: false, the lock tried all the same, where a
+-- constant false could be folded and the call skipped.)
 CREATE OR REPLACE FUNCTION cdc_invalidator.wake_needed_v1() RETURNS text
 LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
 AS $wake_needed$
     SELECT format(
         '(CASE WHEN current_setting(''synchronous_standby_names'') <> '''' '
-        'THEN NOT pg_try_advisory_xact_lock_shared(%1$s, 2) '
+        'THEN pg_try_advisory_xact_lock_shared(%1$s, 2) IS NULL '
         'WHEN pg_try_advisory_lock_shared(%1$s, 1) THEN pg_advisory_unlock_shared(%1$s, 1) '
         'WHEN pg_try_advisory_xact_lock_shared(%1$s, 2) THEN coalesce(CASE WHEN '
         'pg_try_advisory_lock_shared(%1$s, 1) THEN pg_advisory_unlock_shared(%1$s, 1) END, false) '
