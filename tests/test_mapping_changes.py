@@ -12,9 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from tests.support.env import FAST_PG, Env, Servers, make_env
-from tests.support.listener import Spawn, cli, run_cli, stop_listener
+from tests.support.listener import ListenerProcess, Spawn, cli, run_cli, stop_listener
 from tests.support.servers import PostgresServer, RedisServer
 from tests.support.waits import wait_until
 
@@ -77,6 +78,23 @@ class Writers:
             thread.join(10)
 
 
+def installed_with_orders_cached(
+    env: Env, spawn: Spawn, mapping: dict[str, list[str]]
+) -> tuple[Path, redis.Redis, ListenerProcess]:
+    """users and ROWS orders, `mapping` installed, every order's key cached, a listener."""
+    env.sql(
+        "CREATE TABLE users (id int PRIMARY KEY, name text);"
+        "CREATE TABLE orders (id int PRIMARY KEY, user_id int NOT NULL);"
+        "INSERT INTO users VALUES (1, 'A');"
+        f"INSERT INTO orders SELECT g, 0 FROM generate_series(1, {ROWS}) g"
+    )
+    config = env.config(mapping)
+    assert cli("install", "--config", config) == 0
+    r = env.redis()
+    r.mset({f"order:{i}": "cached" for i in range(1, ROWS + 1)})
+    return config, r, spawn(config)
+
+
 def committed_before_install(env: Env, changes: list[tuple[int, int]]) -> tuple[set[int], int]:
     """The rows whose change committed before the last install's commit (which
     recorded its mapping in mapping_v1: that row's xmin is its transaction), and how
@@ -111,17 +129,7 @@ def test_changes_committed_before_an_install_removed_their_table_are_invalidated
     writers stopped, on PostgreSQL 15. It now renders them with the templates of the
     last installed mapping that named the table: none left, no dead letter."""
     env = stamped_env
-    env.sql(
-        "CREATE TABLE users (id int PRIMARY KEY, name text);"
-        "CREATE TABLE orders (id int PRIMARY KEY, user_id int NOT NULL);"
-        "INSERT INTO users VALUES (1, 'A');"
-        f"INSERT INTO orders SELECT g, 0 FROM generate_series(1, {ROWS}) g"
-    )
-    config = env.config({**USERS, **ORDERS})
-    assert cli("install", "--config", config) == 0
-    r = env.redis()
-    r.mset({f"order:{i}": "cached" for i in range(1, ROWS + 1)})
-    listener = spawn(config)
+    config, r, listener = installed_with_orders_cached(env, spawn, {**USERS, **ORDERS})
     with Writers(env) as writers:
         time.sleep(0.5)  # the listener consuming orders' changes
         assert env.config(USERS) == config  # the file edited: orders removed
@@ -159,17 +167,7 @@ def test_changes_of_a_removed_table_are_rendered_not_swept(stamped_env: Env, spa
     each batch of them swept order:* instead (a run on PostgreSQL 15, 2 writers, ~40
     commits/s: 83 cached keys of orders swept, of rows never changed)."""
     env = stamped_env
-    env.sql(
-        "CREATE TABLE users (id int PRIMARY KEY, name text);"
-        "CREATE TABLE orders (id int PRIMARY KEY, user_id int NOT NULL);"
-        "INSERT INTO users VALUES (1, 'A');"
-        f"INSERT INTO orders SELECT g, 0 FROM generate_series(1, {ROWS}) g"
-    )
-    config = env.config({**USERS, **ORDERS})
-    assert cli("install", "--config", config) == 0
-    r = env.redis()
-    r.mset({f"order:{i}": "cached" for i in range(1, ROWS + 1)})
-    listener = spawn(config)
+    config, r, listener = installed_with_orders_cached(env, spawn, {**USERS, **ORDERS})
     with Writers(env) as writers:
         time.sleep(0.5)
         stop_listener(listener)  # stop, edit, install, start (docs/DBA.md's order)
@@ -207,18 +205,8 @@ def test_changes_committed_after_an_install_added_a_table_or_template_are_invali
     captured under the new mapping, and its new keys must go once the listener runs
     the file."""
     env = stamped_env
-    env.sql(
-        "CREATE TABLE users (id int PRIMARY KEY, name text);"
-        "CREATE TABLE orders (id int PRIMARY KEY, user_id int NOT NULL);"
-        "INSERT INTO users VALUES (1, 'A');"
-        f"INSERT INTO orders SELECT g, 0 FROM generate_series(1, {ROWS}) g"
-    )
     first = USERS if change == "added" else {**USERS, "public.orders": ["o:{id}"]}
-    config = env.config(first)
-    assert cli("install", "--config", config) == 0
-    r = env.redis()
-    r.mset({f"order:{i}": "cached" for i in range(1, ROWS + 1)})
-    listener = spawn(config)
+    config, r, listener = installed_with_orders_cached(env, spawn, first)
     with Writers(env) as writers:
         time.sleep(0.5)
         assert env.config({**USERS, **ORDERS}) == config

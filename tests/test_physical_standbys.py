@@ -51,13 +51,12 @@ def _caught_up(primary: PostgresServer, standby: PostgresServer, dbname: str) ->
     return bool(done and done[0])
 
 
-def lose_a_change_in_a_failover(
-    env: Env, listener: ListenerProcess, primary: PostgresServer, standby: PostgresServer
-) -> dict[str, Any]:
+def cache_a_change_the_standby_lacks(
+    env: Env, primary: PostgresServer, standby: PostgresServer
+) -> None:
     """The standby loses its primary once it has what was committed so far; a change
     committed on the primary after (not replicated) has its keys deleted, then a reader
-    caches the new row; the primary dies and the standby is promoted. Waits for the
-    sweep of that cache; returns the one changes_may_have_been_missed line."""
+    caches the new row (user:2, user:email:lost@x)."""
     r, dbname = env.redis(), env.dsn.rsplit("/", 1)[1]
     wait_until(lambda: _caught_up(primary, standby, dbname), what="the standby caught up")
     with psycopg.connect(standby.dsn(dbname), autocommit=True) as conn:
@@ -69,6 +68,15 @@ def lose_a_change_in_a_failover(
     wait_until(lambda: r.exists(*keys_of(2)) == 0, what="the lost change's keys deleted")
     r.mset({"user:2": "lost", "user:email:lost@x": "2"})
 
+
+def lose_a_change_in_a_failover(
+    env: Env, listener: ListenerProcess, primary: PostgresServer, standby: PostgresServer
+) -> dict[str, Any]:
+    """cache_a_change_the_standby_lacks(), then the primary dies and the standby is
+    promoted. Waits for the sweep of that cache; returns the one
+    changes_may_have_been_missed line."""
+    r = env.redis()
+    cache_a_change_the_standby_lacks(env, primary, standby)
     primary.stop("immediate")
     standby.promote()
     wait_until(
@@ -331,15 +339,7 @@ def test_a_failover_slot_found_by_a_listener_started_afresh_is_swept_for(
     try:
         config, listener = _listener_on_a_failover_slot(env, spawn, standby)
         r = env.redis()
-        wait_until(lambda: _caught_up(primary, standby, dbname), what="the standby caught up")
-        with psycopg.connect(standby.dsn(dbname), autocommit=True) as conn:
-            conn.execute("ALTER SYSTEM SET primary_conninfo = 'host=127.0.0.1 port=1'")
-            conn.execute("SELECT pg_reload_conf()")
-        wait_until(lambda: not _receiving(standby, dbname), what="the standby cut off")
-        cache(r, [2])
-        env.sql("UPDATE users SET email = 'lost@x' WHERE id = 2")
-        wait_until(lambda: r.exists(*keys_of(2)) == 0, what="the lost change's keys deleted")
-        r.mset({"user:2": "lost", "user:email:lost@x": "2"})
+        cache_a_change_the_standby_lacks(env, primary, standby)
         # The listener goes down with the old primary's host.
         listener.signal(signal.SIGKILL)
         listener.wait()
