@@ -927,7 +927,7 @@ def test_a_slot_another_listener_made_first_is_a_turn_to_wait_not_an_exit(env: E
     make_tables(env)
     config = logical_config(env, USERS)
     install(config)  # (the slot exists: as if the other listener had just made it)
-    capture = cast(LogicalMode, mode_for(load_settings(config))).capture()
+    capture = cast(LogicalMode, mode_for(load_settings(config))).capture(None)
     with env.connect() as side, pytest.raises(Standby, match="just made by another"):
         capture._make_slot(side)
 
@@ -1926,7 +1926,7 @@ def test_a_stop_while_the_walsender_still_sends_leaves_the_slot_confirmed(
         write(env, fill, [first, first + 4_999], ids=range(first, first + 5_000))
         for first in range(3, 50_003, 5_000)
     ]
-    stream = mode_for(load_settings(config)).source()()
+    stream = mode_for(load_settings(config)).source(None)()
     try:
         done = 0
         while done <= 10_000 + 500:  # past the second commit by a batch: both acknowledged

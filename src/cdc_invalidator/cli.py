@@ -500,10 +500,10 @@ def cmd_replay(args: argparse.Namespace, settings: Settings, console: Console) -
     )
     # A change of a table the file no longer names, deleted by the listener with the
     # templates the last install that named it recorded, is replayed with them too.
-    settings.render_retired_with(retired_lookup(settings))
+    mapper = settings.mapper(retired_lookup(settings))
     try:
         with connect(settings, kind=REPLAY) as conn:
-            result = replay(conn, mode_for(settings), settings.mapper(), sink, since_s)
+            result = replay(conn, mode_for(settings), mapper, sink, since_s)
     except psycopg.errors.UndefinedTable:
         console.error(
             "cdc_invalidator is not installed in this database: run `cdc-invalidator install`"

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import psycopg
 import structlog
 
 from cdc_invalidator.events import TableName
-from cdc_invalidator.mapping.mapper import Retired, retired_table
+from cdc_invalidator.mapping.mapper import Retired, RetiredLookup, retired_table
 from cdc_invalidator.metrics import Metrics
 from cdc_invalidator.modes.choose import mode_for
 from cdc_invalidator.pg.connect import SIDE, PgConnector
@@ -25,12 +23,15 @@ from cdc_invalidator.tools.tap import Tap
 log = structlog.get_logger()
 
 
-def retired_lookup(settings: Settings) -> Callable[[TableName], Retired | None]:
-    """How the listener's mappers render a change of a table its configuration lacks:
-    with the templates of the last installed mapping that named it (a change committed
-    before the `install` that stopped watching the table, read after it by a listener
-    started with the new file). One query on a session of its own, once per such table;
-    an OperationalError goes to the runner, which reads the batch again."""
+def retired_lookup(settings: Settings) -> RetiredLookup:
+    """How the listener renders a change of a table its configuration lacks: with the
+    templates of the last installed mapping that named it (a change committed before
+    the `install` that stopped watching the table, read after it by a listener started
+    with the new file). Given explicitly to whatever needs it (build_listener: the
+    runner's mapper, and in logical mode the capture's; `replay`), and to nothing else:
+    install, check, explain, keys and the sweeps of the configured tables use
+    Settings.mapper() without it. One query on a session of its own, once per such
+    table; an OperationalError goes to the runner, which reads the batch again."""
     connect = PgConnector.from_settings(settings).factory(SIDE)
 
     def lookup(table: TableName) -> Retired | None:
@@ -76,14 +77,14 @@ def build_listener(
     # Through Sentinel, every pool of the loop's and the sweeper's sinks follows the
     # master together (MasterWatch).
     follow_master = MasterWatch()
-    settings.render_retired_with(retired_lookup(settings))
+    retired = retired_lookup(settings)
     sink = open_sink(
         RedisOptions.from_settings(settings),
         unlink_chunk=settings.unlink_chunk,
         scan_count=settings.scan_count,
         follow_master=follow_master,
     )
-    mapper = settings.mapper()
+    mapper = settings.mapper(retired)
     metrics = metrics or Metrics()
     mode = mode_for(settings)
     watch = RedisWatch(
@@ -97,7 +98,7 @@ def build_listener(
         source_scope=settings.mapping_fingerprint() if settings.source_mark else None,
     )
     runner = Runner(
-        connect=mode.source(),
+        connect=mode.source(retired),
         mapper=mapper,
         sink=sink,
         config=runner_config(settings),

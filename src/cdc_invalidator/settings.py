@@ -507,15 +507,12 @@ class Settings(BaseSettings):
             sort_keys=True,
         )
 
-    # The listener's: how a table the configuration lacks is looked up (listener.py);
-    # None: such a table's changes are not rendered.
-    _retired: RetiredLookup | None = PrivateAttr(default=None)
-
-    def render_retired_with(self, lookup: RetiredLookup) -> None:
-        """Give every mapper made from now on `lookup` for tables the file lacks."""
-        self._retired = lookup
-
-    def mapper(self) -> Mapper:
+    def mapper(self, retired: RetiredLookup | None = None) -> Mapper:
+        """The configured tables' templates as a Mapper. `retired`: how it looks up a
+        table the configuration lacks, to render that table's changes (the listener's and
+        replay's: listener.retired_lookup()); None, the default: such a table's changes
+        are not rendered (install, check, explain, keys and sweeps of the configured
+        tables name only these)."""
         return Mapper(
             {
                 TableName.parse(name): [KeyTemplate.parse(table.key_prefix + k) for k in table.keys]
@@ -526,7 +523,7 @@ class Settings(BaseSettings):
                 for name, table in self.tables.items()
                 if table.redis_db is not None
             },
-            self._retired,
+            retired,
         )
 
 

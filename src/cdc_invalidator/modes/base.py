@@ -15,6 +15,7 @@ from psycopg import sql
 
 from cdc_invalidator.capture.rows import Decoded, MapPack
 from cdc_invalidator.checks import ModeChecks
+from cdc_invalidator.mapping.mapper import RetiredLookup
 from cdc_invalidator.metrics import Figures
 from cdc_invalidator.pg.queries import Q
 from cdc_invalidator.runner import Source
@@ -66,8 +67,11 @@ class CaptureMode(ModeChecks, Protocol):
         ...
 
     # -- the listener ---------------------------------------------------------------------
-    def source(self) -> Callable[[], Source]:
-        """What the runner calls to open the capture, at start and after each outage."""
+    def source(self, retired: RetiredLookup | None) -> Callable[[], Source]:
+        """What the runner calls to open the capture, at start and after each outage.
+        `retired`: the listener's lookup of tables its configuration lacks
+        (listener.retired_lookup), for a capture that maps or decodes their changes
+        itself; None: it renders none."""
         ...
 
     # -- status, metrics, check ---------------------------------------------------------

@@ -17,6 +17,7 @@ from cdc_invalidator.capture.rows import Decoded, MapPack, RowDecoder
 from cdc_invalidator.capture.slot import SlotState
 from cdc_invalidator.checks import Report
 from cdc_invalidator.events import TableName
+from cdc_invalidator.mapping.mapper import RetiredLookup
 from cdc_invalidator.metrics import Figures
 from cdc_invalidator.modes.base import (
     HISTORY_BATCH_ROWS,
@@ -100,12 +101,15 @@ class LogicalMode:
     def uninstall_script(self) -> sql.Composed:
         return trigger_sql.uninstall_script(self._settings.publication_name)
 
-    def source(self) -> Callable[[], Source]:
-        return self.capture().connect
+    def source(self, retired: RetiredLookup | None) -> Callable[[], Source]:
+        return self.capture(retired).connect
 
-    def capture(self) -> LogicalCapture:
+    def capture(self, retired: RetiredLookup | None) -> LogicalCapture:
+        """`retired` (listener.retired_lookup): the tables the configuration lacks whose
+        changes the capture maps itself (a streamed transaction's, the sweep after a
+        lost slot)."""
         s = self._settings
-        mapper = s.mapper()
+        mapper = s.mapper(retired)
         return LogicalCapture(
             PgConnector.from_settings(s),
             LogicalConfig(

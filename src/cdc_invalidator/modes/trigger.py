@@ -16,6 +16,7 @@ from cdc_invalidator.capture.rows import Decoded, MapPack, RowDecoder, by_events
 from cdc_invalidator.capture.trigger_queue import Renames, TriggerCapture
 from cdc_invalidator.checks import Report
 from cdc_invalidator.events import TableName
+from cdc_invalidator.mapping.mapper import RetiredLookup
 from cdc_invalidator.metrics import Figures
 from cdc_invalidator.modes.base import HISTORY_CHUNK, history_rows, seconds_ago
 from cdc_invalidator.pg import raw_text
@@ -101,7 +102,9 @@ class TriggerMode:
     def uninstall_script(self) -> sql.Composed:
         return trigger_sql.uninstall_script(self._settings.publication_name)
 
-    def source(self) -> Callable[[], Source]:
+    def source(self, retired: RetiredLookup | None) -> Callable[[], Source]:
+        """`retired` is not used: the queue's mapper only maps packs of configured tables
+        column-wise (Mapper.map_pack); a retired table's changes go to the runner's."""
         s = self._settings
         return TriggerCapture(
             PgConnector.from_settings(s),
