@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import NamedTuple
 
 from cdc_invalidator.events import (
@@ -120,8 +121,11 @@ def retired_table(entry: object) -> Retired | None:
 
 
 # Asked for a table the configuration does not name (the listener's: one query of
-# cdc_invalidator.retired_table_v1(), settings.py); None: no installed mapping named it.
+# cdc_invalidator.retired_table_v1(), listener.retired_lookup); None: no installed
+# mapping named it.
 RetiredLookup = Callable[[TableName], Retired | None]
+
+_TABLE = attrgetter("table")  # (a ChangeEvent's)
 
 
 class Mapper:
@@ -139,7 +143,6 @@ class Mapper:
         self._configured = dict(self._templates)
         self._retired = retired
         self._looked_up: set[TableName] = set()
-        self._adopted_routed = 0  # tables adopted with a Redis database of their own
         # Tables whose keys live in another Redis logical database (redis_db).
         self._dbs = dict(dbs or {})
         # Each table's compiled renderers, in template order: the hot loop of add_all().
@@ -172,7 +175,6 @@ class Mapper:
         ts = self._templates[table] = found.templates
         if found.db is not None:
             self._dbs[table] = found.db
-            self._adopted_routed += 1
         self._renders[table] = tuple(t.render for t in ts)
         self._render_alls[table] = tuple(t.render_all for t in ts)
         self._render_columns[table] = tuple((t.render_columns, t.fields) for t in ts)
@@ -200,18 +202,12 @@ class Mapper:
         self, events: list[ChangeEvent]
     ) -> tuple[Routed, list[tuple[ChangeEvent, InvalidEvent]]]:
         """add_all() into one Invalidation per Redis database the events' tables use."""
-        routed_before = self._adopted_routed
-        routed, failed = self._map_all(events)
-        if self._adopted_routed != routed_before:
-            # A table adopted on the way (add()) whose keys live in a Redis database of
-            # their own: its events were grouped before its database was known. Once
-            # per such table and process.
-            routed, failed = self._map_all(events)
-        return routed, failed
-
-    def _map_all(
-        self, events: list[ChangeEvent]
-    ) -> tuple[Routed, list[tuple[ChangeEvent, InvalidEvent]]]:
+        if self._retired is not None:
+            # The batch's tables resolved before it is mapped: one the configuration
+            # lacks is adopted (_adopt) first, so that its events are grouped under its
+            # own Redis database, if it has one, in the one pass below.
+            for table in dict.fromkeys(map(_TABLE, events)):
+                self._adopt(table)
         if not self._dbs:
             work = Invalidation()
             return {None: work}, self.add_all(events, work)
