@@ -28,8 +28,11 @@ ROWS = 20_000  # more than the writers reach: each row is changed at most once
 
 @pytest.fixture
 def stamped_env(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Env]:
-    """An Env on servers of its own whose PostgreSQL records commit timestamps."""
-    pg = PostgresServer.create({**FAST_PG, "track_commit_timestamp": "on"})
+    """An Env on servers of its own whose PostgreSQL records commit timestamps (and
+    counts function calls: retired_lookups())."""
+    pg = PostgresServer.create(
+        {**FAST_PG, "track_commit_timestamp": "on", "track_functions": "all"}
+    )
     rd = RedisServer.create()
     with pg, rd:
         capture: str = request.getfixturevalue("capture")
@@ -157,6 +160,18 @@ def test_changes_committed_before_an_install_removed_their_table_are_invalidated
     assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 0
 
 
+def retired_lookups(env: Env) -> int:
+    """How many times retired_table_v1() was asked, once every listener session has
+    ended (a session's counts reach the statistics as it exits)."""
+    sessions = "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'cdc-%'"
+    wait_until(lambda: env.scalar(sessions) == 0, what="the listener's sessions ended")
+    calls: int = env.scalar(
+        "SELECT coalesce(sum(calls), 0)::int FROM pg_stat_user_functions"
+        " WHERE schemaname = 'cdc_invalidator' AND funcname = 'retired_table_v1'"
+    )
+    return calls
+
+
 def test_changes_of_a_removed_table_are_rendered_not_swept(stamped_env: Env, spawn: Spawn) -> None:
     """The listener stopped, its file edited (orders removed), `install`, the listener
     started, with writers writing: the changes of orders committed before the install are rendered
@@ -189,6 +204,10 @@ def test_changes_of_a_removed_table_are_rendered_not_swept(stamped_env: Env, spa
     changed = {row for row, _xid in writers.done}
     untouched = [f"order:{i}" for i in range(1, ROWS + 1) if i not in changed]
     assert r.exists(*untouched) == len(untouched)
+    # One look-up of orders' recorded templates for the whole listener: logical mode's
+    # Relations (the columns it decodes) and mappers ask the same one.
+    stop_listener(restarted)
+    assert retired_lookups(env) == 1
 
 
 def committed_after_install(env: Env, changes: list[tuple[int, int]]) -> set[int]:

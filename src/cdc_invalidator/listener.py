@@ -28,13 +28,16 @@ def retired_lookup(settings: Settings) -> RetiredLookup:
     templates of the last installed mapping that named it (a change committed before
     the `install` that stopped watching the table, read after it by a listener started
     with the new file). Given explicitly to whatever needs it (build_listener: the
-    runner's mapper, and in logical mode the capture's; `replay`), and to nothing else:
-    install, check, explain, keys and the sweeps of the configured tables use
-    Settings.mapper() without it. One query on a session of its own, once per such
-    table; an OperationalError goes to the runner, which reads the batch again."""
+    runner's mapper, and in logical mode the capture's mapper and its Relations, which
+    decode such a table's template columns; `replay`), and to nothing else: install,
+    check, explain, keys and the sweeps of the configured tables use Settings.mapper()
+    without it. One query on a session of its own, once per table for all of them (the
+    answer kept, found or not); an OperationalError goes to the caller (the runner reads
+    the batch again), and the table is asked again next time."""
     connect = PgConnector.from_settings(settings).factory(SIDE)
+    answers: dict[TableName, Retired | None] = {}
 
-    def lookup(table: TableName) -> Retired | None:
+    def ask(table: TableName) -> Retired | None:
         with connect() as conn:
             try:
                 row = conn.execute(Q.RETIRED_TABLE.sql, {"table": table.qualified}).fetchone()
@@ -50,6 +53,11 @@ def retired_lookup(settings: Settings) -> RetiredLookup:
                 keys=[t.source for t in found.templates],
             )
         return found
+
+    def lookup(table: TableName) -> Retired | None:
+        if table not in answers:
+            answers[table] = ask(table)
+        return answers[table]
 
     return lookup
 

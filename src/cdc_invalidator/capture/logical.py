@@ -72,7 +72,7 @@ from cdc_invalidator.capture.walstream import (
 )
 from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, Origin, StandInKind, TableName
 from cdc_invalidator.mapping.columns import ColumnFilter
-from cdc_invalidator.mapping.mapper import Mapper, Routed, merge
+from cdc_invalidator.mapping.mapper import Mapper, RetiredLookup, Routed, merge
 from cdc_invalidator.pg.queries import Q
 
 log = structlog.get_logger("cdc_invalidator.capture.logical")
@@ -226,6 +226,9 @@ class LogicalConfig:
     # (protocol 2, `streaming 'on'`) and their keys computed as they come; without it
     # (units), protocol 1: a transaction is sent only once committed.
     mapper: Mapper | None = None
+    # The lookup `mapper` was given for tables the configuration lacks (listener.py):
+    # Relations decodes such a table's template columns from the same answer.
+    retired: RetiredLookup | None = None
     spill_bytes: int = SPILL_BYTES
     # The mapping's fingerprint (Settings.mapping_fingerprint): a later install's stops
     # this listener, at connect and at each save. None: never asked.
@@ -280,7 +283,9 @@ class LogicalStream:
         self._side = side
         self._history = HistoryWriter(side)
         self._config = config
-        relations = self._relations = Relations(side, config.columns, config.filters)
+        relations = self._relations = Relations(
+            side, config.columns, config.filters, config.retired
+        )
         self._decoder = Decoder(
             relations.resolve,
             relations.old_values_not_sent,

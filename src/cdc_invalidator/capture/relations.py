@@ -18,7 +18,7 @@ import structlog
 from cdc_invalidator.capture.pgoutput import Relation, Resolved
 from cdc_invalidator.events import TableName
 from cdc_invalidator.mapping.columns import ColumnFilter
-from cdc_invalidator.mapping.mapper import retired_table
+from cdc_invalidator.mapping.mapper import RetiredLookup
 from cdc_invalidator.pg.queries import Q
 
 # (the stream's logger: its lines are one capture's, whichever module says them)
@@ -37,10 +37,14 @@ class Relations:
         side: psycopg.Connection[Any],
         columns: Mapping[TableName, Sequence[str]],
         filters: Mapping[TableName, ColumnFilter],
+        retired: RetiredLookup | None = None,
     ) -> None:
         self._side = side
         self._columns = columns
         self._filters = filters
+        # The listener's lookup of a table its configuration lacks (listener.py), the
+        # one its mappers ask: once per table for both.
+        self._retired_lookup = retired
         # Relids dropped since install, by a position past their drop: once the stream
         # is read past it, no change of theirs is left to decode (forget_passed()).
         self._dropped: dict[int, int] = {}
@@ -128,16 +132,13 @@ class Relations:
     def _retired(self, table: TableName, columns: tuple[str, ...]) -> Resolved | None:
         """A relation neither configured nor recorded as published: a table an `install`
         stopped watching, its changes streamed before that install committed. The
-        columns the templates of the last installed mapping that named it use
-        (retired_table_v1(), which the mapper renders them with), never the whole row;
-        None if no mapping recorded it (its changes are dead letters). Without this its
-        rows came with no column at all, "lacked" every key column, and each batch of
-        them swept the table's templates (all its cached keys) instead."""
-        try:
-            row = self._side.execute(Q.RETIRED_TABLE.sql, {"table": table.qualified}).fetchone()
-        except psycopg.errors.InsufficientPrivilege:
-            return None  # (the mapper's lookup says so)
-        retired = retired_table(row[0] if row else None)
+        columns the templates of the last installed mapping that named it use (the
+        listener's lookup, `retired`, whose answer the mapper renders them with), never
+        the whole row; None if no mapping recorded it, or no lookup was given (its
+        changes are dead letters). Without this its rows came with no column at all,
+        "lacked" every key column, and each batch of them swept the table's templates
+        (all its cached keys) instead."""
+        retired = None if self._retired_lookup is None else self._retired_lookup(table)
         if retired is None:
             return None
         wanted = tuple(dict.fromkeys(f for t in retired.templates for f in t.fields))

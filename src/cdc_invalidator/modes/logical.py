@@ -107,7 +107,7 @@ class LogicalMode:
     def capture(self, retired: RetiredLookup | None) -> LogicalCapture:
         """`retired` (listener.retired_lookup): the tables the configuration lacks whose
         changes the capture maps itself (a streamed transaction's, the sweep after a
-        lost slot)."""
+        lost slot) and decodes the template columns of (Relations)."""
         s = self._settings
         mapper = s.mapper(retired)
         return LogicalCapture(
@@ -122,6 +122,7 @@ class LogicalMode:
                 history_s=s.history_s,
                 prune_every_s=s.prune_every_ms / 1000,
                 mapper=mapper,
+                retired=retired,
                 mapping=trigger_sql.MappingStamp(s.mapping_fingerprint(), s.written_at),
                 sweep_after_crash=s.sweep_after_crash,
             ),
