@@ -48,7 +48,8 @@
 -- DDL. The watched names are those the events carry (watched_v1's and published_v1's
 -- schema_name and table_name): a dropped table's row of watched_v1 stays until install
 -- runs again; of published_v1, until every logical slot of the database has confirmed
--- past the drop (prune_dropped_v1(), logical.sql, at each later DDL command).
+-- past the drop (prune_dropped_v1(), logical.sql, at each later DDL command:
+-- forget_dropped_v1(), below).
 -- Their work is a catalog look-up of the tables the command touched, and of the watched
 -- tables' partitions: no cost to writes. JIT is off in them (SET jit = off): their
 -- queries over pg_inherits are planned for as many rows as a table with thousands of
@@ -91,6 +92,40 @@ AS $touched$
     WHERE d.classid = 'pg_catalog.pg_namespace'::regclass
 $touched$;
 REVOKE ALL ON FUNCTION cdc_invalidator.touched_v1() FROM PUBLIC;
+
+-- forget_dropped_v1(mark): logical mode's forgetting of dropped tables, for the guard's
+-- event triggers at each DDL command: prune_dropped_v1() (logical.sql), first marking
+-- (mark: dropped_v1's sql_drop event) the published tables the command drops
+-- (dropped_by), which keep their row for a listener behind the drop. Nothing where
+-- prune_dropped_v1() does not exist: trigger mode, or a logical install by an earlier
+-- release, which made neither it nor the columns. Never raises: whatever goes wrong is
+-- a WARNING, in a block of its own (the caller's sweeps stay; the DDL goes on). The
+-- block is here, with its callers, not in prune_dropped_v1(): a trigger-mode install
+-- keeps the prune_dropped_v1() an earlier logical install made.
+CREATE OR REPLACE FUNCTION cdc_invalidator.forget_dropped_v1(mark boolean)
+RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $forget$
+BEGIN
+    IF to_regprocedure('cdc_invalidator.prune_dropped_v1()') IS NULL THEN
+        RETURN;
+    END IF;
+    BEGIN
+        IF mark THEN
+            UPDATE cdc_invalidator.published_v1 p SET dropped_by = pg_current_xact_id()
+            WHERE p.relid::oid IN (SELECT d.objid FROM pg_event_trigger_dropped_objects() d
+                                   WHERE d.classid = 'pg_catalog.pg_class'::regclass
+                                     AND d.objsubid = 0)
+              AND p.dropped_by IS NULL;
+        END IF;
+        PERFORM cdc_invalidator.prune_dropped_v1();
+    EXCEPTION WHEN OTHERS THEN
+        RAISE WARNING 'cdc_invalidator: the rebuild guard could not forget dropped tables '
+            '(%): their rows stay in published_v1 until `cdc-invalidator install`', SQLERRM;
+    END;
+END
+$forget$;
+REVOKE ALL ON FUNCTION cdc_invalidator.forget_dropped_v1(boolean) FROM PUBLIC;
 
 CREATE OR REPLACE FUNCTION cdc_invalidator.rebuilt_v1()
 RETURNS event_trigger
@@ -449,14 +484,7 @@ BEGIN
             'watched table''s name may not be captured: run `cdc-invalidator check`', SQLERRM;
     END;
     -- Logical mode: forget what was kept of dropped tables that no slot is behind.
-    IF to_regprocedure('cdc_invalidator.prune_dropped_v1()') IS NOT NULL THEN
-        BEGIN
-            PERFORM cdc_invalidator.prune_dropped_v1();
-        EXCEPTION WHEN OTHERS THEN
-            RAISE WARNING 'cdc_invalidator: the rebuild guard could not forget dropped tables '
-                '(%): their rows stay in published_v1 until `cdc-invalidator install`', SQLERRM;
-        END;
-    END IF;
+    PERFORM cdc_invalidator.forget_dropped_v1(false);
 END
 $rebuilt$;
 
@@ -502,23 +530,9 @@ BEGIN
         RAISE WARNING 'cdc_invalidator: the rebuild guard failed (%): the cached keys of a '
             'dropped watched table may stay cached: delete them by hand', SQLERRM;
     END;
-    -- Logical mode: forget what was kept of dropped tables that no slot is behind. A
-    -- published table dropped now keeps its row for a listener behind the drop, marked
-    -- (prune_dropped_v1(), logical.sql; which an install of logical mode by an earlier
-    -- release did not make, nor the columns: a block of its own, the sweeps above stay).
-    IF to_regprocedure('cdc_invalidator.prune_dropped_v1()') IS NOT NULL THEN
-        BEGIN
-            UPDATE cdc_invalidator.published_v1 p SET dropped_by = pg_current_xact_id()
-            WHERE p.relid::oid IN (SELECT d.objid FROM pg_event_trigger_dropped_objects() d
-                                   WHERE d.classid = 'pg_catalog.pg_class'::regclass
-                                     AND d.objsubid = 0)
-              AND p.dropped_by IS NULL;
-            PERFORM cdc_invalidator.prune_dropped_v1();
-        EXCEPTION WHEN OTHERS THEN
-            RAISE WARNING 'cdc_invalidator: the rebuild guard could not forget dropped tables '
-                '(%): their rows stay in published_v1 until `cdc-invalidator install`', SQLERRM;
-        END;
-    END IF;
+    -- Logical mode: forget what was kept of dropped tables that no slot is behind; a
+    -- published table dropped now keeps its row for a listener behind the drop, marked.
+    PERFORM cdc_invalidator.forget_dropped_v1(true);
     IF TG_TAG = 'DROP OWNED' THEN
         BEGIN
             PERFORM cdc_invalidator.function_dropped_v1();

@@ -132,3 +132,39 @@ def test_a_listener_behind_the_drops_still_maps_the_changes_made_before_them(env
     published, identities = rows(env)
     assert published <= 3, published
     assert identities <= 2, identities
+
+
+BROKEN_PRUNE = """
+CREATE OR REPLACE FUNCTION cdc_invalidator.prune_dropped_v1() RETURNS void
+LANGUAGE plpgsql AS $$BEGIN RAISE EXCEPTION 'prune broken'; END$$
+"""
+
+
+@pytest.mark.parametrize("mode", ["logical", "trigger"])
+def test_a_failing_prune_is_a_warning_never_a_failed_ddl(env: Env, mode: str) -> None:
+    """The guard's prune (forget_dropped_v1(), sql/rebuild_guard.sql) failing: every DDL
+    command the guard sees goes on, with a WARNING, and the drop's sweep is kept. Also
+    once a trigger-mode install followed the logical one: it keeps the
+    prune_dropped_v1() that install made (logical.sql is logical mode's alone)."""
+    env.sql("CREATE TABLE users (id int PRIMARY KEY, email text, name text)")
+    install(logical_config(env, USERS))
+    env.sql(BROKEN_PRUNE)
+    if mode == "trigger":
+        install(env.config(USERS))
+        assert env.scalar("SELECT count(*) FROM pg_publication") == 0
+        assert env.scalar("SELECT to_regprocedure('cdc_invalidator.prune_dropped_v1()')")
+    swept = "SELECT count(*) FROM cdc_invalidator.queue_v1 WHERE op = 'T'"
+    queued = env.scalar(swept) if mode == "trigger" else 0
+    notices: list[str] = []
+    with env.connect() as ddl:
+        ddl.autocommit = True
+        ddl.add_notice_handler(lambda diag: notices.append(diag.message_primary or ""))
+        ddl.execute("ALTER TABLE users ADD COLUMN note text")  # (rebuilt_v1)
+        ddl.execute("DROP TABLE users")  # (dropped_v1)
+        ddl.execute("CREATE TABLE users (id int PRIMARY KEY, email text, name text)")
+    said = "the rebuild guard could not forget dropped tables (prune broken)"
+    assert [n for n in notices if said in n] == [n for n in notices if "forget" in n]
+    assert len([n for n in notices if said in n]) == 3  # one a command
+    assert env.scalar("SELECT count(*) FROM users") == 0  # (made again)
+    if mode == "trigger":  # the drop's sweep, and the newcomer's, queued
+        assert env.scalar(swept) == queued + 2
