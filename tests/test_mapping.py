@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from fnmatch import fnmatchcase
 
 import pytest
@@ -242,6 +243,35 @@ def test_a_table_the_configuration_lacks_is_rendered_with_its_last_installed_tem
     assert asked == [orders, ghost]  # once each
     assert list(mapper.tables) == [USERS]  # watched, swept: the configured ones only
     assert mapper.sweep_all()[None].patterns == {"user:*"}
+
+
+def test_a_batch_adopting_a_table_with_a_redis_db_of_its_own_is_mapped_once() -> None:
+    """map_all() resolves the batch's tables before grouping it by Redis database: a
+    table adopted with its own redis_db does not make it map the batch a second time
+    (it did: once ungrouped, then again grouped, 3 add_all() calls for 2 databases)."""
+    orders = TableName("public", "orders")
+    groups: list[int] = []
+
+    class Counted(Mapper):
+        def add_all(
+            self, events: Iterable[ChangeEvent], into: Invalidation
+        ) -> list[tuple[ChangeEvent, InvalidEvent]]:
+            events = list(events)
+            groups.append(len(events))
+            return super().add_all(events, into)
+
+    def lookup(table: TableName) -> Retired | None:
+        return Retired((KeyTemplate.parse("order:{id}"),), 3) if table == orders else None
+
+    mapper = Counted({USERS: [KeyTemplate.parse("user:{id}")]}, retired=lookup)
+    events = [
+        _event(Op.INSERT, None, {"id": "1"}),
+        _event(Op.INSERT, None, {"id": "7"}, table=orders),
+        _event(Op.INSERT, None, {"id": "2"}),
+    ]
+    routed, failed = mapper.map_all(events)
+    assert (routed[None].keys, routed[3].keys, failed) == ({"user:1", "user:2"}, {"order:7"}, [])
+    assert sorted(groups) == [1, 2]  # one add_all() per database, each event once
 
 
 def test_missing_row_is_invalid() -> None:
