@@ -45,8 +45,10 @@ class Relations:
         # The listener's lookup of a table its configuration lacks (listener.py), the
         # one its mappers ask: once per table for both.
         self._retired_lookup = retired
-        # Relids dropped since install, by a position past their drop: once the stream
-        # is read past it, no change of theirs is left to decode (forget_passed()).
+        # Relids resolved to a table (each seen committed in the catalog then), and of
+        # those the ones dropped since, by a position past their drop: once the stream is
+        # read past it, no change of theirs is left to decode (forget_passed()).
+        self._resolved: set[int] = set()
         self._dropped: dict[int, int] = {}
         self._known = self._configured()
 
@@ -72,13 +74,23 @@ class Relations:
             # Published by an earlier install but no longer configured: its changes are
             # dead letters ("not in the configuration"), holding its key columns as that
             # install recorded them, never the whole row.
-            for relid, schema, name, columns, attnums, dropped_before in self._side.execute(
-                Q.PUBLISHED_TABLES.sql
-            ):
+            for relid, schema, name, columns, attnums in self._side.execute(Q.PUBLISHED_TABLES.sql):
                 known.setdefault(int(relid), (TableName(schema, name), tuple(columns), attnums))
-                if dropped_before is not None:
-                    self._dropped[int(relid)] = int(dropped_before)
         return known
+
+    def _note_dropped(self) -> None:
+        """Which relations resolved so far have been dropped since, and a position past
+        their drops (relations_gone.sql). Asked at each newcomer's Relation message:
+        a table dropped and made again under its name, or a partition dropped as another
+        is made, brings one. Not published_v1's drop marks: the guard prunes a row once
+        every slot confirmed past it, maybe before this listener read the mark."""
+        relids = sorted(self._resolved.difference(self._dropped))
+        if not relids:
+            return
+        row = self._side.execute(Q.RELATIONS_GONE.sql, {"relids": relids}).fetchone()
+        gone, past = row if row is not None else ((), 0)  # (one row: an aggregate's)
+        for relid in gone:
+            self._dropped[int(relid)] = int(past)
 
     def resolve(self, relid: int, _name: TableName, columns: tuple[str, ...]) -> Resolved | None:
         """A Relation message: which configured table, and each key column's name in it.
@@ -102,9 +114,11 @@ class Relations:
             # rebuild guard publishes one that took a configured table's name
             # (sql/rebuild_guard.sql).
             self._known = self._configured()
+            self._note_dropped()
             found = self._known_or_ancestor(relid)
             if found is None:
                 return self._retired(_name, columns)
+        self._resolved.add(relid)
         target, (table, wanted, attnums) = found
         now = dict(
             self._side.execute(
@@ -153,6 +167,7 @@ class Relations:
         passed = [relid for relid, lsn in self._dropped.items() if lsn <= read_upto]
         for relid in passed:
             del self._dropped[relid]
+            self._resolved.discard(relid)
             self._known.pop(relid, None)
         return passed
 

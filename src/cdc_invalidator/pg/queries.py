@@ -114,6 +114,7 @@ class Q(enum.Enum):
     PUBLISHED_TABLES = "published_tables.sql"
     PARTITION_ANCESTORS = "partition_ancestors.sql"
     RELATION_COLUMNS = "relation_columns.sql"
+    RELATIONS_GONE = "relations_gone.sql"  # dropped since resolved: forgotten once read past
     RELATION_NAMES = "relation_names.sql"
     BASE_TYPES = "base_types.sql"
     SAVE_ACK = "save_ack.sql"
