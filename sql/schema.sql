@@ -509,20 +509,35 @@ SELECT cdc_invalidator.add_column_v1('cdc_invalidator.mapping_v1', 'tables', 'js
 -- mapping_v1.tables), or NULL. The listener asks it for a table its configuration does
 -- not name. As its owner: a listener role needs no grant on the table. It tells the
 -- key templates of a table and no value; only the roles grant_listener() gave it to
--- may ask (sql/grants.sql), not PUBLIC.
+-- may ask (sql/grants.sql), not PUBLIC. With "earlier": each other entry an earlier
+-- mapping gave the table (other templates or redis_db), for the keys of a change
+-- committed under it: a table removed, added again with other templates, removed
+-- again, its changes queued or streamed meanwhile (the listener stopped) were all
+-- rendered with the last ones, and the keys of those committed before the first
+-- removal stayed cached (a:1 left, b:2 deleted). A listener of revision 10
+-- before it reads "keys" and "redis_db" only.
 CREATE OR REPLACE FUNCTION cdc_invalidator.retired_table_v1(qualified text)
 RETURNS jsonb
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $retired$
-    SELECT m.tables -> $1 FROM cdc_invalidator.mapping_v1 m
-    WHERE m.tables ? $1
-      -- Not from before a mapping that recorded no templates: one installed by a
-      -- release before revision 10 after this one (a downgrade), which may have named
-      -- the table with other templates (a review: the older ones deleted a:5, and the
-      -- downgraded install's b:5 stayed cached). Its changes are dead letters then.
-      AND NOT EXISTS (SELECT FROM cdc_invalidator.mapping_v1 n
-                      WHERE n.id > m.id AND n.tables IS NULL)
-    ORDER BY m.id DESC LIMIT 1
+    WITH named AS (
+        SELECT m.id, m.tables -> $1 AS entry FROM cdc_invalidator.mapping_v1 m
+        WHERE m.tables ? $1
+          -- Not from before a mapping that recorded no templates: one installed by a
+          -- release before revision 10 after this one (a downgrade), which may have
+          -- named the table with other templates (a review: the older ones deleted
+          -- a:5, and the downgraded install's b:5 stayed cached). Its changes are dead
+          -- letters then.
+          AND NOT EXISTS (SELECT FROM cdc_invalidator.mapping_v1 n
+                          WHERE n.id > m.id AND n.tables IS NULL)
+    ), last AS (
+        SELECT n.entry FROM named n ORDER BY n.id DESC LIMIT 1
+    )
+    SELECT CASE WHEN earlier IS NULL THEN l.entry
+                ELSE l.entry || jsonb_build_object('earlier', earlier) END
+    FROM last l,
+         LATERAL (SELECT jsonb_agg(DISTINCT n.entry) AS earlier
+                  FROM named n WHERE n.entry IS DISTINCT FROM l.entry) e
 $retired$;
 REVOKE EXECUTE ON FUNCTION cdc_invalidator.retired_table_v1(text) FROM PUBLIC;
 

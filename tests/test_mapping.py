@@ -8,7 +8,7 @@ from fnmatch import fnmatchcase
 
 import pytest
 
-from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, TableName
+from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, Pack, TableName
 from cdc_invalidator.events import StandInKind as Kind
 from cdc_invalidator.mapping import Invalidation, KeyTemplate, Mapper, TemplateError
 from cdc_invalidator.mapping.mapper import Retired, Routed, StoodIn, merge
@@ -272,6 +272,27 @@ def test_a_batch_adopting_a_table_with_a_redis_db_of_its_own_is_mapped_once() ->
     routed, failed = mapper.map_all(events)
     assert (routed[None].keys, routed[3].keys, failed) == ({"user:1", "user:2"}, {"order:7"}, [])
     assert sorted(groups) == [1, 2]  # one add_all() per database, each event once
+
+
+def test_a_retired_table_is_rendered_with_its_earlier_templates_too_sweeping_none() -> None:
+    """A table removed, added again otherwise, removed again: each change is rendered
+    with the last templates and with each earlier mapping's (under its own Redis
+    database), for a change committed under one of those. An earlier template whose
+    column the row lacks was not the table's when the change was captured: not swept."""
+    orders = TableName("public", "orders")
+    parse = KeyTemplate.parse
+    retired = Retired(
+        (parse("b:{id}"),), None, (((parse("a:{id}"),), 2), ((parse("c:{email}"),), None))
+    )
+    mapper = Mapper({USERS: [parse("user:{id}")]}, retired=lambda t: retired)
+    events = [_event(Op.UPDATE, {"id": "7"}, {"id": "7"}, table=orders)]
+    routed, failed = mapper.map_all(events)
+    assert failed == []
+    assert routed[None].keys == {"b:7"}
+    assert routed[None].patterns == set()
+    assert routed[2].keys == {"a:7"}
+    cols = {"id": ["7"]}
+    assert mapper.map_pack(Pack(orders, Op.UPDATE, cols, cols, 1), {}) is False
 
 
 def test_missing_row_is_invalid() -> None:

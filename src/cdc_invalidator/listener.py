@@ -51,6 +51,7 @@ def retired_lookup(settings: Settings) -> RetiredLookup:
                 "rendering_a_table_no_longer_configured",
                 table=str(table),
                 keys=[t.source for t in found.templates],
+                earlier=[[t.source for t in ts] for ts, _db in found.earlier],
             )
         return found
 

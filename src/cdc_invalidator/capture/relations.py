@@ -155,7 +155,8 @@ class Relations:
         retired = None if self._retired_lookup is None else self._retired_lookup(table)
         if retired is None:
             return None
-        wanted = tuple(dict.fromkeys(f for t in retired.templates for f in t.fields))
+        every = retired.templates + tuple(t for ts, _db in retired.earlier for t in ts)
+        wanted = tuple(dict.fromkeys(f for t in every for f in t.fields))
         present = set(columns)
         return Resolved(table, wanted, {c: c for c in wanted if c in present})
 

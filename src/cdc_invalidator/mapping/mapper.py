@@ -99,15 +99,18 @@ def merge(into: Routed, other: Routed) -> None:
 class Retired(NamedTuple):
     """A table an earlier `install` watched and the configuration no longer names: the
     templates (with their key prefix) and the Redis database of the last mapping that
-    named it, as that install recorded them."""
+    named it, as that install recorded them; `earlier`: the other templates and
+    databases earlier mappings gave it (removed, added again otherwise, removed again:
+    a change committed under one of those is rendered with each, for its keys)."""
 
     templates: tuple[KeyTemplate, ...]
     db: int | None
+    earlier: tuple[tuple[tuple[KeyTemplate, ...], int | None], ...] = ()
 
 
-def retired_table(entry: object) -> Retired | None:
-    """A mapping_v1.tables entry (retired_table_v1()) as the mapper's Retired; None when
-    it is missing or not what install records."""
+def _entry(entry: object) -> tuple[tuple[KeyTemplate, ...], int | None] | None:
+    """One mapping_v1.tables entry's templates and Redis database; None when it is not
+    what install records."""
     if not isinstance(entry, dict):
         return None
     keys, db = entry.get("keys"), entry.get("redis_db")
@@ -117,7 +120,19 @@ def retired_table(entry: object) -> Retired | None:
         templates = tuple(KeyTemplate.parse(k) for k in keys)
     except TemplateError:
         return None
-    return Retired(templates, db if isinstance(db, int) and not isinstance(db, bool) else None)
+    return templates, db if isinstance(db, int) and not isinstance(db, bool) else None
+
+
+def retired_table(entry: object) -> Retired | None:
+    """A mapping_v1.tables entry (retired_table_v1()) as the mapper's Retired; None when
+    it is missing or not what install records. Its "earlier" entries that are not so
+    are left out."""
+    last = _entry(entry)
+    if last is None:
+        return None
+    earlier = entry.get("earlier") if isinstance(entry, dict) else None
+    found = [_entry(e) for e in earlier] if isinstance(earlier, list) else []
+    return Retired(*last, tuple(e for e in found if e is not None and e[0]))
 
 
 # Asked for a table the configuration does not name (the listener's: one query of
@@ -134,6 +149,7 @@ class Mapper:
         tables: Mapping[TableName, Iterable[KeyTemplate]],
         dbs: Mapping[TableName, int] | None = None,
         retired: RetiredLookup | None = None,
+        sweep_lacking: bool = True,
     ) -> None:
         self._templates = {table: tuple(ts) for table, ts in tables.items()}
         # The configured tables: what is watched, swept and checked. A change of another
@@ -143,6 +159,13 @@ class Mapper:
         self._configured = dict(self._templates)
         self._retired = retired
         self._looked_up: set[TableName] = set()
+        # An adopted table's earlier templates (Retired.earlier), each a mapper of its
+        # own under its Redis database: map_all() adds their keys too.
+        self._earlier: dict[TableName, tuple[Mapper, ...]] = {}
+        # False for those: a row that lacks a column of a template was not captured
+        # under it (each capture copies the columns of its mapping's templates), so
+        # that template has no key of it to delete, and nothing is swept.
+        self._sweep_lacking = sweep_lacking
         # Tables whose keys live in another Redis logical database (redis_db).
         self._dbs = dict(dbs or {})
         # Each table's compiled renderers, in template order: the hot loop of add_all().
@@ -173,6 +196,11 @@ class Mapper:
         if found is None or not found.templates:
             return False
         ts = self._templates[table] = found.templates
+        if found.earlier:
+            self._earlier[table] = tuple(
+                Mapper({table: t}, None if db is None else {table: db}, sweep_lacking=False)
+                for t, db in found.earlier
+            )
         if found.db is not None:
             self._dbs[table] = found.db
         self._renders[table] = tuple(t.render for t in ts)
@@ -208,17 +236,34 @@ class Mapper:
             # own Redis database, if it has one, in the one pass below.
             for table in dict.fromkeys(map(_TABLE, events)):
                 self._adopt(table)
-        if not self._dbs:
-            work = Invalidation()
-            return {None: work}, self.add_all(events, work)
-        groups: dict[int | None, list[ChangeEvent]] = {}
-        for event in events:
-            groups.setdefault(self._dbs.get(event.table), []).append(event)
         routed: Routed = {}
         failed: list[tuple[ChangeEvent, InvalidEvent]] = []
-        for db, group in groups.items():
-            failed += self.add_all(group, routed.setdefault(db, Invalidation()))
+        if not self._dbs:
+            failed = self.add_all(events, routed.setdefault(None, Invalidation()))
+        else:
+            groups: dict[int | None, list[ChangeEvent]] = {}
+            for event in events:
+                groups.setdefault(self._dbs.get(event.table), []).append(event)
+            for db, group in groups.items():
+                failed += self.add_all(group, routed.setdefault(db, Invalidation()))
+        if self._earlier:
+            self._add_earlier(events, routed)
         return routed, failed
+
+    def _add_earlier(self, events: list[ChangeEvent], routed: Routed) -> None:
+        """The keys of the earlier templates of the adopted tables among `events` (a
+        change of one may have been committed under any of them), added to `routed`
+        under their Redis databases. Their failures are the last templates' already."""
+        for table, mappers in self._earlier.items():
+            theirs = [e for e in events if e.table == table]
+            if not theirs:
+                continue
+            for mapper in mappers:
+                more, _failed = mapper.map_all(theirs)
+                for db, work in more.items():
+                    into = routed.setdefault(db, Invalidation())
+                    into.keys.update(work.keys)
+                    into.patterns.update(work.patterns)
 
     def map_pack(self, pack: Pack, into: Routed) -> bool:
         """The keys of a pack's changes (given column-wise), added to `into` under the
@@ -230,7 +275,7 @@ class Mapper:
         through map_all(), which sweeps or dead-letters exactly the changes it cannot map."""
         table, op, old, new, count = pack
         templates = self._render_columns.get(table)
-        if templates is None or op is Op.TRUNCATE:
+        if templates is None or op is Op.TRUNCATE or table in self._earlier:
             return False
         first, second = (new, None) if op is Op.INSERT else (old, new)
         if first is None or (op is Op.UPDATE and second is None):
@@ -378,6 +423,8 @@ class Mapper:
                 continue
             keys += [key for key in rendered if key is not None]
         into.keys.update(keys)
+        if not self._sweep_lacking:
+            return
         into.patterns.update(patterns)
         into.add_stand_in(event.table, StandInKind.UNRENDERABLE, reason)
 

@@ -1,0 +1,69 @@
+"""A table removed from the configuration, added again with other templates (or
+another redis_db), removed again, the listener stopped across those installs, with a
+change committed under each mapping: each change's keys, as the mapping it was
+committed under gave them, are deleted by the listener started on the last file."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis
+
+from tests.support.env import Env
+from tests.support.listener import Spawn, cli, stop_listener
+from tests.support.waits import wait_until
+
+pytestmark = [pytest.mark.usefixtures("capture"), pytest.mark.servers]
+
+USERS = {"public.users": ["user:{id}"]}
+OTHER_DB = 2
+
+
+@pytest.mark.parametrize("again", ["templates", "redis_db"])
+def test_a_table_removed_added_again_and_removed_keeps_each_mappings_keys(
+    env: Env, spawn: Spawn, again: str
+) -> None:
+    """orders installed with a:{id}, row 1 changed; orders removed (install); added
+    again with b:{id} (or a:{id} in Redis database 2), row 2 changed; removed again;
+    the listener, stopped throughout, started on the last file. It rendered both
+    changes with the last mapping's templates: b:1 and b:2 (or a:1 and a:2 in database
+    2), and a:1 stayed cached in both modes, on PostgreSQL 15 (run by hand with this
+    test). Now each earlier mapping's templates render them too; keys of rows nobody
+    changed stay cached (no sweep)."""
+    env.sql(
+        "CREATE TABLE users (id int PRIMARY KEY, name text);"
+        "CREATE TABLE orders (id int PRIMARY KEY, user_id int NOT NULL);"
+        "INSERT INTO users VALUES (1, 'A');"
+        "INSERT INTO orders SELECT g, 0 FROM generate_series(1, 4) g"
+    )
+    r = env.redis()
+    other = redis_db(env, OTHER_DB)
+    second, later = ("b:{id}", r) if again == "templates" else ("a:{id}", other)
+    r.mset({"a:1": "cached", "a:3": "cached", "user:1": "cached"})
+    later.mset({second.format(id=2): "cached", second.format(id=3): "cached"})
+    first = env.config({**USERS, "public.orders": ["a:{id}"]}, name="first.toml")
+    assert cli("install", "--config", first) == 0
+    env.sql("UPDATE orders SET user_id = 1 WHERE id = 1")  # under a:{id}
+    assert cli("install", "--config", env.config(USERS, name="removed.toml")) == 0
+    readded = env.config({**USERS, "public.orders": [second]}, name="again.toml")
+    if again == "redis_db":
+        with readded.open("a") as f:
+            f.write(f"redis_db = {OTHER_DB}\n")  # the last table written: orders
+    assert cli("install", "--config", readded) == 0
+    env.sql("UPDATE orders SET user_id = 1 WHERE id = 2")  # under the second mapping
+    last = env.config(USERS, name="last.toml")
+    assert cli("install", "--config", last) == 0
+    env.sql("UPDATE users SET name = 'B' WHERE id = 1")
+    listener = spawn(last)
+    wait_until(lambda: r.exists("user:1") == 0, what="the listener caught up")
+    time.sleep(1)
+    stop_listener(listener)
+    assert (r.exists("a:1"), later.exists(second.format(id=2))) == (0, 0)
+    assert (r.exists("a:3"), later.exists(second.format(id=3))) == (1, 1)
+    assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 0
+
+
+def redis_db(env: Env, db: int) -> redis.Redis:
+    """The test's Redis, database `db`."""
+    return redis.Redis.from_url(env.redis_url.rsplit("/", 1)[0] + f"/{db}")
