@@ -67,3 +67,41 @@ def test_a_table_removed_added_again_and_removed_keeps_each_mappings_keys(
 def redis_db(env: Env, db: int) -> redis.Redis:
     """The test's Redis, database `db`."""
     return redis.Redis.from_url(env.redis_url.rsplit("/", 1)[0] + f"/{db}")
+
+
+def test_a_removed_partitioned_table_changes_made_in_its_partitions_are_invalidated(
+    env: Env, spawn: Spawn
+) -> None:
+    """events, partitioned (two partitions, and one of its own partitioned in turn),
+    installed; a row of each partition changed; events removed (install); the listener
+    started on the new file. In logical mode (publish_via_partition_root off) the
+    stream names each partition, whose name no mapping recorded: each change was a
+    dead letter ("table public.events_1 is not in the configuration"), and ev:1, ev:150
+    and ev:250 stayed cached (PostgreSQL 15). They are rendered with events' recorded
+    templates now; trigger mode queued them under events' name already."""
+    env.sql(
+        "CREATE TABLE users (id int PRIMARY KEY, name text);"
+        "CREATE TABLE events (id int PRIMARY KEY, note text) PARTITION BY RANGE (id);"
+        "CREATE TABLE events_1 PARTITION OF events FOR VALUES FROM (1) TO (100);"
+        "CREATE TABLE events_2 PARTITION OF events FOR VALUES FROM (100) TO (200);"
+        "CREATE TABLE events_3 PARTITION OF events FOR VALUES FROM (200) TO (300)"
+        " PARTITION BY RANGE (id);"
+        "CREATE TABLE events_3a PARTITION OF events_3 FOR VALUES FROM (200) TO (300);"
+        "INSERT INTO users VALUES (1, 'A');"
+        "INSERT INTO events VALUES (1, 'x'), (150, 'y'), (250, 'z')"
+    )
+    r = env.redis()
+    r.mset({"ev:1": "c", "ev:150": "c", "ev:250": "c", "ev:2": "c", "user:1": "c"})
+    first = env.config({**USERS, "public.events": ["ev:{id}"]}, name="first.toml")
+    assert cli("install", "--config", first) == 0
+    env.sql("UPDATE events SET note = 'w'")
+    last = env.config(USERS, name="last.toml")
+    assert cli("install", "--config", last) == 0
+    env.sql("UPDATE users SET name = 'B' WHERE id = 1")
+    listener = spawn(last)
+    wait_until(lambda: r.exists("user:1") == 0, what="the listener caught up")
+    time.sleep(1)
+    stop_listener(listener)
+    assert [k for k in ("ev:1", "ev:150", "ev:250") if r.exists(k)] == []
+    assert r.exists("ev:2") == 1  # (not swept)
+    assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 0

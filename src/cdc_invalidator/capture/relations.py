@@ -117,7 +117,7 @@ class Relations:
             self._note_dropped()
             found = self._known_or_ancestor(relid)
             if found is None:
-                return self._retired(_name, columns)
+                return self._retired(relid, _name, columns)
         self._resolved.add(relid)
         target, (table, wanted, attnums) = found
         now = dict(
@@ -143,16 +143,29 @@ class Relations:
         ] != list(columns)
         return Resolved(table, wanted, names, self._filters.get(table), unsure)
 
-    def _retired(self, table: TableName, columns: tuple[str, ...]) -> Resolved | None:
+    def _retired(self, relid: int, table: TableName, columns: tuple[str, ...]) -> Resolved | None:
         """A relation neither configured nor recorded as published: a table an `install`
-        stopped watching, its changes streamed before that install committed. The
-        columns the templates of the last installed mapping that named it use (the
-        listener's lookup, `retired`, whose answer the mapper renders them with), never
-        the whole row; None if no mapping recorded it, or no lookup was given (its
-        changes are dead letters). Without this its rows came with no column at all,
-        "lacked" every key column, and each batch of them swept the table's templates
-        (all its cached keys) instead."""
-        retired = None if self._retired_lookup is None else self._retired_lookup(table)
+        stopped watching, its changes streamed before that install committed, or a
+        partition of one (publish_via_partition_root is off: its changes come under the
+        partition's name, and were dead letters, "public.events_1 is not in the
+        configuration", their keys left cached). The columns the templates of the last
+        installed mapping that named it use (the listener's lookup, `retired`, whose
+        answer the mapper renders them with, under that table's name), never the whole
+        row; None if no mapping recorded it, or no lookup was given (its changes are dead
+        letters). Without this its rows came with no column at all, "lacked" every key
+        column, and each batch of them swept the table's templates (all its cached keys)
+        instead."""
+        if self._retired_lookup is None:
+            return None
+        retired = self._retired_lookup(table)
+        if retired is None:
+            for schema, name in self._side.execute(
+                Q.RETIRED_ANCESTORS.sql, {"relid": relid}
+            ).fetchall():
+                retired = self._retired_lookup(TableName(schema, name))
+                if retired is not None:
+                    table = TableName(schema, name)
+                    break
         if retired is None:
             return None
         every = retired.templates + tuple(t for ts, _db in retired.earlier for t in ts)

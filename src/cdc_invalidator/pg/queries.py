@@ -61,6 +61,7 @@ class Q(enum.Enum):
     REMOVED_RECORDED = "removed_recorded.sql"  # removed_unrecorded.sql's {recorded}
     REMOVED_UNRECORDED = "removed_unrecorded.sql"
     RETIRED_TABLE = "retired_table.sql"  # a table the listener's configuration lacks
+    RETIRED_ANCESTORS = "retired_ancestors.sql"  # by name: a partition's tables, for that
 
     # --- trigger mode: the listener --------------------------------------------------------
     TAKE_LOCK = "take_lock.sql"
