@@ -541,6 +541,26 @@ AS $retired$
 $retired$;
 REVOKE EXECUTE ON FUNCTION cdc_invalidator.retired_table_v1(text) FROM PUBLIC;
 
+-- retired_tables_v1(): every table an installed mapping named (not from before a mapping
+-- that recorded no templates, as retired_table_v1()). Logical mode's listener sweeps
+-- those its configuration lacks with the rest when its slot was lost: a change of a
+-- table an install then stopped watching, committed before that install, was lost with
+-- the slot too, and its keys stayed cached (a run: order:1 left after the listener
+-- swept user:*). Names only, as the catalog tells them: PUBLIC may ask. A listener of
+-- an earlier release does not call it (the revision stays 10: capture/logical.py asks
+-- whether it exists first).
+CREATE OR REPLACE FUNCTION cdc_invalidator.retired_tables_v1()
+RETURNS text[]
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $retired_tables$
+    SELECT coalesce(array_agg(DISTINCT t.name ORDER BY t.name), '{}')
+    FROM cdc_invalidator.mapping_v1 m, jsonb_object_keys(m.tables) AS t(name)
+    WHERE m.tables IS NOT NULL
+      AND NOT EXISTS (SELECT FROM cdc_invalidator.mapping_v1 n
+                      WHERE n.id > m.id AND n.tables IS NULL)
+$retired_tables$;
+GRANT EXECUTE ON FUNCTION cdc_invalidator.retired_tables_v1() TO PUBLIC;
+
 -- A mapping's state: 'current' (installed last), 'superseded' (installed, then replaced),
 -- 'behind' (never installed, and its file was written before the last install: a file
 -- older than what was installed, as after uninstall, which takes the record with it, and

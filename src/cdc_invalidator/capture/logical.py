@@ -941,6 +941,15 @@ class LogicalStream:
                 table = TableName(schema, name)
                 if table not in tables and mapper.renders(table):
                     tables.add(table)
+            # And each table an installed mapping named that neither does: one an
+            # install stopped watching, whose changes committed before it may have been
+            # lost with the slot too (before, its keys stayed cached).
+            (known,) = self._side.execute(Q.RETIRED_TABLES.sql).fetchone() or (None,)
+            if known:
+                for (qualified,) in self._side.execute(Q.RETIRED_TABLES_LIST.sql).fetchall():
+                    table = TableName.parse(qualified)
+                    if table not in tables and mapper.renders(table):
+                        tables.add(table)
         events = [
             ChangeEvent(table, Op.TRUNCATE, None, why, -(i + 1))
             for i, table in enumerate(sorted(tables))

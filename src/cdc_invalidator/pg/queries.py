@@ -62,6 +62,8 @@ class Q(enum.Enum):
     REMOVED_UNRECORDED = "removed_unrecorded.sql"
     RETIRED_TABLE = "retired_table.sql"  # a table the listener's configuration lacks
     RETIRED_ANCESTORS = "retired_ancestors.sql"  # by name: a partition's tables, for that
+    RETIRED_TABLES = "retired_tables.sql"  # whether retired_tables_v1() is installed
+    RETIRED_TABLES_LIST = "retired_tables_list.sql"  # every table a mapping named: resync
 
     # --- trigger mode: the listener --------------------------------------------------------
     TAKE_LOCK = "take_lock.sql"
