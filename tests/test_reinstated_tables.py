@@ -133,3 +133,32 @@ def test_a_lost_slot_sweeps_a_table_an_install_stopped_watching(own_env: Env, sp
     wait_until(lambda: r.exists("user:1") == 0, what="the configured tables swept")
     wait_until(lambda: r.exists("order:1") == 0, what="orders swept", timeout_s=5)
     stop_listener(listener)
+
+
+def test_a_removed_tables_inheritance_child_changes_are_invalidated(env: Env, spawn: Spawn) -> None:
+    """items, with an inheritance child items_old, installed; both changed; items
+    removed (install); the listener started on the new file. In logical mode the stream
+    names the child, published under its own name: its change was a dead letter and
+    it:1 stayed cached (PostgreSQL 15), it:150 (items' own row) was deleted. Both are
+    now."""
+    env.sql(
+        "CREATE TABLE users (id int PRIMARY KEY, name text);"
+        "CREATE TABLE items (id int PRIMARY KEY, note text);"
+        "CREATE TABLE items_old (CHECK (id < 100)) INHERITS (items);"
+        "INSERT INTO users VALUES (1, 'A');"
+        "INSERT INTO items VALUES (150, 'x'); INSERT INTO items_old VALUES (1, 'y')"
+    )
+    r = env.redis()
+    r.mset({"it:1": "c", "it:150": "c", "user:1": "c"})
+    first = env.config({**USERS, "public.items": ["it:{id}"]}, name="first.toml")
+    assert cli("install", "--config", first) == 0
+    env.sql("UPDATE items SET note = 'w'")
+    last = env.config(USERS, name="last.toml")
+    assert cli("install", "--config", last) == 0
+    env.sql("UPDATE users SET name = 'B' WHERE id = 1")
+    listener = spawn(last)
+    wait_until(lambda: r.exists("user:1") == 0, what="the listener caught up")
+    time.sleep(1)
+    stop_listener(listener)
+    assert [k for k in ("it:1", "it:150") if r.exists(k)] == []
+    assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 0
