@@ -80,10 +80,11 @@ class Relations:
 
     def _note_dropped(self) -> None:
         """Which relations resolved so far have been dropped since, and a position past
-        their drops (relations_gone.sql). Asked at each newcomer's Relation message:
-        a table dropped and made again under its name, or a partition dropped as another
-        is made, brings one. Not published_v1's drop marks: the guard prunes a row once
-        every slot confirmed past it, maybe before this listener read the mark."""
+        their drops (relations_gone.sql). Asked at each Relation message (one per
+        relation a walsender session meets, and again after its DDL): a table dropped and
+        made again under its name, or a partition dropped as another is made, brings one.
+        Not published_v1's drop marks: the guard prunes a row once every slot confirmed
+        past it, maybe before this listener read the mark."""
         relids = sorted(self._resolved.difference(self._dropped))
         if not relids:
             return
@@ -108,13 +109,13 @@ class Relations:
         the relation's now: names were swapped after the change was made (email and
         name, say), and either could be the key column's. Resolved.unsure: swept.
         """
+        self._note_dropped()
         found = self._known_or_ancestor(relid)
         if found is None:
             # A table published since this connection began (or a partition of one): the
             # rebuild guard publishes one that took a configured table's name
             # (sql/rebuild_guard.sql).
             self._known = self._configured()
-            self._note_dropped()
             found = self._known_or_ancestor(relid)
             if found is None:
                 return self._retired(relid, _name, columns)
