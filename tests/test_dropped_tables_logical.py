@@ -51,6 +51,21 @@ def now(env: Env) -> str:
     return lsn
 
 
+@pytest.fixture
+def decoders(monkeypatch: pytest.MonkeyPatch) -> list[Decoder]:
+    """Every Decoder the listener makes: its Relation messages (packs.Collector reads
+    the same dict)."""
+    made: list[Decoder] = []
+    init = Decoder.__init__
+
+    def kept(self: Decoder, *args: object, **kwargs: object) -> None:
+        init(self, *args, **kwargs)  # type: ignore[arg-type]
+        made.append(self)
+
+    monkeypatch.setattr(Decoder, "__init__", kept)
+    return made
+
+
 def gone(r: redis.Redis, key: str) -> bool:
     return r.exists(key) == 0
 
@@ -65,7 +80,7 @@ def processed(env: Env, r: redis.Redis) -> None:
 
 
 def test_rows_of_dropped_tables_stay_bounded_with_the_listener_keeping_up(
-    env: Env, monkeypatch: pytest.MonkeyPatch
+    env: Env, monkeypatch: pytest.MonkeyPatch, decoders: list[Decoder]
 ) -> None:
     # The listener's map of relids (read again at each newcomer's Relation message).
     sizes: list[int] = []
@@ -77,15 +92,6 @@ def test_rows_of_dropped_tables_stay_bounded_with_the_listener_keeping_up(
         return known
 
     monkeypatch.setattr(Relations, "_configured", counted)
-    # And the Decoder's Relation messages (packs.Collector reads the same dict).
-    decoders: list[Decoder] = []
-    made = Decoder.__init__
-
-    def kept(self: Decoder, *args: object, **kwargs: object) -> None:
-        made(self, *args, **kwargs)  # type: ignore[arg-type]
-        decoders.append(self)
-
-    monkeypatch.setattr(Decoder, "__init__", kept)
     env.sql("CREATE TABLE users (id int PRIMARY KEY, email text, name text)")
     env.sql("INSERT INTO users VALUES (1, 'a@x', 'A')")
     config = logical_config(env, USERS)
@@ -177,21 +183,13 @@ def test_a_failing_prune_is_a_warning_never_a_failed_ddl(env: Env, mode: str) ->
 
 
 def test_partitions_made_and_dropped_in_turn_leave_no_relation_behind(
-    env: Env, monkeypatch: pytest.MonkeyPatch
+    env: Env, decoders: list[Decoder]
 ) -> None:
     """A published partitioned table rotated (a partition made, another dropped, as a
     daily job does): each partition's changes come under its own relation, resolved
     through its configured ancestor; a dropped one is forgotten by the Decoder once the
     stream is read past its drop. (Partitions have no row in published_v1: before, the
     listener kept each one's relation for good.)"""
-    decoders: list[Decoder] = []
-    made = Decoder.__init__
-
-    def kept(self: Decoder, *args: object, **kwargs: object) -> None:
-        made(self, *args, **kwargs)  # type: ignore[arg-type]
-        decoders.append(self)
-
-    monkeypatch.setattr(Decoder, "__init__", kept)
     env.sql(
         "CREATE TABLE events (id int, day int, PRIMARY KEY (id, day)) PARTITION BY LIST (day);"
         "CREATE TABLE events_0 PARTITION OF events FOR VALUES IN (0)"
