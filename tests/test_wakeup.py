@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -350,4 +351,37 @@ def test_a_commit_waiting_for_a_synchronous_standby_holds_no_other_writer(
         env.sql("SELECT pg_reload_conf()")
         waiting.close()
         other.close()
+        listener.stop()
+
+
+def test_synchronous_standbys_configured_under_a_quiet_listener_are_noticed_within_a_second(
+    own_env: Env,
+) -> None:
+    """synchronous_standby_names set while the listener waits, quiet (ALTER SYSTEM and a
+    reload): from then on no commit sends a wake-up, and the listener, which asked
+    whether standbys were configured only before waiting, slept on until its poll (a
+    review, poll_interval_ms = 60000: a local commit's keys stayed 57.7 s; 8 ms before
+    the setting, 11 ms once the listener knew). It asks again once a second while it
+    waits, and reads every 10 ms once it finds them configured."""
+    env = own_env
+    config = setup_users(env, rows=3, poll_interval_ms=60_000, second_delete_ms=0)
+    r = env.redis()
+    listener = ListenerThread.from_file(config).start()
+    try:
+        cache(r, [1])
+        env.sql("UPDATE users SET email = 'before@x' WHERE id = 1")
+        wait_until(lambda: r.exists(*keys_of(1)) == 0, what="a change deleted (wake-up)")
+        time.sleep(1.5)  # the listener waits for its next poll, a minute away
+        env.sql("ALTER SYSTEM SET synchronous_standby_names = 'standby_that_is_down'")
+        env.sql("SELECT pg_reload_conf()")
+        cache(r, [2])
+        with psycopg.connect(env.dsn, autocommit=True) as writer:
+            writer.execute("SET synchronous_commit = local")  # (would wait for nobody)
+            writer.execute("UPDATE users SET email = 'after@x' WHERE id = 2")
+        started = time.monotonic()
+        wait_until(lambda: r.exists(*keys_of(2)) == 0, timeout_s=10, what="deleted, set")
+        assert time.monotonic() - started < 2.5
+    finally:
+        env.sql("ALTER SYSTEM RESET synchronous_standby_names")
+        env.sql("SELECT pg_reload_conf()")
         listener.stop()

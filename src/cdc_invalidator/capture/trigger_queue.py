@@ -803,12 +803,25 @@ class TriggerQueue:
             timeout_s = min(timeout_s, poll_s)
             self._writers_poll_s = min(poll_s * 2, WRITERS_POLL_MAX_S)
         fds = [self._conn.fileno()] if wakeup_fd is None else [self._conn.fileno(), wakeup_fd]
-        if self._writers_poll_s is None and self._wakeup.listening and self._synced():
+        watching = self._writers_poll_s is None and self._wakeup.listening
+        if watching and self._synced():
             # With synchronous standbys, commits send no wake-up: read for them.
             timeout_s = min(timeout_s, SYNC_READ_S)
-        readable, _, _ = select.select(fds, [], [], timeout_s)
-        if self._conn.fileno() in readable:
-            self._take_notifies()
+            watching = False
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if watching:
+                # Synchronous standbys configured while we wait (ALTER SYSTEM, a reload)
+                # end every wake-up at once: ask again when due, not at the next poll
+                # only (a review: poll_interval_ms = 60000 left a change's keys 58 s).
+                timeout_s = min(timeout_s, self._sync_asked_at + SYNC_CHECK_S - time.monotonic())
+            readable, _, _ = select.select(fds, [], [], max(0.0, timeout_s))
+            if self._conn.fileno() in readable:
+                self._take_notifies()
+            if readable or not watching or (timeout_s := deadline - time.monotonic()) <= 0:
+                return
+            if self._synced():
+                return  # set meanwhile: read now, then every SYNC_READ_S
 
     def _synced(self) -> bool:
         """Whether synchronous standbys are configured (asked every SYNC_CHECK_S)."""
