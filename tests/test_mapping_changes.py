@@ -289,6 +289,82 @@ def test_a_listener_whose_file_switched_capture_mode_exits_to_restart_with_it(
     assert again.process.poll() is None
 
 
+def test_a_listener_whose_file_names_another_redis_exits_to_restart_with_it(
+    env: Env, spawn: Spawn
+) -> None:
+    """`redis_url` edited under a running listener (the cache moved to another Redis,
+    the app reading and filling that one): the listener looked only at the file's tables
+    and capture mode, and went on deleting from the Redis it started with, alive and
+    ready: an UPDATE's key was still cached in the new Redis 5 s later (PostgreSQL 15,
+    both modes), and would have stayed until someone restarted it. It now exits (1,
+    `configuration_changed`, the settings that changed named, never their values) once
+    any setting of its file changed, and started again deletes from the new Redis."""
+    env.sql(
+        "CREATE TABLE users (id int PRIMARY KEY, name text);"
+        "INSERT INTO users VALUES (1, 'A'), (2, 'B');"
+    )
+    config = env.config(USERS)
+    assert cli("install", "--config", config) == 0
+    listener = spawn(config)
+    r = env.redis()
+    r.set("user:1", "cached")
+    env.sql("UPDATE users SET name = 'A1' WHERE id = 1")
+    wait_until(lambda: r.exists("user:1") == 0, what="the listener consuming")
+    with RedisServer.create() as moved:
+        config.write_text(config.read_text().replace(env.redis_url, moved.url))
+        assert listener.wait() == 1
+        (line,) = listener.logged("configuration_settings_changed")
+        assert line["settings"] == ["redis_url"], line
+        assert listener.logged("configuration_changed")
+        again = spawn(config)
+        new = redis.Redis.from_url(moved.url)
+        new.set("user:2", "cached")
+        env.sql("UPDATE users SET name = 'B2' WHERE id = 2")
+        wait_until(lambda: new.exists("user:2") == 0, what="deleted from the Redis the file names")
+        assert again.process is not None
+        assert again.process.poll() is None
+        stop_listener(again)
+        new.close()
+
+
+@pytest.mark.parametrize("capture", ["logical"], indirect=True)
+def test_a_listener_whose_file_names_another_slot_exits_and_install_drops_the_old_one(
+    env: Env, spawn: Spawn
+) -> None:
+    """`slot_name` edited under a running logical listener, then `install`: the listener
+    went on streaming the old slot, so install could not drop it ("streamed by pid ...,
+    it may be in use by someone else"), and the new slot kept WAL that nothing read until
+    someone restarted the listener by hand; check exited 0. The listener now exits once
+    the file names another slot; install then drops the old one (sweeping what it held)
+    and the listener started again streams the new one."""
+    env.sql(
+        "CREATE TABLE users (id int PRIMARY KEY, name text);"
+        "INSERT INTO users VALUES (1, 'A'), (2, 'B');"
+    )
+    config = env.config(USERS)
+    assert cli("install", "--config", config) == 0
+    listener = spawn(config)
+    r = env.redis()
+    r.set("user:1", "cached")
+    env.sql("UPDATE users SET name = 'A1' WHERE id = 1")
+    wait_until(lambda: r.exists("user:1") == 0, what="the listener consuming")
+    config.write_text('slot_name = "renamed_slot"\n' + config.read_text())
+    assert listener.wait() == 1
+    (line,) = listener.logged("configuration_settings_changed")
+    assert line["settings"] == ["slot_name"], line
+    out = run_cli("install", "--config", str(config))
+    assert out.returncode == 0, out
+    assert "dropped replication slot 'cdc_invalidator'" in out.stdout, out.stdout
+    again = spawn(config)
+    r.set("user:2", "cached")
+    env.sql("UPDATE users SET name = 'B2' WHERE id = 2")
+    wait_until(lambda: r.exists("user:2") == 0, what="deleted through the new slot")
+    assert env.scalar("SELECT array_agg(slot_name::text) FROM pg_replication_slots") == [
+        "renamed_slot"
+    ]
+    stop_listener(again)
+
+
 def test_replay_deletes_again_the_keys_of_a_table_an_install_stopped_watching(
     own_env: Env, spawn: Spawn
 ) -> None:

@@ -712,7 +712,7 @@ class Runner:
         if self._mapping_changed is not None and self._mapping_changed():
             raise ConfigurationChanged(
                 "the configuration file's tables changed since the listener started (or its "
-                "capture mode)"
+                "capture mode, or another setting)"
             )
 
     def _refuse_stale_mapping(

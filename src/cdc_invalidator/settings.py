@@ -722,12 +722,18 @@ class ConfigFile:
     Likewise when the file's capture mode changed: after `install` of the other mode, a
     trigger listener would read a queue nothing writes any more (alive, ready, and
     deleting nothing), and a logical one would keep the slot that install must drop.
+    And when any other setting changed: a listener that went on with the one it started
+    with deleted from the Redis the file no longer names (`redis_url` edited: a change's
+    key stayed cached in the new one), read another database than the file's, or kept
+    streaming the slot `slot_name` no longer names (install left it, and the new one
+    kept WAL unread), alive and ready all the while.
     """
 
     def __init__(self, path: Path, settings: Settings) -> None:
         self._path = path
         self._mapping = _meaning(settings.tables)
         self._capture = settings.capture
+        self._others = _others(settings)
         # Not stat()ed here: `settings` were loaded earlier, and an edit in between would
         # be taken for what they hold. The first call reads the file.
         self._stamp: tuple[int, ...] | None = ()
@@ -754,7 +760,24 @@ class ConfigFile:
         except ConfigError as exc:
             log.warning("configuration_unreadable", error=str(exc))
             return False
-        return _meaning(fresh.tables) != self._mapping or fresh.capture != self._capture
+        if _meaning(fresh.tables) != self._mapping or fresh.capture != self._capture:
+            return True
+        others = _others(fresh)
+        if changed := sorted(
+            k for k in others.keys() | self._others.keys() if others.get(k) != self._others.get(k)
+        ):
+            # Names only: a value may be a secret (a password in a URL).
+            log.warning("configuration_settings_changed", settings=changed)
+            return True
+        return False
+
+
+def _others(settings: Settings) -> dict[str, object]:
+    """Every setting but the tables (and capture, compared on its own), as loaded: the
+    file's, or the environment's where it wins. Not those only `install` reads, which
+    it compiles into the capture functions (the listener deletes from whatever payload
+    or bulk sweep comes): a listener restarted for them would change nothing."""
+    return settings.model_dump(exclude={"tables", "capture", "notify_payload", "bulk_sweep_rows"})
 
 
 def _fingerprint(tables: dict[str, TableSettings]) -> str:
