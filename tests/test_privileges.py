@@ -835,3 +835,57 @@ def test_status_as_a_role_without_pg_read_all_stats_says_it_cannot_see(
     assert "no transaction open over a second" not in result.stdout
     assert "lacks pg_read_all_stats" in result.stdout
     assert re.search(r"WAL held back by: +pid \d+", as_dba.stdout), as_dba.stdout
+
+
+# A function of a schema that the listener role's search_path names before pg_catalog
+# (ALTER ROLE ... SET search_path), where a role other than ours may create: shaped like
+# the one the listener's sessions called before pinning their own search_path, and run
+# as the listener, it deletes the queue's rows (trigger mode) and says it ran.
+SHADOWED_AT_CONNECT = """
+CREATE SCHEMA shady;
+GRANT USAGE ON SCHEMA shady TO PUBLIC;
+CREATE TABLE shady.ran (at timestamptz DEFAULT now());
+GRANT INSERT ON shady.ran TO PUBLIC;
+CREATE FUNCTION shady.pg_is_in_recovery() RETURNS boolean
+LANGUAGE plpgsql AS $$BEGIN
+    INSERT INTO shady.ran DEFAULT VALUES;
+    BEGIN
+        DELETE FROM cdc_invalidator.queue_v1;
+    EXCEPTION WHEN OTHERS THEN NULL;
+    END;
+    RETURN false;
+END$$;
+"""
+
+
+def test_a_search_path_set_on_the_listeners_role_runs_none_of_its_functions_at_connect(
+    env: Env, spawn: Spawn, listener_role: str
+) -> None:
+    """The listener's sessions pin search_path = pg_catalog, but asked whether the
+    server is a standby (`SELECT pg_is_in_recovery()`) before that, under the role's
+    own search_path: with `ALTER ROLE ... SET search_path = shady, pg_catalog` a
+    function shady.pg_is_in_recovery() ran as the listener at every connect (a review,
+    PostgreSQL 15: in trigger mode it deleted the queue, and an UPDATE committed while
+    the listener was down kept its keys cached). Every query before the pin now names
+    pg_catalog."""
+    tables(env)
+    dba = install(env)
+    grant(env, listener_role)
+    env.sql(SHADOWED_AT_CONNECT)
+    env.sql(
+        sql.SQL("ALTER ROLE {} SET search_path = shady, pg_catalog")
+        .format(sql.Identifier(listener_role))
+        .as_string(None)
+    )
+    r = env.redis()
+    r.mset({"user:1": "-", "user:email:a@x": "-", "user:email:z@x": "-"})
+    env.sql("UPDATE users SET email = 'z@x' WHERE id = 1")  # while no listener runs
+    listener = spawn(config(env, USERS, name="listener.toml", role=listener_role))
+    wait_until(
+        lambda: r.exists("user:1", "user:email:a@x", "user:email:z@x") == 0,
+        what="the UPDATE invalidated",
+        timeout_s=10,
+    )
+    stop(listener)
+    assert env.scalar("SELECT count(*) FROM shady.ran") == 0
+    assert dba.exists()
