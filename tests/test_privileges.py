@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
@@ -802,6 +803,81 @@ def test_the_listener_keeps_its_sessions_whatever_timeouts_its_role_carries(
     done = run_cli("replay", "--since", "5m", "--config", str(own))
     assert done.returncode == 0, done.stderr
     assert r.exists("user:1") == 0, (done.stdout, done.stderr)
+
+
+def serializable_writes(env: Env, seconds: float) -> int:
+    """Four serializable writers for `seconds`, each changing rows of its own of users
+    (id 1000 on) and reading a few others in one transaction: their read/write
+    dependencies make pivots now and then. How many transactions committed."""
+    stop = threading.Event()
+    done = [0]
+
+    def write(n: int) -> None:
+        with psycopg.connect(env.dsn, autocommit=True) as conn:
+            conn.execute("SET default_transaction_isolation = 'serializable'")
+            i = 0
+            while not stop.is_set():
+                base = 1000 + n * 500
+                try:
+                    conn.execute(
+                        "UPDATE users SET name = name || 'z' WHERE id = %s", [base + i % 500]
+                    )
+                    with conn.transaction():
+                        conn.execute(
+                            "UPDATE users SET name = 'w' WHERE id = %s", [base + (i * 7) % 500]
+                        )
+                        conn.execute("SELECT count(*) FROM users WHERE id < 1010")
+                    done[0] += 1
+                except psycopg.errors.SerializationFailure:
+                    pass  # (theirs among themselves: an application retries)
+                i += 1
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(seconds)
+    stop.set()
+    for thread in threads:
+        thread.join(10)
+    return done[0]
+
+
+def test_the_listener_reads_in_read_committed_whatever_isolation_its_role_defaults_to(
+    env: Env, spawn: Spawn, listener_role: str
+) -> None:
+    """default_transaction_isolation = serializable on the listener's role (or its
+    database), set while it ran, then a reconnect: its reads of the queue took part in
+    serializable writers' read/write dependencies and were cancelled now and then
+    ("Canceled on conflict out to pivot ..."), each a reconnect logged as
+    postgres_unavailable with the keys waiting for the back-off (a review, PostgreSQL
+    15: 5 to 16 in 8 s of four such writers). Its sessions set read committed."""
+    tables(env)
+    env.sql("INSERT INTO users SELECT g, 'e' || g, 'n' FROM generate_series(1000, 2999) g")
+    install(env)
+    grant(env, listener_role)
+    listener = spawn(config(env, USERS, name="listener.toml", role=listener_role))
+    r = env.redis()
+    r.set("user:1", "-")
+    env.sql("UPDATE users SET name = 'x' WHERE id = 1")
+    wait_until(lambda: r.exists("user:1") == 0, what="user:1 deleted")
+    env.sql(
+        sql.SQL("ALTER ROLE {} SET default_transaction_isolation = 'serializable'")
+        .format(sql.Identifier(listener_role))
+        .as_string(None)
+    )
+    env.sql(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", [listener_role]
+    )
+    r.set("user:2", "-")
+    env.sql("UPDATE users SET name = 'x' WHERE id = 2")
+    wait_until(lambda: r.exists("user:2") == 0, what="user:2 deleted (reconnected)")
+    before = len(listener.logged("postgres_unavailable"))
+    assert serializable_writes(env, 8.0) > 100
+    r.set("user:3", "-")
+    env.sql("UPDATE users SET name = 'x' WHERE id = 3")
+    wait_until(lambda: r.exists("user:3") == 0, what="user:3 deleted")
+    stop_listener(listener)
+    assert listener.logged("postgres_unavailable")[before:] == []
 
 
 def status_up(port: int) -> float:
