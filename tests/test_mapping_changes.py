@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 import redis
 
@@ -325,6 +326,73 @@ def test_a_listener_whose_file_names_another_redis_exits_to_restart_with_it(
         assert again.process.poll() is None
         stop_listener(again)
         new.close()
+
+
+def test_a_listener_waiting_for_a_redis_gone_exits_once_its_file_names_another(
+    env: Env, spawn: Spawn
+) -> None:
+    """The Redis a listener deletes from stops for good (the cache moved to another
+    server, the old one retired), and the file is edited to name the new one: the
+    listener retried the old Redis every second and looked at its file only between
+    batches, which never came while Redis was down: still retrying 8 s later (PostgreSQL
+    15, both modes), an UPDATE's key cached in the new Redis all the while. It now looks
+    at the file at each retry, and at each reconnect to PostgreSQL, and exits."""
+    env.sql(
+        "CREATE TABLE users (id int PRIMARY KEY, name text);"
+        "INSERT INTO users VALUES (1, 'A'), (2, 'B');"
+    )
+    with RedisServer.create() as old:
+        config = env.config(USERS)
+        config.write_text(config.read_text().replace(env.redis_url, old.url))
+        assert cli("install", "--config", config) == 0
+        listener = spawn(config)
+        r_old = redis.Redis.from_url(old.url)
+        r_old.set("user:1", "cached")
+        env.sql("UPDATE users SET name = 'A1' WHERE id = 1")
+        wait_until(lambda: r_old.exists("user:1") == 0, what="the listener consuming")
+        r_old.close()
+    wait_until(lambda: listener.logged("redis_unavailable"), what="the old Redis missed")
+    r = env.redis()
+    r.set("user:2", "cached")
+    env.sql("UPDATE users SET name = 'B2' WHERE id = 2")
+    config.write_text(config.read_text().replace(old.url, env.redis_url))
+    assert listener.wait() == 1
+    assert listener.logged("configuration_changed")
+    again = spawn(config)
+    wait_until(lambda: r.exists("user:2") == 0, what="deleted from the Redis the file names")
+    stop_listener(again)
+
+
+def test_a_listener_reconnecting_to_a_database_gone_exits_once_its_file_names_another(
+    env: Env, spawn: Spawn
+) -> None:
+    """Likewise for PostgreSQL: the server a listener reads stops for good (the database
+    moved to another, installed there) and the file is edited to name the new one: the
+    listener retried the old one, never reaching a batch, where it looked at its file."""
+    tables = (
+        "CREATE TABLE users (id int PRIMARY KEY, name text);"
+        "INSERT INTO users VALUES (1, 'A'), (2, 'B');"
+    )
+    env.sql(tables)
+    config = env.config(USERS)
+    assert cli("install", "--config", config) == 0
+    with PostgresServer.create(FAST_PG) as old:
+        with psycopg.connect(old.dsn(), autocommit=True) as conn:
+            conn.execute(tables)
+        config.write_text(config.read_text().replace(env.dsn, old.dsn()))
+        assert cli("install", "--config", config) == 0
+        listener = spawn(config)
+        wait_until(lambda: listener.logged("redis_connected"), what="the listener running")
+    wait_until(lambda: listener.logged("postgres_unavailable"), what="the old server missed")
+    r = env.redis()
+    r.set("user:2", "cached")
+    env.sql("UPDATE users SET name = 'B2' WHERE id = 2")
+    config.write_text(config.read_text().replace(old.dsn(), env.dsn))
+    assert listener.wait() == 1
+    assert listener.logged("configuration_changed")
+    again = spawn(config)
+    wait_until(lambda: r.exists("user:2") == 0, what="deleted, read from the database named")
+    stop_listener(again)
 
 
 @pytest.mark.parametrize("capture", ["logical"], indirect=True)

@@ -469,10 +469,14 @@ class Runner:
                     self._set_active(False)
                 self._held_by_foreign(exc)
                 self._ping_redis()
+                self._refuse_changed_file()  # (a standby takes over with the file's)
                 self._stopper.sleep(cfg.poll_interval_s)
                 continue
             except psycopg.OperationalError as exc:
                 self.postgres.down(exc)
+                # The file may name another server now (the database moved): retrying
+                # the one that is gone would never end.
+                self._refuse_changed_file()
                 self._stopper.sleep(backoff.next_delay())
                 continue
             self.postgres.up()
@@ -577,6 +581,11 @@ class Runner:
                 self.redis.down(exc)
                 redis_back = True
                 writes_refused = deleting
+                # Between batches only, the file was never looked at while Redis stayed
+                # down: a listener whose file names another Redis now (the old one
+                # retired) retried the old one for good (a review). Nothing of the
+                # failed batch was acknowledged.
+                self._refuse_changed_file()
                 source.maintain()  # due during an outage too (the stream's status updates)
                 self._stopper.sleep(backoff.next_delay())
                 continue
