@@ -7,4 +7,5 @@ SELECT current_setting('wal_level') AS wal_level,
        current_user,
        EXISTS (SELECT FROM pg_publication WHERE pubname = %(publication)s) AS publication_exists,
        current_setting('max_slot_wal_keep_size') AS max_slot_wal_keep_size,
-       current_setting('synchronous_standby_names') AS synchronous_standby_names
+       current_setting('synchronous_standby_names') AS synchronous_standby_names,
+       current_setting('max_wal_senders')::int AS max_wal_senders

@@ -1090,6 +1090,32 @@ def test_without_wal_level_logical_install_and_check_say_so(
     assert "wal_level is 'replica'" in err
 
 
+@pytest.mark.slow
+def test_check_says_max_wal_senders_of_0_leaves_the_listener_no_stream(
+    own_env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """max_wal_senders lowered to 0 (and the server restarted) under an installed logical
+    capture: the listener can never stream (FATAL: number of requested standby
+    connections exceeds max_wal_senders (currently 0)), while check said "every
+    walsender is in use; ... raise max_wal_senders" as a warning and exited 0 (a
+    review, PostgreSQL 15). It is an error now, named as such."""
+    env = own_env
+    assert env.servers.pg is not None
+    make_tables(env)
+    config = logical_config(env, USERS)
+    install(config)
+    env.sql("ALTER SYSTEM SET max_wal_senders = 0")
+    env.servers.pg.restart()
+    try:
+        code, _, err = check(config, capsys)
+        assert code == 1, err
+        assert "max_wal_senders is 0" in err, err
+        assert "in use" not in err, err
+    finally:
+        env.sql("ALTER SYSTEM RESET max_wal_senders")
+        env.servers.pg.restart()
+
+
 def test_check_looks_at_every_partition(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
     env.sql(
         "CREATE TABLE events (id int PRIMARY KEY, email text) PARTITION BY RANGE (id);"

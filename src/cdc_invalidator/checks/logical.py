@@ -186,11 +186,21 @@ def check_walks(report: Report, *, native: bool) -> None:
         )
 
 
-def _check_streaming(user: str, can_replicate: bool, pg: PgConnector, report: Report) -> None:
+def _check_streaming(
+    user: str, can_replicate: bool, senders: int, pg: PgConnector, report: Report
+) -> None:
     """The role may stream, and a replication connection opens: ordinary sessions got
     in, so check said ok, while the stream's connection could not (a pooler in front
     refuses it, PgBouncer; pg_hba.conf has no `replication` line for the role), and the
-    listener retried it (a review)."""
+    listener retried it (a review). No walsender may start at all with max_wal_senders
+    = 0: check said "every walsender is in use" as a warning, exit 0, while the listener
+    could never stream (install makes the slot by a function, and succeeds)."""
+    if senders == 0:
+        report.errors.append(
+            "max_wal_senders is 0: the listener streams the slot through a walsender, and "
+            "none may start; raise it (a server restart)"
+        )
+        return
     if not can_replicate:
         report.errors.append(
             f"role {user!r} lacks the REPLICATION attribute the listener needs to stream "
@@ -242,7 +252,7 @@ def check_logical_server(conn: psycopg.Connection[Any], settings: Settings, repo
         ).fetchone(),
         "row of logical replication settings",
     )
-    wal_level, can_replicate, user, publication_exists, keep_size, sync_names = row
+    wal_level, can_replicate, user, publication_exists, keep_size, sync_names, senders = row
     if wal_level != "logical":
         report.errors.append(
             f"wal_level is {wal_level!r}: logical capture needs wal_level = logical "
@@ -256,7 +266,7 @@ def check_logical_server(conn: psycopg.Connection[Any], settings: Settings, repo
             "listener to delete its keys, or hang while nothing moves the slot. Name the "
             'standbys themselves there instead of "*" (docs/logical.md, "What it needs")'
         )
-    _check_streaming(user, can_replicate, PgConnector.from_settings(settings), report)
+    _check_streaming(user, can_replicate, senders, PgConnector.from_settings(settings), report)
     check_walks(report, native=NATIVE_WALKS)
     guard = conn.execute(Q.CHECK_DDL_GUARD.sql).fetchone()
     if publication_exists and not (guard and guard[0]):
