@@ -15,6 +15,7 @@ import json
 import re
 import secrets
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -1114,6 +1115,42 @@ def test_check_says_max_wal_senders_of_0_leaves_the_listener_no_stream(
     finally:
         env.sql("ALTER SYSTEM RESET max_wal_senders")
         env.servers.pg.restart()
+
+
+@pytest.mark.slow
+def test_a_slot_that_cannot_be_made_again_is_told_once_with_its_cause(
+    own_env: Env, spawn: Spawn
+) -> None:
+    """The slot dropped while every other one of max_replication_slots is taken: the
+    listener, which must make it again, logged `changes_may_have_been_missed` at error
+    level at every reconnect (15 lines in 4 s here, once a second by default), and why
+    it could not go on ("all replication slots are in use") once only, as PostgreSQL
+    being unavailable (a review, PostgreSQL 15). The missed changes are told once, the
+    cause names the slot and max_replication_slots; freed, the slot is made, swept for."""
+    env = own_env
+    assert env.servers.pg is not None
+    make_tables(env)
+    config = logical_config(env, USERS)
+    install(config)
+    env.sql("SELECT pg_create_logical_replication_slot('other_app', 'pgoutput')")
+    env.sql("ALTER SYSTEM SET max_replication_slots = 2")
+    env.servers.pg.restart()
+    env.sql(f"SELECT pg_drop_replication_slot('{SLOT}')")
+    env.sql("SELECT pg_create_logical_replication_slot('third_app', 'pgoutput')")
+    listener = spawn(config)
+    wait_until(lambda: listener.logged("postgres_unavailable"), what="the slot refused")
+    time.sleep(3)  # (a dozen reconnects)
+    assert len(listener.logged("changes_may_have_been_missed")) == 1
+    (line,) = listener.logged("postgres_unavailable")
+    assert f"replication slot '{SLOT}' cannot be made" in line["error"], line
+    assert "max_replication_slots" in line["error"], line
+    r = env.redis()
+    r.set("user:1", "cached")
+    env.sql("SELECT pg_drop_replication_slot('third_app')")
+    wait_until(lambda: slot(env) is not None, what="the slot made")
+    wait_until(lambda: r.exists("user:1") == 0, what="swept once made")
+    stop(listener)
+    env.sql("SELECT pg_drop_replication_slot('other_app')")
 
 
 def test_check_looks_at_every_partition(env: Env, capsys: pytest.CaptureFixture[str]) -> None:

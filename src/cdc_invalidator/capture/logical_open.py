@@ -63,6 +63,10 @@ class LogicalCapture:
         # made or found made (a later wait starts anew: second review).
         self._slot_wait_from: int | None = None
         self._lineage: str | None = None  # the server's, as the last session saw it
+        # The missed changes last logged (changes_may_have_been_missed): a slot that
+        # cannot be made again (every one of max_replication_slots taken) logged the same
+        # error at every reconnect, once a second, never why (a review).
+        self._missed_told: str | None = None
 
     def connect(self) -> LogicalStream:
         side = self._pg.connect(BOOKKEEPING)
@@ -185,11 +189,13 @@ class LogicalCapture:
                 "to the watched tables between install and now was not captured"
             )
         if missed is not None:
-            log.error(
-                "changes_may_have_been_missed",
-                reason=missed,
-                action="sweeping every key template of every watched table before resuming",
-            )
+            if missed != self._missed_told:
+                log.error(
+                    "changes_may_have_been_missed",
+                    reason=missed,
+                    action="sweeping every key template of every watched table before resuming",
+                )
+            self._missed_told = missed
             # Owed until done: a crash during the sweep sweeps again.
             side.execute(Q.SET_RESYNC.sql, {"slot": cfg.slot, "reason": missed, "lsn": None})
             owed = missed
@@ -214,6 +220,14 @@ class LogicalCapture:
             # Another listener (or install) made it meanwhile: a standby waiting for the
             # same slot exited 1 here (second review). Its turn comes again.
             raise Standby(f"replication slot {slot!r} was just made by another") from None
+        except psycopg.errors.ConfigurationLimitExceeded as exc:
+            # Retried (a server down for the listener): said as what it is, and what to do.
+            raise psycopg.OperationalError(
+                f"replication slot {slot!r} cannot be made: {' '.join(str(exc).split())} "
+                "(max_replication_slots): the listener retries, and sweeps every watched "
+                "table once it is made; until then no change is invalidated"
+            ) from None
+        self._missed_told = None  # (a slot lost again later is told again)
         start = returned(created.fetchone(), f"position for new slot {slot!r}")
         side.execute(Q.RECORD_SLOT.sql, {"slot": slot, "lsn": start[0]})
         log.info("slot_created", slot=slot, lsn=start[0])
