@@ -541,6 +541,52 @@ AS $retired$
 $retired$;
 REVOKE EXECUTE ON FUNCTION cdc_invalidator.retired_table_v1(text) FROM PUBLIC;
 
+-- Where each mapping's capture began (trigger mode): the queue id install's step after
+-- its commit drew (record_boundary.sql). A row a writer queued with an earlier mapping's
+-- capture function got its id before that: ids come from the queue's identity sequence,
+-- and the function is replaced in install's transaction. NULL: not recorded (an install
+-- of an earlier release, or its step after the commit did not run).
+SELECT cdc_invalidator.add_column_v1('cdc_invalidator.mapping_v1', 'boundary', 'bigint');
+
+-- mapping_eras_v1(fingerprint): for the last installed mapping with that fingerprint
+-- (the listener's), each earlier mapping's entries for the tables both name that differ
+-- from this one's (other templates, or another redis_db), with the queue ids its capture
+-- queued: "from" (its own boundary, NULL: from the start) up to "below" (the boundary of
+-- the next mapping that recorded one). A row queued under such a mapping and read by a
+-- listener of a later one is rendered with that mapping's templates too: before, only
+-- with the new ones, and the old template's key stayed cached (a:1 left, b:1 deleted).
+-- Empty when this mapping recorded no boundary, or no table's entry changed: nothing
+-- more to render. As its owner, not PUBLIC's (templates, as retired_table_v1()); a
+-- listener of an earlier release of revision 10 does not call it.
+CREATE OR REPLACE FUNCTION cdc_invalidator.mapping_eras_v1(fingerprint text)
+RETURNS jsonb
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $eras$
+    WITH cur AS (
+        SELECT m.id, m.tables, m.boundary FROM cdc_invalidator.mapping_v1 m
+        WHERE m.fingerprint = $1 AND m.tables IS NOT NULL AND m.boundary IS NOT NULL
+        ORDER BY m.id DESC LIMIT 1
+    ), earlier AS (
+        SELECT m.id, m.boundary AS "from",
+               (SELECT n.boundary FROM cdc_invalidator.mapping_v1 n
+                WHERE n.id > m.id AND n.boundary IS NOT NULL
+                ORDER BY n.id LIMIT 1) AS below,
+               (SELECT jsonb_object_agg(t.key, t.value)
+                FROM jsonb_each(m.tables) t
+                WHERE c.tables ? t.key AND c.tables -> t.key IS DISTINCT FROM t.value) AS tables
+        FROM cdc_invalidator.mapping_v1 m, cur c
+        WHERE m.id < c.id AND m.tables IS NOT NULL
+          -- (not from before a mapping that recorded no templates, as retired_table_v1())
+          AND NOT EXISTS (SELECT FROM cdc_invalidator.mapping_v1 n
+                          WHERE n.id > m.id AND n.tables IS NULL)
+    )
+    SELECT coalesce(jsonb_agg(jsonb_build_object(
+               'from', e."from", 'below', e.below, 'tables', e.tables) ORDER BY e.id), '[]')
+    FROM earlier e
+    WHERE e.tables IS NOT NULL AND e.below IS NOT NULL
+$eras$;
+REVOKE EXECUTE ON FUNCTION cdc_invalidator.mapping_eras_v1(text) FROM PUBLIC;
+
 -- retired_tables_v1(): every table an installed mapping named (not from before a mapping
 -- that recorded no templates, as retired_table_v1()). Logical mode's listener sweeps
 -- those its configuration lacks with the rest when its slot was lost: a change of a

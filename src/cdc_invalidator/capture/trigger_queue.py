@@ -23,7 +23,7 @@ import json
 import select
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -55,7 +55,7 @@ from cdc_invalidator.capture.trigger_sql import (
     require_installed,
 )
 from cdc_invalidator.events import ChangeEvent, Origin, TableName
-from cdc_invalidator.mapping.mapper import Mapper, Routed
+from cdc_invalidator.mapping.mapper import Era, Invalidation, Mapper, Routed, mapping_eras
 from cdc_invalidator.pg import raw_text
 from cdc_invalidator.pg.connect import LISTENER, PgConnector
 from cdc_invalidator.pg.queries import Q
@@ -556,6 +556,11 @@ class TriggerCapture:
         if self._progress is None:
             self._progress = saved
         self._server_started = started
+        try:
+            eras = _eras(conn, self._mapping) if self._mapper is not None else []
+        except BaseException:
+            conn.close()
+            raise
         return TriggerQueue(
             conn,
             self._progress,
@@ -564,6 +569,7 @@ class TriggerCapture:
             self._mapper,
             mapping=self._mapping,
             payloads=self._payloads,
+            eras=eras,
         )
 
 
@@ -578,8 +584,13 @@ class TriggerQueue:
         *,
         mapping: MappingStamp | None = None,
         payloads: bool = False,
+        eras: list[Era] | None = None,
     ) -> None:
         self._conn = conn
+        # The templates earlier mappings gave tables this one renders otherwise, with
+        # the queue ids captured under each (_eras): empty, nothing more is done.
+        self._eras = eras or []
+        self._eras_below = max((e.below for e in self._eras), default=0)
         self._mapper = mapper
         self._read_payloads = payloads  # (TriggerCapture's `payloads`)
         self._mapping = mapping
@@ -684,6 +695,8 @@ class TriggerQueue:
         premapped: Routed = {}
         map_pack = None if self._mapper is None else partial(self._mapper.map_pack, into=premapped)
         decoded = self._decoder.queue_rows(rows, at=3, count_at=9, map_pack=map_pack)
+        if self._eras:
+            self._add_eras(rows, premapped)
         events, deleted_early = self._without_early(decoded.events, rows)
         batch = QueueBatch(
             size=chunk.events,
@@ -709,6 +722,37 @@ class TriggerQueue:
         # the hold's sweep to the sweeper would keep it held for good (its sweep never
         # run, nothing saved or pruned past it).
         self._listen_next = self._wakeup.after_batch(chunk.events, limit)
+
+    def _add_eras(self, rows: Sequence[Sequence[Any]], into: Routed) -> None:
+        """The keys of the rows an earlier mapping's capture queued (ids below the
+        listener's mapping's boundary) of tables that mapping rendered otherwise, with
+        that mapping's templates, added to `into` under their Redis databases: an
+        install replaced `a:{id}` by `b:{id}` while they waited, and `a:1` was the app's
+        key when the change committed (before, only `b:1` was deleted). Rows queued
+        since cost one comparison each; their failures are the listener's mapping's."""
+        below = self._eras_below
+        old = [row for row in rows if row[3] < below]
+        if not old:
+            return
+        for era in self._eras:
+            start, end, tables = era.start, era.below, era.tables
+            theirs = [
+                row
+                for row in old
+                if row[3] < end
+                and (start is None or row[3] >= start)
+                and (row[4], row[5]) in tables
+            ]
+            if not theirs:
+                continue
+            events = self._decoder.queue_rows(theirs, at=3, count_at=9).events
+            routed, _failed = era.mapper.map_all(events)
+            for db, work in routed.items():
+                target = into.get(db)
+                if target is None:
+                    target = into[db] = Invalidation()
+                target.keys.update(work.keys)
+                target.patterns.update(work.patterns)
 
     def _drop_uncommitted_early(self, snapshot: str, asked_at: float) -> None:
         """Changes deleted early before a read was asked for (at `asked_at`) whose
@@ -1005,6 +1049,34 @@ def _standby(conn: psycopg.Connection[Any]) -> Standby:
         "yours, no listener consumes the queue until it ends (SELECT pg_terminate_backend("
         f"{pid}))",
     )
+
+
+def _eras(conn: psycopg.Connection[Any], mapping: MappingStamp | None) -> list[Era]:
+    """The earlier mappings' templates that this listener's mapping replaced, and the
+    queue ids captured under each (sql/schema.sql, mapping_eras_v1()); none where the
+    schema lacks the function (an earlier release's install) or the mapping is not
+    installed yet."""
+    if mapping is None:
+        return []
+    (known,) = conn.execute(Q.MAPPING_ERAS.sql).fetchone() or (None,)
+    if not known:
+        return []
+    row = conn.execute(Q.MAPPING_ERAS_LIST.sql, mapping.params()).fetchone()
+    eras = mapping_eras(row[0] if row else None)
+    if eras:
+        log.info(
+            "rendering_changes_of_earlier_mappings",
+            eras=[
+                {
+                    "queue_ids": [e.start, e.below],
+                    "tables": {
+                        str(t): [k.source for k in e.mapper.tables[t]] for t in sorted(e.tables)
+                    },
+                }
+                for e in eras
+            ],
+        )
+    return eras
 
 
 def _prepare(conn: psycopg.Connection[Any], mapping: MappingStamp | None) -> tuple[Progress, str]:

@@ -135,6 +135,49 @@ def retired_table(entry: object) -> Retired | None:
     return Retired(*last, tuple(e for e in found if e is not None and e[0]))
 
 
+class Era(NamedTuple):
+    """An earlier mapping's templates of tables the listener's mapping gives others (or
+    another redis_db), and the changes captured under it: trigger mode's queue ids from
+    `start` (None: from the first) to `below` (sql/schema.sql, mapping_eras_v1()). Such a
+    change is rendered with `mapper` too: its keys were the app's when it committed."""
+
+    start: int | None
+    below: int
+    tables: frozenset[TableName]
+    mapper: Mapper
+
+
+def mapping_eras(found: object) -> list[Era]:
+    """mapping_eras_v1()'s answer as Eras; what is not what install records is left out."""
+    eras: list[Era] = []
+    for era in found if isinstance(found, list) else []:
+        if not isinstance(era, dict):
+            continue
+        start, below, tables = era.get("from"), era.get("below"), era.get("tables")
+        if not isinstance(below, int) or not isinstance(tables, dict):
+            continue
+        templates: dict[TableName, tuple[KeyTemplate, ...]] = {}
+        dbs: dict[TableName, int] = {}
+        for qualified, entry in tables.items():
+            parsed = _entry(entry)
+            if parsed is None or not parsed[0]:
+                continue
+            table = TableName.parse(qualified)
+            templates[table] = parsed[0]
+            if parsed[1] is not None:
+                dbs[table] = parsed[1]
+        if templates:
+            eras.append(
+                Era(
+                    start if isinstance(start, int) else None,
+                    below,
+                    frozenset(templates),
+                    Mapper(templates, dbs, sweep_lacking=False),
+                )
+            )
+    return eras
+
+
 # Asked for a table the configuration does not name (the listener's: one query of
 # cdc_invalidator.retired_table_v1(), listener.retired_lookup); None: no installed
 # mapping named it.

@@ -62,6 +62,10 @@ class TriggerMode:
         """Slots left from logical mode are dropped (an abandoned slot keeps WAL forever),
         after a sweep of every watched table for what they, or a slot of ours gone or
         never made, did not hand out."""
+        # First, right after the commit that replaced the capture functions: where this
+        # mapping's queue ids begin (a row queued below it is rendered with the earlier
+        # mapping's templates too, where they differ: mapping_eras_v1()).
+        conn.execute(Q.RECORD_BOUNDARY.sql, {"fingerprint": self._settings.mapping_fingerprint()})
         tables = ", ".join(sorted(str(t) for t in self._settings.mapper().tables))
         done = f"installed cdc_invalidator v{trigger_sql.SCHEMA_VERSION}; watching {tables}"
         slot = self._settings.slot_name

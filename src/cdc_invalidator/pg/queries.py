@@ -48,6 +48,7 @@ class Q(enum.Enum):
     UNINSTALL = "uninstall.sql"
     LOCK_WAIT = "lock_wait.sql"  # after the guard, in either script
     RECORD_MAPPING = "record_mapping.sql"  # {fingerprint}, {tables}: either install's end
+    RECORD_BOUNDARY = "record_boundary.sql"  # trigger install's step after its commit
     RESET_AFTER_RESTORE = "reset_after_restore.sql"  # run by a DBA by hand (docs/DBA.md)
 
     # --- is it installed -----------------------------------------------------------------
@@ -64,6 +65,8 @@ class Q(enum.Enum):
     RETIRED_ANCESTORS = "retired_ancestors.sql"  # by name: a partition's tables, for that
     RETIRED_TABLES = "retired_tables.sql"  # whether retired_tables_v1() is installed
     RETIRED_TABLES_LIST = "retired_tables_list.sql"  # every table a mapping named: resync
+    MAPPING_ERAS = "mapping_eras.sql"  # whether mapping_eras_v1() is installed
+    MAPPING_ERAS_LIST = "mapping_eras_list.sql"  # templates an install replaced, by queue id
 
     # --- trigger mode: the listener --------------------------------------------------------
     TAKE_LOCK = "take_lock.sql"

@@ -1,0 +1,70 @@
+"""A table the configuration still names whose templates (or redis_db) an `install`
+replaced, the listener stopped across that install: a change committed before it is
+rendered with the templates it was captured under too, one committed after it with the
+new ones only."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis
+
+from tests.support.env import Env
+from tests.support.listener import Spawn, cli, stop_listener
+from tests.support.waits import wait_until
+
+pytestmark = [pytest.mark.usefixtures("capture"), pytest.mark.servers]
+
+USERS = {"public.users": ["user:{id}"]}
+OTHER_DB = 2
+
+
+@pytest.mark.parametrize("capture", ["trigger"])
+@pytest.mark.parametrize("replaced", ["templates", "redis_db"])
+def test_a_change_captured_before_templates_were_replaced_deletes_the_old_key(
+    env: Env, spawn: Spawn, replaced: str
+) -> None:
+    """orders installed with a:{id}; the listener stopped; row 1 changed, and rows 5
+    and 6 in one statement (a pack); install with orders given b:{id} (or a:{id} in
+    Redis database 2); row 2 changed; the listener started on that file. It deleted
+    b:1 only and a:1 (a:5, a:6) stayed cached (PostgreSQL 15, 4 of 4 runs): the old
+    app's key of a change committed under the old mapping. Now the rows queued before
+    the install are rendered with the old templates too, and those queued after it
+    with the new ones only: a:2, set, stays cached."""
+    env.sql(
+        "CREATE TABLE users (id int PRIMARY KEY, name text);"
+        "CREATE TABLE orders (id int PRIMARY KEY, user_id int NOT NULL);"
+        "INSERT INTO users VALUES (1, 'A');"
+        "INSERT INTO orders SELECT g, 0 FROM generate_series(1, 6) g"
+    )
+    r = env.redis()
+    other = redis.Redis.from_url(env.redis_url.rsplit("/", 1)[0] + f"/{OTHER_DB}")
+    second, later = ("b:{id}", r) if replaced == "templates" else ("a:{id}", other)
+    first = env.config({**USERS, "public.orders": ["a:{id}"]}, name="first.toml")
+    assert cli("install", "--config", first) == 0
+    old_keys = ["a:1", "a:5", "a:6"]
+    new_keys = [second.format(id=i) for i in (1, 5, 6, 2)]
+    r.mset({**dict.fromkeys(old_keys, "cached"), "a:2": "cached", "a:3": "cached"})
+    later.mset({**dict.fromkeys(new_keys, "cached"), second.format(id=3): "cached"})
+    r.set("user:1", "cached")
+    env.sql("UPDATE orders SET user_id = 1 WHERE id = 1")  # under a:{id}
+    env.sql("UPDATE orders SET user_id = 1 WHERE id IN (5, 6)")  # a pack, likewise
+    replacing = env.config({**USERS, "public.orders": [second]}, name="second.toml")
+    if replaced == "redis_db":
+        with replacing.open("a") as f:
+            f.write(f"redis_db = {OTHER_DB}\n")  # the last table written: orders
+    assert cli("install", "--config", replacing) == 0
+    env.sql("UPDATE orders SET user_id = 1 WHERE id = 2")  # under the new mapping
+    env.sql("UPDATE users SET name = 'B' WHERE id = 1")
+    listener = spawn(replacing)
+    wait_until(lambda: r.exists("user:1") == 0, what="the listener caught up")
+    time.sleep(1)
+    stop_listener(listener)
+    left_old = [k for k in old_keys if r.exists(k)]
+    left_new = [k for k in new_keys if later.exists(k)]
+    assert (left_old, left_new) == ([], [])
+    # Captured after the install: not rendered with the old templates (no double work).
+    assert r.exists("a:2") == 1
+    assert (r.exists("a:3"), later.exists(second.format(id=3))) == (1, 1)
+    assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 0
