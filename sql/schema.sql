@@ -548,26 +548,34 @@ REVOKE EXECUTE ON FUNCTION cdc_invalidator.retired_table_v1(text) FROM PUBLIC;
 -- of an earlier release, or its step after the commit did not run).
 SELECT cdc_invalidator.add_column_v1('cdc_invalidator.mapping_v1', 'boundary', 'bigint');
 
--- mapping_eras_v1(fingerprint): for the last installed mapping with that fingerprint
--- (the listener's), each earlier mapping's entries for the tables both name that differ
--- from this one's (other templates, or another redis_db), with the queue ids its capture
--- queued: "from" (its own boundary, NULL: from the start) up to "below" (the boundary of
--- the next mapping that recorded one). A row queued under such a mapping and read by a
--- listener of a later one is rendered with that mapping's templates too: before, only
--- with the new ones, and the old template's key stayed cached (a:1 left, b:1 deleted).
--- Empty when this mapping recorded no boundary, or no table's entry changed: nothing
--- more to render. As its owner, not PUBLIC's (templates, as retired_table_v1()); a
--- listener of an earlier release of revision 10 does not call it.
-CREATE OR REPLACE FUNCTION cdc_invalidator.mapping_eras_v1(fingerprint text)
+-- mapping_eras_v1(fingerprint, tables): for the last installed mapping with that
+-- fingerprint (the listener's), each earlier mapping's entries for the tables both name
+-- that differ from this one's (other templates, or another redis_db), with the queue ids
+-- its capture queued: "from" (its own boundary, NULL: from the start) up to "below" (the
+-- boundary of the next mapping that recorded one). A row queued under such a mapping and
+-- read by a listener of a later one is rendered with that mapping's templates too:
+-- before, only with the new ones, and the old template's key stayed cached (a:1 left,
+-- b:1 deleted). A mapping never installed (the file edited, the listener restarted,
+-- install not run yet) is compared by its `tables` (mapping_v1.tables' form): every
+-- recorded mapping is earlier, and the last one's capture is still running ("below"
+-- NULL: the listener asks again until install recorded a boundary). Empty when this
+-- mapping recorded no boundary (an earlier release's install), or no table's entry
+-- changed: nothing more to render. As its owner, not PUBLIC's (templates, as
+-- retired_table_v1()); a listener of an earlier release of revision 10 does not call it.
+CREATE OR REPLACE FUNCTION cdc_invalidator.mapping_eras_v1(fingerprint text, tables jsonb)
 RETURNS jsonb
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $eras$
     WITH cur AS (
-        SELECT m.id, m.tables, m.boundary FROM cdc_invalidator.mapping_v1 m
-        WHERE m.fingerprint = $1 AND m.tables IS NOT NULL AND m.boundary IS NOT NULL
-        ORDER BY m.id DESC LIMIT 1
+        (SELECT m.id, m.tables FROM cdc_invalidator.mapping_v1 m
+         WHERE m.fingerprint = $1 AND m.tables IS NOT NULL AND m.boundary IS NOT NULL
+         ORDER BY m.id DESC LIMIT 1)
+        UNION ALL
+        SELECT NULL::bigint, $2
+        WHERE $2 IS NOT NULL
+          AND NOT EXISTS (SELECT FROM cdc_invalidator.mapping_v1 m WHERE m.fingerprint = $1)
     ), earlier AS (
-        SELECT m.id, m.boundary AS "from",
+        SELECT m.id, m.boundary AS "from", c.id IS NULL AS pending,
                (SELECT n.boundary FROM cdc_invalidator.mapping_v1 n
                 WHERE n.id > m.id AND n.boundary IS NOT NULL
                 ORDER BY n.id LIMIT 1) AS below,
@@ -575,7 +583,7 @@ AS $eras$
                 FROM jsonb_each(m.tables) t
                 WHERE c.tables ? t.key AND c.tables -> t.key IS DISTINCT FROM t.value) AS tables
         FROM cdc_invalidator.mapping_v1 m, cur c
-        WHERE m.id < c.id AND m.tables IS NOT NULL
+        WHERE (c.id IS NULL OR m.id < c.id) AND m.tables IS NOT NULL
           -- (not from before a mapping that recorded no templates, as retired_table_v1())
           AND NOT EXISTS (SELECT FROM cdc_invalidator.mapping_v1 n
                           WHERE n.id > m.id AND n.tables IS NULL)
@@ -583,9 +591,9 @@ AS $eras$
     SELECT coalesce(jsonb_agg(jsonb_build_object(
                'from', e."from", 'below', e.below, 'tables', e.tables) ORDER BY e.id), '[]')
     FROM earlier e
-    WHERE e.tables IS NOT NULL AND e.below IS NOT NULL
+    WHERE e.tables IS NOT NULL AND (e.below IS NOT NULL OR e.pending)
 $eras$;
-REVOKE EXECUTE ON FUNCTION cdc_invalidator.mapping_eras_v1(text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION cdc_invalidator.mapping_eras_v1(text, jsonb) FROM PUBLIC;
 
 -- retired_tables_v1(): every table an installed mapping named (not from before a mapping
 -- that recorded no templates, as retired_table_v1()). Logical mode's listener sweeps

@@ -68,3 +68,48 @@ def test_a_change_captured_before_templates_were_replaced_deletes_the_old_key(
     assert r.exists("a:2") == 1
     assert (r.exists("a:3"), later.exists(second.format(id=3))) == (1, 1)
     assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 0
+
+
+@pytest.mark.parametrize("capture", ["trigger"])
+def test_a_listener_started_on_the_edited_file_before_install_deletes_the_old_keys(
+    env: Env, spawn: Spawn
+) -> None:
+    """The documented order: orders installed with a:{id}; the file edited to b:{id}
+    and the listener (re)started on it; row 1 changed (queued by the installed
+    capture, a:{id}'s); then install; row 2 changed. The listener rendered row 1 with
+    b:{id} only and a:1 stayed cached (PostgreSQL 15). Now, while its mapping is not
+    installed, it renders the installed mapping's templates too, and once install
+    recorded where its capture began, the rows queued after that with b:{id} only:
+    a:2 stays cached."""
+    env.sql(
+        "CREATE TABLE users (id int PRIMARY KEY, name text);"
+        "CREATE TABLE orders (id int PRIMARY KEY, user_id int NOT NULL);"
+        "INSERT INTO users VALUES (1, 'A');"
+        "INSERT INTO orders SELECT g, 0 FROM generate_series(1, 3) g"
+    )
+    r = env.redis()
+    first = env.config({**USERS, "public.orders": ["a:{id}"]}, name="first.toml")
+    assert cli("install", "--config", first) == 0
+    r.mset(dict.fromkeys(["a:1", "b:1", "a:2", "b:2", "a:3", "b:3"], "cached"))
+    edited = env.config({**USERS, "public.orders": ["b:{id}"]}, name="edited.toml")
+    listener = spawn(edited)
+    try:
+        env.sql("UPDATE orders SET user_id = 1 WHERE id = 1")  # under a:{id}
+        wait_until(lambda: r.exists("b:1") == 0, what="row 1's b:1 deleted")
+        wait_until(lambda: r.exists("a:1") == 0, what="row 1's a:1 deleted", timeout_s=2)
+        assert cli("install", "--config", edited) == 0
+        wait_until(
+            lambda: any(
+                line.get("event") == "rendering_changes_of_earlier_mappings"
+                and all(era["queue_ids"][1] is not None for era in line["eras"])
+                for line in listener.lines()
+            ),
+            what="the boundary of the install seen",
+        )
+        env.sql("UPDATE orders SET user_id = 1 WHERE id = 2")  # under b:{id}
+        wait_until(lambda: r.exists("b:2") == 0, what="row 2's b:2 deleted")
+        time.sleep(1)
+    finally:
+        stop_listener(listener)
+    assert (r.exists("a:2"), r.exists("a:3"), r.exists("b:3")) == (1, 1, 1)
+    assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 0

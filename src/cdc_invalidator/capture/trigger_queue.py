@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import select
 import time
 from collections import deque
@@ -65,6 +66,9 @@ log = structlog.get_logger("cdc_invalidator.capture.trigger")
 # Progress is saved at most this often, and this long at most after going idle: a crash
 # re-delivers at most this much work, where a save per batch would cost a write per batch.
 SAVE_EVERY_S = 0.1
+# While this listener's mapping is not installed and an earlier one's templates differ:
+# how often it asks whether install recorded its boundary (TriggerQueue._ask_eras_again).
+ERAS_ASK_EVERY_S = 1.0
 # Processed rows deleted per statement, so that a large clean-up never holds up an event.
 PRUNE_CHUNK = 5000
 # Batches this large mean changes arrive faster than the listener wakes: stop NOTIFY.
@@ -589,8 +593,10 @@ class TriggerQueue:
         self._conn = conn
         # The templates earlier mappings gave tables this one renders otherwise, with
         # the queue ids captured under each (_eras): empty, nothing more is done.
-        self._eras = eras or []
-        self._eras_below = max((e.below for e in self._eras), default=0)
+        self._eras: list[Era] = []
+        self._eras_below: float = 0  # the highest "below" (inf: one is open)
+        self._eras_asked_at = time.monotonic()
+        self._set_eras(eras or [])
         self._mapper = mapper
         self._read_payloads = payloads  # (TriggerCapture's `payloads`)
         self._mapping = mapping
@@ -723,6 +729,20 @@ class TriggerQueue:
         # run, nothing saved or pruned past it).
         self._listen_next = self._wakeup.after_batch(chunk.events, limit)
 
+    def _set_eras(self, eras: list[Era]) -> None:
+        self._eras = eras
+        self._eras_below = max((math.inf if e.below is None else e.below for e in eras), default=0)
+
+    def _ask_eras_again(self) -> None:
+        """While an era is open (this listener's mapping not installed yet: its rows are
+        the installed mapping's), asked again every ERAS_ASK_EVERY_S: once `install` recorded
+        its boundary, the rows queued after it are rendered with this mapping only."""
+        self._eras_asked_at = time.monotonic()
+        eras = _eras(self._conn, self._mapping, quiet=True)
+        if [e[:3] for e in eras] != [e[:3] for e in self._eras]:
+            _log_eras(eras)
+        self._set_eras(eras)
+
     def _add_eras(self, rows: Sequence[Sequence[Any]], into: Routed) -> None:
         """The keys of the rows an earlier mapping's capture queued (ids below the
         listener's mapping's boundary) of tables that mapping rendered otherwise, with
@@ -735,7 +755,8 @@ class TriggerQueue:
         if not old:
             return
         for era in self._eras:
-            start, end, tables = era.start, era.below, era.tables
+            start, tables = era.start, era.tables
+            end = math.inf if era.below is None else era.below
             theirs = [
                 row
                 for row in old
@@ -814,6 +835,8 @@ class TriggerQueue:
         now = time.monotonic()
         if progress.unsaved and now - progress.saved_at >= SAVE_EVERY_S:
             self._save()
+        if self._eras_below == math.inf and now - self._eras_asked_at >= ERAS_ASK_EVERY_S:
+            self._ask_eras_again()
         self._prune()
         if now - self._read_at >= DRAIN_AFTER_S:
             self._read_at = now
@@ -1051,32 +1074,39 @@ def _standby(conn: psycopg.Connection[Any]) -> Standby:
     )
 
 
-def _eras(conn: psycopg.Connection[Any], mapping: MappingStamp | None) -> list[Era]:
+def _eras(
+    conn: psycopg.Connection[Any], mapping: MappingStamp | None, *, quiet: bool = False
+) -> list[Era]:
     """The earlier mappings' templates that this listener's mapping replaced, and the
     queue ids captured under each (sql/schema.sql, mapping_eras_v1()); none where the
-    schema lacks the function (an earlier release's install) or the mapping is not
-    installed yet."""
+    schema lacks the function (an earlier release's install). Logged unless `quiet`."""
     if mapping is None:
         return []
     (known,) = conn.execute(Q.MAPPING_ERAS.sql).fetchone() or (None,)
     if not known:
         return []
-    row = conn.execute(Q.MAPPING_ERAS_LIST.sql, mapping.params()).fetchone()
+    row = conn.execute(
+        Q.MAPPING_ERAS_LIST.sql, {**mapping.params(), "record": mapping.record}
+    ).fetchone()
     eras = mapping_eras(row[0] if row else None)
-    if eras:
-        log.info(
-            "rendering_changes_of_earlier_mappings",
-            eras=[
-                {
-                    "queue_ids": [e.start, e.below],
-                    "tables": {
-                        str(t): [k.source for k in e.mapper.tables[t]] for t in sorted(e.tables)
-                    },
-                }
-                for e in eras
-            ],
-        )
+    if eras and not quiet:
+        _log_eras(eras)
     return eras
+
+
+def _log_eras(eras: list[Era]) -> None:
+    log.info(
+        "rendering_changes_of_earlier_mappings",
+        eras=[
+            {
+                "queue_ids": [e.start, e.below],
+                "tables": {
+                    str(t): [k.source for k in e.mapper.tables[t]] for t in sorted(e.tables)
+                },
+            }
+            for e in eras
+        ],
+    )
 
 
 def _prepare(conn: psycopg.Connection[Any], mapping: MappingStamp | None) -> tuple[Progress, str]:

@@ -226,6 +226,9 @@ class MappingStamp:
 
     fingerprint: str
     written_at: float | None
+    # What its tables render (Settings.mapping_record, JSON), for mapping_eras_v1() while
+    # it is not installed yet; None: not asked.
+    record: str | None = None
 
     def params(self) -> dict[str, object]:
         """The mapping's parameters of the queries that ask mapping_state_v1()."""

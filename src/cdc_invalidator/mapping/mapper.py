@@ -138,11 +138,12 @@ def retired_table(entry: object) -> Retired | None:
 class Era(NamedTuple):
     """An earlier mapping's templates of tables the listener's mapping gives others (or
     another redis_db), and the changes captured under it: trigger mode's queue ids from
-    `start` (None: from the first) to `below` (sql/schema.sql, mapping_eras_v1()). Such a
+    `start` (None: from the first) to `below` (None: its capture still runs, the
+    listener's mapping not installed yet; sql/schema.sql, mapping_eras_v1()). Such a
     change is rendered with `mapper` too: its keys were the app's when it committed."""
 
     start: int | None
-    below: int
+    below: int | None
     tables: frozenset[TableName]
     mapper: Mapper
 
@@ -154,7 +155,7 @@ def mapping_eras(found: object) -> list[Era]:
         if not isinstance(era, dict):
             continue
         start, below, tables = era.get("from"), era.get("below"), era.get("tables")
-        if not isinstance(below, int) or not isinstance(tables, dict):
+        if not (below is None or isinstance(below, int)) or not isinstance(tables, dict):
             continue
         templates: dict[TableName, tuple[KeyTemplate, ...]] = {}
         dbs: dict[TableName, int] = {}

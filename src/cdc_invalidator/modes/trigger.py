@@ -115,7 +115,9 @@ class TriggerMode:
             prune_every_s=s.prune_every_ms / 1000,
             history_s=s.history_s,
             mapper=s.mapper(),
-            mapping=trigger_sql.MappingStamp(s.mapping_fingerprint(), s.written_at),
+            mapping=trigger_sql.MappingStamp(
+                s.mapping_fingerprint(), s.written_at, s.mapping_record()
+            ),
             payloads=s.notify_payload,
             sweep_after_failover=s.sweep_after_failover,
             sweep_after_crash=s.sweep_after_crash,
