@@ -544,9 +544,14 @@ REVOKE EXECUTE ON FUNCTION cdc_invalidator.retired_table_v1(text) FROM PUBLIC;
 -- Where each mapping's capture began (trigger mode): the queue id install's step after
 -- its commit drew (record_boundary.sql). A row a writer queued with an earlier mapping's
 -- capture function got its id before that: ids come from the queue's identity sequence,
--- and the function is replaced in install's transaction. NULL: not recorded (an install
--- of an earlier release, or its step after the commit did not run).
-SELECT cdc_invalidator.add_column_v1('cdc_invalidator.mapping_v1', 'boundary', 'bigint');
+-- and the function is replaced in install's transaction. No row: not recorded (an
+-- install of an earlier release, or its step after the commit did not run). A table of
+-- its own: mapping_v1's rows stay as their install wrote them (their xmin is that
+-- install's transaction).
+CREATE TABLE IF NOT EXISTS cdc_invalidator.mapping_boundary_v1 (
+    mapping  bigint PRIMARY KEY,  -- mapping_v1.id
+    boundary bigint NOT NULL
+);
 
 -- mapping_eras_v1(fingerprint, tables): for the last installed mapping with that
 -- fingerprint (the listener's), each earlier mapping's entries for the tables both name
@@ -566,8 +571,12 @@ CREATE OR REPLACE FUNCTION cdc_invalidator.mapping_eras_v1(fingerprint text, tab
 RETURNS jsonb
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $eras$
-    WITH cur AS (
-        (SELECT m.id, m.tables FROM cdc_invalidator.mapping_v1 m
+    WITH maps AS (
+        SELECT m.id, m.fingerprint, m.tables, b.boundary
+        FROM cdc_invalidator.mapping_v1 m
+        LEFT JOIN cdc_invalidator.mapping_boundary_v1 b ON b.mapping = m.id
+    ), cur AS (
+        (SELECT m.id, m.tables FROM maps m
          WHERE m.fingerprint = $1 AND m.tables IS NOT NULL AND m.boundary IS NOT NULL
          ORDER BY m.id DESC LIMIT 1)
         UNION ALL
@@ -576,13 +585,13 @@ AS $eras$
           AND NOT EXISTS (SELECT FROM cdc_invalidator.mapping_v1 m WHERE m.fingerprint = $1)
     ), earlier AS (
         SELECT m.id, m.boundary AS "from", c.id IS NULL AS pending,
-               (SELECT n.boundary FROM cdc_invalidator.mapping_v1 n
+               (SELECT n.boundary FROM maps n
                 WHERE n.id > m.id AND n.boundary IS NOT NULL
                 ORDER BY n.id LIMIT 1) AS below,
                (SELECT jsonb_object_agg(t.key, t.value)
                 FROM jsonb_each(m.tables) t
                 WHERE c.tables ? t.key AND c.tables -> t.key IS DISTINCT FROM t.value) AS tables
-        FROM cdc_invalidator.mapping_v1 m, cur c
+        FROM maps m, cur c
         WHERE (c.id IS NULL OR m.id < c.id) AND m.tables IS NOT NULL
           -- (not from before a mapping that recorded no templates, as retired_table_v1())
           AND NOT EXISTS (SELECT FROM cdc_invalidator.mapping_v1 n

@@ -5,13 +5,17 @@ new ones only."""
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
 
-from tests.support.env import Env
+from tests.support.env import FAST_PG, Env, Servers, make_env
 from tests.support.listener import Spawn, cli, stop_listener
+from tests.support.servers import PostgresServer, RedisServer
 from tests.support.waits import wait_until
 
 pytestmark = [pytest.mark.usefixtures("capture"), pytest.mark.servers]
@@ -113,3 +117,98 @@ def test_a_listener_started_on_the_edited_file_before_install_deletes_the_old_ke
         stop_listener(listener)
     assert (r.exists("a:2"), r.exists("a:3"), r.exists("b:3")) == (1, 1, 1)
     assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 0
+
+
+@pytest.fixture
+def stamped_env(tmp_path: Path) -> Iterator[Env]:
+    """An Env on servers of its own whose PostgreSQL records commit timestamps."""
+    pg = PostgresServer.create({**FAST_PG, "track_commit_timestamp": "on"})
+    rd = RedisServer.create()
+    with pg, rd:
+        yield from make_env(Servers(pg.dsn, rd.url, pg, rd), tmp_path, capture="trigger")
+
+
+ROWS = 20_000  # more than the writers reach: each row changed at most once
+
+
+@pytest.mark.parametrize("capture", ["trigger"])
+def test_changes_committed_while_install_replaces_templates_delete_their_keys(
+    stamped_env: Env, spawn: Spawn
+) -> None:
+    """Writers change rows of orders (three threads, one row a transaction) while
+    install replaces a:{id} by b:{id}, the listener stopped; then it starts on the new
+    file. Every change committed before install's commit (by its commit timestamp)
+    has its a:N deleted; of those committed after it, only the few queued between the
+    commit and the boundary install records a moment later are rendered with a:{id}."""
+    env = stamped_env
+    env.sql(
+        "CREATE TABLE users (id int PRIMARY KEY, name text);"
+        "CREATE TABLE orders (id int PRIMARY KEY, user_id int NOT NULL);"
+        "INSERT INTO users VALUES (1, 'A');"
+        f"INSERT INTO orders SELECT g, 0 FROM generate_series(1, {ROWS}) g"
+    )
+    first = env.config({**USERS, "public.orders": ["a:{id}"]}, name="first.toml")
+    assert cli("install", "--config", first) == 0
+    r = env.redis()
+    r.mset({f"a:{i}": "cached" for i in range(1, ROWS + 1)})
+    r.set("user:1", "cached")
+    done: list[tuple[int, int]] = []
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def write(first_row: int, step: int) -> None:
+        try:
+            with env.connect() as conn:
+                for row in range(first_row, ROWS + 1, step):
+                    if stop.is_set():
+                        return
+                    (xid,) = conn.execute(
+                        "UPDATE orders SET user_id = 1 WHERE id = %s "
+                        "RETURNING pg_current_xact_id()::text::bigint",
+                        [row],
+                    ).fetchone() or (None,)
+                    assert xid is not None
+                    done.append((row, int(xid)))
+                    time.sleep(0.002)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(1 + n, 3), daemon=True) for n in range(3)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)
+    second = env.config({**USERS, "public.orders": ["b:{id}"]}, name="second.toml")
+    assert cli("install", "--config", second) == 0
+    time.sleep(0.5)
+    stop.set()
+    for thread in threads:
+        thread.join(10)
+    assert errors == []
+    env.sql("UPDATE users SET name = 'B' WHERE id = 1")
+    listener = spawn(second)
+    wait_until(lambda: r.exists("user:1") == 0, what="the listener caught up")
+    time.sleep(1)
+    stop_listener(listener)
+    with env.connect() as conn:
+        (installed,) = conn.execute(
+            "SELECT pg_xact_commit_timestamp(xmin) FROM cdc_invalidator.mapping_v1 "
+            "ORDER BY id DESC LIMIT 1"
+        ).fetchone() or (None,)
+        stamps = dict(
+            conn.execute(
+                "SELECT c.xid, pg_xact_commit_timestamp((c.xid %% 4294967296)::text::xid) "
+                "FROM unnest(%s::bigint[]) AS c(xid)",
+                [[xid for _row, xid in done]],
+            ).fetchall()
+        )
+    before = [row for row, xid in done if stamps[xid] < installed]
+    after = [row for row, xid in done if stamps[xid] > installed]
+    assert before
+    assert after
+    left = [row for row in before if r.exists(f"a:{row}")]
+    also_old = [row for row in after if not r.exists(f"a:{row}")]
+    print(
+        f"before {len(before)}, a:N left {len(left)}; after {len(after)}, a:N deleted {len(also_old)}"
+    )
+    assert left == []
+    assert len(also_old) <= len(after) // 10
