@@ -207,8 +207,7 @@ def test_changes_committed_while_install_replaces_templates_delete_their_keys(
     assert after
     left = [row for row in before if r.exists(f"a:{row}")]
     also_old = [row for row in after if not r.exists(f"a:{row}")]
-    print(
-        f"before {len(before)}, a:N left {len(left)}; after {len(after)}, a:N deleted {len(also_old)}"
-    )
+    print(f"before {len(before)}, a:N left {len(left)}", end="; ")
+    print(f"after {len(after)}, a:N deleted {len(also_old)}")
     assert left == []
     assert len(also_old) <= len(after) // 10
