@@ -965,3 +965,32 @@ def test_a_search_path_set_on_the_listeners_role_runs_none_of_its_functions_at_c
     stop(listener)
     assert env.scalar("SELECT count(*) FROM shady.ran") == 0
     assert dba.exists()
+
+
+@pytest.mark.parametrize("capture", ["trigger"])
+def test_the_least_privilege_listener_renders_templates_an_install_replaced(
+    env: Env, spawn: Spawn, listener_role: str
+) -> None:
+    """ghost installed with ghost:{id}, a change of it queued (no listener running),
+    install with ghost:{id} replaced by other:{id}: the listener, as the role
+    grant_listener made, is given the earlier templates (mapping_eras_v1(), not
+    PUBLIC's) and deletes ghost:7 as well as other:7."""
+    tables(env)
+    first = config(env, {**USERS, **GHOST}, name="dba.toml")
+    assert main(["install", "--config", str(first)]) == 0
+    grant(env, listener_role)
+    assert not env.scalar(
+        "SELECT has_function_privilege('public',"
+        " 'cdc_invalidator.mapping_eras_v1(text, jsonb)', 'EXECUTE')"
+    )
+    r = env.redis()
+    r.mset({"user:1": "-", "ghost:7": "-", "other:7": "-"})
+    env.sql("INSERT INTO ghost VALUES (7)")
+    replaced = {**USERS, "public.ghost": ["other:{id}"]}
+    assert main(["install", "--config", str(config(env, replaced, name="dba2.toml"))]) == 0
+    env.sql("UPDATE users SET name = 'z' WHERE id = 1")
+    listener = spawn(config(env, replaced, name="listener.toml", role=listener_role))
+    wait_until(lambda: r.exists("user:1", "other:7") == 0, what="the listener caught up")
+    wait_until(lambda: r.exists("ghost:7") == 0, what="ghost:7 deleted", timeout_s=2)
+    assert listener.logged("rendering_changes_of_earlier_mappings")
+    stop(listener)
