@@ -95,7 +95,7 @@ BEGIN
     -- install recorded: its changes committed before the install that stopped watching it
     -- are rendered with them (not PUBLIC's to call).
     EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.retired_table_v1(text) TO %s', listener);
-    EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.mapping_eras_v1(text, jsonb) TO %s', listener);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.mapping_eras_v1(text, jsonb, text) TO %s', listener);
     IF capture = 'trigger' THEN
         -- The server's lineage and run noted at each connect, a sweep queued on another
         -- one (note_server_v3(), SECURITY DEFINER: the only write to the queue it may make).
@@ -150,7 +150,7 @@ BEGIN
                        listener);
         EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.database_oid_v1() TO %s', listener);
         EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.retired_table_v1(text) TO %s', listener);
-        EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.mapping_eras_v1(text, jsonb) TO %s', listener);
+        EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.mapping_eras_v1(text, jsonb, text) TO %s', listener);
     END LOOP;
     FOR listener IN
         SELECT a.grantee::regrole
@@ -161,7 +161,7 @@ BEGIN
         EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.server_run_v1() TO %s', listener);
         EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.database_oid_v1() TO %s', listener);
         EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.retired_table_v1(text) TO %s', listener);
-        EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.mapping_eras_v1(text, jsonb) TO %s', listener);
+        EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.mapping_eras_v1(text, jsonb, text) TO %s', listener);
     END LOOP;
 END
 $carry_grants$;

@@ -541,23 +541,27 @@ AS $retired$
 $retired$;
 REVOKE EXECUTE ON FUNCTION cdc_invalidator.retired_table_v1(text) FROM PUBLIC;
 
--- Where each mapping's capture began (trigger mode): the queue id install's step after
--- its commit drew (record_boundary.sql). A row a writer queued with an earlier mapping's
--- capture function got its id before that: ids come from the queue's identity sequence,
--- and the function is replaced in install's transaction. No row: not recorded (an
--- install of an earlier release, or its step after the commit did not run). A table of
--- its own: mapping_v1's rows stay as their install wrote them (their xmin is that
+-- Where each mapping's capture began, drawn by install's step after its commit
+-- (record_boundary.sql): in trigger mode the queue's next id (a row a writer queued with
+-- an earlier mapping's capture function got its id before that: ids come from the
+-- queue's identity sequence, and the function is replaced in install's transaction); in
+-- logical mode the WAL insert position (a transaction committed before install's commit
+-- has its commit record before it). NULL or no row: not recorded (an install of an
+-- earlier release, of the other mode, or its step after the commit did not run). A table
+-- of its own: mapping_v1's rows stay as their install wrote them (their xmin is that
 -- install's transaction).
 CREATE TABLE IF NOT EXISTS cdc_invalidator.mapping_boundary_v1 (
     mapping  bigint PRIMARY KEY,  -- mapping_v1.id
-    boundary bigint NOT NULL
+    boundary bigint,              -- trigger mode: queue_v1.id
+    lsn      pg_lsn               -- logical mode
 );
 
--- mapping_eras_v1(fingerprint, tables): for the last installed mapping with that
+-- mapping_eras_v1(fingerprint, tables, capture): for the last installed mapping with that
 -- fingerprint (the listener's), each earlier mapping's entries for the tables both name
 -- that differ from this one's (other templates, or another redis_db), with the queue ids
--- its capture queued: "from" (its own boundary, NULL: from the start) up to "below" (the
--- boundary of the next mapping that recorded one). A row queued under such a mapping and
+-- its capture queued (`capture` 'logical': the WAL positions of the commits, in bytes):
+-- "from" (its own boundary, NULL: from the start) up to "below" (the boundary of the
+-- next mapping that recorded one). A row queued under such a mapping and
 -- read by a listener of a later one is rendered with that mapping's templates too:
 -- before, only with the new ones, and the old template's key stayed cached (a:1 left,
 -- b:1 deleted). A mapping never installed (the file edited, the listener restarted,
@@ -567,12 +571,15 @@ CREATE TABLE IF NOT EXISTS cdc_invalidator.mapping_boundary_v1 (
 -- mapping recorded no boundary (an earlier release's install), or no table's entry
 -- changed: nothing more to render. As its owner, not PUBLIC's (templates, as
 -- retired_table_v1()); a listener of an earlier release of revision 10 does not call it.
-CREATE OR REPLACE FUNCTION cdc_invalidator.mapping_eras_v1(fingerprint text, tables jsonb)
+CREATE OR REPLACE FUNCTION cdc_invalidator.mapping_eras_v1(
+    fingerprint text, tables jsonb, capture text)
 RETURNS jsonb
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $eras$
     WITH maps AS (
-        SELECT m.id, m.fingerprint, m.tables, b.boundary
+        SELECT m.id, m.fingerprint, m.tables,
+               CASE $3 WHEN 'logical' THEN (b.lsn - '0/0'::pg_lsn)::bigint
+                       ELSE b.boundary END AS boundary
         FROM cdc_invalidator.mapping_v1 m
         LEFT JOIN cdc_invalidator.mapping_boundary_v1 b ON b.mapping = m.id
     ), cur AS (
@@ -602,7 +609,7 @@ AS $eras$
     FROM earlier e
     WHERE e.tables IS NOT NULL AND (e.below IS NOT NULL OR e.pending)
 $eras$;
-REVOKE EXECUTE ON FUNCTION cdc_invalidator.mapping_eras_v1(text, jsonb) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION cdc_invalidator.mapping_eras_v1(text, jsonb, text) FROM PUBLIC;
 
 -- retired_tables_v1(): every table an installed mapping named (not from before a mapping
 -- that recorded no templates, as retired_table_v1()). Logical mode's listener sweeps

@@ -967,7 +967,6 @@ def test_a_search_path_set_on_the_listeners_role_runs_none_of_its_functions_at_c
     assert dba.exists()
 
 
-@pytest.mark.parametrize("capture", ["trigger"])
 def test_the_least_privilege_listener_renders_templates_an_install_replaced(
     env: Env, spawn: Spawn, listener_role: str
 ) -> None:
@@ -981,7 +980,7 @@ def test_the_least_privilege_listener_renders_templates_an_install_replaced(
     grant(env, listener_role)
     assert not env.scalar(
         "SELECT has_function_privilege('public',"
-        " 'cdc_invalidator.mapping_eras_v1(text, jsonb)', 'EXECUTE')"
+        " 'cdc_invalidator.mapping_eras_v1(text, jsonb, text)', 'EXECUTE')"
     )
     r = env.redis()
     r.mset({"user:1": "-", "ghost:7": "-", "other:7": "-"})

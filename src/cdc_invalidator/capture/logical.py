@@ -62,6 +62,7 @@ from cdc_invalidator.capture.streamed import Chunk, Dead, Prefetch, StreamedTxn,
 from cdc_invalidator.capture.trigger_sql import (
     NO_STAMP,
     MappingStamp,
+    mapping_eras_of,
     require_current_mapping,
 )
 from cdc_invalidator.capture.visibility import Complete, Visibility
@@ -72,7 +73,7 @@ from cdc_invalidator.capture.walstream import (
 )
 from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, Origin, StandInKind, TableName
 from cdc_invalidator.mapping.columns import ColumnFilter
-from cdc_invalidator.mapping.mapper import Mapper, RetiredLookup, Routed, merge
+from cdc_invalidator.mapping.mapper import Era, Invalidation, Mapper, RetiredLookup, Routed, merge
 from cdc_invalidator.pg.queries import Q
 
 log = structlog.get_logger("cdc_invalidator.capture.logical")
@@ -293,6 +294,12 @@ class LogicalStream:
             base_types=relations.bases,
         )
         self._resync = resync
+        # The templates earlier mappings gave tables this one renders otherwise, with the
+        # commit positions captured under each (trigger_sql.mapping_eras_of): empty,
+        # nothing more is done.
+        self._eras: list[Era] = (
+            mapping_eras_of(side, config.mapping, "logical") if config.mapper is not None else []
+        )
         # The resync batch read past, its sweep still running: owed until released.
         self._resync_held: tuple[Hold, int, str | None] | None = None
         # Batches read past whose sweeps are not done: the slot is told nothing past the
@@ -592,6 +599,8 @@ class LogicalStream:
         if self._in_txn is not None:
             self._map_gathered(batch)  # (the rest of the transaction comes in later batches)
             self._txn_events += size - txn_from
+        if self._eras and events:
+            self._add_eras(batch)
         batch.size = size
         batch.visible_at = self._visible_at(transactions)
         return batch
@@ -610,6 +619,8 @@ class LogicalStream:
         if not packs:
             return
         mapper = cast(Mapper, self._config.mapper)  # (set: _gather_from)
+        if self._eras:
+            self._add_era_packs(packs, batch.premapped)
         mapped, back = map_packs(mapper, packs, batch.premapped)
         if back:  # (the runner maps them, or dead-letters them, and their history is events')
             batch.events += back
@@ -619,6 +630,44 @@ class LogicalStream:
             batch.history.append(
                 encode_history([], packs=mapped, transaction=cast(Transaction, self._in_txn))
             )
+
+    def _add_eras(self, batch: LogicalBatch) -> None:
+        """The keys of the batch's events committed under an earlier mapping (commit
+        position below the listener's mapping's boundary) of tables it rendered
+        otherwise, with its templates, added to the batch's premapped keys: an install
+        replaced `a:{id}` by `b:{id}` while they waited in the slot, and `a:1` was the
+        app's key when the change committed (before, only `b:1` was deleted)."""
+        starts = [t[0] for t in batch.transactions]
+        commits = [t[2] for t in batch.transactions]
+        if not starts:
+            return
+        for era in self._eras:
+            below = era.below if era.below is not None else 1 << 64
+            start = era.start or 0
+            tables = era.tables
+            theirs = []
+            for event in batch.events:
+                if event.table not in tables:
+                    continue
+                i = bisect.bisect_right(starts, event.position) - 1
+                if i >= 0 and start <= commits[i] < below:
+                    theirs.append(event)
+            if theirs:
+                _merge_keys(batch.premapped, era.mapper.map_all(theirs)[0])
+
+    def _add_era_packs(self, packs: list[ColumnPack], into: Routed) -> None:
+        """_add_eras() for the open transaction's changes gathered column-wise."""
+        commit = cast("tuple[int, int, int]", self._in_txn)[1]
+        for era in self._eras:
+            below = era.below if era.below is not None else 1 << 64
+            if not (era.start or 0) <= commit < below:
+                continue
+            routed: Routed = {}
+            for column_pack in packs:
+                one = column_pack.as_pack()
+                if one.table in era.tables and not era.mapper.map_pack(one, routed):
+                    _merge_keys(routed, era.mapper.map_all(column_pack.events())[0])
+            _merge_keys(into, routed)
 
     # --- streamed transactions ------------------------------------------------------------
 
@@ -1035,3 +1084,14 @@ class LogicalStream:
                 }
             )
         self._side.cursor().executemany(Q.LOGICAL_DEAD_LETTER.sql, rows)
+
+
+def _merge_keys(into: Routed, other: Routed) -> None:
+    """`other`'s keys and patterns added to `into` (an earlier mapping's: its stand-ins
+    are the listener's mapping's already)."""
+    for db, work in other.items():
+        target = into.get(db)
+        if target is None:
+            target = into[db] = Invalidation()
+        target.keys.update(work.keys)
+        target.patterns.update(work.patterns)

@@ -52,11 +52,13 @@ from cdc_invalidator.capture.trigger_sql import (
     CHANNEL,
     NO_STAMP,
     MappingStamp,
+    log_eras,
+    mapping_eras_of,
     require_current_mapping,
     require_installed,
 )
 from cdc_invalidator.events import ChangeEvent, Origin, TableName
-from cdc_invalidator.mapping.mapper import Era, Invalidation, Mapper, Routed, mapping_eras
+from cdc_invalidator.mapping.mapper import Era, Invalidation, Mapper, Routed
 from cdc_invalidator.pg import raw_text
 from cdc_invalidator.pg.connect import LISTENER, PgConnector
 from cdc_invalidator.pg.queries import Q
@@ -561,7 +563,9 @@ class TriggerCapture:
             self._progress = saved
         self._server_started = started
         try:
-            eras = _eras(conn, self._mapping) if self._mapper is not None else []
+            eras = (
+                mapping_eras_of(conn, self._mapping, "trigger") if self._mapper is not None else []
+            )
         except BaseException:
             conn.close()
             raise
@@ -738,9 +742,9 @@ class TriggerQueue:
         the installed mapping's), asked again every ERAS_ASK_EVERY_S: once `install` recorded
         its boundary, the rows queued after it are rendered with this mapping only."""
         self._eras_asked_at = time.monotonic()
-        eras = _eras(self._conn, self._mapping, quiet=True)
+        eras = mapping_eras_of(self._conn, self._mapping, "trigger", quiet=True)
         if [e[:3] for e in eras] != [e[:3] for e in self._eras]:
-            _log_eras(eras)
+            log_eras(eras)
         self._set_eras(eras)
 
     def _add_eras(self, rows: Sequence[Sequence[Any]], into: Routed) -> None:
@@ -1071,41 +1075,6 @@ def _standby(conn: psycopg.Connection[Any]) -> Standby:
         f"{conn.info.parameter_status('application_name')!r}): if it is no listener of "
         "yours, no listener consumes the queue until it ends (SELECT pg_terminate_backend("
         f"{pid}))",
-    )
-
-
-def _eras(
-    conn: psycopg.Connection[Any], mapping: MappingStamp | None, *, quiet: bool = False
-) -> list[Era]:
-    """The earlier mappings' templates that this listener's mapping replaced, and the
-    queue ids captured under each (sql/schema.sql, mapping_eras_v1()); none where the
-    schema lacks the function (an earlier release's install). Logged unless `quiet`."""
-    if mapping is None:
-        return []
-    (known,) = conn.execute(Q.MAPPING_ERAS.sql).fetchone() or (None,)
-    if not known:
-        return []
-    row = conn.execute(
-        Q.MAPPING_ERAS_LIST.sql, {**mapping.params(), "record": mapping.record}
-    ).fetchone()
-    eras = mapping_eras(row[0] if row else None)
-    if eras and not quiet:
-        _log_eras(eras)
-    return eras
-
-
-def _log_eras(eras: list[Era]) -> None:
-    log.info(
-        "rendering_changes_of_earlier_mappings",
-        eras=[
-            {
-                "queue_ids": [e.start, e.below],
-                "tables": {
-                    str(t): [k.source for k in e.mapper.tables[t]] for t in sorted(e.tables)
-                },
-            }
-            for e in eras
-        ],
     )
 
 

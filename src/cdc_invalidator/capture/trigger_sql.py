@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+import structlog
 from psycopg import sql
 
 from cdc_invalidator.backoff import Backoff
@@ -15,8 +16,11 @@ from cdc_invalidator.capture.errors import SUPERSEDED, MappingSuperseded, NotIns
 from cdc_invalidator.events import TableName
 from cdc_invalidator.mapping import Mapper
 from cdc_invalidator.mapping.columns import ColumnFilter
+from cdc_invalidator.mapping.mapper import Era, mapping_eras
 from cdc_invalidator.pg import versions
 from cdc_invalidator.pg.queries import Q
+
+log = structlog.get_logger()
 
 SCHEMA_VERSION = 1
 # Within the version, what this release's install leaves in version 1's objects (see
@@ -303,3 +307,44 @@ def apply(
             time.sleep(delay)
         else:
             return
+
+
+def mapping_eras_of(
+    conn: psycopg.Connection[Any],
+    mapping: MappingStamp | None,
+    capture: str,
+    *,
+    quiet: bool = False,
+) -> list[Era]:
+    """The earlier mappings' templates that this listener's mapping replaced, and the
+    queue ids (`capture` "trigger") or commit positions ("logical") captured under each
+    (sql/schema.sql, mapping_eras_v1()); none where the schema lacks the function (an
+    earlier release's install) or it may not be executed. Logged unless `quiet`."""
+    if mapping is None:
+        return []
+    (known,) = conn.execute(Q.MAPPING_ERAS.sql).fetchone() or (None,)
+    if not known:
+        return []
+    row = conn.execute(
+        Q.MAPPING_ERAS_LIST.sql,
+        {**mapping.params(), "record": mapping.record, "capture": capture},
+    ).fetchone()
+    eras = mapping_eras(row[0] if row else None)
+    if eras and not quiet:
+        log_eras(eras)
+    return eras
+
+
+def log_eras(eras: list[Era]) -> None:
+    log.info(
+        "rendering_changes_of_earlier_mappings",
+        eras=[
+            {
+                "from_below": [e.start, e.below],
+                "tables": {
+                    str(t): [k.source for k in e.mapper.tables[t]] for t in sorted(e.tables)
+                },
+            }
+            for e in eras
+        ],
+    )

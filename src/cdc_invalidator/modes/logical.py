@@ -66,6 +66,12 @@ class LogicalMode:
         """The slot, created once the script has committed (PostgreSQL refuses to create
         one in a transaction that has written)."""
         s = self._settings
+        # First, right after the commit: where this mapping's capture begins (the WAL
+        # insert position: a change committed before it is rendered with the earlier
+        # mapping's templates too, where they differ: mapping_eras_v1()).
+        conn.execute(
+            Q.RECORD_BOUNDARY.sql, {"fingerprint": s.mapping_fingerprint(), "capture": "logical"}
+        )
         slot = s.slot_name
         tables = ", ".join(sorted(str(t) for t in s.mapper().tables))
         try:

@@ -65,7 +65,10 @@ class TriggerMode:
         # First, right after the commit that replaced the capture functions: where this
         # mapping's queue ids begin (a row queued below it is rendered with the earlier
         # mapping's templates too, where they differ: mapping_eras_v1()).
-        conn.execute(Q.RECORD_BOUNDARY.sql, {"fingerprint": self._settings.mapping_fingerprint()})
+        conn.execute(
+            Q.RECORD_BOUNDARY.sql,
+            {"fingerprint": self._settings.mapping_fingerprint(), "capture": "trigger"},
+        )
         tables = ", ".join(sorted(str(t) for t in self._settings.mapper().tables))
         done = f"installed cdc_invalidator v{trigger_sql.SCHEMA_VERSION}; watching {tables}"
         slot = self._settings.slot_name
