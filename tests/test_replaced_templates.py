@@ -125,26 +125,28 @@ def test_a_listener_started_on_the_edited_file_before_install_deletes_the_old_ke
 
 
 @pytest.fixture
-def stamped_env(tmp_path: Path) -> Iterator[Env]:
+def stamped_env(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Env]:
     """An Env on servers of its own whose PostgreSQL records commit timestamps."""
     pg = PostgresServer.create({**FAST_PG, "track_commit_timestamp": "on"})
     rd = RedisServer.create()
     with pg, rd:
-        yield from make_env(Servers(pg.dsn, rd.url, pg, rd), tmp_path, capture="trigger")
+        capture: str = request.getfixturevalue("capture")
+        yield from make_env(Servers(pg.dsn, rd.url, pg, rd), tmp_path, capture=capture)
 
 
 ROWS = 20_000  # more than the writers reach: each row changed at most once
 
 
-@pytest.mark.parametrize("capture", ["trigger"])
+@pytest.mark.parametrize("capture", ["trigger", "logical"])
 def test_changes_committed_while_install_replaces_templates_delete_their_keys(
     stamped_env: Env, spawn: Spawn
 ) -> None:
     """Writers change rows of orders (three threads, one row a transaction) while
     install replaces a:{id} by b:{id}, the listener stopped; then it starts on the new
     file. Every change committed before install's commit (by its commit timestamp)
-    has its a:N deleted; of those committed after it, only the few queued between the
-    commit and the boundary install records a moment later are rendered with a:{id}."""
+    has its a:N deleted; of those committed after it, only the few captured between
+    the commit and the boundary install records a moment later (a queue id, a WAL
+    position) are rendered with a:{id}."""
     env = stamped_env
     env.sql(
         "CREATE TABLE users (id int PRIMARY KEY, name text);"
