@@ -73,7 +73,7 @@ from cdc_invalidator.capture.walstream import (
 )
 from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, Origin, StandInKind, TableName
 from cdc_invalidator.mapping.columns import ColumnFilter
-from cdc_invalidator.mapping.mapper import Era, Invalidation, Mapper, RetiredLookup, Routed, merge
+from cdc_invalidator.mapping.mapper import Era, Mapper, RetiredLookup, Routed, merge
 from cdc_invalidator.pg.queries import Q
 
 log = structlog.get_logger("cdc_invalidator.capture.logical")
@@ -653,7 +653,7 @@ class LogicalStream:
                 if i >= 0 and start <= commits[i] < below:
                     theirs.append(event)
             if theirs:
-                _merge_keys(batch.premapped, era.mapper.map_all(theirs)[0])
+                merge(batch.premapped, era.mapper.map_all(theirs)[0], stand_ins=False)
 
     def _add_era_packs(self, packs: list[ColumnPack], into: Routed) -> None:
         """_add_eras() for the open transaction's changes gathered column-wise."""
@@ -666,8 +666,8 @@ class LogicalStream:
             for column_pack in packs:
                 one = column_pack.as_pack()
                 if one.table in era.tables and not era.mapper.map_pack(one, routed):
-                    _merge_keys(routed, era.mapper.map_all(column_pack.events())[0])
-            _merge_keys(into, routed)
+                    merge(routed, era.mapper.map_all(column_pack.events())[0], stand_ins=False)
+            merge(into, routed, stand_ins=False)
 
     # --- streamed transactions ------------------------------------------------------------
 
@@ -1084,14 +1084,3 @@ class LogicalStream:
                 }
             )
         self._side.cursor().executemany(Q.LOGICAL_DEAD_LETTER.sql, rows)
-
-
-def _merge_keys(into: Routed, other: Routed) -> None:
-    """`other`'s keys and patterns added to `into` (an earlier mapping's: its stand-ins
-    are the listener's mapping's already)."""
-    for db, work in other.items():
-        target = into.get(db)
-        if target is None:
-            target = into[db] = Invalidation()
-        target.keys.update(work.keys)
-        target.patterns.update(work.patterns)

@@ -58,7 +58,7 @@ from cdc_invalidator.capture.trigger_sql import (
     require_installed,
 )
 from cdc_invalidator.events import ChangeEvent, Origin, TableName
-from cdc_invalidator.mapping.mapper import Era, Invalidation, Mapper, Routed
+from cdc_invalidator.mapping.mapper import Era, Mapper, Routed, merge
 from cdc_invalidator.pg import raw_text
 from cdc_invalidator.pg.connect import LISTENER, PgConnector
 from cdc_invalidator.pg.queries import Q
@@ -771,13 +771,7 @@ class TriggerQueue:
             if not theirs:
                 continue
             events = self._decoder.queue_rows(theirs, at=3, count_at=9).events
-            routed, _failed = era.mapper.map_all(events)
-            for db, work in routed.items():
-                target = into.get(db)
-                if target is None:
-                    target = into[db] = Invalidation()
-                target.keys.update(work.keys)
-                target.patterns.update(work.patterns)
+            merge(into, era.mapper.map_all(events)[0], stand_ins=False)
 
     def _drop_uncommitted_early(self, snapshot: str, asked_at: float) -> None:
         """Changes deleted early before a read was asked for (at `asked_at`) whose

@@ -85,11 +85,16 @@ def unpack_keys(packed: PackedKeys) -> Sequence[str]:
     return packed.split(KEYS_SEP) if packed else ()
 
 
-def merge(into: Routed, other: Routed) -> None:
+def merge(into: Routed, other: Routed, *, stand_ins: bool = True) -> None:
+    """`other`'s keys and patterns added to `into`, and its stand-ins unless `stand_ins`
+    is False (an earlier mapping's rendering of changes the listener's mapping counts
+    already: Mapper._add_earlier, the captures' eras)."""
     for db, work in other.items():
         target = into.setdefault(db, Invalidation())
         target.keys.update(work.keys)
         target.patterns.update(work.patterns)
+        if not stand_ins:
+            continue
         # (a streamed transaction's stand-ins reach the runner this way: it counts and
         # logs their sweeps as it does a batch's own)
         for (table, kind), seen in work.stood_in.items():
@@ -303,11 +308,7 @@ class Mapper:
             if not theirs:
                 continue
             for mapper in mappers:
-                more, _failed = mapper.map_all(theirs)
-                for db, work in more.items():
-                    into = routed.setdefault(db, Invalidation())
-                    into.keys.update(work.keys)
-                    into.patterns.update(work.patterns)
+                merge(routed, mapper.map_all(theirs)[0], stand_ins=False)
 
     def map_pack(self, pack: Pack, into: Routed) -> bool:
         """The keys of a pack's changes (given column-wise), added to `into` under the
