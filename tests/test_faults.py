@@ -38,6 +38,7 @@ import pytest
 import redis
 
 from cdc_invalidator.capture.trigger_queue import SAVE_EVERY_S
+from cdc_invalidator.mapping.mapper import Routed
 from cdc_invalidator.settings import Settings
 from tests.support.config import RETRY_INITIAL_MS, RETRY_MAX_MS
 from tests.support.env import Env, pg_of, redis_of
@@ -510,7 +511,9 @@ def test_redis_down_when_listener_starts(own_env: Env, spawn: Spawn) -> None:
 # --- an event is acknowledged only after Redis deleted its keys ---------------------------
 
 
-def test_redis_refusing_writes_mid_drain_acknowledges_nothing(own_env: Env) -> None:
+def test_redis_refusing_writes_mid_drain_acknowledges_nothing(
+    own_env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Trigger mode drains one statement's packs (a thousand rows each) fast: enough of
     # them that Redis fails while most are still queued.
     n = 20_000 if own_env.logical else 100_000
@@ -521,12 +524,28 @@ def test_redis_refusing_writes_mid_drain_acknowledges_nothing(own_env: Env) -> N
 
     listener = ListenerThread.from_file(config)
     runner = listener.runner
+    # Once the listener made progress, its next delete waits until Redis refuses writes:
+    # Redis fails with most of the drain still to do, however fast the drain goes (a
+    # loaded run's listener had deleted every key before the test made Redis refuse).
+    hold, held_up, go_on = threading.Event(), threading.Event(), threading.Event()
+    delete_routed = listener.sink.delete_routed
+
+    def gated(works: Routed, later: bool = False) -> int:
+        if hold.is_set() and not go_on.is_set():
+            held_up.set()
+            go_on.wait(30)
+        return delete_routed(works, later)
+
+    monkeypatch.setattr(listener.sink, "delete_routed", gated)
     listener.start()
     try:
         wait_until(lambda: progressed(own_env, r, writes), what="the listener to make progress")
+        hold.set()
+        wait_until(held_up.is_set, what="the listener's next delete waiting")
         # A replica of a master that does not exist: keeps its data, answers every
         # UNLINK with READONLY. Redis fails in the middle of a batch, deterministically.
         r.replicaof("127.0.0.1", str(free_port()))
+        go_on.set()
         wait_until(lambda: runner.redis.failures >= 1, what="a batch failing on Redis")
         failing_since = time.monotonic()
         # What was acknowledged before Redis failed is saved within SAVE_EVERY_S (the
@@ -553,6 +572,7 @@ def test_redis_refusing_writes_mid_drain_acknowledges_nothing(own_env: Env) -> N
         assert runner.redis.available is True
         assert listener.alive()
     finally:
+        go_on.set()
         r.replicaof("NO", "ONE")
         listener.stop()
     assert runner.events_processed == n
