@@ -23,7 +23,9 @@ from typing import Any
 import psycopg
 import pytest
 
+from cdc_invalidator.capture.trigger_queue import SAVE_EVERY_S, SYNC_CHECK_S, TriggerCapture
 from cdc_invalidator.cli import main
+from cdc_invalidator.pg.connect import PgConnector
 from cdc_invalidator.pg.queries import Q
 from tests.support.config import write_config
 from tests.support.env import Env
@@ -385,3 +387,57 @@ def test_synchronous_standbys_configured_under_a_quiet_listener_are_noticed_with
         env.sql("ALTER SYSTEM RESET synchronous_standby_names")
         env.sql("SELECT pg_reload_conf()")
         listener.stop()
+
+
+def test_a_wake_up_read_with_the_standby_question_ends_the_wait(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A quiet listener asks whether synchronous standbys are configured (sync_standbys.sql)
+    before it waits, and once a second while it waits. A wake-up that reaches it while
+    it asks is read by psycopg with that query's answer, not off the idle socket: the
+    wait then slept on, watching a socket with nothing left on it, until its poll. So a
+    change committed between a starting listener's second read and its first question
+    kept its keys until the poll (a probe: 3 of 400 starts; the likely cause of
+    test_faults.py's restart test failing on a tmpfs), and, once a second, a change
+    committed while it asked did too.
+    Committed before the question is sent, its notification comes with the answer at
+    the latest."""
+    setup_users(env, rows=3)
+    pg = PgConnector(env.dsn, application_name="test-wakeup", connect_timeout_s=5)
+    queue = TriggerCapture(pg).connect()
+    try:
+        with queue.batch(100) as batch:  # the first read
+            assert batch.size == 0
+        queue.wait(5.0)  # returns once writers_seen.sql finds no writer left (at once)
+        assert queue._writers_poll_s is None
+        with queue.batch(100) as batch:  # the read after it: quiet, nothing to save
+            assert batch.size == 0
+        env.sql("UPDATE users SET email = 'woken@x' WHERE id = 1")
+        started = time.monotonic()
+        queue.wait(3 * SYNC_CHECK_S)
+        waited = time.monotonic() - started
+        assert waited < SYNC_CHECK_S / 2, f"the wake-up was left unread for {waited:.2f} s"
+        with queue.batch(100) as batch:
+            assert batch.size == 1
+
+        # Asked again while it waits (once a second): a change committed just before.
+        time.sleep(SAVE_EVERY_S)
+        queue.maintain()  # (its progress saved: no save due cuts the wait short)
+        committed: list[float] = []
+        ask = queue._synced
+
+        def commit_then_ask() -> bool:
+            if not committed and time.monotonic() - queue._sync_asked_at >= SYNC_CHECK_S:
+                env.sql("UPDATE users SET email = 'woken again@x' WHERE id = 2")
+                committed.append(time.monotonic())
+            return ask()
+
+        monkeypatch.setattr(queue, "_synced", commit_then_ask)
+        queue.wait(3 * SYNC_CHECK_S)
+        assert committed, "not asked again within the wait"
+        waited = time.monotonic() - committed[0]
+        assert waited < SYNC_CHECK_S / 2, f"the wake-up was left unread for {waited:.2f} s"
+        with queue.batch(100) as batch:
+            assert batch.size == 1
+    finally:
+        queue.close()

@@ -867,12 +867,20 @@ class TriggerQueue:
                 return  # the last ones ended: their rows are visible to the next read
             timeout_s = min(timeout_s, poll_s)
             self._writers_poll_s = min(poll_s * 2, WRITERS_POLL_MAX_S)
-        fds = [self._conn.fileno()] if wakeup_fd is None else [self._conn.fileno(), wakeup_fd]
         watching = self._writers_poll_s is None and self._wakeup.listening
         if watching and self._synced():
             # With synchronous standbys, commits send no wake-up: read for them.
             timeout_s = min(timeout_s, SYNC_READ_S)
             watching = False
+        if not self._woken:
+            # (Set: a wake-up came with one of those queries' answers, read by psycopg
+            # and handed to _notified: the socket holds nothing more to end a select.)
+            self._select(timeout_s, wakeup_fd, watching=watching)
+
+    def _select(self, timeout_s: float, wakeup_fd: int | None, *, watching: bool) -> None:
+        """wait()'s wait on the socket (and `wakeup_fd`): asking whether synchronous
+        standbys were configured meanwhile, once a second, while `watching`."""
+        fds = [self._conn.fileno()] if wakeup_fd is None else [self._conn.fileno(), wakeup_fd]
         deadline = time.monotonic() + timeout_s
         while True:
             if watching:
@@ -885,8 +893,11 @@ class TriggerQueue:
                 self._take_notifies()
             if readable or not watching or (timeout_s := deadline - time.monotonic()) <= 0:
                 return
-            if self._synced():
-                return  # set meanwhile: read now, then every SYNC_READ_S
+            if self._synced() or self._woken:
+                # Set meanwhile: read now, then every SYNC_READ_S. Or a wake-up came
+                # with the question's answer, read by psycopg, not off the socket: it
+                # was left unread until the poll (a review: a 15 s wait timed out).
+                return
 
     def _synced(self) -> bool:
         """Whether synchronous standbys are configured (asked every SYNC_CHECK_S)."""
