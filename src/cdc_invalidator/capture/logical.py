@@ -63,6 +63,7 @@ from cdc_invalidator.capture.trigger_sql import (
     NO_STAMP,
     MappingStamp,
     mapping_eras_of,
+    may_call,
     require_current_mapping,
 )
 from cdc_invalidator.capture.visibility import Complete, Visibility
@@ -993,8 +994,7 @@ class LogicalStream:
             # And each table an installed mapping named that neither does: one an
             # install stopped watching, whose changes committed before it may have been
             # lost with the slot too (before, its keys stayed cached).
-            (known,) = self._side.execute(Q.RETIRED_TABLES.sql).fetchone() or (None,)
-            if known:
+            if may_call(self._side, "cdc_invalidator.retired_tables_v1()"):
                 for (qualified,) in self._side.execute(Q.RETIRED_TABLES_LIST.sql).fetchall():
                     table = TableName.parse(qualified)
                     if table not in tables and mapper.renders(table):

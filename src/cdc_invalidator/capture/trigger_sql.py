@@ -309,6 +309,13 @@ def apply(
             return
 
 
+def may_call(conn: psycopg.Connection[Any], function: str) -> bool:
+    """Whether a function of ours (its signature) exists and this session may call it:
+    one that an earlier release's install of the same revision did not make."""
+    row = conn.execute(Q.MAY_CALL.sql, {"function": function}).fetchone()
+    return bool(row and row[0])
+
+
 def mapping_eras_of(
     conn: psycopg.Connection[Any],
     mapping: MappingStamp | None,
@@ -322,8 +329,7 @@ def mapping_eras_of(
     earlier release's install) or it may not be executed. Logged unless `quiet`."""
     if mapping is None:
         return []
-    (known,) = conn.execute(Q.MAPPING_ERAS.sql).fetchone() or (None,)
-    if not known:
+    if not may_call(conn, "cdc_invalidator.mapping_eras_v1(text, jsonb, text)"):
         return []
     row = conn.execute(
         Q.MAPPING_ERAS_LIST.sql,

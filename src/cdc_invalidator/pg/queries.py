@@ -63,9 +63,8 @@ class Q(enum.Enum):
     REMOVED_UNRECORDED = "removed_unrecorded.sql"
     RETIRED_TABLE = "retired_table.sql"  # a table the listener's configuration lacks
     RETIRED_ANCESTORS = "retired_ancestors.sql"  # by name: a partition's tables, for that
-    RETIRED_TABLES = "retired_tables.sql"  # whether retired_tables_v1() is installed
     RETIRED_TABLES_LIST = "retired_tables_list.sql"  # every table a mapping named: resync
-    MAPPING_ERAS = "mapping_eras.sql"  # whether mapping_eras_v1() is installed
+    MAY_CALL = "may_call.sql"  # a function of ours an earlier install may lack
     MAPPING_ERAS_LIST = "mapping_eras_list.sql"  # templates an install replaced, by queue id
 
     # --- trigger mode: the listener --------------------------------------------------------
