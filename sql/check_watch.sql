@@ -241,7 +241,9 @@ SELECT
         JOIN pg_trigger tg ON tg.tgrelid = r.rel AND tg.tgname = 'cdc_invalidator_part_v1'
         WHERE r.relkind = 'p' AND tg.tgenabled <> 'A'
         ORDER BY 1) AS trigger_problems,
-    (SELECT strpos(p.prosrc, 'pg_notify(''cdc_invalidator_v1'', CASE WHEN octet_length') > 0
+    -- (an earlier release's install sent the payload on the wake-up's channel)
+    (SELECT strpos(p.prosrc, 'coalesce(cdc_invalidator.notify_row_v1(e.p), true)') > 0
+            OR strpos(p.prosrc, 'pg_notify(''cdc_invalidator_v1'', CASE WHEN octet_length') > 0
      FROM pg_proc p
      WHERE p.oid = to_regprocedure(
          'cdc_invalidator.' || quote_ident('capture_' || w.relid::oid || '_v1') || '()'))
@@ -268,5 +270,12 @@ SELECT
         JOIN pg_class pc ON pc.oid = i.inhparent JOIN pg_namespace pn ON pn.oid = pc.relnamespace
         WHERE i.inhparent <> w.relid AND i.inhparent NOT IN (SELECT x.rel FROM heirs x)
           AND NOT EXISTS (SELECT FROM cdc_invalidator.watched_v1 x WHERE x.relid::oid = i.inhparent)
-        ORDER BY 1) AS shared_children
+        ORDER BY 1) AS shared_children,
+    -- It sends its payload on the wake-up's channel, where any role may LISTEN (an
+    -- earlier release's install).
+    (SELECT strpos(p.prosrc, 'pg_notify(''cdc_invalidator_v1'', CASE WHEN octet_length') > 0
+     FROM pg_proc p
+     WHERE p.oid = to_regprocedure(
+         'cdc_invalidator.' || quote_ident('capture_' || w.relid::oid || '_v1') || '()'))
+        AS payload_on_wake_up
 FROM w

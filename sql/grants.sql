@@ -97,6 +97,8 @@ BEGIN
     EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.retired_table_v1(text) TO %s', listener);
     EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.mapping_eras_v1(text, jsonb, text) TO %s', listener);
     IF capture = 'trigger' THEN
+        -- LISTEN on the NOTIFY payloads' channel, whose name it never learns.
+        EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.listen_v1() TO %s', listener);
         -- The server's lineage and run noted at each connect, a sweep queued on another
         -- one (note_server_v3(), SECURITY DEFINER: the only write to the queue it may make).
         EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.note_server_v3(boolean, text, boolean) TO %s',
@@ -104,6 +106,7 @@ BEGIN
     ELSE
         EXECUTE format('REVOKE EXECUTE ON FUNCTION cdc_invalidator.note_server_v3(boolean, text, boolean) FROM %s',
                        listener);
+        EXECUTE format('REVOKE EXECUTE ON FUNCTION cdc_invalidator.listen_v1() FROM %s', listener);
     END IF;
 
     IF NOT has_database_privilege(listener, current_database(), 'CONNECT') THEN
@@ -133,7 +136,8 @@ REVOKE ALL ON FUNCTION cdc_invalidator.grant_listener(regrole, text) FROM PUBLIC
 -- database_oid_v1() (revision 9), which the logical listener and `check` call, to both:
 -- PUBLIC may call it, unless the installing role's default privileges revoke that (a
 -- review: a logical listener granted by revision 8 then failed on it), and
--- retired_table_v1() (revision 10), likewise. Nothing else changes.
+-- retired_table_v1() (revision 10), likewise; and listen_v1() (revision 10, not
+-- PUBLIC's), to the roles granted trigger mode. Nothing else changes.
 DO $carry_grants$
 DECLARE
     listener regrole;
@@ -148,6 +152,7 @@ BEGIN
                        listener);
         EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.note_server_v3(boolean, text, boolean) TO %s',
                        listener);
+        EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.listen_v1() TO %s', listener);
         EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.database_oid_v1() TO %s', listener);
         EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.retired_table_v1(text) TO %s', listener);
         EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.mapping_eras_v1(text, jsonb, text) TO %s', listener);

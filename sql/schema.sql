@@ -865,11 +865,60 @@ BEGIN
 END
 $judged_packed$;
 
+-- The channel the NOTIFY payloads go on (queue_early_v1), a name drawn at random by
+-- the first install and kept here, where only the installing role reads it: LISTEN needs
+-- no privilege, so on a channel whose name anyone can know (the wake-up's,
+-- cdc_invalidator_v1) every role that can connect would read the key columns of every
+-- one-row change, whatever it may SELECT. Capture functions send through
+-- notify_row_v1() and the listener LISTENs through listen_v1(): neither shows the name
+-- (no function body holds it, and pg_stat_activity shows the listener's call, not a
+-- LISTEN statement). 122 random bits (gen_random_uuid(): pg_strong_random()).
+CREATE TABLE IF NOT EXISTS cdc_invalidator.payload_channel_v1 (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    channel   text NOT NULL
+);
+REVOKE ALL ON TABLE cdc_invalidator.payload_channel_v1 FROM PUBLIC;
+INSERT INTO cdc_invalidator.payload_channel_v1 (channel)
+VALUES ('cdc_invalidator_' || replace(gen_random_uuid()::text, '-', ''))
+ON CONFLICT (singleton) DO NOTHING;
+
+-- notify_row_v1(payload): a capture function's NOTIFY of its row, on the payload
+-- channel; true. Granted by watch() to the watched tables' owners, whose capture
+-- functions call it (so they may send payloads of their own too, which the listener
+-- trusts no more than any: capture/early.py); not to PUBLIC. PL/pgSQL, returning true
+-- whatever happens: it is called in the queue INSERT's row filter, which must pass (a
+-- SQL function returning void gives NULL there: the row was not queued). Without the
+-- channel's row it sends nothing: the queue read has the row all the same.
+CREATE OR REPLACE FUNCTION cdc_invalidator.notify_row_v1(payload text)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $notify_row$
+BEGIN
+    PERFORM pg_notify(c.channel, payload) FROM cdc_invalidator.payload_channel_v1 c;
+    RETURN true;
+END
+$notify_row$;
+REVOKE ALL ON FUNCTION cdc_invalidator.notify_row_v1(text) FROM PUBLIC;
+
+-- listen_v1(): LISTEN on the wake-up's channel and the payload channel, for the
+-- listener (granted by grant_listener), which reads the payloads only from there.
+CREATE OR REPLACE FUNCTION cdc_invalidator.listen_v1()
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $listen$
+BEGIN
+    LISTEN cdc_invalidator_v1;
+    EXECUTE format('LISTEN %I', (SELECT channel FROM cdc_invalidator.payload_channel_v1));
+END
+$listen$;
+REVOKE ALL ON FUNCTION cdc_invalidator.listen_v1() FROM PUBLIC;
+
 -- queue_early_v1(statement, head): `statement` (queue_statement_v1's INSERT, DELETE or
 -- UPDATE ONE, or the UPDATE of queue_judged_update_v1) for a statement that changed
--- one row, whose queue row also goes to the listener in the NOTIFY payload: `head` ||
--- xid, the writer's now() and [[op, old_row, new_row]] || '}' (see watch()), or the
--- empty wake-up when that is 8000 bytes or more (NOTIFY's limit). The listener deletes
+-- one row, whose queue row also goes to the listener in the NOTIFY payload, on the
+-- payload channel (notify_row_v1()): `head` || xid, the writer's now() and [[op,
+-- old_row, new_row]] || '}' (see watch()), or the empty wake-up on the wake-up's channel
+-- when that is 8000 bytes or more (NOTIFY's limit). The listener deletes
 -- its keys at once, before it reads the queue (which still acknowledges the row, and
 -- knows it by its transaction, its writer's backend, queued as pid, and its content).
 -- Sent from the INSERT's own row filter, which always passes: the row is built once,
@@ -898,8 +947,8 @@ BEGIN
         '|| '',"r":['' || json_build_array(s.op, %4$s, %5$s)::text || '']}'' AS p) e '
         'WHERE CASE WHEN current_setting(''cdc_invalidator.notify'', true) = ''off'' THEN true '
         'WHEN NOT %6$s THEN true '
-        'ELSE pg_notify(''cdc_invalidator_v1'', '
-        'CASE WHEN octet_length(e.p) < 8000 THEN e.p ELSE '''' END)::text = '''' END',
+        'WHEN octet_length(e.p) < 8000 THEN coalesce(cdc_invalidator.notify_row_v1(e.p), true) '
+        'ELSE pg_notify(''cdc_invalidator_v1'', '''')::text = '''' END',
         parts[1], parts[2], head,
         CASE WHEN parts[1] LIKE '%old_row%' THEN 's.old_row' ELSE 'NULL' END,
         CASE WHEN parts[1] LIKE '%new_row%' THEN 's.new_row' ELSE 'NULL' END,
@@ -1916,6 +1965,7 @@ BEGIN
     EXECUTE format('GRANT USAGE ON SCHEMA cdc_invalidator TO %s', owner);
     EXECUTE format('GRANT INSERT (schema_name, table_name, op, old_row, new_row, rows, pid) '
                    'ON TABLE cdc_invalidator.queue_v1 TO %s', owner);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.notify_row_v1(text) TO %s', owner);
 
     -- The table, and for a partitioned table every partition too, for a plain table its
     -- inheritance children (heirs_v1(): those not watched on their own): statement
@@ -2041,8 +2091,8 @@ BEGIN
         EXECUTE format('DROP TRIGGER %I ON %s', t.tgname, t.rel);
     END LOOP;
     -- The triggers share one function, found by name (a table that was dropped took its
-    -- triggers along). Its owner (the table's) keeps its INSERT on the queue only while
-    -- it owns another table's capture function.
+    -- triggers along). Its owner (the table's) keeps its INSERT on the queue, and the
+    -- payload's notify_row_v1(), only while it owns another table's capture function.
     IF fn IS NOT NULL THEN
         SELECT p.proowner INTO owner FROM pg_proc p WHERE p.oid = fn;
         EXECUTE format('DROP FUNCTION %s', fn);
@@ -2053,6 +2103,7 @@ BEGIN
                  AND p.proname LIKE 'capture\_%\_v1') THEN
             EXECUTE format('REVOKE INSERT (schema_name, table_name, op, old_row, new_row, rows, pid) '
                            'ON TABLE cdc_invalidator.queue_v1 FROM %s', owner);
+            EXECUTE format('REVOKE EXECUTE ON FUNCTION cdc_invalidator.notify_row_v1(text) FROM %s', owner);
         END IF;
     END IF;
     -- Whoever owned a partitioned table whose row trigger went keeps the grant it

@@ -1,13 +1,14 @@
 """Trigger mode's NOTIFY-payload fast path, on real PostgreSQL and Redis.
 
-With `notify_payload = true` (off by default: any role that can connect may LISTEN), a
-statement that changed one row hands its queue row to the listener in the NOTIFY
-payload; the listener deletes its keys at once (an early batch) and the queue read that
-follows acknowledges it without deleting them again. A statement of several rows (queued
-in packs) sends the plain wake-up. These tests look at both ends: the payload a separate
-LISTEN connection receives, and the batches the runner hands its tap (which sees early
-batches too; an early batch's positions are its own, a queue batch's are queue ids), and
-count the UNLINKs Redis ran.
+With `notify_payload = true`, a statement that changed one row hands its queue row to
+the listener in the NOTIFY payload, on a channel whose name only the installing role
+may read (the empty wake-up's, which anyone may LISTEN on, carries none); the listener
+deletes its keys at once (an early batch) and the queue read that follows acknowledges
+it without deleting them again. A statement of several rows (queued in packs) sends the
+plain wake-up. These tests look at both ends: the payload a separate LISTEN connection
+receives, and the batches the runner hands its tap (which sees early batches too; an
+early batch's positions are its own, a queue batch's are queue ids), and count the
+UNLINKs Redis ran.
 """
 
 from __future__ import annotations
@@ -43,10 +44,13 @@ from cdc_invalidator.runner import Batch, Runner, RunnerConfig, Source
 from cdc_invalidator.shutdown import Stopper
 from tests.support.env import Env
 from tests.support.faults import (
+    NOTIFY_ROW,
     cache,
     forged_payload,
     insert_users,
     keys_of,
+    listener_quiet,
+    payload_channel,
     queue_count,
     setup_users,
     update_without_notify,
@@ -108,9 +112,11 @@ def listener_with_tap(env: Env, config: Path) -> Iterator[tuple[ListenerThread, 
 
 @contextmanager
 def notifications(env: Env) -> Iterator[psycopg.Connection[Any]]:
-    """A connection of its own LISTENing on the channel the capture functions notify."""
+    """A connection of its own LISTENing on the channels the capture functions notify:
+    the wake-up's and the payloads'."""
     with env.connect() as conn:
         conn.execute(f"LISTEN {CHANNEL}")
+        conn.execute(f'LISTEN "{payload_channel(env)}"')
         yield conn
 
 
@@ -123,6 +129,16 @@ def next_payloads(conn: psycopg.Connection[Any], n: int) -> list[str]:
 def next_payload(conn: psycopg.Connection[Any]) -> str:
     [payload] = next_payloads(conn, 1)
     return payload
+
+
+def until_marker(conn: psycopg.Connection[Any]) -> list[str]:
+    """The payloads `conn` hears before a notification whose payload is 'marker'."""
+    payloads: list[str] = []
+    for notify in conn.notifies(timeout=10):
+        if notify.payload == "marker":
+            return payloads
+        payloads.append(notify.payload)
+    raise AssertionError(f"no marker within 10 s, only {payloads}")
 
 
 def unlinks(r: redis.Redis) -> int:
@@ -285,9 +301,10 @@ def test_a_payload_too_large_for_notify_falls_back_to_the_wakeup(env: Env) -> No
 
 
 def test_a_payload_another_backend_sent_never_stands_for_the_writers_row(env: Env) -> None:
-    """Any role may NOTIFY on the channel. A payload naming a transaction still open (its
-    xid is in pg_locks) and its row has that row's keys deleted before the commit, when a
-    reader may cache the old row again: the writer's row must still be deleted when the
+    """A watched table's owner may send payloads (its capture functions do, through
+    notify_row_v1()). A payload naming a transaction still open (its xid is in pg_locks)
+    and its row has that row's keys deleted before the commit, when a reader may cache
+    the old row again: the writer's row must still be deleted when the
     queue read gets it, since the payload did not come from the writer's backend. (The
     writer's own payload is not sent here, as when it is dropped; with it, its delete
     after the commit would hide the loss.)"""
@@ -296,7 +313,7 @@ def test_a_payload_another_backend_sent_never_stands_for_the_writers_row(env: En
     with listener_with_tap(env, config) as (_listener, tap), env.connect() as writer:
         cache(r, [4])
         xid = update_without_notify(writer, 4)
-        env.sql("SELECT pg_notify(%s, %s)", [CHANNEL, forged_payload(xid, 4)])
+        env.sql(NOTIFY_ROW, [forged_payload(xid, 4)])
         wait_until(tap.early_ids, what="the forged payload's early delete")
         assert not any(r.exists(k) for k in keys_of(4))
         cache(r, [4])  # a reader refills the cache from the row as it was
@@ -304,12 +321,13 @@ def test_a_payload_another_backend_sent_never_stands_for_the_writers_row(env: En
         wait_until(lambda: settled(env, r, [4]), what="the writer's row deleted, once visible")
 
 
-def test_without_the_payload_a_notify_with_one_deletes_nothing(env: Env) -> None:
-    """notify_payload off (the default): any role that can connect may still NOTIFY on
-    the channel with a payload, which the listener deleted early all the same (the
-    review deleted a table's keys on demand). It reads no payload then: the queue is all
-    it deletes from."""
-    config = setup_users(env, rows=4, second_delete_ms=0)
+@pytest.mark.parametrize("notify_payload", [False, True], ids=["payload-off", "payload-on"])
+def test_a_payload_on_the_wake_up_channel_deletes_nothing(env: Env, notify_payload: bool) -> None:
+    """Any role that can connect may NOTIFY on the wake-up's channel, with a payload,
+    which the listener once deleted early (a review deleted a table's keys on demand).
+    It only wakes it: payloads count from their own channel, with notify_payload on;
+    off, the queue is all the listener deletes from."""
+    config = setup_users(env, rows=4, second_delete_ms=0, notify_payload=notify_payload)
     r = env.redis()
     with listener_with_tap(env, config) as (_listener, tap):
         cache(r, [3, 4])
@@ -317,7 +335,8 @@ def test_without_the_payload_a_notify_with_one_deletes_nothing(env: Env) -> None
         env.sql("SELECT pg_notify(%s, %s)", [CHANNEL, forged_payload(xid, 4)])
         write(env, "UPDATE users SET email = email WHERE id = 3", ids=range(3, 4))
         wait_until(lambda: settled(env, r, [3]), what="the real change's keys deleted")
-        assert tap.early_ids() == []
+        # (the real change's, with the payload on: its own, on the payloads' channel)
+        assert len(tap.early_ids()) == (1 if notify_payload else 0)
         assert all(r.exists(k) for k in keys_of(4))
 
 
@@ -365,38 +384,55 @@ def capture_function(env: Env) -> str:
     return text
 
 
-def test_the_payload_is_off_by_default_and_install_switches_it(env: Env) -> None:
-    """Off by default, a plain role that LISTENs (it needs no privilege for that) hears
-    only empty wake-ups, never a row; `install` with notify_payload = true compiles the
+def test_only_the_installing_role_hears_payloads_and_install_switches_them(env: Env) -> None:
+    """A plain role that LISTENs (it needs no privilege for that) on the wake-up's channel
+    hears only empty wake-ups, the payload on or off, and may neither read the payloads'
+    channel nor LISTEN on it through the listener's function; the installing role hears
+    the row there. Off by default; `install` with notify_payload = true compiles the
     payload in, and `install` without it takes it out again."""
     config = setup_users(env, rows=3)
     role = "plain_" + uuid.uuid4().hex[:8]  # no grant of any kind
     env.sql(f"CREATE ROLE {role} LOGIN")
     updates = iter(range(100))
 
-    def heard() -> str:
-        """What the plain role hears of one one-row UPDATE."""
-        with psycopg.connect(make_conninfo(env.dsn, user=role), autocommit=True) as conn:
-            conn.execute(f"LISTEN {CHANNEL}")
+    def heard() -> tuple[list[str], list[str]]:
+        """What the plain role and the installing role (on both channels) hear of one
+        one-row UPDATE, until a marker sent after it."""
+        with (
+            psycopg.connect(make_conninfo(env.dsn, user=role), autocommit=True) as plain,
+            notifications(env) as installer,
+        ):
+            plain.execute(f"LISTEN {CHANNEL}")
             env.sql(f"UPDATE users SET email = 'n{next(updates)}@x' WHERE id = 2")
-            return next_payload(conn)
+            env.sql("SELECT pg_notify(%s, 'marker')", [CHANNEL])
+            return until_marker(plain), until_marker(installer)
 
     try:
-        assert heard() == ""
-        assert "CASE WHEN octet_length" not in capture_function(env)
+        assert heard() == ([""], [""])
+        assert "notify_row_v1" not in capture_function(env)
 
         payload_on = config.read_text().replace("[tables.", "notify_payload = true\n[tables.", 1)
         config.write_text(payload_on)
         assert main(["install", "--config", str(config)]) == 0
-        assert "CASE WHEN octet_length" in capture_function(env)
-        payload = json.loads(heard())
+        assert "notify_row_v1" in capture_function(env)
+        plain, [installer] = heard()
+        assert plain == []
+        payload = json.loads(installer)
         assert payload["r"][0][0] == "U"
         assert payload["r"][0][2] == {"id": "2", "email": "n1@x"}
+        with psycopg.connect(make_conninfo(env.dsn, user=role), autocommit=True) as conn:
+            for statement in (
+                "SELECT channel FROM cdc_invalidator.payload_channel_v1",
+                "SELECT cdc_invalidator.listen_v1()",
+                "SELECT cdc_invalidator.notify_row_v1('{}')",
+            ):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    conn.execute(statement)
 
         config.write_text(payload_on.replace("notify_payload = true\n", ""))
         assert main(["install", "--config", str(config)]) == 0
-        assert "CASE WHEN octet_length" not in capture_function(env)
-        assert heard() == ""
+        assert "notify_row_v1" not in capture_function(env)
+        assert heard() == ([""], [""])
     finally:
         env.sql(f"DROP ROLE {role}")
 
@@ -447,17 +483,6 @@ MIGRATIONS = [
         id="renamed-table-delete",
     ),
 ]
-
-
-def listener_quiet(env: Env) -> bool:
-    """The wake-up's first lock free (schema.sql's wake_needed_v1()): the listener is
-    quiet, and a one-row write now sends its payload."""
-    return bool(
-        env.scalar(
-            "SELECT pg_try_advisory_lock_shared(hashtext('cdc_invalidator.queue_v1'), 1)"
-            " AND pg_advisory_unlock_shared(hashtext('cdc_invalidator.queue_v1'), 1)"
-        )
-    )
 
 
 @pytest.mark.parametrize(("ddl", "statement", "gone", "early"), MIGRATIONS)

@@ -23,10 +23,13 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
+from cdc_invalidator.capture.early import EarlyBatch
 from cdc_invalidator.cli import main
+from cdc_invalidator.runner import Batch
 from tests.support.config import write_config
 from tests.support.env import Env
-from tests.support.listener import ListenerProcess, Spawn, run_cli, stop_listener
+from tests.support.faults import listener_quiet
+from tests.support.listener import ListenerProcess, ListenerThread, Spawn, run_cli, stop_listener
 from tests.support.roles import login_role
 from tests.support.servers import free_port
 from tests.support.waits import wait_until
@@ -965,6 +968,56 @@ def test_a_search_path_set_on_the_listeners_role_runs_none_of_its_functions_at_c
     stop(listener)
     assert env.scalar("SELECT count(*) FROM shady.ran") == 0
     assert dba.exists()
+
+
+class EarlyTap:
+    """The runner's Tap: counts the early batches (NOTIFY payloads' changes, deleted
+    before the queue read)."""
+
+    def __init__(self) -> None:
+        self.early = 0
+
+    def after(self, batch: Batch) -> None:
+        if isinstance(batch, EarlyBatch):
+            self.early += 1
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("capture", ["trigger"])  # the NOTIFY payload is trigger mode's
+def test_the_least_privilege_listener_hears_the_payloads_on_a_channel_it_may_not_name(
+    env: Env, listener_role: str
+) -> None:
+    """notify_payload on: the listener, as the role grant_listener made, LISTENs on the
+    payloads' channel through listen_v1() and deletes a one-row change from its payload,
+    before the queue read; that role may not read the channel's name."""
+    tables(env)
+    dba = config(env, USERS, name="dba.toml", notify_payload=True)
+    assert main(["install", "--config", str(dba)]) == 0
+    grant(env, listener_role)
+    r = env.redis()
+    listener = ListenerThread.from_file(
+        config(env, USERS, name="listener.toml", role=listener_role, notify_payload=True)
+    )
+    tap = EarlyTap()
+    listener.runner._tap = tap  # the runner's own hook, as `tail` uses it
+    listener.start()
+    try:
+        wait_until(
+            lambda: listener.runner.active and listener_quiet(env), what="the listener quiet"
+        )
+        r.mset({"user:1": "-", "user:email:a@x": "1"})
+        env.sql("UPDATE users SET email = 'z@x' WHERE id = 1")
+        wait_until(lambda: r.exists("user:1", "user:email:a@x") == 0, what="the keys deleted")
+        assert tap.early == 1
+    finally:
+        listener.stop()
+    with (
+        psycopg.connect(as_role(env, listener_role)) as conn,
+        pytest.raises(psycopg.errors.InsufficientPrivilege),
+    ):
+        conn.execute("SELECT channel FROM cdc_invalidator.payload_channel_v1")
 
 
 def test_the_least_privilege_listener_renders_templates_an_install_replaced(

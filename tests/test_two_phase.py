@@ -18,6 +18,7 @@ from cdc_invalidator.cli import main
 from cdc_invalidator.pg.queries import Q
 from tests.support.env import Env, pg_of
 from tests.support.faults import (
+    NOTIFY_ROW,
     cache,
     forged_payload,
     keys_of,
@@ -134,7 +135,7 @@ def test_a_payload_sent_after_prepare_never_stands_for_the_prepared_row(
                 )
             wait_until(lambda: listener.runner.events_processed >= 100, what="the drain begun")
         # From the same backend, now free: delivered at once.
-        writer.execute("SELECT pg_notify('cdc_invalidator_v1', %s)", [forged_payload(xid, 1)])
+        writer.execute(NOTIFY_ROW, [forged_payload(xid, 1)])
         wait_until(lambda: not any(r.exists(k) for k in keys_of(1)), what="the early delete")
         cache(r, [1])  # a reader refills the cache from the row as it was
         wait_until(

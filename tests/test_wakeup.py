@@ -29,7 +29,7 @@ from cdc_invalidator.pg.connect import PgConnector
 from cdc_invalidator.pg.queries import Q
 from tests.support.config import write_config
 from tests.support.env import Env
-from tests.support.faults import cache, keys_of, queue_count, setup_users
+from tests.support.faults import cache, keys_of, payload_channel, queue_count, setup_users
 from tests.support.listener import ListenerThread, check
 from tests.support.roles import login_role
 from tests.support.waits import wait_until
@@ -251,6 +251,7 @@ def test_a_payload_is_sent_only_while_the_listener_is_quiet(env: Env) -> None:
         psycopg.connect(env.dsn) as writer,
     ):
         listening.execute(f"LISTEN {CHANNEL}")
+        listening.execute(f'LISTEN "{payload_channel(env)}"')
         assert holds(listener, Q.BUSY)
         writer.execute("UPDATE users SET email = 'a@x' WHERE id = 1")
         assert not holds(listener, Q.WRITERS_SEEN)  # found it busy: seen out after

@@ -270,6 +270,30 @@ def update_without_notify(writer: psycopg.Connection[Any], user_id: int) -> int:
     return int(found[0])
 
 
+# A NOTIFY on the payloads' channel, as a capture function sends one, and as the owner of
+# a watched table may (it may call notify_row_v1(); it may not read the channel's name).
+NOTIFY_ROW = "SELECT cdc_invalidator.notify_row_v1(%s)"
+
+
+def payload_channel(env: Env) -> str:
+    """The NOTIFY payloads' channel: its name only the installing role may read (the
+    tests' superuser)."""
+    channel = env.scalar("SELECT channel FROM cdc_invalidator.payload_channel_v1")
+    assert isinstance(channel, str)
+    return channel
+
+
+def listener_quiet(env: Env) -> bool:
+    """The wake-up's first lock free (schema.sql's wake_needed_v1()): the listener is
+    quiet, and a one-row write now sends its payload."""
+    return bool(
+        env.scalar(
+            "SELECT pg_try_advisory_lock_shared(hashtext('cdc_invalidator.queue_v1'), 1)"
+            " AND pg_advisory_unlock_shared(hashtext('cdc_invalidator.queue_v1'), 1)"
+        )
+    )
+
+
 def forged_payload(xid: int, user_id: int) -> str:
     """The NOTIFY payload a capture function would send for that UPDATE (users(id,
     email) as setup_users makes it), as another session can forge it."""

@@ -2,23 +2,27 @@
 
 A capture function that queued one row (a statement that changed one row; several go
 in packs, without this) also sends that row in its NOTIFY payload (sql/schema.sql,
-queue_early_v1). The listener maps and deletes it at once, as an EarlyBatch, instead of
-first reading the queue: one PostgreSQL round trip less between commit and delete. The
-queue stays the record: the read that follows acknowledges the row, and skips deleting
-its keys again when EarlyChanges knows it (same transaction, same content, sent by the
-backend that wrote it) as deleted, confirmed by Redis. Anything else (a payload that
-cannot be read, a change the mapper refuses or that needs a sweep, a delete that
-failed, an entry forgotten) is left to the queue read, which deletes as it always did:
-the fast path only ever adds deletes.
+queue_early_v1), on a channel whose name only the installing role may read: on the
+wake-up's, which anyone may LISTEN on, any role could read the key columns, and send
+payloads (those only wake the listener: TriggerQueue._note). The listener maps and
+deletes it at once, as an EarlyBatch, instead of first reading the queue: one
+PostgreSQL round trip less between commit and delete. The queue stays the record: the
+read that follows acknowledges the row, and skips deleting its keys again when
+EarlyChanges knows it (same transaction, same content, sent by the backend that wrote
+it) as deleted, confirmed by Redis. Anything else (a payload that cannot be read, a
+change the mapper refuses or that needs a sweep, a delete that failed, an entry
+forgotten) is left to the queue read, which deletes as it always did: the fast path
+only ever adds deletes.
 
-The sender counts because any role that can connect may NOTIFY on our channel, with any
-payload: one naming a transaction still open (its xid is in pg_locks) and that
-transaction's row would be deleted early, before the commit (a reader could cache the
-old row again right after), and the queue read would skip the row's real delete. So a
-payload counts for the skip only if its NOTIFY came from the backend that queued the row
-(queue_v1.pid, written with each row a payload is sent for; PostgreSQL gives every
-notification its sender's pid): a backend's NOTIFY in the writing transaction is
-delivered only once that committed, and no other backend has its pid while it runs.
+The sender counts because the owner of any watched table may send payloads on their
+channel (its capture functions do, through notify_row_v1()), with any content: one
+naming a transaction still open (its xid is in pg_locks) and that transaction's row
+would be deleted early, before the commit (a reader could cache the old row again right
+after), and the queue read would skip the row's real delete. So a payload counts for
+the skip only if its NOTIFY came from the backend that queued the row (queue_v1.pid,
+written with each row a payload is sent for; PostgreSQL gives every notification its
+sender's pid): a backend's NOTIFY in the writing transaction is delivered only once
+that committed, and no other backend has its pid while it runs.
 """
 
 from __future__ import annotations

@@ -50,10 +50,12 @@ from cdc_invalidator.capture.lineage import CrashSetting, after_crash, note_serv
 from cdc_invalidator.capture.rows import RowDecoder, pack_element, queue_id
 from cdc_invalidator.capture.trigger_sql import (
     CHANNEL,
+    LISTEN_PAYLOADS,
     NO_STAMP,
     MappingStamp,
     log_eras,
     mapping_eras_of,
+    may_call,
     require_current_mapping,
     require_installed,
 )
@@ -102,6 +104,8 @@ DRAIN_FOR_S = 0.5
 # queue read (a long outage with the payload on would otherwise keep every one in
 # memory; ours are 100-200 bytes, a foreign NOTIFY on the channel up to 8000).
 PAYLOAD_BYTES_KEPT = 4 << 20
+# As libpq names the channel of a notification.
+CHANNEL_BYTES = CHANNEL.encode()
 # A pack's dead letter names at most this many of its failed elements (and how many more).
 DEAD_ELEMENTS_NAMED = 10
 
@@ -510,9 +514,9 @@ class TriggerCapture:
         # And on one that came up from a crash since (capture/lineage.py).
         self._sweep_after_crash = sweep_after_crash
         self._lineage: str | None = None  # the server's, as the last connection saw it
-        # notify_payload: NOTIFY payloads are deleted early. Off, they are not read: any
-        # role that can connect may NOTIFY on our channel, and its payloads would delete
-        # any configured table's keys on demand.
+        # notify_payload: NOTIFY payloads are deleted early. Off, they are not read: the
+        # tables' owners may send payloads (notify_row_v1()), which would delete any
+        # configured table's keys on demand.
         self._payloads = payloads
         # The mapping's fingerprint (Settings.mapping_fingerprint): a later install's
         # stops this listener, at connect and at each save. None: never asked.
@@ -527,7 +531,7 @@ class TriggerCapture:
     def connect(self) -> TriggerQueue:
         conn = self._pg.connect(LISTENER)
         try:
-            saved, started = _prepare(conn, self._mapping)
+            saved, started, payload_channel = _prepare(conn, self._mapping)
             # (before the first read: a sweep it queues is in the next window)
             seen = self._lineage
             crash = after_crash(conn, self._sweep_after_crash)
@@ -577,6 +581,7 @@ class TriggerCapture:
             self._mapper,
             mapping=self._mapping,
             payloads=self._payloads,
+            payload_channel=payload_channel,
             eras=eras,
         )
 
@@ -592,6 +597,7 @@ class TriggerQueue:
         *,
         mapping: MappingStamp | None = None,
         payloads: bool = False,
+        payload_channel: bool = False,
         eras: list[Era] | None = None,
     ) -> None:
         self._conn = conn
@@ -603,6 +609,11 @@ class TriggerQueue:
         self._set_eras(eras or [])
         self._mapper = mapper
         self._read_payloads = payloads  # (TriggerCapture's `payloads`)
+        # LISTENing on the payloads' own channel too (_prepare): payloads count only from
+        # there, and one on CHANNEL (which anyone may send) only wakes. False: an earlier
+        # install's capture functions, which sent them on CHANNEL.
+        self._payload_channel = payload_channel
+        self._listen_sql = Q.LISTEN_PAYLOADS.sql if payload_channel else f"LISTEN {CHANNEL}"
         self._mapping = mapping
         self._progress = progress
         self._prune_every_s = prune_every_s
@@ -920,25 +931,31 @@ class TriggerQueue:
         with self._conn.lock:  # the read-ahead thread may use the connection
             pgconn.consume_input()
             while (notify := pgconn.notifies()) is not None:
-                self._note(notify.be_pid, notify.extra)  # JSON: orjson reads the bytes
+                self._note(notify)
 
     def _notified(self, notify: pq.PGnotify) -> None:
         """A notification psycopg read with a query's results."""
-        self._note(notify.be_pid, notify.extra)
+        self._note(notify)
 
-    def _note(self, pid: int, payload: str | bytes) -> None:
+    def _note(self, notify: pq.PGnotify) -> None:
         """A wake-up, and its payload (a one-row statement's row) if it has one, with
         the backend that sent it."""
         self._woken = True
-        if payload and self._read_payloads and self._payload_bytes < PAYLOAD_BYTES_KEPT:
-            self._payloads.append((pid, payload))
+        payload = notify.extra  # JSON: orjson reads the bytes
+        if (
+            payload
+            and self._read_payloads
+            and self._payload_bytes < PAYLOAD_BYTES_KEPT
+            and not (self._payload_channel and notify.relname == CHANNEL_BYTES)
+        ):
+            self._payloads.append((notify.be_pid, payload))
             self._payload_bytes += len(payload)
 
     def _listen(self, on: bool) -> None:
         """LISTEN (idle: woken per commit) or UNLISTEN (busy: the runner lingers, and
         capture functions stop sending wake-ups while we hold busy.sql's lock)."""
-        command = "LISTEN {}" if on else "UNLISTEN {}"
-        self._conn.execute(sql.SQL(command).format(sql.Identifier(CHANNEL)))
+        # (CHANNEL is a plain identifier)
+        self._conn.execute(self._listen_sql if on else "UNLISTEN *")
         if on:
             if self._busy:
                 # LISTEN first: a writer that finds the lock free from now on is heard.
@@ -1083,9 +1100,12 @@ def _standby(conn: psycopg.Connection[Any]) -> Standby:
     )
 
 
-def _prepare(conn: psycopg.Connection[Any], mapping: MappingStamp | None) -> tuple[Progress, str]:
-    """The progress saved, and this run of the server (progress_ahead.sql: when it
-    started, and when it last recovered from a crash)."""
+def _prepare(
+    conn: psycopg.Connection[Any], mapping: MappingStamp | None
+) -> tuple[Progress, str, bool]:
+    """The progress saved, this run of the server (progress_ahead.sql: when it started,
+    and when it last recovered from a crash), and whether the session LISTENs on the
+    payloads' channel too (an earlier install of this revision has none)."""
     # The session's settings (no fsync wait, no bitmap scans) are the LISTENER kind's.
     require_installed(conn)
     if mapping is not None:
@@ -1097,7 +1117,8 @@ def _prepare(conn: psycopg.Connection[Any], mapping: MappingStamp | None) -> tup
     # reads the queue): psycopg's own handler decodes them, which a SQL_ASCII database's
     # payload failed, and the query it came with (pg/raw_text.py).
     conn.pgconn.notify_handler = None
-    conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
+    payload_channel = may_call(conn, LISTEN_PAYLOADS)
+    conn.execute(Q.LISTEN_PAYLOADS.sql if payload_channel else f"LISTEN {CHANNEL}")
     row = conn.execute(Q.LOAD_PROGRESS.sql).fetchone()
     if row is None:
         raise NotInstalled(
@@ -1123,4 +1144,4 @@ def _prepare(conn: psycopg.Connection[Any], mapping: MappingStamp | None) -> tup
         progress.after = (after_xid, after_id)
     progress.saved = progress.state()
     progress.saved_at = time.monotonic()
-    return progress, started
+    return progress, started, payload_channel

@@ -26,7 +26,13 @@ SCHEMA_VERSION = 1
 # Within the version, what this release's install leaves in version 1's objects (see
 # schema_revision() in sql/schema.sql): a listener runs only on its own revision.
 SCHEMA_REVISION = 10
+# The wake-up's channel. The NOTIFY payloads go on another, whose name only the
+# installing role may read (sql/schema.sql, payload_channel_v1): on this one, anyone
+# may LISTEN, and NOTIFY.
 CHANNEL = "cdc_invalidator_v1"
+# The function that LISTENs on the payloads' channel (an earlier release's install of
+# this revision lacks it: its capture functions sent payloads on CHANNEL).
+LISTEN_PAYLOADS = "cdc_invalidator.listen_v1()"
 # A lock the script waits for longer than this (or half of deadlock_timeout) ends the
 # try (sql/lock_wait.sql says why); apply() tries again, with back-off, for TRY_FOR_S.
 LOCK_WAIT_MS = 200

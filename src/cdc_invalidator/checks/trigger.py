@@ -9,6 +9,7 @@ from typing import Any
 
 import psycopg
 
+from cdc_invalidator.capture.trigger_sql import CHANNEL
 from cdc_invalidator.checks.report import Report
 from cdc_invalidator.events import TableName
 from cdc_invalidator.mapping.columns import ColumnFilter, Judge
@@ -92,6 +93,8 @@ class Watch:
     events_name: str | None = None
     # Its inheritance children that another, unwatched, table is a parent of too.
     shared_children: list[str] = field(default_factory=list)
+    # It sends the payload on the wake-up's channel, which any role may LISTEN on.
+    payload_on_wake_up: bool = False
 
 
 def watch_of(conn: psycopg.Connection[Any], table: TableName) -> Watch | None:
@@ -119,6 +122,7 @@ def watch_of(conn: psycopg.Connection[Any], table: TableName) -> Watch | None:
         bulk_sweep_rows,
         events_name,
         shared_children,
+        payload_on_wake_up,
     ) = row
     # Installed by an older release, which did not record attnums: no drift to tell.
     return Watch(
@@ -138,6 +142,7 @@ def watch_of(conn: psycopg.Connection[Any], table: TableName) -> Watch | None:
         bulk_sweep_rows,
         events_name,
         shared_children,
+        bool(payload_on_wake_up),
     )
 
 
@@ -282,11 +287,16 @@ def check_notify_payload(
             f"{str(watch.notify_payload).lower()}, but it is {str(configured).lower()} in the "
             "configuration: run `cdc-invalidator install` to compile it in line"
         )
+    elif watch.payload_on_wake_up:
+        report.warnings.append(
+            f"{where}: the capture function of {table} sends its NOTIFY payload on channel "
+            f"{CHANNEL}, where any role that can connect may LISTEN and read its key "
+            "columns (an earlier release's install): run `cdc-invalidator install`"
+        )
     elif configured:
         report.ok.append(
-            f"{where}: a one-row change of {table} is sent in its NOTIFY payload "
-            "(notify_payload = true: any role that can connect can LISTEN and read its "
-            "key columns)"
+            f"{where}: a one-row change of {table} is sent in its NOTIFY payload, on a "
+            "channel only the installing role knows"
         )
 
 

@@ -1,0 +1,3 @@
+-- LISTEN on the wake-up's channel and on the NOTIFY payloads' own (sql/schema.sql,
+-- payload_channel_v1), whose name the listener never learns.
+SELECT cdc_invalidator.listen_v1()
