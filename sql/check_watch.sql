@@ -242,7 +242,7 @@ SELECT
         WHERE r.relkind = 'p' AND tg.tgenabled <> 'A'
         ORDER BY 1) AS trigger_problems,
     -- (an earlier release's install sent the payload on the wake-up's channel)
-    (SELECT strpos(p.prosrc, 'coalesce(cdc_invalidator.notify_row_v1(e.p), true)') > 0
+    (SELECT strpos(p.prosrc, 'PERFORM cdc_invalidator.notify_row_v1(') > 0
             OR strpos(p.prosrc, 'pg_notify(''cdc_invalidator_v1'', CASE WHEN octet_length') > 0
      FROM pg_proc p
      WHERE p.oid = to_regprocedure(

@@ -254,6 +254,28 @@ def test_a_statement_of_several_rows_goes_by_the_queue_in_packs(env: Env) -> Non
         assert all(i < 0 for i in tap.queue_ids()), "pack positions"
 
 
+def test_a_transaction_sends_one_payload_then_the_wake_up(env: Env) -> None:
+    """Payloads do not fold: a transaction sends its first one-row statement's, then the
+    empty wake-up (which does: one, whatever follows). The listener deletes that first
+    row early and the others from the queue read."""
+    config = setup_users(env, notify_payload=True, rows=5)
+    r = env.redis()
+    with listener_with_tap(env, config) as (_listener, tap):
+        cache(r, range(1, 6))
+        wait_until(lambda: listener_quiet(env), what="the listener quiet")
+        with notifications(env) as conn:
+            with env.connect() as writer, writer.transaction():
+                for i in range(1, 6):
+                    writer.execute("UPDATE users SET email = email WHERE id = %s", [i])
+            env.sql("SELECT pg_notify(%s, 'marker')", [CHANNEL])
+            first, wake_up = until_marker(conn)
+        assert json.loads(first)["r"][0][1] == {"id": "1", "email": "u1@x"}
+        assert wake_up == ""
+        wait_until(lambda: settled(env, r, range(1, 6)), what="5 users' keys deleted")
+        assert len(tap.early_ids()) == 1
+        assert len(tap.queue_ids()) == 4  # (the first recognized: acknowledged, not deleted)
+
+
 def test_redis_refusing_the_early_delete_leaves_it_to_the_queue_read(env: Env) -> None:
     config = setup_users(
         env,
