@@ -244,11 +244,11 @@ class Settings(BaseSettings):
     # decoded by pgoutput through a replication slot; no triggers.
     capture: Literal["trigger", "logical"] = "trigger"
     tables: dict[str, TableSettings] = Field(min_length=1)
-    # Trigger mode: a statement that changed one row also sends that row's key columns in
-    # its NOTIFY payload, and the listener deletes its keys before it reads the queue.
-    # Off by default: LISTEN needs no privilege, so any role that can connect could read
-    # them. `install` compiles it into the capture functions: a change needs `install`.
-    notify_payload: bool = False
+    # Trigger mode: a transaction's first one-row statement also sends that row's key
+    # columns in its NOTIFY payload, on a channel only the installing role may name, and
+    # the listener deletes its keys before it reads the queue (one round trip less).
+    # `install` compiles it into the capture functions: a change needs `install`.
+    notify_payload: bool = True
     # Trigger mode: a statement that changed at least this many rows queues one sweep of
     # its table's templates instead of its rows (0: never). The writer then pays little
     # more than PostgreSQL's own transition table, and every cached key of the table goes
