@@ -882,17 +882,23 @@ INSERT INTO cdc_invalidator.payload_channel_v1 (channel)
 VALUES ('cdc_invalidator_' || replace(gen_random_uuid()::text, '-', ''))
 ON CONFLICT (singleton) DO NOTHING;
 
--- notify_row_v1(payload): a capture function's NOTIFY of its row, on the payload
--- channel, or the empty wake-up on cdc_invalidator_v1 where the payload is 8000 bytes
--- or more (NOTIFY's limit) or the channel's row is gone (the queue read has the row all
--- the same); true. Granted by watch() to the watched tables' owners, whose capture
+-- notify_row_v1(payload): a capture function's NOTIFY of its row on the payload
+-- channel (not where it is 8000 bytes or more, NOTIFY's limit, or the channel's row is
+-- gone: the queue read has the row all the same), then the empty wake-up on
+-- cdc_invalidator_v1; true. Granted by watch() to the watched tables' owners, whose capture
 -- functions call it (so they may send payloads of their own too, which the listener
 -- trusts no more than any: capture/early.py); not to PUBLIC. A payload sent sets
 -- cdc_invalidator.payload_sent until the transaction ends: queue_early_v1 sends the
 -- empty wake-up after it. Payloads do not fold: a transaction of 20,000 one-row
 -- UPDATEs that sent a payload each took 1.4-1.7 s against 0.8-1.1 s with the wake-up
 -- (no listener; 3 rounds, a busy 2-vCPU VM). Its first row is deleted early, the rest
--- when the queue read finds them, committed all at once anyway.
+-- when the queue read finds them, committed all at once anyway. It sends the empty
+-- wake-up on cdc_invalidator_v1 after the payload too: a listener that does not LISTEN
+-- on the payload channel (an earlier release's, which this revision still lets start;
+-- one whose role may not call listen_v1(); one LISTENing on the name a new draw
+-- replaced: DELETE, install, restart) would otherwise leave the change to the next
+-- poll, up to poll_interval_ms (a review: 5.5-8 s, with 10 s, for an earlier release's
+-- listener). Identical wake-ups of one transaction are one notification.
 CREATE OR REPLACE FUNCTION cdc_invalidator.notify_row_v1(payload text)
 RETURNS boolean
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -904,7 +910,6 @@ BEGIN
             -- (local to the transaction, not to this function: the SET clause saves
             -- only its own)
             PERFORM set_config('cdc_invalidator.payload_sent', 'on', true);
-            RETURN true;
         END IF;
     END IF;
     PERFORM pg_notify('cdc_invalidator_v1', '');
@@ -915,13 +920,19 @@ REVOKE ALL ON FUNCTION cdc_invalidator.notify_row_v1(text) FROM PUBLIC;
 
 -- listen_v1(): LISTEN on the wake-up's channel and the payload channel, for the
 -- listener (granted by grant_listener), which reads the payloads only from there.
+-- Without the channel's row (deleted to draw a new name, until `install` draws it), on
+-- the wake-up's alone: format('%I', NULL) raised, and the listener could not connect.
 CREATE OR REPLACE FUNCTION cdc_invalidator.listen_v1()
 RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $listen$
+DECLARE
+    payloads text := (SELECT channel FROM cdc_invalidator.payload_channel_v1);
 BEGIN
     LISTEN cdc_invalidator_v1;
-    EXECUTE format('LISTEN %I', (SELECT channel FROM cdc_invalidator.payload_channel_v1));
+    IF payloads IS NOT NULL THEN
+        EXECUTE format('LISTEN %I', payloads);
+    END IF;
 END
 $listen$;
 REVOKE ALL ON FUNCTION cdc_invalidator.listen_v1() FROM PUBLIC;
