@@ -169,6 +169,35 @@ SELECT
                   'cdc_invalidator.' || quote_ident('capture_' || w.relid::oid || '_v1') || '()')
           AND NOT has_function_privilege(p.proowner, f.f, 'EXECUTE')
         UNION ALL
+        -- ... and, with the NOTIFY payload compiled in, notify_row_v1() (granted by
+        -- watch()), which sends it with pg_notify() as the installing role: either taken
+        -- away since (by hand; an installer that had pg_notify() only through a
+        -- membership in the table's owner, revoked after install, where a hardened
+        -- server granted it to the owners alone) fails every one-row write while the
+        -- listener is quiet, and `check` said ok.
+        SELECT CASE WHEN NOT has_function_privilege(p.proowner, 'cdc_invalidator.notify_row_v1(text)',
+                                                    'EXECUTE')
+                    THEN format('capture function %%s belongs to role %%s, which may not run '
+                                'cdc_invalidator.notify_row_v1(text) (EXECUTE taken away since '
+                                'install): one-row writes to the table fail while the listener '
+                                'is quiet',
+                                p.oid::regprocedure, quote_ident(pg_get_userbyid(p.proowner)))
+                    ELSE format('cdc_invalidator.notify_row_v1(text), which capture function %%s '
+                                'calls, belongs to role %%s, which may not run '
+                                'pg_catalog.pg_notify(text, text): one-row writes to the table '
+                                'fail while the listener is quiet: GRANT EXECUTE ON FUNCTION '
+                                'pg_catalog.pg_notify(text, text) TO %%s',
+                                p.oid::regprocedure, quote_ident(pg_get_userbyid(n.proowner)),
+                                quote_ident(pg_get_userbyid(n.proowner))) END
+        FROM pg_proc p, pg_proc n
+        WHERE p.oid = to_regprocedure(
+                  'cdc_invalidator.' || quote_ident('capture_' || w.relid::oid || '_v1') || '()')
+          AND n.oid = to_regprocedure('cdc_invalidator.notify_row_v1(text)')
+          AND strpos(p.prosrc, 'cdc_invalidator.notify_row_v1(') > 0
+          AND NOT (has_function_privilege(p.proowner, n.oid, 'EXECUTE')
+                   AND has_function_privilege(n.proowner, 'pg_catalog.pg_notify(text, text)',
+                                              'EXECUTE'))
+        UNION ALL
         -- A capture function pinned for a date or float column, without bytea_output
         -- (none of its columns could hold a bytea at install), and a key column retyped
         -- since to one that may: each statement sweeps the table (its probe no longer
