@@ -97,7 +97,8 @@ BEGIN
     EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.retired_table_v1(text) TO %s', listener);
     EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.mapping_eras_v1(text, jsonb, text) TO %s', listener);
     IF capture = 'trigger' THEN
-        -- LISTEN on the NOTIFY payloads' channel, whose name it never learns.
+        -- LISTEN on the NOTIFY payloads' channel, whose name it does not read
+        -- (pg_listening_channels() would show it to its session: docs/DBA.md).
         EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.listen_v1() TO %s', listener);
         -- The server's lineage and run noted at each connect, a sweep queued on another
         -- one (note_server_v3(), SECURITY DEFINER: the only write to the queue it may make).

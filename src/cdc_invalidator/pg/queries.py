@@ -78,7 +78,7 @@ class Q(enum.Enum):
     FETCH_BATCH = "fetch_batch.sql"
     BUSY = "busy.sql"  # capture functions send no wake-up while it is held
     QUIET = "quiet.sql"
-    LISTEN_PAYLOADS = "listen_payloads.sql"  # the payloads' channel, its name unknown to us
+    LISTEN_PAYLOADS = "listen_payloads.sql"  # the payloads' channel, its name not read by us
     WRITERS_SEEN = "writers_seen.sql"  # after quiet.sql: no writer that sent none is open
     SYNC_STANDBYS = "sync_standbys.sql"  # writers that wait for one send no wake-up
     CHECK_SLOT_LINEAGE = "check_slot_lineage.sql"  # logical: compared with the slot's
