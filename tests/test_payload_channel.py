@@ -15,10 +15,24 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+
 from cdc_invalidator.cli import main
+from tests.support.config import write_config
 from tests.support.env import Env
-from tests.support.faults import cache, keys_of, listener_quiet, setup_users, write
+from tests.support.faults import (
+    TEMPLATES,
+    cache,
+    forged_payload,
+    keys_of,
+    listener_quiet,
+    setup_users,
+    write,
+)
 from tests.support.listener import listening
+from tests.support.roles import login_role
 from tests.support.waits import wait_until
 
 CHANNEL = "cdc_invalidator_v1"
@@ -96,3 +110,38 @@ def test_a_listener_on_the_replaced_name_is_still_woken(env: Env) -> None:
         time.sleep(0.5)
         wait_until(lambda: listener_quiet(env), what="the listener quiet after install")
         deleted_promptly(env, 4)
+
+
+def test_a_listener_role_that_may_not_call_listen_v1_counts_no_payload_on_the_wake_up_channel(
+    env: Env,
+) -> None:
+    """The install has the payload channel, but the listener's role may not call
+    listen_v1() (revoked by hand; not granted by grant_listener): it LISTENs on the
+    wake-up's channel alone, where any role may NOTIFY. A payload there must only wake it,
+    as for a listener that may: it deleted that payload's keys (any role's, on demand),
+    as against an earlier release's install. A one-row change is still deleted at once."""
+    installed(env)
+    with login_role(env, "cdc_listener_") as role, login_role(env, "plain_") as plain:
+        env.sql("SELECT cdc_invalidator.grant_listener(%s, 'trigger')", [role])
+        env.sql(
+            sql.SQL("REVOKE EXECUTE ON FUNCTION cdc_invalidator.listen_v1() FROM {}")
+            .format(sql.Identifier(role))
+            .as_string()
+        )
+        config = write_config(
+            env.tmp_path / "listener.toml",
+            database_url=make_conninfo(env.dsn, user=role),
+            redis_url=env.redis_url,
+            tables={"public.users": TEMPLATES},
+            notify_payload=True,
+            poll_interval_ms=POLL_MS,
+            second_delete_ms=0,
+        )
+        with listening(config):
+            settle(env, 1)
+            cache(env.redis(), [4])
+            xid = env.scalar("SELECT txid_current()")  # committed
+            with psycopg.connect(make_conninfo(env.dsn, user=plain), autocommit=True) as conn:
+                conn.execute("SELECT pg_notify(%s, %s)", [CHANNEL, forged_payload(xid, 4)])
+            deleted_promptly(env, 3)  # (after the forged payload: it was read by then)
+            assert all(env.redis().exists(k) for k in keys_of(4))

@@ -53,9 +53,9 @@ from cdc_invalidator.capture.trigger_sql import (
     LISTEN_PAYLOADS,
     NO_STAMP,
     MappingStamp,
+    call_state,
     log_eras,
     mapping_eras_of,
-    may_call,
     require_current_mapping,
     require_installed,
 )
@@ -597,7 +597,7 @@ class TriggerQueue:
         *,
         mapping: MappingStamp | None = None,
         payloads: bool = False,
-        payload_channel: bool = False,
+        payload_channel: bool | None = None,
         eras: list[Era] | None = None,
     ) -> None:
         self._conn = conn
@@ -610,9 +610,12 @@ class TriggerQueue:
         self._mapper = mapper
         self._read_payloads = payloads  # (TriggerCapture's `payloads`)
         # LISTENing on the payloads' own channel too (_prepare): payloads count only from
-        # there, and one on CHANNEL (which anyone may send) only wakes. False: an earlier
-        # install's capture functions, which sent them on CHANNEL.
-        self._payload_channel = payload_channel
+        # there, and one on CHANNEL (which anyone may send) only wakes. None: an earlier
+        # install's capture functions, which sent them on CHANNEL. False: the install has
+        # the channel, but this role may not call listen_v1(): on CHANNEL alone, woken
+        # (notify_row_v1() sends the wake-up too), whose payloads still count for nothing
+        # (they counted: any role's NOTIFY there deleted keys on demand).
+        self._payload_channel = payload_channel is not None
         self._listen_sql = Q.LISTEN_PAYLOADS.sql if payload_channel else f"LISTEN {CHANNEL}"
         self._mapping = mapping
         self._progress = progress
@@ -1102,10 +1105,11 @@ def _standby(conn: psycopg.Connection[Any]) -> Standby:
 
 def _prepare(
     conn: psycopg.Connection[Any], mapping: MappingStamp | None
-) -> tuple[Progress, str, bool]:
+) -> tuple[Progress, str, bool | None]:
     """The progress saved, this run of the server (progress_ahead.sql: when it started,
     and when it last recovered from a crash), and whether the session LISTENs on the
-    payloads' channel too (an earlier install of this revision has none)."""
+    payloads' channel too (None: an earlier install of this revision has none; False:
+    this role may not call listen_v1())."""
     # The session's settings (no fsync wait, no bitmap scans) are the LISTENER kind's.
     require_installed(conn)
     if mapping is not None:
@@ -1117,7 +1121,15 @@ def _prepare(
     # reads the queue): psycopg's own handler decodes them, which a SQL_ASCII database's
     # payload failed, and the query it came with (pg/raw_text.py).
     conn.pgconn.notify_handler = None
-    payload_channel = may_call(conn, LISTEN_PAYLOADS)
+    payload_channel = call_state(conn, LISTEN_PAYLOADS)
+    if payload_channel is False:
+        log.warning(
+            "payload_channel_not_granted",
+            role=conn.info.user,
+            detail=f"this role may not run {LISTEN_PAYLOADS}: it hears no NOTIFY payload, "
+            "and deletes each change once the queue read gets it; run "
+            "cdc_invalidator.grant_listener() for it",
+        )
     conn.execute(Q.LISTEN_PAYLOADS.sql if payload_channel else f"LISTEN {CHANNEL}")
     row = conn.execute(Q.LOAD_PROGRESS.sql).fetchone()
     if row is None:

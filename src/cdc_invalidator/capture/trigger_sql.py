@@ -318,8 +318,14 @@ def apply(
 def may_call(conn: psycopg.Connection[Any], function: str) -> bool:
     """Whether a function of ours (its signature) exists and this session may call it:
     one that an earlier release's install of the same revision did not make."""
+    return bool(call_state(conn, function))
+
+
+def call_state(conn: psycopg.Connection[Any], function: str) -> bool | None:
+    """Whether this session may call a function of ours (its signature); None where it
+    does not exist (an earlier release's install of the same revision)."""
     row = conn.execute(Q.MAY_CALL.sql, {"function": function}).fetchone()
-    return bool(row and row[0])
+    return None if row is None or row[0] is None else bool(row[0])
 
 
 def mapping_eras_of(
