@@ -10,8 +10,8 @@ against a floor of that mode (floors.py):
    pg_notify payload UNLINKed by a minimal NOTIFY listener (floor_listener.py); logical
    mode, a minimal pgoutput consumer of a slot and publication of its own that decodes
    the key columns, UNLINKs them and acknowledges (floor_logical.py) (phases/latency.py);
-   trigger mode then runs it again with `notify_payload = false` installed (rows named
-   "... without notify_payload", against a floor measured beside it the same way), and
+   trigger mode then runs it again with `notify_payload = true` installed (rows named
+   "... with notify_payload", against a floor measured beside it the same way), and
    installs the defaults again;
 2. backlog drain: N row changes captured while the listener was stopped, then drained,
    against the floor reading the same changes (trigger mode: SELECT of the key columns;
@@ -48,7 +48,7 @@ against a floor of that mode (floors.py):
    Redis's GET latency during the sweep against idle (phases/sweep.py).
 
 The listener runs with every setting at its default in every phase but phase 6 and the
-rows named "without notify_payload" or "with bulk_sweep_rows" (replay_history too:
+rows named "with notify_payload" or "with bulk_sweep_rows" (replay_history too:
 2 h of history kept), but where it connects.
 
 The servers, tables and listener process are in harness.py, the floors in floors.py
@@ -106,7 +106,7 @@ from phases.latency import (
     latency_ids,
     latency_rows,
     measure_latency,
-    measure_wake_up_latency,
+    measure_payload_latency,
 )
 from phases.peers import check_installed, find_jvm, measure_peers, peer_table
 from phases.replay import measure_replay, replay_rows
@@ -237,10 +237,10 @@ def run_mode(
         f"floor {replayed.floor_s:.3f} s",
         flush=True,
     )
-    floor, ours, wake_up, writes, cpu_bound, many = measured
+    floor, ours, payload, writes, cpu_bound, many = measured
     rows = latency_rows(mode, sizes.rate, floor, ours)
-    if wake_up is not None:
-        rows += latency_rows(mode, sizes.rate, *wake_up, variant=" without notify_payload")
+    if payload is not None:
+        rows += latency_rows(mode, sizes.rate, *payload, variant=" with notify_payload")
     rows += [*drains, *writes_rows(mode, writes)]
     if cpu_bound is not None:
         rows += writes_rows(mode, cpu_bound, cpu_bound=True)
@@ -294,7 +294,7 @@ def measure_latency_and_writes(
     bench: Bench, sizes: Sizes, meter: CpuMeter, report: Report, target: Target
 ) -> tuple[Latency, Latency, tuple[Latency, Latency] | None, Writes, Writes | None, Writes]:
     """Phases 1 and 3: the latency (floor, ours; in trigger mode also floor and ours with
-    notify_payload = false, None in logical mode), the write overhead, in trigger mode the
+    notify_payload = true, None in logical mode), the write overhead, in trigger mode the
     write overhead with CPU-bound writers (None in logical mode), and with MANY_WRITERS."""
     mode = target.mode
     print(f"[{mode}] 1. latency: floor and cdc-invalidator side by side", flush=True)
@@ -310,16 +310,16 @@ def measure_latency_and_writes(
     print(f"  floor p50 {floor.p50_ms:.3f} ms p99 {floor.p99_ms:.3f} ms", flush=True)
     print(f"  ours  p50 {ours.p50_ms:.3f} ms p99 {ours.p99_ms:.3f} ms", flush=True)
     report.raw[f"{mode} latency"] = {"floor": asdict(floor), "ours": asdict(ours)}
-    wake_up = None
+    payload = None
     if not target.logical:
-        print(f"[{mode}] 1b. latency with notify_payload = false, beside its floor", flush=True)
-        with meter.phase(f"{mode} latency, wake-up"):
-            wake_up = measure_wake_up_latency(bench, sizes, target)
-        print(f"  floor p50 {wake_up[0].p50_ms:.3f} ms p99 {wake_up[0].p99_ms:.3f} ms", flush=True)
-        print(f"  ours  p50 {wake_up[1].p50_ms:.3f} ms p99 {wake_up[1].p99_ms:.3f} ms", flush=True)
-        report.raw[f"{mode} latency without notify_payload"] = {
-            "floor": asdict(wake_up[0]),
-            "ours": asdict(wake_up[1]),
+        print(f"[{mode}] 1b. latency with notify_payload = true, beside its floor", flush=True)
+        with meter.phase(f"{mode} latency, notify_payload"):
+            payload = measure_payload_latency(bench, sizes, target)
+        print(f"  floor p50 {payload[0].p50_ms:.3f} ms p99 {payload[0].p99_ms:.3f} ms", flush=True)
+        print(f"  ours  p50 {payload[1].p50_ms:.3f} ms p99 {payload[1].p99_ms:.3f} ms", flush=True)
+        report.raw[f"{mode} latency notify_payload"] = {
+            "floor": asdict(payload[0]),
+            "ours": asdict(payload[1]),
         }
 
     print(f"[{mode}] 3. write overhead (pgbench)", flush=True)
@@ -336,7 +336,7 @@ def measure_latency_and_writes(
     with meter.phase(f"{mode} writes, {MANY_WRITERS} writers"):
         many = measure_writes(bench, sizes, target, clients=MANY_WRITERS)
     report.raw[f"{mode} writes {MANY_WRITERS} writers"] = asdict(many)
-    return floor, ours, wake_up, writes, cpu_bound, many
+    return floor, ours, payload, writes, cpu_bound, many
 
 
 def run_peers(

@@ -785,22 +785,22 @@ def test_check_says_triggers_are_out_of_date_after_config_change(
 class Compiled:
     """A setting install compiles into the capture functions, and what check says of it."""
 
-    settings: dict[str, object]  # the setting away from its default
+    settings: dict[str, object]  # the setting on
     named: str  # in the line of check's warning
-    off: str  # not in check's output while it is at its default, installed and configured
-    warned: tuple[str, ...]  # configured away from the default, installed with it
-    on: str  # configured and installed away from the default
-    back: str  # configured with the default, installed away from it
+    off: str  # not in check's output while it is off, installed and configured
+    warned: tuple[str, ...]  # configured on, installed off
+    on: str  # configured and installed on
+    back: str  # configured off, installed on
 
 
 COMPILED = [
     Compiled(
-        {"notify_payload": False},  # (on by default)
+        {"notify_payload": True},
         "notify_payload",
-        "installed with notify_payload",
-        ("installed with notify_payload = true", "false in the configuration"),
-        "notify_payload = false: its changes wait for the queue read",
-        "installed with notify_payload = false, but it is true",
+        "NOTIFY payload",
+        ("installed with notify_payload = false", "true in the configuration"),
+        "sent in its NOTIFY payload",
+        "installed with notify_payload = true, but it is false",
     ),
     Compiled(
         {"bulk_sweep_rows": 5000},

@@ -68,7 +68,7 @@ def notifications_until_marker(env: Env, listening: psycopg.Connection[Any]) -> 
 
 
 def test_a_writer_sends_no_wake_up_while_the_listener_is_busy(env: Env) -> None:
-    setup_users(env, rows=3, notify_payload=False)  # the empty wake-up's path
+    setup_users(env, rows=3)
     with (
         listener_session(env) as listener,
         env.connect() as listening,
@@ -113,7 +113,7 @@ def test_a_writer_never_waits_for_the_locks_and_wakes_the_listener_where_it_woul
     """The second lock held exclusive by someone else's session (or by the listener's
     test, for an instant): a writer that found the listener busy sends the wake-up
     instead of waiting (with lock_timeout set, a wait would be an error)."""
-    setup_users(env, rows=3, notify_payload=False)  # the empty wake-up's path
+    setup_users(env, rows=3)
     with (
         listener_session(env) as listener,
         env.connect() as other,

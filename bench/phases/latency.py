@@ -4,11 +4,10 @@
 pg_notify payload to a minimal psycopg 3 listener that UNLINKs them (floor_listener.py);
 in logical mode, a minimal pgoutput consumer of a slot and publication of its own
 decodes the key columns, UNLINKs them and acknowledges (floor_logical.py). (b) The real
-listener, `python -m cdc_invalidator run` with default settings (in trigger mode, a
-transaction's first one-row statement's row in its NOTIFY payload, deleted before the
-queue read). In trigger mode, the same run again with `notify_payload = false` installed
-(the empty wake-up, then the queue read), against a floor measured beside it the same
-way; the default capture functions are installed again after it. Both run side by side
+listener, `python -m cdc_invalidator run` with default settings. In trigger mode, the
+same run again with `notify_payload = true` installed (a one-row statement's row in its
+NOTIFY payload, deleted before the queue read), against a floor measured beside it the
+same way; the default capture functions are installed again after it. Both run side by side
 and the commits alternate between their tables in half-second blocks, so that both see
 the same machine. "Deleted" is the same clock for both: a separate process (keywatch.py)
 receives Redis keyspace notifications (`del`) and timestamps them with CLOCK_MONOTONIC;
@@ -163,25 +162,25 @@ def measure_latency(
     )
 
 
-def measure_wake_up_latency(bench: Bench, sizes: Sizes, target: Target) -> tuple[Latency, Latency]:
-    """Trigger mode, measure_latency with `notify_payload = false` installed: (floor, ours).
+def measure_payload_latency(bench: Bench, sizes: Sizes, target: Target) -> tuple[Latency, Latency]:
+    """Trigger mode, measure_latency with `notify_payload = true` installed: (floor, ours).
     The target's own config is installed again afterwards, so that the later phases
     measure the defaults."""
-    config = target.config.with_name(f"{target.mode}-wake-up.toml")
-    config.write_text("notify_payload = false\n" + target.config.read_text())
-    wake_up = dataclasses.replace(target, config=config)
-    bench.cli(wake_up, "install")
+    config = target.config.with_name(f"{target.mode}-notify-payload.toml")
+    config.write_text("notify_payload = true\n" + target.config.read_text())
+    payload = dataclasses.replace(target, config=config)
+    bench.cli(payload, "install")
     try:
-        floor_proc = start_floor_listener(bench, wake_up)
+        floor_proc = start_floor_listener(bench, payload)
         try:
-            listener = Listener(bench, f"{target.mode}-latency-wake-up", wake_up)
+            listener = Listener(bench, f"{target.mode}-latency-payload", payload)
             try:
                 listener.wait_started()
-                return measure_latency(bench, sizes, floor_proc, listener, wake_up)
+                return measure_latency(bench, sizes, floor_proc, listener, payload)
             finally:
                 listener.stop()
         finally:
-            stop_floor_listener(wake_up, floor_proc)
+            stop_floor_listener(payload, floor_proc)
     finally:
         bench.cli(target, "install")
 
@@ -259,7 +258,7 @@ def quantile(sorted_values: Sequence[float], q: float) -> float:
 def latency_rows(
     mode: str, rate: int, floor: Latency, ours: Latency, variant: str = ""
 ) -> list[Row]:
-    """The latency run's rows (without the mode prefix); a `variant` (" without
+    """The latency run's rows (without the mode prefix); a `variant` (" with
     notify_payload") is appended to each name, which stays as it was without one."""
     p50_target, p99_target = P50_TARGETS[mode], P99_TARGETS[mode]
     rows = [

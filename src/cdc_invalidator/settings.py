@@ -246,9 +246,10 @@ class Settings(BaseSettings):
     tables: dict[str, TableSettings] = Field(min_length=1)
     # Trigger mode: a transaction's first one-row statement also sends that row's key
     # columns in its NOTIFY payload, on a channel only the installing role may name, and
-    # the listener deletes its keys before it reads the queue (one round trip less).
-    # `install` compiles it into the capture functions: a change needs `install`.
-    notify_payload: bool = True
+    # the listener deletes its keys before it reads the queue. Off by default: while the
+    # listener is quiet it costs each such writer (docs/DBA.md, "Why it is off by
+    # default"). `install` compiles it into the capture functions: a change needs it.
+    notify_payload: bool = False
     # Trigger mode: a statement that changed at least this many rows queues one sweep of
     # its table's templates instead of its rows (0: never). The writer then pays little
     # more than PostgreSQL's own transition table, and every cached key of the table goes
