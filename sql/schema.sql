@@ -878,6 +878,23 @@ CREATE TABLE IF NOT EXISTS cdc_invalidator.payload_channel_v1 (
     channel   text NOT NULL
 );
 REVOKE ALL ON TABLE cdc_invalidator.payload_channel_v1 FROM PUBLIC;
+-- And from any other role: the installing role's ALTER DEFAULT PRIVILEGES ... GRANT
+-- SELECT ON TABLES gave one SELECT on it as it was made (a review), as a hand's GRANT
+-- may since. Each install takes them back.
+DO $payload_channel_grants$
+DECLARE
+    grantee regrole;
+BEGIN
+    FOR grantee IN
+        SELECT DISTINCT a.grantee::regrole
+        FROM pg_class c, aclexplode(c.relacl) a
+        WHERE c.oid = 'cdc_invalidator.payload_channel_v1'::regclass
+          AND a.grantee <> 0 AND a.grantee <> c.relowner
+    LOOP
+        EXECUTE format('REVOKE ALL ON TABLE cdc_invalidator.payload_channel_v1 FROM %s', grantee);
+    END LOOP;
+END
+$payload_channel_grants$;
 INSERT INTO cdc_invalidator.payload_channel_v1 (channel)
 VALUES ('cdc_invalidator_' || replace(gen_random_uuid()::text, '-', ''))
 ON CONFLICT (singleton) DO NOTHING;
@@ -885,20 +902,17 @@ ON CONFLICT (singleton) DO NOTHING;
 -- notify_row_v1(payload): a capture function's NOTIFY of its row on the payload
 -- channel (not where it is 8000 bytes or more, NOTIFY's limit, or the channel's row is
 -- gone: the queue read has the row all the same), then the empty wake-up on
--- cdc_invalidator_v1; true. Granted by watch() to the watched tables' owners, whose capture
--- functions call it (so they may send payloads of their own too, which the listener
--- trusts no more than any: capture/early.py); not to PUBLIC. A payload sent sets
--- cdc_invalidator.payload_sent until the transaction ends: queue_early_v1 sends the
--- empty wake-up after it. Payloads do not fold: a transaction of 20,000 one-row
--- UPDATEs that sent a payload each took 1.4-1.7 s against 0.8-1.1 s with the wake-up
--- (no listener; 3 rounds, a busy 2-vCPU VM). Its first row is deleted early, the rest
--- when the queue read finds them, committed all at once anyway. It sends the empty
--- wake-up on cdc_invalidator_v1 after the payload too: a listener that does not LISTEN
--- on the payload channel (an earlier release's, which this revision still lets start;
--- one whose role may not call listen_v1(); one LISTENing on the name a new draw
--- replaced: DELETE, install, restart) would otherwise leave the change to the next
--- poll, up to poll_interval_ms (a review: 5.5-8 s, with 10 s, for an earlier release's
--- listener). Identical wake-ups of one transaction are one notification.
+-- cdc_invalidator_v1, for a listener that does not LISTEN on the payload channel (an
+-- earlier release's, which this revision still lets start; one whose role may not
+-- call listen_v1(); one on a name a new draw replaced), which would otherwise wait for
+-- its poll (an earlier release's: 5.5-8 s with poll_interval_ms = 10000); true.
+-- Granted by watch() to the watched tables' owners, whose capture functions call it (so
+-- they may send payloads of their own too, which the listener trusts no more than any:
+-- capture/early.py); not to PUBLIC. A payload sent sets cdc_invalidator.payload_sent
+-- until the transaction ends, and queue_early_v1 then sends the empty wake-up alone:
+-- payloads do not fold, and a transaction of 20,000 one-row UPDATEs that sent one each
+-- took 1.4-1.7 s against 0.8-1.1 s with the wake-up (no listener; 3 rounds, a busy
+-- 2-vCPU VM). Its first row is deleted early, the rest when the queue read finds them.
 CREATE OR REPLACE FUNCTION cdc_invalidator.notify_row_v1(payload text)
 RETURNS boolean
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp

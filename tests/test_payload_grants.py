@@ -97,3 +97,34 @@ def test_check_names_an_installer_that_may_not_run_pg_notify(
             env.sql("GRANT EXECUTE ON FUNCTION pg_notify(text, text) TO PUBLIC")
             env.sql("DROP TABLE IF EXISTS users CASCADE")
             env.sql("DROP SCHEMA IF EXISTS cdc_invalidator CASCADE")
+
+
+def test_no_role_but_the_installer_keeps_a_grant_on_the_payloads_channel(env: Env) -> None:
+    """The installing role's default privileges grant SELECT on the tables it makes (or a
+    hand granted it since): each install takes any grant on payload_channel_v1 back."""
+    with login_role(env, "reader_") as reader:
+        ident = sql.Identifier(reader)
+        env.sql(
+            sql.SQL("ALTER DEFAULT PRIVILEGES GRANT SELECT ON TABLES TO {}")
+            .format(ident)
+            .as_string()
+        )
+        try:
+            config = setup_users(env, rows=1, notify_payload=True)
+            readable = (
+                "SELECT has_table_privilege(%s, 'cdc_invalidator.payload_channel_v1', 'SELECT')"
+            )
+            assert not env.scalar(readable, [reader])
+            env.sql(
+                sql.SQL("GRANT SELECT ON cdc_invalidator.payload_channel_v1 TO {}")
+                .format(ident)
+                .as_string()
+            )
+            assert main(["install", "--config", str(config)]) == 0
+            assert not env.scalar(readable, [reader])
+        finally:
+            env.sql(
+                sql.SQL("ALTER DEFAULT PRIVILEGES REVOKE SELECT ON TABLES FROM {}")
+                .format(ident)
+                .as_string()
+            )

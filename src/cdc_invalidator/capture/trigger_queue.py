@@ -616,7 +616,7 @@ class TriggerQueue:
         # (notify_row_v1() sends the wake-up too), whose payloads still count for nothing
         # (they counted: any role's NOTIFY there deleted keys on demand).
         self._payload_channel = payload_channel is not None
-        self._listen_sql = Q.LISTEN_PAYLOADS.sql if payload_channel else f"LISTEN {CHANNEL}"
+        self._listen_sql = _listen_sql(payload_channel)
         self._mapping = mapping
         self._progress = progress
         self._prune_every_s = prune_every_s
@@ -957,7 +957,6 @@ class TriggerQueue:
     def _listen(self, on: bool) -> None:
         """LISTEN (idle: woken per commit) or UNLISTEN (busy: the runner lingers, and
         capture functions stop sending wake-ups while we hold busy.sql's lock)."""
-        # (CHANNEL is a plain identifier)
         self._conn.execute(self._listen_sql if on else "UNLISTEN *")
         if on:
             if self._busy:
@@ -1103,6 +1102,12 @@ def _standby(conn: psycopg.Connection[Any]) -> Standby:
     )
 
 
+def _listen_sql(payload_channel: bool | None) -> sql.SQL | str:
+    """What LISTENs: on the wake-up's channel and the payloads' where this role may
+    (listen_v1()), else on the wake-up's alone (CHANNEL is a plain identifier)."""
+    return Q.LISTEN_PAYLOADS.sql if payload_channel else f"LISTEN {CHANNEL}"
+
+
 def _prepare(
     conn: psycopg.Connection[Any], mapping: MappingStamp | None
 ) -> tuple[Progress, str, bool | None]:
@@ -1130,7 +1135,7 @@ def _prepare(
             "and deletes each change once the queue read gets it; run "
             "cdc_invalidator.grant_listener() for it",
         )
-    conn.execute(Q.LISTEN_PAYLOADS.sql if payload_channel else f"LISTEN {CHANNEL}")
+    conn.execute(_listen_sql(payload_channel))
     row = conn.execute(Q.LOAD_PROGRESS.sql).fetchone()
     if row is None:
         raise NotInstalled(
