@@ -50,6 +50,16 @@ WITH RECURSIVE w AS (
 ), expected (name) AS (
     VALUES ('cdc_invalidator_ins_v1'), ('cdc_invalidator_upd_v1'),
            ('cdc_invalidator_del_v1'), ('cdc_invalidator_trunc_v1')
+), capture AS (
+    -- The capture function's text (no row: it is missing), and whether it sends the
+    -- NOTIFY payload: on its own channel, or on the wake-up's (an earlier release's).
+    SELECT p.prosrc AS src,
+           strpos(p.prosrc, 'PERFORM cdc_invalidator.notify_row_v1(') > 0 AS payload,
+           strpos(p.prosrc, 'pg_notify(''cdc_invalidator_v1'', CASE WHEN octet_length') > 0
+               AS payload_on_wake_up
+    FROM w, pg_proc p
+    WHERE p.oid = to_regprocedure(
+        'cdc_invalidator.' || quote_ident('capture_' || w.relid::oid || '_v1') || '()')
 ), statement_triggers AS (
     SELECT rels.*, e.name, tg.tgfoid, tg.tgenabled,
            count(tg.oid) OVER (PARTITION BY rels.rel) AS present,
@@ -271,19 +281,11 @@ SELECT
         WHERE r.relkind = 'p' AND tg.tgenabled <> 'A'
         ORDER BY 1) AS trigger_problems,
     -- (an earlier release's install sent the payload on the wake-up's channel)
-    (SELECT strpos(p.prosrc, 'PERFORM cdc_invalidator.notify_row_v1(') > 0
-            OR strpos(p.prosrc, 'pg_notify(''cdc_invalidator_v1'', CASE WHEN octet_length') > 0
-     FROM pg_proc p
-     WHERE p.oid = to_regprocedure(
-         'cdc_invalidator.' || quote_ident('capture_' || w.relid::oid || '_v1') || '()'))
-        AS notify_payload,
+    (SELECT f.payload OR f.payload_on_wake_up FROM capture f) AS notify_payload,
     -- (a text longer than any identifier: no column name can hold it)
-    (SELECT (regexp_match(p.prosrc, 'IF statement_rows >= ([0-9]+) THEN INSERT INTO '
-                                    'cdc_invalidator\.queue_v1 \(schema_name, table_name, op, new_row\) VALUES'))[1]::int
-     FROM pg_proc p
-     WHERE p.oid = to_regprocedure(
-         'cdc_invalidator.' || quote_ident('capture_' || w.relid::oid || '_v1') || '()'))
-        AS bulk_sweep_rows,
+    (SELECT (regexp_match(f.src, 'IF statement_rows >= ([0-9]+) THEN INSERT INTO '
+                                 'cdc_invalidator\.queue_v1 \(schema_name, table_name, op, new_row\) VALUES'))[1]::int
+     FROM capture f) AS bulk_sweep_rows,
     -- The name its events carry (install's), NULL where an older release recorded none.
     quote_ident(w.schema_name) || '.' || quote_ident(w.table_name) AS events_name,
     -- Its inheritance children that inherit from another table too, not watched (multiple
@@ -302,9 +304,5 @@ SELECT
         ORDER BY 1) AS shared_children,
     -- It sends its payload on the wake-up's channel, where any role may LISTEN (an
     -- earlier release's install).
-    (SELECT strpos(p.prosrc, 'pg_notify(''cdc_invalidator_v1'', CASE WHEN octet_length') > 0
-     FROM pg_proc p
-     WHERE p.oid = to_regprocedure(
-         'cdc_invalidator.' || quote_ident('capture_' || w.relid::oid || '_v1') || '()'))
-        AS payload_on_wake_up
+    (SELECT f.payload_on_wake_up FROM capture f) AS payload_on_wake_up
 FROM w

@@ -12,7 +12,6 @@ row the listener could not connect at all (listen_v1() raised).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import psycopg
@@ -20,15 +19,14 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from cdc_invalidator.cli import main
-from tests.support.config import write_config
 from tests.support.env import Env
 from tests.support.faults import (
-    TEMPLATES,
     cache,
     forged_payload,
     keys_of,
     listener_quiet,
     setup_users,
+    users_config,
     write,
 )
 from tests.support.listener import listening
@@ -58,7 +56,6 @@ def settle(env: Env, warm_up: int) -> None:
     wait_until(
         lambda: gone(env, warm_up), what=f"the warm-up change's (user {warm_up}) keys deleted"
     )
-    time.sleep(0.5)
     wait_until(lambda: listener_quiet(env), what="the listener quiet")
 
 
@@ -107,7 +104,6 @@ def test_a_listener_on_the_replaced_name_is_still_woken(env: Env) -> None:
         settle(env, 1)
         env.sql("DELETE FROM cdc_invalidator.payload_channel_v1")
         assert main(["install", "--config", str(config)]) == 0
-        time.sleep(0.5)
         wait_until(lambda: listener_quiet(env), what="the listener quiet after install")
         deleted_promptly(env, 4)
 
@@ -128,11 +124,10 @@ def test_a_listener_role_that_may_not_call_listen_v1_counts_no_payload_on_the_wa
             .format(sql.Identifier(role))
             .as_string()
         )
-        config = write_config(
-            env.tmp_path / "listener.toml",
-            database_url=make_conninfo(env.dsn, user=role),
-            redis_url=env.redis_url,
-            tables={"public.users": TEMPLATES},
+        config = users_config(
+            env,
+            name="listener.toml",
+            role=role,
             notify_payload=True,
             poll_interval_ms=POLL_MS,
             second_delete_ms=0,

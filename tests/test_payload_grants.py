@@ -18,9 +18,8 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from cdc_invalidator.cli import main
-from tests.support.config import write_config
 from tests.support.env import Env
-from tests.support.faults import TEMPLATES, setup_users
+from tests.support.faults import setup_users, users_config
 from tests.support.listener import check
 from tests.support.roles import login_role
 
@@ -74,13 +73,7 @@ def test_check_names_an_installer_that_may_not_run_pg_notify(
         ):
             env.sql(statement.as_string())
         try:
-            config = write_config(
-                env.tmp_path / "config.toml",
-                database_url=make_conninfo(env.dsn, user=installer),
-                redis_url=env.redis_url,
-                tables={"public.users": TEMPLATES},
-                notify_payload=True,
-            )
+            config = users_config(env, role=installer, notify_payload=True)
             assert main(["install", "--config", str(config)]) == 0
             code, out, err = check(config, capsys)
             assert "pg_notify" not in out + err, out + err
@@ -128,3 +121,22 @@ def test_no_role_but_the_installer_keeps_a_grant_on_the_payloads_channel(env: En
                 .format(ident)
                 .as_string()
             )
+
+
+def test_check_warns_of_a_capture_function_that_sends_its_payload_on_the_wake_up_channel(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An earlier release's install sent the payload on cdc_invalidator_v1, where any role
+    may LISTEN: check says so until install runs (its text stands in for that function's
+    here: check reads the function's source)."""
+    config = setup_users(env, rows=1, notify_payload=True)
+    function = "format('cdc_invalidator.%I()', 'capture_' || 'users'::regclass::oid || '_v1')"
+    definition = env.scalar(f"SELECT pg_get_functiondef(({function})::regprocedure)")
+    assert isinstance(definition, str)
+    marker = "-- pg_notify('cdc_invalidator_v1', CASE WHEN octet_length\n"
+    env.sql(definition.replace("BEGIN\n", "BEGIN\n" + marker, 1))
+    _, out, _ = check(config, capsys)
+    assert "sends its NOTIFY payload on channel cdc_invalidator_v1" in out
+    assert main(["install", "--config", str(config)]) == 0
+    _, out, _ = check(config, capsys)
+    assert "sends its NOTIFY payload on channel" not in out

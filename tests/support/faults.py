@@ -15,6 +15,7 @@ from typing import Any
 
 import psycopg
 import redis
+from psycopg.conninfo import make_conninfo
 
 from cdc_invalidator.capture.trigger_queue import TriggerQueue
 from cdc_invalidator.cli import main
@@ -37,22 +38,36 @@ def keys_of(i: int) -> list[str]:
 
 
 def setup_users(
-    env: Env, *, rows: int = 0, database_url: str | None = None, **settings: object
+    env: Env, *, rows: int = 0, database_url: str | None = None, **settings: Any
 ) -> Path:
     """users(id, email) with `rows` rows (written before install: no events), installed."""
     env.sql("CREATE TABLE users (id int PRIMARY KEY, email text)")
     if rows:
         insert_users(env, 1, rows)
+    config = users_config(env, database_url=database_url, **settings)
+    assert main(["install", "--config", str(config)]) == 0
+    return config
+
+
+def users_config(
+    env: Env,
+    *,
+    name: str = "config.toml",
+    database_url: str | None = None,
+    role: str | None = None,
+    **settings: object,
+) -> Path:
+    """A configuration of users' TEMPLATES in the test's capture mode, connecting as
+    `role` (the test's superuser by default) or to `database_url`."""
     mode: dict[str, object] = {"capture": env.capture} if env.logical else {}
-    config = write_config(
-        env.tmp_path / "config.toml",
-        database_url=database_url or env.dsn,
+    dsn = make_conninfo(env.dsn, user=role) if role else env.dsn
+    return write_config(
+        env.tmp_path / name,
+        database_url=database_url or dsn,
         redis_url=env.redis_url,
         tables={"public.users": TEMPLATES},
         **{**mode, **settings},
     )
-    assert main(["install", "--config", str(config)]) == 0
-    return config
 
 
 @dataclass(frozen=True)

@@ -615,7 +615,7 @@ class TriggerQueue:
         # the channel, but this role may not call listen_v1(): on CHANNEL alone, woken
         # (notify_row_v1() sends the wake-up too), whose payloads still count for nothing
         # (they counted: any role's NOTIFY there deleted keys on demand).
-        self._payload_channel = payload_channel is not None
+        self._ignore_wake_up_payloads = payload_channel is not None
         self._listen_sql = _listen_sql(payload_channel)
         self._mapping = mapping
         self._progress = progress
@@ -949,7 +949,7 @@ class TriggerQueue:
             payload
             and self._read_payloads
             and self._payload_bytes < PAYLOAD_BYTES_KEPT
-            and not (self._payload_channel and notify.relname == CHANNEL_BYTES)
+            and not (self._ignore_wake_up_payloads and notify.relname == CHANNEL_BYTES)
         ):
             self._payloads.append((notify.be_pid, payload))
             self._payload_bytes += len(payload)
