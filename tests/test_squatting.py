@@ -209,6 +209,14 @@ SQUATS = {
         "CREATE SCHEMA cdc_invalidator;" + WATCH,
         ['function cdc_invalidator.watch(regclass,text[]) (role "{role}")'],
     ),
+    # The NOTIFY payloads' channel, its name the squatter's: it would read them.
+    "payload_channel": (
+        "CREATE SCHEMA cdc_invalidator;"
+        "CREATE TABLE cdc_invalidator.payload_channel_v1 (singleton boolean PRIMARY KEY"
+        " DEFAULT true CHECK (singleton), channel text NOT NULL);"
+        "INSERT INTO cdc_invalidator.payload_channel_v1 VALUES (true, 'known_to_mallory');",
+        ['table cdc_invalidator.payload_channel_v1 (role "{role}")'],
+    ),
     "rule": (
         "CREATE SCHEMA cdc_invalidator;" + QUEUE + RULE,
         [
