@@ -730,11 +730,16 @@ RETURNS text
 LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp
 AS $packed$
 DECLARE
-    -- (SELECT (row_number() OVER () - 1) / 1000 AS g, r.id::text AS c1 FROM old_rows r)
+    -- (SELECT (row_number() OVER () - 1) / 1000 AS g, r.id::text AS c1 FROM old_rows r),
+    -- put together by concatenation: a column's name may hold a % that a format() of
+    -- text already holding it would read as a placeholder (install failed, "too few
+    -- arguments for format()")
     numbered text := format('(SELECT (row_number() OVER () - 1) / %s AS g', cdc_invalidator.pack_rows_v1())
         || coalesce((SELECT string_agg(format(', r.%I::text AS c%s', c, i), '' ORDER BY i)
                      FROM unnest(columns) WITH ORDINALITY AS k (c, i)), '')
-        || ' FROM %s r) r';
+        || ' FROM ';
+    old_numbered text := numbered || 'old_rows r) r';
+    new_numbered text := numbered || 'new_rows r) r';
     -- json_build_object('id', array_agg(r.c1), ...)
     pack text := 'json_build_object(' || coalesce((
         SELECT string_agg(format('%L, array_agg(r.c%s)', l, i), ', ' ORDER BY i)
@@ -744,7 +749,7 @@ BEGIN
         WHEN 'INSERT' THEN format(
             'INSERT INTO cdc_invalidator.queue_v1 (schema_name, table_name, op, new_row, rows) '
             'SELECT %s, ''I'', %s, count(*)::int FROM %s GROUP BY r.g',
-            names, pack, format(numbered, 'new_rows'))
+            names, pack, new_numbered)
         -- Each side aggregated on its own and the packs joined by number: a join of a
         -- thousand packs, not of a million rows. Only for as many new rows as old:
         -- watch() counts them on a partitioned table, where a moved row can be dropped.
@@ -756,11 +761,11 @@ BEGIN
             'SELECT %1$s, ''U'', o.j, n.j, o.n '
             'FROM (SELECT r.g, %2$s AS j, count(*)::int AS n FROM %3$s GROUP BY r.g) o '
             'JOIN (SELECT r.g, %2$s AS j FROM %4$s GROUP BY r.g) n USING (g)',
-            names, pack, format(numbered, 'old_rows'), format(numbered, 'new_rows'))
+            names, pack, old_numbered, new_numbered)
         WHEN 'DELETE' THEN format(
             'INSERT INTO cdc_invalidator.queue_v1 (schema_name, table_name, op, old_row, rows) '
             'SELECT %s, ''D'', %s, count(*)::int FROM %s GROUP BY r.g',
-            names, pack, format(numbered, 'old_rows'))
+            names, pack, old_numbered)
     END;
 END
 $packed$;

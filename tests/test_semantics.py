@@ -728,6 +728,27 @@ def test_quoted_mixed_case_names_work_end_to_end(env: Env) -> None:
     assert dead_letters(env) == []
 
 
+def test_a_key_column_whose_name_holds_a_format_placeholder_is_captured_in_bulk(
+    env: Env,
+) -> None:
+    """A column named `a%s` (or `%I`): trigger mode's install once failed with "too few
+    arguments for format()", building the statements that pack several rows. Statements
+    of 3 rows and of 10,001 have every key deleted."""
+    env.sql('CREATE TABLE pct (id int PRIMARY KEY, "a%s" text, "%I" text)')
+    config = install(env, {"public.pct": ["pct:{a%s}:{%I}"]})
+    assert main(["check", "--config", str(config)]) == 0
+    r = env.redis()
+    r.mset({f"pct:v{i}:w": "-" for i in range(1, 10_002)} | {"pct:keep:w": "keep"})
+    with listening(config):
+        env.sql(
+            """INSERT INTO pct SELECT g, 'v' || g, 'w' FROM generate_series(1, 3) g;
+            INSERT INTO pct SELECT g, 'v' || g, 'w' FROM generate_series(4, 10001) g"""
+        )
+        settle(env, r)
+    assert keys(r) == {"pct:keep:w"}
+    assert dead_letters(env) == []
+
+
 INJECTION = "x'); DROP TABLE victim; --"
 COLUMN_INJECTION = 'v"); DROP TABLE victim; --'
 
