@@ -2,8 +2,9 @@
 --
 -- What this creates, all inside the schema "cdc_invalidator":
 --   queue_v1            one row per changed row of a watched table (one per TRUNCATE),
---                       or per pack of up to pack_rows_v1() rows of a statement that
---                       changed several, stamped with the writer's transaction id.
+--                       or per pack of a statement that changed several (all of them up
+--                       to one_pack_rows_v1(), else pack_rows_v1() each), stamped with
+--                       the writer's transaction id.
 --   dead_letter_v1      events the listener could not turn into keys, with the error.
 --   listener_state_v1   how far the listener got: a snapshot whose visible transactions
 --                       have all been invalidated, and when it last got further.
@@ -199,9 +200,10 @@ BEGIN
     END IF;
 END
 $queue_index$;
--- A pack: the changes of up to pack_rows_v1() rows of one statement in one queue row,
--- its key columns column-wise ({"id": ["1", "2", ...]}; an UPDATE's old and new arrays
--- paired by index), `rows` saying how many. NULL: one change, as above. A statement of
+-- A pack: the changes of several rows of one statement in one queue row (all of them up
+-- to one_pack_rows_v1() rows, else pack_rows_v1() rows each), its key columns
+-- column-wise ({"id": ["1", "2", ...]}; an UPDATE's old and new arrays paired by
+-- index), `rows` saying how many. NULL: one change, as above. A statement of
 -- a million rows then writes a thousand queue rows instead of a million (the writer's
 -- cost: docs/DBA.md, "What a bulk statement costs"). Added to existing installs: NULL
 -- in every row already queued, which is what they are.
@@ -769,6 +771,115 @@ BEGIN
     END;
 END
 $packed$;
+
+-- one_pack_rows_v1(): a statement of several rows, up to this many, is queued as one
+-- pack, its key columns aggregated in one pass over the transition table: no numbering
+-- and no grouping, which were most of what packs cost its writer (measured in
+-- docs/DBA.md, "Trigger mode: packs"). A larger statement is packed by pack_rows_v1()
+-- as before: one pack would hold all its rows in the writer's memory at once.
+CREATE OR REPLACE FUNCTION cdc_invalidator.one_pack_rows_v1() RETURNS integer
+LANGUAGE sql IMMUTABLE AS 'SELECT 10000';
+
+-- one_pack_bytes_v1(): the most bytes of text a value of one pack may have, in a key
+-- column whose type's text has no bound of its own (prints_short_v1), so that a pack
+-- holds at most one_pack_rows_v1() times that per such column in the writer's memory
+-- (10 MB). A statement with a longer value is packed by pack_rows_v1(), whose packs of
+-- a tenth as many rows are what it was before one pack existed: no statement that was
+-- queued then fails now on PostgreSQL's 1 GB bound for an array.
+CREATE OR REPLACE FUNCTION cdc_invalidator.one_pack_bytes_v1() RETURNS integer
+LANGUAGE sql IMMUTABLE AS 'SELECT 1024';
+
+-- prints_short_v1(type): whether every value of the type prints as a short text: a
+-- built-in type of fixed length (an integer, a float, a timestamp, a uuid: tens of
+-- bytes), or an enum (a label of at most 63 bytes). A domain prints as its base type.
+-- Values of the other types (text, numeric, arrays, an extension's types) are measured.
+CREATE OR REPLACE FUNCTION cdc_invalidator.prints_short_v1(typ oid)
+RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $short$
+    WITH RECURSIVE chain (oid, typtype, typbasetype, typlen, typnamespace) AS (
+        SELECT t.oid, t.typtype, t.typbasetype, t.typlen, t.typnamespace
+        FROM pg_type t WHERE t.oid = typ
+        UNION ALL
+        SELECT t.oid, t.typtype, t.typbasetype, t.typlen, t.typnamespace
+        FROM chain c JOIN pg_type t ON t.oid = c.typbasetype
+        WHERE c.typtype = 'd')
+    SELECT coalesce(bool_and(c.typtype = 'e' OR (c.typlen > 0
+                             AND c.typnamespace = 'pg_catalog'::regnamespace)), false)
+    FROM chain c WHERE c.typtype <> 'd'
+$short$;
+
+-- queue_one_pack_v1(op, names, labels, columns, measured, packs): the PL/pgSQL
+-- statements that queue a statement of several rows as one pack when it has at most
+-- one_pack_rows_v1() rows, none with a value of the `measured` columns longer than
+-- one_pack_bytes_v1(), and else run `packs` (queue_packed_v1's, or what stands in for
+-- it). Each side is read through a LIMIT one past the bound: a larger statement costs
+-- the reading of that many rows more. A longer value is left out of its array (FILTER):
+-- only its length is kept, which sends the statement to `packs`. An UPDATE with fewer
+-- new rows than old (a row moved to a partition whose BEFORE INSERT trigger drops it)
+-- is queued as an INSERT pack of its new rows and a DELETE pack of its old ones, as
+-- watch() does for packs on a partitioned table; a plain table's UPDATE always has as
+-- many, and the count costs nothing: it is the aggregate's.
+-- Measuring costs little when only the columns that need it are measured (the backfill
+-- of docs/DBA.md, "Trigger mode: packs", 5 interleaved rounds, the writer against
+-- unwatched: 1.30x with its email measured and its id not, 1.29x measuring neither,
+-- 1.34x measuring both and summing each row's lengths).
+-- The capture function declares old_pack, new_pack (json), and old_n, new_n (the
+-- sides' rows), old_w, new_w (their longest measured value's bytes), bigint.
+CREATE OR REPLACE FUNCTION cdc_invalidator.queue_one_pack_v1(
+    op text, names text, labels text[], columns text[], measured text[], packs text)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp
+AS $one_pack$
+DECLARE
+    bound integer := cdc_invalidator.one_pack_rows_v1();
+    bytes integer := cdc_invalidator.one_pack_bytes_v1();
+    -- SELECT json_build_object('email', array_agg(r.c1) FILTER (WHERE coalesce(
+    --            octet_length(r.c1), 0) <= 1024), 'id', array_agg(r.c2)),
+    --        count(*), coalesce(max(greatest(octet_length(r.c1))), 0) INTO old_pack, ...
+    -- FROM (SELECT r.email::text AS c1, r.id::text AS c2 FROM old_rows r LIMIT 10001) r
+    -- (put together by concatenation: a column's name may hold a % that a format() of
+    -- text already holding it would read as a placeholder)
+    aggs text := 'SELECT json_build_object(' || coalesce((
+        SELECT string_agg(format(CASE WHEN c = ANY (measured)
+                                      THEN '%1$L, array_agg(r.c%2$s) FILTER (WHERE coalesce(octet_length(r.c%2$s), 0) <= %3$s)'
+                                      ELSE '%1$L, array_agg(r.c%2$s)' END, l, i, bytes),
+                          ', ' ORDER BY i)
+        FROM unnest(labels, columns) WITH ORDINALITY AS k (l, c, i)), '')
+        || '), count(*), ' || coalesce('coalesce(max(greatest(' || (
+        SELECT string_agg(format('octet_length(r.c%s)', i), ', ' ORDER BY i)
+        FROM unnest(columns) WITH ORDINALITY AS k (c, i) WHERE c = ANY (measured)) || ')), 0)', '0')
+        || ' INTO ';
+    rows text := ' FROM (SELECT ' || coalesce((
+        SELECT string_agg(format('r.%I::text AS c%s', c, i), ', ' ORDER BY i)
+        FROM unnest(columns) WITH ORDINALITY AS k (c, i)), 'NULL') || ' FROM ';
+    bounded text := ' r LIMIT ' || (bound + 1) || ') r';
+    old_side text := aggs || 'old_pack, old_n, old_w' || rows || 'old_rows' || bounded;
+    new_side text := aggs || 'new_pack, new_n, new_w' || rows || 'new_rows' || bounded;
+    insert text := 'INSERT INTO cdc_invalidator.queue_v1 (schema_name, table_name, op, old_row, new_row, rows) ';
+BEGIN
+    RETURN CASE op
+        WHEN 'INSERT' THEN format(
+            '%1$s; IF new_n > %2$s OR new_w > %3$s THEN %6$s; '
+            'ELSE %4$sVALUES (%5$s, ''I'', NULL, new_pack, new_n); END IF',
+            new_side, bound, bytes, insert, names, packs)
+        WHEN 'DELETE' THEN format(
+            '%1$s; IF old_n > %2$s OR old_w > %3$s THEN %6$s; '
+            'ELSE %4$sVALUES (%5$s, ''D'', old_pack, NULL, old_n); END IF',
+            old_side, bound, bytes, insert, names, packs)
+        -- (The new side is read only when the old one fits; when it is not, old_n or
+        -- old_w is over, so the NULLs it leaves are never compared. The DELETE pack
+        -- last: it is never empty, so FOUND sends the wake-up.)
+        WHEN 'UPDATE' THEN format(
+            '%1$s; IF old_n <= %3$s AND old_w <= %4$s THEN %2$s; END IF; '
+            'IF old_n > %3$s OR old_w > %4$s OR new_n > %3$s OR new_w > %4$s THEN %7$s; '
+            'ELSIF new_n = old_n THEN %5$sVALUES (%6$s, ''U'', old_pack, new_pack, old_n); '
+            'ELSE %5$sSELECT %6$s, ''I'', NULL, new_pack, new_n WHERE new_n > 0; '
+            '%5$sVALUES (%6$s, ''D'', old_pack, NULL, old_n); END IF',
+            old_side, new_side, bound, bytes, insert, names, packs)
+    END;
+END
+$one_pack$;
 
 -- queue_judged_update_v1(names, labels, columns, pk, counted): the UPDATE statement of a
 -- table with a column filter: only the rows in which a counted column changed are
@@ -1916,6 +2027,17 @@ BEGIN
         cdc_invalidator.queue_packed_v1('INSERT', names, key_columns, key_columns),
         packed_q,
         cdc_invalidator.queue_packed_v1('DELETE', names, key_columns, key_columns)];
+    -- Up to one_pack_rows_v1() rows: one pack, and the packs above only past that. (A
+    -- judged UPDATE is left as it is: its rows are paired and judged one by one.)
+    FOR i IN 1..3 LOOP
+        CONTINUE WHEN i = 2 AND judged;
+        many_q[i] := cdc_invalidator.queue_one_pack_v1(
+            (ARRAY['INSERT', 'UPDATE', 'DELETE'])[i], names, key_columns, key_columns, ARRAY(
+                SELECT a.attname::text FROM pg_attribute a
+                WHERE a.attrelid = tbl AND a.attname = ANY (key_columns)
+                  AND NOT cdc_invalidator.prints_short_v1(a.atttypid)),
+            many_q[i]);
+    END LOOP;
     count_q := ARRAY['count(*) > 1 INTO many', '2', '', ''];
     IF bulk_sweep_rows IS NOT NULL THEN
         count_q := ARRAY['count(*) INTO statement_rows', bulk_sweep_rows::text,
@@ -1931,7 +2053,13 @@ BEGIN
         DECLARE
             renamed boolean := false;
             many    boolean;
-            queued  bigint;%18$s
+            queued  bigint;
+            old_pack json;
+            new_pack json;
+            old_n   bigint;
+            new_n   bigint;
+            old_w   bigint;
+            new_w   bigint;%18$s
         BEGIN
             IF TG_OP <> 'TRUNCATE' THEN
                 BEGIN

@@ -1,6 +1,7 @@
 """Trigger mode's bulk statements against real servers: a statement of many rows is
-queued in packs (one queue row per pack_rows_v1() rows, the key columns as arrays), read
-back a batch_size of events at a time, and every one of its keys is deleted.
+queued in packs (one queue row per pack_rows_v1() rows, the key columns as arrays; a
+statement of up to one_pack_rows_v1() rows as one), read back a batch_size of events at
+a time, and every one of its keys is deleted.
 
 The statements here span several packs and several read chunks (batch_size is lowered
 to 1,500 events, a pack holds 1,000 rows): every boundary between them is crossed."""
@@ -26,6 +27,7 @@ USERS = {"public.users": ["user:{id}", "user:email:{email}"]}
 ROWS = 24_000  # 24 packs; 16 reads of 1,500 events
 BATCH = 1_500
 PACK = 1_000  # sql/schema.sql, pack_rows_v1()
+ONE_PACK = 10_000  # sql/schema.sql, one_pack_rows_v1()
 
 # Whether the saved position has passed queue row q (sql/explain_trigger.sql's test).
 PROCESSED = """
@@ -71,6 +73,16 @@ def packs(env: Env) -> list[tuple[str, int | None]]:
         ]
 
 
+def first_pack(env: Env) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """The old and new key columns of the first queue row."""
+    with env.connect() as conn:
+        row = conn.execute(
+            "SELECT old_row, new_row FROM cdc_invalidator.queue_v1 ORDER BY id LIMIT 1"
+        ).fetchone()
+    assert row is not None
+    return row[0], row[1]
+
+
 def test_a_bulk_update_insert_and_delete_are_packed_and_every_key_deleted(env: Env) -> None:
     users_table(env)
     # It counts what is left in Redis right after each statement: no second deletes
@@ -90,13 +102,7 @@ def test_a_bulk_update_insert_and_delete_are_packed_and_every_key_deleted(env: E
     shown = run_cli("status", "--json", "--config", str(config))
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout)["backlog"] == ROWS
-    with env.connect() as conn:
-        # The key columns column-wise; old and new paired by index.
-        row = conn.execute(
-            "SELECT old_row, new_row FROM cdc_invalidator.queue_v1 ORDER BY id LIMIT 1"
-        ).fetchone()
-    assert row is not None
-    old, new = row
+    old, new = first_pack(env)  # the key columns column-wise; old and new paired by index
     assert sorted(old) == ["email", "id"]
     assert len(old["id"]) == PACK
     assert [f"new{i}@x" for i in old["id"]] == new["email"]
@@ -123,6 +129,64 @@ def test_a_single_row_statement_is_queued_as_one_change(env: Env) -> None:
     env.sql("UPDATE users SET name = 'x' WHERE id = 1")
     env.sql("UPDATE users SET name = 'x' WHERE id >= 2")
     assert packs(env) == [("U", None), ("U", 2)]
+
+
+def test_a_statement_of_up_to_ten_thousand_rows_is_one_pack_and_one_more_is_packs(
+    env: Env,
+) -> None:
+    """Up to one_pack_rows_v1() rows, a statement is one pack, aggregated in one pass
+    (the cheaper form for its writer); one row more and it is packed by pack_rows_v1(),
+    as a statement of a million rows is. Either way every old and new key goes."""
+    users_table(env, rows=ONE_PACK + 1)
+    config = install(env, USERS, second_delete_ms=0)
+    r = env.redis()
+    cache_users(r, range(1, ONE_PACK + 2))
+    cache_users(r, range(1, ONE_PACK + 1), email="new{}@x")
+    cache_users(r, range(1, ONE_PACK + 2), email="again{}@x")
+    r.set("user:0", "not touched")
+    env.sql("UPDATE users SET email = 'new' || id || '@x' WHERE id <= %s", [ONE_PACK])
+    env.sql("UPDATE users SET email = 'again' || id || '@x'")  # one row more
+    env.sql("DELETE FROM users WHERE id <= %s", [ONE_PACK])
+    env.sql(
+        "INSERT INTO users SELECT g, 'u' || g || '@x' FROM generate_series(1, %s) g", [ONE_PACK]
+    )
+    queued = packs(env)
+    several = ONE_PACK // PACK + 1  # the second UPDATE's packs, in no set order
+    assert queued[0] == ("U", ONE_PACK)
+    assert sorted(queued[1 : 1 + several]) == [("U", 1)] + [("U", PACK)] * (several - 1)
+    assert queued[1 + several :] == [("D", ONE_PACK), ("I", ONE_PACK)]
+    old, new = first_pack(env)
+    assert len(old["id"]) == ONE_PACK
+    assert [f"new{i}@x" for i in old["id"]] == new["email"]  # paired by index
+    with listening(config):
+        settle(env, r)
+    assert keys(r) == {"user:0"}
+    assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 0
+
+
+def test_a_statement_with_a_row_of_long_key_values_is_packed_by_a_thousand(env: Env) -> None:
+    """One pack holds at most 1,024 bytes of key-column text a row (one_pack_bytes_v1()),
+    so that its rows never hold more than 10 MB in the writer's memory: a statement of
+    2,500 rows of which one is longer is packed by 1,000 rows, as before one pack
+    existed; the same statement of short rows is one pack. Every key goes either way."""
+    users_table(env, rows=0)
+    config = install(env, USERS, second_delete_ms=0)
+    r = env.redis()
+    long_email = "x" * 1_100 + "@x"
+    cache_users(r, range(1, 5_001))
+    r.set(f"user:email:{long_email}", "long")
+    r.set("user:0", "not touched")
+    env.sql(
+        "INSERT INTO users SELECT g, CASE WHEN g = 1700 THEN %s ELSE 'u' || g || '@x' END"
+        " FROM generate_series(1, 2500) g",
+        [long_email],
+    )
+    env.sql("INSERT INTO users SELECT g, 'u' || g || '@x' FROM generate_series(2501, 5000) g")
+    assert sorted(packs(env)) == [("I", 500), ("I", PACK), ("I", PACK), ("I", 2_500)]
+    with listening(config):
+        settle(env, r)
+    assert keys(r) == {"user:0", "user:email:u1700@x"}  # its row had the long email
+    assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 0
 
 
 def test_a_bulk_statement_that_rolls_back_deletes_nothing(env: Env) -> None:

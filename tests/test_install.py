@@ -253,7 +253,7 @@ def test_install_compresses_packs_with_lz4_where_the_server_has_it(env: Env) -> 
         assert (
             env.scalar(
                 "SELECT pg_column_compression(new_row) FROM cdc_invalidator.queue_v1"
-                " WHERE rows = 1000 LIMIT 1"
+                " WHERE rows = 2000"  # one pack: a statement of 2,000 rows
             )
             == "lz4"
         )
@@ -271,7 +271,8 @@ OLDER_RELEASE = """
     ALTER TABLE cdc_invalidator.queue_v1 DROP COLUMN rows;
     ALTER TABLE cdc_invalidator.dead_letter_v1 DROP COLUMN rows;
     DROP FUNCTION cdc_invalidator.queue_early_v1, cdc_invalidator.queue_packed_v1,
-        cdc_invalidator.queue_judged_packed_v1, cdc_invalidator.pack_rows_v1;
+        cdc_invalidator.queue_judged_packed_v1, cdc_invalidator.pack_rows_v1,
+        cdc_invalidator.queue_one_pack_v1, cdc_invalidator.one_pack_rows_v1;
     DROP FUNCTION cdc_invalidator.watch(regclass, text[], text, text[], boolean, integer);
     CREATE FUNCTION cdc_invalidator.watch(
         tbl regclass, key_columns text[], judge text DEFAULT NULL,

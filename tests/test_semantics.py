@@ -410,33 +410,45 @@ def test_a_row_moved_into_a_partition_that_drops_it_has_its_keys_deleted(env: En
     assert r.get("ev:2") == "keep"
 
 
-def test_rows_of_a_bulk_update_moved_into_a_partition_that_drops_some(env: Env) -> None:
-    """The same for statements of several rows, which trigger mode queues in packs of
-    1,000 rows: 1,001 rows moved and the last dropped (the old rows' second pack would
-    have no partner among the new rows'), then 1,500 moved and three of them dropped
-    (old and new packs of different sizes). Every old key and every new key is deleted,
+@pytest.mark.parametrize(
+    ("first", "second"), [(1_001, 1_500), (11_001, 11_500)], ids=["one-pack", "packs"]
+)
+def test_rows_of_a_bulk_update_moved_into_a_partition_that_drops_some(
+    env: Env, first: int, second: int
+) -> None:
+    """The same for statements of several rows. Trigger mode queues a statement of up to
+    10,000 rows as one pack (one_pack_rows_v1()), a larger one in packs of 1,000: here
+    `first` rows moved and the last dropped (in packs, the old rows' last pack would have
+    no partner among the new rows'), then `second` moved and three of them dropped (old
+    and new sides of different sizes). Every old key and every new key is deleted,
     nothing goes to the dead letters, and a row left alone keeps its key. The key names
     the partitioning column, so a moved row's old and new keys differ."""
+    first_end = 2 + first  # the first statement's rows: 3 .. first_end
+    last = first_end + second - 1  # the second's: first_end + 1 .. last
+    dropped = {first_end, first_end + 497, first_end + 997, first_end + 1097}
     env.sql(
         PARTITIONED + ";"
-        "INSERT INTO ev SELECT g, '2024-05-01' FROM generate_series(3, 2503) g;"
+        f"INSERT INTO ev SELECT g, '2024-05-01' FROM generate_series(3, {last + 1}) g;"
         "CREATE FUNCTION drop_some() RETURNS trigger LANGUAGE plpgsql AS"
-        " 'BEGIN IF NEW.id IN (1003, 1500, 2000, 2100) THEN RETURN NULL; END IF; RETURN NEW; END';"
+        f" 'BEGIN IF NEW.id IN ({', '.join(map(str, sorted(dropped)))}) THEN RETURN NULL;"
+        " END IF; RETURN NEW; END';"
         "CREATE TRIGGER drops BEFORE INSERT ON ev_2025 FOR EACH ROW EXECUTE FUNCTION drop_some()"
     )
     config = install(env, {"public.ev": ["ev:{id}:{day}"]})
     r = env.redis()
-    moved, dropped = range(3, 2503), {1003, 1500, 2000, 2100}
+    moved = range(3, last + 1)
     r.mset({f"ev:{i}:2024-05-01": "old" for i in moved})
     r.mset({f"ev:{i}:2025-06-01": "new" for i in moved if i not in dropped})
-    r.set("ev:2503:2024-05-01", "keep")
+    r.set(f"ev:{last + 1}:2024-05-01", "keep")
     with listening(config):
-        env.sql("UPDATE ev SET day = '2025-06-01' WHERE id BETWEEN 3 AND 1003")
-        env.sql("UPDATE ev SET day = '2025-06-01' WHERE id BETWEEN 1004 AND 2502")
+        env.sql("UPDATE ev SET day = '2025-06-01' WHERE id BETWEEN 3 AND %s", [first_end])
+        env.sql(
+            "UPDATE ev SET day = '2025-06-01' WHERE id BETWEEN %s AND %s", [first_end + 1, last]
+        )
         settle(env, r)
     assert env.scalar("SELECT count(*) FROM ev_2025 WHERE id >= 3") == len(moved) - len(dropped)
     assert dead_letters(env) == []
-    assert keys(r) == {"ev:2503:2024-05-01"}
+    assert keys(r) == {f"ev:{last + 1}:2024-05-01"}
 
 
 # A MERGE that moves a row to another partition, with only an UPDATE action, or with
@@ -733,7 +745,7 @@ def test_a_key_column_whose_name_holds_a_format_placeholder_is_captured_in_bulk(
 ) -> None:
     """A column named `a%s` (or `%I`): trigger mode's install once failed with "too few
     arguments for format()", building the statements that pack several rows. Statements
-    of 3 rows and of 10,001 have every key deleted."""
+    of 3 rows (one pack) and of 10,001 (packs of 1,000) have every key deleted."""
     env.sql('CREATE TABLE pct (id int PRIMARY KEY, "a%s" text, "%I" text)')
     config = install(env, {"public.pct": ["pct:{a%s}:{%I}"]})
     assert main(["check", "--config", str(config)]) == 0
