@@ -555,6 +555,60 @@ def test_listener_role_may_do_nothing_else(env: Env, listener_role: str) -> None
     assert env.scalar("SELECT count(*) FROM users") == 3
 
 
+# Our SECURITY DEFINER functions (not the trigger functions, which no one can call) that
+# `role` may run.
+DEFINER_GRANTED = """
+    SELECT coalesce(array_agg(p.proname::text ORDER BY p.proname), '{}')
+    FROM pg_proc p, aclexplode(p.proacl) a
+    WHERE p.pronamespace = 'cdc_invalidator'::regnamespace AND p.prosecdef
+      AND p.prorettype NOT IN ('trigger'::regtype, 'event_trigger'::regtype)
+      AND a.grantee = %s::regrole"""
+
+
+def test_the_installers_default_privileges_give_no_role_our_definer_functions(
+    env: Env, listener_role: str
+) -> None:
+    """ALTER DEFAULT PRIVILEGES ... GRANT EXECUTE ON FUNCTIONS TO app (the installing
+    role's) gave `app` every SECURITY DEFINER function install made: as the installing
+    role, it could unwatch() a table it does not own, whose changes then went by
+    uncaptured. Install takes such grants back, and keeps what it gives on purpose: the
+    listener's role its functions (it is a grantee of the same default privileges here),
+    a watched table's owner notify_row_v1()."""
+    with login_role(env, "app_") as app:
+        idents = [sql.Identifier(app), sql.Identifier(listener_role)]
+        env.sql(
+            sql.SQL("ALTER DEFAULT PRIVILEGES GRANT EXECUTE ON FUNCTIONS TO {}, {}")
+            .format(*idents)
+            .as_string(None)
+        )
+        try:
+            tables(env)
+            env.sql(sql.SQL("ALTER TABLE ghost OWNER TO {}").format(idents[0]).as_string(None))
+            path = install(env)
+            grant(env, listener_role)
+            assert main(["install", "--config", str(path)]) == 0  # an upgrade's second run
+            with psycopg.connect(as_role(env, app), autocommit=True) as conn:
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    conn.execute("SELECT cdc_invalidator.unwatch('users')")
+                conn.execute("INSERT INTO ghost VALUES (1), (2)")  # its own table's writes
+            if not env.logical:
+                triggers = "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'users'::regclass"
+                assert env.scalar(triggers) == 4  # still watched
+            expected = [] if env.logical else ["notify_row_v1"]
+            assert env.scalar(DEFINER_GRANTED, [app]) == expected
+            kept = set(env.scalar(DEFINER_GRANTED, [listener_role]))
+            assert kept == (
+                {"mapping_eras_v1", "retired_table_v1", "server_run_v1"}
+                | (set() if env.logical else {"listen_v1", "note_server_v3"})
+            )
+        finally:
+            env.sql(
+                sql.SQL("ALTER DEFAULT PRIVILEGES REVOKE EXECUTE ON FUNCTIONS FROM {}, {}")
+                .format(*idents)
+                .as_string(None)
+            )
+
+
 # --- missing grants: a clear message, not a traceback, not a retry loop ---------------------
 
 

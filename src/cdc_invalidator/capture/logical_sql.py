@@ -140,6 +140,8 @@ def install_script(
             sql.SQL(";\n"),
             Q.REBUILD_GUARD.sql,
             sql.SQL("\n"),
+            Q.DEFINER_GRANTS.sql,
+            sql.SQL("\n"),
             Q.INSTALL_DONE.sql,
             footer,
         ]

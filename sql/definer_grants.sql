@@ -1,0 +1,40 @@
+-- Our SECURITY DEFINER functions run as the role that installed them: a role that may
+-- call one may do what it does, whatever it may do itself (unwatch() any table, whose
+-- changes then go by uncaptured; LISTEN on the payloads' channel; write the queue).
+-- Where the installing role's default privileges grant EXECUTE on functions to a role
+-- (ALTER DEFAULT PRIVILEGES ... GRANT EXECUTE ON FUNCTIONS TO app), install gave that
+-- role every one of them as it made them (REVOKE ... FROM PUBLIC does not cover it), as
+-- a hand's GRANT may since. So, last in each install, every such grant is taken back but
+-- the owner's, PUBLIC's (each script revokes or keeps that, function by function), and
+-- those given on purpose: to a listener's role (UPDATE on listener_state_v1 or
+-- slot_state_v1, as carry_grants in grants.sql finds it) the functions grant_listener()
+-- gives it, and notify_row_v1() to the watched tables' owners (watch() gave it again
+-- just now). Trigger functions are left alone: no one can call one, and PostgreSQL
+-- checks EXECUTE on sweep_untriggered_v1() as a partitioned table's owner adds a
+-- partition (regrant_sweeps_v1() in schema.sql gives it on purpose).
+DO $definer_grants$
+DECLARE
+    g record;
+BEGIN
+    FOR g IN
+        SELECT p.oid::regprocedure AS fn, a.grantee::regrole AS grantee
+        FROM pg_proc p, aclexplode(p.proacl) a
+        WHERE p.pronamespace = 'cdc_invalidator'::regnamespace AND p.prosecdef
+          AND p.prorettype NOT IN ('trigger'::regtype, 'event_trigger'::regtype)
+          AND a.grantee <> 0 AND a.grantee <> p.proowner
+          AND NOT (p.proname IN ('listen_v1', 'note_server_v3', 'retired_table_v1',
+                                 'mapping_eras_v1', 'server_run_v1')
+                   AND a.grantee IN (
+                       SELECT l.grantee
+                       FROM pg_class c, aclexplode(c.relacl) l
+                       WHERE c.oid IN ('cdc_invalidator.listener_state_v1'::regclass,
+                                       to_regclass('cdc_invalidator.slot_state_v1'))
+                         AND l.privilege_type = 'UPDATE'))
+          AND NOT (p.proname = 'notify_row_v1'
+                   AND a.grantee IN (SELECT c.relowner FROM cdc_invalidator.watched_v1 w
+                                     JOIN pg_class c ON c.oid = w.relid))
+    LOOP
+        EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM %s', g.fn, g.grantee);
+    END LOOP;
+END
+$definer_grants$;
