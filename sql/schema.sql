@@ -780,54 +780,33 @@ $packed$;
 CREATE OR REPLACE FUNCTION cdc_invalidator.one_pack_rows_v1() RETURNS integer
 LANGUAGE sql IMMUTABLE AS 'SELECT 10000';
 
--- one_pack_bytes_v1(): the most bytes of text a value of one pack may have, in a key
--- column whose type's text has no bound of its own (prints_short_v1), so that a pack
--- holds at most one_pack_rows_v1() times that per such column in the writer's memory
--- (10 MB). A statement with a longer value is packed by pack_rows_v1(), whose packs of
+-- one_pack_bytes_v1(): the most bytes of text a key column's value in one pack may
+-- have, so that a pack holds at most one_pack_rows_v1() times that per key column in the
+-- writer's memory (10 MB). A statement with a longer value is packed by pack_rows_v1(), whose packs of
 -- a tenth as many rows are what it was before one pack existed: no statement that was
 -- queued then fails now on PostgreSQL's 1 GB bound for an array.
 CREATE OR REPLACE FUNCTION cdc_invalidator.one_pack_bytes_v1() RETURNS integer
 LANGUAGE sql IMMUTABLE AS 'SELECT 1024';
 
--- prints_short_v1(type): whether every value of the type prints as a short text: a
--- built-in type of fixed length (an integer, a float, a timestamp, a uuid: tens of
--- bytes), or an enum (a label of at most 63 bytes). A domain prints as its base type.
--- Values of the other types (text, numeric, arrays, an extension's types) are measured.
-CREATE OR REPLACE FUNCTION cdc_invalidator.prints_short_v1(typ oid)
-RETURNS boolean
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
-AS $short$
-    WITH RECURSIVE chain (oid, typtype, typbasetype, typlen, typnamespace) AS (
-        SELECT t.oid, t.typtype, t.typbasetype, t.typlen, t.typnamespace
-        FROM pg_type t WHERE t.oid = typ
-        UNION ALL
-        SELECT t.oid, t.typtype, t.typbasetype, t.typlen, t.typnamespace
-        FROM chain c JOIN pg_type t ON t.oid = c.typbasetype
-        WHERE c.typtype = 'd')
-    SELECT coalesce(bool_and(c.typtype = 'e' OR (c.typlen > 0
-                             AND c.typnamespace = 'pg_catalog'::regnamespace)), false)
-    FROM chain c WHERE c.typtype <> 'd'
-$short$;
-
--- queue_one_pack_v1(op, names, labels, columns, measured, packs): the PL/pgSQL
--- statements that queue a statement of several rows as one pack when it has at most
--- one_pack_rows_v1() rows, none with a value of the `measured` columns longer than
--- one_pack_bytes_v1(), and else run `packs` (queue_packed_v1's, or what stands in for
--- it). Each side is read through a LIMIT one past the bound: a larger statement costs
+-- queue_one_pack_v1(op, names, labels, columns, packs): the PL/pgSQL statements that
+-- queue a statement of several rows as one pack when it has at most one_pack_rows_v1()
+-- rows, none with a key column's value longer than one_pack_bytes_v1(), and else run
+-- `packs` (queue_packed_v1's, or what stands in for it). Each side is read through a LIMIT one past the bound: a larger statement costs
 -- the reading of that many rows more. A longer value is left out of its array (FILTER):
 -- only its length is kept, which sends the statement to `packs`. An UPDATE with fewer
 -- new rows than old (a row moved to a partition whose BEFORE INSERT trigger drops it)
 -- is queued as an INSERT pack of its new rows and a DELETE pack of its old ones, as
 -- watch() does for packs on a partitioned table; a plain table's UPDATE always has as
 -- many, and the count costs nothing: it is the aggregate's.
--- Measuring costs little when only the columns that need it are measured (the backfill
--- of docs/DBA.md, "Trigger mode: packs", 5 interleaved rounds, the writer against
--- unwatched: 1.30x with its email measured and its id not, 1.29x measuring neither,
--- 1.34x measuring both and summing each row's lengths).
+-- Every key column is measured, whatever its type: a column retyped since install (an
+-- integer to text) is compiled as it was, and nothing tells the capture function so.
+-- Measured on the backfill of docs/DBA.md, "Trigger mode: packs" (5 interleaved rounds,
+-- the writer against unwatched): 1.29x measuring nothing, 1.30x measuring its email
+-- column alone, 1.34x measuring both columns and summing each row's lengths.
 -- The capture function declares old_pack, new_pack (json), and old_n, new_n (the
 -- sides' rows), old_w, new_w (their longest measured value's bytes), bigint.
 CREATE OR REPLACE FUNCTION cdc_invalidator.queue_one_pack_v1(
-    op text, names text, labels text[], columns text[], measured text[], packs text)
+    op text, names text, labels text[], columns text[], packs text)
 RETURNS text
 LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp
 AS $one_pack$
@@ -835,21 +814,20 @@ DECLARE
     bound integer := cdc_invalidator.one_pack_rows_v1();
     bytes integer := cdc_invalidator.one_pack_bytes_v1();
     -- SELECT json_build_object('email', array_agg(r.c1) FILTER (WHERE coalesce(
-    --            octet_length(r.c1), 0) <= 1024), 'id', array_agg(r.c2)),
-    --        count(*), coalesce(max(greatest(octet_length(r.c1))), 0) INTO old_pack, ...
+    --            octet_length(r.c1), 0) <= 1024), 'id', array_agg(r.c2) FILTER (...)),
+    --        count(*), coalesce(max(greatest(octet_length(r.c1), octet_length(r.c2))), 0)
+    --        INTO old_pack, ...
     -- FROM (SELECT r.email::text AS c1, r.id::text AS c2 FROM old_rows r LIMIT 10001) r
     -- (put together by concatenation: a column's name may hold a % that a format() of
     -- text already holding it would read as a placeholder)
     aggs text := 'SELECT json_build_object(' || coalesce((
-        SELECT string_agg(format(CASE WHEN c = ANY (measured)
-                                      THEN '%1$L, array_agg(r.c%2$s) FILTER (WHERE coalesce(octet_length(r.c%2$s), 0) <= %3$s)'
-                                      ELSE '%1$L, array_agg(r.c%2$s)' END, l, i, bytes),
-                          ', ' ORDER BY i)
-        FROM unnest(labels, columns) WITH ORDINALITY AS k (l, c, i)), '')
-        || '), count(*), ' || coalesce('coalesce(max(greatest(' || (
+        SELECT string_agg(format(
+                   '%1$L, array_agg(r.c%2$s) FILTER (WHERE coalesce(octet_length(r.c%2$s), 0) <= %3$s)',
+                   l, i, bytes), ', ' ORDER BY i)
+        FROM unnest(labels) WITH ORDINALITY AS k (l, i)), '')
+        || '), count(*), coalesce(max(greatest(' || coalesce((
         SELECT string_agg(format('octet_length(r.c%s)', i), ', ' ORDER BY i)
-        FROM unnest(columns) WITH ORDINALITY AS k (c, i) WHERE c = ANY (measured)) || ')), 0)', '0')
-        || ' INTO ';
+        FROM unnest(columns) WITH ORDINALITY AS k (c, i)), 'NULL') || ')), 0) INTO ';
     rows text := ' FROM (SELECT ' || coalesce((
         SELECT string_agg(format('r.%I::text AS c%s', c, i), ', ' ORDER BY i)
         FROM unnest(columns) WITH ORDINALITY AS k (c, i)), 'NULL') || ' FROM ';
@@ -2032,11 +2010,7 @@ BEGIN
     FOR i IN 1..3 LOOP
         CONTINUE WHEN i = 2 AND judged;
         many_q[i] := cdc_invalidator.queue_one_pack_v1(
-            (ARRAY['INSERT', 'UPDATE', 'DELETE'])[i], names, key_columns, key_columns, ARRAY(
-                SELECT a.attname::text FROM pg_attribute a
-                WHERE a.attrelid = tbl AND a.attname = ANY (key_columns)
-                  AND NOT cdc_invalidator.prints_short_v1(a.atttypid)),
-            many_q[i]);
+            (ARRAY['INSERT', 'UPDATE', 'DELETE'])[i], names, key_columns, key_columns, many_q[i]);
     END LOOP;
     count_q := ARRAY['count(*) > 1 INTO many', '2', '', ''];
     IF bulk_sweep_rows IS NOT NULL THEN

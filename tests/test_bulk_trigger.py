@@ -164,11 +164,12 @@ def test_a_statement_of_up_to_ten_thousand_rows_is_one_pack_and_one_more_is_pack
     assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 0
 
 
-def test_a_statement_with_a_row_of_long_key_values_is_packed_by_a_thousand(env: Env) -> None:
-    """One pack holds at most 1,024 bytes of key-column text a row (one_pack_bytes_v1()),
-    so that its rows never hold more than 10 MB in the writer's memory: a statement of
-    2,500 rows of which one is longer is packed by 1,000 rows, as before one pack
-    existed; the same statement of short rows is one pack. Every key goes either way."""
+def test_a_statement_with_a_long_key_value_is_packed_by_a_thousand(env: Env) -> None:
+    """One pack holds key-column values of at most 1,024 bytes of text each
+    (one_pack_bytes_v1()), so that it never holds more than 10 MB per key column in the
+    writer's memory: a statement of 2,500 rows of which one has a longer email is packed
+    by 1,000 rows, as before one pack existed; the same statement of short values is one
+    pack. Every key goes either way."""
     users_table(env, rows=0)
     config = install(env, USERS, second_delete_ms=0)
     r = env.redis()
@@ -186,6 +187,27 @@ def test_a_statement_with_a_row_of_long_key_values_is_packed_by_a_thousand(env: 
     with listening(config):
         settle(env, r)
     assert keys(r) == {"user:0", "user:email:u1700@x"}  # its row had the long email
+    assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 0
+
+
+def test_a_key_column_retyped_to_text_since_install_is_measured_too(env: Env) -> None:
+    """The capture function is compiled at install: a key column of integers retyped to
+    text since then holds what the statement writes, so every key column's values are
+    measured, whatever its type was."""
+    env.sql("CREATE TABLE codes (id int PRIMARY KEY, code int)")
+    config = install(env, {"public.codes": ["code:{code}"]}, second_delete_ms=0)
+    env.sql("ALTER TABLE codes ALTER COLUMN code TYPE text")
+    long_code = "9" * 1_100
+    env.sql(
+        "INSERT INTO codes SELECT g, CASE WHEN g = 1700 THEN %s ELSE g::text END"
+        " FROM generate_series(1, 2500) g",
+        [long_code],
+    )
+    # (the retype's rewrite queued a sweep of the table's keys before them)
+    queued = [rows for _, rows in packs(env) if rows is not None]
+    assert sorted(queued) == [500, PACK, PACK]
+    with listening(config):
+        settle(env, env.redis())
     assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 0
 
 
