@@ -781,28 +781,28 @@ CREATE OR REPLACE FUNCTION cdc_invalidator.one_pack_rows_v1() RETURNS integer
 LANGUAGE sql IMMUTABLE AS 'SELECT 10000';
 
 -- one_pack_bytes_v1(): the most bytes of text a key column's value in one pack may
--- have, so that a pack holds at most one_pack_rows_v1() times that per key column in the
--- writer's memory (10 MB). A statement with a longer value is packed by pack_rows_v1(), whose packs of
--- a tenth as many rows are what it was before one pack existed: no statement that was
--- queued then fails now on PostgreSQL's 1 GB bound for an array.
+-- have, so that a pack holds at most one_pack_rows_v1() times that per key column in
+-- the writer's memory (10 MB). A statement with a longer value is packed by
+-- pack_rows_v1(), whose packs of a tenth as many rows are what it was before one pack
+-- existed: no statement that was queued then fails now on PostgreSQL's 1 GB bound for an
+-- array.
 CREATE OR REPLACE FUNCTION cdc_invalidator.one_pack_bytes_v1() RETURNS integer
 LANGUAGE sql IMMUTABLE AS 'SELECT 1024';
 
 -- queue_one_pack_v1(op, names, labels, columns, packs): the PL/pgSQL statements that
 -- queue a statement of several rows as one pack when it has at most one_pack_rows_v1()
 -- rows, none with a key column's value longer than one_pack_bytes_v1(), and else run
--- `packs` (queue_packed_v1's, or what stands in for it). Each side is read through a LIMIT one past the bound: a larger statement costs
--- the reading of that many rows more. A longer value is left out of its array (FILTER):
--- only its length is kept, which sends the statement to `packs`. An UPDATE with fewer
--- new rows than old (a row moved to a partition whose BEFORE INSERT trigger drops it)
--- is queued as an INSERT pack of its new rows and a DELETE pack of its old ones, as
--- watch() does for packs on a partitioned table; a plain table's UPDATE always has as
--- many, and the count costs nothing: it is the aggregate's.
+-- `packs` (queue_packed_v1's, or what stands in for it). Each side is read through a
+-- LIMIT one past the bound: a larger statement costs the reading of that many rows
+-- more. A longer value is left out of its array (FILTER): only its length is kept,
+-- which sends the statement to `packs`. An UPDATE with fewer new rows than old (a row
+-- moved to a partition whose BEFORE INSERT trigger drops it) is queued as an INSERT
+-- pack of its new rows and a DELETE pack of its old ones, as watch() does for packs on
+-- a partitioned table; a plain table's UPDATE always has as many, and the count costs
+-- nothing: it is the aggregate's.
 -- Every key column is measured, whatever its type: a column retyped since install (an
--- integer to text) is compiled as it was, and nothing tells the capture function so.
--- Measured on the backfill of docs/DBA.md, "Trigger mode: packs" (5 interleaved rounds,
--- the writer against unwatched): 1.29x measuring nothing, 1.30x measuring its email
--- column alone, 1.34x measuring both columns and summing each row's lengths.
+-- integer to text) is compiled as it was, and nothing tells the capture function so
+-- (what measuring costs: docs/DBA.md, "Trigger mode: packs").
 -- The capture function declares old_pack, new_pack (json), and old_n, new_n (the
 -- sides' rows), old_w, new_w (their longest measured value's bytes), bigint.
 CREATE OR REPLACE FUNCTION cdc_invalidator.queue_one_pack_v1(
