@@ -780,22 +780,24 @@ $packed$;
 CREATE OR REPLACE FUNCTION cdc_invalidator.one_pack_rows_v1() RETURNS integer
 LANGUAGE sql IMMUTABLE AS 'SELECT 10000';
 
--- one_pack_bytes_v1(): the most bytes of text a key column's value in one pack may
--- have, so that a pack holds at most one_pack_rows_v1() times that per key column in
--- the writer's memory (10 MB). A statement with a longer value is packed by
--- pack_rows_v1(), whose packs of a tenth as many rows are what it was before one pack
--- existed: no statement that was queued then fails now on PostgreSQL's 1 GB bound for an
--- array.
+-- one_pack_bytes_v1(): the most bytes of key-column text (its values' lengths summed) a
+-- row of one pack may have, so that a pack holds at most one_pack_rows_v1() times that
+-- in the writer's memory (10 MB a side; its JSON at most six times that, a control
+-- character written \u0001). A bound per value was not enough: a table of 18 text key
+-- columns of 1,000 such bytes made one pack's JSON pass PostgreSQL's 1 GB, and the
+-- statement failed (a helper's reproduction, "Cannot enlarge string buffer"). A
+-- statement with a longer row is packed by pack_rows_v1(), whose packs of a tenth as
+-- many rows are what it was before one pack existed.
 CREATE OR REPLACE FUNCTION cdc_invalidator.one_pack_bytes_v1() RETURNS integer
 LANGUAGE sql IMMUTABLE AS 'SELECT 1024';
 
 -- queue_one_pack_v1(op, names, labels, columns, packs): the PL/pgSQL statements that
 -- queue a statement of several rows as one pack when it has at most one_pack_rows_v1()
--- rows, none with a key column's value longer than one_pack_bytes_v1(), and else run
--- `packs` (queue_packed_v1's, or what stands in for it). Each side is read through a
--- LIMIT one past the bound: a larger statement costs the reading of that many rows
--- more. A longer value is left out of its array (FILTER): only its length is kept,
--- which sends the statement to `packs`. An UPDATE with fewer new rows than old (a row
+-- rows, none with more key-column text than one_pack_bytes_v1(), and else run `packs`
+-- (queue_packed_v1's, or what stands in for it). Each side is read through a LIMIT one
+-- past the bound: a larger statement costs the reading of that many rows more. A longer
+-- row is left out of the arrays (FILTER): only its length is kept, which sends the
+-- statement to `packs`. An UPDATE with fewer new rows than old (a row
 -- moved to a partition whose BEFORE INSERT trigger drops it) is queued as an INSERT
 -- pack of its new rows and a DELETE pack of its old ones, as watch() does for packs on
 -- a partitioned table; a plain table's UPDATE always has as many, and the count costs
@@ -804,7 +806,7 @@ LANGUAGE sql IMMUTABLE AS 'SELECT 1024';
 -- integer to text) is compiled as it was, and nothing tells the capture function so
 -- (what measuring costs: docs/DBA.md, "Trigger mode: packs").
 -- The capture function declares old_pack, new_pack (json), and old_n, new_n (the
--- sides' rows), old_w, new_w (their longest measured value's bytes), bigint.
+-- sides' rows), old_w, new_w (their longest row's bytes), bigint.
 CREATE OR REPLACE FUNCTION cdc_invalidator.queue_one_pack_v1(
     op text, names text, labels text[], columns text[], packs text)
 RETURNS text
@@ -813,25 +815,24 @@ AS $one_pack$
 DECLARE
     bound integer := cdc_invalidator.one_pack_rows_v1();
     bytes integer := cdc_invalidator.one_pack_bytes_v1();
-    -- SELECT json_build_object('email', array_agg(r.c1) FILTER (WHERE coalesce(
-    --            octet_length(r.c1), 0) <= 1024), 'id', array_agg(r.c2) FILTER (...)),
-    --        count(*), coalesce(max(greatest(octet_length(r.c1), octet_length(r.c2))), 0)
-    --        INTO old_pack, ...
-    -- FROM (SELECT r.email::text AS c1, r.id::text AS c2 FROM old_rows r LIMIT 10001) r
+    -- SELECT json_build_object('email', array_agg(r.c1) FILTER (WHERE r.w <= 1024), ...),
+    --        count(*), coalesce(max(r.w), 0) INTO old_pack, old_n, old_w
+    -- FROM (SELECT r.*, coalesce(octet_length(r.c1), 0)::bigint + ... AS w
+    --       FROM (SELECT r.email::text AS c1, ... FROM old_rows r LIMIT 10001) r) r
     -- (put together by concatenation: a column's name may hold a % that a format() of
     -- text already holding it would read as a placeholder)
     aggs text := 'SELECT json_build_object(' || coalesce((
-        SELECT string_agg(format(
-                   '%1$L, array_agg(r.c%2$s) FILTER (WHERE coalesce(octet_length(r.c%2$s), 0) <= %3$s)',
-                   l, i, bytes), ', ' ORDER BY i)
+        SELECT string_agg(format('%L, array_agg(r.c%s) FILTER (WHERE r.w <= %s)', l, i, bytes),
+                          ', ' ORDER BY i)
         FROM unnest(labels) WITH ORDINALITY AS k (l, i)), '')
-        || '), count(*), coalesce(max(greatest(' || coalesce((
-        SELECT string_agg(format('octet_length(r.c%s)', i), ', ' ORDER BY i)
-        FROM unnest(columns) WITH ORDINALITY AS k (c, i)), 'NULL') || ')), 0) INTO ';
-    rows text := ' FROM (SELECT ' || coalesce((
+        || '), count(*), coalesce(max(r.w), 0) INTO ';
+    rows text := ' FROM (SELECT r.*, ' || coalesce((
+        SELECT string_agg(format('coalesce(octet_length(r.c%s), 0)::bigint', i), ' + ' ORDER BY i)
+        FROM unnest(columns) WITH ORDINALITY AS k (c, i)), '0')
+        || ' AS w FROM (SELECT ' || coalesce((
         SELECT string_agg(format('r.%I::text AS c%s', c, i), ', ' ORDER BY i)
         FROM unnest(columns) WITH ORDINALITY AS k (c, i)), 'NULL') || ' FROM ';
-    bounded text := ' r LIMIT ' || (bound + 1) || ') r';
+    bounded text := ' r LIMIT ' || (bound + 1) || ') r) r';
     old_side text := aggs || 'old_pack, old_n, old_w' || rows || 'old_rows' || bounded;
     new_side text := aggs || 'new_pack, new_n, new_w' || rows || 'new_rows' || bounded;
     insert text := 'INSERT INTO cdc_invalidator.queue_v1 (schema_name, table_name, op, old_row, new_row, rows) ';

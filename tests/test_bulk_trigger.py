@@ -165,11 +165,11 @@ def test_a_statement_of_up_to_ten_thousand_rows_is_one_pack_and_one_more_is_pack
 
 
 def test_a_statement_with_a_long_key_value_is_packed_by_a_thousand(env: Env) -> None:
-    """One pack holds key-column values of at most 1,024 bytes of text each
-    (one_pack_bytes_v1()), so that it never holds more than 10 MB per key column in the
-    writer's memory: a statement of 2,500 rows of which one has a longer email is packed
-    by 1,000 rows, as before one pack existed; the same statement of short values is one
-    pack. Every key goes either way."""
+    """One pack holds rows of at most 1,024 bytes of key-column text each
+    (one_pack_bytes_v1()), so that it never holds more than 10 MB of it in the writer's
+    memory: a statement of 2,500 rows of which one has a longer email is packed by 1,000
+    rows, as before one pack existed; the same statement of short values is one pack.
+    Every key goes either way."""
     users_table(env, rows=0)
     config = install(env, USERS, second_delete_ms=0)
     r = env.redis()
@@ -209,6 +209,23 @@ def test_a_key_column_retyped_to_text_since_install_is_measured_too(env: Env) ->
     with listening(config):
         settle(env, env.redis())
     assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 0
+
+
+def test_a_table_of_many_long_key_columns_is_packed_by_a_thousand(env: Env) -> None:
+    """The bound is on a row's key-column text, not on each value's: with a bound of
+    1,024 bytes per value, 18 text key columns of 1,000 control characters each (six
+    bytes apiece in JSON, \\u0001) made a 10,000-row DELETE's one pack more than
+    PostgreSQL's 1 GB of JSON, and the DELETE failed ("Cannot enlarge string buffer"; a
+    helper's reproduction). Packs of 1,000 queue it, as before one pack existed."""
+    columns = [f"k{i}" for i in range(1, 19)]
+    env.sql(
+        f"CREATE TABLE w (id int PRIMARY KEY, {', '.join(f'{c} text' for c in columns)});"
+        f"INSERT INTO w SELECT g, {', '.join('repeat(chr(1), 1000)' for _ in columns)}"
+        f" FROM generate_series(1, {ONE_PACK}) g"
+    )
+    install(env, {"public.w": ["w:{id}", *(f"{c}:{{{c}}}" for c in columns)]})
+    env.sql("DELETE FROM w")
+    assert packs(env) == [("D", PACK)] * (ONE_PACK // PACK)
 
 
 def test_a_bulk_statement_that_rolls_back_deletes_nothing(env: Env) -> None:
