@@ -6,12 +6,11 @@
 -- role every one of them as it made them (REVOKE ... FROM PUBLIC does not cover it), as
 -- a hand's GRANT may since. So, last in each install, every such grant is taken back but
 -- the owner's, PUBLIC's (each script revokes or keeps that, function by function), and
--- those given on purpose: to a listener's role (UPDATE on listener_state_v1 or
--- slot_state_v1, as carry_grants in grants.sql finds it) the functions grant_listener()
--- gives it, and notify_row_v1() to the watched tables' owners (watch() gave it again
--- just now). Trigger functions are left alone: no one can call one, and PostgreSQL
--- checks EXECUTE on sweep_untriggered_v1() as a partitioned table's owner adds a
--- partition (regrant_sweeps_v1() in schema.sql gives it on purpose).
+-- those given on purpose: to a listener's role (listeners_v1() in grants.sql) its mode's
+-- listener_functions_v1(), and notify_row_v1() to the watched tables' owners (watch()
+-- gave it again just now). Trigger functions are left alone: no one can call one, and
+-- PostgreSQL checks EXECUTE on sweep_untriggered_v1() as a partitioned table's owner
+-- adds a partition (regrant_sweeps_v1() in schema.sql gives it on purpose).
 DO $definer_grants$
 DECLARE
     g record;
@@ -22,14 +21,9 @@ BEGIN
         WHERE p.pronamespace = 'cdc_invalidator'::regnamespace AND p.prosecdef
           AND p.prorettype NOT IN ('trigger'::regtype, 'event_trigger'::regtype)
           AND a.grantee <> 0 AND a.grantee <> p.proowner
-          AND NOT (p.proname IN ('listen_v1', 'note_server_v3', 'retired_table_v1',
-                                 'mapping_eras_v1', 'server_run_v1')
-                   AND a.grantee IN (
-                       SELECT l.grantee
-                       FROM pg_class c, aclexplode(c.relacl) l
-                       WHERE c.oid IN ('cdc_invalidator.listener_state_v1'::regclass,
-                                       to_regclass('cdc_invalidator.slot_state_v1'))
-                         AND l.privilege_type = 'UPDATE'))
+          AND NOT EXISTS (SELECT FROM cdc_invalidator.listeners_v1() l
+                          WHERE l.listener = a.grantee
+                            AND p.oid = ANY (cdc_invalidator.listener_functions_v1(l.capture)))
           AND NOT (p.proname = 'notify_row_v1'
                    AND a.grantee IN (SELECT c.relowner FROM cdc_invalidator.watched_v1 w
                                      JOIN pg_class c ON c.oid = w.relid))

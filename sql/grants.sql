@@ -16,6 +16,59 @@
 -- uninstall: after uninstall and install, after switching capture modes, or after an
 -- upgrade to a new schema version, call it again.
 
+-- listener_functions_v1(capture): the functions of ours a listener's role calls in
+-- capture mode `capture`, which grant_listener() gives it, carry_grants (below) gives the
+-- roles granted before an install that added one, and definer_grants.sql leaves it:
+--   schema_version(), schema_revision()  the version and revision it checks at start
+--                                         (PUBLIC may call them too; said here so that
+--                                         it stays true if a DBA revokes that)
+--   server_lineage_v1(), server_run_v1() the server's lineage and run, which each
+--                                         listener compares with what it saw last
+--   database_oid_v1()                     this database's oid, which the logical listener
+--                                         compares with its rows' (PUBLIC may call it too,
+--                                         unless the installing role's default
+--                                         privileges revoke that)
+--   retired_table_v1(), mapping_eras_v1() the templates of a table its file no longer
+--                                         names, or that an install replaced, which an
+--                                         earlier install recorded (not PUBLIC's)
+-- and in trigger mode:
+--   listen_v1()                           LISTEN on the NOTIFY payloads' channel, whose
+--                                         name it does not read (pg_listening_channels()
+--                                         would show it to its session: docs/DBA.md)
+--   note_server_v3()                      the server's lineage and run noted at each
+--                                         connect, a sweep queued on another one
+--                                         (SECURITY DEFINER: the only write to the queue
+--                                         it may make)
+CREATE OR REPLACE FUNCTION cdc_invalidator.listener_functions_v1(capture text)
+RETURNS regprocedure[]
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $functions$
+    SELECT ARRAY['cdc_invalidator.schema_version()', 'cdc_invalidator.schema_revision()',
+                 'cdc_invalidator.server_lineage_v1()', 'cdc_invalidator.server_run_v1()',
+                 'cdc_invalidator.database_oid_v1()', 'cdc_invalidator.retired_table_v1(text)',
+                 'cdc_invalidator.mapping_eras_v1(text, jsonb, text)']::regprocedure[]
+        || CASE WHEN capture = 'trigger' THEN
+               ARRAY['cdc_invalidator.listen_v1()',
+                     'cdc_invalidator.note_server_v3(boolean, text, boolean)']::regprocedure[]
+           ELSE '{}' END
+$functions$;
+REVOKE ALL ON FUNCTION cdc_invalidator.listener_functions_v1(text) FROM PUBLIC;
+
+-- listeners_v1(): the roles granted a capture mode (UPDATE on listener_state_v1:
+-- grant_listener's trigger set; on slot_state_v1: its logical set), with the mode.
+CREATE OR REPLACE FUNCTION cdc_invalidator.listeners_v1()
+RETURNS TABLE (listener regrole, capture text)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $listeners$
+    SELECT a.grantee::regrole,
+           CASE WHEN c.relname = 'listener_state_v1' THEN 'trigger' ELSE 'logical' END
+    FROM pg_class c, aclexplode(c.relacl) a
+    WHERE c.oid IN ('cdc_invalidator.listener_state_v1'::regclass,
+                    to_regclass('cdc_invalidator.slot_state_v1'))
+      AND a.privilege_type = 'UPDATE' AND a.grantee <> 0 AND a.grantee <> c.relowner
+$listeners$;
+REVOKE ALL ON FUNCTION cdc_invalidator.listeners_v1() FROM PUBLIC;
+
 -- grant_listener(role, capture): give `role` exactly what `cdc-invalidator run` needs
 -- in capture mode `capture` ('trigger' or 'logical'), plus what the read-only commands
 -- `status`, `check` and `replay` read, and nothing else on our objects: whatever the
@@ -33,6 +86,7 @@ AS $grant$
 DECLARE
     grants text[];
     g      text;
+    f      regprocedure;
 BEGIN
     IF listener = (SELECT nspowner FROM pg_namespace WHERE nspname = 'cdc_invalidator') THEN
         -- Revoking first would take the owner's own privileges away.
@@ -81,34 +135,15 @@ BEGIN
     FOREACH g IN ARRAY grants LOOP
         EXECUTE format('GRANT %s TO %s', g, listener);
     END LOOP;
-    -- The version and revision the listener checks at start (PUBLIC may call it too; said here so
-    -- that it stays true if a DBA revokes that).
-    EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.schema_version() TO %s', listener);
-    EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.schema_revision() TO %s', listener);
-    -- The server's lineage and run, which each listener compares with what it saw last.
-    EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.server_lineage_v1() TO %s', listener);
-    EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.server_run_v1() TO %s', listener);
-    -- This database's oid, which the logical listener compares with its rows' (PUBLIC may
-    -- call it too, as above).
-    EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.database_oid_v1() TO %s', listener);
-    -- The templates of a table the listener's file no longer names, which an earlier
-    -- install recorded: its changes committed before the install that stopped watching it
-    -- are rendered with them (not PUBLIC's to call).
-    EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.retired_table_v1(text) TO %s', listener);
-    EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.mapping_eras_v1(text, jsonb, text) TO %s', listener);
-    IF capture = 'trigger' THEN
-        -- LISTEN on the NOTIFY payloads' channel, whose name it does not read
-        -- (pg_listening_channels() would show it to its session: docs/DBA.md).
-        EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.listen_v1() TO %s', listener);
-        -- The server's lineage and run noted at each connect, a sweep queued on another
-        -- one (note_server_v3(), SECURITY DEFINER: the only write to the queue it may make).
-        EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.note_server_v3(boolean, text, boolean) TO %s',
-                       listener);
-    ELSE
-        EXECUTE format('REVOKE EXECUTE ON FUNCTION cdc_invalidator.note_server_v3(boolean, text, boolean) FROM %s',
-                       listener);
-        EXECUTE format('REVOKE EXECUTE ON FUNCTION cdc_invalidator.listen_v1() FROM %s', listener);
-    END IF;
+    -- Its functions (listener_functions_v1); a switch to logical mode takes the trigger
+    -- listener's own away.
+    FOREACH f IN ARRAY cdc_invalidator.listener_functions_v1(capture) LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s', f, listener);
+    END LOOP;
+    FOR f IN SELECT unnest(cdc_invalidator.listener_functions_v1('trigger'))
+             EXCEPT SELECT unnest(cdc_invalidator.listener_functions_v1(capture)) LOOP
+        EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM %s', f, listener);
+    END LOOP;
 
     IF NOT has_database_privilege(listener, current_database(), 'CONNECT') THEN
         RAISE NOTICE 'cdc_invalidator: role % may not connect to database %: GRANT CONNECT ON DATABASE % TO %',
@@ -128,46 +163,26 @@ $grant$;
 REVOKE ALL ON FUNCTION cdc_invalidator.grant_listener(regrole, text) FROM PUBLIC;
 
 -- An install that adds a table the trigger listener writes (progress_v1, revision 3), or
--- a function it calls (note_server_v1(), revision 6; note_server_v2(), revision 7;
--- note_server_v3(), revision 8), gives it to the roles already granted trigger mode
--- (UPDATE on listener_state_v1: grant_listener's trigger set), as grant_listener would,
--- so that the upgrade order of docs/DBA.md (stop, install, start) needs no call in
--- between; and server_run_v1() (revision 7, not executable by PUBLIC), which the logical
--- listener calls, to the roles granted logical mode (UPDATE on slot_state_v1). And
--- database_oid_v1() (revision 9), which the logical listener and `check` call, to both:
--- PUBLIC may call it, unless the installing role's default privileges revoke that (a
--- review: a logical listener granted by revision 8 then failed on it), and
--- retired_table_v1() (revision 10), likewise; and listen_v1() (revision 10, not
--- PUBLIC's), to the roles granted trigger mode. Nothing else changes.
+-- a function a listener calls (note_server_v1(), revision 6; server_run_v1(), revision 7;
+-- database_oid_v1(), revision 9, which PUBLIC may call unless the installing role's
+-- default privileges revoke that: a review's logical listener granted by revision 8 then
+-- failed on it; retired_table_v1(), mapping_eras_v1() and listen_v1(), revision 10),
+-- gives it to the roles already granted that mode (listeners_v1()), as grant_listener
+-- would. So the upgrade order of docs/DBA.md (stop, install, start) needs no call in
+-- between. Nothing else changes.
 DO $carry_grants$
 DECLARE
-    listener regrole;
+    l record;
+    f regprocedure;
 BEGIN
-    FOR listener IN
-        SELECT a.grantee::regrole
-        FROM pg_class c, aclexplode(c.relacl) a
-        WHERE c.oid = 'cdc_invalidator.listener_state_v1'::regclass
-          AND a.privilege_type = 'UPDATE' AND a.grantee <> 0 AND a.grantee <> c.relowner
-    LOOP
-        EXECUTE format('GRANT SELECT, INSERT, DELETE ON TABLE cdc_invalidator.progress_v1 TO %s',
-                       listener);
-        EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.note_server_v3(boolean, text, boolean) TO %s',
-                       listener);
-        EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.listen_v1() TO %s', listener);
-        EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.database_oid_v1() TO %s', listener);
-        EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.retired_table_v1(text) TO %s', listener);
-        EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.mapping_eras_v1(text, jsonb, text) TO %s', listener);
-    END LOOP;
-    FOR listener IN
-        SELECT a.grantee::regrole
-        FROM pg_class c, aclexplode(c.relacl) a
-        WHERE c.oid = to_regclass('cdc_invalidator.slot_state_v1')
-          AND a.privilege_type = 'UPDATE' AND a.grantee <> 0 AND a.grantee <> c.relowner
-    LOOP
-        EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.server_run_v1() TO %s', listener);
-        EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.database_oid_v1() TO %s', listener);
-        EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.retired_table_v1(text) TO %s', listener);
-        EXECUTE format('GRANT EXECUTE ON FUNCTION cdc_invalidator.mapping_eras_v1(text, jsonb, text) TO %s', listener);
+    FOR l IN SELECT * FROM cdc_invalidator.listeners_v1() LOOP
+        IF l.capture = 'trigger' THEN
+            EXECUTE format('GRANT SELECT, INSERT, DELETE ON TABLE cdc_invalidator.progress_v1 TO %s',
+                           l.listener);
+        END IF;
+        FOREACH f IN ARRAY cdc_invalidator.listener_functions_v1(l.capture) LOOP
+            EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s', f, l.listener);
+        END LOOP;
     END LOOP;
 END
 $carry_grants$;
