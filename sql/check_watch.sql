@@ -53,7 +53,7 @@ WITH RECURSIVE w AS (
 ), capture AS (
     -- The capture function's text (no row: it is missing), and whether it sends the
     -- NOTIFY payload: on its own channel, or on the wake-up's (an earlier release's).
-    SELECT p.prosrc AS src,
+    SELECT p.oid, p.proowner, p.proconfig, p.prosrc AS src,
            strpos(p.prosrc, 'PERFORM cdc_invalidator.notify_row_v1(') > 0 AS payload,
            strpos(p.prosrc, 'pg_notify(''cdc_invalidator_v1'', CASE WHEN octet_length') > 0
                AS payload_on_wake_up
@@ -154,10 +154,8 @@ SELECT
                       'the queue (an owner changed since install, e.g. by REASSIGN OWNED): '
                       'every write to the table fails', p.oid::regprocedure,
                       quote_ident(pg_get_userbyid(p.proowner)))
-        FROM pg_proc p
-        WHERE p.oid = to_regprocedure(
-                  'cdc_invalidator.' || quote_ident('capture_' || w.relid::oid || '_v1') || '()')
-          AND NOT (has_schema_privilege(p.proowner, 'cdc_invalidator', 'USAGE')
+        FROM capture p
+        WHERE NOT (has_schema_privilege(p.proowner, 'cdc_invalidator', 'USAGE')
                    AND has_column_privilege(p.proowner, 'cdc_invalidator.queue_v1', 'op',
                                             'INSERT'))
         UNION ALL
@@ -170,14 +168,12 @@ SELECT
                       'only while the listener is busy): GRANT EXECUTE ON FUNCTION %%s TO %%s',
                       p.oid::regprocedure, quote_ident(pg_get_userbyid(p.proowner)), f.f, f.f,
                       quote_ident(pg_get_userbyid(p.proowner)))
-        FROM pg_proc p,
+        FROM capture p,
              unnest(ARRAY['pg_catalog.pg_notify(text, text)',
                           'pg_catalog.pg_try_advisory_lock_shared(integer, integer)',
                           'pg_catalog.pg_advisory_unlock_shared(integer, integer)',
                           'pg_catalog.pg_try_advisory_xact_lock_shared(integer, integer)']) f (f)
-        WHERE p.oid = to_regprocedure(
-                  'cdc_invalidator.' || quote_ident('capture_' || w.relid::oid || '_v1') || '()')
-          AND NOT has_function_privilege(p.proowner, f.f, 'EXECUTE')
+        WHERE NOT has_function_privilege(p.proowner, f.f, 'EXECUTE')
         UNION ALL
         -- ... and, with the NOTIFY payload compiled in, notify_row_v1() (granted by
         -- watch()), which sends it with pg_notify() as the installing role: either taken
@@ -199,11 +195,9 @@ SELECT
                                 'pg_catalog.pg_notify(text, text) TO %%s',
                                 p.oid::regprocedure, quote_ident(pg_get_userbyid(n.proowner)),
                                 quote_ident(pg_get_userbyid(n.proowner))) END
-        FROM pg_proc p, pg_proc n
-        WHERE p.oid = to_regprocedure(
-                  'cdc_invalidator.' || quote_ident('capture_' || w.relid::oid || '_v1') || '()')
-          AND n.oid = to_regprocedure('cdc_invalidator.notify_row_v1(text)')
-          AND strpos(p.prosrc, 'cdc_invalidator.notify_row_v1(') > 0
+        FROM capture p, pg_proc n
+        WHERE n.oid = to_regprocedure('cdc_invalidator.notify_row_v1(text)')
+          AND strpos(p.src, 'cdc_invalidator.notify_row_v1(') > 0
           AND NOT (has_function_privilege(p.proowner, n.oid, 'EXECUTE')
                    AND has_function_privilege(n.proowner, 'pg_catalog.pg_notify(text, text)',
                                               'EXECUTE'))
@@ -217,15 +211,13 @@ SELECT
                       '%%s does not pin bytea_output: %%s: run `cdc-invalidator install`',
                       quote_ident(a.attname), format_type(a.atttypid, a.atttypmod),
                       p.oid::regprocedure,
-                      CASE WHEN p.prosrc LIKE '%%prints_plain_probe_v1%%'
+                      CASE WHEN p.src LIKE '%%prints_plain_probe_v1%%'
                            THEN 'each statement that writes the table sweeps its templates'
                            ELSE 'its keys render in the writing session''s bytea_output' END)
-        FROM pg_proc p
+        FROM capture p
         JOIN pg_attribute a ON a.attrelid = w.relid AND a.attnum = ANY (w.attnums)
                            AND NOT a.attisdropped
-        WHERE p.oid = to_regprocedure(
-                  'cdc_invalidator.' || quote_ident('capture_' || w.relid::oid || '_v1') || '()')
-          AND EXISTS (SELECT FROM unnest(p.proconfig) g WHERE g LIKE 'TimeZone=%%')
+        WHERE EXISTS (SELECT FROM unnest(p.proconfig) g WHERE g LIKE 'TimeZone=%%')
           AND NOT EXISTS (SELECT FROM unnest(p.proconfig) g WHERE g LIKE 'bytea_output=%%')
           AND cdc_invalidator.prints_bytea_v1(a.atttypid)
         UNION ALL

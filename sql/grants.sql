@@ -18,7 +18,7 @@
 
 -- listener_functions_v1(capture): the functions of ours a listener's role calls in
 -- capture mode `capture`, which grant_listener() gives it, carry_grants (below) gives the
--- roles granted before an install that added one, and definer_grants.sql leaves it:
+-- roles granted before an install that added one, and take_back_grants.sql leaves it:
 --   schema_version(), schema_revision()  the version and revision it checks at start
 --                                         (PUBLIC may call them too; said here so that
 --                                         it stays true if a DBA revokes that)

@@ -973,23 +973,7 @@ CREATE TABLE IF NOT EXISTS cdc_invalidator.payload_channel_v1 (
     channel   text NOT NULL
 );
 REVOKE ALL ON TABLE cdc_invalidator.payload_channel_v1 FROM PUBLIC;
--- And from any other role: the installing role's ALTER DEFAULT PRIVILEGES ... GRANT
--- SELECT ON TABLES gave one SELECT on it as it was made (a review), as a hand's GRANT
--- may since. Each install takes them back.
-DO $payload_channel_grants$
-DECLARE
-    grantee regrole;
-BEGIN
-    FOR grantee IN
-        SELECT DISTINCT a.grantee::regrole
-        FROM pg_class c, aclexplode(c.relacl) a
-        WHERE c.oid = 'cdc_invalidator.payload_channel_v1'::regclass
-          AND a.grantee <> 0 AND a.grantee <> c.relowner
-    LOOP
-        EXECUTE format('REVOKE ALL ON TABLE cdc_invalidator.payload_channel_v1 FROM %s', grantee);
-    END LOOP;
-END
-$payload_channel_grants$;
+-- (and from any other role: sql/take_back_grants.sql, last in each install)
 INSERT INTO cdc_invalidator.payload_channel_v1 (channel)
 VALUES ('cdc_invalidator_' || replace(gen_random_uuid()::text, '-', ''))
 ON CONFLICT (singleton) DO NOTHING;

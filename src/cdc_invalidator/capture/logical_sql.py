@@ -140,7 +140,7 @@ def install_script(
             sql.SQL(";\n"),
             Q.REBUILD_GUARD.sql,
             sql.SQL("\n"),
-            Q.DEFINER_GRANTS.sql,
+            Q.TAKE_BACK_GRANTS.sql,
             sql.SQL("\n"),
             Q.INSTALL_DONE.sql,
             footer,

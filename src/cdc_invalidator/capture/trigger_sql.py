@@ -117,7 +117,7 @@ def install_script(
     ]
     if publication is not None:
         parts += [sql.SQL("\n"), _leave_logical(publication)]
-    parts += [sql.SQL("\n"), Q.DEFINER_GRANTS.sql, sql.SQL("\n"), Q.INSTALL_DONE.sql]
+    parts += [sql.SQL("\n"), Q.TAKE_BACK_GRANTS.sql, sql.SQL("\n"), Q.INSTALL_DONE.sql]
     return sql.Composed(parts)
 
 

@@ -33,7 +33,7 @@ class Q(enum.Enum):
     GRANTS = "grants.sql"  # grant_listener()
     LOGICAL = "logical.sql"  # logical mode's objects and the DDL guard
     INSTALLING = "installing.sql"
-    DEFINER_GRANTS = "definer_grants.sql"  # install's last: EXECUTE given by default privileges
+    TAKE_BACK_GRANTS = "take_back_grants.sql"  # install's last: grants no role should hold
     INSTALL_DONE = "install_done.sql"  # the event triggers stand aside while install works
     REBUILD_GUARD = "rebuild_guard.sql"  # a watched table dropped or replaced
     LEAVE_TRIGGER = "leave_trigger.sql"  # logical mode: our triggers go
