@@ -13,6 +13,7 @@ import re
 import threading
 
 import psycopg
+import pytest
 import redis
 
 from cdc_invalidator.cli import main
@@ -228,19 +229,25 @@ def test_a_table_of_many_long_key_columns_is_packed_by_a_thousand(env: Env) -> N
     assert packs(env) == [("D", PACK)] * (ONE_PACK // PACK)
 
 
-def test_a_bulk_statement_that_rolls_back_deletes_nothing(env: Env) -> None:
-    users_table(env)
+@pytest.mark.parametrize("rows", [ROWS, ONE_PACK // 2], ids=["packs", "one-pack"])
+def test_a_bulk_statement_that_rolls_back_deletes_nothing(env: Env, rows: int) -> None:
+    """Statements of `rows` rows (in packs of 1,000, or each one pack) rolled back."""
+    users_table(env, rows=rows)
     config = install(env, USERS, batch_size=BATCH)
     r = env.redis()
-    cache_users(r, range(1, ROWS + 1))
+    cache_users(r, range(1, rows + 1))
     with listening(config):
         with env.connect() as conn:
             conn.autocommit = False
             conn.execute("UPDATE users SET email = 'gone' || id")
             conn.execute("DELETE FROM users WHERE id > 100")
+            # (queued in the writer's transaction: one pack each, or a pack per 1,000 rows)
+            queued = conn.execute("SELECT count(*) FROM cdc_invalidator.queue_v1").fetchone()
+            packed = -(-rows // PACK) + -(-(rows - 100) // PACK)
+            assert queued == (2 if rows <= ONE_PACK else packed,)
             conn.rollback()
         settle(env, r)  # everything committed before it is done: the rollback too
-        assert len(keys(r)) == 2 * ROWS
+        assert len(keys(r)) == 2 * rows
     assert queue_len(env) == 0
 
 
