@@ -366,6 +366,55 @@ def test_a_listener_restarted_in_the_middle_of_a_streamed_transaction_deletes_al
     stop(second)
 
 
+def test_a_streamed_transaction_written_before_install_replaced_templates_deletes_the_old_keys(
+    env: Env, spawn: Spawn
+) -> None:
+    """big installed with a:{id}; no listener running; rows 1..N changed in one
+    transaction, committed; install with big given b:{id}; rows N+1..2N changed likewise;
+    the listener started on that file. Each transaction is streamed (decoded past
+    logical_decoding_work_mem), so its keys were computed before its commit position was
+    known, with the new templates only: a:1..a:N stayed cached (PostgreSQL 15), where
+    the same transaction decoded whole deleted them. A streamed change written before the
+    boundary is now rendered with the earlier templates too (its commit, after it, may
+    be too); one written after it, with the new ones only: a:N+1..a:2N stay."""
+    env.sql(
+        "CREATE TABLE big (id int PRIMARY KEY, name text);"
+        "CREATE TABLE small (id int PRIMARY KEY, note text);"
+        f"INSERT INTO big SELECT g, 'n' || g FROM generate_series(1, {2 * N}) g;"
+        "INSERT INTO small SELECT g, 'x' FROM generate_series(1, 10) g"
+    )
+    first = logical_config(env, {"public.big": ["a:{id}"], **SMALL}, name="first.toml")
+    install(first)
+    r = env.redis()
+    before, after = range(1, N + 1), range(N + 1, 2 * N + 1)
+    r.mset(dict.fromkeys([f"{t}:{i}" for t in "ab" for i in range(1, 2 * N + 1)], "cached"))
+    with psycopg.connect(env.dsn) as writer:  # a pack, and one row on its own
+        xids = [writer.execute("SELECT txid_current()").fetchone()]
+        writer.execute(f"UPDATE big SET name = 'x' || id WHERE id < {N}".encode())
+        writer.execute(f"UPDATE big SET name = 'y' WHERE id = {N}".encode())
+    second = logical_config(
+        env,
+        {"public.big": ["b:{id}"], **SMALL},
+        name="second.toml",
+        log_level="debug",
+        second_delete_ms=0,
+    )
+    install(second)
+    with psycopg.connect(env.dsn) as writer:
+        xids.append(writer.execute("SELECT txid_current()").fetchone())
+        writer.execute(f"UPDATE big SET name = 'x' || id WHERE id > {N}".encode())
+    listener = spawn(second)
+    marker(env, 1)
+    streamed = {line["xid"] for line in listener.logged("transaction_streaming")}
+    stop(listener)
+    assert {int(row[0]) & 0xFFFFFFFF for row in xids if row} <= streamed
+    assert [f"a:{i}" for i in before if r.exists(f"a:{i}")] == []
+    assert [f"b:{i}" for i in range(1, 2 * N + 1) if r.exists(f"b:{i}")] == []
+    # Written after the install: not rendered with the old templates (no double work).
+    assert r.exists(*(f"a:{i}" for i in after)) == N
+    assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 0
+
+
 def test_a_streamed_transaction_keeps_column_filters_truncate_and_dead_letters(
     env: Env, spawn: Spawn
 ) -> None:

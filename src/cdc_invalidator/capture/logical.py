@@ -314,6 +314,7 @@ class LogicalStream:
         # read, the changes of its chunk not mapped yet, and one committed, being handed out.
         self._open: dict[int, StreamedTxn] = {}
         self._block: StreamedTxn | None = None
+        self._block_start = 0  # the WAL position of its first change (_add_streamed_eras)
         self._chunk: list[ChangeEvent] = []
         self._chunk_packs = Collector(self._decoder, STREAM_CHUNK)  # the chunk's, column-wise
         # A large transaction's changes sent once committed, column-wise (GATHER_AFTER);
@@ -653,22 +654,31 @@ class LogicalStream:
                 i = bisect.bisect_right(starts, event.position) - 1
                 if i >= 0 and start <= commits[i] < below:
                     theirs.append(event)
-            if theirs:
-                merge(batch.premapped, era.mapper.map_all(theirs)[0], stand_ins=False)
+            _render_in_era(era, theirs, [], batch.premapped)
 
     def _add_era_packs(self, packs: list[ColumnPack], into: Routed) -> None:
         """_add_eras() for the open transaction's changes gathered column-wise."""
         commit = cast("tuple[int, int, int]", self._in_txn)[1]
         for era in self._eras:
             below = era.below if era.below is not None else 1 << 64
-            if not (era.start or 0) <= commit < below:
-                continue
-            routed: Routed = {}
-            for column_pack in packs:
-                one = column_pack.as_pack()
-                if one.table in era.tables and not era.mapper.map_pack(one, routed):
-                    merge(routed, era.mapper.map_all(column_pack.events())[0], stand_ins=False)
-            merge(into, routed, stand_ins=False)
+            if (era.start or 0) <= commit < below:
+                _render_in_era(era, [], packs, into)
+
+    def _add_streamed_eras(
+        self, events: list[ChangeEvent], packs: list[ColumnPack], into: Routed
+    ) -> None:
+        """_add_eras() for a chunk of a streamed transaction, whose commit position is
+        not known yet: with each earlier mapping whose boundary is past the start of the
+        chunk's block (the WAL position of its first change), whatever the mapping's
+        own start. Its commit comes after its changes, so every change committed under
+        an earlier mapping is rendered with it, and some committed after its boundary
+        are too (begun before an install, committed after it: a key deleted in vain).
+        Before, such a transaction committed before a template-replacing install and
+        streamed afterwards kept every `a:N` of the old templates cached."""
+        block = self._block_start
+        for era in self._eras:
+            if era.below is None or block < era.below:
+                _render_in_era(era, events, packs, into)
 
     # --- streamed transactions ------------------------------------------------------------
 
@@ -692,6 +702,7 @@ class LogicalStream:
                 )
                 log.debug("transaction_streaming", xid=start.xid)
             self._block = txn
+            self._block_start = self._stream.block_start
             self._chunk_packs.subxid = start.xid
             return False
         if cls is StreamCommit:
@@ -850,6 +861,8 @@ class LogicalStream:
         self._chunk, self._chunk_dead = [], []
         mapper = cast(Mapper, self._config.mapper)  # set: streaming is on
         routed, failed = mapper.map_all(events)
+        if self._eras:
+            self._add_streamed_eras(events, packs, routed)
         changes = len(events) + len(dead) + sum(len(p) for p in packs)
         _, back = map_packs(mapper, packs, routed)
         if back:
@@ -1084,3 +1097,19 @@ class LogicalStream:
                 }
             )
         self._side.cursor().executemany(Q.LOGICAL_DEAD_LETTER.sql, rows)
+
+
+def _render_in_era(
+    era: Era, events: list[ChangeEvent], packs: list[ColumnPack], into: Routed
+) -> None:
+    """The keys of `events` and `packs` of `era`'s tables rendered with its templates,
+    added to `into` (no stand-ins: the listener's mapping counts those already)."""
+    routed: Routed = {}
+    theirs = [event for event in events if event.table in era.tables]
+    if theirs:
+        merge(routed, era.mapper.map_all(theirs)[0], stand_ins=False)
+    for column_pack in packs:
+        one = column_pack.as_pack()
+        if one.table in era.tables and not era.mapper.map_pack(one, routed):
+            merge(routed, era.mapper.map_all(column_pack.events())[0], stand_ins=False)
+    merge(into, routed, stand_ins=False)

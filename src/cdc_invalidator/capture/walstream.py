@@ -19,6 +19,7 @@ import psycopg
 from psycopg import pq, sql
 
 _KEEPALIVE = struct.Struct("!Qq?")
+_LSN = struct.Struct("!Q")
 _STATUS = struct.Struct("!cQQQq?")
 # The protocol's clock: microseconds since 2000-01-01 UTC.
 _PG_EPOCH_S = 946_684_800
@@ -50,6 +51,10 @@ class WalStream:
         self._pgconn = conn.pgconn
         # The server's error that ended the stream (SQLSTATE, message), if it sent one.
         self.ended_with: tuple[str | None, str] | None = None
+        # The WAL position of the first change of the last Stream Start's block: the
+        # header of that message gives it (PostgreSQL's stream_start_cb_wrapper), and a
+        # block's changes come in WAL order, none before it (the captures' eras).
+        self.block_start = 0
 
     @property
     def walsender(self) -> int:
@@ -99,9 +104,9 @@ class WalStream:
 
     def read(self) -> bytes | Keepalive | None:
         """The next message already received: an XLogData's payload (bytes; its header's
-        positions are not needed: the payload's own Commit carries the position), a
-        Keepalive, or None when nothing is buffered. Never blocks; raises
-        OperationalError when the stream or the connection ends."""
+        positions are not needed, the payload's own Commit carrying the position, but for
+        a Stream Start's: block_start), a Keepalive, or None when nothing is buffered.
+        Never blocks; raises OperationalError when the stream or the connection ends."""
         n, data = self._pgconn.get_copy_data(1)
         if n == 0:
             # Nothing complete in libpq's buffer: take what the socket has, without waiting.
@@ -113,6 +118,8 @@ class WalStream:
             self._end_of_stream(n)
         kind = data[0]
         if kind == 0x77:  # 'w': start, end, clock (3 x 8 bytes), then the payload
+            if data[25] == 0x53:  # 'S': Stream Start
+                self.block_start = _LSN.unpack_from(data, 1)[0]
             # (tobytes(): 0.14 us a message, bytes() of the slice 0.25 us; a 1M-row
             # statement is a million messages)
             return data[25:].tobytes()
