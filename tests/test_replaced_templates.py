@@ -79,7 +79,7 @@ def test_a_change_captured_before_templates_were_replaced_deletes_the_old_key(
     assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 0
 
 
-@pytest.mark.parametrize("capture", ["trigger"])
+@pytest.mark.parametrize("capture", ["trigger", "logical"])
 def test_a_listener_started_on_the_edited_file_before_install_deletes_the_old_keys(
     env: Env, spawn: Spawn
 ) -> None:
@@ -89,7 +89,8 @@ def test_a_listener_started_on_the_edited_file_before_install_deletes_the_old_ke
     b:{id} only and a:1 stayed cached (PostgreSQL 15). Now, while its mapping is not
     installed, it renders the installed mapping's templates too, and once install
     recorded where its capture began, the rows queued after that with b:{id} only:
-    a:2 stays cached."""
+    a:2 stays cached. Logical mode likewise (it rendered row 1 with b:{id} only too, and
+    never asked for the boundary)."""
     env.sql(
         "CREATE TABLE users (id int PRIMARY KEY, name text);"
         "CREATE TABLE orders (id int PRIMARY KEY, user_id int NOT NULL);"

@@ -60,8 +60,10 @@ from cdc_invalidator.capture.relations import Relations
 from cdc_invalidator.capture.rows import Transaction, encode_history, with_transaction
 from cdc_invalidator.capture.streamed import Chunk, Dead, Prefetch, StreamedTxn, pack
 from cdc_invalidator.capture.trigger_sql import (
+    ERAS_ASK_EVERY_S,
     NO_STAMP,
     MappingStamp,
+    eras_again,
     mapping_eras_of,
     may_call,
     require_current_mapping,
@@ -301,6 +303,7 @@ class LogicalStream:
         self._eras: list[Era] = (
             mapping_eras_of(side, config.mapping, "logical") if config.mapper is not None else []
         )
+        self._eras_asked_at = time.monotonic()  # (_ask_eras_if_due)
         # The resync batch read past, its sweep still running: owed until released.
         self._resync_held: tuple[Hold, int, str | None] | None = None
         # Batches read past whose sweeps are not done: the slot is told nothing past the
@@ -448,6 +451,18 @@ class LogicalStream:
         if self._open:
             self._see_complete_if_due()
         self._read_gate_if_due()
+        self._ask_eras_if_due()
+
+    def _ask_eras_if_due(self) -> None:
+        """While an era is open (this listener's mapping not installed yet: its
+        templates differ from the installed one's, with which every change is rendered
+        too), whether `install` recorded its boundary, every ERAS_ASK_EVERY_S."""
+        now = time.monotonic()
+        if now < self._eras_asked_at + ERAS_ASK_EVERY_S:
+            return
+        if any(era.below is None for era in self._eras):
+            self._eras = eras_again(self._side, self._config.mapping, "logical", self._eras)
+        self._eras_asked_at = now
 
     def _resync_if_swept(self) -> None:
         if (held := self._resync_held) is not None and held[0].released:

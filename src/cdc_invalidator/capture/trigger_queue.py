@@ -50,11 +50,12 @@ from cdc_invalidator.capture.lineage import CrashSetting, after_crash, note_serv
 from cdc_invalidator.capture.rows import RowDecoder, pack_element, queue_id
 from cdc_invalidator.capture.trigger_sql import (
     CHANNEL,
+    ERAS_ASK_EVERY_S,
     LISTEN_PAYLOADS,
     NO_STAMP,
     MappingStamp,
     call_state,
-    log_eras,
+    eras_again,
     mapping_eras_of,
     require_current_mapping,
     require_installed,
@@ -70,9 +71,6 @@ log = structlog.get_logger("cdc_invalidator.capture.trigger")
 # Progress is saved at most this often, and this long at most after going idle: a crash
 # re-delivers at most this much work, where a save per batch would cost a write per batch.
 SAVE_EVERY_S = 0.1
-# While this listener's mapping is not installed and an earlier one's templates differ:
-# how often it asks whether install recorded its boundary (TriggerQueue._ask_eras_again).
-ERAS_ASK_EVERY_S = 1.0
 # Processed rows deleted per statement, so that a large clean-up never holds up an event.
 PRUNE_CHUNK = 5000
 # Batches this large mean changes arrive faster than the listener wakes: stop NOTIFY.
@@ -752,14 +750,8 @@ class TriggerQueue:
         self._eras_below = max((math.inf if e.below is None else e.below for e in eras), default=0)
 
     def _ask_eras_again(self) -> None:
-        """While an era is open (this listener's mapping not installed yet: its rows are
-        the installed mapping's), asked again every ERAS_ASK_EVERY_S: once `install` recorded
-        its boundary, the rows queued after it are rendered with this mapping only."""
         self._eras_asked_at = time.monotonic()
-        eras = mapping_eras_of(self._conn, self._mapping, "trigger", quiet=True)
-        if [e[:3] for e in eras] != [e[:3] for e in self._eras]:
-            log_eras(eras)
-        self._set_eras(eras)
+        self._set_eras(eras_again(self._conn, self._mapping, "trigger", self._eras))
 
     def _add_eras(self, rows: Sequence[Sequence[Any]], into: Routed) -> None:
         """The keys of the rows an earlier mapping's capture queued (ids below the

@@ -353,6 +353,25 @@ def mapping_eras_of(
     return eras
 
 
+# While a listener's mapping is not installed and an earlier one's templates differ (an
+# era open: its "below" not recorded yet), how often it asks whether install recorded
+# its boundary (eras_again).
+ERAS_ASK_EVERY_S = 1.0
+
+
+def eras_again(
+    conn: psycopg.Connection[Any], mapping: MappingStamp | None, capture: str, eras: list[Era]
+) -> list[Era]:
+    """mapping_eras_of() asked again while an era is open (this listener's mapping not
+    installed yet: what it reads is the installed mapping's), logged if it changed: once
+    `install` recorded its boundary, what is captured after it is rendered with this
+    mapping only."""
+    again = mapping_eras_of(conn, mapping, capture, quiet=True)
+    if [e[:3] for e in again] != [e[:3] for e in eras]:
+        log_eras(again)
+    return again
+
+
 def log_eras(eras: list[Era]) -> None:
     log.info(
         "rendering_changes_of_earlier_mappings",

@@ -129,7 +129,9 @@ class LogicalMode:
                 prune_every_s=s.prune_every_ms / 1000,
                 mapper=mapper,
                 retired=retired,
-                mapping=trigger_sql.MappingStamp(s.mapping_fingerprint(), s.written_at),
+                mapping=trigger_sql.MappingStamp(
+                    s.mapping_fingerprint(), s.written_at, s.mapping_record()
+                ),
                 sweep_after_crash=s.sweep_after_crash,
             ),
         )
