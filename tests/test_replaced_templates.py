@@ -125,6 +125,38 @@ def test_a_listener_started_on_the_edited_file_before_install_deletes_the_old_ke
     assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 0
 
 
+@pytest.mark.parametrize("capture", ["trigger", "logical"])
+def test_an_earlier_template_of_a_column_the_new_ones_do_not_use_is_rendered(
+    env: Env, spawn: Spawn
+) -> None:
+    """orders installed with a:{code}; the listener stopped; row 1 changed (not its
+    code); install with orders given b:{id} only; the listener started on that file.
+    Logical mode decoded only the columns of the listener's own templates, so row 1's
+    change had no code, a:{code} could not be rendered, and a:c1 stayed cached
+    (PostgreSQL 15). Now a table's earlier templates' columns are decoded too."""
+    env.sql(
+        "CREATE TABLE users (id int PRIMARY KEY, name text);"
+        "CREATE TABLE orders (id int PRIMARY KEY, code text NOT NULL, user_id int);"
+        "INSERT INTO users VALUES (1, 'A');"
+        "INSERT INTO orders SELECT g, 'c' || g, 0 FROM generate_series(1, 2) g"
+    )
+    r = env.redis()
+    first = env.config({**USERS, "public.orders": ["a:{code}"]}, name="first.toml")
+    assert cli("install", "--config", first) == 0
+    r.mset(dict.fromkeys(["a:c1", "a:c2", "b:1", "b:2", "user:1"], "cached"))
+    env.sql("UPDATE orders SET user_id = 1 WHERE id = 1")  # under a:{code}
+    second = env.config({**USERS, "public.orders": ["b:{id}"]}, name="second.toml")
+    assert cli("install", "--config", second) == 0
+    env.sql("UPDATE orders SET user_id = 1 WHERE id = 2")  # under b:{id}
+    env.sql("UPDATE users SET name = 'B' WHERE id = 1")
+    listener = spawn(second)
+    wait_until(lambda: r.exists("user:1") == 0, what="the listener caught up")
+    stop_listener(listener)
+    assert r.exists("a:c1", "b:1", "b:2") == 0
+    assert r.exists("a:c2") == 1  # captured after the install
+    assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 0
+
+
 @pytest.fixture
 def stamped_env(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Env]:
     """An Env on servers of its own whose PostgreSQL records commit timestamps."""

@@ -287,8 +287,14 @@ class LogicalStream:
         self._side = side
         self._history = HistoryWriter(side)
         self._config = config
+        # The templates earlier mappings gave tables this one renders otherwise, with the
+        # commit positions captured under each (trigger_sql.mapping_eras_of): empty,
+        # nothing more is done. Their columns are decoded too.
+        self._eras: list[Era] = (
+            mapping_eras_of(side, config.mapping, "logical") if config.mapper is not None else []
+        )
         relations = self._relations = Relations(
-            side, config.columns, config.filters, config.retired
+            side, config.columns, config.filters, config.retired, _era_columns(self._eras, config)
         )
         self._decoder = Decoder(
             relations.resolve,
@@ -297,12 +303,6 @@ class LogicalStream:
             base_types=relations.bases,
         )
         self._resync = resync
-        # The templates earlier mappings gave tables this one renders otherwise, with the
-        # commit positions captured under each (trigger_sql.mapping_eras_of): empty,
-        # nothing more is done.
-        self._eras: list[Era] = (
-            mapping_eras_of(side, config.mapping, "logical") if config.mapper is not None else []
-        )
         self._eras_asked_at = time.monotonic()  # (_ask_eras_if_due)
         # The resync batch read past, its sweep still running: owed until released.
         self._resync_held: tuple[Hold, int, str | None] | None = None
@@ -1128,3 +1128,17 @@ def _render_in_era(
         if one.table in era.tables and not era.mapper.map_pack(one, routed):
             merge(routed, era.mapper.map_all(column_pack.events())[0], stand_ins=False)
     merge(into, routed, stand_ins=False)
+
+
+def _era_columns(eras: list[Era], config: LogicalConfig) -> dict[TableName, list[str]]:
+    """The columns the eras' templates of each table use and the listener's do not: a
+    change committed under `a:{code}`, read by a listener of `b:{id}`, needs its code
+    (before, it was not decoded, and `a:{code}` went unrendered)."""
+    earlier: dict[TableName, list[str]] = {}
+    for era in eras:
+        for table in era.tables:
+            have = {*config.columns.get(table, ()), *earlier.get(table, ())}
+            more = [c for c in era.mapper.columns(table) if c not in have]
+            if more:
+                earlier.setdefault(table, []).extend(more)
+    return earlier

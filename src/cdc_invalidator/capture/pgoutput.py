@@ -176,6 +176,10 @@ class Resolved:
     # message decoded behind the renames): which column is which is not certain, so the
     # relation's changes are swept, as for a missing key column.
     unsure: bool = False
+    # Columns of `columns` that only an earlier mapping's templates use (the captures'
+    # eras): decoded where the message has them, never missing, their old values never
+    # owed (a change after that mapping's install need not carry them).
+    optional: frozenset[str] = frozenset()
 
 
 # (relid, name in the message, column names in the message) -> Resolved, or None for a
@@ -343,16 +347,12 @@ class Decoder:
         resolved = self._resolve(relid, table, tuple(columns))
         missing: tuple[str, ...] = ()
         judged_at: Mapping[int, int] | None = None
+        optional: frozenset[str] = frozenset()
         if resolved is None:
             wanted: tuple[tuple[str, int], ...] = ()
         else:
-            table = resolved.table
-            index = {c: i for i, c in enumerate(columns)}
-            names = {} if resolved.unsure else resolved.names
-            at = {c: index.get(names.get(c, "")) for c in resolved.columns}
-            wanted = tuple((c, i) for c, i in at.items() if i is not None)
-            # (and a key column of a type dropped since: how it prints is not known)
-            missing = tuple(c for c, i in at.items() if i is None) + self._untyped(wanted, types)
+            table, optional = resolved.table, resolved.optional
+            wanted, missing = self._wanted(resolved, columns, types)
             if resolved.column_filter is not None and not missing:
                 judged_at = _counted(resolved.column_filter, tuple(columns), {i for _, i in wanted})
         identity_at = {i for i, c in enumerate(columns) if c in identity_columns}
@@ -371,7 +371,7 @@ class Decoder:
             frozenset(identity_columns),
             wanted,
             wanted_at,
-            tuple(c for c, i in wanted if i not in identity_at),
+            tuple(c for c, i in wanted if i not in identity_at and c not in optional),
             missing,
             judged_at,
             fast,
@@ -386,6 +386,27 @@ class Decoder:
         told = before is not None and (before.missing, before.unsure) == (missing, relation.unsure)
         if missing and not told and self._on_unrenderable is not None:
             self._on_unrenderable(relation)
+
+    def _wanted(
+        self, resolved: Resolved, columns: list[str], types: list[int]
+    ) -> tuple[tuple[tuple[str, int], ...], tuple[str, ...]]:
+        """The resolved columns found in the message, with their indexes, and the key
+        columns it lacks (missing: its changes cannot be rendered)."""
+        index = {c: i for i, c in enumerate(columns)}
+        names = {} if resolved.unsure else resolved.names
+        at = {c: index.get(names.get(c, "")) for c in resolved.columns}
+        optional = resolved.optional
+        if optional:
+            # One the message lacks or cannot print is left out: the earlier templates
+            # that use it go unrendered, as before they were decoded.
+            at = {c: i for c, i in at.items() if c not in optional or i is not None}
+            found = tuple((c, i) for c, i in at.items() if c in optional and i is not None)
+            untyped = self._untyped(found, types)
+            at = {c: i for c, i in at.items() if c not in untyped}
+        wanted = tuple((c, i) for c, i in at.items() if i is not None)
+        # (and a key column of a type dropped since: how it prints is not known)
+        missing = tuple(c for c, i in at.items() if i is None) + self._untyped(wanted, types)
+        return wanted, missing
 
     def _untyped(self, wanted: tuple[tuple[str, int], ...], types: list[int]) -> tuple[str, ...]:
         """The wanted columns of a type not built in that the catalog no longer has (a

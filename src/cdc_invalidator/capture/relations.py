@@ -38,10 +38,14 @@ class Relations:
         columns: Mapping[TableName, Sequence[str]],
         filters: Mapping[TableName, ColumnFilter],
         retired: RetiredLookup | None = None,
+        earlier: Mapping[TableName, Sequence[str]] | None = None,
     ) -> None:
         self._side = side
         self._columns = columns
         self._filters = filters
+        # Columns only an earlier mapping's templates of a table use (the captures'
+        # eras): decoded where a change has them, never a missing key column.
+        self._earlier = earlier or {}
         # The listener's lookup of a table its configuration lacks (listener.py), the
         # one its mappers ask: once per table for both.
         self._retired_lookup = retired
@@ -57,7 +61,8 @@ class Relations:
         recorded = self._side.execute(Q.PUBLISHED_RECORDED.sql).fetchone()
         query = Q.LOGICAL_RESOLVE.sql if recorded and recorded[0] else Q.LOGICAL_RESOLVE_BY_NAME.sql
         known: Known = {}
-        for table, columns in self._columns.items():
+        for table, configured in self._columns.items():
+            columns = [*configured, *self._earlier.get(table, ())]
             row = self._side.execute(
                 query,
                 {
@@ -142,7 +147,12 @@ class Relations:
             for (name,) in self._side.execute(Q.RELATION_NAMES.sql, {"relid": relid})
             if name in present
         ] != list(columns)
-        return Resolved(table, wanted, names, self._filters.get(table), unsure)
+        return Resolved(
+            table, wanted, names, self._filters.get(table), unsure, self._optional(table)
+        )
+
+    def _optional(self, table: TableName) -> frozenset[str]:
+        return frozenset(self._earlier.get(table, ()))
 
     def _retired(self, relid: int, table: TableName, columns: tuple[str, ...]) -> Resolved | None:
         """A relation neither configured nor recorded as published: a table an `install`
