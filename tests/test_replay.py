@@ -25,6 +25,7 @@ from cdc_invalidator.capture.rows import Decoded, MapPack
 from cdc_invalidator.capture.trigger_queue import TriggerCapture
 from cdc_invalidator.cli import main
 from cdc_invalidator.mapping import Routed
+from cdc_invalidator.mapping.mapper import Era
 from cdc_invalidator.modes import logical as logical_mode
 from cdc_invalidator.modes import trigger as trigger_mode
 from cdc_invalidator.modes.choose import mode_for
@@ -650,6 +651,9 @@ def test_a_replay_reads_the_history_only_once_settled(env: Env) -> None:
         def last_acknowledged_s(self, conn: psycopg.Connection[Any]) -> float | None:
             return mode.last_acknowledged_s(conn)
 
+        def eras(self, conn: psycopg.Connection[Any]) -> list[Era]:
+            return mode.eras(conn)
+
     with env.connect() as conn:
         IdentityStore(conn).save("a server that is gone")
     watch = RedisWatch(
@@ -975,4 +979,32 @@ def test_replay_since_takes_rows_of_a_table_renamed_and_configured_so(
     done = replay_deletes_every_row_again(renamed, "15m")
     assert "skipped" not in done.stdout + done.stderr, done.stdout + done.stderr
     assert cached(r) == 0
+    assert r.get(BYSTANDER) == "fresh"
+
+
+def test_replay_since_renders_rows_invalidated_under_replaced_templates_with_them_too(
+    env: Env, spawn: Spawn
+) -> None:
+    """Rows invalidated under user:{id} and user:email:{email}; then install replaced
+    users' templates by member:{id}; a backup from before the edit restored. `replay
+    --since` on the new file deleted member:N only, and the restored user:N and
+    user:email:... stayed (both modes, PostgreSQL 15): the old app's keys. Now a replay
+    renders the changes of a table whose templates an install replaced with the earlier
+    ones too (the column only they use included)."""
+    config, r = invalidated_then_stopped(env, spawn)
+    replaced = config.with_name("replaced.toml")
+    text = config.read_text()
+    old = 'keys = ["user:{id}", "user:email:{email}"]'
+    assert old in text
+    replaced.write_text(text.replace(old, 'keys = ["member:{id}"]'))
+    assert main(["install", "--config", str(replaced)]) == 0
+
+    cache(r, ROWS)
+    r.mset({f"member:{i}": "stale" for i in ROWS})
+    r.set(BYSTANDER, "fresh")
+    done = run_cli("replay", "--since", "15m", "--config", str(replaced))
+    assert done.returncode == 0, done.stderr
+    assert f"{3 * len(ROWS)} keys were back and are deleted again" in done.stdout, done.stdout
+    assert cached(r) == 0
+    assert r.exists(*(f"member:{i}" for i in ROWS)) == 0
     assert r.get(BYSTANDER) == "fresh"

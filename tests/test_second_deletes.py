@@ -149,6 +149,9 @@ class LastAcknowledged:
 
     history = acknowledged
 
+    def eras(self, conn: object) -> list[object]:
+        return []
+
 
 def test_the_redo_reaches_back_twice_second_delete_ms_before_the_last_acknowledgement() -> None:
     """A second delete may wait second_delete_ms past its time while a backlog drains

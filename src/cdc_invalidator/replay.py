@@ -23,6 +23,7 @@ import structlog
 from cdc_invalidator.capture.rows import Decoded, MapPack
 from cdc_invalidator.events import Pack
 from cdc_invalidator.mapping import Invalidation, Mapper, Routed, merge
+from cdc_invalidator.mapping.mapper import Era
 from cdc_invalidator.sink import Sink
 
 log = structlog.get_logger("cdc_invalidator.replay")
@@ -45,6 +46,11 @@ class History(Protocol):
         """The events invalidated in the last `since_s` seconds (by the server's clock), in
         chunks, oldest first, with the rows that are no events. `map_pack`, if given, is
         offered each pack of changes (column-wise) first: one it maps gives no events."""
+        ...
+
+    def eras(self, conn: psycopg.Connection[Any]) -> list[Era]:
+        """The templates earlier mappings gave tables the configuration's mapping renders
+        otherwise (trigger_sql.mapping_eras_of)."""
         ...
 
 
@@ -74,8 +80,14 @@ def replay(  # noqa: PLR0913 - `sweep` is keyword-only
     """Delete the keys of every event invalidated in the last `since_s` seconds. A row
     that is no event, or an event that maps to no keys, is skipped and logged: the
     others are replayed all the same. The window's sweeps are done last, all in one
-    pass, or with `sweep=False` left to the caller (ReplayResult.owed)."""
+    pass, or with `sweep=False` left to the caller (ReplayResult.owed).
+
+    A change of a table whose templates an install replaced (`a:{id}` by `b:{id}`) is
+    rendered with the earlier ones too, whenever in the window it was captured: a
+    restored snapshot may hold `a:N` from before that install (before, only `b:N` was
+    deleted again). Those captured after the install delete an `a:N` in vain."""
     started = time.monotonic()
+    eras = history.eras(conn)
     events = keys = existed = 0
     owed: Routed = {}
     skips = _Skips(history.history_table)
@@ -85,12 +97,17 @@ def replay(  # noqa: PLR0913 - `sweep` is keyword-only
     premapped: Routed = {}
 
     def map_pack(pack: Pack) -> bool:
-        return mapper.map_pack(pack, premapped)
+        # (one an era cannot map column-wise comes back as events, for both to map)
+        return mapper.map_pack(pack, premapped) and all(
+            era.mapper.map_pack(pack, premapped) for era in eras if pack.table in era.tables
+        )
 
     for chunk in history.history(conn, since_s, map_pack):
         for position, reason in chunk.dead:
             skips.add(position, reason)
         works, failed = mapper.map_all(chunk.events)
+        for era in eras:
+            era.add_keys(chunk.events, works)
         merge(works, premapped)
         premapped.clear()
         for event, exc in failed:

@@ -26,6 +26,7 @@ from cdc_invalidator.mapping import (
     pack_keys,
     unpack_keys,
 )
+from cdc_invalidator.mapping.mapper import Era
 from cdc_invalidator.redis_guard.window import MARGIN_S
 from cdc_invalidator.replay import History, replay
 from cdc_invalidator.sink import REDIS_UNAVAILABLE, Sink
@@ -221,3 +222,6 @@ class _AcknowledgedOnly:
         self, conn: psycopg.Connection[Any], since_s: float, map_pack: MapPack | None = None
     ) -> Iterator[Decoded]:
         return self.of.acknowledged(conn, since_s, map_pack)
+
+    def eras(self, conn: psycopg.Connection[Any]) -> list[Era]:
+        return self.of.eras(conn)

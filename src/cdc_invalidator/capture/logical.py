@@ -1120,9 +1120,7 @@ def _render_in_era(
     """The keys of `events` and `packs` of `era`'s tables rendered with its templates,
     added to `into` (no stand-ins: the listener's mapping counts those already)."""
     routed: Routed = {}
-    theirs = [event for event in events if event.table in era.tables]
-    if theirs:
-        merge(routed, era.mapper.map_all(theirs)[0], stand_ins=False)
+    era.add_keys(events, routed)
     for column_pack in packs:
         one = column_pack.as_pack()
         if one.table in era.tables and not era.mapper.map_pack(one, routed):

@@ -152,6 +152,13 @@ class Era(NamedTuple):
     tables: frozenset[TableName]
     mapper: Mapper
 
+    def add_keys(self, events: Sequence[ChangeEvent], into: Routed) -> None:
+        """The keys of `events` of its tables, rendered with its templates, added to
+        `into` (not its stand-ins: the listener's mapping counts those already)."""
+        theirs = [event for event in events if event.table in self.tables]
+        if theirs:
+            merge(into, self.mapper.map_all(theirs)[0], stand_ins=False)
+
 
 def mapping_eras(found: object) -> list[Era]:
     """mapping_eras_v1()'s answer as Eras; what is not what install records is left out."""

@@ -14,11 +14,13 @@ import psycopg
 from psycopg import sql
 
 from cdc_invalidator.capture.rows import Decoded, MapPack
+from cdc_invalidator.capture.trigger_sql import MappingStamp, mapping_eras_of
 from cdc_invalidator.checks import ModeChecks
-from cdc_invalidator.mapping.mapper import RetiredLookup
+from cdc_invalidator.mapping.mapper import Era, RetiredLookup
 from cdc_invalidator.metrics import Figures
 from cdc_invalidator.pg.queries import Q
 from cdc_invalidator.runner import Source
+from cdc_invalidator.settings import Settings
 
 # Events read and deleted per round of a replay: bounded memory whatever the window
 # holds. A trigger queue row is one event (a pack: its rows); a history_v1 row gathers
@@ -86,6 +88,7 @@ class CaptureMode(ModeChecks, Protocol):
         self, conn: psycopg.Connection[Any], since_s: float, map_pack: MapPack | None = None
     ) -> Iterator[Decoded]: ...
     def last_acknowledged_s(self, conn: psycopg.Connection[Any]) -> float | None: ...
+    def eras(self, conn: psycopg.Connection[Any]) -> list[Era]: ...
 
     # -- in words, for the demo ---------------------------------------------------------
     @property
@@ -127,3 +130,15 @@ def seconds_ago(conn: psycopg.Connection[Any], query: Q) -> float | None:
     """The one value of query `query`, seconds or NULL (last_acknowledged_*.sql)."""
     row = conn.execute(query.sql).fetchone()
     return None if row is None or row[0] is None else float(row[0])
+
+
+def mapping_stamp(settings: Settings) -> MappingStamp:
+    """The configuration's mapping, as its listener asks about it (installed, its eras)."""
+    return MappingStamp(
+        settings.mapping_fingerprint(), settings.written_at, settings.mapping_record()
+    )
+
+
+def eras_of(conn: psycopg.Connection[Any], settings: Settings) -> list[Era]:
+    """CaptureMode.eras(): what replay renders a table's changes with too."""
+    return mapping_eras_of(conn, mapping_stamp(settings), settings.capture, quiet=True)

@@ -17,12 +17,14 @@ from cdc_invalidator.capture.rows import Decoded, MapPack, RowDecoder
 from cdc_invalidator.capture.slot import SlotState
 from cdc_invalidator.checks import Report
 from cdc_invalidator.events import TableName
-from cdc_invalidator.mapping.mapper import RetiredLookup
+from cdc_invalidator.mapping.mapper import Era, RetiredLookup
 from cdc_invalidator.metrics import Figures
 from cdc_invalidator.modes.base import (
     HISTORY_BATCH_ROWS,
     HISTORY_CHUNK,
+    eras_of,
     history_rows,
+    mapping_stamp,
     seconds_ago,
 )
 from cdc_invalidator.pg.connect import PgConnector
@@ -129,9 +131,7 @@ class LogicalMode:
                 prune_every_s=s.prune_every_ms / 1000,
                 mapper=mapper,
                 retired=retired,
-                mapping=trigger_sql.MappingStamp(
-                    s.mapping_fingerprint(), s.written_at, s.mapping_record()
-                ),
+                mapping=mapping_stamp(s),
                 sweep_after_crash=s.sweep_after_crash,
             ),
         )
@@ -217,3 +217,6 @@ class LogicalMode:
 
     def last_acknowledged_s(self, conn: psycopg.Connection[Any]) -> float | None:
         return seconds_ago(conn, Q.LAST_ACKNOWLEDGED_LOGICAL)
+
+    def eras(self, conn: psycopg.Connection[Any]) -> list[Era]:
+        return eras_of(conn, self._settings)

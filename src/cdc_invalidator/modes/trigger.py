@@ -16,9 +16,15 @@ from cdc_invalidator.capture.rows import Decoded, MapPack, RowDecoder, by_events
 from cdc_invalidator.capture.trigger_queue import Renames, TriggerCapture
 from cdc_invalidator.checks import Report
 from cdc_invalidator.events import TableName
-from cdc_invalidator.mapping.mapper import RetiredLookup
+from cdc_invalidator.mapping.mapper import Era, RetiredLookup
 from cdc_invalidator.metrics import Figures
-from cdc_invalidator.modes.base import HISTORY_CHUNK, history_rows, seconds_ago
+from cdc_invalidator.modes.base import (
+    HISTORY_CHUNK,
+    eras_of,
+    history_rows,
+    mapping_stamp,
+    seconds_ago,
+)
 from cdc_invalidator.pg import raw_text
 from cdc_invalidator.pg.connect import PgConnector
 from cdc_invalidator.pg.queries import Q
@@ -118,9 +124,7 @@ class TriggerMode:
             prune_every_s=s.prune_every_ms / 1000,
             history_s=s.history_s,
             mapper=s.mapper(),
-            mapping=trigger_sql.MappingStamp(
-                s.mapping_fingerprint(), s.written_at, s.mapping_record()
-            ),
+            mapping=mapping_stamp(s),
             payloads=s.notify_payload,
             sweep_after_failover=s.sweep_after_failover,
             sweep_after_crash=s.sweep_after_crash,
@@ -190,6 +194,9 @@ class TriggerMode:
 
     def last_acknowledged_s(self, conn: psycopg.Connection[Any]) -> float | None:
         return seconds_ago(conn, Q.LAST_ACKNOWLEDGED_TRIGGER)
+
+    def eras(self, conn: psycopg.Connection[Any]) -> list[Era]:
+        return eras_of(conn, self._settings)
 
     def _tables(self) -> Mapping[TableName, object]:
         """The configured tables, as the mapper names them."""
