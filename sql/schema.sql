@@ -569,9 +569,13 @@ CREATE TABLE IF NOT EXISTS cdc_invalidator.mapping_boundary_v1 (
 -- b:1 deleted). A mapping never installed (the file edited, the listener restarted,
 -- install not run yet) is compared by its `tables` (mapping_v1.tables' form): every
 -- recorded mapping is earlier, and the last one's capture is still running ("below"
--- NULL: the listener asks again until install recorded a boundary). Empty when this
--- mapping recorded no boundary (an earlier release's install), or no table's entry
--- changed: nothing more to render. As its owner, not PUBLIC's (templates, as
+-- NULL: the listener asks again until install recorded a boundary). So is a mapping
+-- installed whose boundary is not recorded yet (install records it right after its
+-- commit: a listener that connected in between rendered what came before with the new
+-- templates only, and never asked again), or never will be (an install by an earlier
+-- release, or one that died in between: its earlier mappings' templates render every
+-- change until the next install). Empty when no table's entry changed: nothing more
+-- to render. As its owner, not PUBLIC's (templates, as
 -- retired_table_v1()); a listener of an earlier release of revision 10 does not call it.
 CREATE OR REPLACE FUNCTION cdc_invalidator.mapping_eras_v1(
     fingerprint text, tables jsonb, capture text)
@@ -585,15 +589,15 @@ AS $eras$
         FROM cdc_invalidator.mapping_v1 m
         LEFT JOIN cdc_invalidator.mapping_boundary_v1 b ON b.mapping = m.id
     ), cur AS (
-        (SELECT m.id, m.tables FROM maps m
-         WHERE m.fingerprint = $1 AND m.tables IS NOT NULL AND m.boundary IS NOT NULL
+        (SELECT m.id, m.tables, m.boundary FROM maps m
+         WHERE m.fingerprint = $1 AND m.tables IS NOT NULL
          ORDER BY m.id DESC LIMIT 1)
         UNION ALL
-        SELECT NULL::bigint, $2
+        SELECT NULL::bigint, $2, NULL::bigint
         WHERE $2 IS NOT NULL
           AND NOT EXISTS (SELECT FROM cdc_invalidator.mapping_v1 m WHERE m.fingerprint = $1)
     ), earlier AS (
-        SELECT m.id, m.boundary AS "from", c.id IS NULL AS pending,
+        SELECT m.id, m.boundary AS "from", c.boundary IS NULL AS pending,
                (SELECT n.boundary FROM maps n
                 WHERE n.id > m.id AND n.boundary IS NOT NULL
                 ORDER BY n.id LIMIT 1) AS below,

@@ -10,11 +10,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 import redis
 
 from tests.support.env import FAST_PG, Env, Servers, make_env
-from tests.support.listener import Spawn, cli, stop_listener
+from tests.support.listener import ListenerProcess, Spawn, cli, stop_listener
 from tests.support.servers import PostgresServer, RedisServer
 from tests.support.waits import wait_until
 
@@ -22,6 +23,27 @@ pytestmark = [pytest.mark.usefixtures("capture"), pytest.mark.servers]
 
 USERS = {"public.users": ["user:{id}"]}
 OTHER_DB = 2
+
+
+def three_orders(env: Env) -> None:
+    env.sql(
+        "CREATE TABLE users (id int PRIMARY KEY, name text);"
+        "CREATE TABLE orders (id int PRIMARY KEY, user_id int NOT NULL);"
+        "INSERT INTO users VALUES (1, 'A');"
+        "INSERT INTO orders SELECT g, 0 FROM generate_series(1, 3) g"
+    )
+
+
+def wait_for_the_boundary(listener: ListenerProcess) -> None:
+    """Until the listener logs its eras with every boundary known (install's recorded)."""
+    wait_until(
+        lambda: any(
+            line.get("event") == "rendering_changes_of_earlier_mappings"
+            and all(era["from_below"][1] is not None for era in line["eras"])
+            for line in listener.lines()
+        ),
+        what="the boundary of the install seen",
+    )
 
 
 @pytest.mark.parametrize("capture", ["trigger", "logical"])
@@ -91,12 +113,7 @@ def test_a_listener_started_on_the_edited_file_before_install_deletes_the_old_ke
     recorded where its capture began, the rows queued after that with b:{id} only:
     a:2 stays cached. Logical mode likewise (it rendered row 1 with b:{id} only too, and
     never asked for the boundary)."""
-    env.sql(
-        "CREATE TABLE users (id int PRIMARY KEY, name text);"
-        "CREATE TABLE orders (id int PRIMARY KEY, user_id int NOT NULL);"
-        "INSERT INTO users VALUES (1, 'A');"
-        "INSERT INTO orders SELECT g, 0 FROM generate_series(1, 3) g"
-    )
+    three_orders(env)
     r = env.redis()
     first = env.config({**USERS, "public.orders": ["a:{id}"]}, name="first.toml")
     assert cli("install", "--config", first) == 0
@@ -108,14 +125,7 @@ def test_a_listener_started_on_the_edited_file_before_install_deletes_the_old_ke
         wait_until(lambda: r.exists("b:1") == 0, what="row 1's b:1 deleted")
         wait_until(lambda: r.exists("a:1") == 0, what="row 1's a:1 deleted", timeout_s=2)
         assert cli("install", "--config", edited) == 0
-        wait_until(
-            lambda: any(
-                line.get("event") == "rendering_changes_of_earlier_mappings"
-                and all(era["from_below"][1] is not None for era in line["eras"])
-                for line in listener.lines()
-            ),
-            what="the boundary of the install seen",
-        )
+        wait_for_the_boundary(listener)
         env.sql("UPDATE orders SET user_id = 1 WHERE id = 2")  # under b:{id}
         wait_until(lambda: r.exists("b:2") == 0, what="row 2's b:2 deleted")
         time.sleep(1)
@@ -154,6 +164,50 @@ def test_an_earlier_template_of_a_column_the_new_ones_do_not_use_is_rendered(
     stop_listener(listener)
     assert r.exists("a:c1", "b:1", "b:2") == 0
     assert r.exists("a:c2") == 1  # captured after the install
+    assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 0
+
+
+@pytest.mark.parametrize("capture", ["trigger", "logical"])
+def test_a_listener_that_connects_before_install_records_its_boundary_deletes_the_old_keys(
+    env: Env, spawn: Spawn
+) -> None:
+    """orders installed with a:{id}; the listener stopped; row 1 changed; install with
+    b:{id}, its boundary's INSERT held (a lock) after its commit; the listener started
+    on that file meanwhile. Its mapping installed and no boundary recorded, it rendered
+    row 1 with b:{id} only and never asked again: a:1 stayed cached (PostgreSQL 15, both
+    modes). Now such a mapping's earlier ones are open eras until the boundary comes."""
+    three_orders(env)
+    r = env.redis()
+    first = env.config({**USERS, "public.orders": ["a:{id}"]}, name="first.toml")
+    assert cli("install", "--config", first) == 0
+    r.mset(dict.fromkeys(["a:1", "b:1", "a:2", "b:2", "user:1"], "cached"))
+    env.sql("UPDATE orders SET user_id = 1 WHERE id = 1")  # under a:{id}
+    second = env.config({**USERS, "public.orders": ["b:{id}"]}, name="second.toml")
+    done: list[int] = []
+    with psycopg.connect(env.dsn) as holder:
+        holder.execute("LOCK TABLE cdc_invalidator.mapping_boundary_v1 IN EXCLUSIVE MODE")
+        installing = threading.Thread(
+            target=lambda: done.append(cli("install", "--config", second)), daemon=True
+        )
+        installing.start()
+        wait_until(
+            lambda: env.scalar("SELECT count(*) FROM cdc_invalidator.mapping_v1") == 2,
+            what="install's commit",
+        )
+        listener = spawn(second)
+        try:
+            wait_until(lambda: r.exists("b:1") == 0, what="row 1's b:1 deleted")
+            holder.commit()  # (the lock released: the boundary recorded)
+            installing.join(30)
+            assert done == [0]
+            wait_until(lambda: r.exists("a:1") == 0, what="row 1's a:1 deleted", timeout_s=3)
+            wait_for_the_boundary(listener)
+            env.sql("UPDATE orders SET user_id = 1 WHERE id = 2")  # under b:{id}
+            env.sql("UPDATE users SET name = 'B' WHERE id = 1")
+            wait_until(lambda: r.exists("b:2", "user:1") == 0, what="rows 2's b:2 deleted")
+        finally:
+            stop_listener(listener)
+    assert r.exists("a:2") == 1
     assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 0
 
 
