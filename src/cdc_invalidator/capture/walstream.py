@@ -118,11 +118,12 @@ class WalStream:
             self._end_of_stream(n)
         kind = data[0]
         if kind == 0x77:  # 'w': start, end, clock (3 x 8 bytes), then the payload
-            if data[25] == 0x53:  # 'S': Stream Start
-                self.block_start = _LSN.unpack_from(data, 1)[0]
             # (tobytes(): 0.14 us a message, bytes() of the slice 0.25 us; a 1M-row
             # statement is a million messages)
-            return data[25:].tobytes()
+            payload = data[25:].tobytes()
+            if payload[:1] == b"S":  # Stream Start
+                self.block_start = _LSN.unpack_from(data, 1)[0]
+            return payload
         if kind == 0x6B:  # 'k'
             end, _clock, reply = _KEEPALIVE.unpack_from(data, 1)
             return Keepalive(end, reply)
