@@ -61,7 +61,7 @@ from cdc_invalidator.capture.trigger_sql import (
     require_installed,
 )
 from cdc_invalidator.events import ChangeEvent, Origin, TableName
-from cdc_invalidator.mapping.mapper import Era, Mapper, Routed, merge
+from cdc_invalidator.mapping.mapper import Era, Mapper, Routed
 from cdc_invalidator.pg import raw_text
 from cdc_invalidator.pg.connect import LISTENER, PgConnector
 from cdc_invalidator.pg.queries import Q
@@ -776,8 +776,7 @@ class TriggerQueue:
             ]
             if not theirs:
                 continue
-            events = self._decoder.queue_rows(theirs, at=3, count_at=9).events
-            merge(into, era.mapper.map_all(events)[0], stand_ins=False)
+            era.add_keys(self._decoder.queue_rows(theirs, at=3, count_at=9).events, into)
 
     def _drop_uncommitted_early(self, snapshot: str, asked_at: float) -> None:
         """Changes deleted early before a read was asked for (at `asked_at`) whose
