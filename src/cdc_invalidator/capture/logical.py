@@ -669,7 +669,7 @@ class LogicalStream:
                 i = bisect.bisect_right(starts, event.position) - 1
                 if i >= 0 and start <= commits[i] < below:
                     theirs.append(event)
-            _render_in_era(era, theirs, [], batch.premapped)
+            _render_in_era(era, theirs, [], batch.premapped, self._decoder.unprintable)
 
     def _add_era_packs(self, packs: list[ColumnPack], into: Routed) -> None:
         """_add_eras() for the open transaction's changes gathered column-wise."""
@@ -677,7 +677,7 @@ class LogicalStream:
         for era in self._eras:
             below = era.below if era.below is not None else 1 << 64
             if (era.start or 0) <= commit < below:
-                _render_in_era(era, [], packs, into)
+                _render_in_era(era, [], packs, into, self._decoder.unprintable)
 
     def _add_streamed_eras(
         self, events: list[ChangeEvent], packs: list[ColumnPack], into: Routed
@@ -693,7 +693,7 @@ class LogicalStream:
         block = self._block_start
         for era in self._eras:
             if era.below is None or block < era.below:
-                _render_in_era(era, events, packs, into)
+                _render_in_era(era, events, packs, into, self._decoder.unprintable)
 
     # --- streamed transactions ------------------------------------------------------------
 
@@ -1115,17 +1115,52 @@ class LogicalStream:
 
 
 def _render_in_era(
-    era: Era, events: list[ChangeEvent], packs: list[ColumnPack], into: Routed
+    era: Era,
+    events: list[ChangeEvent],
+    packs: list[ColumnPack],
+    into: Routed,
+    unprintable: Mapping[TableName, frozenset[str]],
 ) -> None:
     """The keys of `events` and `packs` of `era`'s tables rendered with its templates,
-    added to `into` (no stand-ins: the listener's mapping counts those already)."""
+    added to `into` (no stand-ins: the listener's mapping counts those already). Its
+    templates of a column the stream named with a type that cannot be printed
+    (Decoder.unprintable: a domain dropped since) are swept for a change of the table
+    instead, as a listener of that mapping swept them: before, such a change rendered
+    nothing with them, and `a:c1` of `a:{code}` stayed cached, without a word."""
     routed: Routed = {}
     era.add_keys(events, routed)
+    tables = {e.table for e in events if e.table in era.tables}
     for column_pack in packs:
         one = column_pack.as_pack()
-        if one.table in era.tables and not era.mapper.map_pack(one, routed):
-            merge(routed, era.mapper.map_all(column_pack.events())[0], stand_ins=False)
+        if one.table in era.tables:
+            tables.add(one.table)
+            if not era.mapper.map_pack(one, routed):
+                merge(routed, era.mapper.map_all(column_pack.events())[0], stand_ins=False)
+    for table in tables:
+        if (columns := unprintable.get(table)) and (swept := era.sweeps(table, columns)):
+            merge(routed, swept, stand_ins=False)
+            _tell_unprintable(table, columns, swept)
     merge(into, routed, stand_ins=False)
+
+
+_told_unprintable: set[tuple[TableName, frozenset[str]]] = set()
+
+
+def _tell_unprintable(table: TableName, columns: frozenset[str], swept: Routed) -> None:
+    """Logged once per table and columns (a listener's life)."""
+    if (table, columns) in _told_unprintable:
+        return
+    _told_unprintable.add((table, columns))
+    log.warning(
+        "earlier_key_columns_unprintable",
+        table=str(table),
+        columns=sorted(columns),
+        patterns=sorted(p for work in swept.values() for p in work.patterns),
+        action="changes committed under an earlier mapping whose templates use these "
+        "columns, of a type dropped since (or cast to text by a function of the "
+        "database's own), sweep those templates (SCAN + UNLINK): their keys cannot be "
+        "rendered",
+    )
 
 
 def _era_columns(eras: list[Era], config: LogicalConfig) -> dict[TableName, list[str]]:

@@ -257,6 +257,13 @@ class Decoder:
         self._relations: dict[int, Relation] = {}
         self._warned: set[tuple[int, tuple[str, ...]]] = set()
         self.position = 0  # a serial number for every event decoded
+        # Columns only an earlier mapping's templates use (Resolved.optional) that a
+        # Relation message of the table named with a type that cannot be printed (a
+        # domain dropped since, a cast of the database's own): their values are not
+        # decoded, so the earlier templates that use them are swept for the changes
+        # rendered with those templates (the captures' eras), as a listener of that
+        # mapping swept them (a missing key column). Kept for the listener's life.
+        self.unprintable: dict[TableName, frozenset[str]] = {}
 
     @property
     def relations(self) -> Mapping[int, Relation]:
@@ -403,6 +410,9 @@ class Decoder:
             found = tuple((c, i) for c, i in at.items() if c in optional and i is not None)
             untyped = self._untyped(found, types)
             at = {c: i for c, i in at.items() if c not in untyped}
+            if untyped:
+                table = resolved.table
+                self.unprintable[table] = self.unprintable.get(table, frozenset()).union(untyped)
         wanted = tuple((c, i) for c, i in at.items() if i is not None)
         # (and a key column of a type dropped since: how it prints is not known)
         missing = tuple(c for c, i in at.items() if i is None) + self._untyped(wanted, types)

@@ -152,6 +152,11 @@ class Era(NamedTuple):
     tables: frozenset[TableName]
     mapper: Mapper
 
+    def sweeps(self, table: TableName, columns: Collection[str]) -> Routed:
+        """Its templates of `table` that use any of `columns`, as patterns under the
+        table's Redis database (empty if none do)."""
+        return self.mapper.sweep_using(table, columns)
+
     def add_keys(self, events: Sequence[ChangeEvent], into: Routed) -> None:
         """The keys of `events` of its tables, rendered with its templates, added to
         `into` (not its stand-ins: the listener's mapping counts those already)."""
@@ -277,6 +282,12 @@ class Mapper:
             work = routed.setdefault(self._dbs.get(table), Invalidation())
             work.patterns.update(t.glob() for t in templates)
         return routed
+
+    def sweep_using(self, table: TableName, columns: Collection[str]) -> Routed:
+        """The templates of `table` that use any of `columns`, as patterns under its
+        Redis database; empty if none does."""
+        globs = {t.glob() for t in self._templates.get(table, ()) if set(t.fields) & set(columns)}
+        return {self._dbs.get(table): Invalidation(patterns=globs)} if globs else {}
 
     def columns(self, table: TableName) -> list[str]:
         """The columns a table's templates use: what its trigger must copy."""
