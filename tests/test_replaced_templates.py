@@ -195,9 +195,12 @@ def test_an_earlier_template_of_a_column_of_a_domain_dropped_since_is_swept(
     env.sql("ALTER TABLE orders ALTER code TYPE text; DROP DOMAIN order_code")
     env.sql("UPDATE users SET name = 'B' WHERE id = 1")
     listener = spawn(second)
-    wait_until(lambda: r.exists("user:1") == 0, what="the listener caught up")
-    stop_listener(listener)
-    assert r.exists("a:c1", "b:1") == 0
+    try:
+        wait_until(lambda: r.exists("user:1") == 0, what="the listener caught up")
+        # (trigger mode sweeps b:* for row 1, captured without id: a sweep may end later)
+        wait_until(lambda: r.exists("a:c1", "b:1") == 0, what="a:c1 and b:1 deleted", timeout_s=3)
+    finally:
+        stop_listener(listener)
     assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 0
 
 
