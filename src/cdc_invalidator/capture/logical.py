@@ -1123,10 +1123,11 @@ def _render_in_era(
 ) -> None:
     """The keys of `events` and `packs` of `era`'s tables rendered with its templates,
     added to `into` (no stand-ins: the listener's mapping counts those already). Its
-    templates of a column the stream named with a type that cannot be printed
-    (Decoder.unprintable: a domain dropped since) are swept for a change of the table
-    instead, as a listener of that mapping swept them: before, such a change rendered
-    nothing with them, and `a:c1` of `a:{code}` stayed cached, without a word."""
+    templates of a column the stream named with a type that cannot be printed, or lacked
+    as a generated column (Decoder.unprintable: a domain dropped since; PostgreSQL
+    before 18) are swept for a change of the table instead, as a listener of that
+    mapping swept them: before, such a change rendered nothing with them, and `a:c1` of
+    `a:{code}` stayed cached, without a word."""
     routed: Routed = {}
     era.add_keys(events, routed)
     tables = {e.table for e in events if e.table in era.tables}
@@ -1158,8 +1159,8 @@ def _tell_unprintable(table: TableName, columns: frozenset[str], swept: Routed) 
         patterns=sorted(p for work in swept.values() for p in work.patterns),
         action="changes committed under an earlier mapping whose templates use these "
         "columns, of a type dropped since (or cast to text by a function of the "
-        "database's own), sweep those templates (SCAN + UNLINK): their keys cannot be "
-        "rendered",
+        "database's own), or generated columns (not sent before PostgreSQL 18), sweep "
+        "those templates (SCAN + UNLINK): their keys cannot be rendered",
     )
 
 

@@ -180,6 +180,9 @@ class Resolved:
     # eras): decoded where the message has them, never missing, their old values never
     # owed (a change after that mapping's install need not carry them).
     optional: frozenset[str] = frozenset()
+    # Those of `optional` the message lacks because they are generated columns, which no
+    # publication carries before PostgreSQL 18 (Decoder.unprintable).
+    unsent: frozenset[str] = frozenset()
 
 
 # (relid, name in the message, column names in the message) -> Resolved, or None for a
@@ -259,10 +262,11 @@ class Decoder:
         self.position = 0  # a serial number for every event decoded
         # Columns only an earlier mapping's templates use (Resolved.optional) that a
         # Relation message of the table named with a type that cannot be printed (a
-        # domain dropped since, a cast of the database's own): their values are not
-        # decoded, so the earlier templates that use them are swept for the changes
-        # rendered with those templates (the captures' eras), as a listener of that
-        # mapping swept them (a missing key column). Kept for the listener's life.
+        # domain dropped since, a cast of the database's own), or lacked as generated
+        # columns (Resolved.unsent): their values are not decoded, so the earlier
+        # templates that use them are swept for the changes rendered with those
+        # templates (the captures' eras), as a listener of that mapping swept them (a
+        # missing key column). Kept for the listener's life.
         self.unprintable: dict[TableName, frozenset[str]] = {}
 
     @property
@@ -410,9 +414,10 @@ class Decoder:
             found = tuple((c, i) for c, i in at.items() if c in optional and i is not None)
             untyped = self._untyped(found, types)
             at = {c: i for c, i in at.items() if c not in untyped}
-            if untyped:
+            if untyped or resolved.unsent:
                 table = resolved.table
-                self.unprintable[table] = self.unprintable.get(table, frozenset()).union(untyped)
+                had = self.unprintable.get(table, frozenset())
+                self.unprintable[table] = had.union(untyped, resolved.unsent)
         wanted = tuple((c, i) for c, i in at.items() if i is not None)
         # (and a key column of a type dropped since: how it prints is not known)
         missing = tuple(c for c, i in at.items() if i is None) + self._untyped(wanted, types)

@@ -147,12 +147,28 @@ class Relations:
             for (name,) in self._side.execute(Q.RELATION_NAMES.sql, {"relid": relid})
             if name in present
         ] != list(columns)
+        optional = self._optional(table)
         return Resolved(
-            table, wanted, names, self._filters.get(table), unsure, self._optional(table)
+            table,
+            wanted,
+            names,
+            self._filters.get(table),
+            unsure,
+            optional,
+            self._unsent(target, [c for c in optional if c not in names]),
         )
 
     def _optional(self, table: TableName) -> frozenset[str]:
         return frozenset(self._earlier.get(table, ()))
+
+    def _unsent(self, relid: int, absent: list[str]) -> frozenset[str]:
+        """Of the optional columns a Relation message lacks, those generated (never
+        published before PostgreSQL 18): a change committed under the earlier templates
+        that use one could not render them then either, and swept them."""
+        if not absent:
+            return frozenset()
+        rows = self._side.execute(Q.GENERATED_COLUMNS.sql, {"relid": relid, "names": absent})
+        return frozenset(name for (name,) in rows)
 
     def _retired(self, relid: int, table: TableName, columns: tuple[str, ...]) -> Resolved | None:
         """A relation neither configured nor recorded as published: a table an `install`
