@@ -415,6 +415,46 @@ def test_a_streamed_transaction_written_before_install_replaced_templates_delete
     assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 0
 
 
+def test_a_streamed_transaction_under_templates_an_install_replaced_is_not_judged_by_its_filter(
+    env: Env, spawn: Spawn
+) -> None:
+    """orders installed with a:{email} (and x:{id}), no column filter; no listener
+    running; rows 1..N's note changed in one transaction; install with orders given
+    b:{id} and ignore_columns = ["note", "email"]; rows N+1..2N's note changed likewise;
+    the listener started on that file. Each transaction streamed, the first one's
+    UPDATEs were judged by the new filter and skipped: a:e1..a:eN stayed cached
+    (PostgreSQL 15), though the old app's keys held the note. Now a stream block begun
+    before the install's boundary is not judged; one after it is (its keys stay)."""
+    env.sql(
+        "CREATE TABLE orders (id int PRIMARY KEY, email text, note text);"
+        "CREATE TABLE small (id int PRIMARY KEY, note text);"
+        f"INSERT INTO orders SELECT g, 'e' || g, 'n' FROM generate_series(1, {2 * N}) g;"
+        "INSERT INTO small SELECT g, 'x' FROM generate_series(1, 10) g"
+    )
+    first = logical_config(env, {"public.orders": ["a:{email}", "x:{id}"], **SMALL}, name="1.toml")
+    install(first)
+    r = env.redis()
+    before, after = range(1, N + 1), range(N + 1, 2 * N + 1)
+    r.mset(dict.fromkeys([f"{t}{i}" for t in ("a:e", "b:") for i in (*before, *after)], "cached"))
+    env.sql(f"UPDATE orders SET note = 'x' WHERE id <= {N}")
+    second = logical_config(
+        env, {"public.orders": ["b:{id}"], **SMALL}, name="2.toml", log_level="debug"
+    )
+    header = '[tables."public.orders"]\n'
+    text = second.read_text()
+    assert header in text
+    second.write_text(text.replace(header, header + 'ignore_columns = ["note", "email"]\n'))
+    install(second)
+    env.sql(f"UPDATE orders SET note = 'x' WHERE id > {N}")
+    listener = spawn(second)
+    marker(env, 1)
+    stop(listener)
+    assert len(listener.logged("transaction_streaming")) >= 2
+    assert [i for i in before if r.exists(f"a:e{i}")] == []
+    # Committed after the install, only ignored columns changed: nothing deleted.
+    assert r.exists(*(f"{t}{i}" for t in ("a:e", "b:") for i in after)) == 2 * N
+
+
 def test_a_streamed_transaction_keeps_column_filters_truncate_and_dead_letters(
     env: Env, spawn: Spawn
 ) -> None:

@@ -224,6 +224,50 @@ def test_an_earlier_template_of_a_column_that_cannot_be_decoded_is_swept(
 
 
 @pytest.mark.parametrize("capture", ["trigger", "logical"])
+def test_a_column_filter_added_with_new_templates_judges_only_the_changes_after_it(
+    env: Env, spawn: Spawn
+) -> None:
+    """orders installed with a:{email} (and x:{id}), no column filter; the listener
+    stopped; row 1's note changed; install with orders given b:{id} and ignore_columns =
+    ["note", "email"]; row 2's note changed, then row 2's email; the listener started on
+    that file. Logical mode judged row 1's UPDATE with the new filter, found only ignored
+    columns changed and skipped it: a:e1 stayed cached (PostgreSQL 15), though the old
+    app's key held the note. And it counted email, only the earlier template's column,
+    as changed by every UPDATE since (b:2 deleted for row 2's new email, which trigger
+    mode, and the configuration, ignore). Now a change committed under an earlier
+    mapping is not judged by the new filter, and the earlier columns count for none."""
+    env.sql(
+        "CREATE TABLE users (id int PRIMARY KEY, name text);"
+        "CREATE TABLE orders (id int PRIMARY KEY, email text, note text);"
+        "INSERT INTO users VALUES (1, 'A');"
+        "INSERT INTO orders SELECT g, 'e' || g, 'n' FROM generate_series(1, 2) g"
+    )
+    r = env.redis()
+    # (x:{id}: trigger mode's capture copies id too, so b:{id} renders row 1, unswept)
+    first = env.config({**USERS, "public.orders": ["a:{email}", "x:{id}"]}, name="first.toml")
+    assert cli("install", "--config", first) == 0
+    r.mset(dict.fromkeys(["a:e1", "a:e2", "b:2", "user:1"], "cached"))
+    env.sql("UPDATE orders SET note = 'x' WHERE id = 1")  # under a:{email}: no filter
+    second = env.config({**USERS, "public.orders": ["b:{id}"]}, name="second.toml")
+    header = '[tables."public.orders"]\n'
+    text = second.read_text()
+    assert header in text
+    second.write_text(text.replace(header, header + 'ignore_columns = ["note", "email"]\n'))
+    assert cli("install", "--config", second) == 0
+    env.sql("UPDATE orders SET note = 'x' WHERE id = 2")  # under b:{id}: ignored
+    env.sql("UPDATE orders SET email = 'f2' WHERE id = 2")  # likewise
+    env.sql("UPDATE users SET name = 'B' WHERE id = 1")
+    listener = spawn(second)
+    try:
+        wait_until(lambda: r.exists("user:1") == 0, what="the listener caught up")
+        wait_until(lambda: r.exists("a:e1") == 0, what="a:e1 deleted", timeout_s=3)
+    finally:
+        stop_listener(listener)
+    assert r.exists("a:e2", "b:2") == 2
+    assert env.scalar("SELECT count(*) FROM cdc_invalidator.dead_letter_v1") == 0
+
+
+@pytest.mark.parametrize("capture", ["trigger", "logical"])
 def test_a_listener_that_connects_before_install_records_its_boundary_deletes_the_old_keys(
     env: Env, spawn: Spawn
 ) -> None:

@@ -462,6 +462,8 @@ class LogicalStream:
             return
         if any(era.below is None for era in self._eras):
             self._eras = eras_again(self._side, self._config.mapping, "logical", self._eras)
+            if not self._eras:
+                self._decoder.judging = True  # (set per transaction only while eras are)
         self._eras_asked_at = now
 
     def _resync_if_swept(self) -> None:
@@ -594,6 +596,8 @@ class LogicalStream:
             elif cls is Begin:
                 begin = cast(Begin, out)
                 self._in_txn = (begin.xid, begin.final_lsn, begin.commit_time)
+                if self._eras:
+                    decoder.judging = not self._in_era(begin.final_lsn)
                 self._txn_events = 0
                 txn_from = size
                 gather_from = self._gather_from(size)
@@ -671,6 +675,15 @@ class LogicalStream:
                     theirs.append(event)
             _render_in_era(era, theirs, [], batch.premapped, self._decoder.unprintable)
 
+    def _in_era(self, commit: int) -> bool:
+        """Whether a transaction committed at `commit` is rendered with an earlier
+        mapping's templates too (_add_eras): its UPDATEs are not judged by this
+        mapping's column filters (Decoder.judging)."""
+        return any(
+            (era.start or 0) <= commit < (era.below if era.below is not None else 1 << 64)
+            for era in self._eras
+        )
+
     def _add_era_packs(self, packs: list[ColumnPack], into: Routed) -> None:
         """_add_eras() for the open transaction's changes gathered column-wise."""
         commit = cast("tuple[int, int, int]", self._in_txn)[1]
@@ -718,6 +731,10 @@ class LogicalStream:
                 log.debug("transaction_streaming", xid=start.xid)
             self._block = txn
             self._block_start = self._stream.block_start
+            if self._eras:
+                self._decoder.judging = not any(
+                    era.below is None or self._block_start < era.below for era in self._eras
+                )
             self._chunk_packs.subxid = start.xid
             return False
         if cls is StreamCommit:

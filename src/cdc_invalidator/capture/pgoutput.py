@@ -268,6 +268,12 @@ class Decoder:
         # templates (the captures' eras), as a listener of that mapping swept them (a
         # missing key column). Kept for the listener's life.
         self.unprintable: dict[TableName, frozenset[str]] = {}
+        # Whether column filters judge the UPDATEs decoded now: not those of a transaction
+        # committed under an earlier mapping whose templates are rendered too (the
+        # captures' eras: the listener sets it per transaction, and per stream block).
+        # That mapping's filter was not this one: an UPDATE of a column the new one
+        # ignores changed what its keys held (before, a:e1 of a:{email} stayed cached).
+        self.judging = True
 
     @property
     def relations(self) -> Mapping[int, Relation]:
@@ -365,7 +371,9 @@ class Decoder:
             table, optional = resolved.table, resolved.optional
             wanted, missing = self._wanted(resolved, columns, types)
             if resolved.column_filter is not None and not missing:
-                judged_at = _counted(resolved.column_filter, tuple(columns), {i for _, i in wanted})
+                # (not by the earlier templates' columns: what they render is never judged)
+                keys = {i for c, i in wanted if c not in optional}
+                judged_at = _counted(resolved.column_filter, tuple(columns), keys)
         identity_at = {i for i, c in enumerate(columns) if c in identity_columns}
         wanted_at = {i: c for c, i in wanted}
         order = {i: wanted_at[i] for i in sorted(wanted_at)}
@@ -512,7 +520,7 @@ class Decoder:
             if relation.missing:
                 return self._unrenderable(relation)
             judged = relation.judged_at
-            if judged is not None and msg[5] == 0x4F and _unchanged(msg, judged):  # 'O'
+            if judged is not None and self.judging and msg[5] == 0x4F and _unchanged(msg, judged):
                 return None  # judged first: a skipped UPDATE is walked once, not decoded
         pair = relation.pair
         if pair is not None:
