@@ -463,7 +463,7 @@ class LogicalStream:
         if any(era.below is None for era in self._eras):
             self._eras = eras_again(self._side, self._config.mapping, "logical", self._eras)
             if not self._eras:
-                self._decoder.judging = True  # (set per transaction only while eras are)
+                self._decoder.unjudged = frozenset()  # (set per transaction while eras are)
         self._eras_asked_at = now
 
     def _resync_if_swept(self) -> None:
@@ -597,7 +597,7 @@ class LogicalStream:
                 begin = cast(Begin, out)
                 self._in_txn = (begin.xid, begin.final_lsn, begin.commit_time)
                 if self._eras:
-                    decoder.judging = not self._in_era(begin.final_lsn)
+                    decoder.unjudged = self._era_tables(begin.final_lsn)
                 self._txn_events = 0
                 txn_from = size
                 gather_from = self._gather_from(size)
@@ -675,13 +675,16 @@ class LogicalStream:
                     theirs.append(event)
             _render_in_era(era, theirs, [], batch.premapped, self._decoder.unprintable)
 
-    def _in_era(self, commit: int) -> bool:
-        """Whether a transaction committed at `commit` is rendered with an earlier
-        mapping's templates too (_add_eras): its UPDATEs are not judged by this
-        mapping's column filters (Decoder.judging)."""
-        return any(
-            (era.start or 0) <= commit < (era.below if era.below is not None else 1 << 64)
-            for era in self._eras
+    def _era_tables(self, commit: int) -> frozenset[TableName]:
+        """The tables a transaction committed at `commit` has rendered with an earlier
+        mapping's templates too (_add_eras): their UPDATEs are not judged by this
+        mapping's column filters (Decoder.unjudged)."""
+        return frozenset().union(
+            *(
+                era.tables
+                for era in self._eras
+                if (era.start or 0) <= commit < (era.below if era.below is not None else 1 << 64)
+            )
         )
 
     def _add_era_packs(self, packs: list[ColumnPack], into: Routed) -> None:
@@ -732,8 +735,12 @@ class LogicalStream:
             self._block = txn
             self._block_start = self._stream.block_start
             if self._eras:
-                self._decoder.judging = not any(
-                    era.below is None or self._block_start < era.below for era in self._eras
+                self._decoder.unjudged = frozenset().union(
+                    *(
+                        era.tables
+                        for era in self._eras
+                        if era.below is None or self._block_start < era.below
+                    )
                 )
             self._chunk_packs.subxid = start.xid
             return False

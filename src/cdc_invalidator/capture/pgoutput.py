@@ -268,12 +268,13 @@ class Decoder:
         # templates (the captures' eras), as a listener of that mapping swept them (a
         # missing key column). Kept for the listener's life.
         self.unprintable: dict[TableName, frozenset[str]] = {}
-        # Whether column filters judge the UPDATEs decoded now: not those of a transaction
-        # committed under an earlier mapping whose templates are rendered too (the
-        # captures' eras: the listener sets it per transaction, and per stream block).
-        # That mapping's filter was not this one: an UPDATE of a column the new one
-        # ignores changed what its keys held (before, a:e1 of a:{email} stayed cached).
-        self.judging = True
+        # The tables whose UPDATEs decoded now column filters do not judge: those of a
+        # transaction committed under an earlier mapping whose templates of them are
+        # rendered too (the captures' eras: the listener sets it per transaction, and
+        # per stream block). That mapping's filter was not this one: an UPDATE of a
+        # column the new one ignores changed what its keys held (before, a:e1 of
+        # a:{email} stayed cached).
+        self.unjudged: frozenset[TableName] = frozenset()
 
     @property
     def relations(self) -> Mapping[int, Relation]:
@@ -520,7 +521,12 @@ class Decoder:
             if relation.missing:
                 return self._unrenderable(relation)
             judged = relation.judged_at
-            if judged is not None and self.judging and msg[5] == 0x4F and _unchanged(msg, judged):
+            if (
+                judged is not None
+                and msg[5] == 0x4F  # 'O'
+                and relation.table not in self.unjudged
+                and _unchanged(msg, judged)
+            ):
                 return None  # judged first: a skipped UPDATE is walked once, not decoded
         pair = relation.pair
         if pair is not None:
