@@ -304,6 +304,7 @@ class LogicalStream:
         )
         self._resync = resync
         self._eras_asked_at = time.monotonic()  # (_ask_eras_if_due)
+        self._told_unprintable: set[tuple[TableName, frozenset[str]]] = set()
         # The resync batch read past, its sweep still running: owed until released.
         self._resync_held: tuple[Hold, int, str | None] | None = None
         # Batches read past whose sweeps are not done: the slot is told nothing past the
@@ -597,7 +598,7 @@ class LogicalStream:
                 begin = cast(Begin, out)
                 self._in_txn = (begin.xid, begin.final_lsn, begin.commit_time)
                 if self._eras:
-                    decoder.unjudged = self._era_tables(begin.final_lsn)
+                    decoder.unjudged = _tables_of(self._committed_in(begin.final_lsn))
                 self._txn_events = 0
                 txn_from = size
                 gather_from = self._gather_from(size)
@@ -673,27 +674,27 @@ class LogicalStream:
                 i = bisect.bisect_right(starts, event.position) - 1
                 if i >= 0 and start <= commits[i] < below:
                     theirs.append(event)
-            _render_in_era(era, theirs, [], batch.premapped, self._decoder.unprintable)
+            self._render_in_era(era, theirs, [], batch.premapped)
 
-    def _era_tables(self, commit: int) -> frozenset[TableName]:
-        """The tables a transaction committed at `commit` has rendered with an earlier
-        mapping's templates too (_add_eras): their UPDATEs are not judged by this
-        mapping's column filters (Decoder.unjudged)."""
-        return frozenset().union(
-            *(
-                era.tables
-                for era in self._eras
-                if (era.start or 0) <= commit < (era.below if era.below is not None else 1 << 64)
-            )
-        )
+    def _committed_in(self, commit: int) -> list[Era]:
+        """The eras a transaction committed at `commit` was captured under (_add_eras):
+        their tables' UPDATEs in it are not judged by this mapping's column filters
+        (Decoder.unjudged), its changes are rendered with their templates too."""
+        return [
+            era
+            for era in self._eras
+            if (era.start or 0) <= commit < (era.below if era.below is not None else 1 << 64)
+        ]
+
+    def _begun_before(self, block: int) -> list[Era]:
+        """The eras a streamed block whose first change is at `block` may have been
+        captured under (_add_streamed_eras): its commit position is not known yet."""
+        return [era for era in self._eras if era.below is None or block < era.below]
 
     def _add_era_packs(self, packs: list[ColumnPack], into: Routed) -> None:
         """_add_eras() for the open transaction's changes gathered column-wise."""
-        commit = cast("tuple[int, int, int]", self._in_txn)[1]
-        for era in self._eras:
-            below = era.below if era.below is not None else 1 << 64
-            if (era.start or 0) <= commit < below:
-                _render_in_era(era, [], packs, into, self._decoder.unprintable)
+        for era in self._committed_in(cast("tuple[int, int, int]", self._in_txn)[1]):
+            self._render_in_era(era, [], packs, into)
 
     def _add_streamed_eras(
         self, events: list[ChangeEvent], packs: list[ColumnPack], into: Routed
@@ -706,10 +707,50 @@ class LogicalStream:
         are too (begun before an install, committed after it: a key deleted in vain).
         Before, such a transaction committed before a template-replacing install and
         streamed afterwards kept every `a:N` of the old templates cached."""
-        block = self._block_start
-        for era in self._eras:
-            if era.below is None or block < era.below:
-                _render_in_era(era, events, packs, into, self._decoder.unprintable)
+        for era in self._begun_before(self._block_start):
+            self._render_in_era(era, events, packs, into)
+
+    def _render_in_era(
+        self, era: Era, events: list[ChangeEvent], packs: list[ColumnPack], into: Routed
+    ) -> None:
+        """The keys of `events` and `packs` of `era`'s tables rendered with its templates,
+        added to `into` (no stand-ins: the listener's mapping counts those already). Its
+        templates of a column the stream named with a type that cannot be printed, or
+        lacked as a generated column (Decoder.unprintable: a domain dropped since;
+        PostgreSQL before 18) are swept for a change of the table instead, as a listener
+        of that mapping swept them: before, such a change rendered nothing with them,
+        and `a:c1` of `a:{code}` stayed cached, without a word."""
+        routed: Routed = {}
+        era.add_keys(events, routed)
+        tables = {e.table for e in events if e.table in era.tables}
+        for column_pack in packs:
+            one = column_pack.as_pack()
+            if one.table in era.tables:
+                tables.add(one.table)
+                if not era.mapper.map_pack(one, routed):
+                    merge(routed, era.mapper.map_all(column_pack.events())[0], stand_ins=False)
+        unprintable = self._decoder.unprintable
+        for table in tables:
+            if (columns := unprintable.get(table)) and (swept := era.sweeps(table, columns)):
+                merge(routed, swept, stand_ins=False)
+                self._tell_unprintable(table, columns, swept)
+        merge(into, routed, stand_ins=False)
+
+    def _tell_unprintable(self, table: TableName, columns: frozenset[str], swept: Routed) -> None:
+        """Logged once per table and columns (a connection's life)."""
+        if (table, columns) in self._told_unprintable:
+            return
+        self._told_unprintable.add((table, columns))
+        log.warning(
+            "earlier_key_columns_unprintable",
+            table=str(table),
+            columns=sorted(columns),
+            patterns=sorted(p for work in swept.values() for p in work.patterns),
+            action="changes committed under an earlier mapping whose templates use these "
+            "columns, of a type dropped since (or cast to text by a function of the "
+            "database's own), or generated columns (not sent before PostgreSQL 18), sweep "
+            "those templates (SCAN + UNLINK): their keys cannot be rendered",
+        )
 
     # --- streamed transactions ------------------------------------------------------------
 
@@ -735,13 +776,7 @@ class LogicalStream:
             self._block = txn
             self._block_start = self._stream.block_start
             if self._eras:
-                self._decoder.unjudged = frozenset().union(
-                    *(
-                        era.tables
-                        for era in self._eras
-                        if era.below is None or self._block_start < era.below
-                    )
-                )
+                self._decoder.unjudged = _tables_of(self._begun_before(self._block_start))
             self._chunk_packs.subxid = start.xid
             return False
         if cls is StreamCommit:
@@ -1138,56 +1173,6 @@ class LogicalStream:
         self._side.cursor().executemany(Q.LOGICAL_DEAD_LETTER.sql, rows)
 
 
-def _render_in_era(
-    era: Era,
-    events: list[ChangeEvent],
-    packs: list[ColumnPack],
-    into: Routed,
-    unprintable: Mapping[TableName, frozenset[str]],
-) -> None:
-    """The keys of `events` and `packs` of `era`'s tables rendered with its templates,
-    added to `into` (no stand-ins: the listener's mapping counts those already). Its
-    templates of a column the stream named with a type that cannot be printed, or lacked
-    as a generated column (Decoder.unprintable: a domain dropped since; PostgreSQL
-    before 18) are swept for a change of the table instead, as a listener of that
-    mapping swept them: before, such a change rendered nothing with them, and `a:c1` of
-    `a:{code}` stayed cached, without a word."""
-    routed: Routed = {}
-    era.add_keys(events, routed)
-    tables = {e.table for e in events if e.table in era.tables}
-    for column_pack in packs:
-        one = column_pack.as_pack()
-        if one.table in era.tables:
-            tables.add(one.table)
-            if not era.mapper.map_pack(one, routed):
-                merge(routed, era.mapper.map_all(column_pack.events())[0], stand_ins=False)
-    for table in tables:
-        if (columns := unprintable.get(table)) and (swept := era.sweeps(table, columns)):
-            merge(routed, swept, stand_ins=False)
-            _tell_unprintable(table, columns, swept)
-    merge(into, routed, stand_ins=False)
-
-
-_told_unprintable: set[tuple[TableName, frozenset[str]]] = set()
-
-
-def _tell_unprintable(table: TableName, columns: frozenset[str], swept: Routed) -> None:
-    """Logged once per table and columns (a listener's life)."""
-    if (table, columns) in _told_unprintable:
-        return
-    _told_unprintable.add((table, columns))
-    log.warning(
-        "earlier_key_columns_unprintable",
-        table=str(table),
-        columns=sorted(columns),
-        patterns=sorted(p for work in swept.values() for p in work.patterns),
-        action="changes committed under an earlier mapping whose templates use these "
-        "columns, of a type dropped since (or cast to text by a function of the "
-        "database's own), or generated columns (not sent before PostgreSQL 18), sweep "
-        "those templates (SCAN + UNLINK): their keys cannot be rendered",
-    )
-
-
 def _era_columns(eras: list[Era], config: LogicalConfig) -> dict[TableName, list[str]]:
     """The columns the eras' templates of each table use and the listener's do not: a
     change committed under `a:{code}`, read by a listener of `b:{id}`, needs its code
@@ -1200,3 +1185,7 @@ def _era_columns(eras: list[Era], config: LogicalConfig) -> dict[TableName, list
             if more:
                 earlier.setdefault(table, []).extend(more)
     return earlier
+
+
+def _tables_of(eras: list[Era]) -> frozenset[TableName]:
+    return frozenset().union(*(era.tables for era in eras))
