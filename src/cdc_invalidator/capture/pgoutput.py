@@ -417,8 +417,9 @@ class Decoder:
         at = {c: index.get(names.get(c, "")) for c in resolved.columns}
         optional = resolved.optional
         if optional:
-            # One the message lacks or cannot print is left out: the earlier templates
-            # that use it go unrendered, as before they were decoded.
+            # One the message lacks or cannot print is left out, never missing: one that
+            # cannot be printed, or a generated column the stream never sends, is noted
+            # (unprintable), and the earlier templates that use it are swept instead.
             at = {c: i for c, i in at.items() if c not in optional or i is not None}
             found = tuple((c, i) for c, i in at.items() if c in optional and i is not None)
             untyped = self._untyped(found, types)
