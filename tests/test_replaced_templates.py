@@ -177,6 +177,12 @@ CODE_COLUMNS = {
         "ALTER TABLE orders ALTER code TYPE text; DROP DOMAIN order_code",
     ),
     "generated": ("", "code text GENERATED ALWAYS AS ('c' || id) STORED", ""),
+    # (expand/contract: the new templates do not use code, so it is dropped after)
+    "generated_dropped": (
+        "",
+        "code text GENERATED ALWAYS AS ('c' || id) STORED",
+        "ALTER TABLE orders DROP COLUMN code",
+    ),
 }
 
 

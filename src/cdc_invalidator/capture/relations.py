@@ -163,8 +163,11 @@ class Relations:
 
     def _unsent(self, relid: int, absent: list[str]) -> frozenset[str]:
         """Of the optional columns a Relation message lacks, those generated (never
-        published before PostgreSQL 18): a change committed under the earlier templates
-        that use one could not render them then either, and swept them."""
+        published before PostgreSQL 18), or no live column now (a generated column
+        dropped since: the catalog keeps neither its name nor that it was generated):
+        a change committed under the earlier templates that use one could not render
+        them then either, and swept them. (Before, a generated column dropped after the
+        install that replaced its template left a:c1 of a:{code} cached, unswept.)"""
         if not absent:
             return frozenset()
         rows = self._side.execute(Q.GENERATED_COLUMNS.sql, {"relid": relid, "names": absent})
