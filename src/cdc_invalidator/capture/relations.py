@@ -170,7 +170,7 @@ class Relations:
         install that replaced its template left a:c1 of a:{code} cached, unswept.)"""
         if not absent:
             return frozenset()
-        rows = self._side.execute(Q.GENERATED_COLUMNS.sql, {"relid": relid, "names": absent})
+        rows = self._side.execute(Q.UNSENT_COLUMNS.sql, {"relid": relid, "names": absent})
         return frozenset(name for (name,) in rows)
 
     def _retired(self, relid: int, table: TableName, columns: tuple[str, ...]) -> Resolved | None:

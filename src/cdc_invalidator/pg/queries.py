@@ -123,7 +123,7 @@ class Q(enum.Enum):
     RELATION_COLUMNS = "relation_columns.sql"
     RELATIONS_GONE = "relations_gone.sql"  # dropped since resolved: forgotten once read past
     RELATION_NAMES = "relation_names.sql"
-    GENERATED_COLUMNS = "generated_columns.sql"  # lacked before 18, or dropped since
+    UNSENT_COLUMNS = "unsent_columns.sql"  # generated (lacked before 18), or dropped since
     BASE_TYPES = "base_types.sql"
     SAVE_ACK = "save_ack.sql"
     SLOT_TOOK = "slot_took.sql"  # a clean stop waits for the last status update
