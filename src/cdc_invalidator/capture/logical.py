@@ -43,6 +43,7 @@ from cdc_invalidator.capture.holds import Hold, Holds
 from cdc_invalidator.capture.lineage import (
     CrashSetting,
 )
+from cdc_invalidator.capture.logical_eras import LogicalEras
 from cdc_invalidator.capture.packs import Collector, ColumnPack, map_packs
 from cdc_invalidator.capture.pgoutput import (
     Begin,
@@ -60,11 +61,8 @@ from cdc_invalidator.capture.relations import Relations
 from cdc_invalidator.capture.rows import Transaction, encode_history, with_transaction
 from cdc_invalidator.capture.streamed import Chunk, Dead, Prefetch, StreamedTxn, pack
 from cdc_invalidator.capture.trigger_sql import (
-    ERAS_ASK_EVERY_S,
     NO_STAMP,
     MappingStamp,
-    eras_again,
-    mapping_eras_of,
     may_call,
     require_current_mapping,
 )
@@ -76,7 +74,7 @@ from cdc_invalidator.capture.walstream import (
 )
 from cdc_invalidator.events import ChangeEvent, InvalidEvent, Op, Origin, StandInKind, TableName
 from cdc_invalidator.mapping.columns import ColumnFilter
-from cdc_invalidator.mapping.mapper import Era, Mapper, RetiredLookup, Routed, merge
+from cdc_invalidator.mapping.mapper import Mapper, RetiredLookup, Routed, merge
 from cdc_invalidator.pg.queries import Q
 
 log = structlog.get_logger("cdc_invalidator.capture.logical")
@@ -287,14 +285,11 @@ class LogicalStream:
         self._side = side
         self._history = HistoryWriter(side)
         self._config = config
-        # The templates earlier mappings gave tables this one renders otherwise, with the
-        # commit positions captured under each (trigger_sql.mapping_eras_of): empty,
-        # nothing more is done. Their columns are decoded too.
-        self._eras: list[Era] = (
-            mapping_eras_of(side, config.mapping, "logical") if config.mapper is not None else []
-        )
+        # The templates earlier mappings gave tables this one renders otherwise
+        # (logical_eras.py): their columns are decoded too.
+        self._eras = LogicalEras(side, config.mapping, asked=config.mapper is not None)
         relations = self._relations = Relations(
-            side, config.columns, config.filters, config.retired, _era_columns(self._eras, config)
+            side, config.columns, config.filters, config.retired, self._eras.columns(config.columns)
         )
         self._decoder = Decoder(
             relations.resolve,
@@ -303,8 +298,6 @@ class LogicalStream:
             base_types=relations.bases,
         )
         self._resync = resync
-        self._eras_asked_at = time.monotonic()  # (_ask_eras_if_due)
-        self._told_unprintable: set[tuple[TableName, frozenset[str]]] = set()
         # The resync batch read past, its sweep still running: owed until released.
         self._resync_held: tuple[Hold, int, str | None] | None = None
         # Batches read past whose sweeps are not done: the slot is told nothing past the
@@ -452,20 +445,8 @@ class LogicalStream:
         if self._open:
             self._see_complete_if_due()
         self._read_gate_if_due()
-        self._ask_eras_if_due()
-
-    def _ask_eras_if_due(self) -> None:
-        """While an era is open (this listener's mapping not installed yet: its
-        templates differ from the installed one's, with which every change is rendered
-        too), whether `install` recorded its boundary, every ERAS_ASK_EVERY_S."""
-        now = time.monotonic()
-        if now < self._eras_asked_at + ERAS_ASK_EVERY_S:
-            return
-        if any(era.below is None for era in self._eras):
-            self._eras = eras_again(self._side, self._config.mapping, "logical", self._eras)
-            if not self._eras:
-                self._decoder.unjudged = frozenset()  # (set per transaction while eras are)
-        self._eras_asked_at = now
+        if self._eras.ask_if_due():
+            self._decoder.unjudged = frozenset()  # (set per transaction while eras are)
 
     def _resync_if_swept(self) -> None:
         if (held := self._resync_held) is not None and held[0].released:
@@ -554,6 +535,7 @@ class LogicalStream:
         events, transactions = batch.events, batch.transactions
         decoder = self._decoder
         decode = decoder.decode
+        eras = self._eras
         if self._in_txn is not None:  # a transaction continued from the last batch
             transactions.append((decoder.position + 1, *self._in_txn))
         size = 0
@@ -597,8 +579,8 @@ class LogicalStream:
             elif cls is Begin:
                 begin = cast(Begin, out)
                 self._in_txn = (begin.xid, begin.final_lsn, begin.commit_time)
-                if self._eras:
-                    decoder.unjudged = _tables_of(self._committed_in(begin.final_lsn))
+                if eras:
+                    decoder.unjudged = eras.tables(eras.committed_in(begin.final_lsn))
                 self._txn_events = 0
                 txn_from = size
                 gather_from = self._gather_from(size)
@@ -621,8 +603,8 @@ class LogicalStream:
         if self._in_txn is not None:
             self._map_gathered(batch)  # (the rest of the transaction comes in later batches)
             self._txn_events += size - txn_from
-        if self._eras and events:
-            self._add_eras(batch)
+        if eras and events:
+            eras.add_committed(events, transactions, batch.premapped, decoder.unprintable)
         batch.size = size
         batch.visible_at = self._visible_at(transactions)
         return batch
@@ -653,104 +635,21 @@ class LogicalStream:
                 encode_history([], packs=mapped, transaction=cast(Transaction, self._in_txn))
             )
 
-    def _add_eras(self, batch: LogicalBatch) -> None:
-        """The keys of the batch's events committed under an earlier mapping (commit
-        position below the listener's mapping's boundary) of tables it rendered
-        otherwise, with its templates, added to the batch's premapped keys: an install
-        replaced `a:{id}` by `b:{id}` while they waited in the slot, and `a:1` was the
-        app's key when the change committed (before, only `b:1` was deleted)."""
-        starts = [t[0] for t in batch.transactions]
-        commits = [t[2] for t in batch.transactions]
-        if not starts:
-            return
-        for era in self._eras:
-            below = era.below if era.below is not None else 1 << 64
-            start = era.start or 0
-            tables = era.tables
-            theirs = []
-            for event in batch.events:
-                if event.table not in tables:
-                    continue
-                i = bisect.bisect_right(starts, event.position) - 1
-                if i >= 0 and start <= commits[i] < below:
-                    theirs.append(event)
-            self._render_in_era(era, theirs, [], batch.premapped)
-
-    def _committed_in(self, commit: int) -> list[Era]:
-        """The eras a transaction committed at `commit` was captured under (_add_eras):
-        their tables' UPDATEs in it are not judged by this mapping's column filters
-        (Decoder.unjudged), its changes are rendered with their templates too."""
-        return [
-            era
-            for era in self._eras
-            if (era.start or 0) <= commit < (era.below if era.below is not None else 1 << 64)
-        ]
-
-    def _begun_before(self, block: int) -> list[Era]:
-        """The eras a streamed block whose first change is at `block` may have been
-        captured under (_add_streamed_eras): its commit position is not known yet."""
-        return [era for era in self._eras if era.below is None or block < era.below]
-
     def _add_era_packs(self, packs: list[ColumnPack], into: Routed) -> None:
-        """_add_eras() for the open transaction's changes gathered column-wise."""
-        for era in self._committed_in(cast("tuple[int, int, int]", self._in_txn)[1]):
-            self._render_in_era(era, [], packs, into)
+        """The open transaction's changes gathered column-wise, committed under an
+        earlier mapping, rendered with its templates too."""
+        eras = self._eras
+        for era in eras.committed_in(cast("tuple[int, int, int]", self._in_txn)[1]):
+            eras.render(era, [], packs, into, self._decoder.unprintable)
 
     def _add_streamed_eras(
         self, events: list[ChangeEvent], packs: list[ColumnPack], into: Routed
     ) -> None:
-        """_add_eras() for a chunk of a streamed transaction, whose commit position is
-        not known yet: with each earlier mapping whose boundary is past the start of the
-        chunk's block (the WAL position of its first change), whatever the mapping's
-        own start. Its commit comes after its changes, so every change committed under
-        an earlier mapping is rendered with it, and some committed after its boundary
-        are too (begun before an install, committed after it: a key deleted in vain).
-        Before, such a transaction committed before a template-replacing install and
-        streamed afterwards kept every `a:N` of the old templates cached."""
-        for era in self._begun_before(self._block_start):
-            self._render_in_era(era, events, packs, into)
-
-    def _render_in_era(
-        self, era: Era, events: list[ChangeEvent], packs: list[ColumnPack], into: Routed
-    ) -> None:
-        """The keys of `events` and `packs` of `era`'s tables rendered with its templates,
-        added to `into` (no stand-ins: the listener's mapping counts those already). Its
-        templates of a column the stream named with a type that cannot be printed, or
-        lacked as a generated column (Decoder.unprintable: a domain dropped since;
-        PostgreSQL before 18) are swept for a change of the table instead, as a listener
-        of that mapping swept them: before, such a change rendered nothing with them,
-        and `a:c1` of `a:{code}` stayed cached, without a word."""
-        routed: Routed = {}
-        era.add_keys(events, routed)
-        tables = {e.table for e in events if e.table in era.tables}
-        for column_pack in packs:
-            one = column_pack.as_pack()
-            if one.table in era.tables:
-                tables.add(one.table)
-                if not era.mapper.map_pack(one, routed):
-                    merge(routed, era.mapper.map_all(column_pack.events())[0], stand_ins=False)
-        unprintable = self._decoder.unprintable
-        for table in tables:
-            if (columns := unprintable.get(table)) and (swept := era.sweeps(table, columns)):
-                merge(routed, swept, stand_ins=False)
-                self._tell_unprintable(table, columns, swept)
-        merge(into, routed, stand_ins=False)
-
-    def _tell_unprintable(self, table: TableName, columns: frozenset[str], swept: Routed) -> None:
-        """Logged once per table and columns (a connection's life)."""
-        if (table, columns) in self._told_unprintable:
-            return
-        self._told_unprintable.add((table, columns))
-        log.warning(
-            "earlier_key_columns_unprintable",
-            table=str(table),
-            columns=sorted(columns),
-            patterns=sorted(p for work in swept.values() for p in work.patterns),
-            action="changes committed under an earlier mapping whose templates use these "
-            "columns, of a type dropped since (or cast to text by a function of the "
-            "database's own), or generated columns (not sent before PostgreSQL 18), sweep "
-            "those templates (SCAN + UNLINK): their keys cannot be rendered",
-        )
+        """A chunk of a streamed transaction rendered with the templates of the earlier
+        mappings its block may have been captured under (LogicalEras.begun_before)."""
+        eras = self._eras
+        for era in eras.begun_before(self._block_start):
+            eras.render(era, events, packs, into, self._decoder.unprintable)
 
     # --- streamed transactions ------------------------------------------------------------
 
@@ -775,8 +674,8 @@ class LogicalStream:
                 log.debug("transaction_streaming", xid=start.xid)
             self._block = txn
             self._block_start = self._stream.block_start
-            if self._eras:
-                self._decoder.unjudged = _tables_of(self._begun_before(self._block_start))
+            if eras := self._eras:
+                self._decoder.unjudged = eras.tables(eras.begun_before(self._block_start))
             self._chunk_packs.subxid = start.xid
             return False
         if cls is StreamCommit:
@@ -1171,21 +1070,3 @@ class LogicalStream:
                 }
             )
         self._side.cursor().executemany(Q.LOGICAL_DEAD_LETTER.sql, rows)
-
-
-def _era_columns(eras: list[Era], config: LogicalConfig) -> dict[TableName, list[str]]:
-    """The columns the eras' templates of each table use and the listener's do not: a
-    change committed under `a:{code}`, read by a listener of `b:{id}`, needs its code
-    (before, it was not decoded, and `a:{code}` went unrendered)."""
-    earlier: dict[TableName, list[str]] = {}
-    for era in eras:
-        for table in era.tables:
-            have = {*config.columns.get(table, ()), *earlier.get(table, ())}
-            more = [c for c in era.mapper.columns(table) if c not in have]
-            if more:
-                earlier.setdefault(table, []).extend(more)
-    return earlier
-
-
-def _tables_of(eras: list[Era]) -> frozenset[TableName]:
-    return frozenset().union(*(era.tables for era in eras))
