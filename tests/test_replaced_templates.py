@@ -34,6 +34,17 @@ def three_orders(env: Env) -> None:
     )
 
 
+def row_1_changed_under(env: Env, template: str, cached: list[str]) -> Path:
+    """orders installed with `template`, the `cached` keys set, row 1 changed under it
+    (no listener running); the file that gives orders b:{id} instead, written, not
+    installed."""
+    first = env.config({**USERS, "public.orders": [template]}, name="first.toml")
+    assert cli("install", "--config", first) == 0
+    env.redis().mset(dict.fromkeys(cached, "cached"))
+    env.sql("UPDATE orders SET user_id = 1 WHERE id = 1")  # under `template`
+    return env.config({**USERS, "public.orders": ["b:{id}"]}, name="second.toml")
+
+
 def wait_for_the_boundary(listener: ListenerProcess) -> None:
     """Until the listener logs its eras with every boundary known (install's recorded)."""
     wait_until(
@@ -151,11 +162,7 @@ def test_an_earlier_template_of_a_column_the_new_ones_do_not_use_is_rendered(
         "INSERT INTO orders SELECT g, 'c' || g, 0 FROM generate_series(1, 2) g"
     )
     r = env.redis()
-    first = env.config({**USERS, "public.orders": ["a:{code}"]}, name="first.toml")
-    assert cli("install", "--config", first) == 0
-    r.mset(dict.fromkeys(["a:c1", "a:c2", "b:1", "b:2", "user:1"], "cached"))
-    env.sql("UPDATE orders SET user_id = 1 WHERE id = 1")  # under a:{code}
-    second = env.config({**USERS, "public.orders": ["b:{id}"]}, name="second.toml")
+    second = row_1_changed_under(env, "a:{code}", ["a:c1", "a:c2", "b:1", "b:2", "user:1"])
     assert cli("install", "--config", second) == 0
     env.sql("UPDATE orders SET user_id = 1 WHERE id = 2")  # under b:{id}
     env.sql("UPDATE users SET name = 'B' WHERE id = 1")
@@ -210,11 +217,7 @@ def test_an_earlier_template_of_a_column_that_cannot_be_decoded_is_swept(
     if code == "domain":
         env.sql("UPDATE orders SET code = 'c' || id")
     r = env.redis()
-    first = env.config({**USERS, "public.orders": ["a:{code}"]}, name="first.toml")
-    assert cli("install", "--config", first) == 0
-    r.mset(dict.fromkeys(["a:c1", "b:1", "user:1"], "cached"))
-    env.sql("UPDATE orders SET user_id = 1 WHERE id = 1")  # under a:{code}
-    second = env.config({**USERS, "public.orders": ["b:{id}"]}, name="second.toml")
+    second = row_1_changed_under(env, "a:{code}", ["a:c1", "b:1", "user:1"])
     assert cli("install", "--config", second) == 0
     if after:
         env.sql(after)
@@ -284,11 +287,7 @@ def test_a_listener_that_connects_before_install_records_its_boundary_deletes_th
     modes). Now such a mapping's earlier ones are open eras until the boundary comes."""
     three_orders(env)
     r = env.redis()
-    first = env.config({**USERS, "public.orders": ["a:{id}"]}, name="first.toml")
-    assert cli("install", "--config", first) == 0
-    r.mset(dict.fromkeys(["a:1", "b:1", "a:2", "b:2", "user:1"], "cached"))
-    env.sql("UPDATE orders SET user_id = 1 WHERE id = 1")  # under a:{id}
-    second = env.config({**USERS, "public.orders": ["b:{id}"]}, name="second.toml")
+    second = row_1_changed_under(env, "a:{id}", ["a:1", "b:1", "a:2", "b:2", "user:1"])
     done: list[int] = []
     with psycopg.connect(env.dsn) as holder:
         holder.execute("LOCK TABLE cdc_invalidator.mapping_boundary_v1 IN EXCLUSIVE MODE")
