@@ -536,6 +536,7 @@ class LogicalStream:
         decoder = self._decoder
         decode = decoder.decode
         eras = self._eras
+        with_eras = bool(eras)  # (eras change between batches only: maintain())
         if self._in_txn is not None:  # a transaction continued from the last batch
             transactions.append((decoder.position + 1, *self._in_txn))
         size = 0
@@ -579,7 +580,7 @@ class LogicalStream:
             elif cls is Begin:
                 begin = cast(Begin, out)
                 self._in_txn = (begin.xid, begin.final_lsn, begin.commit_time)
-                if eras:
+                if with_eras:
                     decoder.unjudged = eras.tables(eras.committed_in(begin.final_lsn))
                 self._txn_events = 0
                 txn_from = size
@@ -603,7 +604,7 @@ class LogicalStream:
         if self._in_txn is not None:
             self._map_gathered(batch)  # (the rest of the transaction comes in later batches)
             self._txn_events += size - txn_from
-        if eras and events:
+        if with_eras and events:
             eras.add_committed(events, transactions, batch.premapped, decoder.unprintable)
         batch.size = size
         batch.visible_at = self._visible_at(transactions)
