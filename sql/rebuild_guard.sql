@@ -43,6 +43,10 @@
 --     table are swept as a partition's are: members_v1 records the children too. A
 --     child that left keeps its capture triggers (trigger mode) until install, as a
 --     detached partition does.
+--   * Trigger mode: capture triggers of ours turned off (DISABLE TRIGGER, ENABLE [REPLICA]
+--     TRIGGER: `pg_restore --disable-triggers` around its data) capture nothing, or not
+--     every session's writes: the command that turns them on again asks for one sweep
+--     (capture_off_v1, schema.sql, keeps what it saw off).
 -- A sweep is a queue row in trigger mode (queue_sweep_once_v1), a transactional logical
 -- decoding message in logical mode (emit_sweep_v1): both commit or roll back with the
 -- DDL. The watched names are those the events carry (watched_v1's and published_v1's
@@ -482,6 +486,67 @@ BEGIN
     EXCEPTION WHEN OTHERS THEN
         RAISE WARNING 'cdc_invalidator: the rebuild guard failed (%): a table that took a '
             'watched table''s name may not be captured: run `cdc-invalidator check`', SQLERRM;
+    END;
+    -- Trigger mode: capture triggers of ours that the command turned off or on (DISABLE
+    -- TRIGGER, ENABLE [REPLICA | ALWAYS] TRIGGER, of one or ALL). What the table's writers
+    -- wrote while they did not fire was not captured, and which rows is not known: their
+    -- states are kept in capture_off_v1 while one does not fire ALWAYS, and the command
+    -- that changes them again (`pg_restore --disable-triggers` ends its COPY with ENABLE
+    -- TRIGGER ALL) queues one sweep of the table's templates. Taking a lock that writers
+    -- conflict with, such a command waits for the writers before it and is waited for by
+    -- those after it: their changes are all committed before the sweep is queued.
+    -- (install turns them on with the guard aside: statement_triggers_v1 sweeps then.)
+    BEGIN
+        FOR r IN
+            SELECT s.rel, s.state, o.state AS was
+            FROM (SELECT tg.tgrelid AS rel, string_agg(tg.tgenabled::text, '' ORDER BY tg.tgname) AS state
+                  FROM cdc_invalidator.touched_v1() t
+                  JOIN pg_trigger tg ON tg.tgrelid = t.rel
+                  JOIN pg_proc p ON p.oid = tg.tgfoid  -- (by oid: a few rows)
+                  WHERE tg.tgname IN ('cdc_invalidator_ins_v1', 'cdc_invalidator_upd_v1',
+                                      'cdc_invalidator_del_v1', 'cdc_invalidator_trunc_v1')
+                    AND p.pronamespace = 'cdc_invalidator'::regnamespace
+                  GROUP BY tg.tgrelid) s
+            LEFT JOIN cdc_invalidator.capture_off_v1 o ON o.relid = s.rel
+            WHERE s.state ~ '[^A]' OR o.relid IS NOT NULL
+        LOOP
+            IF r.was IS DISTINCT FROM r.state AND r.was IS NOT NULL THEN
+                PERFORM cdc_invalidator.sweep_root_v1(x.root, format(
+                    'capture triggers of table %s did not all fire ALWAYS (disabled, or ENABLE '
+                    '[REPLICA] TRIGGER) until this command: what was written meanwhile was not '
+                    'captured', r.rel::regclass))
+                FROM (SELECT DISTINCT x.root FROM cdc_invalidator.roots_v1() x
+                      WHERE x.mode = 't' AND (x.root = r.rel OR x.root = ANY (
+                          cdc_invalidator.ancestors_v1(r.rel)))) x;
+            END IF;
+            IF r.state ~ '[^A]' THEN
+                INSERT INTO cdc_invalidator.capture_off_v1 (relid, state) VALUES (r.rel, r.state)
+                ON CONFLICT (relid) DO UPDATE SET state = EXCLUDED.state;
+            ELSE
+                DELETE FROM cdc_invalidator.capture_off_v1 o WHERE o.relid = r.rel;
+            END IF;
+        END LOOP;
+        -- ENABLE TRIGGER ALL of a partition also turns on its copy of the partitioned
+        -- table's row trigger, which install keeps off where the partition has capture
+        -- triggers of its own (watch()): on, every transaction that wrote the partition
+        -- swept all of the table's keys, until install. Off again.
+        FOR r IN
+            SELECT DISTINCT tg.tgrelid::regclass AS rel FROM cdc_invalidator.touched_v1() t
+            JOIN pg_class c ON c.oid = t.rel AND c.relispartition AND c.relkind = 'r'
+            JOIN pg_trigger tg ON tg.tgrelid = t.rel AND tg.tgname = 'cdc_invalidator_part_v1'
+                              AND tg.tgparentid <> 0 AND tg.tgenabled <> 'D'
+            WHERE (SELECT count(*) FROM pg_trigger s JOIN pg_proc p ON p.oid = s.tgfoid
+                   WHERE s.tgrelid = t.rel AND p.pronamespace = 'cdc_invalidator'::regnamespace
+                     AND s.tgname IN ('cdc_invalidator_ins_v1', 'cdc_invalidator_upd_v1',
+                                      'cdc_invalidator_del_v1', 'cdc_invalidator_trunc_v1')) = 4
+        LOOP
+            marked := cdc_invalidator.mark_install_v1();
+            EXECUTE format('ALTER TABLE %s DISABLE TRIGGER cdc_invalidator_part_v1', r.rel);
+            PERFORM cdc_invalidator.unmark_install_v1(was, marked);
+        END LOOP;
+    EXCEPTION WHEN OTHERS THEN
+        RAISE WARNING 'cdc_invalidator: the rebuild guard failed (%): what a table wrote while '
+            'capture triggers of ours did not fire may stay cached', SQLERRM;
     END;
     -- Logical mode: forget what was kept of dropped tables that no slot is behind.
     PERFORM cdc_invalidator.forget_dropped_v1(false);

@@ -1591,6 +1591,22 @@ END
 $regrant$;
 REVOKE ALL ON FUNCTION cdc_invalidator.regrant_sweeps_v1(regrole) FROM PUBLIC;
 
+-- capture_off_v1: the tables bearing capture triggers of ours that did not all fire
+-- ALWAYS (DISABLE TRIGGER, ENABLE REPLICA TRIGGER, or ENABLE TRIGGER: then not in a
+-- session_replication_role = replica session) after a command, with their states
+-- (tgenabled, by trigger name). What was written while they were off was not captured,
+-- and which rows that was is not known: the next command that changes the state (the
+-- rebuild guard, rebuild_guard.sql: ENABLE TRIGGER ALL, as `pg_restore
+-- --disable-triggers` ends its COPY) or install (watch()) queues one sweep
+-- of the table's templates in its transaction. Only the role that installed writes it.
+CREATE TABLE IF NOT EXISTS cdc_invalidator.capture_off_v1 (
+    relid oid PRIMARY KEY,
+    state text NOT NULL
+);
+REVOKE ALL ON TABLE cdc_invalidator.capture_off_v1 FROM PUBLIC;
+DELETE FROM cdc_invalidator.capture_off_v1 o  -- (of tables dropped since)
+WHERE NOT EXISTS (SELECT FROM pg_class c WHERE c.oid = o.relid);
+
 -- statement_triggers_v1(rel, fn): the four statement triggers that run capture function
 -- `fn` (its name, schema-qualified) on `rel`, firing ALWAYS: for a watched table, and
 -- for each of its partitions and inheritance children (watch(), and the rebuild guard
@@ -1726,6 +1742,7 @@ DECLARE
     early_q  text;  -- the UPDATE of one row: queued, judged if filtered, and its payload
     packed_q text;  -- the UPDATE of several rows: packs
     early_head text;
+    off      boolean := false;  -- a capture trigger of ours was found not firing ALWAYS
     single_q text[];  -- a one-row INSERT, UPDATE, DELETE: queued (with the payload if on)
     single_end text;  -- after it: RETURN when it sent its own payload, not the wake-up
     many_q   text[];  -- several rows' INSERT, UPDATE, DELETE: packs, or a bulk sweep
@@ -2117,8 +2134,25 @@ BEGIN
                UNION SELECT unnest(cdc_invalidator.heirs_v1(tbl, ARRAY(
                    SELECT w.relid::oid FROM cdc_invalidator.watched_v1 w WHERE w.relid <> tbl)))
     LOOP
+        -- Ours there already and not firing ALWAYS (or seen so by the rebuild guard,
+        -- capture_off_v1): what was written meanwhile was not captured. Swept below.
+        IF EXISTS (SELECT FROM pg_trigger tg JOIN pg_proc p ON p.oid = tg.tgfoid
+                   WHERE tg.tgrelid = rel AND tg.tgenabled <> 'A'
+                     AND tg.tgname IN ('cdc_invalidator_ins_v1', 'cdc_invalidator_upd_v1',
+                                       'cdc_invalidator_del_v1', 'cdc_invalidator_trunc_v1')
+                     AND p.pronamespace = 'cdc_invalidator'::regnamespace)
+           OR EXISTS (SELECT FROM cdc_invalidator.capture_off_v1 o WHERE o.relid = rel::oid) THEN
+            off := true;
+            DELETE FROM cdc_invalidator.capture_off_v1 o WHERE o.relid = rel::oid;
+        END IF;
         PERFORM cdc_invalidator.statement_triggers_v1(rel, fn);
     END LOOP;
+    IF off THEN
+        PERFORM cdc_invalidator.queue_sweep_once_v1(schema_n, table_n, format(
+            'capture triggers of table %s did not all fire ALWAYS (disabled, or ENABLE '
+            '[REPLICA] TRIGGER) until install: what was written meanwhile was not captured',
+            tbl));
+    END IF;
     IF kind = 'p' THEN
         -- Made under another name (the table was renamed, and configured so, since): its
         -- sweeps would carry the old one. Made again; its copies go and come with it.

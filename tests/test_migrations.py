@@ -466,6 +466,114 @@ def test_writes_in_replica_mode_are_captured(env: Env) -> None:
         settle(env, r)
 
 
+DISABLE_ALL = "ALTER TABLE users DISABLE TRIGGER ALL"
+
+
+def two_users_cached(env: Env) -> tuple[Path, redis.Redis]:
+    users_table(env, [(1, "u1@x"), (2, "u2@x")])
+    config = install(env, USERS)
+    r = env.redis()
+    seed(r, 1, 2)
+    return config, r
+
+
+@pytest.mark.parametrize(
+    ("disable", "enable"),
+    [
+        # pg_restore --disable-triggers (a data-only restore) does this around its COPY
+        pytest.param(DISABLE_ALL, "ALTER TABLE users ENABLE TRIGGER ALL", id="enable-all"),
+        pytest.param(
+            "ALTER TABLE users DISABLE TRIGGER cdc_invalidator_upd_v1",
+            "ALTER TABLE users ENABLE ALWAYS TRIGGER cdc_invalidator_upd_v1",
+            id="enable-one",
+        ),
+        pytest.param(
+            "ALTER TABLE users ENABLE REPLICA TRIGGER cdc_invalidator_upd_v1",
+            "ALTER TABLE users ENABLE ALWAYS TRIGGER cdc_invalidator_upd_v1",
+            id="replica-then-always",
+        ),
+        pytest.param(DISABLE_ALL, "install", id="install"),
+    ],
+)
+def test_writes_made_while_a_capture_trigger_was_off_are_swept_when_it_is_on_again(
+    env: Env, disable: str, enable: str
+) -> None:
+    config, r = two_users_cached(env)
+    with listening(config):
+        env.sql(disable)
+        env.sql("UPDATE users SET name = 'x' WHERE id = 1")
+        settle(env, r)
+        # what a disabled trigger does not capture (the gap this closes at re-enabling)
+        assert {"user:1", "user:2"} <= keys(r)
+        if enable == "install":
+            assert main(["install", "--config", str(config)]) == 0
+        else:
+            env.sql(enable)
+        # the changes made meanwhile are not known: every key of the table is swept
+        wait_until(
+            lambda: not keys(r) & {"user:1", "user:email:u1@x", "user:2"},
+            what="the table's keys swept when its trigger was on again",
+        )
+        settle(env, r)
+        # once: a later command on the table sweeps nothing
+        seed(r, 1, 2)
+        env.sql("ALTER TABLE users ADD COLUMN z int")
+        env.sql("UPDATE users SET name = 'y' WHERE id = 1")
+        settle(env, r)
+        assert "user:2" in keys(r)
+        assert "user:1" not in keys(r)
+
+
+def test_writes_to_a_partition_whose_triggers_were_off_sweep_its_table(env: Env) -> None:
+    env.sql(
+        "CREATE TABLE ev (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);"
+        "CREATE TABLE ev_0 PARTITION OF ev FOR VALUES FROM (0) TO (100);"
+        "CREATE TABLE ev_1 PARTITION OF ev FOR VALUES FROM (100) TO (200);"
+        "INSERT INTO ev VALUES (5, 'a'), (150, 'a')"
+    )
+    config = install(env, {"public.ev": ["ev:{id}"]})
+    r = env.redis()
+    with listening(config):
+        r.mset({"ev:5": "cached", "ev:150": "cached"})
+        env.sql("ALTER TABLE ev_1 DISABLE TRIGGER ALL")
+        env.sql("UPDATE ev_1 SET v = 'b' WHERE id = 150")  # names the partition
+        settle(env, r)
+        assert r.exists("ev:150", "ev:5") == 2  # not captured
+        env.sql("ALTER TABLE ev_1 ENABLE TRIGGER ALL")
+        wait_until(lambda: r.exists("ev:150", "ev:5") == 0, what="ev's templates swept")
+        settle(env, r)
+        # and only then: ENABLE TRIGGER ALL also turned on the partition's copy of the
+        # table's row trigger, which sweeps for every transaction (install keeps it off)
+        r.mset({"ev:5": "cached", "ev:150": "cached"})
+        env.sql("UPDATE ev_1 SET v = 'c' WHERE id = 150")
+        wait_until(lambda: r.exists("ev:150") == 0, what="ev:150 deleted")
+        settle(env, r)
+        assert r.exists("ev:5") == 1
+
+
+def test_writes_made_in_the_transaction_that_disabled_and_enabled_a_trigger_are_swept(
+    env: Env,
+) -> None:
+    config, r = two_users_cached(env)
+    with listening(config):
+        env.sql(
+            f"BEGIN; {DISABLE_ALL}; UPDATE users SET name = 'x' WHERE id = 1;"
+            " ALTER TABLE users ENABLE TRIGGER ALL; COMMIT"
+        )
+        wait_until(
+            lambda: not keys(r) & {"user:1", "user:email:u1@x", "user:2"},
+            what="the table's keys swept",
+        )
+        # rolled back: nothing swept
+        seed(r, 1, 2)
+        env.sql(
+            f"BEGIN; {DISABLE_ALL}; UPDATE users SET name = 'z' WHERE id = 1;"
+            " ALTER TABLE users ENABLE TRIGGER ALL; ROLLBACK"
+        )
+        settle(env, r)
+        assert {"user:1", "user:2"} <= keys(r)
+
+
 @pytest.mark.parametrize(
     ("ddl", "complaint"),
     [
