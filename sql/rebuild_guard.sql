@@ -140,6 +140,7 @@ DECLARE
     was    text := coalesce(current_setting('cdc_invalidator.installing', true), '');
     marked boolean;
     bad    text;
+    changed oid[] := '{}';  -- tables whose capture triggers' states the command changed
 BEGIN
     IF cdc_invalidator.installing_v1() THEN
         RETURN;
@@ -510,6 +511,9 @@ BEGIN
             LEFT JOIN cdc_invalidator.capture_off_v1 o ON o.relid = s.rel
             WHERE s.state ~ '[^A]' OR o.relid IS NOT NULL
         LOOP
+            IF r.was IS DISTINCT FROM r.state THEN
+                changed := changed || r.rel;
+            END IF;
             IF r.was IS DISTINCT FROM r.state AND r.was IS NOT NULL THEN
                 PERFORM cdc_invalidator.sweep_root_v1(x.root, format(
                     'capture triggers of table %s did not all fire ALWAYS (disabled, or ENABLE '
@@ -526,17 +530,29 @@ BEGIN
                 DELETE FROM cdc_invalidator.capture_off_v1 o WHERE o.relid = r.rel;
             END IF;
         END LOOP;
-        -- ENABLE TRIGGER ALL of a partition also turns on its copy of the partitioned
-        -- table's row trigger, which install keeps off where the partition has capture
+        -- ENABLE TRIGGER ALL of a partition, or of a partitioned table (PostgreSQL
+        -- recurses to the copies), also turns on partitions' copies of the partitioned
+        -- table's row trigger, which install keeps off where a partition has capture
         -- triggers of its own (watch()): on, every transaction that wrote the partition
-        -- swept all of the table's keys, until install. Off again.
+        -- swept all of the table's keys, until install. Off again. (A partitioned table's
+        -- partitions are looked at when the command changed the state of its triggers, or
+        -- left its row trigger not ALWAYS: a walk of 1,000 partitions costs 14 ms.)
         FOR r IN
-            SELECT DISTINCT tg.tgrelid::regclass AS rel FROM cdc_invalidator.touched_v1() t
-            JOIN pg_class c ON c.oid = t.rel AND c.relispartition AND c.relkind = 'r'
-            JOIN pg_trigger tg ON tg.tgrelid = t.rel AND tg.tgname = 'cdc_invalidator_part_v1'
+            SELECT DISTINCT tg.tgrelid::regclass AS rel
+            FROM cdc_invalidator.touched_v1() t
+            JOIN pg_class tc ON tc.oid = t.rel AND (tc.relispartition OR tc.relkind = 'p')
+            CROSS JOIN LATERAL (
+                SELECT t.rel
+                UNION SELECT unnest(cdc_invalidator.partitions_v1(t.rel))
+                WHERE tc.relkind = 'p' AND (t.rel = ANY (changed) OR EXISTS (
+                    SELECT FROM pg_trigger pt WHERE pt.tgrelid = t.rel
+                      AND pt.tgname = 'cdc_invalidator_part_v1' AND pt.tgenabled <> 'A'))
+            ) AS l(rel)
+            JOIN pg_trigger tg ON tg.tgrelid = l.rel AND tg.tgname = 'cdc_invalidator_part_v1'
                               AND tg.tgparentid <> 0 AND tg.tgenabled <> 'D'
+            JOIN pg_class c ON c.oid = l.rel AND c.relkind = 'r'
             WHERE (SELECT count(*) FROM pg_trigger s JOIN pg_proc p ON p.oid = s.tgfoid
-                   WHERE s.tgrelid = t.rel AND p.pronamespace = 'cdc_invalidator'::regnamespace
+                   WHERE s.tgrelid = l.rel AND p.pronamespace = 'cdc_invalidator'::regnamespace
                      AND s.tgname IN ('cdc_invalidator_ins_v1', 'cdc_invalidator_upd_v1',
                                       'cdc_invalidator_del_v1', 'cdc_invalidator_trunc_v1')) = 4
         LOOP
