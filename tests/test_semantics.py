@@ -128,6 +128,32 @@ def test_delete_deletes_the_old_rows_keys(env: Env) -> None:
     assert r.mget("user:2", "user:email:b@x") == ["B", "2"]
 
 
+def test_rows_a_foreign_key_cascades_to_have_their_keys_deleted(env: Env) -> None:
+    """ON DELETE CASCADE, ON UPDATE CASCADE and ON DELETE SET NULL change the child's rows
+    from inside the parent's statement (trigger mode: one statement per parent row, run
+    by PostgreSQL's referential-integrity triggers; logical mode: ordinary changes)."""
+    env.sql(
+        "CREATE TABLE parents (id int PRIMARY KEY);"
+        "CREATE TABLE kids (id int PRIMARY KEY,"
+        " parent_id int REFERENCES parents ON DELETE CASCADE ON UPDATE CASCADE,"
+        " adopted_by int REFERENCES parents ON DELETE SET NULL);"
+        "INSERT INTO parents SELECT generate_series(1, 4);"
+        "INSERT INTO kids VALUES (10, 1, NULL), (11, 1, NULL), (20, 2, NULL), (30, 3, 4)"
+    )
+    config = install(env, {"public.kids": ["kid:{id}", "parent:{parent_id}:kids"]})
+    r = env.redis()
+    cached = ["kid:10", "kid:11", "kid:20", "kid:30", "parent:1:kids", "parent:2:kids"]
+    cached += ["parent:3:kids"]  # kid 30's, whose row the SET NULL changed
+    r.mset(dict.fromkeys([*cached, "parent:9:kids", "parent:5:kids"], "x"))
+    with listening(config):
+        env.sql("DELETE FROM parents WHERE id = 1")  # cascades to kids 10 and 11
+        env.sql("UPDATE parents SET id = 9 WHERE id = 2")  # kid 20's parent_id: 2 -> 9
+        env.sql("DELETE FROM parents WHERE id = 4")  # kid 30's adopted_by: 4 -> NULL
+        wait_until(lambda: r.exists(*cached, "parent:9:kids") == 0, what="the kids' keys")
+        settle(env, r)
+    assert r.get("parent:5:kids") == "x"
+
+
 def test_update_of_a_non_key_column_deletes_the_rows_keys(env: Env) -> None:
     # The cached value is the whole row: a changed name makes user:1 stale.
     users_table(env, [(1, "a@x"), (2, "b@x")])
