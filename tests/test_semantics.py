@@ -154,6 +154,32 @@ def test_rows_a_foreign_key_cascades_to_have_their_keys_deleted(env: Env) -> Non
     assert r.get("parent:5:kids") == "x"
 
 
+def test_one_statement_writing_a_table_in_several_ctes_has_every_rows_keys_deleted(
+    env: Env,
+) -> None:
+    """Two UPDATEs, a DELETE and an INSERT of the same table in one statement's
+    data-modifying CTEs (trigger mode: PostgreSQL fires each event's statement trigger
+    once, its transition table holding the rows of every CTE of that event)."""
+    users_table(env, [(i, f"u{i}@x") for i in range(1, 6)])
+    config = install(env, USERS)
+    r = env.redis()
+    changed = [f"user:{i}" for i in (1, 2, 3, 6)] + ["user:email:u1@x", "user:email:u3@x"]
+    r.mset(dict.fromkeys([*changed, "user:email:new2@x", "user:email:u6@x", "user:4"], "x"))
+    with listening(config):
+        env.sql(
+            "WITH a AS (UPDATE users SET name = 'a' WHERE id = 1 RETURNING id),"
+            " b AS (UPDATE users SET email = 'new2@x' WHERE id = 2 RETURNING id),"
+            " c AS (DELETE FROM users WHERE id = 3 RETURNING id),"
+            " d AS (INSERT INTO users (id, email) VALUES (6, 'u6@x') RETURNING id)"
+            " SELECT (SELECT count(*) FROM a) + (SELECT count(*) FROM b)"
+            " + (SELECT count(*) FROM c) + (SELECT count(*) FROM d)"
+        )
+        wanted = [*changed, "user:email:new2@x", "user:email:u6@x"]
+        wait_until(lambda: r.exists(*wanted) == 0, what="every CTE's keys")
+        settle(env, r)
+    assert r.get("user:4") == "x"
+
+
 def test_update_of_a_non_key_column_deletes_the_rows_keys(env: Env) -> None:
     # The cached value is the whole row: a changed name makes user:1 stale.
     users_table(env, [(1, "a@x"), (2, "b@x")])
