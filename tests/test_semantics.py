@@ -180,6 +180,27 @@ def test_one_statement_writing_a_table_in_several_ctes_has_every_rows_keys_delet
     assert r.get("user:4") == "x"
 
 
+def test_writes_through_an_updatable_view_have_their_keys_deleted(env: Env) -> None:
+    """An automatically updatable view (and one over it), as apps and admins write
+    through: PostgreSQL rewrites the statement onto the table."""
+    users_table(env, [(1, "u1@x"), (2, "u2@x"), (3, "u3@x")])
+    env.sql(
+        "CREATE VIEW users_v AS SELECT id, email, name FROM users WHERE id > 0;"
+        "CREATE VIEW users_vv AS SELECT * FROM users_v"
+    )
+    config = install(env, USERS)
+    r = env.redis()
+    changed = ["user:1", "user:email:u1@x", "user:2", "user:email:u2@x", "user:4"]
+    r.mset(dict.fromkeys([*changed, "user:3"], "x"))
+    with listening(config):
+        env.sql("UPDATE users_v SET name = 'a' WHERE id = 1")
+        env.sql("DELETE FROM users_vv WHERE id = 2")
+        env.sql("INSERT INTO users_v (id, email) VALUES (4, 'u4@x')")
+        wait_until(lambda: r.exists(*changed) == 0, what="the keys of the view's writes")
+        settle(env, r)
+    assert r.get("user:3") == "x"
+
+
 def test_update_of_a_non_key_column_deletes_the_rows_keys(env: Env) -> None:
     # The cached value is the whole row: a changed name makes user:1 stale.
     users_table(env, [(1, "a@x"), (2, "b@x")])
