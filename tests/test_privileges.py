@@ -513,6 +513,45 @@ def test_a_filtered_table_under_the_least_privilege_listener(
     stop(listener)  # and it exits 0
 
 
+def test_a_table_under_forced_row_level_security_is_captured_whatever_its_policies(
+    env: Env, spawn: Spawn, writer_role: str
+) -> None:
+    """Row-level security, forced on the table's owner too (a role of its own, no
+    superuser), with policies that let the application's role see and write some rows
+    only: each of its writes is captured, and a DBA's change of a row they hide from
+    it."""
+    with login_role(env, "app_owner_") as owner:
+        tables(env, writer_role)
+        env.sql(
+            sql.SQL(
+                "ALTER TABLE users OWNER TO {owner};"
+                "ALTER TABLE users ENABLE ROW LEVEL SECURITY;"
+                "ALTER TABLE users FORCE ROW LEVEL SECURITY;"
+                "CREATE POLICY mine ON users TO {writer} USING (id < 3) WITH CHECK (id < 5)"
+            )
+            .format(owner=sql.Identifier(owner), writer=sql.Identifier(writer_role))
+            .as_string(None)
+        )
+        dba = config(env, USERS, name="dba.toml")
+        assert main(["install", "--config", str(dba)]) == 0
+        r = env.redis()
+        changed = ["user:1", "user:email:a@x", "user:2", "user:email:b@x", "user:4"]
+        r.mset(dict.fromkeys([*changed, "user:email:new@x", "user:3", "user:email:c@x"], "-"))
+        listener = spawn(dba)
+        with psycopg.connect(as_role(env, writer_role), autocommit=True) as writer:
+            writer.execute("UPDATE users SET email = 'new@x' WHERE id = 1")
+            writer.execute("DELETE FROM users WHERE id = 2")
+            writer.execute("INSERT INTO users (id, email) VALUES (4, 'd@x')")
+            # row 3 is not the writer's to see: nothing changed, nothing deleted
+            writer.execute("UPDATE users SET name = 'x' WHERE id = 3")
+        wait_until(lambda: r.exists(*changed, "user:email:new@x") == 0, what="the writer's changes")
+        assert r.get("user:3") == "-"
+        env.sql("UPDATE users SET name = 'y' WHERE id = 3")  # a DBA's (superuser) change
+        wait_until(lambda: r.exists("user:3", "user:email:c@x") == 0, what="row 3's keys")
+        assert listener.logged("cannot_consume") == []
+        stop(listener)
+
+
 def test_listener_role_may_do_nothing_else(env: Env, listener_role: str) -> None:
     tables(env)
     install(env)
