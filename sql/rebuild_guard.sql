@@ -496,18 +496,14 @@ BEGIN
     -- TRIGGER ALL) queues one sweep of the table's templates. Taking a lock that writers
     -- conflict with, such a command waits for the writers before it and is waited for by
     -- those after it: their changes are all committed before the sweep is queued.
-    -- (install turns them on with the guard aside: statement_triggers_v1 sweeps then.)
+    -- (install turns them on with the guard aside: watch() sweeps then.)
     BEGIN
         FOR r IN
+            -- (a table whose triggers of ours are gone since: state NULL, swept if it
+            -- was seen off, and forgotten)
             SELECT s.rel, s.state, o.state AS was
-            FROM (SELECT tg.tgrelid AS rel, string_agg(tg.tgenabled::text, '' ORDER BY tg.tgname) AS state
-                  FROM cdc_invalidator.touched_v1() t
-                  JOIN pg_trigger tg ON tg.tgrelid = t.rel
-                  JOIN pg_proc p ON p.oid = tg.tgfoid  -- (by oid: a few rows)
-                  WHERE tg.tgname IN ('cdc_invalidator_ins_v1', 'cdc_invalidator_upd_v1',
-                                      'cdc_invalidator_del_v1', 'cdc_invalidator_trunc_v1')
-                    AND p.pronamespace = 'cdc_invalidator'::regnamespace
-                  GROUP BY tg.tgrelid) s
+            FROM (SELECT DISTINCT t.rel, cdc_invalidator.capture_state_v1(t.rel) AS state
+                  FROM cdc_invalidator.touched_v1() t) s
             LEFT JOIN cdc_invalidator.capture_off_v1 o ON o.relid = s.rel
             WHERE s.state ~ '[^A]' OR o.relid IS NOT NULL
         LOOP
@@ -551,10 +547,7 @@ BEGIN
             JOIN pg_trigger tg ON tg.tgrelid = l.rel AND tg.tgname = 'cdc_invalidator_part_v1'
                               AND tg.tgparentid <> 0 AND tg.tgenabled <> 'D'
             JOIN pg_class c ON c.oid = l.rel AND c.relkind = 'r'
-            WHERE (SELECT count(*) FROM pg_trigger s JOIN pg_proc p ON p.oid = s.tgfoid
-                   WHERE s.tgrelid = l.rel AND p.pronamespace = 'cdc_invalidator'::regnamespace
-                     AND s.tgname IN ('cdc_invalidator_ins_v1', 'cdc_invalidator_upd_v1',
-                                      'cdc_invalidator_del_v1', 'cdc_invalidator_trunc_v1')) = 4
+            WHERE length(cdc_invalidator.capture_state_v1(l.rel)) = 4
         LOOP
             marked := cdc_invalidator.mark_install_v1();
             EXECUTE format('ALTER TABLE %s DISABLE TRIGGER cdc_invalidator_part_v1', r.rel);

@@ -1607,6 +1607,21 @@ REVOKE ALL ON TABLE cdc_invalidator.capture_off_v1 FROM PUBLIC;
 DELETE FROM cdc_invalidator.capture_off_v1 o  -- (of tables dropped since)
 WHERE NOT EXISTS (SELECT FROM pg_class c WHERE c.oid = o.relid);
 
+-- capture_state_v1(rel): the states (tgenabled) of the four capture triggers of ours on
+-- `rel`, in the order of their names: 'AAAA' where all fire ALWAYS, shorter where some
+-- are missing, NULL where there are none (watch(), and the rebuild guard).
+CREATE OR REPLACE FUNCTION cdc_invalidator.capture_state_v1(rel oid)
+RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $capture_state$
+    SELECT string_agg(tg.tgenabled::text, '' ORDER BY tg.tgname)
+    FROM pg_trigger tg JOIN pg_proc p ON p.oid = tg.tgfoid
+    WHERE tg.tgrelid = rel AND p.pronamespace = 'cdc_invalidator'::regnamespace
+      AND tg.tgname IN ('cdc_invalidator_ins_v1', 'cdc_invalidator_upd_v1',
+                        'cdc_invalidator_del_v1', 'cdc_invalidator_trunc_v1')
+$capture_state$;
+REVOKE ALL ON FUNCTION cdc_invalidator.capture_state_v1(oid) FROM PUBLIC;
+
 -- statement_triggers_v1(rel, fn): the four statement triggers that run capture function
 -- `fn` (its name, schema-qualified) on `rel`, firing ALWAYS: for a watched table, and
 -- for each of its partitions and inheritance children (watch(), and the rebuild guard
@@ -2136,11 +2151,7 @@ BEGIN
     LOOP
         -- Ours there already and not firing ALWAYS (or seen so by the rebuild guard,
         -- capture_off_v1): what was written meanwhile was not captured. Swept below.
-        IF EXISTS (SELECT FROM pg_trigger tg JOIN pg_proc p ON p.oid = tg.tgfoid
-                   WHERE tg.tgrelid = rel AND tg.tgenabled <> 'A'
-                     AND tg.tgname IN ('cdc_invalidator_ins_v1', 'cdc_invalidator_upd_v1',
-                                       'cdc_invalidator_del_v1', 'cdc_invalidator_trunc_v1')
-                     AND p.pronamespace = 'cdc_invalidator'::regnamespace)
+        IF cdc_invalidator.capture_state_v1(rel) ~ '[^A]'
            OR EXISTS (SELECT FROM cdc_invalidator.capture_off_v1 o WHERE o.relid = rel::oid) THEN
             off := true;
             DELETE FROM cdc_invalidator.capture_off_v1 o WHERE o.relid = rel::oid;
