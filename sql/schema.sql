@@ -1594,7 +1594,7 @@ REVOKE ALL ON FUNCTION cdc_invalidator.regrant_sweeps_v1(regrole) FROM PUBLIC;
 -- capture_off_v1: the tables bearing capture triggers of ours that did not all fire
 -- ALWAYS (DISABLE TRIGGER, ENABLE REPLICA TRIGGER, or ENABLE TRIGGER: then not in a
 -- session_replication_role = replica session) after a command, with their states
--- (tgenabled, by trigger name). What was written while they were off was not captured,
+-- (trigger_states_v1(), below). What was written while they were off was not captured,
 -- and which rows that was is not known: the next command that changes the state (the
 -- rebuild guard, rebuild_guard.sql: ENABLE TRIGGER ALL, as `pg_restore
 -- --disable-triggers` ends its COPY) or install (watch()) queues one sweep
@@ -1607,20 +1607,41 @@ REVOKE ALL ON TABLE cdc_invalidator.capture_off_v1 FROM PUBLIC;
 DELETE FROM cdc_invalidator.capture_off_v1 o  -- (of tables dropped since)
 WHERE NOT EXISTS (SELECT FROM pg_class c WHERE c.oid = o.relid);
 
--- capture_state_v1(rel): the states (tgenabled) of the four capture triggers of ours on
--- `rel`, in the order of their names: 'AAAA' where all fire ALWAYS, shorter where some
--- are missing, NULL where there are none (watch(), and the rebuild guard).
-CREATE OR REPLACE FUNCTION cdc_invalidator.capture_state_v1(rel oid)
+-- has_capture_v1(rel): whether `rel` bears the four statement triggers of ours that
+-- install gives a watched table, and each of its partitions and inheritance children.
+CREATE OR REPLACE FUNCTION cdc_invalidator.has_capture_v1(rel oid)
+RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $has_capture$
+    SELECT count(*) = 4 FROM pg_trigger tg JOIN pg_proc p ON p.oid = tg.tgfoid
+    WHERE tg.tgrelid = rel AND p.pronamespace = 'cdc_invalidator'::regnamespace
+      AND tg.tgname IN ('cdc_invalidator_ins_v1', 'cdc_invalidator_upd_v1',
+                        'cdc_invalidator_del_v1', 'cdc_invalidator_trunc_v1')
+$has_capture$;
+REVOKE ALL ON FUNCTION cdc_invalidator.has_capture_v1(oid) FROM PUBLIC;
+
+-- trigger_states_v1(rel): the states (tgenabled) of the triggers of ours that capture
+-- `rel`'s writes, in the order of their names ('A's where all fire ALWAYS, NULL where
+-- there are none): its statement triggers, a partition's TRUNCATE trigger, a stand-in's
+-- (rebuild_guard.sql), a partitioned table's row trigger, and a partition's copy of that
+-- where the partition lacks statement triggers of ours (made since install: the copy is
+-- what captures its rows; elsewhere install keeps it off). watch() and the rebuild guard.
+CREATE OR REPLACE FUNCTION cdc_invalidator.trigger_states_v1(rel oid)
 RETURNS text
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
 AS $capture_state$
     SELECT string_agg(tg.tgenabled::text, '' ORDER BY tg.tgname)
     FROM pg_trigger tg JOIN pg_proc p ON p.oid = tg.tgfoid
     WHERE tg.tgrelid = rel AND p.pronamespace = 'cdc_invalidator'::regnamespace
-      AND tg.tgname IN ('cdc_invalidator_ins_v1', 'cdc_invalidator_upd_v1',
-                        'cdc_invalidator_del_v1', 'cdc_invalidator_trunc_v1')
+      AND (tg.tgname IN ('cdc_invalidator_ins_v1', 'cdc_invalidator_upd_v1',
+                         'cdc_invalidator_del_v1', 'cdc_invalidator_trunc_v1',
+                         'cdc_invalidator_part_trunc_v1', 'cdc_invalidator_stand_in_v1',
+                         'cdc_invalidator_stand_in_row_v1')
+           OR (tg.tgname = 'cdc_invalidator_part_v1'
+               AND ((SELECT c.relkind FROM pg_class c WHERE c.oid = rel) = 'p'
+                    OR NOT cdc_invalidator.has_capture_v1(rel))))
 $capture_state$;
-REVOKE ALL ON FUNCTION cdc_invalidator.capture_state_v1(oid) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cdc_invalidator.trigger_states_v1(oid) FROM PUBLIC;
 
 -- statement_triggers_v1(rel, fn): the four statement triggers that run capture function
 -- `fn` (its name, schema-qualified) on `rel`, firing ALWAYS: for a watched table, and
@@ -2151,7 +2172,7 @@ BEGIN
     LOOP
         -- Ours there already and not firing ALWAYS (or seen so by the rebuild guard,
         -- capture_off_v1): what was written meanwhile was not captured. Swept below.
-        IF cdc_invalidator.capture_state_v1(rel) ~ '[^A]'
+        IF cdc_invalidator.trigger_states_v1(rel) ~ '[^A]'
            OR EXISTS (SELECT FROM cdc_invalidator.capture_off_v1 o WHERE o.relid = rel::oid) THEN
             off := true;
             DELETE FROM cdc_invalidator.capture_off_v1 o WHERE o.relid = rel::oid;

@@ -506,10 +506,7 @@ def test_writes_made_while_a_capture_trigger_was_off_are_swept_when_it_is_on_aga
         settle(env, r)
         # what a disabled trigger does not capture (the gap this closes at re-enabling)
         assert {"user:1", "user:2"} <= keys(r)
-        if enable == "install":
-            assert main(["install", "--config", str(config)]) == 0
-        else:
-            env.sql(enable)
+        turn_on(env, config, enable)
         # the changes made meanwhile are not known: every key of the table is swept
         wait_until(
             lambda: not keys(r) & {"user:1", "user:email:u1@x", "user:2"},
@@ -525,18 +522,44 @@ def test_writes_made_while_a_capture_trigger_was_off_are_swept_when_it_is_on_aga
         assert "user:1" not in keys(r)
 
 
+EV_TWO_PARTS = (
+    "CREATE TABLE ev (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);"
+    "CREATE TABLE ev_0 PARTITION OF ev FOR VALUES FROM (0) TO (100);"
+    "CREATE TABLE ev_1 PARTITION OF ev FOR VALUES FROM (100) TO (200);"
+    "INSERT INTO ev VALUES (5, 'a'), (150, 'a')"
+)
+
+
+def ev_installed(env: Env) -> tuple[Path, redis.Redis]:
+    """EV_TWO_PARTS installed with `ev:{id}`, without second deletes (a sweep's would
+    empty the keys the tests cache again right after it)."""
+    env.sql(EV_TWO_PARTS)
+    return install(env, {"public.ev": ["ev:{id}"]}, second_delete_ms=0), env.redis()
+
+
+def uncaptured(env: Env, r: redis.Redis, key: str, *writes: str) -> None:
+    """`key` cached, then `writes` run: what triggers turned off let by leaves it."""
+    settle(env, r)
+    r.set(key, "cached")
+    for write in writes:
+        env.sql(write)
+    settle(env, r)
+    assert r.exists(key) == 1  # not captured
+
+
+def turn_on(env: Env, config: Path, enable: str) -> None:
+    """Run `enable`, a command, or `install` again."""
+    if enable == "install":
+        assert main(["install", "--config", str(config)]) == 0
+    else:
+        env.sql(enable)
+
+
 @pytest.mark.parametrize("named", ["ev_1", "ev"])  # a partition; the partitioned table
 def test_writes_to_a_partition_whose_triggers_were_off_sweep_its_table(
     env: Env, named: str
 ) -> None:
-    env.sql(
-        "CREATE TABLE ev (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);"
-        "CREATE TABLE ev_0 PARTITION OF ev FOR VALUES FROM (0) TO (100);"
-        "CREATE TABLE ev_1 PARTITION OF ev FOR VALUES FROM (100) TO (200);"
-        "INSERT INTO ev VALUES (5, 'a'), (150, 'a')"
-    )
-    config = install(env, {"public.ev": ["ev:{id}"]}, second_delete_ms=0)
-    r = env.redis()
+    config, r = ev_installed(env)
     with listening(config):
         r.mset({"ev:5": "cached", "ev:150": "cached"})
         env.sql(f"ALTER TABLE {named} DISABLE TRIGGER ALL")
@@ -554,6 +577,134 @@ def test_writes_to_a_partition_whose_triggers_were_off_sweep_its_table(
         wait_until(lambda: r.exists("ev:150") == 0, what="ev:150 deleted")
         settle(env, r)
         assert r.exists("ev:5") == 1
+
+
+@pytest.mark.parametrize(
+    "ddl",
+    [
+        "ALTER TABLE ev DISABLE TRIGGER ALL; ALTER TABLE ev ENABLE TRIGGER ALL",
+        "ALTER TABLE ev ENABLE ALWAYS TRIGGER cdc_invalidator_part_v1",
+        "ALTER TABLE ev ENABLE TRIGGER USER",
+    ],
+)
+def test_enabling_a_partitioned_tables_triggers_leaves_its_partitions_copies_off(
+    env: Env, ddl: str
+) -> None:
+    """Enabling the partitioned table's row trigger turns on its copies on every
+    partition (PostgreSQL recurses): install keeps them off where the partition has
+    statement triggers, else each transaction writing a partition sweeps the table."""
+    config, r = ev_installed(env)
+    with listening(config):
+        env.sql(ddl)
+        settle(env, r)
+        r.mset({"ev:5": "cached", "ev:150": "cached"})
+        env.sql("UPDATE ev_1 SET v = 'c' WHERE id = 150")
+        wait_until(lambda: r.exists("ev:150") == 0, what="ev:150 deleted")
+        settle(env, r)
+        assert r.exists("ev:5") == 1
+
+
+def test_enabling_a_partitioned_tables_triggers_keeps_the_copies_that_capture(
+    env: Env,
+) -> None:
+    """Turning the copies of installed partitions off again leaves on those that are
+    all that captures a partition: of one made after install, under a partitioned
+    partition too."""
+    env.sql(
+        EV_TWO_PARTS + ";CREATE TABLE ev_m PARTITION OF ev FOR VALUES FROM (300) TO (500)"
+        " PARTITION BY RANGE (id);"
+        "CREATE TABLE ev_m1 PARTITION OF ev_m FOR VALUES FROM (300) TO (400);"
+        "INSERT INTO ev VALUES (350, 'a')"
+    )
+    config = install(env, {"public.ev": ["ev:{id}"]}, second_delete_ms=0)
+    r = env.redis()
+    with listening(config):
+        env.sql(
+            "CREATE TABLE ev_2 PARTITION OF ev FOR VALUES FROM (200) TO (300);"
+            "CREATE TABLE ev_m2 PARTITION OF ev_m FOR VALUES FROM (400) TO (500);"
+            "INSERT INTO ev VALUES (250, 'a'), (450, 'a')"
+        )
+        env.sql("ALTER TABLE ev DISABLE TRIGGER ALL; ALTER TABLE ev ENABLE TRIGGER ALL")
+        settle(env, r)
+        r.mset({f"ev:{i}": "cached" for i in (5, 150, 250, 350, 450)})
+        env.sql("UPDATE ev_2 SET v = 'c' WHERE id = 250")  # a sweep of ev
+        wait_until(lambda: r.exists("ev:250") == 0, what="ev:250 deleted")
+        settle(env, r)
+        r.mset({f"ev:{i}": "cached" for i in (5, 150, 250, 350, 450)})
+        env.sql("UPDATE ev_m2 SET v = 'c' WHERE id = 450")
+        wait_until(lambda: r.exists("ev:450") == 0, what="ev:450 deleted")
+        settle(env, r)
+        r.mset({f"ev:{i}": "cached" for i in (5, 150, 250, 350, 450)})
+        env.sql("UPDATE ev_1 SET v = 'c' WHERE id = 150; UPDATE ev_m1 SET v = 'c' WHERE id = 350")
+        wait_until(lambda: r.exists("ev:150", "ev:350") == 0, what="ev:150, ev:350 deleted")
+        settle(env, r)
+        assert r.exists("ev:5", "ev:250", "ev:450") == 3
+
+
+@pytest.mark.parametrize(
+    "enable", ["ALTER TABLE ev ENABLE ALWAYS TRIGGER cdc_invalidator_part_v1", "install"]
+)
+def test_writes_to_a_partition_made_while_the_tables_row_trigger_was_off_are_swept(
+    env: Env, enable: str
+) -> None:
+    """The partitioned table's row trigger is what captures a partition made after
+    install (its copy, with its state): writes naming it while it was off are swept."""
+    config, r = ev_installed(env)
+    with listening(config):
+        env.sql("ALTER TABLE ev DISABLE TRIGGER cdc_invalidator_part_v1")
+        env.sql("CREATE TABLE ev_2 PARTITION OF ev FOR VALUES FROM (200) TO (300)")
+        env.sql("INSERT INTO ev_2 VALUES (250, 'a')")
+        uncaptured(env, r, "ev:250", "UPDATE ev_2 SET v = 'b' WHERE id = 250")
+        turn_on(env, config, enable)
+        wait_until(lambda: r.exists("ev:250") == 0, what="ev's templates swept")
+
+
+@pytest.mark.parametrize("enable", ["ALTER TABLE ev_2 ENABLE TRIGGER ALL", "install"])
+def test_writes_to_a_partition_made_after_install_while_its_triggers_were_off_are_swept(
+    env: Env, enable: str
+) -> None:
+    """A partition made after install is captured by its copy of the table's row trigger
+    and by the guard's TRUNCATE trigger: `pg_restore --disable-triggers` turns them off
+    around its COPY as it does the statement triggers install gives a partition."""
+    config, r = ev_installed(env)
+    with listening(config):
+        env.sql(
+            "CREATE TABLE ev_2 PARTITION OF ev FOR VALUES FROM (200) TO (300);"
+            "INSERT INTO ev_2 VALUES (250, 'a')"
+        )
+        uncaptured(
+            env,
+            r,
+            "ev:250",
+            "ALTER TABLE ev_2 DISABLE TRIGGER ALL",
+            "UPDATE ev_2 SET v = 'b' WHERE id = 250",
+        )
+        turn_on(env, config, enable)
+        wait_until(lambda: r.exists("ev:250") == 0, what="ev's templates swept")
+        settle(env, r)
+        # once: a later command on the partition sweeps nothing
+        r.set("ev:5", "cached")
+        env.sql("ALTER TABLE ev_2 ALTER COLUMN v SET DEFAULT 'd'")
+        settle(env, r)
+        assert r.exists("ev:5") == 1
+
+
+def test_writes_to_a_stand_in_whose_trigger_was_off_are_swept(env: Env) -> None:
+    """A table that took a watched table's name is captured by the guard's stand-in
+    trigger until install: turned off and on again, it sweeps as a capture trigger."""
+    env.sql("CREATE TABLE u (id int PRIMARY KEY, v text); INSERT INTO u VALUES (1, 'a')")
+    config = install(env, {"public.u": ["u:{id}"]}, second_delete_ms=0)
+    r = env.redis()
+    with listening(config):
+        env.sql(
+            "CREATE TABLE u2 (LIKE u INCLUDING ALL); INSERT INTO u2 VALUES (1, 'a');"
+            "ALTER TABLE u RENAME TO u_old; ALTER TABLE u2 RENAME TO u"
+        )
+        uncaptured(
+            env, r, "u:1", "ALTER TABLE u DISABLE TRIGGER ALL", "UPDATE u SET v = 'b' WHERE id = 1"
+        )
+        env.sql("ALTER TABLE u ENABLE TRIGGER ALL")
+        wait_until(lambda: r.exists("u:1") == 0, what="u's templates swept")
 
 
 def test_writes_made_in_the_transaction_that_disabled_and_enabled_a_trigger_are_swept(

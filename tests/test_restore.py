@@ -34,7 +34,7 @@ from tests.support.env import Env, Servers, drop_database, pg_of, recovered_from
 from tests.support.faults import TEMPLATES, cache, changed_and_deleted, keys_of, setup_users
 from tests.support.listener import ListenerThread, Spawn, check, listening
 from tests.support.servers import find_pg_bindir
-from tests.support.sync import queue_len
+from tests.support.sync import install, queue_len, settle
 from tests.support.waits import wait_until
 
 USERS = {"public.users": ["user:{id}", "user:email:{email}"]}
@@ -348,6 +348,34 @@ def test_a_dump_restored_over_the_same_database_is_swept(env: Env, spawn: Spawn)
     assert "restored from a dump" in missed["reason"]
     listener.signal(signal.SIGTERM)
     assert listener.wait() == 0
+
+
+def test_a_data_only_restore_with_disabled_triggers_into_a_partition_made_after_install(
+    env: Env,
+) -> None:
+    """Trigger mode, `pg_restore --data-only --disable-triggers` of a partition made after
+    install: it turns off the partition's copy of the table's row trigger and its TRUNCATE
+    trigger (all that captures it until install) around its COPY; its ENABLE TRIGGER ALL
+    sweeps the table's keys."""
+    env.sql(
+        "CREATE TABLE ev (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);"
+        "CREATE TABLE ev_0 PARTITION OF ev FOR VALUES FROM (0) TO (100);"
+        "INSERT INTO ev VALUES (5, 'a')"
+    )
+    config = install(env, {"public.ev": ["ev:{id}"]}, second_delete_ms=0)
+    r = env.redis()
+    dump = env.tmp_path / "ev_2.dump"
+    with listening(config):
+        env.sql(
+            "CREATE TABLE ev_2 PARTITION OF ev FOR VALUES FROM (200) TO (300);"
+            "INSERT INTO ev_2 VALUES (250, 'a')"
+        )
+        pg_program("pg_dump", "-Fc", "--data-only", "-t", "ev_2", "-f", str(dump), "-d", env.dsn)
+        env.sql("DELETE FROM ev_2")
+        settle(env, r)
+        r.mset({"ev:5": "-", "ev:250": "-"})  # read while row 250 was gone
+        pg_program("pg_restore", "--data-only", "--disable-triggers", "-d", env.dsn, str(dump))
+        wait_until(lambda: r.exists("ev:5", "ev:250") == 0, what="ev's templates swept")
 
 
 RECORDED_ELSEWHERE = "UPDATE cdc_invalidator.slot_state_v1 SET recorded_in = 1"
