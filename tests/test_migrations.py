@@ -494,6 +494,12 @@ def two_users_cached(env: Env) -> tuple[Path, redis.Redis]:
             id="replica-then-always",
         ),
         pytest.param(DISABLE_ALL, "install", id="install"),
+        # a DBA's session as restore tools set it: the guard's event triggers fire ALWAYS
+        pytest.param(
+            f"SET session_replication_role = replica; {DISABLE_ALL}",
+            "SET session_replication_role = replica; ALTER TABLE users ENABLE TRIGGER ALL",
+            id="replica-session",
+        ),
     ],
 )
 def test_writes_made_while_a_capture_trigger_was_off_are_swept_when_it_is_on_again(
