@@ -17,8 +17,15 @@ import redis
 from tests.support.config import write_config
 from tests.support.servers import PostgresServer, RedisServer
 
-# Durability buys nothing in a throwaway test cluster; it only slows every commit.
-FAST_PG = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
+# Durability buys nothing in a throwaway test cluster; it only slows every commit. The
+# logical-replication launcher starts apply workers at most once per
+# wal_retrieve_retry_interval (5 s by default): a subscription's test waited for it.
+FAST_PG = {
+    "fsync": "off",
+    "synchronous_commit": "off",
+    "full_page_writes": "off",
+    "wal_retrieve_retry_interval": "100ms",
+}
 
 
 @dataclass

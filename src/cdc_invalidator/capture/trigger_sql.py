@@ -100,6 +100,8 @@ def install_script(
         sql.SQL("\n"),
         refuse_nested(mapper.tables),
         sql.SQL("\n"),
+        refuse_subscribed(mapper.tables),
+        sql.SQL("\n"),
         Q.INSTALLING.sql,
         sql.SQL("\n"),
         Q.SCHEMA.sql,
@@ -153,6 +155,20 @@ def refuse_nested(tables: Iterable[TableName]) -> sql.Composed:
     """After the version check in an install script: a configured table inside another
     configured one refused, nothing created (sql/refuse_nested.sql)."""
     return Q.REFUSE_NESTED.sql.format(nested=nested_tables(tables))
+
+
+def subscribed_tables(tables: Iterable[TableName]) -> sql.Composed:
+    """The query of the configured tables a logical-replication subscription writes into,
+    with it (sql/check_subscribed.sql): `check` runs it, trigger mode's install script
+    refuses what it finds enabled."""
+    return Q.CHECK_SUBSCRIBED.sql.format(tables=text_array(sorted(t.qualified for t in tables)))
+
+
+def refuse_subscribed(tables: Iterable[TableName]) -> sql.Composed:
+    """After refuse_nested in trigger mode's install script: a configured table that an
+    enabled subscription writes into refused, nothing created; a disabled one warned of
+    (sql/refuse_subscribed.sql)."""
+    return Q.REFUSE_SUBSCRIBED.sql.format(subscribed=subscribed_tables(tables))
 
 
 def version_check(capture: str) -> sql.Composed:

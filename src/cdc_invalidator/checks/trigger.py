@@ -4,12 +4,13 @@ wake-up's locks held by others."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
 
-from cdc_invalidator.capture.trigger_sql import CHANNEL
+from cdc_invalidator.capture.trigger_sql import CHANNEL, subscribed_tables
 from cdc_invalidator.checks.report import Report
 from cdc_invalidator.events import TableName
 from cdc_invalidator.mapping.columns import ColumnFilter, Judge
@@ -63,6 +64,31 @@ def check_wake_locks(conn: psycopg.Connection[Any], report: Report) -> None:
             f"{who} holds the wake-up's lock {lock} ({mode}), which no listener of ours "
             f'does: {what} (docs/DBA.md, "Trigger mode: the wake-up and concurrent commits")'
         )
+
+
+def check_subscribed(
+    conn: psycopg.Connection[Any], report: Report, tables: Iterable[TableName]
+) -> None:
+    """Trigger mode: configured tables that a logical-replication subscription writes
+    into (check_subscribed.sql), whose apply worker fires no statement trigger: an error
+    while it is enabled (install refuses it), a warning while it is disabled."""
+    for table, subscription, target, enabled in conn.execute(subscribed_tables(tables)):
+        where = f"table {table} is written by logical-replication subscription {subscription!r}"
+        into = f" (which applies rows into {target})" if target != table else ""
+        if enabled:
+            report.errors.append(
+                f"{where}{into}, and PostgreSQL's apply worker fires no statement trigger: in "
+                "trigger mode the changes it applies are not captured and their keys stay "
+                'cached. Use logical mode on this database (capture = "logical"), or drop '
+                "the subscription"
+            )
+        else:
+            report.warnings.append(
+                f"{where}{into}, which is disabled: once it is enabled, the changes it applies "
+                "are not captured in trigger mode (its apply worker fires no statement "
+                "trigger) and their keys stay cached. Drop it, or use logical mode "
+                '(capture = "logical")'
+            )
 
 
 @dataclass(frozen=True, slots=True)

@@ -170,6 +170,7 @@ class TriggerMode:
 
     def check_server(self, conn: psycopg.Connection[Any], report: Report, config_name: str) -> None:
         checks.check_unconfigured(conn, report, self._settings.mapper(), config_name)
+        checks.check_subscribed(conn, report, self._settings.mapper().tables)
         checks.check_two_phase(conn, report)
         checks.check_wake_locks(conn, report)
         checks.check_lineage(conn, report, sweep=self._settings.sweep_after_failover)

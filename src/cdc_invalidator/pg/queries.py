@@ -29,6 +29,7 @@ class Q(enum.Enum):
     GUARD = "guard.sql"  # the start of every script: search_path pinned, squatting refused
     VERSION_CHECK = "version_check.sql"  # after it in install scripts: too old a server refused
     REFUSE_NESTED = "refuse_nested.sql"  # then: a configured table inside another refused
+    REFUSE_SUBSCRIBED = "refuse_subscribed.sql"  # trigger: one a subscription writes refused
     SCHEMA = "schema.sql"  # both modes' shared objects and the trigger queue
     GRANTS = "grants.sql"  # grant_listener()
     LOGICAL = "logical.sql"  # logical mode's objects and the DDL guard
@@ -166,6 +167,7 @@ class Q(enum.Enum):
     CHECK_GENERATED = "check_generated.sql"  # logical mode before PostgreSQL 18
     CHECK_DRIFT = "check_drift.sql"
     CHECK_NESTED = "check_nested.sql"  # a configured table inside another
+    CHECK_SUBSCRIBED = "check_subscribed.sql"  # trigger mode: one a subscription writes
     CHECK_LOGICAL_SERVER = "check_logical_server.sql"
     CHECK_DDL_GUARD = "check_ddl_guard.sql"
     CHECK_PUBLICATION_DRIFT = "check_publication_drift.sql"
