@@ -1625,21 +1625,40 @@ REVOKE ALL ON FUNCTION cdc_invalidator.has_capture_v1(oid) FROM PUBLIC;
 -- there are none): its statement triggers, a partition's TRUNCATE trigger, a stand-in's
 -- (rebuild_guard.sql), a partitioned table's row trigger, and a partition's copy of that
 -- where the partition lacks statement triggers of ours (made since install: the copy is
--- what captures its rows; elsewhere install keeps it off). watch() and the rebuild guard.
+-- what captures its rows; elsewhere install keeps it off). A '-' for each of the four
+-- statement triggers missing where install gave them: on a watched table, or beside
+-- others of the four (DROP TRIGGER, or CREATE OR REPLACE TRIGGER of our name with
+-- another function): what it captured was not, as while off. Not beside a stand-in,
+-- which sweeps every transaction that writes the table. watch() and the rebuild guard.
 CREATE OR REPLACE FUNCTION cdc_invalidator.trigger_states_v1(rel oid)
 RETURNS text
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
 AS $capture_state$
-    SELECT string_agg(tg.tgenabled::text, '' ORDER BY tg.tgname)
-    FROM pg_trigger tg JOIN pg_proc p ON p.oid = tg.tgfoid
-    WHERE tg.tgrelid = rel AND p.pronamespace = 'cdc_invalidator'::regnamespace
-      AND (tg.tgname IN ('cdc_invalidator_ins_v1', 'cdc_invalidator_upd_v1',
-                         'cdc_invalidator_del_v1', 'cdc_invalidator_trunc_v1',
-                         'cdc_invalidator_part_trunc_v1', 'cdc_invalidator_stand_in_v1',
-                         'cdc_invalidator_stand_in_row_v1')
-           OR (tg.tgname = 'cdc_invalidator_part_v1'
-               AND ((SELECT c.relkind FROM pg_class c WHERE c.oid = rel) = 'p'
-                    OR NOT cdc_invalidator.has_capture_v1(rel))))
+    WITH ours AS (
+        SELECT tg.tgname, tg.tgenabled,
+               tg.tgname IN ('cdc_invalidator_ins_v1', 'cdc_invalidator_upd_v1',
+                             'cdc_invalidator_del_v1', 'cdc_invalidator_trunc_v1') AS four
+        FROM pg_trigger tg JOIN pg_proc p ON p.oid = tg.tgfoid
+        WHERE tg.tgrelid = rel AND p.pronamespace = 'cdc_invalidator'::regnamespace
+          AND tg.tgname IN ('cdc_invalidator_ins_v1', 'cdc_invalidator_upd_v1',
+                            'cdc_invalidator_del_v1', 'cdc_invalidator_trunc_v1',
+                            'cdc_invalidator_part_trunc_v1', 'cdc_invalidator_stand_in_v1',
+                            'cdc_invalidator_stand_in_row_v1', 'cdc_invalidator_part_v1')
+    ), n AS (
+        SELECT count(*) FILTER (WHERE o.four) AS four,
+               count(*) FILTER (WHERE o.tgname LIKE 'cdc\_invalidator\_stand\_in%') AS stand_ins
+        FROM ours o
+    )
+    SELECT CASE WHEN n.stand_ins = 0
+                     AND (n.four BETWEEN 1 AND 3
+                          OR (n.four = 0 AND EXISTS (SELECT FROM cdc_invalidator.watched_v1 w
+                                                     WHERE w.relid::oid = rel)))
+                THEN coalesce(s.states, '') || repeat('-', 4 - n.four::int)
+                ELSE s.states END
+    FROM n, LATERAL (
+        SELECT string_agg(o.tgenabled::text, '' ORDER BY o.tgname) AS states FROM ours o
+        WHERE o.tgname <> 'cdc_invalidator_part_v1'
+           OR (SELECT c.relkind FROM pg_class c WHERE c.oid = rel) = 'p' OR n.four < 4) s
 $capture_state$;
 REVOKE ALL ON FUNCTION cdc_invalidator.trigger_states_v1(oid) FROM PUBLIC;
 

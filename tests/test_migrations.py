@@ -528,6 +528,60 @@ def test_writes_made_while_a_capture_trigger_was_off_are_swept_when_it_is_on_aga
         assert "user:1" not in keys(r)
 
 
+NOOP = "CREATE FUNCTION noop() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$;"
+
+
+@pytest.mark.parametrize(
+    ("table", "drop"),
+    [
+        ("users", "DROP TRIGGER cdc_invalidator_upd_v1 ON users"),
+        (
+            "users",
+            "DROP TRIGGER cdc_invalidator_ins_v1 ON users; DROP TRIGGER cdc_invalidator_upd_v1"
+            " ON users; DROP TRIGGER cdc_invalidator_del_v1 ON users;"
+            " DROP TRIGGER cdc_invalidator_trunc_v1 ON users",
+        ),
+        # ours by name, not by function: install gives it back
+        (
+            "users",
+            f"{NOOP} CREATE OR REPLACE TRIGGER cdc_invalidator_upd_v1 AFTER UPDATE ON users"
+            " FOR EACH STATEMENT EXECUTE FUNCTION noop()",
+        ),
+        ("ev", "DROP TRIGGER cdc_invalidator_upd_v1 ON ev"),
+    ],
+    ids=["one", "all-four", "replaced", "partitioned"],
+)
+def test_writes_made_while_a_capture_trigger_was_dropped_are_swept_at_install(
+    env: Env, table: str, drop: str
+) -> None:
+    """A trigger of ours dropped (or replaced under its name), then writes, then
+    `install`, which gives it back: what the writes changed stayed cached for good
+    (user:1 and ev:150 left). install now sweeps the table's templates, once."""
+    if table == "users":
+        config, r = two_users_cached(env)
+        key, other = "user:1", "user:2"
+    else:
+        config, r = ev_installed(env)
+        key, other = "ev:150", "ev:5"
+    with listening(config):
+        env.sql(drop)
+        uncaptured(env, r, key, f"UPDATE {table} SET name = 'x' WHERE id = 1"
+                   if table == "users" else "UPDATE ev SET v = 'b' WHERE id = 150")  # fmt: skip
+        # a later ALTER TABLE (the rebuild guard looks at its triggers) sweeps nothing
+        r.set(other, "cached")
+        env.sql(f"ALTER TABLE {table} ADD COLUMN z int")
+        settle(env, r)
+        assert r.exists(key, other) == 2
+        turn_on(env, config, "install")
+        wait_until(lambda: r.exists(key, other) == 0, what=f"{table}'s templates swept")
+        settle(env, r)
+        # once: a later install sweeps nothing
+        r.mset({key: "cached", other: "cached"})
+        turn_on(env, config, "install")
+        settle(env, r)
+        assert r.exists(key, other) == 2
+
+
 EV_TWO_PARTS = (
     "CREATE TABLE ev (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);"
     "CREATE TABLE ev_0 PARTITION OF ev FOR VALUES FROM (0) TO (100);"
