@@ -1149,6 +1149,96 @@ END
 $rewritten$;
 REVOKE ALL ON FUNCTION cdc_invalidator.rewritten_v1() FROM PUBLIC;
 
+-- enum_renamed_v1 (at ddl_command_start and at ddl_command_end of ALTER TYPE): ALTER
+-- TYPE ... RENAME VALUE changes how every row holding the value reads, with no row
+-- change a trigger sees or decoding sends (measured: the rows an app cached kept the old
+-- label, and `user:st:active` stayed, in both modes). Which ALTER TYPE it was is not
+-- told to an event trigger, so the labels of every enum (pg_enum: a few rows a type) are
+-- kept at the command's start, by transaction, and compared at its end: a label whose
+-- oid names another now was renamed (ADD VALUE only adds one). Each watched table with a
+-- column of the type, or of a domain, array, range, multirange or composite type over
+-- it, asks for one sweep of its templates, in the command's transaction. The rows live
+-- from the command's start to its end (a command that fails takes them with it); only
+-- the role that installed (the event triggers') writes them.
+CREATE TABLE IF NOT EXISTS cdc_invalidator.enum_labels_v1 (
+    xid   xid8 NOT NULL,
+    label oid NOT NULL,
+    name  name NOT NULL,
+    PRIMARY KEY (xid, label)
+);
+REVOKE ALL ON TABLE cdc_invalidator.enum_labels_v1 FROM PUBLIC;
+DELETE FROM cdc_invalidator.enum_labels_v1;
+
+CREATE OR REPLACE FUNCTION cdc_invalidator.enum_renamed_v1()
+RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $enum_renamed$
+DECLARE
+    renamed oid[];
+    tbl     oid;
+BEGIN
+    -- Never a failed migration: whatever goes wrong here is a WARNING.
+    BEGIN
+        IF TG_EVENT = 'ddl_command_start' THEN
+            DELETE FROM cdc_invalidator.enum_labels_v1 WHERE xid = pg_current_xact_id();
+            INSERT INTO cdc_invalidator.enum_labels_v1 (xid, label, name)
+            SELECT pg_current_xact_id(), e.oid, e.enumlabel FROM pg_enum e;
+            RETURN;
+        END IF;
+        WITH kept AS (
+            DELETE FROM cdc_invalidator.enum_labels_v1 k WHERE k.xid = pg_current_xact_id()
+            RETURNING k.label, k.name)
+        SELECT array_agg(DISTINCT e.enumtypid) INTO renamed
+        FROM kept JOIN pg_enum e ON e.oid = kept.label
+        WHERE e.enumlabel <> kept.name;
+        IF renamed IS NULL THEN
+            RETURN;
+        END IF;
+        FOR tbl IN
+            WITH RECURSIVE holds (inner_type, outer_type) AS (
+                -- what holds a value of a type: its array, a domain over it, a range of
+                -- it, a composite type with an attribute of it, a multirange of it
+                -- (pg_range.rngmultitypid, PostgreSQL 14+: read as JSON, which a server
+                -- without it parses too)
+                SELECT t.oid, t.typarray FROM pg_type t WHERE t.typarray <> 0
+                UNION ALL
+                SELECT t.typbasetype, t.oid FROM pg_type t WHERE t.typtype = 'd'
+                UNION ALL
+                SELECT r.rngsubtype, r.rngtypid FROM pg_range r
+                UNION ALL
+                SELECT a.atttypid, c.reltype FROM pg_attribute a
+                JOIN pg_class c ON c.oid = a.attrelid
+                WHERE c.relkind = 'c' AND a.attnum > 0 AND NOT a.attisdropped
+                UNION ALL
+                SELECT r.rngtypid, (to_jsonb(r) ->> 'rngmultitypid')::oid FROM pg_range r
+                WHERE to_jsonb(r) ? 'rngmultitypid'
+            ), types (oid) AS (
+                SELECT unnest(renamed)
+                UNION
+                SELECT h.outer_type FROM holds h JOIN types ty ON ty.oid = h.inner_type
+            ), tables (rel) AS (
+                SELECT DISTINCT a.attrelid FROM pg_attribute a
+                JOIN pg_class c ON c.oid = a.attrelid AND c.relkind IN ('r', 'p')
+                WHERE a.atttypid IN (SELECT ty.oid FROM types ty)
+                  AND a.attnum > 0 AND NOT a.attisdropped
+            )
+            SELECT DISTINCT x.root FROM cdc_invalidator.roots_v1() x
+            JOIN tables t ON x.root = t.rel OR x.root = ANY (cdc_invalidator.ancestors_v1(t.rel))
+        LOOP
+            PERFORM cdc_invalidator.sweep_root_v1(tbl, format(
+                'a value of enum type %s was renamed (ALTER TYPE ... RENAME VALUE): the rows '
+                'of table %s that hold it read otherwise, with no row change seen',
+                array_to_string(renamed::regtype[], ', '), tbl::regclass));
+        END LOOP;
+    EXCEPTION WHEN OTHERS THEN
+        RAISE WARNING 'cdc_invalidator: the rebuild guard failed (%): an enum value renamed '
+            'by this command leaves the rows that hold it cached: sweep their tables'' keys',
+            SQLERRM;
+    END;
+END
+$enum_renamed$;
+REVOKE ALL ON FUNCTION cdc_invalidator.enum_renamed_v1() FROM PUBLIC;
+
 -- Install's own record of the partitions (it ran watch() and the publication first).
 SELECT cdc_invalidator.sync_members_v1(NULL, false);
 
@@ -1199,6 +1289,16 @@ BEGIN
         IF (SELECT evtenabled FROM pg_event_trigger WHERE evtname = 'cdc_invalidator_rewritten') <> 'A' THEN
             ALTER EVENT TRIGGER cdc_invalidator_rewritten ENABLE ALWAYS;
         END IF;
+        IF NOT EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'cdc_invalidator_enum_labels') THEN
+            CREATE EVENT TRIGGER cdc_invalidator_enum_labels ON ddl_command_start
+                WHEN TAG IN ('ALTER TYPE')
+                EXECUTE FUNCTION cdc_invalidator.enum_renamed_v1();
+        END IF;
+        IF NOT EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'cdc_invalidator_enum_renamed') THEN
+            CREATE EVENT TRIGGER cdc_invalidator_enum_renamed ON ddl_command_end
+                WHEN TAG IN ('ALTER TYPE')
+                EXECUTE FUNCTION cdc_invalidator.enum_renamed_v1();
+        END IF;
         -- (every command: a DROP ... CASCADE of many kinds of object can take a table)
         IF NOT EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'cdc_invalidator_parts_dropped') THEN
             CREATE EVENT TRIGGER cdc_invalidator_parts_dropped ON sql_drop
@@ -1215,6 +1315,12 @@ BEGIN
         END IF;
         IF (SELECT evtenabled FROM pg_event_trigger WHERE evtname = 'cdc_invalidator_parts_dropped') <> 'A' THEN
             ALTER EVENT TRIGGER cdc_invalidator_parts_dropped ENABLE ALWAYS;
+        END IF;
+        IF (SELECT evtenabled FROM pg_event_trigger WHERE evtname = 'cdc_invalidator_enum_labels') <> 'A' THEN
+            ALTER EVENT TRIGGER cdc_invalidator_enum_labels ENABLE ALWAYS;
+        END IF;
+        IF (SELECT evtenabled FROM pg_event_trigger WHERE evtname = 'cdc_invalidator_enum_renamed') <> 'A' THEN
+            ALTER EVENT TRIGGER cdc_invalidator_enum_renamed ENABLE ALWAYS;
         END IF;
     END IF;
 END

@@ -13,6 +13,8 @@ BEGIN
         DROP EVENT TRIGGER IF EXISTS cdc_invalidator_parts_moved;
         DROP EVENT TRIGGER IF EXISTS cdc_invalidator_parts_dropped;
         DROP EVENT TRIGGER IF EXISTS cdc_invalidator_rewritten;
+        DROP EVENT TRIGGER IF EXISTS cdc_invalidator_enum_labels;
+        DROP EVENT TRIGGER IF EXISTS cdc_invalidator_enum_renamed;
     END IF;
 END
 $uninstall$;

@@ -33,6 +33,8 @@ GUARDS = (
 )
 REBUILD_GUARD = [
     "cdc_invalidator_dropped",
+    "cdc_invalidator_enum_labels",
+    "cdc_invalidator_enum_renamed",
     "cdc_invalidator_parts_dropped",
     "cdc_invalidator_parts_moved",
     "cdc_invalidator_rebuilt",
