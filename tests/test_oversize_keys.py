@@ -7,13 +7,14 @@ it takes (1 MiB); the cluster's side is in test_cluster."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import redis
 
 from cdc_invalidator.mapping import Invalidation
 from cdc_invalidator.sink import RedisSink
-from cdc_invalidator.sink.oversize import DEFAULT_LIMIT, LEAST_LIMIT, bulk_limit
+from cdc_invalidator.sink.oversize import LEAST_LIMIT, bulk_limit, storable
 from tests.support.env import Env
 from tests.support.faults import bulk_limit_at, cache, keys_of, setup_users
 from tests.support.listener import Spawn, stop_listener
@@ -79,11 +80,11 @@ def test_keys_under_the_limit_in_a_command_past_it_are_all_deleted(
     sink.close()
 
 
-def test_the_limit_is_the_servers_or_the_default_where_config_is_refused(
-    least_limit: redis.Redis, own_redis: RedisServer
-) -> None:
-    assert bulk_limit(least_limit) == LEAST_LIMIT
-    least_limit.acl_setuser(
+@contextmanager
+def config_refused(r: redis.Redis, url: str) -> Iterator[str]:
+    """`url` for an ACL user of `r`'s server that may not run CONFIG (a managed Redis's
+    way), for a while."""
+    r.acl_setuser(
         "noconfig",
         enabled=True,
         passwords=[f"+{PASSWORD}"],
@@ -91,24 +92,54 @@ def test_the_limit_is_the_servers_or_the_default_where_config_is_refused(
         commands=["+@all", "-config"],
     )
     try:
-        limited = redis.Redis(port=own_redis.port, username="noconfig", password=PASSWORD)
+        yield url.replace("redis://", f"redis://noconfig:{PASSWORD}@", 1)
+    finally:
+        r.acl_deluser("noconfig")
+
+
+def test_the_limit_is_the_servers_or_unknown_where_config_is_refused(
+    least_limit: redis.Redis, own_redis: RedisServer
+) -> None:
+    assert bulk_limit(least_limit) == LEAST_LIMIT
+    with config_refused(least_limit, own_redis.url) as url:
+        limited = redis.Redis.from_url(url)
         with pytest.raises(redis.exceptions.NoPermissionError):
             limited.config_get("proto-max-bulk-len")
-        assert bulk_limit(limited) == DEFAULT_LIMIT
+        assert bulk_limit(limited) is None
         limited.close()
-    finally:
-        least_limit.acl_deluser("noconfig")
+
+
+def test_where_the_limit_is_unknown_each_long_key_is_asked_about(
+    least_limit: redis.Redis, own_redis: RedisServer
+) -> None:
+    """A key longer than the least limit is left out only if Redis refuses it: under a
+    higher limit it can be cached, and its UNLINK is sent. The client's pool is left
+    with no connection Redis closed."""
+    with config_refused(least_limit, own_redis.url) as url:
+        limited = redis.Redis.from_url(url)
+        assert storable(["short", LONG], None, limited) == ["short"]
+        assert limited.ping()
+        least_limit.config_set("proto-max-bulk-len", 4 * LEAST_LIMIT)
+        assert storable(["short", LONG], None, limited) == ["short", LONG]
+        limited.set(LONG, "cached")  # (so it can be cached, and must be deleted)
+        assert limited.unlink(LONG) == 1
+        limited.close()
 
 
 @pytest.mark.usefixtures("capture")
+@pytest.mark.parametrize("config_get", ["allowed", "refused"])
 def test_a_change_whose_key_is_too_long_does_not_hold_its_batch_back(
-    env: Env, spawn: Spawn
+    env: Env, spawn: Spawn, config_get: str
 ) -> None:
     """A row's new email, 1 MiB long, makes a key Redis refuses: the listener used to
-    retry it as redis_unavailable for good, every other key of the batch left cached."""
+    retry it as redis_unavailable for good, every other key of the batch left cached.
+    Where CONFIG GET is refused, the limit is not known: each key longer than the least
+    limit is asked about on its own (it was sent, and held every later change)."""
     config = setup_users(env, rows=3)
     r = env.redis()
-    with bulk_limit_at(LEAST_LIMIT, r):
+    with bulk_limit_at(LEAST_LIMIT, r), config_refused(r, env.redis_url) as url:
+        if config_get == "refused":
+            config.write_text(config.read_text().replace(env.redis_url, url))
         listener = spawn(config)
         cache(r, [1, 2, 3])
         with env.connect() as conn, conn.transaction():  # one batch

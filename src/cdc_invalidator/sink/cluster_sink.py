@@ -219,7 +219,7 @@ class ClusterSink:
                 commands, packed = given, pack_unlinks(given)
                 if too_long(packed):
                     limit = bulk_limit(client)
-                    commands = [kept for keys in given if (kept := storable(keys, limit))]
+                    commands = [kept for keys in given if (kept := storable(keys, limit, client))]
                     packed = pack_unlinks(commands)
                 pool = client.connection_pool
                 connection = pool.get_connection()

@@ -30,14 +30,13 @@ DEFAULT_LIMIT = 512 << 20  # proto-max-bulk-len's default
 SHOWN_CHARS = 64
 
 
-def bulk_limit(client: redis.Redis) -> int:
-    """The server's proto-max-bulk-len, or its default where CONFIG GET is refused (a
-    managed Redis, an ACL without it): a key under a lower limit then still fails, as
-    redis_unavailable, rather than being left cached."""
+def bulk_limit(client: redis.Redis) -> int | None:
+    """The server's proto-max-bulk-len, or None where CONFIG GET is refused (a managed
+    Redis, an ACL without it)."""
     try:
         found = client.config_get("proto-max-bulk-len")
     except redis.ResponseError:
-        return DEFAULT_LIMIT
+        return None
     # (one pair; its name as bytes or str, as the client decodes)
     return next((int(value) for value in found.values() if value is not None), DEFAULT_LIMIT)
 
@@ -47,13 +46,46 @@ def too_long(packed: bytes) -> bool:
     return len(packed) > LEAST_LIMIT
 
 
-def storable(keys: Iterable[Key], limit: int) -> list[Key]:
-    """`keys` less those longer than `limit` bytes (each logged): none of those can be
-    cached, so leaving them out deletes nothing that is."""
+def refuses(client: redis.Redis, key: Key) -> bool:
+    """Whether Redis refuses `key` for its length, where the limit is not known: an
+    EXISTS of it alone, on a connection of its own (Redis closes the connection it
+    refuses a bulk string on: given back to the pool, the next command on it failed, as
+    redis_unavailable). Redis answers "Protocol error: invalid bulk length" as soon as it
+    reads the length, before any ACL check, and closes: a write still under way is
+    reset instead (1 MiB, most times here). A reset is a refusal only if it happens
+    twice, each time with Redis answering a PING on a new connection right after: a
+    restart between the two would not reset the second. Redis not answering raises."""
+    for _ in range(2):
+        connection = client.connection_pool.make_connection()
+        try:
+            connection.send_command("EXISTS", key)
+            connection.read_response()
+        except redis.ResponseError as exc:
+            return "invalid bulk length" in str(exc)
+        except redis.ConnectionError:
+            connection.disconnect()
+            connection.send_command("PING")  # (connects anew)
+            connection.read_response()
+            continue
+        finally:
+            connection.disconnect()
+        return False
+    return True
+
+
+def storable(keys: Iterable[Key], limit: int | None, client: redis.Redis) -> list[Key]:
+    """`keys` less those Redis refuses for their length (each logged): none of those
+    can be cached, so leaving them out deletes nothing that is. Told by `limit`, the
+    server's proto-max-bulk-len (bulk_limit()), or where it is not known (None) by asking
+    `client` about each key longer than the least limit (sent whatever the limit, such a
+    key held every later change behind it, as redis_unavailable: CONFIG refused,
+    proto-max-bulk-len 1mb)."""
     kept: list[Key] = []
     for key in keys:
         size = len(key) if isinstance(key, bytes) else len(key.encode())
-        if size <= limit:
+        if size <= LEAST_LIMIT or (
+            size <= limit if limit is not None else not refuses(client, key)
+        ):
             kept.append(key)
             continue
         start = key[:SHOWN_CHARS]
@@ -61,7 +93,7 @@ def storable(keys: Iterable[Key], limit: int) -> list[Key]:
             "key_too_long_for_redis",
             key_starts=start.decode(errors="replace") if isinstance(start, bytes) else start,
             key_bytes=size,
-            proto_max_bulk_len=limit,
+            proto_max_bulk_len=limit if limit is not None else "unknown (CONFIG GET refused)",
             detail="Redis refuses a key this long in every command, so it cannot be "
             "cached: its UNLINK is left out, the other keys are deleted",
         )

@@ -135,7 +135,7 @@ class RedisSink:
         # where hiredis.pack_command took 1.5 ms.
         commands = [pack_unlinks([chunk]) for chunk in _chunks(keys, self._unlink_chunk)]
         if any(too_long(command) for command in commands):
-            keys = storable(keys, bulk_limit(self._client))
+            keys = storable(keys, bulk_limit(self._client), self._client)
             commands = [pack_unlinks([chunk]) for chunk in _chunks(keys, self._unlink_chunk)]
         try:
             try:
