@@ -21,7 +21,7 @@ import pytest
 
 from cdc_invalidator.cli import main
 from tests.support.env import Env, drop_database
-from tests.support.listener import run_cli
+from tests.support.listener import Spawn, run_cli, stop_listener
 from tests.support.logical import logical_config, running
 from tests.support.sync import SYNC
 from tests.support.waits import wait_until
@@ -146,11 +146,12 @@ def test_trigger_mode_refuses_a_table_an_enabled_subscription_writes(
 
 
 def test_a_disabled_subscription_is_warned_of_and_checked_once_enabled(
-    env: Env, publisher: Publisher
+    env: Env, publisher: Publisher, spawn: Spawn
 ) -> None:
     """A disabled subscription applies nothing (a migration's leftover, kept to go
     back): install goes through with a warning, and `check` warns. Enabled after
-    install (as a subscription made after install would be), `check` fails, naming it."""
+    install (as a subscription made after install would be), `check` fails, naming it,
+    and the listener logs it as an error at its start."""
     subscribe(env, publisher, enabled=False)
     config = env.config({**USERS, **SYNC})
     done = run_cli("install", "--config", str(config))
@@ -168,6 +169,14 @@ def test_a_disabled_subscription_is_warned_of_and_checked_once_enabled(
     assert f"warning: {quoted}" in out, out
 
     env.sql(f"ALTER SUBSCRIPTION {publisher.subscription} ENABLE")
+    # the listener says so at its start, an error now (a warning while disabled)
+    listener = spawn(config)
+    wait_until(lambda: listener.logged("table_written_by_subscription"), what="the error")
+    [line] = listener.logged("table_written_by_subscription")
+    assert line["level"] == "error", line
+    assert line["subscription"] == publisher.subscription, line
+    assert line["table"] == "public.users", line
+    stop_listener(listener)
     checked = run_cli("check", "--config", str(config))
     out = checked.stdout + checked.stderr
     assert checked.returncode != 0, out

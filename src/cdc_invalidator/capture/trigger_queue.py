@@ -59,6 +59,7 @@ from cdc_invalidator.capture.trigger_sql import (
     mapping_eras_of,
     require_current_mapping,
     require_installed,
+    warn_subscribed,
 )
 from cdc_invalidator.events import ChangeEvent, Origin, TableName
 from cdc_invalidator.mapping.mapper import Era, Mapper, Routed
@@ -568,6 +569,8 @@ class TriggerCapture:
             eras = (
                 mapping_eras_of(conn, self._mapping, "trigger") if self._mapper is not None else []
             )
+            if self._mapper is not None:
+                warn_subscribed(conn, self._mapper.tables)
         except BaseException:
             conn.close()
             raise

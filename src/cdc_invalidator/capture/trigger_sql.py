@@ -164,6 +164,24 @@ def subscribed_tables(tables: Iterable[TableName]) -> sql.Composed:
     return Q.CHECK_SUBSCRIBED.sql.format(tables=text_array(sorted(t.qualified for t in tables)))
 
 
+def warn_subscribed(conn: psycopg.Connection[Any], tables: Iterable[TableName]) -> None:
+    """At the listener's start: the configured tables a subscription writes into, logged
+    (an error while it is enabled): one made or enabled after install, which `check`
+    reports too, is not only found by who runs it."""
+    for table, subscription, target, enabled in conn.execute(subscribed_tables(tables)):
+        (log.error if enabled else log.warning)(
+            "table_written_by_subscription",
+            table=table,
+            subscription=subscription,
+            applies_into=target,
+            enabled=enabled,
+            detail="PostgreSQL's apply worker fires no statement trigger: in trigger mode "
+            "the changes this logical-replication subscription applies are not captured, "
+            'and their keys stay cached. Use logical mode on this database (capture = "logical"), '
+            "or drop the subscription",
+        )
+
+
 def refuse_subscribed(tables: Iterable[TableName]) -> sql.Composed:
     """After refuse_nested in trigger mode's install script: a configured table that an
     enabled subscription writes into refused, nothing created; a disabled one warned of
