@@ -582,6 +582,56 @@ def test_writes_made_while_a_capture_trigger_was_dropped_are_swept_at_install(
         assert r.exists(key, other) == 2
 
 
+@pytest.mark.parametrize(
+    "drop",
+    [
+        "DROP TRIGGER cdc_invalidator_upd_v1 ON kid",
+        f"{NOOP} CREATE OR REPLACE TRIGGER cdc_invalidator_upd_v1 AFTER UPDATE ON kid"
+        " FOR EACH STATEMENT EXECUTE FUNCTION noop()",
+    ],
+    ids=["dropped", "replaced"],
+)
+def test_an_inheritance_childs_dropped_capture_trigger_is_swept_at_install(
+    env: Env, drop: str
+) -> None:
+    """Like a partition's (above): an inheritance child of a watched plain table, one of
+    its four capture triggers dropped (or replaced under its name), written by its own
+    name, then `install`. Review finding: install's unwatch_others() takes every trigger
+    of ours off the child (it is neither configured nor a partition) before watch()
+    reads trigger_states_v1(), which then finds none and sweeps nothing: kid:2 stayed
+    cached for good."""
+    env.sql(
+        "CREATE TABLE par (id int PRIMARY KEY, v text);"
+        "CREATE TABLE kid () INHERITS (par);"
+        "INSERT INTO par VALUES (1, 'a'); INSERT INTO kid VALUES (2, 'b')"
+    )
+    config = install(env, {"public.par": ["kid:{id}"]}, second_delete_ms=0)
+    r = env.redis()
+    with listening(config):
+        env.sql(drop)
+        uncaptured(env, r, "kid:2", "UPDATE kid SET v = 'x' WHERE id = 2")
+        turn_on(env, config, "install")
+        wait_until(lambda: r.exists("kid:2") == 0, what="par's templates swept")
+
+
+def test_writes_to_a_partition_made_while_the_row_trigger_was_dropped_are_swept_at_install(
+    env: Env,
+) -> None:
+    """The partitioned table's row trigger dropped (it went from every partition too), a
+    partition made and written by its own name: nothing of ours captures those writes
+    (the guard gives the partition its TRUNCATE trigger only). Review finding: install
+    puts cdc_invalidator_part_v1 back, but trigger_states_v1() counts only the four
+    statement triggers as missing: ev:250 stayed cached for good."""
+    config, r = ev_installed(env)
+    with listening(config):
+        env.sql("DROP TRIGGER cdc_invalidator_part_v1 ON ev")
+        env.sql("CREATE TABLE ev_2 PARTITION OF ev FOR VALUES FROM (200) TO (300)")
+        env.sql("INSERT INTO ev_2 VALUES (250, 'a')")
+        uncaptured(env, r, "ev:250", "UPDATE ev_2 SET v = 'b' WHERE id = 250")
+        turn_on(env, config, "install")
+        wait_until(lambda: r.exists("ev:250") == 0, what="ev's templates swept")
+
+
 EV_TWO_PARTS = (
     "CREATE TABLE ev (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);"
     "CREATE TABLE ev_0 PARTITION OF ev FOR VALUES FROM (0) TO (100);"
