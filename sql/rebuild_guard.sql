@@ -510,9 +510,9 @@ BEGIN
         LOOP
             IF r.was IS DISTINCT FROM r.state AND r.was IS NOT NULL THEN
                 PERFORM cdc_invalidator.sweep_root_v1(x.root, format(
-                    'capture triggers of table %s did not all fire ALWAYS (disabled, or ENABLE '
-                    '[REPLICA] TRIGGER) until this command: what was written meanwhile was not '
-                    'captured', r.rel::regclass))
+                    'capture triggers of table %s were not all there and firing ALWAYS '
+                    '(disabled, ENABLE [REPLICA] TRIGGER, dropped or replaced) until this '
+                    'command: what was written meanwhile was not captured', r.rel::regclass))
                 FROM (SELECT DISTINCT x.root FROM cdc_invalidator.roots_v1() x
                       WHERE x.mode = 't' AND (x.root = r.rel OR x.root = ANY (
                           cdc_invalidator.ancestors_v1(r.rel)))) x;

@@ -1625,11 +1625,12 @@ REVOKE ALL ON FUNCTION cdc_invalidator.has_capture_v1(oid) FROM PUBLIC;
 -- there are none): its statement triggers, a partition's TRUNCATE trigger, a stand-in's
 -- (rebuild_guard.sql), a partitioned table's row trigger, and a partition's copy of that
 -- where the partition lacks statement triggers of ours (made since install: the copy is
--- what captures its rows; elsewhere install keeps it off). A '-' for each of the four
--- statement triggers missing where install gave them: on a watched table, or beside
--- others of the four (DROP TRIGGER, or CREATE OR REPLACE TRIGGER of our name with
--- another function): what it captured was not, as while off. Not beside a stand-in,
--- which sweeps every transaction that writes the table. watch() and the rebuild guard.
+-- what captures its rows; elsewhere install keeps it off). A '-' for each trigger
+-- missing where install gave it (DROP TRIGGER, or CREATE OR REPLACE TRIGGER of our name
+-- with another function): each of the four statement triggers on a watched table, or
+-- beside others of the four; the row trigger of a watched partitioned table. What it
+-- captured was not, as while off. Not beside a stand-in, which sweeps every transaction
+-- that writes the table. watch() and the rebuild guard.
 CREATE OR REPLACE FUNCTION cdc_invalidator.trigger_states_v1(rel oid)
 RETURNS text
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
@@ -1646,19 +1647,23 @@ AS $capture_state$
                             'cdc_invalidator_stand_in_row_v1', 'cdc_invalidator_part_v1')
     ), n AS (
         SELECT count(*) FILTER (WHERE o.four) AS four,
-               count(*) FILTER (WHERE o.tgname LIKE 'cdc\_invalidator\_stand\_in%') AS stand_ins
+               count(*) FILTER (WHERE o.tgname LIKE 'cdc\_invalidator\_stand\_in%') AS stand_ins,
+               count(*) FILTER (WHERE o.tgname = 'cdc_invalidator_part_v1') AS part,
+               EXISTS (SELECT FROM cdc_invalidator.watched_v1 w WHERE w.relid::oid = rel) AS watched,
+               (SELECT c.relkind FROM pg_class c WHERE c.oid = rel) AS kind
         FROM ours o
     )
-    SELECT CASE WHEN n.stand_ins = 0
-                     AND (n.four BETWEEN 1 AND 3
-                          OR (n.four = 0 AND EXISTS (SELECT FROM cdc_invalidator.watched_v1 w
-                                                     WHERE w.relid::oid = rel)))
-                THEN coalesce(s.states, '') || repeat('-', 4 - n.four::int)
-                ELSE s.states END
+    SELECT CASE WHEN n.stand_ins > 0 THEN s.states
+                ELSE nullif(coalesce(s.states, '')
+                            || CASE WHEN n.four BETWEEN 1 AND 3 OR (n.four = 0 AND n.watched)
+                                    THEN repeat('-', 4 - n.four::int) ELSE '' END
+                            -- (the partitioned table's own: dropped, it goes from every
+                            -- partition, and a partition made since captured nothing)
+                            || CASE WHEN n.kind = 'p' AND n.watched AND n.part = 0
+                                    THEN '-' ELSE '' END, '') END
     FROM n, LATERAL (
         SELECT string_agg(o.tgenabled::text, '' ORDER BY o.tgname) AS states FROM ours o
-        WHERE o.tgname <> 'cdc_invalidator_part_v1'
-           OR (SELECT c.relkind FROM pg_class c WHERE c.oid = rel) = 'p' OR n.four < 4) s
+        WHERE o.tgname <> 'cdc_invalidator_part_v1' OR n.kind = 'p' OR n.four < 4) s
 $capture_state$;
 REVOKE ALL ON FUNCTION cdc_invalidator.trigger_states_v1(oid) FROM PUBLIC;
 
@@ -2200,8 +2205,9 @@ BEGIN
     END LOOP;
     IF off THEN
         PERFORM cdc_invalidator.queue_sweep_once_v1(schema_n, table_n, format(
-            'capture triggers of table %s did not all fire ALWAYS (disabled, or ENABLE '
-            '[REPLICA] TRIGGER) until install: what was written meanwhile was not captured',
+            'capture triggers of table %s were not all there and firing ALWAYS (disabled, '
+            'ENABLE [REPLICA] TRIGGER, dropped or replaced) until install: what was written '
+            'meanwhile was not captured',
             tbl));
     END IF;
     IF kind = 'p' THEN
