@@ -13,8 +13,8 @@ BEGIN
     FOR r IN
 {subscribed}
     LOOP
-        who := format('table %s is written by logical-replication subscription %s%s', r.table_name,
-                      r.subscription, CASE WHEN r.target <> r.table_name
+        who := format('table %s is written by logical-replication subscription %I%s', r.table_name,
+                      r.subscription, CASE WHEN r.target IS NOT NULL
                                            THEN format(' (which applies rows into %s)', r.target)
                                            ELSE '' END);
         IF r.enabled THEN
@@ -23,7 +23,10 @@ BEGIN
                 'and their keys would stay cached', who
                 USING ERRCODE = 'feature_not_supported',
                       HINT = 'use logical mode on this database (capture = "logical"): the '
-                             'rows a subscription applies are in its WAL like any other write';
+                             'rows a subscription applies are in its WAL like any other write. '
+                             'Or drop the subscription, or leave the table out of it (ALTER '
+                             'SUBSCRIPTION ... REFRESH PUBLICATION once its publication no longer '
+                             'holds it)';
         END IF;
         RAISE WARNING 'cdc_invalidator: %, which is disabled: once it is enabled, the changes '
             'it applies are not captured in trigger mode (its apply worker fires no statement '

@@ -141,6 +141,7 @@ def test_trigger_mode_refuses_a_table_an_enabled_subscription_writes(
     assert REFUSED in said, said
     assert "nothing was changed" in said, said
     assert 'hint: use logical mode on this database (capture = "logical")' in said, said
+    assert "Or drop the subscription" in said, said
     assert env.scalar("SELECT to_regnamespace('cdc_invalidator')") is None
     assert int(env.scalar(OURS)) == 0
 

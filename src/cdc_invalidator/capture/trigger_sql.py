@@ -173,7 +173,7 @@ def warn_subscribed(conn: psycopg.Connection[Any], tables: Iterable[TableName]) 
             "table_written_by_subscription",
             table=table,
             subscription=subscription,
-            applies_into=target,
+            applies_into=target or table,
             enabled=enabled,
             detail="PostgreSQL's apply worker fires no statement trigger: in trigger mode "
             "the changes this logical-replication subscription applies are not captured, "

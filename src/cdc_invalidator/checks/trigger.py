@@ -74,7 +74,7 @@ def check_subscribed(
     while it is enabled (install refuses it), a warning while it is disabled."""
     for table, subscription, target, enabled in conn.execute(subscribed_tables(tables)):
         where = f"table {table} is written by logical-replication subscription {subscription!r}"
-        into = f" (which applies rows into {target})" if target != table else ""
+        into = f" (which applies rows into {target})" if target is not None else ""
         if enabled:
             report.errors.append(
                 f"{where}{into}, and PostgreSQL's apply worker fires no statement trigger: in "
