@@ -49,7 +49,7 @@ PG18_TESTS ?= tests/test_semantics.py tests/test_logical.py \
 	tests/test_lineage.py \
 	tests/test_bulk_logical.py tests/test_bulk_trigger.py tests/test_physical_standbys.py \
 	tests/test_notify_queue.py tests/test_rewritten_columns.py tests/test_dropped_tables_logical.py \
-	tests/test_subscribed_tables.py
+	tests/test_subscribed_tables.py tests/test_renamed_enum_values.py
 
 # TEST_WORKERS: pytest-xdist processes, each with its own PostgreSQL and Redis, a test
 # file to a worker (a module's servers, such as a Redis Cluster, start once). The tests
