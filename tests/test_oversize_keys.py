@@ -126,6 +126,29 @@ def test_where_the_limit_is_unknown_each_long_key_is_asked_about(
         limited.close()
 
 
+def test_a_probe_reset_for_another_reason_is_no_refusal(
+    least_limit: redis.Redis, own_redis: RedisServer
+) -> None:
+    """A key Redis takes, whose probe is cut for another reason (here Redis evicting
+    clients past maxmemory-clients, which the probe's 1 MiB query buffer passes; a
+    proxy would do the same): the first draft took two such resets for a refusal and
+    left the key, which an app had cached, out of the UNLINK (a review). It raises
+    now, and the batch is retried."""
+    least_limit.config_set("proto-max-bulk-len", 4 * LEAST_LIMIT)
+    least_limit.client_no_evict("on")
+    least_limit.set(LONG, "cached")
+    least_limit.config_set("maxmemory-clients", LEAST_LIMIT)
+    try:
+        with config_refused(least_limit, own_redis.url) as url:
+            limited = redis.Redis.from_url(url)
+            with pytest.raises(redis.ConnectionError):
+                storable([LONG], None, limited)
+            limited.close()
+    finally:
+        least_limit.config_set("maxmemory-clients", 0)
+    assert least_limit.exists(LONG) == 1
+
+
 @pytest.mark.usefixtures("capture")
 @pytest.mark.parametrize("config_get", ["allowed", "refused"])
 def test_a_change_whose_key_is_too_long_does_not_hold_its_batch_back(

@@ -23,6 +23,7 @@ from redis.sentinel import SentinelConnectionPool
 from cdc_invalidator.cli import main
 from cdc_invalidator.sink import RedisSink, connect_sink
 from cdc_invalidator.sink.connect import MasterWatch, RedisOptions, redis_client
+from cdc_invalidator.sink.oversize import LEAST_LIMIT, bulk_limit, storable
 from tests.support.config import write_config
 from tests.support.env import Env
 from tests.support.evidence import unavailable
@@ -450,3 +451,29 @@ def test_every_pool_follows_the_master_the_identity_check_sees(
         assert (db0.exists("user:1"), db1.exists("user:2")) == (0, 0)
     for sink in (loop, sweeper):
         sink.close()
+
+
+def test_a_long_key_the_master_takes_is_kept_where_config_is_refused(
+    sentinel_setup: SentinelSetup,
+) -> None:
+    """Where CONFIG GET is refused, a key longer than 1 MiB is asked about on a
+    connection of its own (sink/oversize.py): through Sentinel, the first draft's went
+    to localhost:6379, not to the master, and the batch was retried for good (a review).
+    The master takes the key (proto-max-bulk-len 4mb): it is kept."""
+    master = sentinel_setup.first.client()
+    master.config_set("proto-max-bulk-len", 4 * LEAST_LIMIT)
+    master.acl_setuser(
+        "noconfig", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all", "-config"]
+    )
+    client = redis_client(
+        RedisOptions(
+            url="redis://noconfig:pw@ignored-with-sentinels/0",
+            sentinels=(("127.0.0.1", sentinel_setup.sentinel.port),),
+            sentinel_master=MASTER,
+        )
+    )
+    long = "doc:name:" + "x" * (2 * LEAST_LIMIT)
+    assert bulk_limit(client) is None
+    assert storable(["short", long], None, client) == ["short", long]
+    client.close()
+    master.close()

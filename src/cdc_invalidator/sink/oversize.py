@@ -46,31 +46,44 @@ def too_long(packed: bytes) -> bool:
     return len(packed) > LEAST_LIMIT
 
 
+# How long the probe waits for Redis to refuse a key's length before it sends the key:
+# longer each time the key's write was reset (the answer was on its way, farther away).
+REFUSAL_WAITS_S = (0.2, 1.0, 5.0)
+
+
 def refuses(client: redis.Redis, key: Key) -> bool:
-    """Whether Redis refuses `key` for its length, where the limit is not known: an
-    EXISTS of it alone, on a connection of its own (Redis closes the connection it
-    refuses a bulk string on: given back to the pool, the next command on it failed, as
-    redis_unavailable). Redis answers "Protocol error: invalid bulk length" as soon as it
-    reads the length, before any ACL check, and closes: a write still under way is
-    reset instead (1 MiB, most times here). A reset is a refusal only if it happens
-    twice, each time with Redis answering a PING on a new connection right after: a
-    restart between the two would not reset the second. Redis not answering raises."""
-    for _ in range(2):
-        connection = client.connection_pool.make_connection()
+    """Whether Redis refuses `key` for its length, where the limit is not known. Asked
+    with an EXISTS of it alone, on a connection of its own (Redis closes the connection
+    it refuses a bulk string on: given back to the pool, the next command on it failed,
+    as redis_unavailable), made as the pool makes one and connected by its own connect()
+    (Sentinel's asks the sentinels for the master: a send on one not connected yet went
+    to localhost:6379). Only Redis's answer "invalid bulk length" is a refusal: it comes
+    once Redis has read the length, before any ACL check, so the length goes first and
+    the key only if no answer came meanwhile. (Sent whole, the write was reset first
+    most times, and a reset is no answer: a client evicted, a proxy, a restart; taken
+    for a refusal, a key the master holds was left cached.) A reset again at the last
+    wait, or Redis failing otherwise, raises: the batch is retried."""
+    raw = key if isinstance(key, bytes) else key.encode()
+    head = b"*2\r\n$6\r\nEXISTS\r\n$%d\r\n" % len(raw)
+    pool = client.connection_pool
+    for wait_s in REFUSAL_WAITS_S:
+        connection = pool.connection_class(**pool.connection_kwargs)
         try:
-            connection.send_command("EXISTS", key)
+            connection.connect()
+            connection.send_packed_command([head], False)
+            if not connection.can_read(timeout=wait_s):
+                connection.send_packed_command([raw, b"\r\n"], False)
             connection.read_response()
         except redis.ResponseError as exc:
             return "invalid bulk length" in str(exc)
         except redis.ConnectionError:
-            connection.disconnect()
-            connection.send_command("PING")  # (connects anew)
-            connection.read_response()
+            if wait_s == REFUSAL_WAITS_S[-1]:
+                raise
             continue
         finally:
             connection.disconnect()
         return False
-    return True
+    return False  # (not reached: the last wait returns or raises)
 
 
 def storable(keys: Iterable[Key], limit: int | None, client: redis.Redis) -> list[Key]:
