@@ -1149,17 +1149,57 @@ END
 $rewritten$;
 REVOKE ALL ON FUNCTION cdc_invalidator.rewritten_v1() FROM PUBLIC;
 
+-- held_enums_v1(rels): the enum types a value of a column of `rels` (or of their
+-- partitions and inheritance children) may hold: the column's type, or one it is a
+-- domain, array, range, multirange (pg_range.rngmultitypid, PostgreSQL 14+: read as
+-- JSON, which a server without it parses too) or composite type over, a table's row
+-- type included, at any depth. Each type is looked up by its oid: the cost is the
+-- columns', not the catalog's.
+CREATE OR REPLACE FUNCTION cdc_invalidator.held_enums_v1(rels oid[])
+RETURNS TABLE (enum_type oid)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $held_enums$
+    WITH RECURSIVE tables (rel) AS (
+        SELECT unnest(rels)
+        UNION
+        SELECT i.inhrelid FROM tables t JOIN pg_inherits i ON i.inhparent = t.rel
+    ), types (typ) AS (
+        -- (by the index: a hash join of all of pg_attribute was most of the cost)
+        SELECT a.atttypid FROM pg_attribute a
+        WHERE a.attrelid = ANY (ARRAY(SELECT t.rel FROM tables t))
+          AND a.attnum > 0 AND NOT a.attisdropped
+        UNION
+        SELECT h.typ FROM types ty CROSS JOIN LATERAL (
+            SELECT t.typelem FROM pg_type t
+            WHERE t.oid = ty.typ AND t.typcategory = 'A' AND t.typelem <> 0
+            UNION ALL
+            SELECT t.typbasetype FROM pg_type t WHERE t.oid = ty.typ AND t.typtype = 'd'
+            UNION ALL
+            SELECT r.rngsubtype FROM pg_range r WHERE r.rngtypid = ty.typ
+            UNION ALL
+            SELECT r.rngtypid FROM pg_range r WHERE (to_jsonb(r) ->> 'rngmultitypid')::oid = ty.typ
+            UNION ALL
+            SELECT a.atttypid FROM pg_type t JOIN pg_attribute a ON a.attrelid = t.typrelid
+            WHERE t.oid = ty.typ AND t.typrelid <> 0 AND a.attnum > 0 AND NOT a.attisdropped
+        ) h (typ)
+    )
+    SELECT ty.typ FROM types ty WHERE (SELECT t.typtype FROM pg_type t WHERE t.oid = ty.typ) = 'e'
+$held_enums$;
+REVOKE ALL ON FUNCTION cdc_invalidator.held_enums_v1(oid[]) FROM PUBLIC;
+
 -- enum_renamed_v1 (at ddl_command_start and at ddl_command_end of ALTER TYPE): ALTER
 -- TYPE ... RENAME VALUE changes how every row holding the value reads, with no row
 -- change a trigger sees or decoding sends (measured: the rows an app cached kept the old
 -- label, and `user:st:active` stayed, in both modes). Which ALTER TYPE it was is not
--- told to an event trigger, so the labels of every enum (pg_enum: a few rows a type) are
--- kept at the command's start, by transaction, and compared at its end: a label whose
--- oid names another now was renamed (ADD VALUE only adds one). Each watched table with a
--- column of the type, or of a domain, array, range, multirange or composite type over
--- it, asks for one sweep of its templates, in the command's transaction. The rows live
--- from the command's start to its end (a command that fails takes them with it); only
--- the role that installed (the event triggers') writes them.
+-- told to an event trigger, so the labels of the enums the watched tables' columns may
+-- hold (held_enums_v1()) are kept at the command's start, by transaction, and compared
+-- at its end: a label whose oid names another now was renamed (ADD VALUE only adds one).
+-- Each watched table whose columns may hold such an enum asks for one sweep of its
+-- templates, in the command's transaction. (Keeping every label of the database made
+-- each ALTER TYPE, OWNER TO too, cost 100 ms at 10,000 labels, a review's: a
+-- statement_timeout cancels it, which no handler catches, and the DDL failed.) The rows
+-- live from the command's start to its end (a command that fails takes them with it);
+-- only the role that installed (the event triggers') writes them.
 CREATE TABLE IF NOT EXISTS cdc_invalidator.enum_labels_v1 (
     xid   xid8 NOT NULL,
     label oid NOT NULL,
@@ -1182,7 +1222,9 @@ BEGIN
         IF TG_EVENT = 'ddl_command_start' THEN
             DELETE FROM cdc_invalidator.enum_labels_v1 WHERE xid = pg_current_xact_id();
             INSERT INTO cdc_invalidator.enum_labels_v1 (xid, label, name)
-            SELECT pg_current_xact_id(), e.oid, e.enumlabel FROM pg_enum e;
+            SELECT pg_current_xact_id(), e.oid, e.enumlabel FROM pg_enum e
+            WHERE e.enumtypid IN (SELECT h.enum_type FROM cdc_invalidator.held_enums_v1(
+                                      ARRAY(SELECT DISTINCT x.root FROM cdc_invalidator.roots_v1() x)) h);
             RETURN;
         END IF;
         WITH kept AS (
@@ -1195,35 +1237,9 @@ BEGIN
             RETURN;
         END IF;
         FOR tbl IN
-            WITH RECURSIVE holds (inner_type, outer_type) AS (
-                -- what holds a value of a type: its array, a domain over it, a range of
-                -- it, a composite type with an attribute of it, a multirange of it
-                -- (pg_range.rngmultitypid, PostgreSQL 14+: read as JSON, which a server
-                -- without it parses too)
-                SELECT t.oid, t.typarray FROM pg_type t WHERE t.typarray <> 0
-                UNION ALL
-                SELECT t.typbasetype, t.oid FROM pg_type t WHERE t.typtype = 'd'
-                UNION ALL
-                SELECT r.rngsubtype, r.rngtypid FROM pg_range r
-                UNION ALL
-                SELECT a.atttypid, c.reltype FROM pg_attribute a
-                JOIN pg_class c ON c.oid = a.attrelid
-                WHERE c.relkind = 'c' AND a.attnum > 0 AND NOT a.attisdropped
-                UNION ALL
-                SELECT r.rngtypid, (to_jsonb(r) ->> 'rngmultitypid')::oid FROM pg_range r
-                WHERE to_jsonb(r) ? 'rngmultitypid'
-            ), types (oid) AS (
-                SELECT unnest(renamed)
-                UNION
-                SELECT h.outer_type FROM holds h JOIN types ty ON ty.oid = h.inner_type
-            ), tables (rel) AS (
-                SELECT DISTINCT a.attrelid FROM pg_attribute a
-                JOIN pg_class c ON c.oid = a.attrelid AND c.relkind IN ('r', 'p')
-                WHERE a.atttypid IN (SELECT ty.oid FROM types ty)
-                  AND a.attnum > 0 AND NOT a.attisdropped
-            )
             SELECT DISTINCT x.root FROM cdc_invalidator.roots_v1() x
-            JOIN tables t ON x.root = t.rel OR x.root = ANY (cdc_invalidator.ancestors_v1(t.rel))
+            WHERE EXISTS (SELECT FROM cdc_invalidator.held_enums_v1(ARRAY[x.root]) h
+                          WHERE h.enum_type = ANY (renamed))
         LOOP
             PERFORM cdc_invalidator.sweep_root_v1(tbl, format(
                 'a value of enum type %s was renamed (ALTER TYPE ... RENAME VALUE): the rows '
