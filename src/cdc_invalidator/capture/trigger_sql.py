@@ -164,22 +164,39 @@ def subscribed_tables(tables: Iterable[TableName]) -> sql.Composed:
     return Q.CHECK_SUBSCRIBED.sql.format(tables=text_array(sorted(t.qualified for t in tables)))
 
 
-def warn_subscribed(conn: psycopg.Connection[Any], tables: Iterable[TableName]) -> None:
-    """At the listener's start: the configured tables a subscription writes into, logged
-    (an error while it is enabled): one made or enabled after install, which `check`
-    reports too, is not only found by who runs it."""
+def subscribed(
+    conn: psycopg.Connection[Any], tables: Iterable[TableName]
+) -> list[tuple[str, bool]]:
+    """The configured tables a logical-replication subscription writes into: what to
+    say of each (`check`, and the listener at its start), and whether the subscription
+    is enabled (an error) or not (a warning)."""
+    found: list[tuple[str, bool]] = []
     for table, subscription, target, enabled in conn.execute(subscribed_tables(tables)):
-        (log.error if enabled else log.warning)(
-            "table_written_by_subscription",
-            table=table,
-            subscription=subscription,
-            applies_into=target or table,
-            enabled=enabled,
-            detail="PostgreSQL's apply worker fires no statement trigger: in trigger mode "
-            "the changes this logical-replication subscription applies are not captured, "
-            'and their keys stay cached. Use logical mode on this database (capture = "logical"), '
-            "or drop the subscription",
+        into = f" (which applies rows into {target})" if target is not None else ""
+        said = (
+            f"table {table} is written by logical-replication subscription {subscription!r}{into}"
         )
+        if enabled:
+            said += (
+                ", and PostgreSQL's apply worker fires no statement trigger: in trigger mode "
+                "the changes it applies are not captured and their keys stay cached. Use "
+                'logical mode on this database (capture = "logical"), or drop the subscription'
+            )
+        else:
+            said += (
+                ", which is disabled: once it is enabled, the changes it applies are not "
+                "captured in trigger mode (its apply worker fires no statement trigger) and "
+                'their keys stay cached. Drop it, or use logical mode (capture = "logical")'
+            )
+        found.append((said, bool(enabled)))
+    return found
+
+
+def warn_subscribed(conn: psycopg.Connection[Any], tables: Iterable[TableName]) -> None:
+    """At the listener's start, subscribed(): a subscription made or enabled after
+    install, which `check` reports too, is not only found by who runs it."""
+    for said, enabled in subscribed(conn, tables):
+        (log.error if enabled else log.warning)("table_written_by_subscription", detail=said)
 
 
 def refuse_subscribed(tables: Iterable[TableName]) -> sql.Composed:

@@ -10,7 +10,7 @@ from typing import Any
 
 import psycopg
 
-from cdc_invalidator.capture.trigger_sql import CHANNEL, subscribed_tables
+from cdc_invalidator.capture.trigger_sql import CHANNEL, subscribed
 from cdc_invalidator.checks.report import Report
 from cdc_invalidator.events import TableName
 from cdc_invalidator.mapping.columns import ColumnFilter, Judge
@@ -70,25 +70,10 @@ def check_subscribed(
     conn: psycopg.Connection[Any], report: Report, tables: Iterable[TableName]
 ) -> None:
     """Trigger mode: configured tables that a logical-replication subscription writes
-    into (check_subscribed.sql), whose apply worker fires no statement trigger: an error
-    while it is enabled (install refuses it), a warning while it is disabled."""
-    for table, subscription, target, enabled in conn.execute(subscribed_tables(tables)):
-        where = f"table {table} is written by logical-replication subscription {subscription!r}"
-        into = f" (which applies rows into {target})" if target is not None else ""
-        if enabled:
-            report.errors.append(
-                f"{where}{into}, and PostgreSQL's apply worker fires no statement trigger: in "
-                "trigger mode the changes it applies are not captured and their keys stay "
-                'cached. Use logical mode on this database (capture = "logical"), or drop '
-                "the subscription"
-            )
-        else:
-            report.warnings.append(
-                f"{where}{into}, which is disabled: once it is enabled, the changes it applies "
-                "are not captured in trigger mode (its apply worker fires no statement "
-                "trigger) and their keys stay cached. Drop it, or use logical mode "
-                '(capture = "logical")'
-            )
+    into, whose apply worker fires no statement trigger: an error while it is enabled
+    (install refuses it), a warning while it is disabled."""
+    for said, enabled in subscribed(conn, tables):
+        (report.errors if enabled else report.warnings).append(said)
 
 
 @dataclass(frozen=True, slots=True)
