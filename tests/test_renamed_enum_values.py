@@ -8,8 +8,6 @@ VALUE changes no row, and sweeps nothing."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from cdc_invalidator.cli import main
@@ -71,15 +69,19 @@ CACHED = {
 }
 
 
-def installed(env: Env) -> Path:
+def left_after(env: Env, ddl: str) -> set[str]:
+    """DDL installed, CACHED cached, `ddl` run with the listener: the keys left once
+    everything committed before a sync point after it is done."""
     env.sql(DDL)
     path = env.config({**TABLES, **SYNC})
     assert main(["install", "--config", str(path)]) == 0
-    return path
-
-
-def left(env: Env) -> set[str]:
-    return {k for k in keys(env.redis()) if not k.startswith("sync:")}
+    r = env.redis()
+    with listening(path):
+        settle(env, r)
+        r.mset(CACHED)
+        env.sql(ddl)
+        settle(env, r)
+        return {k for k in keys(r) if not k.startswith("sync:")}
 
 
 @pytest.mark.parametrize(
@@ -94,16 +96,9 @@ def left(env: Env) -> set[str]:
     ids=["plain", "do-block", "add-and-two-renames"],
 )
 def test_renaming_an_enum_value_sweeps_the_tables_that_hold_it(env: Env, ddl: str) -> None:
-    path = installed(env)
-    r = env.redis()
-    with listening(path):
-        settle(env, r)
-        r.mset(CACHED)
-        env.sql(ddl)
-        settle(env, r)
-        assert env.scalar("SELECT st::text FROM users WHERE id = 1") == "open"
-        assert env.scalar("SELECT a::text FROM accounts") == "(x,open)"
-        assert left(env) == {"item:1"}
+    assert left_after(env, ddl) == {"item:1"}
+    assert env.scalar("SELECT st::text FROM users WHERE id = 1") == "open"
+    assert env.scalar("SELECT a::text FROM accounts") == "(x,open)"
 
 
 @pytest.mark.parametrize(
@@ -119,11 +114,4 @@ def test_renaming_an_enum_value_sweeps_the_tables_that_hold_it(env: Env, ddl: st
     ids=["add-value", "rename-type", "another-enum", "rolled-back"],
 )
 def test_what_changes_no_rows_text_sweeps_nothing(env: Env, ddl: str) -> None:
-    path = installed(env)
-    r = env.redis()
-    with listening(path):
-        settle(env, r)
-        r.mset(CACHED)
-        env.sql(ddl)
-        settle(env, r)
-        assert left(env) == set(CACHED)
+    assert left_after(env, ddl) == set(CACHED)
