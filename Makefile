@@ -72,7 +72,12 @@ TEST_TMPDIR ?= $(shell d=/dev/shm; [ -d $$d ] && [ -w $$d ] \
 	&& ! awk -v d=$$d '$$2 == d {print $$4}' /proc/mounts | grep -q noexec \
 	&& echo $$d)
 
+# The package's bytecode, written before the tests: where PYTHONDONTWRITEBYTECODE is set
+# (as on the CI machines), Python never writes it and every process the tests start (a
+# listener, a one-shot command: hundreds of each) compiled its ~90 modules again, 0.25 s
+# of a `check`'s 1.3 s of CPU. compileall writes it regardless and skips what is current.
 test: install lint
+	@$(BIN)/python -m compileall -q src tests
 	@status=0; tmp=""; \
 	if [ -n "$(TEST_TMPDIR)" ] && tmp=$$(mktemp -d "$(TEST_TMPDIR)/cdc-invalidator-tests-XXXXXX"); then \
 		chmod 755 "$$tmp"; export TMPDIR="$$tmp"; \
