@@ -48,12 +48,14 @@ def caught_up(env: Env, lsn: str) -> bool:
 
 def changed(env: Env, statement: str) -> str:
     """Run `statement` and commit; a WAL position within its transaction, which the slot
-    is confirmed past once the listener has done the change (its commit's end). Not
-    pg_current_wal_lsn() after the commit: WAL written since (the listener's own books,
-    a standby snapshot) may take it past what an idle listener confirms, which chases no
-    position of its own writes under CHASE_BYTES (the test then timed out, the slot 64
-    bytes short of a page boundary)."""
-    with env.connect() as conn:
+    is confirmed past once the listener has done the change (its commit's end). Not a
+    position read after the commit: WAL written since by any session (the listener's own
+    books, autovacuum, a standby snapshot) may take it past what an idle listener
+    confirms, which chases no WAL but its changes' under CHASE_BYTES (the test then timed
+    out, the slot 64 bytes short of a page boundary; and again, in CI, the slot at the
+    update's commit end). Read in an explicit transaction: the connection is autocommit,
+    and a second execute() ran after the first's commit."""
+    with env.connect() as conn, conn.transaction():
         conn.execute(statement)
         lsn = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
     assert lsn is not None
@@ -80,11 +82,14 @@ def gone(r: redis.Redis, key: str) -> bool:
 
 
 def processed(env: Env, r: redis.Redis) -> None:
-    """The listener has deleted a change's key and the slot has confirmed past it."""
+    """The listener has deleted a change's key and the slot has confirmed past it. The
+    slot first: the key alone may be gone before the update is read (the rebuild's own
+    INSERT deletes it, and its sweep), while the slot passes the update only once Redis
+    confirmed its deletes."""
     r.set("user:1", "cached")
     written = changed(env, "UPDATE users SET name = name || '.' WHERE id = 1")
-    wait_until(lambda: r.exists("user:1") == 0, what="the update's key deleted")
     wait_until(lambda: caught_up(env, written), what="the slot confirming past the update")
+    assert r.exists("user:1") == 0, "the update's key deleted"
 
 
 def test_rows_of_dropped_tables_stay_bounded_with_the_listener_keeping_up(
