@@ -176,6 +176,8 @@ def test_a_disabled_subscription_is_warned_of_and_checked_once_enabled(
     wait_until(lambda: listener.logged("table_written_by_subscription"), what="the error")
     [line] = listener.logged("table_written_by_subscription")
     assert line["level"] == "error", line
+    assert line["subscription"] == publisher.subscription, line
+    assert line["table"] == "public.users", line
     assert line["detail"].startswith(enabled), line
     stop_listener(listener)
     checked = run_cli("check", "--config", str(config))

@@ -164,39 +164,58 @@ def subscribed_tables(tables: Iterable[TableName]) -> sql.Composed:
     return Q.CHECK_SUBSCRIBED.sql.format(tables=text_array(sorted(t.qualified for t in tables)))
 
 
-def subscribed(
-    conn: psycopg.Connection[Any], tables: Iterable[TableName]
-) -> list[tuple[str, bool]]:
-    """The configured tables a logical-replication subscription writes into: what to
-    say of each (`check`, and the listener at its start), and whether the subscription
-    is enabled (an error) or not (a warning)."""
-    found: list[tuple[str, bool]] = []
-    for table, subscription, target, enabled in conn.execute(subscribed_tables(tables)):
-        into = f" (which applies rows into {target})" if target is not None else ""
-        said = (
-            f"table {table} is written by logical-replication subscription {subscription!r}{into}"
+@dataclass(frozen=True, slots=True)
+class Subscribed:
+    """A configured table that a logical-replication subscription writes into
+    (check_subscribed.sql): `target`, the partition or child the rows go into, when not
+    the table itself; `said`, what `check` and the listener say of it."""
+
+    table: str
+    subscription: str
+    target: str | None
+    enabled: bool  # an error while it is; a warning while not
+
+    @property
+    def said(self) -> str:
+        into = f" (which applies rows into {self.target})" if self.target is not None else ""
+        where = (
+            f"table {self.table} is written by logical-replication subscription "
+            f"{self.subscription!r}{into}"
         )
-        if enabled:
-            said += (
-                ", and PostgreSQL's apply worker fires no statement trigger: in trigger mode "
-                "the changes it applies are not captured and their keys stay cached. Use "
-                'logical mode on this database (capture = "logical"), or drop the subscription'
+        if self.enabled:
+            return (
+                f"{where}, and PostgreSQL's apply worker fires no statement trigger: in "
+                "trigger mode the changes it applies are not captured and their keys stay "
+                'cached. Use logical mode on this database (capture = "logical"), or drop '
+                "the subscription"
             )
-        else:
-            said += (
-                ", which is disabled: once it is enabled, the changes it applies are not "
-                "captured in trigger mode (its apply worker fires no statement trigger) and "
-                'their keys stay cached. Drop it, or use logical mode (capture = "logical")'
-            )
-        found.append((said, bool(enabled)))
-    return found
+        return (
+            f"{where}, which is disabled: once it is enabled, the changes it applies are "
+            "not captured in trigger mode (its apply worker fires no statement trigger) and "
+            'their keys stay cached. Drop it, or use logical mode (capture = "logical")'
+        )
+
+
+def subscribed(conn: psycopg.Connection[Any], tables: Iterable[TableName]) -> list[Subscribed]:
+    """The configured tables a logical-replication subscription writes into."""
+    return [
+        Subscribed(table, subscription, target, bool(enabled))
+        for table, subscription, target, enabled in conn.execute(subscribed_tables(tables))
+    ]
 
 
 def warn_subscribed(conn: psycopg.Connection[Any], tables: Iterable[TableName]) -> None:
     """At the listener's start, subscribed(): a subscription made or enabled after
     install, which `check` reports too, is not only found by who runs it."""
-    for said, enabled in subscribed(conn, tables):
-        (log.error if enabled else log.warning)("table_written_by_subscription", detail=said)
+    for found in subscribed(conn, tables):
+        (log.error if found.enabled else log.warning)(
+            "table_written_by_subscription",
+            table=found.table,
+            subscription=found.subscription,
+            applies_into=found.target or found.table,
+            enabled=found.enabled,
+            detail=found.said,
+        )
 
 
 def refuse_subscribed(tables: Iterable[TableName]) -> sql.Composed:

@@ -72,8 +72,8 @@ def check_subscribed(
     """Trigger mode: configured tables that a logical-replication subscription writes
     into, whose apply worker fires no statement trigger: an error while it is enabled
     (install refuses it), a warning while it is disabled."""
-    for said, enabled in subscribed(conn, tables):
-        (report.errors if enabled else report.warnings).append(said)
+    for found in subscribed(conn, tables):
+        (report.errors if found.enabled else report.warnings).append(found.said)
 
 
 @dataclass(frozen=True, slots=True)
