@@ -131,12 +131,14 @@ class Stage:
 
         # The sample rows go in through the watched table. The last one's INSERT deletes a
         # cached "no such user": once that is gone, the listener is connected and has
-        # taken every row (changes are processed in commit order).
+        # taken every row (changes are processed in commit order). Seen gone through the
+        # keyspace watch, the clock of every delete the story waits for (story.py).
         last = f"user:{USERS[-1][0]}"
         cache.set(last, "-")
+        sent = time.perf_counter()
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.cursor().executemany("INSERT INTO users VALUES (%s, %s, %s)", USERS)
-        self.until(lambda: cache.exists(last) == 0, "the listener to take the first events")
+        self.deletes().wait([last], sent)
         say(f"Created table users with {len(USERS)} rows: " + ", ".join(n for *_, n in USERS))
         self.app = App(dsn, cache)
         self.psql = Psql(dsn, DBNAME, say)

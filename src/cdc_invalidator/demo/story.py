@@ -130,10 +130,15 @@ class Demo:
         _section(f"6. {TIMED_UPDATES} more single-row updates, each timed from its COMMIT")
         conn, cache = cast.psql.connection, cast.cache
         # A cached "no such user" that the INSERT must delete: once it is gone, the
-        # listener has caught up (changes are processed in commit order).
+        # listener has caught up (changes are processed in commit order). Seen gone
+        # through the keyspace watch, the clock every wait below reads, not by EXISTS:
+        # the watch stamps a delete as its thread reads the notification, which may be
+        # after EXISTS found the key gone. The first update's wait then took the
+        # INSERT's delete for its own, and each later one its predecessor's.
         cache.set("user:1", "-")
+        sent = time.perf_counter()
         conn.execute("INSERT INTO users VALUES (%s, %s, %s)", USERS[0])
-        self.stage.until(lambda: cache.exists("user:1") == 0)
+        self.stage.deletes().wait(["user:1"], sent)
         lags: list[float] = []
         for i in range(TIMED_UPDATES):
             cache.set("user:1", "cached")

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 import redis
 from redis.client import PubSub
 
-from cdc_invalidator.demo.common import STEP_TIMEOUT_S, DemoError
+from cdc_invalidator.demo.common import STEP_TIMEOUT_S, DemoError, ms
 
 
 class DeleteWatch:
@@ -58,10 +58,12 @@ class DeleteWatch:
                 self._failure = exc
                 self._cond.notify_all()
 
-    def wait(self, keys: Iterable[str], since: float) -> dict[str, float]:
+    def wait(
+        self, keys: Iterable[str], since: float, timeout_s: float = STEP_TIMEOUT_S
+    ) -> dict[str, float]:
         """When each key was deleted after `since` (perf_counter), waiting for all of them."""
         wanted = set(keys)
-        deadline = time.monotonic() + STEP_TIMEOUT_S
+        deadline = time.monotonic() + timeout_s
         with self._cond:
             while True:
                 seen = {key: t for t, key in reversed(self._deleted) if t >= since}
@@ -72,9 +74,30 @@ class DeleteWatch:
                     raise DemoError(f"lost the keyspace notifications: {self._failure}")
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    missing = ", ".join(sorted(wanted - found.keys()))
-                    raise DemoError(f"{missing} not deleted within {STEP_TIMEOUT_S:.0f} s")
+                    missing = sorted(wanted - found.keys())
+                    raise DemoError(
+                        f"{', '.join(missing)} not deleted within {timeout_s:g} s: "
+                        + "; ".join(self._why_not(key, since) for key in missing)
+                    )
                 self._cond.wait(left)
+
+    def _why_not(self, key: str, since: float) -> str:
+        """What became of `key`, which was not seen deleted after `since`: still cached
+        (the listener did not delete it), or deleted before `since` (and when), after
+        which the listener's own delete found no key and Redis told nobody."""
+        try:
+            cached = self._client.exists(key) == 1
+        except redis.RedisError as exc:
+            return f"{key}: Redis did not say whether it is cached ({exc})"
+        if cached:
+            return f"{key} is still cached"
+        before = [t for t, deleted in self._deleted if deleted == key and t < since]
+        if not before:
+            return f"{key} is not cached, and no delete of it was seen"
+        return (
+            f"{key} is not cached: its last delete seen came {ms(since - before[-1])} "
+            "before the change it waited for"
+        )
 
     def close(self) -> None:
         self._stop.set()
