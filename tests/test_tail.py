@@ -4,6 +4,8 @@ the listener consumes on, and publishes nothing while nobody tails."""
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 
 from cdc_invalidator.capture.logical import GATHER_AFTER
@@ -172,6 +174,26 @@ def test_nobody_tailing_nothing_is_published(env: Env, spawn: Spawn) -> None:
     # It asked whether anyone tails, at most once a second while batches flowed.
     assert "cmdstat_pubsub|numsub" in stats
     stop_listener(listener)
+
+
+def test_tail_ends_cleanly_on_sigint_or_sigterm_whatever_its_parent_ignored(env: Env) -> None:
+    """Ctrl-C (or `kill -INT`) ends tail: so it did only while SIGINT reached Python's own
+    handler, and a tail started with SIGINT ignored (a shell's background job: a whole
+    test run started with `&` failed every tail test) ran on until SIGKILL. SIGTERM, the
+    usual stop of a background process, ends it as cleanly (it killed it: exit 143)."""
+    config = env.config({"public.users": ["user:{id}"]})
+    r = env.redis()
+    for signum, ignoring_sigint in [(signal.SIGINT, True), (signal.SIGTERM, False)]:
+        where = env.tmp_path / signum.name
+        where.mkdir()
+        tail = Tail(config, where, ignoring_sigint=ignoring_sigint)
+        try:
+            wait_until(lambda: subscribers(r, channel_of(env)) == 1, what="tail subscribed")
+            tail.process.send_signal(signum)
+            assert tail.process.wait(20) == 0, tail.stderr()
+        finally:
+            tail.kill()
+        assert "Traceback" not in tail.stderr()
 
 
 def test_tail_table_shows_that_table_only(

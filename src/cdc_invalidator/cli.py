@@ -56,7 +56,7 @@ from cdc_invalidator.settings import (
     config_path,
     load_settings,
 )
-from cdc_invalidator.shutdown import Stopper
+from cdc_invalidator.shutdown import Stopper, interrupted_by_signals
 from cdc_invalidator.sink import REDIS_ERRORS, REDIS_UNAVAILABLE, RedisOptions, open_sink
 from cdc_invalidator.sink.lookup import KeyState, key_state
 from cdc_invalidator.status import NotInstalledHere
@@ -603,7 +603,8 @@ def cmd_tail(args: argparse.Namespace, settings: Settings, console: Console) -> 
         sys.stdout.flush()  # each line as it happens, into a pipe or a file too
 
     try:
-        tail(RedisOptions.from_settings(settings), channel, table, out, console.warn)
+        with interrupted_by_signals():
+            tail(RedisOptions.from_settings(settings), channel, table, out, console.warn)
     except KeyboardInterrupt:
         return EXIT_OK
     return EXIT_OK  # pragma: no cover - tail() returns only when interrupted

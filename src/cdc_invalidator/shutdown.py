@@ -1,4 +1,5 @@
-"""Stop requests: SIGTERM/SIGINT set a flag and wake any select() through a pipe."""
+"""Stop requests: SIGTERM/SIGINT set a flag and wake any select() through a pipe (the
+listener), or raise KeyboardInterrupt (the commands that run until stopped)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,11 @@ import contextlib
 import os
 import select
 import signal
+import threading
+from collections.abc import Iterator
 from types import FrameType
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Stopper:
@@ -52,9 +57,31 @@ class Stopper:
         def handler(_signum: int, _frame: FrameType | None) -> None:
             self.stop()
 
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, handler)
 
     def close(self) -> None:
         os.close(self._read_fd)
         os.close(self._write_fd)
+
+
+@contextlib.contextmanager
+def interrupted_by_signals() -> Iterator[None]:
+    """Inside, SIGINT and SIGTERM raise KeyboardInterrupt (`tail`, `demo`: Ctrl-C or a
+    `kill` ends them cleanly), whatever the process was started with: a SIGINT its parent
+    ignored (a shell's background job, `make test &`) stays ignored through exec, and
+    Python then installs no handler of its own, so nothing stopped `tail` but SIGKILL.
+    Signal handlers are the main thread's to set: from any other, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(_signum: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = {signum: signal.signal(signum, interrupt) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

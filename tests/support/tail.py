@@ -26,11 +26,16 @@ LINE = re.compile(
 class Tail:
     """`cdc-invalidator tail` as a child process, its output in files."""
 
-    def __init__(self, config: Path, tmp_path: Path, *args: str) -> None:
+    def __init__(
+        self, config: Path, tmp_path: Path, *args: str, ignoring_sigint: bool = False
+    ) -> None:
         self.out_path, self.err_path = tmp_path / "tail.out", tmp_path / "tail.err"
+        command = [sys.executable, "-m", "cdc_invalidator", "tail", "--config", str(config)]
+        # Started as a shell's background job is: SIGINT ignored, which exec passes on.
+        prefix = ["sh", "-c", "trap '' INT; exec \"$@\"", "sh"] if ignoring_sigint else []
         with self.out_path.open("wb") as out, self.err_path.open("wb") as err:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "cdc_invalidator", "tail", "--config", str(config), *args],
+                [*prefix, *command, *args],
                 stdout=out,
                 stderr=err,
                 env=dict(os.environ),

@@ -10,12 +10,6 @@ the end, also on Ctrl-C, SIGTERM or an error.
 
 from __future__ import annotations
 
-import contextlib
-import signal
-import threading
-from collections.abc import Iterator
-from types import FrameType
-
 import psycopg
 import redis
 
@@ -24,6 +18,7 @@ from cdc_invalidator.demo.common import DemoError, error, say
 from cdc_invalidator.demo.servers import ServerError, find_pg_bindir, find_redis_server
 from cdc_invalidator.demo.story import Demo
 from cdc_invalidator.settings import ConfigError
+from cdc_invalidator.shutdown import interrupted_by_signals
 
 __all__ = ["run_demo"]
 
@@ -41,7 +36,7 @@ def run_demo(keep: bool = False, capture: str = "trigger") -> int:
         return 1
     demo = Demo(capture)
     code = 1
-    with _sigterm_interrupts():
+    with interrupted_by_signals():
         try:
             demo.run()
             code = 0
@@ -57,20 +52,3 @@ def run_demo(keep: bool = False, capture: str = "trigger") -> int:
         finally:
             demo.cleanup(keep)
     return code
-
-
-@contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM cleans up like Ctrl-C does (signal handlers only from the main thread)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(_signum: int, _frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
