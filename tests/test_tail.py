@@ -179,7 +179,7 @@ def test_nobody_tailing_nothing_is_published(env: Env, spawn: Spawn) -> None:
 def test_tail_ends_cleanly_on_sigint_or_sigterm_whatever_its_parent_ignored(env: Env) -> None:
     """Ctrl-C (or `kill -INT`) ends tail: so it did only while SIGINT reached Python's own
     handler, and a tail started with SIGINT ignored (a shell's background job: a whole
-    test run started with `&` failed every test that stops one) ran on until SIGKILL. SIGTERM, the
+    test run started with `&` failed every test that stops one) ran on. SIGTERM, the
     usual stop of a background process, ends it as cleanly (it killed it: exit 143)."""
     config = env.config({"public.users": ["user:{id}"]})
     r = env.redis()

@@ -70,7 +70,7 @@ def interrupted_by_signals() -> Iterator[None]:
     """Inside, SIGINT and SIGTERM raise KeyboardInterrupt (`tail`, `demo`: Ctrl-C or a
     `kill` ends them cleanly), whatever the process was started with: a SIGINT its parent
     ignored (a shell's background job, `make test &`) stays ignored through exec, and
-    Python then installs no handler of its own, so nothing stopped `tail` but SIGKILL.
+    Python then installs no handler of its own, so Ctrl-C did nothing to `tail`.
     Signal handlers are the main thread's to set: from any other, nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
