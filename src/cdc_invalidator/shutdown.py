@@ -8,7 +8,7 @@ import os
 import select
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -66,22 +66,30 @@ class Stopper:
 
 
 @contextlib.contextmanager
-def interrupted_by_signals() -> Iterator[None]:
-    """Inside, SIGINT and SIGTERM raise KeyboardInterrupt (`tail`, `demo`: Ctrl-C or a
-    `kill` ends them cleanly), whatever the process was started with: a SIGINT its parent
-    ignored (a shell's background job, `make test &`) stays ignored through exec, and
-    Python then installs no handler of its own, so Ctrl-C did nothing to `tail`.
-    Signal handlers are the main thread's to set: from any other, nothing changes."""
+def stop_signals_handled(
+    handler: Callable[[int, FrameType | None], object] | signal.Handlers,
+) -> Iterator[None]:
+    """Inside, SIGINT and SIGTERM go to `handler` (a function, or SIG_IGN), and what they
+    went to before is set back after. Signal handlers are the main thread's to set: from
+    any other, nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def interrupt(_signum: int, _frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = {signum: signal.signal(signum, interrupt) for signum in STOP_SIGNALS}
+    previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        for signum, before in previous.items():
+            signal.signal(signum, before)
+
+
+def interrupted_by_signals() -> contextlib.AbstractContextManager[None]:
+    """Inside, SIGINT and SIGTERM raise KeyboardInterrupt (`tail`, `demo`: Ctrl-C or a
+    `kill` ends them cleanly), whatever the process was started with: a SIGINT its parent
+    ignored (a shell's background job, `make test &`) stays ignored through exec, and
+    Python then installs no handler of its own, so Ctrl-C did nothing to `tail`."""
+    return stop_signals_handled(_interrupt)
+
+
+def _interrupt(_signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt

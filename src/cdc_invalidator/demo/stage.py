@@ -4,14 +4,13 @@ again, whatever state the run ended in."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import signal
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -30,7 +29,7 @@ from cdc_invalidator.listener import build_listener
 from cdc_invalidator.modes.choose import mode_for
 from cdc_invalidator.runner import Runner
 from cdc_invalidator.settings import Settings, load_settings
-from cdc_invalidator.shutdown import Stopper
+from cdc_invalidator.shutdown import Stopper, stop_signals_handled
 from cdc_invalidator.sink import AutoSink
 
 DBNAME = "app"
@@ -199,7 +198,8 @@ class Stage:
 
     def cleanup(self, keep: bool) -> None:
         """Stop and remove everything started, whatever state the run ended in."""
-        with _uninterruptible():
+        # (A second Ctrl-C must not leave servers running.)
+        with stop_signals_handled(signal.SIG_IGN):
             _attempt("listener", self.stop_listener)
             for name, closeable in [
                 ("keyspace watch", self.delete_watch),
@@ -247,21 +247,6 @@ class Stage:
             pg_ctl = self.pg.bindir / "pg_ctl"
             say(f"  {as_user}{pg_ctl} -D {self.pg.datadir} -l {self.pg.logfile} start")
         say(f"Remove it all with: rm -rf {' '.join(str(d) for d in dirs)}")
-
-
-@contextlib.contextmanager
-def _uninterruptible() -> Iterator[None]:
-    """While cleaning up, a second Ctrl-C must not leave servers running."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    previous_term = signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous_int)
-        signal.signal(signal.SIGTERM, previous_term)
 
 
 def _attempt(what: str, step: Callable[[], object]) -> None:
