@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -74,6 +76,53 @@ def test_demo_reports_a_measured_delete_and_cleans_up(own_tmpdir: Path, capture:
     assert not Path(match[1]).exists()
     assert _ours(own_tmpdir) == before
     assert not os.listdir(own_tmpdir)
+
+
+# The demo run with its keyspace watch reading every notification this late, as a loaded
+# machine may: every delete it times must then measure at least as long.
+LATE_S = 0.03
+LATE_WATCH = f"""
+import sys, time
+from redis.client import PubSub
+from cdc_invalidator.demo import run_demo
+
+read = PubSub.get_message
+
+def late(self, *args, **kwargs):
+    message = read(self, *args, **kwargs)
+    if message and message.get("type") == "pmessage":
+        time.sleep({LATE_S})
+    return message
+
+PubSub.get_message = late
+sys.exit(run_demo())
+"""
+
+
+@pytest.mark.servers
+def test_each_delete_the_demo_times_is_its_own_change_s_however_late_the_watch_reads(
+    own_tmpdir: Path,
+) -> None:
+    """The demo saw its setup's and its timed scene's INSERT deletes by polling EXISTS,
+    while its watch stamps a delete as it reads the notification: read late, the INSERT's
+    delete was taken for the first update's, and each later update's for the one after
+    (CI: 'user:1 not deleted within 15 s', once a late delete took the next update's key
+    before its COMMIT). Each was then timed below the watch's own delay: 28.8 ms of 30."""
+    result = subprocess.run(
+        [sys.executable, "-c", LATE_WATCH],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TMPDIR": str(own_tmpdir)},
+        timeout=300,
+        check=False,
+    )
+    out = result.stdout
+    assert result.returncode == 0, f"stdout:\n{out}\nstderr:\n{result.stderr}"
+    timed = re.search(r"p50 (\S+) ms, p99 (\S+) ms, max (\S+) ms", out)
+    single = re.search(r"user:1 deleted (\S+) ms after COMMIT", out)
+    assert timed, out
+    assert single, out
+    assert min(float(ms) for ms in (*timed.groups(), single[1])) >= LATE_S * 1000, out
 
 
 # --- The servers' ports ------------------------------------------------------------------
