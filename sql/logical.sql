@@ -267,16 +267,44 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $publish$
 DECLARE
     list text := (SELECT string_agg(cdc_invalidator.publish_list(t), ', ') FROM unnest(tables) t);
-    heirs text := (
-        -- (temporary, unlogged and foreign children cannot be published: left out, and
-        -- publication_drift_v1() names them)
-        SELECT string_agg('ONLY ' || c.oid::regclass::text, ', ' ORDER BY c.oid)
+    -- (temporary, unlogged and foreign children cannot be published: left out, and
+    -- publication_drift_v1() names them)
+    heirs regclass[] := ARRAY(
+        SELECT c.oid::regclass
         FROM pg_class c
         WHERE c.oid IN (SELECT unnest(cdc_invalidator.heirs_v1(t, tables::oid[])) FROM unnest(tables) t)
-          AND c.relkind = 'r' AND c.relpersistence = 'p');
+          AND c.relkind = 'r' AND c.relpersistence = 'p'
+        ORDER BY c.oid);
+    fresh text;
 BEGIN
     PERFORM cdc_invalidator.require_publishable(t) FROM unnest(tables) t;
-    list := concat_ws(', ', list, heirs);
+    list := concat_ws(', ', list, (SELECT string_agg('ONLY ' || h::text, ', ') FROM unnest(heirs) h));
+    -- A table this install newly publishes, while a slot may already stream the
+    -- publication: a change is published or not by the catalog as of its own place in
+    -- the WAL, not its commit's. A writer's change written before this commit and
+    -- committed after it would be left out of the stream, and its key kept (a CI run's
+    -- writers: an UPDATE's key still cached 20 s after). SHARE conflicts with every
+    -- write: a writer's open transaction on it commits before this script does (the
+    -- wait bounded by lock_wait.sql), and one that comes later waits for this commit,
+    -- its changes then written after it. Reads do not wait; a table published already
+    -- is not locked (install run again waits for no writer), nor any on the first
+    -- install, whose slot is made after this commit and decodes only transactions that
+    -- begin after it. (Not ONLY for a partitioned table: its partitions are written to
+    -- on their own, and published with it.)
+    IF EXISTS (SELECT FROM pg_publication p WHERE p.pubname = publish.pubname)
+       OR EXISTS (SELECT FROM pg_replication_slots s
+                  WHERE s.database = current_database() AND s.plugin = 'pgoutput') THEN
+        SELECT string_agg(CASE WHEN c.relkind = 'p' THEN '' ELSE 'ONLY ' END || c.oid::regclass::text,
+                          ', ' ORDER BY c.oid)
+        INTO fresh
+        FROM pg_class c
+        WHERE c.oid = ANY ((tables || heirs)::oid[])
+          AND NOT EXISTS (SELECT FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid
+                          WHERE p.pubname = publish.pubname AND pr.prrelid = c.oid);
+        IF fresh IS NOT NULL THEN
+            EXECUTE format('LOCK TABLE %s IN SHARE MODE', fresh);
+        END IF;
+    END IF;
     IF NOT EXISTS (SELECT FROM pg_publication WHERE pg_publication.pubname = publish.pubname) THEN
         EXECUTE format('CREATE PUBLICATION %I FOR TABLE %s', pubname, list);
     ELSE
