@@ -295,6 +295,70 @@ def test_a_change_written_before_an_install_added_its_table_and_committed_after_
     assert restarted.process.poll() is None
 
 
+@pytest.mark.parametrize("capture", ["logical"])
+def test_a_writer_queued_behind_the_lock_on_a_table_install_adds_is_never_the_one_aborted(
+    env: Env,
+) -> None:
+    """Install adds t1..t7 and locks them in turn (the test above). Writers' short
+    transactions hold t2..t6, each ending a little before the script's 200 ms lock
+    wait; a writer W holds t7 and writes t1, queued behind install's lock on it. The
+    waits were bounded one by one: they added up, W's deadlock check (deadlock_timeout,
+    1 s, after it began to wait) found install waiting for t7, and PostgreSQL aborted W
+    ("deadlock detected"), 3 of 3 runs on PostgreSQL 15. They are now bounded all
+    together: install gives up first, and tries again once the writers are done."""
+    tables = [f"t{i}" for i in range(1, 8)]
+    env.sql("CREATE TABLE users (id int PRIMARY KEY); INSERT INTO users VALUES (1)")
+    for t in tables:
+        env.sql(f"CREATE TABLE {t} (id int PRIMARY KEY, v text); INSERT INTO {t} VALUES (1, '')")
+    assert cli("install", "--config", env.config(USERS)) == 0
+    config = env.config({**USERS, **{f"public.{t}": [f"{t}:{{id}}"] for t in tables}})
+    holders = [env.connect() for _ in tables[1:-1]]
+    for holder, table in zip(holders, tables[1:-1], strict=True):
+        holder.execute("BEGIN")
+        holder.execute(f"UPDATE {table} SET v = 'held'".encode())
+    w = env.connect()
+    w.execute("BEGIN")
+    w.execute("UPDATE t7 SET v = 'w'")
+    installed: list[int] = []
+    install = threading.Thread(
+        target=lambda: installed.append(cli("install", "--config", config)), daemon=True
+    )
+    install.start()
+    wait_until(
+        lambda: (
+            not install.is_alive()
+            or env.scalar(
+                "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 't2'::regclass"
+            )
+        ),
+        what="install holding t1 and waiting for t2, or done",
+    )
+    began = time.monotonic()
+    errors: list[BaseException] = []
+
+    def write_t1() -> None:
+        try:
+            w.execute("UPDATE t1 SET v = 'w'")  # behind install's lock on t1
+            w.execute("COMMIT")
+        except psycopg.Error as exc:
+            errors.append(exc)
+
+    writer = threading.Thread(target=write_t1, daemon=True)
+    writer.start()
+    # Each holder ends 170 ms after the one before (a scenario in time, not a wait):
+    # install waits 170 ms for each of t2..t6, under its bound for one, then for t7.
+    for n, holder in enumerate(holders, 1):
+        time.sleep(max(0.0, began + 0.17 * n - time.monotonic()))
+        holder.execute("COMMIT")
+        holder.close()
+    writer.join(30)
+    install.join(70)
+    w.close()
+    assert installed == [0]
+    assert errors == [], f"the writer was aborted: {errors}"
+    assert env.scalar("SELECT v FROM t1") == "w"
+
+
 @pytest.mark.parametrize("capture", ["trigger", "logical"])  # the mode switched from
 def test_a_listener_whose_file_switched_capture_mode_exits_to_restart_with_it(
     env: Env, spawn: Spawn, capture: str
