@@ -296,6 +296,41 @@ def test_a_change_written_before_an_install_added_its_table_and_committed_after_
 
 
 @pytest.mark.parametrize("capture", ["logical"])
+def test_install_run_again_waits_for_no_writer_of_a_table_published_already(env: Env) -> None:
+    """The lock of the test above is for a table install newly publishes: install run
+    again (nothing added, or another table added) goes through while writers' open
+    transactions hold the tables published already, and locks none of them."""
+    env.sql(
+        "CREATE TABLE users (id int PRIMARY KEY, name text);"
+        "CREATE TABLE orders (id int PRIMARY KEY, user_id int NOT NULL);"
+        "CREATE TABLE items (id int PRIMARY KEY);"
+        "INSERT INTO users VALUES (1, 'A'); INSERT INTO orders VALUES (1, 1)"
+    )
+    config = env.config({**USERS, **ORDERS})
+    assert cli("install", "--config", config) == 0
+    with env.connect() as writer:
+        writer.execute("BEGIN")
+        writer.execute("UPDATE users SET name = 'open' WHERE id = 1")
+        writer.execute("UPDATE orders SET user_id = 2 WHERE id = 1")
+        for mapping in ({**USERS, **ORDERS}, {**USERS, **ORDERS, "public.items": ["item:{id}"]}):
+            env.config(mapping)
+            assert installed_while_writing(config), f"install of {sorted(mapping)}"
+        writer.execute("COMMIT")
+
+
+def installed_while_writing(config: Path) -> bool:
+    """Whether install went through (exit 0) within 15 s: a lock it waited for would
+    keep it retrying for a minute."""
+    installed: list[int] = []
+    install = threading.Thread(
+        target=lambda: installed.append(cli("install", "--config", config)), daemon=True
+    )
+    install.start()
+    wait_until(lambda: not install.is_alive(), what="install")
+    return installed == [0]
+
+
+@pytest.mark.parametrize("capture", ["logical"])
 def test_a_writer_queued_behind_the_lock_on_a_table_install_adds_is_never_the_one_aborted(
     env: Env,
 ) -> None:
