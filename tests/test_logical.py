@@ -1750,9 +1750,12 @@ def test_status_reports_slot_lag_and_progress(env: Env) -> None:
         assert status_text(config)["slot"] == f"reserved, streamed by pid {walsender_pid(env)}"
     stopped = status(config)["slot_lag_bytes"]
 
-    # Stopped while 2000 rows change: the slot holds their WAL and the lag shows it.
+    # Stopped while 2000 rows change: the slot holds their WAL and the lag shows it. The
+    # lag runs to the WAL written (pg_current_wal_lsn), and the test server commits
+    # asynchronously: a `status` started at once saw 0.9 MB of it. This commit waits.
     env.sql("UPDATE users SET name = 'x'")
     env.sql(
+        "SET synchronous_commit = on;"
         "INSERT INTO users SELECT g, 'u' || g || '@x', repeat(md5(g::text), 30)"
         " FROM generate_series(3, 2002) g"
     )
