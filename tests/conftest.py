@@ -16,7 +16,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.support import pgversion
+from tests.support import forks, pgversion
 from tests.support.env import FAST_PG, Env, Servers, capture_of, make_env
 from tests.support.evidence import Evidence, unavailable
 from tests.support.listener import ListenerProcess, Spawn
@@ -50,6 +50,11 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ["PATH"] = f"{pg.bindir}{os.pathsep}{os.environ.get('PATH', '')}"
     config.stash[PG_INSTALL] = pg
     config.pluginmanager.register(Evidence(pg), "cdc-invalidator-evidence")
+    forks.enable()  # the CLI's commands forked from one import of it (tests/support/forks.py)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    forks.disable()
 
 
 PG_INSTALL = pytest.StashKey[PgInstall | None]()

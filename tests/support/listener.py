@@ -3,11 +3,13 @@ child processes a user (or an operator's signals) would deal with."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -18,6 +20,7 @@ from cdc_invalidator.cli import main
 from cdc_invalidator.listener import build_listener
 from cdc_invalidator.settings import Settings, load_settings
 from cdc_invalidator.shutdown import Stopper
+from tests.support import forks
 from tests.support.waits import wait_until
 
 if TYPE_CHECKING:  # a fixture's type only: `python -m tests.chaos` imports this outside pytest
@@ -91,14 +94,14 @@ class ListenerProcess:
         self.env = {**os.environ, **(env or {})}
         self.prefix = list(prefix)
         self.command = list(command)
-        self.process: subprocess.Popen[bytes] | None = None
+        self.process: forks.Process | None = None
 
     def start(self) -> ListenerProcess:
         self._log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
+        self.process = forks.start(
             [*self.prefix, sys.executable, *self.command, "run", "--config", str(self.config)],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
+            stdout=self._log.fileno(),
+            stderr=self._log.fileno(),
             env={**self.env, "CDC_INVALIDATOR_LOG_FORMAT": "json"},
         )
         try:
@@ -169,14 +172,25 @@ def check(config: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, s
 
 def run_cli(*args: str, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """The CLI as a user runs it: a separate process, output captured."""
-    return subprocess.run(
-        [sys.executable, "-m", "cdc_invalidator", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        timeout=60,
-        check=False,
-    )
+    argv = [sys.executable, "-m", "cdc_invalidator", *args]
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        process = forks.start(
+            argv, env={**os.environ, **(env or {})}, stdout=out.fileno(), stderr=err.fileno()
+        )
+        try:
+            code = process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+            raise
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(argv, code, _text(out.read()), _text(err.read()))
+
+
+def _text(output: bytes) -> str:
+    """As subprocess.run(text=True) decodes it: the locale's encoding, universal newlines."""
+    return io.TextIOWrapper(io.BytesIO(output)).read()
 
 
 # The `spawn` fixture: start `cdc-invalidator run` processes (config, environment).

@@ -6,13 +6,13 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import redis
 
 from cdc_invalidator.tools.tail_message import CHANNEL_PREFIX
+from tests.support import forks
 from tests.support.env import Env
 from tests.support.waits import wait_until
 
@@ -34,10 +34,10 @@ class Tail:
         # Started as a shell's background job is: SIGINT ignored, which exec passes on.
         prefix = ["sh", "-c", "trap '' INT; exec \"$@\"", "sh"] if ignoring_sigint else []
         with self.out_path.open("wb") as out, self.err_path.open("wb") as err:
-            self.process = subprocess.Popen(
+            self.process = forks.start(
                 [*prefix, *command, *args],
-                stdout=out,
-                stderr=err,
+                stdout=out.fileno(),
+                stderr=err.fileno(),
                 env=dict(os.environ),
             )
 
