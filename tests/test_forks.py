@@ -3,10 +3,14 @@ an exec of `python -m cdc_invalidator` runs it, and what would start otherwise i
 
 from __future__ import annotations
 
+import array
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +21,13 @@ from tests.support.listener import ListenerProcess, run_cli, stop_listener
 from tests.support.waits import wait_until
 
 CLI = [sys.executable, "-m", "cdc_invalidator"]
+
+
+@pytest.fixture(autouse=True)
+def forker() -> Iterator[forks.Forker]:
+    """On, whatever CDC_TEST_FORKS says: these are its tests."""
+    with forks.on() as server:
+        yield server
 
 
 def _exec(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -77,3 +88,22 @@ def test_a_forked_listener_is_stopped_and_killed_as_a_process(env: Env, tmp_path
     second.process.send_signal(signal.SIGKILL)
     wait_until(lambda: second.process is not None and second.process.poll() is not None)
     assert second.wait() == -signal.SIGKILL
+
+
+def test_a_request_cut_short_leaves_the_server_serving(forker: forks.Forker) -> None:
+    """A test killed halfway through its request (connected, then gone; or its request
+    sent and gone before the pid came back) is the server's to shrug off: it took the
+    server down, and every later command of the run with it."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as gone:
+        gone.connect(forker.address)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as gone, open(os.devnull, "wb") as null:
+        body = json.dumps({"args": ["--version"], "env": dict(os.environ), "cwd": os.getcwd()})
+        gone.connect(forker.address)
+        fds = array.array("i", [0, null.fileno(), null.fileno()])
+        gone.sendmsg(
+            [forks._HEADER.pack(len(body)) + body.encode()],
+            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)],
+        )
+    done = run_cli("--version")
+    assert (done.returncode, done.stdout.startswith("cdc-invalidator ")) == (0, True)
+    assert forker.process.poll() is None

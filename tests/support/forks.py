@@ -31,15 +31,30 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 CLI = ("-m", "cdc_invalidator")
-# What an interpreter, its locale or psycopg reads once at start: a fork would carry the
+# What is read once at start, by the interpreter, the locale, the dynamic loader, glibc,
+# OpenSSL, or at import by psycopg, prometheus_client, structlog: a fork would carry the
 # server's value.
-_READ_AT_START = ("PYTHON", "LC_", "LANG", "PSYCOPG")
+_READ_AT_START = (
+    "PYTHON",
+    "LC_",
+    "LANG",
+    "TZ",
+    "LD_",
+    "GLIBC_",
+    "MALLOC_",
+    "OPENSSL_",
+    "PSYCOPG",
+    "PROMETHEUS_",
+    "NO_COLOR",
+    "FORCE_COLOR",
+)
 _HEADER = struct.Struct("!I")
 
 
@@ -80,11 +95,12 @@ class Forker:
     def fork(
         self, argv: Sequence[str], env: Mapping[str, str], fds: tuple[int, int, int]
     ) -> ForkedProcess:
+        # (built first: nothing half sent)
+        request = json.dumps({"args": list(argv[3:]), "env": dict(env), "cwd": os.getcwd()})
+        body = request.encode()
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             conn.connect(self.address)
-            request = json.dumps({"args": list(argv[3:]), "env": dict(env), "cwd": os.getcwd()})
-            body = request.encode()
             conn.sendmsg(
                 [_HEADER.pack(len(body)) + body],
                 [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))],
@@ -117,14 +133,19 @@ class Process(Protocol):
 
 
 class ForkedProcess:
-    """A Popen's ways, for a command the fork server started: the server reaps it and
-    sends its exit status on the connection that asked for it."""
+    """A Popen's ways, for a command the fork server started. The server reaps it and
+    sends its exit status on the connection that asked for it; signals go through a
+    pidfd the server passed with its pid, so they reach it (and only it) even were the
+    server gone."""
 
     def __init__(self, args: list[str], conn: socket.socket) -> None:
         self.args = args
         self.returncode: int | None = None
         self._conn, self._buffer = conn, b""
+        self._pidfd: int | None = None
         self.pid = int(self._line(30.0))
+        if self._pidfd is None:
+            raise RuntimeError(f"the tests' fork server sent no pidfd for pid {self.pid}")
 
     def _line(self, timeout: float | None) -> bytes:
         """The server's next line; TimeoutError when none came within `timeout`."""
@@ -133,9 +154,12 @@ class ForkedProcess:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not select.select([self._conn], [], [], left)[0]:
                 raise TimeoutError
-            more = self._conn.recv(64)
+            more, ancillary, _, _ = self._conn.recvmsg(64, socket.CMSG_SPACE(4))
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    self._pidfd = int.from_bytes(payload[:4], sys.byteorder)
             if not more:
-                raise RuntimeError(f"the tests' fork server went away ({self.args})")
+                raise _ServerGone(f"the tests' fork server went away: pid {self.pid} ({self.args})")
             self._buffer += more
         line, self._buffer = self._buffer.split(b"\n", 1)
         return line
@@ -143,27 +167,50 @@ class ForkedProcess:
     def poll(self) -> int | None:
         if self.returncode is None:
             try:
-                self.returncode = int(self._line(0.0))
+                self._ended(int(self._line(0.0)))
             except TimeoutError:
                 return None
-            self._conn.close()
+            except _ServerGone:
+                if not self._exited(0.0):
+                    return None  # (still running: it can be killed)
+                raise
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
         if self.returncode is None:
             try:
-                self.returncode = int(self._line(timeout))
+                self._ended(int(self._line(timeout)))
             except TimeoutError:
                 raise subprocess.TimeoutExpired(self.args, timeout or 0.0) from None
-            self._conn.close()
+            except _ServerGone:
+                if not self._exited(timeout):
+                    raise subprocess.TimeoutExpired(self.args, timeout or 0.0) from None
+                raise  # ended, its exit status lost with the server
+        assert self.returncode is not None
         return self.returncode
 
+    def _exited(self, timeout: float | None) -> bool:
+        """Whether it has ended, by its pidfd (for when the server is gone)."""
+        return self._pidfd is None or bool(select.select([self._pidfd], [], [], timeout)[0])
+
+    def _ended(self, returncode: int) -> None:
+        self.returncode = returncode
+        self._conn.close()
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+
     def send_signal(self, signum: int) -> None:
-        if self.poll() is None:  # (once reaped, its pid may be another process's)
-            os.kill(self.pid, signum)
+        if self.returncode is None and self._pidfd is not None:
+            with contextlib.suppress(ProcessLookupError):  # exited, its status on its way
+                signal.pidfd_send_signal(self._pidfd, signum)
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
+
+
+class _ServerGone(RuntimeError):
+    pass
 
 
 _wanted = False  # set by enable(): pytest_configure
@@ -186,8 +233,30 @@ def disable() -> None:
         _forker = None
 
 
+@contextlib.contextmanager
+def on() -> Iterator[Forker]:
+    """Forks on for a while, whatever CDC_TEST_FORKS says: the server
+    (tests/test_forks.py)."""
+    global _wanted
+    was, _wanted = _wanted, True
+    try:
+        forker = _server()
+        assert forker is not None, "the tests' fork server did not start"
+        yield forker
+    finally:
+        if not was:
+            disable()
+
+
 def _server() -> Forker | None:
     global _wanted, _forker  # noqa: PLW0603 - see enable()
+    if _forker is not None and _forker.process.poll() is not None:
+        warnings.warn(
+            f"the tests' fork server exited ({_forker.process.returncode}): the CLI is "
+            "exec'd from now on in this test process",
+            stacklevel=3,
+        )
+        _forker, _wanted = None, False
     if _forker is None and _wanted:
         forker = Forker.start()
         if forker.ready():
@@ -234,18 +303,19 @@ class _Request:
 def _receive(conn: socket.socket) -> _Request | None:
     """A request and its three descriptors; None for a ping."""
     fds = array.array("i")
+    conn.settimeout(10.0)  # (a test killed halfway through its request)
     data, ancillary, _, _ = conn.recvmsg(1 << 16, socket.CMSG_SPACE(3 * fds.itemsize))
     for level, kind, payload in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-    while len(data) < _HEADER.size:
-        data += conn.recv(1 << 16)
-    (size,) = _HEADER.unpack_from(data)
-    while len(data) < _HEADER.size + size:
+    while len(data) < _HEADER.size or len(data) < _HEADER.size + _HEADER.unpack_from(data)[0]:
         more = conn.recv(1 << 16)
         if not more:
+            for fd in fds:
+                os.close(fd)
             raise ConnectionError("request cut short")
         data += more
+    (size,) = _HEADER.unpack_from(data)
     if size == 0:
         return None
     body: dict[str, Any] = json.loads(data[_HEADER.size :])
@@ -293,7 +363,13 @@ def _serve(address: str) -> _Request | None:
                 pidfd = os.pidfd_open(pid)
                 children[pidfd] = (pid, conn)
                 selector.register(pidfd, selectors.EVENT_READ, "exit")
-                conn.sendall(b"%d\n" % pid)
+                try:
+                    conn.sendmsg(
+                        [b"%d\n" % pid],
+                        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [pidfd]))],
+                    )
+                except OSError:  # its test gone: nobody would stop it
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
             else:
                 pidfd = key.fd
                 selector.unregister(pidfd)
