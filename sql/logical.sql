@@ -275,9 +275,6 @@ DECLARE
         WHERE c.oid IN (SELECT unnest(cdc_invalidator.heirs_v1(t, tables::oid[])) FROM unnest(tables) t)
           AND c.relkind = 'r' AND c.relpersistence = 'p'
         ORDER BY c.oid);
-    fresh record;
-    bound text := current_setting('lock_timeout');  -- lock_wait.sql's
-    first_held timestamptz;
 BEGIN
     PERFORM cdc_invalidator.require_publishable(t) FROM unnest(tables) t;
     list := concat_ws(', ', list, (SELECT string_agg('ONLY ' || h::text, ', ') FROM unnest(heirs) h));
@@ -292,31 +289,17 @@ BEGIN
     -- no writer), nor any on the first install, whose slot is made after this commit and
     -- decodes only transactions that begin after it. (Not ONLY for a partitioned table:
     -- its partitions are written to on their own, and published with it.)
-    -- The waits are bounded all together, from the first lock held, by lock_wait.sql's
-    -- bound for one: a writer of the first table, queued behind its lock while the
-    -- script waited for the next ones, each a little under the bound, was aborted by
-    -- its deadlock check once they added up to deadlock_timeout (a review's test: that
-    -- writer held the last table).
+    -- The waits are bounded all together (lock_tables_v1()).
     IF EXISTS (SELECT FROM pg_publication p WHERE p.pubname = publish.pubname)
        OR EXISTS (SELECT FROM pg_replication_slots s
                   WHERE s.database = current_database() AND s.plugin = 'pgoutput') THEN
-        FOR fresh IN
-            SELECT CASE WHEN c.relkind = 'p' THEN '' ELSE 'ONLY ' END || c.oid::regclass::text AS target
+        PERFORM cdc_invalidator.lock_tables_v1(ARRAY(
+            SELECT CASE WHEN c.relkind = 'p' THEN '' ELSE 'ONLY ' END || c.oid::regclass::text
             FROM pg_class c
             WHERE c.oid = ANY ((tables || heirs)::oid[])
               AND NOT EXISTS (SELECT FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid
                               WHERE p.pubname = publish.pubname AND pr.prrelid = c.oid)
-            ORDER BY c.oid
-        LOOP
-            IF first_held IS NOT NULL AND bound::interval > interval '0' THEN
-                PERFORM set_config('lock_timeout', greatest(1, ceil(extract(epoch FROM
-                    bound::interval - (clock_timestamp() - first_held)) * 1000))::text || 'ms',
-                    true);
-            END IF;
-            EXECUTE format('LOCK TABLE %s IN SHARE MODE', fresh.target);
-            first_held := coalesce(first_held, clock_timestamp());
-        END LOOP;
-        PERFORM set_config('lock_timeout', bound, true);
+            ORDER BY c.oid), 'SHARE');
     END IF;
     IF NOT EXISTS (SELECT FROM pg_publication WHERE pg_publication.pubname = publish.pubname) THEN
         EXECUTE format('CREATE PUBLICATION %I FOR TABLE %s', pubname, list);

@@ -1667,6 +1667,40 @@ AS $capture_state$
 $capture_state$;
 REVOKE ALL ON FUNCTION cdc_invalidator.trigger_states_v1(oid) FROM PUBLIC;
 
+-- lock_tables_v1(targets, mode): LOCK TABLE each of `targets` ('ONLY name' for the
+-- table alone, a name for it and its partitions or children) IN `mode` MODE, one by one
+-- in the order given, their waits bounded all together, from the first lock held, by
+-- the bound lock_wait.sql set for one wait: each LOCK gets what is left (at least 1 ms),
+-- and the bound is set back after. Bounded one by one, the waits added up: a writer
+-- queued behind the first lock while the script waited for the next ones, each a little
+-- under the bound, was aborted by its deadlock check (deadlock_timeout after it began to
+-- wait) once the script waited for a table that writer held. A test's writers were, in
+-- logical mode and in trigger mode (tests/test_mapping_changes.py). Install then gives
+-- up first, rolls back and tries again. Logical mode's publish(), trigger mode's
+-- lock_for_watch_v1().
+CREATE OR REPLACE FUNCTION cdc_invalidator.lock_tables_v1(targets text[], mode text)
+RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $lock_tables$
+DECLARE
+    bound text := current_setting('lock_timeout');
+    first_held timestamptz;
+    target text;
+BEGIN
+    FOREACH target IN ARRAY coalesce(targets, '{}') LOOP
+        IF first_held IS NOT NULL AND bound::interval > interval '0' THEN
+            PERFORM set_config('lock_timeout', greatest(1, ceil(extract(epoch FROM
+                bound::interval - (clock_timestamp() - first_held)) * 1000))::text || 'ms',
+                true);
+        END IF;
+        EXECUTE format('LOCK TABLE %s IN %s MODE', target, mode);
+        first_held := coalesce(first_held, clock_timestamp());
+    END LOOP;
+    PERFORM set_config('lock_timeout', bound, true);
+END
+$lock_tables$;
+REVOKE ALL ON FUNCTION cdc_invalidator.lock_tables_v1(text[], text) FROM PUBLIC;
+
 -- statement_triggers_v1(rel, fn): the four statement triggers that run capture function
 -- `fn` (its name, schema-qualified) on `rel`, firing ALWAYS: for a watched table, and
 -- for each of its partitions and inheritance children (watch(), and the rebuild guard
@@ -1705,6 +1739,47 @@ BEGIN
 END
 $statement_triggers$;
 REVOKE ALL ON FUNCTION cdc_invalidator.statement_triggers_v1(regclass, text) FROM PUBLIC;
+
+-- lock_for_watch_v1(tables): before install's watch() calls, the lock CREATE TRIGGER
+-- and ENABLE ALWAYS TRIGGER take (SHARE ROW EXCLUSIVE: every write waits, no read), on
+-- each of `tables` whose triggers watch() will make or alter: its own or those of a
+-- partition or an inheritance child (trigger_states_v1(): none yet, one missing or not
+-- firing ALWAYS). Taken all here, their waits bounded all together (lock_tables_v1()),
+-- not one by one as watch() reaches each table after the work of those before it. A
+-- table whose triggers are all in place is not locked (install run again waits for no
+-- writer). A partitioned table is locked with its partitions, a plain table alone
+-- unless one of its inheritance children needs triggers too (with them then). What
+-- watch() does besides (a row trigger made again under a table's new name, a copy of
+-- it turned off, a stand-in dropped) still waits on its own, bounded one by one.
+CREATE OR REPLACE FUNCTION cdc_invalidator.lock_for_watch_v1(tables regclass[])
+RETURNS void
+LANGUAGE sql SET search_path = pg_catalog, pg_temp
+AS $lock_for_watch$
+    WITH configured AS (
+        SELECT c.oid, c.relkind, cdc_invalidator.heirs_v1(c.oid, ARRAY(
+                   SELECT w.relid::oid FROM cdc_invalidator.watched_v1 w
+                   WHERE w.relid::oid <> c.oid)) AS heirs
+        FROM pg_class c
+        -- (what watch() refuses, it refuses first: a table whose owner the installer
+        -- cannot act for, LOCK TABLE refused with a bare "permission denied")
+        WHERE c.oid = ANY (tables::oid[]) AND c.relkind IN ('r', 'p')
+          AND pg_has_role(current_user, c.relowner, 'MEMBER')
+    ), needing AS (
+        SELECT t.oid, t.relkind,
+               EXISTS (SELECT FROM (SELECT t.oid AS rel
+                                    UNION SELECT p.relid FROM pg_partition_tree(t.oid) p) r
+                       WHERE coalesce(cdc_invalidator.trigger_states_v1(r.rel), '-') ~ '[^A]')
+                   AS own,
+               EXISTS (SELECT FROM unnest(t.heirs) h
+                       WHERE coalesce(cdc_invalidator.trigger_states_v1(h), '-') ~ '[^A]')
+                   AS heirs
+        FROM configured t
+    )
+    SELECT cdc_invalidator.lock_tables_v1(ARRAY(
+        SELECT CASE WHEN n.relkind = 'p' OR n.heirs THEN '' ELSE 'ONLY ' END || n.oid::regclass::text
+        FROM needing n WHERE n.own OR n.heirs ORDER BY n.oid), 'SHARE ROW EXCLUSIVE')
+$lock_for_watch$;
+REVOKE ALL ON FUNCTION cdc_invalidator.lock_for_watch_v1(regclass[]) FROM PUBLIC;
 
 -- watch(table, columns[, judge, filter_columns[, notify_payload]]): capture every
 -- committed change of `table`, copying `columns`. With a column filter (judge 'ignore':

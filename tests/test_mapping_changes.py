@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -295,7 +296,6 @@ def test_a_change_written_before_an_install_added_its_table_and_committed_after_
     assert restarted.process.poll() is None
 
 
-@pytest.mark.parametrize("capture", ["logical"])
 def test_install_run_again_waits_for_no_writer_of_a_table_published_already(env: Env) -> None:
     """The lock of the test above is for a table install newly publishes: install run
     again (nothing added, or another table added) goes through while writers' open
@@ -330,30 +330,37 @@ def installed_while_writing(config: Path) -> bool:
     return installed == [0]
 
 
-@pytest.mark.parametrize("capture", ["logical"])
 def test_a_writer_queued_behind_the_lock_on_a_table_install_adds_is_never_the_one_aborted(
     env: Env,
 ) -> None:
-    """Install adds t1..t7 and locks them in turn (the test above). Writers' short
-    transactions hold t2..t6, each ending a little before the script's 200 ms lock
-    wait; a writer W holds t7 and writes t1, queued behind install's lock on it. The
-    waits were bounded one by one: they added up, W's deadlock check (deadlock_timeout,
-    1 s, after it began to wait) found install waiting for t7, and PostgreSQL aborted W
-    ("deadlock detected"), 3 of 3 runs on PostgreSQL 15. They are now bounded all
-    together: install gives up first, and tries again once the writers are done."""
+    """Install adds t1..t7 and locks them in turn (CREATE TRIGGER does in trigger mode;
+    logical mode, the test above). Writers' short transactions hold t2..t6, each ending a
+    little before the script's 200 ms lock wait; writers W each hold a row of t7, then
+    write t1, queued behind install's lock on it, one every 100 ms. The waits were
+    bounded one by one: they added up, and a W's deadlock check (deadlock_timeout, 1 s,
+    after it began to wait) found install waiting for t7: PostgreSQL aborted that W
+    ("deadlock detected"), 3 of 3 runs in logical mode on PostgreSQL 15, and in trigger
+    mode whenever install reached t7 in that W's last 200 ms (one W made it a matter of
+    the machine's speed; W's every 100 ms always put one there). They are now bounded
+    all together: install gives up first, and tries again once the writers are done."""
     tables = [f"t{i}" for i in range(1, 8)]
     env.sql("CREATE TABLE users (id int PRIMARY KEY); INSERT INTO users VALUES (1)")
+    writers = range(1, 11)
     for t in tables:
-        env.sql(f"CREATE TABLE {t} (id int PRIMARY KEY, v text); INSERT INTO {t} VALUES (1, '')")
+        env.sql(
+            f"CREATE TABLE {t} (id int PRIMARY KEY, v text);"
+            f"INSERT INTO {t} SELECT g, '' FROM generate_series(1, {len(writers)}) g"
+        )
     assert cli("install", "--config", env.config(USERS)) == 0
     config = env.config({**USERS, **{f"public.{t}": [f"{t}:{{id}}"] for t in tables}})
     holders = [env.connect() for _ in tables[1:-1]]
     for holder, table in zip(holders, tables[1:-1], strict=True):
         holder.execute("BEGIN")
         holder.execute(f"UPDATE {table} SET v = 'held'".encode())
-    w = env.connect()
-    w.execute("BEGIN")
-    w.execute("UPDATE t7 SET v = 'w'")
+    ws = [env.connect() for _ in writers]
+    for w, row in zip(ws, writers, strict=True):
+        w.execute("BEGIN")
+        w.execute("UPDATE t7 SET v = 'w' WHERE id = %s", [row])
     installed: list[int] = []
     install = threading.Thread(
         target=lambda: installed.append(cli("install", "--config", config)), daemon=True
@@ -368,30 +375,45 @@ def test_a_writer_queued_behind_the_lock_on_a_table_install_adds_is_never_the_on
         ),
         what="install holding t1 and waiting for t2, or done",
     )
-    began = time.monotonic()
+    # From when install began to wait (the poll above may see it some 50 ms late).
+    waited = env.scalar(
+        "SELECT extract(epoch FROM clock_timestamp() - waitstart) FROM pg_locks"
+        " WHERE NOT granted AND relation = 't2'::regclass"
+    )
+    began = time.monotonic() - float(waited or 0)
     errors: list[BaseException] = []
 
-    def write_t1() -> None:
+    def write_t1(w: psycopg.Connection[Any], row: int) -> None:
         try:
-            w.execute("UPDATE t1 SET v = 'w'")  # behind install's lock on t1
+            w.execute("UPDATE t1 SET v = 'w' WHERE id = %s", [row])  # behind install's lock
             w.execute("COMMIT")
         except psycopg.Error as exc:
             errors.append(exc)
 
-    writer = threading.Thread(target=write_t1, daemon=True)
-    writer.start()
-    # Each holder ends 170 ms after the one before (a scenario in time, not a wait):
-    # install waits 170 ms for each of t2..t6, under its bound for one, then for t7.
-    for n, holder in enumerate(holders, 1):
-        time.sleep(max(0.0, began + 0.17 * n - time.monotonic()))
-        holder.execute("COMMIT")
-        holder.close()
-    writer.join(30)
+    # A scenario in time, not a wait: each W queues 100 ms after the one before, and
+    # each holder ends 170 ms after the one before (install waits 170 ms for each of
+    # t2..t6, under its bound for one, then for t7).
+    steps = sorted(
+        [(0.1 * (n - 1), "w", n) for n in writers]
+        + [(0.17 * n, "holder", n) for n in range(1, len(holders) + 1)]
+    )
+    threads = []
+    for at, who, n in steps:
+        time.sleep(max(0.0, began + at - time.monotonic()))
+        if who == "w":
+            threads.append(threading.Thread(target=write_t1, args=(ws[n - 1], n), daemon=True))
+            threads[-1].start()
+        else:
+            holders[n - 1].execute("COMMIT")
+            holders[n - 1].close()
+    for thread in threads:
+        thread.join(30)
     install.join(70)
-    w.close()
+    for w in ws:
+        w.close()
     assert installed == [0]
-    assert errors == [], f"the writer was aborted: {errors}"
-    assert env.scalar("SELECT v FROM t1") == "w"
+    assert errors == [], f"a writer was aborted: {errors}"
+    assert env.scalar("SELECT count(*) FROM t1 WHERE v = 'w'") == len(writers)
 
 
 @pytest.mark.parametrize("capture", ["trigger", "logical"])  # the mode switched from

@@ -84,9 +84,8 @@ def install_script(
                 ),
             )
         )
-    unwatch = Q.UNWATCH_OTHERS.sql.format(
-        tables=sql.SQL(", ").join(sql.Literal(t.qualified) for t in sorted(mapper.tables))
-    )
+    configured = sql.SQL(", ").join(sql.Literal(t.qualified) for t in sorted(mapper.tables))
+    unwatch = Q.UNWATCH_OTHERS.sql.format(tables=configured)
     header = sql.SQL(SCRIPT_HEADER)
     watch_header = sql.SQL(
         "\n-- Watch the configured tables: one trigger function each, copying only the\n"
@@ -113,6 +112,8 @@ def install_script(
         sql.SQL("\n"),
         unwatch,
         watch_header,
+        Q.LOCK_FOR_WATCH.sql.format(tables=configured),
+        sql.SQL("\n"),
         *watches,
         sql.SQL("\n"),
         Q.REBUILD_GUARD.sql,

@@ -38,6 +38,7 @@ class Q(enum.Enum):
     INSTALL_DONE = "install_done.sql"  # the event triggers stand aside while install works
     REBUILD_GUARD = "rebuild_guard.sql"  # a watched table dropped or replaced
     LEAVE_TRIGGER = "leave_trigger.sql"  # logical mode: our triggers go
+    LOCK_FOR_WATCH = "lock_for_watch.sql"  # {tables}: before the watch() calls
     WATCH_TABLE = "watch_table.sql"
     UNWATCH_OTHERS = "unwatch_others.sql"
     LEAVE_LOGICAL = "leave_logical.sql"
