@@ -1687,6 +1687,11 @@ DECLARE
     first_held timestamptz;
     target text;
 BEGIN
+    IF upper(mode) NOT IN ('ACCESS SHARE', 'ROW SHARE', 'ROW EXCLUSIVE', 'SHARE UPDATE EXCLUSIVE',
+                           'SHARE', 'SHARE ROW EXCLUSIVE', 'EXCLUSIVE', 'ACCESS EXCLUSIVE') THEN
+        RAISE EXCEPTION 'cdc_invalidator.lock_tables_v1: % is not a lock mode', mode
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     FOREACH target IN ARRAY coalesce(targets, '{}') LOOP
         IF first_held IS NOT NULL AND bound::interval > interval '0' THEN
             PERFORM set_config('lock_timeout', greatest(1, ceil(extract(epoch FROM
@@ -1742,42 +1747,43 @@ REVOKE ALL ON FUNCTION cdc_invalidator.statement_triggers_v1(regclass, text) FRO
 
 -- lock_for_watch_v1(tables): before install's watch() calls, the lock CREATE TRIGGER
 -- and ENABLE ALWAYS TRIGGER take (SHARE ROW EXCLUSIVE: every write waits, no read), on
--- each of `tables` whose triggers watch() will make or alter: its own or those of a
--- partition or an inheritance child (trigger_states_v1(): none yet, one missing or not
--- firing ALWAYS). Taken all here, their waits bounded all together (lock_tables_v1()),
--- not one by one as watch() reaches each table after the work of those before it. A
--- table whose triggers are all in place is not locked (install run again waits for no
--- writer). A partitioned table is locked with its partitions, a plain table alone
--- unless one of its inheritance children needs triggers too (with them then). What
--- watch() does besides (a row trigger made again under a table's new name, a copy of
--- it turned off, a stand-in dropped) still waits on its own, bounded one by one.
+-- each table, partition and inheritance child of `tables` whose triggers watch() will
+-- make or alter: one of the four statement triggers missing (a partition made since
+-- install has only the copies of the partitioned table's), or one of ours missing or
+-- not firing ALWAYS (trigger_states_v1()). Taken all here, their waits bounded all
+-- together (lock_tables_v1()), not one by one as watch() reaches each after the work on
+-- those before it. Each alone (ONLY): the rest of its tree, whose triggers are in
+-- place, is not locked, nor is a table whose triggers are all there (install run again
+-- waits for no writer); nor one whose owner the installer cannot act for, which
+-- watch() refuses with its own message (LOCK TABLE refused it with a bare "permission
+-- denied"). What watch() does besides (a row trigger made again under a table's new
+-- name, a copy of it turned off, a stand-in dropped, a trigger of our name calling
+-- another function replaced) still waits on its own, bounded one by one.
 CREATE OR REPLACE FUNCTION cdc_invalidator.lock_for_watch_v1(tables regclass[])
 RETURNS void
 LANGUAGE sql SET search_path = pg_catalog, pg_temp
 AS $lock_for_watch$
-    WITH configured AS (
-        SELECT c.oid, c.relkind, cdc_invalidator.heirs_v1(c.oid, ARRAY(
-                   SELECT w.relid::oid FROM cdc_invalidator.watched_v1 w
-                   WHERE w.relid::oid <> c.oid)) AS heirs
-        FROM pg_class c
-        -- (what watch() refuses, it refuses first: a table whose owner the installer
-        -- cannot act for, LOCK TABLE refused with a bare "permission denied")
+    WITH tree AS (
+        SELECT r.rel
+        FROM pg_class c, LATERAL (
+            SELECT c.oid AS rel
+            UNION SELECT p.relid FROM pg_partition_tree(c.oid) p
+            UNION SELECT unnest(cdc_invalidator.heirs_v1(c.oid, ARRAY(
+                SELECT w.relid::oid FROM cdc_invalidator.watched_v1 w
+                WHERE w.relid::oid <> c.oid)))) r
         WHERE c.oid = ANY (tables::oid[]) AND c.relkind IN ('r', 'p')
-          AND pg_has_role(current_user, c.relowner, 'MEMBER')
-    ), needing AS (
-        SELECT t.oid, t.relkind,
-               EXISTS (SELECT FROM (SELECT t.oid AS rel
-                                    UNION SELECT p.relid FROM pg_partition_tree(t.oid) p) r
-                       WHERE coalesce(cdc_invalidator.trigger_states_v1(r.rel), '-') ~ '[^A]')
-                   AS own,
-               EXISTS (SELECT FROM unnest(t.heirs) h
-                       WHERE coalesce(cdc_invalidator.trigger_states_v1(h), '-') ~ '[^A]')
-                   AS heirs
-        FROM configured t
     )
     SELECT cdc_invalidator.lock_tables_v1(ARRAY(
-        SELECT CASE WHEN n.relkind = 'p' OR n.heirs THEN '' ELSE 'ONLY ' END || n.oid::regclass::text
-        FROM needing n WHERE n.own OR n.heirs ORDER BY n.oid), 'SHARE ROW EXCLUSIVE')
+        SELECT 'ONLY ' || c.oid::regclass::text
+        FROM pg_class c
+        WHERE c.oid IN (SELECT t.rel FROM tree t) AND c.relkind IN ('r', 'p')
+          AND pg_has_role(current_user, c.relowner, 'MEMBER')
+          AND (coalesce(cdc_invalidator.trigger_states_v1(c.oid), '-') ~ '[^A]'
+               OR (SELECT count(*) FROM pg_trigger tg
+                   WHERE tg.tgrelid = c.oid
+                     AND tg.tgname IN ('cdc_invalidator_ins_v1', 'cdc_invalidator_upd_v1',
+                                       'cdc_invalidator_del_v1', 'cdc_invalidator_trunc_v1')) < 4)
+        ORDER BY c.oid), 'SHARE ROW EXCLUSIVE')
 $lock_for_watch$;
 REVOKE ALL ON FUNCTION cdc_invalidator.lock_for_watch_v1(regclass[]) FROM PUBLIC;
 
