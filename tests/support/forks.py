@@ -346,7 +346,8 @@ def _serve(address: str) -> _Request | None:
                     conn.close()
                     continue
                 if request is None:
-                    conn.sendall(b"\n")
+                    with contextlib.suppress(OSError):  # (a ping; its sender gone)
+                        conn.sendall(b"\n")
                     conn.close()
                     continue
                 pid = os.fork()
